@@ -1,0 +1,90 @@
+"""The shape every vendor module shares, so a fifth vendor is one more file pair.
+
+A vendor module (``server/vendors/<name>.py``) defines::
+
+    NAME: str
+    SETTINGS: tuple[Setting, ...]        # its config keys: public ones may reach the browser
+    DEFAULT_ROUTES: dict[str, str]       # event name -> routing mode; "*" for custom events
+    def plan(event: dict, ctx: PlanContext) -> list[VendorRequest]   # pure, no I/O
+    def auth_headers(cfg: VendorConfig) -> dict[str, str]            # secrets, at send time only
+
+Its browser half is ``templates/vendors/<name>.js.j2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ROUTING_MODES = ("browser", "server", "both", "fallback", "off")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of a vendor's config section.
+
+    ``public`` keys are the only ones the generated script may contain; ``secret`` keys are
+    additionally never logged. A default may name other keys as ``{key}`` (e.g. a URL that
+    embeds the store id); they are filled in after the section is read.
+    """
+
+    name: str
+    required: bool = False
+    public: bool = False
+    secret: bool = False
+    default: str | None = None
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class VendorConfig:
+    """A site's resolved config section for one vendor (defaults applied, env: resolved)."""
+
+    name: str
+    values: Mapping[str, str]
+    routes: Mapping[str, str]
+
+    def __getitem__(self, key: str) -> str:
+        return self.values[key]
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        value = self.values.get(key)
+        return default if value in (None, "") else value
+
+    def route(self, event_name: str) -> str:
+        """Routing mode for an event name; custom events use the ``*`` entry."""
+        if event_name in self.routes:
+            return self.routes[event_name]
+        return self.routes.get("*", "off")
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a server adapter may know besides the event itself."""
+
+    site_id: str
+    vendor: VendorConfig
+    currency: str = "USD"  # the site's default currency
+
+
+@dataclass(frozen=True)
+class VendorRequest:
+    """One HTTP request to a vendor, built purely from an event.
+
+    ``dedup_key`` is stable for the fact it reports (an order id, an event id, a cart guid):
+    the outbox stores one row per (site, vendor, dedup_key), so planning the same fact twice
+    (a replayed beacon, the same order from browser and backend) sends it once.
+    ``needs_email``: the vendor can only take this for a known email; the outbox holds it
+    until the session is identified.
+    """
+
+    method: str
+    url: str
+    json: Any
+    dedup_key: str
+    needs_email: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)  # non-secret extra headers
+
+    def to_row(self) -> dict[str, Any]:
+        return {"method": self.method, "url": self.url, "json": self.json,
+                "headers": dict(self.headers)}
