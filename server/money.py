@@ -1,0 +1,70 @@
+"""Money without float error.
+
+Storefronts push GA4 prices as decimal numbers in major units. The server parses JSON numbers
+straight into ``Decimal`` (``json.loads(..., parse_float=Decimal)``) and keeps integer minor
+units from then on, so 4.35 is 435 cents, never 434. Vendors get what each wants from the
+integer: Rejoiner integer cents, Sendlane/Remarkety JSON decimals, eSputnik price strings.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+# ISO 4217 minor-unit exponents that are not 2.
+_EXPONENTS = {
+    **dict.fromkeys(
+        "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF".split(), 0),
+    **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 3),
+    "CLF": 4, "UYW": 4,
+}
+
+
+def exponent(currency: str) -> int:
+    """Digits after the decimal point in ``currency`` (ISO 4217; 2 when not listed)."""
+    return _EXPONENTS.get(currency.upper(), 2)
+
+
+def to_minor(amount: Decimal | int | str, currency: str) -> int:
+    """Major units (as given by the storefront) to integer minor units, half-up.
+
+    Raises ``ValueError`` for anything that is not a finite number.
+    """
+    if isinstance(amount, bool):
+        raise ValueError("not a number")
+    if isinstance(amount, float):
+        amount = repr(amount)  # precision is already lost; its shortest repr is what JS shows
+    try:
+        value = Decimal(amount)
+    except (InvalidOperation, TypeError) as exc:
+        raise ValueError("not a number") from exc
+    if not value.is_finite():
+        raise ValueError("not a finite number")
+    scaled = value.scaleb(exponent(currency)).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    return int(scaled)
+
+
+def to_major(minor: int, currency: str) -> Decimal:
+    """Integer minor units back to an exact ``Decimal`` in major units (435 → Decimal('4.35'))."""
+    return Decimal(minor).scaleb(-exponent(currency))
+
+
+def major_str(minor: int, currency: str) -> str:
+    """Major units as a plain decimal string with the currency's digits: 435 → '4.35'."""
+    exp = exponent(currency)
+    return f"{to_major(minor, currency):.{exp}f}"
+
+
+def major_number(minor: int, currency: str) -> int | float:
+    """Major units as a JSON number (for APIs that want decimals): 435 → 4.35, 500 → 5.
+
+    ``float(Decimal('4.35'))`` is the double nearest 4.35, whose shortest repr — what JSON
+    writes — is exactly ``4.35``; so the number on the wire is exact.
+    """
+    value = to_major(minor, currency)
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+def cents(minor: int, currency: str) -> int:
+    """Hundredths of the major unit (Rejoiner's "integer cents"), whatever the exponent."""
+    value = to_major(minor, currency).scaleb(2).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    return int(value)
