@@ -1,0 +1,69 @@
+"""``create_app(settings)``: routes and the lifespan that owns the store and the forwarder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .assets import static_dir
+from .demo import Demo
+from .ingest import Ingest
+from .script import ScriptServer
+from .store import open_store
+
+log = logging.getLogger("onetag")
+
+
+def create_app(settings: Any, store: Any = None) -> Starlette:
+    store = store if store is not None else open_store(settings)
+    scripts = ScriptServer(settings)
+    ingest = Ingest(settings, store)
+
+    async def healthz(request: Request) -> Response:
+        try:
+            await store.ping()
+        except Exception as exc:  # any failure to read means "not ready"
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route(settings.server.script_path, scripts.endpoint, methods=["GET"]),
+        Route(settings.server.event_path, ingest.browser_events, methods=["POST"]),
+        Route(settings.server.event_path, ingest.preflight, methods=["OPTIONS"]),
+        Route("/api/v1/sites/{site_id}/events", ingest.backend_events, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=str(static_dir())), name="static"),
+    ]
+    if settings.is_demo:
+        demo = Demo(settings, store, scripts.env)
+        routes += [
+            Route("/", lambda request: RedirectResponse("/demo/"), methods=["GET"]),
+            Route("/demo", lambda request: RedirectResponse("/demo/"), methods=["GET"]),
+            Route("/demo/session", demo.session, methods=["GET"]),
+            Route("/demo/sink", demo.sink_list, methods=["GET"]),
+            Route("/demo/sink/{vendor}{rest:path}", demo.sink_record, methods=["POST", "PUT"]),
+            Route("/demo/{path:path}", demo.page, methods=["GET"]),
+        ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(GZipMiddleware, minimum_size=1024)])
+    app.state.settings = settings
+    app.state.store = store
+    return app

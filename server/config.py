@@ -1,0 +1,311 @@
+"""Typed settings from ``onetag.toml``.
+
+Every problem is collected, not just the first, and each names where it is
+(``onetag.toml: sites[shop1].rejoiner.api_key``) so ``onetag check`` can print them all.
+Any string value may be ``"env:NAME"``: secrets live in the environment, not the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from . import routing
+from .vendors import VENDORS
+from .vendors._base import VendorConfig
+
+SITE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+DEFAULT_DATABASE = "sqlite:///onetag.db"
+DEFAULT_HOLD_DAYS = 7.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, so one run of ``onetag check`` shows them all."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    id: str
+    origins: tuple[str, ...] = ()
+    api_key: str | None = None
+    currency: str = "USD"
+    spa_page_views: str = "auto"  # or "manual"
+    capture_form_email: bool = True
+    debug: bool = False
+    vendors: Mapping[str, VendorConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    database: str = DEFAULT_DATABASE
+    public_url: str = DEFAULT_PUBLIC_URL
+    script_path: str = "/s/{site_id}.js"
+    event_path: str = "/e"
+    admin_token: str | None = None
+    hold_days: float = DEFAULT_HOLD_DAYS  # how long anonymous activity waits for an identity
+    forward: bool = True  # run the forwarder inside `serve`
+
+    @property
+    def sqlite_path(self) -> str:
+        return sqlite_path(self.database)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig
+    sites: Mapping[str, SiteConfig]
+    source: str  # the config file, or "demo"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.source == "demo"
+
+
+def sqlite_path(database: str) -> str:
+    """``sqlite:///relative.db`` / ``sqlite:////abs/path.db`` → a filesystem path."""
+    if not database.startswith("sqlite:///"):
+        raise ValueError("only sqlite:///PATH databases are supported")
+    return database[len("sqlite:///"):]
+
+
+class _Reader:
+    """Reads typed values out of a TOML table, recording problems instead of raising."""
+
+    def __init__(self, file: str, env: Mapping[str, str]):
+        self.file = file
+        self.env = env
+        self.problems: list[Problem] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(Problem(f"{self.file}: {where}", message))
+
+    def resolve(self, where: str, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("env:"):
+            name = value[4:]
+            if name not in self.env:
+                self.problem(where, f"environment variable {name} is not set")
+                return None
+            return self.env[name]
+        return value
+
+    def string(self, table: Mapping[str, Any], key: str, where: str, *,
+               default: str | None = None, required: bool = False) -> str | None:
+        if key not in table:
+            if required:
+                self.problem(f"{where}.{key}", "is required")
+            return default
+        value = self.resolve(f"{where}.{key}", table[key])
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.problem(f"{where}.{key}", f"must be a string, not {type(value).__name__}")
+            return default
+        return value
+
+    def boolean(self, table: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+        value = self.resolve(f"{where}.{key}", table.get(key, default))
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            value = value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            self.problem(f"{where}.{key}", f"must be true or false, not {value!r}")
+            return default
+        return value
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
+    """Load and validate a config file; raises ``ConfigError`` listing every problem."""
+    file = str(path)
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(file, f"cannot read: {exc.strerror or exc}")]) from exc
+    try:
+        data = tomllib.loads(raw)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(file, f"not valid TOML: {exc}")]) from exc
+    return parse(data, file=file, env=os.environ if env is None else env)
+
+
+def parse(data: Mapping[str, Any], *, file: str = "onetag.toml",
+          env: Mapping[str, str] | None = None) -> Settings:
+    reader = _Reader(file, os.environ if env is None else env)
+    known_top = {"server", "sites"}
+    for key in data:
+        if key not in known_top:
+            reader.problem(key, f"unknown section (expected one of: {', '.join(sorted(known_top))})")
+    server = _parse_server(reader, data.get("server", {}))
+    sites: dict[str, SiteConfig] = {}
+    raw_sites = data.get("sites", [])
+    if not isinstance(raw_sites, list):
+        reader.problem("sites", "must be an array of tables ([[sites]])")
+        raw_sites = []
+    if not raw_sites:
+        reader.problem("sites", "no [[sites]] defined: add at least one site")
+    for index, table in enumerate(raw_sites):
+        site = _parse_site(reader, table, index)
+        if site is None:
+            continue
+        if site.id in sites:
+            reader.problem(f"sites[{site.id}].id", "is used by two sites")
+        sites[site.id] = site
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return Settings(server=server, sites=sites, source=file)
+
+
+def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
+    where = "server"
+    if not isinstance(table, dict):
+        reader.problem(where, "must be a table")
+        return ServerConfig()
+    known = {"database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
+             "forward"}
+    for key in table:
+        if key not in known:
+            reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
+    database = reader.string(table, "database", where, default=DEFAULT_DATABASE)
+    try:
+        sqlite_path(database)
+    except ValueError as exc:
+        reader.problem(f"{where}.database", f"{exc} (got {database!r})")
+    public_url = reader.string(table, "public_url", where, default=DEFAULT_PUBLIC_URL).rstrip("/")
+    if urlsplit(public_url).scheme not in ("http", "https") or not urlsplit(public_url).netloc:
+        reader.problem(f"{where}.public_url", f"must be an http(s) URL, not {public_url!r}")
+    script_path = reader.string(table, "script_path", where, default="/s/{site_id}.js")
+    if "{site_id}" not in script_path or not script_path.startswith("/"):
+        reader.problem(f"{where}.script_path", "must start with / and contain {site_id}")
+    event_path = reader.string(table, "event_path", where, default="/e")
+    if not event_path.startswith("/"):
+        reader.problem(f"{where}.event_path", "must start with /")
+    hold_days = reader.resolve(f"{where}.hold_days", table.get("hold_days", DEFAULT_HOLD_DAYS))
+    if isinstance(hold_days, bool) or not isinstance(hold_days, (int, float)) or hold_days <= 0:
+        reader.problem(f"{where}.hold_days", f"must be a positive number of days, not {hold_days!r}")
+        hold_days = DEFAULT_HOLD_DAYS
+    return ServerConfig(
+        database=database, public_url=public_url, script_path=script_path,
+        event_path=event_path, admin_token=reader.string(table, "admin_token", where),
+        hold_days=float(hold_days), forward=reader.boolean(table, "forward", where, True))
+
+
+def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
+    if not isinstance(table, dict):
+        reader.problem(f"sites[{index}]", "must be a table")
+        return None
+    site_id = reader.string(table, "id", f"sites[{index}]", required=True)
+    if site_id is None:
+        return None
+    where = f"sites[{site_id}]"
+    if not SITE_ID_RE.match(site_id):
+        reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
+    known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
+             "debug", *VENDORS}
+    for key in table:
+        if key not in known:
+            reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
+    origins = table.get("origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        reader.problem(f"{where}.origins", "must be a list of origins like \"https://shop.example\"")
+        origins = []
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            reader.problem(f"{where}.origins", f"{origin!r} is not an origin like \"https://shop.example\"")
+    currency = reader.string(table, "currency", where, default="USD")
+    if not re.fullmatch(r"[A-Z]{3}", currency or ""):
+        reader.problem(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")
+    spa = reader.string(table, "spa_page_views", where, default="auto")
+    if spa not in ("auto", "manual"):
+        reader.problem(f"{where}.spa_page_views", f"must be \"auto\" or \"manual\", not {spa!r}")
+    vendors = {}
+    for name, module in VENDORS.items():
+        if name in table:
+            vendor = _parse_vendor(reader, module, table[name], f"{where}.{name}")
+            if vendor is not None:
+                vendors[name] = vendor
+    return SiteConfig(
+        id=site_id, origins=tuple(o.rstrip("/") for o in origins),
+        api_key=reader.string(table, "api_key", where), currency=currency, spa_page_views=spa,
+        capture_form_email=reader.boolean(table, "capture_form_email", where, True),
+        debug=reader.boolean(table, "debug", where, False), vendors=vendors)
+
+
+def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> VendorConfig | None:
+    if not isinstance(table, dict):
+        reader.problem(where, "must be a table")
+        return None
+    settings = {s.name: s for s in module.SETTINGS}
+    for key in table:
+        if key not in settings and key != "routes":
+            reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join([*settings, 'routes'])})")
+    values: dict[str, str] = {}
+    for setting in module.SETTINGS:
+        value = reader.string(table, setting.name, where, required=setting.required)
+        if value is not None:
+            values[setting.name] = value
+    for setting in module.SETTINGS:  # defaults may name other keys: "{store_id}"
+        if setting.name not in values and setting.default is not None:
+            try:
+                values[setting.name] = setting.default.format_map(values)
+            except KeyError as exc:
+                reader.problem(f"{where}.{setting.name}", f"its default needs {exc.args[0]}, which is not set")
+    routes_table = table.get("routes", {})
+    if not isinstance(routes_table, dict):
+        reader.problem(f"{where}.routes", "must be a table like {purchase = \"server\"}")
+        routes_table = {}
+    routes = dict(module.DEFAULT_ROUTES)
+    for event, mode in routes_table.items():
+        if mode not in routing.MODES:
+            reader.problem(f"{where}.routes.{event}", f"must be one of {', '.join(routing.MODES)}, not {mode!r}")
+            continue
+        routes[event] = mode
+    return VendorConfig(name=module.NAME, values=values, routes=routes)
+
+
+def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None) -> Settings:
+    """The no-config demo: site ``demo`` with every vendor pointed at local stand-ins."""
+    public_url = f"http://{host}:{port}"
+    stub = f"{public_url}/static/demo/stubs"
+    sink = f"{public_url}/demo/sink"
+    data = {
+        "server": {"database": database or "sqlite:///onetag-demo.db", "public_url": public_url},
+        "sites": [{
+            "id": "demo", "origins": [public_url], "api_key": "demo-api-key", "currency": "USD",
+            "rejoiner": {"site_id": "DEMO123", "domain": host, "api_key": "demo",
+                         "script_url": f"{stub}/rejoiner.js", "api_base": f"{sink}/rejoiner"},
+            "remarkety": {"store_id": "demo-store", "api_key": "demo",
+                          "script_url": f"{stub}/remarkety.js",
+                          "webhook_url": f"{sink}/remarkety?storeId=demo-store"},
+            "esputnik": {"site_id": "DEMO", "api_key": "demo", "script_url": f"{stub}/esputnik.js",
+                         "tracker_url": f"{sink}/esputnik"},
+            "sendlane": {"integration_token": "demo-token", "api_token": "demo",
+                         "script_url": f"{stub}/sendlane.js", "api_base": f"{sink}/sendlane"},
+        }],
+    }
+    settings = parse(data, file="demo", env={})
+    return Settings(server=settings.server, sites=settings.sites, source="demo")
+
+
+def public_settings(vendor: VendorConfig) -> dict[str, str]:
+    """The vendor settings a browser may see: only those its module marks public."""
+    module = VENDORS[vendor.name]
+    return {s.name: vendor.values[s.name] for s in module.SETTINGS
+            if s.public and not s.secret and s.name in vendor.values}

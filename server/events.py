@@ -1,0 +1,357 @@
+"""The event vocabulary: one validator and normaliser for browser and backend events alike.
+
+Input is GA4 e-commerce as a storefront pushes it, parsed with ``parse_float=Decimal`` so
+prices never pass through binary floats. Output is the normalised event documented in
+docs/architecture.md: money in integer minor units, emails lower-cased, items flattened.
+Every problem names its field with a path (``events[2].ecommerce.items[0].price``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Iterable
+
+from . import money
+
+MAX_EVENT_BYTES = 32 * 1024
+
+ORDER_STATUSES = ("pending", "processing", "completed", "fulfilled", "cancelled", "refunded",
+                  "failed")
+# Events whose ecommerce.items must be a non-empty list / may be an empty list (a cart).
+ITEMS_REQUIRED = frozenset({"view_item", "add_to_cart", "remove_from_cart", "add_to_wishlist",
+                            "product_updated"})
+ITEMS_LIST = frozenset({"view_cart", "begin_checkout", "cart_updated", "view_item_list",
+                        "purchase", "refund", "search"})
+CART_REPLACING = frozenset({"view_cart", "begin_checkout", "cart_updated"})
+CART_DELTAS = frozenset({"add_to_cart", "remove_from_cart"})
+STANDARD = frozenset({
+    "page_view", "view_item", "view_item_list", "search", "add_to_cart", "remove_from_cart",
+    "view_cart", "begin_checkout", "purchase", "refund", "add_to_wishlist", "identify",
+    "cart_updated", "order_status", "product_updated", "unsubscribe", "opt_in"})
+BACKEND_ONLY = frozenset({"order_status", "product_updated"})
+
+EVENT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:/-]{0,63}$")
+EVENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+SC_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
+
+USER_STRINGS = ("customer_id", "first_name", "last_name", "phone")
+ITEM_STRINGS = ("item_name", "item_brand", "item_variant", "item_url", "image_url", "description",
+                "item_list_id", "item_list_name", "coupon", "affiliation")
+ADDRESS_KEYS = ("first_name", "last_name", "company", "address_1", "address_2", "city", "state",
+                "state_code", "postal_code", "country", "country_code", "phone", "email")
+# Keys read into the normalised event; anything else on a custom event becomes a property.
+KNOWN_KEYS = frozenset({"event", "event_id", "time", "page", "page_location", "page_referrer",
+                        "page_title", "loaded", "user", "ecommerce", "search_term",
+                        "transaction_id", "status", "billing_address", "shipping_address",
+                        "sc", "source"})
+
+
+class Invalid(Exception):
+    """An input problem; ``field`` is a path into the request body."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+    def as_dict(self) -> dict[str, str]:
+        return {"field": self.field, "problem": self.problem}
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a request body; floats become Decimal so money stays exact."""
+    try:
+        return json.loads(body, parse_float=Decimal)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Invalid("body", f"is not valid JSON ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Facts about how an event arrived, added by the endpoint, not by the sender."""
+
+    site_id: str
+    source: str  # "browser" | "backend"
+    currency: str  # the site's default
+    received_ms: int
+    sc: str | None = None
+
+
+def normalise(raw: Any, where: str, origin: Origin) -> dict[str, Any]:
+    """Validate one event and return its normalised form; raises ``Invalid``."""
+    if not isinstance(raw, dict):
+        raise Invalid(where, "must be an object")
+    size = len(json.dumps(raw, default=str, separators=(",", ":")))
+    if size > MAX_EVENT_BYTES:
+        raise Invalid(where, f"is {size} bytes; the limit is {MAX_EVENT_BYTES} bytes an event")
+    name = raw.get("event")
+    if not isinstance(name, str) or not name:
+        raise Invalid(f"{where}.event", "is required: the event name, e.g. \"view_item\"")
+    if not EVENT_NAME_RE.match(name):
+        raise Invalid(f"{where}.event", f"{name!r} is not a valid event name "
+                      "(a letter, then up to 63 of A-Z a-z 0-9 _ . : / -)")
+    if name in BACKEND_ONLY and origin.source == "browser":
+        raise Invalid(f"{where}.event", f"{name!r} is accepted from the backend API only")
+
+    event_id = raw.get("event_id")
+    if event_id is None and origin.source == "backend":
+        event_id = str(uuid.uuid4())
+    if not isinstance(event_id, str) or not EVENT_ID_RE.match(event_id):
+        raise Invalid(f"{where}.event_id", "is required: a string id (a UUID) kept across retries")
+
+    time_ms = _optional_int(raw, "time", where, minimum=0)
+    sc = origin.sc
+    if origin.source == "backend" and raw.get("sc") is not None:
+        sc = _string(raw, "sc", where)
+        if not SC_RE.match(sc):
+            raise Invalid(f"{where}.sc", "must be the visitor's sc cookie value")
+        sc = sc.upper()
+
+    event: dict[str, Any] = {
+        "event_id": event_id,
+        "name": name,
+        "source": origin.source,
+        "site_id": origin.site_id,
+        "time_ms": time_ms if time_ms is not None else origin.received_ms,
+        "received_ms": origin.received_ms,
+        "sc": sc,
+        "page": _page(raw, where),
+        "user": _user(raw.get("user"), f"{where}.user"),
+        "ecommerce": None,
+        "search_term": None,
+        "status": None,
+        "billing_address": _address(raw.get("billing_address"), f"{where}.billing_address"),
+        "shipping_address": _address(raw.get("shipping_address"), f"{where}.shipping_address"),
+        "properties": _jsonable({k: v for k, v in raw.items() if k not in KNOWN_KEYS}),
+        "loaded": _loaded(raw, where) if origin.source == "browser" else [],
+        "cart": None,
+        "identity": None,
+    }
+    ecommerce = raw.get("ecommerce")
+    if (ecommerce is not None or raw.get("transaction_id") is not None or name in ITEMS_REQUIRED
+            or name in ITEMS_LIST - {"search", "view_item_list"} or name == "order_status"):
+        event["ecommerce"] = _ecommerce(ecommerce, f"{where}.ecommerce", name, origin.currency, raw)
+    if "search_term" in raw or name == "search":
+        event["search_term"] = _string(raw, "search_term", where, required=name == "search")
+    if "status" in raw or name == "order_status":
+        status = _string(raw, "status", where, required=name == "order_status")
+        if status is not None and status not in ORDER_STATUSES:
+            raise Invalid(f"{where}.status", f"must be one of {', '.join(ORDER_STATUSES)}")
+        event["status"] = status
+    _check_requirements(event, where, origin)
+    return event
+
+
+def normalise_batch(raws: Iterable[Any], where: str, origin: Origin) -> list[dict[str, Any]]:
+    return [normalise(raw, f"{where}[{i}]", origin) for i, raw in enumerate(raws)]
+
+
+def _check_requirements(event: dict[str, Any], where: str, origin: Origin) -> None:
+    name, user = event["name"], event["user"] or {}
+    if name in ("identify", "unsubscribe", "opt_in") and not user.get("email") and not (
+            name == "identify" and user.get("customer_id")):
+        need = "email or user.customer_id" if name == "identify" else "email"
+        raise Invalid(f"{where}.user.email", f"is required for {name} (user.{need})")
+    if name in ("purchase", "refund", "order_status"):
+        if not (event["ecommerce"] or {}).get("transaction_id"):
+            raise Invalid(f"{where}.ecommerce.transaction_id", f"is required for {name} "
+                          "(the order id; top-level transaction_id is accepted too)")
+    if origin.source == "backend" and name != "product_updated" and not (
+            user.get("email") or user.get("customer_id") or event["sc"]):
+        raise Invalid(f"{where}.user", "backend events need user.email or user.customer_id "
+                      "(or sc to tie them to a browser session)")
+
+
+def _string(table: dict, key: str, where: str, *, required: bool = False,
+            max_len: int = 2048) -> str | None:
+    value = table.get(key)
+    if value is None:
+        if required:
+            raise Invalid(f"{where}.{key}", "is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise Invalid(f"{where}.{key}", f"must be a string, not {_type(value)}")
+    value = str(value).strip()
+    if len(value) > max_len:
+        raise Invalid(f"{where}.{key}", f"is longer than {max_len} characters")
+    if required and not value:
+        raise Invalid(f"{where}.{key}", "must not be empty")
+    return value
+
+
+def _optional_int(table: dict, key: str, where: str, *, minimum: int | None = None) -> int | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"{where}.{key}", f"must be a whole number, not {_type(value)}")
+    if minimum is not None and value < minimum:
+        raise Invalid(f"{where}.{key}", f"must be at least {minimum}")
+    return value
+
+
+def _money(table: dict, key: str, where: str, currency: str) -> int | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
+        raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), not {_type(value)}")
+    try:
+        minor = money.to_minor(value, currency)
+    except ValueError:
+        raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), not {value!r}") from None
+    if minor < 0:
+        raise Invalid(f"{where}.{key}", "must not be negative")
+    return minor
+
+
+def _page(raw: dict, where: str) -> dict[str, Any] | None:
+    page = raw.get("page")
+    if page is not None and not isinstance(page, dict):
+        raise Invalid(f"{where}.page", "must be an object {location, referrer, title}")
+    page = dict(page or {})
+    for key, alias in (("location", "page_location"), ("referrer", "page_referrer"),
+                       ("title", "page_title")):
+        if raw.get(alias) is not None:
+            page[key] = raw[alias]
+    out = {}
+    for key in ("location", "referrer", "title"):
+        value = _string(page, key, f"{where}.page", max_len=4096)
+        if value is not None:
+            out[key] = value
+    return out or None
+
+
+def _user(user: Any, where: str) -> dict[str, Any] | None:
+    if user is None:
+        return None
+    if not isinstance(user, dict):
+        raise Invalid(where, "must be an object {email, customer_id, ...}")
+    out: dict[str, Any] = {}
+    email = _string(user, "email", where, max_len=254)
+    if email:
+        if not EMAIL_RE.match(email):
+            raise Invalid(f"{where}.email", f"{email!r} is not an email address")
+        out["email"] = email.lower()
+    for key in USER_STRINGS:
+        value = _string(user, key, where, max_len=256)
+        if value:
+            out[key] = value
+    if user.get("accepts_marketing") is not None:
+        if not isinstance(user["accepts_marketing"], bool):
+            raise Invalid(f"{where}.accepts_marketing", "must be true or false")
+        out["accepts_marketing"] = user["accepts_marketing"]
+    return out or None
+
+
+def _address(address: Any, where: str) -> dict[str, str] | None:
+    if address is None:
+        return None
+    if not isinstance(address, dict):
+        raise Invalid(where, "must be an object {first_name, address_1, city, ...}")
+    out = {}
+    for key in ADDRESS_KEYS:
+        value = _string(address, key, where, max_len=512)
+        if value:
+            out[key] = value
+    return out or None
+
+
+def _loaded(raw: dict, where: str) -> list[str]:
+    loaded = raw.get("loaded", [])
+    if not isinstance(loaded, list) or not all(isinstance(v, str) for v in loaded):
+        raise Invalid(f"{where}.loaded", "must be a list of vendor names")
+    return sorted(set(loaded))
+
+
+def _ecommerce(ecommerce: Any, where: str, name: str, default_currency: str,
+               raw: dict) -> dict[str, Any]:
+    if ecommerce is None:
+        ecommerce = {}
+    if not isinstance(ecommerce, dict):
+        raise Invalid(where, "must be an object {currency, value, items, ...}")
+    currency = _string(ecommerce, "currency", where) or default_currency
+    if not re.fullmatch(r"[A-Za-z]{3}", currency):
+        raise Invalid(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")
+    currency = currency.upper()
+    transaction_id = _string(ecommerce, "transaction_id", where, max_len=256)
+    if transaction_id is None and raw.get("transaction_id") is not None:
+        transaction_id = _string(raw, "transaction_id", where.rsplit(".", 1)[0], max_len=256)
+    out: dict[str, Any] = {
+        "currency": currency,
+        "value_minor": _money(ecommerce, "value", where, currency),
+        "tax_minor": _money(ecommerce, "tax", where, currency),
+        "shipping_minor": _money(ecommerce, "shipping", where, currency),
+        "transaction_id": transaction_id,
+        "coupon": _string(ecommerce, "coupon", where, max_len=256),
+        "item_list_id": _string(ecommerce, "item_list_id", where, max_len=256),
+        "item_list_name": _string(ecommerce, "item_list_name", where, max_len=256),
+        "items": [],
+    }
+    items = ecommerce.get("items")
+    if items is None:
+        if name in ITEMS_REQUIRED:
+            raise Invalid(f"{where}.items", f"is required for {name}: a list of items")
+        items = []
+    if not isinstance(items, list):
+        raise Invalid(f"{where}.items", "must be a list of items")
+    if not items and name in ITEMS_REQUIRED:
+        raise Invalid(f"{where}.items", f"must not be empty for {name}")
+    if len(items) > 500:
+        raise Invalid(f"{where}.items", "has more than 500 items")
+    out["items"] = [_item(item, f"{where}.items[{i}]", currency) for i, item in enumerate(items)]
+    return out
+
+
+def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise Invalid(where, "must be an object {item_id, item_name, price, quantity, ...}")
+    out: dict[str, Any] = {"item_id": _string(item, "item_id", where, required=True, max_len=256)}
+    for key in ITEM_STRINGS:
+        value = _string(item, key, where, max_len=4096)
+        if value is not None:
+            out[key] = value
+    out["price_minor"] = _money(item, "price", where, currency)
+    quantity = item.get("quantity", 1)
+    if isinstance(quantity, Decimal) and quantity == quantity.to_integral_value():
+        quantity = int(quantity)
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
+        raise Invalid(f"{where}.quantity", f"must be a whole number >= 0, not {quantity!r}")
+    out["quantity"] = quantity
+    categories = []
+    for key in ("item_category", "item_category2", "item_category3", "item_category4",
+                "item_category5"):
+        value = _string(item, key, where, max_len=512)
+        if value:
+            categories.append(value)
+    out["categories"] = categories
+    in_stock = item.get("in_stock")
+    if in_stock is not None and not isinstance(in_stock, bool):
+        raise Invalid(f"{where}.in_stock", "must be true or false")
+    out["in_stock"] = in_stock
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Custom properties as plain JSON numbers and strings."""
+    return json.loads(json.dumps(value, default=json_number))
+
+
+def json_number(value: Any) -> Any:
+    """``json.dumps`` default: a Decimal as the JSON number it was parsed from."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return str(value)
+
+
+def _type(value: Any) -> str:
+    return {dict: "an object", list: "a list", bool: "true/false", str: "a string",
+            int: "a number", Decimal: "a number", type(None): "null"}.get(type(value),
+                                                                          type(value).__name__)

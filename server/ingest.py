@@ -1,0 +1,188 @@
+"""The two ways events come in: the browser's beacon and the store's backend.
+
+Thin handlers: read the body within its limit, find the site, check who may send, let
+``events`` validate, let the store commit, answer. Any problem is a 4xx whose JSON body
+names the field, and nothing is stored from a rejected body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from . import events as vocabulary
+from .events import Invalid, Origin
+from .sessions import COOKIE_NAME, cookie_header, new_sc, valid_sc
+from .store.base import SessionInfo
+
+MAX_BATCH_EVENTS = 500
+MAX_BODY_BYTES = 1024 * 1024
+BROWSER_TYPES = ("text/plain", "application/json", "")
+CORS_MAX_AGE = "86400"
+
+
+class HTTPProblem(Exception):
+    def __init__(self, status: int, error: str, field: str, problem: str,
+                 headers: dict[str, str] | None = None):
+        super().__init__(problem)
+        self.status, self.error, self.field, self.problem = status, error, field, problem
+        self.headers = headers or {}
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+        body = {"error": self.error, "message": f"{self.field}: {self.problem}",
+                "errors": [{"field": self.field, "problem": self.problem}]}
+        return JSONResponse(body, status_code=self.status,
+                            headers={**self.headers, **(extra_headers or {})})
+
+
+def _invalid(exc: Invalid) -> HTTPProblem:
+    return HTTPProblem(422 if exc.field != "body" else 400, "invalid_event" if exc.field != "body"
+                       else "invalid_json", exc.field, exc.problem)
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPProblem(413, "too_large", "body", f"is {declared} bytes; the limit is "
+                          f"{MAX_BODY_BYTES} bytes a request")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise HTTPProblem(413, "too_large", "body",
+                              f"is over the limit of {MAX_BODY_BYTES} bytes a request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _event_list(value: Any, field: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise HTTPProblem(422, "invalid_event", field, "must be a list of events")
+    if not value:
+        raise HTTPProblem(422, "invalid_event", field, "must not be empty")
+    if len(value) > MAX_BATCH_EVENTS:
+        raise HTTPProblem(413, "too_large", field, f"has {len(value)} events; the limit is "
+                          f"{MAX_BATCH_EVENTS} a request")
+    return value
+
+
+class Ingest:
+    """Handlers bound to the running app's settings and store."""
+
+    def __init__(self, settings: Any, store: Any):
+        self.settings = settings
+        self.store = store
+        self.secure_cookie = settings.server.public_url.startswith("https://")
+        self.all_origins = frozenset(o for s in settings.sites.values() for o in s.origins)
+
+    # Browser ----------------------------------------------------------------------------
+
+    def _cors(self, origin: str | None, allowed: bool) -> dict[str, str]:
+        if not origin or not allowed:
+            return {"Vary": "Origin"}
+        return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true",
+                "Vary": "Origin"}
+
+    async def preflight(self, request: Request) -> Response:
+        """Only needed for application/json senders; the runtime sends text/plain."""
+        origin = request.headers.get("origin")
+        allowed = origin in self.all_origins
+        headers = self._cors(origin, allowed)
+        if allowed:
+            headers.update({"Access-Control-Allow-Methods": "POST, OPTIONS",
+                            "Access-Control-Allow-Headers": "Content-Type",
+                            "Access-Control-Max-Age": CORS_MAX_AGE})
+        return Response(status_code=204 if allowed else 403, headers=headers)
+
+    async def browser_events(self, request: Request) -> Response:
+        origin = request.headers.get("origin")
+        cors = self._cors(origin, origin in self.all_origins)
+        try:
+            if _media_type(request) not in BROWSER_TYPES:
+                raise HTTPProblem(415, "unsupported_media_type", "content-type",
+                                  "must be text/plain or application/json")
+            body = vocabulary.parse_json(await _read_body(request))
+            if not isinstance(body, dict):
+                raise HTTPProblem(422, "invalid_event", "body",
+                                  "must be an object {site_id, sc, events: [...]}")
+            site_id = body.get("site_id")
+            site = self.settings.sites.get(site_id) if isinstance(site_id, str) else None
+            if site is None:
+                raise HTTPProblem(404, "unknown_site", "site_id", f"no site {site_id!r} here")
+            if origin and origin not in site.origins:
+                raise HTTPProblem(403, "origin_not_allowed", "origin",
+                                  f"{origin} is not in this site's origins")
+            cors = self._cors(origin, True)
+            sc = (valid_sc(body.get("sc") if isinstance(body.get("sc"), str) else None)
+                  or valid_sc(request.cookies.get(COOKIE_NAME)) or new_sc())
+            raws = _event_list(body.get("events"), "events")
+            origin_facts = Origin(site_id=site.id, source="browser", currency=site.currency,
+                                  received_ms=int(time.time() * 1000), sc=sc)
+            normalised = vocabulary.normalise_batch(raws, "events", origin_facts)
+        except Invalid as exc:
+            return _invalid(exc).response(cors)
+        except HTTPProblem as exc:
+            return exc.response(cors)
+        await self.store.ingest(site.id, normalised, raws,
+                                SessionInfo(user_agent=request.headers.get("user-agent")))
+        headers = {**cors, "Set-Cookie": cookie_header(sc, self.secure_cookie),
+                   "Cache-Control": "no-store"}
+        return Response(status_code=204, headers=headers)
+
+    # Backend ----------------------------------------------------------------------------
+
+    def _authorise(self, request: Request, site: Any) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPProblem(401, "unauthorized", "authorization",
+                              "send \"Authorization: Bearer <the site's api_key>\"",
+                              {"WWW-Authenticate": "Bearer"})
+        expected = site.api_key
+        if not expected:
+            raise HTTPProblem(403, "forbidden", "authorization",
+                              "this site has no api_key configured, so its backend API is off")
+        if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            raise HTTPProblem(403, "forbidden", "authorization", "the api key is not this site's")
+
+    async def backend_events(self, request: Request) -> Response:
+        try:
+            site_id = request.path_params["site_id"]
+            site = self.settings.sites.get(site_id)
+            if site is None:
+                raise HTTPProblem(404, "unknown_site", "site_id", f"no site {site_id!r} here")
+            self._authorise(request, site)
+            if _media_type(request) != "application/json":
+                raise HTTPProblem(415, "unsupported_media_type", "content-type",
+                                  "must be application/json")
+            body = vocabulary.parse_json(await _read_body(request))
+            if isinstance(body, dict) and "events" in body and "event" not in body:
+                raws, where = _event_list(body["events"], "events"), "events"
+                normalised = vocabulary.normalise_batch(raws, where, self._origin(site))
+            elif isinstance(body, list):
+                raws = _event_list(body, "body")
+                normalised = vocabulary.normalise_batch(raws, "body", self._origin(site))
+            else:
+                raws = [body]
+                normalised = [vocabulary.normalise(body, "body", self._origin(site))]
+        except Invalid as exc:
+            return _invalid(exc).response()
+        except HTTPProblem as exc:
+            return exc.response()
+        results = await self.store.ingest(site.id, normalised, raws, SessionInfo())
+        return JSONResponse(
+            {"event_ids": [r.event_id for r in results],
+             "duplicates": [r.event_id for r in results if r.duplicate]}, status_code=202)
+
+    @staticmethod
+    def _origin(site: Any) -> Origin:
+        return Origin(site_id=site.id, source="backend", currency=site.currency,
+                      received_ms=int(time.time() * 1000))

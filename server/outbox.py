@@ -1,0 +1,68 @@
+"""Delivery planning: which vendor requests an event implies, decided inside the ingest
+transaction so an acknowledged event always has its deliveries recorded with it.
+
+Pure: routing (``server/routing.py``) decides who delivers, each vendor's ``plan`` builds the
+requests, and this module turns them into delivery rows with their starting state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from . import routing
+from .vendors import VENDORS
+from .vendors._base import PlanContext, VendorRequest
+
+# Row states (docs/architecture.md, "Delivery rows").
+HELD, PENDING, DELIVERED, DEAD, BROWSER, EXPIRED = (
+    "held", "pending", "delivered", "dead", "browser", "expired")
+
+
+@dataclass(frozen=True)
+class PlannedDelivery:
+    vendor: str
+    dedup_key: str
+    state: str
+    visitor: str
+    request: dict[str, Any]
+
+
+def visitor_key(event: dict[str, Any]) -> str:
+    """Deliveries for one visitor go out in order; this names the visitor."""
+    if event.get("sc"):
+        return f"sc:{event['sc']}"
+    identity = event.get("identity") or event.get("user") or {}
+    if identity.get("email"):
+        return f"email:{identity['email']}"
+    if identity.get("customer_id"):
+        return f"customer:{identity['customer_id']}"
+    return f"event:{event['event_id']}"
+
+
+def has_email(event: dict[str, Any]) -> bool:
+    return bool((event.get("identity") or {}).get("email"))
+
+
+def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None
+         ) -> list[PlannedDelivery]:
+    """Delivery rows for one stored event (optionally only for some vendors)."""
+    rows: list[PlannedDelivery] = []
+    visitor = visitor_key(event)
+    for name, vendor in site.vendors.items():
+        if vendors is not None and name not in vendors:
+            continue
+        decision = routing.decide(vendor, event)
+        if decision == "skip":
+            continue
+        context = PlanContext(site_id=site.id, vendor=vendor, currency=site.currency)
+        requests: list[VendorRequest] = VENDORS[name].plan(event, context)
+        for request in requests:
+            if decision == "browser":
+                state = BROWSER
+            elif request.needs_email and not has_email(event):
+                state = HELD
+            else:
+                state = PENDING
+            rows.append(PlannedDelivery(name, request.dedup_key, state, visitor, request.to_row()))
+    return rows

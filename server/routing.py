@@ -1,0 +1,55 @@
+"""Who delivers an event to a vendor: its browser library, onetag's server, or both.
+
+Modes, per vendor and event name (``"*"`` covers custom events):
+
+- ``browser``  only the vendor's own library, in the page;
+- ``server``   only onetag's server, from its stored copy;
+- ``both``     each side (for calls that are different facts, e.g. a browser identify
+               and a server-side profile upsert);
+- ``fallback`` the browser; the server only when the vendor's library did not load or threw
+               for that event (the event's ``loaded`` list says which);
+- ``off``      nobody.
+
+Each vendor's defaults live beside its mapping (``DEFAULT_ROUTES`` in
+``server/vendors/<name>.py``), chosen so no vendor counts one purchase twice.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .vendors._base import ROUTING_MODES as MODES
+from .vendors._base import VendorConfig
+
+BROWSER_MODES = frozenset({"browser", "both", "fallback"})
+
+Decision = Literal["send", "browser", "skip"]
+
+
+def browser_routes(vendor: VendorConfig) -> dict[str, bool]:
+    """The events the generated script lets this vendor's browser adapter handle."""
+    routes = {event: mode in BROWSER_MODES for event, mode in vendor.routes.items()}
+    routes.setdefault("*", False)
+    return routes
+
+
+def decide(vendor: VendorConfig, event: dict) -> Decision:
+    """What the server does with one stored event for one vendor.
+
+    ``send``: plan and deliver its requests. ``browser``: the vendor got it in the page;
+    plan anyway and record the requests as delivered by the browser, so the same fact
+    arriving later (the backend's copy of an order) is recognised and not sent again.
+    ``skip``: nothing.
+    """
+    mode = vendor.route(event["name"])
+    if mode == "off":
+        return "skip"
+    if event["source"] != "browser":
+        # A backend event never passed through a vendor library.
+        return "skip" if mode == "browser" else "send"
+    took_it = vendor.name in event.get("loaded", ())
+    if mode in ("server", "both"):
+        return "send"
+    if mode == "fallback":
+        return "browser" if took_it else "send"
+    return "browser" if took_it else "skip"  # mode == "browser"

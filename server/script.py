@@ -1,0 +1,98 @@
+"""The generated script: one per site, rendered once, served with an ETag, gzipped.
+
+Only public vendor settings reach the template (``config.public_settings``), so no secret
+can end up in anything a browser receives.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import routing
+from .assets import templates_dir
+from .config import public_settings
+
+CACHE_CONTROL = "public, max-age=300"  # short: a config change reaches browsers in minutes
+JS_TYPE = "application/javascript; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class RenderedScript:
+    body: bytes
+    gzipped: bytes
+    etag: str
+
+
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                              autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def script_config(settings: Any, site: Any) -> dict[str, Any]:
+    """What the runtime is told about its site: public ids, routes, the endpoint."""
+    return {
+        "site_id": site.id,
+        "endpoint": settings.server.public_url + settings.server.event_path,
+        "spa_page_views": site.spa_page_views,
+        "capture_form_email": site.capture_form_email,
+        "debug": site.debug,
+        "vendors": {name: {"settings": public_settings(vendor),
+                           "routes": routing.browser_routes(vendor)}
+                    for name, vendor in site.vendors.items()},
+    }
+
+
+def _embed_json(value: Any) -> str:
+    """JSON that is safe inside a <script> and a JS string context."""
+    text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def render(env: jinja2.Environment, settings: Any, site: Any) -> RenderedScript:
+    text = env.get_template("onetag.js.j2").render(
+        config_json=_embed_json(script_config(settings, site)), vendors=list(site.vendors))
+    body = text.encode("utf-8")
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    return RenderedScript(body=body, gzipped=gzip.compress(body, 9, mtime=0), etag=etag)
+
+
+class ScriptServer:
+    """Renders each site's script on first request and keeps it for the process's life."""
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self.env = environment()
+        self._cache: dict[str, RenderedScript] = {}
+
+    def get(self, site_id: str) -> RenderedScript | None:
+        site = self.settings.sites.get(site_id)
+        if site is None:
+            return None
+        if site_id not in self._cache:
+            self._cache[site_id] = render(self.env, self.settings, site)
+        return self._cache[site_id]
+
+    async def endpoint(self, request: Request) -> Response:
+        site_id = request.path_params["site_id"]
+        script = self.get(site_id)
+        if script is None:
+            return Response(f"/* onetag: no site {site_id!r} here */\n".encode(),
+                            status_code=404, media_type=JS_TYPE,
+                            headers={"Cache-Control": "no-store"})
+        headers = {"ETag": script.etag, "Cache-Control": CACHE_CONTROL, "Vary": "Accept-Encoding"}
+        if script.etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            headers["Content-Encoding"] = "gzip"
+            return Response(script.gzipped, media_type=JS_TYPE, headers=headers)
+        return Response(script.body, media_type=JS_TYPE, headers=headers)

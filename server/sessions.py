@@ -1,0 +1,94 @@
+"""Visitor sessions: the ``sc`` cookie, and the pure rules for carts and identities.
+
+The store applies these inside its ingest transaction; keeping them free of SQL lets the
+SQLite and a later PostgreSQL backend share them, and lets tests check them directly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from .events import CART_DELTAS, CART_REPLACING, SC_RE
+
+COOKIE_NAME = "sc"
+COOKIE_MAX_AGE = 365 * 24 * 3600
+IDENTITY_FIELDS = ("email", "customer_id", "first_name", "last_name", "phone", "accepts_marketing")
+
+
+def new_sc() -> str:
+    """An uppercase UUID, the form eSputnik's own ``sc`` cookie takes."""
+    return str(uuid.uuid4()).upper()
+
+
+def valid_sc(value: str | None) -> str | None:
+    if value and SC_RE.match(value):
+        return value.upper()
+    return None
+
+
+def cookie_header(sc: str, secure: bool) -> str:
+    """Not HttpOnly: the runtime reads it when onetag is served from the shop's own host."""
+    parts = [f"{COOKIE_NAME}={sc}", "Path=/", f"Max-Age={COOKIE_MAX_AGE}", "SameSite=Lax"]
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts)
+
+
+def _line_key(item: dict[str, Any]) -> tuple[str, str]:
+    return item["item_id"], item.get("item_variant") or ""
+
+
+def apply_cart(cart: list[dict[str, Any]], event: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The session's cart after ``event``, or None when the event does not touch the cart.
+
+    ``add_to_cart``/``remove_from_cart`` are deltas by item (quantity added or removed);
+    ``view_cart``/``begin_checkout``/``cart_updated`` carry the whole cart and replace it;
+    ``purchase`` empties it.
+    """
+    name = event["name"]
+    if name == "purchase":
+        return []
+    items = (event.get("ecommerce") or {}).get("items") or []
+    if name in CART_REPLACING:
+        return [dict(item) for item in items if item["quantity"] > 0]
+    if name not in CART_DELTAS:
+        return None
+    lines = {_line_key(item): dict(item) for item in cart}
+    for item in items:
+        key = _line_key(item)
+        if name == "add_to_cart":
+            if key in lines:
+                line = lines[key]
+                line["quantity"] += item["quantity"]
+                for field, value in item.items():  # a fresher price or name wins
+                    if field != "quantity" and value not in (None, [], ""):
+                        line[field] = value
+            else:
+                lines[key] = dict(item)
+        elif key in lines:
+            remaining = lines[key]["quantity"] - item["quantity"]
+            if remaining > 0:
+                lines[key]["quantity"] = remaining
+            else:
+                del lines[key]
+    return [line for line in lines.values() if line["quantity"] > 0]
+
+
+def cart_snapshot(items: list[dict[str, Any]], currency: str, guid: str) -> dict[str, Any]:
+    value = sum((item.get("price_minor") or 0) * item["quantity"] for item in items)
+    return {"currency": currency, "items": items, "value_minor": value,
+            "item_count": sum(item["quantity"] for item in items), "guid": guid}
+
+
+def identity_update(current: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
+    """Identity fields after ``event``: its ``user`` fields win; consent events set consent."""
+    merged = {k: v for k, v in (current or {}).items() if k in IDENTITY_FIELDS}
+    for key, value in (event.get("user") or {}).items():
+        if key in IDENTITY_FIELDS and value is not None:
+            merged[key] = value
+    if event["name"] == "unsubscribe":
+        merged["accepts_marketing"] = False
+    elif event["name"] == "opt_in":
+        merged["accepts_marketing"] = True
+    return merged

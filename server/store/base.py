@@ -1,0 +1,99 @@
+"""The storage interface every backend implements.
+
+Writes are few and shaped by the product, not by tables: ``ingest`` is the whole of what
+accepting a batch of events means (event rows, session, identity, cart, delivery rows) and
+must be atomic and durable before it returns; the delivery calls are what the forwarder
+and the operator CLI need.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    event_id: str
+    seq: int
+    duplicate: bool  # already stored by an earlier request: accepted, not stored again
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the endpoint knows of the visitor beyond the events themselves."""
+
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    site_id: str
+    vendor: str
+    dedup_key: str
+    visitor: str
+    request: dict[str, Any]
+    attempts: int  # including the one this claim starts
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one claimed delivery."""
+
+    id: int
+    state: str  # delivered | pending (retry at next_attempt_ms) | dead
+    next_attempt_ms: int = 0
+    error: str | None = None
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise if the store cannot be read."""
+
+    @abc.abstractmethod
+    async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
+                     raws: Sequence[Any], session: SessionInfo) -> list[IngestResult]:
+        """Store normalised events durably, in one transaction, with everything they imply."""
+
+    @abc.abstractmethod
+    async def session_view(self, site_id: str, sc: str, limit: int = 50) -> dict[str, Any]:
+        """A visitor's identity, cart and latest events (the demo's panel)."""
+
+    # The outbox -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim(self, now_ms: int, lease_ms: int, limit: int,
+                    vendors: Iterable[str] | None = None) -> list[Delivery]:
+        """Take due deliveries, oldest first, at most one in flight per (vendor, visitor).
+
+        A claimed row is leased: if the process dies, it is due again when the lease ends.
+        """
+
+    @abc.abstractmethod
+    async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None: ...
+
+    @abc.abstractmethod
+    async def expire_held(self, before_ms: int, now_ms: int) -> int:
+        """Held rows older than the hold window stop waiting; returns how many."""
+
+    @abc.abstractmethod
+    async def delivery_stats(self, now_ms: int) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
+                     states: Sequence[str] = ("dead",)) -> int:
+        """Make matching deliveries due again; returns how many."""
+
+    @abc.abstractmethod
+    async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
+                              limit: int = 50) -> list[dict[str, Any]]: ...
