@@ -753,6 +753,29 @@
     });
   }
 
+  var DELIVERY_STATES = {
+    held: "waits for an email", pending: "queued", delivered: "delivered", dead: "failed, kept",
+    browser: "sent by the browser"
+  };
+  function renderDeliveries(rows) {
+    var list = byTestId("panel-deliveries");
+    list.textContent = "";
+    byTestId("panel-delivery-count").textContent = rows.length ? String(rows.length) : "";
+    if (!rows.length) {
+      append(list, el("li", { class: "muted", text: "Nothing to forward yet: most events reach vendors once the visitor has an email." }));
+      return;
+    }
+    rows.slice(0, 30).forEach(function (d) {
+      var state = String(d.state || "?");
+      append(list, el("li", { testid: "panel-delivery", "data-vendor": d.vendor, "data-state": state,
+                              "data-event": d.name, title: d.last_error || d.dedup_key || "" },
+        el("span", { class: "dl-vendor", text: d.vendor }),
+        el("span", { class: "dl-event", text: d.name || "" }),
+        el("span", { class: "dl-state dl-" + state.replace(/[^a-z]/gi, ""),
+                     text: (DELIVERY_STATES[state] || state) + (d.attempts > 1 ? " \u00b7 " + d.attempts + " tries" : "") })));
+    });
+  }
+
   function pollSession() {
     if (sessionInFlight || document.hidden) return;
     sessionInFlight = true;
@@ -771,6 +794,7 @@
         renderIdentity(data.identity);
         renderCart(data.cart);
         renderEvents(Array.isArray(data.events) ? data.events : []);
+        renderDeliveries(Array.isArray(data.deliveries) ? data.deliveries : []);
       })
       .catch(function (err) {
         setStatus("onetag's /demo/session is not answering (" + (err && err.message ? err.message : "error") +
