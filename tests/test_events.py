@@ -1,0 +1,138 @@
+"""The vocabulary: what is accepted, how it is normalised, and how a problem is named."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from server import events
+from server.events import Invalid, Origin
+
+BROWSER = Origin(site_id="shop1", source="browser", currency="USD", received_ms=1000, sc="ABC-123-DEF")
+BACKEND = Origin(site_id="shop1", source="backend", currency="USD", received_ms=1000)
+
+
+def parse(text: str, origin: Origin = BROWSER) -> dict:
+    return events.normalise(events.parse_json(text.encode()), "events[0]", origin)
+
+
+def problem(text: str, origin: Origin = BROWSER) -> tuple[str, str]:
+    with pytest.raises(Invalid) as caught:
+        parse(text, origin)
+    return caught.value.field, caught.value.problem
+
+
+@pytest.mark.parametrize("price, minor", [("4.35", 435), ("0.57", 57), ("19.99", 1999),
+                                          ("1.005", 101), ("29.999", 3000), ("10", 1000)])
+def test_prices_become_exact_minor_units(price: str, minor: int) -> None:
+    event = parse('{"event": "view_item", "event_id": "e1", "ecommerce": {"items": '
+                  f'[{{"item_id": "A", "price": {price}}}]}}}}')
+    assert event["ecommerce"]["items"][0]["price_minor"] == minor
+
+
+def test_zero_decimal_currency_keeps_whole_units() -> None:
+    event = parse('{"event": "purchase", "event_id": "e1", "ecommerce": {"currency": "jpy", '
+                  '"transaction_id": 77, "value": 1500, "items": []}}')
+    assert event["ecommerce"]["currency"] == "JPY"
+    assert event["ecommerce"]["value_minor"] == 1500
+    assert event["ecommerce"]["transaction_id"] == "77"
+
+
+def test_item_is_flattened_and_categories_kept_in_order() -> None:
+    event = parse('{"event": "view_item", "event_id": "e1", "ecommerce": {"currency": "USD", '
+                  '"value": 29.99, "items": [{"item_id": "SKU-1000", "item_name": "Mug", '
+                  '"price": 29.99, "quantity": 1, "item_category": "Kitchen", '
+                  '"item_category2": "Mugs", "item_brand": "Acme", "item_url": "https://s/p", '
+                  '"image_url": "https://s/i.jpg", "description": "A mug", "in_stock": true}]}}')
+    [item] = event["ecommerce"]["items"]
+    assert item == {"item_id": "SKU-1000", "item_name": "Mug", "item_brand": "Acme",
+                    "item_url": "https://s/p", "image_url": "https://s/i.jpg",
+                    "description": "A mug", "price_minor": 2999, "quantity": 1,
+                    "categories": ["Kitchen", "Mugs"], "in_stock": True}
+    assert event["ecommerce"]["value_minor"] == 2999
+    assert event["sc"] == "ABC-123-DEF" and event["source"] == "browser"
+
+
+def test_email_is_normalised_and_custom_keys_become_properties() -> None:
+    event = parse('{"event": "size_guide_opened", "event_id": "e1", "user": '
+                  '{"email": "  Ann@Example.COM "}, "size": "M", "score": 4.5, "page_location": "https://s/p"}')
+    assert event["user"] == {"email": "ann@example.com"}
+    assert event["properties"] == {"size": "M", "score": 4.5}
+    assert event["page"] == {"location": "https://s/p"}
+
+
+def test_backend_event_gets_an_id_and_may_name_a_session() -> None:
+    event = parse('{"event": "order_status", "transaction_id": "1001", "status": "cancelled", '
+                  '"user": {"email": "a@b.co"}, "sc": "cda68358-94fb-4d83-9655-3feb3c4114a3"}', BACKEND)
+    assert len(event["event_id"]) == 36
+    assert event["sc"] == "CDA68358-94FB-4D83-9655-3FEB3C4114A3"
+    assert event["ecommerce"]["transaction_id"] == "1001" and event["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ('[]', "events[0]", "must be an object"),
+    ('{"event_id": "e1"}', "events[0].event", "is required"),
+    ('{"event": "1bad name", "event_id": "e1"}', "events[0].event", "not a valid event name"),
+    ('{"event": "view_item"}', "events[0].event_id", "is required"),
+    ('{"event": "view_item", "event_id": "e1"}', "events[0].ecommerce.items", "is required"),
+    ('{"event": "view_item", "event_id": "e1", "ecommerce": {"items": []}}',
+     "events[0].ecommerce.items", "must not be empty"),
+    ('{"event": "view_item", "event_id": "e1", "ecommerce": {"items": [{"price": 1}]}}',
+     "events[0].ecommerce.items[0].item_id", "is required"),
+    ('{"event": "view_item", "event_id": "e1", "ecommerce": {"items": [{"item_id": "A", "price": "x"}]}}',
+     "events[0].ecommerce.items[0].price", "must be a number"),
+    ('{"event": "view_item", "event_id": "e1", "ecommerce": {"items": [{"item_id": "A", "price": -1}]}}',
+     "events[0].ecommerce.items[0].price", "must not be negative"),
+    ('{"event": "add_to_cart", "event_id": "e1", "ecommerce": {"items": [{"item_id": "A", "quantity": 1.5}]}}',
+     "events[0].ecommerce.items[0].quantity", "whole number"),
+    ('{"event": "view_item", "event_id": "e1", "ecommerce": {"currency": "dollars", "items": [{"item_id": "A"}]}}',
+     "events[0].ecommerce.currency", "ISO 4217"),
+    ('{"event": "purchase", "event_id": "e1", "ecommerce": {"items": []}}',
+     "events[0].ecommerce.transaction_id", "is required for purchase"),
+    ('{"event": "identify", "event_id": "e1", "user": {"first_name": "Ann"}}',
+     "events[0].user.email", "is required for identify"),
+    ('{"event": "identify", "event_id": "e1", "user": {"email": "not-an-email"}}',
+     "events[0].user.email", "is not an email address"),
+    ('{"event": "identify", "event_id": "e1", "user": {"email": "a@b.co", "accepts_marketing": "yes"}}',
+     "events[0].user.accepts_marketing", "true or false"),
+    ('{"event": "search", "event_id": "e1"}', "events[0].search_term", "is required"),
+    ('{"event": "order_status", "event_id": "e1", "transaction_id": "1", "status": "done"}',
+     "events[0].event", "backend API only"),
+    ('{"event": "view_item", "event_id": "e1", "time": "soon", "ecommerce": {"items": [{"item_id": "A"}]}}',
+     "events[0].time", "whole number"),
+    ('{"event": "view_item", "event_id": "e1", "loaded": "rejoiner", "ecommerce": {"items": [{"item_id": "A"}]}}',
+     "events[0].loaded", "list of vendor names"),
+])
+def test_bad_input_names_the_field(text: str, field: str, words: str) -> None:
+    got_field, got_problem = problem(text)
+    assert got_field == field
+    assert words in got_problem
+
+
+def test_backend_rules() -> None:
+    assert problem('{"event": "purchase", "ecommerce": {"transaction_id": "1"}}', BACKEND) == (
+        "events[0].user", "backend events need user.email or user.customer_id "
+        "(or sc to tie them to a browser session)")
+    field, words = problem('{"event": "order_status", "transaction_id": "1", "status": "shipped", '
+                           '"user": {"email": "a@b.co"}}', BACKEND)
+    assert field == "events[0].status" and "completed" in words
+    # product_updated is catalog data: no user needed.
+    event = parse('{"event": "product_updated", "ecommerce": {"items": [{"item_id": "A", "price": 1}]}}', BACKEND)
+    assert event["ecommerce"]["items"][0]["price_minor"] == 100
+
+
+def test_oversized_event_is_refused() -> None:
+    text = '{"event": "big", "event_id": "e1", "blob": "' + "x" * events.MAX_EVENT_BYTES + '"}'
+    field, words = problem(text)
+    assert field == "events[0]" and "limit is 32768 bytes" in words
+
+
+def test_malformed_json_is_a_body_problem() -> None:
+    with pytest.raises(Invalid) as caught:
+        events.parse_json(b"{not json")
+    assert caught.value.field == "body"
+
+
+def test_decimal_parsing_is_used() -> None:
+    assert events.parse_json(b'{"a": 4.35}') == {"a": Decimal("4.35")}
