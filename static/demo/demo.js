@@ -754,9 +754,14 @@
   }
 
   var DELIVERY_STATES = {
-    held: "waits for an email", pending: "queued", delivered: "delivered", dead: "failed, kept",
-    browser: "sent by the browser"
+    held: "held for email", pending: "queued", delivered: "delivered", dead: "dead (kept)",
+    browser: "in browser"
   };
+  function requestKind(d) {
+    // dedup keys read "orders/create:1001", "convert:1001", "event:<uuid>": the part before ":"
+    var k = typeof d.dedup_key === "string" ? d.dedup_key.split(":")[0] : "";
+    return k && k !== d.name && k !== "event" ? k : "";
+  }
   function renderDeliveries(rows) {
     var list = byTestId("panel-deliveries");
     list.textContent = "";
@@ -770,7 +775,8 @@
       append(list, el("li", { testid: "panel-delivery", "data-vendor": d.vendor, "data-state": state,
                               "data-event": d.name, title: d.last_error || d.dedup_key || "" },
         el("span", { class: "dl-vendor", text: d.vendor }),
-        el("span", { class: "dl-event", text: d.name || "" }),
+        el("span", { class: "dl-event" }, d.name || "",
+          requestKind(d) ? el("span", { class: "dl-kind", text: " \u2192 " + requestKind(d) }) : null),
         el("span", { class: "dl-state dl-" + state.replace(/[^a-z]/gi, ""),
                      text: (DELIVERY_STATES[state] || state) + (d.attempts > 1 ? " \u00b7 " + d.attempts + " tries" : "") })));
     });
