@@ -201,7 +201,7 @@ def _money(table: dict, key: str, where: str, currency: str) -> int | None:
     value = table.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
         raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), not {_type(value)}")
     try:
         minor = money.to_minor(value, currency)

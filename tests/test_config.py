@@ -1,0 +1,102 @@
+"""Config: env: values, defaults, and every problem reported with its location."""
+
+from __future__ import annotations
+
+import pytest
+
+from server import config
+from server.config import ConfigError
+
+
+def problems(data: dict, env: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(data, file="onetag.toml", env=env or {})
+    return [str(p) for p in caught.value.problems]
+
+
+def test_env_values_defaults_and_vendor_url_templates() -> None:
+    settings = config.parse({
+        "server": {"database": "sqlite:///x.db", "admin_token": "env:ADMIN"},
+        "sites": [{"id": "shop1", "origins": ["https://shop.example/"], "api_key": "env:KEY",
+                   "remarkety": {"store_id": "ST1", "api_key": "env:RM"},
+                   "esputnik": {"site_id": "8A412DC"}}],
+    }, env={"ADMIN": "a", "KEY": "k", "RM": "r"})
+    site = settings.sites["shop1"]
+    assert settings.server.admin_token == "a" and site.api_key == "k"
+    assert site.origins == ("https://shop.example",)
+    assert site.vendors["remarkety"]["api_key"] == "r"
+    assert site.vendors["remarkety"]["webhook_url"].endswith("storeId=ST1")
+    assert site.vendors["esputnik"]["script_id"] == "8A412DC"
+    assert site.vendors["esputnik"]["script_url"].endswith("/8A412DC.js")
+    assert settings.server.public_url == "http://127.0.0.1:8000"
+    assert settings.server.sqlite_path == "x.db"
+
+
+def test_every_problem_is_reported_with_its_location() -> None:
+    found = problems({
+        "server": {"database": "postgres://x", "public_url": "ftp://x", "colour": "red"},
+        "sites": [
+            {"id": "shop 1", "origins": ["shop.example"], "currency": "dollars",
+             "api_key": "env:MISSING", "spa_page_views": "sometimes",
+             "rejoiner": {"domain": "x", "routes": {"purchase": "twice"}, "apikey": "typo"}},
+            {"id": "shop2", "sendlane": "yes"},
+            {"id": "shop2"},
+        ],
+    })
+    expected = [
+        "onetag.toml: server.colour: unknown key",
+        "onetag.toml: server.database: only sqlite:///PATH databases are supported",
+        "onetag.toml: server.public_url: must be an http(s) URL",
+        "onetag.toml: sites[shop 1].id: must be 1-64 characters",
+        "onetag.toml: sites[shop 1].origins: 'shop.example' is not an origin",
+        "onetag.toml: sites[shop 1].currency: must be a 3-letter ISO 4217 code",
+        "onetag.toml: sites[shop 1].spa_page_views: must be \"auto\" or \"manual\"",
+        "onetag.toml: sites[shop 1].rejoiner.apikey: unknown key",
+        "onetag.toml: sites[shop 1].rejoiner.site_id: is required",
+        "onetag.toml: sites[shop 1].rejoiner.routes.purchase: must be one of browser, server, both, fallback, off",
+        "onetag.toml: sites[shop 1].api_key: environment variable MISSING is not set",
+        "onetag.toml: sites[shop2].sendlane: must be a table",
+        "onetag.toml: sites[shop2].id: is used by two sites",
+    ]
+    for line in expected:
+        assert any(p.startswith(line) for p in found), (line, found)
+    assert len(found) == len(expected), found
+
+
+def test_no_sites_is_a_problem() -> None:
+    assert problems({"server": {}}) == [
+        "onetag.toml: sites: no [[sites]] defined: add at least one site"]
+
+
+def test_routes_override_defaults_only_where_given() -> None:
+    settings = config.parse({"sites": [{"id": "s", "rejoiner": {
+        "site_id": "R", "routes": {"purchase": "server"}}}]}, env={})
+    vendor = settings.sites["s"].vendors["rejoiner"]
+    assert vendor.route("purchase") == "server"
+    from server.vendors import rejoiner
+    for event, mode in rejoiner.DEFAULT_ROUTES.items():
+        if event != "purchase":
+            assert vendor.route(event) == mode
+
+
+def test_load_reads_toml_and_names_the_file(tmp_path) -> None:
+    path = tmp_path / "onetag.toml"
+    path.write_text('[[sites]]\nid = "s"\ncurrency = 5\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, env={})
+    assert str(caught.value.problems[0]) == f"{path}: sites[s].currency: must be a string, not int"
+    path.write_text("[[sites]\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, env={})
+    assert "not valid TOML" in str(caught.value)
+
+
+def test_demo_settings_point_every_vendor_at_loopback() -> None:
+    settings = config.demo("127.0.0.1", 8123)
+    assert settings.is_demo and list(settings.sites) == ["demo"]
+    site = settings.sites["demo"]
+    assert set(site.vendors) == {"rejoiner", "remarkety", "esputnik", "sendlane"}
+    for vendor in site.vendors.values():
+        for key, value in vendor.values.items():
+            if key.endswith("_url") or key == "api_base":
+                assert value.startswith("http://127.0.0.1:8123/"), (vendor.name, key, value)

@@ -1,0 +1,155 @@
+"""POST /e and the backend API over HTTP: CORS, the sc cookie, dedup, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from support import ORIGIN, beacon, item, running, settings_for
+
+TEXT = {"content-type": "text/plain;charset=UTF-8", "origin": ORIGIN}
+
+
+def count(settings, table: str = "events") -> int:
+    with sqlite3.connect(settings.server.sqlite_path) as db:
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+async def test_batch_is_stored_and_answered_204_with_cookie_and_cors(tmp_path) -> None:
+    settings = settings_for(tmp_path)
+    async with running(settings) as (_, client):
+        body = beacon([{"event_id": "e1", "event": "page_view", "page": {"location": "https://shop.example/"}},
+                       {"event_id": "e2", "event": "view_item", "ecommerce": {"items": [item()]}}])
+        response = await client.post("/e", content=body, headers=TEXT)
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert response.headers["access-control-allow-credentials"] == "true"
+    cookie = response.headers["set-cookie"]
+    sc = cookie.split(";")[0].split("=")[1]
+    assert sc == sc.upper() and len(sc) == 36
+    assert "Max-Age=31536000" in cookie and "SameSite=Lax" in cookie and "Secure" in cookie
+    assert "HttpOnly" not in cookie
+    with sqlite3.connect(settings.server.sqlite_path) as db:
+        rows = db.execute("SELECT event_id, name, sc FROM events ORDER BY seq").fetchall()
+        session = db.execute("SELECT sc, user_agent, last_page FROM sessions").fetchone()
+    assert rows == [("e1", "page_view", sc), ("e2", "view_item", sc)]
+    assert session[0] == sc and session[2] == "https://shop.example/"
+
+
+async def test_an_existing_sc_is_reused_from_body_or_cookie(tmp_path) -> None:
+    settings = settings_for(tmp_path)
+    async with running(settings) as (_, client):
+        first = await client.post("/e", content=beacon([{"event_id": "e1", "event": "page_view"}],
+                                  sc="cda68358-94fb-4d83-9655-3feb3c4114a3"), headers=TEXT)
+        assert "sc=CDA68358-94FB-4D83-9655-3FEB3C4114A3" in first.headers["set-cookie"]
+        client.cookies.set("sc", "11111111-2222-3333-4444-555555555555")
+        second = await client.post("/e", content=beacon([{"event_id": "e2", "event": "page_view"}]),
+                                   headers=TEXT)
+        assert "sc=11111111-2222-3333-4444-555555555555" in second.headers["set-cookie"]
+
+
+async def test_repeated_event_id_is_stored_once(tmp_path) -> None:
+    settings = settings_for(tmp_path)
+    body = beacon([{"event_id": "same", "event": "add_to_cart", "ecommerce": {"items": [item()]}}],
+                  sc="AAAAAAAA-0000-0000-0000-000000000000")
+    async with running(settings) as (_, client):
+        for _ in range(3):
+            assert (await client.post("/e", content=body, headers=TEXT)).status_code == 204
+    assert count(settings) == 1
+    with sqlite3.connect(settings.server.sqlite_path) as db:
+        # The cart delta was applied once, not three times.
+        items = json.loads(db.execute("SELECT items FROM carts").fetchone()[0])
+    assert items[0]["quantity"] == 1
+
+
+async def test_json_content_type_and_preflight(tmp_path) -> None:
+    settings = settings_for(tmp_path)
+    async with running(settings) as (_, client):
+        pre = await client.options("/e", headers={"origin": ORIGIN,
+                                                  "access-control-request-method": "POST"})
+        assert pre.status_code == 204
+        assert pre.headers["access-control-allow-origin"] == ORIGIN
+        bad_pre = await client.options("/e", headers={"origin": "https://evil.example"})
+        assert bad_pre.status_code == 403 and "access-control-allow-origin" not in bad_pre.headers
+        response = await client.post("/e", content=beacon([{"event_id": "e1", "event": "page_view"}]),
+                                     headers={"content-type": "application/json", "origin": ORIGIN})
+        assert response.status_code == 204
+
+
+@pytest.mark.parametrize("body, headers, status, field", [
+    (b"{nope", TEXT, 400, "body"),
+    (b"[]", TEXT, 422, "body"),
+    (beacon([], site_id="shop1"), TEXT, 422, "events"),
+    (beacon([{"event_id": "e1", "event": "page_view"}], site_id="nosuch"), TEXT, 404, "site_id"),
+    (beacon([{"event_id": "e1", "event": "page_view"}]), {**TEXT, "origin": "https://evil.example"},
+     403, "origin"),
+    (beacon([{"event_id": "e1", "event": "page_view"}]), {**TEXT, "content-type": "application/xml"},
+     415, "content-type"),
+    (beacon([{"event_id": "ok", "event": "page_view"},
+             {"event_id": "e2", "event": "view_item", "ecommerce": {"items": [item(price="abc")]}}]),
+     TEXT, 422, "events[1].ecommerce.items[0].price"),
+    (beacon([{"event_id": f"e{i}", "event": "page_view"} for i in range(501)]), TEXT, 413, "events"),
+    (b'{"site_id": "shop1", "events": [{"event_id": "e1", "event": "x", "pad": "' + b"y" * (1024 * 1024)
+     + b'"}]}', TEXT, 413, "body"),
+])
+async def test_bad_input_is_refused_naming_the_field_and_stores_nothing(
+        tmp_path, body: bytes, headers: dict, status: int, field: str) -> None:
+    settings = settings_for(tmp_path)
+    async with running(settings) as (_, client):
+        response = await client.post("/e", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    payload = response.json()
+    assert payload["errors"][0]["field"] == field
+    assert payload["errors"][0]["problem"]
+    assert count(settings) == 0 and count(settings, "sessions") == 0
+
+
+async def test_backend_api_auth(tmp_path) -> None:
+    settings = settings_for(tmp_path)
+    event = {"event": "identify", "user": {"email": "a@b.co"}}
+    async with running(settings) as (_, client):
+        url = "/api/v1/sites/shop1/events"
+        missing = await client.post(url, json=event)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        wrong = await client.post(url, json=event, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 403 and wrong.json()["errors"][0]["field"] == "authorization"
+        unknown = await client.post("/api/v1/sites/other/events", json=event,
+                                    headers={"authorization": "Bearer secret-key"})
+        assert unknown.status_code == 404
+        ok = await client.post(url, json=event, headers={"authorization": "Bearer secret-key"})
+        assert ok.status_code == 202
+    assert count(settings) == 1
+
+
+async def test_backend_api_takes_one_event_or_a_list_and_dedups(tmp_path) -> None:
+    settings = settings_for(tmp_path)
+    auth = {"authorization": "Bearer secret-key"}
+    order = {"event": "purchase", "event_id": "order-1001", "user": {"email": "A@b.co"},
+             "ecommerce": {"transaction_id": "1001", "value": 8.70, "items": [item(price=4.35, quantity=2)]},
+             "billing_address": {"first_name": "Ann", "city": "Kyiv"}, "status": "processing"}
+    async with running(settings) as (_, client):
+        one = await client.post("/api/v1/sites/shop1/events", json=order, headers=auth)
+        assert one.status_code == 202 and one.json() == {"event_ids": ["order-1001"], "duplicates": []}
+        many = await client.post("/api/v1/sites/shop1/events", headers=auth, json=[
+            order, {"event": "order_status", "transaction_id": "1001", "status": "fulfilled",
+                    "user": {"email": "a@b.co"}}])
+        assert many.status_code == 202
+        assert many.json()["duplicates"] == ["order-1001"] and len(many.json()["event_ids"]) == 2
+        bad = await client.post("/api/v1/sites/shop1/events", headers=auth, json=[
+            {"event": "identify", "user": {"email": "c@d.co"}}, {"event": "purchase", "user": {"email": "c@d.co"}}])
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "body[1].ecommerce.transaction_id"
+        text = await client.post("/api/v1/sites/shop1/events", headers={**auth, "content-type": "text/plain"},
+                                 content=json.dumps(order))
+        assert text.status_code == 415
+    with sqlite3.connect(settings.server.sqlite_path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 2
+        assert db.execute("SELECT email FROM identities").fetchall() == [("a@b.co",)]
+        assert db.execute("SELECT count(*) FROM events WHERE data LIKE '%c@d.co%'").fetchone()[0] == 0
+
+
+async def test_healthz(tmp_path) -> None:
+    async with running(settings_for(tmp_path)) as (_, client):
+        response = await client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}

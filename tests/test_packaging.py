@@ -1,0 +1,60 @@
+"""What a user gets from a wheel: a plain (non-editable) install serves the demo.
+
+``templates/`` and ``static/`` sit outside ``server/``; this proves pyproject packages them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+import httpx
+
+from test_cli import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_install_serves_the_demo(tmp_path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(wheels), str(REPO)], check=True, cwd=tmp_path, timeout=300)
+    [wheel] = list(wheels.glob("onetag-*.whl"))
+    env_dir = tmp_path / "venv"
+    # The venv borrows the runtime dependencies already installed; onetag itself comes
+    # only from the wheel.
+    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    python = env_dir / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--no-deps", "--force-reinstall", str(wheel)], check=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-I", "-c", "import server; print(server.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert str(env_dir) in where.stdout, where.stdout  # not the source tree
+
+    port = free_port()
+    process = subprocess.Popen([str(env_dir / "bin" / "onetag"), "serve", "--port", str(port)],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "server did not start"
+            time.sleep(0.2)
+        assert "onetag" in httpx.get(f"{base}/demo/").text
+        assert httpx.get(f"{base}/static/demo/demo.js").status_code == 200
+        script = httpx.get(f"{base}/s/demo.js")
+        assert script.status_code == 200 and "_rejoiner" in script.text
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)

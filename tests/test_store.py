@@ -1,0 +1,189 @@
+"""The SQLite store: durability settings, group commit, sessions, identities, carts, held rows."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import types
+
+import pytest
+
+from server import config, vendors
+from server.events import Origin, normalise
+from server.store.base import SessionInfo
+from server.store.sqlite import SQLiteStore, migrate, migrations
+from server.vendors._base import VendorRequest
+
+from support import item, settings_for
+
+
+def event(raw: dict, sc: str | None = "SC-AAAA-0001", source: str = "browser") -> dict:
+    origin = Origin(site_id="shop1", source=source, currency="USD", received_ms=1, sc=sc)
+    return normalise(raw, "e", origin)
+
+
+async def open_store(settings) -> SQLiteStore:
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites)
+    await store.open()
+    return store
+
+
+async def ingest(store: SQLiteStore, *events: dict):
+    return await store.ingest("shop1", list(events), list(events), SessionInfo(user_agent="UA"))
+
+
+async def test_wal_full_sync_and_migrations_recorded(tmp_path) -> None:
+    store = await open_store(settings_for(tmp_path))
+    try:
+        mode = await store._writer.execute_fetchall("PRAGMA journal_mode")
+        sync = await store._writer.execute_fetchall("PRAGMA synchronous")
+        assert mode[0][0] == "wal" and sync[0][0] == 2  # 2 = FULL
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        recorded = [r[0] for r in db.execute("SELECT name FROM schema_migrations ORDER BY version")]
+        assert recorded[0] == "001_initial.sql"
+        assert recorded == [name for _, name, _ in migrations()]
+        assert migrate(db) == []  # idempotent
+
+
+async def test_concurrent_requests_share_commits_and_all_land(tmp_path) -> None:
+    store = await open_store(settings_for(tmp_path))
+    try:
+        batches = [[event({"event": "page_view", "event_id": f"e{i}-{j}"}, sc=f"SC-{i:04d}-XXXX")
+                    for j in range(3)] for i in range(200)]
+        results = await asyncio.gather(*(store.ingest("shop1", b, b, SessionInfo()) for b in batches))
+        assert sum(len(r) for r in results) == 600
+        assert store.commits < 200  # requests were grouped into fewer transactions
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 600
+        assert db.execute("SELECT count(*) FROM sessions").fetchone()[0] == 200
+
+
+async def test_a_failing_request_fails_alone(tmp_path) -> None:
+    store = await open_store(settings_for(tmp_path))
+    try:
+        good = [event({"event": "page_view", "event_id": "good"})]
+        bad = [event({"event": "page_view", "event_id": "bad"}) | {"site_id": "shop1"}]
+        bad[0]["user"] = {"email": object()}  # cannot be serialised: the job raises
+        outcome = await asyncio.gather(store.ingest("shop1", good, good, SessionInfo()),
+                                       store.ingest("shop1", bad, bad, SessionInfo()),
+                                       return_exceptions=True)
+        assert not isinstance(outcome[0], Exception) and isinstance(outcome[1], Exception)
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert [r[0] for r in db.execute("SELECT event_id FROM events")] == ["good"]
+
+
+async def test_one_email_on_two_devices_is_one_identity(tmp_path) -> None:
+    store = await open_store(settings_for(tmp_path))
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "a",
+                                   "user": {"email": "Ann@Example.com", "first_name": "Ann"}}, sc="SC-PHONE-01"))
+        await ingest(store, event({"event": "identify", "event_id": "b",
+                                   "user": {"email": "ann@example.com", "customer_id": "42"}}, sc="SC-LAPTOP-1"))
+        await ingest(store, event({"event": "view_item", "event_id": "c",
+                                   "ecommerce": {"items": [item()]}}, sc="SC-LAPTOP-1"))
+        view = await store.session_view("shop1", "SC-LAPTOP-1")
+    finally:
+        await store.close()
+    assert view["identity"] == {"id": 1, "email": "ann@example.com", "customer_id": "42",
+                                "first_name": "Ann"}
+    assert view["events"][0]["identity"]["email"] == "ann@example.com"  # later events carry it
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert db.execute("SELECT count(*) FROM identities").fetchone()[0] == 1
+        assert sorted(db.execute("SELECT sc, identity_id FROM sessions")) == [
+            ("SC-LAPTOP-1", 1), ("SC-PHONE-01", 1)]
+
+
+async def test_cart_state_and_guid_per_state(tmp_path) -> None:
+    store = await open_store(settings_for(tmp_path))
+    try:
+        await ingest(store, event({"event": "add_to_cart", "event_id": "1",
+                                   "ecommerce": {"items": [item("A", 19.99, 3)]}}))
+        first = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
+        await ingest(store, event({"event": "view_cart", "event_id": "2",
+                                   "ecommerce": {"items": [item("A", 19.99, 3)]}}))
+        same = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
+        await ingest(store, event({"event": "add_to_cart", "event_id": "3",
+                                   "ecommerce": {"items": [item("B", 4.35, 1)]}}))
+        second = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
+        await ingest(store, event({"event": "purchase", "event_id": "4",
+                                   "ecommerce": {"transaction_id": "T1", "items": []}}))
+        view = await store.session_view("shop1", "SC-AAAA-0001")
+    finally:
+        await store.close()
+    assert first["value_minor"] == 5997 and first["item_count"] == 3
+    assert same["guid"] == first["guid"]  # the same cart state keeps its GUID
+    assert second["guid"] != first["guid"] and second["value_minor"] == 5997 + 435
+    assert view["cart"] is None
+    purchase = view["events"][0]
+    assert purchase["cart"]["guid"] == second["guid"]  # the order refers to the last cart state
+    assert purchase["cart"]["value_minor"] == 6432
+
+
+def _held_vendor() -> types.ModuleType:
+    """A vendor that can only take product views for a known email."""
+    module = types.ModuleType("heldvendor")
+    module.NAME = "heldvendor"
+    module.SETTINGS = ()
+    module.DEFAULT_ROUTES = {"view_item": "server", "identify": "server"}
+
+    def plan(event, ctx):
+        email = (event.get("identity") or {}).get("email")
+        if event["name"] == "identify":
+            return [VendorRequest("POST", "http://v/customer", {"email": email}, f"c:{email}")]
+        return [VendorRequest("POST", "http://v/view", {"email": email,
+                              "sku": event["ecommerce"]["items"][0]["item_id"]},
+                              f"v:{event['event_id']}", needs_email=True)]
+
+    module.plan = plan
+    module.auth_headers = lambda cfg: {}
+    return module
+
+
+@pytest.fixture
+def held_vendor(monkeypatch):
+    monkeypatch.setitem(vendors.VENDORS, "heldvendor", _held_vendor())
+
+
+async def test_anonymous_activity_is_held_then_released_on_identify(tmp_path, held_vendor) -> None:
+    settings = settings_for(tmp_path, heldvendor={})
+    store = await open_store(settings)
+    try:
+        await ingest(store, event({"event": "view_item", "event_id": "v1", "ecommerce": {"items": [item("A")]}}))
+        await ingest(store, event({"event": "view_item", "event_id": "v2", "ecommerce": {"items": [item("B")]}}))
+        held = await store.list_deliveries(state="held")
+        assert sorted(d["dedup_key"] for d in held) == ["v:v1", "v:v2"]
+        await ingest(store, event({"event": "identify", "event_id": "i", "user": {"email": "a@b.co"}}))
+        pending = await store.list_deliveries(state="pending")
+    finally:
+        await store.close()
+    assert await_nothing_held(tmp_path)
+    keys = [d["dedup_key"] for d in reversed(pending)]
+    assert keys == ["c:a@b.co", "v:v1", "v:v2"]  # the customer first, then what waited, in order
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        bodies = [r[0] for r in db.execute("SELECT request FROM deliveries WHERE dedup_key LIKE 'v:%'")]
+    assert all('"email":"a@b.co"' in body for body in bodies)
+
+
+def await_nothing_held(tmp_path) -> bool:
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        return db.execute("SELECT count(*) FROM deliveries WHERE state = 'held'").fetchone()[0] == 0
+
+
+async def test_held_rows_past_the_window_expire_instead(tmp_path, held_vendor) -> None:
+    settings = settings_for(tmp_path, heldvendor={})
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites, hold_ms=0)
+    await store.open()
+    try:
+        await ingest(store, event({"event": "view_item", "event_id": "v1", "ecommerce": {"items": [item("A")]}}))
+        await asyncio.sleep(0.01)
+        await ingest(store, event({"event": "identify", "event_id": "i", "user": {"email": "a@b.co"}}))
+        states = {d["dedup_key"]: d["state"] for d in await store.list_deliveries()}
+    finally:
+        await store.close()
+    assert states == {"v:v1": "expired", "c:a@b.co": "pending"}
