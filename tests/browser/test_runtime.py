@@ -1,0 +1,419 @@
+"""The generated script's runtime (templates/onetag.js.j2) in real Chromium.
+
+Pages live on a static origin; onetag runs as a real server subprocess on another port.
+Every assertion reads what landed in the server's SQLite store (read-only), after waiting
+on a condition: a named event arriving, or the page's stored queue draining.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+SC_RE = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9A-F]{12}$")
+SITES = """
+[[sites]]
+id = "shop"
+origins = ["{origin}"]
+currency = "USD"
+
+[[sites]]
+id = "manual"
+origins = ["{origin}"]
+spa_page_views = "manual"
+
+[[sites]]
+id = "vend"
+origins = ["{origin}"]
+
+[sites.rejoiner]
+site_id = "RJ00001"
+script_url = "{origin}/missing/rj2.lib.js"
+api_base = "http://127.0.0.1:9/api/v1"
+
+[sites.sendlane]
+integration_token = "sl-token"
+script_url = "{origin}/lib/pusher.js"
+api_base = "http://127.0.0.1:9/v2"
+"""
+
+
+@pytest.fixture(scope="module")
+def server(onetag_server: Any) -> Any:
+    """One server for the module; tests keep apart by their own fresh context (own sc)."""
+    return onetag_server(SITES)
+
+
+def shop_page(server: Any, site: str = "shop", before: str = "", body: str = "") -> str:
+    """A storefront page: optional inline script run BEFORE the async onetag tag, then it."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Shop page</title>"
+            f"<script>window.dataLayer = window.dataLayer || [];{before}</script>"
+            f"<script async src='{server.script_url(site)}'></script></head>"
+            f"<body>{body}</body></html>")
+
+
+def open_shop(page: Any, static: Any, server: Any, site: str = "shop",
+              **kw: str) -> str:
+    url = static.add(shop_page(server, site, **kw))
+    page.goto(url)
+    page.wait_for_function("window.onetag && window.onetag.v")
+    return url
+
+
+def sc_of(page: Any) -> str:
+    return page.evaluate("(document.cookie.match(/(?:^|; )sc=([^;]+)/) || [])[1] || null")
+
+
+def names(rows: list[dict[str, Any]]) -> list[str]:
+    return [r["name"] for r in rows]
+
+
+def has(*wanted: str):
+    return lambda rows: all(w in names(rows) for w in wanted)
+
+
+def queue_drained(page: Any, site: str = "shop") -> None:
+    page.wait_for_function(f"JSON.parse(localStorage.getItem('onetag_{site}_q') || '[]').length === 0")
+
+
+def stored_queue(page: Any, site: str = "shop") -> list[dict[str, Any]]:
+    return page.evaluate(f"JSON.parse(localStorage.getItem('onetag_{site}_q') || '[]')")
+
+
+# dataLayer ------------------------------------------------------------------------------------
+
+
+def test_pushes_before_load_are_replayed_in_order_and_non_events_ignored(page, static_server, server):
+    before = """
+      dataLayer.push({event: "gtm.js", "gtm.start": 1});
+      dataLayer.push({ecommerce: null});
+      dataLayer.push(["set", "x"]);
+      (function () { dataLayer.push(arguments) })("event", "gtag_style", {});
+      var c = {event: "circular"}; c.self = c; dataLayer.push(c);
+      dataLayer.push(null); dataLayer.push("just a string");
+      dataLayer.push({event: "first", n: 1});
+      dataLayer.push({event: "view_item", ecommerce: {currency: "USD", value: 4.35,
+        items: [{item_id: "SKU-1", item_name: "Mug", price: 4.35, quantity: 1}]}});
+      dataLayer.push({event: "third", n: 3});
+    """
+    url = open_shop(page, static_server, server, before=before)
+    sc = sc_of(page)
+    rows = server.wait_events(has("third"), "the replayed pushes", sc=sc)
+    queue_drained(page)
+    rows = server.events(sc=sc)
+    assert names(rows) == ["page_view", "first", "view_item", "third"]
+    view_item, third = rows[2]["data"], rows[3]["data"]
+    assert view_item["ecommerce"]["value_minor"] == 435
+    assert view_item["ecommerce"]["items"][0]["price_minor"] == 435
+    assert third["ecommerce"] is None, "each push is read on its own: no ecommerce carried over"
+    assert third["properties"] == {"n": 3}
+    assert all(r["data"]["page"]["location"] == url for r in rows)
+    assert all(r["source"] == "browser" and r["site_id"] == "shop" for r in rows)
+    assert all(UUID_RE.match(r["event_id"]) for r in rows)
+    assert len({r["event_id"] for r in rows}) == 4
+    assert [r["data"]["time_ms"] for r in rows] == sorted(r["data"]["time_ms"] for r in rows)
+
+
+def test_pushes_after_load_are_hooked_and_push_keeps_its_meaning(page, static_server, server):
+    open_shop(page, static_server, server)
+    before, returned, after = page.evaluate("""() => {
+        const n = dataLayer.length;
+        const r = dataLayer.push({event: "hooked", colour: "red"}, {event: "hooked_too"});
+        return [n, r, dataLayer.length];
+    }""")
+    assert returned == before + 2 == after, "the original push ran and its value came back"
+    sc = sc_of(page)
+    rows = server.wait_events(has("hooked", "hooked_too"), "hooked pushes", sc=sc)
+    assert names(rows)[-2:] == ["hooked", "hooked_too"]
+    assert rows[-2]["data"]["properties"] == {"colour": "red"}
+    assert rows[-2]["raw"]["loaded"] == []
+
+
+# Page views -------------------------------------------------------------------------------------
+
+
+def test_spa_page_views_once_per_url(page, static_server, server):
+    url = open_shop(page, static_server, server)
+    base = url.rsplit("/", 1)[0]
+    page.evaluate("""() => {
+        history.pushState({}, "", "a");          // new URL: a page view
+        history.replaceState({x: 1}, "", "a");   // same URL: none
+        history.pushState({}, "", "a#details");  // hash only: none
+        history.pushState({}, "", "b?q=1");      // new URL: a page view
+    }""")
+    # Back to a#details: a popstate to another path+search, so a page view.
+    back_to = page.evaluate("""() => new Promise(done => {
+        addEventListener("popstate", () => done(location.href), {once: true});
+        history.back();
+    })""")
+    assert back_to == base + "/a#details"
+    page.evaluate("dataLayer.push({event: 'marker'})")
+    sc = sc_of(page)
+    rows = server.wait_events(has("marker"), "the marker after the route changes", sc=sc)
+    views = [r["data"]["page"] for r in rows if r["name"] == "page_view"]
+    assert [v["location"] for v in views] == [url, base + "/a", base + "/b?q=1", base + "/a#details"]
+    assert views[2]["referrer"] == base + "/a", "after an SPA change the referrer is the last page"
+
+
+def test_manual_mode_counts_only_pushed_page_views_once_per_url(page, static_server, server):
+    url = open_shop(page, static_server, server, site="manual")
+    base = url.rsplit("/", 1)[0]
+    page.evaluate("""() => {
+        history.pushState({}, "", "x");                          // manual: nothing automatic
+        dataLayer.push({event: "page_view"});                    // counts: /x
+        dataLayer.push({event: "page_view"});                    // same URL: dropped
+        history.pushState({}, "", "y");
+        dataLayer.push({event: "page_view", page_location: location.origin + "/virtual/1"});
+        dataLayer.push({event: "page_view", page_location: location.origin + "/virtual/1#top"});
+        dataLayer.push({event: "marker"});
+    }""")
+    sc = sc_of(page)
+    rows = server.wait_events(has("marker"), "the marker", site_id="manual", sc=sc)
+    views = [r["data"]["page"]["location"] for r in rows if r["name"] == "page_view"]
+    assert views == [base + "/x", static_server.origin + "/virtual/1"]
+    assert names(rows) == ["page_view", "page_view", "marker"]
+
+
+# sc cookie ---------------------------------------------------------------------------------------
+
+
+def test_sc_cookie_is_made_once_reused_across_reloads_and_sent(page, context, static_server, server):
+    open_shop(page, static_server, server)
+    sc = sc_of(page)
+    assert sc and SC_RE.match(sc), sc
+    server.wait_events(has("page_view"), "the first page view", sc=sc)
+    cookie = next(c for c in context.cookies() if c["name"] == "sc")
+    assert cookie["value"] == sc and cookie["path"] == "/" and cookie["sameSite"] == "Lax"
+    assert cookie["expires"] > time.time() + 360 * 86400
+    page.reload()
+    page.wait_for_function("window.onetag && window.onetag.v")
+    page.evaluate("dataLayer.push({event: 'after_reload'})")
+    assert sc_of(page) == sc
+    rows = server.wait_events(has("after_reload"), "the event after the reload", sc=sc)
+    assert names(rows) == ["page_view", "page_view", "after_reload"]
+    assert server.query("SELECT count(*) FROM sessions WHERE site_id = 'shop' AND sc = ?",
+                        (sc,))[0][0] == 1
+
+
+def test_existing_sc_cookie_is_reused(page, context, static_server, server):
+    preset = str(uuid.uuid4()).upper()
+    context.add_cookies([{"name": "sc", "value": preset, "url": static_server.origin + "/"}])
+    open_shop(page, static_server, server)
+    page.evaluate("dataLayer.push({event: 'with_preset_sc'})")
+    rows = server.wait_events(has("with_preset_sc"), "events under the preset sc", sc=preset)
+    assert names(rows) == ["page_view", "with_preset_sc"]
+    assert sc_of(page) == preset
+
+
+# Transport ----------------------------------------------------------------------------------------
+
+
+def test_push_right_before_leaving_lands_by_beacon(page, static_server, server):
+    open_shop(page, static_server, server)
+    sc = sc_of(page)
+    server.wait_events(has("page_view"), "the page view", sc=sc)
+    queue_drained(page)
+    away = static_server.add("<!doctype html><title>elsewhere</title><p>no onetag here")
+    # Push and leave in one task: the 300 ms flush timer never gets to run.
+    page.evaluate(f"dataLayer.push({{event: 'leaving'}}); location.href = {json.dumps(away)}")
+    page.wait_for_url(away)
+    rows = server.wait_events(has("leaving"), "the event pushed right before leaving", sc=sc)
+    assert names(rows).count("leaving") == 1
+    # The away page shares the origin: the event is still stored, marked as sent by beacon
+    # (its answer is unseen; the next page with onetag re-sends it and the server dedups).
+    [kept] = [x for x in stored_queue(page) if x["e"]["event"] == "leaving"]
+    assert kept["b"] == 1 and kept["e"]["event_id"] == rows[-1]["event_id"]
+
+
+def test_push_right_before_closing_lands(context, static_server, server):
+    page = context.new_page()
+    open_shop(page, static_server, server)
+    sc = sc_of(page)
+    server.wait_events(has("page_view"), "the page view", sc=sc)
+    page.evaluate("dataLayer.push({event: 'closing'})")
+    page.close(run_before_unload=True)
+    server.wait_events(has("closing"), "the event pushed right before closing", sc=sc)
+
+
+def test_same_event_id_is_stored_once_though_sent_again(page, static_server, server, wait_until):
+    open_shop(page, static_server, server)
+    sc = sc_of(page)
+    server.wait_events(has("page_view"), "the page view", sc=sc)
+    queue_drained(page)
+    event_id = f"fixed-{uuid.uuid4()}"
+    bodies: list[str] = []
+    page.on("request", lambda r: bodies.append(r.post_data or "") if r.url.endswith("/e") else None)
+    # The same id pushed twice; then a pagehide beacon AND a fetch of the same stored events.
+    page.evaluate(f"""() => {{
+        dataLayer.push({{event: "twice", event_id: "{event_id}"}});
+        dataLayer.push({{event: "twice", event_id: "{event_id}"}});
+        dispatchEvent(new Event("pagehide"));
+        onetag.flush();
+    }}""")
+    queue_drained(page)
+    wait_until(lambda: len([b for b in bodies if event_id in b]) >= 2, "the beacon and the fetch")
+    assert sum(b.count(event_id) for b in bodies) >= 4, "sent four times over two requests"
+    rows = server.wait_events(has("twice"), "the duplicated event", sc=sc)
+    assert [r["event_id"] for r in rows if r["name"] == "twice"] == [event_id]
+
+
+def test_events_pushed_while_server_is_down_land_once_after_restart(context, static_server, onetag_server):
+    srv = onetag_server(SITES)
+    page = context.new_page()
+    open_shop(page, static_server, srv)
+    sc = sc_of(page)
+    srv.wait_events(has("page_view"), "the page view", sc=sc)
+    queue_drained(page)
+    srv.kill()
+    with page.expect_event("requestfailed", lambda r: r.url == srv.url + "/e"):
+        page.evaluate("dataLayer.push({event: 'while_down'})")
+    [stored] = [x for x in stored_queue(page) if x["e"]["event"] == "while_down"]
+    srv.start()
+    rows = srv.wait_events(has("while_down"), "the retried event", timeout=90, sc=sc)
+    queue_drained(page)
+    rows = srv.events(sc=sc)
+    assert names(rows) == ["page_view", "while_down"]
+    assert rows[1]["event_id"] == stored["e"]["event_id"]
+
+
+def test_unsent_events_are_sent_on_the_next_page_load(context, static_server, onetag_server):
+    srv = onetag_server(SITES)
+    page = context.new_page()
+    url = open_shop(page, static_server, srv)
+    sc = sc_of(page)
+    srv.wait_events(has("page_view"), "the page view", sc=sc)
+    queue_drained(page)
+    srv.kill()
+    with page.expect_event("requestfailed", lambda r: r.url == srv.url + "/e"):
+        page.evaluate("dataLayer.push({event: 'before_leaving'})")
+    page.goto(static_server.add("<!doctype html><title>away</title>"))  # pagehide: a lost beacon
+    # Same origin, so the away page sees the stored queue: the event is kept, marked beaconed.
+    [stored] = [x for x in stored_queue(page) if x["e"]["event"] == "before_leaving"]
+    assert stored.get("b") == 1
+    srv.start()
+    page.goto(url)
+    rows = srv.wait_events(has("before_leaving", "page_view"), "the stored event", sc=sc)
+    queue_drained(page)
+    rows = srv.events(sc=sc)
+    assert names(rows).count("before_leaving") == 1
+    assert names(rows).count("page_view") == 2
+    assert [r["event_id"] for r in rows if r["name"] == "before_leaving"] == [stored["e"]["event_id"]]
+
+
+# Identity and cart --------------------------------------------------------------------------------
+
+
+def test_form_email_identifies_the_session(page, static_server, server, wait_until):
+    body = ("<input type='email' id='email'> <input name='newsletter_email' id='nl'>"
+            "<input name='q' id='search'> <button id='go'>go</button>")
+    open_shop(page, static_server, server, body=body)
+    sc = sc_of(page)
+    page.fill("#email", "  Ann@Example.COM ")
+    page.press("#email", "Tab")
+    rows = server.wait_events(has("identify"), "the identify from the form", sc=sc)
+    [identify] = [r for r in rows if r["name"] == "identify"]
+    assert identify["data"]["user"] == {"email": "ann@example.com"}
+    assert identify["raw"]["source"] == "form"
+
+    def bound() -> Any:
+        found = server.query("SELECT i.email FROM sessions s JOIN identities i ON i.id = s.identity_id"
+                             " WHERE s.site_id = 'shop' AND s.sc = ?", (sc,))
+        return found and found[0]["email"]
+
+    assert wait_until(bound, "the session bound to the identity") == "ann@example.com"
+    page.fill("#email", "ann@example.com")           # the same email again: nothing new
+    page.press("#email", "Tab")
+    page.fill("#search", "carl@example.com")         # not an email field: ignored
+    page.press("#search", "Tab")
+    page.fill("#nl", "Bob@example.com")              # name contains "email": picked up
+    page.click("#go")                                # blur by clicking elsewhere
+    page.evaluate("dataLayer.push({event: 'marker'})")
+    rows = server.wait_events(has("marker"), "the marker", sc=sc)
+    emails = [r["data"]["user"]["email"] for r in rows if r["name"] == "identify"]
+    assert emails == ["ann@example.com", "bob@example.com"]
+    assert page.evaluate("JSON.parse(localStorage.getItem('onetag_shop_i')).email") == "bob@example.com"
+
+
+def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_server, server):
+    open_shop(page, static_server, server)
+    cart = lambda: page.evaluate("JSON.parse(localStorage.getItem('onetag_shop_c'))")  # noqa: E731
+    page.evaluate("""() => {
+        const item = (id, q, price) => ({item_id: id, item_name: id, price: price, quantity: q});
+        dataLayer.push({event: "add_to_cart", ecommerce: {currency: "EUR", items: [item("A", 2, 1.5)]}});
+        dataLayer.push({event: "add_to_cart", ecommerce: {items: [item("A", 1, 1.75), item("B", 1, 3)]}});
+        dataLayer.push({event: "remove_from_cart", ecommerce: {items: [item("B", 1, 3)]}});
+    }""")
+    assert cart() == {"currency": "EUR", "items": [
+        {"item_id": "A", "item_name": "A", "price": 1.75, "quantity": 3}]}
+    page.evaluate("""dataLayer.push({event: "view_cart", ecommerce: {currency: "EUR",
+        items: [{item_id: "C", price: 2}, {item_id: "D", price: 1, quantity: 0}]}})""")
+    assert cart()["items"] == [{"item_id": "C", "price": 2, "quantity": 1}]
+    page.evaluate("""dataLayer.push({event: "purchase", ecommerce: {transaction_id: "T-1",
+        currency: "EUR", value: 2, items: [{item_id: "C", price: 2, quantity: 1}]}})""")
+    assert cart() == {"currency": "EUR", "items": []}
+    sc = sc_of(page)
+    rows = server.wait_events(has("purchase"), "the purchase", sc=sc)
+    assert names(rows) == ["page_view", "add_to_cart", "add_to_cart", "remove_from_cart",
+                           "view_cart", "purchase"]
+    # The server keeps the same cart: as bought on the purchase, then none for the session.
+    assert [(i["item_id"], i["quantity"]) for i in rows[3]["data"]["cart"]["items"]] == [("A", 3)]
+    assert [(i["item_id"], i["quantity"]) for i in rows[-1]["data"]["cart"]["items"]] == [("C", 1)]
+    assert server.query("SELECT count(*) FROM carts WHERE site_id = 'shop' AND sc = ?", (sc,))[0][0] == 0
+
+
+# Vendors -------------------------------------------------------------------------------------------
+
+
+VENDOR_STUB = "window.__pusherLoaded = true;"
+
+
+def test_a_vendor_library_404_does_not_stop_events(page, static_server, server):
+    static_server.add(VENDOR_STUB, "application/javascript", path="/lib/pusher.js")
+    open_shop(page, static_server, server, site="vend")
+    page.evaluate("dataLayer.push({event: 'after_vendors'})")
+    sc = sc_of(page)
+    rows = server.wait_events(has("after_vendors"), "events on a site with a 404 vendor",
+                              site_id="vend", sc=sc)
+    assert static_server.hits("/missing/rj2.lib.js") >= 1, "the rejoiner library was asked for"
+    assert page.evaluate("window.__pusherLoaded") is True
+    assert [r["data"]["loaded"] for r in rows] == [["sendlane"], ["sendlane"]]
+
+
+def test_a_throwing_vendor_call_is_kept_inside_its_adapter(page, static_server, server):
+    static_server.add(VENDOR_STUB, "application/javascript", path="/lib/pusher.js")
+    sabotage = "window._Sendlane = {push: function () { throw new Error('vendor boom') }};"
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    open_shop(page, static_server, server, site="vend", before=sabotage)
+    returned = page.evaluate("""dataLayer.push({event: "view_item", ecommerce: {currency: "USD",
+        items: [{item_id: "SKU-9", item_name: "Lamp", price: 10, quantity: 1}]}},
+        {event: "after_throw"})""")
+    assert isinstance(returned, int)
+    sc = sc_of(page)
+    rows = server.wait_events(has("view_item", "after_throw"), "events past a throwing vendor",
+                              site_id="vend", sc=sc)
+    loaded = {r["name"]: r["data"]["loaded"] for r in rows}
+    assert loaded == {"page_view": ["sendlane"], "view_item": [], "after_throw": ["sendlane"]}
+    assert errors == []
+
+
+def test_debug_mode_logs_events_and_is_remembered_for_the_tab(page, static_server, server, wait_until):
+    url = static_server.add(shop_page(server))
+    logs: list[str] = []
+    page.on("console", lambda m: logs.append(m.text))
+    page.goto(url + "?onetag_debug=1")
+    page.wait_for_function("window.onetag && window.onetag.v")
+    page.evaluate("dataLayer.push({event: 'debug_me'})")
+    wait_until(lambda: any("[onetag]" in x and "debug_me" in x for x in logs), "a debug log line")
+    logs.clear()
+    page.goto(url)
+    page.wait_for_function("window.onetag && window.onetag.v")
+    wait_until(lambda: any("[onetag]" in x and "page_view" in x for x in logs),
+               "debug still on without the parameter")
