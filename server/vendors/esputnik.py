@@ -1,0 +1,240 @@
+"""eSputnik / Yespo / Reteno, server side: the website-behaviour tracker, REST v2 (CONTRACT.md
+section 7, column "eSputnik tracker").
+
+Sources: vendor-docs/esputnik-tracker-rest-api.txt ("ES REST": the JSON example of each event)
+and REFERENCE.md sections 3.3, 3.4 and 6 ("ES ref").
+
+- ``POST {tracker_url}`` (default ``https://tracker.esputnik.com/api/v2``), JSON body
+  ``{"GeneralInfo": {...}, "<EventName>": {...}}``. ``GeneralInfo`` carries ``eventName``,
+  ``siteId`` (the account's site id, kept apart from the loader's script id: ES ref 6),
+  ``datetime`` (epoch milliseconds), whatever we know of the visitor (``externalCustomerId``,
+  ``user_email``, ``user_phone``, ``user_name``) and ``cookies.sc``: the visitor is the sc
+  cookie, which onetag shares with eSputnik's own script, so anonymous events need no email.
+- Auth: the docs say none is needed; the vendor's own plugins send the API key as the HTTP
+  Basic password (ES ref 3.4), so ``auth_headers`` does that when ``api_key`` is configured.
+- Prices are strings in major units ("754"; ``money.major_str``: 4.35 goes out as "4.35").
+
+Routing defaults (``DEFAULT_ROUTES``):
+
+    page_view        browser   PageView on SPA route changes; REST has no page view
+    identify         server    CustomerData (the page has no identify call: section 6)
+    view_item, view_item_list, add_to_wishlist
+                     fallback  sendEvent ProductPage / CategoryPage / AddToWishlist in the page;
+                               the tracker's copy only when the library failed
+    add_to_cart, remove_from_cart, view_cart, cart_updated, begin_checkout
+                     fallback  StatusCart (the whole cart under the cart state's GUID), same
+    purchase         fallback  PurchasedItems in the page; the tracker only when the library
+                               failed; one order is one request ("PurchasedItems:<order id>")
+    search           browser   SearchRequest (no results only); REST has no search event
+    product_updated  server    ProductUpdate (backend only)
+    "*"              server    CustomEvent: ES REST documents it for the tracker, and the page
+                               has no custom-event call (ES ref 3.2: UNCONFIRMED shape in eS.js)
+    order_status, refund, unsubscribe, opt_in
+                     off       the tracker has no event for them (section 7: "—")
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from .. import money
+from . import _common as c
+from ._base import PlanContext, Setting, VendorConfig, VendorRequest
+
+NAME = "esputnik"
+
+SETTINGS = (
+    Setting("site_id", required=True, public=True,
+            help="the tracker's siteId (from eSputnik support or the account's site setup)"),
+    Setting("script_id", public=True, default="{site_id}",
+            help="the eS.js loader id, when it differs from site_id"),
+    Setting("api_key", secret=True,
+            help="optional: sent as the HTTP Basic password to the tracker, as the vendor's "
+                 "plugins do"),
+    Setting("script_url", public=True, default="https://cdn.esputnik.com/scripts/{script_id}.js",
+            help="the eS.js loader"),
+    Setting("tracker_url", default="https://tracker.esputnik.com/api/v2",
+            help="REST tracker endpoint (Yespo accounts: https://tracker.yespo.io/api/v2)"),
+)
+
+DEFAULT_ROUTES = {
+    "page_view": "browser",
+    "identify": "server",
+    "view_item": "fallback",
+    "view_item_list": "fallback",
+    "search": "browser",
+    "add_to_cart": "fallback",
+    "remove_from_cart": "fallback",
+    "view_cart": "fallback",
+    "cart_updated": "fallback",
+    "begin_checkout": "fallback",
+    "purchase": "fallback",
+    "refund": "off",
+    "order_status": "off",
+    "add_to_wishlist": "fallback",
+    "product_updated": "server",
+    "unsubscribe": "off",
+    "opt_in": "off",
+    "*": "server",
+}
+
+_STANDARD = frozenset(DEFAULT_ROUTES) - {"*"}
+
+
+def auth_headers(cfg: VendorConfig) -> dict[str, str]:
+    """HTTP Basic with the API key as password. The username is ignored by the tracker (ES ref
+    3.4: WooCommerce sends an empty one, Shopify "user"); this sends "user"."""
+    key = cfg.get("api_key")
+    if not key:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(f"user:{key}".encode()).decode()}
+
+
+def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
+    name = event["name"]
+    cur = c.currency(event, ctx.currency)
+    eid = event["event_id"]
+    if name == "identify":
+        # ES REST CustomerData: GeneralInfo alone ties the sc cookie to the customer. Keyed by
+        # a digest of it (without the time): the same person on another device (another sc)
+        # is sent again, a replay of the same identify is not.
+        body = {"GeneralInfo": _general(event, ctx, "CustomerData")}
+        stable = {**body["GeneralInfo"], "datetime": None}
+        return [_request(ctx, body, f"CustomerData:{c.digest(stable)}")]
+    if name == "view_item":
+        item = c.ecommerce(event)["items"][0]  # a product page shows one product
+        body = {"ProductPage": {"Product": _product(item, cur)}}
+        return [_request(ctx, _with_general(event, ctx, "ProductPage", body), f"ProductPage:{eid}")]
+    if name == "view_item_list":
+        ecom = c.ecommerce(event)
+        # categoryKey "must match category names or IDs in the feed": the list's id, else name.
+        key = ecom.get("item_list_id") or ecom.get("item_list_name")
+        if not key:
+            return []
+        body = {"CategoryPage": {"Category": {"categoryKey": key}}}
+        return [_request(ctx, _with_general(event, ctx, "CategoryPage", body),
+                         f"CategoryPage:{eid}")]
+    if name == "add_to_wishlist":
+        return [_request(ctx, _with_general(event, ctx, "AddToWishlist",
+                                            {"AddToWishlist": {"Product": _product(item, cur)}}),
+                         f"AddToWishlist:{eid}:{index}")
+                for index, item in enumerate(c.ecommerce(event)["items"])]
+    if name in c.CART_EVENTS:
+        return [_status_cart(event, ctx)] if event.get("cart") else []
+    if name == "purchase":
+        return [_purchased(event, ctx, cur)]
+    if name == "product_updated":
+        return [_product_update(event, ctx, cur)]
+    if name not in _STANDARD:
+        return [_custom(event, ctx)]
+    return []
+
+
+def _request(ctx: PlanContext, body: dict[str, Any], key: str) -> VendorRequest:
+    return VendorRequest("POST", ctx.vendor["tracker_url"], body, key)
+
+
+def _general(event: dict[str, Any], ctx: PlanContext, event_name: str) -> dict[str, Any]:
+    who = c.person(event)
+    info: dict[str, Any] = {"eventName": event_name, "siteId": ctx.vendor["site_id"],
+                            "datetime": event["time_ms"]}
+    info.update(c.compact({"externalCustomerId": who.get("customer_id"),
+                           "user_email": who.get("email"), "user_phone": who.get("phone"),
+                           "user_name": c.full_name(who)}))
+    # cookies.sc is marked required, but a backend event may have no session: then the
+    # identifiers above are all eSputnik gets, which beats an invented cookie.
+    if event.get("sc"):
+        info["cookies"] = {"sc": event["sc"]}
+    return info
+
+
+def _with_general(event: dict[str, Any], ctx: PlanContext, event_name: str,
+                  body: dict[str, Any]) -> dict[str, Any]:
+    return {"GeneralInfo": _general(event, ctx, event_name), **body}
+
+
+def _price(minor: int | None, cur: str) -> str | None:
+    return money.major_str(minor, cur) if minor is not None else None
+
+
+def _stock(item: dict[str, Any]) -> str | None:
+    """isInStock: "1" / "0" as the ES REST examples send it; left out when unknown."""
+    return None if item.get("in_stock") is None else ("1" if item["in_stock"] else "0")
+
+
+def _product(item: dict[str, Any], cur: str) -> dict[str, Any]:
+    """ProductPage / AddToWishlist "Product": productKey (the feed's id), price (a string,
+    without the optional currency suffix), isInStock."""
+    return c.compact({"productKey": item["item_id"], "price": _price(item.get("price_minor"), cur),
+                      "isInStock": _stock(item)})
+
+
+def _status_cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
+    """StatusCart: the WHOLE cart, not a delta, under the GUID of this cart state (the store
+    makes a new one per change, as ES REST requires); an emptied cart is an empty Products."""
+    cart = event["cart"]
+    cur = cart.get("currency") or c.currency(event, ctx.currency)
+    products = [c.compact({"productKey": item["item_id"],
+                           "price": _price(item.get("price_minor"), cur),
+                           "quantity": item["quantity"],
+                           "price_currency_code": cur}) for item in cart["items"]]
+    body = {"StatusCart": {"GUID": cart["guid"], "Products": products}}
+    return _request(ctx, _with_general(event, ctx, "StatusCart", body),
+                    f"StatusCart:{cart['guid']}")
+
+
+def _purchased(event: dict[str, Any], ctx: PlanContext, cur: str) -> VendorRequest:
+    """PurchasedItems: OrderNumber and the GUID of the last StatusCart ("Should be identical
+    to the GUID of the StatusCart event"; the store gives a purchase the cart as bought, under
+    that GUID). The lines go along as ``Products`` in the documented one-click form
+    (product_id, unit_price, quantity), so the order still has its items when that
+    StatusCart never reached eSputnik (a backend order, a session without a cart)."""
+    order = c.ecommerce(event)["transaction_id"]
+    products = [c.compact({"product_id": item["item_id"],
+                           "unit_price": _price(item.get("price_minor"), cur),
+                           "quantity": item["quantity"]}) for item in c.order_items(event)]
+    purchased = c.compact({"GUID": (event.get("cart") or {}).get("guid"), "OrderNumber": order,
+                           "Products": products})
+    return _request(ctx, _with_general(event, ctx, "PurchasedItems", {"PurchasedItems": purchased}),
+                    f"PurchasedItems:{order}")
+
+
+def _product_update(event: dict[str, Any], ctx: PlanContext, cur: str) -> VendorRequest:
+    """ProductUpdate: all the event's products in one request; GeneralInfo is just eventName
+    and siteId, as in the ES REST example (a catalog fact has no visitor).
+
+    isInStock is documented as required; when the backend did not say, it is left out rather
+    than guessed (a wrong "1" would advertise a sold-out product).
+    """
+    products = []
+    for item in c.ecommerce(event)["items"]:
+        categories = item.get("categories") or []
+        products.append(c.compact({
+            "product_id": item["item_id"],
+            "name": item.get("item_name"),
+            "description": item.get("description"),
+            "brand": item.get("item_brand"),
+            "imgurl": item.get("image_url"),
+            "unit_price": _price(item.get("price_minor"), cur),
+            "price_currency_code": cur,
+            "isInStock": _stock(item),
+            "category": " > ".join(categories) if categories else None,  # "level1 > level2"
+        }))
+    body = {"GeneralInfo": {"eventName": "ProductUpdate", "siteId": ctx.vendor["site_id"]},
+            "ProductUpdate": products}
+    return _request(ctx, body, f"ProductUpdate:{event['event_id']}")
+
+
+def _tag(value: Any) -> list[str]:
+    """A CustomEvent tag: "always transferred as array of strings"."""
+    values = value if isinstance(value, list) else [value]
+    return [v if isinstance(v, str) else c.json_text(v) for v in values]
+
+
+def _custom(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
+    """CustomEvent (ES REST): {"EventName": <name>, "Tags": {<property>: [strings]}}."""
+    tags = {key: _tag(value) for key, value in (event.get("properties") or {}).items()}
+    custom = c.compact({"EventName": event["name"], "Tags": tags or None})
+    return _request(ctx, _with_general(event, ctx, "CustomEvent", {"CustomEvent": custom}),
+                    f"CustomEvent:{event['event_id']}")

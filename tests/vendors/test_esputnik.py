@@ -1,0 +1,170 @@
+"""eSputnik tracker REST v2: golden bodies per CONTRACT.md section 7, shaped as the JSON
+examples of vendor-docs/esputnik-tracker-rest-api.txt (prices as strings)."""
+
+from __future__ import annotations
+
+import base64
+
+from server.vendors import esputnik
+
+from ._events import (BOOK, CLIP, EMAIL, GUID, MUG, PEN, SC, T_MS, cart, context, ecommerce,
+                      event, identity, item, samples)
+
+CTX = context(esputnik)
+URL = "https://tracker.esputnik.com/api/v2"
+WHO = identity(customer_id="1234509876", first_name="Gregori", last_name="Boczynski",
+               phone="1-541-754-3010")
+
+
+def general(event_name, **extra):
+    return {"eventName": event_name, "siteId": "8A412DC", "datetime": T_MS,
+            "externalCustomerId": "1234509876", "user_email": EMAIL,
+            "user_phone": "1-541-754-3010", "user_name": "Gregori Boczynski",
+            "cookies": {"sc": SC}, **extra}
+
+
+def test_identify_sends_customer_data():
+    evt = event("identify", user={"email": EMAIL}, identity=WHO)
+    [req] = esputnik.plan(evt, CTX)
+    assert (req.method, req.url) == ("POST", URL)
+    assert req.json == {"GeneralInfo": general("CustomerData")}
+    assert req.needs_email is False
+    assert req.dedup_key.startswith("CustomerData:")
+    later = {**evt, "event_id": "EVT-2", "time_ms": T_MS + 1000}
+    assert esputnik.plan(later, CTX)[0].dedup_key == req.dedup_key
+    other_device = {**evt, "sc": "11111111-2222-3333-4444-555555555555"}
+    assert esputnik.plan(other_device, CTX)[0].dedup_key != req.dedup_key
+
+
+def test_view_item_is_a_product_page():
+    [req] = esputnik.plan(event("view_item", ecommerce=ecommerce(MUG), identity=WHO), CTX)
+    assert req.json == {"GeneralInfo": general("ProductPage"),
+                        "ProductPage": {"Product": {"productKey": "SKU-1000", "price": "29.99",
+                                                    "isInStock": "1"}}}
+    assert req.dedup_key == "ProductPage:EVT-1"
+    assert req.needs_email is False
+
+
+def test_anonymous_events_go_by_the_sc_cookie():
+    [req] = esputnik.plan(event("view_item", ecommerce=ecommerce(PEN)), CTX)
+    assert req.json["GeneralInfo"] == {"eventName": "ProductPage", "siteId": "8A412DC",
+                                       "datetime": T_MS, "cookies": {"sc": SC}}
+    assert req.json["ProductPage"] == {"Product": {"productKey": "SKU-435", "price": "4.35"}}
+
+
+def test_view_item_list_is_a_category_page():
+    evt = event("view_item_list", ecommerce=ecommerce(MUG, item_list_id="509876",
+                                                      item_list_name="Babies"), identity=WHO)
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json == {"GeneralInfo": general("CategoryPage"),
+                        "CategoryPage": {"Category": {"categoryKey": "509876"}}}
+    assert req.dedup_key == "CategoryPage:EVT-1"
+    by_name = event("view_item_list", ecommerce=ecommerce(MUG, item_list_name="Babies"))
+    assert esputnik.plan(by_name, CTX)[0].json["CategoryPage"] == {
+        "Category": {"categoryKey": "Babies"}}
+    assert esputnik.plan(event("view_item_list", ecommerce=ecommerce(MUG)), CTX) == []
+
+
+def test_add_to_wishlist():
+    out = item("SKU-9", 754, 1, in_stock=False)
+    [mug, gone] = esputnik.plan(event("add_to_wishlist", ecommerce=ecommerce(MUG, out),
+                                      identity=WHO), CTX)
+    assert mug.json == {"GeneralInfo": general("AddToWishlist"),
+                        "AddToWishlist": {"Product": {"productKey": "SKU-1000", "price": "29.99",
+                                                      "isInStock": "1"}}}
+    assert gone.json["AddToWishlist"] == {"Product": {"productKey": "SKU-9", "price": "7.54",
+                                                      "isInStock": "0"}}
+    assert (mug.dedup_key, gone.dedup_key) == ("AddToWishlist:EVT-1:0", "AddToWishlist:EVT-1:1")
+
+
+def test_cart_change_is_the_whole_cart_under_its_guid():
+    evt = event("add_to_cart", ecommerce=ecommerce(BOOK), cart=cart(PEN, CLIP, BOOK),
+                identity=WHO)
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json == {
+        "GeneralInfo": general("StatusCart"),
+        "StatusCart": {"GUID": GUID, "Products": [
+            {"productKey": "SKU-435", "price": "4.35", "quantity": 1, "price_currency_code": "USD"},
+            {"productKey": "SKU-057", "price": "0.57", "quantity": 1, "price_currency_code": "USD"},
+            {"productKey": "SKU-1999", "price": "19.99", "quantity": 3,
+             "price_currency_code": "USD"},
+        ]},
+    }
+    assert req.dedup_key == f"StatusCart:{GUID}"
+    assert req.needs_email is False
+    [empty] = esputnik.plan(event("remove_from_cart", ecommerce=ecommerce(PEN),
+                                  cart=cart(guid="G-EMPTY")), CTX)
+    assert empty.json["StatusCart"] == {"GUID": "G-EMPTY", "Products": []}
+    assert esputnik.plan(event("view_cart", sc=None, ecommerce=ecommerce(PEN)), CTX) == []
+
+
+def test_purchase_refers_to_the_last_cart_guid():
+    evt = event("purchase", ecommerce=ecommerce(MUG, PEN, transaction_id="123/2017"),
+                cart=cart(MUG, PEN), identity=WHO)
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json == {
+        "GeneralInfo": general("PurchasedItems"),
+        "PurchasedItems": {"GUID": GUID, "OrderNumber": "123/2017", "Products": [
+            {"product_id": "SKU-1000", "unit_price": "29.99", "quantity": 1},
+            {"product_id": "SKU-435", "unit_price": "4.35", "quantity": 1},
+        ]},
+    }
+    assert req.dedup_key == "PurchasedItems:123/2017"
+    assert req.needs_email is False
+
+
+def test_backend_purchase_without_session_is_the_one_click_form():
+    evt = event("purchase", source="backend", sc=None, user={"email": EMAIL},
+                ecommerce=ecommerce(BOOK, transaction_id="1002"), identity=identity())
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json["GeneralInfo"] == {"eventName": "PurchasedItems", "siteId": "8A412DC",
+                                       "datetime": T_MS, "user_email": EMAIL}
+    assert req.json["PurchasedItems"] == {"OrderNumber": "1002", "Products": [
+        {"product_id": "SKU-1999", "unit_price": "19.99", "quantity": 3}]}
+
+
+def test_product_updated():
+    cup = item("SKU-2", 27000, 1, item_name="Cup", in_stock=False)
+    evt = event("product_updated", event_id="P1", source="backend", sc=None,
+                ecommerce=ecommerce(MUG, cup, currency="UAH"))
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json == {
+        "GeneralInfo": {"eventName": "ProductUpdate", "siteId": "8A412DC"},
+        "ProductUpdate": [
+            {"product_id": "SKU-1000", "name": "Mug", "description": "A mug", "brand": "Acme",
+             "imgurl": "https://shop.example/i/mug.jpg", "unit_price": "29.99",
+             "price_currency_code": "UAH", "isInStock": "1", "category": "Kitchen > Mugs"},
+            {"product_id": "SKU-2", "name": "Cup", "unit_price": "270.00",
+             "price_currency_code": "UAH", "isInStock": "0"},
+        ],
+    }
+    assert req.dedup_key == "ProductUpdate:P1"
+
+
+def test_custom_event():
+    evt = event("newsletter_popup_shown", event_id="C1", identity=WHO,
+                properties={"popup": "spring", "variant": 2, "tags": ["a", "b"]})
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json == {"GeneralInfo": general("CustomEvent"),
+                        "CustomEvent": {"EventName": "newsletter_popup_shown",
+                                        "Tags": {"popup": ["spring"], "variant": ["2"],
+                                                 "tags": ["a", "b"]}}}
+    assert req.dedup_key == "CustomEvent:C1"
+    bare = esputnik.plan(event("ping", event_id="C2"), CTX)[0]
+    assert bare.json["CustomEvent"] == {"EventName": "ping"}
+
+
+def test_events_without_a_tracker_event_plan_nothing():
+    for name in ("page_view", "search", "refund", "order_status", "unsubscribe", "opt_in"):
+        assert esputnik.plan(samples()[name], CTX) == [], name
+
+
+def test_settings_defaults_and_auth():
+    assert CTX.vendor["script_id"] == "8A412DC"
+    assert CTX.vendor["script_url"] == "https://cdn.esputnik.com/scripts/8A412DC.js"
+    ctx = context(esputnik, script_id="000000000000000000")
+    assert ctx.vendor["script_url"] == "https://cdn.esputnik.com/scripts/000000000000000000.js"
+    [auth] = esputnik.auth_headers(CTX.vendor).items()
+    assert auth[0] == "Authorization" and auth[1].startswith("Basic ")
+    assert base64.b64decode(auth[1][6:]).decode() == "user:ES-SECRET-KEY"
+    assert esputnik.auth_headers(context(esputnik, api_key="").vendor) == {}

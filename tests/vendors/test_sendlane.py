@@ -1,0 +1,188 @@
+"""Sendlane API v2: golden requests per CONTRACT.md section 7, shaped as
+vendor-docs/sendlane-custom-integration.txt shows them (decimal money, `token` in the body)."""
+
+from __future__ import annotations
+
+import json
+
+from server.vendors import sendlane
+
+from ._events import (BOOK, CLIP, EMAIL, GUID, MUG, PAGE, PEN, cart, context, ecommerce, event,
+                      identity, item, samples)
+
+CTX = context(sendlane)
+BASE = "https://api.sendlane.com/v2/tracking"
+TOKEN = "ABCDEFGHIJKLM1234567890"
+WHO = identity(customer_id="123456789", first_name="Jimmy", last_name="Kim",
+               phone="8885552664", accepts_marketing=True)
+ADDRESS = {"first_name": "Jimmy", "last_name": "Kim", "email": EMAIL, "company": "Sendlane",
+           "address_1": "10620 Treena St", "address_2": "UNIT 250", "city": "San Diego",
+           "state": "California", "state_code": "CA", "country": "United States",
+           "country_code": "US", "postal_code": "92131", "phone": "8885552664"}
+TSHIRT = item("12345678", 2498, 1, item_name="tshirt #1")
+
+
+def test_purchase_is_order_placed_as_in_the_guide_example():
+    # The guide's "Example order event data": one t-shirt, code 25OFF worth 4.99.
+    evt = event("purchase", source="backend", sc=None, status="processing",
+                user={"email": EMAIL, "customer_id": "123456789"},
+                ecommerce=ecommerce(TSHIRT, value=1999, tax=0, transaction_id="1001",
+                                    coupon="25OFF"),
+                billing_address=ADDRESS, shipping_address=ADDRESS, identity=WHO)
+    [req] = sendlane.plan(evt, CTX)
+    assert (req.method, req.url) == ("POST", f"{BASE}/order-placed")
+    assert req.json == {
+        "token": TOKEN,
+        "event": "order_placed",
+        "event_id": "1001",
+        "order_id": "1001",
+        "email": EMAIL,
+        "phone": "8885552664",
+        "status": "processing",
+        "subtotal": 24.98,
+        "total_tax": 0,
+        "total": 19.99,
+        "total_items": 1,
+        "currency": "USD",
+        "discounts": {"discount_code": "25OFF", "discount_value": 4.99},
+        "line_items": [{"product_id": "12345678", "sku": "12345678", "product_name": "tshirt #1",
+                        "quantity": 1, "item_price": 24.98, "total": 24.98}],
+        "billing_address": ADDRESS,
+        "shipping_address": ADDRESS,
+        "customer_id": "123456789",
+        "accepts_marketing": True,
+    }
+    assert req.dedup_key == "order-placed:1001"
+    assert req.needs_email is True
+
+
+def test_order_money_is_exact_decimal():
+    evt = event("purchase", ecommerce=ecommerce(PEN, CLIP, BOOK, tax=519, shipping=499,
+                                                transaction_id="1002"),
+                cart=cart(PEN, CLIP, BOOK), identity=identity())
+    [req] = sendlane.plan(evt, CTX)
+    text = json.dumps(req.json)
+    for fragment in ('"item_price": 4.35', '"item_price": 0.57', '"item_price": 19.99',
+                     '"total": 59.97', '"subtotal": 64.89', '"total_tax": 5.19',
+                     '"total": 75.07', '"total_items": 5'):
+        assert fragment in text, fragment
+    assert req.json["status"] == "completed"
+    assert "discounts" not in req.json and "accepts_marketing" not in req.json
+
+
+def test_a_status_change_is_order_placed_again_under_its_own_key():
+    placed = sendlane.plan(samples()["purchase"], CTX)[0]
+    evt = event("order_status", source="backend", sc=None, status="fulfilled",
+                user={"email": EMAIL}, ecommerce=ecommerce(transaction_id="1001"), identity=WHO)
+    [req] = sendlane.plan(evt, CTX)
+    assert (req.method, req.url) == ("POST", f"{BASE}/order-placed")
+    assert req.json == {"token": TOKEN, "event": "order_placed", "event_id": "1001:fulfilled",
+                        "order_id": "1001", "email": EMAIL, "phone": "8885552664",
+                        "status": "fulfilled", "customer_id": "123456789"}
+    assert req.dedup_key == "order-placed:1001:fulfilled" != placed.dedup_key
+    cancelled = sendlane.plan({**evt, "status": "cancelled"}, CTX)[0]
+    assert cancelled.dedup_key == "order-placed:1001:cancelled"
+    refunded = sendlane.plan(event("refund", ecommerce=ecommerce(PEN, value=435,
+                                                                 transaction_id="1001"),
+                                   identity=WHO), CTX)[0]
+    assert refunded.json["status"] == "refunded" and "total" not in refunded.json
+    assert refunded.dedup_key == "order-placed:1001:refunded"
+
+
+def test_identify_adds_the_customer():
+    [req] = sendlane.plan(event("identify", user={"email": EMAIL}, identity=WHO), CTX)
+    assert (req.method, req.url) == ("POST", f"{BASE}/customer-added")
+    assert req.json == {"token": TOKEN, "customer_id": "123456789", "email": EMAIL,
+                        "billing_address": {"first_name": "Jimmy", "last_name": "Kim",
+                                            "email": EMAIL, "phone": "8885552664"},
+                        "accepts_marketing": True}
+    assert req.needs_email is True
+    assert req.dedup_key.startswith(f"customer-added:{EMAIL}:")
+
+
+def test_identify_by_email_only_and_declined_marketing_is_not_an_unsubscribe():
+    who = identity(accepts_marketing=False)
+    [req] = sendlane.plan(event("identify", user={"email": EMAIL}, identity=who), CTX)
+    assert req.json == {"token": TOKEN, "customer_id": EMAIL, "email": EMAIL,
+                        "billing_address": {"email": EMAIL}}
+
+
+def test_view_item_is_product_viewed():
+    [req] = sendlane.plan(event("view_item", ecommerce=ecommerce(MUG), identity=identity()), CTX)
+    assert (req.method, req.url) == ("POST", f"{BASE}/product-viewed")
+    assert req.json == {"token": TOKEN, "product_id": "SKU-1000", "email": EMAIL}
+    assert req.dedup_key == "product-viewed:EVT-1"
+    assert req.needs_email is True
+
+
+def test_add_to_cart_is_added_to_cart_with_the_added_lines():
+    evt = event("add_to_cart", ecommerce=ecommerce(BOOK), cart=cart(PEN, BOOK),
+                identity=identity())
+    [req] = sendlane.plan(evt, CTX)
+    assert (req.method, req.url) == ("POST", f"{BASE}/added-to-cart")
+    assert req.json == {"token": TOKEN, "cart_id": GUID, "email": EMAIL, "total_items": 3,
+                        "total": 59.97, "currency": "USD",
+                        "line_items": [{"product_id": "SKU-1999", "sku": "SKU-1999",
+                                        "product_name": "Book", "quantity": 3,
+                                        "item_price": 19.99, "total": 59.97}]}
+    assert req.dedup_key == "added-to-cart:EVT-1"
+    assert req.needs_email is True
+
+
+def test_begin_checkout_is_checkout_started_with_the_whole_cart():
+    evt = event("begin_checkout", page=PAGE, ecommerce=ecommerce(MUG, PEN, value=3434),
+                cart=cart(MUG, PEN), identity=identity())
+    [req] = sendlane.plan(evt, CTX)
+    assert (req.method, req.url) == ("POST", f"{BASE}/checkout-started")
+    assert req.json == {
+        "token": TOKEN, "checkout_id": GUID, "email": EMAIL, "status": "pending",
+        "checkout_url": "https://shop.example/checkout", "subtotal": 34.34, "total_tax": 0,
+        "total": 34.34, "total_items": 2, "currency": "USD",
+        "line_items": [
+            {"product_id": "SKU-1000", "sku": "SKU-1000", "product_name": "Mug", "quantity": 1,
+             "item_price": 29.99, "total": 29.99},
+            {"product_id": "SKU-435", "sku": "SKU-435", "product_name": "Pen", "quantity": 1,
+             "item_price": 4.35, "total": 4.35},
+        ],
+    }
+    assert req.dedup_key == f"checkout-started:{GUID}"
+
+
+def test_product_updated_is_product_added_when_it_has_url_and_image():
+    bare = item("SKU-2", 1250, 1, item_name="Cup")  # no product_url/image_url: Sendlane needs both
+    evt = event("product_updated", event_id="P1", source="backend", sc=None,
+                ecommerce=ecommerce(bare, MUG))
+    [req] = sendlane.plan(evt, CTX)
+    assert (req.method, req.url) == ("POST", f"{BASE}/product-added")
+    assert req.json == {"token": TOKEN, "product_id": "SKU-1000", "sku": "SKU-1000",
+                        "product_name": "Mug", "item_price": 29.99,
+                        "product_url": "https://shop.example/p/mug",
+                        "image_url": "https://shop.example/i/mug.jpg",
+                        "categories": ["Kitchen", "Mugs"], "brand": "Acme"}
+    assert req.dedup_key == "product-added:P1:1"
+    assert req.needs_email is False
+
+
+def test_custom_event():
+    evt = event("password_reset", event_id="C1", identity=identity(),
+                properties={"password-reset-url": "https://website.domain/forgotpassword"})
+    [req] = sendlane.plan(evt, CTX)
+    assert (req.method, req.url) == ("POST", f"{BASE}/event")
+    assert req.json == {"token": TOKEN, "custom_event": "password_reset", "email": EMAIL,
+                        "data": {"password-reset-url": "https://website.domain/forgotpassword"}}
+    assert req.dedup_key == "event:C1"
+    assert req.needs_email is True
+
+
+def test_events_without_a_sendlane_call_plan_nothing():
+    for name in ("page_view", "view_item_list", "search", "remove_from_cart", "view_cart",
+                 "cart_updated", "add_to_wishlist", "unsubscribe", "opt_in"):
+        assert sendlane.plan(samples()[name], CTX) == [], name
+
+
+def test_auth_is_a_bearer_token_and_the_body_token_is_the_public_one():
+    assert sendlane.auth_headers(CTX.vendor) == {"Authorization": "Bearer SL-SECRET-TOKEN"}
+    assert sendlane.auth_headers(context(sendlane, api_token="").vendor) == {}
+    ctx = context(sendlane, api_base="http://127.0.0.1:9/sendlane/")
+    assert sendlane.plan(samples()["view_item"], ctx)[0].url == \
+        "http://127.0.0.1:9/sendlane/tracking/product-viewed"
