@@ -1,0 +1,109 @@
+"""eSputnik's browser adapter in real Chromium: CONTRACT.md section 6, exact `eS.q` calls.
+
+The stub library leaves `eS` as the loader's queue function, so `eS.q` holds the arguments of
+every call onetag made. StatusCart carries the whole cart and a GUID that is new for every new
+cart state; PurchasedItems carries the GUID of the last StatusCart, across pages.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vendor_stub_server import during, open_page, push, queues, vendors  # noqa: F401
+
+MUG = {"item_id": "SKU-1000", "item_name": "Mug", "price": 29.99, "quantity": 1, "in_stock": True}
+BOTTLE = {"item_id": "SKU-3000", "item_name": "Bottle", "price": 19.99, "quantity": 3}
+TEA = {"item_id": "SKU-4000", "item_name": "Tea", "price": 4.35, "quantity": 1, "in_stock": False}
+SUGAR = {"item_id": "SKU-5000", "item_name": "Sugar", "price": 0.57, "quantity": 2}
+
+GUID = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}$")
+
+
+def ecom(*items, **extra):
+    return {"currency": "USD", "items": [dict(i) for i in items], **extra}
+
+
+def line(item, qty, price):
+    return {"productKey": item["item_id"], "price": price, "quantity": qty, "currency": "USD"}
+
+
+def status_cart(calls):
+    assert len(calls) == 1 and calls[0][:2] == ["sendEvent", "StatusCart"], calls
+    body = calls[0][2]
+    assert set(body) == {"StatusCart", "GUID"} and GUID.match(body["GUID"]), body
+    return body["StatusCart"], body["GUID"]
+
+
+def test_events_and_cart_guids(vendors, context):
+    page = open_page(context, vendors.page("all"))
+    page.wait_for_function("() => window.__stub_esputnik === 1")
+    # (load) the loader: eS is the queue function, eS.q its arguments; then init.
+    # The doc's loader exactly: eS(...) -> f.c(arguments) -> f.q.push(arguments), so an entry
+    # of eS.q is f.c's arguments object holding the call's own arguments object.
+    assert page.evaluate("() => typeof eS === 'function' && Array.isArray(eS.q) && eS.q.length === 1"
+                         " && eS.q[0].length === 1 && eS.q[0][0][0] === 'init'"
+                         " && Object.prototype.toString.call(eS.q[0][0]) === '[object Arguments]'")
+    assert queues(page)["esputnik"] == [["init", {"TRACKING": False, "RECOMS": True}]]
+    assert page.evaluate("() => document.querySelectorAll('script[src$=\"/vendors/ok/esputnik.js\"]').length") == 1
+
+    # SPA route change: PageView; the first load is the library's own.
+    assert during(page, "history.pushState({}, '', '/c/mugs')")["esputnik"] == \
+        [["sendEvent", "PageView", {"PageView": {}}]]
+    assert during(page, "history.replaceState({}, '', '/c/mugs#top')")["esputnik"] == []
+
+    # ProductPage: price string, isInStock 1/0 (left out when unknown).
+    assert push(page, {"event": "view_item", "ecommerce": ecom(MUG)})["esputnik"] == \
+        [["sendEvent", "ProductPage", {"ProductPage": {"productKey": "SKU-1000", "price": "29.99", "isInStock": 1}}]]
+    assert push(page, {"event": "view_item", "ecommerce": ecom(TEA)})["esputnik"] == \
+        [["sendEvent", "ProductPage", {"ProductPage": {"productKey": "SKU-4000", "price": "4.35", "isInStock": 0}}]]
+    assert push(page, {"event": "view_item", "ecommerce": ecom(SUGAR)})["esputnik"] == \
+        [["sendEvent", "ProductPage", {"ProductPage": {"productKey": "SKU-5000", "price": "0.57"}}]]
+    assert push(page, {"event": "view_item_list", "ecommerce": ecom(MUG, item_list_id="mugs",
+                                                                    item_list_name="Mugs")})["esputnik"] == \
+        [["sendEvent", "CategoryPage", {"CategoryPage": {"categoryKey": "mugs"}}]]
+    assert push(page, {"event": "add_to_wishlist", "ecommerce": ecom(MUG)})["esputnik"] == \
+        [["sendEvent", "AddToWishlist", {"AddToWishlist": {"productKey": "SKU-1000", "price": "29.99", "isInStock": 1}}]]
+
+    # SearchRequest only for a search that found nothing.
+    assert push(page, {"event": "search", "search_term": "unicorn", "ecommerce": ecom()})["esputnik"] == \
+        [["sendEvent", "SearchRequest", {"SearchRequest": {"search": "unicorn"}}]]
+    assert push(page, {"event": "search", "search_term": "mug", "ecommerce": ecom(MUG)})["esputnik"] == []
+    assert push(page, {"event": "search", "search_term": "mug"})["esputnik"] == []
+
+    # StatusCart: the whole cart, a new GUID per cart state.
+    cart, g1 = status_cart(push(page, {"event": "add_to_cart", "ecommerce": ecom(MUG)})["esputnik"])
+    assert cart == [line(MUG, 1, "29.99")]
+    cart, again = status_cart(push(page, {"event": "view_cart", "ecommerce": ecom(MUG)})["esputnik"])
+    assert cart == [line(MUG, 1, "29.99")] and again == g1  # same state, same GUID
+    cart, g2 = status_cart(push(page, {"event": "add_to_cart", "ecommerce": ecom(BOTTLE, SUGAR)})["esputnik"])
+    assert cart == [line(MUG, 1, "29.99"), line(BOTTLE, 3, "19.99"), line(SUGAR, 2, "0.57")]
+    assert g2 != g1
+    cart, g3 = status_cart(push(page, {"event": "remove_from_cart", "ecommerce": ecom(SUGAR)})["esputnik"])
+    assert cart == [line(MUG, 1, "29.99"), line(BOTTLE, 3, "19.99")] and g3 not in (g1, g2)
+    cart, g4 = status_cart(push(page, {"event": "cart_updated", "ecommerce": ecom(MUG, TEA)})["esputnik"])
+    assert cart == [line(MUG, 1, "29.99"), line(TEA, 1, "4.35")] and g4 not in (g1, g2, g3)
+    cart, g5 = status_cart(push(page, {"event": "begin_checkout", "ecommerce": ecom(MUG, TEA)})["esputnik"])
+    assert g5 == g4  # checkout of the same cart: same state
+    cart, g6 = status_cart(push(page, {"event": "remove_from_cart", "ecommerce": ecom(MUG, TEA)})["esputnik"])
+    assert cart == [] and g6 not in (g1, g2, g3, g4)  # an emptied cart is StatusCart []
+    cart, g7 = status_cart(push(page, {"event": "add_to_cart", "ecommerce": ecom(BOTTLE)})["esputnik"])
+    assert cart == [line(BOTTLE, 3, "19.99")] and g7 != g6
+
+    # Not eSputnik's in the page: identify (server: CustomerData), custom events (server).
+    assert push(page, {"event": "identify", "user": {"email": "ann@example.com"}})["esputnik"] == []
+    assert push(page, {"event": "quiz_done", "score": 3})["esputnik"] == []
+
+    # The thank-you page (a new page load): PurchasedItems with the last StatusCart's GUID.
+    page2 = open_page(context, vendors.page("all"))
+    calls = push(page2, {"event": "purchase", "ecommerce": ecom(BOTTLE, transaction_id="1001/A", value=59.97)})
+    assert calls["esputnik"] == [["sendEvent", "PurchasedItems", {
+        "PurchasedItems": [line(BOTTLE, 3, "19.99")], "OrderNumber": "1001/A", "GUID": g7}]]
+    # After the purchase the next cart is a new state, even with the same content.
+    cart, g8 = status_cart(push(page2, {"event": "add_to_cart", "ecommerce": ecom(BOTTLE)})["esputnik"])
+    assert cart == [line(BOTTLE, 3, "19.99")] and g8 != g7
+    # A purchase with no StatusCart before it (one click): no GUID.
+    page3 = open_page(context, vendors.page("all"))
+    push(page3, {"event": "purchase", "ecommerce": ecom(MUG, transaction_id="1002")})
+    calls = push(page3, {"event": "purchase", "ecommerce": ecom(TEA, transaction_id="1003")})
+    assert calls["esputnik"] == [["sendEvent", "PurchasedItems", {
+        "PurchasedItems": [line(TEA, 1, "4.35")], "OrderNumber": "1003"}]]

@@ -1,0 +1,129 @@
+"""Rejoiner's browser adapter in real Chromium: every row of CONTRACT.md section 6, exact payloads.
+
+The stub library never consumes `_rejoiner`, so the array holds every call onetag made.
+Prices are integer cents computed without float error (4.35 -> 435, 0.57 -> 57, 3 x 19.99 -> 5997).
+"""
+
+from __future__ import annotations
+
+from vendor_stub_server import open_page, push, during, queues, vendors  # noqa: F401
+
+MUG = {"item_id": "SKU-1000", "item_name": "Mug", "price": 29.99, "quantity": 1,
+       "item_category": "Kitchen", "item_category2": "Mugs", "item_brand": "Acme",
+       "item_url": "https://shop.example/p/mug", "image_url": "https://shop.example/i/mug.jpg",
+       "description": "A mug", "in_stock": True}
+BOTTLE = {"item_id": "SKU-3000", "item_name": "Bottle", "price": 19.99, "quantity": 3,
+          "item_category": "Outdoor"}
+TEA = {"item_id": "SKU-4000", "item_name": "Tea", "price": 4.35, "quantity": 1}
+SUGAR = {"item_id": "SKU-5000", "item_name": "Sugar", "price": 0.57, "quantity": 1}
+
+
+def rj_item(item, qty, cents):
+    out = {"product_id": item["item_id"], "name": item["item_name"],
+           "category": [item[k] for k in ("item_category", "item_category2") if k in item],
+           "price": cents, "item_qty": qty, "qty_price": cents * qty}
+    for src, dst in (("item_url", "product_url"), ("image_url", "image_url"),
+                     ("description", "description")):
+        if src in item:
+            out[dst] = item[src]
+    return out
+
+
+def ecom(*items, **extra):
+    return {"currency": "USD", "items": [dict(i) for i in items], **extra}
+
+
+def test_load_page_views_and_the_cart_in_cents(vendors, context):
+    page = open_page(context, vendors.page("all"))
+    page.wait_for_function("() => window.__stub_rejoiner === 1")
+    # (load) the base snippet: setAccount, setDomain; the library does the first page view.
+    assert queues(page)["rejoiner"] == [["setAccount", "RJ2SITE"], ["setDomain", "127.0.0.1"]]
+    assert page.evaluate("() => document.querySelectorAll('script[src$=\"/vendors/ok/rejoiner.js\"]').length") == 1
+
+    # SPA route change: addPageView with the full URL; same URL or a hash change: nothing.
+    calls = during(page, "history.pushState({}, '', '/shop/route-2?x=1')")
+    assert calls["rejoiner"] == [["addPageView", {"url": vendors.static.url("/shop/route-2?x=1")}]]
+    assert during(page, "history.pushState({}, '', '/shop/route-2?x=1')")["rejoiner"] == []
+    assert during(page, "location.hash = 'reviews'")["rejoiner"] == []
+
+    calls = push(page, {"event": "view_item", "ecommerce": ecom(MUG, value=29.99)})
+    assert calls["rejoiner"] == [["trackProductView", {
+        "product_id": "SKU-1000", "name": "Mug", "category": ["Kitchen", "Mugs"], "price": 2999,
+        "product_url": "https://shop.example/p/mug", "image_url": "https://shop.example/i/mug.jpg",
+        "description": "A mug"}]]
+
+    # add_to_cart: setCartItem (quantity in the cart) + setCartData (whole cart).
+    calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(MUG)})
+    assert calls["rejoiner"] == [["setCartItem", rj_item(MUG, 1, 2999)],
+                                 ["setCartData", {"cart_value": 2999, "cart_item_count": 1}]]
+    calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(BOTTLE)})
+    assert calls["rejoiner"] == [["setCartItem", rj_item(BOTTLE, 3, 1999)],
+                                 ["setCartData", {"cart_value": 2999 + 5997, "cart_item_count": 4}]]
+    assert calls["rejoiner"][0][1]["qty_price"] == 5997
+    calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(TEA, SUGAR)})
+    assert calls["rejoiner"] == [["setCartItem", rj_item(TEA, 1, 435)],
+                                 ["setCartItem", rj_item(SUGAR, 1, 57)],
+                                 ["setCartData", {"cart_value": 9488, "cart_item_count": 6}]]
+    # One more mug: the line now holds 2.
+    calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(MUG)})
+    assert calls["rejoiner"] == [["setCartItem", rj_item(MUG, 2, 2999)],
+                                 ["setCartData", {"cart_value": 12487, "cart_item_count": 7}]]
+
+    # remove_from_cart: a line that leaves -> removeCartItem; a partial removal -> setCartItem.
+    calls = push(page, {"event": "remove_from_cart", "ecommerce": ecom(SUGAR)})
+    assert calls["rejoiner"] == [["removeCartItem", {"product_id": "SKU-5000"}],
+                                 ["setCartData", {"cart_value": 12430, "cart_item_count": 6}]]
+    calls = push(page, {"event": "remove_from_cart", "ecommerce": ecom(MUG)})
+    assert calls["rejoiner"] == [["setCartItem", rj_item(MUG, 1, 2999)],
+                                 ["setCartData", {"cart_value": 9431, "cart_item_count": 5}]]
+
+    # view_cart / cart_updated / begin_checkout: setCartData then setCartItem for each line.
+    cart = [MUG, BOTTLE, TEA]
+    full = [rj_item(MUG, 1, 2999), rj_item(BOTTLE, 3, 1999), rj_item(TEA, 1, 435)]
+    for name in ("view_cart", "cart_updated"):
+        calls = push(page, {"event": name, "ecommerce": ecom(*cart, value=94.31)})
+        assert calls["rejoiner"] == [["setCartData", {"cart_value": 9431, "cart_item_count": 5}]] + \
+            [["setCartItem", i] for i in full], name
+    calls = push(page, {"event": "begin_checkout", "ecommerce": ecom(*cart, value=94.31, coupon="SPRING")})
+    assert calls["rejoiner"] == [["setCartData", {"cart_value": 9431, "cart_item_count": 5,
+                                                  "promo": "SPRING"}]] + [["setCartItem", i] for i in full]
+
+    # purchase: sendConversion with cart_data and cart_items.
+    calls = push(page, {"event": "purchase", "ecommerce": ecom(*cart, transaction_id="1001",
+                                                              value=94.31, coupon="SPRING", tax=7.5)})
+    assert calls["rejoiner"] == [["sendConversion", {
+        "cart_data": {"cart_value": 9431, "cart_item_count": 5, "order_number": "1001", "promo": "SPRING"},
+        "cart_items": full}]]
+
+    # Rows with no Rejoiner call.
+    for event in ({"event": "view_item_list", "ecommerce": ecom(MUG, item_list_id="mugs")},
+                  {"event": "search", "search_term": "mug", "ecommerce": ecom()},
+                  {"event": "add_to_wishlist", "ecommerce": ecom(MUG)},
+                  {"event": "newsletter_popup_seen", "popup": "spring"}):
+        assert push(page, event)["rejoiner"] == [], event["event"]
+
+
+def test_identity_once_per_change(vendors, context):
+    page = open_page(context, vendors.page("all"))
+    calls = push(page, {"event": "identify", "user": {"email": " Ann@Example.com ", "first_name": "Ann",
+                                                     "last_name": "Lee", "phone": "+15550100"}})
+    assert calls["rejoiner"] == [["setCustomerEmail", {"email": "ann@example.com"}],
+                                 ["setCustomerData", {"first_name": "Ann", "last_name": "Lee"}]]
+    # The same identity again, and a new page for the same visitor: nothing more.
+    assert push(page, {"event": "identify", "user": {"email": "ann@example.com"}})["rejoiner"] == []
+    page2 = open_page(context, vendors.page("all"))
+    assert queues(page2)["rejoiner"] == [["setAccount", "RJ2SITE"], ["setDomain", "127.0.0.1"]]
+    assert [c[0] for c in push(page2, {"event": "view_item", "ecommerce": ecom(MUG)})["rejoiner"]] == \
+        ["trackProductView"]
+    # An email typed into a form is an identity change too (no names: no setCustomerData).
+    calls = during(page2, "var i = document.getElementById('email'); i.value = 'Bob@Example.com';"
+                          "i.dispatchEvent(new Event('change', {bubbles: true}))")
+    assert calls["rejoiner"] == [["setCustomerEmail", {"email": "bob@example.com"}]]
+    # A change carried by an event Rejoiner does not take in the page still reaches it, once,
+    # on its next event (here: a custom event, off for Rejoiner, then a product view).
+    assert push(page2, {"event": "quiz_done", "user": {"email": "cy@example.com"}})["rejoiner"] == []
+    calls = push(page2, {"event": "view_item", "ecommerce": ecom(TEA)})
+    assert [c[0] for c in calls["rejoiner"]] == ["setCustomerEmail", "trackProductView"]
+    assert calls["rejoiner"][0][1] == {"email": "cy@example.com"}
+    assert [c[0] for c in push(page2, {"event": "view_item", "ecommerce": ecom(TEA)})["rejoiner"]] == \
+        ["trackProductView"]
