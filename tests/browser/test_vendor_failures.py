@@ -116,3 +116,28 @@ def test_pushes_made_before_the_script_are_replayed_in_order(vendors, context):
     assert [c[1] if c[0] == "sendEvent" else c[0] for c in q["esputnik"]] == ["init", "ProductPage", "StatusCart"]
     assert [c["event"] for c in q["sendlane"]] == ["identify", "product_viewed", "added_to_cart"]
     assert q["rejoiner"][5][1] == {"cart_value": 435, "cart_item_count": 1}
+
+
+def test_money_helper_is_exact(vendors, context):
+    """onetag.m (templates/vendors/_money.js.j2), in the browser: cents from the decimal text."""
+    page = open_page(context, vendors.page("all"))
+    bad = page.evaluate("""() => {
+        var m = window.onetag.m, bad = [], i, s, want;
+        for (i = 0; i <= 1000000; i++) {            // every 2-decimal price up to 10,000.00
+            s = (i / 100).toFixed(2);
+            if (m.c(+s) !== i || m.c(s) !== i || m.s(+s) !== s || m.d(+s) !== +s) bad.push(s);
+        }
+        for (i = 0; i <= 1000000; i++) {            // every 3-decimal value up to 1,000.000: half up
+            s = (i / 1000).toFixed(3); want = Math.floor(i / 10) + (i % 10 >= 5 ? 1 : 0);
+            if (m.c(+s) !== want) bad.push(s);
+        }
+        return bad.slice(0, 20);
+    }""")
+    assert bad == []
+    got = page.evaluate("""() => { var m = window.onetag.m; return JSON.stringify([
+        m.c(4.35), m.c(0.57), m.c(19.99) * 3, m.c("29.99"), m.c(" 4.35 "), m.c(0.1 + 0.2),
+        m.c(1e-7), m.c(1e21), m.c(1.005), m.d(19.99) * 1, m.c(19.99) * 3 / 100, m.s(30), m.s(0.5),
+        m.c(null), m.c(undefined), m.c(""), m.c("abc"), m.s("x"), 435 / 100, 5997 / 100,
+        m.t([{price: 19.99, quantity: 3}, {price: 4.35}, {price: 0.57, quantity: "2"}])]) }""")
+    assert got == ('[435,57,5997,2999,435,30,0,1e+23,101,19.99,59.97,"30.00","0.50",'
+                   'null,null,null,null,null,4.35,59.97,[6546,6]]')

@@ -1,0 +1,131 @@
+"""Size of the generated script (``GET /s/{site_id}.js``) as browsers receive it.
+
+    python bench/script_size.py            # a table
+    python bench/script_size.py --json     # machine-readable
+    python bench/script_size.py --check    # exit 1 when all four vendors exceed the budget
+
+Starts the real server (``python -m server serve --config <tmp>/onetag.toml``, forwarder off)
+with one site per case: the runtime alone, each vendor alone, all four vendors; every vendor
+setting filled (public ones reach the script; secrets must not). For each it fetches the
+script twice over HTTP: plain (raw bytes) and with ``Accept-Encoding: gzip`` (the bytes the
+server actually sends). Brotli is computed locally (quality 11) when the ``brotli`` module is
+installed; the server itself serves gzip only.
+
+Budget: the runtime with all four adapters <= 5 KB gzipped (5 KB = 5,120 bytes). Reference
+figures, for scale: Plausible's script ~1.9 KB gzipped, Segment's analytics.js ~29.6 KB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import HOST, ServerProcess, free_port, python  # noqa: E402
+
+BUDGET = 5 * 1024
+REFERENCES = {"Plausible (script.js)": 1.9 * 1024, "Segment analytics.js": 29.6 * 1024}
+VENDORS = {
+    "rejoiner": {"site_id": "AB12CD3", "domain": "shop.example", "api_key": "secret-rj"},
+    "remarkety": {"store_id": "remarkety-store-1234", "api_key": "secret-rm"},
+    "esputnik": {"site_id": "8A412DC", "script_id": "000000000000000000", "api_key": "secret-es"},
+    "sendlane": {"integration_token": "abcdefghijklmnopqrstuvwxyz123456", "api_token": "secret-sl"},
+}
+CASES = {"runtime-only": [], **{f"{v}-only": [v] for v in VENDORS}, "all-four": list(VENDORS)}
+
+
+def config(database: str, public_url: str) -> str:
+    lines = ["[server]", f'database = "{database}"', f'public_url = "{public_url}"',
+             "forward = false", ""]
+    for site, names in CASES.items():
+        lines += ["[[sites]]", f'id = "{site}"', 'origins = ["https://shop.example"]',
+                  'api_key = "secret-site"', 'currency = "USD"', ""]
+        for name in names:
+            lines.append(f"[sites.{name}]")
+            lines += [f'{k} = "{v}"' for k, v in VENDORS[name].items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def fetch(url: str, gzip_ok: bool) -> tuple[bytes, str | None]:
+    headers = {"Accept-Encoding": "gzip"} if gzip_ok else {"Accept-Encoding": "identity"}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        return r.read(), r.headers.get("Content-Encoding")
+
+
+def measure() -> dict[str, object]:
+    try:
+        import brotli  # type: ignore[import-not-found]
+    except ImportError:
+        brotli = None
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        url = f"http://{HOST}:{port}"
+        cfg = Path(tmp) / "onetag.toml"
+        cfg.write_text(config(f"sqlite:///{tmp}/onetag.db", url), encoding="utf-8")
+        argv = [python(), "-m", "server", "serve", "--config", str(cfg),
+                "--host", HOST, "--port", str(port)]
+        with ServerProcess(argv, port, log_path=Path(tmp) / "server.log", start_timeout=60):
+            for site in CASES:
+                raw, _ = fetch(f"{url}/s/{site}.js", gzip_ok=False)
+                wire, encoding = fetch(f"{url}/s/{site}.js", gzip_ok=True)
+                if encoding != "gzip":
+                    raise SystemExit(f"/s/{site}.js was not served gzipped (Content-Encoding {encoding!r})")
+                if gzip.decompress(wire) != raw:
+                    raise SystemExit(f"/s/{site}.js: gzipped and plain bodies differ")
+                leaked = [s for s in ("secret-rj", "secret-rm", "secret-es", "secret-sl", "secret-site")
+                          if s.encode() in raw]
+                results[site] = {
+                    "raw": len(raw), "gzip": len(wire),
+                    "brotli": len(brotli.compress(raw, quality=11)) if brotli else None,
+                    "secrets_in_script": leaked,
+                }
+    runtime = results["runtime-only"]["gzip"]
+    for site in CASES:
+        results[site]["gzip_over_runtime"] = results[site]["gzip"] - runtime  # type: ignore[operator]
+    total = results["all-four"]["gzip"]
+    return {"budget_gzip": BUDGET, "met": total <= BUDGET, "brotli_available": brotli is not None,
+            "references_gzip": REFERENCES, "cases": results}
+
+
+def kb(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 1024:.2f} KB"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print JSON")
+    ap.add_argument("--check", action="store_true", help="exit 1 when the budget is not met")
+    args = ap.parse_args()
+    out = measure()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        cases = out["cases"]
+        print(f"{'script':<16}{'raw':>10}{'gzip':>14}{'brotli':>14}{'gzip over runtime':>20}")
+        for site, r in cases.items():  # type: ignore[union-attr]
+            print(f"{site:<16}{r['raw']:>10}{r['gzip']:>8} B {kb(r['gzip']):>5}"
+                  f"{'' if r['brotli'] is None else str(r['brotli']) + ' B':>14}"
+                  f"{'+' + str(r['gzip_over_runtime']) + ' B' if site != 'runtime-only' else '':>20}")
+            if r["secrets_in_script"]:
+                print(f"  !! secrets in {site}: {r['secrets_in_script']}")
+        if not out["brotli_available"]:
+            print("brotli: the `brotli` module is not installed, so no brotli figures "
+                  "(pip install brotli to add them).")
+        print("reference (gzipped): " + ", ".join(f"{k} ~{v / 1024:.1f} KB"
+                                                  for k, v in REFERENCES.items()))  # type: ignore[union-attr]
+        total = cases["all-four"]["gzip"]  # type: ignore[index]
+        print(f"budget: runtime + four adapters <= {BUDGET} B (5 KB) gzipped: "
+              f"{total} B -> {'MET' if out['met'] else 'NOT MET'}"
+              f" ({BUDGET - total:+d} B to spare)")
+    return 1 if args.check and not out["met"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
