@@ -98,6 +98,8 @@ def test_routes_decide_what_the_browser_sends(vendors, context):
     assert calls["rejoiner"] == []  # purchase = server: no sendConversion
     assert [c[1] for c in calls["esputnik"]] == ["PurchasedItems"]
     assert push(page, {"event": "quiz_done"})["remarkety"] == []  # "*" = off
+    assert push(page, {"event": "quiz_special", "n": 1})["remarkety"] == \
+        [["track", "quiz_special", {"n": 1}]]  # a custom event routed by name
     assert push(page, {"event": "search", "search_term": "zz", "ecommerce": ecom()})["esputnik"] == []
     calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(TEA)})
     assert [c[:2] for c in calls["remarkety"]] == [["track", "carts/update"]]

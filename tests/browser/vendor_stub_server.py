@@ -92,7 +92,7 @@ SITES: dict[str, tuple[dict[str, str], dict[str, dict[str, str]]]] = {
     "throwing": ({"rejoiner": "throw", "remarkety": "ok", "esputnik": "throw", "sendlane": "ok"}, {}),
     "routed": ({v: "ok" for v in VENDORS}, {
         "rejoiner": {"purchase": "server", "identify": "server"},
-        "remarkety": {"*": "off", "view_item": "server"},
+        "remarkety": {"*": "off", "view_item": "server", "quiz_special": "browser"},
         "esputnik": {"search": "off", "page_view": "off"},
         "sendlane": {"view_item": "off"},
     }),
