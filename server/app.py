@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from .assets import static_dir
 from .demo import Demo
+from .forwarder import Forwarder, ForwarderOptions
 from .ingest import Ingest
 from .script import ScriptServer
 from .store import open_store
@@ -23,10 +24,16 @@ from .store import open_store
 log = logging.getLogger("onetag")
 
 
-def create_app(settings: Any, store: Any = None) -> Starlette:
+def create_app(settings: Any, store: Any = None,
+               forward_options: ForwarderOptions | None = None) -> Starlette:
+    """``forward_options``: the forwarder's tuning (default: ``ONETAG_FORWARD_*`` env)."""
     store = store if store is not None else open_store(settings)
     scripts = ScriptServer(settings)
     ingest = Ingest(settings, store)
+    forwarder = None
+    if settings.server.forward:
+        forwarder = Forwarder(settings, store, forward_options or ForwarderOptions.from_env())
+        ingest.on_stored = forwarder.wake
 
     async def healthz(request: Request) -> Response:
         try:
@@ -58,7 +65,13 @@ def create_app(settings: Any, store: Any = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
         try:
-            yield
+            if forwarder is not None:
+                await forwarder.start()
+            try:
+                yield
+            finally:
+                if forwarder is not None:
+                    await forwarder.stop()  # stop claiming; in-flight sends finish or stay leased
         finally:
             await store.close()
 
@@ -66,4 +79,5 @@ def create_app(settings: Any, store: Any = None) -> Starlette:
                     middleware=[Middleware(GZipMiddleware, minimum_size=1024)])
     app.state.settings = settings
     app.state.store = store
+    app.state.forwarder = forwarder
     return app

@@ -1,12 +1,18 @@
-"""``onetag``: serve | init | check | deliveries | replay."""
+"""``onetag``: serve | init | check | deliveries | replay | worker."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
+import re
+import signal
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from . import config as config_module
@@ -123,6 +129,196 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# Deliveries: the operator's view of the outbox ----------------------------------------------
+# These open the database directly (no server needed); SQLite's WAL lets them run beside a
+# live `onetag serve` or `onetag worker`.
+
+STAT_COLUMNS = ("pending", "failing", "held", "delivered", "dead", "browser", "expired")
+RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _ops_settings(config: str | None) -> config_module.Settings:
+    """The settings an operator command works on: the config, else the demo's database."""
+    path = _find_config(config)
+    settings = config_module.demo() if path is None else _load(path)
+    database = settings.server.sqlite_path
+    if database != ":memory:" and not Path(database).is_file():
+        print(f"onetag: no database at {database} (from {path or 'the demo settings'}); "
+              f"nothing has been stored yet", file=sys.stderr)
+        raise SystemExit(2)
+    return settings
+
+
+def parse_since(text: str, now: float | None = None) -> int:
+    """``--since``: ``30m``, ``2h``, ``3d``, ``1w`` ago, or an ISO 8601 date/time (a time
+    without a zone is local time). Returns epoch milliseconds."""
+    now = time.time() if now is None else now
+    match = RELATIVE_RE.match(text)
+    if match:
+        return int((now - float(match.group(1)) * UNIT_S[match.group(2)]) * 1000)
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a relative time like 2h or 3d nor an ISO date/time like "
+            f"2026-01-31 or 2026-01-31T14:00") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # local time
+    return int(when.timestamp() * 1000)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+async def _with_store(settings: config_module.Settings, work: Any) -> Any:
+    from .store import open_store
+
+    store = open_store(settings)
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def delivery_report(settings: config_module.Settings, stats: list[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:
+    """One row per vendor (every configured vendor, even with no rows yet), numbers as ints."""
+    by_vendor = {row["vendor"]: row for row in stats}
+    vendors = sorted({v for site in settings.sites.values() for v in site.vendors} | set(by_vendor))
+    report = []
+    for vendor in vendors:
+        row = by_vendor.get(vendor, {})
+        item: dict[str, Any] = {"vendor": vendor}
+        item.update({column: int(row.get(column) or 0) for column in STAT_COLUMNS})
+        item["oldest_pending_age_s"] = row.get("oldest_pending_age_s")
+        report.append(item)
+    return report
+
+
+def format_report(report: list[dict[str, Any]]) -> str:
+    headers = ("vendor", *STAT_COLUMNS, "oldest pending")
+    rows = [(r["vendor"], *(str(r[c]) for c in STAT_COLUMNS), _age(r["oldest_pending_age_s"]))
+            for r in report]
+    if len(report) > 1:
+        ages = [r["oldest_pending_age_s"] for r in report if r["oldest_pending_age_s"] is not None]
+        rows.append(("total", *(str(sum(r[c] for r in report)) for c in STAT_COLUMNS),
+                     _age(max(ages) if ages else None)))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                       for i, (h, w) in enumerate(zip(headers, widths)))]
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_rows(rows: list[dict[str, Any]], width: int = 100) -> str:
+    lines = []
+    for row in rows:
+        error = (row.get("last_error") or "").replace("\n", " ")
+        if len(error) > width:
+            error = error[:width - 1] + "…"
+        lines.append(f"#{row['id']}  {row['vendor']}  {row['state']}  {row['dedup_key']}  "
+                     f"attempts {row['attempts']}  created {_when(row['created_ms'])}  "
+                     f"updated {_when(row['updated_ms'])}" + (f"\n    {error}" if error else ""))
+    return "\n".join(lines) or "(none)"
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    settings = _ops_settings(args.config)
+    now_ms = int(time.time() * 1000)
+
+    async def work(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        stats = await store.delivery_stats(now_ms)
+        rows = None
+        if args.state:
+            rows = await store.list_deliveries(state=args.state, vendor=args.vendor,
+                                               limit=args.limit)
+        return stats, rows
+
+    stats, rows = asyncio.run(_with_store(settings, work))
+    report = delivery_report(settings, stats)
+    if args.vendor:
+        report = [r for r in report if r["vendor"] == args.vendor]
+    if args.json:
+        out: dict[str, Any] = {"database": settings.server.sqlite_path, "now_ms": now_ms,
+                               "vendors": report}
+        if rows is not None:
+            out["rows"] = rows
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"deliveries in {settings.server.sqlite_path}")
+    print(format_report(report))
+    if rows is not None:
+        print(f"\nlatest {args.state} deliveries{f' for {args.vendor}' if args.vendor else ''}:")
+        print(format_rows(rows))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    settings = _ops_settings(args.config)
+    states = [state for state, wanted in (("dead", args.dead), ("expired", args.expired))
+              if wanted] or ["dead"]
+    since_ms = args.since
+    now_ms = int(time.time() * 1000)
+
+    async def work(store: Any) -> int:
+        return await store.replay(now_ms, vendor=args.vendor, since_ms=since_ms, states=states)
+
+    count = asyncio.run(_with_store(settings, work))
+    scope = " and ".join(states)
+    if args.vendor:
+        scope += f", vendor {args.vendor}"
+    if since_ms is not None:
+        scope += f", created since {_when(since_ms)}"
+    print(f"onetag: {count} deliveries made due again ({scope}); a running `onetag serve` or "
+          f"`onetag worker` sends them within a second or two")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from .forwarder import ForwarderOptions, run_until
+
+    path = _find_config(args.config)
+    settings = config_module.demo() if path is None else _load(path)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = ForwarderOptions.from_env()
+    print(f"onetag: forwarding deliveries from {settings.server.sqlite_path} "
+          f"({len(settings.sites)} site(s)); Ctrl-C or SIGTERM stops", flush=True)
+
+    async def work(store: Any) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_until(stop, settings, store, options)
+
+    asyncio.run(_with_store(settings, work))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onetag", description="One tag, every vendor.")
     parser.add_argument("--version", action="version", version=f"onetag {__version__}")
@@ -144,6 +340,57 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config, printing every problem")
     check.add_argument("--config", help="config file (default: $ONETAG_CONFIG or ./onetag.toml)")
     check.set_defaults(func=cmd_check)
+
+    config_help = "config file (default: $ONETAG_CONFIG or ./onetag.toml; else the demo's database)"
+    deliveries = commands.add_parser(
+        "deliveries", help="per vendor: pending, failing, held, delivered, dead, ... deliveries",
+        description="Counts of delivery rows per vendor, read straight from the database (no "
+                    "server needed; safe beside a running server). pending: due or in flight; "
+                    "failing: pending after at least one failed attempt (retrying with backoff); "
+                    "held: waiting for the visitor's email; delivered: the vendor answered 2xx; "
+                    "dead: permanent error, attempts or retry window used up (see --state dead, "
+                    "then `onetag replay`); browser: the vendor's own library took it; expired: "
+                    "held past the hold window without an email.")
+    deliveries.add_argument("--config", help=config_help)
+    deliveries.add_argument("--json", action="store_true", help="machine-readable output")
+    deliveries.add_argument("--vendor", help="only this vendor")
+    deliveries.add_argument("--state", choices=["pending", "held", "delivered", "dead",
+                                                "browser", "expired"],
+                            help="also list the latest deliveries in this state, with last errors")
+    deliveries.add_argument("--limit", type=int, default=20, help="rows listed with --state (20)")
+    deliveries.set_defaults(func=cmd_deliveries)
+
+    replay = commands.add_parser(
+        "replay", help="make dead (or expired) deliveries due again",
+        description="Make matching deliveries due again, with a fresh attempt count and retry "
+                    "window, and print how many. Default scope: dead deliveries (permanent "
+                    "errors, attempts or retry window used up), of every vendor, of any age. "
+                    "--expired takes held deliveries that expired without an email: those "
+                    "whose visitor has an email by now are planned again with it; the rest "
+                    "stay expired. Delivered deliveries are never sent again. Opens the "
+                    "database directly; a running server or worker picks the rows up.")
+    replay.add_argument("--config", help=config_help)
+    replay.add_argument("--vendor", help="only this vendor")
+    replay.add_argument("--since", type=parse_since, metavar="T",
+                        help="only deliveries created since T: 30m, 2h, 3d, 1w ago, or an ISO "
+                             "date/time (2026-01-31, 2026-01-31T14:00; local time unless it "
+                             "has a zone)")
+    replay.add_argument("--dead", action="store_true",
+                        help="dead deliveries (the default when no state option is given)")
+    replay.add_argument("--expired", action="store_true",
+                        help="expired held deliveries whose visitor has an email now")
+    replay.set_defaults(func=cmd_replay)
+
+    worker = commands.add_parser(
+        "worker", help="run only the vendor forwarder (pair with [server] forward = false)",
+        description="Forward due deliveries to the vendors without serving HTTP. Run it "
+                    "beside `onetag serve` with `[server] forward = false`, or several of "
+                    "them: claims are leased, so each delivery goes to one of them. Tuning "
+                    "via ONETAG_FORWARD_* environment variables (see server/forwarder.py).")
+    worker.add_argument("--config", help=config_help)
+    worker.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

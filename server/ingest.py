@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any
+from typing import Any, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -80,6 +80,7 @@ class Ingest:
     def __init__(self, settings: Any, store: Any):
         self.settings = settings
         self.store = store
+        self.on_stored: Callable[[], None] | None = None  # the forwarder's wake-up
         self.secure_cookie = settings.server.public_url.startswith("https://")
         self.all_origins = frozenset(o for s in settings.sites.values() for o in s.origins)
 
@@ -131,8 +132,9 @@ class Ingest:
             return _invalid(exc).response(cors)
         except HTTPProblem as exc:
             return exc.response(cors)
-        await self.store.ingest(site.id, normalised, raws,
-                                SessionInfo(user_agent=request.headers.get("user-agent")))
+        results = await self.store.ingest(site.id, normalised, raws,
+                                          SessionInfo(user_agent=request.headers.get("user-agent")))
+        self._stored(results)
         headers = {**cors, "Set-Cookie": cookie_header(sc, self.secure_cookie),
                    "Cache-Control": "no-store"}
         return Response(status_code=204, headers=headers)
@@ -178,9 +180,14 @@ class Ingest:
         except HTTPProblem as exc:
             return exc.response()
         results = await self.store.ingest(site.id, normalised, raws, SessionInfo())
+        self._stored(results)
         return JSONResponse(
             {"event_ids": [r.event_id for r in results],
              "duplicates": [r.event_id for r in results if r.duplicate]}, status_code=202)
+
+    def _stored(self, results: Any) -> None:
+        if self.on_stored is not None and any(not r.duplicate for r in results):
+            self.on_stored()
 
     @staticmethod
     def _origin(site: Any) -> Origin:

@@ -37,6 +37,7 @@ class Delivery:
     request: dict[str, Any]
     attempts: int  # including the one this claim starts
     created_ms: int
+    retry_from_ms: int = 0  # the retry window starts here: planned, or last replayed
 
 
 @dataclass(frozen=True)

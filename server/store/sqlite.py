@@ -400,7 +400,7 @@ class SQLiteStore(Store):
         params.append(limit)
         rows = conn.execute(
             "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.visitor, d.request, d.attempts, "
-            "d.created_ms FROM deliveries d "
+            "d.created_ms, coalesce(d.retry_from_ms, d.created_ms) FROM deliveries d "
             f"WHERE d.state = 'pending' AND d.next_attempt_ms <= ? {vendor_filter} "
             "AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.site_id = d.site_id "
             "AND p.vendor = d.vendor AND p.visitor = d.visitor AND p.state = 'pending' "
@@ -410,7 +410,7 @@ class SQLiteStore(Store):
             "WHERE id = ?", [(now + lease_ms, now, row[0]) for row in rows])
         return [Delivery(id=row[0], site_id=row[1], vendor=row[2], dedup_key=row[3],
                          visitor=row[4], request=json.loads(row[5]), attempts=row[6] + 1,
-                         created_ms=row[7]) for row in rows]
+                         created_ms=row[7], retry_from_ms=row[8]) for row in rows]
 
     async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None:
         if outcomes:
@@ -421,7 +421,7 @@ class SQLiteStore(Store):
         conn.executemany(
             "UPDATE deliveries SET state = ?, next_attempt_ms = ?, last_error = ?, "
             "updated_ms = ?, delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END "
-            "WHERE id = ?",
+            "WHERE id = ? AND state = 'pending'",  # a late outcome never undoes a final one
             [(o.state, o.next_attempt_ms, o.error, now, o.state, now, o.id) for o in outcomes])
 
     async def expire_held(self, before_ms: int, now_ms: int) -> int:
@@ -436,8 +436,8 @@ class SQLiteStore(Store):
         assert self._reader is not None
         rows = await self._reader.execute_fetchall(
             "SELECT vendor, "
-            "sum(state = 'pending' AND attempts = 0) AS pending, "
-            "sum(state = 'pending' AND attempts > 0) AS failing, "
+            "sum(state = 'pending' AND last_error IS NULL) AS pending, "
+            "sum(state = 'pending' AND last_error IS NOT NULL) AS failing, "
             "sum(state = 'held') AS held, sum(state = 'delivered') AS delivered, "
             "sum(state = 'dead') AS dead, sum(state = 'browser') AS browser, "
             "sum(state = 'expired') AS expired, "
@@ -455,20 +455,66 @@ class SQLiteStore(Store):
                      states: Sequence[str] = ("dead",)) -> int:
         return await self._write(self._replay, now_ms, vendor, since_ms, tuple(states))
 
-    @staticmethod
-    def _replay(conn: sqlite3.Connection, now: int, vendor: str | None, since: int | None,
-                states: tuple[str, ...]) -> int:
-        where = [f"state IN ({','.join('?' * len(states))})"]
-        params: list[Any] = [now, now, *states]
+    def _replay(self, conn: sqlite3.Connection, now: int, vendor: str | None,
+                since: int | None, states: tuple[str, ...]) -> int:
+        count = 0
+        plain = tuple(state for state in states if state != "expired")
+        if plain:
+            where = [f"state IN ({','.join('?' * len(plain))})"]
+            params: list[Any] = [now, now, now, *plain]
+            if vendor:
+                where.append("vendor = ?")
+                params.append(vendor)
+            if since is not None:
+                where.append("created_ms >= ?")
+                params.append(since)
+            count += conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = ?, "
+                f"retry_from_ms = ?, updated_ms = ?, last_error = NULL WHERE {' AND '.join(where)}",
+                params).rowcount
+        if "expired" in states:
+            count += self._replay_expired(conn, now, vendor, since)
+        return count
+
+    def _replay_expired(self, conn: sqlite3.Connection, now: int, vendor: str | None,
+                        since: int | None) -> int:
+        """Expired rows never had an email; re-plan those whose visitor has one now."""
+        where, params = ["d.state = 'expired'"], []
         if vendor:
-            where.append("vendor = ?")
+            where.append("d.vendor = ?")
             params.append(vendor)
         if since is not None:
-            where.append("created_ms >= ?")
+            where.append("d.created_ms >= ?")
             params.append(since)
-        return conn.execute(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = ?, "
-            f"updated_ms = ?, last_error = NULL WHERE {' AND '.join(where)}", params).rowcount
+        rows = conn.execute(
+            "SELECT d.event_seq, d.vendor, e.site_id, e.data, "
+            "coalesce(s.identity_id, e.identity_id) AS identity_id FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq "
+            "LEFT JOIN sessions s ON s.site_id = e.site_id AND s.sc = e.sc "
+            f"WHERE {' AND '.join(where)} ORDER BY d.id", params).fetchall()
+        by_event: dict[int, tuple[str, str, int | None, set[str]]] = {}
+        for row in rows:
+            entry = by_event.setdefault(row["event_seq"], (row["site_id"], row["data"],
+                                                           row["identity_id"], set()))
+            entry[3].add(row["vendor"])
+        inserted = 0
+        for seq, (site_id, data, identity_id, vendors) in by_event.items():
+            site = self.sites.get(site_id)
+            identity = self._identity(conn, identity_id) if identity_id else None
+            if site is None or not identity or not identity.get("email"):
+                continue
+            event = json.loads(data)
+            event["identity"] = identity
+            planned = [r for r in outbox.plan(site, event, vendors) if r.state == outbox.PENDING]
+            replanned = sorted({r.vendor for r in planned})
+            if not replanned:
+                continue
+            conn.execute(f"DELETE FROM deliveries WHERE event_seq = ? AND state = 'expired' "
+                         f"AND vendor IN ({','.join('?' * len(replanned))})", (seq, *replanned))
+            before = conn.total_changes
+            self._insert_deliveries(conn, site_id, seq, planned, now)
+            inserted += conn.total_changes - before
+        return inserted
 
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50) -> list[dict[str, Any]]:

@@ -1,0 +1,477 @@
+"""The forwarder: claim due delivery rows, send them, record what became of them.
+
+One background task per vendor ("lane") claims that vendor's due rows (``store.claim``, which
+leases them and keeps one row in flight per visitor) up to the lane's free slots, and sends
+each with the process's ONE shared ``httpx.AsyncClient``. A lane never waits on another
+vendor: a vendor that times out or answers 500 fills only its own slots, and the other lanes
+keep claiming. Outcomes are collected and written in batches (``store.finish``), which the
+store's single writer group-commits.
+
+Retry state lives in the rows, not here: a retry is ``pending`` with a later
+``next_attempt_ms``, so a restart resumes where the last process stopped. A claim leases its
+rows for ``lease_s``; if the process dies mid-send, the row is due again when the lease ends
+and the vendor may see that request twice. Every request carries the vendor's natural key
+(order id, event id, cart id) in its body, which is what the vendor deduplicates on.
+
+What an answer means (``classify``):
+
+- 2xx: delivered.
+- 408, 409, 425, 429, 5xx, timeouts, refused or reset connections: retry later, with
+  exponential backoff and jitter, or at the time a ``Retry-After`` header names (seconds or
+  an HTTP date). A 429, or a 503 with ``Retry-After``, also pauses the whole lane until then:
+  the vendor's limit is per account, not per request.
+- any other 4xx (400 malformed, 401 bad key, 404, 422 invalid data, ...) and 3xx (redirects
+  are not followed: a POST API that redirects is misconfigured): permanent, ``dead`` at once,
+  with the status and the response body in ``last_error``. Per vendor exceptions in
+  ``VENDOR_RETRYABLE``: Sendlane's 403 can mean "blocked due to many errors" (REFERENCE.md 4.2).
+- A row that has used ``max_attempts`` or whose next try would fall past ``retry_window_s``
+  (counted from when it was planned or last replayed) is ``dead``: kept, listed by
+  ``onetag deliveries``, sent again by ``onetag replay``.
+
+Tuning, for ``onetag serve`` and ``onetag worker`` alike, through the environment (the config
+file stays about sites): ``ONETAG_FORWARD_CONCURRENCY``, ``_CONNECT_TIMEOUT_S``,
+``_READ_TIMEOUT_S``, ``_LEASE_S``, ``_BACKOFF_BASE_S``, ``_BACKOFF_CAP_S``, ``_MAX_ATTEMPTS``,
+``_RETRY_WINDOW_S``, ``_IDLE_POLL_S``, ``_EXPIRE_EVERY_S``, ``_SHUTDOWN_GRACE_S``, and
+``ONETAG_FORWARD_RATES`` (``"sendlane=4,remarkety=20"`` requests/s per vendor, ``"none"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import httpx
+
+from . import __version__
+from .store.base import Delivery, Outcome, Store
+from .vendors import VENDORS
+
+log = logging.getLogger("onetag.forwarder")
+
+DEFAULT_CONCURRENCY = 32  # in flight per vendor: 32 at ~50 ms each is ~600 req/s a vendor
+DEFAULT_CONNECT_TIMEOUT_S = 5.0  # a vendor that cannot take a TCP connection in 5 s is down
+DEFAULT_READ_TIMEOUT_S = 15.0  # tracking APIs answer in well under 1 s; Remarkety's own connector waits 10 s
+DEFAULT_WRITE_TIMEOUT_S = 15.0  # our bodies are a few KB
+DEFAULT_POOL_TIMEOUT_S = 10.0  # never reached: the pool holds every lane's slots
+DEFAULT_KEEPALIVE_EXPIRY_S = 30.0  # idle vendor connections are reused, then let go
+DEFAULT_LEASE_S = 60.0  # > the longest a send can take (connect + write + read timeouts) + finish
+DEFAULT_BACKOFF_BASE_S = 2.0  # first retry after 1-2 s: a blip heals at once
+DEFAULT_BACKOFF_CAP_S = 3600.0  # never wait more than an hour between tries of one row
+DEFAULT_MAX_ATTEMPTS = 20  # with the cap: ~7 h of retrying before a row is dead
+DEFAULT_RETRY_WINDOW_S = 86400.0  # a day: past it a fact is stale for email journeys; replayable
+DEFAULT_IDLE_POLL_S = 1.0  # rows coming due by time (retries) are found within a second
+DEFAULT_EXPIRE_EVERY_S = 60.0  # held rows past the hold window are expired this often
+DEFAULT_SHUTDOWN_GRACE_S = 5.0  # on stop, in-flight sends get this long; the rest stay leased
+DEFAULT_MAX_ERROR_CHARS = 2000  # of a vendor's error body kept in last_error
+DEFAULT_RATES: Mapping[str, float] = {}  # requests/s per vendor; none by default (see README)
+
+# Statuses worth retrying for every vendor; every 5xx is too.
+RETRYABLE = frozenset({408, 409, 425, 429})
+# Vendor-specific statuses that are transient despite being 4xx.
+VENDOR_RETRYABLE: Mapping[str, frozenset[int]] = {
+    "sendlane": frozenset({403}),  # "403 can also mean blocked due to many errors" [SL-ae]
+}
+
+DELIVERED, PENDING, DEAD = "delivered", "pending", "dead"
+
+
+@dataclass(frozen=True)
+class ForwarderOptions:
+    concurrency: int = DEFAULT_CONCURRENCY
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S
+    pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S
+    lease_s: float = DEFAULT_LEASE_S
+    backoff_base_s: float = DEFAULT_BACKOFF_BASE_S
+    backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_window_s: float = DEFAULT_RETRY_WINDOW_S
+    idle_poll_s: float = DEFAULT_IDLE_POLL_S
+    expire_every_s: float = DEFAULT_EXPIRE_EVERY_S
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    rates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(connect=self.connect_timeout_s, read=self.read_timeout_s,
+                             write=self.write_timeout_s, pool=self.pool_timeout_s)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ForwarderOptions":
+        """Defaults, overridden by ``ONETAG_FORWARD_<FIELD>`` variables."""
+        env = os.environ if env is None else env
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f"ONETAG_FORWARD_{f.name.upper()}"
+            if name not in env:
+                continue
+            text = env[name].strip()
+            try:
+                if f.name == "rates":
+                    changes["rates"] = _parse_rates(text)
+                elif f.name in ("concurrency", "max_attempts"):
+                    changes[f.name] = int(text)
+                else:
+                    changes[f.name] = float(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r} is not a valid {f.name}") from None
+        return cls(**changes)
+
+
+def _parse_rates(text: str) -> dict[str, float]:
+    if text.lower() in ("", "none", "off"):
+        return {}
+    rates = {}
+    for part in text.split(","):
+        vendor, _, value = part.partition("=")
+        rates[vendor.strip()] = float(value)
+    return rates
+
+
+# Deciding -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str  # delivered | pending (retry) | dead
+    error: str | None = None
+    retry_after_s: float | None = None  # the vendor named when to come back
+    pause_lane: bool = False  # the vendor is throttling this account: hold the whole lane
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def classify(vendor: str, status: int, headers: Mapping[str, str], body: str,
+             now: float, max_error_chars: int = DEFAULT_MAX_ERROR_CHARS) -> Verdict:
+    """What one HTTP answer means for the delivery that drew it."""
+    if 200 <= status < 300:
+        return Verdict(DELIVERED)
+    error = f"HTTP {status}: {body[:max_error_chars]}".rstrip(": ")
+    if 300 <= status < 400:
+        location = headers.get("location", "")
+        return Verdict(DEAD, f"HTTP {status} redirect to {location!r} (not followed: check the "
+                             f"vendor URL in the config)")
+    if status >= 500 or status in RETRYABLE or status in VENDOR_RETRYABLE.get(vendor, ()):
+        after = retry_after_seconds(headers.get("retry-after"), now)
+        pause = status == 429 or (status == 503 and after is not None)
+        return Verdict(PENDING, error, after, pause)
+    return Verdict(DEAD, error)
+
+
+# Sending --------------------------------------------------------------------------------
+
+
+class _Lane:
+    """One vendor's slots, pause and pacing."""
+
+    def __init__(self, name: str, rate: float | None):
+        self.name = name
+        self.in_flight = 0
+        self.wake = asyncio.Event()
+        self.paused_until = 0.0  # time.time()
+        self.rate = rate
+        self.tokens = max(1.0, rate) if rate else 0.0
+        self.refilled = time.monotonic()
+
+    def allowance(self, want: int) -> int:
+        if not self.rate:
+            return want
+        now = time.monotonic()
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        return min(want, int(self.tokens))
+
+    def spend(self, used: int) -> None:
+        if self.rate:
+            self.tokens -= used
+
+
+class Forwarder:
+    """Runs inside ``onetag serve`` (when ``[server] forward``) or ``onetag worker``."""
+
+    def __init__(self, settings: Any, store: Store, options: ForwarderOptions | None = None, *,
+                 client: httpx.AsyncClient | None = None,
+                 clock: Callable[[], float] = time.time,
+                 rng: Callable[[], float] = random.random):
+        self.settings = settings
+        self.store = store
+        self.options = options or ForwarderOptions()
+        self.clock = clock
+        self.rng = rng
+        self.hold_ms = int(settings.server.hold_days * 86_400_000)
+        configured = {name for site in settings.sites.values() for name in site.vendors}
+        # A lane for every known vendor: rows of a vendor no site enables any more still get
+        # claimed, and dead-lettered with a reason instead of waiting forever.
+        self.vendors = sorted(configured | set(VENDORS))
+        self._client = client
+        self._own_client = client is None
+        self._lanes: dict[str, _Lane] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._sends: set[asyncio.Task] = set()
+        self._outcomes: list[tuple[str, Outcome]] = []
+        self._outcomes_ready: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._finisher: asyncio.Task | None = None
+        self.sent = 0  # HTTP requests made (the benchmark reads these)
+        self.finished = 0  # outcomes recorded
+
+    # Life cycle -------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New rows may be due (the app calls this after an ingest): claim now, not at the
+        next poll. Cheap and safe to call from the event loop at any rate."""
+        for lane in self._lanes.values():
+            lane.wake.set()
+
+    async def start(self) -> None:
+        opts = self.options
+        if self._client is None:
+            slots = opts.concurrency * len(self.vendors)
+            self._client = httpx.AsyncClient(
+                timeout=opts.timeout,
+                limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots,
+                                    keepalive_expiry=DEFAULT_KEEPALIVE_EXPIRY_S),
+                follow_redirects=False,
+                headers={"User-Agent": f"onetag/{__version__}"})
+        self._stop = asyncio.Event()
+        self._outcomes_ready = asyncio.Event()
+        self._lanes = {name: _Lane(name, opts.rates.get(name)) for name in self.vendors}
+        self._tasks = [asyncio.create_task(self._claim_loop(lane), name=f"onetag-lane-{lane.name}")
+                       for lane in self._lanes.values()]
+        self._tasks.append(asyncio.create_task(self._expire_loop(), name="onetag-expire"))
+        self._finisher = asyncio.create_task(self._finish_loop(), name="onetag-finish")
+        log.info("forwarder started: %s, %d in flight per vendor", ", ".join(self.vendors),
+                 opts.concurrency)
+
+    async def stop(self) -> None:
+        """Stop claiming; give in-flight sends the grace period; record what they got.
+
+        Sends still running after the grace are cancelled: their rows stay leased and are
+        due again when the lease ends (the vendor deduplicates the repeat by its key).
+        """
+        if self._stop is None:
+            return
+        self._stop.set()
+        for lane in self._lanes.values():
+            lane.wake.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sends:
+            _, late = await asyncio.wait(set(self._sends), timeout=self.options.shutdown_grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                log.warning("%d sends cut short by shutdown; they are due again after the lease",
+                            len(late))
+        if self._finisher is not None:
+            self._outcomes_ready.set()  # type: ignore[union-attr]
+            await self._finisher
+        if self._own_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self._stop = None
+
+    # Loops ------------------------------------------------------------------------------
+
+    async def _rest(self, lane: _Lane, seconds: float) -> None:
+        """Sleep until woken, stopped or ``seconds`` pass."""
+        if seconds <= 0 or self._stop.is_set():  # type: ignore[union-attr]
+            return
+        try:
+            await asyncio.wait_for(lane.wake.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _claim_loop(self, lane: _Lane) -> None:
+        opts = self.options
+        backlog = False  # the last claim was full: more rows are waiting
+        while not self._stop.is_set():  # type: ignore[union-attr]
+            now = self.clock()
+            if lane.paused_until > now:
+                lane.wake.clear()
+                await self._rest(lane, lane.paused_until - now)
+                continue
+            free = opts.concurrency - lane.in_flight
+            # Under a backlog, claim in batches (a quarter of the slots) rather than one row
+            # per finished send: fewer, larger claims keep the writer's queue short.
+            if free <= 0 or (backlog and free < max(1, opts.concurrency // 4)):
+                lane.wake.clear()
+                await self._rest(lane, opts.idle_poll_s)
+                continue
+            want = lane.allowance(free)
+            if want <= 0:
+                lane.wake.clear()
+                await self._rest(lane, 1.0 / lane.rate)  # type: ignore[operator]
+                continue
+            lane.wake.clear()
+            try:
+                rows = await self.store.claim(int(now * 1000), int(opts.lease_s * 1000), want,
+                                              vendors=(lane.name,))
+            except Exception:
+                log.exception("claiming %s deliveries failed; trying again shortly", lane.name)
+                await self._rest(lane, opts.idle_poll_s)
+                continue
+            lane.spend(len(rows))
+            for delivery in rows:
+                lane.in_flight += 1
+                task = asyncio.create_task(self._send(lane, delivery))
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
+            backlog = len(rows) == want
+            if not backlog:
+                await self._rest(lane, opts.idle_poll_s)
+
+    async def _expire_loop(self) -> None:
+        while not self._stop.is_set():  # type: ignore[union-attr]
+            now = int(self.clock() * 1000)
+            try:
+                expired = await self.store.expire_held(now - self.hold_ms, now)
+                if expired:
+                    log.info("%d held deliveries expired (no email within %.3g days)", expired,
+                             self.settings.server.hold_days)
+            except Exception:
+                log.exception("expiring held deliveries failed")
+            try:
+                await asyncio.wait_for(self._stop.wait(),  # type: ignore[union-attr]
+                                       timeout=self.options.expire_every_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _finish_loop(self) -> None:
+        """Write outcomes in batches: whatever piled up while the last batch was committing."""
+        assert self._outcomes_ready is not None and self._stop is not None
+        while True:
+            await self._outcomes_ready.wait()
+            self._outcomes_ready.clear()
+            batch, self._outcomes = self._outcomes, []
+            if batch:
+                try:
+                    await self.store.finish([o for _, o in batch], int(self.clock() * 1000))
+                    self.finished += len(batch)
+                except Exception:
+                    # Not recorded: the rows stay leased and are sent again after the lease.
+                    log.exception("recording %d delivery outcomes failed", len(batch))
+                # A visitor's next row becomes claimable once this one is finished.
+                for vendor in {vendor for vendor, _ in batch}:
+                    lane = self._lanes.get(vendor)
+                    if lane is not None:
+                        lane.wake.set()
+            if self._stop.is_set() and not self._sends and not self._outcomes:
+                return
+
+    def _record(self, vendor: str, outcome: Outcome) -> None:
+        self._outcomes.append((vendor, outcome))
+        self._outcomes_ready.set()  # type: ignore[union-attr]
+
+    # One delivery -----------------------------------------------------------------------
+
+    async def _send(self, lane: _Lane, delivery: Delivery) -> None:
+        try:
+            verdict = await self._attempt(delivery)
+        except asyncio.CancelledError:
+            raise  # shutdown: the row stays leased
+        except Exception as exc:  # a bug, not a vendor problem: retry, and say so
+            log.exception("delivery %d to %s failed unexpectedly", delivery.id, delivery.vendor)
+            verdict = Verdict(PENDING, f"onetag error: {exc!r}")
+        finally:
+            lane.in_flight -= 1
+            lane.wake.set()
+        now = self.clock()
+        outcome = self._outcome(delivery, verdict, now)
+        if verdict.pause_lane and outcome.state == PENDING:
+            lane.paused_until = max(lane.paused_until, outcome.next_attempt_ms / 1000)
+        if outcome.state == DEAD:
+            log.warning("delivery %d to %s is dead: %s", delivery.id, delivery.vendor,
+                        outcome.error)
+        self._record(delivery.vendor, outcome)
+
+    async def _attempt(self, delivery: Delivery) -> Verdict:
+        site = self.settings.sites.get(delivery.site_id)
+        cfg = site.vendors.get(delivery.vendor) if site is not None else None
+        module = VENDORS.get(delivery.vendor)
+        if cfg is None or module is None:
+            return Verdict(DEAD, f"site {delivery.site_id!r} has no {delivery.vendor} section in "
+                                 f"the config any more; add it back and `onetag replay`")
+        try:
+            auth = module.auth_headers(cfg)
+        except Exception as exc:
+            return Verdict(DEAD, f"{delivery.vendor} auth_headers failed: {type(exc).__name__}")
+        request = delivery.request
+        headers = httpx.Headers({"Accept": "application/json"})
+        body = request.get("json")
+        content = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        headers.update(request.get("headers") or {})
+        headers.update(auth)
+        self.sent += 1
+        try:
+            response = await self._client.request(  # type: ignore[union-attr]
+                request.get("method", "POST"), request["url"], content=content, headers=headers)
+        except httpx.TimeoutException as exc:
+            return Verdict(PENDING, f"timeout: {type(exc).__name__} {exc}".rstrip())
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {exc}")
+        except httpx.TransportError as exc:
+            return Verdict(PENDING, f"{type(exc).__name__}: {exc}".rstrip(": "))
+        return classify(delivery.vendor, response.status_code, response.headers,
+                        response.text, self.clock())
+
+    def _outcome(self, delivery: Delivery, verdict: Verdict, now: float) -> Outcome:
+        if verdict.state != PENDING:
+            return Outcome(delivery.id, verdict.state, 0, verdict.error)
+        opts = self.options
+        if verdict.retry_after_s is not None:
+            # Never before the vendor's time; a little jitter after it spreads the returns.
+            delay = verdict.retry_after_s + self.rng() * min(1.0, 0.1 * verdict.retry_after_s)
+        else:
+            step = min(opts.backoff_cap_s, opts.backoff_base_s * 2 ** (delivery.attempts - 1))
+            delay = step / 2 + self.rng() * step / 2  # "equal jitter": never a hot retry loop
+        next_ms = int((now + delay) * 1000)
+        if delivery.attempts >= opts.max_attempts:
+            return Outcome(delivery.id, DEAD, 0,
+                           f"gave up after {delivery.attempts} attempts; last: {verdict.error}")
+        window_end = (delivery.retry_from_ms or delivery.created_ms) + opts.retry_window_s * 1000
+        if next_ms > window_end:
+            return Outcome(delivery.id, DEAD, 0,
+                           f"retry window of {opts.retry_window_s / 3600:g} h passed after "
+                           f"{delivery.attempts} attempts; last: {verdict.error}")
+        return Outcome(delivery.id, PENDING, next_ms, verdict.error)
+
+
+async def run_until(stop: asyncio.Event, settings: Any, store: Store,
+                    options: ForwarderOptions | None = None) -> Forwarder:
+    """Run a forwarder until ``stop`` is set (``onetag worker``)."""
+    forwarder = Forwarder(settings, store, options)
+    await forwarder.start()
+    try:
+        await stop.wait()
+    finally:
+        await forwarder.stop()
+    return forwarder

@@ -1,0 +1,362 @@
+"""A fake vendor API on loopback: one real HTTP/1.1 server for all four vendors.
+
+Each vendor lives under its own path prefix (``/rejoiner``, ``/remarkety``, ``/esputnik``,
+``/sendlane``), so a test points a site's ``api_base``/``webhook_url``/``tracker_url`` at
+``fake.url("rejoiner")`` and so on. Every request is recorded (method, path, query, headers,
+body, parsed JSON, what the fake answered), and failures are made on demand per prefix:
+
+    fake.fail("sendlane", 500)                         # the next request under /sendlane gets 500
+    fake.fail("remarkety", 429, headers={"Retry-After": "2"}, times=3)
+    fake.hang("esputnik", times=None)                  # hold every request open (a timeout)
+    fake.reset("rejoiner")                             # drop the connection with a TCP RST
+    fake.release()                                     # answer the held requests (200)
+
+It is a plain ``asyncio`` server (no framework) so it can do what a framework hides: reset a
+connection, hold a request forever. In a test it runs in a thread (``with FakeVendors() as
+fake``); ``python tests/fakes/vendor_server.py --delay 0.05`` runs it as its own process for
+the benchmark (prints ``PORT <n>``; ``GET /_stats`` answers the request counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+VENDOR_PREFIXES = ("rejoiner", "remarkety", "esputnik", "sendlane")
+REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
+           401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
+           409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests",
+           500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+
+
+@dataclass
+class Recorded:
+    """One request as the fake saw it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    received: float  # time.time()
+    answer: str = ""  # "200", "500", "reset", "hung" (still held), "200 after hold" ...
+
+    @property
+    def vendor(self) -> str:
+        return self.path.strip("/").split("/", 1)[0]
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+@dataclass
+class Rule:
+    prefix: str
+    action: str  # "status" | "hang" | "reset"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    times: int | None = 1  # None: every matching request
+
+
+class FakeVendors:
+    def __init__(self, delay: float = 0.0, record: bool = True):
+        self.delay = delay  # seconds before every answer (the benchmark's vendor latency)
+        self.record = record
+        self.port = 0
+        self.count = 0
+        self.counts: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}  # per vendor prefix, requests not yet answered
+        self.max_in_flight: dict[str, int] = {}
+        self._requests: list[Recorded] = []
+        self._rules: list[Rule] = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+        self._released: asyncio.Event | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    # Control (thread-safe) --------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, vendor: str, rest: str = "") -> str:
+        return f"{self.base_url}/{vendor}{rest}"
+
+    def fail(self, prefix: str, status: int, *, times: int | None = 1,
+             headers: dict[str, str] | None = None, body: str | bytes = b"") -> None:
+        body = body.encode() if isinstance(body, str) else body
+        if not body and status >= 400:
+            body = json.dumps({"error": f"fake {status}"}).encode()
+        self._add(Rule(self._prefix(prefix), "status", status, dict(headers or {}), body, times))
+
+    def hang(self, prefix: str, *, times: int | None = 1) -> None:
+        """Hold matching requests open until ``release()`` or the client gives up."""
+        self._add(Rule(self._prefix(prefix), "hang", times=times))
+
+    def reset(self, prefix: str, *, times: int | None = 1) -> None:
+        """Read the request, then drop the connection with a TCP RST."""
+        self._add(Rule(self._prefix(prefix), "reset", times=times))
+
+    def heal(self, prefix: str | None = None) -> None:
+        """Forget the failure rules (for one prefix, or all)."""
+        with self._lock:
+            self._rules = [r for r in self._rules
+                           if prefix is not None and r.prefix != self._prefix(prefix)]
+
+    def release(self) -> None:
+        """Answer every held request with 200 and stop holding new ones."""
+        self.heal()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._release_now)
+
+    def requests(self, prefix: str | None = None, *, answer: str | None = None) -> list[Recorded]:
+        with self._lock:
+            found = list(self._requests)
+        if prefix is not None:
+            found = [r for r in found if r.path.startswith(self._prefix(prefix))]
+        if answer is not None:
+            found = [r for r in found if r.answer == answer]
+        return found
+
+    def delivered(self, prefix: str | None = None) -> list[Recorded]:
+        """Requests the fake answered with a 2xx."""
+        return [r for r in self.requests(prefix) if r.answer.startswith("2")]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    def wait_until(self, condition: Callable[[], Any], timeout: float = 30.0,
+                   what: str = "condition") -> Any:
+        """Poll ``condition`` (from a thread without a running loop) until it is truthy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                                     f"the fake saw {self.summary()}")
+            time.sleep(0.02)
+
+    async def until(self, condition: Callable[[], Any], timeout: float = 30.0,
+                    what: str = "condition") -> Any:
+        """The same from async code: polls without blocking the caller's event loop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                                     f"the fake saw {self.summary()}")
+            await asyncio.sleep(0.02)
+
+    def summary(self) -> str:
+        return ", ".join(f"{r.method} {r.path} -> {r.answer}" for r in self.requests()[-30:]) or "nothing"
+
+    # Life cycle -------------------------------------------------------------------------
+
+    def start(self) -> "FakeVendors":
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._open())
+            except BaseException as exc:  # surfaced to start()'s caller
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self._close())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-vendors", daemon=True)
+        self._thread.start()
+        started.wait(10)
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = self._thread = None
+
+    def __enter__(self) -> "FakeVendors":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    async def _open(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._released = asyncio.Event()
+        self._server = await asyncio.start_server(self._handle, host, port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    # Internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _prefix(prefix: str) -> str:
+        return "/" + prefix.strip("/")
+
+    def _add(self, rule: Rule) -> None:
+        with self._lock:
+            self._rules.append(rule)
+
+    def _release_now(self) -> None:
+        assert self._released is not None
+        self._released.set()
+        self._released = asyncio.Event()
+
+    def _take_rule(self, path: str) -> Rule | None:
+        with self._lock:
+            for rule in self._rules:
+                if path.startswith(rule.prefix):
+                    if rule.times is not None:
+                        rule.times -= 1
+                        if rule.times <= 0:
+                            self._rules.remove(rule)
+                    return rule
+        return None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                line = await reader.readline()
+                if not line.strip():
+                    return
+                method, target, _version = line.decode("latin-1").split(" ", 2)
+                headers: dict[str, str] = {}
+                while True:
+                    header = await reader.readline()
+                    if header in (b"\r\n", b"\n", b""):
+                        break
+                    name, _, value = header.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
+                body = await reader.readexactly(length) if length else b""
+                if target == "/_stats":
+                    await self._answer(writer, 200, {}, json.dumps(
+                        {"count": self.count, "by_prefix": self.counts}).encode())
+                    continue
+                parts = urlsplit(target)
+                recorded = Recorded(method, parts.path, parse_qs(parts.query), headers, body,
+                                    time.time())
+                vendor = recorded.vendor
+                with self._lock:
+                    self.count += 1
+                    self.counts[vendor] = self.counts.get(vendor, 0) + 1
+                    if self.record:
+                        self._requests.append(recorded)
+                    self.in_flight[vendor] = self.in_flight.get(vendor, 0) + 1
+                    self.max_in_flight[vendor] = max(self.max_in_flight.get(vendor, 0),
+                                                     self.in_flight[vendor])
+                try:
+                    keep_open = await self._respond(reader, writer, recorded)
+                finally:
+                    with self._lock:
+                        self.in_flight[vendor] -= 1
+                if not keep_open or headers.get("connection", "").lower() == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            return
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       recorded: Recorded) -> bool:
+        """Answer one request as the rules say; False when the connection is finished."""
+        rule = self._take_rule(recorded.path)
+        if rule is not None and rule.action == "reset":
+            recorded.answer = "reset"
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # SO_LINGER 0: closing sends RST, not FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return False
+        if rule is not None and rule.action == "hang":
+            recorded.answer = "hung"
+            assert self._released is not None
+            released = asyncio.ensure_future(self._released.wait())
+            gone = asyncio.ensure_future(reader.read(1))  # b"": the client hung up
+            done, _ = await asyncio.wait({released, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                released.cancel()
+                return False  # the client gave up (its timeout) or died
+            gone.cancel()
+            try:
+                await gone  # let the cancelled read finish before the next one starts
+            except asyncio.CancelledError:
+                pass
+            recorded.answer = "200 after hold"
+            rule = None
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if rule is None:
+            status, extra, payload = 200, {}, b'{"status":"success"}'
+        else:
+            status, extra, payload = rule.status, rule.headers, rule.body
+        if not recorded.answer:
+            recorded.answer = str(status)
+        await self._answer(writer, status, extra, payload)
+        return True
+
+    @staticmethod
+    async def _answer(writer: asyncio.StreamWriter, status: int, headers: dict[str, str],
+                      body: bytes) -> None:
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
+                 "Content-Type: application/json", f"Content-Length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fake vendor APIs on loopback")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    args = parser.parse_args()
+    fake = FakeVendors(delay=args.delay, record=False)
+
+    async def serve() -> None:
+        await fake._open(port=args.port)
+        print(f"PORT {fake.port}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""`onetag deliveries` and `onetag replay` as an operator runs them, on a database holding
+rows in every state (pending, failing, held, delivered, dead, browser, expired)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+
+from server import config
+from server.cli import format_report, parse_since
+from server.store.base import Outcome
+from server.store.sqlite import SQLiteStore
+
+from fakes.harness import (ALL, REPO, browser, item, rows, serve, settings_data, states,
+                           write_config)
+from fakes.vendor_server import FakeVendors
+
+COLUMNS = ["pending", "failing", "held", "delivered", "dead", "browser", "expired"]
+SC_A, SC_B, SC_C = ("AAAAAAAA-0000-0000-0000-000000000001", "BBBBBBBB-0000-0000-0000-000000000002",
+                    "CCCCCCCC-0000-0000-0000-000000000003")
+
+
+def onetag(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def purchase(event_id: str, loaded) -> dict:
+    return {"event": "purchase", "event_id": event_id, "loaded": loaded,
+            "ecommerce": {"currency": "USD", "transaction_id": event_id, "value": "29.99",
+                          "items": [item()]}}
+
+
+async def store_events(settings, *batches) -> None:
+    """POST beacons to the real app with forwarding off: rows are planned, nothing is sent."""
+    async with serve(settings) as app, httpx.AsyncClient(base_url=app.state.base_url) as client:
+        for sc, events in batches:
+            await browser(client, *events, sc=sc)
+
+
+@pytest.fixture
+async def shop(tmp_path):
+    """A config file and a database with rows in every state."""
+    with FakeVendors() as fake:  # only for its URLs: nothing is sent in this file
+        config_path = write_config(tmp_path / "onetag.toml",
+                                   settings_data(tmp_path, fake, forward=False))
+    settings = config.load(config_path, env={})
+    # Visitor C bought anonymously; the hold window passes: expired.
+    await store_events(settings, (SC_C, [purchase("anon-order", [])]))
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites)
+    await store.open()
+    now = int(time.time() * 1000)
+    await store.expire_held(now + 1, now)
+    await store.close()
+    # Visitor A identifies (four rows), buys with every library loaded (browser rows for
+    # Rejoiner and eSputnik); visitor B adds to cart anonymously (held).
+    await store_events(settings,
+                       (SC_A, [{"event": "identify", "event_id": "id-a", "loaded": [],
+                                "user": {"email": "a@example.com"}},
+                               purchase("order-a", ALL)]),
+                       (SC_B, [{"event": "add_to_cart", "event_id": "cart-b", "loaded": [],
+                                "ecommerce": {"currency": "USD", "items": [item()]}}]))
+    # A forwarder's outcomes for A's identify: delivered, dead, failing; eSputnik's stays due.
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites)
+    await store.open()
+    now = int(time.time() * 1000)
+    outcomes = {"rejoiner": ("delivered", 0, None),
+                "sendlane": ("dead", 0, 'HTTP 422: {"message":"invalid email"}'),
+                "remarkety": ("pending", now + 3_600_000, "HTTP 503: try later")}
+    for vendor, (state, next_ms, error) in outcomes.items():
+        [claimed] = await store.claim(now, 60_000, 1, vendors=(vendor,))
+        await store.finish([Outcome(claimed.id, state, next_ms, error)], now)
+    await store.close()
+    yield tmp_path, config_path, settings
+
+
+def db_counts(db) -> dict[str, dict[str, int]]:
+    counts = {vendor: dict.fromkeys(COLUMNS, 0) for vendor in ALL}
+    for row in rows(db):
+        state = row["state"]
+        if state == "pending" and row["last_error"]:
+            state = "failing"
+        counts[row["vendor"]][state] += 1
+    return counts
+
+
+async def test_the_table_shows_every_state_per_vendor(shop) -> None:
+    tmp_path, config_path, _ = shop
+    expected = db_counts(tmp_path / "onetag.db")
+    for column in COLUMNS:  # the fixture really has every state
+        assert sum(counts[column] for counts in expected.values()) > 0, column
+    result = onetag("deliveries", "--config", str(config_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("deliveries in ")
+    assert lines[1].split() == ["vendor", *COLUMNS, "oldest", "pending"]
+    table = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert set(table) == {*ALL, "total"}
+    for vendor in ALL:
+        numbers = [int(n) for n in table[vendor][:len(COLUMNS)]]
+        assert numbers == [expected[vendor][c] for c in COLUMNS], vendor
+        has_pending = expected[vendor]["pending"] + expected[vendor]["failing"]
+        age = table[vendor][len(COLUMNS)]
+        assert (age != "-") == bool(has_pending) and (age == "-" or age[-1] in "smhd")
+    totals = [int(n) for n in table["total"][:len(COLUMNS)]]
+    assert totals == [sum(expected[v][c] for v in ALL) for c in COLUMNS]
+    assert expected["sendlane"]["dead"] == 1 and expected["remarkety"]["failing"] == 1
+    assert expected["rejoiner"]["browser"] == 1 and expected["rejoiner"]["expired"] == 1
+
+
+async def test_json_and_the_list_of_dead_rows(shop) -> None:
+    tmp_path, config_path, _ = shop
+    result = onetag("deliveries", "--config", str(config_path), "--json", "--state", "dead",
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    expected = db_counts(tmp_path / "onetag.db")
+    assert {r["vendor"]: {c: r[c] for c in COLUMNS} for r in report["vendors"]} == expected
+    [dead] = report["rows"]
+    assert (dead["vendor"], dead["state"]) == ("sendlane", "dead")
+    assert dead["last_error"] == 'HTTP 422: {"message":"invalid email"}'
+    text = onetag("deliveries", "--config", str(config_path), "--state", "dead", "--vendor",
+                  "sendlane", cwd=tmp_path).stdout
+    assert "latest dead deliveries for sendlane:" in text and "invalid email" in text
+    assert [line.split()[0] for line in text.splitlines()[2:3]] == ["sendlane"]
+
+
+async def test_replay_dead_by_default_then_expired_once_identified(shop) -> None:
+    tmp_path, config_path, settings = shop
+    db = tmp_path / "onetag.db"
+    before = states(db)
+    # Nothing matches: wrong vendor, or created before the window asked for.
+    assert "0 deliveries" in onetag("replay", "--config", str(config_path), "--vendor",
+                                    "rejoiner", cwd=tmp_path).stdout
+    future = datetime.now(timezone.utc).replace(year=datetime.now().year + 1).isoformat()
+    assert "0 deliveries" in onetag("replay", "--config", str(config_path), "--since", future,
+                                    cwd=tmp_path).stdout
+    result = onetag("replay", "--config", str(config_path), "--since", "1h", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "onetag: 1 deliveries made due again (dead" in result.stdout
+    [row] = rows(db, "d.vendor = 'sendlane' AND e.event_id = 'id-a'")
+    assert (row["state"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+    assert row["retry_from_ms"] >= row["created_ms"]  # a fresh retry window
+    after = states(db)
+    assert before["dead"] == 1 and "dead" not in after and after["expired"] == before["expired"]
+
+    # Expired rows: nothing to send them with while visitor C has no email ...
+    assert "0 deliveries" in onetag("replay", "--config", str(config_path), "--expired",
+                                    cwd=tmp_path).stdout
+    expired = rows(db, "d.state = 'expired'")
+    # ... C identifies later (too late for the hold window), and replay plans them again.
+    await store_events(settings, (SC_C, [{"event": "identify", "event_id": "id-c",
+                                          "loaded": [], "user": {"email": "c@example.com"}}]))
+    assert rows(db, "d.state = 'expired'") == expired
+    result = onetag("replay", "--config", str(config_path), "--expired", cwd=tmp_path)
+    assert f"{len(expired)} deliveries made due again (expired)" in result.stdout
+    assert rows(db, "d.state = 'expired'") == []
+    replanned = [r for r in rows(db, "e.event_id = 'anon-order'") if r["id"] > expired[-1]["id"]]
+    assert sorted((r["vendor"], r["dedup_key"], r["state"]) for r in replanned) == sorted(
+        (r["vendor"], r["dedup_key"], "pending") for r in expired)
+    convert = [r for r in replanned if r["vendor"] == "rejoiner"][0]["request"]
+    assert convert["json"]["email"] == "c@example.com"
+
+
+def test_since_takes_relative_and_iso_times() -> None:
+    now = 1_800_000_000.0
+    assert parse_since("2h", now) == (now - 7200) * 1000
+    assert parse_since("3d", now) == (now - 3 * 86400) * 1000
+    assert parse_since("30m", now) == (now - 1800) * 1000
+    assert parse_since("1w", now) == (now - 7 * 86400) * 1000
+    assert parse_since("2026-01-31T14:00:00+00:00") == int(
+        datetime(2026, 1, 31, 14, tzinfo=timezone.utc).timestamp() * 1000)
+    assert parse_since("2026-01-31") == int(datetime(2026, 1, 31).astimezone().timestamp() * 1000)
+    with pytest.raises(argparse.ArgumentTypeError, match="relative time"):
+        parse_since("yesterday")
+
+
+def test_bad_since_and_missing_database_are_reported(tmp_path) -> None:
+    with FakeVendors() as fake:
+        config_path = write_config(tmp_path / "onetag.toml", settings_data(tmp_path, fake))
+    result = onetag("deliveries", "--config", str(config_path), cwd=tmp_path)
+    assert result.returncode == 2 and "no database at" in result.stderr
+    result = onetag("replay", "--config", str(config_path), "--since", "soon", cwd=tmp_path)
+    assert result.returncode == 2 and "neither a relative time" in result.stderr
+
+
+def test_format_report_aligns_columns() -> None:
+    report = [{"vendor": "rejoiner", **dict.fromkeys(COLUMNS, 0), "delivered": 12345,
+               "oldest_pending_age_s": None},
+              {"vendor": "sendlane", **dict.fromkeys(COLUMNS, 0), "pending": 3,
+               "oldest_pending_age_s": 3725.0}]
+    lines = format_report(report).splitlines()
+    assert len({len(line) for line in lines}) == 1  # one width: a readable table
+    assert lines[2].split()[-1] == "1h02m" and lines[1].split()[-1] == "-"
+    assert lines[3].split()[0] == "total" and lines[3].split()[4] == "12345"
+
