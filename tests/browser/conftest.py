@@ -28,6 +28,8 @@ Session-scoped (shared by every browser test module):
     ``raw`` decoded), ``.wait_events(predicate, what, timeout=30, **filters)``: polls
     ``events()`` until ``predicate(rows)`` holds and returns the rows.
 
+Browser tests are ordered after all other tests (see pytest_collection_modifyitems below).
+
 Function-scoped: ``context`` (a fresh BrowserContext: no cookies, no storage) and ``page``.
 
 ``wait_until`` -> ``wait_until(fn, what, timeout=30)``: polls ``fn`` until truthy and returns
@@ -79,6 +81,20 @@ def wait_until(fn: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {value!r}")
         time.sleep(0.05)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the browser tests after every other test.
+
+    Sync Playwright keeps its event loop marked as running in the main thread while the
+    session's browser is open, so pytest-asyncio tests collected after it would fail with
+    "cannot be called from a running event loop". Ordering them last keeps one shared browser.
+    """
+    here = Path(__file__).resolve().parent
+    browser = [item for item in items if here in Path(str(item.path)).resolve().parents]
+    if browser and len(browser) < len(items):
+        moved = set(browser)
+        items[:] = [item for item in items if item not in moved] + browser
 
 
 @pytest.fixture(name="wait_until", scope="session")
