@@ -27,9 +27,15 @@ Decision = Literal["send", "browser", "skip"]
 
 
 def browser_routes(vendor: VendorConfig) -> dict[str, bool]:
-    """The events the generated script lets this vendor's browser adapter handle."""
-    routes = {event: mode in BROWSER_MODES for event, mode in vendor.routes.items()}
-    routes.setdefault("*", False)
+    """The events the generated script lets this vendor's browser adapter handle.
+
+    Only the events that differ from ``"*"`` are listed (the runtime falls back to ``"*"``
+    as ``VendorConfig.route`` does): every byte of the script is paid on every page view.
+    """
+    default = vendor.routes.get("*", "off") in BROWSER_MODES
+    routes = {event: mode in BROWSER_MODES for event, mode in vendor.routes.items()
+              if event != "*" and (mode in BROWSER_MODES) != default}
+    routes["*"] = default
     return routes
 
 
