@@ -339,6 +339,7 @@ def test_form_email_identifies_the_session(page, static_server, server, wait_unt
     emails = [r["data"]["user"]["email"] for r in rows if r["name"] == "identify"]
     assert emails == ["ann@example.com", "bob@example.com"]
     assert page.evaluate("JSON.parse(localStorage.getItem('onetag_shop_i')).email") == "bob@example.com"
+    assert "@example.com" not in page.evaluate("JSON.stringify(dataLayer)"), "no email for GTM"
 
 
 def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_server, server):
