@@ -1,0 +1,624 @@
+"""Writes the "Server side" section of docs/mapping.md from the server adapters themselves.
+
+    python docs/gen_server_mapping.py          # rewrite the section in place
+    python docs/gen_server_mapping.py --check  # exit 1 when the section is out of date
+
+Every request in the section is the real output of ``server/vendors/<vendor>.py`` ``plan()``
+for one example storefront story (below), configured by the example config that ``onetag
+init`` writes, with each secret shown as its setting's name (``<api_key>``). Routing
+decisions and row states come from ``server/routing.py`` and ``server/outbox.py``.
+``tests/vendors/test_mapping_doc.py`` regenerates the section and parses its JSON blocks, so
+a code change that changes a request fails until the doc is regenerated.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+import textwrap
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from server import config as config_module  # noqa: E402
+from server import outbox, routing  # noqa: E402
+from server.cli import EXAMPLE_CONFIG  # noqa: E402
+from server.vendors import VENDORS  # noqa: E402
+from server.vendors._base import PlanContext, VendorConfig, VendorRequest  # noqa: E402
+from server.vendors._common import iso_time  # noqa: E402
+
+DOC = ROOT / "docs" / "mapping.md"
+HEADING = "## Server side"
+TITLES = {"rejoiner": "Rejoiner", "remarkety": "Remarkety", "esputnik": "eSputnik",
+          "sendlane": "Sendlane"}
+
+# --- the example storefront ------------------------------------------------------------
+
+T0 = 1764000000000  # 2025-11-24T16:00:00Z
+MINUTE, DAY = 60_000, 86_400_000
+SC = "CDA68358-94FB-4D83-9655-3FEB3C4114A3"  # the session's sc cookie (eSputnik's own name)
+GUID = "6F9619FF-8B86-D011-B42D-00CF4FC964FF"  # the cart state after the notebooks were added
+SHOP = "https://shop.example"
+EMAIL = "jimmy@example.com"
+LOADED = ["rejoiner", "remarkety"]  # an ad blocker stopped eS.js and pusher.js on this visit
+
+PEN = {"item_id": "SKU-435", "item_name": "Gel pen", "price_minor": 435, "quantity": 1,
+       "categories": ["Stationery", "Pens"], "item_url": f"{SHOP}/p/gel-pen",
+       "image_url": f"{SHOP}/i/gel-pen.jpg", "in_stock": True}
+CLIP = {"item_id": "SKU-057", "item_name": "Paper clip", "price_minor": 57, "quantity": 1,
+        "categories": ["Stationery"], "item_url": f"{SHOP}/p/paper-clip",
+        "image_url": f"{SHOP}/i/paper-clip.jpg", "in_stock": True}
+NOTEBOOK = {"item_id": "SKU-1999", "item_name": "Notebook", "price_minor": 1999, "quantity": 1,
+            "categories": ["Stationery", "Notebooks"], "item_brand": "Acme",
+            "item_url": f"{SHOP}/p/notebook", "image_url": f"{SHOP}/i/notebook.jpg",
+            "description": "A5 dotted notebook", "in_stock": True}
+NOTEBOOKS = {**NOTEBOOK, "quantity": 3}
+CART_ITEMS = [PEN, CLIP, NOTEBOOKS]  # 4.35 + 0.57 + 3 x 19.99 = 64.89
+
+USER = {"email": EMAIL, "customer_id": "42", "first_name": "Jimmy", "last_name": "Kim",
+        "phone": "+18885552664", "accepts_marketing": True}
+IDENTITY = {**USER, "id": 7, "is_new": False}  # the session's identity once Jimmy signed in
+BILLING = {"first_name": "Jimmy", "last_name": "Kim", "email": EMAIL,
+           "address_1": "10620 Treena St", "city": "San Diego", "state_code": "CA",
+           "country_code": "US", "postal_code": "92131", "phone": "+18885552664"}
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str  # the marker name: <!-- server: <vendor> <id> -->
+    row: str  # CONTRACT.md section 7 trigger row ("" beyond section 7)
+    title: str
+    story: str  # one sentence: what happened, what onetag received
+    event: dict[str, Any]
+
+
+def _ecommerce(items: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    out = {"currency": "USD", "value_minor": None, "tax_minor": None, "shipping_minor": None,
+           "transaction_id": None, "coupon": None, "item_list_id": None,
+           "item_list_name": None, "items": [dict(item) for item in items]}
+    out.update(fields)
+    return out
+
+
+def _cart(guid: str = GUID) -> dict[str, Any]:
+    return {"currency": "USD", "items": [dict(item) for item in CART_ITEMS],
+            "value_minor": sum(i["price_minor"] * i["quantity"] for i in CART_ITEMS),
+            "item_count": sum(i["quantity"] for i in CART_ITEMS), "guid": guid}
+
+
+def _event(step_id: str, name: str, minutes: int, *, source: str = "browser",
+           page: str | None = None, title: str | None = None, user: dict | None = None,
+           ecommerce: dict | None = None, cart: dict | None = None,
+           identity: dict[str, Any] | None = IDENTITY, **fields: Any) -> dict[str, Any]:
+    """A normalised event as server/events.py + the store hand it to the adapters
+    (docs/architecture.md, "The normalised event")."""
+    browser = source == "browser"
+    time_ms = T0 + minutes * MINUTE
+    event = {
+        "event_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{SHOP}/onetag-doc/{step_id}")),
+        "name": name, "source": source, "site_id": "shop1", "time_ms": time_ms,
+        "received_ms": time_ms + 123, "sc": SC if browser else None,
+        "page": {"location": f"{SHOP}{page}", "referrer": None, "title": title}
+        if browser and page else None,
+        "user": user, "ecommerce": ecommerce, "search_term": None, "status": None,
+        "billing_address": None, "shipping_address": None, "properties": {},
+        "loaded": list(LOADED) if browser else [], "cart": cart,
+        "identity": identity,
+    }
+    event.update(fields)
+    return event
+
+
+def scenario() -> list[Step]:
+    """Jimmy's visit and what followed, in order: one product, one customer, order 1001."""
+    order = _ecommerce(CART_ITEMS, transaction_id="1001", coupon="SAVE5",
+                       value_minor=5989, tax_minor=479, shipping_minor=499)
+    status = _ecommerce([], transaction_id="1001")
+    return [
+        Step("identify", "identify / backend customer", "Jimmy signs in",
+             "A first sign-in: `identify` with his profile; onetag creates his identity "
+             "(`is_new`). A backend `identify` plans the same requests (eSputnik's then "
+             "without `cookies.sc`).",
+             _event("identify", "identify", 0, page="/account", title="Account",
+                    user=dict(USER), identity={**IDENTITY, "is_new": True})),
+        Step("view_item_list", "view_item / view_item_list when the vendor's library failed",
+             "He opens the notebooks category",
+             "`view_item_list` with `item_list_id: \"notebooks\"`.",
+             _event("view_item_list", "view_item_list", 1, page="/c/notebooks",
+                    title="Notebooks", ecommerce=_ecommerce(
+                        [NOTEBOOK], item_list_id="notebooks", item_list_name="Notebooks"))),
+        Step("view_item", "view_item / view_item_list when the vendor's library failed",
+             "He views the notebook", "`view_item` of the notebook, 19.99.",
+             _event("view_item", "view_item", 2, page="/p/notebook", title="Notebook",
+                    ecommerce=_ecommerce([NOTEBOOK], value_minor=1999))),
+        Step("add_to_cart", "cart of an identified session changed",
+             "He adds three notebooks",
+             "`add_to_cart` of 3 notebooks to a cart already holding the pen (4.35) and the "
+             "clip (0.57); the store hands the adapters the whole cart after it "
+             f"(64.89, a new cart state `{GUID}`).",
+             _event("add_to_cart", "add_to_cart", 3, page="/p/notebook", title="Notebook",
+                    ecommerce=_ecommerce([NOTEBOOKS], value_minor=5997), cart=_cart())),
+        Step("begin_checkout", "cart of an identified session changed",
+             "He starts checkout",
+             "`begin_checkout` with the same three lines: the cart's content did not change, "
+             "so neither did its GUID.",
+             _event("begin_checkout", "begin_checkout", 4, page="/checkout", title="Checkout",
+                    ecommerce=_ecommerce(CART_ITEMS, value_minor=6489), cart=_cart())),
+        Step("purchase", "purchase", "He places order 1001",
+             "`purchase` on the thank-you page: coupon SAVE5 (5.00 off), value 59.89, tax 4.79, "
+             "shipping 4.99; the store adds the cart as bought. Its `loaded` is "
+             f"`{json.dumps(LOADED)}`.",
+             _event("purchase", "purchase", 5, page="/thank-you", title="Thank you",
+                    ecommerce=order, cart=_cart())),
+        Step("backend_purchase", "purchase", "The shop's backend reports order 1001 too",
+             "`POST /api/v1/sites/shop1/events` with the same order, its customer and billing "
+             "address (no session).",
+             _event("backend_purchase", "purchase", 6, source="backend",
+                    user={"email": EMAIL, "customer_id": "42"}, ecommerce=order,
+                    billing_address=dict(BILLING), shipping_address=dict(BILLING))),
+        Step("order_status", "order_status, refund", "The next day the order is cancelled",
+             "Backend `order_status` with `status: \"cancelled\"`.",
+             _event("order_status", "order_status", DAY // MINUTE, source="backend",
+                    user={"email": EMAIL}, ecommerce=status, status="cancelled")),
+        Step("refund", "order_status, refund", "... and refunded",
+             "Backend `refund` of order 1001 (status `refunded`).",
+             _event("refund", "refund", DAY // MINUTE + 60, source="backend",
+                    user={"email": EMAIL}, ecommerce=status)),
+        Step("unsubscribe", "unsubscribe / opt_in", "He unsubscribes",
+             "Backend `unsubscribe` (the shop's preference centre).",
+             _event("unsubscribe", "unsubscribe", 2 * DAY // MINUTE, source="backend",
+                    user={"email": EMAIL}, identity={**IDENTITY, "accepts_marketing": False})),
+        Step("opt_in", "unsubscribe / opt_in", "... and later opts in again",
+             "Backend `opt_in` with `type: \"accepts marketing checkbox\"`.",
+             _event("opt_in", "opt_in", 9 * DAY // MINUTE, source="backend",
+                    user={"email": EMAIL}, properties={"type": "accepts marketing checkbox"})),
+        Step("product_updated", "product_updated", "The shop updates the notebook",
+             "Backend `product_updated` for the notebook (a catalog fact: no visitor).",
+             _event("product_updated", "product_updated", 10 * DAY // MINUTE, source="backend",
+                    ecommerce=_ecommerce([NOTEBOOK]), identity=None)),
+        Step("add_to_wishlist", "", "He had wishlisted the notebook",
+             "Back on his first visit (same session, same blocked libraries), Jimmy had put "
+             "the notebook on his wishlist.",
+             _event("add_to_wishlist", "add_to_wishlist", 2, page="/p/notebook",
+                    title="Notebook", ecommerce=_ecommerce([NOTEBOOK]))),
+        Step("custom", "", "He finishes a quiz (a custom event)",
+             "`{event: \"quiz_done\", score: 3}` pushed on the same visit.",
+             _event("custom", "quiz_done", 2, page="/quiz", title="Quiz",
+                    properties={"score": 3})),
+    ]
+
+
+# --- the site: the example config of `onetag init`, secrets as placeholders ---------------
+
+def site() -> config_module.SiteConfig:
+    data = tomllib.loads(EXAMPLE_CONFIG)
+    env = {}
+    for table in [data["server"], *data["sites"], *(s[v] for s in data["sites"]
+                                                   for v in VENDORS if v in s)]:
+        for key, value in table.items():
+            if isinstance(value, str) and value.startswith("env:"):
+                env[value[4:]] = f"<{key}>"
+    return config_module.parse(data, env=env).sites["shop1"]
+
+
+def context(vendor: VendorConfig, shop: config_module.SiteConfig) -> PlanContext:
+    return PlanContext(site_id=shop.id, vendor=vendor, currency=shop.currency)
+
+
+def auth_text(vendor: VendorConfig) -> str:
+    """The vendor's auth headers with the secret placeholder, Basic auth shown decoded."""
+    parts = []
+    for name, value in VENDORS[vendor.name].auth_headers(vendor).items():
+        if value.startswith("Basic "):
+            value = f'Basic base64("{base64.b64decode(value[6:]).decode()}")'
+        parts.append(f"`{name}: {value}`")
+    return ", ".join(parts) or "none"
+
+
+# --- planning, as the outbox does it ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Planned:
+    step: Step
+    vendor: str
+    mode: str
+    decision: str  # routing.decide: send | browser | skip
+    requests: list[tuple[VendorRequest, str, int | None]]  # request, row state, step no. seen
+
+
+def plan_story() -> list[list[Planned]]:
+    """Per step, per vendor: the routing decision, the requests and their row states; a
+    request whose (vendor, dedup key) an earlier step already stored is marked with that
+    step's number (the store's INSERT OR IGNORE keeps the first row)."""
+    shop = site()
+    seen: dict[tuple[str, str], int] = {}
+    out = []
+    for number, step in enumerate(scenario(), 1):
+        rows = {(r.vendor, r.dedup_key): r.state for r in outbox.plan(shop, step.event)}
+        planned = []
+        for name, vendor in shop.vendors.items():
+            decision = routing.decide(vendor, step.event)
+            requests = []
+            if decision != "skip":
+                for req in VENDORS[name].plan(step.event, context(vendor, shop)):
+                    key = (name, req.dedup_key)
+                    requests.append((req, rows[key], seen.get(key)))
+                    seen.setdefault(key, number)
+            planned.append(Planned(step, name, vendor.route(step.event["name"]), decision,
+                                   requests))
+        out.append(planned)
+    return out
+
+
+def marker(vendor: str, step_id: str, index: int, count: int) -> str:
+    """The HTML comment before a request's JSON: ``<!-- server: <vendor> <step>[ #n] -->``."""
+    return f"<!-- server: {vendor} {step_id}{f' #{index + 1}' if count > 1 else ''} -->"
+
+
+def markers() -> dict[str, tuple[str, str, int]]:
+    """Marker -> (vendor, step id, request index) for every request the doc shows (those no
+    earlier step already stored)."""
+    return {marker(p.vendor, p.step.id, i, len(p.requests)): (p.vendor, p.step.id, i)
+            for planned in plan_story() for p in planned
+            for i, (_, _, earlier) in enumerate(p.requests) if earlier is None}
+
+
+# --- routing reasons: one line per non-obvious default ------------------------------------
+
+CART = ("add_to_cart", "remove_from_cart", "view_cart", "cart_updated", "begin_checkout")
+REASONS: dict[str, dict[tuple[str, ...], str]] = {
+    "rejoiner": {
+        ("identify",): "setCustomerEmail/setCustomerData tag the browsing session, `PUT "
+                       "customers/{email}/` updates the stored profile: two facts, neither "
+                       "counts anything.",
+        ("purchase",): "sendConversion in the page; `convert` only when rj2 did not take it. "
+                       "When it did, `convert:<order id>` is recorded as delivered by the "
+                       "browser, so the backend's copy of the order is not converted again.",
+    },
+    "remarkety": {
+        ("identify",): "setCustomer names the visitor to track.js; customers/create|update "
+                       "stores the profile (keyed by a digest of it: an unchanged profile is "
+                       "sent once).",
+        CART: "the page's and the server's carts/update carry the same cart under the same "
+              "`id` (the session's sc): a second copy updates that cart, it does not add one; "
+              "the server's copy reaches Remarkety for carts built before the email was known.",
+        ("purchase",): "the page has no order call: one order is one orders/create "
+                       "(`orders/create:<order id>`, the same key from browser and backend).",
+        ("*",): "`track <name>` in the page; section 7 has no server-side custom event.",
+    },
+    "esputnik": {
+        ("identify",): "eS.js has no identify call: CustomerData comes from the server only.",
+        ("view_item", "view_item_list", "add_to_wishlist"):
+            "ProductPage / CategoryPage / AddToWishlist from eS.js; the tracker's copy only "
+            "when the library did not take the event, so a view is never counted twice.",
+        CART: "StatusCart from eS.js, else from the tracker; both carry the whole cart under "
+              "the cart state's GUID, so one state is one StatusCart.",
+        ("purchase",): "PurchasedItems from eS.js, else from the tracker; "
+                       "`PurchasedItems:<order id>` is recorded as delivered by the browser "
+                       "when eS.js took it, so the backend's copy is skipped.",
+        ("*",): "eS.js has no custom-event call: CustomEvent from the tracker only.",
+    },
+    "sendlane": {
+        ("identify",): "identify in the page sets pusher.js's cookie; customer-added stores "
+                       "the customer: two facts.",
+        ("view_item", "add_to_cart", "begin_checkout"):
+            "product_viewed / added_to_cart / checkout_started from pusher.js; the API's only "
+            "when pusher.js did not take the event.",
+        ("purchase",): "pusher.js has no order call: one order-placed per order, its "
+                       "`event_id` the order id (Sendlane records an event + id once).",
+        ("*",): "pusher.js has no custom call: /tracking/event from the server only.",
+    },
+}
+
+
+def _reason(vendor: str, event: str) -> str | None:
+    for events, text in REASONS[vendor].items():
+        if event in events:
+            return text
+    return None
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+def _json(value: Any, indent: int = 0, column: int = 0, width: int = 92) -> str:
+    """JSON indented by two, keeping any object or array that fits in ``width`` on one line
+    (``column``: where the value starts on its line)."""
+    flat = json.dumps(value, ensure_ascii=False)
+    if column + len(flat) <= width or not isinstance(value, (dict, list)) or not value:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, dict):
+        inner = []
+        for key, item in value.items():
+            head = f"{pad}{json.dumps(key, ensure_ascii=False)}: "
+            inner.append(head + _json(item, indent + 2, len(head), width))
+        return "{\n" + ",\n".join(inner) + "\n" + " " * indent + "}"
+    inner = [pad + _json(item, indent + 2, len(pad), width) for item in value]
+    return "[\n" + ",\n".join(inner) + "\n" + " " * indent + "]"
+
+
+def _key_pattern(key: str, steps: list[Step]) -> str:
+    """A dedup key with the story's values named: the shape every such key has."""
+    names = {GUID: "<cart guid>", EMAIL: "<email>",
+             **{s.event["event_id"]: "<event id>" for s in steps}}
+    for value, name in names.items():
+        key = key.replace(value, name)
+    key = re.sub(r"(?<=:)1001(?=:|$)", "<order id>", key)
+    key = re.sub(r"(?<=:)[0-9a-f]{16}$", "<digest of the fields>", key)
+    return re.sub(r"(?<=<event id>:)\d+$", "<item index>", key)
+
+
+def _what(req: VendorRequest) -> str:
+    """A short name for a request: its event type, tracker event or path."""
+    if "x-event-type" in req.headers:
+        return req.headers["x-event-type"]
+    if isinstance(req.json, dict) and "GeneralInfo" in req.json:
+        return req.json["GeneralInfo"]["eventName"]
+    path = re.sub(r"^https://[^/]+/(api/v1/[^/]+/|v2/)?", "", req.url)
+    return re.sub(r"customers/[^/]+/", "customers/{email}/", path)
+
+
+def _decision_text(p: Planned) -> str:
+    mode = f"route `{p.mode}`"
+    if p.decision == "skip":
+        if p.mode == "off":
+            return f"{mode}: no request."
+        return f"{mode}: the page's call only; no server request."
+    if not p.requests:
+        if p.decision == "browser":
+            return f"{mode}, taken in the page: nothing on the server."
+        return f"{mode}: the adapter has nothing to send for this event."
+    if p.decision == "browser":
+        return (f"{mode}, and `loaded` lists {p.vendor}: planned and recorded as delivered by "
+                f"the browser (state `browser`), not sent.")
+    sent = ("sent by the server" if any(earlier is None for _, _, earlier in p.requests)
+            else "planned by the server")
+    if p.step.event["source"] == "backend":
+        return f"{mode}, a backend event: {sent}."
+    if p.mode == "fallback":
+        return f"{mode}, and `loaded` lacks {p.vendor}: {sent}."
+    return f"{mode}: {sent}."
+
+
+def _render_request(p: Planned, index: int, req: VendorRequest, state: str,
+                    earlier: int | None, shop: config_module.SiteConfig) -> list[str]:
+    label = f"{_what(req)}" + (f" ({index + 1} of {len(p.requests)})"
+                               if len(p.requests) > 1 else "")
+    if earlier is not None:
+        return _wrap(f"{label}: dedup key `{req.dedup_key}`, already stored by step {earlier}: "
+                     f"the outbox keeps that row, this copy is not sent.", "- ", "  ")
+    headers = [f"`{k}: {v}`" for k, v in req.headers.items()]
+    auth = auth_text(shop.vendors[p.vendor])
+    if auth != "none":
+        headers.append(auth)
+    lines = [
+        f"- {label}: `{req.method} {req.url}`",
+        f"  - headers: {', '.join(headers) or 'none beyond the common ones'}",
+        f"  - dedup key `{req.dedup_key}`; needs_email: {'yes' if req.needs_email else 'no'}; "
+        f"row state `{state}`",
+        "",
+        marker(p.vendor, p.step.id, index, len(p.requests)),
+        "```json",
+        _json(req.json),
+        "```",
+        "",
+    ]
+    return lines
+
+
+def render() -> str:
+    shop = site()
+    steps = scenario()
+    story = plan_story()
+    vendors = list(shop.vendors)
+    modules = [VENDORS[v] for v in vendors]
+    events = list(modules[0].DEFAULT_ROUTES)
+    out: list[str] = [HEADING, ""]
+    w = out.append
+
+    w("What onetag's server sends each vendor (CONTRACT.md section 7). Every request below is")
+    w("real output of `server/vendors/<vendor>.py` `plan()` for one example story, generated by")
+    w("`python docs/gen_server_mapping.py`; `tests/vendors/test_mapping_doc.py` parses each JSON")
+    w("block (after its `<!-- server: <vendor> <step> -->` marker) and compares it with `plan()`,")
+    w("and fails when the section differs from a fresh generation. Do not edit it by hand.")
+    w("")
+
+    # Conventions -------------------------------------------------------------------------
+    w("### Conventions")
+    w("")
+    w("- **Config**: the example `onetag.toml` that `onetag init` writes (site `shop1`, USD), so")
+    w("  ids are its placeholders; secrets are shown as `<setting name>` and are added by")
+    w("  `auth_headers` at send time only: they are never stored in a delivery row.")
+    w("- **Every request** also carries `Accept: application/json`, `Content-Type:")
+    w("  application/json` and `User-Agent: onetag/<version>`; the body is compact JSON (shown")
+    w("  indented here).")
+    w("- **One row per (site, vendor, dedup key)**: planning is pure and repeatable; the store")
+    w("  inserts a delivery row only if that key is new (`INSERT OR IGNORE`), so a replayed")
+    w("  beacon, a retried request or the backend's copy of an order is one request. A")
+    w("  retry re-sends the stored row unchanged.")
+    w("- **needs_email**: the vendor can only take the request for a known email. Planned for a")
+    w("  session without one, the row is `held`; when the session is identified the held event")
+    w("  is planned again with the identity (same dedup keys) and sent; after `hold_days` a")
+    w("  held row expires.")
+    w("- **Money** is exact integer minor units in the event; Rejoiner gets integer cents")
+    w("  (`435`), eSputnik price strings (`\"4.35\"`), Remarkety and Sendlane JSON decimals")
+    w("  (`4.35`, `59.97`).")
+    w("")
+    w("| vendor | requests go to | auth (added at send time) |")
+    w("|---|---|---|")
+    targets = {
+        "rejoiner": f"`{shop.vendors['rejoiner']['api_base']}/"
+                    f"{shop.vendors['rejoiner']['site_id']}/<path>/` (trailing slash required)",
+        "remarkety": f"`POST {shop.vendors['remarkety']['webhook_url']}`, the event type in "
+                     "`x-event-type`, its time in `x-event-time` (UNIX seconds)",
+        "esputnik": f"`POST {shop.vendors['esputnik']['tracker_url']}`, "
+                    "`{\"GeneralInfo\": ..., \"<EventName>\": ...}`",
+        "sendlane": f"`POST {shop.vendors['sendlane']['api_base']}/tracking/<event>`, "
+                    "`token` (the public integration token) in every body",
+    }
+    for v in vendors:
+        w(f"| {TITLES[v]} | {targets[v]} | {auth_text(shop.vendors[v])} |")
+    w("")
+
+    # Routing -----------------------------------------------------------------------------
+    w("### Default routing")
+    w("")
+    w("Each module's `DEFAULT_ROUTES` (a site overrides them with `routes = {...}` in its vendor")
+    w("section). `\"*\"` is every custom event.")
+    w("")
+    w("| event | " + " | ".join(TITLES[v] for v in vendors) + " |")
+    w("|---|" + "---|" * len(vendors))
+    for event in events:
+        w(f"| `{event}` | " + " | ".join(f"`{m.DEFAULT_ROUTES[event]}`" for m in modules) + " |")
+    w("")
+    w("Why the defaults that could count twice do not (every `both` and `fallback`, every")
+    w("purchase, every custom-event route that is not `off`):")
+    w("")
+    for v, module in zip(vendors, modules):
+        for events_, text in REASONS[v].items():
+            modes = sorted({module.DEFAULT_ROUTES[e] for e in events_})
+            names = ", ".join(f"`{e}`" for e in events_)
+            out.extend(_wrap(f"{TITLES[v]} {names} (`{'/'.join(modes)}`): {text}", "- ", "  "))
+    w("")
+
+    w("### The fallback rule")
+    w("")
+    w("`server/routing.py` `decide()`, per vendor and stored event. A `fallback` route is sent")
+    w("server-side only when the event's `loaded` list lacks the vendor. When the browser took")
+    w("it, the server still plans it and records the rows as delivered by the browser (state")
+    w("`browser`) under the same dedup key, so a backend copy of the same order is skipped:")
+    w("")
+    cases = [("browser event, `loaded` lists the vendor", "browser", True),
+             ("browser event, `loaded` lacks it", "browser", False),
+             ("backend event", "backend", False)]
+    texts = {"send": "sent", "browser": "recorded as `browser`, not sent", "skip": "nothing"}
+    w("| mode | " + " | ".join(c[0] for c in cases) + " |")
+    w("|---|" + "---|" * len(cases))
+    for mode in routing.MODES:
+        cfg = VendorConfig(name="v", values={}, routes={"e": mode})
+        cells = [texts[routing.decide(cfg, {"name": "e", "source": source,
+                                            "loaded": ["v"] if took else []})]
+                 for _, source, took in cases]
+        w(f"| `{mode}` | " + " | ".join(cells) + " |")
+    w("")
+
+    # The story -----------------------------------------------------------------------------
+    w("### The example story")
+    w("")
+    w("Jimmy Kim (`jimmy@example.com`, shop customer 42, accepts marketing) shops on a phone")
+    w(f"whose ad blocker stops eS.js and pusher.js, so every browser event's `loaded` is")
+    w(f"`{json.dumps(LOADED)}`: eSputnik's and Sendlane's `fallback` routes go out from the")
+    w("server, and Rejoiner's purchase is the page's. The products (Stationery):")
+    w("")
+    w("| item_id | name | price |")
+    w("|---|---|---|")
+    for item in (PEN, CLIP, NOTEBOOK):
+        w(f"| `{item['item_id']}` | {item['item_name']} | {item['price_minor'] / 100:.2f} |")
+    w("")
+    w("Order 1001: the pen, the clip and three notebooks (subtotal 64.89), coupon SAVE5 (5.00")
+    w("off: GA4 `value` 59.89), tax 4.79, shipping 4.99 (paid: 69.67). Times start at")
+    w(f"{iso_time(T0)}. The normalised purchase event (step 6) the four adapters receive:")
+    w("")
+    w("<!-- event: purchase -->")
+    w("```json")
+    w(_json(steps[5].event))
+    w("```")
+    w("")
+    w("| step | what happened | CONTRACT.md section 7 row |")
+    w("|---|---|---|")
+    for i, step in enumerate(steps, 1):
+        w(f"| {i} | [{step.title}](#{i}-{_anchor(step.title)}) | {step.row or '(beyond section 7)'} |")
+    w("")
+
+    for i, (step, planned) in enumerate(zip(steps, story), 1):
+        w(f"### {i}. {step.title}")
+        w("")
+        out.extend(_wrap(step.story + (f" Section 7 row: *{step.row}*." if step.row else "")))
+        w("")
+        for p in planned:
+            out.extend(_wrap(f"**{TITLES[p.vendor]}**: {_decision_text(p)}"))
+            w("")
+            for index, (req, state, earlier) in enumerate(p.requests):
+                out.extend(_render_request(p, index, req, state, earlier, shop))
+            if p.requests and out[-1] != "":
+                w("")
+
+    # Summary -----------------------------------------------------------------------------
+    w("### Dedup keys and needs_email, at a glance")
+    w("")
+    w("Every request type the story produced, with the shape of its dedup key. Jimmy is")
+    w("signed in from step 1, so nothing in the story is held; had he shopped as a guest, each")
+    w("`needs_email` request of his session would have waited as `held` until the email he")
+    w("typed at checkout identified the session, and then gone out with it, under the same key:")
+    w("")
+    w("| vendor | request | dedup key | needs_email |")
+    w("|---|---|---|---|")
+    rows: dict[tuple[str, str], tuple[str, bool]] = {}
+    for planned in story:
+        for p in planned:
+            for req, _, _ in p.requests:
+                rows.setdefault((p.vendor, f"{_what(req)} ({p.step.event['name']})"),
+                                (_key_pattern(req.dedup_key, steps), req.needs_email))
+    for (v, what), (key, needs) in sorted(rows.items(), key=lambda r: vendors.index(r[0][0])):
+        w(f"| {TITLES[v]} | {what} | `{key}` | {'yes' if needs else 'no'} |")
+    w("")
+    w("A status change never reuses the order's key (`cancel:1001:cancelled`,")
+    w("`orders/update:1001:refunded`, ...), so it is sent, while the same status twice is not.")
+    w("Keys with `<digest of the fields>` change when the profile changes and only then.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _wrap(text: str, first: str = "", rest: str = "") -> list[str]:
+    """``text`` as lines of at most 95 characters (``first``/``rest``: list item prefixes)."""
+    return textwrap.wrap(text, 95, initial_indent=first, subsequent_indent=rest,
+                         break_on_hyphens=False, break_long_words=False)
+
+
+def _anchor(title: str) -> str:
+    """GitHub's heading anchor for "N. <title>" minus the "N-" prefix."""
+    text = re.sub(r"[^\w\- ]", "", title.lower())
+    return text.replace(" ", "-")
+
+
+# --- splicing into docs/mapping.md ---------------------------------------------------------
+
+def split(doc: str) -> tuple[str, str, str]:
+    """``doc`` as (before, the Server side section, after): the section runs from its heading
+    to the next level-2 heading or the end."""
+    start = doc.index(HEADING + "\n")
+    nxt = re.search(r"^## ", doc[start + len(HEADING):], flags=re.M)
+    end = start + len(HEADING) + nxt.start() if nxt else len(doc)
+    return doc[:start], doc[start:end], doc[end:]
+
+
+def updated(doc: str) -> str:
+    before, _, after = split(doc)
+    section = render()
+    return before + section + ("\n" + after if after else "")
+
+
+def main(argv: list[str]) -> int:
+    doc = DOC.read_text(encoding="utf-8")
+    new = updated(doc)
+    if "--check" in argv:
+        if new != doc:
+            print("docs/mapping.md: the Server side section is out of date; run "
+                  "python docs/gen_server_mapping.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != doc:
+        DOC.write_text(new, encoding="utf-8")
+        print("docs/mapping.md: Server side section rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
