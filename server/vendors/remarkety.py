@@ -223,9 +223,12 @@ def _cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
 
 
 def _order_created(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
-    """orders/create with every mandatory field of RM events; then carts/delete for the
-    session's cart ("Be sure to send a carts/delete event with the cart ID once a cart turns
-    into an order", RM events), so the bought cart is not mailed about as abandoned."""
+    """orders/create with every mandatory field of RM events.
+
+    No carts/delete: it is not among the event types the vendor documents (REFERENCE.md 2.3:
+    carts/create, carts/update only), and an undocumented type risks a 400 on every order.
+    Remarkety matches the order to the cart's customer, which ends the abandonment flow.
+    """
     ecom = c.ecommerce(event)
     order = ecom["transaction_id"]
     cur = c.currency(event, ctx.currency)
@@ -251,12 +254,8 @@ def _order_created(event: dict[str, Any], ctx: PlanContext) -> list[VendorReques
         "discount_codes": [{"code": ecom["coupon"], "amount": money.major_number(t.discount, cur),
                             "type": "fixed_amount"}] if ecom.get("coupon") else None,
     })
-    requests = [_webhook(ctx, event, "orders/create", body, f"orders/create:{order}",
-                         needs_email=True)]
-    if event.get("sc"):
-        requests.append(_webhook(ctx, event, "carts/delete", {"id": event["sc"]},
-                                 f"carts/delete:{order}", needs_email=True))
-    return requests
+    return [_webhook(ctx, event, "orders/create", body, f"orders/create:{order}",
+                     needs_email=True)]
 
 
 def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
