@@ -23,6 +23,7 @@ SITE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
 DEFAULT_DATABASE = "sqlite:///onetag.db"
 DEFAULT_HOLD_DAYS = 7.0
+DEFAULT_BROWSER_GRACE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class ServerConfig:
     admin_token: str | None = None
     hold_days: float = DEFAULT_HOLD_DAYS  # how long anonymous activity waits for an identity
     forward: bool = True  # run the forwarder inside `serve`
+    # A backend copy of an event the browser normally delivers (a `fallback` route) waits this
+    # long, so a browser copy arriving just after it is recognised and the vendor gets one.
+    browser_grace_s: float = DEFAULT_BROWSER_GRACE_S
 
     @property
     def sqlite_path(self) -> str:
@@ -178,7 +182,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         reader.problem(where, "must be a table")
         return ServerConfig()
     known = {"database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
-             "forward"}
+             "forward", "browser_grace_s"}
     for key in table:
         if key not in known:
             reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -200,10 +204,16 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     if isinstance(hold_days, bool) or not isinstance(hold_days, (int, float)) or hold_days <= 0:
         reader.problem(f"{where}.hold_days", f"must be a positive number of days, not {hold_days!r}")
         hold_days = DEFAULT_HOLD_DAYS
+    grace = reader.resolve(f"{where}.browser_grace_s",
+                           table.get("browser_grace_s", DEFAULT_BROWSER_GRACE_S))
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+        reader.problem(f"{where}.browser_grace_s", f"must be a number of seconds >= 0, not {grace!r}")
+        grace = DEFAULT_BROWSER_GRACE_S
     return ServerConfig(
         database=database, public_url=public_url, script_path=script_path,
         event_path=event_path, admin_token=reader.string(table, "admin_token", where),
-        hold_days=float(hold_days), forward=reader.boolean(table, "forward", where, True))
+        hold_days=float(hold_days), forward=reader.boolean(table, "forward", where, True),
+        browser_grace_s=float(grace))
 
 
 def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
@@ -305,7 +315,8 @@ def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None)
 
 
 def public_settings(vendor: VendorConfig) -> dict[str, str]:
-    """The vendor settings a browser may see: only those its module marks public."""
+    """The vendor settings the generated script carries: only those its module marks public,
+    and of those only the ones its browser adapter reads (``Setting.browser``)."""
     module = VENDORS[vendor.name]
     return {s.name: vendor.values[s.name] for s in module.SETTINGS
-            if s.public and not s.secret and s.name in vendor.values}
+            if s.public and s.browser and not s.secret and s.name in vendor.values}

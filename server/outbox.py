@@ -26,6 +26,7 @@ class PlannedDelivery:
     state: str
     visitor: str
     request: dict[str, Any]
+    delay_ms: int = 0  # not due before this long after planning
 
 
 def visitor_key(event: dict[str, Any]) -> str:
@@ -44,9 +45,15 @@ def has_email(event: dict[str, Any]) -> bool:
     return bool((event.get("identity") or {}).get("email"))
 
 
-def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None
-         ) -> list[PlannedDelivery]:
-    """Delivery rows for one stored event (optionally only for some vendors)."""
+def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
+         browser_grace_ms: int = 0) -> list[PlannedDelivery]:
+    """Delivery rows for one stored event (optionally only for some vendors).
+
+    A backend event on a ``fallback`` route is one the page normally delivers itself (the
+    thank-you page's purchase): its rows wait ``browser_grace_ms``, and if the browser's
+    copy arrives meanwhile, the store turns them into ``browser`` rows, never sent. Whichever
+    copy comes first, the vendor counts the order once.
+    """
     rows: list[PlannedDelivery] = []
     visitor = visitor_key(event)
     for name, vendor in site.vendors.items():
@@ -56,6 +63,8 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None
         if decision == "skip":
             continue
         context = PlanContext(site_id=site.id, vendor=vendor, currency=site.currency)
+        delay = browser_grace_ms if (event["source"] == "backend"
+                                     and vendor.route(event["name"]) == "fallback") else 0
         requests: list[VendorRequest] = VENDORS[name].plan(event, context)
         for request in requests:
             if decision == "browser":
@@ -64,5 +73,6 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None
                 state = HELD
             else:
                 state = PENDING
-            rows.append(PlannedDelivery(name, request.dedup_key, state, visitor, request.to_row()))
+            rows.append(PlannedDelivery(name, request.dedup_key, state, visitor, request.to_row(),
+                                        delay if state == PENDING else 0))
     return rows

@@ -187,3 +187,45 @@ async def test_held_rows_past_the_window_expire_instead(tmp_path, held_vendor) -
     finally:
         await store.close()
     assert states == {"v:v1": "expired", "c:a@b.co": "pending"}
+
+
+def purchase(order: str, source: str, loaded: list[str] | None = None) -> dict:
+    raw = {"event": "purchase", "event_id": f"{source}-{order}", "user": {"email": "a@b.co"},
+           "ecommerce": {"transaction_id": order, "value": 4.35, "items": [item("A", 4.35)]}}
+    if loaded is not None:
+        raw["loaded"] = loaded
+    return event(raw, sc=None if source == "backend" else "SC-AAAA-0001", source=source)
+
+
+async def test_an_order_from_backend_and_browser_reaches_a_fallback_vendor_once(tmp_path) -> None:
+    """Rejoiner takes purchases in the page (sendConversion) and from the server only as a
+    fallback: whichever copy of an order comes first, exactly one convert is sent or done."""
+    settings = settings_for(tmp_path, rejoiner={"site_id": "ABC1234", "api_key": "k"})
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites, browser_grace_ms=600_000)
+    await store.open()
+
+    async def rejoiner_rows() -> dict[str, tuple[str, int]]:
+        return {d["dedup_key"]: (d["state"], d["attempts"])
+                for d in await store.list_deliveries(vendor="rejoiner")}
+    try:
+        # Backend first: its copy waits out the grace; the browser's copy then cancels it.
+        await ingest(store, purchase("1001", "backend"))
+        [due] = [d["next_attempt_ms"] for d in await store.list_deliveries(vendor="rejoiner")]
+        assert due >= 1 + 600_000
+        await ingest(store, purchase("1001", "browser", loaded=["rejoiner"]))
+        # Browser first: recorded as the browser's; the backend copy adds nothing.
+        await ingest(store, purchase("1002", "browser", loaded=["rejoiner"]))
+        await ingest(store, purchase("1002", "backend"))
+        # The library failed in the page: the server sends it, and the backend copy is the same row.
+        await ingest(store, purchase("1003", "browser", loaded=[]))
+        await ingest(store, purchase("1003", "backend"))
+        # Already tried by the forwarder when the browser's copy arrives: too late to cancel.
+        await ingest(store, purchase("1004", "backend"))
+        claimed = await store.claim(now_ms=2**50, lease_ms=1000, limit=10, vendors=["rejoiner"])
+        assert [d.dedup_key for d in claimed] == ["convert:1003", "convert:1004"]
+        await ingest(store, purchase("1004", "browser", loaded=["rejoiner"]))
+        rows = await rejoiner_rows()
+    finally:
+        await store.close()
+    assert rows == {"convert:1001": ("browser", 0), "convert:1002": ("browser", 0),
+                    "convert:1003": ("pending", 1), "convert:1004": ("pending", 1)}

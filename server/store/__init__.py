@@ -12,7 +12,8 @@ def open_store(settings: Any) -> Store:
     from .sqlite import SQLiteStore
 
     return SQLiteStore(settings.server.sqlite_path, settings.sites,
-                       hold_ms=int(settings.server.hold_days * 86_400_000))
+                       hold_ms=int(settings.server.hold_days * 86_400_000),
+                       browser_grace_ms=int(settings.server.browser_grace_s * 1000))
 
 
 __all__ = ["IngestResult", "Store", "open_store"]

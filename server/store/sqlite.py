@@ -85,10 +85,12 @@ class _Job:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int = 7 * 86_400_000):
+    def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int = 7 * 86_400_000,
+                 browser_grace_ms: int = 0):
         self.path = path
         self.sites = sites
         self.hold_ms = hold_ms
+        self.browser_grace_ms = browser_grace_ms
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -207,7 +209,8 @@ class SQLiteStore(Store):
                 (site_id, event["event_id"], event["name"], event["source"], sc,
                  identity["id"] if identity else None, now, _dumps(raw), _dumps(event)),
             ).lastrowid
-            self._insert_deliveries(conn, site_id, seq, outbox.plan(site, event), now)
+            self._insert_deliveries(conn, site_id, seq,
+                                    outbox.plan(site, event, None, self.browser_grace_ms), now)
             if newly_bound and sc and identity and identity.get("email"):
                 self._release_held(conn, site, sc, identity, now)
             results.append(IngestResult(event["event_id"], seq, False))
@@ -321,12 +324,21 @@ class SQLiteStore(Store):
     @staticmethod
     def _insert_deliveries(conn: sqlite3.Connection, site_id: str, seq: int,
                            rows: Iterable[outbox.PlannedDelivery], now: int) -> None:
+        """One row per (site, vendor, dedup_key): a fact planned twice is kept once.
+
+        The one update: the browser reporting a fact whose server copy has not been tried
+        yet (a backend order waiting out its grace) cancels that copy — the vendor has it.
+        """
         conn.executemany(
-            "INSERT OR IGNORE INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, "
+            "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, "
             "state, request, next_attempt_ms, created_ms, updated_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state, _dumps(r.request), now,
-              now, now) for r in rows])
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (site_id, vendor, dedup_key) DO UPDATE SET state = 'browser', "
+            "updated_ms = excluded.updated_ms, last_error = 'delivered by the browser first' "
+            "WHERE excluded.state = 'browser' AND deliveries.state IN ('pending', 'held') "
+            "AND deliveries.attempts = 0",
+            [(site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state, _dumps(r.request),
+              now + r.delay_ms, now, now) for r in rows])
 
     def _release_held(self, conn: sqlite3.Connection, site: Any, sc: str,
                       identity: dict[str, Any], now: int) -> None:
@@ -351,7 +363,8 @@ class SQLiteStore(Store):
             event["identity"] = {k: v for k, v in identity.items() if k != "is_new"}
             event["identity"]["is_new"] = False
             conn.execute("DELETE FROM deliveries WHERE event_seq = ? AND state = 'held'", (seq,))
-            self._insert_deliveries(conn, site.id, seq, outbox.plan(site, event, vendors), now)
+            self._insert_deliveries(conn, site.id, seq,
+                                    outbox.plan(site, event, vendors, self.browser_grace_ms), now)
 
     # Reads ------------------------------------------------------------------------------
 

@@ -63,9 +63,11 @@ def vendor_sections(fake: FakeVendors, only: tuple[str, ...] | None = None,
 def settings_data(tmp_path: Path, fake: FakeVendors, *, hold_days: float | None = None,
                   only: tuple[str, ...] | None = None,
                   routes: dict[str, dict[str, str]] | None = None, port: int = 8000,
-                  forward: bool = True) -> dict:
+                  forward: bool = True, browser_grace_s: float = 0) -> dict:
+    # No grace by default: these tests send backend orders and want them out at once.
     server: dict[str, Any] = {"database": f"sqlite:///{tmp_path}/onetag.db",
-                              "public_url": f"http://127.0.0.1:{port}", "forward": forward}
+                              "public_url": f"http://127.0.0.1:{port}", "forward": forward,
+                              "browser_grace_s": browser_grace_s}
     if hold_days is not None:
         server["hold_days"] = hold_days
     return {"server": server,
