@@ -26,17 +26,18 @@ BROWSER_MODES = frozenset({"browser", "both", "fallback"})
 Decision = Literal["send", "browser", "skip"]
 
 
-def browser_routes(vendor: VendorConfig) -> dict[str, bool]:
-    """The events the generated script lets this vendor's browser adapter handle.
+def browser_routes(vendor: VendorConfig) -> list[int | str]:
+    """The events the generated script lets this vendor's browser adapter handle, compactly:
+    ``[default, event, ...]``, where ``default`` (1 or 0) says whether the browser takes a name
+    not listed (the ``"*"`` route) and the listed events are those whose answer is the opposite.
 
-    Only the events that differ from ``"*"`` are listed (the runtime falls back to ``"*"``
-    as ``VendorConfig.route`` does): every byte of the script is paid on every page view.
+    Only the differences are listed (every byte of the script is paid on every page view);
+    the runtime reads it as ``(name is listed) != default``, as ``VendorConfig.route`` falls
+    back to ``"*"`` on the server.
     """
     default = vendor.routes.get("*", "off") in BROWSER_MODES
-    routes = {event: mode in BROWSER_MODES for event, mode in vendor.routes.items()
-              if event != "*" and (mode in BROWSER_MODES) != default}
-    routes["*"] = default
-    return routes
+    return [int(default), *sorted(event for event, mode in vendor.routes.items()
+                             if event != "*" and (mode in BROWSER_MODES) != default)]
 
 
 def decide(vendor: VendorConfig, event: dict) -> Decision:

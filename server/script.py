@@ -38,16 +38,19 @@ def environment() -> jinja2.Environment:
 
 
 def script_config(settings: Any, site: Any) -> dict[str, Any]:
-    """What the runtime is told about its site: public ids, routes, the endpoint."""
+    """What the runtime is told about its site: public ids, routes, the endpoint.
+
+    One-letter keys (the runtime's own names; templates/onetag.js.j2 documents them): the
+    config is paid on every page view. ``v`` maps each enabled vendor to
+    ``[routes, settings]``: ``routing.browser_routes`` and ``config.public_settings``.
+    """
+    flags = {"m": site.spa_page_views == "manual", "f": site.capture_form_email, "d": site.debug}
     return {
-        "site_id": site.id,
-        "endpoint": settings.server.public_url + settings.server.event_path,
-        "spa_page_views": site.spa_page_views,
-        "capture_form_email": site.capture_form_email,
-        "debug": site.debug,
-        "vendors": {name: {"settings": public_settings(vendor),
-                           "routes": routing.browser_routes(vendor)}
-                    for name, vendor in site.vendors.items()},
+        "e": settings.server.public_url + settings.server.event_path,
+        "s": site.id,
+        **{key: 1 for key, on in flags.items() if on},  # absent: false
+        "v": {name: [routing.browser_routes(vendor), public_settings(vendor)]
+              for name, vendor in site.vendors.items()},
     }
 
 

@@ -14,9 +14,17 @@ SECRETS = {"rejoiner": {"site_id": "RJSITE1", "domain": ".shop.example", "api_ke
 
 
 def embedded_config(js: str) -> dict:
-    start = js.find('{"capture_form_email"')
+    """The config JSON the runtime is called with (its last argument), under readable names:
+    server/script.py script_config gives it one-letter keys."""
+    start = js.rfind("(window,document,{")
     assert start >= 0, "the runtime should embed its config as JSON"
-    return json.JSONDecoder().raw_decode(js, start)[0]
+    raw = json.JSONDecoder().raw_decode(js, start + len("(window,document,"))[0]
+    names = {"e": "endpoint", "s": "site_id", "m": "spa_manual", "f": "capture_form_email",
+             "d": "debug", "v": "vendors"}
+    config = {names[k]: v for k, v in raw.items()}
+    config["vendors"] = {name: {"routes": routes, "settings": settings}
+                         for name, (routes, settings) in config["vendors"].items()}
+    return config
 
 
 async def test_no_secret_ever_reaches_the_browser(tmp_path) -> None:
@@ -41,6 +49,22 @@ async def test_only_enabled_vendors_are_compiled_in(tmp_path) -> None:
     assert "_rejoiner" in js
     for other in ("_rmData", "_Sendlane", "esputnik"):
         assert other not in js
+
+
+async def test_routes_and_settings_are_sent_compactly(tmp_path) -> None:
+    # routes: [default for unlisted names, names answering the opposite]; settings: only the
+    # public ones the adapter reads (eSputnik's script_id is already inside script_url).
+    settings = settings_for(tmp_path, esputnik={"site_id": "ESSITE", "script_id": "ESLOADER"},
+                            remarkety={"store_id": "RMSTORE",
+                                       "routes": {"*": "off", "quiz": "browser", "search": "off"}})
+    async with running(settings) as (_, client):
+        js = (await client.get("/s/shop1.js")).text
+    vendors = embedded_config(js)["vendors"]
+    routes = vendors["remarkety"]["routes"]
+    assert routes[0] == 0 and "quiz" in routes and "search" not in routes
+    assert vendors["esputnik"]["routes"][0] == 0 and "purchase" in vendors["esputnik"]["routes"]
+    assert vendors["esputnik"]["settings"] == {
+        "site_id": "ESSITE", "script_url": "https://cdn.esputnik.com/scripts/ESLOADER.js"}
 
 
 async def test_etag_cache_control_and_gzip(tmp_path) -> None:

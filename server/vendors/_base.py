@@ -24,7 +24,9 @@ class Setting:
     """One key of a vendor's config section.
 
     ``public`` keys are the only ones the generated script may contain; ``secret`` keys are
-    additionally never logged. A default may name other keys as ``{key}`` (e.g. a URL that
+    additionally never logged. ``browser=False`` keeps a public key the browser adapter never
+    reads (e.g. an id already formatted into ``script_url``) out of the script: every byte of
+    it is paid on every page view. A default may name other keys as ``{key}`` (e.g. a URL that
     embeds the store id); they are filled in after the section is read.
     """
 
@@ -32,6 +34,7 @@ class Setting:
     required: bool = False
     public: bool = False
     secret: bool = False
+    browser: bool = True
     default: str | None = None
     help: str = ""
 

@@ -47,7 +47,7 @@ NAME = "esputnik"
 SETTINGS = (
     Setting("site_id", required=True, public=True,
             help="the tracker's siteId (from eSputnik support or the account's site setup)"),
-    Setting("script_id", public=True, default="{site_id}",
+    Setting("script_id", public=True, browser=False, default="{site_id}",
             help="the eS.js loader id, when it differs from site_id"),
     Setting("api_key", secret=True,
             help="optional: sent as the HTTP Basic password to the tracker, as the vendor's "
