@@ -48,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import httpcore
 import httpx
 
 from . import __version__
@@ -58,7 +59,7 @@ log = logging.getLogger("onetag.forwarder")
 
 DEFAULT_CONCURRENCY = 32  # in flight per vendor: 32 at ~50 ms each is ~600 req/s a vendor
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # a vendor that cannot take a TCP connection in 5 s is down
-DEFAULT_READ_TIMEOUT_S = 15.0  # tracking APIs answer in well under 1 s; Remarkety's own connector waits 10 s
+DEFAULT_READ_TIMEOUT_S = 15.0  # APIs answer in < 1 s; Remarkety's own connector waits 10 s
 DEFAULT_WRITE_TIMEOUT_S = 15.0  # our bodies are a few KB
 DEFAULT_POOL_TIMEOUT_S = 10.0  # never reached: the pool holds every lane's slots
 DEFAULT_KEEPALIVE_EXPIRY_S = 30.0  # idle vendor connections are reused, then let go
@@ -71,7 +72,10 @@ DEFAULT_IDLE_POLL_S = 1.0  # rows coming due by time (retries) are found within 
 DEFAULT_EXPIRE_EVERY_S = 60.0  # held rows past the hold window are expired this often
 DEFAULT_SHUTDOWN_GRACE_S = 5.0  # on stop, in-flight sends get this long; the rest stay leased
 DEFAULT_MAX_ERROR_CHARS = 2000  # of a vendor's error body kept in last_error
-DEFAULT_RATES: Mapping[str, float] = {}  # requests/s per vendor; none by default (see README)
+# Requests/s per vendor, per process. None by default: a 429 pauses the vendor's lane anyway.
+# Sendlane's 240/min per account (REFERENCE.md 4.2, a secondary source) would be
+# ONETAG_FORWARD_RATES=sendlane=4.
+DEFAULT_RATES: Mapping[str, float] = {}
 
 # Statuses worth retrying for every vendor; every 5xx is too.
 RETRYABLE = frozenset({408, 409, 425, 429})
@@ -185,6 +189,118 @@ def classify(vendor: str, status: int, headers: Mapping[str, str], body: str,
 
 # Sending --------------------------------------------------------------------------------
 
+# httpcore's errors as the httpx ones callers catch (most specific first).
+_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout), (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout), (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError), (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError), (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+# A reused keep-alive connection the vendor closed while it sat idle fails like this.
+_STALE = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
+
+
+class KeepAlivePool(httpx.AsyncBaseTransport):
+    """The shared client's transport: HTTP/1.1 keep-alive connections per origin, reused
+    last-in first-out.
+
+    Why not httpx's default pool: httpcore 1.0 walks every pooled connection (polling each
+    idle socket) on every request and every release (encode/httpcore#1035). At the 100+
+    connections the forwarder keeps open that costs 3-5 ms of CPU a request and caps a
+    process near 300 deliveries/s; here taking a connection is O(1) (measured: 0.4 ms a
+    request, all included). The connections themselves are httpcore's (h11, TLS), so the
+    wire is httpx's. ``limits.max_connections`` bounds the requests in flight (one waits at
+    most the pool timeout for a slot), ``max_keepalive_connections`` the idle connections
+    kept, ``keepalive_expiry`` how long one may sit idle. A request that fails on a reused
+    connection as a stale one does (the vendor closed it while idle) is sent once more on a
+    fresh connection; the vendor's natural key makes that repeat harmless.
+    """
+
+    def __init__(self, limits: httpx.Limits, ssl_context: Any = None):
+        self.limits = limits
+        self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context()
+        self._slots = asyncio.Semaphore(limits.max_connections or 1_000_000)
+        self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTPConnection]] = {}
+        self._idle_count = 0
+        self.opened = 0  # connections opened so far (tests and the benchmark read it)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
+        try:
+            await asyncio.wait_for(self._slots.acquire(), pool_timeout)
+        except asyncio.TimeoutError:
+            raise httpx.PoolTimeout("no free connection slot", request=request) from None
+        try:
+            return await self._send(request)
+        except httpcore.ConnectionNotAvailable as exc:  # pragma: no cover - not HTTP/2
+            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+        except Exception as exc:
+            for core, mapped in _ERRORS:
+                if isinstance(exc, core):
+                    raise mapped(str(exc) or type(exc).__name__, request=request) from exc
+            raise
+        finally:
+            self._slots.release()
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        port = url.port or (443 if url.raw_scheme == b"https" else 80)
+        key = (url.raw_scheme, url.raw_host, port)
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
+                             target=url.raw_path),
+            headers=request.headers.raw, content=request.stream, extensions=request.extensions)
+        while True:
+            connection, reused = await self._checkout(key)
+            try:
+                response = await connection.handle_async_request(core_request)
+                content = await response.aread()
+                await response.aclose()
+            except BaseException as exc:
+                await connection.aclose()
+                if reused and isinstance(exc, _STALE):
+                    continue  # a stale idle connection: once more on a fresh one
+                raise
+            await self._checkin(key, connection)
+            return httpx.Response(response.status, headers=response.headers, content=content,
+                                  extensions=response.extensions)
+
+    async def _checkout(self, key: tuple[bytes, bytes, int]
+                        ) -> tuple[httpcore.AsyncHTTPConnection, bool]:
+        stack = self._idle.get(key)
+        while stack:
+            connection = stack.pop()
+            self._idle_count -= 1
+            if connection.is_available() and not connection.has_expired():
+                return connection, True
+            await connection.aclose()
+        self.opened += 1
+        origin = httpcore.Origin(scheme=key[0], host=key[1], port=key[2])
+        return httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl,
+                                            keepalive_expiry=self.limits.keepalive_expiry), False
+
+    async def _checkin(self, key: tuple[bytes, bytes, int],
+                       connection: httpcore.AsyncHTTPConnection) -> None:
+        keep = self.limits.max_keepalive_connections
+        if connection.is_available() and (keep is None or self._idle_count < keep):
+            self._idle.setdefault(key, []).append(connection)
+            self._idle_count += 1
+        else:
+            await connection.aclose()
+
+    async def aclose(self) -> None:
+        idle, self._idle, self._idle_count = self._idle, {}, 0
+        for stack in idle.values():
+            for connection in stack:
+                await connection.aclose()
+
 
 class _Lane:
     """One vendor's slots, pause and pacing."""
@@ -237,8 +353,8 @@ class Forwarder:
         self._outcomes_ready: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._finisher: asyncio.Task | None = None
-        self.sent = 0  # HTTP requests made (the benchmark reads these)
-        self.finished = 0  # outcomes recorded
+        self.sent = 0  # HTTP requests made so far
+        self.finished = 0  # outcomes recorded so far
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -251,12 +367,11 @@ class Forwarder:
     async def start(self) -> None:
         opts = self.options
         if self._client is None:
-            slots = opts.concurrency * len(self.vendors)
+            slots = opts.concurrency * len(self.vendors)  # every lane's slots: no pool waits
+            limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots,
+                                  keepalive_expiry=DEFAULT_KEEPALIVE_EXPIRY_S)
             self._client = httpx.AsyncClient(
-                timeout=opts.timeout,
-                limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots,
-                                    keepalive_expiry=DEFAULT_KEEPALIVE_EXPIRY_S),
-                follow_redirects=False,
+                transport=KeepAlivePool(limits), timeout=opts.timeout, follow_redirects=False,
                 headers={"User-Agent": f"onetag/{__version__}"})
         self._stop = asyncio.Event()
         self._outcomes_ready = asyncio.Event()
@@ -435,11 +550,11 @@ class Forwarder:
             response = await self._client.request(  # type: ignore[union-attr]
                 request.get("method", "POST"), request["url"], content=content, headers=headers)
         except httpx.TimeoutException as exc:
-            return Verdict(PENDING, f"timeout: {type(exc).__name__} {exc}".rstrip())
+            return Verdict(PENDING, f"timeout: {_describe(exc)}")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {exc}")
+            return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {_describe(exc)}")
         except httpx.TransportError as exc:
-            return Verdict(PENDING, f"{type(exc).__name__}: {exc}".rstrip(": "))
+            return Verdict(PENDING, _describe(exc))
         return classify(delivery.vendor, response.status_code, response.headers,
                         response.text, self.clock())
 
@@ -463,6 +578,11 @@ class Forwarder:
                            f"retry window of {opts.retry_window_s / 3600:g} h passed after "
                            f"{delivery.attempts} attempts; last: {verdict.error}")
         return Outcome(delivery.id, PENDING, next_ms, verdict.error)
+
+
+def _describe(exc: BaseException) -> str:
+    name, text = type(exc).__name__, str(exc)
+    return name if not text or text == name else f"{name}: {text}"
 
 
 async def run_until(stop: asyncio.Event, settings: Any, store: Store,

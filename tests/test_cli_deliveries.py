@@ -4,8 +4,10 @@ rows in every state (pending, failing, held, delivered, dead, browser, expired).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,8 +21,8 @@ from server.cli import format_report, parse_since
 from server.store.base import Outcome
 from server.store.sqlite import SQLiteStore
 
-from fakes.harness import (ALL, REPO, browser, item, rows, serve, settings_data, states,
-                           write_config)
+from fakes.harness import (ALL, FORWARD_ENV, REPO, browser, item, rows, serve, settings_data,
+                           states, until, write_config)
 from fakes.vendor_server import FakeVendors
 
 COLUMNS = ["pending", "failing", "held", "delivered", "dead", "browser", "expired"]
@@ -168,6 +170,32 @@ async def test_replay_dead_by_default_then_expired_once_identified(shop) -> None
         (r["vendor"], r["dedup_key"], "pending") for r in expired)
     convert = [r for r in replanned if r["vendor"] == "rejoiner"][0]["request"]
     assert convert["json"]["email"] == "c@example.com"
+
+
+async def test_worker_forwards_what_the_server_stored_and_stops_on_sigterm(tmp_path) -> None:
+    with FakeVendors() as fake:
+        config_path = write_config(tmp_path / "onetag.toml",
+                                   settings_data(tmp_path, fake, only=("sendlane",), forward=False))
+        settings = config.load(config_path, env={})
+        await store_events(settings, (SC_A, [{"event": "identify", "event_id": "id-a",
+                                              "loaded": [], "user": {"email": "a@example.com"}},
+                                             purchase("order-a", [])]))
+        db = tmp_path / "onetag.db"
+        assert states(db) == {"pending": 2}  # the server only stored them (forward = false)
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", "worker", "--config", str(config_path), cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO), **FORWARD_ENV},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            await until(lambda: states(db) == {"delivered": 2}, what="the worker to deliver",
+                        describe=lambda: states(db))
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            out, _ = await asyncio.wait_for(worker.communicate(), 60)
+        assert worker.returncode == 0, out.decode()
+        assert "forwarding deliveries from" in out.decode()
+        assert [r.path for r in fake.requests()] == ["/sendlane/tracking/customer-added",
+                                                     "/sendlane/tracking/order-placed"]
 
 
 def test_since_takes_relative_and_iso_times() -> None:

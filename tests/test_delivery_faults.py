@@ -93,6 +93,20 @@ async def test_a_reset_connection_is_retried(tmp_path, fake) -> None:
     assert len({json.dumps(r.json, sort_keys=True) for r in fake.requests()}) == 1
 
 
+async def test_an_unreachable_vendor_is_retried_then_dead(tmp_path, fake) -> None:
+    data = settings_data(tmp_path, fake, only=("sendlane",))
+    data["sites"][0]["sendlane"]["api_base"] = f"http://127.0.0.1:{free_port()}/v2"  # refused
+    options = dataclasses.replace(FAST, max_attempts=2)
+    db = tmp_path / "onetag.db"
+    async with serve(config.parse(data, env={}), options) as app, \
+            httpx.AsyncClient(base_url=app.state.base_url) as client:
+        await backend(client, purchase("1001"))
+        [row] = await until(lambda: rows(db, "state = 'dead'"), what="the row to die",
+                            describe=lambda: rows(db))
+    assert row["attempts"] == 2
+    assert row["last_error"].startswith("gave up after 2 attempts; last: ConnectError")
+
+
 async def test_invalid_data_is_dead_at_once_with_the_vendors_reason(tmp_path, fake) -> None:
     reason = '{"data":{"message":"The given data was invalid.","errors":{"email":["invalid"]}}}'
     fake.fail("sendlane", 422, body=reason)
@@ -172,8 +186,9 @@ def test_kill_9_mid_delivery_loses_nothing_and_repeats_only_the_leased(tmp_path,
     with server_process(config_path, port, env, log=tmp_path / "serve-1.log") as proc:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             for n in range(orders):  # each 202 means durably stored
-                answer = client.post(f"/api/v1/sites/{SITE}/events", json=purchase(
-                    f"{n}", f"buyer{n}@example.com"), headers={"Authorization": f"Bearer {API_KEY}"})
+                answer = client.post(f"/api/v1/sites/{SITE}/events",
+                                     json=purchase(f"{n}", f"buyer{n}@example.com"),
+                                     headers={"Authorization": f"Bearer {API_KEY}"})
                 assert answer.status_code == 202, answer.text
         wait_sync(lambda: len(rows(db, "vendor = 'rejoiner' AND state = 'delivered'")) == orders,
                   what="rejoiner deliveries", describe=lambda: states(db))

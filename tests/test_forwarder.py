@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import sqlite3
-import time
 import types
 
+import httpcore
 import httpx
 import pytest
 
@@ -77,7 +77,8 @@ def test_retry_after_in_seconds_or_as_an_http_date() -> None:
 
 def _forwarder(**options) -> Forwarder:
     settings = types.SimpleNamespace(server=types.SimpleNamespace(hold_days=7), sites={})
-    return Forwarder(settings, store=None, options=dataclasses.replace(ForwarderOptions(), **options),
+    options = dataclasses.replace(ForwarderOptions(), **options)
+    return Forwarder(settings, store=None, options=options,
                      rng=lambda: 1.0)
 
 
@@ -148,6 +149,38 @@ async def test_secrets_are_added_at_send_time_and_never_stored(tmp_path, fake) -
     with sqlite3.connect(db) as conn:
         dump = "\n".join(conn.iterdump())
     assert not [s for s in SECRETS.values() if s in dump]
+
+
+async def test_connections_are_kept_alive_and_stale_ones_replaced(tmp_path, fake) -> None:
+    settings = make_settings(tmp_path, fake, only=("sendlane",))
+    db = tmp_path / "onetag.db"
+    async with serve(settings) as app, httpx.AsyncClient(base_url=app.state.base_url) as client:
+        # One visitor's orders go one after another: one connection carries them all.
+        await backend(client, *(purchase(f"{n}", "jim@example.com") for n in range(10)))
+        await until(lambda: states(db) == {"delivered": 10}, what="10 delivered")
+        assert fake.connections == 1
+        # The vendor closes idle connections: the next requests still go through, first time.
+        fake.close_after("sendlane", times=3)
+        await backend(client, *(purchase(f"{n}", "jim@example.com") for n in range(10, 20)))
+        await until(lambda: states(db) == {"delivered": 20}, what="20 delivered")
+    assert [row["attempts"] for row in rows(db)] == [1] * 20
+    assert fake.connections == 4 and len(fake.requests()) == 20
+
+
+async def test_a_stale_connection_noticed_only_when_used_is_replaced(tmp_path, fake,
+                                                                   monkeypatch) -> None:
+    # The vendor's close arrives after the pool checked the idle connection: the send fails
+    # on it, and goes once more on a fresh connection instead of counting as a failure.
+    monkeypatch.setattr(httpcore.AsyncHTTPConnection, "has_expired", lambda self: False)
+    fake.close_after("sendlane", times=3)
+    settings = make_settings(tmp_path, fake, only=("sendlane",))
+    db = tmp_path / "onetag.db"
+    async with serve(settings) as app, httpx.AsyncClient(base_url=app.state.base_url) as client:
+        await backend(client, *(purchase(f"{n}", "jim@example.com") for n in range(6)))
+        await until(lambda: states(db) == {"delivered": 6}, what="6 delivered",
+                    describe=lambda: rows(db))
+    assert [row["attempts"] for row in rows(db)] == [1] * 6
+    assert fake.connections == 4 and len(fake.delivered()) == 6
 
 
 async def test_redirects_are_not_followed(tmp_path, fake) -> None:

@@ -75,7 +75,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def claim(self, now_ms: int, lease_ms: int, limit: int,
                     vendors: Iterable[str] | None = None) -> list[Delivery]:
-        """Take due deliveries, oldest first, at most one in flight per (vendor, visitor).
+        """Take due deliveries, due longest ago first, at most one in flight per (vendor, visitor).
 
         A claimed row is leased: if the process dies, it is due again when the lease ends.
         """

@@ -417,7 +417,9 @@ class SQLiteStore(Store):
             f"WHERE d.state = 'pending' AND d.next_attempt_ms <= ? {vendor_filter} "
             "AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.site_id = d.site_id "
             "AND p.vendor = d.vendor AND p.visitor = d.visitor AND p.state = 'pending' "
-            "AND p.id < d.id) ORDER BY d.id LIMIT ?", params).fetchall()
+            # Due longest ago first: with one vendor this walks deliveries_due in order and
+            # stops at LIMIT (ORDER BY d.id would check and sort every due row per claim).
+            "AND p.id < d.id) ORDER BY d.next_attempt_ms, d.id LIMIT ?", params).fetchall()
         conn.executemany(
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_ms = ?, updated_ms = ? "
             "WHERE id = ?", [(now + lease_ms, now, row[0]) for row in rows])

@@ -9,6 +9,7 @@ body, parsed JSON, what the fake answered), and failures are made on demand per 
     fake.fail("remarkety", 429, headers={"Retry-After": "2"}, times=3)
     fake.hang("esputnik", times=None)                  # hold every request open (a timeout)
     fake.reset("rejoiner")                             # drop the connection with a TCP RST
+    fake.close_after("sendlane")                       # answer 200, then close the connection
     fake.release()                                     # answer the held requests (200)
 
 It is a plain ``asyncio`` server (no framework) so it can do what a framework hides: reset a
@@ -62,7 +63,7 @@ class Recorded:
 @dataclass
 class Rule:
     prefix: str
-    action: str  # "status" | "hang" | "reset"
+    action: str  # "status" | "hang" | "reset" | "close"
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
@@ -76,6 +77,7 @@ class FakeVendors:
         self.port = 0
         self.count = 0
         self.counts: dict[str, int] = {}
+        self.connections = 0  # TCP connections accepted
         self.in_flight: dict[str, int] = {}  # per vendor prefix, requests not yet answered
         self.max_in_flight: dict[str, int] = {}
         self._requests: list[Recorded] = []
@@ -110,6 +112,11 @@ class FakeVendors:
     def reset(self, prefix: str, *, times: int | None = 1) -> None:
         """Read the request, then drop the connection with a TCP RST."""
         self._add(Rule(self._prefix(prefix), "reset", times=times))
+
+    def close_after(self, prefix: str, *, times: int | None = 1) -> None:
+        """Answer 200, then close the connection (without saying so in a header): the client's
+        idle keep-alive connection goes stale."""
+        self._add(Rule(self._prefix(prefix), "close", times=times))
 
     def heal(self, prefix: str | None = None) -> None:
         """Forget the failure rules (for one prefix, or all)."""
@@ -167,7 +174,8 @@ class FakeVendors:
             await asyncio.sleep(0.02)
 
     def summary(self) -> str:
-        return ", ".join(f"{r.method} {r.path} -> {r.answer}" for r in self.requests()[-30:]) or "nothing"
+        seen = [f"{r.method} {r.path} -> {r.answer}" for r in self.requests()[-30:]]
+        return ", ".join(seen) or "nothing"
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -248,6 +256,7 @@ class FakeVendors:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self.connections += 1
         try:
             while True:
                 line = await reader.readline()
@@ -325,10 +334,12 @@ class FakeVendors:
             status, extra, payload = 200, {}, b'{"status":"success"}'
         else:
             status, extra, payload = rule.status, rule.headers, rule.body
+        if rule is not None and rule.action == "close":
+            status, extra, payload = 200, {}, b'{"status":"success"}'
         if not recorded.answer:
             recorded.answer = str(status)
         await self._answer(writer, status, extra, payload)
-        return True
+        return rule is None or rule.action != "close"
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, status: int, headers: dict[str, str],
