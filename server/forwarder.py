@@ -537,6 +537,21 @@ class Forwarder:
         except Exception as exc:
             return Verdict(DEAD, f"{delivery.vendor} auth_headers failed: {type(exc).__name__}")
         request = delivery.request
+        try:
+            response = await self._request(request, auth)
+            if response.status_code == 404 and request.get("if_not_found"):
+                request = request["if_not_found"]
+                response = await self._request(request, auth)
+        except httpx.TimeoutException as exc:
+            return Verdict(PENDING, f"timeout: {_describe(exc)}")
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {_describe(exc)}")
+        except httpx.TransportError as exc:
+            return Verdict(PENDING, _describe(exc))
+        return classify(delivery.vendor, response.status_code, response.headers,
+                        response.text, self.clock())
+
+    async def _request(self, request: Mapping[str, Any], auth: Mapping[str, str]) -> httpx.Response:
         headers = httpx.Headers({"Accept": "application/json"})
         body = request.get("json")
         content = None
@@ -546,17 +561,8 @@ class Forwarder:
         headers.update(request.get("headers") or {})
         headers.update(auth)
         self.sent += 1
-        try:
-            response = await self._client.request(  # type: ignore[union-attr]
-                request.get("method", "POST"), request["url"], content=content, headers=headers)
-        except httpx.TimeoutException as exc:
-            return Verdict(PENDING, f"timeout: {_describe(exc)}")
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {_describe(exc)}")
-        except httpx.TransportError as exc:
-            return Verdict(PENDING, _describe(exc))
-        return classify(delivery.vendor, response.status_code, response.headers,
-                        response.text, self.clock())
+        return await self._client.request(  # type: ignore[union-attr]
+            request.get("method", "POST"), request["url"], content=content, headers=headers)
 
     def _outcome(self, delivery: Delivery, verdict: Verdict, now: float) -> Outcome:
         if verdict.state != PENDING:

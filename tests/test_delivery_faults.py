@@ -216,3 +216,23 @@ def test_kill_9_mid_delivery_loses_nothing_and_repeats_only_the_leased(tmp_path,
         bodies = [r.json for r in fake.requests("sendlane") if r.json["order_id"] == order]
         assert bodies[0] == bodies[1]
     assert len(fake.requests("rejoiner")) == orders  # delivered before the kill: never again
+
+
+async def test_rejoiner_profile_for_an_unknown_customer_is_created_after_a_404(tmp_path, fake) -> None:
+    """REFERENCE.md 6: update by email with PUT customers/{email}/, create with POST
+    customers/ when Rejoiner has no such customer (404) — in the same delivery."""
+    fake.fail("rejoiner/RJSITE1/customers/new%40example.com", 404)
+    db = tmp_path / "onetag.db"
+    async with serve(make_settings(tmp_path, fake, only=("rejoiner",)), FAST) as app, \
+            httpx.AsyncClient(base_url=app.state.base_url) as client:
+        await backend(client, {"event": "identify",
+                               "user": {"email": "new@example.com", "first_name": "Nia"}})
+        await until(lambda: states(db) == {"delivered": 1}, what="the profile delivery",
+                    describe=lambda: rows(db))
+    sent = fake.requests("rejoiner")
+    assert [(r.method, r.path, r.answer) for r in sent] == [
+        ("PUT", "/rejoiner/RJSITE1/customers/new%40example.com/", "404"),
+        ("POST", "/rejoiner/RJSITE1/customers/", "200")]
+    assert sent[1].json == {"email": "new@example.com", "first_name": "Nia"}
+    assert sent[1].headers["authorization"].startswith("Rejoiner ")
+    assert rows(db)[0]["attempts"] == 1

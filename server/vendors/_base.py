@@ -87,7 +87,13 @@ class VendorRequest:
     dedup_key: str
     needs_email: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)  # non-secret extra headers
+    # Sent instead when the vendor answers 404 (Rejoiner: update a profile by email, and
+    # create it when there is none yet). Same delivery, same dedup key.
+    if_not_found: VendorRequest | None = None
 
     def to_row(self) -> dict[str, Any]:
-        return {"method": self.method, "url": self.url, "json": self.json,
-                "headers": dict(self.headers)}
+        row = {"method": self.method, "url": self.url, "json": self.json,
+               "headers": dict(self.headers)}
+        if self.if_not_found is not None:
+            row["if_not_found"] = self.if_not_found.to_row()
+        return row

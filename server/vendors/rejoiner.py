@@ -176,4 +176,8 @@ def _profile(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     body = c.compact({"email": who.get("email"), "first_name": who.get("first_name"),
                       "last_name": who.get("last_name"), "phone": who.get("phone")})
     url = _url(ctx, f"customers/{quote(email, safe='')}/")
-    return VendorRequest("PUT", url, body, f"customers:{email}:{c.digest(body)}", needs_email=True)
+    key = f"customers:{email}:{c.digest(body)}"
+    # RJ ref 6: "prefer PUT by email, falling back to POST on 404" — a customer Rejoiner has
+    # never seen has no record to update yet.
+    create = VendorRequest("POST", _url(ctx, "customers/"), body, key, needs_email=True)
+    return VendorRequest("PUT", url, body, key, needs_email=True, if_not_found=create)

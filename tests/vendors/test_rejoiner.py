@@ -103,6 +103,10 @@ def test_identify_puts_the_profile_by_url_encoded_email():
                         "last_name": "Kim", "phone": "8885552664"}
     assert req.needs_email is True
     assert req.dedup_key.startswith("customers:jimmy+shop@example.com:")
+    # A customer Rejoiner does not know yet (404) is created instead (REFERENCE.md 6).
+    create = req.if_not_found
+    assert (create.method, create.url, create.json) == ("POST", f"{BASE}/customers/", req.json)
+    assert req.to_row()["if_not_found"]["url"] == f"{BASE}/customers/"
     renamed = {**evt, "identity": {**who, "first_name": "James"}}
     assert rejoiner.plan(renamed, CTX)[0].dedup_key != req.dedup_key
     assert rejoiner.plan(dict(evt), CTX)[0].dedup_key == req.dedup_key
