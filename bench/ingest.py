@@ -7,8 +7,9 @@ Two servers are measured in the same run, each in its own subprocess with the sa
 settings (127.0.0.1, log level warning, proxy_headers, no server header):
 
 - ``onetag``: the real server (``python -m server serve --config <tmp>/onetag.toml``) on a
-  fresh SQLite file, one site ``bench`` with no vendors and the forwarder off, so only ingest
-  is measured: read body, parse, validate, group-commit (WAL, synchronous=FULL), answer 204.
+  fresh SQLite file, one site ``bench`` with no vendors and the forwarder off (``--forwarder``
+  turns it on), so only ingest is measured: read body, parse, validate, group-commit (WAL,
+  synchronous=FULL), answer 204.
 - ``baseline``: a Starlette app whose ``POST /e`` reads the body, ``json.loads`` it and
   answers 204 — the floor any Python ingest on this stack pays.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shlex
 import shutil
@@ -111,16 +111,16 @@ def onetag_server(argv: list[str], stats_path: str) -> int:
     return code
 
 
-def write_config(folder: Path, port: int) -> Path:
+def write_config(folder: Path, port: int, forwarder: bool = False) -> Path:
     db = folder / "onetag.db"
     path = folder / "onetag.toml"
     path.write_text(
-        "# onetag ingest bench: one site, no vendors, forwarder off — ingest only.\n"
+        "# onetag ingest bench: one site, no vendors — ingest only.\n"
         "[server]\n"
         f'database   = "sqlite:///{db}"\n'
         f'public_url = "http://{HOST}:{port}"\n'
         'event_path = "/e"\n'
-        "forward    = false\n\n"
+        f"forward    = {'true' if forwarder else 'false'}\n\n"
         "[[sites]]\n"
         'id       = "bench"\n'
         f'origins  = ["{ORIGIN}", "http://{HOST}:{port}"]\n'
@@ -403,7 +403,7 @@ def run(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
             if target == "baseline":
                 argv = [python(), str(Path(__file__).resolve()), "--baseline-server", str(port)]
             else:
-                config = write_config(folder, port)
+                config = write_config(folder, port, args.forwarder)
                 serve = ["serve", "--config", str(config), "--host", HOST, "--port", str(port),
                          "--log-level", "warning"]
                 argv = ([python(), "-m", "server", *serve] if args.plain_serve else
@@ -502,6 +502,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
         parts += ["--target", args.target]
     if args.plain_serve:
         parts.append("--plain-serve")
+    if args.forwarder:
+        parts.append("--forwarder")
     return shlex.join(parts)
 
 
@@ -600,6 +602,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure the targets in turn this many times, each round "
                              "--duration a target, and sum (1); evens out a noisy machine")
+    parser.add_argument("--forwarder", action="store_true",
+                        help="run onetag's forwarder inside serve, as by default in production "
+                             "(off here: no vendors, ingest only)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary folder (config, database, server logs)")
@@ -648,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "settings": {"conns": args.conns, "duration_s": args.duration, "warmup_s": args.warmup,
                      "batch": args.batch, "sessions": args.sessions, "client": args.client,
-                     "rounds": args.rounds,
+                     "rounds": args.rounds, "forwarder": args.forwarder,
                      "client_desc": ("raw asyncio streams, HTTP/1.1 keep-alive"
                                      if args.client == "raw" else "httpx.AsyncClient, HTTP/1.1")},
         "machine": machine(),
