@@ -514,7 +514,7 @@ def render() -> str:
     w("### The example story")
     w("")
     w("Jimmy Kim (`jimmy@example.com`, shop customer 42, accepts marketing) shops on a phone")
-    w(f"whose ad blocker stops eS.js and pusher.js, so every browser event's `loaded` is")
+    w("whose ad blocker stops eS.js and pusher.js, so every browser event's `loaded` is")
     w(f"`{json.dumps(LOADED)}`: eSputnik's and Sendlane's `fallback` routes go out from the")
     w("server, and Rejoiner's purchase is the page's. The products (Stationery):")
     w("")

@@ -34,6 +34,11 @@ class Demo:
             site_id=self.site_id, public_url=self.settings.server.public_url)
         return HTMLResponse(html)
 
+    async def page_app(self, scope: Any, receive: Any, send: Any) -> None:
+        """``page`` as an ASGI app, so a middleware (gzip) can wrap this one route."""
+        response = await self.page(Request(scope, receive))
+        await response(scope, receive, send)
+
     async def session(self, request: Request) -> Response:
         sc = valid_sc(request.cookies.get(COOKIE_NAME))
         if sc is None:

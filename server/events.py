@@ -82,13 +82,17 @@ class Origin:
     sc: str | None = None
 
 
-def normalise(raw: Any, where: str, origin: Origin) -> dict[str, Any]:
-    """Validate one event and return its normalised form; raises ``Invalid``."""
+def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) -> dict[str, Any]:
+    """Validate one event and return its normalised form; raises ``Invalid``.
+
+    ``check_size=False`` when the whole body is already within one event's limit.
+    """
     if not isinstance(raw, dict):
         raise Invalid(where, "must be an object")
-    size = len(json.dumps(raw, default=str, separators=(",", ":")))
-    if size > MAX_EVENT_BYTES:
-        raise Invalid(where, f"is {size} bytes; the limit is {MAX_EVENT_BYTES} bytes an event")
+    if check_size:
+        size = len(json.dumps(raw, default=str, separators=(",", ":")))
+        if size > MAX_EVENT_BYTES:
+            raise Invalid(where, f"is {size} bytes; the limit is {MAX_EVENT_BYTES} bytes an event")
     name = raw.get("event")
     if not isinstance(name, str) or not name:
         raise Invalid(f"{where}.event", "is required: the event name, e.g. \"view_item\"")
@@ -147,8 +151,11 @@ def normalise(raw: Any, where: str, origin: Origin) -> dict[str, Any]:
     return event
 
 
-def normalise_batch(raws: Iterable[Any], where: str, origin: Origin) -> list[dict[str, Any]]:
-    return [normalise(raw, f"{where}[{i}]", origin) for i, raw in enumerate(raws)]
+def normalise_batch(raws: Iterable[Any], where: str, origin: Origin,
+                    body_bytes: int | None = None) -> list[dict[str, Any]]:
+    check = body_bytes is None or body_bytes > MAX_EVENT_BYTES
+    return [normalise(raw, f"{where}[{i}]", origin, check_size=check)
+            for i, raw in enumerate(raws)]
 
 
 def _check_requirements(event: dict[str, Any], where: str, origin: Origin) -> None:

@@ -110,7 +110,8 @@ class Ingest:
             if _media_type(request) not in BROWSER_TYPES:
                 raise HTTPProblem(415, "unsupported_media_type", "content-type",
                                   "must be text/plain or application/json")
-            body = vocabulary.parse_json(await _read_body(request))
+            data = await _read_body(request)
+            body = vocabulary.parse_json(data)
             if not isinstance(body, dict):
                 raise HTTPProblem(422, "invalid_event", "body",
                                   "must be an object {site_id, sc, events: [...]}")
@@ -127,7 +128,7 @@ class Ingest:
             raws = _event_list(body.get("events"), "events")
             origin_facts = Origin(site_id=site.id, source="browser", currency=site.currency,
                                   received_ms=int(time.time() * 1000), sc=sc)
-            normalised = vocabulary.normalise_batch(raws, "events", origin_facts)
+            normalised = vocabulary.normalise_batch(raws, "events", origin_facts, len(data))
         except Invalid as exc:
             return _invalid(exc).response(cors)
         except HTTPProblem as exc:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .vendors._base import ROUTING_MODES as MODES
-from .vendors._base import VendorConfig
+from .vendors._base import ROUTING_MODES, VendorConfig
+
+MODES = ROUTING_MODES  # the names a config's routes may use
 
 BROWSER_MODES = frozenset({"browser", "both", "fallback"})
 

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from server import config, vendors
+from server import vendors
 from server.events import Origin, normalise
 from server.store.base import SessionInfo
 from server.store.sqlite import SQLiteStore, migrate, migrations

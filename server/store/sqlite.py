@@ -16,7 +16,6 @@ import json
 import logging
 import sqlite3
 import time
-import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -24,23 +23,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import aiosqlite
 
 from .. import outbox
-from ..events import json_number
-from ..sessions import apply_cart, cart_snapshot, identity_update
+from ..sessions import cart_snapshot
 from .base import Delivery, IngestResult, Outcome, SessionInfo, Store
+from .sqlite_ingest import IngestBatch, identity_fields, insert_deliveries
 
 log = logging.getLogger("onetag.store")
 
 MAX_BATCH = 256  # requests per group commit
-CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
-                         "cart_updated", "purchase"})
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=json_number)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -75,6 +68,22 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
             raise
         applied.append(name)
     return applied
+
+
+_INGEST = None  # the job function of ingest requests, which the writer applies together
+
+
+def _savepoint(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a savepoint: its writes undone if it raises; the error returned."""
+    conn.execute("SAVEPOINT job")
+    try:
+        result = fn(*args)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+        return exc
+    conn.execute("RELEASE job")
+    return result
 
 
 class _Job:
@@ -158,20 +167,30 @@ class SQLiteStore(Store):
                     job.future.set_result(result)
 
     def _run_batch(self, jobs: list[_Job]) -> list[Any]:
-        """Runs in the connection's thread: one transaction, a savepoint per request."""
+        """Runs in the connection's thread: one transaction for every job waiting.
+
+        The ingest requests among them are applied together (``IngestBatch``); if that
+        fails, each is applied again on its own, so a bad request fails alone. Other jobs
+        (claims, outcomes) run in a savepoint each.
+        """
         conn = self._writer._conn  # type: ignore[union-attr]
-        results: list[Any] = []
+        results: list[Any] = [None] * len(jobs)
+        ingests = [i for i, job in enumerate(jobs) if job.fn is _INGEST]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for job in jobs:
-                conn.execute("SAVEPOINT job")
-                try:
-                    results.append(job.fn(conn, *job.args))
-                    conn.execute("RELEASE job")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    results.append(exc)
+            if ingests:
+                together = _savepoint(conn, self._ingest_batch, conn,
+                                      [jobs[i].args for i in ingests])
+                if isinstance(together, Exception):
+                    for i in ingests:
+                        alone = _savepoint(conn, self._ingest_batch, conn, [jobs[i].args])
+                        results[i] = alone if isinstance(alone, Exception) else alone[0]
+                else:
+                    for i, result in zip(ingests, together):
+                        results[i] = result
+            for i, job in enumerate(jobs):
+                if job.fn is not _INGEST:
+                    results[i] = _savepoint(conn, job.fn, conn, *job.args)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -183,188 +202,11 @@ class SQLiteStore(Store):
 
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
                      raws: Sequence[Any], session: SessionInfo) -> list[IngestResult]:
-        return await self._write(self._ingest, site_id, list(events), list(raws), session)
+        return await self._write(_INGEST, site_id, list(events), list(raws), session)
 
-    def _ingest(self, conn: sqlite3.Connection, site_id: str, events: list[dict[str, Any]],
-                raws: list[Any], session: SessionInfo) -> list[IngestResult]:
-        site = self.sites[site_id]
-        now = now_ms()
-        results = []
-        for event, raw in zip(events, raws):
-            known = conn.execute("SELECT seq FROM events WHERE site_id = ? AND event_id = ?",
-                                 (site_id, event["event_id"])).fetchone()
-            if known:
-                results.append(IngestResult(event["event_id"], known[0], True))
-                continue
-            sc = event["sc"]
-            if sc:
-                self._touch_session(conn, site_id, sc, now, session, event)
-            identity, newly_bound = self._apply_identity(conn, site_id, event, now)
-            event["identity"] = identity
-            if sc and event["name"] in CART_EVENTS:
-                event["cart"] = self._apply_cart(conn, site, event, now)
-            seq = conn.execute(
-                "INSERT INTO events (site_id, event_id, name, source, sc, identity_id, "
-                "received_ms, raw, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (site_id, event["event_id"], event["name"], event["source"], sc,
-                 identity["id"] if identity else None, now, _dumps(raw), _dumps(event)),
-            ).lastrowid
-            self._insert_deliveries(conn, site_id, seq,
-                                    outbox.plan(site, event, None, self.browser_grace_ms), now)
-            if newly_bound and sc and identity and identity.get("email"):
-                self._release_held(conn, site, sc, identity, now)
-            results.append(IngestResult(event["event_id"], seq, False))
-        return results
-
-    @staticmethod
-    def _touch_session(conn: sqlite3.Connection, site_id: str, sc: str, now: int,
-                       session: SessionInfo, event: dict[str, Any]) -> None:
-        page = (event.get("page") or {}).get("location")
-        conn.execute(
-            "INSERT INTO sessions (site_id, sc, first_ms, last_ms, user_agent, last_page) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site_id, sc) DO UPDATE SET "
-            "last_ms = excluded.last_ms, "
-            "user_agent = coalesce(excluded.user_agent, sessions.user_agent), "
-            "last_page = coalesce(excluded.last_page, sessions.last_page)",
-            (site_id, sc, now, now, session.user_agent, page))
-
-    def _apply_identity(self, conn: sqlite3.Connection, site_id: str, event: dict[str, Any],
-                        now: int) -> tuple[dict[str, Any] | None, bool]:
-        """The session's identity after ``event``, and whether the session was newly bound."""
-        sc = event["sc"]
-        current_id = None
-        if sc:
-            row = conn.execute("SELECT identity_id FROM sessions WHERE site_id = ? AND sc = ?",
-                               (site_id, sc)).fetchone()
-            current_id = row[0] if row else None
-        user = event.get("user") or {}
-        if not (user.get("email") or user.get("customer_id")):
-            return (self._identity(conn, current_id) if current_id else None), False
-        row = None
-        if user.get("email"):
-            row = conn.execute("SELECT * FROM identities WHERE site_id = ? AND email = ?",
-                               (site_id, user["email"])).fetchone()
-        if row is None and user.get("customer_id"):
-            row = conn.execute("SELECT * FROM identities WHERE site_id = ? AND customer_id = ?",
-                               (site_id, user["customer_id"])).fetchone()
-            if row is not None and row["email"] and user.get("email") and row["email"] != user["email"]:
-                row = None  # a customer id now used with another email: that email's own identity
-        is_new = row is None
-        current = _identity_fields(row) if row else None
-        fields = identity_update(current, event)
-        if is_new:
-            if fields.get("customer_id") and conn.execute(
-                    "SELECT 1 FROM identities WHERE site_id = ? AND customer_id = ?",
-                    (site_id, fields["customer_id"])).fetchone():
-                fields.pop("customer_id")  # held by another email's identity
-            identity_id = conn.execute(
-                "INSERT INTO identities (site_id, email, customer_id, first_name, last_name, "
-                "phone, accepts_marketing, created_ms, updated_ms) VALUES (?,?,?,?,?,?,?,?,?)",
-                (site_id, fields.get("email"), fields.get("customer_id"), fields.get("first_name"),
-                 fields.get("last_name"), fields.get("phone"),
-                 _flag(fields.get("accepts_marketing")), now, now)).lastrowid
-        else:
-            identity_id = row["id"]
-            if fields != current:
-                if fields.get("customer_id") != (current or {}).get("customer_id") and conn.execute(
-                        "SELECT 1 FROM identities WHERE site_id = ? AND customer_id = ? AND id != ?",
-                        (site_id, fields.get("customer_id"), identity_id)).fetchone():
-                    fields["customer_id"] = (current or {}).get("customer_id")
-                conn.execute(
-                    "UPDATE identities SET email = ?, customer_id = ?, first_name = ?, "
-                    "last_name = ?, phone = ?, accepts_marketing = ?, updated_ms = ? WHERE id = ?",
-                    (fields.get("email"), fields.get("customer_id"), fields.get("first_name"),
-                     fields.get("last_name"), fields.get("phone"),
-                     _flag(fields.get("accepts_marketing")), now, identity_id))
-        newly_bound = False
-        if sc and current_id != identity_id:
-            conn.execute("UPDATE sessions SET identity_id = ? WHERE site_id = ? AND sc = ?",
-                         (identity_id, site_id, sc))
-            newly_bound = True
-        identity = self._identity(conn, identity_id)
-        identity["is_new"] = is_new
-        return identity, newly_bound
-
-    @staticmethod
-    def _identity(conn: sqlite3.Connection, identity_id: int) -> dict[str, Any]:
-        row = conn.execute("SELECT * FROM identities WHERE id = ?", (identity_id,)).fetchone()
-        identity = _identity_fields(row)
-        identity["id"] = identity_id
-        identity["is_new"] = False
-        return identity
-
-    @staticmethod
-    def _apply_cart(conn: sqlite3.Connection, site: Any, event: dict[str, Any],
-                    now: int) -> dict[str, Any] | None:
-        row = conn.execute("SELECT guid, currency, items FROM carts WHERE site_id = ? AND sc = ?",
-                           (site.id, event["sc"])).fetchone()
-        items = json.loads(row["items"]) if row else []
-        guid = row["guid"] if row else None
-        currency = (event.get("ecommerce") or {}).get("currency") or (
-            row["currency"] if row else site.currency)
-        after = apply_cart(items, event)
-        if after is None:
-            return None
-        if event["name"] == "purchase":
-            # The cart as bought, under the guid of its last state (eSputnik's PurchasedItems
-            # refers to the last StatusCart GUID); then the session starts an empty cart.
-            snapshot = cart_snapshot(items, currency, guid or str(uuid.uuid4()).upper())
-            conn.execute("DELETE FROM carts WHERE site_id = ? AND sc = ?", (site.id, event["sc"]))
-            return snapshot
-        if after != items or guid is None:
-            guid = str(uuid.uuid4()).upper()  # a new cart state, a new GUID
-        conn.execute(
-            "INSERT INTO carts (site_id, sc, guid, currency, items, updated_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site_id, sc) DO UPDATE SET "
-            "guid = excluded.guid, currency = excluded.currency, items = excluded.items, "
-            "updated_ms = excluded.updated_ms",
-            (site.id, event["sc"], guid, currency, _dumps(after), now))
-        return cart_snapshot(after, currency, guid)
-
-    @staticmethod
-    def _insert_deliveries(conn: sqlite3.Connection, site_id: str, seq: int,
-                           rows: Iterable[outbox.PlannedDelivery], now: int) -> None:
-        """One row per (site, vendor, dedup_key): a fact planned twice is kept once.
-
-        The one update: the browser reporting a fact whose server copy has not been tried
-        yet (a backend order waiting out its grace) cancels that copy — the vendor has it.
-        """
-        conn.executemany(
-            "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, "
-            "state, request, next_attempt_ms, created_ms, updated_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (site_id, vendor, dedup_key) DO UPDATE SET state = 'browser', "
-            "updated_ms = excluded.updated_ms, last_error = 'delivered by the browser first' "
-            "WHERE excluded.state = 'browser' AND deliveries.state IN ('pending', 'held') "
-            "AND deliveries.attempts = 0",
-            [(site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state, _dumps(r.request),
-              now + r.delay_ms, now, now) for r in rows])
-
-    def _release_held(self, conn: sqlite3.Connection, site: Any, sc: str,
-                      identity: dict[str, Any], now: int) -> None:
-        """The session just got an email: re-plan what waited for one, within the window."""
-        held = conn.execute(
-            "SELECT d.event_seq, d.vendor, d.created_ms, e.data FROM deliveries d "
-            "JOIN events e ON e.seq = d.event_seq "
-            "WHERE d.site_id = ? AND d.visitor = ? AND d.state = 'held' ORDER BY d.id",
-            (site.id, f"sc:{sc}")).fetchall()
-        by_event: dict[int, tuple[str, set[str], bool]] = {}
-        for row in held:
-            data, vendors, fresh = by_event.get(row["event_seq"], (row["data"], set(), True))
-            vendors.add(row["vendor"])
-            fresh = fresh and row["created_ms"] >= now - self.hold_ms
-            by_event[row["event_seq"]] = (data, vendors, fresh)
-        for seq, (data, vendors, fresh) in by_event.items():
-            if not fresh:
-                conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "
-                             "WHERE event_seq = ? AND state = 'held'", (now, seq))
-                continue
-            event = json.loads(data)
-            event["identity"] = {k: v for k, v in identity.items() if k != "is_new"}
-            event["identity"]["is_new"] = False
-            conn.execute("DELETE FROM deliveries WHERE event_seq = ? AND state = 'held'", (seq,))
-            self._insert_deliveries(conn, site.id, seq,
-                                    outbox.plan(site, event, vendors, self.browser_grace_ms), now)
+    def _ingest_batch(self, conn: sqlite3.Connection, requests: list[Any]) -> list[Any]:
+        return IngestBatch(conn, self.sites, now_ms(), self.hold_ms,
+                           self.browser_grace_ms).run(requests)
 
     # Reads ------------------------------------------------------------------------------
 
@@ -376,7 +218,7 @@ class SQLiteStore(Store):
         if session and session[0]["identity_id"]:
             rows = await self._reader.execute_fetchall(
                 "SELECT * FROM identities WHERE id = ?", (session[0]["identity_id"],))
-            identity = {**_identity_fields(rows[0]), "id": rows[0]["id"]} if rows else None
+            identity = {**identity_fields(rows[0]), "id": rows[0]["id"]} if rows else None
         cart_rows = await self._reader.execute_fetchall(
             "SELECT * FROM carts WHERE site_id = ? AND sc = ?", (site_id, sc))
         cart = (cart_snapshot(json.loads(cart_rows[0]["items"]), cart_rows[0]["currency"],
@@ -515,7 +357,10 @@ class SQLiteStore(Store):
         inserted = 0
         for seq, (site_id, data, identity_id, vendors) in by_event.items():
             site = self.sites.get(site_id)
-            identity = self._identity(conn, identity_id) if identity_id else None
+            identity = None
+            if identity_id:
+                row = conn.execute("SELECT * FROM identities WHERE id = ?", (identity_id,)).fetchone()
+                identity = {**identity_fields(row), "id": identity_id, "is_new": False}
             if site is None or not identity or not identity.get("email"):
                 continue
             event = json.loads(data)
@@ -527,7 +372,7 @@ class SQLiteStore(Store):
             conn.execute(f"DELETE FROM deliveries WHERE event_seq = ? AND state = 'expired' "
                          f"AND vendor IN ({','.join('?' * len(replanned))})", (seq, *replanned))
             before = conn.total_changes
-            self._insert_deliveries(conn, site_id, seq, planned, now)
+            insert_deliveries(conn, [(site_id, seq, row) for row in planned], now)
             inserted += conn.total_changes - before
         return inserted
 
@@ -546,17 +391,3 @@ class SQLiteStore(Store):
             f"created_ms, updated_ms, delivered_ms FROM deliveries WHERE {' AND '.join(where)} "
             "ORDER BY id DESC LIMIT ?", [*params, limit])
         return [dict(row) for row in rows]
-
-
-def _flag(value: Any) -> int | None:
-    return None if value is None else int(bool(value))
-
-
-def _identity_fields(row: sqlite3.Row | None) -> dict[str, Any]:
-    if row is None:
-        return {}
-    fields = {key: row[key] for key in ("email", "customer_id", "first_name", "last_name", "phone")
-              if row[key] is not None}
-    if row["accepts_marketing"] is not None:
-        fields["accepts_marketing"] = bool(row["accepts_marketing"])
-    return fields
