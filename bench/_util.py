@@ -37,8 +37,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """user+system CPU of one process (all its threads) from /proc; None where unavailable."""
+def _own_cpu_seconds(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -46,8 +45,33 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (onetag's writer process, for one)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def children_cpu_seconds(pid: int) -> float:
+    return sum(_own_cpu_seconds(child) or 0.0 for child in children(pid))
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """user+system CPU of one process (all its threads) and its child processes, from /proc;
+    None where unavailable. A server's helper processes are its cost too."""
+    own = _own_cpu_seconds(pid)
+    return None if own is None else own + children_cpu_seconds(pid)
+
+
 def thread_cpu_seconds(pid: int) -> tuple[float, float] | None:
-    """(main thread, all other threads) CPU seconds of a process, from /proc/PID/task."""
+    """(main thread, all other threads + child processes) CPU seconds, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     main = others = 0.0
     try:
@@ -63,7 +87,7 @@ def thread_cpu_seconds(pid: int) -> tuple[float, float] | None:
                 others += seconds
     except (OSError, IndexError, ValueError):
         return None
-    return main, others
+    return main, others + children_cpu_seconds(pid)
 
 
 def machine_busy_seconds() -> float | None:

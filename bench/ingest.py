@@ -553,7 +553,7 @@ def report_text(report: dict[str, Any]) -> str:
         per = row["server_cpu_us_per_request"]
         if per and per["other_threads"] >= 1:
             lines.append(f"{row['target']}: server CPU {per['total']:.0f} us/request = event-loop "
-                         f"thread {per['event_loop_thread']:.0f} + other threads (SQLite writer) "
+                         f"thread {per['event_loop_thread']:.0f} + other threads and the writer process "
                          f"{per['other_threads']:.0f}")
     for row in report["results"]:
         if row["target"] != "onetag":

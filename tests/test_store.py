@@ -12,6 +12,7 @@ from server import vendors
 from server.events import Origin, normalise
 from server.store.base import SessionInfo
 from server.store.sqlite import SQLiteStore, migrate, migrations
+from server.store.sqlite_writer import configure
 from server.vendors._base import VendorRequest
 
 from support import item, settings_for
@@ -32,15 +33,19 @@ async def ingest(store: SQLiteStore, *events: dict):
     return await store.ingest("shop1", list(events), list(events), SessionInfo(user_agent="UA"))
 
 
-async def test_wal_full_sync_and_migrations_recorded(tmp_path) -> None:
-    store = await open_store(settings_for(tmp_path))
-    try:
-        mode = await store._writer.execute_fetchall("PRAGMA journal_mode")
-        sync = await store._writer.execute_fetchall("PRAGMA synchronous")
-        assert mode[0][0] == "wal" and sync[0][0] == 2  # 2 = FULL
-    finally:
-        await store.close()
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_wal_full_sync_and_migrations_recorded(tmp_path, writer) -> None:
+    settings = settings_for(tmp_path)
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites, writer=writer)
+    await store.open()
+    await store.close()
+    # Both writers set up their connection with configure(): WAL (kept in the file) and
+    # synchronous=FULL (per connection).
+    conn = configure(sqlite3.connect(tmp_path / "writer.db", isolation_level=None))
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # 2 = FULL
+    conn.close()
     with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         recorded = [r[0] for r in db.execute("SELECT name FROM schema_migrations ORDER BY version")]
         assert recorded[0] == "001_initial.sql"
         assert recorded == [name for _, name, _ in migrations()]

@@ -1,12 +1,11 @@
 """SQLite store: WAL with ``synchronous=FULL``, one writer, group commit.
 
-Every write goes through one queue to one connection. The writer drains whatever requests
-are waiting and runs them in one transaction (a savepoint each, so one failing request
-fails alone), then commits once: under load many requests share one fsync, and a request
-is answered only after the commit that made it durable. The whole batch runs inside
-aiosqlite's connection thread in one hop, not one ``await`` per statement (aiosqlite
-issue #97: per-statement awaits are an order of magnitude slower). Reads use their own
-connection, which WAL lets run beside the writer.
+Every write goes through one queue to one writer (``sqlite_writer.py``). The writer takes
+whatever jobs are waiting and applies them in one transaction, then commits once: under
+load many requests share one fsync, and a request is answered only after the commit that
+made it durable. The writer runs in a process of its own (``writer="process"``, what
+``onetag serve`` uses) or in aiosqlite's connection thread (``writer="thread"``, for tools
+and tests). Reads use their own aiosqlite connection, which WAL lets run beside the writer.
 """
 
 from __future__ import annotations
@@ -15,92 +14,42 @@ import asyncio
 import json
 import logging
 import sqlite3
-import time
-from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import aiosqlite
 
-from .. import outbox
 from ..sessions import cart_snapshot
 from .base import Delivery, IngestResult, Outcome, SessionInfo, Store
-from .sqlite_ingest import IngestBatch, identity_fields, insert_deliveries
+from .sqlite_ingest import identity_fields
+from .sqlite_writer import ProcessWriter, ThreadWriter, migrate, migrations, now_ms
+
+__all__ = ["SQLiteStore", "migrate", "migrations", "now_ms"]
 
 log = logging.getLogger("onetag.store")
 
-MAX_BATCH = 256  # requests per group commit
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every file in ``migrations/``, in order."""
-    found = []
-    folder = resources.files(__package__) / "migrations"
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            version = int(entry.name.split("_", 1)[0])
-            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply the migrations this database has not seen; returns their names."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
-    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-    applied = []
-    for version, name, sql in migrations():
-        if version in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in sql.split(";\n"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, now_ms()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        applied.append(name)
-    return applied
-
-
-_INGEST = None  # the job function of ingest requests, which the writer applies together
-
-
-def _savepoint(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a savepoint: its writes undone if it raises; the error returned."""
-    conn.execute("SAVEPOINT job")
-    try:
-        result = fn(*args)
-    except Exception as exc:
-        conn.execute("ROLLBACK TO job")
-        conn.execute("RELEASE job")
-        return exc
-    conn.execute("RELEASE job")
-    return result
+MAX_BATCH = 256  # jobs per group commit
+WRITERS = {"process": ProcessWriter, "thread": ThreadWriter}
 
 
 class _Job:
-    __slots__ = ("fn", "args", "future")
+    __slots__ = ("op", "args", "future")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], future: asyncio.Future):
-        self.fn, self.args, self.future = fn, args, future
+    def __init__(self, op: str, args: tuple[Any, ...], future: asyncio.Future):
+        self.op, self.args, self.future = op, args, future
 
 
 class SQLiteStore(Store):
     def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int = 7 * 86_400_000,
-                 browser_grace_ms: int = 0):
+                 browser_grace_ms: int = 0, writer: str = "thread"):
+        if writer not in WRITERS:
+            raise ValueError(f"writer must be one of {', '.join(WRITERS)}, not {writer!r}")
         self.path = path
         self.sites = sites
         self.hold_ms = hold_ms
         self.browser_grace_ms = browser_grace_ms
-        self._writer: aiosqlite.Connection | None = None
+        self.writer_kind = writer
+        self._writer: ProcessWriter | ThreadWriter | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task | None = None
@@ -111,12 +60,9 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        self._writer.row_factory = sqlite3.Row
-        await self._writer.execute("PRAGMA journal_mode=WAL")
-        await self._writer.execute("PRAGMA synchronous=FULL")
-        await self._writer.execute("PRAGMA busy_timeout=10000")
-        await self._writer._execute(migrate, self._writer._conn)
+        self._writer = WRITERS[self.writer_kind](self.path, self.sites, self.hold_ms,
+                                                 self.browser_grace_ms)
+        await self._writer.start()  # migrates before anything reads
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=10000")
         self._reader.row_factory = sqlite3.Row
@@ -130,10 +76,12 @@ class SQLiteStore(Store):
             except asyncio.CancelledError:
                 pass
             self._task = None
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
 
     async def ping(self) -> None:
         assert self._reader is not None, "store is not open"
@@ -141,9 +89,9 @@ class SQLiteStore(Store):
 
     # The writer -------------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _write(self, op: str, *args: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(fn, args, future))
+        await self._queue.put(_Job(op, args, future))
         return await future
 
     async def _write_loop(self) -> None:
@@ -153,9 +101,11 @@ class SQLiteStore(Store):
             while len(jobs) < MAX_BATCH and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             try:
-                results = await self._writer._execute(self._run_batch, jobs)
+                results = await self._writer.run([(job.op, job.args) for job in jobs])
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # the commit itself failed: nobody's write is durable
-                log.exception("group commit of %d requests failed", len(jobs))
+                log.exception("group commit of %d jobs failed", len(jobs))
                 results = [exc] * len(jobs)
             self.commits += 1
             for job, result in zip(jobs, results):
@@ -166,47 +116,11 @@ class SQLiteStore(Store):
                 else:
                     job.future.set_result(result)
 
-    def _run_batch(self, jobs: list[_Job]) -> list[Any]:
-        """Runs in the connection's thread: one transaction for every job waiting.
-
-        The ingest requests among them are applied together (``IngestBatch``); if that
-        fails, each is applied again on its own, so a bad request fails alone. Other jobs
-        (claims, outcomes) run in a savepoint each.
-        """
-        conn = self._writer._conn  # type: ignore[union-attr]
-        results: list[Any] = [None] * len(jobs)
-        ingests = [i for i, job in enumerate(jobs) if job.fn is _INGEST]
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if ingests:
-                together = _savepoint(conn, self._ingest_batch, conn,
-                                      [jobs[i].args for i in ingests])
-                if isinstance(together, Exception):
-                    for i in ingests:
-                        alone = _savepoint(conn, self._ingest_batch, conn, [jobs[i].args])
-                        results[i] = alone if isinstance(alone, Exception) else alone[0]
-                else:
-                    for i, result in zip(ingests, together):
-                        results[i] = result
-            for i, job in enumerate(jobs):
-                if job.fn is not _INGEST:
-                    results[i] = _savepoint(conn, job.fn, conn, *job.args)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return results
-
     # Ingest -----------------------------------------------------------------------------
 
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
                      raws: Sequence[Any], session: SessionInfo) -> list[IngestResult]:
-        return await self._write(_INGEST, site_id, list(events), list(raws), session)
-
-    def _ingest_batch(self, conn: sqlite3.Connection, requests: list[Any]) -> list[Any]:
-        return IngestBatch(conn, self.sites, now_ms(), self.hold_ms,
-                           self.browser_grace_ms).run(requests)
+        return await self._write("ingest", site_id, list(events), list(raws), session)
 
     # Reads ------------------------------------------------------------------------------
 
@@ -239,55 +153,15 @@ class SQLiteStore(Store):
 
     async def claim(self, now_ms: int, lease_ms: int, limit: int,
                     vendors: Iterable[str] | None = None) -> list[Delivery]:
-        return await self._write(self._claim, now_ms, lease_ms, limit,
+        return await self._write("claim", now_ms, lease_ms, limit,
                                  tuple(vendors) if vendors is not None else None)
-
-    @staticmethod
-    def _claim(conn: sqlite3.Connection, now: int, lease_ms: int, limit: int,
-               vendors: tuple[str, ...] | None) -> list[Delivery]:
-        vendor_filter = ""
-        params: list[Any] = [now]
-        if vendors is not None:
-            if not vendors:
-                return []
-            vendor_filter = f"AND d.vendor IN ({','.join('?' * len(vendors))})"
-            params.extend(vendors)
-        params.append(limit)
-        rows = conn.execute(
-            "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.visitor, d.request, d.attempts, "
-            "d.created_ms, coalesce(d.retry_from_ms, d.created_ms) FROM deliveries d "
-            f"WHERE d.state = 'pending' AND d.next_attempt_ms <= ? {vendor_filter} "
-            "AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.site_id = d.site_id "
-            "AND p.vendor = d.vendor AND p.visitor = d.visitor AND p.state = 'pending' "
-            # Due longest ago first: with one vendor this walks deliveries_due in order and
-            # stops at LIMIT (ORDER BY d.id would check and sort every due row per claim).
-            "AND p.id < d.id) ORDER BY d.next_attempt_ms, d.id LIMIT ?", params).fetchall()
-        conn.executemany(
-            "UPDATE deliveries SET attempts = attempts + 1, next_attempt_ms = ?, updated_ms = ? "
-            "WHERE id = ?", [(now + lease_ms, now, row[0]) for row in rows])
-        return [Delivery(id=row[0], site_id=row[1], vendor=row[2], dedup_key=row[3],
-                         visitor=row[4], request=json.loads(row[5]), attempts=row[6] + 1,
-                         created_ms=row[7], retry_from_ms=row[8]) for row in rows]
 
     async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None:
         if outcomes:
-            await self._write(self._finish, list(outcomes), now_ms)
-
-    @staticmethod
-    def _finish(conn: sqlite3.Connection, outcomes: list[Outcome], now: int) -> None:
-        conn.executemany(
-            "UPDATE deliveries SET state = ?, next_attempt_ms = ?, last_error = ?, "
-            "updated_ms = ?, delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END "
-            "WHERE id = ? AND state = 'pending'",  # a late outcome never undoes a final one
-            [(o.state, o.next_attempt_ms, o.error, now, o.state, now, o.id) for o in outcomes])
+            await self._write("finish", list(outcomes), now_ms)
 
     async def expire_held(self, before_ms: int, now_ms: int) -> int:
-        return await self._write(self._expire_held, before_ms, now_ms)
-
-    @staticmethod
-    def _expire_held(conn: sqlite3.Connection, before: int, now: int) -> int:
-        return conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "
-                            "WHERE state = 'held' AND created_ms < ?", (now, before)).rowcount
+        return await self._write("expire_held", before_ms, now_ms)
 
     async def delivery_stats(self, now_ms: int) -> list[dict[str, Any]]:
         assert self._reader is not None
@@ -310,71 +184,7 @@ class SQLiteStore(Store):
 
     async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
                      states: Sequence[str] = ("dead",)) -> int:
-        return await self._write(self._replay, now_ms, vendor, since_ms, tuple(states))
-
-    def _replay(self, conn: sqlite3.Connection, now: int, vendor: str | None,
-                since: int | None, states: tuple[str, ...]) -> int:
-        count = 0
-        plain = tuple(state for state in states if state != "expired")
-        if plain:
-            where = [f"state IN ({','.join('?' * len(plain))})"]
-            params: list[Any] = [now, now, now, *plain]
-            if vendor:
-                where.append("vendor = ?")
-                params.append(vendor)
-            if since is not None:
-                where.append("created_ms >= ?")
-                params.append(since)
-            count += conn.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = ?, "
-                f"retry_from_ms = ?, updated_ms = ?, last_error = NULL WHERE {' AND '.join(where)}",
-                params).rowcount
-        if "expired" in states:
-            count += self._replay_expired(conn, now, vendor, since)
-        return count
-
-    def _replay_expired(self, conn: sqlite3.Connection, now: int, vendor: str | None,
-                        since: int | None) -> int:
-        """Expired rows never had an email; re-plan those whose visitor has one now."""
-        where, params = ["d.state = 'expired'"], []
-        if vendor:
-            where.append("d.vendor = ?")
-            params.append(vendor)
-        if since is not None:
-            where.append("d.created_ms >= ?")
-            params.append(since)
-        rows = conn.execute(
-            "SELECT d.event_seq, d.vendor, e.site_id, e.data, "
-            "coalesce(s.identity_id, e.identity_id) AS identity_id FROM deliveries d "
-            "JOIN events e ON e.seq = d.event_seq "
-            "LEFT JOIN sessions s ON s.site_id = e.site_id AND s.sc = e.sc "
-            f"WHERE {' AND '.join(where)} ORDER BY d.id", params).fetchall()
-        by_event: dict[int, tuple[str, str, int | None, set[str]]] = {}
-        for row in rows:
-            entry = by_event.setdefault(row["event_seq"], (row["site_id"], row["data"],
-                                                           row["identity_id"], set()))
-            entry[3].add(row["vendor"])
-        inserted = 0
-        for seq, (site_id, data, identity_id, vendors) in by_event.items():
-            site = self.sites.get(site_id)
-            identity = None
-            if identity_id:
-                row = conn.execute("SELECT * FROM identities WHERE id = ?", (identity_id,)).fetchone()
-                identity = {**identity_fields(row), "id": identity_id, "is_new": False}
-            if site is None or not identity or not identity.get("email"):
-                continue
-            event = json.loads(data)
-            event["identity"] = identity
-            planned = [r for r in outbox.plan(site, event, vendors) if r.state == outbox.PENDING]
-            replanned = sorted({r.vendor for r in planned})
-            if not replanned:
-                continue
-            conn.execute(f"DELETE FROM deliveries WHERE event_seq = ? AND state = 'expired' "
-                         f"AND vendor IN ({','.join('?' * len(replanned))})", (seq, *replanned))
-            before = conn.total_changes
-            insert_deliveries(conn, [(site_id, seq, row) for row in planned], now)
-            inserted += conn.total_changes - before
-        return inserted
+        return await self._write("replay", now_ms, vendor, since_ms, tuple(states))
 
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50) -> list[dict[str, Any]]:

@@ -1,0 +1,388 @@
+"""The writing side of the SQLite store: everything that changes the database.
+
+One connection, one transaction per group commit. It runs either in a thread of the server
+(``ThreadWriter``, via aiosqlite) or in a process of its own (``ProcessWriter``). The
+process is the default for ``onetag serve``: the writer's Python (JSON, planning, binding
+statements) and the event loop's share one GIL inside one process, and each SQLite step
+hands the GIL back and forth between them — measured by ``bench/ingest.py``, that cost the
+endpoint most of its throughput. In a process of its own the writer works on the second
+core, and the server only sends it each batch and waits for the commit.
+
+The protocol with a writer process is pickled frames on its stdin/stdout: first
+``(path, sites, hold_ms, browser_grace_ms)``, answered ``"ready"`` (or an error); then a
+list of jobs ``(op, args)`` per group commit, answered with their results in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import pickle
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+from importlib import resources
+from typing import Any, BinaryIO, Mapping, Sequence
+
+from .. import outbox
+from .base import Delivery, Outcome
+from .sqlite_ingest import IngestBatch, identity_fields, insert_deliveries
+
+_FRAME = struct.Struct("!I")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every file in ``migrations/``, in order."""
+    found = []
+    folder = resources.files(__package__) / "migrations"
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the migrations this database has not seen; returns their names."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, name, sql in migrations():
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in sql.split(";\n"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, now_ms()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied
+
+
+def configure(conn: sqlite3.Connection) -> sqlite3.Connection:
+    """The writer's connection: WAL, ``synchronous=FULL`` (a commit survives power loss),
+    migrated."""
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    migrate(conn)
+    return conn
+
+
+def _savepoint(conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a savepoint: its writes undone if it raises; the error returned."""
+    conn.execute("SAVEPOINT job")
+    try:
+        result = fn(*args)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+        return exc
+    conn.execute("RELEASE job")
+    return result
+
+
+class WriteOps:
+    """The operations a job may name; ``run_batch`` applies a group commit's jobs."""
+
+    def __init__(self, conn: sqlite3.Connection, sites: Mapping[str, Any], hold_ms: int,
+                 browser_grace_ms: int):
+        self.conn = conn
+        self.sites = sites
+        self.hold_ms = hold_ms
+        self.browser_grace_ms = browser_grace_ms
+
+    def run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """One transaction for every job waiting.
+
+        The ingest requests among them are applied together (``IngestBatch``); if that
+        fails, each is applied again on its own, so a bad request fails alone. Other jobs
+        (claims, outcomes) run in a savepoint each.
+        """
+        conn = self.conn
+        results: list[Any] = [None] * len(jobs)
+        ingests = [i for i, (op, _) in enumerate(jobs) if op == "ingest"]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if ingests:
+                together = _savepoint(conn, self.ingest, [jobs[i][1] for i in ingests])
+                if isinstance(together, Exception):
+                    for i in ingests:
+                        alone = _savepoint(conn, self.ingest, [jobs[i][1]])
+                        results[i] = alone if isinstance(alone, Exception) else alone[0]
+                else:
+                    for i, result in zip(ingests, together):
+                        results[i] = result
+            for i, (op, args) in enumerate(jobs):
+                if op != "ingest":
+                    results[i] = _savepoint(conn, getattr(self, op), *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    def ingest(self, requests: list[Any]) -> list[Any]:
+        return IngestBatch(self.conn, self.sites, now_ms(), self.hold_ms,
+                           self.browser_grace_ms).run(requests)
+
+    def claim(self, now: int, lease_ms: int, limit: int,
+               vendors: tuple[str, ...] | None) -> list[Delivery]:
+        vendor_filter = ""
+        params: list[Any] = [now]
+        if vendors is not None:
+            if not vendors:
+                return []
+            vendor_filter = f"AND d.vendor IN ({','.join('?' * len(vendors))})"
+            params.extend(vendors)
+        params.append(limit)
+        rows = self.conn.execute(
+            "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.visitor, d.request, d.attempts, "
+            "d.created_ms, coalesce(d.retry_from_ms, d.created_ms) FROM deliveries d "
+            f"WHERE d.state = 'pending' AND d.next_attempt_ms <= ? {vendor_filter} "
+            "AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.site_id = d.site_id "
+            "AND p.vendor = d.vendor AND p.visitor = d.visitor AND p.state = 'pending' "
+            # Due longest ago first: with one vendor this walks deliveries_due in order and
+            # stops at LIMIT (ORDER BY d.id would check and sort every due row per claim).
+            "AND p.id < d.id) ORDER BY d.next_attempt_ms, d.id LIMIT ?", params).fetchall()
+        self.conn.executemany(
+            "UPDATE deliveries SET attempts = attempts + 1, next_attempt_ms = ?, updated_ms = ? "
+            "WHERE id = ?", [(now + lease_ms, now, row[0]) for row in rows])
+        return [Delivery(id=row[0], site_id=row[1], vendor=row[2], dedup_key=row[3],
+                         visitor=row[4], request=json.loads(row[5]), attempts=row[6] + 1,
+                         created_ms=row[7], retry_from_ms=row[8]) for row in rows]
+
+    def finish(self, outcomes: list[Outcome], now: int) -> None:
+        self.conn.executemany(
+            "UPDATE deliveries SET state = ?, next_attempt_ms = ?, last_error = ?, "
+            "updated_ms = ?, delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END "
+            "WHERE id = ? AND state = 'pending'",  # a late outcome never undoes a final one
+            [(o.state, o.next_attempt_ms, o.error, now, o.state, now, o.id) for o in outcomes])
+
+    def expire_held(self, before: int, now: int) -> int:
+        return self.conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "
+                            "WHERE state = 'held' AND created_ms < ?", (now, before)).rowcount
+
+    def replay(self, now: int, vendor: str | None,
+                since: int | None, states: tuple[str, ...]) -> int:
+        count = 0
+        plain = tuple(state for state in states if state != "expired")
+        if plain:
+            where = [f"state IN ({','.join('?' * len(plain))})"]
+            params: list[Any] = [now, now, now, *plain]
+            if vendor:
+                where.append("vendor = ?")
+                params.append(vendor)
+            if since is not None:
+                where.append("created_ms >= ?")
+                params.append(since)
+            count += self.conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = ?, "
+                f"retry_from_ms = ?, updated_ms = ?, last_error = NULL WHERE {' AND '.join(where)}",
+                params).rowcount
+        if "expired" in states:
+            count += self._replay_expired(now, vendor, since)
+        return count
+
+    def _replay_expired(self, now: int, vendor: str | None,
+                        since: int | None) -> int:
+        """Expired rows never had an email; re-plan those whose visitor has one now."""
+        where, params = ["d.state = 'expired'"], []
+        if vendor:
+            where.append("d.vendor = ?")
+            params.append(vendor)
+        if since is not None:
+            where.append("d.created_ms >= ?")
+            params.append(since)
+        rows = self.conn.execute(
+            "SELECT d.event_seq, d.vendor, e.site_id, e.data, "
+            "coalesce(s.identity_id, e.identity_id) AS identity_id FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq "
+            "LEFT JOIN sessions s ON s.site_id = e.site_id AND s.sc = e.sc "
+            f"WHERE {' AND '.join(where)} ORDER BY d.id", params).fetchall()
+        by_event: dict[int, tuple[str, str, int | None, set[str]]] = {}
+        for row in rows:
+            entry = by_event.setdefault(row["event_seq"], (row["site_id"], row["data"],
+                                                           row["identity_id"], set()))
+            entry[3].add(row["vendor"])
+        inserted = 0
+        for seq, (site_id, data, identity_id, vendors) in by_event.items():
+            site = self.sites.get(site_id)
+            identity = None
+            if identity_id:
+                row = self.conn.execute("SELECT * FROM identities WHERE id = ?", (identity_id,)).fetchone()
+                identity = {**identity_fields(row), "id": identity_id, "is_new": False}
+            if site is None or not identity or not identity.get("email"):
+                continue
+            event = json.loads(data)
+            event["identity"] = identity
+            planned = [r for r in outbox.plan(site, event, vendors) if r.state == outbox.PENDING]
+            replanned = sorted({r.vendor for r in planned})
+            if not replanned:
+                continue
+            self.conn.execute(f"DELETE FROM deliveries WHERE event_seq = ? AND state = 'expired' "
+                         f"AND vendor IN ({','.join('?' * len(replanned))})", (seq, *replanned))
+            before = self.conn.total_changes
+            insert_deliveries(self.conn, [(site_id, seq, row) for row in planned], now)
+            inserted += self.conn.total_changes - before
+        return inserted
+
+
+class ThreadWriter:
+    """The writer in a thread of this process: aiosqlite's connection thread.
+
+    For tools and tests that open the store briefly; ``onetag serve`` uses a process.
+    """
+
+    def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int):
+        self.args = (path, sites, hold_ms, browser_grace_ms)
+        self._conn: Any = None
+        self._ops: WriteOps | None = None
+
+    async def start(self) -> None:
+        import aiosqlite
+
+        path, sites, hold_ms, grace_ms = self.args
+        self._conn = await aiosqlite.connect(path, isolation_level=None)
+        await self._conn._execute(self._setup, sites, hold_ms, grace_ms)
+
+    def _setup(self, sites: Mapping[str, Any], hold_ms: int, grace_ms: int) -> None:
+        self._ops = WriteOps(configure(self._conn._conn), sites, hold_ms, grace_ms)
+
+    async def run(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        # One hop into the connection's thread per group commit, not one per statement.
+        return await self._conn._execute(self._ops.run_batch, jobs)  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+class WriterFailed(RuntimeError):
+    """A job raised in the writer process (its type and message, as text)."""
+
+
+class ProcessWriter:
+    """The writer in a process of its own (``python -m server.store.sqlite_writer``).
+
+    If this server dies (even by kill -9), the writer reads end-of-file and exits; a job is
+    answered only after its commit, so nothing acknowledged depends on it living on.
+    """
+
+    def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int):
+        self.args = (path, dict(sites), hold_ms, browser_grace_ms)
+        self._process: subprocess.Popen[bytes] | None = None
+        # One thread does the blocking pipe I/O, so the event loop never waits on it.
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="onetag-writer-io")
+
+    async def start(self) -> None:
+        # Linux refuses a single environment string over 128 KiB (MAX_ARG_STRLEN); the
+        # writer needs nothing that large, so such values are not passed on.
+        env = {k: v for k, v in os.environ.items() if len(k) + len(v) < 65536}
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "server.store.sqlite_writer"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env, start_new_session=False)
+        answer = await self._call(self.args)
+        if answer != "ready":
+            await self.stop()
+            raise answer if isinstance(answer, BaseException) else WriterFailed(repr(answer))
+
+    async def run(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        return await self._call(jobs)
+
+    async def _call(self, message: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, self._roundtrip, message)
+
+    def _roundtrip(self, message: Any) -> Any:
+        assert self._process is not None and self._process.stdin and self._process.stdout
+        _send(self._process.stdin, message)
+        reply = _receive(self._process.stdout)
+        if reply is None:
+            raise WriterFailed(f"the writer process exited (code {self._process.poll()})")
+        return reply
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            if process.stdin:
+                process.stdin.close()  # end of file: the writer finishes and exits
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._io, process.wait, 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            if process.stdout:
+                process.stdout.close()
+        self._io.shutdown(wait=False)
+
+
+def _send(stream: BinaryIO, message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_FRAME.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream: BinaryIO) -> Any:
+    header = stream.read(_FRAME.size)
+    if len(header) < _FRAME.size:
+        return None
+    (size,) = _FRAME.unpack(header)
+    return pickle.loads(stream.read(size))
+
+
+def _portable(result: Any) -> Any:
+    """Results cross the pipe; an exception is sent as one the server can always unpickle."""
+    if isinstance(result, BaseException):
+        return WriterFailed(f"{type(result).__name__}: {result}")
+    return result
+
+
+def main() -> None:
+    """The writer process: set up from the first frame, then one commit per frame."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write to the frame stream
+    setup = _receive(stdin)
+    if setup is None:
+        return
+    try:
+        path, sites, hold_ms, grace_ms = setup
+        conn = configure(sqlite3.connect(path, isolation_level=None))
+        ops = WriteOps(conn, sites, hold_ms, grace_ms)
+    except Exception as exc:
+        _send(stdout, _portable(exc))
+        return
+    _send(stdout, "ready")
+    while (jobs := _receive(stdin)) is not None:
+        try:
+            results = [_portable(result) for result in ops.run_batch(jobs)]
+        except Exception as exc:  # the commit itself failed: nobody's write is durable
+            results = [_portable(exc)] * len(jobs)
+        try:
+            _send(stdout, results)
+        except BrokenPipeError:
+            return
+
+
+if __name__ == "__main__":
+    main()
