@@ -131,7 +131,7 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) 
         "status": None,
         "billing_address": _address(raw.get("billing_address"), f"{where}.billing_address"),
         "shipping_address": _address(raw.get("shipping_address"), f"{where}.shipping_address"),
-        "properties": _jsonable({k: v for k, v in raw.items() if k not in KNOWN_KEYS}),
+        "properties": _properties(raw),
         "loaded": _loaded(raw, where) if origin.source == "browser" else [],
         "cart": None,
         "identity": None,
@@ -346,9 +346,10 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    """Custom properties as plain JSON numbers and strings."""
-    return json.loads(json.dumps(value, default=json_number))
+def _properties(raw: dict[str, Any]) -> dict[str, Any]:
+    """Any other top-level keys, as plain JSON numbers and strings (custom events)."""
+    extra = {k: v for k, v in raw.items() if k not in KNOWN_KEYS}
+    return json.loads(json.dumps(extra, default=json_number)) if extra else {}
 
 
 def json_number(value: Any) -> Any:

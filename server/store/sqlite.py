@@ -95,26 +95,42 @@ class SQLiteStore(Store):
         return await future
 
     async def _write_loop(self) -> None:
+        """Take every job waiting, send them as one batch; up to ``depth`` batches in flight."""
         assert self._writer is not None
-        while True:
-            jobs = [await self._queue.get()]
-            while len(jobs) < MAX_BATCH and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            try:
-                results = await self._writer.run([(job.op, job.args) for job in jobs])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the commit itself failed: nobody's write is durable
-                log.exception("group commit of %d jobs failed", len(jobs))
-                results = [exc] * len(jobs)
-            self.commits += 1
-            for job, result in zip(jobs, results):
-                if job.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+        slots = asyncio.Semaphore(self._writer.depth)
+        in_flight: set[asyncio.Task] = set()
+        try:
+            while True:
+                jobs = [await self._queue.get()]
+                while len(jobs) < MAX_BATCH and not self._queue.empty():
+                    jobs.append(self._queue.get_nowait())
+                await slots.acquire()
+                task = asyncio.create_task(self._commit(jobs, slots))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def _commit(self, jobs: list[_Job], slots: asyncio.Semaphore) -> None:
+        assert self._writer is not None
+        try:
+            results = await self._writer.run([(job.op, job.args) for job in jobs])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the commit itself failed: nobody's write is durable
+            log.exception("group commit of %d jobs failed", len(jobs))
+            results = [exc] * len(jobs)
+        finally:
+            slots.release()
+        self.commits += 1
+        for job, result in zip(jobs, results):
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     # Ingest -----------------------------------------------------------------------------
 

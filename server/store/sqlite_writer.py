@@ -16,14 +16,14 @@ list of jobs ``(op, args)`` per group commit, answered with their results in ord
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
 import json
 import os
 import pickle
+import select
 import signal
 import sqlite3
 import struct
-import subprocess
 import sys
 import time
 from importlib import resources
@@ -251,6 +251,8 @@ class ThreadWriter:
     For tools and tests that open the store briefly; ``onetag serve`` uses a process.
     """
 
+    depth = 1  # one batch at a time: the next one grows while this one commits
+
     def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int):
         self.args = (path, sites, hold_ms, browser_grace_ms)
         self._conn: Any = None
@@ -283,15 +285,24 @@ class WriterFailed(RuntimeError):
 class ProcessWriter:
     """The writer in a process of its own (``python -m server.store.sqlite_writer``).
 
+    Batches are pipelined: the server sends each batch as soon as it has one (up to
+    ``depth`` in flight), and the writer applies every batch waiting in its pipe in one
+    transaction — so the commit never waits on a round trip, and a slow commit makes the
+    next one bigger, not later. Replies come back in order, one per batch. The pipes are
+    asyncio's own, so no helper thread has to win the GIL from the event loop to pass a
+    batch or an answer along.
+
     If this server dies (even by kill -9), the writer reads end-of-file and exits; a job is
     answered only after its commit, so nothing acknowledged depends on it living on.
     """
 
+    depth = 8
+
     def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int):
         self.args = (path, dict(sites), hold_ms, browser_grace_ms)
-        self._process: subprocess.Popen[bytes] | None = None
-        # One thread does the blocking pipe I/O, so the event loop never waits on it.
-        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="onetag-writer-io")
+        self._process: asyncio.subprocess.Process | None = None
+        self._replies: asyncio.Task[None] | None = None
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
 
     async def start(self) -> None:
         # Linux refuses a single environment string over 128 KiB (MAX_ARG_STRLEN); the
@@ -299,41 +310,95 @@ class ProcessWriter:
         env = {k: v for k, v in os.environ.items() if len(k) + len(v) < 65536}
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "server.store.sqlite_writer"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, env=env, start_new_session=False)
-        answer = await self._call(self.args)
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.store.sqlite_writer", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=env, limit=1 << 24)
+        self._replies = asyncio.create_task(self._read_replies(), name="onetag-writer-replies")
+        answer = await self.run(self.args)
         if answer != "ready":
             await self.stop()
             raise answer if isinstance(answer, BaseException) else WriterFailed(repr(answer))
 
-    async def run(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        return await self._call(jobs)
+    async def run(self, message: Any) -> Any:
+        assert self._process is not None and self._process.stdin is not None
+        if self._replies is None or self._replies.done():
+            raise WriterFailed(f"the writer process exited (code {self._process.returncode})")
+        future = asyncio.get_running_loop().create_future()
+        # Appended and written in one step: replies come back in this order.
+        self._waiting.append(future)
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._process.stdin.write(_FRAME.pack(len(data)) + data)
+        return await future
 
-    async def _call(self, message: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._io, self._roundtrip, message)
-
-    def _roundtrip(self, message: Any) -> Any:
-        assert self._process is not None and self._process.stdin and self._process.stdout
-        _send(self._process.stdin, message)
-        reply = _receive(self._process.stdout)
-        if reply is None:
-            raise WriterFailed(f"the writer process exited (code {self._process.poll()})")
-        return reply
+    async def _read_replies(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        stdout = self._process.stdout
+        try:
+            while True:
+                (size,) = _FRAME.unpack(await stdout.readexactly(_FRAME.size))
+                reply = pickle.loads(await stdout.readexactly(size))
+                future = self._waiting.popleft()
+                if not future.done():
+                    future.set_result(reply)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            while self._waiting:
+                future = self._waiting.popleft()
+                if not future.done():
+                    future.set_exception(WriterFailed(
+                        f"the writer process exited (code {self._process.returncode})"))
 
     async def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None:
-            if process.stdin:
-                process.stdin.close()  # end of file: the writer finishes and exits
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._io, process.wait, 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            if process.stdout:
-                process.stdout.close()
-        self._io.shutdown(wait=False)
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()  # end of file after what was sent: it finishes and exits
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+        if self._replies is not None:
+            await self._replies
+
+
+class _FrameReader:
+    """Frames from a file descriptor: block for the first, then take whatever else is there."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = bytearray()
+        self.eof = False
+
+    def _complete(self) -> list[Any]:
+        frames = []
+        while len(self.buffer) >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(self.buffer)
+            if len(self.buffer) < _FRAME.size + size:
+                break
+            frames.append(pickle.loads(self.buffer[_FRAME.size:_FRAME.size + size]))
+            del self.buffer[:_FRAME.size + size]
+        return frames
+
+    def _fill(self) -> None:
+        chunk = os.read(self.fd, 1 << 20)
+        if chunk:
+            self.buffer += chunk
+        else:
+            self.eof = True
+
+    def next(self) -> list[Any]:
+        """At least one frame (blocking), plus every frame already waiting; [] at the end."""
+        frames = self._complete()
+        while not frames and not self.eof:
+            self._fill()
+            frames = self._complete()
+        while not self.eof and select.select([self.fd], [], [], 0)[0]:
+            self._fill()
+            frames += self._complete()
+        return frames
 
 
 def _send(stream: BinaryIO, message: Any) -> None:
@@ -358,30 +423,38 @@ def _portable(result: Any) -> Any:
 
 
 def main() -> None:
-    """The writer process: set up from the first frame, then one commit per frame."""
+    """The writer process: set up from the first frame, then one commit per read.
+
+    Every batch waiting in the pipe goes into one transaction; each gets its own reply.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the frame stream
-    setup = _receive(stdin)
-    if setup is None:
+    reader = _FrameReader(sys.stdin.fileno())
+    frames = reader.next()
+    if not frames:
         return
     try:
-        path, sites, hold_ms, grace_ms = setup
+        path, sites, hold_ms, grace_ms = frames.pop(0)
         conn = configure(sqlite3.connect(path, isolation_level=None))
         ops = WriteOps(conn, sites, hold_ms, grace_ms)
     except Exception as exc:
         _send(stdout, _portable(exc))
         return
     _send(stdout, "ready")
-    while (jobs := _receive(stdin)) is not None:
+    while frames or (frames := reader.next()):
+        jobs = [job for frame in frames for job in frame]
         try:
             results = [_portable(result) for result in ops.run_batch(jobs)]
         except Exception as exc:  # the commit itself failed: nobody's write is durable
             results = [_portable(exc)] * len(jobs)
         try:
-            _send(stdout, results)
+            for frame in frames:
+                _send(stdout, results[:len(frame)])
+                results = results[len(frame):]
         except BrokenPipeError:
             return
+        frames = []
 
 
 if __name__ == "__main__":
