@@ -108,10 +108,11 @@ def main() -> int:
         print(json.dumps(out, indent=2))
     else:
         cases = out["cases"]
-        print(f"{'script':<16}{'raw':>10}{'gzip':>14}{'brotli':>14}{'gzip over runtime':>20}")
+        print(f"{'script':<16}{'raw B':>10}{'gzip':>20}{'brotli B':>12}{'gzip over runtime':>20}")
         for site, r in cases.items():  # type: ignore[union-attr]
-            print(f"{site:<16}{r['raw']:>10}{r['gzip']:>8} B {kb(r['gzip']):>5}"
-                  f"{'' if r['brotli'] is None else str(r['brotli']) + ' B':>14}"
+            gzip_text = f"{r['gzip']} B ({kb(r['gzip'])})"
+            print(f"{site:<16}{r['raw']:>10}{gzip_text:>20}"
+                  f"{'n/a' if r['brotli'] is None else str(r['brotli']):>12}"
                   f"{'+' + str(r['gzip_over_runtime']) + ' B' if site != 'runtime-only' else '':>20}")
             if r["secrets_in_script"]:
                 print(f"  !! secrets in {site}: {r['secrets_in_script']}")
