@@ -404,6 +404,8 @@ def _render_request(p: Planned, index: int, req: VendorRequest, state: str,
         f"  - headers: {', '.join(headers) or 'none beyond the common ones'}",
         f"  - dedup key `{req.dedup_key}`; needs_email: {'yes' if req.needs_email else 'no'}; "
         f"row state `{state}`",
+        *([f"  - if the vendor answers 404: `{req.if_not_found.method} {req.if_not_found.url}` "
+           "with the same body, in the same delivery"] if req.if_not_found else []),
         "",
         marker(p.vendor, p.step.id, index, len(p.requests)),
         "```json",
