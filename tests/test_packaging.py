@@ -55,6 +55,11 @@ def test_wheel_install_serves_the_demo(tmp_path) -> None:
         assert httpx.get(f"{base}/static/demo/demo.js").status_code == 200
         script = httpx.get(f"{base}/s/demo.js")
         assert script.status_code == 200 and "_rejoiner" in script.text
+        # The store's writer process starts from the installed package too.
+        stored = httpx.post(f"{base}/e", headers={"content-type": "text/plain", "origin": base},
+                            content='{"site_id": "demo", "events": [{"event_id": "wheel-1", '
+                                    '"event": "page_view"}]}')
+        assert stored.status_code == 204, stored.text
     finally:
         process.terminate()
         process.communicate(timeout=20)
