@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from .assets import static_dir
 from .demo import Demo
@@ -21,6 +22,33 @@ from .script import ScriptServer
 from .store import open_store
 
 log = logging.getLogger("onetag")
+
+
+class _Endpoint:
+    """A plain ASGI app as a Route's endpoint (a bound method would get a Request)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class _App(Starlette):
+    """``POST <event_path>`` goes straight to its ASGI handler; everything else through
+    Starlette's middleware and router. The handler answers what the route would, 500
+    included; skipping the layers saves the hot path ~20 µs a request."""
+
+    fast_post: tuple[str, Any] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast_post
+        if (fast is not None and scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"] == fast[0] and not scope.get("root_path")):
+            scope["app"] = self
+            await fast[1](scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Any, store: Any = None,
@@ -44,7 +72,7 @@ def create_app(settings: Any, store: Any = None,
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route(settings.server.script_path, scripts.endpoint, methods=["GET"]),
-        Route(settings.server.event_path, ingest.browser_events, methods=["POST"]),
+        Route(settings.server.event_path, _Endpoint(ingest.browser_events), methods=["POST"]),
         Route(settings.server.event_path, ingest.preflight, methods=["OPTIONS"]),
         Route("/api/v1/sites/{site_id}/events", ingest.backend_events, methods=["POST"]),
         # Compressed here and on the demo page only: the event endpoint answers 204s, and
@@ -78,7 +106,8 @@ def create_app(settings: Any, store: Any = None,
         finally:
             await store.close()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = _App(routes=routes, lifespan=lifespan)
+    app.fast_post = (settings.server.event_path, ingest.browser_events)
     app.state.settings = settings
     app.state.store = store
     app.state.forwarder = forwarder

@@ -11,8 +11,9 @@ import hmac
 import time
 from typing import Any, Callable
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import Request, cookie_parser
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from . import events as vocabulary
 from .events import Invalid, Origin
@@ -23,6 +24,10 @@ MAX_BATCH_EVENTS = 500
 MAX_BODY_BYTES = 1024 * 1024
 BROWSER_TYPES = ("text/plain", "application/json", "")
 CORS_MAX_AGE = "86400"
+# The 204's headers as raw ASGI pairs, in the order the Starlette Response had them.
+_VARY = (b"vary", b"Origin")
+_CREDENTIALS = ((b"access-control-allow-credentials", b"true"), _VARY)
+_NO_STORE = (b"cache-control", b"no-store")
 
 
 class HTTPProblem(Exception):
@@ -44,6 +49,35 @@ def _invalid(exc: Invalid) -> HTTPProblem:
                        else "invalid_json", exc.field, exc.problem)
 
 
+async def _receive_body(receive: Receive, declared: str | None) -> bytes | None:
+    """``_read_body`` for a plain ASGI app; None if the client disconnected."""
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPProblem(413, "too_large", "body", f"is {declared} bytes; the limit is "
+                          f"{MAX_BODY_BYTES} bytes a request")
+    message = await receive()
+    if message["type"] != "http.request":
+        return None
+    if not message.get("more_body", False):  # the usual case: the whole body at once
+        data = message.get("body", b"")
+        if len(data) > MAX_BODY_BYTES:
+            raise HTTPProblem(413, "too_large", "body",
+                              f"is over the limit of {MAX_BODY_BYTES} bytes a request")
+        return data
+    chunks, size = [], 0
+    while True:
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise HTTPProblem(413, "too_large", "body",
+                              f"is over the limit of {MAX_BODY_BYTES} bytes a request")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+
+
 async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -57,6 +91,14 @@ async def _read_body(request: Request) -> bytes:
                               f"is over the limit of {MAX_BODY_BYTES} bytes a request")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _cookie(headers: list[str]) -> str | None:
+    """The ``sc`` cookie, as ``Request.cookies`` reads it (a later header wins)."""
+    cookies: dict[str, str] = {}
+    for header in headers:
+        cookies.update(cookie_parser(header))
+    return cookies.get(COOKIE_NAME)
 
 
 def _media_type(request: Request) -> str:
@@ -103,14 +145,37 @@ class Ingest:
                             "Access-Control-Max-Age": CORS_MAX_AGE})
         return Response(status_code=204 if allowed else 403, headers=headers)
 
-    async def browser_events(self, request: Request) -> Response:
-        origin = request.headers.get("origin")
-        cors = self._cors(origin, origin in self.all_origins)
+    async def browser_events(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /e`` as a plain ASGI app: the hot path, without a Request or a Response.
+
+        ``create_app`` sends it every ``POST /e`` straight from the top of the app; it
+        answers exactly what a Starlette endpoint would (the 4xx bodies are JSONResponses).
+        """
+        origin = content_type = declared = user_agent = None
+        cookies: list[str] = []
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                if origin is None:
+                    origin = value.decode("latin-1")
+            elif name == b"content-type":
+                if content_type is None:
+                    content_type = value.decode("latin-1")
+            elif name == b"content-length":
+                if declared is None:
+                    declared = value.decode("latin-1")
+            elif name == b"cookie":
+                cookies.append(value.decode("latin-1"))
+            elif name == b"user-agent":
+                if user_agent is None:
+                    user_agent = value.decode("latin-1")
+        allowed = origin in self.all_origins
         try:
-            if _media_type(request) not in BROWSER_TYPES:
+            if (content_type or "").split(";", 1)[0].strip().lower() not in BROWSER_TYPES:
                 raise HTTPProblem(415, "unsupported_media_type", "content-type",
                                   "must be text/plain or application/json")
-            data = await _read_body(request)
+            data = await _receive_body(receive, declared)
+            if data is None:
+                return  # the client went away: nothing to answer, nothing stored
             body = vocabulary.parse_json(data)
             if not isinstance(body, dict):
                 raise HTTPProblem(422, "invalid_event", "body",
@@ -122,23 +187,34 @@ class Ingest:
             if origin and origin not in site.origins:
                 raise HTTPProblem(403, "origin_not_allowed", "origin",
                                   f"{origin} is not in this site's origins")
-            cors = self._cors(origin, True)
-            sc = (valid_sc(body.get("sc") if isinstance(body.get("sc"), str) else None)
-                  or valid_sc(request.cookies.get(COOKIE_NAME)) or new_sc())
+            allowed = True
+            sent_sc = body.get("sc")
+            sc = (valid_sc(sent_sc if isinstance(sent_sc, str) else None)
+                  or valid_sc(_cookie(cookies)) or new_sc())
             raws = _event_list(body.get("events"), "events")
             origin_facts = Origin(site_id=site.id, source="browser", currency=site.currency,
                                   received_ms=int(time.time() * 1000), sc=sc)
             normalised = vocabulary.normalise_batch(raws, "events", origin_facts, len(data))
-        except Invalid as exc:
-            return _invalid(exc).response(cors)
-        except HTTPProblem as exc:
-            return exc.response(cors)
-        results = await self.store.ingest(site.id, normalised, raws,
-                                          SessionInfo(user_agent=request.headers.get("user-agent")))
+        except (Invalid, HTTPProblem) as exc:
+            problem = _invalid(exc) if isinstance(exc, Invalid) else exc
+            await problem.response(self._cors(origin, allowed))(scope, receive, send)
+            return
+        try:
+            results = await self.store.ingest(site.id, normalised, raws,
+                                              SessionInfo(user_agent=user_agent))
+        except Exception:  # what Starlette's ServerErrorMiddleware answers, then re-raises
+            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+            raise
         self._stored(results)
-        headers = {**cors, "Set-Cookie": cookie_header(sc, self.secure_cookie),
-                   "Cache-Control": "no-store"}
-        return Response(status_code=204, headers=headers)
+        if origin and allowed:
+            headers = [(b"access-control-allow-origin", origin.encode("latin-1")), *_CREDENTIALS]
+        else:
+            headers = [_VARY]
+        headers.append((b"set-cookie", cookie_header(sc, self.secure_cookie).encode("latin-1")))
+        headers.append(_NO_STORE)
+        await send({"type": "http.response.start", "status": 204,
+                    "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
     # Backend ----------------------------------------------------------------------------
 
