@@ -28,8 +28,8 @@ CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
 Request = tuple[str, Sequence[dict[str, Any]], Sequence[Any], SessionInfo]
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=json_number)
+# One encoder for every value: json.dumps with options builds a new one per call.
+dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=json_number).encode
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:

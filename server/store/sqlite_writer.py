@@ -448,10 +448,14 @@ def main() -> None:
             results = [_portable(result) for result in ops.run_batch(jobs)]
         except Exception as exc:  # the commit itself failed: nobody's write is durable
             results = [_portable(exc)] * len(jobs)
+        replies = []  # one write for every reply of this transaction
+        for frame in frames:
+            data = pickle.dumps(results[:len(frame)], protocol=pickle.HIGHEST_PROTOCOL)
+            replies += (_FRAME.pack(len(data)), data)
+            results = results[len(frame):]
         try:
-            for frame in frames:
-                _send(stdout, results[:len(frame)])
-                results = results[len(frame):]
+            stdout.write(b"".join(replies))
+            stdout.flush()
         except BrokenPipeError:
             return
         frames = []
