@@ -34,6 +34,11 @@ from .base import Delivery, Outcome
 from .sqlite_ingest import IngestBatch, identity_fields, insert_deliveries
 
 _FRAME = struct.Struct("!I")
+# WAL pages before a commit checkpoints (SQLite's default: 1,000). The checkpoint runs
+# inside the commit that crosses it, so every request of that batch waits on it; fewer,
+# larger ones copy each hot page once instead of many times (bench/ingest.py: ~+10-20%
+# events/s, p99 ~18 -> ~36 ms, a WAL file of up to ~32 MiB). Commits stay synced.
+WAL_AUTOCHECKPOINT = 8000
 
 
 def now_ms() -> int:
@@ -76,11 +81,12 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
 
 def configure(conn: sqlite3.Connection) -> sqlite3.Connection:
     """The writer's connection: WAL, ``synchronous=FULL`` (a commit survives power loss),
-    migrated."""
+    checkpoints every ``WAL_AUTOCHECKPOINT`` pages, migrated."""
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
     migrate(conn)
     return conn
 
