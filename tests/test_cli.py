@@ -49,6 +49,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(base: str, process: subprocess.Popen, timeout: float = 30) -> None:
+    """Until ``base`` answers /healthz 200; fails if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and process.poll() is None, "server did not start"
+        time.sleep(0.2)
+
+
 def test_serve_without_config_runs_the_demo(tmp_path) -> None:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)],
@@ -56,15 +69,7 @@ def test_serve_without_config_runs_the_demo(tmp_path) -> None:
                                stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "server did not start"
-            time.sleep(0.2)
+        wait_healthy(base, process)
         page = httpx.get(f"{base}/demo/")
         assert page.status_code == 200 and 'src="/s/demo.js"' in page.text
         assert httpx.get(f"{base}/demo/p/anything").status_code == 200  # SPA routes

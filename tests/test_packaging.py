@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from test_cli import free_port
+from test_cli import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,15 +42,7 @@ def test_wheel_install_serves_the_demo(tmp_path) -> None:
                                stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "server did not start"
-            time.sleep(0.2)
+        wait_healthy(base, process)
         assert "onetag" in httpx.get(f"{base}/demo/").text
         assert httpx.get(f"{base}/static/demo/demo.js").status_code == 200
         script = httpx.get(f"{base}/s/demo.js")
