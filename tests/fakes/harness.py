@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import uvicorn
 
@@ -25,7 +25,7 @@ from server import config
 from server.app import create_app
 from server.forwarder import ForwarderOptions
 
-from .vendor_server import FakeVendors
+from .vendor_server import FakeVendors, until, wait_sync  # noqa: F401 (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 ORIGIN = "https://shop.example"
@@ -160,32 +160,6 @@ def states(db: Path | str) -> dict[str, int]:
     for row in rows(db):
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     return counts
-
-
-async def until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-                describe: Callable[[], Any] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"; {describe()}" if describe else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        await asyncio.sleep(0.02)
-
-
-def wait_sync(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-              describe: Callable[[], Any] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"; {describe()}" if describe else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(0.05)
 
 
 # The server as its own process (kill -9) ------------------------------------------------

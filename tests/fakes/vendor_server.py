@@ -39,6 +39,33 @@ REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
+def _timed_out(timeout: float, what: str, describe: Callable[[], Any] | None) -> AssertionError:
+    extra = f"; {describe()}" if describe else ""
+    return AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+
+
+def wait_sync(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+              describe: Callable[[], Any] | None = None) -> Any:
+    """Poll ``condition`` until it is truthy (from a thread without a running loop)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise _timed_out(timeout, what, describe)
+        time.sleep(0.02)
+    return value
+
+
+async def until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+                describe: Callable[[], Any] | None = None) -> Any:
+    """The same from async code, without blocking the caller's event loop."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise _timed_out(timeout, what, describe)
+        await asyncio.sleep(0.02)
+    return value
+
+
 @dataclass
 class Recorded:
     """One request as the fake saw it."""
@@ -150,28 +177,12 @@ class FakeVendors:
     def wait_until(self, condition: Callable[[], Any], timeout: float = 30.0,
                    what: str = "condition") -> Any:
         """Poll ``condition`` (from a thread without a running loop) until it is truthy."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
-                                     f"the fake saw {self.summary()}")
-            time.sleep(0.02)
+        return wait_sync(condition, timeout, what, lambda: f"the fake saw {self.summary()}")
 
     async def until(self, condition: Callable[[], Any], timeout: float = 30.0,
                     what: str = "condition") -> Any:
         """The same from async code: polls without blocking the caller's event loop."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
-                                     f"the fake saw {self.summary()}")
-            await asyncio.sleep(0.02)
+        return await until(condition, timeout, what, lambda: f"the fake saw {self.summary()}")
 
     def summary(self) -> str:
         seen = [f"{r.method} {r.path} -> {r.answer}" for r in self.requests()[-30:]]
