@@ -11,7 +11,7 @@ import hmac
 import time
 from typing import Any, Callable
 
-from starlette.requests import Request, cookie_parser
+from starlette.requests import ClientDisconnect, Request, cookie_parser
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -50,47 +50,30 @@ def _invalid(exc: Invalid) -> HTTPProblem:
 
 
 async def _receive_body(receive: Receive, declared: str | None) -> bytes | None:
-    """``_read_body`` for a plain ASGI app; None if the client disconnected."""
+    """The request body within its limit; None if the client disconnected first."""
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise HTTPProblem(413, "too_large", "body", f"is {declared} bytes; the limit is "
                           f"{MAX_BODY_BYTES} bytes a request")
-    message = await receive()
-    if message["type"] != "http.request":
-        return None
-    if not message.get("more_body", False):  # the usual case: the whole body at once
-        data = message.get("body", b"")
-        if len(data) > MAX_BODY_BYTES:
-            raise HTTPProblem(413, "too_large", "body",
-                              f"is over the limit of {MAX_BODY_BYTES} bytes a request")
-        return data
     chunks, size = [], 0
     while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise HTTPProblem(413, "too_large", "body",
                               f"is over the limit of {MAX_BODY_BYTES} bytes a request")
-        chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
+            return b"".join([*chunks, chunk]) if chunks else chunk  # usually one message
+        chunks.append(chunk)
 
 
 async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPProblem(413, "too_large", "body", f"is {declared} bytes; the limit is "
-                          f"{MAX_BODY_BYTES} bytes a request")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise HTTPProblem(413, "too_large", "body",
-                              f"is over the limit of {MAX_BODY_BYTES} bytes a request")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    data = await _receive_body(request.receive, request.headers.get("content-length"))
+    if data is None:
+        raise ClientDisconnect()
+    return data
 
 
 def _cookie(headers: list[str]) -> str | None:
