@@ -16,7 +16,7 @@ settings (127.0.0.1, log level warning, proxy_headers, no server header):
 The client is one asyncio process keeping N HTTP/1.1 keep-alive connections busy (default:
 a small raw-socket client; ``--client httpx`` uses httpx.AsyncClient — measurably slower, so
 on a small machine it steals CPU from the server). Each request is what the browser runtime
-sends: ``text/plain``, an ``Origin`` the site allows, a unique ``event_id`` per event, a
+sends: ``text/plain``, an ``Origin`` the site allows, a unique UUIDv7 ``event_id`` per event, a
 ``sc`` drawn from many sessions. Requests still in flight at the end are awaited, never
 cut, so every 204 the client saw can be checked against ``SELECT count(*) FROM events``.
 
@@ -157,7 +157,10 @@ class Bodies:
     def make(self) -> bytes:
         now = int(time.time() * 1000)
         choice = self.rng.choice
-        events = ",".join(choice(self.templates) % (uuid.uuid4(), now) for _ in range(self.batch))
+        # Event ids as the runtime makes them: UUIDv7, led by the Unix milliseconds.
+        events = ",".join(choice(self.templates) % (
+            uuid.UUID(int=now << 80 | 0x7 << 76 | 0x2 << 62 | self.rng.getrandbits(62)
+                      | self.rng.getrandbits(12) << 64), now) for _ in range(self.batch))
         self.events_made += self.batch
         return ('{"site_id":"bench","sc":"%s","events":[%s]}' % (choice(self.scs), events)
                 ).encode()

@@ -9,7 +9,9 @@ Every problem names its field with a path (``events[2].ecommerce.items[0].price`
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
@@ -63,6 +65,16 @@ class Invalid(Exception):
         return {"field": self.field, "problem": self.problem}
 
 
+def new_event_id() -> str:
+    """A UUIDv7 (RFC 9562: 48 bits of Unix milliseconds, then random bits), as the browser
+    runtime makes them: ids that grow with time keep inserts into the events table's
+    ``(site_id, event_id)`` index at its end instead of on a random page each."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return str(uuid.UUID(int=value))
+
+
 def parse_json(body: bytes) -> Any:
     """Decode a request body; floats become Decimal so money stays exact."""
     try:
@@ -104,7 +116,7 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) 
 
     event_id = raw.get("event_id")
     if event_id is None and origin.source == "backend":
-        event_id = str(uuid.uuid4())
+        event_id = new_event_id()
     if not isinstance(event_id, str) or not EVENT_ID_RE.match(event_id):
         raise Invalid(f"{where}.event_id", "is required: a string id (a UUID) kept across retries")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from decimal import Decimal
 
 import pytest
 
 from server import events
-from server.events import Invalid, Origin
+from server.events import Invalid, Origin, new_event_id
 
 BROWSER = Origin(site_id="shop1", source="browser", currency="USD", received_ms=1000, sc="ABC-123-DEF")
 BACKEND = Origin(site_id="shop1", source="backend", currency="USD", received_ms=1000)
@@ -65,9 +67,17 @@ def test_email_is_normalised_and_custom_keys_become_properties() -> None:
 def test_backend_event_gets_an_id_and_may_name_a_session() -> None:
     event = parse('{"event": "order_status", "transaction_id": "1001", "status": "cancelled", '
                   '"user": {"email": "a@b.co"}, "sc": "cda68358-94fb-4d83-9655-3feb3c4114a3"}', BACKEND)
-    assert len(event["event_id"]) == 36
+    made = uuid.UUID(event["event_id"])
+    assert made.version == 7 and made.variant == uuid.RFC_4122, "a UUIDv7, like the browser's"
+    assert abs((made.int >> 80) - time.time() * 1000) < 60_000, "led by Unix milliseconds"
     assert event["sc"] == "CDA68358-94FB-4D83-9655-3FEB3C4114A3"
     assert event["ecommerce"]["transaction_id"] == "1001" and event["status"] == "cancelled"
+
+
+def test_server_made_event_ids_grow_with_time() -> None:
+    ids = [new_event_id() for _ in range(50)]
+    times = [uuid.UUID(i).int >> 80 for i in ids]
+    assert times == sorted(times) and len(set(ids)) == 50
 
 
 @pytest.mark.parametrize("text, field, words", [

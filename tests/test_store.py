@@ -104,6 +104,46 @@ async def test_one_email_on_two_devices_is_one_identity(tmp_path) -> None:
             ("SC-LAPTOP-1", 1), ("SC-PHONE-01", 1)]
 
 
+async def test_session_view_lists_its_own_events_newest_first(tmp_path) -> None:
+    store = await open_store(settings_for(tmp_path))
+    try:
+        for i in range(6):  # two sessions interleaved, then one more that never mixes
+            sc = "SC-AAAA-0001" if i % 2 else "SC-BBBB-0002"
+            await ingest(store, event({"event": "page_view", "event_id": f"p{i}"}, sc=sc))
+        await ingest(store, event({"event": "page_view", "event_id": "late"}, sc="SC-CCCC-0003"))
+        view = await store.session_view("shop1", "SC-AAAA-0001")
+        short = await store.session_view("shop1", "SC-AAAA-0001", limit=2)
+        unknown = await store.session_view("shop1", "SC-NONE-0000")
+    finally:
+        await store.close()
+    assert [e["event_id"] for e in view["events"]] == ["p5", "p3", "p1"]
+    assert [e["event_id"] for e in short["events"]] == ["p5", "p3"]
+    assert unknown["session"] is None and unknown["events"] == [] == unknown["deliveries"]
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert sorted(db.execute("SELECT sc, first_seq, last_seq FROM sessions")) == [
+            ("SC-AAAA-0001", 2, 6), ("SC-BBBB-0002", 1, 5), ("SC-CCCC-0003", 7, 7)]
+
+
+def test_migration_003_gives_existing_sessions_their_bounds(tmp_path) -> None:
+    db = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    db.execute("CREATE TABLE schema_migrations "
+               "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
+    for version, name, sql in migrations()[:2]:  # a database made before 003
+        db.executescript(sql)
+        db.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+    db.execute("INSERT INTO sessions (site_id, sc, first_ms, last_ms) VALUES "
+               "('shop1', 'SC-A', 0, 0), ('shop1', 'SC-B', 0, 0), ('shop1', 'SC-C', 0, 0)")
+    for seq, sc in [(1, "SC-A"), (2, "SC-B"), (3, "SC-A"), (4, "SC-A"), (5, None)]:
+        db.execute("INSERT INTO events (seq, site_id, event_id, name, source, sc, received_ms, "
+                   "raw, data) VALUES (?, 'shop1', ?, 'page_view', 'browser', ?, 0, '{}', '{}')",
+                   (seq, f"e{seq}", sc))
+    assert migrate(db) == ["003_session_bounds.sql"]
+    assert sorted(db.execute("SELECT sc, first_seq, last_seq FROM sessions")) == [
+        ("SC-A", 1, 4), ("SC-B", 2, 2), ("SC-C", None, None)]
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events_session'"
+                      ).fetchone()[0] == 0
+
+
 async def test_cart_state_and_guid_per_state(tmp_path) -> None:
     store = await open_store(settings_for(tmp_path))
     try:

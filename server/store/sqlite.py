@@ -153,13 +153,21 @@ class SQLiteStore(Store):
             "SELECT * FROM carts WHERE site_id = ? AND sc = ?", (site_id, sc))
         cart = (cart_snapshot(json.loads(cart_rows[0]["items"]), cart_rows[0]["currency"],
                               cart_rows[0]["guid"]) if cart_rows else None)
-        events = await self._reader.execute_fetchall(
-            "SELECT data FROM events WHERE site_id = ? AND sc = ? ORDER BY seq DESC LIMIT ?",
-            (site_id, sc, limit))
-        deliveries = await self._reader.execute_fetchall(
-            "SELECT d.vendor, d.state, d.dedup_key, d.attempts, d.last_error, e.name "
-            "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-            "WHERE e.site_id = ? AND e.sc = ? ORDER BY d.id DESC LIMIT ?", (site_id, sc, limit))
+        # No index on (site, sc): the session row's seq bounds limit the walk back through
+        # events (migration 003 says why), newest first, until `limit` of them are found.
+        first, last = ((session[0]["first_seq"], session[0]["last_seq"]) if session
+                       else (None, None))
+        events = deliveries = []
+        if last is not None:
+            bounds = (first or 0, last, site_id, sc)
+            events = await self._reader.execute_fetchall(
+                "SELECT data FROM events WHERE seq BETWEEN ? AND ? AND site_id = ? AND sc = ? "
+                "ORDER BY seq DESC LIMIT ?", (*bounds, limit))
+            deliveries = await self._reader.execute_fetchall(
+                "SELECT d.vendor, d.state, d.dedup_key, d.attempts, d.last_error, e.name "
+                "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+                "WHERE d.event_seq BETWEEN ?1 AND ?2 AND e.seq BETWEEN ?1 AND ?2 "
+                "AND e.site_id = ?3 AND e.sc = ?4 ORDER BY d.id DESC LIMIT ?5", (*bounds, limit))
         return {"sc": sc, "session": dict(session[0]) if session else None,
                 "identity": identity, "cart": cart,
                 "events": [json.loads(row["data"]) for row in events],

@@ -85,7 +85,7 @@ class IngestBatch:
         self.now = now
         self.hold_ms = hold_ms
         self.grace_ms = browser_grace_ms
-        # (site_id, sc) -> [identity_id, first_ms, user_agent, last_page]
+        # (site_id, sc) -> [identity_id, first_ms, user_agent, last_page, first_seq, last_seq]
         self.sessions: dict[tuple[str, str], list[Any]] = {}
         self.identities: dict[int, dict[str, Any]] = {}
         # (site_id, sc) -> (items, guid, currency) or None (no cart)
@@ -140,11 +140,11 @@ class IngestBatch:
                     cart_scs.setdefault(site_id, set()).add(event["sc"])
         # One site per query, so the primary key (site_id, sc) is searched, not scanned.
         for site_id, chunk in _by_site(scs):
-            for sc, identity_id, first_ms, user_agent, last_page in self.conn.execute(
-                    "SELECT sc, identity_id, first_ms, user_agent, last_page FROM sessions "
-                    f"WHERE site_id = ? AND sc IN ({','.join('?' * len(chunk))})",
+            for sc, *state in self.conn.execute(
+                    "SELECT sc, identity_id, first_ms, user_agent, last_page, first_seq, last_seq "
+                    f"FROM sessions WHERE site_id = ? AND sc IN ({','.join('?' * len(chunk))})",
                     (site_id, *chunk)):
-                self.sessions[(site_id, sc)] = [identity_id, first_ms, user_agent, last_page]
+                self.sessions[(site_id, sc)] = state
         identity_ids = sorted({s[0] for s in self.sessions.values() if s[0] is not None})
         for chunk in _chunks(identity_ids):
             for row in self.conn.execute(
@@ -165,9 +165,11 @@ class IngestBatch:
         if sc:
             state = self.sessions.get(key)
             if state is None:
-                state = self.sessions[key] = [None, self.now, None, None]
+                state = self.sessions[key] = [None, self.now, None, None, seq, seq]
             state[2] = session.user_agent or state[2]
             state[3] = (event.get("page") or {}).get("location") or state[3]
+            state[4] = state[4] or seq  # NULL for sessions older than migration 003's data
+            state[5] = seq
         identity, newly_bound = self._identity(site.id, event)
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
@@ -186,10 +188,12 @@ class IngestBatch:
         if self.sessions:
             conn.executemany(
                 "INSERT INTO sessions (site_id, sc, identity_id, first_ms, last_ms, user_agent, "
-                "last_page) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site_id, sc) DO UPDATE SET "
-                "identity_id = excluded.identity_id, last_ms = excluded.last_ms, "
-                "user_agent = excluded.user_agent, last_page = excluded.last_page",
-                [(site_id, sc, state[0], state[1], self.now, state[2], state[3])
+                "last_page, first_seq, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (site_id, sc) DO UPDATE SET identity_id = excluded.identity_id, "
+                "last_ms = excluded.last_ms, user_agent = excluded.user_agent, "
+                "last_page = excluded.last_page, first_seq = excluded.first_seq, "
+                "last_seq = excluded.last_seq",
+                [(site_id, sc, state[0], state[1], self.now, *state[2:])
                  for (site_id, sc), state in self.sessions.items()])
         if self.dirty_carts:
             present = [(key, self.carts[key]) for key in self.dirty_carts if self.carts[key]]

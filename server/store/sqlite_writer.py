@@ -81,12 +81,16 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
 
 def configure(conn: sqlite3.Connection) -> sqlite3.Connection:
     """The writer's connection: WAL, ``synchronous=FULL`` (a commit survives power loss),
-    checkpoints every ``WAL_AUTOCHECKPOINT`` pages, migrated."""
+    checkpoints every ``WAL_AUTOCHECKPOINT`` pages, temporary journals in memory, migrated."""
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+    # Each group commit's ingest runs in a savepoint (a bad request then fails alone); a
+    # savepoint journals every page it changes, by default to a temporary file: about as
+    # many bytes written again as the WAL itself. In memory it is a copy, not a write.
+    conn.execute("PRAGMA temp_store=MEMORY")
     migrate(conn)
     return conn
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+UUID7_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 SC_RE = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9A-F]{12}$")
 SITES = """
 [[sites]]
@@ -116,8 +116,10 @@ def test_pushes_before_load_are_replayed_in_order_and_non_events_ignored(page, s
     assert third["properties"] == {"n": 3}
     assert all(r["data"]["page"]["location"] == url for r in rows)
     assert all(r["source"] == "browser" and r["site_id"] == "shop" for r in rows)
-    assert all(UUID_RE.match(r["event_id"]) for r in rows)
+    assert all(UUID7_RE.match(r["event_id"]) for r in rows), "event ids are UUIDv7"
     assert len({r["event_id"] for r in rows}) == 4
+    for r in rows:  # a v7 id starts with its Unix milliseconds: the push's own time
+        assert abs(int(r["event_id"].replace("-", "")[:12], 16) - r["data"]["time_ms"]) < 5000
     assert [r["data"]["time_ms"] for r in rows] == sorted(r["data"]["time_ms"] for r in rows)
 
 
