@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any, Iterable
 
 from . import money
+from .jsontext import json_number
 
 MAX_EVENT_BYTES = 32 * 1024
 
@@ -362,13 +363,6 @@ def _properties(raw: dict[str, Any]) -> dict[str, Any]:
     """Any other top-level keys, as plain JSON numbers and strings (custom events)."""
     extra = {k: v for k, v in raw.items() if k not in KNOWN_KEYS}
     return json.loads(json.dumps(extra, default=json_number)) if extra else {}
-
-
-def json_number(value: Any) -> Any:
-    """``json.dumps`` default: a Decimal as the JSON number it was parsed from."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    return str(value)
 
 
 def _type(value: Any) -> str:

@@ -1,9 +1,8 @@
 """SQLite store: WAL with ``synchronous=FULL``, one writer, group commit.
 
-Every write goes through one queue to one writer (``sqlite_writer.py``). The writer takes
-whatever jobs are waiting and applies them in one transaction, then commits once: under
-load many requests share one fsync, and a request is answered only after the commit that
-made it durable. The writer runs in a process of its own (``writer="process"``, what
+Every write goes to one writer (``sqlite_writer.py``), which applies whatever jobs are
+waiting in one transaction, then commits once: under load many requests share one fsync,
+and a request is answered only after the commit that made it durable. The writer runs in a process of its own (``writer="process"``, what
 ``onetag serve`` uses) or in aiosqlite's connection thread (``writer="thread"``, for tools
 and tests). Reads use their own aiosqlite connection, which WAL lets run beside the writer.
 """
@@ -11,7 +10,6 @@ and tests). Reads use their own aiosqlite connection, which WAL lets run beside 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import aiosqlite
 
+from ..jsontext import loads
 from ..sessions import cart_snapshot
 from .base import Delivery, IngestResult, Outcome, SessionInfo, Store
 from .sqlite_ingest import identity_fields
@@ -32,11 +31,8 @@ MAX_BATCH = 256  # jobs per group commit
 WRITERS = {"process": ProcessWriter, "thread": ThreadWriter}
 
 
-class _Job:
-    __slots__ = ("op", "args", "future")
-
-    def __init__(self, op: str, args: tuple[Any, ...], future: asyncio.Future):
-        self.op, self.args, self.future = op, args, future
+class StoreClosed(RuntimeError):
+    """A write asked of a store that is closing: it was not made."""
 
 
 class SQLiteStore(Store):
@@ -51,9 +47,11 @@ class SQLiteStore(Store):
         self.writer_kind = writer
         self._writer: ProcessWriter | ThreadWriter | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._task: asyncio.Task | None = None
-        self.commits = 0  # group commits so far (the benchmark reports requests per commit)
+        # Jobs not yet sent: (op, args, future). Sent once per turn of the event loop.
+        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._send_scheduled = False
+        self._in_flight = 0  # batches sent, not yet answered
+        self.commits = 0  # batches answered so far (the benchmark reports requests per batch)
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -66,71 +64,75 @@ class SQLiteStore(Store):
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=10000")
         self._reader.row_factory = sqlite3.Row
-        self._task = asyncio.create_task(self._write_loop(), name="onetag-writer")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """Batches already sent are committed and answered; jobs not sent yet fail."""
+        pending, self._pending = self._pending, []
+        for _, _, future in pending:
+            if not future.done():
+                future.set_exception(StoreClosed("the store closed before this write was made"))
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
         if self._writer is not None:
-            await self._writer.stop()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            await writer.stop()
 
     async def ping(self) -> None:
         assert self._reader is not None, "store is not open"
         await self._reader.execute_fetchall("SELECT 1")
 
     # The writer -------------------------------------------------------------------------
+    #
+    # Group commit without a queue task: a write adds its job to ``_pending`` and, the first
+    # in this turn of the event loop, schedules ``_send`` for the end of the turn. Every
+    # request whose body arrived in the same turn so shares one frame to the writer; up to
+    # ``depth`` batches are in flight, and jobs arriving meanwhile wait for the next answer.
 
     async def _write(self, op: str, *args: Any) -> Any:
+        if self._writer is None:
+            raise StoreClosed("the store is not open")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(op, args, future))
+        self._pending.append((op, args, future))
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            future.get_loop().call_soon(self._send)
         return await future
 
-    async def _write_loop(self) -> None:
-        """Take every job waiting, send them as one batch; up to ``depth`` batches in flight."""
-        assert self._writer is not None
-        slots = asyncio.Semaphore(self._writer.depth)
-        in_flight: set[asyncio.Task] = set()
-        try:
-            while True:
-                jobs = [await self._queue.get()]
-                while len(jobs) < MAX_BATCH and not self._queue.empty():
-                    jobs.append(self._queue.get_nowait())
-                await slots.acquire()
-                task = asyncio.create_task(self._commit(jobs, slots))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-        finally:
-            for task in in_flight:
-                task.cancel()
+    def _send(self) -> None:
+        self._send_scheduled = False
+        writer = self._writer
+        while self._pending and writer is not None and self._in_flight < writer.depth:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._in_flight += 1
+            try:
+                answer = writer.submit([(op, args) for op, args, _ in batch])
+            except Exception as exc:  # the writer is gone: nothing of this batch was made
+                answer = asyncio.get_running_loop().create_future()
+                answer.set_exception(exc)
+            answer.add_done_callback(lambda done, batch=batch: self._answered(batch, done))
 
-    async def _commit(self, jobs: list[_Job], slots: asyncio.Semaphore) -> None:
-        assert self._writer is not None
-        try:
-            results = await self._writer.run([(job.op, job.args) for job in jobs])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the commit itself failed: nobody's write is durable
-            log.exception("group commit of %d jobs failed", len(jobs))
-            results = [exc] * len(jobs)
-        finally:
-            slots.release()
+    def _answered(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]],
+                  answer: asyncio.Future[Any]) -> None:
+        self._in_flight -= 1
         self.commits += 1
-        for job, result in zip(jobs, results):
-            if job.future.done():
+        if answer.cancelled():
+            results: list[Any] = [StoreClosed("the writer stopped")] * len(batch)
+        elif answer.exception() is not None:  # the commit failed: nobody's write is durable
+            exc = answer.exception()
+            log.error("group commit of %d jobs failed: %s", len(batch), exc)
+            results = [exc] * len(batch)
+        else:
+            results = answer.result()
+        for (_, _, future), result in zip(batch, results):
+            if future.done():
                 continue
             if isinstance(result, BaseException):
-                job.future.set_exception(result)
+                future.set_exception(result)
             else:
-                job.future.set_result(result)
+                future.set_result(result)
+        if self._pending:
+            self._send()
 
     # Ingest -----------------------------------------------------------------------------
 
@@ -151,7 +153,7 @@ class SQLiteStore(Store):
             identity = {**identity_fields(rows[0]), "id": rows[0]["id"]} if rows else None
         cart_rows = await self._reader.execute_fetchall(
             "SELECT * FROM carts WHERE site_id = ? AND sc = ?", (site_id, sc))
-        cart = (cart_snapshot(json.loads(cart_rows[0]["items"]), cart_rows[0]["currency"],
+        cart = (cart_snapshot(loads(cart_rows[0]["items"]), cart_rows[0]["currency"],
                               cart_rows[0]["guid"]) if cart_rows else None)
         # No index on (site, sc): the session row's seq bounds limit the walk back through
         # events (migration 003 says why), newest first, until `limit` of them are found.
@@ -170,7 +172,7 @@ class SQLiteStore(Store):
                 "AND e.site_id = ?3 AND e.sc = ?4 ORDER BY d.id DESC LIMIT ?5", (*bounds, limit))
         return {"sc": sc, "session": dict(session[0]) if session else None,
                 "identity": identity, "cart": cart,
-                "events": [json.loads(row["data"]) for row in events],
+                "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}
 
     # The outbox -------------------------------------------------------------------------

@@ -11,13 +11,12 @@ a new or changed identity, releasing held deliveries — still talk to the datab
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import outbox
-from ..events import json_number
+from ..jsontext import dumps, loads
 from ..sessions import apply_cart, cart_snapshot, identity_update
 from .base import IngestResult, SessionInfo
 
@@ -26,10 +25,6 @@ CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
 
 Request = tuple[str, Sequence[dict[str, Any]], Sequence[Any], SessionInfo]
-
-
-# One encoder for every value: json.dumps with options builds a new one per call.
-dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=json_number).encode
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -156,7 +151,7 @@ class IngestBatch:
                     "SELECT sc, items, guid, currency FROM carts "
                     f"WHERE site_id = ? AND sc IN ({','.join('?' * len(chunk))})",
                     (site_id, *chunk)):
-                self.carts[(site_id, sc)] = (json.loads(items), guid, currency)
+                self.carts[(site_id, sc)] = (loads(items), guid, currency)
 
     def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: Any,
                session: SessionInfo) -> None:
@@ -319,7 +314,7 @@ class IngestBatch:
                 conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "
                              "WHERE event_seq = ? AND state = 'held'", (now, seq))
                 continue
-            event = json.loads(data)
+            event = loads(data)
             event["identity"] = {**{k: v for k, v in identity.items() if k != "is_new"},
                                  "is_new": False}
             conn.execute("DELETE FROM deliveries WHERE event_seq = ? AND state = 'held'", (seq,))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import pickle
 import select
@@ -30,6 +29,7 @@ from importlib import resources
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from .. import outbox
+from ..jsontext import loads
 from .base import Delivery, Outcome
 from .sqlite_ingest import IngestBatch, identity_fields, insert_deliveries
 
@@ -176,7 +176,7 @@ class WriteOps:
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_ms = ?, updated_ms = ? "
             "WHERE id = ?", [(now + lease_ms, now, row[0]) for row in rows])
         return [Delivery(id=row[0], site_id=row[1], vendor=row[2], dedup_key=row[3],
-                         visitor=row[4], request=json.loads(row[5]), attempts=row[6] + 1,
+                         visitor=row[4], request=loads(row[5]), attempts=row[6] + 1,
                          created_ms=row[7], retry_from_ms=row[8]) for row in rows]
 
     def finish(self, outcomes: list[Outcome], now: int) -> None:
@@ -241,7 +241,7 @@ class WriteOps:
                 identity = {**identity_fields(row), "id": identity_id, "is_new": False}
             if site is None or not identity or not identity.get("email"):
                 continue
-            event = json.loads(data)
+            event = loads(data)
             event["identity"] = identity
             planned = [r for r in outbox.plan(site, event, vendors) if r.state == outbox.PENDING]
             replanned = sorted({r.vendor for r in planned})
@@ -278,9 +278,10 @@ class ThreadWriter:
     def _setup(self, sites: Mapping[str, Any], hold_ms: int, grace_ms: int) -> None:
         self._ops = WriteOps(configure(self._conn._conn), sites, hold_ms, grace_ms)
 
-    async def run(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
+        """One group commit: its results, in order, once committed."""
         # One hop into the connection's thread per group commit, not one per statement.
-        return await self._conn._execute(self._ops.run_batch, jobs)  # type: ignore[union-attr]
+        return asyncio.ensure_future(self._conn._execute(self._ops.run_batch, jobs))  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         if self._conn is not None:
@@ -329,7 +330,8 @@ class ProcessWriter:
             await self.stop()
             raise answer if isinstance(answer, BaseException) else WriterFailed(repr(answer))
 
-    async def run(self, message: Any) -> Any:
+    def submit(self, message: Any) -> asyncio.Future[Any]:
+        """Send one frame (a group commit's jobs); its answer, once committed."""
         assert self._process is not None and self._process.stdin is not None
         if self._replies is None or self._replies.done():
             raise WriterFailed(f"the writer process exited (code {self._process.returncode})")
@@ -338,7 +340,10 @@ class ProcessWriter:
         self._waiting.append(future)
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         self._process.stdin.write(_FRAME.pack(len(data)) + data)
-        return await future
+        return future
+
+    async def run(self, message: Any) -> Any:
+        return await self.submit(message)
 
     async def _read_replies(self) -> None:
         assert self._process is not None and self._process.stdout is not None
