@@ -60,7 +60,7 @@ async def test_repeated_event_id_is_stored_once(tmp_path) -> None:
     assert count(settings) == 1
     with sqlite3.connect(settings.server.sqlite_path) as db:
         # The cart delta was applied once, not three times.
-        items = json.loads(db.execute("SELECT items FROM carts").fetchone()[0])
+        items = json.loads(db.execute("SELECT cart_items FROM sessions").fetchone()[0])
     assert items[0]["quantity"] == 1
 
 

@@ -124,7 +124,7 @@ async def test_session_view_lists_its_own_events_newest_first(tmp_path) -> None:
             ("SC-AAAA-0001", 2, 6), ("SC-BBBB-0002", 1, 5), ("SC-CCCC-0003", 7, 7)]
 
 
-def test_migration_003_gives_existing_sessions_their_bounds(tmp_path) -> None:
+def test_migrations_carry_a_database_from_before_003_over(tmp_path) -> None:
     db = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
     db.execute("CREATE TABLE schema_migrations "
                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
@@ -137,11 +137,17 @@ def test_migration_003_gives_existing_sessions_their_bounds(tmp_path) -> None:
         db.execute("INSERT INTO events (seq, site_id, event_id, name, source, sc, received_ms, "
                    "raw, data) VALUES (?, 'shop1', ?, 'page_view', 'browser', ?, 0, '{}', '{}')",
                    (seq, f"e{seq}", sc))
-    assert migrate(db) == ["003_session_bounds.sql"]
-    assert sorted(db.execute("SELECT sc, first_seq, last_seq FROM sessions")) == [
-        ("SC-A", 1, 4), ("SC-B", 2, 2), ("SC-C", None, None)]
-    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events_session'"
-                      ).fetchone()[0] == 0
+    db.execute("INSERT INTO carts VALUES ('shop1', 'SC-A', 'G-A', 'USD', '[{\"item_id\":\"1\"}]', 7), "
+               "('shop1', 'SC-X', 'G-X', 'EUR', '[]', 9)")  # SC-X: a cart without a session row
+    assert migrate(db) == ["003_session_bounds.sql", "004_cart_in_session.sql"]
+    rows = db.execute("SELECT sc, first_seq, last_seq, cart_guid, cart_currency, cart_items, "
+                      "cart_updated_ms FROM sessions ORDER BY sc").fetchall()
+    assert rows == [("SC-A", 1, 4, "G-A", "USD", '[{"item_id":"1"}]', 7),
+                    ("SC-B", 2, 2, None, None, None, None),
+                    ("SC-C", None, None, None, None, None, None),
+                    ("SC-X", None, None, "G-X", "EUR", "[]", 9)]
+    gone = db.execute("SELECT name FROM sqlite_master WHERE name IN ('events_session', 'carts')")
+    assert gone.fetchall() == []
 
 
 async def test_cart_state_and_guid_per_state(tmp_path) -> None:

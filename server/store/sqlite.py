@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import aiosqlite
 
-from ..jsontext import loads
+from ..jsontext import dumps, loads
 from ..sessions import cart_snapshot
 from .base import Delivery, IngestResult, Outcome, SessionInfo, Store
 from .sqlite_ingest import identity_fields
@@ -138,7 +138,12 @@ class SQLiteStore(Store):
 
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
                      raws: Sequence[Any], session: SessionInfo) -> list[IngestResult]:
-        return await self._write("ingest", site_id, list(events), list(raws), session)
+        # What crosses to a writer process is kept to plain values: the events as sent go
+        # as their stored text (not dicts of Decimals), the visitor as its user agent, and
+        # the answer comes back as (event_id, seq, duplicate) tuples.
+        rows = await self._write("ingest", site_id, list(events), [dumps(raw) for raw in raws],
+                                 session.user_agent)
+        return [IngestResult(*row) for row in rows]
 
     # Reads ------------------------------------------------------------------------------
 
@@ -151,10 +156,10 @@ class SQLiteStore(Store):
             rows = await self._reader.execute_fetchall(
                 "SELECT * FROM identities WHERE id = ?", (session[0]["identity_id"],))
             identity = {**identity_fields(rows[0]), "id": rows[0]["id"]} if rows else None
-        cart_rows = await self._reader.execute_fetchall(
-            "SELECT * FROM carts WHERE site_id = ? AND sc = ?", (site_id, sc))
-        cart = (cart_snapshot(loads(cart_rows[0]["items"]), cart_rows[0]["currency"],
-                              cart_rows[0]["guid"]) if cart_rows else None)
+        row = dict(session[0]) if session else {}
+        items, currency, guid = (row.pop(f"cart_{k}", None) for k in ("items", "currency", "guid"))
+        row.pop("cart_updated_ms", None)
+        cart = cart_snapshot(loads(items), currency, guid) if items is not None else None
         # No index on (site, sc): the session row's seq bounds limit the walk back through
         # events (migration 003 says why), newest first, until `limit` of them are found.
         first, last = ((session[0]["first_seq"], session[0]["last_seq"]) if session
@@ -170,7 +175,7 @@ class SQLiteStore(Store):
                 "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
                 "WHERE d.event_seq BETWEEN ?1 AND ?2 AND e.seq BETWEEN ?1 AND ?2 "
                 "AND e.site_id = ?3 AND e.sc = ?4 ORDER BY d.id DESC LIMIT ?5", (*bounds, limit))
-        return {"sc": sc, "session": dict(session[0]) if session else None,
+        return {"sc": sc, "session": row or None,
                 "identity": identity, "cart": cart,
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}

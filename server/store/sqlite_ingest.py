@@ -18,13 +18,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from .. import outbox
 from ..jsontext import dumps, loads
 from ..sessions import apply_cart, cart_snapshot, identity_update
-from .base import IngestResult, SessionInfo
 
 CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
                          "cart_updated", "purchase"})
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
 
-Request = tuple[str, Sequence[dict[str, Any]], Sequence[Any], SessionInfo]
+# (site_id, normalised events, the events as sent as stored JSON text, user agent or None)
+Request = tuple[str, Sequence[dict[str, Any]], Sequence[str], str | None]
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -40,6 +40,30 @@ def identity_fields(row: Mapping[str, Any] | None) -> dict[str, Any]:
     if row["accepts_marketing"] is not None:
         fields["accepts_marketing"] = bool(row["accepts_marketing"])
     return fields
+
+
+class _Session:
+    """A session's row while a batch applies to it (columns of ``sessions`` but the keys)."""
+
+    __slots__ = ("identity_id", "first_ms", "user_agent", "last_page", "first_seq", "last_seq",
+                 "cart_guid", "cart_currency", "cart_items", "cart_updated_ms")
+
+    def __init__(self, *values: Any):  # in column order; the ones left out are NULL
+        for name in self.__slots__:
+            setattr(self, name, None)
+        for name, value in zip(self.__slots__, values):
+            setattr(self, name, value)
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+
+_SESSION_COLUMNS = ", ".join(_Session.__slots__)
+_SESSION_UPSERT = (
+    f"INSERT INTO sessions (site_id, sc, last_ms, {_SESSION_COLUMNS}) "
+    f"VALUES (?, ?, ?, {', '.join('?' * len(_Session.__slots__))}) "
+    "ON CONFLICT (site_id, sc) DO UPDATE SET last_ms = excluded.last_ms, "
+    + ", ".join(f"{name} = excluded.{name}" for name in _Session.__slots__ if name != "first_ms"))
 
 
 def _flag(value: Any) -> int | None:
@@ -80,10 +104,10 @@ class IngestBatch:
         self.now = now
         self.hold_ms = hold_ms
         self.grace_ms = browser_grace_ms
-        # (site_id, sc) -> [identity_id, first_ms, user_agent, last_page, first_seq, last_seq]
-        self.sessions: dict[tuple[str, str], list[Any]] = {}
+        self.sessions: dict[tuple[str, str], _Session] = {}
         self.identities: dict[int, dict[str, Any]] = {}
-        # (site_id, sc) -> (items, guid, currency) or None (no cart)
+        # (site_id, sc) -> (items, guid, currency) or None (no cart); read from the session
+        # row when a cart event needs it, written back into the row when it changed
         self.carts: dict[tuple[str, str], tuple[list[dict[str, Any]], str, str] | None] = {}
         self.dirty_carts: set[tuple[str, str]] = set()
         self.event_rows: list[tuple[Any, ...]] = []
@@ -91,24 +115,25 @@ class IngestBatch:
 
     # The batch ----------------------------------------------------------------------------
 
-    def run(self, requests: Sequence[Request]) -> list[list[IngestResult]]:
-        results: list[list[IngestResult]] = [[] for _ in requests]
+    def run(self, requests: Sequence[Request]) -> list[list[tuple[str, int, bool]]]:
+        """Per request, an ``IngestResult``-shaped tuple per event (tuples pickle cheaply)."""
+        results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
         known = self._known_events(requests)
         next_seq = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
         work = []  # (request index, seq, event, raw, session info)
-        for index, (site_id, events, raws, session) in enumerate(requests):
+        for index, (site_id, events, raws, user_agent) in enumerate(requests):
             for event, raw in zip(events, raws):
                 key = (site_id, event["event_id"])
                 if key in known:
-                    results[index].append(IngestResult(event["event_id"], known[key], True))
+                    results[index].append((event["event_id"], known[key], True))
                     continue
                 known[key] = next_seq
-                results[index].append(IngestResult(event["event_id"], next_seq, False))
-                work.append((next_seq, site_id, event, raw, session))
+                results[index].append((event["event_id"], next_seq, False))
+                work.append((next_seq, site_id, event, raw, user_agent))
                 next_seq += 1
         self._load_state(work)
-        for seq, site_id, event, raw, session in work:
-            self._apply(seq, self.sites[site_id], event, raw, session)
+        for seq, site_id, event, raw, user_agent in work:
+            self._apply(seq, self.sites[site_id], event, raw, user_agent)
         self._flush()
         return results
 
@@ -127,50 +152,41 @@ class IngestBatch:
 
     def _load_state(self, work: Sequence[tuple[Any, ...]]) -> None:
         scs: dict[str, set[str]] = {}
-        cart_scs: dict[str, set[str]] = {}
         for _, site_id, event, _, _ in work:
             if event["sc"]:
                 scs.setdefault(site_id, set()).add(event["sc"])
-                if event["name"] in CART_EVENTS:
-                    cart_scs.setdefault(site_id, set()).add(event["sc"])
         # One site per query, so the primary key (site_id, sc) is searched, not scanned.
         for site_id, chunk in _by_site(scs):
-            for sc, *state in self.conn.execute(
-                    "SELECT sc, identity_id, first_ms, user_agent, last_page, first_seq, last_seq "
-                    f"FROM sessions WHERE site_id = ? AND sc IN ({','.join('?' * len(chunk))})",
+            for sc, *values in self.conn.execute(
+                    f"SELECT sc, {_SESSION_COLUMNS} FROM sessions "
+                    f"WHERE site_id = ? AND sc IN ({','.join('?' * len(chunk))})",
                     (site_id, *chunk)):
-                self.sessions[(site_id, sc)] = state
-        identity_ids = sorted({s[0] for s in self.sessions.values() if s[0] is not None})
+                self.sessions[(site_id, sc)] = _Session(*values)
+        identity_ids = sorted({s.identity_id for s in self.sessions.values()
+                               if s.identity_id is not None})
         for chunk in _chunks(identity_ids):
             for row in self.conn.execute(
                     f"SELECT * FROM identities WHERE id IN ({','.join('?' * len(chunk))})", chunk):
                 self.identities[row["id"]] = identity_fields(row)
-        for site_id, chunk in _by_site(cart_scs):
-            self.carts.update(((site_id, sc), None) for sc in chunk)
-            for sc, items, guid, currency in self.conn.execute(
-                    "SELECT sc, items, guid, currency FROM carts "
-                    f"WHERE site_id = ? AND sc IN ({','.join('?' * len(chunk))})",
-                    (site_id, *chunk)):
-                self.carts[(site_id, sc)] = (loads(items), guid, currency)
 
-    def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: Any,
-               session: SessionInfo) -> None:
+    def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: str,
+               user_agent: str | None) -> None:
         sc = event["sc"]
         key = (site.id, sc)
         if sc:
             state = self.sessions.get(key)
             if state is None:
-                state = self.sessions[key] = [None, self.now, None, None, seq, seq]
-            state[2] = session.user_agent or state[2]
-            state[3] = (event.get("page") or {}).get("location") or state[3]
-            state[4] = state[4] or seq  # NULL for sessions older than migration 003's data
-            state[5] = seq
+                state = self.sessions[key] = _Session(None, self.now, None, None, seq, seq)
+            state.user_agent = user_agent or state.user_agent
+            state.last_page = (event.get("page") or {}).get("location") or state.last_page
+            state.first_seq = state.first_seq or seq  # NULL if older than migration 003's data
+            state.last_seq = seq
         identity, newly_bound = self._identity(site.id, event)
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event)
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
-                                sc, identity["id"] if identity else None, self.now, dumps(raw),
+                                sc, identity["id"] if identity else None, self.now, raw,
                                 dumps(event)))
         self.delivery_rows.extend(
             (site.id, seq, row) for row in outbox.plan(site, event, None, self.grace_ms))
@@ -180,28 +196,15 @@ class IngestBatch:
 
     def _flush(self) -> None:
         conn = self.conn
+        for key in self.dirty_carts:
+            state, cart = self.sessions[key], self.carts[key]
+            state.cart_items, state.cart_guid, state.cart_currency = (
+                (dumps(cart[0]), cart[1], cart[2]) if cart else (None, None, None))
+            state.cart_updated_ms = self.now
+        self.dirty_carts.clear()
         if self.sessions:
-            conn.executemany(
-                "INSERT INTO sessions (site_id, sc, identity_id, first_ms, last_ms, user_agent, "
-                "last_page, first_seq, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (site_id, sc) DO UPDATE SET identity_id = excluded.identity_id, "
-                "last_ms = excluded.last_ms, user_agent = excluded.user_agent, "
-                "last_page = excluded.last_page, first_seq = excluded.first_seq, "
-                "last_seq = excluded.last_seq",
-                [(site_id, sc, state[0], state[1], self.now, *state[2:])
-                 for (site_id, sc), state in self.sessions.items()])
-        if self.dirty_carts:
-            present = [(key, self.carts[key]) for key in self.dirty_carts if self.carts[key]]
-            conn.executemany(
-                "INSERT INTO carts (site_id, sc, guid, currency, items, updated_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site_id, sc) DO UPDATE SET "
-                "guid = excluded.guid, currency = excluded.currency, items = excluded.items, "
-                "updated_ms = excluded.updated_ms",
-                [(site_id, sc, cart[1], cart[2], dumps(cart[0]), self.now)
-                 for (site_id, sc), cart in present])
-            conn.executemany("DELETE FROM carts WHERE site_id = ? AND sc = ?",
-                             [key for key in self.dirty_carts if self.carts[key] is None])
-            self.dirty_carts.clear()
+            conn.executemany(_SESSION_UPSERT, [(site_id, sc, self.now, *state.values())
+                                               for (site_id, sc), state in self.sessions.items()])
         if self.event_rows:
             conn.executemany(
                 "INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, "
@@ -217,7 +220,7 @@ class IngestBatch:
         """The session's identity after ``event``, and whether the session was newly bound."""
         sc = event["sc"]
         state = self.sessions.get((site_id, sc)) if sc else None
-        current_id = state[0] if state else None
+        current_id = state.identity_id if state else None
         user = event.get("user") or {}
         if not (user.get("email") or user.get("customer_id")):
             if current_id is None:
@@ -226,7 +229,7 @@ class IngestBatch:
         identity_id, is_new = self._upsert_identity(site_id, event)
         newly_bound = False
         if state is not None and current_id != identity_id:
-            state[0] = identity_id
+            state.identity_id = identity_id
             newly_bound = True
         return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, newly_bound
 
@@ -276,7 +279,11 @@ class IngestBatch:
 
     def _cart(self, site: Any, event: dict[str, Any]) -> dict[str, Any] | None:
         key = (site.id, event["sc"])
-        stored = self.carts.get(key)
+        if key not in self.carts:
+            state = self.sessions[key]
+            self.carts[key] = (None if state.cart_items is None else
+                               (loads(state.cart_items), state.cart_guid, state.cart_currency))
+        stored = self.carts[key]
         items, guid, stored_currency = stored if stored else ([], None, None)
         currency = (event.get("ecommerce") or {}).get("currency") or stored_currency or site.currency
         after = apply_cart(items, event)
