@@ -41,10 +41,13 @@ EVENT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:/-]{0,63}$")
 EVENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 SC_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
+CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 
 USER_STRINGS = ("customer_id", "first_name", "last_name", "phone")
 ITEM_STRINGS = ("item_name", "item_brand", "item_variant", "item_url", "image_url", "description",
                 "item_list_id", "item_list_name", "coupon", "affiliation")
+CATEGORY_KEYS = ("item_category", "item_category2", "item_category3", "item_category4",
+                 "item_category5")
 ADDRESS_KEYS = ("first_name", "last_name", "company", "address_1", "address_2", "city", "state",
                 "state_code", "postal_code", "country", "country_code", "phone", "email")
 # Keys read into the normalised event; anything else on a custom event becomes a property.
@@ -76,10 +79,15 @@ def new_event_id() -> str:
     return str(uuid.UUID(int=value))
 
 
+# One decoder for every body: json.loads(..., parse_float=...) builds a new one per call.
+_DECODER = json.JSONDecoder(parse_float=Decimal)
+
+
 def parse_json(body: bytes) -> Any:
-    """Decode a request body; floats become Decimal so money stays exact."""
+    """Decode a request body (as ``json.loads`` would); floats become Decimal so money
+    stays exact."""
     try:
-        return json.loads(body, parse_float=Decimal)
+        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Invalid("body", f"is not valid JSON ({exc})") from None
 
@@ -298,7 +306,7 @@ def _ecommerce(ecommerce: Any, where: str, name: str, default_currency: str,
     if not isinstance(ecommerce, dict):
         raise Invalid(where, "must be an object {currency, value, items, ...}")
     currency = _string(ecommerce, "currency", where) or default_currency
-    if not re.fullmatch(r"[A-Za-z]{3}", currency):
+    if not CURRENCY_RE.fullmatch(currency):
         raise Invalid(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")
     currency = currency.upper()
     transaction_id = _string(ecommerce, "transaction_id", where, max_len=256)
@@ -335,9 +343,10 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
         raise Invalid(where, "must be an object {item_id, item_name, price, quantity, ...}")
     out: dict[str, Any] = {"item_id": _string(item, "item_id", where, required=True, max_len=256)}
     for key in ITEM_STRINGS:
-        value = _string(item, key, where, max_len=4096)
-        if value is not None:
-            out[key] = value
+        if key in item:  # most items carry a few of these: skip the call for the rest
+            value = _string(item, key, where, max_len=4096)
+            if value is not None:
+                out[key] = value
     out["price_minor"] = _money(item, "price", where, currency)
     quantity = item.get("quantity", 1)
     if isinstance(quantity, Decimal) and quantity == quantity.to_integral_value():
@@ -346,11 +355,11 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
         raise Invalid(f"{where}.quantity", f"must be a whole number >= 0, not {quantity!r}")
     out["quantity"] = quantity
     categories = []
-    for key in ("item_category", "item_category2", "item_category3", "item_category4",
-                "item_category5"):
-        value = _string(item, key, where, max_len=512)
-        if value:
-            categories.append(value)
+    for key in CATEGORY_KEYS:
+        if key in item:
+            value = _string(item, key, where, max_len=512)
+            if value:
+                categories.append(value)
     out["categories"] = categories
     in_stock = item.get("in_stock")
     if in_stock is not None and not isinstance(in_stock, bool):
