@@ -1,6 +1,6 @@
 """Ingest throughput: ``POST /e`` under concurrent clients, against a bare Starlette baseline.
 
-    python bench/ingest.py                      # 32 connections, 10 s each (+2 s warm-up)
+    python bench/ingest.py                      # 32 connections, 5 rounds of 3 s a target
     python bench/ingest.py --batch 10 --json    # 10 events a request, machine-readable
 
 Two servers are measured in the same run, each in its own subprocess with the same uvicorn
@@ -613,16 +613,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Ingest throughput of POST /e against a bare Starlette endpoint.")
     parser.add_argument("--conns", type=int, default=32, help="concurrent connections (32)")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds (2)")
+    parser.add_argument("--duration", type=float, default=3.0,
+                        help="measured seconds a target and round (3)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="warm-up seconds before each measured window (1)")
     parser.add_argument("--batch", type=int, default=1, help="events per request (1)")
     parser.add_argument("--sessions", type=int, default=2000, help="distinct sc values (2000)")
     parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
                         help="raw asyncio HTTP/1.1 keep-alive client (default) or httpx")
     parser.add_argument("--target", choices=["both", "onetag", "baseline"], default="both")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="measure the targets in turn this many times, each round "
-                             "--duration a target, and sum (1); evens out a noisy machine")
+                             "--duration a target (5); the report sums them and gives the "
+                             "median of the rounds' ratios, steadier on a noisy machine")
     parser.add_argument("--forwarder", action="store_true",
                         help="run onetag's forwarder inside serve, as by default in production "
                              "(off here: no vendors, ingest only)")
