@@ -30,11 +30,13 @@ def json_number(value: Any) -> Any:
 _fallback = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=json_number).encode
 
 
-def dumps(value: Any) -> str:
+def encode(value: Any) -> bytes:
+    """UTF-8 JSON to store: bind it as ``CAST(? AS TEXT)``, and SQLite keeps the bytes as
+    they are as TEXT (a ``str`` would be decoded here only to be encoded again by sqlite3)."""
     try:
-        return orjson.dumps(value, default=json_number).decode()
+        return orjson.dumps(value, default=json_number)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return _fallback(value)
+        return _fallback(value).encode()
 
 
 def loads(text: str | bytes) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import types
 
@@ -122,6 +123,21 @@ async def test_session_view_lists_its_own_events_newest_first(tmp_path) -> None:
     with sqlite3.connect(tmp_path / "onetag.db") as db:
         assert sorted(db.execute("SELECT sc, first_seq, last_seq FROM sessions")) == [
             ("SC-AAAA-0001", 2, 6), ("SC-BBBB-0002", 1, 5), ("SC-CCCC-0003", 7, 7)]
+
+
+async def test_stored_json_is_text(tmp_path) -> None:
+    """JSON goes to SQLite as UTF-8 bytes cast to TEXT: readers get str, not BLOBs."""
+    store = await open_store(settings_for(tmp_path))
+    try:
+        await ingest(store, event({"event": "add_to_cart", "event_id": "a", "ecommerce": {
+            "items": [item(item_name="Mug — blue")]}}))
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert db.execute("SELECT typeof(raw), typeof(data) FROM events").fetchone() == (
+            "text", "text")
+        kind, items = db.execute("SELECT typeof(cart_items), cart_items FROM sessions").fetchone()
+    assert kind == "text" and json.loads(items)[0]["item_name"] == "Mug — blue"
 
 
 def test_migrations_carry_a_database_from_before_003_over(tmp_path) -> None:

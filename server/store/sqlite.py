@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import aiosqlite
 
-from ..jsontext import dumps, loads
+from ..jsontext import encode, loads
 from ..sessions import cart_snapshot
 from .base import Delivery, IngestResult, Outcome, SessionInfo, Store
 from .sqlite_ingest import identity_fields
@@ -139,9 +139,9 @@ class SQLiteStore(Store):
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
                      raws: Sequence[Any], session: SessionInfo) -> list[IngestResult]:
         # What crosses to a writer process is kept to plain values: the events as sent go
-        # as their stored text (not dicts of Decimals), the visitor as its user agent, and
+        # as their stored JSON (bytes, not dicts of Decimals), the visitor as its user agent, and
         # the answer comes back as (event_id, seq, duplicate) tuples.
-        rows = await self._write("ingest", site_id, list(events), [dumps(raw) for raw in raws],
+        rows = await self._write("ingest", site_id, list(events), [encode(raw) for raw in raws],
                                  session.user_agent)
         return [IngestResult(*row) for row in rows]
 

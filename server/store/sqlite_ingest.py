@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import outbox
-from ..jsontext import dumps, loads
+from ..jsontext import encode, loads
 from ..sessions import apply_cart, cart_snapshot, identity_update
 
 CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
@@ -48,20 +48,26 @@ class _Session:
     __slots__ = ("identity_id", "first_ms", "user_agent", "last_page", "first_seq", "last_seq",
                  "cart_guid", "cart_currency", "cart_items", "cart_updated_ms")
 
-    def __init__(self, *values: Any):  # in column order; the ones left out are NULL
-        for name in self.__slots__:
-            setattr(self, name, None)
-        for name, value in zip(self.__slots__, values):
-            setattr(self, name, value)
+    def __init__(self, identity_id: int | None = None, first_ms: int | None = None,
+                 user_agent: str | None = None, last_page: str | None = None,
+                 first_seq: int | None = None, last_seq: int | None = None,
+                 cart_guid: str | None = None, cart_currency: str | None = None,
+                 cart_items: str | bytes | None = None, cart_updated_ms: int | None = None):
+        self.identity_id, self.first_ms, self.user_agent = identity_id, first_ms, user_agent
+        self.last_page, self.first_seq, self.last_seq = last_page, first_seq, last_seq
+        self.cart_guid, self.cart_currency, self.cart_items = cart_guid, cart_currency, cart_items
+        self.cart_updated_ms = cart_updated_ms
 
     def values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
 
 
 _SESSION_COLUMNS = ", ".join(_Session.__slots__)
+_SESSION_VALUES = ", ".join("CAST(? AS TEXT)" if name == "cart_items" else "?"  # JSON bytes
+                           for name in _Session.__slots__)
 _SESSION_UPSERT = (
     f"INSERT INTO sessions (site_id, sc, last_ms, {_SESSION_COLUMNS}) "
-    f"VALUES (?, ?, ?, {', '.join('?' * len(_Session.__slots__))}) "
+    f"VALUES (?, ?, ?, {_SESSION_VALUES}) "
     "ON CONFLICT (site_id, sc) DO UPDATE SET last_ms = excluded.last_ms, "
     + ", ".join(f"{name} = excluded.{name}" for name in _Session.__slots__ if name != "first_ms"))
 
@@ -81,12 +87,12 @@ def insert_deliveries(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, A
     conn.executemany(
         "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, "
         "state, request, next_attempt_ms, created_ms, updated_ms) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "VALUES (?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?) "
         "ON CONFLICT (site_id, vendor, dedup_key) DO UPDATE SET state = 'browser', "
         "updated_ms = excluded.updated_ms, last_error = 'delivered by the browser first' "
         "WHERE excluded.state = 'browser' AND deliveries.state IN ('pending', 'held') "
         "AND deliveries.attempts = 0",
-        [(site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state, dumps(r.request),
+        [(site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state, encode(r.request),
           now + r.delay_ms, now, now) for site_id, seq, r in rows])
 
 
@@ -187,7 +193,7 @@ class IngestBatch:
             event["cart"] = self._cart(site, event)
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
                                 sc, identity["id"] if identity else None, self.now, raw,
-                                dumps(event)))
+                                encode(event)))
         self.delivery_rows.extend(
             (site.id, seq, row) for row in outbox.plan(site, event, None, self.grace_ms))
         if newly_bound and sc and identity and identity.get("email"):
@@ -199,7 +205,7 @@ class IngestBatch:
         for key in self.dirty_carts:
             state, cart = self.sessions[key], self.carts[key]
             state.cart_items, state.cart_guid, state.cart_currency = (
-                (dumps(cart[0]), cart[1], cart[2]) if cart else (None, None, None))
+                (encode(cart[0]), cart[1], cart[2]) if cart else (None, None, None))
             state.cart_updated_ms = self.now
         self.dirty_carts.clear()
         if self.sessions:
@@ -208,7 +214,8 @@ class IngestBatch:
         if self.event_rows:
             conn.executemany(
                 "INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, "
-                "received_ms, raw, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self.event_rows)
+                "received_ms, raw, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), "
+                "CAST(? AS TEXT))", self.event_rows)
             self.event_rows.clear()
         if self.delivery_rows:
             insert_deliveries(conn, self.delivery_rows, self.now)
