@@ -1,6 +1,6 @@
 """Ingest throughput: ``POST /e`` under concurrent clients, against a bare Starlette baseline.
 
-    python bench/ingest.py                      # 32 connections, 5 rounds of 3 s a target
+    python bench/ingest.py                      # 32 connections, 10 rounds of 3 s a target
     python bench/ingest.py --batch 10 --json    # 10 events a request, machine-readable
 
 Two servers are measured in the same run, each in its own subprocess with the same uvicorn
@@ -622,9 +622,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
                         help="raw asyncio HTTP/1.1 keep-alive client (default) or httpx")
     parser.add_argument("--target", choices=["both", "onetag", "baseline"], default="both")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=int, default=10,
                         help="measure the targets in turn this many times, each round "
-                             "--duration a target (5); the report sums them and gives the "
+                             "--duration a target (10); the report sums them and gives the "
                              "median of the rounds' ratios, steadier on a noisy machine")
     parser.add_argument("--forwarder", action="store_true",
                         help="run onetag's forwarder inside serve, as by default in production "
