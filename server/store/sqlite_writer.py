@@ -121,9 +121,10 @@ class WriteOps:
     def run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """One transaction for every job waiting.
 
-        The ingest requests among them are applied together (``IngestBatch``); if that
-        fails, each is applied again on its own, so a bad request fails alone. Other jobs
-        (claims, outcomes) run in a savepoint each.
+        The ingest requests among them are applied together (``IngestBatch``), first and
+        without a savepoint (it would journal every page they change); if that fails, the
+        transaction is rolled back and each is applied again on its own in a savepoint, so
+        a bad request fails alone. Other jobs (claims, outcomes) run in a savepoint each.
         """
         conn = self.conn
         results: list[Any] = [None] * len(jobs)
@@ -131,7 +132,13 @@ class WriteOps:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if ingests:
-                together = _savepoint(conn, self.ingest, [jobs[i][1] for i in ingests])
+                try:
+                    together: Any = self.ingest([jobs[i][1] for i in ingests])
+                except Exception as exc:  # nothing else ran yet: start the transaction over
+                    together = exc
+                    if conn.in_transaction:  # some errors end it already
+                        conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
                 if isinstance(together, Exception):
                     for i in ingests:
                         alone = _savepoint(conn, self.ingest, [jobs[i][1]])
