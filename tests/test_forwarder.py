@@ -259,7 +259,9 @@ async def test_shutdown_leaves_an_unfinished_send_leased_for_the_next_run(tmp_pa
     # Not failed, not retried: still pending under its lease, the one attempt counted.
     assert (row["state"], row["attempts"], row["last_error"]) == ("pending", 1, None)
     assert row["next_attempt_ms"] > row["updated_ms"]
-    async with serve(settings, options):
+    # The next run takes it once the 1 s lease is over; its own lease is long, so a slow
+    # machine's send can't outlast it and be claimed a third time.
+    async with serve(settings, dataclasses.replace(options, lease_s=60.0)):
         await until(lambda: states(db) == {"delivered": 1}, what="delivery after restart",
                     describe=lambda: rows(db))
     bodies = [r.json for r in fake.requests()]
