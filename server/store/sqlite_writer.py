@@ -87,9 +87,9 @@ def configure(conn: sqlite3.Connection) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
-    # Each group commit's ingest runs in a savepoint (a bad request then fails alone); a
-    # savepoint journals every page it changes, by default to a temporary file: about as
-    # many bytes written again as the WAL itself. In memory it is a copy, not a write.
+    # Savepoints (claims, outcomes, and requests applied alone after a batch failed)
+    # journal every page they change, by default to a temporary file: about as many bytes
+    # written again as the WAL itself. In memory it is a copy, not a write.
     conn.execute("PRAGMA temp_store=MEMORY")
     migrate(conn)
     return conn
