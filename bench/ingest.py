@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # run as a script: make `bench._util` importable
+if __package__ in (None, ""):  # run as a script: make `bench` and `server` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._util import (HOST, ServerProcess, free_port, load_average, machine,
                          machine_busy_seconds, percentile, process_cpu_seconds, python,
                          thread_cpu_seconds)
+from server.events import new_event_id  # the event ids the runtime makes
 
 ORIGIN = "https://shop.bench.example"
 USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -158,9 +159,8 @@ class Bodies:
         now = int(time.time() * 1000)
         choice = self.rng.choice
         # Event ids as the runtime makes them: UUIDv7, led by the Unix milliseconds.
-        events = ",".join(choice(self.templates) % (
-            uuid.UUID(int=now << 80 | 0x7 << 76 | 0x2 << 62 | self.rng.getrandbits(62)
-                      | self.rng.getrandbits(12) << 64), now) for _ in range(self.batch))
+        events = ",".join(choice(self.templates) % (new_event_id(), now)
+                          for _ in range(self.batch))
         self.events_made += self.batch
         return ('{"site_id":"bench","sc":"%s","events":[%s]}' % (choice(self.scs), events)
                 ).encode()

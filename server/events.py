@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any, Iterable
 
 from . import money
-from .jsontext import json_number
+from . import jsontext
 
 MAX_EVENT_BYTES = 32 * 1024
 
@@ -371,7 +371,7 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
 def _properties(raw: dict[str, Any]) -> dict[str, Any]:
     """Any other top-level keys, as plain JSON numbers and strings (custom events)."""
     extra = {k: v for k, v in raw.items() if k not in KNOWN_KEYS}
-    return json.loads(json.dumps(extra, default=json_number)) if extra else {}
+    return jsontext.loads(jsontext.encode(extra)) if extra else {}
 
 
 def _type(value: Any) -> str:

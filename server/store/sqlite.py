@@ -2,9 +2,9 @@
 
 Every write goes to one writer (``sqlite_writer.py``), which applies whatever jobs are
 waiting in one transaction, then commits once: under load many requests share one fsync,
-and a request is answered only after the commit that made it durable. The writer runs in a process of its own (``writer="process"``, what
-``onetag serve`` uses) or in aiosqlite's connection thread (``writer="thread"``, for tools
-and tests). Reads use their own aiosqlite connection, which WAL lets run beside the writer.
+and a request is answered only after the commit that made it durable. The writer runs in
+a process of its own (``writer="process"``, what ``onetag serve`` uses) or in aiosqlite's
+connection thread (``writer="thread"``, for tools and tests). Reads use their own aiosqlite connection, which WAL lets run beside the writer.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ class SQLiteStore(Store):
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
                      raws: Sequence[Any], session: SessionInfo) -> list[IngestResult]:
         # What crosses to a writer process is kept to plain values: the events as sent go
-        # as their stored JSON (bytes, not dicts of Decimals), the visitor as its user agent, and
-        # the answer comes back as (event_id, seq, duplicate) tuples.
+        # as their stored JSON (bytes, not dicts of Decimals), the visitor as its user
+        # agent, and the answer comes back as (event_id, seq, duplicate) tuples.
         rows = await self._write("ingest", site_id, list(events), [encode(raw) for raw in raws],
                                  session.user_agent)
         return [IngestResult(*row) for row in rows]
@@ -156,14 +156,14 @@ class SQLiteStore(Store):
             rows = await self._reader.execute_fetchall(
                 "SELECT * FROM identities WHERE id = ?", (session[0]["identity_id"],))
             identity = {**identity_fields(rows[0]), "id": rows[0]["id"]} if rows else None
-        row = dict(session[0]) if session else {}
-        items, currency, guid = (row.pop(f"cart_{k}", None) for k in ("items", "currency", "guid"))
-        row.pop("cart_updated_ms", None)
+        fields = dict(session[0]) if session else {}
+        items, currency, guid = (fields.pop(f"cart_{k}", None)
+                                 for k in ("items", "currency", "guid"))
+        fields.pop("cart_updated_ms", None)
         cart = cart_snapshot(loads(items), currency, guid) if items is not None else None
         # No index on (site, sc): the session row's seq bounds limit the walk back through
         # events (migration 003 says why), newest first, until `limit` of them are found.
-        first, last = ((session[0]["first_seq"], session[0]["last_seq"]) if session
-                       else (None, None))
+        first, last = fields.get("first_seq"), fields.get("last_seq")
         events = deliveries = []
         if last is not None:
             bounds = (first or 0, last, site_id, sc)
@@ -175,7 +175,7 @@ class SQLiteStore(Store):
                 "FROM deliveries d JOIN events e ON e.seq = d.event_seq "
                 "WHERE d.event_seq BETWEEN ?1 AND ?2 AND e.seq BETWEEN ?1 AND ?2 "
                 "AND e.site_id = ?3 AND e.sc = ?4 ORDER BY d.id DESC LIMIT ?5", (*bounds, limit))
-        return {"sc": sc, "session": row or None,
+        return {"sc": sc, "session": fields or None,
                 "identity": identity, "cart": cart,
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}

@@ -1,12 +1,11 @@
 """Ingest for one group commit: every request waiting, applied with set-based statements.
 
-The writer thread holds the GIL while it runs Python, and the event loop needs it to serve
-requests: per-event statements (a dedup SELECT, a session upsert, a cart read and write,
-an INSERT...) made the writer the bottleneck. So a batch loads the state it needs once
-(known event ids, sessions, identities, carts), applies every event in order in memory with
-the same pure rules (``sessions.apply_cart``, ``sessions.identity_update``,
-``outbox.plan``), and writes back with one ``executemany`` per table. The rare paths —
-a new or changed identity, releasing held deliveries — still talk to the database directly.
+Per-event statements (a dedup SELECT, a session upsert, a cart read and write, an
+INSERT...) made the writer the bottleneck. So a batch loads the state it needs once
+(known event ids, sessions with their carts, identities), applies every event in order in
+memory with the same pure rules (``sessions.apply_cart``, ``sessions.identity_update``,
+``outbox.plan``), and writes back with one ``executemany`` per table. The rare paths — a
+new or changed identity, releasing held deliveries — still talk to the database directly.
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_
                          "cart_updated", "purchase"})
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
 
-# (site_id, normalised events, the events as sent as stored JSON text, user agent or None)
-Request = tuple[str, Sequence[dict[str, Any]], Sequence[str], str | None]
+# (site_id, normalised events, the events as sent as stored JSON (jsontext.encode), user
+# agent or None)
+Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None]
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -126,7 +126,7 @@ class IngestBatch:
         results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
         known = self._known_events(requests)
         next_seq = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
-        work = []  # (request index, seq, event, raw, session info)
+        work = []  # (seq, site_id, event, raw, user agent)
         for index, (site_id, events, raws, user_agent) in enumerate(requests):
             for event, raw in zip(events, raws):
                 key = (site_id, event["event_id"])
@@ -175,7 +175,7 @@ class IngestBatch:
                     f"SELECT * FROM identities WHERE id IN ({','.join('?' * len(chunk))})", chunk):
                 self.identities[row["id"]] = identity_fields(row)
 
-    def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: str,
+    def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: bytes,
                user_agent: str | None) -> None:
         sc = event["sc"]
         key = (site.id, sc)

@@ -108,6 +108,18 @@ def _savepoint(conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
     return result
 
 
+def _filters(prefix: str, vendor: str | None, since: int | None, where: list[str],
+             params: list[Any]) -> tuple[list[str], list[Any]]:
+    """``where``/``params`` plus the operator's ``--vendor`` and ``--since`` conditions."""
+    if vendor:
+        where.append(f"{prefix}vendor = ?")
+        params.append(vendor)
+    if since is not None:
+        where.append(f"{prefix}created_ms >= ?")
+        params.append(since)
+    return where, params
+
+
 class WriteOps:
     """The operations a job may name; ``run_batch`` applies a group commit's jobs."""
 
@@ -132,20 +144,17 @@ class WriteOps:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if ingests:
+                requests = [jobs[i][1] for i in ingests]
                 try:
-                    together: Any = self.ingest([jobs[i][1] for i in ingests])
-                except Exception as exc:  # nothing else ran yet: start the transaction over
-                    together = exc
+                    together = self.ingest(requests)
+                except Exception:  # nothing else ran yet: start the transaction over
                     if conn.in_transaction:  # some errors end it already
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
-                if isinstance(together, Exception):
-                    for i in ingests:
-                        alone = _savepoint(conn, self.ingest, [jobs[i][1]])
-                        results[i] = alone if isinstance(alone, Exception) else alone[0]
-                else:
-                    for i, result in zip(ingests, together):
-                        results[i] = result
+                    alone = [_savepoint(conn, self.ingest, [request]) for request in requests]
+                    together = [r if isinstance(r, Exception) else r[0] for r in alone]
+                for i, result in zip(ingests, together):
+                    results[i] = result
             for i, (op, args) in enumerate(jobs):
                 if op != "ingest":
                     results[i] = _savepoint(conn, getattr(self, op), *args)
@@ -202,14 +211,9 @@ class WriteOps:
         count = 0
         plain = tuple(state for state in states if state != "expired")
         if plain:
-            where = [f"state IN ({','.join('?' * len(plain))})"]
-            params: list[Any] = [now, now, now, *plain]
-            if vendor:
-                where.append("vendor = ?")
-                params.append(vendor)
-            if since is not None:
-                where.append("created_ms >= ?")
-                params.append(since)
+            where, params = _filters("", vendor, since,
+                                     [f"state IN ({','.join('?' * len(plain))})"], list(plain))
+            params = [now, now, now, *params]
             count += self.conn.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = ?, "
                 f"retry_from_ms = ?, updated_ms = ?, last_error = NULL WHERE {' AND '.join(where)}",
@@ -221,13 +225,7 @@ class WriteOps:
     def _replay_expired(self, now: int, vendor: str | None,
                         since: int | None) -> int:
         """Expired rows never had an email; re-plan those whose visitor has one now."""
-        where, params = ["d.state = 'expired'"], []
-        if vendor:
-            where.append("d.vendor = ?")
-            params.append(vendor)
-        if since is not None:
-            where.append("d.created_ms >= ?")
-            params.append(since)
+        where, params = _filters("d.", vendor, since, ["d.state = 'expired'"], [])
         rows = self.conn.execute(
             "SELECT d.event_seq, d.vendor, e.site_id, e.data, "
             "coalesce(s.identity_id, e.identity_id) AS identity_id FROM deliveries d "
@@ -332,7 +330,7 @@ class ProcessWriter:
             sys.executable, "-m", "server.store.sqlite_writer", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env, limit=1 << 24)
         self._replies = asyncio.create_task(self._read_replies(), name="onetag-writer-replies")
-        answer = await self.run(self.args)
+        answer = await self.submit(self.args)
         if answer != "ready":
             await self.stop()
             raise answer if isinstance(answer, BaseException) else WriterFailed(repr(answer))
@@ -345,12 +343,8 @@ class ProcessWriter:
         future = asyncio.get_running_loop().create_future()
         # Appended and written in one step: replies come back in this order.
         self._waiting.append(future)
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self._process.stdin.write(_FRAME.pack(len(data)) + data)
+        self._process.stdin.write(_frame(message))
         return future
-
-    async def run(self, message: Any) -> Any:
-        return await self.submit(message)
 
     async def _read_replies(self) -> None:
         assert self._process is not None and self._process.stdout is not None
@@ -423,18 +417,15 @@ class _FrameReader:
         return frames
 
 
-def _send(stream: BinaryIO, message: Any) -> None:
+def _frame(message: Any) -> bytes:
+    """One message on the pipe: its length, then its pickle."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_FRAME.pack(len(data)) + data)
+    return _FRAME.pack(len(data)) + data
+
+
+def _send(stream: BinaryIO, message: Any) -> None:
+    stream.write(_frame(message))
     stream.flush()
-
-
-def _receive(stream: BinaryIO) -> Any:
-    header = stream.read(_FRAME.size)
-    if len(header) < _FRAME.size:
-        return None
-    (size,) = _FRAME.unpack(header)
-    return pickle.loads(stream.read(size))
 
 
 def _portable(result: Any) -> Any:
@@ -472,8 +463,7 @@ def main() -> None:
             results = [_portable(exc)] * len(jobs)
         replies = []  # one write for every reply of this transaction
         for frame in frames:
-            data = pickle.dumps(results[:len(frame)], protocol=pickle.HIGHEST_PROTOCOL)
-            replies += (_FRAME.pack(len(data)), data)
+            replies.append(_frame(results[:len(frame)]))
             results = results[len(frame):]
         try:
             stdout.write(b"".join(replies))
