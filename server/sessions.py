@@ -54,12 +54,14 @@ def apply_cart(cart: list[dict[str, Any]], event: dict[str, Any]) -> list[dict[s
         return [dict(item) for item in items if item["quantity"] > 0]
     if name not in CART_DELTAS:
         return None
-    lines = {_line_key(item): dict(item) for item in cart}
+    # ``cart``'s lines are never changed: a line that changes is copied first (the store
+    # keeps the last cart between batches, and earlier events' snapshots share its lines).
+    lines = {_line_key(item): item for item in cart}
     for item in items:
         key = _line_key(item)
         if name == "add_to_cart":
             if key in lines:
-                line = lines[key]
+                line = lines[key] = dict(lines[key])
                 line["quantity"] += item["quantity"]
                 for field, value in item.items():  # a fresher price or name wins
                     if field != "quantity" and value not in (None, [], ""):
@@ -69,7 +71,7 @@ def apply_cart(cart: list[dict[str, Any]], event: dict[str, Any]) -> list[dict[s
         elif key in lines:
             remaining = lines[key]["quantity"] - item["quantity"]
             if remaining > 0:
-                lines[key]["quantity"] = remaining
+                lines[key] = {**lines[key], "quantity": remaining}
             else:
                 del lines[key]
     return [line for line in lines.values() if line["quantity"] > 0]

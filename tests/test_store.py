@@ -192,6 +192,60 @@ async def test_cart_state_and_guid_per_state(tmp_path) -> None:
     assert purchase["cart"]["value_minor"] == 6432
 
 
+def _cart_lines(view: dict) -> list[tuple[str, int]]:
+    return [(line["item_id"], line["quantity"]) for line in view["cart"]["items"]]
+
+
+async def test_a_failed_request_leaves_no_trace_in_the_writers_session_cache(tmp_path) -> None:
+    """The writer keeps sessions between batches; a request rolled back must not stay in them."""
+    store = await open_store(settings_for(tmp_path))
+    try:
+        await ingest(store, event({"event": "add_to_cart", "event_id": "1",
+                                   "ecommerce": {"items": [item("A")]}}))
+        bad = event({"event": "add_to_cart", "event_id": "2", "ecommerce": {"items": [item("B")]}})
+        bad["source"] = object()  # fails when its row is written, after its cart was applied
+        good = event({"event": "add_to_cart", "event_id": "3", "ecommerce": {"items": [item("C")]}})
+        outcome = await asyncio.gather(ingest(store, bad), ingest(store, good),
+                                       return_exceptions=True)
+        assert isinstance(outcome[0], Exception) and not isinstance(outcome[1], Exception)
+        await ingest(store, event({"event": "add_to_cart", "event_id": "4",
+                                   "ecommerce": {"items": [item("A")]}}))
+        view = await store.session_view("shop1", "SC-AAAA-0001")
+    finally:
+        await store.close()
+    assert _cart_lines(view) == [("A", 2), ("C", 1)]
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_a_second_writer_on_the_same_file_is_seen(tmp_path, writer) -> None:
+    """Another connection's commit (a second server, a CLI) empties the session cache."""
+    settings = settings_for(tmp_path)
+    first = SQLiteStore(settings.server.sqlite_path, settings.sites, writer=writer)
+    second = SQLiteStore(settings.server.sqlite_path, settings.sites, writer="thread")
+    await first.open()
+    await second.open()
+    try:
+        for store, sku, event_id in [(first, "A", "1"), (second, "B", "2"), (first, "A", "3")]:
+            await ingest(store, event({"event": "add_to_cart", "event_id": event_id,
+                                       "ecommerce": {"items": [item(sku)]}}))
+        view = await first.session_view("shop1", "SC-AAAA-0001")
+    finally:
+        await first.close()
+        await second.close()
+    assert _cart_lines(view) == [("A", 2), ("B", 1)]
+    assert view["session"]["last_seq"] == 3
+
+
+def test_the_session_cache_forgets_the_least_recently_used() -> None:
+    from server.store.sqlite_ingest import SessionCache, _Session
+
+    cache = SessionCache(limit=2)
+    for sc in ("a", "b", "c"):
+        cache.sessions[("shop1", sc)] = _Session(None, 0)
+    cache.trim()
+    assert list(cache.sessions) == [("shop1", "b"), ("shop1", "c")]
+
+
 def _held_vendor() -> types.ModuleType:
     """A vendor that can only take product views for a known email."""
     module = types.ModuleType("heldvendor")

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Mapping, Sequence
 from .. import outbox
 from ..jsontext import loads
 from .base import Delivery, Outcome
-from .sqlite_ingest import IngestBatch, identity_fields, insert_deliveries
+from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
 
 _FRAME = struct.Struct("!I")
 # WAL pages before a commit checkpoints (SQLite's default: 1,000). The checkpoint runs
@@ -129,6 +129,7 @@ class WriteOps:
         self.sites = sites
         self.hold_ms = hold_ms
         self.browser_grace_ms = browser_grace_ms
+        self.cache = SessionCache()
 
     def run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """One transaction for every job waiting.
@@ -137,22 +138,24 @@ class WriteOps:
         without a savepoint (it would journal every page they change); if that fails, the
         transaction is rolled back and each is applied again on its own in a savepoint, so
         a bad request fails alone. Other jobs (claims, outcomes) run in a savepoint each.
+        Whatever rolls back also empties the session cache, whose rows it had changed.
         """
         conn = self.conn
         results: list[Any] = [None] * len(jobs)
         ingests = [i for i, (op, _) in enumerate(jobs) if op == "ingest"]
         conn.execute("BEGIN IMMEDIATE")
         try:
+            self.cache.check(conn)
             if ingests:
                 requests = [jobs[i][1] for i in ingests]
                 try:
                     together = self.ingest(requests)
                 except Exception:  # nothing else ran yet: start the transaction over
+                    self.cache.clear()
                     if conn.in_transaction:  # some errors end it already
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
-                    alone = [_savepoint(conn, self.ingest, [request]) for request in requests]
-                    together = [r if isinstance(r, Exception) else r[0] for r in alone]
+                    together = [self._ingest_alone(request) for request in requests]
                 for i, result in zip(ingests, together):
                     results[i] = result
             for i, (op, args) in enumerate(jobs):
@@ -160,6 +163,7 @@ class WriteOps:
                     results[i] = _savepoint(conn, getattr(self, op), *args)
             conn.execute("COMMIT")
         except BaseException:
+            self.cache.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
@@ -167,7 +171,15 @@ class WriteOps:
 
     def ingest(self, requests: list[Any]) -> list[Any]:
         return IngestBatch(self.conn, self.sites, now_ms(), self.hold_ms,
-                           self.browser_grace_ms).run(requests)
+                           self.browser_grace_ms, self.cache).run(requests)
+
+    def _ingest_alone(self, request: Any) -> Any:
+        """One request in a savepoint: its results, or its error (and the cache emptied)."""
+        result = _savepoint(self.conn, self.ingest, [request])
+        if isinstance(result, Exception):
+            self.cache.clear()
+            return result
+        return result[0]
 
     def claim(self, now: int, lease_ms: int, limit: int,
                vendors: tuple[str, ...] | None) -> list[Delivery]:
