@@ -142,8 +142,8 @@ class ServerProcess:
         self.port = port
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), self.env.get("PYTHONPATH", "")) if p)
+        self.env["PYTHONPATH"] = os.pathsep.join(  # the checkout it runs from comes first
+            p for p in (str(cwd), self.env.get("PYTHONPATH", "")) if p)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.cwd = cwd
         self.start_timeout = start_timeout

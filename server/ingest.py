@@ -1,7 +1,9 @@
 """The two ways events come in: the browser's beacon and the store's backend.
 
-Thin handlers: read the body within its limit, find the site, check who may send, let
-``events`` validate, let the store commit, answer. Any problem is a 4xx whose JSON body
+Thin handlers. ``POST /e`` does HTTP only — headers, the body within its limit, CORS,
+the cookie, the answer — and hands the body as received to the store, which reads it
+(``envelope``) where it stores it, off the event loop. The backend API reads its body here
+(``events`` validates) and lets the store commit. Any problem is a 4xx whose JSON body
 names the field, and nothing is stored from a rejected body.
 """
 
@@ -16,11 +18,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from . import events as vocabulary
+from .envelope import BrowserFacts, Problem, Refused, event_list
 from .events import Invalid, Origin
-from .sessions import COOKIE_NAME, cookie_header, new_sc, valid_sc
+from .sessions import COOKIE_NAME, cookie_header
 from .store.base import SessionInfo
 
-MAX_BATCH_EVENTS = 500
 MAX_BODY_BYTES = 1024 * 1024
 BROWSER_TYPES = ("text/plain", "application/json", "")
 CORS_MAX_AGE = "86400"
@@ -42,11 +44,6 @@ class HTTPProblem(Exception):
                 "errors": [{"field": self.field, "problem": self.problem}]}
         return JSONResponse(body, status_code=self.status,
                             headers={**self.headers, **(extra_headers or {})})
-
-
-def _invalid(exc: Invalid) -> HTTPProblem:
-    return HTTPProblem(422 if exc.field != "body" else 400, "invalid_event" if exc.field != "body"
-                       else "invalid_json", exc.field, exc.problem)
 
 
 async def _receive_body(receive: Receive, declared: str | None) -> bytes | None:
@@ -86,17 +83,6 @@ def _cookie(headers: list[str]) -> str | None:
 
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-
-def _event_list(value: Any, field: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise HTTPProblem(422, "invalid_event", field, "must be a list of events")
-    if not value:
-        raise HTTPProblem(422, "invalid_event", field, "must not be empty")
-    if len(value) > MAX_BATCH_EVENTS:
-        raise HTTPProblem(413, "too_large", field, f"has {len(value)} events; the limit is "
-                          f"{MAX_BATCH_EVENTS} a request")
-    return value
 
 
 class Ingest:
@@ -151,49 +137,36 @@ class Ingest:
             elif name == b"user-agent":
                 if user_agent is None:
                     user_agent = value.decode("latin-1")
+        # Whether the answer carries CORS headers for this origin. A refused request is
+        # answered with them too when the origin is any site's, so a page can read why.
         allowed = origin in self.all_origins
         try:
             if (content_type or "").split(";", 1)[0].strip().lower() not in BROWSER_TYPES:
                 raise HTTPProblem(415, "unsupported_media_type", "content-type",
                                   "must be text/plain or application/json")
             data = await _receive_body(receive, declared)
-            if data is None:
-                return  # the client went away: nothing to answer, nothing stored
-            body = vocabulary.parse_json(data)
-            if not isinstance(body, dict):
-                raise HTTPProblem(422, "invalid_event", "body",
-                                  "must be an object {site_id, sc, events: [...]}")
-            site_id = body.get("site_id")
-            site = self.settings.sites.get(site_id) if isinstance(site_id, str) else None
-            if site is None:
-                raise HTTPProblem(404, "unknown_site", "site_id", f"no site {site_id!r} here")
-            if origin and origin not in site.origins:
-                raise HTTPProblem(403, "origin_not_allowed", "origin",
-                                  f"{origin} is not in this site's origins")
-            allowed = True
-            sent_sc = body.get("sc")
-            sc = (valid_sc(sent_sc if isinstance(sent_sc, str) else None)
-                  or valid_sc(_cookie(cookies)) or new_sc())
-            raws = _event_list(body.get("events"), "events")
-            origin_facts = Origin(site_id=site.id, source="browser", currency=site.currency,
-                                  received_ms=int(time.time() * 1000), sc=sc)
-            normalised = vocabulary.normalise_batch(raws, "events", origin_facts, len(data))
-        except (Invalid, HTTPProblem) as exc:
-            problem = _invalid(exc) if isinstance(exc, Invalid) else exc
-            await problem.response(self._cors(origin, allowed))(scope, receive, send)
+        except HTTPProblem as exc:
+            await exc.response(self._cors(origin, allowed))(scope, receive, send)
             return
+        if data is None:
+            return  # the client went away: nothing to answer, nothing stored
+        facts = BrowserFacts(origin, _cookie(cookies) if cookies else None, user_agent,
+                             int(time.time() * 1000))
         try:
-            results = await self.store.ingest(site.id, normalised, raws,
-                                              SessionInfo(user_agent=user_agent))
+            # Read (parsed, validated, normalised) and stored by the store, off this loop.
+            answer = await self.store.ingest_browser(data, facts)
         except Exception:  # what Starlette's ServerErrorMiddleware answers, then re-raises
             await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
             raise
-        self._stored(results)
+        if isinstance(answer, Problem):
+            await HTTPProblem(*answer).response(self._cors(origin, allowed))(scope, receive, send)
+            return
+        self._stored(answer.results)
         if origin and allowed:
             headers = [(b"access-control-allow-origin", origin.encode("latin-1")), *_CREDENTIALS]
         else:
             headers = [_VARY]
-        headers.append((b"set-cookie", cookie_header(sc, self.secure_cookie).encode("latin-1")))
+        headers.append((b"set-cookie", cookie_header(answer.sc, self.secure_cookie).encode("latin-1")))
         headers.append(_NO_STORE)
         await send({"type": "http.response.start", "status": 204,
                     "headers": headers})
@@ -227,16 +200,18 @@ class Ingest:
                                   "must be application/json")
             body = vocabulary.parse_json(await _read_body(request))
             if isinstance(body, dict) and "events" in body and "event" not in body:
-                raws, where = _event_list(body["events"], "events"), "events"
+                raws, where = event_list(body["events"], "events"), "events"
                 normalised = vocabulary.normalise_batch(raws, where, self._origin(site))
             elif isinstance(body, list):
-                raws = _event_list(body, "body")
+                raws = event_list(body, "body")
                 normalised = vocabulary.normalise_batch(raws, "body", self._origin(site))
             else:
                 raws = [body]
                 normalised = [vocabulary.normalise(body, "body", self._origin(site))]
         except Invalid as exc:
-            return _invalid(exc).response()
+            return HTTPProblem(*Problem.invalid(exc)).response()
+        except Refused as exc:
+            return HTTPProblem(*exc.problem).response()
         except HTTPProblem as exc:
             return exc.response()
         results = await self.store.ingest(site.id, normalised, raws, SessionInfo())

@@ -192,6 +192,47 @@ async def test_cart_state_and_guid_per_state(tmp_path) -> None:
     assert purchase["cart"]["value_minor"] == 6432
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_browser_bodies_are_read_by_the_writer_and_a_refused_one_fails_alone(
+        tmp_path, writer) -> None:
+    """Bodies of one group commit: each is read on its own; a refused one gets its Problem."""
+    from server.envelope import BrowserFacts, Problem
+
+    settings = settings_for(tmp_path)
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites, writer=writer)
+    await store.open()
+    origin = settings.sites["shop1"].origins[0]
+
+    def body(events: list, sc: str | None = "SC-AAAA-0001", site_id: str = "shop1") -> bytes:
+        return json.dumps({"site_id": site_id, "sc": sc, "events": events}).encode()
+
+    facts = BrowserFacts(origin, None, "UA", 1)
+    try:
+        answers = await asyncio.gather(
+            store.ingest_browser(body([{"event": "page_view", "event_id": "good"}]), facts),
+            store.ingest_browser(body([{"event": "page_view"}]), facts),
+            store.ingest_browser(body([{"event": "page_view", "event_id": "x"}], site_id="nope"),
+                                 facts),
+            store.ingest_browser(b"{not json", facts),
+            store.ingest_browser(body([{"event": "page_view", "event_id": "new-visitor"}],
+                                      sc=None), facts._replace(cookie_sc="SC-COOKIE-0002")),
+            store.ingest_browser(body([{"event": "page_view", "event_id": "y"}]),
+                                 facts._replace(origin="https://evil.example")))
+        assert store.commits < len(answers)  # they shared a group commit
+    finally:
+        await store.close()
+    good, no_id, unknown_site, not_json, from_cookie, wrong_origin = answers
+    assert good.sc == "SC-AAAA-0001" and [r.event_id for r in good.results] == ["good"]
+    assert no_id == Problem(422, "invalid_event", "events[0].event_id", no_id.problem)
+    assert (unknown_site.status, unknown_site.field) == (404, "site_id")
+    assert (not_json.status, not_json.error) == (400, "invalid_json")
+    assert from_cookie.sc == "SC-COOKIE-0002"
+    assert (wrong_origin.status, wrong_origin.field) == (403, "origin")
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert sorted(r[0] for r in db.execute("SELECT event_id FROM events")) == [
+            "good", "new-visitor"]
+
+
 def _cart_lines(view: dict) -> list[tuple[str, int]]:
     return [(line["item_id"], line["quantity"]) for line in view["cart"]["items"]]
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+from ..envelope import BrowserFacts, Problem, read_browser_body
 
 
 class IngestResult(NamedTuple):
@@ -19,6 +21,13 @@ class IngestResult(NamedTuple):
     event_id: str
     seq: int
     duplicate: bool  # already stored by an earlier request: accepted, not stored again
+
+
+class BrowserIngested(NamedTuple):
+    """What ``ingest_browser`` stored: the visitor's ``sc`` (for the cookie) and the results."""
+
+    sc: str
+    results: list[IngestResult]
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,8 @@ class Outcome:
 
 
 class Store(abc.ABC):
+    sites: Mapping[str, Any]  # the configured sites, by id
+
     @abc.abstractmethod
     async def open(self) -> None: ...
 
@@ -66,6 +77,19 @@ class Store(abc.ABC):
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
                      raws: Sequence[Any], session: SessionInfo) -> list[IngestResult]:
         """Store normalised events durably, in one transaction, with everything they imply."""
+
+    async def ingest_browser(self, data: bytes, facts: BrowserFacts) -> BrowserIngested | Problem:
+        """A browser's body as received: read (``envelope.read_browser_body``), then ingested.
+
+        One call, so that a backend can read the body where it stores it, off the event
+        loop (the SQLite writer does). This default reads it here.
+        """
+        batch = read_browser_body(data, facts, self.sites)
+        if isinstance(batch, Problem):
+            return batch
+        results = await self.ingest(batch.site_id, batch.events, batch.raws,
+                                    SessionInfo(user_agent=facts.user_agent))
+        return BrowserIngested(batch.sc, results)
 
     @abc.abstractmethod
     async def session_view(self, site_id: str, sc: str, limit: int = 50) -> dict[str, Any]:

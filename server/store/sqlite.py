@@ -19,7 +19,8 @@ import aiosqlite
 
 from ..jsontext import encode, loads
 from ..sessions import cart_snapshot
-from .base import Delivery, IngestResult, Outcome, SessionInfo, Store
+from ..envelope import BrowserFacts, Problem
+from .base import BrowserIngested, Delivery, IngestResult, Outcome, SessionInfo, Store
 from .sqlite_ingest import identity_fields
 from .sqlite_writer import ProcessWriter, ThreadWriter, migrate, migrations, now_ms
 
@@ -144,6 +145,15 @@ class SQLiteStore(Store):
         rows = await self._write("ingest", site_id, list(events), [encode(raw) for raw in raws],
                                  session.user_agent)
         return [IngestResult(*row) for row in rows]
+
+    async def ingest_browser(self, data: bytes, facts: BrowserFacts) -> BrowserIngested | Problem:
+        # The writer reads the body (envelope.read_browser_body) on its own core: only the
+        # bytes cross, and the sc and (event_id, seq, duplicate) tuples come back.
+        answer = await self._write("ingest_browser", data, tuple(facts))
+        if isinstance(answer, Problem):
+            return answer
+        sc, rows = answer
+        return BrowserIngested(sc, [IngestResult(*row) for row in rows])
 
     # Reads ------------------------------------------------------------------------------
 

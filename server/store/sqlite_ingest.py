@@ -2,10 +2,11 @@
 
 Per-event statements (a dedup SELECT, a session upsert, a cart read and write, an
 INSERT...) made the writer the bottleneck. So a batch loads the state it needs once
-(known event ids, sessions with their carts, identities), applies every event in order in
-memory with the same pure rules (``sessions.apply_cart``, ``sessions.identity_update``,
-``outbox.plan``), and writes back with one ``executemany`` per table. The rare paths — a
-new or changed identity, releasing held deliveries — still talk to the database directly.
+(known event ids; sessions with their carts and identities, from the ``SessionCache``
+where the writer has them), applies every event in order in memory with the same pure
+rules (``sessions.apply_cart``, ``sessions.identity_update``, ``outbox.plan``), and writes
+back with one ``executemany`` per table. The rare paths — a new or changed identity,
+releasing held deliveries — still talk to the database directly.
 """
 
 from __future__ import annotations

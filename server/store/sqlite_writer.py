@@ -29,11 +29,13 @@ from importlib import resources
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from .. import outbox
-from ..jsontext import loads
+from ..envelope import BrowserFacts, Problem, read_browser_body
+from ..jsontext import encode, loads
 from .base import Delivery, Outcome
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
 
 _FRAME = struct.Struct("!I")
+INGEST_OPS = ("ingest", "ingest_browser")
 # WAL pages before a commit checkpoints (SQLite's default: 1,000). The checkpoint runs
 # inside the commit that crosses it, so every request of that batch waits on it; fewer,
 # larger ones copy each hot page once instead of many times (bench/ingest.py: ~+10-20%
@@ -134,20 +136,21 @@ class WriteOps:
     def run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """One transaction for every job waiting.
 
-        The ingest requests among them are applied together (``IngestBatch``), first and
-        without a savepoint (it would journal every page they change); if that fails, the
-        transaction is rolled back and each is applied again on its own in a savepoint, so
-        a bad request fails alone. Other jobs (claims, outcomes) run in a savepoint each.
-        Whatever rolls back also empties the session cache, whose rows it had changed.
+        Browser bodies are read first (``envelope.read_browser_body``): a refused one is
+        answered with its ``Problem`` and takes no further part. The ingest requests are
+        then applied together (``IngestBatch``), first and without a savepoint (it would
+        journal every page they change); if that fails, the transaction is rolled back and
+        each is applied again on its own in a savepoint, so a bad request fails alone.
+        Other jobs (claims, outcomes) run in a savepoint each. Whatever rolls back also
+        empties the session cache, whose rows it had changed.
         """
         conn = self.conn
         results: list[Any] = [None] * len(jobs)
-        ingests = [i for i, (op, _) in enumerate(jobs) if op == "ingest"]
+        requests, request_jobs = self._requests(jobs, results)
         conn.execute("BEGIN IMMEDIATE")
         try:
             self.cache.check(conn)
-            if ingests:
-                requests = [jobs[i][1] for i in ingests]
+            if requests:
                 try:
                     together = self.ingest(requests)
                 except Exception:  # nothing else ran yet: start the transaction over
@@ -156,10 +159,12 @@ class WriteOps:
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
                     together = [self._ingest_alone(request) for request in requests]
-                for i, result in zip(ingests, together):
-                    results[i] = result
+                for (i, sc), result in zip(request_jobs, together):
+                    # A browser body's answer carries the visitor's sc, for the cookie.
+                    results[i] = result if sc is None or isinstance(result, Exception) else (
+                        sc, result)
             for i, (op, args) in enumerate(jobs):
-                if op != "ingest":
+                if op not in INGEST_OPS:
                     results[i] = _savepoint(conn, getattr(self, op), *args)
             conn.execute("COMMIT")
         except BaseException:
@@ -168,6 +173,32 @@ class WriteOps:
                 conn.execute("ROLLBACK")
             raise
         return results
+
+    def _requests(self, jobs: Sequence[tuple[str, tuple[Any, ...]]],
+                  results: list[Any]) -> tuple[list[Any], list[tuple[int, str | None]]]:
+        """The ingest requests among ``jobs`` (browser bodies read into requests), and for
+        each, its job's index and the sc a browser body was given (None: an ``ingest``).
+        A body refused, or failing to be read, has its answer put in ``results``."""
+        requests, request_jobs = [], []
+        for i, (op, args) in enumerate(jobs):
+            if op == "ingest":
+                requests.append(args)
+                request_jobs.append((i, None))
+            elif op == "ingest_browser":
+                data, facts = args
+                facts = BrowserFacts(*facts)
+                try:
+                    batch = read_browser_body(data, facts, self.sites)
+                except Exception as exc:  # a bug reading one body fails that request alone
+                    results[i] = exc
+                    continue
+                if isinstance(batch, Problem):
+                    results[i] = batch
+                    continue
+                requests.append((batch.site_id, batch.events, [encode(raw) for raw in batch.raws],
+                                 facts.user_agent))
+                request_jobs.append((i, batch.sc))
+        return requests, request_jobs
 
     def ingest(self, requests: list[Any]) -> list[Any]:
         return IngestBatch(self.conn, self.sites, now_ms(), self.hold_ms,
