@@ -4,7 +4,8 @@ Every write goes to one writer (``sqlite_writer.py``), which applies whatever jo
 waiting in one transaction, then commits once: under load many requests share one fsync,
 and a request is answered only after the commit that made it durable. The writer runs in
 a process of its own (``writer="process"``, what ``onetag serve`` uses) or in aiosqlite's
-connection thread (``writer="thread"``, for tools and tests). Reads use their own aiosqlite connection, which WAL lets run beside the writer.
+connection thread (``writer="thread"``, for tools and tests). Reads use their own
+aiosqlite connection, which WAL lets run beside the writer.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class SQLiteStore(Store):
     async def ingest_browser(self, data: bytes, facts: BrowserFacts) -> BrowserIngested | Problem:
         # The writer reads the body (envelope.read_browser_body) on its own core: only the
         # bytes cross, and the sc and (event_id, seq, duplicate) tuples come back.
-        answer = await self._write("ingest_browser", data, tuple(facts))
+        answer = await self._write("ingest_browser", data, facts)
         if isinstance(answer, Problem):
             return answer
         sc, rows = answer

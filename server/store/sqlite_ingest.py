@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import random
 import sqlite3
-import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import outbox
@@ -180,13 +179,13 @@ def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str
 
 class IngestBatch:
     def __init__(self, conn: sqlite3.Connection, sites: Mapping[str, Any], now: int,
-                 hold_ms: int, browser_grace_ms: int, cache: SessionCache | None = None):
+                 hold_ms: int, browser_grace_ms: int, cache: SessionCache):
         self.conn = conn
         self.sites = sites
         self.now = now
         self.hold_ms = hold_ms
         self.grace_ms = browser_grace_ms
-        self.cache = cache if cache is not None else SessionCache()
+        self.cache = cache
         self.sessions = self.cache.sessions
         self.identities = self.cache.identities
         self.dirty: dict[tuple[str, str], _Session] = {}  # sessions to write at the next flush

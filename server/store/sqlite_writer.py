@@ -29,7 +29,7 @@ from importlib import resources
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from .. import outbox
-from ..envelope import BrowserFacts, Problem, read_browser_body
+from ..envelope import Problem, read_browser_body
 from ..jsontext import encode, loads
 from .base import Delivery, Outcome
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
@@ -186,7 +186,6 @@ class WriteOps:
                 request_jobs.append((i, None))
             elif op == "ingest_browser":
                 data, facts = args
-                facts = BrowserFacts(*facts)
                 try:
                     batch = read_browser_body(data, facts, self.sites)
                 except Exception as exc:  # a bug reading one body fails that request alone
