@@ -53,13 +53,20 @@ async def test_wal_full_sync_and_migrations_recorded(tmp_path, writer) -> None:
         assert migrate(db) == []  # idempotent
 
 
-async def test_concurrent_requests_share_commits_and_all_land(tmp_path) -> None:
-    store = await open_store(settings_for(tmp_path))
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_concurrent_requests_share_commits_and_all_land(tmp_path, writer) -> None:
+    settings = settings_for(tmp_path)
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites, writer=writer)
+    await store.open()
     try:
         batches = [[event({"event": "page_view", "event_id": f"e{i}-{j}"}, sc=f"SC-{i:04d}-XXXX")
                     for j in range(3)] for i in range(200)]
         results = await asyncio.gather(*(store.ingest("shop1", b, b, SessionInfo()) for b in batches))
-        assert sum(len(r) for r in results) == 600
+        # Each request is answered with its own events, though the process writer splits
+        # the waiting batches into transactions of TRANSACTION_JOBS.
+        assert [[r.event_id for r in rows] for rows in results] == [
+            [e["event_id"] for e in b] for b in batches]
+        assert len({r.seq for rows in results for r in rows}) == 600
         assert store.commits < 200  # requests were grouped into fewer transactions
     finally:
         await store.close()
@@ -231,6 +238,16 @@ async def test_browser_bodies_are_read_by_the_writer_and_a_refused_one_fails_alo
     with sqlite3.connect(tmp_path / "onetag.db") as db:
         assert sorted(r[0] for r in db.execute("SELECT event_id FROM events")) == [
             "good", "new-visitor"]
+
+
+def test_a_transaction_of_the_writer_process_stops_at_the_batch_reaching_its_limit() -> None:
+    from server.store.sqlite_writer import _take
+
+    frames = [["a"] * 8, ["b"] * 5, ["c"] * 8, ["d"] * 2]
+    assert _take(frames, 16) == (frames[:3], frames[3:])  # 8 + 5 + 8: the third reaches 16
+    assert _take(frames, 8) == (frames[:1], frames[1:])
+    assert _take(frames, 100) == (frames, [])
+    assert _take([["a"] * 40], 16) == ([["a"] * 40], [])  # a batch is never split
 
 
 def _cart_lines(view: dict) -> list[tuple[str, int]]:

@@ -29,7 +29,6 @@ __all__ = ["SQLiteStore", "migrate", "migrations", "now_ms"]
 
 log = logging.getLogger("onetag.store")
 
-MAX_BATCH = 256  # jobs per group commit
 WRITERS = {"process": ProcessWriter, "thread": ThreadWriter}
 
 
@@ -87,9 +86,9 @@ class SQLiteStore(Store):
     # The writer -------------------------------------------------------------------------
     #
     # Group commit without a queue task: a write adds its job to ``_pending`` and, the first
-    # in this turn of the event loop, schedules ``_send`` for the end of the turn. Every
-    # request whose body arrived in the same turn so shares one frame to the writer; up to
-    # ``depth`` batches are in flight, and jobs arriving meanwhile wait for the next answer.
+    # in this turn of the event loop, schedules ``_send`` for the end of the turn. The jobs
+    # of one turn go to the writer in frames of up to ``frame_jobs``; up to ``depth``
+    # frames are in flight, and jobs arriving meanwhile wait for the next answer.
 
     async def _write(self, op: str, *args: Any) -> Any:
         if self._writer is None:
@@ -105,7 +104,8 @@ class SQLiteStore(Store):
         self._send_scheduled = False
         writer = self._writer
         while self._pending and writer is not None and self._in_flight < writer.depth:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            size = writer.frame_jobs
+            batch, self._pending = self._pending[:size], self._pending[size:]
             self._in_flight += 1
             try:
                 answer = writer.submit([(op, args) for op, args, _ in batch])
