@@ -47,12 +47,13 @@ class SQLiteStore(Store):
         self.browser_grace_ms = browser_grace_ms
         self.writer_kind = writer
         self._writer: ProcessWriter | ThreadWriter | None = None
+        self._counted: ProcessWriter | ThreadWriter | None = None  # kept while closing too
         self._reader: aiosqlite.Connection | None = None
         # Jobs not yet sent: (op, args, future). Sent once per turn of the event loop.
         self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
         self._send_scheduled = False
         self._in_flight = 0  # batches sent, not yet answered
-        self.commits = 0  # batches answered so far (the benchmark reports requests per batch)
+        self.commits = 0  # transactions the writer committed (the benchmark reports requests per commit)
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -61,6 +62,7 @@ class SQLiteStore(Store):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = WRITERS[self.writer_kind](self.path, self.sites, self.hold_ms,
                                                  self.browser_grace_ms)
+        self._counted = self._writer
         await self._writer.start()  # migrates before anything reads
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=10000")
@@ -117,7 +119,7 @@ class SQLiteStore(Store):
     def _answered(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]],
                   answer: asyncio.Future[Any]) -> None:
         self._in_flight -= 1
-        self.commits += 1
+        self.commits = self._counted.transactions if self._counted is not None else 0
         if answer.cancelled():
             results: list[Any] = [StoreClosed("the writer stopped")] * len(batch)
         elif answer.exception() is not None:  # the commit failed: nobody's write is durable

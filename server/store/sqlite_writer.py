@@ -10,7 +10,8 @@ core, and the server only sends it each batch and waits for the commit.
 
 The protocol with a writer process is pickled frames on its stdin/stdout: first
 ``(path, sites, hold_ms, browser_grace_ms)``, answered ``"ready"`` (or an error); then a
-list of jobs ``(op, args)`` per group commit, answered with their results in order.
+list of jobs ``(op, args)`` per batch, answered with the writer's count of transactions
+committed so far and the jobs' results in order.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class WriteOps:
         self.hold_ms = hold_ms
         self.browser_grace_ms = browser_grace_ms
         self.cache = SessionCache()
+        self.transactions = 0  # committed
 
     def run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """One transaction for every job waiting.
@@ -175,6 +177,7 @@ class WriteOps:
                 if op not in INGEST_OPS:
                     results[i] = _savepoint(conn, getattr(self, op), *args)
             conn.execute("COMMIT")
+            self.transactions += 1
         except BaseException:
             self.cache.clear()
             if conn.in_transaction:
@@ -334,6 +337,11 @@ class ThreadWriter:
     def _setup(self, sites: Mapping[str, Any], hold_ms: int, grace_ms: int) -> None:
         self._ops = WriteOps(configure(self._conn._conn), sites, hold_ms, grace_ms)
 
+    @property
+    def transactions(self) -> int:
+        """Transactions committed so far."""
+        return self._ops.transactions if self._ops is not None else 0
+
     def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
         """One group commit: its results, in order, once committed."""
         # One hop into the connection's thread per group commit, not one per statement.
@@ -372,6 +380,7 @@ class ProcessWriter:
         self._process: asyncio.subprocess.Process | None = None
         self._replies: asyncio.Task[None] | None = None
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transactions = 0  # committed so far, as the last reply said
 
     async def start(self) -> None:
         # Linux refuses a single environment string over 128 KiB (MAX_ARG_STRLEN); the
@@ -405,7 +414,7 @@ class ProcessWriter:
         try:
             while True:
                 (size,) = _FRAME.unpack(await stdout.readexactly(_FRAME.size))
-                reply = pickle.loads(await stdout.readexactly(size))
+                self.transactions, reply = pickle.loads(await stdout.readexactly(size))
                 future = self._waiting.popleft()
                 if not future.done():
                     future.set_result(reply)
@@ -521,9 +530,9 @@ def main() -> None:
         conn = configure(sqlite3.connect(path, isolation_level=None))
         ops = WriteOps(conn, sites, hold_ms, grace_ms)
     except Exception as exc:
-        _send(stdout, _portable(exc))
+        _send(stdout, (0, _portable(exc)))
         return
-    _send(stdout, "ready")
+    _send(stdout, (0, "ready"))
     while frames or (frames := reader.next()):
         frames, later = _take(frames, TRANSACTION_JOBS)
         jobs = [job for frame in frames for job in frame]
@@ -533,7 +542,7 @@ def main() -> None:
             results = [_portable(exc)] * len(jobs)
         replies = []  # one write for every reply of this transaction
         for frame in frames:
-            replies.append(_frame(results[:len(frame)]))
+            replies.append(_frame((ops.transactions, results[:len(frame)])))
             results = results[len(frame):]
         try:
             stdout.write(b"".join(replies))
