@@ -1,7 +1,7 @@
 """SQLite store: WAL with ``synchronous=FULL``, one writer, group commit.
 
-Every write goes to one writer (``sqlite_writer.py``), which applies whatever jobs are
-waiting in one transaction, then commits once: under load many requests share one fsync,
+Every write goes to one writer (``sqlite_writer.py``), which applies the jobs waiting in
+one transaction (up to ``TRANSACTION_JOBS`` in the writer process), then commits once: under load many requests share one fsync,
 and a request is answered only after the commit that made it durable. The writer runs in
 a process of its own (``writer="process"``, what ``onetag serve`` uses) or in aiosqlite's
 connection thread (``writer="thread"``, for tools and tests). Reads use their own
@@ -47,7 +47,6 @@ class SQLiteStore(Store):
         self.browser_grace_ms = browser_grace_ms
         self.writer_kind = writer
         self._writer: ProcessWriter | ThreadWriter | None = None
-        self._counted: ProcessWriter | ThreadWriter | None = None  # kept while closing too
         self._reader: aiosqlite.Connection | None = None
         # Jobs not yet sent: (op, args, future). Sent once per turn of the event loop.
         self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
@@ -62,7 +61,6 @@ class SQLiteStore(Store):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = WRITERS[self.writer_kind](self.path, self.sites, self.hold_ms,
                                                  self.browser_grace_ms)
-        self._counted = self._writer
         await self._writer.start()  # migrates before anything reads
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=10000")
@@ -114,12 +112,13 @@ class SQLiteStore(Store):
             except Exception as exc:  # the writer is gone: nothing of this batch was made
                 answer = asyncio.get_running_loop().create_future()
                 answer.set_exception(exc)
-            answer.add_done_callback(lambda done, batch=batch: self._answered(batch, done))
+            answer.add_done_callback(
+                lambda done, batch=batch, writer=writer: self._answered(batch, done, writer))
 
     def _answered(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]],
-                  answer: asyncio.Future[Any]) -> None:
+                  answer: asyncio.Future[Any], writer: ProcessWriter | ThreadWriter) -> None:
         self._in_flight -= 1
-        self.commits = self._counted.transactions if self._counted is not None else 0
+        self.commits = writer.transactions
         if answer.cancelled():
             results: list[Any] = [StoreClosed("the writer stopped")] * len(batch)
         elif answer.exception() is not None:  # the commit failed: nobody's write is durable

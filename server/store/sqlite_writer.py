@@ -41,8 +41,9 @@ _FRAME = struct.Struct("!I")
 # the writer committed all 32 requests while the event loop waited, then the loop answered
 # and read all 32 while the writer waited (bench/ingest.py: 377 of 674 commits held all
 # 32). With 16, the loop answers one half while the writer commits the other, and the two
-# processes work at once: +15% events/s at 32 connections. Smaller transactions cost more
-# a request (each commit has its fsync and rewrites the pages it touches), so it is not 1.
+# processes work at once: +7% events/s at 32 connections, +11% at 64 (alternating solo
+# runs). Smaller transactions cost more a request (each commit has its fsync and rewrites
+# the pages it touches), and 8, 12 and 24 measured about the same as 16.
 TRANSACTION_JOBS = 16
 INGEST_OPS = ("ingest", "ingest_browser")
 # WAL pages before a commit checkpoints (SQLite's default: 1,000). The checkpoint runs
