@@ -38,6 +38,8 @@ currency = "USD"                           # default when an event names none
 # spa_page_views     = "auto"              # "manual": only pushed page_view events count
 # capture_form_email = true                # pick up emails typed into the page's forms
 # debug              = false               # log every event and vendor call in the console
+# cart_url = "https://shop.example/cart/restore?guid={cart_guid}"  # public: where abandoned-
+#                                          # cart emails lead ({cart_guid}, {sc} filled in)
 
 # A vendor section present = that vendor enabled for this site. Remove what you don't use.
 [sites.rejoiner]
