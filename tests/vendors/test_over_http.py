@@ -171,3 +171,18 @@ async def test_ignored_rows_keep_their_reason_and_block_nothing(tmp_path, fake) 
                                      settings_data(tmp_path, fake, only=("esputnik",)))),
                     cwd=tmp_path)
     assert "skipped: eSputnik CustomerData requires cookies.sc" in result.stdout
+
+
+async def test_a_purchase_without_a_stored_cart_keeps_the_browsers_guid(tmp_path, fake) -> None:
+    """The cart's pages were on another session (or before onetag): the browser's purchase
+    names the GUID eS.js last sent, and the server's PurchasedItems quotes it."""
+    settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",)), env={})
+    db = tmp_path / "onetag.db"
+    buy = {"event": "purchase", "event_id": "p-1", "loaded": [], "cart_guid": GUID_X,
+           "ecommerce": {"currency": "USD", "transaction_id": "1002", "value": "29.99",
+                         "items": [item("SKU-1", "29.99")]}}
+    async with serve(settings) as app, httpx.AsyncClient(base_url=app.state.base_url) as client:
+        await browser(client, buy)
+        await settled(db)
+    [sent] = [r.json for r in fake.requests("esputnik")]
+    assert sent["PurchasedItems"] == {"GUID": GUID_X, "OrderNumber": "1002"}
