@@ -1,5 +1,6 @@
 """eSputnik tracker REST v2: golden bodies per CONTRACT.md section 7, shaped as the JSON
-examples of vendor-docs/esputnik-tracker-rest-api.txt (prices as strings)."""
+examples of eSputnik's "Transferring Website Behavior Data via REST API" (prices as
+strings)."""
 
 from __future__ import annotations
 
