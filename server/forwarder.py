@@ -200,7 +200,8 @@ def classify(vendor: str, status: int, headers: Mapping[str, str], body: str,
     error = f"HTTP {status}: {body[:max_error_chars]}".rstrip(": ")
     if status in KEY_STATUSES and policy.key_setting:
         where = f"sites[{site_id or '<site>'}].{vendor}.{policy.key_setting}"
-        error = f"key rejected ({status}): check {where}; {error}"
+        maybe = ", or a temporary block" if status in policy.statuses else ""
+        error = f"key rejected ({status}){maybe}: check {where}; {error}"
     if 300 <= status < 400:
         error = (f"HTTP {status} redirect to {headers.get('location', '')!r} (not followed: "
                  f"check the vendor URL in the config)")

@@ -61,11 +61,16 @@ def test_classify(vendor, status, state) -> None:
 
 @pytest.mark.parametrize("vendor, status, key", [
     ("remarkety", 401, "api_key"), ("rejoiner", 403, "api_key"), ("sendlane", 401, "api_token"),
-    ("esputnik", 401, "api_key"), ("sendlane", 403, "api_token")])
+    ("esputnik", 401, "api_key")])
 def test_a_refused_key_names_the_setting_to_check(vendor, status, key) -> None:
     verdict = classify(vendor, status, {}, "no", now=0.0, site_id="shop1")
     assert verdict.error == (f"key rejected ({status}): check sites[shop1].{vendor}.{key}; "
                              f"HTTP {status}: no")
+    # Sendlane's 403 may also be "blocked due to many errors": retried, and said so.
+    blocked = classify("sendlane", 403, {}, "no", now=0.0, site_id="shop1")
+    assert (blocked.state, blocked.error) == (PENDING, "key rejected (403), or a temporary "
+                                              "block: check sites[shop1].sendlane.api_token; "
+                                              "HTTP 403: no")
     assert classify(vendor, 400, {}, "no", now=0.0, site_id="shop1").error == "HTTP 400: no"
 
 
