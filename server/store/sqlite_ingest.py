@@ -455,9 +455,11 @@ class IngestBatch:
         given = event.get("cart_guid")  # the GUID the browser used for this cart state
         if event["name"] == "purchase":
             # The cart as bought, under the guid of its last state (eSputnik's PurchasedItems
-            # refers to the last StatusCart GUID); then the session starts an empty cart.
+            # refers to the last StatusCart GUID), else the one the page names; none when the
+            # session never had a cart (no StatusCart was sent: a made-up GUID would match
+            # nothing). Then the session starts an empty cart.
             state.cart = None
-            return cart_snapshot(items, currency, guid or given or _new_guid())
+            return cart_snapshot(items, currency, guid or given)
         if given:
             # The browser names the state, and may already have sent it to a vendor under
             # this GUID (eS.js's StatusCart): both paths quote the last GUID either sent.

@@ -186,3 +186,20 @@ async def test_a_purchase_without_a_stored_cart_keeps_the_browsers_guid(tmp_path
         await settled(db)
     [sent] = [r.json for r in fake.requests("esputnik")]
     assert sent["PurchasedItems"] == {"GUID": GUID_X, "OrderNumber": "1002"}
+
+
+async def test_a_purchase_of_a_session_that_never_had_a_cart_is_the_one_click_form(
+        tmp_path, fake) -> None:
+    """No StatusCart was ever sent, so no GUID could match one: ES REST "PurchasedItems (One
+    Click)" with the lines."""
+    settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",)), env={})
+    db = tmp_path / "onetag.db"
+    buy = {"event": "purchase", "event_id": "p-1", "loaded": [],
+           "ecommerce": {"currency": "USD", "transaction_id": "1003", "value": "8.70",
+                         "items": [item("SKU-435", "4.35", 2)]}}
+    async with serve(settings) as app, httpx.AsyncClient(base_url=app.state.base_url) as client:
+        await browser(client, buy)
+        await settled(db)
+    [sent] = [r.json for r in fake.requests("esputnik")]
+    assert sent["PurchasedItems"] == {"Products": [
+        {"product_id": "SKU-435", "unit_price": "4.35", "quantity": 2}], "OrderNumber": "1003"}
