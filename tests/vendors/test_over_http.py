@@ -5,18 +5,16 @@ ignored rows carrying their reason."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import os
 import sqlite3
-import subprocess
-import sys
 
 import httpx
 import pytest
 
-from server import config
+from server import cli, config
 
-from fakes.harness import (ORIGIN, REPO, SC, SITE, backend, browser, item, rows, serve,
+from fakes.harness import (ORIGIN, SC, SITE, backend, browser, item, rows, serve,
                            settings_data, until, write_config)
 from fakes.vendor_server import FakeVendors
 
@@ -118,12 +116,16 @@ async def test_remarkety_is_retried_on_any_non_2xx(tmp_path, fake) -> None:
     assert [r.answer for r in fake.requests("remarkety")] == ["400", "404", "200"]
 
 
-def onetag(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+async def onetag(capsys, *args: str) -> str:
+    """``onetag <args>`` in this process (in a thread: the command runs its own event loop);
+    its standard output."""
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli.main, list(args)) == 0
+    return capsys.readouterr().out
 
 
-async def test_a_refused_remarkety_key_shows_in_onetag_deliveries(tmp_path, fake) -> None:
+async def test_a_refused_remarkety_key_shows_in_onetag_deliveries(tmp_path, fake,
+                                                                  capsys) -> None:
     fake.fail("remarkety", 401, times=None)
     path = write_config(tmp_path / "onetag.toml",
                         settings_data(tmp_path, fake, only=("remarkety",)))
@@ -140,13 +142,13 @@ async def test_a_refused_remarkety_key_shows_in_onetag_deliveries(tmp_path, fake
     assert row["attempts"] == 5
     assert row["last_error"].startswith(
         "gave up after 5 attempts; last: key rejected (401): check sites[shop1].remarkety.api_key")
-    result = onetag("deliveries", "--config", str(path), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    out = await onetag(capsys, "deliveries", "--config", str(path))
     assert ("  remarkety: key rejected (401): check sites[shop1].remarkety.api_key "
-            "(1 delivery dead)") in result.stdout.splitlines()
+            "(1 delivery dead)") in out.splitlines()
 
 
-async def test_ignored_rows_keep_their_reason_and_block_nothing(tmp_path, fake) -> None:
+async def test_ignored_rows_keep_their_reason_and_block_nothing(tmp_path, fake,
+                                                                capsys) -> None:
     """A backend identify of a customer never seen in a browser: eSputnik's CustomerData has
     no cookie to send (ignored, with why); once he has a session, it is sent."""
     settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",)), env={})
@@ -166,11 +168,10 @@ async def test_ignored_rows_keep_their_reason_and_block_nothing(tmp_path, fake) 
     sent = [r.json["GeneralInfo"] for r in fake.requests("esputnik")]
     assert [info.get("cookies") for info in sent] == [{"sc": SC}]  # the browser's and the
     assert len(rows(db, "d.state = 'delivered'")) == 1  # backend's copy are one fact
-    result = onetag("deliveries", "--state", "ignored", "--config",
-                    str(write_config(tmp_path / "onetag.toml",
-                                     settings_data(tmp_path, fake, only=("esputnik",)))),
-                    cwd=tmp_path)
-    assert "skipped: eSputnik CustomerData requires cookies.sc" in result.stdout
+    path = write_config(tmp_path / "onetag.toml", settings_data(tmp_path, fake,
+                                                                only=("esputnik",)))
+    out = await onetag(capsys, "deliveries", "--state", "ignored", "--config", str(path))
+    assert "skipped: eSputnik CustomerData requires cookies.sc" in out
 
 
 async def test_a_purchase_without_a_stored_cart_keeps_the_browsers_guid(tmp_path, fake) -> None:
