@@ -1,9 +1,9 @@
 """Remarkety, server side: its inbound webhooks (CONTRACT.md section 7, column "Remarkety
 webhook").
 
-Sources: Remarkety's "Integrating custom platforms with Remarkety" ("RM guide"), REFERENCE.md sections 2.3 and
-6 ("RM ref"), and the event reference it digests (remarkety/slate _built-in-events.md, "RM
-events": the JSON and mandatory fields of each event type).
+Sources: Remarkety's "Integrating custom platforms with Remarkety" ("RM guide"), REFERENCE.md
+sections 2.3 and 6 ("RM ref"), and the event reference it digests (Remarkety's built-in events
+reference, "RM events": the JSON and mandatory fields of each event type).
 
 - ``POST {webhook_url}`` (default ``https://webhooks.remarkety.com/webhooks/?storeId=...``,
   the form the vendor's own connector uses: RM ref 6), the raw event JSON as the body, the
