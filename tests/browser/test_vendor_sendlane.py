@@ -108,6 +108,16 @@ def test_checkout_golden_from_the_guide(vendors, context):
                                   "quantity": 1, "item_price": Decimal("19.99"), "total": Decimal("19.99")}]}
 
 
+def test_a_checkout_before_the_email_waits_for_it(vendors, context):
+    """An email typed at checkout comes after begin_checkout: the checkout waits, then goes
+    after identify with that email (Sendlane could not attribute it before)."""
+    page = open_page(context, vendors.page("all"))
+    assert push(page, {"event": "begin_checkout", "ecommerce": ecom(TEA)})["sendlane"] == []
+    calls = push(page, {"event": "identify", "user": {"email": "bo@example.com"}})["sendlane"]
+    assert [c["event"] for c in calls] == ["identify", "checkout_started"]
+    assert calls[1]["email"] == "bo@example.com" and calls[1]["line_items"] == [line(TEA, 1, "4.35", "4.35")]
+
+
 @pytest.mark.xfail(strict=True, reason="needs the server half of issue 12 (branch `vendors` + the "
                    "store): the store adopting the page's cart_guid as the cart state's guid, and "
                    "the server's line sku = sku / item_sku / item_id; remove this mark once merged")
