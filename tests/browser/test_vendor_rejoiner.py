@@ -185,3 +185,21 @@ def test_set_domain_defaults_to_the_page_host_and_return_url_leads_to_the_cart(v
     calls = push(page, {"event": "view_cart", "ecommerce": ecom(TEA, cart_url="https://shop.example/c?id=5")})
     assert calls["rejoiner"][1] == ["setCartData", {"cart_value": 435, "cart_item_count": 1,
                                                     "return_url": "https://shop.example/c?id=5"}]
+
+
+def test_cart_golden_from_the_guide(vendors, context):
+    """The guide's setCartItem and setCartData examples ("Tracking Cart Activity"): SKU-1000,
+    "Product Name", 2 x 2999 = 5998 cents; a cart of 7996 cents and 4 items with promo and
+    return_url."""
+    page = open_page(context, vendors.page("all"))
+    product = {"item_id": "SKU-1000", "item_name": "Product Name", "item_category": "product",
+               "item_category2": "categories", "price": 29.99, "quantity": 2, "item_url": "...",
+               "image_url": "...", "description": "..."}
+    other = {"item_id": "SKU-2000", "item_name": "Other", "price": 9.99, "quantity": 2}
+    calls = push(page, {"event": "begin_checkout", "ecommerce": ecom(product, other, coupon="PROMO", cart_url="...")})
+    assert calls["rejoiner"][1] == ["setCartData", {"cart_value": 7996, "cart_item_count": 4, "promo": "PROMO",
+                                                    "return_url": "..."}]
+    assert calls["rejoiner"][2] == ["setCartItem", {
+        "product_id": "SKU-1000", "name": "Product Name", "category": ["product", "categories"],
+        "price": 2999, "item_qty": 2, "qty_price": 5998, "product_url": "...", "image_url": "...",
+        "description": "..."}]
