@@ -142,9 +142,6 @@ def test_one_guid_per_cart_state_for_both_paths(vendors, context):
     assert [sent(vendors, page, eid).get("cart_guid") for eid in ids] == [g1, g1, g1]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the server half of issue 12 (branch `vendors` + the "
-                   "store): the store adopting the page's cart_guid as the cart state's guid, and "
-                   "PurchasedItems in the GUID form; remove this mark once merged")
 def test_status_cart_and_purchase_match_the_servers(vendors, context):
     """Both paths can send StatusCart and PurchasedItems (routes: fallback): the tracker's
     copy names the page's GUID, so whichever path sends PurchasedItems quotes the StatusCart

@@ -118,9 +118,6 @@ def test_a_checkout_before_the_email_waits_for_it(vendors, context):
     assert calls[1]["email"] == "bo@example.com" and calls[1]["line_items"] == [line(TEA, 1, "4.35", "4.35")]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the server half of issue 12 (branch `vendors` + the "
-                   "store): the store adopting the page's cart_guid as the cart state's guid, and "
-                   "the server's line sku = sku / item_sku / item_id; remove this mark once merged")
 def test_checkout_matches_the_servers_checkout_started(vendors, context):
     """Both paths can send checkout_started (routes: fallback): the page's push and the server's
     /tracking/checkout-started body for the same event are the same fields and values (the
