@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -298,6 +299,74 @@ def test_healthz_names_a_stopped_writer_and_sigterm_still_stops_the_server(tmp_p
         serve.terminate()
 
 
+# Backpressure: bounded pending writes, a body read timeout --------------------------------------
+
+def test_past_max_pending_writes_a_request_is_refused_at_once(tmp_path: Path) -> None:
+    """With the writer stopped (and its timeout far off), requests past max_pending_writes
+    are answered 503 "queue" while the ones within it still wait; they commit once the
+    writer continues."""
+    with serving(tmp_path, writer_timeout_s=60.0, max_pending_writes=4) as serve:
+        writer = serve.writer_pid()
+        serve.stop_process(writer)
+        sent = [str(uuid.uuid4()) for _ in range(12)]
+        done: list[tuple[str, httpx.Response]] = []
+
+        async def send_all() -> None:
+            limits = httpx.Limits(max_connections=20)
+            async with httpx.AsyncClient(base_url=serve.base, timeout=90, limits=limits) as client:
+                async def one(event_id: str) -> None:
+                    body = {"site_id": SITE, "events": [{"event": "page_view", "event_id": event_id}]}
+                    response = await client.post("/e", content=json.dumps(body),
+                                                 headers=BROWSER_HEADERS)
+                    done.append((event_id, response))
+
+                tasks = [asyncio.create_task(one(event_id)) for event_id in sent]
+                deadline = time.monotonic() + 20  # far below writer_timeout_s
+                while len(done) < len(sent) - 4 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                early = list(done)
+                os.kill(writer, signal.SIGCONT)
+                await asyncio.gather(*tasks)
+                assert len(early) >= len(sent) - 4, \
+                    f"only {len(early)} of {len(sent)} answered while 4 may be pending: {early}"
+                for _, response in early:
+                    assert_unavailable(response, ("queue",))
+
+        asyncio.run(send_all())
+        serve.stopped.discard(writer)
+        stored = stored_ids(serve.db)
+        for event_id, response in done:
+            if response.status_code == 204:
+                assert event_id in stored
+            else:
+                assert_unavailable(response, ("queue",))
+                assert event_id not in stored, "a request answered 503 was stored"
+        assert sum(response.status_code == 204 for _, response in done) >= 1
+        serve.terminate()
+
+
+def test_a_body_not_received_in_time_is_answered_408(tmp_path: Path) -> None:
+    with serving(tmp_path, body_timeout_s=1.0) as serve:
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=15) as sock:
+            sock.sendall(b"POST /e HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+                         b"Origin: " + ORIGIN.encode() + b"\r\nContent-Length: 200\r\n\r\n"
+                         b'{"site_id": "shop1", ')
+            answer = b""
+            with contextlib.suppress(ConnectionError):
+                while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+        error = json.loads(body)
+        assert error["error"] == "timeout" and error["errors"][0]["field"] == "body", error
+        with httpx.Client(timeout=30) as client:
+            assert intake_answers_204(serve, client)
+        serve.terminate()
+
+
 # SIGTERM in each state ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("state", ["idle", "under load", "writer killed"])
@@ -334,8 +403,9 @@ def tmpfs(size: str) -> Iterator[Path]:
     try:
         yield where
     finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(where)], capture_output=True)
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        for _ in range(3):  # a bind mount over it first, then the tmpfs itself
+            if subprocess.run(["umount", "-l", str(where)], capture_output=True).returncode:
+                break
         with contextlib.suppress(OSError):
             where.rmdir()
 
@@ -399,44 +469,37 @@ def test_a_full_disk_answers_503_and_intake_recovers_when_space_returns(tmp_path
         serve.terminate()
 
 
-def test_a_database_made_read_only_at_runtime_answers_503_then_recovers(tmp_path: Path) -> None:
+def test_a_database_found_read_only_at_runtime_answers_503_then_recovers(tmp_path: Path) -> None:
+    """Linux refuses to remount a filesystem read-only while a file on it is open for
+    writing (EBUSY), and SQLite keeps the database open read-write in the writer and in the
+    server's reader. So the fault comes the way a replaced writer meets it: a read-only
+    bind mount covers the database's folder, then the writer is killed; its replacement
+    opens a database it cannot write. Then the mount turns read-write again, and intake
+    must recover by itself, without a restart."""
     with tmpfs("8m") as disk, serving(tmp_path, db_dir=disk) as serve, \
             httpx.Client(timeout=30) as client:
         assert intake_answers_204(serve, client)
-        # Linux refuses to remount a filesystem read-only while a file on it is open for
-        # writing (EBUSY), and SQLite keeps the database (and its -wal, -shm) open read-write,
-        # in the writer and in the server's reader: only the kernel's own remount after an
-        # I/O error does it under a running server, and a test cannot cause that safely.
-        done = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True,
+        bind = subprocess.run(["mount", "--bind", str(disk), str(disk)], capture_output=True,
                               text=True)
-        if done.returncode != 0:
-            pytest.skip(f"the database's filesystem cannot be made read-only under a running "
-                        f"server ({done.stderr.strip()}); files open for writing: "
-                        f"{open_for_writing(disk)}")
-        response = serve.post(client)
-        assert_unavailable(response, ("disk", "database"))
+        assert bind.returncode == 0, bind.stderr
+        remount(disk, "bind,ro")
+        os.kill(serve.writer_pid(), signal.SIGKILL)
+        answers: list[httpx.Response] = []
+
+        def refused_naming_storage() -> bool:
+            answers.append(serve.post(client))
+            last = answers[-1]
+            return last.status_code == 503 and last.json()["errors"][0]["field"] in (
+                "database", "disk")
+
+        poll("503 naming the database or the disk", 15, refused_naming_storage)
+        for answer in answers:  # nothing acknowledged while nothing can be written
+            assert_unavailable(answer, ("writer", "database", "disk"))
         health = client.get(f"{serve.base}/healthz")
         assert health.status_code == 503 and health.json()["problem"] in ("disk", "database"), \
             health.text
-        remount(disk, "rw")
+        remount(disk, "bind,rw")
         poll("intake back after the database was writable again", 40,
              lambda: intake_answers_204(serve, client))
+        assert serve.wait_healthy(10)["writer_pid"]
         serve.terminate()
-
-
-def open_for_writing(where: Path) -> list[str]:
-    """Which processes hold a file under ``where`` open for writing (the reason for EBUSY)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{entry}/fd/{fd}")
-                    flags = int(Path(f"/proc/{entry}/fdinfo/{fd}").read_text().split(
-                        "flags:")[1].split()[0], 8)
-                    if target.startswith(str(where)) and flags & (os.O_WRONLY | os.O_RDWR):
-                        cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-                        found.append(f"{entry} {cmd.decode(errors='replace')[:80]}: {target}")
-    return found
