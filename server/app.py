@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any, AsyncIterator
@@ -19,9 +20,10 @@ from .demo import Demo
 from .forwarder import Forwarder, ForwarderOptions
 from .ingest import Ingest
 from .script import ScriptServer
-from .store import open_store
+from .store import StoreUnavailable, open_store
 
 log = logging.getLogger("onetag")
+HEALTH_PROBLEMS = ("writer", "disk", "database")
 
 
 class _Endpoint:
@@ -63,11 +65,21 @@ def create_app(settings: Any, store: Any = None,
         ingest.on_stored = forwarder.wake
 
     async def healthz(request: Request) -> Response:
+        """200 only when the store takes writes: a committed write through the writer,
+        within 2 s. Otherwise 503 naming the problem: ``writer``, ``disk`` or ``database``."""
         try:
-            await store.ping()
-        except Exception as exc:  # any failure to read means "not ready"
-            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            pid = await store.ping()
+        except StoreUnavailable as exc:
+            kind = exc.kind if exc.kind in HEALTH_PROBLEMS else "writer"
+            return JSONResponse({"status": "unavailable", "problem": kind, "message": exc.message},
+                                status_code=503, headers={"Retry-After": str(exc.retry_after_s),
+                                                          "Cache-Control": "no-store"})
+        except Exception as exc:  # anything else is the database's problem
+            return JSONResponse({"status": "unavailable", "problem": "database",
+                                 "message": f"{type(exc).__name__}: {exc}"}, status_code=503,
+                                headers={"Cache-Control": "no-store"})
+        return JSONResponse({"status": "ok", "writer_pid": pid},
+                            headers={"Cache-Control": "no-store"})
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -92,6 +104,11 @@ def create_app(settings: Any, store: Any = None,
                   methods=["GET"]),
         ]
 
+    # SIGTERM: uvicorn gives open requests half the grace period (``cli.cmd_serve``), the
+    # forwarder and the store share the other half, so the process is gone within it even
+    # with a dead or wedged writer.
+    half_grace = settings.server.shutdown_grace_s / 2
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
@@ -102,9 +119,12 @@ def create_app(settings: Any, store: Any = None,
                 yield
             finally:
                 if forwarder is not None:
-                    await forwarder.stop()  # stop claiming; in-flight sends finish or stay leased
+                    try:  # stop claiming; in-flight sends finish or stay leased
+                        await asyncio.wait_for(forwarder.stop(), half_grace)
+                    except asyncio.TimeoutError:
+                        log.warning("the forwarder did not stop within %g s", half_grace)
         finally:
-            await store.close()
+            await store.close(grace_s=min(5.0, half_grace))
 
     app = _App(routes=routes, lifespan=lifespan)
     app.fast_post = (settings.server.event_path, ingest.browser_events)

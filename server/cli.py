@@ -99,9 +99,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sites = ", ".join(settings.sites)
         print(f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
               f"{settings.server.database}", flush=True)
+    from .store.sqlite_writer import check_writable
+
+    problem = check_writable(settings.server.sqlite_path)
+    if problem is not None:
+        print(f"onetag: cannot write the database at {settings.server.sqlite_path} ({problem}); "
+              "not serving. Check the path, its permissions, the mount and free space.",
+              file=sys.stderr)
+        return 2
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                proxy_headers=True, server_header=False)
+                proxy_headers=True, server_header=False,
+                timeout_graceful_shutdown=max(1, int(settings.server.shutdown_grace_s / 2)))
     return 0
 
 

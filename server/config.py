@@ -24,6 +24,11 @@ DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
 DEFAULT_DATABASE = "sqlite:///onetag.db"
 DEFAULT_HOLD_DAYS = 7.0
 DEFAULT_BROWSER_GRACE_S = 600.0
+DEFAULT_MAX_CART_LINES = 200
+# The hardening knobs of [server] (README, "Bad input and faults"): name, default, integer?
+HARDENING = {"writer_timeout_s": (10.0, False), "shutdown_grace_s": (10.0, False),
+             "body_timeout_s": (10.0, False), "max_pending_writes": (2000, True),
+             "max_pending_bytes": (64 * 1024 * 1024, True)}
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class SiteConfig:
     spa_page_views: str = "auto"  # or "manual"
     capture_form_email: bool = True
     debug: bool = False
+    max_cart_lines: int = DEFAULT_MAX_CART_LINES  # lines a session's cart may hold
     vendors: Mapping[str, VendorConfig] = field(default_factory=dict)
 
 
@@ -67,6 +73,11 @@ class ServerConfig:
     # A backend copy of an event the browser normally delivers (a `fallback` route) waits this
     # long, so a browser copy arriving just after it is recognised and the vendor gets one.
     browser_grace_s: float = DEFAULT_BROWSER_GRACE_S
+    writer_timeout_s: float = 10.0  # a writer leaving a frame unanswered this long is replaced
+    shutdown_grace_s: float = 10.0  # SIGTERM: requests and the writer get this long to finish
+    body_timeout_s: float = 10.0  # a request body not received in this time: 408
+    max_pending_writes: int = 2000  # writes waiting for the store before new ones get 503
+    max_pending_bytes: int = 64 * 1024 * 1024  # ... and the bytes of their bodies
 
     @property
     def sqlite_path(self) -> str:
@@ -182,7 +193,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         reader.problem(where, "must be a table")
         return ServerConfig()
     known = {"database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
-             "forward", "browser_grace_s"}
+             "forward", "browser_grace_s", *HARDENING}
     for key in table:
         if key not in known:
             reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -209,11 +220,20 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
         reader.problem(f"{where}.browser_grace_s", f"must be a number of seconds >= 0, not {grace!r}")
         grace = DEFAULT_BROWSER_GRACE_S
+    hardening = {}
+    for key, (default, whole) in HARDENING.items():
+        value = reader.resolve(f"{where}.{key}", table.get(key, default))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+                whole and not isinstance(value, int)):
+            kind = "a whole number" if whole else "a number of seconds"
+            reader.problem(f"{where}.{key}", f"must be {kind} > 0, not {value!r}")
+            value = default
+        hardening[key] = value if whole else float(value)
     return ServerConfig(
         database=database, public_url=public_url, script_path=script_path,
         event_path=event_path, admin_token=reader.string(table, "admin_token", where),
         hold_days=float(hold_days), forward=reader.boolean(table, "forward", where, True),
-        browser_grace_s=float(grace))
+        browser_grace_s=float(grace), **hardening)
 
 
 def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
@@ -227,7 +247,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     if not SITE_ID_RE.match(site_id):
         reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
     known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
-             "debug", *VENDORS}
+             "debug", "max_cart_lines", *VENDORS}
     for key in table:
         if key not in known:
             reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -245,6 +265,12 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     spa = reader.string(table, "spa_page_views", where, default="auto")
     if spa not in ("auto", "manual"):
         reader.problem(f"{where}.spa_page_views", f"must be \"auto\" or \"manual\", not {spa!r}")
+    max_cart_lines = table.get("max_cart_lines", DEFAULT_MAX_CART_LINES)
+    if isinstance(max_cart_lines, bool) or not isinstance(max_cart_lines, int) or not (
+            1 <= max_cart_lines <= 10_000):
+        reader.problem(f"{where}.max_cart_lines",
+                       f"must be a whole number from 1 to 10000, not {max_cart_lines!r}")
+        max_cart_lines = DEFAULT_MAX_CART_LINES
     vendors = {}
     for name, module in VENDORS.items():
         if name in table:
@@ -255,7 +281,8 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
         id=site_id, origins=tuple(o.rstrip("/") for o in origins),
         api_key=reader.string(table, "api_key", where), currency=currency, spa_page_views=spa,
         capture_form_email=reader.boolean(table, "capture_form_email", where, True),
-        debug=reader.boolean(table, "debug", where, False), vendors=vendors)
+        debug=reader.boolean(table, "debug", where, False), max_cart_lines=max_cart_lines,
+        vendors=vendors)
 
 
 def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> VendorConfig | None:

@@ -9,6 +9,7 @@ Every problem names its field with a path (``events[2].ecommerce.items[0].price`
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -37,11 +38,30 @@ STANDARD = frozenset({
     "cart_updated", "order_status", "product_updated", "unsubscribe", "opt_in"})
 BACKEND_ONLY = frozenset({"order_status", "product_updated"})
 
-EVENT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:/-]{0,63}$")
-EVENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
-SC_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
+# Always used with ``fullmatch``: ``match`` with ``$`` lets a trailing newline through, and
+# an ``sc`` with one was committed, then refused by h11 as a Set-Cookie header.
+EVENT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.:/-]{0,63}")
+EVENT_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# Local part and domain without whitespace, "/", "@", NUL or any control character: vendors
+# put the email in URL paths (Rejoiner's customers/by_email/{email}) and mail headers.
+_EMAIL_CHAR = r"[^@\s/\x00-\x1f\x7f]"
+EMAIL_RE = re.compile(rf"{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}{{2,}}")
+SC_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
 CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
+
+# Bounds on anything an event carries, checked (``check_bounds``) before any conversion:
+# a 1e300000 quantity took ~9 s in ``int(Decimal(...))``, a 4,400-digit integer or a lone
+# surrogate failed deep in the store. Documented in the README ("Bad input").
+MAX_DEPTH = 8  # objects and lists inside an event, the event object counting as 1
+MAX_STRING_CHARS = 8192  # any string or key (most fields allow less)
+MAX_KEYS = 100  # keys in one object
+MAX_LIST = 500  # entries in one list
+MAX_NUMBER = 10**18  # |n| of any number
+MAX_DIGITS = 40  # significant digits of any number, and digits after its point
+MAX_MONEY_MAJOR = 10**12  # value, price, tax, shipping, in major units
+MAX_QUANTITY = 100_000
+MIN_TIME_MS = 946_684_800_000  # 2000-01-01: an event's ``time`` (Unix ms) is after it ...
+MAX_FUTURE_MS = 86_400_000  # ... and at most a day ahead of the server's clock
 
 USER_STRINGS = ("customer_id", "first_name", "last_name", "phone")
 ITEM_STRINGS = ("item_name", "item_brand", "item_variant", "item_url", "image_url", "description",
@@ -85,11 +105,80 @@ _DECODER = json.JSONDecoder(parse_float=Decimal)
 
 def parse_json(body: bytes) -> Any:
     """Decode a request body (as ``json.loads`` would); floats become Decimal so money
-    stays exact."""
+    stays exact. Bytes that are not UTF-8 (a surrogate encoded as ``ED A0 80``), nesting
+    past the interpreter's recursion limit and integers past its digit limit are refused
+    here; ``check_bounds`` refuses what parses but is out of bounds."""
     try:
-        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = body.decode(json.detect_encoding(body))
+    except UnicodeDecodeError as exc:
+        raise Invalid("body", f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
         raise Invalid("body", f"is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise Invalid("body", f"nests too deep (the limit is {MAX_DEPTH} levels an event)") from None
+    except ValueError as exc:  # an integer of more digits than int() takes
+        raise Invalid("body", f"has a number out of bounds ({exc})") from None
+
+
+def check_bounds(value: Any, where: str, depth: int = 1) -> None:
+    """Refuse, naming the field, any value out of the bounds above (``MAX_*``).
+
+    Walks the parsed event once; its depth is bounded by ``MAX_DEPTH``, so the walk is too.
+    """
+    if isinstance(value, str):
+        _check_text(value, where)
+    elif isinstance(value, dict):
+        if depth > MAX_DEPTH:
+            raise Invalid(where, f"nests too deep (the limit is {MAX_DEPTH} levels an event)")
+        if len(value) > MAX_KEYS:
+            raise Invalid(where, f"has {len(value)} keys; the limit is {MAX_KEYS}")
+        for key, item in value.items():
+            _check_text(key, f"{where}.{key[:64]!r}" if not key.isidentifier() else f"{where}.{key}")
+            check_bounds(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, list):
+        if depth > MAX_DEPTH:
+            raise Invalid(where, f"nests too deep (the limit is {MAX_DEPTH} levels an event)")
+        if len(value) > MAX_LIST:
+            raise Invalid(where, f"has {len(value)} entries; the limit is {MAX_LIST}")
+        for i, item in enumerate(value):
+            check_bounds(item, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not -MAX_NUMBER <= value <= MAX_NUMBER:
+            raise Invalid(where, f"is out of bounds (at most {MAX_NUMBER:.0e} either way)")
+    elif isinstance(value, Decimal):
+        _check_decimal(value, where, MAX_NUMBER)
+    elif isinstance(value, float):  # from a parsed body, only NaN and Infinity
+        if not math.isfinite(value):
+            raise Invalid(where, "must be a finite number")
+        if abs(value) > MAX_NUMBER:
+            raise Invalid(where, f"is out of bounds (at most {MAX_NUMBER:.0e} either way)")
+
+
+def _check_text(text: str, where: str) -> None:
+    if len(text) > MAX_STRING_CHARS:
+        raise Invalid(where, f"is longer than {MAX_STRING_CHARS} characters")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise Invalid(where, f"has a lone surrogate (\\u{ord(text[exc.start]):04x}); "
+                          "send text as valid UTF-8") from None
+
+
+def _check_decimal(value: Decimal, where: str, limit: int) -> None:
+    """A parsed JSON number: finite, within ``limit`` and ``MAX_DIGITS``, read without ever
+    expanding its exponent (``Decimal('1e300000')`` is cheap; ``int()`` of it is not)."""
+    if not value.is_finite():
+        raise Invalid(where, "must be a finite number")
+    digits, exponent = value.as_tuple()[1:]
+    if len(digits) > MAX_DIGITS or exponent < -MAX_DIGITS:  # type: ignore[operator]
+        raise Invalid(where, f"has more than {MAX_DIGITS} digits")
+    if value and value.adjusted() >= len(str(limit)) - 1 and abs(value) > limit:
+        raise Invalid(where, f"is out of bounds (at most {limit:.0e} either way)")
 
 
 @dataclass(frozen=True)
@@ -110,6 +199,7 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) 
     """
     if not isinstance(raw, dict):
         raise Invalid(where, "must be an object")
+    check_bounds(raw, where)
     if check_size:
         size = len(json.dumps(raw, default=str, separators=(",", ":")))
         if size > MAX_EVENT_BYTES:
@@ -117,7 +207,7 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) 
     name = raw.get("event")
     if not isinstance(name, str) or not name:
         raise Invalid(f"{where}.event", "is required: the event name, e.g. \"view_item\"")
-    if not EVENT_NAME_RE.match(name):
+    if not EVENT_NAME_RE.fullmatch(name):
         raise Invalid(f"{where}.event", f"{name!r} is not a valid event name "
                       "(a letter, then up to 63 of A-Z a-z 0-9 _ . : / -)")
     if name in BACKEND_ONLY and origin.source == "browser":
@@ -126,14 +216,15 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) 
     event_id = raw.get("event_id")
     if event_id is None and origin.source == "backend":
         event_id = new_event_id()
-    if not isinstance(event_id, str) or not EVENT_ID_RE.match(event_id):
+    if not isinstance(event_id, str) or not EVENT_ID_RE.fullmatch(event_id):
         raise Invalid(f"{where}.event_id", "is required: a string id (a UUID) kept across retries")
 
-    time_ms = _optional_int(raw, "time", where, minimum=0)
+    time_ms = _optional_int(raw, "time", where, minimum=MIN_TIME_MS,
+                            maximum=origin.received_ms + MAX_FUTURE_MS)
     sc = origin.sc
     if origin.source == "backend" and raw.get("sc") is not None:
         sc = _string(raw, "sc", where)
-        if not SC_RE.match(sc):
+        if not SC_RE.fullmatch(sc):
             raise Invalid(f"{where}.sc", "must be the visitor's sc cookie value")
         sc = sc.upper()
 
@@ -212,7 +303,9 @@ def _string(table: dict, key: str, where: str, *, required: bool = False,
     return value
 
 
-def _optional_int(table: dict, key: str, where: str, *, minimum: int | None = None) -> int | None:
+def _optional_int(table: dict, key: str, where: str, *, minimum: int | None = None,
+                  maximum: int | None = None) -> int | None:
+    """A whole number (``check_bounds`` has already bounded its size and digits)."""
     value = table.get(key)
     if value is None:
         return None
@@ -222,6 +315,8 @@ def _optional_int(table: dict, key: str, where: str, *, minimum: int | None = No
         raise Invalid(f"{where}.{key}", f"must be a whole number, not {_type(value)}")
     if minimum is not None and value < minimum:
         raise Invalid(f"{where}.{key}", f"must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise Invalid(f"{where}.{key}", f"must be at most {maximum}")
     return value
 
 
@@ -231,10 +326,15 @@ def _money(table: dict, key: str, where: str, currency: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
         raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), not {_type(value)}")
+    if isinstance(value, float):  # an in-process caller's: its shortest repr is what JS shows
+        value = repr(value)
     try:
-        minor = money.to_minor(value, currency)
-    except ValueError:
-        raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), not {value!r}") from None
+        amount = Decimal(value.strip() if isinstance(value, str) else value)
+    except ArithmeticError:
+        raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), "
+                      f"not {value[:40]!r}") from None
+    _check_decimal(amount, f"{where}.{key}", MAX_MONEY_MAJOR)  # before any scaling
+    minor = money.to_minor(amount, currency)
     if minor < 0:
         raise Invalid(f"{where}.{key}", "must not be negative")
     return minor
@@ -265,7 +365,7 @@ def _user(user: Any, where: str) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     email = _string(user, "email", where, max_len=254)
     if email:
-        if not EMAIL_RE.match(email):
+        if not EMAIL_RE.fullmatch(email):
             raise Invalid(f"{where}.email", f"{email!r} is not an email address")
         out["email"] = email.lower()
     for key in USER_STRINGS:
@@ -352,7 +452,9 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
     if isinstance(quantity, Decimal) and quantity == quantity.to_integral_value():
         quantity = int(quantity)
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
-        raise Invalid(f"{where}.quantity", f"must be a whole number >= 0, not {quantity!r}")
+        raise Invalid(f"{where}.quantity", f"must be a whole number >= 0, not {str(quantity)[:40]!r}")
+    if quantity > MAX_QUANTITY:
+        raise Invalid(f"{where}.quantity", f"must be at most {MAX_QUANTITY}")
     out["quantity"] = quantity
     categories = []
     for key in CATEGORY_KEYS:

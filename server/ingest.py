@@ -9,6 +9,7 @@ names the field, and nothing is stored from a rejected body.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from . import events as vocabulary
 from .envelope import BrowserFacts, Problem, Refused, event_list
 from .events import Invalid, Origin
 from .sessions import COOKIE_NAME, cookie_header
-from .store.base import SessionInfo
+from .store.base import SessionInfo, StoreUnavailable
 
 MAX_BODY_BYTES = 1024 * 1024
 BROWSER_TYPES = ("text/plain", "application/json", "")
@@ -46,11 +47,31 @@ class HTTPProblem(Exception):
                             headers={**self.headers, **(extra_headers or {})})
 
 
-async def _receive_body(receive: Receive, declared: str | None) -> bytes | None:
-    """The request body within its limit; None if the client disconnected first."""
+def unavailable(exc: StoreUnavailable) -> HTTPProblem:
+    """503 for a write the store did not make: the client retries after ``Retry-After``."""
+    return HTTPProblem(503, "unavailable", exc.kind, exc.message,
+                       {"Retry-After": str(exc.retry_after_s)})
+
+
+async def _receive_body(receive: Receive, declared: str | None,
+                        timeout_s: float = 10.0) -> bytes | None:
+    """The request body within its size and time limits; None if the client disconnected.
+
+    A body still arriving after ``timeout_s`` is a 408: 500 slow senders held 40 s
+    otherwise. (``asyncio.timeout`` schedules one timer; no task, so the fast path stays
+    cheap.)"""
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise HTTPProblem(413, "too_large", "body", f"is {declared} bytes; the limit is "
                           f"{MAX_BODY_BYTES} bytes a request")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive_chunks(receive)
+    except TimeoutError:
+        raise HTTPProblem(408, "timeout", "body", f"was not received within {timeout_s:g} s",
+                          {"Connection": "close"}) from None
+
+
+async def _receive_chunks(receive: Receive) -> bytes | None:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -66,8 +87,8 @@ async def _receive_body(receive: Receive, declared: str | None) -> bytes | None:
         chunks.append(chunk)
 
 
-async def _read_body(request: Request) -> bytes:
-    data = await _receive_body(request.receive, request.headers.get("content-length"))
+async def _read_body(request: Request, timeout_s: float) -> bytes:
+    data = await _receive_body(request.receive, request.headers.get("content-length"), timeout_s)
     if data is None:
         raise ClientDisconnect()
     return data
@@ -94,6 +115,7 @@ class Ingest:
         self.on_stored: Callable[[], None] | None = None  # the forwarder's wake-up
         self.secure_cookie = settings.server.public_url.startswith("https://")
         self.all_origins = frozenset(o for s in settings.sites.values() for o in s.origins)
+        self.body_timeout_s = settings.server.body_timeout_s
 
     # Browser ----------------------------------------------------------------------------
 
@@ -144,7 +166,7 @@ class Ingest:
             if (content_type or "").split(";", 1)[0].strip().lower() not in BROWSER_TYPES:
                 raise HTTPProblem(415, "unsupported_media_type", "content-type",
                                   "must be text/plain or application/json")
-            data = await _receive_body(receive, declared)
+            data = await _receive_body(receive, declared, self.body_timeout_s)
         except HTTPProblem as exc:
             await exc.response(self._cors(origin, allowed))(scope, receive, send)
             return
@@ -155,6 +177,9 @@ class Ingest:
         try:
             # Read (parsed, validated, normalised) and stored by the store, off this loop.
             answer = await self.store.ingest_browser(data, facts)
+        except StoreUnavailable as exc:  # not stored: the runtime retries it
+            await unavailable(exc).response(self._cors(origin, allowed))(scope, receive, send)
+            return
         except Exception:  # what Starlette's ServerErrorMiddleware answers, then re-raises
             await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
             raise
@@ -198,7 +223,7 @@ class Ingest:
             if _media_type(request) != "application/json":
                 raise HTTPProblem(415, "unsupported_media_type", "content-type",
                                   "must be application/json")
-            body = vocabulary.parse_json(await _read_body(request))
+            body = vocabulary.parse_json(await _read_body(request, self.body_timeout_s))
             if isinstance(body, dict) and "events" in body and "event" not in body:
                 raws, where = event_list(body["events"], "events"), "events"
                 normalised = vocabulary.normalise_batch(raws, where, self._origin(site))
@@ -214,7 +239,12 @@ class Ingest:
             return HTTPProblem(*exc.problem).response()
         except HTTPProblem as exc:
             return exc.response()
-        results = await self.store.ingest(site.id, normalised, raws, SessionInfo())
+        try:
+            results = await self.store.ingest(site.id, normalised, raws, SessionInfo())
+        except StoreUnavailable as exc:
+            return unavailable(exc).response()
+        if isinstance(results, Problem):  # refused by the store (a cart rule): stored nothing
+            return HTTPProblem(*results).response()
         self._stored(results)
         return JSONResponse(
             {"event_ids": [r.event_id for r in results],

@@ -22,7 +22,7 @@ def new_sc() -> str:
 
 
 def valid_sc(value: str | None) -> str | None:
-    if value and SC_RE.match(value):
+    if value and SC_RE.fullmatch(value):
         return value.upper()
     return None
 

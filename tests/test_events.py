@@ -133,9 +133,12 @@ def test_backend_rules() -> None:
 
 
 def test_oversized_event_is_refused() -> None:
-    text = '{"event": "big", "event_id": "e1", "blob": "' + "x" * events.MAX_EVENT_BYTES + '"}'
-    field, words = problem(text)
+    chunk = '"' + "x" * events.MAX_STRING_CHARS + '"'
+    blob = ",".join([chunk] * (events.MAX_EVENT_BYTES // events.MAX_STRING_CHARS + 1))
+    field, words = problem('{"event": "big", "event_id": "e1", "blob": [' + blob + ']}')
     assert field == "events[0]" and "limit is 32768 bytes" in words
+    field, words = problem('{"event": "big", "event_id": "e1", "blob": "x' + chunk[1:] + '}')
+    assert field == "events[0].blob" and f"longer than {events.MAX_STRING_CHARS}" in words
 
 
 def test_malformed_json_is_a_body_problem() -> None:

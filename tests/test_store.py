@@ -11,6 +11,7 @@ import pytest
 
 from server import vendors
 from server.events import Origin, normalise
+from server.envelope import Problem
 from server.store.base import SessionInfo
 from server.store.sqlite import SQLiteStore, migrate, migrations
 from server.store.sqlite_writer import configure
@@ -82,9 +83,10 @@ async def test_a_failing_request_fails_alone(tmp_path) -> None:
         bad = [event({"event": "page_view", "event_id": "bad"}) | {"site_id": "shop1"}]
         bad[0]["user"] = {"email": object()}  # cannot be serialised: the job raises
         outcome = await asyncio.gather(store.ingest("shop1", good, good, SessionInfo()),
-                                       store.ingest("shop1", bad, bad, SessionInfo()),
-                                       return_exceptions=True)
-        assert not isinstance(outcome[0], Exception) and isinstance(outcome[1], Exception)
+                                       store.ingest("shop1", bad, bad, SessionInfo()))
+        # The bad one is answered with its own 422 (plain data), the good one committed.
+        assert isinstance(outcome[0], list) and isinstance(outcome[1], Problem)
+        assert outcome[1].status == 422 and outcome[1].field == "events"
     finally:
         await store.close()
     with sqlite3.connect(tmp_path / "onetag.db") as db:
@@ -243,11 +245,11 @@ async def test_browser_bodies_are_read_by_the_writer_and_a_refused_one_fails_alo
 def test_a_transaction_of_the_writer_process_stops_at_the_batch_reaching_its_limit() -> None:
     from server.store.sqlite_writer import _take
 
-    frames = [["a"] * 8, ["b"] * 5, ["c"] * 8, ["d"] * 2]
+    frames = [(1, ["a"] * 8), (2, ["b"] * 5), (3, ["c"] * 8), (4, ["d"] * 2)]  # (id, jobs)
     assert _take(frames, 16) == (frames[:3], frames[3:])  # 8 + 5 + 8: the third reaches 16
     assert _take(frames, 8) == (frames[:1], frames[1:])
     assert _take(frames, 100) == (frames, [])
-    assert _take([["a"] * 40], 16) == ([["a"] * 40], [])  # a batch is never split
+    assert _take([(9, ["a"] * 40)], 16) == ([(9, ["a"] * 40)], [])  # a frame is never split
 
 
 def _cart_lines(view: dict) -> list[tuple[str, int]]:
@@ -263,9 +265,8 @@ async def test_a_failed_request_leaves_no_trace_in_the_writers_session_cache(tmp
         bad = event({"event": "add_to_cart", "event_id": "2", "ecommerce": {"items": [item("B")]}})
         bad["source"] = object()  # fails when its row is written, after its cart was applied
         good = event({"event": "add_to_cart", "event_id": "3", "ecommerce": {"items": [item("C")]}})
-        outcome = await asyncio.gather(ingest(store, bad), ingest(store, good),
-                                       return_exceptions=True)
-        assert isinstance(outcome[0], Exception) and not isinstance(outcome[1], Exception)
+        outcome = await asyncio.gather(ingest(store, bad), ingest(store, good))
+        assert isinstance(outcome[0], Problem) and isinstance(outcome[1], list)
         await ingest(store, event({"event": "add_to_cart", "event_id": "4",
                                    "ecommerce": {"items": [item("A")]}}))
         view = await store.session_view("shop1", "SC-AAAA-0001")

@@ -30,6 +30,26 @@ class BrowserIngested(NamedTuple):
     results: list[IngestResult]
 
 
+class JobFailure(NamedTuple):
+    """A write the store could not make for a reason that is not the request's own: the
+    writer died or hung, the disk is full, the database can't be written. It crosses the
+    writer's pipe as this plain tuple (never a pickled exception) and is answered 503."""
+
+    kind: str  # "writer" | "disk" | "database" | "queue"
+    message: str
+
+
+class StoreUnavailable(Exception):
+    """Raised to the caller of a write that was not made (and will not be): answer 503 with
+    ``Retry-After``, the client's retry finds the store again (event ids make it idempotent)."""
+
+    def __init__(self, kind: str, message: str, retry_after_s: int = 1):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     """What the endpoint knows of the visitor beyond the events themselves."""
@@ -67,16 +87,18 @@ class Store(abc.ABC):
     async def open(self) -> None: ...
 
     @abc.abstractmethod
-    async def close(self) -> None: ...
+    async def close(self, grace_s: float = 10) -> None: ...
 
     @abc.abstractmethod
-    async def ping(self) -> None:
-        """Raise if the store cannot be read."""
+    async def ping(self, timeout_s: float = 2.0) -> int | None:
+        """A committed write through the writer within ``timeout_s``: the writer's pid (None
+        in-process); ``StoreUnavailable`` naming the problem otherwise."""
 
     @abc.abstractmethod
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
-                     raws: Sequence[Any], session: SessionInfo) -> list[IngestResult]:
-        """Store normalised events durably, in one transaction, with everything they imply."""
+                     raws: Sequence[Any], session: SessionInfo) -> list[IngestResult] | Problem:
+        """Store normalised events durably, in one transaction, with everything they imply;
+        or the ``Problem`` (4xx) that refused them, having stored nothing."""
 
     async def ingest_browser(self, data: bytes, facts: BrowserFacts) -> BrowserIngested | Problem:
         """A browser's body as received: read (``envelope.read_browser_body``), then ingested.
@@ -89,6 +111,8 @@ class Store(abc.ABC):
             return batch
         results = await self.ingest(batch.site_id, batch.events, batch.raws,
                                     SessionInfo(user_agent=facts.user_agent))
+        if isinstance(results, Problem):
+            return results
         return BrowserIngested(batch.sc, results)
 
     @abc.abstractmethod

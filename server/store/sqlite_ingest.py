@@ -17,12 +17,20 @@ import sqlite3
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import outbox
+from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import apply_cart, cart_snapshot, identity_update
 
 CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
                          "cart_updated", "purchase"})
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
+# A session's cart, as stored JSON, at most (its lines are bounded by the site's
+# ``max_cart_lines``, default 200). Each cart event stores the whole cart with the event and
+# in each vendor's request: unbounded, four 162 KiB requests grew a database by 677 MB.
+MAX_CART_BYTES = 64 * 1024
+# What one request may make the store write (its events as sent and normalised, and their
+# vendor requests), estimated before writing: a 1 MiB body may not become gigabytes.
+MAX_REQUEST_STORED_BYTES = 16 * 1024 * 1024
 
 # (site_id, normalised events, the events as sent as stored JSON (jsontext.encode), user
 # agent or None)
@@ -177,6 +185,18 @@ def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str
             yield site_id, chunk
 
 
+def _check_cart(lines: list[dict[str, Any]], site: Any, field: str) -> None:
+    """Refuse (422, naming the event's items) a cart over the site's lines or our bytes."""
+    limit = getattr(site, "max_cart_lines", 200)
+    if len(lines) > limit:
+        raise Refused(Problem(422, "invalid_event", field, f"would make the cart {len(lines)} "
+                              f"lines; the limit is {limit} (the site's max_cart_lines)"))
+    size = len(encode(lines))  # orjson: a few microseconds for a usual cart
+    if size > MAX_CART_BYTES:
+        raise Refused(Problem(422, "invalid_event", field, f"would make the cart {size} "
+                              f"bytes; the limit is {MAX_CART_BYTES}"))
+
+
 class IngestBatch:
     def __init__(self, conn: sqlite3.Connection, sites: Mapping[str, Any], now: int,
                  hold_ms: int, browser_grace_ms: int, cache: SessionCache):
@@ -201,20 +221,21 @@ class IngestBatch:
         results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
         known = self._known_events(requests)
         next_seq = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
-        work = []  # (seq, site_id, event, raw, user agent)
+        work = []  # (seq, site_id, event, raw, user agent, (request, position))
         for index, (site_id, events, raws, user_agent) in enumerate(requests):
-            for event, raw in zip(events, raws):
+            for position, (event, raw) in enumerate(zip(events, raws)):
                 key = (site_id, event["event_id"])
                 if key in known:
                     results[index].append((event["event_id"], known[key], True))
                     continue
                 known[key] = next_seq
                 results[index].append((event["event_id"], next_seq, False))
-                work.append((next_seq, site_id, event, raw, user_agent))
+                work.append((next_seq, site_id, event, raw, user_agent, (index, position)))
                 next_seq += 1
         self._load_state(work)
-        for seq, site_id, event, raw, user_agent in work:
-            self._apply(seq, self.sites[site_id], event, raw, user_agent)
+        self.stored_bytes = [0] * len(requests)
+        for seq, site_id, event, raw, user_agent, place in work:
+            self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
         self._flush()
         self.cache.trim()
         return results
@@ -235,7 +256,7 @@ class IngestBatch:
     def _load_state(self, work: Sequence[tuple[Any, ...]]) -> None:
         """The batch's sessions and identities into the cache: read only those it lacks."""
         sessions, missing, keys = self.sessions, {}, set()
-        for _, site_id, event, _, _ in work:
+        for _, site_id, event, _, _, _ in work:
             sc = event["sc"]
             if sc:
                 key = (site_id, sc)
@@ -259,7 +280,7 @@ class IngestBatch:
                 self.identities[row["id"]] = identity_fields(row)
 
     def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: bytes,
-               user_agent: str | None) -> None:
+               user_agent: str | None, place: tuple[int, int] = (0, 0)) -> None:
         sc = event["sc"]
         key = (site.id, sc)
         if sc:
@@ -276,12 +297,19 @@ class IngestBatch:
         identity, newly_bound = self._identity(site.id, event)
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
-            event["cart"] = self._cart(site, event)
+            event["cart"] = self._cart(site, event, place)
+        data = encode(event)
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
-                                sc, identity["id"] if identity else None, self.now, raw,
-                                encode(event)))
-        self.delivery_rows.extend(
-            (site.id, seq, row) for row in outbox.plan(site, event, None, self.grace_ms))
+                                sc, identity["id"] if identity else None, self.now, raw, data))
+        planned = outbox.plan(site, event, None, self.grace_ms)
+        self.delivery_rows.extend((site.id, seq, row) for row in planned)
+        # A vendor request is made of the event's fields, so no larger than its stored form.
+        request, _ = place
+        self.stored_bytes[request] += len(raw) + len(data) * (1 + len(planned))
+        if self.stored_bytes[request] > MAX_REQUEST_STORED_BYTES:
+            raise Refused(Problem(413, "too_large", "events", "would store more than "
+                                  f"{MAX_REQUEST_STORED_BYTES} bytes (carts are stored with "
+                                  "each event): send fewer events a request"))
         if newly_bound and sc and identity and identity.get("email"):
             self._flush()  # what waited must be in the database to be found
             self._release_held(site, sc, identity)
@@ -391,7 +419,8 @@ class IngestBatch:
 
     # Cart ---------------------------------------------------------------------------------
 
-    def _cart(self, site: Any, event: dict[str, Any]) -> dict[str, Any] | None:
+    def _cart(self, site: Any, event: dict[str, Any],
+              place: tuple[int, int] = (0, 0)) -> dict[str, Any] | None:
         key = (site.id, event["sc"])
         state = self.sessions[key]
         if state.cart is _UNREAD:
@@ -401,6 +430,7 @@ class IngestBatch:
         after = apply_cart(items, event)
         if after is None:
             return None
+        _check_cart(after, site, f"events[{place[1]}].ecommerce.items")
         self.dirty_carts.add(key)
         if event["name"] == "purchase":
             # The cart as bought, under the guid of its last state (eSputnik's PurchasedItems

@@ -8,16 +8,21 @@ hands the GIL back and forth between them — measured by ``bench/ingest.py``, t
 endpoint most of its throughput. In a process of its own the writer works on the second
 core, and the server only sends it each batch and waits for the commit.
 
-The protocol with a writer process is pickled frames on its stdin/stdout: first
-``(path, sites, hold_ms, browser_grace_ms)``, answered ``"ready"`` (or an error); then a
-list of jobs ``(op, args)`` per batch, answered with the writer's count of transactions
-committed so far and the jobs' results in order.
+The protocol with a writer process is frames on its stdin/stdout, each a header (length,
+frame id) and a pickle of plain data: first ``(path, sites, hold_ms, browser_grace_ms)``,
+answered ``"ready"`` (or a ``JobFailure``); then a list of jobs ``(op, args)`` per frame,
+answered under the same frame id with the writer's count of transactions committed so far
+and one answer per job: its result, a ``Problem`` (the request's own 4xx) or a
+``JobFailure`` (503). No exception object ever crosses: the writer runs as ``__main__``, and
+a class pickled from there can't be read by the server. Replies are matched by id, so a
+frame that can't be read or sent fails alone and never shifts the others' answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import itertools
+import logging
 import os
 import pickle
 import select
@@ -25,17 +30,21 @@ import signal
 import sqlite3
 import struct
 import sys
+import threading
 import time
+import traceback
 from importlib import resources
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from .. import outbox
-from ..envelope import Problem, read_browser_body
+from ..envelope import Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
-from .base import Delivery, Outcome
+from .base import Delivery, JobFailure, Outcome
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
 
-_FRAME = struct.Struct("!I")
+log = logging.getLogger("onetag.store")
+
+_FRAME = struct.Struct("!IQ")  # payload length, frame id
 # Jobs a transaction of the writer process takes from the batches waiting (it stops at the
 # first batch that reaches it). With no limit, 32 closed-loop clients fell into lockstep:
 # the writer committed all 32 requests while the event loop waited, then the loop answered
@@ -46,11 +55,15 @@ _FRAME = struct.Struct("!I")
 # the pages it touches), and 8, 12 and 24 measured about the same as 16.
 TRANSACTION_JOBS = 16
 INGEST_OPS = ("ingest", "ingest_browser")
-# WAL pages before a commit checkpoints (SQLite's default: 1,000). The checkpoint runs
-# inside the commit that crosses it, so every request of that batch waits on it; fewer,
-# larger ones copy each hot page once instead of many times (bench/ingest.py: ~+10-20%
-# events/s, p99 ~18 -> ~36 ms, a WAL file of up to ~32 MiB). Commits stay synced.
+# WAL pages before a commit checkpoints (SQLite's default: 1,000), for the thread writer.
+# Such a checkpoint runs inside the commit that crosses it, and every request of that batch
+# waits on it (bench/ingest.py: p99 58 ms against 17 ms for bare Starlette). The writer
+# process turns that off and checkpoints from a thread of its own (``Checkpointer``).
 WAL_AUTOCHECKPOINT = 8000
+# How often the writer process's checkpointer copies the WAL into the database. A passive
+# checkpoint takes no lock a commit needs, so commits go on meanwhile; once a second still
+# copies each hot page once per second, not once per commit.
+CHECKPOINT_EVERY_S = 1.0
 
 
 def now_ms() -> int:
@@ -132,8 +145,40 @@ def _filters(prefix: str, vendor: str | None, since: int | None, where: list[str
     return where, params
 
 
+def storage_failure(exc: BaseException) -> JobFailure:
+    """What a failed statement or commit says about the storage, as a 503's field."""
+    text = str(exc)
+    lowered = text.lower()
+    if "full" in lowered or "disk i/o" in lowered or "no space" in lowered:
+        return JobFailure("disk", text)
+    return JobFailure("database", text)
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """SQLite failing to store (full, read-only, I/O, locked), not a statement's content."""
+    return isinstance(exc, (sqlite3.OperationalError, OSError)) or (
+        type(exc) is sqlite3.DatabaseError)
+
+
+def answer(op: str, result: Any) -> Any:
+    """A job's result as plain data for its caller: the value, a ``Problem`` or a
+    ``JobFailure``. An error of an ingest request that ran alone is that request's own."""
+    if not isinstance(result, BaseException):
+        return result
+    if isinstance(result, Refused):
+        return result.problem
+    if _is_storage_error(result):
+        return storage_failure(result)
+    if op in INGEST_OPS:
+        log.error("an ingest request failed alone:\n%s",
+                  "".join(traceback.format_exception(result)).rstrip())
+        return Problem(422, "invalid_event", "events",
+                       f"could not be stored ({type(result).__name__}: {str(result)[:200]})")
+    return JobFailure("database", f"{type(result).__name__}: {result}")
+
+
 class WriteOps:
-    """The operations a job may name; ``run_batch`` applies a group commit's jobs."""
+    """The operations a job may name; ``run`` applies a group commit's jobs."""
 
     def __init__(self, conn: sqlite3.Connection, sites: Mapping[str, Any], hold_ms: int,
                  browser_grace_ms: int):
@@ -143,6 +188,23 @@ class WriteOps:
         self.browser_grace_ms = browser_grace_ms
         self.cache = SessionCache()
         self.transactions = 0  # committed
+
+    def run(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """``run_batch``, every answer plain data (``answer``); a failed commit fails every
+        job with the storage's ``JobFailure``: nothing of the batch was made."""
+        try:
+            results = self.run_batch(jobs)
+        except Exception as exc:
+            failure = storage_failure(exc) if _is_storage_error(exc) else JobFailure(
+                "database", f"{type(exc).__name__}: {exc}")
+            return [failure] * len(jobs)
+        return [answer(op, result) for (op, _), result in zip(jobs, results)]
+
+    def ping(self) -> int:
+        """A health check's write: one header field, committed with the batch it joins, so
+        an answer means this writer commits (``GET /healthz``)."""
+        self.conn.execute(f"PRAGMA user_version = {self.transactions % 1_000_000 + 1}")
+        return os.getpid()
 
     def run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """One transaction for every job waiting.
@@ -322,21 +384,34 @@ class ThreadWriter:
 
     depth = 1  # one batch at a time: the next one grows while this one commits
     frame_jobs = 256  # jobs a batch
+    pid = None
 
-    def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int):
+    def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int,
+                 timeout_s: float = 0):
         self.args = (path, sites, hold_ms, browser_grace_ms)
         self._conn: Any = None
         self._ops: WriteOps | None = None
+        self.on_exit: Any = None  # never called: a thread writer does not die on its own
 
     async def start(self) -> None:
         import aiosqlite
 
         path, sites, hold_ms, grace_ms = self.args
         self._conn = await aiosqlite.connect(path, isolation_level=None)
-        await self._conn._execute(self._setup, sites, hold_ms, grace_ms)
+        try:
+            await self._conn._execute(self._setup, sites, hold_ms, grace_ms)
+        except BaseException:
+            await self._conn.close()
+            self._conn = None
+            raise
 
     def _setup(self, sites: Mapping[str, Any], hold_ms: int, grace_ms: int) -> None:
         self._ops = WriteOps(configure(self._conn._conn), sites, hold_ms, grace_ms)
+        probe_write(self._ops.conn)
+
+    @property
+    def alive(self) -> bool:
+        return self._conn is not None
 
     @property
     def transactions(self) -> int:
@@ -344,44 +419,61 @@ class ThreadWriter:
         return self._ops.transactions if self._ops is not None else 0
 
     def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
-        """One group commit: its results, in order, once committed."""
+        """One group commit: its answers, in order, once committed."""
         # One hop into the connection's thread per group commit, not one per statement.
-        return asyncio.ensure_future(self._conn._execute(self._ops.run_batch, jobs))  # type: ignore[union-attr]
+        return asyncio.ensure_future(self._conn._execute(self._ops.run, jobs))  # type: ignore[union-attr]
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 10) -> None:
         if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            await conn.close()
 
 
-class WriterFailed(RuntimeError):
-    """A job raised in the writer process (its type and message, as text)."""
+class WriterGone(Exception):
+    """The writer process exited or was killed before answering (a server-side exception:
+    it never crosses the pipe)."""
 
 
 class ProcessWriter:
     """The writer in a process of its own (``python -m server.store.sqlite_writer``).
 
-    Batches are pipelined: the server sends each batch (a frame of up to ``frame_jobs``
-    jobs) as soon as it has one, up to ``depth`` in flight, and the writer applies the
-    batches waiting in its pipe together, up to ``TRANSACTION_JOBS`` jobs a transaction —
-    so the commit never waits on a round trip, and a slow commit makes the next one bigger,
-    not later. Replies come back in order, one per batch. The pipes are asyncio's own, so
-    no helper thread has to win the GIL from the event loop to pass a batch or an answer
-    along.
+    Frames are pipelined: the server sends each (up to ``frame_jobs`` jobs) as soon as it
+    has one, up to ``depth`` in flight, and the writer applies the frames waiting in its
+    pipe together, up to ``TRANSACTION_JOBS`` jobs a transaction — so the commit never
+    waits on a round trip, and a slow commit makes the next one bigger, not later. Each
+    reply names its frame's id. The pipes are asyncio's own, so no helper thread has to
+    win the GIL from the event loop to pass a frame or an answer along.
 
-    If this server dies (even by kill -9), the writer reads end-of-file and exits; a job is
-    answered only after its commit, so nothing acknowledged depends on it living on.
+    One life of one process: when it exits, is killed, or leaves a frame unanswered for
+    ``timeout_s`` (killed then), every frame it held fails with ``WriterGone`` and
+    ``on_exit`` is called; the store's supervisor starts a new one. A job is answered only
+    after its commit, so nothing acknowledged depends on a writer living on. If the server
+    dies (even by kill -9), the writer reads end-of-file and exits.
     """
 
     depth = 64
     frame_jobs = 8  # small frames, so that a transaction can stop at TRANSACTION_JOBS
 
-    def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int):
+    def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int,
+                 timeout_s: float = 10.0):
         self.args = (path, dict(sites), hold_ms, browser_grace_ms)
+        self.timeout_s = timeout_s
         self._process: asyncio.subprocess.Process | None = None
         self._replies: asyncio.Task[None] | None = None
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._waiting: dict[int, tuple[asyncio.Future[Any], float]] = {}  # id: (answer, sent)
+        self._ids = itertools.count(1)
         self.transactions = 0  # committed so far, as the last reply said
+        self.exit_reason: str | None = None
+        self.on_exit: Any = None  # called once with this writer when its process is gone
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._replies is not None and not self._replies.done()
 
     async def start(self) -> None:
         # Linux refuses a single environment string over 128 KiB (MAX_ARG_STRLEN); the
@@ -393,20 +485,32 @@ class ProcessWriter:
             sys.executable, "-m", "server.store.sqlite_writer", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env, limit=1 << 24)
         self._replies = asyncio.create_task(self._read_replies(), name="onetag-writer-replies")
-        answer = await self.submit(self.args)
-        if answer != "ready":
-            await self.stop()
-            raise answer if isinstance(answer, BaseException) else WriterFailed(repr(answer))
+        try:
+            ready = await asyncio.wait_for(self._send(0, self.args), max(self.timeout_s, 30))
+        except (asyncio.TimeoutError, WriterGone) as exc:
+            ready = JobFailure("writer", f"the writer process did not start ({exc or 'timeout'})")
+        if ready != "ready":
+            await self.stop(grace_s=1)
+            failure = ready if isinstance(ready, JobFailure) else JobFailure("writer", repr(ready))
+            raise WriterStartFailed(failure)
+        if self.timeout_s > 0:
+            self._watchdog = asyncio.create_task(self._watch(), name="onetag-writer-watchdog")
 
-    def submit(self, message: Any) -> asyncio.Future[Any]:
-        """Send one frame (a group commit's jobs); its answer, once committed."""
-        assert self._process is not None and self._process.stdin is not None
-        if self._replies is None or self._replies.done():
-            raise WriterFailed(f"the writer process exited (code {self._process.returncode})")
+    def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[Any]:
+        """Send one frame (a group commit's jobs); its answers, once committed.
+
+        Raises ``WriterGone`` if the process is gone, or the pickling error of a frame that
+        can't be sent (nothing was written to the pipe then).
+        """
+        return self._send(next(self._ids), jobs)
+
+    def _send(self, frame_id: int, message: Any) -> asyncio.Future[Any]:
+        if not self.alive or self._process is None or self._process.stdin is None:
+            raise WriterGone(self.exit_reason or "the writer process is not running")
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # may raise: not sent
         future = asyncio.get_running_loop().create_future()
-        # Appended and written in one step: replies come back in this order.
-        self._waiting.append(future)
-        self._process.stdin.write(_frame(message))
+        self._waiting[frame_id] = (future, time.monotonic())
+        self._process.stdin.write(_FRAME.pack(len(data), frame_id) + data)
         return future
 
     async def _read_replies(self) -> None:
@@ -414,50 +518,175 @@ class ProcessWriter:
         stdout = self._process.stdout
         try:
             while True:
-                (size,) = _FRAME.unpack(await stdout.readexactly(_FRAME.size))
-                self.transactions, reply = pickle.loads(await stdout.readexactly(size))
-                future = self._waiting.popleft()
-                if not future.done():
-                    future.set_result(reply)
+                size, frame_id = _FRAME.unpack(await stdout.readexactly(_FRAME.size))
+                payload = await stdout.readexactly(size)
+                waiting = self._waiting.pop(frame_id, None)
+                try:
+                    transactions, reply = pickle.loads(payload)
+                except Exception as exc:  # this frame's answer alone is lost
+                    if waiting is not None and not waiting[0].done():
+                        waiting[0].set_exception(WriterGone(f"an unreadable reply ({exc})"))
+                    continue
+                self.transactions = transactions
+                if waiting is not None and not waiting[0].done():
+                    waiting[0].set_result(reply)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            while self._waiting:
-                future = self._waiting.popleft()
-                if not future.done():
-                    future.set_exception(WriterFailed(
-                        f"the writer process exited (code {self._process.returncode})"))
+            if self._process.returncode is None:
+                with _suppress_lookup():
+                    self._process.kill()  # a writer whose output ended is of no more use
+            code = await self._process.wait()
+            self.exit_reason = self.exit_reason or f"the writer process exited (code {code})"
+            self._fail_waiting()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            if self.on_exit is not None:
+                self.on_exit(self)
 
-    async def stop(self) -> None:
-        process, self._process = self._process, None
+    def _fail_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future, _ in waiting.values():
+            if not future.done():
+                future.set_exception(WriterGone(self.exit_reason or "the writer process exited"))
+
+    async def _watch(self) -> None:
+        """Kill a writer that leaves a frame unanswered for ``timeout_s`` (hung, stopped)."""
+        period = min(1.0, self.timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            if not self._waiting:
+                continue
+            oldest = min(sent for _, sent in self._waiting.values())
+            waited = time.monotonic() - oldest
+            if waited > self.timeout_s and self._process is not None:
+                self.exit_reason = (f"the writer process (pid {self._process.pid}) answered "
+                                    f"nothing for {waited:.1f} s; it was killed")
+                with _suppress_lookup():
+                    self._process.kill()  # works on a stopped process too
+                return
+
+    async def stop(self, grace_s: float = 10) -> None:
+        """End of file after what was sent: it finishes and exits; killed after ``grace_s``."""
+        process = self._process
         if process is None:
             return
-        if process.stdin is not None:
-            process.stdin.close()  # end of file after what was sent: it finishes and exits
+        self.on_exit = None  # a stop is not a death to recover from
+        if process.stdin is not None and not process.stdin.is_closing():
+            process.stdin.close()
         try:
-            await asyncio.wait_for(process.wait(), 10)
+            await asyncio.wait_for(process.wait(), grace_s)
         except asyncio.TimeoutError:
-            process.kill()
+            with _suppress_lookup():
+                process.kill()
             await process.wait()
         if self._replies is not None:
             await self._replies
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+
+class WriterStartFailed(Exception):
+    """A writer process that could not set up (the database can't be opened or written)."""
+
+    def __init__(self, failure: JobFailure):
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class _suppress_lookup:
+    """Ignore ``ProcessLookupError``: the process may be gone already."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
+        return kind is ProcessLookupError
+
+
+def probe_write(conn: sqlite3.Connection) -> None:
+    """One committed write, so a database that can't be written is found at start."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def check_writable(path: str) -> str | None:
+    """Why the database at ``path`` can't be opened, migrated and written; None if it can.
+    ``onetag serve`` asks before serving anything: a read-only file used to start, then
+    answer 500 from the first write."""
+    try:
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            probe_write(configure(conn))
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class Checkpointer(threading.Thread):
+    """Copies the WAL into the database from a connection of its own, off the commit path.
+
+    With SQLite's automatic checkpoint, the commit that crosses the threshold does the copy
+    and every request of its batch waits for it; a passive checkpoint here takes no lock a
+    commit needs, and sqlite3 releases the GIL while it runs.
+    """
+
+    def __init__(self, path: str, every_s: float = CHECKPOINT_EVERY_S):
+        super().__init__(name="onetag-checkpointer", daemon=True)
+        self.path = path
+        self.every_s = every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=1000")
+        except sqlite3.Error as exc:
+            print(f"onetag writer: checkpointer not started: {exc}", file=sys.stderr)
+            return
+        try:
+            while not self.stopped.wait(self.every_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    pass  # a full disk or a busy reader: the next round tries again
+        finally:
+            conn.close()
 
 
 class _FrameReader:
-    """Frames from a file descriptor: block for the first, then take whatever else is there."""
+    """Frames from a file descriptor: block for the first, then take whatever else is there.
+
+    Each frame is ``(id, message)``; a message that can't be unpickled is ``UNREADABLE``.
+    """
 
     def __init__(self, fd: int):
         self.fd = fd
         self.buffer = bytearray()
         self.eof = False
 
-    def _complete(self) -> list[Any]:
+    def _complete(self) -> list[tuple[int, Any]]:
         frames = []
         while len(self.buffer) >= _FRAME.size:
-            (size,) = _FRAME.unpack_from(self.buffer)
+            size, frame_id = _FRAME.unpack_from(self.buffer)
             if len(self.buffer) < _FRAME.size + size:
                 break
-            frames.append(pickle.loads(self.buffer[_FRAME.size:_FRAME.size + size]))
+            try:
+                message = pickle.loads(self.buffer[_FRAME.size:_FRAME.size + size])
+            except Exception:
+                message = UNREADABLE
+            frames.append((frame_id, message))
             del self.buffer[:_FRAME.size + size]
         return frames
 
@@ -468,7 +697,7 @@ class _FrameReader:
         else:
             self.eof = True
 
-    def next(self) -> list[Any]:
+    def next(self) -> list[tuple[int, Any]]:
         """At least one frame (blocking), plus every frame already waiting; [] at the end."""
         frames = self._complete()
         while not frames and not self.eof:
@@ -476,7 +705,7 @@ class _FrameReader:
             frames = self._complete()
         return frames + self.waiting()
 
-    def waiting(self) -> list[Any]:
+    def waiting(self) -> list[tuple[int, Any]]:
         """Every frame already there, without blocking."""
         frames = self._complete()
         while not self.eof and select.select([self.fd], [], [], 0)[0]:
@@ -485,72 +714,88 @@ class _FrameReader:
         return frames
 
 
-def _frame(message: Any) -> bytes:
-    """One message on the pipe: its length, then its pickle."""
+UNREADABLE = "unreadable frame"
+
+
+def _frame(frame_id: int, message: Any) -> bytes:
+    """One message on the pipe: its length and id, then its pickle."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _FRAME.pack(len(data)) + data
-
-
-def _send(stream: BinaryIO, message: Any) -> None:
-    stream.write(_frame(message))
-    stream.flush()
-
-
-def _portable(result: Any) -> Any:
-    """Results cross the pipe; an exception is sent as one the server can always unpickle."""
-    if isinstance(result, BaseException):
-        return WriterFailed(f"{type(result).__name__}: {result}")
-    return result
+    return _FRAME.pack(len(data), frame_id) + data
 
 
 def _take(frames: list[Any], limit: int) -> tuple[list[Any], list[Any]]:
     """The first frames, up to the one whose jobs reach ``limit``; and the rest."""
     jobs = 0
-    for i, frame in enumerate(frames):
+    for i, (_, frame) in enumerate(frames):
         jobs += len(frame)
         if jobs >= limit:
             return frames[:i + 1], frames[i + 1:]
     return frames, []
 
 
+def _reply(ops: WriteOps, frames: list[tuple[int, Any]]) -> bytes:
+    """Apply ``frames`` in one transaction; one reply per frame, under its id."""
+    jobs = [job for _, frame in frames for job in frame]
+    answers = ops.run(jobs)
+    replies = []
+    for frame_id, frame in frames:
+        mine, answers = answers[:len(frame)], answers[len(frame):]
+        try:
+            replies.append(_frame(frame_id, (ops.transactions, mine)))
+        except Exception as exc:  # an answer that can't be pickled fails its frame alone
+            failure = JobFailure("writer", f"an answer could not be sent ({exc})")
+            replies.append(_frame(frame_id, (ops.transactions, [failure] * len(frame))))
+    return b"".join(replies)
+
+
 def main() -> None:
     """The writer process: set up from the first frame, then one commit per read.
 
-    The batches waiting in the pipe go into one transaction, up to ``TRANSACTION_JOBS``
-    jobs; each batch gets its own reply.
+    The frames waiting in the pipe go into one transaction, up to ``TRANSACTION_JOBS``
+    jobs; each frame gets its own reply, under its id.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM to the process group
     stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the frame stream
     reader = _FrameReader(sys.stdin.fileno())
     frames = reader.next()
     if not frames:
         return
+    setup_id, setup = frames.pop(0)
     try:
-        path, sites, hold_ms, grace_ms = frames.pop(0)
+        path, sites, hold_ms, grace_ms = setup
         conn = configure(sqlite3.connect(path, isolation_level=None))
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's job
+        probe_write(conn)
         ops = WriteOps(conn, sites, hold_ms, grace_ms)
     except Exception as exc:
-        _send(stdout, (0, _portable(exc)))
+        failure = storage_failure(exc) if _is_storage_error(exc) else JobFailure(
+            "database", f"{type(exc).__name__}: {exc}")
+        stdout.write(_frame(setup_id, (0, failure)))
+        stdout.flush()
         return
-    _send(stdout, (0, "ready"))
+    checkpointer = Checkpointer(path)
+    checkpointer.start()
+    stdout.write(_frame(setup_id, (0, "ready")))
+    stdout.flush()
     while frames or (frames := reader.next()):
-        frames, later = _take(frames, TRANSACTION_JOBS)
-        jobs = [job for frame in frames for job in frame]
+        unreadable = [(i, f) for i, f in frames if f is UNREADABLE or not isinstance(f, list)]
+        frames = [(i, f) for i, f in frames if f is not UNREADABLE and isinstance(f, list)]
+        replies = b"".join(_frame(i, (ops.transactions, JobFailure("writer", "unreadable frame")))
+                           for i, _ in unreadable)
+        if frames:
+            frames, later = _take(frames, TRANSACTION_JOBS)
+            replies += _reply(ops, frames)
+        else:
+            later = []
         try:
-            results = [_portable(result) for result in ops.run_batch(jobs)]
-        except Exception as exc:  # the commit itself failed: nobody's write is durable
-            results = [_portable(exc)] * len(jobs)
-        replies = []  # one write for every reply of this transaction
-        for frame in frames:
-            replies.append(_frame((ops.transactions, results[:len(frame)])))
-            results = results[len(frame):]
-        try:
-            stdout.write(b"".join(replies))
+            stdout.write(replies)
             stdout.flush()
         except BrokenPipeError:
-            return
+            break
         frames = later + reader.waiting() if later else []
+    checkpointer.stopped.set()
 
 
 if __name__ == "__main__":
