@@ -92,6 +92,32 @@ class PoisonedBodies:
         return template.replace(b"@ID@", new_event_id().encode())
 
 
+def read_costs(batch: int, repeat: int = 200) -> dict[str, float]:
+    """CPU microseconds to read each body (parse, bounds, validate, normalise: what the
+    writer does before storing), in this process, best of 3: a throughput-free view of
+    what a poison body costs against a valid one. Cart rules apply later, at store time."""
+    import time
+
+    from server import config
+    from server.envelope import BrowserFacts, read_browser_body
+
+    sites = config.parse({"server": {"public_url": "http://127.0.0.1"}, "sites": [
+        {"id": "bench", "origins": [ingest.ORIGIN], "currency": "USD"}]}, env={}).sites
+    facts = BrowserFacts(ingest.ORIGIN, None, ingest.USER_AGENT, int(time.time() * 1000))
+    bodies = [("valid", ingest.Bodies(batch, 10).make())] + [
+        (name, template.replace(b"@ID@", new_event_id().encode())) for name, template in POISON]
+    costs = {}
+    for name, body in bodies:
+        best = float("inf")
+        for _ in range(3):
+            started = time.process_time()
+            for _ in range(repeat):
+                read_browser_body(body, facts, sites)
+            best = min(best, (time.process_time() - started) / repeat)
+        costs[name] = round(best * 1e6, 1)
+    return costs
+
+
 def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     port = free_port()
     config = ingest.write_config(folder, port)
@@ -183,6 +209,9 @@ def report_text(report: dict[str, Any]) -> str:
     lines.append(f"poison: {poison['sent']} bodies sent ({len(poison['by_kind'])} kinds), "
                  f"{poison['non_204_answers']} requests not answered 204; answers in the "
                  f"measured windows: {poison['answers_in_window']}")
+    costs = report["read_costs_us"]
+    lines.append(f"read cost a body (CPU us, this process, best of 3): valid {costs['valid']:.0f}; "
+                 + ", ".join(f"{name} {us:.0f}" for name, us in costs.items() if name != "valid"))
     d = report["durability"]
     lines.append(f"durability: {d['acked_events']} events acknowledged, {d['stored_events']} "
                  f"stored — {'OK, equal' if d['ok'] else 'MISMATCH'}")
@@ -228,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"conns": args.conns, "duration_s": args.duration, "warmup_s": args.warmup,
                      "rounds": args.rounds, "rate": args.rate, "batch": args.batch},
         "machine": machine(), "load_before": load_before, "ratio_target": RATIO_TARGET,
-        "command": reproduce_command(args)})
+        "command": reproduce_command(args), "read_costs_us": read_costs(args.batch)})
     report["problems"] = problems(report)
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return 1 if report["problems"] else 0
