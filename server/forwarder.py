@@ -52,7 +52,7 @@ import httpcore
 import httpx
 
 from . import __version__
-from .store.base import Delivery, Outcome, Store
+from .store.base import Delivery, Outcome, Store, StoreUnavailable
 from .vendors import VENDORS
 
 log = logging.getLogger("onetag.forwarder")
@@ -70,6 +70,7 @@ DEFAULT_MAX_ATTEMPTS = 20  # with the cap: ~7 h of retrying before a row is dead
 DEFAULT_RETRY_WINDOW_S = 86400.0  # a day: past it a fact is stale for email journeys; replayable
 DEFAULT_IDLE_POLL_S = 1.0  # rows coming due by time (retries) are found within a second
 DEFAULT_EXPIRE_EVERY_S = 60.0  # held rows past the hold window are expired this often
+STORE_RETRY_S = 1.0  # a lane whose claim the store refused (writer restarting, disk full) waits
 DEFAULT_SHUTDOWN_GRACE_S = 5.0  # on stop, in-flight sends get this long; the rest stay leased
 DEFAULT_MAX_ERROR_CHARS = 2000  # of a vendor's error body kept in last_error
 # Requests/s per vendor, per process. None by default: a 429 pauses the vendor's lane anyway.
@@ -313,6 +314,7 @@ class _Lane:
         self.rate = rate
         self.tokens = max(1.0, rate) if rate else 0.0
         self.refilled = time.monotonic()
+        self.store_problem: str | None = None  # why the store refused the last claim
 
     def allowance(self, want: int) -> int:
         if not self.rate:
@@ -447,10 +449,20 @@ class Forwarder:
             try:
                 rows = await self.store.claim(int(now * 1000), int(opts.lease_s * 1000), want,
                                               vendors=(lane.name,))
+            except StoreUnavailable as exc:  # the store heals itself: wait, say so once
+                if lane.store_problem != exc.message:
+                    lane.store_problem = exc.message
+                    log.warning("%s: the store can't be written (%s: %s); forwarding waits",
+                                lane.name, exc.kind, exc.message)
+                await self._rest(lane, STORE_RETRY_S)
+                continue
             except Exception:
                 log.exception("claiming %s deliveries failed; trying again shortly", lane.name)
                 await self._rest(lane, opts.idle_poll_s)
                 continue
+            if lane.store_problem is not None:
+                log.warning("%s: forwarding resumes", lane.name)
+                lane.store_problem = None
             lane.spend(len(rows))
             for delivery in rows:
                 lane.in_flight += 1
@@ -469,6 +481,8 @@ class Forwarder:
                 if expired:
                     log.info("%d held deliveries expired (no email within %.3g days)", expired,
                              self.settings.server.hold_days)
+            except StoreUnavailable:
+                pass  # the claim loops say so
             except Exception:
                 log.exception("expiring held deliveries failed")
             try:
@@ -488,6 +502,10 @@ class Forwarder:
                 try:
                     await self.store.finish([o for _, o in batch], int(self.clock() * 1000))
                     self.finished += len(batch)
+                except StoreUnavailable as exc:
+                    # Not recorded: the rows stay leased and are sent again after the lease.
+                    log.warning("recording %d delivery outcomes failed (%s: %s); they will be "
+                                "sent again after their lease", len(batch), exc.kind, exc.message)
                 except Exception:
                     # Not recorded: the rows stay leased and are sent again after the lease.
                     log.exception("recording %d delivery outcomes failed", len(batch))

@@ -1,0 +1,22 @@
+"""Marks the slow groups, so ``pytest -m "not slow"`` is the quick loop.
+
+Slow: real Chromium (tests/browser/), building and installing a wheel, and tests that run
+``onetag`` as processes of its own (the CLI, fault injection, benchmarks' smoke runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SLOW_FILES = {"test_packaging.py", "test_cli.py", "test_cli_deliveries.py", "test_faults.py",
+              "test_bench.py", "test_poison_bench.py", "test_reply_alignment.py",
+              "test_trust.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath))
+        if "browser" in path.parts or path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
