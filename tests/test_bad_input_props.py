@@ -75,7 +75,7 @@ POISON_TEXT: list[str] = [
     "{" + ",".join(f'"k{i}":1' for i in range(101)) + "}",
     "{" + ",".join(f'"k{i}":"v"' for i in range(5000)) + "}",
     # wrong types
-    "true", "null", "[]", "{}", "0", '""', '"string"', "[1,2,3]",
+    "true", "null", "[]", "{}", "0", '""', '"s-@UNIQUE@"', "[1,2,3]",
     # trailing newlines, NUL, things that are almost an sc / name / id / email
     '"ABCDEFGH\\n"', '"page_view\\n"', '"e1\\n"', '"a\\u0000b"', '"a/b@c.de"', '"a b@c.de"',
     '"a@b.co\\n"', '"CDA68358-94FB-4D83-9655-3FEB3C4114A3\\n"',
@@ -89,6 +89,8 @@ def splice(body: Any, poison: str | bytes) -> bytes:
     """``body`` encoded, with its one sentinel (a value or a key) replaced by ``poison``."""
     text = json.dumps(body)
     assert text.count(SENTINEL_JSON) == 1, text
+    if isinstance(poison, str):  # a plain string may land on an event_id: never a duplicate
+        poison = poison.replace("@UNIQUE@", uuid.uuid4().hex)
     if isinstance(poison, bytes):
         before, after = text.split(SENTINEL_JSON)
         return before.encode() + poison + after.encode()
