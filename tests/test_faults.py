@@ -191,6 +191,15 @@ def assert_unavailable(response: httpx.Response, fields: tuple[str, ...]) -> Non
     assert body["message"] == f"{body['errors'][0]['field']}: {body['errors'][0]['problem']}"
 
 
+def assert_quiet_log(serve: Serve) -> None:
+    """A fault is logged once per change of state: no traceback, no line over and over
+    (a crash loop that logged each retry, a failure logged per request)."""
+    lines = [line for line in serve.output().splitlines() if line.strip()]
+    assert not any("Traceback" in line for line in lines), serve.output()[-3000:]
+    repeated = {line: lines.count(line) for line in set(lines) if lines.count(line) > 2}
+    assert not repeated, f"lines logged over and over: {repeated}"
+
+
 def intake_answers_204(serve: Serve, client: httpx.Client) -> bool:
     event_id = str(uuid.uuid4())
     return serve.post(client, event_id).status_code == 204 and event_id in stored_ids(serve.db)
@@ -262,6 +271,7 @@ def test_kill_9_of_the_writer_under_load_loses_no_acknowledged_event(tmp_path: P
         health = serve.wait_healthy(10)
         assert health["writer_pid"] not in (None, first_writer), health
         assert serve.writer_pids() == [health["writer_pid"]]
+        assert_quiet_log(serve)
         serve.terminate()
     statuses = {status for _, status, _ in load.answers}
     assert statuses <= {204, 503}, f"answers under load: {statuses}"
@@ -285,6 +295,7 @@ def test_a_stopped_writer_answers_503_then_is_replaced_without_sigcont(tmp_path:
         assert health["writer_pid"] != stopped and serve.writer_pids() == [health["writer_pid"]]
         # The stopped writer was killed, not left behind (a zombie until reaped is gone too).
         poll("the stopped writer is gone", 10, lambda: stopped not in serve.writer_pids())
+        assert_quiet_log(serve)
         serve.terminate()
 
 
@@ -467,6 +478,7 @@ def test_a_full_disk_answers_503_and_intake_recovers_when_space_returns(tmp_path
         # SIGTERM while the disk is full.
         fill(disk)
         assert serve.post(client).status_code == 503
+        assert_quiet_log(serve)
         serve.terminate()
 
 
@@ -503,4 +515,5 @@ def test_a_database_found_read_only_at_runtime_answers_503_then_recovers(tmp_pat
         poll("intake back after the database was writable again", 40,
              lambda: intake_answers_204(serve, client))
         assert serve.wait_healthy(10)["writer_pid"]
+        assert_quiet_log(serve)
         serve.terminate()
