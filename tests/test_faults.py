@@ -313,11 +313,19 @@ def test_healthz_names_a_stopped_writer_and_sigterm_still_stops_the_server(tmp_p
 
 # Backpressure: bounded pending writes, a body read timeout --------------------------------------
 
-def test_past_max_pending_writes_a_request_is_refused_at_once(tmp_path: Path) -> None:
-    """With the writer stopped (and its timeout far off), requests past max_pending_writes
-    are answered 503 "queue" while the ones within it still wait; they commit once the
-    writer continues."""
-    with serving(tmp_path, writer_timeout_s=60.0, max_pending_writes=4) as serve:
+PADDING = "x" * 8000  # a browser body of ~8 KB
+
+
+@pytest.mark.parametrize("bound, padded, may_wait", [
+    ({"max_pending_writes": 4}, False, 4),
+    ({"max_pending_bytes": 20_000}, True, 2),  # two ~8 KB bodies fit, a third does not
+], ids=["writes", "bytes"])
+def test_past_max_pending_a_request_is_refused_at_once(tmp_path: Path, bound: dict,
+                                                       padded: bool, may_wait: int) -> None:
+    """With the writer stopped (and its timeout far off), requests past the bound are
+    answered 503 "queue" while the ones within it still wait; they commit once the writer
+    continues."""
+    with serving(tmp_path, writer_timeout_s=60.0, **bound) as serve:
         writer = serve.writer_pid()
         serve.stop_process(writer)
         sent = [str(uuid.uuid4()) for _ in range(12)]
@@ -327,20 +335,23 @@ def test_past_max_pending_writes_a_request_is_refused_at_once(tmp_path: Path) ->
             limits = httpx.Limits(max_connections=20)
             async with httpx.AsyncClient(base_url=serve.base, timeout=90, limits=limits) as client:
                 async def one(event_id: str) -> None:
-                    body = {"site_id": SITE, "events": [{"event": "page_view", "event_id": event_id}]}
+                    event = {"event": "page_view", "event_id": event_id}
+                    if padded:
+                        event = {"event": "c_padded", "event_id": event_id, "p": PADDING}
+                    body = {"site_id": SITE, "events": [event]}
                     response = await client.post("/e", content=json.dumps(body),
                                                  headers=BROWSER_HEADERS)
                     done.append((event_id, response))
 
                 tasks = [asyncio.create_task(one(event_id)) for event_id in sent]
                 deadline = time.monotonic() + 20  # far below writer_timeout_s
-                while len(done) < len(sent) - 4 and time.monotonic() < deadline:
+                while len(done) < len(sent) - may_wait and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 early = list(done)
                 os.kill(writer, signal.SIGCONT)
                 await asyncio.gather(*tasks)
-                assert len(early) >= len(sent) - 4, \
-                    f"only {len(early)} of {len(sent)} answered while 4 may be pending: {early}"
+                assert len(early) >= len(sent) - may_wait, f"only {len(early)} of " \
+                    f"{len(sent)} answered while {may_wait} may be pending: {early}"
                 for _, response in early:
                     assert_unavailable(response, ("queue",))
 
