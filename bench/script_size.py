@@ -2,17 +2,19 @@
 
     python bench/script_size.py            # a table
     python bench/script_size.py --json     # machine-readable
-    python bench/script_size.py --check    # exit 1 when all four vendors exceed the budget
+    python bench/script_size.py --check    # exit 1 when a budget is not met
 
 Starts the real server (``python -m server serve --config <tmp>/onetag.toml``, forwarder off)
 with one site per case: the runtime alone, each vendor alone, all four vendors; every vendor
 setting filled (public ones reach the script; secrets must not). For each it fetches the
 script twice over HTTP: plain (raw bytes) and with ``Accept-Encoding: gzip`` (the bytes the
-server actually sends). Brotli is computed locally (quality 11) when the ``brotli`` module is
+server actually sends). That is the minified form (templates/*.min.js.j2, made by
+tools/js/build.py with terser), what every browser gets unless it asks for debug. Brotli is computed locally (quality 11) when the ``brotli`` module is
 installed; the server itself serves gzip only.
 
-Budget: the runtime with all four adapters <= 5 KB gzipped (5 KB = 5,120 bytes). Reference
-figures, for scale: Plausible's script ~1.9 KB gzipped, Segment's analytics.js ~29.6 KB.
+Budgets (issue 12): the runtime with all four adapters <= 4,600 B gzipped, with any one
+adapter <= 3,300 B. Reference figures, for scale: Plausible's script ~1.9 KB gzipped, Segment's
+analytics.js ~29.6 KB.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import HOST, ServerProcess, free_port, python  # noqa: E402
 
-BUDGET = 5 * 1024
+BUDGET = 4600             # runtime + all four adapters, gzipped bytes
+BUDGET_ONE_VENDOR = 3300  # runtime + any one adapter
 REFERENCES = {"Plausible (script.js)": 1.9 * 1024, "Segment analytics.js": 29.6 * 1024}
 VENDORS = {
     "rejoiner": {"site_id": "AB12CD3", "domain": "shop.example", "api_key": "secret-rj"},
@@ -90,8 +93,11 @@ def measure() -> dict[str, object]:
     for site in CASES:
         results[site]["gzip_over_runtime"] = results[site]["gzip"] - runtime  # type: ignore[operator]
     total = results["all-four"]["gzip"]
-    return {"budget_gzip": BUDGET, "met": total <= BUDGET, "brotli_available": brotli is not None,
-            "references_gzip": REFERENCES, "cases": results}
+    one = max(results[f"{v}-only"]["gzip"] for v in VENDORS)  # type: ignore[type-var]
+    return {"budget_gzip": BUDGET, "budget_one_vendor_gzip": BUDGET_ONE_VENDOR,
+            "met": total <= BUDGET and one <= BUDGET_ONE_VENDOR,  # type: ignore[operator]
+            "met_all_four": total <= BUDGET, "met_one_vendor": one <= BUDGET_ONE_VENDOR,  # type: ignore[operator]
+            "brotli_available": brotli is not None, "references_gzip": REFERENCES, "cases": results}
 
 
 def kb(n: float | None) -> str:
@@ -122,9 +128,12 @@ def main() -> int:
         print("reference (gzipped): " + ", ".join(f"{k} ~{v / 1024:.1f} KB"
                                                   for k, v in REFERENCES.items()))  # type: ignore[union-attr]
         total = cases["all-four"]["gzip"]  # type: ignore[index]
-        print(f"budget: runtime + four adapters <= {BUDGET} B (5 KB) gzipped: "
-              f"{total} B -> {'MET' if out['met'] else 'NOT MET'}"
+        one = max(cases[f"{v}-only"]["gzip"] for v in VENDORS)  # type: ignore[index]
+        print(f"budget: runtime + four adapters <= {BUDGET} B gzipped: "
+              f"{total} B -> {'MET' if out['met_all_four'] else 'NOT MET'}"
               f" ({BUDGET - total:+d} B to spare)")
+        print(f"budget: runtime + one adapter <= {BUDGET_ONE_VENDOR} B gzipped: largest {one} B -> "
+              f"{'MET' if out['met_one_vendor'] else 'NOT MET'} ({BUDGET_ONE_VENDOR - one:+d} B to spare)")
     return 1 if args.check and not out["met"] else 0
 
 

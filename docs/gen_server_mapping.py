@@ -49,14 +49,17 @@ GUID = "6F9619FF-8B86-D011-B42D-00CF4FC964FF"  # the cart state after the notebo
 SHOP = "https://shop.example"
 EMAIL = "jimmy@example.com"
 LOADED = ["rejoiner", "remarkety"]  # an ad blocker stopped eS.js and pusher.js on this visit
+# The site's cart_url (commented out in the example config: a shop sets its own).
+CART_URL = f"{SHOP}/cart/restore?guid={{cart_guid}}"
 
-PEN = {"item_id": "SKU-435", "item_name": "Gel pen", "price_minor": 435, "quantity": 1,
-       "categories": ["Stationery", "Pens"], "item_url": f"{SHOP}/p/gel-pen",
+PEN = {"item_id": "SKU-435", "item_name": "Gel pen", "item_variant": "blue", "price_minor": 435,
+       "quantity": 1, "categories": ["Stationery", "Pens"], "item_url": f"{SHOP}/p/gel-pen",
        "image_url": f"{SHOP}/i/gel-pen.jpg", "in_stock": True}
 CLIP = {"item_id": "SKU-057", "item_name": "Paper clip", "price_minor": 57, "quantity": 1,
         "categories": ["Stationery"], "item_url": f"{SHOP}/p/paper-clip",
         "image_url": f"{SHOP}/i/paper-clip.jpg", "in_stock": True}
-NOTEBOOK = {"item_id": "SKU-1999", "item_name": "Notebook", "price_minor": 1999, "quantity": 1,
+NOTEBOOK = {"item_id": "SKU-1999", "item_name": "Notebook", "item_sku": "NB-A5-DOT",
+            "price_minor": 1999, "quantity": 1,
             "categories": ["Stationery", "Notebooks"], "item_brand": "Acme",
             "item_url": f"{SHOP}/p/notebook", "image_url": f"{SHOP}/i/notebook.jpg",
             "description": "A5 dotted notebook", "in_stock": True}
@@ -111,7 +114,7 @@ def _event(step_id: str, name: str, minutes: int, *, source: str = "browser",
         "user": user, "ecommerce": ecommerce, "search_term": None, "status": None,
         "billing_address": None, "shipping_address": None, "properties": {},
         "loaded": list(LOADED) if browser else [], "cart": cart,
-        "identity": identity,
+        "identity": identity, "cart_guid": None,
     }
     event.update(fields)
     return event
@@ -124,11 +127,13 @@ def scenario() -> list[Step]:
     status = _ecommerce([], transaction_id="1001")
     return [
         Step("identify", "identify / backend customer", "Jimmy signs in",
-             "A first sign-in: `identify` with his profile; onetag creates his identity "
-             "(`is_new`). A backend `identify` plans the same requests (eSputnik's then "
-             "without `cookies.sc`).",
+             "A first sign-in: `identify` with his profile and billing address; onetag "
+             "creates his identity (`is_new`). A backend `identify` plans the same requests; "
+             "eSputnik's `cookies.sc` is then the sc of his latest session (and for a customer "
+             "never seen in a browser, CustomerData is recorded as `ignored`, not sent).",
              _event("identify", "identify", 0, page="/account", title="Account",
-                    user=dict(USER), identity={**IDENTITY, "is_new": True})),
+                    user=dict(USER), identity={**IDENTITY, "is_new": True},
+                    billing_address=dict(BILLING))),
         Step("view_item_list", "view_item / view_item_list when the vendor's library failed",
              "He opens the notebooks category",
              "`view_item_list` with `item_list_id: \"notebooks\"`.",
@@ -141,23 +146,26 @@ def scenario() -> list[Step]:
                     ecommerce=_ecommerce([NOTEBOOK], value_minor=1999))),
         Step("add_to_cart", "cart of an identified session changed",
              "He adds three notebooks",
-             "`add_to_cart` of 3 notebooks to a cart already holding the pen (4.35) and the "
-             "clip (0.57); the store hands the adapters the whole cart after it "
-             f"(64.89, a new cart state `{GUID}`).",
+             "`add_to_cart` of 3 notebooks to a cart already holding the blue pen (4.35) and "
+             "the clip (0.57). The page names the new cart state with its `cart_guid` "
+             f"`{GUID}` (the GUID eS.js would have sent); the store adopts it and hands the "
+             "adapters the whole cart after the add (64.89) under that GUID.",
              _event("add_to_cart", "add_to_cart", 3, page="/p/notebook", title="Notebook",
-                    ecommerce=_ecommerce([NOTEBOOKS], value_minor=5997), cart=_cart())),
+                    ecommerce=_ecommerce([NOTEBOOKS], value_minor=5997), cart=_cart(),
+                    cart_guid=GUID)),
         Step("begin_checkout", "cart of an identified session changed",
              "He starts checkout",
              "`begin_checkout` with the same three lines: the cart's content did not change, "
              "so neither did its GUID.",
              _event("begin_checkout", "begin_checkout", 4, page="/checkout", title="Checkout",
-                    ecommerce=_ecommerce(CART_ITEMS, value_minor=6489), cart=_cart())),
+                    ecommerce=_ecommerce(CART_ITEMS, value_minor=6489), cart=_cart(),
+                    cart_guid=GUID)),
         Step("purchase", "purchase", "He places order 1001",
              "`purchase` on the thank-you page: coupon SAVE5 (5.00 off), value 59.89, tax 4.79, "
-             "shipping 4.99; the store adds the cart as bought. Its `loaded` is "
-             f"`{json.dumps(LOADED)}`.",
+             "shipping 4.99; the store adds the cart as bought, under the GUID of its last "
+             f"state. Its `loaded` is `{json.dumps(LOADED)}`.",
              _event("purchase", "purchase", 5, page="/thank-you", title="Thank you",
-                    ecommerce=order, cart=_cart())),
+                    ecommerce=order, cart=_cart(), cart_guid=GUID)),
         Step("backend_purchase", "purchase", "The shop's backend reports order 1001 too",
              "`POST /api/v1/sites/shop1/events` with the same order, its customer and billing "
              "address (no session).",
@@ -180,10 +188,12 @@ def scenario() -> list[Step]:
              "Backend `opt_in` with `type: \"accepts marketing checkbox\"`.",
              _event("opt_in", "opt_in", 9 * DAY // MINUTE, source="backend",
                     user={"email": EMAIL}, properties={"type": "accepts marketing checkbox"})),
-        Step("product_updated", "product_updated", "The shop updates the notebook",
-             "Backend `product_updated` for the notebook (a catalog fact: no visitor).",
+        Step("product_updated", "product_updated", "The shop updates the notebook and the clip",
+             "Backend `product_updated` for the notebook and the clip (a catalog fact: no "
+             "visitor); the clip comes without `in_stock`.",
              _event("product_updated", "product_updated", 10 * DAY // MINUTE, source="backend",
-                    ecommerce=_ecommerce([NOTEBOOK]), identity=None)),
+                    ecommerce=_ecommerce([NOTEBOOK, {k: v for k, v in CLIP.items()
+                                                     if k != "in_stock"}]), identity=None)),
         Step("add_to_wishlist", "", "He had wishlisted the notebook",
              "Back on his first visit (same session, same blocked libraries), Jimmy had put "
              "the notebook on his wishlist.",
@@ -200,6 +210,7 @@ def scenario() -> list[Step]:
 
 def site() -> config_module.SiteConfig:
     data = tomllib.loads(EXAMPLE_CONFIG)
+    data["sites"][0]["cart_url"] = CART_URL
     env = {}
     for table in [data["server"], *data["sites"], *(s[v] for s in data["sites"]
                                                    for v in VENDORS if v in s)]:
@@ -210,7 +221,8 @@ def site() -> config_module.SiteConfig:
 
 
 def context(vendor: VendorConfig, shop: config_module.SiteConfig) -> PlanContext:
-    return PlanContext(site_id=shop.id, vendor=vendor, currency=shop.currency)
+    return PlanContext(site_id=shop.id, vendor=vendor, currency=shop.currency,
+                       cart_url=shop.cart_url)
 
 
 def auth_text(vendor: VendorConfig) -> str:
@@ -242,7 +254,8 @@ def plan_story() -> list[list[Planned]]:
     seen: dict[tuple[str, str], int] = {}
     out = []
     for number, step in enumerate(scenario(), 1):
-        rows = {(r.vendor, r.dedup_key): r.state for r in outbox.plan(shop, step.event)}
+        rows = {(r.vendor, r.dedup_key.removeprefix("skipped:")): r.state
+                for r in outbox.plan(shop, step.event)}
         planned = []
         for name, vendor in shop.vendors.items():
             decision = routing.decide(vendor, step.event)
@@ -300,10 +313,12 @@ REASONS: dict[str, dict[tuple[str, ...], str]] = {
             "ProductPage / CategoryPage / AddToWishlist from eS.js; the tracker's copy only "
             "when the library did not take the event, so a view is never counted twice.",
         CART: "StatusCart from eS.js, else from the tracker; both carry the whole cart under "
-              "the cart state's GUID, so one state is one StatusCart.",
-        ("purchase",): "PurchasedItems from eS.js, else from the tracker; "
-                       "`PurchasedItems:<order id>` is recorded as delivered by the browser "
-                       "when eS.js took it, so the backend's copy is skipped.",
+              "the cart state's GUID, the one the page sent as `cart_guid` (the store adopts "
+              "it), so one state is one StatusCart whichever path sent it.",
+        ("purchase",): "PurchasedItems from eS.js, else from the tracker, both quoting the "
+                       "GUID of the cart's last StatusCart; `PurchasedItems:<order id>` is "
+                       "recorded as delivered by the browser when eS.js took it, so the "
+                       "backend's copy is skipped.",
         ("*",): "eS.js has no custom-event call: CustomEvent from the tracker only.",
     },
     "sendlane": {
@@ -395,6 +410,13 @@ def _render_request(p: Planned, index: int, req: VendorRequest, state: str,
     if earlier is not None:
         return _wrap(f"{label}: dedup key `{req.dedup_key}`, already stored by step {earlier}: "
                      f"the outbox keeps that row, this copy is not sent.", "- ", "  ")
+    if req.skipped:
+        return [*_wrap(f"{label}: not sent. Stored as an `ignored` row, dedup key "
+                       f"`skipped:{req.dedup_key}`, `last_error` \"skipped: {req.skipped}\" "
+                       "(`onetag deliveries --state ignored`). The request it would have been:",
+                       "- ", "  "),
+                "", marker(p.vendor, p.step.id, index, len(p.requests)), "```json",
+                _json(req.json), "```", ""]
     headers = [f"`{k}: {v}`" for k, v in req.headers.items()]
     auth = auth_text(shop.vendors[p.vendor])
     if auth != "none":
@@ -450,6 +472,13 @@ def render() -> str:
     w("  session without one, the row is `held`; when the session is identified the held event")
     w("  is planned again with the identity (same dedup keys) and sent; after `hold_days` a")
     w("  held row expires.")
+    out.extend(_wrap(f"**cart_url**: the site also sets `cart_url = \"{CART_URL}\"` (a "
+                     "template of `{cart_guid}` and `{sc}`; commented out in the example "
+                     "config), which Rejoiner's `return_url`, Remarkety's "
+                     "`abandoned_checkout_url` and Sendlane's `checkout_url` use.", "- ", "  "))
+    w("- **ignored**: a request the vendor cannot take without a field it requires is not sent;")
+    w("  it is stored as an `ignored` row with the reason in `last_error`, under `skipped:<key>`")
+    w("  (so a later copy of the fact that has the field is still sent).")
     w("- **Money** is exact integer minor units in the event; Rejoiner gets integer cents")
     w("  (`435`), eSputnik price strings (`\"4.35\"`), Remarkety and Sendlane JSON decimals")
     w("  (`4.35`, `59.97`).")
@@ -523,7 +552,10 @@ def render() -> str:
     w("| item_id | name | price |")
     w("|---|---|---|")
     for item in (PEN, CLIP, NOTEBOOK):
-        w(f"| `{item['item_id']}` | {item['item_name']} | {item['price_minor'] / 100:.2f} |")
+        extra = "".join(f", {key} `{item[key]}`" for key in ("item_variant", "item_sku")
+                        if key in item)
+        w(f"| `{item['item_id']}` | {item['item_name']}{extra} | "
+          f"{item['price_minor'] / 100:.2f} |")
     w("")
     w("Order 1001: the pen, the clip and three notebooks (subtotal 64.89), coupon SAVE5 (5.00")
     w("off: GA4 `value` 59.89), tax 4.79, shipping 4.99 (paid: 69.67). Times start at")

@@ -38,6 +38,8 @@ currency = "USD"                           # default when an event names none
 # spa_page_views     = "auto"              # "manual": only pushed page_view events count
 # capture_form_email = true                # pick up emails typed into the page's forms
 # debug              = false               # log every event and vendor call in the console
+# cart_url = "https://shop.example/cart/restore?guid={cart_guid}"  # public: where abandoned-
+#                                          # cart emails lead ({cart_guid}, {sc} filled in)
 
 # A vendor section present = that vendor enabled for this site. Remove what you don't use.
 [sites.rejoiner]
@@ -252,31 +254,59 @@ def format_rows(rows: list[dict[str, Any]], width: int = 100) -> str:
     return "\n".join(lines) or "(none)"
 
 
+KEY_PROBLEM_SCAN = 500  # latest failing and dead rows searched for a refused key
+
+
+def key_problems(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose last answer was a 401/403 (the forwarder's "key rejected (401): check
+    sites[x].<vendor>.<key>" errors), one entry per vendor, key and state."""
+    found: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        error = row.get("last_error") or ""
+        if "key rejected (" not in error:
+            continue
+        head = error[error.index("key rejected ("):].split(";", 1)[0]
+        state = "failing" if row["state"] == "pending" else row["state"]
+        entry = found.setdefault((row["vendor"], head, state),
+                                 {"vendor": row["vendor"], "error": head, "state": state,
+                                  "rows": 0})
+        entry["rows"] += 1
+    return list(found.values())
+
+
 def cmd_deliveries(args: argparse.Namespace) -> int:
     settings = _ops_settings(args.config)
     now_ms = int(time.time() * 1000)
 
-    async def work(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    async def work(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None,
+                                        list[dict[str, Any]]]:
         stats = await store.delivery_stats(now_ms)
         rows = None
         if args.state:
             rows = await store.list_deliveries(state=args.state, vendor=args.vendor,
                                                limit=args.limit)
-        return stats, rows
+        failing = [row for state in ("pending", "dead") for row in await store.list_deliveries(
+            state=state, vendor=args.vendor, limit=KEY_PROBLEM_SCAN)]
+        return stats, rows, key_problems(failing)
 
-    stats, rows = asyncio.run(_with_store(settings, work))
+    stats, rows, problems = asyncio.run(_with_store(settings, work))
     report = delivery_report(settings, stats)
     if args.vendor:
         report = [r for r in report if r["vendor"] == args.vendor]
     if args.json:
         out: dict[str, Any] = {"database": settings.server.sqlite_path, "now_ms": now_ms,
-                               "vendors": report}
+                               "vendors": report, "key_problems": problems}
         if rows is not None:
             out["rows"] = rows
         print(json.dumps(out, indent=2))
         return 0
     print(f"deliveries in {settings.server.sqlite_path}")
     print(format_report(report))
+    if problems:
+        print("\nkey problems (the vendor refused the credentials):")
+        for problem in problems:
+            print(f"  {problem['vendor']}: {problem['error']} ({problem['rows']} "
+                  f"{'delivery' if problem['rows'] == 1 else 'deliveries'} {problem['state']})")
     if rows is not None:
         print(f"\nlatest {args.state} deliveries{f' for {args.vendor}' if args.vendor else ''}:")
         print(format_rows(rows))
@@ -359,12 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "held: waiting for the visitor's email; delivered: the vendor answered 2xx; "
                     "dead: permanent error, attempts or retry window used up (see --state dead, "
                     "then `onetag replay`); browser: the vendor's own library took it; expired: "
-                    "held past the hold window without an email.")
+                    "held past the hold window without an email; ignored (--state ignored): "
+                    "planned but never sent, the reason in its last error. A vendor that "
+                    "refused the credentials (401/403) is named on a line of its own.")
     deliveries.add_argument("--config", help=config_help)
     deliveries.add_argument("--json", action="store_true", help="machine-readable output")
     deliveries.add_argument("--vendor", help="only this vendor")
     deliveries.add_argument("--state", choices=["pending", "held", "delivered", "dead",
-                                                "browser", "expired"],
+                                                "browser", "expired", "ignored"],
                             help="also list the latest deliveries in this state, with last errors")
     deliveries.add_argument("--limit", type=int, default=20, help="rows listed with --state (20)")
     deliveries.set_defaults(func=cmd_deliveries)

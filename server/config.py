@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,9 @@ class SiteConfig:
     debug: bool = False
     max_cart_lines: int = DEFAULT_MAX_CART_LINES  # lines a session's cart may hold
     vendors: Mapping[str, VendorConfig] = field(default_factory=dict)
+    # Where a returning visitor finds the cart (Remarkety's abandoned_checkout_url, Rejoiner's
+    # return_url): a URL template with {cart_guid} and {sc}. Public.
+    cart_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     if not SITE_ID_RE.match(site_id):
         reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
     known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
-             "debug", "max_cart_lines", *VENDORS}
+             "debug", "max_cart_lines", "cart_url", *VENDORS}
     for key in table:
         if key not in known:
             reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -271,6 +275,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
         reader.problem(f"{where}.max_cart_lines",
                        f"must be a whole number from 1 to 10000, not {max_cart_lines!r}")
         max_cart_lines = DEFAULT_MAX_CART_LINES
+    cart_url = _cart_url(reader, reader.string(table, "cart_url", where), f"{where}.cart_url")
     vendors = {}
     for name, module in VENDORS.items():
         if name in table:
@@ -282,7 +287,32 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
         api_key=reader.string(table, "api_key", where), currency=currency, spa_page_views=spa,
         capture_form_email=reader.boolean(table, "capture_form_email", where, True),
         debug=reader.boolean(table, "debug", where, False), max_cart_lines=max_cart_lines,
-        vendors=vendors)
+        vendors=vendors, cart_url=cart_url)
+
+
+CART_URL_FIELDS = ("cart_guid", "sc")
+
+
+def _cart_url(reader: _Reader, template: str | None, where: str) -> str | None:
+    """A URL template naming only {cart_guid} and {sc}, an http(s) URL once filled in."""
+    if not template:
+        return None
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        reader.problem(where, f"is not a valid template ({exc}); use {{cart_guid}} and {{sc}}")
+        return None
+    unknown = names - set(CART_URL_FIELDS)
+    if unknown:
+        reader.problem(where, f"names {', '.join(sorted(repr(n) for n in unknown))}; the only "
+                              "placeholders are {cart_guid} and {sc}")
+        return None
+    example = urlsplit(template.format(cart_guid="GUID", sc="SC"))
+    if example.scheme not in ("http", "https") or not example.netloc:
+        reader.problem(where, f"must be an http(s) URL like "
+                              f"\"https://shop.example/cart?id={{cart_guid}}\", not {template!r}")
+        return None
+    return template
 
 
 def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> VendorConfig | None:

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 from . import money
 from . import jsontext
@@ -47,6 +48,10 @@ EVENT_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _EMAIL_CHAR = r"[^@\s/\x00-\x1f\x7f]"
 EMAIL_RE = re.compile(rf"{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}{{2,}}")
 SC_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
+# The cart state's GUID the browser used with the event (eSputnik's StatusCart/PurchasedItems
+# GUID): the store adopts it, so both paths quote one GUID per cart state.
+CART_GUID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
+MAX_URL_CHARS = 2048
 CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 
 # Bounds on anything an event carries, checked (``check_bounds``) before any conversion:
@@ -65,7 +70,8 @@ MAX_FUTURE_MS = 86_400_000  # ... and at most a day ahead of the server's clock
 
 USER_STRINGS = ("customer_id", "first_name", "last_name", "phone")
 ITEM_STRINGS = ("item_name", "item_brand", "item_variant", "item_url", "image_url", "description",
-                "item_list_id", "item_list_name", "coupon", "affiliation")
+                "item_list_id", "item_list_name", "coupon", "affiliation",
+                "item_sku")  # onetag addition to GA4 items: the SKU when it is not item_id
 CATEGORY_KEYS = ("item_category", "item_category2", "item_category3", "item_category4",
                  "item_category5")
 ADDRESS_KEYS = ("first_name", "last_name", "company", "address_1", "address_2", "city", "state",
@@ -74,7 +80,7 @@ ADDRESS_KEYS = ("first_name", "last_name", "company", "address_1", "address_2", 
 KNOWN_KEYS = frozenset({"event", "event_id", "time", "page", "page_location", "page_referrer",
                         "page_title", "loaded", "user", "ecommerce", "search_term",
                         "transaction_id", "status", "billing_address", "shipping_address",
-                        "sc", "source"})
+                        "sc", "source", "cart_guid"})
 
 
 class Invalid(Exception):
@@ -247,6 +253,7 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) 
         "loaded": _loaded(raw, where) if origin.source == "browser" else [],
         "cart": None,
         "identity": None,
+        "cart_guid": _cart_guid(raw, where),
     }
     ecommerce = raw.get("ecommerce")
     if (ecommerce is not None or raw.get("transaction_id") is not None or name in ITEMS_REQUIRED
@@ -392,6 +399,26 @@ def _address(address: Any, where: str) -> dict[str, str] | None:
     return out or None
 
 
+def _cart_guid(raw: dict, where: str) -> str | None:
+    guid = raw.get("cart_guid")
+    if guid is None:
+        return None
+    if not isinstance(guid, str) or not CART_GUID_RE.fullmatch(guid):
+        raise Invalid(f"{where}.cart_guid", "must be the cart state's GUID: 8-64 characters of "
+                      "A-Z a-z 0-9 -")
+    return guid.upper()
+
+
+def _url(table: dict, key: str, where: str) -> str | None:
+    value = _string(table, key, where, max_len=MAX_URL_CHARS)
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise Invalid(f"{where}.{key}", f"must be an http(s) URL, not {value!r}")
+    return value
+
+
 def _loaded(raw: dict, where: str) -> list[str]:
     loaded = raw.get("loaded", [])
     if not isinstance(loaded, list) or not all(isinstance(v, str) for v in loaded):
@@ -435,6 +462,9 @@ def _ecommerce(ecommerce: Any, where: str, name: str, default_currency: str,
     if len(items) > 500:
         raise Invalid(f"{where}.items", "has more than 500 items")
     out["items"] = [_item(item, f"{where}.items[{i}]", currency) for i, item in enumerate(items)]
+    cart_url = _url(ecommerce, "cart_url", where)  # onetag addition: where the cart can be had
+    if cart_url:
+        out["cart_url"] = cart_url
     return out
 
 
@@ -463,10 +493,38 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
             if value:
                 categories.append(value)
     out["categories"] = categories
+    if "sku" in item and "item_sku" not in out:  # `sku` is accepted for `item_sku`
+        sku = _string(item, "sku", where, max_len=256)
+        if sku:
+            out["item_sku"] = sku
+    category_ids = _category_ids(item.get("item_category_id"), f"{where}.item_category_id")
+    if category_ids:
+        out["category_ids"] = category_ids
     in_stock = item.get("in_stock")
     if in_stock is not None and not isinstance(in_stock, bool):
         raise Invalid(f"{where}.in_stock", "must be true or false")
     out["in_stock"] = in_stock
+    return out
+
+
+def _category_ids(value: Any, where: str) -> list[str]:
+    """onetag addition to GA4 items: the category ids (Remarkety productCategoriesIds), one
+    string or a list of up to 5 (GA4 items carry up to five categories)."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if len(values) > 5:
+        raise Invalid(where, "has more than 5 category ids")
+    out = []
+    for index, one in enumerate(values):
+        if isinstance(one, bool) or not isinstance(one, (str, int, Decimal)):
+            raise Invalid(where if value is one else f"{where}[{index}]",
+                          f"must be a string or a list of strings, not {_type(one)}")
+        text = str(one).strip()
+        if len(text) > 256:
+            raise Invalid(where, "is longer than 256 characters")
+        if text:
+            out.append(text)
     return out
 
 

@@ -22,8 +22,11 @@ What an answer means (``classify``):
   the vendor's limit is per account, not per request.
 - any other 4xx (400 malformed, 401 bad key, 404, 422 invalid data, ...) and 3xx (redirects
   are not followed: a POST API that redirects is misconfigured): permanent, ``dead`` at once,
-  with the status and the response body in ``last_error``. Per vendor exceptions in
-  ``VENDOR_RETRYABLE``: Sendlane's 403 can mean "blocked due to many errors" (REFERENCE.md 4.2).
+  with the status and the response body in ``last_error``. A vendor module may say otherwise
+  (``retry_policy``): ``RETRY_STATUSES`` names 4xx that are temporary there (Sendlane's 403),
+  ``RETRY_ANY_NON_2XX`` retries every answer but a 2xx (Remarkety asks for that).
+- a 401/403 is a key problem: ``last_error`` starts ``key rejected (401): check
+  sites[<site>].<vendor>.<key setting>``, which ``onetag deliveries`` lists on its own line.
 - A row that has used ``max_attempts`` or whose next try would fall past ``retry_window_s``
   (counted from when it was planned or last replayed) is ``dead``: kept, listed by
   ``onetag deliveries``, sent again by ``onetag replay``.
@@ -80,10 +83,7 @@ DEFAULT_RATES: Mapping[str, float] = {}
 
 # Statuses worth retrying for every vendor; every 5xx is too.
 RETRYABLE = frozenset({408, 409, 425, 429})
-# Vendor-specific statuses that are transient despite being 4xx.
-VENDOR_RETRYABLE: Mapping[str, frozenset[int]] = {
-    "sendlane": frozenset({403}),  # "403 can also mean blocked due to many errors" [SL-ae]
-}
+KEY_STATUSES = frozenset({401, 403})  # the vendor refused the credentials
 
 DELIVERED, PENDING, DEAD = "delivered", "pending", "dead"
 
@@ -171,21 +171,48 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """What a vendor module declares about its answers (``server/vendors/_base.py``)."""
+
+    any_non_2xx: bool = False
+    statuses: frozenset[int] = frozenset()
+    key_setting: str | None = None  # the config key a 401/403 points at
+
+
+def retry_policy(vendor: str) -> RetryPolicy:
+    module = VENDORS.get(vendor)
+    if module is None:
+        return RetryPolicy()
+    secrets = [s.name for s in module.SETTINGS if s.secret]
+    return RetryPolicy(any_non_2xx=bool(getattr(module, "RETRY_ANY_NON_2XX", False)),
+                       statuses=frozenset(getattr(module, "RETRY_STATUSES", ())),
+                       key_setting=getattr(module, "KEY_SETTING", None) or
+                       (secrets[0] if secrets else None))
+
+
 def classify(vendor: str, status: int, headers: Mapping[str, str], body: str,
-             now: float, max_error_chars: int = DEFAULT_MAX_ERROR_CHARS) -> Verdict:
+             now: float, max_error_chars: int = DEFAULT_MAX_ERROR_CHARS,
+             site_id: str | None = None) -> Verdict:
     """What one HTTP answer means for the delivery that drew it."""
     if 200 <= status < 300:
         return Verdict(DELIVERED)
+    policy = retry_policy(vendor)
     error = f"HTTP {status}: {body[:max_error_chars]}".rstrip(": ")
+    if status in KEY_STATUSES and policy.key_setting:
+        where = f"sites[{site_id or '<site>'}].{vendor}.{policy.key_setting}"
+        maybe = ", or a temporary block" if status in policy.statuses else ""
+        error = f"key rejected ({status}){maybe}: check {where}; {error}"
     if 300 <= status < 400:
-        location = headers.get("location", "")
-        return Verdict(DEAD, f"HTTP {status} redirect to {location!r} (not followed: check the "
-                             f"vendor URL in the config)")
-    if status >= 500 or status in RETRYABLE or status in VENDOR_RETRYABLE.get(vendor, ()):
-        after = retry_after_seconds(headers.get("retry-after"), now)
-        pause = status == 429 or (status == 503 and after is not None)
-        return Verdict(PENDING, error, after, pause)
-    return Verdict(DEAD, error)
+        error = (f"HTTP {status} redirect to {headers.get('location', '')!r} (not followed: "
+                 f"check the vendor URL in the config)")
+    retry = (policy.any_non_2xx or status >= 500 or status in RETRYABLE
+             or status in policy.statuses)
+    if not retry:
+        return Verdict(DEAD, error)
+    after = retry_after_seconds(headers.get("retry-after"), now)
+    pause = status == 429 or (status == 503 and after is not None)
+    return Verdict(PENDING, error, after, pause)
 
 
 # Sending --------------------------------------------------------------------------------
@@ -567,7 +594,7 @@ class Forwarder:
         except httpx.TransportError as exc:
             return Verdict(PENDING, _describe(exc))
         return classify(delivery.vendor, response.status_code, response.headers,
-                        response.text, self.clock())
+                        response.text, self.clock(), site_id=delivery.site_id)
 
     async def _request(self, request: Mapping[str, Any], auth: Mapping[str, str]) -> httpx.Response:
         headers = httpx.Headers({"Accept": "application/json"})

@@ -17,6 +17,7 @@ from .vendors._base import PlanContext, VendorRequest
 # Row states (docs/architecture.md, "Delivery rows").
 HELD, PENDING, DELIVERED, DEAD, BROWSER, EXPIRED = (
     "held", "pending", "delivered", "dead", "browser", "expired")
+IGNORED = "ignored"  # planned, never sent; last_error says why (VendorRequest.skipped)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class PlannedDelivery:
     visitor: str
     request: dict[str, Any]
     delay_ms: int = 0  # not due before this long after planning
+    error: str | None = None  # an ignored row's reason
 
 
 def visitor_key(event: dict[str, Any]) -> str:
@@ -62,17 +64,25 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
         decision = routing.decide(vendor, event)
         if decision == "skip":
             continue
-        context = PlanContext(site_id=site.id, vendor=vendor, currency=site.currency)
+        context = PlanContext(site_id=site.id, vendor=vendor, currency=site.currency,
+                              cart_url=getattr(site, "cart_url", None))
         delay = browser_grace_ms if (event["source"] == "backend"
                                      and vendor.route(event["name"]) == "fallback") else 0
         requests: list[VendorRequest] = VENDORS[name].plan(event, context)
         for request in requests:
             if decision == "browser":
                 state = BROWSER
+            elif request.skipped:
+                state = IGNORED
             elif request.needs_email and not has_email(event):
                 state = HELD
             else:
                 state = PENDING
-            rows.append(PlannedDelivery(name, request.dedup_key, state, visitor, request.to_row(),
-                                        delay if state == PENDING else 0))
+            # An ignored row never takes the key of a request that can be sent (a later copy
+            # of the same fact that has what this one lacked).
+            key = f"skipped:{request.dedup_key}" if state == IGNORED else request.dedup_key
+            rows.append(PlannedDelivery(name, key, state, visitor, request.to_row(),
+                                        delay if state == PENDING else 0,
+                                        f"skipped: {request.skipped}" if state == IGNORED
+                                        else None))
     return rows

@@ -2,6 +2,10 @@
 
 Only public vendor settings reach the template (``config.public_settings``), so no secret
 can end up in anything a browser receives.
+
+Browsers get the minified template (``templates/onetag.min.js.j2``, made by
+``tools/js/build.py``); ``?onetag_debug=1`` on the script URL, or a site with ``debug = true``,
+gets the readable source (``templates/onetag.js.j2``) instead, comments and all.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .assets import templates_dir
 from .config import public_settings
 
 CACHE_CONTROL = "public, max-age=300"  # short: a config change reaches browsers in minutes
+MINIFIED, READABLE = "onetag.min.js.j2", "onetag.js.j2"
 JS_TYPE = "application/javascript; charset=utf-8"
 
 
@@ -42,13 +47,16 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
 
     One-letter keys (the runtime's own names; templates/onetag.js.j2 documents them): the
     config is paid on every page view. ``v`` maps each enabled vendor to
-    ``[routes, settings]``: ``routing.browser_routes`` and ``config.public_settings``.
+    ``[routes, settings]``: ``routing.browser_routes`` and ``config.public_settings``. ``u``:
+    the site's ``cart_url`` template, when it has one (where a cart can be restored).
     """
     flags = {"m": site.spa_page_views == "manual", "f": site.capture_form_email, "d": site.debug}
+    cart_url = getattr(site, "cart_url", None)
     return {
         "e": settings.server.public_url + settings.server.event_path,
         "s": site.id,
         **{key: 1 for key, on in flags.items() if on},  # absent: false
+        **({"u": cart_url} if cart_url else {}),
         "v": {name: [routing.browser_routes(vendor), public_settings(vendor)]
               for name, vendor in site.vendors.items()},
     }
@@ -61,8 +69,8 @@ def _embed_json(value: Any) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def render(env: jinja2.Environment, settings: Any, site: Any) -> RenderedScript:
-    text = env.get_template("onetag.js.j2").render(
+def render(env: jinja2.Environment, settings: Any, site: Any, readable: bool = False) -> RenderedScript:
+    text = env.get_template(READABLE if readable else MINIFIED).render(
         config_json=_embed_json(script_config(settings, site)), vendors=list(site.vendors))
     body = text.encode("utf-8")
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
@@ -75,19 +83,20 @@ class ScriptServer:
     def __init__(self, settings: Any):
         self.settings = settings
         self.env = environment()
-        self._cache: dict[str, RenderedScript] = {}
+        self._cache: dict[tuple[str, bool], RenderedScript] = {}
 
-    def get(self, site_id: str) -> RenderedScript | None:
+    def get(self, site_id: str, readable: bool = False) -> RenderedScript | None:
         site = self.settings.sites.get(site_id)
         if site is None:
             return None
-        if site_id not in self._cache:
-            self._cache[site_id] = render(self.env, self.settings, site)
-        return self._cache[site_id]
+        readable = readable or bool(site.debug)
+        if (site_id, readable) not in self._cache:
+            self._cache[site_id, readable] = render(self.env, self.settings, site, readable)
+        return self._cache[site_id, readable]
 
     async def endpoint(self, request: Request) -> Response:
         site_id = request.path_params["site_id"]
-        script = self.get(site_id)
+        script = self.get(site_id, readable=request.query_params.get("onetag_debug") == "1")
         if script is None:
             return Response(f"/* onetag: no site {site_id!r} here */\n".encode(),
                             status_code=404, media_type=JS_TYPE,

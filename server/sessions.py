@@ -77,7 +77,8 @@ def apply_cart(cart: list[dict[str, Any]], event: dict[str, Any]) -> list[dict[s
     return [line for line in lines.values() if line["quantity"] > 0]
 
 
-def cart_snapshot(items: list[dict[str, Any]], currency: str, guid: str) -> dict[str, Any]:
+def cart_snapshot(items: list[dict[str, Any]], currency: str,
+                  guid: str | None) -> dict[str, Any]:
     value = sum((item.get("price_minor") or 0) * item["quantity"] for item in items)
     return {"currency": currency, "items": items, "value_minor": value,
             "item_count": sum(item["quantity"] for item in items), "guid": guid}

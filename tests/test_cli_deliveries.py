@@ -66,7 +66,7 @@ async def shop(tmp_path):
     # Rejoiner and eSputnik); visitor B adds to cart anonymously (held).
     await store_events(settings,
                        (SC_A, [{"event": "identify", "event_id": "id-a", "loaded": [],
-                                "user": {"email": "a@example.com"}},
+                                "user": {"email": "a@example.com", "customer_id": "A-1"}},
                                purchase("order-a", ALL)]),
                        (SC_B, [{"event": "add_to_cart", "event_id": "cart-b", "loaded": [],
                                 "ecommerce": {"currency": "USD", "items": [item()]}}]))
@@ -178,7 +178,8 @@ async def test_worker_forwards_what_the_server_stored_and_stops_on_sigterm(tmp_p
                                    settings_data(tmp_path, fake, only=("sendlane",), forward=False))
         settings = config.load(config_path, env={})
         await store_events(settings, (SC_A, [{"event": "identify", "event_id": "id-a",
-                                              "loaded": [], "user": {"email": "a@example.com"}},
+                                              "loaded": [], "user": {"email": "a@example.com",
+                                                                     "customer_id": "A-1"}},
                                              purchase("order-a", [])]))
         db = tmp_path / "onetag.db"
         assert states(db) == {"pending": 2}  # the server only stored them (forward = false)

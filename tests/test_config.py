@@ -100,3 +100,17 @@ def test_demo_settings_point_every_vendor_at_loopback() -> None:
         for key, value in vendor.values.items():
             if key.endswith("_url") or key == "api_base":
                 assert value.startswith("http://127.0.0.1:8123/"), (vendor.name, key, value)
+
+
+def test_cart_url_is_a_template_of_cart_guid_and_sc() -> None:
+    site = {"id": "shop1", "cart_url": "https://shop.example/cart/{cart_guid}?s={sc}"}
+    assert config.parse({"sites": [site]}, env={}).sites["shop1"].cart_url == site["cart_url"]
+    assert config.parse({"sites": [{"id": "shop1"}]}, env={}).sites["shop1"].cart_url is None
+    assert problems({"sites": [{"id": "shop1", "cart_url": "https://s/{order}"}]}) == [
+        "onetag.toml: sites[shop1].cart_url: names 'order'; the only placeholders are "
+        "{cart_guid} and {sc}"]
+    assert problems({"sites": [{"id": "shop1", "cart_url": "/cart/{cart_guid}"}]}) == [
+        "onetag.toml: sites[shop1].cart_url: must be an http(s) URL like "
+        "\"https://shop.example/cart?id={cart_guid}\", not '/cart/{cart_guid}'"]
+    [unbalanced] = problems({"sites": [{"id": "shop1", "cart_url": "https://s/{cart_guid"}]})
+    assert unbalanced.startswith("onetag.toml: sites[shop1].cart_url: is not a valid template")

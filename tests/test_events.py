@@ -149,3 +149,44 @@ def test_malformed_json_is_a_body_problem() -> None:
 
 def test_decimal_parsing_is_used() -> None:
     assert events.parse_json(b'{"a": 4.35}') == {"a": Decimal("4.35")}
+
+
+def test_onetag_additions_to_items_and_the_cart() -> None:
+    """cart_guid (the browser's GUID of the cart state), ecommerce.cart_url, and on items
+    item_sku (or sku) and item_category_id: onetag's additions to GA4, docs/mapping.md."""
+    event = parse('{"event": "add_to_cart", "event_id": "e1", '
+                  '"cart_guid": "6f9619ff-8b86-d011-b42d-00cf4fc964ff", "ecommerce": {'
+                  '"cart_url": "https://shop.example/cart/77", "items": ['
+                  '{"item_id": "A", "item_sku": "SKU-A", "item_category_id": ["3", 17]}, '
+                  '{"item_id": "B", "sku": "SKU-B", "item_category_id": "9"}, {"item_id": "C"}]}}')
+    assert event["cart_guid"] == "6F9619FF-8B86-D011-B42D-00CF4FC964FF"
+    assert event["ecommerce"]["cart_url"] == "https://shop.example/cart/77"
+    a, b, c = event["ecommerce"]["items"]
+    assert (a["item_sku"], a["category_ids"]) == ("SKU-A", ["3", "17"])
+    assert (b["item_sku"], b["category_ids"]) == ("SKU-B", ["9"])
+    assert "item_sku" not in c and "category_ids" not in c
+    assert parse('{"event": "view_item", "event_id": "e1", "ecommerce": {"items": '
+                 '[{"item_id": "A"}]}}')["cart_guid"] is None
+    assert "cart_guid" not in event["properties"]
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ('{"event": "add_to_cart", "event_id": "e1", "cart_guid": "abc", '
+     '"ecommerce": {"items": [{"item_id": "A"}]}}', "events[0].cart_guid", "GUID"),
+    ('{"event": "add_to_cart", "event_id": "e1", "cart_guid": "6F9619FF 8B86", '
+     '"ecommerce": {"items": [{"item_id": "A"}]}}', "events[0].cart_guid", "GUID"),
+    ('{"event": "view_cart", "event_id": "e1", "ecommerce": {"cart_url": "javascript:x()", '
+     '"items": []}}', "events[0].ecommerce.cart_url", "http(s) URL"),
+    ('{"event": "view_cart", "event_id": "e1", "ecommerce": {"cart_url": "https://s/' + "x" * 2048
+     + '", "items": []}}', "events[0].ecommerce.cart_url", "longer than 2048"),
+    ('{"event": "view_item", "event_id": "e1", "ecommerce": {"items": [{"item_id": "A", '
+     '"item_category_id": {"id": 1}}]}}', "events[0].ecommerce.items[0].item_category_id",
+     "string or a list of strings"),
+    ('{"event": "view_item", "event_id": "e1", "ecommerce": {"items": [{"item_id": "A", '
+     '"item_category_id": ["1", "2", "3", "4", "5", "6"]}]}}',
+     "events[0].ecommerce.items[0].item_category_id", "more than 5"),
+])
+def test_onetag_additions_are_validated(text: str, field: str, words: str) -> None:
+    got_field, got_problem = problem(text)
+    assert got_field == field
+    assert words in got_problem

@@ -41,7 +41,10 @@ def purchase(order: str, email: str, **extra) -> dict:
     ("rejoiner", 200, DELIVERED), ("esputnik", 204, DELIVERED), ("sendlane", 202, DELIVERED),
     ("rejoiner", 500, PENDING), ("remarkety", 502, PENDING), ("remarkety", 503, PENDING),
     ("sendlane", 408, PENDING), ("sendlane", 409, PENDING), ("sendlane", 429, PENDING),
-    ("rejoiner", 400, DEAD), ("rejoiner", 401, DEAD), ("remarkety", 404, DEAD),
+    ("rejoiner", 400, DEAD), ("rejoiner", 401, DEAD), ("esputnik", 404, DEAD),
+    # Remarkety: retry whenever the endpoint "does not respond with HTTP 200 status code"
+    ("remarkety", 400, PENDING), ("remarkety", 401, PENDING), ("remarkety", 404, PENDING),
+    ("remarkety", 422, PENDING), ("remarkety", 301, PENDING),
     ("sendlane", 422, DEAD),  # Sendlane: invalid data, sending it again changes nothing
     ("sendlane", 403, PENDING),  # Sendlane: "blocked due to many errors", temporary
     ("rejoiner", 403, DEAD),  # Rejoiner: failed authentication
@@ -54,6 +57,21 @@ def test_classify(vendor, status, state) -> None:
         assert str(status) in verdict.error
     if state == DEAD and 400 <= status < 500:
         assert '{"message": "why"}' in verdict.error  # the vendor's body is kept
+
+
+@pytest.mark.parametrize("vendor, status, key", [
+    ("remarkety", 401, "api_key"), ("rejoiner", 403, "api_key"), ("sendlane", 401, "api_token"),
+    ("esputnik", 401, "api_key")])
+def test_a_refused_key_names_the_setting_to_check(vendor, status, key) -> None:
+    verdict = classify(vendor, status, {}, "no", now=0.0, site_id="shop1")
+    assert verdict.error == (f"key rejected ({status}): check sites[shop1].{vendor}.{key}; "
+                             f"HTTP {status}: no")
+    # Sendlane's 403 may also be "blocked due to many errors": retried, and said so.
+    blocked = classify("sendlane", 403, {}, "no", now=0.0, site_id="shop1")
+    assert (blocked.state, blocked.error) == (PENDING, "key rejected (403), or a temporary "
+                                              "block: check sites[shop1].sendlane.api_token; "
+                                              "HTTP 403: no")
+    assert classify(vendor, 400, {}, "no", now=0.0, site_id="shop1").error == "HTTP 400: no"
 
 
 def test_throttling_pauses_the_lane_and_keeps_the_vendors_time() -> None:
@@ -201,7 +219,7 @@ async def test_one_visitor_is_served_in_order_even_across_a_retry(tmp_path, fake
     names = [f"step_{n}" for n in range(8)]
     async with serve(settings) as app, httpx.AsyncClient(base_url=app.state.base_url) as client:
         await browser(client, {"event": "identify", "event_id": "id-1",
-                               "user": {"email": "jim@example.com"}})
+                               "user": {"email": "jim@example.com", "customer_id": "C-1"}})
         await browser(client, *({"event": name, "event_id": f"ev-{name}", "loaded": []}
                                 for name in names))
         # Other visitors' orders flow beside it, through the same lane.

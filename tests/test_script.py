@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 from support import running, settings_for
 
@@ -16,11 +17,11 @@ SECRETS = {"rejoiner": {"site_id": "RJSITE1", "domain": ".shop.example", "api_ke
 def embedded_config(js: str) -> dict:
     """The config JSON the runtime is called with (its last argument), under readable names:
     server/script.py script_config gives it one-letter keys."""
-    start = js.rfind("(window,document,{")
-    assert start >= 0, "the runtime should embed its config as JSON"
-    raw = json.JSONDecoder().raw_decode(js, start + len("(window,document,"))[0]
+    calls = list(re.finditer(r"\(window, ?document, ?(?=\{)", js))
+    assert calls, "the runtime should embed its config as JSON"
+    raw = json.JSONDecoder().raw_decode(js, calls[-1].end())[0]
     names = {"e": "endpoint", "s": "site_id", "m": "spa_manual", "f": "capture_form_email",
-             "d": "debug", "v": "vendors"}
+             "d": "debug", "u": "cart_url", "v": "vendors"}
     config = {names[k]: v for k, v in raw.items()}
     config["vendors"] = {name: {"routes": routes, "settings": settings}
                          for name, (routes, settings) in config["vendors"].items()}
@@ -91,3 +92,73 @@ async def test_unknown_site_is_a_js_404(tmp_path) -> None:
     assert response.status_code == 404
     assert response.headers["content-type"].startswith("application/javascript")
     assert response.text.startswith("/* onetag: no site 'nosuch'")
+
+
+# The wire form: minified by tools/js/build.py; the readable source on request. ---------------
+
+
+async def test_browsers_get_the_minified_script_and_debug_the_readable_one(tmp_path) -> None:
+    settings = settings_for(tmp_path, **SECRETS)
+    async with running(settings) as (_, client):
+        wire = (await client.get("/s/shop1.js")).text
+        readable = (await client.get("/s/shop1.js?onetag_debug=1")).text
+    assert "/*" not in wire and "\n  " not in wire  # no comments, no indentation
+    assert "function identityDue(name, ctx)" in readable and "Basic Snippet" in readable
+    assert embedded_config(wire) == embedded_config(readable)
+    assert len(wire) < len(readable) // 2
+    for secret in ("rj-SECRET-1", "rm-SECRET-2", "es-SECRET-3", "sl-SECRET-4", "secret-key"):
+        assert secret not in readable
+
+
+async def test_a_debug_site_is_served_the_readable_script(tmp_path) -> None:
+    async with running(settings_for(tmp_path, debug=True)) as (_, client):
+        js = (await client.get("/s/shop1.js")).text
+    assert "function identityDue(name, ctx)" in js and embedded_config(js)["debug"] == 1
+
+
+def test_the_sites_cart_url_reaches_the_runtime(tmp_path) -> None:
+    """``cart_url`` (a per-site setting: a template with {cart_guid} and {sc}) is passed as `u`;
+    read with getattr, so a site without the setting has no `u`."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from server.script import script_config
+
+    settings = settings_for(tmp_path)
+    site = settings.sites["shop1"]
+    assert "u" not in script_config(settings, site)
+    fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(site)}
+    with_url = SimpleNamespace(**{**fields, "cart_url": "https://shop.example/cart/{cart_guid}"})
+    assert script_config(settings, with_url)["u"] == "https://shop.example/cart/{cart_guid}"
+
+
+def test_the_minified_templates_are_up_to_date() -> None:
+    """The checked-in *.min.js.j2 are what `python tools/js/build.py` makes from the readable
+    sources now (terser pinned in tools/js/package-lock.json; `npm ci` on first use)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the minifier (terser) runs on Node.js")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "js"))
+    import build
+
+    try:
+        stale = build.stale()
+    except build.BuildError as exc:
+        pytest.fail(str(exc))
+    assert stale == [], f"stale generated files, run `python tools/js/build.py`: {stale}"
+
+
+def test_no_line_of_the_readable_sources_is_over_160_characters() -> None:
+    from pathlib import Path
+
+    templates = Path(__file__).resolve().parent.parent / "templates"
+    for path in [templates / "onetag.js.j2", *sorted((templates / "vendors").glob("*.js.j2"))]:
+        if path.name.endswith(".min.js.j2"):
+            continue
+        long = [n for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 160]
+        assert long == [], (path.name, long)

@@ -169,14 +169,14 @@ def insert_deliveries(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, A
     """
     conn.executemany(
         "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, "
-        "state, request, next_attempt_ms, created_ms, updated_ms) "
-        "VALUES (?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?) "
+        "state, request, next_attempt_ms, created_ms, updated_ms, last_error) "
+        "VALUES (?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?) "
         "ON CONFLICT (site_id, vendor, dedup_key) DO UPDATE SET state = 'browser', "
         "updated_ms = excluded.updated_ms, last_error = 'delivered by the browser first' "
         "WHERE excluded.state = 'browser' AND deliveries.state IN ('pending', 'held') "
         "AND deliveries.attempts = 0",
         [(site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state, encode(r.request),
-          now + r.delay_ms, now, now) for site_id, seq, r in rows])
+          now + r.delay_ms, now, now, r.error) for site_id, seq, r in rows])
 
 
 def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str]]]:
@@ -295,6 +295,10 @@ class IngestBatch:
             state.last_seq = seq
             self.dirty[key] = state
         identity, newly_bound = self._identity(site.id, event)
+        if identity and not sc:
+            # A backend event names no session: the customer's latest one, for vendors that
+            # require the visitor's cookie (eSputnik's cookies.sc).
+            identity["last_sc"] = self._last_sc(site.id, identity["id"])
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
@@ -417,6 +421,22 @@ class IngestBatch:
         self.identities[identity_id] = {k: v for k, v in fields.items() if v is not None}
         return identity_id, False
 
+    def _last_sc(self, site_id: str, identity_id: int) -> str | None:
+        """The sc of the identity's most recently active session: one written in this batch
+        and not flushed yet, else the database's."""
+        latest: _Session | None = None
+        latest_sc = None
+        for (sid, sc), state in self.dirty.items():
+            if sid == site_id and state.identity_id == identity_id and (
+                    latest is None or state.last_ms >= latest.last_ms):
+                latest, latest_sc = state, sc
+        if latest_sc is not None:
+            return latest_sc
+        row = self.conn.execute(
+            "SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ? "
+            "ORDER BY last_ms DESC LIMIT 1", (site_id, identity_id)).fetchone()
+        return row[0] if row else None
+
     # Cart ---------------------------------------------------------------------------------
 
     def _cart(self, site: Any, event: dict[str, Any],
@@ -432,12 +452,19 @@ class IngestBatch:
             return None
         _check_cart(after, site, f"events[{place[1]}].ecommerce.items")
         self.dirty_carts.add(key)
+        given = event.get("cart_guid")  # the GUID the browser used for this cart state
         if event["name"] == "purchase":
             # The cart as bought, under the guid of its last state (eSputnik's PurchasedItems
-            # refers to the last StatusCart GUID); then the session starts an empty cart.
+            # refers to the last StatusCart GUID), else the one the page names; none when the
+            # session never had a cart (no StatusCart was sent: a made-up GUID would match
+            # nothing). Then the session starts an empty cart.
             state.cart = None
-            return cart_snapshot(items, currency, guid or _new_guid())
-        if after != items or guid is None:
+            return cart_snapshot(items, currency, guid or given)
+        if given:
+            # The browser names the state, and may already have sent it to a vendor under
+            # this GUID (eS.js's StatusCart): both paths quote the last GUID either sent.
+            guid = given
+        elif after != items or guid is None:
             guid = _new_guid()  # a new cart state, a new GUID
         state.cart = (after, guid, currency)
         return cart_snapshot(after, currency, guid)

@@ -8,6 +8,14 @@ A vendor module (``server/vendors/<name>.py``) defines::
     def plan(event: dict, ctx: PlanContext) -> list[VendorRequest]   # pure, no I/O
     def auth_headers(cfg: VendorConfig) -> dict[str, str]            # secrets, at send time only
 
+and may declare how the forwarder treats its answers (vendor knowledge stays here):
+
+    RETRY_ANY_NON_2XX: bool = False      # the vendor asks for a retry on anything but 2xx
+    RETRY_STATUSES: frozenset[int] = ()  # 4xx that are temporary at this vendor
+
+A 401/403 is reported as a key problem naming the vendor's secret setting (``KEY_SETTING``,
+else its first ``secret`` setting).
+
 Its browser half is ``templates/vendors/<name>.js.j2``.
 """
 
@@ -68,6 +76,9 @@ class PlanContext:
     site_id: str
     vendor: VendorConfig
     currency: str = "USD"  # the site's default currency
+    # The site's cart_url template ({cart_guid}, {sc}): where a returning visitor finds the
+    # cart; an event's ecommerce.cart_url wins (``_common.cart_url``).
+    cart_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,10 @@ class VendorRequest:
     # Sent instead when the vendor answers 404 (Rejoiner: update a profile by email, and
     # create it when there is none yet). Same delivery, same dedup key.
     if_not_found: VendorRequest | None = None
+    # Why this request is NOT sent: a fact the vendor cannot take without a field it requires
+    # (eSputnik's cookies.sc, isInStock). Stored as an `ignored` row, the reason in last_error,
+    # so `onetag deliveries --state ignored` shows it; never sent.
+    skipped: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         row = {"method": self.method, "url": self.url, "json": self.json,

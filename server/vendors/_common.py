@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 # What a purchase is when nothing says otherwise: GA4 fires `purchase` once checkout has
 # completed (the thank-you page); a backend may send its own `status`.
@@ -30,9 +32,9 @@ def compact(fields: dict[str, Any]) -> dict[str, Any]:
 def person(event: dict[str, Any]) -> dict[str, Any]:
     """Who the event is about: the session's identity after the event, with the event's own
     ``user`` fields on top (a backend event names its customer itself); onetag's own
-    bookkeeping keys (``id``, ``is_new``) left out."""
+    bookkeeping keys (``id``, ``is_new``, ``last_sc``) left out."""
     merged = {key: value for key, value in (event.get("identity") or {}).items()
-              if key not in ("id", "is_new") and value is not None}
+              if key not in ("id", "is_new", "last_sc") and value is not None}
     merged.update(compact(event.get("user") or {}))
     return merged
 
@@ -112,3 +114,46 @@ def join_url(base: str, path: str) -> str:
     """``base`` + ``/`` + ``path``, one slash between them; ``path`` keeps its own trailing
     slash (Rejoiner requires one)."""
     return f"{base.rstrip('/')}/{path.lstrip('/')}"
+
+
+def sku(item: dict[str, Any]) -> str:
+    """An item's SKU: ``item_sku`` (``sku`` on input; an onetag addition to GA4 items) when
+    the shop gave one, else its ``item_id`` (GA4's item_id is "the SKU or id")."""
+    return item.get("item_sku") or item["item_id"]
+
+
+def line_id(item: dict[str, Any]) -> str:
+    """A cart line's id where a vendor keys lines by product id alone (Rejoiner's
+    ``product_id``): ``<item_id>:<item_variant>`` for a variant, so two variants of one item
+    are two lines, not one overwriting the other; the bare ``item_id`` otherwise. Both paths
+    (the browser adapter and the server's) use this rule."""
+    variant = item.get("item_variant")
+    return f"{item['item_id']}:{variant}" if variant else item["item_id"]
+
+
+def cart_guid(event: dict[str, Any]) -> str | None:
+    """The GUID of the cart state the event is about: the store's (the cart after the event,
+    or the cart a purchase bought), else the one the browser sent with the event."""
+    return (event.get("cart") or {}).get("guid") or event.get("cart_guid")
+
+
+def session_sc(event: dict[str, Any]) -> str | None:
+    """The visitor's sc cookie: the event's session, else (a backend event) the customer's
+    latest session, which the store adds as ``identity.last_sc``."""
+    return event.get("sc") or (event.get("identity") or {}).get("last_sc")
+
+
+def cart_url(event: dict[str, Any], cart_template: str | None) -> str | None:
+    """Where a returning visitor finds this cart: the event's ``ecommerce.cart_url``, else the
+    site's ``cart_url`` template filled with the cart's GUID and the sc; None when neither is
+    configured or the template names a value the event lacks."""
+    given = ecommerce(event).get("cart_url")
+    if given:
+        return given
+    if not cart_template:
+        return None
+    values = {"cart_guid": cart_guid(event), "sc": session_sc(event)}
+    needed = {name for _, name, _, _ in string.Formatter().parse(cart_template) if name}
+    if any(not values.get(name) for name in needed):
+        return None
+    return cart_template.format_map({k: quote(v or "", safe="") for k, v in values.items()})

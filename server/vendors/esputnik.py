@@ -1,8 +1,8 @@
 """eSputnik / Yespo / Reteno, server side: the website-behaviour tracker, REST v2 (CONTRACT.md
 section 7, column "eSputnik tracker").
 
-Sources: vendor-docs/esputnik-tracker-rest-api.txt ("ES REST": the JSON example of each event)
-and REFERENCE.md sections 3.3, 3.4 and 6 ("ES ref").
+Sources: eSputnik's "Transferring Website Behavior Data via REST API" ("ES REST": the JSON
+example of each event) and REFERENCE.md sections 3.3, 3.4 and 6 ("ES ref").
 
 - ``POST {tracker_url}`` (default ``https://tracker.esputnik.com/api/v2``), JSON body
   ``{"GeneralInfo": {...}, "<EventName>": {...}}``. ``GeneralInfo`` carries ``eventName``,
@@ -36,6 +36,7 @@ Routing defaults (``DEFAULT_ROUTES``):
 from __future__ import annotations
 
 import base64
+import dataclasses
 from typing import Any
 
 from .. import money
@@ -101,7 +102,15 @@ def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
         # is sent again, a replay of the same identify is not.
         body = {"GeneralInfo": _general(event, ctx, "CustomerData")}
         stable = {**body["GeneralInfo"], "datetime": None}
-        return [_request(ctx, body, f"CustomerData:{c.digest(stable)}")]
+        request = _request(ctx, body, f"CustomerData:{c.digest(stable)}")
+        if "cookies" not in body["GeneralInfo"]:
+            # cookies is Required (ES REST CustomerData), and tying the cookie to the customer
+            # is all CustomerData does: without any session of this customer it is recorded
+            # as an ignored row with the reason, not sent.
+            return [dataclasses.replace(request, skipped=(
+                "eSputnik CustomerData requires cookies.sc, and no browser session of this "
+                "customer is known yet"))]
+        return [request]
     if name == "view_item":
         item = c.ecommerce(event)["items"][0]  # a product page shows one product
         body = {"ProductPage": {"Product": _product(item, cur)}}
@@ -125,7 +134,7 @@ def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
     if name == "purchase":
         return [_purchased(event, ctx, cur)]
     if name == "product_updated":
-        return [_product_update(event, ctx, cur)]
+        return _product_update(event, ctx, cur)
     if name not in _STANDARD:
         return [_custom(event, ctx)]
     return []
@@ -142,10 +151,12 @@ def _general(event: dict[str, Any], ctx: PlanContext, event_name: str) -> dict[s
     info.update(c.compact({"externalCustomerId": who.get("customer_id"),
                            "user_email": who.get("email"), "user_phone": who.get("phone"),
                            "user_name": c.full_name(who)}))
-    # cookies.sc is marked required, but a backend event may have no session: then the
-    # identifiers above are all eSputnik gets, which beats an invented cookie.
-    if event.get("sc"):
-        info["cookies"] = {"sc": event["sc"]}
+    # cookies.sc is Required: a backend event (no session of its own) gets the customer's
+    # latest session's sc. With none at all, an order or a custom event still goes, with the
+    # identifiers above: it is a fact of its own (CustomerData is not: see ``plan``).
+    sc = c.session_sc(event)
+    if sc:
+        info["cookies"] = {"sc": sc}
     return info
 
 
@@ -185,30 +196,47 @@ def _status_cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
 
 
 def _purchased(event: dict[str, Any], ctx: PlanContext, cur: str) -> VendorRequest:
-    """PurchasedItems: OrderNumber and the GUID of the last StatusCart ("Should be identical
-    to the GUID of the StatusCart event"; the store gives a purchase the cart as bought, under
-    that GUID). The lines go along as ``Products`` in the documented one-click form
-    (product_id, unit_price, quantity), so the order still has its items when that
-    StatusCart never reached eSputnik (a backend order, a session without a cart)."""
+    """PurchasedItems in one of the two documented forms, never a mix of them.
+
+    With a cart GUID (the store hands a purchase the cart as bought under the GUID of its
+    last state, which either path sent as StatusCart; or the GUID the browser sent with the
+    purchase): ES REST "PurchasedItems", ``{GUID, OrderNumber}``, the GUID "identical to the
+    GUID of the StatusCart event", which is what closes the abandoned cart. Without one (a
+    backend order of a session that had no cart): ES REST "PurchasedItems (One Click)",
+    ``{Products: [{product_id, unit_price, quantity}], OrderNumber}``.
+    """
     order = c.ecommerce(event)["transaction_id"]
-    products = [c.compact({"product_id": item["item_id"],
-                           "unit_price": _price(item.get("price_minor"), cur),
-                           "quantity": item["quantity"]}) for item in c.order_items(event)]
-    purchased = c.compact({"GUID": (event.get("cart") or {}).get("guid"), "OrderNumber": order,
-                           "Products": products})
+    guid = c.cart_guid(event)
+    if guid:
+        purchased = {"GUID": guid, "OrderNumber": order}
+    else:
+        products = [c.compact({"product_id": item["item_id"],
+                               "unit_price": _price(item.get("price_minor"), cur),
+                               "quantity": item["quantity"]}) for item in c.order_items(event)]
+        purchased = {"Products": products, "OrderNumber": order}
     return _request(ctx, _with_general(event, ctx, "PurchasedItems", {"PurchasedItems": purchased}),
                     f"PurchasedItems:{order}")
 
 
-def _product_update(event: dict[str, Any], ctx: PlanContext, cur: str) -> VendorRequest:
-    """ProductUpdate: all the event's products in one request; GeneralInfo is just eventName
-    and siteId, as in the ES REST example (a catalog fact has no visitor).
+def _product_update(event: dict[str, Any], ctx: PlanContext,
+                    cur: str) -> list[VendorRequest]:
+    """ProductUpdate: the event's products in one request; GeneralInfo is just eventName and
+    siteId, as in the ES REST example (a catalog fact has no visitor).
 
-    isInStock is documented as required; when the backend did not say, it is left out rather
-    than guessed (a wrong "1" would advertise a sold-out product).
+    isInStock is "required, could be 0 or 1" (ES REST ProductUpdate parameters): a product
+    whose stock the backend did not give is not sent, rather than guessed (a wrong "1" would
+    advertise a sold-out product); it is recorded as an ``ignored`` row with the reason.
     """
-    products = []
-    for item in c.ecommerce(event)["items"]:
+    products, skipped = [], []
+    eid = event["event_id"]
+    for index, item in enumerate(c.ecommerce(event)["items"]):
+        if item.get("in_stock") is None:
+            skipped.append(VendorRequest(
+                "POST", ctx.vendor["tracker_url"], {"product_id": item["item_id"]},
+                f"ProductUpdate:{eid}:{index}",
+                skipped=f"eSputnik ProductUpdate requires isInStock; product {item['item_id']!r} "
+                        "came without in_stock"))
+            continue
         categories = item.get("categories") or []
         products.append(c.compact({
             "product_id": item["item_id"],
@@ -221,9 +249,11 @@ def _product_update(event: dict[str, Any], ctx: PlanContext, cur: str) -> Vendor
             "isInStock": _stock(item),
             "category": " > ".join(categories) if categories else None,  # "level1 > level2"
         }))
+    if not products:
+        return skipped
     body = {"GeneralInfo": {"eventName": "ProductUpdate", "siteId": ctx.vendor["site_id"]},
             "ProductUpdate": products}
-    return _request(ctx, body, f"ProductUpdate:{event['event_id']}")
+    return [_request(ctx, body, f"ProductUpdate:{eid}"), *skipped]
 
 
 def _tag(value: Any) -> list[str]:

@@ -1,7 +1,7 @@
 """Rejoiner, server side: its REST API v1 (CONTRACT.md section 7, column "Rejoiner REST").
 
-Sources: vendor-docs/rejoiner-rest-api.txt ("RJ REST"), rejoiner-integration-guide.txt
-("RJ guide") and REFERENCE.md section 1.3 / 6 ("RJ ref").
+Sources: Rejoiner's "REST API" reference ("RJ REST"), its "API Integration Guide" ("RJ
+guide") and REFERENCE.md section 1.3 / 6 ("RJ ref").
 
 - Base ``{api_base}/{site_id}/``; every path ends in a slash ("The trailing slash at the end of
   the endpoint is required", RJ ref 1.3). Auth ``Authorization: Rejoiner <api_key>``, a plain
@@ -142,16 +142,24 @@ def _convert(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
         "cart_item_count": sum(item["item_qty"] for item in items),
         "order_number": ecom["transaction_id"],  # RJ REST CartData: "External ID for the order"
         "promo": ecom.get("coupon"),
+        # RJ REST CartData: "A unique url to return to the cart page" (the site's cart_url
+        # or the event's ecommerce.cart_url); left out when neither is configured.
+        "return_url": c.cart_url(event, ctx.cart_url),
     })
     body = _with_email(event, {"cart_data": cart_data, "cart_items": items})
     return _post(ctx, "customer/convert/", body, f"convert:{ecom['transaction_id']}")
 
 
 def _cart_item(item: dict[str, Any], cur: str) -> dict[str, Any]:
-    """RJ REST "Cart Item Payload Structure": prices in integer cents, qty_price = price x qty."""
+    """RJ REST "Cart Item Payload Structure": prices in integer cents, qty_price = price x qty.
+    ``product_id`` ("The unique SKU or ID which identifies the product", any string) is
+    ``<item_id>:<item_variant>`` for a variant (``_common.line_id``): Rejoiner keys cart lines
+    by it (RJ guide, removeCartItem takes only a product_id), so two variants of one item
+    must not share one. ``category`` is left out when the item has none (an empty list
+    says nothing)."""
     price = money.cents(item["price_minor"], cur) if item.get("price_minor") is not None else None
     return c.compact({
-        "product_id": item["item_id"],
+        "product_id": c.line_id(item),
         "name": item.get("item_name"),
         "price": price,
         "item_qty": item["quantity"],
@@ -160,6 +168,20 @@ def _cart_item(item: dict[str, Any], cur: str) -> dict[str, Any]:
         "product_url": item.get("item_url"),
         "image_url": item.get("image_url"),
         "description": item.get("description"),
+    })
+
+
+def _address(address: dict[str, Any]) -> dict[str, Any]:
+    """onetag's billing_address as RJ REST's customer address fields (``POST /customers/``
+    payload: address1, address2, city, state, postal_code, country; the GET example's
+    "state": "AZ", "country": "US" are codes, so the codes are preferred to the names)."""
+    return c.compact({
+        "address1": address.get("address_1"),
+        "address2": address.get("address_2"),
+        "city": address.get("city"),
+        "state": address.get("state_code") or address.get("state"),
+        "postal_code": address.get("postal_code"),
+        "country": address.get("country_code") or address.get("country"),
     })
 
 
@@ -174,7 +196,8 @@ def _profile(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     who = c.person(event)
     email = who.get("email") or ""
     body = c.compact({"email": who.get("email"), "first_name": who.get("first_name"),
-                      "last_name": who.get("last_name"), "phone": who.get("phone")})
+                      "last_name": who.get("last_name"), "phone": who.get("phone"),
+                      **_address(event.get("billing_address") or {})})
     url = _url(ctx, f"customers/{quote(email, safe='')}/")
     key = f"customers:{email}:{c.digest(body)}"
     # RJ ref 6: "prefer PUT by email, falling back to POST on 404" — a customer Rejoiner has

@@ -1,9 +1,9 @@
 """Remarkety, server side: its inbound webhooks (CONTRACT.md section 7, column "Remarkety
 webhook").
 
-Sources: vendor-docs/remarkety-custom-platform.txt ("RM guide"), REFERENCE.md sections 2.3 and
-6 ("RM ref"), and the event reference it digests (remarkety/slate _built-in-events.md, "RM
-events": the JSON and mandatory fields of each event type).
+Sources: Remarkety's "Integrating custom platforms with Remarkety" ("RM guide"), REFERENCE.md
+sections 2.3 and 6 ("RM ref"), and the event reference it digests (Remarkety's built-in events
+reference, "RM events": the JSON and mandatory fields of each event type).
 
 - ``POST {webhook_url}`` (default ``https://webhooks.remarkety.com/webhooks/?storeId=...``,
   the form the vendor's own connector uses: RM ref 6), the raw event JSON as the body, the
@@ -11,6 +11,10 @@ events": the JSON and mandatory fields of each event type).
   in the past", which a held or retried request is). The store API key goes in ``x-token``,
   added at send time by ``auth_headers``.
 - Money is JSON decimals in major units (``money.major_number``: 4.35 goes out as 4.35).
+- Retries: the RM guide ("Important note about retrying webhooks") asks for a retry whenever
+  the endpoint "does not respond with HTTP 200 status code", so ``RETRY_ANY_NON_2XX``: every
+  non-2xx answer is retried with the usual backoff and attempt cap, a 401/403 too (shown as
+  a key problem in ``onetag deliveries``).
 - Remarkety keys customers, carts and orders by email (``customer.email`` is mandatory on an
   order; a cart is worth nothing to it without one), so those requests ``needs_email``.
 
@@ -62,6 +66,10 @@ SETTINGS = (
     Setting("webhook_url", default="https://webhooks.remarkety.com/webhooks/?storeId={store_id}",
             help="where server-side events are POSTed"),
 )
+
+# RM guide, "Important note about retrying webhooks": re-send whenever "Remarkety's endpoint
+# does not respond with HTTP 200 status code" (read by the forwarder).
+RETRY_ANY_NON_2XX = True
 
 DEFAULT_ROUTES = {
     "page_view": "off",
@@ -174,7 +182,7 @@ def _line_item(item: dict[str, Any], cur: str) -> dict[str, Any]:
     price = item.get("price_minor")
     return c.compact({
         "product_id": item["item_id"],
-        "sku": item["item_id"],
+        "sku": c.sku(item),
         "name": item.get("item_name"),
         "title": item.get("item_name"),
         "variant_title": item.get("item_variant"),
@@ -203,9 +211,11 @@ def _cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     value = money.major_number(cart["value_minor"], cur)
     body = {
         "id": event["sc"],
-        # "This URL should lead to the cart contents": the page the cart changed on is the
-        # best onetag knows (the cart or checkout page for view_cart / begin_checkout).
-        "abandoned_checkout_url": (event.get("page") or {}).get("location"),
+        # "This URL should lead to the cart contents": the cart's URL (the event's
+        # ecommerce.cart_url, else the site's cart_url template), else the page the cart
+        # changed on (the cart or checkout page for view_cart / begin_checkout).
+        "abandoned_checkout_url": (c.cart_url(event, ctx.cart_url)
+                                   or (event.get("page") or {}).get("location")),
         "accepts_marketing": who.get("accepts_marketing"),
         # Mandatory; onetag does not keep when a cart began, so this state's time.
         "created_at": when,
@@ -300,7 +310,7 @@ def _products(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
         variant = c.compact({
             "id": item["item_id"],
             "product_id": item["item_id"],
-            "sku": item["item_id"],
+            "sku": c.sku(item),
             "title": item.get("item_variant") or item.get("item_name"),
             "price": money.major_number(price, cur) if price is not None else None,
             "currency": cur,
@@ -309,7 +319,7 @@ def _products(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
         })
         body = c.compact({
             "id": item["item_id"],
-            "sku": item["item_id"],
+            "sku": c.sku(item),
             "title": item.get("item_name"),
             "body_html": item.get("description"),
             "url": item.get("item_url"),

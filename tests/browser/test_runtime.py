@@ -353,18 +353,27 @@ def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_serve
         dataLayer.push({event: "add_to_cart", ecommerce: {items: [item("A", 1, 1.75), item("B", 1, 3)]}});
         dataLayer.push({event: "remove_from_cart", ecommerce: {items: [item("B", 1, 3)]}});
     }""")
-    assert cart() == {"currency": "EUR", "items": [
+    after_remove = cart()
+    guid = after_remove.pop("guid")
+    assert after_remove == {"currency": "EUR", "items": [
         {"item_id": "A", "item_name": "A", "price": 1.75, "quantity": 3}]}
     page.evaluate("""dataLayer.push({event: "view_cart", ecommerce: {currency: "EUR",
         items: [{item_id: "C", price: 2}, {item_id: "D", price: 1, quantity: 0}]}})""")
     assert cart()["items"] == [{"item_id": "C", "price": 2, "quantity": 1}]
+    bought_guid = cart()["guid"]
     page.evaluate("""dataLayer.push({event: "purchase", ecommerce: {transaction_id: "T-1",
         currency: "EUR", value: 2, items: [{item_id: "C", price: 2, quantity: 1}]}})""")
-    assert cart() == {"currency": "EUR", "items": []}
+    assert cart() == {"currency": "EUR", "items": []}  # no GUID: the next cart is a new state
     sc = sc_of(page)
     rows = server.wait_events(has("purchase"), "the purchase", sc=sc)
     assert names(rows) == ["page_view", "add_to_cart", "add_to_cart", "remove_from_cart",
                            "view_cart", "purchase"]
+    # Every cart event carries its cart state's GUID (an uppercase UUID v4, new per content
+    # change); the purchase carries the GUID of the cart as bought.
+    guids = [r["raw"].get("cart_guid") for r in rows]
+    assert guids[0] is None and len(set(guids[1:5])) == 4 and guids[3] == guid
+    assert guids[4] == guids[5] == bought_guid
+    assert re.match(r"^[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9A-F]{12}$", guid)
     # The server keeps the same cart: as bought on the purchase, then none for the session.
     assert [(i["item_id"], i["quantity"]) for i in rows[3]["data"]["cart"]["items"]] == [("A", 3)]
     assert [(i["item_id"], i["quantity"]) for i in rows[-1]["data"]["cart"]["items"]] == [("C", 1)]
@@ -396,8 +405,9 @@ def test_a_throwing_vendor_call_is_kept_inside_its_adapter(page, static_server, 
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     open_shop(page, static_server, server, site="vend", before=sabotage)
-    returned = page.evaluate("""dataLayer.push({event: "view_item", ecommerce: {currency: "USD",
-        items: [{item_id: "SKU-9", item_name: "Lamp", price: 10, quantity: 1}]}},
+    # A known visitor (Sendlane holds product views until then), so the pushes happen and throw.
+    returned = page.evaluate("""dataLayer.push({event: "view_item", user: {email: "t@example.com"},
+        ecommerce: {currency: "USD", items: [{item_id: "SKU-9", item_name: "Lamp", price: 10, quantity: 1}]}},
         {event: "after_throw"})""")
     assert isinstance(returned, int)
     sc = sc_of(page)

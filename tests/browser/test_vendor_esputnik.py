@@ -8,8 +8,11 @@ cart state; PurchasedItems carries the GUID of the last StatusCart, across pages
 from __future__ import annotations
 
 import re
+import uuid
 
-from vendor_stub_server import during, open_page, push, queues, vendors  # noqa: F401
+import pytest
+
+from vendor_stub_server import during, open_page, push, queues, server_bodies, vendors  # noqa: F401
 
 MUG = {"item_id": "SKU-1000", "item_name": "Mug", "price": 29.99, "quantity": 1, "in_stock": True}
 BOTTLE = {"item_id": "SKU-3000", "item_name": "Bottle", "price": 19.99, "quantity": 3}
@@ -61,6 +64,8 @@ def test_events_and_cart_guids(vendors, context):
     assert push(page, {"event": "view_item_list", "ecommerce": ecom(MUG, item_list_id="mugs",
                                                                     item_list_name="Mugs")})["esputnik"] == \
         [["sendEvent", "CategoryPage", {"CategoryPage": {"categoryKey": "mugs"}}]]
+    # categoryKey is required: a list without id or name sends nothing (not categoryKey "").
+    assert push(page, {"event": "view_item_list", "ecommerce": ecom(MUG)})["esputnik"] == []
     assert push(page, {"event": "add_to_wishlist", "ecommerce": ecom(MUG)})["esputnik"] == \
         [["sendEvent", "AddToWishlist", {"AddToWishlist": {"productKey": "SKU-1000", "price": "29.99", "isInStock": 1}}]]
 
@@ -107,3 +112,50 @@ def test_events_and_cart_guids(vendors, context):
     calls = push(page3, {"event": "purchase", "ecommerce": ecom(TEA, transaction_id="1003")})
     assert calls["esputnik"] == [["sendEvent", "PurchasedItems", {
         "PurchasedItems": [line(TEA, 1, "4.35")], "OrderNumber": "1003"}]]
+
+
+def sent(vendors, page, event_id):
+    """The event as the page sent it to onetag (the wire form, with its cart_guid)."""
+    page.evaluate("() => window.onetag.flush()")
+    rows = vendors.onetag.wait_events(lambda rows: any(r["data"]["event_id"] == event_id for r in rows),
+                                      f"event {event_id} stored", site_id="all")
+    return next(r["raw"] for r in rows if r["data"]["event_id"] == event_id)
+
+
+def test_one_guid_per_cart_state_for_both_paths(vendors, context):
+    """The GUID of StatusCart is the one the page sends onetag with the event (cart_guid), and
+    the purchase quotes the last one in the doc's "purchase from the site" form:
+    eS('sendEvent', 'PurchasedItems', {OrderNumber, PurchasedItems: [...], GUID})."""
+    page = open_page(context, vendors.page("all"))
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    cart, g1 = status_cart(push(page, {"event": "add_to_cart", "event_id": ids[0], "ecommerce": ecom(MUG)})["esputnik"])
+    cart, g2 = status_cart(push(page, {"event": "begin_checkout", "event_id": ids[1], "ecommerce": ecom(MUG)})["esputnik"])
+    assert g1 == g2  # the same cart state
+    # The doc's example order: OrderNumber "123/2017", productKey "24-MB02", price "153".
+    item = {"item_id": "24-MB02", "item_name": "Bag", "price": 153, "quantity": 1}
+    calls = push(page, {"event": "purchase", "event_id": ids[2],
+                        "ecommerce": ecom(item, transaction_id="123/2017")})["esputnik"]
+    assert calls == [["sendEvent", "PurchasedItems", {
+        "OrderNumber": "123/2017",
+        "PurchasedItems": [{"productKey": "24-MB02", "price": "153.00", "quantity": 1, "currency": "USD"}],
+        "GUID": g1}]]
+    assert [sent(vendors, page, eid).get("cart_guid") for eid in ids] == [g1, g1, g1]
+
+
+def test_status_cart_and_purchase_match_the_servers(vendors, context):
+    """Both paths can send StatusCart and PurchasedItems (routes: fallback): the tracker's
+    copy names the page's GUID, so whichever path sends PurchasedItems quotes the StatusCart
+    either path sent."""
+    page = open_page(context, vendors.page("all"))
+    cart_id, order_id = str(uuid.uuid4()), str(uuid.uuid4())
+    cart, guid = status_cart(push(page, {"event": "add_to_cart", "event_id": cart_id,
+                                         "ecommerce": ecom(MUG, BOTTLE)})["esputnik"])
+    push(page, {"event": "purchase", "event_id": order_id, "ecommerce": ecom(MUG, BOTTLE, transaction_id="9001")})
+    page.evaluate("() => window.onetag.flush()")
+    (status,) = server_bodies(vendors, "all", "esputnik", cart_id)
+    assert status["StatusCart"]["GUID"] == guid
+    assert status["StatusCart"]["Products"] == [
+        {"productKey": line["productKey"], "price": line["price"], "quantity": line["quantity"],
+         "price_currency_code": "USD"} for line in cart]
+    (purchased,) = server_bodies(vendors, "all", "esputnik", order_id)
+    assert purchased["PurchasedItems"] == {"GUID": guid, "OrderNumber": "9001"}

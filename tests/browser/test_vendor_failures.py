@@ -29,8 +29,8 @@ def test_no_secret_in_any_script(vendors):
     assert len(secrets) == 1 + 5 * len(SITES)
     for site in SITES:
         js = vendors.script(site)
-        for value in ("RJ2SITE", "rm-store-1", "8A412DC", "SL-INTEGRATION-TOKEN", "onetag.m=",
-                      "_rejoiner", "_rmData", "f.q=[]", "_Sendlane"):
+        for value in ("RJ2SITE", "rm-store-1", "8A412DC", "SL-INTEGRATION-TOKEN", "onetag.money=",
+                      "_rejoiner", "_rmData", ".q=[]", "_Sendlane"):
             assert value in js, (site, value)  # the real script, every adapter included
         leaked = [s for s in secrets if s in js]
         assert leaked == [], (site, leaked)
@@ -121,25 +121,25 @@ def test_pushes_made_before_the_script_are_replayed_in_order(vendors, context):
 
 
 def test_money_helper_is_exact(vendors, context):
-    """onetag.m (templates/vendors/_money.js.j2), in the browser: cents from the decimal text."""
+    """onetag.money (templates/vendors/_money.js.j2), in the browser: cents from the decimal text."""
     page = open_page(context, vendors.page("all"))
     bad = page.evaluate("""() => {
-        var m = window.onetag.m, bad = [], i, s, want;
+        var m = window.onetag.money, bad = [], i, s, want;
         for (i = 0; i <= 1000000; i++) {            // every 2-decimal price up to 10,000.00
             s = (i / 100).toFixed(2);
-            if (m.c(+s) !== i || m.c(s) !== i || m.s(+s) !== s || m.d(+s) !== +s) bad.push(s);
+            if (m.cents(+s) !== i || m.cents(s) !== i || m.priceString(+s) !== s || m.decimal(+s) !== +s) bad.push(s);
         }
         for (i = 0; i <= 1000000; i++) {            // every 3-decimal value up to 1,000.000: half up
             s = (i / 1000).toFixed(3); want = Math.floor(i / 10) + (i % 10 >= 5 ? 1 : 0);
-            if (m.c(+s) !== want) bad.push(s);
+            if (m.cents(+s) !== want) bad.push(s);
         }
         return bad.slice(0, 20);
     }""")
     assert bad == []
-    got = page.evaluate("""() => { var m = window.onetag.m; return JSON.stringify([
-        m.c(4.35), m.c(0.57), m.c(19.99) * 3, m.c("29.99"), m.c(" 4.35 "), m.c(0.1 + 0.2),
-        m.c(1e-7), m.c(1e21), m.c(1.005), m.d(19.99) * 1, m.c(19.99) * 3 / 100, m.s(30), m.s(0.5),
-        m.c(null), m.c(undefined), m.c(""), m.c("abc"), m.s("x"), 435 / 100, 5997 / 100,
-        m.t([{price: 19.99, quantity: 3}, {price: 4.35}, {price: 0.57, quantity: "2"}])]) }""")
+    got = page.evaluate("""() => { var m = window.onetag.money; return JSON.stringify([
+        m.cents(4.35), m.cents(0.57), m.cents(19.99) * 3, m.cents("29.99"), m.cents(" 4.35 "), m.cents(0.1 + 0.2),
+        m.cents(1e-7), m.cents(1e21), m.cents(1.005), m.decimal(19.99) * 1, m.cents(19.99) * 3 / 100, m.priceString(30), m.priceString(0.5),
+        m.cents(null), m.cents(undefined), m.cents(""), m.cents("abc"), m.priceString("x"), 435 / 100, 5997 / 100,
+        m.totals([{price: 19.99, quantity: 3}, {price: 4.35}, {price: 0.57, quantity: "2"}])]) }""")
     assert got == ('[435,57,5997,2999,435,30,0,1e+23,101,19.99,59.97,"30.00","0.50",'
                    'null,null,null,null,null,4.35,59.97,[6546,6]]')

@@ -6,7 +6,10 @@ Prices are integer cents computed without float error (4.35 -> 435, 0.57 -> 57, 
 
 from __future__ import annotations
 
-from vendor_stub_server import open_page, push, during, queues, vendors  # noqa: F401
+import dataclasses
+
+from vendor_stub_server import (during, open_page, page_with_site_settings, push, queues,  # noqa: F401
+                                vendors)
 
 MUG = {"item_id": "SKU-1000", "item_name": "Mug", "price": 29.99, "quantity": 1,
        "item_category": "Kitchen", "item_category2": "Mugs", "item_brand": "Acme",
@@ -19,9 +22,12 @@ SUGAR = {"item_id": "SKU-5000", "item_name": "Sugar", "price": 0.57, "quantity":
 
 
 def rj_item(item, qty, cents):
-    out = {"product_id": item["item_id"], "name": item["item_name"],
-           "category": [item[k] for k in ("item_category", "item_category2") if k in item],
+    variant = f":{item['item_variant']}" if "item_variant" in item else ""
+    out = {"product_id": item["item_id"] + variant, "name": item["item_name"],
            "price": cents, "item_qty": qty, "qty_price": cents * qty}
+    categories = [item[k] for k in ("item_category", "item_category2") if k in item]
+    if categories:  # an empty category is left out
+        out["category"] = categories
     for src, dst in (("item_url", "product_url"), ("image_url", "image_url"),
                      ("description", "description")):
         if src in item:
@@ -77,16 +83,17 @@ def test_load_page_views_and_the_cart_in_cents(vendors, context):
     assert calls["rejoiner"] == [["setCartItem", rj_item(MUG, 1, 2999)],
                                  ["setCartData", {"cart_value": 9431, "cart_item_count": 5}]]
 
-    # view_cart / cart_updated / begin_checkout: setCartData then setCartItem for each line.
+    # view_cart / cart_updated / begin_checkout carry the whole cart: clearCartData (so a line
+    # that left leaves Rejoiner's cart too), then setCartData and setCartItem for each line.
     cart = [MUG, BOTTLE, TEA]
     full = [rj_item(MUG, 1, 2999), rj_item(BOTTLE, 3, 1999), rj_item(TEA, 1, 435)]
     for name in ("view_cart", "cart_updated"):
         calls = push(page, {"event": name, "ecommerce": ecom(*cart, value=94.31)})
-        assert calls["rejoiner"] == [["setCartData", {"cart_value": 9431, "cart_item_count": 5}]] + \
+        assert calls["rejoiner"] == [["clearCartData"], ["setCartData", {"cart_value": 9431, "cart_item_count": 5}]] + \
             [["setCartItem", i] for i in full], name
     calls = push(page, {"event": "begin_checkout", "ecommerce": ecom(*cart, value=94.31, coupon="SPRING")})
-    assert calls["rejoiner"] == [["setCartData", {"cart_value": 9431, "cart_item_count": 5,
-                                                  "promo": "SPRING"}]] + [["setCartItem", i] for i in full]
+    assert calls["rejoiner"] == [["clearCartData"], ["setCartData", {"cart_value": 9431, "cart_item_count": 5,
+                                                                     "promo": "SPRING"}]] + [["setCartItem", i] for i in full]
 
     # purchase: sendConversion with cart_data and cart_items.
     calls = push(page, {"event": "purchase", "ecommerce": ecom(*cart, transaction_id="1001",
@@ -127,3 +134,72 @@ def test_identity_once_per_change(vendors, context):
     assert calls["rejoiner"][0][1] == {"email": "cy@example.com"}
     assert [c[0] for c in push(page2, {"event": "view_item", "ecommerce": ecom(TEA)})["rejoiner"]] == \
         ["trackProductView"]
+
+
+def replay_rejoiner_cart(calls):
+    """Rejoiner's cart after these calls, as its guide describes them: setCartItem adds or
+    updates a line by product_id, removeCartItem drops one, clearCartData drops them all."""
+    lines: dict[str, int] = {}
+    for call in calls:
+        if call[0] == "setCartItem":
+            lines[call[1]["product_id"]] = call[1]["item_qty"]
+        elif call[0] == "removeCartItem":
+            lines.pop(call[1]["product_id"], None)
+        elif call[0] == "clearCartData":
+            lines.clear()
+    return lines
+
+
+def test_rejoiners_cart_equals_onetags_and_variants_are_lines(vendors, context):
+    page = open_page(context, vendors.page("all"))
+    red, blue = dict(BOTTLE, item_variant="red", quantity=1), dict(BOTTLE, item_variant="blue", quantity=2)
+    calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(red, blue, TEA)})["rejoiner"]
+    # Two variants of one item are two lines: item_id + ":" + item_variant.
+    assert [c[1]["product_id"] for c in calls if c[0] == "setCartItem"] == ["SKU-3000:red", "SKU-3000:blue", "SKU-4000"]
+    # A full-cart event that drops lines: Rejoiner's cart afterwards is exactly onetag's.
+    calls += push(page, {"event": "cart_updated", "ecommerce": ecom(blue)})["rejoiner"]
+    assert replay_rejoiner_cart(calls) == {"SKU-3000:blue": 2}
+    calls += push(page, {"event": "remove_from_cart", "ecommerce": ecom(dict(blue, quantity=1))})["rejoiner"]
+    assert replay_rejoiner_cart(calls) == {"SKU-3000:blue": 1}
+    # An emptied cart: clearCartData alone.
+    last = push(page, {"event": "view_cart", "ecommerce": ecom()})["rejoiner"]
+    assert last == [["clearCartData"]] and replay_rejoiner_cart(calls + last) == {}
+
+
+def test_set_domain_defaults_to_the_page_host_and_return_url_leads_to_the_cart(vendors, context):
+    from server.config import load
+
+    rejoiner = load(vendors.onetag.config_path).sites["all"].vendors["rejoiner"]
+    no_domain = dataclasses.replace(rejoiner, values={k: v for k, v in rejoiner.values.items() if k != "domain"})
+    site = load(vendors.onetag.config_path).sites["all"]
+    url = page_with_site_settings(vendors, "all", vendors={**site.vendors, "rejoiner": no_domain},
+                                  cart_url="https://shop.example/cart/{cart_guid}")
+    page = open_page(context, url)
+    # setDomain is part of the guide's Basic Snippet: the page's host when none is configured.
+    assert queues(page)["rejoiner"] == [["setAccount", "RJ2SITE"], ["setDomain", "127.0.0.1"]]
+    calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(TEA)})["rejoiner"]
+    guid = page.evaluate("() => JSON.parse(localStorage.getItem('onetag_all_c')).guid")
+    assert calls[-1] == ["setCartData", {"cart_value": 435, "cart_item_count": 1,
+                                         "return_url": f"https://shop.example/cart/{guid}"}]
+    # The event's own ecommerce.cart_url wins.
+    calls = push(page, {"event": "view_cart", "ecommerce": ecom(TEA, cart_url="https://shop.example/c?id=5")})
+    assert calls["rejoiner"][1] == ["setCartData", {"cart_value": 435, "cart_item_count": 1,
+                                                    "return_url": "https://shop.example/c?id=5"}]
+
+
+def test_cart_golden_from_the_guide(vendors, context):
+    """The guide's setCartItem and setCartData examples ("Tracking Cart Activity"): SKU-1000,
+    "Product Name", 2 x 2999 = 5998 cents; a cart of 7996 cents and 4 items with promo and
+    return_url."""
+    page = open_page(context, vendors.page("all"))
+    product = {"item_id": "SKU-1000", "item_name": "Product Name", "item_category": "product",
+               "item_category2": "categories", "price": 29.99, "quantity": 2, "item_url": "...",
+               "image_url": "...", "description": "..."}
+    other = {"item_id": "SKU-2000", "item_name": "Other", "price": 9.99, "quantity": 2}
+    calls = push(page, {"event": "begin_checkout", "ecommerce": ecom(product, other, coupon="PROMO", cart_url="...")})
+    assert calls["rejoiner"][1] == ["setCartData", {"cart_value": 7996, "cart_item_count": 4, "promo": "PROMO",
+                                                    "return_url": "..."}]
+    assert calls["rejoiner"][2] == ["setCartItem", {
+        "product_id": "SKU-1000", "name": "Product Name", "category": ["product", "categories"],
+        "price": 2999, "item_qty": 2, "qty_price": 5998, "product_url": "...", "image_url": "...",
+        "description": "..."}]

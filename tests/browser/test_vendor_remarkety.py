@@ -1,24 +1,28 @@
-"""Remarkety's browser adapter in real Chromium: CONTRACT.md section 6, exact `_rmData` calls.
+"""Remarkety's browser adapter in real Chromium: exact `_rmData` calls (Remarkety "Integrating
+custom platforms with Remarkety", Carts and other client-side information).
 
 Remarkety attributes tracked events to the visitor named by setCustomer, so setCustomer comes
 before any track; an unidentified visitor's tracks are held in the page and pushed, in order,
-right after the setCustomer that identifies them.
+right after the setCustomer that identifies them. productView is not held.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from decimal import Decimal
 
-from vendor_stub_server import open_page, push, queues, vendors  # noqa: F401
+from vendor_stub_server import (open_page, page_with_site_settings, push, queues,  # noqa: F401
+                                server_bodies, vendors)
 
 MUG = {"item_id": "SKU-1000", "item_name": "Mug", "price": 29.99, "quantity": 1,
        "item_category": "Kitchen", "item_category2": "Mugs",
+       "item_category_id": "12", "item_category_id2": "1207", "item_brand": "Acme",
        "item_url": "https://shop.example/p/mug", "image_url": "https://shop.example/i/mug.jpg"}
-BOTTLE = {"item_id": "SKU-3000", "item_name": "Bottle", "price": 19.99, "quantity": 3}
+BOTTLE = {"item_id": "SKU-3000", "item_name": "Bottle", "price": 19.99, "quantity": 3, "item_variant": "blue"}
 TEA = {"item_id": "SKU-4000", "item_name": "Tea", "price": 4.35, "quantity": 1}
 
-ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$")  # to the second, as the server writes it
 
 
 def ecom(*items, **extra):
@@ -26,17 +30,18 @@ def ecom(*items, **extra):
 
 
 def line(item, qty, price):
-    out = {"product_id": item["item_id"], "sku": item["item_id"], "title": item["item_name"],
-           "quantity": qty, "price": Decimal(price)}
-    if "item_url" in item:
-        out["url"] = item["item_url"]
-    if "image_url" in item:
-        out["image"] = item["image_url"]
+    """A carts/update line, the fields of the server's (server/vendors/remarkety.py _line_item)."""
+    out = {"product_id": item["item_id"], "sku": item["item_id"], "name": item["item_name"],
+           "title": item["item_name"], "quantity": qty, "price": Decimal(price)}
+    for src, dst in (("item_variant", "variant_title"), ("item_brand", "vendor"), ("item_url", "url"),
+                     ("image_url", "image")):
+        if src in item:
+            out[dst] = item[src]
     return out
 
 
 def cart_body(call, sc, url):
-    """The carts/update payload without its two timestamps (checked here)."""
+    """The carts/update payload without id, URL and timestamps (checked here)."""
     assert call[:2] == ["track", "carts/update"]
     body = dict(call[2])
     created, updated = body.pop("created_at"), body.pop("updated_at")
@@ -44,6 +49,12 @@ def cart_body(call, sc, url):
     assert body.pop("id") == sc
     assert body.pop("abandoned_checkout_url") == url
     return body
+
+
+def customer_of(body):
+    customer = dict(body.pop("customer"))
+    assert ISO.match(customer.pop("created_at")) and ISO.match(customer.pop("updated_at"))
+    return customer
 
 
 def test_identify_first_then_tracks(vendors, context):
@@ -54,42 +65,51 @@ def test_identify_first_then_tracks(vendors, context):
     assert page.evaluate("() => document.querySelectorAll('script[src$=\"/vendors/ok/remarkety.js\"]').length") == 1
     sc = next(c["value"] for c in context.cookies() if c["name"] == "sc")
 
-    # Unidentified: nothing reaches _rmData yet (held in the page).
-    assert push(page, {"event": "view_item", "ecommerce": ecom(MUG)})["remarkety"] == []
+    # productView is not held (track.js may know the visitor from an email click); the guide's
+    # snippet: productId, productName, productCategoriesIds, productCategories.
+    assert push(page, {"event": "view_item", "ecommerce": ecom(MUG)})["remarkety"] == [
+        ["productView", {"productId": "SKU-1000", "productName": "Mug",
+                         "productCategories": ["Kitchen", "Mugs"], "productCategoriesIds": ["12", "1207"]}]]
+    # Unidentified: the tracks are held in the page.
     assert push(page, {"event": "add_to_cart", "ecommerce": ecom(MUG)})["remarkety"] == []
     assert push(page, {"event": "add_to_cart", "ecommerce": ecom(BOTTLE)})["remarkety"] == []
     assert push(page, {"event": "view_item_list", "ecommerce": ecom(MUG, item_list_id="mugs",
                                                                     item_list_name="Mugs")})["remarkety"] == []
 
-    # identify: setCustomer first, then the held tracks in order (only the latest cart).
-    calls = push(page, {"event": "identify", "user": {"email": "Ann@Example.com"}})["remarkety"]
+    # identify: setCustomer first, then the held tracks in order (only the latest cart), the
+    # cart built now, so it names the customer.
+    calls = push(page, {"event": "identify", "user": {"email": "Ann@Example.com", "first_name": "Ann",
+                                                     "accepts_marketing": True}})["remarkety"]
     assert calls[0] == ["setCustomer", "ann@example.com"]
-    assert calls[1] == ["productView", {"productId": "SKU-1000", "productName": "Mug",
-                                        "productCategories": ["Kitchen", "Mugs"]}]
-    assert cart_body(calls[2], sc, url) == {
-        "currency": "USD", "line_items": [line(MUG, 1, "29.99"), line(BOTTLE, 3, "19.99")],
-        "subtotal": Decimal("89.96"), "total_price": Decimal("89.96")}
-    assert calls[3] == ["track", "categoryView", {"category_id": "mugs", "category_name": "Mugs"}]
-    assert len(calls) == 4
+    body = cart_body(calls[1], sc, url)
+    assert customer_of(body) == {"email": "ann@example.com", "first_name": "Ann", "accepts_marketing": True}
+    assert body == {
+        "accepts_marketing": True, "email": "ann@example.com", "currency": "USD",
+        "line_items": [line(MUG, 1, "29.99"), line(BOTTLE, 3, "19.99")],
+        "subtotal_price": Decimal("89.96"), "total_discounts": 0, "total_price": Decimal("89.96")}
+    assert calls[2] == ["track", "categoryView", {"category_id": "mugs", "category_name": "Mugs"}]
+    assert len(calls) == 3
 
     # Identified: each event is its own track, no second setCustomer.
     calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(TEA)})["remarkety"]
     assert len(calls) == 1
-    assert cart_body(calls[0], sc, url) == {
-        "currency": "USD",
-        "line_items": [line(MUG, 1, "29.99"), line(BOTTLE, 3, "19.99"), line(TEA, 1, "4.35")],
-        "subtotal": Decimal("94.31"), "total_price": Decimal("94.31")}
+    body = cart_body(calls[0], sc, url)
+    customer_of(body)
+    assert body["line_items"] == [line(MUG, 1, "29.99"), line(BOTTLE, 3, "19.99"), line(TEA, 1, "4.35")]
+    assert body["subtotal_price"] == body["total_price"] == Decimal("94.31")
     calls = push(page, {"event": "remove_from_cart", "ecommerce": ecom(BOTTLE)})["remarkety"]
     assert cart_body(calls[0], sc, url)["line_items"] == [line(MUG, 1, "29.99"), line(TEA, 1, "4.35")]
     for name in ("view_cart", "cart_updated", "begin_checkout"):
         calls = push(page, {"event": name, "ecommerce": ecom(TEA)})["remarkety"]
-        assert len(calls) == 1 and cart_body(calls[0], sc, url) == {
-            "currency": "USD", "line_items": [line(TEA, 1, "4.35")],
-            "subtotal": Decimal("4.35"), "total_price": Decimal("4.35")}, name
+        body = cart_body(calls[0], sc, url)
+        assert len(calls) == 1 and body["line_items"] == [line(TEA, 1, "4.35")], name
+        assert body["subtotal_price"] == body["total_price"] == Decimal("4.35")
+    # abandoned_checkout_url: ecommerce.cart_url when the event gives it.
+    calls = push(page, {"event": "view_cart", "ecommerce": ecom(TEA, cart_url="https://shop.example/cart/77")})
+    cart_body(calls["remarkety"][0], sc, "https://shop.example/cart/77")
 
     calls = push(page, {"event": "search", "search_term": "green tea", "ecommerce": ecom(TEA)})["remarkety"]
-    assert calls == [["track", "siteSearch", {"search_keyword": "green tea",
-                                              "products": [line(TEA, 1, "4.35")]}]]
+    assert calls == [["track", "siteSearch", {"search_keyword": "green tea", "products": [line(TEA, 1, "4.35")]}]]
     calls = push(page, {"event": "wishlist_shared", "list": "xmas", "ecommerce": {"items": []}})["remarkety"]
     assert calls == [["track", "wishlist_shared", {"list": "xmas", "ecommerce": {"items": []}}]]
     # Not Remarkety's in the page: purchase (the server's orders/create), page views, wishlist.
@@ -98,15 +118,45 @@ def test_identify_first_then_tracks(vendors, context):
     assert push(page, {"event": "page_view", "page_location": vendors.static.url("/elsewhere")})["remarkety"] == []
 
     # A new identity: setCustomer again, once (profile fields go by the server's webhook).
-    calls = push(page, {"event": "identify", "user": {"email": "bo@example.com", "first_name": "Bo",
-                                                     "accepts_marketing": True}})["remarkety"]
+    calls = push(page, {"event": "identify", "user": {"email": "bo@example.com", "first_name": "Bo"}})["remarkety"]
     assert calls == [["setCustomer", "bo@example.com"]]
     assert push(page, {"event": "identify", "user": {"email": "bo@example.com"}})["remarkety"] == []
 
-    # Next page: every page starts a new _rmData, so the first track is preceded by setCustomer.
+    # Next page: every page starts a new _rmData, so the first call is preceded by setCustomer.
     page2 = open_page(context, vendors.page("all"))
     assert queues(page2)["remarkety"] == [["setStoreKey", "rm-store-1"]]
     calls = push(page2, {"event": "view_item", "ecommerce": ecom(TEA)})["remarkety"]
     assert calls == [["setCustomer", "bo@example.com"],
                      ["productView", {"productId": "SKU-4000", "productName": "Tea", "productCategories": []}]]
     assert push(page2, {"event": "view_item", "ecommerce": ecom(TEA)})["remarkety"] == [calls[1]]
+
+
+def test_a_guest_cart_and_the_sites_cart_url(vendors, context):
+    """customer and email are null for a guest ("customer: the object, or null for guests");
+    abandoned_checkout_url comes from the site's cart_url template ({cart_guid}, {sc})."""
+    url = page_with_site_settings(vendors, "all", cart_url="https://shop.example/cart?restore={cart_guid}&s={sc}")
+    page = open_page(context, url)
+    sc = next(c["value"] for c in context.cookies() if c["name"] == "sc")
+    assert push(page, {"event": "add_to_cart", "ecommerce": ecom(TEA)})["remarkety"] == []  # held
+    page.evaluate("() => window.onetag.flush()")
+    guid = page.evaluate("() => JSON.parse(localStorage.getItem('onetag_all_c')).guid")
+    calls = push(page, {"event": "identify", "user": {"email": "cy@example.com"}})["remarkety"]
+    body = cart_body(calls[1], sc, f"https://shop.example/cart?restore={guid}&s={sc}")
+    assert customer_of(body) == {"email": "cy@example.com", "accepts_marketing": None}
+    assert body["accepts_marketing"] is None and body["email"] == "cy@example.com"
+
+
+def test_cart_matches_the_servers_carts_update(vendors, context):
+    """Both paths send carts/update (routes: both) under one cart id: for the same event the
+    page's cart and the server's webhook body are the same fields and values."""
+    page = open_page(context, vendors.page("all"))
+    push(page, {"event": "identify", "user": {"email": "dee@example.com", "first_name": "Dee",
+                                             "last_name": "Ray", "customer_id": "C-9", "phone": "+15550100",
+                                             "accepts_marketing": False}})
+    eid = str(uuid.uuid4())
+    (browser,) = push(page, {"event": "cart_updated", "event_id": eid, "ecommerce": ecom(MUG, BOTTLE, TEA)})["remarkety"]
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "all", "remarkety", eid)
+    assert browser[:2] == ["track", "carts/update"]
+    assert browser[2]["customer"]["default_address"] == {"phone": "+15550100"}
+    assert browser[2] == server

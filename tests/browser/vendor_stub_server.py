@@ -225,3 +225,43 @@ def vendors(static_server: Any, onetag_server: Any) -> VendorEnv:
     if not _ENV:
         _ENV.append(VendorEnv(static_server, onetag_server(config_toml())))
     return _ENV[0]
+
+
+# --- the server's copy of the same event --------------------------------------------------------
+
+def server_bodies(vendors: VendorEnv, site: str, vendor: str, event_id: str) -> list[dict[str, Any]]:
+    """What the server adapter (server/vendors/<vendor>.py plan()) makes of the event the page
+    sent: the event as onetag stored it (normalised, with the session's cart and identity),
+    planned with the site's real config. Prices parse as Decimal, as ``push`` gives them."""
+    import importlib
+
+    from server.config import load
+    from server.vendors._base import PlanContext
+
+    rows = vendors.onetag.wait_events(
+        lambda rows: any(r["data"]["event_id"] == event_id for r in rows),
+        f"event {event_id} stored", site_id=site)
+    event = next(r["data"] for r in rows if r["data"]["event_id"] == event_id)
+    site_config = load(vendors.onetag.config_path).sites[site]
+    module = importlib.import_module(f"server.vendors.{vendor}")
+    ctx = PlanContext(site_id=site, vendor=site_config.vendors[vendor], currency=site_config.currency)
+    return [parse(json.dumps(request.json)) for request in module.plan(event, ctx)]
+
+
+def page_with_site_settings(env: VendorEnv, site: str, **overrides: Any) -> str:
+    """A test page whose script is ``site``'s, rendered by server/script.py with site settings
+    changed (e.g. ``cart_url``, a setting this branch's config may not know yet), served from
+    the static server; its events still go to the onetag server's endpoint."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from server.config import load
+    from server.script import environment, render
+
+    settings = load(env.onetag.config_path)
+    real = settings.sites[site]
+    fake = SimpleNamespace(**{**{f.name: getattr(real, f.name) for f in dataclasses.fields(real)}, **overrides})
+    script = render(environment(), settings, fake).body
+    script_url = env.static.add(script, "application/javascript")
+    html = page_html(env.onetag.url, site).replace(f"{env.onetag.url}/s/{site}.js", script_url)
+    return env.static.add(html)

@@ -1,5 +1,6 @@
 """eSputnik tracker REST v2: golden bodies per CONTRACT.md section 7, shaped as the JSON
-examples of vendor-docs/esputnik-tracker-rest-api.txt (prices as strings)."""
+examples of eSputnik's "Transferring Website Behavior Data via REST API" (prices as
+strings)."""
 
 from __future__ import annotations
 
@@ -99,35 +100,68 @@ def test_cart_change_is_the_whole_cart_under_its_guid():
 
 
 def test_purchase_refers_to_the_last_cart_guid():
+    """ES REST "PurchasedItems" example: {GUID, OrderNumber} and nothing else; the lines are
+    the StatusCart's under that GUID."""
     evt = event("purchase", ecommerce=ecommerce(MUG, PEN, transaction_id="123/2017"),
                 cart=cart(MUG, PEN), identity=WHO)
     [req] = esputnik.plan(evt, CTX)
     assert req.json == {
         "GeneralInfo": general("PurchasedItems"),
-        "PurchasedItems": {"GUID": GUID, "OrderNumber": "123/2017", "Products": [
-            {"product_id": "SKU-1000", "unit_price": "29.99", "quantity": 1},
-            {"product_id": "SKU-435", "unit_price": "4.35", "quantity": 1},
-        ]},
+        "PurchasedItems": {"GUID": "6F9619FF-8B86-D011-B42D-00CF4FC964FF",
+                           "OrderNumber": "123/2017"},
     }
     assert req.dedup_key == "PurchasedItems:123/2017"
     assert req.needs_email is False
 
 
+def test_purchase_without_a_stored_cart_quotes_the_browsers_guid():
+    evt = {**event("purchase", ecommerce=ecommerce(PEN, transaction_id="1003"), identity=WHO),
+           "cart_guid": "0F8FAD5B-D9CB-469F-A165-70867728950E"}
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json["PurchasedItems"] == {"GUID": "0F8FAD5B-D9CB-469F-A165-70867728950E",
+                                          "OrderNumber": "1003"}
+
+
 def test_backend_purchase_without_session_is_the_one_click_form():
+    """ES REST "PurchasedItems (One Click)": Products of {product_id, unit_price, quantity}
+    and OrderNumber, no GUID; cookies from the customer's latest session when there is one."""
     evt = event("purchase", source="backend", sc=None, user={"email": EMAIL},
                 ecommerce=ecommerce(BOOK, transaction_id="1002"), identity=identity())
     [req] = esputnik.plan(evt, CTX)
     assert req.json["GeneralInfo"] == {"eventName": "PurchasedItems", "siteId": "8A412DC",
                                        "datetime": T_MS, "user_email": EMAIL}
-    assert req.json["PurchasedItems"] == {"OrderNumber": "1002", "Products": [
-        {"product_id": "SKU-1999", "unit_price": "19.99", "quantity": 3}]}
+    assert req.json["PurchasedItems"] == {"Products": [
+        {"product_id": "SKU-1999", "unit_price": "19.99", "quantity": 3}], "OrderNumber": "1002"}
+    assert "GUID" not in req.json["PurchasedItems"]
+    known = {**evt, "identity": identity(last_sc=SC)}
+    assert esputnik.plan(known, CTX)[0].json["GeneralInfo"]["cookies"] == {"sc": SC}
+
+
+def test_backend_customer_data_takes_the_latest_sessions_cookie_or_is_not_sent():
+    """ES REST CustomerData: cookies is Required."""
+    evt = event("identify", source="backend", sc=None, user={"email": EMAIL},
+                identity=identity(last_sc=SC))
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json == {"GeneralInfo": {"eventName": "CustomerData", "siteId": "8A412DC",
+                                        "datetime": T_MS, "user_email": EMAIL,
+                                        "cookies": {"sc": SC}}}
+    assert req.skipped is None
+    [never_seen] = esputnik.plan({**evt, "identity": identity()}, CTX)
+    assert never_seen.skipped == ("eSputnik CustomerData requires cookies.sc, and no browser "
+                                  "session of this customer is known yet")
 
 
 def test_product_updated():
     cup = item("SKU-2", 27000, 1, item_name="Cup", in_stock=False)
+    unknown = item("SKU-3", 100, 1, item_name="Saucer")  # in_stock not given
     evt = event("product_updated", event_id="P1", source="backend", sc=None,
-                ecommerce=ecommerce(MUG, cup, currency="UAH"))
-    [req] = esputnik.plan(evt, CTX)
+                ecommerce=ecommerce(MUG, cup, unknown, currency="UAH"))
+    [req, skipped] = esputnik.plan(evt, CTX)
+    # ES REST ProductUpdate: isInStock "required, could be 0 or 1": never guessed.
+    assert (skipped.dedup_key, skipped.skipped) == (
+        "ProductUpdate:P1:2", "eSputnik ProductUpdate requires isInStock; product 'SKU-3' came "
+                              "without in_stock")
+    assert req.skipped is None
     assert req.json == {
         "GeneralInfo": {"eventName": "ProductUpdate", "siteId": "8A412DC"},
         "ProductUpdate": [
@@ -139,6 +173,23 @@ def test_product_updated():
         ],
     }
     assert req.dedup_key == "ProductUpdate:P1"
+    only_unknown = {**evt, "ecommerce": ecommerce(unknown)}
+    assert [r.skipped is not None for r in esputnik.plan(only_unknown, CTX)] == [True]
+
+
+def test_the_documents_product_update_example():
+    """The ES REST ProductUpdate example's first product, from a backend product_updated."""
+    phone = item("430738", 20195, 1, item_name="iPhone 7", description="Some description",
+                 item_brand="Apple", image_url="https://domain.com/apple/product_large.png",
+                 categories=["level1", "level2", "level3"], in_stock=True)
+    evt = event("product_updated", source="backend", sc=None,
+                ecommerce=ecommerce(phone, currency="UAH"))
+    [req] = esputnik.plan(evt, CTX)
+    assert req.json["ProductUpdate"] == [{
+        "product_id": "430738", "name": "iPhone 7", "description": "Some description",
+        "brand": "Apple", "imgurl": "https://domain.com/apple/product_large.png",
+        "unit_price": "201.95", "price_currency_code": "UAH", "isInStock": "1",
+        "category": "level1 > level2 > level3"}]
 
 
 def test_custom_event():

@@ -88,7 +88,10 @@ def test_the_example_prices_and_ids(blocks):
     assert [line["price"] for line in rj["cart_items"]] == [435, 57, 1999]
     assert rj["cart_data"]["order_number"] == "1001"
     es = blocks["<!-- server: esputnik purchase -->"]["PurchasedItems"]
-    assert [p["unit_price"] for p in es["Products"]] == ["4.35", "0.57", "19.99"]
+    cart = blocks["<!-- server: esputnik add_to_cart -->"]["StatusCart"]
+    assert [p["price"] for p in cart["Products"]] == ["4.35", "0.57", "19.99"]
+    # ES REST: the PurchasedItems GUID "Should be identical to the GUID of the StatusCart".
+    assert es == {"GUID": cart["GUID"], "OrderNumber": "1001"}
     assert blocks["<!-- server: esputnik purchase -->"]["GeneralInfo"]["siteId"] == "8A412DC"
     sl = blocks["<!-- server: sendlane purchase -->"]
     assert [line["item_price"] for line in sl["line_items"]] == [4.35, 0.57, 19.99]

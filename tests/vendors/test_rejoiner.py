@@ -1,7 +1,9 @@
-"""Rejoiner REST: golden requests per CONTRACT.md section 7, shaped as
-vendor-docs/rejoiner-rest-api.txt shows them (prices in integer cents, trailing slashes)."""
+"""Rejoiner REST: golden requests per CONTRACT.md section 7, shaped as Rejoiner's REST API
+reference shows them (prices in integer cents, trailing slashes)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from server.vendors import rejoiner
 
@@ -167,3 +169,57 @@ def test_api_base_with_a_trailing_slash():
 def test_auth_header():
     assert rejoiner.auth_headers(CTX.vendor) == {"Authorization": "Rejoiner RJ-SECRET-KEY"}
     assert rejoiner.auth_headers(context(rejoiner, api_key="").vendor) == {}
+
+
+def test_return_url_leads_to_the_cart():
+    """RJ REST Cart Data: return_url, "A unique url to return to the cart page" (the REST
+    example's "http://example.com/cart/12345/"): the site's cart_url with the cart's GUID, or
+    the event's ecommerce.cart_url, which wins."""
+    evt = event("purchase", ecommerce=ecommerce(PEN, transaction_id="1001"),
+                cart=cart(PEN, guid="12345"), identity=identity())
+    ctx = dataclasses.replace(CTX, cart_url="http://example.com/cart/{cart_guid}/")
+    [req] = rejoiner.plan(evt, ctx)
+    assert req.json["cart_data"]["return_url"] == "http://example.com/cart/12345/"
+    own = {**evt, "ecommerce": {**evt["ecommerce"], "cart_url": "https://shop.example/c?k=9"}}
+    assert rejoiner.plan(own, ctx)[0].json["cart_data"]["return_url"] == \
+        "https://shop.example/c?k=9"
+    assert "return_url" not in rejoiner.plan(evt, CTX)[0].json["cart_data"]
+    by_session = dataclasses.replace(CTX, cart_url="https://shop.example/cart?s={sc}")
+    assert rejoiner.plan(evt, by_session)[0].json["cart_data"]["return_url"] == \
+        "https://shop.example/cart?s=CDA68358-94FB-4D83-9655-3FEB3C4114A3"
+
+
+def test_two_variants_of_one_item_are_two_lines():
+    """Rejoiner keys cart lines by product_id (RJ guide: removeCartItem takes only
+    product_id): a variant's id is "<item_id>:<item_variant>", the browser adapter's rule."""
+    red = item("SKU-1000", 2999, 1, item_name="Mug", item_variant="red")
+    blue = item("SKU-1000", 2999, 2, item_name="Mug", item_variant="blue")
+    evt = event("purchase", ecommerce=ecommerce(red, blue, PEN, transaction_id="1001"),
+                identity=identity())
+    items = rejoiner.plan(evt, CTX)[0].json["cart_items"]
+    assert [(i["product_id"], i["item_qty"]) for i in items] == [
+        ("SKU-1000:red", 1), ("SKU-1000:blue", 2), ("SKU-435", 1)]
+
+
+def test_an_empty_category_is_left_out():
+    evt = event("purchase", ecommerce=ecommerce(item("SKU-1", 100, categories=[]),
+                                                transaction_id="1001"), identity=identity())
+    assert "category" not in rejoiner.plan(evt, CTX)[0].json["cart_items"][0]
+
+
+def test_billing_address_fills_the_profiles_address_fields():
+    """RJ REST customer fields (POST /customers/, PUT /customers/EMAIL/): address1, address2,
+    city, state, postal_code, country, as in its GET example ("state": "AZ", "country": "US")."""
+    billing = {"first_name": "Madonna", "last_name": "Lewis", "address_1": "1505 Dogwood Lane",
+               "address_2": "Apt 2", "city": "Tucson", "state": "Arizona", "state_code": "AZ",
+               "country": "United States", "country_code": "US", "postal_code": "85705"}
+    who = identity(first_name="Madonna", last_name="Lewis")
+    evt = event("identify", user={"email": EMAIL}, identity=who, billing_address=billing)
+    [req] = rejoiner.plan(evt, CTX)
+    assert req.json == {"email": EMAIL, "first_name": "Madonna", "last_name": "Lewis",
+                        "address1": "1505 Dogwood Lane", "address2": "Apt 2", "city": "Tucson",
+                        "state": "AZ", "postal_code": "85705", "country": "US"}
+    assert req.if_not_found.json == req.json
+    names_only = {**evt, "billing_address": {"city": "Tucson", "state": "Arizona",
+                                             "country": "United States"}}
+    assert rejoiner.plan(names_only, CTX)[0].json["state"] == "Arizona"

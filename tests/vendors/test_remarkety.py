@@ -3,6 +3,7 @@ Remarkety's event reference (REFERENCE.md 2.3) and exact decimal money."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from server.vendors import remarkety
@@ -194,3 +195,24 @@ def test_webhook_url_default_names_the_store_and_auth_is_x_token():
     assert CTX.vendor["webhook_url"] == URL
     assert remarkety.auth_headers(CTX.vendor) == {"x-token": "RM-SECRET-KEY"}
     assert remarkety.auth_headers(context(remarkety, api_key="").vendor) == {}
+
+
+def test_abandoned_checkout_url_leads_to_the_cart():
+    """RM events carts/update abandoned_checkout_url: "This URL should lead to the cart
+    contents": the event's ecommerce.cart_url, else the site's cart_url, else the page."""
+    evt = event("view_cart", page=PAGE, ecommerce=ecommerce(MUG), cart=cart(MUG), identity=WHO)
+    ctx = dataclasses.replace(CTX, cart_url="https://shop.example/cart/restore?g={cart_guid}")
+    assert remarkety.plan(evt, ctx)[0].json["abandoned_checkout_url"] == \
+        f"https://shop.example/cart/restore?g={GUID}"
+    own = {**evt, "ecommerce": {**evt["ecommerce"], "cart_url": "https://shop.example/c/77"}}
+    assert remarkety.plan(own, ctx)[0].json["abandoned_checkout_url"] == \
+        "https://shop.example/c/77"
+    assert remarkety.plan(evt, CTX)[0].json["abandoned_checkout_url"] == \
+        "https://shop.example/checkout"
+
+
+def test_line_items_sku_is_the_items_sku():
+    mug = {**MUG, "item_sku": "MUG-RED"}
+    evt = event("purchase", ecommerce=ecommerce(mug, transaction_id="1001"), identity=WHO)
+    [line] = remarkety.plan(evt, CTX)[0].json["line_items"]
+    assert (line["product_id"], line["sku"]) == ("SKU-1000", "MUG-RED")
