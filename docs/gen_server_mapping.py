@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from server import config as config_module  # noqa: E402
-from server import outbox, routing  # noqa: E402
+from server import outbox, routing, trust  # noqa: E402
 from server.cli import EXAMPLE_CONFIG  # noqa: E402
 from server.vendors import VENDORS  # noqa: E402
 from server.vendors._base import PlanContext, VendorConfig, VendorRequest  # noqa: E402
@@ -249,8 +249,9 @@ def plan_story() -> list[list[Planned]]:
             requests = []
             if decision != "skip":
                 for req in VENDORS[name].plan(step.event, context(vendor, shop)):
-                    key = (name, req.dedup_key)
-                    requests.append((req, rows[key], seen.get(key)))
+                    # A browser's claim and a backend fact have a row each (server/trust.py).
+                    key = (name, req.dedup_key, trust.is_claim(step.event))
+                    requests.append((req, rows[key[:2]], seen.get(key)))
                     seen.setdefault(key, number)
             planned.append(Planned(step, name, vendor.route(step.event["name"]), decision,
                                    requests))

@@ -133,7 +133,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 # These open the database directly (no server needed); SQLite's WAL lets them run beside a
 # live `onetag serve` or `onetag worker`.
 
-STAT_COLUMNS = ("pending", "failing", "held", "delivered", "dead", "browser", "expired")
+STAT_COLUMNS = ("pending", "failing", "held", "delivered", "dead", "browser", "expired",
+                "ignored")
 RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -350,12 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "held: waiting for the visitor's email; delivered: the vendor answered 2xx; "
                     "dead: permanent error, attempts or retry window used up (see --state dead, "
                     "then `onetag replay`); browser: the vendor's own library took it; expired: "
-                    "held past the hold window without an email.")
+                    "held past the hold window without an email; ignored: never sent, "
+                    "last_error says why (a browser's unverified claim, docs/security.md).")
     deliveries.add_argument("--config", help=config_help)
     deliveries.add_argument("--json", action="store_true", help="machine-readable output")
     deliveries.add_argument("--vendor", help="only this vendor")
     deliveries.add_argument("--state", choices=["pending", "held", "delivered", "dead",
-                                                "browser", "expired"],
+                                                "browser", "expired", "ignored"],
                             help="also list the latest deliveries in this state, with last errors")
     deliveries.add_argument("--limit", type=int, default=20, help="rows listed with --state (20)")
     deliveries.set_defaults(func=cmd_deliveries)

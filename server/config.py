@@ -53,6 +53,9 @@ class SiteConfig:
     capture_form_email: bool = True
     debug: bool = False
     vendors: Mapping[str, VendorConfig] = field(default_factory=dict)
+    # Who states orders (docs/security.md): "backend" (its API only) or "browser".
+    order_source: str = "browser"
+    identity_secret: str | None = None  # signs the pages' identify (user.signature)
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     if not SITE_ID_RE.match(site_id):
         reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
     known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
-             "debug", *VENDORS}
+             "debug", "order_source", "identity_secret", *VENDORS}
     for key in table:
         if key not in known:
             reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -251,11 +254,24 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
             vendor = _parse_vendor(reader, module, table[name], f"{where}.{name}")
             if vendor is not None:
                 vendors[name] = vendor
+    api_key = reader.string(table, "api_key", where)
+    order_source = reader.string(table, "order_source", where,
+                                 default="backend" if api_key else "browser")
+    if order_source not in ("backend", "browser"):
+        reader.problem(f"{where}.order_source", f"must be \"backend\" or \"browser\", not {order_source!r}")
+    elif order_source == "backend" and not api_key:
+        reader.problem(f"{where}.order_source", "\"backend\" needs the site's api_key: without it "
+                       "no backend can send orders")
+    identity_secret = reader.string(table, "identity_secret", where)
+    if identity_secret is not None and len(identity_secret) < 16:
+        reader.problem(f"{where}.identity_secret", "must be at least 16 characters (a random "
+                       "secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
     return SiteConfig(
         id=site_id, origins=tuple(o.rstrip("/") for o in origins),
-        api_key=reader.string(table, "api_key", where), currency=currency, spa_page_views=spa,
+        api_key=api_key, currency=currency, spa_page_views=spa,
         capture_form_email=reader.boolean(table, "capture_form_email", where, True),
-        debug=reader.boolean(table, "debug", where, False), vendors=vendors)
+        debug=reader.boolean(table, "debug", where, False), vendors=vendors,
+        order_source=order_source, identity_secret=identity_secret)
 
 
 def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> VendorConfig | None:

@@ -90,7 +90,8 @@ def read_browser_body(data: bytes, facts: BrowserFacts,
               or valid_sc(facts.cookie_sc) or new_sc())
         raws = event_list(body.get("events"), "events")
         origin = Origin(site_id=site.id, source="browser", currency=site.currency,
-                        received_ms=facts.received_ms, sc=sc)
+                        received_ms=facts.received_ms, sc=sc,
+                        identity_secret=getattr(site, "identity_secret", None))
         return BrowserBatch(site.id, sc, vocabulary.normalise_batch(raws, "events", origin,
                                                                     len(data)), raws)
     except Invalid as exc:

@@ -7,16 +7,17 @@ requests, and this module turns them into delivery rows with their starting stat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from . import routing
+from . import routing, trust
 from .vendors import VENDORS
 from .vendors._base import PlanContext, VendorRequest
 
-# Row states (docs/architecture.md, "Delivery rows").
-HELD, PENDING, DELIVERED, DEAD, BROWSER, EXPIRED = (
-    "held", "pending", "delivered", "dead", "browser", "expired")
+# Row states (docs/architecture.md, "Delivery rows"). ``ignored``: onetag will not send it,
+# and ``last_error`` says why (server/trust.py: a browser's claim it does not forward).
+HELD, PENDING, DELIVERED, DEAD, BROWSER, EXPIRED, IGNORED = (
+    "held", "pending", "delivered", "dead", "browser", "expired", "ignored")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class PlannedDelivery:
     visitor: str
     request: dict[str, Any]
     delay_ms: int = 0  # not due before this long after planning
+    claim: bool = False  # planned from what a browser sent (server/trust.py), not a fact
+    error: str | None = None  # why an ``ignored`` row is not sent
+    event: Any = field(default=None, compare=False, repr=False)  # what it was planned from
 
 
 def visitor_key(event: dict[str, Any]) -> str:
@@ -51,11 +55,16 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
 
     A backend event on a ``fallback`` route is one the page normally delivers itself (the
     thank-you page's purchase): its rows wait ``browser_grace_ms``, and if the browser's
-    copy arrives meanwhile, the store turns them into ``browser`` rows, never sent. Whichever
-    copy comes first, the vendor counts the order once.
+    copy arrives meanwhile carrying the same fact, the store turns them into ``browser`` rows,
+    never sent. Whichever copy comes first, the vendor counts the order once.
+
+    What a browser sent is a claim (``server/trust.py``): what onetag's server must not
+    forward for it is planned anyway, as ``ignored`` rows that say why.
     """
     rows: list[PlannedDelivery] = []
     visitor = visitor_key(event)
+    claim = trust.is_claim(event)
+    ignored = trust.ignore_reason(site, event)
     for name, vendor in site.vendors.items():
         if vendors is not None and name not in vendors:
             continue
@@ -69,10 +78,13 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
         for request in requests:
             if decision == "browser":
                 state = BROWSER
+            elif ignored:
+                state = IGNORED
             elif request.needs_email and not has_email(event):
                 state = HELD
             else:
                 state = PENDING
             rows.append(PlannedDelivery(name, request.dedup_key, state, visitor, request.to_row(),
-                                        delay if state == PENDING else 0))
+                                        delay if state == PENDING else 0, claim,
+                                        ignored if state == IGNORED else None, event))
     return rows
