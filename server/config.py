@@ -315,6 +315,8 @@ def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None)
         "server": {"database": database or "sqlite:///onetag-demo.db", "public_url": public_url},
         "sites": [{
             "id": "demo", "origins": [public_url], "api_key": "demo-api-key", "currency": "USD",
+            # Not a secret: the demo signs any email it is asked to (server/demo.py).
+            "identity_secret": "demo-identity-secret-not-secret",
             "rejoiner": {"site_id": "DEMO123", "domain": host, "api_key": "demo",
                          "script_url": f"{stub}/rejoiner.js", "api_base": f"{sink}/rejoiner"},
             "remarkety": {"store_id": "demo-store", "api_key": "demo",

@@ -361,3 +361,61 @@ def test_a_signed_identify_is_verified_and_a_wrong_signature_is_refused(tmp_path
     assert one(by(got, "/customer/unsubscribe/")).json == {"email": "vera@example.com"}
     assert one(by(got, event_type="newsletter/unsubscribe")).json == {"email": "vera@example.com"}
     assert not [r for r in got if carries(r, "Pwned")]
+
+
+# The demo: its own buttons use the verified path and the backend ----------------------------
+
+
+def test_the_demo_signs_its_identify_and_reports_orders_from_its_backend(tmp_path):
+    """``onetag serve`` without a config: the demo's stand-in for the shop's server signs the
+    email its consent buttons push, and reports a placed order as a backend fact."""
+    import os
+    import subprocess
+    import sys
+
+    from fakes.harness import REPO
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)],
+                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_sync(lambda: _healthy(base), timeout=60, what="the demo to start")
+        with httpx.Client(base_url=base, timeout=30) as client:
+            signature = client.post("/demo/identity", json={"email": "Ann@Example.com"}).json()
+            assert signature["email"] == "ann@example.com"
+            events = [{"event": "opt_in", "event_id": "demo-o-1",
+                       "user": {"email": "ann@example.com", "signature": signature["signature"]}},
+                      {"event": "unsubscribe", "event_id": "demo-u-1",
+                       "user": {"email": "bob@example.com"}}]  # unsigned: a claim
+            answer = client.post("/e", content=json.dumps({"site_id": "demo", "events": events}),
+                                 headers={"content-type": "text/plain", "origin": base})
+            assert answer.status_code == 204, answer.text
+            order_answer = client.post("/demo/order", json={
+                "user": {"email": "ann@example.com", "first_name": "Ann"},
+                "ecommerce": {"currency": "USD", "transaction_id": "DEMO-1", "value": "12.00",
+                              "items": [item("SKU-1", "12.00")]}})
+            assert order_answer.status_code == 202, order_answer.text
+
+            def sink() -> list[dict]:
+                return client.get("/demo/sink").json()
+            wait_sync(lambda: {"/demo/sink/rejoiner/DEMO123/customer/opt_in/",
+                               "/demo/sink/sendlane/tracking/order-placed"}
+                      <= {r["path"] for r in sink()}, what="the demo's sink to get them",
+                      describe=sink)
+            got = sink()
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert not [r for r in got if "unsubscribe" in r["path"]
+                or (r["headers"].get("x-event-type") == "newsletter/unsubscribe")]
+    [placed] = [r for r in got if r["path"].endswith("/order-placed")]
+    assert placed["json"]["email"] == "ann@example.com" and placed["json"]["total"] == 12
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
