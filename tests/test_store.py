@@ -422,3 +422,32 @@ async def test_an_order_from_backend_and_browser_reaches_a_fallback_vendor_once(
                     ("convert:1004", 0): ("pending", 1), ("convert:1004", 1): ("browser", 0),
                     ("convert:1003", 1): ("ignored", 0), ("convert:1003", 0): ("pending", 0),
                     ("convert:1005", 1): ("browser", 0), ("convert:1005", 0): ("pending", 0)}
+
+
+def test_migration_006_keeps_rows_and_splits_ids_and_keys_by_kind_of_sender(tmp_path) -> None:
+    db = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    db.execute("CREATE TABLE schema_migrations "
+               "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
+    for version, name, sql in [m for m in migrations() if m[0] < 6]:
+        for statement in sql.split(";\n"):
+            db.execute(statement)
+        db.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+    for seq, source in [(1, "browser"), (2, "backend")]:
+        db.execute("INSERT INTO events (seq, site_id, event_id, name, source, received_ms, raw, "
+                   "data) VALUES (?, 'shop1', ?, 'purchase', ?, 0, '{}', '{}')",
+                   (seq, f"e{seq}", source))
+        db.execute("INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, state, "
+                   "request, created_ms, updated_ms, retry_from_ms) VALUES ('shop1', 'rejoiner', ?, "
+                   "?, 'v', 'delivered', '{}', 0, 0, 5)", (f"convert:{seq}", seq))
+    assert migrate(db) == ["006_sources.sql"]
+    assert db.execute("SELECT dedup_key, claim, retry_from_ms FROM deliveries ORDER BY id"
+                      ).fetchall() == [("convert:1", 1, 5), ("convert:2", 0, 5)]
+    # The same id from the other kind of sender is a new event; from the same kind, refused.
+    db.execute("INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
+               "VALUES ('shop1', 'e1', 'purchase', 'backend', 0, '{}', '{}')")
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute("INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
+                   "VALUES ('shop1', 'e1', 'page_view', 'verified browser', 0, '{}', '{}')")
+    indexes = [row[0] for row in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")]
+    assert indexes == ["events_id"]  # still one index on events
