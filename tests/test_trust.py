@@ -419,3 +419,37 @@ def _healthy(base: str) -> bool:
         return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_readme_signature_snippets_compute_what_onetag_checks(tmp_path):
+    """The README's Python and Node snippets sign as ``trust.signature`` verifies."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    from fakes.harness import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    python = re.search(r"```python\n(.*?onetag_signature.*?)```", readme, re.S).group(1)
+    node = re.search(r"```js\n(.*?onetagSignature.*?)```", readme, re.S).group(1)
+    email, expected = " Ann@Example.com ", trust.signature(SECRET, "ann@example.com")
+    env = {**os.environ, "SHOP1_IDENTITY_SECRET": SECRET}
+    scope: dict[str, Any] = {}
+    old = os.environ.get("SHOP1_IDENTITY_SECRET")
+    os.environ["SHOP1_IDENTITY_SECRET"] = SECRET
+    try:
+        exec(python, scope)
+        assert scope["onetag_signature"](email) == expected
+    finally:
+        if old is None:
+            os.environ.pop("SHOP1_IDENTITY_SECRET")
+        else:
+            os.environ["SHOP1_IDENTITY_SECRET"] = old
+    if shutil.which("node"):
+        script = node + f"\nprocess.stdout.write(onetagSignature({json.dumps(email)}));\n"
+        out = subprocess.run(["node", "-e", script], env=env, capture_output=True, text=True,
+                             timeout=30)
+        assert out.stdout == expected, out.stderr
+    assert trust.signature_valid(SECRET, "ann@example.com", expected.upper())
+    assert not trust.signature_valid(SECRET, "ann@example.com", trust.signature(SECRET, "bob@x.io"))
