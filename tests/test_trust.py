@@ -431,8 +431,9 @@ def test_the_readme_signature_snippets_compute_what_onetag_checks(tmp_path):
     from fakes.harness import REPO
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    python = re.search(r"```python\n(.*?onetag_signature.*?)```", readme, re.S).group(1)
-    node = re.search(r"```js\n(.*?onetagSignature.*?)```", readme, re.S).group(1)
+    block = r"```{}\n((?:(?!```).)*{}(?:(?!```).)*)```"
+    python = re.search(block.format("python", "onetag_signature"), readme, re.S).group(1)
+    node = re.search(block.format("js", "onetagSignature"), readme, re.S).group(1)
     email, expected = " Ann@Example.com ", trust.signature(SECRET, "ann@example.com")
     env = {**os.environ, "SHOP1_IDENTITY_SECRET": SECRET}
     scope: dict[str, Any] = {}
