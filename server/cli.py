@@ -38,6 +38,8 @@ currency = "USD"                           # default when an event names none
 # spa_page_views     = "auto"              # "manual": only pushed page_view events count
 # capture_form_email = true                # pick up emails typed into the page's forms
 # debug              = false               # log every event and vendor call in the console
+# order_source       = "backend"           # orders only from the backend API (default with api_key)
+# identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/security.md
 
 # A vendor section present = that vendor enabled for this site. Remove what you don't use.
 [sites.rejoiner]

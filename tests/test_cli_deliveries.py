@@ -237,3 +237,10 @@ def test_format_report_aligns_columns() -> None:
     assert lines[2].split()[-1] == "1h02m" and lines[1].split()[-1] == "-"
     assert lines[3].split()[0] == "total" and lines[3].split()[4] == "12345"
 
+
+async def test_ignored_rows_are_listed_with_their_reason(shop) -> None:
+    tmp_path, config_path, _ = shop
+    text = onetag("deliveries", "--config", str(config_path), "--state", "ignored", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "latest ignored deliveries:" in text.stdout
+    assert "unverified: unsubscribe needs the backend or a verified identity" in text.stdout

@@ -774,7 +774,7 @@
 
   var DELIVERY_STATES = {
     held: "held for email", pending: "queued", delivered: "delivered", dead: "dead (kept)",
-    browser: "in browser"
+    browser: "in browser", expired: "expired", ignored: "not sent (a browser's claim)"
   };
   function requestKind(d) {
     // dedup keys read "orders/create:1001", "convert:1001", "event:<uuid>": the part before ":"
@@ -797,6 +797,7 @@
         el("span", { class: "dl-event" }, d.name || "",
           requestKind(d) ? el("span", { class: "dl-kind", text: " \u2192 " + requestKind(d) }) : null),
         el("span", { class: "dl-state dl-" + state.replace(/[^a-z]/gi, ""),
+                     title: state === "ignored" && d.last_error ? d.last_error : null,
                      text: (DELIVERY_STATES[state] || state) + (d.attempts > 1 ? " \u00b7 " + d.attempts + " tries" : "") })));
     });
   }
