@@ -451,3 +451,21 @@ def test_migration_006_keeps_rows_and_splits_ids_and_keys_by_kind_of_sender(tmp_
     indexes = [row[0] for row in db.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")]
     assert indexes == ["events_id"]  # still one index on events
+
+
+async def test_a_session_switching_identity_is_written_with_its_new_identity(tmp_path) -> None:
+    """The switch writes what it must before it changes the session (server/trust.py), and the
+    session's new identity and emptied cart still reach the database."""
+    store = await open_store(settings_for(tmp_path))
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "a",
+                                   "user": {"email": "a@example.com"}}))
+        await ingest(store, event({"event": "add_to_cart", "event_id": "c",
+                                   "ecommerce": {"items": [item()]}}))
+        await ingest(store, event({"event": "identify", "event_id": "b",
+                                   "user": {"email": "b@example.com"}}))
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert db.execute("SELECT i.email, s.cart_items FROM sessions s JOIN identities i "
+                          "ON i.id = s.identity_id").fetchall() == [("b@example.com", None)]

@@ -474,6 +474,7 @@ class IngestBatch:
             "UPDATE deliveries SET state = 'ignored', updated_ms = ?, last_error = 'identity "
             "switch: held while the session was someone else''s' WHERE site_id = ? AND "
             "visitor = ? AND state = 'held'", (self.now, site_id, f"sc:{sc}"))
+        self.dirty[(site_id, sc)] = state  # the flush wrote it; what follows changes it again
         if state.cart is not None:
             state.cart = None
             self.dirty_carts.add((site_id, sc))
