@@ -193,7 +193,9 @@ def test_a_browser_event_id_never_suppresses_a_backend_event(tmp_path, fake):
 
 def test_browser_consent_and_order_state_for_someone_else_reach_no_vendor(tmp_path, fake):
     with onetag(tmp_path, fake) as shop:
-        shop.backend({"event": "identify", "event_id": "crm-victim",
+        # The attacker checked out as a guest under the victim's email: the shop's backend
+        # reports that order with the attacker's sc. It binds the session, it verifies nothing.
+        shop.backend({"event": "identify", "event_id": "crm-victim", "sc": ATTACKER_SC,
                       "user": {"email": VICTIM, "first_name": "Vic", "accepts_marketing": True}})
         shop.settle()
         shop.take()

@@ -69,7 +69,7 @@ class _Session:
         self.first_seq, self.last_seq = first_seq, last_seq
         self.cart_guid, self.cart_currency, self.cart_items = cart_guid, cart_currency, cart_items
         self.cart_updated_ms = cart_updated_ms
-        self.verified = verified  # 1: the identity was bound by the backend or a signature
+        self.verified = verified  # 1: the identity was bound by a signed identify
         self.cart: Any = _UNREAD if cart_items is not None else None
 
     def values(self) -> tuple[Any, ...]:
@@ -445,8 +445,12 @@ class IngestBatch:
             self.bound.add((site_id, sc))
             newly_bound = current_id is None
         if state is not None:
-            state.verified = 1 if trusted else (state.verified if current_id == identity_id
-                                                else None)
+            # Only a signature verifies a session. Not the backend naming its sc: a guest
+            # checkout under someone else's email is not proof of being them.
+            if event["source"] == trust.VERIFIED:
+                state.verified = 1
+            elif current_id != identity_id:
+                state.verified = None
         return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, newly_bound
 
     def _claimed_identity(self, site_id: str, email: str, user: dict[str, Any]) -> tuple[int, bool]:

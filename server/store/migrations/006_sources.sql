@@ -3,8 +3,8 @@
 --    event. Still one index on events (bench/ingest.py pays for each): (site, id, backend?).
 -- 2. A delivery's dedup key is unique per kind too: what a browser claimed never holds the
 --    key a backend fact needs. ``claim`` is 1 for rows planned from a browser event.
--- 3. A session remembers whether its identity is verified: bound by the backend or by an
---    identify signed with the site's identity_secret (1), or by a browser's word (NULL).
+-- 3. A session remembers whether its identity is verified: bound by an identify signed
+--    with the site's identity_secret (1), or not (NULL).
 CREATE TABLE events_new (
     seq         INTEGER PRIMARY KEY,   -- arrival order
     site_id     TEXT NOT NULL,
