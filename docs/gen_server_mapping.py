@@ -380,6 +380,11 @@ def _decision_text(p: Planned) -> str:
     if p.decision == "browser":
         return (f"{mode}, and `loaded` lists {p.vendor}: planned and recorded as delivered by "
                 f"the browser (state `browser`), not sent.")
+    if all(state == "ignored" for _, state, _ in p.requests):
+        why = ("this site's orders come from its backend" if p.step.event["name"]
+               in trust.ORDER_EVENTS else "it is not verified")
+        return (f"{mode}: planned as `ignored`, not sent: a browser's claim onetag's server "
+                f"does not forward ({why}; docs/security.md).")
     sent = ("sent by the server" if any(earlier is None for _, _, earlier in p.requests)
             else "planned by the server")
     if p.step.event["source"] == "backend":
