@@ -469,3 +469,26 @@ async def test_a_session_switching_identity_is_written_with_its_new_identity(tmp
     with sqlite3.connect(tmp_path / "onetag.db") as db:
         assert db.execute("SELECT i.email, s.cart_items FROM sessions s JOIN identities i "
                           "ON i.id = s.identity_id").fetchall() == [("b@example.com", None)]
+
+
+async def test_a_browser_copy_under_a_key_a_backend_fact_holds_is_not_sent(tmp_path) -> None:
+    """Even where browsers may state orders, a browser's copy the server would send is not
+    sent under a key the backend's row holds; and a backend fact supersedes a browser copy
+    not sent yet."""
+    settings = settings_for(tmp_path, order_source="browser",
+                            rejoiner={"site_id": "ABC1234", "api_key": "k"})
+    store = await open_store(settings)
+    try:
+        await ingest(store, purchase("2001", "backend"))
+        await ingest(store, purchase("2001", "browser", loaded=[]))
+        await ingest(store, purchase("2002", "browser", loaded=[]))
+        await ingest(store, purchase("2002", "backend"))
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        rows = {(key, claim): (state, error) for key, claim, state, error in db.execute(
+            "SELECT dedup_key, claim, state, last_error FROM deliveries")}
+    assert rows == {("convert:2001", 0): ("pending", None),
+                    ("convert:2001", 1): ("ignored", "a backend fact holds this key"),
+                    ("convert:2002", 1): ("ignored", "superseded by the backend's fact"),
+                    ("convert:2002", 0): ("pending", None)}
