@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .. import outbox, trust
 from ..jsontext import encode, loads
-from ..sessions import apply_cart, cart_snapshot, identity_update
+from ..sessions import apply_cart, cart_snapshot, claimed_fields, identity_update
 
 CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
                          "cart_updated", "purchase"})
@@ -465,7 +465,7 @@ class IngestBatch:
         if row is not None:
             self.identities[row["id"]] = identity_fields(row)
             return row["id"], False
-        fields = {k: user[k] for k in ("email", "first_name", "last_name", "phone") if user.get(k)}
+        fields = claimed_fields(user)
         identity_id = self.conn.execute(
             "INSERT INTO identities (site_id, email, first_name, last_name, phone, created_ms, "
             "updated_ms) VALUES (?,?,?,?,?,?,?)",
