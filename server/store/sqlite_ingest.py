@@ -159,15 +159,17 @@ def insert_deliveries(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, A
     A fact planned twice is kept once, and so is a claim. A browser's claim never holds the
     key a backend fact needs (server/trust.py): each kind has its own row, and where they
     meet, the fact wins — see ``_insert_fact``. The claim side is the hot path: one statement
-    for all of them, plus a look-up per row a vendor's library took in the page, whose
+    for all of them, plus a look-up per order a vendor's library took in the page, whose
     match may cancel a backend copy still waiting out its grace (``_matches_waiting_fact``).
+    Only orders: other keys name the event's own id or a cart state's guid, which a backend
+    copy does not share.
     """
     claims, facts = [], []
     for site_id, seq, r in rows:
         if r.claim:
             claims.append((site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state,
                            encode(r.request), now + r.delay_ms, r.error, now))
-            if r.state == outbox.BROWSER:
+            if r.state == outbox.BROWSER and r.event["name"] in trust.ORDER_EVENTS:
                 _matches_waiting_fact(conn, site_id, r, now)
         else:
             facts.append((site_id, seq, r))
