@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from server import config as config_module  # noqa: E402
-from server import outbox, routing  # noqa: E402
+from server import outbox, routing, trust  # noqa: E402
 from server.cli import EXAMPLE_CONFIG  # noqa: E402
 from server.vendors import VENDORS  # noqa: E402
 from server.vendors._base import PlanContext, VendorConfig, VendorRequest  # noqa: E402
@@ -262,8 +262,9 @@ def plan_story() -> list[list[Planned]]:
             requests = []
             if decision != "skip":
                 for req in VENDORS[name].plan(step.event, context(vendor, shop)):
-                    key = (name, req.dedup_key)
-                    requests.append((req, rows[key], seen.get(key)))
+                    # A browser's claim and a backend fact have a row each (server/trust.py).
+                    key = (name, req.dedup_key, trust.is_claim(step.event))
+                    requests.append((req, rows[key[:2]], seen.get(key)))
                     seen.setdefault(key, number)
             planned.append(Planned(step, name, vendor.route(step.event["name"]), decision,
                                    requests))
@@ -394,6 +395,11 @@ def _decision_text(p: Planned) -> str:
     if p.decision == "browser":
         return (f"{mode}, and `loaded` lists {p.vendor}: planned and recorded as delivered by "
                 f"the browser (state `browser`), not sent.")
+    if all(state == "ignored" for _, state, _ in p.requests):
+        why = ("this site's orders come from its backend" if p.step.event["name"]
+               in trust.ORDER_EVENTS else "it is not verified")
+        return (f"{mode}: planned as `ignored`, not sent: a browser's claim onetag's server "
+                f"does not forward ({why}; docs/security.md).")
     sent = ("sent by the server" if any(earlier is None for _, _, earlier in p.requests)
             else "planned by the server")
     if p.step.event["source"] == "backend":
@@ -464,10 +470,12 @@ def render() -> str:
     w("- **Every request** also carries `Accept: application/json`, `Content-Type:")
     w("  application/json` and `User-Agent: onetag/<version>`; the body is compact JSON (shown")
     w("  indented here).")
-    w("- **One row per (site, vendor, dedup key)**: planning is pure and repeatable; the store")
-    w("  inserts a delivery row only if that key is new (`INSERT OR IGNORE`), so a replayed")
-    w("  beacon, a retried request or the backend's copy of an order is one request. A")
-    w("  retry re-sends the stored row unchanged.")
+    w("- **One row per (site, vendor, dedup key) and kind of sender**: planning is pure and")
+    w("  repeatable; the store inserts a delivery row only if that key is new for a browser")
+    w("  (a claim) or for the backend (a fact), so a replayed beacon or a retried request is")
+    w("  one request, and the backend's copy of an order the browser already delivered is")
+    w("  recorded, not sent, when it is the same order (\"When a backend fact meets a browser")
+    w("  claim\", below). A retry re-sends the stored row unchanged.")
     w("- **needs_email**: the vendor can only take the request for a known email. Planned for a")
     w("  session without one, the row is `held`; when the session is identified the held event")
     w("  is planned again with the identity (same dedup keys) and sent; after `hold_days` a")
@@ -525,7 +533,8 @@ def render() -> str:
     w("`server/routing.py` `decide()`, per vendor and stored event. A `fallback` route is sent")
     w("server-side only when the event's `loaded` list lacks the vendor. When the browser took")
     w("it, the server still plans it and records the rows as delivered by the browser (state")
-    w("`browser`) under the same dedup key, so a backend copy of the same order is skipped:")
+    w("`browser`) under the same dedup key, so a backend copy of the same order (same id,")
+    w("email, value, currency) is skipped:")
     w("")
     cases = [("browser event, `loaded` lists the vendor", "browser", True),
              ("browser event, `loaded` lacks it", "browser", False),

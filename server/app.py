@@ -93,8 +93,11 @@ def create_app(settings: Any, store: Any = None,
                                         minimum_size=1024), name="static"),
     ]
     if settings.is_demo:
-        demo = Demo(settings, store, scripts.env)
+        demo = Demo(settings, store, scripts.env,
+                    on_stored=lambda: ingest.on_stored and ingest.on_stored())
         routes += [
+            Route("/demo/identity", demo.identity, methods=["POST"]),  # the shop's server:
+            Route("/demo/order", demo.order, methods=["POST"]),  # docs/security.md
             Route("/", lambda request: RedirectResponse("/demo/"), methods=["GET"]),
             Route("/demo", lambda request: RedirectResponse("/demo/"), methods=["GET"]),
             Route("/demo/session", demo.session, methods=["GET"]),

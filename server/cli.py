@@ -40,6 +40,8 @@ currency = "USD"                           # default when an event names none
 # debug              = false               # log every event and vendor call in the console
 # cart_url = "https://shop.example/cart/restore?guid={cart_guid}"  # public: where abandoned-
 #                                          # cart emails lead ({cart_guid}, {sc} filled in)
+# order_source       = "backend"           # orders only from the backend API (default with api_key)
+# identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/security.md
 
 # A vendor section present = that vendor enabled for this site. Remove what you don't use.
 [sites.rejoiner]
@@ -144,7 +146,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 # These open the database directly (no server needed); SQLite's WAL lets them run beside a
 # live `onetag serve` or `onetag worker`.
 
-STAT_COLUMNS = ("pending", "failing", "held", "delivered", "dead", "browser", "expired")
+STAT_COLUMNS = ("pending", "failing", "held", "delivered", "dead", "browser", "expired",
+                "ignored")
 RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -390,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "dead: permanent error, attempts or retry window used up (see --state dead, "
                     "then `onetag replay`); browser: the vendor's own library took it; expired: "
                     "held past the hold window without an email; ignored (--state ignored): "
-                    "planned but never sent, the reason in its last error. A vendor that "
-                    "refused the credentials (401/403) is named on a line of its own.")
+                    "planned but never sent, last_error says why (a vendor could not take it, "
+                    "or a browser's unverified claim: docs/security.md). A vendor that refused "
+                    "the credentials (401/403) is named on a line of its own.")
     deliveries.add_argument("--config", help=config_help)
     deliveries.add_argument("--json", action="store_true", help="machine-readable output")
     deliveries.add_argument("--vendor", help="only this vendor")

@@ -63,6 +63,9 @@ class SiteConfig:
     # Where a returning visitor finds the cart (Remarkety's abandoned_checkout_url, Rejoiner's
     # return_url): a URL template with {cart_guid} and {sc}. Public.
     cart_url: str | None = None
+    # Who states orders (docs/security.md): "backend" (its API only) or "browser".
+    order_source: str = "browser"
+    identity_secret: str | None = None  # signs the pages' identify (user.signature)
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     if not SITE_ID_RE.match(site_id):
         reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
     known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
-             "debug", "max_cart_lines", "cart_url", *VENDORS}
+             "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret", *VENDORS}
     for key in table:
         if key not in known:
             reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -282,12 +285,25 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
             vendor = _parse_vendor(reader, module, table[name], f"{where}.{name}")
             if vendor is not None:
                 vendors[name] = vendor
+    api_key = reader.string(table, "api_key", where)
+    order_source = reader.string(table, "order_source", where,
+                                 default="backend" if api_key else "browser")
+    if order_source not in ("backend", "browser"):
+        reader.problem(f"{where}.order_source", f"must be \"backend\" or \"browser\", not {order_source!r}")
+    elif order_source == "backend" and not api_key:
+        reader.problem(f"{where}.order_source", "\"backend\" needs the site's api_key: without it "
+                       "no backend can send orders")
+    identity_secret = reader.string(table, "identity_secret", where)
+    if identity_secret is not None and len(identity_secret) < 16:
+        reader.problem(f"{where}.identity_secret", "must be at least 16 characters (a random "
+                       "secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
     return SiteConfig(
         id=site_id, origins=tuple(o.rstrip("/") for o in origins),
-        api_key=reader.string(table, "api_key", where), currency=currency, spa_page_views=spa,
+        api_key=api_key, currency=currency, spa_page_views=spa,
         capture_form_email=reader.boolean(table, "capture_form_email", where, True),
         debug=reader.boolean(table, "debug", where, False), max_cart_lines=max_cart_lines,
-        vendors=vendors, cart_url=cart_url)
+        vendors=vendors, cart_url=cart_url, order_source=order_source,
+        identity_secret=identity_secret)
 
 
 CART_URL_FIELDS = ("cart_guid", "sc")
@@ -356,6 +372,8 @@ def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None)
         "server": {"database": database or "sqlite:///onetag-demo.db", "public_url": public_url},
         "sites": [{
             "id": "demo", "origins": [public_url], "api_key": "demo-api-key", "currency": "USD",
+            # Not a secret: the demo signs any email it is asked to (server/demo.py).
+            "identity_secret": "demo-identity-secret-not-secret",
             "rejoiner": {"site_id": "DEMO123", "domain": host, "api_key": "demo",
                          "script_url": f"{stub}/rejoiner.js", "api_base": f"{sink}/rejoiner"},
             "remarkety": {"store_id": "demo-store", "api_key": "demo",

@@ -70,6 +70,15 @@ def event_list(value: Any, field: str) -> list[Any]:
     return value
 
 
+def _unsigned(raw: Any) -> Any:
+    """The event as sent, to store, without ``user.signature``: it is a bearer credential
+    for that email (docs/security.md), and the database need not hold one."""
+    user = raw.get("user") if isinstance(raw, dict) else None
+    if isinstance(user, dict) and "signature" in user:
+        return {**raw, "user": {k: v for k, v in user.items() if k != "signature"}}
+    return raw
+
+
 def read_browser_body(data: bytes, facts: BrowserFacts,
                       sites: Mapping[str, Any]) -> BrowserBatch | Problem:
     """The batch a browser body asks to store, or why it may not be stored."""
@@ -90,9 +99,10 @@ def read_browser_body(data: bytes, facts: BrowserFacts,
               or valid_sc(facts.cookie_sc) or new_sc())
         raws = event_list(body.get("events"), "events")
         origin = Origin(site_id=site.id, source="browser", currency=site.currency,
-                        received_ms=facts.received_ms, sc=sc)
-        return BrowserBatch(site.id, sc, vocabulary.normalise_batch(raws, "events", origin,
-                                                                    len(data)), raws)
+                        received_ms=facts.received_ms, sc=sc,
+                        identity_secret=getattr(site, "identity_secret", None))
+        events = vocabulary.normalise_batch(raws, "events", origin, len(data))
+        return BrowserBatch(site.id, sc, events, [_unsigned(raw) for raw in raws])
     except Invalid as exc:
         return Problem.invalid(exc)
     except Refused as exc:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from . import money
 from . import jsontext
+from . import trust
 
 MAX_EVENT_BYTES = 32 * 1024
 
@@ -201,6 +202,7 @@ class Origin:
     currency: str  # the site's default
     received_ms: int
     sc: str | None = None
+    identity_secret: str | None = None  # the site's, for user.signature (server/trust.py)
 
 
 def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) -> dict[str, Any]:
@@ -239,16 +241,17 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True) 
             raise Invalid(f"{where}.sc", "must be the visitor's sc cookie value")
         sc = sc.upper()
 
+    user = _user(raw.get("user"), f"{where}.user")
     event: dict[str, Any] = {
         "event_id": event_id,
         "name": name,
-        "source": origin.source,
+        "source": _signed_source(raw.get("user"), user, f"{where}.user", origin),
         "site_id": origin.site_id,
         "time_ms": time_ms if time_ms is not None else origin.received_ms,
         "received_ms": origin.received_ms,
         "sc": sc,
         "page": _page(raw, where),
-        "user": _user(raw.get("user"), f"{where}.user"),
+        "user": user,
         "ecommerce": None,
         "search_term": None,
         "status": None,
@@ -296,6 +299,25 @@ def _check_requirements(event: dict[str, Any], where: str, origin: Origin) -> No
             user.get("email") or user.get("customer_id") or event["sc"]):
         raise Invalid(f"{where}.user", "backend events need user.email or user.customer_id "
                       "(or sc to tie them to a browser session)")
+
+
+def _signed_source(sent: Any, user: dict[str, Any] | None, where: str, origin: Origin) -> str:
+    """``verified browser`` when a browser event's ``user.signature`` signs its email with the
+    site's identity secret. A wrong one is refused (422), not taken as unverified: it is a
+    page computing it wrongly, which its developer must see. Ignored where the site has no
+    secret, and from the backend (already trusted)."""
+    signed = sent.get("signature") if isinstance(sent, dict) else None
+    if origin.source != "browser" or signed is None or origin.identity_secret is None:
+        return origin.source
+    if not isinstance(signed, str) or not trust.SIGNATURE_RE.match(signed):
+        raise Invalid(f"{where}.signature", "must be 64 hex characters: "
+                      "hex(HMAC-SHA256(identity_secret, lower-cased email))")
+    if not (user or {}).get("email"):
+        raise Invalid(f"{where}.email", "is required with user.signature (the signature signs it)")
+    if not trust.signature_valid(origin.identity_secret, user["email"], signed):
+        raise Invalid(f"{where}.signature", "does not sign user.email: it must be "
+                      "hex(HMAC-SHA256(the site's identity_secret, the lower-cased email))")
+    return trust.VERIFIED
 
 
 def _string(table: dict, key: str, where: str, *, required: bool = False,

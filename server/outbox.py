@@ -7,17 +7,18 @@ requests, and this module turns them into delivery rows with their starting stat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from . import routing
+from . import routing, trust
 from .vendors import VENDORS
 from .vendors._base import PlanContext, VendorRequest
 
-# Row states (docs/architecture.md, "Delivery rows").
-HELD, PENDING, DELIVERED, DEAD, BROWSER, EXPIRED = (
-    "held", "pending", "delivered", "dead", "browser", "expired")
-IGNORED = "ignored"  # planned, never sent; last_error says why (VendorRequest.skipped)
+# Row states (docs/architecture.md, "Delivery rows"). ``ignored``: onetag will not send it,
+# and ``last_error`` says why (server/trust.py: a browser's claim it does not forward).
+HELD, PENDING, DELIVERED, DEAD, BROWSER, EXPIRED, IGNORED = (
+    "held", "pending", "delivered", "dead", "browser", "expired", "ignored")
+IGNORED_SKIPPED = "skipped: "  # an ignored row the vendor could not take (VendorRequest.skipped)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class PlannedDelivery:
     visitor: str
     request: dict[str, Any]
     delay_ms: int = 0  # not due before this long after planning
-    error: str | None = None  # an ignored row's reason
+    claim: bool = False  # planned from what a browser sent (server/trust.py), not a fact
+    error: str | None = None  # why an ``ignored`` row is not sent
+    event: Any = field(default=None, compare=False, repr=False)  # what it was planned from
 
 
 def visitor_key(event: dict[str, Any]) -> str:
@@ -53,11 +56,16 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
 
     A backend event on a ``fallback`` route is one the page normally delivers itself (the
     thank-you page's purchase): its rows wait ``browser_grace_ms``, and if the browser's
-    copy arrives meanwhile, the store turns them into ``browser`` rows, never sent. Whichever
-    copy comes first, the vendor counts the order once.
+    copy arrives meanwhile carrying the same fact, the store turns them into ``browser`` rows,
+    never sent. Whichever copy comes first, the vendor counts the order once.
+
+    What a browser sent is a claim (``server/trust.py``): what onetag's server must not
+    forward for it is planned anyway, as ``ignored`` rows that say why.
     """
     rows: list[PlannedDelivery] = []
     visitor = visitor_key(event)
+    claim = trust.is_claim(event)
+    ignored = trust.ignore_reason(site, event)
     for name, vendor in site.vendors.items():
         if vendors is not None and name not in vendors:
             continue
@@ -72,17 +80,18 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
         for request in requests:
             if decision == "browser":
                 state = BROWSER
-            elif request.skipped:
+            elif ignored or request.skipped:
                 state = IGNORED
             elif request.needs_email and not has_email(event):
                 state = HELD
             else:
                 state = PENDING
-            # An ignored row never takes the key of a request that can be sent (a later copy
-            # of the same fact that has what this one lacked).
-            key = f"skipped:{request.dedup_key}" if state == IGNORED else request.dedup_key
+            # A row the vendor can't take (``skipped``) never holds the key of a request
+            # that can be sent (a later copy of the same fact that has what this one lacked).
+            skipped_only = state == IGNORED and not ignored
+            key = f"skipped:{request.dedup_key}" if skipped_only else request.dedup_key
+            reason = ignored or (f"{IGNORED_SKIPPED}{request.skipped}" if skipped_only else None)
             rows.append(PlannedDelivery(name, key, state, visitor, request.to_row(),
-                                        delay if state == PENDING else 0,
-                                        f"skipped: {request.skipped}" if state == IGNORED
-                                        else None))
+                                        delay if state == PENDING else 0, claim,
+                                        reason if state == IGNORED else None, event))
     return rows

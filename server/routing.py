@@ -52,8 +52,8 @@ def decide(vendor: VendorConfig, event: dict) -> Decision:
     mode = vendor.route(event["name"])
     if mode == "off":
         return "skip"
-    if event["source"] != "browser":
-        # A backend event never passed through a vendor library.
+    if event["source"] == "backend":
+        # A backend event never passed through a vendor library (a verified browser one did).
         return "skip" if mode == "browser" else "send"
     took_it = vendor.name in event.get("loaded", ())
     if mode in ("server", "both"):

@@ -95,3 +95,14 @@ def identity_update(current: dict[str, Any] | None, event: dict[str, Any]) -> di
     elif event["name"] == "opt_in":
         merged["accepts_marketing"] = True
     return merged
+
+
+CLAIMABLE_FIELDS = ("email", "first_name", "last_name", "phone")
+
+
+def claimed_fields(user: dict[str, Any] | None) -> dict[str, Any]:
+    """A new identity's fields from an unverified browser (docs/security.md): who they say
+    they are, never marketing consent nor a customer id, which only the backend or a signed
+    identify state."""
+    return {key: value for key, value in (user or {}).items()
+            if key in CLAIMABLE_FIELDS and value}

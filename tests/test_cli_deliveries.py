@@ -1,5 +1,5 @@
 """`onetag deliveries` and `onetag replay` as an operator runs them, on a database holding
-rows in every state (pending, failing, held, delivered, dead, browser, expired)."""
+rows in every state (pending, failing, held, delivered, dead, browser, expired, ignored)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from fakes.harness import (ALL, FORWARD_ENV, REPO, browser, item, rows, serve, s
                            states, until, write_config)
 from fakes.vendor_server import FakeVendors
 
-COLUMNS = ["pending", "failing", "held", "delivered", "dead", "browser", "expired"]
+COLUMNS = ["pending", "failing", "held", "delivered", "dead", "browser", "expired", "ignored"]
 SC_A, SC_B, SC_C = ("AAAAAAAA-0000-0000-0000-000000000001", "BBBBBBBB-0000-0000-0000-000000000002",
                     "CCCCCCCC-0000-0000-0000-000000000003")
 
@@ -52,8 +52,11 @@ async def store_events(settings, *batches) -> None:
 async def shop(tmp_path):
     """A config file and a database with rows in every state."""
     with FakeVendors() as fake:  # only for its URLs: nothing is sent in this file
-        config_path = write_config(tmp_path / "onetag.toml",
-                                   settings_data(tmp_path, fake, forward=False))
+        data = settings_data(tmp_path, fake, forward=False)
+        # Browser purchases are forwarded (a site without a backend integration), so they
+        # reach every state; an unverified unsubscribe gives the `ignored` rows.
+        data["sites"][0]["order_source"] = "browser"
+        config_path = write_config(tmp_path / "onetag.toml", data)
     settings = config.load(config_path, env={})
     # Visitor C bought anonymously; the hold window passes: expired.
     await store_events(settings, (SC_C, [purchase("anon-order", [])]))
@@ -69,7 +72,9 @@ async def shop(tmp_path):
                                 "user": {"email": "a@example.com", "customer_id": "A-1"}},
                                purchase("order-a", ALL)]),
                        (SC_B, [{"event": "add_to_cart", "event_id": "cart-b", "loaded": [],
-                                "ecommerce": {"currency": "USD", "items": [item()]}}]))
+                                "ecommerce": {"currency": "USD", "items": [item()]}},
+                               {"event": "unsubscribe", "event_id": "unsub-b", "loaded": [],
+                                "user": {"email": "someone@example.com"}}]))
     # A forwarder's outcomes for A's identify: delivered, dead, failing; eSputnik's stays due.
     store = SQLiteStore(settings.server.sqlite_path, settings.sites)
     await store.open()
@@ -116,6 +121,7 @@ async def test_the_table_shows_every_state_per_vendor(shop) -> None:
     assert totals == [sum(expected[v][c] for v in ALL) for c in COLUMNS]
     assert expected["sendlane"]["dead"] == 1 and expected["remarkety"]["failing"] == 1
     assert expected["rejoiner"]["browser"] == 1 and expected["rejoiner"]["expired"] == 1
+    assert expected["rejoiner"]["ignored"] == 1 and expected["remarkety"]["ignored"] == 1
 
 
 async def test_json_and_the_list_of_dead_rows(shop) -> None:
@@ -175,7 +181,8 @@ async def test_replay_dead_by_default_then_expired_once_identified(shop) -> None
 async def test_worker_forwards_what_the_server_stored_and_stops_on_sigterm(tmp_path) -> None:
     with FakeVendors() as fake:
         config_path = write_config(tmp_path / "onetag.toml",
-                                   settings_data(tmp_path, fake, only=("sendlane",), forward=False))
+                                   settings_data(tmp_path, fake, only=("sendlane",), forward=False,
+                                                 site={"order_source": "browser"}))
         settings = config.load(config_path, env={})
         await store_events(settings, (SC_A, [{"event": "identify", "event_id": "id-a",
                                               "loaded": [], "user": {"email": "a@example.com",
@@ -231,3 +238,10 @@ def test_format_report_aligns_columns() -> None:
     assert lines[2].split()[-1] == "1h02m" and lines[1].split()[-1] == "-"
     assert lines[3].split()[0] == "total" and lines[3].split()[4] == "12345"
 
+
+async def test_ignored_rows_are_listed_with_their_reason(shop) -> None:
+    tmp_path, config_path, _ = shop
+    text = onetag("deliveries", "--config", str(config_path), "--state", "ignored", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "latest ignored deliveries:" in text.stdout
+    assert "unverified: unsubscribe needs the backend or a verified identity" in text.stdout

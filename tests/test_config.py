@@ -114,3 +114,26 @@ def test_cart_url_is_a_template_of_cart_guid_and_sc() -> None:
         "\"https://shop.example/cart?id={cart_guid}\", not '/cart/{cart_guid}'"]
     [unbalanced] = problems({"sites": [{"id": "shop1", "cart_url": "https://s/{cart_guid"}]})
     assert unbalanced.startswith("onetag.toml: sites[shop1].cart_url: is not a valid template")
+
+
+def test_order_source_defaults_with_the_api_key_and_the_identity_secret_is_checked() -> None:
+    settings = config.parse({"sites": [
+        {"id": "with_key", "api_key": "k", "identity_secret": "env:SECRET"},
+        {"id": "without_key"},
+        {"id": "chosen", "api_key": "k", "order_source": "browser"}]},
+        env={"SECRET": "s" * 32})
+    assert settings.sites["with_key"].order_source == "backend"
+    assert settings.sites["with_key"].identity_secret == "s" * 32
+    assert settings.sites["without_key"].order_source == "browser"
+    assert settings.sites["without_key"].identity_secret is None
+    assert settings.sites["chosen"].order_source == "browser"
+    found = problems({"sites": [
+        {"id": "a", "order_source": "backend"},
+        {"id": "b", "api_key": "k", "order_source": "page"},
+        {"id": "c", "identity_secret": "short"},
+        {"id": "d", "identity_secret": "env:UNSET"}]})
+    assert [p.split(":", 2)[1].strip() for p in found] == [
+        "sites[a].order_source", "sites[b].order_source", "sites[c].identity_secret",
+        "sites[d].identity_secret"]
+    assert "needs the site's api_key" in found[0]
+    assert "environment variable UNSET is not set" in found[3]

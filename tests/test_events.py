@@ -190,3 +190,21 @@ def test_onetag_additions_are_validated(text: str, field: str, words: str) -> No
     got_field, got_problem = problem(text)
     assert got_field == field
     assert words in got_problem
+
+
+def test_a_signature_verifies_its_email_and_a_wrong_one_names_the_field() -> None:
+    from dataclasses import replace
+    from server import trust
+    secret = "s" * 32
+    signed = replace(BROWSER, identity_secret=secret)
+    good = trust.signature(secret, "ann@example.com")
+    event = '{"event": "identify", "event_id": "e1", "user": {"email": " Ann@Example.com ", "signature": "%s"}}'
+    assert parse(event % good, signed)["source"] == "verified browser"
+    assert "signature" not in parse(event % good, signed)["user"]
+    assert parse(event % good, BROWSER)["source"] == "browser"  # the site has no secret
+    assert parse(event % good, replace(BACKEND, identity_secret=secret))["source"] == "backend"
+    other = trust.signature(secret, "bob@example.com")
+    assert problem(event % other, signed)[0] == "events[0].user.signature"
+    assert problem(event % "not-hex", signed)[0] == "events[0].user.signature"
+    assert problem('{"event": "page_view", "event_id": "e2", "user": {"signature": "%s"}}' % good,
+                   signed)[0] == "events[0].user.email"

@@ -66,9 +66,16 @@ class Shop:
         return got
 
 
+# A site whose orders come from the browser (order_source = "browser": no backend
+# integration): its browser purchases are forwarded. Tests of how a browser order flows use it;
+# by default a site with an api_key takes orders from its backend only (docs/security.md).
+BROWSER_ORDERS = {"order_source": "browser"}
+
+
 @pytest.fixture
-async def shop(tmp_path, fake):
-    async with serve(make_settings(tmp_path, fake)) as app, \
+async def shop(tmp_path, fake, request):
+    site = getattr(request, "param", None)
+    async with serve(make_settings(tmp_path, fake, site=site)) as app, \
             httpx.AsyncClient(base_url=app.state.base_url) as client:
         yield Shop(tmp_path, fake, client)
 
@@ -202,6 +209,7 @@ async def test_cart_of_an_identified_session(shop: Shop) -> None:
     assert [v for v in ALL if got[v]] == ["remarkety"]
 
 
+@pytest.mark.parametrize("shop", [BROWSER_ORDERS], indirect=True)
 async def test_purchase(shop: Shop) -> None:
     await shop.browser(identify())
     await shop.settle()
@@ -327,6 +335,7 @@ async def test_product_and_category_views_when_the_library_failed(shop: Shop) ->
 # Semantics around it ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shop", [BROWSER_ORDERS], indirect=True)
 async def test_fallback_and_a_browser_delivered_order_is_not_sent_again(shop: Shop) -> None:
     await shop.browser(identify())
     await shop.settle()
@@ -361,6 +370,7 @@ async def test_the_same_order_from_browser_and_backend_is_sent_once(shop: Shop) 
     assert {vendor: len(requests) for vendor, requests in orders.items()} == dict.fromkeys(ALL, 1)
 
 
+@pytest.mark.parametrize("shop", [BROWSER_ORDERS], indirect=True)
 async def test_anonymous_activity_is_held_then_flows_once_identified(shop: Shop) -> None:
     await shop.browser({"event": "add_to_cart", "event_id": "cart-1", "loaded": [],
                         "ecommerce": {"currency": "USD", "items": [item("SKU-1", "29.99")]}},
@@ -387,7 +397,8 @@ async def test_anonymous_activity_is_held_then_flows_once_identified(shop: Shop)
 
 async def test_held_activity_expires_after_the_window(tmp_path, fake) -> None:
     db = tmp_path / "onetag.db"
-    async with serve(make_settings(tmp_path, fake, hold_days=0.5 / 86400)) as app, \
+    async with serve(make_settings(tmp_path, fake, hold_days=0.5 / 86400,
+                                   site=BROWSER_ORDERS)) as app, \
             httpx.AsyncClient(base_url=app.state.base_url) as client:
         await browser(client, purchase("buy-1", loaded=[]))
         await until(lambda: rows(db, "d.state = 'expired'") and not rows(db, "d.state = 'held'"),
@@ -401,13 +412,16 @@ async def test_held_activity_expires_after_the_window(tmp_path, fake) -> None:
     assert late == [] and expired >= {"rejoiner", "remarkety", "sendlane"}
 
 
+@pytest.mark.parametrize("shop", [BROWSER_ORDERS], indirect=True)
 async def test_a_replayed_beacon_sends_nothing_twice(shop: Shop) -> None:
     beacon = [identify(loaded=[], customer_id="C-1"), purchase("buy-1", loaded=[])]
     await shop.browser(*beacon)
     await shop.browser(*beacon)  # the runtime retried: same event ids
     await shop.settle()
     first = shop.take()
-    assert sum(len(r) for r in first.values()) >= 8
+    # 7: Sendlane's customer-added needs the shop's customer id, which a browser's claim
+    # does not carry (only its email is kept), so that row is ignored, not sent.
+    assert sum(len(r) for r in first.values()) >= 7
     await shop.browser(*beacon)  # again, after everything was delivered
     await shop.settle()
     assert all(requests == [] for requests in shop.take().values())

@@ -59,3 +59,11 @@ def test_sc_values() -> None:
     assert valid_sc("bad value;") is None and valid_sc(None) is None
     assert cookie_header("X", secure=True) == "sc=X; Path=/; Max-Age=31536000; SameSite=Lax; Secure"
     assert "Secure" not in cookie_header("X", secure=False)
+
+
+def test_a_browser_claim_names_a_person_but_never_their_consent_or_customer_id() -> None:
+    from server.sessions import claimed_fields
+    user = {"email": "a@b.co", "first_name": "Ann", "phone": "+1555", "customer_id": "42",
+            "accepts_marketing": True, "last_name": ""}
+    assert claimed_fields(user) == {"email": "a@b.co", "first_name": "Ann", "phone": "+1555"}
+    assert claimed_fields(None) == {}

@@ -98,8 +98,10 @@ async def test_one_email_on_two_devices_is_one_identity(tmp_path) -> None:
     try:
         await ingest(store, event({"event": "identify", "event_id": "a",
                                    "user": {"email": "Ann@Example.com", "first_name": "Ann"}}, sc="SC-PHONE-01"))
+        # The customer id from the backend: a browser's is never taken (docs/security.md).
         await ingest(store, event({"event": "identify", "event_id": "b",
-                                   "user": {"email": "ann@example.com", "customer_id": "42"}}, sc="SC-LAPTOP-1"))
+                                   "user": {"email": "ann@example.com", "customer_id": "42"}},
+                                  sc="SC-LAPTOP-1", source="backend"))
         await ingest(store, event({"event": "view_item", "event_id": "c",
                                    "ecommerce": {"items": [item()]}}, sc="SC-LAPTOP-1"))
         view = await store.session_view("shop1", "SC-LAPTOP-1")
@@ -164,7 +166,7 @@ def test_migrations_carry_a_database_from_before_003_over(tmp_path) -> None:
                    (seq, f"e{seq}", sc))
     db.execute("INSERT INTO carts VALUES ('shop1', 'SC-A', 'G-A', 'USD', '[{\"item_id\":\"1\"}]', 7), "
                "('shop1', 'SC-X', 'G-X', 'EUR', '[]', 9)")  # SC-X: a cart without a session row
-    assert migrate(db) == ["003_session_bounds.sql", "004_cart_in_session.sql"]
+    assert migrate(db)[:2] == ["003_session_bounds.sql", "004_cart_in_session.sql"]
     rows = db.execute("SELECT sc, first_seq, last_seq, cart_guid, cart_currency, cart_items, "
                       "cart_updated_ms FROM sessions ORDER BY sc").fetchall()
     assert rows == [("SC-A", 1, 4, "G-A", "USD", '[{"item_id":"1"}]', 7),
@@ -379,14 +381,14 @@ def purchase(order: str, source: str, loaded: list[str] | None = None) -> dict:
 
 async def test_an_order_from_backend_and_browser_reaches_a_fallback_vendor_once(tmp_path) -> None:
     """Rejoiner takes purchases in the page (sendConversion) and from the server only as a
-    fallback: whichever copy of an order comes first, exactly one convert is sent or done."""
+    fallback: whichever copy of an order comes first, exactly one convert is sent or done.
+
+    The browser's copy is a claim and the backend's a fact (docs/security.md): each has its
+    own row under the key, and a claim cancels the fact only when it is the same order (id,
+    email, value) and the vendor's library took it before the fact was tried."""
     settings = settings_for(tmp_path, rejoiner={"site_id": "ABC1234", "api_key": "k"})
     store = SQLiteStore(settings.server.sqlite_path, settings.sites, browser_grace_ms=600_000)
     await store.open()
-
-    async def rejoiner_rows() -> dict[str, tuple[str, int]]:
-        return {d["dedup_key"]: (d["state"], d["attempts"])
-                for d in await store.list_deliveries(vendor="rejoiner")}
     try:
         # Backend first: its copy waits out the grace; the browser's copy then cancels it.
         await ingest(store, purchase("1001", "backend"))
@@ -396,16 +398,98 @@ async def test_an_order_from_backend_and_browser_reaches_a_fallback_vendor_once(
         # Browser first: recorded as the browser's; the backend copy adds nothing.
         await ingest(store, purchase("1002", "browser", loaded=["rejoiner"]))
         await ingest(store, purchase("1002", "backend"))
-        # The library failed in the page: the server sends it, and the backend copy is the same row.
-        await ingest(store, purchase("1003", "browser", loaded=[]))
-        await ingest(store, purchase("1003", "backend"))
         # Already tried by the forwarder when the browser's copy arrives: too late to cancel.
         await ingest(store, purchase("1004", "backend"))
         claimed = await store.claim(now_ms=2**50, lease_ms=1000, limit=10, vendors=["rejoiner"])
-        assert [d.dedup_key for d in claimed] == ["convert:1003", "convert:1004"]
+        assert [d.dedup_key for d in claimed] == ["convert:1004"]
         await ingest(store, purchase("1004", "browser", loaded=["rejoiner"]))
-        rows = await rejoiner_rows()
+        # The library failed in the page: this site's orders come from its backend, so the
+        # browser's copy is not sent (ignored), and the backend's is.
+        await ingest(store, purchase("1003", "browser", loaded=[]))
+        await ingest(store, purchase("1003", "backend"))
+        # A different order under the same id (another email, another value): the browser's
+        # claim blocks nothing, the backend's fact is sent.
+        forged = purchase("1005", "browser", loaded=["rejoiner"])
+        forged["ecommerce"]["value_minor"] = 1
+        await ingest(store, forged)
+        await ingest(store, purchase("1005", "backend"))
     finally:
         await store.close()
-    assert rows == {"convert:1001": ("browser", 0), "convert:1002": ("browser", 0),
-                    "convert:1003": ("pending", 1), "convert:1004": ("pending", 1)}
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        rows = {(key, claim): (state, attempts) for key, claim, state, attempts in db.execute(
+            "SELECT dedup_key, claim, state, attempts FROM deliveries WHERE vendor = 'rejoiner'")}
+    assert rows == {("convert:1001", 0): ("browser", 0), ("convert:1001", 1): ("browser", 0),
+                    ("convert:1002", 1): ("browser", 0), ("convert:1002", 0): ("browser", 0),
+                    ("convert:1004", 0): ("pending", 1), ("convert:1004", 1): ("browser", 0),
+                    ("convert:1003", 1): ("ignored", 0), ("convert:1003", 0): ("pending", 0),
+                    ("convert:1005", 1): ("browser", 0), ("convert:1005", 0): ("pending", 0)}
+
+
+def test_migration_006_keeps_rows_and_splits_ids_and_keys_by_kind_of_sender(tmp_path) -> None:
+    db = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    db.execute("CREATE TABLE schema_migrations "
+               "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
+    for version, name, sql in [m for m in migrations() if m[0] < 6]:
+        for statement in sql.split(";\n"):
+            db.execute(statement)
+        db.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+    for seq, source in [(1, "browser"), (2, "backend")]:
+        db.execute("INSERT INTO events (seq, site_id, event_id, name, source, received_ms, raw, "
+                   "data) VALUES (?, 'shop1', ?, 'purchase', ?, 0, '{}', '{}')",
+                   (seq, f"e{seq}", source))
+        db.execute("INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, state, "
+                   "request, created_ms, updated_ms, retry_from_ms) VALUES ('shop1', 'rejoiner', ?, "
+                   "?, 'v', 'delivered', '{}', 0, 0, 5)", (f"convert:{seq}", seq))
+    assert migrate(db) == ["006_sources.sql"]
+    assert db.execute("SELECT dedup_key, claim, retry_from_ms FROM deliveries ORDER BY id"
+                      ).fetchall() == [("convert:1", 1, 5), ("convert:2", 0, 5)]
+    # The same id from the other kind of sender is a new event; from the same kind, refused.
+    db.execute("INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
+               "VALUES ('shop1', 'e1', 'purchase', 'backend', 0, '{}', '{}')")
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute("INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
+                   "VALUES ('shop1', 'e1', 'page_view', 'verified browser', 0, '{}', '{}')")
+    indexes = [row[0] for row in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")]
+    assert indexes == ["events_id"]  # still one index on events
+
+
+async def test_a_session_switching_identity_is_written_with_its_new_identity(tmp_path) -> None:
+    """The switch writes what it must before it changes the session (server/trust.py), and the
+    session's new identity and emptied cart still reach the database."""
+    store = await open_store(settings_for(tmp_path))
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "a",
+                                   "user": {"email": "a@example.com"}}))
+        await ingest(store, event({"event": "add_to_cart", "event_id": "c",
+                                   "ecommerce": {"items": [item()]}}))
+        await ingest(store, event({"event": "identify", "event_id": "b",
+                                   "user": {"email": "b@example.com"}}))
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        assert db.execute("SELECT i.email, s.cart_items FROM sessions s JOIN identities i "
+                          "ON i.id = s.identity_id").fetchall() == [("b@example.com", None)]
+
+
+async def test_a_browser_copy_under_a_key_a_backend_fact_holds_is_not_sent(tmp_path) -> None:
+    """Even where browsers may state orders, a browser's copy the server would send is not
+    sent under a key the backend's row holds; and a backend fact supersedes a browser copy
+    not sent yet."""
+    settings = settings_for(tmp_path, order_source="browser",
+                            rejoiner={"site_id": "ABC1234", "api_key": "k"})
+    store = await open_store(settings)
+    try:
+        await ingest(store, purchase("2001", "backend"))
+        await ingest(store, purchase("2001", "browser", loaded=[]))
+        await ingest(store, purchase("2002", "browser", loaded=[]))
+        await ingest(store, purchase("2002", "backend"))
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        rows = {(key, claim): (state, error) for key, claim, state, error in db.execute(
+            "SELECT dedup_key, claim, state, last_error FROM deliveries")}
+    assert rows == {("convert:2001", 0): ("pending", None),
+                    ("convert:2001", 1): ("ignored", "a backend fact holds this key"),
+                    ("convert:2002", 1): ("ignored", "superseded by the backend's fact"),
+                    ("convert:2002", 0): ("pending", None)}

@@ -362,7 +362,7 @@ class SQLiteStore(Store):
             "sum(state = 'pending' AND last_error IS NOT NULL) AS failing, "
             "sum(state = 'held') AS held, sum(state = 'delivered') AS delivered, "
             "sum(state = 'dead') AS dead, sum(state = 'browser') AS browser, "
-            "sum(state = 'expired') AS expired, "
+            "sum(state = 'expired') AS expired, sum(state = 'ignored') AS ignored, "
             "min(CASE WHEN state = 'pending' THEN created_ms END) AS oldest_pending_ms "
             "FROM deliveries GROUP BY vendor ORDER BY vendor")
         stats = []

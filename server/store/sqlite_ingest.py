@@ -16,10 +16,10 @@ import random
 import sqlite3
 from typing import Any, Iterable, Mapping, Sequence
 
-from .. import outbox
+from .. import outbox, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
-from ..sessions import apply_cart, cart_snapshot, identity_update
+from ..sessions import apply_cart, cart_snapshot, claimed_fields, identity_update
 
 CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
                          "cart_updated", "purchase"})
@@ -53,7 +53,7 @@ def identity_fields(row: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 _COLUMNS = ("identity_id", "first_ms", "user_agent", "last_page", "first_seq", "last_seq",
-            "cart_guid", "cart_currency", "cart_items", "cart_updated_ms")
+            "cart_guid", "cart_currency", "cart_items", "cart_updated_ms", "verified")
 _UNREAD = object()  # a cart whose stored JSON has not been parsed yet
 
 
@@ -71,12 +71,13 @@ class _Session:
                  last_page: str | None = None, first_seq: int | None = None,
                  last_seq: int | None = None, cart_guid: str | None = None,
                  cart_currency: str | None = None, cart_items: str | bytes | None = None,
-                 cart_updated_ms: int | None = None):
+                 cart_updated_ms: int | None = None, verified: int | None = None):
         self.id, self.last_ms, self.identity_id = id, last_ms, identity_id
         self.first_ms, self.user_agent, self.last_page = first_ms, user_agent, last_page
         self.first_seq, self.last_seq = first_seq, last_seq
         self.cart_guid, self.cart_currency, self.cart_items = cart_guid, cart_currency, cart_items
         self.cart_updated_ms = cart_updated_ms
+        self.verified = verified  # 1: the identity was bound by a signed identify
         self.cart: Any = _UNREAD if cart_items is not None else None
 
     def values(self) -> tuple[Any, ...]:
@@ -161,22 +162,96 @@ def _flag(value: Any) -> int | None:
 
 def insert_deliveries(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, Any]],
                       now: int) -> None:
-    """(site_id, event seq, PlannedDelivery) rows; one per (site, vendor, dedup_key).
+    """(site_id, event seq, PlannedDelivery) rows; one per (site, vendor, dedup_key, claim).
 
-    A fact planned twice is kept once. The one update: the browser reporting a fact whose
-    server copy has not been tried yet (a backend order waiting out its grace) cancels that
-    copy — the vendor has it.
+    A fact planned twice is kept once, and so is a claim. A browser's claim never holds the
+    key a backend fact needs (server/trust.py): each kind has its own row, and where they
+    meet, the fact wins — see ``_insert_fact``. The claim side is the hot path: one statement
+    for all of them, plus a look-up per order a vendor's library took in the page, whose
+    match may cancel a backend copy still waiting out its grace (``_matches_waiting_fact``).
+    Only orders: other keys name the event's own id or a cart state's guid, which a backend
+    copy does not share.
     """
-    conn.executemany(
-        "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, "
-        "state, request, next_attempt_ms, created_ms, updated_ms, last_error) "
-        "VALUES (?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?) "
-        "ON CONFLICT (site_id, vendor, dedup_key) DO UPDATE SET state = 'browser', "
-        "updated_ms = excluded.updated_ms, last_error = 'delivered by the browser first' "
-        "WHERE excluded.state = 'browser' AND deliveries.state IN ('pending', 'held') "
-        "AND deliveries.attempts = 0",
-        [(site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state, encode(r.request),
-          now + r.delay_ms, now, now, r.error) for site_id, seq, r in rows])
+    claims, facts = [], []
+    for site_id, seq, r in rows:
+        if r.claim:
+            claims.append((site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state,
+                           encode(r.request), now + r.delay_ms, r.error, now))
+            if r.state == outbox.BROWSER and r.event["name"] in trust.ORDER_EVENTS:
+                _matches_waiting_fact(conn, site_id, r, now)
+        else:
+            facts.append((site_id, seq, r))
+    if claims:
+        conn.executemany(_CLAIM_INSERT, claims)
+    for site_id, seq, r in facts:
+        _insert_fact(conn, site_id, seq, r, now)
+
+
+# A claim the server would send, under a key a backend fact holds, is not sent: the fact is
+# the vendor's truth. One index probe in VALUES (an INSERT ... SELECT form cost each row
+# about twice as much, measured on a bare deliveries table).
+_TAKEN = ("?6 IN ('pending', 'held') AND EXISTS (SELECT 1 FROM deliveries f WHERE "
+          "f.site_id = ?1 AND f.vendor = ?2 AND f.dedup_key = ?3 AND f.claim = 0)")
+_CLAIM_INSERT = (
+    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, next_attempt_ms, last_error, created_ms, updated_ms) "
+    f"VALUES (?1, ?2, ?3, 1, ?4, ?5, CASE WHEN {_TAKEN} THEN 'ignored' ELSE ?6 END, "
+    f"CAST(?7 AS TEXT), ?8, CASE WHEN {_TAKEN} THEN 'a backend fact holds this key' ELSE ?9 END, "
+    "?10, ?10) ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
+_FACT_INSERT = (
+    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, next_attempt_ms, last_error, created_ms, updated_ms) "
+    "VALUES (?, ?, ?, 0, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?) "
+    "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
+_OTHER = ("SELECT d.id, d.state, d.attempts, d.request, e.data FROM deliveries d "
+          "JOIN events e ON e.seq = d.event_seq "
+          "WHERE d.site_id = ? AND d.vendor = ? AND d.dedup_key = ? AND d.claim = ?")
+
+
+def _same_fact(row: Mapping[str, Any], planned: Any) -> bool:
+    return (trust.fact_fingerprint(loads(row["data"]), loads(row["request"]))
+            == trust.fact_fingerprint(planned.event, planned.request))
+
+
+def _matches_waiting_fact(conn: sqlite3.Connection, site_id: str, r: Any, now: int) -> None:
+    """A vendor's library took in the page the very fact a backend copy waits to send (a
+    ``fallback`` route's grace): the vendor has it, so that copy is not sent. Only the same
+    fact (order id, email, value, currency): a differing claim leaves the fact alone."""
+    for row in conn.execute(_OTHER + " AND d.state IN ('pending', 'held') AND d.attempts = 0",
+                            (site_id, r.vendor, r.dedup_key, 0)).fetchall():
+        if _same_fact(row, r):
+            conn.execute("UPDATE deliveries SET state = 'browser', updated_ms = ?, "
+                         "last_error = 'delivered by the browser first' WHERE id = ?",
+                         (now, row["id"]))
+
+
+def _insert_fact(conn: sqlite3.Connection, site_id: str, seq: int, r: Any, now: int) -> None:
+    """A backend (fact) row, given the browser's claim under the same key, if any.
+
+    Claim not sent yet: cancelled (``ignored``), the fact goes. Claim delivered (by onetag or
+    by the vendor's library) with the same fact: the vendor has it, the fact row is recorded
+    as ``browser``. Delivered differently: the fact goes as the vendor's update
+    (``trust.correction``). A dead, expired or ignored claim changed nothing at the vendor.
+    """
+    state, request, error = r.state, r.request, r.error
+    claim = conn.execute(_OTHER, (site_id, r.vendor, r.dedup_key, 1)).fetchone()
+    if claim is not None and state in (outbox.PENDING, outbox.HELD):
+        same = _same_fact(claim, r)
+        if claim["state"] in (outbox.DELIVERED, outbox.BROWSER):
+            if same:
+                state, error = outbox.BROWSER, f"the browser's copy (delivery {claim['id']}) " \
+                                               "carried the same fact"
+            else:
+                request = trust.correction(r.vendor, request)
+        elif claim["state"] in (outbox.PENDING, outbox.HELD):
+            if claim["attempts"] and not same:  # it may have reached the vendor
+                request = trust.correction(r.vendor, request)
+            conn.execute("UPDATE deliveries SET state = 'ignored', updated_ms = ?, "
+                         "last_error = 'superseded by the backend''s fact' WHERE id = ?",
+                         (now, claim["id"]))
+    conn.execute(_FACT_INSERT, (site_id, r.vendor, r.dedup_key, seq, r.visitor, state,
+                                encode(request), now + (r.delay_ms if state == outbox.PENDING
+                                                        else 0), error, now, now))
 
 
 def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str]]]:
@@ -224,7 +299,8 @@ class IngestBatch:
         work = []  # (seq, site_id, event, raw, user agent, (request, position))
         for index, (site_id, events, raws, user_agent) in enumerate(requests):
             for position, (event, raw) in enumerate(zip(events, raws)):
-                key = (site_id, event["event_id"])
+                # Ids are unique per kind of sender: a browser's never suppresses the backend's.
+                key = (site_id, event["event_id"], event["source"] == trust.BACKEND)
                 if key in known:
                     results[index].append((event["event_id"], known[key], True))
                     continue
@@ -240,7 +316,7 @@ class IngestBatch:
         self.cache.trim()
         return results
 
-    def _known_events(self, requests: Sequence[Request]) -> dict[tuple[str, str], int]:
+    def _known_events(self, requests: Sequence[Request]) -> dict[tuple[str, str, bool], int]:
         ids: dict[str, list[str]] = {}
         for site_id, events, _, _ in requests:
             ids.setdefault(site_id, []).extend(event["event_id"] for event in events)
@@ -248,9 +324,10 @@ class IngestBatch:
         for site_id, event_ids in ids.items():
             for chunk in _chunks(event_ids):
                 rows = self.conn.execute(
-                    f"SELECT event_id, seq FROM events WHERE site_id = ? AND event_id IN "
-                    f"({','.join('?' * len(chunk))})", (site_id, *chunk))
-                known.update(((site_id, event_id), seq) for event_id, seq in rows)
+                    f"SELECT event_id, seq, source = 'backend' FROM events WHERE site_id = ? "
+                    f"AND event_id IN ({','.join('?' * len(chunk))})", (site_id, *chunk))
+                known.update(((site_id, event_id, bool(backend)), seq)
+                             for event_id, seq, backend in rows)
         return known
 
     def _load_state(self, work: Sequence[tuple[Any, ...]]) -> None:
@@ -362,22 +439,87 @@ class IngestBatch:
     # Identity -----------------------------------------------------------------------------
 
     def _identity(self, site_id: str, event: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
-        """The session's identity after ``event``, and whether the session was newly bound."""
+        """The session's identity after ``event``, and whether the session was newly bound.
+
+        Trust (server/trust.py, docs/security.md): a browser event from a session whose
+        identity is verified, about that identity, counts as verified. An unverified one may
+        bind the session to an email (a guest typing it), and creates the identity of an email
+        never seen; of everything else it says about a person only the email is kept, so
+        neither the stored identity nor any vendor request takes its names, phone, consent
+        or customer id. A session that changes identity starts clean (``_switch``).
+        """
         sc = event["sc"]
         state = self.sessions.get((site_id, sc)) if sc else None
         current_id = state.identity_id if state else None
         user = event.get("user") or {}
-        if not (user.get("email") or user.get("customer_id")):
+        current = self.identities[current_id] if current_id is not None else {}
+        if (event["source"] == trust.BROWSER and state is not None and state.verified
+                and current_id is not None
+                and user.get("email") in (None, current.get("email"))
+                and user.get("customer_id") in (None, current.get("customer_id"))):
+            event["source"] = trust.VERIFIED  # the session's verified identity, speaking again
+        trusted = trust.trusted(event)
+        if not trusted:
+            email = user.get("email")
+            event["user"] = {"email": email} if email else None
+            if not email or event["name"] in trust.CONSENT_EVENTS:
+                # A consent event is about whoever it names, not this visitor: no binding.
+                email = None
+        if not (user.get("email") or user.get("customer_id")) or (not trusted and not email):
             if current_id is None:
                 return None, False
             return {**self.identities[current_id], "id": current_id, "is_new": False}, False
-        identity_id, is_new = self._upsert_identity(site_id, event)
+        if trusted:
+            identity_id, is_new = self._upsert_identity(site_id, event)
+        elif current.get("email") == email:
+            identity_id, is_new = current_id, False  # the session's own: nothing to look up
+        else:
+            identity_id, is_new = self._claimed_identity(site_id, email, user)
         newly_bound = False
         if state is not None and current_id != identity_id:
+            if current_id is not None:
+                self._switch(site_id, sc, state)
             state.identity_id = identity_id
             self.bound.add((site_id, sc))
-            newly_bound = True
+            newly_bound = current_id is None
+        if state is not None:
+            # Only a signature verifies a session. Not the backend naming its sc: a guest
+            # checkout under someone else's email is not proof of being them.
+            if event["source"] == trust.VERIFIED:
+                state.verified = 1
+            elif current_id != identity_id:
+                state.verified = None
         return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, newly_bound
+
+    def _claimed_identity(self, site_id: str, email: str, user: dict[str, Any]) -> tuple[int, bool]:
+        """An unverified email's identity: the existing one untouched, or a new one with the
+        names and phone the browser gave (never consent, never a customer id)."""
+        row = self.conn.execute("SELECT * FROM identities WHERE site_id = ? AND email = ?",
+                                (site_id, email)).fetchone()
+        if row is not None:
+            self.identities[row["id"]] = identity_fields(row)
+            return row["id"], False
+        fields = claimed_fields(user)
+        identity_id = self.conn.execute(
+            "INSERT INTO identities (site_id, email, first_name, last_name, phone, created_ms, "
+            "updated_ms) VALUES (?,?,?,?,?,?,?)",
+            (site_id, email, fields.get("first_name"), fields.get("last_name"),
+             fields.get("phone"), self.now, self.now)).lastrowid
+        self.identities[identity_id] = fields
+        return identity_id, True
+
+    def _switch(self, site_id: str, sc: str, state: _Session) -> None:
+        """The session was someone else's: what it did then is never sent under the new
+        identity. Its cart is emptied, and what waited for an email stays unsent."""
+        self._flush()  # earlier events' held rows must be in the database to be found
+        self.conn.execute(
+            "UPDATE deliveries SET state = 'ignored', updated_ms = ?, last_error = 'identity "
+            "switch: held while the session was someone else''s' WHERE site_id = ? AND "
+            "visitor = ? AND state = 'held'", (self.now, site_id, f"sc:{sc}"))
+        self.dirty[(site_id, sc)] = state  # the flush wrote it; what follows changes it again
+        if state.cart is not None:
+            state.cart = None
+            self.dirty_carts.add((site_id, sc))
 
     def _upsert_identity(self, site_id: str, event: dict[str, Any]) -> tuple[int, bool]:
         """One identity per (site, email); a customer id also matches. Returns (id, is_new)."""

@@ -123,6 +123,24 @@
     dataLayer.push(obj);
     panelDataLayerSoon();
   }
+  // The shop's own server, the trusted side (docs/security.md). A shop signs its signed-in
+  // customer's email when it renders the page; the demo has no accounts, so its stand-in
+  // signs the email typed. Without the signature onetag takes the push as a claim.
+  function withSignature(email, then) {
+    fetch("/demo/identity", { method: "POST", credentials: "same-origin",
+                              headers: { "Content-Type": "application/json" },
+                              body: JSON.stringify({ email: email }) })
+      .then(function (response) { return response.json(); })
+      .then(function (answer) { then({ email: email, signature: answer.signature }); },
+            function () { then({ email: email }); });
+  }
+  // What a shop's order webhook does: report the order from the backend, as a fact.
+  function reportOrder(user, ecommerce) {
+    fetch("/demo/order", { method: "POST", credentials: "same-origin", keepalive: true,
+                           headers: { "Content-Type": "application/json" },
+                           body: JSON.stringify({ user: user, ecommerce: ecommerce }) });
+  }
+
   function pushCartChange(name, p, qtyDelta) {
     push({ event: name, ecommerce: { currency: CURRENCY, value: major(p.cents * qtyDelta),
                                      items: [gaItem(p, qtyDelta)] } });
@@ -439,7 +457,8 @@
         var ecommerce = { transaction_id: orderId, currency: CURRENCY, value: major(t.value),
                           tax: major(t.tax), shipping: major(t.shipping), items: cartItems() };
         if (t.code) ecommerce.coupon = t.code;
-        push({ event: "purchase", ecommerce: ecommerce });
+        push({ event: "purchase", ecommerce: ecommerce }); // for the vendors' own libraries
+        reportOrder(user, ecommerce); // the order itself, from the shop's backend
 
         save("email", email);
         save("last-order", { id: orderId, total: t.total, items: cartQty(), email: email });
@@ -575,7 +594,7 @@
     var input = byTestId("signin-email");
     var email = input.value.trim();
     if (!email || !input.checkValidity()) { input.reportValidity(); return; }
-    push({ event: "identify", user: { email: email } });
+    withSignature(email, function (user) { push({ event: "identify", user: user }); });
     save("email", email);
     input.value = "";
     showSignedIn(email);
@@ -606,7 +625,7 @@
     var email = input.value.trim();
     status.hidden = false;
     if (!email || !input.checkValidity()) { status.textContent = "Enter a valid email address first."; return; }
-    push({ event: eventName, user: { email: email } });
+    withSignature(email, function (user) { push({ event: eventName, user: user }); });
     status.textContent = eventName === "unsubscribe"
       ? email + " is unsubscribed from marketing email."
       : email + " is opted in to marketing email.";
@@ -755,7 +774,7 @@
 
   var DELIVERY_STATES = {
     held: "held for email", pending: "queued", delivered: "delivered", dead: "dead (kept)",
-    browser: "in browser"
+    browser: "in browser", expired: "expired", ignored: "not sent (a browser's claim)"
   };
   function requestKind(d) {
     // dedup keys read "orders/create:1001", "convert:1001", "event:<uuid>": the part before ":"
@@ -778,6 +797,7 @@
         el("span", { class: "dl-event" }, d.name || "",
           requestKind(d) ? el("span", { class: "dl-kind", text: " \u2192 " + requestKind(d) }) : null),
         el("span", { class: "dl-state dl-" + state.replace(/[^a-z]/gi, ""),
+                     title: state === "ignored" && d.last_error ? d.last_error : null,
                      text: (DELIVERY_STATES[state] || state) + (d.attempts > 1 ? " \u00b7 " + d.attempts + " tries" : "") })));
     });
   }

@@ -63,7 +63,8 @@ def vendor_sections(fake: FakeVendors, only: tuple[str, ...] | None = None,
 def settings_data(tmp_path: Path, fake: FakeVendors, *, hold_days: float | None = None,
                   only: tuple[str, ...] | None = None,
                   routes: dict[str, dict[str, str]] | None = None, port: int = 8000,
-                  forward: bool = True, browser_grace_s: float = 0) -> dict:
+                  forward: bool = True, browser_grace_s: float = 0,
+                  site: dict[str, Any] | None = None) -> dict:
     # No grace by default: these tests send backend orders and want them out at once.
     server: dict[str, Any] = {"database": f"sqlite:///{tmp_path}/onetag.db",
                               "public_url": f"http://127.0.0.1:{port}", "forward": forward,
@@ -72,7 +73,7 @@ def settings_data(tmp_path: Path, fake: FakeVendors, *, hold_days: float | None 
         server["hold_days"] = hold_days
     return {"server": server,
             "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": API_KEY, "currency": "USD",
-                       **vendor_sections(fake, only, routes)}]}
+                       **(site or {}), **vendor_sections(fake, only, routes)}]}
 
 
 def make_settings(tmp_path: Path, fake: FakeVendors, **kwargs: Any) -> config.Settings:

@@ -41,7 +41,10 @@ async def test_the_browsers_cart_guid_is_the_one_both_paths_quote(tmp_path, fake
     """ES REST StatusCart GUID: "Should be identical to the GUID of the PurchasedItems event".
     eS.js is blocked here (``loaded: []``), so the server sends both, under the GUID the
     browser used."""
-    settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",)), env={})
+    # The browser's purchase goes server-side: a site whose orders come from the browser
+    # (order_source = "browser"; with "backend" only the backend API's orders are sent).
+    settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",),
+                                          site={"order_source": "browser"}), env={})
     db = tmp_path / "onetag.db"
     add = {"event": "add_to_cart", "event_id": "a-1", "loaded": [], "cart_guid": GUID_X.lower(),
            "ecommerce": {"currency": "USD", "items": [item("SKU-1", "29.99")]}}
@@ -177,7 +180,10 @@ async def test_ignored_rows_keep_their_reason_and_block_nothing(tmp_path, fake,
 async def test_a_purchase_without_a_stored_cart_keeps_the_browsers_guid(tmp_path, fake) -> None:
     """The cart's pages were on another session (or before onetag): the browser's purchase
     names the GUID eS.js last sent, and the server's PurchasedItems quotes it."""
-    settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",)), env={})
+    # The browser's purchase goes server-side: a site whose orders come from the browser
+    # (order_source = "browser"; with "backend" only the backend API's orders are sent).
+    settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",),
+                                          site={"order_source": "browser"}), env={})
     db = tmp_path / "onetag.db"
     buy = {"event": "purchase", "event_id": "p-1", "loaded": [], "cart_guid": GUID_X,
            "ecommerce": {"currency": "USD", "transaction_id": "1002", "value": "29.99",
@@ -193,7 +199,10 @@ async def test_a_purchase_of_a_session_that_never_had_a_cart_is_the_one_click_fo
         tmp_path, fake) -> None:
     """No StatusCart was ever sent, so no GUID could match one: ES REST "PurchasedItems (One
     Click)" with the lines."""
-    settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",)), env={})
+    # The browser's purchase goes server-side: a site whose orders come from the browser
+    # (order_source = "browser"; with "backend" only the backend API's orders are sent).
+    settings = config.parse(settings_data(tmp_path, fake, only=("esputnik",),
+                                          site={"order_source": "browser"}), env={})
     db = tmp_path / "onetag.db"
     buy = {"event": "purchase", "event_id": "p-1", "loaded": [],
            "ecommerce": {"currency": "USD", "transaction_id": "1003", "value": "8.70",
