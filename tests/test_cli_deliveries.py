@@ -35,6 +35,15 @@ def onetag(*args: str, cwd) -> subprocess.CompletedProcess:
                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+IDENTITY_SECRET = "cli-test-identity-secret-0123456789"
+
+
+def signed(email: str) -> str:
+    from server import trust
+
+    return trust.signature(IDENTITY_SECRET, email)
+
+
 def purchase(event_id: str, loaded) -> dict:
     return {"event": "purchase", "event_id": event_id, "loaded": loaded,
             "ecommerce": {"currency": "USD", "transaction_id": event_id, "value": "29.99",
@@ -56,6 +65,9 @@ async def shop(tmp_path):
         # Browser purchases are forwarded (a site without a backend integration), so they
         # reach every state; an unverified unsubscribe gives the `ignored` rows.
         data["sites"][0]["order_source"] = "browser"
+        # A's identify is signed (a verified identity), so it keeps its customer id, which
+        # Sendlane's customer-added requires.
+        data["sites"][0]["identity_secret"] = IDENTITY_SECRET
         config_path = write_config(tmp_path / "onetag.toml", data)
     settings = config.load(config_path, env={})
     # Visitor C bought anonymously; the hold window passes: expired.
@@ -69,7 +81,8 @@ async def shop(tmp_path):
     # Rejoiner and eSputnik); visitor B adds to cart anonymously (held).
     await store_events(settings,
                        (SC_A, [{"event": "identify", "event_id": "id-a", "loaded": [],
-                                "user": {"email": "a@example.com", "customer_id": "A-1"}},
+                                "user": {"email": "a@example.com", "customer_id": "A-1",
+                                         "signature": signed("a@example.com")}},
                                purchase("order-a", ALL)]),
                        (SC_B, [{"event": "add_to_cart", "event_id": "cart-b", "loaded": [],
                                 "ecommerce": {"currency": "USD", "items": [item()]}},
@@ -182,11 +195,14 @@ async def test_worker_forwards_what_the_server_stored_and_stops_on_sigterm(tmp_p
     with FakeVendors() as fake:
         config_path = write_config(tmp_path / "onetag.toml",
                                    settings_data(tmp_path, fake, only=("sendlane",), forward=False,
-                                                 site={"order_source": "browser"}))
+                                                 site={"order_source": "browser",
+                                                       "identity_secret": IDENTITY_SECRET}))
         settings = config.load(config_path, env={})
         await store_events(settings, (SC_A, [{"event": "identify", "event_id": "id-a",
                                               "loaded": [], "user": {"email": "a@example.com",
-                                                                     "customer_id": "A-1"}},
+                                                                     "customer_id": "A-1",
+                                                                     "signature": signed(
+                                                                         "a@example.com")}},
                                              purchase("order-a", [])]))
         db = tmp_path / "onetag.db"
         assert states(db) == {"pending": 2}  # the server only stored them (forward = false)

@@ -528,3 +528,41 @@ def test_a_database_found_read_only_at_runtime_answers_503_then_recovers(tmp_pat
         assert serve.wait_healthy(10)["writer_pid"]
         assert_quiet_log(serve)
         serve.terminate()
+
+
+def test_forwarding_resumes_by_itself_after_the_writer_is_killed(tmp_path: Path) -> None:
+    """The forwarder shares the store's writer: with it gone, claims are refused (logged once,
+    not a traceback per poll); with the new writer, what was stored goes out on its own."""
+    from fakes.vendor_server import FakeVendors
+
+    with FakeVendors() as fake:
+        serve = Serve(tmp_path, forward=True)
+        write_config(serve.config, {
+            "server": {"database": f"sqlite:///{serve.db}", "public_url": serve.base,
+                       "forward": True, "writer_timeout_s": 3.0, "shutdown_grace_s": GRACE_S,
+                       "browser_grace_s": 0},
+            "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": "k", "currency": "USD",
+                       "sendlane": {"integration_token": "T", "api_token": "SECRET",
+                                    "api_base": fake.url("sendlane")}}]})
+        try:
+            serve.start()
+            serve.wait_healthy()
+            before = serve.writer_pid()
+            os.kill(before, signal.SIGKILL)
+            poll("a new writer", 10, lambda: serve.writer_pids() not in ([], [before]))
+            serve.wait_healthy()
+            with httpx.Client(timeout=10) as client:
+                answer = client.post(
+                    f"{serve.base}/api/v1/sites/{SITE}/events",
+                    headers={"authorization": "Bearer k", "content-type": "application/json"},
+                    json={"event": "purchase", "event_id": "after-kill",
+                          "user": {"email": "ann@example.com", "customer_id": "C-1"},
+                          "ecommerce": {"transaction_id": "9001", "value": "12.50",
+                                        "items": [{"item_id": "A", "price": "12.50"}]}})
+            assert answer.status_code == 202, answer.text
+            poll("the order forwarded to the vendor", 20,
+                 lambda: any("9001" in json.dumps(r.json) for r in fake.requests("sendlane")))
+            assert serve.terminate() < GRACE_S + 5
+            assert_quiet_log(serve)
+        finally:
+            serve.cleanup()
