@@ -244,6 +244,9 @@ class Planned:
     mode: str
     decision: str  # routing.decide: send | browser | skip
     requests: list[tuple[VendorRequest, str, int | None]]  # request, row state, step no. seen
+    # Per request: the step whose browser claim carried the same fact, which the vendor's
+    # library took in the page (the store records the backend's copy as `browser`).
+    met: tuple[int | None, ...] = ()
 
 
 def plan_story() -> list[list[Planned]]:
@@ -252,6 +255,7 @@ def plan_story() -> list[list[Planned]]:
     step's number (the store's INSERT OR IGNORE keeps the first row)."""
     shop = site()
     seen: dict[tuple[str, str], int] = {}
+    taken: dict[tuple[str, str], tuple[int, Any]] = {}  # claims taken in the page: step, fact
     out = []
     for number, step in enumerate(scenario(), 1):
         rows = {(r.vendor, r.dedup_key.removeprefix("skipped:")): r.state
@@ -259,15 +263,25 @@ def plan_story() -> list[list[Planned]]:
         planned = []
         for name, vendor in shop.vendors.items():
             decision = routing.decide(vendor, step.event)
-            requests = []
+            requests, met = [], []
             if decision != "skip":
                 for req in VENDORS[name].plan(step.event, context(vendor, shop)):
                     # A browser's claim and a backend fact have a row each (server/trust.py).
-                    key = (name, req.dedup_key, trust.is_claim(step.event))
-                    requests.append((req, rows[key[:2]], seen.get(key)))
+                    is_claim = trust.is_claim(step.event)
+                    key = (name, req.dedup_key, is_claim)
+                    state = rows[key[:2]]
+                    fingerprint = trust.fact_fingerprint(step.event, req.to_row())
+                    if is_claim and state == outbox.BROWSER:
+                        taken.setdefault(key[:2], (number, fingerprint))
+                    # The store's rule (sqlite_ingest._insert_fact): a fact the vendor's
+                    # library already took, the same, is recorded as `browser`, not sent.
+                    claim = taken.get(key[:2]) if not is_claim else None
+                    same = claim is not None and claim[1] == fingerprint
+                    met.append(claim[0] if same and state == outbox.PENDING else None)
+                    requests.append((req, outbox.BROWSER if met[-1] else state, seen.get(key)))
                     seen.setdefault(key, number)
             planned.append(Planned(step, name, vendor.route(step.event["name"]), decision,
-                                   requests))
+                                   requests, tuple(met)))
         out.append(planned)
     return out
 
@@ -282,7 +296,12 @@ def markers() -> dict[str, tuple[str, str, int]]:
     earlier step already stored)."""
     return {marker(p.vendor, p.step.id, i, len(p.requests)): (p.vendor, p.step.id, i)
             for planned in plan_story() for p in planned
-            for i, (_, _, earlier) in enumerate(p.requests) if earlier is None}
+            for i, (_, _, earlier) in enumerate(p.requests)
+            if earlier is None and not _met(p, i)}
+
+
+def _met(p: Planned, index: int) -> int | None:
+    return p.met[index] if index < len(p.met) else None
 
 
 # --- routing reasons: one line per non-obvious default ------------------------------------
@@ -400,7 +419,8 @@ def _decision_text(p: Planned) -> str:
                in trust.ORDER_EVENTS else "it is not verified")
         return (f"{mode}: planned as `ignored`, not sent: a browser's claim onetag's server "
                 f"does not forward ({why}; docs/security.md).")
-    sent = ("sent by the server" if any(earlier is None for _, _, earlier in p.requests)
+    sent = ("sent by the server" if any(earlier is None and not _met(p, i)
+                                        for i, (_, _, earlier) in enumerate(p.requests))
             else "planned by the server")
     if p.step.event["source"] == "backend":
         return f"{mode}, a backend event: {sent}."
@@ -416,6 +436,12 @@ def _render_request(p: Planned, index: int, req: VendorRequest, state: str,
     if earlier is not None:
         return _wrap(f"{label}: dedup key `{req.dedup_key}`, already stored by step {earlier}: "
                      f"the outbox keeps that row, this copy is not sent.", "- ", "  ")
+    if _met(p, index):
+        return _wrap(f"{label}: dedup key `{req.dedup_key}`; the page's copy in step "
+                     f"{_met(p, index)} carried the same order (id, email, value, currency) and "
+                     f"{TITLES[p.vendor]}'s library took it, so this fact is recorded as "
+                     "`browser`, not sent (see \"When a backend fact meets a browser claim\").",
+                     "- ", "  ")
     if req.skipped:
         return [*_wrap(f"{label}: not sent. Stored as an `ignored` row, dedup key "
                        f"`skipped:{req.dedup_key}`, `last_error` \"skipped: {req.skipped}\" "
