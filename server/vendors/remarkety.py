@@ -32,8 +32,9 @@ Routing defaults (``DEFAULT_ROUTES``):
                                events of unidentified visitors, and the outbox holds the
                                session's carts until it has an email, then sends them
     purchase         server    orders/create; the page has no purchase call at all, so one
-                               order is one webhook (keyed "orders/create:<order id>", so the
-                               browser's and the backend's copy of one order are one)
+                               order is one webhook (keyed "orders/create:<order id>"; a
+                               browser's copy is a claim: the backend's fact replaces it, as
+                               orders/update where it was sent differently, docs/mapping.md)
     order_status, refund
                      server    orders/update with the new status
     product_updated  server    products/update, one per product
