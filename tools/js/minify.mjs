@@ -25,7 +25,7 @@ function compressOptions(retain) {
   return {
     passes: 3, unsafe_arrows: true, unsafe_methods: true,
     toplevel: true, top_retain: (def) => retain.has(def.name),
-    keep_fargs: false,
+    keep_fargs: false, pure_getters: true,
     // The minified build does not log (READABLE is false there): drop the calls, arguments and all.
     pure_funcs: ["log"],
   };
