@@ -50,7 +50,8 @@ class BuildError(RuntimeError):
 
 
 def sources() -> list[Path]:
-    return [RUNTIME] + sorted((TEMPLATES / "vendors").glob("*.js.j2"))
+    return ([RUNTIME] + sorted((TEMPLATES / "features").glob("*.js.j2"))
+            + sorted((TEMPLATES / "vendors").glob("*.js.j2")))
 
 
 def sources_readable() -> list[Path]:
@@ -90,6 +91,10 @@ def min_tail(lines: list[str]) -> str:
     return "".join(out)
 
 
+def name(path: Path) -> str:
+    return path.relative_to(TEMPLATES).as_posix()
+
+
 def part(path: Path) -> str:
     code = path.read_text(encoding="utf-8")
     if re.search(r"\{[{%#]", code):
@@ -120,7 +125,7 @@ def build() -> dict[Path, str]:
     body, tail = split_runtime(RUNTIME.read_text(encoding="utf-8"))
     parts = [p for p in sources_readable() if p != RUNTIME]
     request = {"runtime": body, "shared": SHARED_NAMES,
-               "parts": [[p.name, part(p)] for p in parts]}
+               "parts": [[name(p), part(p)] for p in parts]}
     run = subprocess.run([node, str(HERE / "minify.mjs")], input=json.dumps(request),
                          capture_output=True, text=True, cwd=HERE)
     if run.returncode != 0:
@@ -131,7 +136,7 @@ def build() -> dict[Path, str]:
            + f"!function({params}){{{minified['runtime'].rstrip(';')};{min_tail(tail)}}}"
            + "(window,document,{{ config_json }});\n"}
     for path in parts:
-        out[min_path(path)] = HEADER.format(source=f"vendors/{path.name}") + minified[path.name] + "\n"
+        out[min_path(path)] = HEADER.format(source=name(path)) + minified[name(path)] + "\n"
     return out
 
 

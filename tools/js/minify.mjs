@@ -2,8 +2,8 @@
 // stdin; writes {"name": "minified", ...}. Run by tools/js/build.py, which owns everything else
 // (templates, Jinja markup, files).
 //
-// The parts end up in one function's scope (the runtime's body first, then the money helpers
-// and the enabled adapters), so they are minified as one program would be, only separately:
+// The parts end up in one function's scope (the runtime's body first, then the site's features,
+// the money helpers and the enabled adapters), so they are minified as one program would be, only separately:
 // - one name cache across the runs: a top-level name gets the same short name in every part
 //   that declares or uses it, and no part reuses a name another part's top level holds;
 // - `shared` seeds that cache with the wrapper function's parameters (window, document,
