@@ -82,13 +82,9 @@ def split_runtime(text: str) -> tuple[str, list[str]]:
 
 
 def min_tail(lines: list[str]) -> str:
-    """The Jinja lines, on one line, including the .min parts (each ends its statement)."""
-    out = []
-    for line in lines:
-        if line.startswith("{% include"):
-            line = re.sub(r'\.js\.j2"', '.min.js.j2"', line) + ";"
-        out.append(line)
-    return "".join(out)
+    """The Jinja lines, on one line, including the .min parts (each ends with a ;)."""
+    return "".join(re.sub(r'\.js\.j2"', '.min.js.j2"', line) if line.startswith("{% include") else line
+                   for line in lines)
 
 
 def name(path: Path) -> str:
@@ -136,7 +132,7 @@ def build() -> dict[Path, str]:
            + f"!function({params}){{{minified['runtime'].rstrip(';')};{min_tail(tail)}}}"
            + "(window,document,{{ config_json }});\n"}
     for path in parts:
-        out[min_path(path)] = HEADER.format(source=name(path)) + minified[name(path)] + "\n"
+        out[min_path(path)] = HEADER.format(source=name(path)) + minified[name(path)].rstrip(";") + ";\n"
     return out
 
 
