@@ -6,7 +6,9 @@
 
 Starts the real server (``python -m server serve --config <tmp>/onetag.toml``, forwarder off)
 with one site per case: the runtime alone, each vendor alone, all four vendors; every vendor
-setting filled (public ones reach the script; secrets must not). For each it fetches the
+setting filled (public ones reach the script; secrets must not). Those sites keep the site
+defaults (automatic SPA page views, form email capture); ``all-four-lean`` turns both off, to
+show what compiling those features out saves (not a budget case). For each it fetches the
 script twice over HTTP: plain (raw bytes) and with ``Accept-Encoding: gzip`` (the bytes the
 server actually sends). That is the minified form (templates/*.min.js.j2, made by
 tools/js/build.py with terser), what every browser gets unless it asks for debug. Brotli is computed locally (quality 11) when the ``brotli`` module is
@@ -39,7 +41,9 @@ VENDORS = {
     "esputnik": {"site_id": "8A412DC", "script_id": "000000000000000000", "api_key": "secret-es"},
     "sendlane": {"integration_token": "abcdefghijklmnopqrstuvwxyz123456", "api_token": "secret-sl"},
 }
-CASES = {"runtime-only": [], **{f"{v}-only": [v] for v in VENDORS}, "all-four": list(VENDORS)}
+CASES = {"runtime-only": [], **{f"{v}-only": [v] for v in VENDORS}, "all-four": list(VENDORS),
+         "all-four-lean": list(VENDORS)}
+LEAN = {"all-four-lean": ['spa_page_views = "manual"', "capture_form_email = false"]}
 
 
 def config(database: str, public_url: str) -> str:
@@ -47,7 +51,7 @@ def config(database: str, public_url: str) -> str:
              "forward = false", ""]
     for site, names in CASES.items():
         lines += ["[[sites]]", f'id = "{site}"', 'origins = ["https://shop.example"]',
-                  'api_key = "secret-site"', 'currency = "USD"', ""]
+                  'api_key = "secret-site"', 'currency = "USD"', *LEAN.get(site, []), ""]
         for name in names:
             lines.append(f"[sites.{name}]")
             lines += [f'{k} = "{v}"' for k, v in VENDORS[name].items()]

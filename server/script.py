@@ -49,13 +49,14 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
     config is paid on every page view. ``v`` maps each enabled vendor to
     ``[routes, settings]``: ``routing.browser_routes`` and ``config.public_settings``. ``u``:
     the site's ``cart_url`` template, when it has one (where a cart can be restored).
+    spa_page_views and capture_form_email are not in it: they pick the parts of the script
+    (``features``), so a site gets no code it cannot use.
     """
-    flags = {"m": site.spa_page_views == "manual", "f": site.capture_form_email, "d": site.debug}
     cart_url = getattr(site, "cart_url", None)
     return {
         "e": settings.server.public_url + settings.server.event_path,
         "s": site.id,
-        **{key: 1 for key, on in flags.items() if on},  # absent: false
+        **({"d": 1} if site.debug else {}),  # absent: false
         **({"u": cart_url} if cart_url else {}),
         "v": {name: [routing.browser_routes(vendor), public_settings(vendor)]
               for name, vendor in site.vendors.items()},
@@ -69,9 +70,16 @@ def _embed_json(value: Any) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
+def features(site: Any) -> dict[str, bool]:
+    """The optional parts of the script (templates/features/) this site's settings use."""
+    return {"spa_page_views": site.spa_page_views != "manual",
+            "capture_form_email": bool(site.capture_form_email)}
+
+
 def render(env: jinja2.Environment, settings: Any, site: Any, readable: bool = False) -> RenderedScript:
     text = env.get_template(READABLE if readable else MINIFIED).render(
-        config_json=_embed_json(script_config(settings, site)), vendors=list(site.vendors))
+        config_json=_embed_json(script_config(settings, site)), vendors=list(site.vendors),
+        **features(site))
     body = text.encode("utf-8")
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     return RenderedScript(body=body, gzipped=gzip.compress(body, 9, mtime=0), etag=etag)

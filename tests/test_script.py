@@ -103,17 +103,42 @@ async def test_browsers_get_the_minified_script_and_debug_the_readable_one(tmp_p
         wire = (await client.get("/s/shop1.js")).text
         readable = (await client.get("/s/shop1.js?onetag_debug=1")).text
     assert "/*" not in wire and "\n  " not in wire  # no comments, no indentation
-    assert "function identityDue(name, ctx)" in readable and "Basic Snippet" in readable
+    assert "function identityDue(name)" in readable and "Basic Snippet" in readable
     assert embedded_config(wire) == embedded_config(readable)
     assert len(wire) < len(readable) // 2
     for secret in ("rj-SECRET-1", "rm-SECRET-2", "es-SECRET-3", "sl-SECRET-4", "secret-key"):
         assert secret not in readable
 
 
+async def test_the_wire_form_does_not_log_and_swaps_in_the_readable_build_for_debug(tmp_path) -> None:
+    """The minified build has no logging (the debug build has): a tab in debug mode
+    (?onetag_debug=1 on the page, kept in sessionStorage) loads the readable build instead."""
+    async with running(settings_for(tmp_path, **SECRETS)) as (_, client):
+        wire = (await client.get("/s/shop1.js")).text
+        readable = (await client.get("/s/shop1.js?onetag_debug=1")).text
+    assert "console.log" not in wire and "console.log" in readable
+    assert '"?onetag_debug=1"' in wire and "sessionStorage.onetag_debug" in wire
+
+
+async def test_features_a_site_turns_off_are_compiled_out(tmp_path) -> None:
+    """spa_page_views = "manual" leaves out the history hooks, capture_form_email = false the
+    form listeners (templates/features/): a site gets no code it cannot use."""
+    async with running(settings_for(tmp_path)) as (_, client):
+        default = (await client.get("/s/shop1.js")).text
+    async with running(settings_for(tmp_path, spa_page_views="manual",
+                                    capture_form_email=False)) as (_, client):
+        off = (await client.get("/s/shop1.js")).text
+        off_readable = (await client.get("/s/shop1.js?onetag_debug=1")).text
+    for marker in ('"pushState"', '"popstate"', '"blur"', "@\\S+"):
+        assert marker in default, marker
+        assert marker not in off and marker not in off_readable, marker
+    assert len(off.encode()) < len(default.encode()) - 500
+
+
 async def test_a_debug_site_is_served_the_readable_script(tmp_path) -> None:
     async with running(settings_for(tmp_path, debug=True)) as (_, client):
         js = (await client.get("/s/shop1.js")).text
-    assert "function identityDue(name, ctx)" in js and embedded_config(js)["debug"] == 1
+    assert "function identityDue(name)" in js and embedded_config(js)["debug"] == 1
 
 
 def test_the_sites_cart_url_reaches_the_runtime(tmp_path) -> None:
@@ -157,7 +182,8 @@ def test_no_line_of_the_readable_sources_is_over_160_characters() -> None:
     from pathlib import Path
 
     templates = Path(__file__).resolve().parent.parent / "templates"
-    for path in [templates / "onetag.js.j2", *sorted((templates / "vendors").glob("*.js.j2"))]:
+    for path in [templates / "onetag.js.j2", *sorted((templates / "features").glob("*.js.j2")),
+                 *sorted((templates / "vendors").glob("*.js.j2"))]:
         if path.name.endswith(".min.js.j2"):
             continue
         long = [n for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 160]
