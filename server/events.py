@@ -212,6 +212,7 @@ def text_bounded(body: bytes) -> bool:
 
 
 _MAX_DECIMAL = Decimal(MAX_NUMBER)
+_MAX_MONEY = Decimal(MAX_MONEY_MAJOR)
 
 
 def _leaf_fits(value: Any) -> bool:
@@ -468,16 +469,22 @@ def _money(table: dict, key: str, where: str, currency: str) -> int | None:
     value = table.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
+    if type(value) is Decimal:  # parsed from the body: the usual case
+        amount = value
+    elif isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
         raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), not {_type(value)}")
-    if isinstance(value, float):  # an in-process caller's: its shortest repr is what JS shows
-        value = repr(value)
-    try:
-        amount = Decimal(value.strip() if isinstance(value, str) else value)
-    except ArithmeticError:
-        raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), "
-                      f"not {value[:40]!r}") from None
-    _check_decimal(amount, f"{where}.{key}", MAX_MONEY_MAJOR)  # before any scaling
+    else:
+        if isinstance(value, float):  # an in-process caller's: its shortest repr is what JS shows
+            value = repr(value)
+        try:
+            amount = Decimal(value.strip() if isinstance(value, str) else value)
+        except ArithmeticError:
+            raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), "
+                          f"not {value[:40]!r}") from None
+    # Before any scaling: finite, and small enough that its minor units fit any context. Its
+    # digits need no bound here (a long number, as text, rounds in linear time).
+    if not amount.is_finite() or (amount and amount.adjusted() >= 12 and abs(amount) > _MAX_MONEY):
+        _check_decimal(amount, f"{where}.{key}", MAX_MONEY_MAJOR)
     minor = money.to_minor(amount, currency)
     if minor < 0:
         raise Invalid(f"{where}.{key}", "must not be negative")
@@ -599,9 +606,10 @@ def _ecommerce(ecommerce: Any, where: str, name: str, default_currency: str,
     if len(items) > 500:
         raise Invalid(f"{where}.items", "has more than 500 items")
     out["items"] = [_item(item, f"{where}.items[{i}]", currency) for i, item in enumerate(items)]
-    cart_url = _url(ecommerce, "cart_url", where)  # onetag addition: where the cart can be had
-    if cart_url:
-        out["cart_url"] = cart_url
+    if "cart_url" in ecommerce:  # onetag addition: where the cart can be had
+        cart_url = _url(ecommerce, "cart_url", where)
+        if cart_url:
+            out["cart_url"] = cart_url
     return out
 
 
@@ -634,9 +642,10 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
         sku = _string(item, "sku", where, max_len=256)
         if sku:
             out["item_sku"] = sku
-    category_ids = _category_ids(item.get("item_category_id"), f"{where}.item_category_id")
-    if category_ids:
-        out["category_ids"] = category_ids
+    if "item_category_id" in item:
+        category_ids = _category_ids(item["item_category_id"], f"{where}.item_category_id")
+        if category_ids:
+            out["category_ids"] = category_ids
     in_stock = item.get("in_stock")
     if in_stock is not None and not isinstance(in_stock, bool):
         raise Invalid(f"{where}.in_stock", "must be true or false")
