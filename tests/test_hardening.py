@@ -322,3 +322,34 @@ def test_serve_refuses_a_database_it_cannot_write(tmp_path) -> None:
     blocker.write_text("not a directory")
     assert "Error" in check_writable(str(blocker / "onetag.db"))
     assert check_writable(str(tmp_path / "ok" / "onetag.db")) is None
+
+
+def test_the_writers_session_cache_keeps_a_bounded_amount_of_carts(tmp_path) -> None:
+    from server.envelope import BrowserFacts
+    from server.store import sqlite_ingest
+    from server.store.sqlite_writer import WriteOps, configure
+
+    settings = settings_for(tmp_path)
+    conn = configure(sqlite3.connect(tmp_path / "onetag.db", isolation_level=None))
+    ops = WriteOps(conn, settings.sites, 86_400_000, 0)
+    ops.cache.cart_bytes_limit = 20_000
+    big = "n" * 3000
+    for n in range(12):
+        body = beacon([{"event": "add_to_cart", "event_id": f"c{n}", "ecommerce": {
+            "items": [item(f"S{i}", item_name=big) for i in range(4)]}}], sc=f"CACHE-SESSION-{n:03d}")
+        [answer] = ops.run([("ingest_browser", (body, BrowserFacts(ORIGIN, None, None, 0)))])
+        assert not isinstance(answer, (Problem, Exception)), answer
+    cache = ops.cache
+    stored = sum(len(s.cart_items or b"") for s in cache.sessions.values())
+    assert cache.cart_bytes == stored <= 20_000 and len(cache.sessions) < 12
+    # A cart over PARSED_CART_BYTES is kept as its JSON only.
+    assert all(s.cart is sqlite_ingest._UNREAD for s in cache.sessions.values()
+               if len(s.cart_items or b"") > sqlite_ingest.PARSED_CART_BYTES)
+    # ... and read again when the session's next cart event needs it.
+    body = beacon([{"event": "add_to_cart", "event_id": "again",
+                    "ecommerce": {"items": [item("S9")]}}], sc="CACHE-SESSION-011")
+    ops.run([("ingest_browser", (body, BrowserFacts(ORIGIN, None, None, 0)))])
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        [(items,)] = db.execute("SELECT cart_items FROM sessions WHERE sc = 'CACHE-SESSION-011'")
+    assert len(json.loads(items)) == 5
+    conn.close()

@@ -31,6 +31,10 @@ MAX_CART_BYTES = 64 * 1024
 # What one request may make the store write (its events as sent and normalised, and their
 # vendor requests), estimated before writing: a 1 MiB body may not become gigabytes.
 MAX_REQUEST_STORED_BYTES = 16 * 1024 * 1024
+# The writer's session cache keeps at most this many bytes of carts (their stored JSON), and
+# a cart larger than PARSED_CART_BYTES only as that JSON, parsed again when an event needs it.
+MAX_CACHED_CART_BYTES = 32 * 1024 * 1024
+PARSED_CART_BYTES = 8 * 1024
 
 # (site_id, normalised events, the events as sent as stored JSON (jsontext.encode), user
 # agent or None)
@@ -115,10 +119,12 @@ class SessionCache:
     ``clear`` whenever a transaction or a savepoint rolls back.
     """
 
-    def __init__(self, limit: int = 10_000):
+    def __init__(self, limit: int = 10_000, cart_bytes_limit: int = MAX_CACHED_CART_BYTES):
         self.limit = limit
+        self.cart_bytes_limit = cart_bytes_limit
         self.sessions: dict[tuple[str, str], _Session] = {}  # oldest use first
         self.identities: dict[int, dict[str, Any]] = {}
+        self.cart_bytes = 0  # the stored JSON of the cached sessions' carts
         self._data_version: int | None = None
 
     def check(self, conn: sqlite3.Connection) -> None:
@@ -131,13 +137,18 @@ class SessionCache:
     def clear(self) -> None:
         self.sessions.clear()
         self.identities.clear()
+        self.cart_bytes = 0
 
     def trim(self) -> None:
-        """Forget the least recently used sessions beyond ``limit``."""
+        """Forget the least recently used sessions beyond ``limit`` sessions or
+        ``cart_bytes_limit`` bytes of carts (a writer once grew to 466 MB of carts)."""
         excess = len(self.sessions) - self.limit
         if excess > 0:
             for key in list(itertools.islice(self.sessions, excess)):
-                del self.sessions[key]
+                self.cart_bytes -= len(self.sessions.pop(key).cart_items or b"")
+        while self.cart_bytes > self.cart_bytes_limit and self.sessions:
+            key = next(iter(self.sessions))
+            self.cart_bytes -= len(self.sessions.pop(key).cart_items or b"")
         if len(self.identities) > self.limit:
             self.identities.clear()
 
@@ -348,7 +359,8 @@ class IngestBatch:
             for sc, *values in self.conn.execute(
                     f"{_SESSION_SELECT} AND sc IN ({','.join('?' * len(chunk))})",
                     (site_id, *chunk)):
-                sessions[(site_id, sc)] = _Session(*values)
+                state = sessions[(site_id, sc)] = _Session(*values)
+                self.cache.cart_bytes += len(state.cart_items or b"")
         identity_ids = sorted({sessions[key].identity_id for key in keys if key in sessions}
                               - {None} - self.identities.keys())
         for chunk in _chunks(identity_ids):
@@ -401,9 +413,14 @@ class IngestBatch:
         for key in self.dirty_carts:
             state = self.sessions[key]
             cart = state.cart
+            before = len(state.cart_items or b"")
             state.cart_items, state.cart_guid, state.cart_currency = (
                 (encode(cart[0]), cart[1], cart[2]) if cart else (None, None, None))
             state.cart_updated_ms = self.now
+            size = len(state.cart_items or b"")
+            self.cache.cart_bytes += size - before
+            if size > PARSED_CART_BYTES:
+                state.cart = _UNREAD  # kept as its JSON only: read again when needed
         self.dirty_carts.clear()
         if self.dirty:
             updates, inserts = [], []
