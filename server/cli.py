@@ -29,6 +29,7 @@ event_path  = "/e"
 admin_token = "env:ONETAG_ADMIN_TOKEN"
 # hold_days = 7                            # how long anonymous activity waits for an email
 # forward   = true                         # run the vendor forwarder inside `onetag serve`
+# log_format = "text"                      # "json": one object a line (or --log-format json)
 
 [[sites]]
 id       = "shop1"                         # [A-Za-z0-9_-]{1,64}; the script is /s/shop1.js
@@ -111,9 +112,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "not serving. Check the path, its permissions, the mount and free space.",
               file=sys.stderr)
         return 2
+    from . import logs
+
+    log_config = logs.configure(args.log_format or settings.server.log_format, args.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                proxy_headers=True, server_header=False,
+                log_config=log_config, proxy_headers=True, server_header=False,
                 timeout_graceful_shutdown=max(1, int(settings.server.shutdown_grace_s / 2)))
     return 0
 
@@ -338,14 +342,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import logging
-
+    from . import logs
     from .forwarder import ForwarderOptions, run_until
 
     path = _find_config(args.config)
     settings = config_module.demo() if path is None else _load(path)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_format or settings.server.log_format, args.log_level)
     options = ForwarderOptions.from_env()
     print(f"onetag: forwarding deliveries from {settings.server.sqlite_path} "
           f"({len(settings.sites)} site(s)); Ctrl-C or SIGTERM stops", flush=True)
@@ -372,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="text lines, or one JSON object a line (default: [server] "
+                            "log_format, else text)")
     serve.set_defaults(func=cmd_serve)
 
     init = commands.add_parser("init", help="write a commented example config")
@@ -435,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", help=config_help)
     worker.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    worker.add_argument("--log-format", choices=["text", "json"],
+                        help="default: [server] log_format, else text")
     worker.set_defaults(func=cmd_worker)
     return parser
 

@@ -85,6 +85,7 @@ class ServerConfig:
     body_timeout_s: float = 10.0  # a request body not received in this time: 408
     max_pending_writes: int = 2000  # writes waiting for the store before new ones get 503
     max_pending_bytes: int = 64 * 1024 * 1024  # ... and the bytes of their bodies
+    log_format: str = "text"  # or "json": one object a line (server/logs.py)
 
     @property
     def sqlite_path(self) -> str:
@@ -200,7 +201,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         reader.problem(where, "must be a table")
         return ServerConfig()
     known = {"database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
-             "forward", "browser_grace_s", *HARDENING}
+             "forward", "browser_grace_s", "log_format", *HARDENING}
     for key in table:
         if key not in known:
             reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -227,6 +228,10 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
         reader.problem(f"{where}.browser_grace_s", f"must be a number of seconds >= 0, not {grace!r}")
         grace = DEFAULT_BROWSER_GRACE_S
+    log_format = reader.string(table, "log_format", where, default="text")
+    if log_format not in ("text", "json"):
+        reader.problem(f"{where}.log_format", f'must be "text" or "json", not {log_format!r}')
+        log_format = "text"
     hardening = {}
     for key, (default, whole) in HARDENING.items():
         value = reader.resolve(f"{where}.{key}", table.get(key, default))
@@ -240,7 +245,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         database=database, public_url=public_url, script_path=script_path,
         event_path=event_path, admin_token=reader.string(table, "admin_token", where),
         hold_days=float(hold_days), forward=reader.boolean(table, "forward", where, True),
-        browser_grace_s=float(grace), **hardening)
+        browser_grace_s=float(grace), log_format=log_format, **hardening)
 
 
 def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:

@@ -151,6 +151,7 @@ class Verdict:
     error: str | None = None
     retry_after_s: float | None = None  # the vendor named when to come back
     pause_lane: bool = False  # the vendor is throttling this account: hold the whole lane
+    status: int | None = None  # the vendor's HTTP status (None: no answer)
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
@@ -196,7 +197,7 @@ def classify(vendor: str, status: int, headers: Mapping[str, str], body: str,
              site_id: str | None = None) -> Verdict:
     """What one HTTP answer means for the delivery that drew it."""
     if 200 <= status < 300:
-        return Verdict(DELIVERED)
+        return Verdict(DELIVERED, status=status)
     policy = retry_policy(vendor)
     error = f"HTTP {status}: {body[:max_error_chars]}".rstrip(": ")
     if status in KEY_STATUSES and policy.key_setting:
@@ -209,10 +210,10 @@ def classify(vendor: str, status: int, headers: Mapping[str, str], body: str,
     retry = (policy.any_non_2xx or status >= 500 or status in RETRYABLE
              or status in policy.statuses)
     if not retry:
-        return Verdict(DEAD, error)
+        return Verdict(DEAD, error, status=status)
     after = retry_after_seconds(headers.get("retry-after"), now)
     pause = status == 429 or (status == 503 and after is not None)
-    return Verdict(PENDING, error, after, pause)
+    return Verdict(PENDING, error, after, pause, status)
 
 
 # Sending --------------------------------------------------------------------------------
@@ -565,10 +566,32 @@ class Forwarder:
         outcome = self._outcome(delivery, verdict, now)
         if verdict.pause_lane and outcome.state == PENDING:
             lane.paused_until = max(lane.paused_until, outcome.next_attempt_ms / 1000)
+        self._log(delivery, verdict, outcome, now)
+        self._record(delivery.vendor, outcome)
+
+    @staticmethod
+    def _log(delivery: Delivery, verdict: Verdict, outcome: Outcome, now: float) -> None:
+        """Retries, successes after a failure or a replay, and dead letters at info and
+        above; a first-time success at debug. Each line names the delivery and the HTTP
+        request that planned it (``request_id``)."""
+        replayed = delivery.retry_from_ms > delivery.created_ms
+        extra = {"vendor": delivery.vendor, "delivery_id": delivery.id, "site": delivery.site_id,
+                 "attempt": delivery.attempts, "status": verdict.status,
+                 "state": outcome.state, "request_id": delivery.request_id}
         if outcome.state == DEAD:
             log.warning("delivery %d to %s is dead: %s", delivery.id, delivery.vendor,
-                        outcome.error)
-        self._record(delivery.vendor, outcome)
+                        outcome.error, extra=extra)
+        elif outcome.state == PENDING:
+            log.info("delivery %d to %s failed (attempt %d: %s); retrying in %.1f s",
+                     delivery.id, delivery.vendor, delivery.attempts, verdict.error,
+                     max(0.0, outcome.next_attempt_ms / 1000 - now), extra=extra)
+        elif delivery.attempts > 1 or replayed:
+            after = f"after {delivery.attempts} attempts" if delivery.attempts > 1 else "first try"
+            log.info("delivery %d to %s delivered%s (%s)", delivery.id, delivery.vendor,
+                     " after a replay" if replayed else "", after,
+                     extra={**extra, "replayed": replayed})
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("delivery %d to %s delivered", delivery.id, delivery.vendor, extra=extra)
 
     async def _attempt(self, delivery: Delivery) -> Verdict:
         site = self.settings.sites.get(delivery.site_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from typing import Any, Callable
 
@@ -19,10 +20,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from . import events as vocabulary
+from . import logs
 from .envelope import BrowserFacts, Problem, Refused, event_list
 from .events import Invalid, Origin
 from .sessions import COOKIE_NAME, cookie_header
 from .store.base import SessionInfo, StoreUnavailable
+
+log = logging.getLogger("onetag.ingest")
 
 MAX_BODY_BYTES = 1024 * 1024
 BROWSER_TYPES = ("text/plain", "application/json", "")
@@ -119,11 +123,12 @@ class Ingest:
 
     # Browser ----------------------------------------------------------------------------
 
-    def _cors(self, origin: str | None, allowed: bool) -> dict[str, str]:
+    def _cors(self, origin: str | None, allowed: bool, rid: str | None = None) -> dict[str, str]:
+        headers = {logs.REQUEST_ID_HEADER: rid} if rid else {}
         if not origin or not allowed:
-            return {"Vary": "Origin"}
-        return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true",
-                "Vary": "Origin"}
+            return {**headers, "Vary": "Origin"}
+        return {**headers, "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Credentials": "true", "Vary": "Origin"}
 
     async def preflight(self, request: Request) -> Response:
         """Only needed for application/json senders; the runtime sends text/plain."""
@@ -142,7 +147,7 @@ class Ingest:
         ``create_app`` sends it every ``POST /e`` straight from the top of the app; it
         answers exactly what a Starlette endpoint would (the 4xx bodies are JSONResponses).
         """
-        origin = content_type = declared = user_agent = None
+        origin = content_type = declared = user_agent = given_id = None
         cookies: list[str] = []
         for name, value in scope["headers"]:
             if name == b"origin":
@@ -159,6 +164,12 @@ class Ingest:
             elif name == b"user-agent":
                 if user_agent is None:
                     user_agent = value.decode("latin-1")
+            elif name == b"x-request-id":
+                if given_id is None:
+                    given_id = value
+        rid = logs.request_id(given_id)
+        logs.REQUEST_ID.set(rid)  # this request's task only: its log lines, uvicorn's access line
+        rid_header = (b"x-request-id", rid.encode("latin-1"))
         # Whether the answer carries CORS headers for this origin. A refused request is
         # answered with them too when the origin is any site's, so a page can read why.
         allowed = origin in self.all_origins
@@ -168,7 +179,7 @@ class Ingest:
                                   "must be text/plain or application/json")
             data = await _receive_body(receive, declared, self.body_timeout_s)
         except HTTPProblem as exc:
-            await exc.response(self._cors(origin, allowed))(scope, receive, send)
+            await exc.response(self._cors(origin, allowed, rid))(scope, receive, send)
             return
         if data is None:
             return  # the client went away: nothing to answer, nothing stored
@@ -176,15 +187,17 @@ class Ingest:
                              int(time.time() * 1000))
         try:
             # Read (parsed, validated, normalised) and stored by the store, off this loop.
-            answer = await self.store.ingest_browser(data, facts)
+            answer = await self.store.ingest_browser(data, facts, rid)
         except StoreUnavailable as exc:  # not stored: the runtime retries it
-            await unavailable(exc).response(self._cors(origin, allowed))(scope, receive, send)
+            await unavailable(exc).response(self._cors(origin, allowed, rid))(scope, receive, send)
             return
         except Exception:  # what Starlette's ServerErrorMiddleware answers, then re-raises
-            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+            await PlainTextResponse("Internal Server Error", status_code=500,
+                                    headers={logs.REQUEST_ID_HEADER: rid})(scope, receive, send)
             raise
         if isinstance(answer, Problem):
-            await HTTPProblem(*answer).response(self._cors(origin, allowed))(scope, receive, send)
+            await HTTPProblem(*answer).response(self._cors(origin, allowed, rid))(
+                scope, receive, send)
             return
         self._stored(answer.results)
         if origin and allowed:
@@ -193,6 +206,7 @@ class Ingest:
             headers = [_VARY]
         headers.append((b"set-cookie", cookie_header(answer.sc, self.secure_cookie).encode("latin-1")))
         headers.append(_NO_STORE)
+        headers.append(rid_header)
         await send({"type": "http.response.start", "status": 204,
                     "headers": headers})
         await send({"type": "http.response.body", "body": b""})
@@ -214,6 +228,20 @@ class Ingest:
             raise HTTPProblem(403, "forbidden", "authorization", "the api key is not this site's")
 
     async def backend_events(self, request: Request) -> Response:
+        """The backend API: every answer carries the request's ``X-Request-Id``."""
+        rid = logs.request_id(request.headers.get("x-request-id"))
+        logs.REQUEST_ID.set(rid)
+        try:
+            response = await self._backend_events(request, rid)
+        except ClientDisconnect:
+            raise
+        except Exception:  # answered here, so that the 500 names its request id too
+            log.exception("the backend API failed a request")
+            response = PlainTextResponse("Internal Server Error", status_code=500)
+        response.headers[logs.REQUEST_ID_HEADER] = rid
+        return response
+
+    async def _backend_events(self, request: Request, rid: str) -> Response:
         try:
             site_id = request.path_params["site_id"]
             site = self.settings.sites.get(site_id)
@@ -240,7 +268,7 @@ class Ingest:
         except HTTPProblem as exc:
             return exc.response()
         try:
-            results = await self.store.ingest(site.id, normalised, raws, SessionInfo())
+            results = await self.store.ingest(site.id, normalised, raws, SessionInfo(), rid)
         except StoreUnavailable as exc:
             return unavailable(exc).response()
         if isinstance(results, Problem):  # refused by the store (a cart rule): stored nothing

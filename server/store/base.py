@@ -68,6 +68,7 @@ class Delivery:
     attempts: int  # including the one this claim starts
     created_ms: int
     retry_from_ms: int = 0  # the retry window starts here: planned, or last replayed
+    request_id: str | None = None  # of the HTTP request that planned it (server/logs.py)
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
-                     raws: Sequence[Any], session: SessionInfo) -> list[IngestResult] | Problem:
+                     raws: Sequence[Any], session: SessionInfo,
+                     request_id: str | None = None) -> list[IngestResult] | Problem:
         """Store normalised events durably, in one transaction, with everything they imply;
-        or the ``Problem`` (4xx) that refused them, having stored nothing."""
+        or the ``Problem`` (4xx) that refused them, having stored nothing. ``request_id``:
+        the HTTP request's, recorded on the deliveries planned and in the store's log."""
 
-    async def ingest_browser(self, data: bytes, facts: BrowserFacts) -> BrowserIngested | Problem:
+    async def ingest_browser(self, data: bytes, facts: BrowserFacts,
+                             request_id: str | None = None) -> BrowserIngested | Problem:
         """A browser's body as received: read (``envelope.read_browser_body``), then ingested.
 
         One call, so that a backend can read the body where it stores it, off the event
@@ -110,7 +114,7 @@ class Store(abc.ABC):
         if isinstance(batch, Problem):
             return batch
         results = await self.ingest(batch.site_id, batch.events, batch.raws,
-                                    SessionInfo(user_agent=facts.user_agent))
+                                    SessionInfo(user_agent=facts.user_agent), request_id)
         if isinstance(results, Problem):
             return results
         return BrowserIngested(batch.sc, results)

@@ -11,6 +11,7 @@ aiosqlite connection, which WAL lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sqlite3
 import time
@@ -214,7 +215,8 @@ class SQLiteStore(Store):
         self._queued_bytes += size
         if not self._send_scheduled:
             self._send_scheduled = True
-            future.get_loop().call_soon(self._send)
+            # Not in this request's context: the frame (and its log lines) serves many.
+            future.get_loop().call_soon(self._send, context=contextvars.Context())
         return await future
 
     def _send(self) -> None:
@@ -285,21 +287,23 @@ class SQLiteStore(Store):
     # Ingest -----------------------------------------------------------------------------
 
     async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
-                     raws: Sequence[Any], session: SessionInfo) -> list[IngestResult] | Problem:
+                     raws: Sequence[Any], session: SessionInfo,
+                     request_id: str | None = None) -> list[IngestResult] | Problem:
         # What crosses to a writer process is kept to plain values: the events as sent go
         # as their stored JSON (bytes, not dicts of Decimals), the visitor as its user
         # agent, and the answer comes back as (event_id, seq, duplicate) tuples.
         stored = [encode(raw) for raw in raws]
         rows = await self._write("ingest", site_id, list(events), stored, session.user_agent,
-                                 size=sum(map(len, stored)))
+                                 request_id, size=sum(map(len, stored)))
         if isinstance(rows, Problem):  # refused by a rule of the store (a cart too large)
             return rows
         return [IngestResult(*row) for row in rows]
 
-    async def ingest_browser(self, data: bytes, facts: BrowserFacts) -> BrowserIngested | Problem:
+    async def ingest_browser(self, data: bytes, facts: BrowserFacts,
+                             request_id: str | None = None) -> BrowserIngested | Problem:
         # The writer reads the body (envelope.read_browser_body) on its own core: only the
         # bytes cross, and the sc and (event_id, seq, duplicate) tuples come back.
-        answer = await self._write("ingest_browser", data, facts, size=len(data))
+        answer = await self._write("ingest_browser", data, facts, request_id, size=len(data))
         if isinstance(answer, Problem):
             return answer
         sc, rows = answer
@@ -375,7 +379,11 @@ class SQLiteStore(Store):
 
     async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
                      states: Sequence[str] = ("dead",)) -> int:
-        return await self._write("replay", now_ms, vendor, since_ms, tuple(states))
+        count = await self._write("replay", now_ms, vendor, since_ms, tuple(states))
+        log.info("replayed %d deliveries (%s, vendor %s, since %s)", count, ", ".join(states),
+                 vendor or "any", since_ms if since_ms is not None else "any time",
+                 extra={"replayed": count, "vendor": vendor})
+        return count
 
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50) -> list[dict[str, Any]]:
@@ -389,6 +397,6 @@ class SQLiteStore(Store):
             params.append(vendor)
         rows = await self._reader.execute_fetchall(
             "SELECT id, site_id, vendor, dedup_key, state, attempts, next_attempt_ms, last_error, "
-            f"created_ms, updated_ms, delivered_ms FROM deliveries WHERE {' AND '.join(where)} "
+            f"created_ms, updated_ms, delivered_ms, request_id FROM deliveries WHERE {' AND '.join(where)} "
             "ORDER BY id DESC LIMIT ?", [*params, limit])
         return [dict(row) for row in rows]

@@ -38,7 +38,8 @@ PARSED_CART_BYTES = 8 * 1024
 
 # (site_id, normalised events, the events as sent as stored JSON (jsontext.encode), user
 # agent or None)
-Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None]
+# (site_id, events, raws as stored, user agent, request id)
+Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -171,9 +172,10 @@ def _flag(value: Any) -> int | None:
     return None if value is None else int(bool(value))
 
 
-def insert_deliveries(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, Any]],
-                      now: int) -> None:
-    """(site_id, event seq, PlannedDelivery) rows; one per (site, vendor, dedup_key, claim).
+def insert_deliveries(conn: sqlite3.Connection,
+                      rows: Iterable[tuple[str, int, Any, str | None]], now: int) -> None:
+    """(site_id, event seq, PlannedDelivery, request id) rows; one per (site, vendor,
+    dedup_key, claim). The request id is the HTTP request's that planned it (server/logs.py).
 
     A fact planned twice is kept once, and so is a claim. A browser's claim never holds the
     key a backend fact needs (server/trust.py): each kind has its own row, and where they
@@ -184,18 +186,18 @@ def insert_deliveries(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, A
     copy does not share.
     """
     claims, facts = [], []
-    for site_id, seq, r in rows:
+    for site_id, seq, r, request_id in rows:
         if r.claim:
             claims.append((site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state,
-                           encode(r.request), now + r.delay_ms, r.error, now))
+                           encode(r.request), now + r.delay_ms, r.error, now, request_id))
             if r.state == outbox.BROWSER and r.event["name"] in trust.ORDER_EVENTS:
                 _matches_waiting_fact(conn, site_id, r, now)
         else:
-            facts.append((site_id, seq, r))
+            facts.append((site_id, seq, r, request_id))
     if claims:
         conn.executemany(_CLAIM_INSERT, claims)
-    for site_id, seq, r in facts:
-        _insert_fact(conn, site_id, seq, r, now)
+    for site_id, seq, r, request_id in facts:
+        _insert_fact(conn, site_id, seq, r, now, request_id)
 
 
 # A claim the server would send, under a key a backend fact holds, is not sent: the fact is
@@ -205,14 +207,14 @@ _TAKEN = ("?6 IN ('pending', 'held') AND EXISTS (SELECT 1 FROM deliveries f WHER
           "f.site_id = ?1 AND f.vendor = ?2 AND f.dedup_key = ?3 AND f.claim = 0)")
 _CLAIM_INSERT = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
-    "request, next_attempt_ms, last_error, created_ms, updated_ms) "
+    "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
     f"VALUES (?1, ?2, ?3, 1, ?4, ?5, CASE WHEN {_TAKEN} THEN 'ignored' ELSE ?6 END, "
     f"CAST(?7 AS TEXT), ?8, CASE WHEN {_TAKEN} THEN 'a backend fact holds this key' ELSE ?9 END, "
-    "?10, ?10) ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
+    "?10, ?10, ?11) ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
 _FACT_INSERT = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
-    "request, next_attempt_ms, last_error, created_ms, updated_ms) "
-    "VALUES (?, ?, ?, 0, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?) "
+    "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
+    "VALUES (?, ?, ?, 0, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?, ?) "
     "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
 _OTHER = ("SELECT d.id, d.state, d.attempts, d.request, e.data FROM deliveries d "
           "JOIN events e ON e.seq = d.event_seq "
@@ -236,7 +238,8 @@ def _matches_waiting_fact(conn: sqlite3.Connection, site_id: str, r: Any, now: i
                          (now, row["id"]))
 
 
-def _insert_fact(conn: sqlite3.Connection, site_id: str, seq: int, r: Any, now: int) -> None:
+def _insert_fact(conn: sqlite3.Connection, site_id: str, seq: int, r: Any, now: int,
+                 request_id: str | None = None) -> None:
     """A backend (fact) row, given the browser's claim under the same key, if any.
 
     Claim not sent yet: cancelled (``ignored``), the fact goes. Claim delivered (by onetag or
@@ -262,7 +265,7 @@ def _insert_fact(conn: sqlite3.Connection, site_id: str, seq: int, r: Any, now: 
                          (now, claim["id"]))
     conn.execute(_FACT_INSERT, (site_id, r.vendor, r.dedup_key, seq, r.visitor, state,
                                 encode(request), now + (r.delay_ms if state == outbox.PENDING
-                                                        else 0), error, now, now))
+                                                        else 0), error, now, now, request_id))
 
 
 def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str]]]:
@@ -308,7 +311,8 @@ class IngestBatch:
         known = self._known_events(requests)
         next_seq = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
         work = []  # (seq, site_id, event, raw, user agent, (request, position))
-        for index, (site_id, events, raws, user_agent) in enumerate(requests):
+        self.request_ids = [request[4] for request in requests]
+        for index, (site_id, events, raws, user_agent, _) in enumerate(requests):
             for position, (event, raw) in enumerate(zip(events, raws)):
                 # Ids are unique per kind of sender: a browser's never suppresses the backend's.
                 key = (site_id, event["event_id"], event["source"] == trust.BACKEND)
@@ -329,7 +333,7 @@ class IngestBatch:
 
     def _known_events(self, requests: Sequence[Request]) -> dict[tuple[str, str, bool], int]:
         ids: dict[str, list[str]] = {}
-        for site_id, events, _, _ in requests:
+        for site_id, events, *_ in requests:
             ids.setdefault(site_id, []).extend(event["event_id"] for event in events)
         known = {}
         for site_id, event_ids in ids.items():
@@ -395,9 +399,10 @@ class IngestBatch:
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
                                 sc, identity["id"] if identity else None, self.now, raw, data))
         planned = outbox.plan(site, event, None, self.grace_ms)
-        self.delivery_rows.extend((site.id, seq, row) for row in planned)
-        # A vendor request is made of the event's fields, so no larger than its stored form.
         request, _ = place
+        request_id = self.request_ids[request]
+        self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
+        # A vendor request is made of the event's fields, so no larger than its stored form.
         self.stored_bytes[request] += len(raw) + len(data) * (1 + len(planned))
         if self.stored_bytes[request] > MAX_REQUEST_STORED_BYTES:
             raise Refused(Problem(413, "too_large", "events", "would store more than "
@@ -405,7 +410,7 @@ class IngestBatch:
                                   "each event): send fewer events a request"))
         if newly_bound and sc and identity and identity.get("email"):
             self._flush()  # what waited must be in the database to be found
-            self._release_held(site, sc, identity)
+            self._release_held(site, sc, identity, request_id)
 
     def _flush(self) -> None:
         """Write what changed since the last flush: sessions, then events and deliveries."""
@@ -630,7 +635,8 @@ class IngestBatch:
 
     # Held deliveries ----------------------------------------------------------------------
 
-    def _release_held(self, site: Any, sc: str, identity: dict[str, Any]) -> None:
+    def _release_held(self, site: Any, sc: str, identity: dict[str, Any],
+                      request_id: str | None = None) -> None:
         """The session just got an email: re-plan what waited for one, within the window."""
         conn, now = self.conn, self.now
         held = conn.execute(
@@ -653,5 +659,5 @@ class IngestBatch:
             event["identity"] = {**{k: v for k, v in identity.items() if k != "is_new"},
                                  "is_new": False}
             conn.execute("DELETE FROM deliveries WHERE event_seq = ? AND state = 'held'", (seq,))
-            insert_deliveries(conn, [(site.id, seq, row) for row in
+            insert_deliveries(conn, [(site.id, seq, row, request_id) for row in
                                      outbox.plan(site, event, vendors, self.grace_ms)], now)

@@ -36,7 +36,7 @@ import traceback
 from importlib import resources
 from typing import Any, BinaryIO, Mapping, Sequence
 
-from .. import outbox
+from .. import logs, outbox
 from ..envelope import Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
 from .base import Delivery, JobFailure, Outcome
@@ -160,9 +160,17 @@ def _is_storage_error(exc: BaseException) -> bool:
         type(exc) is sqlite3.DatabaseError)
 
 
-def answer(op: str, result: Any) -> Any:
+def _request_id(op: str, args: tuple[Any, ...]) -> str | None:
+    """The HTTP request id an ingest job carries (its last argument), if any."""
+    if op in INGEST_OPS and len(args) == (5 if op == "ingest" else 3):
+        return args[-1]
+    return None
+
+
+def answer(op: str, result: Any, args: tuple[Any, ...] = ()) -> Any:
     """A job's result as plain data for its caller: the value, a ``Problem`` or a
-    ``JobFailure``. An error of an ingest request that ran alone is that request's own."""
+    ``JobFailure``. An error of an ingest request that ran alone is that request's own,
+    logged with its request id."""
     if not isinstance(result, BaseException):
         return result
     if isinstance(result, Refused):
@@ -171,7 +179,8 @@ def answer(op: str, result: Any) -> Any:
         return storage_failure(result)
     if op in INGEST_OPS:
         log.error("an ingest request failed alone:\n%s",
-                  "".join(traceback.format_exception(result)).rstrip())
+                  "".join(traceback.format_exception(result)).rstrip(),
+                  extra={"request_id": _request_id(op, args)})
         return Problem(422, "invalid_event", "events",
                        f"could not be stored ({type(result).__name__}: {str(result)[:200]})")
     return JobFailure("database", f"{type(result).__name__}: {result}")
@@ -198,7 +207,7 @@ class WriteOps:
             failure = storage_failure(exc) if _is_storage_error(exc) else JobFailure(
                 "database", f"{type(exc).__name__}: {exc}")
             return [failure] * len(jobs)
-        return [answer(op, result) for (op, _), result in zip(jobs, results)]
+        return [answer(op, result, args) for (op, args), result in zip(jobs, results)]
 
     def ping(self) -> int:
         """A health check's write: one header field, committed with the batch it joins, so
@@ -255,11 +264,12 @@ class WriteOps:
         A body refused, or failing to be read, has its answer put in ``results``."""
         requests, request_jobs = [], []
         for i, (op, args) in enumerate(jobs):
-            if op == "ingest":
-                requests.append(args)
+            if op == "ingest":  # (site_id, events, raws, user agent[, request id])
+                requests.append(args if len(args) == 5 else (*args, None))
                 request_jobs.append((i, None))
             elif op == "ingest_browser":
-                data, facts = args
+                data, facts, *request_id = args  # [request id]
+                request_id = request_id[0] if request_id else None
                 try:
                     batch = read_browser_body(data, facts, self.sites)
                 except Exception as exc:  # a bug reading one body fails that request alone
@@ -269,7 +279,7 @@ class WriteOps:
                     results[i] = batch
                     continue
                 requests.append((batch.site_id, batch.events, [encode(raw) for raw in batch.raws],
-                                 facts.user_agent))
+                                 facts.user_agent, request_id))
                 request_jobs.append((i, batch.sc))
         return requests, request_jobs
 
@@ -297,7 +307,7 @@ class WriteOps:
         params.append(limit)
         rows = self.conn.execute(
             "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.visitor, d.request, d.attempts, "
-            "d.created_ms, coalesce(d.retry_from_ms, d.created_ms) FROM deliveries d "
+            "d.created_ms, coalesce(d.retry_from_ms, d.created_ms), d.request_id FROM deliveries d "
             f"WHERE d.state = 'pending' AND d.next_attempt_ms <= ? {vendor_filter} "
             "AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.site_id = d.site_id "
             "AND p.vendor = d.vendor AND p.visitor = d.visitor AND p.state = 'pending' "
@@ -309,7 +319,8 @@ class WriteOps:
             "WHERE id = ?", [(now + lease_ms, now, row[0]) for row in rows])
         return [Delivery(id=row[0], site_id=row[1], vendor=row[2], dedup_key=row[3],
                          visitor=row[4], request=loads(row[5]), attempts=row[6] + 1,
-                         created_ms=row[7], retry_from_ms=row[8]) for row in rows]
+                         created_ms=row[7], retry_from_ms=row[8], request_id=row[9])
+                for row in rows]
 
     def finish(self, outcomes: list[Outcome], now: int) -> None:
         self.conn.executemany(
@@ -343,18 +354,19 @@ class WriteOps:
         """Expired rows never had an email; re-plan those whose visitor has one now."""
         where, params = _filters("d.", vendor, since, ["d.state = 'expired'"], [])
         rows = self.conn.execute(
-            "SELECT d.event_seq, d.vendor, e.site_id, e.data, "
+            "SELECT d.event_seq, d.vendor, e.site_id, e.data, d.request_id, "
             "coalesce(s.identity_id, e.identity_id) AS identity_id FROM deliveries d "
             "JOIN events e ON e.seq = d.event_seq "
             "LEFT JOIN sessions s ON s.site_id = e.site_id AND s.sc = e.sc "
             f"WHERE {' AND '.join(where)} ORDER BY d.id", params).fetchall()
-        by_event: dict[int, tuple[str, str, int | None, set[str]]] = {}
+        by_event: dict[int, tuple[str, str, int | None, set[str], str | None]] = {}
         for row in rows:
             entry = by_event.setdefault(row["event_seq"], (row["site_id"], row["data"],
-                                                           row["identity_id"], set()))
+                                                           row["identity_id"], set(),
+                                                           row["request_id"]))
             entry[3].add(row["vendor"])
         inserted = 0
-        for seq, (site_id, data, identity_id, vendors) in by_event.items():
+        for seq, (site_id, data, identity_id, vendors, request_id) in by_event.items():
             site = self.sites.get(site_id)
             identity = None
             if identity_id:
@@ -371,7 +383,8 @@ class WriteOps:
             self.conn.execute(f"DELETE FROM deliveries WHERE event_seq = ? AND state = 'expired' "
                          f"AND vendor IN ({','.join('?' * len(replanned))})", (seq, *replanned))
             before = self.conn.total_changes
-            insert_deliveries(self.conn, [(site_id, seq, row) for row in planned], now)
+            insert_deliveries(self.conn, [(site_id, seq, row, request_id) for row in planned],
+                              now)
             inserted += self.conn.total_changes - before
         return inserted
 
@@ -756,6 +769,7 @@ def main() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM to the process group
+    logs.configure_from_env()  # the server's format, on the server's stderr
     stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the frame stream
     reader = _FrameReader(sys.stdin.fileno())
