@@ -132,8 +132,13 @@ def config_dict(log_format: str = "text", level: str = "info") -> dict[str, Any]
                                 "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level.upper()},
         # uvicorn's loggers keep no handlers of their own: their lines go through the root's.
-        "loggers": {name: {"handlers": [], "propagate": True, "level": level.upper()}
-                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+        "loggers": {
+            **{name: {"handlers": [], "propagate": True, "level": level.upper()}
+               for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+            # httpx says every vendor request at info, URL and all: the forwarder's own lines
+            # say what matters (retries, recoveries, dead letters) without the vendor's URL.
+            **{name: {"level": "WARNING"} for name in ("httpx", "httpcore")},
+        },
     }
 
 
