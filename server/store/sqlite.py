@@ -377,18 +377,36 @@ class SQLiteStore(Store):
                      states: Sequence[str] = ("dead",)) -> int:
         return await self._write("replay", now_ms, vendor, since_ms, tuple(states))
 
+    async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
+                          since_ms: int | None = None, states: Sequence[str] = ("dead",),
+                          ids: Sequence[int] | None = None, dry_run: bool = False
+                          ) -> list[dict[str, Any]]:
+        return await self._write("replay_rows", now_ms, vendor, since_ms, tuple(states),
+                                 None if ids is None else tuple(ids), dry_run)
+
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
-                              limit: int = 50) -> list[dict[str, Any]]:
+                              limit: int = 50, ids: Sequence[int] | None = None
+                              ) -> list[dict[str, Any]]:
         assert self._reader is not None
         where, params = ["1"], []
-        if state:
-            where.append("state = ?")
+        if state == "failing":
+            where.append("d.state = 'pending' AND d.last_error IS NOT NULL")
+        elif state:
+            where.append("d.state = ?")
             params.append(state)
         if vendor:
-            where.append("vendor = ?")
+            where.append("d.vendor = ?")
             params.append(vendor)
+        if ids is not None:
+            where.append(f"d.id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
         rows = await self._reader.execute_fetchall(
-            "SELECT id, site_id, vendor, dedup_key, state, attempts, next_attempt_ms, last_error, "
-            f"created_ms, updated_ms, delivered_ms FROM deliveries WHERE {' AND '.join(where)} "
-            "ORDER BY id DESC LIMIT ?", [*params, limit])
+            "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.state, d.attempts, "
+            "d.next_attempt_ms, d.last_error, d.created_ms, d.updated_ms, d.delivered_ms, "
+            "coalesce(d.retry_from_ms, d.created_ms) AS retry_from_ms, "
+            "CASE WHEN d.state = 'pending' THEN (SELECT min(p.id) FROM deliveries p "
+            "WHERE p.site_id = d.site_id AND p.vendor = d.vendor AND p.visitor = d.visitor "
+            "AND p.state = 'pending' AND p.id < d.id) END AS waits_for "
+            f"FROM deliveries d WHERE {' AND '.join(where)} ORDER BY d.id DESC LIMIT ?",
+            [*params, limit])
         return [dict(row) for row in rows]
