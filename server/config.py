@@ -308,8 +308,9 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
             if vendor is not None:
                 vendors[name] = vendor
     api_key = reader.string(table, "api_key", where)
-    # An api_key left unset by require_secrets=False is still configured.
-    has_key = bool(api_key) or f"{where}.api_key" in reader.unset
+    # An "env:" api_key whose variable is unset is still configured (reported on its own,
+    # or read as absent by the commands that never send).
+    has_key = bool(api_key) or str(table.get("api_key", "")).startswith("env:")
     order_source = reader.string(table, "order_source", where,
                                  default="backend" if has_key else "browser")
     if order_source not in ("backend", "browser"):
