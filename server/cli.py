@@ -299,12 +299,14 @@ def pending_reason(row: dict[str, Any], now_ms: int, max_attempts: int, lease_ms
         return (f"waiting for the visitor's earlier row #{row['waits_for']} (one in flight "
                 f"per visitor and vendor, in order)")
     if error:
-        when = f"at {_clock(due, now_ms)}" if due > now_ms else f"due now (since {_clock(due, now_ms)})"
+        when = (f"at {_clock(due, now_ms)}" if due > now_ms
+                else f"due now (since {_clock(due, now_ms)})")
         return f"retry {attempts + 1} of {max_attempts} {when} after {_error_head(error)}"
     if due > now_ms:
         return (f"held back until {_clock(due, now_ms)} for the browser's own copy "
                 f"([server] browser_grace_s)")
-    return f"due now (since {_clock(due, now_ms)}): a running `onetag serve` or `onetag worker` sends it"
+    return (f"due now (since {_clock(due, now_ms)}): a running `onetag serve` or `onetag worker` "
+            f"sends it")
 
 
 def format_rows(rows: list[dict[str, Any]], width: int = 100) -> str:
@@ -393,9 +395,10 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
 
 
 REPLAYABLE = ("dead", "expired")  # what `replay --id` takes; see refusal() for the rest
+REPLAY_LISTED = 50  # rows a text dry run names
 
 
-def refusal(row: dict[str, Any], now_ms: int) -> str:
+def refusal(row: dict[str, Any]) -> str:
     """Why ``replay --id`` leaves a row in a state that cannot be replayed alone."""
     where = f"delivery #{row['id']} ({row['vendor']}) is {row['state']}"
     state = row["state"]
@@ -408,10 +411,12 @@ def refusal(row: dict[str, Any], now_ms: int) -> str:
         return (f"{where}: it waits for the visitor's email ([server] hold_days) and goes out "
                 f"when the visitor identifies")
     if state == "browser":
-        return f"{where}: the vendor's own library took it in the page; sending it too would duplicate it"
+        return (f"{where}: the vendor's own library took it in the page; sending it too would "
+                f"duplicate it")
     if state == "ignored":
-        return (f"{where}: planned but never sent on purpose ({row.get('last_error') or 'no reason'}"
-                f"); replaying it would undo that decision")
+        reason = row.get("last_error") or "no reason recorded"
+        return (f"{where}: planned but never sent on purpose ({reason}); replaying it would "
+                f"undo that decision")
     return f"{where}: only {' or '.join(REPLAYABLE)} deliveries can be replayed"
 
 
@@ -436,7 +441,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         row = found[0]
         if row["state"] not in REPLAYABLE:
             _explain_pending([row], now_ms)
-            return [], refusal(row, now_ms)
+            return [], refusal(row)
         made = await store.replay_rows(now_ms, states=[row["state"]], ids=[args.id],
                                        dry_run=args.dry_run)
         if not made:  # expired, and re-planning found nothing to send it with
@@ -482,9 +487,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(f"onetag: {len(made)} deliveries made due again ({scope}); a running `onetag serve` "
           f"or `onetag worker` sends them within a second or two")
     return 0
-
-
-REPLAY_LISTED = 50  # rows a text dry run names
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
