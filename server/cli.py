@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
+import logging
 import os
 import re
 import signal
@@ -13,6 +15,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 from . import __version__
 from . import config as config_module
@@ -77,9 +80,9 @@ def _find_config(path: str | None) -> str | None:
     return None
 
 
-def _load(path: str | None) -> config_module.Settings:
+def _load(path: str | None, require_secrets: bool = True) -> config_module.Settings:
     try:
-        return config_module.load(path)
+        return config_module.load(path, require_secrets=require_secrets)
     except config_module.ConfigError as exc:
         print(f"onetag: {path} has {len(exc.problems)} problem(s):", file=sys.stderr)
         for problem in exc.problems:
@@ -93,6 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     path = _find_config(args.config)
+    warning = None
     if path is None:
         settings = config_module.demo(args.host, args.port)
         print(f"onetag: no config file (--config, $ONETAG_CONFIG or ./onetag.toml), so serving "
@@ -104,6 +108,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sites = ", ".join(settings.sites)
         print(f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
               f"{settings.server.database}", flush=True)
+        warning = public_url_warning(settings.server.public_url, args.port)
+    from . import logs
+
+    log_format = args.log_format or settings.server.log_format
+    if warning and log_format == "json":  # stderr stays one JSON object a line
+        logs.configure(log_format, args.log_level)
+        logging.getLogger("onetag").warning(warning.removeprefix("onetag: warning: "))
+    elif warning:
+        print(warning, file=sys.stderr, flush=True)
     from .store.sqlite_writer import check_writable
 
     problem = check_writable(settings.server.sqlite_path)
@@ -112,14 +125,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "not serving. Check the path, its permissions, the mount and free space.",
               file=sys.stderr)
         return 2
-    from . import logs
-
-    log_config = logs.configure(args.log_format or settings.server.log_format, args.log_level)
+    log_config = logs.configure(log_format, args.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 log_config=log_config, proxy_headers=True, server_header=False,
                 timeout_graceful_shutdown=max(1, int(settings.server.shutdown_grace_s / 2)))
     return 0
+
+
+def public_url_warning(public_url: str, port: int) -> str | None:
+    """A loopback public_url on another port than the one served: the script tag and the
+    event URL the script posts to would point where nothing listens (a copied config)."""
+    parts = urlsplit(public_url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    url_port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not loopback or url_port == port:
+        return None
+    host_text = parts.netloc.rpartition("@")[2]
+    if parts.port is not None:
+        host_text = host_text.rsplit(":", 1)[0]
+    return (f"onetag: warning: [server] public_url {public_url} names port {url_port}, but this "
+            f"server binds port {port}: scripts would load and post events where nothing "
+            f"listens (set public_url to {parts.scheme}://{host_text}:{port} or run with "
+            f"--port {url_port})")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -159,7 +191,8 @@ UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 def _ops_settings(config: str | None) -> config_module.Settings:
     """The settings an operator command works on: the config, else the demo's database."""
     path = _find_config(config)
-    settings = config_module.demo() if path is None else _load(path)
+    # They never send, so vendor secrets need not be set (env: values left unset read as absent).
+    settings = config_module.demo() if path is None else _load(path, require_secrets=False)
     database = settings.server.sqlite_path
     if database != ":memory:" and not Path(database).is_file():
         print(f"onetag: no database at {database} (from {path or 'the demo settings'}); "
@@ -249,6 +282,43 @@ def _when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _clock(ms: int, now_ms: int) -> str:
+    """A time of day when it is within a day of now, else the date too."""
+    when = datetime.fromtimestamp(ms / 1000).astimezone()
+    return when.strftime("%H:%M:%S" if abs(ms - now_ms) < 86_400_000 else "%Y-%m-%d %H:%M:%S")
+
+
+def _error_head(error: str) -> str:
+    """"HTTP 503: <body>" -> "HTTP 503"; a key problem or other error up to its first clause."""
+    head = error.split(";", 1)[0].split("\n", 1)[0]
+    if head.startswith("HTTP ") and ":" in head:
+        head = head.split(":", 1)[0]
+    return head if len(head) <= 80 else head[:79] + "…"
+
+
+def pending_reason(row: dict[str, Any], now_ms: int, max_attempts: int, lease_ms: int) -> str:
+    """Why a pending row waits and when it is next due, read from the row (``waits_for``,
+    ``attempts``, ``next_attempt_ms``, ``updated_ms``, ``last_error``) the way ``claim``
+    and the forwarder use them: a claim leases a row until ``updated_ms + lease``, a failed
+    attempt sets the retry time and ``last_error``."""
+    due, attempts, error = row["next_attempt_ms"], row["attempts"], row.get("last_error")
+    if due > now_ms and attempts > 0 and (not error or due - row["updated_ms"] == lease_ms):
+        return (f"in flight: attempt {attempts} of {max_attempts} claimed at "
+                f"{_clock(row['updated_ms'], now_ms)}, lease until {_clock(due, now_ms)}")
+    if row.get("waits_for") is not None:
+        return (f"waiting for the visitor's earlier row #{row['waits_for']} (one in flight "
+                f"per visitor and vendor, in order)")
+    if error:
+        when = (f"at {_clock(due, now_ms)}" if due > now_ms
+                else f"due now (since {_clock(due, now_ms)})")
+        return f"retry {attempts + 1} of {max_attempts} {when} after {_error_head(error)}"
+    if due > now_ms:
+        return (f"held back until {_clock(due, now_ms)} for the browser's own copy "
+                f"([server] browser_grace_s)")
+    return (f"due now (since {_clock(due, now_ms)}): a running `onetag serve` or `onetag worker` "
+            f"sends it")
+
+
 def format_rows(rows: list[dict[str, Any]], width: int = 100) -> str:
     lines = []
     for row in rows:
@@ -257,7 +327,8 @@ def format_rows(rows: list[dict[str, Any]], width: int = 100) -> str:
             error = error[:width - 1] + "…"
         lines.append(f"#{row['id']}  {row['vendor']}  {row['state']}  {row['dedup_key']}  "
                      f"attempts {row['attempts']}  created {_when(row['created_ms'])}  "
-                     f"updated {_when(row['updated_ms'])}" + (f"\n    {error}" if error else ""))
+                     f"updated {_when(row['updated_ms'])}" + (f"\n    {error}" if error else "")
+                     + (f"\n    waits: {row['why']}" if row.get("why") else ""))
     return "\n".join(lines) or "(none)"
 
 
@@ -281,6 +352,17 @@ def key_problems(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(found.values())
 
 
+def _explain_pending(rows: list[dict[str, Any]], now_ms: int) -> None:
+    """Adds ``why`` to each pending row, with this environment's forwarder settings."""
+    from .forwarder import ForwarderOptions
+
+    options = ForwarderOptions.from_env()
+    for row in rows:
+        if row["state"] == "pending":
+            row["why"] = pending_reason(row, now_ms, options.max_attempts,
+                                        int(options.lease_s * 1000))
+
+
 def cmd_deliveries(args: argparse.Namespace) -> int:
     settings = _ops_settings(args.config)
     now_ms = int(time.time() * 1000)
@@ -297,6 +379,8 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         return stats, rows, key_problems(failing)
 
     stats, rows, problems = asyncio.run(_with_store(settings, work))
+    if rows is not None:
+        _explain_pending(rows, now_ms)
     report = delivery_report(settings, stats)
     if args.vendor:
         report = [r for r in report if r["vendor"] == args.vendor]
@@ -320,24 +404,98 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return 0
 
 
+REPLAYABLE = ("dead", "expired")  # what `replay --id` takes; see refusal() for the rest
+REPLAY_LISTED = 50  # rows a text dry run names
+
+
+def refusal(row: dict[str, Any]) -> str:
+    """Why ``replay --id`` leaves a row in a state that cannot be replayed alone."""
+    where = f"delivery #{row['id']} ({row['vendor']}) is {row['state']}"
+    state = row["state"]
+    if state == "delivered":
+        return (f"{where}: the vendor accepted it at {_when(row['delivered_ms'])}; onetag never "
+                f"sends a delivered delivery again")
+    if state == "pending":
+        return f"{where} already: {row.get('why') or 'due'}"
+    if state == "held":
+        return (f"{where}: it waits for the visitor's email ([server] hold_days) and goes out "
+                f"when the visitor identifies")
+    if state == "browser":
+        return (f"{where}: the vendor's own library took it in the page; sending it too would "
+                f"duplicate it")
+    if state == "ignored":
+        reason = row.get("last_error") or "no reason recorded"
+        return (f"{where}: planned but never sent on purpose ({reason}); replaying it would "
+                f"undo that decision")
+    return f"{where}: only {' or '.join(REPLAYABLE)} deliveries can be replayed"
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    if args.id is not None and (args.dead or args.expired or args.vendor or args.since):
+        print("onetag: --id names one delivery; it takes no --vendor, --since, --dead or "
+              "--expired", file=sys.stderr)
+        return 2
     settings = _ops_settings(args.config)
     states = [state for state, wanted in (("dead", args.dead), ("expired", args.expired))
               if wanted] or ["dead"]
     since_ms = args.since
     now_ms = int(time.time() * 1000)
 
-    async def work(store: Any) -> int:
-        return await store.replay(now_ms, vendor=args.vendor, since_ms=since_ms, states=states)
+    async def work(store: Any) -> tuple[list[dict[str, Any]], str | None]:
+        if args.id is None:
+            return await store.replay_rows(now_ms, vendor=args.vendor, since_ms=since_ms,
+                                           states=states, dry_run=args.dry_run), None
+        found = await store.list_deliveries(ids=[args.id], limit=1)
+        if not found:
+            return [], f"no delivery #{args.id} in {settings.server.sqlite_path}"
+        row = found[0]
+        if row["state"] not in REPLAYABLE:
+            _explain_pending([row], now_ms)
+            return [], refusal(row)
+        made = await store.replay_rows(now_ms, states=[row["state"]], ids=[args.id],
+                                       dry_run=args.dry_run)
+        if not made:  # expired, and re-planning found nothing to send it with
+            return [], (f"delivery #{args.id} ({row['vendor']}) expired without the visitor's "
+                        f"email, and the visitor still has none: nothing to send it with")
+        return made, None
 
-    count = asyncio.run(_with_store(settings, work))
-    scope = " and ".join(states)
-    if args.vendor:
-        scope += f", vendor {args.vendor}"
-    if since_ms is not None:
-        scope += f", created since {_when(since_ms)}"
-    print(f"onetag: {count} deliveries made due again ({scope}); a running `onetag serve` or "
-          f"`onetag worker` sends them within a second or two")
+    made, error = asyncio.run(_with_store(settings, work))
+    if error:
+        print(f"onetag: {error}", file=sys.stderr)
+        return 1
+    if args.dry_run:  # the rows a re-planned expired delivery would get were rolled back
+        for row in made:
+            if row["from_state"] == "expired":
+                row["id"] = None
+    if args.id is not None:
+        scope = f"delivery #{args.id}"
+    else:
+        scope = " and ".join(states)
+        if args.vendor:
+            scope += f", vendor {args.vendor}"
+        if since_ms is not None:
+            scope += f", created since {_when(since_ms)}"
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "count": len(made), "scope": scope,
+                          "id": args.id, "vendor": args.vendor, "since_ms": since_ms,
+                          "states": states if args.id is None else None, "rows": made},
+                         indent=2))
+        return 0
+    if args.dry_run:
+        print(f"onetag: dry run: {len(made)} deliveries would be made due again ({scope}); "
+              f"nothing changed")
+        for row in made[:REPLAY_LISTED]:
+            if row["from_state"] == "expired":
+                print(f"  expired #{', #'.join(map(str, row['replaces']))} -> planned again: "
+                      f"{row['vendor']}  {row['site_id']}  {row['dedup_key']}")
+            else:
+                print(f"  #{row['id']}  {row['vendor']}  {row['site_id']}  {row['dedup_key']}  "
+                      f"({row['from_state']})")
+        if len(made) > REPLAY_LISTED:
+            print(f"  ... and {len(made) - REPLAY_LISTED} more (--json lists them all)")
+        return 0
+    print(f"onetag: {len(made)} deliveries made due again ({scope}); a running `onetag serve` "
+          f"or `onetag worker` sends them within a second or two")
     return 0
 
 
@@ -400,13 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "held past the hold window without an email; ignored (--state ignored): "
                     "planned but never sent, last_error says why (a vendor could not take it, "
                     "or a browser's unverified claim: docs/security.md). A vendor that refused "
-                    "the credentials (401/403) is named on a line of its own.")
+                    "the credentials (401/403) is named on a line of its own. Vendor secrets "
+                    "need not be set: nothing is sent.")
     deliveries.add_argument("--config", help=config_help)
     deliveries.add_argument("--json", action="store_true", help="machine-readable output")
     deliveries.add_argument("--vendor", help="only this vendor")
-    deliveries.add_argument("--state", choices=["pending", "held", "delivered", "dead",
-                                                "browser", "expired", "ignored"],
-                            help="also list the latest deliveries in this state, with last errors")
+    deliveries.add_argument("--state", choices=["pending", "failing", "held", "delivered",
+                                                "dead", "browser", "expired", "ignored"],
+                            help="also list the latest deliveries in this state, with last "
+                                 "errors; a pending row says why it waits and when it is due "
+                                 "(pending lists failing rows too; failing: only those)")
     deliveries.add_argument("--limit", type=int, default=20, help="rows listed with --state (20)")
     deliveries.set_defaults(func=cmd_deliveries)
 
@@ -418,7 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "--expired takes held deliveries that expired without an email: those "
                     "whose visitor has an email by now are planned again with it; the rest "
                     "stay expired. Delivered deliveries are never sent again. Opens the "
-                    "database directly; a running server or worker picks the rows up.")
+                    "database directly; a running server or worker picks the rows up (vendor "
+                    "secrets need not be set here). --dry-run names what would be made due and "
+                    "changes nothing: the same command without it then replays exactly those. "
+                    "--id N replays one dead or expired delivery; any other state is refused "
+                    "with the reason (delivered: never sent twice; pending: already due or "
+                    "retrying; held: waits for an email; browser: the page's library took it; "
+                    "ignored: not sent on purpose).")
     replay.add_argument("--config", help=config_help)
     replay.add_argument("--vendor", help="only this vendor")
     replay.add_argument("--since", type=parse_since, metavar="T",
@@ -429,6 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dead deliveries (the default when no state option is given)")
     replay.add_argument("--expired", action="store_true",
                         help="expired held deliveries whose visitor has an email now")
+    replay.add_argument("--id", type=int, metavar="N",
+                        help="only delivery N (dead, or expired with an email now)")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="print how many and which would be made due; change nothing")
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
     replay.set_defaults(func=cmd_replay)
 
     worker = commands.add_parser(

@@ -7,6 +7,7 @@ Any string value may be ``"env:NAME"``: secrets live in the environment, not the
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import string
@@ -97,6 +98,9 @@ class Settings:
     server: ServerConfig
     sites: Mapping[str, SiteConfig]
     source: str  # the config file, or "demo"
+    # Where an ``env:`` secret was not set, when loaded with ``require_secrets=False`` (the
+    # commands that never send): those values read as absent.
+    unset: tuple[str, ...] = ()
 
     @property
     def is_demo(self) -> bool:
@@ -113,10 +117,12 @@ def sqlite_path(database: str) -> str:
 class _Reader:
     """Reads typed values out of a TOML table, recording problems instead of raising."""
 
-    def __init__(self, file: str, env: Mapping[str, str]):
+    def __init__(self, file: str, env: Mapping[str, str], require_secrets: bool = True):
         self.file = file
         self.env = env
+        self.require_secrets = require_secrets
         self.problems: list[Problem] = []
+        self.unset: list[str] = []  # where an env: value was missing and not required
 
     def problem(self, where: str, message: str) -> None:
         self.problems.append(Problem(f"{self.file}: {where}", message))
@@ -125,7 +131,10 @@ class _Reader:
         if isinstance(value, str) and value.startswith("env:"):
             name = value[4:]
             if name not in self.env:
-                self.problem(where, f"environment variable {name} is not set")
+                if self.require_secrets:
+                    self.problem(where, f"environment variable {name} is not set")
+                else:
+                    self.unset.append(where)
                 return None
             return self.env[name]
         return value
@@ -144,6 +153,13 @@ class _Reader:
             return default
         return value
 
+    def unknown(self, where: str, key: str, known: Any) -> None:
+        """An unknown key, with the nearest known one when it looks like a typo."""
+        names = list(known)
+        near = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        self.problem(f"{where}.{key}", f"unknown key ({hint}expected one of: {', '.join(names)})")
+
     def boolean(self, table: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
         value = self.resolve(f"{where}.{key}", table.get(key, default))
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
@@ -154,8 +170,13 @@ class _Reader:
         return value
 
 
-def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
-    """Load and validate a config file; raises ``ConfigError`` listing every problem."""
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
+         require_secrets: bool = True) -> Settings:
+    """Load and validate a config file; raises ``ConfigError`` listing every problem.
+
+    ``require_secrets=False`` is for the commands that never send (``deliveries``,
+    ``replay``): an ``env:`` variable that is not set leaves its value absent (listed in
+    ``Settings.unset``) instead of being a problem."""
     file = str(path)
     try:
         raw = Path(path).read_text(encoding="utf-8")
@@ -165,12 +186,13 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         data = tomllib.loads(raw)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(file, f"not valid TOML: {exc}")]) from exc
-    return parse(data, file=file, env=os.environ if env is None else env)
+    return parse(data, file=file, env=os.environ if env is None else env,
+                 require_secrets=require_secrets)
 
 
 def parse(data: Mapping[str, Any], *, file: str = "onetag.toml",
-          env: Mapping[str, str] | None = None) -> Settings:
-    reader = _Reader(file, os.environ if env is None else env)
+          env: Mapping[str, str] | None = None, require_secrets: bool = True) -> Settings:
+    reader = _Reader(file, os.environ if env is None else env, require_secrets)
     known_top = {"server", "sites"}
     for key in data:
         if key not in known_top:
@@ -192,7 +214,7 @@ def parse(data: Mapping[str, Any], *, file: str = "onetag.toml",
         sites[site.id] = site
     if reader.problems:
         raise ConfigError(reader.problems)
-    return Settings(server=server, sites=sites, source=file)
+    return Settings(server=server, sites=sites, source=file, unset=tuple(reader.unset))
 
 
 def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
@@ -204,7 +226,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
              "forward", "browser_grace_s", "log_format", *HARDENING}
     for key in table:
         if key not in known:
-            reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
+            reader.unknown(where, key, sorted(known))
     database = reader.string(table, "database", where, default=DEFAULT_DATABASE)
     try:
         sqlite_path(database)
@@ -262,7 +284,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
              "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret", *VENDORS}
     for key in table:
         if key not in known:
-            reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
+            reader.unknown(where, key, sorted(known))
     origins = table.get("origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         reader.problem(f"{where}.origins", "must be a list of origins like \"https://shop.example\"")
@@ -291,11 +313,14 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
             if vendor is not None:
                 vendors[name] = vendor
     api_key = reader.string(table, "api_key", where)
+    # An "env:" api_key whose variable is unset is still configured (reported on its own,
+    # or read as absent by the commands that never send).
+    has_key = bool(api_key) or str(table.get("api_key", "")).startswith("env:")
     order_source = reader.string(table, "order_source", where,
-                                 default="backend" if api_key else "browser")
+                                 default="backend" if has_key else "browser")
     if order_source not in ("backend", "browser"):
         reader.problem(f"{where}.order_source", f"must be \"backend\" or \"browser\", not {order_source!r}")
-    elif order_source == "backend" and not api_key:
+    elif order_source == "backend" and not has_key:
         reader.problem(f"{where}.order_source", "\"backend\" needs the site's api_key: without it "
                        "no backend can send orders")
     identity_secret = reader.string(table, "identity_secret", where)
@@ -343,7 +368,7 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
     settings = {s.name: s for s in module.SETTINGS}
     for key in table:
         if key not in settings and key != "routes":
-            reader.problem(f"{where}.{key}", f"unknown key (expected one of: {', '.join([*settings, 'routes'])})")
+            reader.unknown(where, key, [*settings, "routes"])
     values: dict[str, str] = {}
     for setting in module.SETTINGS:
         value = reader.string(table, setting.name, where, required=setting.required)
@@ -355,6 +380,13 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
                 values[setting.name] = setting.default.format_map(values)
             except KeyError as exc:
                 reader.problem(f"{where}.{setting.name}", f"its default needs {exc.args[0]}, which is not set")
+    for setting in module.SETTINGS:
+        value = values.get(setting.name)
+        if setting.url and value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                reader.problem(f"{where}.{setting.name}", f"must be an absolute http(s) URL like "
+                                                         f"\"https://host/path\", not {value!r}")
     routes_table = table.get("routes", {})
     if not isinstance(routes_table, dict):
         reader.problem(f"{where}.routes", "must be a table like {purchase = \"server\"}")

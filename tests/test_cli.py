@@ -80,3 +80,61 @@ def test_serve_without_config_runs_the_demo(tmp_path) -> None:
         process.terminate()
         output = process.communicate(timeout=20)[0]
     assert "serving the demo site 'demo'" in output
+
+
+def test_check_flags_vendor_urls_and_suggests_the_nearest_key(tmp_path) -> None:
+    (tmp_path / "onetag.toml").write_text(
+        '[server]\ndatabase = "sqlite:///onetag.db"\npublic_urll = "http://127.0.0.1:8000"\n'
+        '\n[[sites]]\nid = "shop1"\norigins = ["https://shop.example"]\ncurency = "USD"\n'
+        '\n[sites.rejoiner]\nsite_id = "R"\napi_base = "rj2.rejoiner.com/api/v1"\n'
+        '\n[sites.sendlane]\nintegration_token = "T"\nscript_url = "https://cdn.example/p.js"\n'
+        'api_bsae = "https://api.sendlane.example"\n')
+    result = onetag("check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "onetag.toml has 4 problem(s)" in result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.strip().startswith("onetag.toml: server.public_urll: unknown key (did you "
+                                       "mean 'public_url'?") for line in lines)
+    assert "sites[shop1].curency: unknown key (did you mean 'currency'?" in result.stderr
+    assert "sites[shop1].sendlane.api_bsae: unknown key (did you mean 'api_base'?" in result.stderr
+    assert ("sites[shop1].rejoiner.api_base: must be an absolute http(s) URL like "
+            "\"https://host/path\", not 'rj2.rejoiner.com/api/v1'") in result.stderr
+
+
+def serve_output(tmp_path: Path, public_port: int, port: int) -> str:
+    """`onetag serve` with a config whose public_url names ``public_port``, bound to ``port``:
+    its output once it answers /healthz."""
+    (tmp_path / "onetag.toml").write_text(
+        f'[server]\ndatabase = "sqlite:///onetag.db"\npublic_url = "http://localhost:{public_port}"'
+        f'\nforward = false\n\n[[sites]]\nid = "shop1"\norigins = ["https://shop.example"]\n')
+    process = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port),
+                                "--log-level", "warning"], cwd=tmp_path, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=20)
+    return out + "\n--stderr--\n" + err
+
+
+def test_serve_warns_when_a_loopback_public_url_names_another_port(tmp_path) -> None:
+    port = free_port()
+    output = serve_output(tmp_path, port + 1, port)
+    warnings = [line for line in output.split("--stderr--")[1].splitlines()
+                if line.startswith("onetag: warning: [server] public_url")]
+    assert warnings == [f"onetag: warning: [server] public_url http://localhost:{port + 1} names "
+                        f"port {port + 1}, but this server binds port {port}: scripts would load "
+                        f"and post events where nothing listens (set public_url to "
+                        f"http://localhost:{port} or run with --port {port + 1})"]
+    assert "warning" not in serve_output(tmp_path, port, port)
+
+
+def test_public_url_warning_only_for_loopback_hosts() -> None:
+    from server.cli import public_url_warning
+
+    assert public_url_warning("https://shop.example", 8000) is None  # behind a proxy: fine
+    assert public_url_warning("http://10.0.0.5:9000", 8000) is None
+    assert public_url_warning("http://127.0.0.1:8000", 8000) is None
+    assert "names port 80," in public_url_warning("http://127.0.0.1", 8000)
+    assert "http://[::1]:8000" in public_url_warning("http://[::1]:9000", 8000)

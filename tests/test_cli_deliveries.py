@@ -21,8 +21,8 @@ from server.cli import format_report, parse_since
 from server.store.base import Outcome
 from server.store.sqlite import SQLiteStore
 
-from fakes.harness import (ALL, FORWARD_ENV, REPO, browser, item, rows, serve, settings_data,
-                           states, until, write_config)
+from fakes.harness import (ALL, API_KEY, FORWARD_ENV, REPO, SECRETS, browser, item, rows, serve,
+                           settings_data, states, until, write_config)
 from fakes.vendor_server import FakeVendors
 
 COLUMNS = ["pending", "failing", "held", "delivered", "dead", "browser", "expired", "ignored"]
@@ -30,9 +30,10 @@ SC_A, SC_B, SC_C = ("AAAAAAAA-0000-0000-0000-000000000001", "BBBBBBBB-0000-0000-
                     "CCCCCCCC-0000-0000-0000-000000000003")
 
 
-def onetag(*args: str, cwd) -> subprocess.CompletedProcess:
+def onetag(*args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 IDENTITY_SECRET = "cli-test-identity-secret-0123456789"
@@ -261,3 +262,203 @@ async def test_ignored_rows_are_listed_with_their_reason(shop) -> None:
     assert text.returncode == 0, text.stderr
     assert "latest ignored deliveries:" in text.stdout
     assert "unverified: unsubscribe needs the backend or a verified identity" in text.stdout
+
+
+# Item 5: read-only commands without secrets, replay --dry-run / --id / --json, why rows wait.
+
+def secrets_from_env(config_path) -> list[str]:
+    """The shop's config with every secret as "env:NAME" (none of them set); the names."""
+    text = config_path.read_text()
+    names = []
+    for value in (API_KEY, *SECRETS.values()):
+        name = "ONETAG_TEST_UNSET_" + value.replace("-", "_")
+        assert f'"{value}"' in text and name not in os.environ
+        text = text.replace(f'"{value}"', f'"env:{name}"')
+        names.append(name)
+    config_path.write_text(text)
+    return names
+
+
+def db_rows(db) -> list[dict]:
+    return sorted(rows(db), key=lambda r: r["id"])
+
+
+async def test_read_only_commands_run_without_the_vendor_secrets(shop) -> None:
+    tmp_path, config_path, _ = shop
+    names = secrets_from_env(config_path)
+    result = onetag("deliveries", "--config", str(config_path), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {r["vendor"]: {c: r[c] for c in COLUMNS} for r in report["vendors"]} == db_counts(
+        tmp_path / "onetag.db")
+    dry = onetag("replay", "--config", str(config_path), "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "dry run: 1 deliveries would be made due again (dead)" in dry.stdout
+    # The commands that send, or vouch for the config, still need every secret.
+    check = onetag("check", "--config", str(config_path), cwd=tmp_path)
+    assert check.returncode == 2
+    for name in names:
+        assert f"environment variable {name} is not set" in check.stderr
+    worker = onetag("worker", "--config", str(config_path), cwd=tmp_path)
+    assert worker.returncode == 2 and names[0] in worker.stderr
+
+
+async def test_failing_and_pending_rows_say_why_they_wait(shop) -> None:
+    tmp_path, config_path, settings = shop
+    db = tmp_path / "onetag.db"
+    by_id = {row["id"]: row for row in rows(db)}
+    failing = [r for r in by_id.values() if r["state"] == "pending" and r["last_error"]]
+    result = onetag("deliveries", "--config", str(config_path), "--state", "failing", "--json",
+                    cwd=tmp_path, env={"ONETAG_FORWARD_MAX_ATTEMPTS": "8"})
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)["rows"]
+    assert [r["id"] for r in listed] == [r["id"] for r in failing] and len(failing) == 1
+    [row] = listed
+    due = datetime.fromtimestamp(failing[0]["next_attempt_ms"] / 1000).astimezone()
+    assert row["why"] == f"retry 2 of 8 at {due:%H:%M:%S} after HTTP 503"
+    assert row["next_attempt_ms"] == failing[0]["next_attempt_ms"]
+
+    # Lease one due row as a forwarder would, without finishing it: in flight.
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites)
+    await store.open()
+    now = int(time.time() * 1000)
+    [leased] = await store.claim(now, 45_000, 1, vendors=("sendlane",))
+    await store.close()
+    result = onetag("deliveries", "--config", str(config_path), "--state", "pending", "--json",
+                    "--limit", "100", cwd=tmp_path)
+    listed = {r["id"]: r for r in json.loads(result.stdout)["rows"]}
+    pending = {i for i, r in by_id.items() if r["state"] == "pending"}
+    assert set(listed) == pending  # failing rows are pending too
+    for row_id, row in listed.items():
+        stored = by_id[row_id]
+        earlier = [r["id"] for r in by_id.values() if r["state"] == "pending" and r["id"] < row_id
+                   and (r["site_id"], r["vendor"], r["visitor"]) == (
+                       stored["site_id"], stored["vendor"], stored["visitor"])]
+        if row_id == leased.id:
+            until_ = datetime.fromtimestamp((now + 45_000) / 1000).astimezone()
+            assert row["why"].startswith("in flight: attempt 1 of 20 claimed at ")
+            assert row["why"].endswith(f"lease until {until_:%H:%M:%S}")
+        elif earlier:
+            assert row["why"].startswith(f"waiting for the visitor's earlier row #{earlier[0]} ")
+        elif stored["last_error"]:
+            assert row["why"].startswith("retry 2 of 20 at ")
+        else:
+            assert row["why"].startswith("due now (since ")
+    whys = [r["why"].split()[0] for r in listed.values()]
+    assert {"in", "waiting", "retry", "due"} <= set(whys)  # the fixture has every kind
+    text = onetag("deliveries", "--config", str(config_path), "--state", "pending",
+                  cwd=tmp_path).stdout
+    assert "waits: waiting for the visitor's earlier row #" in text
+    assert "waits: retry 2 of 20 at " in text
+
+
+def test_pending_reason_for_a_row_held_back_for_the_browser_copy() -> None:
+    from server.cli import pending_reason
+
+    now = 1_800_000_000_000
+    row = {"next_attempt_ms": now + 600_000, "attempts": 0, "last_error": None,
+           "updated_ms": now, "waits_for": None}
+    when = datetime.fromtimestamp((now + 600_000) / 1000).astimezone()
+    assert pending_reason(row, now, 20, 60_000) == (
+        f"held back until {when:%H:%M:%S} for the browser's own copy ([server] browser_grace_s)")
+    row = {**row, "next_attempt_ms": now - 1000, "last_error": "connection refused",
+           "attempts": 3}
+    assert pending_reason(row, now, 20, 60_000).startswith(
+        "retry 4 of 20 due now (since ") and row["last_error"] in pending_reason(row, now, 20, 1)
+
+
+async def test_replay_dry_run_names_exactly_what_replay_then_does(shop) -> None:
+    tmp_path, config_path, settings = shop
+    db = tmp_path / "onetag.db"
+    before = db_rows(db)
+    args = ("--config", str(config_path), "--since", "1h", "--vendor", "sendlane", "--json")
+    dry = onetag("replay", *args, "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    assert planned["dry_run"] is True and planned["count"] == 1
+    assert db_rows(db) == before  # nothing changed
+    done = json.loads(onetag("replay", *args, cwd=tmp_path).stdout)
+    assert done["dry_run"] is False
+    assert done["count"] == planned["count"] and done["rows"] == planned["rows"]
+    [dead] = [r for r in before if r["state"] == "dead"]
+    assert [r["id"] for r in done["rows"]] == [dead["id"]]
+    assert {r["id"]: r["state"] for r in db_rows(db)}[dead["id"]] == "pending"
+
+    # Expired rows are planned again once the visitor has an email: the dry run counts them
+    # by doing it in a savepoint it rolls back.
+    await store_events(settings, (SC_C, [{"event": "identify", "event_id": "id-c",
+                                          "loaded": [], "user": {"email": "c@example.com"}}]))
+    expired = [r["id"] for r in db_rows(db) if r["state"] == "expired"]
+    before = db_rows(db)
+    dry = json.loads(onetag("replay", "--config", str(config_path), "--expired", "--dry-run",
+                            "--json", cwd=tmp_path).stdout)
+    assert db_rows(db) == before
+    assert dry["count"] == len(expired) > 0
+    assert sorted(i for r in dry["rows"] for i in r["replaces"]) == expired
+    assert all(r["id"] is None for r in dry["rows"])  # new rows: not made by a dry run
+    text = onetag("replay", "--config", str(config_path), "--expired", "--dry-run",
+                  cwd=tmp_path).stdout
+    assert f"dry run: {len(expired)} deliveries would be made due again (expired)" in text
+    assert "planned again" in text
+    done = json.loads(onetag("replay", "--config", str(config_path), "--expired", "--json",
+                             cwd=tmp_path).stdout)
+    assert done["count"] == dry["count"]
+    strip = [{k: v for k, v in r.items() if k != "id"} for r in done["rows"]]
+    assert strip == [{k: v for k, v in r.items() if k != "id"} for r in dry["rows"]]
+    assert not [r for r in db_rows(db) if r["state"] == "expired"]
+
+
+async def test_replay_one_delivery_by_id(shop) -> None:
+    tmp_path, config_path, settings = shop
+    db = tmp_path / "onetag.db"
+    before = db_rows(db)
+    by_state: dict[str, list[dict]] = {}
+    for row in before:
+        by_state.setdefault(row["state"], []).append(row)
+
+    def replay_id(row_id: int, *extra: str) -> subprocess.CompletedProcess:
+        return onetag("replay", "--config", str(config_path), "--id", str(row_id), *extra,
+                      cwd=tmp_path)
+
+    missing = replay_id(999_999)
+    assert missing.returncode == 1 and "no delivery #999999 in " in missing.stderr
+    refused = {"delivered": "onetag never sends a delivered delivery again",
+               "pending": "is pending already: ",
+               "held": "waits for the visitor's email",
+               "browser": "the vendor's own library took it",
+               "ignored": "planned but never sent on purpose (unverified: ",
+               "expired": "the visitor still has none: nothing to send it with"}
+    for state, message in refused.items():
+        row = by_state[state][0]
+        result = replay_id(row["id"])
+        assert result.returncode == 1, (state, result.stdout)
+        assert f"delivery #{row['id']} ({row['vendor']})" in result.stderr
+        assert message in result.stderr, (state, result.stderr)
+    assert db_rows(db) == before  # every refusal changed nothing
+    assert onetag("replay", "--config", str(config_path), "--id", "1", "--dead",
+                  cwd=tmp_path).returncode == 2
+
+    [dead] = by_state["dead"]
+    dry = replay_id(dead["id"], "--dry-run")
+    assert dry.returncode == 0 and f"#{dead['id']}  sendlane" in dry.stdout
+    assert db_rows(db) == before
+    result = replay_id(dead["id"], "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["count"] == 1 and out["rows"][0]["id"] == dead["id"]
+    assert out["rows"][0]["from_state"] == "dead"
+    after = {r["id"]: r for r in db_rows(db)}
+    assert (after[dead["id"]]["state"], after[dead["id"]]["attempts"]) == ("pending", 0)
+    assert [r for r in db_rows(db) if r["id"] != dead["id"]] == [
+        r for r in before if r["id"] != dead["id"]]
+
+    # An expired row replays by id once its visitor has an email; only that one.
+    await store_events(settings, (SC_C, [{"event": "identify", "event_id": "id-c",
+                                          "loaded": [], "user": {"email": "c@example.com"}}]))
+    expired = [r for r in db_rows(db) if r["state"] == "expired"]
+    result = replay_id(expired[0]["id"], "--json")
+    assert result.returncode == 0, result.stderr
+    [made] = json.loads(result.stdout)["rows"]
+    assert made["replaces"] == [expired[0]["id"]] and made["vendor"] == expired[0]["vendor"]
+    assert [r["id"] for r in db_rows(db) if r["state"] == "expired"] == [
+        r["id"] for r in expired[1:]]

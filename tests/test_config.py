@@ -137,3 +137,63 @@ def test_order_source_defaults_with_the_api_key_and_the_identity_secret_is_check
         "sites[d].identity_secret"]
     assert "needs the site's api_key" in found[0]
     assert "environment variable UNSET is not set" in found[3]
+
+
+def test_commands_that_never_send_load_without_secrets() -> None:
+    data = {"server": {"admin_token": "env:ADMIN"},
+            "sites": [{"id": "shop1", "api_key": "env:KEY", "order_source": "backend",
+                       "identity_secret": "env:IDENTITY",
+                       "sendlane": {"integration_token": "T", "api_token": "env:SL"}}]}
+    found = problems(data)
+    assert found == [f"onetag.toml: {where}: environment variable {name} is not set"
+                     for where, name in (("server.admin_token", "ADMIN"),
+                                         ("sites[shop1].sendlane.api_token", "SL"),
+                                         ("sites[shop1].api_key", "KEY"),
+                                         ("sites[shop1].identity_secret", "IDENTITY"))]
+    settings = config.parse(data, env={"SL": "s"}, require_secrets=False)
+    site = settings.sites["shop1"]
+    assert settings.server.admin_token is None and site.api_key is None
+    assert site.order_source == "backend"  # an unset api_key is still a configured one
+    assert site.vendors["sendlane"]["api_token"] == "s"
+    assert settings.unset == ("server.admin_token", "sites[shop1].api_key",
+                              "sites[shop1].identity_secret")
+    # Everything else is still checked.
+    with pytest.raises(ConfigError) as caught:
+        config.parse({**data, "server": {"public_url": "nope"}}, env={}, require_secrets=False)
+    assert [p.where for p in caught.value.problems] == ["onetag.toml: server.public_url"]
+
+
+def test_unknown_keys_suggest_the_nearest_known_one() -> None:
+    found = problems({
+        "server": {"public_ur": "http://127.0.0.1:8000", "zzz": 1},
+        "sites": [{"id": "shop1", "origin": ["https://shop.example"],
+                   "rejoiner": {"site_id": "R", "api_bse": "https://x.example"},
+                   "remarkety": {"store_id": "S", "webhook": "https://x.example"}}],
+    })
+    by_where = {p.split(": ")[1]: p for p in found}
+    assert "unknown key (did you mean 'public_url'? expected one of: " in by_where["server.public_ur"]
+    assert "did you mean" not in by_where["server.zzz"]
+    assert "(did you mean 'origins'? " in by_where["sites[shop1].origin"]
+    assert "(did you mean 'api_base'? " in by_where["sites[shop1].rejoiner.api_bse"]
+    assert "(did you mean 'webhook_url'? " in by_where["sites[shop1].remarkety.webhook"]
+
+
+def test_vendor_urls_must_be_absolute_http_urls() -> None:
+    from server.vendors import VENDORS
+
+    found = problems({"sites": [{"id": "shop1",
+        "rejoiner": {"site_id": "R", "api_base": "rj2.rejoiner.com/api/v1"},
+        "remarkety": {"store_id": "S", "webhook_url": "/webhooks/?storeId=S"},
+        "esputnik": {"site_id": "E", "tracker_url": "ftp://tracker.example/api",
+                     "script_url": "//cdn.example/e.js"},
+        "sendlane": {"integration_token": "T", "api_base": "https://api.sendlane.example/v2",
+                     "script_url": "http://127.0.0.1:9000/pusher.js"}}]})
+    assert sorted(p.split(": ")[1] for p in found) == [
+        "sites[shop1].esputnik.script_url", "sites[shop1].esputnik.tracker_url",
+        "sites[shop1].rejoiner.api_base", "sites[shop1].remarkety.webhook_url"]
+    assert all("must be an absolute http(s) URL like" in p for p in found)
+    # Every setting whose default is a URL is checked as one (a new vendor's too).
+    for module in VENDORS.values():
+        for setting in module.SETTINGS:
+            is_url_default = (setting.default or "").startswith(("http://", "https://"))
+            assert setting.url == is_url_default, (module.NAME, setting.name)

@@ -225,7 +225,7 @@ async def test_retries_recoveries_and_replays_are_logged_at_info(
     assert dead.levelno == logging.WARNING and dead.status == 400
     [replayed] = [r for r in mine if r.request_id == "replay-req" and r.state == "delivered"]
     assert replayed.levelno == logging.INFO and replayed.replayed and replayed.attempt == 1
-    [count] = [r for r in caplog.records if r.getMessage().startswith("replayed 1 deliveries")]
+    [count] = [r for r in caplog.records if r.getMessage().startswith("replayed 1 deliveries (dead; ")]
     assert count.levelno == logging.INFO and count.name == "onetag.store"
 
 
@@ -237,6 +237,8 @@ def _serve(tmp_path: Path, fake: FakeVendors, log_format: str | None,
     data = settings_data(tmp_path, fake, only=("sendlane",), port=port)
     if config_format is not None:
         data["server"]["log_format"] = config_format
+    if log_format == "json":  # a port mismatch: serve's warning comes as a JSON line too
+        data["server"]["public_url"] = f"http://127.0.0.1:{port + 1}"
     config_path = write_config(tmp_path / "onetag.toml", data)
     argv = [sys.executable, "-m", "server", "serve", "--config", str(config_path),
             "--port", str(port), "--log-level", "info"]
@@ -315,6 +317,8 @@ def test_a_request_id_followed_from_the_http_request_to_the_vendor_in_the_log(
             assert "message" in line
         assert any(line["logger"] == "uvicorn.error" for line in every)  # uvicorn's own lines
         assert not any(line["logger"].startswith("http") for line in every)  # vendor URLs
+        [warning] = [line for line in every if line["level"] == "WARNING"]
+        assert warning["logger"] == "onetag" and "public_url" in warning["message"]
         [access] = [line for line in every if line["logger"] == "uvicorn.access"
                     and line.get("path") == f"/api/v1/sites/{SITE}/events"]
         assert access["request_id"] == "shop-req-42" and access["status"] == 202

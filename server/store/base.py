@@ -149,5 +149,17 @@ class Store(abc.ABC):
         """Make matching deliveries due again; returns how many."""
 
     @abc.abstractmethod
+    async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
+                          since_ms: int | None = None, states: Sequence[str] = ("dead",),
+                          ids: Sequence[int] | None = None, dry_run: bool = False
+                          ) -> list[dict[str, Any]]:
+        """``replay``, naming the rows made due (id, site_id, vendor, dedup_key, from_state,
+        replaces); ``dry_run`` changes nothing and names exactly what the same call would."""
+
+    @abc.abstractmethod
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
-                              limit: int = 50) -> list[dict[str, Any]]: ...
+                              limit: int = 50, ids: Sequence[int] | None = None
+                              ) -> list[dict[str, Any]]:
+        """Latest rows first. ``state="failing"``: pending after a failed attempt. A pending
+        row carries ``waits_for``: the id of the visitor's earliest pending row for the same
+        vendor, which goes first (one in flight per visitor), else None."""

@@ -380,23 +380,51 @@ class SQLiteStore(Store):
     async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
                      states: Sequence[str] = ("dead",)) -> int:
         count = await self._write("replay", now_ms, vendor, since_ms, tuple(states))
-        log.info("replayed %d deliveries (%s, vendor %s, since %s)", count, ", ".join(states),
-                 vendor or "any", since_ms if since_ms is not None else "any time",
-                 extra={"replayed": count, "vendor": vendor})
+        _log_replay(count, states, vendor, since_ms)
         return count
 
+    async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
+                          since_ms: int | None = None, states: Sequence[str] = ("dead",),
+                          ids: Sequence[int] | None = None, dry_run: bool = False
+                          ) -> list[dict[str, Any]]:
+        made = await self._write("replay_rows", now_ms, vendor, since_ms, tuple(states),
+                                 None if ids is None else tuple(ids), dry_run)
+        if not dry_run:
+            _log_replay(len(made), states, vendor, since_ms, ids)
+        return made
+
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
-                              limit: int = 50) -> list[dict[str, Any]]:
+                              limit: int = 50, ids: Sequence[int] | None = None
+                              ) -> list[dict[str, Any]]:
         assert self._reader is not None
         where, params = ["1"], []
-        if state:
-            where.append("state = ?")
+        if state == "failing":
+            where.append("d.state = 'pending' AND d.last_error IS NOT NULL")
+        elif state:
+            where.append("d.state = ?")
             params.append(state)
         if vendor:
-            where.append("vendor = ?")
+            where.append("d.vendor = ?")
             params.append(vendor)
+        if ids is not None:
+            where.append(f"d.id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
         rows = await self._reader.execute_fetchall(
-            "SELECT id, site_id, vendor, dedup_key, state, attempts, next_attempt_ms, last_error, "
-            f"created_ms, updated_ms, delivered_ms, request_id FROM deliveries WHERE {' AND '.join(where)} "
-            "ORDER BY id DESC LIMIT ?", [*params, limit])
+            "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.state, d.attempts, "
+            "d.next_attempt_ms, d.last_error, d.created_ms, d.updated_ms, d.delivered_ms, "
+            "coalesce(d.retry_from_ms, d.created_ms) AS retry_from_ms, d.request_id, "
+            "CASE WHEN d.state = 'pending' THEN (SELECT min(p.id) FROM deliveries p "
+            "WHERE p.site_id = d.site_id AND p.vendor = d.vendor AND p.visitor = d.visitor "
+            "AND p.state = 'pending' AND p.id < d.id) END AS waits_for "
+            f"FROM deliveries d WHERE {' AND '.join(where)} ORDER BY d.id DESC LIMIT ?",
+            [*params, limit])
         return [dict(row) for row in rows]
+
+
+def _log_replay(count: int, states: Sequence[str], vendor: str | None, since_ms: int | None,
+                ids: Sequence[int] | None = None) -> None:
+    """A replay at info; the forwarder logs each replayed delivery as it is sent."""
+    scope = f"ids {', '.join(map(str, ids))}" if ids is not None else (
+        f"vendor {vendor or 'any'}, since {since_ms if since_ms is not None else 'any time'}")
+    log.info("replayed %d deliveries (%s; %s)", count, ", ".join(states), scope,
+             extra={"replayed": count, "vendor": vendor})

@@ -335,37 +335,61 @@ class WriteOps:
 
     def replay(self, now: int, vendor: str | None,
                 since: int | None, states: tuple[str, ...]) -> int:
-        count = 0
+        return len(self.replay_rows(now, vendor, since, states, None, False))
+
+    def replay_rows(self, now: int, vendor: str | None, since: int | None,
+                    states: tuple[str, ...], ids: tuple[int, ...] | None,
+                    dry_run: bool) -> list[dict[str, Any]]:
+        """The rows made due again (``replaces``: the expired rows a re-planned one takes
+        the place of). A dry run does exactly that in a savepoint it then rolls back, so
+        its answer is what the same call would do."""
+        if dry_run:
+            self.conn.execute("SAVEPOINT dry_run")
+            try:
+                return self.replay_rows(now, vendor, since, states, ids, False)
+            finally:
+                self.conn.execute("ROLLBACK TO dry_run")
+                self.conn.execute("RELEASE dry_run")
+        made: list[dict[str, Any]] = []
         plain = tuple(state for state in states if state != "expired")
         if plain:
             where, params = _filters("", vendor, since,
                                      [f"state IN ({','.join('?' * len(plain))})"], list(plain))
-            params = [now, now, now, *params]
-            count += self.conn.execute(
+            if ids is not None:
+                where.append(f"id IN ({','.join('?' * len(ids))})")
+                params.extend(ids)
+            made += [{"id": row[0], "site_id": row[1], "vendor": row[2], "dedup_key": row[3],
+                      "from_state": row[4], "replaces": []} for row in self.conn.execute(
+                "SELECT id, site_id, vendor, dedup_key, state FROM deliveries "
+                f"WHERE {' AND '.join(where)} ORDER BY id", params)]
+            self.conn.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = ?, "
                 f"retry_from_ms = ?, updated_ms = ?, last_error = NULL WHERE {' AND '.join(where)}",
-                params).rowcount
+                [now, now, now, *params])
         if "expired" in states:
-            count += self._replay_expired(now, vendor, since)
-        return count
+            made += self._replay_expired(now, vendor, since, ids)
+        return made
 
-    def _replay_expired(self, now: int, vendor: str | None,
-                        since: int | None) -> int:
+    def _replay_expired(self, now: int, vendor: str | None, since: int | None,
+                        ids: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
         """Expired rows never had an email; re-plan those whose visitor has one now."""
         where, params = _filters("d.", vendor, since, ["d.state = 'expired'"], [])
+        if ids is not None:
+            where.append(f"d.id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
         rows = self.conn.execute(
-            "SELECT d.event_seq, d.vendor, e.site_id, e.data, d.request_id, "
+            "SELECT d.id, d.event_seq, d.vendor, e.site_id, e.data, d.request_id, "
             "coalesce(s.identity_id, e.identity_id) AS identity_id FROM deliveries d "
             "JOIN events e ON e.seq = d.event_seq "
             "LEFT JOIN sessions s ON s.site_id = e.site_id AND s.sc = e.sc "
             f"WHERE {' AND '.join(where)} ORDER BY d.id", params).fetchall()
-        by_event: dict[int, tuple[str, str, int | None, set[str], str | None]] = {}
-        for row in rows:
+        by_event: dict[int, tuple[str, str, int | None, dict[str, list[int]], str | None]] = {}
+        for row in rows:  # a replanned row keeps the request id of the request that planned it
             entry = by_event.setdefault(row["event_seq"], (row["site_id"], row["data"],
-                                                           row["identity_id"], set(),
+                                                           row["identity_id"], {},
                                                            row["request_id"]))
-            entry[3].add(row["vendor"])
-        inserted = 0
+            entry[3].setdefault(row["vendor"], []).append(row["id"])
+        inserted: list[dict[str, Any]] = []
         for seq, (site_id, data, identity_id, vendors, request_id) in by_event.items():
             site = self.sites.get(site_id)
             identity = None
@@ -382,10 +406,14 @@ class WriteOps:
                 continue
             self.conn.execute(f"DELETE FROM deliveries WHERE event_seq = ? AND state = 'expired' "
                          f"AND vendor IN ({','.join('?' * len(replanned))})", (seq, *replanned))
-            before = self.conn.total_changes
+            last_id = self.conn.execute("SELECT coalesce(max(id), 0) FROM deliveries").fetchone()[0]
             insert_deliveries(self.conn, [(site_id, seq, row, request_id) for row in planned],
                               now)
-            inserted += self.conn.total_changes - before
+            inserted += [{"id": row[0], "site_id": site_id, "vendor": row[1], "dedup_key": row[2],
+                          "from_state": "expired", "replaces": vendors[row[1]]}
+                         for row in self.conn.execute(
+                             "SELECT id, vendor, dedup_key FROM deliveries WHERE id > ? "
+                             "AND event_seq = ? ORDER BY id", (last_id, seq))]
         return inserted
 
 

@@ -45,6 +45,7 @@ class Setting:
     browser: bool = True
     default: str | None = None
     help: str = ""
+    url: bool = False  # an absolute http(s) URL (``onetag check`` says so when it is not)
 
 
 @dataclass(frozen=True)

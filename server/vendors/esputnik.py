@@ -53,9 +53,9 @@ SETTINGS = (
     Setting("api_key", secret=True,
             help="optional: sent as the HTTP Basic password to the tracker, as the vendor's "
                  "plugins do"),
-    Setting("script_url", public=True, default="https://cdn.esputnik.com/scripts/{script_id}.js",
+    Setting("script_url", url=True, public=True, default="https://cdn.esputnik.com/scripts/{script_id}.js",
             help="the eS.js loader"),
-    Setting("tracker_url", default="https://tracker.esputnik.com/api/v2",
+    Setting("tracker_url", url=True, default="https://tracker.esputnik.com/api/v2",
             help="REST tracker endpoint (Yespo accounts: https://tracker.yespo.io/api/v2)"),
 )
 

@@ -53,9 +53,9 @@ SETTINGS = (
     Setting("api_key", secret=True,
             help="REST API key, sent as 'Authorization: Rejoiner <api_key>'; needed for every "
                  "server-side call"),
-    Setting("script_url", public=True, default="https://cdn.rejoiner.com/js/v4/rj2.lib.js",
+    Setting("script_url", url=True, public=True, default="https://cdn.rejoiner.com/js/v4/rj2.lib.js",
             help="the rj2 library"),
-    Setting("api_base", default="https://rj2.rejoiner.com/api/v1",
+    Setting("api_base", url=True, default="https://rj2.rejoiner.com/api/v1",
             help="REST base; requests go to {api_base}/{site_id}/customer/convert/ ..."),
 )
 

@@ -61,10 +61,10 @@ SETTINGS = (
             help="Store ID (Remarkety: Settings > API Keys): the page's setStoreKey"),
     Setting("api_key", secret=True,
             help="store API key, sent as the x-token header; needed for every webhook"),
-    Setting("script_url", public=True,
+    Setting("script_url", url=True, public=True,
             default="https://d3ryumxhbd2uw7.cloudfront.net/webtracking/track.js",
             help="track.js"),
-    Setting("webhook_url", default="https://webhooks.remarkety.com/webhooks/?storeId={store_id}",
+    Setting("webhook_url", url=True, default="https://webhooks.remarkety.com/webhooks/?storeId={store_id}",
             help="where server-side events are POSTed"),
 )
 

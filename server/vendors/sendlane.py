@@ -62,9 +62,9 @@ SETTINGS = (
     Setting("api_token", secret=True,
             help="API v2 token, sent as 'Authorization: Bearer <api_token>'; needed for every "
                  "server-side call"),
-    Setting("script_url", public=True, default="https://sendlane.com/scripts/pusher.js",
+    Setting("script_url", url=True, public=True, default="https://sendlane.com/scripts/pusher.js",
             help="pusher.js"),
-    Setting("api_base", default="https://api.sendlane.com/v2",
+    Setting("api_base", url=True, default="https://api.sendlane.com/v2",
             help="API v2 base; requests go to {api_base}/tracking/order-placed ..."),
 )
 
