@@ -28,6 +28,7 @@ DEFAULT_HOLD_DAYS = 7.0
 DEFAULT_BROWSER_GRACE_S = 600.0
 DEFAULT_MAX_CART_LINES = 200
 # The hardening knobs of [server] (README, "Bad input and faults"): name, default, integer?
+DEFAULT_KEEP_ATTEMPTS_DAYS = 30.0  # delivery attempts (request and answer) kept this long
 HARDENING = {"writer_timeout_s": (10.0, False), "shutdown_grace_s": (10.0, False),
              "body_timeout_s": (10.0, False), "max_pending_writes": (2000, True),
              "max_pending_bytes": (64 * 1024 * 1024, True)}
@@ -87,6 +88,7 @@ class ServerConfig:
     max_pending_writes: int = 2000  # writes waiting for the store before new ones get 503
     max_pending_bytes: int = 64 * 1024 * 1024  # ... and the bytes of their bodies
     log_format: str = "text"  # or "json": one object a line (server/logs.py)
+    keep_attempts_days: float = DEFAULT_KEEP_ATTEMPTS_DAYS  # delivery attempts kept this long
 
     @property
     def sqlite_path(self) -> str:
@@ -223,7 +225,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         reader.problem(where, "must be a table")
         return ServerConfig()
     known = {"database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
-             "forward", "browser_grace_s", "log_format", *HARDENING}
+             "forward", "browser_grace_s", "log_format", "keep_attempts_days", *HARDENING}
     for key in table:
         if key not in known:
             reader.unknown(where, key, sorted(known))
@@ -254,6 +256,12 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     if log_format not in ("text", "json"):
         reader.problem(f"{where}.log_format", f'must be "text" or "json", not {log_format!r}')
         log_format = "text"
+    keep = reader.resolve(f"{where}.keep_attempts_days",
+                          table.get("keep_attempts_days", DEFAULT_KEEP_ATTEMPTS_DAYS))
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0:
+        reader.problem(f"{where}.keep_attempts_days",
+                       f"must be a positive number of days, not {keep!r}")
+        keep = DEFAULT_KEEP_ATTEMPTS_DAYS
     hardening = {}
     for key, (default, whole) in HARDENING.items():
         value = reader.resolve(f"{where}.{key}", table.get(key, default))
@@ -267,7 +275,8 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         database=database, public_url=public_url, script_path=script_path,
         event_path=event_path, admin_token=reader.string(table, "admin_token", where),
         hold_days=float(hold_days), forward=reader.boolean(table, "forward", where, True),
-        browser_grace_s=float(grace), log_format=log_format, **hardening)
+        browser_grace_s=float(grace), log_format=log_format, keep_attempts_days=float(keep),
+        **hardening)
 
 
 def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:

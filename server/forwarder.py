@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -55,7 +56,7 @@ import httpcore
 import httpx
 
 from . import __version__
-from .store.base import Delivery, Outcome, Store, StoreUnavailable
+from .store.base import Attempt, Delivery, Outcome, Store, StoreUnavailable
 from .vendors import VENDORS
 
 log = logging.getLogger("onetag.forwarder")
@@ -76,6 +77,17 @@ DEFAULT_EXPIRE_EVERY_S = 60.0  # held rows past the hold window are expired this
 STORE_RETRY_S = 1.0  # a lane whose claim the store refused (writer restarting, disk full) waits
 DEFAULT_SHUTDOWN_GRACE_S = 5.0  # on stop, in-flight sends get this long; the rest stay leased
 DEFAULT_MAX_ERROR_CHARS = 2000  # of a vendor's error body kept in last_error
+DEFAULT_PRUNE_EVERY_S = 300.0  # attempts older than [server] keep_attempts_days go this often
+PRUNE_BATCH = 2000  # attempts deleted per write: a short transaction beside the deliveries'
+PRUNE_BATCHES = 10  # batches a pass at most; a bigger backlog goes over the next passes
+ANSWER_BODY_LIMIT = 4096  # characters of a vendor's answer body kept per attempt
+# The answer headers an attempt keeps: what says what the body is, when to come back, where
+# a redirect went, and the vendor's own id for the request (to quote to its support).
+KEPT_ANSWER_HEADERS = frozenset({"content-type", "retry-after", "location", "date"})
+# A header or query parameter named like this is a credential: never stored, whatever the
+# vendor module put there (auth headers are added at send time and never recorded anyway).
+SECRET_NAME = re.compile(r"auth|token|key|secret|password|signature|cookie", re.IGNORECASE)
+REDACTED = "[redacted]"
 # Requests/s per vendor, per process. None by default: a 429 pauses the vendor's lane anyway.
 # Sendlane's 240/min per account (REFERENCE.md 4.2, a secondary source) would be
 # ONETAG_FORWARD_RATES=sendlane=4.
@@ -103,6 +115,7 @@ class ForwarderOptions:
     idle_poll_s: float = DEFAULT_IDLE_POLL_S
     expire_every_s: float = DEFAULT_EXPIRE_EVERY_S
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    prune_every_s: float = DEFAULT_PRUNE_EVERY_S
     rates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
 
     @property
@@ -409,6 +422,7 @@ class Forwarder:
         self._tasks = [asyncio.create_task(self._claim_loop(lane), name=f"onetag-lane-{lane.name}")
                        for lane in self._lanes.values()]
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="onetag-expire"))
+        self._tasks.append(asyncio.create_task(self._prune_loop(), name="onetag-prune"))
         self._finisher = asyncio.create_task(self._finish_loop(), name="onetag-finish")
         log.info("forwarder started: %s, %d in flight per vendor", ", ".join(self.vendors),
                  opts.concurrency)
@@ -519,6 +533,36 @@ class Forwarder:
             except asyncio.TimeoutError:
                 pass
 
+    async def prune_attempts(self) -> int:
+        """One pass: attempts older than ``[server] keep_attempts_days``, oldest first, in
+        batches of ``PRUNE_BATCH``, at most ``PRUNE_BATCHES`` of them; returns how many."""
+        keep_days = getattr(self.settings.server, "keep_attempts_days", 30.0)
+        before = int(self.clock() * 1000 - keep_days * 86_400_000)
+        pruned = 0
+        for _ in range(PRUNE_BATCHES):
+            deleted = await self.store.prune_attempts(before, PRUNE_BATCH)
+            pruned += deleted
+            if deleted < PRUNE_BATCH or self._stop is None or self._stop.is_set():
+                break
+        return pruned
+
+    async def _prune_loop(self) -> None:
+        while not self._stop.is_set():  # type: ignore[union-attr]
+            try:
+                pruned = await self.prune_attempts()
+                if pruned:
+                    log.info("%d delivery attempts older than %g days pruned", pruned,
+                             getattr(self.settings.server, "keep_attempts_days", 30.0))
+            except StoreUnavailable:
+                pass  # the claim loops say so
+            except Exception:
+                log.exception("pruning delivery attempts failed")
+            try:
+                await asyncio.wait_for(self._stop.wait(),  # type: ignore[union-attr]
+                                       timeout=self.options.prune_every_s)
+            except asyncio.TimeoutError:
+                pass
+
     async def _finish_loop(self) -> None:
         """Write outcomes in batches: whatever piled up while the last batch was committing."""
         assert self._outcomes_ready is not None and self._stop is not None
@@ -552,18 +596,21 @@ class Forwarder:
     # One delivery -----------------------------------------------------------------------
 
     async def _send(self, lane: _Lane, delivery: Delivery) -> None:
+        trace = _Trace(self.clock())
         try:
-            verdict = await self._attempt(delivery)
+            verdict = await self._attempt(delivery, trace)
         except asyncio.CancelledError:
             raise  # shutdown: the row stays leased
         except Exception as exc:  # a bug, not a vendor problem: retry, and say so
             log.exception("delivery %d to %s failed unexpectedly", delivery.id, delivery.vendor)
             verdict = Verdict(PENDING, f"onetag error: {exc!r}")
+            trace.error = verdict.error
         finally:
             lane.in_flight -= 1
             lane.wake.set()
         now = self.clock()
         outcome = self._outcome(delivery, verdict, now)
+        outcome = dataclasses.replace(outcome, attempt=trace.record(delivery, now))
         if verdict.pause_lane and outcome.state == PENDING:
             lane.paused_until = max(lane.paused_until, outcome.next_attempt_ms / 1000)
         self._log(delivery, verdict, outcome, now)
@@ -593,7 +640,13 @@ class Forwarder:
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("delivery %d to %s delivered", delivery.id, delivery.vendor, extra=extra)
 
-    async def _attempt(self, delivery: Delivery) -> Verdict:
+    async def _attempt(self, delivery: Delivery, trace: "_Trace") -> Verdict:
+        verdict = await self._try(delivery, trace)
+        if trace.status is None and trace.error is None:
+            trace.error = verdict.error  # not sent, or no answer: say why
+        return verdict
+
+    async def _try(self, delivery: Delivery, trace: "_Trace") -> Verdict:
         site = self.settings.sites.get(delivery.site_id)
         cfg = site.vendors.get(delivery.vendor) if site is not None else None
         module = VENDORS.get(delivery.vendor)
@@ -605,21 +658,27 @@ class Forwarder:
         except Exception as exc:
             return Verdict(DEAD, f"{delivery.vendor} auth_headers failed: {type(exc).__name__}")
         request = delivery.request
+        trace.request = request
         try:
-            response = await self._request(request, auth)
+            response = await self._request(request, auth, trace)
             if response.status_code == 404 and request.get("if_not_found"):
+                trace.first = (request.get("url"), response.status_code)
                 request = request["if_not_found"]
-                response = await self._request(request, auth)
+                trace.request = request
+                response = await self._request(request, auth, trace)
         except httpx.TimeoutException as exc:
             return Verdict(PENDING, f"timeout: {_describe(exc)}")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {_describe(exc)}")
         except httpx.TransportError as exc:
             return Verdict(PENDING, _describe(exc))
+        text = response.text
+        trace.answer(response, text)
         return classify(delivery.vendor, response.status_code, response.headers,
-                        response.text, self.clock(), site_id=delivery.site_id)
+                        text, self.clock(), site_id=delivery.site_id)
 
-    async def _request(self, request: Mapping[str, Any], auth: Mapping[str, str]) -> httpx.Response:
+    async def _request(self, request: Mapping[str, Any], auth: Mapping[str, str],
+                       trace: "_Trace | None" = None) -> httpx.Response:
         headers = httpx.Headers({"Accept": "application/json"})
         body = request.get("json")
         content = None
@@ -627,6 +686,8 @@ class Forwarder:
             headers["Content-Type"] = "application/json"
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         headers.update(request.get("headers") or {})
+        if trace is not None:  # what was sent, before the credentials go in
+            trace.headers = headers.copy()
         headers.update(auth)
         self.sent += 1
         return await self._client.request(  # type: ignore[union-attr]
@@ -652,6 +713,66 @@ class Forwarder:
                            f"retry window of {opts.retry_window_s / 3600:g} h passed after "
                            f"{delivery.attempts} attempts; last: {verdict.error}")
         return Outcome(delivery.id, PENDING, next_ms, verdict.error)
+
+
+class _Trace:
+    """What one attempt sent and got, gathered while it runs; ``record`` makes it the
+    ``Attempt`` the store keeps. Cheap: a few references per send; the JSON encoding happens
+    in the store's writer."""
+
+    __slots__ = ("started", "request", "headers", "first", "status", "answer_", "error")
+
+    def __init__(self, started: float):
+        self.started = started
+        self.request: Mapping[str, Any] | None = None
+        self.headers: httpx.Headers | None = None
+        self.first: tuple[Any, int] | None = None  # (url, status) before an if_not_found
+        self.status: int | None = None
+        self.answer_: dict[str, Any] | None = None
+        self.error: str | None = None
+
+    def answer(self, response: httpx.Response, text: str) -> None:
+        self.status = response.status_code
+        kept = {name: value for name, value in response.headers.items()
+                if name in KEPT_ANSWER_HEADERS or "request-id" in name or "trace-id" in name
+                or name == "x-request-id"}
+        self.answer_ = {"headers": redact_headers(kept), "body": text[:ANSWER_BODY_LIMIT],
+                        "truncated": len(text) > ANSWER_BODY_LIMIT}
+        if len(text) > ANSWER_BODY_LIMIT:
+            self.answer_["length"] = len(text)
+
+    def record(self, delivery: Delivery, now: float) -> Attempt:
+        request = self.request or delivery.request
+        sent: dict[str, Any] = {"method": request.get("method", "POST"),
+                                "url": redact_url(str(request.get("url", ""))),
+                                "headers": redact_headers(dict(self.headers or
+                                                              request.get("headers") or {})),
+                                "body": request.get("json")}
+        if self.first is not None:
+            sent["after"] = {"url": redact_url(str(self.first[0])), "status": self.first[1]}
+        if self.headers is None and self.status is None:
+            sent["sent"] = False  # refused before any byte left (no config, bad URL)
+        return Attempt(delivery.attempts, int(self.started * 1000),
+                       max(0, int((now - self.started) * 1000)), sent, self.status,
+                       self.answer_, self.error)
+
+
+def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name: REDACTED if SECRET_NAME.search(name) else value
+            for name, value in headers.items()}
+
+
+def redact_url(url: str) -> str:
+    """The URL with the values of credential-like query parameters replaced."""
+    if "?" not in url:
+        return url
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        return url.split("?", 1)[0] + "?" + REDACTED
+    params = [(name, REDACTED if SECRET_NAME.search(name) else value)
+              for name, value in parsed.params.multi_items()]
+    return str(parsed.copy_with(params=params))
 
 
 def _describe(exc: BaseException) -> str:

@@ -71,6 +71,20 @@ class Delivery:
     request_id: str | None = None  # of the HTTP request that planned it (server/logs.py)
 
 
+class Attempt(NamedTuple):
+    """One HTTP attempt of a delivery, as the ``attempts`` table keeps it: the request as
+    sent minus its secrets (the vendor's auth headers are never in it), and the vendor's
+    answer (status, headers worth keeping, body up to a limit) or the transport error."""
+
+    attempt: int  # the delivery's attempt number (1 = first try)
+    started_ms: int
+    duration_ms: int
+    request: dict[str, Any]  # method, url, headers, body
+    status: int | None = None  # None: no HTTP answer (timeout, reset, not sent)
+    answer: dict[str, Any] | None = None  # headers, body, truncated
+    error: str | None = None  # the transport error, or why it was not sent
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What became of one claimed delivery."""
@@ -79,6 +93,7 @@ class Outcome:
     state: str  # delivered | pending (retry at next_attempt_ms) | dead
     next_attempt_ms: int = 0
     error: str | None = None
+    attempt: Attempt | None = None  # kept in the attempts table beside the row's new state
 
 
 class Store(abc.ABC):
@@ -135,6 +150,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None: ...
+
+    async def prune_attempts(self, before_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` attempts started before ``before_ms``; returns how many."""
+        raise NotImplementedError
+
+    async def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
+        """A delivery's attempts, first first (read-only)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def expire_held(self, before_ms: int, now_ms: int) -> int:

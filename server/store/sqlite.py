@@ -358,6 +358,22 @@ class SQLiteStore(Store):
     async def expire_held(self, before_ms: int, now_ms: int) -> int:
         return await self._write("expire_held", before_ms, now_ms)
 
+    async def prune_attempts(self, before_ms: int, limit: int) -> int:
+        return await self._write("prune_attempts", before_ms, limit)
+
+    async def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
+        assert self._reader is not None
+        rows = await self._reader.execute_fetchall(
+            "SELECT attempt, started_ms, duration_ms, request, status, answer, error "
+            "FROM attempts WHERE delivery_id = ? ORDER BY id", (delivery_id,))
+        found = []
+        for row in rows:
+            item = dict(row)
+            item["request"] = loads(item["request"])
+            item["answer"] = None if item["answer"] is None else loads(item["answer"])
+            found.append(item)
+        return found
+
     async def delivery_stats(self, now_ms: int) -> list[dict[str, Any]]:
         assert self._reader is not None
         rows = await self._reader.execute_fetchall(

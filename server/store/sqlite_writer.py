@@ -328,6 +328,20 @@ class WriteOps:
             "updated_ms = ?, delivered_ms = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_ms END "
             "WHERE id = ? AND state = 'pending'",  # a late outcome never undoes a final one
             [(o.state, o.next_attempt_ms, o.error, now, o.state, now, o.id) for o in outcomes])
+        kept = [(o.id, a.attempt, a.started_ms, a.duration_ms, encode(a.request), a.status,
+                 None if a.answer is None else encode(a.answer), a.error)
+                for o in outcomes if (a := o.attempt) is not None]
+        if kept:  # encoded here, in the writer, off the forwarder's event loop
+            self.conn.executemany(
+                "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, "
+                "status, answer, error) VALUES (?, ?, ?, ?, CAST(? AS TEXT), ?, CAST(? AS TEXT), ?)",
+                kept)
+
+    def prune_attempts(self, before: int, limit: int) -> int:
+        """The oldest attempts first, at most ``limit``: one pass's work stays bounded."""
+        return self.conn.execute(
+            "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_ms < ? "
+            "ORDER BY started_ms LIMIT ?)", (before, limit)).rowcount
 
     def expire_held(self, before: int, now: int) -> int:
         return self.conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "
