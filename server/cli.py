@@ -332,6 +332,35 @@ def format_rows(rows: list[dict[str, Any]], width: int = 100) -> str:
     return "\n".join(lines) or "(none)"
 
 
+def format_attempts(attempts: list[dict[str, Any]]) -> str:
+    """Each attempt: when, how long, the request sent (secrets never stored) and the answer."""
+    lines = []
+    for a in attempts:
+        request, answer = a["request"], a.get("answer")
+        outcome = f"HTTP {a['status']}" if a["status"] is not None else (a.get("error") or "-")
+        lines.append(f"  attempt {a['attempt']}  {_when(a['started_ms'])}  "
+                     f"{a['duration_ms']} ms  {outcome}")
+        if request.get("after"):
+            lines.append(f"    after {request['after']['status']} from {request['after']['url']}")
+        sent = "" if request.get("sent", True) else "  (not sent)"
+        lines.append(f"    > {request['method']} {request['url']}{sent}")
+        for name, value in (request.get("headers") or {}).items():
+            lines.append(f"    > {name}: {value}")
+        if request.get("body") is not None:
+            lines.append(f"    > {json.dumps(request['body'], ensure_ascii=False)}")
+        if answer is not None:
+            for name, value in (answer.get("headers") or {}).items():
+                lines.append(f"    < {name}: {value}")
+            body = answer.get("body") or ""
+            if body:
+                lines.append(f"    < {body}")
+            if answer.get("truncated"):
+                lines.append(f"    < (truncated: {answer.get('length', '?')} characters in all)")
+        if a.get("error") and a["status"] is not None:
+            lines.append(f"    error: {a['error']}")
+    return "\n".join(lines) or "  (no attempts recorded)"
+
+
 KEY_PROBLEM_SCAN = 500  # latest failing and dead rows searched for a refused key
 
 
@@ -366,6 +395,8 @@ def _explain_pending(rows: list[dict[str, Any]], now_ms: int) -> None:
 def cmd_deliveries(args: argparse.Namespace) -> int:
     settings = _ops_settings(args.config)
     now_ms = int(time.time() * 1000)
+    if args.id is not None:
+        return _show_delivery(settings, args, now_ms)
 
     async def work(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None,
                                         list[dict[str, Any]]]:
@@ -401,6 +432,30 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if rows is not None:
         print(f"\nlatest {args.state} deliveries{f' for {args.vendor}' if args.vendor else ''}:")
         print(format_rows(rows))
+    return 0
+
+
+def _show_delivery(settings: Any, args: argparse.Namespace, now_ms: int) -> int:
+    """``deliveries --id N``: one delivery row and every attempt kept of it."""
+    async def work(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        found = await store.list_deliveries(ids=[args.id], limit=1)
+        return found, (await store.attempts(args.id) if found else [])
+
+    found, attempts = asyncio.run(_with_store(settings, work))
+    if not found:
+        print(f"onetag: no delivery #{args.id} in {settings.server.sqlite_path}", file=sys.stderr)
+        return 1
+    _explain_pending(found, now_ms)
+    row = found[0]
+    if args.json:
+        print(json.dumps({"database": settings.server.sqlite_path, "now_ms": now_ms,
+                          "delivery": row, "attempts": attempts}, indent=2,
+                         ensure_ascii=False))
+        return 0
+    print(format_rows([row]))
+    print(f"attempts kept ({len(attempts)}; [server] keep_attempts_days = "
+          f"{settings.server.keep_attempts_days:g}):")
+    print(format_attempts(attempts))
     return 0
 
 
@@ -569,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "errors; a pending row says why it waits and when it is due "
                                  "(pending lists failing rows too; failing: only those)")
     deliveries.add_argument("--limit", type=int, default=20, help="rows listed with --state (20)")
+    deliveries.add_argument("--id", "--attempts", type=int, metavar="N", dest="id",
+                            help="show delivery N with every attempt kept: when, how long, the "
+                                 "request sent (secrets never stored) and the vendor's answer")
     deliveries.set_defaults(func=cmd_deliveries)
 
     replay = commands.add_parser(

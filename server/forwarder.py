@@ -542,7 +542,7 @@ class Forwarder:
         for _ in range(PRUNE_BATCHES):
             deleted = await self.store.prune_attempts(before, PRUNE_BATCH)
             pruned += deleted
-            if deleted < PRUNE_BATCH or self._stop is None or self._stop.is_set():
+            if deleted < PRUNE_BATCH or (self._stop is not None and self._stop.is_set()):
                 break
         return pruned
 
