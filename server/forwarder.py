@@ -31,10 +31,15 @@ What an answer means (``classify``):
   (counted from when it was planned or last replayed) is ``dead``: kept, listed by
   ``onetag deliveries``, sent again by ``onetag replay``.
 
+Every attempt is kept (``Attempt`` on the ``Outcome``, written by the same ``finish``): the
+request as sent, before ``auth_headers`` adds the credentials, and the vendor's answer or the
+transport error; a success keeps the failures before it (``last_error`` is only the latest).
+Attempts older than ``[server] keep_attempts_days`` are pruned here, in bounded batches.
+
 Tuning, for ``onetag serve`` and ``onetag worker`` alike, through the environment (the config
 file stays about sites): ``ONETAG_FORWARD_CONCURRENCY``, ``_CONNECT_TIMEOUT_S``,
 ``_READ_TIMEOUT_S``, ``_LEASE_S``, ``_BACKOFF_BASE_S``, ``_BACKOFF_CAP_S``, ``_MAX_ATTEMPTS``,
-``_RETRY_WINDOW_S``, ``_IDLE_POLL_S``, ``_EXPIRE_EVERY_S``, ``_SHUTDOWN_GRACE_S``, and
+``_RETRY_WINDOW_S``, ``_IDLE_POLL_S``, ``_EXPIRE_EVERY_S``, ``_PRUNE_EVERY_S``, ``_SHUTDOWN_GRACE_S``, and
 ``ONETAG_FORWARD_RATES`` (``"sendlane=4,remarkety=20"`` requests/s per vendor, ``"none"``).
 """
 
