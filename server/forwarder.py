@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -614,8 +615,7 @@ class Forwarder:
             lane.in_flight -= 1
             lane.wake.set()
         now = self.clock()
-        outcome = self._outcome(delivery, verdict, now)
-        outcome = dataclasses.replace(outcome, attempt=trace.record(delivery, now))
+        outcome = self._outcome(delivery, verdict, now, trace.record(delivery, now))
         if verdict.pause_lane and outcome.state == PENDING:
             lane.paused_until = max(lane.paused_until, outcome.next_attempt_ms / 1000)
         self._log(delivery, verdict, outcome, now)
@@ -698,9 +698,10 @@ class Forwarder:
         return await self._client.request(  # type: ignore[union-attr]
             request.get("method", "POST"), request["url"], content=content, headers=headers)
 
-    def _outcome(self, delivery: Delivery, verdict: Verdict, now: float) -> Outcome:
+    def _outcome(self, delivery: Delivery, verdict: Verdict, now: float,
+                 attempt: Attempt | None = None) -> Outcome:
         if verdict.state != PENDING:
-            return Outcome(delivery.id, verdict.state, 0, verdict.error)
+            return Outcome(delivery.id, verdict.state, 0, verdict.error, attempt)
         opts = self.options
         if verdict.retry_after_s is not None:
             # Never before the vendor's time; a little jitter after it spreads the returns.
@@ -711,13 +712,14 @@ class Forwarder:
         next_ms = int((now + delay) * 1000)
         if delivery.attempts >= opts.max_attempts:
             return Outcome(delivery.id, DEAD, 0,
-                           f"gave up after {delivery.attempts} attempts; last: {verdict.error}")
+                           f"gave up after {delivery.attempts} attempts; last: {verdict.error}",
+                           attempt)
         window_end = (delivery.retry_from_ms or delivery.created_ms) + opts.retry_window_s * 1000
         if next_ms > window_end:
             return Outcome(delivery.id, DEAD, 0,
                            f"retry window of {opts.retry_window_s / 3600:g} h passed after "
-                           f"{delivery.attempts} attempts; last: {verdict.error}")
-        return Outcome(delivery.id, PENDING, next_ms, verdict.error)
+                           f"{delivery.attempts} attempts; last: {verdict.error}", attempt)
+        return Outcome(delivery.id, PENDING, next_ms, verdict.error, attempt)
 
 
 class _Trace:
@@ -738,10 +740,8 @@ class _Trace:
 
     def answer(self, response: httpx.Response, text: str) -> None:
         self.status = response.status_code
-        kept = {name: value for name, value in response.headers.items()
-                if name in KEPT_ANSWER_HEADERS or "request-id" in name or "trace-id" in name
-                or name == "x-request-id"}
-        self.answer_ = {"headers": redact_headers(kept), "body": text[:ANSWER_BODY_LIMIT],
+        kept = {name: value for name, value in response.headers.items() if _kept_answer(name)}
+        self.answer_ = {"headers": kept, "body": text[:ANSWER_BODY_LIMIT],
                         "truncated": len(text) > ANSWER_BODY_LIMIT}
         if len(text) > ANSWER_BODY_LIMIT:
             self.answer_["length"] = len(text)
@@ -762,11 +762,22 @@ class _Trace:
                        self.answer_, self.error)
 
 
+@functools.lru_cache(maxsize=256)
+def _kept_answer(name: str) -> bool:
+    return ((name in KEPT_ANSWER_HEADERS or "request-id" in name or "trace-id" in name)
+            and not SECRET_NAME.search(name))
+
+
+@functools.lru_cache(maxsize=256)
+def _secret(name: str) -> bool:
+    return SECRET_NAME.search(name) is not None
+
+
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {name: REDACTED if SECRET_NAME.search(name) else value
-            for name, value in headers.items()}
+    return {name: REDACTED if _secret(name) else value for name, value in headers.items()}
 
 
+@functools.lru_cache(maxsize=1024)  # a vendor's few URLs, over and over
 def redact_url(url: str) -> str:
     """The URL with the values of credential-like query parameters replaced."""
     if "?" not in url:

@@ -201,3 +201,20 @@ def test_redaction_of_credential_like_headers_and_query_parameters() -> None:
         "Accept": "a"}
     url = forwarder_module.redact_url("https://v.example/x?storeId=S&api_key=s&token=t")
     assert "storeId=S" in url and "=s" not in url and "=t" not in url
+
+
+async def test_a_reset_connection_is_kept_as_an_attempt_with_its_error(tmp_path, fake) -> None:
+    fake.reset("rejoiner")  # the first request opens a fresh connection: no silent resend
+    db = tmp_path / "onetag.db"
+    async with serve(make_settings(tmp_path, fake, only=("rejoiner",)), FAST) as app, \
+            httpx.AsyncClient(base_url=app.state.base_url) as client:
+        await backend(client, purchase("3003"))
+        await until(lambda: rows(db) and all(r["state"] == "delivered" for r in rows(db)),
+                    what="the rejoiner deliveries", describe=lambda: rows(db))
+    assert [r.answer for r in fake.requests("rejoiner")][0] == "reset"
+    kept = stored_attempts(db)
+    assert len(kept) == len(fake.requests("rejoiner"))
+    first = kept[0]
+    assert first["status"] is None and first["answer"] is None and first["error"]
+    assert json.loads(first["request"])["body"] == fake.requests("rejoiner")[0].json
+    assert all(a["status"] == 200 for a in kept[1:])
