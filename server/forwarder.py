@@ -751,8 +751,11 @@ class _Trace:
         sent: dict[str, Any] = {"method": request.get("method", "POST"),
                                 "url": redact_url(str(request.get("url", ""))),
                                 "headers": redact_headers(dict(self.headers or
-                                                              request.get("headers") or {})),
-                                "body": request.get("json")}
+                                                              request.get("headers") or {}))}
+        # The body is the delivery row's own request (or its if_not_found): the row keeps
+        # it, so an attempt names it rather than storing a copy per try; the store's
+        # ``attempts`` read puts it back.
+        sent["body_of"] = "if_not_found" if self.first is not None else "request"
         if self.first is not None:
             sent["after"] = {"url": redact_url(str(self.first[0])), "status": self.first[1]}
         if self.headers is None and self.status is None:

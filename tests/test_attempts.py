@@ -80,15 +80,6 @@ async def test_three_failures_then_a_success_keep_four_attempts(tmp_path, fake) 
     assert answers[1]["headers"]["content-type"] == "application/json"
     assert answers[3]["body"] == '{"status":"success"}'
     # The request as sent: the body the vendor got, byte for byte the same JSON.
-    sent = fake.requests("sendlane")
-    for attempt, request in zip(kept, sent):
-        stored = json.loads(attempt["request"])
-        assert stored["method"] == "POST" and stored["url"] == fake.url("sendlane") + request.path[
-            len("/sendlane"):]
-        assert stored["body"] == request.json
-        assert stored["headers"]["content-type"] == "application/json"
-        assert "authorization" not in {name.lower() for name in stored["headers"]}
-
     # The store's read path and the CLI show the same history.
     store = SQLiteStore(str(db), {})
     await store.open()
@@ -97,6 +88,14 @@ async def test_three_failures_then_a_success_keep_four_attempts(tmp_path, fake) 
     finally:
         await store.close()
     assert [a["status"] for a in history] == [500, 503, None, 200]
+    sent = fake.requests("sendlane")
+    for attempt, request in zip(history, sent):
+        stored = attempt["request"]
+        assert stored["method"] == "POST" and stored["url"] == fake.url("sendlane") + request.path[
+            len("/sendlane"):]
+        assert stored["body"] == request.json and stored["body"]["order_id"] == "1001"
+        assert stored["headers"]["content-type"] == "application/json"
+        assert "authorization" not in {name.lower() for name in stored["headers"]}
     assert history[1]["answer"]["headers"]["retry-after"] == "1"
 
     cfg = write_config(tmp_path / "onetag.toml", {**data, "sites": [
@@ -216,5 +215,12 @@ async def test_a_reset_connection_is_kept_as_an_attempt_with_its_error(tmp_path,
     assert len(kept) == len(fake.requests("rejoiner"))
     first = kept[0]
     assert first["status"] is None and first["answer"] is None and first["error"]
-    assert json.loads(first["request"])["body"] == fake.requests("rejoiner")[0].json
+    store = SQLiteStore(str(db), {})
+    await store.open()
+    try:
+        history = await store.attempts(first["delivery_id"])
+    finally:
+        await store.close()
+    assert history[0]["error"] == first["error"]
+    assert history[0]["request"]["body"] == fake.requests("rejoiner")[0].json
     assert all(a["status"] == 200 for a in kept[1:])

@@ -366,10 +366,13 @@ class SQLiteStore(Store):
         rows = await self._reader.execute_fetchall(
             "SELECT attempt, started_ms, duration_ms, request, status, answer, error "
             "FROM attempts WHERE delivery_id = ? ORDER BY id", (delivery_id,))
+        planned = await self._reader.execute_fetchall(
+            "SELECT request FROM deliveries WHERE id = ?", (delivery_id,))
+        planned_request = loads(planned[0][0]) if planned and planned[0][0] else {}
         found = []
         for row in rows:
             item = dict(row)
-            item["request"] = loads(item["request"])
+            item["request"] = with_body(loads(item["request"]), planned_request)
             item["answer"] = None if item["answer"] is None else loads(item["answer"])
             found.append(item)
         return found
@@ -435,6 +438,16 @@ class SQLiteStore(Store):
             f"FROM deliveries d WHERE {' AND '.join(where)} ORDER BY d.id DESC LIMIT ?",
             [*params, limit])
         return [dict(row) for row in rows]
+
+
+def with_body(sent: dict[str, Any], planned: Mapping[str, Any]) -> dict[str, Any]:
+    """An attempt's request with its body put back from the delivery row's request, which
+    the attempt names (``body_of``) instead of storing a copy of it."""
+    source = sent.pop("body_of", None)
+    if source is not None:
+        request = planned.get("if_not_found") if source == "if_not_found" else planned
+        sent["body"] = (request or {}).get("json")
+    return sent
 
 
 def _log_replay(count: int, states: Sequence[str], vendor: str | None, since_ms: int | None,
