@@ -100,7 +100,7 @@ def read_browser_body(data: bytes, facts: BrowserFacts,
         raws = event_list(body.get("events"), "events")
         origin = Origin(site_id=site.id, source="browser", currency=site.currency,
                         received_ms=facts.received_ms, sc=sc,
-                        identity_secret=getattr(site, "identity_secret", None))
+                        identity_secret=site.identity_secret)
         events = vocabulary.normalise_batch(raws, "events", origin, data)
         return BrowserBatch(site.id, sc, events, [_unsigned(raw) for raw in raws])
     except Invalid as exc:

@@ -427,8 +427,12 @@ class Forwarder:
         self._lanes = {name: _Lane(name, opts.rates.get(name)) for name in self.vendors}
         self._tasks = [asyncio.create_task(self._claim_loop(lane), name=f"onetag-lane-{lane.name}")
                        for lane in self._lanes.values()]
-        self._tasks.append(asyncio.create_task(self._expire_loop(), name="onetag-expire"))
-        self._tasks.append(asyncio.create_task(self._prune_loop(), name="onetag-prune"))
+        self._tasks.append(asyncio.create_task(
+            self._every(self.options.expire_every_s, self._expire_held,
+                        "expiring held deliveries"), name="onetag-expire"))
+        self._tasks.append(asyncio.create_task(
+            self._every(self.options.prune_every_s, self.prune_attempts,
+                        "pruning delivery attempts"), name="onetag-prune"))
         self._finisher = asyncio.create_task(self._finish_loop(), name="onetag-finish")
         log.info("forwarder started: %s, %d in flight per vendor", ", ".join(self.vendors),
                  opts.concurrency)
@@ -521,28 +525,33 @@ class Forwarder:
             if not backlog:
                 await self._rest(lane, opts.idle_poll_s)
 
-    async def _expire_loop(self) -> None:
+    async def _every(self, interval_s: float, job: Any, what: str) -> None:
+        """``job()`` now and every ``interval_s`` until stopped. A store that can't be
+        written is waited out quietly (the claim loops say so); anything else is logged."""
         while not self._stop.is_set():  # type: ignore[union-attr]
-            now = int(self.clock() * 1000)
             try:
-                expired = await self.store.expire_held(now - self.hold_ms, now)
-                if expired:
-                    log.info("%d held deliveries expired (no email within %.3g days)", expired,
-                             self.settings.server.hold_days)
+                await job()
             except StoreUnavailable:
-                pass  # the claim loops say so
+                pass
             except Exception:
-                log.exception("expiring held deliveries failed")
+                log.exception("%s failed", what)
             try:
                 await asyncio.wait_for(self._stop.wait(),  # type: ignore[union-attr]
-                                       timeout=self.options.expire_every_s)
+                                       timeout=interval_s)
             except asyncio.TimeoutError:
                 pass
+
+    async def _expire_held(self) -> None:
+        now = int(self.clock() * 1000)
+        expired = await self.store.expire_held(now - self.hold_ms, now)
+        if expired:
+            log.info("%d held deliveries expired (no email within %.3g days)", expired,
+                     self.settings.server.hold_days)
 
     async def prune_attempts(self) -> int:
         """One pass: attempts older than ``[server] keep_attempts_days``, oldest first, in
         batches of ``PRUNE_BATCH``, at most ``PRUNE_BATCHES`` of them; returns how many."""
-        keep_days = getattr(self.settings.server, "keep_attempts_days", 30.0)
+        keep_days = self.settings.server.keep_attempts_days
         before = int(self.clock() * 1000 - keep_days * 86_400_000)
         pruned = 0
         for _ in range(PRUNE_BATCHES):
@@ -550,24 +559,9 @@ class Forwarder:
             pruned += deleted
             if deleted < PRUNE_BATCH or (self._stop is not None and self._stop.is_set()):
                 break
+        if pruned:
+            log.info("%d delivery attempts older than %g days pruned", pruned, keep_days)
         return pruned
-
-    async def _prune_loop(self) -> None:
-        while not self._stop.is_set():  # type: ignore[union-attr]
-            try:
-                pruned = await self.prune_attempts()
-                if pruned:
-                    log.info("%d delivery attempts older than %g days pruned", pruned,
-                             getattr(self.settings.server, "keep_attempts_days", 30.0))
-            except StoreUnavailable:
-                pass  # the claim loops say so
-            except Exception:
-                log.exception("pruning delivery attempts failed")
-            try:
-                await asyncio.wait_for(self._stop.wait(),  # type: ignore[union-attr]
-                                       timeout=self.options.prune_every_s)
-            except asyncio.TimeoutError:
-                pass
 
     async def _finish_loop(self) -> None:
         """Write outcomes in batches: whatever piled up while the last batch was committing."""

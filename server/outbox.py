@@ -73,7 +73,7 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
         if decision == "skip":
             continue
         context = PlanContext(site_id=site.id, vendor=vendor, currency=site.currency,
-                              cart_url=getattr(site, "cart_url", None))
+                              cart_url=site.cart_url)
         delay = browser_grace_ms if (event["source"] == "backend"
                                      and vendor.route(event["name"]) == "fallback") else 0
         requests: list[VendorRequest] = VENDORS[name].plan(event, context)

@@ -52,7 +52,7 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
     spa_page_views and capture_form_email are not in it: they pick the parts of the script
     (``features``), so a site gets no code it cannot use.
     """
-    cart_url = getattr(site, "cart_url", None)
+    cart_url = site.cart_url
     return {
         "e": settings.server.public_url + settings.server.event_path,
         "s": site.id,

@@ -49,7 +49,7 @@ def ignore_reason(site: Any, event: Mapping[str, Any]) -> str | None:
     name, source = event["name"], event["source"]
     if source == BACKEND:
         return None
-    if name in ORDER_EVENTS and getattr(site, "order_source", "browser") == "backend":
+    if name in ORDER_EVENTS and site.order_source == "backend":
         return (f"unverified: {name} from a browser; this site's orders come from its backend "
                 "(order_source = \"backend\")")
     if source == VERIFIED:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fakes.vendor_server import FakeVendors
+
 SLOW_FILES = {"test_packaging.py", "test_cli.py", "test_cli_deliveries.py", "test_faults.py",
               "test_bench.py", "test_poison_bench.py", "test_reply_alignment.py",
               "test_trust.py"}
@@ -20,3 +22,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         path = Path(str(item.fspath))
         if "browser" in path.parts or path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def fake():
+    """The fake vendor server (real HTTP on loopback; records requests, fails on demand)."""
+    with FakeVendors() as server:
+        yield server

@@ -10,7 +10,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -20,21 +19,8 @@ from server.forwarder import ANSWER_BODY_LIMIT, Forwarder
 from server.store.base import Attempt, Outcome
 from server.store.sqlite import SQLiteStore
 
-from fakes.harness import (ALL, FAST, REPO, SECRETS, backend, item, make_settings, rows, serve,
+from fakes.harness import (ALL, FAST, REPO, SECRETS, backend, make_settings, purchase, rows, serve,
                            settings_data, until, write_config)
-from fakes.vendor_server import FakeVendors
-
-
-@pytest.fixture
-def fake():
-    with FakeVendors() as server:
-        yield server
-
-
-def purchase(order: str, email: str = "jim@example.com") -> dict:
-    return {"event": "purchase", "event_id": f"order-{order}", "user": {"email": email},
-            "ecommerce": {"currency": "USD", "transaction_id": order, "value": "29.99",
-                          "items": [item()]}}
 
 
 def stored_attempts(db) -> list[dict]:

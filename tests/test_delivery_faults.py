@@ -17,22 +17,9 @@ import pytest
 
 from server import config
 
-from fakes.harness import (API_KEY, FAST, REPO, SITE, backend, free_port, item, make_settings,
+from fakes.harness import (API_KEY, FAST, REPO, SITE, backend, free_port, make_settings, purchase,
                            rows, server_process, serve, settings_data, states, until, wait_sync,
                            write_config)
-from fakes.vendor_server import FakeVendors
-
-
-@pytest.fixture
-def fake():
-    with FakeVendors() as server:
-        yield server
-
-
-def purchase(order: str, email: str = "jim@example.com") -> dict:
-    return {"event": "purchase", "event_id": f"order-{order}", "user": {"email": email},
-            "ecommerce": {"currency": "USD", "transaction_id": order, "value": "29.99",
-                          "items": [item()]}}
 
 
 async def send_order(tmp_path, fake, vendor: str, options=FAST, order: str = "1001") -> list:

@@ -17,21 +17,8 @@ from server.forwarder import (DEAD, DELIVERED, PENDING, Forwarder, ForwarderOpti
                               classify, retry_after_seconds)
 from server.store.base import Delivery
 
-from fakes.harness import (ALL, FAST, SECRETS, backend, browser, item, make_settings, rows,
+from fakes.harness import (ALL, FAST, SECRETS, backend, browser, item, make_settings, purchase, rows,
                            serve, states, until)
-from fakes.vendor_server import FakeVendors
-
-
-@pytest.fixture
-def fake():
-    with FakeVendors() as server:
-        yield server
-
-
-def purchase(order: str, email: str, **extra) -> dict:
-    return {"event": "purchase", "event_id": f"order-{order}", "user": {"email": email},
-            "ecommerce": {"currency": "USD", "transaction_id": order, "value": "29.99",
-                          "items": [item()]}, **extra}
 
 
 # What an answer means ---------------------------------------------------------------------

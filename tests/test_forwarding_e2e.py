@@ -31,12 +31,6 @@ RJ = "/rejoiner/RJSITE1"
 SL = "/sendlane/tracking"
 
 
-@pytest.fixture
-def fake():
-    with FakeVendors() as server:
-        yield server
-
-
 class Shop:
     """A running onetag, a client for it, and what each vendor received."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fakes.harness import (API_KEY, FAST, FORWARD_ENV, ORIGIN, REPO, SITE, FakeVendors,
+from fakes.harness import (API_KEY, FORWARD_ENV, ORIGIN, REPO, SITE, FakeVendors,
                            free_port, make_settings, rows, serve, settings_data, until,
                            write_config)
 from server import config, logs

@@ -6,7 +6,6 @@ claimed about them (names, phone, consent), nor an order, a refund or a consent 
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import tempfile
 from pathlib import Path

@@ -26,8 +26,8 @@ from ..envelope import BrowserFacts, Problem
 from .base import (BrowserIngested, Delivery, IngestResult, JobFailure, Outcome, SessionInfo,
                    Store, StoreUnavailable)
 from .sqlite_ingest import identity_fields
-from .sqlite_writer import (INGEST_OPS, ProcessWriter, ThreadWriter, WriterGone, migrate,
-                            migrations, now_ms)
+from .sqlite_writer import (INGEST_OPS, ProcessWriter, ThreadWriter, WriterGone, commit_failure,
+                            migrate, migrations, now_ms)
 
 __all__ = ["SQLiteStore", "migrate", "migrations", "now_ms"]
 
@@ -257,7 +257,7 @@ class SQLiteStore(Store):
                 results = [JobFailure("writer", str(exc))] * len(batch)
             else:  # the thread writer: the commit itself raised
                 log.error("group commit of %d jobs failed: %s", len(batch), exc)
-                results = [JobFailure("database", f"{type(exc).__name__}: {exc}")] * len(batch)
+                results = [commit_failure(exc)] * len(batch)
         else:
             results = answer.result()
             if not isinstance(results, list) or len(results) != len(batch):

@@ -274,16 +274,19 @@ def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str
             yield site_id, chunk
 
 
-def _check_cart(lines: list[dict[str, Any]], site: Any, field: str) -> None:
-    """Refuse (422, naming the event's items) a cart over the site's lines or our bytes."""
-    limit = getattr(site, "max_cart_lines", 200)
+def _check_cart(lines: list[dict[str, Any]], site: Any, field: str) -> bytes:
+    """The cart's stored JSON; refused (422, naming the event's items) over the site's lines
+    or our bytes."""
+    limit = site.max_cart_lines
     if len(lines) > limit:
         raise Refused(Problem(422, "invalid_event", field, f"would make the cart {len(lines)} "
                               f"lines; the limit is {limit} (the site's max_cart_lines)"))
-    size = len(encode(lines))  # orjson: a few microseconds for a usual cart
+    encoded = encode(lines)  # orjson: a few microseconds for a usual cart
+    size = len(encoded)
     if size > MAX_CART_BYTES:
         raise Refused(Problem(422, "invalid_event", field, f"would make the cart {size} "
                               f"bytes; the limit is {MAX_CART_BYTES}"))
+    return encoded
 
 
 class IngestBatch:
@@ -300,6 +303,9 @@ class IngestBatch:
         self.dirty: dict[tuple[str, str], _Session] = {}  # sessions to write at the next flush
         self.bound: set[tuple[str, str]] = set()  # ... whose identity changed too
         self.dirty_carts: set[tuple[str, str]] = set()  # ... whose cart changed too
+        # Each changed cart's lines and their JSON, as ``_check_cart`` encoded them: the
+        # flush writes those bytes instead of encoding the same lines again.
+        self.cart_json: dict[tuple[str, str], tuple[list[dict[str, Any]], bytes]] = {}
         self.event_rows: list[tuple[Any, ...]] = []
         self.delivery_rows: list[tuple[str, int, Any]] = []
 
@@ -419,8 +425,11 @@ class IngestBatch:
             state = self.sessions[key]
             cart = state.cart
             before = len(state.cart_items or b"")
+            lines, encoded = self.cart_json.pop(key, (None, b""))
+            if cart and lines is not cart[0]:
+                encoded = encode(cart[0])
             state.cart_items, state.cart_guid, state.cart_currency = (
-                (encode(cart[0]), cart[1], cart[2]) if cart else (None, None, None))
+                (encoded, cart[1], cart[2]) if cart else (None, None, None))
             state.cart_updated_ms = self.now
             size = len(state.cart_items or b"")
             self.cache.cart_bytes += size - before
@@ -614,7 +623,8 @@ class IngestBatch:
         after = apply_cart(items, event)
         if after is None:
             return None
-        _check_cart(after, site, f"events[{place[1]}].ecommerce.items")
+        field = f"events[{place[1]}].ecommerce.items"
+        self.cart_json[key] = (after, _check_cart(after, site, field))
         self.dirty_carts.add(key)
         given = event.get("cart_guid")  # the GUID the browser used for this cart state
         if event["name"] == "purchase":

@@ -21,6 +21,7 @@ frame that can't be read or sent fails alone and never shifts the others' answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -34,7 +35,7 @@ import threading
 import time
 import traceback
 from importlib import resources
-from typing import Any, BinaryIO, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .. import logs, outbox
 from ..envelope import Problem, Refused, read_browser_body
@@ -154,6 +155,13 @@ def storage_failure(exc: BaseException) -> JobFailure:
     return JobFailure("database", text)
 
 
+def commit_failure(exc: BaseException) -> JobFailure:
+    """Why a whole transaction (or the writer's set-up) failed: nobody's write was made."""
+    if _is_storage_error(exc):
+        return storage_failure(exc)
+    return JobFailure("database", f"{type(exc).__name__}: {exc}")
+
+
 def _is_storage_error(exc: BaseException) -> bool:
     """SQLite failing to store (full, read-only, I/O, locked), not a statement's content."""
     return isinstance(exc, (sqlite3.OperationalError, OSError)) or (
@@ -204,8 +212,7 @@ class WriteOps:
         try:
             results = self.run_batch(jobs)
         except Exception as exc:
-            failure = storage_failure(exc) if _is_storage_error(exc) else JobFailure(
-                "database", f"{type(exc).__name__}: {exc}")
+            failure = commit_failure(exc)
             return [failure] * len(jobs)
         return [answer(op, result, args) for (op, args), result in zip(jobs, results)]
 
@@ -589,7 +596,7 @@ class ProcessWriter:
             pass
         finally:
             if self._process.returncode is None:
-                with _suppress_lookup():
+                with contextlib.suppress(ProcessLookupError):
                     self._process.kill()  # a writer whose output ended is of no more use
             code = await self._process.wait()
             self.exit_reason = self.exit_reason or f"the writer process exited (code {code})"
@@ -617,7 +624,7 @@ class ProcessWriter:
             if waited > self.timeout_s and self._process is not None:
                 self.exit_reason = (f"the writer process (pid {self._process.pid}) answered "
                                     f"nothing for {waited:.1f} s; it was killed")
-                with _suppress_lookup():
+                with contextlib.suppress(ProcessLookupError):
                     self._process.kill()  # works on a stopped process too
                 return
 
@@ -632,7 +639,7 @@ class ProcessWriter:
         try:
             await asyncio.wait_for(process.wait(), grace_s)
         except asyncio.TimeoutError:
-            with _suppress_lookup():
+            with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
         if self._replies is not None:
@@ -647,16 +654,6 @@ class WriterStartFailed(Exception):
     def __init__(self, failure: JobFailure):
         super().__init__(failure.message)
         self.failure = failure
-
-
-class _suppress_lookup:
-    """Ignore ``ProcessLookupError``: the process may be gone already."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
-        return kind is ProcessLookupError
 
 
 def probe_write(conn: sqlite3.Connection) -> None:
@@ -826,8 +823,7 @@ def main() -> None:
         probe_write(conn)
         ops = WriteOps(conn, sites, hold_ms, grace_ms)
     except Exception as exc:
-        failure = storage_failure(exc) if _is_storage_error(exc) else JobFailure(
-            "database", f"{type(exc).__name__}: {exc}")
+        failure = commit_failure(exc)
         stdout.write(_frame(setup_id, (0, failure)))
         stdout.flush()
         return

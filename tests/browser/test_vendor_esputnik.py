@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import uuid
 
-import pytest
 
 from vendor_stub_server import during, open_page, push, queues, server_bodies, vendors  # noqa: F401
 

@@ -118,6 +118,13 @@ SC = "CDA68358-94FB-4D83-9655-3FEB3C4114A3"
 ALL = ["rejoiner", "remarkety", "esputnik", "sendlane"]
 
 
+def purchase(order: str, email: str = "jim@example.com", **extra: Any) -> dict:
+    """A backend order event: its id, the buyer's email, one item at 29.99."""
+    return {"event": "purchase", "event_id": f"order-{order}", "user": {"email": email},
+            "ecommerce": {"currency": "USD", "transaction_id": order, "value": "29.99",
+                          "items": [item()]}, **extra}
+
+
 def item(item_id: str = "SKU-1", price: str = "29.99", quantity: int = 1, **extra: Any) -> dict:
     return {"item_id": item_id, "item_name": f"Item {item_id}", "price": price,
             "quantity": quantity, **extra}

@@ -16,15 +16,8 @@ from server import cli, config
 
 from fakes.harness import (ORIGIN, SC, SITE, backend, browser, item, rows, serve,
                            settings_data, until, write_config)
-from fakes.vendor_server import FakeVendors
 
 GUID_X = "0F8FAD5B-D9CB-469F-A165-70867728950E"
-
-
-@pytest.fixture
-def fake():
-    with FakeVendors() as server:
-        yield server
 
 
 def stored_cart_guid(db) -> str | None:
