@@ -120,38 +120,36 @@ def _pairs(data: bytes, where: str) -> list[tuple[str, str]]:
 
 def parse_request(query: list[tuple[str, str]], body: bytes, content_type: str) -> CouponRequest:
     """Remarkety's parameters from the query string and the body (a JSON object or a form),
-    validated; ``Invalid`` naming the field otherwise. A field given twice must agree."""
-    given: dict[str, tuple[str, Any]] = {}  # our name: (the name it came under, value)
-
-    def take(name: str, value: Any, where: str) -> None:
-        ours = FIELDS.get(name)
-        if ours is None:
-            return  # Remarkety may send more than the connector reads: not ours to refuse
-        if ours in given and given[ours][1] != value:
-            raise Invalid(400, name, f"is given twice with different values ({where} and "
-                                     f"{given[ours][0]})")
-        given[ours] = (f"{where} {name}", value)
-
+    validated; ``Invalid`` naming the field otherwise. A field given more than once (the
+    query and the body, or twice in one) must mean the same once normalised."""
+    given: dict[str, list[tuple[str, Any]]] = {}  # our name: [(the name it came under, value)]
     for name, value in query:
-        take(name, value, "query")
+        if name in FIELDS:
+            given.setdefault(FIELDS[name], []).append((name, value))
     media = content_type.split(";", 1)[0].strip().lower()
     if body.strip():
         if media == "application/x-www-form-urlencoded":
-            for name, value in _pairs(body, "body"):
-                take(name, value, "form")
+            pairs = _pairs(body, "body")
         elif media in ("application/json", "") or media.endswith("+json"):
-            for name, value in _json_object(body).items():
-                take(name, value, "body")
+            pairs = list(_json_object(body).items())
         else:
             raise Invalid(415, "content-type", "must be application/json or "
                                                "application/x-www-form-urlencoded")
-    values = {ours: value for ours, (_, value) in given.items()}
-    names = {ours: where.rsplit(" ", 1)[1] for ours, (where, _) in given.items()}
-    return CouponRequest(
-        code=_code(values.get("code"), names.get("code", "code")),
-        template_id=_template(values.get("template_id"), names.get("template_id", "templateId")),
-        expiration=_expiration(values.get("expiration"), names.get("expiration", "expiration")),
-        email=_email(values.get("email"), names.get("email", "email")))
+        for name, value in pairs:  # Remarkety may send more than we read: not ours to refuse
+            if name in FIELDS:
+                given.setdefault(FIELDS[name], []).append((name, value))
+
+    def one(ours: str, check: Any, default_name: str) -> Any:
+        found = given.get(ours) or [(default_name, None)]
+        values = [check(value, name) for name, value in found]
+        if any(value != values[0] for value in values):
+            raise Invalid(400, found[0][0], "is given more than once with different values")
+        return values[0]
+
+    return CouponRequest(code=one("code", _code, "code"),
+                         template_id=one("template_id", _template, "templateId"),
+                         expiration=one("expiration", _expiration, "expiration"),
+                         email=one("email", _email, "email"))
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

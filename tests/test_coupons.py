@@ -173,6 +173,20 @@ async def test_a_wrong_or_missing_key_is_refused_and_the_store_never_called(
         "unauthorized", status, None, None)
 
 
+async def test_a_field_in_the_query_and_the_body_counts_once_when_they_agree(tmp_path, store_ok):
+    async with bridge(coupon_settings(tmp_path, store_ok.url("store"))) as client:
+        agree = await client.post(remarkety_url(templateId="12", code="A1"),
+                                  json={"templateId": 12, "code": "A1"})
+        differ = await client.post(remarkety_url(templateId="12", code="A1"),
+                                   json={"templateId": 13})
+        twice = await client.post(remarkety_url() + "&code=A1&code=A2&templateId=1")
+    assert agree.status_code == 200, agree.text
+    assert [r.json["coupon"]["template_id"] for r in store_ok.requests("store")] == ["12"]
+    assert (differ.status_code, twice.status_code) == (400, 400)
+    assert differ.json()["error_message"].startswith("templateId: is given more than once")
+    assert twice.json()["error_message"].startswith("code: is given more than once")
+
+
 async def test_the_key_counts_only_in_the_query_string_and_only_once(tmp_path, store_ok):
     fake = store_ok
     async with bridge(coupon_settings(tmp_path, fake.url("store"))) as client:
@@ -442,3 +456,21 @@ def test_a_signature_from_another_time_is_refused():
     assert not coupons.verify(WEBHOOK_SECRET, header, body, now=1_700_000_000 + 301)
     assert not coupons.verify(WEBHOOK_SECRET, "v1=" + header.split("v1=")[1], body)
     assert not coupons.verify(WEBHOOK_SECRET, "garbage", body)
+
+
+def test_the_readme_snippet_verifies_what_onetag_signs():
+    """The store's verification as README "Remarkety coupons" shows it, run as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**Verifying the signature.**", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    body = b'{"type":"coupon.create","coupon":{"code":"A"}}'
+    header = coupons.signature(WEBHOOK_SECRET, int(time.time()), body)
+    assert scope["verify"](WEBHOOK_SECRET, header, body)
+    assert not scope["verify"](WEBHOOK_SECRET, header, body + b" ")
+    assert not scope["verify"]("another-secret-0123456", header, body)
+    old = coupons.signature(WEBHOOK_SECRET, int(time.time()) - 301, body)
+    assert not scope["verify"](WEBHOOK_SECRET, old, body)
