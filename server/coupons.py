@@ -274,7 +274,7 @@ def verify(secret: str, header: str, body: bytes, now: float | None = None,
     if abs(now - timestamp) > tolerance_s:
         return False
     expected = signature(secret, timestamp, body).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+    return hmac.compare_digest(expected.encode(), parts.get("v1", "").encode())  # bytes: any text
 
 
 # The store's webhook --------------------------------------------------------------------

@@ -456,6 +456,7 @@ def test_a_signature_from_another_time_is_refused():
     assert not coupons.verify(WEBHOOK_SECRET, header, body, now=1_700_000_000 + 301)
     assert not coupons.verify(WEBHOOK_SECRET, "v1=" + header.split("v1=")[1], body)
     assert not coupons.verify(WEBHOOK_SECRET, "garbage", body)
+    assert not coupons.verify(WEBHOOK_SECRET, "t=1700000000,v1=é", body, now=1_700_000_000)
 
 
 def test_the_readme_snippet_verifies_what_onetag_signs():
@@ -474,3 +475,16 @@ def test_the_readme_snippet_verifies_what_onetag_signs():
     assert not scope["verify"]("another-secret-0123456", header, body)
     old = coupons.signature(WEBHOOK_SECRET, int(time.time()) - 301, body)
     assert not scope["verify"](WEBHOOK_SECRET, old, body)
+    assert not scope["verify"](WEBHOOK_SECRET, header.split("v1=")[0] + "v1=é", body)
+
+
+@PROPS
+@given(header=st.text(max_size=120), body=st.binary(max_size=100))
+def test_verify_reads_any_header_without_failing(header, body):
+    """The signature check parses a header a stranger may write: it answers, never raises,
+    and only onetag's own signature of these bytes passes."""
+    now = 1_700_000_000
+    assert coupons.verify(WEBHOOK_SECRET, header, body, now=now) is False
+    assert coupons.verify(WEBHOOK_SECRET, f"t={now},v1={header}", body, now=now) is False
+    assert coupons.verify(WEBHOOK_SECRET, coupons.signature(WEBHOOK_SECRET, now, body), body,
+                          now=now)
