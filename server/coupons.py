@@ -98,7 +98,7 @@ class CouponRequest:
 
 
 def query_pairs(query: bytes) -> list[tuple[str, str]]:
-    """The query string's parameters, within bounds (``Invalid`` 400 otherwise)."""
+    """The query string's parameters, within bounds (``Invalid``: 414 too long, 400 unreadable)."""
     if len(query) > MAX_QUERY_BYTES:
         raise Invalid(414, "query", f"is {len(query)} bytes; the limit is {MAX_QUERY_BYTES}")
     return _pairs(query, "query")
