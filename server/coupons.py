@@ -285,7 +285,7 @@ class StoreAnswer:
     """What became of one webhook call, and what Remarkety is told."""
 
     status: int  # to Remarkety
-    result: str  # created | refused | store_down | store_timeout | store_auth | store_error | store_garbage
+    result: str  # created, refused, or store_down/_timeout/_auth/_error/_garbage (README)
     message: str | None = None  # Remarkety's error_message
     store_status: int | None = None
     error: str | None = None  # for the operator (call log, log line)
