@@ -93,7 +93,7 @@ class ServerConfig:
     public_url: str = DEFAULT_PUBLIC_URL
     script_path: str = "/s/{site_id}.js"
     event_path: str = "/e"
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # secrets stay out of any repr
     hold_days: float = DEFAULT_HOLD_DAYS  # how long anonymous activity waits for an identity
     forward: bool = True  # run the forwarder inside `serve`
     # A backend copy of an event the browser normally delivers (a `fallback` route) waits this
