@@ -22,6 +22,9 @@ PAGE_MODULES = (
     # console-a's pages:
 
     # console-b's pages:
+    "vendors",  # /admin/vendors
+    "dead_letters",  # /admin/deadletters, /admin/deadletters/replay
+    "reconcile",  # /admin/reconcile
 
 )
 

@@ -407,11 +407,13 @@ class SQLiteStore(Store):
                           since_ms: int | None = None, states: Sequence[str] = ("dead",),
                           ids: Sequence[int] | None = None, dry_run: bool = False,
                           site_id: str | None = None, until_ms: int | None = None,
-                          error: str | None = None) -> list[dict[str, Any]]:
+                          error: str | None = None, time_field: str = "created"
+                          ) -> list[dict[str, Any]]:
         """``until_ms`` (exclusive), ``site_id`` and ``error`` (a substring of last_error)
-        narrow it further; every condition is ``deadletters.where``'s."""
+        narrow it further, ``time_field="updated"`` puts since/until on the last attempt;
+        every condition is ``deadletters.where``'s."""
         selection = ReplayFilter(tuple(states), vendor, site_id, since_ms, until_ms, error,
-                                 None if ids is None else tuple(ids))
+                                 None if ids is None else tuple(ids), time_field)
         problem = deadletters.check(selection, replay=True)
         if problem:
             raise ValueError(problem)
