@@ -80,6 +80,18 @@ class Console:
             lstrip_blocks=True)
         self.env.filters.update(when=format_ms, age=format_age, pretty=pretty_json)
         self.env.globals.update(prefix=PREFIX)
+        # Set by the Dead letters page module (console-b) when it keeps a record of replays:
+        # ``await replay_recorder(request, rows, scope)`` after every replay made from a page
+        # (rows: what ``store.replay_rows`` returned; scope: what was asked, e.g. {"ids": [7]}).
+        self.replay_recorder: Callable[..., Awaitable[Any]] | None = None
+
+    def db(self) -> Any:
+        """The store's read connection (aiosqlite, WAL): what the console's queries take
+        (``server/store/sqlite_console_search.py``). 503 while the store is not open."""
+        reader = getattr(self.store, "_reader", None)
+        if reader is None:
+            raise HTTPException(503, "the store is not open")
+        return reader
 
     # Sessions ---------------------------------------------------------------------------
 
