@@ -409,3 +409,15 @@ async def test_reconciliation_matches_backend_orders_to_each_vendors_purchase_ro
     assert [m["state"] for m in by_vendor["rejoiner"]["missing"]] == ["pending", "pending"]
     assert all("routes.purchase is off" in m["why"] for m in by_vendor["remarkety"]["missing"])
     assert [m["order_id"] for m in by_vendor["remarkety"]["missing"]] == ["1001", "1002", "1003"]
+
+
+async def test_a_replay_made_elsewhere_is_recorded_after_the_fact(store) -> None:
+    with db_of(store) as conn:
+        add_event(conn, 1)
+        add_delivery(conn, 7)
+    rows = await store.replay_rows(NOW, states=("dead",), ids=(7,))
+    replay_id = await store.record_replay(NOW, "console:10.1.1.1", {"ids": [7]}, rows,
+                                          shown=1)
+    [replay] = await recent_replays(store.reader)
+    assert (replay["id"], replay["who"], replay["filter"], replay["replayed"], replay["ids"]) \
+        == (replay_id, "console:10.1.1.1", {"ids": [7]}, 1, [7])

@@ -126,7 +126,7 @@ def routes(console: Console) -> list[Route]:
                                    "vendors": sorted(VENDORS), "time_choices": TIME_CHOICES,
                                    "notice": notice, "problem": None, "listing": None,
                                    "replayable": None, "changed": changed,
-                                   "replays": await recent_replays(store.reader, 10),
+                                   "replays": await recent_replays(console.db(), 10),
                                    "scrub": lambda value: scrub(value, secrets)}
         try:
             selection = parse_filter(params, settings.sites, now)
@@ -136,7 +136,7 @@ def routes(console: Console) -> list[Route]:
         except BadFilter as exc:
             context["problem"] = str(exc)
             return console.render(request, "admin/deadletters.html", status_code=400, **context)
-        context["listing"] = await dead_letters(store.reader, selection, PAGE_ROWS,
+        context["listing"] = await dead_letters(console.db(), selection, PAGE_ROWS,
                                                 None if before is None else int(before))
         context["exact"] = query_of(selection)
         context["next_href"] = None
@@ -159,7 +159,7 @@ def routes(console: Console) -> list[Route]:
         notice = None
         replayed = request.query_params.get("replayed")
         if replayed and replayed.isdigit() and len(replayed) < 18:
-            found = [r for r in await recent_replays(store.reader, 50)
+            found = [r for r in await recent_replays(console.db(), 50)
                      if r["id"] == int(replayed)]
             if found:
                 notice = (f"Replayed {found[0]['replayed']} deliveries (replay "
@@ -191,6 +191,15 @@ def routes(console: Console) -> list[Route]:
         query = urlencode({**query_of(selection), "replayed": result["replay_id"]})
         return RedirectResponse(f"{PREFIX}/deadletters?{query}", 303, headers=SECURITY_HEADERS)
 
+    async def record(request: Request, rows: list[dict[str, Any]], scope: dict[str, Any]
+                     ) -> int:
+        """``console.replay_recorder``: a replay made from another page (a delivery's own)
+        recorded like this page's, as ``console:<client address>``."""
+        address = request.client.host if request.client else "unknown"
+        return await store.record_replay(now_ms(), f"console:{address}", scope, rows,
+                                         shown=len(rows))
+
+    console.replay_recorder = record
     return [
         console.route("/deadletters", show),
         console.route("/deadletters/replay", replay, methods=["POST"]),

@@ -42,7 +42,7 @@ def routes(console: Console) -> list[Route]:
             until = now + 1 if until is None else until
             if until <= since:
                 raise BadFilter("until", "must be later than since")
-            report = await reconcile(console.store.reader, settings.sites, since, until,
+            report = await reconcile(console.db(), settings.sites, since, until,
                                      form["site"] or None, form["vendor"] or None)
         except BadFilter as exc:
             problem = str(exc)

@@ -69,7 +69,7 @@ def routes(console: Console) -> list[Route]:
         if site is not None and site not in console.settings.sites:
             problem, site = f"site: one of {', '.join(console.settings.sites)}, or blank", None
         now = now_ms()
-        overview = await vendor_overview(console.store.reader, now, range_name, site)
+        overview = await vendor_overview(console.db(), now, range_name, site)
         configured = {(s.id, name) for s in console.settings.sites.values()
                       for name in s.vendors if site is None or s.id == site}
         seen = {(item["site_id"], item["vendor"]) for item in overview}

@@ -440,6 +440,13 @@ class SQLiteStore(Store):
             _log_replay(len(result["rows"]), selection, who)
         return result
 
+    async def record_replay(self, now_ms: int, who: str, scope: Mapping[str, Any],
+                            rows: Sequence[Mapping[str, Any]], shown: int | None = None) -> int:
+        """Record a replay already made (``rows``: what ``replay_rows`` returned; ``scope``:
+        what was asked, as JSON-able fields); the new record's id."""
+        return await self._write("record_replay", now_ms, who, dict(scope), shown,
+                                 [row["id"] for row in rows])
+
     @property
     def reader(self) -> aiosqlite.Connection:
         """The read-only connection (WAL: it reads beside the writer), for the console's

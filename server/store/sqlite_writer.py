@@ -395,14 +395,20 @@ class WriteOps:
                 return {"changed": True, "rows": current, "replay_id": None,
                         "fingerprint": deadletters.fingerprint(current)}
         made = self.replay_rows(now, selection, False)
-        ids = [row["id"] for row in made]
-        replay_id = self.conn.execute(
-            "INSERT INTO replays (at_ms, who, filter, dry_run_count, replayed, ids) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (now, who, encode(selection.describe()).decode(), shown, len(made),
-             encode(ids).decode() if len(ids) <= REPLAY_IDS_KEPT else None)).lastrowid
+        replay_id = self.record_replay(now, who, selection.describe(), shown,
+                                       [row["id"] for row in made])
         return {"changed": False, "rows": made, "replay_id": replay_id,
                 "fingerprint": deadletters.fingerprint(made)}
+
+    def record_replay(self, now: int, who: str, scope: dict[str, Any], shown: int | None,
+                      ids: list[int]) -> int:
+        """One row of ``replays``; its id. (A replay made elsewhere, e.g. a delivery's own
+        page, is recorded with this after the fact.)"""
+        return self.conn.execute(
+            "INSERT INTO replays (at_ms, who, filter, dry_run_count, replayed, ids) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (now, who, encode(scope).decode(), shown, len(ids),
+             encode(ids).decode() if len(ids) <= REPLAY_IDS_KEPT else None)).lastrowid
 
     def _replay_expired(self, now: int, selection: ReplayFilter) -> list[dict[str, Any]]:
         """Expired rows never had an email; re-plan those whose visitor has one now."""
