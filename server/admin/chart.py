@@ -14,7 +14,7 @@ from html import escape
 from typing import Sequence
 
 WIDTH, HEIGHT = 360, 180
-LEFT, RIGHT, TOP, BOTTOM = 44, 8, 22, 34  # plot margins: y labels, x labels, legend
+LEFT, RIGHT, TOP, BOTTOM = 52, 10, 24, 34  # plot margins: y labels, x labels, legend
 COLOURS = ("#2563eb", "#dc2626", "#059669", "#d97706")
 
 
@@ -26,7 +26,7 @@ class Series:
 
 def nice_max(value: float) -> float:
     """The smallest 1, 2 or 5 x 10^n at or above ``value`` (an axis top a reader can halve)."""
-    if value <= 0:
+    if value <= 1e-9:  # nothing (or next to nothing) to show: a unit axis
         return 1.0
     power = 10 ** math.floor(math.log10(value))
     for step in (1, 2, 5, 10):
@@ -58,7 +58,7 @@ def line_chart(series: Sequence[Series], labels: Sequence[str], *, title: str,
         if len(s.values) != count:
             raise ValueError(f"series {s.name!r} has {len(s.values)} values for {count} labels")
     present = [v for s in series for v in s.values if v is not None]
-    top = y_max if y_max is not None else nice_max(max(present, default=0.0))
+    top = y_max if y_max is not None and y_max > 0 else nice_max(max(present, default=0.0))
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def x(i: int) -> float:
@@ -77,13 +77,13 @@ def line_chart(series: Sequence[Series], labels: Sequence[str], *, title: str,
         parts.append(f'<line x1="{LEFT}" y1="{gy}" x2="{WIDTH - RIGHT}" y2="{gy}" '
                      f'stroke="#d1d5db" stroke-width="{1 if fraction == 0 else 0.5}"/>')
         parts.append(f'<text x="{LEFT - 4}" y="{_fmt(y(value) + 3)}" text-anchor="end" '
-                     f'font-size="9" fill="#374151">{escape(_number(value) + unit)}</text>')
+                     f'font-size="11" fill="#374151">{escape(_number(value) + unit)}</text>')
     # x labels
     every = label_every or max(1, math.ceil(count / 6))
     for i, label in enumerate(labels):
         if i % every == 0:
             parts.append(f'<text x="{_fmt(x(i))}" y="{HEIGHT - BOTTOM + 12}" '
-                         f'text-anchor="middle" font-size="9" fill="#374151">'
+                         f'text-anchor="middle" font-size="11" fill="#374151">'
                          f"{escape(label)}</text>")
     # Lines, broken where a value is missing; a lone point is a dot.
     for index, s in enumerate(series):
@@ -105,11 +105,11 @@ def line_chart(series: Sequence[Series], labels: Sequence[str], *, title: str,
                              f'stroke-width="1.5" data-series="{escape(s.name)}"/>')
         # Legend along the top.
         lx = LEFT + index * 90
-        parts.append(f'<rect x="{lx}" y="6" width="10" height="3" fill="{colour}"/>')
-        parts.append(f'<text x="{lx + 14}" y="11" font-size="9" fill="#111827">'
+        parts.append(f'<rect x="{lx}" y="8" width="12" height="3" fill="{colour}"/>')
+        parts.append(f'<text x="{lx + 16}" y="13" font-size="11" fill="#111827">'
                      f"{escape(s.name)}</text>")
     if not present:
         parts.append(f'<text x="{_fmt(LEFT + plot_w / 2)}" y="{_fmt(TOP + plot_h / 2)}" '
-                     f'text-anchor="middle" font-size="10" fill="#6b7280">no attempts</text>')
+                     f'text-anchor="middle" font-size="12" fill="#6b7280">no attempts</text>')
     parts.append("</svg>")
     return "".join(parts)
