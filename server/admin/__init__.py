@@ -20,6 +20,10 @@ from .web import SECURITY_HEADERS, Console
 PAGE_MODULES = (
     "login",  # /admin/login, /admin/logout, /admin/ itself
     # console-a's pages:
+    "live",  # /admin/live, /admin/live/stream
+    "events",  # /admin/events/{seq}, /admin/deliveries/{id} (+ /replay)
+    "search",  # /admin/search
+    "install",  # /admin/install, /admin/install/check.json
 
     # console-b's pages:
     "vendors",  # /admin/vendors

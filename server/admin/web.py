@@ -76,7 +76,7 @@ class Console:
         self.secure_always = settings.server.public_url.startswith("https://")
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(templates_dir())),
-            autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+            autoescape=True, trim_blocks=True,
             lstrip_blocks=True)
         self.env.filters.update(when=format_ms, age=format_age, pretty=pretty_json)
         self.env.globals.update(prefix=PREFIX)

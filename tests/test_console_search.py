@@ -1,0 +1,86 @@
+"""The console's read queries (server/store/sqlite_console_search.py): what they find, and
+that each uses an index or a rowid range, never a scan of a whole table (their plans)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import aiosqlite
+
+from fakes.harness import ORIGIN, SC
+from server.store import sqlite_console_search as q
+from support import running, settings_for
+
+EMAIL = "ann@example.com"
+TABLES = ("events", "deliveries", "identities", "sessions", "attempts")
+ALIASES = ("e", "d", "i", "s", "p")
+
+
+def plan_scans(db_path: str, statements: list[str]) -> list[tuple[str, str]]:
+    """(statement, plan line) for every plan line that scans a table whole: ``SCAN <table
+    or alias>`` (a rowid range or an index shows as ``SEARCH``)."""
+    conn = sqlite3.connect(db_path)
+    try:
+        found = []
+        for sql in statements:
+            for row in conn.execute("EXPLAIN QUERY PLAN " + sql):
+                words = row[3].split()
+                if words[0] == "SCAN" and words[1] in (*TABLES, *ALIASES):
+                    found.append((sql, row[3]))
+        return found
+    finally:
+        conn.close()
+
+
+async def test_each_query_finds_its_rows_through_an_index(tmp_path):
+    settings = settings_for(tmp_path, rejoiner={"site_id": "RJ", "domain": "shop.example",
+                                                "api_key": "k",
+                                                "api_base": "http://127.0.0.1:9/rejoiner"})
+    async with running(settings) as (app, client):
+        await client.post("/e", content=(
+            '{"site_id": "shop1", "sc": "%s", "events": ['
+            '{"event_id": "pv-1", "event": "page_view", "page": {"location": "%s/p/1"}},'
+            '{"event_id": "id-1", "event": "identify", "user": {"email": "%s"}}]}'
+            % (SC, ORIGIN, EMAIL)), headers={"content-type": "text/plain", "origin": ORIGIN})
+        answer = await client.post("/api/v1/sites/shop1/events", json=[
+            {"event": "purchase", "event_id": "order-77", "user": {"email": EMAIL},
+             "ecommerce": {"currency": "USD", "transaction_id": "77", "value": "5",
+                           "items": [{"item_id": "A", "price": "5", "quantity": 1}]}}],
+            headers={"Authorization": "Bearer secret-key"})
+        assert answer.status_code == 202, answer.text
+        db: aiosqlite.Connection = app.state.store._reader
+        traced: list[str] = []
+        await db.set_trace_callback(traced.append)
+        sites = ["shop1"]
+        by_email = await q.search(db, sites, EMAIL.upper())
+        assert [i["email"] for i in by_email["identities"]] == [EMAIL]
+        assert {e["name"] for e in by_email["events"]} == {"page_view", "identify", "purchase"}
+        assert {d["vendor"] for d in by_email["deliveries"]} == {"rejoiner"}
+        by_sc = await q.search(db, sites, SC.lower())
+        assert by_sc["kinds"] == ["sc"] and by_sc["identities"][0]["email"] == EMAIL
+        by_order = await q.search(db, sites, "77")
+        assert [e["name"] for e in by_order["events"]][0] == "purchase"
+        by_id = await q.search(db, sites, "pv-1")
+        assert any(e["event_id"] == "pv-1" for e in by_id["events"])
+        nothing = await q.search(db, sites, "nobody@example.com")
+        assert not (nothing["identities"] or nothing["events"] or nothing["deliveries"])
+        seen = await q.last_from_origin(db, "shop1", ORIGIN)
+        assert seen and seen["location"] == ORIGIN + "/p/1"
+        assert await q.last_from_origin(db, "shop1", ORIGIN + ".evil.example") is None
+        top = await q.latest_seq(db)
+        everything = await q.tail_events(db, 0, top, q.live_filter(), 100)
+        assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
+        only = await q.tail_events(db, 0, top, q.live_filter(email=EMAIL, name="purchase"), 100)
+        assert [e["name"] for e in only] == ["purchase"]
+        assert await q.recent_events(db, q.live_filter(source="backend"), 10) == only
+        delivery = by_email["deliveries"][0]
+        assert (await q.delivery(db, delivery["id"]))["vendor"] == "rejoiner"
+        await q.attempts_of(db, [delivery["id"]])
+        assert (await q.event(db, everything[0]["seq"]))["session"]["sc"] == SC
+        await db.set_trace_callback(None)
+    statements = [sql for sql in traced if sql.lstrip().upper().startswith("SELECT")]
+    assert len(statements) > 15
+    assert plan_scans(settings.server.sqlite_path, statements) == []
+    # The check itself sees a scan when there is one.
+    assert plan_scans(settings.server.sqlite_path, [
+        "SELECT * FROM events e WHERE json_extract(e.data, '$.name') = 'x'"])
