@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from server.store import deadletters
 from server.store.deadletters import ReplayFilter, escape_like, fingerprint, where
 from server.store.sqlite import SQLiteStore
 from server.store.sqlite_console_ops import (PURCHASE_KEYS, bucket_starts, dead_letters,
-                                             percentile, purchase_key, reconcile, recent_replays,
+                                             purchase_key, reconcile, recent_replays,
                                              vendor_overview)
 from server.store.sqlite_writer import WriteOps, configure
 from support import running
@@ -169,6 +170,7 @@ def test_the_dry_run_names_exactly_the_rows_the_replay_then_makes_due(rows, sele
             ops = WriteOps(conn, console_settings(folder).sites, 7 * 86_400_000, 0)
             conn.execute("BEGIN")
             dry = ops.replay_rows(NOW + 20 * HOUR, selection, True)
+            preview = ops.replay_preview(NOW + 20 * HOUR, selection)  # what the console shows
             before = conn.execute("SELECT id, state, attempts FROM deliveries ORDER BY id").fetchall()
             made = ops.replay_rows(NOW + 20 * HOUR, selection, False)
             after = {r[0]: r[1] for r in conn.execute("SELECT id, state FROM deliveries")}
@@ -178,6 +180,7 @@ def test_the_dry_run_names_exactly_the_rows_the_replay_then_makes_due(rows, sele
     expected = oracle(rows, selection)
     assert {r["id"] for r in dry} == {r["id"] for r in made} == expected
     assert fingerprint(dry) == fingerprint(made)
+    assert preview == (len(made), fingerprint(made))
     assert listed == expected  # the console's list: the same WHERE
     # The dry run changed nothing; the replay changed exactly its rows.
     assert [(r[0], r[1]) for r in before] == [(x["id"], x["state"]) for x in rows]
@@ -299,12 +302,49 @@ async def test_dead_letters_are_paginated_with_an_exact_count(store) -> None:
 
 # Vendor overview -------------------------------------------------------------------------
 
-def test_percentiles_are_nearest_rank() -> None:
-    assert percentile([], 0.5) is None
-    assert percentile([7], 0.95) == 7
-    values = list(range(1, 101))
-    assert (percentile(values, 0.5), percentile(values, 0.95)) == (50, 95)
-    assert percentile([10, 20, 30], 0.5) == 20 and percentile([10, 20, 30], 0.95) == 30
+def percentile(values: list[int], p: float) -> int | None:
+    """Nearest rank, written out: the ceil(p * n)-th smallest."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p * len(ordered))) - 1]
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 22, 23]), st.integers(0, 5000),
+                         st.sampled_from([200, 204, 400, 500, None])), max_size=120))
+@example([(23, d, 200) for d in range(20, 0, -1)] + [(0, d, None) for d in range(11)])
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_each_buckets_percentiles_and_success_are_exact(attempts) -> None:
+    """SQLite's ranking (a window function) against nearest rank done by hand."""
+    import asyncio
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "onetag.db"
+        conn = writer_db(path)
+        add_event(conn, 1)
+        add_delivery(conn, 1)
+        first = bucket_starts(NOW, "24h")[1]
+        for bucket, duration, status in attempts:
+            add_attempt(conn, 1, first + bucket * HOUR + duration % HOUR, duration, status)
+        conn.close()
+
+        async def read():
+            import aiosqlite
+
+            async with aiosqlite.connect(path) as reader:
+                reader.row_factory = sqlite3.Row
+                return await vendor_overview(reader, NOW, "24h")
+
+        overview = asyncio.run(read())
+    buckets = overview[0]["buckets"] if overview else []
+    for index in range(24):
+        mine = [(d, s) for b, d, s in attempts if b == index]
+        durations = [d for d, _ in mine]
+        got = buckets[index]
+        assert got["attempts"] == len(mine)
+        assert got["p50_ms"] == percentile(durations, 0.5)
+        assert got["p95_ms"] == percentile(durations, 0.95)
+        assert got["succeeded"] == sum(1 for _, st_ in mine if st_ in (200, 204))
 
 
 async def test_vendor_overview_counts_latency_success_and_errors(store) -> None:

@@ -144,13 +144,8 @@ def routes(console: Console) -> list[Route]:
             context["next_href"] = f"{PREFIX}/deadletters?" + urlencode(
                 {**context["exact"], "before": context["listing"]["next_before_id"]})
         if selection.states[0] in REPLAYABLE_STATES:
-            dry = await store.replay_rows(
-                now, vendor=selection.vendor, since_ms=selection.since_ms,
-                states=selection.states, dry_run=True, site_id=selection.site_id,
-                until_ms=selection.until_ms, error=selection.error,
-                time_field=selection.time_field)
-            context["replayable"] = {"count": len(dry),
-                                     "fingerprint": deadletters.fingerprint(dry)}
+            count, fingerprint = await store.replay_preview(now, selection)
+            context["replayable"] = {"count": count, "fingerprint": fingerprint}
         return console.render(request, "admin/deadletters.html", status_code=status_code,
                               **context)
 

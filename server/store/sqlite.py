@@ -424,6 +424,14 @@ class SQLiteStore(Store):
             _log_replay(len(made), selection)
         return made
 
+    async def replay_preview(self, now_ms: int, selection: ReplayFilter) -> tuple[int, str]:
+        """What ``replay_recorded`` would take now: (count, fingerprint); changes nothing."""
+        problem = deadletters.check(selection, replay=True)
+        if problem:
+            raise ValueError(problem)
+        count, fingerprint = await self._write("replay_preview", now_ms, selection)
+        return count, fingerprint
+
     async def replay_recorded(self, now_ms: int, selection: ReplayFilter, who: str,
                               expect: str | None = None, shown: int | None = None
                               ) -> dict[str, Any]:

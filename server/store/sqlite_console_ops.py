@@ -9,7 +9,6 @@ Nothing here writes; everything is bounded before it is asked.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Mapping, Sequence
 
 import aiosqlite
@@ -37,14 +36,6 @@ PURCHASE_KEYS = {
     "sendlane": "order-placed:{order}",
 }
 ACCEPTED = ("delivered", "browser")
-
-
-def percentile(sorted_values: Sequence[int], p: float) -> int | None:
-    """Nearest-rank percentile of ascending values (p in (0, 1])."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(p * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def bucket_starts(now_ms: int, range_name: str) -> tuple[int, int, list[int]]:
@@ -82,21 +73,24 @@ async def vendor_overview(conn: aiosqlite.Connection, now_ms: int, range_name: s
         overview[(row["site_id"], row["vendor"])] = item
 
     width, first, starts = bucket_starts(now_ms, range_name)
-    attempts = await conn.execute_fetchall(
-        "SELECT d.site_id, d.vendor, (a.started_ms - ?1) / ?2 AS bucket, a.duration_ms, "
-        "a.status FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
-        f"WHERE a.started_ms >= ?1 AND a.started_ms < ?3 {'AND d.site_id = ?4' if site_id else ''} "
-        "ORDER BY d.site_id, d.vendor, bucket, a.duration_ms",
+    # Per (site, vendor, bucket): attempts, 2xx answers and the nearest-rank p50/p95,
+    # ranked by SQLite (a window over the range's attempts): only the buckets come back.
+    rows = await conn.execute_fetchall(
+        "WITH a AS (SELECT d.site_id, d.vendor, (a.started_ms - ?1) / ?2 AS bucket, "
+        "a.duration_ms, a.status FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
+        f"WHERE a.started_ms >= ?1 AND a.started_ms < ?3 {'AND d.site_id = ?4' if site_id else ''}), "
+        "r AS (SELECT *, row_number() OVER (PARTITION BY site_id, vendor, bucket "
+        "ORDER BY duration_ms) AS rank, count(*) OVER (PARTITION BY site_id, vendor, bucket) "
+        "AS n FROM a) "
+        "SELECT site_id, vendor, bucket, n, sum(status BETWEEN 200 AND 299) AS ok, "
+        # nearest rank: ceil(p * n), in integers
+        "max(CASE WHEN rank = (n + 1) / 2 THEN duration_ms END) AS p50, "
+        "max(CASE WHEN rank = (95 * n + 99) / 100 THEN duration_ms END) AS p95 "
+        "FROM r GROUP BY site_id, vendor, bucket",
         [first, width, first + len(starts) * width, *site_params])
-    # Per (site, vendor), per bucket: the durations (ascending, as ordered) and 2xx count.
-    grouped: dict[tuple[str, str], list[tuple[list[int], list[int]]]] = {}
-    for row in attempts:
-        series = grouped.setdefault((row["site_id"], row["vendor"]),
-                                    [([], [0]) for _ in starts])
-        durations, ok = series[row["bucket"]]
-        durations.append(row["duration_ms"])
-        if row["status"] is not None and 200 <= row["status"] < 300:
-            ok[0] += 1
+    grouped: dict[tuple[str, str], dict[int, Any]] = {}
+    for row in rows:
+        grouped.setdefault((row["site_id"], row["vendor"]), {})[row["bucket"]] = row
 
     errors = await _last_errors(conn, first, site_id)
     for key in set(grouped) | set(errors):
@@ -105,16 +99,18 @@ async def vendor_overview(conn: aiosqlite.Connection, now_ms: int, range_name: s
                                    "ignored", "browser", "expired")},
             "oldest_pending_age_s": None})
     for key, item in overview.items():
-        series = grouped.get(key, [([], [0]) for _ in starts])
+        series = grouped.get(key, {})
         buckets = []
         total = succeeded = 0
-        for start, (durations, (ok,)) in zip(starts, series):
-            total += len(durations)
+        for index, start in enumerate(starts):
+            row = series.get(index)
+            count, ok = (row["n"], row["ok"] or 0) if row is not None else (0, 0)
+            total += count
             succeeded += ok
-            buckets.append({"start_ms": start, "attempts": len(durations), "succeeded": ok,
-                            "success_rate": ok / len(durations) if durations else None,
-                            "p50_ms": percentile(durations, 0.50),
-                            "p95_ms": percentile(durations, 0.95)})
+            buckets.append({"start_ms": start, "attempts": count, "succeeded": ok,
+                            "success_rate": ok / count if count else None,
+                            "p50_ms": row["p50"] if row is not None else None,
+                            "p95_ms": row["p95"] if row is not None else None})
         item["range"] = range_name
         item["bucket_ms"] = width
         item["buckets"] = buckets
@@ -246,11 +242,12 @@ async def reconcile(conn: aiosqlite.Connection, sites: Mapping[str, Any], since_
     for site in sorted(by_site):
         site_orders = by_site[site]
         config = sites.get(site)
-        vendors = sorted(set(config.vendors) if config is not None else set())
-        seen = await conn.execute_fetchall(
-            "SELECT DISTINCT vendor FROM deliveries WHERE site_id = ?", (site,))
-        vendors = sorted(set(vendors) | {r[0] for r in seen if r[0] in PURCHASE_KEYS})
-        for name in vendors:
+        vendors = set(config.vendors) if config is not None else set()
+        for name in set(PURCHASE_KEYS) - vendors:  # no longer configured, rows still there
+            if await conn.execute_fetchall("SELECT 1 FROM deliveries WHERE site_id = ? AND "
+                                           "vendor = ? LIMIT 1", (site, name)):
+                vendors.add(name)
+        for name in sorted(vendors):
             if vendor and name != vendor:
                 continue
             keys = {purchase_key(name, order): order for order, _ in site_orders}

@@ -381,6 +381,12 @@ class WriteOps:
             made += self._replay_expired(now, selection)
         return made
 
+    def replay_preview(self, now: int, selection: ReplayFilter) -> tuple[int, str]:
+        """A dry run's count and ``deadletters.fingerprint``, without its rows (the console
+        shows the count on every listing; the rows would only cross the pipe to be counted)."""
+        rows = self.replay_rows(now, selection, True)
+        return len(rows), deadletters.fingerprint(rows)
+
     def replay_recorded(self, now: int, selection: ReplayFilter, who: str,
                         expect: str | None, shown: int | None) -> dict[str, Any]:
         """An operator's replay, recorded in the ``replays`` table by the same transaction.
