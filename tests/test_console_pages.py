@@ -11,7 +11,7 @@ import time
 import httpx
 from hypothesis import given, settings as hsettings, strategies as st
 
-from console_support import (SECRETS, assert_no_secret, console_settings, csrf_of, login)
+from console_support import SECRETS, assert_no_secret, console_settings, login
 from server.admin.dead_letters import BadFilter, iso_ms, parse_filter, parse_time
 from server.store.deadletters import check
 from support import running
@@ -126,6 +126,7 @@ async def test_dead_letters_dry_run_then_replay_exactly_that_set_and_record_it(t
         replays = after.text[after.text.index('id="replays"'):]
         assert re.search(r"<td>1</td>\s*<td>[^<]+</td>\s*<td>console:127\.0\.0\.1</td>\s*"
                          r"<td>2</td>\s*<td>2</td>", replays)
+        assert "dead · error contains &#39;HTTP 40&#39;</td>" in replays
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT who, replayed, ids FROM replays").fetchall() == [
                 ("console:127.0.0.1", 2, "[3,4]")]

@@ -113,6 +113,25 @@ def query_of(selection: ReplayFilter) -> dict[str, str]:
     return fields
 
 
+def describe_scope(scope: Mapping[str, Any]) -> str:
+    """A replay record's filter as one line: ``dead · vendor sendlane · since 2026-…Z``."""
+    parts = []
+    for key, value in scope.items():
+        if key in ("since_ms", "until_ms") and isinstance(value, int):
+            parts.append(f"{key[:-3]} {iso_ms(value)}")
+        elif key == "states" and isinstance(value, list):
+            parts.append(" and ".join(map(str, value)))
+        elif key == "ids" and isinstance(value, list):
+            parts.append("#" + ", #".join(map(str, value)))
+        elif key == "error":
+            parts.append(f"error contains {value!r}")
+        elif key == "time_field":
+            parts.append("times of last attempt" if value == "updated" else f"times of {value}")
+        else:
+            parts.append(f"{key.removesuffix('_id')} {value}")
+    return " · ".join(parts)
+
+
 def routes(console: Console) -> list[Route]:
     settings, store = console.settings, console.store
     secrets = secret_values(settings)
@@ -127,7 +146,8 @@ def routes(console: Console) -> list[Route]:
                                    "notice": notice, "problem": None, "listing": None,
                                    "replayable": None, "changed": changed,
                                    "replays": await recent_replays(console.db(), 10),
-                                   "scrub": lambda value: scrub(value, secrets)}
+                                   "scrub": lambda value: scrub(value, secrets),
+                                   "describe": describe_scope}
         try:
             selection = parse_filter(params, settings.sites, now)
             before = params.get("before") or None

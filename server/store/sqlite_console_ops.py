@@ -9,7 +9,7 @@ Nothing here writes; everything is bounded before it is asked.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import aiosqlite
 
