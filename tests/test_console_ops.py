@@ -461,3 +461,14 @@ async def test_a_replay_made_elsewhere_is_recorded_after_the_fact(store) -> None
     [replay] = await recent_replays(store.reader)
     assert (replay["id"], replay["who"], replay["filter"], replay["replayed"], replay["ids"]) \
         == (replay_id, "console:10.1.1.1", {"ids": [7]}, 1, [7])
+
+
+def test_a_fingerprint_names_the_set_not_its_order_or_new_ids() -> None:
+    dead = [{"id": 3, "replaces": []}, {"id": 9, "replaces": []}]
+    replanned = [{"id": None, "replaces": [4, 5]}]  # a dry run's re-planned expired rows
+    assert fingerprint(dead) == fingerprint(list(reversed(dead)))
+    assert fingerprint(dead + replanned) == fingerprint(
+        dead + [{"id": 77, "replaces": [4, 5]}])  # the real replay gives it an id
+    assert fingerprint(dead) != fingerprint(dead[:1])
+    assert fingerprint(replanned) != fingerprint([{"id": None, "replaces": [4]}])
+    assert fingerprint([]) != fingerprint(dead)
