@@ -108,3 +108,24 @@ def test_live_filters_are_accepted_within_bounds_or_refused_naming_the_field(par
     assert filters.get("source") in (None, *q.SOURCES)
     where, values = q.live_filter(**filters)
     assert where.count("?") == len(values)  # every value bound, none spliced into the SQL
+
+
+async def test_a_search_shows_the_latest_attempts_of_a_delivery(tmp_path, fake):
+    """Four failures then a success: the latest ``per_delivery`` are kept, in order."""
+    from fakes.harness import backend, make_settings, purchase, rows, serve, until
+    import httpx
+
+    fake.fail("sendlane", 503, times=4)
+    settings = make_settings(tmp_path, fake, only=("sendlane",))
+    async with serve(settings) as app:
+        async with httpx.AsyncClient(base_url=app.state.base_url) as client:
+            await backend(client, purchase("9009", email=EMAIL))
+        db_path = tmp_path / "onetag.db"
+        await until(lambda: rows(db_path, "d.state = 'delivered'"), what="the delivery")
+        db = app.state.store._reader
+        result = await q.search(db, ["shop1"], EMAIL)
+        [delivery] = [d for d in result["deliveries"] if d["state"] == "delivered"]
+        latest = (await q.attempts_of(db, [delivery["id"]], per_delivery=3))[delivery["id"]]
+    assert delivery["attempts"] == 5
+    assert [a["status"] for a in delivery["attempt_list"]] == [503] * 4 + [200]
+    assert [(a["attempt"], a["status"]) for a in latest] == [(3, 503), (4, 503), (5, 200)]
