@@ -226,7 +226,14 @@ def test_any_body_parses_to_a_form_or_an_empty_one(body):
 
 
 @hsettings(max_examples=300, deadline=None)
-@given(st.text(max_size=80))
+@given(st.one_of(st.text(max_size=80), st.text(max_size=40).map(lambda t: "/admin/" + t)))
 def test_after_login_only_console_paths(target):
     landing = safe_next(target)
     assert landing.startswith("/admin/") and not landing.startswith("//")
+    assert "/../" not in landing + "/" and "\\" not in landing
+
+
+def test_login_does_not_climb_out_of_the_console():
+    for target in ("/admin/../demo/", "/admin/%2e%2e/demo", "/admin/..", "//evil.example/admin/"):
+        assert safe_next(target) == "/admin/live", target
+    assert safe_next("/admin/search?q=a%40b.c") == "/admin/search?q=a%40b.c"

@@ -234,3 +234,35 @@ def assert_no_secrets(console: Console) -> None:
     for path, text in console.seen.items():
         for secret in ALL_SECRETS:
             assert secret not in text, f"{path} shows a secret"
+
+
+class Client:
+    """What ``live.tail`` asks of a request: whether the client is still there."""
+
+    def __init__(self, polls_before_leaving: int):
+        self.polls = polls_before_leaving
+
+    async def is_disconnected(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+async def test_the_stream_bounds_each_message_beats_when_idle_and_ends_with_the_client(
+        tmp_path, fake):
+    from server.admin import live
+    from server.admin.web import Console as PageConsole
+
+    settings = console_settings(tmp_path, fake)
+    async with serve(settings) as app:
+        async with httpx.AsyncClient(base_url=app.state.base_url, timeout=30) as client:
+            await browser(client, *({"event": "page_view", "event_id": f"pv-{n}"}
+                                    for n in range(live.ROWS_PER_MESSAGE + 50)))
+        console = PageConsole(settings, app.state.store)
+        messages = [m async for m in live.tail(console, Client(3), {}, 0, poll_s=0.01,
+                                               heartbeat_s=0)]
+    assert messages[0].startswith("retry:")
+    data = [json.loads(m.split("data: ", 1)[1]) for m in messages if m.startswith("id:")]
+    assert [len(rows) for rows in data] == [live.ROWS_PER_MESSAGE, 50]
+    assert [row["name"] for rows in data for row in rows] == ["page_view"] * (
+        live.ROWS_PER_MESSAGE + 50)
+    assert messages[-1] == ": heartbeat\n\n"  # nothing new: a comment, then the client left

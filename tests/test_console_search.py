@@ -6,8 +6,11 @@ from __future__ import annotations
 import sqlite3
 
 import aiosqlite
+from hypothesis import given, settings as hsettings, strategies as st
 
 from fakes.harness import ORIGIN, SC
+from server.admin import live
+from server.admin.web import Console
 from server.store import sqlite_console_search as q
 from support import running, settings_for
 
@@ -84,3 +87,45 @@ async def test_each_query_finds_its_rows_through_an_index(tmp_path):
     # The check itself sees a scan when there is one.
     assert plan_scans(settings.server.sqlite_path, [
         "SELECT * FROM events e WHERE json_extract(e.data, '$.name') = 'x'"])
+
+
+FILTER_TEXT = st.one_of(st.none(), st.text(max_size=300), st.sampled_from(
+    ["shop1", "browser", "backend", "verified browser", "ann@example.com", SC]))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({name: FILTER_TEXT for name in live.FILTERS}))
+def test_live_filters_are_accepted_within_bounds_or_refused_naming_the_field(params):
+    console = Console(settings_for("/nonexistent"), store=None)
+    try:
+        filters = live.read_filters(console, params)
+    except live.BadFilter as exc:
+        assert exc.field in live.FILTERS and str(exc).startswith(exc.field + ":")
+        return
+    for name, value in filters.items():
+        assert value and len(value) <= live.MAX_FILTER_CHARS[name]
+    assert filters.get("site") in (None, "shop1")
+    assert filters.get("source") in (None, *q.SOURCES)
+    where, values = q.live_filter(**filters)
+    assert where.count("?") == len(values)  # every value bound, none spliced into the SQL
+
+
+async def test_a_search_shows_the_latest_attempts_of_a_delivery(tmp_path, fake):
+    """Four failures then a success: the latest ``per_delivery`` are kept, in order."""
+    from fakes.harness import backend, make_settings, purchase, rows, serve, until
+    import httpx
+
+    fake.fail("sendlane", 503, times=4)
+    settings = make_settings(tmp_path, fake, only=("sendlane",))
+    async with serve(settings) as app:
+        async with httpx.AsyncClient(base_url=app.state.base_url) as client:
+            await backend(client, purchase("9009", email=EMAIL))
+        db_path = tmp_path / "onetag.db"
+        await until(lambda: rows(db_path, "d.state = 'delivered'"), what="the delivery")
+        db = app.state.store._reader
+        result = await q.search(db, ["shop1"], EMAIL)
+        [delivery] = [d for d in result["deliveries"] if d["state"] == "delivered"]
+        latest = (await q.attempts_of(db, [delivery["id"]], per_delivery=3))[delivery["id"]]
+    assert delivery["attempts"] == 5
+    assert [a["status"] for a in delivery["attempt_list"]] == [503] * 4 + [200]
+    assert [(a["attempt"], a["status"]) for a in latest] == [(3, 503), (4, 503), (5, 200)]

@@ -98,8 +98,10 @@ def routes(console: Console) -> list[Route]:
             return console.render(request, "admin/live.html", status_code=400, error=str(exc),
                                   filters={}, rows=[], stream="", after=0, sources=q.SOURCES)
         db = console.db()
-        rows = await q.recent_events(db, q.live_filter(**filters), FIRST_ROWS)
+        # The stream starts after the newest event shown: none falls between the two.
         after = await q.latest_seq(db)
+        rows = await q.recent_events(db, q.live_filter(**filters), FIRST_ROWS,
+                                     before_seq=after + 1)
         stream = f"{PREFIX}/live/stream?{urlencode({**filters, 'after': after})}"
         return console.render(request, "admin/live.html", filters=filters,
                               rows=[row_json(r) for r in rows], stream=stream, after=after,

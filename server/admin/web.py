@@ -248,7 +248,8 @@ def safe_next(target: str | None) -> str:
         return PREFIX + "/live"
     parts = urlsplit(target)
     if (parts.scheme or parts.netloc or not target.startswith(PREFIX + "/")
-            or "\\" in target or target.startswith("//")):
+            or "\\" in target or target.startswith("//") or "/../" in parts.path + "/"
+            or "%2e" in target.lower()):
         return PREFIX + "/live"
     return target
 

@@ -27,7 +27,8 @@ from .sqlite_ingest import identity_fields
 SCAN_WINDOW = 200_000  # events read at most by a search without an index (newest first)
 TIMELINE_LIMIT = 200  # events shown for one search
 SESSIONS_LIMIT = 50  # sessions of one identity
-DELIVERIES_LIMIT = 300  # deliveries listed for one search
+DELIVERIES_LIMIT = 200  # deliveries listed for one search
+ATTEMPTS_SHOWN = 5  # the latest attempts of each, on the search page (all: the delivery page)
 MATCHES_LIMIT = 20  # identities / events one search term may match
 ORDER_EVENTS = ("purchase", "refund", "order_status")
 SOURCES = ("browser", "backend", "verified browser")
@@ -182,18 +183,19 @@ async def delivery(db: aiosqlite.Connection, delivery_id: int) -> dict[str, Any]
 
 
 async def attempts_of(db: aiosqlite.Connection, delivery_ids: Sequence[int],
-                      per_delivery: int = 50) -> dict[int, list[dict[str, Any]]]:
-    """Attempts of these deliveries (index ``attempts_delivery``), first first, with each
-    request's body put back from its delivery row (the store's ``attempts`` does the same
-    for one delivery)."""
+                      per_delivery: int = ATTEMPTS_SHOWN) -> dict[int, list[dict[str, Any]]]:
+    """The latest ``per_delivery`` attempts of each of these deliveries (index
+    ``attempts_delivery``), first first, with each request's body put back from its
+    delivery row (the store's ``attempts`` does the same for one delivery)."""
     found: dict[int, list[dict[str, Any]]] = {}
     for start in range(0, len(delivery_ids), 400):
         chunk = list(delivery_ids[start:start + 400])
         planned = {row["id"]: loads(row["request"]) for row in await _rows(
             db, f"SELECT id, request FROM deliveries WHERE id IN ({_marks(chunk)})", chunk)}
+        # Newest first, so each delivery's latest are kept; the JSON is parsed only for them.
         for row in await _rows(db, "SELECT delivery_id, attempt, started_ms, duration_ms, "
                                    "request, status, answer, error FROM attempts "
-                                   f"WHERE delivery_id IN ({_marks(chunk)}) ORDER BY id",
+                                   f"WHERE delivery_id IN ({_marks(chunk)}) ORDER BY id DESC",
                                chunk):
             attempts = found.setdefault(row["delivery_id"], [])
             if len(attempts) >= per_delivery:
@@ -201,6 +203,8 @@ async def attempts_of(db: aiosqlite.Connection, delivery_ids: Sequence[int],
             row["request"] = with_body(loads(row["request"]), planned.get(row["delivery_id"], {}))
             row["answer"] = None if row["answer"] is None else loads(row["answer"])
             attempts.append(row)
+    for attempts in found.values():
+        attempts.reverse()
     return found
 
 
