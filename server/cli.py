@@ -548,7 +548,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
                         f"email, and the visitor still has none: nothing to send it with")
         return made, None
 
-    made, error = asyncio.run(_with_store(settings, work))
+    try:
+        made, error = asyncio.run(_with_store(settings, work))
+    except ValueError as exc:  # a filter the store refused (too many rows for one replay)
+        print(f"onetag: {exc}", file=sys.stderr)
+        return 2
     if error:
         print(f"onetag: {error}", file=sys.stderr)
         return 1
@@ -732,7 +736,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "--id N replays one dead or expired delivery; any other state is refused "
                     "with the reason (delivered: never sent twice; pending: already due or "
                     "retrying; held: waits for an email; browser: the page's library took it; "
-                    "ignored: not sent on purpose).")
+                    "ignored: not sent on purpose). Each replay (not a dry run) is recorded "
+                    "in the replays table as cli:<OS user>, listed on the console's Dead "
+                    "letters page. One replay takes at most 100,000 dead or 10,000 expired "
+                    "deliveries: narrow a larger set with --vendor, --site, --since/--until "
+                    "or --error.")
     replay.add_argument("--config", help=config_help)
     replay.add_argument("--vendor", help="only this vendor")
     replay.add_argument("--since", type=parse_since, metavar="T",

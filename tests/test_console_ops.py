@@ -243,7 +243,8 @@ async def test_held_and_failing_rows_are_listed_but_never_replayed(store) -> Non
         await store.replay_rows(NOW, states=("failing",), dry_run=True)
 
 
-def test_onetag_replay_filters_by_site_until_and_error_and_records_it(tmp_path, capsys) -> None:
+def test_onetag_replay_filters_by_site_until_and_error_and_records_it(tmp_path, capsys,
+                                                                     monkeypatch) -> None:
     settings = console_settings(tmp_path)
     store_db = writer_db(Path(settings.server.sqlite_path))
     add_event(store_db, 1)
@@ -272,6 +273,11 @@ def test_onetag_replay_filters_by_site_until_and_error_and_records_it(tmp_path, 
     assert states == {1: "pending", 2: "dead", 3: "dead", 4: "dead"}
     assert cli.main([*args[:3], "--until", "2h", "--since", "1h"]) == 2  # until before since
     assert "--until must be later" in capsys.readouterr().err
+    monkeypatch.setitem(deadletters.MAX_REPLAY_ROWS, "dead", 2)  # 3 dead rows left
+    assert cli.main(args[:3]) == 2
+    assert "more than 2 dead deliveries match" in capsys.readouterr().err
+    with sqlite3.connect(tmp_path / "onetag.db") as conn:
+        assert conn.execute("SELECT count(*) FROM deliveries WHERE state = 'dead'").fetchone() == (3,)
 
 
 # Dead letters ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from console_support import SECRETS, assert_no_secret, console_settings, login
 from server.admin.dead_letters import BadFilter, iso_ms, parse_filter, parse_time
+from server.store import deadletters
 from server.store.deadletters import check
 from support import running
 
@@ -214,3 +215,24 @@ def test_any_query_is_a_valid_filter_or_names_its_field(params) -> None:
     # The exact instants the replay form carries read back to the same filter.
     for name, ms in (("since", selection.since_ms), ("until", selection.until_ms)):
         assert parse_time(iso_ms(ms), now, name) == ms
+
+
+async def test_more_rows_than_one_replay_may_take_are_listed_not_replayed(tmp_path, monkeypatch):
+    monkeypatch.setitem(deadletters.MAX_REPLAY_ROWS, "dead", 2)
+    settings = console_settings(tmp_path)
+    db = settings.server.sqlite_path
+    async with running(settings) as (app, client):
+        seed(db, int(time.time() * 1000))
+        await logged_in(client)
+        page = await client.get("/admin/deadletters")
+        assert re.search(r"<strong>3</strong> deliveries match", page.text)
+        assert "more than 2 dead deliveries match" in page.text
+        assert 'id="replay"' not in page.text
+        narrowed = await client.get("/admin/deadletters?vendor=remarkety")
+        assert "Replay these 2" in narrowed.text
+        form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"',
+                               narrowed.text[narrowed.text.index('id="replay"'):]))
+        answer = await client.post("/admin/deadletters/replay", data={**form, "vendor": ""})
+        assert answer.status_code == 400 and "more than 2 dead deliveries" in answer.text
+        assert set(states_of(db).values()) == {"delivered", "dead", "pending", "held"}
+        assert list(states_of(db).values()).count("dead") == 3

@@ -144,7 +144,7 @@ def routes(console: Console) -> list[Route]:
         context: dict[str, Any] = {"form": form, "states": LISTABLE_STATES,
                                    "vendors": sorted(VENDORS), "time_choices": TIME_CHOICES,
                                    "notice": notice, "problem": None, "listing": None,
-                                   "replayable": None, "changed": changed,
+                                   "replayable": None, "changed": changed, "too_many": None,
                                    "replays": await recent_replays(console.db(), 10),
                                    "scrub": lambda value: scrub(value, secrets),
                                    "describe": describe_scope}
@@ -164,8 +164,12 @@ def routes(console: Console) -> list[Route]:
             context["next_href"] = f"{PREFIX}/deadletters?" + urlencode(
                 {**context["exact"], "before": context["listing"]["next_before_id"]})
         if selection.states[0] in REPLAYABLE_STATES:
-            count, fingerprint = await store.replay_preview(now, selection)
-            context["replayable"] = {"count": count, "fingerprint": fingerprint}
+            try:
+                count, fingerprint = await store.replay_preview(now, selection)
+            except ValueError as exc:  # more than one replay may take
+                context["too_many"] = str(exc)
+            else:
+                context["replayable"] = {"count": count, "fingerprint": fingerprint}
         return console.render(request, "admin/deadletters.html", status_code=status_code,
                               **context)
 
@@ -198,8 +202,11 @@ def routes(console: Console) -> list[Route]:
         except BadFilter as exc:
             return await page(request, form, status_code=400, notice=f"Not replayed: {exc}")
         address = request.client.host if request.client else "unknown"
-        result = await store.replay_recorded(now, selection, f"console:{address}",
-                                             expect=expect, shown=int(shown))
+        try:
+            result = await store.replay_recorded(now, selection, f"console:{address}",
+                                                 expect=expect, shown=int(shown))
+        except ValueError as exc:  # grew past what one replay may take
+            return await page(request, form, status_code=400, notice=f"Not replayed: {exc}")
         if result["changed"]:
             return await page(request, query_of(selection), status_code=409, changed={
                 "shown": int(shown), "now": len(result["rows"])})

@@ -17,6 +17,9 @@ LISTABLE_STATES = ("dead", "expired", "failing", "held")
 REPLAYABLE_STATES = ("dead", "expired")
 TIME_FIELDS = {"created": "created_ms", "updated": "updated_ms"}  # "updated": last attempt
 MAX_IDS = 1000
+# Rows one replay may take: it is one writer transaction, which ingest waits behind; an
+# expired row costs a re-planning (its event read and planned again), a dead one an update.
+MAX_REPLAY_ROWS = {"dead": 100_000, "expired": 10_000}
 MAX_ERROR_TEXT = 200
 
 

@@ -414,21 +414,33 @@ class SQLiteStore(Store):
         every condition is ``deadletters.where``'s."""
         selection = ReplayFilter(tuple(states), vendor, site_id, since_ms, until_ms, error,
                                  None if ids is None else tuple(ids), time_field)
-        problem = deadletters.check(selection, replay=True)
-        if problem:
-            raise ValueError(problem)
+        await self._check_replay(selection)
         made = await self._write("replay_rows", now_ms, selection, dry_run)
-        if isinstance(made, JobFailure):
-            raise StoreUnavailable(made.kind, made.message)
         if not dry_run:
             _log_replay(len(made), selection)
         return made
 
-    async def replay_preview(self, now_ms: int, selection: ReplayFilter) -> tuple[int, str]:
-        """What ``replay_recorded`` would take now: (count, fingerprint); changes nothing."""
+    async def _check_replay(self, selection: ReplayFilter) -> None:
+        """``ValueError`` naming the field for a filter a replay can't take, or one that
+        matches more rows than one replay (one writer transaction, which ingest waits
+        for) may take: counted on the reader, before any work."""
         problem = deadletters.check(selection, replay=True)
         if problem:
             raise ValueError(problem)
+        for state in selection.states:
+            limit = deadletters.MAX_REPLAY_ROWS[state]
+            condition, params = deadletters.where(selection, states=(state,))
+            rows = await self.reader.execute_fetchall(
+                f"SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE {condition} LIMIT ?)",
+                [*params, limit + 1])
+            if rows[0][0] > limit:
+                raise ValueError(f"states: more than {limit} {state} deliveries match; one "
+                                 f"replay takes at most {limit}: narrow the filter (vendor, "
+                                 f"site, since/until, error text)")
+
+    async def replay_preview(self, now_ms: int, selection: ReplayFilter) -> tuple[int, str]:
+        """What ``replay_recorded`` would take now: (count, fingerprint); changes nothing."""
+        await self._check_replay(selection)
         count, fingerprint = await self._write("replay_preview", now_ms, selection)
         return count, fingerprint
 
@@ -440,9 +452,7 @@ class SQLiteStore(Store):
         run's ``deadletters.fingerprint``), a set that changed since is not replayed: the
         answer has ``changed`` and the rows as they are now. Returns ``{changed, rows,
         replay_id, fingerprint}``."""
-        problem = deadletters.check(selection, replay=True)
-        if problem:
-            raise ValueError(problem)
+        await self._check_replay(selection)
         result = await self._write("replay_recorded", now_ms, selection, who, expect, shown)
         if not result["changed"]:
             _log_replay(len(result["rows"]), selection, who)
