@@ -19,6 +19,8 @@ SECRETS = {
     "remarkety api_key": "remarkety-key-Dd3Ee4Ff",
     "esputnik api_key": "esputnik-key-Gg5Hh6Ii",
     "sendlane api_token": "sendlane-token-Jj7Kk8Ll",
+    "coupons remarkety_api_key": "coupons-remarkety-key-Mm9Nn0Oo",
+    "coupons webhook_secret": "coupons-webhook-secret-Pp1Qq2Rr",
 }
 ORIGIN = "https://shop.example"
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]*)"')
@@ -45,6 +47,9 @@ def console_settings(tmp_path: Any, *, admin_token: str | None = ADMIN_TOKEN,
                      "tracker_url": f"{vendor_base}/esputnik"},
         "sendlane": {"integration_token": "sl-public", "api_token": SECRETS["sendlane api_token"],
                      "api_base": f"{vendor_base}/sendlane"},
+        "coupons": {"webhook_url": f"{vendor_base}/shop/coupons",
+                    "remarkety_api_key": SECRETS["coupons remarkety_api_key"],
+                    "webhook_secret": SECRETS["coupons webhook_secret"]},
     }
     return config.parse({"server": server, "sites": [site]}, env={})
 

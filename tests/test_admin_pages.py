@@ -266,3 +266,9 @@ async def test_the_stream_bounds_each_message_beats_when_idle_and_ends_with_the_
     assert [row["name"] for rows in data for row in rows] == ["page_view"] * (
         live.ROWS_PER_MESSAGE + 50)
     assert messages[-1] == ": heartbeat\n\n"  # nothing new: a comment, then the client left
+    # A session that has expired ends the stream at once, client or not.
+    async with serve(settings) as app:
+        console = PageConsole(settings, app.state.store)
+        ended = [m async for m in live.tail(console, Client(1000), {}, 0, poll_s=0.01,
+                                            until_ms=1)]
+    assert ended == ["retry: 2000\n\n"]

@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ..store import sqlite_console_search as q
-from .web import PREFIX, SECURITY_HEADERS, Console, format_ms
+from .web import PREFIX, SECURITY_HEADERS, Console, format_ms, now_ms
 
 POLL_S = 0.4
 HEARTBEAT_S = 15.0
@@ -62,14 +62,16 @@ def row_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def tail(console: Console, request: Request, filters: dict[str, str], after: int,
-               poll_s: float = POLL_S, heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[str]:
+               poll_s: float = POLL_S, heartbeat_s: float = HEARTBEAT_S,
+               until_ms: int | None = None) -> AsyncIterator[str]:
     """SSE text: ``event: events`` messages (``id:`` the last seq scanned, data a JSON list
-    of rows), heartbeat comments, until the client disconnects."""
+    of rows), heartbeat comments, until the client disconnects or ``until_ms`` (the
+    session's expiry: an open page does not outlive its login)."""
     where = q.live_filter(**filters)
     last_sent = time.monotonic()
     yield "retry: 2000\n\n"
     while True:
-        if await request.is_disconnected():
+        if await request.is_disconnected() or (until_ms is not None and now_ms() >= until_ms):
             return
         db = console.db()
         top = await q.latest_seq(db)
@@ -118,7 +120,9 @@ def routes(console: Console) -> list[Route]:
             return Response("after: must be an event seq (digits)", status_code=400,
                             media_type="text/plain", headers=SECURITY_HEADERS)
         after = int(given) if given else await q.latest_seq(console.db())
-        return StreamingResponse(tail(console, request, filters, after),
+        operator = console.operator(request)
+        return StreamingResponse(tail(console, request, filters, after,
+                                      until_ms=operator.expires_ms if operator else None),
                                  media_type="text/event-stream",
                                  headers={**SECURITY_HEADERS, "X-Accel-Buffering": "no"})
 
