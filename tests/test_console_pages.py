@@ -236,3 +236,12 @@ async def test_more_rows_than_one_replay_may_take_are_listed_not_replayed(tmp_pa
         assert answer.status_code == 400 and "more than 2 dead deliveries" in answer.text
         assert set(states_of(db).values()) == {"delivered", "dead", "pending", "held"}
         assert list(states_of(db).values()).count("dead") == 3
+
+
+def test_every_configured_secret_is_known_to_the_scrubber(tmp_path) -> None:
+    from server.admin.scrub import REDACTED, scrub, secret_values
+
+    secrets = secret_values(console_settings(tmp_path))
+    assert set(secrets) == set(SECRETS.values())
+    text = " and ".join(SECRETS.values())
+    assert scrub(text, secrets) == " and ".join([REDACTED] * len(SECRETS))

@@ -18,10 +18,14 @@ MIN_SECRET_CHARS = 4  # shorter values would blank out ordinary text
 
 def secret_values(settings: Any) -> tuple[str, ...]:
     """Every secret the config holds: the admin token, sites' api_key and identity_secret,
-    and each vendor's keys declared ``secret`` in its module's SETTINGS. Longest first."""
+    the coupons bridge's two, and each vendor's keys declared ``secret`` in its module's
+    SETTINGS. Longest first."""
     found = {settings.server.admin_token}
     for site in settings.sites.values():
         found |= {site.api_key, site.identity_secret}
+        coupons = getattr(site, "coupons", None)  # [sites.coupons]: the Remarkety bridge's
+        if coupons is not None:
+            found |= {coupons.remarkety_api_key, coupons.webhook_secret}
         for name, vendor in site.vendors.items():
             for setting in getattr(VENDORS.get(name), "SETTINGS", ()):
                 if setting.secret:
