@@ -15,6 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from .admin import admin_routes
 from .assets import static_dir
 from .coupons import PATH as COUPONS_PATH, Coupons
 from .demo import Demo
@@ -95,6 +96,9 @@ def create_app(settings: Any, store: Any = None,
         # the script is stored gzipped; a middleware on every route costs /e ~7 µs a request.
         Mount("/static", GZipMiddleware(StaticFiles(directory=str(static_dir())),
                                         minimum_size=1024), name="static"),
+        # The operator console (server/admin/): off, saying how to turn it on, without
+        # [server] admin_token.
+        Mount("/admin", routes=admin_routes(settings, store)),
     ]
     if settings.is_demo:
         demo = Demo(settings, store, scripts.env,
