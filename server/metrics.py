@@ -2,7 +2,7 @@
 
 One ``Metrics`` per app (its own ``CollectorRegistry``: tests build many apps in one
 process, and the global registry would mix them). The handlers call it with what they
-already know: ``received``/``rejected``/``ingested`` from ``server/ingest.py``,
+already know: ``received`` and ``rejected`` from ``server/ingest.py``,
 ``committed`` from the store's writer replies (so a writer process's commits are counted
 here, where the registry lives), ``delivery`` from the forwarder. Each is a dictionary
 lookup and an increment or a histogram observation: ``POST /e`` pays ~2 µs.
@@ -163,7 +163,8 @@ class Metrics:
 
 def _problem(status: int, error: str, field: str, problem: str,
              headers: dict[str, str] | None = None) -> JSONResponse:
-    """The shape of every refusal onetag answers (``ingest.HTTPProblem``)."""
+    """The shape of every refusal onetag answers (``ingest.HTTPProblem``'s; not imported
+    from there, since ``ingest`` imports this module)."""
     return JSONResponse({"error": error, "message": f"{field}: {problem}",
                          "errors": [{"field": field, "problem": problem}]},
                         status_code=status, headers={"Cache-Control": "no-store",
