@@ -64,7 +64,7 @@ class Metrics:
     def __init__(self, settings: Any, store: Any = None, *, cache_s: float = CACHE_S):
         server = settings.server
         self.admin_token: str | None = server.admin_token or None
-        self.public = bool(getattr(server, "metrics_public", False))
+        self.public = server.metrics_public
         self.sites = frozenset(settings.sites)
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
