@@ -34,6 +34,7 @@ admin_token = "env:ONETAG_ADMIN_TOKEN"
 # hold_days = 7                            # how long anonymous activity waits for an email
 # forward   = true                         # run the vendor forwarder inside `onetag serve`
 # log_format = "text"                      # "json": one object a line (or --log-format json)
+# metrics_public = false                   # true: GET /metrics without the admin_token bearer
 
 [[sites]]
 id       = "shop1"                         # [A-Za-z0-9_-]{1,64}; the script is /s/shop1.js

@@ -24,10 +24,13 @@ class IngestResult(NamedTuple):
 
 
 class BrowserIngested(NamedTuple):
-    """What ``ingest_browser`` stored: the visitor's ``sc`` (for the cookie) and the results."""
+    """What ``ingest_browser`` stored: the visitor's ``sc`` (for the cookie) and the results;
+    the body's site and event names, which only the store read (``/metrics`` counts them)."""
 
     sc: str
     results: list[IngestResult]
+    site_id: str = ""
+    names: tuple[str, ...] = ()
 
 
 class JobFailure(NamedTuple):
@@ -132,7 +135,8 @@ class Store(abc.ABC):
                                     SessionInfo(user_agent=facts.user_agent), request_id)
         if isinstance(results, Problem):
             return results
-        return BrowserIngested(batch.sc, results)
+        return BrowserIngested(batch.sc, results, batch.site_id,
+                               tuple(event["name"] for event in batch.events))
 
     @abc.abstractmethod
     async def session_view(self, site_id: str, sc: str, limit: int = 50) -> dict[str, Any]:

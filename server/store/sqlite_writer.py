@@ -245,10 +245,11 @@ class WriteOps:
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
                     together = [self._ingest_alone(request) for request in requests]
-                for (i, sc), result in zip(request_jobs, together):
-                    # A browser body's answer carries the visitor's sc, for the cookie.
-                    results[i] = result if sc is None or isinstance(result, Exception) else (
-                        sc, result)
+                for (i, browser), result in zip(request_jobs, together):
+                    # A browser body's answer carries the visitor's sc, for the cookie, and
+                    # its site and event names, for the server's metrics.
+                    results[i] = result if browser is None or isinstance(result, Exception) else (
+                        browser[0], result, *browser[1:])
             for i, (op, args) in enumerate(jobs):
                 if op not in INGEST_OPS:
                     results[i] = _savepoint(conn, getattr(self, op), *args)
@@ -262,9 +263,11 @@ class WriteOps:
         return results
 
     def _requests(self, jobs: Sequence[tuple[str, tuple[Any, ...]]],
-                  results: list[Any]) -> tuple[list[Any], list[tuple[int, str | None]]]:
+                  results: list[Any]
+                  ) -> tuple[list[Any], list[tuple[int, tuple[Any, ...] | None]]]:
         """The ingest requests among ``jobs`` (browser bodies read into requests), and for
-        each, its job's index and the sc a browser body was given (None: an ``ingest``).
+        each, its job's index and, for a browser body, the sc it was given, its site and its
+        event names (None: an ``ingest``).
         A body refused, or failing to be read, has its answer put in ``results``."""
         requests, request_jobs = [], []
         for i, (op, args) in enumerate(jobs):
@@ -284,7 +287,8 @@ class WriteOps:
                     continue
                 requests.append((batch.site_id, batch.events, [encode(raw) for raw in batch.raws],
                                  facts.user_agent, request_id))
-                request_jobs.append((i, batch.sc))
+                request_jobs.append((i, (batch.sc, batch.site_id,
+                                         tuple(event["name"] for event in batch.events))))
         return requests, request_jobs
 
     def ingest(self, requests: list[Any]) -> list[Any]:
@@ -487,6 +491,7 @@ class ThreadWriter:
         self._conn: Any = None
         self._ops: WriteOps | None = None
         self.on_exit: Any = None  # never called: a thread writer does not die on its own
+        self.on_commit: Any = None  # called with the jobs of each committed transaction
 
     async def start(self) -> None:
         import aiosqlite
@@ -516,7 +521,12 @@ class ThreadWriter:
     def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
         """One group commit: its answers, in order, once committed."""
         # One hop into the connection's thread per group commit, not one per statement.
-        return asyncio.ensure_future(self._conn._execute(self._ops.run, jobs))  # type: ignore[union-attr]
+        answer = asyncio.ensure_future(self._conn._execute(self._ops.run, jobs))  # type: ignore[union-attr]
+        if self.on_commit is not None:  # one batch at a time (depth 1): one transaction
+            before = self.transactions
+            answer.add_done_callback(
+                lambda _: self.transactions > before and self.on_commit(len(jobs)))
+        return answer
 
     async def stop(self, grace_s: float = 10) -> None:
         if self._conn is not None:
@@ -561,6 +571,8 @@ class ProcessWriter:
         self.transactions = 0  # committed so far, as the last reply said
         self.exit_reason: str | None = None
         self.on_exit: Any = None  # called once with this writer when its process is gone
+        self.on_commit: Any = None  # called with the jobs of each committed transaction
+        self._counting = (0, 0)  # (transaction, its jobs replied so far): ``_count_commit``
 
     @property
     def pid(self) -> int | None:
@@ -623,6 +635,8 @@ class ProcessWriter:
                         waiting[0].set_exception(WriterGone(f"an unreadable reply ({exc})"))
                     continue
                 self.transactions = transactions
+                if self.on_commit is not None and isinstance(reply, list):
+                    self._count_commit(transactions, len(reply))
                 if waiting is not None and not waiting[0].done():
                     waiting[0].set_result(reply)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -638,6 +652,25 @@ class ProcessWriter:
                 self._watchdog.cancel()
             if self.on_exit is not None:
                 self.on_exit(self)
+
+    def _count_commit(self, transaction: int, jobs: int) -> None:
+        """Group commit sizes, from the replies alone: the frames of one transaction are
+        answered one after another under its number (the count after its commit). It is
+        complete when a later number arrives, or when no frame is left waiting (its frames
+        were all sent before its first reply). A failed commit's replies repeat the last
+        number, which was counted already, and are not a commit."""
+        counting, so_far = self._counting
+        if transaction != counting:
+            if so_far:
+                self.on_commit(so_far)
+            counting, so_far = transaction, 0
+        elif so_far == 0:  # a number whose transaction was counted: a failed commit
+            return
+        so_far += jobs
+        if not self._waiting:
+            self.on_commit(so_far)
+            so_far = 0
+        self._counting = (counting, so_far)
 
     def _fail_waiting(self) -> None:
         waiting, self._waiting = self._waiting, {}
