@@ -588,8 +588,12 @@ class ProcessWriter:
         env = {k: v for k, v in os.environ.items() if len(k) + len(v) < 65536}
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        # -P: without it, ``-m`` puts the working directory first on the path, and a shop
+        # that runs ``onetag serve`` from a project with a ``server/`` package of its own
+        # would start that package's module instead of this writer.
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.store.sqlite_writer", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-P", "-m", "server.store.sqlite_writer",
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env, limit=1 << 24)
         self._replies = asyncio.create_task(self._read_replies(), name="onetag-writer-replies")
         try:
