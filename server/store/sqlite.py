@@ -412,6 +412,16 @@ class SQLiteStore(Store):
             _log_replay(len(made), states, vendor, since_ms, ids)
         return made
 
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        return await self._write("backfill_run", site_id, files, files_hash, lines_total)
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool
+                       ) -> tuple[dict[str, int], dict[str, int], int]:
+        return await self._write("backfill", site_id, run_id, events, skipped, lines_done,
+                                 finished, size=sum(len(e[2]) + len(e[3]) for e in events))
+
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50, ids: Sequence[int] | None = None
                               ) -> list[dict[str, Any]]:

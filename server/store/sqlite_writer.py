@@ -438,6 +438,89 @@ class WriteOps:
         return inserted
 
 
+    # Backfill (server/backfill.py) ----------------------------------------------------------
+
+    def backfill_run(self, site_id: str, files: str, files_hash: str,
+                     lines_total: int) -> tuple[int, int, str]:
+        """The unfinished run over the same files (to resume), else a new one:
+        (run id, lines done, counts as JSON text)."""
+        row = self.conn.execute(
+            "SELECT id, lines_done, counts FROM backfill_runs WHERE site_id = ? AND "
+            "files_hash = ? AND finished_ms IS NULL ORDER BY id DESC LIMIT 1",
+            (site_id, files_hash)).fetchone()
+        if row is not None:
+            return row[0], row[1], row[2]
+        now = now_ms()
+        cursor = self.conn.execute(
+            "INSERT INTO backfill_runs (site_id, files, files_hash, lines_total, started_ms, "
+            "updated_ms) VALUES (?, ?, ?, ?, ?, ?)", (site_id, files, files_hash, lines_total,
+                                                      now, now))
+        return cursor.lastrowid, 0, "{}"
+
+    def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                 skipped: dict[str, dict[str, int]], lines_done: int, finished: bool
+                 ) -> tuple[dict[str, int], dict[str, int], int]:
+        """One batch of a backfill, with the run's progress, in this transaction.
+
+        ``events``: (event_id, name, raw JSON, normalised JSON, deliveries), each delivery
+        (vendor, dedup_key, visitor, request JSON). An event already stored (its id, from the
+        backend) is not stored again; a delivery whose (site, vendor, dedup key) any row
+        holds already — planned live or by an earlier run, sent or not — is not planned
+        again. ``skipped``: vendor -> reason -> requests the vendor can't take, added to the
+        run's counts with the rest. Returns (planned per vendor, already there per vendor,
+        events already there).
+        """
+        now = now_ms()
+        planned: dict[str, int] = {}
+        already: dict[str, int] = {}
+        known = 0
+        request_id = f"backfill-{run_id}"
+        for event_id, name, raw, data, deliveries in events:
+            cursor = self.conn.execute(
+                "INSERT OR IGNORE INTO events (site_id, event_id, name, source, sc, identity_id, "
+                "received_ms, raw, data) VALUES (?, ?, ?, 'backend', NULL, NULL, ?, "
+                "CAST(? AS TEXT), CAST(? AS TEXT))", (site_id, event_id, name, now, raw, data))
+            if cursor.rowcount:
+                seq = cursor.lastrowid
+            else:
+                known += 1
+                seq = self.conn.execute(
+                    "SELECT seq FROM events WHERE site_id = ? AND event_id = ? AND "
+                    "source = 'backend'", (site_id, event_id)).fetchone()[0]
+            for vendor, key, visitor, request in deliveries:
+                made = self.conn.execute(_BACKFILL_DELIVERY, (site_id, vendor, key, seq, visitor,
+                                                              request, now, request_id)).rowcount
+                tally = planned if made else already
+                tally[vendor] = tally.get(vendor, 0) + 1
+        row = self.conn.execute("SELECT counts FROM backfill_runs WHERE id = ?",
+                                (run_id,)).fetchone()
+        counts = loads(row[0]) if row is not None else {}
+        for name, tally in (("planned", planned), ("already", already)):
+            into = counts.setdefault(name, {})
+            for vendor, n in tally.items():
+                into[vendor] = into.get(vendor, 0) + n
+        for vendor, reasons in skipped.items():
+            into = counts.setdefault("skipped", {}).setdefault(vendor, {})
+            for reason, n in reasons.items():
+                into[reason] = into.get(reason, 0) + n
+        counts["events_known"] = counts.get("events_known", 0) + known
+        self.conn.execute(
+            "UPDATE backfill_runs SET lines_done = ?, counts = CAST(? AS TEXT), updated_ms = ?, "
+            "finished_ms = CASE WHEN ? THEN ? END WHERE id = ?",
+            (lines_done, encode(counts), now, finished, now, run_id))
+        return planned, already, known
+
+
+# A backfilled delivery: pending at once, unless a row of any kind (a live one, a claim, an
+# earlier run's) holds its key. A ``backfill-<run>`` request id names the run that planned it.
+_BACKFILL_DELIVERY = (
+    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, next_attempt_ms, created_ms, updated_ms, request_id) "
+    "SELECT ?1, ?2, ?3, 0, ?4, ?5, 'pending', CAST(?6 AS TEXT), ?7, ?7, ?7, ?8 "
+    "WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE site_id = ?1 AND vendor = ?2 "
+    "AND dedup_key = ?3)")
+
+
 class ThreadWriter:
     """The writer in a thread of this process: aiosqlite's connection thread.
 
