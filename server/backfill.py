@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -88,6 +89,7 @@ CUSTOMER_COLUMNS = ("email", "customer_id", "time", "first_name", "last_name", "
 USER_COLUMNS = ("email", "customer_id", "first_name", "last_name", "phone", "accepts_marketing")
 ITEM_COLUMNS = ("item_id", "item_name", "sku", "item_brand", "item_category", "item_variant",
                 "price", "quantity", "item_url", "image_url", "description", "in_stock")
+DIGITS_RE = re.compile(r"[0-9]{1,16}")  # ASCII only: str.isdigit() takes "²", int() does not
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -180,14 +182,21 @@ class Reader:
                                     f"({exc.reason} at byte {exc.start})")
                     yield "\n"
 
+        def rows() -> Iterator[list[str] | str]:
+            """The rows, and in place of a row the csv reader refused, why (it goes on)."""
+            reader = csv.reader(text_lines(), strict=True)
+            while True:
+                try:
+                    yield next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    yield f"is not valid CSV ({exc})"
+
         try:
-            rows = csv.reader(text_lines(), strict=True)
-            yield from csv_units(path.name, rows, physical, lambda: self.lines, too_long)
+            yield from csv_units(path.name, rows(), physical, lambda: self.lines, too_long)
         except TooManyLines as exc:
             yield Unit(f"{path.name}:{exc.number}", self.lines, problems=[str(exc)])
-        except csv.Error as exc:
-            yield Unit(f"{path.name}:{physical[0]}", self.lines,
-                       problems=[f"{path.name}:{physical[0]}: line: is not valid CSV ({exc})"])
 
 
 class TooManyLines(Exception):
@@ -211,12 +220,20 @@ def parse_jsonl_line(line: bytes, where: str, last: int = 0) -> Unit:
     return Unit(where, last, raw=raw)
 
 
-def csv_units(name: str, rows: Iterator[list[str]], physical: list[int], position: Any,
+def csv_units(name: str, rows: Iterator[list[str] | str], physical: list[int], position: Any,
               reading_problems: list[str]) -> Iterator[Unit]:
     """CSV rows into Units: a row per customer or product, an order's consecutive rows
-    (one per order line) into one purchase. ``physical[0]`` is the file line read so far."""
+    (one per order line) into one purchase. ``physical[0]`` is the file line read so far; a
+    row the csv reader refused comes as the text of its problem. The file is always read
+    to its end (its lines are counted and hashed), even past a header it refuses."""
     header = next(rows, None)
     if header is None:
+        return
+    if isinstance(header, str):
+        yield Unit(f"{name}:{physical[0]}", position(),
+                   problems=[f"{name}:{physical[0]}: header: {header}"])
+        for _ in rows:
+            pass
         return
     header = [column.strip() for column in header]
     kind, columns = _csv_kind(header)
@@ -229,6 +246,8 @@ def csv_units(name: str, rows: Iterator[list[str]], physical: list[int], positio
                    f"{where}: header: must name order_id (orders), item_id (products) or "
                    "email/customer_id (customers)")
         yield Unit(where, position(), problems=[problem])
+        for _ in rows:
+            pass
         return
     order: dict[str, Any] | None = None
     first = 0
@@ -236,6 +255,8 @@ def csv_units(name: str, rows: Iterator[list[str]], physical: list[int], positio
         line = physical[0]
         problems = list(reading_problems)
         reading_problems.clear()
+        if isinstance(row, str):
+            problems.append(f"{name}:{line}: row: {row}")
         if problems:
             yield Unit(f"{name}:{line}", position(), problems=problems)
             continue
@@ -282,7 +303,7 @@ def _cell(column: str, value: str) -> Any:
     left as its text (read exactly, as Decimal); anything else refused by the validation."""
     if column in ("accepts_marketing", "in_stock"):
         return BOOLEANS.get(value.lower(), value)
-    if column == "quantity" and value.isdigit():
+    if column == "quantity" and DIGITS_RE.fullmatch(value):
         return int(value)
     return value
 
@@ -338,7 +359,7 @@ def parse_time(value: Any, now_ms: int) -> int:
                              "8601 with a zone, e.g. 2024-03-01T12:00:00Z)")
     if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
         value = int(value)
-    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 16:
+    if isinstance(value, str) and DIGITS_RE.fullmatch(value.strip()):
         value = int(value.strip())
     if isinstance(value, str):
         try:
@@ -389,6 +410,18 @@ def check(unit: Unit, origin: Origin) -> dict[str, Any]:
     event["backfill"] = True
     unit.raw = raw
     return event
+
+
+def check_unit(unit: Unit, origin: Origin) -> dict[str, Any] | None:
+    """``check``, its problem (if any) added to the unit's, each naming the unit's file and
+    line: ``orders.jsonl:12: event.user.email: 'x' is not an email address``."""
+    if unit.problems:
+        return None
+    try:
+        return check(unit, origin)
+    except Invalid as exc:
+        unit.problems.append(f"{unit.where}: {exc.field}: {exc.problem}")
+        return None
 
 
 # Planning (pure) ------------------------------------------------------------------------
@@ -621,15 +654,11 @@ class Backfill:
         return not self.summary.problems or self.skip_invalid
 
     def _check(self, unit: Unit) -> dict[str, Any] | None:
-        if not unit.problems:
-            try:
-                event = check(unit, self.origin)
-            except Invalid as exc:
-                unit.problems.append(f"{unit.where}: {exc.field}: {exc.problem}")
-            else:
-                self.summary.valid += 1
-                self.summary.kinds[event["name"]] += 1
-                return event
+        event = check_unit(unit, self.origin)
+        if event is not None:
+            self.summary.valid += 1
+            self.summary.kinds[event["name"]] += 1
+            return event
         self.summary.invalid += 1
         self.summary.problems.extend(unit.problems)
         return None
@@ -638,11 +667,8 @@ class Backfill:
         """Pass 2's input: the valid events again (read anew: a large history is never held
         in memory), an order's status change given its purchase's buyer when it names none."""
         for unit in Reader(self.paths).units():
-            if unit.problems:
-                continue
-            try:
-                event = check(unit, self.origin)
-            except Invalid:
+            event = check_unit(unit, self.origin)
+            if event is None:
                 continue
             if event["name"] in ("order_status", "refund") and not (
                     event.get("user") or {}).get("email"):
@@ -725,7 +751,11 @@ def existing_keys(database: str, site_id: str) -> Any:
     import sqlite3
 
     if database == ":memory:" or not Path(database).is_file():
-        return lambda vendor, key: False
+        def none(vendor: str, key: str) -> bool:
+            return False
+
+        none.close = lambda: None  # type: ignore[attr-defined]
+        return none
     conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
 
     def exists(vendor: str, key: str) -> bool:

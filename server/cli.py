@@ -610,7 +610,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             summary = asyncio.run(_with_store(settings, send))
         else:
             exists = existing_keys(settings.server.sqlite_path, site.id)
-            summary = asyncio.run(job.run(existing=exists))
+            try:
+                summary = asyncio.run(job.run(existing=exists))
+            finally:
+                exists.close()
     except StoreUnavailable as exc:
         print(f"onetag: the store can't take the backfill ({exc.kind}: {exc.message}); what "
               f"was committed stays, and the same command resumes after it", file=sys.stderr)
