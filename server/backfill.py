@@ -20,10 +20,10 @@ stable dedup keys mean nothing is ever planned, so sent, twice.
 Which vendor gets what (each vendor's document, by title and section):
 
 - Sendlane: customer-added, product-added and order-placed with ``"initial_sync": true`` and
-  the past ``time`` (Sendlane custom integration, "Historical data sync"; "Time Properties":
-  ``time`` is "a UNIX timestamp of the order date and time").
+  the past ``time`` (Sendlane Custom Integration Setup & API v2, "Historical data sync";
+  "Time Properties": ``time`` is "a UNIX timestamp of the order date and time").
 - Remarkety: nothing through its webhooks; "a one-time orders history import ... using a
-  CSV file import" through support (Remarkety custom platform guide, Orders):
+  CSV file import" through support (Integrating custom platforms with Remarkety, Orders):
   ``onetag export remarkety-orders`` (server/remarkety_export.py).
 - Rejoiner, eSputnik: nothing (``NO_HISTORY`` says why).
 """
@@ -65,8 +65,9 @@ ORDER_EVENTS = frozenset({"purchase", "order_status", "refund"})
 HISTORICAL = frozenset({"sendlane"})
 NO_HISTORY = {
     "remarkety": "its webhooks are live events; Remarkety takes order history as a one-time "
-                 "CSV import through its support (Remarkety custom platform guide, Orders): "
-                 "run `onetag export remarkety-orders --site {site}` and send them the file",
+                 "CSV import through its support (Integrating custom platforms with "
+                 "Remarkety, Orders): run `onetag export remarkety-orders --site {site}` and "
+                 "send them the file",
     "rejoiner": "its REST API has no historical path: customer/convert \"will convert the "
                 "latest session for a customer\" (a live conversion, no time field), and the "
                 "customer endpoints carry no time (Rejoiner REST API)",
@@ -134,7 +135,8 @@ class Reader:
                 self.lines += 1
                 self.hash.update(line)
                 size = len(line)
-                if size > MAX_LINE_BYTES + 1 or (size > MAX_LINE_BYTES and not line.endswith(b"\n")):
+                if size > MAX_LINE_BYTES + 1 or (size > MAX_LINE_BYTES
+                                                 and not line.endswith(b"\n")):
                     while not line.endswith(b"\n"):  # the rest of the long line
                         line = f.readline(1 << 16)
                         if not line:
@@ -463,9 +465,9 @@ def plan(site: Any, event: dict[str, Any]) -> tuple[list[Planned], list[tuple[st
 
 
 def historical(vendor: str, body: dict[str, Any], time_ms: int) -> dict[str, Any]:
-    """Sendlane's marks of history (Sendlane custom integration, "Historical data sync":
-    ``"initial_sync": true`` and ``time`` set in the past; "Time Properties": ``time`` is a
-    UNIX timestamp, so seconds)."""
+    """Sendlane's marks of history (Sendlane Custom Integration Setup & API v2, "Historical
+    data sync": ``"initial_sync": true`` and ``time`` set in the past; "Time Properties":
+    ``time`` is a UNIX timestamp, so seconds)."""
     assert vendor == "sendlane", vendor
     return {**body, "initial_sync": True, "time": time_ms // 1000}
 
@@ -549,11 +551,6 @@ class Summary:
     resumed_from: int = 0  # lines a resumed run had done
     nothing: dict[str, str] = field(default_factory=dict)  # vendor -> why it gets nothing
 
-    def counts(self) -> dict[str, Any]:
-        return {"planned": dict(self.planned), "already": dict(self.already),
-                "skipped": {v: dict(c) for v, c in self.skipped.items()},
-                "events_known": self.events_known}
-
     def restore(self, text: str) -> None:
         data = json.loads(text or "{}")
         self.planned.update(data.get("planned", {}))
@@ -573,9 +570,9 @@ class Summary:
                        else "")
             out[0] += f", run {self.run_id}{resumed}"
         kinds = ", ".join(f"{name} {count:,}" for name, count in sorted(self.kinds.items()))
+        left_out = " (skipped: --skip-invalid)" if self.invalid and not self.problems else ""
         out.append(f"lines: {self.lines:,} read, {self.valid:,} events valid"
-                   f"{f' ({kinds})' if kinds else ''}, {self.invalid:,} invalid"
-                   f"{' (skipped: --skip-invalid)' if self.invalid and self.problems == [] else ''}")
+                   f"{f' ({kinds})' if kinds else ''}, {self.invalid:,} invalid{left_out}")
         if self.events_known:
             out.append(f"events already stored (same id): {self.events_known:,}")
         vendors = sorted(set(self.planned) | set(self.already) | set(self.skipped))

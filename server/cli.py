@@ -599,8 +599,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if missing:
         print(f"onetag: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    job = Backfill(site, files, send=args.send, skip_invalid=args.skip_invalid,
-                   batch_lines=args.batch_lines)
+    try:
+        job = Backfill(site, files, send=args.send, skip_invalid=args.skip_invalid,
+                       batch_lines=args.batch_lines)
+    except ValueError as exc:  # a bound on the run itself (files)
+        print(f"onetag: {exc}", file=sys.stderr)
+        return 2
 
     async def send(store: Any) -> Any:
         return await job.run(store)

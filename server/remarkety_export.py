@@ -1,9 +1,9 @@
 """``onetag export remarkety-orders``: the orders history as the CSV file Remarkety imports.
 
 Remarkety takes a store's order history once, "using a CSV file import" through its support
-(Remarkety custom platform guide, Orders: "If you want to provide a one-time orders history
-import ..."). The file follows Remarkety's "Importing Orders into Remarkety using SFTP":
-UTF-8, a header row with the column names exactly as listed, one row per order item with
+(Integrating custom platforms with Remarkety, Orders: "If you want to provide a one-time
+orders history import ..."). The file follows Remarkety's "Importing Orders into Remarkety
+using SFTP": UTF-8, a header row with the column names exactly as listed, one row per order item with
 the order's details repeated, datetimes in ISO 8601 with their zone, the file named
 ``orders_<YYYYMMDD_HHMMSS>.csv``.
 

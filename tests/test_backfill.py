@@ -170,7 +170,8 @@ def snapshot(db: Path) -> tuple[str, int]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         wal = Path(f"{db}-wal")
-        return hashlib.sha256(db.read_bytes()).hexdigest(), wal.stat().st_size if wal.exists() else 0
+        size = wal.stat().st_size if wal.exists() else 0
+        return hashlib.sha256(db.read_bytes()).hexdigest(), size
 
 
 class _NoFake:
