@@ -30,6 +30,7 @@ Which vendor gets what (each vendor's document, by title and section):
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import json
@@ -61,8 +62,7 @@ REDRAW_EVERY_S = 0.1  # the bar's redraw on a terminal
 BACKFILL_EVENTS = ("identify", "product_updated", "purchase", "order_status", "refund")
 ORDER_EVENTS = frozenset({"purchase", "order_status", "refund"})
 
-# The vendors with a historical path, and how their requests are marked as history.
-HISTORICAL = frozenset({"sendlane"})
+# The vendors without a historical path (``HISTORY_MARKS`` has those with one), and why.
 NO_HISTORY = {
     "remarkety": "its webhooks are live events; Remarkety takes order history as a one-time "
                  "CSV import through its support (Integrating custom platforms with "
@@ -459,17 +459,21 @@ def plan(site: Any, event: dict[str, Any]) -> tuple[list[Planned], list[tuple[st
                                       "it to a contact by email)"))
             else:
                 row = request.to_row()
-                row["json"] = historical(name, row["json"], event["time_ms"])
+                row["json"] = HISTORY_MARKS[name](row["json"], event["time_ms"])
                 planned.append(Planned(name, request.dedup_key, visitor, row))
     return planned, skipped
 
 
-def historical(vendor: str, body: dict[str, Any], time_ms: int) -> dict[str, Any]:
+def sendlane_history(body: dict[str, Any], time_ms: int) -> dict[str, Any]:
     """Sendlane's marks of history (Sendlane Custom Integration Setup & API v2, "Historical
     data sync": ``"initial_sync": true`` and ``time`` set in the past; "Time Properties":
     ``time`` is a UNIX timestamp, so seconds)."""
-    assert vendor == "sendlane", vendor
     return {**body, "initial_sync": True, "time": time_ms // 1000}
+
+
+# The vendors with a historical path: how a request of theirs is marked as history.
+HISTORY_MARKS = {"sendlane": sendlane_history}
+HISTORICAL = frozenset(HISTORY_MARKS)
 
 
 # Progress -------------------------------------------------------------------------------
@@ -699,6 +703,8 @@ class Backfill:
         batch: list[tuple[Any, ...]] = []
         skipped: dict[str, Counter] = {}
         first = done
+        # One batch in the writer while the next is planned here; batches commit in order.
+        writing: asyncio.Future[None] | None = None
         for unit, event in self.events():
             if unit.last <= done:  # committed by the interrupted run
                 continue
@@ -709,9 +715,14 @@ class Backfill:
             for vendor, reason in reasons:
                 skipped.setdefault(vendor, Counter())[reason] += 1
             if unit.last - first >= self.batch_lines:
-                await self._commit(store, run_id, batch, skipped, unit.last, False)
+                if writing is not None:
+                    await writing
+                    progress.update(first - done, first - done)
+                writing = asyncio.ensure_future(
+                    self._commit(store, run_id, batch, skipped, unit.last, False))
                 batch, skipped, first = [], {}, unit.last
-                progress.update(unit.last - done, unit.last - done)
+        if writing is not None:
+            await writing
         await self._commit(store, run_id, batch, skipped, summary.lines, True)
         progress.update(summary.lines - done, summary.lines - done)
         progress.finish()
