@@ -56,6 +56,11 @@ MAX_LINE_BYTES = vocabulary.MAX_EVENT_BYTES  # a line is one event: the backend 
 MAX_FILE_LINES = 5_000_000  # a file; split a larger history
 MAX_FILES = 100
 BATCH_LINES = 500  # lines a transaction of --send takes (with the run's progress)
+# Historical deliveries a minute per vendor (--pace): history trickles out, and live rows,
+# due when made, go out first. Half of the 240 requests a minute Sendlane's API allows an
+# account (REFERENCE.md 4.2, quoting Sendlane's rate-limits page: a secondary source), so
+# live traffic keeps the other half.
+DEFAULT_PACE = 120.0
 PROGRESS_EVERY_S = 10.0  # a progress line this often when stderr is not a terminal
 REDRAW_EVERY_S = 0.1  # the bar's redraw on a terminal
 
@@ -554,6 +559,7 @@ class Summary:
     run_id: int | None = None
     resumed_from: int = 0  # lines a resumed run had done
     nothing: dict[str, str] = field(default_factory=dict)  # vendor -> why it gets nothing
+    pace_ms: int = 0  # a vendor's planned rows fall due this far apart
 
     def restore(self, text: str) -> None:
         data = json.loads(text or "{}")
@@ -583,6 +589,10 @@ class Summary:
         for vendor in vendors:
             line = (f"{vendor}: {self.planned[vendor]:,} {mode} (historical: initial_sync, "
                     f"past time), {self.already[vendor]:,} already done")
+            if self.pace_ms and self.planned[vendor]:
+                line += (f"; paced at {60_000 / self.pace_ms:,.0f} a minute (--pace), the last "
+                         f"due in about "
+                         f"{_duration((self.planned[vendor] - 1) * self.pace_ms / 1000)}")
             reasons = self.skipped.get(vendor) or Counter()
             if reasons:
                 line += f", {sum(reasons.values()):,} skipped"
@@ -614,6 +624,7 @@ class Backfill:
 
     def __init__(self, site: Any, paths: list[Path], *, send: bool = False,
                  skip_invalid: bool = False, batch_lines: int = BATCH_LINES,
+                 pace: float = DEFAULT_PACE,
                  stream: TextIO | None = None, tty: bool | None = None,
                  every_s: float = PROGRESS_EVERY_S):
         if len(paths) > MAX_FILES:
@@ -623,13 +634,17 @@ class Backfill:
         self.send = send
         self.skip_invalid = skip_invalid
         self.batch_lines = max(1, batch_lines)
+        if not 0 <= pace <= 60_000:
+            raise ValueError(f"--pace {pace:g}: must be 0 (all due at once) to 60,000 a minute")
+        self.pace_ms = int(60_000 / pace) if pace else 0
         self.stream = stream
         self.tty = tty
         self.every_s = every_s
         self.now_ms = int(time.time() * 1000)
         self.origin = Origin(site_id=site.id, source="backend", currency=site.currency,
                              received_ms=self.now_ms)
-        self.summary = Summary(site.id, send, nothing=vendors_without_history(site))
+        self.summary = Summary(site.id, send, nothing=vendors_without_history(site),
+                               pace_ms=self.pace_ms)
         self.buyers: dict[str, dict[str, Any]] = {}  # order id -> its purchase's user
         self.files_hash = ""
 
@@ -734,7 +749,7 @@ class Backfill:
         counts. Counted here only once committed."""
         planned, already, known = await store.backfill(
             self.site.id, run_id, batch, {v: dict(c) for v, c in skipped.items()},
-            lines_done, finished)
+            lines_done, finished, self.pace_ms)
         summary = self.summary
         summary.planned.update(planned)
         summary.already.update(already)

@@ -312,6 +312,8 @@ def pending_reason(row: dict[str, Any], now_ms: int, max_attempts: int, lease_ms
         when = (f"at {_clock(due, now_ms)}" if due > now_ms
                 else f"due now (since {_clock(due, now_ms)})")
         return f"retry {attempts + 1} of {max_attempts} {when} after {_error_head(error)}"
+    if due > now_ms and (row.get("request_id") or "").startswith("backfill-"):
+        return f"paced history (`onetag backfill --pace`): due at {_clock(due, now_ms)}"
     if due > now_ms:
         return (f"held back until {_clock(due, now_ms)} for the browser's own copy "
                 f"([server] browser_grace_s)")
@@ -601,8 +603,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         return 2
     try:
         job = Backfill(site, files, send=args.send, skip_invalid=args.skip_invalid,
-                       batch_lines=args.batch_lines)
-    except ValueError as exc:  # a bound on the run itself (files)
+                       batch_lines=args.batch_lines, pace=args.pace)
+    except ValueError as exc:  # a bound on the run itself (files, pace)
         print(f"onetag: {exc}", file=sys.stderr)
         return 2
 
@@ -768,6 +770,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="leave invalid lines out (counted) instead of refusing the run")
     backfill.add_argument("--batch-lines", type=int, default=500, metavar="N",
                           help="lines a transaction takes with --send (500)")
+    backfill.add_argument("--pace", type=float, default=120.0, metavar="N",
+                          help="historical deliveries a minute per vendor, so live ones go "
+                               "first (120: half of Sendlane's documented 240 a minute); 0: "
+                               "all due at once")
     backfill.add_argument("files", nargs="+", metavar="FILE", help=".jsonl or .csv files")
     backfill.set_defaults(func=cmd_backfill)
 

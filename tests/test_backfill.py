@@ -192,13 +192,14 @@ async def test_history_reaches_sendlane_once_with_initial_sync_and_its_past_time
     lines = history(5)
     path = write_jsonl(tmp_path / "h.jsonl", lines)
     async with serve(settings) as app:
-        summary = await Backfill(site, [path], send=True, batch_lines=3).run(app.state.store)
+        summary = await Backfill(site, [path], send=True, batch_lines=3, pace=0).run(
+            app.state.store)
         assert summary.planned == {"sendlane": 12}  # 1 customer, 1 product, 5 orders, 5 statuses
         await until(lambda: len(fake.delivered("sendlane")) == 12
                     and not rows(tmp_path / "onetag.db", "d.state = 'pending'"),
                     what="the history at Sendlane")
         # A second run: everything is there already, nothing new is planned or sent.
-        again = await Backfill(site, [path], send=True).run(app.state.store)
+        again = await Backfill(site, [path], send=True, pace=0).run(app.state.store)
         assert again.planned == {} and again.already == {"sendlane": 12}
         assert again.events_known == len(lines)
     sent = fake.requests("sendlane")
@@ -242,12 +243,47 @@ async def test_a_live_order_is_not_sent_again_by_the_backfill(tmp_path, fake):
                                                  "items": [{"item_id": "SKU-1", "price": "9.50",
                                                             "quantity": 2}]}})
         await until(lambda: len(fake.delivered("sendlane")) == 1, what="the live order")
-        summary = await Backfill(settings.sites[SITE], [path], send=True).run(app.state.store)
+        summary = await Backfill(settings.sites[SITE], [path], send=True, pace=0).run(
+            app.state.store)
         assert summary.already == {"sendlane": 1} and summary.planned == {"sendlane": 5}
         await until(lambda: len(fake.delivered("sendlane")) == 6, what="the history")
     placed = [r.json for r in fake.requests("sendlane") if r.path.endswith("/order-placed")]
     assert sorted(b["order_id"] for b in placed if "initial_sync" not in b) == ["O1"]
     assert [b["order_id"] for b in placed].count("O1") == 2  # the live order and its status
+
+
+async def test_history_is_paced_so_live_rows_go_first(tmp_path, fake):
+    """--pace 60: a vendor's backfilled rows fall due a second apart (their retry window
+    starting then); a live order planned meanwhile is due at once, so it is claimed first."""
+    settings = make_settings(tmp_path, fake, only=("sendlane",), forward=False)
+    db = tmp_path / "onetag.db"
+    path = write_jsonl(tmp_path / "h.jsonl", history(3))
+    async with serve(settings) as app:
+        started = int(time.time() * 1000)
+        summary = await Backfill(settings.sites[SITE], [path], send=True, batch_lines=2,
+                                 pace=60).run(app.state.store)
+        assert "paced at 60 a minute (--pace), the last due in about 7s" in summary.text()
+        import httpx
+
+        async with httpx.AsyncClient(base_url=app.state.base_url) as client:
+            await backend(client, {"event": "purchase", "transaction_id": "LIVE",
+                                   "user": {"email": "live@example.com"},
+                                   "ecommerce": {"value": "1.00", "items": []}})
+        history_rows = rows(db, "d.request_id = 'backfill-1'")
+        (live,) = rows(db, "d.request_id != 'backfill-1'")
+        dues = [row["next_attempt_ms"] for row in history_rows]
+        assert len(dues) == 8 and dues[0] >= started
+        assert [b - a for a, b in zip(dues, dues[1:])] == [1000] * 7
+        assert all(row["created_ms"] == row["next_attempt_ms"] for row in history_rows)
+        assert live["next_attempt_ms"] < dues[2]
+        reason = cli.pending_reason({**history_rows[-1], "waits_for": None},
+                                    dues[0], 20, 60_000)
+        assert reason.startswith("paced history (`onetag backfill --pace`): due at ")
+        # Another run goes on after the vendor's last pending row, at the same pace.
+        more = write_jsonl(tmp_path / "more.jsonl", history(4)[-2:])
+        await Backfill(settings.sites[SITE], [more], send=True, pace=60).run(app.state.store)
+        later = [row["next_attempt_ms"] for row in rows(db, "d.request_id = 'backfill-2'")]
+        assert later == [dues[-1] + 1000, dues[-1] + 2000]
 
 
 # Remarkety's orders history file ----------------------------------------------------------

@@ -93,7 +93,8 @@ def test_ten_thousand_lines_killed_half_way_and_resumed_reach_sendlane_once(tmp_
                     log="worker.log")
     try:
         first = onetag("backfill", "--config", str(config), "--site", SITE, "--send",
-                       "--batch-lines", "20", "history.jsonl", cwd=tmp_path, log="first.log")
+                       "--batch-lines", "20", "--pace", "0", "history.jsonl", cwd=tmp_path,
+                       log="first.log")
         wait_sync(lambda: (state := run_state(db)) and state[0] >= 2000 or first.poll() is not None,
                   timeout=300, what="the first run to commit 2,000 lines")
         os.killpg(first.pid, signal.SIGKILL)  # kill -9: the backfill and its writer process
@@ -103,7 +104,7 @@ def test_ten_thousand_lines_killed_half_way_and_resumed_reach_sendlane_once(tmp_
             "the first run ended before it could be killed", first.returncode, done)
 
         second = onetag("backfill", "--config", str(config), "--site", SITE, "--send",
-                        "history.jsonl", cwd=tmp_path)
+                        "--pace", "0", "history.jsonl", cwd=tmp_path)
         out, err = second.communicate(timeout=600)
         assert second.returncode == 0, err
         assert f"resumed after line {done:,}" in out, out

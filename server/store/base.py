@@ -188,12 +188,13 @@ class Store(abc.ABC):
         raise NotImplementedError
 
     async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
-                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool
-                       ) -> tuple[dict[str, int], dict[str, int], int]:
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
         """One batch of history, atomically with the run's progress and counts: event rows
         (source ``backend``; an id already stored is skipped) and pending deliveries, none
-        whose (site, vendor, dedup key) any row holds. Returns (planned per vendor, already
-        there per vendor, events already stored)."""
+        whose (site, vendor, dedup key) any row holds, a vendor's falling due ``pace_ms``
+        apart. Returns (planned per vendor, already there per vendor, events already
+        stored)."""
         raise NotImplementedError
 
     @abc.abstractmethod

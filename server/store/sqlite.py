@@ -417,10 +417,11 @@ class SQLiteStore(Store):
         return await self._write("backfill_run", site_id, files, files_hash, lines_total)
 
     async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
-                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool
-                       ) -> tuple[dict[str, int], dict[str, int], int]:
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
         return await self._write("backfill", site_id, run_id, events, skipped, lines_done,
-                                 finished, size=sum(len(e[2]) + len(e[3]) for e in events))
+                                 finished, pace_ms,
+                                 size=sum(len(e[2]) + len(e[3]) for e in events))
 
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50, ids: Sequence[int] | None = None

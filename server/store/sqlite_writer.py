@@ -458,8 +458,8 @@ class WriteOps:
         return cursor.lastrowid, 0, "{}"
 
     def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
-                 skipped: dict[str, dict[str, int]], lines_done: int, finished: bool
-                 ) -> tuple[dict[str, int], dict[str, int], int]:
+                 skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                 pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
         """One batch of a backfill, with the run's progress, in this transaction.
 
         ``events``: (event_id, name, raw JSON, normalised JSON, deliveries), each delivery
@@ -467,14 +467,18 @@ class WriteOps:
         backend) is not stored again; a delivery whose (site, vendor, dedup key) any row
         holds already — planned live or by an earlier run, sent or not — is not planned
         again. ``skipped``: vendor -> reason -> requests the vendor can't take, added to the
-        run's counts with the rest. Returns (planned per vendor, already there per vendor,
-        events already there).
+        run's counts with the rest. ``pace_ms``: a vendor's new rows fall due that far apart
+        (0: all at once), after the last pending row of that vendor (an earlier batch's, or
+        another run's), so history trickles out and live rows, due when made, go first; a
+        paced row's ``created_ms`` is when it falls due (its retry window starts there).
+        Returns (planned per vendor, already there per vendor, events already there).
         """
         now = now_ms()
         planned: dict[str, int] = {}
         already: dict[str, int] = {}
         known = 0
         request_id = f"backfill-{run_id}"
+        next_due: dict[str, int] = {}
         for event_id, name, raw, data, deliveries in events:
             cursor = self.conn.execute(
                 "INSERT OR IGNORE INTO events (site_id, event_id, name, source, sc, identity_id, "
@@ -488,10 +492,17 @@ class WriteOps:
                     "SELECT seq FROM events WHERE site_id = ? AND event_id = ? AND "
                     "source = 'backend'", (site_id, event_id)).fetchone()[0]
             for vendor, key, visitor, request in deliveries:
+                due = next_due.get(vendor)
+                if due is None:
+                    due = now if not pace_ms else max(now, pace_ms + self.conn.execute(
+                        "SELECT coalesce(max(next_attempt_ms), 0) FROM deliveries WHERE "
+                        "state = 'pending' AND vendor = ?", (vendor,)).fetchone()[0])
                 made = self.conn.execute(_BACKFILL_DELIVERY, (site_id, vendor, key, seq, visitor,
-                                                              request, now, request_id)).rowcount
+                                                              request, due, now,
+                                                              request_id)).rowcount
                 tally = planned if made else already
                 tally[vendor] = tally.get(vendor, 0) + 1
+                next_due[vendor] = due + pace_ms if made else due
         row = self.conn.execute("SELECT counts FROM backfill_runs WHERE id = ?",
                                 (run_id,)).fetchone()
         counts = loads(row[0]) if row is not None else {}
@@ -516,7 +527,7 @@ class WriteOps:
 _BACKFILL_DELIVERY = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
     "request, next_attempt_ms, created_ms, updated_ms, request_id) "
-    "SELECT ?1, ?2, ?3, 0, ?4, ?5, 'pending', CAST(?6 AS TEXT), ?7, ?7, ?7, ?8 "
+    "SELECT ?1, ?2, ?3, 0, ?4, ?5, 'pending', CAST(?6 AS TEXT), ?7, ?7, ?8, ?9 "
     "WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE site_id = ?1 AND vendor = ?2 "
     "AND dedup_key = ?3)")
 
