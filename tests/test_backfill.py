@@ -350,6 +350,37 @@ async def test_the_remarkety_export_parses_back_to_the_orders(tmp_path, fake, ca
         "completed", "4.35", "live@example.com")
 
 
+def test_two_processes_opening_a_new_database_at_once_migrate_it_once(tmp_path):
+    """`onetag worker` and `onetag backfill --send` started together on a fresh database:
+    each migration is applied by one of them, and neither fails."""
+    import threading
+
+    from server.store.sqlite_writer import migrate, migrations
+
+    for attempt in range(8):
+        db = tmp_path / f"race{attempt}.db"
+        barrier = threading.Barrier(2)
+        results: list = []
+
+        def open_and_migrate() -> None:
+            conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+            try:
+                barrier.wait()
+                results.append(migrate(conn))
+            except Exception as exc:  # noqa: BLE001 (the assertion below names it)
+                results.append(exc)
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=open_and_migrate) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not [r for r in results if isinstance(r, Exception)], results
+        assert sorted(results[0] + results[1]) == sorted(name for _, name, _ in migrations())
+
+
 # Progress ---------------------------------------------------------------------------------
 
 

@@ -83,7 +83,12 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply the migrations this database has not seen; returns their names."""
+    """Apply the migrations this database has not seen; returns their names.
+
+    Each is checked again inside its own write transaction: two processes opening one
+    database at once (``onetag worker`` and ``onetag backfill`` started together) must not
+    both apply it (the second failed with "table ... already exists", and its writer with
+    it)."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
                  "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
     done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
@@ -92,6 +97,10 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
         if version in done:
             continue
         conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?",
+                        (version,)).fetchone():
+            conn.execute("COMMIT")  # another connection applied it meanwhile
+            continue
         try:
             for statement in sql.split(";\n"):
                 if statement.strip():
