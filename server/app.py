@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from .assets import static_dir
+from .coupons import PATH as COUPONS_PATH, Coupons
 from .demo import Demo
 from .forwarder import Forwarder, ForwarderOptions
 from .ingest import Ingest
@@ -59,6 +60,7 @@ def create_app(settings: Any, store: Any = None,
     store = store if store is not None else open_store(settings)
     scripts = ScriptServer(settings)
     ingest = Ingest(settings, store)
+    coupons = Coupons(settings, store)
     forwarder = None
     if settings.server.forward:
         forwarder = Forwarder(settings, store, forward_options or ForwarderOptions.from_env())
@@ -87,6 +89,8 @@ def create_app(settings: Any, store: Any = None,
         Route(settings.server.event_path, _Endpoint(ingest.browser_events), methods=["POST"]),
         Route(settings.server.event_path, ingest.preflight, methods=["OPTIONS"]),
         Route("/api/v1/sites/{site_id}/events", ingest.backend_events, methods=["POST"]),
+        # Remarkety's Coupons API: the Discounts endpoint it calls (server/coupons.py).
+        Route(COUPONS_PATH, coupons.discounts, methods=["POST"]),
         # Compressed here and on the demo page only: the event endpoint answers 204s, and
         # the script is stored gzipped; a middleware on every route costs /e ~7 µs a request.
         Mount("/static", GZipMiddleware(StaticFiles(directory=str(static_dir())),
@@ -134,4 +138,5 @@ def create_app(settings: Any, store: Any = None,
     app.state.settings = settings
     app.state.store = store
     app.state.forwarder = forwarder
+    app.state.coupons = coupons
     return app

@@ -63,6 +63,30 @@ def timestamp(created: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
 
 
+# Query parameters whose values are secrets (Remarkety's ``remarkety_api_key``, a feed token):
+# an access line shows them as [redacted].
+_SECRET_PARAM = re.compile(r"(?i)(key|token|secret|signature|password)")
+_QUERY_PAIR = re.compile(r"([^&=]*)=([^&]*)")
+
+
+def redact_query(path: str) -> str:
+    """``/x?remarkety_api_key=abc&code=A`` -> ``/x?remarkety_api_key=[redacted]&code=A``."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    return base + sep + _QUERY_PAIR.sub(
+        lambda m: f"{m.group(1)}=[redacted]" if _SECRET_PARAM.search(m.group(1)) else m.group(0),
+        query)
+
+
+def _scrub(record: logging.LogRecord) -> None:
+    """uvicorn's access line names the path with its query string: secrets out of it."""
+    if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+        client, method, path, http_version, status = record.args
+        if isinstance(path, str) and "?" in path:
+            record.args = (client, method, redact_query(path), http_version, status)
+
+
 def fields(record: logging.LogRecord) -> dict[str, Any]:
     """A record's extra fields: ``extra=``, the request id, and uvicorn's access values."""
     extra = {key: value for key, value in vars(record).items() if key not in _STANDARD}
@@ -82,6 +106,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, then the extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        _scrub(record)
         line: dict[str, Any] = {"time": timestamp(record.created), "level": record.levelname,
                                 "logger": record.name, "message": record.getMessage()}
         for key, value in fields(record).items():
@@ -97,6 +122,7 @@ class TextFormatter(logging.Formatter):
     """``2026-01-31T14:00:00.123Z INFO onetag.forwarder: message key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
+        _scrub(record)
         text = f"{timestamp(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
         extra = fields(record)
         if record.name == "uvicorn.access":  # the message says it all but the request id
