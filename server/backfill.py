@@ -258,6 +258,10 @@ def csv_units(name: str, rows: Iterator[list[str] | str], physical: list[int], p
         return
     order: dict[str, Any] | None = None
     first = 0
+    # Rows refused while an order was open that may be its own (a row that can't be read
+    # names no order): the order is refused whole rather than sent with a line missing.
+    bad_rows: list[int] = []
+    order_column = header.index("order_id") if kind == "orders" else -1
     for row in rows:
         line = physical[0]
         problems = list(reading_problems)
@@ -265,11 +269,16 @@ def csv_units(name: str, rows: Iterator[list[str] | str], physical: list[int], p
         if isinstance(row, str):
             problems.append(f"{name}:{line}: row: {row}")
         if problems:
+            if order is not None:
+                bad_rows.append(line)
             yield Unit(f"{name}:{line}", position(), problems=problems)
             continue
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
+            if order is not None and (len(row) <= order_column or  # whose order? not known
+                                      row[order_column].strip() == order["transaction_id"]):
+                bad_rows.append(line)
             yield Unit(f"{name}:{line}", position(), problems=[
                 f"{name}:{line}: row: has {len(row)} cells; the header has {len(header)}"])
             continue
@@ -278,17 +287,29 @@ def csv_units(name: str, rows: Iterator[list[str] | str], physical: list[int], p
             yield Unit(f"{name}:{line}", position(), raw=_csv_event(kind, cells))
             continue
         if order is not None and cells.get("order_id") != order["transaction_id"]:
-            yield Unit(_span(name, first, last_line), last_position, raw=order)
+            yield _order_unit(name, first, last_line, last_position, order, bad_rows)
             order = None
         if order is None:
-            order, first = _csv_order(cells), line
+            order, first, bad_rows = _csv_order(cells), line, []
         elif "item_id" in cells:
             order["ecommerce"]["items"].append(_csv_item(cells))
         last_line, last_position = line, position()
     if reading_problems:
         yield Unit(f"{name}:{physical[0]}", position(), problems=list(reading_problems))
     if order is not None:
-        yield Unit(_span(name, first, last_line), last_position, raw=order)
+        yield _order_unit(name, first, last_line, last_position, order, bad_rows)
+
+
+def _order_unit(name: str, first: int, last: int, position: int, order: dict[str, Any],
+                bad_rows: list[int]) -> Unit:
+    """An order read from its rows; refused whole when one of its rows was refused (an
+    order with a line missing would reach the vendors with the wrong lines)."""
+    where = _span(name, first, last)
+    if bad_rows:
+        return Unit(where, position, problems=[
+            f"{where}: order {order['transaction_id']}: its row at line "
+            f"{', '.join(map(str, bad_rows))} is invalid, so the whole order is left out"])
+    return Unit(where, position, raw=order)
 
 
 def _span(name: str, first: int, last: int) -> str:

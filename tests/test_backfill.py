@@ -133,6 +133,30 @@ def test_every_bad_line_is_reported_with_its_number_and_nothing_is_planned(shop,
     assert table_counts(db)["events"] == 2
 
 
+def test_an_order_with_a_refused_row_is_refused_whole(tmp_path):
+    """With --skip-invalid too, an order never goes with one of its lines missing."""
+    path = tmp_path / "o.csv"
+    path.write_text("order_id,time,email,item_id,price,quantity\n"
+                    "B1,2024-02-01T09:00:00Z,b@example.com,SKU-1,10,1\n"
+                    "B1,2024-02-01T09:00:00Z,b@example.com,SKU-2\n"
+                    "B1,2024-02-01T09:00:00Z,b@example.com,SKU-3,5,1\n"
+                    "C1,2024-02-01T09:00:00Z,c@example.com,SKU-1,10,1\n"
+                    "C2,2024-02-01T09:00:00Z,c@example.com,SKU-1,10,1\n"
+                    '"C2,broken\n', encoding="utf-8")
+    found = {}
+    for unit in Reader([path]).units():
+        event = check_unit(unit, ORIGIN)
+        found[unit.where] = event["ecommerce"]["transaction_id"] if event else unit.problems
+    assert found == {
+        "o.csv:3": ["o.csv:3: row: has 4 cells; the header has 6"],
+        "o.csv:2-4": ["o.csv:2-4: order B1: its row at line 3 is invalid, so the whole order "
+                      "is left out"],
+        "o.csv:5": "C1",
+        "o.csv:7": ["o.csv:7: row: is not valid CSV (unexpected end of data)"],
+        "o.csv:6": ["o.csv:6: order C2: its row at line 7 is invalid, so the whole order is "
+                    "left out"]}
+
+
 def test_a_dry_run_changes_nothing_in_the_database(shop, tmp_path, capsys):
     config, db = shop
     lines = history(3)
