@@ -827,8 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="lines a transaction takes with --send (500)")
     backfill.add_argument("--pace", type=float, default=120.0, metavar="N",
                           help="historical deliveries a minute per vendor, so live ones go "
-                               "first (120: half of Sendlane's documented 240 a minute); 0: "
-                               "all due at once")
+                               "first (120: half of the 240 a minute Sendlane is reported "
+                               "to allow an account); 0: all due at once")
     backfill.add_argument("files", nargs="+", metavar="FILE", help=".jsonl or .csv files")
     backfill.set_defaults(func=cmd_backfill)
 
