@@ -138,3 +138,14 @@ def test_ten_thousand_lines_killed_half_way_and_resumed_reach_sendlane_once(tmp_
 def _pending(db: Path) -> int:
     with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
         return conn.execute("SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+
+
+def test_the_backfill_bench_runs():
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "backfill.py"), "--lines", "300",
+                          "--json"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    assert report["lines"] == 300
+    for mode in ("dry_run", "send"):
+        assert report[mode]["lines_per_s"] > 0 and report[mode]["peak_rss_mb"] > 0
+    assert "300 events valid" in report["send"]["summary"]
