@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import ipaddress
 import json
 import logging
@@ -33,6 +34,7 @@ admin_token = "env:ONETAG_ADMIN_TOKEN"
 # hold_days = 7                            # how long anonymous activity waits for an email
 # forward   = true                         # run the vendor forwarder inside `onetag serve`
 # log_format = "text"                      # "json": one object a line (or --log-format json)
+# metrics_public = false                   # true: GET /metrics without the admin_token bearer
 
 [[sites]]
 id       = "shop1"                         # [A-Za-z0-9_-]{1,64}; the script is /s/shop1.js
@@ -495,21 +497,47 @@ def refusal(row: dict[str, Any]) -> str:
     return f"{where}: only {' or '.join(REPLAYABLE)} deliveries can be replayed"
 
 
+def _os_user() -> str:
+    """Who ran an operator command, for the replays record."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container's uid without a passwd entry)
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
-    if args.id is not None and (args.dead or args.expired or args.vendor or args.since):
-        print("onetag: --id names one delivery; it takes no --vendor, --since, --dead or "
-              "--expired", file=sys.stderr)
+    from .store.deadletters import MAX_ERROR_TEXT, ReplayFilter
+
+    if args.id is not None and (args.dead or args.expired or args.vendor or args.since
+                                or args.until or args.error or args.site):
+        print("onetag: --id names one delivery; it takes no --vendor, --site, --since, --until, "
+              "--error, --dead or --expired", file=sys.stderr)
+        return 2
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        print("onetag: --until must be later than --since", file=sys.stderr)
+        return 2
+    if args.error is not None and not 0 < len(args.error) <= MAX_ERROR_TEXT:
+        print(f"onetag: --error takes 1 to {MAX_ERROR_TEXT} characters", file=sys.stderr)
         return 2
     settings = _ops_settings(args.config)
     states = [state for state, wanted in (("dead", args.dead), ("expired", args.expired))
               if wanted] or ["dead"]
     since_ms = args.since
     now_ms = int(time.time() * 1000)
+    who = f"cli:{_os_user()}"
+
+    async def replay(store: Any, selection: ReplayFilter) -> list[dict[str, Any]]:
+        if args.dry_run:
+            return await store.replay_rows(
+                now_ms, vendor=selection.vendor, since_ms=selection.since_ms,
+                states=selection.states, ids=selection.ids, dry_run=True,
+                site_id=selection.site_id, until_ms=selection.until_ms, error=selection.error)
+        return (await store.replay_recorded(now_ms, selection, who))["rows"]
 
     async def work(store: Any) -> tuple[list[dict[str, Any]], str | None]:
         if args.id is None:
-            return await store.replay_rows(now_ms, vendor=args.vendor, since_ms=since_ms,
-                                           states=states, dry_run=args.dry_run), None
+            return await replay(store, ReplayFilter(
+                tuple(states), args.vendor, args.site, since_ms, args.until, args.error)), None
         found = await store.list_deliveries(ids=[args.id], limit=1)
         if not found:
             return [], f"no delivery #{args.id} in {settings.server.sqlite_path}"
@@ -517,14 +545,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if row["state"] not in REPLAYABLE:
             _explain_pending([row], now_ms)
             return [], refusal(row)
-        made = await store.replay_rows(now_ms, states=[row["state"]], ids=[args.id],
-                                       dry_run=args.dry_run)
+        made = await replay(store, ReplayFilter((row["state"],), ids=(args.id,)))
         if not made:  # expired, and re-planning found nothing to send it with
             return [], (f"delivery #{args.id} ({row['vendor']}) expired without the visitor's "
                         f"email, and the visitor still has none: nothing to send it with")
         return made, None
 
-    made, error = asyncio.run(_with_store(settings, work))
+    try:
+        made, error = asyncio.run(_with_store(settings, work))
+    except ValueError as exc:  # a filter the store refused (too many rows for one replay)
+        print(f"onetag: {exc}", file=sys.stderr)
+        return 2
     if error:
         print(f"onetag: {error}", file=sys.stderr)
         return 1
@@ -538,11 +569,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
         scope = " and ".join(states)
         if args.vendor:
             scope += f", vendor {args.vendor}"
+        if args.site:
+            scope += f", site {args.site}"
         if since_ms is not None:
             scope += f", created since {_when(since_ms)}"
+        if args.until is not None:
+            scope += f", created before {_when(args.until)}"
+        if args.error:
+            scope += f", last error containing {args.error!r}"
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "count": len(made), "scope": scope,
-                          "id": args.id, "vendor": args.vendor, "since_ms": since_ms,
+                          "id": args.id, "vendor": args.vendor, "site": args.site,
+                          "since_ms": since_ms, "until_ms": args.until, "error": args.error,
                           "states": states if args.id is None else None, "rows": made},
                          indent=2))
         return 0
@@ -559,7 +597,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if len(made) > REPLAY_LISTED:
             print(f"  ... and {len(made) - REPLAY_LISTED} more (--json lists them all)")
         return 0
-    print(f"onetag: {len(made)} deliveries made due again ({scope}); a running `onetag serve` "
+    print(f"onetag: {len(made)} deliveries made due again ({scope}), recorded as a replay by "
+          f"{who}; a running `onetag serve` "
           f"or `onetag worker` sends them within a second or two")
     return 0
 
@@ -774,13 +813,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "--id N replays one dead or expired delivery; any other state is refused "
                     "with the reason (delivered: never sent twice; pending: already due or "
                     "retrying; held: waits for an email; browser: the page's library took it; "
-                    "ignored: not sent on purpose).")
+                    "ignored: not sent on purpose). Each replay (not a dry run) is recorded "
+                    "in the replays table as cli:<OS user>, listed on the console's Dead "
+                    "letters page. One replay takes at most 100,000 dead or 10,000 expired "
+                    "deliveries: narrow a larger set with --vendor, --site, --since/--until "
+                    "or --error.")
     replay.add_argument("--config", help=config_help)
     replay.add_argument("--vendor", help="only this vendor")
     replay.add_argument("--since", type=parse_since, metavar="T",
                         help="only deliveries created since T: 30m, 2h, 3d, 1w ago, or an ISO "
                              "date/time (2026-01-31, 2026-01-31T14:00; local time unless it "
                              "has a zone)")
+    replay.add_argument("--until", type=parse_since, metavar="T",
+                        help="only deliveries created before T (same forms as --since)")
+    replay.add_argument("--site", help="only this site's deliveries")
+    replay.add_argument("--error", metavar="TEXT",
+                        help="only deliveries whose last error contains TEXT (literally; "
+                             "case-insensitive for ASCII letters)")
     replay.add_argument("--dead", action="store_true",
                         help="dead deliveries (the default when no state option is given)")
     replay.add_argument("--expired", action="store_true",
