@@ -211,6 +211,24 @@ class Store(abc.ABC):
         """Record a replay made by ``replay_rows`` elsewhere; the record's id."""
         raise NotImplementedError
 
+    # Backfill (server/backfill.py) --------------------------------------------------------
+
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        """The unfinished backfill run over these files (``files_hash``), to resume, else a
+        new one: (run id, lines done, counts as JSON text)."""
+        raise NotImplementedError
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        """One batch of history, atomically with the run's progress and counts: event rows
+        (source ``backend``; an id already stored is skipped) and pending deliveries, none
+        whose (site, vendor, dedup key) any row holds, a vendor's falling due ``pace_ms``
+        apart. Returns (planned per vendor, already there per vendor, events already
+        stored)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50, ids: Sequence[int] | None = None

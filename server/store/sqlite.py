@@ -443,6 +443,17 @@ class SQLiteStore(Store):
             _log_replay(len(made), selection)
         return made
 
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        return await self._write("backfill_run", site_id, files, files_hash, lines_total)
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        return await self._write("backfill", site_id, run_id, events, skipped, lines_done,
+                                 finished, pace_ms,
+                                 size=sum(len(e[2]) + len(e[3]) for e in events))
+
     async def _check_replay(self, selection: ReplayFilter) -> None:
         """``ValueError`` naming the field for a filter a replay can't take, or one that
         matches more rows than one replay (one writer transaction, which ingest waits
