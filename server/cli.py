@@ -1,4 +1,5 @@
-"""``onetag``: serve | init | check | deliveries | replay | worker | coupons | backfill | export."""
+"""``onetag``: serve | init | check | migrate | deliveries | replay | worker | coupons | backfill |
+export."""
 
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = _load(path)
         sites = ", ".join(settings.sites)
         print(f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
-              f"{settings.server.database}", flush=True)
+              f"{config_module.database_label(settings.server.database)}", flush=True)
         warning = public_url_warning(settings.server.public_url, args.port)
     from . import logs
 
@@ -127,9 +128,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("onetag").warning(warning.removeprefix("onetag: warning: "))
     elif warning:
         print(warning, file=sys.stderr, flush=True)
-    from .store.sqlite_writer import check_writable
+    if settings.server.is_postgresql:
+        problem = postgresql_problem(settings)
+        if problem is not None:
+            print(f"onetag: {problem}; not serving.", file=sys.stderr)
+            return 2
+        problem = None
+    else:
+        from .store.sqlite_writer import check_writable
 
-    problem = check_writable(settings.server.sqlite_path)
+        problem = check_writable(settings.server.sqlite_path)
     if problem is not None:
         print(f"onetag: cannot write the database at {settings.server.sqlite_path} ({problem}); "
               "not serving. Check the path, its permissions, the mount and free space.",
@@ -162,6 +170,73 @@ def public_url_warning(public_url: str, port: int) -> str | None:
             f"server binds port {port}: scripts would load and post events where nothing "
             f"listens (set public_url to {parts.scheme}://{host_text}:{port} or run with "
             f"--port {url_port})")
+
+
+def postgresql_problem(settings: config_module.Settings) -> str | None:
+    """Why ``serve`` or ``worker`` can't run on the configured PostgreSQL database (the
+    driver missing, the server unreachable, the schema not current), or None."""
+    from .store import DriverMissing, open_store
+
+    async def probe() -> None:
+        store = open_store(settings)
+        await store.open()  # checks the schema (store/pg_migrate.py)
+        await store.close()
+
+    try:
+        asyncio.run(probe())
+    except DriverMissing as exc:
+        return str(exc)
+    except Exception as exc:
+        from .store.pg_migrate import SchemaNotCurrent
+
+        if isinstance(exc, SchemaNotCurrent):
+            return str(exc)
+        label = config_module.database_label(settings.server.database)
+        return f"cannot use the database {label} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply the pending migrations of the configured database and name them."""
+    path = _find_config(args.config)
+    settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    label = config_module.database_label(settings.server.database)
+    if settings.server.is_postgresql:
+        try:
+            from .store.pg_migrate import migrate_url
+            import asyncpg  # noqa: F401
+        except ImportError:
+            from .store import DRIVER_MISSING
+
+            print(f"onetag: {DRIVER_MISSING}", file=sys.stderr)
+            return 2
+        try:
+            applied = asyncio.run(migrate_url(settings.server.database))
+        except Exception as exc:
+            print(f"onetag: cannot migrate {label} ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            return 1
+    else:
+        import sqlite3
+
+        from .store.sqlite_writer import migrate
+
+        db_path = Path(settings.server.sqlite_path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=10000")
+            applied = migrate(conn)
+        except sqlite3.Error as exc:
+            print(f"onetag: cannot migrate {label} ({exc})", file=sys.stderr)
+            return 1
+        finally:
+            conn.close()
+    if applied:
+        print(f"onetag: applied {len(applied)} migration(s) to {label}: {', '.join(applied)}")
+    else:
+        print(f"onetag: {label} is current; nothing to apply")
+    return 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -611,7 +686,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = config_module.demo() if path is None else _load(path)
     logs.configure(args.log_format or settings.server.log_format, args.log_level)
     options = ForwarderOptions.from_env()
-    print(f"onetag: forwarding deliveries from {settings.server.sqlite_path} "
+    if settings.server.is_postgresql:
+        problem = postgresql_problem(settings)
+        if problem is not None:
+            print(f"onetag: {problem}; not forwarding.", file=sys.stderr)
+            return 2
+    print(f"onetag: forwarding deliveries from "
+          f"{config_module.database_label(settings.server.database)} "
           f"({len(settings.sites)} site(s)); Ctrl-C or SIGTERM stops", flush=True)
 
     async def work(store: Any) -> None:
@@ -772,6 +853,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     config_help = "config file (default: $ONETAG_CONFIG or ./onetag.toml; else the demo's database)"
+    migrate = commands.add_parser(
+        "migrate", help="apply the database's pending migrations and name them",
+        description="Apply every migration the configured database lacks (SQLite or "
+                    "PostgreSQL), each in its own transaction, and print which. On PostgreSQL "
+                    "`onetag serve` and `onetag worker` refuse to start until the schema is "
+                    "current; SQLite migrates itself at start as well. Safe to run twice or "
+                    "from two places at once.")
+    migrate.add_argument("--config", help=config_help)
+    migrate.set_defaults(func=cmd_migrate)
     deliveries = commands.add_parser(
         "deliveries", help="per vendor: pending, failing, held, delivered, dead, ... deliveries",
         description="Counts of delivery rows per vendor, read straight from the database (no "

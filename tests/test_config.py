@@ -45,7 +45,7 @@ def test_every_problem_is_reported_with_its_location() -> None:
     })
     expected = [
         "onetag.toml: server.colour: unknown key",
-        "onetag.toml: server.database: only sqlite:///PATH databases are supported",
+        "onetag.toml: server.database: a PostgreSQL URL names its database",
         "onetag.toml: server.public_url: must be an http(s) URL",
         "onetag.toml: sites[shop 1].id: must be 1-64 characters",
         "onetag.toml: sites[shop 1].origins: 'shop.example' is not an origin",

@@ -20,6 +20,7 @@ from .. import outbox, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import apply_cart, cart_snapshot, claimed_fields, identity_update
+from .rules import identity_fields
 
 CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
                          "cart_updated", "purchase"})
@@ -45,16 +46,6 @@ Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def identity_fields(row: Mapping[str, Any] | None) -> dict[str, Any]:
-    if row is None:
-        return {}
-    fields = {key: row[key] for key in ("email", "customer_id", "first_name", "last_name", "phone")
-              if row[key] is not None}
-    if row["accepts_marketing"] is not None:
-        fields["accepts_marketing"] = bool(row["accepts_marketing"])
-    return fields
 
 
 _COLUMNS = ("identity_id", "first_ms", "user_agent", "last_page", "first_seq", "last_seq",
