@@ -32,6 +32,7 @@ from .. import outbox
 from . import deadletters, outbox_rules
 from .base import Delivery, Outcome, StoreUnavailable
 from .deadletters import ReplayFilter
+from .rules import identity_fields
 
 log = logging.getLogger("onetag.store")
 
@@ -376,8 +377,6 @@ class PostgresOutbox:
         """Expired rows never had an email; re-plan those whose visitor has one now (the
         rule of ``sqlite_writer._replay_expired``: the planner decides, the expired rows of
         the vendors it plans are replaced)."""
-        from .sqlite_ingest import identity_fields
-
         condition, params = deadletters.where(selection, prefix="d.", states=("expired",))
         rows = await conn.fetch(
             "SELECT d.id, d.event_seq, d.vendor, e.site_id, e.data, d.request_id, "
