@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.05,
                         help="seconds the fake vendor waits before answering (0.05)")
     parser.add_argument("--workers", default="1,2", help="worker counts to run (1,2)")
+    parser.add_argument("--seed", choices=["ingest", "sql"], default="ingest",
+                        help="plan the backlog through PostgresStore.ingest (the default), or "
+                             "insert ~4 rows an event with SQL (forwarding alone, quicker)")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds the whole run may take (900)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -70,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def reproduce_command(args: argparse.Namespace) -> str:
     parts = ["python", "bench/pg_forward.py"]
     defaults = parse_args([])
-    for name in ("events", "visitors", "latency", "workers", "timeout"):
+    for name in ("events", "visitors", "latency", "workers", "seed", "timeout"):
         value = getattr(args, name)
         if value != getattr(defaults, name):
             parts += [f"--{name}", str(value)]
@@ -158,6 +161,43 @@ async def seed(config_path: Path, count: int, visitors: int) -> dict[str, Any]:
             "deliveries": planned, "by_vendor": by_vendor}
 
 
+async def seed_sql(url: str, port: int, count: int, visitors: int) -> dict[str, Any]:
+    """~4 pending rows an event (one per vendor), each a small JSON body to the fake, spread
+    over ``visitors``: the backlog without the ingest path."""
+    import asyncpg
+
+    base = f"http://127.0.0.1:{port}"
+    urls = {"esputnik": f"{base}/esputnik", "rejoiner": f"{base}/rejoiner",
+            "remarkety": f"{base}/remarkety?storeId=RMBENCH", "sendlane": f"{base}/sendlane"}
+    conn = await asyncpg.connect(url)
+    started = time.perf_counter()
+    try:
+        now = int(time.time() * 1000)
+        await conn.execute(
+            "INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
+            "SELECT 'bench', 'order-' || n, 'purchase', 'backend', $1::bigint, '{}', '{}' "
+            "FROM generate_series(1, $2::int) AS n", now, count)
+        await conn.execute(
+            "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, state, "
+            "request, next_attempt_ms, created_ms, updated_ms) "
+            "SELECT 'bench', v.vendor, 'orders:' || e.seq, e.seq, "
+            "'email:customer' || (e.seq % $1::int), 'pending', "
+            "json_build_object('method', 'POST', 'url', v.url, 'json', "
+            "json_build_object('order_id', e.seq::text, 'email', "
+            "'customer' || (e.seq % $1::int) || '@bench.example', 'total', '29.99'))::text, "
+            "0, $2::bigint, $2::bigint FROM events e, "
+            "unnest($3::text[], $4::text[]) AS v(vendor, url) ORDER BY e.seq, v.vendor",
+            visitors, now, list(urls), list(urls.values()))
+        await conn.execute("VACUUM ANALYZE deliveries")
+        planned = await conn.fetchval("SELECT count(*) FROM deliveries")
+        by_vendor = dict(await conn.fetch("SELECT vendor, count(*) FROM deliveries GROUP BY vendor"))
+    finally:
+        await conn.close()
+    seconds = time.perf_counter() - started
+    return {"events": count, "seconds": round(seconds, 2), "events_per_s": round(count / seconds),
+            "deliveries": planned, "by_vendor": by_vendor}
+
+
 def postgres_pids(database: str) -> list[int]:
     """The server processes serving ``database`` (its backends), when on this machine."""
     pids = []
@@ -236,10 +276,13 @@ def run_one(args: argparse.Namespace, workers: int, deadline: float) -> dict[str
         with tempfile.TemporaryDirectory(prefix="onetag-bench-pgfwd-") as tmp:
             folder = Path(tmp)
             config_path = pg_config(folder, port, url)
-            seeded = asyncio.run(seed(config_path, args.events, args.visitors))
+            seeded = asyncio.run(
+                seed(config_path, args.events, args.visitors) if args.seed == "ingest"
+                else seed_sql(url, port, args.events, args.visitors))
             total = seeded["deliveries"]
             drained = drain(config_path, folder, port, url, name, total, workers, deadline)
         received = fake_count(port)
+        fake_cpu = process_cpu_seconds(fake.pid) or 0.0
         _, by_state = asyncio.run(count_delivered(url))
     finally:
         fake.kill()
@@ -258,6 +301,7 @@ def run_one(args: argparse.Namespace, workers: int, deadline: float) -> dict[str
         "postgres_cpu_ms_per_delivery": (round(drained["pg_cpu_s"] * 1000 / total, 3)
                                          if total else None),
         "worker_rss_peak_mb": round(drained["peak_rss_kb"] / 1024, 1),
+        "fake_cpu_ms_per_delivery": round(fake_cpu * 1000 / total, 3) if total else None,
         "fake_requests": received,
         "states": by_state,
         "check": ("ok" if drained["done_at"] is not None and by_state.get("delivered") == total
@@ -276,6 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ratio = round(two / one, 2) if one and two else None
     cpu = [r["worker_cpu_ms_per_delivery"] for r in runs if r["worker_cpu_ms_per_delivery"]]
     return {"command": reproduce_command(args), "machine": machine(), "load_1m": load_average(),
+            "seed": args.seed,
             "latency_s": args.latency, "runs": runs, "ratio_2_to_1": ratio,
             "target_ratio_met": bool(ratio and ratio >= TARGET_RATIO),
             "target_cpu_met": bool(cpu and max(cpu) <= TARGET_CPU_MS),
@@ -290,11 +335,12 @@ def report_text(report: dict[str, Any]) -> str:
         seed = r["seed"]
         lines += [
             f"  {r['workers']} worker(s): {r['deliveries']} deliveries from {seed['events']} events "
-            f"(seeded at {seed['events_per_s']} events/s)",
+            f"(seeded at {seed['events_per_s']} events/s, {report['seed']})",
             f"    sustained {r['deliveries_per_s_sustained']} deliveries/s (10%-90%), drain "
             f"{r['drain_s']} s",
             f"    worker CPU {r['worker_cpu_s']} s = {r['worker_cpu_ms_per_delivery']} ms a "
-            f"delivery; PostgreSQL {r['postgres_cpu_ms_per_delivery']} ms a delivery; worker "
+            f"delivery; PostgreSQL {r['postgres_cpu_ms_per_delivery']} ms, the fake vendor "
+            f"{r['fake_cpu_ms_per_delivery']} ms a delivery; worker "
             f"RSS peak {r['worker_rss_peak_mb']} MB",
             f"    check {r['check']}: {r['states']}, the fake received {r['fake_requests']}"]
     lines += [f"  2 workers / 1 worker: {report['ratio_2_to_1']} (target >= {TARGET_RATIO}: "
