@@ -59,6 +59,8 @@ def _is_database_failure(exc: BaseException) -> bool:
     """The connection or the server failed, as opposed to a statement's content."""
     import asyncpg
 
+    if isinstance(exc, (ValueError, TypeError)):  # asyncpg.DataError: an argument's content
+        return False
     if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)):
         return True
     state = _sqlstate(exc) or ""

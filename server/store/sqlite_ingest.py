@@ -12,7 +12,6 @@ releasing held deliveries — still talk to the database directly.
 from __future__ import annotations
 
 import itertools
-import random
 import sqlite3
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -21,14 +20,10 @@ from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import claimed_fields
 from . import rules
-from .rules import MAX_CART_BYTES, identity_fields  # noqa: F401 (MAX_CART_BYTES: tests)
+from .rules import (CART_EVENTS, MAX_CART_BYTES, MAX_REQUEST_STORED_BYTES,  # noqa: F401
+                    identity_fields)
 
-CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
-                         "cart_updated", "purchase"})
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
-# What one request may make the store write (its events as sent and normalised, and their
-# vendor requests), estimated before writing: a 1 MiB body may not become gigabytes.
-MAX_REQUEST_STORED_BYTES = 16 * 1024 * 1024
 # The writer's session cache keeps at most this many bytes of carts (their stored JSON), and
 # a cart larger than PARSED_CART_BYTES only as that JSON, parsed again when an event needs it.
 MAX_CACHED_CART_BYTES = 32 * 1024 * 1024
@@ -142,18 +137,7 @@ class SessionCache:
             self.identities.clear()
 
 
-def _new_guid() -> str:
-    """An uppercase random (version 4) UUID naming a cart state. It must be unique, not
-    secret, so it comes from ``random`` (seeded from the OS at start): ``uuid4()`` makes a
-    system call per GUID, and with ``UUID``'s checks took a twentieth of the writer's time
-    per cart event."""
-    n = random.getrandbits(128) & _GUID_MASK | _GUID_BITS
-    h = f"{n:032X}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-_GUID_MASK = ~(0xF000 << 64 | 0xC000 << 48)  # RFC 9562: version 4, variant 10
-_GUID_BITS = 0x4000 << 64 | 0x8000 << 48
+_new_guid = rules.new_guid
 
 
 def _flag(value: Any) -> int | None:

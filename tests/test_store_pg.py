@@ -1,0 +1,156 @@
+"""PostgreSQL only: migrations, the schema check, and two nodes writing one visitor at once.
+
+The store contract on both backends is tests/test_store_backends.py; here, what only a
+shared database has: several ``PostgresStore`` instances (nodes) on it, each with its own
+pool and group commit, racing for the same session, identity and event ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from server.events import Origin, normalise
+from server.store.base import SessionInfo
+
+from backends import Backend, _admin, _url
+from support import item
+
+pytestmark = pytest.mark.usefixtures("pg_database")
+
+
+def event(raw: dict, sc: str | None = "SC-AAAA-0001", source: str = "browser") -> dict:
+    origin = Origin(site_id="shop1", source=source, currency="USD", received_ms=1, sc=sc)
+    return normalise(raw, "e", origin)
+
+
+@pytest.fixture
+def pg(pg_database) -> Backend:
+    return Backend("postgresql", pg_database)
+
+
+@pytest.fixture
+def empty_database(pg_template):
+    """A database with no schema at all, dropped after the test."""
+    if pg_template[0] is None:
+        pytest.skip(pg_template[1])
+    name = f"onetag_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f"CREATE DATABASE {name}"))
+    yield _url(name)
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+async def test_a_node_refuses_a_schema_not_current_and_migrate_applies_it_once(
+        empty_database) -> None:
+    from server.store import pg_migrate
+    from server.store.postgres import PostgresStore
+
+    backend = Backend("postgresql", empty_database)
+    store = PostgresStore(empty_database, backend.settings().sites)
+    with pytest.raises(pg_migrate.SchemaNotCurrent, match="onetag migrate"):
+        await store.open()
+    # Two migrators at once (two `onetag migrate` on two machines): each file applied once.
+    first, second = await asyncio.gather(pg_migrate.migrate_url(empty_database),
+                                         pg_migrate.migrate_url(empty_database))
+    assert sorted(first + second) == [name for _, name, _ in pg_migrate.migrations()]
+    assert await pg_migrate.migrate_url(empty_database) == []
+    await store.open()  # current now
+    try:
+        assert await store.ping() is None
+    finally:
+        await store.close()
+    recorded = await backend.rows("SELECT version, name FROM schema_migrations ORDER BY version")
+    assert recorded == [(v, name) for v, name, _ in pg_migrate.migrations()]
+
+
+async def test_synchronous_commit_is_on_for_the_stores_connections(pg) -> None:
+    store = await pg.open(pg.settings())
+    try:
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await store.close()
+
+
+async def test_two_nodes_two_tabs_one_visitor_lose_no_update(pg) -> None:
+    """Two nodes (stores with pools of their own) take one visitor's cart events from two
+    tabs at once, and backend facts about the same customer: the cart ends with every
+    line added, the identity with every field either node set, the session's bounds
+    around every event."""
+    settings = pg.settings()
+    nodes = [await pg.open(settings), await pg.open(settings)]
+    adds_per_tab = 40
+    try:
+        async def tab(node, tab_no: int) -> None:
+            for i in range(adds_per_tab):
+                raw = {"event": "add_to_cart", "event_id": f"t{tab_no}-{i}",
+                       "ecommerce": {"items": [item(f"SKU-{tab_no}", 10, 1)]}}
+                events = [event(raw)]
+                answer = await node.ingest("shop1", events, events, SessionInfo(user_agent="UA"))
+                assert not answer[0].duplicate
+
+        async def backend_facts(node, field: str) -> None:
+            for i in range(10):
+                raw = {"event": "identify", "event_id": f"{field}-{i}",
+                       "user": {"email": "ann@example.com", field: f"{field}-{i}"}}
+                events = [event(raw, sc=None, source="backend")]
+                await node.ingest("shop1", events, events, SessionInfo())
+
+        await asyncio.gather(tab(nodes[0], 1), tab(nodes[1], 2),
+                             backend_facts(nodes[0], "first_name"),
+                             backend_facts(nodes[1], "last_name"))
+        view = await nodes[0].session_view("shop1", "SC-AAAA-0001")
+    finally:
+        for node in nodes:
+            await node.close()
+    quantities = {line["item_id"]: line["quantity"] for line in view["cart"]["items"]}
+    assert quantities == {"SKU-1": adds_per_tab, "SKU-2": adds_per_tab}
+    identities = await pg.rows("SELECT email, first_name, last_name FROM identities")
+    assert identities == [("ann@example.com", "first_name-9", "last_name-9")]
+    [(first, last, count)] = await pg.rows(
+        "SELECT s.first_seq, s.last_seq, (SELECT count(*) FROM events e WHERE e.sc = s.sc) "
+        "FROM sessions s")
+    assert count == 2 * adds_per_tab
+    assert await pg.rows("SELECT min(seq), max(seq) FROM events WHERE sc IS NOT NULL") == [
+        (first, last)]
+
+
+async def test_one_event_sent_to_two_nodes_at_once_is_stored_once(pg) -> None:
+    settings = pg.settings()
+    nodes = [await pg.open(settings), await pg.open(settings)]
+    try:
+        answers = []
+        for i in range(20):  # each id raced by both nodes, with a new identity's email
+            raw = {"event": "identify", "event_id": f"same-{i}",
+                   "user": {"email": f"new{i}@example.com"}}
+            copies = [[event(raw, sc=f"SC-{i:04d}-RACE")] for _ in nodes]
+            answers.append(await asyncio.gather(*(
+                node.ingest("shop1", c, c, SessionInfo()) for node, c in zip(nodes, copies))))
+    finally:
+        for node in nodes:
+            await node.close()
+    for first, second in answers:
+        assert first[0].seq == second[0].seq
+        assert sorted([first[0].duplicate, second[0].duplicate]) == [False, True]
+    assert await pg.rows("SELECT count(*), count(DISTINCT event_id) FROM events") == [(20, 20)]
+    assert await pg.rows("SELECT count(*) FROM identities") == [(20,)]
+
+
+async def test_the_database_gone_is_503_not_a_4xx(pg) -> None:
+    from server.store.base import StoreUnavailable
+
+    store = await pg.open(pg.settings())
+    try:
+        await _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                     f"datname = '{pg.database.rsplit('/', 1)[1]}' AND pid <> pg_backend_pid()")
+        events = [event({"event": "page_view", "event_id": "p"})]
+        try:
+            answer = await store.ingest("shop1", events, events, SessionInfo())
+        except StoreUnavailable as exc:
+            assert exc.kind == "database"
+        else:  # the pool reconnected: the write was made
+            assert answer[0].event_id == "p"
+    finally:
+        await store.close()
