@@ -20,7 +20,6 @@ from collections import Counter
 import httpx
 from fakes.harness import (API_KEY, REPO, SITE, FORWARD_ENV, free_port, purchase, server_process,
                            settings_data, until, write_config)
-from fakes.pgdb import fresh_database
 from fakes.vendor_server import FakeVendors
 
 ORDERS = 160
@@ -35,33 +34,32 @@ def start_worker(config_path, env, log):
         stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
-async def test_two_nodes_two_workers_survive_a_kill_9_of_one_each(tmp_path) -> None:
-    async with fresh_database() as url:
-        with FakeVendors(delay=0.05) as fake:
-            data = settings_data(tmp_path, fake, forward=False)
-            data["server"]["database"] = url
-            config_path = write_config(tmp_path / "onetag.toml", data)
-            env = {**os.environ, "PYTHONPATH": str(REPO), **FORWARD_ENV,
-                   "ONETAG_FORWARD_LEASE_S": str(LEASE_S)}
-            ports = [free_port(), free_port()]
-            with server_process(config_path, ports[0], env, log=tmp_path / "node0.log") as node0, \
-                    server_process(config_path, ports[1], env, log=tmp_path / "node1.log"):
-                workers = [start_worker(config_path, env, tmp_path / f"worker{n}.log")
-                           for n in range(2)]
-                try:
-                    acknowledged = await send_traffic(fake, ports, node0, workers[0])
-                    await check(url, fake, acknowledged, tmp_path)
-                finally:
-                    for worker in workers:
-                        if worker.poll() is None:
-                            worker.send_signal(signal.SIGINT)
-                    for worker in workers:
-                        try:
-                            worker.wait(30)
-                        except subprocess.TimeoutExpired:
-                            worker.kill()
-                            worker.wait(5)
-                    await asyncio.sleep(0)  # the pool of the check is closed; drop may follow
+async def test_two_nodes_two_workers_survive_a_kill_9_of_one_each(tmp_path, pg_database) -> None:
+    url = pg_database
+    with FakeVendors(delay=0.05) as fake:
+        data = settings_data(tmp_path, fake, forward=False)
+        data["server"]["database"] = url
+        config_path = write_config(tmp_path / "onetag.toml", data)
+        env = {**os.environ, "PYTHONPATH": str(REPO), **FORWARD_ENV,
+               "ONETAG_FORWARD_LEASE_S": str(LEASE_S)}
+        ports = [free_port(), free_port()]
+        with server_process(config_path, ports[0], env, log=tmp_path / "node0.log") as node0, \
+                server_process(config_path, ports[1], env, log=tmp_path / "node1.log"):
+            workers = [start_worker(config_path, env, tmp_path / f"worker{n}.log")
+                       for n in range(2)]
+            try:
+                acknowledged = await send_traffic(fake, ports, node0, workers[0])
+                await check(url, fake, acknowledged, tmp_path)
+            finally:
+                for worker in workers:
+                    if worker.poll() is None:
+                        worker.send_signal(signal.SIGINT)
+                for worker in workers:
+                    try:
+                        worker.wait(30)
+                    except subprocess.TimeoutExpired:
+                        worker.kill()
+                        worker.wait(5)
 
 
 async def send_traffic(fake: FakeVendors, ports: list[int], node0: subprocess.Popen,

@@ -1,7 +1,8 @@
 """The outbox on PostgreSQL with several workers: no row claimed twice while leased, a
 visitor's rows in order across workers, a dead worker's lease taken over, a late outcome
 ignored, a vendor's pause honoured by every worker. Each test has a database of its own
-(tests/fakes/pgdb.py); every "worker" is a pool of its own, as a separate process has."""
+(``pg_database``, tests/backends.py: skipped, saying why, when no PostgreSQL is reachable);
+every "worker" is a pool of its own, as a separate process has."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from server.store.deadletters import ReplayFilter
 from server.store.postgres_outbox import PostgresOutbox, pg_condition
 
 from fakes.harness import FAST, make_settings, until
-from fakes.pgdb import fresh_database
 
 NOW = 1_800_000_000_000
 LEASE = 60_000
@@ -35,24 +35,24 @@ class Worker(PostgresOutbox):
 
 
 @pytest.fixture
-async def db():
+async def db(pg_database):
     import asyncpg
 
-    async with fresh_database() as url:
-        pools = []
+    url = pg_database
+    pools = []
 
-        async def worker(sites: Any = None) -> Worker:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
-            pools.append(pool)
-            return Worker(pool, sites)
+    async def worker(sites: Any = None) -> Worker:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+        pools.append(pool)
+        return Worker(pool, sites)
 
-        admin = await asyncpg.connect(url)
-        try:
-            yield url, admin, worker
-        finally:
-            await admin.close()
-            for pool in pools:
-                await pool.close()
+    admin = await asyncpg.connect(url)
+    try:
+        yield url, admin, worker
+    finally:
+        await admin.close()
+        for pool in pools:
+            await pool.close()
 
 
 async def add_rows(conn: Any, rows: list[tuple[str, str]], *, vendor: str = "sendlane",
