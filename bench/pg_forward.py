@@ -42,7 +42,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench._util` and `server` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._util import REPO, load_average, machine, process_cpu_seconds, python
+from bench._util import (REPO, load_average, machine, machine_busy_seconds,
+                         process_cpu_seconds, python)
 from bench.forward import (fake_count, proc_status, raw_events, start_fake, sustained_rate,
                            write_config)
 
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.05,
                         help="seconds the fake vendor waits before answering (0.05)")
     parser.add_argument("--workers", default="1,2", help="worker counts to run (1,2)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="in flight per vendor per worker (default: the forwarder's, 32)")
     parser.add_argument("--seed", choices=["ingest", "sql"], default="ingest",
                         help="plan the backlog through PostgresStore.ingest (the default), or "
                              "insert ~4 rows an event with SQL (forwarding alone, quicker)")
@@ -73,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def reproduce_command(args: argparse.Namespace) -> str:
     parts = ["python", "bench/pg_forward.py"]
     defaults = parse_args([])
-    for name in ("events", "visitors", "latency", "workers", "seed", "timeout"):
+    for name in ("events", "visitors", "latency", "workers", "concurrency", "seed", "timeout"):
         value = getattr(args, name)
         if value != getattr(defaults, name):
             parts += [f"--{name}", str(value)]
@@ -225,8 +228,11 @@ async def count_delivered(url: str) -> tuple[int, dict[str, int]]:
 
 
 def drain(config_path: Path, folder: Path, port: int, url: str, database: str, total: int,
-          workers: int, deadline: float) -> dict[str, Any]:
+          workers: int, deadline: float, concurrency: int | None = None) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "ONETAG_FORWARD_RATES": "none"}
+    if concurrency:
+        env["ONETAG_FORWARD_CONCURRENCY"] = str(concurrency)
+    busy_before = machine_busy_seconds()
     logs = [open(folder / f"worker{n}.log", "wb") for n in range(workers)]
     started = time.perf_counter()
     procs = [subprocess.Popen([python(), "-m", "server", "worker", "--config", str(config_path),
@@ -252,6 +258,8 @@ def drain(config_path: Path, folder: Path, port: int, url: str, database: str, t
                 done_at = time.perf_counter() - started
                 break
         worker_cpu = sum(process_cpu_seconds(p.pid) or 0.0 for p in procs)
+        busy_after = machine_busy_seconds()
+        elapsed = time.perf_counter() - started
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -264,8 +272,10 @@ def drain(config_path: Path, folder: Path, port: int, url: str, database: str, t
                 proc.wait(5)
         for log in logs:
             log.close()
+    busy = (None if busy_before is None or busy_after is None
+            else round((busy_after - busy_before) / elapsed / (os.cpu_count() or 1), 2))
     return {"timeline": timeline, "done_at": done_at, "peak_rss_kb": peak_rss,
-            "worker_cpu_s": worker_cpu, "pg_cpu_s": sum(pg_cpu.values())}
+            "worker_cpu_s": worker_cpu, "pg_cpu_s": sum(pg_cpu.values()), "machine_busy": busy}
 
 
 def run_one(args: argparse.Namespace, workers: int, deadline: float) -> dict[str, Any]:
@@ -280,7 +290,8 @@ def run_one(args: argparse.Namespace, workers: int, deadline: float) -> dict[str
                 seed(config_path, args.events, args.visitors) if args.seed == "ingest"
                 else seed_sql(url, port, args.events, args.visitors))
             total = seeded["deliveries"]
-            drained = drain(config_path, folder, port, url, name, total, workers, deadline)
+            drained = drain(config_path, folder, port, url, name, total, workers, deadline,
+                            args.concurrency)
         received = fake_count(port)
         fake_cpu = process_cpu_seconds(fake.pid) or 0.0
         _, by_state = asyncio.run(count_delivered(url))
@@ -301,6 +312,7 @@ def run_one(args: argparse.Namespace, workers: int, deadline: float) -> dict[str
         "postgres_cpu_ms_per_delivery": (round(drained["pg_cpu_s"] * 1000 / total, 3)
                                          if total else None),
         "worker_rss_peak_mb": round(drained["peak_rss_kb"] / 1024, 1),
+        "machine_busy": drained["machine_busy"],
         "fake_cpu_ms_per_delivery": round(fake_cpu * 1000 / total, 3) if total else None,
         "fake_requests": received,
         "states": by_state,
@@ -341,7 +353,8 @@ def report_text(report: dict[str, Any]) -> str:
             f"    worker CPU {r['worker_cpu_s']} s = {r['worker_cpu_ms_per_delivery']} ms a "
             f"delivery; PostgreSQL {r['postgres_cpu_ms_per_delivery']} ms, the fake vendor "
             f"{r['fake_cpu_ms_per_delivery']} ms a delivery; worker "
-            f"RSS peak {r['worker_rss_peak_mb']} MB",
+            f"RSS peak {r['worker_rss_peak_mb']} MB; the machine's cores were "
+            f"{r['machine_busy']} busy (all processes, 1.0 = every core)",
             f"    check {r['check']}: {r['states']}, the fake received {r['fake_requests']}"]
     lines += [f"  2 workers / 1 worker: {report['ratio_2_to_1']} (target >= {TARGET_RATIO}: "
               f"{'met' if report['target_ratio_met'] else 'NOT met'}); worker CPU <= "
