@@ -291,3 +291,21 @@ async def test_a_fallback_order_the_browser_delivered_first_is_not_sent_again(ba
     assert rows == {("convert:1001", 0): "browser", ("convert:1001", 1): "browser",
                     ("convert:1002", 1): "browser", ("convert:1002", 0): "browser",
                     ("convert:1005", 1): "browser", ("convert:1005", 0): "pending"}
+
+
+async def test_coupon_calls_are_kept_and_listed_latest_first(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        first = await store.record_coupon_call({"created_ms": 1, "site_id": "shop1",
+                                                "status": 200, "result": "created",
+                                                "duration_ms": 5, "code": "SAVE10"})
+        second = await store.record_coupon_call({"created_ms": 2, "site_id": "shop2",
+                                                 "status": 502, "result": "store_down",
+                                                 "duration_ms": 7, "error": "refused"})
+        every = await store.coupon_calls()
+        one_site = await store.coupon_calls(site_id="shop1", limit=5)
+    finally:
+        await store.close()
+    assert second > first
+    assert [(c["id"], c["result"]) for c in every] == [(second, "store_down"), (first, "created")]
+    assert [c["code"] for c in one_site] == ["SAVE10"]

@@ -311,3 +311,25 @@ class PostgresStore(PostgresOutbox, Store):
         return {"sc": sc, "session": fields or None, "identity": identity, "cart": cart,
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}
+
+    # The Remarkety Coupons bridge (server/coupons.py) -----------------------------------
+
+    async def record_coupon_call(self, call: Mapping[str, Any]) -> int:
+        from .sqlite_writer import COUPON_CALL_COLUMNS as columns
+
+        marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                f"INSERT INTO coupon_calls ({', '.join(columns)}) VALUES ({marks}) RETURNING id",
+                *(call.get(column) for column in columns))
+
+    async def coupon_calls(self, *, site_id: str | None = None, limit: int = 20
+                           ) -> list[dict[str, Any]]:
+        from .sqlite_writer import COUPON_CALL_COLUMNS as columns
+
+        where, params = ("WHERE site_id = $1", [site_id]) if site_id else ("", [])
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT id, {', '.join(columns)} FROM coupon_calls {where} "
+                f"ORDER BY id DESC LIMIT ${len(params) + 1}", *params, limit)
+        return [dict(row) for row in rows]
