@@ -1,0 +1,167 @@
+"""The catalog's side of an ingest transaction: products read once, merged, written if changed.
+
+``server/catalog.py`` has the rules; this keeps ``products`` rows. A batch collects what its
+events say about products (``CatalogBatch.observe``), then reads the products it lacks in
+one query per site, merges every observation in order, and writes only the rows that
+changed (``flush``) with one ``executemany``. The writer keeps the products it has read or
+written (``ProductCache``, held by the ``SessionCache`` and emptied with it: on a rollback,
+or when another connection committed), so a page view of a known, unchanged product costs
+a dictionary look-up and a comparison, and no write.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Iterable, Mapping, Sequence
+
+from .. import catalog
+from ..catalog import Product
+from ..jsontext import encode, loads
+
+CHUNK = 400
+
+_SELECT = ("SELECT item_id, " + ", ".join(catalog.COLUMNS) + ", sources, deleted, first_seen_ms, "
+           "last_seen_ms, changed_ms, version, fact_version, fact_ms FROM products "
+           "WHERE site_id = ? AND item_id IN ")
+_WRITTEN = ("site_id", "item_id", *catalog.COLUMNS, "sources", "source", "deleted",
+            "first_seen_ms", "last_seen_ms", "updated_ms", "changed_ms", "version",
+            "fact_version", "fact_ms")
+_UPSERT = (f"INSERT INTO products ({', '.join(_WRITTEN)}) VALUES ({', '.join('?' * len(_WRITTEN))}) "
+           "ON CONFLICT (site_id, item_id) DO UPDATE SET "
+           + ", ".join(f"{name} = excluded.{name}" for name in _WRITTEN[2:]
+                       if name != "first_seen_ms"))
+
+
+def from_row(row: Sequence[Any]) -> Product:
+    """A ``products`` row (``_SELECT``'s columns after item_id) as a ``Product``."""
+    (title, item_url, image_url, price_minor, currency, availability, categories, brand,
+     variant, group, sku, description, google_category, sources, deleted, first_seen,
+     last_seen, changed, version, fact_version, fact_ms) = row
+    values = {"title": title, "item_url": item_url, "image_url": image_url,
+              "price": (price_minor, currency) if price_minor is not None else None,
+              "availability": availability,
+              "categories": tuple(loads(categories)) if categories else None,
+              "brand": brand, "variant": variant, "item_group_id": group, "sku": sku,
+              "description": description, "google_product_category": google_category}
+    fields = {name: value for name, value in values.items() if value is not None}
+    return Product(fields, loads(sources) if sources else {}, bool(deleted), first_seen,
+                   last_seen, changed, version, fact_version, fact_ms)
+
+
+def to_row(site_id: str, item_id: str, product: Product, now: int) -> tuple[Any, ...]:
+    f = product.fields
+    price_minor, currency = f.get("price") or (None, None)
+    categories = f.get("categories")
+    return (site_id, item_id, f.get("title"), f.get("item_url"), f.get("image_url"),
+            price_minor, currency, f.get("availability"),
+            encode(list(categories)).decode() if categories else None,
+            f.get("brand"), f.get("variant"), f.get("item_group_id"), f.get("sku"),
+            f.get("description"), f.get("google_product_category"),
+            encode(product.sources).decode(), product.source, int(product.deleted),
+            product.first_seen_ms, product.last_seen_ms, now, product.changed_ms,
+            product.version, product.fact_version, product.fact_ms)
+
+
+class ProductCache:
+    """The products this writer has read or written, by (site_id, item_id); None marks one
+    the database does not have. Right only while this connection is the only writer and
+    every change it saw was committed: ``SessionCache`` empties it with its own state."""
+
+    def __init__(self, limit: int = 50_000):
+        self.limit = limit
+        self.products: dict[tuple[str, str], Product | None] = {}
+
+    def clear(self) -> None:
+        self.products.clear()
+
+    def trim(self) -> None:
+        if len(self.products) > self.limit:
+            self.products.clear()
+
+
+class CatalogBatch:
+    """One ingest batch's product observations, applied at its end (``flush``)."""
+
+    def __init__(self, conn: sqlite3.Connection, cache: ProductCache, now: int):
+        self.conn = conn
+        self.cache = cache
+        self.now = now
+        self.work: list[tuple[str, str, dict[str, Any], bool, bool | None]] = []
+
+    def observe(self, site_id: str, event: dict[str, Any]) -> None:
+        for item_id, fields, fact, deleted in catalog.observations(event):
+            self.work.append((site_id, item_id, fields, fact, deleted))
+
+    def flush(self) -> int:
+        """Merge what was observed; write the changed rows. Returns how many were written."""
+        if not self.work:
+            return 0
+        products = self.cache.products
+        self._load({(site_id, item_id) for site_id, item_id, *_ in self.work} - products.keys())
+        dirty: dict[tuple[str, str], Product] = {}
+        for site_id, item_id, fields, fact, deleted in self.work:
+            key = (site_id, item_id)
+            product, write = catalog.merge(products.get(key), fields, fact, deleted, self.now)
+            products[key] = product
+            if write:
+                dirty[key] = product
+        self.work.clear()
+        if dirty:
+            self.conn.executemany(_UPSERT, [to_row(site_id, item_id, product, self.now)
+                                            for (site_id, item_id), product in dirty.items()])
+            for product in dirty.values():
+                product.stored = True
+        self.cache.trim()
+        return len(dirty)
+
+    def _load(self, keys: Iterable[tuple[str, str]]) -> None:
+        by_site: dict[str, list[str]] = {}
+        for site_id, item_id in keys:
+            by_site.setdefault(site_id, []).append(item_id)
+            self.cache.products[(site_id, item_id)] = None
+        for site_id, item_ids in by_site.items():
+            for start in range(0, len(item_ids), CHUNK):
+                chunk = item_ids[start:start + CHUNK]
+                for row in self.conn.execute(_SELECT + f"({','.join('?' * len(chunk))})",
+                                             (site_id, *chunk)):
+                    self.cache.products[(site_id, row[0])] = from_row(tuple(row)[1:])
+
+
+# Reads (the feeds, `onetag catalog`, the product sync) ---------------------------------
+
+FEED_COLUMNS = ("item_id", *catalog.COLUMNS, "deleted", "source", "changed_ms")
+
+
+def feed_page(conn: Any, site_id: str, after: str | None, limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` products of a site after ``after`` (item_id order: keyset paging)."""
+    rows = conn.execute(
+        f"SELECT {', '.join(FEED_COLUMNS)} FROM products WHERE site_id = ? AND item_id > ? "
+        "ORDER BY item_id LIMIT ?", (site_id, after or "", limit)).fetchall()
+    return [as_dict(row) for row in rows]
+
+
+def as_dict(row: Sequence[Any]) -> dict[str, Any]:
+    item = dict(zip(FEED_COLUMNS, row))
+    item["categories"] = loads(item["categories"]) if item["categories"] else []
+    return item
+
+
+STATE_SQL = ("SELECT count(*), coalesce(max(changed_ms), 0), coalesce(sum(version), 0) "
+             "FROM products WHERE site_id = ?")
+
+
+def stats(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts for ``onetag catalog``: products, how many the feed has, left out and why."""
+    out: dict[str, Any] = {"products": 0, "in_feed": 0, "left_out": {},
+                           "backend": 0, "browser_only": 0, "last_change_ms": None}
+    for row in rows:
+        out["products"] += 1
+        out["backend" if row["source"] == catalog.BACKEND else "browser_only"] += 1
+        problem = catalog.feed_problem(row)
+        if problem is None:
+            out["in_feed"] += 1
+        else:
+            out["left_out"][problem] = out["left_out"].get(problem, 0) + 1
+        if out["last_change_ms"] is None or row["changed_ms"] > out["last_change_ms"]:
+            out["last_change_ms"] = row["changed_ms"]
+    return out
