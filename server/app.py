@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from .assets import static_dir
 from .demo import Demo
+from .feeds import Feeds
 from .forwarder import Forwarder, ForwarderOptions
 from .ingest import Ingest
 from .script import ScriptServer
@@ -59,6 +60,7 @@ def create_app(settings: Any, store: Any = None,
     store = store if store is not None else open_store(settings)
     scripts = ScriptServer(settings)
     ingest = Ingest(settings, store)
+    feeds = Feeds(settings, store)
     forwarder = None
     if settings.server.forward:
         forwarder = Forwarder(settings, store, forward_options or ForwarderOptions.from_env())
@@ -87,6 +89,9 @@ def create_app(settings: Any, store: Any = None,
         Route(settings.server.event_path, _Endpoint(ingest.browser_events), methods=["POST"]),
         Route(settings.server.event_path, ingest.preflight, methods=["OPTIONS"]),
         Route("/api/v1/sites/{site_id}/events", ingest.backend_events, methods=["POST"]),
+        # The product feeds the vendors fetch (server/feeds.py); ?token= the site's feed_token.
+        Route("/feeds/{site_id}/products.xml", feeds.xml, methods=["GET"]),
+        Route("/feeds/{site_id}/products.csv", feeds.csv, methods=["GET"]),
         # Compressed here and on the demo page only: the event endpoint answers 204s, and
         # the script is stored gzipped; a middleware on every route costs /e ~7 µs a request.
         Mount("/static", GZipMiddleware(StaticFiles(directory=str(static_dir())),

@@ -63,6 +63,25 @@ def timestamp(created: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
 
 
+# A query parameter named like a credential (the product feeds' ?token=, server/feeds.py):
+# its value never reaches a log line, uvicorn's access log included.
+_SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:token|key|secret|signature|password|auth)[^=&#]*=)"
+                           r"[^&#]*", re.IGNORECASE)
+
+
+def redact_path(path: Any) -> Any:
+    """A request path with the values of credential-like query parameters replaced."""
+    if not isinstance(path, str) or "?" not in path:
+        return path
+    return _SECRET_QUERY.sub(r"\1[redacted]", path)
+
+
+def _redact_access(record: logging.LogRecord) -> None:
+    if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+        client, method, path, http_version, status = record.args
+        record.args = (client, method, redact_path(path), http_version, status)
+
+
 def fields(record: logging.LogRecord) -> dict[str, Any]:
     """A record's extra fields: ``extra=``, the request id, and uvicorn's access values."""
     extra = {key: value for key, value in vars(record).items() if key not in _STANDARD}
@@ -82,6 +101,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, then the extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        _redact_access(record)
         line: dict[str, Any] = {"time": timestamp(record.created), "level": record.levelname,
                                 "logger": record.name, "message": record.getMessage()}
         for key, value in fields(record).items():
@@ -97,6 +117,7 @@ class TextFormatter(logging.Formatter):
     """``2026-01-31T14:00:00.123Z INFO onetag.forwarder: message key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
+        _redact_access(record)
         text = f"{timestamp(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
         extra = fields(record)
         if record.name == "uvicorn.access":  # the message says it all but the request id
