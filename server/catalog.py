@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from . import trust
+from . import events, trust
 
 # Events whose items describe products. Not purchase/refund: an order's line prices are
 # what was paid then (coupons, old prices), not the catalog's.
@@ -36,7 +36,7 @@ COLUMNS = ("title", "item_url", "image_url", "price_minor", "currency", "availab
            "categories", "brand", "variant", "item_group_id", "sku", "description",
            "google_product_category")
 # Google Merchant Center's availability values (Product data specification, Availability).
-AVAILABILITY = ("in_stock", "out_of_stock", "preorder", "backorder")
+AVAILABILITY = events.AVAILABILITY
 BACKEND, BROWSER = "backend", "browser"
 # A product's last_seen_ms is written again only after this long: a page view of a known,
 # unchanged product then writes nothing (bench/ingest.py's add_to_cart stays as cheap).
@@ -64,7 +64,8 @@ def stated(item: dict[str, Any], currency: str) -> dict[str, Any]:
 
 def observations(event: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any], bool, bool | None]]:
     """(item_id, fields stated, is a fact, deleted) for each item of a catalog event.
-    ``deleted`` is None unless the backend said true or false."""
+    ``deleted`` is None unless the backend said true or false. A claim's items are the
+    page's; a fact's, the backend's (``product_updated``, or any catalog event it sends)."""
     name = event["name"]
     if name not in EVENTS:
         return
@@ -82,11 +83,12 @@ class Product:
     a tuple); ``sources`` maps it to ``backend`` or ``browser``."""
 
     __slots__ = ("fields", "sources", "deleted", "first_seen_ms", "last_seen_ms", "changed_ms",
-                 "version", "fact_version", "fact_ms", "stored", "backend_deleted")
+                 "version", "fact_version", "fact_ms", "planned_version", "stored")
 
     def __init__(self, fields: dict[str, Any], sources: dict[str, str], deleted: bool,
                  first_seen_ms: int, last_seen_ms: int, changed_ms: int, version: int,
-                 fact_version: int = 0, fact_ms: int | None = None, stored: bool = True):
+                 fact_version: int = 0, fact_ms: int | None = None, planned_version: int = 0,
+                 stored: bool = True):
         self.fields = fields
         self.sources = sources
         self.deleted = deleted
@@ -96,6 +98,9 @@ class Product:
         self.version = version
         self.fact_version = fact_version
         self.fact_ms = fact_ms
+        # The fact_version whose Sendlane product-added its own event planned already
+        # (server/product_sync.py): the sync's change pass does not send it again.
+        self.planned_version = planned_version
         self.stored = stored  # the row exists in the database
 
     @property
@@ -104,7 +109,7 @@ class Product:
 
 
 def merge(product: Product | None, fields: dict[str, Any], fact: bool, deleted: bool | None,
-          now: int) -> tuple[Product, bool]:
+          now: int, planned: bool = False) -> tuple[Product, bool]:
     """The product after one observation, and whether it must be written.
 
     A fact sets every field it states and says whether the product is deleted; a claim sets
@@ -138,6 +143,9 @@ def merge(product: Product | None, fields: dict[str, Any], fact: bool, deleted: 
     if fact_changed:
         product.fact_version += 1
         product.fact_ms = now
+    if planned and fact and product.planned_version != product.fact_version:
+        product.planned_version = product.fact_version  # its event sent this version
+        fact_changed = True
     stale = now - product.last_seen_ms >= LAST_SEEN_STEP_MS
     product.last_seen_ms = max(product.last_seen_ms, now)
     return product, changed or fact_changed or stale or not product.stored

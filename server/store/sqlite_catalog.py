@@ -21,11 +21,11 @@ from ..jsontext import encode, loads
 CHUNK = 400
 
 _SELECT = ("SELECT item_id, " + ", ".join(catalog.COLUMNS) + ", sources, deleted, first_seen_ms, "
-           "last_seen_ms, changed_ms, version, fact_version, fact_ms FROM products "
+           "last_seen_ms, changed_ms, version, fact_version, fact_ms, planned_version FROM products "
            "WHERE site_id = ? AND item_id IN ")
 _WRITTEN = ("site_id", "item_id", *catalog.COLUMNS, "sources", "source", "deleted",
             "first_seen_ms", "last_seen_ms", "updated_ms", "changed_ms", "version",
-            "fact_version", "fact_ms")
+            "fact_version", "fact_ms", "planned_version")
 _UPSERT = (f"INSERT INTO products ({', '.join(_WRITTEN)}) VALUES ({', '.join('?' * len(_WRITTEN))}) "
            "ON CONFLICT (site_id, item_id) DO UPDATE SET "
            + ", ".join(f"{name} = excluded.{name}" for name in _WRITTEN[2:]
@@ -36,7 +36,7 @@ def from_row(row: Sequence[Any]) -> Product:
     """A ``products`` row (``_SELECT``'s columns after item_id) as a ``Product``."""
     (title, item_url, image_url, price_minor, currency, availability, categories, brand,
      variant, group, sku, description, google_category, sources, deleted, first_seen,
-     last_seen, changed, version, fact_version, fact_ms) = row
+     last_seen, changed, version, fact_version, fact_ms, planned_version) = row
     values = {"title": title, "item_url": item_url, "image_url": image_url,
               "price": (price_minor, currency) if price_minor is not None else None,
               "availability": availability,
@@ -45,7 +45,7 @@ def from_row(row: Sequence[Any]) -> Product:
               "description": description, "google_product_category": google_category}
     fields = {name: value for name, value in values.items() if value is not None}
     return Product(fields, loads(sources) if sources else {}, bool(deleted), first_seen,
-                   last_seen, changed, version, fact_version, fact_ms)
+                   last_seen, changed, version, fact_version, fact_ms, planned_version)
 
 
 def to_row(site_id: str, item_id: str, product: Product, now: int) -> tuple[Any, ...]:
@@ -59,7 +59,7 @@ def to_row(site_id: str, item_id: str, product: Product, now: int) -> tuple[Any,
             f.get("description"), f.get("google_product_category"),
             encode(product.sources).decode(), product.source, int(product.deleted),
             product.first_seen_ms, product.last_seen_ms, now, product.changed_ms,
-            product.version, product.fact_version, product.fact_ms)
+            product.version, product.fact_version, product.fact_ms, product.planned_version)
 
 
 class ProductCache:
@@ -86,11 +86,14 @@ class CatalogBatch:
         self.conn = conn
         self.cache = cache
         self.now = now
-        self.work: list[tuple[str, str, dict[str, Any], bool, bool | None]] = []
+        self.work: list[tuple[str, str, dict[str, Any], bool, bool | None, bool]] = []
 
-    def observe(self, site_id: str, event: dict[str, Any]) -> None:
+    def observe(self, site_id: str, event: dict[str, Any],
+                planned: frozenset[str] = frozenset()) -> None:
+        """``planned``: the item_ids whose Sendlane product-added the event's own deliveries
+        carry (``product_sync.planned_by_event``)."""
         for item_id, fields, fact, deleted in catalog.observations(event):
-            self.work.append((site_id, item_id, fields, fact, deleted))
+            self.work.append((site_id, item_id, fields, fact, deleted, item_id in planned))
 
     def flush(self) -> int:
         """Merge what was observed; write the changed rows. Returns how many were written."""
@@ -99,9 +102,10 @@ class CatalogBatch:
         products = self.cache.products
         self._load({(site_id, item_id) for site_id, item_id, *_ in self.work} - products.keys())
         dirty: dict[tuple[str, str], Product] = {}
-        for site_id, item_id, fields, fact, deleted in self.work:
+        for site_id, item_id, fields, fact, deleted, planned in self.work:
             key = (site_id, item_id)
-            product, write = catalog.merge(products.get(key), fields, fact, deleted, self.now)
+            product, write = catalog.merge(products.get(key), fields, fact, deleted, self.now,
+                                           planned)
             products[key] = product
             if write:
                 dirty[key] = product
@@ -163,3 +167,70 @@ def stats(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         if out["last_change_ms"] is None or row["changed_ms"] > out["last_change_ms"]:
             out["last_change_ms"] = row["changed_ms"]
     return out
+
+
+# The Sendlane product sync's writer job (server/product_sync.py) --------------------------
+
+_PRODUCT = _SELECT.split(" WHERE ")[0]  # the same columns, any condition
+_SYNC_INSERT = (
+    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, next_attempt_ms, created_ms, updated_ms) "
+    "VALUES (?, ?, ?, 0, 0, ?, 'pending', CAST(? AS TEXT), ?, ?, ?) "
+    "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
+
+
+def plan_sync(conn: sqlite3.Connection, site: Any, now: int, night: str | None,
+              limit: int) -> dict[str, Any]:
+    """Plan up to ``limit`` changed products and ``limit`` of the nightly pass, for one site.
+
+    Changes: the products whose backend facts changed after the cursor (fact_ms, item_id),
+    in that order, except a version its own event already sent (``planned_version``). The
+    nightly pass: when ``night`` is a date whose pass has not finished, the products after
+    ``night_after`` in item_id order. Delivery rows have no event (``event_seq`` 0) and
+    queue per product (visitor ``product:<item_id>``). ``more``: call again.
+    """
+    from .. import product_sync  # the rules; imported here, as they import the vendors
+
+    vendor = product_sync.VENDOR
+    conn.execute("INSERT INTO product_sync (site_id, vendor, updated_ms) VALUES (?, ?, ?) "
+                 "ON CONFLICT (site_id, vendor) DO NOTHING", (site.id, vendor, now))
+    cursor_ms, cursor_item, done_night, night_after = conn.execute(
+        "SELECT fact_ms, fact_after, night, night_after FROM product_sync "
+        "WHERE site_id = ? AND vendor = ?", (site.id, vendor)).fetchone()
+    rows: list[tuple[Any, ...]] = []
+
+    def add(item_id: str, product: Product, key: str) -> None:
+        item = product_sync.item_of(item_id, product)
+        if item is not None:
+            request = product_sync.request_for(site, item, key)
+            rows.append((site.id, vendor, request.dedup_key, f"product:{item_id}",
+                         encode(request.to_row()), now, now, now))
+
+    changed = conn.execute(
+        f"{_PRODUCT} WHERE site_id = ? AND fact_ms IS NOT NULL AND (fact_ms, item_id) > (?, ?) "
+        "ORDER BY fact_ms, item_id LIMIT ?", (site.id, cursor_ms, cursor_item, limit)).fetchall()
+    for row in changed:
+        product = from_row(tuple(row)[1:])
+        if product.planned_version != product.fact_version:
+            add(row[0], product, product_sync.change_key(row[0], product))
+    changes = len(rows)
+    if changed:
+        cursor_ms, cursor_item = changed[-1]["fact_ms"], changed[-1][0]
+    more = len(changed) == limit
+    if night is not None and done_night != night:
+        nightly = conn.execute(f"{_PRODUCT} WHERE site_id = ? AND item_id > ? AND deleted = 0 "
+                               "ORDER BY item_id LIMIT ?",
+                               (site.id, night_after or "", limit)).fetchall()
+        for row in nightly:
+            product = from_row(tuple(row)[1:])
+            add(row[0], product, product_sync.night_key(row[0], product, night))
+        if len(nightly) == limit:
+            night_after, more = nightly[-1][0], True
+        else:
+            done_night, night_after = night, None
+    if rows:
+        conn.executemany(_SYNC_INSERT, rows)
+    conn.execute("UPDATE product_sync SET fact_ms = ?, fact_after = ?, night = ?, "
+                 "night_after = ?, updated_ms = ? WHERE site_id = ? AND vendor = ?",
+                 (cursor_ms, cursor_item, done_night, night_after, now, site.id, vendor))
+    return {"changes": changes, "nightly": len(rows) - changes, "more": more}

@@ -16,7 +16,7 @@ import random
 import sqlite3
 from typing import Any, Iterable, Mapping, Sequence
 
-from .. import catalog, outbox, trust
+from .. import catalog, outbox, product_sync, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import apply_cart, cart_snapshot, claimed_fields, identity_update
@@ -404,14 +404,14 @@ class IngestBatch:
             # require the visitor's cookie (eSputnik's cookies.sc).
             identity["last_sc"] = self._last_sc(site.id, identity["id"])
         event["identity"] = identity
-        if event["name"] in catalog.EVENTS:
-            self.products.observe(site.id, event)
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
         data = encode(event)
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
                                 sc, identity["id"] if identity else None, self.now, raw, data))
         planned = outbox.plan(site, event, None, self.grace_ms)
+        if event["name"] in catalog.EVENTS:
+            self.products.observe(site.id, event, product_sync.planned_by_event(event, planned))
         request, _ = place
         request_id = self.request_ids[request]
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)

@@ -6,7 +6,8 @@
 -- "backend" once the backend stated anything about it. `version` counts changes of any
 -- field (and of `deleted`), `changed_ms` is when the last one was made: the feeds' ETag and
 -- Last-Modified. `fact_version`/`fact_ms` count and date the changes of backend-stated
--- fields alone: the Sendlane product sync plans from them (server/product_sync.py).
+-- fields alone: the Sendlane product sync plans from them (server/product_sync.py), except
+-- the version whose own event already planned Sendlane's product-added (`planned_version`).
 -- `last_seen_ms` is written at most once an hour a product (catalog.LAST_SEEN_STEP_MS), so
 -- a page view of a known product writes nothing.
 CREATE TABLE products (
@@ -35,20 +36,21 @@ CREATE TABLE products (
     version INTEGER NOT NULL,
     fact_version INTEGER NOT NULL DEFAULT 0,
     fact_ms INTEGER,
+    planned_version INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (site_id, item_id)
 ) WITHOUT ROWID;
 -- The product sync's change pass: a site's backend changes since its cursor.
 CREATE INDEX products_fact ON products (site_id, fact_ms);
--- Where each site's product sync is, per vendor: `fact_ms` the change cursor (every change
--- at or before it was planned); `night` the UTC date (YYYY-MM-DD) of the last nightly pass
+-- Where each site's product sync is, per vendor: (`fact_ms`, `fact_after`) the change cursor
+-- (every change up to that product at that time was planned); `night` the UTC date (YYYY-MM-DD) of the last nightly pass
 -- finished, `night_after` the item_id a nightly pass in progress has planned up to.
 CREATE TABLE product_sync (
     site_id TEXT NOT NULL,
     vendor TEXT NOT NULL,
     fact_ms INTEGER NOT NULL DEFAULT 0,
+    fact_after TEXT NOT NULL DEFAULT '',
     night TEXT,
     night_after TEXT,
-    night_planned INTEGER NOT NULL DEFAULT 0,
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (site_id, vendor)
 )
