@@ -146,9 +146,11 @@ def merge(product: Product | None, fields: dict[str, Any], fact: bool, deleted: 
     if planned and fact and product.planned_version != product.fact_version:
         product.planned_version = product.fact_version  # its event sent this version
         fact_changed = True
-    stale = now - product.last_seen_ms >= LAST_SEEN_STEP_MS
-    product.last_seen_ms = max(product.last_seen_ms, now)
-    return product, changed or fact_changed or stale or not product.stored
+    write = (changed or fact_changed or not product.stored
+             or now - product.last_seen_ms >= LAST_SEEN_STEP_MS)
+    if write:  # last_seen_ms is what the row says: moved only when the row is written
+        product.last_seen_ms = max(product.last_seen_ms, now)
+    return product, write
 
 
 def backend_fields(product: Product) -> dict[str, Any]:

@@ -148,6 +148,9 @@ class Store(abc.ABC):
                            limit: int) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    async def catalog_sites(self) -> list[str]:
+        raise NotImplementedError
+
     async def plan_product_sync(self, site_id: str, now_ms: int, night: str | None,
                                 limit: int) -> dict[str, Any]:
         raise NotImplementedError
