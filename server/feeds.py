@@ -61,8 +61,11 @@ def clean(text: Any) -> str:
     return _NOT_XML.sub("", str(text))
 
 
-def _escape(text: Any) -> str:
-    return clean(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def _escape(text: str) -> str:
+    """Text content for XML: ``\r`` as a reference, since a parser reads a bare one as a
+    line end."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\r", "&#13;"))
 
 
 def price_text(row: dict[str, Any]) -> str:
@@ -83,16 +86,16 @@ def xml_item(row: dict[str, Any]) -> str:
               ("product_type", " > ".join(row["categories"]) or None),
               ("google_product_category", row["google_product_category"]),
               ("item_group_id", row["item_group_id"])]
-    inner = "".join(f"<g:{name}>{_escape(value)}</g:{name}>" for name, value in fields
-                    if value is not None and value != "")
+    cleaned = ((name, clean(value)) for name, value in fields if value is not None)
+    inner = "".join(f"<g:{name}>{_escape(text)}</g:{name}>" for name, text in cleaned if text)
     return f"<item>{inner}</item>\n"
 
 
 def xml_head(title: str, link: str) -> str:
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'
             f'<rss version="2.0" xmlns:g="{NAMESPACE}">\n<channel>\n'
-            f"<title>{_escape(title)}</title>\n<link>{_escape(link)}</link>\n"
-            f"<description>{_escape(title)}, published by onetag</description>\n")
+            f"<title>{_escape(clean(title))}</title>\n<link>{_escape(clean(link))}</link>\n"
+            f"<description>{_escape(clean(title))}, published by onetag</description>\n")
 
 
 XML_TAIL = "</channel>\n</rss>\n"
