@@ -163,6 +163,15 @@ async def test_a_failed_batch_leaves_the_cache_and_the_table_alike(tmp_path):
     assert product(tmp_path, "SKU-1")["title"] == "Mug"
 
 
+async def test_catalog_events_without_items_change_nothing(tmp_path):
+    async with running(settings_for(tmp_path)) as (_, client):
+        await browser(client, {"event": "view_item_list", "event_id": str(uuid.uuid4())},
+                      view(name="view_cart"))
+        await backend(client, {"event": "view_item_list", "event_id": str(uuid.uuid4()),
+                               "user": {"email": "ann@example.com"}})
+    assert product(tmp_path) is None
+
+
 async def test_a_browser_cannot_send_product_updated(tmp_path):
     async with running(settings_for(tmp_path)) as (_, client):
         body = json.dumps({"site_id": "shop1", "events": [update(item(item_name="X"))]})

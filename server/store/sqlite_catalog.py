@@ -92,6 +92,16 @@ class CatalogBatch:
                 planned: frozenset[str] = frozenset()) -> None:
         """``planned``: the item_ids whose Sendlane product-added the event's own deliveries
         carry (``product_sync.planned_by_event``)."""
+        if event["source"] != catalog.BACKEND:  # the hot path: a page's items, inline
+            ecommerce = event.get("ecommerce")
+            if not ecommerce:
+                return  # (a view_item_list may come without)
+            currency = ecommerce["currency"]
+            append = self.work.append
+            for item in ecommerce["items"]:
+                append((site_id, item["item_id"], catalog.stated(item, currency), False, None,
+                        False))
+            return
         for item_id, fields, fact, deleted in catalog.observations(event):
             self.work.append((site_id, item_id, fields, fact, deleted, item_id in planned))
 

@@ -411,7 +411,8 @@ class IngestBatch:
                                 sc, identity["id"] if identity else None, self.now, raw, data))
         planned = outbox.plan(site, event, None, self.grace_ms)
         if event["name"] in catalog.EVENTS:
-            self.products.observe(site.id, event, product_sync.planned_by_event(event, planned))
+            self.products.observe(site.id, event, product_sync.planned_by_event(event, planned)
+                                  if event["name"] in catalog.FACT_EVENTS else frozenset())
         request, _ = place
         request_id = self.request_ids[request]
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
