@@ -11,7 +11,7 @@ import datetime as dt
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
