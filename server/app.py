@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from .assets import static_dir
+from .coupons import PATH as COUPONS_PATH, Coupons
 from .demo import Demo
 from .feeds import Feeds
 from .forwarder import Forwarder, ForwarderOptions
@@ -61,6 +62,7 @@ def create_app(settings: Any, store: Any = None,
     scripts = ScriptServer(settings)
     ingest = Ingest(settings, store)
     feeds = Feeds(settings, store)
+    coupons = Coupons(settings, store)
     forwarder = None
     if settings.server.forward:
         forwarder = Forwarder(settings, store, forward_options or ForwarderOptions.from_env())
@@ -92,6 +94,8 @@ def create_app(settings: Any, store: Any = None,
         # The product feeds the vendors fetch (server/feeds.py); ?token= the site's feed_token.
         Route("/feeds/{site_id}/products.xml", feeds.xml, methods=["GET"]),
         Route("/feeds/{site_id}/products.csv", feeds.csv, methods=["GET"]),
+        # Remarkety's Coupons API: the Discounts endpoint it calls (server/coupons.py).
+        Route(COUPONS_PATH, coupons.discounts, methods=["POST"]),
         # Compressed here and on the demo page only: the event endpoint answers 204s, and
         # the script is stored gzipped; a middleware on every route costs /e ~7 µs a request.
         Mount("/static", GZipMiddleware(StaticFiles(directory=str(static_dir())),
@@ -139,4 +143,5 @@ def create_app(settings: Any, store: Any = None,
     app.state.settings = settings
     app.state.store = store
     app.state.forwarder = forwarder
+    app.state.coupons = coupons
     return app

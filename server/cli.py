@@ -1,4 +1,4 @@
-"""``onetag``: serve | init | check | deliveries | replay | worker."""
+"""``onetag``: serve | init | check | deliveries | replay | worker | coupons."""
 
 from __future__ import annotations
 
@@ -68,6 +68,14 @@ api_key = "env:SHOP1_ESPUTNIK_API_KEY"     # secret, optional: tracker Basic aut
 [sites.sendlane]
 integration_token = "0123456789abcdef"     # public: pusher.js data-token
 api_token = "env:SHOP1_SENDLANE_API_TOKEN" # secret: Authorization: Bearer ...
+
+# Remarkety's Coupons API (README "Remarkety coupons"): give Remarkety the base URL
+# <public_url>/remarkety/shop1 and this remarkety_api_key; the store creates the coupons.
+# [sites.coupons]
+# remarkety_api_key = "env:SHOP1_COUPON_API_KEY"      # secret, 16+ chars: Remarkety sends it
+# webhook_url       = "https://shop.example/onetag/coupons"  # the store's coupon webhook
+# webhook_secret    = "env:SHOP1_COUPON_WEBHOOK_SECRET" # secret, 16+ chars: signs each call
+# timeout_s         = 5                                # the whole store call
 '''
 
 
@@ -641,6 +649,53 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_coupon_calls(calls: list[dict[str, Any]], width: int = 100) -> str:
+    """One block per call: when, site, result, statuses, duration, what was asked, the error."""
+    lines = []
+    for call in calls:
+        store = "-" if call["store_status"] is None else str(call["store_status"])
+        lines.append(f"#{call['id']}  {_when(call['created_ms'])}  {call['site_id']}  "
+                     f"{call['result']}  answered {call['status']}  store {store}  "
+                     f"{call['duration_ms']} ms  request {call['request_id'] or '-'}")
+        if call["code"] is not None:
+            asked = [f"code {call['code']}", f"template {call['template_id']}"]
+            if call["expiration"]:
+                asked.append(f"expires {call['expiration']}")
+            if call["email"]:
+                asked.append(f"for {call['email']}")
+            lines.append("    " + "  ".join(asked))
+        if call["error"]:
+            error = call["error"].replace("\n", " ")
+            lines.append("    " + (error if len(error) <= width else error[:width - 1] + "…"))
+    return "\n".join(lines) or "(none)"
+
+
+def cmd_coupons(args: argparse.Namespace) -> int:
+    settings = _ops_settings(args.config)
+    if args.site and args.site not in settings.sites:
+        print(f"onetag: no site {args.site!r} in the config (sites: "
+              f"{', '.join(settings.sites)})", file=sys.stderr)
+        return 2
+    if args.limit < 1:
+        print("onetag: --limit must be at least 1", file=sys.stderr)
+        return 2
+
+    async def work(store: Any) -> list[dict[str, Any]]:
+        return await store.coupon_calls(site_id=args.site, limit=args.limit)
+
+    calls = asyncio.run(_with_store(settings, work))
+    if args.json:
+        print(json.dumps({"database": settings.server.sqlite_path, "site": args.site,
+                          "calls": calls}, indent=2, ensure_ascii=False))
+        return 0
+    bridged = [site.id for site in settings.sites.values() if site.coupons is not None]
+    print(f"coupon calls in {settings.server.sqlite_path} (latest {args.limit}"
+          f"{f', site {args.site}' if args.site else ''}; bridge on for: "
+          f"{', '.join(bridged) or 'no site'})")
+    print(format_coupon_calls(calls))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onetag", description="One tag, every vendor.")
     parser.add_argument("--version", action="version", version=f"onetag {__version__}")
@@ -751,6 +806,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-format", choices=["text", "json"],
                         help="default: [server] log_format, else text")
     worker.set_defaults(func=cmd_worker)
+
+    coupons = commands.add_parser(
+        "coupons", help="the latest calls of Remarkety's Coupons API, and what became of each",
+        description="Every call Remarkety made to POST /remarkety/{site_id}/discounts, latest "
+                    "first: when, the site, the result (created; refused: the store said no; "
+                    "invalid, unauthorized: refused before the store was asked; store_down, "
+                    "store_timeout, store_auth, store_error, store_garbage: the store's webhook "
+                    "failed), what onetag answered Remarkety and the webhook's HTTP status, how "
+                    "long it took, the coupon asked for and the error. Reads the database "
+                    "directly (no server needed); secrets need not be set and are never shown.")
+    coupons.add_argument("--config", help=config_help)
+    coupons.add_argument("--site", help="only this site")
+    coupons.add_argument("--limit", type=int, default=20, help="calls listed (20)")
+    coupons.add_argument("--json", action="store_true", help="machine-readable output")
+    coupons.set_defaults(func=cmd_coupons)
     return parser
 
 

@@ -60,7 +60,7 @@ class ConfigError(Exception):
 class SiteConfig:
     id: str
     origins: tuple[str, ...] = ()
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # secrets stay out of any repr
     currency: str = "USD"
     spa_page_views: str = "auto"  # or "manual"
     capture_form_email: bool = True
@@ -72,11 +72,28 @@ class SiteConfig:
     cart_url: str | None = None
     # Who states orders (docs/security.md): "backend" (its API only) or "browser".
     order_source: str = "browser"
-    identity_secret: str | None = None  # signs the pages' identify (user.signature)
+    identity_secret: str | None = field(default=None, repr=False)  # signs identify (user.signature)
+    coupons: CouponConfig | None = None  # [sites.coupons]: the Remarkety Coupons API bridge
     # The product feeds' secret (GET /feeds/{site}/products.xml?token=...): no feed without it.
-    feed_token: str | None = None
+    feed_token: str | None = field(default=None, repr=False)
     # When the nightly Sendlane product sync runs, as minutes after 00:00 UTC ("03:00").
     product_sync_minute: int = DEFAULT_PRODUCT_SYNC_MINUTE
+
+
+DEFAULT_COUPON_TIMEOUT_S = 5.0
+MAX_COUPON_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class CouponConfig:
+    """``[sites.coupons]``: Remarkety calls ``POST /remarkety/{site_id}/discounts`` with
+    ``remarkety_api_key``; onetag asks the store's ``webhook_url`` to create the coupon,
+    signing the body with ``webhook_secret`` (server/coupons.py). Secrets stay out of repr."""
+
+    webhook_url: str
+    remarkety_api_key: str | None = field(default=None, repr=False)
+    webhook_secret: str | None = field(default=None, repr=False)
+    timeout_s: float = DEFAULT_COUPON_TIMEOUT_S  # the whole store call, connect to last byte
 
 
 @dataclass(frozen=True)
@@ -299,7 +316,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     if not SITE_ID_RE.match(site_id):
         reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
     known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
-             "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret",
+             "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret", "coupons",
              "feed_token", "product_sync_time", *VENDORS}
     for key in table:
         if key not in known:
@@ -363,7 +380,8 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
         debug=reader.boolean(table, "debug", where, False), max_cart_lines=max_cart_lines,
         vendors=vendors, cart_url=cart_url, order_source=order_source,
         identity_secret=identity_secret, feed_token=feed_token,
-        product_sync_minute=sync_minute)
+        product_sync_minute=sync_minute,
+        coupons=_coupons(reader, table["coupons"], f"{where}.coupons") if "coupons" in table else None)
 
 
 def parse_sync_time(text: str) -> int | None:
@@ -373,6 +391,44 @@ def parse_sync_time(text: str) -> int | None:
         return None
     hours, minutes = int(match[1]), int(match[2])
     return hours * 60 + minutes if hours < 24 and minutes < 60 else None
+
+
+COUPON_KEYS = ("remarkety_api_key", "webhook_url", "webhook_secret", "timeout_s")
+MIN_COUPON_SECRET = 16
+
+
+def _coupons(reader: _Reader, table: Any, where: str) -> CouponConfig | None:
+    """``[sites.coupons]``: every key checked; the two secrets at least 16 characters."""
+    if not isinstance(table, dict):
+        reader.problem(where, "must be a table ([sites.coupons])")
+        return None
+    for key in table:
+        if key not in COUPON_KEYS:
+            reader.unknown(where, key, COUPON_KEYS)
+    url = reader.string(table, "webhook_url", where, required=True)
+    parts = urlsplit(url or "")
+    if url is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+        reader.problem(f"{where}.webhook_url", f"must be an absolute http(s) URL like "
+                                               f"\"https://shop.example/onetag/coupons\", not {url!r}")
+    secrets = {}
+    for key in ("remarkety_api_key", "webhook_secret"):
+        value = reader.string(table, key, where, required=True)
+        if value is not None and len(value) < MIN_COUPON_SECRET:
+            reader.problem(f"{where}.{key}", f"must be at least {MIN_COUPON_SECRET} characters "
+                           f"(a random secret, e.g. \"env:SHOP1_COUPON_{key.upper()}\")")
+        secrets[key] = value
+    timeout = reader.resolve(f"{where}.timeout_s", table.get("timeout_s", DEFAULT_COUPON_TIMEOUT_S))
+    if isinstance(timeout, str):
+        try:
+            timeout = float(timeout)
+        except ValueError:
+            pass
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout <= MAX_COUPON_TIMEOUT_S):
+        reader.problem(f"{where}.timeout_s", f"must be a number of seconds > 0 and <= "
+                                             f"{MAX_COUPON_TIMEOUT_S:g}, not {timeout!r}")
+        timeout = DEFAULT_COUPON_TIMEOUT_S
+    return CouponConfig(webhook_url=url or "", timeout_s=float(timeout), **secrets)
 
 
 CART_URL_FIELDS = ("cart_guid", "sc")

@@ -123,7 +123,8 @@ class ForwarderOptions:
     expire_every_s: float = DEFAULT_EXPIRE_EVERY_S
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     prune_every_s: float = DEFAULT_PRUNE_EVERY_S
-    # The Sendlane product sync's pass (server/product_sync.py): changes planned this often.
+    # The Sendlane product sync's pass (server/product_sync.py): changes planned this often
+    # (0: no periodic pass; ``sync_products`` runs one).
     product_sync_every_s: float = product_sync.DEFAULT_EVERY_S
     rates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
 
@@ -436,7 +437,8 @@ class Forwarder:
         self._tasks.append(asyncio.create_task(
             self._every(self.options.prune_every_s, self.prune_attempts,
                         "pruning delivery attempts"), name="onetag-prune"))
-        if any(product_sync.enabled(site) for site in self.settings.sites.values()):
+        if opts.product_sync_every_s > 0 and any(product_sync.enabled(site)
+                                                 for site in self.settings.sites.values()):
             self._tasks.append(asyncio.create_task(
                 self._every(opts.product_sync_every_s, self.sync_products,
                             "planning the product sync"), name="onetag-product-sync"))

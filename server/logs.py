@@ -63,23 +63,28 @@ def timestamp(created: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
 
 
-# A query parameter named like a credential (the product feeds' ?token=, server/feeds.py):
-# its value never reaches a log line, uvicorn's access log included.
-_SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:token|key|secret|signature|password|auth)[^=&#]*=)"
-                           r"[^&#]*", re.IGNORECASE)
+# Query parameters whose values are secrets (Remarkety's ``remarkety_api_key``, a feed token):
+# an access line shows them as [redacted].
+_SECRET_PARAM = re.compile(r"(?i)(key|token|secret|signature|password)")
+_QUERY_PAIR = re.compile(r"([^&=]*)=([^&]*)")
 
 
-def redact_path(path: Any) -> Any:
-    """A request path with the values of credential-like query parameters replaced."""
-    if not isinstance(path, str) or "?" not in path:
+def redact_query(path: str) -> str:
+    """``/x?remarkety_api_key=abc&code=A`` -> ``/x?remarkety_api_key=[redacted]&code=A``."""
+    base, sep, query = path.partition("?")
+    if not sep:
         return path
-    return _SECRET_QUERY.sub(r"\1[redacted]", path)
+    return base + sep + _QUERY_PAIR.sub(
+        lambda m: f"{m.group(1)}=[redacted]" if _SECRET_PARAM.search(m.group(1)) else m.group(0),
+        query)
 
 
-def _redact_access(record: logging.LogRecord) -> None:
+def _scrub(record: logging.LogRecord) -> None:
+    """uvicorn's access line names the path with its query string: secrets out of it."""
     if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
         client, method, path, http_version, status = record.args
-        record.args = (client, method, redact_path(path), http_version, status)
+        if isinstance(path, str) and "?" in path:
+            record.args = (client, method, redact_query(path), http_version, status)
 
 
 def fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -101,7 +106,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, then the extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        _redact_access(record)
+        _scrub(record)
         line: dict[str, Any] = {"time": timestamp(record.created), "level": record.levelname,
                                 "logger": record.name, "message": record.getMessage()}
         for key, value in fields(record).items():
@@ -117,7 +122,7 @@ class TextFormatter(logging.Formatter):
     """``2026-01-31T14:00:00.123Z INFO onetag.forwarder: message key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        _redact_access(record)
+        _scrub(record)
         text = f"{timestamp(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
         extra = fields(record)
         if record.name == "uvicorn.access":  # the message says it all but the request id

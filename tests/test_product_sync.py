@@ -23,7 +23,7 @@ from server.forwarder import Forwarder
 
 URL = "https://shop.example/p/"
 IMAGE = "https://shop.example/i/"
-OPTIONS = dataclasses.replace(FAST, product_sync_every_s=3600)  # passes when the test says
+OPTIONS = dataclasses.replace(FAST, product_sync_every_s=0)  # passes only when the test says
 
 
 def item(item_id: str, price: str = "10.00", full: bool = True, **extra: Any) -> dict:
@@ -190,6 +190,16 @@ async def test_a_nightly_pass_larger_than_a_page(tmp_path, fake, clock, monkeypa
         clock.at(3, 5)
         assert (await shop.forwarder.sync_products()) == {"changes": 0, "nightly": 20}
         assert sorted(p for p, _ in await shop.settle(20)) == [f"P{n:02d}" for n in range(20)]
+
+
+async def test_the_forwarder_runs_the_passes_by_itself(tmp_path, fake, clock, monkeypatch):
+    monkeypatch.setattr("test_product_sync.OPTIONS",
+                        dataclasses.replace(OPTIONS, product_sync_every_s=0.05))
+    async with Shop(tmp_path, fake, clock) as shop:
+        await shop.backend(update(item("P1")))
+        await shop.settle(1)
+        await shop.backend(update(item("P1", "11.00", full=False)))  # the pass sends it
+        assert await shop.settle(2) == [("P1", 10), ("P1", 11)]
 
 
 def test_no_sync_for_a_site_whose_route_is_off(tmp_path, fake):

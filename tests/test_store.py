@@ -440,7 +440,8 @@ def test_migration_006_keeps_rows_and_splits_ids_and_keys_by_kind_of_sender(tmp_
         db.execute("INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, state, "
                    "request, created_ms, updated_ms, retry_from_ms) VALUES ('shop1', 'rejoiner', ?, "
                    "?, 'v', 'delivered', '{}', 0, 0, 5)", (f"convert:{seq}", seq))
-    assert migrate(db) == ["006_sources.sql", "007_request_ids.sql", "008_attempts.sql"]
+    # (later migrations follow these three)
+    assert migrate(db)[:3] == ["006_sources.sql", "007_request_ids.sql", "008_attempts.sql"]
     assert db.execute("SELECT dedup_key, claim, retry_from_ms FROM deliveries ORDER BY id"
                       ).fetchall() == [("convert:1", 1, 5), ("convert:2", 0, 5)]
     # The same id from the other kind of sender is a new event; from the same kind, refused.

@@ -174,6 +174,15 @@ class Store(abc.ABC):
         """A delivery's attempts, first first (read-only)."""
         raise NotImplementedError
 
+    async def record_coupon_call(self, call: Mapping[str, Any]) -> int:
+        """Keep one call of the Remarkety Coupons bridge (``coupon_calls``); returns its id."""
+        raise NotImplementedError
+
+    async def coupon_calls(self, *, site_id: str | None = None, limit: int = 20
+                           ) -> list[dict[str, Any]]:
+        """The latest coupon calls first (read-only), of one site or all."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def expire_held(self, before_ms: int, now_ms: int) -> int:
         """Held rows older than the hold window stop waiting; returns how many."""

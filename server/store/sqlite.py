@@ -27,7 +27,7 @@ from .base import (BrowserIngested, Delivery, IngestResult, JobFailure, Outcome,
                    Store, StoreUnavailable)
 from .sqlite_ingest import identity_fields
 from . import sqlite_catalog
-from .sqlite_writer import (INGEST_OPS, ProcessWriter, ThreadWriter, WriterGone, commit_failure,
+from .sqlite_writer import (COUPON_CALL_COLUMNS, INGEST_OPS, ProcessWriter, ThreadWriter, WriterGone, commit_failure,
                             migrate, migrations, now_ms)
 
 __all__ = ["SQLiteStore", "migrate", "migrations", "now_ms"]
@@ -467,6 +467,21 @@ class SQLiteStore(Store):
             "AND p.state = 'pending' AND p.id < d.id) END AS waits_for "
             f"FROM deliveries d WHERE {' AND '.join(where)} ORDER BY d.id DESC LIMIT ?",
             [*params, limit])
+        return [dict(row) for row in rows]
+
+    # The Remarkety Coupons bridge (server/coupons.py) -----------------------------------
+
+    async def record_coupon_call(self, call: Mapping[str, Any]) -> int:
+        return await self._write("record_coupon_call",
+                                 tuple(call.get(column) for column in COUPON_CALL_COLUMNS))
+
+    async def coupon_calls(self, *, site_id: str | None = None, limit: int = 20
+                           ) -> list[dict[str, Any]]:
+        assert self._reader is not None
+        where, params = ("WHERE site_id = ?", [site_id]) if site_id else ("", [])
+        rows = await self._reader.execute_fetchall(
+            f"SELECT id, {', '.join(COUPON_CALL_COLUMNS)} FROM coupon_calls {where} "
+            "ORDER BY id DESC LIMIT ?", [*params, limit])
         return [dict(row) for row in rows]
 
 

@@ -68,6 +68,12 @@ WAL_AUTOCHECKPOINT = 8000
 CHECKPOINT_EVERY_S = 1.0
 
 
+# The columns of a coupon call, in the order ``record_coupon_call`` takes them.
+COUPON_CALL_COLUMNS = ("created_ms", "site_id", "request_id", "idempotency_key", "code",
+                       "template_id", "expiration", "email", "status", "result",
+                       "store_status", "duration_ms", "error")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -358,6 +364,12 @@ class WriteOps:
         return self.conn.execute(
             "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_ms < ? "
             "ORDER BY started_ms LIMIT ?)", (before, limit)).rowcount
+
+    def record_coupon_call(self, call: tuple[Any, ...]) -> int:
+        """One row of ``coupon_calls`` (server/coupons.py, ``COUPON_CALL_COLUMNS``)."""
+        return self.conn.execute(
+            f"INSERT INTO coupon_calls ({', '.join(COUPON_CALL_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(COUPON_CALL_COLUMNS))})", call).lastrowid
 
     def expire_held(self, before: int, now: int) -> int:
         return self.conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "

@@ -204,14 +204,15 @@ def write_config(path: Path, data: dict) -> Path:
 
 @contextlib.contextmanager
 def server_process(config_path: Path, port: int, env: dict[str, str] | None = None,
-                   log: Path | None = None) -> Iterator[subprocess.Popen]:
+                   log: Path | None = None, log_level: str = "warning"
+                   ) -> Iterator[subprocess.Popen]:
     """``python -m server serve`` on ``port``; waits for /healthz; kills it on exit."""
     import httpx
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **FORWARD_ENV, **(env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(config_path),
-                             "--port", str(port), "--log-level", "warning"],
+                             "--port", str(port), "--log-level", log_level],
                             cwd=config_path.parent, env=full_env, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 60
