@@ -15,12 +15,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from .admin import admin_routes
 from .assets import static_dir
 from .coupons import PATH as COUPONS_PATH, Coupons
 from .demo import Demo
 from .feeds import Feeds
 from .forwarder import Forwarder, ForwarderOptions
 from .ingest import Ingest
+from .metrics import Metrics
 from .script import ScriptServer
 from .store import StoreUnavailable, open_store
 
@@ -60,12 +62,15 @@ def create_app(settings: Any, store: Any = None,
     """``forward_options``: the forwarder's tuning (default: ``ONETAG_FORWARD_*`` env)."""
     store = store if store is not None else open_store(settings)
     scripts = ScriptServer(settings)
-    ingest = Ingest(settings, store)
+    metrics = Metrics(settings, store)  # GET /metrics; the handlers below count into it
+    store.on_commit = metrics.committed
+    ingest = Ingest(settings, store, metrics)
     feeds = Feeds(settings, store)
     coupons = Coupons(settings, store)
     forwarder = None
     if settings.server.forward:
-        forwarder = Forwarder(settings, store, forward_options or ForwarderOptions.from_env())
+        forwarder = Forwarder(settings, store, forward_options or ForwarderOptions.from_env(),
+                              metrics=metrics)
         ingest.on_stored = forwarder.wake
 
     async def healthz(request: Request) -> Response:
@@ -87,6 +92,7 @@ def create_app(settings: Any, store: Any = None,
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
         Route(settings.server.script_path, scripts.endpoint, methods=["GET"]),
         Route(settings.server.event_path, _Endpoint(ingest.browser_events), methods=["POST"]),
         Route(settings.server.event_path, ingest.preflight, methods=["OPTIONS"]),
@@ -100,6 +106,9 @@ def create_app(settings: Any, store: Any = None,
         # the script is stored gzipped; a middleware on every route costs /e ~7 µs a request.
         Mount("/static", GZipMiddleware(StaticFiles(directory=str(static_dir())),
                                         minimum_size=1024), name="static"),
+        # The operator console (server/admin/): off, saying how to turn it on, without
+        # [server] admin_token.
+        Mount("/admin", routes=admin_routes(settings, store)),
     ]
     if settings.is_demo:
         demo = Demo(settings, store, scripts.env,
@@ -143,5 +152,6 @@ def create_app(settings: Any, store: Any = None,
     app.state.settings = settings
     app.state.store = store
     app.state.forwarder = forwarder
+    app.state.metrics = metrics
     app.state.coupons = coupons
     return app

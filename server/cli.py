@@ -1,9 +1,10 @@
-"""``onetag``: serve | init | check | deliveries | replay | worker | coupons."""
+"""``onetag``: serve | init | check | deliveries | replay | worker | coupons | backfill | export."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import ipaddress
 import json
 import logging
@@ -33,6 +34,7 @@ admin_token = "env:ONETAG_ADMIN_TOKEN"
 # hold_days = 7                            # how long anonymous activity waits for an email
 # forward   = true                         # run the vendor forwarder inside `onetag serve`
 # log_format = "text"                      # "json": one object a line (or --log-format json)
+# metrics_public = false                   # true: GET /metrics without the admin_token bearer
 
 [[sites]]
 id       = "shop1"                         # [A-Za-z0-9_-]{1,64}; the script is /s/shop1.js
@@ -322,6 +324,8 @@ def pending_reason(row: dict[str, Any], now_ms: int, max_attempts: int, lease_ms
         when = (f"at {_clock(due, now_ms)}" if due > now_ms
                 else f"due now (since {_clock(due, now_ms)})")
         return f"retry {attempts + 1} of {max_attempts} {when} after {_error_head(error)}"
+    if due > now_ms and (row.get("request_id") or "").startswith("backfill-"):
+        return f"paced history (`onetag backfill --pace`): due at {_clock(due, now_ms)}"
     if due > now_ms:
         return (f"held back until {_clock(due, now_ms)} for the browser's own copy "
                 f"([server] browser_grace_s)")
@@ -558,21 +562,47 @@ def refusal(row: dict[str, Any]) -> str:
     return f"{where}: only {' or '.join(REPLAYABLE)} deliveries can be replayed"
 
 
+def _os_user() -> str:
+    """Who ran an operator command, for the replays record."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container's uid without a passwd entry)
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
-    if args.id is not None and (args.dead or args.expired or args.vendor or args.since):
-        print("onetag: --id names one delivery; it takes no --vendor, --since, --dead or "
-              "--expired", file=sys.stderr)
+    from .store.deadletters import MAX_ERROR_TEXT, ReplayFilter
+
+    if args.id is not None and (args.dead or args.expired or args.vendor or args.since
+                                or args.until or args.error or args.site):
+        print("onetag: --id names one delivery; it takes no --vendor, --site, --since, --until, "
+              "--error, --dead or --expired", file=sys.stderr)
+        return 2
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        print("onetag: --until must be later than --since", file=sys.stderr)
+        return 2
+    if args.error is not None and not 0 < len(args.error) <= MAX_ERROR_TEXT:
+        print(f"onetag: --error takes 1 to {MAX_ERROR_TEXT} characters", file=sys.stderr)
         return 2
     settings = _ops_settings(args.config)
     states = [state for state, wanted in (("dead", args.dead), ("expired", args.expired))
               if wanted] or ["dead"]
     since_ms = args.since
     now_ms = int(time.time() * 1000)
+    who = f"cli:{_os_user()}"
+
+    async def replay(store: Any, selection: ReplayFilter) -> list[dict[str, Any]]:
+        if args.dry_run:
+            return await store.replay_rows(
+                now_ms, vendor=selection.vendor, since_ms=selection.since_ms,
+                states=selection.states, ids=selection.ids, dry_run=True,
+                site_id=selection.site_id, until_ms=selection.until_ms, error=selection.error)
+        return (await store.replay_recorded(now_ms, selection, who))["rows"]
 
     async def work(store: Any) -> tuple[list[dict[str, Any]], str | None]:
         if args.id is None:
-            return await store.replay_rows(now_ms, vendor=args.vendor, since_ms=since_ms,
-                                           states=states, dry_run=args.dry_run), None
+            return await replay(store, ReplayFilter(
+                tuple(states), args.vendor, args.site, since_ms, args.until, args.error)), None
         found = await store.list_deliveries(ids=[args.id], limit=1)
         if not found:
             return [], f"no delivery #{args.id} in {settings.server.sqlite_path}"
@@ -580,14 +610,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if row["state"] not in REPLAYABLE:
             _explain_pending([row], now_ms)
             return [], refusal(row)
-        made = await store.replay_rows(now_ms, states=[row["state"]], ids=[args.id],
-                                       dry_run=args.dry_run)
+        made = await replay(store, ReplayFilter((row["state"],), ids=(args.id,)))
         if not made:  # expired, and re-planning found nothing to send it with
             return [], (f"delivery #{args.id} ({row['vendor']}) expired without the visitor's "
                         f"email, and the visitor still has none: nothing to send it with")
         return made, None
 
-    made, error = asyncio.run(_with_store(settings, work))
+    try:
+        made, error = asyncio.run(_with_store(settings, work))
+    except ValueError as exc:  # a filter the store refused (too many rows for one replay)
+        print(f"onetag: {exc}", file=sys.stderr)
+        return 2
     if error:
         print(f"onetag: {error}", file=sys.stderr)
         return 1
@@ -601,11 +634,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
         scope = " and ".join(states)
         if args.vendor:
             scope += f", vendor {args.vendor}"
+        if args.site:
+            scope += f", site {args.site}"
         if since_ms is not None:
             scope += f", created since {_when(since_ms)}"
+        if args.until is not None:
+            scope += f", created before {_when(args.until)}"
+        if args.error:
+            scope += f", last error containing {args.error!r}"
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "count": len(made), "scope": scope,
-                          "id": args.id, "vendor": args.vendor, "since_ms": since_ms,
+                          "id": args.id, "vendor": args.vendor, "site": args.site,
+                          "since_ms": since_ms, "until_ms": args.until, "error": args.error,
                           "states": states if args.id is None else None, "rows": made},
                          indent=2))
         return 0
@@ -622,7 +662,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if len(made) > REPLAY_LISTED:
             print(f"  ... and {len(made) - REPLAY_LISTED} more (--json lists them all)")
         return 0
-    print(f"onetag: {len(made)} deliveries made due again ({scope}); a running `onetag serve` "
+    print(f"onetag: {len(made)} deliveries made due again ({scope}), recorded as a replay by "
+          f"{who}; a running `onetag serve` "
           f"or `onetag worker` sends them within a second or two")
     return 0
 
@@ -646,6 +687,80 @@ def cmd_worker(args: argparse.Namespace) -> int:
         await run_until(stop, settings, store, options)
 
     asyncio.run(_with_store(settings, work))
+    return 0
+
+
+def _site_of(settings: config_module.Settings, site_id: str) -> Any:
+    site = settings.sites.get(site_id)
+    if site is None:
+        print(f"onetag: no site {site_id!r} in the config (sites: "
+              f"{', '.join(settings.sites) or 'none'})", file=sys.stderr)
+        raise SystemExit(2)
+    return site
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Check every line, then print the plan (dry run) or write it (``--send``)."""
+    from .backfill import Backfill, existing_keys
+    from .store.base import StoreUnavailable
+
+    path = _find_config(args.config)
+    # Planning sends nothing: vendor secrets need not be set (the worker needs them).
+    settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    site = _site_of(settings, args.site)
+    files = [Path(name) for name in args.files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        print(f"onetag: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        job = Backfill(site, files, send=args.send, skip_invalid=args.skip_invalid,
+                       batch_lines=args.batch_lines, pace=args.pace)
+    except ValueError as exc:  # a bound on the run itself (files, pace)
+        print(f"onetag: {exc}", file=sys.stderr)
+        return 2
+
+    async def send(store: Any) -> Any:
+        return await job.run(store)
+
+    try:
+        if args.send:
+            summary = asyncio.run(_with_store(settings, send))
+        else:
+            exists = existing_keys(settings.server.sqlite_path, site.id)
+            try:
+                summary = asyncio.run(job.run(existing=exists))
+            finally:
+                exists.close()
+    except StoreUnavailable as exc:
+        print(f"onetag: the store can't take the backfill ({exc.kind}: {exc.message}); what "
+              f"was committed stays, and the same command resumes after it", file=sys.stderr)
+        return 1
+    if summary.problems:
+        for problem in summary.problems:
+            print(problem, file=sys.stderr)
+        print(f"onetag: {summary.invalid:,} of {summary.invalid + summary.valid:,} events "
+              f"invalid; nothing was planned (fix them, or --skip-invalid to leave them out)",
+              file=sys.stderr)
+        return 1
+    print(summary.text())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import remarkety_export
+
+    settings = _ops_settings(args.config)
+    site = _site_of(settings, args.site)
+    out_path = Path(args.out or remarkety_export.default_name(time.time()))
+    with open(out_path, "w", encoding="utf-8", newline="") as out:
+        count, written, missing = remarkety_export.export(settings.server.sqlite_path,
+                                                           site.id, out)
+    print(f"onetag: wrote {count:,} orders ({written:,} rows, one per order item) to "
+          f"{out_path}; send it to Remarkety's support for a one-time orders history import")
+    if missing:
+        print(f"onetag: {missing:,} orders have status changes but no purchase; left out",
+              file=sys.stderr)
     return 0
 
 
@@ -763,13 +878,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "--id N replays one dead or expired delivery; any other state is refused "
                     "with the reason (delivered: never sent twice; pending: already due or "
                     "retrying; held: waits for an email; browser: the page's library took it; "
-                    "ignored: not sent on purpose).")
+                    "ignored: not sent on purpose). Each replay (not a dry run) is recorded "
+                    "in the replays table as cli:<OS user>, listed on the console's Dead "
+                    "letters page. One replay takes at most 100,000 dead or 10,000 expired "
+                    "deliveries: narrow a larger set with --vendor, --site, --since/--until "
+                    "or --error.")
     replay.add_argument("--config", help=config_help)
     replay.add_argument("--vendor", help="only this vendor")
     replay.add_argument("--since", type=parse_since, metavar="T",
                         help="only deliveries created since T: 30m, 2h, 3d, 1w ago, or an ISO "
                              "date/time (2026-01-31, 2026-01-31T14:00; local time unless it "
                              "has a zone)")
+    replay.add_argument("--until", type=parse_since, metavar="T",
+                        help="only deliveries created before T (same forms as --since)")
+    replay.add_argument("--site", help="only this site's deliveries")
+    replay.add_argument("--error", metavar="TEXT",
+                        help="only deliveries whose last error contains TEXT (literally; "
+                             "case-insensitive for ASCII letters)")
     replay.add_argument("--dead", action="store_true",
                         help="dead deliveries (the default when no state option is given)")
     replay.add_argument("--expired", action="store_true",
@@ -806,6 +931,46 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-format", choices=["text", "json"],
                         help="default: [server] log_format, else text")
     worker.set_defaults(func=cmd_worker)
+
+    backfill = commands.add_parser(
+        "backfill", help="check and plan a shop's history (customers, products, orders)",
+        description="Read history from JSONL (one backend-vocabulary event a line: identify, "
+                    "product_updated, purchase, order_status, refund, each with its original "
+                    "time) and CSV files (orders, products or customers; README, 'Backfilling "
+                    "history'). Every line is checked first, and every problem printed with "
+                    "its file and line: nothing is planned then, unless --skip-invalid. A dry "
+                    "run by default: it prints what each vendor would get and which get "
+                    "nothing, and why. --send plans the historical deliveries through the "
+                    "outbox (Sendlane with initial_sync and the past time); `onetag serve` or "
+                    "`onetag worker` sends them. Interrupted, the same command resumes after "
+                    "its last committed batch; nothing is planned twice.")
+    backfill.add_argument("--config", help=config_help)
+    backfill.add_argument("--site", required=True, help="the site the history is of")
+    backfill.add_argument("--send", action="store_true",
+                          help="plan the deliveries (default: a dry run that writes nothing)")
+    backfill.add_argument("--skip-invalid", action="store_true",
+                          help="leave invalid lines out (counted) instead of refusing the run")
+    backfill.add_argument("--batch-lines", type=int, default=500, metavar="N",
+                          help="lines a transaction takes with --send (500)")
+    backfill.add_argument("--pace", type=float, default=120.0, metavar="N",
+                          help="historical deliveries a minute per vendor, so live ones go "
+                               "first (120: half of the 240 a minute Sendlane is reported "
+                               "to allow an account); 0: all due at once")
+    backfill.add_argument("files", nargs="+", metavar="FILE", help=".jsonl or .csv files")
+    backfill.set_defaults(func=cmd_backfill)
+
+    export = commands.add_parser(
+        "export", help="write the orders history file Remarkety imports",
+        description="remarkety-orders: every order the backend stated (live or backfilled), "
+                    "as Remarkety's orders import CSV (one row per order item); Remarkety "
+                    "imports it once through its support. Reads the database only.")
+    export.add_argument("what", choices=["remarkety-orders"])
+    export.add_argument("--config", help=config_help)
+    export.add_argument("--site", required=True)
+    export.add_argument("--out", metavar="FILE",
+                        help="where to write it (default: orders_<YYYYMMDD_HHMMSS>.csv, "
+                             "Remarkety's name for it)")
+    export.set_defaults(func=cmd_export)
 
     coupons = commands.add_parser(
         "coupons", help="the latest calls of Remarkety's Coupons API, and what became of each",

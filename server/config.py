@@ -102,7 +102,7 @@ class ServerConfig:
     public_url: str = DEFAULT_PUBLIC_URL
     script_path: str = "/s/{site_id}.js"
     event_path: str = "/e"
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # secrets stay out of any repr
     hold_days: float = DEFAULT_HOLD_DAYS  # how long anonymous activity waits for an identity
     forward: bool = True  # run the forwarder inside `serve`
     # A backend copy of an event the browser normally delivers (a `fallback` route) waits this
@@ -115,6 +115,7 @@ class ServerConfig:
     max_pending_bytes: int = 64 * 1024 * 1024  # ... and the bytes of their bodies
     log_format: str = "text"  # or "json": one object a line (server/logs.py)
     keep_attempts_days: float = DEFAULT_KEEP_ATTEMPTS_DAYS  # delivery attempts kept this long
+    metrics_public: bool = False  # GET /metrics without the admin token (server/metrics.py)
 
     @property
     def sqlite_path(self) -> str:
@@ -251,7 +252,8 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         reader.problem(where, "must be a table")
         return ServerConfig()
     known = {"database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
-             "forward", "browser_grace_s", "log_format", "keep_attempts_days", *HARDENING}
+             "forward", "browser_grace_s", "log_format", "keep_attempts_days", "metrics_public",
+             *HARDENING}
     for key in table:
         if key not in known:
             reader.unknown(where, key, sorted(known))
@@ -302,6 +304,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         event_path=event_path, admin_token=reader.string(table, "admin_token", where),
         hold_days=float(hold_days), forward=reader.boolean(table, "forward", where, True),
         browser_grace_s=float(grace), log_format=log_format, keep_attempts_days=float(keep),
+        metrics_public=reader.boolean(table, "metrics_public", where, False),
         **hardening)
 
 

@@ -386,8 +386,9 @@ class Forwarder:
     def __init__(self, settings: Any, store: Store, options: ForwarderOptions | None = None, *,
                  client: httpx.AsyncClient | None = None,
                  clock: Callable[[], float] = time.time,
-                 rng: Callable[[], float] = random.random):
+                 rng: Callable[[], float] = random.random, metrics: Any = None):
         self.settings = settings
+        self.metrics = metrics  # server/metrics.py: each finished attempt is counted there
         self.store = store
         self.options = options or ForwarderOptions()
         self.clock = clock
@@ -635,6 +636,9 @@ class Forwarder:
         if verdict.pause_lane and outcome.state == PENDING:
             lane.paused_until = max(lane.paused_until, outcome.next_attempt_ms / 1000)
         self._log(delivery, verdict, outcome, now)
+        if self.metrics is not None:
+            self.metrics.delivery(delivery.vendor, outcome.state, verdict.status,
+                                  None if trace.headers is None else now - trace.started)
         self._record(delivery.vendor, outcome)
 
     @staticmethod

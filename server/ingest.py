@@ -23,6 +23,7 @@ from . import events as vocabulary
 from . import logs
 from .envelope import BrowserFacts, Problem, Refused, event_list
 from .events import Invalid, Origin
+from .metrics import Metrics
 from .sessions import COOKIE_NAME, cookie_header
 from .store.base import SessionInfo, StoreUnavailable
 
@@ -113,9 +114,10 @@ def _media_type(request: Request) -> str:
 class Ingest:
     """Handlers bound to the running app's settings and store."""
 
-    def __init__(self, settings: Any, store: Any):
+    def __init__(self, settings: Any, store: Any, metrics: Any = None):
         self.settings = settings
         self.store = store
+        self.metrics = metrics if metrics is not None else Metrics(settings, store)
         self.on_stored: Callable[[], None] | None = None  # the forwarder's wake-up
         self.secure_cookie = settings.server.public_url.startswith("https://")
         self.all_origins = frozenset(o for s in settings.sites.values() for o in s.origins)
@@ -147,6 +149,7 @@ class Ingest:
         ``create_app`` sends it every ``POST /e`` straight from the top of the app; it
         answers exactly what a Starlette endpoint would (the 4xx bodies are JSONResponses).
         """
+        started = time.perf_counter()
         origin = content_type = declared = user_agent = given_id = None
         cookies: list[str] = []
         for name, value in scope["headers"]:
@@ -179,6 +182,7 @@ class Ingest:
                                   "must be text/plain or application/json")
             data = await _receive_body(receive, declared, self.body_timeout_s)
         except HTTPProblem as exc:
+            self.metrics.rejected("browser", exc.error)
             await exc.response(self._cors(origin, allowed, rid))(scope, receive, send)
             return
         if data is None:
@@ -189,13 +193,16 @@ class Ingest:
             # Read (parsed, validated, normalised) and stored by the store, off this loop.
             answer = await self.store.ingest_browser(data, facts, rid)
         except StoreUnavailable as exc:  # not stored: the runtime retries it
+            self.metrics.rejected("browser", "unavailable", exc.kind)
             await unavailable(exc).response(self._cors(origin, allowed, rid))(scope, receive, send)
             return
         except Exception:  # what Starlette's ServerErrorMiddleware answers, then re-raises
+            self.metrics.rejected("browser", "internal_error")
             await PlainTextResponse("Internal Server Error", status_code=500,
                                     headers={logs.REQUEST_ID_HEADER: rid})(scope, receive, send)
             raise
         if isinstance(answer, Problem):
+            self.metrics.rejected("browser", answer.error)
             await HTTPProblem(*answer).response(self._cors(origin, allowed, rid))(
                 scope, receive, send)
             return
@@ -210,6 +217,8 @@ class Ingest:
         await send({"type": "http.response.start", "status": 204,
                     "headers": headers})
         await send({"type": "http.response.body", "body": b""})
+        self.metrics.received(answer.site_id, "browser", answer.names,
+                              time.perf_counter() - started)
 
     # Backend ----------------------------------------------------------------------------
 
@@ -229,19 +238,21 @@ class Ingest:
 
     async def backend_events(self, request: Request) -> Response:
         """The backend API: every answer carries the request's ``X-Request-Id``."""
+        started = time.perf_counter()
         rid = logs.request_id(request.headers.get("x-request-id"))
         logs.REQUEST_ID.set(rid)
         try:
-            response = await self._backend_events(request, rid)
+            response = await self._backend_events(request, rid, started)
         except ClientDisconnect:
             raise
         except Exception:  # answered here, so that the 500 names its request id too
             log.exception("the backend API failed a request")
+            self.metrics.rejected("backend", "internal_error")
             response = PlainTextResponse("Internal Server Error", status_code=500)
         response.headers[logs.REQUEST_ID_HEADER] = rid
         return response
 
-    async def _backend_events(self, request: Request, rid: str) -> Response:
+    async def _backend_events(self, request: Request, rid: str, started: float) -> Response:
         try:
             site_id = request.path_params["site_id"]
             site = self.settings.sites.get(site_id)
@@ -262,21 +273,28 @@ class Ingest:
                 raws = [body]
                 normalised = [vocabulary.normalise(body, "body", self._origin(site))]
         except Invalid as exc:
-            return HTTPProblem(*Problem.invalid(exc)).response()
+            return self._refused(HTTPProblem(*Problem.invalid(exc)))
         except Refused as exc:
-            return HTTPProblem(*exc.problem).response()
+            return self._refused(HTTPProblem(*exc.problem))
         except HTTPProblem as exc:
-            return exc.response()
+            return self._refused(exc)
         try:
             results = await self.store.ingest(site.id, normalised, raws, SessionInfo(), rid)
         except StoreUnavailable as exc:
-            return unavailable(exc).response()
+            return self._refused(unavailable(exc))
         if isinstance(results, Problem):  # refused by the store (a cart rule): stored nothing
-            return HTTPProblem(*results).response()
+            return self._refused(HTTPProblem(*results))
         self._stored(results)
+        self.metrics.received(site.id, "backend", [event["name"] for event in normalised],
+                              time.perf_counter() - started)
         return JSONResponse(
             {"event_ids": [r.event_id for r in results],
              "duplicates": [r.event_id for r in results if r.duplicate]}, status_code=202)
+
+    def _refused(self, problem: HTTPProblem) -> Response:
+        """A backend request's refusal, counted (``/metrics``)."""
+        self.metrics.rejected("backend", problem.error, problem.field)
+        return problem.response()
 
     def _stored(self, results: Any) -> None:
         if self.on_stored is not None and any(not r.duplicate for r in results):

@@ -44,6 +44,9 @@ def test_wheel_install_serves_the_demo(tmp_path) -> None:
         wait_healthy(base, process)
         assert "onetag" in httpx.get(f"{base}/demo/").text
         assert httpx.get(f"{base}/static/demo/demo.js").status_code == 200
+        # The console's templates and assets come from the wheel too (off: no admin_token).
+        assert "console is off" in httpx.get(f"{base}/admin/").text
+        assert httpx.get(f"{base}/static/admin/admin.css").status_code == 200
         script = httpx.get(f"{base}/s/demo.js")
         assert script.status_code == 200 and "_rejoiner" in script.text
         # The store's writer process starts from the installed package too.

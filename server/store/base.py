@@ -24,10 +24,13 @@ class IngestResult(NamedTuple):
 
 
 class BrowserIngested(NamedTuple):
-    """What ``ingest_browser`` stored: the visitor's ``sc`` (for the cookie) and the results."""
+    """What ``ingest_browser`` stored: the visitor's ``sc`` (for the cookie) and the results;
+    the body's site and event names, which only the store read (``/metrics`` counts them)."""
 
     sc: str
     results: list[IngestResult]
+    site_id: str = ""
+    names: tuple[str, ...] = ()
 
 
 class JobFailure(NamedTuple):
@@ -132,7 +135,8 @@ class Store(abc.ABC):
                                     SessionInfo(user_agent=facts.user_agent), request_id)
         if isinstance(results, Problem):
             return results
-        return BrowserIngested(batch.sc, results)
+        return BrowserIngested(batch.sc, results, batch.site_id,
+                               tuple(event["name"] for event in batch.events))
 
     @abc.abstractmethod
     async def session_view(self, site_id: str, sc: str, limit: int = 50) -> dict[str, Any]:
@@ -198,10 +202,47 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
                           since_ms: int | None = None, states: Sequence[str] = ("dead",),
-                          ids: Sequence[int] | None = None, dry_run: bool = False
+                          ids: Sequence[int] | None = None, dry_run: bool = False,
+                          site_id: str | None = None, until_ms: int | None = None,
+                          error: str | None = None, time_field: str = "created"
                           ) -> list[dict[str, Any]]:
         """``replay``, naming the rows made due (id, site_id, vendor, dedup_key, from_state,
-        replaces); ``dry_run`` changes nothing and names exactly what the same call would."""
+        replaces); ``dry_run`` changes nothing and names exactly what the same call would.
+        The rows are those ``deadletters.where`` selects (``store/deadletters.py``)."""
+
+    async def replay_preview(self, now_ms: int, selection: Any) -> tuple[int, str]:
+        """A dry run's (count, ``deadletters.fingerprint``) for a ``ReplayFilter``."""
+        raise NotImplementedError
+
+    async def replay_recorded(self, now_ms: int, selection: Any, who: str,
+                              expect: str | None = None, shown: int | None = None
+                              ) -> dict[str, Any]:
+        """Replay a ``ReplayFilter``'s set and record it, unless it is no longer the set
+        whose fingerprint is ``expect``: ``{changed, rows, replay_id, fingerprint}``."""
+        raise NotImplementedError
+
+    async def record_replay(self, now_ms: int, who: str, scope: Mapping[str, Any],
+                            rows: Sequence[Mapping[str, Any]], shown: int | None = None) -> int:
+        """Record a replay made by ``replay_rows`` elsewhere; the record's id."""
+        raise NotImplementedError
+
+    # Backfill (server/backfill.py) --------------------------------------------------------
+
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        """The unfinished backfill run over these files (``files_hash``), to resume, else a
+        new one: (run id, lines done, counts as JSON text)."""
+        raise NotImplementedError
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        """One batch of history, atomically with the run's progress and counts: event rows
+        (source ``backend``; an id already stored is skipped) and pending deliveries, none
+        whose (site, vendor, dedup key) any row holds, a vendor's falling due ``pace_ms``
+        apart. Returns (planned per vendor, already there per vendor, events already
+        stored)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,

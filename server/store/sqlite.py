@@ -23,8 +23,10 @@ import aiosqlite
 from ..jsontext import encode, loads
 from ..sessions import cart_snapshot
 from ..envelope import BrowserFacts, Problem
+from . import deadletters
 from .base import (BrowserIngested, Delivery, IngestResult, JobFailure, Outcome, SessionInfo,
                    Store, StoreUnavailable)
+from .deadletters import ReplayFilter
 from .sqlite_ingest import identity_fields
 from . import sqlite_catalog
 from .sqlite_writer import (COUPON_CALL_COLUMNS, INGEST_OPS, ProcessWriter, ThreadWriter, WriterGone, commit_failure,
@@ -86,6 +88,7 @@ class SQLiteStore(Store):
         self._fault_logged: dict[str, float] = {}
         self.restarts = 0
         self.commits = 0  # transactions the writer committed (the benchmark reports requests per commit)
+        self.on_commit: Any = None  # called with the jobs of each committed transaction (metrics)
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -103,7 +106,12 @@ class SQLiteStore(Store):
                                            self.browser_grace_ms, self.writer_timeout_s)
         await writer.start()
         writer.on_exit = self._writer_exited
+        writer.on_commit = self._committed
         return writer
+
+    def _committed(self, jobs: int) -> None:
+        if self.on_commit is not None:
+            self.on_commit(jobs)
 
     async def close(self, grace_s: float = 10) -> None:
         """Frames already sent are committed and answered (within ``grace_s``); jobs not
@@ -307,8 +315,8 @@ class SQLiteStore(Store):
         answer = await self._write("ingest_browser", data, facts, request_id, size=len(data))
         if isinstance(answer, Problem):
             return answer
-        sc, rows = answer
-        return BrowserIngested(sc, [IngestResult(*row) for row in rows])
+        sc, rows, site_id, names = answer
+        return BrowserIngested(sc, [IngestResult(*row) for row in rows], site_id, names)
 
     # Reads ------------------------------------------------------------------------------
 
@@ -426,21 +434,108 @@ class SQLiteStore(Store):
             stats.append(item)
         return stats
 
+    async def outbox_depth(self, now_ms: int) -> tuple[list[tuple[str, str, int]], dict[str, float]]:
+        """For ``/metrics``, cheaper than ``delivery_stats``: rows per (vendor, state) for
+        the states still in the outbox (pending, held, dead), and per vendor the age in
+        seconds of its oldest pending row. Both read the ``deliveries_due`` index only (its
+        rowid is the id), and one row per vendor; the delivered rows, however many, are
+        not visited. The oldest pending row is the one with the lowest id: ids and
+        ``created_ms`` grow together."""
+        assert self._reader is not None
+        depth = await self._reader.execute_fetchall(
+            "SELECT vendor, state, count(*) FROM deliveries "
+            "WHERE state IN ('pending', 'held', 'dead') GROUP BY state, vendor")
+        oldest = await self._reader.execute_fetchall(
+            "SELECT vendor, created_ms FROM deliveries WHERE id IN "
+            "(SELECT min(id) FROM deliveries WHERE state = 'pending' GROUP BY vendor)")
+        return ([(vendor, state, count) for vendor, state, count in depth],
+                {vendor: max(0, now_ms - created) / 1000 for vendor, created in oldest})
+
     async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
                      states: Sequence[str] = ("dead",)) -> int:
-        count = await self._write("replay", now_ms, vendor, since_ms, tuple(states))
-        _log_replay(count, states, vendor, since_ms)
-        return count
+        return len(await self.replay_rows(now_ms, vendor=vendor, since_ms=since_ms,
+                                          states=states))
 
     async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
                           since_ms: int | None = None, states: Sequence[str] = ("dead",),
-                          ids: Sequence[int] | None = None, dry_run: bool = False
+                          ids: Sequence[int] | None = None, dry_run: bool = False,
+                          site_id: str | None = None, until_ms: int | None = None,
+                          error: str | None = None, time_field: str = "created"
                           ) -> list[dict[str, Any]]:
-        made = await self._write("replay_rows", now_ms, vendor, since_ms, tuple(states),
-                                 None if ids is None else tuple(ids), dry_run)
+        """``until_ms`` (exclusive), ``site_id`` and ``error`` (a substring of last_error)
+        narrow it further, ``time_field="updated"`` puts since/until on the last attempt;
+        every condition is ``deadletters.where``'s."""
+        selection = ReplayFilter(tuple(states), vendor, site_id, since_ms, until_ms, error,
+                                 None if ids is None else tuple(ids), time_field)
+        await self._check_replay(selection)
+        made = await self._write("replay_rows", now_ms, selection, dry_run)
         if not dry_run:
-            _log_replay(len(made), states, vendor, since_ms, ids)
+            _log_replay(len(made), selection)
         return made
+
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        return await self._write("backfill_run", site_id, files, files_hash, lines_total)
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        return await self._write("backfill", site_id, run_id, events, skipped, lines_done,
+                                 finished, pace_ms,
+                                 size=sum(len(e[2]) + len(e[3]) for e in events))
+
+    async def _check_replay(self, selection: ReplayFilter) -> None:
+        """``ValueError`` naming the field for a filter a replay can't take, or one that
+        matches more rows than one replay (one writer transaction, which ingest waits
+        for) may take: counted on the reader, before any work."""
+        problem = deadletters.check(selection, replay=True)
+        if problem:
+            raise ValueError(problem)
+        for state in selection.states:
+            limit = deadletters.MAX_REPLAY_ROWS[state]
+            condition, params = deadletters.where(selection, states=(state,))
+            rows = await self.reader.execute_fetchall(
+                f"SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE {condition} LIMIT ?)",
+                [*params, limit + 1])
+            if rows[0][0] > limit:
+                raise ValueError(f"states: more than {limit} {state} deliveries match; one "
+                                 f"replay takes at most {limit}: narrow the filter (vendor, "
+                                 f"site, since/until, error text)")
+
+    async def replay_preview(self, now_ms: int, selection: ReplayFilter) -> tuple[int, str]:
+        """What ``replay_recorded`` would take now: (count, fingerprint); changes nothing."""
+        await self._check_replay(selection)
+        count, fingerprint = await self._write("replay_preview", now_ms, selection)
+        return count, fingerprint
+
+    async def replay_recorded(self, now_ms: int, selection: ReplayFilter, who: str,
+                              expect: str | None = None, shown: int | None = None
+                              ) -> dict[str, Any]:
+        """Replay ``selection`` and record it (``replays``: who, when, the filter, ``shown``:
+        the dry-run count the operator saw) in one transaction. With ``expect`` (the dry
+        run's ``deadletters.fingerprint``), a set that changed since is not replayed: the
+        answer has ``changed`` and the rows as they are now. Returns ``{changed, rows,
+        replay_id, fingerprint}``."""
+        await self._check_replay(selection)
+        result = await self._write("replay_recorded", now_ms, selection, who, expect, shown)
+        if not result["changed"]:
+            _log_replay(len(result["rows"]), selection, who)
+        return result
+
+    async def record_replay(self, now_ms: int, who: str, scope: Mapping[str, Any],
+                            rows: Sequence[Mapping[str, Any]], shown: int | None = None) -> int:
+        """Record a replay already made (``rows``: what ``replay_rows`` returned; ``scope``:
+        what was asked, as JSON-able fields); the new record's id."""
+        return await self._write("record_replay", now_ms, who, dict(scope), shown,
+                                 [row["id"] for row in rows])
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        """The read-only connection (WAL: it reads beside the writer), for the console's
+        queries (``sqlite_console_ops``)."""
+        if self._reader is None:
+            raise StoreUnavailable("database", "the store is not open")
+        return self._reader
 
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50, ids: Sequence[int] | None = None
@@ -495,10 +590,11 @@ def with_body(sent: dict[str, Any], planned: Mapping[str, Any]) -> dict[str, Any
     return sent
 
 
-def _log_replay(count: int, states: Sequence[str], vendor: str | None, since_ms: int | None,
-                ids: Sequence[int] | None = None) -> None:
+def _log_replay(count: int, selection: ReplayFilter, who: str | None = None) -> None:
     """A replay at info; the forwarder logs each replayed delivery as it is sent."""
-    scope = f"ids {', '.join(map(str, ids))}" if ids is not None else (
-        f"vendor {vendor or 'any'}, since {since_ms if since_ms is not None else 'any time'}")
-    log.info("replayed %d deliveries (%s; %s)", count, ", ".join(states), scope,
-             extra={"replayed": count, "vendor": vendor})
+    fields = selection.describe()
+    fields.pop("states", None)
+    scope = ", ".join(f"{key} {', '.join(map(str, value)) if isinstance(value, list) else value}"
+                      for key, value in fields.items()) or "any vendor, any time"
+    log.info("replayed %d deliveries (%s; %s)%s", count, ", ".join(selection.states), scope,
+             f" by {who}" if who else "", extra={"replayed": count, "vendor": selection.vendor})

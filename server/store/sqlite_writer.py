@@ -40,7 +40,9 @@ from typing import Any, Mapping, Sequence
 from .. import logs, outbox
 from ..envelope import Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
+from . import deadletters
 from .base import Delivery, JobFailure, Outcome
+from .deadletters import ReplayFilter
 from .sqlite_catalog import plan_sync
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
 
@@ -66,6 +68,7 @@ WAL_AUTOCHECKPOINT = 8000
 # checkpoint takes no lock a commit needs, so commits go on meanwhile; once a second still
 # copies each hot page once per second, not once per commit.
 CHECKPOINT_EVERY_S = 1.0
+REPLAY_IDS_KEPT = 100  # a replay record lists the rows made due when there are at most this many
 
 
 # The columns of a coupon call, in the order ``record_coupon_call`` takes them.
@@ -90,7 +93,12 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply the migrations this database has not seen; returns their names."""
+    """Apply the migrations this database has not seen; returns their names.
+
+    Each is checked again inside its own write transaction: two processes opening one
+    database at once (``onetag worker`` and ``onetag backfill`` started together) must not
+    both apply it (the second failed with "table ... already exists", and its writer with
+    it)."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
                  "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
     done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
@@ -99,6 +107,10 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
         if version in done:
             continue
         conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?",
+                        (version,)).fetchone():
+            conn.execute("COMMIT")  # another connection applied it meanwhile
+            continue
         try:
             for statement in sql.split(";\n"):
                 if statement.strip():
@@ -139,18 +151,6 @@ def _savepoint(conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
         return exc
     conn.execute("RELEASE job")
     return result
-
-
-def _filters(prefix: str, vendor: str | None, since: int | None, where: list[str],
-             params: list[Any]) -> tuple[list[str], list[Any]]:
-    """``where``/``params`` plus the operator's ``--vendor`` and ``--since`` conditions."""
-    if vendor:
-        where.append(f"{prefix}vendor = ?")
-        params.append(vendor)
-    if since is not None:
-        where.append(f"{prefix}created_ms >= ?")
-        params.append(since)
-    return where, params
 
 
 def storage_failure(exc: BaseException) -> JobFailure:
@@ -255,10 +255,11 @@ class WriteOps:
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
                     together = [self._ingest_alone(request) for request in requests]
-                for (i, sc), result in zip(request_jobs, together):
-                    # A browser body's answer carries the visitor's sc, for the cookie.
-                    results[i] = result if sc is None or isinstance(result, Exception) else (
-                        sc, result)
+                for (i, browser), result in zip(request_jobs, together):
+                    # A browser body's answer carries the visitor's sc, for the cookie, and
+                    # its site and event names, for the server's metrics.
+                    results[i] = result if browser is None or isinstance(result, Exception) else (
+                        browser[0], result, *browser[1:])
             for i, (op, args) in enumerate(jobs):
                 if op not in INGEST_OPS:
                     results[i] = _savepoint(conn, getattr(self, op), *args)
@@ -272,9 +273,11 @@ class WriteOps:
         return results
 
     def _requests(self, jobs: Sequence[tuple[str, tuple[Any, ...]]],
-                  results: list[Any]) -> tuple[list[Any], list[tuple[int, str | None]]]:
+                  results: list[Any]
+                  ) -> tuple[list[Any], list[tuple[int, tuple[Any, ...] | None]]]:
         """The ingest requests among ``jobs`` (browser bodies read into requests), and for
-        each, its job's index and the sc a browser body was given (None: an ``ingest``).
+        each, its job's index and, for a browser body, the sc it was given, its site and its
+        event names (None: an ``ingest``).
         A body refused, or failing to be read, has its answer put in ``results``."""
         requests, request_jobs = [], []
         for i, (op, args) in enumerate(jobs):
@@ -294,7 +297,8 @@ class WriteOps:
                     continue
                 requests.append((batch.site_id, batch.events, [encode(raw) for raw in batch.raws],
                                  facts.user_agent, request_id))
-                request_jobs.append((i, batch.sc))
+                request_jobs.append((i, (batch.sc, batch.site_id,
+                                         tuple(event["name"] for event in batch.events))))
         return requests, request_jobs
 
     def ingest(self, requests: list[Any]) -> list[Any]:
@@ -376,55 +380,85 @@ class WriteOps:
                             "WHERE state = 'held' AND created_ms < ?", (now, before)).rowcount
 
     def replay(self, now: int, vendor: str | None,
-                since: int | None, states: tuple[str, ...]) -> int:
-        return len(self.replay_rows(now, vendor, since, states, None, False))
+               since: int | None, states: tuple[str, ...]) -> int:
+        return len(self.replay_rows(now, ReplayFilter(tuple(states), vendor, since_ms=since),
+                                    False))
 
-    def replay_rows(self, now: int, vendor: str | None, since: int | None,
-                    states: tuple[str, ...], ids: tuple[int, ...] | None,
+    def replay_rows(self, now: int, selection: ReplayFilter,
                     dry_run: bool) -> list[dict[str, Any]]:
         """The rows made due again (``replaces``: the expired rows a re-planned one takes
-        the place of). A dry run does exactly that in a savepoint it then rolls back, so
-        its answer is what the same call would do."""
+        the place of), selected by ``deadletters.where`` alone. A dry run does exactly that
+        in a savepoint it then rolls back, so its answer is what the same call would do."""
+        problem = deadletters.check(selection, replay=True)
+        if problem:
+            raise ValueError(problem)
         if dry_run:
             self.conn.execute("SAVEPOINT dry_run")
             try:
-                return self.replay_rows(now, vendor, since, states, ids, False)
+                return self.replay_rows(now, selection, False)
             finally:
                 self.conn.execute("ROLLBACK TO dry_run")
                 self.conn.execute("RELEASE dry_run")
         made: list[dict[str, Any]] = []
-        plain = tuple(state for state in states if state != "expired")
-        if plain:
-            where, params = _filters("", vendor, since,
-                                     [f"state IN ({','.join('?' * len(plain))})"], list(plain))
-            if ids is not None:
-                where.append(f"id IN ({','.join('?' * len(ids))})")
-                params.extend(ids)
+        if "dead" in selection.states:
+            condition, params = deadletters.where(selection, states=("dead",))
             made += [{"id": row[0], "site_id": row[1], "vendor": row[2], "dedup_key": row[3],
                       "from_state": row[4], "replaces": []} for row in self.conn.execute(
                 "SELECT id, site_id, vendor, dedup_key, state FROM deliveries "
-                f"WHERE {' AND '.join(where)} ORDER BY id", params)]
-            self.conn.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = ?, "
-                f"retry_from_ms = ?, updated_ms = ?, last_error = NULL WHERE {' AND '.join(where)}",
-                [now, now, now, *params])
-        if "expired" in states:
-            made += self._replay_expired(now, vendor, since, ids)
+                f"WHERE {condition} ORDER BY id", params)]
+            if made:
+                self.conn.execute(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = ?, "
+                    f"retry_from_ms = ?, updated_ms = ?, last_error = NULL WHERE {condition}",
+                    [now, now, now, *params])
+        if "expired" in selection.states:
+            made += self._replay_expired(now, selection)
         return made
 
-    def _replay_expired(self, now: int, vendor: str | None, since: int | None,
-                        ids: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    def replay_preview(self, now: int, selection: ReplayFilter) -> tuple[int, str]:
+        """A dry run's count and ``deadletters.fingerprint``, without its rows (the console
+        shows the count on every listing; the rows would only cross the pipe to be counted)."""
+        rows = self.replay_rows(now, selection, True)
+        return len(rows), deadletters.fingerprint(rows)
+
+    def replay_recorded(self, now: int, selection: ReplayFilter, who: str,
+                        expect: str | None, shown: int | None) -> dict[str, Any]:
+        """An operator's replay, recorded in the ``replays`` table by the same transaction.
+
+        ``expect``: the fingerprint of the set the operator's dry run showed. When the set
+        is no longer that one (rows died, were replayed or delivered meanwhile), nothing is
+        replayed and the answer is the set as it is now (``changed``), for the operator to
+        look at again. Checked and replayed in one job: nothing runs between the two."""
+        if expect is not None:
+            current = self.replay_rows(now, selection, True)
+            if deadletters.fingerprint(current) != expect:
+                return {"changed": True, "rows": current, "replay_id": None,
+                        "fingerprint": deadletters.fingerprint(current)}
+        made = self.replay_rows(now, selection, False)
+        replay_id = self.record_replay(now, who, selection.describe(), shown,
+                                       [row["id"] for row in made])
+        return {"changed": False, "rows": made, "replay_id": replay_id,
+                "fingerprint": deadletters.fingerprint(made)}
+
+    def record_replay(self, now: int, who: str, scope: dict[str, Any], shown: int | None,
+                      ids: list[int]) -> int:
+        """One row of ``replays``; its id. (A replay made elsewhere, e.g. a delivery's own
+        page, is recorded with this after the fact.)"""
+        return self.conn.execute(
+            "INSERT INTO replays (at_ms, who, filter, dry_run_count, replayed, ids) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (now, who, encode(scope).decode(), shown, len(ids),
+             encode(ids).decode() if len(ids) <= REPLAY_IDS_KEPT else None)).lastrowid
+
+    def _replay_expired(self, now: int, selection: ReplayFilter) -> list[dict[str, Any]]:
         """Expired rows never had an email; re-plan those whose visitor has one now."""
-        where, params = _filters("d.", vendor, since, ["d.state = 'expired'"], [])
-        if ids is not None:
-            where.append(f"d.id IN ({','.join('?' * len(ids))})")
-            params.extend(ids)
+        condition, params = deadletters.where(selection, prefix="d.", states=("expired",))
         rows = self.conn.execute(
             "SELECT d.id, d.event_seq, d.vendor, e.site_id, e.data, d.request_id, "
             "coalesce(s.identity_id, e.identity_id) AS identity_id FROM deliveries d "
             "JOIN events e ON e.seq = d.event_seq "
             "LEFT JOIN sessions s ON s.site_id = e.site_id AND s.sc = e.sc "
-            f"WHERE {' AND '.join(where)} ORDER BY d.id", params).fetchall()
+            f"WHERE {condition} ORDER BY d.id", params).fetchall()
         by_event: dict[int, tuple[str, str, int | None, dict[str, list[int]], str | None]] = {}
         for row in rows:  # a replanned row keeps the request id of the request that planned it
             entry = by_event.setdefault(row["event_seq"], (row["site_id"], row["data"],
@@ -459,6 +493,100 @@ class WriteOps:
         return inserted
 
 
+    # Backfill (server/backfill.py) ----------------------------------------------------------
+
+    def backfill_run(self, site_id: str, files: str, files_hash: str,
+                     lines_total: int) -> tuple[int, int, str]:
+        """The unfinished run over the same files (to resume), else a new one:
+        (run id, lines done, counts as JSON text)."""
+        row = self.conn.execute(
+            "SELECT id, lines_done, counts FROM backfill_runs WHERE site_id = ? AND "
+            "files_hash = ? AND finished_ms IS NULL ORDER BY id DESC LIMIT 1",
+            (site_id, files_hash)).fetchone()
+        if row is not None:
+            return row[0], row[1], row[2]
+        now = now_ms()
+        cursor = self.conn.execute(
+            "INSERT INTO backfill_runs (site_id, files, files_hash, lines_total, started_ms, "
+            "updated_ms) VALUES (?, ?, ?, ?, ?, ?)", (site_id, files, files_hash, lines_total,
+                                                      now, now))
+        return cursor.lastrowid, 0, "{}"
+
+    def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                 skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                 pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        """One batch of a backfill, with the run's progress, in this transaction.
+
+        ``events``: (event_id, name, raw JSON, normalised JSON, deliveries), each delivery
+        (vendor, dedup_key, visitor, request JSON). An event already stored (its id, from the
+        backend) is not stored again; a delivery whose (site, vendor, dedup key) any row
+        holds already — planned live or by an earlier run, sent or not — is not planned
+        again. ``skipped``: vendor -> reason -> requests the vendor can't take, added to the
+        run's counts with the rest. ``pace_ms``: a vendor's new rows fall due that far apart
+        (0: all at once), after the last pending row of that vendor (an earlier batch's, or
+        another run's), so history trickles out and live rows, due when made, go first; a
+        paced row's ``created_ms`` is when it falls due (its retry window starts there).
+        Returns (planned per vendor, already there per vendor, events already there).
+        """
+        now = now_ms()
+        planned: dict[str, int] = {}
+        already: dict[str, int] = {}
+        known = 0
+        request_id = f"backfill-{run_id}"
+        next_due: dict[str, int] = {}
+        for event_id, name, raw, data, deliveries in events:
+            cursor = self.conn.execute(
+                "INSERT OR IGNORE INTO events (site_id, event_id, name, source, sc, identity_id, "
+                "received_ms, raw, data) VALUES (?, ?, ?, 'backend', NULL, NULL, ?, "
+                "CAST(? AS TEXT), CAST(? AS TEXT))", (site_id, event_id, name, now, raw, data))
+            if cursor.rowcount:
+                seq = cursor.lastrowid
+            else:
+                known += 1
+                seq = self.conn.execute(
+                    "SELECT seq FROM events WHERE site_id = ? AND event_id = ? AND "
+                    "source = 'backend'", (site_id, event_id)).fetchone()[0]
+            for vendor, key, visitor, request in deliveries:
+                due = next_due.get(vendor)
+                if due is None:
+                    due = now if not pace_ms else max(now, pace_ms + self.conn.execute(
+                        "SELECT coalesce(max(next_attempt_ms), 0) FROM deliveries WHERE "
+                        "state = 'pending' AND vendor = ?", (vendor,)).fetchone()[0])
+                made = self.conn.execute(_BACKFILL_DELIVERY, (site_id, vendor, key, seq, visitor,
+                                                              request, due, now,
+                                                              request_id)).rowcount
+                tally = planned if made else already
+                tally[vendor] = tally.get(vendor, 0) + 1
+                next_due[vendor] = due + pace_ms if made else due
+        row = self.conn.execute("SELECT counts FROM backfill_runs WHERE id = ?",
+                                (run_id,)).fetchone()
+        counts = loads(row[0]) if row is not None else {}
+        for name, tally in (("planned", planned), ("already", already)):
+            into = counts.setdefault(name, {})
+            for vendor, n in tally.items():
+                into[vendor] = into.get(vendor, 0) + n
+        for vendor, reasons in skipped.items():
+            into = counts.setdefault("skipped", {}).setdefault(vendor, {})
+            for reason, n in reasons.items():
+                into[reason] = into.get(reason, 0) + n
+        counts["events_known"] = counts.get("events_known", 0) + known
+        self.conn.execute(
+            "UPDATE backfill_runs SET lines_done = ?, counts = CAST(? AS TEXT), updated_ms = ?, "
+            "finished_ms = CASE WHEN ? THEN ? END WHERE id = ?",
+            (lines_done, encode(counts), now, finished, now, run_id))
+        return planned, already, known
+
+
+# A backfilled delivery: pending at once, unless a row of any kind (a live one, a claim, an
+# earlier run's) holds its key. A ``backfill-<run>`` request id names the run that planned it.
+_BACKFILL_DELIVERY = (
+    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, next_attempt_ms, created_ms, updated_ms, request_id) "
+    "SELECT ?1, ?2, ?3, 0, ?4, ?5, 'pending', CAST(?6 AS TEXT), ?7, ?7, ?8, ?9 "
+    "WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE site_id = ?1 AND vendor = ?2 "
+    "AND dedup_key = ?3)")
+
+
 class ThreadWriter:
     """The writer in a thread of this process: aiosqlite's connection thread.
 
@@ -475,6 +603,7 @@ class ThreadWriter:
         self._conn: Any = None
         self._ops: WriteOps | None = None
         self.on_exit: Any = None  # never called: a thread writer does not die on its own
+        self.on_commit: Any = None  # called with the jobs of each committed transaction
 
     async def start(self) -> None:
         import aiosqlite
@@ -504,7 +633,12 @@ class ThreadWriter:
     def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
         """One group commit: its answers, in order, once committed."""
         # One hop into the connection's thread per group commit, not one per statement.
-        return asyncio.ensure_future(self._conn._execute(self._ops.run, jobs))  # type: ignore[union-attr]
+        answer = asyncio.ensure_future(self._conn._execute(self._ops.run, jobs))  # type: ignore[union-attr]
+        if self.on_commit is not None:  # one batch at a time (depth 1): one transaction
+            before = self.transactions
+            answer.add_done_callback(
+                lambda _: self.transactions > before and self.on_commit(len(jobs)))
+        return answer
 
     async def stop(self, grace_s: float = 10) -> None:
         if self._conn is not None:
@@ -549,6 +683,8 @@ class ProcessWriter:
         self.transactions = 0  # committed so far, as the last reply said
         self.exit_reason: str | None = None
         self.on_exit: Any = None  # called once with this writer when its process is gone
+        self.on_commit: Any = None  # called with the jobs of each committed transaction
+        self._counting = (0, 0)  # (transaction, its jobs replied so far): ``_count_commit``
 
     @property
     def pid(self) -> int | None:
@@ -564,8 +700,12 @@ class ProcessWriter:
         env = {k: v for k, v in os.environ.items() if len(k) + len(v) < 65536}
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        # -P: without it, ``-m`` puts the working directory first on the path, and a shop
+        # that runs ``onetag serve`` from a project with a ``server/`` package of its own
+        # would start that package's module instead of this writer.
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.store.sqlite_writer", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-P", "-m", "server.store.sqlite_writer",
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env, limit=1 << 24)
         self._replies = asyncio.create_task(self._read_replies(), name="onetag-writer-replies")
         try:
@@ -611,6 +751,8 @@ class ProcessWriter:
                         waiting[0].set_exception(WriterGone(f"an unreadable reply ({exc})"))
                     continue
                 self.transactions = transactions
+                if self.on_commit is not None and isinstance(reply, list):
+                    self._count_commit(transactions, len(reply))
                 if waiting is not None and not waiting[0].done():
                     waiting[0].set_result(reply)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -626,6 +768,25 @@ class ProcessWriter:
                 self._watchdog.cancel()
             if self.on_exit is not None:
                 self.on_exit(self)
+
+    def _count_commit(self, transaction: int, jobs: int) -> None:
+        """Group commit sizes, from the replies alone: the frames of one transaction are
+        answered one after another under its number (the count after its commit). It is
+        complete when a later number arrives, or when no frame is left waiting (its frames
+        were all sent before its first reply). A failed commit's replies repeat the last
+        number, which was counted already, and are not a commit."""
+        counting, so_far = self._counting
+        if transaction != counting:
+            if so_far:
+                self.on_commit(so_far)
+            counting, so_far = transaction, 0
+        elif so_far == 0:  # a number whose transaction was counted: a failed commit
+            return
+        so_far += jobs
+        if not self._waiting:
+            self.on_commit(so_far)
+            so_far = 0
+        self._counting = (counting, so_far)
 
     def _fail_waiting(self) -> None:
         waiting, self._waiting = self._waiting, {}

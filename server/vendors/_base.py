@@ -59,6 +59,11 @@ class VendorConfig:
     def __getitem__(self, key: str) -> str:
         return self.values[key]
 
+    def __repr__(self) -> str:
+        """Names the keys set, never their values: some are secrets, and a site's config is
+        printed whole by debug logs (aiosqlite's, for one)."""
+        return f"VendorConfig(name={self.name!r}, keys={sorted(self.values)!r})"
+
     def get(self, key: str, default: str | None = None) -> str | None:
         value = self.values.get(key)
         return default if value in (None, "") else value

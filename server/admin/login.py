@@ -1,0 +1,79 @@
+"""``/admin/login`` and ``/admin/logout``: the token in, a signed session cookie out.
+
+The login form is CSRF-checked like every console POST: its token is signed over the nonce
+of a short-lived pre-session cookie (``onetag_admin_login``) that the login page sets.
+Wrong tokens are slowed and bounded per client address (``auth.LoginThrottle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from . import auth
+from .web import (LOGIN_COOKIE, PREFIX, SECURITY_HEADERS, SESSION_COOKIE, Console, now_ms,
+                  safe_next)
+
+
+def routes(console: Console) -> list[Route]:
+    def login_page(request: Request, status_code: int = 200, message: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+        """The form, with a token tied to the login cookie (a fresh one unless it holds one)."""
+        nonce = auth.read_signed(console.key, "login", request.cookies.get(LOGIN_COOKIE),
+                                 now_ms())
+        fresh = None
+        if nonce is None:
+            fresh, nonce = auth.make_signed(console.key, "login", now_ms(), auth.LOGIN_TTL_MS)
+        request.state.login_nonce = nonce
+        response = console.render(request, "admin/login.html", status_code=status_code,
+                                  headers=headers, message=message,
+                                  next=safe_next(request.query_params.get("next")))
+        if fresh is not None:
+            console.set_cookie(request, response, LOGIN_COOKIE, fresh,
+                               auth.LOGIN_TTL_MS // 1000)
+        return response
+
+    async def login(request: Request) -> Response:
+        """GET: the form (or straight on, when logged in already). POST: check the token."""
+        if request.method == "GET":
+            if console.operator(request) is not None:
+                return RedirectResponse(safe_next(request.query_params.get("next")), 303,
+                                        headers=SECURITY_HEADERS)
+            return login_page(request)
+        form = await console.form(request)
+        address = request.client.host if request.client else "unknown"
+        wait = console.throttle.retry_after(address)
+        if wait:
+            return login_page(request, 429, f"Too many wrong tokens from your address; try "
+                              f"again in {wait} s.", headers={"Retry-After": str(wait)})
+        if not auth.token_ok(console.token, form.get("token")):
+            console.throttle.failed(address)
+            await asyncio.sleep(console.throttle.delay_s)
+            return login_page(request, 401, "That is not the admin token.")
+        console.throttle.succeeded(address)
+        value, _ = auth.make_signed(console.key, "session", now_ms(), auth.SESSION_TTL_MS)
+        response = RedirectResponse(safe_next(form.get("next")), 303, headers=SECURITY_HEADERS)
+        console.set_cookie(request, response, SESSION_COOKIE, value, auth.SESSION_TTL_MS // 1000)
+        console.clear_cookie(request, response, LOGIN_COOKIE)
+        return response
+
+    async def logout(request: Request) -> Response:
+        """Forget the session: the cookie is cleared, and its nonce refused until it expires."""
+        operator = console.operator(request)
+        if operator is not None:
+            console.revoked.add(operator.nonce, operator.expires_ms)
+        response = RedirectResponse(PREFIX + "/login", 303, headers=SECURITY_HEADERS)
+        console.clear_cookie(request, response, SESSION_COOKIE)
+        return response
+
+    async def index(request: Request) -> Response:
+        return RedirectResponse(PREFIX + "/live", 303, headers=SECURITY_HEADERS)
+
+    return [
+        console.route("/", index),
+        console.route("/login", login, methods=["GET", "POST"], login=False),
+        console.route("/logout", logout, methods=["POST"]),
+    ]

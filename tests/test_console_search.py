@@ -1,0 +1,131 @@
+"""The console's read queries (server/store/sqlite_console_search.py): what they find, and
+that each uses an index or a rowid range, never a scan of a whole table (their plans)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import aiosqlite
+from hypothesis import given, settings as hsettings, strategies as st
+
+from fakes.harness import ORIGIN, SC
+from server.admin import live
+from server.admin.web import Console
+from server.store import sqlite_console_search as q
+from support import running, settings_for
+
+EMAIL = "ann@example.com"
+TABLES = ("events", "deliveries", "identities", "sessions", "attempts")
+ALIASES = ("e", "d", "i", "s", "p")
+
+
+def plan_scans(db_path: str, statements: list[str]) -> list[tuple[str, str]]:
+    """(statement, plan line) for every plan line that scans a table whole: ``SCAN <table
+    or alias>`` (a rowid range or an index shows as ``SEARCH``)."""
+    conn = sqlite3.connect(db_path)
+    try:
+        found = []
+        for sql in statements:
+            for row in conn.execute("EXPLAIN QUERY PLAN " + sql):
+                words = row[3].split()
+                if words[0] == "SCAN" and words[1] in (*TABLES, *ALIASES):
+                    found.append((sql, row[3]))
+        return found
+    finally:
+        conn.close()
+
+
+async def test_each_query_finds_its_rows_through_an_index(tmp_path):
+    settings = settings_for(tmp_path, rejoiner={"site_id": "RJ", "domain": "shop.example",
+                                                "api_key": "k",
+                                                "api_base": "http://127.0.0.1:9/rejoiner"})
+    async with running(settings) as (app, client):
+        await client.post("/e", content=(
+            '{"site_id": "shop1", "sc": "%s", "events": ['
+            '{"event_id": "pv-1", "event": "page_view", "page": {"location": "%s/p/1"}},'
+            '{"event_id": "id-1", "event": "identify", "user": {"email": "%s"}}]}'
+            % (SC, ORIGIN, EMAIL)), headers={"content-type": "text/plain", "origin": ORIGIN})
+        answer = await client.post("/api/v1/sites/shop1/events", json=[
+            {"event": "purchase", "event_id": "order-77", "user": {"email": EMAIL},
+             "ecommerce": {"currency": "USD", "transaction_id": "77", "value": "5",
+                           "items": [{"item_id": "A", "price": "5", "quantity": 1}]}}],
+            headers={"Authorization": "Bearer secret-key"})
+        assert answer.status_code == 202, answer.text
+        db: aiosqlite.Connection = app.state.store._reader
+        traced: list[str] = []
+        await db.set_trace_callback(traced.append)
+        sites = ["shop1"]
+        by_email = await q.search(db, sites, EMAIL.upper())
+        assert [i["email"] for i in by_email["identities"]] == [EMAIL]
+        assert {e["name"] for e in by_email["events"]} == {"page_view", "identify", "purchase"}
+        assert {d["vendor"] for d in by_email["deliveries"]} == {"rejoiner"}
+        by_sc = await q.search(db, sites, SC.lower())
+        assert by_sc["kinds"] == ["sc"] and by_sc["identities"][0]["email"] == EMAIL
+        by_order = await q.search(db, sites, "77")
+        assert [e["name"] for e in by_order["events"]][0] == "purchase"
+        by_id = await q.search(db, sites, "pv-1")
+        assert any(e["event_id"] == "pv-1" for e in by_id["events"])
+        nothing = await q.search(db, sites, "nobody@example.com")
+        assert not (nothing["identities"] or nothing["events"] or nothing["deliveries"])
+        seen = await q.last_from_origin(db, "shop1", ORIGIN)
+        assert seen and seen["location"] == ORIGIN + "/p/1"
+        assert await q.last_from_origin(db, "shop1", ORIGIN + ".evil.example") is None
+        top = await q.latest_seq(db)
+        everything = await q.tail_events(db, 0, top, q.live_filter(), 100)
+        assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
+        only = await q.tail_events(db, 0, top, q.live_filter(email=EMAIL, name="purchase"), 100)
+        assert [e["name"] for e in only] == ["purchase"]
+        assert await q.recent_events(db, q.live_filter(source="backend"), 10) == only
+        delivery = by_email["deliveries"][0]
+        assert (await q.delivery(db, delivery["id"]))["vendor"] == "rejoiner"
+        await q.attempts_of(db, [delivery["id"]])
+        assert (await q.event(db, everything[0]["seq"]))["session"]["sc"] == SC
+        await db.set_trace_callback(None)
+    statements = [sql for sql in traced if sql.lstrip().upper().startswith("SELECT")]
+    assert len(statements) > 15
+    assert plan_scans(settings.server.sqlite_path, statements) == []
+    # The check itself sees a scan when there is one.
+    assert plan_scans(settings.server.sqlite_path, [
+        "SELECT * FROM events e WHERE json_extract(e.data, '$.name') = 'x'"])
+
+
+FILTER_TEXT = st.one_of(st.none(), st.text(max_size=300), st.sampled_from(
+    ["shop1", "browser", "backend", "verified browser", "ann@example.com", SC]))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({name: FILTER_TEXT for name in live.FILTERS}))
+def test_live_filters_are_accepted_within_bounds_or_refused_naming_the_field(params):
+    console = Console(settings_for("/nonexistent"), store=None)
+    try:
+        filters = live.read_filters(console, params)
+    except live.BadFilter as exc:
+        assert exc.field in live.FILTERS and str(exc).startswith(exc.field + ":")
+        return
+    for name, value in filters.items():
+        assert value and len(value) <= live.MAX_FILTER_CHARS[name]
+    assert filters.get("site") in (None, "shop1")
+    assert filters.get("source") in (None, *q.SOURCES)
+    where, values = q.live_filter(**filters)
+    assert where.count("?") == len(values)  # every value bound, none spliced into the SQL
+
+
+async def test_a_search_shows_the_latest_attempts_of_a_delivery(tmp_path, fake):
+    """Four failures then a success: the latest ``per_delivery`` are kept, in order."""
+    from fakes.harness import backend, make_settings, purchase, rows, serve, until
+    import httpx
+
+    fake.fail("sendlane", 503, times=4)
+    settings = make_settings(tmp_path, fake, only=("sendlane",))
+    async with serve(settings) as app:
+        async with httpx.AsyncClient(base_url=app.state.base_url) as client:
+            await backend(client, purchase("9009", email=EMAIL))
+        db_path = tmp_path / "onetag.db"
+        await until(lambda: rows(db_path, "d.state = 'delivered'"), what="the delivery")
+        db = app.state.store._reader
+        result = await q.search(db, ["shop1"], EMAIL)
+        [delivery] = [d for d in result["deliveries"] if d["state"] == "delivered"]
+        latest = (await q.attempts_of(db, [delivery["id"]], per_delivery=3))[delivery["id"]]
+    assert delivery["attempts"] == 5
+    assert [a["status"] for a in delivery["attempt_list"]] == [503] * 4 + [200]
+    assert [(a["attempt"], a["status"]) for a in latest] == [(3, 503), (4, 503), (5, 200)]
