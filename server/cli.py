@@ -49,6 +49,8 @@ currency = "USD"                           # default when an event names none
 #                                          # cart emails lead ({cart_guid}, {sc} filled in)
 # order_source       = "backend"           # orders only from the backend API (default with api_key)
 # identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/security.md
+# feed_token         = "env:SHOP1_FEED_TOKEN"  # publishes /feeds/shop1/products.xml?token=...
+# product_sync_time  = "03:00"             # UTC: Sendlane's nightly product sync
 
 # A vendor section present = that vendor enabled for this site. Remove what you don't use.
 [sites.rejoiner]
@@ -522,6 +524,69 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return 0
 
 
+async def catalog_report(settings: config_module.Settings, store: Any,
+                         only: str | None = None) -> list[dict[str, Any]]:
+    """``onetag catalog``: per site, its products, how many the feeds list, how many they
+    leave out and why (server/catalog.py, ``feed_problem``), the last change, and the feed
+    URLs with the token left as a placeholder (it is a secret)."""
+    from .store import sqlite_catalog
+
+    sites = sorted(set(settings.sites) | set(await store.catalog_sites()))
+    report = []
+    for site_id in sites:
+        if only is not None and site_id != only:
+            continue
+        rows: list[dict[str, Any]] = []
+        after = None
+        while page := await store.catalog_page(site_id, after, 1000):
+            rows.extend({key: row[key] for key in ("deleted", "item_url", "image_url", "title",
+                                                   "price_minor", "currency", "source",
+                                                   "changed_ms")} for row in page)
+            after = page[-1]["item_id"]
+        item = {"site": site_id, **sqlite_catalog.stats(rows)}
+        site = settings.sites.get(site_id)
+        base = f"{settings.server.public_url.rstrip('/')}/feeds/{site_id}/products"
+        item["feeds"] = ({"xml": f"{base}.xml?token=<feed_token>",
+                          "csv": f"{base}.csv?token=<feed_token>"}
+                         if site is not None and site.feed_token else None)
+        report.append(item)
+    return report
+
+
+def format_catalog(report: list[dict[str, Any]], database: str) -> str:
+    lines = [f"product catalog in {database}"]
+    if not report:
+        lines.append("  no site configured and no product stored")
+    for item in report:
+        left = ", ".join(f"{count} {why}" for why, count in sorted(item["left_out"].items()))
+        when = "never" if item["last_change_ms"] is None else time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(item["last_change_ms"] / 1000))
+        lines.append(f"{item['site']}: {item['products']} products ({item['backend']} from the "
+                     f"backend, {item['browser_only']} seen only in pages); "
+                     f"{item['in_feed']} in the feeds; {item['products'] - item['in_feed']} "
+                     f"left out{f' ({left})' if left else ''}; last change {when}")
+        if item["feeds"]:
+            lines.append(f"  feeds: {item['feeds']['xml']}")
+            lines.append(f"         {item['feeds']['csv']}")
+        else:
+            lines.append(f"  no feed: set sites[{item['site']}].feed_token to publish one")
+    return "\n".join(lines)
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    settings = _ops_settings(args.config)
+    if args.site is not None and args.site not in settings.sites:
+        print(f"onetag: no site {args.site!r} in the config", file=sys.stderr)
+        return 2
+    report = asyncio.run(_with_store(settings, lambda store: catalog_report(settings, store,
+                                                                             args.site)))
+    if args.json:
+        print(json.dumps({"database": settings.server.sqlite_path, "sites": report}, indent=2))
+    else:
+        print(format_catalog(report, settings.server.sqlite_path))
+    return 0
+
+
 def _show_delivery(settings: Any, args: argparse.Namespace, now_ms: int) -> int:
     """``deliveries --id N``: one delivery row and every attempt kept of it."""
     async def work(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -930,6 +995,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print how many and which would be made due; change nothing")
     replay.add_argument("--json", action="store_true", help="machine-readable output")
     replay.set_defaults(func=cmd_replay)
+
+    catalog = commands.add_parser(
+        "catalog", help="products by site: how many the feeds list, left out and why",
+        description="The product catalog onetag keeps from page views, carts and the "
+                    "backend's product_updated: per site, its products (from the backend, or "
+                    "seen only in pages), how many the product feeds list, how many they leave "
+                    "out and why (deleted, no item_url, no image_url, no title, no price), the "
+                    "last change, and the feed URLs to give the vendors (the token is left "
+                    "out: it is a secret). Reads the database; safe beside a running server.")
+    catalog.add_argument("--config", help=config_help)
+    catalog.add_argument("--site", help="only this site")
+    catalog.add_argument("--json", action="store_true", help="machine-readable output")
+    catalog.set_defaults(func=cmd_catalog)
 
     worker = commands.add_parser(
         "worker", help="run only the vendor forwarder (pair with [server] forward = false)",
