@@ -86,18 +86,23 @@ class Backend:
 
     async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """``sql`` (``?`` placeholders) on a connection of its own, as tuples."""
+        return [tuple(row.values()) for row in await self.dicts(sql, *params)]
+
+    async def dicts(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        """``sql`` (``?`` placeholders) on a connection of its own, as dicts by column."""
         if self.name == "sqlite":
             import sqlite3
 
             with sqlite3.connect(config.sqlite_path(self.database)) as db:
-                return [tuple(row) for row in db.execute(sql, params)]
+                db.row_factory = sqlite3.Row
+                return [dict(row) for row in db.execute(sql, params)]
         import asyncpg
 
         counter = iter(range(1, 1000))
         sql = re.sub(r"\?", lambda _: f"${next(counter)}", sql)
         conn = await asyncpg.connect(self.database)
         try:
-            return [tuple(row) for row in await conn.fetch(sql, *params)]
+            return [dict(row) for row in await conn.fetch(sql, *params)]
         finally:
             await conn.close()
 

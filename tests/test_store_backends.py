@@ -309,3 +309,40 @@ async def test_coupon_calls_are_kept_and_listed_latest_first(backend) -> None:
     assert second > first
     assert [(c["id"], c["result"]) for c in every] == [(second, "store_down"), (first, "created")]
     assert [c["code"] for c in one_site] == ["SAVE10"]
+
+
+async def test_products_kept_by_ingest_feed_the_catalog_reads_and_the_product_sync(
+        backend) -> None:
+    settings = backend.settings(sendlane={"integration_token": "SLTOKEN123", "api_token": "k"})
+    store = await backend.open(settings)
+
+    def product_event(event_id: str, price: str, full: bool = True) -> dict:
+        line = {"item_id": "P1", "price": price, "quantity": 1}
+        if full:
+            line.update(item_name="Mug", item_url="https://shop.example/p/P1",
+                        image_url="https://shop.example/i/P1.jpg")
+        return event({"event": "product_updated", "event_id": event_id,
+                      "ecommerce": {"currency": "USD", "items": [line]}}, sc=None,
+                     source="backend")
+
+    try:
+        await ingest(store, product_event("u1", "10.00"))
+        await ingest(store, event({"event": "view_item", "event_id": "v1", "ecommerce": {
+            "items": [{"item_id": "P1", "price": "0.01", "item_brand": "Acme"}]}}))
+        first_state = await store.catalog_state("shop1")
+        await ingest(store, product_event("u2", "12.00", full=False))  # a price-only change
+        page = await store.catalog_page("shop1", None, 10)
+        assert await store.catalog_sites() == ["shop1"]
+        assert await store.catalog_state("shop1") != first_state
+        changes = await store.plan_product_sync("shop1", 10**13, None, 100)
+        again = await store.plan_product_sync("shop1", 10**13, None, 100)
+        nightly = await store.plan_product_sync("shop1", 10**13, "2026-01-01", 100)
+        same_night = await store.plan_product_sync("shop1", 10**13, "2026-01-01", 100)
+    finally:
+        await store.close()
+    [product] = page
+    assert (product["item_id"], product["price_minor"], product["brand"]) == ("P1", 1200, "Acme")
+    assert changes == {"changes": 1, "nightly": 0, "more": False}
+    assert again["changes"] == 0 and nightly["nightly"] == 1 and same_night["nightly"] == 0
+    synced = await backend.rows("SELECT visitor, state FROM deliveries WHERE event_seq = 0")
+    assert synced == [("product:P1", "pending"), ("product:P1", "pending")]

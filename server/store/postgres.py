@@ -333,3 +333,36 @@ class PostgresStore(PostgresOutbox, Store):
                 f"SELECT id, {', '.join(columns)} FROM coupon_calls {where} "
                 f"ORDER BY id DESC LIMIT ${len(params) + 1}", *params, limit)
         return [dict(row) for row in rows]
+
+    # The catalog (server/catalog.py; store/pg_catalog.py) ------------------------------
+
+    async def catalog_state(self, site_id: str) -> tuple[int, int, int]:
+        """(products, latest changed_ms, sum of versions): the feeds' ETag."""
+        from . import pg_catalog
+
+        async with self.pool.acquire() as conn:
+            return await pg_catalog.catalog_state(conn, site_id)
+
+    async def catalog_page(self, site_id: str, after: str | None,
+                           limit: int) -> list[dict[str, Any]]:
+        from . import pg_catalog
+
+        async with self.pool.acquire() as conn:
+            return await pg_catalog.catalog_page(conn, site_id, after, limit)
+
+    async def catalog_sites(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT DISTINCT site_id FROM products ORDER BY site_id")
+        return [row[0] for row in rows]
+
+    async def plan_product_sync(self, site_id: str, now_ms: int, night: str | None,
+                                limit: int) -> dict[str, Any]:
+        """One step of the Sendlane product sync, in a transaction of its own."""
+        from . import pg_catalog
+
+        site = self.sites.get(site_id)
+        if site is None:
+            return {"changes": 0, "nightly": 0, "more": False}
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                return await pg_catalog.plan_sync(conn, site, now_ms, night, limit)
