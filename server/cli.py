@@ -275,11 +275,29 @@ RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+def _shown(settings: config_module.Settings) -> str:
+    """The database as output names it: the SQLite file's path, or the URL without its
+    password."""
+    if settings.server.is_postgresql:
+        return config_module.database_label(settings.server.database)
+    return settings.server.sqlite_path
+
+
+def _sqlite_only(settings: config_module.Settings, what: str) -> None:
+    """Refuse, exit 2, a command that reads the SQLite file itself, on PostgreSQL."""
+    if settings.server.is_postgresql:
+        print(f"onetag: {what} reads the SQLite file directly and does not run on PostgreSQL "
+              f"yet ({_shown(settings)})", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _ops_settings(config: str | None) -> config_module.Settings:
     """The settings an operator command works on: the config, else the demo's database."""
     path = _find_config(config)
     # They never send, so vendor secrets need not be set (env: values left unset read as absent).
     settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    if settings.server.is_postgresql:
+        return settings  # the store says what is missing (the schema check)
     database = settings.server.sqlite_path
     if database != ":memory:" and not Path(database).is_file():
         print(f"onetag: no database at {database} (from {path or 'the demo settings'}); "
@@ -505,13 +523,13 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if args.vendor:
         report = [r for r in report if r["vendor"] == args.vendor]
     if args.json:
-        out: dict[str, Any] = {"database": settings.server.sqlite_path, "now_ms": now_ms,
+        out: dict[str, Any] = {"database": _shown(settings), "now_ms": now_ms,
                                "vendors": report, "key_problems": problems}
         if rows is not None:
             out["rows"] = rows
         print(json.dumps(out, indent=2))
         return 0
-    print(f"deliveries in {settings.server.sqlite_path}")
+    print(f"deliveries in {_shown(settings)}")
     print(format_report(report))
     if problems:
         print("\nkey problems (the vendor refused the credentials):")
@@ -581,9 +599,9 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     report = asyncio.run(_with_store(settings, lambda store: catalog_report(settings, store,
                                                                              args.site)))
     if args.json:
-        print(json.dumps({"database": settings.server.sqlite_path, "sites": report}, indent=2))
+        print(json.dumps({"database": _shown(settings), "sites": report}, indent=2))
     else:
-        print(format_catalog(report, settings.server.sqlite_path))
+        print(format_catalog(report, _shown(settings)))
     return 0
 
 
@@ -595,12 +613,12 @@ def _show_delivery(settings: Any, args: argparse.Namespace, now_ms: int) -> int:
 
     found, attempts = asyncio.run(_with_store(settings, work))
     if not found:
-        print(f"onetag: no delivery #{args.id} in {settings.server.sqlite_path}", file=sys.stderr)
+        print(f"onetag: no delivery #{args.id} in {_shown(settings)}", file=sys.stderr)
         return 1
     _explain_pending(found, now_ms)
     row = found[0]
     if args.json:
-        print(json.dumps({"database": settings.server.sqlite_path, "now_ms": now_ms,
+        print(json.dumps({"database": _shown(settings), "now_ms": now_ms,
                           "delivery": row, "attempts": attempts}, indent=2,
                          ensure_ascii=False))
         return 0
@@ -680,7 +698,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 tuple(states), args.vendor, args.site, since_ms, args.until, args.error)), None
         found = await store.list_deliveries(ids=[args.id], limit=1)
         if not found:
-            return [], f"no delivery #{args.id} in {settings.server.sqlite_path}"
+            return [], f"no delivery #{args.id} in {_shown(settings)}"
         row = found[0]
         if row["state"] not in REPLAYABLE:
             _explain_pending([row], now_ms)
@@ -788,6 +806,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     path = _find_config(args.config)
     # Planning sends nothing: vendor secrets need not be set (the worker needs them).
     settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    _sqlite_only(settings, "onetag backfill")
     site = _site_of(settings, args.site)
     files = [Path(name) for name in args.files]
     missing = [str(f) for f in files if not f.is_file()]
@@ -832,6 +851,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import remarkety_export
 
     settings = _ops_settings(args.config)
+    _sqlite_only(settings, "onetag export")
     site = _site_of(settings, args.site)
     out_path = Path(args.out or remarkety_export.default_name(time.time()))
     with open(out_path, "w", encoding="utf-8", newline="") as out:
@@ -881,11 +901,11 @@ def cmd_coupons(args: argparse.Namespace) -> int:
 
     calls = asyncio.run(_with_store(settings, work))
     if args.json:
-        print(json.dumps({"database": settings.server.sqlite_path, "site": args.site,
+        print(json.dumps({"database": _shown(settings), "site": args.site,
                           "calls": calls}, indent=2, ensure_ascii=False))
         return 0
     bridged = [site.id for site in settings.sites.values() if site.coupons is not None]
-    print(f"coupon calls in {settings.server.sqlite_path} (latest {args.limit}"
+    print(f"coupon calls in {_shown(settings)} (latest {args.limit}"
           f"{f', site {args.site}' if args.site else ''}; bridge on for: "
           f"{', '.join(bridged) or 'no site'})")
     print(format_coupon_calls(calls))

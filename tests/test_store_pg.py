@@ -154,3 +154,26 @@ async def test_the_database_gone_is_503_not_a_4xx(pg) -> None:
             assert answer[0].event_id == "p"
     finally:
         await store.close()
+
+
+def test_onetag_migrate_applies_then_says_current_and_serve_checks_first(
+        empty_database, tmp_path, capsys) -> None:
+    from server import cli
+
+    config = tmp_path / "onetag.toml"
+    config.write_text(f'[server]\ndatabase = "env:ONETAG_TEST_DATABASE"\n\n[[sites]]\n'
+                      f'id = "shop1"\norigins = ["https://shop.example"]\n', encoding="utf-8")
+    import os
+
+    os.environ["ONETAG_TEST_DATABASE"] = empty_database
+    try:
+        settings = cli._load(str(config))
+        problem = cli.postgresql_problem(settings)
+        assert problem is not None and "onetag migrate" in problem and "001_initial.sql" in problem
+        assert cli.main(["migrate", "--config", str(config)]) == 0
+        assert "applied" in capsys.readouterr().out
+        assert cli.main(["migrate", "--config", str(config)]) == 0
+        assert "is current; nothing to apply" in capsys.readouterr().out
+        assert cli.postgresql_problem(settings) is None
+    finally:
+        del os.environ["ONETAG_TEST_DATABASE"]

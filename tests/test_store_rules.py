@@ -196,3 +196,33 @@ def test_the_store_imports_no_http_layer() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_postgresql_url_without_its_driver_is_a_clear_error(monkeypatch) -> None:
+    from server import config
+    from server.store import DriverMissing, open_store
+
+    settings = config.parse({"server": {"database": "postgresql://u:pw@db.example:5432/onetag"},
+                             "sites": [{"id": "shop1"}]}, env={})
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # import asyncpg now fails
+    with pytest.raises(DriverMissing, match=r"pip install 'onetag\[postgresql\]'"):
+        open_store(settings)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("postgresql://u@db.example:5432/onetag", None),
+    ("postgres://u@db.example/onetag", None),
+    ("postgresql://db.example:5432/", "names its database"),
+    ("postgresql://u@db.example:99999/onetag", "not a valid PostgreSQL URL"),
+    ("mysql://u@db.example/onetag", "must be sqlite:///PATH or postgresql://"),
+])
+def test_database_urls_are_checked_and_a_password_never_shown(url, problem) -> None:
+    from server import config
+
+    if problem is None:
+        config.check_database(url)
+    else:
+        with pytest.raises(ValueError, match=problem):
+            config.check_database(url)
+    shown = config.database_label("postgresql://u:s3cret@db.example:5432/onetag")
+    assert "s3cret" not in shown and shown == "postgresql://u:***@db.example:5432/onetag"
