@@ -177,3 +177,20 @@ def test_onetag_migrate_applies_then_says_current_and_serve_checks_first(
         assert cli.postgresql_problem(settings) is None
     finally:
         del os.environ["ONETAG_TEST_DATABASE"]
+
+
+async def test_a_nul_character_is_refused_naming_its_field_and_nothing_is_stored(pg) -> None:
+    """PostgreSQL text can't hold U+0000 (SQLite can): a clear 422, never a failed batch."""
+    from server.envelope import Problem
+
+    store = await pg.open(pg.settings())
+    try:
+        raw = {"event": "identify", "event_id": "n1",
+               "user": {"email": "nul@example.com", "first_name": "a\x00b"}}
+        events = [event({"event": "page_view", "event_id": "ok"}), event(raw)]
+        answer = await store.ingest("shop1", events, [{}, raw], SessionInfo())
+    finally:
+        await store.close()
+    assert isinstance(answer, Problem) and answer.status == 422
+    assert answer.field == "events[1].user.first_name"
+    assert await pg.rows("SELECT count(*) FROM events") == [(0,)]

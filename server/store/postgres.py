@@ -72,6 +72,24 @@ def _is_database_failure(exc: BaseException) -> bool:
 Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
 
 
+def _nul_field(value: Any, path: str) -> str | None:
+    """The path of the first string holding a NUL in ``value``, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = (path if isinstance(key, str) and "\x00" in key
+                     else _nul_field(item, f"{path}.{key}"))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_field(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 class PostgresStore(PostgresOutbox, Store):
     """``Store`` on PostgreSQL through an asyncpg pool (``self.pool``)."""
 
@@ -171,6 +189,12 @@ class PostgresStore(PostgresOutbox, Store):
         if self._closing or self.pool is None:
             raise StoreUnavailable("writer", "the store is not open")
         stored = [encode(raw) for raw in raws]
+        for position, raw in enumerate(stored):
+            if b"\\u0000" in raw:  # JSON's escape of NUL: cheap to look for in the bytes
+                field = _nul_field(raws[position], f"events[{position}]")
+                if field is not None:
+                    return Problem(422, "invalid_event", field, "contains a NUL character "
+                                   "(\\u0000), which PostgreSQL text can't hold")
         size = sum(map(len, stored))
         if (self._queued >= self.max_pending_writes
                 or (size and self._queued_bytes + size > self.max_pending_bytes)):
