@@ -226,3 +226,33 @@ def test_database_urls_are_checked_and_a_password_never_shown(url, problem) -> N
             config.check_database(url)
     shown = config.database_label("postgresql://u:s3cret@db.example:5432/onetag")
     assert "s3cret" not in shown and shown == "postgresql://u:***@db.example:5432/onetag"
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet="xy\x00\u00e9", max_size=6),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(alphabet="ab_\x00", min_size=1, max_size=4), inner, max_size=4),
+    max_leaves=12)
+
+
+def _at(value, path: str):
+    """The value a ``_nul_field`` path names (dict keys without dots or brackets only)."""
+    import re
+
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        value = value[part[0]] if part[0] else value[int(part[1])]
+    return value
+
+
+@given(_json)
+def test_the_nul_finder_names_a_string_that_holds_one_or_none(value) -> None:
+    from server.jsontext import encode
+    from server.store.postgres import _nul_field
+
+    found = _nul_field(value, "events[0]")
+    has_nul = b"\\u0000" in encode(value)
+    assert (found is not None) == has_nul
+    if found is not None:
+        named = _at({"events": [value]}, "." + found)  # a string with one, or an object
+        assert ("\x00" in named if isinstance(named, str)  # with one in a key
+                else any("\x00" in key for key in named))
