@@ -61,8 +61,9 @@ def _is_database_failure(exc: BaseException) -> bool:
 
     if isinstance(exc, (ValueError, TypeError)):  # asyncpg.DataError: an argument's content
         return False
-    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)):
-        return True
+    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
+                        asyncpg.InternalClientError, asyncpg.PostgresConnectionError)):
+        return True  # (InternalClientError: asyncpg's state on a connection the server cut)
     state = _sqlstate(exc) or ""
     # 08: connection; 53: resources (disk full, out of memory); 57: operator intervention
     # (shutdown); 58: system errors (I/O); 25006: read-only transaction (a standby).
@@ -298,7 +299,11 @@ class PostgresStore(PostgresOutbox, Store):
                 return results
             except Exception as exc:
                 attempt += 1
-                if _sqlstate(exc) not in RETRYABLE or attempt > RETRIES:
+                # A connection the server cut (a restart, a failover, an idle timeout) is
+                # dropped by the pool: the next attempt gets a new one. Run once more on it;
+                # if the cut came after the commit, the event ids answer "duplicate".
+                lost = _is_database_failure(exc) and attempt == 1
+                if not lost and (_sqlstate(exc) not in RETRYABLE or attempt > RETRIES):
                     raise
                 self.retries += 1
                 await asyncio.sleep(0.005 * attempt)
