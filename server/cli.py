@@ -806,7 +806,6 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     path = _find_config(args.config)
     # Planning sends nothing: vendor secrets need not be set (the worker needs them).
     settings = config_module.demo() if path is None else _load(path, require_secrets=False)
-    _sqlite_only(settings, "onetag backfill")
     site = _site_of(settings, args.site)
     files = [Path(name) for name in args.files]
     missing = [str(f) for f in files if not f.is_file()]
@@ -827,7 +826,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         if args.send:
             summary = asyncio.run(_with_store(settings, send))
         else:
-            exists = existing_keys(settings.server.sqlite_path, site.id)
+            if settings.server.is_postgresql:
+                from .store.pg_backfill import existing_keys as pg_existing_keys
+
+                exists = asyncio.run(pg_existing_keys(settings.server.database, site.id))
+            else:
+                exists = existing_keys(settings.server.sqlite_path, site.id)
             try:
                 summary = asyncio.run(job.run(existing=exists))
             finally:

@@ -346,3 +346,34 @@ async def test_products_kept_by_ingest_feed_the_catalog_reads_and_the_product_sy
     assert again["changes"] == 0 and nightly["nightly"] == 1 and same_night["nightly"] == 0
     synced = await backend.rows("SELECT visitor, state FROM deliveries WHERE event_seq = 0")
     assert synced == [("product:P1", "pending"), ("product:P1", "pending")]
+
+
+async def test_a_backfill_plans_history_once_and_a_second_run_finds_it_there(
+        backend, tmp_path) -> None:
+    from server.backfill import Backfill
+
+    from test_backfill import history, write_jsonl
+
+    settings = backend.settings(sendlane={"integration_token": "SLTOKEN123", "api_token": "k"})
+    site = settings.sites["shop1"]
+    path = write_jsonl(tmp_path / "h.jsonl", history(3))
+    store = await backend.open(settings)
+    try:
+        first = await Backfill(site, [path], send=True, batch_lines=3, pace=0).run(store)
+        again = await Backfill(site, [path], send=True, pace=0).run(store)
+        paced = await Backfill(site, [write_jsonl(tmp_path / "more.jsonl", history(5)[-4:])],
+                               send=True, pace=60).run(store)
+    finally:
+        await store.close()
+    assert first.planned == {"sendlane": 8}  # 1 customer, 1 product, 3 orders, 3 statuses
+    assert again.planned == {} and again.already == {"sendlane": 8}
+    assert paced.planned == {"sendlane": 4}
+    assert await backend.rows("SELECT count(*), count(DISTINCT source), max(sc) FROM events"
+                              ) == [(12, 1, None)]
+    assert await backend.rows("SELECT request_id, count(*) FROM deliveries GROUP BY request_id "
+                              "ORDER BY request_id") == [("backfill-1", 8), ("backfill-3", 4)]
+    dues = [due for (due,) in await backend.rows(
+        "SELECT next_attempt_ms FROM deliveries WHERE request_id = 'backfill-3' ORDER BY id")]
+    assert [b - a for a, b in zip(dues, dues[1:])] == [1000] * 3
+    assert await backend.rows("SELECT count(*) FROM backfill_runs WHERE finished_ms IS NULL"
+                              ) == [(0,)]

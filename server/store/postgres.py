@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from typing import Any, Mapping, Sequence
 
 from ..envelope import Problem, Refused
@@ -395,3 +396,50 @@ class PostgresStore(PostgresOutbox, Store):
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 return await pg_catalog.plan_sync(conn, site, now_ms, night, limit)
+
+    # Backfill (server/backfill.py) ------------------------------------------------------
+
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        """As SQLite's: the unfinished run over these files, else a new one. Two runs started
+        at once over the same files take turns on an advisory lock, so one resumes the
+        other's row instead of both making one."""
+        now = int(time.time() * 1000)
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))",
+                                   f"backfill\x1f{site_id}\x1f{files_hash}")
+                row = await conn.fetchrow(
+                    "SELECT id, lines_done, counts FROM backfill_runs WHERE site_id = $1 AND "
+                    "files_hash = $2 AND finished_ms IS NULL ORDER BY id DESC LIMIT 1",
+                    site_id, files_hash)
+                if row is not None:
+                    return row[0], row[1], row[2]
+                run_id = await conn.fetchval(
+                    "INSERT INTO backfill_runs (site_id, files, files_hash, lines_total, "
+                    "started_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $5) RETURNING id",
+                    site_id, files, files_hash, lines_total, now)
+        return run_id, 0, "{}"
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        """One batch of history with the run's progress, in one transaction (SQLite's
+        ``WriteOps.backfill``, whose docstring says what each part means)."""
+        from . import pg_backfill
+
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    async with conn.transaction():
+                        return await pg_backfill.backfill(conn, site_id, run_id, events,
+                                                          skipped, lines_done, finished,
+                                                          pace_ms)
+            except Exception as exc:
+                attempt += 1
+                if _sqlstate(exc) not in RETRYABLE or attempt > RETRIES:
+                    if _is_database_failure(exc):
+                        raise _unavailable(exc) from None
+                    raise
+                await asyncio.sleep(0.005 * attempt)
