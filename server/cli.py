@@ -283,14 +283,6 @@ def _shown(settings: config_module.Settings) -> str:
     return settings.server.sqlite_path
 
 
-def _sqlite_only(settings: config_module.Settings, what: str) -> None:
-    """Refuse, exit 2, a command that reads the SQLite file itself, on PostgreSQL."""
-    if settings.server.is_postgresql:
-        print(f"onetag: {what} reads the SQLite file directly and does not run on PostgreSQL "
-              f"yet ({_shown(settings)})", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _ops_settings(config: str | None) -> config_module.Settings:
     """The settings an operator command works on: the config, else the demo's database."""
     path = _find_config(config)
@@ -855,12 +847,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import remarkety_export
 
     settings = _ops_settings(args.config)
-    _sqlite_only(settings, "onetag export")
     site = _site_of(settings, args.site)
     out_path = Path(args.out or remarkety_export.default_name(time.time()))
+    if settings.server.is_postgresql:
+        from .store.pg_backfill import order_events
+
+        found, left_out = remarkety_export.orders_from(
+            asyncio.run(order_events(settings.server.database, site.id)))
     with open(out_path, "w", encoding="utf-8", newline="") as out:
-        count, written, missing = remarkety_export.export(settings.server.sqlite_path,
-                                                           site.id, out)
+        if settings.server.is_postgresql:
+            count, written, missing = remarkety_export.write(found, left_out, out)
+        else:
+            count, written, missing = remarkety_export.export(settings.server.sqlite_path,
+                                                               site.id, out)
     print(f"onetag: wrote {count:,} orders ({written:,} rows, one per order item) to "
           f"{out_path}; send it to Remarkety's support for a one-time orders history import")
     if missing:

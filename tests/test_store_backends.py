@@ -377,3 +377,31 @@ async def test_a_backfill_plans_history_once_and_a_second_run_finds_it_there(
     assert [b - a for a, b in zip(dues, dues[1:])] == [1000] * 3
     assert await backend.rows("SELECT count(*) FROM backfill_runs WHERE finished_ms IS NULL"
                               ) == [(0,)]
+
+
+async def test_the_remarkety_orders_export_reads_either_database(backend, tmp_path,
+                                                                 capsys) -> None:
+    import csv
+
+    from server import cli
+    from server.backfill import Backfill
+
+    from test_backfill import history, write_jsonl
+
+    settings = backend.settings()
+    store = await backend.open(settings)
+    try:
+        await Backfill(settings.sites["shop1"], [write_jsonl(tmp_path / "h.jsonl", history(2))],
+                       send=True, pace=0).run(store)
+    finally:
+        await store.close()
+    config = tmp_path / "onetag.toml"
+    config.write_text(f'[server]\ndatabase = "{backend.database}"\n\n[[sites]]\nid = "shop1"\n'
+                      'origins = ["https://shop.example"]\n', encoding="utf-8")
+    out = tmp_path / "orders.csv"
+    code = await asyncio.to_thread(cli.main, ["export", "remarkety-orders", "--site", "shop1",
+                                              "--config", str(config), "--out", str(out)])
+    assert code == 0 and "wrote 2 orders" in capsys.readouterr().out
+    with open(out, encoding="utf-8") as f:
+        exported = list(csv.DictReader(f))
+    assert len(exported) == 2 and {row["order_id"] for row in exported} == {"O0", "O1"}

@@ -98,3 +98,17 @@ async def existing_keys(dsn: str, site_id: str) -> Any:
 
     exists.close = keys.clear  # type: ignore[attr-defined]
     return exists
+
+
+async def order_events(dsn: str, site_id: str) -> list[str]:
+    """``onetag export remarkety-orders`` on PostgreSQL: the site's backend order events'
+    stored JSON, in arrival order (``remarkety_export.ORDER_EVENTS_SQL``)."""
+    import asyncpg
+
+    from ..remarkety_export import ORDER_EVENTS_SQL
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [row[0] for row in await conn.fetch(ORDER_EVENTS_SQL, site_id)]
+    finally:
+        await conn.close()
