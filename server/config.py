@@ -98,7 +98,8 @@ class CouponConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    database: str = DEFAULT_DATABASE
+    # Out of repr: a PostgreSQL URL may carry its password (``database_label`` shows it masked).
+    database: str = field(default=DEFAULT_DATABASE, repr=False)
     public_url: str = DEFAULT_PUBLIC_URL
     script_path: str = "/s/{site_id}.js"
     event_path: str = "/e"
