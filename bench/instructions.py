@@ -34,7 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONCURRENCY = 32
+# One beacon at a time by default: each is its own frame and transaction, so the count
+# doesn't depend on how requests happened to group (with 32 at a time, how many share a
+# frame follows the machine's timing, and the server's count moved by 10 %).
+CONCURRENCY = 1
 _COLLECTED = re.compile(r"==(\d+)== Collected : (\d+)")
 
 
@@ -42,7 +45,7 @@ _COLLECTED = re.compile(r"==(\d+)== Collected : (\d+)")
 # The driver: runs inside callgrind, with the measured code first on sys.path.
 
 
-async def drive(requests: int) -> None:
+async def drive(requests: int, concurrency: int = CONCURRENCY) -> None:
     from bench.ingest import ORIGIN, Bodies, write_config
     from server import config
     from server.app import create_app
@@ -56,7 +59,7 @@ async def drive(requests: int) -> None:
                 await _beacon(app, bodies.make(), ORIGIN)
             done = 0
             while done < requests:
-                wave = min(CONCURRENCY, requests - done)
+                wave = min(concurrency, requests - done)
                 await asyncio.gather(*(_beacon(app, bodies.make(), ORIGIN) for _ in range(wave)))
                 done += wave
     finally:
@@ -96,14 +99,15 @@ async def _beacon(app, body: bytes, origin: str) -> None:
 # The measurement: callgrind around the driver, for one code tree.
 
 
-def count(code: Path, requests: int) -> dict[str, int]:
+def count(code: Path, requests: int, concurrency: int) -> dict[str, int]:
     """Instructions of the server process and of all its children (the writer)."""
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": f"{code}{os.pathsep}{REPO}",
            "ONETAG_WRITER": "process", "ONETAG_LOG_LEVEL": "warning"}
     with tempfile.TemporaryDirectory(prefix="onetag-cg-") as out:
         command = ["valgrind", "--tool=callgrind", "--trace-children=yes",
                    f"--callgrind-out-file={out}/cg.%p", sys.executable, __file__,
-                   "--drive", str(requests), "--code", str(code)]
+                   "--drive", str(requests), "--code", str(code),
+                   "--concurrency", str(concurrency)]
         # Run from an empty folder: before ``-P``, a writer started with ``-m`` from this
         # checkout's root would import this checkout's writer instead of the measured one.
         run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -118,10 +122,10 @@ def count(code: Path, requests: int) -> dict[str, int]:
     return {"server": server, "writer": sum(totals.values())}
 
 
-def per_request(code: Path, requests: int, label: str) -> dict[str, float]:
+def per_request(code: Path, requests: int, concurrency: int, label: str) -> dict[str, float]:
     started = time.monotonic()
-    idle = count(code, 0)
-    busy = count(code, requests)
+    idle = count(code, 0, concurrency)
+    busy = count(code, requests, concurrency)
     figures = {part: (busy[part] - idle[part]) / requests for part in ("server", "writer")}
     figures["total"] = figures["server"] + figures["writer"]
     print(f"  {label:<10} server {figures['server']:>10,.0f}   writer {figures['writer']:>10,.0f}"
@@ -142,26 +146,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="beacons measured (2000)")
     parser.add_argument("--base", help="a git revision to measure beside this checkout")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                        help="beacons in flight at once (1: repeatable; more: group commit "
+                             "as under load, but the count then follows the timing)")
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--code", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive is not None:  # inside callgrind
         sys.path[:0] = [args.code, str(REPO)]
-        asyncio.run(drive(args.drive))
+        asyncio.run(drive(args.drive, args.concurrency))
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install -y valgrind)")
-    print(f"callgrind: {args.requests} beacons of one add_to_cart event, {CONCURRENCY} at a time",
+    print(f"callgrind: {args.requests} beacons of one add_to_cart event, {args.concurrency} at a time",
           file=sys.stderr)
     report: dict[str, object] = {"requests": args.requests,
                                  "command": " ".join(["python", "bench/instructions.py",
                                                       *sys.argv[1:]])}
-    report["head"] = per_request(REPO, args.requests, "this tree")
+    report["head"] = per_request(REPO, args.requests, args.concurrency, "this tree")
     if args.base:
         with tempfile.TemporaryDirectory(prefix="onetag-base-") as folder:
             export(args.base, Path(folder))
-            report["base"] = per_request(Path(folder), args.requests, args.base[:10])
+            report["base"] = per_request(Path(folder), args.requests, args.concurrency,
+                                         args.base[:10])
         ratio = report["head"]["total"] / report["base"]["total"]
         report["ratio"] = ratio
         print(f"  this tree / {args.base}: {ratio:.3f} of the instructions a request "

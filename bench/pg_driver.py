@@ -18,6 +18,9 @@ Run at 1 and 8 concurrent connections (each its own task committing in a loop), 
 drivers in the same run, alternating, on a database created for the run and dropped after.
 Figures: rows/s, requests/s, and this process's CPU per request (the driver's cost: the
 database server's CPU is the same for both, its statements being the same).
+
+Needs both drivers (the bench only: onetag itself uses asyncpg):
+``pip install asyncpg 'psycopg[binary]' psycopg_pool``.
 """
 
 from __future__ import annotations

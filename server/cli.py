@@ -49,6 +49,8 @@ currency = "USD"                           # default when an event names none
 #                                          # cart emails lead ({cart_guid}, {sc} filled in)
 # order_source       = "backend"           # orders only from the backend API (default with api_key)
 # identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/security.md
+# feed_token         = "env:SHOP1_FEED_TOKEN"  # publishes /feeds/shop1/products.xml?token=...
+# product_sync_time  = "03:00"             # UTC: Sendlane's nightly product sync
 
 # A vendor section present = that vendor enabled for this site. Remove what you don't use.
 [sites.rejoiner]
@@ -273,11 +275,21 @@ RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+def _shown(settings: config_module.Settings) -> str:
+    """The database as output names it: the SQLite file's path, or the URL without its
+    password."""
+    if settings.server.is_postgresql:
+        return config_module.database_label(settings.server.database)
+    return settings.server.sqlite_path
+
+
 def _ops_settings(config: str | None) -> config_module.Settings:
     """The settings an operator command works on: the config, else the demo's database."""
     path = _find_config(config)
     # They never send, so vendor secrets need not be set (env: values left unset read as absent).
     settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    if settings.server.is_postgresql:
+        return settings  # the store says what is missing (the schema check)
     database = settings.server.sqlite_path
     if database != ":memory:" and not Path(database).is_file():
         print(f"onetag: no database at {database} (from {path or 'the demo settings'}); "
@@ -503,13 +515,13 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if args.vendor:
         report = [r for r in report if r["vendor"] == args.vendor]
     if args.json:
-        out: dict[str, Any] = {"database": settings.server.sqlite_path, "now_ms": now_ms,
+        out: dict[str, Any] = {"database": _shown(settings), "now_ms": now_ms,
                                "vendors": report, "key_problems": problems}
         if rows is not None:
             out["rows"] = rows
         print(json.dumps(out, indent=2))
         return 0
-    print(f"deliveries in {settings.server.sqlite_path}")
+    print(f"deliveries in {_shown(settings)}")
     print(format_report(report))
     if problems:
         print("\nkey problems (the vendor refused the credentials):")
@@ -522,6 +534,69 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return 0
 
 
+async def catalog_report(settings: config_module.Settings, store: Any,
+                         only: str | None = None) -> list[dict[str, Any]]:
+    """``onetag catalog``: per site, its products, how many the feeds list, how many they
+    leave out and why (server/catalog.py, ``feed_problem``), the last change, and the feed
+    URLs with the token left as a placeholder (it is a secret)."""
+    from .store import sqlite_catalog
+
+    sites = sorted(set(settings.sites) | set(await store.catalog_sites()))
+    report = []
+    for site_id in sites:
+        if only is not None and site_id != only:
+            continue
+        rows: list[dict[str, Any]] = []
+        after = None
+        while page := await store.catalog_page(site_id, after, 1000):
+            rows.extend({key: row[key] for key in ("deleted", "item_url", "image_url", "title",
+                                                   "price_minor", "currency", "source",
+                                                   "changed_ms")} for row in page)
+            after = page[-1]["item_id"]
+        item = {"site": site_id, **sqlite_catalog.stats(rows)}
+        site = settings.sites.get(site_id)
+        base = f"{settings.server.public_url.rstrip('/')}/feeds/{site_id}/products"
+        item["feeds"] = ({"xml": f"{base}.xml?token=<feed_token>",
+                          "csv": f"{base}.csv?token=<feed_token>"}
+                         if site is not None and site.feed_token else None)
+        report.append(item)
+    return report
+
+
+def format_catalog(report: list[dict[str, Any]], database: str) -> str:
+    lines = [f"product catalog in {database}"]
+    if not report:
+        lines.append("  no site configured and no product stored")
+    for item in report:
+        left = ", ".join(f"{count} {why}" for why, count in sorted(item["left_out"].items()))
+        when = "never" if item["last_change_ms"] is None else time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(item["last_change_ms"] / 1000))
+        lines.append(f"{item['site']}: {item['products']} products ({item['backend']} from the "
+                     f"backend, {item['browser_only']} seen only in pages); "
+                     f"{item['in_feed']} in the feeds; {item['products'] - item['in_feed']} "
+                     f"left out{f' ({left})' if left else ''}; last change {when}")
+        if item["feeds"]:
+            lines.append(f"  feeds: {item['feeds']['xml']}")
+            lines.append(f"         {item['feeds']['csv']}")
+        else:
+            lines.append(f"  no feed: set sites[{item['site']}].feed_token to publish one")
+    return "\n".join(lines)
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    settings = _ops_settings(args.config)
+    if args.site is not None and args.site not in settings.sites:
+        print(f"onetag: no site {args.site!r} in the config", file=sys.stderr)
+        return 2
+    report = asyncio.run(_with_store(settings, lambda store: catalog_report(settings, store,
+                                                                             args.site)))
+    if args.json:
+        print(json.dumps({"database": _shown(settings), "sites": report}, indent=2))
+    else:
+        print(format_catalog(report, _shown(settings)))
+    return 0
+
+
 def _show_delivery(settings: Any, args: argparse.Namespace, now_ms: int) -> int:
     """``deliveries --id N``: one delivery row and every attempt kept of it."""
     async def work(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -530,12 +605,12 @@ def _show_delivery(settings: Any, args: argparse.Namespace, now_ms: int) -> int:
 
     found, attempts = asyncio.run(_with_store(settings, work))
     if not found:
-        print(f"onetag: no delivery #{args.id} in {settings.server.sqlite_path}", file=sys.stderr)
+        print(f"onetag: no delivery #{args.id} in {_shown(settings)}", file=sys.stderr)
         return 1
     _explain_pending(found, now_ms)
     row = found[0]
     if args.json:
-        print(json.dumps({"database": settings.server.sqlite_path, "now_ms": now_ms,
+        print(json.dumps({"database": _shown(settings), "now_ms": now_ms,
                           "delivery": row, "attempts": attempts}, indent=2,
                          ensure_ascii=False))
         return 0
@@ -615,7 +690,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 tuple(states), args.vendor, args.site, since_ms, args.until, args.error)), None
         found = await store.list_deliveries(ids=[args.id], limit=1)
         if not found:
-            return [], f"no delivery #{args.id} in {settings.server.sqlite_path}"
+            return [], f"no delivery #{args.id} in {_shown(settings)}"
         row = found[0]
         if row["state"] not in REPLAYABLE:
             _explain_pending([row], now_ms)
@@ -743,7 +818,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         if args.send:
             summary = asyncio.run(_with_store(settings, send))
         else:
-            exists = existing_keys(settings.server.sqlite_path, site.id)
+            if settings.server.is_postgresql:
+                from .store.pg_backfill import existing_keys as pg_existing_keys
+
+                exists = asyncio.run(pg_existing_keys(settings.server.database, site.id))
+            else:
+                exists = existing_keys(settings.server.sqlite_path, site.id)
             try:
                 summary = asyncio.run(job.run(existing=exists))
             finally:
@@ -769,9 +849,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = _ops_settings(args.config)
     site = _site_of(settings, args.site)
     out_path = Path(args.out or remarkety_export.default_name(time.time()))
+    if settings.server.is_postgresql:
+        from .store.pg_backfill import order_events
+
+        found, left_out = remarkety_export.orders_from(
+            asyncio.run(order_events(settings.server.database, site.id)))
     with open(out_path, "w", encoding="utf-8", newline="") as out:
-        count, written, missing = remarkety_export.export(settings.server.sqlite_path,
-                                                           site.id, out)
+        if settings.server.is_postgresql:
+            count, written, missing = remarkety_export.write(found, left_out, out)
+        else:
+            count, written, missing = remarkety_export.export(settings.server.sqlite_path,
+                                                               site.id, out)
     print(f"onetag: wrote {count:,} orders ({written:,} rows, one per order item) to "
           f"{out_path}; send it to Remarkety's support for a one-time orders history import")
     if missing:
@@ -816,11 +904,11 @@ def cmd_coupons(args: argparse.Namespace) -> int:
 
     calls = asyncio.run(_with_store(settings, work))
     if args.json:
-        print(json.dumps({"database": settings.server.sqlite_path, "site": args.site,
+        print(json.dumps({"database": _shown(settings), "site": args.site,
                           "calls": calls}, indent=2, ensure_ascii=False))
         return 0
     bridged = [site.id for site in settings.sites.values() if site.coupons is not None]
-    print(f"coupon calls in {settings.server.sqlite_path} (latest {args.limit}"
+    print(f"coupon calls in {_shown(settings)} (latest {args.limit}"
           f"{f', site {args.site}' if args.site else ''}; bridge on for: "
           f"{', '.join(bridged) or 'no site'})")
     print(format_coupon_calls(calls))
@@ -930,6 +1018,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print how many and which would be made due; change nothing")
     replay.add_argument("--json", action="store_true", help="machine-readable output")
     replay.set_defaults(func=cmd_replay)
+
+    catalog = commands.add_parser(
+        "catalog", help="products by site: how many the feeds list, left out and why",
+        description="The product catalog onetag keeps from page views, carts and the "
+                    "backend's product_updated: per site, its products (from the backend, or "
+                    "seen only in pages), how many the product feeds list, how many they leave "
+                    "out and why (deleted, no item_url, no image_url, no title, no price), the "
+                    "last change, and the feed URLs to give the vendors (the token is left "
+                    "out: it is a secret). Reads the database; safe beside a running server.")
+    catalog.add_argument("--config", help=config_help)
+    catalog.add_argument("--site", help="only this site")
+    catalog.add_argument("--json", action="store_true", help="machine-readable output")
+    catalog.set_defaults(func=cmd_catalog)
 
     worker = commands.add_parser(
         "worker", help="run only the vendor forwarder (pair with [server] forward = false)",

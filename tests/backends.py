@@ -86,18 +86,26 @@ class Backend:
 
     async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """``sql`` (``?`` placeholders) on a connection of its own, as tuples."""
+        return [tuple(row) for row in await self._fetch(sql, params)]
+
+    async def dicts(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        """``sql`` (``?`` placeholders) on a connection of its own, as dicts by column."""
+        return [dict(row) for row in await self._fetch(sql, params)]
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         if self.name == "sqlite":
             import sqlite3
 
             with sqlite3.connect(config.sqlite_path(self.database)) as db:
-                return [tuple(row) for row in db.execute(sql, params)]
+                db.row_factory = sqlite3.Row
+                return db.execute(sql, params).fetchall()
         import asyncpg
 
         counter = iter(range(1, 1000))
         sql = re.sub(r"\?", lambda _: f"${next(counter)}", sql)
         conn = await asyncpg.connect(self.database)
         try:
-            return [tuple(row) for row in await conn.fetch(sql, *params)]
+            return await conn.fetch(sql, *params)
         finally:
             await conn.close()
 

@@ -291,3 +291,117 @@ async def test_a_fallback_order_the_browser_delivered_first_is_not_sent_again(ba
     assert rows == {("convert:1001", 0): "browser", ("convert:1001", 1): "browser",
                     ("convert:1002", 1): "browser", ("convert:1002", 0): "browser",
                     ("convert:1005", 1): "browser", ("convert:1005", 0): "pending"}
+
+
+async def test_coupon_calls_are_kept_and_listed_latest_first(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        first = await store.record_coupon_call({"created_ms": 1, "site_id": "shop1",
+                                                "status": 200, "result": "created",
+                                                "duration_ms": 5, "code": "SAVE10"})
+        second = await store.record_coupon_call({"created_ms": 2, "site_id": "shop2",
+                                                 "status": 502, "result": "store_down",
+                                                 "duration_ms": 7, "error": "refused"})
+        every = await store.coupon_calls()
+        one_site = await store.coupon_calls(site_id="shop1", limit=5)
+    finally:
+        await store.close()
+    assert second > first
+    assert [(c["id"], c["result"]) for c in every] == [(second, "store_down"), (first, "created")]
+    assert [c["code"] for c in one_site] == ["SAVE10"]
+
+
+async def test_products_kept_by_ingest_feed_the_catalog_reads_and_the_product_sync(
+        backend) -> None:
+    settings = backend.settings(sendlane={"integration_token": "SLTOKEN123", "api_token": "k"})
+    store = await backend.open(settings)
+
+    def product_event(event_id: str, price: str, full: bool = True) -> dict:
+        line = {"item_id": "P1", "price": price, "quantity": 1}
+        if full:
+            line.update(item_name="Mug", item_url="https://shop.example/p/P1",
+                        image_url="https://shop.example/i/P1.jpg")
+        return event({"event": "product_updated", "event_id": event_id,
+                      "ecommerce": {"currency": "USD", "items": [line]}}, sc=None,
+                     source="backend")
+
+    try:
+        await ingest(store, product_event("u1", "10.00"))
+        await ingest(store, event({"event": "view_item", "event_id": "v1", "ecommerce": {
+            "items": [{"item_id": "P1", "price": "0.01", "item_brand": "Acme"}]}}))
+        first_state = await store.catalog_state("shop1")
+        await ingest(store, product_event("u2", "12.00", full=False))  # a price-only change
+        page = await store.catalog_page("shop1", None, 10)
+        assert await store.catalog_sites() == ["shop1"]
+        assert await store.catalog_state("shop1") != first_state
+        changes = await store.plan_product_sync("shop1", 10**13, None, 100)
+        again = await store.plan_product_sync("shop1", 10**13, None, 100)
+        nightly = await store.plan_product_sync("shop1", 10**13, "2026-01-01", 100)
+        same_night = await store.plan_product_sync("shop1", 10**13, "2026-01-01", 100)
+    finally:
+        await store.close()
+    [product] = page
+    assert (product["item_id"], product["price_minor"], product["brand"]) == ("P1", 1200, "Acme")
+    assert changes == {"changes": 1, "nightly": 0, "more": False}
+    assert again["changes"] == 0 and nightly["nightly"] == 1 and same_night["nightly"] == 0
+    synced = await backend.rows("SELECT visitor, state FROM deliveries WHERE event_seq = 0")
+    assert synced == [("product:P1", "pending"), ("product:P1", "pending")]
+
+
+async def test_a_backfill_plans_history_once_and_a_second_run_finds_it_there(
+        backend, tmp_path) -> None:
+    from server.backfill import Backfill
+
+    from test_backfill import history, write_jsonl
+
+    settings = backend.settings(sendlane={"integration_token": "SLTOKEN123", "api_token": "k"})
+    site = settings.sites["shop1"]
+    path = write_jsonl(tmp_path / "h.jsonl", history(3))
+    store = await backend.open(settings)
+    try:
+        first = await Backfill(site, [path], send=True, batch_lines=3, pace=0).run(store)
+        again = await Backfill(site, [path], send=True, pace=0).run(store)
+        paced = await Backfill(site, [write_jsonl(tmp_path / "more.jsonl", history(5)[-4:])],
+                               send=True, pace=60).run(store)
+    finally:
+        await store.close()
+    assert first.planned == {"sendlane": 8}  # 1 customer, 1 product, 3 orders, 3 statuses
+    assert again.planned == {} and again.already == {"sendlane": 8}
+    assert paced.planned == {"sendlane": 4}
+    assert await backend.rows("SELECT count(*), count(DISTINCT source), max(sc) FROM events"
+                              ) == [(12, 1, None)]
+    assert await backend.rows("SELECT request_id, count(*) FROM deliveries GROUP BY request_id "
+                              "ORDER BY request_id") == [("backfill-1", 8), ("backfill-3", 4)]
+    dues = [due for (due,) in await backend.rows(
+        "SELECT next_attempt_ms FROM deliveries WHERE request_id = 'backfill-3' ORDER BY id")]
+    assert [b - a for a, b in zip(dues, dues[1:])] == [1000] * 3
+    assert await backend.rows("SELECT count(*) FROM backfill_runs WHERE finished_ms IS NULL"
+                              ) == [(0,)]
+
+
+async def test_the_remarkety_orders_export_reads_either_database(backend, tmp_path,
+                                                                 capsys) -> None:
+    import csv
+
+    from server import cli
+    from server.backfill import Backfill
+
+    from test_backfill import history, write_jsonl
+
+    settings = backend.settings()
+    store = await backend.open(settings)
+    try:
+        await Backfill(settings.sites["shop1"], [write_jsonl(tmp_path / "h.jsonl", history(2))],
+                       send=True, pace=0).run(store)
+    finally:
+        await store.close()
+    config = tmp_path / "onetag.toml"
+    config.write_text(f'[server]\ndatabase = "{backend.database}"\n\n[[sites]]\nid = "shop1"\n'
+                      'origins = ["https://shop.example"]\n', encoding="utf-8")
+    out = tmp_path / "orders.csv"
+    code = await asyncio.to_thread(cli.main, ["export", "remarkety-orders", "--site", "shop1",
+                                              "--config", str(config), "--out", str(out)])
+    assert code == 0 and "wrote 2 orders" in capsys.readouterr().out
+    with open(out, encoding="utf-8") as f:
+        exported = list(csv.DictReader(f))
+    assert len(exported) == 2 and {row["order_id"] for row in exported} == {"O0", "O1"}

@@ -98,15 +98,29 @@ async def test_two_nodes_two_tabs_one_visitor_lose_no_update(pg) -> None:
                 events = [event(raw, sc=None, source="backend")]
                 await node.ingest("shop1", events, events, SessionInfo())
 
+        async def product_facts(node, key: str) -> None:
+            for i in range(10):  # one product, two nodes stating different fields of it
+                raw = {"event": "product_updated", "event_id": f"{key}-{i}", "ecommerce": {
+                    "currency": "USD", "items": [{"item_id": "SHARED", key: f"{key}-{i}"}]}}
+                events = [event(raw, sc=None, source="backend")]
+                await node.ingest("shop1", events, events, SessionInfo())
+
         await asyncio.gather(tab(nodes[0], 1), tab(nodes[1], 2),
                              backend_facts(nodes[0], "first_name"),
-                             backend_facts(nodes[1], "last_name"))
+                             backend_facts(nodes[1], "last_name"),
+                             product_facts(nodes[0], "item_name"),
+                             product_facts(nodes[1], "item_brand"),
+                             product_facts(nodes[0], "item_sku"),
+                             product_facts(nodes[1], "description"))
         view = await nodes[0].session_view("shop1", "SC-AAAA-0001")
     finally:
         for node in nodes:
             await node.close()
     quantities = {line["item_id"]: line["quantity"] for line in view["cart"]["items"]}
     assert quantities == {"SKU-1": adds_per_tab, "SKU-2": adds_per_tab}
+    assert await pg.rows("SELECT title, brand, sku, description, version FROM products "
+                         "WHERE item_id = 'SHARED'") == [
+        ("item_name-9", "item_brand-9", "item_sku-9", "description-9", 40)]
     identities = await pg.rows("SELECT email, first_name, last_name FROM identities")
     assert identities == [("ann@example.com", "first_name-9", "last_name-9")]
     [(first, last, count)] = await pg.rows(
@@ -138,19 +152,59 @@ async def test_one_event_sent_to_two_nodes_at_once_is_stored_once(pg) -> None:
     assert await pg.rows("SELECT count(*) FROM identities") == [(20,)]
 
 
-async def test_the_database_gone_is_503_not_a_4xx(pg) -> None:
-    from server.store.base import StoreUnavailable
+async def test_connections_the_server_cut_are_replaced_and_the_write_is_made(pg) -> None:
+    """A database restart or failover cuts every pooled connection: the next write runs again
+    on a new one instead of failing (and never as a 4xx)."""
+    store = await pg.open(pg.settings())
+    try:
+        events = [event({"event": "page_view", "event_id": "before"})]
+        await store.ingest("shop1", events, events, SessionInfo())
+        await _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                     f"datname = '{pg.database.rsplit('/', 1)[1]}' AND pid <> pg_backend_pid()")
+        events = [event({"event": "page_view", "event_id": "after"})]
+        answer = await store.ingest("shop1", events, events, SessionInfo())
+        assert answer[0].event_id == "after" and not answer[0].duplicate
+        assert await store.ping() is None
+    finally:
+        await store.close()
+    assert sorted(await pg.rows("SELECT event_id FROM events")) == [("after",), ("before",)]
+
+
+def test_onetag_migrate_applies_then_says_current_and_serve_checks_first(
+        empty_database, tmp_path, capsys) -> None:
+    from server import cli
+
+    config = tmp_path / "onetag.toml"
+    config.write_text(f'[server]\ndatabase = "env:ONETAG_TEST_DATABASE"\n\n[[sites]]\n'
+                      f'id = "shop1"\norigins = ["https://shop.example"]\n', encoding="utf-8")
+    import os
+
+    os.environ["ONETAG_TEST_DATABASE"] = empty_database
+    try:
+        settings = cli._load(str(config))
+        problem = cli.postgresql_problem(settings)
+        assert problem is not None and "onetag migrate" in problem and "001_initial.sql" in problem
+        assert cli.main(["migrate", "--config", str(config)]) == 0
+        assert "applied" in capsys.readouterr().out
+        assert cli.main(["migrate", "--config", str(config)]) == 0
+        assert "is current; nothing to apply" in capsys.readouterr().out
+        assert cli.postgresql_problem(settings) is None
+    finally:
+        del os.environ["ONETAG_TEST_DATABASE"]
+
+
+async def test_a_nul_character_is_refused_naming_its_field_and_nothing_is_stored(pg) -> None:
+    """PostgreSQL text can't hold U+0000 (SQLite can): a clear 422, never a failed batch."""
+    from server.envelope import Problem
 
     store = await pg.open(pg.settings())
     try:
-        await _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                     f"datname = '{pg.database.rsplit('/', 1)[1]}' AND pid <> pg_backend_pid()")
-        events = [event({"event": "page_view", "event_id": "p"})]
-        try:
-            answer = await store.ingest("shop1", events, events, SessionInfo())
-        except StoreUnavailable as exc:
-            assert exc.kind == "database"
-        else:  # the pool reconnected: the write was made
-            assert answer[0].event_id == "p"
+        raw = {"event": "identify", "event_id": "n1",
+               "user": {"email": "nul@example.com", "first_name": "a\x00b"}}
+        events = [event({"event": "page_view", "event_id": "ok"}), event(raw)]
+        answer = await store.ingest("shop1", events, [{}, raw], SessionInfo())
     finally:
         await store.close()
+    assert isinstance(answer, Problem) and answer.status == 422
+    assert answer.field == "events[1].user.first_name"
+    assert await pg.rows("SELECT count(*) FROM events") == [(0,)]

@@ -196,3 +196,63 @@ def test_the_store_imports_no_http_layer() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_postgresql_url_without_its_driver_is_a_clear_error(monkeypatch) -> None:
+    from server import config
+    from server.store import DriverMissing, open_store
+
+    settings = config.parse({"server": {"database": "postgresql://u:pw@db.example:5432/onetag"},
+                             "sites": [{"id": "shop1"}]}, env={})
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # import asyncpg now fails
+    with pytest.raises(DriverMissing, match=r"pip install 'onetag\[postgresql\]'"):
+        open_store(settings)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("postgresql://u@db.example:5432/onetag", None),
+    ("postgres://u@db.example/onetag", None),
+    ("postgresql://db.example:5432/", "names its database"),
+    ("postgresql://u@db.example:99999/onetag", "not a valid PostgreSQL URL"),
+    ("mysql://u@db.example/onetag", "must be sqlite:///PATH or postgresql://"),
+])
+def test_database_urls_are_checked_and_a_password_never_shown(url, problem) -> None:
+    from server import config
+
+    if problem is None:
+        config.check_database(url)
+    else:
+        with pytest.raises(ValueError, match=problem):
+            config.check_database(url)
+    shown = config.database_label("postgresql://u:s3cret@db.example:5432/onetag")
+    assert "s3cret" not in shown and shown == "postgresql://u:***@db.example:5432/onetag"
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet="xy\x00\u00e9", max_size=6),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(alphabet="ab_\x00", min_size=1, max_size=4), inner, max_size=4),
+    max_leaves=12)
+
+
+def _at(value, path: str):
+    """The value a ``_nul_field`` path names (dict keys without dots or brackets only)."""
+    import re
+
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        value = value[part[0]] if part[0] else value[int(part[1])]
+    return value
+
+
+@given(_json)
+def test_the_nul_finder_names_a_string_that_holds_one_or_none(value) -> None:
+    from server.jsontext import encode
+    from server.store.postgres import _nul_field
+
+    found = _nul_field(value, "events[0]")
+    has_nul = b"\\u0000" in encode(value)
+    assert (found is not None) == has_nul
+    if found is not None:
+        named = _at({"events": [value]}, "." + found)  # a string with one, or an object
+        assert ("\x00" in named if isinstance(named, str)  # with one in a key
+                else any("\x00" in key for key in named))

@@ -194,6 +194,21 @@ class Store(abc.ABC):
 
     # The outbox -------------------------------------------------------------------------
 
+    # The catalog (server/catalog.py): the feeds read it, the product sync plans from it.
+    async def catalog_state(self, site_id: str) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    async def catalog_page(self, site_id: str, after: str | None,
+                           limit: int) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    async def catalog_sites(self) -> list[str]:
+        raise NotImplementedError
+
+    async def plan_product_sync(self, site_id: str, now_ms: int, night: str | None,
+                                limit: int) -> dict[str, Any]:
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def claim(self, now_ms: int, lease_ms: int, limit: int,
                     vendors: Iterable[str] | None = None) -> list[Delivery]:

@@ -31,11 +31,12 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
-from .. import outbox, trust
+from .. import catalog, outbox, product_sync, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import claimed_fields
 from . import rules
+from .pg_catalog import PgCatalogBatch
 from .rules import CART_EVENTS, MAX_REQUEST_STORED_BYTES, identity_fields
 
 Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
@@ -105,6 +106,7 @@ class PgIngestBatch:
         self.cart_json: dict[tuple[str, str], tuple[list[dict[str, Any]], bytes]] = {}
         self.event_rows: list[tuple[Any, ...]] = []
         self.delivery_rows: list[tuple[str, int, Any, str | None]] = []
+        self.products = PgCatalogBatch(conn, self.now)  # what events say of products
 
     # The batch ----------------------------------------------------------------------------
 
@@ -142,6 +144,7 @@ class PgIngestBatch:
         for seq, site_id, event, raw, user_agent, place in work:
             await self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
         await self._flush()
+        await self.products.flush()  # last: product rows are locked after sessions, identities
         return results
 
     async def _known_events(self, requests: Sequence[Request]) -> dict[tuple[str, str, bool], Any]:
@@ -205,6 +208,9 @@ class PgIngestBatch:
                                 sc, identity["id"] if identity else None, self.now,
                                 _text(raw), data.decode()))
         planned = outbox.plan(site, event, None, self.grace_ms)
+        if event["name"] in catalog.EVENTS:
+            self.products.observe(site.id, event, product_sync.planned_by_event(event, planned)
+                                  if event["name"] in catalog.FACT_EVENTS else frozenset())
         request, _ = place
         request_id = self.request_ids[request]
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from typing import Any, Mapping, Sequence
 
 from ..envelope import Problem, Refused
@@ -61,8 +62,9 @@ def _is_database_failure(exc: BaseException) -> bool:
 
     if isinstance(exc, (ValueError, TypeError)):  # asyncpg.DataError: an argument's content
         return False
-    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)):
-        return True
+    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
+                        asyncpg.InternalClientError, asyncpg.PostgresConnectionError)):
+        return True  # (InternalClientError: asyncpg's state on a connection the server cut)
     state = _sqlstate(exc) or ""
     # 08: connection; 53: resources (disk full, out of memory); 57: operator intervention
     # (shutdown); 58: system errors (I/O); 25006: read-only transaction (a standby).
@@ -70,6 +72,24 @@ def _is_database_failure(exc: BaseException) -> bool:
 
 
 Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
+
+
+def _nul_field(value: Any, path: str) -> str | None:
+    """The path of the first string holding a NUL in ``value``, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = (path if isinstance(key, str) and "\x00" in key
+                     else _nul_field(item, f"{path}.{key}"))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_field(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
 
 
 class PostgresStore(PostgresOutbox, Store):
@@ -171,6 +191,12 @@ class PostgresStore(PostgresOutbox, Store):
         if self._closing or self.pool is None:
             raise StoreUnavailable("writer", "the store is not open")
         stored = [encode(raw) for raw in raws]
+        for position, raw in enumerate(stored):
+            if b"\\u0000" in raw:  # JSON's escape of NUL: cheap to look for in the bytes
+                field = _nul_field(raws[position], f"events[{position}]")
+                if field is not None:
+                    return Problem(422, "invalid_event", field, "contains a NUL character "
+                                   "(\\u0000), which PostgreSQL text can't hold")
         size = sum(map(len, stored))
         if (self._queued >= self.max_pending_writes
                 or (size and self._queued_bytes + size > self.max_pending_bytes)):
@@ -274,7 +300,11 @@ class PostgresStore(PostgresOutbox, Store):
                 return results
             except Exception as exc:
                 attempt += 1
-                if _sqlstate(exc) not in RETRYABLE or attempt > RETRIES:
+                # A connection the server cut (a restart, a failover, an idle timeout) is
+                # dropped by the pool: the next attempt gets a new one. Run once more on it;
+                # if the cut came after the commit, the event ids answer "duplicate".
+                lost = _is_database_failure(exc) and attempt == 1
+                if not lost and (_sqlstate(exc) not in RETRYABLE or attempt > RETRIES):
                     raise
                 self.retries += 1
                 await asyncio.sleep(0.005 * attempt)
@@ -311,3 +341,105 @@ class PostgresStore(PostgresOutbox, Store):
         return {"sc": sc, "session": fields or None, "identity": identity, "cart": cart,
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}
+
+    # The Remarkety Coupons bridge (server/coupons.py) -----------------------------------
+
+    async def record_coupon_call(self, call: Mapping[str, Any]) -> int:
+        from .sqlite_writer import COUPON_CALL_COLUMNS as columns
+
+        marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                f"INSERT INTO coupon_calls ({', '.join(columns)}) VALUES ({marks}) RETURNING id",
+                *(call.get(column) for column in columns))
+
+    async def coupon_calls(self, *, site_id: str | None = None, limit: int = 20
+                           ) -> list[dict[str, Any]]:
+        from .sqlite_writer import COUPON_CALL_COLUMNS as columns
+
+        where, params = ("WHERE site_id = $1", [site_id]) if site_id else ("", [])
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT id, {', '.join(columns)} FROM coupon_calls {where} "
+                f"ORDER BY id DESC LIMIT ${len(params) + 1}", *params, limit)
+        return [dict(row) for row in rows]
+
+    # The catalog (server/catalog.py; store/pg_catalog.py) ------------------------------
+
+    async def catalog_state(self, site_id: str) -> tuple[int, int, int]:
+        """(products, latest changed_ms, sum of versions): the feeds' ETag."""
+        from . import pg_catalog
+
+        async with self.pool.acquire() as conn:
+            return await pg_catalog.catalog_state(conn, site_id)
+
+    async def catalog_page(self, site_id: str, after: str | None,
+                           limit: int) -> list[dict[str, Any]]:
+        from . import pg_catalog
+
+        async with self.pool.acquire() as conn:
+            return await pg_catalog.catalog_page(conn, site_id, after, limit)
+
+    async def catalog_sites(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT DISTINCT site_id FROM products ORDER BY site_id")
+        return [row[0] for row in rows]
+
+    async def plan_product_sync(self, site_id: str, now_ms: int, night: str | None,
+                                limit: int) -> dict[str, Any]:
+        """One step of the Sendlane product sync, in a transaction of its own."""
+        from . import pg_catalog
+
+        site = self.sites.get(site_id)
+        if site is None:
+            return {"changes": 0, "nightly": 0, "more": False}
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                return await pg_catalog.plan_sync(conn, site, now_ms, night, limit)
+
+    # Backfill (server/backfill.py) ------------------------------------------------------
+
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        """As SQLite's: the unfinished run over these files, else a new one. Two runs started
+        at once over the same files take turns on an advisory lock, so one resumes the
+        other's row instead of both making one."""
+        now = int(time.time() * 1000)
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))",
+                                   f"backfill\x1f{site_id}\x1f{files_hash}")
+                row = await conn.fetchrow(
+                    "SELECT id, lines_done, counts FROM backfill_runs WHERE site_id = $1 AND "
+                    "files_hash = $2 AND finished_ms IS NULL ORDER BY id DESC LIMIT 1",
+                    site_id, files_hash)
+                if row is not None:
+                    return row[0], row[1], row[2]
+                run_id = await conn.fetchval(
+                    "INSERT INTO backfill_runs (site_id, files, files_hash, lines_total, "
+                    "started_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $5) RETURNING id",
+                    site_id, files, files_hash, lines_total, now)
+        return run_id, 0, "{}"
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        """One batch of history with the run's progress, in one transaction (SQLite's
+        ``WriteOps.backfill``, whose docstring says what each part means)."""
+        from . import pg_backfill
+
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    async with conn.transaction():
+                        return await pg_backfill.backfill(conn, site_id, run_id, events,
+                                                          skipped, lines_done, finished,
+                                                          pace_ms)
+            except Exception as exc:
+                attempt += 1
+                if _sqlstate(exc) not in RETRYABLE or attempt > RETRIES:
+                    if _is_database_failure(exc):
+                        raise _unavailable(exc) from None
+                    raise
+                await asyncio.sleep(0.005 * attempt)

@@ -28,6 +28,7 @@ from .base import (BrowserIngested, Delivery, IngestResult, JobFailure, Outcome,
                    Store, StoreUnavailable)
 from .deadletters import ReplayFilter
 from .sqlite_ingest import identity_fields
+from . import sqlite_catalog
 from .sqlite_writer import (COUPON_CALL_COLUMNS, INGEST_OPS, ProcessWriter, ThreadWriter, WriterGone, commit_failure,
                             migrate, migrations, now_ms)
 
@@ -351,6 +352,35 @@ class SQLiteStore(Store):
                 "identity": identity, "cart": cart,
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}
+
+    # The catalog (server/catalog.py) ----------------------------------------------------
+
+    async def catalog_state(self, site_id: str) -> tuple[int, int, int]:
+        """(products, latest changed_ms, sum of versions): what the feeds' ETag is made of;
+        any change of a product moves the last two."""
+        assert self._reader is not None
+        rows = await self._reader.execute_fetchall(sqlite_catalog.STATE_SQL, (site_id,))
+        count, changed, versions = rows[0]
+        return int(count), int(changed), int(versions)
+
+    async def catalog_page(self, site_id: str, after: str | None,
+                           limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` products of a site whose item_id sorts after ``after``."""
+        assert self._reader is not None
+        rows = await self._reader.execute_fetchall(sqlite_catalog.FEED_PAGE_SQL,
+                                                   (site_id, after or "", limit))
+        return [sqlite_catalog.as_dict(tuple(row)) for row in rows]
+
+    async def catalog_sites(self) -> list[str]:
+        assert self._reader is not None
+        rows = await self._reader.execute_fetchall(
+            "SELECT DISTINCT site_id FROM products ORDER BY site_id")
+        return [row[0] for row in rows]
+
+    async def plan_product_sync(self, site_id: str, now_ms: int, night: str | None,
+                                limit: int) -> dict[str, Any]:
+        """One step of the Sendlane product sync (server/product_sync.py), in the writer."""
+        return await self._write("plan_product_sync", site_id, now_ms, night, limit)
 
     # The outbox -------------------------------------------------------------------------
 

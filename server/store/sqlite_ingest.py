@@ -15,13 +15,14 @@ import itertools
 import sqlite3
 from typing import Any, Iterable, Mapping, Sequence
 
-from .. import outbox, trust
+from .. import catalog, outbox, product_sync, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import claimed_fields
 from . import rules
 from .rules import (CART_EVENTS, MAX_CART_BYTES, MAX_REQUEST_STORED_BYTES,  # noqa: F401
                     identity_fields)
+from .sqlite_catalog import CatalogBatch, ProductCache
 
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
 # The writer's session cache keeps at most this many bytes of carts (their stored JSON), and
@@ -109,6 +110,7 @@ class SessionCache:
         self.sessions: dict[tuple[str, str], _Session] = {}  # oldest use first
         self.identities: dict[int, dict[str, Any]] = {}
         self.cart_bytes = 0  # the stored JSON of the cached sessions' carts
+        self.catalog = ProductCache()  # the products, under the same rules (sqlite_catalog.py)
         self._data_version: int | None = None
 
     def check(self, conn: sqlite3.Connection) -> None:
@@ -121,6 +123,7 @@ class SessionCache:
     def clear(self) -> None:
         self.sessions.clear()
         self.identities.clear()
+        self.catalog.clear()
         self.cart_bytes = 0
 
     def trim(self) -> None:
@@ -255,6 +258,7 @@ class IngestBatch:
         self.cart_json: dict[tuple[str, str], tuple[list[dict[str, Any]], bytes]] = {}
         self.event_rows: list[tuple[Any, ...]] = []
         self.delivery_rows: list[tuple[str, int, Any]] = []
+        self.products = CatalogBatch(conn, cache.catalog, now)  # what events say of products
 
     # The batch ----------------------------------------------------------------------------
 
@@ -280,6 +284,7 @@ class IngestBatch:
         self.stored_bytes = [0] * len(requests)
         for seq, site_id, event, raw, user_agent, place in work:
             self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
+        self.products.flush()
         self._flush()
         self.cache.trim()
         return results
@@ -352,6 +357,9 @@ class IngestBatch:
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
                                 sc, identity["id"] if identity else None, self.now, raw, data))
         planned = outbox.plan(site, event, None, self.grace_ms)
+        if event["name"] in catalog.EVENTS:
+            self.products.observe(site.id, event, product_sync.planned_by_event(event, planned)
+                                  if event["name"] in catalog.FACT_EVENTS else frozenset())
         request, _ = place
         request_id = self.request_ids[request]
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)

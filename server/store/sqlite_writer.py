@@ -43,6 +43,7 @@ from ..jsontext import encode, loads
 from . import deadletters
 from .base import Delivery, JobFailure, Outcome
 from .deadletters import ReplayFilter
+from .sqlite_catalog import plan_sync
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
 
 log = logging.getLogger("onetag.store")
@@ -311,6 +312,14 @@ class WriteOps:
             self.cache.clear()
             return result
         return result[0]
+
+    def plan_product_sync(self, site_id: str, now: int, night: str | None,
+                          limit: int) -> dict[str, Any]:
+        """The Sendlane product sync's planning step (server/product_sync.py)."""
+        site = self.sites.get(site_id)
+        if site is None:
+            return {"changes": 0, "nightly": 0, "more": False}
+        return plan_sync(self.conn, site, now, night, limit)
 
     def claim(self, now: int, lease_ms: int, limit: int,
                vendors: tuple[str, ...] | None) -> list[Delivery]:
