@@ -56,14 +56,15 @@ async def build_backlog(conn: Any, pending: int, now: int) -> None:
         "INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
         "SELECT 'bench', 'e' || n, 'purchase', 'backend', $1::bigint, '{}', '{}' "
         "FROM generate_series(1, 1000) AS n", now)
-    # The backlog: due now, four rows per visitor per vendor (only the first is claimable).
+    # The backlog: due now, four rows per visitor per vendor (only the first is claimable),
+    # planned in bursts: 100 rows share each millisecond, as one group commit's rows do.
     await conn.execute(
         "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, state, request, "
         "attempts, next_attempt_ms, created_ms, updated_ms) "
         "SELECT 'bench', ($2::text[])[1 + n % 4], 'new-' || n, 1 + n % 1000, "
         "'v' || ((n / 4) % ($3::int / 16 + 1)), 'pending', "
         "'{\"method\": \"POST\", \"url\": \"http://127.0.0.1:9/x\", \"json\": {}}', "
-        "0, $1::bigint - 60000 + n % 1000, $1::bigint - 60000, $1::bigint - 60000 "
+        "0, $1::bigint - 60000 + n / 100, $1::bigint - 60000, $1::bigint - 60000 "
         "FROM generate_series(1, $3::int) AS n", now, list(VENDORS), pending)
     await conn.execute("VACUUM ANALYZE deliveries")
 

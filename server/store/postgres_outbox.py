@@ -6,10 +6,11 @@ worker`` processes (and ``serve`` nodes with ``forward = true``) claim from one 
 once. The protocol (docs/architecture.md, "The claim protocol"):
 
 - A claim takes due rows with ``FOR UPDATE SKIP LOCKED`` and leases them in the same
-  statement: ``next_attempt_ms`` moves to the lease's end (a dead worker's row is due again
-  then) and ``claim_token`` gets a new number from the ``delivery_claims`` sequence. Two
-  workers never get the same row while its lease runs: the second either skips the locked
-  row or, once the first committed, re-checks it and finds it no longer due.
+  statement: ``lease_until`` is the lease's end (a dead worker's row is due again then)
+  and ``claim_token`` gets a new number from the ``delivery_claims`` sequence (neither is
+  indexed: the claim is a HOT update). Two workers never get the same row while its lease
+  runs: the second either skips the locked row or, once the first committed, re-checks it
+  and finds it leased.
 - One row in flight per (site, vendor, visitor), and in order: a row is claimable only if
   its visitor has no earlier pending row for that vendor (``outbox_rules.CLAIMABLE``, the
   same rule SQLite's claim applies). A leased row is still pending, so the visitor's next
@@ -50,9 +51,10 @@ def claim_sql(vendor_filter: str) -> str:
     return (
         "WITH picked AS (SELECT d.id FROM deliveries d "
         f"WHERE d.state = 'pending' AND d.next_attempt_ms <= $1 {vendor_filter} "
+        "AND (d.lease_until IS NULL OR d.lease_until <= $1) "
         f"AND {outbox_rules.CLAIMABLE.format(d='d', p='p')} "
         "ORDER BY d.next_attempt_ms, d.id LIMIT $3 FOR UPDATE OF d SKIP LOCKED) "
-        "UPDATE deliveries d SET attempts = d.attempts + 1, next_attempt_ms = $1 + $4, "
+        "UPDATE deliveries d SET attempts = d.attempts + 1, lease_until = $1 + $4, "
         "updated_ms = $1, claim_token = nextval('delivery_claims') "
         f"FROM picked WHERE d.id = picked.id RETURNING {_CLAIM_COLUMNS}")
 
@@ -64,7 +66,7 @@ CLAIM_ANY_VENDOR = claim_sql("AND $2::text IS NULL")
 # The late-outcome guard: pending (a final state is never undone) and still this claim's.
 FINISH = (
     "UPDATE deliveries d SET state = u.state, next_attempt_ms = u.next_ms, "
-    "last_error = u.error, updated_ms = $6, "
+    "last_error = u.error, updated_ms = $6, lease_until = NULL, "
     "delivered_ms = CASE WHEN u.state = 'delivered' THEN $6 ELSE d.delivered_ms END "
     "FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) "
     "AS u(id, state, next_ms, error, lease) "
@@ -248,7 +250,9 @@ class PostgresOutbox:
         params.append(limit)
         rows = await self._fetch(
             "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.state, d.attempts, "
-            "d.next_attempt_ms, d.last_error, d.created_ms, d.updated_ms, d.delivered_ms, "
+            # A leased row is next due when its lease ends (as SQLite's row says it).
+            "greatest(d.next_attempt_ms, d.lease_until) AS next_attempt_ms, d.last_error, "
+            "d.created_ms, d.updated_ms, d.delivered_ms, "
             "coalesce(d.retry_from_ms, d.created_ms) AS retry_from_ms, d.request_id, "
             "CASE WHEN d.state = 'pending' THEN (SELECT min(p.id) FROM deliveries p "
             "WHERE p.site_id = d.site_id AND p.vendor = d.vendor AND p.visitor = d.visitor "
@@ -362,7 +366,8 @@ class PostgresOutbox:
             condition, params = deadletters.where(selection, states=("dead",))
             rows = await conn.fetch(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = $1, "
-                "retry_from_ms = $1, updated_ms = $1, last_error = NULL, claim_token = NULL "
+                "retry_from_ms = $1, updated_ms = $1, last_error = NULL, claim_token = NULL, "
+                "lease_until = NULL "
                 f"WHERE {pg_condition(condition, 2)} RETURNING id, site_id, vendor, dedup_key",
                 now, *params)
             made += sorted(({"id": r["id"], "site_id": r["site_id"], "vendor": r["vendor"],
