@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from server.events import Origin, normalise
+from server.events import Invalid, Origin, normalise
 from server.store.base import SessionInfo
 
 from backends import Backend, _admin, _url
 from support import item
+from test_trust_rules import empty, sites
 
 pytestmark = pytest.mark.usefixtures("pg_database")
 
@@ -208,3 +211,88 @@ async def test_a_nul_character_is_refused_naming_its_field_and_nothing_is_stored
     assert isinstance(answer, Problem) and answer.status == 422
     assert answer.field == "events[1].user.first_name"
     assert await pg.rows("SELECT count(*) FROM events") == [(0,)]
+
+
+# Both backends, one outcome ---------------------------------------------------------------
+
+_UUID = __import__("re").compile(r"[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}")
+
+
+def _same_guids(snapshot: Any) -> Any:
+    """GUIDs are random: each becomes G<n> by first appearance, so two stores compare."""
+    import json
+
+    text = json.dumps(snapshot, sort_keys=True, default=str)
+    names: dict[str, str] = {}
+    return json.loads(_UUID.sub(lambda m: names.setdefault(m.group(0), f"G{len(names)}"), text))
+
+
+async def _snapshot(db: Backend) -> dict:
+    return _same_guids({
+        "identities": await db.rows(
+            "SELECT email, customer_id, first_name, last_name, phone, accepts_marketing "
+            "FROM identities ORDER BY coalesce(email, ''), customer_id"),
+        "sessions": await db.rows(
+            "SELECT s.sc, i.email, s.cart_items, s.cart_guid, s.verified FROM sessions s "
+            "LEFT JOIN identities i ON i.id = s.identity_id ORDER BY s.sc"),
+        "events": await db.rows("SELECT e.event_id, e.source, i.email, e.data FROM events e "
+                                "LEFT JOIN identities i ON i.id = e.identity_id ORDER BY e.seq"),
+        "deliveries": await db.rows(
+            "SELECT d.vendor, d.dedup_key, d.claim, d.state, d.last_error, d.request "
+            "FROM deliveries d JOIN events e ON e.seq = d.event_seq ORDER BY e.seq, d.id"),
+    })
+
+
+@st.composite
+def _any_event(draw) -> tuple[str | None, str, dict]:
+    source = draw(st.sampled_from(["browser", "browser", "backend"]))
+    name = draw(st.sampled_from(["identify", "page_view", "add_to_cart", "remove_from_cart",
+                                 "view_cart", "begin_checkout", "purchase", "opt_in"]))
+    sc = None if source == "backend" else draw(st.sampled_from(["SC-AAAA-0001", "SC-BBBB-0002"]))
+    user = draw(st.sampled_from([None, {"email": "ann@example.com"},
+                                 {"email": "bob@example.com", "first_name": "Bob"},
+                                 {"email": "ann@example.com", "customer_id": "C1"},
+                                 {"customer_id": "C1"}]))
+    if name in ("identify", "opt_in") and not (user or {}).get("email"):
+        user = {**(user or {}), "email": "ann@example.com"}
+    raw: dict = {"event": name}
+    if user:
+        raw["user"] = user
+    if name in ("add_to_cart", "remove_from_cart", "view_cart", "begin_checkout", "purchase"):
+        raw["ecommerce"] = {"currency": "USD", "transaction_id": "T1", "items": [
+            {"item_id": draw(st.sampled_from(["A", "B"])), "price": "2.50",
+             "quantity": draw(st.integers(1, 3))}]}
+        if name == "purchase":
+            raw["ecommerce"]["value"] = "2.50"
+    if source == "backend" and name not in ("identify", "purchase", "opt_in"):
+        raw = {"event": "identify", "user": user or {"email": "ann@example.com"}}
+    return sc, source, raw
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_any_event(), min_size=1, max_size=10))
+def test_any_sequence_of_events_leaves_both_backends_alike(pg, steps) -> None:
+    """The PostgreSQL port applies the same rules in the same order as SQLite: after any
+    sequence of claims and facts, identities, sessions (carts, verification), stored events
+    and planned deliveries are the same on both (GUIDs aside, which are random)."""
+    import tempfile
+    from pathlib import Path
+
+    async def run(db: Backend) -> dict:
+        store = await db.open(sites(db), browser_grace_ms=600_000)
+        try:
+            for index, (sc, source, raw) in enumerate(steps):
+                try:
+                    one = event({**raw, "event_id": f"e{index}"}, sc=sc, source=source)
+                except Invalid:  # refused before the store: the same on both
+                    continue
+                await store.ingest("shop1", [one], [raw], SessionInfo(user_agent="UA"))
+        finally:
+            await store.close()
+        return await _snapshot(db)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lite = Backend("sqlite", f"sqlite:///{Path(tmp) / 'onetag.db'}")
+        asyncio.run(empty(pg))
+        assert asyncio.run(run(pg)) == asyncio.run(run(lite))

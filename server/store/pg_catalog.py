@@ -75,8 +75,9 @@ class PgCatalogBatch:
             if write:
                 dirty[key] = product
         self.work.clear()
-        inserts = [to_row(s, i, p, self.now) for (s, i), p in dirty.items() if (s, i) not in existed]
-        updates = [to_row(s, i, p, self.now) for (s, i), p in dirty.items() if (s, i) in existed]
+        rows = {key: to_row(*key, product, self.now) for key, product in dirty.items()}
+        inserts = [row for key, row in rows.items() if key not in existed]
+        updates = [row for key, row in rows.items() if key in existed]
         if inserts:
             await self.conn.executemany(_INSERT, inserts)
         if updates:
