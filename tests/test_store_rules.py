@@ -256,3 +256,16 @@ def test_the_nul_finder_names_a_string_that_holds_one_or_none(value) -> None:
         named = _at({"events": [value]}, "." + found)  # a string with one, or an object
         assert ("\x00" in named if isinstance(named, str)  # with one in a key
                 else any("\x00" in key for key in named))
+
+
+def test_a_request_applied_again_starts_from_its_events_as_sent() -> None:
+    event = {"name": "add_to_cart", "source": trust.BROWSER, "cart": None,
+             "user": {"email": "a@x.com", "first_name": "A"}}
+    restore = rules.keep_pristine([("shop1", [event], [], None, None)])
+    rules.identity_step(event, True, 7, {"email": "a@x.com"})  # upgraded, user cut
+    event["identity"], event["cart"] = {"id": 7}, {"guid": "G"}
+    assert event["source"] == trust.VERIFIED
+    restore()
+    assert event == {"name": "add_to_cart", "source": trust.BROWSER, "cart": None,
+                     "user": {"email": "a@x.com", "first_name": "A"}}
+    assert list(event) == ["name", "source", "cart", "user"]  # stored JSON keeps its order

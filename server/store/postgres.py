@@ -27,6 +27,7 @@ from ..sessions import cart_snapshot
 from . import pg_migrate
 from .base import IngestResult, SessionInfo, Store, StoreUnavailable
 from .postgres_outbox import PostgresOutbox
+from . import rules
 from .rules import identity_fields
 
 log = logging.getLogger("onetag.store")
@@ -35,6 +36,9 @@ log = logging.getLogger("onetag.store")
 # lets a node commit while the next batch is being applied; each costs the database a
 # backend. The pool keeps a few more for reads and the outbox.
 MAX_BATCHES = 3
+# Requests one transaction takes at most: a backlog (a stalled database coming back) is
+# committed in several transactions, none holding its row locks for long.
+BATCH_REQUESTS = 64
 POOL_SIZE = 8
 # A transaction that lost a race to another node (deadlock, serialization failure, a
 # unique key taken meanwhile) is run again from the start, at most this many times.
@@ -225,7 +229,8 @@ class PostgresStore(PostgresOutbox, Store):
         batch slot is free (else the next batch to finish starts them)."""
         self._scheduled = False
         while self._pending and len(self._batches) < MAX_BATCHES and not self._closing:
-            batch, self._pending = self._pending, []
+            batch = self._pending[:BATCH_REQUESTS]
+            self._pending = self._pending[BATCH_REQUESTS:]
             task = asyncio.get_running_loop().create_task(self._commit(batch),
                                                           name="onetag-pg-ingest")
             self._batches.add(task)
@@ -238,17 +243,19 @@ class PostgresStore(PostgresOutbox, Store):
 
     async def _commit(self, batch: list[tuple[Request, asyncio.Future[Any], int]]) -> None:
         requests = [request for request, _, _ in batch]
+        # Every attempt starts from the events as sent (rules.keep_pristine says why).
+        restores = [rules.keep_pristine([request]) for request in requests]
         try:
             try:
-                results: list[Any] = await self._transaction(requests)
+                results: list[Any] = await self._transaction(requests, restores)
             except Exception as exc:
                 if _is_database_failure(exc) or len(requests) == 1:
                     raise
                 # One request's content failed the batch: each alone, so it fails alone.
                 results = []
-                for request in requests:
+                for request, restore in zip(requests, restores):
                     try:
-                        results.append((await self._transaction([request]))[0])
+                        results.append((await self._transaction([request], [restore]))[0])
                     except Exception as alone:
                         if _is_database_failure(alone):
                             raise
@@ -282,13 +289,16 @@ class PostgresStore(PostgresOutbox, Store):
             else:
                 future.set_result(result)
 
-    async def _transaction(self, requests: list[Request]) -> list[Any]:
+    async def _transaction(self, requests: list[Request], restores: list[Any]) -> list[Any]:
         """``requests`` applied and committed in one transaction, run again (from a clean
-        start) when it lost a race to another node."""
+        start: ``restores`` put their events back as sent) when it lost a race to another
+        node."""
         from .pg_ingest import PgIngestBatch
 
         attempt = 0
         while True:
+            for restore in restores:
+                restore()
             try:
                 async with self.pool.acquire() as conn:
                     async with conn.transaction():

@@ -303,3 +303,32 @@ def released_event(event: dict[str, Any], identity: Mapping[str, Any]) -> dict[s
     event["identity"] = {**{k: v for k, v in identity.items() if k != "is_new"},
                          "is_new": False}
     return event
+
+
+# Applying a request again -----------------------------------------------------------------
+
+def keep_pristine(requests: Iterable[Any]) -> Callable[[], None]:
+    """Remember what applying the rules changes in each request's events (``source``: a
+    verified session's browser event is upgraded; ``user``: cut to the email; ``identity``
+    and ``cart``: filled in), and return the function that puts it back.
+
+    A batch that fails (one bad request, a race lost to another node) is applied again,
+    alone or whole, to a database rolled back to before it: its events must be as they
+    arrived too, or an event upgraded to ``verified browser`` under the first attempt's
+    state would keep that trust under a state that no longer grants it.
+    """
+    kept = [(event, {key: event[key] for key in _CHANGED if key in event})
+            for request in requests for event in request[1]]
+
+    def restore() -> None:
+        for event, values in kept:
+            for key in _CHANGED:
+                if key in values:
+                    event[key] = values[key]  # in place: the event's key order stays
+                else:
+                    event.pop(key, None)
+
+    return restore
+
+
+_CHANGED = ("source", "user", "identity", "cart")  # what applying the rules sets on an event
