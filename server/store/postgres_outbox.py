@@ -37,6 +37,10 @@ from .rules import identity_fields
 
 log = logging.getLogger("onetag.store")
 
+# A lane asks for its vendor's pause before every claim; the answer is reused this long, so
+# a busy lane reads the table a few times a second rather than once a claim. A pause another
+# worker records is seen within it (this worker's own pauses are seen at once).
+PAUSE_CHECK_S = 0.25
 REPLAY_IDS_KEPT = 100  # as sqlite_writer: a replay record lists the rows when at most this many
 
 _CLAIM_COLUMNS = ("d.id, d.site_id, d.vendor, d.dedup_key, d.visitor, d.request, d.attempts, "
@@ -170,6 +174,9 @@ class PostgresOutbox:
         """Recorded for every worker; a later pause wins, an earlier one changes nothing."""
         import time
 
+        seen = self.__dict__.setdefault("_pauses_seen", {})
+        _, known = seen.get(vendor, (0.0, 0))
+        seen[vendor] = (time.monotonic(), max(known, int(until_ms)))
         await self._execute(
             "INSERT INTO vendor_pauses (vendor, until_ms, updated_ms) VALUES ($1, $2, $3) "
             "ON CONFLICT (vendor) DO UPDATE SET until_ms = greatest(vendor_pauses.until_ms, "
@@ -177,8 +184,17 @@ class PostgresOutbox:
             vendor, int(until_ms), int(time.time() * 1000))
 
     async def paused_until(self, vendor: str) -> int:
+        import time
+
+        seen = self.__dict__.setdefault("_pauses_seen", {})
+        checked, known = seen.get(vendor, (-PAUSE_CHECK_S, 0))
+        now = time.monotonic()
+        if now - checked < PAUSE_CHECK_S:
+            return known
         rows = await self._fetch("SELECT until_ms FROM vendor_pauses WHERE vendor = $1", vendor)
-        return rows[0]["until_ms"] if rows else 0
+        until = max(known, rows[0]["until_ms"]) if rows else known
+        seen[vendor] = (now, until)
+        return until
 
     # Reads ------------------------------------------------------------------------------
 
