@@ -127,7 +127,8 @@ async def check(url: str, fake: FakeVendors, acknowledged: set[str], tmp_path) -
                     f"{(tmp_path / 'worker1.log').read_text()[-2000:]}")
             await asyncio.sleep(0.2)
         events = Counter(row["event_id"] for row in await conn.fetch("SELECT event_id FROM events"))
-        rows = await conn.fetch("SELECT id, vendor, state, attempts, request FROM deliveries")
+        rows = await conn.fetch(
+            "SELECT id, vendor, visitor, state, attempts, request FROM deliveries ORDER BY id")
     finally:
         await conn.close()
     # Every acknowledged event stored, and stored once (a retry on the other node was a
@@ -151,5 +152,20 @@ async def check(url: str, fake: FakeVendors, acknowledged: set[str], tmp_path) -
             taken_over.add(row["id"])
         assert sent[key] <= row["attempts"]  # never more requests than claims
     assert len(sent) == len(rows)  # nothing the database does not know of
+    # A visitor's rows reached each vendor in order, across workers: a row's last request
+    # came before the next row's first (the next is claimed only after the outcome).
+    first: dict[tuple, float] = {}
+    last: dict[tuple, float] = {}
+    for r in fake.requests():
+        key = (r.vendor, json.dumps(r.json, sort_keys=True))
+        first[key] = min(first.get(key, r.received), r.received)
+        last[key] = max(last.get(key, r.received), r.received)
+    by_visitor: dict[tuple, list] = {}
+    for row in rows:
+        key = (row["vendor"], json.dumps(json.loads(row["request"])["json"], sort_keys=True))
+        by_visitor.setdefault((row["vendor"], row["visitor"]), []).append(key)
+    for keys in by_visitor.values():  # rows in id order
+        for earlier, later in zip(keys, keys[1:]):
+            assert last[earlier] <= first[later], (earlier, later)
     # The killed worker's 8 held Sendlane rows were taken over and sent again.
     assert len([i for i in taken_over if vendor_of[i] == "sendlane"]) >= 8
