@@ -1,4 +1,5 @@
-"""``onetag``: serve | init | check | deliveries | replay | worker | coupons | backfill | export."""
+"""``onetag``: serve | init | check | migrate | deliveries | replay | worker | coupons | backfill |
+export."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = _load(path)
         sites = ", ".join(settings.sites)
         print(f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
-              f"{settings.server.database}", flush=True)
+              f"{config_module.database_label(settings.server.database)}", flush=True)
         warning = public_url_warning(settings.server.public_url, args.port)
     from . import logs
 
@@ -129,9 +130,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("onetag").warning(warning.removeprefix("onetag: warning: "))
     elif warning:
         print(warning, file=sys.stderr, flush=True)
-    from .store.sqlite_writer import check_writable
+    if settings.server.is_postgresql:
+        problem = postgresql_problem(settings)
+        if problem is not None:
+            print(f"onetag: {problem}; not serving.", file=sys.stderr)
+            return 2
+        problem = None
+    else:
+        from .store.sqlite_writer import check_writable
 
-    problem = check_writable(settings.server.sqlite_path)
+        problem = check_writable(settings.server.sqlite_path)
     if problem is not None:
         print(f"onetag: cannot write the database at {settings.server.sqlite_path} ({problem}); "
               "not serving. Check the path, its permissions, the mount and free space.",
@@ -164,6 +172,73 @@ def public_url_warning(public_url: str, port: int) -> str | None:
             f"server binds port {port}: scripts would load and post events where nothing "
             f"listens (set public_url to {parts.scheme}://{host_text}:{port} or run with "
             f"--port {url_port})")
+
+
+def postgresql_problem(settings: config_module.Settings) -> str | None:
+    """Why ``serve`` or ``worker`` can't run on the configured PostgreSQL database (the
+    driver missing, the server unreachable, the schema not current), or None."""
+    from .store import DriverMissing, open_store
+
+    async def probe() -> None:
+        store = open_store(settings)
+        await store.open()  # checks the schema (store/pg_migrate.py)
+        await store.close()
+
+    try:
+        asyncio.run(probe())
+    except DriverMissing as exc:
+        return str(exc)
+    except Exception as exc:
+        from .store.pg_migrate import SchemaNotCurrent
+
+        if isinstance(exc, SchemaNotCurrent):
+            return str(exc)
+        label = config_module.database_label(settings.server.database)
+        return f"cannot use the database {label} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply the pending migrations of the configured database and name them."""
+    path = _find_config(args.config)
+    settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    label = config_module.database_label(settings.server.database)
+    if settings.server.is_postgresql:
+        try:
+            from .store.pg_migrate import migrate_url
+            import asyncpg  # noqa: F401
+        except ImportError:
+            from .store import DRIVER_MISSING
+
+            print(f"onetag: {DRIVER_MISSING}", file=sys.stderr)
+            return 2
+        try:
+            applied = asyncio.run(migrate_url(settings.server.database))
+        except Exception as exc:
+            print(f"onetag: cannot migrate {label} ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            return 1
+    else:
+        import sqlite3
+
+        from .store.sqlite_writer import migrate
+
+        db_path = Path(settings.server.sqlite_path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=10000")
+            applied = migrate(conn)
+        except sqlite3.Error as exc:
+            print(f"onetag: cannot migrate {label} ({exc})", file=sys.stderr)
+            return 1
+        finally:
+            conn.close()
+    if applied:
+        print(f"onetag: applied {len(applied)} migration(s) to {label}: {', '.join(applied)}")
+    else:
+        print(f"onetag: {label} is current; nothing to apply")
+    return 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -200,11 +275,21 @@ RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+def _shown(settings: config_module.Settings) -> str:
+    """The database as output names it: the SQLite file's path, or the URL without its
+    password."""
+    if settings.server.is_postgresql:
+        return config_module.database_label(settings.server.database)
+    return settings.server.sqlite_path
+
+
 def _ops_settings(config: str | None) -> config_module.Settings:
     """The settings an operator command works on: the config, else the demo's database."""
     path = _find_config(config)
     # They never send, so vendor secrets need not be set (env: values left unset read as absent).
     settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    if settings.server.is_postgresql:
+        return settings  # the store says what is missing (the schema check)
     database = settings.server.sqlite_path
     if database != ":memory:" and not Path(database).is_file():
         print(f"onetag: no database at {database} (from {path or 'the demo settings'}); "
@@ -430,13 +515,13 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if args.vendor:
         report = [r for r in report if r["vendor"] == args.vendor]
     if args.json:
-        out: dict[str, Any] = {"database": settings.server.sqlite_path, "now_ms": now_ms,
+        out: dict[str, Any] = {"database": _shown(settings), "now_ms": now_ms,
                                "vendors": report, "key_problems": problems}
         if rows is not None:
             out["rows"] = rows
         print(json.dumps(out, indent=2))
         return 0
-    print(f"deliveries in {settings.server.sqlite_path}")
+    print(f"deliveries in {_shown(settings)}")
     print(format_report(report))
     if problems:
         print("\nkey problems (the vendor refused the credentials):")
@@ -506,9 +591,9 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     report = asyncio.run(_with_store(settings, lambda store: catalog_report(settings, store,
                                                                              args.site)))
     if args.json:
-        print(json.dumps({"database": settings.server.sqlite_path, "sites": report}, indent=2))
+        print(json.dumps({"database": _shown(settings), "sites": report}, indent=2))
     else:
-        print(format_catalog(report, settings.server.sqlite_path))
+        print(format_catalog(report, _shown(settings)))
     return 0
 
 
@@ -520,12 +605,12 @@ def _show_delivery(settings: Any, args: argparse.Namespace, now_ms: int) -> int:
 
     found, attempts = asyncio.run(_with_store(settings, work))
     if not found:
-        print(f"onetag: no delivery #{args.id} in {settings.server.sqlite_path}", file=sys.stderr)
+        print(f"onetag: no delivery #{args.id} in {_shown(settings)}", file=sys.stderr)
         return 1
     _explain_pending(found, now_ms)
     row = found[0]
     if args.json:
-        print(json.dumps({"database": settings.server.sqlite_path, "now_ms": now_ms,
+        print(json.dumps({"database": _shown(settings), "now_ms": now_ms,
                           "delivery": row, "attempts": attempts}, indent=2,
                          ensure_ascii=False))
         return 0
@@ -605,7 +690,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 tuple(states), args.vendor, args.site, since_ms, args.until, args.error)), None
         found = await store.list_deliveries(ids=[args.id], limit=1)
         if not found:
-            return [], f"no delivery #{args.id} in {settings.server.sqlite_path}"
+            return [], f"no delivery #{args.id} in {_shown(settings)}"
         row = found[0]
         if row["state"] not in REPLAYABLE:
             _explain_pending([row], now_ms)
@@ -676,7 +761,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = config_module.demo() if path is None else _load(path)
     logs.configure(args.log_format or settings.server.log_format, args.log_level)
     options = ForwarderOptions.from_env()
-    print(f"onetag: forwarding deliveries from {settings.server.sqlite_path} "
+    if settings.server.is_postgresql:
+        problem = postgresql_problem(settings)
+        if problem is not None:
+            print(f"onetag: {problem}; not forwarding.", file=sys.stderr)
+            return 2
+    print(f"onetag: forwarding deliveries from "
+          f"{config_module.database_label(settings.server.database)} "
           f"({len(settings.sites)} site(s)); Ctrl-C or SIGTERM stops", flush=True)
 
     async def work(store: Any) -> None:
@@ -727,7 +818,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         if args.send:
             summary = asyncio.run(_with_store(settings, send))
         else:
-            exists = existing_keys(settings.server.sqlite_path, site.id)
+            if settings.server.is_postgresql:
+                from .store.pg_backfill import existing_keys as pg_existing_keys
+
+                exists = asyncio.run(pg_existing_keys(settings.server.database, site.id))
+            else:
+                exists = existing_keys(settings.server.sqlite_path, site.id)
             try:
                 summary = asyncio.run(job.run(existing=exists))
             finally:
@@ -753,9 +849,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = _ops_settings(args.config)
     site = _site_of(settings, args.site)
     out_path = Path(args.out or remarkety_export.default_name(time.time()))
+    if settings.server.is_postgresql:
+        from .store.pg_backfill import order_events
+
+        found, left_out = remarkety_export.orders_from(
+            asyncio.run(order_events(settings.server.database, site.id)))
     with open(out_path, "w", encoding="utf-8", newline="") as out:
-        count, written, missing = remarkety_export.export(settings.server.sqlite_path,
-                                                           site.id, out)
+        if settings.server.is_postgresql:
+            count, written, missing = remarkety_export.write(found, left_out, out)
+        else:
+            count, written, missing = remarkety_export.export(settings.server.sqlite_path,
+                                                               site.id, out)
     print(f"onetag: wrote {count:,} orders ({written:,} rows, one per order item) to "
           f"{out_path}; send it to Remarkety's support for a one-time orders history import")
     if missing:
@@ -800,11 +904,11 @@ def cmd_coupons(args: argparse.Namespace) -> int:
 
     calls = asyncio.run(_with_store(settings, work))
     if args.json:
-        print(json.dumps({"database": settings.server.sqlite_path, "site": args.site,
+        print(json.dumps({"database": _shown(settings), "site": args.site,
                           "calls": calls}, indent=2, ensure_ascii=False))
         return 0
     bridged = [site.id for site in settings.sites.values() if site.coupons is not None]
-    print(f"coupon calls in {settings.server.sqlite_path} (latest {args.limit}"
+    print(f"coupon calls in {_shown(settings)} (latest {args.limit}"
           f"{f', site {args.site}' if args.site else ''}; bridge on for: "
           f"{', '.join(bridged) or 'no site'})")
     print(format_coupon_calls(calls))
@@ -837,6 +941,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     config_help = "config file (default: $ONETAG_CONFIG or ./onetag.toml; else the demo's database)"
+    migrate = commands.add_parser(
+        "migrate", help="apply the database's pending migrations and name them",
+        description="Apply every migration the configured database lacks (SQLite or "
+                    "PostgreSQL), each in its own transaction, and print which. On PostgreSQL "
+                    "`onetag serve` and `onetag worker` refuse to start until the schema is "
+                    "current; SQLite migrates itself at start as well. Safe to run twice or "
+                    "from two places at once.")
+    migrate.add_argument("--config", help=config_help)
+    migrate.set_defaults(func=cmd_migrate)
     deliveries = commands.add_parser(
         "deliveries", help="per vendor: pending, failing, held, delivered, dead, ... deliveries",
         description="Counts of delivery rows per vendor, read straight from the database (no "

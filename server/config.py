@@ -98,7 +98,8 @@ class CouponConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    database: str = DEFAULT_DATABASE
+    # Out of repr: a PostgreSQL URL may carry its password (``database_label`` shows it masked).
+    database: str = field(default=DEFAULT_DATABASE, repr=False)
     public_url: str = DEFAULT_PUBLIC_URL
     script_path: str = "/s/{site_id}.js"
     event_path: str = "/e"
@@ -121,6 +122,10 @@ class ServerConfig:
     def sqlite_path(self) -> str:
         return sqlite_path(self.database)
 
+    @property
+    def is_postgresql(self) -> bool:
+        return is_postgresql(self.database)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -139,8 +144,43 @@ class Settings:
 def sqlite_path(database: str) -> str:
     """``sqlite:///relative.db`` / ``sqlite:////abs/path.db`` → a filesystem path."""
     if not database.startswith("sqlite:///"):
-        raise ValueError("only sqlite:///PATH databases are supported")
+        if is_postgresql(database):
+            raise ValueError("a PostgreSQL database has no file path")
+        raise ValueError("must be sqlite:///PATH or postgresql://user@host:5432/dbname")
     return database[len("sqlite:///"):]
+
+
+def is_postgresql(database: str) -> bool:
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+def check_database(database: str) -> None:
+    """``ValueError`` saying what is wrong with a ``database`` URL (never echoing a password)."""
+    if not is_postgresql(database):
+        sqlite_path(database)
+        return
+    try:
+        parts = urlsplit(database)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid PostgreSQL URL ({exc})") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise ValueError("a PostgreSQL URL names its host: postgresql://user@host:5432/dbname")
+    if not parts.path.strip("/"):
+        raise ValueError("a PostgreSQL URL names its database: postgresql://user@host:5432/dbname")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+
+
+def database_label(database: str) -> str:
+    """The database URL as logs and CLI output may show it: a password replaced by ***."""
+    if not is_postgresql(database):
+        return database
+    parts = urlsplit(database)
+    if "@" not in parts.netloc or ":" not in parts.netloc.rpartition("@")[0]:
+        return database
+    user = parts.netloc.rpartition("@")[0].split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
 class _Reader:
@@ -259,9 +299,9 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
             reader.unknown(where, key, sorted(known))
     database = reader.string(table, "database", where, default=DEFAULT_DATABASE)
     try:
-        sqlite_path(database)
+        check_database(database)
     except ValueError as exc:
-        reader.problem(f"{where}.database", f"{exc} (got {database!r})")
+        reader.problem(f"{where}.database", f"{exc} (got {database_label(database)!r})")
     public_url = reader.string(table, "public_url", where, default=DEFAULT_PUBLIC_URL).rstrip("/")
     if urlsplit(public_url).scheme not in ("http", "https") or not urlsplit(public_url).netloc:
         reader.problem(f"{where}.public_url", f"must be an http(s) URL, not {public_url!r}")

@@ -23,7 +23,7 @@ import csv
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 from . import money
 from .jsontext import loads
@@ -53,11 +53,19 @@ class Order:
 def orders(conn: sqlite3.Connection, site_id: str) -> tuple[list[Order], int]:
     """The site's orders from its backend events, oldest first, and how many orders had
     status changes but no purchase (left out: nothing says what was bought)."""
+    rows = conn.execute(ORDER_EVENTS_SQL.replace("$1", "?"), (site_id,))
+    return orders_from(data for (data,) in rows)
+
+
+# The site's backend order events, in order (either database: $1 is the site).
+ORDER_EVENTS_SQL = ("SELECT data FROM events WHERE site_id = $1 AND source = 'backend' AND "
+                    "name IN ('purchase', 'order_status', 'refund') ORDER BY seq")
+
+
+def orders_from(datas: Iterable[str]) -> tuple[list[Order], int]:
+    """``orders`` from the events' stored JSON, in arrival order."""
     found: dict[str, Order] = {}
-    rows = conn.execute(
-        "SELECT data FROM events WHERE site_id = ? AND source = 'backend' AND name IN "
-        "('purchase', 'order_status', 'refund') ORDER BY seq", (site_id,))
-    for (data,) in rows:
+    for data in datas:
         event = loads(data)
         order_id = (event.get("ecommerce") or {}).get("transaction_id")
         if not order_id:
@@ -132,6 +140,11 @@ def export(database: str, site_id: str, out: TextIO) -> tuple[int, int, int]:
         found, missing = orders(conn, site_id)
     finally:
         conn.close()
+    return write(found, missing, out)
+
+
+def write(found: list[Order], missing: int, out: TextIO) -> tuple[int, int, int]:
+    """The CSV of ``found`` to ``out``: (orders, rows, ``missing``)."""
     writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     written = 0

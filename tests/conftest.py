@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from backends import backend, pg_database, pg_template  # noqa: F401 (fixtures: tests/backends.py)
 from fakes.vendor_server import FakeVendors
 
 SLOW_FILES = {"test_packaging.py", "test_cli.py", "test_cli_deliveries.py", "test_faults.py",

@@ -8,7 +8,6 @@ field ends as the backend's last word, else the pages' last word.
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from server import catalog, cli, events
 from server.catalog import merge
+from backends import Backend
 from support import ORIGIN, running, settings_for
 
 API_KEY = "secret-key"
@@ -46,34 +46,37 @@ async def browser(client: Any, *evts: dict) -> None:
     assert answer.status_code == 204, answer.text
 
 
-async def backend(client: Any, *evts: dict, status: int = 202) -> Any:
+async def backend_api(client: Any, *evts: dict, status: int = 202) -> Any:
     answer = await client.post("/api/v1/sites/shop1/events", json=list(evts),
                                headers={"Authorization": f"Bearer {API_KEY}"})
     assert answer.status_code == status, answer.text
     return answer.json()
 
 
-def product(tmp_path: Path, item_id: str = "SKU-1") -> dict[str, Any] | None:
-    with sqlite3.connect(tmp_path / "onetag.db") as db:
-        db.row_factory = sqlite3.Row
-        row = db.execute("SELECT * FROM products WHERE site_id = 'shop1' AND item_id = ?",
-                         (item_id,)).fetchone()
-    if row is None:
+def sqlite_at(tmp_path: Path) -> Backend:
+    return Backend("sqlite", f"sqlite:///{tmp_path}/onetag.db")
+
+
+async def product(store: Any, item_id: str = "SKU-1") -> dict[str, Any] | None:
+    """The product's row, from either backend (``store``: tests/backends.py's Backend)."""
+    rows = await store.dicts("SELECT * FROM products WHERE site_id = 'shop1' AND item_id = ?",
+                             item_id)
+    if not rows:
         return None
-    found = dict(row)
+    found = rows[0]
     found["sources"] = json.loads(found["sources"])
     found["categories"] = json.loads(found["categories"]) if found["categories"] else None
     return found
 
 
-async def test_a_page_view_makes_a_product_of_claims(tmp_path):
-    async with running(settings_for(tmp_path)) as (_, client):
+async def test_a_page_view_makes_a_product_of_claims(backend):  # both backends
+    async with running(backend.settings()) as (_, client):
         await browser(client, view(item(item_name="Mug", item_url=URL, image_url=IMAGE,
                                         item_category="Kitchen", item_category2="Mugs",
                                         item_brand="Acme", item_variant="Blue", in_stock=False,
                                         item_sku="M-1", description="A mug",
                                         item_group_id="MUG")))
-    row = product(tmp_path)
+    row = (await product(backend))
     assert row is not None
     assert {k: row[k] for k in ("title", "item_url", "image_url", "price_minor", "currency",
                                 "availability", "categories", "brand", "variant", "sku",
@@ -87,14 +90,14 @@ async def test_a_page_view_makes_a_product_of_claims(tmp_path):
     assert row["fact_version"] == 0 and row["fact_ms"] is None
 
 
-async def test_a_browser_view_never_overwrites_a_backend_product_and_fills_its_gaps(tmp_path):
-    async with running(settings_for(tmp_path)) as (_, client):
-        await backend(client, update(item(price="12.00", item_name="Mug", item_url=URL)))
+async def test_a_browser_view_never_overwrites_a_backend_product_and_fills_its_gaps(backend):  # both backends
+    async with running(backend.settings()) as (_, client):
+        await backend_api(client, update(item(price="12.00", item_name="Mug", item_url=URL)))
         await browser(client, view(item(price="0.01", item_name="FREE MUG",
                                         item_url="https://evil.example/p",
                                         image_url=IMAGE, item_brand="Acme"), currency="EUR"))
         await browser(client, view(item(price="0.02"), name="add_to_cart"))
-    row = product(tmp_path)
+    row = (await product(backend))
     assert row is not None
     # The backend's facts stand, in the backend's currency ...
     assert (row["title"], row["item_url"], row["price_minor"], row["currency"]) == (
@@ -106,45 +109,45 @@ async def test_a_browser_view_never_overwrites_a_backend_product_and_fills_its_g
     assert row["source"] == "backend"
 
 
-async def test_the_backend_overwrites_claims_and_claims_refresh_claims(tmp_path):
-    async with running(settings_for(tmp_path)) as (_, client):
+async def test_the_backend_overwrites_claims_and_claims_refresh_claims(backend):  # both backends
+    async with running(backend.settings()) as (_, client):
         await browser(client, view(item(price="10.00", item_name="Old name", image_url=IMAGE)))
         await browser(client, view(item(price="11.00"), name="view_item_list"))
-        assert product(tmp_path)["price_minor"] == 1100  # a page's newer claim
-        await backend(client, update(item(price="12.50", item_name="Mug")))
+        assert (await product(backend))["price_minor"] == 1100  # a page's newer claim
+        await backend_api(client, update(item(price="12.50", item_name="Mug")))
         await browser(client, view(item(price="9.00", item_name="Cheap")))
-    row = product(tmp_path)
+    row = (await product(backend))
     assert (row["price_minor"], row["title"], row["image_url"]) == (1250, "Mug", IMAGE)
     assert row["sources"]["price"] == row["sources"]["title"] == "backend"
 
 
-async def test_only_the_backend_deletes_and_restores_a_product(tmp_path):
-    async with running(settings_for(tmp_path)) as (_, client):
-        await backend(client, update(item(item_name="Mug", item_url=URL, image_url=IMAGE)))
-        await backend(client, update({"item_id": "SKU-1", "deleted": True}))
-        assert product(tmp_path)["deleted"] == 1
+async def test_only_the_backend_deletes_and_restores_a_product(backend):  # both backends
+    async with running(backend.settings()) as (_, client):
+        await backend_api(client, update(item(item_name="Mug", item_url=URL, image_url=IMAGE)))
+        await backend_api(client, update({"item_id": "SKU-1", "deleted": True}))
+        assert (await product(backend))["deleted"] == 1
         await browser(client, view(item(item_name="Mug", deleted=False)))  # a page can't
-        assert product(tmp_path)["deleted"] == 1
-        await backend(client, update({"item_id": "SKU-1", "deleted": False}))
-        assert product(tmp_path)["deleted"] == 0
-        await backend(client, update({"item_id": "SKU-1", "deleted": "yes"}), status=422)
+        assert (await product(backend))["deleted"] == 1
+        await backend_api(client, update({"item_id": "SKU-1", "deleted": False}))
+        assert (await product(backend))["deleted"] == 0
+        await backend_api(client, update({"item_id": "SKU-1", "deleted": "yes"}), status=422)
 
 
-async def test_an_unchanged_product_is_not_written_again(tmp_path):
+async def test_an_unchanged_product_is_not_written_again(backend):  # both backends
     """The hot path: a view of a known, unchanged product writes no row (the writer's
     product cache), also after a restart (the row is read once, then compared)."""
-    settings = settings_for(tmp_path)
+    settings = backend.settings()
     async with running(settings) as (_, client):
         await browser(client, view(item(item_name="Mug")))
-        first = product(tmp_path)
+        first = (await product(backend))
         for _ in range(3):
             await browser(client, view(item(item_name="Mug"), name="add_to_cart"))
-        assert product(tmp_path) == first
+        assert (await product(backend)) == first
     async with running(settings) as (_, client):
         await browser(client, view(item(item_name="Mug")))
-        assert product(tmp_path) == first
+        assert (await product(backend)) == first
         await browser(client, view(item(item_name="Mug", item_brand="Acme")))
-    changed = product(tmp_path)
+    changed = (await product(backend))
     assert changed["version"] == first["version"] + 1 and changed["brand"] == "Acme"
     assert changed["changed_ms"] >= first["changed_ms"]
 
@@ -158,18 +161,18 @@ async def test_a_failed_batch_leaves_the_cache_and_the_table_alike(tmp_path):
         answer = await client.post("/e", content=body, headers={"content-type": "text/plain",
                                                                 "origin": ORIGIN})
         assert answer.status_code == 422
-        assert product(tmp_path, "SKU-1") is None
+        assert (await product(sqlite_at(tmp_path), "SKU-1")) is None
         await browser(client, view(item("SKU-1", item_name="Mug")))
-    assert product(tmp_path, "SKU-1")["title"] == "Mug"
+    assert (await product(sqlite_at(tmp_path), "SKU-1"))["title"] == "Mug"
 
 
 async def test_catalog_events_without_items_change_nothing(tmp_path):
     async with running(settings_for(tmp_path)) as (_, client):
         await browser(client, {"event": "view_item_list", "event_id": str(uuid.uuid4())},
                       view(name="view_cart"))
-        await backend(client, {"event": "view_item_list", "event_id": str(uuid.uuid4()),
+        await backend_api(client, {"event": "view_item_list", "event_id": str(uuid.uuid4()),
                                "user": {"email": "ann@example.com"}})
-    assert product(tmp_path) is None
+    assert (await product(sqlite_at(tmp_path))) is None
 
 
 async def test_a_browser_cannot_send_product_updated(tmp_path):
@@ -178,21 +181,21 @@ async def test_a_browser_cannot_send_product_updated(tmp_path):
         answer = await client.post("/e", content=body, headers={"content-type": "text/plain",
                                                                 "origin": ORIGIN})
         assert answer.status_code == 422
-    assert product(tmp_path) is None
+    assert (await product(sqlite_at(tmp_path))) is None
 
 
 async def test_bad_catalog_fields_are_refused_naming_the_field(tmp_path):
     async with running(settings_for(tmp_path)) as (_, client):
-        got = await backend(client, update(item(availability="sometimes")), status=422)
+        got = await backend_api(client, update(item(availability="sometimes")), status=422)
         assert got["errors"][0]["field"] == "body[0].ecommerce.items[0].availability"
-        got = await backend(client, update(item(item_group_id=["a"])), status=422)
+        got = await backend_api(client, update(item(item_group_id=["a"])), status=422)
         assert got["errors"][0]["field"] == "body[0].ecommerce.items[0].item_group_id"
-        assert product(tmp_path) is None  # nothing of a refused request is stored
-        await backend(client, update(item(availability="Pre Order")), status=422)
-        await backend(client, update(item(availability="in stock")))
-        assert product(tmp_path)["availability"] == "in_stock"
-        await backend(client, update(item(availability="PREORDER")))
-    assert product(tmp_path)["availability"] == "preorder"
+        assert (await product(sqlite_at(tmp_path))) is None  # nothing of a refused request is stored
+        await backend_api(client, update(item(availability="Pre Order")), status=422)
+        await backend_api(client, update(item(availability="in stock")))
+        assert (await product(sqlite_at(tmp_path)))["availability"] == "in_stock"
+        await backend_api(client, update(item(availability="PREORDER")))
+    assert (await product(sqlite_at(tmp_path)))["availability"] == "preorder"
 
 
 def test_onetag_catalog_counts_products_and_what_the_feeds_leave_out(tmp_path, capsys):
@@ -207,11 +210,11 @@ def test_onetag_catalog_counts_products_and_what_the_feeds_leave_out(tmp_path, c
 
     async def fill() -> None:
         async with running(settings_for(tmp_path)) as (_, client):
-            await backend(client, update(item("A", item_name="A", item_url=URL, image_url=IMAGE),
+            await backend_api(client, update(item("A", item_name="A", item_url=URL, image_url=IMAGE),
                                          item("B", item_name="B", item_url=URL),
                                          item("C", item_name="C", image_url=IMAGE),
                                          item("D", item_name="D", item_url=URL, image_url=IMAGE)))
-            await backend(client, update({"item_id": "D", "deleted": True}))
+            await backend_api(client, update({"item_id": "D", "deleted": True}))
             await browser(client, view(item("E", item_name="E", item_url=URL, image_url=IMAGE)))
 
     asyncio.run(fill())

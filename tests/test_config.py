@@ -45,7 +45,7 @@ def test_every_problem_is_reported_with_its_location() -> None:
     })
     expected = [
         "onetag.toml: server.colour: unknown key",
-        "onetag.toml: server.database: only sqlite:///PATH databases are supported",
+        "onetag.toml: server.database: a PostgreSQL URL names its database",
         "onetag.toml: server.public_url: must be an http(s) URL",
         "onetag.toml: sites[shop 1].id: must be 1-64 characters",
         "onetag.toml: sites[shop 1].origins: 'shop.example' is not an origin",
@@ -202,14 +202,15 @@ def test_vendor_urls_must_be_absolute_http_urls() -> None:
 def test_no_secret_in_a_settings_repr():
     """Debug logs print a site's config whole (aiosqlite's does): no secret may be in it."""
     settings = config.parse({
-        "server": {"admin_token": "admin-token-secret-1234"},
+        "server": {"admin_token": "admin-token-secret-1234",
+                   "database": "postgresql://onetag:db-password-secret-1234@db.example/onetag"},
         "sites": [{"id": "shop", "origins": ["https://shop.example"], "api_key": "site-key-secret-1234",
                    "identity_secret": "identity-secret-secret-1234",
                    "sendlane": {"integration_token": "integration-secret-1234",
                                 "api_token": "api-token-secret-1234"}}]}, env={})
     text = repr(settings)
     assert "sendlane" in text and "shop" in text
-    for secret in ("admin-token-secret-1234", "site-key-secret-1234",
+    for secret in ("admin-token-secret-1234", "site-key-secret-1234", "db-password-secret-1234",
                    "identity-secret-secret-1234", "integration-secret-1234",
                    "api-token-secret-1234"):
         assert secret not in text

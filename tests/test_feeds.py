@@ -39,7 +39,7 @@ def update(*items: dict[str, Any], currency: str = "USD") -> dict[str, Any]:
             "ecommerce": {"currency": currency, "items": list(items)}}
 
 
-async def backend(client: httpx.AsyncClient, *evts: dict[str, Any]) -> None:
+async def backend_api(client: httpx.AsyncClient, *evts: dict[str, Any]) -> None:
     answer = await client.post("/api/v1/sites/shop1/events", json=list(evts),
                                headers={"Authorization": f"Bearer {API_KEY}"})
     assert answer.status_code == 202, answer.text
@@ -53,8 +53,11 @@ async def browser(client: httpx.AsyncClient, *evts: dict[str, Any]) -> None:
 
 
 class Feed:
-    def __init__(self, tmp_path: Any, **site: Any):
-        self.settings = settings_for(tmp_path, **{"feed_token": TOKEN, **site})
+    def __init__(self, where: Any, **site: Any):
+        """``where``: a tmp_path (SQLite), or a tests/backends.py Backend (either store)."""
+        site = {"feed_token": TOKEN, **site}
+        self.settings = (where.settings(**site) if hasattr(where, "settings")
+                         else settings_for(where, **site))
 
     async def __aenter__(self) -> httpx.AsyncClient:
         self._serve = serve(self.settings)
@@ -84,15 +87,15 @@ def xml_items(text: str) -> dict[str, dict[str, str]]:
     return found
 
 
-async def test_the_xml_feed_is_google_merchant_rss_with_every_field(tmp_path):
-    async with Feed(tmp_path) as client:
-        await backend(client, update(item("MUG-1", "12.34", item_category="Kitchen",
+async def test_the_xml_feed_is_google_merchant_rss_with_every_field(backend):  # both backends
+    async with Feed(backend) as client:
+        await backend_api(client, update(item("MUG-1", "12.34", item_category="Kitchen",
                                           item_category2="Mugs", item_brand="Acme & Sons",
                                           item_group_id="MUG", description="A <fine> mug",
                                           google_product_category="Home & Garden > Kitchen",
                                           availability="preorder"),
                                      item("MUG-2", "5", in_stock=False)))
-        await backend(client, update(item("YEN-1", "500"), currency="JPY"))
+        await backend_api(client, update(item("YEN-1", "500"), currency="JPY"))
         answer = await client.get(f"/feeds/shop1/products.xml?token={TOKEN}")
     assert answer.status_code == 200
     assert answer.headers["content-type"] == "application/rss+xml; charset=utf-8"
@@ -118,9 +121,9 @@ async def test_the_xml_feed_is_google_merchant_rss_with_every_field(tmp_path):
     }
 
 
-async def test_the_csv_feed_has_remarketys_columns(tmp_path):
-    async with Feed(tmp_path) as client:
-        await backend(client, update(item("MUG-1", "12.34", item_category="Kitchen",
+async def test_the_csv_feed_has_remarketys_columns(backend):  # both backends
+    async with Feed(backend) as client:
+        await backend_api(client, update(item("MUG-1", "12.34", item_category="Kitchen",
                                           item_category2="Mugs|Cups", item_brand="Acme",
                                           item_group_id="MUG", item_sku="M-1",
                                           description='A "fine", mug\nwith two lines',
@@ -143,12 +146,12 @@ async def test_the_csv_feed_has_remarketys_columns(tmp_path):
          "product_type": "", "google_product_category": ""}]
 
 
-async def test_products_without_a_link_or_image_and_deleted_ones_are_left_out(tmp_path):
-    async with Feed(tmp_path) as client:
-        await backend(client, update(item("OK"), {**item("NO-URL"), "item_url": None},
+async def test_products_without_a_link_or_image_and_deleted_ones_are_left_out(backend):  # both backends
+    async with Feed(backend) as client:
+        await backend_api(client, update(item("OK"), {**item("NO-URL"), "item_url": None},
                                      {**item("NO-IMAGE"), "image_url": None},
                                      item("GONE")))
-        await backend(client, update({"item_id": "GONE", "deleted": True}))
+        await backend_api(client, update({"item_id": "GONE", "deleted": True}))
         # A page's view of a product with everything: a claim, and in the feed.
         await browser(client, {"event": "view_item", "event_id": str(uuid.uuid4()),
                                "ecommerce": {"currency": "USD", "items": [item("PAGE")]}})
@@ -158,8 +161,8 @@ async def test_products_without_a_link_or_image_and_deleted_ones_are_left_out(tm
     assert [row["id"] for row in csv.DictReader(io.StringIO(text.text))] == ["OK", "PAGE"]
 
 
-async def test_the_feed_token_guards_the_feed(tmp_path):
-    async with Feed(tmp_path) as client:
+async def test_the_feed_token_guards_the_feed(backend):  # both backends
+    async with Feed(backend) as client:
         for path in ("products.xml", "products.csv"):
             assert (await client.get(f"/feeds/shop1/{path}")).status_code == 403
             wrong = await client.get(f"/feeds/shop1/{path}?token={TOKEN[:-1]}x")
@@ -172,18 +175,18 @@ async def test_the_feed_token_guards_the_feed(tmp_path):
             assert unknown.status_code == 404 and unknown.json()["errors"][0]["field"] == "site"
 
 
-async def test_no_feed_without_a_token_configured(tmp_path):
-    async with Feed(tmp_path, feed_token=None) as client:
+async def test_no_feed_without_a_token_configured(backend):  # both backends
+    async with Feed(backend, feed_token=None) as client:
         answer = await client.get("/feeds/shop1/products.xml?token=")
     assert answer.status_code == 404
     assert answer.json()["errors"][0]["field"] == "feed_token"
     assert "sites[shop1].feed_token" in answer.json()["message"]
 
 
-async def test_etag_and_last_modified_answer_304_until_the_catalog_changes(tmp_path):
+async def test_etag_and_last_modified_answer_304_until_the_catalog_changes(backend):  # both backends
     url = f"/feeds/shop1/products.xml?token={TOKEN}"
-    async with Feed(tmp_path) as client:
-        await backend(client, update(item("A")))
+    async with Feed(backend) as client:
+        await backend_api(client, update(item("A")))
         first = await client.get(url)
         tag, modified = first.headers["etag"], first.headers["last-modified"]
         assert email.utils.parsedate_to_datetime(modified) is not None
@@ -201,18 +204,18 @@ async def test_etag_and_last_modified_answer_304_until_the_catalog_changes(tmp_p
                                "ecommerce": {"currency": "USD", "items": [item("A")]}})
         assert (await client.get(url, headers={"If-None-Match": tag})).status_code == 304
         # ... and a change of the catalog does.
-        await backend(client, update(item("A", "99.00")))
+        await backend_api(client, update(item("A", "99.00")))
         changed = await client.get(url, headers={"If-None-Match": tag})
     assert changed.status_code == 200 and changed.headers["etag"] != tag
     assert xml_items(changed.text)["A"]["price"] == "99.00 USD"
 
 
-async def test_a_catalog_larger_than_a_page_streams_whole_and_in_order(tmp_path):
+async def test_a_catalog_larger_than_a_page_streams_whole_and_in_order(backend):  # both backends
     count = 2 * feeds.PAGE + 7
     ids = [f"SKU-{n:05d}" for n in range(count)]
-    async with Feed(tmp_path) as client:
+    async with Feed(backend) as client:
         for start in range(0, count, 150):  # an event is at most 32 KiB
-            await backend(client, update(*[item(i) for i in ids[start:start + 150]]))
+            await backend_api(client, update(*[item(i) for i in ids[start:start + 150]]))
         async with client.stream("GET", f"/feeds/shop1/products.xml?token={TOKEN}") as answer:
             assert answer.status_code == 200
             assert "content-length" not in answer.headers  # streamed

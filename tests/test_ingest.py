@@ -1,25 +1,25 @@
-"""POST /e and the backend API over HTTP: CORS, the sc cookie, dedup, and every kind of bad input."""
+"""POST /e and the backend API over HTTP: CORS, the sc cookie, dedup, and every kind of bad input.
+
+On both store backends (the ``backend`` fixture, tests/backends.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 
 import pytest
 
-from support import ORIGIN, beacon, item, running, settings_for
+from support import ORIGIN, beacon, item, running
 
 TEXT = {"content-type": "text/plain;charset=UTF-8", "origin": ORIGIN}
 
 
-def count(settings, table: str = "events") -> int:
-    with sqlite3.connect(settings.server.sqlite_path) as db:
-        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+async def count(backend, table: str = "events") -> int:
+    return (await backend.rows(f"SELECT count(*) FROM {table}"))[0][0]
 
 
-async def test_batch_is_stored_and_answered_204_with_cookie_and_cors(tmp_path) -> None:
-    settings = settings_for(tmp_path)
+async def test_batch_is_stored_and_answered_204_with_cookie_and_cors(backend) -> None:
+    settings = backend.settings()
     async with running(settings) as (_, client):
         body = beacon([{"event_id": "e1", "event": "page_view", "page": {"location": "https://shop.example/"}},
                        {"event_id": "e2", "event": "view_item", "ecommerce": {"items": [item()]}}])
@@ -32,15 +32,14 @@ async def test_batch_is_stored_and_answered_204_with_cookie_and_cors(tmp_path) -
     assert sc == sc.upper() and len(sc) == 36
     assert "Max-Age=31536000" in cookie and "SameSite=Lax" in cookie and "Secure" in cookie
     assert "HttpOnly" not in cookie
-    with sqlite3.connect(settings.server.sqlite_path) as db:
-        rows = db.execute("SELECT event_id, name, sc FROM events ORDER BY seq").fetchall()
-        session = db.execute("SELECT sc, user_agent, last_page FROM sessions").fetchone()
+    rows = await backend.rows("SELECT event_id, name, sc FROM events ORDER BY seq")
+    [session] = await backend.rows("SELECT sc, user_agent, last_page FROM sessions")
     assert rows == [("e1", "page_view", sc), ("e2", "view_item", sc)]
     assert session[0] == sc and session[2] == "https://shop.example/"
 
 
-async def test_an_existing_sc_is_reused_from_body_or_cookie(tmp_path) -> None:
-    settings = settings_for(tmp_path)
+async def test_an_existing_sc_is_reused_from_body_or_cookie(backend) -> None:
+    settings = backend.settings()
     async with running(settings) as (_, client):
         first = await client.post("/e", content=beacon([{"event_id": "e1", "event": "page_view"}],
                                   sc="cda68358-94fb-4d83-9655-3feb3c4114a3"), headers=TEXT)
@@ -51,22 +50,21 @@ async def test_an_existing_sc_is_reused_from_body_or_cookie(tmp_path) -> None:
         assert "sc=11111111-2222-3333-4444-555555555555" in second.headers["set-cookie"]
 
 
-async def test_repeated_event_id_is_stored_once(tmp_path) -> None:
-    settings = settings_for(tmp_path)
+async def test_repeated_event_id_is_stored_once(backend) -> None:
+    settings = backend.settings()
     body = beacon([{"event_id": "same", "event": "add_to_cart", "ecommerce": {"items": [item()]}}],
                   sc="AAAAAAAA-0000-0000-0000-000000000000")
     async with running(settings) as (_, client):
         for _ in range(3):
             assert (await client.post("/e", content=body, headers=TEXT)).status_code == 204
-    assert count(settings) == 1
-    with sqlite3.connect(settings.server.sqlite_path) as db:
-        # The cart delta was applied once, not three times.
-        items = json.loads(db.execute("SELECT cart_items FROM sessions").fetchone()[0])
+    assert await count(backend) == 1
+    # The cart delta was applied once, not three times.
+    items = json.loads((await backend.rows("SELECT cart_items FROM sessions"))[0][0])
     assert items[0]["quantity"] == 1
 
 
-async def test_json_content_type_and_preflight(tmp_path) -> None:
-    settings = settings_for(tmp_path)
+async def test_json_content_type_and_preflight(backend) -> None:
+    settings = backend.settings()
     async with running(settings) as (_, client):
         pre = await client.options("/e", headers={"origin": ORIGIN,
                                                   "access-control-request-method": "POST"})
@@ -96,19 +94,19 @@ async def test_json_content_type_and_preflight(tmp_path) -> None:
      + b'"}]}', TEXT, 413, "body"),
 ])
 async def test_bad_input_is_refused_naming_the_field_and_stores_nothing(
-        tmp_path, body: bytes, headers: dict, status: int, field: str) -> None:
-    settings = settings_for(tmp_path)
+        backend, body: bytes, headers: dict, status: int, field: str) -> None:
+    settings = backend.settings()
     async with running(settings) as (_, client):
         response = await client.post("/e", content=body, headers=headers)
     assert response.status_code == status, response.text
     payload = response.json()
     assert payload["errors"][0]["field"] == field
     assert payload["errors"][0]["problem"]
-    assert count(settings) == 0 and count(settings, "sessions") == 0
+    assert await count(backend) == 0 and await count(backend, "sessions") == 0
 
 
-async def test_backend_api_auth(tmp_path) -> None:
-    settings = settings_for(tmp_path)
+async def test_backend_api_auth(backend) -> None:
+    settings = backend.settings()
     event = {"event": "identify", "user": {"email": "a@b.co"}}
     async with running(settings) as (_, client):
         url = "/api/v1/sites/shop1/events"
@@ -121,11 +119,11 @@ async def test_backend_api_auth(tmp_path) -> None:
         assert unknown.status_code == 404
         ok = await client.post(url, json=event, headers={"authorization": "Bearer secret-key"})
         assert ok.status_code == 202
-    assert count(settings) == 1
+    assert await count(backend) == 1
 
 
-async def test_backend_api_takes_one_event_or_a_list_and_dedups(tmp_path) -> None:
-    settings = settings_for(tmp_path)
+async def test_backend_api_takes_one_event_or_a_list_and_dedups(backend) -> None:
+    settings = backend.settings()
     auth = {"authorization": "Bearer secret-key"}
     order = {"event": "purchase", "event_id": "order-1001", "user": {"email": "A@b.co"},
              "ecommerce": {"transaction_id": "1001", "value": 8.70, "items": [item(price=4.35, quantity=2)]},
@@ -144,15 +142,17 @@ async def test_backend_api_takes_one_event_or_a_list_and_dedups(tmp_path) -> Non
         text = await client.post("/api/v1/sites/shop1/events", headers={**auth, "content-type": "text/plain"},
                                  content=json.dumps(order))
         assert text.status_code == 415
-    with sqlite3.connect(settings.server.sqlite_path) as db:
-        assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 2
-        assert db.execute("SELECT email FROM identities").fetchall() == [("a@b.co",)]
-        assert db.execute("SELECT count(*) FROM events WHERE data LIKE '%c@d.co%'").fetchone()[0] == 0
+    assert await count(backend) == 2
+    assert await backend.rows("SELECT email FROM identities") == [("a@b.co",)]
+    assert await backend.rows("SELECT count(*) FROM events WHERE data LIKE '%c@d.co%'") == [(0,)]
 
 
-async def test_healthz(tmp_path) -> None:
-    async with running(settings_for(tmp_path)) as (_, client):
+async def test_healthz(backend) -> None:
+    async with running(backend.settings()) as (_, client):
         response = await client.get("/healthz")
-    body = response.json()  # the app's default store: the writer in a process of its own
+    body = response.json()
     assert response.status_code == 200 and body["status"] == "ok"
-    assert isinstance(body["writer_pid"], int) and body["writer_pid"] != os.getpid()
+    if backend.name == "sqlite":  # the app's default store: the writer in a process of its own
+        assert isinstance(body["writer_pid"], int) and body["writer_pid"] != os.getpid()
+    else:  # PostgreSQL: a committed transaction, no writer process
+        assert body["writer_pid"] is None

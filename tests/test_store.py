@@ -1,4 +1,7 @@
-"""The SQLite store: durability settings, group commit, sessions, identities, carts, held rows."""
+"""The SQLite store: durability settings, group commit, the writer, its cache, migrations.
+
+The store contract on both backends (identities, carts, held rows, claims meeting facts) is
+tests/test_store_backends.py."""
 
 from __future__ import annotations
 
@@ -76,66 +79,6 @@ async def test_concurrent_requests_share_commits_and_all_land(tmp_path, writer) 
         assert db.execute("SELECT count(*) FROM sessions").fetchone()[0] == 200
 
 
-async def test_a_failing_request_fails_alone(tmp_path) -> None:
-    store = await open_store(settings_for(tmp_path))
-    try:
-        good = [event({"event": "page_view", "event_id": "good"})]
-        bad = [event({"event": "page_view", "event_id": "bad"}) | {"site_id": "shop1"}]
-        bad[0]["user"] = {"email": object()}  # cannot be serialised: the job raises
-        outcome = await asyncio.gather(store.ingest("shop1", good, good, SessionInfo()),
-                                       store.ingest("shop1", bad, bad, SessionInfo()))
-        # The bad one is answered with its own 422 (plain data), the good one committed.
-        assert isinstance(outcome[0], list) and isinstance(outcome[1], Problem)
-        assert outcome[1].status == 422 and outcome[1].field == "events"
-    finally:
-        await store.close()
-    with sqlite3.connect(tmp_path / "onetag.db") as db:
-        assert [r[0] for r in db.execute("SELECT event_id FROM events")] == ["good"]
-
-
-async def test_one_email_on_two_devices_is_one_identity(tmp_path) -> None:
-    store = await open_store(settings_for(tmp_path))
-    try:
-        await ingest(store, event({"event": "identify", "event_id": "a",
-                                   "user": {"email": "Ann@Example.com", "first_name": "Ann"}}, sc="SC-PHONE-01"))
-        # The customer id from the backend: a browser's is never taken (docs/security.md).
-        await ingest(store, event({"event": "identify", "event_id": "b",
-                                   "user": {"email": "ann@example.com", "customer_id": "42"}},
-                                  sc="SC-LAPTOP-1", source="backend"))
-        await ingest(store, event({"event": "view_item", "event_id": "c",
-                                   "ecommerce": {"items": [item()]}}, sc="SC-LAPTOP-1"))
-        view = await store.session_view("shop1", "SC-LAPTOP-1")
-    finally:
-        await store.close()
-    assert view["identity"] == {"id": 1, "email": "ann@example.com", "customer_id": "42",
-                                "first_name": "Ann"}
-    assert view["events"][0]["identity"]["email"] == "ann@example.com"  # later events carry it
-    with sqlite3.connect(tmp_path / "onetag.db") as db:
-        assert db.execute("SELECT count(*) FROM identities").fetchone()[0] == 1
-        assert sorted(db.execute("SELECT sc, identity_id FROM sessions")) == [
-            ("SC-LAPTOP-1", 1), ("SC-PHONE-01", 1)]
-
-
-async def test_session_view_lists_its_own_events_newest_first(tmp_path) -> None:
-    store = await open_store(settings_for(tmp_path))
-    try:
-        for i in range(6):  # two sessions interleaved, then one more that never mixes
-            sc = "SC-AAAA-0001" if i % 2 else "SC-BBBB-0002"
-            await ingest(store, event({"event": "page_view", "event_id": f"p{i}"}, sc=sc))
-        await ingest(store, event({"event": "page_view", "event_id": "late"}, sc="SC-CCCC-0003"))
-        view = await store.session_view("shop1", "SC-AAAA-0001")
-        short = await store.session_view("shop1", "SC-AAAA-0001", limit=2)
-        unknown = await store.session_view("shop1", "SC-NONE-0000")
-    finally:
-        await store.close()
-    assert [e["event_id"] for e in view["events"]] == ["p5", "p3", "p1"]
-    assert [e["event_id"] for e in short["events"]] == ["p5", "p3"]
-    assert unknown["session"] is None and unknown["events"] == [] == unknown["deliveries"]
-    with sqlite3.connect(tmp_path / "onetag.db") as db:
-        assert sorted(db.execute("SELECT sc, first_seq, last_seq FROM sessions")) == [
-            ("SC-AAAA-0001", 2, 6), ("SC-BBBB-0002", 1, 5), ("SC-CCCC-0003", 7, 7)]
-
-
 async def test_stored_json_is_text(tmp_path) -> None:
     """JSON goes to SQLite as UTF-8 bytes cast to TEXT: readers get str, not BLOBs."""
     store = await open_store(settings_for(tmp_path))
@@ -175,32 +118,6 @@ def test_migrations_carry_a_database_from_before_003_over(tmp_path) -> None:
                     ("SC-X", None, None, "G-X", "EUR", "[]", 9)]
     gone = db.execute("SELECT name FROM sqlite_master WHERE name IN ('events_session', 'carts')")
     assert gone.fetchall() == []
-
-
-async def test_cart_state_and_guid_per_state(tmp_path) -> None:
-    store = await open_store(settings_for(tmp_path))
-    try:
-        await ingest(store, event({"event": "add_to_cart", "event_id": "1",
-                                   "ecommerce": {"items": [item("A", 19.99, 3)]}}))
-        first = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
-        await ingest(store, event({"event": "view_cart", "event_id": "2",
-                                   "ecommerce": {"items": [item("A", 19.99, 3)]}}))
-        same = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
-        await ingest(store, event({"event": "add_to_cart", "event_id": "3",
-                                   "ecommerce": {"items": [item("B", 4.35, 1)]}}))
-        second = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
-        await ingest(store, event({"event": "purchase", "event_id": "4",
-                                   "ecommerce": {"transaction_id": "T1", "items": []}}))
-        view = await store.session_view("shop1", "SC-AAAA-0001")
-    finally:
-        await store.close()
-    assert first["value_minor"] == 5997 and first["item_count"] == 3
-    assert same["guid"] == first["guid"]  # the same cart state keeps its GUID
-    assert second["guid"] != first["guid"] and second["value_minor"] == 5997 + 435
-    assert view["cart"] is None
-    purchase = view["events"][0]
-    assert purchase["cart"]["guid"] == second["guid"]  # the order refers to the last cart state
-    assert purchase["cart"]["value_minor"] == 6432
 
 
 @pytest.mark.parametrize("writer", ["thread", "process"])
@@ -454,44 +371,3 @@ def test_migration_006_keeps_rows_and_splits_ids_and_keys_by_kind_of_sender(tmp_
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events' "
         "AND sql NOT LIKE '%WHERE source = ''backend'' AND name = ''purchase''%'")]
     assert indexes == ["events_id"]  # still one index every event pays for (012's is partial)
-
-
-async def test_a_session_switching_identity_is_written_with_its_new_identity(tmp_path) -> None:
-    """The switch writes what it must before it changes the session (server/trust.py), and the
-    session's new identity and emptied cart still reach the database."""
-    store = await open_store(settings_for(tmp_path))
-    try:
-        await ingest(store, event({"event": "identify", "event_id": "a",
-                                   "user": {"email": "a@example.com"}}))
-        await ingest(store, event({"event": "add_to_cart", "event_id": "c",
-                                   "ecommerce": {"items": [item()]}}))
-        await ingest(store, event({"event": "identify", "event_id": "b",
-                                   "user": {"email": "b@example.com"}}))
-    finally:
-        await store.close()
-    with sqlite3.connect(tmp_path / "onetag.db") as db:
-        assert db.execute("SELECT i.email, s.cart_items FROM sessions s JOIN identities i "
-                          "ON i.id = s.identity_id").fetchall() == [("b@example.com", None)]
-
-
-async def test_a_browser_copy_under_a_key_a_backend_fact_holds_is_not_sent(tmp_path) -> None:
-    """Even where browsers may state orders, a browser's copy the server would send is not
-    sent under a key the backend's row holds; and a backend fact supersedes a browser copy
-    not sent yet."""
-    settings = settings_for(tmp_path, order_source="browser",
-                            rejoiner={"site_id": "ABC1234", "api_key": "k"})
-    store = await open_store(settings)
-    try:
-        await ingest(store, purchase("2001", "backend"))
-        await ingest(store, purchase("2001", "browser", loaded=[]))
-        await ingest(store, purchase("2002", "browser", loaded=[]))
-        await ingest(store, purchase("2002", "backend"))
-    finally:
-        await store.close()
-    with sqlite3.connect(tmp_path / "onetag.db") as db:
-        rows = {(key, claim): (state, error) for key, claim, state, error in db.execute(
-            "SELECT dedup_key, claim, state, last_error FROM deliveries")}
-    assert rows == {("convert:2001", 0): ("pending", None),
-                    ("convert:2001", 1): ("ignored", "a backend fact holds this key"),
-                    ("convert:2002", 1): ("ignored", "superseded by the backend's fact"),
-                    ("convert:2002", 0): ("pending", None)}

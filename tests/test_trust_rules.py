@@ -1,12 +1,14 @@
 """The trust rules as properties, on the real store (SQLite file, thread writer): whatever
 sequence of unverified browser events names a customer the backend knows, the customer's
 stored identity does not change, and no request onetag would send carries what the browser
-claimed about them (names, phone, consent), nor an order, a refund or a consent change."""
+claimed about them (names, phone, consent), nor an order, a refund or a consent change.
+
+On both backends (tests/backends.py): a fresh SQLite file, or the test's PostgreSQL
+database emptied, for each example."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -14,9 +16,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from server.events import Origin, normalise
 from server.store.base import SessionInfo
-from server.store.sqlite import SQLiteStore
 
-from support import item, settings_for
+from backends import Backend
+from support import item
 
 VICTIM = "victim@example.com"
 FORGED_NAME = "Pwned-Name"
@@ -49,18 +51,27 @@ def claims(draw) -> dict:
     return raw
 
 
-def sites(tmp: Path):
+def sites(backend: Backend):
     sections = {"rejoiner": {"site_id": "R1", "domain": "d", "api_key": "k"},
                 "remarkety": {"store_id": "S", "api_key": "k"},
                 "esputnik": {"site_id": "E", "api_key": "k"},
                 "sendlane": {"integration_token": "t", "api_token": "k"}}
-    return settings_for(tmp, **sections)
+    return backend.settings(**sections)
 
 
-async def run(tmp: Path, events: list[tuple[str, dict]]) -> None:
-    config = sites(tmp)
-    store = SQLiteStore(config.server.sqlite_path, config.sites)
-    await store.open()
+async def empty(backend: Backend) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(backend.database)
+    try:
+        await conn.execute("TRUNCATE deliveries, events, sessions, identities RESTART IDENTITY")
+    finally:
+        await conn.close()
+
+
+async def run(backend: Backend, events: list[tuple[str, dict]]) -> None:
+    config = sites(backend)
+    store = await backend.open(config)
     try:
         crm = normalise({"event": "identify", "event_id": "crm", "user": {
             "email": VICTIM, "customer_id": "CUST-42", "first_name": "Vic", "phone": "+15550100",
@@ -74,20 +85,26 @@ async def run(tmp: Path, events: list[tuple[str, dict]]) -> None:
         await store.close()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(sessions, claims()), min_size=1, max_size=8))
-def test_no_sequence_of_browser_claims_changes_a_known_customer(events) -> None:
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(events=st.lists(st.tuples(sessions, claims()), min_size=1, max_size=8))
+def test_no_sequence_of_browser_claims_changes_a_known_customer(backend, events) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(run(Path(tmp), events))
-        with sqlite3.connect(Path(tmp) / "onetag.db") as db:
-            identity = db.execute("SELECT customer_id, first_name, phone, accepts_marketing "
-                                  "FROM identities WHERE email = ?", (VICTIM,)).fetchall()
-            sendable = db.execute(
-                "SELECT d.vendor, d.dedup_key, d.request, e.name FROM deliveries d "
-                "JOIN events e ON e.seq = d.event_seq "
-                "WHERE e.source = 'browser' AND d.state IN ('pending', 'held')").fetchall()
-            bound = db.execute("SELECT s.sc FROM sessions s JOIN identities i "
-                               "ON i.id = s.identity_id WHERE i.customer_id = 'CUST-42'").fetchall()
+        if backend.name == "sqlite":  # the fixture's database is per test, not per example
+            db = Backend("sqlite", f"sqlite:///{Path(tmp) / 'onetag.db'}")
+        else:
+            db = backend
+            asyncio.run(empty(db))
+        asyncio.run(run(db, events))
+        identity = asyncio.run(db.rows(
+            "SELECT customer_id, first_name, phone, accepts_marketing FROM identities "
+            "WHERE email = ?", VICTIM))
+        sendable = asyncio.run(db.rows(
+            "SELECT d.vendor, d.dedup_key, d.request, e.name FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq "
+            "WHERE e.source = 'browser' AND d.state IN ('pending', 'held')"))
+        bound = asyncio.run(db.rows("SELECT s.sc FROM sessions s JOIN identities i "
+                                    "ON i.id = s.identity_id WHERE i.customer_id = 'CUST-42'"))
     assert identity == [("CUST-42", "Vic", "+15550100", 0)]
     for vendor, key, request, name in sendable:
         assert name not in ("purchase", "refund", "unsubscribe", "opt_in"), (vendor, key)

@@ -1,9 +1,39 @@
-"""The storage interface every backend implements.
+"""The storage interface every backend implements, and what each must guarantee.
 
 Writes are few and shaped by the product, not by tables: ``ingest`` is the whole of what
 accepting a batch of events means (event rows, session, identity, cart, delivery rows) and
 must be atomic and durable before it returns; the delivery calls are what the forwarder
-and the operator CLI need.
+and the operator CLI need. Two backends: SQLite (``sqlite.py``: one writer, group commit)
+and PostgreSQL (``postgres.py``: any number of nodes on one database).
+
+The contract (tests/test_store.py runs it against both):
+
+- Durable before answered: ``ingest`` returns only after the commit that stored the events
+  (SQLite ``synchronous=FULL``, PostgreSQL ``synchronous_commit = on``), and either all of
+  a request's rows are stored or none (a ``Problem``, or ``StoreUnavailable`` with nothing
+  stored: the client's retry is safe, event ids make it idempotent).
+- Idempotent by event id: an id is unique per (site, id, backend-or-not); an id stored
+  before answers ``duplicate=True`` with the stored seq and changes nothing at all (no
+  session, identity, cart or delivery effect).
+- The same rules, applied in event order within a request and in commit order across
+  requests: identity matching and session binding (``rules.identity_step``,
+  ``match_identity``, ``merge_identity``, ``keep_customer_id``, ``bind_session``), the cart
+  and its GUID (``rules.cart_step``, bounded by ``rules.check_cart``), delivery planning
+  (``outbox.plan``), a browser claim meeting a backend fact under one key
+  (``rules.claim_taken``, ``waiting_fact_superseded``, ``fact_meets_claim``: a claim never
+  overwrites a fact), held rows released when the session gets an email
+  (``rules.held_release``, ``released_event``) or dropped when it switches identity.
+- No lost update: two writers (threads, processes or nodes) applying events of one visitor
+  or one identity at once leave the session, cart and identity as if the events had been
+  applied one after the other (PostgreSQL: row locks in a fixed order, a transaction that
+  loses a race run again).
+- Deliveries unique per (site, vendor, dedup key, claim): planning the same fact twice
+  stores one row.
+- Bounded: more than a backend's queue bound of writes waiting is refused with
+  ``StoreUnavailable("queue")``, never buffered without limit.
+- No HTTP here: the store reads a browser body with ``envelope.read_browser_body`` (pure:
+  bytes and facts in, a batch or a ``Problem`` out; it imports no web framework), so a
+  backend may read it wherever it stores it.
 """
 
 from __future__ import annotations
@@ -103,10 +133,14 @@ class Store(abc.ABC):
     sites: Mapping[str, Any]  # the configured sites, by id
 
     @abc.abstractmethod
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Ready to write: SQLite migrates its file; PostgreSQL checks that the schema is
+        current and raises ``pg_migrate.SchemaNotCurrent`` if not (``onetag migrate``)."""
 
     @abc.abstractmethod
-    async def close(self, grace_s: float = 10) -> None: ...
+    async def close(self, grace_s: float = 10) -> None:
+        """Writes already being committed finish (within ``grace_s``) and are answered;
+        writes not started fail with ``StoreUnavailable``."""
 
     @abc.abstractmethod
     async def ping(self, timeout_s: float = 2.0) -> int | None:
@@ -119,7 +153,15 @@ class Store(abc.ABC):
                      request_id: str | None = None) -> list[IngestResult] | Problem:
         """Store normalised events durably, in one transaction, with everything they imply;
         or the ``Problem`` (4xx) that refused them, having stored nothing. ``request_id``:
-        the HTTP request's, recorded on the deliveries planned and in the store's log."""
+        the HTTP request's, recorded on the deliveries planned and in the store's log.
+
+        ``events`` are ``events.normalise_batch``'s output and are changed in place (each
+        gets its ``identity``, its ``cart`` for cart events, and a browser event of a
+        verified session the source ``verified browser``): what is stored as the event's
+        ``data`` and what the vendors' requests are built from. A request's rows may be
+        committed together with other requests' (group commit), never split across
+        commits. Refusals: a cart over ``rules.check_cart``'s bounds (422), a request that
+        would store more than 16 MiB (413)."""
 
     async def ingest_browser(self, data: bytes, facts: BrowserFacts,
                              request_id: str | None = None) -> BrowserIngested | Problem:
@@ -140,7 +182,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def session_view(self, site_id: str, sc: str, limit: int = 50) -> dict[str, Any]:
-        """A visitor's identity, cart and latest events (the demo's panel)."""
+        """A visitor's identity, cart and latest events (the demo's panel), read-only:
+        ``{sc, session (its row, without the cart columns) or None, identity (fields and
+        id) or None, cart (``sessions.cart_snapshot``) or None, events (latest first, at
+        most ``limit``), deliveries (of those events: vendor, state, dedup_key, attempts,
+        last_error, name)}``."""
 
     # The outbox -------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Per-event statements (a dedup SELECT, a session upsert, a cart read and write, a
 INSERT...) made the writer the bottleneck. So a batch loads the state it needs once
 (known event ids; sessions with their carts and identities, from the ``SessionCache``
 where the writer has them), applies every event in order in memory with the same pure
-rules (``sessions.apply_cart``, ``sessions.identity_update``, ``outbox.plan``), and writes
+rules (``store/rules.py``, ``outbox.plan``: the PostgreSQL store applies the same), and writes
 back with one ``executemany`` per table. The rare paths — a new or changed identity,
 releasing held deliveries — still talk to the database directly.
 """
@@ -12,26 +12,19 @@ releasing held deliveries — still talk to the database directly.
 from __future__ import annotations
 
 import itertools
-import random
 import sqlite3
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import catalog, outbox, product_sync, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
-from ..sessions import apply_cart, cart_snapshot, claimed_fields, identity_update
+from ..sessions import claimed_fields
+from . import rules
+from .rules import (CART_EVENTS, MAX_CART_BYTES, MAX_REQUEST_STORED_BYTES,  # noqa: F401
+                    identity_fields)
 from .sqlite_catalog import CatalogBatch, ProductCache
 
-CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
-                         "cart_updated", "purchase"})
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
-# A session's cart, as stored JSON, at most (its lines are bounded by the site's
-# ``max_cart_lines``, default 200). Each cart event stores the whole cart with the event and
-# in each vendor's request: unbounded, four 162 KiB requests grew a database by 677 MB.
-MAX_CART_BYTES = 64 * 1024
-# What one request may make the store write (its events as sent and normalised, and their
-# vendor requests), estimated before writing: a 1 MiB body may not become gigabytes.
-MAX_REQUEST_STORED_BYTES = 16 * 1024 * 1024
 # The writer's session cache keeps at most this many bytes of carts (their stored JSON), and
 # a cart larger than PARSED_CART_BYTES only as that JSON, parsed again when an event needs it.
 MAX_CACHED_CART_BYTES = 32 * 1024 * 1024
@@ -46,16 +39,6 @@ Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def identity_fields(row: Mapping[str, Any] | None) -> dict[str, Any]:
-    if row is None:
-        return {}
-    fields = {key: row[key] for key in ("email", "customer_id", "first_name", "last_name", "phone")
-              if row[key] is not None}
-    if row["accepts_marketing"] is not None:
-        fields["accepts_marketing"] = bool(row["accepts_marketing"])
-    return fields
 
 
 _COLUMNS = ("identity_id", "first_ms", "user_agent", "last_page", "first_seq", "last_seq",
@@ -157,18 +140,7 @@ class SessionCache:
             self.identities.clear()
 
 
-def _new_guid() -> str:
-    """An uppercase random (version 4) UUID naming a cart state. It must be unique, not
-    secret, so it comes from ``random`` (seeded from the OS at start): ``uuid4()`` makes a
-    system call per GUID, and with ``UUID``'s checks took a twentieth of the writer's time
-    per cart event."""
-    n = random.getrandbits(128) & _GUID_MASK | _GUID_BITS
-    h = f"{n:032X}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-_GUID_MASK = ~(0xF000 << 64 | 0xC000 << 48)  # RFC 9562: version 4, variant 10
-_GUID_BITS = 0x4000 << 64 | 0x8000 << 48
+_new_guid = rules.new_guid
 
 
 def _flag(value: Any) -> int | None:
@@ -203,8 +175,8 @@ def insert_deliveries(conn: sqlite3.Connection,
         _insert_fact(conn, site_id, seq, r, now, request_id)
 
 
-# A claim the server would send, under a key a backend fact holds, is not sent: the fact is
-# the vendor's truth. One index probe in VALUES (an INSERT ... SELECT form cost each row
+# ``rules.claim_taken`` in SQL: a claim the server would send, under a key a backend fact
+# holds, is not sent: the fact is the vendor's truth. One index probe in VALUES (an INSERT ... SELECT form cost each row
 # about twice as much, measured on a bare deliveries table).
 _TAKEN = ("?6 IN ('pending', 'held') AND EXISTS (SELECT 1 FROM deliveries f WHERE "
           "f.site_id = ?1 AND f.vendor = ?2 AND f.dedup_key = ?3 AND f.claim = 0)")
@@ -212,7 +184,7 @@ _CLAIM_INSERT = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
     "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
     f"VALUES (?1, ?2, ?3, 1, ?4, ?5, CASE WHEN {_TAKEN} THEN 'ignored' ELSE ?6 END, "
-    f"CAST(?7 AS TEXT), ?8, CASE WHEN {_TAKEN} THEN 'a backend fact holds this key' ELSE ?9 END, "
+    f"CAST(?7 AS TEXT), ?8, CASE WHEN {_TAKEN} THEN '{rules.CLAIM_TAKEN_ERROR}' ELSE ?9 END, "
     "?10, ?10, ?11) ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
 _FACT_INSERT = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
@@ -225,8 +197,8 @@ _OTHER = ("SELECT d.id, d.state, d.attempts, d.request, e.data FROM deliveries d
 
 
 def _same_fact(row: Mapping[str, Any], planned: Any) -> bool:
-    return (trust.fact_fingerprint(loads(row["data"]), loads(row["request"]))
-            == trust.fact_fingerprint(planned.event, planned.request))
+    return rules.same_fact(loads(row["data"]), loads(row["request"]), planned.event,
+                           planned.request)
 
 
 def _matches_waiting_fact(conn: sqlite3.Connection, site_id: str, r: Any, now: int) -> None:
@@ -235,37 +207,24 @@ def _matches_waiting_fact(conn: sqlite3.Connection, site_id: str, r: Any, now: i
     fact (order id, email, value, currency): a differing claim leaves the fact alone."""
     for row in conn.execute(_OTHER + " AND d.state IN ('pending', 'held') AND d.attempts = 0",
                             (site_id, r.vendor, r.dedup_key, 0)).fetchall():
-        if _same_fact(row, r):
+        if rules.waiting_fact_superseded(row["state"], row["attempts"], _same_fact(row, r)):
             conn.execute("UPDATE deliveries SET state = 'browser', updated_ms = ?, "
-                         "last_error = 'delivered by the browser first' WHERE id = ?",
-                         (now, row["id"]))
+                         "last_error = ? WHERE id = ?",
+                         (now, rules.FACT_SUPERSEDED_ERROR, row["id"]))
 
 
 def _insert_fact(conn: sqlite3.Connection, site_id: str, seq: int, r: Any, now: int,
                  request_id: str | None = None) -> None:
-    """A backend (fact) row, given the browser's claim under the same key, if any.
-
-    Claim not sent yet: cancelled (``ignored``), the fact goes. Claim delivered (by onetag or
-    by the vendor's library) with the same fact: the vendor has it, the fact row is recorded
-    as ``browser``. Delivered differently: the fact goes as the vendor's update
-    (``trust.correction``). A dead, expired or ignored claim changed nothing at the vendor.
-    """
-    state, request, error = r.state, r.request, r.error
+    """A backend (fact) row, given the browser's claim under the same key, if any
+    (``rules.fact_meets_claim``)."""
     claim = conn.execute(_OTHER, (site_id, r.vendor, r.dedup_key, 1)).fetchone()
-    if claim is not None and state in (outbox.PENDING, outbox.HELD):
-        same = _same_fact(claim, r)
-        if claim["state"] in (outbox.DELIVERED, outbox.BROWSER):
-            if same:
-                state, error = outbox.BROWSER, f"the browser's copy (delivery {claim['id']}) " \
-                                               "carried the same fact"
-            else:
-                request = trust.correction(r.vendor, request)
-        elif claim["state"] in (outbox.PENDING, outbox.HELD):
-            if claim["attempts"] and not same:  # it may have reached the vendor
-                request = trust.correction(r.vendor, request)
-            conn.execute("UPDATE deliveries SET state = 'ignored', updated_ms = ?, "
-                         "last_error = 'superseded by the backend''s fact' WHERE id = ?",
-                         (now, claim["id"]))
+    same = claim is not None and r.state in (outbox.PENDING, outbox.HELD) and _same_fact(claim, r)
+    state, request, error, cancel = rules.fact_meets_claim(r.vendor, r.state, r.request,
+                                                           r.error, claim, same)
+    if cancel:
+        conn.execute("UPDATE deliveries SET state = 'ignored', updated_ms = ?, "
+                     "last_error = ? WHERE id = ?",
+                     (now, rules.CLAIM_SUPERSEDED_ERROR, claim["id"]))
     conn.execute(_FACT_INSERT, (site_id, r.vendor, r.dedup_key, seq, r.visitor, state,
                                 encode(request), now + (r.delay_ms if state == outbox.PENDING
                                                         else 0), error, now, now, request_id))
@@ -277,19 +236,7 @@ def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str
             yield site_id, chunk
 
 
-def _check_cart(lines: list[dict[str, Any]], site: Any, field: str) -> bytes:
-    """The cart's stored JSON; refused (422, naming the event's items) over the site's lines
-    or our bytes."""
-    limit = site.max_cart_lines
-    if len(lines) > limit:
-        raise Refused(Problem(422, "invalid_event", field, f"would make the cart {len(lines)} "
-                              f"lines; the limit is {limit} (the site's max_cart_lines)"))
-    encoded = encode(lines)  # orjson: a few microseconds for a usual cart
-    size = len(encoded)
-    if size > MAX_CART_BYTES:
-        raise Refused(Problem(422, "invalid_event", field, f"would make the cart {size} "
-                              f"bytes; the limit is {MAX_CART_BYTES}"))
-    return encoded
+_check_cart = rules.check_cart
 
 
 class IngestBatch:
@@ -480,54 +427,40 @@ class IngestBatch:
     def _identity(self, site_id: str, event: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
         """The session's identity after ``event``, and whether the session was newly bound.
 
-        Trust (server/trust.py, docs/security.md): a browser event from a session whose
-        identity is verified, about that identity, counts as verified. An unverified one may
-        bind the session to an email (a guest typing it), and creates the identity of an email
-        never seen; of everything else it says about a person only the email is kept, so
-        neither the stored identity nor any vendor request takes its names, phone, consent
-        or customer id. A session that changes identity starts clean (``_switch``).
+        Trust (server/trust.py, docs/security.md; the rules: ``rules.identity_step``,
+        ``rules.bind_session``): an unverified event may bind the session to an email (a
+        guest typing it), and creates the identity of an email never seen; of everything
+        else it says about a person only the email is kept. A session that changes
+        identity starts clean (``_switch``).
         """
         sc = event["sc"]
         state = self.sessions.get((site_id, sc)) if sc else None
         current_id = state.identity_id if state else None
         user = event.get("user") or {}
         current = self.identities[current_id] if current_id is not None else {}
-        if (event["source"] == trust.BROWSER and state is not None and state.verified
-                and current_id is not None
-                and user.get("email") in (None, current.get("email"))
-                and user.get("customer_id") in (None, current.get("customer_id"))):
-            event["source"] = trust.VERIFIED  # the session's verified identity, speaking again
-        trusted = trust.trusted(event)
-        if not trusted:
-            email = user.get("email")
-            event["user"] = {"email": email} if email else None
-            if not email or event["name"] in trust.CONSENT_EVENTS:
-                # A consent event is about whoever it names, not this visitor: no binding.
-                email = None
-        if not (user.get("email") or user.get("customer_id")) or (not trusted and not email):
+        step = rules.identity_step(event, bool(state is not None and state.verified),
+                                   current_id, current)
+        if step.kind == rules.KEEP:
             if current_id is None:
                 return None, False
             return {**self.identities[current_id], "id": current_id, "is_new": False}, False
-        if trusted:
+        if step.kind == rules.TRUSTED:
             identity_id, is_new = self._upsert_identity(site_id, event)
-        elif current.get("email") == email:
+        elif step.kind == rules.OWN:
             identity_id, is_new = current_id, False  # the session's own: nothing to look up
         else:
-            identity_id, is_new = self._claimed_identity(site_id, email, user)
+            identity_id, is_new = self._claimed_identity(site_id, step.email, user)
         newly_bound = False
-        if state is not None and current_id != identity_id:
-            if current_id is not None:
-                self._switch(site_id, sc, state)
-            state.identity_id = identity_id
-            self.bound.add((site_id, sc))
-            newly_bound = current_id is None
         if state is not None:
-            # Only a signature verifies a session. Not the backend naming its sc: a guest
-            # checkout under someone else's email is not proof of being them.
-            if event["source"] == trust.VERIFIED:
-                state.verified = 1
-            elif current_id != identity_id:
-                state.verified = None
+            binding = rules.bind_session(event["source"], state.verified, current_id,
+                                         identity_id)
+            if binding.switch:
+                self._switch(site_id, sc, state)
+            if current_id != identity_id:
+                state.identity_id = identity_id
+                self.bound.add((site_id, sc))
+            newly_bound = binding.newly_bound
+            state.verified = binding.verified
         return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, newly_bound
 
     def _claimed_identity(self, site_id: str, email: str, user: dict[str, Any]) -> tuple[int, bool]:
@@ -563,22 +496,22 @@ class IngestBatch:
     def _upsert_identity(self, site_id: str, event: dict[str, Any]) -> tuple[int, bool]:
         """One identity per (site, email); a customer id also matches. Returns (id, is_new)."""
         conn, user = self.conn, event.get("user") or {}
-        row = None
+        row = by_customer = None
         if user.get("email"):
             row = conn.execute("SELECT * FROM identities WHERE site_id = ? AND email = ?",
                                (site_id, user["email"])).fetchone()
         if row is None and user.get("customer_id"):
-            row = conn.execute("SELECT * FROM identities WHERE site_id = ? AND customer_id = ?",
-                               (site_id, user["customer_id"])).fetchone()
-            if row is not None and row["email"] and user.get("email") and row["email"] != user["email"]:
-                row = None  # a customer id now used with another email: that email's own identity
+            by_customer = conn.execute("SELECT * FROM identities WHERE site_id = ? AND "
+                                       "customer_id = ?", (site_id, user["customer_id"])).fetchone()
+        row = rules.match_identity(user, row, by_customer)
         current = identity_fields(row) if row is not None else None
-        fields = identity_update(current, event)
+        fields = rules.merge_identity(current, event)
+        check = rules.customer_id_to_check(fields, current)
+        held = check is not None and conn.execute(
+            "SELECT 1 FROM identities WHERE site_id = ? AND customer_id = ? AND id != ?",
+            (site_id, check, row["id"] if row is not None else -1)).fetchone() is not None
+        fields = rules.keep_customer_id(fields, current, held)
         if row is None:
-            if fields.get("customer_id") and conn.execute(
-                    "SELECT 1 FROM identities WHERE site_id = ? AND customer_id = ?",
-                    (site_id, fields["customer_id"])).fetchone():
-                fields.pop("customer_id")  # held by another email's identity
             identity_id = conn.execute(
                 "INSERT INTO identities (site_id, email, customer_id, first_name, last_name, "
                 "phone, accepts_marketing, created_ms, updated_ms) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -589,10 +522,6 @@ class IngestBatch:
             return identity_id, True
         identity_id = row["id"]
         if fields != current:
-            if fields.get("customer_id") != (current or {}).get("customer_id") and conn.execute(
-                    "SELECT 1 FROM identities WHERE site_id = ? AND customer_id = ? AND id != ?",
-                    (site_id, fields.get("customer_id"), identity_id)).fetchone():
-                fields["customer_id"] = (current or {}).get("customer_id")
             conn.execute(
                 "UPDATE identities SET email = ?, customer_id = ?, first_name = ?, last_name = ?, "
                 "phone = ?, accepts_marketing = ?, updated_ms = ? WHERE id = ?",
@@ -622,34 +551,19 @@ class IngestBatch:
 
     def _cart(self, site: Any, event: dict[str, Any],
               place: tuple[int, int] = (0, 0)) -> dict[str, Any] | None:
+        """The cart after ``event`` (``rules.cart_step``: the GUID policy), checked."""
         key = (site.id, event["sc"])
         state = self.sessions[key]
         if state.cart is _UNREAD:
             state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
-        items, guid, stored_currency = state.cart if state.cart else ([], None, None)
-        currency = (event.get("ecommerce") or {}).get("currency") or stored_currency or site.currency
-        after = apply_cart(items, event)
-        if after is None:
+        step = rules.cart_step(state.cart or None, event, site.currency, _new_guid)
+        if step is None:
             return None
         field = f"events[{place[1]}].ecommerce.items"
-        self.cart_json[key] = (after, _check_cart(after, site, field))
+        self.cart_json[key] = (step.lines, _check_cart(step.lines, site, field))
         self.dirty_carts.add(key)
-        given = event.get("cart_guid")  # the GUID the browser used for this cart state
-        if event["name"] == "purchase":
-            # The cart as bought, under the guid of its last state (eSputnik's PurchasedItems
-            # refers to the last StatusCart GUID), else the one the page names; none when the
-            # session never had a cart (no StatusCart was sent: a made-up GUID would match
-            # nothing). Then the session starts an empty cart.
-            state.cart = None
-            return cart_snapshot(items, currency, guid or given)
-        if given:
-            # The browser names the state, and may already have sent it to a vendor under
-            # this GUID (eS.js's StatusCart): both paths quote the last GUID either sent.
-            guid = given
-        elif after != items or guid is None:
-            guid = _new_guid()  # a new cart state, a new GUID
-        state.cart = (after, guid, currency)
-        return cart_snapshot(after, currency, guid)
+        state.cart = step.cart
+        return step.snapshot
 
     # Held deliveries ----------------------------------------------------------------------
 
@@ -662,20 +576,12 @@ class IngestBatch:
             "JOIN events e ON e.seq = d.event_seq "
             "WHERE d.site_id = ? AND d.visitor = ? AND d.state = 'held' ORDER BY d.id",
             (site.id, f"sc:{sc}")).fetchall()
-        by_event: dict[int, tuple[str, set[str], bool]] = {}
-        for row in held:
-            data, vendors, fresh = by_event.get(row["event_seq"], (row["data"], set(), True))
-            vendors.add(row["vendor"])
-            fresh = fresh and row["created_ms"] >= now - self.hold_ms
-            by_event[row["event_seq"]] = (data, vendors, fresh)
-        for seq, (data, vendors, fresh) in by_event.items():
+        for seq, data, vendors, fresh in rules.held_release(held, now, self.hold_ms):
             if not fresh:
                 conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "
                              "WHERE event_seq = ? AND state = 'held'", (now, seq))
                 continue
-            event = loads(data)
-            event["identity"] = {**{k: v for k, v in identity.items() if k != "is_new"},
-                                 "is_new": False}
+            event = rules.released_event(loads(data), identity)
             conn.execute("DELETE FROM deliveries WHERE event_seq = ? AND state = 'held'", (seq,))
             insert_deliveries(conn, [(site.id, seq, row, request_id) for row in
                                      outbox.plan(site, event, vendors, self.grace_ms)], now)

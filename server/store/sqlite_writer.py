@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 from .. import logs, outbox
 from ..envelope import Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
-from . import deadletters
+from . import deadletters, rules
 from .base import Delivery, JobFailure, Outcome
 from .deadletters import ReplayFilter
 from .sqlite_catalog import plan_sync
@@ -247,6 +247,8 @@ class WriteOps:
         try:
             self.cache.check(conn)
             if requests:
+                # Each request alone starts from its events as sent (rules.keep_pristine).
+                restores = [rules.keep_pristine([request]) for request in requests]
                 try:
                     together = self.ingest(requests)
                 except Exception:  # nothing else ran yet: start the transaction over
@@ -254,7 +256,10 @@ class WriteOps:
                     if conn.in_transaction:  # some errors end it already
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
-                    together = [self._ingest_alone(request) for request in requests]
+                    together = []
+                    for request, restore in zip(requests, restores):
+                        restore()
+                        together.append(self._ingest_alone(request))
                 for (i, browser), result in zip(request_jobs, together):
                     # A browser body's answer carries the visitor's sc, for the cookie, and
                     # its site and event names, for the server's metrics.

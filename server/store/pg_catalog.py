@@ -1,0 +1,164 @@
+"""The catalog on PostgreSQL: products kept inside each node's ingest transaction, the
+feeds' reads, and the Sendlane product sync's planning step.
+
+The rules are ``server/catalog.py``'s (``merge``) and the row shape ``sqlite_catalog``'s
+(``from_row``, ``to_row``: pure). Without a cache (other nodes write ``products`` too), a
+batch reads the products its events name ``FOR UPDATE``, in (site_id, item_id) order, after
+its sessions and identities (``pg_ingest``): two nodes merging into one product wait for
+each other instead of one overwriting the other. A product both believed new is inserted
+by one; the other's insert fails on the primary key and its transaction is run again,
+finding it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import catalog
+from ..catalog import Product
+from ..jsontext import encode
+from .sqlite_catalog import _WRITTEN, FEED_COLUMNS, as_dict, from_row, to_row
+
+_ROW = ("item_id", *catalog.COLUMNS, "sources", "deleted", "first_seen_ms", "last_seen_ms",
+        "changed_ms", "version", "fact_version", "fact_ms", "planned_version")
+_SELECT = "SELECT p.site_id, " + ", ".join(f"p.{c}" for c in _ROW) + " FROM products p"
+_PRODUCT = f"SELECT {', '.join(_ROW)} FROM products"  # sqlite_catalog.from_row's, after item_id
+_MARKS = ", ".join(f"${i}" for i in range(1, len(_WRITTEN) + 1))
+_INSERT = f"INSERT INTO products ({', '.join(_WRITTEN)}) VALUES ({_MARKS})"
+_UPDATE = (f"UPDATE products SET "
+           + ", ".join(f"{name} = ${i + 1}" for i, name in enumerate(_WRITTEN)
+                       if name not in ("site_id", "item_id"))
+           + " WHERE site_id = $1 AND item_id = $2")
+
+
+class PgCatalogBatch:
+    """One ingest transaction's product observations, merged and written by ``flush``."""
+
+    def __init__(self, conn: Any, now: int):
+        self.conn = conn
+        self.now = now
+        self.work: list[tuple[str, str, dict[str, Any], bool, bool | None, bool]] = []
+
+    def observe(self, site_id: str, event: dict[str, Any],
+                planned: frozenset[str] = frozenset()) -> None:
+        """As ``sqlite_catalog.CatalogBatch.observe``."""
+        if event["source"] != catalog.BACKEND:
+            ecommerce = event.get("ecommerce")
+            if not ecommerce:
+                return
+            currency = ecommerce["currency"]
+            for item in ecommerce["items"]:
+                self.work.append((site_id, item["item_id"], catalog.stated(item, currency),
+                                  False, None, False))
+            return
+        for item_id, fields, fact, deleted in catalog.observations(event):
+            self.work.append((site_id, item_id, fields, fact, deleted, item_id in planned))
+
+    async def flush(self) -> int:
+        """Merge what was observed; write the changed rows. Returns how many were written."""
+        if not self.work:
+            return 0
+        keys = sorted({(site_id, item_id) for site_id, item_id, *_ in self.work})
+        products: dict[tuple[str, str], Product | None] = dict.fromkeys(keys)
+        for row in await self.conn.fetch(
+                _SELECT + " JOIN unnest($1::text[], $2::text[]) AS u(s, i) "
+                "ON p.site_id = u.s AND p.item_id = u.i ORDER BY p.site_id, p.item_id "
+                "FOR UPDATE OF p", [k[0] for k in keys], [k[1] for k in keys]):
+            products[(row[0], row[1])] = from_row(tuple(row)[2:])
+        existed = {key for key, product in products.items() if product is not None}
+        dirty: dict[tuple[str, str], Product] = {}
+        for site_id, item_id, fields, fact, deleted, planned in self.work:
+            key = (site_id, item_id)
+            product, write = catalog.merge(products[key], fields, fact, deleted, self.now,
+                                           planned)
+            products[key] = product
+            if write:
+                dirty[key] = product
+        self.work.clear()
+        rows = {key: to_row(*key, product, self.now) for key, product in dirty.items()}
+        inserts = [row for key, row in rows.items() if key not in existed]
+        updates = [row for key, row in rows.items() if key in existed]
+        if inserts:
+            await self.conn.executemany(_INSERT, inserts)
+        if updates:
+            await self.conn.executemany(_UPDATE, updates)
+        return len(dirty)
+
+
+# Reads ------------------------------------------------------------------------------------
+
+async def catalog_state(conn: Any, site_id: str) -> tuple[int, int, int]:
+    count, changed, versions = await conn.fetchrow(
+        "SELECT count(*), coalesce(max(changed_ms), 0), coalesce(sum(version), 0) "
+        "FROM products WHERE site_id = $1", site_id)
+    return int(count), int(changed), int(versions)
+
+
+async def catalog_page(conn: Any, site_id: str, after: str | None,
+                       limit: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch(f"SELECT {', '.join(FEED_COLUMNS)} FROM products WHERE site_id = $1 "
+                            "AND item_id > $2 ORDER BY item_id LIMIT $3", site_id, after or "",
+                            limit)
+    return [as_dict(tuple(row)) for row in rows]
+
+
+# The Sendlane product sync's planning step (server/product_sync.py) ------------------------
+
+_SYNC_INSERT = (
+    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, next_attempt_ms, created_ms, updated_ms) "
+    "VALUES ($1, $2, $3, 0, 0, $4, 'pending', $5, $6, $7, $8) "
+    "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
+
+
+async def plan_sync(conn: Any, site: Any, now: int, night: str | None,
+                    limit: int) -> dict[str, Any]:
+    """``sqlite_catalog.plan_sync`` in one transaction; the site's ``product_sync`` row is
+    locked first, so two nodes' product syncs take turns instead of planning twice."""
+    from .. import product_sync
+
+    vendor = product_sync.VENDOR
+    await conn.execute("INSERT INTO product_sync (site_id, vendor, updated_ms) "
+                       "VALUES ($1, $2, $3) ON CONFLICT (site_id, vendor) DO NOTHING",
+                       site.id, vendor, now)
+    cursor_ms, cursor_item, done_night, night_after = await conn.fetchrow(
+        "SELECT fact_ms, fact_after, night, night_after FROM product_sync "
+        "WHERE site_id = $1 AND vendor = $2 FOR UPDATE", site.id, vendor)
+    rows: list[tuple[Any, ...]] = []
+
+    def add(item_id: str, product: Product, key: str) -> None:
+        item = product_sync.item_of(item_id, product)
+        if item is not None:
+            request = product_sync.request_for(site, item, key)
+            rows.append((site.id, vendor, request.dedup_key, f"product:{item_id}",
+                         encode(request.to_row()).decode(), now, now, now))
+
+    changed = await conn.fetch(
+        f"{_PRODUCT} WHERE site_id = $1 AND fact_ms IS NOT NULL "
+        "AND (fact_ms, item_id) > ($2, $3) ORDER BY fact_ms, item_id LIMIT $4",
+        site.id, cursor_ms, cursor_item, limit)
+    for row in changed:
+        product = from_row(tuple(row)[1:])
+        if product.planned_version != product.fact_version:
+            add(row[0], product, product_sync.change_key(row[0], product))
+    changes = len(rows)
+    if changed:
+        cursor_ms, cursor_item = changed[-1]["fact_ms"], changed[-1][0]
+    more = len(changed) == limit
+    if night is not None and done_night != night:
+        nightly = await conn.fetch(f"{_PRODUCT} WHERE site_id = $1 AND item_id > $2 "
+                                   "AND deleted = 0 ORDER BY item_id LIMIT $3",
+                                   site.id, night_after or "", limit)
+        for row in nightly:
+            product = from_row(tuple(row)[1:])
+            add(row[0], product, product_sync.night_key(row[0], product, night))
+        if len(nightly) == limit:
+            night_after, more = nightly[-1][0], True
+        else:
+            done_night, night_after = night, None
+    if rows:
+        await conn.executemany(_SYNC_INSERT, rows)
+    await conn.execute("UPDATE product_sync SET fact_ms = $1, fact_after = $2, night = $3, "
+                       "night_after = $4, updated_ms = $5 WHERE site_id = $6 AND vendor = $7",
+                       cursor_ms, cursor_item, done_night, night_after, now, site.id, vendor)
+    return {"changes": changes, "nightly": len(rows) - changes, "more": more}

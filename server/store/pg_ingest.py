@@ -1,0 +1,484 @@
+"""Ingest for one PostgreSQL group commit: every request a node gathered, in one transaction.
+
+The same steps as SQLite's ``IngestBatch`` and the same rules (``store/rules.py``,
+``outbox.plan``), without its cache: other nodes write the same tables, so every batch
+reads the rows it needs, and locks them, inside its transaction.
+
+Concurrency (several nodes, one visitor in two tabs; docs/architecture.md):
+
+- Sessions: the batch's sessions are created if missing (``INSERT ... ON CONFLICT DO
+  NOTHING``) and then locked with ``SELECT ... FOR UPDATE``, both in (site_id, sc) order,
+  before any event is applied. A second node with events of the same visitor waits for
+  the first's commit, then reads the session (its cart, identity, seq bounds) as the first
+  left it: no lost update, and the same fixed order on every node, so no deadlock between
+  two batches over sessions.
+- Identities: read ``FOR UPDATE`` before being changed (by session, in id order; by email
+  or customer id as events name them). Two nodes creating one email's identity at once:
+  the second fails on the unique index and its transaction is run again (``postgres.py``),
+  finding the first's.
+- Event ids: a duplicate sent to two nodes at once: the second insert fails on
+  ``events_id`` and its transaction is run again, answering ``duplicate``.
+- A backend fact and a browser claim under one key (orders): an advisory transaction lock
+  on the key, taken in key order, orders the two checks (``rules.fact_meets_claim``).
+  Other claim keys name the event's own id or a cart GUID, which no fact shares.
+
+Whatever still deadlocks (identities named in different orders by two batches) is run
+again by the caller; a transaction is never half applied.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from .. import catalog, outbox, product_sync, trust
+from ..envelope import Problem, Refused
+from ..jsontext import encode, loads
+from ..sessions import claimed_fields
+from . import rules
+from .pg_catalog import PgCatalogBatch
+from .rules import CART_EVENTS, MAX_REQUEST_STORED_BYTES, identity_fields
+
+Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
+
+_UNREAD = object()  # a cart whose stored JSON has not been parsed yet
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _flag(value: Any) -> int | None:
+    return None if value is None else int(bool(value))
+
+
+class _Session:
+    """A session row, locked by this transaction, as the batch changes it."""
+
+    __slots__ = ("id", "identity_id", "last_ms", "user_agent", "last_page", "first_seq",
+                 "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
+                 "verified", "cart")
+
+    def __init__(self, row: Mapping[str, Any]):
+        for name in self.__slots__[:-1]:
+            setattr(self, name, row[name])
+        self.cart: Any = _UNREAD if self.cart_items is not None else None
+
+
+_SESSION_COLUMNS = ("identity_id", "last_ms", "user_agent", "last_page", "first_seq",
+                    "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
+                    "verified")
+_SESSION_TYPES = ("bigint", "bigint", "text", "text", "bigint", "bigint", "text", "text", "text",
+                  "bigint", "smallint")
+_SESSION_UPDATE = (
+    "UPDATE sessions s SET " + ", ".join(f"{c} = u.{c}" for c in _SESSION_COLUMNS)
+    + " FROM unnest($1::bigint[], "
+    + ", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(_SESSION_TYPES))
+    + ") AS u(id, " + ", ".join(_SESSION_COLUMNS) + ") WHERE s.id = u.id")
+_EVENT_INSERT = (
+    "INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, received_ms, "
+    "raw, data) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], "
+    "$5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])")
+_DELIVERY_INSERT = (
+    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
+    "SELECT s, v, k, c, q, w, st, r, n, e, $13, $13, rid FROM unnest($1::text[], $2::text[], "
+    "$3::text[], $4::smallint[], $5::bigint[], $6::text[], $7::text[], $8::text[], "
+    "$9::bigint[], $10::text[], $11::text[], $12::int[]) "
+    "AS u(s, v, k, c, q, w, st, r, n, e, rid, ord) ORDER BY ord "
+    "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
+_OTHER = ("SELECT d.id, d.state, d.attempts, d.request, e.data FROM deliveries d "
+          "JOIN events e ON e.seq = d.event_seq "
+          "WHERE d.site_id = $1 AND d.vendor = $2 AND d.dedup_key = $3 AND d.claim = $4")
+
+
+class PgIngestBatch:
+    def __init__(self, conn: Any, sites: Mapping[str, Any], hold_ms: int,
+                 browser_grace_ms: int):
+        self.conn = conn
+        self.sites = sites
+        self.hold_ms = hold_ms
+        self.grace_ms = browser_grace_ms
+        self.now = int(time.time() * 1000)
+        self.sessions: dict[tuple[str, str], _Session] = {}
+        self.identities: dict[int, dict[str, Any]] = {}
+        self.dirty: set[tuple[str, str]] = set()  # sessions to write at the next flush
+        self.cart_json: dict[tuple[str, str], tuple[list[dict[str, Any]], bytes]] = {}
+        self.event_rows: list[tuple[Any, ...]] = []
+        self.delivery_rows: list[tuple[str, int, Any, str | None]] = []
+        self.products = PgCatalogBatch(conn, self.now)  # what events say of products
+
+    # The batch ----------------------------------------------------------------------------
+
+    async def run(self, requests: Sequence[Request]) -> list[list[tuple[str, int, bool]]]:
+        """Per request, an ``IngestResult``-shaped tuple per event."""
+        results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
+        known = await self._known_events(requests)
+        fresh = []  # (request index, position, key)
+        for index, (site_id, events, *_rest) in enumerate(requests):
+            for position, event in enumerate(events):
+                key = (site_id, event["event_id"], event["source"] == trust.BACKEND)
+                if key not in known:
+                    known[key] = None  # taken by this batch: later copies are duplicates
+                    fresh.append((index, position, key))
+        seqs = [row[0] for row in await self.conn.fetch(
+            "SELECT nextval(pg_get_serial_sequence('events', 'seq')) "
+            "FROM generate_series(1, $1) ORDER BY 1", len(fresh))] if fresh else []
+        new_seq = {}
+        for (index, position, key), seq in zip(fresh, seqs):
+            new_seq[(index, position)] = seq
+            known[key] = seq
+        work = []
+        for index, (site_id, events, raws, user_agent, _) in enumerate(requests):
+            for position, (event, raw) in enumerate(zip(events, raws)):
+                seq = new_seq.get((index, position))
+                if seq is None:
+                    key = (site_id, event["event_id"], event["source"] == trust.BACKEND)
+                    results[index].append((event["event_id"], known[key], True))
+                    continue
+                results[index].append((event["event_id"], seq, False))
+                work.append((seq, site_id, event, raw, user_agent, (index, position)))
+        self.request_ids = [request[4] for request in requests]
+        await self._load_state(work)
+        self.stored_bytes = [0] * len(requests)
+        for seq, site_id, event, raw, user_agent, place in work:
+            await self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
+        await self._flush()
+        await self.products.flush()  # last: product rows are locked after sessions, identities
+        return results
+
+    async def _known_events(self, requests: Sequence[Request]) -> dict[tuple[str, str, bool], Any]:
+        sites, ids = [], []
+        for site_id, events, *_ in requests:
+            for event in events:
+                sites.append(site_id)
+                ids.append(event["event_id"])
+        rows = await self.conn.fetch(
+            "SELECT e.site_id, e.event_id, e.source = 'backend', e.seq FROM events e "
+            "JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS u(s, i) "
+            "ON e.site_id = u.s AND e.event_id = u.i", sites, ids)
+        return {(site_id, event_id, backend): seq for site_id, event_id, backend, seq in rows}
+
+    async def _load_state(self, work: Sequence[tuple[Any, ...]]) -> None:
+        """The batch's sessions, created if new and locked, in (site, sc) order; their
+        identities, locked, in id order."""
+        keys = sorted({(site_id, event["sc"]) for _, site_id, event, *_ in work if event["sc"]})
+        if not keys:
+            return
+        sites, scs = [k[0] for k in keys], [k[1] for k in keys]
+        await self.conn.execute(
+            "INSERT INTO sessions (site_id, sc, first_ms, last_ms) "
+            "SELECT s, sc, $3, $3 FROM unnest($1::text[], $2::text[]) AS u(s, sc) "
+            "ORDER BY s, sc ON CONFLICT (site_id, sc) DO NOTHING", sites, scs, self.now)
+        rows = await self.conn.fetch(
+            "SELECT s.* FROM sessions s JOIN unnest($1::text[], $2::text[]) AS u(site, sc) "
+            "ON s.site_id = u.site AND s.sc = u.sc ORDER BY s.site_id, s.sc FOR UPDATE OF s",
+            sites, scs)
+        for row in rows:
+            self.sessions[(row["site_id"], row["sc"])] = _Session(row)
+        identity_ids = sorted({s.identity_id for s in self.sessions.values()} - {None})
+        if identity_ids:
+            for row in await self.conn.fetch(
+                    "SELECT * FROM identities WHERE id = ANY($1::bigint[]) ORDER BY id "
+                    "FOR UPDATE", identity_ids):
+                self.identities[row["id"]] = identity_fields(row)
+
+    async def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: bytes,
+                     user_agent: str | None, place: tuple[int, int]) -> None:
+        sc = event["sc"]
+        key = (site.id, sc)
+        if sc:
+            state = self.sessions[key]
+            state.last_ms = self.now
+            state.user_agent = user_agent or state.user_agent
+            state.last_page = (event.get("page") or {}).get("location") or state.last_page
+            # Seqs come from one sequence shared by every node, so a later commit may carry
+            # a lower seq: the bounds only ever widen (session_view scans between them).
+            state.first_seq = seq if state.first_seq is None else min(state.first_seq, seq)
+            state.last_seq = seq if state.last_seq is None else max(state.last_seq, seq)
+            self.dirty.add(key)
+        identity, newly_bound = await self._identity(site.id, event)
+        if identity and not sc:
+            identity["last_sc"] = await self._last_sc(site.id, identity["id"])
+        event["identity"] = identity
+        if sc and event["name"] in CART_EVENTS:
+            event["cart"] = self._cart(site, event, place)
+        data = encode(event)
+        self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
+                                sc, identity["id"] if identity else None, self.now,
+                                _text(raw), data.decode()))
+        planned = outbox.plan(site, event, None, self.grace_ms)
+        if event["name"] in catalog.EVENTS:
+            self.products.observe(site.id, event, product_sync.planned_by_event(event, planned)
+                                  if event["name"] in catalog.FACT_EVENTS else frozenset())
+        request, _ = place
+        request_id = self.request_ids[request]
+        self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
+        self.stored_bytes[request] += len(raw) + len(data) * (1 + len(planned))
+        if self.stored_bytes[request] > MAX_REQUEST_STORED_BYTES:
+            raise Refused(Problem(413, "too_large", "events", "would store more than "
+                                  f"{MAX_REQUEST_STORED_BYTES} bytes (carts are stored with "
+                                  "each event): send fewer events a request"))
+        if newly_bound and sc and identity and identity.get("email"):
+            await self._flush()  # what waited must be in the database to be found
+            await self._release_held(site, sc, identity, request_id)
+
+    async def _flush(self) -> None:
+        """Write what changed since the last flush: sessions, then events and deliveries."""
+        conn = self.conn
+        if self.dirty:
+            columns: list[list[Any]] = [[] for _ in range(len(_SESSION_COLUMNS) + 1)]
+            for key in sorted(self.dirty):
+                state = self.sessions[key]
+                if key in self.cart_json:
+                    lines, encoded = self.cart_json.pop(key)
+                    cart = state.cart
+                    if cart and lines is not cart[0]:
+                        encoded = encode(cart[0])
+                    state.cart_items, state.cart_guid, state.cart_currency = (
+                        (encoded.decode(), cart[1], cart[2]) if cart else (None, None, None))
+                    state.cart_updated_ms = self.now
+                columns[0].append(state.id)
+                for i, name in enumerate(_SESSION_COLUMNS):
+                    columns[i + 1].append(getattr(state, name))
+            await conn.execute(_SESSION_UPDATE, *columns)
+            self.dirty.clear()
+        if self.event_rows:
+            await conn.execute(_EVENT_INSERT, *[list(c) for c in zip(*self.event_rows)])
+            self.event_rows.clear()
+        if self.delivery_rows:
+            rows, self.delivery_rows = self.delivery_rows, []
+            await insert_deliveries(conn, rows, self.now)
+
+    # Identity -----------------------------------------------------------------------------
+
+    async def _identity(self, site_id: str, event: dict[str, Any]
+                        ) -> tuple[dict[str, Any] | None, bool]:
+        """The session's identity after ``event``, and whether the session was newly bound
+        (``rules.identity_step``, ``rules.bind_session``; SQLite's ``IngestBatch._identity``)."""
+        sc = event["sc"]
+        state = self.sessions.get((site_id, sc)) if sc else None
+        current_id = state.identity_id if state else None
+        user = event.get("user") or {}
+        current = self.identities[current_id] if current_id is not None else {}
+        step = rules.identity_step(event, bool(state is not None and state.verified),
+                                   current_id, current)
+        if step.kind == rules.KEEP:
+            if current_id is None:
+                return None, False
+            return {**self.identities[current_id], "id": current_id, "is_new": False}, False
+        if step.kind == rules.TRUSTED:
+            identity_id, is_new = await self._upsert_identity(site_id, event)
+        elif step.kind == rules.OWN:
+            identity_id, is_new = current_id, False
+        else:
+            identity_id, is_new = await self._claimed_identity(site_id, step.email, user)
+        newly_bound = False
+        if state is not None:
+            binding = rules.bind_session(event["source"], state.verified, current_id,
+                                         identity_id)
+            if binding.switch:
+                await self._switch(site_id, sc, state)
+            if current_id != identity_id:
+                state.identity_id = identity_id
+                self.dirty.add((site_id, sc))
+            newly_bound = binding.newly_bound
+            state.verified = binding.verified
+        return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, newly_bound
+
+    async def _claimed_identity(self, site_id: str, email: str, user: dict[str, Any]
+                                ) -> tuple[int, bool]:
+        row = await self.conn.fetchrow(
+            "SELECT * FROM identities WHERE site_id = $1 AND email = $2", site_id, email)
+        if row is not None:
+            self.identities[row["id"]] = identity_fields(row)
+            return row["id"], False
+        fields = claimed_fields(user)
+        identity_id = await self.conn.fetchval(
+            "INSERT INTO identities (site_id, email, first_name, last_name, phone, created_ms, "
+            "updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING id",
+            site_id, email, fields.get("first_name"), fields.get("last_name"),
+            fields.get("phone"), self.now)
+        self.identities[identity_id] = fields
+        return identity_id, True
+
+    async def _switch(self, site_id: str, sc: str, state: _Session) -> None:
+        """The session was someone else's: what it held stays unsent, its cart is emptied."""
+        await self._flush()
+        await self.conn.execute(
+            "UPDATE deliveries SET state = 'ignored', updated_ms = $1, last_error = 'identity "
+            "switch: held while the session was someone else''s' WHERE site_id = $2 AND "
+            "visitor = $3 AND state = 'held'", self.now, site_id, f"sc:{sc}")
+        self.dirty.add((site_id, sc))
+        if state.cart is not None:
+            state.cart = None
+            self.cart_json[(site_id, sc)] = ([], b"")
+
+    async def _upsert_identity(self, site_id: str, event: dict[str, Any]) -> tuple[int, bool]:
+        conn, user = self.conn, event.get("user") or {}
+        row = by_customer = None
+        if user.get("email"):
+            row = await conn.fetchrow("SELECT * FROM identities WHERE site_id = $1 AND "
+                                      "email = $2 FOR UPDATE", site_id, user["email"])
+        if row is None and user.get("customer_id"):
+            by_customer = await conn.fetchrow(
+                "SELECT * FROM identities WHERE site_id = $1 AND customer_id = $2 FOR UPDATE",
+                site_id, user["customer_id"])
+        row = rules.match_identity(user, row, by_customer)
+        current = identity_fields(row) if row is not None else None
+        fields = rules.merge_identity(current, event)
+        check = rules.customer_id_to_check(fields, current)
+        held = check is not None and await conn.fetchval(
+            "SELECT 1 FROM identities WHERE site_id = $1 AND customer_id = $2 AND id != $3",
+            site_id, check, row["id"] if row is not None else -1) is not None
+        fields = rules.keep_customer_id(fields, current, held)
+        values = (fields.get("email"), fields.get("customer_id"), fields.get("first_name"),
+                  fields.get("last_name"), fields.get("phone"),
+                  _flag(fields.get("accepts_marketing")))
+        if row is None:
+            identity_id = await conn.fetchval(
+                "INSERT INTO identities (site_id, email, customer_id, first_name, last_name, "
+                "phone, accepts_marketing, created_ms, updated_ms) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id",
+                site_id, *values, self.now)
+            self.identities[identity_id] = fields
+            return identity_id, True
+        identity_id = row["id"]
+        if fields != current:
+            await conn.execute(
+                "UPDATE identities SET email = $1, customer_id = $2, first_name = $3, "
+                "last_name = $4, phone = $5, accepts_marketing = $6, updated_ms = $7 "
+                "WHERE id = $8", *values, self.now, identity_id)
+        self.identities[identity_id] = {k: v for k, v in fields.items() if v is not None}
+        return identity_id, False
+
+    async def _last_sc(self, site_id: str, identity_id: int) -> str | None:
+        """The sc of the identity's most recently active session (this batch's first)."""
+        latest, latest_sc = None, None
+        for (sid, sc), state in self.sessions.items():
+            if (sid == site_id and state.identity_id == identity_id
+                    and (sid, sc) in self.dirty
+                    and (latest is None or state.last_ms >= latest.last_ms)):
+                latest, latest_sc = state, sc
+        if latest_sc is not None:
+            return latest_sc
+        return await self.conn.fetchval(
+            "SELECT sc FROM sessions WHERE site_id = $1 AND identity_id = $2 "
+            "ORDER BY last_ms DESC LIMIT 1", site_id, identity_id)
+
+    # Cart ---------------------------------------------------------------------------------
+
+    def _cart(self, site: Any, event: dict[str, Any], place: tuple[int, int]
+              ) -> dict[str, Any] | None:
+        key = (site.id, event["sc"])
+        state = self.sessions[key]
+        if state.cart is _UNREAD:
+            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
+        step = rules.cart_step(state.cart or None, event, site.currency, rules.new_guid)
+        if step is None:
+            return None
+        field = f"events[{place[1]}].ecommerce.items"
+        self.cart_json[key] = (step.lines, rules.check_cart(step.lines, site, field))
+        self.dirty.add(key)
+        state.cart = step.cart
+        return step.snapshot
+
+    # Held deliveries ----------------------------------------------------------------------
+
+    async def _release_held(self, site: Any, sc: str, identity: dict[str, Any],
+                            request_id: str | None) -> None:
+        """The session just got an email: re-plan what waited for one, within the window."""
+        conn, now = self.conn, self.now
+        held = await conn.fetch(
+            "SELECT d.event_seq, d.vendor, d.created_ms, e.data FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq "
+            "WHERE d.site_id = $1 AND d.visitor = $2 AND d.state = 'held' ORDER BY d.id "
+            "FOR UPDATE OF d", site.id, f"sc:{sc}")
+        for seq, data, vendors, fresh in rules.held_release(held, now, self.hold_ms):
+            if not fresh:
+                await conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = $1 "
+                                   "WHERE event_seq = $2 AND state = 'held'", now, seq)
+                continue
+            event = rules.released_event(loads(data), identity)
+            await conn.execute("DELETE FROM deliveries WHERE event_seq = $1 AND state = 'held'",
+                               seq)
+            await insert_deliveries(conn, [(site.id, seq, row, request_id) for row in
+                                           outbox.plan(site, event, vendors, self.grace_ms)], now)
+
+
+# Deliveries -----------------------------------------------------------------------------------
+
+def _key_lock(site_id: str, r: Any) -> str:
+    return f"{site_id}\x1f{r.vendor}\x1f{r.dedup_key}"
+
+
+async def insert_deliveries(conn: Any, rows: Iterable[tuple[str, int, Any, str | None]],
+                            now: int) -> None:
+    """(site_id, event seq, PlannedDelivery, request id) rows, as SQLite's
+    ``insert_deliveries``: claims in one statement (``rules.claim_taken`` against the facts
+    stored), a claim of an order a vendor's library took checked against a waiting fact,
+    then each fact against its claim (``rules.fact_meets_claim``)."""
+    claims, facts = [], []
+    for site_id, seq, r, request_id in rows:
+        (claims if r.claim else facts).append((site_id, seq, r, request_id))
+    locked = sorted({_key_lock(site_id, r) for site_id, _, r, _ in claims + facts
+                     if not r.claim or r.event["name"] in trust.ORDER_EVENTS})
+    for key in locked:  # in key order: two nodes never wait on each other's in reverse
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+    if claims:
+        wanted = [(site_id, r.vendor, r.dedup_key) for site_id, _, r, _ in claims
+                  if r.state in (outbox.PENDING, outbox.HELD)]
+        taken = set()
+        if wanted:
+            taken = {tuple(row) for row in await conn.fetch(
+                "SELECT d.site_id, d.vendor, d.dedup_key FROM deliveries d "
+                "JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(s, v, k) "
+                "ON d.site_id = u.s AND d.vendor = u.v AND d.dedup_key = u.k AND d.claim = 0",
+                *[list(c) for c in zip(*wanted)])}
+        values = []
+        for order, (site_id, seq, r, request_id) in enumerate(claims):
+            if rules.claim_taken(r.state, (site_id, r.vendor, r.dedup_key) in taken):
+                state, error = outbox.IGNORED, rules.CLAIM_TAKEN_ERROR
+            else:
+                state, error = r.state, r.error
+            values.append((site_id, r.vendor, r.dedup_key, 1, seq, r.visitor, state,
+                           encode(r.request).decode(), now + r.delay_ms, error, request_id,
+                           order))
+            if r.state == outbox.BROWSER and r.event["name"] in trust.ORDER_EVENTS:
+                await _matches_waiting_fact(conn, site_id, r, now)
+        await conn.execute(_DELIVERY_INSERT, *[list(c) for c in zip(*values)], now)
+    for site_id, seq, r, request_id in facts:
+        await _insert_fact(conn, site_id, seq, r, now, request_id)
+
+
+def _same_fact(row: Mapping[str, Any], planned: Any) -> bool:
+    return rules.same_fact(loads(row["data"]), loads(row["request"]), planned.event,
+                           planned.request)
+
+
+async def _matches_waiting_fact(conn: Any, site_id: str, r: Any, now: int) -> None:
+    for row in await conn.fetch(_OTHER + " AND d.state IN ('pending', 'held') "
+                                "AND d.attempts = 0", site_id, r.vendor, r.dedup_key, 0):
+        if rules.waiting_fact_superseded(row["state"], row["attempts"], _same_fact(row, r)):
+            await conn.execute("UPDATE deliveries SET state = 'browser', updated_ms = $1, "
+                               "last_error = $2 WHERE id = $3",
+                               now, rules.FACT_SUPERSEDED_ERROR, row["id"])
+
+
+async def _insert_fact(conn: Any, site_id: str, seq: int, r: Any, now: int,
+                       request_id: str | None) -> None:
+    claim = await conn.fetchrow(_OTHER, site_id, r.vendor, r.dedup_key, 1)
+    same = claim is not None and r.state in (outbox.PENDING, outbox.HELD) and _same_fact(claim, r)
+    state, request, error, cancel = rules.fact_meets_claim(r.vendor, r.state, r.request,
+                                                           r.error, claim, same)
+    if cancel:
+        await conn.execute("UPDATE deliveries SET state = 'ignored', updated_ms = $1, "
+                           "last_error = $2 WHERE id = $3",
+                           now, rules.CLAIM_SUPERSEDED_ERROR, claim["id"])
+    await conn.execute(
+        "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+        "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
+        "VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9, $10, $10, $11) "
+        "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING",
+        site_id, r.vendor, r.dedup_key, seq, r.visitor, state, encode(request).decode(),
+        now + (r.delay_ms if state == outbox.PENDING else 0), error, now, request_id)

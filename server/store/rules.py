@@ -1,0 +1,334 @@
+"""The store's correctness rules, free of SQL: what every backend applies the same way.
+
+Each backend loads the rows a rule needs (with the locks its concurrency needs), calls the
+rule, and writes what it returns. Tested directly (tests/test_store_rules.py) and through
+both backends (tests/test_store.py, tests/test_store_pg.py).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+from .. import outbox, trust
+from ..envelope import Problem, Refused
+from ..jsontext import encode
+from ..sessions import apply_cart, cart_snapshot, identity_update
+
+
+def identity_fields(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An ``identities`` row as the identity's fields (None columns left out; consent a bool)."""
+    if row is None:
+        return {}
+    fields = {key: row[key] for key in ("email", "customer_id", "first_name", "last_name", "phone")
+              if row[key] is not None}
+    if row["accepts_marketing"] is not None:
+        fields["accepts_marketing"] = bool(row["accepts_marketing"])
+    return fields
+
+
+# Identity matching (docs/security.md: browser events are claims, backend events facts) ----
+
+KEEP, TRUSTED, OWN, CLAIMED = "keep", "trusted", "own", "claimed"
+
+
+class IdentityStep(NamedTuple):
+    """What an event asks of its session's identity, before any row is looked up.
+
+    ``kind``: ``keep`` (the session's identity, or none, stays as it is), ``trusted`` (a
+    fact or a verified claim: find the identity by email, else customer id, and update
+    it, or create it: ``match_identity`` and ``merge_identity``), ``own`` (an unverified
+    claim of the session's own email: nothing to look up), ``claimed`` (an unverified
+    email: its identity untouched, or a new one with ``sessions.claimed_fields``).
+    """
+
+    kind: str
+    email: str | None = None
+
+
+def identity_step(event: dict[str, Any], session_verified: bool, current_id: int | None,
+                  current: Mapping[str, Any]) -> IdentityStep:
+    """Decide ``event``'s identity step; changes the event as the rule says.
+
+    A browser event from a session whose identity is verified, about that identity,
+    counts as verified (its ``source`` becomes ``verified browser``). Of an unverified
+    event only the email is kept (``event["user"]`` is cut to it), and it binds nothing
+    when the event is about consent (it names whoever it names, not this visitor).
+    """
+    user = event.get("user") or {}
+    if (event["source"] == trust.BROWSER and session_verified and current_id is not None
+            and user.get("email") in (None, current.get("email"))
+            and user.get("customer_id") in (None, current.get("customer_id"))):
+        event["source"] = trust.VERIFIED
+    trusted = trust.trusted(event)
+    email = user.get("email")
+    if not trusted:
+        event["user"] = {"email": email} if email else None
+        if not email or event["name"] in trust.CONSENT_EVENTS:
+            email = None
+    if not (user.get("email") or user.get("customer_id")) or (not trusted and not email):
+        return IdentityStep(KEEP)
+    if trusted:
+        return IdentityStep(TRUSTED, user.get("email"))
+    if current.get("email") == email:
+        return IdentityStep(OWN, email)
+    return IdentityStep(CLAIMED, email)
+
+
+def match_identity(user: Mapping[str, Any], by_email: Mapping[str, Any] | None,
+                   by_customer: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """Which stored identity a trusted event is about: the one with its email, else the
+    one with its customer id, unless that one has another email (a customer id now used
+    with another email: that email gets an identity of its own)."""
+    if by_email is not None:
+        return by_email
+    if (by_customer is not None and by_customer["email"] and user.get("email")
+            and by_customer["email"] != user["email"]):
+        return None
+    return by_customer
+
+
+def merge_identity(current: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
+    """The identity's fields after a trusted event (``sessions.identity_update``)."""
+    return identity_update(current, event)
+
+
+def customer_id_to_check(fields: Mapping[str, Any], current: Mapping[str, Any] | None
+                         ) -> str | None:
+    """The customer id whose other holder must be looked for before ``fields`` are written
+    (None: the identity keeps the one it had, nothing to check)."""
+    wanted = fields.get("customer_id")
+    if wanted is None or wanted == (current or {}).get("customer_id"):
+        return None
+    return wanted
+
+
+def keep_customer_id(fields: dict[str, Any], current: Mapping[str, Any] | None,
+                     held_elsewhere: bool) -> dict[str, Any]:
+    """A customer id another identity holds stays that identity's: a new identity goes
+    without it, an existing one keeps the customer id it had."""
+    if not held_elsewhere:
+        return fields
+    fields = dict(fields)
+    if current is None:
+        fields.pop("customer_id", None)
+    else:
+        fields["customer_id"] = current.get("customer_id")
+    return fields
+
+
+class Binding(NamedTuple):
+    """What becomes of the session after its event's identity is known."""
+
+    switch: bool  # it was someone else's: its cart emptied, what it held never sent
+    newly_bound: bool  # it had no identity before: what it held waits no longer
+    verified: int | None  # the session's verified flag after
+
+
+def bind_session(source: str, verified: int | None, current_id: int | None,
+                 identity_id: int | None) -> Binding:
+    """Only a signature verifies a session; not the backend naming its sc (a guest checkout
+    under someone else's email is not proof of being them). A session that changes
+    identity loses its verification."""
+    changed = identity_id is not None and current_id != identity_id
+    if source == trust.VERIFIED:
+        verified = 1
+    elif changed:
+        verified = None
+    return Binding(changed and current_id is not None, changed and current_id is None, verified)
+
+
+# The cart GUID policy ---------------------------------------------------------------------
+
+class CartStep(NamedTuple):
+    lines: list[dict[str, Any]]  # the cart's lines after the event, to check and store
+    snapshot: dict[str, Any]  # what the event carries as ``event["cart"]``
+    cart: tuple[list[dict[str, Any]], str | None, str | None] | None  # the session's after
+
+
+def cart_step(cart: tuple[list[dict[str, Any]], str | None, str | None] | None,
+              event: dict[str, Any], site_currency: str, new_guid: Callable[[], str]
+              ) -> CartStep | None:
+    """The session's cart (``(lines, guid, currency)`` or None) after ``event``; None when
+    the event does not touch the cart.
+
+    The GUID names a cart state. The browser may name it (``cart_guid``: it may already
+    have sent that state to a vendor under it, eS.js's StatusCart): both paths then quote
+    the last GUID either sent. Otherwise a changed cart (or one without a GUID) gets a new
+    one. A purchase carries the cart as bought under the GUID of its last state (eSputnik's
+    PurchasedItems refers to the last StatusCart GUID), else the one the page names, none
+    when the session never had a cart (a made-up GUID would match nothing); then the
+    session starts an empty cart.
+    """
+    items, guid, stored_currency = cart if cart else ([], None, None)
+    currency = (event.get("ecommerce") or {}).get("currency") or stored_currency or site_currency
+    after = apply_cart(items, event)
+    if after is None:
+        return None
+    given = event.get("cart_guid")
+    if event["name"] == "purchase":
+        return CartStep(after, cart_snapshot(items, currency, guid or given), None)
+    if given:
+        guid = given
+    elif after != items or guid is None:
+        guid = new_guid()
+    return CartStep(after, cart_snapshot(after, currency, guid), (after, guid, currency))
+
+
+def check_cart(lines: list[dict[str, Any]], site: Any, field: str) -> bytes:
+    """The cart's stored JSON; refused (422, naming the event's items) over the site's
+    ``max_cart_lines`` or ``MAX_CART_BYTES``."""
+    limit = site.max_cart_lines
+    if len(lines) > limit:
+        raise Refused(Problem(422, "invalid_event", field, f"would make the cart {len(lines)} "
+                              f"lines; the limit is {limit} (the site's max_cart_lines)"))
+    encoded = encode(lines)
+    size = len(encoded)
+    if size > MAX_CART_BYTES:
+        raise Refused(Problem(422, "invalid_event", field, f"would make the cart {size} "
+                              f"bytes; the limit is {MAX_CART_BYTES}"))
+    return encoded
+
+
+CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
+                         "cart_updated", "purchase"})
+# What one request may make the store write (its events as sent and normalised, and their
+# vendor requests), estimated before writing: a 1 MiB body may not become gigabytes.
+MAX_REQUEST_STORED_BYTES = 16 * 1024 * 1024
+
+
+def new_guid() -> str:
+    """An uppercase random (version 4) UUID naming a cart state. It must be unique, not
+    secret, so it comes from ``random`` (seeded from the OS at start): ``uuid4()`` makes a
+    system call per GUID, and with ``UUID``'s checks took a twentieth of the writer's time
+    per cart event."""
+    n = random.getrandbits(128) & _GUID_MASK | _GUID_BITS
+    h = f"{n:032X}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_GUID_MASK = ~(0xF000 << 64 | 0xC000 << 48)  # RFC 9562: version 4, variant 10
+_GUID_BITS = 0x4000 << 64 | 0x8000 << 48
+
+
+# A session's cart, as stored JSON, at most (its lines are bounded by the site's
+# ``max_cart_lines``, default 200). Each cart event stores the whole cart with the event and
+# in each vendor's request: unbounded, four 162 KiB requests grew a database by 677 MB.
+MAX_CART_BYTES = 64 * 1024
+
+
+# A browser's claim meeting a backend fact under one key (the browser copy wins only when
+# it carried the same fact) ----------------------------------------------------------------
+
+def same_fact(event: Mapping[str, Any], request: Mapping[str, Any],
+              planned_event: Mapping[str, Any], planned_request: Mapping[str, Any]) -> bool:
+    """Whether a stored row (its event and request) and a planned one state one fact."""
+    return (trust.fact_fingerprint(event, request)
+            == trust.fact_fingerprint(planned_event, planned_request))
+
+
+def claim_taken(state: str, fact_holds_key: bool) -> bool:
+    """A claim the server would send, under a key a backend fact holds, is not sent
+    (stored ``ignored``, ``CLAIM_TAKEN_ERROR``): the fact is the vendor's truth."""
+    return fact_holds_key and state in (outbox.PENDING, outbox.HELD)
+
+
+CLAIM_TAKEN_ERROR = "a backend fact holds this key"
+FACT_SUPERSEDED_ERROR = "delivered by the browser first"
+CLAIM_SUPERSEDED_ERROR = "superseded by the backend's fact"
+
+
+def waiting_fact_superseded(fact_state: str, fact_attempts: int, same: bool) -> bool:
+    """A vendor's library took in the page the very fact a backend copy waits to send (a
+    ``fallback`` route's grace): the vendor has it, so that copy is not sent (it becomes
+    ``browser``, ``FACT_SUPERSEDED_ERROR``). Only the same fact, not tried yet."""
+    return same and fact_attempts == 0 and fact_state in (outbox.PENDING, outbox.HELD)
+
+
+class FactPlan(NamedTuple):
+    state: str
+    request: dict[str, Any]
+    error: str | None
+    cancel_claim: bool  # the claim's row becomes ``ignored`` (CLAIM_SUPERSEDED_ERROR)
+
+
+def fact_meets_claim(vendor: str, state: str, request: dict[str, Any], error: str | None,
+                     claim: Mapping[str, Any] | None, same: bool) -> FactPlan:
+    """A backend fact's row, given the browser's claim under the same key (``claim``: its
+    ``id``, ``state``, ``attempts``; None: no claim), ``same``: whether they state one fact.
+
+    Claim not sent yet: cancelled, the fact goes. Claim delivered (by onetag or by the
+    vendor's library) with the same fact: the vendor has it, the fact row is recorded as
+    ``browser``. Delivered differently: the fact goes as the vendor's update
+    (``trust.correction``). A dead, expired or ignored claim changed nothing at the vendor.
+    """
+    if claim is None or state not in (outbox.PENDING, outbox.HELD):
+        return FactPlan(state, request, error, False)
+    if claim["state"] in (outbox.DELIVERED, outbox.BROWSER):
+        if same:
+            return FactPlan(outbox.BROWSER, request, f"the browser's copy (delivery "
+                            f"{claim['id']}) carried the same fact", False)
+        return FactPlan(state, trust.correction(vendor, request), error, False)
+    if claim["state"] in (outbox.PENDING, outbox.HELD):
+        if claim["attempts"] and not same:  # it may have reached the vendor
+            request = trust.correction(vendor, request)
+        return FactPlan(state, request, error, True)
+    return FactPlan(state, request, error, False)
+
+
+# Releasing held deliveries when the session gets an email ---------------------------------
+
+class Held(NamedTuple):
+    seq: int  # the event the rows were planned from
+    data: Any  # its stored JSON
+    vendors: frozenset[str]  # whose rows held
+    fresh: bool  # all still within the hold window: re-planned; else they expire
+
+
+def held_release(rows: Iterable[Mapping[str, Any]], now: int, hold_ms: int) -> list[Held]:
+    """Group a session's held rows (``event_seq``, ``vendor``, ``created_ms``, ``data``; in
+    id order) by event. An event with any row older than the hold window expires whole."""
+    by_event: dict[int, tuple[Any, set[str], bool]] = {}
+    for row in rows:
+        data, vendors, fresh = by_event.get(row["event_seq"], (row["data"], set(), True))
+        vendors.add(row["vendor"])
+        by_event[row["event_seq"]] = (data, vendors,
+                                      fresh and row["created_ms"] >= now - hold_ms)
+    return [Held(seq, data, frozenset(vendors), fresh)
+            for seq, (data, vendors, fresh) in by_event.items()]
+
+
+def released_event(event: dict[str, Any], identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A held event as re-planned: with the identity it waited for (not new any more)."""
+    event["identity"] = {**{k: v for k, v in identity.items() if k != "is_new"},
+                         "is_new": False}
+    return event
+
+
+# Applying a request again -----------------------------------------------------------------
+
+def keep_pristine(requests: Iterable[Any]) -> Callable[[], None]:
+    """Remember what applying the rules changes in each request's events (``source``: a
+    verified session's browser event is upgraded; ``user``: cut to the email; ``identity``
+    and ``cart``: filled in), and return the function that puts it back.
+
+    A batch that fails (one bad request, a race lost to another node) is applied again,
+    alone or whole, to a database rolled back to before it: its events must be as they
+    arrived too, or an event upgraded to ``verified browser`` under the first attempt's
+    state would keep that trust under a state that no longer grants it.
+    """
+    kept = [(event, {key: event[key] for key in _CHANGED if key in event})
+            for request in requests for event in request[1]]
+
+    def restore() -> None:
+        for event, values in kept:
+            for key in _CHANGED:
+                if key in values:
+                    event[key] = values[key]  # in place: the event's key order stays
+                else:
+                    event.pop(key, None)
+
+    return restore
+
+
+_CHANGED = ("source", "user", "identity", "cart")  # what applying the rules sets on an event

@@ -1,0 +1,407 @@
+"""The store contract (server/store/base.py) on both backends: SQLite and PostgreSQL.
+
+Every test here goes through the ``Store`` interface only, and reads the tables with plain
+SQL both databases speak (``Backend.rows``). PostgreSQL-only: two nodes on one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server import vendors
+from server.envelope import BrowserFacts, Problem
+from server.events import Origin, normalise
+from server.store.base import SessionInfo
+
+from support import item
+from test_store import _held_vendor
+
+
+def event(raw: dict, sc: str | None = "SC-AAAA-0001", source: str = "browser") -> dict:
+    origin = Origin(site_id="shop1", source=source, currency="USD", received_ms=1, sc=sc)
+    return normalise(raw, "e", origin)
+
+
+async def ingest(store, *events: dict):
+    return await store.ingest("shop1", list(events), list(events), SessionInfo(user_agent="UA"))
+
+
+async def test_requests_share_commits_all_land_and_a_repeated_id_is_a_duplicate(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        batches = [[event({"event": "page_view", "event_id": f"e{i}-{j}"}, sc=f"SC-{i:04d}-XXXX")
+                    for j in range(3)] for i in range(60)]
+        results = await asyncio.gather(*(store.ingest("shop1", b, b, SessionInfo())
+                                         for b in batches))
+        assert [[r.event_id for r in rows] for rows in results] == [
+            [e["event_id"] for e in b] for b in batches]
+        assert len({r.seq for rows in results for r in rows}) == 180
+        assert store.commits < 60  # grouped
+        again = await ingest(store, event({"event": "page_view", "event_id": "e0-1"},
+                                          sc="SC-0000-XXXX"))
+        first = next(r for r in results[0] if r.event_id == "e0-1")
+        assert again[0].duplicate and again[0].seq == first.seq
+    finally:
+        await store.close()
+    assert await backend.rows("SELECT count(*) FROM events") == [(180,)]
+    assert await backend.rows("SELECT count(*) FROM sessions") == [(60,)]
+
+
+async def test_a_failing_request_fails_alone(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        good = [event({"event": "page_view", "event_id": "good"})]
+        bad = [event({"event": "page_view", "event_id": "bad"}, sc="SC-BBBB-0002")]
+        bad[0]["user"] = {"email": object()}  # cannot be stored: the job raises
+        outcome = await asyncio.gather(store.ingest("shop1", good, good, SessionInfo()),
+                                       store.ingest("shop1", bad, bad, SessionInfo()))
+        assert isinstance(outcome[0], list) and isinstance(outcome[1], Problem)
+        assert outcome[1].status == 422 and outcome[1].field == "events"
+    finally:
+        await store.close()
+    assert await backend.rows("SELECT event_id FROM events") == [("good",)]
+
+
+async def test_a_cart_over_its_bound_is_refused_and_nothing_of_the_request_is_stored(
+        backend) -> None:
+    store = await backend.open(backend.settings(max_cart_lines=2))
+    try:
+        answer = await ingest(store, event({"event": "page_view", "event_id": "p"}),
+                              event({"event": "add_to_cart", "event_id": "c", "ecommerce": {
+                                  "items": [item("A"), item("B"), item("C")]}}))
+    finally:
+        await store.close()
+    assert isinstance(answer, Problem) and answer.field == "events[1].ecommerce.items"
+    assert await backend.rows("SELECT count(*) FROM events") == [(0,)]
+
+
+async def test_one_email_on_two_devices_is_one_identity(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "a",
+                                   "user": {"email": "Ann@Example.com", "first_name": "Ann"}},
+                                  sc="SC-PHONE-01"))
+        await ingest(store, event({"event": "identify", "event_id": "b",
+                                   "user": {"email": "ann@example.com", "customer_id": "42"}},
+                                  sc="SC-LAPTOP-1", source="backend"))
+        await ingest(store, event({"event": "view_item", "event_id": "c",
+                                   "ecommerce": {"items": [item()]}}, sc="SC-LAPTOP-1"))
+        view = await store.session_view("shop1", "SC-LAPTOP-1")
+    finally:
+        await store.close()
+    assert view["identity"] == {"id": 1, "email": "ann@example.com", "customer_id": "42",
+                                "first_name": "Ann"}
+    assert view["events"][0]["identity"]["email"] == "ann@example.com"
+    assert await backend.rows("SELECT count(*) FROM identities") == [(1,)]
+    assert sorted(await backend.rows("SELECT sc, identity_id FROM sessions")) == [
+        ("SC-LAPTOP-1", 1), ("SC-PHONE-01", 1)]
+
+
+async def test_a_browser_never_sets_a_customer_id_nor_consent(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "a", "user": {
+            "email": "eve@example.com", "customer_id": "7", "phone": "+15550001"}}))
+        await ingest(store, event({"event": "opt_in", "event_id": "b",
+                                   "user": {"email": "eve@example.com"}}))
+    finally:
+        await store.close()
+    assert await backend.rows("SELECT email, customer_id, phone, accepts_marketing "
+                              "FROM identities") == [("eve@example.com", None, "+15550001", None)]
+
+
+async def test_session_view_lists_its_own_events_newest_first(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        for i in range(6):
+            sc = "SC-AAAA-0001" if i % 2 else "SC-BBBB-0002"
+            await ingest(store, event({"event": "page_view", "event_id": f"p{i}"}, sc=sc))
+        await ingest(store, event({"event": "page_view", "event_id": "late"}, sc="SC-CCCC-0003"))
+        view = await store.session_view("shop1", "SC-AAAA-0001")
+        short = await store.session_view("shop1", "SC-AAAA-0001", limit=2)
+        unknown = await store.session_view("shop1", "SC-NONE-0000")
+    finally:
+        await store.close()
+    assert [e["event_id"] for e in view["events"]] == ["p5", "p3", "p1"]
+    assert [e["event_id"] for e in short["events"]] == ["p5", "p3"]
+    assert view["session"]["user_agent"] == "UA"
+    assert unknown["session"] is None and unknown["events"] == [] == unknown["deliveries"]
+    assert sorted(await backend.rows("SELECT sc, first_seq, last_seq FROM sessions")) == [
+        ("SC-AAAA-0001", 2, 6), ("SC-BBBB-0002", 1, 5), ("SC-CCCC-0003", 7, 7)]
+
+
+async def test_cart_state_and_guid_per_state(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        await ingest(store, event({"event": "add_to_cart", "event_id": "1",
+                                   "ecommerce": {"items": [item("A", 19.99, 3)]}}))
+        first = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
+        await ingest(store, event({"event": "view_cart", "event_id": "2",
+                                   "ecommerce": {"items": [item("A", 19.99, 3)]}}))
+        same = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
+        await ingest(store, event({"event": "add_to_cart", "event_id": "3",
+                                   "ecommerce": {"items": [item("B", 4.35, 1)]}}))
+        second = (await store.session_view("shop1", "SC-AAAA-0001"))["cart"]
+        await ingest(store, event({"event": "purchase", "event_id": "4",
+                                   "ecommerce": {"transaction_id": "T1", "items": []}}))
+        view = await store.session_view("shop1", "SC-AAAA-0001")
+    finally:
+        await store.close()
+    assert first["value_minor"] == 5997 and first["item_count"] == 3
+    assert same["guid"] == first["guid"]
+    assert second["guid"] != first["guid"] and second["value_minor"] == 5997 + 435
+    assert view["cart"] is None
+    purchase_event = view["events"][0]
+    assert purchase_event["cart"]["guid"] == second["guid"]
+    assert purchase_event["cart"]["value_minor"] == 6432
+
+
+async def test_a_session_switching_identity_is_written_with_its_new_identity(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "a",
+                                   "user": {"email": "a@example.com"}}))
+        await ingest(store, event({"event": "add_to_cart", "event_id": "c",
+                                   "ecommerce": {"items": [item()]}}))
+        await ingest(store, event({"event": "identify", "event_id": "b",
+                                   "user": {"email": "b@example.com"}}))
+    finally:
+        await store.close()
+    assert await backend.rows("SELECT i.email, s.cart_items FROM sessions s JOIN identities i "
+                              "ON i.id = s.identity_id") == [("b@example.com", None)]
+
+
+async def test_browser_bodies_are_read_and_a_refused_one_fails_alone(backend) -> None:
+    import json
+
+    store = await backend.open(backend.settings())
+    facts = BrowserFacts("https://shop.example", None, "UA", 1)
+    try:
+        good = json.dumps({"site_id": "shop1", "sc": "SC-GOOD-0001",
+                           "events": [{"event": "page_view", "event_id": "g"}]}).encode()
+        answers = await asyncio.gather(store.ingest_browser(good, facts),
+                                       store.ingest_browser(b"{not json", facts))
+    finally:
+        await store.close()
+    assert answers[0].sc == "SC-GOOD-0001" and answers[0].names == ("page_view",)
+    assert isinstance(answers[1], Problem) and answers[1].status == 400
+    assert await backend.rows("SELECT event_id, sc FROM events") == [("g", "SC-GOOD-0001")]
+
+
+# Deliveries -------------------------------------------------------------------------------
+
+@pytest.fixture
+def held_vendor(monkeypatch):
+    monkeypatch.setitem(vendors.VENDORS, "heldvendor", _held_vendor())
+
+
+async def test_anonymous_activity_is_held_then_released_on_identify(backend, held_vendor) -> None:
+    store = await backend.open(backend.settings(heldvendor={}))
+    try:
+        await ingest(store, event({"event": "view_item", "event_id": "v1",
+                                   "ecommerce": {"items": [item("A")]}}))
+        await ingest(store, event({"event": "view_item", "event_id": "v2",
+                                   "ecommerce": {"items": [item("B")]}}))
+        assert await backend.rows("SELECT dedup_key FROM deliveries WHERE state = 'held' "
+                                  "ORDER BY id") == [("v:v1",), ("v:v2",)]
+        await ingest(store, event({"event": "identify", "event_id": "i",
+                                   "user": {"email": "a@b.co"}}))
+    finally:
+        await store.close()
+    rows = await backend.rows("SELECT dedup_key, state, request FROM deliveries ORDER BY id")
+    assert [(key, state) for key, state, _ in rows] == [
+        ("c:a@b.co", "pending"), ("v:v1", "pending"), ("v:v2", "pending")]
+    assert all('"email":"a@b.co"' in request for key, _, request in rows if key.startswith("v:"))
+
+
+async def test_held_rows_past_the_window_expire_instead(backend, held_vendor) -> None:
+    store = await backend.open(backend.settings(heldvendor={}), hold_ms=0)
+    try:
+        await ingest(store, event({"event": "view_item", "event_id": "v1",
+                                   "ecommerce": {"items": [item("A")]}}))
+        await asyncio.sleep(0.01)
+        await ingest(store, event({"event": "identify", "event_id": "i",
+                                   "user": {"email": "a@b.co"}}))
+    finally:
+        await store.close()
+    assert dict(await backend.rows("SELECT dedup_key, state FROM deliveries")) == {
+        "v:v1": "expired", "c:a@b.co": "pending"}
+
+
+async def test_a_switch_leaves_what_the_session_held_unsent(backend, held_vendor) -> None:
+    store = await backend.open(backend.settings(heldvendor={}))
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "a", "source": "backend",
+                                   "user": {"email": "a@b.co"}}, source="backend"))
+        await ingest(store, event({"event": "view_item", "event_id": "v1",
+                                   "ecommerce": {"items": [item("A")]}}, sc="SC-ANON-0009"))
+        await ingest(store, event({"event": "identify", "event_id": "b",
+                                   "user": {"email": "b@b.co"}}, sc="SC-ANON-0009"))
+    finally:
+        await store.close()
+    states = dict(await backend.rows("SELECT dedup_key, state FROM deliveries"))
+    assert states["v:v1"] == "pending"  # the session's first identity: released, not switched
+
+
+def purchase(order: str, source: str, loaded: list[str] | None = None) -> dict:
+    raw = {"event": "purchase", "event_id": f"{source}-{order}", "user": {"email": "a@b.co"},
+           "ecommerce": {"transaction_id": order, "value": 4.35, "items": [item("A", 4.35)]}}
+    if loaded is not None:
+        raw["loaded"] = loaded
+    return event(raw, sc=None if source == "backend" else "SC-AAAA-0001", source=source)
+
+
+async def test_a_browser_copy_under_a_key_a_backend_fact_holds_is_not_sent(backend) -> None:
+    settings = backend.settings(order_source="browser",
+                                rejoiner={"site_id": "ABC1234", "api_key": "k"})
+    store = await backend.open(settings)
+    try:
+        await ingest(store, purchase("2001", "backend"))
+        await ingest(store, purchase("2001", "browser", loaded=[]))
+        await ingest(store, purchase("2002", "browser", loaded=[]))
+        await ingest(store, purchase("2002", "backend"))
+    finally:
+        await store.close()
+    rows = {(key, claim): (state, error) for key, claim, state, error in await backend.rows(
+        "SELECT dedup_key, claim, state, last_error FROM deliveries")}
+    assert rows == {("convert:2001", 0): ("pending", None),
+                    ("convert:2001", 1): ("ignored", "a backend fact holds this key"),
+                    ("convert:2002", 1): ("ignored", "superseded by the backend's fact"),
+                    ("convert:2002", 0): ("pending", None)}
+
+
+async def test_a_fallback_order_the_browser_delivered_first_is_not_sent_again(backend) -> None:
+    settings = backend.settings(rejoiner={"site_id": "ABC1234", "api_key": "k"})
+    store = await backend.open(settings, browser_grace_ms=600_000)
+    try:
+        await ingest(store, purchase("1001", "backend"))  # waits out the grace
+        await ingest(store, purchase("1001", "browser", loaded=["rejoiner"]))
+        await ingest(store, purchase("1002", "browser", loaded=["rejoiner"]))
+        await ingest(store, purchase("1002", "backend"))
+        forged = purchase("1005", "browser", loaded=["rejoiner"])
+        forged["ecommerce"]["value_minor"] = 1  # another order under the same id
+        await ingest(store, forged)
+        await ingest(store, purchase("1005", "backend"))
+    finally:
+        await store.close()
+    rows = {(key, claim): state for key, claim, state in await backend.rows(
+        "SELECT dedup_key, claim, state FROM deliveries WHERE vendor = 'rejoiner'")}
+    assert rows == {("convert:1001", 0): "browser", ("convert:1001", 1): "browser",
+                    ("convert:1002", 1): "browser", ("convert:1002", 0): "browser",
+                    ("convert:1005", 1): "browser", ("convert:1005", 0): "pending"}
+
+
+async def test_coupon_calls_are_kept_and_listed_latest_first(backend) -> None:
+    store = await backend.open(backend.settings())
+    try:
+        first = await store.record_coupon_call({"created_ms": 1, "site_id": "shop1",
+                                                "status": 200, "result": "created",
+                                                "duration_ms": 5, "code": "SAVE10"})
+        second = await store.record_coupon_call({"created_ms": 2, "site_id": "shop2",
+                                                 "status": 502, "result": "store_down",
+                                                 "duration_ms": 7, "error": "refused"})
+        every = await store.coupon_calls()
+        one_site = await store.coupon_calls(site_id="shop1", limit=5)
+    finally:
+        await store.close()
+    assert second > first
+    assert [(c["id"], c["result"]) for c in every] == [(second, "store_down"), (first, "created")]
+    assert [c["code"] for c in one_site] == ["SAVE10"]
+
+
+async def test_products_kept_by_ingest_feed_the_catalog_reads_and_the_product_sync(
+        backend) -> None:
+    settings = backend.settings(sendlane={"integration_token": "SLTOKEN123", "api_token": "k"})
+    store = await backend.open(settings)
+
+    def product_event(event_id: str, price: str, full: bool = True) -> dict:
+        line = {"item_id": "P1", "price": price, "quantity": 1}
+        if full:
+            line.update(item_name="Mug", item_url="https://shop.example/p/P1",
+                        image_url="https://shop.example/i/P1.jpg")
+        return event({"event": "product_updated", "event_id": event_id,
+                      "ecommerce": {"currency": "USD", "items": [line]}}, sc=None,
+                     source="backend")
+
+    try:
+        await ingest(store, product_event("u1", "10.00"))
+        await ingest(store, event({"event": "view_item", "event_id": "v1", "ecommerce": {
+            "items": [{"item_id": "P1", "price": "0.01", "item_brand": "Acme"}]}}))
+        first_state = await store.catalog_state("shop1")
+        await ingest(store, product_event("u2", "12.00", full=False))  # a price-only change
+        page = await store.catalog_page("shop1", None, 10)
+        assert await store.catalog_sites() == ["shop1"]
+        assert await store.catalog_state("shop1") != first_state
+        changes = await store.plan_product_sync("shop1", 10**13, None, 100)
+        again = await store.plan_product_sync("shop1", 10**13, None, 100)
+        nightly = await store.plan_product_sync("shop1", 10**13, "2026-01-01", 100)
+        same_night = await store.plan_product_sync("shop1", 10**13, "2026-01-01", 100)
+    finally:
+        await store.close()
+    [product] = page
+    assert (product["item_id"], product["price_minor"], product["brand"]) == ("P1", 1200, "Acme")
+    assert changes == {"changes": 1, "nightly": 0, "more": False}
+    assert again["changes"] == 0 and nightly["nightly"] == 1 and same_night["nightly"] == 0
+    synced = await backend.rows("SELECT visitor, state FROM deliveries WHERE event_seq = 0")
+    assert synced == [("product:P1", "pending"), ("product:P1", "pending")]
+
+
+async def test_a_backfill_plans_history_once_and_a_second_run_finds_it_there(
+        backend, tmp_path) -> None:
+    from server.backfill import Backfill
+
+    from test_backfill import history, write_jsonl
+
+    settings = backend.settings(sendlane={"integration_token": "SLTOKEN123", "api_token": "k"})
+    site = settings.sites["shop1"]
+    path = write_jsonl(tmp_path / "h.jsonl", history(3))
+    store = await backend.open(settings)
+    try:
+        first = await Backfill(site, [path], send=True, batch_lines=3, pace=0).run(store)
+        again = await Backfill(site, [path], send=True, pace=0).run(store)
+        paced = await Backfill(site, [write_jsonl(tmp_path / "more.jsonl", history(5)[-4:])],
+                               send=True, pace=60).run(store)
+    finally:
+        await store.close()
+    assert first.planned == {"sendlane": 8}  # 1 customer, 1 product, 3 orders, 3 statuses
+    assert again.planned == {} and again.already == {"sendlane": 8}
+    assert paced.planned == {"sendlane": 4}
+    assert await backend.rows("SELECT count(*), count(DISTINCT source), max(sc) FROM events"
+                              ) == [(12, 1, None)]
+    assert await backend.rows("SELECT request_id, count(*) FROM deliveries GROUP BY request_id "
+                              "ORDER BY request_id") == [("backfill-1", 8), ("backfill-3", 4)]
+    dues = [due for (due,) in await backend.rows(
+        "SELECT next_attempt_ms FROM deliveries WHERE request_id = 'backfill-3' ORDER BY id")]
+    assert [b - a for a, b in zip(dues, dues[1:])] == [1000] * 3
+    assert await backend.rows("SELECT count(*) FROM backfill_runs WHERE finished_ms IS NULL"
+                              ) == [(0,)]
+
+
+async def test_the_remarkety_orders_export_reads_either_database(backend, tmp_path,
+                                                                 capsys) -> None:
+    import csv
+
+    from server import cli
+    from server.backfill import Backfill
+
+    from test_backfill import history, write_jsonl
+
+    settings = backend.settings()
+    store = await backend.open(settings)
+    try:
+        await Backfill(settings.sites["shop1"], [write_jsonl(tmp_path / "h.jsonl", history(2))],
+                       send=True, pace=0).run(store)
+    finally:
+        await store.close()
+    config = tmp_path / "onetag.toml"
+    config.write_text(f'[server]\ndatabase = "{backend.database}"\n\n[[sites]]\nid = "shop1"\n'
+                      'origins = ["https://shop.example"]\n', encoding="utf-8")
+    out = tmp_path / "orders.csv"
+    code = await asyncio.to_thread(cli.main, ["export", "remarkety-orders", "--site", "shop1",
+                                              "--config", str(config), "--out", str(out)])
+    assert code == 0 and "wrote 2 orders" in capsys.readouterr().out
+    with open(out, encoding="utf-8") as f:
+        exported = list(csv.DictReader(f))
+    assert len(exported) == 2 and {row["order_id"] for row in exported} == {"O0", "O1"}

@@ -1,0 +1,298 @@
+"""PostgreSQL only: migrations, the schema check, and two nodes writing one visitor at once.
+
+The store contract on both backends is tests/test_store_backends.py; here, what only a
+shared database has: several ``PostgresStore`` instances (nodes) on it, each with its own
+pool and group commit, racing for the same session, identity and event ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from server.events import Invalid, Origin, normalise
+from server.store.base import SessionInfo
+
+from backends import Backend, _admin, _url
+from support import item
+from test_trust_rules import empty, sites
+
+pytestmark = pytest.mark.usefixtures("pg_database")
+
+
+def event(raw: dict, sc: str | None = "SC-AAAA-0001", source: str = "browser") -> dict:
+    origin = Origin(site_id="shop1", source=source, currency="USD", received_ms=1, sc=sc)
+    return normalise(raw, "e", origin)
+
+
+@pytest.fixture
+def pg(pg_database) -> Backend:
+    return Backend("postgresql", pg_database)
+
+
+@pytest.fixture
+def empty_database(pg_template):
+    """A database with no schema at all, dropped after the test."""
+    if pg_template[0] is None:
+        pytest.skip(pg_template[1])
+    name = f"onetag_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f"CREATE DATABASE {name}"))
+    yield _url(name)
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+async def test_a_node_refuses_a_schema_not_current_and_migrate_applies_it_once(
+        empty_database) -> None:
+    from server.store import pg_migrate
+    from server.store.postgres import PostgresStore
+
+    backend = Backend("postgresql", empty_database)
+    store = PostgresStore(empty_database, backend.settings().sites)
+    with pytest.raises(pg_migrate.SchemaNotCurrent, match="onetag migrate"):
+        await store.open()
+    # Two migrators at once (two `onetag migrate` on two machines): each file applied once.
+    first, second = await asyncio.gather(pg_migrate.migrate_url(empty_database),
+                                         pg_migrate.migrate_url(empty_database))
+    assert sorted(first + second) == [name for _, name, _ in pg_migrate.migrations()]
+    assert await pg_migrate.migrate_url(empty_database) == []
+    await store.open()  # current now
+    try:
+        assert await store.ping() is None
+    finally:
+        await store.close()
+    recorded = await backend.rows("SELECT version, name FROM schema_migrations ORDER BY version")
+    assert recorded == [(v, name) for v, name, _ in pg_migrate.migrations()]
+
+
+async def test_synchronous_commit_is_on_for_the_stores_connections(pg) -> None:
+    store = await pg.open(pg.settings())
+    try:
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await store.close()
+
+
+async def test_two_nodes_two_tabs_one_visitor_lose_no_update(pg) -> None:
+    """Two nodes (stores with pools of their own) take one visitor's cart events from two
+    tabs at once, and backend facts about the same customer: the cart ends with every
+    line added, the identity with every field either node set, the session's bounds
+    around every event."""
+    settings = pg.settings()
+    nodes = [await pg.open(settings), await pg.open(settings)]
+    adds_per_tab = 40
+    try:
+        async def tab(node, tab_no: int) -> None:
+            for i in range(adds_per_tab):
+                raw = {"event": "add_to_cart", "event_id": f"t{tab_no}-{i}",
+                       "ecommerce": {"items": [item(f"SKU-{tab_no}", 10, 1)]}}
+                events = [event(raw)]
+                answer = await node.ingest("shop1", events, events, SessionInfo(user_agent="UA"))
+                assert not answer[0].duplicate
+
+        async def backend_facts(node, field: str) -> None:
+            for i in range(10):
+                raw = {"event": "identify", "event_id": f"{field}-{i}",
+                       "user": {"email": "ann@example.com", field: f"{field}-{i}"}}
+                events = [event(raw, sc=None, source="backend")]
+                await node.ingest("shop1", events, events, SessionInfo())
+
+        async def product_facts(node, key: str) -> None:
+            for i in range(10):  # one product, two nodes stating different fields of it
+                raw = {"event": "product_updated", "event_id": f"{key}-{i}", "ecommerce": {
+                    "currency": "USD", "items": [{"item_id": "SHARED", key: f"{key}-{i}"}]}}
+                events = [event(raw, sc=None, source="backend")]
+                await node.ingest("shop1", events, events, SessionInfo())
+
+        await asyncio.gather(tab(nodes[0], 1), tab(nodes[1], 2),
+                             backend_facts(nodes[0], "first_name"),
+                             backend_facts(nodes[1], "last_name"),
+                             product_facts(nodes[0], "item_name"),
+                             product_facts(nodes[1], "item_brand"),
+                             product_facts(nodes[0], "item_sku"),
+                             product_facts(nodes[1], "description"))
+        view = await nodes[0].session_view("shop1", "SC-AAAA-0001")
+    finally:
+        for node in nodes:
+            await node.close()
+    quantities = {line["item_id"]: line["quantity"] for line in view["cart"]["items"]}
+    assert quantities == {"SKU-1": adds_per_tab, "SKU-2": adds_per_tab}
+    assert await pg.rows("SELECT title, brand, sku, description, version FROM products "
+                         "WHERE item_id = 'SHARED'") == [
+        ("item_name-9", "item_brand-9", "item_sku-9", "description-9", 40)]
+    identities = await pg.rows("SELECT email, first_name, last_name FROM identities")
+    assert identities == [("ann@example.com", "first_name-9", "last_name-9")]
+    [(first, last, count)] = await pg.rows(
+        "SELECT s.first_seq, s.last_seq, (SELECT count(*) FROM events e WHERE e.sc = s.sc) "
+        "FROM sessions s")
+    assert count == 2 * adds_per_tab
+    assert await pg.rows("SELECT min(seq), max(seq) FROM events WHERE sc IS NOT NULL") == [
+        (first, last)]
+
+
+async def test_one_event_sent_to_two_nodes_at_once_is_stored_once(pg) -> None:
+    settings = pg.settings()
+    nodes = [await pg.open(settings), await pg.open(settings)]
+    try:
+        answers = []
+        for i in range(20):  # each id raced by both nodes, with a new identity's email
+            raw = {"event": "identify", "event_id": f"same-{i}",
+                   "user": {"email": f"new{i}@example.com"}}
+            copies = [[event(raw, sc=f"SC-{i:04d}-RACE")] for _ in nodes]
+            answers.append(await asyncio.gather(*(
+                node.ingest("shop1", c, c, SessionInfo()) for node, c in zip(nodes, copies))))
+    finally:
+        for node in nodes:
+            await node.close()
+    for first, second in answers:
+        assert first[0].seq == second[0].seq
+        assert sorted([first[0].duplicate, second[0].duplicate]) == [False, True]
+    assert await pg.rows("SELECT count(*), count(DISTINCT event_id) FROM events") == [(20, 20)]
+    assert await pg.rows("SELECT count(*) FROM identities") == [(20,)]
+
+
+async def test_connections_the_server_cut_are_replaced_and_the_write_is_made(pg) -> None:
+    """A database restart or failover cuts every pooled connection: the next write runs again
+    on a new one instead of failing (and never as a 4xx)."""
+    store = await pg.open(pg.settings())
+    try:
+        events = [event({"event": "page_view", "event_id": "before"})]
+        await store.ingest("shop1", events, events, SessionInfo())
+        await _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                     f"datname = '{pg.database.rsplit('/', 1)[1]}' AND pid <> pg_backend_pid()")
+        events = [event({"event": "page_view", "event_id": "after"})]
+        answer = await store.ingest("shop1", events, events, SessionInfo())
+        assert answer[0].event_id == "after" and not answer[0].duplicate
+        assert await store.ping() is None
+    finally:
+        await store.close()
+    assert sorted(await pg.rows("SELECT event_id FROM events")) == [("after",), ("before",)]
+
+
+def test_onetag_migrate_applies_then_says_current_and_serve_checks_first(
+        empty_database, tmp_path, capsys) -> None:
+    from server import cli
+
+    config = tmp_path / "onetag.toml"
+    config.write_text(f'[server]\ndatabase = "env:ONETAG_TEST_DATABASE"\n\n[[sites]]\n'
+                      f'id = "shop1"\norigins = ["https://shop.example"]\n', encoding="utf-8")
+    import os
+
+    os.environ["ONETAG_TEST_DATABASE"] = empty_database
+    try:
+        settings = cli._load(str(config))
+        problem = cli.postgresql_problem(settings)
+        assert problem is not None and "onetag migrate" in problem and "001_initial.sql" in problem
+        assert cli.main(["migrate", "--config", str(config)]) == 0
+        assert "applied" in capsys.readouterr().out
+        assert cli.main(["migrate", "--config", str(config)]) == 0
+        assert "is current; nothing to apply" in capsys.readouterr().out
+        assert cli.postgresql_problem(settings) is None
+    finally:
+        del os.environ["ONETAG_TEST_DATABASE"]
+
+
+async def test_a_nul_character_is_refused_naming_its_field_and_nothing_is_stored(pg) -> None:
+    """PostgreSQL text can't hold U+0000 (SQLite can): a clear 422, never a failed batch."""
+    from server.envelope import Problem
+
+    store = await pg.open(pg.settings())
+    try:
+        raw = {"event": "identify", "event_id": "n1",
+               "user": {"email": "nul@example.com", "first_name": "a\x00b"}}
+        events = [event({"event": "page_view", "event_id": "ok"}), event(raw)]
+        answer = await store.ingest("shop1", events, [{}, raw], SessionInfo())
+    finally:
+        await store.close()
+    assert isinstance(answer, Problem) and answer.status == 422
+    assert answer.field == "events[1].user.first_name"
+    assert await pg.rows("SELECT count(*) FROM events") == [(0,)]
+
+
+# Both backends, one outcome ---------------------------------------------------------------
+
+_UUID = __import__("re").compile(r"[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}")
+
+
+def _same_guids(snapshot: Any) -> Any:
+    """GUIDs are random: each becomes G<n> by first appearance, so two stores compare."""
+    import json
+
+    text = json.dumps(snapshot, sort_keys=True, default=str)
+    names: dict[str, str] = {}
+    return json.loads(_UUID.sub(lambda m: names.setdefault(m.group(0), f"G{len(names)}"), text))
+
+
+async def _snapshot(db: Backend) -> dict:
+    return _same_guids({
+        "identities": await db.rows(
+            "SELECT email, customer_id, first_name, last_name, phone, accepts_marketing "
+            "FROM identities ORDER BY coalesce(email, ''), customer_id"),
+        "sessions": await db.rows(
+            "SELECT s.sc, i.email, s.cart_items, s.cart_guid, s.verified FROM sessions s "
+            "LEFT JOIN identities i ON i.id = s.identity_id ORDER BY s.sc"),
+        "events": await db.rows("SELECT e.event_id, e.source, i.email, e.data FROM events e "
+                                "LEFT JOIN identities i ON i.id = e.identity_id ORDER BY e.seq"),
+        "deliveries": await db.rows(
+            "SELECT d.vendor, d.dedup_key, d.claim, d.state, d.last_error, d.request "
+            "FROM deliveries d JOIN events e ON e.seq = d.event_seq ORDER BY e.seq, d.id"),
+    })
+
+
+@st.composite
+def _any_event(draw) -> tuple[str | None, str, dict]:
+    source = draw(st.sampled_from(["browser", "browser", "backend"]))
+    name = draw(st.sampled_from(["identify", "page_view", "add_to_cart", "remove_from_cart",
+                                 "view_cart", "begin_checkout", "purchase", "opt_in"]))
+    sc = None if source == "backend" else draw(st.sampled_from(["SC-AAAA-0001", "SC-BBBB-0002"]))
+    user = draw(st.sampled_from([None, {"email": "ann@example.com"},
+                                 {"email": "bob@example.com", "first_name": "Bob"},
+                                 {"email": "ann@example.com", "customer_id": "C1"},
+                                 {"customer_id": "C1"}]))
+    if name in ("identify", "opt_in") and not (user or {}).get("email"):
+        user = {**(user or {}), "email": "ann@example.com"}
+    raw: dict = {"event": name}
+    if user:
+        raw["user"] = user
+    if name in ("add_to_cart", "remove_from_cart", "view_cart", "begin_checkout", "purchase"):
+        raw["ecommerce"] = {"currency": "USD", "transaction_id": "T1", "items": [
+            {"item_id": draw(st.sampled_from(["A", "B"])), "price": "2.50",
+             "quantity": draw(st.integers(1, 3))}]}
+        if name == "purchase":
+            raw["ecommerce"]["value"] = "2.50"
+    if source == "backend" and name not in ("identify", "purchase", "opt_in"):
+        raw = {"event": "identify", "user": user or {"email": "ann@example.com"}}
+    return sc, source, raw
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_any_event(), min_size=1, max_size=10))
+def test_any_sequence_of_events_leaves_both_backends_alike(pg, steps) -> None:
+    """The PostgreSQL port applies the same rules in the same order as SQLite: after any
+    sequence of claims and facts, identities, sessions (carts, verification), stored events
+    and planned deliveries are the same on both (GUIDs aside, which are random)."""
+    import tempfile
+    from pathlib import Path
+
+    async def run(db: Backend) -> dict:
+        store = await db.open(sites(db), browser_grace_ms=600_000)
+        try:
+            for index, (sc, source, raw) in enumerate(steps):
+                try:
+                    one = event({**raw, "event_id": f"e{index}"}, sc=sc, source=source)
+                except Invalid:  # refused before the store: the same on both
+                    continue
+                await store.ingest("shop1", [one], [raw], SessionInfo(user_agent="UA"))
+        finally:
+            await store.close()
+        return await _snapshot(db)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lite = Backend("sqlite", f"sqlite:///{Path(tmp) / 'onetag.db'}")
+        asyncio.run(empty(pg))
+        assert asyncio.run(run(pg)) == asyncio.run(run(lite))

@@ -1,0 +1,271 @@
+"""The store's rules (server/store/rules.py), checked directly: both backends apply them."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, strategies as st
+
+from server import outbox, trust
+from server.envelope import Refused
+from server.store import rules
+
+
+def _event(name: str, source: str = "browser", **fields) -> dict:
+    return {"name": name, "source": source, "event_id": "e1", "sc": "SC1", **fields}
+
+
+# Identity ---------------------------------------------------------------------------------
+
+def test_an_unverified_claim_keeps_only_the_email_and_binds_by_it() -> None:
+    event = _event("identify", user={"email": "a@x.com", "first_name": "A", "customer_id": "C1"})
+    step = rules.identity_step(event, False, None, {})
+    assert step == rules.IdentityStep(rules.CLAIMED, "a@x.com")
+    assert event["user"] == {"email": "a@x.com"}
+
+
+def test_a_consent_claim_binds_nobody_and_a_claim_of_the_own_email_looks_nothing_up() -> None:
+    event = _event("unsubscribe", user={"email": "b@x.com"})
+    assert rules.identity_step(event, False, 7, {"email": "a@x.com"}).kind == rules.KEEP
+    event = _event("page_view", user={"email": "a@x.com"})
+    assert rules.identity_step(event, False, 7, {"email": "a@x.com"}) == (rules.OWN, "a@x.com")
+
+
+def test_a_verified_session_speaking_of_its_identity_is_verified_but_not_of_another() -> None:
+    current = {"email": "a@x.com", "customer_id": "C1"}
+    event = _event("add_to_cart", user={"email": "a@x.com"})
+    assert rules.identity_step(event, True, 7, current).kind == rules.TRUSTED
+    assert event["source"] == trust.VERIFIED
+    other = _event("identify", user={"email": "b@x.com"})
+    assert rules.identity_step(other, True, 7, current).kind == rules.CLAIMED
+    assert other["source"] == trust.BROWSER
+
+
+def test_backend_facts_are_trusted_and_an_event_naming_nobody_keeps_the_identity() -> None:
+    event = _event("identify", "backend", user={"customer_id": "C9"})
+    assert rules.identity_step(event, False, None, {}) == (rules.TRUSTED, None)
+    assert rules.identity_step(_event("page_view"), False, 3, {"email": "a@x.com"}).kind == rules.KEEP
+
+
+def test_match_identity_email_first_and_a_customer_id_with_another_email_is_not_a_match() -> None:
+    by_email, by_customer = {"id": 1, "email": "a@x.com"}, {"id": 2, "email": "old@x.com"}
+    assert rules.match_identity({"email": "a@x.com"}, by_email, by_customer) is by_email
+    assert rules.match_identity({"email": "a@x.com", "customer_id": "C"}, None, by_customer) is None
+    assert rules.match_identity({"customer_id": "C"}, None, by_customer) is by_customer
+
+
+def test_a_customer_id_held_by_another_identity_stays_with_it() -> None:
+    fields = {"email": "a@x.com", "customer_id": "C2"}
+    assert rules.customer_id_to_check(fields, {"customer_id": "C2"}) is None
+    assert rules.customer_id_to_check(fields, None) == "C2"
+    assert rules.keep_customer_id(fields, None, True) == {"email": "a@x.com"}
+    assert rules.keep_customer_id(fields, {"customer_id": "C1"}, True)["customer_id"] == "C1"
+    assert rules.keep_customer_id(fields, None, False) is fields
+
+
+def test_binding_a_session() -> None:
+    assert rules.bind_session(trust.BROWSER, None, None, 5) == (False, True, None)
+    assert rules.bind_session(trust.BACKEND, 1, 4, 5) == (True, False, None)  # switch: unverified
+    assert rules.bind_session(trust.VERIFIED, None, 4, 5) == (True, False, 1)
+    assert rules.bind_session(trust.BACKEND, 1, 5, 5) == (False, False, 1)  # same: stays verified
+
+
+# The cart ---------------------------------------------------------------------------------
+
+def _item(item_id: str, quantity: int, price: int = 100) -> dict:
+    return {"item_id": item_id, "quantity": quantity, "price_minor": price}
+
+
+def _guids():
+    counter = itertools.count(1)
+    return lambda: f"G{next(counter)}"
+
+
+def test_cart_guid_changes_with_the_cart_and_the_browser_may_name_it() -> None:
+    new_guid = _guids()
+    step = rules.cart_step(None, _event("add_to_cart", ecommerce={"items": [_item("A", 1)]}),
+                           "USD", new_guid)
+    assert step.cart == ([_item("A", 1)], "G1", "USD") and step.snapshot["guid"] == "G1"
+    same = rules.cart_step(step.cart, _event("view_cart", ecommerce={"items": [_item("A", 1)]}),
+                           "USD", new_guid)
+    assert same.cart[1] == "G1"  # the same cart state keeps its GUID
+    named = rules.cart_step(same.cart, _event("add_to_cart", cart_guid="PAGE",
+                                              ecommerce={"items": [_item("B", 1)]}), "USD", new_guid)
+    assert named.cart[1] == "PAGE"
+    bought = rules.cart_step(named.cart, _event("purchase", ecommerce={"currency": "EUR"}),
+                             "USD", new_guid)
+    assert bought.cart is None and bought.lines == []
+    assert bought.snapshot["guid"] == "PAGE" and bought.snapshot["item_count"] == 2
+    assert bought.snapshot["currency"] == "EUR"
+    assert rules.cart_step(None, _event("page_view"), "USD", new_guid) is None
+
+
+def test_a_purchase_without_a_cart_has_no_made_up_guid() -> None:
+    step = rules.cart_step(None, _event("purchase"), "USD", _guids())
+    assert step.snapshot["guid"] is None and step.snapshot["items"] == []
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add_to_cart", "remove_from_cart"]),
+                          st.sampled_from("ABC"), st.integers(1, 3)), max_size=12))
+def test_a_new_guid_exactly_when_the_lines_change(ops) -> None:
+    new_guid, cart = _guids(), None
+    for name, item_id, quantity in ops:
+        step = rules.cart_step(cart, _event(name, ecommerce={"items": [_item(item_id, quantity)]}),
+                               "USD", new_guid)
+        before_lines, before_guid = (cart[0], cart[1]) if cart else ([], None)
+        assert (step.cart[1] != before_guid) == (step.lines != before_lines or before_guid is None)
+        cart = step.cart
+
+
+def test_check_cart_bounds_lines_and_bytes() -> None:
+    site = SimpleNamespace(max_cart_lines=2)
+    assert rules.check_cart([_item("A", 1)], site, "f").startswith(b"[")
+    with pytest.raises(Refused) as refused:
+        rules.check_cart([_item(c, 1) for c in "ABC"], site, "events[0].ecommerce.items")
+    assert refused.value.problem.field == "events[0].ecommerce.items"
+    big = [{**_item("A", 1), "item_name": "x" * rules.MAX_CART_BYTES}]
+    with pytest.raises(Refused):
+        rules.check_cart(big, SimpleNamespace(max_cart_lines=200), "f")
+
+
+# A claim meeting a fact -------------------------------------------------------------------
+
+REQUEST = {"method": "POST", "url": "https://x", "json": {"a": 1},
+           "headers": {"x-event-type": "orders/create"}}
+
+
+def test_a_fact_cancels_a_claim_not_sent_and_goes() -> None:
+    plan = rules.fact_meets_claim("remarkety", outbox.PENDING, REQUEST, None,
+                                  {"id": 3, "state": outbox.PENDING, "attempts": 0}, False)
+    assert plan == (outbox.PENDING, REQUEST, None, True)
+
+
+def test_a_fact_the_browser_delivered_the_same_is_not_sent_and_a_different_one_corrects() -> None:
+    claim = {"id": 3, "state": outbox.DELIVERED, "attempts": 1}
+    same = rules.fact_meets_claim("remarkety", outbox.PENDING, REQUEST, None, claim, True)
+    assert same.state == outbox.BROWSER and "delivery 3" in same.error and not same.cancel_claim
+    other = rules.fact_meets_claim("remarkety", outbox.PENDING, REQUEST, None, claim, False)
+    assert other.state == outbox.PENDING
+    assert other.request["headers"]["x-event-type"] == "orders/update"
+
+
+def test_a_claim_tried_and_differing_may_have_reached_the_vendor_so_the_fact_corrects() -> None:
+    claim = {"id": 3, "state": outbox.PENDING, "attempts": 2}
+    plan = rules.fact_meets_claim("remarkety", outbox.PENDING, REQUEST, None, claim, False)
+    assert plan.cancel_claim and plan.request["headers"]["x-event-type"] == "orders/update"
+
+
+def test_a_dead_claim_changes_nothing_and_no_claim_changes_nothing() -> None:
+    for claim in ({"id": 3, "state": outbox.DEAD, "attempts": 5}, None):
+        assert rules.fact_meets_claim("sendlane", outbox.PENDING, REQUEST, None, claim, True) \
+            == (outbox.PENDING, REQUEST, None, False)
+
+
+def test_claims_under_a_fact_key_and_waiting_facts() -> None:
+    assert rules.claim_taken(outbox.PENDING, True) and rules.claim_taken(outbox.HELD, True)
+    assert not rules.claim_taken(outbox.IGNORED, True) and not rules.claim_taken(outbox.PENDING, False)
+    assert rules.waiting_fact_superseded(outbox.PENDING, 0, True)
+    assert not rules.waiting_fact_superseded(outbox.PENDING, 1, True)
+    assert not rules.waiting_fact_superseded(outbox.PENDING, 0, False)
+
+
+# Held rows --------------------------------------------------------------------------------
+
+def test_held_rows_are_released_per_event_and_an_event_with_a_stale_row_expires() -> None:
+    rows = [{"event_seq": 1, "vendor": "rejoiner", "created_ms": 900, "data": "d1"},
+            {"event_seq": 1, "vendor": "sendlane", "created_ms": 900, "data": "d1"},
+            {"event_seq": 2, "vendor": "rejoiner", "created_ms": 100, "data": "d2"}]
+    released = rules.held_release(rows, now=1000, hold_ms=500)
+    assert released == [rules.Held(1, "d1", frozenset({"rejoiner", "sendlane"}), True),
+                        rules.Held(2, "d2", frozenset({"rejoiner"}), False)]
+    event = rules.released_event({"name": "add_to_cart"}, {"id": 4, "email": "a@x.com",
+                                                            "is_new": True})
+    assert event["identity"] == {"id": 4, "email": "a@x.com", "is_new": False}
+
+
+def test_the_store_imports_no_http_layer() -> None:
+    """store/ reads bodies with envelope (pure): no web framework, no HTTP handler."""
+    code = ("import sys, server.store, server.store.sqlite, server.store.postgres, "
+            "server.store.sqlite_writer, server.store.rules\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'httpx')"
+            " or m in ('server.ingest', 'server.app', 'server.forwarder')]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_postgresql_url_without_its_driver_is_a_clear_error(monkeypatch) -> None:
+    from server import config
+    from server.store import DriverMissing, open_store
+
+    settings = config.parse({"server": {"database": "postgresql://u:pw@db.example:5432/onetag"},
+                             "sites": [{"id": "shop1"}]}, env={})
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # import asyncpg now fails
+    with pytest.raises(DriverMissing, match=r"pip install 'onetag\[postgresql\]'"):
+        open_store(settings)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("postgresql://u@db.example:5432/onetag", None),
+    ("postgres://u@db.example/onetag", None),
+    ("postgresql://db.example:5432/", "names its database"),
+    ("postgresql://u@db.example:99999/onetag", "not a valid PostgreSQL URL"),
+    ("mysql://u@db.example/onetag", "must be sqlite:///PATH or postgresql://"),
+])
+def test_database_urls_are_checked_and_a_password_never_shown(url, problem) -> None:
+    from server import config
+
+    if problem is None:
+        config.check_database(url)
+    else:
+        with pytest.raises(ValueError, match=problem):
+            config.check_database(url)
+    shown = config.database_label("postgresql://u:s3cret@db.example:5432/onetag")
+    assert "s3cret" not in shown and shown == "postgresql://u:***@db.example:5432/onetag"
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet="xy\x00\u00e9", max_size=6),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(alphabet="ab_\x00", min_size=1, max_size=4), inner, max_size=4),
+    max_leaves=12)
+
+
+def _at(value, path: str):
+    """The value a ``_nul_field`` path names (dict keys without dots or brackets only)."""
+    import re
+
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        value = value[part[0]] if part[0] else value[int(part[1])]
+    return value
+
+
+@given(_json)
+def test_the_nul_finder_names_a_string_that_holds_one_or_none(value) -> None:
+    from server.jsontext import encode
+    from server.store.postgres import _nul_field
+
+    found = _nul_field(value, "events[0]")
+    has_nul = b"\\u0000" in encode(value)
+    assert (found is not None) == has_nul
+    if found is not None:
+        named = _at({"events": [value]}, "." + found)  # a string with one, or an object
+        assert ("\x00" in named if isinstance(named, str)  # with one in a key
+                else any("\x00" in key for key in named))
+
+
+def test_a_request_applied_again_starts_from_its_events_as_sent() -> None:
+    event = {"name": "add_to_cart", "source": trust.BROWSER, "cart": None,
+             "user": {"email": "a@x.com", "first_name": "A"}}
+    restore = rules.keep_pristine([("shop1", [event], [], None, None)])
+    rules.identity_step(event, True, 7, {"email": "a@x.com"})  # upgraded, user cut
+    event["identity"], event["cart"] = {"id": 7}, {"guid": "G"}
+    assert event["source"] == trust.VERIFIED
+    restore()
+    assert event == {"name": "add_to_cart", "source": trust.BROWSER, "cart": None,
+                     "user": {"email": "a@x.com", "first_name": "A"}}
+    assert list(event) == ["name", "source", "cart", "user"]  # stored JSON keeps its order
