@@ -10,8 +10,11 @@ import dataclasses
 import time
 from collections import Counter
 
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
 from server.events import Origin, normalise
 from server.forwarder import Forwarder
+from server.store import outbox_rules
 from server.store.base import SessionInfo
 
 from fakes.harness import FAST, purchase, vendor_sections
@@ -136,5 +139,40 @@ async def test_a_dead_row_is_replayed_and_then_delivered(backend, fake) -> None:
 
         await run_until(backend, fake, store, delivered, "the replayed row", only=("rejoiner",))
         assert (await states(backend)).get("delivered", 0) >= 1
+    finally:
+        await store.close()
+
+
+_ROW = st.tuples(st.sampled_from(["v1", "v2", "v3"]), st.sampled_from(["sendlane", "esputnik"]),
+                 st.sampled_from(["pending", "pending", "delivered", "dead"]),
+                 st.integers(-3, 3))
+
+
+@hsettings(max_examples=15, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_ROW, max_size=10), limit=st.integers(1, 5))
+async def test_both_claims_take_what_the_rule_says(backend, rows, limit) -> None:
+    """SQLite's claim and PostgreSQL's take exactly ``outbox_rules.claimable``'s rows: one
+    rule (a visitor's earliest pending row only, due longest ago first), two spellings."""
+    now = 1_800_000_000_000
+    store = await backend.open(backend.settings())
+    try:
+        await backend.rows("DELETE FROM deliveries")
+        await backend.rows("DELETE FROM events")
+        stored = []
+        for n, (visitor, vendor, state, due) in enumerate(rows):
+            await backend.rows(
+                "INSERT INTO events (seq, site_id, event_id, name, source, received_ms, raw, "
+                "data) VALUES (?, 'shop1', ?, 'purchase', 'backend', 1, '{}', '{}')",
+                n + 1, f"e{n}")
+            await backend.rows(
+                "INSERT INTO deliveries (id, site_id, vendor, dedup_key, event_seq, visitor, "
+                "state, request, next_attempt_ms, created_ms, updated_ms) "
+                "VALUES (?, 'shop1', ?, ?, ?, ?, ?, '{}', ?, 1, 1)",
+                n + 1, vendor, f"k{n}", n + 1, visitor, state, now + due)
+            stored.append(outbox_rules.Row(n + 1, "shop1", vendor, visitor, state, now + due))
+        expected = outbox_rules.claimable(stored, now, limit, vendors=["sendlane"])
+        got = await store.claim(now, 60_000, limit, vendors=("sendlane",))
+        assert sorted(d.id for d in got) == sorted(expected)
     finally:
         await store.close()

@@ -12,10 +12,8 @@ import random
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from server.forwarder import Forwarder
-from server.store import outbox_rules
 from server.store.base import Attempt, Outcome
 from server.store.deadletters import ReplayFilter
 from server.store.postgres_outbox import PostgresOutbox, pg_condition
@@ -264,26 +262,3 @@ def test_replay_conditions_become_postgresql() -> None:
     assert pg_condition("0", 1) == "false"
     assert pg_condition("(state = 'dead') AND 0 AND created_ms >= ?", 10) == \
         "(state = 'dead') AND false AND created_ms >= $10"
-
-
-_ROW = st.tuples(st.sampled_from(["v1", "v2", "v3"]), st.sampled_from(["sendlane", "esputnik"]),
-                 st.sampled_from(["pending", "pending", "delivered", "dead"]),
-                 st.integers(NOW - 3, NOW + 3))
-
-
-@hsettings(max_examples=25, deadline=None,
-           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(_ROW, max_size=14), limit=st.integers(1, 6))
-async def test_the_claim_takes_what_the_rule_says(db, rows, limit) -> None:
-    """The SQL claim and ``outbox_rules.claimable`` agree, row for row."""
-    _, admin, worker = db
-    store = await worker() if not hasattr(db, "store") else db.store
-    await admin.execute("TRUNCATE deliveries, attempts, events")
-    stored = []
-    for n, (visitor, vendor, state, due) in enumerate(rows):
-        [row_id] = await add_rows(admin, [(visitor, f"k{n}")], vendor=vendor, due_ms=due,
-                                  state=state)
-        stored.append(outbox_rules.Row(row_id, "shop1", vendor, visitor, state, due))
-    expected = outbox_rules.claimable(stored, NOW, limit, vendors=["sendlane"])
-    got = await store.claim(NOW, LEASE, limit, vendors=("sendlane",))
-    assert sorted(r.id for r in got) == sorted(expected)
