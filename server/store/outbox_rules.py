@@ -8,8 +8,8 @@ workers, because a claimed (leased) row stays ``pending`` until its outcome is r
 the visitor's next row is not claimable meanwhile, whichever worker holds the lease.
 
 ``claimable`` says it in Python (the tests hold both stores' claims to it); ``CLAIMABLE``
-is the same condition as SQL, which the PostgreSQL claim uses (SQLite's claim in
-``sqlite_writer`` spells the same NOT EXISTS).
+is the same condition as SQL, which both claims use (``sqlite_writer.WriteOps.claim`` and
+``postgres_outbox.claim_sql``).
 """
 
 from __future__ import annotations
