@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any, AsyncIterator
 from urllib.parse import urlencode
@@ -28,6 +29,9 @@ ROWS_PER_MESSAGE = 100
 FIRST_ROWS = 50
 FILTERS = ("site", "name", "source", "email", "sc")
 MAX_FILTER_CHARS = {"site": 64, "name": 64, "source": 20, "email": 254, "sc": 64}
+# A seq: ASCII digits that fit SQLite's integers (str.isdigit also takes "²", which int()
+# refuses, and any length, which SQLite refuses).
+SEQ_RE = re.compile(r"[0-9]{1,18}")
 
 
 class BadFilter(ValueError):
@@ -116,7 +120,7 @@ def routes(console: Console) -> list[Route]:
             return Response(str(exc), status_code=400, media_type="text/plain",
                             headers=SECURITY_HEADERS)
         given = request.headers.get("last-event-id") or request.query_params.get("after")
-        if given is not None and not given.isdigit():
+        if given is not None and not SEQ_RE.fullmatch(given):
             return Response("after: must be an event seq (digits)", status_code=400,
                             media_type="text/plain", headers=SECURITY_HEADERS)
         after = int(given) if given else await q.latest_seq(console.db())
