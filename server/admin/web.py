@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from ..assets import templates_dir
 from . import auth
+from .scrub import scrub, secret_values
 
 PREFIX = "/admin"
 SESSION_COOKIE = "onetag_admin"
@@ -78,7 +79,11 @@ class Console:
             loader=jinja2.FileSystemLoader(str(templates_dir())),
             autoescape=True, trim_blocks=True,
             lstrip_blocks=True)
-        self.env.filters.update(when=format_ms, age=format_age, pretty=pretty_json)
+        secrets = secret_values(settings)
+        # ``|scrub`` on whatever a vendor wrote (answers, errors): a configured secret it
+        # echoes is shown as [redacted] (``scrub.py``).
+        self.env.filters.update(when=format_ms, age=format_age, pretty=pretty_json,
+                                scrub=lambda text: scrub(text, secrets))
         self.env.globals.update(prefix=PREFIX)
         # Set by the Dead letters page module (console-b) when it keeps a record of replays:
         # ``await replay_recorder(request, rows, scope)`` after every replay made from a page
