@@ -81,7 +81,8 @@
             row.querySelector(".event").textContent = check.event;
           });
           var when = box.querySelector(".checked");
-          if (when) when.textContent = "checked " + new Date().toLocaleTimeString();
+          /* UTC, as every time in the console (toLocaleTimeString named no zone). */
+          if (when) when.textContent = "checked " + new Date().toISOString().slice(11, 19) + " UTC";
         })
         .catch(function () {
           var when = box.querySelector(".checked");

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.request
 import uuid
@@ -220,6 +221,8 @@ def test_the_console_in_a_browser(shop, fake, static_server, context, wait_until
                "the origin check to see the page's events")
     page.click("button.refresh")
     page.wait_for_selector(".checked >> text=checked")
+    # A time with its zone, like every other time in the console.
+    assert re.fullmatch(r"checked \d\d:\d\d:\d\d UTC", page.text_content(".checked"))
     shoot(page, "install")
     assert_no_secret(page, "Install")
 
