@@ -9,12 +9,14 @@ import json
 
 import httpx
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 from console_support import ADMIN_TOKEN, console_settings, csrf_of, login
 from fakes.harness import (API_KEY, SECRETS, backend, browser, purchase, rows, serve,
                            settings_data, until)
 from server import config
 from server.admin import auth, live
+from server.admin.dead_letters import MAX_MS, BadFilter, iso_ms, parse_time
 from server.admin.web import SECURITY_HEADERS, SESSION_COOKIE
 from support import running
 
@@ -55,6 +57,23 @@ async def test_numbers_in_the_query_that_cannot_be_read_are_400_naming_the_field
         answer = await bounded_get(client, path)
         assert answer.status_code == 400, (path, answer.status_code)
         assert f"{field}:" in answer.text
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(max_size=70),
+                 st.from_regex(r"\A[0-9]{1,6} ?[mhdw]\Z"),
+                 st.datetimes().map(lambda d: d.isoformat()),
+                 st.from_regex(r"\A-?[0-9]{1,6}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2})?Z?\Z")))
+def test_any_time_text_is_an_instant_the_pages_can_write_or_names_its_field(text):
+    now = 1_800_000_000_000
+    try:
+        ms = parse_time(text, now, "since")
+    except BadFilter as exc:
+        assert exc.field == "since"
+        return
+    if ms is not None:
+        assert 0 <= ms <= MAX_MS
+        assert parse_time(iso_ms(ms), now, "since") == ms  # written back, read the same
 
 
 async def test_a_last_event_id_that_is_not_a_seq_is_400(tmp_path):

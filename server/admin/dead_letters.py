@@ -32,6 +32,7 @@ ID_RE = re.compile(r"[0-9]{1,18}")  # a row id: ASCII digits only (isdigit takes
 UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
 MAX_FIELD_CHARS = 64  # a time, a site id, a vendor name
 TIME_CHOICES = {"created": "created", "updated": "last attempt"}
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant iso_ms can write
 
 
@@ -61,8 +62,8 @@ def parse_time(text: str, now: int, field: str) -> int | None:
                                "2026-01-31 or 2026-01-31T14:00") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
-    try:
-        ms = int(when.timestamp() * 1000)
+    try:  # integer arithmetic: a float timestamp * 1000 can be a millisecond off
+        ms = (when - EPOCH) // dt.timedelta(milliseconds=1)
     except (OverflowError, OSError, ValueError):
         raise BadFilter(field, "out of range") from None
     return _in_range(ms, field)
@@ -80,7 +81,7 @@ def iso_ms(ms: int | None) -> str:
     """Unix ms → an ISO instant ``parse_time`` reads back exactly."""
     if ms is None:
         return ""
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(
+    return (EPOCH + dt.timedelta(milliseconds=ms)).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
 
 
