@@ -42,7 +42,11 @@
     var status = document.getElementById("live-status");
     var source = new EventSource(url);
     source.onopen = function () { if (status) status.textContent = "live"; };
-    source.onerror = function () { if (status) status.textContent = "reconnecting…"; };
+    /* CLOSED: the browser gave up (logged out, or too many Live streams open: 429). */
+    source.onerror = function () {
+      if (status) status.textContent = source.readyState === EventSource.CLOSED
+        ? "stopped: reload the page" : "reconnecting…";
+    };
     source.addEventListener("events", function (message) {
       var rows = JSON.parse(message.data);
       var empty = document.getElementById("live-empty");

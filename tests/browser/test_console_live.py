@@ -231,3 +231,19 @@ def test_the_console_in_a_browser(shop, fake, static_server, context, wait_until
     page.wait_for_url("**/admin/login")
     page.goto(shop.url + "/admin/live")
     assert "/admin/login" in page.url
+
+
+def test_logging_out_elsewhere_stops_the_live_page(shop, context, wait_until):
+    """The stream ends with the login; the page says it stopped rather than 'reconnecting'
+    forever (its reconnection is sent to the login page, which is not a stream)."""
+    page = context.new_page()
+    log_in(page, shop)
+    wait_until(lambda: page.text_content("#live-status") == "live", "the live stream")
+    other = context.new_page()  # another tab of the same login logs out
+    other.goto(shop.url + "/admin/install")
+    other.click("button:has-text('Log out')")
+    other.wait_for_url("**/admin/login")
+    wait_until(lambda: page.text_content("#live-status") == "stopped: reload the page",
+               "the Live page to say its stream stopped")
+    page.reload()
+    assert "/admin/login" in page.url
