@@ -209,3 +209,30 @@ async def test_metrics_without_a_header_is_not_a_guess(tmp_path, monkeypatch):
             assert (await client.get("/metrics")).status_code == 401
         ok = await client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert ok.status_code == 200
+
+
+# What an operator meets when a form outlived its token --------------------------------------
+
+
+async def test_an_expired_login_form_says_so_and_offers_a_fresh_one(tmp_path):
+    from server.admin.web import LOGIN_COOKIE
+    async with running(console_settings(tmp_path)) as (app, client):
+        stale = csrf_of((await client.get("/admin/login")).text)
+        client.cookies.delete(LOGIN_COOKIE)  # what an hour does to it
+        answer = await client.post("/admin/login", data={"csrf_token": stale,
+                                                          "token": ADMIN_TOKEN})
+        assert answer.status_code == 403 and SESSION_COOKIE not in client.cookies
+        assert "login form has expired" in answer.text and 'type="password"' in answer.text
+        fresh = csrf_of(answer.text)  # the page set a new login cookie with its token
+        again = await client.post("/admin/login", data={"csrf_token": fresh,
+                                                         "token": ADMIN_TOKEN})
+        assert again.status_code == 303 and SESSION_COOKIE in client.cookies
+
+
+async def test_a_form_posted_after_the_session_ended_asks_for_a_login(tmp_path):
+    async with running(console_settings(tmp_path)) as (app, client):
+        await login(client)
+        token = csrf_of((await client.get("/admin/nowhere")).text)
+        client.cookies.delete(SESSION_COOKIE)  # expired
+        answer = await client.post("/admin/deliveries/1/replay", data={"csrf_token": token})
+        assert answer.status_code == 401 and "log in first" in answer.text

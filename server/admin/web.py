@@ -158,17 +158,19 @@ class Console:
     # Routes -----------------------------------------------------------------------------
 
     def route(self, path: str, handler: Handler, methods: Iterable[str] = ("GET",), *,
-              login: bool = True, name: str | None = None) -> Route:
-        """A console route: a POST must carry the CSRF token (403 otherwise, before the
-        handler runs); with ``login`` (the default) a request without a session is sent to
-        the login page (303, or 401 for a POST or a fetch asking for JSON)."""
+              login: bool = True, name: str | None = None,
+              refused: Handler | None = None) -> Route:
+        """A console route: with ``login`` (the default) a request without a session is sent
+        to the login page (303, or 401 for a POST or a fetch asking for JSON: a form posted
+        after the session expired says so, not "CSRF"); then a POST must carry the CSRF
+        token (else 403, or what ``refused`` answers) before the handler runs."""
         console = self
 
         async def endpoint(request: Request) -> Response:
-            if request.method == "POST" and not await console.csrf_valid(request):
-                return forbidden()
             if login and console.operator(request) is None:
                 return console.login_redirect(request)
+            if request.method == "POST" and not await console.csrf_valid(request):
+                return await refused(request) if refused is not None else forbidden()
             response = await handler(request)
             for header, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(header, value)
