@@ -19,6 +19,7 @@ from .admin import admin_app
 from .assets import static_dir
 from .coupons import PATH as COUPONS_PATH, Coupons
 from .demo import Demo
+from .feeds import Feeds
 from .forwarder import Forwarder, ForwarderOptions
 from .ingest import Ingest
 from .metrics import Metrics
@@ -64,6 +65,7 @@ def create_app(settings: Any, store: Any = None,
     metrics = Metrics(settings, store)  # GET /metrics; the handlers below count into it
     store.on_commit = metrics.committed
     ingest = Ingest(settings, store, metrics)
+    feeds = Feeds(settings, store)
     coupons = Coupons(settings, store)
     forwarder = None
     if settings.server.forward:
@@ -95,6 +97,9 @@ def create_app(settings: Any, store: Any = None,
         Route(settings.server.event_path, _Endpoint(ingest.browser_events), methods=["POST"]),
         Route(settings.server.event_path, ingest.preflight, methods=["OPTIONS"]),
         Route("/api/v1/sites/{site_id}/events", ingest.backend_events, methods=["POST"]),
+        # The product feeds the vendors fetch (server/feeds.py); ?token= the site's feed_token.
+        Route("/feeds/{site_id}/products.xml", feeds.xml, methods=["GET"]),
+        Route("/feeds/{site_id}/products.csv", feeds.csv, methods=["GET"]),
         # Remarkety's Coupons API: the Discounts endpoint it calls (server/coupons.py).
         Route(COUPONS_PATH, coupons.discounts, methods=["POST"]),
         # Compressed here and on the demo page only: the event endpoint answers 204s, and

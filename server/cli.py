@@ -1,4 +1,4 @@
-"""``onetag``: serve | init | check | deliveries | replay | worker | coupons."""
+"""``onetag``: serve | init | check | deliveries | replay | worker | coupons | backfill | export."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ currency = "USD"                           # default when an event names none
 #                                          # cart emails lead ({cart_guid}, {sc} filled in)
 # order_source       = "backend"           # orders only from the backend API (default with api_key)
 # identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/security.md
+# feed_token         = "env:SHOP1_FEED_TOKEN"  # publishes /feeds/shop1/products.xml?token=...
+# product_sync_time  = "03:00"             # UTC: Sendlane's nightly product sync
 
 # A vendor section present = that vendor enabled for this site. Remove what you don't use.
 [sites.rejoiner]
@@ -322,6 +324,8 @@ def pending_reason(row: dict[str, Any], now_ms: int, max_attempts: int, lease_ms
         when = (f"at {_clock(due, now_ms)}" if due > now_ms
                 else f"due now (since {_clock(due, now_ms)})")
         return f"retry {attempts + 1} of {max_attempts} {when} after {_error_head(error)}"
+    if due > now_ms and (row.get("request_id") or "").startswith("backfill-"):
+        return f"paced history (`onetag backfill --pace`): due at {_clock(due, now_ms)}"
     if due > now_ms:
         return (f"held back until {_clock(due, now_ms)} for the browser's own copy "
                 f"([server] browser_grace_s)")
@@ -442,6 +446,69 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if rows is not None:
         print(f"\nlatest {args.state} deliveries{f' for {args.vendor}' if args.vendor else ''}:")
         print(format_rows(rows))
+    return 0
+
+
+async def catalog_report(settings: config_module.Settings, store: Any,
+                         only: str | None = None) -> list[dict[str, Any]]:
+    """``onetag catalog``: per site, its products, how many the feeds list, how many they
+    leave out and why (server/catalog.py, ``feed_problem``), the last change, and the feed
+    URLs with the token left as a placeholder (it is a secret)."""
+    from .store import sqlite_catalog
+
+    sites = sorted(set(settings.sites) | set(await store.catalog_sites()))
+    report = []
+    for site_id in sites:
+        if only is not None and site_id != only:
+            continue
+        rows: list[dict[str, Any]] = []
+        after = None
+        while page := await store.catalog_page(site_id, after, 1000):
+            rows.extend({key: row[key] for key in ("deleted", "item_url", "image_url", "title",
+                                                   "price_minor", "currency", "source",
+                                                   "changed_ms")} for row in page)
+            after = page[-1]["item_id"]
+        item = {"site": site_id, **sqlite_catalog.stats(rows)}
+        site = settings.sites.get(site_id)
+        base = f"{settings.server.public_url.rstrip('/')}/feeds/{site_id}/products"
+        item["feeds"] = ({"xml": f"{base}.xml?token=<feed_token>",
+                          "csv": f"{base}.csv?token=<feed_token>"}
+                         if site is not None and site.feed_token else None)
+        report.append(item)
+    return report
+
+
+def format_catalog(report: list[dict[str, Any]], database: str) -> str:
+    lines = [f"product catalog in {database}"]
+    if not report:
+        lines.append("  no site configured and no product stored")
+    for item in report:
+        left = ", ".join(f"{count} {why}" for why, count in sorted(item["left_out"].items()))
+        when = "never" if item["last_change_ms"] is None else time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(item["last_change_ms"] / 1000))
+        lines.append(f"{item['site']}: {item['products']} products ({item['backend']} from the "
+                     f"backend, {item['browser_only']} seen only in pages); "
+                     f"{item['in_feed']} in the feeds; {item['products'] - item['in_feed']} "
+                     f"left out{f' ({left})' if left else ''}; last change {when}")
+        if item["feeds"]:
+            lines.append(f"  feeds: {item['feeds']['xml']}")
+            lines.append(f"         {item['feeds']['csv']}")
+        else:
+            lines.append(f"  no feed: set sites[{item['site']}].feed_token to publish one")
+    return "\n".join(lines)
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    settings = _ops_settings(args.config)
+    if args.site is not None and args.site not in settings.sites:
+        print(f"onetag: no site {args.site!r} in the config", file=sys.stderr)
+        return 2
+    report = asyncio.run(_with_store(settings, lambda store: catalog_report(settings, store,
+                                                                             args.site)))
+    if args.json:
+        print(json.dumps({"database": settings.server.sqlite_path, "sites": report}, indent=2))
+    else:
+        print(format_catalog(report, settings.server.sqlite_path))
     return 0
 
 
@@ -623,6 +690,80 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_of(settings: config_module.Settings, site_id: str) -> Any:
+    site = settings.sites.get(site_id)
+    if site is None:
+        print(f"onetag: no site {site_id!r} in the config (sites: "
+              f"{', '.join(settings.sites) or 'none'})", file=sys.stderr)
+        raise SystemExit(2)
+    return site
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Check every line, then print the plan (dry run) or write it (``--send``)."""
+    from .backfill import Backfill, existing_keys
+    from .store.base import StoreUnavailable
+
+    path = _find_config(args.config)
+    # Planning sends nothing: vendor secrets need not be set (the worker needs them).
+    settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    site = _site_of(settings, args.site)
+    files = [Path(name) for name in args.files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        print(f"onetag: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        job = Backfill(site, files, send=args.send, skip_invalid=args.skip_invalid,
+                       batch_lines=args.batch_lines, pace=args.pace)
+    except ValueError as exc:  # a bound on the run itself (files, pace)
+        print(f"onetag: {exc}", file=sys.stderr)
+        return 2
+
+    async def send(store: Any) -> Any:
+        return await job.run(store)
+
+    try:
+        if args.send:
+            summary = asyncio.run(_with_store(settings, send))
+        else:
+            exists = existing_keys(settings.server.sqlite_path, site.id)
+            try:
+                summary = asyncio.run(job.run(existing=exists))
+            finally:
+                exists.close()
+    except StoreUnavailable as exc:
+        print(f"onetag: the store can't take the backfill ({exc.kind}: {exc.message}); what "
+              f"was committed stays, and the same command resumes after it", file=sys.stderr)
+        return 1
+    if summary.problems:
+        for problem in summary.problems:
+            print(problem, file=sys.stderr)
+        print(f"onetag: {summary.invalid:,} of {summary.invalid + summary.valid:,} events "
+              f"invalid; nothing was planned (fix them, or --skip-invalid to leave them out)",
+              file=sys.stderr)
+        return 1
+    print(summary.text())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import remarkety_export
+
+    settings = _ops_settings(args.config)
+    site = _site_of(settings, args.site)
+    out_path = Path(args.out or remarkety_export.default_name(time.time()))
+    with open(out_path, "w", encoding="utf-8", newline="") as out:
+        count, written, missing = remarkety_export.export(settings.server.sqlite_path,
+                                                           site.id, out)
+    print(f"onetag: wrote {count:,} orders ({written:,} rows, one per order item) to "
+          f"{out_path}; send it to Remarkety's support for a one-time orders history import")
+    if missing:
+        print(f"onetag: {missing:,} orders have status changes but no purchase; left out",
+              file=sys.stderr)
+    return 0
+
+
 def format_coupon_calls(calls: list[dict[str, Any]], width: int = 100) -> str:
     """One block per call: when, site, result, statuses, duration, what was asked, the error."""
     lines = []
@@ -765,6 +906,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="machine-readable output")
     replay.set_defaults(func=cmd_replay)
 
+    catalog = commands.add_parser(
+        "catalog", help="products by site: how many the feeds list, left out and why",
+        description="The product catalog onetag keeps from page views, carts and the "
+                    "backend's product_updated: per site, its products (from the backend, or "
+                    "seen only in pages), how many the product feeds list, how many they leave "
+                    "out and why (deleted, no item_url, no image_url, no title, no price), the "
+                    "last change, and the feed URLs to give the vendors (the token is left "
+                    "out: it is a secret). Reads the database; safe beside a running server.")
+    catalog.add_argument("--config", help=config_help)
+    catalog.add_argument("--site", help="only this site")
+    catalog.add_argument("--json", action="store_true", help="machine-readable output")
+    catalog.set_defaults(func=cmd_catalog)
+
     worker = commands.add_parser(
         "worker", help="run only the vendor forwarder (pair with [server] forward = false)",
         description="Forward due deliveries to the vendors without serving HTTP. Run it "
@@ -777,6 +931,46 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-format", choices=["text", "json"],
                         help="default: [server] log_format, else text")
     worker.set_defaults(func=cmd_worker)
+
+    backfill = commands.add_parser(
+        "backfill", help="check and plan a shop's history (customers, products, orders)",
+        description="Read history from JSONL (one backend-vocabulary event a line: identify, "
+                    "product_updated, purchase, order_status, refund, each with its original "
+                    "time) and CSV files (orders, products or customers; README, 'Backfilling "
+                    "history'). Every line is checked first, and every problem printed with "
+                    "its file and line: nothing is planned then, unless --skip-invalid. A dry "
+                    "run by default: it prints what each vendor would get and which get "
+                    "nothing, and why. --send plans the historical deliveries through the "
+                    "outbox (Sendlane with initial_sync and the past time); `onetag serve` or "
+                    "`onetag worker` sends them. Interrupted, the same command resumes after "
+                    "its last committed batch; nothing is planned twice.")
+    backfill.add_argument("--config", help=config_help)
+    backfill.add_argument("--site", required=True, help="the site the history is of")
+    backfill.add_argument("--send", action="store_true",
+                          help="plan the deliveries (default: a dry run that writes nothing)")
+    backfill.add_argument("--skip-invalid", action="store_true",
+                          help="leave invalid lines out (counted) instead of refusing the run")
+    backfill.add_argument("--batch-lines", type=int, default=500, metavar="N",
+                          help="lines a transaction takes with --send (500)")
+    backfill.add_argument("--pace", type=float, default=120.0, metavar="N",
+                          help="historical deliveries a minute per vendor, so live ones go "
+                               "first (120: half of the 240 a minute Sendlane is reported "
+                               "to allow an account); 0: all due at once")
+    backfill.add_argument("files", nargs="+", metavar="FILE", help=".jsonl or .csv files")
+    backfill.set_defaults(func=cmd_backfill)
+
+    export = commands.add_parser(
+        "export", help="write the orders history file Remarkety imports",
+        description="remarkety-orders: every order the backend stated (live or backfilled), "
+                    "as Remarkety's orders import CSV (one row per order item); Remarkety "
+                    "imports it once through its support. Reads the database only.")
+    export.add_argument("what", choices=["remarkety-orders"])
+    export.add_argument("--config", help=config_help)
+    export.add_argument("--site", required=True)
+    export.add_argument("--out", metavar="FILE",
+                        help="where to write it (default: orders_<YYYYMMDD_HHMMSS>.csv, "
+                             "Remarkety's name for it)")
+    export.set_defaults(func=cmd_export)
 
     coupons = commands.add_parser(
         "coupons", help="the latest calls of Remarkety's Coupons API, and what became of each",

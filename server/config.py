@@ -27,6 +27,11 @@ DEFAULT_DATABASE = "sqlite:///onetag.db"
 DEFAULT_HOLD_DAYS = 7.0
 DEFAULT_BROWSER_GRACE_S = 600.0
 DEFAULT_MAX_CART_LINES = 200
+# The nightly Sendlane product sync (server/product_sync.py), UTC: a quiet hour in Europe and
+# the Americas. Per site: [[sites]] product_sync_time = "HH:MM".
+DEFAULT_PRODUCT_SYNC_TIME = "03:00"
+DEFAULT_PRODUCT_SYNC_MINUTE = 180
+SYNC_TIME_RE = re.compile(r"([0-9]{2}):([0-9]{2})")
 # The hardening knobs of [server] (README, "Bad input and faults"): name, default, integer?
 DEFAULT_KEEP_ATTEMPTS_DAYS = 30.0  # delivery attempts (request and answer) kept this long
 HARDENING = {"writer_timeout_s": (10.0, False), "shutdown_grace_s": (10.0, False),
@@ -69,6 +74,10 @@ class SiteConfig:
     order_source: str = "browser"
     identity_secret: str | None = field(default=None, repr=False)  # signs identify (user.signature)
     coupons: CouponConfig | None = None  # [sites.coupons]: the Remarkety Coupons API bridge
+    # The product feeds' secret (GET /feeds/{site}/products.xml?token=...): no feed without it.
+    feed_token: str | None = field(default=None, repr=False)
+    # When the nightly Sendlane product sync runs, as minutes after 00:00 UTC ("03:00").
+    product_sync_minute: int = DEFAULT_PRODUCT_SYNC_MINUTE
 
 
 DEFAULT_COUPON_TIMEOUT_S = 5.0
@@ -311,7 +320,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
         reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
     known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
              "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret", "coupons",
-             *VENDORS}
+             "feed_token", "product_sync_time", *VENDORS}
     for key in table:
         if key not in known:
             reader.unknown(where, key, sorted(known))
@@ -357,14 +366,34 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     if identity_secret is not None and len(identity_secret) < 16:
         reader.problem(f"{where}.identity_secret", "must be at least 16 characters (a random "
                        "secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
+    feed_token = reader.string(table, "feed_token", where)
+    if feed_token is not None and len(feed_token) < 16:
+        reader.problem(f"{where}.feed_token", "must be at least 16 characters (a random "
+                       "secret, e.g. \"env:SHOP1_FEED_TOKEN\"): it is all that guards the feed")
+    sync_time = reader.string(table, "product_sync_time", where, default=DEFAULT_PRODUCT_SYNC_TIME)
+    sync_minute = parse_sync_time(sync_time or "")
+    if sync_minute is None:
+        reader.problem(f"{where}.product_sync_time", "must be a UTC time of day \"HH:MM\" "
+                       f"(00:00 to 23:59), not {sync_time!r}")
+        sync_minute = DEFAULT_PRODUCT_SYNC_MINUTE
     return SiteConfig(
         id=site_id, origins=tuple(o.rstrip("/") for o in origins),
         api_key=api_key, currency=currency, spa_page_views=spa,
         capture_form_email=reader.boolean(table, "capture_form_email", where, True),
         debug=reader.boolean(table, "debug", where, False), max_cart_lines=max_cart_lines,
         vendors=vendors, cart_url=cart_url, order_source=order_source,
-        identity_secret=identity_secret,
+        identity_secret=identity_secret, feed_token=feed_token,
+        product_sync_minute=sync_minute,
         coupons=_coupons(reader, table["coupons"], f"{where}.coupons") if "coupons" in table else None)
+
+
+def parse_sync_time(text: str) -> int | None:
+    """``"HH:MM"`` (24-hour, UTC) as minutes after midnight; None if it is not one."""
+    match = SYNC_TIME_RE.fullmatch(text)
+    if match is None:
+        return None
+    hours, minutes = int(match[1]), int(match[2])
+    return hours * 60 + minutes if hours < 24 and minutes < 60 else None
 
 
 COUPON_KEYS = ("remarkety_api_key", "webhook_url", "webhook_secret", "timeout_s")

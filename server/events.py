@@ -72,7 +72,13 @@ MAX_FUTURE_MS = 86_400_000  # ... and at most a day ahead of the server's clock
 USER_STRINGS = ("customer_id", "first_name", "last_name", "phone")
 ITEM_STRINGS = ("item_name", "item_brand", "item_variant", "item_url", "image_url", "description",
                 "item_list_id", "item_list_name", "coupon", "affiliation",
-                "item_sku")  # onetag addition to GA4 items: the SKU when it is not item_id
+                "item_sku",  # onetag addition to GA4 items: the SKU when it is not item_id
+                # onetag additions for the catalog and its feeds (server/catalog.py): Google
+                # Merchant Center's item_group_id (the variants' parent) and category
+                "item_group_id", "google_product_category")
+# onetag addition: an item's availability in Google Merchant Center's words (the feeds'
+# g:availability); "in stock" is read as in_stock. ``in_stock`` alone still works.
+AVAILABILITY = ("in_stock", "out_of_stock", "preorder", "backorder")
 CATEGORY_KEYS = ("item_category", "item_category2", "item_category3", "item_category4",
                  "item_category5")
 ADDRESS_KEYS = ("first_name", "last_name", "company", "address_1", "address_2", "city", "state",
@@ -650,7 +656,28 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
     if in_stock is not None and not isinstance(in_stock, bool):
         raise Invalid(f"{where}.in_stock", "must be true or false")
     out["in_stock"] = in_stock
+    if "availability" in item:
+        availability = _availability(item["availability"], f"{where}.availability")
+        if availability is not None:
+            out["availability"] = availability
+    if "deleted" in item:  # product_updated: the backend removed the product (server/catalog.py)
+        deleted = item["deleted"]
+        if deleted is not None and not isinstance(deleted, bool):
+            raise Invalid(f"{where}.deleted", "must be true or false")
+        if deleted is not None:
+            out["deleted"] = deleted
     return out
+
+
+def _availability(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Invalid(where, f"must be one of {', '.join(AVAILABILITY)}, not {_type(value)}")
+    text = value.strip().lower().replace(" ", "_")
+    if text not in AVAILABILITY:
+        raise Invalid(where, f"must be one of {', '.join(AVAILABILITY)}, not {value[:40]!r}")
+    return text
 
 
 def _category_ids(value: Any, where: str) -> list[str]:

@@ -39,7 +39,8 @@ Attempts older than ``[server] keep_attempts_days`` are pruned here, in bounded 
 Tuning, for ``onetag serve`` and ``onetag worker`` alike, through the environment (the config
 file stays about sites): ``ONETAG_FORWARD_CONCURRENCY``, ``_CONNECT_TIMEOUT_S``,
 ``_READ_TIMEOUT_S``, ``_LEASE_S``, ``_BACKOFF_BASE_S``, ``_BACKOFF_CAP_S``, ``_MAX_ATTEMPTS``,
-``_RETRY_WINDOW_S``, ``_IDLE_POLL_S``, ``_EXPIRE_EVERY_S``, ``_PRUNE_EVERY_S``, ``_SHUTDOWN_GRACE_S``, and
+``_RETRY_WINDOW_S``, ``_IDLE_POLL_S``, ``_EXPIRE_EVERY_S``, ``_PRUNE_EVERY_S``, ``_SHUTDOWN_GRACE_S``,
+``_PRODUCT_SYNC_EVERY_S`` (the Sendlane product sync's pass, server/product_sync.py), and
 ``ONETAG_FORWARD_RATES`` (``"sendlane=4,remarkety=20"`` requests/s per vendor, ``"none"``).
 """
 
@@ -61,7 +62,7 @@ from typing import Any, Callable, Mapping
 import httpcore
 import httpx
 
-from . import __version__
+from . import __version__, product_sync
 from .store.base import Attempt, Delivery, Outcome, Store, StoreUnavailable
 from .vendors import VENDORS
 
@@ -122,6 +123,9 @@ class ForwarderOptions:
     expire_every_s: float = DEFAULT_EXPIRE_EVERY_S
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     prune_every_s: float = DEFAULT_PRUNE_EVERY_S
+    # The Sendlane product sync's pass (server/product_sync.py): changes planned this often
+    # (0: no periodic pass; ``sync_products`` runs one).
+    product_sync_every_s: float = product_sync.DEFAULT_EVERY_S
     rates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
 
     @property
@@ -434,6 +438,11 @@ class Forwarder:
         self._tasks.append(asyncio.create_task(
             self._every(self.options.prune_every_s, self.prune_attempts,
                         "pruning delivery attempts"), name="onetag-prune"))
+        if opts.product_sync_every_s > 0 and any(product_sync.enabled(site)
+                                                 for site in self.settings.sites.values()):
+            self._tasks.append(asyncio.create_task(
+                self._every(opts.product_sync_every_s, self.sync_products,
+                            "planning the product sync"), name="onetag-product-sync"))
         self._finisher = asyncio.create_task(self._finish_loop(), name="onetag-finish")
         log.info("forwarder started: %s, %d in flight per vendor", ", ".join(self.vendors),
                  opts.concurrency)
@@ -548,6 +557,19 @@ class Forwarder:
         if expired:
             log.info("%d held deliveries expired (no email within %.3g days)", expired,
                      self.settings.server.hold_days)
+
+    async def sync_products(self) -> dict[str, int]:
+        """One pass of the Sendlane product sync at this forwarder's clock; the planned rows
+        go out through the Sendlane lane like any delivery."""
+        planned = await product_sync.run_once(self.settings, self.store,
+                                              int(self.clock() * 1000))
+        if planned["changes"] or planned["nightly"]:
+            log.info("product sync: %d changed and %d nightly product-added planned",
+                     planned["changes"], planned["nightly"], extra={"vendor": product_sync.VENDOR})
+            lane = self._lanes.get(product_sync.VENDOR)
+            if lane is not None:
+                lane.wake.set()
+        return planned
 
     async def prune_attempts(self) -> int:
         """One pass: attempts older than ``[server] keep_attempts_days``, oldest first, in

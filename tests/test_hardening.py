@@ -215,6 +215,27 @@ def facts():
     return BrowserFacts(ORIGIN, None, "UA", int(time.time() * 1000))
 
 
+async def test_the_writer_runs_onetags_code_whatever_the_directory_holds(tmp_path,
+                                                                        monkeypatch) -> None:
+    """``onetag serve`` run from a project with a ``server/`` package of its own (a common
+    name): ``python -m`` would put that directory first on the writer's path and run the
+    shop's module instead of onetag's writer."""
+    shop = tmp_path / "shop"
+    (shop / "server" / "store").mkdir(parents=True)
+    for package in (shop / "server", shop / "server" / "store"):
+        (package / "__init__.py").write_text("")
+    (shop / "server" / "store" / "sqlite_writer.py").write_text(
+        "import time\ntime.sleep(3600)  # the shop's own module, not a writer\n")
+    monkeypatch.chdir(shop)
+    store = await open_process_store(tmp_path)
+    try:
+        assert await until_ready(store) == store._writer.pid
+        answer = await store.ingest_browser(browser_body("from-shop-dir", "SESSION-0001-X"), facts())
+        assert answer.results[0].event_id == "from-shop-dir"
+    finally:
+        await store.close()
+
+
 async def test_a_frame_that_cannot_be_sent_fails_only_its_own_request(tmp_path) -> None:
     store = await open_process_store(tmp_path)
     try:

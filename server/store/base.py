@@ -144,6 +144,21 @@ class Store(abc.ABC):
 
     # The outbox -------------------------------------------------------------------------
 
+    # The catalog (server/catalog.py): the feeds read it, the product sync plans from it.
+    async def catalog_state(self, site_id: str) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    async def catalog_page(self, site_id: str, after: str | None,
+                           limit: int) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    async def catalog_sites(self) -> list[str]:
+        raise NotImplementedError
+
+    async def plan_product_sync(self, site_id: str, now_ms: int, night: str | None,
+                                limit: int) -> dict[str, Any]:
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def claim(self, now_ms: int, lease_ms: int, limit: int,
                     vendors: Iterable[str] | None = None) -> list[Delivery]:
@@ -209,6 +224,24 @@ class Store(abc.ABC):
     async def record_replay(self, now_ms: int, who: str, scope: Mapping[str, Any],
                             rows: Sequence[Mapping[str, Any]], shown: int | None = None) -> int:
         """Record a replay made by ``replay_rows`` elsewhere; the record's id."""
+        raise NotImplementedError
+
+    # Backfill (server/backfill.py) --------------------------------------------------------
+
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        """The unfinished backfill run over these files (``files_hash``), to resume, else a
+        new one: (run id, lines done, counts as JSON text)."""
+        raise NotImplementedError
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        """One batch of history, atomically with the run's progress and counts: event rows
+        (source ``backend``; an id already stored is skipped) and pending deliveries, none
+        whose (site, vendor, dedup key) any row holds, a vendor's falling due ``pace_ms``
+        apart. Returns (planned per vendor, already there per vendor, events already
+        stored)."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -28,6 +28,7 @@ from .base import (BrowserIngested, Delivery, IngestResult, JobFailure, Outcome,
                    Store, StoreUnavailable)
 from .deadletters import ReplayFilter
 from .sqlite_ingest import identity_fields
+from . import sqlite_catalog
 from .sqlite_writer import (COUPON_CALL_COLUMNS, INGEST_OPS, ProcessWriter, ThreadWriter, WriterGone, commit_failure,
                             migrate, migrations, now_ms)
 
@@ -352,6 +353,35 @@ class SQLiteStore(Store):
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}
 
+    # The catalog (server/catalog.py) ----------------------------------------------------
+
+    async def catalog_state(self, site_id: str) -> tuple[int, int, int]:
+        """(products, latest changed_ms, sum of versions): what the feeds' ETag is made of;
+        any change of a product moves the last two."""
+        assert self._reader is not None
+        rows = await self._reader.execute_fetchall(sqlite_catalog.STATE_SQL, (site_id,))
+        count, changed, versions = rows[0]
+        return int(count), int(changed), int(versions)
+
+    async def catalog_page(self, site_id: str, after: str | None,
+                           limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` products of a site whose item_id sorts after ``after``."""
+        assert self._reader is not None
+        rows = await self._reader.execute_fetchall(sqlite_catalog.FEED_PAGE_SQL,
+                                                   (site_id, after or "", limit))
+        return [sqlite_catalog.as_dict(tuple(row)) for row in rows]
+
+    async def catalog_sites(self) -> list[str]:
+        assert self._reader is not None
+        rows = await self._reader.execute_fetchall(
+            "SELECT DISTINCT site_id FROM products ORDER BY site_id")
+        return [row[0] for row in rows]
+
+    async def plan_product_sync(self, site_id: str, now_ms: int, night: str | None,
+                                limit: int) -> dict[str, Any]:
+        """One step of the Sendlane product sync (server/product_sync.py), in the writer."""
+        return await self._write("plan_product_sync", site_id, now_ms, night, limit)
+
     # The outbox -------------------------------------------------------------------------
 
     async def claim(self, now_ms: int, lease_ms: int, limit: int,
@@ -442,6 +472,17 @@ class SQLiteStore(Store):
         if not dry_run:
             _log_replay(len(made), selection)
         return made
+
+    async def backfill_run(self, site_id: str, files: str, files_hash: str,
+                           lines_total: int) -> tuple[int, int, str]:
+        return await self._write("backfill_run", site_id, files, files_hash, lines_total)
+
+    async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                       skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                       pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        return await self._write("backfill", site_id, run_id, events, skipped, lines_done,
+                                 finished, pace_ms,
+                                 size=sum(len(e[2]) + len(e[3]) for e in events))
 
     async def _check_replay(self, selection: ReplayFilter) -> None:
         """``ValueError`` naming the field for a filter a replay can't take, or one that

@@ -16,10 +16,11 @@ import random
 import sqlite3
 from typing import Any, Iterable, Mapping, Sequence
 
-from .. import outbox, trust
+from .. import catalog, outbox, product_sync, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import apply_cart, cart_snapshot, claimed_fields, identity_update
+from .sqlite_catalog import CatalogBatch, ProductCache
 
 CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_checkout",
                          "cart_updated", "purchase"})
@@ -126,6 +127,7 @@ class SessionCache:
         self.sessions: dict[tuple[str, str], _Session] = {}  # oldest use first
         self.identities: dict[int, dict[str, Any]] = {}
         self.cart_bytes = 0  # the stored JSON of the cached sessions' carts
+        self.catalog = ProductCache()  # the products, under the same rules (sqlite_catalog.py)
         self._data_version: int | None = None
 
     def check(self, conn: sqlite3.Connection) -> None:
@@ -138,6 +140,7 @@ class SessionCache:
     def clear(self) -> None:
         self.sessions.clear()
         self.identities.clear()
+        self.catalog.clear()
         self.cart_bytes = 0
 
     def trim(self) -> None:
@@ -308,6 +311,7 @@ class IngestBatch:
         self.cart_json: dict[tuple[str, str], tuple[list[dict[str, Any]], bytes]] = {}
         self.event_rows: list[tuple[Any, ...]] = []
         self.delivery_rows: list[tuple[str, int, Any]] = []
+        self.products = CatalogBatch(conn, cache.catalog, now)  # what events say of products
 
     # The batch ----------------------------------------------------------------------------
 
@@ -333,6 +337,7 @@ class IngestBatch:
         self.stored_bytes = [0] * len(requests)
         for seq, site_id, event, raw, user_agent, place in work:
             self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
+        self.products.flush()
         self._flush()
         self.cache.trim()
         return results
@@ -405,6 +410,9 @@ class IngestBatch:
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
                                 sc, identity["id"] if identity else None, self.now, raw, data))
         planned = outbox.plan(site, event, None, self.grace_ms)
+        if event["name"] in catalog.EVENTS:
+            self.products.observe(site.id, event, product_sync.planned_by_event(event, planned)
+                                  if event["name"] in catalog.FACT_EVENTS else frozenset())
         request, _ = place
         request_id = self.request_ids[request]
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)

@@ -43,6 +43,7 @@ from ..jsontext import encode, loads
 from . import deadletters
 from .base import Delivery, JobFailure, Outcome
 from .deadletters import ReplayFilter
+from .sqlite_catalog import plan_sync
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
 
 log = logging.getLogger("onetag.store")
@@ -92,7 +93,12 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply the migrations this database has not seen; returns their names."""
+    """Apply the migrations this database has not seen; returns their names.
+
+    Each is checked again inside its own write transaction: two processes opening one
+    database at once (``onetag worker`` and ``onetag backfill`` started together) must not
+    both apply it (the second failed with "table ... already exists", and its writer with
+    it)."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
                  "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
     done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
@@ -101,6 +107,10 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
         if version in done:
             continue
         conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?",
+                        (version,)).fetchone():
+            conn.execute("COMMIT")  # another connection applied it meanwhile
+            continue
         try:
             for statement in sql.split(";\n"):
                 if statement.strip():
@@ -303,6 +313,14 @@ class WriteOps:
             return result
         return result[0]
 
+    def plan_product_sync(self, site_id: str, now: int, night: str | None,
+                          limit: int) -> dict[str, Any]:
+        """The Sendlane product sync's planning step (server/product_sync.py)."""
+        site = self.sites.get(site_id)
+        if site is None:
+            return {"changes": 0, "nightly": 0, "more": False}
+        return plan_sync(self.conn, site, now, night, limit)
+
     def claim(self, now: int, lease_ms: int, limit: int,
                vendors: tuple[str, ...] | None) -> list[Delivery]:
         vendor_filter = ""
@@ -475,6 +493,100 @@ class WriteOps:
         return inserted
 
 
+    # Backfill (server/backfill.py) ----------------------------------------------------------
+
+    def backfill_run(self, site_id: str, files: str, files_hash: str,
+                     lines_total: int) -> tuple[int, int, str]:
+        """The unfinished run over the same files (to resume), else a new one:
+        (run id, lines done, counts as JSON text)."""
+        row = self.conn.execute(
+            "SELECT id, lines_done, counts FROM backfill_runs WHERE site_id = ? AND "
+            "files_hash = ? AND finished_ms IS NULL ORDER BY id DESC LIMIT 1",
+            (site_id, files_hash)).fetchone()
+        if row is not None:
+            return row[0], row[1], row[2]
+        now = now_ms()
+        cursor = self.conn.execute(
+            "INSERT INTO backfill_runs (site_id, files, files_hash, lines_total, started_ms, "
+            "updated_ms) VALUES (?, ?, ?, ?, ?, ?)", (site_id, files, files_hash, lines_total,
+                                                      now, now))
+        return cursor.lastrowid, 0, "{}"
+
+    def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
+                 skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
+                 pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:
+        """One batch of a backfill, with the run's progress, in this transaction.
+
+        ``events``: (event_id, name, raw JSON, normalised JSON, deliveries), each delivery
+        (vendor, dedup_key, visitor, request JSON). An event already stored (its id, from the
+        backend) is not stored again; a delivery whose (site, vendor, dedup key) any row
+        holds already — planned live or by an earlier run, sent or not — is not planned
+        again. ``skipped``: vendor -> reason -> requests the vendor can't take, added to the
+        run's counts with the rest. ``pace_ms``: a vendor's new rows fall due that far apart
+        (0: all at once), after the last pending row of that vendor (an earlier batch's, or
+        another run's), so history trickles out and live rows, due when made, go first; a
+        paced row's ``created_ms`` is when it falls due (its retry window starts there).
+        Returns (planned per vendor, already there per vendor, events already there).
+        """
+        now = now_ms()
+        planned: dict[str, int] = {}
+        already: dict[str, int] = {}
+        known = 0
+        request_id = f"backfill-{run_id}"
+        next_due: dict[str, int] = {}
+        for event_id, name, raw, data, deliveries in events:
+            cursor = self.conn.execute(
+                "INSERT OR IGNORE INTO events (site_id, event_id, name, source, sc, identity_id, "
+                "received_ms, raw, data) VALUES (?, ?, ?, 'backend', NULL, NULL, ?, "
+                "CAST(? AS TEXT), CAST(? AS TEXT))", (site_id, event_id, name, now, raw, data))
+            if cursor.rowcount:
+                seq = cursor.lastrowid
+            else:
+                known += 1
+                seq = self.conn.execute(
+                    "SELECT seq FROM events WHERE site_id = ? AND event_id = ? AND "
+                    "source = 'backend'", (site_id, event_id)).fetchone()[0]
+            for vendor, key, visitor, request in deliveries:
+                due = next_due.get(vendor)
+                if due is None:
+                    due = now if not pace_ms else max(now, pace_ms + self.conn.execute(
+                        "SELECT coalesce(max(next_attempt_ms), 0) FROM deliveries WHERE "
+                        "state = 'pending' AND vendor = ?", (vendor,)).fetchone()[0])
+                made = self.conn.execute(_BACKFILL_DELIVERY, (site_id, vendor, key, seq, visitor,
+                                                              request, due, now,
+                                                              request_id)).rowcount
+                tally = planned if made else already
+                tally[vendor] = tally.get(vendor, 0) + 1
+                next_due[vendor] = due + pace_ms if made else due
+        row = self.conn.execute("SELECT counts FROM backfill_runs WHERE id = ?",
+                                (run_id,)).fetchone()
+        counts = loads(row[0]) if row is not None else {}
+        for name, tally in (("planned", planned), ("already", already)):
+            into = counts.setdefault(name, {})
+            for vendor, n in tally.items():
+                into[vendor] = into.get(vendor, 0) + n
+        for vendor, reasons in skipped.items():
+            into = counts.setdefault("skipped", {}).setdefault(vendor, {})
+            for reason, n in reasons.items():
+                into[reason] = into.get(reason, 0) + n
+        counts["events_known"] = counts.get("events_known", 0) + known
+        self.conn.execute(
+            "UPDATE backfill_runs SET lines_done = ?, counts = CAST(? AS TEXT), updated_ms = ?, "
+            "finished_ms = CASE WHEN ? THEN ? END WHERE id = ?",
+            (lines_done, encode(counts), now, finished, now, run_id))
+        return planned, already, known
+
+
+# A backfilled delivery: pending at once, unless a row of any kind (a live one, a claim, an
+# earlier run's) holds its key. A ``backfill-<run>`` request id names the run that planned it.
+_BACKFILL_DELIVERY = (
+    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, next_attempt_ms, created_ms, updated_ms, request_id) "
+    "SELECT ?1, ?2, ?3, 0, ?4, ?5, 'pending', CAST(?6 AS TEXT), ?7, ?7, ?8, ?9 "
+    "WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE site_id = ?1 AND vendor = ?2 "
+    "AND dedup_key = ?3)")
+
+
 class ThreadWriter:
     """The writer in a thread of this process: aiosqlite's connection thread.
 
@@ -588,8 +700,12 @@ class ProcessWriter:
         env = {k: v for k, v in os.environ.items() if len(k) + len(v) < 65536}
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        # -P: without it, ``-m`` puts the working directory first on the path, and a shop
+        # that runs ``onetag serve`` from a project with a ``server/`` package of its own
+        # would start that package's module instead of this writer.
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.store.sqlite_writer", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-P", "-m", "server.store.sqlite_writer",
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env, limit=1 << 24)
         self._replies = asyncio.create_task(self._read_replies(), name="onetag-writer-replies")
         try:

@@ -292,16 +292,23 @@ def _products(event: dict[str, Any], ctx: PlanContext, cur: str) -> list[VendorR
     for index, item in enumerate(c.ecommerce(event)["items"]):
         if not (item.get("item_url") and item.get("image_url")):
             continue
-        body = c.compact({
-            "product_id": item["item_id"],
-            "sku": c.sku(item),
-            "product_name": item.get("item_name"),
-            "item_price": _number(item.get("price_minor"), cur),
-            "product_url": item["item_url"],
-            "image_url": item["image_url"],
-            "categories": item.get("categories") or None,
-            "brand": item.get("item_brand"),
-        })
-        requests.append(_post(ctx, "product-added", body,
-                              f"product-added:{event['event_id']}:{index}", needs_email=False))
+        requests.append(product_added(item, ctx, cur,
+                                      f"product-added:{event['event_id']}:{index}"))
     return requests
+
+
+def product_added(item: dict[str, Any], ctx: PlanContext, cur: str, key: str) -> VendorRequest:
+    """product-added for one item (a normalised event item, or a catalog product in the same
+    keys: server/product_sync.py). "You must sync product data nightly, and for all changes"
+    (SL guide, Historical data sync): the catalog's sync sends the same body."""
+    body = c.compact({
+        "product_id": item["item_id"],
+        "sku": c.sku(item),
+        "product_name": item.get("item_name"),
+        "item_price": _number(item.get("price_minor"), cur),
+        "product_url": item["item_url"],
+        "image_url": item["image_url"],
+        "categories": item.get("categories") or None,
+        "brand": item.get("item_brand"),
+    })
+    return _post(ctx, "product-added", body, key, needs_email=False)
