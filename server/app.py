@@ -15,7 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from .admin import admin_routes
+from .admin import admin_app
 from .assets import static_dir
 from .coupons import PATH as COUPONS_PATH, Coupons
 from .demo import Demo
@@ -108,7 +108,7 @@ def create_app(settings: Any, store: Any = None,
                                         minimum_size=1024), name="static"),
         # The operator console (server/admin/): off, saying how to turn it on, without
         # [server] admin_token.
-        Mount("/admin", routes=admin_routes(settings, store)),
+        Mount("/admin", app=admin_app(settings, store)),
     ]
     if settings.is_demo:
         demo = Demo(settings, store, scripts.env,

@@ -61,6 +61,10 @@ MAX_EMAIL = 254
 MAX_STORE_ANSWER = 64 * 1024  # bytes of the webhook's answer read; more is garbage
 MAX_STORE_MESSAGE = 300  # characters of the store's error_message passed on
 RECORD_TIMEOUT_S = 2.0  # the call log's write; the answer does not wait longer for it
+# Calls without the right key are anyone's: each would cost a writer transaction, a row and
+# a warning line. At most this many a minute per site are kept and logged (enough to see a
+# misconfigured key); the rest are only answered.
+UNAUTHORIZED_KEPT_PER_MINUTE = 20
 
 CODE_RE = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_CODE)  # printable ASCII, no spaces
 TEMPLATE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -431,6 +435,7 @@ class Coupons:
         self.store = store
         self.transport = transport  # tests only: where the webhook's requests go
         self.body_timeout_s = settings.server.body_timeout_s
+        self._unauthorized: dict[str, tuple[float, int]] = {}  # site: (window start, kept)
 
     async def discounts(self, request: Request) -> Response:
         rid = logs.request_id(request.headers.get("x-request-id"))
@@ -455,6 +460,8 @@ class Coupons:
                                  error=f"{type(exc).__name__}: {str(exc)[:200]}")
         call.update(status=answer.status, result=answer.result, store_status=answer.store_status,
                     error=answer.error, duration_ms=int((time.monotonic() - started) * 1000))
+        if answer.result == "unauthorized" and not self._keep_unauthorized(site_id):
+            return remarkety_answer(answer.status, answer.message, rid)
         await self._record(call)
         level = logging.INFO if answer.ok else logging.WARNING
         log.log(level, "coupon call for site %s: %s (%d)%s", site_id, answer.result,
@@ -510,6 +517,20 @@ class Coupons:
         except TimeoutError:
             raise Invalid(408, "body", f"was not received within {self.body_timeout_s:g} s") from None
         return b"".join(chunks)
+
+    def _keep_unauthorized(self, site_id: str) -> bool:
+        """Whether this minute's calls without the right key for ``site_id`` (a configured
+        site: the dict stays small) are still under ``UNAUTHORIZED_KEPT_PER_MINUTE``."""
+        now = time.monotonic()
+        start, kept = self._unauthorized.get(site_id, (now, 0))
+        if now - start >= 60:
+            start, kept = now, 0
+        self._unauthorized[site_id] = (start, kept + 1)
+        if kept == UNAUTHORIZED_KEPT_PER_MINUTE:
+            log.warning("more than %d coupon calls without the right key for site %s this "
+                        "minute: the rest of the minute's are answered, not kept or logged",
+                        UNAUTHORIZED_KEPT_PER_MINUTE, site_id, extra={"site_id": site_id})
+        return kept < UNAUTHORIZED_KEPT_PER_MINUTE
 
     async def _record(self, call: dict[str, Any]) -> None:
         """Keep the call through the store's writer; a store that can't (or not within

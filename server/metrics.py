@@ -30,6 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .admin.auth import LoginThrottle
 from .events import STANDARD
 from .vendors import VENDORS
 
@@ -65,6 +66,9 @@ class Metrics:
         server = settings.server
         self.admin_token: str | None = server.admin_token or None
         self.public = server.metrics_public
+        # The admin token guessed here is bounded as at the console's login: wrong ones
+        # are answered late, and an address with too many is refused for a while.
+        self.throttle = LoginThrottle()
         self.sites = frozenset(settings.sites)
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
@@ -136,24 +140,37 @@ class Metrics:
 
     # The endpoint ---------------------------------------------------------------------------
 
-    def _refusal(self, request: Request) -> Response | None:
-        """None if this request may read the metrics; else its 401/404."""
+    async def _refusal(self, request: Request) -> Response | None:
+        """None if this request may read the metrics; else its 401/404/429. A request
+        with a wrong Authorization counts as a guess (``LoginThrottle``); one without is
+        just refused."""
         if self.public:
             return None
         if not self.admin_token:
             return _problem(404, "not_found", "metrics", "is off: set [server] admin_token and "
                             "scrape with \"Authorization: Bearer <admin_token>\", or set "
                             "[server] metrics_public = true")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = request.headers.get("authorization")
+        address = request.client.host if request.client else "unknown"
+        wait = self.throttle.retry_after(address) if given else 0
+        if wait:
+            return _problem(429, "too_many_requests", "authorization",
+                            f"too many wrong tokens from your address; try again in {wait} s",
+                            {"Retry-After": str(wait)})
+        scheme, _, token = (given or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
                 token.strip().encode(), self.admin_token.encode()):
+            if given:
+                self.throttle.failed(address)
+                await asyncio.sleep(self.throttle.delay_s)
             return _problem(401, "unauthorized", "authorization",
                             "send \"Authorization: Bearer <[server] admin_token>\"",
                             {"WWW-Authenticate": 'Bearer realm="onetag metrics"'})
+        self.throttle.succeeded(address)
         return None
 
     async def endpoint(self, request: Request) -> Response:
-        refusal = self._refusal(request)
+        refusal = await self._refusal(request)
         if refusal is not None:
             return refusal
         await self.store_collector.refresh()

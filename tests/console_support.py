@@ -21,6 +21,7 @@ SECRETS = {
     "sendlane api_token": "sendlane-token-Jj7Kk8Ll",
     "coupons remarkety_api_key": "coupons-remarkety-key-Mm9Nn0Oo",
     "coupons webhook_secret": "coupons-webhook-secret-Pp1Qq2Rr",
+    "feed_token": "feed-token-Ss3Tt4Uu-0123456789",
 }
 ORIGIN = "https://shop.example"
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]*)"')
@@ -37,7 +38,7 @@ def console_settings(tmp_path: Any, *, admin_token: str | None = ADMIN_TOKEN,
         server["admin_token"] = admin_token
     site = {
         "id": "shop1", "origins": [ORIGIN], "api_key": SECRETS["site api_key"],
-        "identity_secret": SECRETS["identity_secret"],
+        "identity_secret": SECRETS["identity_secret"], "feed_token": SECRETS["feed_token"],
         "rejoiner": {"site_id": "REJ1", "domain": "shop.example",
                      "api_key": SECRETS["rejoiner api_key"],
                      "api_base": f"{vendor_base}/rejoiner"},

@@ -488,3 +488,21 @@ def test_verify_reads_any_header_without_failing(header, body):
     assert coupons.verify(WEBHOOK_SECRET, f"t={now},v1={header}", body, now=now) is False
     assert coupons.verify(WEBHOOK_SECRET, coupons.signature(WEBHOOK_SECRET, now, body), body,
                           now=now)
+
+
+async def test_calls_without_the_key_are_kept_only_up_to_a_bound_a_minute(tmp_path, store_ok,
+                                                                         monkeypatch, caplog):
+    """Anyone can call without the key: each call kept is a writer transaction, a row and a
+    warning line, so a flood of them is answered but not all kept."""
+    monkeypatch.setattr(coupons, "UNAUTHORIZED_KEPT_PER_MINUTE", 3)
+    caplog.set_level(logging.INFO, logger="onetag.coupons")
+    async with bridge(coupon_settings(tmp_path, store_ok.url("store"))) as client:
+        for _ in range(10):
+            refused = await client.post(remarkety_url("wrong-key-0123456789", **GOOD))
+            assert refused.status_code == 403
+        created = await client.post(remarkety_url(**GOOD))
+        assert created.status_code == 200, created.text
+    assert [call["result"] for call in calls(tmp_path)] == ["unauthorized"] * 3 + ["created"]
+    warned = [r for r in caplog.records if "unauthorized (403)" in r.getMessage()]
+    assert len(warned) == 3
+    assert any("the rest of the minute's are answered" in r.getMessage() for r in caplog.records)

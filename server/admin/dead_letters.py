@@ -27,10 +27,13 @@ from .scrub import scrub, secret_values
 from .web import PREFIX, SECURITY_HEADERS, Console, now_ms
 
 PAGE_ROWS = 50
-RELATIVE_RE = re.compile(r"^(\d{1,6})\s*([mhdw])$")
+RELATIVE_RE = re.compile(r"^([0-9]{1,6})\s*([mhdw])$")
+ID_RE = re.compile(r"[0-9]{1,18}")  # a row id: ASCII digits only (isdigit takes "²" too)
 UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
 MAX_FIELD_CHARS = 64  # a time, a site id, a vendor name
 TIME_CHOICES = {"created": "created", "updated": "last attempt"}
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant iso_ms can write
 
 
 class BadFilter(ValueError):
@@ -51,7 +54,7 @@ def parse_time(text: str, now: int, field: str) -> int | None:
         raise BadFilter(field, f"at most {MAX_FIELD_CHARS} characters")
     match = RELATIVE_RE.match(text)
     if match:
-        return now - int(match.group(1)) * UNIT_MS[match.group(2)]
+        return _in_range(now - int(match.group(1)) * UNIT_MS[match.group(2)], field)
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T", 1))
     except ValueError:
@@ -59,17 +62,26 @@ def parse_time(text: str, now: int, field: str) -> int | None:
                                "2026-01-31 or 2026-01-31T14:00") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
-    try:
-        return int(when.timestamp() * 1000)
+    try:  # integer arithmetic: a float timestamp * 1000 can be a millisecond off
+        ms = (when - EPOCH) // dt.timedelta(milliseconds=1)
     except (OverflowError, OSError, ValueError):
         raise BadFilter(field, "out of range") from None
+    return _in_range(ms, field)
+
+
+def _in_range(ms: int, field: str) -> int:
+    """``ms`` if it is an instant the pages can show (1970 to 9999, UTC); ``999999w`` ago is
+    not, and would fail when the page writes it back."""
+    if not 0 <= ms <= MAX_MS:
+        raise BadFilter(field, "out of range: from 1970-01-01 to 9999-12-31 (UTC)")
+    return ms
 
 
 def iso_ms(ms: int | None) -> str:
     """Unix ms → an ISO instant ``parse_time`` reads back exactly."""
     if ms is None:
         return ""
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(
+    return (EPOCH + dt.timedelta(milliseconds=ms)).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -151,7 +163,7 @@ def routes(console: Console) -> list[Route]:
         try:
             selection = parse_filter(params, settings.sites, now)
             before = params.get("before") or None
-            if before is not None and (not before.isdigit() or len(before) > 18):
+            if before is not None and not ID_RE.fullmatch(before):
                 raise BadFilter("before", "a delivery id")
         except BadFilter as exc:
             context["problem"] = str(exc)
@@ -177,7 +189,7 @@ def routes(console: Console) -> list[Route]:
         """The filter form, the matching rows, the dry-run count and recent replays."""
         notice = None
         replayed = request.query_params.get("replayed")
-        if replayed and replayed.isdigit() and len(replayed) < 18:
+        if replayed and ID_RE.fullmatch(replayed):
             found = [r for r in await recent_replays(console.db(), 50)
                      if r["id"] == int(replayed)]
             if found:
@@ -195,7 +207,7 @@ def routes(console: Console) -> list[Route]:
             shown = form.get("shown") or ""
             if not re.fullmatch(r"[0-9a-f]{32}", expect):
                 raise BadFilter("expect", "the dry run's fingerprint is missing; list again")
-            if not shown.isdigit() or len(shown) > 9:
+            if not re.fullmatch(r"[0-9]{1,9}", shown):
                 raise BadFilter("shown", "the count shown is missing; list again")
             if selection.states[0] not in REPLAYABLE_STATES:
                 raise BadFilter("state", f"{selection.states[0]} deliveries are not replayed")

@@ -17,6 +17,8 @@ from .. import cli
 from ..store import sqlite_console_search as q
 from .web import PREFIX, SECURITY_HEADERS, Console, now_ms
 
+MAX_ID = 2 ** 63 - 1  # SQLite's largest integer: a larger id in the URL names nothing
+
 
 def routes(console: Console) -> list[Route]:
     def not_found(request: Request, what: str) -> Response:
@@ -28,7 +30,7 @@ def routes(console: Console) -> list[Route]:
         deliveries planned from it."""
         seq = request.path_params["seq"]
         db = console.db()
-        found = await q.event(db, seq)
+        found = await q.event(db, seq) if seq <= MAX_ID else None
         if found is None:
             return not_found(request, f"event with seq {seq}")
         deliveries = await q.deliveries_of_events(db, [seq])
@@ -39,7 +41,7 @@ def routes(console: Console) -> list[Route]:
         """The delivery row, what it was planned to send, and every attempt kept: the
         request as sent beside the vendor's answer."""
         delivery_id = request.path_params["id"]
-        found = await q.delivery(console.db(), delivery_id)
+        found = await q.delivery(console.db(), delivery_id) if delivery_id <= MAX_ID else None
         if found is None:
             return not_found(request, f"delivery #{delivery_id}")
         attempts = await console.store.attempts(delivery_id)
@@ -56,6 +58,8 @@ def routes(console: Console) -> list[Route]:
         """POST: make this one delivery due again (dead, or expired with an email now)."""
         await console.form(request)
         delivery_id = request.path_params["id"]
+        if delivery_id > MAX_ID:
+            return not_found(request, f"delivery #{delivery_id}")
         rows = await console.store.list_deliveries(ids=[delivery_id], limit=1)
         if not rows:
             return not_found(request, f"delivery #{delivery_id}")

@@ -4,13 +4,16 @@ The stream tails the events table by ``seq`` on the store's read connection, eve
 ``POLL_S``, so it shows events written by any process (another ``onetag serve`` on the same
 file, a worker, a backfill). The filters are applied in the query; each message carries at
 most ``ROWS_PER_MESSAGE`` rows; a comment every ``HEARTBEAT_S`` keeps proxies from closing
-an idle stream; the loop ends when the client goes away.
+an idle stream; the loop ends when the client goes away, or when its login expires or logs
+out. At most ``MAX_STREAMS_PER_SESSION`` streams per login and ``MAX_STREAMS`` in all are
+open at once (each polls the database); more are answered 429.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any, AsyncIterator
 from urllib.parse import urlencode
@@ -28,6 +31,13 @@ ROWS_PER_MESSAGE = 100
 FIRST_ROWS = 50
 FILTERS = ("site", "name", "source", "email", "sc")
 MAX_FILTER_CHARS = {"site": 64, "name": 64, "source": 20, "email": 254, "sc": 64}
+# A seq: ASCII digits that fit SQLite's integers (str.isdigit also takes "²", which int()
+# refuses, and any length, which SQLite refuses).
+SEQ_RE = re.compile(r"[0-9]{1,18}")
+# Each open stream polls the database every POLL_S: at most this many per login and in all
+# (more answer 429). A Live tab holds one; a browser allows ~6 connections per host anyway.
+MAX_STREAMS_PER_SESSION = 4
+MAX_STREAMS = 32
 
 
 class BadFilter(ValueError):
@@ -61,17 +71,62 @@ def row_json(row: dict[str, Any]) -> dict[str, Any]:
             "href": f"{PREFIX}/events/{row['seq']}"}
 
 
+class Streams:
+    """The open streams, by session nonce: what the bounds are checked against."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    def refusal(self, nonce: str) -> str | None:
+        """Why one more stream for this session may not open, or None."""
+        if self.open.get(nonce, 0) >= MAX_STREAMS_PER_SESSION:
+            return (f"too many Live streams open for this login (at most "
+                    f"{MAX_STREAMS_PER_SESSION}): close a Live tab")
+        if sum(self.open.values()) >= MAX_STREAMS:
+            return f"too many Live streams open (at most {MAX_STREAMS} in all); try later"
+        return None
+
+    def opened(self, nonce: str) -> None:
+        self.open[nonce] = self.open.get(nonce, 0) + 1
+
+    def closed(self, nonce: str) -> None:
+        left = self.open.get(nonce, 0) - 1
+        if left > 0:
+            self.open[nonce] = left
+        else:
+            self.open.pop(nonce, None)
+
+
+class CountedStream(StreamingResponse):
+    """A StreamingResponse that calls ``on_close`` once it is over, however it ends (the
+    client gone, the stream ended, or cancelled before its first byte)."""
+
+    def __init__(self, *args: Any, on_close: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 async def tail(console: Console, request: Request, filters: dict[str, str], after: int,
                poll_s: float = POLL_S, heartbeat_s: float = HEARTBEAT_S,
-               until_ms: int | None = None) -> AsyncIterator[str]:
+               until_ms: int | None = None, session: str | None = None
+               ) -> AsyncIterator[str]:
     """SSE text: ``event: events`` messages (``id:`` the last seq scanned, data a JSON list
-    of rows), heartbeat comments, until the client disconnects or ``until_ms`` (the
-    session's expiry: an open page does not outlive its login)."""
+    of rows), heartbeat comments, until the client disconnects, ``until_ms`` (the
+    session's expiry) or the ``session`` (its nonce) logs out: an open page does not
+    outlive its login."""
     where = q.live_filter(**filters)
     last_sent = time.monotonic()
     yield "retry: 2000\n\n"
     while True:
         if await request.is_disconnected() or (until_ms is not None and now_ms() >= until_ms):
+            return
+        if session is not None and session in console.revoked:
             return
         db = console.db()
         top = await q.latest_seq(db)
@@ -92,6 +147,8 @@ async def tail(console: Console, request: Request, filters: dict[str, str], afte
 
 
 def routes(console: Console) -> list[Route]:
+    streams = Streams()
+
     async def page(request: Request) -> Response:
         """The latest events (filtered) and the stream's address for what comes next."""
         try:
@@ -116,14 +173,20 @@ def routes(console: Console) -> list[Route]:
             return Response(str(exc), status_code=400, media_type="text/plain",
                             headers=SECURITY_HEADERS)
         given = request.headers.get("last-event-id") or request.query_params.get("after")
-        if given is not None and not given.isdigit():
+        if given is not None and not SEQ_RE.fullmatch(given):
             return Response("after: must be an event seq (digits)", status_code=400,
                             media_type="text/plain", headers=SECURITY_HEADERS)
         after = int(given) if given else await q.latest_seq(console.db())
-        operator = console.operator(request)
-        return StreamingResponse(tail(console, request, filters, after,
-                                      until_ms=operator.expires_ms if operator else None),
-                                 media_type="text/event-stream",
-                                 headers={**SECURITY_HEADERS, "X-Accel-Buffering": "no"})
+        operator = console.operator(request)  # the route asks for a login: never None here
+        refusal = streams.refusal(operator.nonce)
+        if refusal is not None:
+            return Response(refusal, status_code=429, media_type="text/plain",
+                            headers={**SECURITY_HEADERS, "Retry-After": "10"})
+        streams.opened(operator.nonce)
+        return CountedStream(tail(console, request, filters, after, until_ms=operator.expires_ms,
+                                  session=operator.nonce),
+                             media_type="text/event-stream",
+                             headers={**SECURITY_HEADERS, "X-Accel-Buffering": "no"},
+                             on_close=lambda: streams.closed(operator.nonce))
 
     return [console.route("/live", page), console.route("/live/stream", stream)]

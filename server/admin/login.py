@@ -14,8 +14,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from . import auth
-from .web import (LOGIN_COOKIE, PREFIX, SECURITY_HEADERS, SESSION_COOKIE, Console, now_ms,
-                  safe_next)
+from .web import (LOGIN_COOKIE, PREFIX, SECURITY_HEADERS, SESSION_COOKIE, Console, forbidden,
+                  now_ms, safe_next)
 
 
 def routes(console: Console) -> list[Route]:
@@ -69,11 +69,22 @@ def routes(console: Console) -> list[Route]:
         console.clear_cookie(request, response, SESSION_COOKIE)
         return response
 
+    async def refused(request: Request) -> Response:
+        """A login POST without its token. With no login cookie left (the form sat open for
+        over an hour, or cookies were cleared) that is an expired form: the form again,
+        with a fresh token and saying so. Otherwise the plain 403 of any console POST."""
+        login_cookie = auth.read_signed(console.key, "login", request.cookies.get(LOGIN_COOKIE),
+                                        now_ms())
+        if login_cookie is not None or console.operator(request) is not None:
+            return forbidden()
+        return login_page(request, 403, "This login form has expired (a form lasts an hour): "
+                                        "enter the token again.")
+
     async def index(request: Request) -> Response:
         return RedirectResponse(PREFIX + "/live", 303, headers=SECURITY_HEADERS)
 
     return [
         console.route("/", index),
-        console.route("/login", login, methods=["GET", "POST"], login=False),
+        console.route("/login", login, methods=["GET", "POST"], login=False, refused=refused),
         console.route("/logout", logout, methods=["POST"]),
     ]

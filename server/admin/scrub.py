@@ -17,12 +17,12 @@ MIN_SECRET_CHARS = 4  # shorter values would blank out ordinary text
 
 
 def secret_values(settings: Any) -> tuple[str, ...]:
-    """Every secret the config holds: the admin token, sites' api_key and identity_secret,
-    the coupons bridge's two, and each vendor's keys declared ``secret`` in its module's
-    SETTINGS. Longest first."""
+    """Every secret the config holds: the admin token, sites' api_key, identity_secret and
+    feed_token, the coupons bridge's two, and each vendor's keys declared ``secret`` in its
+    module's SETTINGS. Longest first."""
     found = {settings.server.admin_token}
     for site in settings.sites.values():
-        found |= {site.api_key, site.identity_secret}
+        found |= {site.api_key, site.identity_secret, getattr(site, "feed_token", None)}
         coupons = getattr(site, "coupons", None)  # [sites.coupons]: the Remarkety bridge's
         if coupons is not None:
             found |= {coupons.remarkety_api_key, coupons.webhook_secret}

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from ..assets import templates_dir
 from . import auth
+from .scrub import scrub, secret_values
 
 PREFIX = "/admin"
 SESSION_COOKIE = "onetag_admin"
@@ -78,7 +79,11 @@ class Console:
             loader=jinja2.FileSystemLoader(str(templates_dir())),
             autoescape=True, trim_blocks=True,
             lstrip_blocks=True)
-        self.env.filters.update(when=format_ms, age=format_age, pretty=pretty_json)
+        secrets = secret_values(settings)
+        # ``|scrub`` on whatever a vendor wrote (answers, errors): a configured secret it
+        # echoes is shown as [redacted] (``scrub.py``).
+        self.env.filters.update(when=format_ms, age=format_age, pretty=pretty_json,
+                                scrub=lambda text: scrub(text, secrets))
         self.env.globals.update(prefix=PREFIX)
         # Set by the Dead letters page module (console-b) when it keeps a record of replays:
         # ``await replay_recorder(request, rows, scope)`` after every replay made from a page
@@ -153,17 +158,19 @@ class Console:
     # Routes -----------------------------------------------------------------------------
 
     def route(self, path: str, handler: Handler, methods: Iterable[str] = ("GET",), *,
-              login: bool = True, name: str | None = None) -> Route:
-        """A console route: a POST must carry the CSRF token (403 otherwise, before the
-        handler runs); with ``login`` (the default) a request without a session is sent to
-        the login page (303, or 401 for a POST or a fetch asking for JSON)."""
+              login: bool = True, name: str | None = None,
+              refused: Handler | None = None) -> Route:
+        """A console route: with ``login`` (the default) a request without a session is sent
+        to the login page (303, or 401 for a POST or a fetch asking for JSON: a form posted
+        after the session expired says so, not "CSRF"); then a POST must carry the CSRF
+        token (else 403, or what ``refused`` answers) before the handler runs."""
         console = self
 
         async def endpoint(request: Request) -> Response:
-            if request.method == "POST" and not await console.csrf_valid(request):
-                return forbidden()
             if login and console.operator(request) is None:
                 return console.login_redirect(request)
+            if request.method == "POST" and not await console.csrf_valid(request):
+                return await refused(request) if refused is not None else forbidden()
             response = await handler(request)
             for header, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(header, value)

@@ -42,7 +42,11 @@
     var status = document.getElementById("live-status");
     var source = new EventSource(url);
     source.onopen = function () { if (status) status.textContent = "live"; };
-    source.onerror = function () { if (status) status.textContent = "reconnecting…"; };
+    /* CLOSED: the browser gave up (logged out, or too many Live streams open: 429). */
+    source.onerror = function () {
+      if (status) status.textContent = source.readyState === EventSource.CLOSED
+        ? "stopped: reload the page" : "reconnecting…";
+    };
     source.addEventListener("events", function (message) {
       var rows = JSON.parse(message.data);
       var empty = document.getElementById("live-empty");
@@ -81,7 +85,8 @@
             row.querySelector(".event").textContent = check.event;
           });
           var when = box.querySelector(".checked");
-          if (when) when.textContent = "checked " + new Date().toLocaleTimeString();
+          /* UTC, as every time in the console (toLocaleTimeString named no zone). */
+          if (when) when.textContent = "checked " + new Date().toISOString().slice(11, 19) + " UTC";
         })
         .catch(function () {
           var when = box.querySelector(".checked");

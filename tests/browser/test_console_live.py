@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.request
 import uuid
@@ -220,6 +221,8 @@ def test_the_console_in_a_browser(shop, fake, static_server, context, wait_until
                "the origin check to see the page's events")
     page.click("button.refresh")
     page.wait_for_selector(".checked >> text=checked")
+    # A time with its zone, like every other time in the console.
+    assert re.fullmatch(r"checked \d\d:\d\d:\d\d UTC", page.text_content(".checked"))
     shoot(page, "install")
     assert_no_secret(page, "Install")
 
@@ -227,4 +230,20 @@ def test_the_console_in_a_browser(shop, fake, static_server, context, wait_until
     page.click("button:has-text('Log out')")
     page.wait_for_url("**/admin/login")
     page.goto(shop.url + "/admin/live")
+    assert "/admin/login" in page.url
+
+
+def test_logging_out_elsewhere_stops_the_live_page(shop, context, wait_until):
+    """The stream ends with the login; the page says it stopped rather than 'reconnecting'
+    forever (its reconnection is sent to the login page, which is not a stream)."""
+    page = context.new_page()
+    log_in(page, shop)
+    wait_until(lambda: page.text_content("#live-status") == "live", "the live stream")
+    other = context.new_page()  # another tab of the same login logs out
+    other.goto(shop.url + "/admin/install")
+    other.click("button:has-text('Log out')")
+    other.wait_for_url("**/admin/login")
+    wait_until(lambda: page.text_content("#live-status") == "stopped: reload the page",
+               "the Live page to say its stream stopped")
+    page.reload()
     assert "/admin/login" in page.url
