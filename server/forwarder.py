@@ -19,7 +19,8 @@ What an answer means (``classify``):
 - 408, 409, 425, 429, 5xx, timeouts, refused or reset connections: retry later, with
   exponential backoff and jitter, or at the time a ``Retry-After`` header names (seconds or
   an HTTP date). A 429, or a 503 with ``Retry-After``, also pauses the whole lane until then:
-  the vendor's limit is per account, not per request.
+  the vendor's limit is per account, not per request. The pause is kept by the store
+  (``pause_vendor``/``paused_until``): on PostgreSQL every worker reads it before claiming.
 - any other 4xx (400 malformed, 401 bad key, 404, 422 invalid data, ...) and 3xx (redirects
   are not followed: a POST API that redirects is misconfigured): permanent, ``dead`` at once,
   with the status and the response body in ``last_error``. A vendor module may say otherwise
@@ -508,6 +509,8 @@ class Forwarder:
                 await self._rest(lane, 1.0 / lane.rate)  # type: ignore[operator]
                 continue
             lane.wake.clear()
+            if await self._paused_elsewhere(lane, now):
+                continue
             try:
                 rows = await self.store.claim(int(now * 1000), int(opts.lease_s * 1000), want,
                                               vendors=(lane.name,))
@@ -534,6 +537,18 @@ class Forwarder:
             backlog = len(rows) == want
             if not backlog:
                 await self._rest(lane, opts.idle_poll_s)
+
+    async def _paused_elsewhere(self, lane: _Lane, now: float) -> bool:
+        """Whether another forwarder on this store paused the vendor (``store.paused_until``:
+        a 429 it got); the pause becomes this lane's too, and the loop rests it out."""
+        try:
+            until = await self.store.paused_until(lane.name) / 1000
+        except Exception:  # the claim that follows meets the same problem and says so
+            return False
+        if until <= now:
+            return False
+        lane.paused_until = max(lane.paused_until, until)
+        return True
 
     async def _every(self, interval_s: float, job: Any, what: str) -> None:
         """``job()`` now and every ``interval_s`` until stopped. A store that can't be
@@ -633,8 +648,15 @@ class Forwarder:
             lane.wake.set()
         now = self.clock()
         outcome = self._outcome(delivery, verdict, now, trace.record(delivery, now))
+        if delivery.lease:  # the claim it answers: a lease taken over since makes it late
+            outcome = dataclasses.replace(outcome, lease=delivery.lease)
         if verdict.pause_lane and outcome.state == PENDING:
             lane.paused_until = max(lane.paused_until, outcome.next_attempt_ms / 1000)
+            try:  # every forwarder on the store holds off, not only this one
+                await self.store.pause_vendor(delivery.vendor, outcome.next_attempt_ms)
+            except Exception as exc:
+                log.warning("%s: the pause until %d could not be shared (%s)", delivery.vendor,
+                            outcome.next_attempt_ms, exc)
         self._log(delivery, verdict, outcome, now)
         if self.metrics is not None:
             self.metrics.delivery(delivery.vendor, outcome.state, verdict.status,

@@ -102,6 +102,7 @@ class Delivery:
     created_ms: int
     retry_from_ms: int = 0  # the retry window starts here: planned, or last replayed
     request_id: str | None = None  # of the HTTP request that planned it (server/logs.py)
+    lease: int = 0  # names this claim (PostgreSQL: a claim token); 0 where a backend has none
 
 
 class Attempt(NamedTuple):
@@ -127,6 +128,9 @@ class Outcome:
     next_attempt_ms: int = 0
     error: str | None = None
     attempt: Attempt | None = None  # kept in the attempts table beside the row's new state
+    # The claim it answers (``Delivery.lease``): a backend with several workers ignores an
+    # outcome whose lease another worker has since taken over (the late-outcome guard).
+    lease: int = 0
 
 
 class Store(abc.ABC):
@@ -215,6 +219,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None: ...
+
+    # A vendor's pause (429 / Retry-After), seen by every forwarder on this store. This
+    # default keeps it in the process (one SQLite writer, one forwarder); PostgreSQL keeps it
+    # in ``vendor_pauses``, so every worker on the database honours it.
+
+    async def pause_vendor(self, vendor: str, until_ms: int) -> None:
+        """Nothing goes to ``vendor`` before ``until_ms`` (a later pause wins)."""
+        pauses = self.__dict__.setdefault("_vendor_pauses", {})
+        pauses[vendor] = max(pauses.get(vendor, 0), int(until_ms))
+
+    async def paused_until(self, vendor: str) -> int:
+        """When ``vendor``'s pause ends (epoch ms); 0 when it was never paused."""
+        return self.__dict__.get("_vendor_pauses", {}).get(vendor, 0)
 
     async def prune_attempts(self, before_ms: int, limit: int) -> int:
         """Delete at most ``limit`` attempts started before ``before_ms``; returns how many."""

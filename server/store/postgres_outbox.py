@@ -1,26 +1,484 @@
-"""The outbox half of the PostgreSQL store (claims with leases, outcomes, replays, stats):
-written on the ``pgscale`` branch, which replaces this file. ``PostgresStore`` inherits it
-and lends it ``self.pool`` (asyncpg).
+"""The delivery outbox on PostgreSQL: claims, leases and outcomes shared by many workers.
 
-Until then each outbox call says so, rather than the store failing to instantiate: ingest,
-``onetag migrate`` and ``session_view`` work without it.
+A mixin for ``PostgresStore`` (``self.pool``: an asyncpg pool; ``self.sites``). Where the
+SQLite store has one writer that serialises every claim, here any number of ``onetag
+worker`` processes (and ``serve`` nodes with ``forward = true``) claim from one table at
+once. The protocol (docs/architecture.md, "The claim protocol"):
+
+- A claim takes due rows with ``FOR UPDATE SKIP LOCKED`` and leases them in the same
+  statement: ``lease_until`` is the lease's end (a dead worker's row is due again then)
+  and ``claim_token`` gets a new number from the ``delivery_claims`` sequence (neither is
+  indexed: the claim is a HOT update). Two workers never get the same row while its lease
+  runs: the second either skips the locked row or, once the first committed, re-checks it
+  and finds it leased.
+- One row in flight per (site, vendor, visitor), and in order: a row is claimable only if
+  its visitor has no earlier pending row for that vendor (``outbox_rules.CLAIMABLE``, the
+  same rule SQLite's claim applies). A leased row is still pending, so the visitor's next
+  row waits for its outcome, whichever worker holds it.
+- A finish changes a row only while it is still pending under the token it was claimed
+  with: an outcome that comes back after its lease was taken over is ignored (the attempt
+  itself is still kept, it happened).
+- A vendor's pause (429 / Retry-After) is a row of ``vendor_pauses`` that every worker reads
+  before claiming for that vendor.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..jsontext import encode, loads
+from .. import outbox
+from . import deadletters, outbox_rules
+from .base import Delivery, Outcome, StoreUnavailable
+from .deadletters import ReplayFilter
+from .rules import identity_fields
+
+log = logging.getLogger("onetag.store")
+
+# A lane asks for its vendor's pause before every claim; the answer is reused this long, so
+# a busy lane reads the table a few times a second rather than once a claim. A pause another
+# worker records is seen within it (this worker's own pauses are seen at once).
+PAUSE_CHECK_S = 0.25
+REPLAY_IDS_KEPT = 100  # as sqlite_writer: a replay record lists the rows when at most this many
+
+_CLAIM_COLUMNS = ("d.id, d.site_id, d.vendor, d.dedup_key, d.visitor, d.request, d.attempts, "
+                  "d.created_ms, coalesce(d.retry_from_ms, d.created_ms) AS retry_from_ms, "
+                  "d.request_id, d.claim_token")
 
 
-def _missing(name: str) -> Any:
-    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"PostgresStore.{name}: the PostgreSQL outbox is not in "
-                                  "this build (branch pgscale)")
-    method.__name__ = name
-    return method
+def claim_sql(vendor_filter: str) -> str:
+    """The claim: pick due rows the rule allows, lock them (skipping rows another claim
+    holds), lease them, in one statement. ``$1`` now, ``$2`` the vendor(s), ``$3`` limit,
+    ``$4`` lease in ms. Due longest ago first, as SQLite's."""
+    return (
+        "WITH picked AS (SELECT d.id FROM deliveries d "
+        f"WHERE d.state = 'pending' AND d.next_attempt_ms <= $1 {vendor_filter} "
+        "AND (d.lease_until IS NULL OR d.lease_until <= $1) "
+        f"AND {outbox_rules.CLAIMABLE.format(d='d', p='p')} "
+        "ORDER BY d.next_attempt_ms, d.id LIMIT $3 FOR UPDATE OF d SKIP LOCKED) "
+        "UPDATE deliveries d SET attempts = d.attempts + 1, lease_until = $1 + $4, "
+        "updated_ms = $1, claim_token = nextval('delivery_claims') "
+        f"FROM picked WHERE d.id = picked.id RETURNING {_CLAIM_COLUMNS}")
+
+
+CLAIM_ONE_VENDOR = claim_sql("AND d.vendor = $2")
+CLAIM_SOME_VENDORS = claim_sql("AND d.vendor = ANY($2::text[])")
+CLAIM_ANY_VENDOR = claim_sql("AND $2::text IS NULL")
+
+# The late-outcome guard: pending (a final state is never undone) and still this claim's.
+FINISH = (
+    "UPDATE deliveries d SET state = u.state, next_attempt_ms = u.next_ms, "
+    "last_error = u.error, updated_ms = $6, lease_until = NULL, "
+    "delivered_ms = CASE WHEN u.state = 'delivered' THEN $6 ELSE d.delivered_ms END "
+    "FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) "
+    "AS u(id, state, next_ms, error, lease) "
+    "WHERE d.id = u.id AND d.state = 'pending' AND (u.lease = 0 OR d.claim_token = u.lease)")
+KEEP_ATTEMPTS = (
+    "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, status, "
+    "answer, error) SELECT * FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], "
+    "$5::text[], $6::int[], $7::text[], $8::text[])")
+
+
+def pg_condition(condition: str, first: int) -> str:
+    """A ``deadletters.where`` condition (SQLite's ``?`` and ``0``) in PostgreSQL's terms:
+    ``$first``, ``$first+1``, ... and ``false``. The conditions are deadletters' own, so
+    the console's list and a replay still select through one WHERE clause."""
+    condition = re.sub(r"(?<![\w$.'])0(?![\w'])", "false", condition)
+    pieces = condition.split("?")
+    return pieces[0] + "".join(f"${first + n}{piece}" for n, piece in enumerate(pieces[1:]))
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable("database", f"PostgreSQL: {type(exc).__name__}: {exc}")
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import asyncpg
+
+    return isinstance(exc, (OSError, asyncpg.PostgresConnectionError,
+                            asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                            asyncpg.TooManyConnectionsError))
 
 
 class PostgresOutbox:
-    for _name in ("claim", "finish", "expire_held", "delivery_stats", "replay", "replay_rows",
-                  "list_deliveries"):
-        locals()[_name] = _missing(_name)
-    del _name
+    """The outbox half of ``PostgresStore``; see the module's docstring."""
+
+    pool: Any
+    sites: Mapping[str, Any]
+
+    # Claims and outcomes ------------------------------------------------------------------
+
+    async def claim(self, now_ms: int, lease_ms: int, limit: int,
+                    vendors: Iterable[str] | None = None) -> list[Delivery]:
+        if vendors is None:
+            sql, chosen = CLAIM_ANY_VENDOR, None
+        else:
+            chosen = list(vendors)
+            if not chosen or limit <= 0:
+                return []
+            sql, chosen = ((CLAIM_ONE_VENDOR, chosen[0]) if len(chosen) == 1
+                           else (CLAIM_SOME_VENDORS, chosen))
+        if limit <= 0:
+            return []
+        rows = await self._fetch(sql, now_ms, chosen, limit, lease_ms)
+        rows.sort(key=lambda row: row["id"])
+        return [Delivery(id=row["id"], site_id=row["site_id"], vendor=row["vendor"],
+                         dedup_key=row["dedup_key"], visitor=row["visitor"],
+                         request=loads(row["request"]), attempts=row["attempts"],
+                         created_ms=row["created_ms"], retry_from_ms=row["retry_from_ms"],
+                         request_id=row["request_id"], lease=row["claim_token"])
+                for row in rows]
+
+    async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None:
+        if not outcomes:
+            return
+        ordered = sorted(outcomes, key=lambda o: o.id)  # one lock order: no deadlocks
+        kept = [(o.id, a) for o in ordered if (a := o.attempt) is not None]
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    FINISH, [o.id for o in ordered], [o.state for o in ordered],
+                    [o.next_attempt_ms for o in ordered], [o.error for o in ordered],
+                    [o.lease for o in ordered], now_ms)
+                if kept:
+                    await conn.execute(
+                        KEEP_ATTEMPTS, [i for i, _ in kept], [a.attempt for _, a in kept],
+                        [a.started_ms for _, a in kept], [a.duration_ms for _, a in kept],
+                        [encode(a.request).decode() for _, a in kept],
+                        [a.status for _, a in kept],
+                        [None if a.answer is None else encode(a.answer).decode()
+                         for _, a in kept], [a.error for _, a in kept])
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+    async def expire_held(self, before_ms: int, now_ms: int) -> int:
+        status = await self._execute(
+            "UPDATE deliveries SET state = 'expired', updated_ms = $1 "
+            "WHERE state = 'held' AND created_ms < $2", now_ms, before_ms)
+        return int(status.split()[-1])
+
+    async def prune_attempts(self, before_ms: int, limit: int) -> int:
+        """The oldest first, at most ``limit`` (the forwarder calls it in bounded passes)."""
+        status = await self._execute(
+            "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_ms < $1 "
+            "ORDER BY started_ms LIMIT $2)", before_ms, limit)
+        return int(status.split()[-1])
+
+    # Vendor pauses ----------------------------------------------------------------------
+
+    async def pause_vendor(self, vendor: str, until_ms: int) -> None:
+        """Recorded for every worker; a later pause wins, an earlier one changes nothing."""
+        import time
+
+        seen = self.__dict__.setdefault("_pauses_seen", {})
+        _, known = seen.get(vendor, (0.0, 0))
+        seen[vendor] = (time.monotonic(), max(known, int(until_ms)))
+        await self._execute(
+            "INSERT INTO vendor_pauses (vendor, until_ms, updated_ms) VALUES ($1, $2, $3) "
+            "ON CONFLICT (vendor) DO UPDATE SET until_ms = greatest(vendor_pauses.until_ms, "
+            "excluded.until_ms), updated_ms = excluded.updated_ms",
+            vendor, int(until_ms), int(time.time() * 1000))
+
+    async def paused_until(self, vendor: str) -> int:
+        import time
+
+        seen = self.__dict__.setdefault("_pauses_seen", {})
+        checked, known = seen.get(vendor, (-PAUSE_CHECK_S, 0))
+        now = time.monotonic()
+        if now - checked < PAUSE_CHECK_S:
+            return known
+        rows = await self._fetch("SELECT until_ms FROM vendor_pauses WHERE vendor = $1", vendor)
+        until = max(known, rows[0]["until_ms"]) if rows else known
+        seen[vendor] = (now, until)
+        return until
+
+    # Reads ------------------------------------------------------------------------------
+
+    async def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
+        from .sqlite import with_body
+
+        rows = await self._fetch(
+            "SELECT attempt, started_ms, duration_ms, request, status, answer, error "
+            "FROM attempts WHERE delivery_id = $1 ORDER BY id", delivery_id)
+        planned = await self._fetch("SELECT request FROM deliveries WHERE id = $1", delivery_id)
+        planned_request = loads(planned[0]["request"]) if planned and planned[0]["request"] else {}
+        found = []
+        for row in rows:
+            item = dict(row)
+            item["request"] = with_body(loads(item["request"]), planned_request)
+            item["answer"] = None if item["answer"] is None else loads(item["answer"])
+            found.append(item)
+        return found
+
+    async def delivery_stats(self, now_ms: int) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT vendor, "
+            "count(*) FILTER (WHERE state = 'pending' AND last_error IS NULL) AS pending, "
+            "count(*) FILTER (WHERE state = 'pending' AND last_error IS NOT NULL) AS failing, "
+            "count(*) FILTER (WHERE state = 'held') AS held, "
+            "count(*) FILTER (WHERE state = 'delivered') AS delivered, "
+            "count(*) FILTER (WHERE state = 'dead') AS dead, "
+            "count(*) FILTER (WHERE state = 'browser') AS browser, "
+            "count(*) FILTER (WHERE state = 'expired') AS expired, "
+            "count(*) FILTER (WHERE state = 'ignored') AS ignored, "
+            "min(created_ms) FILTER (WHERE state = 'pending') AS oldest_pending_ms "
+            "FROM deliveries GROUP BY vendor ORDER BY vendor")
+        stats = []
+        for row in rows:
+            item = dict(row)
+            oldest = item.pop("oldest_pending_ms")
+            item["oldest_pending_age_s"] = None if oldest is None else max(0, now_ms - oldest) / 1000
+            stats.append(item)
+        return stats
+
+    async def outbox_depth(self, now_ms: int
+                           ) -> tuple[list[tuple[str, str, int]], dict[str, float]]:
+        """For ``/metrics``: rows per (vendor, state) still in the outbox, and per vendor the
+        age of its oldest pending row. Pending rows are read through the claim index only."""
+        depth = await self._fetch(
+            "SELECT vendor, state, count(*) AS n FROM deliveries "
+            "WHERE state IN ('pending', 'held', 'dead') GROUP BY state, vendor")
+        oldest = await self._fetch(
+            "SELECT vendor, min(created_ms) AS created FROM deliveries "
+            "WHERE state = 'pending' GROUP BY vendor")
+        return ([(r["vendor"], r["state"], r["n"]) for r in depth],
+                {r["vendor"]: max(0, now_ms - r["created"]) / 1000 for r in oldest})
+
+    async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
+                              limit: int = 50, ids: Sequence[int] | None = None
+                              ) -> list[dict[str, Any]]:
+        where, params = ["true"], []
+        if state == "failing":
+            where.append("d.state = 'pending' AND d.last_error IS NOT NULL")
+        elif state:
+            params.append(state)
+            where.append(f"d.state = ${len(params)}")
+        if vendor:
+            params.append(vendor)
+            where.append(f"d.vendor = ${len(params)}")
+        if ids is not None:
+            params.append(list(ids))
+            where.append(f"d.id = ANY(${len(params)}::bigint[])")
+        params.append(limit)
+        rows = await self._fetch(
+            "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.state, d.attempts, "
+            # A leased row is next due when its lease ends (as SQLite's row says it).
+            "greatest(d.next_attempt_ms, d.lease_until) AS next_attempt_ms, d.last_error, "
+            "d.created_ms, d.updated_ms, d.delivered_ms, "
+            "coalesce(d.retry_from_ms, d.created_ms) AS retry_from_ms, d.request_id, "
+            "CASE WHEN d.state = 'pending' THEN (SELECT min(p.id) FROM deliveries p "
+            "WHERE p.site_id = d.site_id AND p.vendor = d.vendor AND p.visitor = d.visitor "
+            "AND p.state = 'pending' AND p.id < d.id) END AS waits_for "
+            f"FROM deliveries d WHERE {' AND '.join(where)} ORDER BY d.id DESC "
+            f"LIMIT ${len(params)}", *params)
+        return [dict(row) for row in rows]
+
+    # Replays ----------------------------------------------------------------------------
+
+    async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
+                     states: Sequence[str] = ("dead",)) -> int:
+        return len(await self.replay_rows(now_ms, vendor=vendor, since_ms=since_ms,
+                                          states=states))
+
+    async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
+                          since_ms: int | None = None, states: Sequence[str] = ("dead",),
+                          ids: Sequence[int] | None = None, dry_run: bool = False,
+                          site_id: str | None = None, until_ms: int | None = None,
+                          error: str | None = None, time_field: str = "created"
+                          ) -> list[dict[str, Any]]:
+        """As SQLite's: rows selected by ``deadletters.where``; a dry run makes the same
+        changes in a transaction it rolls back, so it names exactly what a replay would."""
+        from .sqlite import _log_replay
+
+        selection = ReplayFilter(tuple(states), vendor, site_id, since_ms, until_ms, error,
+                                 None if ids is None else tuple(ids), time_field)
+        await self._check_replay(selection)
+        made = await self._in_transaction(self._replay_in, now_ms, selection, commit=not dry_run)
+        if not dry_run:
+            _log_replay(len(made), selection)
+        return made
+
+    async def replay_preview(self, now_ms: int, selection: ReplayFilter) -> tuple[int, str]:
+        await self._check_replay(selection)
+        rows = await self._in_transaction(self._replay_in, now_ms, selection, commit=False)
+        return len(rows), deadletters.fingerprint(rows)
+
+    async def replay_recorded(self, now_ms: int, selection: ReplayFilter, who: str,
+                              expect: str | None = None, shown: int | None = None
+                              ) -> dict[str, Any]:
+        """Checked and replayed in one transaction; the rows it selects are locked by the
+        replay's own UPDATE, so a claim or finish meanwhile waits for it or is not seen."""
+
+        await self._check_replay(selection)
+        return await self._in_transaction(self._recorded_in, now_ms, selection, who, expect,
+                                          shown)
+
+    async def _recorded_in(self, conn: Any, now: int, selection: ReplayFilter, who: str,
+                           expect: str | None, shown: int | None) -> dict[str, Any]:
+        from .sqlite import _log_replay
+
+        if expect is not None:
+            current = await self._look(conn, now, selection)
+            if deadletters.fingerprint(current) != expect:
+                return {"changed": True, "rows": current, "replay_id": None,
+                        "fingerprint": deadletters.fingerprint(current)}
+        made = await self._replay_in(conn, now, selection)
+        replay_id = await self._record_in(conn, now, who, selection.describe(), shown,
+                                          [row["id"] for row in made])
+        _log_replay(len(made), selection, who)
+        return {"changed": False, "rows": made, "replay_id": replay_id,
+                "fingerprint": deadletters.fingerprint(made)}
+
+    async def record_replay(self, now_ms: int, who: str, scope: Mapping[str, Any],
+                            rows: Sequence[Mapping[str, Any]], shown: int | None = None) -> int:
+        return await self._in_transaction(self._record_in, now_ms, who, dict(scope), shown,
+                                          [row["id"] for row in rows])
+
+    async def _record_in(self, conn: Any, now: int, who: str, scope: dict[str, Any],
+                         shown: int | None, ids: list[int]) -> int:
+        return await conn.fetchval(
+            "INSERT INTO replays (at_ms, who, filter, dry_run_count, replayed, ids) "
+            "VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            now, who, encode(scope).decode(), shown, len(ids),
+            encode(ids).decode() if len(ids) <= REPLAY_IDS_KEPT else None)
+
+    async def _look(self, conn: Any, now: int, selection: ReplayFilter) -> list[dict[str, Any]]:
+        """What ``_replay_in`` would make due, in a savepoint rolled back."""
+        savepoint = conn.transaction()
+        await savepoint.start()
+        try:
+            return await self._replay_in(conn, now, selection)
+        finally:
+            await savepoint.rollback()
+
+    async def _check_replay(self, selection: ReplayFilter) -> None:
+        """``ValueError`` naming the field, before any work (as SQLite's)."""
+        problem = deadletters.check(selection, replay=True)
+        if problem:
+            raise ValueError(problem)
+        for state in selection.states:
+            limit = deadletters.MAX_REPLAY_ROWS[state]
+            condition, params = deadletters.where(selection, states=(state,))
+            rows = await self._fetch(
+                f"SELECT count(*) AS n FROM (SELECT 1 FROM deliveries "
+                f"WHERE {pg_condition(condition, 1)} LIMIT ${len(params) + 1}) AS matching",
+                *params, limit + 1)
+            if rows[0]["n"] > limit:
+                raise ValueError(f"states: more than {limit} {state} deliveries match; one "
+                                 f"replay takes at most {limit}: narrow the filter (vendor, "
+                                 f"site, since/until, error text)")
+
+    async def _replay_in(self, conn: Any, now: int, selection: ReplayFilter
+                         ) -> list[dict[str, Any]]:
+        problem = deadletters.check(selection, replay=True)
+        if problem:
+            raise ValueError(problem)
+        made: list[dict[str, Any]] = []
+        if "dead" in selection.states:
+            condition, params = deadletters.where(selection, states=("dead",))
+            rows = await conn.fetch(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_ms = $1, "
+                "retry_from_ms = $1, updated_ms = $1, last_error = NULL, claim_token = NULL, "
+                "lease_until = NULL "
+                f"WHERE {pg_condition(condition, 2)} RETURNING id, site_id, vendor, dedup_key",
+                now, *params)
+            made += sorted(({"id": r["id"], "site_id": r["site_id"], "vendor": r["vendor"],
+                             "dedup_key": r["dedup_key"], "from_state": "dead", "replaces": []}
+                            for r in rows), key=lambda row: row["id"])
+        if "expired" in selection.states:
+            made += await self._replay_expired(conn, now, selection)
+        return made
+
+    async def _replay_expired(self, conn: Any, now: int, selection: ReplayFilter
+                              ) -> list[dict[str, Any]]:
+        """Expired rows never had an email; re-plan those whose visitor has one now (the
+        rule of ``sqlite_writer._replay_expired``: the planner decides, the expired rows of
+        the vendors it plans are replaced)."""
+        condition, params = deadletters.where(selection, prefix="d.", states=("expired",))
+        rows = await conn.fetch(
+            "SELECT d.id, d.event_seq, d.vendor, e.site_id, e.data, d.request_id, "
+            "coalesce(s.identity_id, e.identity_id) AS identity_id FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq "
+            "LEFT JOIN sessions s ON s.site_id = e.site_id AND s.sc = e.sc "
+            f"WHERE {pg_condition(condition, 1)} ORDER BY d.id", *params)
+        by_event: dict[int, tuple[str, Any, int | None, dict[str, list[int]], str | None]] = {}
+        for row in rows:
+            entry = by_event.setdefault(row["event_seq"], (row["site_id"], row["data"],
+                                                           row["identity_id"], {},
+                                                           row["request_id"]))
+            entry[3].setdefault(row["vendor"], []).append(row["id"])
+        inserted: list[dict[str, Any]] = []
+        for seq, (site_id, data, identity_id, vendors, request_id) in by_event.items():
+            site = self.sites.get(site_id)
+            identity = None
+            if identity_id:
+                found = await conn.fetchrow("SELECT * FROM identities WHERE id = $1", identity_id)
+                if found is not None:
+                    identity = {**identity_fields(found), "id": identity_id, "is_new": False}
+            if site is None or not identity or not identity.get("email"):
+                continue
+            event = loads(data) if isinstance(data, (str, bytes)) else dict(data)
+            event["identity"] = identity
+            planned = [r for r in outbox.plan(site, event, vendors) if r.state == outbox.PENDING]
+            replanned = sorted({r.vendor for r in planned})
+            if not replanned:
+                continue
+            await conn.execute("DELETE FROM deliveries WHERE event_seq = $1 AND state = 'expired' "
+                               "AND vendor = ANY($2::text[])", seq, replanned)
+            for r in planned:
+                new_id = await conn.fetchval(
+                    "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, "
+                    "visitor, state, request, next_attempt_ms, last_error, created_ms, "
+                    "updated_ms, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
+                    "$11, $11, $12) ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING "
+                    "RETURNING id", site_id, r.vendor, r.dedup_key, 1 if r.claim else 0, seq,
+                    r.visitor, r.state, encode(r.request).decode(), now + r.delay_ms, r.error,
+                    now, request_id)
+                if new_id is not None:
+                    inserted.append({"id": new_id, "site_id": site_id, "vendor": r.vendor,
+                                     "dedup_key": r.dedup_key, "from_state": "expired",
+                                     "replaces": vendors[r.vendor]})
+        return inserted
+
+    # Plumbing ---------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            return await self.pool.fetch(sql, *args)
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        try:
+            return await self.pool.execute(sql, *args)
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+    async def _in_transaction(self, fn: Any, *args: Any, commit: bool = True) -> Any:
+        """``fn(conn, *args)`` in a transaction, committed or (a dry run) rolled back."""
+        try:
+            async with self.pool.acquire() as conn:
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
+                    result = await fn(conn, *args)
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                if commit:
+                    await transaction.commit()
+                else:
+                    await transaction.rollback()
+                return result
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise _unavailable(exc) from exc
+            raise

@@ -43,6 +43,7 @@ from ..jsontext import encode, loads
 from . import deadletters, rules
 from .base import Delivery, JobFailure, Outcome
 from .deadletters import ReplayFilter
+from .outbox_rules import CLAIMABLE
 from .sqlite_catalog import plan_sync
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
 
@@ -58,6 +59,7 @@ _FRAME = struct.Struct("!IQ")  # payload length, frame id
 # runs). Smaller transactions cost more a request (each commit has its fsync and rewrites
 # the pages it touches), and 8, 12 and 24 measured about the same as 16.
 TRANSACTION_JOBS = 16
+_CLAIMABLE_SQL = CLAIMABLE.format(d="d", p="p")  # the claim rule (store/outbox_rules.py)
 INGEST_OPS = ("ingest", "ingest_browser")
 # WAL pages before a commit checkpoints (SQLite's default: 1,000), for the thread writer.
 # Such a checkpoint runs inside the commit that crosses it, and every request of that batch
@@ -340,11 +342,10 @@ class WriteOps:
             "SELECT d.id, d.site_id, d.vendor, d.dedup_key, d.visitor, d.request, d.attempts, "
             "d.created_ms, coalesce(d.retry_from_ms, d.created_ms), d.request_id FROM deliveries d "
             f"WHERE d.state = 'pending' AND d.next_attempt_ms <= ? {vendor_filter} "
-            "AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.site_id = d.site_id "
-            "AND p.vendor = d.vendor AND p.visitor = d.visitor AND p.state = 'pending' "
-            # Due longest ago first: with one vendor this walks deliveries_due in order and
-            # stops at LIMIT (ORDER BY d.id would check and sort every due row per claim).
-            "AND p.id < d.id) ORDER BY d.next_attempt_ms, d.id LIMIT ?", params).fetchall()
+            # One in flight per (site, vendor, visitor), in order: outbox_rules, as on
+            # PostgreSQL. Due longest ago first: with one vendor this walks deliveries_due in
+            # order and stops at LIMIT (ORDER BY d.id would check and sort every due row).
+            f"AND {_CLAIMABLE_SQL} ORDER BY d.next_attempt_ms, d.id LIMIT ?", params).fetchall()
         self.conn.executemany(
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_ms = ?, updated_ms = ? "
             "WHERE id = ?", [(now + lease_ms, now, row[0]) for row in rows])

@@ -1,0 +1,213 @@
+"""Ingest on PostgreSQL with 1 and 2 ``onetag serve`` nodes, against bare Starlette in the
+same run.
+
+    python bench/pg_ingest.py                     # 32 connections, 5 rounds of 3 s a target
+    python bench/pg_ingest.py --rounds 2 --json
+
+Three targets, measured in turn each round (so the machine's drift hits them alike), with
+``bench/ingest.py``'s client (raw HTTP/1.1 keep-alive, ``POST /e`` bodies as the browser
+runtime sends them) and servers:
+
+- ``baseline``: Starlette reading and parsing the body, answering 204 (``bench/ingest.py``);
+- ``1 node``: ``onetag serve`` on a PostgreSQL database of its own (migrated as ``onetag
+  migrate`` does; no vendors, forwarder off), every connection to it;
+- ``2 nodes``: the same and a second ``onetag serve`` on the same database, the
+  connections split between them (what a round-robin load balancer does).
+
+Figures: events/s (acknowledged, 204), per node, the ratio of 1 node to the baseline
+(issue 15's target: >= 0.5), the nodes' CPU per request (their processes, from /proc) and
+the PostgreSQL server's, and the check: every acknowledged event is in ``events``.
+On 2 cores, client, nodes and PostgreSQL share the same cores: read CPU per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._util import (HOST, ServerProcess, free_port, load_average, machine,
+                         machine_busy_seconds, process_cpu_seconds, python)
+from bench.ingest import Bodies, WorkerResult, raw_worker, write_config
+from bench.pg_forward import DEFAULT_DSN, create_database, drop_database, postgres_pids
+
+TARGET_RATIO = 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn", default=os.environ.get("ONETAG_BENCH_PG", DEFAULT_DSN))
+    parser.add_argument("--conns", type=int, default=32, help="concurrent connections (32)")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds a window (3)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each (1)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the three (5)")
+    parser.add_argument("--batch", type=int, default=1, help="events per request (1)")
+    parser.add_argument("--sessions", type=int, default=2000, help="distinct sc values (2000)")
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+async def window(ports: list[int], pids: list[int], database: str | None,
+                 args: argparse.Namespace, bodies: Bodies) -> dict[str, Any]:
+    """One measured window: ``args.conns`` connections spread over ``ports``."""
+    start = time.perf_counter()
+    measure_from = start + args.warmup
+    stop_at = measure_from + args.duration
+    results = [WorkerResult() for _ in range(args.conns)]
+    marks: list[tuple[float, float, float | None]] = []
+
+    def cpu() -> tuple[float, float, float | None]:
+        nodes = sum(process_cpu_seconds(pid) or 0.0 for pid in pids)
+        pg = sum(process_cpu_seconds(pid) or 0.0 for pid in postgres_pids(database)) \
+            if database else 0.0
+        return nodes, pg, machine_busy_seconds()
+
+    async def sampler() -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        marks.append(cpu())
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        marks.append(cpu())
+
+    tasks = [asyncio.create_task(raw_worker(ports[n % len(ports)], bodies, stop_at, result))
+             for n, result in enumerate(results)]
+    sample = asyncio.create_task(sampler())
+    await asyncio.wait(tasks, timeout=args.warmup + args.duration + 30)
+    await sample
+    samples = [s for r in results for s in r.samples]
+    measured = [s for s in samples if measure_from <= s[0] < stop_at]
+    acked = sum(1 for s in measured if s[2] == 204)
+    (n0, p0, b0), (n1, p1, b1) = marks
+    return {"acked": acked, "requests": len(measured), "seconds": args.duration,
+            "node_cpu_s": n1 - n0, "pg_cpu_s": p1 - p0,
+            "machine_busy_s": None if b0 is None or b1 is None else b1 - b0,
+            "all_acked": sum(1 for s in samples if s[2] == 204)}
+
+
+def summarise(name: str, windows: list[dict[str, Any]], nodes: int,
+              args: argparse.Namespace) -> dict[str, Any]:
+    seconds = sum(w["seconds"] for w in windows)
+    acked = sum(w["acked"] for w in windows)
+    requests = sum(w["requests"] for w in windows)
+    busy = [w["machine_busy_s"] for w in windows]
+    return {"target": name, "nodes": nodes,
+            "events_per_s": round(acked * args.batch / seconds, 1),
+            "events_per_s_per_node": round(acked * args.batch / seconds / max(1, nodes), 1),
+            "errors": requests - acked,
+            "server_cpu_ms_per_request": round(sum(w["node_cpu_s"] for w in windows) * 1000
+                                               / max(1, requests), 3),
+            "postgres_cpu_ms_per_request": round(sum(w["pg_cpu_s"] for w in windows) * 1000
+                                                 / max(1, requests), 3),
+            "machine_busy": (None if None in busy else
+                             round(sum(busy) / seconds / (os.cpu_count() or 1), 2)),
+            "all_acked": sum(w["all_acked"] for w in windows)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncpg
+
+    name = f"onetag_bench_ingest_{uuid.uuid4().hex[:8]}"
+    url = asyncio.run(create_database(args.dsn, name))
+    servers: list[ServerProcess] = []
+    windows: dict[str, list[dict[str, Any]]] = {"baseline": [], "1 node": [], "2 nodes": []}
+    try:
+        with tempfile.TemporaryDirectory(prefix="onetag-bench-pgingest-") as tmp:
+            folder = Path(tmp)
+            base_port = free_port()
+            baseline = ServerProcess([python(), str(Path(__file__).resolve().parent / "ingest.py"),
+                                      "--baseline-server", str(base_port)], base_port,
+                                     log_path=folder / "baseline.log").start()
+            servers.append(baseline)
+            nodes = []
+            for n in range(2):
+                port = free_port()
+                node_folder = folder / f"node{n}"
+                node_folder.mkdir()
+                config = write_config(node_folder, port)
+                text = config.read_text(encoding="utf-8")
+                start = text.index('database   = "')
+                end = text.index("\n", start)
+                config.write_text(text[:start] + f'database   = "{url}"' + text[end:],
+                                  encoding="utf-8")
+                node = ServerProcess([python(), "-m", "server", "serve", "--config", str(config),
+                                      "--host", HOST, "--port", str(port), "--log-level",
+                                      "warning"], port, log_path=node_folder / "serve.log").start()
+                servers.append(node)
+                nodes.append(node)
+            bodies = Bodies(args.batch, args.sessions)
+            for _ in range(args.rounds):
+                windows["baseline"].append(asyncio.run(
+                    window([baseline.port], [baseline.pid], None, args, bodies)))
+                windows["1 node"].append(asyncio.run(
+                    window([nodes[0].port], [nodes[0].pid], name, args, bodies)))
+                windows["2 nodes"].append(asyncio.run(
+                    window([n.port for n in nodes], [n.pid for n in nodes], name, args, bodies)))
+            for server in servers:
+                server.stop()
+            servers = []
+
+            async def stored() -> int:
+                conn = await asyncpg.connect(url)
+                try:
+                    return await conn.fetchval("SELECT count(*) FROM events")
+                finally:
+                    await conn.close()
+
+            stored_events = asyncio.run(stored())
+    finally:
+        for server in servers:
+            server.stop()
+        asyncio.run(drop_database(args.dsn, name))
+    rows = [summarise("baseline", windows["baseline"], 0, args),
+            summarise("1 node", windows["1 node"], 1, args),
+            summarise("2 nodes", windows["2 nodes"], 2, args)]
+    base = rows[0]["events_per_s"]
+    for row in rows[1:]:
+        row["ratio_to_baseline"] = round(row["events_per_s"] / base, 2) if base else None
+    acked_events = (rows[1]["all_acked"] + rows[2]["all_acked"]) * args.batch
+    return {"machine": machine(), "load_1m": load_average(), "rows": rows,
+            "durability": {"acked_events": acked_events, "stored_events": stored_events,
+                           "ok": stored_events >= acked_events},
+            "target_met": bool(rows[1].get("ratio_to_baseline") and
+                               rows[1]["ratio_to_baseline"] >= TARGET_RATIO),
+            "command": "python bench/pg_ingest.py" + "".join(
+                f" --{k} {getattr(args, k)}" for k in ("conns", "duration", "rounds", "batch")
+                if getattr(args, k) != getattr(parse_args([]), k))}
+
+
+def report_text(report: dict[str, Any]) -> str:
+    lines = [f"pg_ingest: POST /e, {report['machine']['nproc']} cores, load {report['load_1m']}"]
+    for row in report["rows"]:
+        ratio = f", {row['ratio_to_baseline']} of the baseline" if "ratio_to_baseline" in row else ""
+        lines.append(
+            f"  {row['target']:9} {row['events_per_s']:>8} events/s ({row['events_per_s_per_node']}"
+            f" a node{ratio}); errors {row['errors']}; server CPU "
+            f"{row['server_cpu_ms_per_request']} ms a request, PostgreSQL "
+            f"{row['postgres_cpu_ms_per_request']} ms; cores busy {row['machine_busy']}")
+    d = report["durability"]
+    lines += [f"  check: {d['acked_events']} events acknowledged, {d['stored_events']} stored: "
+              f"{'ok' if d['ok'] else 'FAILED'}",
+              f"  1 node >= {TARGET_RATIO} of the baseline: "
+              f"{'met' if report['target_met'] else 'NOT met'}",
+              f"  reproduce: {report['command']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    print(json.dumps(report, indent=2) if args.json else report_text(report))
+    return 0 if report["durability"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
