@@ -75,10 +75,40 @@ _SESSION_UPDATE = (
     + " FROM unnest($1::bigint[], "
     + ", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(_SESSION_TYPES))
     + ") AS u(id, " + ", ".join(_SESSION_COLUMNS) + ") WHERE s.id = u.id")
-_EVENT_INSERT = (
-    "INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, received_ms, "
-    "raw, data) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], "
-    "$5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])")
+
+
+def _event_insert(first: int) -> str:
+    """The events' insert over 10 arrays, numbered from ``$first``."""
+    arrays = ("bigint", "text", "text", "text", "text", "text", "bigint", "bigint", "text",
+              "text")
+    return ("INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, "
+            "received_ms, raw, data) SELECT * FROM unnest("
+            + ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(arrays)) + ")")
+
+
+# The sessions' update and the events' insert in one statement (one round trip): they touch
+# different tables, so the data-modifying CTE's shared snapshot changes nothing.
+_SESSIONS_AND_EVENTS = (
+    "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1) " + _event_insert(len(_SESSION_COLUMNS) + 2))
+# Events already stored, and a new seq for each distinct (site, event id, backend) that is
+# not (site_id NULL in those rows).
+_KNOWN_AND_SEQS = (
+    "WITH u AS (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::bool[]) "
+    "AS u(s, i, b)), k AS (SELECT e.site_id, e.event_id, e.source = 'backend' AS b, e.seq "
+    "FROM events e JOIN (SELECT DISTINCT s, i FROM u) d ON e.site_id = d.s AND "
+    "e.event_id = d.i) "
+    "SELECT site_id, event_id, b, seq FROM k UNION ALL "
+    "SELECT NULL, NULL, NULL, nextval(pg_get_serial_sequence('events', 'seq')) FROM u "
+    "WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.site_id = u.s AND k.event_id = u.i "
+    "AND k.b = u.b)")
+# The batch's sessions, created if missing and locked, in (site_id, sc) order, in one
+# statement: ON CONFLICT DO UPDATE locks the existing row (waiting for another node's
+# transaction that holds it, then returning the row as that one committed it) and returns
+# it as the insert returns a new one.
+_SESSIONS_LOCKED = (
+    "INSERT INTO sessions AS t (site_id, sc, first_ms, last_ms) "
+    "SELECT s, sc, $3, $3 FROM unnest($1::text[], $2::text[]) AS u(s, sc) ORDER BY s, sc "
+    "ON CONFLICT (site_id, sc) DO UPDATE SET last_ms = t.last_ms RETURNING t.*")
 _DELIVERY_INSERT = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
     "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
@@ -113,7 +143,7 @@ class PgIngestBatch:
     async def run(self, requests: Sequence[Request]) -> list[list[tuple[str, int, bool]]]:
         """Per request, an ``IngestResult``-shaped tuple per event."""
         results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
-        known = await self._known_events(requests)
+        known, seqs = await self._known_events(requests)
         fresh = []  # (request index, position, key)
         for index, (site_id, events, *_rest) in enumerate(requests):
             for position, event in enumerate(events):
@@ -121,9 +151,7 @@ class PgIngestBatch:
                 if key not in known:
                     known[key] = None  # taken by this batch: later copies are duplicates
                     fresh.append((index, position, key))
-        seqs = [row[0] for row in await self.conn.fetch(
-            "SELECT nextval(pg_get_serial_sequence('events', 'seq')) "
-            "FROM generate_series(1, $1) ORDER BY 1", len(fresh))] if fresh else []
+        assert len(seqs) == len(fresh), "one sequence value for each new event"
         new_seq = {}
         for (index, position, key), seq in zip(fresh, seqs):
             new_seq[(index, position)] = seq
@@ -147,17 +175,25 @@ class PgIngestBatch:
         await self.products.flush()  # last: product rows are locked after sessions, identities
         return results
 
-    async def _known_events(self, requests: Sequence[Request]) -> dict[tuple[str, str, bool], Any]:
-        sites, ids = [], []
+    async def _known_events(self, requests: Sequence[Request]
+                            ) -> tuple[dict[tuple[str, str, bool], Any], list[int]]:
+        """The batch's events already stored (key: seq), and a seq from the shared sequence
+        for each distinct new one, ascending: one round trip."""
+        sites, ids, backend = [], [], []
         for site_id, events, *_ in requests:
             for event in events:
                 sites.append(site_id)
                 ids.append(event["event_id"])
-        rows = await self.conn.fetch(
-            "SELECT e.site_id, e.event_id, e.source = 'backend', e.seq FROM events e "
-            "JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS u(s, i) "
-            "ON e.site_id = u.s AND e.event_id = u.i", sites, ids)
-        return {(site_id, event_id, backend): seq for site_id, event_id, backend, seq in rows}
+                backend.append(event["source"] == trust.BACKEND)
+        known, seqs = {}, []
+        for site_id, event_id, is_backend, seq in await self.conn.fetch(_KNOWN_AND_SEQS, sites,
+                                                                        ids, backend):
+            if site_id is None:
+                seqs.append(seq)
+            else:
+                known[(site_id, event_id, is_backend)] = seq
+        seqs.sort()
+        return known, seqs
 
     async def _load_state(self, work: Sequence[tuple[Any, ...]]) -> None:
         """The batch's sessions, created if new and locked, in (site, sc) order; their
@@ -166,15 +202,8 @@ class PgIngestBatch:
         if not keys:
             return
         sites, scs = [k[0] for k in keys], [k[1] for k in keys]
-        await self.conn.execute(
-            "INSERT INTO sessions (site_id, sc, first_ms, last_ms) "
-            "SELECT s, sc, $3, $3 FROM unnest($1::text[], $2::text[]) AS u(s, sc) "
-            "ORDER BY s, sc ON CONFLICT (site_id, sc) DO NOTHING", sites, scs, self.now)
-        rows = await self.conn.fetch(
-            "SELECT s.* FROM sessions s JOIN unnest($1::text[], $2::text[]) AS u(site, sc) "
-            "ON s.site_id = u.site AND s.sc = u.sc ORDER BY s.site_id, s.sc FOR UPDATE OF s",
-            sites, scs)
-        for row in rows:
+        rows = await self.conn.fetch(_SESSIONS_LOCKED, sites, scs, self.now)
+        for row in sorted(rows, key=lambda row: (row["site_id"], row["sc"])):
             self.sessions[(row["site_id"], row["sc"])] = _Session(row)
         identity_ids = sorted({s.identity_id for s in self.sessions.values()} - {None})
         if identity_ids:
@@ -224,10 +253,11 @@ class PgIngestBatch:
             await self._release_held(site, sc, identity, request_id)
 
     async def _flush(self) -> None:
-        """Write what changed since the last flush: sessions, then events and deliveries."""
+        """Write what changed since the last flush: sessions and events (one statement),
+        then deliveries."""
         conn = self.conn
+        columns: list[list[Any]] = [[] for _ in range(len(_SESSION_COLUMNS) + 1)]
         if self.dirty:
-            columns: list[list[Any]] = [[] for _ in range(len(_SESSION_COLUMNS) + 1)]
             for key in sorted(self.dirty):
                 state = self.sessions[key]
                 if key in self.cart_json:
@@ -241,11 +271,12 @@ class PgIngestBatch:
                 columns[0].append(state.id)
                 for i, name in enumerate(_SESSION_COLUMNS):
                     columns[i + 1].append(getattr(state, name))
-            await conn.execute(_SESSION_UPDATE, *columns)
             self.dirty.clear()
-        if self.event_rows:
-            await conn.execute(_EVENT_INSERT, *[list(c) for c in zip(*self.event_rows)])
-            self.event_rows.clear()
+        events = ([list(c) for c in zip(*self.event_rows)] if self.event_rows
+                  else [[] for _ in range(10)])  # (empty arrays: no rows)
+        self.event_rows.clear()
+        if columns[0] or events[0]:
+            await conn.execute(_SESSIONS_AND_EVENTS, *columns, *events)
         if self.delivery_rows:
             rows, self.delivery_rows = self.delivery_rows, []
             await insert_deliveries(conn, rows, self.now)
