@@ -55,8 +55,15 @@ class PgCatalogBatch:
         for item_id, fields, fact, deleted in catalog.observations(event):
             self.work.append((site_id, item_id, fields, fact, deleted, item_id in planned))
 
-    async def flush(self) -> int:
+    def keys(self) -> list[tuple[str, str]]:
+        """The (site_id, item_id) of every product observed, in order."""
+        return sorted({(site_id, item_id) for site_id, item_id, *_ in self.work})
+
+    async def flush(self, read: dict[tuple[str, str], Product | None] | None = None) -> int:
         """Merge what was observed; write the changed rows. Returns how many were written.
+        ``read``: the products of ``keys()`` as ``products_read`` made them from a read
+        the caller already did (``pg_ingest`` does it in its last write, saving a round
+        trip); else they are read here.
 
         Most observations change nothing (a browser naming a product as it is stored), and
         the products a shop's visitors name are few and hot: locking each one named would
@@ -68,8 +75,8 @@ class PgCatalogBatch:
         """
         if not self.work:
             return 0
-        keys = sorted({(site_id, item_id) for site_id, item_id, *_ in self.work})
-        products = await self._read(keys, lock=False)
+        products = (read if read is not None
+                    else await self._read(self.keys(), lock=False))
         wanted = sorted(key for key, (_, write) in self._merged(products).items() if write)
         if not wanted:
             self.work.clear()
@@ -89,14 +96,9 @@ class PgCatalogBatch:
 
     async def _read(self, keys: list[tuple[str, str]], lock: bool
                     ) -> dict[tuple[str, str], Product | None]:
-        products: dict[tuple[str, str], Product | None] = dict.fromkeys(keys)
-        for row in await self.conn.fetch(
-                _SELECT + " JOIN unnest($1::text[], $2::text[]) AS u(s, i) "
-                "ON p.site_id = u.s AND p.item_id = u.i ORDER BY p.site_id, p.item_id"
-                + (" FOR UPDATE OF p" if lock else ""),
-                [k[0] for k in keys], [k[1] for k in keys]):
-            products[(row[0], row[1])] = from_row(tuple(row)[2:])
-        return products
+        rows = await self.conn.fetch(read_statement(1, lock), [k[0] for k in keys],
+                                     [k[1] for k in keys])
+        return products_read(keys, rows)
 
     def _merged(self, products: dict[tuple[str, str], Product | None]
                 ) -> dict[tuple[str, str], tuple[Product, bool]]:
@@ -110,6 +112,23 @@ class PgCatalogBatch:
             product, write = catalog.merge(before, fields, fact, deleted, self.now, planned)
             merged[key] = (product, written or write)
         return merged
+
+
+def read_statement(first: int, lock: bool) -> str:
+    """The products named by two arrays (site ids ``$first``, item ids after it), in key
+    order, ``FOR UPDATE`` if ``lock``."""
+    return (_SELECT + f" JOIN unnest(${first}::text[], ${first + 1}::text[]) AS u(s, i) "
+            "ON p.site_id = u.s AND p.item_id = u.i ORDER BY p.site_id, p.item_id"
+            + (" FOR UPDATE OF p" if lock else ""))
+
+
+def products_read(keys: list[tuple[str, str]], rows: Any
+                  ) -> dict[tuple[str, str], Product | None]:
+    """``read_statement``'s rows by key; None for a key no row has."""
+    products: dict[tuple[str, str], Product | None] = dict.fromkeys(keys)
+    for row in rows:
+        products[(row[0], row[1])] = from_row(tuple(row)[2:])
+    return products
 
 
 # Reads ------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from .. import catalog, outbox, product_sync, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import claimed_fields
-from . import rules
+from . import pg_catalog, rules
 from .pg_catalog import PgCatalogBatch
 from .rules import CART_EVENTS, MAX_REQUEST_STORED_BYTES, identity_fields
 
@@ -90,6 +90,12 @@ def _event_insert(first: int) -> str:
 # different tables, so the data-modifying CTE's shared snapshot changes nothing.
 _SESSIONS_AND_EVENTS = (
     "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1) " + _event_insert(len(_SESSION_COLUMNS) + 2))
+# ... and, in the same round trip, the products the batch observed (as last committed,
+# unlocked: ``PgCatalogBatch.flush`` locks those it writes).
+_SESSIONS_EVENTS_PRODUCTS = (
+    "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1), added AS ("
+    + _event_insert(len(_SESSION_COLUMNS) + 2) + " RETURNING 1) "
+    + pg_catalog.read_statement(len(_SESSION_COLUMNS) + 12, lock=False))
 # Events already stored, and a new seq for each distinct (site, event id, backend) that is
 # not (site_id NULL in those rows).
 _KNOWN_AND_SEQS = (
@@ -171,8 +177,10 @@ class PgIngestBatch:
         self.stored_bytes = [0] * len(requests)
         for seq, site_id, event, raw, user_agent, place in work:
             await self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
-        await self._flush()
-        await self.products.flush()  # last: product rows are locked after sessions, identities
+        keys = self.products.keys()
+        read = await self._flush(keys)
+        # Last: product rows are locked after sessions and identities.
+        await self.products.flush(pg_catalog.products_read(keys, read) if keys else None)
         return results
 
     async def _known_events(self, requests: Sequence[Request]
@@ -252,9 +260,10 @@ class PgIngestBatch:
             await self._flush()  # what waited must be in the database to be found
             await self._release_held(site, sc, identity, request_id)
 
-    async def _flush(self) -> None:
-        """Write what changed since the last flush: sessions and events (one statement),
-        then deliveries."""
+    async def _flush(self, product_keys: Sequence[tuple[str, str]] = ()) -> list[Any]:
+        """Write what changed since the last flush: sessions and events (one statement,
+        which also reads the products of ``product_keys``, unlocked: their rows are
+        returned), then deliveries."""
         conn = self.conn
         columns: list[list[Any]] = [[] for _ in range(len(_SESSION_COLUMNS) + 1)]
         if self.dirty:
@@ -275,11 +284,16 @@ class PgIngestBatch:
         events = ([list(c) for c in zip(*self.event_rows)] if self.event_rows
                   else [[] for _ in range(10)])  # (empty arrays: no rows)
         self.event_rows.clear()
-        if columns[0] or events[0]:
+        read: list[Any] = []
+        if product_keys:
+            read = await conn.fetch(_SESSIONS_EVENTS_PRODUCTS, *columns, *events,
+                                    [k[0] for k in product_keys], [k[1] for k in product_keys])
+        elif columns[0] or events[0]:
             await conn.execute(_SESSIONS_AND_EVENTS, *columns, *events)
         if self.delivery_rows:
             rows, self.delivery_rows = self.delivery_rows, []
             await insert_deliveries(conn, rows, self.now)
+        return read
 
     # Identity -----------------------------------------------------------------------------
 
