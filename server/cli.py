@@ -177,7 +177,7 @@ def public_url_warning(public_url: str, port: int) -> str | None:
 def postgresql_problem(settings: config_module.Settings) -> str | None:
     """Why ``serve`` or ``worker`` can't run on the configured PostgreSQL database (the
     driver missing, the server unreachable, the schema not current), or None."""
-    from .store import DriverMissing, open_store
+    from .store import open_store
 
     async def probe() -> None:
         store = open_store(settings)
@@ -186,16 +186,19 @@ def postgresql_problem(settings: config_module.Settings) -> str | None:
 
     try:
         asyncio.run(probe())
-    except DriverMissing as exc:
-        return str(exc)
     except Exception as exc:
-        from .store.pg_migrate import SchemaNotCurrent
-
-        if isinstance(exc, SchemaNotCurrent):
-            return str(exc)
-        label = config_module.database_label(settings.server.database)
-        return f"cannot use the database {label} ({type(exc).__name__}: {exc})"
+        return _database_problem(settings, exc)
     return None
+
+
+def _database_problem(settings: config_module.Settings, exc: Exception) -> str:
+    from .store import DriverMissing
+    from .store.pg_migrate import SchemaNotCurrent
+
+    if isinstance(exc, (DriverMissing, SchemaNotCurrent)):
+        return str(exc)
+    label = config_module.database_label(settings.server.database)
+    return f"cannot use the database {label} ({type(exc).__name__}: {exc})"
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -330,10 +333,18 @@ def _age(seconds: float | None) -> str:
 
 
 async def _with_store(settings: config_module.Settings, work: Any) -> Any:
+    """``work(store)`` on the configured store. A PostgreSQL database whose schema is behind
+    (or that can't be reached) is a one-line message and exit status 2, not a traceback."""
     from .store import open_store
 
     store = open_store(settings)
-    await store.open()
+    try:
+        await store.open()
+    except Exception as exc:
+        if not settings.server.is_postgresql:
+            raise
+        print(f"onetag: {_database_problem(settings, exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         return await work(store)
     finally:

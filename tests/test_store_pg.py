@@ -185,6 +185,13 @@ def test_onetag_migrate_applies_then_says_current_and_serve_checks_first(
     os.environ["ONETAG_TEST_DATABASE"] = empty_database
     try:
         settings = cli._load(str(config))
+        # The read-only commands say the same in one line (exit 2), not with a traceback.
+        for command in (["deliveries"], ["replay", "--dry-run"], ["coupons"], ["catalog"]):
+            with pytest.raises(SystemExit) as stopped:
+                cli.main([*command, "--config", str(config)])
+            assert stopped.value.code == 2
+            said = capsys.readouterr()
+            assert "onetag migrate" in said.err and "Traceback" not in said.err, command
         problem = cli.postgresql_problem(settings)
         assert problem is not None and "onetag migrate" in problem and "001_initial.sql" in problem
         assert cli.main(["migrate", "--config", str(config)]) == 0
