@@ -3,9 +3,10 @@ feeds' reads, and the Sendlane product sync's planning step.
 
 The rules are ``server/catalog.py``'s (``merge``) and the row shape ``sqlite_catalog``'s
 (``from_row``, ``to_row``: pure). Without a cache (other nodes write ``products`` too), a
-batch reads the products its events name ``FOR UPDATE``, in (site_id, item_id) order, after
-its sessions and identities (``pg_ingest``): two nodes merging into one product wait for
-each other instead of one overwriting the other. A product both believed new is inserted
+batch reads the products its events name, and locks ``FOR UPDATE`` (in (site_id, item_id)
+order, after its sessions and identities, ``pg_ingest``) only those it will write: two
+nodes merging into one product wait for each other instead of one overwriting the other,
+and a batch that changes nothing takes no lock on the shop's hottest rows. A product both believed new is inserted
 by one; the other's insert fails on the primary key and its transaction is run again,
 finding it.
 """
@@ -54,35 +55,80 @@ class PgCatalogBatch:
         for item_id, fields, fact, deleted in catalog.observations(event):
             self.work.append((site_id, item_id, fields, fact, deleted, item_id in planned))
 
-    async def flush(self) -> int:
-        """Merge what was observed; write the changed rows. Returns how many were written."""
+    def keys(self) -> list[tuple[str, str]]:
+        """The (site_id, item_id) of every product observed, in order."""
+        return sorted({(site_id, item_id) for site_id, item_id, *_ in self.work})
+
+    async def flush(self, read: dict[tuple[str, str], Product | None] | None = None) -> int:
+        """Merge what was observed; write the changed rows. Returns how many were written.
+        ``read``: the products of ``keys()`` as ``products_read`` made them from a read
+        the caller already did (``pg_ingest`` does it in its last write, saving a round
+        trip); else they are read here.
+
+        Most observations change nothing (a browser naming a product as it is stored), and
+        the products a shop's visitors name are few and hot: locking each one named would
+        make every ingest transaction of every node wait for the previous one's commit. So
+        the products are read first without a lock and merged; only those the merge would
+        write are then locked (``FOR UPDATE``, in key order), read again as the last commit
+        left them, and merged again from that. A product left unwritten was merged against
+        a committed state, which is what a serial order with this batch first would do.
+        """
         if not self.work:
             return 0
-        keys = sorted({(site_id, item_id) for site_id, item_id, *_ in self.work})
-        products: dict[tuple[str, str], Product | None] = dict.fromkeys(keys)
-        for row in await self.conn.fetch(
-                _SELECT + " JOIN unnest($1::text[], $2::text[]) AS u(s, i) "
-                "ON p.site_id = u.s AND p.item_id = u.i ORDER BY p.site_id, p.item_id "
-                "FOR UPDATE OF p", [k[0] for k in keys], [k[1] for k in keys]):
-            products[(row[0], row[1])] = from_row(tuple(row)[2:])
-        existed = {key for key, product in products.items() if product is not None}
-        dirty: dict[tuple[str, str], Product] = {}
-        for site_id, item_id, fields, fact, deleted, planned in self.work:
-            key = (site_id, item_id)
-            product, write = catalog.merge(products[key], fields, fact, deleted, self.now,
-                                           planned)
-            products[key] = product
-            if write:
-                dirty[key] = product
+        products = (read if read is not None
+                    else await self._read(self.keys(), lock=False))
+        wanted = sorted(key for key, (_, write) in self._merged(products).items() if write)
+        if not wanted:
+            self.work.clear()
+            return 0
+        locked = await self._read(wanted, lock=True)
+        merged = self._merged(locked)
         self.work.clear()
-        rows = {key: to_row(*key, product, self.now) for key, product in dirty.items()}
-        inserts = [row for key, row in rows.items() if key not in existed]
-        updates = [row for key, row in rows.items() if key in existed]
+        rows = [(key, to_row(*key, product, self.now))
+                for key, (product, write) in sorted(merged.items()) if write]
+        inserts = [row for key, row in rows if locked[key] is None]
+        updates = [row for key, row in rows if locked[key] is not None]
         if inserts:
             await self.conn.executemany(_INSERT, inserts)
         if updates:
             await self.conn.executemany(_UPDATE, updates)
-        return len(dirty)
+        return len(rows)
+
+    async def _read(self, keys: list[tuple[str, str]], lock: bool
+                    ) -> dict[tuple[str, str], Product | None]:
+        rows = await self.conn.fetch(read_statement(1, lock), [k[0] for k in keys],
+                                     [k[1] for k in keys])
+        return products_read(keys, rows)
+
+    def _merged(self, products: dict[tuple[str, str], Product | None]
+                ) -> dict[tuple[str, str], tuple[Product, bool]]:
+        """The batch's observations of ``products`` merged in order: (product, written)."""
+        merged: dict[tuple[str, str], tuple[Product, bool]] = {}
+        for site_id, item_id, fields, fact, deleted, planned in self.work:
+            key = (site_id, item_id)
+            if key not in products:
+                continue
+            before, written = merged.get(key, (products[key], False))
+            product, write = catalog.merge(before, fields, fact, deleted, self.now, planned)
+            merged[key] = (product, written or write)
+        return merged
+
+
+def read_statement(first: int, lock: bool) -> str:
+    """The products named by two arrays (site ids ``$first``, item ids after it), in key
+    order, ``FOR UPDATE`` if ``lock``."""
+    return (_SELECT + f" JOIN unnest(${first}::text[], ${first + 1}::text[]) AS u(s, i) "
+            "ON p.site_id = u.s AND p.item_id = u.i ORDER BY p.site_id, p.item_id"
+            + (" FOR UPDATE OF p" if lock else ""))
+
+
+def products_read(keys: list[tuple[str, str]], rows: Any
+                  ) -> dict[tuple[str, str], Product | None]:
+    """``read_statement``'s rows by key; None for a key no row has."""
+    products: dict[tuple[str, str], Product | None] = dict.fromkeys(keys)
+    for row in rows:
+        products[(row[0], row[1])] = from_row(tuple(row)[2:])
+    return products
 
 
 # Reads ------------------------------------------------------------------------------------

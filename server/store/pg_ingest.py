@@ -35,7 +35,7 @@ from .. import catalog, outbox, product_sync, trust
 from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import claimed_fields
-from . import rules
+from . import pg_catalog, rules
 from .pg_catalog import PgCatalogBatch
 from .rules import CART_EVENTS, MAX_REQUEST_STORED_BYTES, identity_fields
 
@@ -75,10 +75,48 @@ _SESSION_UPDATE = (
     + " FROM unnest($1::bigint[], "
     + ", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(_SESSION_TYPES))
     + ") AS u(id, " + ", ".join(_SESSION_COLUMNS) + ") WHERE s.id = u.id")
-_EVENT_INSERT = (
-    "INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, received_ms, "
-    "raw, data) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], "
-    "$5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])")
+
+
+def _event_insert(first: int) -> str:
+    """The events' insert over 10 arrays, numbered from ``$first``."""
+    arrays = ("bigint", "text", "text", "text", "text", "text", "bigint", "bigint", "text",
+              "text")
+    return ("INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, "
+            "received_ms, raw, data) SELECT * FROM unnest("
+            + ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(arrays)) + ")")
+
+
+# The sessions' update and the events' insert in one statement (one round trip): they touch
+# different tables, so the data-modifying CTE's shared snapshot changes nothing.
+_SESSIONS_AND_EVENTS = (
+    "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1) " + _event_insert(len(_SESSION_COLUMNS) + 2))
+# ... and, in the same round trip, the products the batch observed (as last committed,
+# unlocked: ``PgCatalogBatch.flush`` locks those it writes).
+_SESSIONS_EVENTS_PRODUCTS = (
+    "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1), added AS ("
+    + _event_insert(len(_SESSION_COLUMNS) + 2) + " RETURNING 1) "
+    + pg_catalog.read_statement(len(_SESSION_COLUMNS) + 12, lock=False))
+# Each distinct (site, event id, backend) of the batch: its stored seq if it is stored, else
+# a new seq from the shared sequence. A lookup a key (LATERAL), on the whole of the unique
+# index events_id: a prepared statement's generic plan is made once, often while the table
+# is nearly empty, and not made again until an ANALYZE; as a plain join such a plan hashed
+# a scan of the whole table, a cost growing with every event stored (measured: 1.1 ms a
+# batch after 5 s of bench/pg_ingest.py, 9.7 ms after 20 s, with autovacuum off). A lookup
+# per key (LIMIT 1 keeps the planner from flattening it into a join) is an index probe whatever the table's size was when it was planned.
+_KNOWN_AND_SEQS = (
+    "SELECT u.s, u.i, u.b, e.seq, CASE WHEN e.seq IS NULL THEN "
+    "nextval(pg_get_serial_sequence('events', 'seq')) END "
+    "FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::bool[])) AS u(s, i, b) "
+    "LEFT JOIN LATERAL (SELECT seq FROM events WHERE site_id = u.s AND event_id = u.i "
+    "AND (source = 'backend') = u.b LIMIT 1) AS e ON true")
+# The batch's sessions, created if missing and locked, in (site_id, sc) order, in one
+# statement: ON CONFLICT DO UPDATE locks the existing row (waiting for another node's
+# transaction that holds it, then returning the row as that one committed it) and returns
+# it as the insert returns a new one.
+_SESSIONS_LOCKED = (
+    "INSERT INTO sessions AS t (site_id, sc, first_ms, last_ms) "
+    "SELECT s, sc, $3, $3 FROM unnest($1::text[], $2::text[]) AS u(s, sc) ORDER BY s, sc "
+    "ON CONFLICT (site_id, sc) DO UPDATE SET last_ms = t.last_ms RETURNING t.*")
 _DELIVERY_INSERT = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
     "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
@@ -113,7 +151,7 @@ class PgIngestBatch:
     async def run(self, requests: Sequence[Request]) -> list[list[tuple[str, int, bool]]]:
         """Per request, an ``IngestResult``-shaped tuple per event."""
         results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
-        known = await self._known_events(requests)
+        known, seqs = await self._known_events(requests)
         fresh = []  # (request index, position, key)
         for index, (site_id, events, *_rest) in enumerate(requests):
             for position, event in enumerate(events):
@@ -121,9 +159,7 @@ class PgIngestBatch:
                 if key not in known:
                     known[key] = None  # taken by this batch: later copies are duplicates
                     fresh.append((index, position, key))
-        seqs = [row[0] for row in await self.conn.fetch(
-            "SELECT nextval(pg_get_serial_sequence('events', 'seq')) "
-            "FROM generate_series(1, $1) ORDER BY 1", len(fresh))] if fresh else []
+        assert len(seqs) == len(fresh), "one sequence value for each new event"
         new_seq = {}
         for (index, position, key), seq in zip(fresh, seqs):
             new_seq[(index, position)] = seq
@@ -143,21 +179,31 @@ class PgIngestBatch:
         self.stored_bytes = [0] * len(requests)
         for seq, site_id, event, raw, user_agent, place in work:
             await self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
-        await self._flush()
-        await self.products.flush()  # last: product rows are locked after sessions, identities
+        keys = self.products.keys()
+        read = await self._flush(keys)
+        # Last: product rows are locked after sessions and identities.
+        await self.products.flush(pg_catalog.products_read(keys, read) if keys else None)
         return results
 
-    async def _known_events(self, requests: Sequence[Request]) -> dict[tuple[str, str, bool], Any]:
-        sites, ids = [], []
+    async def _known_events(self, requests: Sequence[Request]
+                            ) -> tuple[dict[tuple[str, str, bool], Any], list[int]]:
+        """The batch's events already stored (key: seq), and a seq from the shared sequence
+        for each distinct new one, ascending: one round trip."""
+        sites, ids, backend = [], [], []
         for site_id, events, *_ in requests:
             for event in events:
                 sites.append(site_id)
                 ids.append(event["event_id"])
-        rows = await self.conn.fetch(
-            "SELECT e.site_id, e.event_id, e.source = 'backend', e.seq FROM events e "
-            "JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS u(s, i) "
-            "ON e.site_id = u.s AND e.event_id = u.i", sites, ids)
-        return {(site_id, event_id, backend): seq for site_id, event_id, backend, seq in rows}
+                backend.append(event["source"] == trust.BACKEND)
+        known, seqs = {}, []
+        for site_id, event_id, is_backend, seq, new in await self.conn.fetch(
+                _KNOWN_AND_SEQS, sites, ids, backend):
+            if seq is None:
+                seqs.append(new)
+            else:
+                known[(site_id, event_id, is_backend)] = seq
+        seqs.sort()
+        return known, seqs
 
     async def _load_state(self, work: Sequence[tuple[Any, ...]]) -> None:
         """The batch's sessions, created if new and locked, in (site, sc) order; their
@@ -166,15 +212,8 @@ class PgIngestBatch:
         if not keys:
             return
         sites, scs = [k[0] for k in keys], [k[1] for k in keys]
-        await self.conn.execute(
-            "INSERT INTO sessions (site_id, sc, first_ms, last_ms) "
-            "SELECT s, sc, $3, $3 FROM unnest($1::text[], $2::text[]) AS u(s, sc) "
-            "ORDER BY s, sc ON CONFLICT (site_id, sc) DO NOTHING", sites, scs, self.now)
-        rows = await self.conn.fetch(
-            "SELECT s.* FROM sessions s JOIN unnest($1::text[], $2::text[]) AS u(site, sc) "
-            "ON s.site_id = u.site AND s.sc = u.sc ORDER BY s.site_id, s.sc FOR UPDATE OF s",
-            sites, scs)
-        for row in rows:
+        rows = await self.conn.fetch(_SESSIONS_LOCKED, sites, scs, self.now)
+        for row in sorted(rows, key=lambda row: (row["site_id"], row["sc"])):
             self.sessions[(row["site_id"], row["sc"])] = _Session(row)
         identity_ids = sorted({s.identity_id for s in self.sessions.values()} - {None})
         if identity_ids:
@@ -223,11 +262,13 @@ class PgIngestBatch:
             await self._flush()  # what waited must be in the database to be found
             await self._release_held(site, sc, identity, request_id)
 
-    async def _flush(self) -> None:
-        """Write what changed since the last flush: sessions, then events and deliveries."""
+    async def _flush(self, product_keys: Sequence[tuple[str, str]] = ()) -> list[Any]:
+        """Write what changed since the last flush: sessions and events (one statement,
+        which also reads the products of ``product_keys``, unlocked: their rows are
+        returned), then deliveries."""
         conn = self.conn
+        columns: list[list[Any]] = [[] for _ in range(len(_SESSION_COLUMNS) + 1)]
         if self.dirty:
-            columns: list[list[Any]] = [[] for _ in range(len(_SESSION_COLUMNS) + 1)]
             for key in sorted(self.dirty):
                 state = self.sessions[key]
                 if key in self.cart_json:
@@ -241,14 +282,20 @@ class PgIngestBatch:
                 columns[0].append(state.id)
                 for i, name in enumerate(_SESSION_COLUMNS):
                     columns[i + 1].append(getattr(state, name))
-            await conn.execute(_SESSION_UPDATE, *columns)
             self.dirty.clear()
-        if self.event_rows:
-            await conn.execute(_EVENT_INSERT, *[list(c) for c in zip(*self.event_rows)])
-            self.event_rows.clear()
+        events = ([list(c) for c in zip(*self.event_rows)] if self.event_rows
+                  else [[] for _ in range(10)])  # (empty arrays: no rows)
+        self.event_rows.clear()
+        read: list[Any] = []
+        if product_keys:
+            read = await conn.fetch(_SESSIONS_EVENTS_PRODUCTS, *columns, *events,
+                                    [k[0] for k in product_keys], [k[1] for k in product_keys])
+        elif columns[0] or events[0]:
+            await conn.execute(_SESSIONS_AND_EVENTS, *columns, *events)
         if self.delivery_rows:
             rows, self.delivery_rows = self.delivery_rows, []
             await insert_deliveries(conn, rows, self.now)
+        return read
 
     # Identity -----------------------------------------------------------------------------
 
