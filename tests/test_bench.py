@@ -27,3 +27,13 @@ def test_ingest_bench_runs_and_every_acknowledged_event_is_stored() -> None:
     durability = rows["onetag"]["durability"]
     assert durability["ok"] and durability["stored_events"] == durability["acked_events"] > 0
     assert len(report["round_ratios"]) == 2 and report["ratio_median"] is not None
+
+
+def test_instructions_bench_driver_gets_a_204_for_every_beacon(tmp_path) -> None:
+    """What callgrind wraps: the beacons through the app, the writer in its own process
+    (run without valgrind here; the driver exits non-zero on any answer but 204)."""
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "instructions.py"), "--drive", "40",
+         "--code", str(REPO), "--concurrency", "4"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
