@@ -257,10 +257,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delivery_stats(self, now_ms: int) -> list[dict[str, Any]]: ...
 
-    @abc.abstractmethod
     async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
                      states: Sequence[str] = ("dead",)) -> int:
-        """Make matching deliveries due again; returns how many."""
+        """Make matching deliveries due again; returns how many (``replay_rows``, counted)."""
+        return len(await self.replay_rows(now_ms, vendor=vendor, since_ms=since_ms,
+                                          states=states))
 
     @abc.abstractmethod
     async def replay_rows(self, now_ms: int, *, vendor: str | None = None,

@@ -32,12 +32,11 @@ import time
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import catalog, outbox, product_sync, trust
-from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import claimed_fields
 from . import pg_catalog, rules
 from .pg_catalog import PgCatalogBatch
-from .rules import CART_EVENTS, MAX_REQUEST_STORED_BYTES, identity_fields
+from .rules import CART_EVENTS, charge_stored, identity_fields
 
 Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
 
@@ -253,11 +252,8 @@ class PgIngestBatch:
         request, _ = place
         request_id = self.request_ids[request]
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
-        self.stored_bytes[request] += len(raw) + len(data) * (1 + len(planned))
-        if self.stored_bytes[request] > MAX_REQUEST_STORED_BYTES:
-            raise Refused(Problem(413, "too_large", "events", "would store more than "
-                                  f"{MAX_REQUEST_STORED_BYTES} bytes (carts are stored with "
-                                  "each event): send fewer events a request"))
+        self.stored_bytes[request] = charge_stored(self.stored_bytes[request], len(raw),
+                                                   len(data), len(planned))
         if newly_bound and sc and identity and identity.get("email"):
             await self._flush()  # what waited must be in the database to be found
             await self._release_held(site, sc, identity, request_id)

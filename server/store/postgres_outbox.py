@@ -279,11 +279,6 @@ class PostgresOutbox:
 
     # Replays ----------------------------------------------------------------------------
 
-    async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
-                     states: Sequence[str] = ("dead",)) -> int:
-        return len(await self.replay_rows(now_ms, vendor=vendor, since_ms=since_ms,
-                                          states=states))
-
     async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
                           since_ms: int | None = None, states: Sequence[str] = ("dead",),
                           ids: Sequence[int] | None = None, dry_run: bool = False,

@@ -197,6 +197,18 @@ CART_EVENTS = frozenset({"add_to_cart", "remove_from_cart", "view_cart", "begin_
 MAX_REQUEST_STORED_BYTES = 16 * 1024 * 1024
 
 
+def charge_stored(stored: int, raw_bytes: int, data_bytes: int, planned: int) -> int:
+    """A request's running estimate of what it makes the store write, with one more event:
+    the event as sent and normalised, and a vendor request per planned delivery (made of the
+    event's fields, so no larger than its stored form). Refused (413) past the bound."""
+    stored += raw_bytes + data_bytes * (1 + planned)
+    if stored > MAX_REQUEST_STORED_BYTES:
+        raise Refused(Problem(413, "too_large", "events", "would store more than "
+                              f"{MAX_REQUEST_STORED_BYTES} bytes (carts are stored with "
+                              "each event): send fewer events a request"))
+    return stored
+
+
 def new_guid() -> str:
     """An uppercase random (version 4) UUID naming a cart state. It must be unique, not
     secret, so it comes from ``random`` (seeded from the OS at start): ``uuid4()`` makes a

@@ -451,11 +451,6 @@ class SQLiteStore(Store):
         return ([(vendor, state, count) for vendor, state, count in depth],
                 {vendor: max(0, now_ms - created) / 1000 for vendor, created in oldest})
 
-    async def replay(self, now_ms: int, *, vendor: str | None = None, since_ms: int | None = None,
-                     states: Sequence[str] = ("dead",)) -> int:
-        return len(await self.replay_rows(now_ms, vendor=vendor, since_ms=since_ms,
-                                          states=states))
-
     async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
                           since_ms: int | None = None, states: Sequence[str] = ("dead",),
                           ids: Sequence[int] | None = None, dry_run: bool = False,

@@ -16,12 +16,11 @@ import sqlite3
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import catalog, outbox, product_sync, trust
-from ..envelope import Problem, Refused
 from ..jsontext import encode, loads
 from ..sessions import claimed_fields
 from . import rules
 from .rules import (CART_EVENTS, MAX_CART_BYTES, MAX_REQUEST_STORED_BYTES,  # noqa: F401
-                    identity_fields)
+                    charge_stored, identity_fields)
 from .sqlite_catalog import CatalogBatch, ProductCache
 
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
@@ -363,12 +362,8 @@ class IngestBatch:
         request, _ = place
         request_id = self.request_ids[request]
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
-        # A vendor request is made of the event's fields, so no larger than its stored form.
-        self.stored_bytes[request] += len(raw) + len(data) * (1 + len(planned))
-        if self.stored_bytes[request] > MAX_REQUEST_STORED_BYTES:
-            raise Refused(Problem(413, "too_large", "events", "would store more than "
-                                  f"{MAX_REQUEST_STORED_BYTES} bytes (carts are stored with "
-                                  "each event): send fewer events a request"))
+        self.stored_bytes[request] = charge_stored(self.stored_bytes[request], len(raw),
+                                                   len(data), len(planned))
         if newly_bound and sc and identity and identity.get("email"):
             self._flush()  # what waited must be in the database to be found
             self._release_held(site, sc, identity, request_id)
