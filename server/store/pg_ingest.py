@@ -407,7 +407,7 @@ class PgIngestBatch:
             return latest_sc
         return await self.conn.fetchval(
             "SELECT sc FROM sessions WHERE site_id = $1 AND identity_id = $2 "
-            "ORDER BY last_ms DESC LIMIT 1", site_id, identity_id)
+            "ORDER BY last_ms DESC, id DESC LIMIT 1", site_id, identity_id)
 
     # Cart ---------------------------------------------------------------------------------
 

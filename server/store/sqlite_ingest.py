@@ -539,7 +539,7 @@ class IngestBatch:
             return latest_sc
         row = self.conn.execute(
             "SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ? "
-            "ORDER BY last_ms DESC LIMIT 1", (site_id, identity_id)).fetchone()
+            "ORDER BY last_ms DESC, id DESC LIMIT 1", (site_id, identity_id)).fetchone()
         return row[0] if row else None
 
     # Cart ---------------------------------------------------------------------------------
