@@ -310,8 +310,12 @@ async def test_the_console_on_postgresql(tmp_path, fake, pg_database):
             page = await console.get(f"/admin/search?q={EMAIL}")
             assert EMAIL in page and SC in page and "order 1001" in page and "SKU-1" in page
             assert EMAIL in await console.get("/admin/search?q=1001")  # by order id
+            # Every remarkety row dead (none still retrying), so the set listed is the set
+            # the replay finds.
             [dead] = await wait("vendor = 'remarkety' AND state = 'dead' "
-                                "AND dedup_key = 'orders/create:1001'", "remarkety to die")
+                                "AND dedup_key = 'orders/create:1001' AND NOT EXISTS (SELECT 1 "
+                                "FROM deliveries p WHERE p.vendor = 'remarkety' "
+                                "AND p.state = 'pending')", "remarkety to die")
             assert "HTTP 400" in await console.get(f"/admin/deliveries/{dead['id']}")
             listing = await console.get("/admin/deadletters?vendor=remarkety")
             assert f'href="/admin/deliveries/{dead["id"]}"' in listing
@@ -360,6 +364,25 @@ async def test_live_sends_a_row_another_node_committed_after_a_higher_seq(tmp_pa
         await slow.commit()
         late = await anext(stream)
         assert late.startswith("id: 2\n") and '"seq": 1' in late and '"seq": 2' not in late
+        await stream.aclose()
+        # A stream starting above a seq still being committed (the page loaded meanwhile)
+        # sends it when it turns up.
+        slow = first.transaction()
+        await slow.start()
+        await first.execute(insert, 3, "slow-2")
+        await second.execute(insert, 4, "quick-2")
+        stream = live.tail(PageConsole(settings, store), Client(1000), {}, 4, poll_s=0.01,
+                           heartbeat_s=1000)
+        assert await anext(stream) == "retry: 2000\n\n"
+
+        async def commit_later() -> None:
+            await asyncio.sleep(0.3)  # the stream has polled (every 0.01 s) meanwhile
+            await slow.commit()
+
+        committing = asyncio.create_task(commit_later())
+        late = await anext(stream)
+        await committing
+        assert late.startswith("id: 4\n") and '"seq": 3' in late and '"seq": 4' not in late
         await stream.aclose()
     finally:
         await first.close()

@@ -167,8 +167,8 @@ def routes(console: Console) -> list[Route]:
         except BadFilter as exc:
             context["problem"] = str(exc)
             return console.render(request, "admin/deadletters.html", status_code=400, **context)
-        context["listing"] = await console.reads().dead_letters(selection, PAGE_ROWS,
-                                                None if before is None else int(before))
+        context["listing"] = await console.reads().dead_letters(
+            selection, PAGE_ROWS, None if before is None else int(before))
         context["exact"] = query_of(selection)
         context["next_href"] = None
         if context["listing"]["next_before_id"] is not None:

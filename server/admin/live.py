@@ -120,12 +120,14 @@ class LateRows:
     ``ConsoleReads.late_window_s``). Seqs missing from a range the stream has passed are
     kept for ``window_s`` and looked for each poll; one that turns up is sent then (a row
     of another node's commit), one still missing after the window is taken as never
-    stored (a rolled back transaction also uses seqs). Bounded: a range longer than
-    ``MAX_SCAN`` seqs (a stream far behind) is not searched for holes, and at most
+    stored (a rolled back transaction also uses seqs). A stream also looks at the
+    ``LOOKBACK`` seqs below its start (below the page's rows). Bounded: a range longer
+    than ``MAX_SCAN`` seqs (a stream far behind) is not searched for holes, and at most
     ``MAX_HOLES`` are kept, the newest."""
 
     MAX_SCAN = 20_000
     MAX_HOLES = 2_000
+    LOOKBACK = 1_000  # seqs below a stream's start looked at for holes
 
     def __init__(self, window_s: float):
         self.window_s = window_s
@@ -182,6 +184,9 @@ async def tail(console: Console, request: Request, filters: dict[str, str], afte
         reads = console.reads()
         if late is None and reads.late_window_s > 0:
             late = LateRows(reads.late_window_s)
+            # Seqs just below the start may still be committing (the page showed the rows
+            # below it that were stored): look for those too.
+            await late.passed(reads, max(0, after - LateRows.LOOKBACK), after)
         top = await reads.latest_seq()
         full = False
         if top > after:

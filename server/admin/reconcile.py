@@ -43,7 +43,7 @@ def routes(console: Console) -> list[Route]:
             if until <= since:
                 raise BadFilter("until", "must be later than since")
             report = await console.reads().reconcile(settings.sites, since, until,
-                                     form["site"] or None, form["vendor"] or None)
+                                                     form["site"] or None, form["vendor"] or None)
         except BadFilter as exc:
             problem = str(exc)
         except ValueError as exc:  # too many orders in the range: narrow it
