@@ -29,10 +29,11 @@ CSRF_RE = re.compile(r'name="csrf_token" value="([^"]*)"')
 
 def console_settings(tmp_path: Any, *, admin_token: str | None = ADMIN_TOKEN,
                      public_url: str = "http://console.example",
-                     vendor_base: str = "http://127.0.0.1:9", forward: bool = False
-                     ) -> config.Settings:
-    """Site ``shop1`` with all four vendors (secrets set) on a fresh SQLite file."""
-    server: dict[str, Any] = {"database": f"sqlite:///{tmp_path}/onetag.db",
+                     vendor_base: str = "http://127.0.0.1:9", forward: bool = False,
+                     database: str | None = None) -> config.Settings:
+    """Site ``shop1`` with all four vendors (secrets set) on a fresh SQLite file, or on
+    ``database`` (a ``backends.Backend``'s)."""
+    server: dict[str, Any] = {"database": database or f"sqlite:///{tmp_path}/onetag.db",
                               "public_url": public_url, "forward": forward}
     if admin_token is not None:
         server["admin_token"] = admin_token

@@ -272,3 +272,119 @@ async def test_the_stream_bounds_each_message_beats_when_idle_and_ends_with_the_
         ended = [m async for m in live.tail(console, Client(1000), {}, 0, poll_s=0.01,
                                             until_ms=1)]
     assert ended == ["retry: 2000\n\n"]
+
+
+# On PostgreSQL ----------------------------------------------------------------------------
+
+async def test_the_console_on_postgresql(tmp_path, fake, pg_database):
+    """The same console over a PostgreSQL database: log in, Live, Search finds the
+    customer and the order, a dead delivery replayed from Dead letters is delivered."""
+    from backends import Backend
+
+    db = Backend("postgresql", pg_database)
+
+    async def deliveries(where: str = "true", *params: Any) -> list[dict[str, Any]]:
+        return await db.dicts(f"SELECT * FROM deliveries WHERE {where} ORDER BY id", *params)
+
+    async def wait(condition_sql: str, what: str) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 30
+        while not (found := await deliveries(condition_sql)):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+        return found
+
+    data = settings_data(tmp_path, fake, site={"identity_secret": IDENTITY_SECRET})
+    data["server"].update(admin_token=ADMIN_TOKEN, database=pg_database)
+    fake.fail("remarkety", 400, times=None)  # a permanent refusal: dead at once
+    async with serve(config.parse(data, env={})) as app:
+        async with httpx.AsyncClient(base_url=app.state.base_url, timeout=30) as client:
+            await shop_activity(client)
+            console = await log_in(client)
+            live_page = await console.get("/admin/live")
+            assert "identify" in live_page and "order 1001" in live_page
+            [after] = re.findall(r'data-live-after="(\d+)"', live_page)
+            async with client.stream("GET", f"/admin/live/stream?after={after}") as stream:
+                await backend(client, purchase("3003", email="other@example.com"))
+                seen = await sse_messages(stream, lambda got: len(got) >= 1)
+            assert "order 3003" in seen[0]["summary"]
+            page = await console.get(f"/admin/search?q={EMAIL}")
+            assert EMAIL in page and SC in page and "order 1001" in page and "SKU-1" in page
+            assert EMAIL in await console.get("/admin/search?q=1001")  # by order id
+            # Every remarkety row dead (none still retrying), so the set listed is the set
+            # the replay finds.
+            [dead] = await wait("vendor = 'remarkety' AND state = 'dead' "
+                                "AND dedup_key = 'orders/create:1001' AND NOT EXISTS (SELECT 1 "
+                                "FROM deliveries p WHERE p.vendor = 'remarkety' "
+                                "AND p.state = 'pending')", "remarkety to die")
+            assert "HTTP 400" in await console.get(f"/admin/deliveries/{dead['id']}")
+            listing = await console.get("/admin/deadletters?vendor=remarkety")
+            assert f'href="/admin/deliveries/{dead["id"]}"' in listing
+            form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"',
+                                   listing[listing.index('id="replay"'):]))
+            fake.heal("remarkety")
+            done = await client.post("/admin/deadletters/replay", data=form)
+            assert done.status_code == 303, done.text
+            assert "Replayed" in await console.get(done.headers["location"])
+            await wait(f"id = {int(dead['id'])} AND state = 'delivered'",
+                       "the replayed delivery to be delivered")
+            for path in ("/admin/vendors", "/admin/reconcile", "/admin/install"):
+                await console.get(path)
+            assert (await client.get("/admin/install/check.json")).json()[0]["ok"] is True
+    assert_no_secrets(console)
+
+
+async def test_live_sends_a_row_another_node_committed_after_a_higher_seq(tmp_path,
+                                                                          pg_database):
+    """Two nodes draw seqs from one sequence and commit in any order: a row that becomes
+    visible after a higher seq was streamed is sent when it turns up."""
+    import asyncpg
+
+    from server.admin import live
+    from server.admin.web import Console as PageConsole
+    from server.store.postgres import PostgresStore
+
+    settings = config.parse({
+        "server": {"database": pg_database, "admin_token": ADMIN_TOKEN, "forward": False},
+        "sites": [{"id": "shop1", "origins": [ORIGIN], "api_key": API_KEY}]}, env={})
+    store = PostgresStore(pg_database, settings.sites)
+    await store.open()
+    first, second = await asyncpg.connect(pg_database), await asyncpg.connect(pg_database)
+    insert = ("INSERT INTO events (seq, site_id, event_id, name, source, received_ms, raw, "
+              "data) VALUES ($1, 'shop1', $2, 'page_view', 'browser', 0, '{}', '{}')")
+    try:
+        stream = live.tail(PageConsole(settings, store), Client(1000), {}, 0, poll_s=0.01,
+                           heartbeat_s=1000)
+        assert await anext(stream) == "retry: 2000\n\n"
+        slow = first.transaction()
+        await slow.start()
+        await first.execute(insert, 1, "slow")  # drew seq 1, not committed yet
+        await second.execute(insert, 2, "quick")  # seq 2, committed first
+        message = await anext(stream)
+        assert message.startswith("id: 2\n") and '"seq": 2' in message
+        await slow.commit()
+        late = await anext(stream)
+        assert late.startswith("id: 2\n") and '"seq": 1' in late and '"seq": 2' not in late
+        await stream.aclose()
+        # A stream starting above a seq still being committed (the page loaded meanwhile)
+        # sends it when it turns up.
+        slow = first.transaction()
+        await slow.start()
+        await first.execute(insert, 3, "slow-2")
+        await second.execute(insert, 4, "quick-2")
+        stream = live.tail(PageConsole(settings, store), Client(1000), {}, 4, poll_s=0.01,
+                           heartbeat_s=1000)
+        assert await anext(stream) == "retry: 2000\n\n"
+
+        async def commit_later() -> None:
+            await asyncio.sleep(0.3)  # the stream has polled (every 0.01 s) meanwhile
+            await slow.commit()
+
+        committing = asyncio.create_task(commit_later())
+        late = await anext(stream)
+        await committing
+        assert late.startswith("id: 4\n") and '"seq": 3' in late and '"seq": 4' not in late
+        await stream.aclose()
+    finally:
+        await first.close()
+        await second.close()
+        await store.close()

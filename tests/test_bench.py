@@ -37,3 +37,21 @@ def test_instructions_bench_driver_gets_a_204_for_every_beacon(tmp_path) -> None
          "--code", str(REPO), "--concurrency", "4"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_console_plan_bench_asks_every_console_question(pg_template) -> None:
+    """bench/pg_console_plan.py on a small table: every statement explained (the plans'
+    figures are read from its output by people, not asserted)."""
+    import pytest
+
+    from backends import PG_ADMIN_URL
+
+    if pg_template[0] is None:
+        pytest.skip(pg_template[1])
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "pg_console_plan.py"), "--json", "--events",
+         "4000", "--dsn", PG_ADMIN_URL], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:] + run.stdout[-2000:]
+    report = json.loads(run.stdout)
+    assert report["events"] == 4000 and len(report["queries"]) > 25
+    assert all(query["plan"] for query in report["queries"])

@@ -1,6 +1,7 @@
-"""The console's data side on a real SQLite file: the operator filter (one WHERE for the list,
-the dry run and the replay), replays recorded, the vendor overview (counts, latency
-percentiles, success rate, errors), dead letters paginated, and order reconciliation."""
+"""The console's data side on a real database, SQLite and PostgreSQL (``backend``): the
+operator filter (one WHERE for the list, the dry run and the replay), replays recorded, the
+vendor overview (counts, latency percentiles, success rate, errors), dead letters paginated,
+and order reconciliation."""
 
 from __future__ import annotations
 
@@ -18,10 +19,7 @@ from console_support import console_settings
 from server import cli, config
 from server.store import deadletters
 from server.store.deadletters import ReplayFilter, escape_like, fingerprint, where
-from server.store.sqlite import SQLiteStore
-from server.store.sqlite_console_ops import (PURCHASE_KEYS, bucket_starts, dead_letters,
-                                             purchase_key, reconcile, recent_replays,
-                                             vendor_overview)
+from server.store.console_ops import PURCHASE_KEYS, bucket_starts, purchase_key
 from server.store.sqlite_writer import WriteOps, configure
 from support import running
 
@@ -31,33 +29,49 @@ NOW -= NOW % HOUR
 NOW += 30 * 60_000  # half past
 
 
-def add_event(conn, seq: int, *, site: str = "shop1", name: str = "purchase",
-              source: str = "backend", received_ms: int = NOW, order: str | None = None) -> None:
+EVENT_SQL = ("INSERT INTO events (seq, site_id, event_id, name, source, received_ms, raw, "
+             "data) VALUES (?, ?, ?, ?, ?, ?, '{}', ?)")
+DELIVERY_SQL = (
+    "INSERT INTO deliveries (id, site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
+    "request, attempts, next_attempt_ms, last_error, created_ms, updated_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'sc:V', ?, '{}', 1, 0, ?, ?, ?)")
+ATTEMPT_SQL = ("INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, "
+               "status, answer, error) VALUES (?, 1, ?, ?, '{}', ?, ?, ?)")
+
+
+def event_row(seq: int, *, site: str = "shop1", name: str = "purchase", source: str = "backend",
+              received_ms: int = NOW, order: str | None = None) -> tuple[str, tuple]:
     data = {"name": name, "source": source, "ecommerce": {"transaction_id": order}}
-    conn.execute("INSERT INTO events (seq, site_id, event_id, name, source, received_ms, raw, "
-                 "data) VALUES (?, ?, ?, ?, ?, ?, '{}', ?)",
-                 (seq, site, f"ev-{seq}", name, source, received_ms, json.dumps(data)))
+    return EVENT_SQL, (seq, site, f"ev-{seq}", name, source, received_ms, json.dumps(data))
 
 
-def add_delivery(conn, id: int, *, site: str = "shop1", vendor: str = "sendlane",
-                 state: str = "dead", error: str | None = None, created_ms: int = NOW,
-                 updated_ms: int | None = None, key: str | None = None, claim: int = 0,
-                 event_seq: int = 1) -> None:
-    conn.execute(
-        "INSERT INTO deliveries (id, site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
-        "request, attempts, next_attempt_ms, last_error, created_ms, updated_ms) "
-        "VALUES (?, ?, ?, ?, ?, ?, 'sc:V', ?, '{}', 1, 0, ?, ?, ?)",
-        (id, site, vendor, key or f"k{id}", claim, event_seq, state, error, created_ms,
-         created_ms if updated_ms is None else updated_ms))
+def delivery_row(id: int, *, site: str = "shop1", vendor: str = "sendlane", state: str = "dead",
+                 error: str | None = None, created_ms: int = NOW, updated_ms: int | None = None,
+                 key: str | None = None, claim: int = 0, event_seq: int = 1
+                 ) -> tuple[str, tuple]:
+    return DELIVERY_SQL, (id, site, vendor, key or f"k{id}", claim, event_seq, state, error,
+                          created_ms, created_ms if updated_ms is None else updated_ms)
 
 
-def add_attempt(conn, delivery_id: int, started_ms: int, duration_ms: int,
-                status: int | None, error: str | None = None, body: str = "") -> None:
+def attempt_row(delivery_id: int, started_ms: int, duration_ms: int, status: int | None,
+                error: str | None = None, body: str = "") -> tuple[str, tuple]:
     answer = None if status is None else json.dumps({"headers": {}, "body": body,
                                                      "truncated": False})
-    conn.execute("INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, "
-                 "status, answer, error) VALUES (?, 1, ?, ?, '{}', ?, ?, ?)",
-                 (delivery_id, started_ms, duration_ms, status, answer, error))
+    return ATTEMPT_SQL, (delivery_id, started_ms, duration_ms, status, answer, error)
+
+
+def add_event(conn, seq: int, **kwargs) -> None:
+    conn.execute(*event_row(seq, **kwargs))
+
+
+def add_delivery(conn, id: int, **kwargs) -> None:
+    conn.execute(*delivery_row(id, **kwargs))
+
+
+async def seed(backend, *rows: tuple[str, tuple]) -> None:
+    """Rows written beside the store, on a connection of their own (either backend)."""
+    for sql, params in rows:
+        await backend.rows(sql, *params)
 
 
 def writer_db(path: Path) -> sqlite3.Connection:
@@ -66,17 +80,17 @@ def writer_db(path: Path) -> sqlite3.Connection:
 
 
 @pytest.fixture
-async def store(tmp_path):
-    settings = console_settings(tmp_path)
-    opened = SQLiteStore(settings.server.sqlite_path, settings.sites)
-    await opened.open()
+async def store(backend, tmp_path):
+    settings = console_settings(tmp_path, database=backend.database)
+    opened = await backend.open(settings)
     opened.settings = settings
+    opened.backend = backend
     yield opened
     await opened.close()
 
 
-def db_of(store) -> sqlite3.Connection:
-    return sqlite3.connect(store.path, isolation_level=None)
+async def states_of(store) -> dict[int, str]:
+    return dict(await store.backend.rows("SELECT id, state FROM deliveries"))
 
 
 # The filter ------------------------------------------------------------------------------
@@ -191,18 +205,16 @@ def test_the_dry_run_names_exactly_the_rows_the_replay_then_makes_due(rows, sele
 # Replays recorded ------------------------------------------------------------------------
 
 async def test_a_replay_is_recorded_with_who_what_and_how_many(store) -> None:
-    with db_of(store) as conn:
-        add_event(conn, 1)
-        add_delivery(conn, 1, error="HTTP 500: boom")
-        add_delivery(conn, 2, error="HTTP 400: bad field")
-        add_delivery(conn, 3, vendor="remarkety", error="HTTP 500: boom")
+    await seed(store.backend, event_row(1), delivery_row(1, error="HTTP 500: boom"),
+               delivery_row(2, error="HTTP 400: bad field"),
+               delivery_row(3, vendor="remarkety", error="HTTP 500: boom"))
     selection = ReplayFilter(("dead",), vendor="sendlane", error="500")
     dry = await store.replay_rows(NOW, vendor="sendlane", error="500", dry_run=True)
     assert [r["id"] for r in dry] == [1]
     done = await store.replay_recorded(NOW + 1, selection, "console:127.0.0.1",
                                        expect=fingerprint(dry), shown=len(dry))
     assert done["changed"] is False and [r["id"] for r in done["rows"]] == [1]
-    [replay] = await recent_replays(store.reader)
+    [replay] = await store.console().recent_replays()
     assert (replay["who"], replay["dry_run_count"], replay["replayed"], replay["ids"]) == (
         "console:127.0.0.1", 1, 1, [1])
     assert replay["filter"] == {"states": ["dead"], "vendor": "sendlane", "error": "500"}
@@ -210,19 +222,15 @@ async def test_a_replay_is_recorded_with_who_what_and_how_many(store) -> None:
 
 
 async def test_a_set_that_changed_since_the_dry_run_is_not_replayed(store) -> None:
-    with db_of(store) as conn:
-        add_event(conn, 1)
-        add_delivery(conn, 1)
+    await seed(store.backend, event_row(1), delivery_row(1))
     selection = ReplayFilter(("dead",))
     dry = await store.replay_rows(NOW, dry_run=True)
-    with db_of(store) as conn:  # another delivery dies meanwhile
-        add_delivery(conn, 2)
+    await seed(store.backend, delivery_row(2))  # another delivery dies meanwhile
     answer = await store.replay_recorded(NOW, selection, "console:10.0.0.1",
                                          expect=fingerprint(dry), shown=len(dry))
     assert answer["changed"] is True and [r["id"] for r in answer["rows"]] == [1, 2]
-    with db_of(store) as conn:
-        assert {r[0] for r in conn.execute("SELECT state FROM deliveries")} == {"dead"}
-    assert await recent_replays(store.reader) == []
+    assert set((await states_of(store)).values()) == {"dead"}
+    assert await store.console().recent_replays() == []
     # With the new set's fingerprint it goes ahead.
     again = await store.replay_recorded(NOW, selection, "console:10.0.0.1",
                                         expect=answer["fingerprint"], shown=2)
@@ -230,12 +238,10 @@ async def test_a_set_that_changed_since_the_dry_run_is_not_replayed(store) -> No
 
 
 async def test_held_and_failing_rows_are_listed_but_never_replayed(store) -> None:
-    with db_of(store) as conn:
-        add_event(conn, 1)
-        add_delivery(conn, 1, state="held")
-        add_delivery(conn, 2, state="pending", error="HTTP 503")
-        add_delivery(conn, 3, state="pending")  # due, never failed: not a dead letter
-    listed = await dead_letters(store.reader, ReplayFilter(("held", "failing")))
+    await seed(store.backend, event_row(1), delivery_row(1, state="held"),
+               delivery_row(2, state="pending", error="HTTP 503"),
+               delivery_row(3, state="pending"))  # due, never failed: not a dead letter
+    listed = await store.console().dead_letters(ReplayFilter(("held", "failing")))
     assert [(r["id"], r["state"]) for r in listed["rows"]] == [(2, "failing"), (1, "held")]
     with pytest.raises(ValueError, match="states: held"):
         await store.replay_recorded(NOW, ReplayFilter(("held",)), "cli:x")
@@ -283,27 +289,27 @@ def test_onetag_replay_filters_by_site_until_and_error_and_records_it(tmp_path, 
 # Dead letters ----------------------------------------------------------------------------
 
 async def test_dead_letters_are_paginated_with_an_exact_count(store) -> None:
-    with db_of(store) as conn:
-        add_event(conn, 1)
-        for i in range(1, 24):
-            add_delivery(conn, i, vendor="sendlane" if i % 2 else "remarkety",
-                         error=f"HTTP {500 if i % 3 else 400}: x", created_ms=NOW + i)
+    await seed(store.backend, event_row(1), *(
+        delivery_row(i, vendor="sendlane" if i % 2 else "remarkety",
+                     error=f"HTTP {500 if i % 3 else 400}: x", created_ms=NOW + i)
+        for i in range(1, 24)))
+    reads = store.console()
     selection = ReplayFilter(("dead",), vendor="sendlane", error="500")
     expected = [i for i in range(23, 0, -1) if i % 2 and i % 3]
     seen, before = [], None
     while True:
-        page = await dead_letters(store.reader, selection, limit=3, before_id=before)
+        page = await reads.dead_letters(selection, limit=3, before_id=before)
         assert page["total"] == len(expected)
         seen += [r["id"] for r in page["rows"]]
         before = page["next_before_id"]
         if before is None:
             break
     assert seen == expected
-    by_time = await dead_letters(store.reader, ReplayFilter(("dead",), since_ms=NOW + 20,
-                                                            until_ms=NOW + 23))
+    by_time = await reads.dead_letters(ReplayFilter(("dead",), since_ms=NOW + 20,
+                                                    until_ms=NOW + 23))
     assert [r["id"] for r in by_time["rows"]] == [22, 21, 20]
     with pytest.raises(ValueError, match="limit"):
-        await dead_letters(store.reader, selection, limit=201)
+        await reads.dead_letters(selection, limit=201)
 
 
 # Vendor overview -------------------------------------------------------------------------
@@ -319,30 +325,30 @@ def percentile(values: list[int], p: float) -> int | None:
 @given(st.lists(st.tuples(st.sampled_from([0, 1, 22, 23]), st.integers(0, 5000),
                          st.sampled_from([200, 204, 400, 500, None])), max_size=120))
 @example([(23, d, 200) for d in range(20, 0, -1)] + [(0, d, None) for d in range(11)])
-@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_each_buckets_percentiles_and_success_are_exact(attempts) -> None:
-    """SQLite's ranking (a window function) against nearest rank done by hand."""
+@hsettings(max_examples=40, deadline=None,
+           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_each_buckets_percentiles_and_success_are_exact(backend, tmp_path, attempts) -> None:
+    """The database's ranking (a window function) against nearest rank done by hand; one
+    database for every example, its attempts replaced each time."""
     import asyncio
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "onetag.db"
-        conn = writer_db(path)
-        add_event(conn, 1)
-        add_delivery(conn, 1)
-        first = bucket_starts(NOW, "24h")[1]
-        for bucket, duration, status in attempts:
-            add_attempt(conn, 1, first + bucket * HOUR + duration % HOUR, duration, status)
-        conn.close()
+    async def overview():
+        settings = console_settings(tmp_path, database=backend.database)
+        store = await backend.open(settings)
+        try:
+            await backend.rows("DELETE FROM attempts")
+            if not await backend.rows("SELECT 1 FROM deliveries"):
+                await seed(backend, event_row(1), delivery_row(1))
+            first = bucket_starts(NOW, "24h")[1]
+            await seed(backend, *(attempt_row(1, first + bucket * HOUR + duration % HOUR,
+                                              duration, status)
+                                  for bucket, duration, status in attempts))
+            return await store.console().vendor_overview(NOW, "24h")
+        finally:
+            await store.close()
 
-        async def read():
-            import aiosqlite
-
-            async with aiosqlite.connect(path) as reader:
-                reader.row_factory = sqlite3.Row
-                return await vendor_overview(reader, NOW, "24h")
-
-        overview = asyncio.run(read())
-    buckets = overview[0]["buckets"] if overview else []
+    found = asyncio.run(overview())
+    buckets = found[0]["buckets"] if found else []
     for index in range(24):
         mine = [(d, s) for b, d, s in attempts if b == index]
         durations = [d for d, _ in mine]
@@ -354,21 +360,22 @@ def test_each_buckets_percentiles_and_success_are_exact(attempts) -> None:
 
 
 async def test_vendor_overview_counts_latency_success_and_errors(store) -> None:
-    with db_of(store) as conn:
-        add_event(conn, 1)
-        add_delivery(conn, 1, state="delivered")
-        add_delivery(conn, 2, state="pending", created_ms=NOW - 90_000)
-        add_delivery(conn, 3, state="pending", error="HTTP 503")
-        add_delivery(conn, 4, state="dead", error="HTTP 400: bad")
-        add_delivery(conn, 5, vendor="remarkety", state="held")
-        hour = NOW - NOW % HOUR
-        for ms in range(10, 110, 10):  # this hour: 10 attempts, 10..100 ms, 8 ok
-            add_attempt(conn, 1, hour + ms, ms, 200 if ms <= 80 else 503, body="busy")
-        add_attempt(conn, 4, hour - 2 * HOUR + 5, 1000, 400, body='{"error":"bad field"}')
-        add_attempt(conn, 4, hour - 2 * HOUR + 9, 1000, 400, body='{"error":"bad field"}')
-        add_attempt(conn, 3, hour - 3 * HOUR, 5000, None, error="timeout: ReadTimeout")
-        add_attempt(conn, 3, hour - 30 * HOUR, 1, 500)  # outside the 24 h range
-    [remarkety, sendlane] = await vendor_overview(store.reader, NOW, "24h")
+    hour = NOW - NOW % HOUR
+    await seed(
+        store.backend, event_row(1), delivery_row(1, state="delivered"),
+        delivery_row(2, state="pending", created_ms=NOW - 90_000),
+        delivery_row(3, state="pending", error="HTTP 503"),
+        delivery_row(4, state="dead", error="HTTP 400: bad"),
+        delivery_row(5, vendor="remarkety", state="held"),
+        # this hour: 10 attempts, 10..100 ms, 8 ok
+        *(attempt_row(1, hour + ms, ms, 200 if ms <= 80 else 503, body="busy")
+          for ms in range(10, 110, 10)),
+        attempt_row(4, hour - 2 * HOUR + 5, 1000, 400, body='{"error":"bad field"}'),
+        attempt_row(4, hour - 2 * HOUR + 9, 1000, 400, body='{"error":"bad field"}'),
+        attempt_row(3, hour - 3 * HOUR, 5000, None, error="timeout: ReadTimeout"),
+        attempt_row(3, hour - 30 * HOUR, 1, 500))  # outside the 24 h range
+    reads = store.console()
+    [remarkety, sendlane] = await reads.vendor_overview(NOW, "24h")
     assert (remarkety["vendor"], remarkety["held"], remarkety["attempts"]) == ("remarkety", 1, 0)
     assert (sendlane["delivered"], sendlane["pending"], sendlane["failing"], sendlane["dead"]) \
         == (1, 1, 1, 1)
@@ -386,10 +393,10 @@ async def test_vendor_overview_counts_latency_success_and_errors(store) -> None:
     assert errors[(400, '{"error":"bad field"}')]["count"] == 2
     assert errors[(400, '{"error":"bad field"}')]["last_ms"] == hour - 2 * HOUR + 9
     assert sendlane["errors"][0]["status"] == 503  # latest first
-    monthly = await vendor_overview(store.reader, NOW, "30d")
+    monthly = await reads.vendor_overview(NOW, "30d")
     assert len(monthly[1]["buckets"]) == 30 and monthly[1]["attempts"] == 14
     with pytest.raises(ValueError, match="range"):
-        await vendor_overview(store.reader, NOW, "1y")
+        await reads.vendor_overview(NOW, "1y")
 
 
 def test_buckets_are_whole_hours_or_days_ending_with_now() -> None:
@@ -408,8 +415,9 @@ def order(order_id: str, email: str = "ann@example.com", event_id: str | None = 
                                      "quantity": 1}]}}
 
 
-async def test_reconciliation_matches_backend_orders_to_each_vendors_purchase_row(tmp_path):
-    data = {"server": {"database": f"sqlite:///{tmp_path}/onetag.db", "forward": False,
+async def test_reconciliation_matches_backend_orders_to_each_vendors_purchase_row(backend,
+                                                                                 tmp_path):
+    data = {"server": {"database": backend.database, "forward": False,
                        "public_url": "http://console.example"},
             "sites": [{"id": "shop1", "api_key": "k-1",
                        "sendlane": {"integration_token": "t", "api_token": "s",
@@ -429,23 +437,24 @@ async def test_reconciliation_matches_backend_orders_to_each_vendors_purchase_ro
             assert sent.status_code == 202, sent.text
         store = app.state.store
         # The rule: each vendor's purchase row carries its PURCHASE_KEYS key.
-        keys = {(r[0], r[1]) for r in await store.reader.execute_fetchall(
-            "SELECT vendor, dedup_key FROM deliveries WHERE claim = 0")}
+        keys = set(await backend.rows("SELECT vendor, dedup_key FROM deliveries "
+                                      "WHERE claim = 0"))
         for vendor in ("sendlane", "esputnik", "rejoiner"):
             for order_id in ("1001", "1002", "1003"):
                 assert (vendor, purchase_key(vendor, order_id)) in keys
         assert set(PURCHASE_KEYS) == {"sendlane", "esputnik", "rejoiner", "remarkety"}
-        with db_of(store) as conn:
-            conn.execute("UPDATE deliveries SET state = 'delivered' WHERE vendor = 'sendlane'")
-            conn.execute("UPDATE deliveries SET state = 'dead', last_error = 'HTTP 400: no' "
-                         "WHERE vendor = 'esputnik' AND dedup_key = 'PurchasedItems:1002'")
-            conn.execute("UPDATE deliveries SET state = 'delivered' WHERE vendor = 'esputnik' "
-                         "AND dedup_key != 'PurchasedItems:1002'")
-            conn.execute("UPDATE deliveries SET state = 'browser' WHERE vendor = 'rejoiner' "
-                         "AND dedup_key = 'convert:1003'")
-        report = await reconcile(store.reader, settings.sites, NOW - 10**13, NOW + 10**13)
+        for sql in ("UPDATE deliveries SET state = 'delivered' WHERE vendor = 'sendlane'",
+                    "UPDATE deliveries SET state = 'dead', last_error = 'HTTP 400: no' "
+                    "WHERE vendor = 'esputnik' AND dedup_key = 'PurchasedItems:1002'",
+                    "UPDATE deliveries SET state = 'delivered' WHERE vendor = 'esputnik' "
+                    "AND dedup_key != 'PurchasedItems:1002'",
+                    "UPDATE deliveries SET state = 'browser' WHERE vendor = 'rejoiner' "
+                    "AND dedup_key = 'convert:1003'"):
+            await backend.rows(sql)
+        reads = store.console()
+        report = await reads.reconcile(settings.sites, NOW - 10**13, NOW + 10**13)
         with pytest.raises(ValueError, match="until"):
-            await reconcile(store.reader, settings.sites, NOW, NOW)
+            await reads.reconcile(settings.sites, NOW, NOW)
     by_vendor = {r["vendor"]: r for r in report}
     assert {v: (r["received"], r["accepted"]) for v, r in by_vendor.items()} == {
         "esputnik": (3, 2), "rejoiner": (3, 1), "remarkety": (3, 0), "sendlane": (3, 3)}
@@ -458,13 +467,11 @@ async def test_reconciliation_matches_backend_orders_to_each_vendors_purchase_ro
 
 
 async def test_a_replay_made_elsewhere_is_recorded_after_the_fact(store) -> None:
-    with db_of(store) as conn:
-        add_event(conn, 1)
-        add_delivery(conn, 7)
+    await seed(store.backend, event_row(1), delivery_row(7))
     rows = await store.replay_rows(NOW, states=("dead",), ids=(7,))
     replay_id = await store.record_replay(NOW, "console:10.1.1.1", {"ids": [7]}, rows,
                                           shown=1)
-    [replay] = await recent_replays(store.reader)
+    [replay] = await store.console().recent_replays()
     assert (replay["id"], replay["who"], replay["filter"], replay["replayed"], replay["ids"]) \
         == (replay_id, "console:10.1.1.1", {"ids": [7]}, 1, [7])
 

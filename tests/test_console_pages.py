@@ -1,6 +1,7 @@
 """The console's Vendors, Dead letters and Reconciliation pages, in process over a real SQLite
-file: what they show, the replay (dry-run count = replayed, recorded, refused when the set
-changed, CSRF), bad filters answered 400 naming the field, and no configured secret shown."""
+file (and over PostgreSQL where a test takes ``backend``): what they show, the replay
+(dry-run count = replayed, recorded, refused when the set changed, CSRF), bad filters
+answered 400 naming the field, and no configured secret shown."""
 
 from __future__ import annotations
 
@@ -20,36 +21,43 @@ from support import running
 SITES = {"shop1": None}
 
 
-def seed(path: str, now: int) -> None:
+def seed_rows(now: int) -> list[tuple[str, tuple]]:
     """Orders, deliveries in every state, attempts with answers (one echoing a secret)."""
+    rows: list[tuple[str, tuple]] = []
+    for seq, order in enumerate(("A-1", "A-2"), start=1):
+        rows.append(("INSERT INTO events (seq, site_id, event_id, name, source, received_ms, "
+                     "raw, data) VALUES (?, 'shop1', ?, 'purchase', 'backend', ?, '{}', ?)",
+                     (seq, f"order-{order}", now - 60_000,
+                      f'{{"ecommerce": {{"transaction_id": "{order}"}}}}')))
+    deliveries = [
+        (1, "sendlane", "order-placed:A-1", "delivered", None),
+        (2, "sendlane", "order-placed:A-2", "dead", "HTTP 500: boom"),
+        (3, "remarkety", "orders/create:A-1", "dead",
+         f"HTTP 401: key {SECRETS['remarkety api_key']} refused"),
+        (4, "remarkety", "orders/create:A-2", "dead", "HTTP 400: 100% bad_field"),
+        (5, "esputnik", "PurchasedItems:A-1", "pending", "HTTP 503: later"),
+        (6, "esputnik", "PurchasedItems:A-2", "held", None),
+    ]
+    for id_, vendor, key, state, error in deliveries:
+        rows.append((
+            "INSERT INTO deliveries (id, site_id, vendor, dedup_key, claim, event_seq, visitor, "
+            "state, request, attempts, next_attempt_ms, last_error, created_ms, updated_ms) "
+            "VALUES (?, 'shop1', ?, ?, 0, 1, 'sc:V', ?, '{}', 1, 0, ?, ?, ?)",
+            (id_, vendor, key, state, error, now - 120_000, now - 60_000)))
+    for delivery, duration, status, body in [
+            (1, 40, 200, "ok"), (2, 900, 500, "boom"), (2, 800, 500, "boom"),
+            (3, 20, 401, f"bad key {SECRETS['remarkety api_key']}")]:
+        rows.append(("INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, "
+                     "request, status, answer, error) VALUES (?, 1, ?, ?, '{}', ?, ?, NULL)",
+                     (delivery, now - 30_000, duration, status,
+                      f'{{"headers": {{}}, "body": "{body}", "truncated": false}}')))
+    return rows
+
+
+def seed(path: str, now: int) -> None:
     with sqlite3.connect(path) as conn:
-        for seq, order in enumerate(("A-1", "A-2"), start=1):
-            conn.execute("INSERT INTO events (seq, site_id, event_id, name, source, received_ms, "
-                         "raw, data) VALUES (?, 'shop1', ?, 'purchase', 'backend', ?, '{}', ?)",
-                         (seq, f"order-{order}", now - 60_000,
-                          f'{{"ecommerce": {{"transaction_id": "{order}"}}}}'))
-        rows = [
-            (1, "sendlane", "order-placed:A-1", "delivered", None),
-            (2, "sendlane", "order-placed:A-2", "dead", "HTTP 500: boom"),
-            (3, "remarkety", "orders/create:A-1", "dead",
-             f"HTTP 401: key {SECRETS['remarkety api_key']} refused"),
-            (4, "remarkety", "orders/create:A-2", "dead", "HTTP 400: 100% bad_field"),
-            (5, "esputnik", "PurchasedItems:A-1", "pending", "HTTP 503: later"),
-            (6, "esputnik", "PurchasedItems:A-2", "held", None),
-        ]
-        for id_, vendor, key, state, error in rows:
-            conn.execute(
-                "INSERT INTO deliveries (id, site_id, vendor, dedup_key, claim, event_seq, visitor, "
-                "state, request, attempts, next_attempt_ms, last_error, created_ms, updated_ms) "
-                "VALUES (?, 'shop1', ?, ?, 0, 1, 'sc:V', ?, '{}', 1, 0, ?, ?, ?)",
-                (id_, vendor, key, state, error, now - 120_000, now - 60_000))
-        for delivery, duration, status, body in [
-                (1, 40, 200, "ok"), (2, 900, 500, "boom"), (2, 800, 500, "boom"),
-                (3, 20, 401, f"bad key {SECRETS['remarkety api_key']}")]:
-            conn.execute("INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, "
-                         "request, status, answer, error) VALUES (?, 1, ?, ?, '{}', ?, ?, NULL)",
-                         (delivery, now - 30_000, duration, status,
-                          f'{{"headers": {{}}, "body": "{body}", "truncated": false}}'))
+        for sql, params in seed_rows(now):
+            conn.execute(sql, params)
 
 
 def states_of(path: str) -> dict[int, str]:
@@ -103,11 +111,16 @@ async def test_vendors_page_shows_counts_charts_and_grouped_errors(tmp_path) -> 
         assert bad.status_code == 400 and "range: one of 24h, 30d" in bad.text
 
 
-async def test_dead_letters_dry_run_then_replay_exactly_that_set_and_record_it(tmp_path):
-    settings = console_settings(tmp_path)
-    db = settings.server.sqlite_path
+async def test_dead_letters_dry_run_then_replay_exactly_that_set_and_record_it(backend,
+                                                                             tmp_path):
+    settings = console_settings(tmp_path, database=backend.database)
+
+    async def states() -> dict[int, str]:
+        return dict(await backend.rows("SELECT id, state FROM deliveries"))
+
     async with running(settings) as (app, client):
-        seed(db, int(time.time() * 1000))
+        for sql, params in seed_rows(int(time.time() * 1000)):
+            await backend.rows(sql, *params)
         await logged_in(client)
         page = await client.get("/admin/deadletters?state=dead&error=HTTP+40")
         assert page.status_code == 200
@@ -120,17 +133,16 @@ async def test_dead_letters_dry_run_then_replay_exactly_that_set_and_record_it(t
         assert form["shown"] == "2" and form["error"] == "HTTP 40"
         done = await client.post("/admin/deadletters/replay", data=form)
         assert done.status_code == 303 and "replayed=1" in done.headers["location"]
-        assert states_of(db) == {1: "delivered", 2: "dead", 3: "pending", 4: "pending",
-                                 5: "pending", 6: "held"}
+        assert await states() == {1: "delivered", 2: "dead", 3: "pending", 4: "pending",
+                                  5: "pending", 6: "held"}
         after = await client.get(done.headers["location"])
         assert "Replayed 2 deliveries (replay #1)" in after.text
         replays = after.text[after.text.index('id="replays"'):]
         assert re.search(r"<td>1</td>\s*<td>[^<]+</td>\s*<td>console:127\.0\.0\.1</td>\s*"
                          r"<td>2</td>\s*<td>2</td>", replays)
         assert "dead · error contains &#39;HTTP 40&#39;</td>" in replays
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT who, replayed, ids FROM replays").fetchall() == [
-                ("console:127.0.0.1", 2, "[3,4]")]
+        assert await backend.rows("SELECT who, replayed, ids FROM replays") == [
+            ("console:127.0.0.1", 2, "[3,4]")]
 
 
 async def test_a_replay_whose_set_changed_says_so_and_replays_nothing(tmp_path) -> None:
@@ -175,11 +187,15 @@ async def test_bad_filters_are_400_naming_the_field(tmp_path) -> None:
         assert page.status_code == 400 and "since:" in page.text
 
 
-async def test_reconciliation_lists_missing_orders_linked_to_search(tmp_path) -> None:
-    settings = console_settings(tmp_path)
+async def test_reconciliation_lists_missing_orders_linked_to_search(backend, tmp_path) -> None:
+    settings = console_settings(tmp_path, database=backend.database)
     async with running(settings) as (app, client):
-        seed(settings.server.sqlite_path, int(time.time() * 1000))
+        for sql, params in seed_rows(int(time.time() * 1000)):
+            await backend.rows(sql, *params)
         await logged_in(client)
+        vendors = await client.get("/admin/vendors")
+        assert vendors.status_code == 200 and "33.3 %" in vendors.text
+        assert_no_secret("vendors", vendors.text)
         page = (await client.get("/admin/reconcile?since=1d")).text
     summary = page[page.index('id="summary"'):page.index("</table>", page.index('id="summary"'))]
     rows = re.findall(r"<tr><td>shop1</td><td>(\w+)</td><td>(\d+)</td>\s*<td[^>]*>(\d+)</td>",

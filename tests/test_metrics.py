@@ -383,3 +383,26 @@ def test_group_commit_sizes_from_the_writer_processes_replies() -> None:
     assert seen == [16, 5]
     reply(4, 2, still_waiting=0)
     assert seen == [16, 5, 4, 2]
+
+
+async def test_on_postgresql_each_node_counts_its_own_and_reads_the_shared_outbox(
+        tmp_path, fake, pg_database) -> None:
+    """Two nodes on one database: each node's counters are what that process handled (sum
+    them across nodes); the outbox gauges are read from the shared table, the same on
+    both."""
+    data = settings_data(tmp_path, fake, only=("sendlane",), forward=False)
+    data["server"].update(admin_token=ADMIN, database=pg_database)
+    settings = config.parse(data, env={})
+    async with serve(settings) as one, serve(settings) as two, \
+            httpx.AsyncClient(base_url=one.state.base_url) as a, \
+            httpx.AsyncClient(base_url=two.state.base_url) as b:
+        assert (await post_backend(a, [purchase("4001"), purchase("4002")])).status_code == 202
+        assert (await post_backend(b, [purchase("4003")])).status_code == 202
+        first, second = await scrape(a), await scrape(b)
+    received = "onetag_events_received"
+    assert value(first, received, "_total", name="purchase") == 2
+    assert value(second, received, "_total", name="purchase") == 1
+    for found in (first, second):
+        assert value(found, "onetag_outbox_read_ok") == 1
+        assert value(found, "onetag_outbox_deliveries", vendor="sendlane", state="pending") == 3
+        assert value(found, "onetag_writer_transaction_jobs", "_count") >= 1

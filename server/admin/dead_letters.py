@@ -21,7 +21,6 @@ from starlette.routing import Route
 
 from ..store import deadletters
 from ..store.deadletters import LISTABLE_STATES, REPLAYABLE_STATES, ReplayFilter
-from ..store.sqlite_console_ops import dead_letters, recent_replays
 from ..vendors import VENDORS
 from .scrub import scrub, secret_values
 from .web import PREFIX, SECURITY_HEADERS, Console, now_ms
@@ -157,7 +156,7 @@ def routes(console: Console) -> list[Route]:
                                    "vendors": sorted(VENDORS), "time_choices": TIME_CHOICES,
                                    "notice": notice, "problem": None, "listing": None,
                                    "replayable": None, "changed": changed, "too_many": None,
-                                   "replays": await recent_replays(console.db(), 10),
+                                   "replays": await console.reads().recent_replays(10),
                                    "scrub": lambda value: scrub(value, secrets),
                                    "describe": describe_scope}
         try:
@@ -168,8 +167,8 @@ def routes(console: Console) -> list[Route]:
         except BadFilter as exc:
             context["problem"] = str(exc)
             return console.render(request, "admin/deadletters.html", status_code=400, **context)
-        context["listing"] = await dead_letters(console.db(), selection, PAGE_ROWS,
-                                                None if before is None else int(before))
+        context["listing"] = await console.reads().dead_letters(
+            selection, PAGE_ROWS, None if before is None else int(before))
         context["exact"] = query_of(selection)
         context["next_href"] = None
         if context["listing"]["next_before_id"] is not None:
@@ -190,7 +189,7 @@ def routes(console: Console) -> list[Route]:
         notice = None
         replayed = request.query_params.get("replayed")
         if replayed and ID_RE.fullmatch(replayed):
-            found = [r for r in await recent_replays(console.db(), 50)
+            found = [r for r in await console.reads().recent_replays(50)
                      if r["id"] == int(replayed)]
             if found:
                 notice = (f"Replayed {found[0]['replayed']} deliveries (replay "

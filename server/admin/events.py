@@ -14,10 +14,9 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from .. import cli
-from ..store import sqlite_console_search as q
 from .web import PREFIX, SECURITY_HEADERS, Console, now_ms
 
-MAX_ID = 2 ** 63 - 1  # SQLite's largest integer: a larger id in the URL names nothing
+MAX_ID = 2 ** 63 - 1  # the stores' largest integer (SQLite's, PostgreSQL's bigint): no larger id exists
 
 
 def routes(console: Console) -> list[Route]:
@@ -29,11 +28,11 @@ def routes(console: Console) -> list[Route]:
         """The stored event as sent and as normalised, its session and identity, and the
         deliveries planned from it."""
         seq = request.path_params["seq"]
-        db = console.db()
-        found = await q.event(db, seq) if seq <= MAX_ID else None
+        reads = console.reads()
+        found = await reads.event(seq) if seq <= MAX_ID else None
         if found is None:
             return not_found(request, f"event with seq {seq}")
-        deliveries = await q.deliveries_of_events(db, [seq])
+        deliveries = await reads.deliveries_of_events([seq])
         return console.render(request, "admin/event.html", event=found, deliveries=deliveries)
 
     async def delivery_page(request: Request, status_code: int = 200,
@@ -41,7 +40,7 @@ def routes(console: Console) -> list[Route]:
         """The delivery row, what it was planned to send, and every attempt kept: the
         request as sent beside the vendor's answer."""
         delivery_id = request.path_params["id"]
-        found = await q.delivery(console.db(), delivery_id) if delivery_id <= MAX_ID else None
+        found = await console.reads().delivery(delivery_id) if delivery_id <= MAX_ID else None
         if found is None:
             return not_found(request, f"delivery #{delivery_id}")
         attempts = await console.store.attempts(delivery_id)

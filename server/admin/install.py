@@ -11,7 +11,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..store import sqlite_console_search as q
 from .web import PREFIX, SECURITY_HEADERS, Console, format_age, now_ms
 
 RECENT_MS = 24 * 3600 * 1000  # an origin seen within a day counts as installed
@@ -24,10 +23,10 @@ def key_variable(site_id: str) -> str:
 
 
 async def origin_checks(console: Console) -> list[dict[str, Any]]:
-    db, now, checks = console.db(), now_ms(), []
+    reads, now, checks = console.reads(), now_ms(), []
     for site in console.settings.sites.values():
         for origin in site.origins:
-            found = await q.last_from_origin(db, site.id, origin, window=CHECK_WINDOW)
+            found = await reads.last_from_origin(site.id, origin, window=CHECK_WINDOW)
             checks.append({
                 "site": site.id, "origin": origin,
                 "ok": bool(found) and now - found["received_ms"] < RECENT_MS,

@@ -1,8 +1,10 @@
 """Live: events as they arrive, over Server-Sent Events (``/admin/live/stream``).
 
-The stream tails the events table by ``seq`` on the store's read connection, every
+The stream tails the events table by ``seq`` through the store's console reads, every
 ``POLL_S``, so it shows events written by any process (another ``onetag serve`` on the same
-file, a worker, a backfill). The filters are applied in the query; each message carries at
+file or database, a worker, a backfill). Where rows can become visible after higher seqs
+(PostgreSQL: several nodes commit in any order), ``LateRows`` looks again for the seqs
+it found missing, for a few seconds, and sends those that turn up. The filters are applied in the query; each message carries at
 most ``ROWS_PER_MESSAGE`` rows; a comment every ``HEARTBEAT_S`` keeps proxies from closing
 an idle stream; the loop ends when the client goes away, or when its login expires or logs
 out. At most ``MAX_STREAMS_PER_SESSION`` streams per login and ``MAX_STREAMS`` in all are
@@ -22,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ..store import sqlite_console_search as q
+from ..store import console_search as q
 from .web import PREFIX, SECURITY_HEADERS, Console, format_ms, now_ms
 
 POLL_S = 0.4
@@ -112,6 +114,56 @@ class CountedStream(StreamingResponse):
             self.on_close()
 
 
+class LateRows:
+    """Live's second look, on a store whose rows can become visible after rows with a
+    higher seq (PostgreSQL: nodes draw seqs from one sequence and commit in any order;
+    ``ConsoleReads.late_window_s``). Seqs missing from a range the stream has passed are
+    kept for ``window_s`` and looked for each poll; one that turns up is sent then (a row
+    of another node's commit), one still missing after the window is taken as never
+    stored (a rolled back transaction also uses seqs). A stream also looks at the
+    ``LOOKBACK`` seqs below its start (below the page's rows). Bounded: a range longer
+    than ``MAX_SCAN`` seqs (a stream far behind) is not searched for holes, and at most
+    ``MAX_HOLES`` are kept, the newest."""
+
+    MAX_SCAN = 20_000
+    MAX_HOLES = 2_000
+    LOOKBACK = 1_000  # seqs below a stream's start looked at for holes
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self.holes: dict[int, float] = {}  # seq: when it was first found missing
+
+    async def passed(self, reads: Any, after: int, upto: int) -> None:
+        """The stream moved from ``after`` to ``upto``: note the seqs not stored there."""
+        if upto - after > self.MAX_SCAN:
+            return
+        present = set(await reads.seqs_between(after, upto, self.MAX_SCAN))
+        now = time.monotonic()
+        for seq in range(after + 1, upto + 1):
+            if seq not in present:
+                self.holes[seq] = now
+        while len(self.holes) > self.MAX_HOLES:
+            self.holes.pop(min(self.holes))
+
+    async def found(self, reads: Any, where: tuple[str, list[Any]]) -> list[dict[str, Any]]:
+        """Rows stored since in the holes that pass the filters (the holes they fill, and
+        those older than the window, are forgotten)."""
+        if not self.holes:
+            return []
+        seqs = sorted(self.holes)
+        stored = set(await reads.seqs_in(seqs))
+        rows = await reads.events_at(sorted(stored), where) if stored else []
+        cutoff = time.monotonic() - self.window_s
+        self.holes = {seq: at for seq, at in self.holes.items()
+                      if seq not in stored and at > cutoff}
+        return rows
+
+
+def message(after: int, rows: list[dict[str, Any]]) -> str:
+    return (f"id: {after}\nevent: events\n"
+            f"data: {json.dumps([row_json(r) for r in rows])}\n\n")
+
+
 async def tail(console: Console, request: Request, filters: dict[str, str], after: int,
                poll_s: float = POLL_S, heartbeat_s: float = HEARTBEAT_S,
                until_ms: int | None = None, session: str | None = None
@@ -122,24 +174,39 @@ async def tail(console: Console, request: Request, filters: dict[str, str], afte
     outlive its login."""
     where = q.live_filter(**filters)
     last_sent = time.monotonic()
+    late: LateRows | None = None
     yield "retry: 2000\n\n"
     while True:
         if await request.is_disconnected() or (until_ms is not None and now_ms() >= until_ms):
             return
         if session is not None and session in console.revoked:
             return
-        db = console.db()
-        top = await q.latest_seq(db)
+        reads = console.reads()
+        if late is None and reads.late_window_s > 0:
+            late = LateRows(reads.late_window_s)
+            # Seqs just below the start may still be committing (the page showed the rows
+            # below it that were stored): look for those too.
+            await late.passed(reads, max(0, after - LateRows.LOOKBACK), after)
+        top = await reads.latest_seq()
+        full = False
         if top > after:
-            rows = await q.tail_events(db, after, top, where, ROWS_PER_MESSAGE)
+            rows = await reads.tail_events(after, top, where, ROWS_PER_MESSAGE)
             # All of (after, top] was scanned unless the rows filled the message.
-            after = rows[-1]["seq"] if len(rows) == ROWS_PER_MESSAGE else top
+            full = len(rows) == ROWS_PER_MESSAGE
+            scanned = rows[-1]["seq"] if full else top
+            if late is not None:
+                await late.passed(reads, after, scanned)
+            after = scanned
             if rows:
-                yield (f"id: {after}\nevent: events\n"
-                       f"data: {json.dumps([row_json(r) for r in rows])}\n\n")
+                yield message(after, rows)
                 last_sent = time.monotonic()
-                if len(rows) == ROWS_PER_MESSAGE:
-                    continue  # more are waiting: no pause
+        if late is not None:
+            found = await late.found(reads, where)
+            for start in range(0, len(found), ROWS_PER_MESSAGE):
+                yield message(after, found[start:start + ROWS_PER_MESSAGE])
+                last_sent = time.monotonic()
+        if full:
+            continue  # more are waiting: no pause
         if time.monotonic() - last_sent >= heartbeat_s:
             yield ": heartbeat\n\n"
             last_sent = time.monotonic()
@@ -156,11 +223,11 @@ def routes(console: Console) -> list[Route]:
         except BadFilter as exc:
             return console.render(request, "admin/live.html", status_code=400, error=str(exc),
                                   filters={}, rows=[], stream="", after=0, sources=q.SOURCES)
-        db = console.db()
+        reads = console.reads()
         # The stream starts after the newest event shown: none falls between the two.
-        after = await q.latest_seq(db)
-        rows = await q.recent_events(db, q.live_filter(**filters), FIRST_ROWS,
-                                     before_seq=after + 1)
+        after = await reads.latest_seq()
+        rows = await reads.recent_events(q.live_filter(**filters), FIRST_ROWS,
+                                         before_seq=after + 1)
         stream = f"{PREFIX}/live/stream?{urlencode({**filters, 'after': after})}"
         return console.render(request, "admin/live.html", filters=filters,
                               rows=[row_json(r) for r in rows], stream=stream, after=after,
@@ -176,7 +243,7 @@ def routes(console: Console) -> list[Route]:
         if given is not None and not SEQ_RE.fullmatch(given):
             return Response("after: must be an event seq (digits)", status_code=400,
                             media_type="text/plain", headers=SECURITY_HEADERS)
-        after = int(given) if given else await q.latest_seq(console.db())
+        after = int(given) if given else await console.reads().latest_seq()
         operator = console.operator(request)  # the route asks for a login: never None here
         refusal = streams.refusal(operator.nonce)
         if refusal is not None:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..store.sqlite_console_ops import MAX_MISSING_LISTED, reconcile
+from ..store.console_ops import MAX_MISSING_LISTED
 from ..vendors import VENDORS
 from .dead_letters import BadFilter, iso_ms, parse_time
 from .scrub import scrub, secret_values
@@ -42,8 +42,8 @@ def routes(console: Console) -> list[Route]:
             until = now + 1 if until is None else until
             if until <= since:
                 raise BadFilter("until", "must be later than since")
-            report = await reconcile(console.db(), settings.sites, since, until,
-                                     form["site"] or None, form["vendor"] or None)
+            report = await console.reads().reconcile(settings.sites, since, until,
+                                                     form["site"] or None, form["vendor"] or None)
         except BadFilter as exc:
             problem = str(exc)
         except ValueError as exc:  # too many orders in the range: narrow it

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..store import sqlite_console_search as q
+from ..store import console_search as q
 from .web import Console
 
 MAX_QUERY_CHARS = 254
@@ -26,7 +26,7 @@ def routes(console: Console) -> list[Route]:
                                   error=f"q: at most {MAX_QUERY_CHARS} characters")
         result = None
         if query:
-            result = await q.search(console.db(), list(console.settings.sites), query)
+            result = await console.reads().search(list(console.settings.sites), query)
         return console.render(request, "admin/search.html", query=query, result=result,
                               error=None, timeline_limit=q.TIMELINE_LIMIT)
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..store.sqlite_console_ops import RANGES, bucket_starts, vendor_overview
+from ..store.console_ops import RANGES, bucket_starts
 from .chart import Series, line_chart
 from .scrub import scrub, secret_values
 from .web import Console, now_ms
@@ -69,7 +69,7 @@ def routes(console: Console) -> list[Route]:
         if site is not None and site not in console.settings.sites:
             problem, site = f"site: one of {', '.join(console.settings.sites)}, or blank", None
         now = now_ms()
-        overview = await vendor_overview(console.db(), now, range_name, site)
+        overview = await console.reads().vendor_overview(now, range_name, site)
         configured = {(s.id, name) for s in console.settings.sites.values()
                       for name in s.vendors if site is None or s.id == site}
         seen = {(item["site_id"], item["vendor"]) for item in overview}

@@ -24,6 +24,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 
 from ..assets import templates_dir
+from ..store.base import StoreUnavailable
 from . import auth
 from .scrub import scrub, secret_values
 
@@ -90,13 +91,13 @@ class Console:
         # (rows: what ``store.replay_rows`` returned; scope: what was asked, e.g. {"ids": [7]}).
         self.replay_recorder: Callable[..., Awaitable[Any]] | None = None
 
-    def db(self) -> Any:
-        """The store's read connection (aiosqlite, WAL): what the console's queries take
-        (``server/store/sqlite_console_search.py``). 503 while the store is not open."""
-        reader = getattr(self.store, "_reader", None)
-        if reader is None:
-            raise HTTPException(503, "the store is not open")
-        return reader
+    def reads(self) -> Any:
+        """The store's read-only queries for the console (``Store.console()``: the same
+        queries on SQLite and PostgreSQL). 503 while the store is not open."""
+        try:
+            return self.store.console()
+        except StoreUnavailable:
+            raise HTTPException(503, "the store is not open") from None
 
     # Sessions ---------------------------------------------------------------------------
 

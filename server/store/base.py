@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 from ..envelope import BrowserFacts, Problem, read_browser_body
+
+if TYPE_CHECKING:
+    from .console_reads import ConsoleReads
 
 
 class IngestResult(NamedTuple):
@@ -191,6 +194,15 @@ class Store(abc.ABC):
         id) or None, cart (``sessions.cart_snapshot``) or None, events (latest first, at
         most ``limit``), deliveries (of those events: vendor, state, dedup_key, attempts,
         last_error, name)}``."""
+
+    def console(self) -> "ConsoleReads":
+        """The operator console's read-only queries on this backend (``server/admin/`` asks
+        nothing else of the database). ``console_reads.ConsoleReads`` says what a backend
+        provides: a way to run a query, to read a field of stored JSON text, to bind a
+        list, and whether Live must look again for rows committed after higher seqs. The
+        queries (bounded, indexed) and their rows' shape are shared by every backend.
+        ``StoreUnavailable`` while the store is not open."""
+        raise NotImplementedError
 
     # The outbox -------------------------------------------------------------------------
 

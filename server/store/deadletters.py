@@ -86,7 +86,7 @@ def where(f: ReplayFilter, prefix: str = "", states: Sequence[str] | None = None
     p = prefix
     chosen = f.states if states is None else [s for s in f.states if s in states]
     if not chosen:
-        return "0", []
+        return "FALSE", []
     parts = ["(" + " OR ".join(STATE_CONDITIONS[s].format(p=p) for s in chosen) + ")"]
     params: list[Any] = []
     if f.vendor:
@@ -106,7 +106,7 @@ def where(f: ReplayFilter, prefix: str = "", states: Sequence[str] | None = None
         parts.append(f"{p}last_error LIKE ? ESCAPE '\\'")
         params.append(escape_like(f.error))
     if f.ids is not None:
-        parts.append(f"{p}id IN ({','.join('?' * len(f.ids))})" if f.ids else "0")
+        parts.append(f"{p}id IN ({','.join('?' * len(f.ids))})" if f.ids else "FALSE")
         params.extend(f.ids)
     return " AND ".join(parts), params
 

@@ -362,6 +362,14 @@ class PostgresStore(PostgresOutbox, Store):
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}
 
+    def console(self) -> Any:
+        """The console's queries on this node's pool (``pg_console.py``)."""
+        from .pg_console import PgConsole
+
+        if self.pool is None:
+            raise StoreUnavailable("database", "the store is not open")
+        return PgConsole(self.pool)
+
     # The Remarkety Coupons bridge (server/coupons.py) -----------------------------------
 
     async def record_coupon_call(self, call: Mapping[str, Any]) -> int:

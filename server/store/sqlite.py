@@ -526,11 +526,16 @@ class SQLiteStore(Store):
 
     @property
     def reader(self) -> aiosqlite.Connection:
-        """The read-only connection (WAL: it reads beside the writer), for the console's
-        queries (``sqlite_console_ops``)."""
+        """The read-only connection (WAL: it reads beside the writer)."""
         if self._reader is None:
             raise StoreUnavailable("database", "the store is not open")
         return self._reader
+
+    def console(self) -> Any:
+        """The console's queries on the reader connection (``sqlite_console.py``)."""
+        from .sqlite_console import SQLiteConsole
+
+        return SQLiteConsole(self.reader)
 
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50, ids: Sequence[int] | None = None
