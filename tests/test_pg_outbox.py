@@ -217,6 +217,9 @@ async def test_replay_makes_dead_rows_due_and_a_dry_run_changes_nothing(db) -> N
                         ids[0])
     dry = await store.replay_rows(NOW, error="50%_", dry_run=True)
     assert [r["id"] for r in dry] == [ids[0]]
+    # The error filter ignores case here as SQLite's LIKE does: one filter, the same rows.
+    dry = await store.replay_rows(NOW, error="http 500: 50%_OFF", dry_run=True)
+    assert [r["id"] for r in dry] == [ids[0]]
     assert await admin.fetchval("SELECT count(*) FROM deliveries WHERE state = 'dead'") == 2
     count, fingerprint = await store.replay_preview(NOW, ReplayFilter(("dead",)))
     assert count == 2

@@ -13,7 +13,7 @@ latest ``SCAN_WINDOW`` events instead (a seq range, newest first), and the pages
 - an order id: ``transaction_id`` lives inside the event's JSON;
 - the latest browser event from an origin: the page URL lives inside the JSON too.
 
-PostgreSQL has partial indexes for the first two (``pg_migrations/010_console_search.sql``:
+PostgreSQL has partial indexes for the first two (``pg_migrations/021_console_search.sql``:
 only the events they are about are written to them); the window still bounds them.
 """
 
@@ -305,7 +305,7 @@ class SearchReads:
                                  limit: int = TIMELINE_LIMIT) -> list[dict[str, Any]]:
         """An identity's events without a session (backend events without an ``sc``),
         among the latest ``SCAN_WINDOW`` events, newest first: SQLite has no index for
-        them and reads the window, PostgreSQL a partial one (pg_migrations/010)."""
+        them and reads the window, PostgreSQL a partial one (pg_migrations/021)."""
         if not identity_ids:
             return []
         top = await self.latest_seq()
@@ -330,7 +330,7 @@ class SearchReads:
         PostgreSQL has an index on it, SQLite reads the window)."""
         top = await self.latest_seq()
         order = self.json_text("e.data", "ecommerce", "transaction_id")
-        # The names as literals: PostgreSQL's partial index on order ids (pg_migrations/010)
+        # The names as literals: PostgreSQL's partial index on order ids (pg_migrations/021)
         # is used only where the query's own text implies its WHERE.
         names = ", ".join(f"'{name}'" for name in ORDER_EVENTS)
         return await self._event_summaries(

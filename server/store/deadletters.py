@@ -103,8 +103,10 @@ def where(f: ReplayFilter, prefix: str = "", states: Sequence[str] | None = None
         parts.append(f"{p}{column} < ?")
         params.append(f.until_ms)
     if f.error:
-        parts.append(f"{p}last_error LIKE ? ESCAPE '\\'")
-        params.append(escape_like(f.error))
+        # lower() on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's doesn't, and the
+        # filter must match the same rows on either backend.
+        parts.append(f"lower({p}last_error) LIKE ? ESCAPE '\\'")
+        params.append(escape_like(f.error.lower()))
     if f.ids is not None:
         parts.append(f"{p}id IN ({','.join('?' * len(f.ids))})" if f.ids else "FALSE")
         params.extend(f.ids)
