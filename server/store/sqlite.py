@@ -81,12 +81,6 @@ class SQLiteStore(WriterSupervisor, Store):
             self._reader = None
         await self._stop_writer(grace_s)
 
-    async def ping(self, timeout_s: float = 2.0) -> int | None:
-        """A round trip through the writer with a committed write (``GET /healthz``):
-        the writer's pid, or ``StoreUnavailable`` naming what is wrong."""
-        pid = await self._ping_writer(timeout_s)
-        return pid if self.writer_kind == "process" else None
-
     # Reads ------------------------------------------------------------------------------
 
     async def session_view(self, site_id: str, sc: str, limit: int = 50) -> dict[str, Any]:

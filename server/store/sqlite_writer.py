@@ -35,7 +35,8 @@ from .deadletters import ReplayFilter
 from .outbox_rules import CLAIMABLE
 from .sqlite_catalog import plan_sync
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
-from .writer_process import INGEST_OPS, UNREADABLE, WriterProcess, child_pipes, encode_frame
+from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, child_pipes, encode_frame,
+                             reply_frame)
 
 log = logging.getLogger("onetag.store")
 
@@ -729,11 +730,7 @@ def _reply(ops: WriteOps, frames: list[tuple[int, Any]]) -> bytes:
     replies = []
     for frame_id, frame in frames:
         mine, answers = answers[:len(frame)], answers[len(frame):]
-        try:
-            replies.append(encode_frame(frame_id, (ops.transactions, mine)))
-        except Exception as exc:  # an answer that can't be pickled fails its frame alone
-            failure = JobFailure("writer", f"an answer could not be sent ({exc})")
-            replies.append(encode_frame(frame_id, (ops.transactions, [failure] * len(frame))))
+        replies.append(reply_frame(frame_id, ops.transactions, mine))
     return b"".join(replies)
 
 

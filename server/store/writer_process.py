@@ -221,14 +221,12 @@ class WriterProcess:
             self._watchdog.cancel()
 
 
-
 class WriterStartFailed(Exception):
     """A writer process that could not set up (the database can't be opened or written)."""
 
     def __init__(self, failure: JobFailure):
         super().__init__(failure.message)
         self.failure = failure
-
 
 
 class FrameReader:
@@ -271,6 +269,12 @@ class FrameReader:
             frames = self._complete()
         return frames + self.waiting()
 
+    def read_ready(self) -> list[tuple[int, Any]]:
+        """One read (the descriptor is readable: an event loop said so) and the frames it
+        completed; ``eof`` is set at the end."""
+        self._fill()
+        return self._complete()
+
     def waiting(self) -> list[tuple[int, Any]]:
         """Every frame already there, without blocking."""
         frames = self._complete()
@@ -287,6 +291,16 @@ def encode_frame(frame_id: int, message: Any) -> bytes:
     """One message on the pipe: its length and id, then its pickle."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _FRAME.pack(len(data), frame_id) + data
+
+
+def reply_frame(frame_id: int, transactions: int, answers: list[Any]) -> bytes:
+    """A frame's reply: the writer's count of commits and one answer per job. Answers that
+    can't be pickled fail their frame alone, each job with a ``JobFailure``."""
+    try:
+        return encode_frame(frame_id, (transactions, answers))
+    except Exception as exc:
+        failure = JobFailure("writer", f"an answer could not be sent ({exc})")
+        return encode_frame(frame_id, (transactions, [failure] * len(answers)))
 
 
 def child_pipes() -> tuple[BinaryIO, FrameReader]:

@@ -107,16 +107,18 @@ class WriterSupervisor:
             writer, self._writer = self._writer, None
             await writer.stop(grace_s)
 
-    async def _ping_writer(self, timeout_s: float) -> int | None:
+    async def ping(self, timeout_s: float = 2.0) -> int | None:
         """A round trip through the writer with a committed write (``GET /healthz``): the
-        writer's answer (its pid), or ``StoreUnavailable`` naming what is wrong."""
+        writer process's pid (None for a writer in this process), or ``StoreUnavailable``
+        naming what is wrong."""
+        writer = self._writer
         try:
             pid = await asyncio.wait_for(self._write("ping"), timeout_s)
         except asyncio.TimeoutError:
             raise StoreUnavailable("writer", f"the writer did not answer within {timeout_s:g} s") from None
         if self.fault is not None:
             raise StoreUnavailable(self.fault.kind, self.fault.message)
-        return pid
+        return pid if writer is not None and writer.pid is not None else None
 
     # Supervision ------------------------------------------------------------------------
 
@@ -182,7 +184,9 @@ class WriterSupervisor:
         # What crosses to a writer process is kept to plain values: the events as sent go
         # as their stored JSON (bytes, not dicts of Decimals), the visitor as its user
         # agent, and the answer comes back as (event_id, seq, duplicate) tuples.
-        stored = [encode(raw) for raw in raws]
+        stored = self._stored_json(raws)
+        if isinstance(stored, Problem):  # a value this backend can't store
+            return stored
         rows = await self._write("ingest", site_id, list(events), stored, session.user_agent,
                                  request_id, size=sum(map(len, stored)))
         if isinstance(rows, Problem):  # refused by a rule of the store (a cart too large)
@@ -198,6 +202,10 @@ class WriterSupervisor:
             return answer
         sc, rows, site_id, names = answer
         return BrowserIngested(sc, [IngestResult(*row) for row in rows], site_id, names)
+
+    def _stored_json(self, raws: Sequence[Any]) -> list[bytes] | Problem:
+        """The events as sent, as the JSON to store."""
+        return [encode(raw) for raw in raws]
 
     # Group commit -----------------------------------------------------------------------
 
