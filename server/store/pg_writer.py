@@ -163,45 +163,79 @@ class PgWriteOps:
 
     # Jobs -------------------------------------------------------------------------------
 
-    async def run(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """One answer per job, as plain data: its result, a ``Problem`` or a
-        ``JobFailure``. The jobs of every frame that arrived in one loop turn share a
-        transaction."""
-        return list(await asyncio.gather(*(self.job(op, args) for op, args in jobs)))
+    def submit(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
+        """One answer per job, as plain data: its result, a ``Problem`` or a ``JobFailure``,
+        once every job of the frame is answered. Each job is begun here (a body read, its
+        request queued), so the jobs of every frame that arrived in one loop turn share a
+        transaction; no task is made for a job or a frame (they cost the writer's loop more
+        than a request's reading did)."""
+        loop = asyncio.get_running_loop()
+        answers: list[Any] = [None] * len(jobs)
+        whole = loop.create_future()
+        waiting = 0
 
-    async def job(self, op: str, args: tuple[Any, ...]) -> Any:
-        try:
-            if op == "ingest_browser":
-                data, facts, request_id = args
-                batch = read_browser_body(data, facts, self.sites)
-                if isinstance(batch, Problem):
-                    return batch
-                stored = stored_json(batch.raws)
-                if isinstance(stored, Problem):
-                    return stored
-                rows = await self.ingest((batch.site_id, batch.events, stored,
-                                          facts.user_agent, request_id))
-                if isinstance(rows, Problem):
-                    return rows
-                return (batch.sc, rows, batch.site_id,
-                        tuple(event["name"] for event in batch.events))
-            if op == "ingest":
-                return await self.ingest(args)
-            if op == "ping":
-                return await self.ping()
-            raise ValueError(f"no job {op!r} here")
-        except StoreUnavailable as exc:
+        def answered(i: int, op: str, args: tuple[Any, ...], finish: Any,
+                     future: asyncio.Future[Any]) -> None:
+            nonlocal waiting
+            exc = future.exception()
+            answers[i] = self._failed(op, args, exc) if exc is not None else finish(future.result())
+            waiting -= 1
+            if waiting == 0:
+                whole.set_result(answers)
+
+        for i, (op, args) in enumerate(jobs):
+            try:
+                future, then = self._begin(op, args)
+            except Exception as exc:
+                future, then = None, self._failed(op, args, exc)
+            if future is None:
+                answers[i] = then
+                continue
+            waiting += 1
+            future.add_done_callback(
+                lambda done, i=i, op=op, args=args, finish=then: answered(i, op, args, finish,
+                                                                          done))
+        if waiting == 0:
+            whole.set_result(answers)
+        return whole
+
+    def _begin(self, op: str, args: tuple[Any, ...]) -> tuple[asyncio.Future[Any] | None, Any]:
+        """(None, the job's answer now: a refused body), or (a future of its result, what
+        turns that result into the answer)."""
+        if op == "ingest_browser":
+            data, facts, request_id = args
+            batch = read_browser_body(data, facts, self.sites)
+            if isinstance(batch, Problem):
+                return None, batch
+            stored = stored_json(batch.raws)
+            if isinstance(stored, Problem):
+                return None, stored
+            names = tuple(event["name"] for event in batch.events)
+            return (self.ingest((batch.site_id, batch.events, stored, facts.user_agent,
+                                 request_id)),
+                    lambda rows: rows if isinstance(rows, Problem) else (
+                        batch.sc, rows, batch.site_id, names))
+        if op == "ingest":
+            return self.ingest(args), _same
+        if op == "ping":
+            return asyncio.ensure_future(self.ping()), _same
+        raise ValueError(f"no job {op!r} here")
+
+    @staticmethod
+    def _failed(op: str, args: tuple[Any, ...], exc: BaseException) -> Any:
+        """A job's error as its answer: a 503's ``JobFailure`` or the request's own 4xx."""
+        if isinstance(exc, StoreUnavailable):
             return JobFailure(exc.kind, exc.message)
-        except Refused as exc:
+        if isinstance(exc, Refused):
             return exc.problem
-        except Exception as exc:  # a bug with one request fails that request alone
-            request_id = args[-1] if op in INGEST_OPS else None
-            log.error("an ingest request failed alone: %s: %s", type(exc).__name__, exc,
-                      extra={"request_id": request_id})
-            if op in INGEST_OPS:
-                return Problem(422, "invalid_event", "events",
-                               f"could not be stored ({type(exc).__name__}: {str(exc)[:200]})")
-            return JobFailure("database", f"{type(exc).__name__}: {exc}")
+        # A bug with one request fails that request alone.
+        request_id = args[-1] if op in INGEST_OPS else None
+        log.error("an ingest request failed alone: %s: %s", type(exc).__name__, exc,
+                  extra={"request_id": request_id})
+        if op in INGEST_OPS:
+            return Problem(422, "invalid_event", "events",
+                           f"could not be stored ({type(exc).__name__}: {str(exc)[:200]})")
+        return JobFailure("database", f"{type(exc).__name__}: {exc}")
 
     async def ping(self) -> int:
         """A committed transaction that takes a transaction id; this process's pid."""
@@ -309,6 +343,10 @@ class PgWriteOps:
                 await asyncio.sleep(0.005 * attempt)
 
 
+def _same(result: Any) -> Any:
+    return result
+
+
 class InlineWriter:
     """``PgWriteOps`` in the server's own process, on its pool: for tools and tests, as
     SQLite's ``ThreadWriter``. ``onetag serve`` uses ``PgProcessWriter``."""
@@ -331,7 +369,7 @@ class InlineWriter:
         await self.ops.open()
 
     def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
-        return asyncio.ensure_future(self.ops.run(jobs))
+        return self.ops.submit(jobs)
 
     async def stop(self, grace_s: float = 10) -> None:
         await self.ops.close(grace_s)
@@ -358,7 +396,7 @@ class _Child:
         self.ops: PgWriteOps | None = None
         self.setup: asyncio.Future[tuple[int, Any]] | None = None
         self.done: asyncio.Future[None] | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.frames: set[asyncio.Future[list[Any]]] = set()  # frames not answered yet
         self.out: list[bytes] = []
 
     async def serve(self) -> None:
@@ -379,8 +417,8 @@ class _Child:
                 return
             self._write(encode_frame(setup_id, (0, "ready")))
             await self.done  # end of file: the server is gone or closing
-            if self.tasks:
-                await asyncio.wait(list(self.tasks))
+            if self.frames:
+                await asyncio.wait(list(self.frames))
             await self.ops.close()
         finally:
             loop.remove_reader(self.reader.fd)
@@ -398,9 +436,9 @@ class _Child:
             elif jobs is UNREADABLE or not isinstance(jobs, list):
                 self._reply(frame_id, JobFailure("writer", "unreadable frame"))
             else:
-                task = asyncio.get_running_loop().create_task(self._answer(frame_id, jobs))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                answers = self.ops.submit(jobs)
+                self.frames.add(answers)
+                answers.add_done_callback(lambda done, frame_id=frame_id: self._answer(frame_id, done))
         if self.reader.eof:
             asyncio.get_running_loop().remove_reader(self.reader.fd)
             if self.setup is not None and not self.setup.done():
@@ -408,10 +446,10 @@ class _Child:
             if self.done is not None and not self.done.done():
                 self.done.set_result(None)
 
-    async def _answer(self, frame_id: int, jobs: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _answer(self, frame_id: int, answers: asyncio.Future[list[Any]]) -> None:
         assert self.ops is not None
-        answers = await self.ops.run(jobs)
-        self.out.append(reply_frame(frame_id, self.ops.commits, answers))
+        self.frames.discard(answers)
+        self.out.append(reply_frame(frame_id, self.ops.commits, answers.result()))
         if len(self.out) == 1:  # the first reply of this turn: written at its end
             asyncio.get_running_loop().call_soon(self._flush)
 
