@@ -27,8 +27,8 @@ from ..envelope import Problem, Refused, read_browser_body
 from ..jsontext import encode
 from . import rules
 from .base import JobFailure, StoreUnavailable
-from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, WriterStartFailed,
-                             child_pipes, encode_frame, reply_frame)
+from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, child_pipes, encode_frame,
+                             reply_frame)
 
 log = logging.getLogger("onetag.store")
 
@@ -411,14 +411,15 @@ class _Child:
                 await self.ops.open()
                 await self.ops.ping()  # a database that can't be written is found now
             except Exception as exc:
-                failure = (exc.failure if isinstance(exc, WriterStartFailed) else
-                           JobFailure(unavailable(exc).kind, f"{type(exc).__name__}: {exc}"))
+                failure = JobFailure(unavailable(exc).kind, f"{type(exc).__name__}: {exc}")
                 self._write(encode_frame(setup_id, (0, failure)))
                 return
             self._write(encode_frame(setup_id, (0, "ready")))
             await self.done  # end of file: the server is gone or closing
-            if self.frames:
+            if self.frames:  # what was sent before the end is committed and answered
                 await asyncio.wait(list(self.frames))
+            if self.out:
+                self._flush()
             await self.ops.close()
         finally:
             loop.remove_reader(self.reader.fd)
@@ -458,7 +459,8 @@ class _Child:
 
     def _flush(self) -> None:
         out, self.out = self.out, []
-        self._write(b"".join(out))
+        if out:
+            self._write(b"".join(out))
 
     def _write(self, data: bytes) -> None:
         try:
