@@ -180,7 +180,7 @@ def postgresql_problem(settings: config_module.Settings) -> str | None:
     from .store import open_store
 
     async def probe() -> None:
-        store = open_store(settings)
+        store = open_store(settings, ingest=False)
         await store.open()  # checks the schema (store/pg_migrate.py)
         await store.close()
 
@@ -337,7 +337,7 @@ async def _with_store(settings: config_module.Settings, work: Any) -> Any:
     (or that can't be reached) is a one-line message and exit status 2, not a traceback."""
     from .store import open_store
 
-    store = open_store(settings)
+    store = open_store(settings, ingest=False)
     try:
         await store.open()
     except Exception as exc:

@@ -51,10 +51,11 @@ class Serve:
     def __init__(self, tmp: Path, db_dir: Path | None = None, **server: Any):
         self.tmp = tmp
         self.db = (db_dir or tmp) / "onetag.db"
+        self.database = server.get("database") or f"sqlite:///{self.db}"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.config = write_config(tmp / "onetag.toml", {
-            "server": {"database": f"sqlite:///{self.db}", "public_url": self.base,
+            "server": {"database": self.database, "public_url": self.base,
                        "forward": False, "writer_timeout_s": 3.0,
                        "shutdown_grace_s": GRACE_S, **server},
             "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": "k", "currency": "USD"}]})
@@ -103,7 +104,8 @@ class Serve:
             except OSError:
                 continue
             if int(stat[1]) == self.proc.pid and stat[0] != "Z" \
-                    and b"server.store.sqlite_writer" in cmdline:
+                    and (b"server.store.sqlite_writer" in cmdline
+                         or b"server.store.pg_writer" in cmdline):
                 found.append(int(entry))
         return found
 
@@ -162,8 +164,19 @@ def serving(tmp: Path, db_dir: Path | None = None, **server: Any) -> Iterator[Se
         serve.cleanup()
 
 
-def stored_ids(db: Path) -> set[str]:
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+def stored_ids(serve: Serve) -> set[str]:
+    if serve.database.startswith("postgresql"):
+        import asyncpg
+
+        async def fetch() -> set[str]:
+            conn = await asyncpg.connect(serve.database)
+            try:
+                return {row[0] for row in await conn.fetch("SELECT event_id FROM events")}
+            finally:
+                await conn.close()
+
+        return asyncio.run(fetch())
+    with contextlib.closing(sqlite3.connect(serve.db, timeout=30)) as conn:
         return {row[0] for row in conn.execute("SELECT event_id FROM events")}
 
 
@@ -205,7 +218,7 @@ def assert_quiet_log(serve: Serve) -> None:
 
 def intake_answers_204(serve: Serve, client: httpx.Client) -> bool:
     event_id = str(uuid.uuid4())
-    return serve.post(client, event_id).status_code == 204 and event_id in stored_ids(serve.db)
+    return serve.post(client, event_id).status_code == 204 and event_id in stored_ids(serve)
 
 
 # Load: a few clients sending valid events, every answer recorded ----------------------------
@@ -259,8 +272,12 @@ class Load:
 
 # The writer killed, the writer stopped ---------------------------------------------------------
 
-def test_kill_9_of_the_writer_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
-    with serving(tmp_path) as serve, httpx.Client(timeout=30) as client:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_kill_9_of_the_writer_under_load_loses_no_acknowledged_event(tmp_path: Path,
+                                                                     backend: Any) -> None:
+    """On both backends the writer is a process of its own (PostgreSQL's: issue 15)."""
+    database = {} if backend.name == "sqlite" else {"database": backend.database}
+    with serving(tmp_path, **database) as serve, httpx.Client(timeout=30) as client:
         first_writer = serve.wait_healthy()["writer_pid"]
         assert first_writer == serve.writer_pid()
         with Load(serve) as load:
@@ -281,7 +298,7 @@ def test_kill_9_of_the_writer_under_load_loses_no_acknowledged_event(tmp_path: P
     assert not load.failures, f"connections dropped instead of answered: {load.failures[:5]}"
     assert all(retry and retry.isdigit() for _, status, retry in load.answers if status == 503)
     acknowledged = load.acknowledged()
-    lost = acknowledged - stored_ids(serve.db)
+    lost = acknowledged - stored_ids(serve)
     assert acknowledged and not lost, f"{len(lost)} of {len(acknowledged)} acknowledged events lost"
 
 
@@ -360,7 +377,7 @@ def test_past_max_pending_a_request_is_refused_at_once(tmp_path: Path, bound: di
 
         asyncio.run(send_all())
         serve.stopped.discard(writer)
-        stored = stored_ids(serve.db)
+        stored = stored_ids(serve)
         for event_id, response in done:
             if response.status_code == 204:
                 assert event_id in stored
@@ -410,7 +427,7 @@ def test_sigterm_stops_the_server_within_its_grace(tmp_path: Path, state: str) -
             if state == "under load":
                 load.stop()
     if state == "under load":
-        lost = load.acknowledged() - stored_ids(serve.db)
+        lost = load.acknowledged() - stored_ids(serve)
         assert not lost, f"{len(lost)} acknowledged events lost across SIGTERM"
 
 

@@ -330,3 +330,51 @@ def test_any_sequence_of_events_leaves_both_backends_alike(pg, steps) -> None:
         lite = Backend("sqlite", f"sqlite:///{Path(tmp) / 'onetag.db'}")
         asyncio.run(empty(pg))
         assert asyncio.run(run(pg)) == asyncio.run(run(lite))
+
+
+async def test_a_nodes_writer_process_reads_bodies_and_is_replaced_when_killed(pg) -> None:
+    """``onetag serve``'s PostgreSQL store: bodies go to a writer process as received; a bad
+    one is its own 4xx, a killed writer fails what it held with 503 ``writer`` and a new one
+    takes over (issue 10's guarantees, on PostgreSQL)."""
+    import json
+    import os
+    import signal
+    import time
+
+    from server.envelope import BrowserFacts, Problem
+    from server.store.base import StoreUnavailable
+    from server.store.postgres import PostgresStore
+
+    store = PostgresStore(pg.database, pg.settings().sites, writer="process")
+    await store.open()
+    try:
+        first = await store.ping()
+        assert isinstance(first, int) and first != os.getpid()
+        facts = BrowserFacts("https://shop.example", None, "UA", int(time.time() * 1000))
+
+        def body(event_id: str) -> bytes:
+            return json.dumps({"site_id": "shop1", "events": [
+                {"event": "page_view", "event_id": event_id}]}).encode()
+
+        stored = await store.ingest_browser(body("e-1"), facts, "rid-1")
+        assert stored.site_id == "shop1" and not stored.results[0].duplicate
+        refused = await store.ingest_browser(b'{"site_id": "shop1", "events": [{"event": 1}]}',
+                                             facts, "rid-2")
+        assert isinstance(refused, Problem) and refused.status == 422
+        assert refused.field.startswith("events[0]")
+        os.kill(first, signal.SIGKILL)
+        answers = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                answers.append(await store.ingest_browser(body("e-2"), facts, "rid-3"))
+                break
+            except StoreUnavailable as exc:
+                assert exc.kind == "writer" and exc.retry_after_s >= 1
+                await asyncio.sleep(0.05)
+        assert answers and not answers[-1].results[0].duplicate
+        second = await store.ping()
+        assert second not in (None, first) and store.restarts == 1
+    finally:
+        await store.close()
+    assert sorted(await pg.rows("SELECT event_id FROM events")) == [("e-1",), ("e-2",)]

@@ -247,9 +247,9 @@ def _at(value, path: str):
 @given(_json)
 def test_the_nul_finder_names_a_string_that_holds_one_or_none(value) -> None:
     from server.jsontext import encode
-    from server.store.postgres import _nul_field
+    from server.store.pg_writer import nul_field
 
-    found = _nul_field(value, "events[0]")
+    found = nul_field(value, "events[0]")
     has_nul = b"\\u0000" in encode(value)
     assert (found is not None) == has_nul
     if found is not None:

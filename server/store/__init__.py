@@ -15,13 +15,17 @@ class DriverMissing(RuntimeError):
     """``database`` names PostgreSQL and asyncpg can't be imported."""
 
 
-def open_store(settings: Any, writer: str | None = None) -> Store:
+def open_store(settings: Any, writer: str | None = None, ingest: bool = True) -> Store:
     """The store the settings name: ``sqlite:///PATH`` or ``postgresql://...``.
 
-    ``writer`` (SQLite only): ``"process"`` (the default: the writer works on its own core)
-    or ``"thread"``; ``$ONETAG_WRITER`` sets the default.
+    ``writer``: ``"process"`` (the default: the writer works on its own core) or
+    ``"thread"`` (in this process: SQLite's connection thread, PostgreSQL's ``"inline"``
+    writer on this process's loop); ``$ONETAG_WRITER`` sets the default. ``ingest=False``:
+    the caller takes no events (a worker, a CLI command), so PostgreSQL, whose writer does
+    nothing else, runs it in this process instead of starting one.
     """
     server = settings.server
+    writer = writer or os.environ.get("ONETAG_WRITER", "process")
     if getattr(server, "is_postgresql", False):
         try:
             import asyncpg  # noqa: F401
@@ -32,6 +36,8 @@ def open_store(settings: Any, writer: str | None = None) -> Store:
         return PostgresStore(server.database, settings.sites,
                              hold_ms=int(server.hold_days * 86_400_000),
                              browser_grace_ms=int(server.browser_grace_s * 1000),
+                             writer="process" if writer == "process" and ingest else "inline",
+                             writer_timeout_s=server.writer_timeout_s,
                              max_pending_writes=server.max_pending_writes,
                              max_pending_bytes=server.max_pending_bytes)
     from .sqlite import SQLiteStore
@@ -39,7 +45,7 @@ def open_store(settings: Any, writer: str | None = None) -> Store:
     return SQLiteStore(server.sqlite_path, settings.sites,
                        hold_ms=int(server.hold_days * 86_400_000),
                        browser_grace_ms=int(server.browser_grace_s * 1000),
-                       writer=writer or os.environ.get("ONETAG_WRITER", "process"),
+                       writer=writer,
                        writer_timeout_s=server.writer_timeout_s,
                        max_pending_writes=server.max_pending_writes,
                        max_pending_bytes=server.max_pending_bytes)

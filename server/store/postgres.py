@@ -1,161 +1,94 @@
 """PostgreSQL store: many ``onetag serve`` nodes and ``onetag worker`` processes, one database.
 
-Each node group-commits its own ingest: the requests that arrive in one turn of the event
-loop are applied together in one transaction (``pg_ingest.PgIngestBatch``: set-based
-statements over ``unnest`` arrays), committed once with ``synchronous_commit = on``, and
-only then answered. Up to ``MAX_BATCHES`` such transactions run at once, each on its own
-pooled connection; requests arriving meanwhile wait for the next one. Nodes never share
-memory: what two nodes do to one visitor is ordered by the database's row locks
-(``pg_ingest`` says which, in which order), and a transaction that loses a race (a
-deadlock, a unique key another node took first) is run again from the start.
+Each node group-commits its own ingest through a writer, as SQLite does: the requests that
+arrive in one turn of the writer's event loop are applied together in one transaction and
+committed once with ``synchronous_commit = on``, and only then answered
+(``pg_writer.PgWriteOps``). ``onetag serve`` runs that writer in a process of its own, fed
+the browser bodies as received (``writer="process"``); tools and tests run it in this
+process (``writer="inline"``). Either way the server's side — frames, backpressure,
+supervision and replacement of a writer that dies or hangs — is ``WriterSupervisor``, the
+one SQLite uses. Nodes never share memory: what two nodes do to one visitor is ordered by
+the database's row locks (``pg_ingest`` says which, in which order), and a transaction that
+loses a race (a deadlock, a unique key another node took first) is run again from the start.
 
 The rules are the SQLite store's (``store/rules.py``, ``outbox.plan``); the outbox half
-(claims, outcomes, replays) is ``postgres_outbox.PostgresOutbox``.
+(claims, outcomes, replays) is ``postgres_outbox.PostgresOutbox``; the reads, the catalog,
+the coupons bridge and backfills use this process's own pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from typing import Any, Mapping, Sequence
 
-from ..envelope import Problem, Refused
-from ..jsontext import encode, loads
+from ..envelope import Problem
+from ..jsontext import loads
 from ..sessions import cart_snapshot
 from . import pg_migrate
-from .base import IngestResult, SessionInfo, Store, StoreUnavailable
+from .base import Store
+from .pg_writer import (InlineWriter, PgProcessWriter, PgWriteOps, RETRIES, RETRYABLE,
+                        create_pool, is_database_failure, sqlstate, stored_json, unavailable)
 from .postgres_outbox import PostgresOutbox
-from . import rules
 from .rules import identity_fields
+from .writer_supervisor import (DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_PENDING_WRITES,
+                                DEFAULT_WRITER_TIMEOUT_S, WriterSupervisor)
 
 log = logging.getLogger("onetag.store")
 
-# Ingest transactions of one node in flight at once (each holds a pooled connection). Two
-# lets a node commit one batch while the next is applied; a third made batches smaller
-# (more transactions, more round trips a request) and, measured with bench/pg_ingest.py's
-# one node, 10-20% fewer events/s. The pool keeps a few more for reads and the outbox.
-MAX_BATCHES = 2
-# Requests one transaction takes at most: a backlog (a stalled database coming back) is
-# committed in several transactions, none holding its row locks for long.
-BATCH_REQUESTS = 64
-POOL_SIZE = 8
-# A transaction that lost a race to another node (deadlock, serialization failure, a
-# unique key taken meanwhile) is run again from the start, at most this many times.
-RETRIES = 5
-# SQLSTATEs worth running the whole transaction again for.
-RETRYABLE = {"40001", "40P01", "23505"}
-DEFAULT_MAX_PENDING_WRITES = 2000
-DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+POOL_SIZE = 8  # this process's own pool: reads, the outbox, backfills (and inline ingest)
+WRITERS = ("process", "inline")
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    return getattr(exc, "sqlstate", None)
-
-
-def _unavailable(exc: BaseException) -> StoreUnavailable:
-    """A failure of the database (not of a request's content) as a 503's reason."""
-    state = _sqlstate(exc) or ""
-    kind = "disk" if state.startswith("53") else "database"  # 53xxx: insufficient resources
-    return StoreUnavailable(kind, f"{type(exc).__name__}: {exc}")
-
-
-def _is_database_failure(exc: BaseException) -> bool:
-    """The connection or the server failed, as opposed to a statement's content."""
-    import asyncpg
-
-    if isinstance(exc, (ValueError, TypeError)):  # asyncpg.DataError: an argument's content
-        return False
-    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
-                        asyncpg.InternalClientError, asyncpg.PostgresConnectionError)):
-        return True  # (InternalClientError: asyncpg's state on a connection the server cut)
-    state = _sqlstate(exc) or ""
-    # 08: connection; 53: resources (disk full, out of memory); 57: operator intervention
-    # (shutdown); 58: system errors (I/O); 25006: read-only transaction (a standby).
-    return state[:2] in ("08", "53", "57", "58") or state == "25006"
-
-
-Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
-
-
-async def _keep_session(conn: Any) -> None:
-    """The pool's reset of a released connection: nothing to do. asyncpg's default sends
-    ``RESET ALL``, ``UNLISTEN *``, ``CLOSE ALL`` and ``pg_advisory_unlock_all()``: a round
-    trip on every release, for session state this store never creates (no ``SET``, no
-    ``LISTEN``, no cursors, advisory locks only transaction-scoped). An open transaction is
-    still rolled back by the pool before this is called."""
-
-
-def _nul_field(value: Any, path: str) -> str | None:
-    """The path of the first string holding a NUL in ``value``, or None."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = (path if isinstance(key, str) and "\x00" in key
-                     else _nul_field(item, f"{path}.{key}"))
-            if found:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _nul_field(item, f"{path}[{index}]")
-            if found:
-                return found
-    return None
-
-
-class PostgresStore(PostgresOutbox, Store):
-    """``Store`` on PostgreSQL through an asyncpg pool (``self.pool``)."""
+class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
+    """``Store`` on PostgreSQL through an asyncpg pool (``self.pool``), ingest through a
+    writer (``pg_writer``)."""
 
     def __init__(self, dsn: str, sites: Mapping[str, Any], hold_ms: int = 7 * 86_400_000,
-                 browser_grace_ms: int = 0,
+                 browser_grace_ms: int = 0, writer: str = "inline",
+                 writer_timeout_s: float = DEFAULT_WRITER_TIMEOUT_S,
                  max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES,
                  max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
                  pool_size: int = POOL_SIZE, check_schema: bool = True):
+        if writer not in WRITERS:
+            raise ValueError(f"writer must be one of {', '.join(WRITERS)}, not {writer!r}")
         self.dsn = dsn
         self.sites = sites
         self.hold_ms = hold_ms
         self.browser_grace_ms = browser_grace_ms
+        self.writer_kind = writer
+        self.writer_timeout_s = writer_timeout_s
         self.max_pending_writes = max_pending_writes
         self.max_pending_bytes = max_pending_bytes
         self.pool_size = pool_size
         self.check_schema = check_schema
         self.pool: Any = None
-        self._pending: list[tuple[Request, asyncio.Future[Any], int]] = []
-        self._scheduled = False
-        self._batches: set[asyncio.Task[None]] = set()
-        self._queued = 0
-        self._queued_bytes = 0
-        self._closing = False
-        self.commits = 0  # ingest transactions committed by this node
-        self.retries = 0  # ... run again after losing a race to another node
-        self.on_commit: Any = None  # called with the requests of each committed batch
-        self.fault: Any = None
-        self.writer_problem: Any = None
+        self._init_supervisor()
 
     # Life cycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect; ``pg_migrate.SchemaNotCurrent`` when the schema lacks migrations (the
-        nodes never migrate by themselves: ``onetag migrate`` does)."""
-        import asyncpg
-
+        """Connect, then start the writer; ``pg_migrate.SchemaNotCurrent`` when the schema
+        lacks migrations (the nodes never migrate by themselves: ``onetag migrate`` does)."""
         self._closing = False
-        self.pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self.pool_size,
-            # Durable before answered, whatever the database's default: an acknowledged
-            # event must survive a crash of the database server.
-            server_settings={"synchronous_commit": "on", "application_name": "onetag"},
-            reset=_keep_session)
-        if self.check_schema:
-            try:
+        self.pool = await create_pool(self.dsn, self.pool_size)
+        try:
+            if self.check_schema:
                 async with self.pool.acquire() as conn:
                     await pg_migrate.check(conn)
-            except BaseException:
-                await self.pool.close()
-                self.pool = None
-                raise
+            self._writer = await self._start_writer()
+        except BaseException:
+            await self.pool.close()
+            self.pool = None
+            raise
+
+    def _new_writer(self) -> PgProcessWriter | InlineWriter:
+        if self.writer_kind == "process":
+            return PgProcessWriter(self.dsn, self.sites, self.hold_ms, self.browser_grace_ms,
+                                   self.writer_timeout_s)
+        return InlineWriter(PgWriteOps(self.dsn, self.sites, self.hold_ms,
+                                       self.browser_grace_ms, pool=self.pool))
 
     async def migrate(self) -> list[str]:
         """Apply the pending migrations (``onetag migrate``); their names."""
@@ -163,17 +96,9 @@ class PostgresStore(PostgresOutbox, Store):
             return await pg_migrate.migrate(conn)
 
     async def close(self, grace_s: float = 10) -> None:
-        """Batches already in a transaction are committed and answered (within ``grace_s``);
-        requests still waiting fail with 503."""
-        self._closing = True
-        pending, self._pending = self._pending, []
-        for _, future, size in pending:
-            self._unqueue(size)
-            if not future.done():
-                future.set_exception(StoreUnavailable("writer", "the store closed before "
-                                                      "this write was made"))
-        if self._batches:
-            await asyncio.wait(list(self._batches), timeout=grace_s)
+        """Batches already sent to the writer are committed and answered (within
+        ``grace_s``); requests still waiting fail with 503."""
+        await self._stop_writer(grace_s)
         if self.pool is not None:
             pool, self.pool = self.pool, None
             try:
@@ -181,153 +106,8 @@ class PostgresStore(PostgresOutbox, Store):
             except asyncio.TimeoutError:
                 pool.terminate()
 
-    async def ping(self, timeout_s: float = 2.0) -> int | None:
-        """A committed transaction that takes a transaction id, within ``timeout_s``."""
-        if self.pool is None:
-            raise StoreUnavailable("database", "the store is not open")
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self.pool.acquire() as conn:
-                    async with conn.transaction():
-                        await conn.fetchval("SELECT pg_current_xact_id()")
-        except TimeoutError:
-            raise StoreUnavailable("database", f"PostgreSQL did not answer within "
-                                   f"{timeout_s:g} s") from None
-        except Exception as exc:
-            raise _unavailable(exc) from None
-        return None
-
-    # Ingest -----------------------------------------------------------------------------
-
-    async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
-                     raws: Sequence[Any], session: SessionInfo,
-                     request_id: str | None = None) -> list[IngestResult] | Problem:
-        if self._closing or self.pool is None:
-            raise StoreUnavailable("writer", "the store is not open")
-        stored = [encode(raw) for raw in raws]
-        for position, raw in enumerate(stored):
-            if b"\\u0000" in raw:  # JSON's escape of NUL: cheap to look for in the bytes
-                field = _nul_field(raws[position], f"events[{position}]")
-                if field is not None:
-                    return Problem(422, "invalid_event", field, "contains a NUL character "
-                                   "(\\u0000), which PostgreSQL text can't hold")
-        size = sum(map(len, stored))
-        if (self._queued >= self.max_pending_writes
-                or (size and self._queued_bytes + size > self.max_pending_bytes)):
-            raise StoreUnavailable("queue", f"{self._queued} writes ({self._queued_bytes} "
-                                   "bytes) are waiting for the store; try again shortly")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append(((site_id, list(events), stored, session.user_agent, request_id),
-                              future, size))
-        self._queued += 1
-        self._queued_bytes += size
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._start, context=contextvars.Context())
-        rows = await future
-        if isinstance(rows, Problem):
-            return rows
-        return [IngestResult(*row) for row in rows]
-
-    def _unqueue(self, size: int) -> None:
-        self._queued -= 1
-        self._queued_bytes -= size
-
-    def _start(self) -> None:
-        """At the end of a loop turn: the requests waiting go in one transaction, if a
-        batch slot is free (else the next batch to finish starts them)."""
-        self._scheduled = False
-        while self._pending and len(self._batches) < MAX_BATCHES and not self._closing:
-            batch = self._pending[:BATCH_REQUESTS]
-            self._pending = self._pending[BATCH_REQUESTS:]
-            task = asyncio.get_running_loop().create_task(self._commit(batch),
-                                                          name="onetag-pg-ingest")
-            self._batches.add(task)
-            task.add_done_callback(self._batch_done)
-
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._batches.discard(task)
-        if self._pending and not self._closing:
-            self._start()
-
-    async def _commit(self, batch: list[tuple[Request, asyncio.Future[Any], int]]) -> None:
-        requests = [request for request, _, _ in batch]
-        # Every attempt starts from the events as sent (rules.keep_pristine says why).
-        restores = [rules.keep_pristine([request]) for request in requests]
-        try:
-            try:
-                results: list[Any] = await self._transaction(requests, restores)
-            except Exception as exc:
-                if _is_database_failure(exc) or len(requests) == 1:
-                    raise
-                # One request's content failed the batch: each alone, so it fails alone.
-                results = []
-                for request, restore in zip(requests, restores):
-                    try:
-                        results.append((await self._transaction([request], [restore]))[0])
-                    except Exception as alone:
-                        if _is_database_failure(alone):
-                            raise
-                        results.append(alone)
-        except Exception as exc:
-            failure = _unavailable(exc) if not isinstance(exc, StoreUnavailable) else exc
-            if _is_database_failure(exc):
-                self.fault = failure
-                log.error("the store can't write (%s): %s", failure.kind, failure.message)
-                results = [failure] * len(batch)
-            else:
-                results = [exc] * len(batch)
-        else:
-            if self.fault is not None:
-                log.warning("the store writes again (after: %s)", self.fault.message)
-            self.fault = None
-        for (request, future, size), result in zip(batch, results):
-            self._unqueue(size)
-            if future.done():
-                continue
-            if isinstance(result, Refused):
-                future.set_result(result.problem)
-            elif isinstance(result, StoreUnavailable):
-                future.set_exception(result)
-            elif isinstance(result, BaseException):
-                log.error("an ingest request failed alone: %s: %s", type(result).__name__,
-                          result, extra={"request_id": request[4]})
-                future.set_result(Problem(422, "invalid_event", "events", "could not be "
-                                          f"stored ({type(result).__name__}: "
-                                          f"{str(result)[:200]})"))
-            else:
-                future.set_result(result)
-
-    async def _transaction(self, requests: list[Request], restores: list[Any]) -> list[Any]:
-        """``requests`` applied and committed in one transaction, run again (from a clean
-        start: ``restores`` put their events back as sent) when it lost a race to another
-        node."""
-        from .pg_ingest import PgIngestBatch
-
-        attempt = 0
-        while True:
-            for restore in restores:
-                restore()
-            try:
-                async with self.pool.acquire() as conn:
-                    async with conn.transaction():
-                        results = await PgIngestBatch(conn, self.sites, self.hold_ms,
-                                                      self.browser_grace_ms).run(requests)
-                self.commits += 1
-                if self.on_commit is not None:
-                    self.on_commit(len(requests))
-                return results
-            except Exception as exc:
-                attempt += 1
-                # A connection the server cut (a restart, a failover, an idle timeout) is
-                # dropped by the pool: the next attempt gets a new one. Run once more on it;
-                # if the cut came after the commit, the event ids answer "duplicate".
-                lost = _is_database_failure(exc) and attempt == 1
-                if not lost and (_sqlstate(exc) not in RETRYABLE or attempt > RETRIES):
-                    raise
-                self.retries += 1
-                await asyncio.sleep(0.005 * attempt)
+    def _stored_json(self, raws: Sequence[Any]) -> list[bytes] | Problem:
+        return stored_json(raws)
 
     # Reads ------------------------------------------------------------------------------
 
@@ -466,8 +246,8 @@ class PostgresStore(PostgresOutbox, Store):
                                                           pace_ms)
             except Exception as exc:
                 attempt += 1
-                if _sqlstate(exc) not in RETRYABLE or attempt > RETRIES:
-                    if _is_database_failure(exc):
-                        raise _unavailable(exc) from None
+                if sqlstate(exc) not in RETRYABLE or attempt > RETRIES:
+                    if is_database_failure(exc):
+                        raise unavailable(exc) from None
                     raise
                 await asyncio.sleep(0.005 * attempt)

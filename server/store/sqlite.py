@@ -10,27 +10,24 @@ aiosqlite connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import logging
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import aiosqlite
 
-from ..jsontext import encode, loads
+from ..jsontext import loads
 from ..sessions import cart_snapshot
-from ..envelope import BrowserFacts, Problem
 from . import deadletters
-from .base import (BrowserIngested, Delivery, IngestResult, JobFailure, Outcome, SessionInfo,
-                   Store, StoreUnavailable)
+from .base import Delivery, JobFailure, Outcome, Store, StoreUnavailable
 from .deadletters import ReplayFilter
 from .sqlite_ingest import identity_fields
 from . import sqlite_catalog
-from .sqlite_writer import (COUPON_CALL_COLUMNS, INGEST_OPS, ProcessWriter, ThreadWriter, WriterGone, commit_failure,
+from .sqlite_writer import (COUPON_CALL_COLUMNS, ProcessWriter, ThreadWriter, commit_failure,
                             migrate, migrations, now_ms)
+from .writer_supervisor import (DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_PENDING_WRITES,
+                                DEFAULT_WRITER_TIMEOUT_S, WriterSupervisor)
 
 __all__ = ["SQLiteStore", "migrate", "migrations", "now_ms"]
 
@@ -39,25 +36,7 @@ log = logging.getLogger("onetag.store")
 WRITERS = {"process": ProcessWriter, "thread": ThreadWriter}
 
 
-class StoreClosed(StoreUnavailable):
-    """A write asked of a store that is closing: it was not made."""
-
-    def __init__(self, message: str):
-        super().__init__("writer", message)
-
-
-# Writes queued or in flight before new ones are refused with 503 (the browser runtime
-# retries them): without a bound, 300 requests of 0.9 MB during a stall held 592 MB.
-DEFAULT_MAX_PENDING_WRITES = 2000
-DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
-DEFAULT_WRITER_TIMEOUT_S = 10.0
-# A writer that keeps dying is restarted after 0.1 s, then 0.2, 0.4 ... up to 30 s.
-RESTART_FIRST_S = 0.1
-RESTART_MAX_S = 30.0
-FAULT_LOG_EVERY_S = 60.0  # a storage fault is logged at most once a minute
-
-
-class SQLiteStore(Store):
+class SQLiteStore(WriterSupervisor, Store):
     def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int = 7 * 86_400_000,
                  browser_grace_ms: int = 0, writer: str = "thread",
                  writer_timeout_s: float = DEFAULT_WRITER_TIMEOUT_S,
@@ -73,22 +52,8 @@ class SQLiteStore(Store):
         self.writer_timeout_s = writer_timeout_s
         self.max_pending_writes = max_pending_writes
         self.max_pending_bytes = max_pending_bytes
-        self._writer: ProcessWriter | ThreadWriter | None = None
         self._reader: aiosqlite.Connection | None = None
-        # Jobs not yet sent: (op, args, future, size). Sent once per turn of the event loop.
-        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any], int]] = []
-        self._send_scheduled = False
-        self._in_flight = 0  # frames sent, not yet answered
-        self._queued = 0  # jobs pending or in flight (the backpressure bound) ...
-        self._queued_bytes = 0  # ... and the bytes of their bodies
-        self._closing = False
-        self._restarting: asyncio.Task[None] | None = None
-        self.writer_problem: JobFailure | None = None  # why there is no writer now
-        self.fault: JobFailure | None = None  # the storage's last failure, until a commit works
-        self._fault_logged: dict[str, float] = {}
-        self.restarts = 0
-        self.commits = 0  # transactions the writer committed (the benchmark reports requests per commit)
-        self.on_commit: Any = None  # called with the jobs of each committed transaction (metrics)
+        self._init_supervisor()
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -101,222 +66,20 @@ class SQLiteStore(Store):
         await self._reader.execute("PRAGMA busy_timeout=10000")
         self._reader.row_factory = sqlite3.Row
 
-    async def _start_writer(self) -> ProcessWriter | ThreadWriter:
-        writer = WRITERS[self.writer_kind](self.path, self.sites, self.hold_ms,
-                                           self.browser_grace_ms, self.writer_timeout_s)
-        await writer.start()
-        writer.on_exit = self._writer_exited
-        writer.on_commit = self._committed
-        return writer
+    def _new_writer(self) -> ProcessWriter | ThreadWriter:
+        return WRITERS[self.writer_kind](self.path, self.sites, self.hold_ms,
+                                         self.browser_grace_ms, self.writer_timeout_s)
 
-    def _committed(self, jobs: int) -> None:
-        if self.on_commit is not None:
-            self.on_commit(jobs)
+    def _failure(self, exc: BaseException) -> JobFailure:
+        return commit_failure(exc)
 
     async def close(self, grace_s: float = 10) -> None:
         """Frames already sent are committed and answered (within ``grace_s``); jobs not
         sent yet fail."""
-        self._closing = True
-        if self._restarting is not None:
-            self._restarting.cancel()
-            self._restarting = None
-        self._fail_pending(StoreClosed("the store closed before this write was made"))
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            await writer.stop(grace_s)
-
-    async def ping(self, timeout_s: float = 2.0) -> int | None:
-        """A round trip through the writer with a committed write (``GET /healthz``):
-        the writer's pid, or ``StoreUnavailable`` naming what is wrong."""
-        try:
-            pid = await asyncio.wait_for(self._write("ping"), timeout_s)
-        except asyncio.TimeoutError:
-            raise StoreUnavailable("writer", f"the writer did not answer within {timeout_s:g} s") from None
-        if self.fault is not None:
-            raise StoreUnavailable(self.fault.kind, self.fault.message)
-        return pid if self.writer_kind == "process" else None
-
-    # Supervision ------------------------------------------------------------------------
-    #
-    # A writer process that exits, is killed or hangs (``ProcessWriter`` kills one that
-    # leaves a frame unanswered for ``writer_timeout_s``) fails the frames it held: their
-    # requests get 503 and their clients retry. A new writer is started at once, then
-    # after a backoff that doubles while starts keep failing; the log says so once per
-    # change, not once per attempt.
-
-    def _writer_exited(self, writer: ProcessWriter | ThreadWriter) -> None:
-        if writer is not self._writer or self._closing:
-            return
-        self._writer = None
-        reason = getattr(writer, "exit_reason", None) or "the writer exited"
-        self.writer_problem = JobFailure("writer", reason)
-        log.error("%s; starting a new writer", reason)
-        self._fail_pending(StoreUnavailable("writer", reason))
-        self._restarting = asyncio.get_running_loop().create_task(
-            self._restart(), name="onetag-writer-restart")
-
-    async def _restart(self) -> None:
-        delay, said = RESTART_FIRST_S, None
-        while not self._closing:
-            try:
-                self._writer = await self._start_writer()
-            except Exception as exc:
-                failure = getattr(exc, "failure", None) or JobFailure("writer", str(exc))
-                self.writer_problem = failure
-                if failure.message != said:
-                    log.error("the writer does not start (%s: %s); retrying, at most every "
-                              "%g s", failure.kind, failure.message, RESTART_MAX_S)
-                    said = failure.message
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RESTART_MAX_S)
-                continue
-            self.restarts += 1
-            self.writer_problem = None
-            log.warning("a new writer is running (pid %s)", self._writer.pid)
-            self._restarting = None
-            if self._pending:
-                self._send()
-            return
-
-    def _fail_pending(self, exc: BaseException) -> None:
-        pending, self._pending = self._pending, []
-        for _, _, future, size in pending:
-            self._unqueue(size)
-            if not future.done():
-                future.set_exception(exc)
-
-    def _unqueue(self, size: int) -> None:
-        self._queued -= 1
-        self._queued_bytes -= size
-
-    def _storage_fault(self, failure: JobFailure) -> None:
-        """Remember it for /healthz, and log it at most once a minute per kind."""
-        self.fault = failure
-        now = time.monotonic()
-        if now - self._fault_logged.get(failure.kind, -FAULT_LOG_EVERY_S) >= FAULT_LOG_EVERY_S:
-            self._fault_logged[failure.kind] = now
-            log.error("the store can't write (%s): %s; answering 503 until it can",
-                      failure.kind, failure.message)
-
-    # The writer -------------------------------------------------------------------------
-    #
-    # Group commit without a queue task: a write adds its job to ``_pending`` and, the first
-    # in this turn of the event loop, schedules ``_send`` for the end of the turn. The jobs
-    # of one turn go to the writer in frames of up to ``frame_jobs``; up to ``depth``
-    # frames are in flight, and jobs arriving meanwhile wait for the next answer.
-
-    async def _write(self, op: str, *args: Any, size: int = 0) -> Any:
-        if self._closing:
-            raise StoreClosed("the store is closing")
-        if self._writer is None:
-            problem = self.writer_problem or JobFailure("writer", "the store is not open")
-            raise StoreUnavailable(problem.kind, problem.message)
-        if op != "ping" and (self._queued >= self.max_pending_writes
-                             or (size and self._queued_bytes + size > self.max_pending_bytes)):
-            raise StoreUnavailable("queue", f"{self._queued} writes ({self._queued_bytes} bytes) "
-                                   "are waiting for the store; try again shortly")
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((op, args, future, size))
-        self._queued += 1
-        self._queued_bytes += size
-        if not self._send_scheduled:
-            self._send_scheduled = True
-            # Not in this request's context: the frame (and its log lines) serves many.
-            future.get_loop().call_soon(self._send, context=contextvars.Context())
-        return await future
-
-    def _send(self) -> None:
-        self._send_scheduled = False
-        writer = self._writer
-        while self._pending and writer is not None and self._in_flight < writer.depth:
-            size = writer.frame_jobs
-            batch, self._pending = self._pending[:size], self._pending[size:]
-            self._submit(writer, batch)
-
-    def _submit(self, writer: ProcessWriter | ThreadWriter, batch: list[Any]) -> None:
-        try:
-            answer = writer.submit([(op, args) for op, args, _, _ in batch])
-        except WriterGone as exc:  # the writer is gone: nothing of this frame was made
-            answer = asyncio.get_running_loop().create_future()
-            answer.set_exception(exc)
-        except Exception as exc:  # the frame can't be sent: each job alone, to find which
-            if len(batch) > 1:
-                for job in batch:
-                    self._submit(writer, [job])
-                return
-            answer = asyncio.get_running_loop().create_future()
-            answer.set_result([Problem(422, "invalid_event", "events",
-                                       f"could not be passed to the store ({type(exc).__name__})")])
-        self._in_flight += 1
-        answer.add_done_callback(
-            lambda done, batch=batch, writer=writer: self._answered(batch, done, writer))
-
-    def _answered(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any], int]],
-                  answer: asyncio.Future[Any], writer: ProcessWriter | ThreadWriter) -> None:
-        self._in_flight -= 1
-        self.commits = writer.transactions
-        if answer.cancelled():
-            results: list[Any] = [JobFailure("writer", "the writer stopped")] * len(batch)
-        elif answer.exception() is not None:
-            exc = answer.exception()
-            if isinstance(exc, WriterGone):
-                results = [JobFailure("writer", str(exc))] * len(batch)
-            else:  # the thread writer: the commit itself raised
-                log.error("group commit of %d jobs failed: %s", len(batch), exc)
-                results = [commit_failure(exc)] * len(batch)
-        else:
-            results = answer.result()
-            if not isinstance(results, list) or len(results) != len(batch):
-                results = [results if isinstance(results, JobFailure) else JobFailure(
-                    "writer", "the writer answered out of shape")] * len(batch)
-        committed = False
-        for (op, _, future, size), result in zip(batch, results):
-            self._unqueue(size)
-            if isinstance(result, JobFailure):
-                if result.kind in ("disk", "database"):
-                    self._storage_fault(result)
-                result = StoreUnavailable(result.kind, result.message)
-            elif op in INGEST_OPS:
-                committed = True
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-        if committed and self.fault is not None:
-            log.warning("the store writes again (after: %s)", self.fault.message)
-            self.fault = None
-        if self._pending:
-            self._send()
-
-    # Ingest -----------------------------------------------------------------------------
-
-    async def ingest(self, site_id: str, events: Sequence[dict[str, Any]],
-                     raws: Sequence[Any], session: SessionInfo,
-                     request_id: str | None = None) -> list[IngestResult] | Problem:
-        # What crosses to a writer process is kept to plain values: the events as sent go
-        # as their stored JSON (bytes, not dicts of Decimals), the visitor as its user
-        # agent, and the answer comes back as (event_id, seq, duplicate) tuples.
-        stored = [encode(raw) for raw in raws]
-        rows = await self._write("ingest", site_id, list(events), stored, session.user_agent,
-                                 request_id, size=sum(map(len, stored)))
-        if isinstance(rows, Problem):  # refused by a rule of the store (a cart too large)
-            return rows
-        return [IngestResult(*row) for row in rows]
-
-    async def ingest_browser(self, data: bytes, facts: BrowserFacts,
-                             request_id: str | None = None) -> BrowserIngested | Problem:
-        # The writer reads the body (envelope.read_browser_body) on its own core: only the
-        # bytes cross, and the sc and (event_id, seq, duplicate) tuples come back.
-        answer = await self._write("ingest_browser", data, facts, request_id, size=len(data))
-        if isinstance(answer, Problem):
-            return answer
-        sc, rows, site_id, names = answer
-        return BrowserIngested(sc, [IngestResult(*row) for row in rows], site_id, names)
+        await self._stop_writer(grace_s)
 
     # Reads ------------------------------------------------------------------------------
 

@@ -8,28 +8,17 @@ hands the GIL back and forth between them — measured by ``bench/ingest.py``, t
 endpoint most of its throughput. In a process of its own the writer works on the second
 core, and the server only sends it each batch and waits for the commit.
 
-The protocol with a writer process is frames on its stdin/stdout, each a header (length,
-frame id) and a pickle of plain data: first ``(path, sites, hold_ms, browser_grace_ms)``,
-answered ``"ready"`` (or a ``JobFailure``); then a list of jobs ``(op, args)`` per frame,
-answered under the same frame id with the writer's count of transactions committed so far
-and one answer per job: its result, a ``Problem`` (the request's own 4xx) or a
-``JobFailure`` (503). No exception object ever crosses: the writer runs as ``__main__``, and
-a class pickled from there can't be read by the server. Replies are matched by id, so a
-frame that can't be read or sent fails alone and never shifts the others' answers.
+The protocol with a writer process (frames of plain data with ids, answered by id) and the
+process's life are ``writer_process``'s, shared with PostgreSQL's writer; SQLite's set-up
+frame is ``(path, sites, hold_ms, browser_grace_ms)``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 import os
-import pickle
-import select
-import signal
 import sqlite3
-import struct
 import sys
 import threading
 import time
@@ -37,7 +26,7 @@ import traceback
 from importlib import resources
 from typing import Any, Mapping, Sequence
 
-from .. import logs, outbox
+from .. import outbox
 from ..envelope import Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
 from . import deadletters, rules
@@ -46,10 +35,11 @@ from .deadletters import ReplayFilter
 from .outbox_rules import CLAIMABLE
 from .sqlite_catalog import plan_sync
 from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
+from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, child_pipes, encode_frame,
+                             reply_frame)
 
 log = logging.getLogger("onetag.store")
 
-_FRAME = struct.Struct("!IQ")  # payload length, frame id
 # Jobs a transaction of the writer process takes from the batches waiting (it stops at the
 # first batch that reaches it). With no limit, 32 closed-loop clients fell into lockstep:
 # the writer committed all 32 requests while the event loop waited, then the loop answered
@@ -60,7 +50,6 @@ _FRAME = struct.Struct("!IQ")  # payload length, frame id
 # the pages it touches), and 8, 12 and 24 measured about the same as 16.
 TRANSACTION_JOBS = 16
 _CLAIMABLE_SQL = CLAIMABLE.format(d="d", p="p")  # the claim rule (store/outbox_rules.py)
-INGEST_OPS = ("ingest", "ingest_browser")
 # WAL pages before a commit checkpoints (SQLite's default: 1,000), for the thread writer.
 # Such a checkpoint runs inside the commit that crosses it, and every request of that batch
 # waits on it (bench/ingest.py: p99 58 ms against 17 ms for bare Starlette). The writer
@@ -652,196 +641,13 @@ class ThreadWriter:
             await conn.close()
 
 
-class WriterGone(Exception):
-    """The writer process exited or was killed before answering (a server-side exception:
-    it never crosses the pipe)."""
-
-
-class ProcessWriter:
-    """The writer in a process of its own (``python -m server.store.sqlite_writer``).
-
-    Frames are pipelined: the server sends each (up to ``frame_jobs`` jobs) as soon as it
-    has one, up to ``depth`` in flight, and the writer applies the frames waiting in its
-    pipe together, up to ``TRANSACTION_JOBS`` jobs a transaction — so the commit never
-    waits on a round trip, and a slow commit makes the next one bigger, not later. Each
-    reply names its frame's id. The pipes are asyncio's own, so no helper thread has to
-    win the GIL from the event loop to pass a frame or an answer along.
-
-    One life of one process: when it exits, is killed, or leaves a frame unanswered for
-    ``timeout_s`` (killed then), every frame it held fails with ``WriterGone`` and
-    ``on_exit`` is called; the store's supervisor starts a new one. A job is answered only
-    after its commit, so nothing acknowledged depends on a writer living on. If the server
-    dies (even by kill -9), the writer reads end-of-file and exits.
-    """
-
-    depth = 64
-    frame_jobs = 8  # small frames, so that a transaction can stop at TRANSACTION_JOBS
+class ProcessWriter(WriterProcess):
+    """SQLite's writer in a process of its own (``python -m server.store.sqlite_writer``)."""
 
     def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int,
                  timeout_s: float = 10.0):
-        self.args = (path, dict(sites), hold_ms, browser_grace_ms)
-        self.timeout_s = timeout_s
-        self._process: asyncio.subprocess.Process | None = None
-        self._replies: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
-        self._waiting: dict[int, tuple[asyncio.Future[Any], float]] = {}  # id: (answer, sent)
-        self._ids = itertools.count(1)
-        self.transactions = 0  # committed so far, as the last reply said
-        self.exit_reason: str | None = None
-        self.on_exit: Any = None  # called once with this writer when its process is gone
-        self.on_commit: Any = None  # called with the jobs of each committed transaction
-        self._counting = (0, 0)  # (transaction, its jobs replied so far): ``_count_commit``
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self._replies is not None and not self._replies.done()
-
-    async def start(self) -> None:
-        # Linux refuses a single environment string over 128 KiB (MAX_ARG_STRLEN); the
-        # writer needs nothing that large, so such values are not passed on.
-        env = {k: v for k, v in os.environ.items() if len(k) + len(v) < 65536}
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        # -P: without it, ``-m`` puts the working directory first on the path, and a shop
-        # that runs ``onetag serve`` from a project with a ``server/`` package of its own
-        # would start that package's module instead of this writer.
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-P", "-m", "server.store.sqlite_writer",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env=env, limit=1 << 24)
-        self._replies = asyncio.create_task(self._read_replies(), name="onetag-writer-replies")
-        try:
-            ready = await asyncio.wait_for(self._send(0, self.args), max(self.timeout_s, 30))
-        except (asyncio.TimeoutError, WriterGone) as exc:
-            ready = JobFailure("writer", f"the writer process did not start ({exc or 'timeout'})")
-        if ready != "ready":
-            await self.stop(grace_s=1)
-            failure = ready if isinstance(ready, JobFailure) else JobFailure("writer", repr(ready))
-            raise WriterStartFailed(failure)
-        if self.timeout_s > 0:
-            self._watchdog = asyncio.create_task(self._watch(), name="onetag-writer-watchdog")
-
-    def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[Any]:
-        """Send one frame (a group commit's jobs); its answers, once committed.
-
-        Raises ``WriterGone`` if the process is gone, or the pickling error of a frame that
-        can't be sent (nothing was written to the pipe then).
-        """
-        return self._send(next(self._ids), jobs)
-
-    def _send(self, frame_id: int, message: Any) -> asyncio.Future[Any]:
-        if not self.alive or self._process is None or self._process.stdin is None:
-            raise WriterGone(self.exit_reason or "the writer process is not running")
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # may raise: not sent
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[frame_id] = (future, time.monotonic())
-        self._process.stdin.write(_FRAME.pack(len(data), frame_id) + data)
-        return future
-
-    async def _read_replies(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        stdout = self._process.stdout
-        try:
-            while True:
-                size, frame_id = _FRAME.unpack(await stdout.readexactly(_FRAME.size))
-                payload = await stdout.readexactly(size)
-                waiting = self._waiting.pop(frame_id, None)
-                try:
-                    transactions, reply = pickle.loads(payload)
-                except Exception as exc:  # this frame's answer alone is lost
-                    if waiting is not None and not waiting[0].done():
-                        waiting[0].set_exception(WriterGone(f"an unreadable reply ({exc})"))
-                    continue
-                self.transactions = transactions
-                if self.on_commit is not None and isinstance(reply, list):
-                    self._count_commit(transactions, len(reply))
-                if waiting is not None and not waiting[0].done():
-                    waiting[0].set_result(reply)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            if self._process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._process.kill()  # a writer whose output ended is of no more use
-            code = await self._process.wait()
-            self.exit_reason = self.exit_reason or f"the writer process exited (code {code})"
-            self._fail_waiting()
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-            if self.on_exit is not None:
-                self.on_exit(self)
-
-    def _count_commit(self, transaction: int, jobs: int) -> None:
-        """Group commit sizes, from the replies alone: the frames of one transaction are
-        answered one after another under its number (the count after its commit). It is
-        complete when a later number arrives, or when no frame is left waiting (its frames
-        were all sent before its first reply). A failed commit's replies repeat the last
-        number, which was counted already, and are not a commit."""
-        counting, so_far = self._counting
-        if transaction != counting:
-            if so_far:
-                self.on_commit(so_far)
-            counting, so_far = transaction, 0
-        elif so_far == 0:  # a number whose transaction was counted: a failed commit
-            return
-        so_far += jobs
-        if not self._waiting:
-            self.on_commit(so_far)
-            so_far = 0
-        self._counting = (counting, so_far)
-
-    def _fail_waiting(self) -> None:
-        waiting, self._waiting = self._waiting, {}
-        for future, _ in waiting.values():
-            if not future.done():
-                future.set_exception(WriterGone(self.exit_reason or "the writer process exited"))
-
-    async def _watch(self) -> None:
-        """Kill a writer that leaves a frame unanswered for ``timeout_s`` (hung, stopped)."""
-        period = min(1.0, self.timeout_s / 4)
-        while True:
-            await asyncio.sleep(period)
-            if not self._waiting:
-                continue
-            oldest = min(sent for _, sent in self._waiting.values())
-            waited = time.monotonic() - oldest
-            if waited > self.timeout_s and self._process is not None:
-                self.exit_reason = (f"the writer process (pid {self._process.pid}) answered "
-                                    f"nothing for {waited:.1f} s; it was killed")
-                with contextlib.suppress(ProcessLookupError):
-                    self._process.kill()  # works on a stopped process too
-                return
-
-    async def stop(self, grace_s: float = 10) -> None:
-        """End of file after what was sent: it finishes and exits; killed after ``grace_s``."""
-        process = self._process
-        if process is None:
-            return
-        self.on_exit = None  # a stop is not a death to recover from
-        if process.stdin is not None and not process.stdin.is_closing():
-            process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), grace_s)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-        if self._replies is not None:
-            await self._replies
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-
-
-class WriterStartFailed(Exception):
-    """A writer process that could not set up (the database can't be opened or written)."""
-
-    def __init__(self, failure: JobFailure):
-        super().__init__(failure.message)
-        self.failure = failure
+        super().__init__("server.store.sqlite_writer",
+                         (path, dict(sites), hold_ms, browser_grace_ms), timeout_s)
 
 
 def probe_write(conn: sqlite3.Connection) -> None:
@@ -905,62 +711,6 @@ class Checkpointer(threading.Thread):
             conn.close()
 
 
-class _FrameReader:
-    """Frames from a file descriptor: block for the first, then take whatever else is there.
-
-    Each frame is ``(id, message)``; a message that can't be unpickled is ``UNREADABLE``.
-    """
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.buffer = bytearray()
-        self.eof = False
-
-    def _complete(self) -> list[tuple[int, Any]]:
-        frames = []
-        while len(self.buffer) >= _FRAME.size:
-            size, frame_id = _FRAME.unpack_from(self.buffer)
-            if len(self.buffer) < _FRAME.size + size:
-                break
-            try:
-                message = pickle.loads(self.buffer[_FRAME.size:_FRAME.size + size])
-            except Exception:
-                message = UNREADABLE
-            frames.append((frame_id, message))
-            del self.buffer[:_FRAME.size + size]
-        return frames
-
-    def _fill(self) -> None:
-        chunk = os.read(self.fd, 1 << 20)
-        if chunk:
-            self.buffer += chunk
-        else:
-            self.eof = True
-
-    def next(self) -> list[tuple[int, Any]]:
-        """At least one frame (blocking), plus every frame already waiting; [] at the end."""
-        frames = self._complete()
-        while not frames and not self.eof:
-            self._fill()
-            frames = self._complete()
-        return frames + self.waiting()
-
-    def waiting(self) -> list[tuple[int, Any]]:
-        """Every frame already there, without blocking."""
-        frames = self._complete()
-        while not self.eof and select.select([self.fd], [], [], 0)[0]:
-            self._fill()
-            frames += self._complete()
-        return frames
-
-
-UNREADABLE = "unreadable frame"
-
-
-def _frame(frame_id: int, message: Any) -> bytes:
-    """One message on the pipe: its length and id, then its pickle."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _FRAME.pack(len(data), frame_id) + data
 
 
 def _take(frames: list[Any], limit: int) -> tuple[list[Any], list[Any]]:
@@ -980,11 +730,7 @@ def _reply(ops: WriteOps, frames: list[tuple[int, Any]]) -> bytes:
     replies = []
     for frame_id, frame in frames:
         mine, answers = answers[:len(frame)], answers[len(frame):]
-        try:
-            replies.append(_frame(frame_id, (ops.transactions, mine)))
-        except Exception as exc:  # an answer that can't be pickled fails its frame alone
-            failure = JobFailure("writer", f"an answer could not be sent ({exc})")
-            replies.append(_frame(frame_id, (ops.transactions, [failure] * len(frame))))
+        replies.append(reply_frame(frame_id, ops.transactions, mine))
     return b"".join(replies)
 
 
@@ -994,12 +740,7 @@ def main() -> None:
     The frames waiting in the pipe go into one transaction, up to ``TRANSACTION_JOBS``
     jobs; each frame gets its own reply, under its id.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM to the process group
-    logs.configure_from_env()  # the server's format, on the server's stderr
-    stdout = sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing else may write to the frame stream
-    reader = _FrameReader(sys.stdin.fileno())
+    stdout, reader = child_pipes()
     frames = reader.next()
     if not frames:
         return
@@ -1012,17 +753,17 @@ def main() -> None:
         ops = WriteOps(conn, sites, hold_ms, grace_ms)
     except Exception as exc:
         failure = commit_failure(exc)
-        stdout.write(_frame(setup_id, (0, failure)))
+        stdout.write(encode_frame(setup_id, (0, failure)))
         stdout.flush()
         return
     checkpointer = Checkpointer(path)
     checkpointer.start()
-    stdout.write(_frame(setup_id, (0, "ready")))
+    stdout.write(encode_frame(setup_id, (0, "ready")))
     stdout.flush()
     while frames or (frames := reader.next()):
         unreadable = [(i, f) for i, f in frames if f is UNREADABLE or not isinstance(f, list)]
         frames = [(i, f) for i, f in frames if f is not UNREADABLE and isinstance(f, list)]
-        replies = b"".join(_frame(i, (ops.transactions, JobFailure("writer", "unreadable frame")))
+        replies = b"".join(encode_frame(i, (ops.transactions, JobFailure("writer", "unreadable frame")))
                            for i, _ in unreadable)
         if frames:
             frames, later = _take(frames, TRANSACTION_JOBS)

@@ -1,0 +1,485 @@
+"""The writing side of the PostgreSQL store's ingest: one node's group commit.
+
+``PgWriteOps`` owns the ingest connections of one node: it reads browser bodies
+(``envelope.read_browser_body``), applies the requests that arrive in one turn of its event
+loop together in one transaction (``pg_ingest.PgIngestBatch``: set-based statements over
+``unnest`` arrays, the rules of ``store/rules.py``), commits once with
+``synchronous_commit = on``, and only then answers. Up to ``MAX_BATCHES`` such transactions
+run at once, each on its own pooled connection; requests arriving meanwhile wait for the
+next one. A transaction that lost a race to another node is run again from the start.
+
+``onetag serve`` runs it in a process of its own (``python -m server.store.pg_writer``,
+``PgProcessWriter``), fed frames of plain data as SQLite's writer is (``writer_process``),
+so that parsing bodies and applying the rules happen on the other core, not on the loop
+that serves HTTP: on the node's loop they cost about twice bare Starlette's whole request
+(bench/pg_ingest.py). Tools and tests run the same ops in-process (``InlineWriter``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+from ..envelope import Problem, Refused, read_browser_body
+from ..jsontext import encode
+from . import rules
+from .base import JobFailure, StoreUnavailable
+from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, child_pipes, encode_frame,
+                             reply_frame)
+
+log = logging.getLogger("onetag.store")
+
+# Ingest transactions of one node in flight at once (each holds a pooled connection). Two
+# lets a node commit one batch while the next is applied; a third made batches smaller
+# (more transactions, more round trips a request) and, measured with bench/pg_ingest.py's
+# one node, 10-20% fewer events/s.
+MAX_BATCHES = 2
+# Requests one transaction takes at most: a backlog (a stalled database coming back) is
+# committed in several transactions, none holding its row locks for long.
+BATCH_REQUESTS = 64
+# A transaction that lost a race to another node (deadlock, serialization failure, a
+# unique key taken meanwhile) is run again from the start, at most this many times.
+RETRIES = 5
+# SQLSTATEs worth running the whole transaction again for.
+RETRYABLE = {"40001", "40P01", "23505"}
+WRITER_POOL_SIZE = MAX_BATCHES + 1  # the writer process's connections: batches and a ping
+
+Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    return getattr(exc, "sqlstate", None)
+
+
+def unavailable(exc: BaseException) -> StoreUnavailable:
+    """A failure of the database (not of a request's content) as a 503's reason."""
+    state = sqlstate(exc) or ""
+    kind = "disk" if state.startswith("53") else "database"  # 53xxx: insufficient resources
+    return StoreUnavailable(kind, f"{type(exc).__name__}: {exc}")
+
+
+def is_database_failure(exc: BaseException) -> bool:
+    """The connection or the server failed, as opposed to a statement's content."""
+    import asyncpg
+
+    if isinstance(exc, (ValueError, TypeError)):  # asyncpg.DataError: an argument's content
+        return False
+    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError,
+                        asyncpg.InternalClientError, asyncpg.PostgresConnectionError)):
+        return True  # (InternalClientError: asyncpg's state on a connection the server cut)
+    state = sqlstate(exc) or ""
+    # 08: connection; 53: resources (disk full, out of memory); 57: operator intervention
+    # (shutdown); 58: system errors (I/O); 25006: read-only transaction (a standby).
+    return state[:2] in ("08", "53", "57", "58") or state == "25006"
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset of a released connection: nothing to do. asyncpg's default sends
+    ``RESET ALL``, ``UNLISTEN *``, ``CLOSE ALL`` and ``pg_advisory_unlock_all()``: a round
+    trip on every release, for session state this store never creates (no ``SET``, no
+    ``LISTEN``, no cursors, advisory locks only transaction-scoped). An open transaction is
+    still rolled back by the pool before this is called."""
+
+
+async def create_pool(dsn: str, size: int) -> Any:
+    """An asyncpg pool whose every commit is durable before it returns."""
+    import asyncpg
+
+    return await asyncpg.create_pool(
+        dsn, min_size=1, max_size=size,
+        # Durable before answered, whatever the database's default: an acknowledged event
+        # must survive a crash of the database server.
+        server_settings={"synchronous_commit": "on", "application_name": "onetag"},
+        reset=_keep_session)
+
+
+def nul_field(value: Any, path: str) -> str | None:
+    """The path of the first string holding a NUL in ``value``, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = (path if isinstance(key, str) and "\x00" in key
+                     else nul_field(item, f"{path}.{key}"))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = nul_field(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def stored_json(raws: Sequence[Any]) -> list[bytes] | Problem:
+    """The events as sent, as the JSON to store; a 422 naming the field that holds a NUL,
+    which PostgreSQL text can't hold."""
+    stored = [encode(raw) for raw in raws]
+    for position, raw in enumerate(stored):
+        if b"\\u0000" in raw:  # JSON's escape of NUL: cheap to look for in the bytes
+            field = nul_field(raws[position], f"events[{position}]")
+            if field is not None:
+                return Problem(422, "invalid_event", field, "contains a NUL character "
+                               "(\\u0000), which PostgreSQL text can't hold")
+    return stored
+
+
+class PgWriteOps:
+    """One node's ingest: the jobs a writer is sent (``run``), group-committed."""
+
+    def __init__(self, dsn: str, sites: Mapping[str, Any], hold_ms: int,
+                 browser_grace_ms: int, pool: Any = None):
+        self.dsn = dsn
+        self.sites = sites
+        self.hold_ms = hold_ms
+        self.browser_grace_ms = browser_grace_ms
+        self.pool = pool
+        self._own_pool = pool is None
+        self._pending: list[tuple[Request, asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._batches: set[asyncio.Task[None]] = set()
+        self.commits = 0  # ingest transactions committed
+        self.retries = 0  # ... run again after losing a race to another node
+        self.on_commit: Any = None  # called with the requests of each committed batch
+
+    async def open(self) -> None:
+        if self.pool is None:
+            self.pool = await create_pool(self.dsn, WRITER_POOL_SIZE)
+
+    async def close(self, grace_s: float = 10) -> None:
+        """Batches already in a transaction are committed and answered (within
+        ``grace_s``)."""
+        if self._batches:
+            await asyncio.wait(list(self._batches), timeout=grace_s)
+        if self._own_pool and self.pool is not None:
+            pool, self.pool = self.pool, None
+            try:
+                await asyncio.wait_for(pool.close(), grace_s)
+            except asyncio.TimeoutError:
+                pool.terminate()
+
+    # Jobs -------------------------------------------------------------------------------
+
+    def submit(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
+        """One answer per job, as plain data: its result, a ``Problem`` or a ``JobFailure``,
+        once every job of the frame is answered. Each job is begun here (a body read, its
+        request queued), so the jobs of every frame that arrived in one loop turn share a
+        transaction; no task is made for a job or a frame (they cost the writer's loop more
+        than a request's reading did)."""
+        loop = asyncio.get_running_loop()
+        answers: list[Any] = [None] * len(jobs)
+        whole = loop.create_future()
+        waiting = 0
+
+        def answered(i: int, op: str, args: tuple[Any, ...], finish: Any,
+                     future: asyncio.Future[Any]) -> None:
+            nonlocal waiting
+            exc = future.exception()
+            answers[i] = self._failed(op, args, exc) if exc is not None else finish(future.result())
+            waiting -= 1
+            if waiting == 0:
+                whole.set_result(answers)
+
+        for i, (op, args) in enumerate(jobs):
+            try:
+                future, then = self._begin(op, args)
+            except Exception as exc:
+                future, then = None, self._failed(op, args, exc)
+            if future is None:
+                answers[i] = then
+                continue
+            waiting += 1
+            future.add_done_callback(
+                lambda done, i=i, op=op, args=args, finish=then: answered(i, op, args, finish,
+                                                                          done))
+        if waiting == 0:
+            whole.set_result(answers)
+        return whole
+
+    def _begin(self, op: str, args: tuple[Any, ...]) -> tuple[asyncio.Future[Any] | None, Any]:
+        """(None, the job's answer now: a refused body), or (a future of its result, what
+        turns that result into the answer)."""
+        if op == "ingest_browser":
+            data, facts, request_id = args
+            batch = read_browser_body(data, facts, self.sites)
+            if isinstance(batch, Problem):
+                return None, batch
+            stored = stored_json(batch.raws)
+            if isinstance(stored, Problem):
+                return None, stored
+            names = tuple(event["name"] for event in batch.events)
+            return (self.ingest((batch.site_id, batch.events, stored, facts.user_agent,
+                                 request_id)),
+                    lambda rows: rows if isinstance(rows, Problem) else (
+                        batch.sc, rows, batch.site_id, names))
+        if op == "ingest":
+            return self.ingest(args), _same
+        if op == "ping":
+            return asyncio.ensure_future(self.ping()), _same
+        raise ValueError(f"no job {op!r} here")
+
+    @staticmethod
+    def _failed(op: str, args: tuple[Any, ...], exc: BaseException) -> Any:
+        """A job's error as its answer: a 503's ``JobFailure`` or the request's own 4xx."""
+        if isinstance(exc, StoreUnavailable):
+            return JobFailure(exc.kind, exc.message)
+        if isinstance(exc, Refused):
+            return exc.problem
+        # A bug with one request fails that request alone.
+        request_id = args[-1] if op in INGEST_OPS else None
+        log.error("an ingest request failed alone: %s: %s", type(exc).__name__, exc,
+                  extra={"request_id": request_id})
+        if op in INGEST_OPS:
+            return Problem(422, "invalid_event", "events",
+                           f"could not be stored ({type(exc).__name__}: {str(exc)[:200]})")
+        return JobFailure("database", f"{type(exc).__name__}: {exc}")
+
+    async def ping(self) -> int:
+        """A committed transaction that takes a transaction id; this process's pid."""
+        try:
+            async with self.pool.acquire() as conn:
+                async with conn.transaction():
+                    await conn.fetchval("SELECT pg_current_xact_id()")
+        except Exception as exc:
+            raise unavailable(exc) from None
+        return os.getpid()
+
+    # Group commit -----------------------------------------------------------------------
+
+    def ingest(self, request: Request) -> asyncio.Future[Any]:
+        """``(site_id, events, stored JSON, user agent, request id)``, committed with the
+        requests of this loop turn: (event_id, seq, duplicate) tuples, a ``Problem``, or
+        ``StoreUnavailable``."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((request, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start, context=contextvars.Context())
+        return future
+
+    def _start(self) -> None:
+        """At the end of a loop turn: the requests waiting go in one transaction, if a
+        batch slot is free (else the next batch to finish starts them)."""
+        self._scheduled = False
+        while self._pending and len(self._batches) < MAX_BATCHES:
+            batch = self._pending[:BATCH_REQUESTS]
+            self._pending = self._pending[BATCH_REQUESTS:]
+            task = asyncio.get_running_loop().create_task(self._commit(batch),
+                                                          name="onetag-pg-ingest")
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if self._pending:
+            self._start()
+
+    async def _commit(self, batch: list[tuple[Request, asyncio.Future[Any]]]) -> None:
+        requests = [request for request, _ in batch]
+        # Every attempt starts from the events as sent (rules.keep_pristine says why).
+        restores = [rules.keep_pristine([request]) for request in requests]
+        try:
+            try:
+                results: list[Any] = await self._transaction(requests, restores)
+            except Exception as exc:
+                if is_database_failure(exc) or len(requests) == 1:
+                    raise
+                # One request's content failed the batch: each alone, so it fails alone.
+                results = []
+                for request, restore in zip(requests, restores):
+                    try:
+                        results.append((await self._transaction([request], [restore]))[0])
+                    except Exception as alone:
+                        if is_database_failure(alone):
+                            raise
+                        results.append(alone)
+        except Exception as exc:
+            if is_database_failure(exc):
+                results = [unavailable(exc)] * len(batch)
+            else:
+                results = [exc] * len(batch)
+        for (request, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Refused):
+                future.set_result(result.problem)
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _transaction(self, requests: list[Request], restores: list[Any]) -> list[Any]:
+        """``requests`` applied and committed in one transaction, run again (from a clean
+        start: ``restores`` put their events back as sent) when it lost a race to another
+        node."""
+        from .pg_ingest import PgIngestBatch
+
+        attempt = 0
+        while True:
+            for restore in restores:
+                restore()
+            try:
+                async with self.pool.acquire() as conn:
+                    async with conn.transaction():
+                        results = await PgIngestBatch(conn, self.sites, self.hold_ms,
+                                                      self.browser_grace_ms).run(requests)
+                self.commits += 1
+                if self.on_commit is not None:
+                    self.on_commit(len(requests))
+                return results
+            except Exception as exc:
+                attempt += 1
+                # A connection the server cut (a restart, a failover, an idle timeout) is
+                # dropped by the pool: the next attempt gets a new one. Run once more on it;
+                # if the cut came after the commit, the event ids answer "duplicate".
+                lost = is_database_failure(exc) and attempt == 1
+                if not lost and (sqlstate(exc) not in RETRYABLE or attempt > RETRIES):
+                    raise
+                self.retries += 1
+                await asyncio.sleep(0.005 * attempt)
+
+
+def _same(result: Any) -> Any:
+    return result
+
+
+class InlineWriter:
+    """``PgWriteOps`` in the server's own process, on its pool: for tools and tests, as
+    SQLite's ``ThreadWriter``. ``onetag serve`` uses ``PgProcessWriter``."""
+
+    depth = 64
+    frame_jobs = BATCH_REQUESTS
+    pid = None
+
+    def __init__(self, ops: PgWriteOps):
+        self.ops = ops
+        self.on_exit: Any = None  # never called: it does not die on its own
+        self.on_commit: Any = None
+        ops.on_commit = lambda jobs: self.on_commit is not None and self.on_commit(jobs)
+
+    @property
+    def transactions(self) -> int:
+        return self.ops.commits
+
+    async def start(self) -> None:
+        await self.ops.open()
+
+    def submit(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[list[Any]]:
+        return self.ops.submit(jobs)
+
+    async def stop(self, grace_s: float = 10) -> None:
+        await self.ops.close(grace_s)
+
+
+class PgProcessWriter(WriterProcess):
+    """The node's ingest in a process of its own (``python -m server.store.pg_writer``)."""
+
+    def __init__(self, dsn: str, sites: Mapping[str, Any], hold_ms: int, browser_grace_ms: int,
+                 timeout_s: float = 10.0):
+        super().__init__("server.store.pg_writer", (dsn, dict(sites), hold_ms, browser_grace_ms),
+                         timeout_s)
+
+
+# The writer process ----------------------------------------------------------------------
+
+class _Child:
+    """The process's loop: frames read as they arrive, each answered once its jobs are;
+    the replies of one loop turn written together."""
+
+    def __init__(self, stdout: Any, reader: Any):
+        self.stdout = stdout
+        self.reader = reader
+        self.ops: PgWriteOps | None = None
+        self.setup: asyncio.Future[tuple[int, Any]] | None = None
+        self.done: asyncio.Future[None] | None = None
+        self.frames: set[asyncio.Future[list[Any]]] = set()  # frames not answered yet
+        self.out: list[bytes] = []
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.setup, self.done = loop.create_future(), loop.create_future()
+        loop.add_reader(self.reader.fd, self._readable)
+        try:
+            setup_id, setup = await self.setup
+            try:
+                dsn, sites, hold_ms, grace_ms = setup
+                self.ops = PgWriteOps(dsn, sites, hold_ms, grace_ms)
+                await self.ops.open()
+                await self.ops.ping()  # a database that can't be written is found now
+            except Exception as exc:
+                failure = JobFailure(unavailable(exc).kind, f"{type(exc).__name__}: {exc}")
+                self._write(encode_frame(setup_id, (0, failure)))
+                return
+            self._write(encode_frame(setup_id, (0, "ready")))
+            await self.done  # end of file: the server is gone or closing
+            if self.frames:  # what was sent before the end is committed and answered
+                await asyncio.wait(list(self.frames))
+            if self.out:
+                self._flush()
+            await self.ops.close()
+        finally:
+            loop.remove_reader(self.reader.fd)
+
+    def _readable(self) -> None:
+        try:
+            frames = self.reader.read_ready()
+        except OSError:
+            frames, self.reader.eof = [], True
+        for frame_id, jobs in frames:
+            if self.setup is not None and not self.setup.done():
+                self.setup.set_result((frame_id, jobs))
+            elif self.ops is None:
+                continue  # frames sent before the set-up's answer: none are
+            elif jobs is UNREADABLE or not isinstance(jobs, list):
+                self._reply(frame_id, JobFailure("writer", "unreadable frame"))
+            else:
+                answers = self.ops.submit(jobs)
+                self.frames.add(answers)
+                answers.add_done_callback(lambda done, frame_id=frame_id: self._answer(frame_id, done))
+        if self.reader.eof:
+            asyncio.get_running_loop().remove_reader(self.reader.fd)
+            if self.setup is not None and not self.setup.done():
+                self.setup.cancel()
+            if self.done is not None and not self.done.done():
+                self.done.set_result(None)
+
+    def _answer(self, frame_id: int, answers: asyncio.Future[list[Any]]) -> None:
+        assert self.ops is not None
+        self.frames.discard(answers)
+        self.out.append(reply_frame(frame_id, self.ops.commits, answers.result()))
+        if len(self.out) == 1:  # the first reply of this turn: written at its end
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _reply(self, frame_id: int, answer: Any) -> None:
+        self._write(encode_frame(frame_id, (self.ops.commits if self.ops else 0, answer)))
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if out:
+            self._write(b"".join(out))
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.stdout.write(data)
+            self.stdout.flush()
+        except BrokenPipeError:  # the server is gone: nobody waits for an answer
+            if self.done is not None and not self.done.done():
+                self.done.set_result(None)
+
+
+def main() -> None:
+    """The writer process: set up from the first frame, then answer frames until the end
+    of its stdin."""
+    stdout, reader = child_pipes()
+    try:
+        asyncio.run(_Child(stdout, reader).serve())
+    except asyncio.CancelledError:
+        pass  # end of file before the set-up
+
+
+if __name__ == "__main__":
+    main()
