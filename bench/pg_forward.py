@@ -16,11 +16,13 @@ Per worker count, on a database of its own (``--dsn``, default the local server)
    protocol").
 
 Figures per run: sustained deliveries/s (the fake's request rate between 10 % and 90 % of
-the backlog), the workers' CPU seconds (summed) and per delivery, the PostgreSQL server's
-CPU per delivery (its backends, from /proc, when they are this machine's), and the check:
+the backlog), the workers' CPU seconds (summed) and per delivery, where the machine's CPU
+went during the drain (``CpuLedger``: workers, the fake vendor, this database's PostgreSQL
+backends, PostgreSQL's own processes, this script, and every other process), and the check:
 every row ``delivered`` and the fake received exactly that many requests (no duplicates,
 none lost). Then the 2-worker/1-worker ratio. Targets (issue 15): 2 workers >= 1.6x one,
-worker CPU <= 1 ms a delivery. The machine is shared: read CPU per delivery beside the rate.
+worker CPU <= 1 ms a delivery. The machine is shared: read CPU per delivery beside the rate
+(bench/README.md says how the ratio follows from the breakdown).
 """
 
 from __future__ import annotations
