@@ -2,7 +2,7 @@
 
 One background task per vendor ("lane") claims that vendor's due rows (``store.claim``, which
 leases them and keeps one row in flight per visitor) up to the lane's free slots, and sends
-each with the process's ONE shared ``httpx.AsyncClient``. A lane never waits on another
+each through the process's ONE shared keep-alive pool (below). A lane never waits on another
 vendor: a vendor that times out or answers 500 fills only its own slots, and the other lanes
 keep claiming. Outcomes are collected and written in batches (``store.finish``), which the
 store's single writer group-commits.
