@@ -131,9 +131,15 @@ class Stream(httpcore.AsyncNetworkStream):
                 raise httpcore.WriteError(str(protocol.error))
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if self._queued:
-            await self._flush()
         protocol = self._protocol
+        if self._queued:
+            try:
+                await self._flush()
+            except httpcore.WriteError:
+                if not protocol.buffer:
+                    raise
+                # The server answered before taking the whole request (a 413, say) and
+                # closed: its answer is what counts, as with httpcore's own streams.
         if not protocol.buffer and not protocol.closed:
             protocol.waiter = asyncio.get_running_loop().create_future()
             try:
