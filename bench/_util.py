@@ -37,7 +37,9 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def _own_cpu_seconds(pid: int) -> float | None:
+def own_cpu_seconds(pid: int) -> float | None:
+    """user+system CPU of one process (all its threads), children not included: one read of
+    /proc, where ``process_cpu_seconds`` walks /proc for the children too."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -60,13 +62,13 @@ def children(pid: int) -> list[int]:
 
 
 def children_cpu_seconds(pid: int) -> float:
-    return sum(_own_cpu_seconds(child) or 0.0 for child in children(pid))
+    return sum(own_cpu_seconds(child) or 0.0 for child in children(pid))
 
 
 def process_cpu_seconds(pid: int) -> float | None:
     """user+system CPU of one process (all its threads) and its child processes, from /proc;
     None where unavailable. A server's helper processes are its cost too."""
-    own = _own_cpu_seconds(pid)
+    own = own_cpu_seconds(pid)
     return None if own is None else own + children_cpu_seconds(pid)
 
 

@@ -2,7 +2,7 @@
 
 One background task per vendor ("lane") claims that vendor's due rows (``store.claim``, which
 leases them and keeps one row in flight per visitor) up to the lane's free slots, and sends
-each with the process's ONE shared ``httpx.AsyncClient``. A lane never waits on another
+each through the process's ONE shared keep-alive pool (below). A lane never waits on another
 vendor: a vendor that times out or answers 500 fills only its own slots, and the other lanes
 keep claiming. Outcomes are collected and written in batches (``store.finish``), which the
 store's single writer group-commits.
@@ -12,6 +12,12 @@ Retry state lives in the rows, not here: a retry is ``pending`` with a later
 rows for ``lease_s``; if the process dies mid-send, the row is due again when the lease ends
 and the vendor may see that request twice. Every request carries the vendor's natural key
 (order id, event id, cart id) in its body, which is what the vendor deduplicates on.
+
+A send is an ``httpx.Request`` handed straight to the process's transport (``KeepAlivePool``:
+httpcore's HTTP/1.1 connections), not through an ``httpx.AsyncClient``: the client's layers
+(URL and header merging, cookie jar, auth and redirect flows, event hooks) cost about a
+third of a delivery's CPU and do nothing here: redirects are not followed, credentials are
+``auth_headers``', and a vendor's cookies must not travel from one site's request to another's.
 
 What an answer means (``classify``):
 
@@ -64,6 +70,7 @@ import httpcore
 import httpx
 
 from . import __version__, product_sync
+from .http_stream import AsyncioBackend
 from .store.base import Attempt, Delivery, Outcome, Store, StoreUnavailable
 from .vendors import VENDORS
 
@@ -89,6 +96,9 @@ DEFAULT_PRUNE_EVERY_S = 300.0  # attempts older than [server] keep_attempts_days
 PRUNE_BATCH = 2000  # attempts deleted per write: a short transaction beside the deliveries'
 PRUNE_BATCHES = 10  # batches a pass at most; a bigger backlog goes over the next passes
 ANSWER_BODY_LIMIT = 4096  # characters of a vendor's answer body kept per attempt
+# Sent with every request (besides Host, Content-Length, Content-Type and the vendor's own).
+BASE_HEADERS = {"User-Agent": f"onetag/{__version__}", "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate"}
 # The answer headers an attempt keeps: what says what the body is, when to come back, where
 # a redirect went, and the vendor's own id for the request (to quote to its support).
 KEPT_ANSWER_HEADERS = frozenset({"content-type", "retry-after", "location", "date"})
@@ -268,7 +278,7 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
     connections the forwarder keeps open that costs 3-5 ms of CPU a request and caps a
     process near 300 deliveries/s; here taking a connection is O(1) (measured: 0.4 ms a
     request, all included). The connections themselves are httpcore's (h11, TLS), so the
-    wire is httpx's. ``limits.max_connections`` bounds the requests in flight (one waits at
+    wire is httpx's; their sockets are asyncio protocols (``server/http_stream.py``). ``limits.max_connections`` bounds the requests in flight (one waits at
     most the pool timeout for a slot), ``max_keepalive_connections`` the idle connections
     kept, ``keepalive_expiry`` how long one may sit idle. A request that fails on a reused
     connection as a stale one does (the vendor closed it while idle) is sent once more on a
@@ -281,6 +291,7 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
         self._slots = asyncio.Semaphore(limits.max_connections or 1_000_000)
         self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTPConnection]] = {}
         self._idle_count = 0
+        self._backend = AsyncioBackend()  # server/http_stream.py: why not anyio's
         self.opened = 0  # connections opened so far (tests and the benchmark read it)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -303,6 +314,9 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         url = request.url
+        if url.raw_scheme not in (b"http", b"https"):
+            raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol "
+                                            f"'{url.scheme}://'.", request=request)
         port = url.port or (443 if url.raw_scheme == b"https" else 80)
         key = (url.raw_scheme, url.raw_host, port)
         core_request = httpcore.Request(
@@ -337,7 +351,8 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
         self.opened += 1
         origin = httpcore.Origin(scheme=key[0], host=key[1], port=key[2])
         return httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl,
-                                            keepalive_expiry=self.limits.keepalive_expiry), False
+                                            keepalive_expiry=self.limits.keepalive_expiry,
+                                            network_backend=self._backend), False
 
     async def _checkin(self, key: tuple[bytes, bytes, int],
                        connection: httpcore.AsyncHTTPConnection) -> None:
@@ -385,7 +400,6 @@ class Forwarder:
     """Runs inside ``onetag serve`` (when ``[server] forward``) or ``onetag worker``."""
 
     def __init__(self, settings: Any, store: Store, options: ForwarderOptions | None = None, *,
-                 client: httpx.AsyncClient | None = None,
                  clock: Callable[[], float] = time.time,
                  rng: Callable[[], float] = random.random, metrics: Any = None):
         self.settings = settings
@@ -399,8 +413,8 @@ class Forwarder:
         # A lane for every known vendor: rows of a vendor no site enables any more still get
         # claimed, and dead-lettered with a reason instead of waiting forever.
         self.vendors = sorted(configured | set(VENDORS))
-        self._client = client
-        self._own_client = client is None
+        self._transport: KeepAlivePool | None = None
+        self._timeouts = self.options.timeout.as_dict()
         self._lanes: dict[str, _Lane] = {}
         self._tasks: list[asyncio.Task] = []
         self._sends: set[asyncio.Task] = set()
@@ -421,13 +435,11 @@ class Forwarder:
 
     async def start(self) -> None:
         opts = self.options
-        if self._client is None:
+        if self._transport is None:
             slots = opts.concurrency * len(self.vendors)  # every lane's slots: no pool waits
-            limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots,
-                                  keepalive_expiry=DEFAULT_KEEPALIVE_EXPIRY_S)
-            self._client = httpx.AsyncClient(
-                transport=KeepAlivePool(limits), timeout=opts.timeout, follow_redirects=False,
-                headers={"User-Agent": f"onetag/{__version__}"})
+            self._transport = KeepAlivePool(httpx.Limits(
+                max_connections=slots, max_keepalive_connections=slots,
+                keepalive_expiry=DEFAULT_KEEPALIVE_EXPIRY_S))
         self._stop = asyncio.Event()
         self._outcomes_ready = asyncio.Event()
         self._lanes = {name: _Lane(name, opts.rates.get(name)) for name in self.vendors}
@@ -471,9 +483,9 @@ class Forwarder:
         if self._finisher is not None:
             self._outcomes_ready.set()  # type: ignore[union-attr]
             await self._finisher
-        if self._own_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
         self._stop = None
 
     # Loops ------------------------------------------------------------------------------
@@ -726,7 +738,7 @@ class Forwarder:
 
     async def _request(self, request: Mapping[str, Any], auth: Mapping[str, str],
                        trace: "_Trace | None" = None) -> httpx.Response:
-        headers = httpx.Headers({"Accept": "application/json"})
+        headers = httpx.Headers(BASE_HEADERS)
         body = request.get("json")
         content = None
         if body is not None:
@@ -737,8 +749,9 @@ class Forwarder:
             trace.headers = headers.copy()
         headers.update(auth)
         self.sent += 1
-        return await self._client.request(  # type: ignore[union-attr]
-            request.get("method", "POST"), request["url"], content=content, headers=headers)
+        return await self._transport.handle_async_request(  # type: ignore[union-attr]
+            httpx.Request(request.get("method", "POST"), _url(request["url"]), headers=headers,
+                          content=content, extensions={"timeout": self._timeouts}))
 
     def _outcome(self, delivery: Delivery, verdict: Verdict, now: float,
                  attempt: Attempt | None = None) -> Outcome:
@@ -805,6 +818,13 @@ class _Trace:
         return Attempt(delivery.attempts, int(self.started * 1000),
                        max(0, int((now - self.started) * 1000)), sent, self.status,
                        self.answer_, self.error)
+
+
+@functools.lru_cache(maxsize=1024)  # a vendor's few URLs, over and over
+def _url(url: str) -> httpx.URL:
+    """A vendor URL parsed once (``httpx.URL`` is immutable); a malformed one raises
+    ``httpx.InvalidURL``, as the client did."""
+    return httpx.URL(url)
 
 
 @functools.lru_cache(maxsize=256)

@@ -12,10 +12,14 @@ body, parsed JSON, what the fake answered), and failures are made on demand per 
     fake.close_after("sendlane")                       # answer 200, then close the connection
     fake.release()                                     # answer the held requests (200)
 
-It is a plain ``asyncio`` server (no framework) so it can do what a framework hides: reset a
-connection, hold a request forever. In a test it runs in a thread (``with FakeVendors() as
-fake``); ``python tests/fakes/vendor_server.py --delay 0.05`` runs it as its own process for
-the benchmark (prints ``PORT <n>``; ``GET /_stats`` answers the request counts).
+It is a plain ``asyncio`` protocol (no framework, no streams) so it can do what a framework
+hides (reset a connection, hold a request forever) and so it costs little CPU: a request is
+parsed from the bytes received and answered by a timer (``loop.call_later``), with no
+coroutine or task of its own. That matters to the benchmarks, which run it on the same
+cores as the worker they measure, where a real vendor's CPU is on its own machines
+(bench/README.md). In a test it runs in a thread (``with FakeVendors() as fake``); ``python
+tests/fakes/vendor_server.py --delay 0.05`` runs it as its own process for the benchmark
+(prints ``PORT <n>``; ``GET /_stats`` answers the request counts).
 """
 
 from __future__ import annotations
@@ -30,13 +34,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 VENDOR_PREFIXES = ("rejoiner", "remarkety", "esputnik", "sendlane")
 REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
            409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests",
            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+OK_BODY = b'{"status":"success"}'
+HEAD_LIMIT = 65536  # bytes of request line and headers; a client sending more is cut off
+
+
+def response_bytes(status: int, headers: dict[str, str], body: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
+             "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+OK = response_bytes(200, {}, OK_BODY)
 
 
 def _timed_out(timeout: float, what: str, describe: Callable[[], Any] | None) -> AssertionError:
@@ -113,8 +129,8 @@ class FakeVendors:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
-        self._released: asyncio.Event | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[_Connection] = set()
+        self._held: set[_Connection] = set()  # connections whose request is hung
 
     # Control (thread-safe) --------------------------------------------------------------
 
@@ -228,15 +244,16 @@ class FakeVendors:
         self.stop()
 
     async def _open(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._released = asyncio.Event()
-        self._server = await asyncio.start_server(self._handle, host, port, backlog=1024)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port,
+                                                backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _close(self) -> None:
         assert self._server is not None
         self._server.close()
-        for writer in list(self._writers):
-            writer.close()
+        for connection in list(self._connections):
+            connection.close()
         await self._server.wait_closed()
 
     # Internals --------------------------------------------------------------------------
@@ -250,9 +267,8 @@ class FakeVendors:
             self._rules.append(rule)
 
     def _release_now(self) -> None:
-        assert self._released is not None
-        self._released.set()
-        self._released = asyncio.Event()
+        for connection in list(self._held):
+            connection.unhold()
 
     def _take_rule(self, path: str) -> Rule | None:
         with self._lock:
@@ -265,101 +281,163 @@ class FakeVendors:
                     return rule
         return None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        self.connections += 1
-        try:
-            while True:
-                line = await reader.readline()
-                if not line.strip():
-                    return
-                method, target, _version = line.decode("latin-1").split(" ", 2)
-                headers: dict[str, str] = {}
-                while True:
-                    header = await reader.readline()
-                    if header in (b"\r\n", b"\n", b""):
-                        break
-                    name, _, value = header.decode("latin-1").partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length") or 0)
-                body = await reader.readexactly(length) if length else b""
-                if target == "/_stats":
-                    await self._answer(writer, 200, {}, json.dumps(
-                        {"count": self.count, "by_prefix": self.counts}).encode())
-                    continue
-                parts = urlsplit(target)
-                recorded = Recorded(method, parts.path, parse_qs(parts.query), headers, body,
-                                    time.time())
-                vendor = recorded.vendor
-                with self._lock:
-                    self.count += 1
-                    self.counts[vendor] = self.counts.get(vendor, 0) + 1
-                    if self.record:
-                        self._requests.append(recorded)
-                    self.in_flight[vendor] = self.in_flight.get(vendor, 0) + 1
-                    self.max_in_flight[vendor] = max(self.max_in_flight.get(vendor, 0),
-                                                     self.in_flight[vendor])
-                try:
-                    keep_open = await self._respond(reader, writer, recorded)
-                finally:
-                    with self._lock:
-                        self.in_flight[vendor] -= 1
-                if not keep_open or headers.get("connection", "").lower() == "close":
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+    def _request(self, connection: "_Connection", method: str, target: str,
+                 headers: dict[str, str], body: bytes) -> None:
+        """One request read whole from ``connection``: count it, then answer as the rules
+        say, after ``delay``."""
+        if target == "/_stats":
+            connection.answer(None, response_bytes(200, {}, json.dumps(
+                {"count": self.count, "by_prefix": self.counts}).encode()))
             return
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       recorded: Recorded) -> bool:
-        """Answer one request as the rules say; False when the connection is finished."""
-        rule = self._take_rule(recorded.path)
+        path, _, query = target.partition("?")
+        recorded = Recorded(method, path, parse_qs(query) if query else {}, headers, body,
+                            time.time())
+        vendor = recorded.vendor
+        with self._lock:
+            self.count += 1
+            self.counts[vendor] = self.counts.get(vendor, 0) + 1
+            if self.record:
+                self._requests.append(recorded)
+            self.in_flight[vendor] = self.in_flight.get(vendor, 0) + 1
+            self.max_in_flight[vendor] = max(self.max_in_flight.get(vendor, 0),
+                                             self.in_flight[vendor])
+        rule = self._take_rule(path) if self._rules else None
+        close = headers.get("connection", "").lower() == "close"
         if rule is not None and rule.action == "reset":
             recorded.answer = "reset"
-            sock = writer.get_extra_info("socket")
-            if sock is not None:  # SO_LINGER 0: closing sends RST, not FIN
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
-            return False
-        if rule is not None and rule.action == "hang":
+            connection.reset(recorded)
+        elif rule is not None and rule.action == "hang":
             recorded.answer = "hung"
-            assert self._released is not None
-            released = asyncio.ensure_future(self._released.wait())
-            gone = asyncio.ensure_future(reader.read(1))  # b"": the client hung up
-            done, _ = await asyncio.wait({released, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if gone in done:
-                released.cancel()
-                return False  # the client gave up (its timeout) or died
-            gone.cancel()
-            try:
-                await gone  # let the cancelled read finish before the next one starts
-            except asyncio.CancelledError:
-                pass
-            recorded.answer = "200 after hold"
-            rule = None
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if rule is None:
-            status, extra, payload = 200, {}, b'{"status":"success"}'
-        else:
-            status, extra, payload = rule.status, rule.headers, rule.body
-        if rule is not None and rule.action == "close":
-            status, extra, payload = 200, {}, b'{"status":"success"}'
-        if not recorded.answer:
-            recorded.answer = str(status)
-        await self._answer(writer, status, extra, payload)
-        return rule is None or rule.action != "close"
+            connection.hold(recorded, close)
+        elif rule is not None and rule.action == "status":
+            connection.later(self.delay, recorded, str(rule.status),
+                             response_bytes(rule.status, rule.headers, rule.body), close)
+        else:  # no rule, or "close": 200, and for "close" the connection ends after it
+            close = close or rule is not None
+            connection.later(self.delay, recorded, "200", OK, close)
 
-    @staticmethod
-    async def _answer(writer: asyncio.StreamWriter, status: int, headers: dict[str, str],
-                      body: bytes) -> None:
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
-                 "Content-Type: application/json", f"Content-Length: {len(body)}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
+    def _answered(self, recorded: Recorded) -> None:
+        with self._lock:
+            self.in_flight[recorded.vendor] -= 1
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: requests parsed from the bytes as they arrive and answered in
+    order, one at a time (an HTTP/1.1 client waits for the answer before its next request
+    on the connection)."""
+
+    def __init__(self, fake: FakeVendors):
+        self.fake = fake
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.busy = False  # a request read and not yet answered
+        self.closed = False
+        self.held: tuple[Recorded, bool] | None = None  # a hung request, and close after it
+
+    # asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.fake.connections += 1
+        self.fake._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.fake._connections.discard(self)
+        self._give_up()
+
+    def data_received(self, data: bytes) -> None:
+        if self.held is not None:  # the client gave up on its hung request (or died)
+            self.close()
+            return
+        self.buffer += data
+        self._next()
+
+    def eof_received(self) -> bool:
+        return False  # the client hung up: close our side too (a held request is given up)
+
+    # Answers ----------------------------------------------------------------------------
+
+    def answer(self, recorded: Recorded | None, payload: bytes, close: bool = False) -> None:
+        if recorded is not None:
+            self.fake._answered(recorded)
+        self.busy = False
+        if self.closed:
+            return
+        self.transport.write(payload)  # type: ignore[union-attr]
+        if close:
+            self.close()
+        else:
+            self._next()
+
+    def later(self, delay: float, recorded: Recorded, answer: str, payload: bytes,
+              close: bool) -> None:
+        if not recorded.answer:
+            recorded.answer = answer
+        if delay:
+            asyncio.get_running_loop().call_later(delay, self.answer, recorded, payload, close)
+        else:
+            self.answer(recorded, payload, close)
+
+    def hold(self, recorded: Recorded, close: bool) -> None:
+        self.held = (recorded, close)
+        self.fake._held.add(self)
+
+    def unhold(self) -> None:
+        """``release()``: answer the held request with 200 (after the fake's delay)."""
+        if self.held is None:
+            return
+        (recorded, close), self.held = self.held, None
+        self.fake._held.discard(self)
+        recorded.answer = "200 after hold"
+        self.later(self.fake.delay, recorded, "200", OK, close)
+
+    def reset(self, recorded: Recorded) -> None:
+        """Drop the connection with a TCP RST (SO_LINGER 0: closing sends RST, not FIN)."""
+        self.fake._answered(recorded)
+        self.closed = True
+        sock = self.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+        self._give_up()
+
+    def _give_up(self) -> None:
+        if self.held is not None:
+            recorded, self.held = self.held[0], None
+            self.fake._held.discard(self)
+            self.fake._answered(recorded)
+
+    def _next(self) -> None:
+        """Read the next whole request from the buffer, if it is there."""
+        while not self.busy and not self.closed:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > HEAD_LIMIT:
+                    self.close()
+                return
+            lines = self.buffer[:end].decode("latin-1").split("\r\n")
+            try:
+                method, target, _version = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
+            except ValueError:
+                self.close()
+                return
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = bytes(self.buffer[end + 4:end + 4 + length])
+            del self.buffer[:end + 4 + length]
+            self.busy = True
+            self.fake._request(self, method, target, headers, body)
 
 
 def main() -> None:
