@@ -94,7 +94,7 @@ async def measure(args: argparse.Namespace, url: str, database: str) -> None:
         await ops.close()
     if profile:
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(args.profile)
+        pstats.Stats(profile, stream=out).sort_stats(os.environ.get("PG_WRITER_SORT", "cumulative")).print_stats(args.profile)
         print(out.getvalue())
 
 

@@ -110,14 +110,22 @@ _KNOWN_AND_SEQS = (
     "LEFT JOIN LATERAL (SELECT seq FROM events WHERE site_id = u.s AND event_id = u.i "
     "AND (source = 'backend') = u.b LIMIT 1) AS e ON true")
 # The batch's stored sessions, locked in the order of the arrays ((site_id, sc) order): a
-# probe a key (as ``_KNOWN_AND_SEQS``), FOR UPDATE waiting for another node's transaction
-# that holds the row, then returning the row as that one committed it. Locking a stored row
-# costs PostgreSQL less than half what the upsert below does (measured: 32 rows, 0.65 ms of
-# its CPU against 1.5 ms: the upsert draws an id, probes the index, then writes a new row
+# probe a key (as above), FOR UPDATE waiting for another node's transaction that holds the
+# row, then returning the row as that one committed it. Locking a stored row costs
+# PostgreSQL less than half what the upsert below does (measured: 32 rows, 0.65 ms of its
+# CPU against 1.5 ms: the upsert draws an id, probes the index, then writes a new row
 # version that the batch's update replaces again).
+_SESSION_READ = ("id", "site_id", "sc", *_SESSION_COLUMNS)
 _SESSIONS_STORED = (
-    "SELECT t.* FROM unnest($1::text[], $2::text[]) AS u(s, sc) CROSS JOIN LATERAL "
+    "SELECT " + ", ".join(f"t.{c}" for c in _SESSION_READ) + ", NULL::text AS k_s, "
+    "NULL::text AS k_i, NULL::bool AS k_b, NULL::bigint AS k_seq, NULL::bigint AS k_new "
+    "FROM unnest($4::text[], $5::text[]) AS u(s, sc) CROSS JOIN LATERAL "
     "(SELECT * FROM sessions WHERE site_id = u.s AND sc = u.sc FOR UPDATE) AS t")
+# Both in one round trip: the sessions' rows first (their locks taken first), then a row a
+# distinct event key, its session columns NULL (k_s is NULL on a session's row).
+_KNOWN_AND_SESSIONS = (
+    _SESSIONS_STORED + " UNION ALL SELECT " + ", ".join(["NULL"] * len(_SESSION_READ))
+    + "," + _KNOWN_AND_SEQS[len("SELECT"):])
 # The sessions not found stored, created and locked, in (site_id, sc) order, in one
 # statement: ON CONFLICT DO UPDATE locks a row another node created meanwhile (waiting for
 # its transaction, then returning the row as that one committed it) and returns it as the
@@ -160,7 +168,7 @@ class PgIngestBatch:
     async def run(self, requests: Sequence[Request]) -> list[list[tuple[str, int, bool]]]:
         """Per request, an ``IngestResult``-shaped tuple per event."""
         results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
-        known, seqs = await self._known_events(requests)
+        known, seqs, stored = await self._known_events(requests)
         fresh = []  # (request index, position, key)
         for index, (site_id, events, *_rest) in enumerate(requests):
             for position, event in enumerate(events):
@@ -184,7 +192,7 @@ class PgIngestBatch:
                 results[index].append((event["event_id"], seq, False))
                 work.append((seq, site_id, event, raw, user_agent, (index, position)))
         self.request_ids = [request[4] for request in requests]
-        await self._load_state(work)
+        await self._load_state(work, stored)
         self.stored_bytes = [0] * len(requests)
         for seq, site_id, event, raw, user_agent, place in work:
             await self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
@@ -195,41 +203,53 @@ class PgIngestBatch:
         return results
 
     async def _known_events(self, requests: Sequence[Request]
-                            ) -> tuple[dict[tuple[str, str, bool], Any], list[int]]:
-        """The batch's events already stored (key: seq), and a seq from the shared sequence
-        for each distinct new one, ascending: one round trip."""
+                            ) -> tuple[dict[tuple[str, str, bool], Any], list[int],
+                                       dict[tuple[str, str], _Session]]:
+        """The batch's events already stored (key: seq), a seq from the shared sequence for
+        each distinct new one, ascending, and the stored sessions of the batch's first
+        copies of each event, locked: one round trip."""
         sites, ids, backend = [], [], []
+        first: set[tuple[str, str, bool]] = set()
+        visitors = set()
         for site_id, events, *_ in requests:
             for event in events:
+                event_id, is_backend = event["event_id"], event["source"] == trust.BACKEND
                 sites.append(site_id)
-                ids.append(event["event_id"])
-                backend.append(event["source"] == trust.BACKEND)
-        known, seqs = {}, []
-        for site_id, event_id, is_backend, seq, new in await self.conn.fetch(
-                _KNOWN_AND_SEQS, sites, ids, backend):
-            if seq is None:
-                seqs.append(new)
+                ids.append(event_id)
+                backend.append(is_backend)
+                key = (site_id, event_id, is_backend)
+                if key not in first:
+                    first.add(key)
+                    if event["sc"]:
+                        visitors.add((site_id, event["sc"]))
+        keys = sorted(visitors)
+        known, seqs, stored = {}, [], {}
+        at = len(_SESSION_READ)
+        for row in await self.conn.fetch(_KNOWN_AND_SESSIONS, sites, ids, backend,
+                                         [k[0] for k in keys], [k[1] for k in keys]):
+            if row[at] is None:
+                stored[(row["site_id"], row["sc"])] = _Session(row)
+            elif row[at + 3] is None:
+                seqs.append(row[at + 4])
             else:
-                known[(site_id, event_id, is_backend)] = seq
+                known[(row[at], row[at + 1], row[at + 2])] = row[at + 3]
         seqs.sort()
-        return known, seqs
+        return known, seqs, stored
 
-    async def _load_state(self, work: Sequence[tuple[Any, ...]]) -> None:
-        """The batch's sessions, created if new and locked, in (site, sc) order; their
-        identities, locked, in id order."""
+    async def _load_state(self, work: Sequence[tuple[Any, ...]],
+                          stored: dict[tuple[str, str], _Session]) -> None:
+        """The batch's sessions (``stored``: those found stored, locked), those missing
+        created and locked, in (site, sc) order; their identities, locked, in id order."""
         keys = sorted({(site_id, event["sc"]) for _, site_id, event, *_ in work if event["sc"]})
         if not keys:
             return
-        sessions = self.sessions
-        for row in await self.conn.fetch(_SESSIONS_STORED, [k[0] for k in keys],
-                                         [k[1] for k in keys]):
-            sessions[(row["site_id"], row["sc"])] = _Session(row)
-        missing = [key for key in keys if key not in sessions]
+        missing = [key for key in keys if key not in stored]
         if missing:  # a visitor's first events: after the stored ones are locked
             for row in await self.conn.fetch(_SESSIONS_LOCKED, [k[0] for k in missing],
                                              [k[1] for k in missing], self.now):
-                sessions[(row["site_id"], row["sc"])] = _Session(row)
-        self.sessions = {key: sessions[key] for key in keys}  # (site, sc) order
+                stored[(row["site_id"], row["sc"])] = _Session(row)
+        # (site, sc) order; a session only a duplicate named stays locked, untouched.
+        self.sessions = {key: stored[key] for key in keys}
         identity_ids = sorted({s.identity_id for s in self.sessions.values()} - {None})
         if identity_ids:
             for row in await self.conn.fetch(
