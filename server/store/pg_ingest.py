@@ -6,12 +6,14 @@ reads the rows it needs, and locks them, inside its transaction.
 
 Concurrency (several nodes, one visitor in two tabs; docs/architecture.md):
 
-- Sessions: the batch's sessions are created if missing (``INSERT ... ON CONFLICT DO
-  NOTHING``) and then locked with ``SELECT ... FOR UPDATE``, both in (site_id, sc) order,
-  before any event is applied. A second node with events of the same visitor waits for
-  the first's commit, then reads the session (its cart, identity, seq bounds) as the first
-  left it: no lost update, and the same fixed order on every node, so no deadlock between
-  two batches over sessions.
+- Sessions: before any event is applied, the batch's stored sessions are locked with
+  ``SELECT ... FOR UPDATE`` (in the statement that looks its event ids up), then those not
+  stored are created and locked (``INSERT ... ON CONFLICT DO UPDATE``), each in (site_id,
+  sc) order. A second node with events of the same visitor waits for the first's commit,
+  then reads the session (its cart, identity, seq bounds) as the first left it: no lost
+  update. Two batches can deadlock over sessions only when a third transaction commits a
+  new session between their reads (one finds it stored, the other creates it after
+  locking another): rare, detected by PostgreSQL, and run again like any deadlock.
 - Identities: read ``FOR UPDATE`` before being changed (by session, in id order; by email
   or customer id as events name them). Two nodes creating one email's identity at once:
   the second fails on the unique index and its transaction is run again (``postgres.py``),
