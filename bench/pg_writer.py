@@ -31,18 +31,15 @@ if __package__ in (None, ""):
 
 from bench._util import HOST, process_cpu_seconds
 from bench.ingest import ORIGIN, Bodies, write_config
-from bench.pg_forward import DEFAULT_DSN, create_database, drop_database, postgres_pids
+from bench.pg_forward import create_database, drop_database, postgres_pids
+from bench.pg_ingest import load_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dsn", default=os.environ.get("ONETAG_BENCH_PG", DEFAULT_DSN))
-    parser.add_argument("--conns", type=int, default=32, help="concurrent submitters (32)")
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds a round (4)")
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (3)")
-    parser.add_argument("--sessions", type=int, default=2000, help="distinct sc values (2000)")
+    parser = load_parser(__doc__)
+    parser.set_defaults(duration=4.0, rounds=3)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="cProfile the rounds; print the top N functions")
+                        help="cProfile the rounds (CPU time); print the top N functions")
     return parser.parse_args(argv)
 
 
@@ -55,7 +52,7 @@ async def measure(args: argparse.Namespace, url: str, database: str) -> None:
         sites = config.load(write_config(Path(tmp), 1)).sites
     ops = PgWriteOps(url, sites, 3_600_000, 5000)
     await ops.open()
-    bodies = Bodies(1, args.sessions)
+    bodies = Bodies(args.batch, args.sessions)
     answered = [0]
 
     async def submitter(stop_at: float) -> None:
@@ -69,7 +66,7 @@ async def measure(args: argparse.Namespace, url: str, database: str) -> None:
 
     profile = cProfile.Profile(time.process_time) if args.profile else None  # CPU, not wall
     try:
-        await asyncio.gather(*(submitter(time.perf_counter() + 1.0)
+        await asyncio.gather(*(submitter(time.perf_counter() + args.warmup)
                                for _ in range(args.conns)))  # warm-up
         for round_ in range(args.rounds):
             answered[0], commits = 0, ops.commits
@@ -94,7 +91,8 @@ async def measure(args: argparse.Namespace, url: str, database: str) -> None:
         await ops.close()
     if profile:
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats(os.environ.get("PG_WRITER_SORT", "cumulative")).print_stats(args.profile)
+        order = os.environ.get("PG_WRITER_SORT", "cumulative")
+        pstats.Stats(profile, stream=out).sort_stats(order).print_stats(args.profile)
         print(out.getvalue())
 
 
@@ -102,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     name = f"onetag_bench_writer_{uuid.uuid4().hex[:8]}"
     url = asyncio.run(create_database(args.dsn, name))
-    print(f"pg_writer: PgWriteOps alone, {args.conns} submitters, one add_to_cart a request "
-          f"(host {HOST}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
+    print(f"pg_writer: PgWriteOps alone, {args.conns} submitters, {args.batch} add_to_cart "
+          f"a request (host {HOST}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
     try:
         asyncio.run(measure(args, url, name))
     finally:
