@@ -46,15 +46,21 @@ from bench.pg_forward import DEFAULT_DSN, create_database, drop_database, postgr
 TARGET_RATIO = 0.5
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def load_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the PostgreSQL ingest benches (this one, ``pg_writer.py``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("ONETAG_BENCH_PG", DEFAULT_DSN))
-    parser.add_argument("--conns", type=int, default=32, help="concurrent connections (32)")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds a window (3)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each (1)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the three (5)")
-    parser.add_argument("--batch", type=int, default=1, help="events per request (1)")
-    parser.add_argument("--sessions", type=int, default=2000, help="distinct sc values (2000)")
+    parser.add_argument("--conns", type=int, default=32, help="connections (%(default)s)")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds each (%(default)s)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before (%(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (%(default)s)")
+    parser.add_argument("--batch", type=int, default=1, help="events per request (%(default)s)")
+    parser.add_argument("--sessions", type=int, default=2000, help="distinct sc (%(default)s)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = load_parser(__doc__)
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 

@@ -155,6 +155,28 @@ async def test_one_event_sent_to_two_nodes_at_once_is_stored_once(pg) -> None:
     assert await pg.rows("SELECT count(*) FROM identities") == [(20,)]
 
 
+async def test_a_stored_session_is_locked_a_new_one_created_and_a_duplicates_left_alone(
+        pg) -> None:
+    """One batch's sessions: a stored one is read and updated, a new one created, and the
+    session a duplicate names (another sc than its first copy's) is neither."""
+    store = await pg.open(pg.settings())
+    try:
+        first = [event({"event": "page_view", "event_id": "e1"}, sc="SC-AAAA-0001")]
+        await store.ingest("shop1", first, first, SessionInfo())
+        events = [event({"event": "page_view", "event_id": "e1"}, sc="SC-BBBB-0002"),
+                  event({"event": "page_view", "event_id": "e2"}, sc="SC-AAAA-0001"),
+                  event({"event": "page_view", "event_id": "e3"}, sc="SC-CCCC-0003")]
+        answers = await store.ingest("shop1", events, events, SessionInfo(user_agent="UA"))
+    finally:
+        await store.close()
+    assert [a.duplicate for a in answers] == [True, False, False]
+    seqs = {a.event_id: a.seq for a in answers}
+    assert await pg.rows("SELECT sc, first_seq, last_seq, user_agent FROM sessions "
+                         "ORDER BY sc") == [
+        ("SC-AAAA-0001", seqs["e1"], seqs["e2"], "UA"),
+        ("SC-CCCC-0003", seqs["e3"], seqs["e3"], "UA")]
+
+
 async def test_connections_the_server_cut_are_replaced_and_the_write_is_made(pg) -> None:
     """A database restart or failover cuts every pooled connection: the next write runs again
     on a new one instead of failing (and never as a 4xx)."""
