@@ -67,18 +67,21 @@ CLAIM_ONE_VENDOR = claim_sql("AND d.vendor = $2")
 CLAIM_SOME_VENDORS = claim_sql("AND d.vendor = ANY($2::text[])")
 CLAIM_ANY_VENDOR = claim_sql("AND $2::text IS NULL")
 
-# The late-outcome guard: pending (a final state is never undone) and still this claim's.
+# An outcome batch in one statement (one round trip, no BEGIN/COMMIT of its own): the
+# attempts are inserted by the main statement and the rows' outcomes by a data-modifying
+# WITH, which PostgreSQL runs to completion whatever the main statement reads of it. The
+# late-outcome guard: a row changes only while pending (a final state is never undone) and
+# still this claim's; its attempt is kept either way (it happened).
 FINISH = (
-    "UPDATE deliveries d SET state = u.state, next_attempt_ms = u.next_ms, "
+    "WITH finished AS (UPDATE deliveries d SET state = u.state, next_attempt_ms = u.next_ms, "
     "last_error = u.error, updated_ms = $6, lease_until = NULL, "
     "delivered_ms = CASE WHEN u.state = 'delivered' THEN $6 ELSE d.delivered_ms END "
     "FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) "
     "AS u(id, state, next_ms, error, lease) "
-    "WHERE d.id = u.id AND d.state = 'pending' AND (u.lease = 0 OR d.claim_token = u.lease)")
-KEEP_ATTEMPTS = (
+    "WHERE d.id = u.id AND d.state = 'pending' AND (u.lease = 0 OR d.claim_token = u.lease)) "
     "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, status, "
-    "answer, error) SELECT * FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], "
-    "$5::text[], $6::int[], $7::text[], $8::text[])")
+    "answer, error) SELECT * FROM unnest($7::bigint[], $8::int[], $9::bigint[], $10::bigint[], "
+    "$11::text[], $12::int[], $13::text[], $14::text[])")
 
 
 def pg_condition(condition: str, first: int) -> str:
@@ -136,24 +139,15 @@ class PostgresOutbox:
             return
         ordered = sorted(outcomes, key=lambda o: o.id)  # one lock order: no deadlocks
         kept = [(o.id, a) for o in ordered if (a := o.attempt) is not None]
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    FINISH, [o.id for o in ordered], [o.state for o in ordered],
-                    [o.next_attempt_ms for o in ordered], [o.error for o in ordered],
-                    [o.lease for o in ordered], now_ms)
-                if kept:
-                    await conn.execute(
-                        KEEP_ATTEMPTS, [i for i, _ in kept], [a.attempt for _, a in kept],
-                        [a.started_ms for _, a in kept], [a.duration_ms for _, a in kept],
-                        [encode(a.request).decode() for _, a in kept],
-                        [a.status for _, a in kept],
-                        [None if a.answer is None else encode(a.answer).decode()
-                         for _, a in kept], [a.error for _, a in kept])
-        except Exception as exc:
-            if _is_connection_error(exc):
-                raise _unavailable(exc) from exc
-            raise
+        await self._execute(
+            FINISH, [o.id for o in ordered], [o.state for o in ordered],
+            [o.next_attempt_ms for o in ordered], [o.error for o in ordered],
+            [o.lease for o in ordered], now_ms,
+            [i for i, _ in kept], [a.attempt for _, a in kept],
+            [a.started_ms for _, a in kept], [a.duration_ms for _, a in kept],
+            [encode(a.request).decode() for _, a in kept], [a.status for _, a in kept],
+            [None if a.answer is None else encode(a.answer).decode() for _, a in kept],
+            [a.error for _, a in kept])
 
     async def expire_held(self, before_ms: int, now_ms: int) -> int:
         status = await self._execute(
