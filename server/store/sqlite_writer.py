@@ -1023,9 +1023,9 @@ class _ReadAhead(threading.Thread):
     before the commit (``start_reading``), this thread reads what waits in the pipe
     meanwhile, so the next transaction starts with its bodies read. It stops taking frames
     once the commit is over (``stop``) or a transaction's worth is read; otherwise the
-    main thread alone touches the pipe. Two plain locks hand the work over: a
-    ``concurrent.futures`` pool cost the writer more than a tenth of its instructions a
-    request when each request was its own transaction.
+    main thread alone touches the pipe. Two plain locks hand the work over: with a
+    ``concurrent.futures`` pool, a request that was its own transaction cost the writer
+    about a tenth more instructions (``bench/instructions.py``), with the locks 4 %.
     """
 
     def __init__(self, reader: _FrameReader, ops: WriteOps):
@@ -1041,8 +1041,9 @@ class _ReadAhead(threading.Thread):
         self._go.acquire()
         self._done.acquire()
         # The end of the commit, told through a pipe: the thread waits for frames or that.
+        # One byte a commit; the thread reads those it did not wait for at its next start.
         self._woken, self._wake = os.pipe()
-        os.set_blocking(self._woken, False)
+        self._wakes_sent = self._wakes_read = 0
 
     def start_reading(self) -> None:
         self.committed = False
@@ -1061,8 +1062,9 @@ class _ReadAhead(threading.Thread):
     def _read(self) -> list[tuple[int, list[ReadJob] | None]]:
         read: list[tuple[int, list[ReadJob] | None]] = []
         jobs = 0
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._woken, 64)  # a wake-up the last commit sent after this stopped
+        owed = self._wakes_sent - self._wakes_read
+        if owed:  # written by earlier commits: there by now
+            self._wakes_read += len(os.read(self._woken, owed))
         while not self.committed and jobs < TRANSACTION_JOBS:
             frames = self.reader.waiting()
             if not frames:
@@ -1077,6 +1079,7 @@ class _ReadAhead(threading.Thread):
     def stop(self) -> None:
         self.committed = True
         if self.started_reading:
+            self._wakes_sent += 1
             os.write(self._wake, b"x")
 
     def result(self) -> list[tuple[int, list[ReadJob] | None]]:
