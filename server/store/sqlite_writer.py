@@ -57,7 +57,8 @@ _FRAME = struct.Struct("!IQ")  # payload length, frame id
 # 32). With 16, the loop answers one half while the writer commits the other, and the two
 # processes work at once: +7% events/s at 32 connections, +11% at 64 (alternating solo
 # runs). Smaller transactions cost more a request (each commit has its fsync and rewrites
-# the pages it touches), and 8, 12 and 24 measured about the same as 16.
+# the pages it touches), and 8, 12 and 24 measured about the same as 16 (before the writer
+# read ahead: ``_ReadAhead`` reads up to this many jobs while a commit syncs).
 TRANSACTION_JOBS = 16
 _CLAIMABLE_SQL = CLAIMABLE.format(d="d", p="p")  # the claim rule (store/outbox_rules.py)
 INGEST_OPS = ("ingest", "ingest_browser")
