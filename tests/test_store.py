@@ -171,10 +171,10 @@ def test_a_transaction_of_the_writer_process_stops_at_the_batch_reaching_its_lim
     assert _take([(9, ["a"] * 40)], 16) == ([(9, ["a"] * 40)], [])  # a frame is never split
 
 
-def test_the_writer_process_reads_ahead_in_order_and_a_bad_frame_fails_alone(tmp_path) -> None:
-    """Frames sent while a transaction commits are read by the read-ahead thread: each is
-    answered under its own id, a session's events are stored in the order sent, and a frame
-    whose jobs can't be read fails alone."""
+def test_the_writer_process_keeps_frames_in_order_and_a_bad_frame_fails_alone(tmp_path) -> None:
+    """Frames sent a few at a time, some while a transaction commits: each is answered under
+    its own id, a session's events are stored in the order sent, and a frame whose jobs
+    can't be read fails alone."""
     import os
     import pickle
     import select

@@ -57,8 +57,7 @@ _FRAME = struct.Struct("!IQ")  # payload length, frame id
 # 32). With 16, the loop answers one half while the writer commits the other, and the two
 # processes work at once: +7% events/s at 32 connections, +11% at 64 (alternating solo
 # runs). Smaller transactions cost more a request (each commit has its fsync and rewrites
-# the pages it touches), and 8, 12 and 24 measured about the same as 16 (before the writer
-# read ahead: ``_ReadAhead`` reads up to this many jobs while a commit syncs).
+# the pages it touches), and 8, 12 and 24 measured about the same as 16.
 TRANSACTION_JOBS = 16
 _CLAIMABLE_SQL = CLAIMABLE.format(d="d", p="p")  # the claim rule (store/outbox_rules.py)
 INGEST_OPS = ("ingest", "ingest_browser")
@@ -232,10 +231,10 @@ class WriteOps:
         job with the storage's ``JobFailure``: nothing of the batch was made."""
         return self.run_read([self.read(op, args) for op, args in jobs])
 
-    def run_read(self, jobs: Sequence[ReadJob], before_commit: Any = None) -> list[Any]:
+    def run_read(self, jobs: Sequence[ReadJob]) -> list[Any]:
         """``run`` for jobs already read (``read``)."""
         try:
-            results = self.run_batch(jobs, before_commit)
+            results = self.run_batch(jobs)
         except Exception as exc:
             failure = commit_failure(exc)
             return [failure] * len(jobs)
@@ -249,10 +248,9 @@ class WriteOps:
 
     def read(self, op: str, args: tuple[Any, ...]) -> ReadJob:
         """A job with its browser body read (``envelope.read_browser_body``: parse, site,
-        origin, sc, validate, normalise) into an ingest request. Pure CPU work that needs no
-        connection, so the writer process reads the next frames' bodies while a commit
-        syncs (``main``). A body refused, or failing to be read, gets its answer here
-        (``early``) and takes no further part."""
+        origin, sc, validate, normalise) into an ingest request, before the transaction. A
+        body refused, or failing to be read, gets its answer here (``early``) and takes no
+        further part."""
         if op == "ingest":  # (site_id, events, raws, user agent[, request id])
             return ReadJob(op, args, None, args if len(args) == 5 else (*args, None), None)
         if op != "ingest_browser":
@@ -271,9 +269,8 @@ class WriteOps:
         return ReadJob(op, args, None, request,
                        (batch.sc, batch.site_id, tuple(event["name"] for event in batch.events)))
 
-    def run_batch(self, jobs: Sequence[ReadJob], before_commit: Any = None) -> list[Any]:
-        """One transaction for every job waiting, read (``read``); ``before_commit()`` is
-        called just before the commit.
+    def run_batch(self, jobs: Sequence[ReadJob]) -> list[Any]:
+        """One transaction for every job waiting, read (``read``).
 
         The ingest requests are applied together (``IngestBatch``), first and without a
         savepoint (it would journal every page they change); if that fails, the transaction
@@ -308,8 +305,6 @@ class WriteOps:
             for i, job in enumerate(jobs):
                 if job.op not in INGEST_OPS:
                     results[i] = _savepoint(conn, getattr(self, job.op), *job.args)
-            if before_commit is not None:
-                before_commit()
             conn.execute("COMMIT")
             self.transactions += 1
         except BaseException:
@@ -966,6 +961,7 @@ class _FrameReader:
 
 
 UNREADABLE = "unreadable frame"
+UNREADABLE_FAILURE = JobFailure("writer", "unreadable frame")
 
 
 def _frame(frame_id: int, message: Any) -> bytes:
@@ -984,13 +980,17 @@ def _take(frames: list[Any], limit: int) -> tuple[list[Any], list[Any]]:
     return frames, []
 
 
-def _reply(ops: WriteOps, frames: list[tuple[int, list[ReadJob]]],
-           before_commit: Any = None) -> bytes:
-    """Apply ``frames`` (read) in one transaction; one reply per frame, under its id."""
-    jobs = [job for _, frame in frames for job in frame]
-    answers = ops.run_read(jobs, before_commit)
+def _reply(ops: WriteOps, frames: list[tuple[int, list[Any]]]) -> bytes:
+    """Read ``frames`` (``WriteOps.read``) and apply them in one transaction; one reply per
+    frame, under its id. A frame whose jobs can't be read fails alone."""
+    read = _read_frames(ops, frames)
+    jobs = [job for _, frame in read if frame is not None for job in frame]
+    answers = ops.run_read(jobs) if jobs else []
     replies = []
-    for frame_id, frame in frames:
+    for frame_id, frame in read:
+        if frame is None:
+            replies.append(_frame(frame_id, (ops.transactions, UNREADABLE_FAILURE)))
+            continue
         mine, answers = answers[:len(frame)], answers[len(frame):]
         try:
             replies.append(_frame(frame_id, (ops.transactions, mine)))
@@ -1000,113 +1000,26 @@ def _reply(ops: WriteOps, frames: list[tuple[int, list[ReadJob]]],
     return b"".join(replies)
 
 
-def _read_frames(ops: WriteOps, frames: list[tuple[int, Any]]
+def _read_frames(ops: WriteOps, frames: list[tuple[int, list[Any]]]
                  ) -> list[tuple[int, list[ReadJob] | None]]:
-    """Each frame's jobs read (``WriteOps.read``); None for a frame that can't be: it fails
-    alone."""
+    """Each frame's jobs read; None for a frame whose jobs aren't ``(op, args)`` pairs."""
     read: list[tuple[int, list[ReadJob] | None]] = []
     for frame_id, frame in frames:
         try:
-            if frame is UNREADABLE or not isinstance(frame, list):
-                raise ValueError(frame)
             read.append((frame_id, [ops.read(op, args) for op, args in frame]))
         except Exception:
             read.append((frame_id, None))
     return read
 
 
-class _ReadAhead(threading.Thread):
-    """Reads the next frames' bodies on a thread of its own while a commit syncs.
-
-    The writer's work a transaction was serial: read the bodies (about 40 % of its CPU),
-    apply, commit — and a commit spends most of its time waiting for the disk, with the
-    GIL let go (``bench/ingest.py``: 1.5 ms a commit, 0.4 ms of it CPU). Started just
-    before the commit (``start_reading``), this thread reads what waits in the pipe
-    meanwhile, so the next transaction starts with its bodies read. It stops taking frames
-    once the commit is over (``stop``) or a transaction's worth is read; otherwise the
-    main thread alone touches the pipe. Two plain locks hand the work over: with a
-    ``concurrent.futures`` pool, a request that was its own transaction cost the writer
-    about a tenth more instructions (``bench/instructions.py``), with the locks 4 %.
-    """
-
-    def __init__(self, reader: _FrameReader, ops: WriteOps):
-        super().__init__(name="onetag-read-ahead", daemon=True)
-        self.reader = reader
-        self.ops = ops
-        self.committed = False
-        self.started_reading = False
-        self.frames: list[tuple[int, list[ReadJob] | None]] = []
-        self.error: BaseException | None = None
-        self._go = threading.Lock()
-        self._done = threading.Lock()
-        self._go.acquire()
-        self._done.acquire()
-        # The end of the commit, told through a pipe: the thread waits for frames or that.
-        # One byte a commit; the thread reads those it did not wait for at its next start.
-        self._woken, self._wake = os.pipe()
-        self._wakes_sent = self._wakes_read = 0
-
-    def start_reading(self) -> None:
-        self.committed = False
-        self.started_reading = True
-        self._go.release()
-
-    def run(self) -> None:
-        while True:
-            self._go.acquire()
-            try:
-                self.frames = self._read()
-            except BaseException as exc:  # the pipe failed: the main thread raises it
-                self.error = exc
-            self._done.release()
-
-    def _read(self) -> list[tuple[int, list[ReadJob] | None]]:
-        read: list[tuple[int, list[ReadJob] | None]] = []
-        jobs = 0
-        owed = self._wakes_sent - self._wakes_read
-        if owed:  # written by earlier commits: there by now
-            self._wakes_read += len(os.read(self._woken, owed))
-        while not self.committed and jobs < TRANSACTION_JOBS:
-            frames = self.reader.waiting()
-            if not frames:
-                if self.reader.eof or self._woken in select.select(
-                        [self.reader.fd, self._woken], [], [])[0]:
-                    break
-                continue
-            read += _read_frames(self.ops, frames)
-            jobs += sum(len(frame) for _, frame in frames if isinstance(frame, list))
-        return read
-
-    def stop(self) -> None:
-        self.committed = True
-        if self.started_reading:
-            self._wakes_sent += 1
-            os.write(self._wake, b"x")
-
-    def result(self) -> list[tuple[int, list[ReadJob] | None]]:
-        """The frames read meanwhile, in the order they came."""
-        if not self.started_reading:
-            return []
-        self._done.acquire()
-        self.started_reading = False
-        frames, self.frames = self.frames, []
-        if self.error is not None:
-            raise self.error
-        return frames
-
-
 def main() -> None:
     """The writer process: set up from the first frame, then one commit per read.
 
     The frames waiting in the pipe go into one transaction, up to ``TRANSACTION_JOBS``
-    jobs; each frame gets its own reply, under its id. While a transaction commits, the
-    frames that came meanwhile are read (``_ReadAhead``).
+    jobs; each frame gets its own reply, under its id.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it closes us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM to the process group
-    # When a commit returns while the read-ahead thread still holds the GIL, the main
-    # thread waits up to this long for it (the default, 5 ms, is longer than a commit).
-    sys.setswitchinterval(0.0002)
     logs.configure_from_env()  # the server's format, on the server's stderr
     stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the frame stream
@@ -1128,29 +1041,24 @@ def main() -> None:
         return
     checkpointer = Checkpointer(path)
     checkpointer.start()
-    ahead = _ReadAhead(reader, ops)
-    ahead.start()
     stdout.write(_frame(setup_id, (0, "ready")))
     stdout.flush()
-    ready = _read_frames(ops, frames)
-    while ready or (ready := _read_frames(ops, reader.next())):
-        replies = b"".join(_frame(i, (ops.transactions, JobFailure("writer", "unreadable frame")))
-                           for i, frame in ready if frame is None)
-        ready = [(i, frame) for i, frame in ready if frame is not None]
-        later: list[tuple[int, list[ReadJob] | None]] = []
-        if ready:
-            taken, later = _take(ready, TRANSACTION_JOBS)
-            replies += _reply(ops, taken, ahead.start_reading)
-        ahead.stop()
+    while frames or (frames := reader.next()):
+        unreadable = [(i, f) for i, f in frames if f is UNREADABLE or not isinstance(f, list)]
+        frames = [(i, f) for i, f in frames if f is not UNREADABLE and isinstance(f, list)]
+        replies = b"".join(_frame(i, (ops.transactions, UNREADABLE_FAILURE))
+                           for i, _ in unreadable)
+        if frames:
+            frames, later = _take(frames, TRANSACTION_JOBS)
+            replies += _reply(ops, frames)
+        else:
+            later = []
         try:
             stdout.write(replies)
             stdout.flush()
         except BrokenPipeError:
             break
-        more = ahead.result()
-        ready = later + more
-        if ready:
-            ready += _read_frames(ops, reader.waiting())
+        frames = later + reader.waiting() if later else []
     checkpointer.stopped.set()
 
 
