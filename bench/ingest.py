@@ -52,7 +52,7 @@ from server.events import new_event_id  # the event ids the runtime makes
 ORIGIN = "https://shop.bench.example"
 USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
               "Chrome/126.0.0.0 Safari/537.36")
-RATIO_TARGET = 0.6
+RATIO_TARGET = 0.7  # issue 10
 
 PRODUCTS = [  # (item_id, item_name, price, category)
     ("SKU-1", "Mug", "29.99", "Kitchen"),

@@ -171,6 +171,75 @@ def test_a_transaction_of_the_writer_process_stops_at_the_batch_reaching_its_lim
     assert _take([(9, ["a"] * 40)], 16) == ([(9, ["a"] * 40)], [])  # a frame is never split
 
 
+def test_the_writer_process_keeps_frames_in_order_and_a_bad_frame_fails_alone(tmp_path) -> None:
+    """Frames sent a few at a time, some while a transaction commits: each is answered under
+    its own id, a session's events are stored in the order sent, and a frame whose jobs
+    can't be read fails alone."""
+    import os
+    import pickle
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from server.envelope import BrowserFacts
+    from server.store.base import JobFailure
+    from server.store.writer_process import _FRAME, encode_frame
+    from support import ORIGIN, beacon
+
+    settings = settings_for(tmp_path)
+    path = str(tmp_path / "onetag.db")
+    writer = subprocess.Popen([sys.executable, "-P", "-m", "server.store.sqlite_writer"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    replies: dict[int, object] = {}
+    buffer = b""
+
+    def read_replies(count: int) -> None:
+        nonlocal buffer
+        while len(replies) < count:
+            assert select.select([writer.stdout], [], [], 30)[0], "the writer answered nothing"
+            buffer += os.read(writer.stdout.fileno(), 1 << 16)
+            while len(buffer) >= _FRAME.size:
+                size, frame_id = _FRAME.unpack_from(buffer)
+                if len(buffer) < _FRAME.size + size:
+                    break
+                replies[frame_id] = pickle.loads(buffer[_FRAME.size:_FRAME.size + size])[1]
+                buffer = buffer[_FRAME.size + size:]
+
+    facts = BrowserFacts(ORIGIN, None, "UA", 1)
+
+    def cart_event(n: int) -> tuple[str, tuple]:
+        body = beacon([{"event": "add_to_cart", "event_id": f"e{n:03d}",
+                        "ecommerce": {"items": [item(f"SKU-{n}")]}}], sc="SC-READ-AHEAD-1")
+        return ("ingest_browser", (body, facts, f"r{n}"))
+
+    try:
+        writer.stdin.write(encode_frame(0, (path, dict(settings.sites), 86_400_000, 0)))
+        writer.stdin.flush()
+        read_replies(1)
+        assert replies.pop(0) == "ready"
+        frames = {i: [cart_event(i * 4 + j) for j in range(4)] for i in range(1, 31)}
+        frames[7] = ["not a job"]  # unpacks to no (op, args): this frame alone fails
+        for i, jobs in frames.items():  # a few at a time: some come while one commits
+            writer.stdin.write(encode_frame(i, jobs))
+            writer.stdin.flush()
+            if i % 3 == 0:
+                time.sleep(0.002)
+        read_replies(30)
+    finally:
+        writer.stdin.close()
+        writer.wait(10)
+    assert replies.pop(7) == JobFailure("writer", "unreadable frame")
+    for i, answers in replies.items():
+        assert [rows[0][0] for _, rows, *_ in answers] == [f"e{i * 4 + j:03d}" for j in range(4)]
+    with sqlite3.connect(path) as db:
+        stored = [row[0] for row in db.execute("SELECT event_id FROM events ORDER BY seq")]
+        [(cart,)] = db.execute("SELECT cart_items FROM sessions")
+    assert stored == [f"e{n:03d}" for n in range(4, 124) if not 28 <= n < 32]
+    assert len(json.loads(cart)) == len(stored)
+
+
 def _cart_lines(view: dict) -> list[tuple[str, int]]:
     return [(line["item_id"], line["quantity"]) for line in view["cart"]["items"]]
 

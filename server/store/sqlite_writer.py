@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from importlib import resources
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from .. import outbox
 from ..envelope import Problem, Refused, read_browser_body
@@ -39,6 +39,7 @@ from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, child_pipes,
                              reply_frame)
 
 log = logging.getLogger("onetag.store")
+UNREADABLE_FAILURE = JobFailure("writer", "unreadable frame")  # a frame, or its jobs, unreadable
 
 # Jobs a transaction of the writer process takes from the batches waiting (it stops at the
 # first batch that reaches it). With no limit, 32 closed-loop clients fell into lockstep:
@@ -192,6 +193,17 @@ def answer(op: str, result: Any, args: tuple[Any, ...] = ()) -> Any:
     return JobFailure("database", f"{type(result).__name__}: {result}")
 
 
+class ReadJob(NamedTuple):
+    """A job as ``WriteOps.read`` left it: its ingest request (None: not an ingest, or
+    refused) and, for a browser body, (sc, site, event names); or its answer already."""
+
+    op: str
+    args: tuple[Any, ...]
+    early: Any  # a Problem or an exception: the answer, decided when the body was read
+    request: Any  # sqlite_ingest.Request
+    browser: tuple[Any, ...] | None
+
+
 class WriteOps:
     """The operations a job may name; ``run`` applies a group commit's jobs."""
 
@@ -207,12 +219,16 @@ class WriteOps:
     def run(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """``run_batch``, every answer plain data (``answer``); a failed commit fails every
         job with the storage's ``JobFailure``: nothing of the batch was made."""
+        return self.run_read([self.read(op, args) for op, args in jobs])
+
+    def run_read(self, jobs: Sequence[ReadJob]) -> list[Any]:
+        """``run`` for jobs already read (``read``)."""
         try:
             results = self.run_batch(jobs)
         except Exception as exc:
             failure = commit_failure(exc)
             return [failure] * len(jobs)
-        return [answer(op, result, args) for (op, args), result in zip(jobs, results)]
+        return [answer(job.op, result, job.args) for job, result in zip(jobs, results)]
 
     def ping(self) -> int:
         """A health check's write: one header field, committed with the batch it joins, so
@@ -220,20 +236,42 @@ class WriteOps:
         self.conn.execute(f"PRAGMA user_version = {self.transactions % 1_000_000 + 1}")
         return os.getpid()
 
-    def run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """One transaction for every job waiting.
+    def read(self, op: str, args: tuple[Any, ...]) -> ReadJob:
+        """A job with its browser body read (``envelope.read_browser_body``: parse, site,
+        origin, sc, validate, normalise) into an ingest request, before the transaction. A
+        body refused, or failing to be read, gets its answer here (``early``) and takes no
+        further part."""
+        if op == "ingest":  # (site_id, events, raws, user agent[, request id])
+            return ReadJob(op, args, None, args if len(args) == 5 else (*args, None), None)
+        if op != "ingest_browser":
+            return ReadJob(op, args, None, None, None)
+        data, facts, *request_id = args  # [request id]
+        try:
+            batch = read_browser_body(data, facts, self.sites)
+            if isinstance(batch, Problem):
+                return ReadJob(op, args, batch, None, None)
+            request = (batch.site_id, batch.events, [encode(raw) for raw in batch.raws],
+                       facts.user_agent, request_id[0] if request_id else None)
+        except Exception as exc:  # a bug reading one body fails that request alone
+            return ReadJob(op, args, exc, None, None)
+        # A browser body's answer carries the visitor's sc, for the cookie, and its site
+        # and event names, for the server's metrics.
+        return ReadJob(op, args, None, request,
+                       (batch.sc, batch.site_id, tuple(event["name"] for event in batch.events)))
 
-        Browser bodies are read first (``envelope.read_browser_body``): a refused one is
-        answered with its ``Problem`` and takes no further part. The ingest requests are
-        then applied together (``IngestBatch``), first and without a savepoint (it would
-        journal every page they change); if that fails, the transaction is rolled back and
-        each is applied again on its own in a savepoint, so a bad request fails alone.
-        Other jobs (claims, outcomes) run in a savepoint each. Whatever rolls back also
-        empties the session cache, whose rows it had changed.
+    def run_batch(self, jobs: Sequence[ReadJob]) -> list[Any]:
+        """One transaction for every job waiting, read (``read``).
+
+        The ingest requests are applied together (``IngestBatch``), first and without a
+        savepoint (it would journal every page they change); if that fails, the transaction
+        is rolled back and each is applied again on its own in a savepoint, so a bad
+        request fails alone. Other jobs (claims, outcomes) run in a savepoint each.
+        Whatever rolls back also empties the session cache, whose rows it had changed.
         """
         conn = self.conn
-        results: list[Any] = [None] * len(jobs)
-        requests, request_jobs = self._requests(jobs, results)
+        results: list[Any] = [job.early for job in jobs]
+        request_jobs = [(i, job.browser) for i, job in enumerate(jobs) if job.request is not None]
+        requests = [jobs[i].request for i, _ in request_jobs]
         conn.execute("BEGIN IMMEDIATE")
         try:
             self.cache.check(conn)
@@ -252,13 +290,11 @@ class WriteOps:
                         restore()
                         together.append(self._ingest_alone(request))
                 for (i, browser), result in zip(request_jobs, together):
-                    # A browser body's answer carries the visitor's sc, for the cookie, and
-                    # its site and event names, for the server's metrics.
                     results[i] = result if browser is None or isinstance(result, Exception) else (
                         browser[0], result, *browser[1:])
-            for i, (op, args) in enumerate(jobs):
-                if op not in INGEST_OPS:
-                    results[i] = _savepoint(conn, getattr(self, op), *args)
+            for i, job in enumerate(jobs):
+                if job.op not in INGEST_OPS:
+                    results[i] = _savepoint(conn, getattr(self, job.op), *job.args)
             conn.execute("COMMIT")
             self.transactions += 1
         except BaseException:
@@ -267,35 +303,6 @@ class WriteOps:
                 conn.execute("ROLLBACK")
             raise
         return results
-
-    def _requests(self, jobs: Sequence[tuple[str, tuple[Any, ...]]],
-                  results: list[Any]
-                  ) -> tuple[list[Any], list[tuple[int, tuple[Any, ...] | None]]]:
-        """The ingest requests among ``jobs`` (browser bodies read into requests), and for
-        each, its job's index and, for a browser body, the sc it was given, its site and its
-        event names (None: an ``ingest``).
-        A body refused, or failing to be read, has its answer put in ``results``."""
-        requests, request_jobs = [], []
-        for i, (op, args) in enumerate(jobs):
-            if op == "ingest":  # (site_id, events, raws, user agent[, request id])
-                requests.append(args if len(args) == 5 else (*args, None))
-                request_jobs.append((i, None))
-            elif op == "ingest_browser":
-                data, facts, *request_id = args  # [request id]
-                request_id = request_id[0] if request_id else None
-                try:
-                    batch = read_browser_body(data, facts, self.sites)
-                except Exception as exc:  # a bug reading one body fails that request alone
-                    results[i] = exc
-                    continue
-                if isinstance(batch, Problem):
-                    results[i] = batch
-                    continue
-                requests.append((batch.site_id, batch.events, [encode(raw) for raw in batch.raws],
-                                 facts.user_agent, request_id))
-                request_jobs.append((i, (batch.sc, batch.site_id,
-                                         tuple(event["name"] for event in batch.events))))
-        return requests, request_jobs
 
     def ingest(self, requests: list[Any]) -> list[Any]:
         return IngestBatch(self.conn, self.sites, now_ms(), self.hold_ms,
@@ -723,15 +730,32 @@ def _take(frames: list[Any], limit: int) -> tuple[list[Any], list[Any]]:
     return frames, []
 
 
-def _reply(ops: WriteOps, frames: list[tuple[int, Any]]) -> bytes:
-    """Apply ``frames`` in one transaction; one reply per frame, under its id."""
-    jobs = [job for _, frame in frames for job in frame]
-    answers = ops.run(jobs)
+def _reply(ops: WriteOps, frames: list[tuple[int, list[Any]]]) -> bytes:
+    """Read ``frames`` (``WriteOps.read``) and apply them in one transaction; one reply per
+    frame, under its id. A frame whose jobs can't be read fails alone."""
+    read = _read_frames(ops, frames)
+    jobs = [job for _, frame in read if frame is not None for job in frame]
+    answers = ops.run_read(jobs) if jobs else []
     replies = []
-    for frame_id, frame in frames:
+    for frame_id, frame in read:
+        if frame is None:
+            replies.append(encode_frame(frame_id, (ops.transactions, UNREADABLE_FAILURE)))
+            continue
         mine, answers = answers[:len(frame)], answers[len(frame):]
         replies.append(reply_frame(frame_id, ops.transactions, mine))
     return b"".join(replies)
+
+
+def _read_frames(ops: WriteOps, frames: list[tuple[int, list[Any]]]
+                 ) -> list[tuple[int, list[ReadJob] | None]]:
+    """Each frame's jobs read; None for a frame whose jobs aren't ``(op, args)`` pairs."""
+    read: list[tuple[int, list[ReadJob] | None]] = []
+    for frame_id, frame in frames:
+        try:
+            read.append((frame_id, [ops.read(op, args) for op, args in frame]))
+        except Exception:
+            read.append((frame_id, None))
+    return read
 
 
 def main() -> None:
@@ -763,7 +787,7 @@ def main() -> None:
     while frames or (frames := reader.next()):
         unreadable = [(i, f) for i, f in frames if f is UNREADABLE or not isinstance(f, list)]
         frames = [(i, f) for i, f in frames if f is not UNREADABLE and isinstance(f, list)]
-        replies = b"".join(encode_frame(i, (ops.transactions, JobFailure("writer", "unreadable frame")))
+        replies = b"".join(encode_frame(i, (ops.transactions, UNREADABLE_FAILURE))
                            for i, _ in unreadable)
         if frames:
             frames, later = _take(frames, TRANSACTION_JOBS)
