@@ -76,7 +76,7 @@ async def window(ports: list[int], pids: list[int], database: str | None,
 
     def cpu() -> tuple[float, float, float, float | None]:
         split = [thread_cpu_seconds(pid) or (0.0, 0.0) for pid in pids]
-        pg = sum(process_cpu_seconds(pid) or 0.0 for pid in postgres_pids(database)) \
+        pg = sum(process_cpu_seconds(pid) or 0.0 for pid in postgres_pids(database)[0]) \
             if database else 0.0
         return sum(m for m, _ in split), sum(o for _, o in split), pg, machine_busy_seconds()
 

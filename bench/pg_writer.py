@@ -70,7 +70,7 @@ async def measure(args: argparse.Namespace, url: str, database: str) -> None:
                                for _ in range(args.conns)))  # warm-up
         for round_ in range(args.rounds):
             answered[0], commits = 0, ops.commits
-            pids = postgres_pids(database)
+            pids = postgres_pids(database)[0]  # the backends serving it
             pg0 = sum(process_cpu_seconds(pid) or 0.0 for pid in pids)
             cpu0, wall0 = time.process_time(), time.perf_counter()
             if profile:
