@@ -39,6 +39,7 @@ Function-scoped: ``context`` (a fresh BrowserContext: no cookies, no storage) an
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -113,11 +115,16 @@ def _chromium_executable() -> str:
     if explicit:
         pytest.skip(f"ONETAG_CHROMIUM={explicit} does not exist")
     if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-            subprocess.run(install, env=env, capture_output=True)
+        # One install at a time: with `pytest -n` every worker process gets here, and a second
+        # apt-get would fail on dpkg's lock. The one that waited finds chromium installed.
+        with open(os.path.join(tempfile.gettempdir(), "onetag-chromium-install.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(exe):
+                env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+                install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+                if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+                    subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+                    subprocess.run(install, env=env, capture_output=True)
         if os.path.exists(exe):
             return exe
         pytest.skip("chromium is not installed and `apt-get install -y chromium` failed")
