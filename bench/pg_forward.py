@@ -271,11 +271,16 @@ def drain(config_path: Path, folder: Path, port: int, url: str, database: str, t
     if concurrency:
         env["ONETAG_FORWARD_CONCURRENCY"] = str(concurrency)
     ledger = CpuLedger()
+
+    def read_all() -> None:
+        """Every kind's reading but the workers' (theirs is read once, at the end)."""
+        ledger.read("postgres", backends)
+        ledger.read("postgres_server", server)
+        ledger.read("fake", [fake_pid])
+        ledger.read("bench", [os.getpid()], own=True)
+
     backends, server = postgres_pids(database)
-    ledger.read("postgres", backends)
-    ledger.read("postgres_server", server)
-    ledger.read("fake", [fake_pid])
-    ledger.read("bench", [os.getpid()], own=True)
+    read_all()
     busy_before = machine_busy_seconds()
     logs = [open(folder / f"worker{n}.log", "wb") for n in range(workers)]
     started = time.perf_counter()
@@ -306,10 +311,7 @@ def drain(config_path: Path, folder: Path, port: int, url: str, database: str, t
                 break
         worker_cpu = sum(process_cpu_seconds(p.pid) or 0.0 for p in procs)
         backends, server = postgres_pids(database)
-        ledger.read("postgres", backends)
-        ledger.read("postgres_server", server)
-        ledger.read("fake", [fake_pid])
-        ledger.read("bench", [os.getpid()], own=True)
+        read_all()
         busy_after = machine_busy_seconds()
         elapsed = time.perf_counter() - started
     finally:

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ..jsontext import encode, loads
+from .rules import add_backfill_counts
 
 _DELIVERY = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
@@ -63,16 +64,8 @@ async def backfill(conn: Any, site_id: str, run_id: int, events: list[tuple[Any,
             next_due[vendor] = due + pace_ms if made else due
     row = await conn.fetchrow("SELECT counts FROM backfill_runs WHERE id = $1 FOR UPDATE",
                               run_id)
-    counts = loads(row[0]) if row is not None else {}
-    for name, tally in (("planned", planned), ("already", already)):
-        into = counts.setdefault(name, {})
-        for vendor, n in tally.items():
-            into[vendor] = into.get(vendor, 0) + n
-    for vendor, reasons in skipped.items():
-        into = counts.setdefault("skipped", {}).setdefault(vendor, {})
-        for reason, n in reasons.items():
-            into[reason] = into.get(reason, 0) + n
-    counts["events_known"] = counts.get("events_known", 0) + known
+    counts = add_backfill_counts(loads(row[0]) if row is not None else {}, planned, already,
+                                 skipped, known)
     await conn.execute(
         "UPDATE backfill_runs SET lines_done = $1, counts = $2, updated_ms = $3, "
         "finished_ms = CASE WHEN $4::boolean THEN $3::bigint END WHERE id = $5",

@@ -344,3 +344,20 @@ def keep_pristine(requests: Iterable[Any]) -> Callable[[], None]:
 
 
 _CHANGED = ("source", "user", "identity", "cart")  # what applying the rules sets on an event
+
+
+def add_backfill_counts(counts: dict[str, Any], planned: Mapping[str, int],
+                        already: Mapping[str, int], skipped: Mapping[str, Mapping[str, int]],
+                        known: int) -> dict[str, Any]:
+    """A backfill run's stored counts with one batch's added (both backends store the result
+    in ``backfill_runs.counts``, in the batch's transaction, so a resumed run restores them)."""
+    for name, tally in (("planned", planned), ("already", already)):
+        into = counts.setdefault(name, {})
+        for vendor, n in tally.items():
+            into[vendor] = into.get(vendor, 0) + n
+    for vendor, reasons in skipped.items():
+        into = counts.setdefault("skipped", {}).setdefault(vendor, {})
+        for reason, n in reasons.items():
+            into[reason] = into.get(reason, 0) + n
+    counts["events_known"] = counts.get("events_known", 0) + known
+    return counts

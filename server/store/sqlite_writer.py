@@ -562,16 +562,8 @@ class WriteOps:
                 next_due[vendor] = due + pace_ms if made else due
         row = self.conn.execute("SELECT counts FROM backfill_runs WHERE id = ?",
                                 (run_id,)).fetchone()
-        counts = loads(row[0]) if row is not None else {}
-        for name, tally in (("planned", planned), ("already", already)):
-            into = counts.setdefault(name, {})
-            for vendor, n in tally.items():
-                into[vendor] = into.get(vendor, 0) + n
-        for vendor, reasons in skipped.items():
-            into = counts.setdefault("skipped", {}).setdefault(vendor, {})
-            for reason, n in reasons.items():
-                into[reason] = into.get(reason, 0) + n
-        counts["events_known"] = counts.get("events_known", 0) + known
+        counts = rules.add_backfill_counts(loads(row[0]) if row is not None else {}, planned,
+                                           already, skipped, known)
         self.conn.execute(
             "UPDATE backfill_runs SET lines_done = ?, counts = CAST(? AS TEXT), updated_ms = ?, "
             "finished_ms = CASE WHEN ? THEN ? END WHERE id = ?",
