@@ -18,7 +18,7 @@ from typing import Any
 from .. import catalog
 from ..catalog import Product
 from ..jsontext import encode
-from .sqlite_catalog import _WRITTEN, FEED_COLUMNS, as_dict, from_row, to_row
+from .sqlite_catalog import _WRITTEN, FEED_COLUMNS, as_dict, from_row, sync_requests, to_row
 
 _ROW = ("item_id", *catalog.COLUMNS, "sources", "deleted", "first_seen_ms", "last_seen_ms",
         "changed_ms", "version", "fact_version", "fact_ms", "planned_version")
@@ -170,41 +170,29 @@ async def plan_sync(conn: Any, site: Any, now: int, night: str | None,
     cursor_ms, cursor_item, done_night, night_after = await conn.fetchrow(
         "SELECT fact_ms, fact_after, night, night_after FROM product_sync "
         "WHERE site_id = $1 AND vendor = $2 FOR UPDATE", site.id, vendor)
-    rows: list[tuple[Any, ...]] = []
-
-    def add(item_id: str, product: Product, key: str) -> None:
-        item = product_sync.item_of(item_id, product)
-        if item is not None:
-            request = product_sync.request_for(site, item, key)
-            rows.append((site.id, vendor, request.dedup_key, f"product:{item_id}",
-                         encode(request.to_row()).decode(), now, now, now))
-
     changed = await conn.fetch(
         f"{_PRODUCT} WHERE site_id = $1 AND fact_ms IS NOT NULL "
         "AND (fact_ms, item_id) > ($2, $3) ORDER BY fact_ms, item_id LIMIT $4",
         site.id, cursor_ms, cursor_item, limit)
-    for row in changed:
-        product = from_row(tuple(row)[1:])
-        if product.planned_version != product.fact_version:
-            add(row[0], product, product_sync.change_key(row[0], product))
-    changes = len(rows)
     if changed:
         cursor_ms, cursor_item = changed[-1]["fact_ms"], changed[-1][0]
     more = len(changed) == limit
+    nightly: list[Any] = []
     if night is not None and done_night != night:
         nightly = await conn.fetch(f"{_PRODUCT} WHERE site_id = $1 AND item_id > $2 "
                                    "AND deleted = 0 ORDER BY item_id LIMIT $3",
                                    site.id, night_after or "", limit)
-        for row in nightly:
-            product = from_row(tuple(row)[1:])
-            add(row[0], product, product_sync.night_key(row[0], product, night))
         if len(nightly) == limit:
             night_after, more = nightly[-1][0], True
         else:
             done_night, night_after = night, None
+    changes, nights = sync_requests(site, changed, nightly, night)
+    rows = [(site.id, vendor, request.dedup_key, f"product:{item_id}",
+             encode(request.to_row()).decode(), now, now, now)
+            for item_id, request in changes + nights]
     if rows:
         await conn.executemany(_SYNC_INSERT, rows)
     await conn.execute("UPDATE product_sync SET fact_ms = $1, fact_after = $2, night = $3, "
                        "night_after = $4, updated_ms = $5 WHERE site_id = $6 AND vendor = $7",
                        cursor_ms, cursor_item, done_night, night_after, now, site.id, vendor)
-    return {"changes": changes, "nightly": len(rows) - changes, "more": more}
+    return {"changes": len(changes), "nightly": len(nights), "more": more}

@@ -12,7 +12,7 @@ a dictionary look-up and a comparison, and no write.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .. import catalog
 from ..catalog import Product
@@ -189,6 +189,31 @@ _SYNC_INSERT = (
     "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
 
 
+def sync_requests(site: Any, changed: Iterable[Any], nightly: Iterable[Any],
+                  night: str | None) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """The deliveries one product-sync pass plans from the product rows it read (item_id, then
+    ``from_row``'s columns), the same on both backends: ``(item_id, VendorRequest)`` for each
+    changed product whose version its own event did not already send, then for each product of
+    the night's pass. A product with no item to send (``product_sync.item_of``) is skipped."""
+    from .. import product_sync  # the rules; imported here, as they import the vendors
+
+    def planned(rows: Iterable[Any], key: Callable[[str, Product], str | None]
+                ) -> list[tuple[str, Any]]:
+        out = []
+        for row in rows:
+            item_id, product = row[0], from_row(tuple(row)[1:])
+            dedup = key(item_id, product)
+            item = product_sync.item_of(item_id, product) if dedup is not None else None
+            if item is not None:
+                out.append((item_id, product_sync.request_for(site, item, dedup)))
+        return out
+
+    changes = planned(changed, lambda item_id, product: product_sync.change_key(item_id, product)
+                      if product.planned_version != product.fact_version else None)
+    return changes, planned(nightly, lambda item_id, product: product_sync.night_key(
+        item_id, product, night))
+
+
 def plan_sync(conn: sqlite3.Connection, site: Any, now: int, night: str | None,
               limit: int) -> dict[str, Any]:
     """Plan up to ``limit`` changed products and ``limit`` of the nightly pass, for one site.
@@ -207,40 +232,27 @@ def plan_sync(conn: sqlite3.Connection, site: Any, now: int, night: str | None,
     cursor_ms, cursor_item, done_night, night_after = conn.execute(
         "SELECT fact_ms, fact_after, night, night_after FROM product_sync "
         "WHERE site_id = ? AND vendor = ?", (site.id, vendor)).fetchone()
-    rows: list[tuple[Any, ...]] = []
-
-    def add(item_id: str, product: Product, key: str) -> None:
-        item = product_sync.item_of(item_id, product)
-        if item is not None:
-            request = product_sync.request_for(site, item, key)
-            rows.append((site.id, vendor, request.dedup_key, f"product:{item_id}",
-                         encode(request.to_row()), now, now, now))
-
     changed = conn.execute(
         f"{_PRODUCT} WHERE site_id = ? AND fact_ms IS NOT NULL AND (fact_ms, item_id) > (?, ?) "
         "ORDER BY fact_ms, item_id LIMIT ?", (site.id, cursor_ms, cursor_item, limit)).fetchall()
-    for row in changed:
-        product = from_row(tuple(row)[1:])
-        if product.planned_version != product.fact_version:
-            add(row[0], product, product_sync.change_key(row[0], product))
-    changes = len(rows)
     if changed:
         cursor_ms, cursor_item = changed[-1]["fact_ms"], changed[-1][0]
     more = len(changed) == limit
+    nightly: list[Any] = []
     if night is not None and done_night != night:
         nightly = conn.execute(f"{_PRODUCT} WHERE site_id = ? AND item_id > ? AND deleted = 0 "
                                "ORDER BY item_id LIMIT ?",
                                (site.id, night_after or "", limit)).fetchall()
-        for row in nightly:
-            product = from_row(tuple(row)[1:])
-            add(row[0], product, product_sync.night_key(row[0], product, night))
         if len(nightly) == limit:
             night_after, more = nightly[-1][0], True
         else:
             done_night, night_after = night, None
+    changes, nights = sync_requests(site, changed, nightly, night)
+    rows = [(site.id, vendor, request.dedup_key, f"product:{item_id}", encode(request.to_row()),
+             now, now, now) for item_id, request in changes + nights]
     if rows:
         conn.executemany(_SYNC_INSERT, rows)
     conn.execute("UPDATE product_sync SET fact_ms = ?, fact_after = ?, night = ?, "
                  "night_after = ?, updated_ms = ? WHERE site_id = ? AND vendor = ?",
                  (cursor_ms, cursor_item, done_night, night_after, now, site.id, vendor))
-    return {"changes": changes, "nightly": len(rows) - changes, "more": more}
+    return {"changes": len(changes), "nightly": len(nights), "more": more}
