@@ -16,6 +16,7 @@ frame is ``(path, sites, hold_ms, browser_grace_ms)``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sqlite3
@@ -793,6 +794,9 @@ def main() -> None:
         stdout.write(encode_frame(setup_id, (0, failure)))
         stdout.flush()
         return
+    # What is here now lives as long as the process: out of the collector's full passes,
+    # which walked these 44,000 objects each time (5-30 ms, a whole batch waiting).
+    gc.freeze()
     checkpointer = Checkpointer(path)
     checkpointer.start()
     stdout.write(encode_frame(setup_id, (0, "ready")))
