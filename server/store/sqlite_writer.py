@@ -28,7 +28,7 @@ from importlib import resources
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from .. import outbox
-from ..envelope import Problem, Refused, read_browser_body
+from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
 from . import deadletters, rules
 from .base import Delivery, JobFailure, Outcome
@@ -248,6 +248,7 @@ class WriteOps:
             return ReadJob(op, args, None, None, None)
         data, facts, *request_id = args  # [request id]
         try:
+            facts = BrowserFacts(*facts)  # it crosses the pipe as a plain tuple
             batch = read_browser_body(data, facts, self.sites)
             if isinstance(batch, Problem):
                 return ReadJob(op, args, batch, None, None)
