@@ -328,6 +328,35 @@ def test_the_writer_catches_up_after_a_checkpoint_so_the_wal_starts_over(
         c.close()
 
 
+def test_the_frame_reader_puts_together_frames_larger_than_one_read() -> None:
+    """The writer reads its pipe READ_BYTES at a time: a frame of a 1 MiB body spans many
+    reads, and the small frames around it still come out whole, in order, with their ids."""
+    import os
+    import threading
+
+    from server.store.writer_process import READ_BYTES, FrameReader, encode_frame
+
+    big = b"x" * (1024 * 1024 + 17)
+    frames = [(1, [("ingest_browser", (b"{}",))]), (2, [("ingest_browser", (big,))]),
+              (3, [("ping", ())])]
+    data = b"".join(encode_frame(i, message) for i, message in frames)
+    assert len(data) > 10 * READ_BYTES
+    read_end, write_end = os.pipe()
+
+    def write() -> None:
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(data)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    reader, got = FrameReader(read_end), []
+    while chunk := reader.next():
+        got += chunk
+    writer.join()
+    os.close(read_end)
+    assert got == frames
+
+
 def test_the_session_cache_forgets_the_least_recently_used() -> None:
     from server.store.sqlite_ingest import SessionCache, _Session
 
