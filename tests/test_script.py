@@ -103,7 +103,7 @@ async def test_browsers_get_the_minified_script_and_debug_the_readable_one(tmp_p
         wire = (await client.get("/s/shop1.js")).text
         readable = (await client.get("/s/shop1.js?onetag_debug=1")).text
     assert "/*" not in wire and "\n  " not in wire  # no comments, no indentation
-    assert "function identityDue(name)" in readable and "Basic Snippet" in readable
+    assert "function mergeIdentity(user)" in readable and "Basic Snippet" in readable
     assert embedded_config(wire) == embedded_config(readable)
     assert len(wire) < len(readable) // 2
     for secret in ("rj-SECRET-1", "rm-SECRET-2", "es-SECRET-3", "sl-SECRET-4", "secret-key"):
@@ -138,7 +138,7 @@ async def test_features_a_site_turns_off_are_compiled_out(tmp_path) -> None:
 async def test_a_debug_site_is_served_the_readable_script(tmp_path) -> None:
     async with running(settings_for(tmp_path, debug=True)) as (_, client):
         js = (await client.get("/s/shop1.js")).text
-    assert "function identityDue(name)" in js and embedded_config(js)["debug"] == 1
+    assert "function mergeIdentity(user)" in js and embedded_config(js)["debug"] == 1
 
 
 def test_the_sites_cart_url_reaches_the_runtime(tmp_path) -> None:
@@ -188,3 +188,13 @@ def test_no_line_of_the_readable_sources_is_over_160_characters() -> None:
             continue
         long = [n for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 160]
         assert long == [], (path.name, long)
+
+
+async def test_a_helper_only_some_adapters_call_comes_only_with_them(tmp_path) -> None:
+    """identityDue (templates/vendors/_identity.js.j2) is Rejoiner's and Sendlane's: a site with
+    neither gets no copy of it."""
+    async with running(settings_for(tmp_path, remarkety=SECRETS["remarkety"])) as (_, client):
+        without = (await client.get("/s/shop1.js?onetag_debug=1")).text
+    async with running(settings_for(tmp_path, sendlane=SECRETS["sendlane"])) as (_, client):
+        with_it = (await client.get("/s/shop1.js?onetag_debug=1")).text
+    assert "function identityDue(" not in without and "function identityDue(" in with_it
