@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from pathlib import Path
 
 from support import running, settings_for
 
@@ -63,7 +64,9 @@ async def test_routes_and_settings_are_sent_compactly(tmp_path) -> None:
     vendors = embedded_config(js)["vendors"]
     routes = vendors["remarkety"]["routes"]
     assert routes[0] == 0 and "quiz" in routes and "search" not in routes
-    assert vendors["esputnik"]["routes"][0] == 0 and "purchase" in vendors["esputnik"]["routes"]
+    # eSputnik's adapter acts on its BROWSER_EVENTS only, all of them browser-routed by default:
+    # nothing else to say.
+    assert vendors["esputnik"]["routes"] == [1]
     assert vendors["esputnik"]["settings"] == {
         "site_id": "ESSITE", "script_url": "https://cdn.esputnik.com/scripts/ESLOADER.js"}
 
@@ -198,3 +201,20 @@ async def test_a_helper_only_some_adapters_call_comes_only_with_them(tmp_path) -
     async with running(settings_for(tmp_path, sendlane=SECRETS["sendlane"])) as (_, client):
         with_it = (await client.get("/s/shop1.js?onetag_debug=1")).text
     assert "function identityDue(" not in without and "function identityDue(" in with_it
+
+
+async def test_esputnik_routes_are_said_over_the_names_its_adapter_acts_on(tmp_path) -> None:
+    """The eSputnik adapter makes calls for its BROWSER_EVENTS only, so the script's routes for
+    it are exact over those names and silent about the rest (routing.browser_routes)."""
+    from server.vendors import esputnik
+
+    source = (Path(__file__).parent.parent / "templates" / "vendors" / "esputnik.js.j2").read_text()
+    cart_events = {"add_to_cart", "remove_from_cart", "view_cart", "cart_updated", "begin_checkout"}
+    assert "else if (cartEvent)" in source  # the runtime's cart events, below
+    assert set(re.findall(r'eventName == "(\w+)"', source)) | cart_events == esputnik.BROWSER_EVENTS
+    few = {"site_id": "ESSITE", "routes": {"purchase": "server", "search": "off"}}
+    most = {"site_id": "ESSITE", "routes": {name: "off" for name in esputnik.BROWSER_EVENTS - {"view_item"}}}
+    for section, routes in ((few, [1, "purchase", "search"]), (most, [0, "view_item"])):
+        async with running(settings_for(tmp_path, esputnik=section)) as (_, client):
+            js = (await client.get("/s/shop1.js")).text
+        assert embedded_config(js)["vendors"]["esputnik"]["routes"] == routes
