@@ -218,3 +218,22 @@ async def test_esputnik_routes_are_said_over_the_names_its_adapter_acts_on(tmp_p
         async with running(settings_for(tmp_path, esputnik=section)) as (_, client):
             js = (await client.get("/s/shop1.js")).text
         assert embedded_config(js)["vendors"]["esputnik"]["routes"] == routes
+
+
+def test_the_size_bench_splits_a_script_into_its_parts(tmp_path) -> None:
+    """bench/script_size.py --parts: every included part of a served script is found in it and
+    costs gzip bytes; the runtime takes the rest, so the costs add up to the whole."""
+    import sys
+
+    from server.script import environment, render
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    import script_size
+
+    settings = settings_for(tmp_path, **SECRETS)
+    script = render(environment(), settings, settings.sites["shop1"])
+    costs = script_size.part_costs(script.body, script_size.parts())
+    assert set(costs) == {"config", "runtime", "features/spa_page_views.min.js.j2",
+                          "features/capture_form_email.min.js.j2", "vendors/_money.min.js.j2",
+                          "vendors/_identity.min.js.j2", *(f"vendors/{v}.min.js.j2" for v in SECRETS)}
+    assert all(cost > 20 for cost in costs.values()), costs
+    assert sum(costs.values()) == len(script.gzipped)
