@@ -76,7 +76,8 @@ def _embed_json(value: Any) -> str:
 def features(site: Any) -> dict[str, bool]:
     """The optional parts of the script (templates/features/) this site's settings use."""
     return {"spa_page_views": site.spa_page_views != "manual",
-            "capture_form_email": bool(site.capture_form_email)}
+            "capture_form_email": bool(site.capture_form_email),
+            "cart_url": bool(site.cart_url)}
 
 
 def render(env: jinja2.Environment, settings: Any, site: Any, readable: bool = False) -> RenderedScript:

@@ -158,6 +158,12 @@ def test_the_sites_cart_url_reaches_the_runtime(tmp_path) -> None:
     fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(site)}
     with_url = SimpleNamespace(**{**fields, "cart_url": "https://shop.example/cart/{cart_guid}"})
     assert script_config(settings, with_url)["u"] == "https://shop.example/cart/{cart_guid}"
+    # The code that fills the template in (templates/features/cart_url.js.j2) comes only with one.
+    from server.script import environment, render
+    for readable in (False, True):
+        assert '"{cart_guid}"' not in render(environment(), settings, site, readable).body.decode()
+        filled = render(environment(), settings, with_url, readable).body.decode()
+        assert '"{cart_guid}"' in filled and "cartUrl" in filled
 
 
 def test_the_minified_templates_are_up_to_date() -> None:
