@@ -512,9 +512,10 @@ async def insert_deliveries(conn: Any, rows: Iterable[tuple[str, int, Any, str |
         taken = set()
         if wanted:
             taken = {tuple(row) for row in await conn.fetch(
-                "SELECT d.site_id, d.vendor, d.dedup_key FROM deliveries d "
-                "JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(s, v, k) "
-                "ON d.site_id = u.s AND d.vendor = u.v AND d.dedup_key = u.k AND d.claim = 0",
+                "SELECT u.s, u.v, u.k FROM unnest($1::text[], $2::text[], $3::text[]) "
+                "AS u(s, v, k) CROSS JOIN LATERAL (SELECT 1 FROM deliveries d WHERE "
+                "d.site_id = u.s AND d.vendor = u.v AND d.dedup_key = u.k AND d.claim = 0 "
+                "LIMIT 1) AS d",
                 *[list(c) for c in zip(*wanted)])}
         values = []
         for order, (site_id, seq, r, request_id) in enumerate(claims):
