@@ -265,3 +265,20 @@ def test_replay_conditions_become_postgresql() -> None:
     assert pg_condition("0", 1) == "false"
     assert pg_condition("(state = 'dead') AND 0 AND created_ms >= ?", 10) == \
         "(state = 'dead') AND false AND created_ms >= $10"
+
+
+async def test_claim_function_runs_the_claim_statement_with_a_generic_plan(db) -> None:
+    """Migration 022's ``onetag_claim`` is ``claim_sql``'s one-vendor statement (with its
+    ``CLAIMABLE`` rule) word for word, and both functions keep a generic plan."""
+    from server.store.postgres_outbox import CLAIM_ONE_VENDOR_STATEMENT
+
+    _, admin, _ = db
+    rows = {row["proname"]: row for row in await admin.fetch(
+        "SELECT proname, prosrc, proconfig FROM pg_proc "
+        "WHERE proname IN ('onetag_claim', 'onetag_finish')")}
+    expected = CLAIM_ONE_VENDOR_STATEMENT
+    for n, name in ((4, "lease_ms"), (3, "wanted"), (2, "for_vendor"), (1, "now_ms")):
+        expected = expected.replace(f"${n}", name)
+    assert " ".join(expected.split()) in " ".join(rows["onetag_claim"]["prosrc"].split())
+    for name in ("onetag_claim", "onetag_finish"):
+        assert rows[name]["proconfig"] == ["plan_cache_mode=force_generic_plan"]

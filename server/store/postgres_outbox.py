@@ -63,25 +63,21 @@ def claim_sql(vendor_filter: str) -> str:
         f"FROM picked WHERE d.id = picked.id RETURNING {_CLAIM_COLUMNS}")
 
 
-CLAIM_ONE_VENDOR = claim_sql("AND d.vendor = $2")
+# The forwarder's claim (one lane, one vendor): the same statement, run by the function
+# migration 022 makes of it, so that it is planned once per connection rather than on every
+# call (asyncpg's prepared statement got a custom plan each time).
+CLAIM_ONE_VENDOR = "SELECT * FROM onetag_claim($1, $2, $3, $4)"
+CLAIM_ONE_VENDOR_STATEMENT = claim_sql("AND d.vendor = $2")  # what onetag_claim runs
 CLAIM_SOME_VENDORS = claim_sql("AND d.vendor = ANY($2::text[])")
 CLAIM_ANY_VENDOR = claim_sql("AND $2::text IS NULL")
 
-# An outcome batch in one statement (one round trip, no BEGIN/COMMIT of its own): the
-# attempts are inserted by the main statement and the rows' outcomes by a data-modifying
-# WITH, which PostgreSQL runs to completion whatever the main statement reads of it. The
-# late-outcome guard: a row changes only while pending (a final state is never undone) and
-# still this claim's; its attempt is kept either way (it happened).
-FINISH = (
-    "WITH finished AS (UPDATE deliveries d SET state = u.state, next_attempt_ms = u.next_ms, "
-    "last_error = u.error, updated_ms = $6, lease_until = NULL, "
-    "delivered_ms = CASE WHEN u.state = 'delivered' THEN $6 ELSE d.delivered_ms END "
-    "FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) "
-    "AS u(id, state, next_ms, error, lease) "
-    "WHERE d.id = u.id AND d.state = 'pending' AND (u.lease = 0 OR d.claim_token = u.lease)) "
-    "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, status, "
-    "answer, error) SELECT * FROM unnest($7::bigint[], $8::int[], $9::bigint[], $10::bigint[], "
-    "$11::text[], $12::int[], $13::text[], $14::text[])")
+# An outcome batch in one call (one round trip, no BEGIN/COMMIT of its own) of the function
+# migration 022 makes (planned once per connection): the rows' outcomes, then the attempts.
+# The late-outcome guard: a row changes only while pending (a final state is never undone)
+# and still this claim's; its attempt is kept either way (it happened).
+FINISH = ("SELECT onetag_finish($1::bigint[], $2::text[], $3::bigint[], $4::text[], "
+          "$5::bigint[], $6, $7::bigint[], $8::int[], $9::bigint[], $10::bigint[], $11::text[], "
+          "$12::int[], $13::text[], $14::text[])")
 
 
 def pg_condition(condition: str, first: int) -> str:
