@@ -79,6 +79,13 @@ FINISH = ("SELECT onetag_finish($1::bigint[], $2::text[], $3::bigint[], $4::text
           "$5::bigint[], $6, $7::bigint[], $8::int[], $9::bigint[], $10::bigint[], $11::text[], "
           "$12::int[], $13::text[], $14::text[])")
 
+# A lane's claim with the outcomes that piled up (migration 024): FINISH's arrays, then
+# the claim's vendor, limit and lease; one call, one transaction, one commit.
+FINISH_CLAIM = ("SELECT * FROM onetag_finish_claim($1::bigint[], $2::text[], $3::bigint[], "
+                "$4::text[], $5::bigint[], $6, $7::bigint[], $8::int[], $9::bigint[], "
+                "$10::bigint[], $11::text[], $12::int[], $13::text[], $14::text[], $15, $16, "
+                "$17)")
+
 
 def pg_condition(condition: str, first: int) -> str:
     """A ``deadletters.where`` condition (SQLite's ``?`` and ``0``) in PostgreSQL's terms:
@@ -121,7 +128,21 @@ class PostgresOutbox:
                            else (CLAIM_SOME_VENDORS, chosen))
         if limit <= 0:
             return []
-        rows = await self._fetch(sql, now_ms, chosen, limit, lease_ms)
+        return self._deliveries(await self._fetch(sql, now_ms, chosen, limit, lease_ms))
+
+    async def finish_and_claim(self, outcomes: Sequence[Outcome], now_ms: int, lease_ms: int,
+                               limit: int, vendors: Iterable[str] | None = None
+                               ) -> list[Delivery]:
+        """A lane's claim (one vendor) with outcomes: one call of ``onetag_finish_claim``."""
+        chosen = None if vendors is None else list(vendors)
+        if not outcomes or chosen is None or len(chosen) != 1 or limit <= 0:
+            await self.finish(outcomes, now_ms)
+            return await self.claim(now_ms, lease_ms, limit, chosen)
+        return self._deliveries(await self._fetch(
+            FINISH_CLAIM, *self._finish_args(outcomes, now_ms), chosen[0], limit, lease_ms))
+
+    @staticmethod
+    def _deliveries(rows: list[Any]) -> list[Delivery]:
         rows.sort(key=lambda row: row["id"])
         return [Delivery(id=row["id"], site_id=row["site_id"], vendor=row["vendor"],
                          dedup_key=row["dedup_key"], visitor=row["visitor"],
@@ -133,17 +154,22 @@ class PostgresOutbox:
     async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None:
         if not outcomes:
             return
+        await self._execute(FINISH, *self._finish_args(outcomes, now_ms))
+
+    @staticmethod
+    def _finish_args(outcomes: Sequence[Outcome], now_ms: int) -> list[Any]:
+        """FINISH's 14 parameters: the outcomes' columns, then their attempts'."""
         ordered = sorted(outcomes, key=lambda o: o.id)  # one lock order: no deadlocks
         kept = [(o.id, a) for o in ordered if (a := o.attempt) is not None]
-        await self._execute(
-            FINISH, [o.id for o in ordered], [o.state for o in ordered],
+        return [
+            [o.id for o in ordered], [o.state for o in ordered],
             [o.next_attempt_ms for o in ordered], [o.error for o in ordered],
             [o.lease for o in ordered], now_ms,
             [i for i, _ in kept], [a.attempt for _, a in kept],
             [a.started_ms for _, a in kept], [a.duration_ms for _, a in kept],
             [encode(a.request).decode() for _, a in kept], [a.status for _, a in kept],
             [None if a.answer is None else encode(a.answer).decode() for _, a in kept],
-            [a.error for _, a in kept])
+            [a.error for _, a in kept]]
 
     async def expire_held(self, before_ms: int, now_ms: int) -> int:
         status = await self._execute(
