@@ -70,12 +70,12 @@ class _Session:
 _SESSION_COLUMNS = ("identity_id", "last_ms", "user_agent", "last_page", "first_seq",
                     "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
                     "verified")
-# The sessions changed, one ingest_session row each (migration 003): (id, *_SESSION_COLUMNS).
+# The sessions changed, one ingest_session row each (migration 025): (id, *_SESSION_COLUMNS).
 _session_row = attrgetter("id", *_SESSION_COLUMNS)
 _SESSION_UPDATE = (
     "UPDATE sessions s SET " + ", ".join(f"{c} = u.{c}" for c in _SESSION_COLUMNS)
     + " FROM unnest($1::ingest_session[]) AS u WHERE s.id = u.id")
-# The new events, one ingest_event row each (migration 003), in the columns' order.
+# The new events, one ingest_event row each (migration 025), in the columns' order.
 _EVENT_INSERT = ("INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, "
                  "received_ms, raw, data) SELECT * FROM unnest($2::ingest_event[])")
 
