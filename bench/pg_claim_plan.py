@@ -8,11 +8,15 @@ Builds a database of its own (``--dsn``; migrated as ``onetag migrate`` does) wi
 ``generate_series``: ``--delivered`` delivered rows over four vendors (what months of
 traffic leave behind) and ``--pending`` pending rows, several per visitor, due now. Then,
 for the forwarder's claim (``postgres_outbox.CLAIM_ONE_VENDOR``: one vendor, ``--limit``
-rows, due longest ago first, one in flight per visitor, ``FOR UPDATE SKIP LOCKED``):
+rows, due longest ago first, one in flight per visitor, ``FOR UPDATE SKIP LOCKED``; the
+function ``onetag_claim`` of migration 022 runs it with a generic plan):
 
-- ``EXPLAIN (ANALYZE, BUFFERS)`` of one claim, in a transaction rolled back;
-- the time of ``--repeat`` claims, each rolled back (so every one sees the same backlog):
-  median and p90, in ms, measured in this client (a loopback round trip included);
+- ``EXPLAIN (ANALYZE, BUFFERS)`` of the statement the function runs, planned as the
+  function plans it (``plan_cache_mode = force_generic_plan``: the plan it keeps for
+  every call, whatever the parameters), in a transaction rolled back;
+- the time of ``--repeat`` claims (calls of the function, as the forwarder makes them),
+  each rolled back (so every one sees the same backlog): median and p90, in ms, measured
+  in this client (a loopback round trip included);
 - the same before the delivered rows were added (the backlog alone), to show what a million
   old rows cost a claim: the indexes it walks lead with the state, so next to nothing.
 """
@@ -83,10 +87,21 @@ async def build_delivered(conn: Any, delivered: int, now: int) -> None:
 
 async def measure(conn: Any, sql: str, args: tuple[Any, ...], repeat: int
                   ) -> tuple[list[str], dict[str, float], int]:
+    from server.store.postgres_outbox import CLAIM_ONE_VENDOR_STATEMENT
+
     transaction = conn.transaction()
     await transaction.start()
-    plan = [row[0] for row in await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", *args)]
+    # EXPLAIN of a statement with parameters plans it for their values; a PREPAREd one run
+    # by EXPLAIN EXECUTE under force_generic_plan shows the generic plan (the $n stay).
+    await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+    await conn.execute("PREPARE generic_claim (bigint, text, integer, bigint) AS "
+                       + CLAIM_ONE_VENDOR_STATEMENT)
+    now, vendor, limit, lease = args  # EXECUTE takes no bound parameters: literals
+    plan = [row[0] for row in await conn.fetch(
+        f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE generic_claim ({int(now)}, "
+        f"'{vendor.replace(chr(39), chr(39) * 2)}', {int(limit)}, {int(lease)})")]
     await transaction.rollback()
+    await conn.execute("DEALLOCATE generic_claim")
     times, claimed = [], 0
     for _ in range(repeat):
         transaction = conn.transaction()
@@ -141,7 +156,7 @@ def report_text(report: dict[str, Any]) -> str:
              f"  claim of {report['limit']} sendlane rows (took {report['claimed']}): median "
              f"{report['claim']['median_ms']} ms, p90 {report['claim']['p90_ms']} ms "
              "(client-side, loopback round trip included, rolled back)",
-             "  plan (EXPLAIN ANALYZE, BUFFERS):"]
+             "  plan (EXPLAIN ANALYZE, BUFFERS; generic, as onetag_claim keeps it):"]
     lines += [f"    {line}" for line in report["plan"]]
     alone = report["backlog_alone"]["claim"]
     lines += [f"  the same claim before the delivered rows were added: median "

@@ -16,7 +16,8 @@ runtime sends them) and servers:
 
 Figures: events/s (acknowledged, 204), per node, the ratio of 1 node to the baseline
 (issue 15's target: >= 0.5), the nodes' CPU per request (their processes, from /proc) and
-the PostgreSQL server's, and the check: every acknowledged event is in ``events``. A node's
+the PostgreSQL server's, requests a writer transaction (from the nodes' ``/metrics``), and
+the check: every acknowledged event is in ``events``. A node's
 CPU is split in two: its event loop (the main thread: HTTP) and the rest (its writer
 process, which parses bodies, applies the rules and commits, and its other threads).
 On 2 cores, client, nodes and PostgreSQL share the same cores: read CPU per request.
@@ -72,19 +73,21 @@ async def window(ports: list[int], pids: list[int], database: str | None,
     measure_from = start + args.warmup
     stop_at = measure_from + args.duration
     results = [WorkerResult() for _ in range(args.conns)]
-    marks: list[tuple[float, float, float, float | None]] = []
+    marks: list[tuple[float, float, float, float | None, int]] = []
 
-    def cpu() -> tuple[float, float, float, float | None]:
+    async def cpu() -> tuple[float, float, float, float | None, int]:
+        commits = sum([await writer_commits(port) for port in ports]) if database else 0
         split = [thread_cpu_seconds(pid) or (0.0, 0.0) for pid in pids]
         pg = sum(process_cpu_seconds(pid) or 0.0 for pid in postgres_pids(database)[0]) \
             if database else 0.0
-        return sum(m for m, _ in split), sum(o for _, o in split), pg, machine_busy_seconds()
+        return (sum(m for m, _ in split), sum(o for _, o in split), pg, machine_busy_seconds(),
+                commits)
 
     async def sampler() -> None:
         await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-        marks.append(cpu())
+        marks.append(await cpu())
         await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
-        marks.append(cpu())
+        marks.append(await cpu())
 
     tasks = [asyncio.create_task(raw_worker(ports[n % len(ports)], bodies, stop_at, result))
              for n, result in enumerate(results)]
@@ -94,11 +97,28 @@ async def window(ports: list[int], pids: list[int], database: str | None,
     samples = [s for r in results for s in r.samples]
     measured = [s for s in samples if measure_from <= s[0] < stop_at]
     acked = sum(1 for s in measured if s[2] == 204)
-    (n0, w0, p0, b0), (n1, w1, p1, b1) = marks
+    (n0, w0, p0, b0, t0), (n1, w1, p1, b1, t1) = marks
     return {"acked": acked, "requests": len(measured), "seconds": args.duration,
+            "transactions": t1 - t0,
             "node_cpu_s": n1 - n0, "writer_cpu_s": w1 - w0, "pg_cpu_s": p1 - p0,
             "machine_busy_s": None if b0 is None or b1 is None else b1 - b0,
             "all_acked": sum(1 for s in samples if s[2] == 204)}
+
+
+async def writer_commits(port: int) -> int:
+    """The node's committed writer transactions so far (``GET /metrics``: the count of
+    ``onetag_writer_transaction_jobs``; health checks add a few)."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(f"GET /metrics HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        text = (await reader.read()).decode()
+    finally:
+        writer.close()
+    for line in text.splitlines():
+        if line.startswith("onetag_writer_transaction_jobs_count"):
+            return int(float(line.split()[-1]))
+    return 0
 
 
 def summarise(name: str, windows: list[dict[str, Any]], nodes: int,
@@ -117,6 +137,8 @@ def summarise(name: str, windows: list[dict[str, Any]], nodes: int,
                                                / max(1, requests), 3),
             "postgres_cpu_ms_per_request": round(sum(w["pg_cpu_s"] for w in windows) * 1000
                                                  / max(1, requests), 3),
+            "requests_per_transaction": round(
+                requests / max(1, sum(w.get("transactions", 0) for w in windows)), 1),
             "machine_busy": (None if None in busy else
                              round(sum(busy) / seconds / (os.cpu_count() or 1), 2)),
             "all_acked": sum(w["all_acked"] for w in windows)}
@@ -146,8 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 text = config.read_text(encoding="utf-8")
                 start = text.index('database   = "')
                 end = text.index("\n", start)
-                config.write_text(text[:start] + f'database   = "{url}"' + text[end:],
-                                  encoding="utf-8")
+                config.write_text(text[:start] + f'database   = "{url}"\nmetrics_public = true'
+                                  + text[end:], encoding="utf-8")
                 node = ServerProcess([python(), "-m", "server", "serve", "--config", str(config),
                                       "--host", HOST, "--port", str(port), "--log-level",
                                       "warning"], port, log_path=node_folder / "serve.log").start()
@@ -203,7 +225,9 @@ def report_text(report: dict[str, Any]) -> str:
             f" a node{ratio}); errors {row['errors']}; CPU a request: event loop "
             f"{row['loop_cpu_ms_per_request']} ms, writer and other threads "
             f"{row['writer_cpu_ms_per_request']} ms, PostgreSQL "
-            f"{row['postgres_cpu_ms_per_request']} ms; cores busy {row['machine_busy']}")
+            f"{row['postgres_cpu_ms_per_request']} ms; cores busy {row['machine_busy']}"
+            + (f"; {row['requests_per_transaction']} requests a transaction" if row["nodes"]
+               else ""))
     d = report["durability"]
     lines += [f"  check: {d['acked_events']} events acknowledged, {d['stored_events']} stored: "
               f"{'ok' if d['ok'] else 'FAILED'}",

@@ -3,6 +3,7 @@
     python bench/script_size.py            # a table
     python bench/script_size.py --json     # machine-readable
     python bench/script_size.py --check    # exit 1 when a budget is not met
+    python bench/script_size.py --parts    # + where each script's gzipped bytes are
 
 Starts the real server (``python -m server serve --config <tmp>/onetag.toml``, forwarder off)
 with one site per case: the runtime alone, each vendor alone, all four vendors; every vendor
@@ -14,6 +15,11 @@ server actually sends). That is the minified form (templates/*.min.js.j2, made b
 tools/js/build.py with terser), what every browser gets unless it asks for debug. Brotli is computed locally (quality 11) when the ``brotli`` module is
 installed; the server itself serves gzip only.
 
+--parts: the gzip cost of each part of a script (the config JSON, each included
+templates/**/*.min.js.j2: the features, the vendor helpers, each adapter), each measured as
+what leaving that part out of the served body saves; ``runtime`` is the rest, so it also holds
+what the parts share (a string two parts repeat costs its bytes once, in neither's saving).
+
 Budgets (issue 12): the runtime with all four adapters <= 4,600 B gzipped, with any one
 adapter <= 3,300 B. Reference figures, for scale: Plausible's script ~1.9 KB gzipped, Segment's
 analytics.js ~29.6 KB.
@@ -24,13 +30,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import sys
 import tempfile
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import HOST, ServerProcess, free_port, python  # noqa: E402
+from _util import HOST, REPO, ServerProcess, free_port, python  # noqa: E402
 
 BUDGET = 4600             # runtime + all four adapters, gzipped bytes
 BUDGET_ONE_VENDOR = 3300  # runtime + any one adapter
@@ -65,7 +72,32 @@ def fetch(url: str, gzip_ok: bool) -> tuple[bytes, str | None]:
         return r.read(), r.headers.get("Content-Encoding")
 
 
-def measure() -> dict[str, object]:
+def parts() -> dict[str, str]:
+    """Each included part's text as the served script holds it: its .min.js.j2 file less the
+    generated-file header line (the runtime's own file, with its Jinja tail, is the rest)."""
+    templates = REPO / "templates"
+    return {path.relative_to(templates).as_posix(): path.read_text(encoding="utf-8").split("\n", 1)[1].rstrip("\n")
+            for path in sorted(templates.rglob("*.min.js.j2")) if path.name != "onetag.min.js.j2"}
+
+
+def part_costs(raw: bytes, texts: dict[str, str]) -> dict[str, int]:
+    """Gzipped bytes each part of one served script costs: the whole minus the script without
+    it (gzip level 9, as the server). ``config`` is the JSON the runtime is called with;
+    ``runtime`` is what the other parts leave, their shared bytes included."""
+    body = raw.decode("utf-8")
+    size = len(gzip.compress(raw, 9, mtime=0))
+
+    def without(text: str) -> int:
+        return size - len(gzip.compress(body.replace(text, "", 1).encode(), 9, mtime=0))
+
+    call = re.search(r"\}\(window,document,(\{.*\})\);\s*$", body, flags=re.S)
+    costs = {"config": without(call.group(1)) if call else 0}
+    costs.update({name: without(text) for name, text in texts.items() if text in body})
+    costs["runtime"] = size - sum(costs.values())
+    return costs
+
+
+def measure(with_parts: bool = False) -> dict[str, object]:
     try:
         import brotli  # type: ignore[import-not-found]
     except ImportError:
@@ -93,6 +125,8 @@ def measure() -> dict[str, object]:
                     "brotli": len(brotli.compress(raw, quality=11)) if brotli else None,
                     "secrets_in_script": leaked,
                 }
+                if with_parts:
+                    results[site]["parts"] = part_costs(raw, parts())
     runtime = results["runtime-only"]["gzip"]
     for site in CASES:
         results[site]["gzip_over_runtime"] = results[site]["gzip"] - runtime  # type: ignore[operator]
@@ -112,8 +146,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 when the budget is not met")
+    ap.add_argument("--parts", action="store_true", help="the gzip cost of each part of each script")
     args = ap.parse_args()
-    out = measure()
+    out = measure(with_parts=args.parts)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -126,6 +161,8 @@ def main() -> int:
                   f"{'+' + str(r['gzip_over_runtime']) + ' B' if site != 'runtime-only' else '':>20}")
             if r["secrets_in_script"]:
                 print(f"  !! secrets in {site}: {r['secrets_in_script']}")
+            for name, cost in r.get("parts", {}).items():
+                print(f"    {name:<42}{cost:>6} B")
         if not out["brotli_available"]:
             print("brotli: the `brotli` module is not installed, so no brotli figures "
                   "(pip install brotli to add them).")

@@ -4,8 +4,10 @@ One background task per vendor ("lane") claims that vendor's due rows (``store.c
 leases them and keeps one row in flight per visitor) up to the lane's free slots, and sends
 each through the process's ONE shared keep-alive pool (below). A lane never waits on another
 vendor: a vendor that times out or answers 500 fills only its own slots, and the other lanes
-keep claiming. Outcomes are collected and written in batches (``store.finish``), which the
-store's single writer group-commits.
+keep claiming. Outcomes are collected and written in batches: a lane's next claim carries
+the ones that piled up (``store.finish_and_claim``: on PostgreSQL one call and one commit for
+both), and what no claim took within ``FINISH_DELAY_S`` is written on its own
+(``store.finish``); SQLite's single writer group-commits either.
 
 Retry state lives in the rows, not here: a retry is ``pending`` with a later
 ``next_attempt_ms``, so a restart resumes where the last process stopped. A claim leases its
@@ -89,6 +91,9 @@ DEFAULT_MAX_ATTEMPTS = 20  # with the cap: ~7 h of retrying before a row is dead
 DEFAULT_RETRY_WINDOW_S = 86400.0  # a day: past it a fact is stale for email journeys; replayable
 DEFAULT_IDLE_POLL_S = 1.0  # rows coming due by time (retries) are found within a second
 DEFAULT_EXPIRE_EVERY_S = 60.0  # held rows past the hold window are expired this often
+# Outcomes wait this long for a lane's claim to carry them (one write for both) before
+# the finisher writes them on their own.
+FINISH_DELAY_S = 0.01
 STORE_RETRY_S = 1.0  # a lane whose claim the store refused (writer restarting, disk full) waits
 DEFAULT_SHUTDOWN_GRACE_S = 5.0  # on stop, in-flight sends get this long; the rest stay leased
 DEFAULT_MAX_ERROR_CHARS = 2000  # of a vendor's error body kept in last_error
@@ -523,20 +528,27 @@ class Forwarder:
             lane.wake.clear()
             if await self._paused_elsewhere(lane, now):
                 continue
+            # The outcomes that piled up go with the claim: one write for both (the claim
+            # sees them, so a visitor's next row can come with it).
+            carried, self._outcomes = self._outcomes, []
             try:
-                rows = await self.store.claim(int(now * 1000), int(opts.lease_s * 1000), want,
-                                              vendors=(lane.name,))
+                rows = await self.store.finish_and_claim(
+                    [o for _, o in carried], int(now * 1000), int(opts.lease_s * 1000), want,
+                    vendors=(lane.name,))
             except StoreUnavailable as exc:  # the store heals itself: wait, say so once
+                self._not_recorded(carried, exc)
                 if lane.store_problem != exc.message:
                     lane.store_problem = exc.message
                     log.warning("%s: the store can't be written (%s: %s); forwarding waits",
                                 lane.name, exc.kind, exc.message)
                 await self._rest(lane, STORE_RETRY_S)
                 continue
-            except Exception:
+            except Exception as exc:
+                self._not_recorded(carried, exc)
                 log.exception("claiming %s deliveries failed; trying again shortly", lane.name)
                 await self._rest(lane, opts.idle_poll_s)
                 continue
+            self._recorded(carried)
             if lane.store_problem is not None:
                 log.warning("%s: forwarding resumes", lane.name)
                 lane.store_problem = None
@@ -614,30 +626,46 @@ class Forwarder:
         return pruned
 
     async def _finish_loop(self) -> None:
-        """Write outcomes in batches: whatever piled up while the last batch was committing."""
+        """Write the outcomes no lane's claim carried (``_claim_loop``) within
+        ``FINISH_DELAY_S``: under a backlog a lane claims every few milliseconds and takes
+        them along; otherwise they are written here, in one batch."""
         assert self._outcomes_ready is not None and self._stop is not None
         while True:
             await self._outcomes_ready.wait()
             self._outcomes_ready.clear()
+            if not self._stop.is_set():
+                await asyncio.sleep(FINISH_DELAY_S)
             batch, self._outcomes = self._outcomes, []
             if batch:
                 try:
                     await self.store.finish([o for _, o in batch], int(self.clock() * 1000))
-                    self.finished += len(batch)
-                except StoreUnavailable as exc:
-                    # Not recorded: the rows stay leased and are sent again after the lease.
-                    log.warning("recording %d delivery outcomes failed (%s: %s); they will be "
-                                "sent again after their lease", len(batch), exc.kind, exc.message)
-                except Exception:
-                    # Not recorded: the rows stay leased and are sent again after the lease.
-                    log.exception("recording %d delivery outcomes failed", len(batch))
-                # A visitor's next row becomes claimable once this one is finished.
-                for vendor in {vendor for vendor, _ in batch}:
-                    lane = self._lanes.get(vendor)
-                    if lane is not None:
-                        lane.wake.set()
+                except Exception as exc:
+                    self._not_recorded(batch, exc)
+                else:
+                    self._recorded(batch)
             if self._stop.is_set() and not self._sends and not self._outcomes:
                 return
+
+    def _recorded(self, batch: list[tuple[str, Outcome]]) -> None:
+        self.finished += len(batch)
+        # A visitor's next row becomes claimable once this one is finished.
+        for vendor in {vendor for vendor, _ in batch}:
+            lane = self._lanes.get(vendor)
+            if lane is not None:
+                lane.wake.set()
+
+    @staticmethod
+    def _not_recorded(batch: list[tuple[str, Outcome]], exc: BaseException | None = None
+                      ) -> None:
+        """Said once per batch; the rows stay leased and are sent again after the lease."""
+        if not batch:
+            return
+        if isinstance(exc, StoreUnavailable):
+            log.warning("recording %d delivery outcomes failed (%s: %s); they will be sent "
+                        "again after their lease", len(batch), exc.kind, exc.message)
+        else:
+            log.error("recording %d delivery outcomes failed; they will be sent again after "
+                      "their lease", len(batch), exc_info=exc)
 
     def _record(self, vendor: str, outcome: Outcome) -> None:
         self._outcomes.append((vendor, outcome))

@@ -27,7 +27,7 @@ BROWSER_MODES = frozenset({"browser", "both", "fallback"})
 Decision = Literal["send", "browser", "skip"]
 
 
-def browser_routes(vendor: VendorConfig) -> list[int | str]:
+def browser_routes(vendor: VendorConfig, acts_on: frozenset[str] | None = None) -> list[int | str]:
     """The events the generated script lets this vendor's browser adapter handle, compactly:
     ``[default, event, ...]``, where ``default`` (1 or 0) says whether the browser takes a name
     not listed (the ``"*"`` route) and the listed events are those whose answer is the opposite.
@@ -35,7 +35,15 @@ def browser_routes(vendor: VendorConfig) -> list[int | str]:
     Only the differences are listed (every byte of the script is paid on every page view);
     the runtime reads it as ``(name is listed) != default``, as ``VendorConfig.route`` falls
     back to ``"*"`` on the server.
+
+    ``acts_on``: the only names the adapter's handler does anything for (the vendor module's
+    ``BROWSER_EVENTS``, for an adapter with no side effect on other events). How the other
+    names are routed then changes nothing in the page, so the shorter of the two forms that
+    are exact over ``acts_on`` is sent: with eSputnik's defaults, ``[1]``.
     """
+    if acts_on is not None:
+        taken = {name for name in acts_on if vendor.route(name) in BROWSER_MODES}
+        return min([1, *sorted(acts_on - taken)], [0, *sorted(taken)], key=len)
     default = vendor.routes.get("*", "off") in BROWSER_MODES
     return [int(default), *sorted(event for event, mode in vendor.routes.items()
                              if event != "*" and (mode in BROWSER_MODES) != default)]

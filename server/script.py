@@ -23,6 +23,7 @@ from starlette.responses import Response
 from . import routing
 from .assets import templates_dir
 from .config import public_settings
+from .vendors import VENDORS
 
 CACHE_CONTROL = "public, max-age=300"  # short: a config change reaches browsers in minutes
 MINIFIED, READABLE = "onetag.min.js.j2", "onetag.js.j2"
@@ -47,7 +48,8 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
 
     One-letter keys (the runtime's own names; templates/onetag.js.j2 documents them): the
     config is paid on every page view. ``v`` maps each enabled vendor to
-    ``[routes, settings]``: ``routing.browser_routes`` and ``config.public_settings``. ``u``:
+    ``[routes, settings]``: ``routing.browser_routes`` (over the vendor module's
+    ``BROWSER_EVENTS`` when it names them) and ``config.public_settings``. ``u``:
     the site's ``cart_url`` template, when it has one (where a cart can be restored).
     spa_page_views and capture_form_email are not in it: they pick the parts of the script
     (``features``), so a site gets no code it cannot use.
@@ -58,7 +60,8 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
         "s": site.id,
         **({"d": 1} if site.debug else {}),  # absent: false
         **({"u": cart_url} if cart_url else {}),
-        "v": {name: [routing.browser_routes(vendor), public_settings(vendor)]
+        "v": {name: [routing.browser_routes(vendor, getattr(VENDORS[name], "BROWSER_EVENTS", None)),
+                     public_settings(vendor)]
               for name, vendor in site.vendors.items()},
     }
 
@@ -73,7 +76,8 @@ def _embed_json(value: Any) -> str:
 def features(site: Any) -> dict[str, bool]:
     """The optional parts of the script (templates/features/) this site's settings use."""
     return {"spa_page_views": site.spa_page_views != "manual",
-            "capture_form_email": bool(site.capture_form_email)}
+            "capture_form_email": bool(site.capture_form_email),
+            "cart_url": bool(site.cart_url)}
 
 
 def render(env: jinja2.Environment, settings: Any, site: Any, readable: bool = False) -> RenderedScript:

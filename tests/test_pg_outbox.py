@@ -265,3 +265,42 @@ def test_replay_conditions_become_postgresql() -> None:
     assert pg_condition("0", 1) == "false"
     assert pg_condition("(state = 'dead') AND 0 AND created_ms >= ?", 10) == \
         "(state = 'dead') AND false AND created_ms >= $10"
+
+
+async def test_claim_function_runs_the_claim_statement_with_a_generic_plan(db) -> None:
+    """Migration 022's ``onetag_claim`` is ``claim_sql``'s one-vendor statement (with its
+    ``CLAIMABLE`` rule) word for word, and both functions keep a generic plan."""
+    from server.store.postgres_outbox import CLAIM_ONE_VENDOR_STATEMENT
+
+    _, admin, _ = db
+    rows = {row["proname"]: row for row in await admin.fetch(
+        "SELECT proname, prosrc, proconfig FROM pg_proc "
+        "WHERE proname IN ('onetag_claim', 'onetag_finish')")}
+    expected = CLAIM_ONE_VENDOR_STATEMENT
+    for n, name in ((4, "lease_ms"), (3, "wanted"), (2, "for_vendor"), (1, "now_ms")):
+        expected = expected.replace(f"${n}", name)
+    assert " ".join(expected.split()) in " ".join(rows["onetag_claim"]["prosrc"].split())
+    for name in ("onetag_claim", "onetag_finish"):
+        assert rows[name]["proconfig"] == ["plan_cache_mode=force_generic_plan"]
+
+
+async def test_a_claim_carries_outcomes_and_sees_them(db) -> None:
+    """``finish_and_claim``: the outcomes are recorded (attempt kept, the late-outcome guard
+    applied) and the claim, in the same call, already sees them: the visitor's next row
+    comes with it."""
+    _, admin, worker = db
+    store = await worker()
+    first, second, other = await add_rows(admin, [("v1", "k1"), ("v1", "k2"), ("v2", "k3")])
+    claimed = await store.claim(NOW, LEASE, 10, vendors=("sendlane",))
+    assert [d.id for d in claimed] == [first, other]
+    lease = {d.id: d.lease for d in claimed}
+    outcomes = [Outcome(first, "delivered", 0, None, Attempt(1, NOW, 5, {"url": "x"}, 200),
+                        lease[first]),
+                Outcome(other, "delivered", 0, None, None, lease[other] + 1000)]  # not its
+    [next_row] = await store.finish_and_claim(outcomes, NOW + 10, LEASE, 10,
+                                              vendors=("sendlane",))
+    assert next_row.id == second and next_row.lease > lease[other]
+    states = dict(await admin.fetch("SELECT id, state FROM deliveries"))
+    assert states == {first: "delivered", second: "pending", other: "pending"}
+    assert await admin.fetchval("SELECT count(*) FROM attempts WHERE delivery_id = $1",
+                                first) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from pathlib import Path
 
 from support import running, settings_for
 
@@ -63,7 +64,9 @@ async def test_routes_and_settings_are_sent_compactly(tmp_path) -> None:
     vendors = embedded_config(js)["vendors"]
     routes = vendors["remarkety"]["routes"]
     assert routes[0] == 0 and "quiz" in routes and "search" not in routes
-    assert vendors["esputnik"]["routes"][0] == 0 and "purchase" in vendors["esputnik"]["routes"]
+    # eSputnik's adapter acts on its BROWSER_EVENTS only, all of them browser-routed by default:
+    # nothing else to say.
+    assert vendors["esputnik"]["routes"] == [1]
     assert vendors["esputnik"]["settings"] == {
         "site_id": "ESSITE", "script_url": "https://cdn.esputnik.com/scripts/ESLOADER.js"}
 
@@ -103,21 +106,21 @@ async def test_browsers_get_the_minified_script_and_debug_the_readable_one(tmp_p
         wire = (await client.get("/s/shop1.js")).text
         readable = (await client.get("/s/shop1.js?onetag_debug=1")).text
     assert "/*" not in wire and "\n  " not in wire  # no comments, no indentation
-    assert "function identityDue(name)" in readable and "Basic Snippet" in readable
+    assert "function mergeIdentity(user)" in readable and "Basic Snippet" in readable
     assert embedded_config(wire) == embedded_config(readable)
     assert len(wire) < len(readable) // 2
     for secret in ("rj-SECRET-1", "rm-SECRET-2", "es-SECRET-3", "sl-SECRET-4", "secret-key"):
         assert secret not in readable
 
 
-async def test_the_wire_form_does_not_log_and_swaps_in_the_readable_build_for_debug(tmp_path) -> None:
-    """The minified build has no logging (the debug build has): a tab in debug mode
-    (?onetag_debug=1 on the page, kept in sessionStorage) loads the readable build instead."""
+async def test_the_wire_form_has_no_logging_and_no_debug_switch(tmp_path) -> None:
+    """The minified build has no logging (the debug build has), nor code that looks for a debug
+    switch: debugging is asking for the readable build (?onetag_debug=1 on the script URL)."""
     async with running(settings_for(tmp_path, **SECRETS)) as (_, client):
         wire = (await client.get("/s/shop1.js")).text
         readable = (await client.get("/s/shop1.js?onetag_debug=1")).text
     assert "console.log" not in wire and "console.log" in readable
-    assert '"?onetag_debug=1"' in wire and "sessionStorage.onetag_debug" in wire
+    assert "onetag_debug" not in wire and "sessionStorage" not in wire
 
 
 async def test_features_a_site_turns_off_are_compiled_out(tmp_path) -> None:
@@ -138,7 +141,7 @@ async def test_features_a_site_turns_off_are_compiled_out(tmp_path) -> None:
 async def test_a_debug_site_is_served_the_readable_script(tmp_path) -> None:
     async with running(settings_for(tmp_path, debug=True)) as (_, client):
         js = (await client.get("/s/shop1.js")).text
-    assert "function identityDue(name)" in js and embedded_config(js)["debug"] == 1
+    assert "function mergeIdentity(user)" in js and embedded_config(js)["debug"] == 1
 
 
 def test_the_sites_cart_url_reaches_the_runtime(tmp_path) -> None:
@@ -155,6 +158,12 @@ def test_the_sites_cart_url_reaches_the_runtime(tmp_path) -> None:
     fields = {f.name: getattr(site, f.name) for f in dataclasses.fields(site)}
     with_url = SimpleNamespace(**{**fields, "cart_url": "https://shop.example/cart/{cart_guid}"})
     assert script_config(settings, with_url)["u"] == "https://shop.example/cart/{cart_guid}"
+    # The code that fills the template in (templates/features/cart_url.js.j2) comes only with one.
+    from server.script import environment, render
+    for readable in (False, True):
+        assert '"{cart_guid}"' not in render(environment(), settings, site, readable).body.decode()
+        filled = render(environment(), settings, with_url, readable).body.decode()
+        assert '"{cart_guid}"' in filled and "cartUrl" in filled
 
 
 def test_the_minified_templates_are_up_to_date() -> None:
@@ -188,3 +197,49 @@ def test_no_line_of_the_readable_sources_is_over_160_characters() -> None:
             continue
         long = [n for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 160]
         assert long == [], (path.name, long)
+
+
+async def test_a_helper_only_some_adapters_call_comes_only_with_them(tmp_path) -> None:
+    """identityDue (templates/vendors/_identity.js.j2) is Rejoiner's and Sendlane's: a site with
+    neither gets no copy of it."""
+    async with running(settings_for(tmp_path, remarkety=SECRETS["remarkety"])) as (_, client):
+        without = (await client.get("/s/shop1.js?onetag_debug=1")).text
+    async with running(settings_for(tmp_path, sendlane=SECRETS["sendlane"])) as (_, client):
+        with_it = (await client.get("/s/shop1.js?onetag_debug=1")).text
+    assert "function identityDue(" not in without and "function identityDue(" in with_it
+
+
+async def test_esputnik_routes_are_said_over_the_names_its_adapter_acts_on(tmp_path) -> None:
+    """The eSputnik adapter makes calls for its BROWSER_EVENTS only, so the script's routes for
+    it are exact over those names and silent about the rest (routing.browser_routes)."""
+    from server.vendors import esputnik
+
+    source = (Path(__file__).parent.parent / "templates" / "vendors" / "esputnik.js.j2").read_text()
+    cart_events = {"add_to_cart", "remove_from_cart", "view_cart", "cart_updated", "begin_checkout"}
+    assert "else if (cartEvent)" in source  # the runtime's cart events, below
+    assert set(re.findall(r'eventName == "(\w+)"', source)) | cart_events == esputnik.BROWSER_EVENTS
+    few = {"site_id": "ESSITE", "routes": {"purchase": "server", "search": "off"}}
+    most = {"site_id": "ESSITE", "routes": {name: "off" for name in esputnik.BROWSER_EVENTS - {"view_item"}}}
+    for section, routes in ((few, [1, "purchase", "search"]), (most, [0, "view_item"])):
+        async with running(settings_for(tmp_path, esputnik=section)) as (_, client):
+            js = (await client.get("/s/shop1.js")).text
+        assert embedded_config(js)["vendors"]["esputnik"]["routes"] == routes
+
+
+def test_the_size_bench_splits_a_script_into_its_parts(tmp_path) -> None:
+    """bench/script_size.py --parts: every included part of a served script is found in it and
+    costs gzip bytes; the runtime takes the rest, so the costs add up to the whole."""
+    import sys
+
+    from server.script import environment, render
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    import script_size
+
+    settings = settings_for(tmp_path, **SECRETS)
+    script = render(environment(), settings, settings.sites["shop1"])
+    costs = script_size.part_costs(script.body, script_size.parts())
+    assert set(costs) == {"config", "runtime", "features/spa_page_views.min.js.j2",
+                          "features/capture_form_email.min.js.j2", "vendors/_money.min.js.j2",
+                          "vendors/_identity.min.js.j2", *(f"vendors/{v}.min.js.j2" for v in SECRETS)}
+    assert all(cost > 20 for cost in costs.values()), costs
+    assert sum(costs.values()) == len(script.gzipped)

@@ -232,6 +232,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None: ...
 
+    async def finish_and_claim(self, outcomes: Sequence[Outcome], now_ms: int, lease_ms: int,
+                               limit: int, vendors: Iterable[str] | None = None
+                               ) -> list[Delivery]:
+        """``finish(outcomes)``, then ``claim``: the claim sees the outcomes (a visitor's
+        next row is claimable once its row before is finished). A backend may do both in
+        one round trip and transaction (PostgreSQL: one commit where there were two). If it
+        raises, treat the outcomes as not recorded, as after a failed ``finish``."""
+        await self.finish(outcomes, now_ms)
+        return await self.claim(now_ms, lease_ms, limit, vendors)
+
     # A vendor's pause (429 / Retry-After), seen by every forwarder on this store. This
     # default keeps it in the process (one SQLite writer, one forwarder); PostgreSQL keeps it
     # in ``vendor_pauses``, so every worker on the database honours it.

@@ -22,7 +22,6 @@ from .sqlite_catalog import _WRITTEN, FEED_COLUMNS, as_dict, from_row, sync_requ
 
 _ROW = ("item_id", *catalog.COLUMNS, "sources", "deleted", "first_seen_ms", "last_seen_ms",
         "changed_ms", "version", "fact_version", "fact_ms", "planned_version")
-_SELECT = "SELECT p.site_id, " + ", ".join(f"p.{c}" for c in _ROW) + " FROM products p"
 _PRODUCT = f"SELECT {', '.join(_ROW)} FROM products"  # sqlite_catalog.from_row's, after item_id
 _MARKS = ", ".join(f"${i}" for i in range(1, len(_WRITTEN) + 1))
 _INSERT = f"INSERT INTO products ({', '.join(_WRITTEN)}) VALUES ({_MARKS})"
@@ -115,11 +114,15 @@ class PgCatalogBatch:
 
 
 def read_statement(first: int, lock: bool) -> str:
-    """The products named by two arrays (site ids ``$first``, item ids after it), in key
-    order, ``FOR UPDATE`` if ``lock``."""
-    return (_SELECT + f" JOIN unnest(${first}::text[], ${first + 1}::text[]) AS u(s, i) "
-            "ON p.site_id = u.s AND p.item_id = u.i ORDER BY p.site_id, p.item_id"
-            + (" FOR UPDATE OF p" if lock else ""))
+    """The products named by two arrays (site ids ``$first``, item ids after it; in key
+    order), ``FOR UPDATE`` if ``lock``: a probe of the primary key a pair (LATERAL; LIMIT 1
+    keeps the planner from flattening it into a join), locking in the arrays' order. As a
+    join, the writer's generic plan (``pg_writer.create_pool``) made while the table was
+    small hashed a scan of the whole table."""
+    return ("SELECT u.s, " + ", ".join(f"p.{c}" for c in _ROW)
+            + f" FROM unnest(${first}::text[], ${first + 1}::text[]) AS u(s, i) CROSS JOIN "
+            "LATERAL (SELECT * FROM products WHERE site_id = u.s AND item_id = u.i"
+            + " LIMIT 1" + (" FOR UPDATE" if lock else "") + ") AS p")
 
 
 def products_read(keys: list[tuple[str, str]], rows: Any

@@ -31,6 +31,7 @@ again by the caller; a transaction is never half applied.
 from __future__ import annotations
 
 import time
+from operator import attrgetter
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import catalog, outbox, product_sync, trust
@@ -69,34 +70,24 @@ class _Session:
 _SESSION_COLUMNS = ("identity_id", "last_ms", "user_agent", "last_page", "first_seq",
                     "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
                     "verified")
-_SESSION_TYPES = ("bigint", "bigint", "text", "text", "bigint", "bigint", "text", "text", "text",
-                  "bigint", "smallint")
+# The sessions changed, one ingest_session row each (migration 025): (id, *_SESSION_COLUMNS).
+_session_row = attrgetter("id", *_SESSION_COLUMNS)
 _SESSION_UPDATE = (
     "UPDATE sessions s SET " + ", ".join(f"{c} = u.{c}" for c in _SESSION_COLUMNS)
-    + " FROM unnest($1::bigint[], "
-    + ", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(_SESSION_TYPES))
-    + ") AS u(id, " + ", ".join(_SESSION_COLUMNS) + ") WHERE s.id = u.id")
-
-
-def _event_insert(first: int) -> str:
-    """The events' insert over 10 arrays, numbered from ``$first``."""
-    arrays = ("bigint", "text", "text", "text", "text", "text", "bigint", "bigint", "text",
-              "text")
-    return ("INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, "
-            "received_ms, raw, data) SELECT * FROM unnest("
-            + ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(arrays)) + ")")
+    + " FROM unnest($1::ingest_session[]) AS u WHERE s.id = u.id")
+# The new events, one ingest_event row each (migration 025), in the columns' order.
+_EVENT_INSERT = ("INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, "
+                 "received_ms, raw, data) SELECT * FROM unnest($2::ingest_event[])")
 
 
 # The sessions' update and the events' insert in one statement (one round trip): they touch
 # different tables, so the data-modifying CTE's shared snapshot changes nothing.
-_SESSIONS_AND_EVENTS = (
-    "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1) " + _event_insert(len(_SESSION_COLUMNS) + 2))
+_SESSIONS_AND_EVENTS = "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1) " + _EVENT_INSERT
 # ... and, in the same round trip, the products the batch observed (as last committed,
 # unlocked: ``PgCatalogBatch.flush`` locks those it writes).
 _SESSIONS_EVENTS_PRODUCTS = (
-    "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1), added AS ("
-    + _event_insert(len(_SESSION_COLUMNS) + 2) + " RETURNING 1) "
-    + pg_catalog.read_statement(len(_SESSION_COLUMNS) + 12, lock=False))
+    "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1), added AS (" + _EVENT_INSERT
+    + " RETURNING 1) " + pg_catalog.read_statement(3, lock=False))
 # Each distinct (site, event id, backend) of the batch: its stored seq if it is stored, else
 # a new seq from the shared sequence. A lookup a key (LATERAL), on the whole of the unique
 # index events_id: a prepared statement's generic plan is made once, often while the table
@@ -301,7 +292,7 @@ class PgIngestBatch:
         which also reads the products of ``product_keys``, unlocked: their rows are
         returned), then deliveries."""
         conn = self.conn
-        columns: list[list[Any]] = [[] for _ in range(len(_SESSION_COLUMNS) + 1)]
+        sessions: list[tuple[Any, ...]] = []
         if self.dirty:
             for key in sorted(self.dirty):
                 state = self.sessions[key]
@@ -313,19 +304,15 @@ class PgIngestBatch:
                     state.cart_items, state.cart_guid, state.cart_currency = (
                         (encoded.decode(), cart[1], cart[2]) if cart else (None, None, None))
                     state.cart_updated_ms = self.now
-                columns[0].append(state.id)
-                for i, name in enumerate(_SESSION_COLUMNS):
-                    columns[i + 1].append(getattr(state, name))
+                sessions.append(_session_row(state))
             self.dirty.clear()
-        events = ([list(c) for c in zip(*self.event_rows)] if self.event_rows
-                  else [[] for _ in range(10)])  # (empty arrays: no rows)
-        self.event_rows.clear()
+        events, self.event_rows = self.event_rows, []
         read: list[Any] = []
         if product_keys:
-            read = await conn.fetch(_SESSIONS_EVENTS_PRODUCTS, *columns, *events,
+            read = await conn.fetch(_SESSIONS_EVENTS_PRODUCTS, sessions, events,
                                     [k[0] for k in product_keys], [k[1] for k in product_keys])
-        elif columns[0] or events[0]:
-            await conn.execute(_SESSIONS_AND_EVENTS, *columns, *events)
+        elif sessions or events:
+            await conn.execute(_SESSIONS_AND_EVENTS, sessions, events)
         if self.delivery_rows:
             rows, self.delivery_rows = self.delivery_rows, []
             await insert_deliveries(conn, rows, self.now)
@@ -512,9 +499,10 @@ async def insert_deliveries(conn: Any, rows: Iterable[tuple[str, int, Any, str |
         taken = set()
         if wanted:
             taken = {tuple(row) for row in await conn.fetch(
-                "SELECT d.site_id, d.vendor, d.dedup_key FROM deliveries d "
-                "JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(s, v, k) "
-                "ON d.site_id = u.s AND d.vendor = u.v AND d.dedup_key = u.k AND d.claim = 0",
+                "SELECT u.s, u.v, u.k FROM unnest($1::text[], $2::text[], $3::text[]) "
+                "AS u(s, v, k) CROSS JOIN LATERAL (SELECT 1 FROM deliveries d WHERE "
+                "d.site_id = u.s AND d.vendor = u.v AND d.dedup_key = u.k AND d.claim = 0 "
+                "LIMIT 1) AS d",
                 *[list(c) for c in zip(*wanted)])}
         values = []
         for order, (site_id, seq, r, request_id) in enumerate(claims):

@@ -84,16 +84,30 @@ async def _keep_session(conn: Any) -> None:
     still rolled back by the pool before this is called."""
 
 
-async def create_pool(dsn: str, size: int) -> Any:
-    """An asyncpg pool whose every commit is durable before it returns."""
+async def create_pool(dsn: str, size: int, generic_plans: bool = False) -> Any:
+    """An asyncpg pool whose every commit is durable before it returns.
+
+    ``generic_plans``, for the ingest's connections: every prepared statement runs the plan
+    made at its first run, for any arguments (``plan_cache_mode = force_generic_plan``). By
+    default PostgreSQL plans a statement over arrays again at every run (knowing their
+    lengths, the custom plan always looks cheaper than the generic one): 0.15 ms of the
+    database's CPU a transaction, a third of what a transaction of one request costs it
+    (bench/pg_writer.py). A plan made once must suit any size of table: every ingest
+    statement probes a unique key per row (LATERAL over the arrays) or inserts, and
+    with hash and merge joins off the joins that remain (a batch's sessions updated from
+    arrays, held deliveries and their events) are nested loops of index probes whatever the
+    tables' size when they were planned (else a plan made on a new database seq-scanned
+    ``sessions`` for every batch: measured, PostgreSQL's CPU a request doubled within 10 s)."""
     import asyncpg
 
-    return await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size,
-        # Durable before answered, whatever the database's default: an acknowledged event
-        # must survive a crash of the database server.
-        server_settings={"synchronous_commit": "on", "application_name": "onetag"},
-        reset=_keep_session)
+    # Durable before answered, whatever the database's default: an acknowledged event
+    # must survive a crash of the database server.
+    settings = {"synchronous_commit": "on", "application_name": "onetag"}
+    if generic_plans:
+        settings.update(plan_cache_mode="force_generic_plan", enable_hashjoin="off",
+                        enable_mergejoin="off")
+    return await asyncpg.create_pool(dsn, min_size=1, max_size=size, server_settings=settings,
+                                     reset=_keep_session)
 
 
 def nul_field(value: Any, path: str) -> str | None:
@@ -147,7 +161,7 @@ class PgWriteOps:
 
     async def open(self) -> None:
         if self.pool is None:
-            self.pool = await create_pool(self.dsn, WRITER_POOL_SIZE)
+            self.pool = await create_pool(self.dsn, WRITER_POOL_SIZE, generic_plans=True)
 
     async def close(self, grace_s: float = 10) -> None:
         """Batches already in a transaction are committed and answered (within

@@ -63,25 +63,28 @@ def claim_sql(vendor_filter: str) -> str:
         f"FROM picked WHERE d.id = picked.id RETURNING {_CLAIM_COLUMNS}")
 
 
-CLAIM_ONE_VENDOR = claim_sql("AND d.vendor = $2")
+# The forwarder's claim (one lane, one vendor): the same statement, run by the function
+# migration 022 makes of it, so that it is planned once per connection rather than on every
+# call (asyncpg's prepared statement got a custom plan each time).
+CLAIM_ONE_VENDOR = "SELECT * FROM onetag_claim($1, $2, $3, $4)"
+CLAIM_ONE_VENDOR_STATEMENT = claim_sql("AND d.vendor = $2")  # what onetag_claim runs
 CLAIM_SOME_VENDORS = claim_sql("AND d.vendor = ANY($2::text[])")
 CLAIM_ANY_VENDOR = claim_sql("AND $2::text IS NULL")
 
-# An outcome batch in one statement (one round trip, no BEGIN/COMMIT of its own): the
-# attempts are inserted by the main statement and the rows' outcomes by a data-modifying
-# WITH, which PostgreSQL runs to completion whatever the main statement reads of it. The
-# late-outcome guard: a row changes only while pending (a final state is never undone) and
-# still this claim's; its attempt is kept either way (it happened).
-FINISH = (
-    "WITH finished AS (UPDATE deliveries d SET state = u.state, next_attempt_ms = u.next_ms, "
-    "last_error = u.error, updated_ms = $6, lease_until = NULL, "
-    "delivered_ms = CASE WHEN u.state = 'delivered' THEN $6 ELSE d.delivered_ms END "
-    "FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[]) "
-    "AS u(id, state, next_ms, error, lease) "
-    "WHERE d.id = u.id AND d.state = 'pending' AND (u.lease = 0 OR d.claim_token = u.lease)) "
-    "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, status, "
-    "answer, error) SELECT * FROM unnest($7::bigint[], $8::int[], $9::bigint[], $10::bigint[], "
-    "$11::text[], $12::int[], $13::text[], $14::text[])")
+# An outcome batch in one call (one round trip, no BEGIN/COMMIT of its own) of the function
+# migration 022 makes (planned once per connection): the rows' outcomes, then the attempts.
+# The late-outcome guard: a row changes only while pending (a final state is never undone)
+# and still this claim's; its attempt is kept either way (it happened).
+FINISH = ("SELECT onetag_finish($1::bigint[], $2::text[], $3::bigint[], $4::text[], "
+          "$5::bigint[], $6, $7::bigint[], $8::int[], $9::bigint[], $10::bigint[], $11::text[], "
+          "$12::int[], $13::text[], $14::text[])")
+
+# A lane's claim with the outcomes that piled up (migration 024): FINISH's arrays, then
+# the claim's vendor, limit and lease; one call, one transaction, one commit.
+FINISH_CLAIM = ("SELECT * FROM onetag_finish_claim($1::bigint[], $2::text[], $3::bigint[], "
+                "$4::text[], $5::bigint[], $6, $7::bigint[], $8::int[], $9::bigint[], "
+                "$10::bigint[], $11::text[], $12::int[], $13::text[], $14::text[], $15, $16, "
+                "$17)")
 
 
 def pg_condition(condition: str, first: int) -> str:
@@ -125,7 +128,21 @@ class PostgresOutbox:
                            else (CLAIM_SOME_VENDORS, chosen))
         if limit <= 0:
             return []
-        rows = await self._fetch(sql, now_ms, chosen, limit, lease_ms)
+        return self._deliveries(await self._fetch(sql, now_ms, chosen, limit, lease_ms))
+
+    async def finish_and_claim(self, outcomes: Sequence[Outcome], now_ms: int, lease_ms: int,
+                               limit: int, vendors: Iterable[str] | None = None
+                               ) -> list[Delivery]:
+        """A lane's claim (one vendor) with outcomes: one call of ``onetag_finish_claim``."""
+        chosen = None if vendors is None else list(vendors)
+        if not outcomes or chosen is None or len(chosen) != 1 or limit <= 0:
+            await self.finish(outcomes, now_ms)
+            return await self.claim(now_ms, lease_ms, limit, chosen)
+        return self._deliveries(await self._fetch(
+            FINISH_CLAIM, *self._finish_args(outcomes, now_ms), chosen[0], limit, lease_ms))
+
+    @staticmethod
+    def _deliveries(rows: list[Any]) -> list[Delivery]:
         rows.sort(key=lambda row: row["id"])
         return [Delivery(id=row["id"], site_id=row["site_id"], vendor=row["vendor"],
                          dedup_key=row["dedup_key"], visitor=row["visitor"],
@@ -137,17 +154,22 @@ class PostgresOutbox:
     async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None:
         if not outcomes:
             return
+        await self._execute(FINISH, *self._finish_args(outcomes, now_ms))
+
+    @staticmethod
+    def _finish_args(outcomes: Sequence[Outcome], now_ms: int) -> list[Any]:
+        """FINISH's 14 parameters: the outcomes' columns, then their attempts'."""
         ordered = sorted(outcomes, key=lambda o: o.id)  # one lock order: no deadlocks
         kept = [(o.id, a) for o in ordered if (a := o.attempt) is not None]
-        await self._execute(
-            FINISH, [o.id for o in ordered], [o.state for o in ordered],
+        return [
+            [o.id for o in ordered], [o.state for o in ordered],
             [o.next_attempt_ms for o in ordered], [o.error for o in ordered],
             [o.lease for o in ordered], now_ms,
             [i for i, _ in kept], [a.attempt for _, a in kept],
             [a.started_ms for _, a in kept], [a.duration_ms for _, a in kept],
             [encode(a.request).decode() for _, a in kept], [a.status for _, a in kept],
             [None if a.answer is None else encode(a.answer).decode() for _, a in kept],
-            [a.error for _, a in kept])
+            [a.error for _, a in kept]]
 
     async def expire_held(self, before_ms: int, now_ms: int) -> int:
         status = await self._execute(

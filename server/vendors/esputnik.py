@@ -81,6 +81,11 @@ DEFAULT_ROUTES = {
 }
 
 _STANDARD = frozenset(DEFAULT_ROUTES) - {"*"}
+# The only names templates/vendors/esputnik.js.j2 makes a call for; for any other its handler
+# does nothing, so the script need not say how those are routed (routing.browser_routes).
+BROWSER_EVENTS = frozenset({"page_view", "view_item", "add_to_wishlist", "view_item_list", "search",
+                            "add_to_cart", "remove_from_cart", "view_cart", "cart_updated",
+                            "begin_checkout", "purchase"})
 
 
 def auth_headers(cfg: VendorConfig) -> dict[str, str]:

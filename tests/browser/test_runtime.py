@@ -418,16 +418,20 @@ def test_a_throwing_vendor_call_is_kept_inside_its_adapter(page, static_server, 
     assert errors == []
 
 
-def test_debug_mode_logs_events_and_is_remembered_for_the_tab(page, static_server, server, wait_until):
-    url = static_server.add(shop_page(server))
+def test_the_debug_build_logs_and_the_wire_form_does_not(page, static_server, server, wait_until):
+    """Debugging a page = serving it the readable build (the script URL with ?onetag_debug=1),
+    which logs every event; the minified build logs nothing, whatever the page's URL says."""
+    debug_page = shop_page(server).replace(server.script_url("shop"), server.script_url("shop") + "?onetag_debug=1")
     logs: list[str] = []
     page.on("console", lambda m: logs.append(m.text))
-    page.goto(url + "?onetag_debug=1")
+    page.goto(static_server.add(debug_page))
     page.wait_for_function("window.onetag && window.onetag.v")
     page.evaluate("dataLayer.push({event: 'debug_me'})")
     wait_until(lambda: any("[onetag]" in x and "debug_me" in x for x in logs), "a debug log line")
     logs.clear()
-    page.goto(url)
+    page.goto(static_server.add(shop_page(server)) + "?onetag_debug=1")
     page.wait_for_function("window.onetag && window.onetag.v")
-    wait_until(lambda: any("[onetag]" in x and "page_view" in x for x in logs),
-               "debug still on without the parameter")
+    page.evaluate("dataLayer.push({event: 'quiet_please'})")
+    page.evaluate("window.onetag.flush()")
+    server.wait_events(has("quiet_please"), "the event stored")
+    assert not any("[onetag]" in x for x in logs)

@@ -211,8 +211,9 @@ class VendorEnv:
         html = page_html(self.onetag.url, site, pre)
         return self.static.add(html, path=None if pre else f"/vendors/page/{site}.html")
 
-    def script(self, site: str) -> str:
-        with urllib.request.urlopen(self.onetag.script_url(site), timeout=30) as r:
+    def script(self, site: str, debug: bool = False) -> str:
+        url = self.onetag.script_url(site) + ("?onetag_debug=1" if debug else "")
+        with urllib.request.urlopen(url, timeout=30) as r:
             return r.read().decode()
 
 

@@ -290,17 +290,17 @@ class FakeVendors:
                 {"count": self.count, "by_prefix": self.counts}).encode()))
             return
         path, _, query = target.partition("?")
+        if not self.record and not self._rules:
+            # The benchmark's vendor (nothing kept, no failures asked for): counted and
+            # answered 200 after the delay, without the record a test would read.
+            vendor = path.strip("/").split("/", 1)[0]
+            self._count(vendor)
+            connection.later(self.delay, vendor, "200", OK,
+                             headers.get("connection", "").lower() == "close")
+            return
         recorded = Recorded(method, path, parse_qs(query) if query else {}, headers, body,
                             time.time())
-        vendor = recorded.vendor
-        with self._lock:
-            self.count += 1
-            self.counts[vendor] = self.counts.get(vendor, 0) + 1
-            if self.record:
-                self._requests.append(recorded)
-            self.in_flight[vendor] = self.in_flight.get(vendor, 0) + 1
-            self.max_in_flight[vendor] = max(self.max_in_flight.get(vendor, 0),
-                                             self.in_flight[vendor])
+        self._count(recorded.vendor, recorded if self.record else None)
         rule = self._take_rule(path) if self._rules else None
         close = headers.get("connection", "").lower() == "close"
         if rule is not None and rule.action == "reset":
@@ -316,9 +316,21 @@ class FakeVendors:
             close = close or rule is not None
             connection.later(self.delay, recorded, "200", OK, close)
 
-    def _answered(self, recorded: Recorded) -> None:
+    def _count(self, vendor: str, recorded: Recorded | None = None) -> None:
+        """A request read: counted, kept (when recording), in flight until answered."""
         with self._lock:
-            self.in_flight[recorded.vendor] -= 1
+            self.count += 1
+            self.counts[vendor] = self.counts.get(vendor, 0) + 1
+            if recorded is not None:
+                self._requests.append(recorded)
+            self.in_flight[vendor] = self.in_flight.get(vendor, 0) + 1
+            self.max_in_flight[vendor] = max(self.max_in_flight.get(vendor, 0),
+                                             self.in_flight[vendor])
+
+    def _answered(self, answered: "Recorded | str") -> None:
+        vendor = answered if isinstance(answered, str) else answered.vendor
+        with self._lock:
+            self.in_flight[vendor] -= 1
 
 
 class _Connection(asyncio.Protocol):
@@ -358,7 +370,8 @@ class _Connection(asyncio.Protocol):
 
     # Answers ----------------------------------------------------------------------------
 
-    def answer(self, recorded: Recorded | None, payload: bytes, close: bool = False) -> None:
+    def answer(self, recorded: "Recorded | str | None", payload: bytes,
+               close: bool = False) -> None:
         if recorded is not None:
             self.fake._answered(recorded)
         self.busy = False
@@ -370,9 +383,11 @@ class _Connection(asyncio.Protocol):
         else:
             self._next()
 
-    def later(self, delay: float, recorded: Recorded, answer: str, payload: bytes,
-              close: bool) -> None:
-        if not recorded.answer:
+    def later(self, delay: float, recorded: "Recorded | str", answer: str, payload: bytes,
+              close: bool = False) -> None:
+        """Answer ``payload`` after ``delay``; ``recorded`` is the request's record, or
+        the vendor's name alone where nothing is kept."""
+        if isinstance(recorded, Recorded) and not recorded.answer:
             recorded.answer = answer
         if delay:
             asyncio.get_running_loop().call_later(delay, self.answer, recorded, payload, close)

@@ -18,7 +18,7 @@ parts per site; the build minifies each part on its own, as JavaScript with no J
 - minify.mjs runs terser over the parts in order with one name cache, so a runtime function
   an adapter calls has the same short name in both, and names no part may reuse;
 - the body's ``var READABLE = true;`` is minified as ``false``: the minified build does not
-  log (a tab in debug mode is given the readable build instead), so terser drops the logging.
+  log (debugging is asking for the readable build), so terser drops the logging.
 Minifying each rendered variant instead would need one output per set of vendors (and order);
 this keeps one generated file per source, as reviewable as a diff of the source.
 """

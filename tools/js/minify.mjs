@@ -28,6 +28,9 @@ function compressOptions(retain) {
     keep_fargs: false, pure_getters: true,
     // The minified build does not log (READABLE is false there): drop the calls, arguments and all.
     pure_funcs: ["log"],
+    // The parts read the runtime's READABLE flag (debug-build-only code); false here, like the
+    // runtime's own (build.py), so terser drops that code from every part.
+    global_defs: { READABLE: false },
   };
 }
 
@@ -45,6 +48,7 @@ const { runtime, parts, shared } = JSON.parse(input);
 
 const needed = new Set();
 for (const [, code] of parts) for (const name of await freeNames(code)) needed.add(name);
+needed.delete("READABLE");  // a constant (global_defs), not a name the runtime must keep
 
 const nameCache = { vars: { props: Object.fromEntries(Object.entries(shared).map(([k, v]) => ["$" + k, v])) } };
 const output = {};
