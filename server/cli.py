@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import getpass
 import ipaddress
 import json
@@ -147,8 +148,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     log_config = logs.configure(log_format, args.log_level)
     app = create_app(settings)
+    # Access lines are info: at a quieter level none is ever written, but uvicorn still
+    # formats each one's client address and path before the logger drops it (~1.5 µs a
+    # request on the event loop).
+    access_log = logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
+    # The app, its modules and settings live as long as the process: out of the collector's
+    # full passes, which walked these ~48,000 objects on the event loop each time (5-50 ms,
+    # every request in flight waiting).
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 log_config=log_config, proxy_headers=True, server_header=False,
+                access_log=access_log,
                 timeout_graceful_shutdown=max(1, int(settings.server.shutdown_grace_s / 2)))
     return 0
 

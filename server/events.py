@@ -444,9 +444,12 @@ def _string(table: dict, key: str, where: str, *, required: bool = False,
         if required:
             raise Invalid(f"{where}.{key}", "is required")
         return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+    if type(value) is str:  # the usual case, without the checks below
+        value = value.strip()
+    elif isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise Invalid(f"{where}.{key}", f"must be a string, not {_type(value)}")
-    value = str(value).strip()
+    else:
+        value = str(value).strip()
     if len(value) > max_len:
         raise Invalid(f"{where}.{key}", f"is longer than {max_len} characters")
     if required and not value:
@@ -501,11 +504,13 @@ def _page(raw: dict, where: str) -> dict[str, Any] | None:
     page = raw.get("page")
     if page is not None and not isinstance(page, dict):
         raise Invalid(f"{where}.page", "must be an object {location, referrer, title}")
-    page = dict(page or {})
-    for key, alias in (("location", "page_location"), ("referrer", "page_referrer"),
-                       ("title", "page_title")):
-        if raw.get(alias) is not None:
-            page[key] = raw[alias]
+    page = page or {}
+    if "page_location" in raw or "page_referrer" in raw or "page_title" in raw:
+        page = dict(page)  # the top-level aliases win; the body's own dict stays as sent
+        for key, alias in (("location", "page_location"), ("referrer", "page_referrer"),
+                           ("title", "page_title")):
+            if raw.get(alias) is not None:
+                page[key] = raw[alias]
     out = {}
     for key in ("location", "referrer", "title"):
         value = _string(page, key, f"{where}.page", max_len=4096)

@@ -19,6 +19,9 @@ _EXPONENTS = {
 }
 
 
+_ONE = Decimal(1)
+
+
 def exponent(currency: str) -> int:
     """Digits after the decimal point in ``currency`` (ISO 4217; 2 when not listed)."""
     return _EXPONENTS.get(currency.upper(), 2)
@@ -29,6 +32,8 @@ def to_minor(amount: Decimal | int | str, currency: str) -> int:
 
     Raises ``ValueError`` for anything that is not a finite number.
     """
+    if type(amount) is Decimal and amount.is_finite():  # parsed from a body: the usual case
+        return int(amount.scaleb(exponent(currency)).quantize(_ONE, rounding=ROUND_HALF_UP))
     if isinstance(amount, bool):
         raise ValueError("not a number")
     if isinstance(amount, float):
@@ -39,7 +44,7 @@ def to_minor(amount: Decimal | int | str, currency: str) -> int:
         raise ValueError("not a number") from exc
     if not value.is_finite():
         raise ValueError("not a finite number")
-    scaled = value.scaleb(exponent(currency)).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    scaled = value.scaleb(exponent(currency)).quantize(_ONE, rounding=ROUND_HALF_UP)
     return int(scaled)
 
 

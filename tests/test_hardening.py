@@ -338,6 +338,35 @@ async def test_a_body_that_never_ends_gets_408(tmp_path) -> None:
     assert json.loads(sent[1]["body"])["errors"][0]["field"] == "body"
 
 
+async def test_body_deadlines_time_out_only_the_slow_read() -> None:
+    """One sweep serves every read: the slow one gets 408, the quick ones their bodies, and
+    a cancel from outside (the server shutting down) is not taken for a timeout."""
+    from server.ingest import BodyDeadlines, HTTPProblem
+
+    deadlines = BodyDeadlines()
+
+    async def never() -> dict:
+        await asyncio.sleep(3600)
+        return {}
+
+    async def quick() -> dict:
+        await asyncio.sleep(0.01)
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    slow = asyncio.ensure_future(deadlines.receive(never, None, 0.2))
+    fast = [await deadlines.receive(quick, "2", 0.2) for _ in range(3)]
+    outside = asyncio.ensure_future(deadlines.receive(never, None, 0.2))
+    await asyncio.sleep(0.05)
+    outside.cancel()
+    with pytest.raises(HTTPProblem) as refused:
+        await slow
+    with pytest.raises(asyncio.CancelledError):
+        await outside
+    assert fast == [b"{}"] * 3
+    assert refused.value.status == 408 and refused.value.field == "body"
+    assert not deadlines._deadlines and not deadlines._expired
+
+
 def test_serve_refuses_a_database_it_cannot_write(tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -283,6 +283,80 @@ async def test_a_second_writer_on_the_same_file_is_seen(tmp_path, writer) -> Non
     assert view["session"]["last_seq"] == 3
 
 
+@pytest.mark.parametrize("catch_up", [False, True])
+def test_the_writer_catches_up_after_a_checkpoint_so_the_wal_starts_over(
+        tmp_path, catch_up) -> None:
+    """A passive pass leaves what was committed while it ran; SQLite starts the WAL over
+    only when a write transaction begins with every frame copied. Without the writer's
+    catch-up the WAL grows by every transaction under steady load; with it, it is reused."""
+    import os
+
+    from server.store.sqlite_writer import Checkpointer
+
+    path = str(tmp_path / "wal.db")
+    conn = configure(sqlite3.connect(path, isolation_level=None))
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("CREATE TABLE t (x BLOB)")
+
+    def commit(rows: int) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO t VALUES (zeroblob(3000))", [()] * rows)
+        conn.execute("COMMIT")
+
+    commit(20)
+    # A commit lands while the checkpointer's pass runs: a reader's snapshot from before it
+    # keeps the pass from copying it, as the pass's own start would.
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchall()
+    commit(20)
+    checkpointer = Checkpointer(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    checkpointer.passed.set()  # what the thread does after its pass
+    reader.execute("COMMIT")
+    if catch_up:
+        checkpointer.catch_up(conn)
+    size = os.path.getsize(path + "-wal")
+    commit(5)
+    if catch_up:  # started over: the next transaction's pages overwrite the file's first ones
+        assert os.path.getsize(path + "-wal") == size
+        assert not checkpointer.passed.is_set()
+    else:
+        assert os.path.getsize(path + "-wal") > size
+    for c in (other, reader, conn):
+        c.close()
+
+
+def test_the_frame_reader_puts_together_frames_larger_than_one_read() -> None:
+    """The writer reads its pipe READ_BYTES at a time: a frame of a 1 MiB body spans many
+    reads, and the small frames around it still come out whole, in order, with their ids."""
+    import os
+    import threading
+
+    from server.store.writer_process import READ_BYTES, FrameReader, encode_frame
+
+    big = b"x" * (1024 * 1024 + 17)
+    frames = [(1, [("ingest_browser", (b"{}",))]), (2, [("ingest_browser", (big,))]),
+              (3, [("ping", ())])]
+    data = b"".join(encode_frame(i, message) for i, message in frames)
+    assert len(data) > 10 * READ_BYTES
+    read_end, write_end = os.pipe()
+
+    def write() -> None:
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(data)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    reader, got = FrameReader(read_end), []
+    while chunk := reader.next():
+        got += chunk
+    writer.join()
+    os.close(read_end)
+    assert got == frames
+
+
 def test_the_session_cache_forgets_the_least_recently_used() -> None:
     from server.store.sqlite_ingest import SessionCache, _Session
 

@@ -229,6 +229,9 @@ class WriterStartFailed(Exception):
         self.failure = failure
 
 
+READ_BYTES = 64 * 1024
+
+
 class FrameReader:
     """Frames from a file descriptor: block for the first, then take whatever else is there.
 
@@ -255,7 +258,10 @@ class FrameReader:
         return frames
 
     def _fill(self) -> None:
-        chunk = os.read(self.fd, 1 << 20)
+        # 64 KiB: under glibc's mmap threshold (128 KiB), so a read's buffer comes from the
+        # heap; a 1 MiB one was an mmap, an mremap and a munmap every read. A larger frame
+        # takes a few more reads.
+        chunk = os.read(self.fd, READ_BYTES)
         if chunk:
             self.buffer += chunk
         else:
