@@ -43,7 +43,8 @@ What an answer means (``classify``):
 Every attempt is kept (``Attempt`` on the ``Outcome``, written by the same ``finish``): the
 request as sent, before ``auth_headers`` adds the credentials, and the vendor's answer or the
 transport error; a success keeps the failures before it (``last_error`` is only the latest).
-Attempts older than ``[server] keep_attempts_days`` are pruned here, in bounded batches.
+Attempts older than ``[server] keep_attempts_days`` are pruned here, in bounded batches, and
+so are the Remarkety coupon calls (``onetag coupons``; they hold shoppers' emails).
 
 Tuning, for ``onetag serve`` and ``onetag worker`` alike, through the environment (the config
 file stays about sites): ``ONETAG_FORWARD_CONCURRENCY``, ``_CONNECT_TIMEOUT_S``,
@@ -97,8 +98,8 @@ FINISH_DELAY_S = 0.01
 STORE_RETRY_S = 1.0  # a lane whose claim the store refused (writer restarting, disk full) waits
 DEFAULT_SHUTDOWN_GRACE_S = 5.0  # on stop, in-flight sends get this long; the rest stay leased
 DEFAULT_MAX_ERROR_CHARS = 2000  # of a vendor's error body kept in last_error
-DEFAULT_PRUNE_EVERY_S = 300.0  # attempts older than [server] keep_attempts_days go this often
-PRUNE_BATCH = 2000  # attempts deleted per write: a short transaction beside the deliveries'
+DEFAULT_PRUNE_EVERY_S = 300.0  # attempts and coupon calls past keep_attempts_days go this often
+PRUNE_BATCH = 2000  # rows deleted per write: a short transaction beside the deliveries'
 PRUNE_BATCHES = 10  # batches a pass at most; a bigger backlog goes over the next passes
 ANSWER_BODY_LIMIT = 4096  # characters of a vendor's answer body kept per attempt
 # Sent with every request (besides Host, Content-Length, Content-Type and the vendor's own).
@@ -454,8 +455,8 @@ class Forwarder:
             self._every(self.options.expire_every_s, self._expire_held,
                         "expiring held deliveries"), name="onetag-expire"))
         self._tasks.append(asyncio.create_task(
-            self._every(self.options.prune_every_s, self.prune_attempts,
-                        "pruning delivery attempts"), name="onetag-prune"))
+            self._every(self.options.prune_every_s, self.prune,
+                        "pruning delivery attempts and coupon calls"), name="onetag-prune"))
         if opts.product_sync_every_s > 0 and any(product_sync.enabled(site)
                                                  for site in self.settings.sites.values()):
             self._tasks.append(asyncio.create_task(
@@ -610,19 +611,32 @@ class Forwarder:
                 lane.wake.set()
         return planned
 
+    async def prune(self) -> None:
+        """The retention pass: delivery attempts and Remarkety coupon calls (which hold
+        shoppers' emails) older than ``[server] keep_attempts_days``."""
+        await self.prune_attempts()
+        await self.prune_coupon_calls()
+
     async def prune_attempts(self) -> int:
         """One pass: attempts older than ``[server] keep_attempts_days``, oldest first, in
         batches of ``PRUNE_BATCH``, at most ``PRUNE_BATCHES`` of them; returns how many."""
+        return await self._prune(self.store.prune_attempts, "delivery attempts")
+
+    async def prune_coupon_calls(self) -> int:
+        """``prune_attempts`` for the coupon calls ``onetag coupons`` lists."""
+        return await self._prune(self.store.prune_coupon_calls, "coupon calls")
+
+    async def _prune(self, delete: Any, what: str) -> int:
         keep_days = self.settings.server.keep_attempts_days
         before = int(self.clock() * 1000 - keep_days * 86_400_000)
         pruned = 0
         for _ in range(PRUNE_BATCHES):
-            deleted = await self.store.prune_attempts(before, PRUNE_BATCH)
+            deleted = await delete(before, PRUNE_BATCH)
             pruned += deleted
             if deleted < PRUNE_BATCH or (self._stop is not None and self._stop.is_set()):
                 break
         if pruned:
-            log.info("%d delivery attempts older than %g days pruned", pruned, keep_days)
+            log.info("%d %s older than %g days pruned", pruned, what, keep_days)
         return pruned
 
     async def _finish_loop(self) -> None:

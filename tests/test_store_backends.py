@@ -311,6 +311,41 @@ async def test_coupon_calls_are_kept_and_listed_latest_first(backend) -> None:
     assert [c["code"] for c in one_site] == ["SAVE10"]
 
 
+async def test_coupon_calls_past_the_retention_are_pruned_in_bounded_passes(backend,
+                                                                            monkeypatch) -> None:
+    """They hold shoppers' emails: kept ``keep_attempts_days``, like delivery attempts."""
+    from server import forwarder as forwarder_module
+    from server.forwarder import Forwarder, ForwarderOptions
+
+    day = 86_400_000
+    now_ms = 1_800_000_000_000
+    settings = backend.settings()
+    store = await backend.open(settings)
+    try:
+        # Made in this order; one old call made after a young one (another node's clock).
+        times = [now_ms - 40 * day - i for i in range(7)] + [now_ms - day, now_ms - 31 * day,
+                                                              now_ms]
+        for i, created in enumerate(times):
+            await store.record_coupon_call({"created_ms": created, "site_id": "shop1",
+                                            "status": 200, "result": "created",
+                                            "duration_ms": 5, "code": f"C{i}"})
+        monkeypatch.setattr(forwarder_module, "PRUNE_BATCH", 3)
+        monkeypatch.setattr(forwarder_module, "PRUNE_BATCHES", 2)
+        fwd = Forwarder(settings, store, ForwarderOptions(), clock=lambda: now_ms / 1000)
+        assert settings.server.keep_attempts_days == 30
+        # A pass looks at PRUNE_BATCH of the oldest at a time, at most PRUNE_BATCHES times.
+        assert await fwd.prune_coupon_calls() == 6
+        # The next 3 oldest: C6 and C8 are old, C7 young (fewer than 3 went: the pass stops).
+        assert await fwd.prune_coupon_calls() == 2
+        assert await fwd.prune_coupon_calls() == 0
+        left = [c["code"] for c in await store.coupon_calls(limit=20)]
+        await fwd.prune()  # the scheduled pass: attempts (none here) and coupon calls
+        assert [c["code"] for c in await store.coupon_calls(limit=20)] == left
+    finally:
+        await store.close()
+    assert left == ["C9", "C7"]
+
+
 async def test_products_kept_by_ingest_feed_the_catalog_reads_and_the_product_sync(
         backend) -> None:
     settings = backend.settings(sendlane={"integration_token": "SLTOKEN123", "api_token": "k"})

@@ -259,6 +259,11 @@ class Store(abc.ABC):
         """Delete at most ``limit`` attempts started before ``before_ms``; returns how many."""
         raise NotImplementedError
 
+    async def prune_coupon_calls(self, before_ms: int, limit: int) -> int:
+        """Delete coupon calls made before ``before_ms``, looking at the ``limit`` oldest
+        only; returns how many."""
+        raise NotImplementedError
+
     async def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
         """A delivery's attempts, first first (read-only)."""
         raise NotImplementedError

@@ -161,6 +161,14 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
                 f"INSERT INTO coupon_calls ({', '.join(columns)}) VALUES ({marks}) RETURNING id",
                 *(call.get(column) for column in columns))
 
+    async def prune_coupon_calls(self, before_ms: int, limit: int) -> int:
+        from .sqlite_writer import COUPON_PRUNE_SQL
+
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(COUPON_PRUNE_SQL.format(limit="$1", before="$2"),
+                                        limit, before_ms)
+        return int(status.split()[-1])
+
     async def coupon_calls(self, *, site_id: str | None = None, limit: int = 20
                            ) -> list[dict[str, Any]]:
         from .sqlite_writer import COUPON_CALL_COLUMNS as columns

@@ -164,6 +164,9 @@ class SQLiteStore(WriterSupervisor, Store):
     async def prune_attempts(self, before_ms: int, limit: int) -> int:
         return await self._write("prune_attempts", before_ms, limit)
 
+    async def prune_coupon_calls(self, before_ms: int, limit: int) -> int:
+        return await self._write("prune_coupon_calls", before_ms, limit)
+
     async def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
         assert self._reader is not None
         rows = await self._reader.execute_fetchall(

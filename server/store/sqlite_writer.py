@@ -64,6 +64,10 @@ CHECKPOINT_EVERY_S = 1.0
 REPLAY_IDS_KEPT = 100  # a replay record lists the rows made due when there are at most this many
 
 
+# Coupon calls past ``[server] keep_attempts_days`` (both backends; ``prune_coupon_calls``).
+COUPON_PRUNE_SQL = ("DELETE FROM coupon_calls WHERE id IN (SELECT id FROM (SELECT id, created_ms "
+                    "FROM coupon_calls ORDER BY id LIMIT {limit}) AS oldest "
+                    "WHERE created_ms < {before})")
 # The columns of a coupon call, in the order ``record_coupon_call`` takes them.
 COUPON_CALL_COLUMNS = ("created_ms", "site_id", "request_id", "idempotency_key", "code",
                        "template_id", "expiration", "email", "status", "result",
@@ -372,6 +376,12 @@ class WriteOps:
         return self.conn.execute(
             "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_ms < ? "
             "ORDER BY started_ms LIMIT ?)", (before, limit)).rowcount
+
+    def prune_coupon_calls(self, before: int, limit: int) -> int:
+        """Of the ``limit`` oldest calls (by id: no index on time is needed, and a pass with
+        nothing to prune reads ``limit`` rows, not the table), those made before ``before``."""
+        return self.conn.execute(COUPON_PRUNE_SQL.format(limit="?", before="?"),
+                                 (limit, before)).rowcount
 
     def record_coupon_call(self, call: tuple[Any, ...]) -> int:
         """One row of ``coupon_calls`` (server/coupons.py, ``COUPON_CALL_COLUMNS``)."""
