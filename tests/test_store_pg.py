@@ -177,6 +177,37 @@ async def test_a_stored_session_is_locked_a_new_one_created_and_a_duplicates_lef
         ("SC-CCCC-0003", seqs["e3"], seqs["e3"], "UA")]
 
 
+async def test_a_transaction_held_up_by_a_lock_does_not_hold_up_the_node(pg) -> None:
+    """In steady traffic a node runs one ingest transaction at a time (bigger batches); one
+    waiting on a row lock another node holds gets a second beside it once it has run
+    ``SECOND_BATCH_AFTER_S``, so other visitors' events are not held up behind it."""
+    import asyncpg
+
+    store = await pg.open(pg.settings())
+    other_node = await asyncpg.connect(pg.database)
+    try:
+        first = [event({"event": "page_view", "event_id": "seen"}, sc="SC-AAAA-0001")]
+        await store.ingest("shop1", first, first, SessionInfo())
+        locked = other_node.transaction()
+        await locked.start()
+        await other_node.execute("SELECT 1 FROM sessions WHERE sc = 'SC-AAAA-0001' FOR UPDATE")
+        held = [event({"event": "page_view", "event_id": "held"}, sc="SC-AAAA-0001")]
+        waiting = asyncio.ensure_future(store.ingest("shop1", held, held, SessionInfo()))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # its transaction waits for the lock
+        free = [event({"event": "page_view", "event_id": "free"}, sc="SC-BBBB-0002")]
+        answer = await asyncio.wait_for(store.ingest("shop1", free, free, SessionInfo()), 10)
+        assert answer[0].event_id == "free" and not answer[0].duplicate
+        assert not waiting.done()
+        await locked.rollback()
+        assert (await asyncio.wait_for(waiting, 10))[0].event_id == "held"
+    finally:
+        await other_node.close()
+        await store.close()
+    assert sorted(await pg.rows("SELECT event_id FROM events")) == [
+        ("free",), ("held",), ("seen",)]
+
+
 async def test_connections_the_server_cut_are_replaced_and_the_write_is_made(pg) -> None:
     """A database restart or failover cuts every pooled connection: the next write runs again
     on a new one instead of failing (and never as a 4xx)."""
