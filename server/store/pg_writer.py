@@ -25,7 +25,7 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
-from ..envelope import Problem, Refused, read_browser_body
+from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
 from ..jsontext import encode
 from . import rules
 from .base import JobFailure, StoreUnavailable
@@ -230,6 +230,7 @@ class PgWriteOps:
         turns that result into the answer)."""
         if op == "ingest_browser":
             data, facts, request_id = args
+            facts = BrowserFacts(*facts)  # it crosses the pipe as a plain tuple
             batch = read_browser_body(data, facts, self.sites)
             if isinstance(batch, Problem):
                 return None, batch

@@ -37,8 +37,6 @@ WRITERS = {"process": ProcessWriter, "thread": ThreadWriter}
 
 
 class SQLiteStore(WriterSupervisor, Store):
-    plain_facts = True  # WriteOps.read makes them BrowserFacts again
-
     def __init__(self, path: str, sites: Mapping[str, Any], hold_ms: int = 7 * 86_400_000,
                  browser_grace_ms: int = 0, writer: str = "thread",
                  writer_timeout_s: float = DEFAULT_WRITER_TIMEOUT_S,
