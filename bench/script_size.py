@@ -39,6 +39,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import HOST, REPO, ServerProcess, free_port, python  # noqa: E402
 
+sys.path.insert(0, str(REPO))
+from server.script import compress  # noqa: E402  (the server's own gzip: zopfli)
+
 BUDGET = 4600             # runtime + all four adapters, gzipped bytes
 BUDGET_ONE_VENDOR = 3300  # runtime + any one adapter
 REFERENCES = {"Plausible (script.js)": 1.9 * 1024, "Segment analytics.js": 29.6 * 1024}
@@ -82,13 +85,13 @@ def parts() -> dict[str, str]:
 
 def part_costs(raw: bytes, texts: dict[str, str]) -> dict[str, int]:
     """Gzipped bytes each part of one served script costs: the whole minus the script without
-    it (gzip level 9, as the server). ``config`` is the JSON the runtime is called with;
+    it (compressed as the server does, server/script.py compress). ``config`` is the JSON the runtime is called with;
     ``runtime`` is what the other parts leave, their shared bytes included."""
     body = raw.decode("utf-8")
-    size = len(gzip.compress(raw, 9, mtime=0))
+    size = len(compress(raw))
 
     def without(text: str) -> int:
-        return size - len(gzip.compress(body.replace(text, "", 1).encode(), 9, mtime=0))
+        return size - len(compress(body.replace(text, "", 1).encode()))
 
     call = re.search(r"\}\(window,document,(\{.*\})\);\s*$", body, flags=re.S)
     costs = {"config": without(call.group(1)) if call else 0}

@@ -55,7 +55,8 @@ async def test_only_enabled_vendors_are_compiled_in(tmp_path) -> None:
 
 async def test_routes_and_settings_are_sent_compactly(tmp_path) -> None:
     # routes: [default for unlisted names, names answering the opposite]; settings: only the
-    # public ones the adapter reads (eSputnik's script_id is already inside script_url).
+    # public ones the adapter reads (eSputnik's reads script_url only: site_id is the server's,
+    # script_id is already inside script_url).
     settings = settings_for(tmp_path, esputnik={"site_id": "ESSITE", "script_id": "ESLOADER"},
                             remarkety={"store_id": "RMSTORE",
                                        "routes": {"*": "off", "quiz": "browser", "search": "off"}})
@@ -67,8 +68,7 @@ async def test_routes_and_settings_are_sent_compactly(tmp_path) -> None:
     # eSputnik's adapter acts on its BROWSER_EVENTS only, all of them browser-routed by default:
     # nothing else to say.
     assert vendors["esputnik"]["routes"] == [1]
-    assert vendors["esputnik"]["settings"] == {
-        "site_id": "ESSITE", "script_url": "https://cdn.esputnik.com/scripts/ESLOADER.js"}
+    assert vendors["esputnik"]["settings"] == {"script_url": "https://cdn.esputnik.com/scripts/ESLOADER.js"}
 
 
 async def test_etag_cache_control_and_gzip(tmp_path) -> None:
@@ -135,7 +135,12 @@ async def test_features_a_site_turns_off_are_compiled_out(tmp_path) -> None:
     for marker in ('"pushState"', '"popstate"', '"blur"', "@\\S+"):
         assert marker in default, marker
         assert marker not in off and marker not in off_readable, marker
-    assert len(off.encode()) < len(default.encode()) - 500
+    # Exactly their code: each feature's generated part, less its header line.
+    features = Path(__file__).resolve().parent.parent / "templates" / "features"
+    parts = [(features / f"{name}.min.js.j2").read_text().split("\n", 1)[1].rstrip("\n")
+             for name in ("spa_page_views", "capture_form_email")]
+    assert all(part in default for part in parts)
+    assert len(default) - len(off) == sum(map(len, parts)) > 400
 
 
 async def test_a_debug_site_is_served_the_readable_script(tmp_path) -> None:

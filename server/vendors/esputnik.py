@@ -46,7 +46,7 @@ from ._base import PlanContext, Setting, VendorConfig, VendorRequest
 NAME = "esputnik"
 
 SETTINGS = (
-    Setting("site_id", required=True, public=True,
+    Setting("site_id", required=True, public=True, browser=False,
             help="the tracker's siteId (from eSputnik support or the account's site setup)"),
     Setting("script_id", public=True, browser=False, default="{site_id}",
             help="the eS.js loader id, when it differs from site_id"),

@@ -29,7 +29,8 @@ def test_no_secret_in_any_script(vendors):
     assert len(secrets) == 1 + 5 * len(SITES)
     for site in SITES:
         js = vendors.script(site)
-        for value in ("RJ2SITE", "rm-store-1", "8A412DC", "SL-INTEGRATION-TOKEN",
+        # eSputnik's site_id is the server's (its adapter reads script_url only): its loader URL.
+        for value in ("RJ2SITE", "rm-store-1", "/esputnik.js", "SL-INTEGRATION-TOKEN",
                       "_rejoiner", "_rmData", ".q=[]", "_Sendlane"):
             assert value in js, (site, value)  # the real script, every adapter included
         leaked = [s for s in secrets if s in js]
