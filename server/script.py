@@ -1,4 +1,4 @@
-"""The generated script: one per site, rendered once, served with an ETag, gzipped.
+"""The generated script: one per site, rendered once, served with an ETag, as brotli or gzip.
 
 Only public vendor settings reach the template (``config.public_settings``), so no secret
 can end up in anything a browser receives.
@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import brotli
 import jinja2
 import zopfli.gzip
 from starlette.requests import Request
@@ -34,7 +35,17 @@ JS_TYPE = "application/javascript; charset=utf-8"
 class RenderedScript:
     body: bytes
     gzipped: bytes
+    brotli: bytes
     etag: str
+
+    def encoded(self, accept_encoding: str) -> tuple[bytes, str | None]:
+        """The body in the smallest coding the request accepts, and its Content-Encoding."""
+        codings = accepted_codings(accept_encoding)
+        if "br" in codings:
+            return self.brotli, "br"
+        if "gzip" in codings or "*" in codings:
+            return self.gzipped, "gzip"
+        return self.body, None
 
 
 def environment() -> jinja2.Environment:
@@ -86,13 +97,40 @@ def compress(body: bytes) -> bytes:
     return zopfli.gzip.compress(body)
 
 
+def compress_brotli(body: bytes) -> bytes:
+    """The brotli body (RFC 7932), ~8% smaller than the gzip one: every current browser
+    asks for it over https (they send ``br`` in Accept-Encoding only on secure origins).
+    Quality 11, the slowest and smallest, costs ~30 ms once per site and process."""
+    return brotli.compress(body, mode=brotli.MODE_TEXT, quality=11)
+
+
+def accepted_codings(header: str) -> set[str]:
+    """The content codings an Accept-Encoding header accepts (RFC 9110, 12.5.3): those
+    listed without ``q=0``."""
+    codings = set()
+    for item in header.lower().split(","):
+        coding, _, params = item.partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0  # unreadable: not taken as a yes
+        if coding.strip() and quality > 0:
+            codings.add(coding.strip())
+    return codings
+
+
 def render(env: jinja2.Environment, settings: Any, site: Any, readable: bool = False) -> RenderedScript:
     text = env.get_template(READABLE if readable else MINIFIED).render(
         config_json=_embed_json(script_config(settings, site)), vendors=list(site.vendors),
         **features(site))
     body = text.encode("utf-8")
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-    return RenderedScript(body=body, gzipped=compress(body), etag=etag)
+    return RenderedScript(body=body, gzipped=compress(body), brotli=compress_brotli(body),
+                          etag=etag)
 
 
 class ScriptServer:
@@ -122,7 +160,7 @@ class ScriptServer:
         headers = {"ETag": script.etag, "Cache-Control": CACHE_CONTROL, "Vary": "Accept-Encoding"}
         if script.etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
-        if "gzip" in request.headers.get("accept-encoding", ""):
-            headers["Content-Encoding"] = "gzip"
-            return Response(script.gzipped, media_type=JS_TYPE, headers=headers)
-        return Response(script.body, media_type=JS_TYPE, headers=headers)
+        content, coding = script.encoded(request.headers.get("accept-encoding", ""))
+        if coding is not None:
+            headers["Content-Encoding"] = coding
+        return Response(content, media_type=JS_TYPE, headers=headers)

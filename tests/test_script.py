@@ -1,4 +1,4 @@
-"""GET /s/{site}.js: only public ids, only enabled vendors, ETag, gzip, a JS 404."""
+"""GET /s/{site}.js: only public ids, only enabled vendors, ETag, gzip and brotli, a JS 404."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import json
 import re
 from pathlib import Path
 
+import brotli
+from hypothesis import given
+from hypothesis import strategies as st
 from support import running, settings_for
+
+from server.script import accepted_codings
 
 SECRETS = {"rejoiner": {"site_id": "RJSITE1", "domain": ".shop.example", "api_key": "rj-SECRET-1"},
            "remarkety": {"store_id": "RMSTORE", "api_key": "rm-SECRET-2"},
@@ -79,14 +84,43 @@ async def test_etag_cache_control_and_gzip(tmp_path) -> None:
         assert plain.headers["content-type"] == "application/javascript; charset=utf-8"
         assert plain.headers["cache-control"] == "public, max-age=300"
         etag = plain.headers["etag"]
-        zipped = await client.get("/s/shop1.js", headers={"accept-encoding": "gzip, br"})
+        zipped = await client.get("/s/shop1.js", headers={"accept-encoding": "gzip, deflate"})
         assert zipped.headers["content-encoding"] == "gzip"
+        assert zipped.headers["vary"] == "Accept-Encoding"
         assert zipped.text == plain.text  # httpx decodes it
         async with client.stream("GET", "/s/shop1.js", headers={"accept-encoding": "gzip"}) as wire:
             raw = b"".join([chunk async for chunk in wire.aiter_raw()])
         assert len(raw) < len(plain.content) and gzip.decompress(raw) == plain.content
         again = await client.get("/s/shop1.js", headers={"if-none-match": etag})
         assert again.status_code == 304 and again.content == b""
+
+
+async def test_brotli_for_a_browser_that_asks_for_it(tmp_path) -> None:
+    """A current browser on https sends "gzip, deflate, br, zstd": it gets brotli, the
+    smallest; a coding refused with q=0 is never chosen."""
+    async with running(settings_for(tmp_path)) as (_, client):
+        plain = await client.get("/s/shop1.js", headers={"accept-encoding": "identity"})
+        sizes = {}
+        for header, coding in [("gzip, deflate, br, zstd", "br"), ("br;q=0.5, gzip", "br"),
+                               ("br;q=0, gzip", "gzip"), ("BR", "br"), ("*", "gzip"),
+                               ("br;q=0, gzip;q=0", None), ("deflate", None)]:
+            async with client.stream("GET", "/s/shop1.js",
+                                     headers={"accept-encoding": header}) as wire:
+                raw = b"".join([chunk async for chunk in wire.aiter_raw()])
+                assert wire.headers.get("content-encoding") == coding, header
+                assert wire.headers["etag"] == plain.headers["etag"]
+            decoded = {"br": brotli.decompress, "gzip": gzip.decompress, None: bytes}[coding](raw)
+            assert decoded == plain.content, header
+            sizes[coding] = len(raw)
+    assert sizes["br"] < sizes["gzip"] < sizes[None]
+
+
+@given(st.text(max_size=80))
+def test_accepted_codings_reads_any_header(header: str) -> None:
+    codings = accepted_codings(header)
+    assert all(coding and coding == coding.strip() and not set(coding) & {",", ";"}
+               for coding in codings)
+    assert accepted_codings("gzip;q=0.001, br;q=0, identity;q=bad") == {"gzip"}
 
 
 async def test_unknown_site_is_a_js_404(tmp_path) -> None:
