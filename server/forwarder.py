@@ -275,6 +275,37 @@ _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
 _STALE = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
 
 
+class _OneAtATime:
+    """Stands in for an HTTP/1.1 connection's state lock (``AsyncHTTP11Connection``'s
+    ``_state_lock``) in ``KeepAlivePool``, where a connection carries one request at a time
+    by construction: checked out of the pool, used, checked back in. httpcore's lock is an
+    ``anyio.Lock`` reached through ``sniffio`` on every acquire (a checkpoint, a cancel scope),
+    taken twice a request: a tenth of a delivery's CPU in the worker's profile. This one never
+    suspends, so no cancellation can land inside it either."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> "_OneAtATime":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_ONE_AT_A_TIME = _OneAtATime()
+
+
+def _plain_state_lock(connection: httpcore.AsyncHTTP11Connection) -> bool:
+    """Give ``connection`` the lock above in place of httpcore's, if this httpcore has one
+    where 1.0.x keeps it (a private attribute, used as ``async with``). Without it the
+    connection keeps its own lock, which is correct, only dearer; tests/test_http_stream.py
+    fails loudly if it ever goes."""
+    if hasattr(getattr(connection, "_state_lock", None), "__aenter__"):
+        connection._state_lock = _ONE_AT_A_TIME  # type: ignore[assignment]
+        return True
+    return False
+
+
 class KeepAlivePool(httpx.AsyncBaseTransport):
     """The shared client's transport: HTTP/1.1 keep-alive connections per origin, reused
     last-in first-out.
@@ -282,20 +313,26 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
     Why not httpx's default pool: httpcore 1.0 walks every pooled connection (polling each
     idle socket) on every request and every release (encode/httpcore#1035). At the 100+
     connections the forwarder keeps open that costs 3-5 ms of CPU a request and caps a
-    process near 300 deliveries/s; here taking a connection is O(1) (measured: 0.4 ms a
-    request, all included). The connections themselves are httpcore's (h11, TLS), so the
-    wire is httpx's; their sockets are asyncio protocols (``server/http_stream.py``). ``limits.max_connections`` bounds the requests in flight (one waits at
-    most the pool timeout for a slot), ``max_keepalive_connections`` the idle connections
-    kept, ``keepalive_expiry`` how long one may sit idle. A request that fails on a reused
-    connection as a stale one does (the vendor closed it while idle) is sent once more on a
-    fresh connection; the vendor's natural key makes that repeat harmless.
+    process near 300 deliveries/s; here taking a connection is O(1). The connections
+    are httpcore's HTTP/1.1 ones (``AsyncHTTP11Connection``: h11), made here over a socket
+    of ``server/http_stream.py`` (asyncio protocols; TLS with the pool's ``SSLContext``,
+    SNI and ALPN ``http/1.1``, as ``httpcore.AsyncHTTPConnection`` connects), without
+    that wrapper's per-request lock and trace, and with a lock that costs nothing in place
+    of the connection's own (``_OneAtATime``). ``limits.max_connections`` bounds the
+    requests in flight (one waits at most the pool timeout for a slot),
+    ``max_keepalive_connections`` the idle connections kept, ``keepalive_expiry`` how long
+    one may sit idle. A request that fails or is cancelled part-way closes its connection,
+    so none is ever reused half-read. A request that fails on a reused connection as a
+    stale one does (the vendor closed it while idle) is sent once more on a fresh
+    connection; the vendor's natural key makes that repeat harmless.
     """
 
     def __init__(self, limits: httpx.Limits, ssl_context: Any = None):
         self.limits = limits
         self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context()
+        self._ssl.set_alpn_protocols(["http/1.1"])  # as httpcore's connections offer
         self._slots = asyncio.Semaphore(limits.max_connections or 1_000_000)
-        self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTPConnection]] = {}
+        self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTP11Connection]] = {}
         self._idle_count = 0
         self._backend = AsyncioBackend()  # server/http_stream.py: why not anyio's
         self.opened = 0  # connections opened so far (tests and the benchmark read it)
@@ -331,12 +368,15 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
                              target=url.raw_path),
             headers=request.headers.raw, content=request.stream, extensions=request.extensions)
         while True:
-            connection, reused = await self._checkout(key)
+            connection = await self._checkout(key)
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(key, request.extensions)
             try:
                 response = await connection.handle_async_request(core_request)
                 content = await response.aread()
                 await response.aclose()
-            except BaseException as exc:
+            except BaseException as exc:  # cancelled too: never reuse a half-read connection
                 await connection.aclose()
                 if reused and isinstance(exc, _STALE):
                     continue  # a stale idle connection: once more on a fresh one
@@ -346,22 +386,38 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
                                   extensions=response.extensions)
 
     async def _checkout(self, key: tuple[bytes, bytes, int]
-                        ) -> tuple[httpcore.AsyncHTTPConnection, bool]:
+                        ) -> httpcore.AsyncHTTP11Connection | None:
+        """The idle connection to ``key`` last checked in that is still usable, or None;
+        the unusable ones met on the way (expired, closed by the vendor) are closed."""
         stack = self._idle.get(key)
         while stack:
             connection = stack.pop()
             self._idle_count -= 1
             if connection.is_available() and not connection.has_expired():
-                return connection, True
+                return connection
             await connection.aclose()
+        return None
+
+    async def _connect(self, key: tuple[bytes, bytes, int], extensions: Mapping[str, Any]
+                       ) -> httpcore.AsyncHTTP11Connection:
+        """A new connection to ``key``, as ``httpcore.AsyncHTTPConnection`` makes one: TCP,
+        then TLS for https (the request's ``sni_hostname`` extension, else the host)."""
         self.opened += 1
-        origin = httpcore.Origin(scheme=key[0], host=key[1], port=key[2])
-        return httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl,
-                                            keepalive_expiry=self.limits.keepalive_expiry,
-                                            network_backend=self._backend), False
+        timeout = (extensions.get("timeout") or {}).get("connect")
+        host = key[1].decode("ascii")
+        stream = await self._backend.connect_tcp(host, key[2], timeout=timeout)
+        if key[0] == b"https":
+            stream = await stream.start_tls(  # closes the socket if the handshake fails
+                self._ssl, server_hostname=extensions.get("sni_hostname") or host,
+                timeout=timeout)
+        connection = httpcore.AsyncHTTP11Connection(
+            origin=httpcore.Origin(scheme=key[0], host=key[1], port=key[2]), stream=stream,
+            keepalive_expiry=self.limits.keepalive_expiry)
+        _plain_state_lock(connection)
+        return connection
 
     async def _checkin(self, key: tuple[bytes, bytes, int],
-                       connection: httpcore.AsyncHTTPConnection) -> None:
+                       connection: httpcore.AsyncHTTP11Connection) -> None:
         keep = self.limits.max_keepalive_connections
         if connection.is_available() and (keep is None or self._idle_count < keep):
             self._idle.setdefault(key, []).append(connection)
