@@ -338,11 +338,14 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
         self.opened = 0  # connections opened so far (tests and the benchmark read it)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
-        try:
-            await asyncio.wait_for(self._slots.acquire(), pool_timeout)
-        except asyncio.TimeoutError:
-            raise httpx.PoolTimeout("no free connection slot", request=request) from None
+        if self._slots.locked():  # every slot taken: wait, at most the pool timeout
+            pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
+            try:
+                await asyncio.wait_for(self._slots.acquire(), pool_timeout)
+            except asyncio.TimeoutError:
+                raise httpx.PoolTimeout("no free connection slot", request=request) from None
+        else:  # a free slot: taken at once (wait_for would make a task for it)
+            await self._slots.acquire()
         try:
             return await self._send(request)
         except httpcore.ConnectionNotAvailable as exc:  # pragma: no cover - not HTTP/2
@@ -758,8 +761,6 @@ class Forwarder:
             lane.wake.set()
         now = self.clock()
         outcome = self._outcome(delivery, verdict, now, trace.record(delivery, now))
-        if delivery.lease:  # the claim it answers: a lease taken over since makes it late
-            outcome = dataclasses.replace(outcome, lease=delivery.lease)
         if verdict.pause_lane and outcome.state == PENDING:
             lane.paused_until = max(lane.paused_until, outcome.next_attempt_ms / 1000)
             try:  # every forwarder on the store holds off, not only this one
@@ -853,8 +854,10 @@ class Forwarder:
 
     def _outcome(self, delivery: Delivery, verdict: Verdict, now: float,
                  attempt: Attempt | None = None) -> Outcome:
+        """What becomes of ``delivery`` after ``verdict``; it answers the delivery's claim
+        (``lease``: a lease taken over since makes it late)."""
         if verdict.state != PENDING:
-            return Outcome(delivery.id, verdict.state, 0, verdict.error, attempt)
+            return Outcome(delivery.id, verdict.state, 0, verdict.error, attempt, delivery.lease)
         opts = self.options
         if verdict.retry_after_s is not None:
             # Never before the vendor's time; a little jitter after it spreads the returns.
@@ -866,13 +869,14 @@ class Forwarder:
         if delivery.attempts >= opts.max_attempts:
             return Outcome(delivery.id, DEAD, 0,
                            f"gave up after {delivery.attempts} attempts; last: {verdict.error}",
-                           attempt)
+                           attempt, delivery.lease)
         window_end = (delivery.retry_from_ms or delivery.created_ms) + opts.retry_window_s * 1000
         if next_ms > window_end:
             return Outcome(delivery.id, DEAD, 0,
                            f"retry window of {opts.retry_window_s / 3600:g} h passed after "
-                           f"{delivery.attempts} attempts; last: {verdict.error}", attempt)
-        return Outcome(delivery.id, PENDING, next_ms, verdict.error, attempt)
+                           f"{delivery.attempts} attempts; last: {verdict.error}", attempt,
+                           delivery.lease)
+        return Outcome(delivery.id, PENDING, next_ms, verdict.error, attempt, delivery.lease)
 
 
 class _Trace:
@@ -903,8 +907,8 @@ class _Trace:
         request = self.request or delivery.request
         sent: dict[str, Any] = {"method": request.get("method", "POST"),
                                 "url": redact_url(str(request.get("url", ""))),
-                                "headers": redact_headers(dict(self.headers or
-                                                              request.get("headers") or {}))}
+                                "headers": redact_headers(self.headers if self.headers is not None
+                                                          else request.get("headers") or {})}
         # The body is the delivery row's own request (or its if_not_found): the row keeps
         # it, so an attempt names it rather than storing a copy per try; the store's
         # ``attempts`` read puts it back.
