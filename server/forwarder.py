@@ -830,6 +830,7 @@ class Forwarder:
             return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {_describe(exc)}")
         except httpx.TransportError as exc:
             return Verdict(PENDING, _describe(exc))
+        response.encoding = _text_encoding(response.headers.get("content-type"))
         text = response.text
         trace.answer(response, text)
         return classify(delivery.vendor, response.status_code, response.headers,
@@ -927,6 +928,15 @@ def _url(url: str) -> httpx.URL:
     """A vendor URL parsed once (``httpx.URL`` is immutable); a malformed one raises
     ``httpx.InvalidURL``, as the client did."""
     return httpx.URL(url)
+
+
+@functools.lru_cache(maxsize=256)  # a vendor answers with one or two Content-Types
+def _text_encoding(content_type: str | None) -> str:
+    """The encoding httpx reads an answer's text in for this Content-Type (its charset if
+    Python knows it, else UTF-8), worked out once by httpx itself: httpx parses the header
+    with ``email.message`` on every answer, 2 % of a delivery's CPU."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    return httpx.Response(200, headers=headers).encoding or "utf-8"
 
 
 @functools.lru_cache(maxsize=256)
