@@ -105,6 +105,9 @@ ANSWER_BODY_LIMIT = 4096  # characters of a vendor's answer body kept per attemp
 # Sent with every request (besides Host, Content-Length, Content-Type and the vendor's own).
 BASE_HEADERS = {"User-Agent": f"onetag/{__version__}", "Accept": "application/json",
                 "Accept-Encoding": "gzip, deflate"}
+# Parsed once: a request's headers start as a copy of one of these (a third of the cost).
+_BASE_HEADERS = httpx.Headers(BASE_HEADERS)
+_JSON_HEADERS = httpx.Headers({**BASE_HEADERS, "Content-Type": "application/json"})
 # The answer headers an attempt keeps: what says what the body is, when to come back, where
 # a redirect went, and the vendor's own id for the request (to quote to its support).
 KEPT_ANSWER_HEADERS = frozenset({"content-type", "retry-after", "location", "date"})
@@ -838,11 +841,12 @@ class Forwarder:
 
     async def _request(self, request: Mapping[str, Any], auth: Mapping[str, str],
                        trace: "_Trace | None" = None) -> httpx.Response:
-        headers = httpx.Headers(BASE_HEADERS)
         body = request.get("json")
         content = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        if body is None:
+            headers = _BASE_HEADERS.copy()
+        else:
+            headers = _JSON_HEADERS.copy()
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         headers.update(request.get("headers") or {})
         if trace is not None:  # what was sent, before the credentials go in
