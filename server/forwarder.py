@@ -105,6 +105,9 @@ ANSWER_BODY_LIMIT = 4096  # characters of a vendor's answer body kept per attemp
 # Sent with every request (besides Host, Content-Length, Content-Type and the vendor's own).
 BASE_HEADERS = {"User-Agent": f"onetag/{__version__}", "Accept": "application/json",
                 "Accept-Encoding": "gzip, deflate"}
+# Parsed once: a request's headers start as a copy of one of these (a third of the cost).
+_BASE_HEADERS = httpx.Headers(BASE_HEADERS)
+_JSON_HEADERS = httpx.Headers({**BASE_HEADERS, "Content-Type": "application/json"})
 # The answer headers an attempt keeps: what says what the body is, when to come back, where
 # a redirect went, and the vendor's own id for the request (to quote to its support).
 KEPT_ANSWER_HEADERS = frozenset({"content-type", "retry-after", "location", "date"})
@@ -275,6 +278,37 @@ _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
 _STALE = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
 
 
+class _OneAtATime:
+    """Stands in for an HTTP/1.1 connection's state lock (``AsyncHTTP11Connection``'s
+    ``_state_lock``) in ``KeepAlivePool``, where a connection carries one request at a time
+    by construction: checked out of the pool, used, checked back in. httpcore's lock is an
+    ``anyio.Lock`` reached through ``sniffio`` on every acquire (a checkpoint, a cancel scope),
+    taken twice a request (with the wrapper's lock, up to a fifth of a worker's py-spy
+    samples). This one never suspends, so no cancellation can land inside it either."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> "_OneAtATime":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_ONE_AT_A_TIME = _OneAtATime()
+
+
+def _plain_state_lock(connection: httpcore.AsyncHTTP11Connection) -> bool:
+    """Give ``connection`` the lock above in place of httpcore's, if this httpcore has one
+    where 1.0.x keeps it (a private attribute, used as ``async with``). Without it the
+    connection keeps its own lock, which is correct, only dearer; tests/test_http_stream.py
+    fails loudly if it ever goes."""
+    if hasattr(getattr(connection, "_state_lock", None), "__aenter__"):
+        connection._state_lock = _ONE_AT_A_TIME  # type: ignore[assignment]
+        return True
+    return False
+
+
 class KeepAlivePool(httpx.AsyncBaseTransport):
     """The shared client's transport: HTTP/1.1 keep-alive connections per origin, reused
     last-in first-out.
@@ -282,30 +316,39 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
     Why not httpx's default pool: httpcore 1.0 walks every pooled connection (polling each
     idle socket) on every request and every release (encode/httpcore#1035). At the 100+
     connections the forwarder keeps open that costs 3-5 ms of CPU a request and caps a
-    process near 300 deliveries/s; here taking a connection is O(1) (measured: 0.4 ms a
-    request, all included). The connections themselves are httpcore's (h11, TLS), so the
-    wire is httpx's; their sockets are asyncio protocols (``server/http_stream.py``). ``limits.max_connections`` bounds the requests in flight (one waits at
-    most the pool timeout for a slot), ``max_keepalive_connections`` the idle connections
-    kept, ``keepalive_expiry`` how long one may sit idle. A request that fails on a reused
-    connection as a stale one does (the vendor closed it while idle) is sent once more on a
-    fresh connection; the vendor's natural key makes that repeat harmless.
+    process near 300 deliveries/s; here taking a connection is O(1). The connections
+    are httpcore's HTTP/1.1 ones (``AsyncHTTP11Connection``: h11), made here over a socket
+    of ``server/http_stream.py`` (asyncio protocols; TLS with the pool's ``SSLContext``,
+    SNI and ALPN ``http/1.1``, as ``httpcore.AsyncHTTPConnection`` connects), without
+    that wrapper's per-request lock and trace, and with a lock that costs nothing in place
+    of the connection's own (``_OneAtATime``). ``limits.max_connections`` bounds the
+    requests in flight (one waits at most the pool timeout for a slot),
+    ``max_keepalive_connections`` the idle connections kept, ``keepalive_expiry`` how long
+    one may sit idle. A request that fails or is cancelled part-way closes its connection,
+    so none is ever reused half-read. A request that fails on a reused connection as a
+    stale one does (the vendor closed it while idle) is sent once more on a fresh
+    connection; the vendor's natural key makes that repeat harmless.
     """
 
     def __init__(self, limits: httpx.Limits, ssl_context: Any = None):
         self.limits = limits
         self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context()
+        self._ssl.set_alpn_protocols(["http/1.1"])  # as httpcore's connections offer
         self._slots = asyncio.Semaphore(limits.max_connections or 1_000_000)
-        self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTPConnection]] = {}
+        self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTP11Connection]] = {}
         self._idle_count = 0
         self._backend = AsyncioBackend()  # server/http_stream.py: why not anyio's
         self.opened = 0  # connections opened so far (tests and the benchmark read it)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
-        try:
-            await asyncio.wait_for(self._slots.acquire(), pool_timeout)
-        except asyncio.TimeoutError:
-            raise httpx.PoolTimeout("no free connection slot", request=request) from None
+        if self._slots.locked():  # every slot taken: wait, at most the pool timeout
+            pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
+            try:
+                await asyncio.wait_for(self._slots.acquire(), pool_timeout)
+            except asyncio.TimeoutError:
+                raise httpx.PoolTimeout("no free connection slot", request=request) from None
+        else:  # a free slot: taken at once (wait_for would make a task for it)
+            await self._slots.acquire()
         try:
             return await self._send(request)
         except httpcore.ConnectionNotAvailable as exc:  # pragma: no cover - not HTTP/2
@@ -331,12 +374,15 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
                              target=url.raw_path),
             headers=request.headers.raw, content=request.stream, extensions=request.extensions)
         while True:
-            connection, reused = await self._checkout(key)
+            connection = await self._checkout(key)
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(key, request.extensions)
             try:
                 response = await connection.handle_async_request(core_request)
                 content = await response.aread()
                 await response.aclose()
-            except BaseException as exc:
+            except BaseException as exc:  # cancelled too: never reuse a half-read connection
                 await connection.aclose()
                 if reused and isinstance(exc, _STALE):
                     continue  # a stale idle connection: once more on a fresh one
@@ -346,22 +392,38 @@ class KeepAlivePool(httpx.AsyncBaseTransport):
                                   extensions=response.extensions)
 
     async def _checkout(self, key: tuple[bytes, bytes, int]
-                        ) -> tuple[httpcore.AsyncHTTPConnection, bool]:
+                        ) -> httpcore.AsyncHTTP11Connection | None:
+        """The idle connection to ``key`` last checked in that is still usable, or None;
+        the unusable ones met on the way (expired, closed by the vendor) are closed."""
         stack = self._idle.get(key)
         while stack:
             connection = stack.pop()
             self._idle_count -= 1
             if connection.is_available() and not connection.has_expired():
-                return connection, True
+                return connection
             await connection.aclose()
+        return None
+
+    async def _connect(self, key: tuple[bytes, bytes, int], extensions: Mapping[str, Any]
+                       ) -> httpcore.AsyncHTTP11Connection:
+        """A new connection to ``key``, as ``httpcore.AsyncHTTPConnection`` makes one: TCP,
+        then TLS for https (the request's ``sni_hostname`` extension, else the host)."""
         self.opened += 1
-        origin = httpcore.Origin(scheme=key[0], host=key[1], port=key[2])
-        return httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl,
-                                            keepalive_expiry=self.limits.keepalive_expiry,
-                                            network_backend=self._backend), False
+        timeout = (extensions.get("timeout") or {}).get("connect")
+        host = key[1].decode("ascii")
+        stream = await self._backend.connect_tcp(host, key[2], timeout=timeout)
+        if key[0] == b"https":
+            stream = await stream.start_tls(  # closes the socket if the handshake fails
+                self._ssl, server_hostname=extensions.get("sni_hostname") or host,
+                timeout=timeout)
+        connection = httpcore.AsyncHTTP11Connection(
+            origin=httpcore.Origin(scheme=key[0], host=key[1], port=key[2]), stream=stream,
+            keepalive_expiry=self.limits.keepalive_expiry)
+        _plain_state_lock(connection)
+        return connection
 
     async def _checkin(self, key: tuple[bytes, bytes, int],
-                       connection: httpcore.AsyncHTTPConnection) -> None:
+                       connection: httpcore.AsyncHTTP11Connection) -> None:
         keep = self.limits.max_keepalive_connections
         if connection.is_available() and (keep is None or self._idle_count < keep):
             self._idle.setdefault(key, []).append(connection)
@@ -702,8 +764,6 @@ class Forwarder:
             lane.wake.set()
         now = self.clock()
         outcome = self._outcome(delivery, verdict, now, trace.record(delivery, now))
-        if delivery.lease:  # the claim it answers: a lease taken over since makes it late
-            outcome = dataclasses.replace(outcome, lease=delivery.lease)
         if verdict.pause_lane and outcome.state == PENDING:
             lane.paused_until = max(lane.paused_until, outcome.next_attempt_ms / 1000)
             try:  # every forwarder on the store holds off, not only this one
@@ -773,6 +833,7 @@ class Forwarder:
             return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {_describe(exc)}")
         except httpx.TransportError as exc:
             return Verdict(PENDING, _describe(exc))
+        response.encoding = _text_encoding(response.headers.get("content-type"))
         text = response.text
         trace.answer(response, text)
         return classify(delivery.vendor, response.status_code, response.headers,
@@ -780,11 +841,12 @@ class Forwarder:
 
     async def _request(self, request: Mapping[str, Any], auth: Mapping[str, str],
                        trace: "_Trace | None" = None) -> httpx.Response:
-        headers = httpx.Headers(BASE_HEADERS)
         body = request.get("json")
         content = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        if body is None:
+            headers = _BASE_HEADERS.copy()
+        else:
+            headers = _JSON_HEADERS.copy()
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         headers.update(request.get("headers") or {})
         if trace is not None:  # what was sent, before the credentials go in
@@ -797,8 +859,10 @@ class Forwarder:
 
     def _outcome(self, delivery: Delivery, verdict: Verdict, now: float,
                  attempt: Attempt | None = None) -> Outcome:
+        """What becomes of ``delivery`` after ``verdict``; it answers the delivery's claim
+        (``lease``: a lease taken over since makes it late)."""
         if verdict.state != PENDING:
-            return Outcome(delivery.id, verdict.state, 0, verdict.error, attempt)
+            return Outcome(delivery.id, verdict.state, 0, verdict.error, attempt, delivery.lease)
         opts = self.options
         if verdict.retry_after_s is not None:
             # Never before the vendor's time; a little jitter after it spreads the returns.
@@ -810,13 +874,14 @@ class Forwarder:
         if delivery.attempts >= opts.max_attempts:
             return Outcome(delivery.id, DEAD, 0,
                            f"gave up after {delivery.attempts} attempts; last: {verdict.error}",
-                           attempt)
+                           attempt, delivery.lease)
         window_end = (delivery.retry_from_ms or delivery.created_ms) + opts.retry_window_s * 1000
         if next_ms > window_end:
             return Outcome(delivery.id, DEAD, 0,
                            f"retry window of {opts.retry_window_s / 3600:g} h passed after "
-                           f"{delivery.attempts} attempts; last: {verdict.error}", attempt)
-        return Outcome(delivery.id, PENDING, next_ms, verdict.error, attempt)
+                           f"{delivery.attempts} attempts; last: {verdict.error}", attempt,
+                           delivery.lease)
+        return Outcome(delivery.id, PENDING, next_ms, verdict.error, attempt, delivery.lease)
 
 
 class _Trace:
@@ -847,8 +912,8 @@ class _Trace:
         request = self.request or delivery.request
         sent: dict[str, Any] = {"method": request.get("method", "POST"),
                                 "url": redact_url(str(request.get("url", ""))),
-                                "headers": redact_headers(dict(self.headers or
-                                                              request.get("headers") or {}))}
+                                "headers": redact_headers(self.headers if self.headers is not None
+                                                          else request.get("headers") or {})}
         # The body is the delivery row's own request (or its if_not_found): the row keeps
         # it, so an attempt names it rather than storing a copy per try; the store's
         # ``attempts`` read puts it back.
@@ -867,6 +932,15 @@ def _url(url: str) -> httpx.URL:
     """A vendor URL parsed once (``httpx.URL`` is immutable); a malformed one raises
     ``httpx.InvalidURL``, as the client did."""
     return httpx.URL(url)
+
+
+@functools.lru_cache(maxsize=256)  # a vendor answers with one or two Content-Types
+def _text_encoding(content_type: str | None) -> str:
+    """The encoding httpx reads an answer's text in for this Content-Type (its charset if
+    Python knows it, else UTF-8), worked out once by httpx itself: httpx parses the header
+    with ``email.message`` on every answer, 2 % of a delivery's CPU."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    return httpx.Response(200, headers=headers).encoding or "utf-8"
 
 
 @functools.lru_cache(maxsize=256)

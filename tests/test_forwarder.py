@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from server.forwarder import (DEAD, DELIVERED, PENDING, Forwarder, ForwarderOptions, Verdict,
-                              classify, retry_after_seconds)
+                              _text_encoding, classify, retry_after_seconds)
 from server.store.base import Delivery
 
 from fakes.harness import (ALL, FAST, SECRETS, backend, browser, item, make_settings, purchase, rows,
@@ -298,3 +298,17 @@ async def test_a_vendor_removed_from_the_config_dead_letters_its_rows(tmp_path, 
     [dead] = rows(db, "state = 'dead'")
     assert dead["vendor"] == "sendlane" and "no sendlane section" in dead["last_error"]
     assert [r.vendor for r in fake.requests()] == ["rejoiner"]
+
+
+@pytest.mark.parametrize("content_type", [
+    None, "", "application/json", "application/json; charset=utf-8",
+    "text/plain; charset=ISO-8859-1", 'text/html; charset="utf-16"', "text/html; charset=bogus"])
+def test_an_answer_is_read_in_the_encoding_httpx_would_choose(content_type) -> None:
+    """The forwarder reads an answer's text in an encoding worked out once per Content-Type
+    (``_text_encoding``): the same as httpx works out for each answer."""
+    body = "réponse: ok".encode("utf-16" if content_type and "16" in content_type else "latin-1")
+    headers = {} if content_type is None else {"content-type": content_type}
+    plain = httpx.Response(200, headers=headers, content=body)
+    cached = httpx.Response(200, headers=headers, content=body)
+    cached.encoding = _text_encoding(content_type)
+    assert cached.text == plain.text
