@@ -359,6 +359,36 @@ def test_each_buckets_percentiles_and_success_are_exact(backend, tmp_path, attem
         assert got["succeeded"] == sum(1 for _, st_ in mine if st_ in (200, 204))
 
 
+async def test_vendor_counts_read_open_rows_whole_and_settled_ones_in_a_window(store,
+                                                                              monkeypatch) -> None:
+    """Rows still in the outbox are counted however old; delivered, ignored, browser and
+    expired ones only among the latest SETTLED_WINDOW deliveries (ids), and the page is told
+    when that window cut."""
+    from server.store import console_ops
+
+    await seed(store.backend, event_row(1),
+               delivery_row(1, state="delivered"), delivery_row(2, state="pending",
+                                                               created_ms=NOW - 60_000),
+               delivery_row(3, state="dead"), delivery_row(4, state="delivered"),
+               delivery_row(5, state="ignored"), delivery_row(6, state="browser"),
+               delivery_row(7, vendor="remarkety", state="held"))
+    reads = store.console()
+    [remarkety, sendlane] = await reads.vendor_overview(NOW, "24h")
+    assert {k: sendlane[k] for k in console_ops.STATE_COUNTS} == {
+        "delivered": 2, "pending": 1, "failing": 0, "held": 0, "dead": 1, "ignored": 1,
+        "browser": 1, "expired": 0}
+    assert sendlane["settled_window"] is None and sendlane["oldest_pending_age_s"] == 60
+    monkeypatch.setattr(console_ops, "SETTLED_WINDOW", 3)  # ids 5, 6, 7 of 7
+    [remarkety, sendlane] = await reads.vendor_overview(NOW, "24h")
+    assert {k: sendlane[k] for k in console_ops.STATE_COUNTS} == {
+        "delivered": 0, "pending": 1, "failing": 0, "held": 0, "dead": 1, "ignored": 1,
+        "browser": 1, "expired": 0}
+    assert sendlane["settled_window"] == 3 and remarkety["held"] == 1
+    one_site = {item["vendor"]: item
+                for item in await reads.vendor_overview(NOW, "24h", site_id="shop1")}
+    assert (one_site["sendlane"]["dead"], one_site["sendlane"]["ignored"]) == (1, 1)
+
+
 async def test_vendor_overview_counts_latency_success_and_errors(store) -> None:
     hour = NOW - NOW % HOUR
     await seed(

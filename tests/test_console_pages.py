@@ -10,11 +10,12 @@ import sqlite3
 import time
 
 import httpx
+import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from console_support import SECRETS, assert_no_secret, console_settings, login
 from server.admin.dead_letters import BadFilter, iso_ms, parse_filter, parse_time
-from server.store import deadletters
+from server.store import console_ops, deadletters
 from server.store.deadletters import check
 from support import running
 
@@ -105,6 +106,13 @@ async def test_vendors_page_shows_counts_charts_and_grouped_errors(tmp_path) -> 
     # A configured vendor with nothing stored yet is shown with zeros.
     assert 'id="vendor-shop1-rejoiner"' in page
     assert "[redacted]" in page[page.index('id="vendor-shop1-remarkety"'):]
+    assert "settled-window" not in page  # every row counted
+    async with running(settings) as (app, client):
+        await logged_in(client)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(console_ops, "SETTLED_WINDOW", 1)
+            windowed = (await client.get("/admin/vendors")).text
+    assert "delivered, ignored, browser and expired: among the latest 1 deliveries" in windowed
     async with running(settings) as (app, client):
         await logged_in(client)
         bad = await client.get("/admin/vendors?range=1y")

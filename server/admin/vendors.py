@@ -93,7 +93,8 @@ def empty_overview(now: int, range_name: str, site_id: str, vendor: str) -> dict
     """A configured vendor with no rows yet: zero counts, empty series (shown, not hidden)."""
     width, _, starts = bucket_starts(now, range_name)
     return {"site_id": site_id, "vendor": vendor, **{state: 0 for state in STATES},
-            "oldest_pending_age_s": None, "range": range_name, "bucket_ms": width,
+            "oldest_pending_age_s": None, "settled_window": None, "range": range_name,
+            "bucket_ms": width,
             "buckets": [{"start_ms": s, "attempts": 0, "succeeded": 0, "success_rate": None,
                          "p50_ms": None, "p95_ms": None} for s in starts],
             "attempts": 0, "success_rate": None, "errors": []}
