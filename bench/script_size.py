@@ -122,7 +122,8 @@ def measure(with_parts: bool = False) -> dict[str, object]:
                     raise SystemExit(f"/s/{site}.js: gzipped and plain bodies differ")
                 wire_br, encoding = fetch(f"{url}/s/{site}.js", "gzip, deflate, br")
                 if encoding != "br" or brotli.decompress(wire_br) != raw:
-                    raise SystemExit(f"/s/{site}.js: not served as brotli to a browser asking for it")
+                    raise SystemExit(f"/s/{site}.js: not served as brotli to a browser "
+                                     "asking for it")
                 leaked = [s for s in ("secret-rj", "secret-rm", "secret-es", "secret-sl", "secret-site")
                           if s.encode() in raw]
                 results[site] = {

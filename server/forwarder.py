@@ -861,8 +861,15 @@ class Forwarder:
                  attempt: Attempt | None = None) -> Outcome:
         """What becomes of ``delivery`` after ``verdict``; it answers the delivery's claim
         (``lease``: a lease taken over since makes it late)."""
+        state, next_ms, error = self._next_state(delivery, verdict, now)
+        return Outcome(delivery.id, state, next_ms, error, attempt, delivery.lease)
+
+    def _next_state(self, delivery: Delivery, verdict: Verdict, now: float
+                    ) -> tuple[str, int, str | None]:
+        """(state, next attempt in ms, error): the verdict's own, or for a retry its time
+        (backoff or the vendor's Retry-After), dead once attempts or the window run out."""
         if verdict.state != PENDING:
-            return Outcome(delivery.id, verdict.state, 0, verdict.error, attempt, delivery.lease)
+            return verdict.state, 0, verdict.error
         opts = self.options
         if verdict.retry_after_s is not None:
             # Never before the vendor's time; a little jitter after it spreads the returns.
@@ -872,16 +879,12 @@ class Forwarder:
             delay = step / 2 + self.rng() * step / 2  # "equal jitter": never a hot retry loop
         next_ms = int((now + delay) * 1000)
         if delivery.attempts >= opts.max_attempts:
-            return Outcome(delivery.id, DEAD, 0,
-                           f"gave up after {delivery.attempts} attempts; last: {verdict.error}",
-                           attempt, delivery.lease)
+            return DEAD, 0, f"gave up after {delivery.attempts} attempts; last: {verdict.error}"
         window_end = (delivery.retry_from_ms or delivery.created_ms) + opts.retry_window_s * 1000
         if next_ms > window_end:
-            return Outcome(delivery.id, DEAD, 0,
-                           f"retry window of {opts.retry_window_s / 3600:g} h passed after "
-                           f"{delivery.attempts} attempts; last: {verdict.error}", attempt,
-                           delivery.lease)
-        return Outcome(delivery.id, PENDING, next_ms, verdict.error, attempt, delivery.lease)
+            return DEAD, 0, (f"retry window of {opts.retry_window_s / 3600:g} h passed after "
+                             f"{delivery.attempts} attempts; last: {verdict.error}")
+        return PENDING, next_ms, verdict.error
 
 
 class _Trace:

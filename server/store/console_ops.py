@@ -78,6 +78,12 @@ STATE_CONDITIONS = {"pending": "state = 'pending' AND last_error IS NULL",
                     "failing": "state = 'pending' AND last_error IS NOT NULL"}
 
 
+def _no_rows(site_id: str, vendor: str) -> dict[str, Any]:
+    """A (site, vendor) on the Vendors page before its counts are filled in."""
+    return {"site_id": site_id, "vendor": vendor, **{state: 0 for state in STATE_COUNTS},
+            "oldest_pending_age_s": None}
+
+
 class OpsReads:
     """Vendors, Dead letters, Reconciliation (``?`` placeholders). A backend's
     ``ConsoleReads`` provides ``rows``, ``json_text`` and ``text_in``."""
@@ -123,9 +129,7 @@ class OpsReads:
 
         errors = await self._last_errors(first, site_id)
         for key in set(grouped) | set(errors):
-            overview.setdefault(key, {"site_id": key[0], "vendor": key[1],
-                                      **{state: 0 for state in STATE_COUNTS},
-                                      "oldest_pending_age_s": None})
+            overview.setdefault(key, _no_rows(*key))
         for key, item in overview.items():
             series = grouped.get(key, {})
             buckets = []
@@ -159,8 +163,9 @@ class OpsReads:
         site_cond, site_params = ("AND site_id = ?", [site_id]) if site_id else ("", [])
 
         def counts(states: Sequence[str]) -> str:
-            return ", ".join(f"count(*) FILTER (WHERE {STATE_CONDITIONS.get(state, f'state = {state!r}')}) "
-                             f"AS {state}" for state in states)
+            return ", ".join(
+                f"count(*) FILTER (WHERE {STATE_CONDITIONS.get(state, f'state = {state!r}')}) "
+                f"AS {state}" for state in states)
 
         open_rows = await self.rows(
             f"SELECT site_id, vendor, {counts(OPEN_STATES)}, "
@@ -177,9 +182,7 @@ class OpsReads:
         overview: dict[tuple[str, str], dict[str, Any]] = {}
         for row in [*open_rows, *settled_rows]:
             key = (row["site_id"], row["vendor"])
-            item = overview.setdefault(key, {"site_id": key[0], "vendor": key[1],
-                                             **{state: 0 for state in STATE_COUNTS},
-                                             "oldest_pending_age_s": None})
+            item = overview.setdefault(key, _no_rows(*key))
             oldest = row.pop("oldest_pending_ms", None)
             if oldest is not None:
                 item["oldest_pending_age_s"] = max(0, now_ms - oldest) / 1000
