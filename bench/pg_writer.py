@@ -89,6 +89,7 @@ async def measure(args: argparse.Namespace, url: str, database: str) -> None:
                   f"{answered[0] / transactions:.1f} requests each", flush=True)
     finally:
         await ops.close()
+    print("  ways: " + ", ".join(f"{way} {count}" for way, count in sorted(ops.paths.items())))
     if profile:
         out = io.StringIO()
         order = os.environ.get("PG_WRITER_SORT", "cumulative")

@@ -272,6 +272,22 @@ async def test_a_browser_copy_under_a_key_a_backend_fact_holds_is_not_sent(backe
                     ("convert:2002", 0): ("pending", None)}
 
 
+async def test_a_browser_copy_of_a_backend_cart_event_is_not_sent(backend) -> None:
+    """The backend's add_to_cart and the page's copy of it (one event id) plan one key: the
+    copy is not sent. On PostgreSQL the copy is written by the one-statement write, which
+    applies ``rules.claim_taken`` in SQL."""
+    store = await backend.open(backend.settings(
+        sendlane={"integration_token": "t", "api_token": "k"}))
+    cart = {"event": "add_to_cart", "event_id": "c1", "ecommerce": {"items": [item("A")]}}
+    try:
+        await ingest(store, event(cart, source="backend"))
+        await ingest(store, event(cart))
+    finally:
+        await store.close()
+    assert sorted(await backend.rows("SELECT claim, state, last_error FROM deliveries")) == [
+        (0, "held", None), (1, "ignored", "a backend fact holds this key")]
+
+
 async def test_a_fallback_order_the_browser_delivered_first_is_not_sent_again(backend) -> None:
     settings = backend.settings(rejoiner={"site_id": "ABC1234", "api_key": "k"})
     store = await backend.open(settings, browser_grace_ms=600_000)

@@ -19,6 +19,7 @@ from server.store.base import SessionInfo
 
 from backends import Backend, _admin, _url
 from support import item
+from test_store_backends import ingest
 from test_trust_rules import empty, sites
 
 pytestmark = pytest.mark.usefixtures("pg_database")
@@ -175,6 +176,93 @@ async def test_a_stored_session_is_locked_a_new_one_created_and_a_duplicates_lef
                          "ORDER BY sc") == [
         ("SC-AAAA-0001", seqs["e1"], seqs["e2"], "UA"),
         ("SC-CCCC-0003", seqs["e3"], seqs["e3"], "UA")]
+
+
+async def test_browser_events_are_written_in_one_statement_and_the_rest_locked(pg) -> None:
+    """Browser events that change no identity, no order and no product: one unlocked read
+    and one write (``run_optimistic``). An email, a backend event or a product first seen
+    take the locked transaction, before or after that read."""
+    store = await pg.open(pg.settings())
+    ways = store._writer.ops.paths
+    try:
+        cart = {"event": "add_to_cart", "ecommerce": {"items": [item("A")]}}
+        await ingest(store, event({**cart, "event_id": "first"}))  # product A is new
+        assert dict(ways) == {"needed locks": 1, "locked": 1}
+        await ingest(store, event({**cart, "event_id": "again"}),
+                     event({"event": "page_view", "event_id": "p"}, sc="SC-BBBB-0002"))
+        assert ways["one statement"] == 1
+        await ingest(store, event({"event": "page_view", "event_id": "e",
+                                   "user": {"email": "a@b.co"}}))
+        await ingest(store, event({"event": "page_view", "event_id": "b"}, source="backend"))
+        assert ways == {"needed locks": 1, "locked": 3, "one statement": 1}
+    finally:
+        await store.close()
+    assert await pg.rows("SELECT sc, first_seq < last_seq, cart_items IS NOT NULL, "
+                         "identity_id IS NOT NULL FROM sessions ORDER BY sc") == [
+        ("SC-AAAA-0001", True, True, True), ("SC-BBBB-0002", False, False, False)]
+    [(quantity,)] = await pg.rows("SELECT (cart_items::jsonb -> 0 ->> 'quantity')::int "
+                                  "FROM sessions WHERE sc = 'SC-AAAA-0001'")
+    assert quantity == 2
+
+
+async def _waiting_on_a_lock(pg, statement: str) -> None:
+    """Until a backend runs ``statement`` (a prefix) and waits on a lock."""
+    for _ in range(200):
+        if await pg.rows("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                         f"AND query LIKE '{statement}%'"):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no backend waits on a lock in {statement!r}")
+
+
+async def _a_race_lost_to(pg, other_nodes_write: str, stored_first: bool) -> Any:
+    """Another node's transaction makes ``other_nodes_write`` and commits it while this
+    node's one-statement write of a page_view (read before it) waits for its lock; the
+    batch's ways (``PgWriteOps.paths``)."""
+    import asyncpg
+
+    store = await pg.open(pg.settings())
+    other_node = await asyncpg.connect(pg.database)
+    try:
+        if stored_first:
+            await ingest(store, event({"event": "page_view", "event_id": "seen"}))
+        other = other_node.transaction()
+        await other.start()
+        await other_node.execute(other_nodes_write)
+        later = asyncio.ensure_future(ingest(store, event(
+            {"event": "page_view", "event_id": "later"})))
+        await _waiting_on_a_lock(pg, "SELECT ingest_write")
+        await other.commit()
+        assert not (await asyncio.wait_for(later, 10))[0].duplicate
+        return store._writer.ops.paths
+    finally:
+        await other_node.close()
+        await store.close()
+
+
+async def test_a_session_changed_between_the_read_and_the_write_is_run_again_locked(
+        pg) -> None:
+    """Another node changes the session after this batch read it and before its write: the
+    write (waiting for that node's row lock) finds another version and writes nothing; the
+    batch runs again locked, on the session as the other node left it (no lost update)."""
+    ways = await _a_race_lost_to(pg, "UPDATE sessions SET last_page = '/other', user_agent "
+                                     "= 'other' WHERE sc = 'SC-AAAA-0001'", stored_first=True)
+    assert ways["lost a race"] == 1 and ways["locked"] == 1
+    assert await pg.rows("SELECT last_page, user_agent, last_seq = (SELECT max(seq) FROM "
+                         "events) FROM sessions") == [("/other", "UA", True)]
+    assert sorted(await pg.rows("SELECT event_id FROM events")) == [("later",), ("seen",)]
+
+
+async def test_a_session_another_node_created_meanwhile_is_run_again_locked(pg) -> None:
+    """Two nodes see a visitor's first events at once: the one whose session insert finds
+    the other's row (after waiting for its commit) writes nothing and runs again locked,
+    on the session the other created."""
+    ways = await _a_race_lost_to(pg, "INSERT INTO sessions (site_id, sc, first_ms, last_ms, "
+                                     "last_page) VALUES ('shop1', 'SC-AAAA-0001', 1, 1, "
+                                     "'/other')", stored_first=False)
+    assert ways["lost a race"] == 1 and ways["locked"] == 1
+    assert await pg.rows("SELECT first_ms, last_page, first_seq IS NOT NULL "
+                         "FROM sessions") == [(1, "/other", True)]
 
 
 async def test_a_transaction_held_up_by_a_lock_does_not_hold_up_the_node(pg) -> None:

@@ -76,7 +76,7 @@ class PgCatalogBatch:
             return 0
         products = (read if read is not None
                     else await self._read(self.keys(), lock=False))
-        wanted = sorted(key for key, (_, write) in self._merged(products).items() if write)
+        wanted = self.writes(products)
         if not wanted:
             self.work.clear()
             return 0
@@ -99,6 +99,11 @@ class PgCatalogBatch:
                                      [k[1] for k in keys])
         return products_read(keys, rows)
 
+    def writes(self, products: dict[tuple[str, str], Product | None]) -> list[tuple[str, str]]:
+        """The products the batch's observations would write, merged against ``products``
+        (as read, unlocked), in key order."""
+        return sorted(key for key, (_, write) in self._merged(products).items() if write)
+
     def _merged(self, products: dict[tuple[str, str], Product | None]
                 ) -> dict[tuple[str, str], tuple[Product, bool]]:
         """The batch's observations of ``products`` merged in order: (product, written)."""
@@ -119,8 +124,14 @@ def read_statement(first: int, lock: bool) -> str:
     keeps the planner from flattening it into a join), locking in the arrays' order. As a
     join, the writer's generic plan (``pg_writer.create_pool``) made while the table was
     small hashed a scan of the whole table."""
-    return ("SELECT u.s, " + ", ".join(f"p.{c}" for c in _ROW)
-            + f" FROM unnest(${first}::text[], ${first + 1}::text[]) AS u(s, i) CROSS JOIN "
+    columns, source = read_parts(first, lock)
+    return f"SELECT {columns}{source}"
+
+
+def read_parts(first: int, lock: bool) -> tuple[str, str]:
+    """``read_statement``'s select list and its FROM clause, for a statement to embed."""
+    return ("u.s, " + ", ".join(f"p.{c}" for c in _ROW),
+            f" FROM unnest(${first}::text[], ${first + 1}::text[]) AS u(s, i) CROSS JOIN "
             "LATERAL (SELECT * FROM products WHERE site_id = u.s AND item_id = u.i"
             + " LIMIT 1" + (" FOR UPDATE" if lock else "") + ") AS p")
 

@@ -26,6 +26,16 @@ Concurrency (several nodes, one visitor in two tabs; docs/architecture.md):
 
 Whatever still deadlocks (identities named in different orders by two batches) is run
 again by the caller; a transaction is never half applied.
+
+Most batches need none of those locks (``PgIngestBatch.run_optimistic``): browser events
+of visitors they don't identify, no order, no backend fact, no product to write. Such a
+batch reads its sessions, their identities and its products without a lock, applies the
+same rules, and writes in one statement that is its own transaction (``ingest_write``,
+migration 027): a session is written only if it is still the version read (its ``xmin``)
+and created only if no one created it meanwhile, else nothing is written and the batch
+runs again locked (``NeedsLocks``, serialization failure). Two round trips where the
+locked transaction takes four or more: BEGIN and COMMIT are each a round trip, and a
+node's group commit waits on its round trips, not on the database's work.
 """
 
 from __future__ import annotations
@@ -54,24 +64,32 @@ def _flag(value: Any) -> int | None:
     return None if value is None else int(bool(value))
 
 
-class _Session:
-    """A session row, locked by this transaction, as the batch changes it."""
-
-    __slots__ = ("id", "identity_id", "last_ms", "user_agent", "last_page", "first_seq",
-                 "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
-                 "verified", "cart")
-
-    def __init__(self, row: Mapping[str, Any]):
-        for name in self.__slots__[:-1]:
-            setattr(self, name, row[name])
-        self.cart: Any = _UNREAD if self.cart_items is not None else None
-
-
 _SESSION_COLUMNS = ("identity_id", "last_ms", "user_agent", "last_page", "first_seq",
                     "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
                     "verified")
-# The sessions changed, one ingest_session row each (migration 025): (id, *_SESSION_COLUMNS).
-_session_row = attrgetter("id", *_SESSION_COLUMNS)
+_SESSION_READ = ("id", "site_id", "sc", *_SESSION_COLUMNS)
+
+
+class _Session:
+    """A session row as the batch changes it: locked by this transaction, or (an optimistic
+    batch's) read at ``version``, or new (``id`` None) to be created."""
+
+    __slots__ = (*_SESSION_READ, "version", "cart")
+
+    def __init__(self, row: Sequence[Any], version: int | None = None):
+        """``row``: the ``_SESSION_READ`` columns, in order."""
+        for name, value in zip(_SESSION_READ, row):
+            setattr(self, name, value)
+        self.version = version
+        self.cart: Any = _UNREAD if self.cart_items is not None else None
+
+    @classmethod
+    def new(cls, site_id: str, sc: str) -> "_Session":
+        return cls((None, site_id, sc) + (None,) * len(_SESSION_COLUMNS))
+
+
+# The sessions changed, one ingest_session row each (migrations 025, 027).
+_session_row = attrgetter("id", *_SESSION_COLUMNS, "version", "site_id", "sc")
 _SESSION_UPDATE = (
     "UPDATE sessions s SET " + ", ".join(f"{c} = u.{c}" for c in _SESSION_COLUMNS)
     + " FROM unnest($1::ingest_session[]) AS u WHERE s.id = u.id")
@@ -96,19 +114,19 @@ _SESSIONS_EVENTS_PRODUCTS = (
 # batch after 5 s of bench/pg_ingest.py, 9.7 ms after 20 s, with autovacuum off). A lookup
 # per key (LIMIT 1 keeps the planner from flattening it into a join) is an index probe whatever the table's size was when it was planned.
 # The sequence's name is looked up once a statement (an InitPlan), not once a row.
-_KNOWN_AND_SEQS = (
-    "SELECT u.s, u.i, u.b, e.seq, CASE WHEN e.seq IS NULL THEN "
-    "nextval((SELECT pg_get_serial_sequence('events', 'seq')::regclass)) END "
-    "FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::bool[])) AS u(s, i, b) "
+_KNOWN_COLUMNS = ("u.s, u.i, u.b, e.seq, CASE WHEN e.seq IS NULL THEN "
+                  "nextval((SELECT pg_get_serial_sequence('events', 'seq')::regclass)) END")
+_KNOWN_FROM = (
+    " FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::bool[])) AS u(s, i, b) "
     "LEFT JOIN LATERAL (SELECT seq FROM events WHERE site_id = u.s AND event_id = u.i "
     "AND (source = 'backend') = u.b LIMIT 1) AS e ON true")
+_KNOWN_AND_SEQS = "SELECT " + _KNOWN_COLUMNS + _KNOWN_FROM
 # The batch's stored sessions, locked in the order of the arrays ((site_id, sc) order): a
 # probe a key (as above), FOR UPDATE waiting for another node's transaction that holds the
 # row, then returning the row as that one committed it. Locking a stored row costs
 # PostgreSQL less than half what the upsert below does (measured: 32 rows, 0.65 ms of its
 # CPU against 1.5 ms: the upsert draws an id, probes the index, then writes a new row
 # version that the batch's update replaces again).
-_SESSION_READ = ("id", "site_id", "sc", *_SESSION_COLUMNS)
 _SESSIONS_STORED = (
     "SELECT " + ", ".join(f"t.{c}" for c in _SESSION_READ) + ", NULL::text AS k_s, "
     "NULL::text AS k_i, NULL::bool AS k_b, NULL::bigint AS k_seq, NULL::bigint AS k_new "
@@ -119,6 +137,22 @@ _SESSIONS_STORED = (
 _KNOWN_AND_SESSIONS = (
     _SESSIONS_STORED + " UNION ALL SELECT " + ", ".join(["NULL"] * len(_SESSION_READ))
     + "," + _KNOWN_AND_SEQS[len("SELECT"):])
+# An optimistic batch's one read (``run_optimistic``), nothing locked: its stored sessions
+# with their versions (xmin: every update of a row changes it) and identities, its event
+# keys as above, and the products its events name. Three kinds of rows, each an anonymous
+# record (asyncpg reads one as a tuple), so that one statement returns them all. Every join
+# a probe of a unique key (LATERAL ... LIMIT 1), as above.
+_IDENTITY_READ = ("email", "customer_id", "first_name", "last_name", "phone",
+                  "accepts_marketing")
+_READ_UNLOCKED = (
+    "SELECT 's', ROW(" + ", ".join(f"t.{c}" for c in _SESSION_READ)
+    + ", t.xmin::text::bigint, " + ", ".join(f"i.{c}" for c in _IDENTITY_READ) + ") "
+    "FROM unnest($4::text[], $5::text[]) AS u(s, sc) CROSS JOIN LATERAL "
+    "(SELECT *, xmin FROM sessions WHERE site_id = u.s AND sc = u.sc) AS t "
+    "LEFT JOIN LATERAL (SELECT * FROM identities WHERE id = t.identity_id LIMIT 1) AS i "
+    "ON true "
+    "UNION ALL SELECT 'k', ROW(" + _KNOWN_COLUMNS + ")" + _KNOWN_FROM
+    + " UNION ALL SELECT 'p', ROW({}){}".format(*pg_catalog.read_parts(6, lock=False)))
 # The sessions not found stored, created and locked, in (site_id, sc) order, in one
 # statement: ON CONFLICT DO UPDATE locks a row another node created meanwhile (waiting for
 # its transaction, then returning the row as that one committed it) and returns it as the
@@ -126,7 +160,8 @@ _KNOWN_AND_SESSIONS = (
 _SESSIONS_LOCKED = (
     "INSERT INTO sessions AS t (site_id, sc, first_ms, last_ms) "
     "SELECT s, sc, $3, $3 FROM unnest($1::text[], $2::text[]) AS u(s, sc) ORDER BY s, sc "
-    "ON CONFLICT (site_id, sc) DO UPDATE SET last_ms = t.last_ms RETURNING t.*")
+    "ON CONFLICT (site_id, sc) DO UPDATE SET last_ms = t.last_ms RETURNING "
+    + ", ".join(f"t.{c}" for c in _SESSION_READ))
 _DELIVERY_INSERT = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
     "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
@@ -159,9 +194,58 @@ class PgIngestBatch:
     # The batch ----------------------------------------------------------------------------
 
     async def run(self, requests: Sequence[Request]) -> list[list[tuple[str, int, bool]]]:
-        """Per request, an ``IngestResult``-shaped tuple per event."""
-        results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
+        """Per request, an ``IngestResult``-shaped tuple per event: the locked transaction
+        (the caller's)."""
         known, seqs, stored = await self._known_events(requests)
+        results, work = self._sequenced(requests, known, seqs)
+        await self._load_state(work, stored)
+        await self._apply_all(requests, work)
+        keys = self.products.keys()
+        read = await self._flush(keys)
+        # Last: product rows are locked after sessions and identities.
+        await self.products.flush(pg_catalog.products_read(keys, read) if keys else None)
+        return results
+
+    async def run_optimistic(self, requests: Sequence[Request]
+                             ) -> list[list[tuple[str, int, bool]]]:
+        """As ``run``, outside any transaction block: one unlocked read, then one write that
+        is its own transaction (``ingest_write``). Raises ``NeedsLocks`` (nothing written)
+        when the rules want a statement of their own; the write raises a serialization
+        failure (nothing written) when a session changed since the read."""
+        conn = self.conn
+        product_keys = named_products(requests)
+        known, seqs, stored, products = await self._read_unlocked(requests, product_keys)
+        results, work = self._sequenced(requests, known, seqs)
+        self.sessions = {key: stored.get(key) or _Session.new(*key)
+                         for key in _session_keys(work)}
+        self.conn = self.products.conn = _LOCKS_NEEDED
+        await self._apply_all(requests, work)
+        if not set(self.products.keys()) <= products.keys() or self.products.writes(products):
+            raise NeedsLocks("a product to write")
+        claims = []
+        for site_id, seq, r, request_id in self.delivery_rows:
+            if not r.claim or r.event["name"] in trust.ORDER_EVENTS:
+                raise NeedsLocks("an order or a backend fact to deliver")
+            claims.append((site_id, r.vendor, r.dedup_key, seq, r.visitor, r.state,
+                           encode(r.request).decode(), self.now + r.delay_ms, r.error,
+                           request_id))
+        changed, created = [], []
+        for state in self._dirty_sessions():
+            (changed if state.id is not None else created).append(_session_row(state))
+        self.conn = conn
+        if not (changed or created or self.event_rows or claims):
+            return results  # duplicates only: nothing to write
+        await conn.execute(_INGEST_WRITE, changed, created, self.event_rows,
+                           *([list(c) for c in zip(*claims)] if claims else [[]] * 10),
+                           list(rules.CLAIM_TAKEN_STATES), outbox.IGNORED,
+                           rules.CLAIM_TAKEN_ERROR, self.now)
+        return results
+
+    def _sequenced(self, requests: Sequence[Request], known: dict[tuple[str, str, bool], Any],
+                   seqs: list[int]) -> tuple[list[list[tuple[str, int, bool]]], list[Any]]:
+        """Each event's answer (a new seq, or the stored one's: a duplicate), and the new
+        events to apply: (seq, site_id, event, raw, user agent, (request, position))."""
+        results: list[list[tuple[str, int, bool]]] = [[] for _ in requests]
         fresh = []  # (request index, position, key)
         for index, (site_id, events, *_rest) in enumerate(requests):
             for position, event in enumerate(events):
@@ -184,16 +268,42 @@ class PgIngestBatch:
                     continue
                 results[index].append((event["event_id"], seq, False))
                 work.append((seq, site_id, event, raw, user_agent, (index, position)))
+        return results, work
+
+    async def _apply_all(self, requests: Sequence[Request], work: Sequence[Any]) -> None:
         self.request_ids = [request[4] for request in requests]
-        await self._load_state(work, stored)
         self.stored_bytes = [0] * len(requests)
         for seq, site_id, event, raw, user_agent, place in work:
             await self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
-        keys = self.products.keys()
-        read = await self._flush(keys)
-        # Last: product rows are locked after sessions and identities.
-        await self.products.flush(pg_catalog.products_read(keys, read) if keys else None)
-        return results
+
+    async def _read_unlocked(self, requests: Sequence[Request],
+                             product_keys: list[tuple[str, str]]) -> tuple[
+            dict[tuple[str, str, bool], Any], list[int], dict[tuple[str, str], _Session],
+            dict[tuple[str, str], Any]]:
+        """``_known_events``' answers without a lock, with each stored session's version
+        and identity, and the products of ``product_keys``: one round trip."""
+        sites, ids, backend, keys = _event_keys(requests)
+        known, seqs, stored, products = {}, [], {}, []
+        at = len(_SESSION_READ)
+        for kind, row in await self.conn.fetch(
+                _READ_UNLOCKED, sites, ids, backend, [k[0] for k in keys],
+                [k[1] for k in keys], [k[0] for k in product_keys],
+                [k[1] for k in product_keys]):
+            if kind == "s":
+                session = _Session(row, version=row[at])
+                stored[(session.site_id, session.sc)] = session
+                if session.identity_id is not None:
+                    self.identities[session.identity_id] = identity_fields(
+                        dict(zip(_IDENTITY_READ, row[at + 1:])))
+            elif kind == "k":
+                if row[3] is None:
+                    seqs.append(row[4])
+                else:
+                    known[row[:3]] = row[3]
+            else:
+                products.append(row)
+        seqs.sort()
+        return known, seqs, stored, pg_catalog.products_read(product_keys, products)
 
     async def _known_events(self, requests: Sequence[Request]
                             ) -> tuple[dict[tuple[str, str, bool], Any], list[int],
@@ -201,21 +311,7 @@ class PgIngestBatch:
         """The batch's events already stored (key: seq), a seq from the shared sequence for
         each distinct new one, ascending, and the stored sessions of the batch's first
         copies of each event, locked: one round trip."""
-        sites, ids, backend = [], [], []
-        first: set[tuple[str, str, bool]] = set()
-        visitors = set()
-        for site_id, events, *_ in requests:
-            for event in events:
-                event_id, is_backend = event["event_id"], event["source"] == trust.BACKEND
-                sites.append(site_id)
-                ids.append(event_id)
-                backend.append(is_backend)
-                key = (site_id, event_id, is_backend)
-                if key not in first:
-                    first.add(key)
-                    if event["sc"]:
-                        visitors.add((site_id, event["sc"]))
-        keys = sorted(visitors)
+        sites, ids, backend, keys = _event_keys(requests)
         known, seqs, stored = {}, [], {}
         at = len(_SESSION_READ)
         for row in await self.conn.fetch(_KNOWN_AND_SESSIONS, sites, ids, backend,
@@ -233,7 +329,7 @@ class PgIngestBatch:
                           stored: dict[tuple[str, str], _Session]) -> None:
         """The batch's sessions (``stored``: those found stored, locked), those missing
         created and locked, in (site, sc) order; their identities, locked, in id order."""
-        keys = sorted({(site_id, event["sc"]) for _, site_id, event, *_ in work if event["sc"]})
+        keys = _session_keys(work)
         if not keys:
             return
         missing = [key for key in keys if key not in stored]
@@ -292,20 +388,7 @@ class PgIngestBatch:
         which also reads the products of ``product_keys``, unlocked: their rows are
         returned), then deliveries."""
         conn = self.conn
-        sessions: list[tuple[Any, ...]] = []
-        if self.dirty:
-            for key in sorted(self.dirty):
-                state = self.sessions[key]
-                if key in self.cart_json:
-                    lines, encoded = self.cart_json.pop(key)
-                    cart = state.cart
-                    if cart and lines is not cart[0]:
-                        encoded = encode(cart[0])
-                    state.cart_items, state.cart_guid, state.cart_currency = (
-                        (encoded.decode(), cart[1], cart[2]) if cart else (None, None, None))
-                    state.cart_updated_ms = self.now
-                sessions.append(_session_row(state))
-            self.dirty.clear()
+        sessions = [_session_row(state) for state in self._dirty_sessions()]
         events, self.event_rows = self.event_rows, []
         read: list[Any] = []
         if product_keys:
@@ -317,6 +400,24 @@ class PgIngestBatch:
             rows, self.delivery_rows = self.delivery_rows, []
             await insert_deliveries(conn, rows, self.now)
         return read
+
+    def _dirty_sessions(self) -> list[_Session]:
+        """The sessions changed since the last write, in (site_id, sc) order, their carts
+        encoded; none are dirty after."""
+        states = []
+        for key in sorted(self.dirty):
+            state = self.sessions[key]
+            if key in self.cart_json:
+                lines, encoded = self.cart_json.pop(key)
+                cart = state.cart
+                if cart and lines is not cart[0]:
+                    encoded = encode(cart[0])
+                state.cart_items, state.cart_guid, state.cart_currency = (
+                    (encoded.decode(), cart[1], cart[2]) if cart else (None, None, None))
+                state.cart_updated_ms = self.now
+            states.append(state)
+        self.dirty.clear()
+        return states
 
     # Identity -----------------------------------------------------------------------------
 
@@ -472,6 +573,87 @@ class PgIngestBatch:
                                seq)
             await insert_deliveries(conn, [(site.id, seq, row, request_id) for row in
                                            outbox.plan(site, event, vendors, self.grace_ms)], now)
+
+
+# The optimistic batch ---------------------------------------------------------------------------
+
+class NeedsLocks(Exception):
+    """An optimistic batch met what only the locked transaction does (an identity to write,
+    a held delivery to release, an order or a backend fact, a product to write): nothing of
+    it was written; the writer runs it locked."""
+
+
+class _LocksNeeded:
+    """The connection of an optimistic batch while its rules run: a statement they want is
+    one the locked transaction must make."""
+
+    async def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise NeedsLocks("a statement inside the rules")
+
+    fetch = fetchrow = fetchval = execute = executemany = _refuse
+
+
+_LOCKS_NEEDED = _LocksNeeded()
+
+# migration 027's function; the claims go as one array a column, as _DELIVERY_INSERT's.
+_INGEST_WRITE = (
+    "SELECT ingest_write($1::ingest_session[], $2::ingest_session[], $3::ingest_event[], "
+    "$4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], "
+    "$11::bigint[], $12::text[], $13::text[], $14::text[], $15::text, $16::text, $17::bigint)")
+
+
+def optimistic(requests: Sequence[Request]) -> bool:
+    """Whether a batch may try ``run_optimistic``: browser events only, each with its
+    session, none naming a person (an identity step other than keeping the session's:
+    ``rules.identity_step``) or an order (a fact may wait under its key). What only the
+    stored state tells (a verified session, a product to write) still sends a batch to
+    the locked transaction, after its read."""
+    for _, events, *_ in requests:
+        for event in events:
+            user = event.get("user") or {}
+            if (event["source"] != trust.BROWSER or not event["sc"]
+                    or user.get("email") or user.get("customer_id")
+                    or event["name"] in trust.ORDER_EVENTS):
+                return False
+    return True
+
+
+def named_products(requests: Sequence[Request]) -> list[tuple[str, str]]:
+    """The (site_id, item_id) of every product a browser event of the batch names, in
+    order (what ``PgCatalogBatch.observe`` will observe of them)."""
+    keys = set()
+    for site_id, events, *_ in requests:
+        for event in events:
+            if event["name"] in catalog.EVENTS:
+                for item in (event.get("ecommerce") or {}).get("items") or ():
+                    keys.add((site_id, item["item_id"]))
+    return sorted(keys)
+
+
+def _event_keys(requests: Sequence[Request]) -> tuple[list[str], list[str], list[bool],
+                                                     list[tuple[str, str]]]:
+    """The batch's event keys as three arrays (site, event id, backend), and the sessions
+    of each key's first copy, in (site_id, sc) order."""
+    sites, ids, backend = [], [], []
+    first: set[tuple[str, str, bool]] = set()
+    visitors = set()
+    for site_id, events, *_ in requests:
+        for event in events:
+            event_id, is_backend = event["event_id"], event["source"] == trust.BACKEND
+            sites.append(site_id)
+            ids.append(event_id)
+            backend.append(is_backend)
+            key = (site_id, event_id, is_backend)
+            if key not in first:
+                first.add(key)
+                if event["sc"]:
+                    visitors.add((site_id, event["sc"]))
+    return sites, ids, backend, sorted(visitors)
+
+
+def _session_keys(work: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
+    """The sessions the new events of a batch name, in (site_id, sc) order."""
+    return sorted({(site_id, event["sc"]) for _, site_id, event, *_ in work if event["sc"]})
 
 
 # Deliveries -----------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 (``envelope.read_browser_body``), applies the requests that arrive in one turn of its event
 loop together in one transaction (``pg_ingest.PgIngestBatch``: set-based statements over
 ``unnest`` arrays, the rules of ``store/rules.py``), commits once with
-``synchronous_commit = on``, and only then answers. One such transaction runs at a time in
+``synchronous_commit = on``, and only then answers. A batch of browser events that change
+no identity is tried first as one unlocked read and one write that is its own transaction
+(``run_optimistic``); what that can't write is run as the locked transaction. One such transaction runs at a time in
 steady traffic, and requests arriving meanwhile wait for the next (so batches grow with
 load); a second starts beside it only when the first is slow or a backlog waits
 (``MAX_BATCHES``, ``SECOND_BATCH_AFTER_S``). A transaction that lost a race to another node
@@ -23,6 +25,7 @@ import asyncio
 import contextvars
 import logging
 import os
+from collections import Counter
 from typing import Any, Mapping, Sequence
 
 from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
@@ -169,6 +172,9 @@ class PgWriteOps:
         self._recheck: asyncio.TimerHandle | None = None  # _start again when a slot is due
         self.commits = 0  # ingest transactions committed
         self.retries = 0  # ... run again after losing a race to another node
+        # Committed batches by way (``pg_ingest``): "one statement" (optimistic), "locked";
+        # and the optimistic ones run again locked: "needed locks", "lost a race".
+        self.paths: Counter[str] = Counter()
         self.on_commit: Any = None  # called with the requests of each committed batch
 
     async def open(self) -> None:
@@ -362,22 +368,37 @@ class PgWriteOps:
         """``requests`` applied and committed in one transaction, run again (from a clean
         start: ``restores`` put their events back as sent) when it lost a race to another
         node."""
-        from .pg_ingest import PgIngestBatch
+        from .pg_ingest import NeedsLocks, PgIngestBatch, optimistic
 
         attempt = 0
+        one_statement = optimistic(requests)
         while True:
             for restore in restores:
                 restore()
             try:
                 async with self.pool.acquire() as conn:
-                    async with conn.transaction():
-                        results = await PgIngestBatch(conn, self.sites, self.hold_ms,
-                                                      self.browser_grace_ms).run(requests)
+                    batch = PgIngestBatch(conn, self.sites, self.hold_ms, self.browser_grace_ms)
+                    if one_statement:
+                        results = await batch.run_optimistic(requests)
+                    else:
+                        async with conn.transaction():
+                            results = await batch.run(requests)
                 self.commits += 1
+                self.paths["one statement" if one_statement else "locked"] += 1
                 if self.on_commit is not None:
                     self.on_commit(len(requests))
                 return results
+            except NeedsLocks:
+                self.paths["needed locks"] += 1
+                one_statement = False
+                continue
             except Exception as exc:
+                if one_statement and sqlstate(exc) in RETRYABLE:
+                    # A session changed, or an event id or session was taken, since the
+                    # read: run it locked, at once (it waits for the other's locks anyway).
+                    self.paths["lost a race"] += 1
+                    one_statement = False
+                    continue
                 attempt += 1
                 # A connection the server cut (a restart, a failover, an idle timeout) is
                 # dropped by the pool: the next attempt gets a new one. Run once more on it;

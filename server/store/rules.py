@@ -241,8 +241,13 @@ def same_fact(event: Mapping[str, Any], request: Mapping[str, Any],
 
 def claim_taken(state: str, fact_holds_key: bool) -> bool:
     """A claim the server would send, under a key a backend fact holds, is not sent
-    (stored ``ignored``, ``CLAIM_TAKEN_ERROR``): the fact is the vendor's truth."""
-    return fact_holds_key and state in (outbox.PENDING, outbox.HELD)
+    (stored ``ignored``, ``CLAIM_TAKEN_ERROR``): the fact is the vendor's truth.
+    (PostgreSQL's one-statement write, migration 027, applies it in SQL, given
+    ``CLAIM_TAKEN_STATES``.)"""
+    return fact_holds_key and state in CLAIM_TAKEN_STATES
+
+
+CLAIM_TAKEN_STATES = (outbox.PENDING, outbox.HELD)  # a claim's states a fact's key cancels
 
 
 CLAIM_TAKEN_ERROR = "a backend fact holds this key"
