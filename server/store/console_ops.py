@@ -108,11 +108,22 @@ class OpsReads:
         width, first, starts = bucket_starts(now_ms, range_name)
         # Per (site, vendor, bucket): attempts, 2xx answers and the nearest-rank p50/p95,
         # ranked by the database (a window over the range's attempts): only the buckets
-        # come back.
+        # come back. The range's attempts are read through attempts_started with the site
+        # and vendor they carry; only those written before they did (SQLite's migration
+        # 013, PostgreSQL's 026) and not labelled yet are joined to their deliveries.
+        # Joining every one made PostgreSQL hash the whole deliveries table on each view.
+        bounds = [first, width, first, first + len(starts) * width]
+        if site_id:
+            bounds.append(site_id)
         rows = await self.rows(
-            "WITH timed AS (SELECT d.site_id, d.vendor, (a.started_ms - ?) / ? AS bucket, "
+            "WITH timed AS (SELECT a.site_id, a.vendor, (a.started_ms - ?) / ? AS bucket, "
+            "a.duration_ms, a.status FROM attempts a WHERE a.started_ms >= ? "
+            "AND a.started_ms < ? AND a.site_id IS NOT NULL "
+            f"{'AND a.site_id = ?' if site_id else ''} "
+            "UNION ALL SELECT d.site_id, d.vendor, (a.started_ms - ?) / ? AS bucket, "
             "a.duration_ms, a.status FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
-            f"WHERE a.started_ms >= ? AND a.started_ms < ? {'AND d.site_id = ?' if site_id else ''}), "
+            "WHERE a.site_id IS NULL AND a.started_ms >= ? AND a.started_ms < ? "
+            f"{'AND d.site_id = ?' if site_id else ''}), "
             "ranked AS (SELECT *, row_number() OVER (PARTITION BY site_id, vendor, bucket "
             "ORDER BY duration_ms) AS pos, count(*) OVER (PARTITION BY site_id, vendor, bucket) "
             "AS n FROM timed) "
@@ -121,8 +132,7 @@ class OpsReads:
             # nearest rank: ceil(p * n), in integers
             "max(CASE WHEN pos = (n + 1) / 2 THEN duration_ms END) AS p50, "
             "max(CASE WHEN pos = (95 * n + 99) / 100 THEN duration_ms END) AS p95 "
-            "FROM ranked GROUP BY site_id, vendor, bucket, n",
-            [first, width, first, first + len(starts) * width, *([site_id] if site_id else [])])
+            "FROM ranked GROUP BY site_id, vendor, bucket, n", bounds + bounds)
         grouped: dict[tuple[str, str], dict[int, Any]] = {}
         for row in rows:
             grouped.setdefault((row["site_id"], row["vendor"]), {})[row["bucket"]] = row
