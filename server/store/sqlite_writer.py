@@ -389,8 +389,10 @@ class WriteOps:
         if not rows:
             return 0, None
         labelled = self.conn.execute(
-            "UPDATE attempts SET site_id = d.site_id, vendor = d.vendor FROM deliveries d "
-            f"WHERE d.id = attempts.delivery_id AND attempts.id IN (SELECT id FROM ({batch}))",
+            "UPDATE attempts SET site_id = (SELECT site_id FROM deliveries d WHERE "
+            "d.id = attempts.delivery_id), vendor = (SELECT vendor FROM deliveries d WHERE "
+            f"d.id = attempts.delivery_id) WHERE attempts.id IN (SELECT id FROM ({batch})) "
+            "AND EXISTS (SELECT 1 FROM deliveries d WHERE d.id = attempts.delivery_id)",
             (*before, limit)).rowcount
         return labelled, tuple(rows[-1])
 
