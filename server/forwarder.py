@@ -101,6 +101,7 @@ DEFAULT_MAX_ERROR_CHARS = 2000  # of a vendor's error body kept in last_error
 DEFAULT_PRUNE_EVERY_S = 300.0  # attempts and coupon calls past keep_attempts_days go this often
 PRUNE_BATCH = 2000  # rows deleted per write: a short transaction beside the deliveries'
 PRUNE_BATCHES = 10  # batches a pass at most; a bigger backlog goes over the next passes
+LATEST = 2**63 - 1  # the newest (started_ms, id) a labelling pass starts before
 ANSWER_BODY_LIMIT = 4096  # characters of a vendor's answer body kept per attempt
 # Sent with every request (besides Host, Content-Length, Content-Type and the vendor's own).
 BASE_HEADERS = {"User-Agent": f"onetag/{__version__}", "Accept": "application/json",
@@ -675,9 +676,11 @@ class Forwarder:
 
     async def prune(self) -> None:
         """The retention pass: delivery attempts and Remarkety coupon calls (which hold
-        shoppers' emails) older than ``[server] keep_attempts_days``."""
+        shoppers' emails) older than ``[server] keep_attempts_days``; then attempts still
+        without their site and vendor are labelled (``label_attempts``)."""
         await self.prune_attempts()
         await self.prune_coupon_calls()
+        await self.label_attempts()
 
     async def prune_attempts(self) -> int:
         """One pass: attempts older than ``[server] keep_attempts_days``, oldest first, in
@@ -687,6 +690,23 @@ class Forwarder:
     async def prune_coupon_calls(self) -> int:
         """``prune_attempts`` for the coupon calls ``onetag coupons`` lists."""
         return await self._prune(self.store.prune_coupon_calls, "coupon calls")
+
+    async def label_attempts(self) -> int:
+        """One pass over the attempts written before they carried their delivery's site and
+        vendor (SQLite's migration 013, PostgreSQL's 026), newest first (the Vendors page's
+        24 hours are labelled by the first pass): at most ``PRUNE_BATCHES``
+        batches of ``PRUNE_BATCH``, each its own short transaction; returns how many were
+        labelled. Once none is left, a pass is one look at an empty index."""
+        labelled, before = 0, (LATEST, LATEST)
+        for _ in range(PRUNE_BATCHES):
+            done, last = await self.store.label_attempts(before, PRUNE_BATCH)
+            labelled += done
+            if last is None or (self._stop is not None and self._stop.is_set()):
+                break
+            before = last
+        if labelled:
+            log.info("%d delivery attempts labelled with their site and vendor", labelled)
+        return labelled
 
     async def _prune(self, delete: Any, what: str) -> int:
         keep_days = self.settings.server.keep_attempts_days

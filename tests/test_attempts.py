@@ -169,6 +169,42 @@ async def test_pruning_removes_only_attempts_older_than_keep_attempts_days(
         await store.close()
 
 
+async def test_attempts_from_before_migration_013_are_labelled_in_bounded_passes(
+        tmp_path, fake, monkeypatch) -> None:
+    """The retention pass labels attempts without their delivery's site and vendor, newest
+    first, at most PRUNE_BATCHES batches of PRUNE_BATCH a pass; an attempt whose delivery is
+    gone is passed over, and once none is left a pass labels nothing."""
+    settings = config.parse(settings_data(tmp_path, fake), env={})
+    store = SQLiteStore(str(tmp_path / "onetag.db"), settings.sites)
+    await store.open()
+    try:
+        with sqlite3.connect(tmp_path / "onetag.db") as db:
+            db.executemany(
+                "INSERT INTO deliveries (id, site_id, vendor, dedup_key, claim, event_seq, "
+                "visitor, state, request, attempts, next_attempt_ms, created_ms, updated_ms) "
+                "VALUES (?, 'shop1', ?, ?, 0, 1, 'v', 'delivered', '{}', 1, 0, 0, 0)",
+                [(i, "sendlane" if i % 2 else "rejoiner", f"k{i}") for i in range(1, 26)])
+            db.executemany(  # as written before migration 013: no site, no vendor
+                "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request) "
+                "VALUES (?, 1, ?, 5, '{}')", [(i, 1000 + i) for i in [*range(1, 26), 99]])
+        monkeypatch.setattr(forwarder_module, "PRUNE_BATCH", 4)
+        monkeypatch.setattr(forwarder_module, "PRUNE_BATCHES", 3)
+        fwd = Forwarder(settings, store, FAST)
+        # Each pass looks at 12, newest first: the newest has no delivery and is looked at
+        # again by every pass (a pass starts from the newest), never labelled.
+        assert await fwd.label_attempts() == 11
+        assert await fwd.label_attempts() == 11
+        assert await fwd.label_attempts() == 3
+        assert await fwd.label_attempts() == 0
+        with sqlite3.connect(tmp_path / "onetag.db") as db:
+            labels = db.execute("SELECT delivery_id, site_id, vendor FROM attempts").fetchall()
+        assert ((3, "shop1", "sendlane") in labels and (4, "shop1", "rejoiner") in labels
+                and (99, None, None) in labels)
+        assert sum(1 for _, site, _ in labels if site is None) == 1
+    finally:
+        await store.close()
+
+
 def test_keep_attempts_days_is_validated(tmp_path, fake) -> None:
     for bad in (0, -1, "ten", True):
         data = settings_data(tmp_path, fake)

@@ -429,6 +429,77 @@ async def test_vendor_overview_counts_latency_success_and_errors(store) -> None:
         await reads.vendor_overview(NOW, "1y")
 
 
+async def test_latency_series_is_the_same_from_labelled_and_unlabelled_attempts(store) -> None:
+    """The series reads the site and vendor an attempt carries (migration 013, PostgreSQL's
+    026) and joins only the attempts written before they did to their deliveries: the same
+    figures before, during and after ``label_attempts`` labels them, and attempts a finish
+    writes carry them already. An attempt without a delivery counts nowhere, as the join
+    made it, and is never labelled (the pass goes past it)."""
+    from server.forwarder import LATEST
+    from server.store.base import Attempt, Outcome
+
+    hour = NOW - NOW % HOUR
+    await seed(
+        store.backend, event_row(1),
+        delivery_row(1, state="delivered"), delivery_row(2, vendor="remarkety", state="dead"),
+        delivery_row(3, site="shop2", state="delivered"), delivery_row(4, state="pending"),
+        *(attempt_row(1, hour + ms, ms, 200 if ms <= 80 else 503) for ms in range(10, 110, 10)),
+        *(attempt_row(2, hour - 5 * HOUR + ms, ms, 400) for ms in (7, 700, 70)),
+        attempt_row(3, hour - 2 * HOUR, 33, 204), attempt_row(3, hour - 2 * HOUR + 1, 44, None,
+                                                              error="timeout"),
+        attempt_row(99, hour + 95, 5, 200),  # no such delivery
+        attempt_row(1, hour - 40 * HOUR, 1, 200))  # outside the 24 h range
+    reads = store.console()
+
+    async def series() -> dict:
+        found = {}
+        for range_name, site in (("24h", None), ("30d", None), ("24h", "shop2")):
+            for item in await reads.vendor_overview(NOW, range_name, site_id=site):
+                found[(range_name, site, item["site_id"], item["vendor"])] = (
+                    item["attempts"], item["success_rate"], item["buckets"])
+        return found
+
+    before = await series()
+    sendlane = before[("24h", None, "shop1", "sendlane")]
+    assert (sendlane[0], sendlane[1]) == (10, 0.8)
+    assert (sendlane[2][-1]["p50_ms"], sendlane[2][-1]["p95_ms"]) == (50, 100)
+    remarkety = before[("24h", None, "shop1", "remarkety")][2][-6]
+    assert (remarkety["attempts"], remarkety["p50_ms"], remarkety["p95_ms"],
+            remarkety["succeeded"]) == (3, 70, 700, 0)
+    shop2 = before[("24h", "shop2", "shop2", "sendlane")]
+    assert (shop2[0], shop2[1], shop2[2][-3]["p50_ms"]) == (2, 0.5, 33)
+    assert set(before) == {("24h", None, "shop1", "sendlane"), ("24h", None, "shop1",
+                                                                 "remarkety"),
+                           ("24h", None, "shop2", "sendlane"), ("30d", None, "shop1",
+                                                                "sendlane"),
+                           ("30d", None, "shop1", "remarkety"), ("30d", None, "shop2",
+                                                                 "sendlane"),
+                           ("24h", "shop2", "shop2", "sendlane")}
+    assert before[("30d", None, "shop1", "sendlane")][0] == 11
+
+    newest = (LATEST, LATEST)
+    # Newest first: the one without a delivery (id 16, this hour) is looked at, not labelled.
+    assert await store.label_attempts(newest, 4) == (3, (hour + 80, 8))
+    assert await series() == before  # 3 of 17 labelled, the rest joined
+    labelled, before_key = 3, (hour + 80, 8)
+    while True:
+        done, last = await store.label_attempts(before_key, 4)
+        if last is None:
+            break
+        labelled, before_key = labelled + done, last
+    assert labelled == 16 and await series() == before
+    assert await store.backend.rows(
+        "SELECT delivery_id FROM attempts WHERE site_id IS NULL") == [(99,)]
+    assert await store.label_attempts(newest, 4) == (0, (hour + 95, 16))
+
+    # Written by a finish: labelled at once (SQLite's writer; PostgreSQL's onetag_finish).
+    await store.finish([Outcome(4, "delivered", attempt=Attempt(1, hour + 1, 60, {}, 200))],
+                       NOW)
+    assert await store.backend.rows(
+        "SELECT site_id, vendor FROM attempts WHERE delivery_id = 4") == [("shop1", "sendlane")]
+    assert (await series())[("24h", None, "shop1", "sendlane")][0] == 11
+
+
 def test_buckets_are_whole_hours_or_days_ending_with_now() -> None:
     width, first, starts = bucket_starts(NOW, "30d")
     assert width == 86_400_000 and len(starts) == 30 and starts[-1] <= NOW < starts[-1] + width

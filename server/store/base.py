@@ -259,6 +259,15 @@ class Store(abc.ABC):
         """Delete at most ``limit`` attempts started before ``before_ms``; returns how many."""
         raise NotImplementedError
 
+    async def label_attempts(self, before: tuple[int, int], limit: int
+                             ) -> tuple[int, tuple[int, int] | None]:
+        """The attempts still without their delivery's site and vendor (written before
+        SQLite's migration 013, PostgreSQL's 026), newest first: the next ``limit`` of them
+        before ``before`` (started_ms, id) get those, in one short transaction. Returns how
+        many were labelled (an attempt without a delivery is not) and where the next batch
+        starts, or None when none was left."""
+        raise NotImplementedError
+
     async def prune_coupon_calls(self, before_ms: int, limit: int) -> int:
         """Delete coupon calls made before ``before_ms``, looking at the ``limit`` oldest
         only; returns how many."""

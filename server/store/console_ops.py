@@ -86,7 +86,12 @@ def _no_rows(site_id: str, vendor: str) -> dict[str, Any]:
 
 class OpsReads:
     """Vendors, Dead letters, Reconciliation (``?`` placeholders). A backend's
-    ``ConsoleReads`` provides ``rows``, ``json_text`` and ``text_in``."""
+    ``ConsoleReads`` provides ``rows``, ``json_text``, ``text_in`` and ``hash_joins``."""
+
+    # Whether the planner may hash a whole table to join a few rows to it, and prices a
+    # scalar subquery for every row it might run for (PostgreSQL): the latency series then
+    # reads the attempts it must join in a branch of their own (``_series_attempts``).
+    hash_joins: bool = False
 
     async def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -109,10 +114,10 @@ class OpsReads:
         # Per (site, vendor, bucket): attempts, 2xx answers and the nearest-rank p50/p95,
         # ranked by the database (a window over the range's attempts): only the buckets
         # come back.
+        timed, params = self._series_attempts(first, width, first + len(starts) * width,
+                                              site_id)
         rows = await self.rows(
-            "WITH timed AS (SELECT d.site_id, d.vendor, (a.started_ms - ?) / ? AS bucket, "
-            "a.duration_ms, a.status FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
-            f"WHERE a.started_ms >= ? AND a.started_ms < ? {'AND d.site_id = ?' if site_id else ''}), "
+            f"WITH timed AS ({timed}), "
             "ranked AS (SELECT *, row_number() OVER (PARTITION BY site_id, vendor, bucket "
             "ORDER BY duration_ms) AS pos, count(*) OVER (PARTITION BY site_id, vendor, bucket) "
             "AS n FROM timed) "
@@ -121,10 +126,11 @@ class OpsReads:
             # nearest rank: ceil(p * n), in integers
             "max(CASE WHEN pos = (n + 1) / 2 THEN duration_ms END) AS p50, "
             "max(CASE WHEN pos = (95 * n + 99) / 100 THEN duration_ms END) AS p95 "
-            "FROM ranked GROUP BY site_id, vendor, bucket, n",
-            [first, width, first, first + len(starts) * width, *([site_id] if site_id else [])])
+            "FROM ranked GROUP BY site_id, vendor, bucket, n", params)
         grouped: dict[tuple[str, str], dict[int, Any]] = {}
         for row in rows:
+            if row["site_id"] is None:
+                continue  # attempts without a delivery: the join never counted them
             grouped.setdefault((row["site_id"], row["vendor"]), {})[row["bucket"]] = row
 
         errors = await self._last_errors(first, site_id)
@@ -151,6 +157,37 @@ class OpsReads:
             item["success_rate"] = succeeded / total if total else None
             item["errors"] = errors.get(key, [])
         return [overview[key] for key in sorted(overview)]
+
+    def _series_attempts(self, first: int, width: int, end: int, site_id: str | None
+                         ) -> tuple[str, list[Any]]:
+        """The range's attempts with their site, vendor and bucket (SQL, parameters),
+        through attempts_started. Each carries its delivery's site and vendor (SQLite's
+        migration 013, PostgreSQL's 026) unless it was written before and is not labelled
+        yet: only those look their delivery up. SQLite probes it in a scalar subquery, run
+        for those rows alone. PostgreSQL's planner prices that subquery for every row (its
+        JIT compiled the statement, 0.6 s for a day) and, offered a join, hashed the whole
+        deliveries table for it (a sequential scan on each view): there the unlabelled
+        attempts are a branch of their own, found by time in attempts_unlabelled and
+        joined to their deliveries by primary key. An attempt without a delivery has no
+        site and is left out, as the join left it out."""
+        params: list[Any] = [first, width, first, end]
+        if self.hash_joins:
+            where = "a.started_ms >= ? AND a.started_ms < ?"
+            sql = ("SELECT a.site_id, a.vendor, (a.started_ms - ?) / ? AS bucket, a.duration_ms, "
+                   f"a.status FROM attempts a WHERE {where} AND a.site_id IS NOT NULL "
+                   f"{'AND a.site_id = ?' if site_id else ''} UNION ALL "
+                   "SELECT d.site_id, d.vendor, (a.started_ms - ?) / ? AS bucket, "
+                   "a.duration_ms, a.status FROM attempts a JOIN deliveries d "
+                   f"ON d.id = a.delivery_id WHERE {where} AND a.site_id IS NULL "
+                   f"{'AND d.site_id = ?' if site_id else ''}")
+            branch = params + ([site_id] if site_id else [])
+            return sql, branch + branch
+        site, vendor = (f"coalesce(a.{column}, (SELECT {column} FROM deliveries "
+                        "WHERE id = a.delivery_id))" for column in ("site_id", "vendor"))
+        sql = (f"SELECT {site} AS site_id, {vendor} AS vendor, (a.started_ms - ?) / ? AS bucket, "
+               "a.duration_ms, a.status FROM attempts a WHERE a.started_ms >= ? "
+               f"AND a.started_ms < ? {f'AND {site} = ?' if site_id else ''}")
+        return sql, params + ([site_id] if site_id else [])
 
     async def _state_counts(self, now_ms: int, site_id: str | None
                             ) -> tuple[dict[tuple[str, str], dict[str, Any]], int | None]:

@@ -7,7 +7,8 @@ The queries themselves (their SQL, bounds and the rows' shape) are the backend's
 SQL both SQLite and PostgreSQL speak, with ``?`` placeholders. A backend supplies only
 what really differs: how a query runs (``rows``), how a field inside stored JSON text is
 read (``json_text``), how a list of texts is bound as one parameter (``text_in``), and
-whether a row can become visible after a later seq (``late_window_s``, for Live).
+whether a row can become visible after a later seq (``late_window_s``, for Live), and
+whether its planner hashes whole tables for small joins (``hash_joins``, for Vendors).
 """
 
 from __future__ import annotations

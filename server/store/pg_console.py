@@ -25,6 +25,7 @@ def numbered(sql: str) -> str:
 
 class PgConsole(ConsoleReads):
     late_window_s = LATE_WINDOW_S
+    hash_joins = True
 
     def __init__(self, pool: Any):
         self.pool = pool

@@ -184,6 +184,20 @@ class PostgresOutbox:
             "ORDER BY started_ms LIMIT $2)", before_ms, limit)
         return int(status.split()[-1])
 
+    async def label_attempts(self, before: tuple[int, int], limit: int
+                             ) -> tuple[int, tuple[int, int] | None]:
+        """``Store.label_attempts``: the batch through attempts_unlabelled (migration 026)."""
+        [row] = await self._fetch(
+            "WITH batch AS (SELECT started_ms, id FROM attempts WHERE site_id IS NULL "
+            "AND (started_ms, id) < ($1, $2) ORDER BY started_ms DESC, id DESC LIMIT $3), "
+            "labelled AS (UPDATE attempts a SET site_id = d.site_id, vendor = d.vendor "
+            "FROM batch b, deliveries d WHERE a.id = b.id AND d.id = a.delivery_id "
+            "RETURNING a.id), last AS (SELECT started_ms, id FROM batch "
+            "ORDER BY started_ms, id LIMIT 1) "
+            "SELECT (SELECT count(*) FROM labelled) AS n, (SELECT started_ms FROM last) AS ms, "
+            "(SELECT id FROM last) AS id", before[0], before[1], limit)
+        return int(row["n"]), None if row["id"] is None else (row["ms"], row["id"])
+
     # Vendor pauses ----------------------------------------------------------------------
 
     async def pause_vendor(self, vendor: str, until_ms: int) -> None:

@@ -162,6 +162,10 @@ class SQLiteStore(WriterSupervisor, Store):
     async def prune_attempts(self, before_ms: int, limit: int) -> int:
         return await self._write("prune_attempts", before_ms, limit)
 
+    async def label_attempts(self, before: tuple[int, int], limit: int
+                             ) -> tuple[int, tuple[int, int] | None]:
+        return await self._write("label_attempts", tuple(before), limit)
+
     async def prune_coupon_calls(self, before_ms: int, limit: int) -> int:
         return await self._write("prune_coupon_calls", before_ms, limit)
 

@@ -363,19 +363,38 @@ class WriteOps:
             "WHERE id = ? AND state = 'pending'",  # a late outcome never undoes a final one
             [(o.state, o.next_attempt_ms, o.error, now, o.state, now, o.id) for o in outcomes])
         kept = [(o.id, a.attempt, a.started_ms, a.duration_ms, encode(a.request), a.status,
-                 None if a.answer is None else encode(a.answer), a.error)
+                 None if a.answer is None else encode(a.answer), a.error, o.id, o.id)
                 for o in outcomes if (a := o.attempt) is not None]
         if kept:  # encoded here, in the writer, off the forwarder's event loop
+            # Labelled with the delivery's site and vendor (migration 013): the Vendors
+            # page's latency series reads the range's attempts alone.
             self.conn.executemany(
                 "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, "
-                "status, answer, error) VALUES (?, ?, ?, ?, CAST(? AS TEXT), ?, CAST(? AS TEXT), ?)",
-                kept)
+                "status, answer, error, site_id, vendor) VALUES (?, ?, ?, ?, CAST(? AS TEXT), "
+                "?, CAST(? AS TEXT), ?, (SELECT site_id FROM deliveries WHERE id = ?), "
+                "(SELECT vendor FROM deliveries WHERE id = ?))", kept)
 
     def prune_attempts(self, before: int, limit: int) -> int:
         """The oldest attempts first, at most ``limit``: one pass's work stays bounded."""
         return self.conn.execute(
             "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_ms < ? "
             "ORDER BY started_ms LIMIT ?)", (before, limit)).rowcount
+
+    def label_attempts(self, before: tuple[int, int], limit: int
+                       ) -> tuple[int, tuple[int, int] | None]:
+        """``Store.label_attempts``: the batch through attempts_unlabelled (migration 013)."""
+        batch = ("SELECT started_ms, id FROM attempts WHERE site_id IS NULL "
+                 "AND (started_ms, id) < (?, ?) ORDER BY started_ms DESC, id DESC LIMIT ?")
+        rows = self.conn.execute(batch, (*before, limit)).fetchall()
+        if not rows:
+            return 0, None
+        labelled = self.conn.execute(
+            "UPDATE attempts SET site_id = (SELECT site_id FROM deliveries d WHERE "
+            "d.id = attempts.delivery_id), vendor = (SELECT vendor FROM deliveries d WHERE "
+            f"d.id = attempts.delivery_id) WHERE attempts.id IN (SELECT id FROM ({batch})) "
+            "AND EXISTS (SELECT 1 FROM deliveries d WHERE d.id = attempts.delivery_id)",
+            (*before, limit)).rowcount
+        return labelled, tuple(rows[-1])
 
     def prune_coupon_calls(self, before: int, limit: int) -> int:
         """Of the ``limit`` oldest calls (by id: no index on time is needed, and a pass with
