@@ -85,7 +85,10 @@ def cart_snapshot(items: list[dict[str, Any]], currency: str,
 
 
 def identity_update(current: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
-    """Identity fields after ``event``: its ``user`` fields win; consent events set consent."""
+    """Identity fields after ``event``: its ``user`` fields win; consent events set consent.
+    In ``IDENTITY_FIELDS`` order, as a stored row reads back (``rules.identity_fields``): the
+    identity is copied into each event's stored JSON, which must not depend on whether the
+    store had it cached or read it again."""
     merged = {k: v for k, v in (current or {}).items() if k in IDENTITY_FIELDS}
     for key, value in (event.get("user") or {}).items():
         if key in IDENTITY_FIELDS and value is not None:
@@ -94,7 +97,7 @@ def identity_update(current: dict[str, Any] | None, event: dict[str, Any]) -> di
         merged["accepts_marketing"] = False
     elif event["name"] == "opt_in":
         merged["accepts_marketing"] = True
-    return merged
+    return {key: merged[key] for key in IDENTITY_FIELDS if key in merged}
 
 
 CLAIMABLE_FIELDS = ("email", "first_name", "last_name", "phone")
@@ -104,5 +107,5 @@ def claimed_fields(user: dict[str, Any] | None) -> dict[str, Any]:
     """A new identity's fields from an unverified browser (docs/security.md): who they say
     they are, never marketing consent nor a customer id, which only the backend or a signed
     identify state."""
-    return {key: value for key, value in (user or {}).items()
-            if key in CLAIMABLE_FIELDS and value}
+    user = user or {}
+    return {key: user[key] for key in CLAIMABLE_FIELDS if user.get(key)}  # (in field order)
