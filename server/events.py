@@ -427,7 +427,8 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
         if status is not None and status not in ORDER_STATUSES:
             raise Invalid(f"{where}.status", f"must be one of {', '.join(ORDER_STATUSES)}")
         event["status"] = status
-    _check_requirements(event, where, origin)
+    if name in _NEEDS_PERSON or name in _NEEDS_ORDER or origin.source == "backend":
+        _check_requirements(event, where, origin)
     return event
 
 
@@ -441,13 +442,19 @@ def normalise_batch(raws: Iterable[Any], where: str, origin: Origin,
             for i, raw in enumerate(raws)]
 
 
+# Events that must name their person (user.email), or their order (transaction_id); every
+# backend event must say whom it is about. Most browser events need neither.
+_NEEDS_PERSON = frozenset({"identify", "unsubscribe", "opt_in"})
+_NEEDS_ORDER = frozenset({"purchase", "refund", "order_status"})
+
+
 def _check_requirements(event: dict[str, Any], where: str, origin: Origin) -> None:
     name, user = event["name"], event["user"] or {}
-    if name in ("identify", "unsubscribe", "opt_in") and not user.get("email") and not (
+    if name in _NEEDS_PERSON and not user.get("email") and not (
             name == "identify" and user.get("customer_id")):
         need = "email or user.customer_id" if name == "identify" else "email"
         raise Invalid(f"{where}.user.email", f"is required for {name} (user.{need})")
-    if name in ("purchase", "refund", "order_status"):
+    if name in _NEEDS_ORDER:
         if not (event["ecommerce"] or {}).get("transaction_id"):
             raise Invalid(f"{where}.ecommerce.transaction_id", f"is required for {name} "
                           "(the order id; top-level transaction_id is accepted too)")
