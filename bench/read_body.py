@@ -15,7 +15,7 @@ is doing. Three shapes:
 - ``batch5``: five events in one body (page_view, view_item, add_to_cart, view_cart of three
   items, identify).
 
-    python bench/read_body.py                  # this checkout, 2,000 reads a shape (~1 min)
+    python bench/read_body.py                  # this checkout, 2,000 reads a shape (~2 min)
     python bench/read_body.py --base main      # and a revision beside it, with the ratio
     python bench/read_body.py --json
 
@@ -27,6 +27,7 @@ Prints, for each shape, its size in bytes and the instructions one read costs (a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -100,6 +101,10 @@ def drive(shape: str | None, reads: int) -> None:
             answer = read_browser_body(data, facts, sites)
         if not isinstance(answer, BrowserBatch):
             raise SystemExit(f"the {name} body was refused: {answer}")
+    # Everything made so far out of the collector's way: a full collection walks every
+    # object the process holds, and whether one falls inside the loop depended on N.
+    gc.collect()
+    gc.freeze()
     if shape is not None:
         data = made[shape]
         for _ in range(reads):
