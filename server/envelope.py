@@ -70,10 +70,15 @@ def event_list(value: Any, field: str) -> list[Any]:
     return value
 
 
-def _unsigned(raw: Any) -> Any:
-    """The event as sent, to store, without ``user.signature``: it is a bearer credential
+def _unsigned(raws: list[Any]) -> list[Any]:
+    """The events as sent, to store, without ``user.signature``: it is a bearer credential
     for that email (docs/security.md), and the database need not hold one."""
-    user = raw.get("user") if isinstance(raw, dict) else None
+    return [_without_signature(raw) if isinstance(raw, dict) and "user" in raw else raw
+            for raw in raws]
+
+
+def _without_signature(raw: dict[str, Any]) -> dict[str, Any]:
+    user = raw["user"]
     if isinstance(user, dict) and "signature" in user:
         return {**raw, "user": {k: v for k, v in user.items() if k != "signature"}}
     return raw
@@ -98,11 +103,12 @@ def read_browser_body(data: bytes, facts: BrowserFacts,
         sc = (valid_sc(sent_sc if isinstance(sent_sc, str) else None)
               or valid_sc(facts.cookie_sc) or new_sc())
         raws = event_list(body.get("events"), "events")
-        origin = Origin(site_id=site.id, source="browser", currency=site.currency,
-                        received_ms=facts.received_ms, sc=sc,
-                        identity_secret=site.identity_secret)
+        # Positional (site_id, source, currency, received_ms, sc, identity_secret): a fifth
+        # fewer instructions than by keyword, for an object made for every request.
+        origin = Origin(site.id, "browser", site.currency, facts.received_ms, sc,
+                        site.identity_secret)
         events = vocabulary.normalise_batch(raws, "events", origin, data)
-        return BrowserBatch(site.id, sc, events, [_unsigned(raw) for raw in raws])
+        return BrowserBatch(site.id, sc, events, _unsigned(raws))
     except Invalid as exc:
         return Problem.invalid(exc)
     except Refused as exc:

@@ -88,6 +88,8 @@ KNOWN_KEYS = frozenset({"event", "event_id", "time", "page", "page_location", "p
                         "page_title", "loaded", "user", "ecommerce", "search_term",
                         "transaction_id", "status", "billing_address", "shipping_address",
                         "sc", "source", "cart_guid"})
+# Events that have an ``ecommerce`` object even when they are sent without one.
+_ECOMMERCE_EVENTS = ITEMS_REQUIRED | (ITEMS_LIST - {"search", "view_item_list"}) | {"order_status"}
 
 
 class Invalid(Exception):
@@ -133,17 +135,36 @@ def _parse_float(text: str) -> Decimal | LongNumber:
 _DECODER = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int)
 
 
+def _encoding(body: bytes) -> str:
+    """``json.detect_encoding``'s answer; a body that opens with ``{`` then a byte other
+    than NUL (every beacon) is UTF-8 to it, answered without its BOM and NUL tests."""
+    if body[:1] == b"{" and body[1:2] != b"\x00":
+        return "utf-8"
+    return json.detect_encoding(body)
+
+
+def _decode(text: str) -> Any:
+    """``_DECODER.decode(text)``. A document with no whitespace around it (every beacon)
+    goes straight to the scanner, without ``decode``'s two whitespace matches; anything
+    else, and every error, goes through ``decode``, which says what is wrong and where."""
+    try:
+        value, end = _DECODER.scan_once(text, 0)
+    except StopIteration:  # leading whitespace, or no JSON value at all
+        return _DECODER.decode(text)
+    return value if end == len(text) else _DECODER.decode(text)
+
+
 def parse_json(body: bytes) -> Any:
     """Decode a request body (as ``json.loads`` would); floats become Decimal so money
     stays exact. Bytes that are not UTF-8 (a surrogate encoded as ``ED A0 80``), nesting
     past the interpreter's recursion limit and integers past its digit limit are refused
     here; ``check_bounds`` refuses what parses but is out of bounds."""
     try:
-        text = body.decode(json.detect_encoding(body))
+        text = body.decode(_encoding(body))
     except UnicodeDecodeError as exc:
         raise Invalid("body", f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        return _DECODER.decode(text)
+        return _decode(text)
     except json.JSONDecodeError as exc:
         raise Invalid("body", f"is not valid JSON ({exc})") from None
     except RecursionError:
@@ -201,6 +222,9 @@ def _fits(value: Any, depth: int, text: bool = True) -> bool:
         elif kind is int:
             if not -MAX_NUMBER <= item <= MAX_NUMBER:
                 return False
+        elif kind is Decimal:
+            if not _plainly_fits(item) and not _leaf_fits(item):
+                return False
         elif kind is dict or kind is list:
             if not _fits(item, depth + 1, text):
                 return False
@@ -212,13 +236,23 @@ def _fits(value: Any, depth: int, text: bool = True) -> bool:
 def text_bounded(body: bytes) -> bool:
     """Whether no string or key parsed from ``body`` can be out of bounds: none can be longer
     than the body, and a lone surrogate can only come from a ``\\ud...`` escape (the bytes
-    themselves are decoded strictly). Two substring searches instead of a look at each
-    string: most beacons are a few KB."""
-    return (len(body) <= MAX_STRING_CHARS and b"\\ud" not in body and b"\\uD" not in body)
+    themselves are decoded strictly). Substring searches instead of a look at each string:
+    most beacons are a few KB, and most have no backslash at all, which one ``memchr``
+    finds (a three-byte pattern is searched for at about ten instructions a byte)."""
+    return len(body) <= MAX_STRING_CHARS and (
+        b"\\" not in body or b"\\ud" not in body and b"\\uD" not in body)
 
 
 _MAX_DECIMAL = Decimal(MAX_NUMBER)
 _MAX_MONEY = Decimal(MAX_MONEY_MAJOR)
+_NUMBER_EXPONENT = len(str(MAX_NUMBER)) - 1  # |n| < MAX_NUMBER when n.adjusted() is below it
+
+
+def _plainly_fits(value: Decimal) -> bool:
+    """A sufficient test for a Decimal within bounds (``_leaf_fits`` decides the rest):
+    finite, and its leading digit's exponent neither too small nor large enough to pass
+    ``MAX_NUMBER``. Two cheap calls instead of two Decimal comparisons for every price."""
+    return -MAX_DIGITS <= value.adjusted() < _NUMBER_EXPONENT and value.is_finite()
 
 
 def _leaf_fits(value: Any) -> bool:
@@ -334,7 +368,7 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
     name = raw.get("event")
     if not isinstance(name, str) or not name:
         raise Invalid(f"{where}.event", "is required: the event name, e.g. \"view_item\"")
-    if not EVENT_NAME_RE.fullmatch(name):
+    if name not in STANDARD and not EVENT_NAME_RE.fullmatch(name):  # a set look-up, mostly
         raise Invalid(f"{where}.event", f"{name!r} is not a valid event name "
                       "(a letter, then up to 63 of A-Z a-z 0-9 _ . : / -)")
     if name in BACKEND_ONLY and origin.source == "browser":
@@ -355,11 +389,16 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
             raise Invalid(f"{where}.sc", "must be the visitor's sc cookie value")
         sc = sc.upper()
 
-    user = _user(raw.get("user"), f"{where}.user")
+    sent_user = raw.get("user")
+    if sent_user is None:  # most browser events: nothing to read or verify
+        user, source = None, origin.source
+    else:
+        user = _user(sent_user, f"{where}.user")
+        source = _signed_source(sent_user, user, where, origin)
     event: dict[str, Any] = {
         "event_id": event_id,
         "name": name,
-        "source": _signed_source(raw.get("user"), user, f"{where}.user", origin),
+        "source": source,
         "site_id": origin.site_id,
         "time_ms": time_ms if time_ms is not None else origin.received_ms,
         "received_ms": origin.received_ms,
@@ -369,8 +408,8 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
         "ecommerce": None,
         "search_term": None,
         "status": None,
-        "billing_address": _address(raw.get("billing_address"), f"{where}.billing_address"),
-        "shipping_address": _address(raw.get("shipping_address"), f"{where}.shipping_address"),
+        "billing_address": _address(raw, "billing_address", where),
+        "shipping_address": _address(raw, "shipping_address", where),
         "properties": _properties(raw),
         "loaded": _loaded(raw, where) if origin.source == "browser" else [],
         "cart": None,
@@ -378,8 +417,8 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
         "cart_guid": _cart_guid(raw, where),
     }
     ecommerce = raw.get("ecommerce")
-    if (ecommerce is not None or raw.get("transaction_id") is not None or name in ITEMS_REQUIRED
-            or name in ITEMS_LIST - {"search", "view_item_list"} or name == "order_status"):
+    if (ecommerce is not None or raw.get("transaction_id") is not None
+            or name in _ECOMMERCE_EVENTS):
         event["ecommerce"] = _ecommerce(ecommerce, f"{where}.ecommerce", name, origin.currency, raw)
     if "search_term" in raw or name == "search":
         event["search_term"] = _string(raw, "search_term", where, required=name == "search")
@@ -388,7 +427,8 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
         if status is not None and status not in ORDER_STATUSES:
             raise Invalid(f"{where}.status", f"must be one of {', '.join(ORDER_STATUSES)}")
         event["status"] = status
-    _check_requirements(event, where, origin)
+    if name in _NEEDS_PERSON or name in _NEEDS_ORDER or origin.source == "backend":
+        _check_requirements(event, where, origin)
     return event
 
 
@@ -402,13 +442,19 @@ def normalise_batch(raws: Iterable[Any], where: str, origin: Origin,
             for i, raw in enumerate(raws)]
 
 
+# Events that must name their person (user.email), or their order (transaction_id); every
+# backend event must say whom it is about. Most browser events need neither.
+_NEEDS_PERSON = frozenset({"identify", "unsubscribe", "opt_in"})
+_NEEDS_ORDER = frozenset({"purchase", "refund", "order_status"})
+
+
 def _check_requirements(event: dict[str, Any], where: str, origin: Origin) -> None:
     name, user = event["name"], event["user"] or {}
-    if name in ("identify", "unsubscribe", "opt_in") and not user.get("email") and not (
+    if name in _NEEDS_PERSON and not user.get("email") and not (
             name == "identify" and user.get("customer_id")):
         need = "email or user.customer_id" if name == "identify" else "email"
         raise Invalid(f"{where}.user.email", f"is required for {name} (user.{need})")
-    if name in ("purchase", "refund", "order_status"):
+    if name in _NEEDS_ORDER:
         if not (event["ecommerce"] or {}).get("transaction_id"):
             raise Invalid(f"{where}.ecommerce.transaction_id", f"is required for {name} "
                           "(the order id; top-level transaction_id is accepted too)")
@@ -422,10 +468,11 @@ def _signed_source(sent: Any, user: dict[str, Any] | None, where: str, origin: O
     """``verified browser`` when a browser event's ``user.signature`` signs its email with the
     site's identity secret. A wrong one is refused (422), not taken as unverified: it is a
     page computing it wrongly, which its developer must see. Ignored where the site has no
-    secret, and from the backend (already trusted)."""
+    secret, and from the backend (already trusted). ``where``: the event's path."""
     signed = sent.get("signature") if isinstance(sent, dict) else None
     if origin.source != "browser" or signed is None or origin.identity_secret is None:
         return origin.source
+    where = f"{where}.user"
     if not isinstance(signed, str) or not trust.SIGNATURE_RE.match(signed):
         raise Invalid(f"{where}.signature", "must be 64 hex characters: "
                       "hex(HMAC-SHA256(identity_secret, lower-cased email))")
@@ -478,26 +525,34 @@ def _money(table: dict, key: str, where: str, currency: str) -> int | None:
     value = table.get(key)
     if value is None:
         return None
-    if type(value) is Decimal:  # parsed from the body: the usual case
+    if type(value) is Decimal and value.is_finite() and value.adjusted() < 12:
+        minor = money.exact_to_minor(value, currency)  # parsed from the body: the usual case
+    else:
+        minor = money.to_minor(_amount(value, f"{where}.{key}"), currency)
+    if minor < 0:
+        raise Invalid(f"{where}.{key}", "must not be negative")
+    return minor
+
+
+def _amount(value: Any, where: str) -> Decimal:
+    """A money field's value as a finite Decimal within ``MAX_MONEY_MAJOR``."""
+    if type(value) is Decimal:
         amount = value
     elif isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
-        raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), not {_type(value)}")
+        raise Invalid(where, f"must be a number (major units, e.g. 29.99), not {_type(value)}")
     else:
         if isinstance(value, float):  # an in-process caller's: its shortest repr is what JS shows
             value = repr(value)
         try:
             amount = Decimal(value.strip() if isinstance(value, str) else value)
         except ArithmeticError:
-            raise Invalid(f"{where}.{key}", f"must be a number (major units, e.g. 29.99), "
+            raise Invalid(where, f"must be a number (major units, e.g. 29.99), "
                           f"not {value[:40]!r}") from None
     # Before any scaling: finite, and small enough that its minor units fit any context. Its
     # digits need no bound here (a long number, as text, rounds in linear time).
     if not amount.is_finite() or (amount and amount.adjusted() >= 12 and abs(amount) > _MAX_MONEY):
-        _check_decimal(amount, f"{where}.{key}", MAX_MONEY_MAJOR)
-    minor = money.to_minor(amount, currency)
-    if minor < 0:
-        raise Invalid(f"{where}.{key}", "must not be negative")
-    return minor
+        _check_decimal(amount, where, MAX_MONEY_MAJOR)
+    return amount
 
 
 def _page(raw: dict, where: str) -> dict[str, Any] | None:
@@ -512,8 +567,9 @@ def _page(raw: dict, where: str) -> dict[str, Any] | None:
             if raw.get(alias) is not None:
                 page[key] = raw[alias]
     out = {}
+    where = f"{where}.page"
     for key in ("location", "referrer", "title"):
-        value = _string(page, key, f"{where}.page", max_len=4096)
+        value = _string(page, key, where, max_len=4096)
         if value is not None:
             out[key] = value
     return out or None
@@ -541,9 +597,12 @@ def _user(user: Any, where: str) -> dict[str, Any] | None:
     return out or None
 
 
-def _address(address: Any, where: str) -> dict[str, str] | None:
+def _address(raw: dict, key: str, where: str) -> dict[str, str] | None:
+    """The event's ``key`` address; ``where`` is the event's path."""
+    address = raw.get(key)
     if address is None:
         return None
+    where = f"{where}.{key}"
     if not isinstance(address, dict):
         raise Invalid(where, "must be an object {first_name, address_1, city, ...}")
     out = {}
@@ -575,10 +634,21 @@ def _url(table: dict, key: str, where: str) -> str | None:
 
 
 def _loaded(raw: dict, where: str) -> list[str]:
-    loaded = raw.get("loaded", [])
-    if not isinstance(loaded, list) or not all(isinstance(v, str) for v in loaded):
+    if "loaded" not in raw:
+        return []
+    loaded = raw["loaded"]
+    if not isinstance(loaded, list):
         raise Invalid(f"{where}.loaded", "must be a list of vendor names")
+    if not loaded:  # most beacons: nothing to check or sort
+        return []
+    for name in loaded:
+        if not isinstance(name, str):
+            raise Invalid(f"{where}.loaded", "must be a list of vendor names")
     return sorted(set(loaded))
+
+
+_ECOMMERCE_MONEY = (("value", "value_minor"), ("tax", "tax_minor"), ("shipping", "shipping_minor"))
+_ECOMMERCE_STRINGS = ("coupon", "item_list_id", "item_list_name")
 
 
 def _ecommerce(ecommerce: Any, where: str, name: str, default_currency: str,
@@ -591,20 +661,22 @@ def _ecommerce(ecommerce: Any, where: str, name: str, default_currency: str,
     if not CURRENCY_RE.fullmatch(currency):
         raise Invalid(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")
     currency = currency.upper()
-    transaction_id = _string(ecommerce, "transaction_id", where, max_len=256)
+    transaction_id = (_string(ecommerce, "transaction_id", where, max_len=256)
+                      if "transaction_id" in ecommerce else None)
     if transaction_id is None and raw.get("transaction_id") is not None:
         transaction_id = _string(raw, "transaction_id", where.rsplit(".", 1)[0], max_len=256)
     out: dict[str, Any] = {
-        "currency": currency,
-        "value_minor": _money(ecommerce, "value", where, currency),
-        "tax_minor": _money(ecommerce, "tax", where, currency),
-        "shipping_minor": _money(ecommerce, "shipping", where, currency),
-        "transaction_id": transaction_id,
-        "coupon": _string(ecommerce, "coupon", where, max_len=256),
-        "item_list_id": _string(ecommerce, "item_list_id", where, max_len=256),
-        "item_list_name": _string(ecommerce, "item_list_name", where, max_len=256),
-        "items": [],
+        "currency": currency, "value_minor": None, "tax_minor": None, "shipping_minor": None,
+        "transaction_id": transaction_id, "coupon": None, "item_list_id": None,
+        "item_list_name": None, "items": [],
     }
+    # Only the keys sent: most events carry a value and none of the rest.
+    for key, field in _ECOMMERCE_MONEY:
+        if key in ecommerce:
+            out[field] = _money(ecommerce, key, where, currency)
+    for key in _ECOMMERCE_STRINGS:
+        if key in ecommerce:
+            out[key] = _string(ecommerce, key, where, max_len=256)
     items = ecommerce.get("items")
     if items is None:
         if name in ITEMS_REQUIRED:
@@ -708,8 +780,10 @@ def _category_ids(value: Any, where: str) -> list[str]:
 
 def _properties(raw: dict[str, Any]) -> dict[str, Any]:
     """Any other top-level keys, as plain JSON numbers and strings (custom events)."""
+    if KNOWN_KEYS.issuperset(raw):  # most events: a set operation instead of a look at each key
+        return {}
     extra = {k: v for k, v in raw.items() if k not in KNOWN_KEYS}
-    return jsontext.loads(jsontext.encode(extra)) if extra else {}
+    return jsontext.loads(jsontext.encode(extra))
 
 
 def _type(value: Any) -> str:

@@ -48,6 +48,17 @@ def to_minor(amount: Decimal | int | str, currency: str) -> int:
     return int(scaled)
 
 
+def exact_to_minor(amount: Decimal, currency: str) -> int:
+    """``to_minor(amount, currency)`` for a finite Decimal under 10**24 of a few dozen
+    digits at most (a JSON number as ``events`` parses and bounds it). An amount that is a
+    whole number of minor units, as nearly every price is, is read exactly from its
+    fraction: half the instructions of scaling, rounding and converting in Decimal. Not for
+    digits without a bound: the fraction grows with them (8,000 digits took 2 ms)."""
+    numerator, denominator = amount.as_integer_ratio()
+    minor, rest = divmod(numerator * 10 ** exponent(currency), denominator)
+    return to_minor(amount, currency) if rest else minor
+
+
 def to_major(minor: int, currency: str) -> Decimal:
     """Integer minor units back to an exact ``Decimal`` in major units (435 → Decimal('4.35'))."""
     return Decimal(minor).scaleb(-exponent(currency))

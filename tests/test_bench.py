@@ -39,6 +39,17 @@ def test_instructions_bench_driver_gets_a_204_for_every_beacon(tmp_path) -> None
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_read_body_bench_driver_reads_every_shape(tmp_path) -> None:
+    """What callgrind wraps in bench/read_body.py, without valgrind: each shape's body is
+    read as a batch (the driver exits non-zero when one is refused)."""
+    for shape in ("bench", "checkout10", "batch5"):
+        run = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "read_body.py"), "--drive", shape,
+             "--reads", "5", "--code", str(REPO)],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_console_plan_bench_asks_every_console_question(pg_template) -> None:
     """bench/pg_console_plan.py on a small table: every statement explained (the plans'
     figures are read from its output by people, not asserted)."""
