@@ -238,9 +238,13 @@ def text_bounded(body: bytes) -> bool:
     than the body, and a lone surrogate can only come from a ``\\ud...`` escape (the bytes
     themselves are decoded strictly). Substring searches instead of a look at each string:
     most beacons are a few KB, and most have no backslash at all, which one ``memchr``
-    finds (a three-byte pattern is searched for at about ten instructions a byte)."""
-    return len(body) <= MAX_STRING_CHARS and (
+    finds (a three-byte pattern is searched for at about ten instructions a byte). Only
+    for UTF-8 (JSON may also come as UTF-16 or UTF-32, where an escape is other bytes)."""
+    return len(body) <= MAX_STRING_CHARS and _encoding(body) in _UTF8 and (
         b"\\" not in body or b"\\ud" not in body and b"\\uD" not in body)
+
+
+_UTF8 = ("utf-8", "utf-8-sig")
 
 
 _MAX_DECIMAL = Decimal(MAX_NUMBER)

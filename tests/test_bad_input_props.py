@@ -334,6 +334,16 @@ EXACT = [
      "events[0].page.title"),
     ("surrogate in a key",
      _browser('{"event": "c_custom", %s, "\\ud800": 1}' % ID), 422, None),
+    # JSON may come as UTF-16 or UTF-32 (json.detect_encoding): an escape is not the bytes
+    # "\\ud" there, and the strings are checked one by one.
+    ("surrogate in page.title, UTF-16",
+     _browser('{"event": "page_view", "event_id": "e-utf16", "page": '
+              '{"title": "x\\ud800y"}}').decode().encode("utf-16-le"), 422,
+     "events[0].page.title"),
+    ("surrogate in page.title, UTF-32",
+     _browser('{"event": "page_view", "event_id": "e-utf32", "page": '
+              '{"title": "x\\ud800y"}}').decode().encode("utf-32-be"), 422,
+     "events[0].page.title"),
     ("raw ED A0 80", _browser('{"event": "page_view", %s, "page": {"title": "@@"}}' % ID)
      .replace(b"@@", b"\xed\xa0\x80"), 400, "body"),
     ("price 1e30", _browser('{"event": "view_item", %s, "ecommerce": {"items": '
