@@ -29,6 +29,8 @@ CREATE FUNCTION ingest_write(
 DECLARE
     written BIGINT;
 BEGIN
+    -- (a statement of a PL/pgSQL function costs its executor start even with nothing to
+    -- do: those with nothing to write are skipped)
     UPDATE sessions s SET identity_id = u.identity_id, last_ms = u.last_ms,
            user_agent = u.user_agent, last_page = u.last_page, first_seq = u.first_seq,
            last_seq = u.last_seq, cart_guid = u.cart_guid, cart_currency = u.cart_currency,
@@ -41,34 +43,38 @@ BEGIN
         RAISE EXCEPTION 'a session this batch read was changed before its write'
             USING ERRCODE = 'serialization_failure';
     END IF;
-    INSERT INTO sessions (site_id, sc, first_ms, last_ms, identity_id, user_agent, last_page,
-                          first_seq, last_seq, cart_guid, cart_currency, cart_items,
-                          cart_updated_ms, verified)
-    SELECT u.site_id, u.sc, now_ms, u.last_ms, u.identity_id, u.user_agent, u.last_page,
-           u.first_seq, u.last_seq, u.cart_guid, u.cart_currency, u.cart_items,
-           u.cart_updated_ms, u.verified
-      FROM unnest(created) AS u
-    ON CONFLICT (site_id, sc) DO NOTHING;
-    GET DIAGNOSTICS written = ROW_COUNT;
-    IF written <> cardinality(created) THEN
-        RAISE EXCEPTION 'a session this batch created was created by another transaction'
-            USING ERRCODE = 'serialization_failure';
+    IF cardinality(created) > 0 THEN
+        INSERT INTO sessions (site_id, sc, first_ms, last_ms, identity_id, user_agent, last_page,
+                              first_seq, last_seq, cart_guid, cart_currency, cart_items,
+                              cart_updated_ms, verified)
+        SELECT u.site_id, u.sc, now_ms, u.last_ms, u.identity_id, u.user_agent, u.last_page,
+               u.first_seq, u.last_seq, u.cart_guid, u.cart_currency, u.cart_items,
+               u.cart_updated_ms, u.verified
+          FROM unnest(created) AS u
+        ON CONFLICT (site_id, sc) DO NOTHING;
+        GET DIAGNOSTICS written = ROW_COUNT;
+        IF written <> cardinality(created) THEN
+            RAISE EXCEPTION 'a session this batch created was created by another transaction'
+                USING ERRCODE = 'serialization_failure';
+        END IF;
     END IF;
     INSERT INTO events (seq, site_id, event_id, name, source, sc, identity_id, received_ms,
                         raw, data)
     SELECT * FROM unnest(added);
-    INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state,
-                            request, next_attempt_ms, last_error, created_ms, updated_ms,
-                            request_id)
-    SELECT c.s, c.v, c.k, 1, c.q, c.w, CASE WHEN c.taken THEN taken_state ELSE c.st END,
-           c.r, c.n, CASE WHEN c.taken THEN taken_error ELSE c.e END, now_ms, now_ms, c.rid
-      FROM (SELECT u.*, u.st = ANY(taken_states) AND EXISTS (
-                   SELECT 1 FROM deliveries d WHERE d.site_id = u.s AND d.vendor = u.v
-                      AND d.dedup_key = u.k AND d.claim = 0) AS taken
-              FROM unnest(c_site, c_vendor, c_key, c_seq, c_visitor, c_state, c_request,
-                          c_next, c_error, c_request_id) WITH ORDINALITY
-                   AS u(s, v, k, q, w, st, r, n, e, rid, ord)) AS c
-     ORDER BY c.ord
-    ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING;
+    IF cardinality(c_site) > 0 THEN
+        INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state,
+                                request, next_attempt_ms, last_error, created_ms, updated_ms,
+                                request_id)
+        SELECT c.s, c.v, c.k, 1, c.q, c.w, CASE WHEN c.taken THEN taken_state ELSE c.st END,
+               c.r, c.n, CASE WHEN c.taken THEN taken_error ELSE c.e END, now_ms, now_ms, c.rid
+          FROM (SELECT u.*, u.st = ANY(taken_states) AND EXISTS (
+                       SELECT 1 FROM deliveries d WHERE d.site_id = u.s AND d.vendor = u.v
+                          AND d.dedup_key = u.k AND d.claim = 0) AS taken
+                  FROM unnest(c_site, c_vendor, c_key, c_seq, c_visitor, c_state, c_request,
+                              c_next, c_error, c_request_id) WITH ORDINALITY
+                       AS u(s, v, k, q, w, st, r, n, e, rid, ord)) AS c
+         ORDER BY c.ord
+        ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING;
+    END IF;
 END
 $$;
