@@ -431,8 +431,7 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
         if status is not None and status not in ORDER_STATUSES:
             raise Invalid(f"{where}.status", f"must be one of {', '.join(ORDER_STATUSES)}")
         event["status"] = status
-    if name in _NEEDS_PERSON or name in _NEEDS_ORDER or origin.source == "backend":
-        _check_requirements(event, where, origin)
+    _check_requirements(event, where, origin)
     return event
 
 
@@ -447,7 +446,7 @@ def normalise_batch(raws: Iterable[Any], where: str, origin: Origin,
 
 
 # Events that must name their person (user.email), or their order (transaction_id); every
-# backend event must say whom it is about. Most browser events need neither.
+# backend event must say whom it is about (``_check_requirements``).
 _NEEDS_PERSON = frozenset({"identify", "unsubscribe", "opt_in"})
 _NEEDS_ORDER = frozenset({"purchase", "refund", "order_status"})
 

@@ -46,7 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .. import catalog, outbox, product_sync, trust
 from ..jsontext import encode, loads
-from ..sessions import claimed_fields
+from ..sessions import IDENTITY_FIELDS, claimed_fields
 from . import pg_catalog, rules
 from .pg_catalog import PgCatalogBatch
 from .rules import CART_EVENTS, charge_stored, identity_fields
@@ -142,11 +142,9 @@ _KNOWN_AND_SESSIONS = (
 # keys as above, and the products its events name. Three kinds of rows, each an anonymous
 # record (asyncpg reads one as a tuple), so that one statement returns them all. Every join
 # a probe of a unique key (LATERAL ... LIMIT 1), as above.
-_IDENTITY_READ = ("email", "customer_id", "first_name", "last_name", "phone",
-                  "accepts_marketing")
 _READ_UNLOCKED = (
     "SELECT 's', ROW(" + ", ".join(f"t.{c}" for c in _SESSION_READ)
-    + ", t.xmin::text::bigint, " + ", ".join(f"i.{c}" for c in _IDENTITY_READ) + ") "
+    + ", t.xmin::text::bigint, " + ", ".join(f"i.{c}" for c in IDENTITY_FIELDS) + ") "
     "FROM unnest($4::text[], $5::text[]) AS u(s, sc) CROSS JOIN LATERAL "
     "(SELECT *, xmin FROM sessions WHERE site_id = u.s AND sc = u.sc) AS t "
     "LEFT JOIN LATERAL (SELECT * FROM identities WHERE id = t.identity_id LIMIT 1) AS i "
@@ -294,7 +292,7 @@ class PgIngestBatch:
                 stored[(session.site_id, session.sc)] = session
                 if session.identity_id is not None:
                     self.identities[session.identity_id] = identity_fields(
-                        dict(zip(_IDENTITY_READ, row[at + 1:])))
+                        dict(zip(IDENTITY_FIELDS, row[at + 1:])))
             elif kind == "k":
                 if row[3] is None:
                     seqs.append(row[4])

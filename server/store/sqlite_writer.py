@@ -363,16 +363,17 @@ class WriteOps:
             "WHERE id = ? AND state = 'pending'",  # a late outcome never undoes a final one
             [(o.state, o.next_attempt_ms, o.error, now, o.state, now, o.id) for o in outcomes])
         kept = [(o.id, a.attempt, a.started_ms, a.duration_ms, encode(a.request), a.status,
-                 None if a.answer is None else encode(a.answer), a.error, o.id, o.id)
+                 None if a.answer is None else encode(a.answer), a.error, o.id)
                 for o in outcomes if (a := o.attempt) is not None]
         if kept:  # encoded here, in the writer, off the forwarder's event loop
             # Labelled with the delivery's site and vendor (migration 013): the Vendors
             # page's latency series reads the range's attempts alone.
+            # One probe of the delivery a row; an attempt is kept even without one.
             self.conn.executemany(
                 "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, "
-                "status, answer, error, site_id, vendor) VALUES (?, ?, ?, ?, CAST(? AS TEXT), "
-                "?, CAST(? AS TEXT), ?, (SELECT site_id FROM deliveries WHERE id = ?), "
-                "(SELECT vendor FROM deliveries WHERE id = ?))", kept)
+                "status, answer, error, site_id, vendor) SELECT ?, ?, ?, ?, CAST(? AS TEXT), "
+                "?, CAST(? AS TEXT), ?, d.site_id, d.vendor FROM (SELECT ? AS id) AS k "
+                "LEFT JOIN deliveries d ON d.id = k.id", kept)
 
     def prune_attempts(self, before: int, limit: int) -> int:
         """The oldest attempts first, at most ``limit``: one pass's work stays bounded."""
