@@ -196,11 +196,13 @@ class _Reader:
     def problem(self, where: str, message: str) -> None:
         self.problems.append(Problem(f"{self.file}: {where}", message))
 
-    def resolve(self, where: str, value: Any) -> Any:
+    def resolve(self, where: str, value: Any, always: bool = False) -> Any:
+        """``value``, or the variable an ``"env:NAME"`` value names. Unset, it is a problem
+        unless secrets are not required and the value is not needed ``always``."""
         if isinstance(value, str) and value.startswith("env:"):
             name = value[4:]
             if name not in self.env:
-                if self.require_secrets:
+                if self.require_secrets or always:
                     self.problem(where, f"environment variable {name} is not set")
                 else:
                     self.unset.append(where)
@@ -209,12 +211,13 @@ class _Reader:
         return value
 
     def string(self, table: Mapping[str, Any], key: str, where: str, *,
-               default: str | None = None, required: bool = False) -> str | None:
+               default: str | None = None, required: bool = False,
+               always: bool = False) -> str | None:
         if key not in table:
             if required:
                 self.problem(f"{where}.{key}", "is required")
             return default
-        value = self.resolve(f"{where}.{key}", table[key])
+        value = self.resolve(f"{where}.{key}", table[key], always)
         if value is None:
             return default
         if not isinstance(value, str):
@@ -297,7 +300,9 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     for key in table:
         if key not in known:
             reader.unknown(where, key, sorted(known))
-    database = reader.string(table, "database", where, default=DEFAULT_DATABASE)
+    # What every command works on, secrets or not: unset, falling back to the default file
+    # would have `onetag migrate` make and migrate a new SQLite file, saying it had.
+    database = reader.string(table, "database", where, default=DEFAULT_DATABASE, always=True)
     try:
         check_database(database)
     except ValueError as exc:

@@ -163,6 +163,25 @@ def test_commands_that_never_send_load_without_secrets() -> None:
     assert [p.where for p in caught.value.problems] == ["onetag.toml: server.public_url"]
 
 
+def test_an_unset_database_variable_is_a_problem_even_for_commands_that_never_send() -> None:
+    """``database = "env:..."`` names what every command works on: unset, ``migrate`` or
+    ``deliveries`` must not fall back to the default SQLite file (migrate made and migrated
+    a new onetag.db there, and said so as if the PostgreSQL database had been)."""
+    data = {"server": {"database": "env:ONETAG_DATABASE_URL", "admin_token": "env:ADMIN"},
+            "sites": [{"id": "shop1"}]}
+    for require_secrets in (True, False):
+        with pytest.raises(ConfigError) as caught:
+            config.parse(data, env={}, require_secrets=require_secrets)
+        found = [f"{p.where}: {p.message}" for p in caught.value.problems]
+        assert ("onetag.toml: server.database: environment variable ONETAG_DATABASE_URL is "
+                "not set") in found
+        assert any("admin_token" in line for line in found) == require_secrets
+    settings = config.parse(data, env={"ONETAG_DATABASE_URL": "postgresql://u@h:5432/db"},
+                            require_secrets=False)
+    assert settings.server.database == "postgresql://u@h:5432/db"
+    assert settings.unset == ("server.admin_token",)
+
+
 def test_unknown_keys_suggest_the_nearest_known_one() -> None:
     found = problems({
         "server": {"public_ur": "http://127.0.0.1:8000", "zzz": 1},

@@ -315,7 +315,7 @@ async def test_connections_the_server_cut_are_replaced_and_the_write_is_made(pg)
 
 
 def test_onetag_migrate_applies_then_says_current_and_serve_checks_first(
-        empty_database, tmp_path, capsys) -> None:
+        empty_database, tmp_path, capsys, monkeypatch) -> None:
     from server import cli
 
     config = tmp_path / "onetag.toml"
@@ -342,6 +342,15 @@ def test_onetag_migrate_applies_then_says_current_and_serve_checks_first(
         assert cli.postgresql_problem(settings) is None
     finally:
         del os.environ["ONETAG_TEST_DATABASE"]
+    # The variable forgotten: every command says so, and none makes a SQLite file instead.
+    monkeypatch.chdir(tmp_path)
+    for command in (["migrate"], ["deliveries"], ["replay", "--dry-run"]):
+        with pytest.raises(SystemExit) as stopped:
+            cli.main([*command, "--config", str(config)])
+        assert stopped.value.code == 2, command
+        said = capsys.readouterr().err
+        assert "ONETAG_TEST_DATABASE is not set" in said, (command, said)
+    assert not list(tmp_path.glob("*.db*"))
 
 
 async def test_a_nul_character_is_refused_naming_its_field_and_nothing_is_stored(pg) -> None:
