@@ -66,3 +66,33 @@ def test_console_plan_bench_asks_every_console_question(pg_template) -> None:
     report = json.loads(run.stdout)
     assert report["events"] == 4000 and len(report["queries"]) > 25
     assert all(query["plan"] for query in report["queries"])
+
+
+def test_pg_ingest_bench_measures_each_level_and_stores_every_acknowledged_event(pg_template) -> None:
+    """bench/pg_ingest.py with two levels of concurrency, briefly: each level has its three
+    targets, each node row its per-round ratios, and every acknowledged event is stored."""
+    import pytest
+
+    from backends import PG_ADMIN_URL
+
+    if pg_template[0] is None:
+        pytest.skip(pg_template[1])
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "pg_ingest.py"), "--json", "--dsn", PG_ADMIN_URL,
+         "--conns", "2,4", "--rounds", "2", "--duration", "0.3", "--warmup", "0.2"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:] + run.stdout[-2000:]
+    report = json.loads(run.stdout)
+    levels = [(row["conns"], row["target"]) for row in report["rows"]]
+    assert levels == [(conns, target) for conns in (2, 4)
+                      for target in ("baseline", "1 node", "2 nodes")]
+    for row in report["rows"]:
+        assert row["errors"] == 0 and row["events_per_s"] > 0
+        assert 0 < row["latency_ms_p50"] <= row["latency_ms_p99"]
+        if row["nodes"]:
+            assert len(row["round_ratios"]) == 2 and row["ratio_median"] is not None
+    assert set(report["target_met_by_conns"]) == {"2", "4"}
+    assert report["target_met"] == report["target_met_by_conns"]["2"]
+    durability = report["durability"]
+    assert durability["ok"] and durability["acked_events"] > 0
+    assert "--conns 2,4" in report["command"]
