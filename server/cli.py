@@ -94,7 +94,7 @@ def _find_config(path: str | None) -> str | None:
     return None
 
 
-def _load(path: str | None, require_secrets: bool = True) -> config_module.Settings:
+def _load(path: str | None, require_secrets: Any = True) -> config_module.Settings:
     try:
         return config_module.load(path, require_secrets=require_secrets)
     except config_module.ConfigError as exc:
@@ -118,7 +118,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"onetag: open {settings.server.public_url}/demo/ — its events land in the store "
               f"and show in the page's side panel.", flush=True)
     else:
-        settings = _load(path)
+        # A node that does not forward never sends, so the vendors' secrets may live only
+        # where the workers run (README, "Running on PostgreSQL").
+        settings = _load(path, require_secrets=config_module.NODE_SECRETS)
+        if settings.server.forward:
+            settings = _load(path)
         sites = ", ".join(settings.sites)
         print(f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
               f"{config_module.database_label(settings.server.database)}", flush=True)
@@ -779,7 +783,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .forwarder import ForwarderOptions, run_until
 
     path = _find_config(args.config)
-    settings = config_module.demo() if path is None else _load(path)
+    # A worker sends: it needs the vendors' secrets, not the sites' (the nodes check those).
+    settings = (config_module.demo() if path is None
+                else _load(path, require_secrets=config_module.SENDER_SECRETS))
     logs.configure(args.log_format or settings.server.log_format, args.log_level)
     options = ForwarderOptions.from_env()
     if settings.server.is_postgresql:

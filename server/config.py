@@ -14,7 +14,7 @@ import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 from urllib.parse import urlsplit
 
 from . import routing
@@ -183,26 +183,39 @@ def database_label(database: str) -> str:
     return parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
+# Which ``env:`` values a process needs set (``load``'s ``require_secrets``). A vendor's
+# secrets (``Setting.secret``: its API key or token) are added to a request only when it is
+# sent, so a node that does not forward never reads them; everything else ("site": the
+# sites' keys, the admin token, public ids and URLs) is what a node serves and checks
+# requests with, and a worker never reads it. So the internet-facing nodes need not hold
+# the vendors' secrets, nor the workers the sites'.
+NODE_SECRETS = frozenset({"site"})
+SENDER_SECRETS = frozenset({"vendor"})
+ALL_SECRETS = NODE_SECRETS | SENDER_SECRETS
+
+
 class _Reader:
     """Reads typed values out of a TOML table, recording problems instead of raising."""
 
-    def __init__(self, file: str, env: Mapping[str, str], require_secrets: bool = True):
+    def __init__(self, file: str, env: Mapping[str, str],
+                 require_secrets: bool | Collection[str] = True):
         self.file = file
         self.env = env
-        self.require_secrets = require_secrets
+        self.required = (ALL_SECRETS if require_secrets is True else
+                         frozenset() if require_secrets is False else frozenset(require_secrets))
         self.problems: list[Problem] = []
         self.unset: list[str] = []  # where an env: value was missing and not required
 
     def problem(self, where: str, message: str) -> None:
         self.problems.append(Problem(f"{self.file}: {where}", message))
 
-    def resolve(self, where: str, value: Any, always: bool = False) -> Any:
+    def resolve(self, where: str, value: Any, always: bool = False, kind: str = "site") -> Any:
         """``value``, or the variable an ``"env:NAME"`` value names. Unset, it is a problem
-        unless secrets are not required and the value is not needed ``always``."""
+        if this process needs values of its ``kind`` (``NODE_SECRETS``), or ``always``."""
         if isinstance(value, str) and value.startswith("env:"):
             name = value[4:]
             if name not in self.env:
-                if self.require_secrets or always:
+                if always or kind in self.required:
                     self.problem(where, f"environment variable {name} is not set")
                 else:
                     self.unset.append(where)
@@ -212,12 +225,12 @@ class _Reader:
 
     def string(self, table: Mapping[str, Any], key: str, where: str, *,
                default: str | None = None, required: bool = False,
-               always: bool = False) -> str | None:
+               always: bool = False, kind: str = "site") -> str | None:
         if key not in table:
             if required:
                 self.problem(f"{where}.{key}", "is required")
             return default
-        value = self.resolve(f"{where}.{key}", table[key], always)
+        value = self.resolve(f"{where}.{key}", table[key], always, kind)
         if value is None:
             return default
         if not isinstance(value, str):
@@ -243,12 +256,13 @@ class _Reader:
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
-         require_secrets: bool = True) -> Settings:
+         require_secrets: bool | Collection[str] = True) -> Settings:
     """Load and validate a config file; raises ``ConfigError`` listing every problem.
 
     ``require_secrets=False`` is for the commands that never send (``deliveries``,
     ``replay``): an ``env:`` variable that is not set leaves its value absent (listed in
-    ``Settings.unset``) instead of being a problem."""
+    ``Settings.unset``) instead of being a problem. ``NODE_SECRETS`` (a node that does not
+    forward) and ``SENDER_SECRETS`` (a worker) require only the values that process reads."""
     file = str(path)
     try:
         raw = Path(path).read_text(encoding="utf-8")
@@ -263,7 +277,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
 
 
 def parse(data: Mapping[str, Any], *, file: str = "onetag.toml",
-          env: Mapping[str, str] | None = None, require_secrets: bool = True) -> Settings:
+          env: Mapping[str, str] | None = None,
+          require_secrets: bool | Collection[str] = True) -> Settings:
     reader = _Reader(file, os.environ if env is None else env, require_secrets)
     known_top = {"server", "sites"}
     for key in data:
@@ -514,7 +529,8 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
             reader.unknown(where, key, [*settings, "routes"])
     values: dict[str, str] = {}
     for setting in module.SETTINGS:
-        value = reader.string(table, setting.name, where, required=setting.required)
+        value = reader.string(table, setting.name, where, required=setting.required,
+                              kind="vendor" if setting.secret else "site")
         if value is not None:
             values[setting.name] = value
     for setting in module.SETTINGS:  # defaults may name other keys: "{store_id}"
