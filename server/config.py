@@ -187,8 +187,9 @@ def database_label(database: str) -> str:
 # secrets (``Setting.secret``: its API key or token) are added to a request only when it is
 # sent, so a node that does not forward never reads them; everything else ("site": the
 # sites' keys, the admin token, public ids and URLs) is what a node serves and checks
-# requests with, and a worker never reads it. So the internet-facing nodes need not hold
-# the vendors' secrets, nor the workers the sites'.
+# requests with, and a worker never reads it, but for the vendors' public settings, which
+# both read (the script names them; the product sync plans requests with them). So the
+# internet-facing nodes need not hold the vendors' secrets, nor the workers the sites'.
 NODE_SECRETS = frozenset({"site"})
 SENDER_SECRETS = frozenset({"vendor"})
 ALL_SECRETS = NODE_SECRETS | SENDER_SECRETS
@@ -209,13 +210,14 @@ class _Reader:
     def problem(self, where: str, message: str) -> None:
         self.problems.append(Problem(f"{self.file}: {where}", message))
 
-    def resolve(self, where: str, value: Any, always: bool = False, kind: str = "site") -> Any:
+    def resolve(self, where: str, value: Any, always: bool = False,
+                kinds: frozenset[str] = NODE_SECRETS) -> Any:
         """``value``, or the variable an ``"env:NAME"`` value names. Unset, it is a problem
-        if this process needs values of its ``kind`` (``NODE_SECRETS``), or ``always``."""
+        if this process reads values of its ``kinds`` (``NODE_SECRETS``), or ``always``."""
         if isinstance(value, str) and value.startswith("env:"):
             name = value[4:]
             if name not in self.env:
-                if always or kind in self.required:
+                if always or kinds & self.required:
                     self.problem(where, f"environment variable {name} is not set")
                 else:
                     self.unset.append(where)
@@ -225,12 +227,12 @@ class _Reader:
 
     def string(self, table: Mapping[str, Any], key: str, where: str, *,
                default: str | None = None, required: bool = False,
-               always: bool = False, kind: str = "site") -> str | None:
+               always: bool = False, kinds: frozenset[str] = NODE_SECRETS) -> str | None:
         if key not in table:
             if required:
                 self.problem(f"{where}.{key}", "is required")
             return default
-        value = self.resolve(f"{where}.{key}", table[key], always, kind)
+        value = self.resolve(f"{where}.{key}", table[key], always, kinds)
         if value is None:
             return default
         if not isinstance(value, str):
@@ -530,7 +532,7 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
     values: dict[str, str] = {}
     for setting in module.SETTINGS:
         value = reader.string(table, setting.name, where, required=setting.required,
-                              kind="vendor" if setting.secret else "site")
+                              kinds=SENDER_SECRETS if setting.secret else ALL_SECRETS)
         if value is not None:
             values[setting.name] = value
     for setting in module.SETTINGS:  # defaults may name other keys: "{store_id}"

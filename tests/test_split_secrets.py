@@ -15,14 +15,16 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from fakes.harness import (API_KEY, FORWARD_ENV, REPO, SECRETS, SITE, free_port, purchase,
                            server_process, settings_data, until, write_config)
 from fakes.vendor_server import FakeVendors
 from server import config
 
-SITE_ENV = {"SPLIT_SITE_API_KEY": API_KEY, "SPLIT_ADMIN_TOKEN": "admin-token-for-the-console"}
-VENDOR_ENV = {"SPLIT_REJOINER_API_KEY": SECRETS["rejoiner"]}
+SITE_ENV = {"SPLIT_SITE_API_KEY": API_KEY, "SPLIT_ADMIN_TOKEN": "admin-token-for-the-console",
+            "SPLIT_RJ_SITE": "RJSITE1"}
+VENDOR_ENV = {"SPLIT_REJOINER_API_KEY": SECRETS["rejoiner"], "SPLIT_RJ_SITE": "RJSITE1"}
 
 
 def split_config(tmp_path, fake, forward: bool = False):
@@ -30,6 +32,7 @@ def split_config(tmp_path, fake, forward: bool = False):
     data["server"]["admin_token"] = "env:SPLIT_ADMIN_TOKEN"
     data["sites"][0]["api_key"] = "env:SPLIT_SITE_API_KEY"
     data["sites"][0]["rejoiner"]["api_key"] = "env:SPLIT_REJOINER_API_KEY"
+    data["sites"][0]["rejoiner"]["site_id"] = "env:SPLIT_RJ_SITE"
     return write_config(tmp_path / "onetag.toml", data)
 
 
@@ -47,6 +50,14 @@ def test_each_process_requires_only_the_secrets_it_reads(tmp_path) -> None:
     worker = config.load(path, env=VENDOR_ENV, require_secrets=config.SENDER_SECRETS)
     assert worker.sites[SITE].vendors["rejoiner"]["api_key"] == SECRETS["rejoiner"]
     assert worker.sites[SITE].order_source == node.sites[SITE].order_source == "backend"
+    # A vendor's public settings are read by both (the script, the product sync).
+    for needs in (config.NODE_SECRETS, config.SENDER_SECRETS):
+        without_site_id = {k: v for k, v in {**SITE_ENV, **VENDOR_ENV}.items()
+                           if k != "SPLIT_RJ_SITE"}
+        with pytest.raises(config.ConfigError) as caught:
+            config.load(path, env=without_site_id, require_secrets=needs)
+        assert [p.where for p in caught.value.problems] == [
+            f"{path}: sites[shop1].rejoiner.site_id"]
     # Each still refuses what it reads and lacks; `check` wants everything.
     for env, needs in ((VENDOR_ENV, config.NODE_SECRETS), (SITE_ENV, config.SENDER_SECRETS),
                        (SITE_ENV, True)):
