@@ -190,13 +190,17 @@ def public_url_warning(public_url: str, port: int) -> str | None:
 
 def postgresql_problem(settings: config_module.Settings) -> str | None:
     """Why ``serve`` or ``worker`` can't run on the configured PostgreSQL database (the
-    driver missing, the server unreachable, the schema not current), or None."""
+    driver missing, the server unreachable, the schema not current, no write committed:
+    read-only), or None."""
     from .store import open_store
 
     async def probe() -> None:
         store = open_store(settings, ingest=False)
         await store.open()  # checks the schema (store/pg_migrate.py)
-        await store.close()
+        try:
+            await store.ping()  # a committed write: a read-only database is refused here
+        finally:
+            await store.close()
 
     try:
         asyncio.run(probe())

@@ -539,3 +539,45 @@ async def test_a_nodes_writer_process_reads_bodies_and_is_replaced_when_killed(p
     finally:
         await store.close()
     assert sorted(await pg.rows("SELECT event_id FROM events")) == [("e-1",), ("e-2",)]
+
+
+async def test_a_read_only_database_fails_the_health_check_until_it_takes_writes(pg) -> None:
+    """``/healthz`` is a committed write: a database that refuses writes (a standby,
+    ``default_transaction_read_only``) fails it, as it fails every event. Once the database
+    takes writes again the health check says so by itself, with no event needed (a load
+    balancer that took the node out of rotation sends it none): the read-only session is
+    not kept in the pool, and a committed ping clears the fault."""
+    from server import cli
+    from server.store.base import StoreUnavailable
+
+    name = pg.database.rsplit("/", 1)[1]
+    store = await pg.open(pg.settings())
+    try:
+        assert await store.ping() is None
+        await _admin(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+        await _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                     f"datname = '{name}' AND pid <> pg_backend_pid()")
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await store.ping()
+        events = [event({"event": "page_view", "event_id": "refused"})]
+        with pytest.raises(StoreUnavailable):
+            await store.ingest("shop1", events, events, SessionInfo())
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        # A worker's claim meets it as the store being unavailable (waited out, said once).
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await store.finish_and_claim([], 1, 1000, 8, vendors=("rejoiner",))
+        # serve and worker refuse to start on it, saying why.
+        problem = await asyncio.to_thread(cli.postgresql_problem, pg.settings())
+        assert problem is not None and "read-only" in problem
+        await _admin(f"ALTER DATABASE {name} RESET default_transaction_read_only")
+        assert await store.ping() is None and store.fault is None
+        assert await store.finish_and_claim([], 1, 1000, 8, vendors=("rejoiner",)) == []
+        events = [event({"event": "page_view", "event_id": "taken"})]
+        answer = await store.ingest("shop1", events, events, SessionInfo())
+        assert answer[0].event_id == "taken" and not answer[0].duplicate
+    finally:
+        await _admin(f"ALTER DATABASE {name} RESET default_transaction_read_only")
+        await store.close()
+    assert await pg.rows("SELECT event_id FROM events") == [("taken",)]
+    assert await asyncio.to_thread(cli.postgresql_problem, pg.settings()) is None

@@ -25,6 +25,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import time
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
@@ -88,6 +89,19 @@ def is_database_failure(exc: BaseException) -> bool:
     # 08: connection; 53: resources (disk full, out of memory); 57: operator intervention
     # (shutdown); 58: system errors (I/O); 25006: read-only transaction (a standby).
     return state[:2] in ("08", "53", "57", "58") or state == "25006"
+
+
+# The health check's write: durable once it returns (synchronous_commit is on).
+HEALTH_WRITE = ("INSERT INTO health (id, at_ms) VALUES (1, $1) "
+                "ON CONFLICT (id) DO UPDATE SET at_ms = EXCLUDED.at_ms")
+
+
+def drop_if_failed(conn: Any, exc: BaseException) -> None:
+    """A connection whose database failed is closed, so the pool opens a new one: a session
+    keeps what held when it began (``default_transaction_read_only``, a standby promoted
+    since), and a pooled connection would keep failing after the database is writable."""
+    if is_database_failure(exc):
+        conn.terminate()
 
 
 async def _keep_session(conn: Any) -> None:
@@ -271,14 +285,27 @@ class PgWriteOps:
         return JobFailure("database", f"{type(exc).__name__}: {exc}")
 
     async def ping(self) -> int:
-        """A committed transaction that takes a transaction id; this process's pid."""
+        """A committed write (migration 028's row); this process's pid. Tried twice, as a
+        batch is: a pooled connection the server cut (a restart) fails once, then a new
+        one answers for the database as it is now."""
         try:
-            async with self.pool.acquire() as conn:
-                async with conn.transaction():
-                    await conn.fetchval("SELECT pg_current_xact_id()")
+            await self._health_write()
         except Exception as exc:
-            raise unavailable(exc) from None
+            if not is_database_failure(exc):
+                raise unavailable(exc) from None
+            try:
+                await self._health_write()
+            except Exception as again:
+                raise unavailable(again) from None
         return os.getpid()
+
+    async def _health_write(self) -> None:
+        async with self.pool.acquire() as conn:
+            try:
+                await conn.execute(HEALTH_WRITE, int(time.time() * 1000))
+            except Exception as exc:
+                drop_if_failed(conn, exc)
+                raise
 
     # Group commit -----------------------------------------------------------------------
 
@@ -378,11 +405,15 @@ class PgWriteOps:
             try:
                 async with self.pool.acquire() as conn:
                     batch = PgIngestBatch(conn, self.sites, self.hold_ms, self.browser_grace_ms)
-                    if one_statement:
-                        results = await batch.run_optimistic(requests)
-                    else:
-                        async with conn.transaction():
-                            results = await batch.run(requests)
+                    try:
+                        if one_statement:
+                            results = await batch.run_optimistic(requests)
+                        else:
+                            async with conn.transaction():
+                                results = await batch.run(requests)
+                    except Exception as exc:
+                        drop_if_failed(conn, exc)
+                        raise
                 self.commits += 1
                 self.paths["one statement" if one_statement else "locked"] += 1
                 if self.on_commit is not None:

@@ -32,6 +32,7 @@ from ..jsontext import encode, loads
 from .. import outbox
 from . import deadletters, outbox_rules
 from .base import Delivery, Outcome, StoreUnavailable
+from .pg_writer import drop_if_failed, is_database_failure
 from .deadletters import ReplayFilter
 from .rules import identity_fields
 
@@ -101,11 +102,13 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
+    """The database failed (unreachable, cut, out of space, read-only), not the statement:
+    a 503's ``StoreUnavailable``, which the forwarder waits out and says once."""
     import asyncpg
 
-    return isinstance(exc, (OSError, asyncpg.PostgresConnectionError,
-                            asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-                            asyncpg.TooManyConnectionsError))
+    return is_database_failure(exc) or isinstance(exc, (
+        OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError))
 
 
 class PostgresOutbox:
@@ -472,16 +475,22 @@ class PostgresOutbox:
     # Plumbing ---------------------------------------------------------------------------
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        try:
-            return await self.pool.fetch(sql, *args)
-        except Exception as exc:
-            if _is_connection_error(exc):
-                raise _unavailable(exc) from exc
-            raise
+        return await self._on_connection(lambda conn: conn.fetch(sql, *args))
 
     async def _execute(self, sql: str, *args: Any) -> str:
+        return await self._on_connection(lambda conn: conn.execute(sql, *args))
+
+    async def _on_connection(self, call: Any) -> Any:
+        """``call(conn)`` on a pooled connection; a connection whose database failed is
+        not kept (``pg_writer.drop_if_failed``: a read-only session would outlive the
+        database becoming writable again)."""
         try:
-            return await self.pool.execute(sql, *args)
+            async with self.pool.acquire() as conn:
+                try:
+                    return await call(conn)
+                except Exception as exc:
+                    drop_if_failed(conn, exc)
+                    raise
         except Exception as exc:
             if _is_connection_error(exc):
                 raise _unavailable(exc) from exc
@@ -495,7 +504,10 @@ class PostgresOutbox:
                 await transaction.start()
                 try:
                     result = await fn(conn, *args)
-                except BaseException:
+                except BaseException as exc:
+                    if isinstance(exc, Exception) and is_database_failure(exc):
+                        drop_if_failed(conn, exc)  # nothing to roll back on a dropped one
+                        raise
                     await transaction.rollback()
                     raise
                 if commit:

@@ -284,7 +284,7 @@ class WriterSupervisor:
                 if result.kind in ("disk", "database"):
                     self._storage_fault(result)
                 result = StoreUnavailable(result.kind, result.message)
-            elif op in INGEST_OPS:
+            elif op in INGEST_OPS or op == "ping":  # a ping's answer is a committed write
                 committed = True
             if future.done():
                 continue
