@@ -8,6 +8,8 @@ Any string value may be ``"env:NAME"``: secrets live in the environment, not the
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import math
 import os
 import re
 import string
@@ -32,11 +34,21 @@ DEFAULT_MAX_CART_LINES = 200
 DEFAULT_PRODUCT_SYNC_TIME = "03:00"
 DEFAULT_PRODUCT_SYNC_MINUTE = 180
 SYNC_TIME_RE = re.compile(r"([0-9]{2}):([0-9]{2})")
-# The hardening knobs of [server] (README, "Bad input and faults"): name, default, integer?
 DEFAULT_KEEP_ATTEMPTS_DAYS = 30.0  # delivery attempts (request and answer) kept this long
-HARDENING = {"writer_timeout_s": (10.0, False), "shutdown_grace_s": (10.0, False),
-             "body_timeout_s": (10.0, False), "max_pending_writes": (2000, True),
-             "max_pending_bytes": (64 * 1024 * 1024, True)}
+# The number keys of [server]: default, lowest, highest, whether the lowest itself is allowed,
+# and the unit ("" for a whole number). Finite and in range, or serve crashed (inf, nan),
+# ran without a body timeout (nan), answered every request 503 (writer_timeout_s = 0.001) or
+# failed /healthz for good (keep_attempts_days = 1e300). README's Config reference states them.
+NUMBERS: dict[str, tuple[float, float, float, bool, str]] = {
+    "hold_days": (DEFAULT_HOLD_DAYS, 0, 365, False, "days"),
+    "browser_grace_s": (DEFAULT_BROWSER_GRACE_S, 0, 86_400, True, "seconds"),
+    "writer_timeout_s": (10.0, 1, 600, True, "seconds"),
+    "shutdown_grace_s": (10.0, 1, 600, True, "seconds"),
+    "body_timeout_s": (10.0, 1, 600, True, "seconds"),
+    "keep_attempts_days": (DEFAULT_KEEP_ATTEMPTS_DAYS, 0, 3650, False, "days"),
+    "max_pending_writes": (2000, 1, 1_000_000, True, ""),
+    "max_pending_bytes": (64 * 1024 * 1024, 1024, 16 * 1024 ** 3, True, ""),
+}
 
 
 @dataclass(frozen=True)
@@ -157,7 +169,9 @@ def is_postgresql(database: str) -> bool:
 def check_database(database: str) -> None:
     """``ValueError`` saying what is wrong with a ``database`` URL (never echoing a password)."""
     if not is_postgresql(database):
-        sqlite_path(database)
+        problem = sqlite_problem(sqlite_path(database))
+        if problem:
+            raise ValueError(problem)
         return
     try:
         parts = urlsplit(database)
@@ -170,6 +184,16 @@ def check_database(database: str) -> None:
         raise ValueError("a PostgreSQL URL names its database: postgresql://user@host:5432/dbname")
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range")
+
+
+def sqlite_problem(path: str) -> str | None:
+    """Why a SQLite path is not a file that keeps what is acknowledged, or None."""
+    if not path:
+        return "names no file: sqlite:///onetag.db (relative) or sqlite:////var/lib/onetag.db"
+    if path == ":memory:" or path.startswith("file:") or "mode=memory" in path:
+        return ("is a database in memory (or a file: URI): every acknowledged event would be "
+                "lost when the process stops; name a file, like sqlite:///onetag.db")
+    return None
 
 
 def database_label(database: str) -> str:
@@ -193,6 +217,91 @@ def database_label(database: str) -> str:
 NODE_SECRETS = frozenset({"site"})
 SENDER_SECRETS = frozenset({"vendor"})
 ALL_SECRETS = NODE_SECRETS | SENDER_SECRETS
+
+
+def number_range(key: str) -> str:
+    """The range of a ``[server]`` number key in words, as messages and README give it."""
+    _, low, high, low_ok, _ = NUMBERS[key]
+    if low_ok:
+        return f"from {_num(low)} to {_num(high)}"
+    return f"> {_num(low)} and at most {_num(high)}"
+
+
+def _num(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def address_problem(url: str) -> str | None:
+    """Why the host or port of an http(s) URL is not one a client can connect to, or None.
+    A port out of range or a host with a space passed before, and failed at each use
+    (IndexError in every delivery, a traceback at serve)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        return "has a port outside 1-65535"
+    if _host(parts.hostname or "") is None:
+        return f"has an invalid host {parts.hostname!r}"
+    return None
+
+
+def _host(host: str) -> str | None:
+    """``host`` as a browser sends it (lowercase; IDN as punycode; IPv6 in brackets), or
+    None if it is not a valid host name or address."""
+    if ":" in host:
+        try:
+            return f"[{ipaddress.IPv6Address(host)}]"
+        except ValueError:
+            return None
+    try:
+        ascii_host = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    return ascii_host if re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", ascii_host) else None
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalise_origin(origin: str) -> str:
+    """``origin`` as a browser's ``Origin`` header states it: lowercase scheme and host, no
+    default port, no trailing slash. ``ValueError`` saying why it is not an origin."""
+    parts = urlsplit(origin)
+    if (parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname
+            or parts.path not in ("", "/") or parts.query or parts.fragment or "?" in origin
+            or "#" in origin or "@" in parts.netloc):
+        raise ValueError("is not an origin like \"https://shop.example\"")
+    problem = address_problem(origin)
+    if problem:
+        raise ValueError(problem)
+    scheme = parts.scheme.lower()
+    port = parts.port
+    host = _host(parts.hostname)
+    return f"{scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS[scheme]) else f":{port}")
+
+
+ROUTES = ("/healthz", "/metrics", "/api/v1/sites/{site_id}/events",
+          "/feeds/{site_id}/products.xml", "/feeds/{site_id}/products.csv",
+          "/remarkety/{site_id}/discounts")
+MOUNTS = ("/admin", "/static", "/demo", "/api", "/feeds")  # everything under them is taken
+
+
+def event_path_problem(event_path: str, script_path: str) -> str | None:
+    """Why ``event_path`` would shadow (or be shadowed by) another route of server/app.py, or
+    None. ``/api/v1/sites/shop1/events`` made the backend API answer 404 for that site."""
+    if not re.fullmatch(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*", event_path):
+        return "must be a plain path starting with / (no {placeholders}, ? or #)"
+    for mount in MOUNTS:
+        if event_path == mount or event_path.startswith(mount + "/"):
+            return f"is under {mount}, which onetag serves itself; pick another path like /e"
+    for route in (*ROUTES, script_path):
+        pattern = re.escape(route).replace(r"\{site_id\}", "[^/]+")
+        if re.fullmatch(pattern, event_path):
+            where = "script_path" if route == script_path else "another route"
+            return f"is {route} ({where}), which onetag serves itself; pick another path like /e"
+    return None
 
 
 class _Reader:
@@ -239,6 +348,32 @@ class _Reader:
             self.problem(f"{where}.{key}", f"must be a string, not {type(value).__name__}")
             return default
         return value
+
+    def secret(self, table: Mapping[str, Any], key: str, where: str, *, off: str,
+               required: bool = False, kinds: frozenset[str] = NODE_SECRETS) -> str | None:
+        """A secret: an empty one (a literal "" or an ``env:`` variable set to "") is refused,
+        not read as absent, which quietly turned its feature off. ``off`` says how to."""
+        value = self.string(table, key, where, required=required, kinds=kinds)
+        if value == "":
+            raw = table[key]
+            source = (f" (environment variable {raw[4:]} is set to \"\")"
+                      if isinstance(raw, str) and raw.startswith("env:") else "")
+            self.problem(f"{where}.{key}", f"is empty{source}; {off}")
+            return None
+        return value
+
+    def number(self, table: Mapping[str, Any], key: str, where: str) -> float | int:
+        """A ``[server]`` number key (``NUMBERS``): finite and within its range."""
+        default, low, high, low_ok, unit = NUMBERS[key]
+        value = self.resolve(f"{where}.{key}", table.get(key, default))
+        whole = not unit
+        if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
+                or not math.isfinite(value) or not (low <= value <= high)
+                or (value == low and not low_ok)):
+            kind = "a whole number" if whole else f"a number of {unit}"
+            self.problem(f"{where}.{key}", f"must be {kind} {number_range(key)}, not {value!r}")
+            return default
+        return value if whole else float(value)
 
     def unknown(self, where: str, key: str, known: Any) -> None:
         """An unknown key, with the nearest known one when it looks like a typo."""
@@ -313,7 +448,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         return ServerConfig()
     known = {"database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
              "forward", "browser_grace_s", "log_format", "keep_attempts_days", "metrics_public",
-             *HARDENING}
+             *NUMBERS}
     for key in table:
         if key not in known:
             reader.unknown(where, key, sorted(known))
@@ -327,47 +462,27 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     public_url = reader.string(table, "public_url", where, default=DEFAULT_PUBLIC_URL).rstrip("/")
     if urlsplit(public_url).scheme not in ("http", "https") or not urlsplit(public_url).netloc:
         reader.problem(f"{where}.public_url", f"must be an http(s) URL, not {public_url!r}")
+    elif problem := address_problem(public_url):
+        reader.problem(f"{where}.public_url", f"{problem}, not {public_url!r}")
     script_path = reader.string(table, "script_path", where, default="/s/{site_id}.js")
     if "{site_id}" not in script_path or not script_path.startswith("/"):
         reader.problem(f"{where}.script_path", "must start with / and contain {site_id}")
     event_path = reader.string(table, "event_path", where, default="/e")
-    if not event_path.startswith("/"):
-        reader.problem(f"{where}.event_path", "must start with /")
-    hold_days = reader.resolve(f"{where}.hold_days", table.get("hold_days", DEFAULT_HOLD_DAYS))
-    if isinstance(hold_days, bool) or not isinstance(hold_days, (int, float)) or hold_days <= 0:
-        reader.problem(f"{where}.hold_days", f"must be a positive number of days, not {hold_days!r}")
-        hold_days = DEFAULT_HOLD_DAYS
-    grace = reader.resolve(f"{where}.browser_grace_s",
-                           table.get("browser_grace_s", DEFAULT_BROWSER_GRACE_S))
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
-        reader.problem(f"{where}.browser_grace_s", f"must be a number of seconds >= 0, not {grace!r}")
-        grace = DEFAULT_BROWSER_GRACE_S
+    problem = event_path_problem(event_path, script_path)
+    if problem:
+        reader.problem(f"{where}.event_path", f"{problem}, not {event_path!r}")
     log_format = reader.string(table, "log_format", where, default="text")
     if log_format not in ("text", "json"):
         reader.problem(f"{where}.log_format", f'must be "text" or "json", not {log_format!r}')
         log_format = "text"
-    keep = reader.resolve(f"{where}.keep_attempts_days",
-                          table.get("keep_attempts_days", DEFAULT_KEEP_ATTEMPTS_DAYS))
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0:
-        reader.problem(f"{where}.keep_attempts_days",
-                       f"must be a positive number of days, not {keep!r}")
-        keep = DEFAULT_KEEP_ATTEMPTS_DAYS
-    hardening = {}
-    for key, (default, whole) in HARDENING.items():
-        value = reader.resolve(f"{where}.{key}", table.get(key, default))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
-                whole and not isinstance(value, int)):
-            kind = "a whole number" if whole else "a number of seconds"
-            reader.problem(f"{where}.{key}", f"must be {kind} > 0, not {value!r}")
-            value = default
-        hardening[key] = value if whole else float(value)
+    numbers = {key: reader.number(table, key, where) for key in NUMBERS}
+    admin_token = reader.secret(table, "admin_token", where,
+                                off="remove the key to turn the operator console off")
     return ServerConfig(
         database=database, public_url=public_url, script_path=script_path,
-        event_path=event_path, admin_token=reader.string(table, "admin_token", where),
-        hold_days=float(hold_days), forward=reader.boolean(table, "forward", where, True),
-        browser_grace_s=float(grace), log_format=log_format, keep_attempts_days=float(keep),
-        metrics_public=reader.boolean(table, "metrics_public", where, False),
-        **hardening)
+        event_path=event_path, admin_token=admin_token,
+        forward=reader.boolean(table, "forward", where, True), log_format=log_format,
+        metrics_public=reader.boolean(table, "metrics_public", where, False), **numbers)
 
 
 def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
@@ -390,10 +505,12 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         reader.problem(f"{where}.origins", "must be a list of origins like \"https://shop.example\"")
         origins = []
-    for origin in origins:
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-            reader.problem(f"{where}.origins", f"{origin!r} is not an origin like \"https://shop.example\"")
+    normalised = []
+    for index, origin in enumerate(origins):
+        try:
+            normalised.append(normalise_origin(origin))
+        except ValueError as exc:
+            reader.problem(f"{where}.origins[{index}]", f"{origin!r} {exc}")
     currency = reader.string(table, "currency", where, default="USD")
     if not re.fullmatch(r"[A-Z]{3}", currency or ""):
         reader.problem(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")
@@ -413,10 +530,11 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
             vendor = _parse_vendor(reader, module, table[name], f"{where}.{name}")
             if vendor is not None:
                 vendors[name] = vendor
-    api_key = reader.string(table, "api_key", where)
-    # An "env:" api_key whose variable is unset is still configured (reported on its own,
-    # or read as absent by the commands that never send).
-    has_key = bool(api_key) or str(table.get("api_key", "")).startswith("env:")
+    api_key = reader.secret(table, "api_key", where,
+                            off="remove the key to turn the site's backend API off")
+    # An api_key written is configured even when unset or empty (each reported on its own,
+    # or an unset one read as absent by the commands that never send).
+    has_key = "api_key" in table
     order_source = reader.string(table, "order_source", where,
                                  default="backend" if has_key else "browser")
     if order_source not in ("backend", "browser"):
@@ -424,11 +542,13 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     elif order_source == "backend" and not has_key:
         reader.problem(f"{where}.order_source", "\"backend\" needs the site's api_key: without it "
                        "no backend can send orders")
-    identity_secret = reader.string(table, "identity_secret", where)
+    identity_secret = reader.secret(table, "identity_secret", where,
+                                    off="remove the key to leave identify unsigned")
     if identity_secret is not None and len(identity_secret) < 16:
         reader.problem(f"{where}.identity_secret", "must be at least 16 characters (a random "
                        "secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
-    feed_token = reader.string(table, "feed_token", where)
+    feed_token = reader.secret(table, "feed_token", where,
+                               off="remove the key to publish no product feed")
     if feed_token is not None and len(feed_token) < 16:
         reader.problem(f"{where}.feed_token", "must be at least 16 characters (a random "
                        "secret, e.g. \"env:SHOP1_FEED_TOKEN\"): it is all that guards the feed")
@@ -439,7 +559,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
                        f"(00:00 to 23:59), not {sync_time!r}")
         sync_minute = DEFAULT_PRODUCT_SYNC_MINUTE
     return SiteConfig(
-        id=site_id, origins=tuple(o.rstrip("/") for o in origins),
+        id=site_id, origins=tuple(normalised),
         api_key=api_key, currency=currency, spa_page_views=spa,
         capture_form_email=reader.boolean(table, "capture_form_email", where, True),
         debug=reader.boolean(table, "debug", where, False), max_cart_lines=max_cart_lines,
@@ -475,9 +595,12 @@ def _coupons(reader: _Reader, table: Any, where: str) -> CouponConfig | None:
     if url is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
         reader.problem(f"{where}.webhook_url", f"must be an absolute http(s) URL like "
                                                f"\"https://shop.example/onetag/coupons\", not {url!r}")
+    elif url is not None and (problem := address_problem(url)):
+        reader.problem(f"{where}.webhook_url", f"{problem}, not {url!r}")
     secrets = {}
     for key in ("remarkety_api_key", "webhook_secret"):
-        value = reader.string(table, key, where, required=True)
+        value = reader.secret(table, key, where, required=True,
+                              off="remove [sites.coupons] to turn the coupons bridge off")
         if value is not None and len(value) < MIN_COUPON_SECRET:
             reader.problem(f"{where}.{key}", f"must be at least {MIN_COUPON_SECRET} characters "
                            f"(a random secret, e.g. \"env:SHOP1_COUPON_{key.upper()}\")")
@@ -531,8 +654,12 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
             reader.unknown(where, key, [*settings, "routes"])
     values: dict[str, str] = {}
     for setting in module.SETTINGS:
-        value = reader.string(table, setting.name, where, required=setting.required,
-                              kinds=SENDER_SECRETS if setting.secret else ALL_SECRETS)
+        if setting.secret:
+            value = reader.secret(table, setting.name, where, required=setting.required,
+                                  off="remove the key to leave it unset", kinds=SENDER_SECRETS)
+        else:
+            value = reader.string(table, setting.name, where, required=setting.required,
+                                  kinds=ALL_SECRETS)
         if value is not None:
             values[setting.name] = value
     for setting in module.SETTINGS:  # defaults may name other keys: "{store_id}"
@@ -548,6 +675,8 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 reader.problem(f"{where}.{setting.name}", f"must be an absolute http(s) URL like "
                                                          f"\"https://host/path\", not {value!r}")
+            elif problem := address_problem(value):
+                reader.problem(f"{where}.{setting.name}", f"{problem}, not {value!r}")
     routes_table = table.get("routes", {})
     if not isinstance(routes_table, dict):
         reader.problem(f"{where}.routes", "must be a table like {purchase = \"server\"}")

@@ -43,6 +43,28 @@ def test_check_lists_every_problem_and_fails(tmp_path) -> None:
     assert "bad.toml: sites[a b].currency:" in result.stderr
 
 
+def test_check_refuses_values_that_passed_and_failed_later(tmp_path) -> None:
+    """Each of these passed `onetag check` and then lost events (an in-memory database),
+    crashed serve (nan, port 99999), turned the console off (an empty env: secret), made the
+    backend API unreachable (event_path) or refused every browser event (port 99999)."""
+    (tmp_path / "onetag.toml").write_text(
+        '[server]\ndatabase = "sqlite:///:memory:"\npublic_url = "http://127.0.0.1:99999"\n'
+        'event_path = "/api/v1/sites/shop1/events"\nadmin_token = "env:X"\n'
+        'shutdown_grace_s = inf\nbody_timeout_s = nan\n'
+        '\n[[sites]]\nid = "shop1"\napi_key = ""\n'
+        'origins = ["https://Shop.Example:443", "https://a.example:99999"]\n'
+        '\n[sites.sendlane]\nintegration_token = "T"\napi_token = "t"\n'
+        'api_base = "https://exa mple.com/"\n')
+    result = onetag("check", cwd=tmp_path, env={**ENV, "X": ""})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "onetag.toml has 9 problem(s)" in result.stderr, result.stderr
+    for where in ("server.database", "server.public_url", "server.event_path",
+                  "server.admin_token", "server.shutdown_grace_s", "server.body_timeout_s",
+                  "sites[shop1].api_key", "sites[shop1].origins[1]",
+                  "sites[shop1].sendlane.api_base"):
+        assert f"onetag.toml: {where}: " in result.stderr, (where, result.stderr)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

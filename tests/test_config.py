@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server import config
@@ -48,7 +50,7 @@ def test_every_problem_is_reported_with_its_location() -> None:
         "onetag.toml: server.database: a PostgreSQL URL names its database",
         "onetag.toml: server.public_url: must be an http(s) URL",
         "onetag.toml: sites[shop 1].id: must be 1-64 characters",
-        "onetag.toml: sites[shop 1].origins: 'shop.example' is not an origin",
+        "onetag.toml: sites[shop 1].origins[0]: 'shop.example' is not an origin",
         "onetag.toml: sites[shop 1].currency: must be a 3-letter ISO 4217 code",
         "onetag.toml: sites[shop 1].spa_page_views: must be \"auto\" or \"manual\"",
         "onetag.toml: sites[shop 1].rejoiner.apikey: unknown key",
@@ -233,3 +235,164 @@ def test_no_secret_in_a_settings_repr():
                    "identity-secret-secret-1234", "integration-secret-1234",
                    "api-token-secret-1234"):
         assert secret not in text
+
+
+def wheres(found: list[str]) -> list[str]:
+    """The key each problem names (``onetag.toml: <key>: message``)."""
+    return [p.split(": ", 2)[1] for p in found]
+
+
+def test_an_empty_or_in_memory_sqlite_database_is_refused() -> None:
+    """An acknowledged event must be durable: ``sqlite:///`` and ``:memory:`` passed check,
+    and serve answered 202 for events that were gone when it stopped."""
+    for database in ("sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:",
+                     "sqlite:///file:onetag.db?mode=memory&cache=shared"):
+        found = problems({"server": {"database": database}, "sites": [{"id": "shop1"}]})
+        assert wheres(found) == ["server.database"], (database, found)
+    [empty] = problems({"server": {"database": "sqlite:///"}, "sites": [{"id": "shop1"}]})
+    assert "names no file" in empty
+    [memory] = problems({"server": {"database": "env:DB"}, "sites": [{"id": "shop1"}]},
+                        env={"DB": "sqlite:///:memory:"})
+    assert "in memory" in memory and "acknowledged" in memory
+    for good in ("sqlite:///onetag.db", "sqlite:////var/lib/onetag/onetag.db"):
+        settings = config.parse({"server": {"database": good}, "sites": [{"id": "s"}]}, env={})
+        assert settings.server.sqlite_path == good[len("sqlite:///"):]
+
+
+NUMBER_KEYS = {  # key: (a value inside its range, one just below it, one just above it)
+    "hold_days": (0.5 / 86400, 0, 366),
+    "browser_grace_s": (0, -1, 86401),
+    "writer_timeout_s": (1, 0.999, 601),
+    "shutdown_grace_s": (1, 0.5, 601),
+    "body_timeout_s": (1, 0.5, 601),
+    "keep_attempts_days": (1, 0, 3651),
+    "max_pending_writes": (1, 0, 1_000_001),
+    "max_pending_bytes": (1024, 1023, 16 * 1024 ** 3 + 1),
+}
+
+
+def test_number_keys_are_finite_and_within_their_range() -> None:
+    """nan and inf passed check: serve then died (shutdown_grace_s, hold_days), ran with no
+    body timeout (body_timeout_s = nan), answered every request 503 (writer_timeout_s =
+    0.001), or failed /healthz for good (keep_attempts_days = 1e300)."""
+    for key, (inside, below, above) in NUMBER_KEYS.items():
+        for bad in (float("nan"), float("inf"), float("-inf"), 1e300, below, above):
+            found = problems({"server": {key: bad}, "sites": [{"id": "s"}]})
+            assert wheres(found) == [f"server.{key}"], (key, bad, found)
+            assert f"not {bad!r}" in found[0]
+        settings = config.parse({"server": {key: inside}, "sites": [{"id": "s"}]}, env={})
+        assert getattr(settings.server, key) == inside
+    [nan] = problems({"server": {"writer_timeout_s": float("nan")}, "sites": [{"id": "s"}]})
+    assert nan == ("onetag.toml: server.writer_timeout_s: must be a number of seconds from 1 "
+                   "to 600, not nan")
+    for key, bad in (("max_cart_lines", float("nan")), ("max_cart_lines", 10_001)):
+        assert wheres(problems({"sites": [{"id": "s", key: bad}]})) == [f"sites[s].{key}"]
+    for bad in (float("nan"), float("inf"), "nan"):
+        found = problems({"sites": [{"id": "s", "coupons": {
+            "webhook_url": "https://shop.example/c", "remarkety_api_key": "r" * 16,
+            "webhook_secret": "w" * 16, "timeout_s": bad}}]})
+        assert wheres(found) == ["sites[s].coupons.timeout_s"], (bad, found)
+
+
+def test_the_number_ranges_are_the_ones_the_readme_states() -> None:
+    """The Config reference gives every number key the range that is enforced."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert set(NUMBER_KEYS) == set(config.NUMBERS)
+    for key in config.NUMBERS:
+        [row] = [line for line in readme.splitlines() if line.startswith(f"| `[server] {key}` |")]
+        assert f"({config.number_range(key)}" in row, (key, config.number_range(key), row)
+
+
+def test_origins_are_normalised_as_browsers_send_them() -> None:
+    """``Origin`` comes with a lowercase scheme and host and without the scheme's default
+    port: ``https://Shop.Example`` or ``https://b.example:443`` in the config matched nothing,
+    and every event from the shop was refused 403."""
+    settings = config.parse({"sites": [{"id": "shop1", "origins": [
+        "HTTPS://Shop.Example/", "https://b.example:443", "http://c.example:80",
+        "http://d.example:8080", "https://e.example:80", "https://[::1]:8443",
+        "https://bücher.example"]}]}, env={})
+    assert settings.sites["shop1"].origins == (
+        "https://shop.example", "https://b.example", "http://c.example", "http://d.example:8080",
+        "https://e.example:80", "https://[::1]:8443", "https://xn--bcher-kva.example")
+    found = problems({"sites": [{"id": "shop1", "origins": [
+        "https://a.example", "https://a.example:99999", "https://a.example:0",
+        "https://a b.example", "https://a.example/shop", "https://a.example?x=1",
+        "https://user@a.example", "https://a.example:https"]}]})
+    assert wheres(found) == [f"sites[shop1].origins[{i}]" for i in range(1, 8)], found
+    assert "port" in found[0] and "'https://a.example:99999'" in found[0]
+
+
+def test_an_empty_secret_is_refused_saying_how_to_turn_the_feature_off() -> None:
+    """``X=`` (set, empty) behind ``env:X``, or a literal "", passed check and quietly turned
+    the console off (admin_token) or the site's backend API (api_key)."""
+    data = {"server": {"admin_token": "env:ADMIN"},
+            "sites": [{"id": "shop1", "api_key": "env:KEY", "identity_secret": "",
+                       "feed_token": "env:FEED",
+                       "rejoiner": {"site_id": "R", "api_key": "env:RJ"},
+                       "coupons": {"webhook_url": "https://shop.example/c",
+                                   "remarkety_api_key": "", "webhook_secret": "w" * 16}}]}
+    env = {"ADMIN": "", "KEY": "", "FEED": "", "RJ": ""}
+    for require_secrets in (True, False):
+        with pytest.raises(ConfigError) as caught:
+            config.parse(data, env=env, require_secrets=require_secrets)
+        found = [str(p) for p in caught.value.problems]
+        assert sorted(wheres(found)) == sorted([
+            "server.admin_token", "sites[shop1].api_key", "sites[shop1].identity_secret",
+            "sites[shop1].feed_token", "sites[shop1].rejoiner.api_key",
+            "sites[shop1].coupons.remarkety_api_key"]), found
+    by_where = dict(zip(wheres(found), found))
+    assert by_where["server.admin_token"].endswith(
+        "is empty (environment variable ADMIN is set to \"\"); remove the key to turn the "
+        "operator console off")
+    assert by_where["sites[shop1].api_key"].endswith(
+        "remove the key to turn the site's backend API off")
+    assert "is empty; " in by_where["sites[shop1].identity_secret"]
+    [literal] = problems({"sites": [{"id": "shop1", "api_key": ""}]})
+    assert literal.startswith("onetag.toml: sites[shop1].api_key: is empty; ")
+    # Absent keys keep their meaning: no console, no backend API, browser-sourced orders.
+    settings = config.parse({"sites": [{"id": "shop1"}]}, env={})
+    assert settings.server.admin_token is None and settings.sites["shop1"].api_key is None
+    assert settings.sites["shop1"].order_source == "browser"
+
+
+def test_urls_with_a_bad_port_or_host_are_refused_naming_the_key() -> None:
+    """``api_base = "http://127.0.0.1:99999/sl"`` passed check and every delivery failed with
+    IndexError; ``public_url`` with port 99999 gave a traceback at serve."""
+    bad_urls = ("http://127.0.0.1:99999/sl", "https://exa mple.com/", "https://a.example:0/",
+                "https://a.example:x/", "https://a..example/")
+    for url in bad_urls:
+        found = problems({
+            "server": {"public_url": url},
+            "sites": [{"id": "shop1",
+                       "rejoiner": {"site_id": "R", "api_base": url, "script_url": url},
+                       "remarkety": {"store_id": "S", "webhook_url": url},
+                       "esputnik": {"site_id": "E", "tracker_url": url},
+                       "coupons": {"webhook_url": url, "remarkety_api_key": "r" * 16,
+                                   "webhook_secret": "w" * 16}}]})
+        assert sorted(wheres(found)) == sorted([
+            "server.public_url", "sites[shop1].rejoiner.api_base",
+            "sites[shop1].rejoiner.script_url", "sites[shop1].remarkety.webhook_url",
+            "sites[shop1].esputnik.tracker_url", "sites[shop1].coupons.webhook_url"]), (url, found)
+        assert all(repr(url.rstrip("/")) in p or repr(url) in p for p in found), found
+    [port] = problems({"server": {"public_url": "http://127.0.0.1:99999"}, "sites": [{"id": "s"}]})
+    assert "port" in port
+    settings = config.parse({"server": {"public_url": "https://[::1]:8443/"}, "sites": [
+        {"id": "s", "sendlane": {"integration_token": "T",
+                                 "api_base": "http://127.0.0.1:65535/sl"}}]}, env={})
+    assert settings.server.public_url == "https://[::1]:8443"
+
+
+def test_event_path_may_not_shadow_another_route() -> None:
+    """``event_path = "/api/v1/sites/shop1/events"`` passed check and made the backend API
+    answer 404 ``no site None here``."""
+    for path in ("/api/v1/sites/shop1/events", "/healthz", "/metrics", "/admin", "/admin/",
+                 "/admin/login", "/feeds/shop1/products.xml", "/static/x.js",
+                 "/remarkety/shop1/discounts", "/s/shop1.js", "/e/{site_id}", "/e?x=1"):
+        found = problems({"server": {"event_path": path}, "sites": [{"id": "s"}]})
+        assert wheres(found) == ["server.event_path"], (path, found)
+    [script] = problems({"server": {"event_path": "/t/x.js", "script_path": "/t/{site_id}.js"},
+                         "sites": [{"id": "s"}]})
+    assert "script_path" in script
+    for path in ("/e", "/collect", "/api-e", "/administer", "/t/e"):
+        settings = config.parse({"server": {"event_path": path}, "sites": [{"id": "s"}]}, env={})
+        assert settings.server.event_path == path

@@ -155,3 +155,24 @@ async def test_healthz(backend) -> None:
     # The app's default store, on either backend: the writer in a process of its own, whose
     # committed write the answer waited for.
     assert isinstance(body["writer_pid"], int) and body["writer_pid"] != os.getpid()
+
+
+async def test_origins_written_with_capitals_or_a_default_port_match_what_browsers_send(
+        backend) -> None:
+    """Browsers send ``Origin`` lowercase and without the default port: origins written
+    ``https://Shop.Example`` or ``https://b.example:443`` refused every event 403."""
+    settings = backend.settings(origins=["https://Shop.Example", "https://b.example:443",
+                                         "http://C.example:8080/"])
+    body = beacon([{"event_id": "e1", "event": "page_view"}])
+    async with running(settings) as (_, client):
+        for origin in ("https://shop.example", "https://b.example", "http://c.example:8080"):
+            response = await client.post("/e", content=body, headers={**TEXT, "origin": origin})
+            assert response.status_code == 204, (origin, response.text)
+            assert response.headers["access-control-allow-origin"] == origin
+            pre = await client.options("/e", headers={"origin": origin,
+                                                      "access-control-request-method": "POST"})
+            assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == origin
+        refused = await client.post("/e", content=body,
+                                    headers={**TEXT, "origin": "https://b.example:8443"})
+        assert refused.status_code == 403
+    assert await count(backend) == 1  # one event id, stored once
