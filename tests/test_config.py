@@ -233,3 +233,13 @@ def test_no_secret_in_a_settings_repr():
                    "identity-secret-secret-1234", "integration-secret-1234",
                    "api-token-secret-1234"):
         assert secret not in text
+
+
+def test_a_missing_required_key_is_one_problem_not_its_defaults_follow_ons() -> None:
+    """eSputnik's script_id defaults to site_id and script_url to script_id: without site_id,
+    check said three things for one mistake."""
+    found = problems({"sites": [{"id": "shop1", "esputnik": {"api_key": "k"}}]})
+    assert found == ["onetag.toml: sites[shop1].esputnik.site_id: is required"]
+    # Given, script_id fills script_url's default as before.
+    settings = config.parse({"sites": [{"id": "shop1", "esputnik": {"site_id": "S1"}}]}, env={})
+    assert settings.sites["shop1"].vendors["esputnik"]["script_url"].endswith("/S1.js")
