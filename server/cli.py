@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import getpass
 import ipaddress
@@ -94,6 +95,68 @@ def _find_config(path: str | None) -> str | None:
     return None
 
 
+NO_CONFIG = "no config file (--config, $ONETAG_CONFIG or ./onetag.toml)"
+
+
+def _refuse(message: str) -> SystemExit:
+    """A CLI mistake: one ``onetag: ...`` line on stderr, exit status 2 (raise the result)."""
+    print(f"onetag: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _settings(config: str | None, require_secrets: Any = True
+              ) -> tuple[config_module.Settings, str | None]:
+    """The config's settings and its path; with no config, the demo's, said on stderr: a
+    command run where its config isn't found must not pass the demo's database off as the
+    one meant (migrate made it, export wrote an empty file, all without a word)."""
+    path = _find_config(config)
+    if path is not None:
+        return _load(path, require_secrets=require_secrets), path
+    settings = config_module.demo()
+    print(f"onetag: {NO_CONFIG}: using the demo's database {_shown(settings)}", file=sys.stderr)
+    return settings, None
+
+
+def _relative_rule(settings: config_module.Settings, path: str | None) -> str:
+    """Where a relative SQLite path is looked for, when the config sits in another folder
+    (kept from the working directory: existing databases stay where they are); else ""."""
+    database = settings.server.sqlite_path
+    if path is None or os.path.isabs(database):
+        return ""
+    here, folder = Path.cwd(), Path(path).resolve().parent
+    if folder == here.resolve():
+        return ""
+    return (f"{path}'s {settings.server.database} is relative, so it is from the working "
+            f"directory, {here}, not from the config's folder, {folder}")
+
+
+def _new_database_note(settings: config_module.Settings, path: str | None) -> None:
+    """Before a command makes a SQLite file from a relative path and another folder's
+    config: where, and why there."""
+    if settings.server.is_postgresql or Path(settings.server.sqlite_path).exists():
+        return
+    rule = _relative_rule(settings, path)
+    if rule:
+        print(f"onetag: no database at {_shown(settings)} yet: creating it ({rule})",
+              file=sys.stderr)
+
+
+def _forward_options() -> Any:
+    """``ONETAG_FORWARD_*``, or one line naming the variable and its range (exit 2)."""
+    from .forwarder import ForwarderOptions
+
+    try:
+        return ForwarderOptions.from_env()
+    except ValueError as exc:
+        raise _refuse(str(exc)) from None
+
+
+def _row_id(value: int | None, option: str = "--id") -> None:
+    """A delivery id SQLite can hold (a larger one overflowed into a traceback)."""
+    if value is not None and not 0 < value < 2**63:
+        raise _refuse(f"{option} takes a delivery number from 1 to {2**63 - 1}, not {value}")
+
+
 def _load(path: str | None, require_secrets: Any = True) -> config_module.Settings:
     try:
         return config_module.load(path, require_secrets=require_secrets)
@@ -109,12 +172,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
+    if not 0 < args.port < 65536:
+        raise _refuse(f"--port takes 1 to 65535, not {args.port}")
     path = _find_config(args.config)
     warning = None
     if path is None:
         settings = config_module.demo(args.host, args.port)
-        print(f"onetag: no config file (--config, $ONETAG_CONFIG or ./onetag.toml), so serving "
-              f"the demo site 'demo' on {settings.server.database}.\n"
+        print(f"onetag: {NO_CONFIG}, so serving "
+              f"the demo site 'demo' on {_shown(settings)}.\n"
               f"onetag: open {settings.server.public_url}/demo/ — its events land in the store "
               f"and show in the page's side panel.", flush=True)
     else:
@@ -125,10 +190,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings = _load(path)
         sites = ", ".join(settings.sites)
         print(f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
-              f"{config_module.database_label(settings.server.database)}", flush=True)
+              f"{_shown(settings)}", flush=True)
         warning = public_url_warning(settings.server.public_url, args.port)
     from . import logs
 
+    options = _forward_options() if settings.server.forward else None
     log_format = args.log_format or settings.server.log_format
     if warning and log_format == "json":  # stderr stays one JSON object a line
         logs.configure(log_format, args.log_level)
@@ -146,12 +212,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         problem = check_writable(settings.server.sqlite_path)
     if problem is not None:
-        print(f"onetag: cannot write the database at {settings.server.sqlite_path} ({problem}); "
+        print(f"onetag: cannot write the database at {_shown(settings)} ({problem}); "
               "not serving. Check the path, its permissions, the mount and free space.",
               file=sys.stderr)
         return 2
     log_config = logs.configure(log_format, args.log_level)
-    app = create_app(settings)
+    app = create_app(settings, forward_options=options)
     # Access lines are info: at a quieter level none is ever written, but uvicorn still
     # formats each one's client address and path before the logger drops it (~1.5 µs a
     # request on the event loop).
@@ -215,15 +281,13 @@ def _database_problem(settings: config_module.Settings, exc: Exception) -> str:
 
     if isinstance(exc, (DriverMissing, SchemaNotCurrent)):
         return str(exc)
-    label = config_module.database_label(settings.server.database)
-    return f"cannot use the database {label} ({type(exc).__name__}: {exc})"
+    return f"cannot use the database {_shown(settings)} ({type(exc).__name__}: {exc})"
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply the pending migrations of the configured database and name them."""
-    path = _find_config(args.config)
-    settings = config_module.demo() if path is None else _load(path, require_secrets=False)
-    label = config_module.database_label(settings.server.database)
+    settings, path = _settings(args.config, require_secrets=False)
+    label = _shown(settings)
     if settings.server.is_postgresql:
         try:
             from .store.pg_migrate import migrate_url
@@ -245,8 +309,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         from .store.sqlite_writer import migrate
 
         db_path = Path(settings.server.sqlite_path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(db_path, isolation_level=None)
+        _new_database_note(settings, path)
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(db_path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise _refuse(f"cannot migrate {label}: cannot open it ({exc})") from None
         try:
             conn.execute("PRAGMA busy_timeout=10000")
             applied = migrate(conn)
@@ -267,7 +335,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"onetag: {path} exists; not overwriting it (use --force)", file=sys.stderr)
         return 1
-    path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+    try:
+        path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+    except OSError as exc:
+        raise _refuse(f"cannot write {path} ({exc.strerror or exc})") from None
     print(f"onetag: wrote {path}; edit it, then `onetag check --config {path}`")
     return 0
 
@@ -294,28 +365,35 @@ STAT_COLUMNS = ("pending", "failing", "held", "delivered", "dead", "browser", "e
                 "ignored")
 RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_TIME_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 
 
 def _shown(settings: config_module.Settings) -> str:
-    """The database as output names it: the SQLite file's path, or the URL without its
-    password."""
+    """The database as output names it: the SQLite file's absolute path, or the URL without
+    its password."""
     if settings.server.is_postgresql:
         return config_module.database_label(settings.server.database)
-    return settings.server.sqlite_path
+    path = settings.server.sqlite_path
+    # Absolute: a relative path is from the working directory, which the output must show.
+    return path if path in ("", ":memory:") else os.path.abspath(path)
 
 
 def _ops_settings(config: str | None) -> config_module.Settings:
     """The settings an operator command works on: the config, else the demo's database."""
-    path = _find_config(config)
+    if _find_config(config) is None:
+        demo = config_module.demo()
+        if not Path(demo.server.sqlite_path).is_file():
+            raise _refuse(f"{NO_CONFIG}, and no demo database at {_shown(demo)}: nothing has "
+                          f"been stored yet")
     # They never send, so vendor secrets need not be set (env: values left unset read as absent).
-    settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    settings, path = _settings(config, require_secrets=False)
     if settings.server.is_postgresql:
         return settings  # the store says what is missing (the schema check)
     database = settings.server.sqlite_path
     if database != ":memory:" and not Path(database).is_file():
-        print(f"onetag: no database at {database} (from {path or 'the demo settings'}); "
-              f"nothing has been stored yet", file=sys.stderr)
-        raise SystemExit(2)
+        where = _relative_rule(settings, path) or f"from {path}"
+        raise _refuse(f"no database at {_shown(settings)} ({where}); nothing has been stored "
+                      f"yet")
     return settings
 
 
@@ -325,16 +403,22 @@ def parse_since(text: str, now: float | None = None) -> int:
     now = time.time() if now is None else now
     match = RELATIVE_RE.match(text)
     if match:
-        return int((now - float(match.group(1)) * UNIT_S[match.group(2)]) * 1000)
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a relative time like 2h or 3d nor an ISO date/time like "
-            f"2026-01-31 or 2026-01-31T14:00") from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # local time
-    return int(when.timestamp() * 1000)
+        ms = (now - float(match.group(1)) * UNIT_S[match.group(2)]) * 1000
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a relative time like 2h or 3d nor an ISO date/time like "
+                f"2026-01-31 or 2026-01-31T14:00") from None
+        try:
+            ms = (when if when.tzinfo else when.astimezone()).timestamp() * 1000  # local time
+        except (OverflowError, OSError, ValueError):
+            ms = -1.0
+    # A time SQLite's integers and the output's dates can hold (99999999999w overflowed).
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (1970 to 9999)")
+    return int(ms)
 
 
 def _age(seconds: float | None) -> str:
@@ -351,20 +435,24 @@ def _age(seconds: float | None) -> str:
 
 
 async def _with_store(settings: config_module.Settings, work: Any) -> Any:
-    """``work(store)`` on the configured store. A PostgreSQL database whose schema is behind
-    (or that can't be reached) is a one-line message and exit status 2, not a traceback."""
+    """``work(store)`` on the configured store. A database that can't be used (a PostgreSQL
+    schema behind or a server unreachable, a file that is no SQLite database) is a one-line
+    message and exit status 2, not a traceback."""
     from .store import open_store
+
+    import sqlite3
 
     store = open_store(settings, ingest=False)
     try:
         await store.open()
-    except Exception as exc:
-        if not settings.server.is_postgresql:
-            raise
-        print(f"onetag: {_database_problem(settings, exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Exception as exc:  # the file is no database, the server is unreachable, ...
+        with contextlib.suppress(Exception):
+            await store.close()  # whatever the failed open left running
+        raise _refuse(_database_problem(settings, exc)) from None
     try:
         return await work(store)
+    except sqlite3.Error as exc:  # opened, then refused (locked, damaged)
+        raise _refuse(_database_problem(settings, exc)) from None
     finally:
         await store.close()
 
@@ -511,9 +599,7 @@ def key_problems(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _explain_pending(rows: list[dict[str, Any]], now_ms: int) -> None:
     """Adds ``why`` to each pending row, with this environment's forwarder settings."""
-    from .forwarder import ForwarderOptions
-
-    options = ForwarderOptions.from_env()
+    options = _forward_options()
     for row in rows:
         if row["state"] == "pending":
             row["why"] = pending_reason(row, now_ms, options.max_attempts,
@@ -521,6 +607,11 @@ def _explain_pending(rows: list[dict[str, Any]], now_ms: int) -> None:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
+    if args.limit < 1:  # as coupons: -1 listed every row, 0 none
+        raise _refuse("--limit must be at least 1")
+    _row_id(args.id)
+    if args.state or args.id is not None:
+        _forward_options()  # a pending row's reason reads them
     settings = _ops_settings(args.config)
     now_ms = int(time.time() * 1000)
     if args.id is not None:
@@ -614,9 +705,8 @@ def format_catalog(report: list[dict[str, Any]], database: str) -> str:
 
 def cmd_catalog(args: argparse.Namespace) -> int:
     settings = _ops_settings(args.config)
-    if args.site is not None and args.site not in settings.sites:
-        print(f"onetag: no site {args.site!r} in the config", file=sys.stderr)
-        return 2
+    if args.site is not None:
+        _site_of(settings, args.site)
     report = asyncio.run(_with_store(settings, lambda store: catalog_report(settings, store,
                                                                              args.site)))
     if args.json:
@@ -698,7 +788,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.error is not None and not 0 < len(args.error) <= MAX_ERROR_TEXT:
         print(f"onetag: --error takes 1 to {MAX_ERROR_TEXT} characters", file=sys.stderr)
         return 2
+    _row_id(args.id)
+    if args.id is not None:
+        _forward_options()  # a pending row's refusal says why it waits
     settings = _ops_settings(args.config)
+    if args.site is not None:  # as catalog: an unknown site matched nothing, silently
+        _site_of(settings, args.site)
     states = [state for state, wanted in (("dead", args.dead), ("expired", args.expired))
               if wanted] or ["dead"]
     since_ms = args.since
@@ -784,21 +879,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from . import logs
-    from .forwarder import ForwarderOptions, run_until
+    from .forwarder import run_until
 
-    path = _find_config(args.config)
     # A worker sends: it needs the vendors' secrets, not the sites' (the nodes check those).
-    settings = (config_module.demo() if path is None
-                else _load(path, require_secrets=config_module.SENDER_SECRETS))
+    settings, path = _settings(args.config, require_secrets=config_module.SENDER_SECRETS)
+    options = _forward_options()
     logs.configure(args.log_format or settings.server.log_format, args.log_level)
-    options = ForwarderOptions.from_env()
     if settings.server.is_postgresql:
         problem = postgresql_problem(settings)
         if problem is not None:
             print(f"onetag: {problem}; not forwarding.", file=sys.stderr)
             return 2
-    print(f"onetag: forwarding deliveries from "
-          f"{config_module.database_label(settings.server.database)} "
+    _new_database_note(settings, path)
+    print(f"onetag: forwarding deliveries from {_shown(settings)} "
           f"({len(settings.sites)} site(s)); Ctrl-C or SIGTERM stops", flush=True)
 
     async def work(store: Any) -> None:
@@ -826,9 +919,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from .backfill import Backfill, existing_keys
     from .store.base import StoreUnavailable
 
-    path = _find_config(args.config)
     # Planning sends nothing: vendor secrets need not be set (the worker needs them).
-    settings = config_module.demo() if path is None else _load(path, require_secrets=False)
+    settings, _ = _settings(args.config, require_secrets=False)
     site = _site_of(settings, args.site)
     files = [Path(name) for name in args.files]
     missing = [str(f) for f in files if not f.is_file()]
@@ -875,6 +967,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from . import remarkety_export
 
     settings = _ops_settings(args.config)
@@ -883,14 +977,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     if settings.server.is_postgresql:
         from .store.pg_backfill import order_events
 
-        found, left_out = remarkety_export.orders_from(
-            asyncio.run(order_events(settings.server.database, site.id)))
-    with open(out_path, "w", encoding="utf-8", newline="") as out:
+        try:
+            found, left_out = remarkety_export.orders_from(
+                asyncio.run(order_events(settings.server.database, site.id)))
+        except Exception as exc:
+            raise _refuse(_database_problem(settings, exc)) from None
+    try:
+        out = open(out_path, "w", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise _refuse(f"cannot write {out_path} ({exc.strerror or exc})") from None
+    with out:
         if settings.server.is_postgresql:
             count, written, missing = remarkety_export.write(found, left_out, out)
         else:
-            count, written, missing = remarkety_export.export(settings.server.sqlite_path,
-                                                               site.id, out)
+            try:
+                count, written, missing = remarkety_export.export(settings.server.sqlite_path,
+                                                                   site.id, out)
+            except sqlite3.Error as exc:  # no half-written file is left to be sent
+                out.close()
+                out_path.unlink(missing_ok=True)
+                raise _refuse(_database_problem(settings, exc)) from None
     print(f"onetag: wrote {count:,} orders ({written:,} rows, one per order item) to "
           f"{out_path}; send it to Remarkety's support for a one-time orders history import")
     if missing:
@@ -921,14 +1027,11 @@ def format_coupon_calls(calls: list[dict[str, Any]], width: int = 100) -> str:
 
 
 def cmd_coupons(args: argparse.Namespace) -> int:
-    settings = _ops_settings(args.config)
-    if args.site and args.site not in settings.sites:
-        print(f"onetag: no site {args.site!r} in the config (sites: "
-              f"{', '.join(settings.sites)})", file=sys.stderr)
-        return 2
     if args.limit < 1:
-        print("onetag: --limit must be at least 1", file=sys.stderr)
-        return 2
+        raise _refuse("--limit must be at least 1")
+    settings = _ops_settings(args.config)
+    if args.site is not None:
+        _site_of(settings, args.site)
 
     async def work(store: Any) -> list[dict[str, Any]]:
         return await store.coupon_calls(site_id=args.site, limit=args.limit)

@@ -405,6 +405,9 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
         raw = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(file, f"cannot read: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(file, f"is not UTF-8 text (byte {exc.start}); TOML files "
+                                         f"are UTF-8")]) from exc
     try:
         data = tomllib.loads(raw)
     except tomllib.TOMLDecodeError as exc:
@@ -662,12 +665,18 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
                                   kinds=ALL_SECRETS)
         if value is not None:
             values[setting.name] = value
+    missing = {s.name for s in module.SETTINGS if s.name not in values}
     for setting in module.SETTINGS:  # defaults may name other keys: "{store_id}"
         if setting.name not in values and setting.default is not None:
             try:
                 values[setting.name] = setting.default.format_map(values)
             except KeyError as exc:
-                reader.problem(f"{where}.{setting.name}", f"its default needs {exc.args[0]}, which is not set")
+                # A required key already reported missing: its follow-ons are not problems.
+                needed = exc.args[0]
+                if not (needed in missing and (settings[needed].required
+                                               or settings[needed].default is not None)):
+                    reader.problem(f"{where}.{setting.name}",
+                                   f"its default needs {needed}, which is not set")
     for setting in module.SETTINGS:
         value = values.get(setting.name)
         if setting.url and value is not None:

@@ -62,6 +62,7 @@ import email.utils
 import functools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -156,7 +157,9 @@ class ForwarderOptions:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ForwarderOptions":
-        """Defaults, overridden by ``ONETAG_FORWARD_<FIELD>`` variables."""
+        """Defaults, overridden by ``ONETAG_FORWARD_<FIELD>`` variables. A value out of its
+        range is a ``ValueError`` naming the variable and the range: 0 in flight sent
+        nothing, a negative count or a non-number was a traceback from deep inside."""
         env = os.environ if env is None else env
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -168,12 +171,33 @@ class ForwarderOptions:
                 if f.name == "rates":
                     changes["rates"] = _parse_rates(text)
                 elif f.name in ("concurrency", "max_attempts"):
-                    changes[f.name] = int(text)
+                    changes[f.name] = _count(text)
                 else:
-                    changes[f.name] = float(text)
-            except ValueError:
-                raise ValueError(f"{name}={text!r} is not a valid {f.name}") from None
+                    changes[f.name] = _seconds(text, zero=f.name in ZERO_ALLOWED)
+            except ValueError as exc:
+                raise ValueError(f"{name}={text!r}: {exc}") from None
         return cls(**changes)
+
+
+MAX_SECONDS = 365 * 86400  # no tuning value in seconds is longer than a year
+ZERO_ALLOWED = frozenset({"product_sync_every_s", "shutdown_grace_s"})  # 0: none / at once
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError("must be a whole number, at least 1")
+    return int(text)
+
+
+def _seconds(text: str, zero: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    low = "0 or more" if zero else "more than 0"
+    if not (value >= 0 if zero else value > 0) or not value <= MAX_SECONDS:
+        raise ValueError(f"must be a number of seconds, {low} and at most {MAX_SECONDS}")
+    return value
 
 
 def _parse_rates(text: str) -> dict[str, float]:
@@ -182,7 +206,18 @@ def _parse_rates(text: str) -> dict[str, float]:
     rates = {}
     for part in text.split(","):
         vendor, _, value = part.partition("=")
-        rates[vendor.strip()] = float(value)
+        vendor = vendor.strip()
+        if vendor not in VENDORS:
+            raise ValueError(f"unknown vendor {vendor!r} (expected {', '.join(VENDORS)}, as "
+                             f"\"sendlane=4,remarkety=20\" or \"none\")")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = math.nan
+        if not 0 < rate < math.inf:
+            raise ValueError(f"{vendor}: must be requests a second, more than 0 "
+                             f"(\"sendlane=4,remarkety=20\", or \"none\")")
+        rates[vendor] = rate
     return rates
 
 

@@ -396,3 +396,13 @@ def test_event_path_may_not_shadow_another_route() -> None:
     for path in ("/e", "/collect", "/api-e", "/administer", "/t/e"):
         settings = config.parse({"server": {"event_path": path}, "sites": [{"id": "s"}]}, env={})
         assert settings.server.event_path == path
+
+
+def test_a_missing_required_key_is_one_problem_not_its_defaults_follow_ons() -> None:
+    """eSputnik's script_id defaults to site_id and script_url to script_id: without site_id,
+    check said three things for one mistake."""
+    found = problems({"sites": [{"id": "shop1", "esputnik": {"api_key": "k"}}]})
+    assert found == ["onetag.toml: sites[shop1].esputnik.site_id: is required"]
+    # Given, script_id fills script_url's default as before.
+    settings = config.parse({"sites": [{"id": "shop1", "esputnik": {"site_id": "S1"}}]}, env={})
+    assert settings.sites["shop1"].vendors["esputnik"]["script_url"].endswith("/S1.js")

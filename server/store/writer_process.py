@@ -34,6 +34,7 @@ from .base import JobFailure
 
 _FRAME = struct.Struct("!IQ")  # payload length, frame id
 INGEST_OPS = ("ingest", "ingest_browser")  # the jobs that store events (a commit that works)
+EXIT_WAIT_S = 1.0  # a writer whose output ended has this long to exit before it is killed
 
 
 class WriterGone(Exception):
@@ -150,8 +151,15 @@ class WriterProcess:
             pass
         finally:
             if self._process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._process.kill()  # a writer whose output ended is of no more use
+                # Its output ends as it exits: asyncio's child watcher reaps it a moment
+                # later. Killing it at once polled (Popen.send_signal) and reaped it first,
+                # and the watcher printed "Unknown child process pid N, will report
+                # returncode 255" on the command's stderr.
+                try:
+                    await asyncio.wait_for(self._process.wait(), EXIT_WAIT_S)
+                except asyncio.TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        self._process.kill()  # a writer whose output ended is of no more use
             code = await self._process.wait()
             self.exit_reason = self.exit_reason or f"the writer process exited (code {code})"
             self._fail_waiting()
