@@ -275,6 +275,31 @@ def postgresql_problem(settings: config_module.Settings) -> str | None:
     return None
 
 
+def pg_schema_problem(settings: config_module.Settings) -> str | None:
+    """Why a command that reads the PostgreSQL database directly (``export``, ``backfill``)
+    can't (the driver missing, the server unreachable, the schema not current), or None:
+    said before it starts, as the commands that open the store say it (a missing table was
+    a traceback)."""
+    from .store import DRIVER_MISSING, DriverMissing, pg_migrate
+
+    async def probe() -> None:
+        try:
+            import asyncpg
+        except ImportError:
+            raise DriverMissing(DRIVER_MISSING) from None
+        conn = await asyncpg.connect(settings.server.database)
+        try:
+            await pg_migrate.check(conn)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        return _database_problem(settings, exc)
+    return None
+
+
 def _database_problem(settings: config_module.Settings, exc: Exception) -> str:
     from .store import DriverMissing
     from .store.pg_migrate import SchemaNotCurrent
@@ -922,6 +947,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     # Planning sends nothing: vendor secrets need not be set (the worker needs them).
     settings, _ = _settings(args.config, require_secrets=False)
     site = _site_of(settings, args.site)
+    if settings.server.is_postgresql and (problem := pg_schema_problem(settings)):
+        raise _refuse(problem)
     files = [Path(name) for name in args.files]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -977,6 +1004,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if settings.server.is_postgresql:
         from .store.pg_backfill import order_events
 
+        if problem := pg_schema_problem(settings):
+            raise _refuse(problem)
         try:
             found, left_out = remarkety_export.orders_from(
                 asyncio.run(order_events(settings.server.database, site.id)))

@@ -327,12 +327,20 @@ def test_onetag_migrate_applies_then_says_current_and_serve_checks_first(
     try:
         settings = cli._load(str(config))
         # The read-only commands say the same in one line (exit 2), not with a traceback.
-        for command in (["deliveries"], ["replay", "--dry-run"], ["coupons"], ["catalog"]):
+        history = tmp_path / "orders.jsonl"
+        history.write_text('{"event": "identify", "user": {"email": "a@example.com"}}\n',
+                           encoding="utf-8")
+        out = tmp_path / "orders.csv"
+        for command in (["deliveries"], ["replay", "--dry-run"], ["coupons"], ["catalog"],
+                        ["export", "remarkety-orders", "--site", "shop1", "--out", str(out)],
+                        ["backfill", "--site", "shop1", str(history)],
+                        ["backfill", "--site", "shop1", "--send", str(history)]):
             with pytest.raises(SystemExit) as stopped:
                 cli.main([*command, "--config", str(config)])
             assert stopped.value.code == 2
             said = capsys.readouterr()
             assert "onetag migrate" in said.err and "Traceback" not in said.err, command
+        assert not out.exists()
         problem = cli.postgresql_problem(settings)
         assert problem is not None and "onetag migrate" in problem and "001_initial.sql" in problem
         assert cli.main(["migrate", "--config", str(config)]) == 0
