@@ -1128,7 +1128,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "need not be set: nothing is sent.")
     deliveries.add_argument("--config", help=config_help)
     deliveries.add_argument("--json", action="store_true", help="machine-readable output")
-    deliveries.add_argument("--vendor", help="only this vendor")
+    deliveries.add_argument("--vendor", choices=vendor_names(), help="only this vendor")
     deliveries.add_argument("--state", choices=["pending", "failing", "held", "delivered",
                                                 "dead", "browser", "expired", "ignored"],
                             help="also list the latest deliveries in this state, with last "
@@ -1160,7 +1160,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "deliveries: narrow a larger set with --vendor, --site, --since/--until "
                     "or --error.")
     replay.add_argument("--config", help=config_help)
-    replay.add_argument("--vendor", help="only this vendor")
+    replay.add_argument("--vendor", choices=vendor_names(),
+                        help="only this vendor (a name misspelled matched nothing, silently)")
     replay.add_argument("--since", type=parse_since, metavar="T",
                         help="only deliveries created since T: 30m, 2h, 3d, 1w ago, or an ISO "
                              "date/time (2026-01-31, 2026-01-31T14:00; local time unless it "
@@ -1265,6 +1266,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def vendor_names() -> list[str]:
+    from .vendors import VENDORS
+
+    return sorted(VENDORS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (``onetag replay --dry-run | head``): stop quietly, as a Unix
+        # tool does, and keep the interpreter's own flush at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -265,3 +265,19 @@ def test_limits_and_unknown_sites_are_refused_like_their_neighbours(tmp_path, mi
     for command in (["replay", "--dry-run"], ["catalog"], ["coupons"]):
         one_line_error(onetag(*command, "--site", "nosuch", "--config", str(migrated),
                               cwd=tmp_path), "no site 'nosuch' in the config (sites: shop1)")
+
+
+def test_an_unknown_vendor_is_refused_and_a_closed_pipe_is_quiet(tmp_path) -> None:
+    """``--vendor rejoinr`` matched nothing and said "0 deliveries" (``--site`` is refused
+    the same way); ``onetag ... | head`` ended in a BrokenPipeError traceback."""
+    config = config_at(tmp_path / "onetag.toml")
+    for command in ("deliveries", "replay"):
+        run = onetag(command, "--config", str(config), "--vendor", "rejoinr", cwd=tmp_path)
+        assert run.returncode == 2 and "invalid choice: 'rejoinr'" in run.stderr, run.stderr
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before anything is written
+    with os.fdopen(writer, "wb") as stdout:
+        run = subprocess.run([sys.executable, "-m", "server", "check", "--config", str(config)],
+                             cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "Traceback" not in run.stderr.decode(), run.stderr.decode()
