@@ -68,6 +68,9 @@ MAX_MONEY_MAJOR = 10**12  # value, price, tax, shipping, in major units
 MAX_QUANTITY = 100_000
 MIN_TIME_MS = 946_684_800_000  # 2000-01-01: an event's ``time`` (Unix ms) is after it ...
 MAX_FUTURE_MS = 86_400_000  # ... and at most a day ahead of the server's clock
+# No string or key may hold U+0000 (JSON's ``\u0000``): PostgreSQL text can't, so both
+# backends refuse it here, before anything is stored, and no vendor is ever sent one.
+NUL_PROBLEM = "contains a NUL character (\\u0000), which onetag does not store or send"
 
 USER_STRINGS = ("customer_id", "first_name", "last_name", "phone")
 ITEM_STRINGS = ("item_name", "item_brand", "item_variant", "item_url", "image_url", "description",
@@ -172,7 +175,7 @@ def parse_json(body: bytes) -> Any:
 
 
 def check_bounds(value: Any, where: str, text: bool = True) -> None:
-    """Refuse, naming the field, any value out of the bounds above (``MAX_*``).
+    """Refuse, naming the field, any value out of the bounds above (``MAX_*``, ``NUL_PROBLEM``).
 
     Walks the parsed event once, without building a path per field (``_fits``: about a fifth
     of the writer's time per event, that way); only a value that does not fit is walked
@@ -183,7 +186,7 @@ def check_bounds(value: Any, where: str, text: bool = True) -> None:
 
 
 def _text_fits(text: str) -> bool:
-    if len(text) > MAX_STRING_CHARS:
+    if len(text) > MAX_STRING_CHARS or "\x00" in text:
         return False
     if text.isascii():
         return True
@@ -205,7 +208,8 @@ def _fits(value: Any, depth: int, text: bool = True) -> bool:
         items: Iterable[Any] = value.values()
         if text:
             for key in value:
-                if not (len(key) <= 64 and key.isascii()) and not _text_fits(key):
+                if not (len(key) <= 64 and key.isascii() and "\x00" not in key) \
+                        and not _text_fits(key):
                     return False
     elif kind is list:
         if depth > MAX_DEPTH or len(value) > MAX_LIST:
@@ -216,8 +220,8 @@ def _fits(value: Any, depth: int, text: bool = True) -> bool:
     for item in items:
         kind = type(item)
         if kind is str:
-            if text and (len(item) > MAX_STRING_CHARS or not item.isascii()
-                         and not _text_fits(item)):
+            if text and (len(item) > MAX_STRING_CHARS or "\x00" in item
+                         or not item.isascii() and not _text_fits(item)):
                 return False
         elif kind is int:
             if not -MAX_NUMBER <= item <= MAX_NUMBER:
@@ -235,13 +239,15 @@ def _fits(value: Any, depth: int, text: bool = True) -> bool:
 
 def text_bounded(body: bytes) -> bool:
     """Whether no string or key parsed from ``body`` can be out of bounds: none can be longer
-    than the body, and a lone surrogate can only come from a ``\\ud...`` escape (the bytes
-    themselves are decoded strictly). Substring searches instead of a look at each string:
+    than the body, and a lone surrogate can only come from a ``\\ud...`` escape, a NUL only
+    from ``\\u0000`` (the bytes themselves are decoded strictly, and a raw control
+    character is not JSON). Substring searches instead of a look at each string:
     most beacons are a few KB, and most have no backslash at all, which one ``memchr``
     finds (a three-byte pattern is searched for at about ten instructions a byte). Only
     for UTF-8 (JSON may also come as UTF-16 or UTF-32, where an escape is other bytes)."""
     return len(body) <= MAX_STRING_CHARS and _encoding(body) in _UTF8 and (
-        b"\\" not in body or b"\\ud" not in body and b"\\uD" not in body)
+        b"\\" not in body or b"\\ud" not in body and b"\\uD" not in body
+        and b"\\u0000" not in body)
 
 
 _UTF8 = ("utf-8", "utf-8-sig")
@@ -316,6 +322,8 @@ def _explain(value: Any, where: str, depth: int) -> None:
 def _check_text(text: str, where: str) -> None:
     if len(text) > MAX_STRING_CHARS:
         raise Invalid(where, f"is longer than {MAX_STRING_CHARS} characters")
+    if "\x00" in text:
+        raise Invalid(where, NUL_PROBLEM)
     if not text.isascii():
         try:
             text.encode("utf-8")

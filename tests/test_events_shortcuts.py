@@ -53,11 +53,41 @@ def test_the_encoding_shortcut_is_detect_encoding(body: bytes) -> None:
 
 
 @example(b"\x00\x00\x00\x00")  # UTF-32 by JSON's detection: its escapes are other bytes
-@given(st.binary(max_size=60).map(lambda b: b.replace(b"x", b"\\")))
-def test_text_bounded_is_the_two_searches(body: bytes) -> None:
+@given(st.one_of(st.binary(max_size=60).map(lambda b: b.replace(b"x", b"\\")),
+                 st.lists(st.sampled_from([b"\\", b"u", b"0", b"d", b"{", b"a", b"\\u0000",
+                                           b"\\uD8"]), max_size=20).map(b"".join)))
+def test_text_bounded_is_the_three_searches(body: bytes) -> None:
     assert events.text_bounded(body) == (len(body) <= events.MAX_STRING_CHARS
                                          and json.detect_encoding(body) in ("utf-8", "utf-8-sig")
-                                         and b"\\ud" not in body and b"\\uD" not in body)
+                                         and b"\\ud" not in body and b"\\uD" not in body
+                                         and b"\\u0000" not in body)
+
+
+_PIECES = st.sampled_from(["a", "\u00e9", "\\", "\\u0000", "\u0000", "\\ud800",
+                           "\\u00e9", "\\\\"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=6).map("".join), st.lists(_PIECES, max_size=4).map("".join))
+def test_a_text_bounded_body_holds_no_string_or_key_out_of_bounds(value: str, key: str) -> None:
+    """What ``text_bounded`` passes, ``normalise`` reads without checking its strings: it
+    must hold no lone surrogate and no NUL (``\\u0000``, refused on both backends)."""
+    body = ('{"events":[{"%s":"%s"}]}' % (key, value)).encode()
+    try:
+        parsed = events.parse_json(body)
+    except events.Invalid:
+        return
+    if events.text_bounded(body):
+        assert events._fits(parsed, 1, True)
+    (parsed_key, parsed_value), = parsed["events"][0].items()
+    if "\x00" in parsed_value or "\x00" in parsed_key:
+        assert not events._fits(parsed, 1, True)
+        try:
+            events.check_bounds(parsed["events"][0], "events[0]")
+        except events.Invalid as exc:
+            assert exc.problem == events.NUL_PROBLEM or "lone surrogate" in exc.problem
+        else:
+            raise AssertionError("a NUL passed check_bounds")
 
 
 def test_every_standard_event_name_passes_the_name_pattern() -> None:

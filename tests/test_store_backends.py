@@ -456,3 +456,73 @@ async def test_the_remarkety_orders_export_reads_either_database(backend, tmp_pa
     with open(out, encoding="utf-8") as f:
         exported = list(csv.DictReader(f))
     assert len(exported) == 2 and {row["order_id"] for row in exported} == {"O0", "O1"}
+
+
+# NUL characters ---------------------------------------------------------------------------
+
+NUL_PROBLEM = "contains a NUL character (\\u0000), which onetag does not store or send"
+
+
+async def test_a_nul_character_is_refused_alike_by_every_intake_on_either_backend(
+        backend, tmp_path) -> None:
+    """PostgreSQL text can't hold U+0000; SQLite can, and stored and forwarded it. Every
+    intake refuses it as bad input, naming its field, before anything is stored: the same
+    answer whatever the database (README "Bad input and faults")."""
+    import json
+
+    from server.backfill import Backfill
+    from support import ORIGIN, running
+
+    from test_backfill import write_jsonl
+
+    mug = {"event": "add_to_cart", "event_id": "b1", "ecommerce": {
+        "currency": "USD", "items": [{"item_id": "M1", "item_name": "Mug\x00 big", "price": 5}]}}
+    custom = {"event": "c_note", "event_id": "b2", "k\x00": "v"}
+    person = {"event": "identify", "event_id": "n1",
+              "user": {"email": "nul@example.com", "first_name": "Nu\x00ll"}}
+    note = {"event": "c_note", "event_id": "n2", "user": {"email": "nul@example.com"},
+            "note": "a\x00b"}
+    browser = {"content-type": "text/plain", "origin": ORIGIN}
+    api = {"authorization": "Bearer secret-key"}
+    settings = backend.settings()
+    answers = []
+    async with running(settings) as (_, client):
+        for one, field in ((mug, "events[0].ecommerce.items[0].item_name"),
+                           (custom, "events[0].'k\\x00'")):
+            body = json.dumps({"site_id": "shop1", "events": [one]}).encode()
+            assert b"\\u0000" in body
+            answers.append((await client.post("/e", content=body, headers=browser), field))
+        answers.append((await client.post("/api/v1/sites/shop1/events", json=person,
+                                          headers=api), "body.user.first_name"))
+        answers.append((await client.post("/api/v1/sites/shop1/events", json=[person, note],
+                                          headers=api), "body[0].user.first_name"))
+        answers.append((await client.post("/api/v1/sites/shop1/events", json=[note],
+                                          headers=api), "body[0].note"))
+    for answer, field in answers:
+        assert answer.status_code == 422, (field, answer.text)
+        assert answer.json()["error"] == "invalid_event", answer.text
+        assert answer.json()["errors"] == [{"field": field, "problem": NUL_PROBLEM}]
+    history = write_jsonl(tmp_path / "nul.jsonl", [
+        {**person, "time": "2024-01-01T09:00:00Z"},
+        {"event": "product_updated", "time": "2024-01-01T09:00:00Z",
+         "ecommerce": {"items": [{"item_id": "M1", "item_name": "Mug\x00", "price": "9.50"}]}},
+        {"event": "identify", "time": "2024-01-01T09:00:00Z",
+         "user": {"email": "ok@example.com", "first_name": "Ok"}}])
+    customers = tmp_path / "customers.csv"
+    customers.write_text("email,first_name,time\nann@example.com,An\x00n,2024-01-01T09:00:00Z\n",
+                         encoding="utf-8")
+    store = await backend.open(backend.settings(
+        sendlane={"integration_token": "SLTOKEN123", "api_token": "k"}))
+    try:
+        summary = await Backfill(settings.sites["shop1"], [history, customers], send=True,
+                                 pace=0).run(store)
+    finally:
+        await store.close()
+    assert summary.invalid == 3 and summary.valid == 1, summary.problems
+    assert summary.problems == [
+        f"nul.jsonl:1: event.user.first_name: {NUL_PROBLEM}",
+        f"nul.jsonl:2: event.ecommerce.items[0].item_name: {NUL_PROBLEM}",
+        f"customers.csv:2: event.user.first_name: {NUL_PROBLEM}"]
+    # A run with an invalid line plans nothing (README "Backfilling history").
+    assert await backend.rows("SELECT count(*) FROM events") == [(0,)]
+    assert await backend.rows("SELECT count(*) FROM deliveries") == [(0,)]

@@ -30,6 +30,7 @@ from collections import Counter
 from typing import Any, Mapping, Sequence
 
 from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
+from ..events import NUL_PROBLEM
 from ..jsontext import encode
 from . import rules
 from .base import JobFailure, StoreUnavailable
@@ -158,14 +159,15 @@ def nul_field(value: Any, path: str) -> str | None:
 
 def stored_json(raws: Sequence[Any]) -> list[bytes] | Problem:
     """The events as sent, as the JSON to store; a 422 naming the field that holds a NUL,
-    which PostgreSQL text can't hold."""
+    which PostgreSQL text can't hold. ``events.check_bounds`` refuses one in every event the
+    endpoints and a backfill read, on both backends: this is the second line, for a caller
+    of ``Store.ingest`` that did not normalise its events' raw form with them."""
     stored = [encode(raw) for raw in raws]
     for position, raw in enumerate(stored):
         if b"\\u0000" in raw:  # JSON's escape of NUL: cheap to look for in the bytes
             field = nul_field(raws[position], f"events[{position}]")
             if field is not None:
-                return Problem(422, "invalid_event", field, "contains a NUL character "
-                               "(\\u0000), which PostgreSQL text can't hold")
+                return Problem(422, "invalid_event", field, NUL_PROBLEM)
     return stored
 
 
