@@ -290,9 +290,10 @@ class OpsReads:
                         site_id: str | None = None, vendor: str | None = None,
                         missing_limit: int = MAX_MISSING_LISTED) -> list[dict[str, Any]]:
         """Per site and vendor: the orders the backend sent in [since, until) (distinct
-        ``transaction_id`` of backend ``purchase`` events), how many the vendor accepted
-        (its purchase delivery delivered, or ``browser``: its library took it in the page),
-        and the others listed with the delivery's state and last error, or why none exists.
+        ``transaction_id`` of backend ``purchase`` events, not backfilled ones), how many
+        the vendor accepted (its purchase delivery delivered, or ``browser``: its library
+        took it in the page), and the others listed with the delivery's state and last
+        error, or why none exists.
 
         Matching (``PURCHASE_KEYS``): the order's row for a vendor is the delivery with that
         vendor's purchase dedup key for the order id, the backend's (claim = 0) first, else
@@ -302,8 +303,11 @@ class OpsReads:
             raise ValueError("until: must be later than since")
         site_cond = "AND site_id = ?" if site_id else ""
         base = [since_ms, until_ms, *([site_id] if site_id else [])]
+        # Backfilled history (``onetag backfill``: data.backfill) is not an order the backend
+        # sent now, and only vendors with a historical path get it: it is not reconciled.
         orders_of = ("FROM events WHERE source = 'backend' AND name = 'purchase' "
-                     f"AND received_ms >= ? AND received_ms < ? {site_cond}")
+                     f"AND received_ms >= ? AND received_ms < ? {site_cond} "
+                     f"AND {self.json_text('data', 'backfill')} IS NULL")
         count = (await self.rows(f"SELECT count(*) AS n {orders_of}", base))[0]["n"]
         if count > MAX_RECONCILE_ORDERS:
             raise ValueError(f"range: {count} backend orders in it; at most "
