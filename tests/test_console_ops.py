@@ -638,3 +638,56 @@ async def test_reconciliation_counts_live_orders_not_backfilled_history(backend,
     assert not any("after the order arrived" in (m["why"] or "")
                    for r in report for m in r["missing"])
 
+
+async def test_paced_history_is_created_when_written_and_due_later(backend, tmp_path):
+    """--pace: a backfilled row's created time is when it was written (never after its
+    updated time); the pacing is in when it is due, where its retry window starts. The
+    readers of created_ms see it so: replay --since/--until, the oldest pending age."""
+    import time as clock
+
+    settings = console_settings(tmp_path, database=backend.database)
+    store = await backend.open(settings)
+    try:
+        started = int(clock.time() * 1000)
+        summary = await backfill_history(store, settings.sites["shop1"], tmp_path, pace=60)
+        written = int(clock.time() * 1000)
+        assert summary.planned["sendlane"] >= 4
+        listed = await store.list_deliveries(vendor="sendlane", limit=50)
+        assert len(listed) == summary.planned["sendlane"]
+        dues = sorted(row["next_attempt_ms"] for row in listed)
+        assert [b - a for a, b in zip(dues, dues[1:])] == [1000] * (len(dues) - 1)
+        for row in listed:
+            assert started <= row["created_ms"] <= written
+            assert row["created_ms"] <= row["updated_ms"]
+            assert row["retry_from_ms"] == row["next_attempt_ms"]  # the window starts when due
+        # The oldest pending row fell due just now: not seconds in the future, not older.
+        (stats,) = [s for s in await store.delivery_stats(written) if s["vendor"] == "sendlane"]
+        assert 0 <= stats["oldest_pending_age_s"] <= (written - started) / 1000 + 1
+        _, oldest = await store.outbox_depth(dues[0] + 500)
+        assert oldest["sendlane"] == 0.5
+        # Made dead, they are found by when they were created: between started and written.
+        await backend.rows("UPDATE deliveries SET state = 'dead', last_error = 'x' "
+                           "WHERE vendor = 'sendlane'")
+        found = await store.replay_rows(written, vendor="sendlane", since_ms=started,
+                                        until_ms=written + 1, dry_run=True)
+        assert len(found) == len(listed)
+        page = await store.console().dead_letters(
+            ReplayFilter(("dead",), "sendlane", None, started, written + 1, None, None,
+                         "created"))
+        assert page["total"] == len(listed)
+        # Paced behind those (pending again), then alone: rows not due yet are not late.
+        await backend.rows("UPDATE deliveries SET state = 'pending', last_error = NULL")
+        more = [{**HISTORY_2023[1], "transaction_id": f"300{n}"} for n in (1, 2)]
+        await backfill_history(store, settings.sites["shop1"], tmp_path, more, pace=60)
+        await backend.rows("UPDATE deliveries SET state = 'delivered' "
+                           "WHERE request_id = 'backfill-1'")
+        later = await store.list_deliveries(state="pending", vendor="sendlane")
+        assert min(row["next_attempt_ms"] for row in later) == dues[-1] + 1000
+        assert max(row["created_ms"] for row in later) < dues[-1]
+        _, oldest = await store.outbox_depth(dues[-1])
+        (stats,) = [s for s in await store.delivery_stats(dues[-1]) if s["vendor"] == "sendlane"]
+        assert oldest["sendlane"] == stats["oldest_pending_age_s"] == 0
+        overview = await store.console().vendor_overview(dues[-1])
+        assert [v["oldest_pending_age_s"] for v in overview if v["vendor"] == "sendlane"] == [0]
+    finally:
+        await store.close()

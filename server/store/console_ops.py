@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from ..jsontext import loads
 from . import deadletters
-from .deadletters import ReplayFilter
+from .deadletters import OLDEST_PENDING, ReplayFilter
 
 # range name -> (bucket width, number of buckets)
 RANGES = {"24h": (3_600_000, 24), "30d": (86_400_000, 30)}
@@ -206,7 +206,7 @@ class OpsReads:
 
         open_rows = await self.rows(
             f"SELECT site_id, vendor, {counts(OPEN_STATES)}, "
-            "min(created_ms) FILTER (WHERE state = 'pending') AS oldest_pending_ms "
+            f"min({OLDEST_PENDING}) FILTER (WHERE state = 'pending') AS oldest_pending_ms "
             f"FROM deliveries WHERE state IN ('pending', 'held', 'dead') {site_cond} "
             "GROUP BY site_id, vendor", site_params)
         newest = (await self.rows("SELECT max(id) AS id FROM deliveries"))[0]["id"] or 0
