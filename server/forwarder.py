@@ -837,7 +837,11 @@ class Forwarder:
         """Retries, successes after a failure or a replay, and dead letters at info and
         above; a first-time success at debug. Each line names the delivery and the HTTP
         request that planned it (``request_id``)."""
-        replayed = delivery.retry_from_ms > delivery.created_ms
+        # A replay starts the retry window after the row was made; so does the pacing of
+        # history (`onetag backfill --pace`: a row due, its window starting, after it was
+        # written), so for a backfilled row that says nothing of a replay.
+        replayed = (delivery.retry_from_ms > delivery.created_ms
+                    and not (delivery.request_id or "").startswith("backfill-"))
         extra = {"vendor": delivery.vendor, "delivery_id": delivery.id, "site": delivery.site_id,
                  "attempt": delivery.attempts, "status": verdict.status,
                  "state": outcome.state, "request_id": delivery.request_id}

@@ -277,8 +277,9 @@ async def test_a_live_order_is_not_sent_again_by_the_backfill(tmp_path, fake):
 
 
 async def test_history_is_paced_so_live_rows_go_first(tmp_path, fake):
-    """--pace 60: a vendor's backfilled rows fall due a second apart (their retry window
-    starting then); a live order planned meanwhile is due at once, so it is claimed first."""
+    """--pace 60: a vendor's backfilled rows, created when written, fall due a second apart
+    (their retry window starting then); a live order planned meanwhile is due at once, so
+    it is claimed first."""
     settings = make_settings(tmp_path, fake, only=("sendlane",), forward=False)
     db = tmp_path / "onetag.db"
     path = write_jsonl(tmp_path / "h.jsonl", history(3))
@@ -298,7 +299,10 @@ async def test_history_is_paced_so_live_rows_go_first(tmp_path, fake):
         dues = [row["next_attempt_ms"] for row in history_rows]
         assert len(dues) == 8 and dues[0] >= started
         assert [b - a for a, b in zip(dues, dues[1:])] == [1000] * 7
-        assert all(row["created_ms"] == row["next_attempt_ms"] for row in history_rows)
+        # Created when written; the pacing is in when each is due, its retry window too.
+        assert all(started <= row["created_ms"] == row["updated_ms"] <= row["next_attempt_ms"]
+                   and row["retry_from_ms"] == row["next_attempt_ms"] for row in history_rows)
+        assert history_rows[-1]["created_ms"] < dues[-1]
         assert live["next_attempt_ms"] < dues[2]
         reason = cli.pending_reason({**history_rows[-1], "waits_for": None},
                                     dues[0], 20, 60_000)
@@ -491,3 +495,23 @@ def test_a_csv_file_never_crashes_the_reader_and_problems_name_their_lines(heade
             assert unit.problems and all(p.startswith(unit.where + ": ") or
                                          p.startswith("x.csv:") for p in unit.problems)
         assert unit.last <= reader.lines
+
+
+def test_a_paced_row_delivered_first_try_is_not_logged_as_replayed(caplog):
+    """A paced row's retry window starts after it was made, as a replayed row's does: only
+    the replayed one is logged "delivered after a replay"."""
+    import logging
+
+    from server.forwarder import Forwarder, Verdict
+    from server.store.base import Delivery, Outcome
+
+    made = 1_800_000_000_000
+    for request_id in ("backfill-3", "4f1c2a9be07d3d15"):
+        delivery = Delivery(id=7, site_id=SITE, vendor="sendlane", dedup_key="k", visitor="v",
+                            request={}, attempts=1, created_ms=made,
+                            retry_from_ms=made + 60_000, request_id=request_id)
+        with caplog.at_level(logging.INFO, logger="onetag.forwarder"):
+            Forwarder._log(delivery, Verdict("delivered", status=200),
+                           Outcome(7, "delivered"), made / 1000 + 61)
+    assert [r.getMessage() for r in caplog.records] == [
+        "delivery 7 to sendlane delivered after a replay (first try)"]

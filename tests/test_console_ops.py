@@ -586,3 +586,108 @@ def test_a_fingerprint_names_the_set_not_its_order_or_new_ids() -> None:
     assert fingerprint(dead) != fingerprint(dead[:1])
     assert fingerprint(replanned) != fingerprint([{"id": None, "replaces": [4]}])
     assert fingerprint([]) != fingerprint(dead)
+
+
+# Backfilled history on the console (onetag backfill --send) --------------------------------
+
+HISTORY_2023 = [
+    {"event": "identify", "time": "2023-04-01T09:30:00Z",
+     "user": {"email": "carl@example.com", "customer_id": "C2", "first_name": "Carl"}},
+    *({"event": "purchase", "time": f"2023-04-0{n}T10:00:00Z", "transaction_id": f"100{n}",
+       "status": "processing", "user": {"email": "carl@example.com", "customer_id": "C2"},
+       "ecommerce": {"currency": "USD", "value": "10.00",
+                     "items": [{"item_id": "SKU-1", "price": "10.00", "quantity": 1}]}}
+      for n in (1, 2, 3)),
+    {"event": "refund", "time": "2023-04-09T10:00:00Z", "transaction_id": "1002",
+     "user": {"customer_id": "C2"}},
+]
+
+
+async def backfill_history(store, site, tmp_path: Path, lines: list = HISTORY_2023,
+                           pace: float = 0):
+    from server.backfill import Backfill
+
+    path = tmp_path / f"history-{len(lines)}-{pace:g}.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    summary = await Backfill(site, [path], send=True, pace=pace, stream=open("/dev/null", "w"),
+                             tty=False).run(store)
+    assert not summary.problems, summary.problems
+    return summary
+
+
+async def test_reconciliation_counts_live_orders_not_backfilled_history(backend, tmp_path):
+    """Orders from 2023 backfilled this week are history (README "Backfilling history"), not
+    orders the backend sent now: they are not counted, nor listed with a false reason."""
+    import time as clock
+
+    settings = console_settings(tmp_path, database=backend.database)
+    async with running(settings) as (app, client):
+        sent = await client.post("/api/v1/sites/shop1/events",
+                                 json=[order("2001"), order("1003", event_id="live-1003")],
+                                 headers={"Authorization":
+                                          f"Bearer {settings.sites['shop1'].api_key}"})
+        assert sent.status_code == 202, sent.text
+        await backfill_history(app.state.store, settings.sites["shop1"], tmp_path)
+        now = int(clock.time() * 1000)
+        report = await app.state.store.console().reconcile(settings.sites,
+                                                           now - 7 * 24 * HOUR, now + HOUR)
+    assert {r["vendor"]: r["received"] for r in report} == {
+        "esputnik": 2, "rejoiner": 2, "remarkety": 2, "sendlane": 2}
+    listed = {m["order_id"] for r in report for m in r["missing"]}
+    assert listed <= {"2001", "1003"}  # 1003 came live too: counted, once
+    assert not any("after the order arrived" in (m["why"] or "")
+                   for r in report for m in r["missing"])
+
+
+async def test_paced_history_is_created_when_written_and_due_later(backend, tmp_path):
+    """--pace: a backfilled row's created time is when it was written (never after its
+    updated time); the pacing is in when it is due, where its retry window starts. The
+    readers of created_ms see it so: replay --since/--until, the oldest pending age."""
+    import time as clock
+
+    settings = console_settings(tmp_path, database=backend.database)
+    store = await backend.open(settings)
+    try:
+        started = int(clock.time() * 1000)
+        summary = await backfill_history(store, settings.sites["shop1"], tmp_path, pace=60)
+        written = int(clock.time() * 1000)
+        assert summary.planned["sendlane"] >= 4
+        listed = await store.list_deliveries(vendor="sendlane", limit=50)
+        assert len(listed) == summary.planned["sendlane"]
+        dues = sorted(row["next_attempt_ms"] for row in listed)
+        assert [b - a for a, b in zip(dues, dues[1:])] == [1000] * (len(dues) - 1)
+        for row in listed:
+            assert started <= row["created_ms"] <= written
+            assert row["created_ms"] <= row["updated_ms"]
+            assert row["retry_from_ms"] == row["next_attempt_ms"]  # the window starts when due
+        # The oldest pending row fell due just now: not seconds in the future, not older.
+        (stats,) = [s for s in await store.delivery_stats(written) if s["vendor"] == "sendlane"]
+        assert 0 <= stats["oldest_pending_age_s"] <= (written - started) / 1000 + 1
+        _, oldest = await store.outbox_depth(dues[0] + 500)
+        assert oldest["sendlane"] == 0.5
+        # Made dead, they are found by when they were created: between started and written.
+        await backend.rows("UPDATE deliveries SET state = 'dead', last_error = 'x' "
+                           "WHERE vendor = 'sendlane'")
+        found = await store.replay_rows(written, vendor="sendlane", since_ms=started,
+                                        until_ms=written + 1, dry_run=True)
+        assert len(found) == len(listed)
+        page = await store.console().dead_letters(
+            ReplayFilter(("dead",), "sendlane", None, started, written + 1, None, None,
+                         "created"))
+        assert page["total"] == len(listed)
+        # Paced behind those (pending again), then alone: rows not due yet are not late.
+        await backend.rows("UPDATE deliveries SET state = 'pending', last_error = NULL")
+        more = [{**HISTORY_2023[1], "transaction_id": f"300{n}"} for n in (1, 2)]
+        await backfill_history(store, settings.sites["shop1"], tmp_path, more, pace=60)
+        await backend.rows("UPDATE deliveries SET state = 'delivered' "
+                           "WHERE request_id = 'backfill-1'")
+        later = await store.list_deliveries(state="pending", vendor="sendlane")
+        assert min(row["next_attempt_ms"] for row in later) == dues[-1] + 1000
+        assert max(row["created_ms"] for row in later) < dues[-1]
+        _, oldest = await store.outbox_depth(dues[-1])
+        (stats,) = [s for s in await store.delivery_stats(dues[-1]) if s["vendor"] == "sendlane"]
+        assert oldest["sendlane"] == stats["oldest_pending_age_s"] == 0
+        overview = await store.console().vendor_overview(dues[-1])
+        assert [v["oldest_pending_age_s"] for v in overview if v["vendor"] == "sendlane"] == [0]
+    finally:
+        await store.close()

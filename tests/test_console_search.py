@@ -173,3 +173,57 @@ async def test_a_search_shows_the_latest_attempts_of_a_delivery(tmp_path, fake):
     assert delivery["attempts"] == 5
     assert [a["status"] for a in delivery["attempt_list"]] == [503] * 4 + [200]
     assert [(a["attempt"], a["status"]) for a in latest] == [(3, 503), (4, 503), (5, 200)]
+
+
+async def test_a_backfilled_customer_is_found_by_email(backend, tmp_path):
+    """History from ``onetag backfill --send`` is kept apart from sessions and identities
+    (README, "Backfilling history"): a search by its customer's email still finds it, by
+    the email inside each event (a status change: its order's buyer's), beside the live
+    events of an identity with that email, which history leaves as it was. PostgreSQL
+    reads it through its partial index (pg_migrations/029), not the whole window."""
+    from console_support import console_settings
+    from test_console_ops import HISTORY_2023, backfill_history
+
+    settings = console_settings(tmp_path, database=backend.database)
+    async with running(settings) as (app, client):
+        sent = await client.post(
+            "/api/v1/sites/shop1/events",
+            json=[{"event": "identify", "user": {"email": "dora@example.com",
+                                                  "first_name": "Dora"}}],
+            headers={"Authorization": f"Bearer {settings.sites['shop1'].api_key}"})
+        assert sent.status_code == 202, sent.text
+        dora = [{"event": "purchase", "time": "2023-05-01T10:00:00Z", "transaction_id": "2002",
+                 "user": {"email": "dora@example.com", "first_name": "Old"},
+                 "ecommerce": {"currency": "USD", "value": "5.00", "items": []}}]
+        await backfill_history(app.state.store, settings.sites["shop1"], tmp_path,
+                               HISTORY_2023 + dora)
+        reads = app.state.store.console()
+        statements = traced(reads)
+        carl = await reads.search(["shop1"], " Carl@Example.com")
+        found = await reads.search(["shop1"], "dora@example.com")
+        elsewhere = await reads.search(["shop2"], "carl@example.com")
+    assert carl["identities"] == []  # history made no profile
+    assert sorted(e["name"] for e in carl["events"]) == [
+        "identify", "purchase", "purchase", "purchase", "refund"]
+    assert all(e["email"] == "carl@example.com" for e in carl["events"])
+    assert {d["vendor"] for d in carl["deliveries"]} == {"sendlane"}  # what history planned
+    [identity] = found["identities"]
+    assert identity["first_name"] == "Dora"  # the live identity, untouched by history
+    assert sorted(e["name"] for e in found["events"]) == ["identify", "purchase"]
+    assert elsewhere["events"] == []
+    history_sql = [(sql, params) for sql, params in statements if "e.identity_id IS NULL" in sql]
+    assert history_sql
+    if backend.name == "sqlite":
+        assert plan_scans(settings.server.sqlite_path, history_sql) == []
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(backend.database)
+        try:
+            await conn.execute("SET enable_seqscan = off")
+            sql, params = history_sql[0]
+            plan = "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + numbered(sql),
+                                                                 *params))
+        finally:
+            await conn.close()
+        assert "events_history_email" in plan, plan

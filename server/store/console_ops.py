@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from ..jsontext import loads
 from . import deadletters
-from .deadletters import ReplayFilter
+from .deadletters import OLDEST_PENDING, ReplayFilter
 
 # range name -> (bucket width, number of buckets)
 RANGES = {"24h": (3_600_000, 24), "30d": (86_400_000, 30)}
@@ -206,7 +206,7 @@ class OpsReads:
 
         open_rows = await self.rows(
             f"SELECT site_id, vendor, {counts(OPEN_STATES)}, "
-            "min(created_ms) FILTER (WHERE state = 'pending') AS oldest_pending_ms "
+            f"min({OLDEST_PENDING}) FILTER (WHERE state = 'pending') AS oldest_pending_ms "
             f"FROM deliveries WHERE state IN ('pending', 'held', 'dead') {site_cond} "
             "GROUP BY site_id, vendor", site_params)
         newest = (await self.rows("SELECT max(id) AS id FROM deliveries"))[0]["id"] or 0
@@ -290,9 +290,10 @@ class OpsReads:
                         site_id: str | None = None, vendor: str | None = None,
                         missing_limit: int = MAX_MISSING_LISTED) -> list[dict[str, Any]]:
         """Per site and vendor: the orders the backend sent in [since, until) (distinct
-        ``transaction_id`` of backend ``purchase`` events), how many the vendor accepted
-        (its purchase delivery delivered, or ``browser``: its library took it in the page),
-        and the others listed with the delivery's state and last error, or why none exists.
+        ``transaction_id`` of backend ``purchase`` events, not backfilled ones), how many
+        the vendor accepted (its purchase delivery delivered, or ``browser``: its library
+        took it in the page), and the others listed with the delivery's state and last
+        error, or why none exists.
 
         Matching (``PURCHASE_KEYS``): the order's row for a vendor is the delivery with that
         vendor's purchase dedup key for the order id, the backend's (claim = 0) first, else
@@ -302,8 +303,11 @@ class OpsReads:
             raise ValueError("until: must be later than since")
         site_cond = "AND site_id = ?" if site_id else ""
         base = [since_ms, until_ms, *([site_id] if site_id else [])]
+        # Backfilled history (``onetag backfill``: data.backfill) is not an order the backend
+        # sent now, and only vendors with a historical path get it: it is not reconciled.
         orders_of = ("FROM events WHERE source = 'backend' AND name = 'purchase' "
-                     f"AND received_ms >= ? AND received_ms < ? {site_cond}")
+                     f"AND received_ms >= ? AND received_ms < ? {site_cond} "
+                     f"AND {self.json_text('data', 'backfill')} IS NULL")
         count = (await self.rows(f"SELECT count(*) AS n {orders_of}", base))[0]["n"]
         if count > MAX_RECONCILE_ORDERS:
             raise ValueError(f"range: {count} backend orders in it; at most "

@@ -9,12 +9,15 @@ no index on SQLite and would otherwise read the whole events table; they read at
 latest ``SCAN_WINDOW`` events instead (a seq range, newest first), and the pages say so:
 
 - events of an identity that have no session (a backend event without an ``sc``): there is
-  no index on ``events.identity_id`` (each index costs every ingested event a write);
+  no index on ``events.identity_id`` (each index costs every ingested event a write); and
+  a customer's backfilled history (``onetag backfill``: kept apart from sessions and
+  identities), found by the email inside its JSON;
 - an order id: ``transaction_id`` lives inside the event's JSON;
 - the latest browser event from an origin: the page URL lives inside the JSON too.
 
-PostgreSQL has partial indexes for the first two (``pg_migrations/021_console_search.sql``:
-only the events they are about are written to them); the window still bounds them.
+PostgreSQL has partial indexes for the first two (``pg_migrations/021_console_search.sql``
+and ``029_history_email.sql``: only the events they are about are written to them); the
+window still bounds them.
 """
 
 from __future__ import annotations
@@ -314,6 +317,23 @@ class SearchReads:
             f"AND e.identity_id IN ({marks(identity_ids)}) ORDER BY e.seq DESC LIMIT ?",
             [top - SCAN_WINDOW, *identity_ids, limit])
 
+    async def history_events(self, sites: Sequence[str], email: str,
+                             limit: int = TIMELINE_LIMIT) -> list[dict[str, Any]]:
+        """A customer's backfilled history (``onetag backfill``: backend events kept apart
+        from sessions and identities, so with neither an ``sc`` nor an ``identity_id``) by
+        the email inside it (its user's, else its order's buyer's), newest first, among the
+        latest ``SCAN_WINDOW`` events: SQLite reads the window, PostgreSQL a partial index
+        (pg_migrations/029)."""
+        if not sites:
+            return []
+        top = await self.latest_seq()
+        email_of = (f"coalesce({self.json_text('e.data', 'user', 'email')}, "
+                    f"{self.json_text('e.data', 'identity', 'email')})")
+        return await self._event_summaries(
+            f"{SUMMARY_SELECT}WHERE e.seq > ? AND e.sc IS NULL AND e.identity_id IS NULL "
+            f"AND {email_of} = ? AND e.site_id IN ({marks(sites)}) ORDER BY e.seq DESC LIMIT ?",
+            [top - SCAN_WINDOW, email.strip().lower(), *sites, limit])
+
     async def events_by_event_id(self, sites: Sequence[str], event_id: str
                                  ) -> list[dict[str, Any]]:
         """Index ``events_id`` (site_id, event_id, source = 'backend'): a browser's and a
@@ -353,6 +373,7 @@ class SearchReads:
         if "@" in query:
             kinds.append("email")
             identities = await self.identities_by_email(sites, query)
+            matched = await self.history_events(sites, query)
         elif SC_RE.match(query):
             kinds.append("sc")
             sessions = await self.sessions_by_sc(sites, query.upper())

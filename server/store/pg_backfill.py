@@ -2,9 +2,10 @@
 asyncpg's terms, in the caller's transaction.
 
 History is stored as backend events (an id already stored is skipped) and pending
-deliveries, none whose (site, vendor, dedup key) any row holds. The key's advisory lock (the
-one ``pg_ingest`` takes for facts) orders a backfilled row against a live fact or claim of
-the same order planned by a node at the same moment.
+deliveries, none whose (site, vendor, dedup key) any row holds; a paced one is created now,
+due (its retry window starting) later. The key's advisory lock (the one ``pg_ingest``
+takes for facts) orders a backfilled row against a live fact or claim of the same order
+planned by a node at the same moment.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from .rules import add_backfill_counts
 
 _DELIVERY = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
-    "request, next_attempt_ms, created_ms, updated_ms, request_id) "
-    "SELECT $1, $2, $3, 0, $4, $5, 'pending', $6, $7, $7, $8, $9 "
+    "request, next_attempt_ms, retry_from_ms, created_ms, updated_ms, request_id) "
+    "SELECT $1, $2, $3, 0, $4, $5, 'pending', $6, $7, $7, $8, $8, $9 "
     "WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE site_id = $1 AND vendor = $2 "
     "AND dedup_key = $3) ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING "
     "RETURNING id")

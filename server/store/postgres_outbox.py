@@ -32,8 +32,8 @@ from ..jsontext import encode, loads
 from .. import outbox
 from . import deadletters, outbox_rules
 from .base import Delivery, Outcome, StoreUnavailable
+from .deadletters import OLDEST_PENDING, ReplayFilter
 from .pg_writer import drop_if_failed, is_database_failure
-from .deadletters import ReplayFilter
 from .rules import identity_fields
 
 log = logging.getLogger("onetag.store")
@@ -258,7 +258,7 @@ class PostgresOutbox:
             "count(*) FILTER (WHERE state = 'browser') AS browser, "
             "count(*) FILTER (WHERE state = 'expired') AS expired, "
             "count(*) FILTER (WHERE state = 'ignored') AS ignored, "
-            "min(created_ms) FILTER (WHERE state = 'pending') AS oldest_pending_ms "
+            f"min({OLDEST_PENDING}) FILTER (WHERE state = 'pending') AS oldest_pending_ms "
             "FROM deliveries GROUP BY vendor ORDER BY vendor")
         stats = []
         for row in rows:
@@ -276,7 +276,7 @@ class PostgresOutbox:
             "SELECT vendor, state, count(*) AS n FROM deliveries "
             "WHERE state IN ('pending', 'held', 'dead') GROUP BY state, vendor")
         oldest = await self._fetch(
-            "SELECT vendor, min(created_ms) AS created FROM deliveries "
+            f"SELECT vendor, min({OLDEST_PENDING}) AS created FROM deliveries "
             "WHERE state = 'pending' GROUP BY vendor")
         return ([(r["vendor"], r["state"], r["n"]) for r in depth],
                 {r["vendor"]: max(0, now_ms - r["created"]) / 1000 for r in oldest})

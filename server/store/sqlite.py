@@ -21,7 +21,7 @@ from ..jsontext import loads
 from ..sessions import cart_snapshot
 from . import deadletters
 from .base import Delivery, JobFailure, Outcome, Store, StoreUnavailable
-from .deadletters import ReplayFilter
+from .deadletters import OLDEST_PENDING, ReplayFilter
 from .sqlite_ingest import identity_fields
 from . import sqlite_catalog
 from .sqlite_writer import (COUPON_CALL_COLUMNS, ProcessWriter, ThreadWriter, commit_failure,
@@ -194,7 +194,7 @@ class SQLiteStore(WriterSupervisor, Store):
             "sum(state = 'held') AS held, sum(state = 'delivered') AS delivered, "
             "sum(state = 'dead') AS dead, sum(state = 'browser') AS browser, "
             "sum(state = 'expired') AS expired, sum(state = 'ignored') AS ignored, "
-            "min(CASE WHEN state = 'pending' THEN created_ms END) AS oldest_pending_ms "
+            f"min(CASE WHEN state = 'pending' THEN {OLDEST_PENDING} END) AS oldest_pending_ms "
             "FROM deliveries GROUP BY vendor ORDER BY vendor")
         stats = []
         for row in rows:
@@ -207,17 +207,16 @@ class SQLiteStore(WriterSupervisor, Store):
     async def outbox_depth(self, now_ms: int) -> tuple[list[tuple[str, str, int]], dict[str, float]]:
         """For ``/metrics``, cheaper than ``delivery_stats``: rows per (vendor, state) for
         the states still in the outbox (pending, held, dead), and per vendor the age in
-        seconds of its oldest pending row. Both read the ``deliveries_due`` index only (its
-        rowid is the id), and one row per vendor; the delivered rows, however many, are
-        not visited. The oldest pending row is the one with the lowest id: ids and
-        ``created_ms`` grow together."""
+        seconds of its oldest pending row (``OLDEST_PENDING``: since it fell due). Both find
+        their rows through the ``deliveries_due`` index; the delivered rows, however many,
+        are not visited."""
         assert self._reader is not None
         depth = await self._reader.execute_fetchall(
             "SELECT vendor, state, count(*) FROM deliveries "
             "WHERE state IN ('pending', 'held', 'dead') GROUP BY state, vendor")
         oldest = await self._reader.execute_fetchall(
-            "SELECT vendor, created_ms FROM deliveries WHERE id IN "
-            "(SELECT min(id) FROM deliveries WHERE state = 'pending' GROUP BY vendor)")
+            f"SELECT vendor, min({OLDEST_PENDING}) FROM deliveries WHERE state = 'pending' "
+            "GROUP BY vendor")
         return ([(vendor, state, count) for vendor, state, count in depth],
                 {vendor: max(0, now_ms - created) / 1000 for vendor, created in oldest})
 

@@ -559,7 +559,8 @@ class WriteOps:
         run's counts with the rest. ``pace_ms``: a vendor's new rows fall due that far apart
         (0: all at once), after the last pending row of that vendor (an earlier batch's, or
         another run's), so history trickles out and live rows, due when made, go first; a
-        paced row's ``created_ms`` is when it falls due (its retry window starts there).
+        paced row is created now and due later, its retry window (``retry_from_ms``)
+        starting when it falls due.
         Returns (planned per vendor, already there per vendor, events already there).
         """
         now = now_ms()
@@ -603,12 +604,13 @@ class WriteOps:
         return planned, already, known
 
 
-# A backfilled delivery: pending at once, unless a row of any kind (a live one, a claim, an
-# earlier run's) holds its key. A ``backfill-<run>`` request id names the run that planned it.
+# A backfilled delivery: pending, created now (?8) and due at ?7 (its retry window starts
+# then), unless a row of any kind (a live one, a claim, an earlier run's) holds its key. A
+# ``backfill-<run>`` request id names the run that planned it.
 _BACKFILL_DELIVERY = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
-    "request, next_attempt_ms, created_ms, updated_ms, request_id) "
-    "SELECT ?1, ?2, ?3, 0, ?4, ?5, 'pending', CAST(?6 AS TEXT), ?7, ?7, ?8, ?9 "
+    "request, next_attempt_ms, retry_from_ms, created_ms, updated_ms, request_id) "
+    "SELECT ?1, ?2, ?3, 0, ?4, ?5, 'pending', CAST(?6 AS TEXT), ?7, ?7, ?8, ?8, ?9 "
     "WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE site_id = ?1 AND vendor = ?2 "
     "AND dedup_key = ?3)")
 
