@@ -254,44 +254,21 @@ def public_url_warning(public_url: str, port: int) -> str | None:
             f"--port {url_port})")
 
 
-def postgresql_problem(settings: config_module.Settings) -> str | None:
-    """Why ``serve`` or ``worker`` can't run on the configured PostgreSQL database (the
-    driver missing, the server unreachable, the schema not current, no write committed:
-    read-only), or None."""
+def postgresql_problem(settings: config_module.Settings, write: bool = True) -> str | None:
+    """Why a command can't run on the configured PostgreSQL database (the driver missing,
+    the server unreachable, the schema not current), or None. ``write`` (``serve``,
+    ``worker``): and no write commits, a read-only database. ``export`` and ``backfill``,
+    which read it directly, ask without: a missing table was a traceback."""
     from .store import open_store
 
     async def probe() -> None:
         store = open_store(settings, ingest=False)
         await store.open()  # checks the schema (store/pg_migrate.py)
         try:
-            await store.ping()  # a committed write: a read-only database is refused here
+            if write:
+                await store.ping()  # a committed write: a read-only database is refused here
         finally:
             await store.close()
-
-    try:
-        asyncio.run(probe())
-    except Exception as exc:
-        return _database_problem(settings, exc)
-    return None
-
-
-def pg_schema_problem(settings: config_module.Settings) -> str | None:
-    """Why a command that reads the PostgreSQL database directly (``export``, ``backfill``)
-    can't (the driver missing, the server unreachable, the schema not current), or None:
-    said before it starts, as the commands that open the store say it (a missing table was
-    a traceback)."""
-    from .store import DRIVER_MISSING, DriverMissing, pg_migrate
-
-    async def probe() -> None:
-        try:
-            import asyncpg
-        except ImportError:
-            raise DriverMissing(DRIVER_MISSING) from None
-        conn = await asyncpg.connect(settings.server.database)
-        try:
-            await pg_migrate.check(conn)
-        finally:
-            await conn.close()
 
     try:
         asyncio.run(probe())
@@ -947,7 +924,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     # Planning sends nothing: vendor secrets need not be set (the worker needs them).
     settings, _ = _settings(args.config, require_secrets=False)
     site = _site_of(settings, args.site)
-    if settings.server.is_postgresql and (problem := pg_schema_problem(settings)):
+    if settings.server.is_postgresql and (problem := postgresql_problem(settings, write=False)):
         raise _refuse(problem)
     files = [Path(name) for name in args.files]
     missing = [str(f) for f in files if not f.is_file()]
@@ -1004,7 +981,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if settings.server.is_postgresql:
         from .store.pg_backfill import order_events
 
-        if problem := pg_schema_problem(settings):
+        if problem := postgresql_problem(settings, write=False):
             raise _refuse(problem)
         try:
             found, left_out = remarkety_export.orders_from(
