@@ -79,7 +79,7 @@ def test_pg_ingest_bench_measures_each_level_and_stores_every_acknowledged_event
         pytest.skip(pg_template[1])
     run = subprocess.run(
         [sys.executable, str(REPO / "bench" / "pg_ingest.py"), "--json", "--dsn", PG_ADMIN_URL,
-         "--conns", "2,4", "--rounds", "2", "--duration", "0.3", "--warmup", "0.2"],
+         "--conns", "2,4", "--rounds", "1", "--duration", "0.3", "--warmup", "0.2"],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:] + run.stdout[-2000:]
     report = json.loads(run.stdout)
@@ -90,7 +90,7 @@ def test_pg_ingest_bench_measures_each_level_and_stores_every_acknowledged_event
         assert row["errors"] == 0 and row["events_per_s"] > 0
         assert 0 < row["latency_ms_p50"] <= row["latency_ms_p99"]
         if row["nodes"]:
-            assert len(row["round_ratios"]) == 2 and row["ratio_median"] is not None
+            assert len(row["round_ratios"]) == 1 and row["ratio_median"] is not None
     assert set(report["target_met_by_conns"]) == {"2", "4"}
     assert report["target_met"] == report["target_met_by_conns"]["2"]
     durability = report["durability"]
