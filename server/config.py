@@ -227,6 +227,15 @@ def number_range(key: str) -> str:
     return f"> {_num(low)} and at most {_num(high)}"
 
 
+def _number_text(text: str, whole: bool) -> Any:
+    """An environment variable's text as the number it spells, else the text (refused by
+    the caller, which names it)."""
+    try:
+        return int(text) if whole else float(text)
+    except ValueError:
+        return text
+
+
 def _num(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
@@ -365,8 +374,13 @@ class _Reader:
     def number(self, table: Mapping[str, Any], key: str, where: str) -> float | int:
         """A ``[server]`` number key (``NUMBERS``): finite and within its range."""
         default, low, high, low_ok, unit = NUMBERS[key]
-        value = self.resolve(f"{where}.{key}", table.get(key, default))
+        raw = table.get(key, default)
+        value = self.resolve(f"{where}.{key}", raw)
         whole = not unit
+        if isinstance(raw, str) and raw.startswith("env:"):
+            if value is None:  # unset: resolve said so (or this process does not need it)
+                return default
+            value = _number_text(value, whole)  # a variable is text: "7", "2.5"
         if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
                 or not math.isfinite(value) or not (low <= value <= high)
                 or (value == low and not low_ok)):

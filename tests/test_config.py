@@ -406,3 +406,19 @@ def test_a_missing_required_key_is_one_problem_not_its_defaults_follow_ons() -> 
     # Given, script_id fills script_url's default as before.
     settings = config.parse({"sites": [{"id": "shop1", "esputnik": {"site_id": "S1"}}]}, env={})
     assert settings.sites["shop1"].vendors["esputnik"]["script_url"].endswith("/S1.js")
+
+
+def test_number_keys_may_come_from_the_environment() -> None:
+    """README: any value may be ``"env:NAME"``. A number key's variable is read as the number
+    it spells (it was refused as ``not '7'``, and an unset one was two problems)."""
+    data = {"server": {"hold_days": "env:HD", "max_pending_writes": "env:MPW"},
+            "sites": [{"id": "s"}]}
+    settings = config.parse(data, env={"HD": "7", "MPW": "100"})
+    assert settings.server.hold_days == 7.0 and settings.server.max_pending_writes == 100
+    assert problems(data, env={"MPW": "100"}) == [
+        "onetag.toml: server.hold_days: environment variable HD is not set"]
+    found = problems(data, env={"HD": "a week", "MPW": "1.5"})
+    assert wheres(found) == ["server.hold_days", "server.max_pending_writes"]
+    assert "not 'a week'" in found[0] and "a whole number" in found[1]
+    assert config.parse(data, env={"MPW": "100"}, require_secrets=False).server.hold_days \
+        == config.ServerConfig().hold_days
