@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import email.utils
 import functools
 import json
@@ -161,6 +162,13 @@ class ForwarderOptions:
         range is a ``ValueError`` naming the variable and the range: 0 in flight sent
         nothing, a negative count or a non-number was a traceback from deep inside."""
         env = os.environ if env is None else env
+        known = {f"ONETAG_FORWARD_{f.name.upper()}" for f in dataclasses.fields(cls)}
+        for name in sorted(n for n in env if n.startswith("ONETAG_FORWARD_") and n not in known):
+            # A misspelt name (ONETAG_FORWARD_CONCURENCY) was ignored: the default ran.
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ValueError(f"{name} is not a forwarder setting ({hint}known: "
+                             f"{', '.join(sorted(known))})")
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             name = f"ONETAG_FORWARD_{f.name.upper()}"

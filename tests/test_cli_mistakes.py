@@ -161,6 +161,14 @@ def test_forwarder_variables_in_range_are_taken() -> None:
     assert (options.concurrency, options.product_sync_every_s) == (1, 0)
 
 
+def test_a_misspelt_forwarder_variable_is_named_not_ignored() -> None:
+    """ONETAG_FORWARD_CONCURENCY=4 was ignored: the worker ran with the default."""
+    with pytest.raises(ValueError) as caught:
+        ForwarderOptions.from_env({"ONETAG_FORWARD_CONCURENCY": "4"})
+    assert str(caught.value).startswith("ONETAG_FORWARD_CONCURENCY is not a forwarder setting "
+                                        "(did you mean ONETAG_FORWARD_CONCURRENCY?")
+
+
 def test_a_bad_forwarder_variable_is_one_line_from_every_command_that_reads_it(
         tmp_path, migrated) -> None:
     for env, command in (({"ONETAG_FORWARD_CONCURRENCY": "0"}, ["worker"]),
