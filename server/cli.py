@@ -1137,8 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "deliveries: narrow a larger set with --vendor, --site, --since/--until "
                     "or --error.")
     replay.add_argument("--config", help=config_help)
-    replay.add_argument("--vendor", choices=vendor_names(),
-                        help="only this vendor (a name misspelled matched nothing, silently)")
+    replay.add_argument("--vendor", choices=vendor_names(), help="only this vendor")
     replay.add_argument("--since", type=parse_since, metavar="T",
                         help="only deliveries created since T: 30m, 2h, 3d, 1w ago, or an ISO "
                              "date/time (2026-01-31, 2026-01-31T14:00; local time unless it "

@@ -523,11 +523,11 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
         reader.problem(f"{where}.origins", "must be a list of origins like \"https://shop.example\"")
         origins = []
     normalised = []
-    for index, origin in enumerate(origins):
+    for position, origin in enumerate(origins):
         try:
             normalised.append(normalise_origin(origin))
         except ValueError as exc:
-            reader.problem(f"{where}.origins[{index}]", f"{origin!r} {exc}")
+            reader.problem(f"{where}.origins[{position}]", f"{origin!r} {exc}")
     currency = reader.string(table, "currency", where, default="USD")
     if not re.fullmatch(r"[A-Z]{3}", currency or ""):
         reader.problem(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")

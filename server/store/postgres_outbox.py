@@ -101,16 +101,6 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable("database", f"PostgreSQL: {type(exc).__name__}: {exc}")
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    """The database failed (unreachable, cut, out of space, read-only), not the statement:
-    a 503's ``StoreUnavailable``, which the forwarder waits out and says once."""
-    import asyncpg
-
-    return is_database_failure(exc) or isinstance(exc, (
-        OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-        asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError))
-
-
 class PostgresOutbox:
     """The outbox half of ``PostgresStore``; see the module's docstring."""
 
@@ -492,7 +482,7 @@ class PostgresOutbox:
                     drop_if_failed(conn, exc)
                     raise
         except Exception as exc:
-            if _is_connection_error(exc):
+            if is_database_failure(exc):  # not the statement: waited out, said once
                 raise _unavailable(exc) from exc
             raise
 
@@ -506,7 +496,7 @@ class PostgresOutbox:
                     result = await fn(conn, *args)
                 except BaseException as exc:
                     if isinstance(exc, Exception) and is_database_failure(exc):
-                        drop_if_failed(conn, exc)  # nothing to roll back on a dropped one
+                        conn.terminate()  # nothing to roll back on a dropped one
                         raise
                     await transaction.rollback()
                     raise
@@ -516,6 +506,6 @@ class PostgresOutbox:
                     await transaction.rollback()
                 return result
         except Exception as exc:
-            if _is_connection_error(exc):
+            if is_database_failure(exc):  # not the statement: waited out, said once
                 raise _unavailable(exc) from exc
             raise
