@@ -172,7 +172,7 @@ async def tail(console: Console, request: Request, filters: dict[str, str], afte
     of rows), heartbeat comments, until the client disconnects, ``until_ms`` (the
     session's expiry) or the ``session`` (its nonce) logs out: an open page does not
     outlive its login."""
-    where = q.live_filter(**filters)
+    where = console.reads().live_filter(**filters)
     last_sent = time.monotonic()
     late: LateRows | None = None
     yield "retry: 2000\n\n"
@@ -226,7 +226,7 @@ def routes(console: Console) -> list[Route]:
         reads = console.reads()
         # The stream starts after the newest event shown: none falls between the two.
         after = await reads.latest_seq()
-        rows = await reads.recent_events(q.live_filter(**filters), FIRST_ROWS,
+        rows = await reads.recent_events(reads.live_filter(**filters), FIRST_ROWS,
                                          before_seq=after + 1)
         stream = f"{PREFIX}/live/stream?{urlencode({**filters, 'after': after})}"
         return console.render(request, "admin/live.html", filters=filters,
