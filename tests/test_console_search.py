@@ -108,15 +108,15 @@ async def test_each_query_finds_its_rows_through_an_index(backend, tmp_path):
         assert seen and seen["location"] == ORIGIN + "/p/1"
         assert await reads.last_from_origin("shop1", ORIGIN + ".evil.example") is None
         top = await reads.latest_seq()
-        everything = await reads.tail_events(0, top, reads.live_filter(), 100)
+        everything = await reads.tail_events(0, top, reads.live_filter(sites), 100)
         assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
         assert await reads.seqs_between(0, top, 100) == [e["seq"] for e in everything]
         assert await reads.seqs_in([top, top + 1]) == [top]
-        only = await reads.tail_events(0, top, reads.live_filter(email=EMAIL, name="purchase"), 100)
+        only = await reads.tail_events(0, top, reads.live_filter(sites, email=EMAIL, name="purchase"), 100)
         assert [e["name"] for e in only] == ["purchase"]
         assert await reads.events_at([e["seq"] for e in everything],
-                                     reads.live_filter(name="purchase")) == only
-        assert await reads.recent_events(reads.live_filter(source="backend"), 10) == only
+                                     reads.live_filter(sites, name="purchase")) == only
+        assert await reads.recent_events(reads.live_filter(sites, source="backend"), 10) == only
         delivery = by_email["deliveries"][0]
         assert (await reads.delivery(delivery["id"]))["vendor"] == "rejoiner"
         await reads.attempts_of([delivery["id"]])
@@ -154,7 +154,7 @@ def test_live_filters_are_accepted_within_bounds_or_refused_naming_the_field(par
     assert filters.get("site") in (None, "shop1")
     assert filters.get("source") in (None, *q.SOURCES)
     for reads in (SQLiteConsole(db=None), PgConsole(pool=None)):
-        where, values = reads.live_filter(**filters)
+        where, values = reads.live_filter(["shop1"], **filters)
         assert where.count("?") == len(values)  # every value bound, none spliced into the SQL
 
 
@@ -265,13 +265,14 @@ async def test_the_live_email_filter_finds_what_the_email_search_finds(backend, 
         await backfill_history(app.state.store, settings.sites["shop1"], tmp_path,
                                HISTORY_2023 + dora)
         reads = app.state.store.console()
+        sites = ["shop1"]
         top = await reads.latest_seq()
         assert (await login(client)).status_code == 303
         statements = traced(reads)
         for email, count in ((EMAIL, 3), ("carl@example.com", 5), ("dora@example.com", 2)):
             searched = sorted(e["seq"] for e in (await reads.search(["shop1"], email))["events"])
             assert len(searched) == count, (email, searched)
-            where = reads.live_filter(email=email.upper())
+            where = reads.live_filter(sites, email=email.upper())
             tailed = [e["seq"] for e in await reads.tail_events(0, top, where, 100)]
             recent = [e["seq"] for e in await reads.recent_events(where, 50)]
             looked = [e["seq"] for e in await reads.events_at(range(1, top + 1), where)]
@@ -281,9 +282,9 @@ async def test_the_live_email_filter_finds_what_the_email_search_finds(backend, 
             shown = [int(seq) for seq in re.findall(r'data-seq="(\d+)"', page.text)]
             assert shown == searched[::-1], (email, shown)
         assert [e["seq"] for e in await reads.tail_events(
-            0, top, reads.live_filter(email="nobody@example.com"), 100)] == []
+            0, top, reads.live_filter(sites, email="nobody@example.com"), 100)] == []
         assert {e["name"] for e in await reads.tail_events(
-            0, top, reads.live_filter(email="carl@example.com", name="refund"), 100)} == {
+            0, top, reads.live_filter(sites, email="carl@example.com", name="refund"), 100)} == {
             "refund"}
     live_sql = [(sql, params) for sql, params in statements if "e.seq > ? AND e.seq <=" in sql]
     assert live_sql

@@ -61,15 +61,16 @@ def chunks(values: Sequence[Any]) -> Iterable[list[Any]]:
         yield list(values[start:start + CHUNK])
 
 
-def live_filter(site: str | None = None, name: str | None = None, source: str | None = None,
-                email: str | None = None, sc: str | None = None, *, history_email: str
-                ) -> tuple[str, list[Any]]:
+def live_filter(sites: Sequence[str], site: str | None = None, name: str | None = None,
+                source: str | None = None, email: str | None = None, sc: str | None = None, *,
+                history_email: str) -> tuple[str, list[Any]]:
     """The WHERE clause (after ``e.seq`` bounds) for the Live page's filters
     (``SearchReads.live_filter`` gives ``history_email``, its backend's SQL for the email
-    inside an event's JSON). ``email`` finds what a search by that email finds: the events
-    of the identity with it, those of the sessions bound to that identity (those from
-    before the visitor was identified too: the unique index of sessions (site_id, sc),
-    then the identity's primary key), and the backfilled history naming it."""
+    inside an event's JSON). ``email`` finds what a search by it on ``sites`` (the
+    configured ones) finds: the events of the identity with it, those of the sessions bound
+    to that identity (those from before the visitor was identified too), and the backfilled
+    history naming it. The identity and its sessions are looked up once a query
+    (``identities_email``, ``sessions_identity``), not once an event."""
     where, params = [], []
     for column, value in (("e.site_id", site), ("e.name", name), ("e.source", source),
                           ("e.sc", sc)):
@@ -77,12 +78,15 @@ def live_filter(site: str | None = None, name: str | None = None, source: str | 
             where.append(f"{column} = ?")
             params.append(value)
     if email:
+        email = email.strip().lower()
+        sites = list(sites) or [None]  # no site configured: no identity matches
         where.append(
-            "(i.email = ? OR (e.sc IS NULL AND e.identity_id IS NULL "
-            f"AND {history_email} = ?) OR (e.sc IS NOT NULL AND EXISTS (SELECT 1 FROM "
-            "sessions s JOIN identities si ON si.id = s.identity_id WHERE s.site_id = "
-            "e.site_id AND s.sc = e.sc AND si.email = ?)))")
-        params += [email.strip().lower()] * 3
+            f"(e.identity_id IN (SELECT id FROM identities WHERE site_id IN ({marks(sites)}) "
+            "AND email = ?) OR (e.site_id, e.sc) IN (SELECT s.site_id, s.sc FROM identities si "
+            f"JOIN sessions s ON s.identity_id = si.id WHERE si.site_id IN ({marks(sites)}) "
+            "AND si.email = ?) OR (e.sc IS NULL AND e.identity_id IS NULL "
+            f"AND e.site_id IN ({marks(sites)}) AND {history_email} = ?))")
+        params += [*sites, email, *sites, email, *sites, email]
     return "".join(f" AND {clause}" for clause in where), params
 
 
@@ -133,9 +137,11 @@ class SearchReads:
         return (f"coalesce({self.json_text('e.data', 'user', 'email')}, "
                 f"{self.json_text('e.data', 'identity', 'email')})")
 
-    def live_filter(self, **filters: str | None) -> tuple[str, list[Any]]:
-        """The Live page's filters as a WHERE clause (``live_filter``) on this backend."""
-        return live_filter(**filters, history_email=self.history_email())
+    def live_filter(self, sites: Sequence[str], **filters: str | None
+                    ) -> tuple[str, list[Any]]:
+        """The Live page's filters as a WHERE clause (``live_filter``) on this backend,
+        ``sites`` the configured ones."""
+        return live_filter(sites, **filters, history_email=self.history_email())
 
     async def latest_seq(self) -> int:
         """The newest event's seq (0: none yet)."""
