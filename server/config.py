@@ -714,8 +714,13 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
 
 
 def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None) -> Settings:
-    """The no-config demo: site ``demo`` with every vendor pointed at local stand-ins."""
-    public_url = f"http://{host}:{port}"
+    """The no-config demo: site ``demo`` with every vendor pointed at local stand-ins.
+
+    Its URLs name the bound ``host`` as a URL writes it: an IPv6 address in brackets
+    (``--host ::1`` -> ``http://[::1]:8000``). A wildcard bind keeps its address, as a
+    browser on this machine reaches both ``http://0.0.0.0:8000`` and ``http://[::]:8000``."""
+    url_host = _host(host) or host  # an invalid host is left for the URL checks to report
+    public_url = f"http://{url_host}:{port}"
     stub = f"{public_url}/static/demo/stubs"
     sink = f"{public_url}/demo/sink"
     data = {
@@ -724,7 +729,7 @@ def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None)
             "id": "demo", "origins": [public_url], "api_key": "demo-api-key", "currency": "USD",
             # Not a secret: the demo signs any email it is asked to (server/demo.py).
             "identity_secret": "demo-identity-secret-not-secret",
-            "rejoiner": {"site_id": "DEMO123", "domain": host, "api_key": "demo",
+            "rejoiner": {"site_id": "DEMO123", "domain": url_host, "api_key": "demo",
                          "script_url": f"{stub}/rejoiner.js", "api_base": f"{sink}/rejoiner"},
             "remarkety": {"store_id": "demo-store", "api_key": "demo",
                           "script_url": f"{stub}/remarkety.js",

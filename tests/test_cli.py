@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -160,3 +161,77 @@ def test_public_url_warning_only_for_loopback_hosts() -> None:
     assert public_url_warning("http://127.0.0.1:8000", 8000) is None
     assert "names port 80," in public_url_warning("http://127.0.0.1", 8000)
     assert "http://[::1]:8000" in public_url_warning("http://[::1]:9000", 8000)
+
+
+def ipv6_loopback() -> str | None:
+    """Why this machine can't serve on IPv6 loopback, or None."""
+    if not socket.has_ipv6:
+        return "Python was built without IPv6 (socket.has_ipv6 is False)"
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        return f"cannot bind ::1 ({exc})"
+    return None
+
+
+def free_port6() -> int:
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_demo_config_brackets_ipv6_hosts() -> None:
+    from server.config import demo
+
+    for host, shown in (("::1", "[::1]"), ("::", "[::]"), ("0.0.0.0", "0.0.0.0"),
+                        ("127.0.0.1", "127.0.0.1"), ("localhost", "localhost")):
+        settings = demo(host, 8000)
+        assert settings.server.public_url == f"http://{shown}:8000"
+        [site] = settings.sites.values()
+        assert site.origins == (f"http://{shown}:8000",)
+        assert site.vendors["sendlane"].values["api_base"] == f"http://{shown}:8000/demo/sink/sendlane"
+        # setDomain gets what the page's location.hostname is: brackets and all.
+        assert site.vendors["rejoiner"].values["domain"] == shown
+
+
+def test_serve_without_config_on_ipv6_serves_the_demo_there(tmp_path) -> None:
+    """``--host ::`` bound nothing: the demo's URLs read 'http://:::8000/...' and the config
+    was refused. Now the demo names the wildcard as URLs write it (http://[::]:port, as it
+    names 0.0.0.0 verbatim; a browser on this machine reaches both), listens on IPv6 and
+    the whole road runs: a page's event from that origin is accepted and the vendor
+    stand-ins at the same address get the order."""
+    import pytest
+
+    if (why := ipv6_loopback()) is not None:
+        pytest.skip(f"no IPv6 loopback here: {why}")
+    port = free_port6()
+    process = subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", "::",
+                                "--port", str(port)], cwd=tmp_path, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    public = f"http://[::]:{port}"
+    try:
+        wait_healthy(f"http://[::1]:{port}", process)  # listening on IPv6
+        with httpx.Client(base_url=public, timeout=30) as client:  # the URL it prints
+            assert client.get("/demo/").status_code == 200
+            assert f'"{public}/e"' in client.get("/s/demo.js").text
+            events = [{"event": "page_view", "event_id": "v6-1",
+                       "page": {"location": f"{public}/demo/"}}]
+            answer = client.post("/e", content=json.dumps({"site_id": "demo", "events": events}),
+                                 headers={"content-type": "text/plain", "origin": public})
+            assert answer.status_code == 204, answer.text
+            order = client.post("/demo/order", json={
+                "user": {"email": "ann@example.com"},
+                "ecommerce": {"currency": "USD", "transaction_id": "V6-1", "value": "12.00",
+                              "items": [{"item_id": "SKU-1", "item_name": "One",
+                                         "price": "12.00", "quantity": 1}]}})
+            assert order.status_code == 202, order.text
+            deadline = time.monotonic() + 30
+            while not any(r["path"].endswith("/order-placed")
+                          for r in client.get("/demo/sink").json()):
+                assert time.monotonic() < deadline, client.get("/demo/sink").json()
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0]
+    assert f"onetag: open {public}/demo/ " in output, output

@@ -108,15 +108,15 @@ async def test_each_query_finds_its_rows_through_an_index(backend, tmp_path):
         assert seen and seen["location"] == ORIGIN + "/p/1"
         assert await reads.last_from_origin("shop1", ORIGIN + ".evil.example") is None
         top = await reads.latest_seq()
-        everything = await reads.tail_events(0, top, q.live_filter(), 100)
+        everything = await reads.tail_events(0, top, reads.live_filter(sites), 100)
         assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
         assert await reads.seqs_between(0, top, 100) == [e["seq"] for e in everything]
         assert await reads.seqs_in([top, top + 1]) == [top]
-        only = await reads.tail_events(0, top, q.live_filter(email=EMAIL, name="purchase"), 100)
+        only = await reads.tail_events(0, top, reads.live_filter(sites, email=EMAIL, name="purchase"), 100)
         assert [e["name"] for e in only] == ["purchase"]
         assert await reads.events_at([e["seq"] for e in everything],
-                                     q.live_filter(name="purchase")) == only
-        assert await reads.recent_events(q.live_filter(source="backend"), 10) == only
+                                     reads.live_filter(sites, name="purchase")) == only
+        assert await reads.recent_events(reads.live_filter(sites, source="backend"), 10) == only
         delivery = by_email["deliveries"][0]
         assert (await reads.delivery(delivery["id"]))["vendor"] == "rejoiner"
         await reads.attempts_of([delivery["id"]])
@@ -140,6 +140,9 @@ FILTER_TEXT = st.one_of(st.none(), st.text(max_size=300), st.sampled_from(
 @hsettings(max_examples=300, deadline=None)
 @given(st.fixed_dictionaries({name: FILTER_TEXT for name in live.FILTERS}))
 def test_live_filters_are_accepted_within_bounds_or_refused_naming_the_field(params):
+    from server.store.pg_console import PgConsole
+    from server.store.sqlite_console import SQLiteConsole
+
     console = Console(settings_for("/nonexistent"), store=None)
     try:
         filters = live.read_filters(console, params)
@@ -150,8 +153,9 @@ def test_live_filters_are_accepted_within_bounds_or_refused_naming_the_field(par
         assert value and len(value) <= live.MAX_FILTER_CHARS[name]
     assert filters.get("site") in (None, "shop1")
     assert filters.get("source") in (None, *q.SOURCES)
-    where, values = q.live_filter(**filters)
-    assert where.count("?") == len(values)  # every value bound, none spliced into the SQL
+    for reads in (SQLiteConsole(db=None), PgConsole(pool=None)):
+        where, values = reads.live_filter(["shop1"], **filters)
+        assert where.count("?") == len(values)  # every value bound, none spliced into the SQL
 
 
 async def test_a_search_shows_the_latest_attempts_of_a_delivery(tmp_path, fake):
@@ -227,3 +231,64 @@ async def test_a_backfilled_customer_is_found_by_email(backend, tmp_path):
         finally:
             await conn.close()
         assert "events_history_email" in plan, plan
+
+
+async def test_the_live_email_filter_finds_what_the_email_search_finds(backend, tmp_path):
+    """The Live page's email filter matched only events whose identity has the email: a
+    customer's backfilled history (no identity, the email inside the event) and a
+    session's events from before its visitor was identified were found by Search and not
+    by Live. Both now find the same events, on the page, in the stream's query and in a
+    second look (``events_at``), each query still through an index or a seq range."""
+    import re
+
+    from console_support import console_settings, login
+    from test_console_ops import HISTORY_2023, backfill_history
+
+    settings = console_settings(tmp_path, database=backend.database)
+    async with running(settings) as (app, client):
+        answer = await client.post("/e", content=(
+            '{"site_id": "shop1", "sc": "%s", "events": ['
+            '{"event_id": "pv-1", "event": "page_view", "page": {"location": "%s/p/1"}},'
+            '{"event_id": "id-1", "event": "identify", "user": {"email": "%s"}},'
+            '{"event_id": "pv-2", "event": "page_view", "page": {"location": "%s/p/2"}}]}'
+            % (SC, ORIGIN, EMAIL, ORIGIN)),
+            headers={"content-type": "text/plain", "origin": ORIGIN})
+        assert answer.status_code == 204, answer.text
+        sent = await client.post(
+            "/api/v1/sites/shop1/events",
+            json=[{"event": "identify", "user": {"email": "dora@example.com"}}],
+            headers={"Authorization": f"Bearer {settings.sites['shop1'].api_key}"})
+        assert sent.status_code == 202, sent.text
+        dora = [{"event": "purchase", "time": "2023-05-01T10:00:00Z", "transaction_id": "2002",
+                 "user": {"email": "dora@example.com"},
+                 "ecommerce": {"currency": "USD", "value": "5.00", "items": []}}]
+        await backfill_history(app.state.store, settings.sites["shop1"], tmp_path,
+                               HISTORY_2023 + dora)
+        reads = app.state.store.console()
+        sites = ["shop1"]
+        top = await reads.latest_seq()
+        assert (await login(client)).status_code == 303
+        statements = traced(reads)
+        for email, count in ((EMAIL, 3), ("carl@example.com", 5), ("dora@example.com", 2)):
+            searched = sorted(e["seq"] for e in (await reads.search(["shop1"], email))["events"])
+            assert len(searched) == count, (email, searched)
+            where = reads.live_filter(sites, email=email.upper())
+            tailed = [e["seq"] for e in await reads.tail_events(0, top, where, 100)]
+            recent = [e["seq"] for e in await reads.recent_events(where, 50)]
+            looked = [e["seq"] for e in await reads.events_at(range(1, top + 1), where)]
+            assert tailed == looked == searched and recent == searched[::-1], email
+            page = await client.get("/admin/live", params={"email": email})
+            assert page.status_code == 200, page.text
+            shown = [int(seq) for seq in re.findall(r'data-seq="(\d+)"', page.text)]
+            assert shown == searched[::-1], (email, shown)
+        assert [e["seq"] for e in await reads.tail_events(
+            0, top, reads.live_filter(sites, email="nobody@example.com"), 100)] == []
+        assert {e["name"] for e in await reads.tail_events(
+            0, top, reads.live_filter(sites, email="carl@example.com", name="refund"), 100)} == {
+            "refund"}
+    live_sql = [(sql, params) for sql, params in statements if "e.seq > ? AND e.seq <=" in sql]
+    assert live_sql
+    if backend.name == "sqlite":
+        assert plan_scans(settings.server.sqlite_path, live_sql) == []
+    else:
+        assert await pg_plan_scans(backend.database, live_sql) == []

@@ -7,6 +7,7 @@ SQL both databases speak (``Backend.rows``). PostgreSQL-only: two nodes on one d
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -526,3 +527,69 @@ async def test_a_nul_character_is_refused_alike_by_every_intake_on_either_backen
     # A run with an invalid line plans nothing (README "Backfilling history").
     assert await backend.rows("SELECT count(*) FROM events") == [(0,)]
     assert await backend.rows("SELECT count(*) FROM deliveries") == [(0,)]
+
+
+async def test_the_oldest_pending_age_is_an_index_lookup_per_vendor(backend) -> None:
+    """``outbox_depth``'s oldest pending age (``/metrics``, each scrape) read every pending
+    row: ``deliveries_due`` finds them, but ``coalesce(retry_from_ms, created_ms)`` is not in
+    it, so each was read from the table. Now a partial index on the pending rows' (vendor,
+    that expression) answers it with one seek per vendor (SQLite migration 014, PostgreSQL
+    030); the ages are what they were: held and dead rows not counted, a replayed row's age
+    from its replay."""
+    import sqlite3
+
+    from server.store.pg_console import numbered
+
+    store = await backend.open(backend.settings())
+    rows = [("sendlane", "pending", 1000, None), ("sendlane", "pending", 500, 3000),
+            ("rejoiner", "pending", 2000, None), ("rejoiner", "held", 100, None),
+            ("rejoiner", "dead", 50, None), ("remarkety", "delivered", 10, None),
+            ("esputnik", "pending", 700, 800)]
+    rows += [("sendlane", "delivered", 5, None)] * 50 + [("sendlane", "pending", 9000, None)] * 50
+    for n, (vendor, state, created, retry_from) in enumerate(rows):
+        await backend.rows(
+            "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, state, "
+            "request, created_ms, updated_ms, retry_from_ms) "
+            "VALUES ('shop1', ?, ?, 1, 'v', ?, '{}', ?, ?, ?)",
+            vendor, f"k{n}", state, created, created, retry_from)
+    asked: list[tuple[str, tuple]] = []
+    if backend.name == "sqlite":
+        read = store._reader.execute_fetchall
+
+        async def traced(sql: str, params: Any = ()) -> Any:
+            asked.append((sql, tuple(params)))
+            return await read(sql, params)
+        store._reader.execute_fetchall = traced
+    else:
+        fetch = store._fetch
+
+        async def traced(sql: str, *params: Any) -> Any:
+            asked.append((sql, params))
+            return await fetch(sql, *params)
+        store._fetch = traced
+    try:
+        depth, oldest = await store.outbox_depth(11_000)
+    finally:
+        await store.close()
+    assert oldest == {"sendlane": 10.0, "rejoiner": 9.0, "esputnik": 10.2}
+    assert ("sendlane", "pending", 52) in depth
+    [(sql, params)] = [(sql, params) for sql, params in asked if "min(" in sql]
+    if backend.name == "sqlite":
+        with sqlite3.connect(backend.database.removeprefix("sqlite:///")) as conn:
+            plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        on_deliveries = [line for line in plan if " deliveries " in f"{line} "]
+        assert on_deliveries and all(
+            line.startswith("SEARCH deliveries USING INDEX deliveries_oldest_pending (vendor=?)")
+            for line in on_deliveries), plan
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(backend.database)
+        try:
+            await conn.execute("SET enable_seqscan = off")
+            plan = [row[0] for row in await conn.fetch("EXPLAIN " + sql, *params)]
+        finally:
+            await conn.close()
+        text = "\n".join(plan)
+        assert "deliveries_oldest_pending" in text and "deliveries_due" not in text, text
+        assert "Seq Scan on deliveries" not in text and "Limit" in text, text  # one seek

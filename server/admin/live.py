@@ -172,7 +172,7 @@ async def tail(console: Console, request: Request, filters: dict[str, str], afte
     of rows), heartbeat comments, until the client disconnects, ``until_ms`` (the
     session's expiry) or the ``session`` (its nonce) logs out: an open page does not
     outlive its login."""
-    where = q.live_filter(**filters)
+    where = console.reads().live_filter(list(console.settings.sites), **filters)
     last_sent = time.monotonic()
     late: LateRows | None = None
     yield "retry: 2000\n\n"
@@ -226,8 +226,8 @@ def routes(console: Console) -> list[Route]:
         reads = console.reads()
         # The stream starts after the newest event shown: none falls between the two.
         after = await reads.latest_seq()
-        rows = await reads.recent_events(q.live_filter(**filters), FIRST_ROWS,
-                                         before_seq=after + 1)
+        where = reads.live_filter(list(console.settings.sites), **filters)
+        rows = await reads.recent_events(where, FIRST_ROWS, before_seq=after + 1)
         stream = f"{PREFIX}/live/stream?{urlencode({**filters, 'after': after})}"
         return console.render(request, "admin/live.html", filters=filters,
                               rows=[row_json(r) for r in rows], stream=stream, after=after,

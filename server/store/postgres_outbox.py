@@ -43,6 +43,12 @@ log = logging.getLogger("onetag.store")
 # worker records is seen within it (this worker's own pauses are seen at once).
 PAUSE_CHECK_S = 0.25
 REPLAY_IDS_KEPT = 100  # as sqlite_writer: a replay record lists the rows when at most this many
+# Per vendor named ($1, text[]), when its oldest pending row fell due: a seek into
+# deliveries_oldest_pending (pg_migrations/030; the same expression, so the planner matches
+# it). A GROUP BY over the pending rows read each from the heap.
+OLDEST_PENDING_BY_VENDOR = (
+    f"SELECT v.vendor, (SELECT min({OLDEST_PENDING}) FROM deliveries "
+    "WHERE state = 'pending' AND vendor = v.vendor) AS created FROM unnest($1::text[]) AS v(vendor)")
 
 _CLAIM_COLUMNS = ("d.id, d.site_id, d.vendor, d.dedup_key, d.visitor, d.request, d.attempts, "
                   "d.created_ms, coalesce(d.retry_from_ms, d.created_ms) AS retry_from_ms, "
@@ -261,15 +267,17 @@ class PostgresOutbox:
     async def outbox_depth(self, now_ms: int
                            ) -> tuple[list[tuple[str, str, int]], dict[str, float]]:
         """For ``/metrics``: rows per (vendor, state) still in the outbox, and per vendor the
-        age of its oldest pending row. Pending rows are read through the claim index only."""
+        age of its oldest pending row. The counts read the claim index (``deliveries_due``);
+        the age is one seek per vendor with pending rows into ``deliveries_oldest_pending``
+        (pg_migrations/030): a GROUP BY read every pending row from the heap."""
         depth = await self._fetch(
             "SELECT vendor, state, count(*) AS n FROM deliveries "
             "WHERE state IN ('pending', 'held', 'dead') GROUP BY state, vendor")
-        oldest = await self._fetch(
-            f"SELECT vendor, min({OLDEST_PENDING}) AS created FROM deliveries "
-            "WHERE state = 'pending' GROUP BY vendor")
+        pending = sorted({r["vendor"] for r in depth if r["state"] == "pending"})
+        oldest = await self._fetch(OLDEST_PENDING_BY_VENDOR, pending) if pending else []
         return ([(r["vendor"], r["state"], r["n"]) for r in depth],
-                {r["vendor"]: max(0, now_ms - r["created"]) / 1000 for r in oldest})
+                {r["vendor"]: max(0, now_ms - r["created"]) / 1000 for r in oldest
+                 if r["created"] is not None})
 
     async def list_deliveries(self, *, state: str | None = None, vendor: str | None = None,
                               limit: int = 50, ids: Sequence[int] | None = None

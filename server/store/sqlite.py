@@ -10,6 +10,7 @@ aiosqlite connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -34,6 +35,12 @@ __all__ = ["SQLiteStore", "migrate", "migrations", "now_ms"]
 log = logging.getLogger("onetag.store")
 
 WRITERS = {"process": ProcessWriter, "thread": ThreadWriter}
+# Per vendor named (a JSON list), when its oldest pending row fell due: a seek into
+# deliveries_oldest_pending (migration 014), which holds the pending rows by (vendor, this
+# expression). A GROUP BY over the pending rows read each from the table.
+OLDEST_PENDING_BY_VENDOR = (
+    f"SELECT v.value, (SELECT min({OLDEST_PENDING}) FROM deliveries "
+    "WHERE state = 'pending' AND vendor = v.value) FROM json_each(?) AS v")
 
 
 class SQLiteStore(WriterSupervisor, Store):
@@ -207,18 +214,20 @@ class SQLiteStore(WriterSupervisor, Store):
     async def outbox_depth(self, now_ms: int) -> tuple[list[tuple[str, str, int]], dict[str, float]]:
         """For ``/metrics``, cheaper than ``delivery_stats``: rows per (vendor, state) for
         the states still in the outbox (pending, held, dead), and per vendor the age in
-        seconds of its oldest pending row (``OLDEST_PENDING``: since it fell due). Both find
-        their rows through the ``deliveries_due`` index; the delivered rows, however many,
-        are not visited."""
+        seconds of its oldest pending row (``OLDEST_PENDING``: since it fell due). The counts
+        read the ``deliveries_due`` index alone; the age is one seek per vendor with pending
+        rows into ``deliveries_oldest_pending`` (migration 014). The delivered rows, however
+        many, are not visited."""
         assert self._reader is not None
         depth = await self._reader.execute_fetchall(
             "SELECT vendor, state, count(*) FROM deliveries "
             "WHERE state IN ('pending', 'held', 'dead') GROUP BY state, vendor")
-        oldest = await self._reader.execute_fetchall(
-            f"SELECT vendor, min({OLDEST_PENDING}) FROM deliveries WHERE state = 'pending' "
-            "GROUP BY vendor")
+        pending = sorted({vendor for vendor, state, _ in depth if state == "pending"})
+        oldest = await self._reader.execute_fetchall(OLDEST_PENDING_BY_VENDOR,
+                                                     [json.dumps(pending)]) if pending else []
         return ([(vendor, state, count) for vendor, state, count in depth],
-                {vendor: max(0, now_ms - created) / 1000 for vendor, created in oldest})
+                {vendor: max(0, now_ms - created) / 1000 for vendor, created in oldest
+                 if created is not None})
 
     async def replay_rows(self, now_ms: int, *, vendor: str | None = None,
                           since_ms: int | None = None, states: Sequence[str] = ("dead",),
