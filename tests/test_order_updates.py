@@ -198,3 +198,37 @@ async def test_a_status_change_waits_for_its_purchase_another_node_is_committing
     check_remarkety(sent[("remarkety", "orders/update:1001:cancelled")],
                     sent[("remarkety", "orders/create:1001")], "cancelled",
                     "2025-11-25T16:00:00+00:00")
+
+
+async def test_an_expired_status_change_replayed_repeats_its_order(backend) -> None:
+    """Re-planning outside ingest looks the order up too: a customer known by id alone
+    bought and had the order cancelled (both held for an email, then expired); once the
+    customer has an email, replaying the expired rows sends the update with the order."""
+    import time
+
+    store = await backend.open(backend.settings(**VENDORS))
+    who = {"customer_id": "C1"}
+    try:
+        await ingest(store, event({"event": "purchase", "event_id": "buy-c1", "time": T0,
+                                   "user": who, "ecommerce": {
+                                       "transaction_id": "1001", "currency": "USD",
+                                       "value": 30.00, "items": [item("SKU-1", 29.99)]}}),
+                     event({"event": "order_status", "event_id": "st-c1", "time": T0 + DAY,
+                            "transaction_id": "1001", "status": "cancelled", "user": who}))
+        now = int(time.time() * 1000)
+        assert await store.expire_held(now + 1, now) >= 4
+        await ingest(store, event({"event": "identify", "event_id": "id-c1", "time": T0,
+                                   "user": {**who, "email": EMAIL}}))
+        replayed = await store.replay_rows(now, states=("expired",))
+    finally:
+        await store.close()
+    assert {row["dedup_key"] for row in replayed} >= {"orders/create:1001",
+                                                      "orders/update:1001:cancelled"}
+    sent = await bodies(backend)
+    update = sent[("remarkety", "orders/update:1001:cancelled")]
+    created = sent[("remarkety", "orders/create:1001")]
+    assert update["line_items"] == created["line_items"] and len(update["line_items"]) == 1
+    assert update["total_price"] == created["total_price"] == 30
+    assert update["customer"]["email"] == EMAIL
+    placed = sent[("sendlane", "order-placed:1001")]
+    assert sent[("sendlane", "order-placed:1001:cancelled")]["line_items"] == placed["line_items"]
