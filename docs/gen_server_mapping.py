@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 from server import config as config_module  # noqa: E402
 from server import outbox, routing, trust  # noqa: E402
 from server.cli import EXAMPLE_CONFIG  # noqa: E402
+from server.store import rules  # noqa: E402
 from server.vendors import VENDORS  # noqa: E402
 from server.vendors._base import PlanContext, VendorConfig, VendorRequest  # noqa: E402
 from server.vendors._common import iso_time  # noqa: E402
@@ -173,11 +174,17 @@ def scenario() -> list[Step]:
                     user={"email": EMAIL, "customer_id": "42"}, ecommerce=order,
                     billing_address=dict(BILLING), shipping_address=dict(BILLING))),
         Step("order_status", "order_status, refund", "The next day the order is cancelled",
-             "Backend `order_status` with `status: \"cancelled\"`.",
+             "Backend `order_status` with `status: \"cancelled\"`. It names the order, not "
+             "its lines or totals: the store hands each adapter the order as onetag reported "
+             "it (the body of step 7's Remarkety orders/create, Sendlane order-placed), and "
+             "the status change is that order with the new status on top. A status change of "
+             "an order onetag never saw carries only the order id, the customer and the "
+             "status.",
              _event("order_status", "order_status", DAY // MINUTE, source="backend",
                     user={"email": EMAIL}, ecommerce=status, status="cancelled")),
         Step("refund", "order_status, refund", "... and refunded",
-             "Backend `refund` of order 1001 (status `refunded`).",
+             "Backend `refund` of order 1001 (status `refunded`). Its value and items are "
+             "the refund's: the order's lines and totals stay the order's.",
              _event("refund", "refund", DAY // MINUTE + 60, source="backend",
                     user={"email": EMAIL}, ecommerce=status)),
         Step("unsubscribe", "unsubscribe / opt_in", "He unsubscribes",
@@ -220,9 +227,26 @@ def site() -> config_module.SiteConfig:
     return config_module.parse(data, env=env).sites["shop1"]
 
 
-def context(vendor: VendorConfig, shop: config_module.SiteConfig) -> PlanContext:
+def context(vendor: VendorConfig, shop: config_module.SiteConfig,
+            order: Any = None) -> PlanContext:
     return PlanContext(site_id=shop.id, vendor=vendor, currency=shop.currency,
-                       cart_url=shop.cart_url)
+                       cart_url=shop.cart_url, order=order)
+
+
+def known_orders() -> dict[str, dict[str, Any]]:
+    """Per step id, per vendor: the order body its adapter is given for a status change
+    (``PlanContext.order``), as the store finds it then (``rules.KnownOrders``: the rows of
+    the steps before, a backend fact's over a browser claim's, never an ignored one)."""
+    shop = site()
+    steps = scenario()
+    known = rules.KnownOrders(rules.orders_wanted({shop.id: shop},
+                                                  [(shop.id, step.event) for step in steps]))
+    out = {}
+    for step in steps:
+        out[step.id] = {name: known.get((shop.id, name, outbox.order_key(name, step.event)))
+                        for name in shop.vendors}
+        known.planned(shop.id, outbox.plan(shop, step.event, orders=known))
+    return out
 
 
 def auth_text(vendor: VendorConfig) -> str:
@@ -257,6 +281,7 @@ def plan_story() -> list[list[Planned]]:
     seen: dict[tuple[str, str], int] = {}
     taken: dict[tuple[str, str], tuple[int, Any]] = {}  # claims taken in the page: step, fact
     out = []
+    orders = known_orders()
     for number, step in enumerate(scenario(), 1):
         rows = {(r.vendor, r.dedup_key.removeprefix("skipped:")): r.state
                 for r in outbox.plan(shop, step.event)}
@@ -265,7 +290,8 @@ def plan_story() -> list[list[Planned]]:
             decision = routing.decide(vendor, step.event)
             requests, met = [], []
             if decision != "skip":
-                for req in VENDORS[name].plan(step.event, context(vendor, shop)):
+                ctx = context(vendor, shop, orders[step.id][name])
+                for req in VENDORS[name].plan(step.event, ctx):
                     # A browser's claim and a backend fact have a row each (server/trust.py).
                     is_claim = trust.is_claim(step.event)
                     key = (name, req.dedup_key, is_claim)

@@ -8,11 +8,12 @@ requests, and this module turns them into delivery rows with their starting stat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from . import routing, trust
 from .vendors import VENDORS
 from .vendors._base import PlanContext, VendorRequest
+from .vendors._common import STATUS_EVENTS
 
 # Row states (docs/architecture.md, "Delivery rows"). ``ignored``: onetag will not send it,
 # and ``last_error`` says why (server/trust.py: a browser's claim it does not forward).
@@ -50,8 +51,34 @@ def has_email(event: dict[str, Any]) -> bool:
     return bool((event.get("identity") or {}).get("email"))
 
 
+def order_key(vendor: str, event: Mapping[str, Any]) -> str | None:
+    """The dedup key of the request that reported to ``vendor`` the order a status change
+    (order_status, refund) names: the adapter's ``ORDER_KEY`` for its transaction_id. None
+    for other events, and for a vendor whose status change does not repeat the order."""
+    if event["name"] not in STATUS_EVENTS:
+        return None
+    template = getattr(VENDORS.get(vendor), "ORDER_KEY", "")
+    order = (event.get("ecommerce") or {}).get("transaction_id")
+    return template.format(order=order) if template and order else None
+
+
+def orders_wanted(site: Any, event: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(site id, vendor, dedup key) of each order request ``plan`` would hand an event's
+    adapters (``PlanContext.order``): what a store looks up before planning it."""
+    wanted = []
+    for name in site.vendors:
+        key = order_key(name, event)
+        if key is not None:
+            wanted.append((site.id, name, key))
+    return wanted
+
+
+# (site id, vendor, dedup key) -> the JSON body of the order request stored under that key
+OrderBodies = Mapping[tuple[str, str, str], Mapping[str, Any]]
+
+
 def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
-         browser_grace_ms: int = 0) -> list[PlannedDelivery]:
+         browser_grace_ms: int = 0, orders: OrderBodies | None = None) -> list[PlannedDelivery]:
     """Delivery rows for one stored event (optionally only for some vendors).
 
     A backend event on a ``fallback`` route is one the page normally delivers itself (the
@@ -61,6 +88,9 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
 
     What a browser sent is a claim (``server/trust.py``): what onetag's server must not
     forward for it is planned anyway, as ``ignored`` rows that say why.
+
+    ``orders``: the order requests the store found for a status change (``orders_wanted``,
+    ``store/rules.KnownOrders``); each vendor's adapter gets its own as ``PlanContext.order``.
     """
     rows: list[PlannedDelivery] = []
     visitor = visitor_key(event)
@@ -72,8 +102,10 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
         decision = routing.decide(vendor, event)
         if decision == "skip":
             continue
+        key = order_key(name, event) if orders else None
         context = PlanContext(site_id=site.id, vendor=vendor, currency=site.currency,
-                              cart_url=site.cart_url)
+                              cart_url=site.cart_url,
+                              order=orders.get((site.id, name, key)) if key else None)
         delay = browser_grace_ms if (event["source"] == "backend"
                                      and vendor.route(event["name"]) == "fallback") else 0
         requests: list[VendorRequest] = VENDORS[name].plan(event, context)

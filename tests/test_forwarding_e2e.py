@@ -230,7 +230,9 @@ async def test_purchase(shop: Shop) -> None:
 async def test_order_status_and_refund(shop: Shop) -> None:
     await shop.backend(purchase("buy-1", user={"email": EMAIL}))
     await shop.settle()
-    shop.take()
+    placed = shop.take()
+    created = one([r for r in placed["remarkety"] if event_type(r) == "orders/create"]).json
+    order_placed = one(placed["sendlane"]).json
     await shop.backend({"event": "order_status", "event_id": "st-1", "transaction_id": "1001",
                         "status": "processing", "user": {"email": EMAIL}})
     await shop.settle()
@@ -238,7 +240,15 @@ async def test_order_status_and_refund(shop: Shop) -> None:
     assert got["rejoiner"] == [] and got["esputnik"] == []  # journeys go on
     rm = one(got["remarkety"])
     assert event_type(rm) == "orders/update" and rm.json["id"] == "1001"
-    assert one(got["sendlane"]).json["status"] == "processing"
+    # orders/update is orders/create's format (Remarkety event reference): the order as
+    # created, the new status on top.
+    assert rm.json["status"] == {"code": "processing", "name": "processing"}
+    for field in ("created_at", "currency", "line_items", "subtotal_price", "total_discounts",
+                  "total_shipping", "total_tax", "total_price"):
+        assert rm.json[field] == created[field], field
+    sl = one(got["sendlane"]).json
+    assert sl["status"] == "processing" and sl["event_id"] == "1001:processing"
+    assert (sl["line_items"], sl["total"]) == (order_placed["line_items"], order_placed["total"])
 
     await shop.backend({"event": "order_status", "event_id": "st-2", "transaction_id": "1001",
                         "status": "cancelled", "user": {"email": EMAIL}})
@@ -258,8 +268,11 @@ async def test_order_status_and_refund(shop: Shop) -> None:
     await shop.settle()
     got = shop.take()
     assert one(got["rejoiner"]).path == f"{RJ}/customer/cancel/"
-    assert one(got["remarkety"]).json["status"]["code"] == "refunded"
+    rm = one(got["remarkety"]).json
+    assert rm["status"]["code"] == "refunded"
+    assert (rm["total_price"], rm["line_items"]) == (created["total_price"], created["line_items"])
     assert one(got["sendlane"]).json["status"] == "refunded"
+    assert one(got["sendlane"]).json["total"] == order_placed["total"]
     assert got["esputnik"] == []
 
 

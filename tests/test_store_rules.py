@@ -269,3 +269,36 @@ def test_a_request_applied_again_starts_from_its_events_as_sent() -> None:
     assert event == {"name": "add_to_cart", "source": trust.BROWSER, "cart": None,
                      "user": {"email": "a@x.com", "first_name": "A"}}
     assert list(event) == ["name", "source", "cart", "user"]  # stored JSON keeps its order
+
+
+# An order's status change repeats the order (PlanContext.order) ---------------------------
+
+def test_known_orders_prefer_the_fact_then_the_first_row_and_never_an_ignored_one() -> None:
+    key = ("shop1", "remarkety", "orders/create:1")
+    orders = rules.KnownOrders([key])
+
+    def body(n: int) -> dict:
+        return {"json": {"n": n}}
+
+    orders.add(*key, 1, outbox.IGNORED, body(0))  # a claim onetag does not forward
+    assert orders.get(key) is None and not orders
+    orders.add(*key, 1, outbox.DELIVERED, body(1))
+    orders.add(*key, 1, outbox.PENDING, body(2))  # a second claim: the first is the row kept
+    assert orders.get(key) == {"n": 1}
+    orders.add(*key, 0, outbox.PENDING, body(3))  # the fact replaces the claim at the vendor
+    orders.add(*key, 0, outbox.PENDING, body(4))
+    assert orders.get(key) == {"n": 3}
+    orders.add("shop1", "remarkety", "orders/create:2", 0, outbox.PENDING, body(5))
+    assert orders.get(("shop1", "remarkety", "orders/create:2")) is None  # not wanted
+
+
+def test_the_orders_wanted_are_the_order_keys_of_the_status_changes_vendors() -> None:
+    site = SimpleNamespace(id="shop1", vendors={"rejoiner": None, "remarkety": None,
+                                                "sendlane": None})
+    status = _event("order_status", "backend", ecommerce={"transaction_id": "7"})
+    refund = _event("refund", "backend", ecommerce={"transaction_id": "8"})
+    buy = _event("purchase", "backend", ecommerce={"transaction_id": "9"})
+    assert rules.orders_wanted({"shop1": site}, [("shop1", status), ("shop1", refund),
+                                                 ("shop1", buy)]) == [
+        ("shop1", "remarkety", "orders/create:7"), ("shop1", "remarkety", "orders/create:8"),
+        ("shop1", "sendlane", "order-placed:7"), ("shop1", "sendlane", "order-placed:8")]

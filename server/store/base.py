@@ -29,6 +29,14 @@ The contract (tests/test_store.py runs it against both):
   loses a race run again).
 - Deliveries unique per (site, vendor, dedup key, claim): planning the same fact twice
   stores one row.
+- A status change (order_status, refund) is planned with the order as onetag reported it:
+  before planning, the rows under the keys ``rules.orders_wanted`` names for the batch's
+  status changes are read in the same transaction, in one set-based read a batch (not one
+  an event) that probes the unique key, into ``rules.KnownOrders``, which also takes each
+  row the batch plans (``KnownOrders.planned``); ``outbox.plan(..., orders=...)`` hands
+  each adapter its order (``PlanContext.order``). The same on every re-planning (held rows
+  released, expired rows replayed). With several writers, a purchase being committed
+  elsewhere is waited for (PostgreSQL: the key's advisory lock), not missed.
 - Bounded: more than a backend's queue bound of writes waiting is refused with
   ``StoreUnavailable("queue")``, never buffered without limit.
 - No HTTP here: the store reads a browser body with ``envelope.read_browser_body`` (pure:

@@ -23,6 +23,9 @@ Concurrency (several nodes, one visitor in two tabs; docs/architecture.md):
 - A backend fact and a browser claim under one key (orders): an advisory transaction lock
   on the key, taken in key order, orders the two checks (``rules.fact_meets_claim``).
   Other claim keys name the event's own id or a cart GUID, which no fact shares.
+- An order's status change and its purchase (``load_orders``): the batch takes the advisory
+  locks of the purchase keys it reads, in key order, before reading them; a purchase another
+  node is committing holds that lock, so it is waited for and read.
 
 Whatever still deadlocks (identities named in different orders by two batches) is run
 again by the caller; a transaction is never half applied.
@@ -168,6 +171,14 @@ _DELIVERY_INSERT = (
     "$9::bigint[], $10::text[], $11::text[], $12::int[]) "
     "AS u(s, v, k, c, q, w, st, r, n, e, rid, ord) ORDER BY ord "
     "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
+# The stored order requests status changes repeat (``load_orders``): a probe of the unique
+# (site_id, vendor, dedup_key, claim) index a key.
+_ORDERS = ("SELECT u.s, u.v, u.k, d.claim, d.state, d.request FROM unnest($1::text[], "
+           "$2::text[], $3::text[]) AS u(s, v, k) CROSS JOIN LATERAL (SELECT claim, state, "
+           "request, id FROM deliveries WHERE site_id = u.s AND vendor = u.v "
+           "AND dedup_key = u.k) AS d ORDER BY d.claim, d.id")
+_ORDER_LOCKS = ("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
+                "FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) AS keys")
 _OTHER = ("SELECT d.id, d.state, d.attempts, d.request, e.data FROM deliveries d "
           "JOIN events e ON e.seq = d.event_seq "
           "WHERE d.site_id = $1 AND d.vendor = $2 AND d.dedup_key = $3 AND d.claim = $4")
@@ -188,6 +199,7 @@ class PgIngestBatch:
         self.event_rows: list[tuple[Any, ...]] = []
         self.delivery_rows: list[tuple[str, int, Any, str | None]] = []
         self.products = PgCatalogBatch(conn, self.now)  # what events say of products
+        self.orders = rules.KnownOrders()  # what the batch's status changes repeat
 
     # The batch ----------------------------------------------------------------------------
 
@@ -197,6 +209,10 @@ class PgIngestBatch:
         known, seqs, stored = await self._known_events(requests)
         results, work = self._sequenced(requests, known, seqs)
         await self._load_state(work, stored)
+        wanted = rules.orders_wanted(self.sites, ((site_id, event)
+                                                  for _, site_id, event, *_ in work))
+        if wanted:
+            self.orders = await load_orders(self.conn, wanted)
         await self._apply_all(requests, work)
         keys = self.products.keys()
         read = await self._flush(keys)
@@ -368,7 +384,8 @@ class PgIngestBatch:
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
                                 sc, identity["id"] if identity else None, self.now,
                                 _text(raw), data.decode()))
-        planned = outbox.plan(site, event, None, self.grace_ms)
+        planned = outbox.plan(site, event, None, self.grace_ms, self.orders)
+        self.orders.planned(site.id, planned)
         if event["name"] in catalog.EVENTS:
             self.products.observe(site.id, event, product_sync.planned_by_event(event, planned)
                                   if event["name"] in catalog.FACT_EVENTS else frozenset())
@@ -561,16 +578,41 @@ class PgIngestBatch:
             "JOIN events e ON e.seq = d.event_seq "
             "WHERE d.site_id = $1 AND d.visitor = $2 AND d.state = 'held' ORDER BY d.id "
             "FOR UPDATE OF d", site.id, f"sc:{sc}")
-        for seq, data, vendors, fresh in rules.held_release(held, now, self.hold_ms):
+        released = rules.held_release(held, now, self.hold_ms)
+        events = {seq: loads(data) for seq, data, _, fresh in released if fresh}
+        orders = await load_orders(conn, rules.orders_wanted(
+            self.sites, ((site.id, event) for event in events.values())))
+        for seq, _, vendors, fresh in released:
             if not fresh:
                 await conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = $1 "
                                    "WHERE event_seq = $2 AND state = 'held'", now, seq)
                 continue
-            event = rules.released_event(loads(data), identity)
+            event = rules.released_event(events[seq], identity)
             await conn.execute("DELETE FROM deliveries WHERE event_seq = $1 AND state = 'held'",
                                seq)
-            await insert_deliveries(conn, [(site.id, seq, row, request_id) for row in
-                                           outbox.plan(site, event, vendors, self.grace_ms)], now)
+            planned = outbox.plan(site, event, vendors, self.grace_ms, orders)
+            orders.planned(site.id, planned)
+            await insert_deliveries(conn, [(site.id, seq, row, request_id) for row in planned],
+                                    now)
+
+
+async def load_orders(conn: Any, wanted: Sequence[tuple[str, str, str]]) -> rules.KnownOrders:
+    """The stored order requests status changes repeat (``rules.KnownOrders``): the rows
+    under ``wanted`` (site id, vendor, dedup key), in one statement (none when nothing is
+    wanted).
+
+    First the keys' advisory locks, in key order, the locks a fact's row is written under
+    (``insert_deliveries``): a purchase another node is committing at this moment is waited
+    for and then read, so a status change sent after its order is never planned without it.
+    """
+    orders = rules.KnownOrders(wanted)
+    if wanted:
+        await conn.execute(_ORDER_LOCKS, sorted({_lock_name(*key) for key in wanted}))
+        for site_id, vendor, key, claim, state, request in await conn.fetch(
+                _ORDERS, *[list(column) for column in zip(*wanted)]):
+            orders.add(site_id, vendor, key, claim, state,
+                       loads(request) if isinstance(request, (str, bytes)) else request)
+    return orders
 
 
 # The optimistic batch ---------------------------------------------------------------------------
@@ -656,8 +698,12 @@ def _session_keys(work: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
 
 # Deliveries -----------------------------------------------------------------------------------
 
+def _lock_name(site_id: str, vendor: str, dedup_key: str) -> str:
+    return f"{site_id}\x1f{vendor}\x1f{dedup_key}"
+
+
 def _key_lock(site_id: str, r: Any) -> str:
-    return f"{site_id}\x1f{r.vendor}\x1f{r.dedup_key}"
+    return _lock_name(site_id, r.vendor, r.dedup_key)
 
 
 async def insert_deliveries(conn: Any, rows: Iterable[tuple[str, int, Any, str | None]],

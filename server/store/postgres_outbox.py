@@ -30,9 +30,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..jsontext import encode, loads
 from .. import outbox
-from . import deadletters, outbox_rules
+from . import deadletters, outbox_rules, rules
 from .base import Delivery, Outcome, StoreUnavailable
 from .deadletters import OLDEST_PENDING, ReplayFilter
+from .pg_ingest import load_orders
 from .pg_writer import drop_if_failed, is_database_failure
 from .rules import identity_fields
 
@@ -438,6 +439,11 @@ class PostgresOutbox:
                                                            row["request_id"]))
             entry[3].setdefault(row["vendor"], []).append(row["id"])
         inserted: list[dict[str, Any]] = []
+        # The orders the replayed status changes repeat, in one look-up (PlanContext.order).
+        events = {seq: loads(entry[1]) if isinstance(entry[1], (str, bytes)) else dict(entry[1])
+                  for seq, entry in by_event.items() if entry[0] in self.sites}
+        orders = await load_orders(conn, rules.orders_wanted(
+            self.sites, ((by_event[seq][0], event) for seq, event in events.items())))
         for seq, (site_id, data, identity_id, vendors, request_id) in by_event.items():
             site = self.sites.get(site_id)
             identity = None
@@ -447,9 +453,10 @@ class PostgresOutbox:
                     identity = {**identity_fields(found), "id": identity_id, "is_new": False}
             if site is None or not identity or not identity.get("email"):
                 continue
-            event = loads(data) if isinstance(data, (str, bytes)) else dict(data)
+            event = events[seq]
             event["identity"] = identity
-            planned = [r for r in outbox.plan(site, event, vendors) if r.state == outbox.PENDING]
+            planned = [r for r in outbox.plan(site, event, vendors, orders=orders)
+                       if r.state == outbox.PENDING]
             replanned = sorted({r.vendor for r in planned})
             if not replanned:
                 continue

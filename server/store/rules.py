@@ -293,6 +293,64 @@ def fact_meets_claim(vendor: str, state: str, request: dict[str, Any], error: st
     return FactPlan(state, request, error, False)
 
 
+# An order's status change repeats the order (``PlanContext.order``) -------------------------
+
+class KnownOrders:
+    """The order requests a batch's status changes repeat: (site id, vendor, dedup key) ->
+    the stored request's JSON body (``outbox.OrderBodies``).
+
+    A backend loads the rows under the keys ``outbox.orders_wanted`` names for the batch's
+    events, in its transaction, in one set-based read (``add`` each row found), and tells
+    it each row the batch plans (``planned``: a purchase earlier in the same batch is not
+    stored yet). Which row is the order as the vendor has it: a backend fact's over a
+    browser claim's (the fact replaces the claim at the vendor: ``fact_meets_claim``); of
+    two of one kind, the first (the store keeps the first row under a key); never an
+    ``ignored`` row (a claim onetag does not forward is no report of the order).
+    """
+
+    def __init__(self, wanted: Iterable[tuple[str, str, str]] = ()):
+        self.wanted = frozenset(wanted)
+        self.found: dict[tuple[str, str, str], tuple[bool, Mapping[str, Any]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.found)
+
+    def add(self, site_id: str, vendor: str, key: str, claim: Any, state: str,
+            request: Mapping[str, Any]) -> None:
+        """One stored or planned row under a wanted key: ``claim`` its claim flag, ``request``
+        its stored request (``method``, ``url``, ``json``, ...)."""
+        at = (site_id, vendor, key)
+        body = request.get("json")
+        if at not in self.wanted or state == outbox.IGNORED or not isinstance(body, Mapping):
+            return
+        kept = self.found.get(at)
+        if kept is None or (kept[0] and not claim):
+            self.found[at] = (bool(claim), body)
+
+    def planned(self, site_id: str, rows: Iterable[Any]) -> None:
+        """The rows (``outbox.PlannedDelivery``) one event of the batch planned."""
+        if self.wanted:
+            for r in rows:
+                self.add(site_id, r.vendor, r.dedup_key, r.claim, r.state, r.request)
+
+    def get(self, key: tuple[str, str, str], default: Any = None) -> Any:
+        kept = self.found.get(key)
+        return default if kept is None else kept[1]
+
+
+def orders_wanted(sites: Mapping[str, Any], events: Iterable[tuple[str, Mapping[str, Any]]]
+                  ) -> list[tuple[str, str, str]]:
+    """The (site id, vendor, dedup key) to look up for (site id, event) pairs, sorted."""
+    wanted = set()
+    for site_id, event in events:
+        if event["name"] in STATUS_EVENTS:
+            wanted.update(outbox.orders_wanted(sites[site_id], event))
+    return sorted(wanted)
+
+
+STATUS_EVENTS = trust.ORDER_EVENTS - {"purchase"}
+
+
 # Releasing held deliveries when the session gets an email ---------------------------------
 
 class Held(NamedTuple):

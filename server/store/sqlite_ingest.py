@@ -229,6 +229,29 @@ def _insert_fact(conn: sqlite3.Connection, site_id: str, seq: int, r: Any, now: 
                                                         else 0), error, now, now, request_id))
 
 
+def load_orders(conn: sqlite3.Connection, wanted: Sequence[tuple[str, str, str]]
+                ) -> rules.KnownOrders:
+    """The stored order requests status changes repeat (``rules.KnownOrders``): the rows
+    under ``wanted`` (site id, vendor, dedup key), one statement per (site, vendor) and
+    chunk of keys, each key a search of the unique (site_id, vendor, dedup_key, claim)
+    index."""
+    orders = rules.KnownOrders(wanted)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for site_id, vendor, key in wanted:
+        groups.setdefault((site_id, vendor), []).append(key)
+    for (site_id, vendor), keys in groups.items():
+        for chunk in _chunks(keys):
+            for key, claim, state, request in conn.execute(
+                    _ORDERS + f"({','.join('?' * len(chunk))}) ORDER BY claim, id",
+                    (site_id, vendor, *chunk)):
+                orders.add(site_id, vendor, key, claim, state, loads(request))
+    return orders
+
+
+_ORDERS = ("SELECT dedup_key, claim, state, request FROM deliveries "
+           "WHERE site_id = ? AND vendor = ? AND dedup_key IN ")
+
+
 def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str]]]:
     for site_id, items in values.items():
         for chunk in _chunks(sorted(items)):
@@ -258,6 +281,7 @@ class IngestBatch:
         self.event_rows: list[tuple[Any, ...]] = []
         self.delivery_rows: list[tuple[str, int, Any]] = []
         self.products = CatalogBatch(conn, cache.catalog, now)  # what events say of products
+        self.orders = rules.KnownOrders()  # what the batch's status changes repeat
 
     # The batch ----------------------------------------------------------------------------
 
@@ -280,6 +304,10 @@ class IngestBatch:
                 work.append((next_seq, site_id, event, raw, user_agent, (index, position)))
                 next_seq += 1
         self._load_state(work)
+        wanted = rules.orders_wanted(self.sites, ((site_id, event)
+                                                  for _, site_id, event, *_ in work))
+        if wanted:
+            self.orders = load_orders(self.conn, wanted)
         self.stored_bytes = [0] * len(requests)
         for seq, site_id, event, raw, user_agent, place in work:
             self._apply(seq, self.sites[site_id], event, raw, user_agent, place)
@@ -355,7 +383,8 @@ class IngestBatch:
         data = encode(event)
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
                                 sc, identity["id"] if identity else None, self.now, raw, data))
-        planned = outbox.plan(site, event, None, self.grace_ms)
+        planned = outbox.plan(site, event, None, self.grace_ms, self.orders)
+        self.orders.planned(site.id, planned)
         if event["name"] in catalog.EVENTS:
             self.products.observe(site.id, event, product_sync.planned_by_event(event, planned)
                                   if event["name"] in catalog.FACT_EVENTS else frozenset())
@@ -571,12 +600,17 @@ class IngestBatch:
             "JOIN events e ON e.seq = d.event_seq "
             "WHERE d.site_id = ? AND d.visitor = ? AND d.state = 'held' ORDER BY d.id",
             (site.id, f"sc:{sc}")).fetchall()
-        for seq, data, vendors, fresh in rules.held_release(held, now, self.hold_ms):
+        released = rules.held_release(held, now, self.hold_ms)
+        events = {seq: loads(data) for seq, data, _, fresh in released if fresh}
+        orders = load_orders(conn, rules.orders_wanted(
+            self.sites, ((site.id, event) for event in events.values())))
+        for seq, _, vendors, fresh in released:
             if not fresh:
                 conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "
                              "WHERE event_seq = ? AND state = 'held'", (now, seq))
                 continue
-            event = rules.released_event(loads(data), identity)
+            event = rules.released_event(events[seq], identity)
             conn.execute("DELETE FROM deliveries WHERE event_seq = ? AND state = 'held'", (seq,))
-            insert_deliveries(conn, [(site.id, seq, row, request_id) for row in
-                                     outbox.plan(site, event, vendors, self.grace_ms)], now)
+            planned = outbox.plan(site, event, vendors, self.grace_ms, orders)
+            orders.planned(site.id, planned)
+            insert_deliveries(conn, [(site.id, seq, row, request_id) for row in planned], now)

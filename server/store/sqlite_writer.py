@@ -35,7 +35,8 @@ from .base import Delivery, JobFailure, Outcome
 from .deadletters import ReplayFilter
 from .outbox_rules import CLAIMABLE
 from .sqlite_catalog import plan_sync
-from .sqlite_ingest import IngestBatch, SessionCache, identity_fields, insert_deliveries
+from .sqlite_ingest import (IngestBatch, SessionCache, identity_fields, insert_deliveries,
+                            load_orders)
 from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, child_pipes, encode_frame,
                              reply_frame)
 
@@ -500,6 +501,11 @@ class WriteOps:
                                                            row["request_id"]))
             entry[3].setdefault(row["vendor"], []).append(row["id"])
         inserted: list[dict[str, Any]] = []
+        # The orders the replayed status changes repeat, in one look-up (PlanContext.order).
+        events = {seq: loads(entry[1]) for seq, entry in by_event.items()
+                  if entry[0] in self.sites}
+        orders = load_orders(self.conn, rules.orders_wanted(
+            self.sites, ((by_event[seq][0], event) for seq, event in events.items())))
         for seq, (site_id, data, identity_id, vendors, request_id) in by_event.items():
             site = self.sites.get(site_id)
             identity = None
@@ -508,9 +514,10 @@ class WriteOps:
                 identity = {**identity_fields(row), "id": identity_id, "is_new": False}
             if site is None or not identity or not identity.get("email"):
                 continue
-            event = loads(data)
+            event = events[seq]
             event["identity"] = identity
-            planned = [r for r in outbox.plan(site, event, vendors) if r.state == outbox.PENDING]
+            planned = [r for r in outbox.plan(site, event, vendors, orders=orders)
+                       if r.state == outbox.PENDING]
             replanned = sorted({r.vendor for r in planned})
             if not replanned:
                 continue

@@ -13,6 +13,12 @@ and may declare how the forwarder treats its answers (vendor knowledge stays her
     RETRY_ANY_NON_2XX: bool = False      # the vendor asks for a retry on anything but 2xx
     RETRY_STATUSES: frozenset[int] = ()  # 4xx that are temporary at this vendor
 
+and, when a status change (order_status, refund) must repeat the order it changes:
+
+    ORDER_KEY: str = ""                  # the dedup key of its purchase request ("{order}":
+                                         # the order id); the store then plans the status
+                                         # change with that request's body (PlanContext.order)
+
 A 401/403 is reported as a key problem naming the vendor's secret setting (``KEY_SETTING``,
 else its first ``secret`` setting).
 
@@ -85,6 +91,12 @@ class PlanContext:
     # The site's cart_url template ({cart_guid}, {sc}): where a returning visitor finds the
     # cart; an event's ecommerce.cart_url wins (``_common.cart_url``).
     cart_url: str | None = None
+    # An order_status / refund event's order as onetag reported it to this vendor: the JSON
+    # body of the delivery stored under the adapter's ``ORDER_KEY`` for the event's order
+    # (a backend fact's, else a browser claim's the store did not ignore), looked up by the
+    # store in the ingest transaction. None when no such request was ever planned (the
+    # store never saw the purchase) or the adapter declares no ``ORDER_KEY``.
+    order: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

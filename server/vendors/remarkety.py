@@ -36,7 +36,8 @@ Routing defaults (``DEFAULT_ROUTES``):
                                browser's copy is a claim: the backend's fact replaces it, as
                                orders/update where it was sent differently, docs/mapping.md)
     order_status, refund
-                     server    orders/update with the new status
+                     server    orders/update: the order as orders/create sent it (lines,
+                               totals, created_at), with the new status on top
     product_updated  server    products/update, one per product
     unsubscribe, opt_in
                      server    newsletter/unsubscribe; customers/update accepts_marketing=true
@@ -71,6 +72,10 @@ SETTINGS = (
 # RM guide, "Important note about retrying webhooks": re-send whenever "Remarkety's endpoint
 # does not respond with HTTP 200 status code" (read by the forwarder).
 RETRY_ANY_NON_2XX = True
+
+# The order a status change repeats (orders/update is orders/create's format): the store
+# hands ``_order_updated`` the body stored under this key (``PlanContext.order``).
+ORDER_KEY = "orders/create:{order}"
 
 DEFAULT_ROUTES = {
     "page_view": "off",
@@ -270,13 +275,18 @@ def _order_created(event: dict[str, Any], ctx: PlanContext) -> list[VendorReques
 
 
 def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
-    """orders/update with the new status.
+    """orders/update: the order as onetag sent it in orders/create, with the new status,
+    updated_at and the customer as the status event knows them on top.
 
-    UNCONFIRMED: RM events gives orders/update "the same format as orders/create" without
-    saying whether a partial update is accepted. An order_status event carries only the
-    order id and status, and a refund's value and items are the refund's, not the order's:
-    sending them as the order's totals would overwrite its revenue. So this sends what it
-    knows for sure (id, status, customer) and leaves lines and totals as Remarkety has them.
+    RM events gives orders/update "the same format as orders/create", whose mandatory fields
+    include the lines, the totals and created_at; it does not say whether a partial update
+    is accepted. An order_status event carries only the order id and status, and a refund's
+    value and items are the refund's, not the order's: sent as the order's totals they would
+    overwrite its revenue. So the lines, totals, currency and created_at are those of the
+    order's orders/create body, which the store looks up (``ORDER_KEY``,
+    ``PlanContext.order``), never the status event's. When no orders/create was ever planned
+    for the order (the store never saw the purchase), only what is known for sure is sent
+    (id, updated_at, status, customer) and Remarkety keeps the lines and totals it has.
     """
     ecom = c.ecommerce(event)
     order = ecom["transaction_id"]
@@ -289,6 +299,14 @@ def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
         "customer": _order_customer(event),
         "status": {"code": status, "name": status},
     })
+    if ctx.order:
+        known = ctx.order.get("customer")
+        if isinstance(known, dict) and "customer" in body:
+            # The customer as the status event knows them, first seen when the order was.
+            body["customer"] = {**body["customer"],
+                                "created_at": known.get("created_at",
+                                                        body["customer"]["created_at"])}
+        body = {**ctx.order, **body}
     return _webhook(ctx, event, "orders/update", body, f"orders/update:{order}:{status}",
                     needs_email=True)
 

@@ -34,9 +34,10 @@ Routing defaults (``DEFAULT_ROUTES``):
                                request (keyed "order-placed:<order id>": the browser's and the
                                backend's copy of one order are one)
     order_status, refund
-                     server    order-placed again with the new status (the guide's statuses
-                               fulfilled, cancelled, refunded trigger order_fulfilled,
-                               order_cancelled, order_refunded)
+                     server    order-placed again: the order as it was placed (its
+                               line_items and totals), with the new status (the guide's
+                               statuses fulfilled, cancelled, refunded trigger
+                               order_fulfilled, order_cancelled, order_refunded)
     product_updated  server    product-added (the guide: "sync product data ... for all changes")
     "*"              server    /tracking/event (custom_event); pusher.js has no custom call
     page_view, view_item_list, search, remove_from_cart, view_cart, cart_updated,
@@ -70,6 +71,14 @@ SETTINGS = (
 
 # A 403 can also mean "blocked due to many errors" (SL ref 4.2): temporary, retried.
 RETRY_STATUSES = frozenset({403})
+
+# The order a status change repeats: the store hands ``_order_status`` the order-placed body
+# stored under this key (``PlanContext.order``).
+ORDER_KEY = "order-placed:{order}"
+# What of that stored body is not the order: the token (this config's goes out), a backfill's
+# marks of history (server/backfill.py, ``sendlane_history``), and the consent the purchase
+# gave (a later status change must not re-subscribe a contact who unsubscribed since).
+_NOT_THE_ORDER = frozenset({"token", "initial_sync", "time", "accepts_marketing"})
 
 DEFAULT_ROUTES = {
     "page_view": "off",
@@ -276,12 +285,23 @@ def _order_status(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     """A status change: order-placed again with the new status (UNCONFIRMED: v2 has no path for
     fulfilled/cancelled/refunded orders, and the SL guide says a status change triggers
     order_fulfilled / order_cancelled / order_refunded; SL ref 6 calls this the fitting
-    reading). Only what is known for sure: no totals or lines, since a refund's value is the
-    refund's, and "changes made to the total after calculation will not be passed over"."""
+    reading), under the event_id "<order>:<status>" so that Sendlane does not skip it.
+
+    The SL guide's per-product events ("Order & Other Product Events") "execute based on the
+    content of the line_items array", so the call carries the order as it was placed: the
+    line_items and totals of the order-placed body the store looks up (``ORDER_KEY``,
+    ``PlanContext.order``), never the status event's (a refund's value is the refund's, and
+    "changes made to the total after calculation will not be passed over"). When no
+    order-placed was ever planned for the order (the store never saw the purchase), only
+    what is known for sure: the order id, the contact and the status.
+    """
     order = c.ecommerce(event)["transaction_id"]
     status = c.order_status(event)
     body = c.compact({"event": "order_placed", "event_id": f"{order}:{status}", "order_id": order,
                       **_customer_contact(event), "status": status})
+    if ctx.order:
+        placed = {k: v for k, v in ctx.order.items() if k not in _NOT_THE_ORDER}
+        body = {**placed, **body}
     return _post(ctx, "order-placed", body, f"order-placed:{order}:{status}")
 
 

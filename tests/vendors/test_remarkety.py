@@ -8,7 +8,7 @@ import json
 
 from server.vendors import remarkety
 
-from ._events import (BOOK, CLIP, EMAIL, GUID, MUG, PAGE, PEN, SC, T_ISO, T_UNIX, cart,
+from ._events import (BOOK, CLIP, EMAIL, GUID, MUG, PAGE, PEN, SC, T_ISO, T_MS, T_UNIX, cart,
                       context, ecommerce, event, identity, item, samples)
 
 CTX = context(remarkety)
@@ -149,6 +149,36 @@ def test_order_status_updates_the_order_with_what_is_known():
     assert refunded.json["status"] == {"code": "refunded", "name": "refunded"}
     assert "total_price" not in refunded.json  # a refund's value is not the order's total
     assert refunded.dedup_key == "orders/update:1001:refunded"
+
+
+def test_order_status_repeats_the_order_as_created_with_the_new_status():
+    """orders/update has "the same format as orders/create" (RM events): given the order's
+    orders/create body (``PlanContext.order``), the update is that order with the new status,
+    updated_at and customer on top; a refund's value never becomes the order's totals."""
+    created = remarkety.plan(event("purchase", ecommerce=ecommerce(
+        MUG, PEN, value=3000, tax=275, shipping=499, transaction_id="1001", coupon="SALE"),
+        identity=WHO), CTX)[0].json
+    day = 86_400_000
+    ctx = dataclasses.replace(CTX, order=created)
+    evt = {**event("order_status", source="backend", sc=None, status="fulfilled",
+                   user={"email": EMAIL}, ecommerce=ecommerce(transaction_id="1001"),
+                   identity=identity()), "time_ms": T_MS + day}
+    [req] = remarkety.plan(evt, ctx)
+    customer = {**req.json["customer"]}
+    assert req.json == {**created, "updated_at": "2025-11-25T16:00:00+00:00",
+                        "customer": customer, "status": {"code": "fulfilled",
+                                                         "name": "fulfilled"}}
+    assert req.json["created_at"] == T_ISO and customer["email"] == EMAIL
+    assert customer["created_at"] == T_ISO  # first seen with the order
+    assert customer["updated_at"] == "2025-11-25T16:00:00+00:00"
+    assert dict(req.headers)["x-event-type"] == "orders/update"
+    assert req.dedup_key == "orders/update:1001:fulfilled"
+    refunded = remarkety.plan({**event("refund", ecommerce=ecommerce(
+        PEN, value=435, transaction_id="1001"), identity=WHO), "time_ms": T_MS + 2 * day}, ctx)[0]
+    assert refunded.json["status"] == {"code": "refunded", "name": "refunded"}
+    assert (refunded.json["total_price"], refunded.json["line_items"]) == (
+        37.74, [MUG_LINE, PEN_LINE])  # the order's, not the refund's 4.35
+    assert remarkety.ORDER_KEY.format(order="1001") == "orders/create:1001"
 
 
 def test_product_updated_sends_one_product_each():

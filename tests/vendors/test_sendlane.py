@@ -90,6 +90,29 @@ def test_a_status_change_is_order_placed_again_under_its_own_key():
     assert refunded.dedup_key == "order-placed:1001:refunded"
 
 
+def test_a_status_change_repeats_the_order_as_placed():
+    """Sendlane's per-product order events "execute based on the content of the line_items
+    array": given the order's order-placed body (``PlanContext.order``; a backfilled one
+    carries history marks), the status change carries its lines and totals, its own
+    event_id and status, this config's token, and neither the history marks nor the
+    purchase's consent."""
+    placed = sendlane.plan(samples()["purchase"], CTX)[0].json
+    stored = {**placed, "token": "OLD", "initial_sync": True, "time": 1764000000,
+              "accepts_marketing": True}
+    ctx = dataclasses.replace(CTX, order=stored)
+    evt = event("refund", source="backend", sc=None, user={"email": EMAIL},
+                ecommerce=ecommerce(PEN, value=435, transaction_id="1001"),
+                identity=identity(customer_id="123456789"))
+    [req] = sendlane.plan(evt, ctx)
+    assert req.json == {**{k: v for k, v in placed.items() if k != "accepts_marketing"},
+                        "event_id": "1001:refunded", "status": "refunded",
+                        "email": EMAIL, "customer_id": "123456789"}
+    assert req.json["token"] == TOKEN and req.json["line_items"] == placed["line_items"]
+    assert req.json["total"] == placed["total"]  # the order's, not the refund's 4.35
+    assert req.dedup_key == "order-placed:1001:refunded"
+    assert sendlane.ORDER_KEY.format(order="1001") == "order-placed:1001"
+
+
 def test_identify_adds_the_customer():
     [req] = sendlane.plan(event("identify", user={"email": EMAIL}, identity=WHO), CTX)
     assert (req.method, req.url) == ("POST", f"{BASE}/customer-added")

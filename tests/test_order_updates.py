@@ -1,0 +1,234 @@
+"""An order's status change carries the order as onetag reported it, on both backends.
+
+Remarkety's orders/update has "the same format as orders/create" (Remarkety event reference,
+orders/create mandatory fields: lines, totals, created_at ...), and Sendlane's per-product
+events "execute based on the content of the line_items array" (Sendlane custom integration,
+"Order & Other Product Events"). An order_status or refund event knows neither the order's
+lines nor its totals (a refund's value is the refund's), so the store hands the adapters the
+body of the order's creation request it stored (``PlanContext.order``), looked up in the
+ingest transaction; an order it never saw keeps the partial body.
+"""
+
+from __future__ import annotations
+
+from server.events import Origin, normalise
+from server.store.base import SessionInfo
+
+from support import item
+
+EMAIL = "a@b.co"
+DAY = 86_400_000
+T0 = 1_764_000_000_000
+VENDORS = {"remarkety": {"store_id": "RMSTORE", "api_key": "k"},
+           "sendlane": {"integration_token": "t", "api_token": "k"}}
+
+
+def event(raw: dict, sc: str | None = None, source: str = "backend") -> dict:
+    origin = Origin(site_id="shop1", source=source, currency="USD", received_ms=T0 + 3 * DAY, sc=sc)
+    return normalise(raw, "e", origin)
+
+
+def purchase(order: str = "1001") -> dict:
+    return event({"event": "purchase", "event_id": f"buy-{order}", "time": T0,
+                  "user": {"email": EMAIL, "customer_id": "42"},
+                  "ecommerce": {"transaction_id": order, "currency": "USD", "value": 30.00,
+                                "tax": 2.75, "shipping": 4.99, "coupon": "SALE",
+                                "items": [item("SKU-1", 29.99), item("SKU-435", 4.35)]}})
+
+
+def status(status: str, order: str = "1001", at: int = T0 + DAY) -> dict:
+    return event({"event": "order_status", "event_id": f"st-{order}-{status}", "time": at,
+                  "transaction_id": order, "status": status, "user": {"email": EMAIL}})
+
+
+def refund(order: str = "1001", value: float = 5.00) -> dict:
+    return event({"event": "refund", "event_id": f"rf-{order}", "time": T0 + 2 * DAY,
+                  "user": {"email": EMAIL},
+                  "ecommerce": {"transaction_id": order, "currency": "USD", "value": value,
+                                "items": [item("SKU-435", 4.35)]}})
+
+
+async def ingest(store, *events: dict) -> None:
+    await store.ingest("shop1", list(events), list(events), SessionInfo(user_agent="UA"))
+
+
+async def bodies(backend) -> dict[tuple[str, str], dict]:
+    from server.jsontext import loads
+
+    return {(vendor, key): loads(request)["json"] for vendor, key, request in await backend.rows(
+        "SELECT vendor, dedup_key, request FROM deliveries")}
+
+
+def check_remarkety(body: dict, created: dict, status: str, updated_at: str) -> None:
+    """orders/update = orders/create with the new status and updated_at on top."""
+    assert body == {**created, "status": {"code": status, "name": status},
+                    "updated_at": updated_at, "customer": body["customer"]}
+    assert body["customer"]["email"] == EMAIL
+    for field in ("line_items", "created_at", "currency", "subtotal_price", "total_discounts",
+                  "total_shipping", "total_tax", "total_price"):
+        assert body[field] == created[field], field
+
+
+def check_sendlane(body: dict, placed: dict, status: str) -> None:
+    assert body["event_id"] == f"1001:{status}" and body["status"] == status
+    for field in ("line_items", "subtotal", "total_tax", "total", "total_items", "currency",
+                  "discounts"):
+        assert body[field] == placed[field], field
+
+
+async def test_a_status_change_and_a_refund_carry_the_order_as_created(backend) -> None:
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        await ingest(store, purchase())
+        await ingest(store, status("cancelled"))
+        await ingest(store, refund())
+    finally:
+        await store.close()
+    sent = await bodies(backend)
+    created = sent[("remarkety", "orders/create:1001")]
+    assert created["total_price"] == 37.74 and len(created["line_items"]) == 2
+    check_remarkety(sent[("remarkety", "orders/update:1001:cancelled")], created, "cancelled",
+                    "2025-11-25T16:00:00+00:00")
+    # The refund's 5.00 and its one line are the refund's, never the order's.
+    check_remarkety(sent[("remarkety", "orders/update:1001:refunded")], created, "refunded",
+                    "2025-11-26T16:00:00+00:00")
+    placed = sent[("sendlane", "order-placed:1001")]
+    check_sendlane(sent[("sendlane", "order-placed:1001:cancelled")], placed, "cancelled")
+    check_sendlane(sent[("sendlane", "order-placed:1001:refunded")], placed, "refunded")
+
+
+async def test_a_purchase_and_its_status_in_one_request_and_one_batch(backend) -> None:
+    """The order's creation planned earlier in the same batch (not stored yet) counts too."""
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        await ingest(store, purchase(), status("fulfilled"))
+    finally:
+        await store.close()
+    sent = await bodies(backend)
+    check_remarkety(sent[("remarkety", "orders/update:1001:fulfilled")],
+                    sent[("remarkety", "orders/create:1001")], "fulfilled",
+                    "2025-11-25T16:00:00+00:00")
+    check_sendlane(sent[("sendlane", "order-placed:1001:fulfilled")],
+                   sent[("sendlane", "order-placed:1001")], "fulfilled")
+
+
+async def test_an_order_never_seen_keeps_the_partial_update(backend) -> None:
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        await ingest(store, purchase("1001"))
+        await ingest(store, status("processing", order="2002"))
+    finally:
+        await store.close()
+    sent = await bodies(backend)
+    body = sent[("remarkety", "orders/update:2002:processing")]
+    assert sorted(body) == ["customer", "email", "id", "status", "updated_at"]
+    assert body["id"] == "2002" and body["status"] == {"code": "processing", "name": "processing"}
+    assert sorted(sent[("sendlane", "order-placed:2002:processing")]) == [
+        "customer_id", "email", "event", "event_id", "order_id", "status", "token"]
+
+
+async def test_the_order_look_up_searches_the_deliveries_unique_key(backend) -> None:
+    """One look-up per batch, a probe of the unique (site_id, vendor, dedup_key, claim) index
+    a key, on either backend (a scan would grow with every delivery stored)."""
+    store = await backend.open(backend.settings(**VENDORS))
+    await store.close()
+    if backend.name == "sqlite":
+        from server.store import sqlite_ingest
+
+        plan = " ".join(row[-1] for row in await backend.rows(
+            "EXPLAIN QUERY PLAN " + sqlite_ingest._ORDERS + "(?, ?)", "shop1", "remarkety",
+            "orders/create:1", "orders/create:2"))
+        assert "SEARCH deliveries USING INDEX" in plan and "dedup_key=?" in plan, plan
+        return
+    import asyncpg
+
+    from server.store import pg_ingest
+
+    conn = await asyncpg.connect(backend.database)
+    try:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        plan = " ".join(row[0] for row in await conn.fetch(
+            "EXPLAIN " + pg_ingest._ORDERS, ["shop1"], ["remarkety"], ["orders/create:1"]))
+    finally:
+        await conn.close()
+    assert "Index Scan using deliveries_site_id_vendor_dedup_key_claim_key" in plan, plan
+    assert "dedup_key = u.k" in plan, plan
+
+
+
+async def test_a_status_change_waits_for_its_purchase_another_node_is_committing(
+        pg_database) -> None:
+    """PostgreSQL, several nodes: the look-up takes the advisory locks a fact's row is written
+    under, so a purchase another node is committing at that moment is waited for and read,
+    not missed (the status change would go out partial)."""
+    import asyncio
+
+    import asyncpg
+
+    from backends import Backend
+    from server import outbox
+    from server.jsontext import encode
+    from server.store import pg_ingest
+
+    backend = Backend("postgresql", pg_database)
+    settings = backend.settings(**VENDORS)
+    store = await backend.open(settings)
+    other = await asyncpg.connect(pg_database)  # the other node, mid-transaction
+    try:
+        buy = purchase()
+        site = settings.sites["shop1"]
+        buy["identity"] = {"email": EMAIL, "customer_id": "42", "id": None, "is_new": True}
+        transaction = other.transaction()
+        await transaction.start()
+        seq = await other.fetchval(
+            "INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
+            "VALUES ('shop1', 'buy-1001', 'purchase', 'backend', 0, '{}', $1) RETURNING seq",
+            encode(buy).decode())
+        await pg_ingest.insert_deliveries(other, [("shop1", seq, row, None)
+                                                  for row in outbox.plan(site, buy)], T0)
+        waiting = asyncio.ensure_future(ingest(store, status("cancelled")))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # waits for the purchase's commit
+        await transaction.commit()
+        await asyncio.wait_for(waiting, 10)
+    finally:
+        await other.close()
+        await store.close()
+    sent = await bodies(backend)
+    check_remarkety(sent[("remarkety", "orders/update:1001:cancelled")],
+                    sent[("remarkety", "orders/create:1001")], "cancelled",
+                    "2025-11-25T16:00:00+00:00")
+
+
+async def test_an_expired_status_change_replayed_repeats_its_order(backend) -> None:
+    """Re-planning outside ingest looks the order up too: a customer known by id alone
+    bought and had the order cancelled (both held for an email, then expired); once the
+    customer has an email, replaying the expired rows sends the update with the order."""
+    import time
+
+    store = await backend.open(backend.settings(**VENDORS))
+    who = {"customer_id": "C1"}
+    try:
+        await ingest(store, event({"event": "purchase", "event_id": "buy-c1", "time": T0,
+                                   "user": who, "ecommerce": {
+                                       "transaction_id": "1001", "currency": "USD",
+                                       "value": 30.00, "items": [item("SKU-1", 29.99)]}}),
+                     event({"event": "order_status", "event_id": "st-c1", "time": T0 + DAY,
+                            "transaction_id": "1001", "status": "cancelled", "user": who}))
+        now = int(time.time() * 1000)
+        assert await store.expire_held(now + 1, now) >= 4
+        await ingest(store, event({"event": "identify", "event_id": "id-c1", "time": T0,
+                                   "user": {**who, "email": EMAIL}}))
+        replayed = await store.replay_rows(now, states=("expired",))
+    finally:
+        await store.close()
+    assert {row["dedup_key"] for row in replayed} >= {"orders/create:1001",
+                                                      "orders/update:1001:cancelled"}
+    sent = await bodies(backend)
+    update = sent[("remarkety", "orders/update:1001:cancelled")]
+    created = sent[("remarkety", "orders/create:1001")]
+    assert update["line_items"] == created["line_items"] and len(update["line_items"]) == 1
+    assert update["total_price"] == created["total_price"] == 30
+    assert update["customer"]["email"] == EMAIL
+    placed = sent[("sendlane", "order-placed:1001")]
+    assert sent[("sendlane", "order-placed:1001:cancelled")]["line_items"] == placed["line_items"]
