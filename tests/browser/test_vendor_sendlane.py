@@ -135,3 +135,20 @@ def test_checkout_matches_the_servers_checkout_started(vendors, context):
     assert browser.pop("event") == "checkout_started"
     assert browser["total"] == Decimal("83") and browser["total_tax"] == 1
     assert browser == server
+
+
+
+def test_a_checkout_without_currency_is_in_the_sites_currency(vendors, context):
+    """The site ``shop`` (currency EUR): a begin_checkout whose push names no currency is in the
+    site's currency (the guide's checkout_started example has "currency"), as the server's copy
+    of the same event is; the event's own currency wins, read as the server reads it (upper
+    case)."""
+    page = open_page(context, vendors.page("shop"))
+    push(page, {"event": "identify", "user": {"email": f"eur-{uuid.uuid4().hex[:8]}@example.com"}})
+    for currency, expected in ((None, "EUR"), ("gbp", "GBP")):
+        eid = str(uuid.uuid4())
+        ecommerce = {"items": [dict(BOTTLE), dict(TEA)], **({"currency": currency} if currency else {})}
+        (browser,) = push(page, {"event": "begin_checkout", "event_id": eid, "ecommerce": ecommerce})["sendlane"]
+        page.evaluate("() => window.onetag.flush()")
+        (server,) = server_bodies(vendors, "shop", "sendlane", eid)
+        assert browser.get("currency") == server["currency"] == expected
