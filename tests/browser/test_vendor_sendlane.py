@@ -152,3 +152,32 @@ def test_a_checkout_without_currency_is_in_the_sites_currency(vendors, context):
         page.evaluate("() => window.onetag.flush()")
         (server,) = server_bodies(vendors, "shop", "sendlane", eid)
         assert browser.get("currency") == server["currency"] == expected
+
+
+
+def test_checkout_url_is_the_carts_url_as_on_the_server(vendors, context):
+    """checkout_url, where Sendlane's abandoned-checkout emails lead: the cart's URL, i.e. the
+    event's ecommerce.cart_url, else the site's cart_url template filled in (as the server's
+    checkout-started has it, server/vendors/_common.py cart_url, and as Rejoiner's return_url
+    and Remarkety's abandoned_checkout_url are in the page), else the page."""
+    page = open_page(context, vendors.page("shop"))
+    sc = next(c["value"] for c in context.cookies() if c["name"] == "sc")
+    push(page, {"event": "identify", "user": {"email": f"url-{uuid.uuid4().hex[:8]}@example.com"}})
+    eid = str(uuid.uuid4())
+    (browser,) = push(page, {"event": "begin_checkout", "event_id": eid, "ecommerce": ecom(BOTTLE, TEA)})["sendlane"]
+    guid = page.evaluate("() => JSON.parse(localStorage.getItem('onetag_shop_c')).guid")
+    assert browser["checkout_url"] == f"https://shop.example/cart?restore={guid}&s={sc}"
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "shop", "sendlane", eid)
+    assert server.pop("token") == "SL-INTEGRATION-TOKEN" and browser.pop("event") == "checkout_started"
+    assert browser == server
+    # The event's own cart_url wins.
+    eid = str(uuid.uuid4())
+    (browser,) = push(page, {"event": "begin_checkout", "event_id": eid,
+                             "ecommerce": ecom(TEA, cart_url="https://shop.example/c/9")})["sendlane"]
+    assert browser["checkout_url"] == "https://shop.example/c/9"
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "shop", "sendlane", eid)
+    server.pop("token")
+    browser.pop("event")
+    assert browser == server
