@@ -183,3 +183,24 @@ def test_a_cart_without_currency_is_in_the_sites_currency(vendors, context):
         page.evaluate("() => window.onetag.flush()")
         (server,) = server_bodies(vendors, "shop", "remarkety", eid)
         assert browser[2] == server, name
+
+
+
+def test_a_lines_sku_is_the_servers(vendors, context):
+    """A line's sku is the item's item_sku, else its sku, else its item_id (the server's rule,
+    server/vendors/_common.py sku): "the product id/sku should match a product from the
+    products feed, otherwise a new product is created as disabled" (the custom platform
+    guide). In carts/update, as in the server's webhook, and in siteSearch's products."""
+    page = open_page(context, vendors.page("all"))
+    push(page, {"event": "identify", "user": {"email": f"sku-{uuid.uuid4().hex[:8]}@example.com"}})
+    items = [dict(MUG, item_sku="MUG-1"), dict(BOTTLE, sku="BOT-1"), dict(TEA, item_sku="TEA-1", sku="TEA-0"),
+             dict(SPOON)]
+    eid = str(uuid.uuid4())
+    (browser,) = push(page, {"event": "cart_updated", "event_id": eid, "ecommerce": ecom(*items)})["remarkety"]
+    assert [line["sku"] for line in browser[2]["line_items"]] == ["MUG-1", "BOT-1", "TEA-1", "SKU-6000"]
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "all", "remarkety", eid)
+    assert browser[2] == server
+    calls = push(page, {"event": "search", "search_term": "mug", "ecommerce": ecom(*items[:2])})["remarkety"]
+    assert calls == [["track", "siteSearch", {"search_keyword": "mug", "products": [
+        dict(line(MUG, 1, "29.99"), sku="MUG-1"), dict(line(BOTTLE, 3, "19.99"), sku="BOT-1")]}]]

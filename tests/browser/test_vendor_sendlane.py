@@ -181,3 +181,21 @@ def test_checkout_url_is_the_carts_url_as_on_the_server(vendors, context):
     server.pop("token")
     browser.pop("event")
     assert browser == server
+
+
+
+def test_a_lines_sku_is_the_servers(vendors, context):
+    """A line's sku as the server's (server/vendors/_common.py sku; server/events.py takes
+    `sku` for `item_sku` only when item_sku is absent): item_sku, else sku, else item_id."""
+    page = open_page(context, vendors.page("all"))
+    push(page, {"event": "identify", "user": {"email": f"sku-{uuid.uuid4().hex[:8]}@example.com"}})
+    eid = str(uuid.uuid4())
+    items = [dict(BOTTLE), dict(TEA, sku="TEA-1"), dict(SUGAR, item_sku="SUG-1", sku="SUG-0"),
+             dict(MUG, item_sku="", sku="MUG-0")]
+    (browser,) = push(page, {"event": "begin_checkout", "event_id": eid, "ecommerce": ecom(*items)})["sendlane"]
+    assert [line["sku"] for line in browser["line_items"]] == ["SKU-3000", "TEA-1", "SUG-1", "SKU-1000"]
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "all", "sendlane", eid)
+    server.pop("token")
+    browser.pop("event")
+    assert browser == server
