@@ -237,3 +237,36 @@ def test_an_empty_variant_is_no_variant_as_on_the_server(vendors, context):
     page.evaluate("() => window.onetag.flush()")
     (server,) = server_bodies(vendors, "all", "rejoiner", eid)
     assert conversion[1]["cart_items"] == server["cart_items"]
+
+
+def test_a_conversion_names_the_carts_url_as_on_the_server(vendors, context):
+    """sendConversion's cart_data has the guide's return_url ("http://example.com/cart/12345"):
+    the cart's URL, as the server's customer/convert has it (server/vendors/_common.py
+    cart_url): the event's ecommerce.cart_url, else the site's template for the cart as bought.
+    A purchase with no cart before it has none, on either path (the template names a GUID
+    there is not)."""
+    page = open_page(context, vendors.page("shop"))
+    sc = next(c["value"] for c in context.cookies() if c["name"] == "sc")
+    push(page, {"event": "add_to_cart", "ecommerce": ecom(TEA)})
+    guid = page.evaluate("() => JSON.parse(localStorage.getItem('onetag_shop_c')).guid")
+    eid = str(uuid.uuid4())
+    (conversion,) = push(page, {"event": "purchase", "event_id": eid,
+                                "ecommerce": ecom(TEA, transaction_id=f"RJ-{eid[:8]}")})["rejoiner"]
+    assert conversion[1]["cart_data"]["return_url"] == f"https://shop.example/cart?restore={guid}&s={sc}"
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "shop", "rejoiner", eid)
+    assert conversion[1] == {"cart_data": server["cart_data"], "cart_items": server["cart_items"]}
+
+    # One click: no cart before the purchase (a fresh visitor), no return_url.
+    other = context.browser.new_context()
+    try:
+        page = open_page(other, vendors.page("shop"))
+        eid = str(uuid.uuid4())
+        (conversion,) = push(page, {"event": "purchase", "event_id": eid,
+                                    "ecommerce": ecom(TEA, transaction_id=f"RJ-{eid[:8]}")})["rejoiner"]
+        assert "return_url" not in conversion[1]["cart_data"]
+        page.evaluate("() => window.onetag.flush()")
+        (server,) = server_bodies(vendors, "shop", "rejoiner", eid)
+        assert conversion[1] == {"cart_data": server["cart_data"], "cart_items": server["cart_items"]}
+    finally:
+        other.close()
