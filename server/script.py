@@ -61,7 +61,9 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
     config is paid on every page view. ``v`` maps each enabled vendor to
     ``[routes, settings]``: ``routing.browser_routes`` (over the vendor module's
     ``BROWSER_EVENTS`` when it names them) and ``config.public_settings``. ``u``:
-    the site's ``cart_url`` template, when it has one (where a cart can be restored).
+    the site's ``cart_url`` template, when it has one (where a cart can be restored). ``c``:
+    the site's currency, which the adapters use for an event that names none, as the server
+    does (``PlanContext.currency``), so both copies of an event are in the same currency.
     spa_page_views and capture_form_email are not in it: they pick the parts of the script
     (``features``), so a site gets no code it cannot use.
     """
@@ -69,6 +71,7 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
     return {
         "e": settings.server.public_url + settings.server.event_path,
         "s": site.id,
+        "c": site.currency,
         **({"d": 1} if site.debug else {}),  # absent: false
         **({"u": cart_url} if cart_url else {}),
         "v": {name: [routing.browser_routes(vendor, getattr(VENDORS[name], "BROWSER_EVENTS", None)),

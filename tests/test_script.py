@@ -27,7 +27,7 @@ def embedded_config(js: str) -> dict:
     assert calls, "the runtime should embed its config as JSON"
     raw = json.JSONDecoder().raw_decode(js, calls[-1].end())[0]
     names = {"e": "endpoint", "s": "site_id", "m": "spa_manual", "f": "capture_form_email",
-             "d": "debug", "u": "cart_url", "v": "vendors"}
+             "d": "debug", "u": "cart_url", "c": "currency", "v": "vendors"}
     config = {names[k]: v for k, v in raw.items()}
     config["vendors"] = {name: {"routes": routes, "settings": settings}
                          for name, (routes, settings) in config["vendors"].items()}
@@ -181,6 +181,21 @@ async def test_a_debug_site_is_served_the_readable_script(tmp_path) -> None:
     async with running(settings_for(tmp_path, debug=True)) as (_, client):
         js = (await client.get("/s/shop1.js")).text
     assert "function mergeIdentity(user)" in js and embedded_config(js)["debug"] == 1
+
+
+async def test_the_sites_currency_reaches_the_runtime(tmp_path) -> None:
+    """``c``: the site's currency, which the browser adapters fall back to for an event that
+    names none, as the server adapters do (PlanContext.currency)."""
+    settings = settings_for(tmp_path)
+    async with running(settings) as (_, client):
+        js = (await client.get("/s/shop1.js")).text
+    assert embedded_config(js)["currency"] == settings.sites["shop1"].currency == "USD"
+    from types import SimpleNamespace
+
+    from server.script import script_config
+    site = settings.sites["shop1"]
+    other = SimpleNamespace(**{**{k: getattr(site, k) for k in site.__dataclass_fields__}, "currency": "EUR"})
+    assert script_config(settings, other)["c"] == "EUR"
 
 
 def test_the_sites_cart_url_reaches_the_runtime(tmp_path) -> None:

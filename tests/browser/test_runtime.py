@@ -358,7 +358,9 @@ def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_serve
     }""")
     after_remove = cart()
     guid = after_remove.pop("guid")
-    assert after_remove == {"currency": "EUR", "items": [
+    # The cart's currency is its last event's, else the site's (USD): the server's rule (it
+    # reads an event without a currency as in the site's), checked against its cart below.
+    assert after_remove == {"currency": "USD", "items": [
         {"item_id": "A", "item_name": "A", "price": 1.75, "quantity": 3}]}
     page.evaluate("""dataLayer.push({event: "view_cart", ecommerce: {currency: "EUR",
         items: [{item_id: "C", price: 2}, {item_id: "D", price: 1, quantity: 0}]}})""")
@@ -379,6 +381,7 @@ def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_serve
     assert re.match(r"^[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9A-F]{12}$", guid)
     # The server keeps the same cart: as bought on the purchase, then none for the session.
     assert [(i["item_id"], i["quantity"]) for i in rows[3]["data"]["cart"]["items"]] == [("A", 3)]
+    assert [r["data"]["cart"]["currency"] for r in rows[1:5]] == ["EUR", "USD", "USD", "EUR"]
     assert [(i["item_id"], i["quantity"]) for i in rows[-1]["data"]["cart"]["items"]] == [("C", 1)]
     assert server.query("SELECT cart_items FROM sessions WHERE site_id = 'shop' AND sc = ?",
                         (sc,))[0][0] is None

@@ -158,3 +158,30 @@ def test_status_cart_and_purchase_match_the_servers(vendors, context):
          "price_currency_code": "USD"} for line in cart]
     (purchased,) = server_bodies(vendors, "all", "esputnik", order_id)
     assert purchased["PurchasedItems"] == {"GUID": guid, "OrderNumber": "9001"}
+
+
+def test_lines_without_a_currency_are_in_the_sites(vendors, context):
+    """The site ``shop`` (currency EUR): StatusCart and PurchasedItems lines of pushes that name
+    no currency carry the site's, as the server's StatusCart (price_currency_code) does; an
+    event's own currency wins, read as the server reads it (upper case)."""
+    page = open_page(context, vendors.page("shop"))
+    cart_id = str(uuid.uuid4())
+    cart, guid = status_cart(push(page, {"event": "add_to_cart", "event_id": cart_id,
+                                         "ecommerce": {"items": [dict(MUG), dict(BOTTLE)]}})["esputnik"])
+    assert [item["currency"] for item in cart] == ["EUR", "EUR"]
+    page.evaluate("() => window.onetag.flush()")
+    (status,) = server_bodies(vendors, "shop", "esputnik", cart_id)
+    assert status["StatusCart"] == {"GUID": guid, "Products": [
+        {"productKey": item["productKey"], "price": item["price"], "quantity": item["quantity"],
+         "price_currency_code": item["currency"]} for item in cart]}
+    calls = push(page, {"event": "purchase", "ecommerce": {"transaction_id": "9101", "items": [dict(MUG)]}})
+    assert calls["esputnik"] == [["sendEvent", "PurchasedItems", {
+        "OrderNumber": "9101", "PurchasedItems": [dict(line(MUG, 1, "29.99"), currency="EUR")], "GUID": guid}]]
+
+    cart_id = str(uuid.uuid4())
+    cart, _ = status_cart(push(page, {"event": "add_to_cart", "event_id": cart_id,
+                                      "ecommerce": {"currency": "pln", "items": [dict(TEA)]}})["esputnik"])
+    assert [item["currency"] for item in cart] == ["PLN"]
+    page.evaluate("() => window.onetag.flush()")
+    (status,) = server_bodies(vendors, "shop", "esputnik", cart_id)
+    assert status["StatusCart"]["Products"][0]["price_currency_code"] == "PLN"

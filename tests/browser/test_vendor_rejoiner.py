@@ -7,9 +7,10 @@ Prices are integer cents computed without float error (4.35 -> 435, 0.57 -> 57, 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 from vendor_stub_server import (during, open_page, page_with_site_settings, push, queues,  # noqa: F401
-                                vendors)
+                                server_bodies, vendors)
 
 MUG = {"item_id": "SKU-1000", "item_name": "Mug", "price": 29.99, "quantity": 1,
        "item_category": "Kitchen", "item_category2": "Mugs", "item_brand": "Acme",
@@ -203,3 +204,69 @@ def test_cart_golden_from_the_guide(vendors, context):
         "product_id": "SKU-1000", "name": "Product Name", "category": ["product", "categories"],
         "price": 2999, "item_qty": 2, "qty_price": 5998, "product_url": "...", "image_url": "...",
         "description": "..."}]
+
+
+def test_an_empty_variant_is_no_variant_as_on_the_server(vendors, context):
+    """product_id is item_id + ":" + item_variant only for a variant that says something: an
+    empty (or blank) item_variant is the bare item_id, in every call, as the server's
+    customer/convert cart_items have it (server/vendors/_common.py line_id)."""
+    page = open_page(context, vendors.page("all"))
+    plain, blank = dict(TEA, item_variant=""), dict(SUGAR, item_variant="  ")
+    sized = dict(BOTTLE, item_variant=" M ")
+    calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(plain, blank, sized)})["rejoiner"]
+    assert [c[1]["product_id"] for c in calls if c[0] == "setCartItem"] == ["SKU-4000", "SKU-5000", "SKU-3000:M"]
+    # A line whose variant is empty is the item's line: removing the item without a variant
+    # removes it, from Rejoiner's cart and onetag's (the server's cart line key is the same).
+    eid = str(uuid.uuid4())
+    calls = push(page, {"event": "remove_from_cart", "event_id": eid, "ecommerce": ecom(TEA)})["rejoiner"]
+    assert calls[0] == ["removeCartItem", {"product_id": "SKU-4000"}]
+    mirror = page.evaluate("() => JSON.parse(localStorage.getItem('onetag_all_c')).items")
+    page.evaluate("() => window.onetag.flush()")
+    rows = vendors.onetag.wait_events(lambda rows: any(r["data"]["event_id"] == eid for r in rows),
+                                      "the remove_from_cart", site_id="all")
+    server_cart = next(r["data"]["cart"] for r in rows if r["data"]["event_id"] == eid)
+    assert [line["item_id"] for line in mirror] == [line["item_id"] for line in server_cart["items"]] == [
+        "SKU-5000", "SKU-3000"]
+    calls = push(page, {"event": "view_item", "ecommerce": ecom(plain)})["rejoiner"]
+    assert calls[0][1]["product_id"] == "SKU-4000"
+
+    eid = str(uuid.uuid4())
+    (conversion,) = push(page, {"event": "purchase", "event_id": eid,
+                                "ecommerce": ecom(plain, blank, sized, transaction_id="RJ-77")})["rejoiner"]
+    assert [item["product_id"] for item in conversion[1]["cart_items"]] == ["SKU-4000", "SKU-5000", "SKU-3000:M"]
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "all", "rejoiner", eid)
+    assert conversion[1]["cart_items"] == server["cart_items"]
+
+
+def test_a_conversion_names_the_carts_url_as_on_the_server(vendors, context):
+    """sendConversion's cart_data has the guide's return_url ("http://example.com/cart/12345"):
+    the cart's URL, as the server's customer/convert has it (server/vendors/_common.py
+    cart_url): the event's ecommerce.cart_url, else the site's template for the cart as bought.
+    A purchase with no cart before it has none, on either path (the template names a GUID
+    there is not)."""
+    page = open_page(context, vendors.page("shop"))
+    sc = next(c["value"] for c in context.cookies() if c["name"] == "sc")
+    push(page, {"event": "add_to_cart", "ecommerce": ecom(TEA)})
+    guid = page.evaluate("() => JSON.parse(localStorage.getItem('onetag_shop_c')).guid")
+    eid = str(uuid.uuid4())
+    (conversion,) = push(page, {"event": "purchase", "event_id": eid,
+                                "ecommerce": ecom(TEA, transaction_id=f"RJ-{eid[:8]}")})["rejoiner"]
+    assert conversion[1]["cart_data"]["return_url"] == f"https://shop.example/cart?restore={guid}&s={sc}"
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "shop", "rejoiner", eid)
+    assert conversion[1] == {"cart_data": server["cart_data"], "cart_items": server["cart_items"]}
+
+    # One click: no cart before the purchase (a fresh visitor), no return_url.
+    other = context.browser.new_context()
+    try:
+        page = open_page(other, vendors.page("shop"))
+        eid = str(uuid.uuid4())
+        (conversion,) = push(page, {"event": "purchase", "event_id": eid,
+                                    "ecommerce": ecom(TEA, transaction_id=f"RJ-{eid[:8]}")})["rejoiner"]
+        assert "return_url" not in conversion[1]["cart_data"]
+        page.evaluate("() => window.onetag.flush()")
+        (server,) = server_bodies(vendors, "shop", "rejoiner", eid)
+        assert conversion[1] == {"cart_data": server["cart_data"], "cart_items": server["cart_items"]}
+    finally:
+        other.close()

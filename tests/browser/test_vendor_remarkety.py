@@ -21,6 +21,7 @@ MUG = {"item_id": "SKU-1000", "item_name": "Mug", "price": 29.99, "quantity": 1,
        "item_url": "https://shop.example/p/mug", "image_url": "https://shop.example/i/mug.jpg"}
 BOTTLE = {"item_id": "SKU-3000", "item_name": "Bottle", "price": 19.99, "quantity": 3, "item_variant": "blue"}
 TEA = {"item_id": "SKU-4000", "item_name": "Tea", "price": 4.35, "quantity": 1}
+SPOON = {"item_id": "SKU-6000", "item_name": "Spoon", "price": 2.5, "quantity": 2}
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$")  # to the second, as the server writes it
 
@@ -162,3 +163,44 @@ def test_cart_matches_the_servers_carts_update(vendors, context):
     assert browser[:2] == ["track", "carts/update"]
     assert browser[2]["customer"]["default_address"] == {"phone": "+15550100"}
     assert browser[2] == server
+
+
+
+def test_a_cart_without_currency_is_in_the_sites_currency(vendors, context):
+    """The site ``shop`` (currency EUR): a cart push that names no currency is in the site's
+    currency (mandatory in the event reference's carts/update), as the server's webhook for the
+    same event is. The cart's currency is the event's (upper case, as the server reads it),
+    else the site's: not an earlier event's, which the server does not keep either."""
+    page = open_page(context, vendors.page("shop"))
+    push(page, {"event": "identify", "user": {"email": f"eur-{uuid.uuid4().hex[:8]}@example.com"}})
+    pushes = [("cart_updated", {"items": [dict(MUG), dict(BOTTLE)]}, "EUR"),
+              ("add_to_cart", {"currency": "gbp", "items": [dict(SPOON)]}, "GBP"),
+              ("view_cart", {"items": [dict(MUG), dict(SPOON)]}, "EUR")]
+    for name, ecommerce, expected in pushes:
+        eid = str(uuid.uuid4())
+        (browser,) = push(page, {"event": name, "event_id": eid, "ecommerce": ecommerce})["remarkety"]
+        assert browser[2].get("currency") == expected, name
+        page.evaluate("() => window.onetag.flush()")
+        (server,) = server_bodies(vendors, "shop", "remarkety", eid)
+        assert browser[2] == server, name
+
+
+
+def test_a_lines_sku_is_the_servers(vendors, context):
+    """A line's sku is the item's item_sku, else its sku, else its item_id (the server's rule,
+    server/vendors/_common.py sku): "the product id/sku should match a product from the
+    products feed, otherwise a new product is created as disabled" (the custom platform
+    guide). In carts/update, as in the server's webhook, and in siteSearch's products."""
+    page = open_page(context, vendors.page("all"))
+    push(page, {"event": "identify", "user": {"email": f"sku-{uuid.uuid4().hex[:8]}@example.com"}})
+    items = [dict(MUG, item_sku="MUG-1"), dict(BOTTLE, sku="BOT-1"), dict(TEA, item_sku="TEA-1", sku="TEA-0"),
+             dict(SPOON)]
+    eid = str(uuid.uuid4())
+    (browser,) = push(page, {"event": "cart_updated", "event_id": eid, "ecommerce": ecom(*items)})["remarkety"]
+    assert [line["sku"] for line in browser[2]["line_items"]] == ["MUG-1", "BOT-1", "TEA-1", "SKU-6000"]
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "all", "remarkety", eid)
+    assert browser[2] == server
+    calls = push(page, {"event": "search", "search_term": "mug", "ecommerce": ecom(*items[:2])})["remarkety"]
+    assert calls == [["track", "siteSearch", {"search_keyword": "mug", "products": [
+        dict(line(MUG, 1, "29.99"), sku="MUG-1"), dict(line(BOTTLE, 3, "19.99"), sku="BOT-1")]}]]

@@ -135,3 +135,67 @@ def test_checkout_matches_the_servers_checkout_started(vendors, context):
     assert browser.pop("event") == "checkout_started"
     assert browser["total"] == Decimal("83") and browser["total_tax"] == 1
     assert browser == server
+
+
+
+def test_a_checkout_without_currency_is_in_the_sites_currency(vendors, context):
+    """The site ``shop`` (currency EUR): a begin_checkout whose push names no currency is in the
+    site's currency (the guide's checkout_started example has "currency"), as the server's copy
+    of the same event is; the event's own currency wins, read as the server reads it (upper
+    case)."""
+    page = open_page(context, vendors.page("shop"))
+    push(page, {"event": "identify", "user": {"email": f"eur-{uuid.uuid4().hex[:8]}@example.com"}})
+    for currency, expected in ((None, "EUR"), ("gbp", "GBP")):
+        eid = str(uuid.uuid4())
+        ecommerce = {"items": [dict(BOTTLE), dict(TEA)], **({"currency": currency} if currency else {})}
+        (browser,) = push(page, {"event": "begin_checkout", "event_id": eid, "ecommerce": ecommerce})["sendlane"]
+        page.evaluate("() => window.onetag.flush()")
+        (server,) = server_bodies(vendors, "shop", "sendlane", eid)
+        assert browser.get("currency") == server["currency"] == expected
+
+
+
+def test_checkout_url_is_the_carts_url_as_on_the_server(vendors, context):
+    """checkout_url, where Sendlane's abandoned-checkout emails lead: the cart's URL, i.e. the
+    event's ecommerce.cart_url, else the site's cart_url template filled in (as the server's
+    checkout-started has it, server/vendors/_common.py cart_url, and as Rejoiner's return_url
+    and Remarkety's abandoned_checkout_url are in the page), else the page."""
+    page = open_page(context, vendors.page("shop"))
+    sc = next(c["value"] for c in context.cookies() if c["name"] == "sc")
+    push(page, {"event": "identify", "user": {"email": f"url-{uuid.uuid4().hex[:8]}@example.com"}})
+    eid = str(uuid.uuid4())
+    (browser,) = push(page, {"event": "begin_checkout", "event_id": eid, "ecommerce": ecom(BOTTLE, TEA)})["sendlane"]
+    guid = page.evaluate("() => JSON.parse(localStorage.getItem('onetag_shop_c')).guid")
+    assert browser["checkout_url"] == f"https://shop.example/cart?restore={guid}&s={sc}"
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "shop", "sendlane", eid)
+    assert server.pop("token") == "SL-INTEGRATION-TOKEN" and browser.pop("event") == "checkout_started"
+    assert browser == server
+    # The event's own cart_url wins.
+    eid = str(uuid.uuid4())
+    (browser,) = push(page, {"event": "begin_checkout", "event_id": eid,
+                             "ecommerce": ecom(TEA, cart_url="https://shop.example/c/9")})["sendlane"]
+    assert browser["checkout_url"] == "https://shop.example/c/9"
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "shop", "sendlane", eid)
+    server.pop("token")
+    browser.pop("event")
+    assert browser == server
+
+
+
+def test_a_lines_sku_is_the_servers(vendors, context):
+    """A line's sku as the server's (server/vendors/_common.py sku; server/events.py takes
+    `sku` for `item_sku` only when item_sku is absent): item_sku, else sku, else item_id."""
+    page = open_page(context, vendors.page("all"))
+    push(page, {"event": "identify", "user": {"email": f"sku-{uuid.uuid4().hex[:8]}@example.com"}})
+    eid = str(uuid.uuid4())
+    items = [dict(BOTTLE), dict(TEA, sku="TEA-1"), dict(SUGAR, item_sku="SUG-1", sku="SUG-0"),
+             dict(MUG, item_sku="", sku="MUG-0")]
+    (browser,) = push(page, {"event": "begin_checkout", "event_id": eid, "ecommerce": ecom(*items)})["sendlane"]
+    assert [line["sku"] for line in browser["line_items"]] == ["SKU-3000", "TEA-1", "SUG-1", "SKU-1000"]
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "all", "sendlane", eid)
+    server.pop("token")
+    browser.pop("event")
+    assert browser == server

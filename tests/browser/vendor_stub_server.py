@@ -12,7 +12,9 @@ Every vendor's ``script_url`` points at the static server, which serves per vend
 
 Sites (one onetag server for every vendor test module): ``all`` (every library loads),
 ``blocked`` (every library 404s), ``throwing`` (Rejoiner's and eSputnik's throw), ``routed``
-(routes overridden). Every secret in the config is a unique marker (``secret()``).
+(routes overridden), ``shop`` (every library loads; currency EUR and a ``cart_url``: the site
+settings the adapters fall back to). Every secret in the config is a unique marker
+(``secret()``).
 
 Test pages: an empty page with ``window.dataLayer``, the helpers below, then
 ``<script async src=".../s/<site>.js">``; ``pre`` adds pushes made before the script loads.
@@ -96,7 +98,11 @@ SITES: dict[str, tuple[dict[str, str], dict[str, dict[str, str]]]] = {
         "esputnik": {"search": "off", "page_view": "off"},
         "sendlane": {"view_item": "off"},
     }),
+    "shop": ({v: "ok" for v in VENDORS}, {}),
 }
+# Site settings other than the defaults (currency "USD", no cart_url).
+SHOP_CART_URL = "https://shop.example/cart?restore={cart_guid}&s={sc}"
+SITE_SETTINGS: dict[str, dict[str, str]] = {"shop": {"currency": "EUR", "cart_url": SHOP_CART_URL}}
 
 
 def secret(site: str, vendor: str | None = None) -> str:
@@ -120,7 +126,10 @@ def config_toml() -> str:
              "forward = false", f"admin_token = {_toml(secret('server', 'admin'))}", ""]
     for site, (kinds, routes) in SITES.items():
         lines += ["[[sites]]", f"id = {_toml(site)}", 'origins = ["{origin}"]',
-                  f"api_key = {_toml(secret(site))}", 'currency = "USD"', ""]
+                  f"api_key = {_toml(secret(site))}"]
+        lines += [f"{key} = {_toml(value)}"
+                  for key, value in {"currency": "USD", **SITE_SETTINGS.get(site, {})}.items()]
+        lines.append("")
         for vendor in VENDORS:
             lines.append(f"[sites.{vendor}]")
             for key, value in PUBLIC[vendor].items():
@@ -245,7 +254,8 @@ def server_bodies(vendors: VendorEnv, site: str, vendor: str, event_id: str) -> 
     event = next(r["data"] for r in rows if r["data"]["event_id"] == event_id)
     site_config = load(vendors.onetag.config_path).sites[site]
     module = importlib.import_module(f"server.vendors.{vendor}")
-    ctx = PlanContext(site_id=site, vendor=site_config.vendors[vendor], currency=site_config.currency)
+    ctx = PlanContext(site_id=site, vendor=site_config.vendors[vendor], currency=site_config.currency,
+                      cart_url=site_config.cart_url)
     return [parse(json.dumps(request.json)) for request in module.plan(event, ctx)]
 
 
