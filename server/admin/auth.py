@@ -2,7 +2,8 @@
 
 Everything is signed with one key derived from ``[server] admin_token`` (HMAC-SHA256 of a
 fixed label), so changing the token invalidates every session and every form at once, and
-nothing is kept server-side but a short list of logged-out sessions and failed logins.
+nothing is kept server-side but the sessions logged out before they expired (in the
+database, ``Store.revoke_session``: until the cookie would expire) and failed logins.
 
 - Session cookie: ``<expiry ms>.<nonce>.<hex HMAC(key, "session|expiry|nonce")>``.
 - CSRF token of a page: ``hex HMAC(key, "csrf|nonce")`` of the session's nonce (a
@@ -78,8 +79,10 @@ def token_ok(configured: str, given: object) -> bool:
 
 
 class Revoked:
-    """Nonces of sessions logged out before they expired (the cookie alone can't be
-    recalled). Process-local and bounded: the oldest are forgotten first."""
+    """This process's memory of sessions logged out before they expired (the cookie alone
+    can't be recalled), so it refuses them without a query. Not the record: that is the
+    database's (``Store.revoke_session``), which outlives a restart and reaches every node;
+    a nonce forgotten here (the oldest go first) is still found there."""
 
     def __init__(self, limit: int = 10_000):
         self.limit = limit
