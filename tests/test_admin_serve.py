@@ -52,3 +52,38 @@ def test_a_logout_is_refused_after_onetag_serve_restarts(tmp_path, fake) -> None
             assert client.get("/admin/live").status_code == 303
             assert log_in(client).status_code == 303  # a new session is one
             assert client.get("/admin/live").status_code == 200
+
+
+def guesses(base: str, addresses: list[str]) -> list[int]:
+    """A wrong login from each X-Forwarded-For address in turn: the answers' statuses."""
+    with httpx.Client(base_url=base, timeout=10) as client:
+        return [log_in(client, "a-wrong-token", **{"X-Forwarded-For": address}).status_code
+                for address in addresses]
+
+
+def test_x_forwarded_for_is_believed_only_from_the_trusted_proxies(tmp_path, fake) -> None:
+    """uvicorn's default trusted 127.0.0.1: behind a proxy on the same host that passed the
+    client's X-Forwarded-For on, a client chose its own address: 12 wrong logins in a row and
+    no 429, and the forged address in the access log. By default no proxy is trusted now; a
+    listed one is believed."""
+    port = free_port()
+    data = settings_data(tmp_path, fake, only=("sendlane",), port=port, forward=False)
+    data["server"]["admin_token"] = ADMIN
+    path = write_config(tmp_path / "onetag.toml", data)
+    base = f"http://127.0.0.1:{port}"
+    forged = [f"203.0.113.{n}" for n in range(12)]
+    log = tmp_path / "default.log"
+    with server_process(path, port, log=log, log_level="info"):
+        assert guesses(base, forged[:6]) == [401] * 5 + [429]  # one address: the peer's
+    access = log.read_text()
+    assert "127.0.0.1" in access and "203.0.113." not in access
+
+    data["server"]["trusted_proxies"] = ["127.0.0.1"]
+    path = write_config(tmp_path / "onetag.toml", data)
+    log = tmp_path / "trusted.log"
+    with server_process(path, port, log=log, log_level="info"):
+        # The proxy appends what it was reached from: the nearest untrusted address counts.
+        appended = [f"198.51.100.9, {address}" for address in ["203.0.113.50"] * 6]
+        assert guesses(base, appended) == [401] * 5 + [429]
+        assert guesses(base, ["203.0.113.51"]) == [401]  # another client: its own count
+    assert "203.0.113.50" in log.read_text() and "198.51.100.9" not in log.read_text()

@@ -101,8 +101,12 @@ class LoginThrottle:
     """Slows guessing the token: each wrong attempt is answered after ``delay_s``, and an
     address with ``max_failures`` wrong attempts within ``window_s`` is refused (429, the
     right token included) until the window has passed. At most ``max_addresses`` are
-    remembered (the oldest dropped). Behind a proxy every client shares its address: a
-    wrong guess by anyone then locks everyone out for the window, which is the safe side."""
+    remembered (the oldest dropped). The address is the connection's, or, from a proxy in
+    ``[server] trusted_proxies``, the client's as that proxy reports it in X-Forwarded-For
+    (uvicorn). Behind a proxy not listed there every client has the proxy's address: wrong
+    guesses by anyone then lock everyone out for the window, the safe side (a listed proxy
+    that passed the client's own X-Forwarded-For on would let a client choose its address,
+    and so escape the bound)."""
 
     def __init__(self, max_failures: int = 5, window_s: float = 60.0,
                  delay_s: float | None = None, max_addresses: int = 10_000):
