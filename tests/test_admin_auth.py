@@ -228,6 +228,29 @@ async def test_a_made_up_cookie_costs_no_query(tmp_path, monkeypatch):
         assert len(asked) >= 1
 
 
+async def test_a_session_that_cannot_be_checked_is_not_let_in(tmp_path, monkeypatch):
+    """The database can't say whether the session logged out: 503, never the page; a
+    logout that can't be recorded says so (503) and keeps the cookie, to try again."""
+    from server.store.base import StoreUnavailable
+
+    async with running(console_settings(tmp_path)) as (app, client):
+        await login(client)
+        token = csrf_of((await client.get("/admin/nowhere")).text)
+
+        async def down(*args, **kwargs):
+            raise StoreUnavailable("database", "the database is down")
+        monkeypatch.setattr(app.state.store, "revoke_session", down)
+        out = await client.post("/admin/logout", headers={"X-CSRF-Token": token})
+        assert out.status_code == 503 and "not recorded" in out.text
+        assert "max-age=0" not in out.headers.get("set-cookie", "").lower()
+        monkeypatch.setattr(app.state.store, "session_revoked", down)
+        other = httpx.AsyncClient(transport=client._transport, base_url=client.base_url)
+        await login(other)  # the login itself reads no session
+        page = await other.get("/admin/live")
+        assert page.status_code == 503 and page.headers["cache-control"] == "no-store"
+        await other.aclose()
+
+
 async def test_forged_expired_and_other_token_cookies_are_refused(tmp_path):
     key = auth.derive_key(ADMIN_TOKEN)
     now = auth_now()
