@@ -38,6 +38,7 @@ admin_token = "env:ONETAG_ADMIN_TOKEN"
 # forward   = true                         # run the vendor forwarder inside `onetag serve`
 # log_format = "text"                      # "json": one object a line (or --log-format json)
 # metrics_public = false                   # true: GET /metrics without the admin_token bearer
+# trusted_proxies = ["127.0.0.1"]          # your proxy, if it appends to X-Forwarded-For
 
 [[sites]]
 id       = "shop1"                         # [A-Za-z0-9_-]{1,64}; the script is /s/shop1.js
@@ -227,10 +228,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # every request in flight waiting).
     gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                log_config=log_config, proxy_headers=True, server_header=False,
-                access_log=access_log,
+                log_config=log_config, server_header=False, access_log=access_log,
+                **proxy_options(settings.server.trusted_proxies),
                 timeout_graceful_shutdown=max(1, int(settings.server.shutdown_grace_s / 2)))
     return 0
+
+
+def proxy_options(trusted: tuple[str, ...]) -> dict[str, Any]:
+    """uvicorn's options for ``[server] trusted_proxies``. None (the default): X-Forwarded-*
+    is read from no one, and the client address is the TCP peer's (uvicorn's own default
+    trusted 127.0.0.1, so a proxy on the same host that passed a client's X-Forwarded-For
+    through let that client choose its address: no login throttle, a forged address in the
+    access log and in the replays' record). Named proxies: uvicorn takes the nearest address
+    in X-Forwarded-For that is not one of them."""
+    if not trusted:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(trusted)}
 
 
 def public_url_warning(public_url: str, port: int) -> str | None:

@@ -51,6 +51,13 @@ NUMBERS: dict[str, tuple[float, float, float, bool, str]] = {
 }
 
 
+# Every key of [server] (README's Config reference has a row for each).
+SERVER_KEYS = frozenset({
+    "database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
+    "forward", "browser_grace_s", "log_format", "keep_attempts_days", "metrics_public",
+    "trusted_proxies", *NUMBERS})
+
+
 @dataclass(frozen=True)
 class Problem:
     where: str
@@ -129,6 +136,9 @@ class ServerConfig:
     log_format: str = "text"  # or "json": one object a line (server/logs.py)
     keep_attempts_days: float = DEFAULT_KEEP_ATTEMPTS_DAYS  # delivery attempts kept this long
     metrics_public: bool = False  # GET /metrics without the admin token (server/metrics.py)
+    # The proxies whose X-Forwarded-For (and -Proto) uvicorn believes: IP addresses and CIDR
+    # networks, normalised. None by default: the client address is the TCP peer's.
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def sqlite_path(self) -> str:
@@ -458,14 +468,59 @@ def parse(data: Mapping[str, Any], *, file: str = "onetag.toml",
     return Settings(server=server, sites=sites, source=file, unset=tuple(reader.unset))
 
 
+def _trusted_proxies(reader: _Reader, table: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """``[server] trusted_proxies``: a list of IP addresses and CIDR networks (or one string
+    of them, comma-separated, as an ``env:`` variable gives it), each checked and written
+    the one way ``ipaddress`` writes it."""
+    key = "trusted_proxies"
+    if key not in table:
+        return ()
+    raw = reader.resolve(f"{where}.{key}", table[key], always=True)
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        items = raw
+    else:
+        reader.problem(f"{where}.{key}", "must be a list of the proxies' IP addresses or CIDR "
+                                         "networks, like [\"127.0.0.1\", \"10.0.0.0/8\"]")
+        return ()
+    found = []
+    for position, item in enumerate(items):
+        try:
+            found.append(proxy_address(item))
+        except ValueError as exc:
+            reader.problem(f"{where}.{key}[{position}]", f"{exc}, not {item!r}")
+    return tuple(found)
+
+
+def proxy_address(text: str) -> str:
+    """An IP address or a CIDR network, normalised (``ValueError`` saying what is wrong):
+    not ``*`` (uvicorn's "trust everyone": any client could then choose its address), not
+    a host name, not a network with host bits set (``10.0.0.1/8``: a typo for which?)."""
+    text = text.strip()
+    if text == "*":
+        raise ValueError("must name the proxies: \"*\" would believe X-Forwarded-For from any "
+                         "client, so anyone could choose the address onetag sees")
+    try:
+        if "/" in text:
+            return str(ipaddress.ip_network(text, strict=True))
+        return str(ipaddress.ip_address(text))
+    except ValueError as exc:
+        if "host bits" in str(exc):
+            network = ipaddress.ip_network(text, strict=False)
+            raise ValueError(f"has host bits set: a CIDR network is written {network}, or "
+                             f"name the one proxy without the /") from None
+        raise ValueError("must be an IP address or a CIDR network (no host names)") from None
+
+
 def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     where = "server"
     if not isinstance(table, dict):
         reader.problem(where, "must be a table")
         return ServerConfig()
-    known = {"database", "public_url", "script_path", "event_path", "admin_token", "hold_days",
-             "forward", "browser_grace_s", "log_format", "keep_attempts_days", "metrics_public",
-             *NUMBERS}
+    known = SERVER_KEYS
     for key in table:
         if key not in known:
             reader.unknown(where, key, sorted(known))
@@ -498,6 +553,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     return ServerConfig(
         database=database, public_url=public_url, script_path=script_path,
         event_path=event_path, admin_token=admin_token,
+        trusted_proxies=_trusted_proxies(reader, table, where),
         forward=reader.boolean(table, "forward", where, True), log_format=log_format,
         metrics_public=reader.boolean(table, "metrics_public", where, False), **numbers)
 

@@ -41,8 +41,8 @@ CACHE_S = 2.0  # scrape-time figures are read from the database at most this oft
 # a 503 is ``unavailable_`` and what was unavailable (its ``field``).
 REASONS = frozenset({
     "invalid_json", "invalid_event", "too_large", "unknown_site", "origin_not_allowed",
-    "unsupported_media_type", "timeout", "unauthorized", "forbidden", "internal_error",
-    "unavailable_writer", "unavailable_disk", "unavailable_database", "unavailable_queue"})
+    "unsupported_media_type", "timeout", "unauthorized", "forbidden", "too_many_requests",
+    "internal_error", "unavailable_writer", "unavailable_disk", "unavailable_database", "unavailable_queue"})
 # The outbox states worth a gauge: the rows still to send and the dead letters. The
 # terminal ones (delivered, browser, expired, ignored) only grow: see the counters.
 OUTBOX_STATES = ("pending", "held", "dead")

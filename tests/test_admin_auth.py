@@ -142,6 +142,115 @@ async def test_logout_clears_the_cookie_and_refuses_it_after(tmp_path):
         assert (await client.get("/admin/live")).status_code == 303  # revoked
 
 
+async def log_out(client: httpx.AsyncClient) -> None:
+    token = csrf_of((await client.get("/admin/nowhere")).text)
+    answer = await client.post("/admin/logout", headers={"X-CSRF-Token": token})
+    assert answer.status_code == 303 and answer.headers["location"] == "/admin/login"
+
+
+def keep(client: httpx.AsyncClient, cookie: str) -> None:
+    client.cookies.set(SESSION_COOKIE, cookie, domain="console.example", path="/admin")
+
+
+async def test_a_logout_outlives_a_restart(tmp_path):
+    """The logged-out sessions were a list in the process: after a restart a copy of the
+    cookie kept from before the logout got 200 again (README: "Log out ends it")."""
+    async with running(console_settings(tmp_path)) as (app, client):
+        await login(client)
+        kept = client.cookies[SESSION_COOKIE]
+        await log_out(client)
+    async with running(console_settings(tmp_path)) as (app, client):  # the same database
+        keep(client, kept)
+        assert (await client.get("/admin/live")).status_code == 303
+        assert (await client.get("/admin/login")).status_code == 200  # the form, not "in"
+        await login(client)  # a new login is a new session: it works
+        assert (await client.get("/admin/nowhere")).status_code == 404
+
+
+async def test_a_logout_on_one_node_is_refused_on_the_other(tmp_path, pg_database):
+    """Two app instances on one PostgreSQL database (two ``onetag serve`` nodes): a logout
+    on one was never seen by the other, where the same cookie kept working."""
+    settings = console_settings(tmp_path, database=pg_database)
+    async with running(settings) as (_, one), running(settings) as (_, two):
+        await login(one)
+        cookie = one.cookies[SESSION_COOKIE]
+        keep(two, cookie)
+        assert (await two.get("/admin/nowhere")).status_code == 404  # in, on both nodes
+        await log_out(one)
+        assert (await two.get("/admin/live")).status_code == 303
+        keep(one, cookie)
+        assert (await one.get("/admin/live")).status_code == 303
+
+
+async def test_logouts_are_kept_until_their_cookie_expires_then_pruned(backend, tmp_path):
+    """The store's record of logouts, on both backends: durable (another store on the same
+    database sees it), and the rows whose cookie has expired are pruned by later logouts."""
+    settings = backend.settings(tmp_path)
+    store = await backend.open(settings)
+    try:
+        assert not await store.session_revoked("n-1")
+        await store.revoke_session("n-1", 5_000, 1_000)
+        await store.revoke_session("n-1", 5_000, 1_000)  # twice: two tabs, two nodes
+        await store.revoke_session("n-2", 9_000, 1_000)
+        assert await store.session_revoked("n-1") and await store.session_revoked("n-2")
+        other = await backend.open(settings)
+        try:
+            assert await other.session_revoked("n-1")
+            await other.revoke_session("n-3", 20_000, 6_000)  # n-1's cookie expired at 5,000
+        finally:
+            await other.close()
+        assert not await store.session_revoked("n-1")
+        assert await store.session_revoked("n-2") and await store.session_revoked("n-3")
+        assert await backend.rows("SELECT nonce FROM console_logouts ORDER BY nonce") == [
+            ("n-2",), ("n-3",)]
+    finally:
+        await store.close()
+
+
+async def test_a_made_up_cookie_costs_no_query(tmp_path, monkeypatch):
+    """Only a cookie signed with the key is looked up: forged ones never reach the
+    database, so refusing them costs nothing."""
+    async with running(console_settings(tmp_path)) as (app, client):
+        store = app.state.store
+        asked = []
+        real = store.session_revoked
+
+        async def counted(nonce: str) -> bool:
+            asked.append(nonce)
+            return await real(nonce)
+        monkeypatch.setattr(store, "session_revoked", counted)
+        for value in ("x", "1." + "a" * 20 + "." + "0" * 64):
+            keep(client, value)
+            assert (await client.get("/admin/live")).status_code == 303
+        assert asked == []
+        await login(client)
+        assert (await client.get("/admin/nowhere")).status_code == 404
+        assert len(asked) >= 1
+
+
+async def test_a_session_that_cannot_be_checked_is_not_let_in(tmp_path, monkeypatch):
+    """The database can't say whether the session logged out: 503, never the page; a
+    logout that can't be recorded says so (503) and keeps the cookie, to try again."""
+    from server.store.base import StoreUnavailable
+
+    async with running(console_settings(tmp_path)) as (app, client):
+        await login(client)
+        token = csrf_of((await client.get("/admin/nowhere")).text)
+
+        async def down(*args, **kwargs):
+            raise StoreUnavailable("database", "the database is down")
+        monkeypatch.setattr(app.state.store, "revoke_session", down)
+        out = await client.post("/admin/logout", headers={"X-CSRF-Token": token})
+        assert out.status_code == 503 and "not recorded" in out.text
+        assert "max-age=0" not in out.headers.get("set-cookie", "").lower()
+        monkeypatch.setattr(app.state.store, "session_revoked", down)
+        other = httpx.AsyncClient(transport=client._transport, base_url=client.base_url)
+        await login(other)  # the login itself reads no session
+        page = await other.get("/admin/live")
+        assert page.status_code == 503 and page.headers["cache-control"] == "no-store"
+        await other.aclose()
+
+
 async def test_forged_expired_and_other_token_cookies_are_refused(tmp_path):
     key = auth.derive_key(ADMIN_TOKEN)
     now = auth_now()

@@ -160,6 +160,32 @@ async def test_logging_out_ends_the_sessions_open_streams(tmp_path, fake):
             await asyncio.wait_for(rest(), 30)
 
 
+async def test_a_logout_on_one_node_ends_the_sessions_stream_on_another(tmp_path, fake,
+                                                                        pg_database):
+    """Two nodes on one PostgreSQL database: a Live stream open on one ran on after the
+    session logged out on the other (each node knew only its own logouts)."""
+    data = settings_data(tmp_path, fake, only=("rejoiner",))
+    data["server"].update(admin_token=ADMIN_TOKEN, database=pg_database, forward=False)
+    settings = config.parse(data, env={})
+    async with serve(settings) as one, serve(settings) as two, \
+            httpx.AsyncClient(base_url=one.state.base_url, timeout=30) as first, \
+            httpx.AsyncClient(base_url=two.state.base_url, timeout=30) as second:
+        await log_in(first)
+        second.cookies.set(SESSION_COOKIE, first.cookies[SESSION_COOKIE])
+        token = csrf_of((await first.get("/admin/live")).text)
+        async with second.stream("GET", "/admin/live/stream") as stream:
+            assert stream.status_code == 200
+            chunks = stream.aiter_text()
+            assert (await anext(chunks)).startswith("retry:")
+            out = await first.post("/admin/logout", headers={"X-CSRF-Token": token})
+            assert out.status_code == 303
+
+            async def rest() -> str:
+                return "".join([chunk async for chunk in chunks])
+            await asyncio.wait_for(rest(), 30)  # ends by itself: live.LOGOUT_CHECK_S
+        assert (await second.get("/admin/live")).status_code == 303
+
+
 async def test_open_streams_are_bounded_per_session_and_in_all(tmp_path, fake, monkeypatch):
     monkeypatch.setattr(live, "MAX_STREAMS_PER_SESSION", 2)
     monkeypatch.setattr(live, "MAX_STREAMS", 3)

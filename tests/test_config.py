@@ -303,6 +303,52 @@ def test_the_number_ranges_are_the_ones_the_readme_states() -> None:
         assert f"({config.number_range(key)}" in row, (key, config.number_range(key), row)
 
 
+def test_every_server_key_has_a_row_in_the_readme() -> None:
+    """The Config reference names every [server] key the parser knows, with its default."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = {line.split("`")[1].removeprefix("[server] ") for line in readme.splitlines()
+            if line.startswith("| `[server] ")}
+    assert config.SERVER_KEYS <= rows, config.SERVER_KEYS - rows
+    [row] = [line for line in readme.splitlines()
+             if line.startswith("| `[server] trusted_proxies` | none |")]
+    for stated in ("IP addresses and CIDR networks", "no host names, no `*`", "comma-separated"):
+        assert stated in row
+
+
+def test_trusted_proxies_are_ip_addresses_or_networks_and_none_by_default() -> None:
+    """uvicorn believed X-Forwarded-For from 127.0.0.1 whatever the config said; the proxies
+    to believe are a setting now, checked: an address or a CIDR network, never "*"."""
+    site = [{"id": "s"}]
+    assert config.parse({"sites": site}, env={}).server.trusted_proxies == ()
+    given = ["127.0.0.1", "::1", "10.0.0.0/8", "2001:DB8::/32", " 192.0.2.7 "]
+    assert config.parse({"server": {"trusted_proxies": given}, "sites": site},
+                        env={}).server.trusted_proxies == (
+        "127.0.0.1", "::1", "10.0.0.0/8", "2001:db8::/32", "192.0.2.7")
+    from_env = config.parse({"server": {"trusted_proxies": "env:TP"}, "sites": site},
+                            env={"TP": "127.0.0.1, 10.1.0.0/16"})
+    assert from_env.server.trusted_proxies == ("127.0.0.1", "10.1.0.0/16")
+    found = problems({"server": {"trusted_proxies": [
+        "127.0.0.1", "*", "10.0.0.1/8", "proxy.internal", "300.1.1.1", "10.0.0.0/33", ""]},
+        "sites": site})
+    assert wheres(found) == [f"server.trusted_proxies[{n}]" for n in range(1, 7)], found
+    assert "X-Forwarded-For from any client" in found[0]
+    assert "10.0.0.0/8" in found[1]  # the network it likely meant
+    assert "no host names" in found[2] and "'proxy.internal'" in found[2]
+    for bad in (3, [1], {"a": "b"}, True):
+        [one] = problems({"server": {"trusted_proxies": bad}, "sites": site})
+        assert wheres([one]) == ["server.trusted_proxies"], bad
+    [unset] = problems({"server": {"trusted_proxies": "env:NOPE"}, "sites": site})
+    assert "NOPE is not set" in unset
+
+
+def test_serve_passes_only_the_trusted_proxies_to_uvicorn() -> None:
+    from server.cli import proxy_options
+
+    assert proxy_options(()) == {"proxy_headers": False}
+    assert proxy_options(("127.0.0.1", "10.0.0.0/8")) == {
+        "proxy_headers": True, "forwarded_allow_ips": ["127.0.0.1", "10.0.0.0/8"]}
+
+
 def test_origins_are_normalised_as_browsers_send_them() -> None:
     """``Origin`` comes with a lowercase scheme and host and without the scheme's default
     port: ``https://Shop.Example`` or ``https://b.example:443`` in the config matched nothing,

@@ -4,12 +4,15 @@ On both store backends (the ``backend`` fixture, tests/backends.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
+import httpx
 import pytest
 
-from support import ORIGIN, beacon, item, running
+from server.admin import auth
+from support import ORIGIN, beacon, item, running, settings_for
 
 TEXT = {"content-type": "text/plain;charset=UTF-8", "origin": ORIGIN}
 
@@ -120,6 +123,61 @@ async def test_backend_api_auth(backend) -> None:
         ok = await client.post(url, json=event, headers={"authorization": "Bearer secret-key"})
         assert ok.status_code == 202
     assert await count(backend) == 1
+
+
+def from_address(app, client: httpx.AsyncClient, host: str) -> httpx.AsyncClient:
+    """A client of the same app whose requests come from ``host``."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(host, 40000)),
+                             base_url=client.base_url)
+
+
+async def test_wrong_api_keys_lock_their_address_out(tmp_path, monkeypatch) -> None:
+    """100 wrong keys in a row all got 403 in 3.7 s: the api_key could be guessed without
+    limit. Now as at the console's login: 5 wrong within a minute from one address, then
+    429 with Retry-After (the right key too) until the window has passed. Only wrong keys
+    count, and only their address is locked."""
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
+    event = {"event": "identify", "user": {"email": "a@b.co"}}
+    url = "/api/v1/sites/shop1/events"
+    right = {"authorization": "Bearer secret-key"}
+    async with running(settings_for(tmp_path)) as (app, guesser):
+        async with from_address(app, guesser, "10.0.0.7") as shop:
+            for _ in range(20):  # right keys never count
+                assert (await guesser.post(url, json=event, headers=right)).status_code == 202
+            for n in range(5):
+                wrong = await guesser.post(url, json=event,
+                                           headers={"authorization": f"Bearer guess{n}"})
+                assert wrong.status_code == 403, n
+            for headers in ({"authorization": "Bearer guess5"}, right):
+                locked = await guesser.post(url, json=event, headers=headers)
+                assert locked.status_code == 429 and 0 < int(locked.headers["retry-after"]) <= 60
+                assert locked.json()["error"] == "too_many_requests"
+                assert locked.json()["errors"][0]["field"] == "authorization"
+            # Without a key it is not a guess: still the 401 saying what to send.
+            assert (await guesser.post(url, json=event)).status_code == 401
+            # Another address, the shop's backend: untouched.
+            assert (await shop.post(url, json=event, headers=right)).status_code == 202
+        rejected = app.state.metrics.rejections.labels("backend", "too_many_requests")
+        assert rejected._value.get() == 2  # /metrics counts them by their own reason
+
+
+async def test_a_right_api_key_is_never_slowed_by_wrong_ones(tmp_path, monkeypatch) -> None:
+    """Each wrong key is answered late (here 5 s); the shop's backend posting with the right
+    key meanwhile, from its own address, is answered at once, every time."""
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 5)
+    event = {"event": "identify", "user": {"email": "a@b.co"}}
+    url = "/api/v1/sites/shop1/events"
+    async with running(settings_for(tmp_path)) as (app, guesser):
+        async with from_address(app, guesser, "10.0.0.7") as shop:
+            guesses = [asyncio.create_task(guesser.post(
+                url, json=event, headers={"authorization": f"Bearer guess{n}"}))
+                for n in range(5)]
+            await asyncio.sleep(0)
+            for _ in range(10):
+                ok = await shop.post(url, json=event, headers={"authorization": "Bearer secret-key"})
+                assert ok.status_code == 202
+            assert not any(task.done() for task in guesses)  # still waiting out their delay
+            assert [(await task).status_code for task in guesses] == [403] * 5
 
 
 async def test_backend_api_takes_one_event_or_a_list_and_dedups(backend) -> None:

@@ -2,7 +2,8 @@
 
 Everything is signed with one key derived from ``[server] admin_token`` (HMAC-SHA256 of a
 fixed label), so changing the token invalidates every session and every form at once, and
-nothing is kept server-side but a short list of logged-out sessions and failed logins.
+nothing is kept server-side but the sessions logged out before they expired (in the
+database, ``Store.revoke_session``: until the cookie would expire) and failed logins.
 
 - Session cookie: ``<expiry ms>.<nonce>.<hex HMAC(key, "session|expiry|nonce")>``.
 - CSRF token of a page: ``hex HMAC(key, "csrf|nonce")`` of the session's nonce (a
@@ -78,8 +79,10 @@ def token_ok(configured: str, given: object) -> bool:
 
 
 class Revoked:
-    """Nonces of sessions logged out before they expired (the cookie alone can't be
-    recalled). Process-local and bounded: the oldest are forgotten first."""
+    """This process's memory of sessions logged out before they expired (the cookie alone
+    can't be recalled), so it refuses them without a query. Not the record: that is the
+    database's (``Store.revoke_session``), which outlives a restart and reaches every node;
+    a nonce forgotten here (the oldest go first) is still found there."""
 
     def __init__(self, limit: int = 10_000):
         self.limit = limit
@@ -98,8 +101,12 @@ class LoginThrottle:
     """Slows guessing the token: each wrong attempt is answered after ``delay_s``, and an
     address with ``max_failures`` wrong attempts within ``window_s`` is refused (429, the
     right token included) until the window has passed. At most ``max_addresses`` are
-    remembered (the oldest dropped). Behind a proxy every client shares its address: a
-    wrong guess by anyone then locks everyone out for the window, which is the safe side."""
+    remembered (the oldest dropped). The address is the connection's, or, from a proxy in
+    ``[server] trusted_proxies``, the client's as that proxy reports it in X-Forwarded-For
+    (uvicorn). Behind a proxy not listed there every client has the proxy's address: wrong
+    guesses by anyone then lock everyone out for the window, the safe side (a listed proxy
+    that passed the client's own X-Forwarded-For on would let a client choose its address,
+    and so escape the bound)."""
 
     def __init__(self, max_failures: int = 5, window_s: float = 60.0,
                  delay_s: float | None = None, max_addresses: int = 10_000):

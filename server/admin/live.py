@@ -20,15 +20,19 @@ import time
 from typing import Any, AsyncIterator
 from urllib.parse import urlencode
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ..store import console_search as q
-from .web import PREFIX, SECURITY_HEADERS, Console, format_ms, now_ms
+from .web import PREFIX, SECURITY_HEADERS, Console, Operator, format_ms, now_ms
 
 POLL_S = 0.4
 HEARTBEAT_S = 15.0
+# How often an open stream asks the database whether its login was logged out elsewhere
+# (another node, another process); a logout in this process ends it within a poll.
+LOGOUT_CHECK_S = 2.0
 ROWS_PER_MESSAGE = 100
 FIRST_ROWS = 50
 FILTERS = ("site", "name", "source", "email", "sc")
@@ -171,9 +175,11 @@ async def tail(console: Console, request: Request, filters: dict[str, str], afte
     """SSE text: ``event: events`` messages (``id:`` the last seq scanned, data a JSON list
     of rows), heartbeat comments, until the client disconnects, ``until_ms`` (the
     session's expiry) or the ``session`` (its nonce) logs out: an open page does not
-    outlive its login."""
+    outlive its login (a logout in this process ends it within a poll, one on another node
+    or before a restart within ``LOGOUT_CHECK_S``)."""
     where = console.reads().live_filter(list(console.settings.sites), **filters)
     last_sent = time.monotonic()
+    checked = time.monotonic()
     late: LateRows | None = None
     yield "retry: 2000\n\n"
     while True:
@@ -181,6 +187,13 @@ async def tail(console: Console, request: Request, filters: dict[str, str], afte
             return
         if session is not None and session in console.revoked:
             return
+        if session is not None and time.monotonic() - checked >= LOGOUT_CHECK_S:
+            checked = time.monotonic()
+            try:
+                if await console.logged_out(Operator(session, until_ms or 0)):
+                    return
+            except HTTPException:  # the database can't be read: the page reconnects later
+                return
         reads = console.reads()
         if late is None and reads.late_window_s > 0:
             late = LateRows(reads.late_window_s)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from ..store.base import StoreUnavailable
 from . import auth
 from .web import (LOGIN_COOKIE, PREFIX, SECURITY_HEADERS, SESSION_COOKIE, Console, forbidden,
                   now_ms, safe_next)
@@ -61,10 +63,18 @@ def routes(console: Console) -> list[Route]:
         return response
 
     async def logout(request: Request) -> Response:
-        """Forget the session: the cookie is cleared, and its nonce refused until it expires."""
+        """End the session: its nonce is kept in the database until the cookie would expire
+        (``Store.revoke_session``), so a copy of the cookie is refused by every process and
+        node, restarts included; then the cookie is cleared."""
         operator = console.operator(request)
         if operator is not None:
             console.revoked.add(operator.nonce, operator.expires_ms)
+            try:  # in the database: refused after a restart, and by every node
+                await console.store.revoke_session(operator.nonce, operator.expires_ms,
+                                                   now_ms())
+            except StoreUnavailable:  # the cookie stays: say so, the operator tries again
+                raise HTTPException(503, "the store is not open: the logout was not "
+                                         "recorded; try again") from None
         response = RedirectResponse(PREFIX + "/login", 303, headers=SECURITY_HEADERS)
         console.clear_cookie(request, response, SESSION_COOKIE)
         return response

@@ -101,18 +101,50 @@ class Console:
 
     # Sessions ---------------------------------------------------------------------------
 
-    def operator(self, request: Request) -> Operator | None:
-        """The valid session of this request, or None (cached on the request)."""
+    def _signed_session(self, request: Request) -> Operator | None:
+        """The request's session cookie if it is signed with our key, unexpired and not
+        logged out in this process; the database is not asked (``session``)."""
+        if not self.enabled:
+            return None
+        value = request.cookies.get(SESSION_COOKIE)
+        nonce = auth.read_signed(self.key, "session", value, now_ms())
+        if nonce is None or nonce in self.revoked:
+            return None
+        return Operator(nonce, int(value.split(".", 1)[0]))
+
+    async def session(self, request: Request) -> Operator | None:
+        """The valid session of this request, or None, cached on the request: a signed,
+        unexpired cookie whose session was not logged out, by any process or node on this
+        database (``Store.session_revoked``, read only for a cookie whose signature is
+        right: a made-up cookie costs no query). Every console route calls it first
+        (``route``). 503 while the database can't be read."""
         if "operator" in request.scope.get("state", {}):
             return request.state.operator
-        found = None
-        if self.enabled:
-            value = request.cookies.get(SESSION_COOKIE)
-            nonce = auth.read_signed(self.key, "session", value, now_ms())
-            if nonce is not None and nonce not in self.revoked:
-                found = Operator(nonce, int(value.split(".", 1)[0]))
+        found = self._signed_session(request)
+        if found is not None and await self.logged_out(found):
+            found = None
         request.state.operator = found
         return found
+
+    async def logged_out(self, operator: Operator) -> bool:
+        """Whether the session was logged out: in this process (``revoked``, no query),
+        else in the database (kept across restarts, seen by every node)."""
+        if operator.nonce in self.revoked:
+            return True
+        try:
+            found = await self.store.session_revoked(operator.nonce)
+        except StoreUnavailable:
+            raise HTTPException(503, "the store is not open") from None
+        if found:  # asked once: this process remembers it
+            self.revoked.add(operator.nonce, operator.expires_ms)
+        return found
+
+    def operator(self, request: Request) -> Operator | None:
+        """The session ``session`` found for this request (every console route awaits it
+        before its handler runs)."""
+        if "operator" in request.scope.get("state", {}):
+            return request.state.operator
+        return None
 
     def secure(self, request: Request) -> bool:
         """Cookies get ``Secure`` when the request came over https or public_url is https."""
@@ -168,7 +200,8 @@ class Console:
         console = self
 
         async def endpoint(request: Request) -> Response:
-            if login and console.operator(request) is None:
+            operator = await console.session(request)
+            if login and operator is None:
                 return console.login_redirect(request)
             if request.method == "POST" and not await console.csrf_valid(request):
                 return await refused(request) if refused is not None else forbidden()

@@ -212,6 +212,19 @@ class Store(abc.ABC):
         ``StoreUnavailable`` while the store is not open."""
         raise NotImplementedError
 
+    # The console's logouts (server/admin/login.py) ---------------------------------------
+
+    async def revoke_session(self, nonce: str, expires_ms: int, now_ms: int) -> None:
+        """Keep a logged-out console session's ``nonce`` until ``expires_ms`` (its cookie's
+        expiry) in the database, durably, so every process and node on it refuses that
+        cookie, restarts included; rows past their expiry are pruned meanwhile."""
+        raise NotImplementedError
+
+    async def session_revoked(self, nonce: str) -> bool:
+        """Whether a console session was logged out (``revoke_session``): one read by
+        primary key, made only for a cookie whose signature is right."""
+        raise NotImplementedError
+
     # The outbox -------------------------------------------------------------------------
 
     # The catalog (server/catalog.py): the feeds read it, the product sync plans from it.

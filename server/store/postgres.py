@@ -27,7 +27,7 @@ from ..envelope import Problem
 from ..jsontext import loads
 from ..sessions import cart_snapshot
 from . import pg_migrate
-from .base import Store
+from .base import Store, StoreUnavailable
 from .pg_writer import (InlineWriter, PgProcessWriter, PgWriteOps, RETRIES, RETRYABLE,
                         create_pool, is_database_failure, sqlstate, stored_json, unavailable)
 from .postgres_outbox import PostgresOutbox
@@ -149,6 +149,36 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
         if self.pool is None:
             raise StoreUnavailable("database", "the store is not open")
         return PgConsole(self.pool)
+
+    # The console's logouts (pg_migrations/033) -----------------------------------------
+
+    async def revoke_session(self, nonce: str, expires_ms: int, now_ms: int) -> None:
+        """On this node's pool, committed before it returns: every node reads it there."""
+        from .sqlite_writer import CONSOLE_LOGOUT_PRUNE_SQL, CONSOLE_LOGOUT_SQL
+
+        if self.pool is None:
+            raise StoreUnavailable("database", "the store is not open")
+        try:
+            async with self.pool.acquire() as conn:
+                async with conn.transaction():
+                    await conn.execute(CONSOLE_LOGOUT_SQL.format(nonce="$1", expires="$2"),
+                                       nonce, int(expires_ms))
+                    await conn.execute(CONSOLE_LOGOUT_PRUNE_SQL.format(now="$1"), int(now_ms))
+        except Exception as exc:
+            if is_database_failure(exc):
+                raise unavailable(exc) from None
+            raise
+
+    async def session_revoked(self, nonce: str) -> bool:
+        if self.pool is None:
+            raise StoreUnavailable("database", "the store is not open")
+        try:
+            return await self.pool.fetchval(
+                "SELECT true FROM console_logouts WHERE nonce = $1", nonce) is not None
+        except Exception as exc:
+            if is_database_failure(exc):
+                raise unavailable(exc) from None
+            raise
 
     # The Remarkety Coupons bridge (server/coupons.py) -----------------------------------
 

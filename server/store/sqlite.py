@@ -342,6 +342,17 @@ class SQLiteStore(WriterSupervisor, Store):
             [*params, limit])
         return [dict(row) for row in rows]
 
+    # The console's logouts (migration 017) ----------------------------------------------
+
+    async def revoke_session(self, nonce: str, expires_ms: int, now_ms: int) -> None:
+        """Through the writer: answered once committed."""
+        await self._write("revoke_session", nonce, int(expires_ms), int(now_ms))
+
+    async def session_revoked(self, nonce: str) -> bool:
+        rows = await self.reader.execute_fetchall(
+            "SELECT 1 FROM console_logouts WHERE nonce = ?", (nonce,))
+        return bool(rows)
+
     # The Remarkety Coupons bridge (server/coupons.py) -----------------------------------
 
     async def record_coupon_call(self, call: Mapping[str, Any]) -> int:

@@ -69,6 +69,12 @@ REPLAY_IDS_KEPT = 100  # a replay record lists the rows made due when there are 
 COUPON_PRUNE_SQL = ("DELETE FROM coupon_calls WHERE id IN (SELECT id FROM (SELECT id, created_ms "
                     "FROM coupon_calls ORDER BY id LIMIT {limit}) AS oldest "
                     "WHERE created_ms < {before})")
+# A console logout kept until the cookie's expiry, and the expired ones pruned (both backends;
+# ``revoke_session``). A session's nonce and expiry come from its signed cookie: logging it
+# out twice (two nodes, two tabs) writes the same row.
+CONSOLE_LOGOUT_SQL = ("INSERT INTO console_logouts (nonce, expires_ms) VALUES ({nonce}, {expires}) "
+                      "ON CONFLICT (nonce) DO NOTHING")
+CONSOLE_LOGOUT_PRUNE_SQL = "DELETE FROM console_logouts WHERE expires_ms <= {now}"
 # The columns of a coupon call, in the order ``record_coupon_call`` takes them.
 COUPON_CALL_COLUMNS = ("created_ms", "site_id", "request_id", "idempotency_key", "code",
                        "template_id", "expiration", "email", "status", "result",
@@ -403,6 +409,11 @@ class WriteOps:
         nothing to prune reads ``limit`` rows, not the table), those made before ``before``."""
         return self.conn.execute(COUPON_PRUNE_SQL.format(limit="?", before="?"),
                                  (limit, before)).rowcount
+
+    def revoke_session(self, nonce: str, expires_ms: int, now: int) -> None:
+        """``Store.revoke_session``: the logout kept (migration 017), the expired pruned."""
+        self.conn.execute(CONSOLE_LOGOUT_SQL.format(nonce="?", expires="?"), (nonce, expires_ms))
+        self.conn.execute(CONSOLE_LOGOUT_PRUNE_SQL.format(now="?"), (now,))
 
     def record_coupon_call(self, call: tuple[Any, ...]) -> int:
         """One row of ``coupon_calls`` (server/coupons.py, ``COUPON_CALL_COLUMNS``)."""

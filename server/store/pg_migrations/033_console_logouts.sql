@@ -1,0 +1,9 @@
+-- Console sessions logged out before they expired (server/admin/login.py): the session
+-- cookie's nonce until the cookie's own expiry, so that a kept copy of the cookie is refused
+-- by every node on this database, and after a restart. Each logout prunes the rows past
+-- their expiry: at most the logouts of the last 12 hours (a session's life).
+CREATE TABLE console_logouts (
+    nonce      TEXT PRIMARY KEY,
+    expires_ms BIGINT NOT NULL
+);
+CREATE INDEX console_logouts_expiry ON console_logouts (expires_ms);
