@@ -138,6 +138,23 @@ def bind_session(source: str, verified: int | None, current_id: int | None,
     return Binding(changed and current_id is not None, changed and current_id is None, verified)
 
 
+# Whose event id is whose ------------------------------------------------------------------
+
+def event_scope(event: Mapping[str, Any]) -> str | None:
+    """The space an event's id is unique in, beside its site: a duplicate is an event with
+    the same (site, event id, scope). The backend's ids are its own, one space a site
+    (``""``, whatever ``sc`` it names); a browser's are its session's (its ``sc``): a
+    retried beacon is a duplicate, another visitor's event under an id it predicted
+    ("purchase-5001") is not. The events table's unique index ``events_id`` is on the same
+    (``EVENT_SCOPE_SQL``; migrations 016 and 032)."""
+    return "" if event["source"] == trust.BACKEND else event["sc"]
+
+
+# ``event_scope`` of a stored row, as both databases' unique index ``events_id`` computes it
+# (a lookup must name the same expression to probe the whole index).
+EVENT_SCOPE_SQL = "CASE WHEN source = 'backend' THEN '' ELSE sc END"
+
+
 # The cart GUID policy ---------------------------------------------------------------------
 
 class CartStep(NamedTuple):
