@@ -160,6 +160,23 @@ async def test_a_cart_over_its_line_limit_fails_alone(tmp_path) -> None:
     assert "a2" not in stored_ids(tmp_path)
 
 
+async def test_a_backend_cart_refusal_names_the_field_as_the_body_was_sent(tmp_path) -> None:
+    """A single-object backend body's problems name ``body.*``, an array's ``body[i].*``,
+    an ``{"events": [...]}`` body's ``events[i].*``: the store's cart refusal too (it said
+    ``events[0]`` for all three)."""
+    add = {"event": "add_to_cart", "sc": "CART-LIMIT-0002",
+           "ecommerce": {"items": [item(s) for s in "ABCD"]}}
+    fields = []
+    async with running(settings_for(tmp_path, max_cart_lines=3)) as (_, client):
+        for body in (add, [add], {"events": [add]}):
+            refused = await client.post("/api/v1/sites/shop1/events", json=body,
+                                        headers={"authorization": "Bearer secret-key"})
+            assert refused.status_code == 422, refused.text
+            fields.append(refused.json()["errors"][0]["field"])
+    assert fields == ["body.ecommerce.items", "body[0].ecommerce.items",
+                      "events[0].ecommerce.items"]
+
+
 async def test_a_cart_over_its_byte_limit_is_refused(tmp_path) -> None:
     from server.store import sqlite_ingest
 

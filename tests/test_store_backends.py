@@ -617,3 +617,34 @@ async def test_which_repeated_event_id_is_a_duplicate(backend) -> None:
     duplicates = sum(expected.values())
     assert await backend.rows("SELECT count(*) FROM events") == [(50 - duplicates,)]
 
+
+# A browser's cart lines never block the backend's -----------------------------------------
+
+async def test_a_cart_filled_by_the_browser_never_refuses_the_backends_add(backend) -> None:
+    """The browser fills the session's cart to its limit; the backend's add_to_cart for that
+    sc is stored, the browser's oldest lines dropped to make room. A browser's add over the
+    limit is still refused, and so is a backend add its own lines overflow."""
+    store = await backend.open(backend.settings(max_cart_lines=3))
+    sc = "SC-CART-0001"
+
+    def add(event_id: str, source: str, *skus: str) -> dict:
+        return event({"event": "add_to_cart", "event_id": event_id,
+                      "ecommerce": {"items": [item(s) for s in skus]}}, sc=sc, source=source)
+
+    try:
+        assert not isinstance(await ingest(store, add("b1", "browser", "A", "B")), Problem)
+        assert not isinstance(await ingest(store, add("b2", "browser", "C")), Problem)
+        fact = await ingest(store, add("f1", "backend", "X"))
+        claim = await ingest(store, add("b3", "browser", "D"))
+        facts = await ingest(store, add("f2", "backend", "Y", "Z"))
+        over = await ingest(store, add("f3", "backend", "W"))
+        view = await store.session_view("shop1", sc)
+    finally:
+        await store.close()
+    assert not isinstance(fact, Problem) and not isinstance(facts, Problem)
+    assert isinstance(claim, Problem) and claim.field == "events[0].ecommerce.items"
+    assert isinstance(over, Problem) and "limit is 3" in over.problem
+    assert [(line["item_id"], line.get("fact")) for line in view["cart"]["items"]] == [
+        ("X", True), ("Y", True), ("Z", True)]
+    assert sorted(await backend.rows("SELECT event_id FROM events")) == [
+        ("b1",), ("b2",), ("f1",), ("f2",)]

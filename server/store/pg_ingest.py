@@ -542,7 +542,8 @@ class PgIngestBatch:
         state = self.sessions[key]
         if state.cart is _UNREAD:
             state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
-        step = rules.cart_step(state.cart or None, event, site.currency, rules.new_guid)
+        step = rules.cart_step(state.cart or None, event, site.currency, rules.new_guid,
+                               site.max_cart_lines)
         if step is None:
             return None
         field = f"events[{place[1]}].ecommerce.items"
