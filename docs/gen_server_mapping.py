@@ -408,7 +408,7 @@ def _json(value: Any, indent: int = 0, column: int = 0, width: int = 92) -> str:
 
 def _key_pattern(key: str, steps: list[Step]) -> str:
     """A dedup key with the story's values named: the shape every such key has."""
-    names = {GUID: "<cart guid>", EMAIL: "<email>",
+    names = {GUID: "<cart guid>", EMAIL: "<email>", f"{SC}/": "<sc>/",
              **{s.event["event_id"]: "<event id>" for s in steps}}
     for value, name in names.items():
         key = key.replace(value, name)
@@ -668,6 +668,9 @@ def render() -> str:
     w("A status change never reuses the order's key (`cancel:1001:cancelled`,")
     w("`orders/update:1001:refunded`, ...), so it is sent, while the same status twice is not.")
     w("Keys with `<digest of the fields>` change when the profile changes and only then.")
+    w("A key made of an event id names the event's session too (`<sc>/<event id>`; the id")
+    w("alone for a backend event naming no session): a page may set its own event ids, and")
+    w("another visitor's event under the same id is another delivery (docs/security.md).")
     return "\n".join(out).rstrip() + "\n"
 
 

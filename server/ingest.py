@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 from typing import Any, Callable
 
@@ -134,6 +135,20 @@ def _cookie(headers: list[str]) -> str | None:
     for header in headers:
         cookies.update(cookie_parser(header))
     return cookies.get(COOKIE_NAME)
+
+
+def _as_sent(problem: Problem, where: str | None) -> Problem:
+    """A store's refusal naming the field as the body was sent, as ``events.normalise``'s
+    do: the store names the request's events ``events[i]`` (a browser's body is always
+    ``{"events": [...]}``), a backend's array is ``body[i]``, its single object ``body``."""
+    field = problem.field
+    if where == "events" or not field.startswith("events"):
+        return problem
+    if where is None:  # one event: events[0].x is body.x, events is body
+        field = "body" + re.sub(r"^events(\[0\])?", "", field)
+    else:
+        field = where + field[len("events"):]
+    return problem._replace(field=field)
 
 
 def _media_type(request: Request) -> str:
@@ -318,10 +333,10 @@ class Ingest:
                 raws, where = event_list(body["events"], "events"), "events"
                 normalised = vocabulary.normalise_batch(raws, where, self._origin(site))
             elif isinstance(body, list):
-                raws = event_list(body, "body")
+                raws, where = event_list(body, "body"), "body"
                 normalised = vocabulary.normalise_batch(raws, "body", self._origin(site))
             else:
-                raws = [body]
+                raws, where = [body], None
                 normalised = [vocabulary.normalise(body, "body", self._origin(site))]
         except Invalid as exc:
             return self._refused(HTTPProblem(*Problem.invalid(exc)))
@@ -334,7 +349,7 @@ class Ingest:
         except StoreUnavailable as exc:
             return self._refused(unavailable(exc))
         if isinstance(results, Problem):  # refused by the store (a cart rule): stored nothing
-            return self._refused(HTTPProblem(*results))
+            return self._refused(HTTPProblem(*_as_sent(results, where)))
         self._stored(results)
         self.metrics.received(site.id, "backend", [event["name"] for event in normalised],
                               time.perf_counter() - started)

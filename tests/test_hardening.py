@@ -160,6 +160,59 @@ async def test_a_cart_over_its_line_limit_fails_alone(tmp_path) -> None:
     assert "a2" not in stored_ids(tmp_path)
 
 
+async def test_a_predicted_event_id_sent_first_blocks_no_other_visitor(tmp_path) -> None:
+    """The attacker review's reproduction on ``POST /e``: a site without an api key
+    (order_source browser); the attacker sends the id the shop's page will give its buyer's
+    purchase, first, from its own sc. The buyer's purchase is stored and planned; the
+    buyer's retry of the same beacon is one event still."""
+    from server import config
+
+    settings = config.parse({
+        "server": {"database": f"sqlite:///{tmp_path}/onetag.db",
+                   "public_url": "https://data.shop.example", "forward": False},
+        "sites": [{"id": "open", "origins": [ORIGIN],
+                   "rejoiner": {"site_id": "ABC1234", "api_key": "k"}}]}, env={})
+    attacker = beacon([{"event": "page_view", "event_id": "purchase-5001"}], site_id="open",
+                      sc="0C0C0C0C-0000-4000-8000-00000000000C")
+    victim = beacon([
+        {"event": "identify", "event_id": "vic-id-5001", "user": {"email": "buyer@example.com"}},
+        {"event": "purchase", "event_id": "purchase-5001", "ecommerce": {
+            "transaction_id": "5001", "currency": "USD", "value": 50,
+            "items": [{"item_id": "A", "price": 50, "quantity": 1}]}}],
+        site_id="open", sc="0D0D0D0D-0000-4000-8000-00000000000D")
+    async with running(settings) as (_, client):
+        answers = [await client.post("/e", content=body, headers=HEADERS)
+                   for body in (attacker, victim, victim)]
+    assert [a.status_code for a in answers] == [204, 204, 204]
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        events = db.execute("SELECT name, sc FROM events WHERE event_id = 'purchase-5001' "
+                            "ORDER BY seq").fetchall()
+        planned = db.execute("SELECT d.vendor, d.dedup_key, d.state FROM deliveries d JOIN "
+                             "events e ON e.seq = d.event_seq WHERE e.name = 'purchase'"
+                             ).fetchall()
+    assert events == [("page_view", "0C0C0C0C-0000-4000-8000-00000000000C"),
+                      ("purchase", "0D0D0D0D-0000-4000-8000-00000000000D")]
+    assert planned == [("rejoiner", "convert:5001", "pending")]
+    assert stored_ids(tmp_path).count("vic-id-5001") == 1
+
+
+async def test_a_backend_cart_refusal_names_the_field_as_the_body_was_sent(tmp_path) -> None:
+    """A single-object backend body's problems name ``body.*``, an array's ``body[i].*``,
+    an ``{"events": [...]}`` body's ``events[i].*``: the store's cart refusal too (it said
+    ``events[0]`` for all three)."""
+    add = {"event": "add_to_cart", "sc": "CART-LIMIT-0002",
+           "ecommerce": {"items": [item(s) for s in "ABCD"]}}
+    fields = []
+    async with running(settings_for(tmp_path, max_cart_lines=3)) as (_, client):
+        for body in (add, [add], {"events": [add]}):
+            refused = await client.post("/api/v1/sites/shop1/events", json=body,
+                                        headers={"authorization": "Bearer secret-key"})
+            assert refused.status_code == 422, refused.text
+            fields.append(refused.json()["errors"][0]["field"])
+    assert fields == ["body.ecommerce.items", "body[0].ecommerce.items",
+                      "events[0].ecommerce.items"]
+
+
 async def test_a_cart_over_its_byte_limit_is_refused(tmp_path) -> None:
     from server.store import sqlite_ingest
 

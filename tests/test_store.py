@@ -504,12 +504,20 @@ def test_migration_006_keeps_rows_and_splits_ids_and_keys_by_kind_of_sender(tmp_
     assert migrate(db)[:3] == ["006_sources.sql", "007_request_ids.sql", "008_attempts.sql"]
     assert db.execute("SELECT dedup_key, claim, retry_from_ms FROM deliveries ORDER BY id"
                       ).fetchall() == [("convert:1", 1, 5), ("convert:2", 0, 5)]
-    # The same id from the other kind of sender is a new event; from the same kind, refused.
+    # The same id from the other kind of sender is a new event; from the backend again,
+    # refused; from a browser, refused in the same session only (migration 016).
     db.execute("INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
                "VALUES ('shop1', 'e1', 'purchase', 'backend', 0, '{}', '{}')")
     with pytest.raises(sqlite3.IntegrityError):
-        db.execute("INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
-                   "VALUES ('shop1', 'e1', 'page_view', 'verified browser', 0, '{}', '{}')")
+        db.execute("INSERT INTO events (site_id, event_id, name, source, sc, received_ms, raw, "
+                   "data) VALUES ('shop1', 'e2', 'page_view', 'backend', 'SC-1', 0, '{}', '{}')")
+    for sc in ("SC-1", "SC-2"):
+        db.execute("INSERT INTO events (site_id, event_id, name, source, sc, received_ms, raw, "
+                   "data) VALUES ('shop1', 'e1', 'page_view', 'browser', ?, 0, '{}', '{}')", (sc,))
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute("INSERT INTO events (site_id, event_id, name, source, sc, received_ms, raw, "
+                   "data) VALUES ('shop1', 'e1', 'page_view', 'verified browser', 'SC-1', 0, "
+                   "'{}', '{}')")
     indexes = [row[0] for row in db.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events' "
         "AND sql NOT LIKE '%WHERE source = ''backend'' AND name = ''purchase''%'")]

@@ -593,3 +593,125 @@ async def test_the_oldest_pending_age_is_an_index_lookup_per_vendor(backend) -> 
         text = "\n".join(plan)
         assert "deliveries_oldest_pending" in text and "deliveries_due" not in text, text
         assert "Seq Scan on deliveries" not in text and "Limit" in text, text  # one seek
+
+
+# Whose event id is whose ------------------------------------------------------------------
+
+ATTACKER, VICTIM = "0C0C0C0C-0000-4000-8000-00000000000C", "0D0D0D0D-0000-4000-8000-00000000000D"
+
+
+async def test_a_browser_event_id_never_blocks_another_visitors_event(backend) -> None:
+    """An attacker who predicts a page's event id ("purchase-5001") and sends it first from
+    its own session: the victim's purchase is still stored and planned."""
+    settings = backend.settings(order_source="browser",
+                                rejoiner={"site_id": "ABC1234", "api_key": "k"},
+                                sendlane={"integration_token": "t", "api_token": "k"})
+    store = await backend.open(settings)
+    order = {"event": "purchase", "event_id": "purchase-5001", "ecommerce": {
+        "transaction_id": "5001", "currency": "USD", "value": 50,
+        "items": [item("A", 50)]}}
+    try:
+        first = await ingest(store, event({"event": "page_view", "event_id": "purchase-5001"},
+                                          sc=ATTACKER))
+        victim = [event({"event": "identify", "event_id": "vic-id-5001",
+                         "user": {"email": "buyer@example.com"}}, sc=VICTIM),
+                  event(order, sc=VICTIM)]
+        answer = await ingest(store, *victim)
+        again = [event({"event": "identify", "event_id": "vic-id-5001",
+                        "user": {"email": "buyer@example.com"}}, sc=VICTIM),
+                 event(order, sc=VICTIM)]
+        retried = await ingest(store, *again)  # the same beacon again: duplicates
+    finally:
+        await store.close()
+    assert not first[0].duplicate
+    assert [r.duplicate for r in answer] == [False, False]
+    assert answer[1].seq != first[0].seq
+    assert [r.duplicate for r in retried] == [True, True]
+    assert [r.seq for r in retried] == [r.seq for r in answer]
+    assert sorted(await backend.rows("SELECT name, sc FROM events WHERE event_id = ?",
+                                     "purchase-5001")) == [("page_view", ATTACKER),
+                                                           ("purchase", VICTIM)]
+    planned = await backend.rows(
+        "SELECT d.vendor, d.state FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+        "WHERE e.name = 'purchase'")
+    assert sorted(planned) == [("rejoiner", "pending"), ("sendlane", "pending")]
+
+
+async def test_a_delivery_key_made_of_a_browser_event_id_is_the_visitors_own(backend) -> None:
+    """Sendlane's added-to-cart key is made of the event id: two visitors' add_to_cart with
+    one id are two deliveries, and one visitor's retry is still one."""
+    store = await backend.open(backend.settings(
+        sendlane={"integration_token": "t", "api_token": "k"}))
+    cart = {"event": "add_to_cart", "event_id": "atc-1", "user": {"email": "a@b.co"},
+            "ecommerce": {"items": [item("A")]}}
+    victim_cart = {**cart, "user": {"email": "v@b.co"}}
+    try:
+        await ingest(store, event(cart, sc=ATTACKER))
+        await ingest(store, event(victim_cart, sc=VICTIM))
+        await ingest(store, event(victim_cart, sc=VICTIM))
+    finally:
+        await store.close()
+    rows = await backend.rows("SELECT d.visitor, d.state FROM deliveries d "
+                              "WHERE d.vendor = 'sendlane' AND d.request LIKE '%added-to-cart%'")
+    assert sorted(rows) == [(f"sc:{ATTACKER}", "pending"), (f"sc:{VICTIM}", "pending")]
+
+
+async def test_which_repeated_event_id_is_a_duplicate(backend) -> None:
+    """Every pair of senders, one id each pair: a duplicate only when both are the backend
+    (its ids are its own, whatever sc it names) or both the same browser session."""
+    senders = [("browser", "SC-AAAA-0001"), ("browser", "SC-BBBB-0002"), ("backend", None),
+               ("backend", "SC-AAAA-0001"), ("backend", "SC-BBBB-0002")]
+    store = await backend.open(backend.settings())
+    seen = {}
+    try:
+        for a, first in enumerate(senders):
+            for b, second in enumerate(senders):
+                event_id = f"pair-{a}-{b}"
+                answers = []
+                for source, sc in (first, second):
+                    raw = {"event": "page_view", "event_id": event_id}
+                    if sc is None:  # a backend event names its session or its customer
+                        raw["user"] = {"customer_id": "C1"}
+                    answers += await ingest(store, event(raw, sc=sc, source=source))
+                seen[(first, second)] = answers[1].duplicate
+                if answers[1].duplicate:
+                    assert answers[1].seq == answers[0].seq
+    finally:
+        await store.close()
+    expected = {(first, second): (first[0] == second[0] == "backend" or first == second)
+                for first in senders for second in senders}
+    assert seen == expected
+    duplicates = sum(expected.values())
+    assert await backend.rows("SELECT count(*) FROM events") == [(50 - duplicates,)]
+
+
+# A browser's cart lines never block the backend's -----------------------------------------
+
+async def test_a_cart_filled_by_the_browser_never_refuses_the_backends_add(backend) -> None:
+    """The browser fills the session's cart to its limit; the backend's add_to_cart for that
+    sc is stored, the browser's oldest lines dropped to make room. A browser's add over the
+    limit is still refused, and so is a backend add its own lines overflow."""
+    store = await backend.open(backend.settings(max_cart_lines=3))
+    sc = "SC-CART-0001"
+
+    def add(event_id: str, source: str, *skus: str) -> dict:
+        return event({"event": "add_to_cart", "event_id": event_id,
+                      "ecommerce": {"items": [item(s) for s in skus]}}, sc=sc, source=source)
+
+    try:
+        assert not isinstance(await ingest(store, add("b1", "browser", "A", "B")), Problem)
+        assert not isinstance(await ingest(store, add("b2", "browser", "C")), Problem)
+        fact = await ingest(store, add("f1", "backend", "X"))
+        claim = await ingest(store, add("b3", "browser", "D"))
+        facts = await ingest(store, add("f2", "backend", "Y", "Z"))
+        over = await ingest(store, add("f3", "backend", "W"))
+        view = await store.session_view("shop1", sc)
+    finally:
+        await store.close()
+    assert not isinstance(fact, Problem) and not isinstance(facts, Problem)
+    assert isinstance(claim, Problem) and claim.field == "events[0].ecommerce.items"
+    assert isinstance(over, Problem) and "limit is 3" in over.problem
+    assert [(line["item_id"], line.get("fact")) for line in view["cart"]["items"]] == [
+        ("X", True), ("Y", True), ("Z", True)]
+    assert sorted(await backend.rows("SELECT event_id FROM events")) == [
+        ("b1",), ("b2",), ("f1",), ("f2",)]

@@ -159,12 +159,15 @@ async def test_one_event_sent_to_two_nodes_at_once_is_stored_once(pg) -> None:
 async def test_a_stored_session_is_locked_a_new_one_created_and_a_duplicates_left_alone(
         pg) -> None:
     """One batch's sessions: a stored one is read and updated, a new one created, and the
-    session a duplicate names (another sc than its first copy's) is neither."""
+    session a duplicate names (another sc than its first copy's: the backend's ids are its
+    own, whatever sc it names) is neither."""
     store = await pg.open(pg.settings())
     try:
-        first = [event({"event": "page_view", "event_id": "e1"}, sc="SC-AAAA-0001")]
+        first = [event({"event": "page_view", "event_id": "e1"}, sc="SC-AAAA-0001",
+                       source="backend")]
         await store.ingest("shop1", first, first, SessionInfo())
-        events = [event({"event": "page_view", "event_id": "e1"}, sc="SC-BBBB-0002"),
+        events = [event({"event": "page_view", "event_id": "e1"}, sc="SC-BBBB-0002",
+                        source="backend"),
                   event({"event": "page_view", "event_id": "e2"}, sc="SC-AAAA-0001"),
                   event({"event": "page_view", "event_id": "e3"}, sc="SC-CCCC-0003")]
         answers = await store.ingest("shop1", events, events, SessionInfo(user_agent="UA"))

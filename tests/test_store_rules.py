@@ -132,6 +132,75 @@ def test_check_cart_bounds_lines_and_bytes() -> None:
         rules.check_cart(big, SimpleNamespace(max_cart_lines=200), "f")
 
 
+def _fit(cart_lines, event, limit):
+    """``cart_step`` then ``check_cart``, as both ingests apply them: the lines, or Refused."""
+    cart = (cart_lines, "G0", "USD") if cart_lines else None
+    step = rules.cart_step(cart, event, "USD", _guids(), limit)
+    rules.check_cart(step.lines, SimpleNamespace(max_cart_lines=limit), "f")
+    return step
+
+
+def _add(source: str, *ids: str) -> dict:
+    return _event("add_to_cart", source, ecommerce={"items": [_item(i, 1) for i in ids]})
+
+
+def _ids(lines) -> list[str]:
+    return [line["item_id"] + ("*" if line.get(rules.FACT) else "") for line in lines]
+
+
+def test_a_backend_cart_event_drops_claimed_lines_oldest_first_and_never_a_fact() -> None:
+    """A browser's lines are claims: a backend add_to_cart that would overflow the cart
+    drops them, oldest first, to make room (``*``: a line the backend stated)."""
+    claims = _fit(None, _add("browser", "A", "B", "C"), 3).lines
+    assert _ids(claims) == ["A", "B", "C"]
+    mixed = _fit(claims, _add("backend", "X"), 3).lines
+    assert _ids(mixed) == ["B", "C", "X*"]
+    assert _ids(_fit(mixed, _add("backend", "Y", "B"), 3).lines) == ["B*", "X*", "Y*"]
+    # A claim over the limit is refused, as before; so is a fact its own lines overflow.
+    with pytest.raises(Refused):
+        _fit(mixed, _add("browser", "D"), 3)
+    facts = _fit(None, _add("backend", "X", "Y", "Z"), 3).lines
+    with pytest.raises(Refused):
+        _fit(facts, _add("backend", "W"), 3)
+    # A line the backend stated stays its own when the browser adds to it.
+    assert _ids(_fit(facts, _add("browser", "X"), 3).lines) == ["X*", "Y*", "Z*"]
+    # A whole cart from the backend is all facts; one from the browser all claims.
+    replaced = _fit(claims, _event("view_cart", "backend", ecommerce={
+        "items": [_item("P", 1)]}), 3).lines
+    assert _ids(replaced) == ["P*"]
+
+
+def test_a_backend_cart_event_drops_claimed_lines_for_the_byte_bound_too() -> None:
+    name = "x" * (rules.MAX_CART_BYTES // 4)
+    claims = [{**_item(f"C{i}", 1), "item_name": name} for i in range(3)]
+    step = _fit(claims, _event("add_to_cart", "backend", ecommerce={
+        "items": [{**_item("F", 1), "item_name": name}]}), 200)
+    assert _ids(step.lines) == ["C1", "C2", "F*"]
+    assert len(rules.check_cart(step.lines, SimpleNamespace(max_cart_lines=200), "f")) <= (
+        rules.MAX_CART_BYTES)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["browser", "backend"]),
+                          st.lists(st.sampled_from("ABCDEFGH"), min_size=1, max_size=4)),
+                max_size=12), st.integers(1, 5))
+def test_a_claim_never_blocks_nor_removes_a_fact(ops, limit) -> None:
+    """Whatever the browser claimed, a backend add_to_cart is refused only when the lines
+    the backend stated would overflow the cart alone, and no fact line is dropped."""
+    lines: list = []
+    for source, ids in ops:
+        facts_before = {line["item_id"] for line in lines if line.get(rules.FACT)}
+        try:
+            step = _fit(lines, _add(source, *ids), limit)
+        except Refused:
+            assert source == "browser" or len(facts_before | set(ids)) > limit
+            continue
+        assert source == "browser" or len(facts_before | set(ids)) <= limit
+        assert facts_before <= {line["item_id"] for line in step.lines if line.get(rules.FACT)}
+        if source == "backend":
+            assert set(ids) <= {line["item_id"] for line in step.lines if line.get(rules.FACT)}
+        lines = step.cart[0]
+
+
 # A claim meeting a fact -------------------------------------------------------------------
 
 REQUEST = {"method": "POST", "url": "https://x", "json": {"a": 1},

@@ -361,8 +361,9 @@ class SearchReads:
 
     async def events_by_event_id(self, sites: Sequence[str], event_id: str
                                  ) -> list[dict[str, Any]]:
-        """Index ``events_id`` (site_id, event_id, source = 'backend'): a browser's and a
-        backend's event may share an id, so up to two a site."""
+        """Index ``events_id`` (site_id, event_id, scope), by its first two columns: the
+        backend's event with this id and every browser session's (a browser's id is its
+        session's, ``rules.event_scope``), newest first, up to ``MATCHES_LIMIT``."""
         if not sites:
             return []
         return await self._event_summaries(

@@ -109,7 +109,8 @@ _SESSIONS_AND_EVENTS = "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1) " 
 _SESSIONS_EVENTS_PRODUCTS = (
     "WITH touched AS (" + _SESSION_UPDATE + " RETURNING 1), added AS (" + _EVENT_INSERT
     + " RETURNING 1) " + pg_catalog.read_statement(3, lock=False))
-# Each distinct (site, event id, backend) of the batch: its stored seq if it is stored, else
+# Each distinct (site, event id, scope) of the batch (``rules.event_scope``: '' for the
+# backend's ids, a browser's sc for its): its stored seq if it is stored, else
 # a new seq from the shared sequence. A lookup a key (LATERAL), on the whole of the unique
 # index events_id: a prepared statement's generic plan is made once, often while the table
 # is nearly empty, and not made again until an ANALYZE; as a plain join such a plan hashed
@@ -120,9 +121,9 @@ _SESSIONS_EVENTS_PRODUCTS = (
 _KNOWN_COLUMNS = ("u.s, u.i, u.b, e.seq, CASE WHEN e.seq IS NULL THEN "
                   "nextval((SELECT pg_get_serial_sequence('events', 'seq')::regclass)) END")
 _KNOWN_FROM = (
-    " FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::bool[])) AS u(s, i, b) "
+    " FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[])) AS u(s, i, b) "
     "LEFT JOIN LATERAL (SELECT seq FROM events WHERE site_id = u.s AND event_id = u.i "
-    "AND (source = 'backend') = u.b LIMIT 1) AS e ON true")
+    f"AND ({rules.EVENT_SCOPE_SQL}) = u.b LIMIT 1) AS e ON true")
 _KNOWN_AND_SEQS = "SELECT " + _KNOWN_COLUMNS + _KNOWN_FROM
 # The batch's stored sessions, locked in the order of the arrays ((site_id, sc) order): a
 # probe a key (as above), FOR UPDATE waiting for another node's transaction that holds the
@@ -132,7 +133,7 @@ _KNOWN_AND_SEQS = "SELECT " + _KNOWN_COLUMNS + _KNOWN_FROM
 # version that the batch's update replaces again).
 _SESSIONS_STORED = (
     "SELECT " + ", ".join(f"t.{c}" for c in _SESSION_READ) + ", NULL::text AS k_s, "
-    "NULL::text AS k_i, NULL::bool AS k_b, NULL::bigint AS k_seq, NULL::bigint AS k_new "
+    "NULL::text AS k_i, NULL::text AS k_b, NULL::bigint AS k_seq, NULL::bigint AS k_new "
     "FROM unnest($4::text[], $5::text[]) AS u(s, sc) CROSS JOIN LATERAL "
     "(SELECT * FROM sessions WHERE site_id = u.s AND sc = u.sc FOR UPDATE) AS t")
 # Both in one round trip: the sessions' rows first (their locks taken first), then a row a
@@ -255,7 +256,7 @@ class PgIngestBatch:
                            rules.CLAIM_TAKEN_ERROR, self.now)
         return results
 
-    def _sequenced(self, requests: Sequence[Request], known: dict[tuple[str, str, bool], Any],
+    def _sequenced(self, requests: Sequence[Request], known: dict[tuple[str, str, str | None], Any],
                    seqs: list[int]) -> tuple[list[list[tuple[str, int, bool]]], list[Any]]:
         """Each event's answer (a new seq, or the stored one's: a duplicate), and the new
         events to apply: (seq, site_id, event, raw, user agent, (request, position))."""
@@ -263,7 +264,7 @@ class PgIngestBatch:
         fresh = []  # (request index, position, key)
         for index, (site_id, events, *_rest) in enumerate(requests):
             for position, event in enumerate(events):
-                key = (site_id, event["event_id"], event["source"] == trust.BACKEND)
+                key = (site_id, event["event_id"], rules.event_scope(event))
                 if key not in known:
                     known[key] = None  # taken by this batch: later copies are duplicates
                     fresh.append((index, position, key))
@@ -277,7 +278,7 @@ class PgIngestBatch:
             for position, (event, raw) in enumerate(zip(events, raws)):
                 seq = new_seq.get((index, position))
                 if seq is None:
-                    key = (site_id, event["event_id"], event["source"] == trust.BACKEND)
+                    key = (site_id, event["event_id"], rules.event_scope(event))
                     results[index].append((event["event_id"], known[key], True))
                     continue
                 results[index].append((event["event_id"], seq, False))
@@ -292,15 +293,15 @@ class PgIngestBatch:
 
     async def _read_unlocked(self, requests: Sequence[Request],
                              product_keys: list[tuple[str, str]]) -> tuple[
-            dict[tuple[str, str, bool], Any], list[int], dict[tuple[str, str], _Session],
+            dict[tuple[str, str, str | None], Any], list[int], dict[tuple[str, str], _Session],
             dict[tuple[str, str], Any]]:
         """``_known_events``' answers without a lock, with each stored session's version
         and identity, and the products of ``product_keys``: one round trip."""
-        sites, ids, backend, keys = _event_keys(requests)
+        sites, ids, scopes, keys = _event_keys(requests)
         known, seqs, stored, products = {}, [], {}, []
         at = len(_SESSION_READ)
         for kind, row in await self.conn.fetch(
-                _READ_UNLOCKED, sites, ids, backend, [k[0] for k in keys],
+                _READ_UNLOCKED, sites, ids, scopes, [k[0] for k in keys],
                 [k[1] for k in keys], [k[0] for k in product_keys],
                 [k[1] for k in product_keys]):
             if kind == "s":
@@ -320,15 +321,15 @@ class PgIngestBatch:
         return known, seqs, stored, pg_catalog.products_read(product_keys, products)
 
     async def _known_events(self, requests: Sequence[Request]
-                            ) -> tuple[dict[tuple[str, str, bool], Any], list[int],
+                            ) -> tuple[dict[tuple[str, str, str | None], Any], list[int],
                                        dict[tuple[str, str], _Session]]:
         """The batch's events already stored (key: seq), a seq from the shared sequence for
         each distinct new one, ascending, and the stored sessions of the batch's first
         copies of each event, locked: one round trip."""
-        sites, ids, backend, keys = _event_keys(requests)
+        sites, ids, scopes, keys = _event_keys(requests)
         known, seqs, stored = {}, [], {}
         at = len(_SESSION_READ)
-        for row in await self.conn.fetch(_KNOWN_AND_SESSIONS, sites, ids, backend,
+        for row in await self.conn.fetch(_KNOWN_AND_SESSIONS, sites, ids, scopes,
                                          [k[0] for k in keys], [k[1] for k in keys]):
             if row[at] is None:
                 stored[(row["site_id"], row["sc"])] = _Session(row)
@@ -558,7 +559,8 @@ class PgIngestBatch:
         state = self.sessions[key]
         if state.cart is _UNREAD:
             state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
-        step = rules.cart_step(state.cart or None, event, site.currency, rules.new_guid)
+        step = rules.cart_step(state.cart or None, event, site.currency, rules.new_guid,
+                               site.max_cart_lines)
         if step is None:
             return None
         field = f"events[{place[1]}].ecommerce.items"
@@ -670,25 +672,26 @@ def named_products(requests: Sequence[Request]) -> list[tuple[str, str]]:
     return sorted(keys)
 
 
-def _event_keys(requests: Sequence[Request]) -> tuple[list[str], list[str], list[bool],
-                                                     list[tuple[str, str]]]:
-    """The batch's event keys as three arrays (site, event id, backend), and the sessions
+def _event_keys(requests: Sequence[Request]) -> tuple[list[str], list[str],
+                                                     list[str | None], list[tuple[str, str]]]:
+    """The batch's event keys as three arrays (site, event id, scope: ``rules.event_scope``),
+    and the sessions
     of each key's first copy, in (site_id, sc) order."""
-    sites, ids, backend = [], [], []
-    first: set[tuple[str, str, bool]] = set()
+    sites, ids, scopes = [], [], []
+    first: set[tuple[str, str, str | None]] = set()
     visitors = set()
     for site_id, events, *_ in requests:
         for event in events:
-            event_id, is_backend = event["event_id"], event["source"] == trust.BACKEND
+            event_id, scope = event["event_id"], rules.event_scope(event)
             sites.append(site_id)
             ids.append(event_id)
-            backend.append(is_backend)
-            key = (site_id, event_id, is_backend)
+            scopes.append(scope)
+            key = (site_id, event_id, scope)
             if key not in first:
                 first.add(key)
                 if event["sc"]:
                     visitors.add((site_id, event["sc"]))
-    return sites, ids, backend, sorted(visitors)
+    return sites, ids, scopes, sorted(visitors)
 
 
 def _session_keys(work: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:

@@ -138,6 +138,23 @@ def bind_session(source: str, verified: int | None, current_id: int | None,
     return Binding(changed and current_id is not None, changed and current_id is None, verified)
 
 
+# Whose event id is whose ------------------------------------------------------------------
+
+def event_scope(event: Mapping[str, Any]) -> str | None:
+    """The space an event's id is unique in, beside its site: a duplicate is an event with
+    the same (site, event id, scope). The backend's ids are its own, one space a site
+    (``""``, whatever ``sc`` it names); a browser's are its session's (its ``sc``): a
+    retried beacon is a duplicate, another visitor's event under an id it predicted
+    ("purchase-5001") is not. The events table's unique index ``events_id`` is on the same
+    (``EVENT_SCOPE_SQL``; migrations 016 and 032)."""
+    return "" if event["source"] == trust.BACKEND else event["sc"]
+
+
+# ``event_scope`` of a stored row, as both databases' unique index ``events_id`` computes it
+# (a lookup must name the same expression to probe the whole index).
+EVENT_SCOPE_SQL = "CASE WHEN source = 'backend' THEN '' ELSE sc END"
+
+
 # The cart GUID policy ---------------------------------------------------------------------
 
 class CartStep(NamedTuple):
@@ -147,10 +164,14 @@ class CartStep(NamedTuple):
 
 
 def cart_step(cart: tuple[list[dict[str, Any]], str | None, str | None] | None,
-              event: dict[str, Any], site_currency: str, new_guid: Callable[[], str]
-              ) -> CartStep | None:
+              event: dict[str, Any], site_currency: str, new_guid: Callable[[], str],
+              max_lines: int | None = None) -> CartStep | None:
     """The session's cart (``(lines, guid, currency)`` or None) after ``event``; None when
     the event does not touch the cart.
+
+    A backend event's lines are facts (``backend_lines``): marked ``FACT``, and a browser's
+    claimed lines make room for them within ``max_lines`` (the site's ``max_cart_lines``)
+    and ``MAX_CART_BYTES``. What still overflows is ``check_cart``'s to refuse.
 
     The GUID names a cart state. The browser may name it (``cart_guid``: it may already
     have sent that state to a vendor under it, eS.js's StatusCart): both paths then quote
@@ -165,6 +186,8 @@ def cart_step(cart: tuple[list[dict[str, Any]], str | None, str | None] | None,
     after = apply_cart(items, event)
     if after is None:
         return None
+    if event["source"] == trust.BACKEND and after:
+        after = backend_lines(after, event, max_lines)
     given = event.get("cart_guid")
     if event["name"] == "purchase":
         return CartStep(after, cart_snapshot(items, currency, guid or given), None)
@@ -173,6 +196,52 @@ def cart_step(cart: tuple[list[dict[str, Any]], str | None, str | None] | None,
     elif after != items or guid is None:
         guid = new_guid()
     return CartStep(after, cart_snapshot(after, currency, guid), (after, guid, currency))
+
+
+# A cart line the backend stated carries ``FACT: True`` (never a field an event's item can
+# have: ``events._item`` builds each from known keys). A browser's lines are claims.
+FACT = "fact"
+
+
+def backend_lines(lines: list[dict[str, Any]], event: dict[str, Any],
+                  max_lines: int | None) -> list[dict[str, Any]]:
+    """The cart after a backend cart event (``lines``, from ``apply_cart``): the lines it
+    states marked ``FACT`` (a whole cart's every line; an add's the lines it names), then,
+    over ``max_lines`` or ``MAX_CART_BYTES``, the browser's claimed lines dropped, oldest
+    first (a cart's lines are in the order they were first added), until it fits.
+
+    A claim never blocks a fact (docs/security.md, "Carts"): a browser filling the cart to
+    its limit made the backend's own add_to_cart fail. The backend's own lines are bounded
+    as before: if they alone overflow, ``check_cart`` refuses the event. Lines are never
+    changed in place (earlier snapshots share them): a line to mark is copied."""
+    if event["name"] == "add_to_cart":
+        named = {(item["item_id"], item.get("item_variant") or "")
+                 for item in (event.get("ecommerce") or {}).get("items") or ()}
+        lines = [{**line, FACT: True} if not line.get(FACT) and (
+                     line["item_id"], line.get("item_variant") or "") in named else line
+                 for line in lines]
+    elif event["name"] != "remove_from_cart":  # a whole cart (view_cart, cart_updated, ...)
+        lines = [line if line.get(FACT) else {**line, FACT: True} for line in lines]
+    excess = len(lines) - max_lines if max_lines is not None else 0
+    dropped: set[int] = set()
+    for index, line in enumerate(lines):
+        if excess <= 0:
+            break
+        if not line.get(FACT):
+            dropped.add(index)
+            excess -= 1
+    if dropped:
+        lines = [line for index, line in enumerate(lines) if index not in dropped]
+    size = len(encode(lines))
+    if size > MAX_CART_BYTES and not all(line.get(FACT) for line in lines):
+        kept = []
+        for line in lines:
+            if size > MAX_CART_BYTES and not line.get(FACT):
+                size -= len(encode(line)) + 1  # the line and its comma
+            else:
+                kept.append(line)
+        lines = kept
+    return lines
 
 
 def check_cart(lines: list[dict[str, Any]], site: Any, field: str) -> bytes:

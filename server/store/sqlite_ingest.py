@@ -294,8 +294,9 @@ class IngestBatch:
         self.request_ids = [request[4] for request in requests]
         for index, (site_id, events, raws, user_agent, _) in enumerate(requests):
             for position, (event, raw) in enumerate(zip(events, raws)):
-                # Ids are unique per kind of sender: a browser's never suppresses the backend's.
-                key = (site_id, event["event_id"], event["source"] == trust.BACKEND)
+                # The backend's ids are its own, a browser's its session's (rules.event_scope):
+                # neither suppresses the backend's nor another visitor's event.
+                key = (site_id, event["event_id"], rules.event_scope(event))
                 if key in known:
                     results[index].append((event["event_id"], known[key], True))
                     continue
@@ -316,7 +317,10 @@ class IngestBatch:
         self.cache.trim()
         return results
 
-    def _known_events(self, requests: Sequence[Request]) -> dict[tuple[str, str, bool], int]:
+    def _known_events(self, requests: Sequence[Request]
+                      ) -> dict[tuple[str, str, str | None], int]:
+        """The stored events among the batch's ids, by (site, event id, scope): a probe of
+        the unique index ``events_id`` by its first two columns."""
         ids: dict[str, list[str]] = {}
         for site_id, events, *_ in requests:
             ids.setdefault(site_id, []).extend(event["event_id"] for event in events)
@@ -324,10 +328,11 @@ class IngestBatch:
         for site_id, event_ids in ids.items():
             for chunk in _chunks(event_ids):
                 rows = self.conn.execute(
-                    f"SELECT event_id, seq, source = 'backend' FROM events WHERE site_id = ? "
-                    f"AND event_id IN ({','.join('?' * len(chunk))})", (site_id, *chunk))
-                known.update(((site_id, event_id, bool(backend)), seq)
-                             for event_id, seq, backend in rows)
+                    f"SELECT event_id, seq, {rules.EVENT_SCOPE_SQL} FROM events WHERE "
+                    f"site_id = ? AND event_id IN ({','.join('?' * len(chunk))})",
+                    (site_id, *chunk))
+                known.update(((site_id, event_id, scope), seq)
+                             for event_id, seq, scope in rows)
         return known
 
     def _load_state(self, work: Sequence[tuple[Any, ...]]) -> None:
@@ -580,7 +585,8 @@ class IngestBatch:
         state = self.sessions[key]
         if state.cart is _UNREAD:
             state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
-        step = rules.cart_step(state.cart or None, event, site.currency, _new_guid)
+        step = rules.cart_step(state.cart or None, event, site.currency, _new_guid,
+                               site.max_cart_lines)
         if step is None:
             return None
         field = f"events[{place[1]}].ecommerce.items"

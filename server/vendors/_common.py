@@ -39,6 +39,18 @@ def person(event: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def event_ref(event: dict[str, Any]) -> str:
+    """An event's id as a dedup key names it: ``<sc>/<event id>`` for an event of a browser
+    session (the backend's naming one too), else the id alone. A browser's event id is its
+    session's (docs/security.md): pages may set their own (``event_id: "purchase-5001"``),
+    and a key of the id alone let one visitor's delivery hold the key of another's, whose
+    row was then never made. The backend's copy of a page's event (its id, naming the
+    page's sc) still meets the page's under one key (``rules.fact_meets_claim``).
+    ``/`` is in neither an sc nor an event id."""
+    sc = event.get("sc")
+    return f"{sc}/{event['event_id']}" if sc else event["event_id"]
+
+
 def full_name(who: dict[str, Any]) -> str | None:
     return " ".join(part for part in (who.get("first_name"), who.get("last_name")) if part) or None
 

@@ -100,7 +100,7 @@ def auth_headers(cfg: VendorConfig) -> dict[str, str]:
 def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
     name = event["name"]
     cur = c.currency(event, ctx.currency)
-    eid = event["event_id"]
+    eid = c.event_ref(event)
     if name == "identify":
         # ES REST CustomerData: GeneralInfo alone ties the sc cookie to the customer. Keyed by
         # a digest of it (without the time): the same person on another device (another sc)
@@ -233,7 +233,7 @@ def _product_update(event: dict[str, Any], ctx: PlanContext,
     advertise a sold-out product); it is recorded as an ``ignored`` row with the reason.
     """
     products, skipped = [], []
-    eid = event["event_id"]
+    eid = c.event_ref(event)
     for index, item in enumerate(c.ecommerce(event)["items"]):
         if item.get("in_stock") is None:
             skipped.append(VendorRequest(
@@ -272,4 +272,4 @@ def _custom(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     tags = {key: _tag(value) for key, value in (event.get("properties") or {}).items()}
     custom = c.compact({"EventName": event["name"], "Tags": tags or None})
     return _request(ctx, _with_general(event, ctx, "CustomEvent", {"CustomEvent": custom}),
-                    f"CustomEvent:{event['event_id']}")
+                    f"CustomEvent:{c.event_ref(event)}")

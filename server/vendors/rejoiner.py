@@ -103,14 +103,14 @@ def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
         return [_post(ctx, "customer/cancel/", _with_email(event, {}), f"cancel:{order}:{status}")]
     if name == "unsubscribe":
         return [_post(ctx, "customer/unsubscribe/", _with_email(event, {}),
-                      f"unsubscribe:{event['event_id']}")]
+                      f"unsubscribe:{c.event_ref(event)}")]
     if name == "opt_in":
         # RJ REST customer/opt_in/: "Any additional fields will be treated as strings and
         # stored along with the record of explicit consent": the event's own properties
         # (e.g. {"type": "accepts marketing checkbox"}) are exactly that record.
         record = dict(event.get("properties") or {})
         return [_post(ctx, "customer/opt_in/", _with_email(event, record),
-                      f"opt_in:{event['event_id']}")]
+                      f"opt_in:{c.event_ref(event)}")]
     return []
 
 

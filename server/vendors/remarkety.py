@@ -119,13 +119,13 @@ def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
     if name == "unsubscribe":
         # RM events newsletter/unsubscribe: {email}; adds it to the suppression list.
         return [_webhook(ctx, event, "newsletter/unsubscribe", _email_only(event),
-                         f"newsletter/unsubscribe:{event['event_id']}", needs_email=True)]
+                         f"newsletter/unsubscribe:{c.event_ref(event)}", needs_email=True)]
     if name == "opt_in":
         # Section 7: opt_in is customers/update. Not newsletter/subscribe, which sends the
         # customer an opt-in confirmation (RM events) for consent the shop already has.
         body = {**_email_only(event), "accepts_marketing": True}
         return [_webhook(ctx, event, "customers/update", body,
-                         f"customers/update:{event['event_id']}", needs_email=True)]
+                         f"customers/update:{c.event_ref(event)}", needs_email=True)]
     return []
 
 
@@ -351,5 +351,5 @@ def _products(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
             "variants": [variant],
         })
         requests.append(_webhook(ctx, event, "products/update", body,
-                                 f"products/update:{event['event_id']}:{index}", needs_email=False))
+                                 f"products/update:{c.event_ref(event)}:{index}", needs_email=False))
     return requests

@@ -112,7 +112,7 @@ def auth_headers(cfg: VendorConfig) -> dict[str, str]:
 def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
     name = event["name"]
     cur = c.currency(event, ctx.currency)
-    eid = event["event_id"]
+    eid = c.event_ref(event)
     if name == "identify":
         return [_customer(event, ctx)]
     if name == "view_item":
@@ -217,7 +217,7 @@ def _added_to_cart(event: dict[str, Any], ctx: PlanContext, cur: str) -> VendorR
     body = {"cart_id": (event.get("cart") or {}).get("guid") or event["event_id"],
             **_contact(event), "total_items": t.item_count, "total": _number(t.total, cur),
             "currency": cur, "line_items": [_line(item, cur) for item in items]}
-    return _post(ctx, "added-to-cart", body, f"added-to-cart:{event['event_id']}")
+    return _post(ctx, "added-to-cart", body, f"added-to-cart:{c.event_ref(event)}")
 
 
 def _checkout_started(event: dict[str, Any], ctx: PlanContext, cur: str) -> VendorRequest:
@@ -313,7 +313,7 @@ def _products(event: dict[str, Any], ctx: PlanContext, cur: str) -> list[VendorR
         if not (item.get("item_url") and item.get("image_url")):
             continue
         requests.append(product_added(item, ctx, cur,
-                                      f"product-added:{event['event_id']}:{index}"))
+                                      f"product-added:{c.event_ref(event)}:{index}"))
     return requests
 
 

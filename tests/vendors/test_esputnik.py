@@ -42,7 +42,7 @@ def test_view_item_is_a_product_page():
     assert req.json == {"GeneralInfo": general("ProductPage"),
                         "ProductPage": {"Product": {"productKey": "SKU-1000", "price": "29.99",
                                                     "isInStock": "1"}}}
-    assert req.dedup_key == "ProductPage:EVT-1"
+    assert req.dedup_key == f"ProductPage:{SC}/EVT-1"
     assert req.needs_email is False
 
 
@@ -59,7 +59,7 @@ def test_view_item_list_is_a_category_page():
     [req] = esputnik.plan(evt, CTX)
     assert req.json == {"GeneralInfo": general("CategoryPage"),
                         "CategoryPage": {"Category": {"categoryKey": "509876"}}}
-    assert req.dedup_key == "CategoryPage:EVT-1"
+    assert req.dedup_key == f"CategoryPage:{SC}/EVT-1"
     by_name = event("view_item_list", ecommerce=ecommerce(MUG, item_list_name="Babies"))
     assert esputnik.plan(by_name, CTX)[0].json["CategoryPage"] == {
         "Category": {"categoryKey": "Babies"}}
@@ -75,7 +75,7 @@ def test_add_to_wishlist():
                                                       "isInStock": "1"}}}
     assert gone.json["AddToWishlist"] == {"Product": {"productKey": "SKU-9", "price": "7.54",
                                                       "isInStock": "0"}}
-    assert (mug.dedup_key, gone.dedup_key) == ("AddToWishlist:EVT-1:0", "AddToWishlist:EVT-1:1")
+    assert (mug.dedup_key, gone.dedup_key) == (f"AddToWishlist:{SC}/EVT-1:0", f"AddToWishlist:{SC}/EVT-1:1")
 
 
 def test_cart_change_is_the_whole_cart_under_its_guid():
@@ -200,7 +200,7 @@ def test_custom_event():
                         "CustomEvent": {"EventName": "newsletter_popup_shown",
                                         "Tags": {"popup": ["spring"], "variant": ["2"],
                                                  "tags": ["a", "b"]}}}
-    assert req.dedup_key == "CustomEvent:C1"
+    assert req.dedup_key == f"CustomEvent:{SC}/C1"
     bare = esputnik.plan(event("ping", event_id="C2"), CTX)[0]
     assert bare.json["CustomEvent"] == {"EventName": "ping"}
 

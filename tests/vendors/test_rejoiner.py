@@ -7,7 +7,7 @@ import dataclasses
 
 from server.vendors import rejoiner
 
-from ._events import (BOOK, CLIP, EMAIL, MUG, PEN, cart, context, ecommerce, event, identity,
+from ._events import (BOOK, CLIP, EMAIL, MUG, PEN, SC, cart, context, ecommerce, event, identity,
                       item, samples)
 
 CTX = context(rejoiner)
@@ -142,7 +142,7 @@ def test_consent():
                                   identity=identity()), CTX)
     assert (unsub.method, unsub.url, unsub.json) == (
         "POST", f"{BASE}/customer/unsubscribe/", {"email": EMAIL})
-    assert unsub.dedup_key == "unsubscribe:U1"
+    assert unsub.dedup_key == f"unsubscribe:{SC}/U1"
     # The REST docs' opt_in example: extra fields are the record of how consent was given.
     props = {"type": "accepts marketing checkbox",
              "otherInfo": "accepted marketing on checkout page"}
@@ -150,7 +150,7 @@ def test_consent():
                                 identity=identity(), properties=props), CTX)
     assert (opt.method, opt.url) == ("POST", f"{BASE}/customer/opt_in/")
     assert opt.json == {"email": EMAIL, **props}
-    assert opt.dedup_key == "opt_in:O1"
+    assert opt.dedup_key == f"opt_in:{SC}/O1"
     assert unsub.needs_email and opt.needs_email
 
 

@@ -208,12 +208,12 @@ def test_consent():
                                    identity=identity()), CTX)
     assert dict(unsub.headers) == headers("newsletter/unsubscribe")
     assert unsub.json == {"email": EMAIL}
-    assert unsub.dedup_key == "newsletter/unsubscribe:U1"
+    assert unsub.dedup_key == f"newsletter/unsubscribe:{SC}/U1"
     [opt] = remarkety.plan(event("opt_in", event_id="O1", user={"email": EMAIL},
                                  identity=identity()), CTX)
     assert dict(opt.headers) == headers("customers/update")
     assert opt.json == {"email": EMAIL, "accepts_marketing": True}
-    assert opt.dedup_key == "customers/update:O1"
+    assert opt.dedup_key == f"customers/update:{SC}/O1"
 
 
 def test_events_without_a_webhook_plan_nothing():

@@ -8,7 +8,7 @@ import json
 
 from server.vendors import sendlane
 
-from ._events import (BOOK, CLIP, EMAIL, GUID, MUG, PAGE, PEN, cart, context, ecommerce, event,
+from ._events import (BOOK, CLIP, EMAIL, GUID, MUG, PAGE, PEN, SC, cart, context, ecommerce, event,
                       identity, item, samples)
 
 CTX = context(sendlane)
@@ -154,7 +154,7 @@ def test_view_item_is_product_viewed():
     [req] = sendlane.plan(event("view_item", ecommerce=ecommerce(MUG), identity=identity()), CTX)
     assert (req.method, req.url) == ("POST", f"{BASE}/product-viewed")
     assert req.json == {"token": TOKEN, "product_id": "SKU-1000", "email": EMAIL}
-    assert req.dedup_key == "product-viewed:EVT-1"
+    assert req.dedup_key == f"product-viewed:{SC}/EVT-1"
     assert req.needs_email is True
 
 
@@ -168,7 +168,7 @@ def test_add_to_cart_is_added_to_cart_with_the_added_lines():
                         "line_items": [{"product_id": "SKU-1999", "sku": "SKU-1999",
                                         "product_name": "Book", "quantity": 3,
                                         "item_price": 19.99, "total": 59.97}]}
-    assert req.dedup_key == "added-to-cart:EVT-1"
+    assert req.dedup_key == f"added-to-cart:{SC}/EVT-1"
     assert req.needs_email is True
 
 
@@ -247,7 +247,11 @@ def test_custom_event():
     assert (req.method, req.url) == ("POST", f"{BASE}/event")
     assert req.json == {"token": TOKEN, "custom_event": "password_reset", "email": EMAIL,
                         "data": {"password-reset-url": "https://website.domain/forgotpassword"}}
-    assert req.dedup_key == "event:C1"
+    assert req.dedup_key == f"event:{SC}/C1"
+    # A browser's event id is its session's: the key names the sc. A backend event that
+    # names no session is keyed by its id alone (the backend's ids are its own).
+    backend = {**evt, "source": "backend", "sc": None}
+    assert sendlane.plan(backend, CTX)[0].dedup_key == "event:C1"
     assert req.needs_email is True
 
 
