@@ -1,5 +1,5 @@
 """What a real ``onetag serve`` bounds per connection (server/connections.py): the time to
-send a request's headers, and the log when file descriptors run out.
+send a request's headers, a console form's body, and the log when file descriptors run out.
 
 An attacker's review found 6,000 connections that sent ``GET /healthz HTTP/1.1\\r\\nHost: x\\r\\n``
 and nothing more still open after 90 s; at ~20,000 the process ran out of file descriptors,
@@ -192,6 +192,33 @@ def test_the_header_deadline_does_not_cut_a_request_being_answered(tmp_path: Pat
             time.sleep(0.5)
             sock.sendall(body[start:start + len(body) // 4 + 1])
         assert read_response(sock).startswith(b"HTTP/1.1 204")
+
+
+# The console's forms ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_console_login_body_trickled_is_answered_408(tmp_path: Path) -> None:
+    """POST /admin/login with Content-Length: 1000 trickling a byte a second was unanswered
+    after 30 s: the console's form reader had no deadline. It has body_timeout_s now."""
+    with serving(tmp_path, admin_token=ADMIN_TOKEN, body_timeout_s=1) as serve, \
+            serve.connect() as sock:
+        sock.sendall(b"POST /admin/login HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 1000\r\n\r\ntoken=")
+        started = time.monotonic()
+        sock.settimeout(0.3)
+        answer = b""
+        while b"\r\n\r\n" not in answer and time.monotonic() - started < 8:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(b"a")
+            with contextlib.suppress(TimeoutError):
+                answer += sock.recv(65536)
+        elapsed = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), (elapsed, answer[:300])
+        assert 0.9 <= elapsed < 4, elapsed
+        head = answer.partition(b"\r\n\r\n")[0].lower()
+        assert b"connection: close" in head and b"x-frame-options: deny" in head, head
+        assert serve.healthy()
 
 
 # Out of file descriptors -----------------------------------------------------------------
