@@ -49,7 +49,6 @@ class HeaderDeadlines:
         self.due: dict[Any, float] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # a closed one's never fires
-        self.closed = 0  # connections closed for want of headers (for tests and logs)
 
     def arm(self, protocol: Any, loop: asyncio.AbstractEventLoop) -> None:
         due = self.due
@@ -69,12 +68,16 @@ class HeaderDeadlines:
             if deadline > now:
                 break
             late.append(protocol)
+        closed = 0
         for protocol in late:
             del self.due[protocol]
             transport = protocol.transport
             if transport is not None and not transport.is_closing():
-                self.closed += 1
+                closed += 1
                 transport.close()
+        if closed:
+            log.debug("closed %d connection(s) whose request headers were not all in within "
+                      "%g s", closed, self.timeout_s)
         self._sweep = loop.call_later(self.period, self._expire, loop) if self.due else None
 
 
