@@ -15,6 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from . import connections
 from .admin import admin_app
 from .assets import static_dir
 from .coupons import PATH as COUPONS_PATH, Coupons
@@ -132,20 +133,25 @@ def create_app(settings: Any, store: Any = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.open()
+        # A failed accept (out of file descriptors) is counted, not logged each time.
+        restore = connections.handle_accept_errors(asyncio.get_running_loop())
         try:
-            if forwarder is not None:
-                await forwarder.start()
+            await store.open()
             try:
-                yield
-            finally:
                 if forwarder is not None:
-                    try:  # stop claiming; in-flight sends finish or stay leased
-                        await asyncio.wait_for(forwarder.stop(), half_grace)
-                    except asyncio.TimeoutError:
-                        log.warning("the forwarder did not stop within %g s", half_grace)
+                    await forwarder.start()
+                try:
+                    yield
+                finally:
+                    if forwarder is not None:
+                        try:  # stop claiming; in-flight sends finish or stay leased
+                            await asyncio.wait_for(forwarder.stop(), half_grace)
+                        except asyncio.TimeoutError:
+                            log.warning("the forwarder did not stop within %g s", half_grace)
+            finally:
+                await store.close(grace_s=min(5.0, half_grace))
         finally:
-            await store.close(grace_s=min(5.0, half_grace))
+            restore()
 
     app = _App(routes=routes, lifespan=lifespan)
     app.fast_post = (settings.server.event_path, ingest.browser_events)

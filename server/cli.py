@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
               f"{_shown(settings)}", flush=True)
         warning = public_url_warning(settings.server.public_url, args.port)
-    from . import logs
+    from . import connections, logs
 
     options = _forward_options() if settings.server.forward else None
     log_format = args.log_format or settings.server.log_format
@@ -218,6 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     log_config = logs.configure(log_format, args.log_level)
+    connections.raise_open_files_limit()
+    connections.install_accept_error_filter()
     app = create_app(settings, forward_options=options)
     # Access lines are info: at a quieter level none is ever written, but uvicorn still
     # formats each one's client address and path before the logger drops it (~1.5 µs a
@@ -228,6 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # every request in flight waiting).
     gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                http=connections.header_deadline_protocol(settings.server.header_timeout_s),
                 log_config=log_config, server_header=False, access_log=access_log,
                 **proxy_options(settings.server.trusted_proxies),
                 timeout_graceful_shutdown=max(1, int(settings.server.shutdown_grace_s / 2)))

@@ -44,6 +44,7 @@ NUMBERS: dict[str, tuple[float, float, float, bool, str]] = {
     "browser_grace_s": (DEFAULT_BROWSER_GRACE_S, 0, 86_400, True, "seconds"),
     "writer_timeout_s": (10.0, 1, 600, True, "seconds"),
     "shutdown_grace_s": (10.0, 1, 600, True, "seconds"),
+    "header_timeout_s": (10.0, 1, 600, True, "seconds"),
     "body_timeout_s": (10.0, 1, 600, True, "seconds"),
     "keep_attempts_days": (DEFAULT_KEEP_ATTEMPTS_DAYS, 0, 3650, False, "days"),
     "max_pending_writes": (2000, 1, 1_000_000, True, ""),
@@ -130,6 +131,9 @@ class ServerConfig:
     browser_grace_s: float = DEFAULT_BROWSER_GRACE_S
     writer_timeout_s: float = 10.0  # a writer leaving a frame unanswered this long is replaced
     shutdown_grace_s: float = 10.0  # SIGTERM: requests and the writer get this long to finish
+    # A connection whose request headers are not all in this long after it opened, or after
+    # its previous response, is closed (server/connections.py).
+    header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0  # a request body not received in this time: 408
     max_pending_writes: int = 2000  # writes waiting for the store before new ones get 503
     max_pending_bytes: int = 64 * 1024 * 1024  # ... and the bytes of their bodies

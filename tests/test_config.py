@@ -264,6 +264,7 @@ NUMBER_KEYS = {  # key: (a value inside its range, one just below it, one just a
     "browser_grace_s": (0, -1, 86401),
     "writer_timeout_s": (1, 0.999, 601),
     "shutdown_grace_s": (1, 0.5, 601),
+    "header_timeout_s": (1, 0.5, 601),
     "body_timeout_s": (1, 0.5, 601),
     "keep_attempts_days": (1, 0, 3651),
     "max_pending_writes": (1, 0, 1_000_001),

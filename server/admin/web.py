@@ -9,6 +9,7 @@ with ``await console.form(request)``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import time
@@ -72,6 +73,7 @@ class Console:
         self.store = store
         self.token: str = settings.server.admin_token or ""
         self.enabled = bool(self.token)
+        self.body_timeout_s: float = settings.server.body_timeout_s  # a form's, as a body's
         self.key = auth.derive_key(self.token) if self.enabled else b""
         self.revoked = auth.Revoked()
         self.throttle = auth.LoginThrottle()
@@ -235,7 +237,7 @@ class Console:
                                      now_ms())
         given = request.headers.get(CSRF_HEADER)
         if given is None:
-            given = (await read_form(request)).get(CSRF_FIELD)
+            given = (await read_form(request, self.body_timeout_s)).get(CSRF_FIELD)
         return auth.csrf_ok(self.key, nonce, given)
 
     async def form(self, request: Request) -> FormData:
@@ -243,13 +245,16 @@ class Console:
         answered as the plain page "CSRF token missing or wrong")."""
         if not await self.csrf_valid(request):
             raise HTTPException(403, CSRF_REFUSED)
-        return await read_form(request)
+        return await read_form(request, self.body_timeout_s)
 
 
-async def read_form(request: Request) -> FormData:
+async def read_form(request: Request, timeout_s: float) -> FormData:
     """An ``application/x-www-form-urlencoded`` body as a FormData (read once, then kept on
     the request); anything else, or a body over ``MAX_FORM_BYTES``, is an empty form. The
-    console's forms are small and never upload files, so this needs no multipart parser."""
+    console's forms are small and never upload files, so this needs no multipart parser.
+    A body not received within ``timeout_s`` (``[server] body_timeout_s``, as the ingest's)
+    is HTTPException 408, closing the connection: the login form is open to anyone, and a
+    body trickled a byte a second held its request for as long as the client liked."""
     cached = getattr(request.state, "console_form", None)
     if cached is not None:
         return cached
@@ -257,12 +262,17 @@ async def read_form(request: Request) -> FormData:
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if request.method == "POST" and content_type == "application/x-www-form-urlencoded":
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                break
-        else:
-            form = parse_form(bytes(body))
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > MAX_FORM_BYTES:
+                        break
+                else:
+                    form = parse_form(bytes(body))
+        except TimeoutError:
+            raise HTTPException(408, f"the form was not received within {timeout_s:g} s",
+                                headers={"Connection": "close"}) from None
     request.state.console_form = form
     return form
 
