@@ -505,7 +505,7 @@ def test_migration_006_keeps_rows_and_splits_ids_and_keys_by_kind_of_sender(tmp_
     assert db.execute("SELECT dedup_key, claim, retry_from_ms FROM deliveries ORDER BY id"
                       ).fetchall() == [("convert:1", 1, 5), ("convert:2", 0, 5)]
     # The same id from the other kind of sender is a new event; from the backend again,
-    # refused; from a browser, refused in the same session only (migration 016).
+    # refused; from a browser, refused in the same session only (migration 015).
     db.execute("INSERT INTO events (site_id, event_id, name, source, received_ms, raw, data) "
                "VALUES ('shop1', 'e1', 'purchase', 'backend', 0, '{}', '{}')")
     with pytest.raises(sqlite3.IntegrityError):

@@ -146,7 +146,7 @@ def event_scope(event: Mapping[str, Any]) -> str | None:
     (``""``, whatever ``sc`` it names); a browser's are its session's (its ``sc``): a
     retried beacon is a duplicate, another visitor's event under an id it predicted
     ("purchase-5001") is not. The events table's unique index ``events_id`` is on the same
-    (``EVENT_SCOPE_SQL``; migrations 016 and 032)."""
+    (``EVENT_SCOPE_SQL``; migrations 015 and 031)."""
     return "" if event["source"] == trust.BACKEND else event["sc"]
 
 

@@ -342,7 +342,7 @@ class SQLiteStore(WriterSupervisor, Store):
             [*params, limit])
         return [dict(row) for row in rows]
 
-    # The console's logouts (migration 017) ----------------------------------------------
+    # The console's logouts (migration 016) ----------------------------------------------
 
     async def revoke_session(self, nonce: str, expires_ms: int, now_ms: int) -> None:
         """Through the writer: answered once committed."""

@@ -411,7 +411,7 @@ class WriteOps:
                                  (limit, before)).rowcount
 
     def revoke_session(self, nonce: str, expires_ms: int, now: int) -> None:
-        """``Store.revoke_session``: the logout kept (migration 017), the expired pruned."""
+        """``Store.revoke_session``: the logout kept (migration 016), the expired pruned."""
         self.conn.execute(CONSOLE_LOGOUT_SQL.format(nonce="?", expires="?"), (nonce, expires_ms))
         self.conn.execute(CONSOLE_LOGOUT_PRUNE_SQL.format(now="?"), (now,))
 
