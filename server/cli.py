@@ -423,9 +423,6 @@ def parse_since(text: str, now: float | None = None) -> int:
     return int(ms)
 
 
-ONE_SHOT = "thread"  # the writer of a command that opens the store briefly (_with_store)
-
-
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -440,20 +437,22 @@ def _age(seconds: float | None) -> str:
 
 
 async def _with_store(settings: config_module.Settings, work: Any,
-                      writer: str | None = ONE_SHOT) -> Any:
+                      one_shot: bool = True) -> Any:
     """``work(store)`` on the configured store. A database that can't be used (a PostgreSQL
     schema behind or a server unreachable, a file that is no SQLite database) is a one-line
     message and exit status 2, not a traceback.
 
-    ``writer``: the one-shot commands (deliveries, replay, catalog, coupons) write at most a
-    transaction or two, so SQLite's writer runs in this process's connection thread, as
-    other tools' do: a writer process of its own was a second Python start (about half of
-    ``onetag deliveries``' time). ``None`` (worker, backfill --send, which write for as long
-    as they run): the store's default, a process."""
+    ``one_shot``: the commands that open the store briefly (deliveries, replay, catalog,
+    coupons) write at most a transaction or two, so SQLite's writer runs in this process's
+    connection thread, as other tools' do, unless ``$ONETAG_WRITER`` says otherwise: a
+    writer process of its own was a second Python start (about half of ``onetag
+    deliveries``' time). Not one-shot (worker, backfill --send, which write for as long as
+    they run): the store's default, a process."""
     from .store import open_store
 
     import sqlite3
 
+    writer = os.environ.get("ONETAG_WRITER", "thread") if one_shot else None
     store = open_store(settings, writer=writer, ingest=False)
     try:
         await store.open()
@@ -913,7 +912,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_until(stop, settings, store, options)
 
-    asyncio.run(_with_store(settings, work, writer=None))
+    asyncio.run(_with_store(settings, work, one_shot=False))
     return 0
 
 
@@ -953,7 +952,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     try:
         if args.send:
-            summary = asyncio.run(_with_store(settings, send, writer=None))
+            summary = asyncio.run(_with_store(settings, send, one_shot=False))
         else:
             if settings.server.is_postgresql:
                 from .store.pg_backfill import existing_keys as pg_existing_keys

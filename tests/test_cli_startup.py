@@ -48,12 +48,18 @@ def test_one_shot_commands_start_no_writer_process(shop, monkeypatch, capsys) ->
         return await start(self, *args, **kwargs)
 
     monkeypatch.setattr(sqlite_writer.ProcessWriter, "start", recorded)
+    monkeypatch.delenv("ONETAG_WRITER", raising=False)  # the default, as users run them
     for command in ONE_SHOT:
         code = cli.main([*command, "--config", str(shop)])
         out, err = capsys.readouterr()
         # --id 1 on an empty database: "no delivery #1", exit 1; the others succeed.
         assert code == (1 if "--id" in command else 0), (command, out, err)
     assert started == [], "these started a writer process"
+    # $ONETAG_WRITER still chooses (tests/test_cli_mistakes.py closes such writers).
+    monkeypatch.setenv("ONETAG_WRITER", "process")
+    command = ["deliveries"]
+    assert cli.main(["deliveries", "--config", str(shop)]) == 0
+    assert started == [["deliveries"]]
 
 
 def test_replay_and_a_listing_with_reasons_import_no_http_stack(shop) -> None:
@@ -62,9 +68,10 @@ def test_replay_and_a_listing_with_reasons_import_no_http_stack(shop) -> None:
              "         main(['deliveries', '--state', 'failing', '--config', sys.argv[1]])]\n"
              "print(json.dumps([codes, sorted(m for m in sys.modules\n"
              "                  if m.split('.')[0] in ('httpx', 'httpcore'))]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "ONETAG_WRITER"}
     run = subprocess.run([sys.executable, "-c", probe, str(shop)], capture_output=True,
                          text=True, timeout=60, cwd=shop.parent,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**env, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr
     codes, http = json.loads(run.stdout.splitlines()[-1])
     assert codes == [0, 0] and http == []
