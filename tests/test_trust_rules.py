@@ -64,7 +64,11 @@ async def empty(backend: Backend) -> None:
 
     conn = await asyncpg.connect(backend.database)
     try:
-        await conn.execute("TRUNCATE deliveries, events, sessions, identities RESTART IDENTITY")
+        # DELETE, not TRUNCATE: the same four tables emptied (in foreign-key order), without
+        # TRUNCATE's new files and their fsyncs (~0.25 s an example, against ~0.07 s).
+        # Nothing here reads ids, so the sequences need not restart.
+        await conn.execute("DELETE FROM deliveries; DELETE FROM events; DELETE FROM sessions; "
+                           "DELETE FROM identities")
     finally:
         await conn.close()
 
