@@ -144,7 +144,7 @@ def _new_database_note(settings: config_module.Settings, path: str | None) -> No
 
 def _forward_options() -> Any:
     """``ONETAG_FORWARD_*``, or one line naming the variable and its range (exit 2)."""
-    from .forwarder import ForwarderOptions
+    from .forward_options import ForwarderOptions
 
     try:
         return ForwarderOptions.from_env()
@@ -452,15 +452,24 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-async def _with_store(settings: config_module.Settings, work: Any) -> Any:
+async def _with_store(settings: config_module.Settings, work: Any,
+                      one_shot: bool = True) -> Any:
     """``work(store)`` on the configured store. A database that can't be used (a PostgreSQL
     schema behind or a server unreachable, a file that is no SQLite database) is a one-line
-    message and exit status 2, not a traceback."""
+    message and exit status 2, not a traceback.
+
+    ``one_shot``: the commands that open the store briefly (deliveries, replay, catalog,
+    coupons) write at most a transaction or two, so SQLite's writer runs in this process's
+    connection thread, as other tools' do, unless ``$ONETAG_WRITER`` says otherwise: a
+    writer process of its own was a second Python start (about half of ``onetag
+    deliveries``' time). Not one-shot (worker, backfill --send, which write for as long as
+    they run): the store's default, a process."""
     from .store import open_store
 
     import sqlite3
 
-    store = open_store(settings, ingest=False)
+    writer = os.environ.get("ONETAG_WRITER", "thread") if one_shot else None
+    store = open_store(settings, writer=writer, ingest=False)
     try:
         await store.open()
     except Exception as exc:  # the file is no database, the server is unreachable, ...
@@ -919,7 +928,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_until(stop, settings, store, options)
 
-    asyncio.run(_with_store(settings, work))
+    asyncio.run(_with_store(settings, work, one_shot=False))
     return 0
 
 
@@ -959,7 +968,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     try:
         if args.send:
-            summary = asyncio.run(_with_store(settings, send))
+            summary = asyncio.run(_with_store(settings, send, one_shot=False))
         else:
             if settings.server.is_postgresql:
                 from .store.pg_backfill import existing_keys as pg_existing_keys

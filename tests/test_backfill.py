@@ -3,7 +3,7 @@ its file and line and nothing planned; a dry run that changes nothing; history p
 Sendlane (``initial_sync``, past ``time``) and sent over real HTTP to the fake vendor, and
 for no vendor without a historical path; a second run plans nothing; the Remarkety CSV
 parsed back. The line readers are property-tested (never a crash; a problem names its line).
-The 10,000-line run killed with -9 and resumed: tests/test_backfill_process.py (slow)."""
+The 2,000-line run killed with -9 and resumed: tests/test_backfill_process.py (slow)."""
 
 from __future__ import annotations
 

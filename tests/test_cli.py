@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from fakes.harness import healthz
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -76,13 +78,10 @@ def wait_healthy(base: str, process: subprocess.Popen, timeout: float = 30) -> N
     """Until ``base`` answers /healthz 200; fails if the process exits first."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            if httpx.get(f"{base}/healthz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if healthz(base, timeout=5) is not None:
+            return
         assert time.monotonic() < deadline and process.poll() is None, "server did not start"
-        time.sleep(0.2)
+        time.sleep(0.02)
 
 
 def test_serve_without_config_runs_the_demo(tmp_path) -> None:

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,9 +59,11 @@ async def store_events(settings, *batches) -> None:
             await browser(client, *events, sc=sc)
 
 
-@pytest.fixture
-async def shop(tmp_path):
-    """A config file and a database with rows in every state."""
+@pytest.fixture(scope="module")
+def shop_template(tmp_path_factory):
+    """A config file and a database with rows in every state, made once for the module
+    (two app starts and three store opens); each test gets a copy (``shop``)."""
+    tmp_path = tmp_path_factory.mktemp("shop")
     with FakeVendors() as fake:  # only for its URLs: nothing is sent in this file
         data = settings_data(tmp_path, fake, forward=False)
         # Browser purchases are forwarded (a site without a backend integration), so they
@@ -71,36 +74,53 @@ async def shop(tmp_path):
         data["sites"][0]["identity_secret"] = IDENTITY_SECRET
         config_path = write_config(tmp_path / "onetag.toml", data)
     settings = config.load(config_path, env={})
-    # Visitor C bought anonymously; the hold window passes: expired.
-    await store_events(settings, (SC_C, [purchase("anon-order", [])]))
-    store = SQLiteStore(settings.server.sqlite_path, settings.sites)
-    await store.open()
-    now = int(time.time() * 1000)
-    await store.expire_held(now + 1, now)
-    await store.close()
-    # Visitor A identifies (four rows), buys with every library loaded (browser rows for
-    # Rejoiner and eSputnik); visitor B adds to cart anonymously (held).
-    await store_events(settings,
-                       (SC_A, [{"event": "identify", "event_id": "id-a", "loaded": [],
-                                "user": {"email": "a@example.com", "customer_id": "A-1",
-                                         "signature": signed("a@example.com")}},
-                               purchase("order-a", ALL)]),
-                       (SC_B, [{"event": "add_to_cart", "event_id": "cart-b", "loaded": [],
-                                "ecommerce": {"currency": "USD", "items": [item()]}},
-                               {"event": "unsubscribe", "event_id": "unsub-b", "loaded": [],
-                                "user": {"email": "someone@example.com"}}]))
-    # A forwarder's outcomes for A's identify: delivered, dead, failing; eSputnik's stays due.
-    store = SQLiteStore(settings.server.sqlite_path, settings.sites)
-    await store.open()
-    now = int(time.time() * 1000)
-    outcomes = {"rejoiner": ("delivered", 0, None),
-                "sendlane": ("dead", 0, 'HTTP 422: {"message":"invalid email"}'),
-                "remarkety": ("pending", now + 3_600_000, "HTTP 503: try later")}
-    for vendor, (state, next_ms, error) in outcomes.items():
-        [claimed] = await store.claim(now, 60_000, 1, vendors=(vendor,))
-        await store.finish([Outcome(claimed.id, state, next_ms, error)], now)
-    await store.close()
-    yield tmp_path, config_path, settings
+
+    async def fill() -> None:
+        # Visitor C bought anonymously; the hold window passes: expired.
+        await store_events(settings, (SC_C, [purchase("anon-order", [])]))
+        store = SQLiteStore(settings.server.sqlite_path, settings.sites)
+        await store.open()
+        now = int(time.time() * 1000)
+        await store.expire_held(now + 1, now)
+        await store.close()
+        # Visitor A identifies (four rows), buys with every library loaded (browser rows for
+        # Rejoiner and eSputnik); visitor B adds to cart anonymously (held).
+        await store_events(settings,
+                           (SC_A, [{"event": "identify", "event_id": "id-a", "loaded": [],
+                                    "user": {"email": "a@example.com", "customer_id": "A-1",
+                                             "signature": signed("a@example.com")}},
+                                   purchase("order-a", ALL)]),
+                           (SC_B, [{"event": "add_to_cart", "event_id": "cart-b", "loaded": [],
+                                    "ecommerce": {"currency": "USD", "items": [item()]}},
+                                   {"event": "unsubscribe", "event_id": "unsub-b", "loaded": [],
+                                    "user": {"email": "someone@example.com"}}]))
+        # A forwarder's outcomes for A's identify: delivered, dead, failing; eSputnik's stays due.
+        store = SQLiteStore(settings.server.sqlite_path, settings.sites)
+        await store.open()
+        now = int(time.time() * 1000)
+        outcomes = {"rejoiner": ("delivered", 0, None),
+                    "sendlane": ("dead", 0, 'HTTP 422: {"message":"invalid email"}'),
+                    "remarkety": ("pending", now + 3_600_000, "HTTP 503: try later")}
+        for vendor, (state, next_ms, error) in outcomes.items():
+            [claimed] = await store.claim(now, 60_000, 1, vendors=(vendor,))
+            await store.finish([Outcome(claimed.id, state, next_ms, error)], now)
+        await store.close()
+
+    asyncio.run(fill())
+    return tmp_path
+
+
+@pytest.fixture
+def shop(shop_template, tmp_path):
+    """The module's shop, copied for this test alone: its config (pointing at the copy) and
+    its database, closed (so checkpointed) when the template was made."""
+    text = (shop_template / "onetag.toml").read_text()
+    config_path = tmp_path / "onetag.toml"
+    config_path.write_text(text.replace(str(shop_template), str(tmp_path)))
+    for name in ("onetag.db", "onetag.db-wal"):
+        if (shop_template / name).exists():
+            shutil.copyfile(shop_template / name, tmp_path / name)
+    return tmp_path, config_path, config.load(config_path, env={})
 
 
 def db_counts(db) -> dict[str, dict[str, int]]:

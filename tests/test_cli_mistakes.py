@@ -250,9 +250,11 @@ def test_read_only_commands_leave_stderr_clean(tmp_path, migrated) -> None:
     """Closing the store, the writer's end of output came before asyncio's child watcher had
     reaped it; killing it then (Popen.send_signal polls) reaped it first, and the watcher
     printed ``Unknown child process pid N, will report returncode 255`` (4 runs in 10).
-    Four at a time: the race is likelier on a busy machine."""
+    Four at a time: the race is likelier on a busy machine. With the writer process asked
+    for: a one-shot command's writer is a thread by default (tests/test_cli_startup.py),
+    and the race is the short-lived writer process's (a worker's, a backfill's)."""
     command = [sys.executable, "-m", "server", "deliveries", "--config", str(migrated)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ONETAG_WRITER": "process"}
     for _ in range(4):
         runs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from fakes.harness import REPO, free_port, write_config
+from fakes.harness import REPO, free_port, healthz, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -83,13 +83,12 @@ class Serve:
             if self.proc.poll() is not None:
                 raise AssertionError(f"onetag serve exited ({self.proc.returncode}):\n"
                                      f"{self.output()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                answer = httpx.get(f"{self.base}/healthz", timeout=5)
-                if answer.status_code == 200:
-                    return answer.json()
+            answer = healthz(self.base, timeout=5)
+            if answer is not None:
+                return answer
             if time.monotonic() > deadline:
                 raise AssertionError(f"no /healthz 200 within {timeout} s:\n{self.output()[-3000:]}")
-            time.sleep(0.1)
+            time.sleep(0.02)
 
     def writer_pids(self) -> list[int]:
         """Live children of the server whose command line runs the writer module."""

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from fakes.harness import (API_KEY, FORWARD_ENV, ORIGIN, REPO, SITE, FakeVendors,
-                           free_port, make_settings, rows, serve, settings_data, until,
+                           free_port, healthz, make_settings, rows, serve, settings_data, until,
                            write_config)
 from server import config, logs
 from server.envelope import Problem
@@ -280,10 +280,7 @@ def test_a_request_id_followed_from_the_http_request_to_the_vendor_in_the_log(
             base = f"http://127.0.0.1:{port}"
 
             def healthy() -> bool:
-                try:
-                    return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    return False
+                return healthz(base) is not None
             _wait("/healthz answering 200", healthy, proc, err)
             answer = httpx.post(f"{base}/api/v1/sites/{SITE}/events", json=purchase("J1"),
                                 headers={"Authorization": f"Bearer {API_KEY}",

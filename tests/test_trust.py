@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from fakes.harness import (ALL, API_KEY, ORIGIN, SITE, free_port, item, rows, server_process,
-                           settings_data, wait_sync, write_config)
+from fakes.harness import (ALL, API_KEY, ORIGIN, SITE, free_port, healthz, item, rows,
+                           server_process, settings_data, wait_sync, write_config)
 from fakes.vendor_server import FakeVendors, Recorded
 from server import trust
 
@@ -421,10 +421,7 @@ def test_the_demo_signs_its_identify_and_reports_orders_from_its_backend(tmp_pat
 
 
 def _healthy(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return healthz(base) is not None
 
 
 def test_the_readme_signature_snippets_compute_what_onetag_checks(tmp_path):

@@ -64,7 +64,17 @@ async def empty(backend: Backend) -> None:
 
     conn = await asyncpg.connect(backend.database)
     try:
-        await conn.execute("TRUNCATE deliveries, events, sessions, identities RESTART IDENTITY")
+        # DELETE, not TRUNCATE: the same four tables emptied (in foreign-key order), and
+        # their sequences restarted as RESTART IDENTITY did (test_store_pg compares ids
+        # across backends), without TRUNCATE's new files and their fsyncs (~0.25 s an
+        # example, against ~0.07 s).
+        await conn.execute(
+            "DELETE FROM deliveries; DELETE FROM events; DELETE FROM sessions; "
+            "DELETE FROM identities; "
+            "SELECT setval(s, 1, false) FROM (SELECT pg_get_serial_sequence("
+            "quote_ident(table_name), column_name) AS s FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name IN "
+            "('deliveries', 'events', 'sessions', 'identities')) AS owned WHERE s IS NOT NULL")
     finally:
         await conn.close()
 

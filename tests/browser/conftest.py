@@ -248,7 +248,7 @@ class OnetagServer:
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"onetag server not healthy after {timeout:.0f}s:\n{self.log()}")
-            time.sleep(0.1)
+            time.sleep(0.02)
 
     def stop(self) -> None:
         """Graceful: SIGINT (uvicorn closes the store), then SIGKILL if it lingers."""
