@@ -14,10 +14,11 @@ from backends import backend, pg_database, pg_template  # noqa: F401 (fixtures: 
 from fakes.vendor_server import FakeVendors
 
 SLOW_FILES = {"test_packaging.py", "test_cli.py", "test_cli_deliveries.py", "test_faults.py",
-              "test_bench.py", "test_poison_bench.py", "test_reply_alignment.py",
+              "test_bench.py", "test_bench_poison.py", "test_reply_alignment.py",
               "test_trust.py", "test_coupons_cli.py", "test_metrics_serve.py",
               "test_backfill_process.py", "test_pg_multinode.py",
-              "test_admin_serve.py"}
+              "test_admin_serve.py", "test_cli_mistakes.py", "test_cli_startup.py",
+              "test_split_secrets.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
