@@ -53,6 +53,8 @@ SC_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
 # GUID): the store adopts it, so both paths quote one GUID per cart state.
 CART_GUID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
 MAX_URL_CHARS = 2048
+ITEM_URLS = frozenset({"item_url", "image_url"})  # item strings that must be http(s) URLs
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: Unicode's Cc
 CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 
 # Bounds on anything an event carries, checked (``check_bounds``) before any conversion:
@@ -577,9 +579,17 @@ def _page(raw: dict, where: str) -> dict[str, Any] | None:
                            ("title", "page_title")):
             if raw.get(alias) is not None:
                 page[key] = raw[alias]
-    out = {}
+    # The page's URL is location.href, http(s) on any storefront (a file: or about: page is
+    # no shop); vendors link to it as the cart's URL when the event names none. The referrer
+    # and title are kept as sent: document.referrer may be "" or an app's android-app:// URL,
+    # and neither reaches a vendor or a feed.
+    if raw.get("page_location") is not None:  # the alias, named as sent
+        location = _url(raw, "page_location", where, max_len=4096)
+    else:
+        location = _url(page, "location", f"{where}.page", max_len=4096)
+    out = {"location": location} if location is not None else {}
     where = f"{where}.page"
-    for key in ("location", "referrer", "title"):
+    for key in ("referrer", "title"):
         value = _string(page, key, where, max_len=4096)
         if value is not None:
             out[key] = value
@@ -634,12 +644,18 @@ def _cart_guid(raw: dict, where: str) -> str | None:
     return guid.upper()
 
 
-def _url(table: dict, key: str, where: str) -> str | None:
-    value = _string(table, key, where, max_len=MAX_URL_CHARS)
+def _url(table: dict, key: str, where: str, max_len: int = MAX_URL_CHARS) -> str | None:
+    """An absolute http(s) URL, or None when absent or empty. Every URL an event carries
+    reaches a feed or a vendor's email as a link or an image: ``javascript:`` or ``data:``
+    there runs script wherever it is clicked or shown, so only http(s) is taken. No control
+    character either (a tab or newline inside a scheme is dropped by URL parsers, browsers'
+    and this one's alike, so ``java\tscript:`` reads as ``javascript:``)."""
+    value = _string(table, key, where, max_len=max_len)
     if not value:
         return None
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if (parts.scheme not in ("http", "https") or not parts.netloc
+            or not value.isprintable() and _CONTROL_RE.search(value)):
         raise Invalid(f"{where}.{key}", f"must be an http(s) URL, not {value!r}")
     return value
 
@@ -713,7 +729,10 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
     out: dict[str, Any] = {"item_id": _string(item, "item_id", where, required=True, max_len=256)}
     for key in ITEM_STRINGS:
         if key in item:  # most items carry a few of these: skip the call for the rest
-            value = _string(item, key, where, max_len=4096)
+            if key in ITEM_URLS:  # shown as links and images by feeds and vendors' emails
+                value = _url(item, key, where, max_len=4096)
+            else:
+                value = _string(item, key, where, max_len=4096)
             if value is not None:
                 out[key] = value
     out["price_minor"] = _money(item, "price", where, currency)

@@ -413,6 +413,15 @@ EXACT = [
      "events[0].note"),
     ("custom key with NUL", _browser('{"event": "c_x", %s, "k\\u0000": 1}' % ID), 422,
      "events[0].'k\\x00'"),
+    # URLs that reach the feeds and vendors' emails: http(s) only.
+    ("item_url javascript:", _browser('{"event": "view_item", %s, "ecommerce": {"items": '
+                                      '[{"item_id": "A", "item_url": "javascript:alert(document.domain)"}]}}'
+                                      % ID), 422, "events[0].ecommerce.items[0].item_url"),
+    ("image_url data:", _browser('{"event": "view_item", %s, "ecommerce": {"items": [{"item_id": '
+                                 '"A", "image_url": "data:text/html,<script>alert(1)</script>"}]}}'
+                                 % ID), 422, "events[0].ecommerce.items[0].image_url"),
+    ("page_location file:", _browser('{"event": "page_view", %s, "page_location": "file:///x"}'
+                                     % ID), 422, "events[0].page_location"),
 ]
 
 

@@ -208,3 +208,82 @@ def test_a_signature_verifies_its_email_and_a_wrong_one_names_the_field() -> Non
     assert problem(event % "not-hex", signed)[0] == "events[0].user.signature"
     assert problem('{"event": "page_view", "event_id": "e2", "user": {"signature": "%s"}}' % good,
                    signed)[0] == "events[0].user.email"
+
+
+# URLs: only http(s) reaches a feed or a vendor ---------------------------------------------
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+import json  # noqa: E402
+
+URL_FIELDS = {  # field as named in the problem: an event carrying `value` there
+    "events[0].ecommerce.items[0].item_url": lambda value: {
+        "event": "view_item", "event_id": "e1",
+        "ecommerce": {"items": [{"item_id": "A", "item_url": value}]}},
+    "events[0].ecommerce.items[0].image_url": lambda value: {
+        "event": "view_item", "event_id": "e1",
+        "ecommerce": {"items": [{"item_id": "A", "image_url": value}]}},
+    "events[0].ecommerce.cart_url": lambda value: {
+        "event": "view_cart", "event_id": "e1", "ecommerce": {"cart_url": value, "items": []}},
+    "events[0].page.location": lambda value: {
+        "event": "page_view", "event_id": "e1", "page": {"location": value}},
+    "events[0].page_location": lambda value: {
+        "event": "page_view", "event_id": "e1", "page": {"location": "https://s/"},
+        "page_location": value},
+}
+HOSTILE_URLS = ["javascript:alert(document.domain)", "JavaScript:alert(1)",
+                "data:text/html,<script>alert(1)</script>", "java\tscript:alert(1)",
+                "\x01javascript:alert(1)", "vbscript:msgbox(1)", "file:///etc/passwd",
+                "about:blank", "/p/mug", "//evil.example/x", "https:relative", "mailto:a@b.co",
+                "https://shop.example/p\nX-Injected: 1"]
+
+
+def _problem_of(event: dict) -> tuple[str, str]:
+    with pytest.raises(Invalid) as caught:
+        events.normalise(events.parse_json(json.dumps(event).encode()), "events[0]", BROWSER)
+    return caught.value.field, caught.value.problem
+
+
+@pytest.mark.parametrize("field", list(URL_FIELDS))
+@pytest.mark.parametrize("url", HOSTILE_URLS)
+def test_a_url_that_is_not_http_is_refused_naming_its_field(field: str, url: str) -> None:
+    got_field, got_problem = _problem_of(URL_FIELDS[field](url))
+    assert got_field == field
+    assert "must be an http(s) URL" in got_problem
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(list(URL_FIELDS)),
+       scheme=st.from_regex(r"[A-Za-z][A-Za-z0-9+.-]{0,10}", fullmatch=True),
+       rest=st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+                    max_size=40))
+def test_only_http_and_https_urls_are_kept(field: str, scheme: str, rest: str) -> None:
+    """Any scheme but http(s) is refused, naming the field; http(s) with a host is kept as
+    sent. Nothing else about the URL is judged (the property's `rest` is any text)."""
+    url = f"{scheme}:{rest}"
+    raw = events.parse_json(json.dumps(URL_FIELDS[field](url)).encode())
+    try:
+        event = events.normalise(raw, "events[0]", BROWSER)
+    except Invalid as exc:
+        assert exc.field == field, (url, exc)
+        assert "http(s) URL" in exc.problem or "longer than" in exc.problem
+        return
+    kept = url.strip()
+    assert scheme.lower() in ("http", "https"), f"{url!r} was accepted in {field}"
+    assert kept.lower().startswith(("http://", "https://")), url
+    assert kept.isprintable() or not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in kept)
+    stored = (event["ecommerce"]["items"][0].get(field.rsplit(".", 1)[1]) if "items" in field
+              else event["ecommerce"].get("cart_url") if "cart_url" in field
+              else event["page"]["location"])
+    assert stored == kept
+
+
+def test_http_urls_are_kept_and_the_referrer_is_free_text() -> None:
+    event = parse('{"event": "view_item", "event_id": "e1", "page": {"location": '
+                  '"https://shop.example/p/mug?x=1", "referrer": "android-app://com.google.android.gm/"}, '
+                  '"ecommerce": {"items": [{"item_id": "A", "item_url": "HTTPS://shop.example/p", '
+                  '"image_url": "http://cdn.example/i.jpg"}]}}')
+    assert event["page"] == {"location": "https://shop.example/p/mug?x=1",
+                             "referrer": "android-app://com.google.android.gm/"}
+    [item] = event["ecommerce"]["items"]
+    assert (item["item_url"], item["image_url"]) == ("HTTPS://shop.example/p", "http://cdn.example/i.jpg")
