@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
@@ -49,6 +50,15 @@ EVENT_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _EMAIL_CHAR = r"[^@\s/\x00-\x1f\x7f]"
 EMAIL_RE = re.compile(rf"{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}{{2,}}")
 SC_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
+# Person fields (user's first_name, last_name, phone, customer_id; every address field):
+# vendors put names in mail headers and subject lines ("Hi Eve" in a Subject:), so no
+# control character (CR LF there would add a header), no line or paragraph separator, and
+# no bidirectional embedding, override or isolate (U+202A-U+202E, U+2066-U+2069), which
+# change how the text around them reads in the console and at the vendors.
+PERSON_BAD_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+PERSON_PROBLEM = ("contains {char}: no control characters (line breaks, tabs), line separators "
+                  "or bidirectional controls (U+202A-U+202E, U+2066-U+2069) in a person's "
+                  "fields, which vendors put in mail headers and subject lines")
 # The cart state's GUID the browser used with the event (eSputnik's StatusCart/PurchasedItems
 # GUID): the store adopts it, so both paths quote one GUID per cart state.
 CART_GUID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
@@ -606,9 +616,11 @@ def _user(user: Any, where: str) -> dict[str, Any] | None:
     if email:
         if not EMAIL_RE.fullmatch(email):
             raise Invalid(f"{where}.email", f"{email!r} is not an email address")
+        if not email.isascii():
+            _check_email_text(email, f"{where}.email")
         out["email"] = email.lower()
     for key in USER_STRINGS:
-        value = _string(user, key, where, max_len=256)
+        value = _person(user, key, where, 256)
         if value:
             out[key] = value
     if user.get("accepts_marketing") is not None:
@@ -628,10 +640,39 @@ def _address(raw: dict, key: str, where: str) -> dict[str, str] | None:
         raise Invalid(where, "must be an object {first_name, address_1, city, ...}")
     out = {}
     for key in ADDRESS_KEYS:
-        value = _string(address, key, where, max_len=512)
+        value = _person(address, key, where, 512)
         if value:
             out[key] = value
     return out or None
+
+
+def _person(table: dict, key: str, where: str, max_len: int) -> str | None:
+    """A person's field (``PERSON_BAD_RE``): refused, naming it, with a character that
+    could end a mail header or turn the text around it."""
+    value = _string(table, key, where, max_len=max_len)
+    if value and not value.isprintable():  # every character of most names is printable
+        bad = PERSON_BAD_RE.search(value)
+        if bad:
+            raise Invalid(f"{where}.{key}", PERSON_PROBLEM.format(char=_char_name(bad[0])))
+    return value
+
+
+def _check_email_text(email: str, where: str) -> None:
+    """No invisible character in an email beyond ``EMAIL_RE``'s: C1 controls and format
+    controls (Unicode's Cf: bidirectional overrides and isolates, zero-width characters,
+    soft hyphens) make ``ann\u202e@example.com`` read as another address in the console
+    and at the vendors."""
+    for char in email:
+        if unicodedata.category(char) in ("Cc", "Cf"):
+            raise Invalid(where, f"contains {_char_name(char)}: an email address may hold no "
+                          "control or format character (bidirectional controls, zero-width "
+                          "characters), which change how it reads")
+
+
+def _char_name(char: str) -> str:
+    """``U+202E (RIGHT-TO-LEFT OVERRIDE)``: a character named, never shown."""
+    name = unicodedata.name(char, "")
+    return f"U+{ord(char):04X}" + (f" ({name})" if name else "")
 
 
 def _cart_guid(raw: dict, where: str) -> str | None:

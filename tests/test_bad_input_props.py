@@ -420,6 +420,12 @@ EXACT = [
     ("image_url data:", _browser('{"event": "view_item", %s, "ecommerce": {"items": [{"item_id": '
                                  '"A", "image_url": "data:text/html,<script>alert(1)</script>"}]}}'
                                  % ID), 422, "events[0].ecommerce.items[0].image_url"),
+    # A person's fields go into vendors' mail headers: no CR LF, no bidirectional controls.
+    ("first_name with CR LF", _browser('{"event": "identify", %s, "user": {"email": "eve@b.co", '
+                                       '"first_name": "Eve\\r\\nX-Injected: 1"}}' % ID), 422,
+     "events[0].user.first_name"),
+    ("email with U+202E", _browser('{"event": "identify", %s, "user": {"email": '
+                                   '"ann\\u202e@example.com"}}' % ID), 422, "events[0].user.email"),
     ("page_location file:", _browser('{"event": "page_view", %s, "page_location": "file:///x"}'
                                      % ID), 422, "events[0].page_location"),
 ]

@@ -287,3 +287,96 @@ def test_http_urls_are_kept_and_the_referrer_is_free_text() -> None:
                              "referrer": "android-app://com.google.android.gm/"}
     [item] = event["ecommerce"]["items"]
     assert (item["item_url"], item["image_url"]) == ("HTTPS://shop.example/p", "http://cdn.example/i.jpg")
+
+
+# A person's fields: nothing that ends a mail header or turns the text around ---------------
+
+PERSON_FIELDS = {  # field as named: the event carrying `value` there
+    **{f"events[0].user.{key}": (lambda key: lambda value: {
+        "event": "identify", "event_id": "e1",
+        "user": {"email": "eve@example.com", key: value}})(key)
+       for key in ("first_name", "last_name", "phone", "customer_id")},
+    **{f"events[0].{where}.{key}": (lambda where, key: lambda value: {
+        "event": "purchase", "event_id": "e1", "user": {"email": "eve@example.com"},
+        "ecommerce": {"transaction_id": "1", "items": []}, where: {key: value}})(where, key)
+       for where in ("billing_address", "shipping_address")
+       for key in ("first_name", "last_name", "company", "city", "phone")},
+}
+BAD_IN_NAMES = ["\r\n", "\n", "\r", "\t", "\x0b", "\x1b", "\x7f", "\x85", "\u2028", "\u2029",
+                "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068",
+                "\u2069"]
+
+
+@pytest.mark.parametrize("field", list(PERSON_FIELDS))
+def test_a_header_injection_in_a_name_is_refused_naming_the_field(field: str) -> None:
+    got_field, got_problem = _problem_of(PERSON_FIELDS[field]("Eve\r\nX-Injected: 1"))
+    assert got_field == field
+    assert "U+000D" in got_problem and "mail headers" in got_problem
+
+
+@pytest.mark.parametrize("char", BAD_IN_NAMES)
+def test_control_and_bidi_characters_in_names_are_refused(char: str) -> None:
+    field = "events[0].user.first_name"
+    got_field, got_problem = _problem_of(PERSON_FIELDS[field](f"Eve{char}Smith"))
+    assert got_field == field
+    assert f"U+{ord(char[0]):04X}" in got_problem
+
+
+def test_names_in_any_script_are_kept() -> None:
+    """Letters, marks, joiners: names as people write them (a zero-width non-joiner is part
+    of Persian spelling; a trailing newline is whitespace, stripped as before)."""
+    for name in ("Zoë", "José-María", "O'Brien", "محمد", "מרים", "\u0645\u06cc\u200c\u0631\u0627",
+                 "李 小龍", "Eve\n"):
+        event = events.normalise(events.parse_json(json.dumps(
+            PERSON_FIELDS["events[0].user.first_name"](name)).encode()), "events[0]", BROWSER)
+        assert event["user"]["first_name"] == name.strip()
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(list(PERSON_FIELDS)),
+       name=st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+                    min_size=1, max_size=30))
+def test_a_person_field_is_refused_exactly_when_it_holds_a_bad_character(field: str,
+                                                                        name: str) -> None:
+    raw = events.parse_json(json.dumps(PERSON_FIELDS[field](name)).encode())
+    kept = name.strip()
+    bad = [c for c in kept if events.PERSON_BAD_RE.match(c)]
+    try:
+        event = events.normalise(raw, "events[0]", BROWSER)
+    except Invalid as exc:
+        assert bad and exc.field == field, (name, exc)
+        assert f"U+{ord(bad[0]):04X}" in exc.problem
+        return
+    assert not bad, f"{name!r} was accepted in {field}"
+    where, key = field.split(".")[1:]
+    assert (event[where] or {}).get(key) == (kept or None)
+
+
+@pytest.mark.parametrize("email", ["ann\u202e@example.com", "ann@exa\u202emple.com",
+                                   "\u2066ann@example.com", "ann\u200b@example.com",
+                                   "ann\u00ad@example.com", "ann\ufeff@example.com",
+                                   "ann\u0085@example.com", "ann\u2069@example.com"])
+def test_format_and_control_characters_in_emails_are_refused(email: str) -> None:
+    field, problem = _problem_of({"event": "identify", "event_id": "e1", "user": {"email": email}})
+    assert field == "events[0].user.email"
+    assert "U+" in problem or "not an email address" in problem
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(local=st.from_regex(r"[a-z0-9.]{1,12}", fullmatch=True),
+       char=st.characters(categories=("Cf", "Cc"), exclude_characters="\x00"),
+       at=st.integers(0, 30))
+def test_no_email_with_a_format_or_control_character_is_accepted(local: str, char: str,
+                                                                 at: int) -> None:
+    email = f"{local}@example.com"
+    at = at % (len(email) + 1)
+    email = email[:at] + char + email[at:]
+    raw = events.parse_json(json.dumps({"event": "identify", "event_id": "e1",
+                                        "user": {"email": email}}).encode())
+    try:
+        event = events.normalise(raw, "events[0]", BROWSER)
+    except Invalid as exc:
+        assert exc.field == "events[0].user.email", exc
+        return
+    # Only whitespace stripped from either end may have gone.
+    assert char not in event["user"]["email"] and char.isspace(), email
