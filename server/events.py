@@ -107,6 +107,20 @@ KNOWN_KEYS = frozenset({"event", "event_id", "time", "page", "page_location", "p
 _ECOMMERCE_EVENTS = ITEMS_REQUIRED | (ITEMS_LIST - {"search", "view_item_list"}) | {"order_status"}
 
 
+ECHO_CHARS = 40  # of a value a problem quotes back: a 5,000-character name is not echoed
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``value`` quoted for a problem message, cut to its first ``limit`` characters with an
+    ellipsis: ``'aaaa…'``. Every message that quotes what a sender sent goes through here,
+    so a 4xx never echoes a long value back whole."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    cut = repr(text[:limit])
+    return cut[:-1] + "…" + cut[-1]
+
+
 class Invalid(Exception):
     """An input problem; ``field`` is a path into the request body."""
 
@@ -393,16 +407,20 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
     if not isinstance(name, str) or not name:
         raise Invalid(f"{where}.event", "is required: the event name, e.g. \"view_item\"")
     if name not in STANDARD and not EVENT_NAME_RE.fullmatch(name):  # a set look-up, mostly
-        raise Invalid(f"{where}.event", f"{name!r} is not a valid event name "
+        raise Invalid(f"{where}.event", f"{echo(name)} is not a valid event name "
                       "(a letter, then up to 63 of A-Z a-z 0-9 _ . : / -)")
     if name in BACKEND_ONLY and origin.source == "browser":
-        raise Invalid(f"{where}.event", f"{name!r} is accepted from the backend API only")
+        raise Invalid(f"{where}.event", f"{echo(name)} is accepted from the backend API only")
 
     event_id = raw.get("event_id")
     if event_id is None and origin.source == "backend":
         event_id = new_event_id()
-    if not isinstance(event_id, str) or not EVENT_ID_RE.fullmatch(event_id):
+    if event_id is None:
         raise Invalid(f"{where}.event_id", "is required: a string id (a UUID) kept across retries")
+    if not isinstance(event_id, str) or not EVENT_ID_RE.fullmatch(event_id):
+        sent = echo(event_id) if isinstance(event_id, str) else _type(event_id)
+        raise Invalid(f"{where}.event_id", f"must be 1 to 128 of A-Z a-z 0-9 _ . : - "
+                      f"([A-Za-z0-9_.:-]{{1,128}}; a UUID kept across retries), not {sent}")
 
     time_ms = _optional_int(raw, "time", where, minimum=MIN_TIME_MS,
                             maximum=origin.received_ms + MAX_FUTURE_MS)
@@ -570,7 +588,7 @@ def _amount(value: Any, where: str) -> Decimal:
             amount = Decimal(value.strip() if isinstance(value, str) else value)
         except ArithmeticError:
             raise Invalid(where, f"must be a number (major units, e.g. 29.99), "
-                          f"not {value[:40]!r}") from None
+                          f"not {echo(value)}") from None
     # Before any scaling: finite, and small enough that its minor units fit any context. Its
     # digits need no bound here (a long number, as text, rounds in linear time).
     if not amount.is_finite() or (amount and amount.adjusted() >= 12 and abs(amount) > _MAX_MONEY):
@@ -615,7 +633,7 @@ def _user(user: Any, where: str) -> dict[str, Any] | None:
     email = _string(user, "email", where, max_len=254)
     if email:
         if not EMAIL_RE.fullmatch(email):
-            raise Invalid(f"{where}.email", f"{email!r} is not an email address")
+            raise Invalid(f"{where}.email", f"{echo(email)} is not an email address")
         if not email.isascii():
             _check_email_text(email, f"{where}.email")
         out["email"] = email.lower()
@@ -697,7 +715,7 @@ def _url(table: dict, key: str, where: str, max_len: int = MAX_URL_CHARS) -> str
     parts = urlsplit(value)
     if (parts.scheme not in ("http", "https") or not parts.netloc
             or not value.isprintable() and _CONTROL_RE.search(value)):
-        raise Invalid(f"{where}.{key}", f"must be an http(s) URL, not {value!r}")
+        raise Invalid(f"{where}.{key}", f"must be an http(s) URL, not {echo(value)}")
     return value
 
 
@@ -727,7 +745,7 @@ def _ecommerce(ecommerce: Any, where: str, name: str, default_currency: str,
         raise Invalid(where, "must be an object {currency, value, items, ...}")
     currency = _string(ecommerce, "currency", where) or default_currency
     if not CURRENCY_RE.fullmatch(currency):
-        raise Invalid(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")
+        raise Invalid(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {echo(currency)}")
     currency = currency.upper()
     transaction_id = (_string(ecommerce, "transaction_id", where, max_len=256)
                       if "transaction_id" in ecommerce else None)
@@ -781,7 +799,7 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
     if isinstance(quantity, Decimal) and quantity == quantity.to_integral_value():
         quantity = int(quantity)
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
-        raise Invalid(f"{where}.quantity", f"must be a whole number >= 0, not {str(quantity)[:40]!r}")
+        raise Invalid(f"{where}.quantity", f"must be a whole number >= 0, not {echo(quantity)}")
     if quantity > MAX_QUANTITY:
         raise Invalid(f"{where}.quantity", f"must be at most {MAX_QUANTITY}")
     out["quantity"] = quantity
@@ -824,7 +842,7 @@ def _availability(value: Any, where: str) -> str | None:
         raise Invalid(where, f"must be one of {', '.join(AVAILABILITY)}, not {_type(value)}")
     text = value.strip().lower().replace(" ", "_")
     if text not in AVAILABILITY:
-        raise Invalid(where, f"must be one of {', '.join(AVAILABILITY)}, not {value[:40]!r}")
+        raise Invalid(where, f"must be one of {', '.join(AVAILABILITY)}, not {echo(value)}")
     return text
 
 

@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import catalog, money
+from .events import echo
 
 PAGE = 500  # products read a query
 NAMESPACE = "http://base.google.com/ns/1.0"
@@ -182,9 +183,9 @@ class Feeds:
         site_id = request.path_params["site_id"]
         site = self.settings.sites.get(site_id)
         if site is None:
-            return _error(404, "not_found", "site", f"no site {site_id!r}")
+            return _error(404, "not_found", "site", f"no site {echo(site_id)}")
         if not site.feed_token:
-            return _error(404, "no_feed", "feed_token", f"site {site_id!r} has no product feed: "
+            return _error(404, "no_feed", "feed_token", f"site {echo(site_id)} has no product feed: "
                           f"set sites[{site_id}].feed_token in the config to publish one")
         given = request.query_params.get("token", "")
         if not hmac.compare_digest(given.encode(), site.feed_token.encode()):

@@ -533,3 +533,21 @@ def test_nesting_within_the_limit_and_ordinary_numbers_are_accepted(live: LiveAp
                     '"f": 0.000001, "s": "%s"}' % (uuid.uuid4().hex, _nest(5, "list"), "x" * 4000))
     response = send_and_check(live.client, live.db, False, body, 1)
     assert response.status_code == 204, response.text
+
+
+def test_a_long_invalid_value_is_not_echoed_back_whole(live: LiveApp) -> None:
+    """A 5,000-character invalid event name (or site id) came back whole in the 422 (404):
+    a problem quotes a short prefix, with an ellipsis."""
+    name = "1" + "x" * 5000
+    response = send_and_check(live.client, live.db, False, _browser(
+        '{"event": "%s", "event_id": "e-%s"}' % (name, uuid.uuid4().hex)), 1)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "events[0].event"
+    assert "x" * 100 not in response.text and "…" in response.json()["message"]
+    assert len(response.content) < 600, response.text
+    response = post(live.client, False, json.dumps(
+        {"site_id": "s" * 5000, "events": [{"event": "page_view", "event_id": "e1"}]}).encode())
+    assert response.status_code == 404 and len(response.content) < 400, response.text
+    response = live.client.post(BACKEND_PATH.replace(SITE, "s" * 3000), json=[],
+                                headers=BACKEND_HEADERS)
+    assert response.status_code == 404 and len(response.content) < 400, response.text

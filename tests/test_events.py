@@ -380,3 +380,69 @@ def test_no_email_with_a_format_or_control_character_is_accepted(local: str, cha
         return
     # Only whitespace stripped from either end may have gone.
     assert char not in event["user"]["email"] and char.isspace(), email
+
+
+# event_id says what it may be; a problem never echoes a long value whole ---------------------
+
+@pytest.mark.parametrize("sent", ["a<b", "a b", "é", "", "x" * 129, "e1\n"])
+def test_a_malformed_event_id_says_the_pattern(sent: str) -> None:
+    field, words = _problem_of({"event": "page_view", "event_id": sent})
+    assert field == "events[0].event_id"
+    assert "[A-Za-z0-9_.:-]{1,128}" in words and "is required" not in words
+    assert events.echo(sent) in words
+
+
+def test_a_missing_event_id_is_required_and_a_number_is_named_as_one() -> None:
+    assert _problem_of({"event": "page_view"})[1].startswith("is required")
+    field, words = _problem_of({"event": "page_view", "event_id": 5})
+    assert field == "events[0].event_id" and words.endswith("not a number")
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+               max_size=140))
+def test_an_event_id_is_taken_exactly_when_it_matches_the_pattern(sent: str) -> None:
+    raw = {"event": "page_view", "event_id": sent}
+    try:
+        event = events.normalise(raw, "events[0]", BROWSER)
+    except Invalid as exc:
+        assert exc.field == "events[0].event_id" and not events.EVENT_ID_RE.fullmatch(sent)
+        assert "[A-Za-z0-9_.:-]{1,128}" in exc.problem
+        return
+    assert event["event_id"] == sent and events.EVENT_ID_RE.fullmatch(sent)
+
+
+LONG = "é" * 200  # within each field's length limit, which is said without an echo
+ECHOING = {  # field: an event carrying a long invalid value there
+    "events[0].event": {"event": "1" + "é" * 5000, "event_id": "e1"},
+    "events[0].event_id": {"event": "page_view", "event_id": "<" + LONG},
+    "events[0].user.email": {"event": "identify", "event_id": "e1", "user": {"email": LONG}},
+    "events[0].ecommerce.currency": {"event": "view_cart", "event_id": "e1",
+                                     "ecommerce": {"currency": LONG, "items": []}},
+    "events[0].ecommerce.items[0].item_url": {"event": "view_item", "event_id": "e1", "ecommerce":
+                                              {"items": [{"item_id": "A", "item_url": LONG}]}},
+    "events[0].ecommerce.items[0].price": {"event": "view_item", "event_id": "e1", "ecommerce":
+                                           {"items": [{"item_id": "A", "price": LONG}]}},
+    "events[0].ecommerce.items[0].availability": {
+        "event": "view_item", "event_id": "e1",
+        "ecommerce": {"items": [{"item_id": "A", "availability": LONG}]}},
+}
+
+
+@pytest.mark.parametrize("field", list(ECHOING))
+def test_a_long_value_is_echoed_as_a_short_prefix(field: str) -> None:
+    got_field, words = _problem_of(ECHOING[field])
+    assert got_field == field
+    assert "…" in words and LONG[:events.ECHO_CHARS + 1] not in words
+    assert len(words) < 400, words
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text(max_size=200), st.integers(1, 80))
+def test_echo_is_a_prefix_and_an_ellipsis(text: str, limit: int) -> None:
+    quoted = events.echo(text, limit)
+    if len(text) <= limit:
+        assert quoted == repr(text)
+    else:
+        assert quoted.endswith("…" + quoted[0]) and quoted[0] in "'\""
+        assert eval(quoted[:-2] + quoted[0]) == text[:limit]  # noqa: S307 (a repr)

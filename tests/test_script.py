@@ -129,6 +129,10 @@ async def test_unknown_site_is_a_js_404(tmp_path) -> None:
     assert response.status_code == 404
     assert response.headers["content-type"].startswith("application/javascript")
     assert response.text.startswith("/* onetag: no site 'nosuch'")
+    async with running(settings_for(tmp_path)) as (_, client):
+        long = await client.get("/s/" + "x" * 3000 + ".js")
+    # A site id from the path is quoted short ("/" can't be in it: no "*/" ends the comment).
+    assert long.status_code == 404 and len(long.content) < 200, long.text
 
 
 # The wire form: minified by tools/js/build.py; the readable source on request. ---------------
