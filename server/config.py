@@ -661,6 +661,36 @@ def _cart_url(reader: _Reader, template: str | None, where: str) -> str | None:
     return template
 
 
+def _fill_placeholders(reader: _Reader, module: Any, values: dict[str, str],
+                       where: str) -> str | None:
+    """A configured URL with its ``{key}`` placeholders filled in from the section's public
+    keys (as its default's are), or None after a problem naming it: an unknown name (a typo
+    was sent to the vendor as written), a secret (a script_url reaches every browser), a key
+    not set, or a template ``str.format`` can't read."""
+    key = where.rsplit(".", 1)[1]
+    template = values[key]
+    names = [s.name for s in module.SETTINGS if not s.secret and not s.url]
+    known = ", ".join("{" + name + "}" for name in names)
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion
+                  in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        reader.problem(where, f"is not a valid template ({exc}); its placeholders are {known} "
+                              "(write {{ and }} for a brace)")
+        return None
+    for name, spec, conversion in fields:
+        if name not in names or spec or conversion:
+            reader.problem(where, f"names {{{name}{'!' + conversion if conversion else ''}"
+                                  f"{':' + spec if spec else ''}}}, which is no placeholder: "
+                                  f"the placeholders are {known}")
+            return None
+        if name not in values:
+            reader.problem(where, f"names {{{name}}}, which is not set")
+            return None
+    return template.format_map(values) if fields or "{" in template or "}" in template \
+        else template
+
+
 def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> VendorConfig | None:
     if not isinstance(table, dict):
         reader.problem(where, "must be a table")
@@ -691,6 +721,15 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
                                                or settings[needed].default is not None)):
                     reader.problem(f"{where}.{setting.name}",
                                    f"its default needs {needed}, which is not set")
+    # A URL written in the config names the section's keys as its default does (the contract's
+    # own `webhook_url = ".../?storeId={store_id}"`): they were sent as written, braces and all.
+    for setting in module.SETTINGS:
+        if setting.url and setting.name not in missing and setting.name in values:
+            filled = _fill_placeholders(reader, module, values, f"{where}.{setting.name}")
+            if filled is None:
+                del values[setting.name]
+            else:
+                values[setting.name] = filled
     for setting in module.SETTINGS:
         value = values.get(setting.name)
         if setting.url and value is not None:

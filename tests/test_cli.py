@@ -160,3 +160,18 @@ def test_public_url_warning_only_for_loopback_hosts() -> None:
     assert public_url_warning("http://127.0.0.1:8000", 8000) is None
     assert "names port 80," in public_url_warning("http://127.0.0.1", 8000)
     assert "http://[::1]:8000" in public_url_warning("http://[::1]:9000", 8000)
+
+
+def test_check_refuses_an_unknown_placeholder_in_a_configured_url(tmp_path) -> None:
+    """The contract's own webhook_url passed check and was sent as written; a misspelt
+    placeholder must be named."""
+    (tmp_path / "onetag.toml").write_text(
+        '[[sites]]\nid = "shop1"\n\n[sites.remarkety]\nstore_id = "ST1"\n'
+        'webhook_url = "https://webhooks.remarkety.com/webhooks/?storeId={store_id}"\n')
+    assert onetag("check", cwd=tmp_path).returncode == 0
+    (tmp_path / "onetag.toml").write_text(
+        (tmp_path / "onetag.toml").read_text().replace("{store_id}", "{storeId}"))
+    result = onetag("check", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "onetag.toml: sites[shop1].remarkety.webhook_url: names {storeId}, which is no " \
+           "placeholder: the placeholders are {store_id}" in result.stderr, result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 from server import config
 from server.config import ConfigError
@@ -422,3 +423,84 @@ def test_number_keys_may_come_from_the_environment() -> None:
     assert "not 'a week'" in found[0] and "a whole number" in found[1]
     assert config.parse(data, env={"MPW": "100"}, require_secrets=False).server.hold_days \
         == config.ServerConfig().hold_days
+
+
+CONTRACT_SECTIONS = '''
+[[sites]]
+id = "shop1"
+
+[sites.remarkety]
+store_id    = "ST1"
+webhook_url = "https://webhooks.remarkety.com/webhooks/?storeId={store_id}"
+
+[sites.esputnik]
+site_id     = "8A412DC"
+script_url  = "https://cdn.esputnik.com/scripts/{script_id}.js"
+'''
+
+
+def test_the_contracts_configured_urls_have_their_placeholders_filled_in(tmp_path: Path) -> None:
+    """The contract's own lines (section 3) passed check, and every Remarkety call went to
+    ?storeId={store_id}, the eSputnik script to .../{script_id}.js: only defaults were filled."""
+    path = tmp_path / "onetag.toml"
+    path.write_text(CONTRACT_SECTIONS, encoding="utf-8")
+    site = config.load(path, env={}).sites["shop1"]
+    assert site.vendors["remarkety"]["webhook_url"] == \
+        "https://webhooks.remarkety.com/webhooks/?storeId=ST1"
+    assert site.vendors["esputnik"]["script_url"] == "https://cdn.esputnik.com/scripts/8A412DC.js"
+    explicit = path.read_text().replace('site_id     = "8A412DC"',
+                                        'site_id = "8A412DC"\nscript_id = "LOADER9"')
+    path.write_text(explicit, encoding="utf-8")
+    site = config.load(path, env={}).sites["shop1"]
+    assert site.vendors["esputnik"]["script_url"] == "https://cdn.esputnik.com/scripts/LOADER9.js"
+    # Braces doubled are braces; a URL without placeholders is kept as written.
+    settings = config.parse({"sites": [{"id": "s", "remarkety": {
+        "store_id": "S", "webhook_url": "https://h.example/w?x={{y}}&s={store_id}"},
+        "sendlane": {"integration_token": "T", "api_base": "https://api.example/v2"}}]}, env={})
+    assert settings.sites["s"].vendors["remarkety"]["webhook_url"] == "https://h.example/w?x={y}&s=S"
+    assert settings.sites["s"].vendors["sendlane"]["api_base"] == "https://api.example/v2"
+
+
+@pytest.mark.parametrize("url, words", [
+    ("https://webhooks.remarkety.com/webhooks/?storeId={storeid}", "names {storeid}, which is no "
+     "placeholder: the placeholders are {store_id}"),
+    ("https://h.example/{api_key}", "names {api_key}, which is no placeholder"),  # a secret
+    ("https://h.example/{webhook_url}", "names {webhook_url}, which is no placeholder"),
+    ("https://h.example/{store_id!r}", "names {store_id!r}, which is no placeholder"),
+    ("https://h.example/{store_id:>9}", "names {store_id:>9}, which is no placeholder"),
+    ("https://h.example/{store_id[0]}", "which is no placeholder"),
+    ("https://h.example/{}", "names {}, which is no placeholder"),
+    ("https://h.example/{store_id", "is not a valid template"),
+    ("https://h.example/}", "is not a valid template"),
+])
+def test_an_unknown_placeholder_in_a_configured_url_is_a_problem_naming_the_key(
+        url: str, words: str) -> None:
+    found = problems({"sites": [{"id": "shop1", "remarkety": {"store_id": "S", "api_key": "k",
+                                                              "webhook_url": url}}]})
+    assert len(found) == 1, found
+    assert found[0].startswith("onetag.toml: sites[shop1].remarkety.webhook_url: "), found
+    assert words in found[0], found
+
+
+def test_a_placeholder_naming_an_unset_key_is_a_problem() -> None:
+    found = problems({"sites": [{"id": "shop1", "rejoiner": {
+        "site_id": "R", "api_base": "https://rj.example/{domain}/api"}}]})
+    assert found == ["onetag.toml: sites[shop1].rejoiner.api_base: names {domain}, which is not set"]
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["https://h.example/", "{store_id}", "{", "}", "{{", "}}",
+                                 "{x}", "{api_key}", "{store_id!s}", "a", "?s=", "{0}"]),
+                max_size=6))
+def test_any_configured_url_is_filled_in_or_one_problem_naming_it(parts: list[str]) -> None:
+    url = "".join(parts)
+    data = {"sites": [{"id": "shop1", "remarkety": {"store_id": "S1", "webhook_url": url}}]}
+    try:
+        settings = config.parse(data, env={})
+    except ConfigError as exc:
+        found = [str(p) for p in exc.problems]
+        assert len(found) == 1 and found[0].startswith(
+            "onetag.toml: sites[shop1].remarkety.webhook_url: "), found
+        return
+    got = settings.sites["shop1"].vendors["remarkety"]["webhook_url"]
+    assert got == url.format(store_id="S1"), (url, got)
