@@ -458,6 +458,11 @@ def parse(data: Mapping[str, Any], *, file: str = "onetag.toml",
     return Settings(server=server, sites=sites, source=file, unset=tuple(reader.unset))
 
 
+# The shortest secret onetag takes where a secret is all that guards something: admin_token,
+# a site's api_key, identity_secret, feed_token, the coupons bridge's two.
+MIN_SECRET = 16
+
+
 def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     where = "server"
     if not isinstance(table, dict):
@@ -495,6 +500,10 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     numbers = {key: reader.number(table, key, where) for key in NUMBERS}
     admin_token = reader.secret(table, "admin_token", where,
                                 off="remove the key to turn the operator console off")
+    if admin_token is not None and len(admin_token) < MIN_SECRET:
+        reader.problem(f"{where}.admin_token", f"must be at least {MIN_SECRET} characters (a "
+                       "random secret, e.g. \"env:ONETAG_ADMIN_TOKEN\"): it is all that guards "
+                       "the operator console")
     return ServerConfig(
         database=database, public_url=public_url, script_path=script_path,
         event_path=event_path, admin_token=admin_token,
@@ -549,6 +558,10 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
                 vendors[name] = vendor
     api_key = reader.secret(table, "api_key", where,
                             off="remove the key to turn the site's backend API off")
+    if api_key is not None and len(api_key) < MIN_SECRET:
+        reader.problem(f"{where}.api_key", f"must be at least {MIN_SECRET} characters (a random "
+                       "secret, e.g. \"env:SHOP1_API_KEY\"): it is all that guards the site's "
+                       "backend API")
     # An api_key written is configured even when unset or empty (each reported on its own,
     # or an unset one read as absent by the commands that never send).
     has_key = "api_key" in table
@@ -561,14 +574,15 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
                        "no backend can send orders")
     identity_secret = reader.secret(table, "identity_secret", where,
                                     off="remove the key to leave identify unsigned")
-    if identity_secret is not None and len(identity_secret) < 16:
-        reader.problem(f"{where}.identity_secret", "must be at least 16 characters (a random "
-                       "secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
+    if identity_secret is not None and len(identity_secret) < MIN_SECRET:
+        reader.problem(f"{where}.identity_secret", f"must be at least {MIN_SECRET} characters "
+                       "(a random secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
     feed_token = reader.secret(table, "feed_token", where,
                                off="remove the key to publish no product feed")
-    if feed_token is not None and len(feed_token) < 16:
-        reader.problem(f"{where}.feed_token", "must be at least 16 characters (a random "
-                       "secret, e.g. \"env:SHOP1_FEED_TOKEN\"): it is all that guards the feed")
+    if feed_token is not None and len(feed_token) < MIN_SECRET:
+        reader.problem(f"{where}.feed_token", f"must be at least {MIN_SECRET} characters (a "
+                       "random secret, e.g. \"env:SHOP1_FEED_TOKEN\"): it is all that guards "
+                       "the feed")
     sync_time = reader.string(table, "product_sync_time", where, default=DEFAULT_PRODUCT_SYNC_TIME)
     sync_minute = parse_sync_time(sync_time or "")
     if sync_minute is None:
@@ -596,7 +610,7 @@ def parse_sync_time(text: str) -> int | None:
 
 
 COUPON_KEYS = ("remarkety_api_key", "webhook_url", "webhook_secret", "timeout_s")
-MIN_COUPON_SECRET = 16
+MIN_COUPON_SECRET = MIN_SECRET
 
 
 def _coupons(reader: _Reader, table: Any, where: str) -> CouponConfig | None:
@@ -760,7 +774,8 @@ def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None)
     data = {
         "server": {"database": database or "sqlite:///onetag-demo.db", "public_url": public_url},
         "sites": [{
-            "id": "demo", "origins": [public_url], "api_key": "demo-api-key", "currency": "USD",
+            "id": "demo", "origins": [public_url], "api_key": "demo-api-key-not-secret",
+            "currency": "USD",
             # Not a secret: the demo signs any email it is asked to (server/demo.py).
             "identity_secret": "demo-identity-secret-not-secret",
             "rejoiner": {"site_id": "DEMO123", "domain": host, "api_key": "demo",

@@ -43,7 +43,7 @@ from server.store import open_store
 from support import ORIGIN, settings_for
 
 SITE = "shop1"
-API_KEY = "secret-key"
+API_KEY = "secret-key-0123456789"
 BROWSER_HEADERS = {"content-type": "text/plain;charset=UTF-8", "origin": ORIGIN}
 BACKEND_HEADERS = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
 BACKEND_PATH = f"/api/v1/sites/{SITE}/events"

@@ -20,7 +20,7 @@ from server.catalog import merge
 from backends import Backend
 from support import ORIGIN, running, settings_for
 
-API_KEY = "secret-key"
+API_KEY = "secret-key-0123456789"
 URL = "https://shop.example/p/mug"
 IMAGE = "https://shop.example/i/mug.jpg"
 

@@ -23,9 +23,9 @@ def test_env_values_defaults_and_vendor_url_templates() -> None:
         "sites": [{"id": "shop1", "origins": ["https://shop.example/"], "api_key": "env:KEY",
                    "remarkety": {"store_id": "ST1", "api_key": "env:RM"},
                    "esputnik": {"site_id": "8A412DC"}}],
-    }, env={"ADMIN": "a", "KEY": "k", "RM": "r"})
+    }, env={"ADMIN": "a" * 16, "KEY": "k" * 16, "RM": "r"})
     site = settings.sites["shop1"]
-    assert settings.server.admin_token == "a" and site.api_key == "k"
+    assert settings.server.admin_token == "a" * 16 and site.api_key == "k" * 16
     assert site.origins == ("https://shop.example",)
     assert site.vendors["remarkety"]["api_key"] == "r"
     assert site.vendors["remarkety"]["webhook_url"].endswith("storeId=ST1")
@@ -121,9 +121,9 @@ def test_cart_url_is_a_template_of_cart_guid_and_sc() -> None:
 
 def test_order_source_defaults_with_the_api_key_and_the_identity_secret_is_checked() -> None:
     settings = config.parse({"sites": [
-        {"id": "with_key", "api_key": "k", "identity_secret": "env:SECRET"},
+        {"id": "with_key", "api_key": "k" * 16, "identity_secret": "env:SECRET"},
         {"id": "without_key"},
-        {"id": "chosen", "api_key": "k", "order_source": "browser"}]},
+        {"id": "chosen", "api_key": "k" * 16, "order_source": "browser"}]},
         env={"SECRET": "s" * 32})
     assert settings.sites["with_key"].order_source == "backend"
     assert settings.sites["with_key"].identity_secret == "s" * 32
@@ -132,7 +132,7 @@ def test_order_source_defaults_with_the_api_key_and_the_identity_secret_is_check
     assert settings.sites["chosen"].order_source == "browser"
     found = problems({"sites": [
         {"id": "a", "order_source": "backend"},
-        {"id": "b", "api_key": "k", "order_source": "page"},
+        {"id": "b", "api_key": "k" * 16, "order_source": "page"},
         {"id": "c", "identity_secret": "short"},
         {"id": "d", "identity_secret": "env:UNSET"}]})
     assert [p.split(":", 2)[1].strip() for p in found] == [
@@ -504,3 +504,41 @@ def test_any_configured_url_is_filled_in_or_one_problem_naming_it(parts: list[st
         return
     got = settings.sites["shop1"].vendors["remarkety"]["webhook_url"]
     assert got == url.format(store_id="S1"), (url, got)
+
+
+@pytest.mark.parametrize("where, data", [
+    ("server.admin_token", {"server": {"admin_token": "a"}, "sites": [{"id": "shop1"}]}),
+    ("server.admin_token", {"server": {"admin_token": "x" * 15}, "sites": [{"id": "shop1"}]}),
+    ("server.admin_token", {"server": {"admin_token": "env:T"}, "sites": [{"id": "shop1"}]}),
+    ("sites[shop1].api_key", {"sites": [{"id": "shop1", "api_key": "a"}]}),
+    ("sites[shop1].api_key", {"sites": [{"id": "shop1", "api_key": "env:T"}]}),
+])
+def test_a_weak_admin_token_or_api_key_is_refused_naming_it(where: str, data: dict) -> None:
+    """admin_token = "a" and api_key = "a" were taken; identity_secret, feed_token and the
+    coupons' keys already needed 16 characters. All that guards the console or a site's
+    backend API now needs as many."""
+    found = problems(data, env={"T": "short-secret"})
+    assert found == [f"onetag.toml: {where}: must be at least 16 characters (a random secret, "
+                     f"e.g. \"env:{'ONETAG_ADMIN_TOKEN' if 'admin' in where else 'SHOP1_API_KEY'}"
+                     f"\"): it is all that guards "
+                     f"{'the operator console' if 'admin' in where else 'the site' + chr(39) + 's backend API'}"]
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(admin_token=st.text(st.characters(codec="utf-8"), min_size=1, max_size=24),
+       api_key=st.text(st.characters(codec="utf-8"), min_size=1, max_size=24))
+def test_a_secret_is_taken_exactly_when_it_has_16_characters(admin_token: str,
+                                                             api_key: str) -> None:
+    data = {"server": {"admin_token": admin_token},
+            "sites": [{"id": "shop1", "api_key": api_key}]}
+    try:
+        settings = config.parse(data, env={})
+    except ConfigError as exc:
+        wheres = sorted(p.where.split(": ", 1)[1] for p in exc.problems)
+        assert wheres == sorted(w for w, v in (("server.admin_token", admin_token),
+                                               ("sites[shop1].api_key", api_key))
+                                if len(v) < 16), wheres
+        return
+    assert len(admin_token) >= 16 and len(api_key) >= 16
+    assert settings.server.admin_token == admin_token
+    assert settings.sites["shop1"].api_key == api_key

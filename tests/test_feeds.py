@@ -25,7 +25,7 @@ from support import ORIGIN, settings_for
 
 TOKEN = "feed-token-0123456789abcdef"
 G = "{http://base.google.com/ns/1.0}"
-API_KEY = "secret-key"
+API_KEY = "secret-key-0123456789"
 
 
 def item(item_id: str, price: Any = "12.34", **extra: Any) -> dict[str, Any]:
