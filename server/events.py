@@ -659,6 +659,8 @@ def _address(raw: dict, key: str, where: str) -> dict[str, str] | None:
     out = {}
     for key in ADDRESS_KEYS:
         value = _person(address, key, where, 512)
+        if value and key == "email" and not value.isascii():  # Sendlane's billing email
+            _check_email_text(value, f"{where}.email")
         if value:
             out[key] = value
     return out or None

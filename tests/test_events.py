@@ -360,6 +360,10 @@ def test_format_and_control_characters_in_emails_are_refused(email: str) -> None
     field, problem = _problem_of({"event": "identify", "event_id": "e1", "user": {"email": email}})
     assert field == "events[0].user.email"
     assert "U+" in problem or "not an email address" in problem
+    # The billing address's email reaches Sendlane too.
+    field, problem = _problem_of(PERSON_FIELDS["events[0].billing_address.city"]("Kyiv") | {
+        "billing_address": {"email": email}})
+    assert field == "events[0].billing_address.email" and "U+" in problem
 
 
 @hsettings(max_examples=200, deadline=None)
