@@ -98,7 +98,7 @@ def main() -> None:
             out.writelines(json.dumps(line) + "\n" for line in history(options.lines))
         (cwd / "onetag.toml").write_text(
             '[server]\ndatabase = "sqlite:///onetag.db"\n\n[[sites]]\nid = "bench"\n'
-            'api_key = "k"\n\n[sites.sendlane]\nintegration_token = "T"\napi_token = "x"\n'
+            'api_key = "bench-api-key-0123456789"\n\n[sites.sendlane]\nintegration_token = "T"\napi_token = "x"\n'
             'api_base = "http://127.0.0.1:9/sendlane"\n', encoding="utf-8")
         common = ["--config", "onetag.toml", "--site", "bench"]
         report = {"lines": options.lines,

@@ -105,7 +105,7 @@ forward = false
 [[sites]]
 id = "bench"
 origins = ["https://shop.bench.example"]
-api_key = "bench-api-key"
+api_key = "bench-api-key-0123456789"
 currency = "USD"
 
 [sites.rejoiner]

@@ -62,7 +62,7 @@ def config(database: str, public_url: str) -> str:
              "forward = false", ""]
     for site, names in CASES.items():
         lines += ["[[sites]]", f'id = "{site}"', 'origins = ["https://shop.example"]',
-                  'api_key = "secret-site"', 'currency = "USD"', *LEAN.get(site, []), ""]
+                  'api_key = "secret-site-0123456789"', 'currency = "USD"', *LEAN.get(site, []), ""]
         for name in names:
             lines.append(f"[sites.{name}]")
             lines += [f'{k} = "{v}"' for k, v in VENDORS[name].items()]

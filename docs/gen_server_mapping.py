@@ -219,11 +219,13 @@ def site() -> config_module.SiteConfig:
     data = tomllib.loads(EXAMPLE_CONFIG)
     data["sites"][0]["cart_url"] = CART_URL
     env = {}
-    for table in [data["server"], *data["sites"], *(s[v] for s in data["sites"]
-                                                   for v in VENDORS if v in s)]:
+    guards = [data["server"], *data["sites"]]  # admin_token, api_key: 16 characters, not shown
+    for table in [*guards, *(s[v] for s in data["sites"] for v in VENDORS if v in s)]:
         for key, value in table.items():
             if isinstance(value, str) and value.startswith("env:"):
                 env[value[4:]] = f"<{key}>"
+                if any(table is guard for guard in guards):
+                    env[value[4:]] = env[value[4:]].ljust(config_module.MIN_SECRET, "-")
     return config_module.parse(data, env=env).sites["shop1"]
 
 

@@ -393,10 +393,10 @@ def parse_time(value: Any, now_ms: int) -> int:
         try:
             when = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise Invalid(where, f"{value[:40]!r} is neither Unix ms nor an ISO 8601 date-time "
-                                 "(e.g. 2024-03-01T12:00:00Z)") from None
+            raise Invalid(where, f"{vocabulary.echo(value)} is neither Unix ms nor an ISO 8601 "
+                                 "date-time (e.g. 2024-03-01T12:00:00Z)") from None
         if when.tzinfo is None:
-            raise Invalid(where, f"{value[:40]!r} has no zone: add one (Z, +02:00)")
+            raise Invalid(where, f"{vocabulary.echo(value)} has no zone: add one (Z, +02:00)")
         value = int(when.timestamp() * 1000)
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(where, "must be Unix milliseconds or an ISO 8601 date-time string")
@@ -427,8 +427,8 @@ def check(unit: Unit, origin: Origin) -> dict[str, Any]:
     raw = dict(unit.raw or {})
     name = raw.get("event")
     if isinstance(name, str) and name not in BACKFILL_EVENTS:
-        raise Invalid("event.event", f"{name[:64]!r} is not history a backfill takes: one of "
-                                     f"{', '.join(BACKFILL_EVENTS)}")
+        raise Invalid("event.event", f"{vocabulary.echo(name, 64)} is not history a backfill "
+                                     f"takes: one of {', '.join(BACKFILL_EVENTS)}")
     raw["time"] = parse_time(raw.get("time"), origin.received_ms)
     event = vocabulary.normalise(raw, "event", origin)
     if "event_id" not in (unit.raw or {}):

@@ -519,6 +519,11 @@ def proxy_address(text: str) -> str:
         raise ValueError("must be an IP address or a CIDR network (no host names)") from None
 
 
+# The shortest secret onetag takes where a secret is all that guards something: admin_token,
+# a site's api_key, identity_secret, feed_token, the coupons bridge's two.
+MIN_SECRET = 16
+
+
 def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     where = "server"
     if not isinstance(table, dict):
@@ -554,6 +559,10 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     numbers = {key: reader.number(table, key, where) for key in NUMBERS}
     admin_token = reader.secret(table, "admin_token", where,
                                 off="remove the key to turn the operator console off")
+    if admin_token is not None and len(admin_token) < MIN_SECRET:
+        reader.problem(f"{where}.admin_token", f"must be at least {MIN_SECRET} characters (a "
+                       "random secret, e.g. \"env:ONETAG_ADMIN_TOKEN\"): it is all that guards "
+                       "the operator console")
     return ServerConfig(
         database=database, public_url=public_url, script_path=script_path,
         event_path=event_path, admin_token=admin_token,
@@ -609,6 +618,10 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
                 vendors[name] = vendor
     api_key = reader.secret(table, "api_key", where,
                             off="remove the key to turn the site's backend API off")
+    if api_key is not None and len(api_key) < MIN_SECRET:
+        reader.problem(f"{where}.api_key", f"must be at least {MIN_SECRET} characters (a random "
+                       "secret, e.g. \"env:SHOP1_API_KEY\"): it is all that guards the site's "
+                       "backend API")
     # An api_key written is configured even when unset or empty (each reported on its own,
     # or an unset one read as absent by the commands that never send).
     has_key = "api_key" in table
@@ -621,14 +634,15 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
                        "no backend can send orders")
     identity_secret = reader.secret(table, "identity_secret", where,
                                     off="remove the key to leave identify unsigned")
-    if identity_secret is not None and len(identity_secret) < 16:
-        reader.problem(f"{where}.identity_secret", "must be at least 16 characters (a random "
-                       "secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
+    if identity_secret is not None and len(identity_secret) < MIN_SECRET:
+        reader.problem(f"{where}.identity_secret", f"must be at least {MIN_SECRET} characters "
+                       "(a random secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
     feed_token = reader.secret(table, "feed_token", where,
                                off="remove the key to publish no product feed")
-    if feed_token is not None and len(feed_token) < 16:
-        reader.problem(f"{where}.feed_token", "must be at least 16 characters (a random "
-                       "secret, e.g. \"env:SHOP1_FEED_TOKEN\"): it is all that guards the feed")
+    if feed_token is not None and len(feed_token) < MIN_SECRET:
+        reader.problem(f"{where}.feed_token", f"must be at least {MIN_SECRET} characters (a "
+                       "random secret, e.g. \"env:SHOP1_FEED_TOKEN\"): it is all that guards "
+                       "the feed")
     sync_time = reader.string(table, "product_sync_time", where, default=DEFAULT_PRODUCT_SYNC_TIME)
     sync_minute = parse_sync_time(sync_time or "")
     if sync_minute is None:
@@ -656,7 +670,7 @@ def parse_sync_time(text: str) -> int | None:
 
 
 COUPON_KEYS = ("remarkety_api_key", "webhook_url", "webhook_secret", "timeout_s")
-MIN_COUPON_SECRET = 16
+MIN_COUPON_SECRET = MIN_SECRET
 
 
 def _coupons(reader: _Reader, table: Any, where: str) -> CouponConfig | None:
@@ -721,6 +735,36 @@ def _cart_url(reader: _Reader, template: str | None, where: str) -> str | None:
     return template
 
 
+def _fill_placeholders(reader: _Reader, module: Any, values: dict[str, str],
+                       where: str) -> str | None:
+    """A configured URL with its ``{key}`` placeholders filled in from the section's public
+    keys (as its default's are), or None after a problem naming it: an unknown name (a typo
+    was sent to the vendor as written), a secret (a script_url reaches every browser), a key
+    not set, or a template ``str.format`` can't read."""
+    key = where.rsplit(".", 1)[1]
+    template = values[key]
+    names = [s.name for s in module.SETTINGS if not s.secret and not s.url]
+    known = ", ".join("{" + name + "}" for name in names)
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion
+                  in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        reader.problem(where, f"is not a valid template ({exc}); its placeholders are {known} "
+                              "(write {{ and }} for a brace)")
+        return None
+    for name, spec, conversion in fields:
+        if name not in names or spec or conversion:
+            reader.problem(where, f"names {{{name}{'!' + conversion if conversion else ''}"
+                                  f"{':' + spec if spec else ''}}}, which is no placeholder: "
+                                  f"the placeholders are {known}")
+            return None
+        if name not in values:
+            reader.problem(where, f"names {{{name}}}, which is not set")
+            return None
+    return template.format_map(values) if fields or "{" in template or "}" in template \
+        else template
+
+
 def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> VendorConfig | None:
     if not isinstance(table, dict):
         reader.problem(where, "must be a table")
@@ -751,6 +795,15 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
                                                or settings[needed].default is not None)):
                     reader.problem(f"{where}.{setting.name}",
                                    f"its default needs {needed}, which is not set")
+    # A URL written in the config names the section's keys as its default does (the contract's
+    # own `webhook_url = ".../?storeId={store_id}"`): they were sent as written, braces and all.
+    for setting in module.SETTINGS:
+        if setting.url and setting.name not in missing and setting.name in values:
+            filled = _fill_placeholders(reader, module, values, f"{where}.{setting.name}")
+            if filled is None:
+                del values[setting.name]
+            else:
+                values[setting.name] = filled
     for setting in module.SETTINGS:
         value = values.get(setting.name)
         if setting.url and value is not None:
@@ -786,7 +839,8 @@ def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None)
     data = {
         "server": {"database": database or "sqlite:///onetag-demo.db", "public_url": public_url},
         "sites": [{
-            "id": "demo", "origins": [public_url], "api_key": "demo-api-key", "currency": "USD",
+            "id": "demo", "origins": [public_url], "api_key": "demo-api-key-not-secret",
+            "currency": "USD",
             # Not a secret: the demo signs any email it is asked to (server/demo.py).
             "identity_secret": "demo-identity-secret-not-secret",
             "rejoiner": {"site_id": "DEMO123", "domain": url_host, "api_key": "demo",

@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from . import logs
-from .events import EMAIL_RE
+from .events import EMAIL_RE, echo
 from .store.base import StoreUnavailable
 
 log = logging.getLogger("onetag.coupons")
@@ -446,7 +446,7 @@ class Coupons:
         config = getattr(site, "coupons", None)
         if config is None:  # nothing recorded: there is no site to keep it for
             return remarkety_answer(404, f"site_id: no Remarkety coupons bridge for site "
-                                         f"{site_id!r} here ([sites.coupons] is not set)", rid)
+                                         f"{echo(site_id)} here ([sites.coupons] is not set)", rid)
         call: dict[str, Any] = {"created_ms": int(time.time() * 1000), "site_id": site_id,
                                 "request_id": rid}
         try:

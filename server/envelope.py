@@ -95,10 +95,10 @@ def read_browser_body(data: bytes, facts: BrowserFacts,
         site_id = body.get("site_id")
         site = sites.get(site_id) if isinstance(site_id, str) else None
         if site is None:
-            return Problem(404, "unknown_site", "site_id", f"no site {site_id!r} here")
+            return Problem(404, "unknown_site", "site_id", f"no site {vocabulary.echo(site_id)} here")
         if facts.origin and facts.origin not in site.origins:
             return Problem(403, "origin_not_allowed", "origin",
-                           f"{facts.origin} is not in this site's origins")
+                           f"{vocabulary.echo(facts.origin, 100)} is not in this site's origins")
         sent_sc = body.get("sc")
         sc = (valid_sc(sent_sc if isinstance(sent_sc, str) else None)
               or valid_sc(facts.cookie_sc) or new_sc())

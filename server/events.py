@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
@@ -49,10 +50,21 @@ EVENT_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _EMAIL_CHAR = r"[^@\s/\x00-\x1f\x7f]"
 EMAIL_RE = re.compile(rf"{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}{{2,}}")
 SC_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
+# Person fields (user's first_name, last_name, phone, customer_id; every address field):
+# vendors put names in mail headers and subject lines ("Hi Eve" in a Subject:), so no
+# control character (CR LF there would add a header), no line or paragraph separator, and
+# no bidirectional embedding, override or isolate (U+202A-U+202E, U+2066-U+2069), which
+# change how the text around them reads in the console and at the vendors.
+PERSON_BAD_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+PERSON_PROBLEM = ("contains {char}: no control characters (line breaks, tabs), line separators "
+                  "or bidirectional controls (U+202A-U+202E, U+2066-U+2069) in a person's "
+                  "fields, which vendors put in mail headers and subject lines")
 # The cart state's GUID the browser used with the event (eSputnik's StatusCart/PurchasedItems
 # GUID): the store adopts it, so both paths quote one GUID per cart state.
 CART_GUID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
 MAX_URL_CHARS = 2048
+ITEM_URLS = frozenset({"item_url", "image_url"})  # item strings that must be http(s) URLs
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: Unicode's Cc
 CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 
 # Bounds on anything an event carries, checked (``check_bounds``) before any conversion:
@@ -93,6 +105,20 @@ KNOWN_KEYS = frozenset({"event", "event_id", "time", "page", "page_location", "p
                         "sc", "source", "cart_guid"})
 # Events that have an ``ecommerce`` object even when they are sent without one.
 _ECOMMERCE_EVENTS = ITEMS_REQUIRED | (ITEMS_LIST - {"search", "view_item_list"}) | {"order_status"}
+
+
+ECHO_CHARS = 40  # of a value a problem quotes back: a 5,000-character name is not echoed
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``value`` quoted for a problem message, cut to its first ``limit`` characters with an
+    ellipsis: ``'aaaa…'``. Every message that quotes what a sender sent goes through here,
+    so a 4xx never echoes a long value back whole."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    cut = repr(text[:limit])
+    return cut[:-1] + "…" + cut[-1]
 
 
 class Invalid(Exception):
@@ -381,16 +407,20 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
     if not isinstance(name, str) or not name:
         raise Invalid(f"{where}.event", "is required: the event name, e.g. \"view_item\"")
     if name not in STANDARD and not EVENT_NAME_RE.fullmatch(name):  # a set look-up, mostly
-        raise Invalid(f"{where}.event", f"{name!r} is not a valid event name "
+        raise Invalid(f"{where}.event", f"{echo(name)} is not a valid event name "
                       "(a letter, then up to 63 of A-Z a-z 0-9 _ . : / -)")
     if name in BACKEND_ONLY and origin.source == "browser":
-        raise Invalid(f"{where}.event", f"{name!r} is accepted from the backend API only")
+        raise Invalid(f"{where}.event", f"{echo(name)} is accepted from the backend API only")
 
     event_id = raw.get("event_id")
     if event_id is None and origin.source == "backend":
         event_id = new_event_id()
-    if not isinstance(event_id, str) or not EVENT_ID_RE.fullmatch(event_id):
+    if event_id is None:
         raise Invalid(f"{where}.event_id", "is required: a string id (a UUID) kept across retries")
+    if not isinstance(event_id, str) or not EVENT_ID_RE.fullmatch(event_id):
+        sent = echo(event_id) if isinstance(event_id, str) else _type(event_id)
+        raise Invalid(f"{where}.event_id", f"must be 1 to 128 of A-Z a-z 0-9 _ . : - "
+                      f"([A-Za-z0-9_.:-]{{1,128}}; a UUID kept across retries), not {sent}")
 
     time_ms = _optional_int(raw, "time", where, minimum=MIN_TIME_MS,
                             maximum=origin.received_ms + MAX_FUTURE_MS)
@@ -558,7 +588,7 @@ def _amount(value: Any, where: str) -> Decimal:
             amount = Decimal(value.strip() if isinstance(value, str) else value)
         except ArithmeticError:
             raise Invalid(where, f"must be a number (major units, e.g. 29.99), "
-                          f"not {value[:40]!r}") from None
+                          f"not {echo(value)}") from None
     # Before any scaling: finite, and small enough that its minor units fit any context. Its
     # digits need no bound here (a long number, as text, rounds in linear time).
     if not amount.is_finite() or (amount and amount.adjusted() >= 12 and abs(amount) > _MAX_MONEY):
@@ -577,9 +607,17 @@ def _page(raw: dict, where: str) -> dict[str, Any] | None:
                            ("title", "page_title")):
             if raw.get(alias) is not None:
                 page[key] = raw[alias]
-    out = {}
+    # The page's URL is location.href, http(s) on any storefront (a file: or about: page is
+    # no shop); vendors link to it as the cart's URL when the event names none. The referrer
+    # and title are kept as sent: document.referrer may be "" or an app's android-app:// URL,
+    # and neither reaches a vendor or a feed.
+    if raw.get("page_location") is not None:  # the alias, named as sent
+        location = _url(raw, "page_location", where, max_len=4096)
+    else:
+        location = _url(page, "location", f"{where}.page", max_len=4096)
+    out = {"location": location} if location is not None else {}
     where = f"{where}.page"
-    for key in ("location", "referrer", "title"):
+    for key in ("referrer", "title"):
         value = _string(page, key, where, max_len=4096)
         if value is not None:
             out[key] = value
@@ -595,10 +633,12 @@ def _user(user: Any, where: str) -> dict[str, Any] | None:
     email = _string(user, "email", where, max_len=254)
     if email:
         if not EMAIL_RE.fullmatch(email):
-            raise Invalid(f"{where}.email", f"{email!r} is not an email address")
+            raise Invalid(f"{where}.email", f"{echo(email)} is not an email address")
+        if not email.isascii():
+            _check_email_text(email, f"{where}.email")
         out["email"] = email.lower()
     for key in USER_STRINGS:
-        value = _string(user, key, where, max_len=256)
+        value = _person(user, key, where, 256)
         if value:
             out[key] = value
     if user.get("accepts_marketing") is not None:
@@ -618,10 +658,41 @@ def _address(raw: dict, key: str, where: str) -> dict[str, str] | None:
         raise Invalid(where, "must be an object {first_name, address_1, city, ...}")
     out = {}
     for key in ADDRESS_KEYS:
-        value = _string(address, key, where, max_len=512)
+        value = _person(address, key, where, 512)
+        if value and key == "email" and not value.isascii():  # Sendlane's billing email
+            _check_email_text(value, f"{where}.email")
         if value:
             out[key] = value
     return out or None
+
+
+def _person(table: dict, key: str, where: str, max_len: int) -> str | None:
+    """A person's field (``PERSON_BAD_RE``): refused, naming it, with a character that
+    could end a mail header or turn the text around it."""
+    value = _string(table, key, where, max_len=max_len)
+    if value and not value.isprintable():  # every character of most names is printable
+        bad = PERSON_BAD_RE.search(value)
+        if bad:
+            raise Invalid(f"{where}.{key}", PERSON_PROBLEM.format(char=_char_name(bad[0])))
+    return value
+
+
+def _check_email_text(email: str, where: str) -> None:
+    """No invisible character in an email beyond ``EMAIL_RE``'s: C1 controls and format
+    controls (Unicode's Cf: bidirectional overrides and isolates, zero-width characters,
+    soft hyphens) make ``ann\u202e@example.com`` read as another address in the console
+    and at the vendors."""
+    for char in email:
+        if unicodedata.category(char) in ("Cc", "Cf"):
+            raise Invalid(where, f"contains {_char_name(char)}: an email address may hold no "
+                          "control or format character (bidirectional controls, zero-width "
+                          "characters), which change how it reads")
+
+
+def _char_name(char: str) -> str:
+    """``U+202E (RIGHT-TO-LEFT OVERRIDE)``: a character named, never shown."""
+    name = unicodedata.name(char, "")
+    return f"U+{ord(char):04X}" + (f" ({name})" if name else "")
 
 
 def _cart_guid(raw: dict, where: str) -> str | None:
@@ -634,13 +705,19 @@ def _cart_guid(raw: dict, where: str) -> str | None:
     return guid.upper()
 
 
-def _url(table: dict, key: str, where: str) -> str | None:
-    value = _string(table, key, where, max_len=MAX_URL_CHARS)
+def _url(table: dict, key: str, where: str, max_len: int = MAX_URL_CHARS) -> str | None:
+    """An absolute http(s) URL, or None when absent or empty. Every URL an event carries
+    reaches a feed or a vendor's email as a link or an image: ``javascript:`` or ``data:``
+    there runs script wherever it is clicked or shown, so only http(s) is taken. No control
+    character either (a tab or newline inside a scheme is dropped by URL parsers, browsers'
+    and this one's alike, so ``java\tscript:`` reads as ``javascript:``)."""
+    value = _string(table, key, where, max_len=max_len)
     if not value:
         return None
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise Invalid(f"{where}.{key}", f"must be an http(s) URL, not {value!r}")
+    if (parts.scheme not in ("http", "https") or not parts.netloc
+            or not value.isprintable() and _CONTROL_RE.search(value)):
+        raise Invalid(f"{where}.{key}", f"must be an http(s) URL, not {echo(value)}")
     return value
 
 
@@ -670,7 +747,7 @@ def _ecommerce(ecommerce: Any, where: str, name: str, default_currency: str,
         raise Invalid(where, "must be an object {currency, value, items, ...}")
     currency = _string(ecommerce, "currency", where) or default_currency
     if not CURRENCY_RE.fullmatch(currency):
-        raise Invalid(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")
+        raise Invalid(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {echo(currency)}")
     currency = currency.upper()
     transaction_id = (_string(ecommerce, "transaction_id", where, max_len=256)
                       if "transaction_id" in ecommerce else None)
@@ -713,7 +790,10 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
     out: dict[str, Any] = {"item_id": _string(item, "item_id", where, required=True, max_len=256)}
     for key in ITEM_STRINGS:
         if key in item:  # most items carry a few of these: skip the call for the rest
-            value = _string(item, key, where, max_len=4096)
+            if key in ITEM_URLS:  # shown as links and images by feeds and vendors' emails
+                value = _url(item, key, where, max_len=4096)
+            else:
+                value = _string(item, key, where, max_len=4096)
             if value is not None:
                 out[key] = value
     out["price_minor"] = _money(item, "price", where, currency)
@@ -721,7 +801,7 @@ def _item(item: Any, where: str, currency: str) -> dict[str, Any]:
     if isinstance(quantity, Decimal) and quantity == quantity.to_integral_value():
         quantity = int(quantity)
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
-        raise Invalid(f"{where}.quantity", f"must be a whole number >= 0, not {str(quantity)[:40]!r}")
+        raise Invalid(f"{where}.quantity", f"must be a whole number >= 0, not {echo(quantity)}")
     if quantity > MAX_QUANTITY:
         raise Invalid(f"{where}.quantity", f"must be at most {MAX_QUANTITY}")
     out["quantity"] = quantity
@@ -764,7 +844,7 @@ def _availability(value: Any, where: str) -> str | None:
         raise Invalid(where, f"must be one of {', '.join(AVAILABILITY)}, not {_type(value)}")
     text = value.strip().lower().replace(" ", "_")
     if text not in AVAILABILITY:
-        raise Invalid(where, f"must be one of {', '.join(AVAILABILITY)}, not {value[:40]!r}")
+        raise Invalid(where, f"must be one of {', '.join(AVAILABILITY)}, not {echo(value)}")
     return text
 
 

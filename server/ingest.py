@@ -319,7 +319,8 @@ class Ingest:
             site_id = request.path_params["site_id"]
             site = self.settings.sites.get(site_id)
             if site is None:
-                raise HTTPProblem(404, "unknown_site", "site_id", f"no site {site_id!r} here")
+                raise HTTPProblem(404, "unknown_site", "site_id",
+                                  f"no site {vocabulary.echo(site_id)} here")
             await self._authorise(request, site)
             if _media_type(request) != "application/json":
                 raise HTTPProblem(415, "unsupported_media_type", "content-type",

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from . import routing
 from .assets import templates_dir
 from .config import public_settings
+from .events import echo
 from .vendors import VENDORS
 
 CACHE_CONTROL = "public, max-age=300"  # short: a config change reaches browsers in minutes
@@ -157,7 +158,7 @@ class ScriptServer:
         site_id = request.path_params["site_id"]
         script = self.get(site_id, readable=request.query_params.get("onetag_debug") == "1")
         if script is None:
-            return Response(f"/* onetag: no site {site_id!r} here */\n".encode(),
+            return Response(f"/* onetag: no site {echo(site_id)} here */\n".encode(),
                             status_code=404, media_type=JS_TYPE,
                             headers={"Cache-Control": "no-store"})
         headers = {"ETag": script.etag, "Cache-Control": CACHE_CONTROL, "Vary": "Accept-Encoding"}

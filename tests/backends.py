@@ -66,7 +66,7 @@ class Backend:
         data = {"server": {"database": self.database,
                            "public_url": "https://data.shop.example", "forward": False},
                 "sites": [{"id": "shop1", "origins": ["https://shop.example"],
-                           "api_key": "secret-key", **site}]}
+                           "api_key": "secret-key-0123456789", **site}]}
         return config.parse(data, env={})
 
     def store(self, settings: config.Settings, **options: Any) -> Any:

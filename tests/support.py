@@ -18,7 +18,7 @@ def settings_for(tmp_path: Any, **site: Any) -> config.Settings:
     """One site ``shop1`` on a fresh SQLite file; keyword arguments override site keys."""
     data = {"server": {"database": f"sqlite:///{tmp_path}/onetag.db",
                        "public_url": "https://data.shop.example", "forward": False},
-            "sites": [{"id": "shop1", "origins": [ORIGIN], "api_key": "secret-key", **site}]}
+            "sites": [{"id": "shop1", "origins": [ORIGIN], "api_key": "secret-key-0123456789", **site}]}
     return config.parse(data, env={})
 
 

@@ -43,7 +43,7 @@ from server.store import open_store
 from support import ORIGIN, settings_for
 
 SITE = "shop1"
-API_KEY = "secret-key"
+API_KEY = "secret-key-0123456789"
 BROWSER_HEADERS = {"content-type": "text/plain;charset=UTF-8", "origin": ORIGIN}
 BACKEND_HEADERS = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
 BACKEND_PATH = f"/api/v1/sites/{SITE}/events"
@@ -413,6 +413,21 @@ EXACT = [
      "events[0].note"),
     ("custom key with NUL", _browser('{"event": "c_x", %s, "k\\u0000": 1}' % ID), 422,
      "events[0].'k\\x00'"),
+    # URLs that reach the feeds and vendors' emails: http(s) only.
+    ("item_url javascript:", _browser('{"event": "view_item", %s, "ecommerce": {"items": '
+                                      '[{"item_id": "A", "item_url": "javascript:alert(document.domain)"}]}}'
+                                      % ID), 422, "events[0].ecommerce.items[0].item_url"),
+    ("image_url data:", _browser('{"event": "view_item", %s, "ecommerce": {"items": [{"item_id": '
+                                 '"A", "image_url": "data:text/html,<script>alert(1)</script>"}]}}'
+                                 % ID), 422, "events[0].ecommerce.items[0].image_url"),
+    # A person's fields go into vendors' mail headers: no CR LF, no bidirectional controls.
+    ("first_name with CR LF", _browser('{"event": "identify", %s, "user": {"email": "eve@b.co", '
+                                       '"first_name": "Eve\\r\\nX-Injected: 1"}}' % ID), 422,
+     "events[0].user.first_name"),
+    ("email with U+202E", _browser('{"event": "identify", %s, "user": {"email": '
+                                   '"ann\\u202e@example.com"}}' % ID), 422, "events[0].user.email"),
+    ("page_location file:", _browser('{"event": "page_view", %s, "page_location": "file:///x"}'
+                                     % ID), 422, "events[0].page_location"),
 ]
 
 
@@ -518,3 +533,21 @@ def test_nesting_within_the_limit_and_ordinary_numbers_are_accepted(live: LiveAp
                     '"f": 0.000001, "s": "%s"}' % (uuid.uuid4().hex, _nest(5, "list"), "x" * 4000))
     response = send_and_check(live.client, live.db, False, body, 1)
     assert response.status_code == 204, response.text
+
+
+def test_a_long_invalid_value_is_not_echoed_back_whole(live: LiveApp) -> None:
+    """A 5,000-character invalid event name (or site id) came back whole in the 422 (404):
+    a problem quotes a short prefix, with an ellipsis."""
+    name = "1" + "x" * 5000
+    response = send_and_check(live.client, live.db, False, _browser(
+        '{"event": "%s", "event_id": "e-%s"}' % (name, uuid.uuid4().hex)), 1)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "events[0].event"
+    assert "x" * 100 not in response.text and "…" in response.json()["message"]
+    assert len(response.content) < 600, response.text
+    response = post(live.client, False, json.dumps(
+        {"site_id": "s" * 5000, "events": [{"event": "page_view", "event_id": "e1"}]}).encode())
+    assert response.status_code == 404 and len(response.content) < 400, response.text
+    response = live.client.post(BACKEND_PATH.replace(SITE, "s" * 3000), json=[],
+                                headers=BACKEND_HEADERS)
+    assert response.status_code == 404 and len(response.content) < 400, response.text

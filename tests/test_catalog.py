@@ -20,7 +20,7 @@ from server.catalog import merge
 from backends import Backend
 from support import ORIGIN, running, settings_for
 
-API_KEY = "secret-key"
+API_KEY = "secret-key-0123456789"
 URL = "https://shop.example/p/mug"
 IMAGE = "https://shop.example/i/mug.jpg"
 
@@ -306,7 +306,11 @@ def test_last_seen_is_written_once_an_hour_not_per_view():
 @pytest.mark.parametrize("row, problem", [
     ({"deleted": 1}, "deleted"), ({"item_url": None}, "no item_url"),
     ({"image_url": ""}, "no image_url"), ({"title": None}, "no title"),
-    ({"price_minor": None}, "no price"), ({}, None)])
+    ({"price_minor": None}, "no price"), ({}, None),
+    # Stored before events refused them: a script or a document is no link or image.
+    ({"item_url": "javascript:alert(document.domain)"}, "no item_url"),
+    ({"image_url": "data:text/html,<script>alert(1)</script>"}, "no image_url"),
+    ({"item_url": "HTTP://shop.example/p"}, None)])
 def test_what_the_feeds_leave_out(row, problem):
     base = {"deleted": 0, "item_url": URL, "image_url": IMAGE, "title": "Mug",
             "price_minor": 100, "currency": "USD"}

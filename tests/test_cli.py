@@ -30,8 +30,14 @@ def test_init_writes_a_config_that_check_accepts(tmp_path) -> None:
     assert missing.returncode == 2
     assert "environment variable ONETAG_ADMIN_TOKEN is not set" in missing.stderr
     env = {**ENV, **{name: "x" for name in (
-        "ONETAG_ADMIN_TOKEN", "SHOP1_API_KEY", "SHOP1_REJOINER_API_KEY", "SHOP1_REMARKETY_API_KEY",
+        "SHOP1_REJOINER_API_KEY", "SHOP1_REMARKETY_API_KEY",
         "SHOP1_ESPUTNIK_API_KEY", "SHOP1_SENDLANE_API_TOKEN")}}
+    short = onetag("check", "--config", "onetag.toml", cwd=tmp_path, env={
+        **env, "ONETAG_ADMIN_TOKEN": "x", "SHOP1_API_KEY": "x"})
+    assert short.returncode == 2
+    for where in ("server.admin_token", "sites[shop1].api_key"):
+        assert f"onetag.toml: {where}: must be at least 16 characters" in short.stderr, short.stderr
+    env.update({"ONETAG_ADMIN_TOKEN": "admin-token-0123456789", "SHOP1_API_KEY": "api-key-0123456789"})
     ok = onetag("check", "--config", "onetag.toml", cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "site shop1: rejoiner, remarkety, esputnik, sendlane" in ok.stdout
@@ -234,3 +240,30 @@ def test_serve_without_config_on_ipv6_serves_the_demo_there(tmp_path) -> None:
         process.terminate()
         output = process.communicate(timeout=20)[0]
     assert f"onetag: open {public}/demo/ " in output, output
+
+
+def test_check_refuses_an_unknown_placeholder_in_a_configured_url(tmp_path) -> None:
+    """The contract's own webhook_url passed check and was sent as written; a misspelt
+    placeholder must be named."""
+    (tmp_path / "onetag.toml").write_text(
+        '[[sites]]\nid = "shop1"\n\n[sites.remarkety]\nstore_id = "ST1"\n'
+        'webhook_url = "https://webhooks.remarkety.com/webhooks/?storeId={store_id}"\n')
+    assert onetag("check", cwd=tmp_path).returncode == 0
+    (tmp_path / "onetag.toml").write_text(
+        (tmp_path / "onetag.toml").read_text().replace("{store_id}", "{storeId}"))
+    result = onetag("check", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "onetag.toml: sites[shop1].remarkety.webhook_url: names {storeId}, which is no " \
+           "placeholder: the placeholders are {store_id}" in result.stderr, result.stderr
+
+
+def test_serve_refuses_to_start_with_a_weak_admin_token_or_api_key(tmp_path) -> None:
+    (tmp_path / "onetag.toml").write_text(
+        f'[server]\ndatabase = "sqlite:///{tmp_path}/o.db"\nadmin_token = "a"\n'
+        '\n[[sites]]\nid = "shop1"\napi_key = "a"\n')
+    result = subprocess.run([sys.executable, "-m", "server", "serve", "--port", "19851"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    for where in ("server.admin_token", "sites[shop1].api_key"):
+        assert f"onetag.toml: {where}: must be at least 16 characters" in result.stderr, \
+            result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 from server import config
 from server.config import ConfigError
@@ -22,9 +23,9 @@ def test_env_values_defaults_and_vendor_url_templates() -> None:
         "sites": [{"id": "shop1", "origins": ["https://shop.example/"], "api_key": "env:KEY",
                    "remarkety": {"store_id": "ST1", "api_key": "env:RM"},
                    "esputnik": {"site_id": "8A412DC"}}],
-    }, env={"ADMIN": "a", "KEY": "k", "RM": "r"})
+    }, env={"ADMIN": "a" * 16, "KEY": "k" * 16, "RM": "r"})
     site = settings.sites["shop1"]
-    assert settings.server.admin_token == "a" and site.api_key == "k"
+    assert settings.server.admin_token == "a" * 16 and site.api_key == "k" * 16
     assert site.origins == ("https://shop.example",)
     assert site.vendors["remarkety"]["api_key"] == "r"
     assert site.vendors["remarkety"]["webhook_url"].endswith("storeId=ST1")
@@ -120,9 +121,9 @@ def test_cart_url_is_a_template_of_cart_guid_and_sc() -> None:
 
 def test_order_source_defaults_with_the_api_key_and_the_identity_secret_is_checked() -> None:
     settings = config.parse({"sites": [
-        {"id": "with_key", "api_key": "k", "identity_secret": "env:SECRET"},
+        {"id": "with_key", "api_key": "k" * 16, "identity_secret": "env:SECRET"},
         {"id": "without_key"},
-        {"id": "chosen", "api_key": "k", "order_source": "browser"}]},
+        {"id": "chosen", "api_key": "k" * 16, "order_source": "browser"}]},
         env={"SECRET": "s" * 32})
     assert settings.sites["with_key"].order_source == "backend"
     assert settings.sites["with_key"].identity_secret == "s" * 32
@@ -131,7 +132,7 @@ def test_order_source_defaults_with_the_api_key_and_the_identity_secret_is_check
     assert settings.sites["chosen"].order_source == "browser"
     found = problems({"sites": [
         {"id": "a", "order_source": "backend"},
-        {"id": "b", "api_key": "k", "order_source": "page"},
+        {"id": "b", "api_key": "k" * 16, "order_source": "page"},
         {"id": "c", "identity_secret": "short"},
         {"id": "d", "identity_secret": "env:UNSET"}]})
     assert [p.split(":", 2)[1].strip() for p in found] == [
@@ -469,3 +470,122 @@ def test_number_keys_may_come_from_the_environment() -> None:
     assert "not 'a week'" in found[0] and "a whole number" in found[1]
     assert config.parse(data, env={"MPW": "100"}, require_secrets=False).server.hold_days \
         == config.ServerConfig().hold_days
+
+
+CONTRACT_SECTIONS = '''
+[[sites]]
+id = "shop1"
+
+[sites.remarkety]
+store_id    = "ST1"
+webhook_url = "https://webhooks.remarkety.com/webhooks/?storeId={store_id}"
+
+[sites.esputnik]
+site_id     = "8A412DC"
+script_url  = "https://cdn.esputnik.com/scripts/{script_id}.js"
+'''
+
+
+def test_the_contracts_configured_urls_have_their_placeholders_filled_in(tmp_path: Path) -> None:
+    """The contract's own lines (section 3) passed check, and every Remarkety call went to
+    ?storeId={store_id}, the eSputnik script to .../{script_id}.js: only defaults were filled."""
+    path = tmp_path / "onetag.toml"
+    path.write_text(CONTRACT_SECTIONS, encoding="utf-8")
+    site = config.load(path, env={}).sites["shop1"]
+    assert site.vendors["remarkety"]["webhook_url"] == \
+        "https://webhooks.remarkety.com/webhooks/?storeId=ST1"
+    assert site.vendors["esputnik"]["script_url"] == "https://cdn.esputnik.com/scripts/8A412DC.js"
+    explicit = path.read_text().replace('site_id     = "8A412DC"',
+                                        'site_id = "8A412DC"\nscript_id = "LOADER9"')
+    path.write_text(explicit, encoding="utf-8")
+    site = config.load(path, env={}).sites["shop1"]
+    assert site.vendors["esputnik"]["script_url"] == "https://cdn.esputnik.com/scripts/LOADER9.js"
+    # Braces doubled are braces; a URL without placeholders is kept as written.
+    settings = config.parse({"sites": [{"id": "s", "remarkety": {
+        "store_id": "S", "webhook_url": "https://h.example/w?x={{y}}&s={store_id}"},
+        "sendlane": {"integration_token": "T", "api_base": "https://api.example/v2"}}]}, env={})
+    assert settings.sites["s"].vendors["remarkety"]["webhook_url"] == "https://h.example/w?x={y}&s=S"
+    assert settings.sites["s"].vendors["sendlane"]["api_base"] == "https://api.example/v2"
+
+
+@pytest.mark.parametrize("url, words", [
+    ("https://webhooks.remarkety.com/webhooks/?storeId={storeid}", "names {storeid}, which is no "
+     "placeholder: the placeholders are {store_id}"),
+    ("https://h.example/{api_key}", "names {api_key}, which is no placeholder"),  # a secret
+    ("https://h.example/{webhook_url}", "names {webhook_url}, which is no placeholder"),
+    ("https://h.example/{store_id!r}", "names {store_id!r}, which is no placeholder"),
+    ("https://h.example/{store_id:>9}", "names {store_id:>9}, which is no placeholder"),
+    ("https://h.example/{store_id[0]}", "which is no placeholder"),
+    ("https://h.example/{}", "names {}, which is no placeholder"),
+    ("https://h.example/{store_id", "is not a valid template"),
+    ("https://h.example/}", "is not a valid template"),
+])
+def test_an_unknown_placeholder_in_a_configured_url_is_a_problem_naming_the_key(
+        url: str, words: str) -> None:
+    found = problems({"sites": [{"id": "shop1", "remarkety": {"store_id": "S", "api_key": "k",
+                                                              "webhook_url": url}}]})
+    assert len(found) == 1, found
+    assert found[0].startswith("onetag.toml: sites[shop1].remarkety.webhook_url: "), found
+    assert words in found[0], found
+
+
+def test_a_placeholder_naming_an_unset_key_is_a_problem() -> None:
+    found = problems({"sites": [{"id": "shop1", "rejoiner": {
+        "site_id": "R", "api_base": "https://rj.example/{domain}/api"}}]})
+    assert found == ["onetag.toml: sites[shop1].rejoiner.api_base: names {domain}, which is not set"]
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["https://h.example/", "{store_id}", "{", "}", "{{", "}}",
+                                 "{x}", "{api_key}", "{store_id!s}", "a", "?s=", "{0}"]),
+                max_size=6))
+def test_any_configured_url_is_filled_in_or_one_problem_naming_it(parts: list[str]) -> None:
+    url = "".join(parts)
+    data = {"sites": [{"id": "shop1", "remarkety": {"store_id": "S1", "webhook_url": url}}]}
+    try:
+        settings = config.parse(data, env={})
+    except ConfigError as exc:
+        found = [str(p) for p in exc.problems]
+        assert len(found) == 1 and found[0].startswith(
+            "onetag.toml: sites[shop1].remarkety.webhook_url: "), found
+        return
+    got = settings.sites["shop1"].vendors["remarkety"]["webhook_url"]
+    assert got == url.format(store_id="S1"), (url, got)
+
+
+@pytest.mark.parametrize("where, data", [
+    ("server.admin_token", {"server": {"admin_token": "a"}, "sites": [{"id": "shop1"}]}),
+    ("server.admin_token", {"server": {"admin_token": "x" * 15}, "sites": [{"id": "shop1"}]}),
+    ("server.admin_token", {"server": {"admin_token": "env:T"}, "sites": [{"id": "shop1"}]}),
+    ("sites[shop1].api_key", {"sites": [{"id": "shop1", "api_key": "a"}]}),
+    ("sites[shop1].api_key", {"sites": [{"id": "shop1", "api_key": "env:T"}]}),
+])
+def test_a_weak_admin_token_or_api_key_is_refused_naming_it(where: str, data: dict) -> None:
+    """admin_token = "a" and api_key = "a" were taken; identity_secret, feed_token and the
+    coupons' keys already needed 16 characters. All that guards the console or a site's
+    backend API now needs as many."""
+    found = problems(data, env={"T": "short-secret"})
+    assert found == [f"onetag.toml: {where}: must be at least 16 characters (a random secret, "
+                     f"e.g. \"env:{'ONETAG_ADMIN_TOKEN' if 'admin' in where else 'SHOP1_API_KEY'}"
+                     f"\"): it is all that guards "
+                     f"{'the operator console' if 'admin' in where else 'the site' + chr(39) + 's backend API'}"]
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(admin_token=st.text(st.characters(codec="utf-8"), min_size=1, max_size=24),
+       api_key=st.text(st.characters(codec="utf-8"), min_size=1, max_size=24))
+def test_a_secret_is_taken_exactly_when_it_has_16_characters(admin_token: str,
+                                                             api_key: str) -> None:
+    data = {"server": {"admin_token": admin_token},
+            "sites": [{"id": "shop1", "api_key": api_key}]}
+    try:
+        settings = config.parse(data, env={})
+    except ConfigError as exc:
+        wheres = sorted(p.where.split(": ", 1)[1] for p in exc.problems)
+        assert wheres == sorted(w for w, v in (("server.admin_token", admin_token),
+                                               ("sites[shop1].api_key", api_key))
+                                if len(v) < 16), wheres
+        return
+    assert len(admin_token) >= 16 and len(api_key) >= 16
+    assert settings.server.admin_token == admin_token
+    assert settings.sites["shop1"].api_key == api_key

@@ -520,7 +520,7 @@ async def test_reconciliation_matches_backend_orders_to_each_vendors_purchase_ro
                                                                                  tmp_path):
     data = {"server": {"database": backend.database, "forward": False,
                        "public_url": "http://console.example"},
-            "sites": [{"id": "shop1", "api_key": "k-1",
+            "sites": [{"id": "shop1", "api_key": "k-1-0123456789abcd",
                        "sendlane": {"integration_token": "t", "api_token": "s",
                                     "api_base": "http://127.0.0.1:9/sl"},
                        "remarkety": {"store_id": "s", "api_key": "r",
@@ -534,7 +534,7 @@ async def test_reconciliation_matches_backend_orders_to_each_vendors_purchase_ro
         for events in ([order("1001")], [order("1002")], [order("1003")],
                        [order("1001", event_id="order-1001-again")]):  # re-sent: one order
             sent = await client.post("/api/v1/sites/shop1/events", json=events,
-                                     headers={"Authorization": "Bearer k-1"})
+                                     headers={"Authorization": "Bearer k-1-0123456789abcd"})
             assert sent.status_code == 202, sent.text
         store = app.state.store
         # The rule: each vendor's purchase row carries its PURCHASE_KEYS key.

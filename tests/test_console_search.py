@@ -87,7 +87,7 @@ async def test_each_query_finds_its_rows_through_an_index(backend, tmp_path):
             {"event": "purchase", "event_id": "order-77", "user": {"email": EMAIL},
              "ecommerce": {"currency": "USD", "transaction_id": "77", "value": "5",
                            "items": [{"item_id": "A", "price": "5", "quantity": 1}]}}],
-            headers={"Authorization": "Bearer secret-key"})
+            headers={"Authorization": "Bearer secret-key-0123456789"})
         assert answer.status_code == 202, answer.text
         reads = app.state.store.console()
         statements = traced(reads)

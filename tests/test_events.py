@@ -208,3 +208,245 @@ def test_a_signature_verifies_its_email_and_a_wrong_one_names_the_field() -> Non
     assert problem(event % "not-hex", signed)[0] == "events[0].user.signature"
     assert problem('{"event": "page_view", "event_id": "e2", "user": {"signature": "%s"}}' % good,
                    signed)[0] == "events[0].user.email"
+
+
+# URLs: only http(s) reaches a feed or a vendor ---------------------------------------------
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+import json  # noqa: E402
+
+URL_FIELDS = {  # field as named in the problem: an event carrying `value` there
+    "events[0].ecommerce.items[0].item_url": lambda value: {
+        "event": "view_item", "event_id": "e1",
+        "ecommerce": {"items": [{"item_id": "A", "item_url": value}]}},
+    "events[0].ecommerce.items[0].image_url": lambda value: {
+        "event": "view_item", "event_id": "e1",
+        "ecommerce": {"items": [{"item_id": "A", "image_url": value}]}},
+    "events[0].ecommerce.cart_url": lambda value: {
+        "event": "view_cart", "event_id": "e1", "ecommerce": {"cart_url": value, "items": []}},
+    "events[0].page.location": lambda value: {
+        "event": "page_view", "event_id": "e1", "page": {"location": value}},
+    "events[0].page_location": lambda value: {
+        "event": "page_view", "event_id": "e1", "page": {"location": "https://s/"},
+        "page_location": value},
+}
+HOSTILE_URLS = ["javascript:alert(document.domain)", "JavaScript:alert(1)",
+                "data:text/html,<script>alert(1)</script>", "java\tscript:alert(1)",
+                "\x01javascript:alert(1)", "vbscript:msgbox(1)", "file:///etc/passwd",
+                "about:blank", "/p/mug", "//evil.example/x", "https:relative", "mailto:a@b.co",
+                "https://shop.example/p\nX-Injected: 1"]
+
+
+def _problem_of(event: dict) -> tuple[str, str]:
+    with pytest.raises(Invalid) as caught:
+        events.normalise(events.parse_json(json.dumps(event).encode()), "events[0]", BROWSER)
+    return caught.value.field, caught.value.problem
+
+
+@pytest.mark.parametrize("field", list(URL_FIELDS))
+@pytest.mark.parametrize("url", HOSTILE_URLS)
+def test_a_url_that_is_not_http_is_refused_naming_its_field(field: str, url: str) -> None:
+    got_field, got_problem = _problem_of(URL_FIELDS[field](url))
+    assert got_field == field
+    assert "must be an http(s) URL" in got_problem
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(list(URL_FIELDS)),
+       scheme=st.from_regex(r"[A-Za-z][A-Za-z0-9+.-]{0,10}", fullmatch=True),
+       rest=st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+                    max_size=40))
+def test_only_http_and_https_urls_are_kept(field: str, scheme: str, rest: str) -> None:
+    """Any scheme but http(s) is refused, naming the field; http(s) with a host is kept as
+    sent. Nothing else about the URL is judged (the property's `rest` is any text)."""
+    url = f"{scheme}:{rest}"
+    raw = events.parse_json(json.dumps(URL_FIELDS[field](url)).encode())
+    try:
+        event = events.normalise(raw, "events[0]", BROWSER)
+    except Invalid as exc:
+        assert exc.field == field, (url, exc)
+        assert "http(s) URL" in exc.problem or "longer than" in exc.problem
+        return
+    kept = url.strip()
+    assert scheme.lower() in ("http", "https"), f"{url!r} was accepted in {field}"
+    assert kept.lower().startswith(("http://", "https://")), url
+    assert kept.isprintable() or not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in kept)
+    stored = (event["ecommerce"]["items"][0].get(field.rsplit(".", 1)[1]) if "items" in field
+              else event["ecommerce"].get("cart_url") if "cart_url" in field
+              else event["page"]["location"])
+    assert stored == kept
+
+
+def test_http_urls_are_kept_and_the_referrer_is_free_text() -> None:
+    event = parse('{"event": "view_item", "event_id": "e1", "page": {"location": '
+                  '"https://shop.example/p/mug?x=1", "referrer": "android-app://com.google.android.gm/"}, '
+                  '"ecommerce": {"items": [{"item_id": "A", "item_url": "HTTPS://shop.example/p", '
+                  '"image_url": "http://cdn.example/i.jpg"}]}}')
+    assert event["page"] == {"location": "https://shop.example/p/mug?x=1",
+                             "referrer": "android-app://com.google.android.gm/"}
+    [item] = event["ecommerce"]["items"]
+    assert (item["item_url"], item["image_url"]) == ("HTTPS://shop.example/p", "http://cdn.example/i.jpg")
+
+
+# A person's fields: nothing that ends a mail header or turns the text around ---------------
+
+PERSON_FIELDS = {  # field as named: the event carrying `value` there
+    **{f"events[0].user.{key}": (lambda key: lambda value: {
+        "event": "identify", "event_id": "e1",
+        "user": {"email": "eve@example.com", key: value}})(key)
+       for key in ("first_name", "last_name", "phone", "customer_id")},
+    **{f"events[0].{where}.{key}": (lambda where, key: lambda value: {
+        "event": "purchase", "event_id": "e1", "user": {"email": "eve@example.com"},
+        "ecommerce": {"transaction_id": "1", "items": []}, where: {key: value}})(where, key)
+       for where in ("billing_address", "shipping_address")
+       for key in ("first_name", "last_name", "company", "city", "phone")},
+}
+BAD_IN_NAMES = ["\r\n", "\n", "\r", "\t", "\x0b", "\x1b", "\x7f", "\x85", "\u2028", "\u2029",
+                "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068",
+                "\u2069"]
+
+
+@pytest.mark.parametrize("field", list(PERSON_FIELDS))
+def test_a_header_injection_in_a_name_is_refused_naming_the_field(field: str) -> None:
+    got_field, got_problem = _problem_of(PERSON_FIELDS[field]("Eve\r\nX-Injected: 1"))
+    assert got_field == field
+    assert "U+000D" in got_problem and "mail headers" in got_problem
+
+
+@pytest.mark.parametrize("char", BAD_IN_NAMES)
+def test_control_and_bidi_characters_in_names_are_refused(char: str) -> None:
+    field = "events[0].user.first_name"
+    got_field, got_problem = _problem_of(PERSON_FIELDS[field](f"Eve{char}Smith"))
+    assert got_field == field
+    assert f"U+{ord(char[0]):04X}" in got_problem
+
+
+def test_names_in_any_script_are_kept() -> None:
+    """Letters, marks, joiners: names as people write them (a zero-width non-joiner is part
+    of Persian spelling; a trailing newline is whitespace, stripped as before)."""
+    for name in ("Zoë", "José-María", "O'Brien", "محمد", "מרים", "\u0645\u06cc\u200c\u0631\u0627",
+                 "李 小龍", "Eve\n"):
+        event = events.normalise(events.parse_json(json.dumps(
+            PERSON_FIELDS["events[0].user.first_name"](name)).encode()), "events[0]", BROWSER)
+        assert event["user"]["first_name"] == name.strip()
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(list(PERSON_FIELDS)),
+       name=st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+                    min_size=1, max_size=30))
+def test_a_person_field_is_refused_exactly_when_it_holds_a_bad_character(field: str,
+                                                                        name: str) -> None:
+    raw = events.parse_json(json.dumps(PERSON_FIELDS[field](name)).encode())
+    kept = name.strip()
+    bad = [c for c in kept if events.PERSON_BAD_RE.match(c)]
+    try:
+        event = events.normalise(raw, "events[0]", BROWSER)
+    except Invalid as exc:
+        assert bad and exc.field == field, (name, exc)
+        assert f"U+{ord(bad[0]):04X}" in exc.problem
+        return
+    assert not bad, f"{name!r} was accepted in {field}"
+    where, key = field.split(".")[1:]
+    assert (event[where] or {}).get(key) == (kept or None)
+
+
+@pytest.mark.parametrize("email", ["ann\u202e@example.com", "ann@exa\u202emple.com",
+                                   "\u2066ann@example.com", "ann\u200b@example.com",
+                                   "ann\u00ad@example.com", "ann\ufeff@example.com",
+                                   "ann\u0085@example.com", "ann\u2069@example.com"])
+def test_format_and_control_characters_in_emails_are_refused(email: str) -> None:
+    field, problem = _problem_of({"event": "identify", "event_id": "e1", "user": {"email": email}})
+    assert field == "events[0].user.email"
+    assert "U+" in problem or "not an email address" in problem
+    # The billing address's email reaches Sendlane too.
+    field, problem = _problem_of(PERSON_FIELDS["events[0].billing_address.city"]("Kyiv") | {
+        "billing_address": {"email": email}})
+    assert field == "events[0].billing_address.email" and "U+" in problem
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(local=st.from_regex(r"[a-z0-9.]{1,12}", fullmatch=True),
+       char=st.characters(categories=("Cf", "Cc"), exclude_characters="\x00"),
+       at=st.integers(0, 30))
+def test_no_email_with_a_format_or_control_character_is_accepted(local: str, char: str,
+                                                                 at: int) -> None:
+    email = f"{local}@example.com"
+    at = at % (len(email) + 1)
+    email = email[:at] + char + email[at:]
+    raw = events.parse_json(json.dumps({"event": "identify", "event_id": "e1",
+                                        "user": {"email": email}}).encode())
+    try:
+        event = events.normalise(raw, "events[0]", BROWSER)
+    except Invalid as exc:
+        assert exc.field == "events[0].user.email", exc
+        return
+    # Only whitespace stripped from either end may have gone.
+    assert char not in event["user"]["email"] and char.isspace(), email
+
+
+# event_id says what it may be; a problem never echoes a long value whole ---------------------
+
+@pytest.mark.parametrize("sent", ["a<b", "a b", "é", "", "x" * 129, "e1\n"])
+def test_a_malformed_event_id_says_the_pattern(sent: str) -> None:
+    field, words = _problem_of({"event": "page_view", "event_id": sent})
+    assert field == "events[0].event_id"
+    assert "[A-Za-z0-9_.:-]{1,128}" in words and "is required" not in words
+    assert events.echo(sent) in words
+
+
+def test_a_missing_event_id_is_required_and_a_number_is_named_as_one() -> None:
+    assert _problem_of({"event": "page_view"})[1].startswith("is required")
+    field, words = _problem_of({"event": "page_view", "event_id": 5})
+    assert field == "events[0].event_id" and words.endswith("not a number")
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+               max_size=140))
+def test_an_event_id_is_taken_exactly_when_it_matches_the_pattern(sent: str) -> None:
+    raw = {"event": "page_view", "event_id": sent}
+    try:
+        event = events.normalise(raw, "events[0]", BROWSER)
+    except Invalid as exc:
+        assert exc.field == "events[0].event_id" and not events.EVENT_ID_RE.fullmatch(sent)
+        assert "[A-Za-z0-9_.:-]{1,128}" in exc.problem
+        return
+    assert event["event_id"] == sent and events.EVENT_ID_RE.fullmatch(sent)
+
+
+LONG = "é" * 200  # within each field's length limit, which is said without an echo
+ECHOING = {  # field: an event carrying a long invalid value there
+    "events[0].event": {"event": "1" + "é" * 5000, "event_id": "e1"},
+    "events[0].event_id": {"event": "page_view", "event_id": "<" + LONG},
+    "events[0].user.email": {"event": "identify", "event_id": "e1", "user": {"email": LONG}},
+    "events[0].ecommerce.currency": {"event": "view_cart", "event_id": "e1",
+                                     "ecommerce": {"currency": LONG, "items": []}},
+    "events[0].ecommerce.items[0].item_url": {"event": "view_item", "event_id": "e1", "ecommerce":
+                                              {"items": [{"item_id": "A", "item_url": LONG}]}},
+    "events[0].ecommerce.items[0].price": {"event": "view_item", "event_id": "e1", "ecommerce":
+                                           {"items": [{"item_id": "A", "price": LONG}]}},
+    "events[0].ecommerce.items[0].availability": {
+        "event": "view_item", "event_id": "e1",
+        "ecommerce": {"items": [{"item_id": "A", "availability": LONG}]}},
+}
+
+
+@pytest.mark.parametrize("field", list(ECHOING))
+def test_a_long_value_is_echoed_as_a_short_prefix(field: str) -> None:
+    got_field, words = _problem_of(ECHOING[field])
+    assert got_field == field
+    assert "…" in words and LONG[:events.ECHO_CHARS + 1] not in words
+    assert len(words) < 400, words
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text(max_size=200), st.integers(1, 80))
+def test_echo_is_a_prefix_and_an_ellipsis(text: str, limit: int) -> None:
+    quoted = events.echo(text, limit)
+    if len(text) <= limit:
+        assert quoted == repr(text)
+    else:
+        assert quoted.endswith("…" + quoted[0]) and quoted[0] in "'\""
+        assert eval(quoted[:-2] + quoted[0]) == text[:limit]  # noqa: S307 (a repr)

