@@ -102,7 +102,6 @@ async def build(conn: Any, events: int, now: int) -> None:
 
 async def questions(reads: Any, now: int, sites: Any) -> None:
     """What the console's pages ask, as they ask it."""
-    from server.store import console_search as q
     from server.store.deadletters import ReplayFilter
 
     found = await reads.search(["shop1"], "c7@example.com")
@@ -113,10 +112,11 @@ async def questions(reads: Any, now: int, sites: Any) -> None:
     await reads.search(["shop1"], "ev-12345")
     await reads.last_from_origin("shop1", "https://shop.example", window=50_000)
     top = await reads.latest_seq()
-    await reads.tail_events(top - 200, top, q.live_filter(), 100)
-    await reads.tail_events(top - 200, top, q.live_filter(name="purchase",
-                                                          email="c7@example.com"), 100)
-    await reads.recent_events(q.live_filter(source="backend"), 50, before_seq=top + 1)
+    await reads.tail_events(top - 200, top, reads.live_filter(["shop1"]), 100)
+    await reads.tail_events(top - 200, top, reads.live_filter(["shop1"], name="purchase",
+                                                             email="c7@example.com"), 100)
+    await reads.recent_events(reads.live_filter(["shop1"], source="backend"), 50,
+                              before_seq=top + 1)
     await reads.seqs_between(top - 200, top, 20_000)
     await reads.event(top)
     await reads.delivery(1)

@@ -40,7 +40,7 @@ class Serve:
         config = write_config(tmp / "onetag.toml", {
             "server": {"database": f"sqlite:///{tmp / 'onetag.db'}", "public_url": self.base,
                        "forward": False, **server},
-            "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": "k"}]})
+            "sites": [{"id": SITE, "origins": [ORIGIN], "api_key": "k-0123456789abcdef"}]})
 
         def limit() -> None:  # in the child: soft and hard, so serve can't raise it back
             if limit_files is not None:

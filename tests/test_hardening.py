@@ -206,7 +206,7 @@ async def test_a_backend_cart_refusal_names_the_field_as_the_body_was_sent(tmp_p
     async with running(settings_for(tmp_path, max_cart_lines=3)) as (_, client):
         for body in (add, [add], {"events": [add]}):
             refused = await client.post("/api/v1/sites/shop1/events", json=body,
-                                        headers={"authorization": "Bearer secret-key"})
+                                        headers={"authorization": "Bearer secret-key-0123456789"})
             assert refused.status_code == 422, refused.text
             fields.append(refused.json()["errors"][0]["field"])
     assert fields == ["body.ecommerce.items", "body[0].ecommerce.items",

@@ -139,7 +139,7 @@ async def test_wrong_api_keys_lock_their_address_out(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
     event = {"event": "identify", "user": {"email": "a@b.co"}}
     url = "/api/v1/sites/shop1/events"
-    right = {"authorization": "Bearer secret-key"}
+    right = {"authorization": "Bearer secret-key-0123456789"}
     async with running(settings_for(tmp_path)) as (app, guesser):
         async with from_address(app, guesser, "10.0.0.7") as shop:
             for _ in range(20):  # right keys never count
@@ -174,7 +174,7 @@ async def test_a_right_api_key_is_never_slowed_by_wrong_ones(tmp_path, monkeypat
                 for n in range(5)]
             await asyncio.sleep(0)
             for _ in range(10):
-                ok = await shop.post(url, json=event, headers={"authorization": "Bearer secret-key"})
+                ok = await shop.post(url, json=event, headers={"authorization": "Bearer secret-key-0123456789"})
                 assert ok.status_code == 202
             assert not any(task.done() for task in guesses)  # still waiting out their delay
             assert [(await task).status_code for task in guesses] == [403] * 5
