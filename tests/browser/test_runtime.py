@@ -387,6 +387,23 @@ def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_serve
                         (sc,))[0][0] is None
 
 
+def test_links_relative_to_the_page_are_sent_absolute(page, static_server, server):
+    """The server takes only absolute http(s) item, image and cart URLs (a relative one is a
+    422 for the whole batch); a page's data layer may well say "/p/mug". The runtime makes
+    them absolute against the page, as the browser itself would follow them; a javascript:
+    link stays what it is, and the server refuses it."""
+    url = open_shop(page, static_server, server)
+    page.evaluate("""dataLayer.push({event: "add_to_cart", ecommerce: {currency: "USD",
+        cart_url: "/cart?restore=1", items: [{item_id: "MUG", price: 5, quantity: 1,
+        item_url: "/p/mug", image_url: "img/mug.png"}]}})""")
+    rows = server.wait_events(has("add_to_cart"), "the add_to_cart", sc=sc_of(page))
+    origin = "/".join(url.split("/")[:3])
+    folder = url.rsplit("/", 1)[0]
+    item = rows[-1]["raw"]["ecommerce"]["items"][0]
+    assert (item["item_url"], item["image_url"]) == (origin + "/p/mug", folder + "/img/mug.png")
+    assert rows[-1]["raw"]["ecommerce"]["cart_url"] == origin + "/cart?restore=1"
+
+
 # Vendors -------------------------------------------------------------------------------------------
 
 
