@@ -188,21 +188,26 @@ def test_set_domain_defaults_to_the_page_host_and_return_url_leads_to_the_cart(v
                                                     "return_url": "https://shop.example/c?id=5"}]
 
 
+PRODUCT_URL, IMAGE_URL = "https://shop.example/p/1000", "https://shop.example/i/1000.png"
+CART_URL = "https://shop.example/cart?id=7"
+
+
 def test_cart_golden_from_the_guide(vendors, context):
     """The guide's setCartItem and setCartData examples ("Tracking Cart Activity"): SKU-1000,
     "Product Name", 2 x 2999 = 5998 cents; a cart of 7996 cents and 4 items with promo and
-    return_url."""
+    return_url. The guide's URLs are "..."; a page's links are absolute by the time they reach
+    a vendor (a relative one is made so against the page), so these are real ones."""
     page = open_page(context, vendors.page("all"))
     product = {"item_id": "SKU-1000", "item_name": "Product Name", "item_category": "product",
-               "item_category2": "categories", "price": 29.99, "quantity": 2, "item_url": "...",
-               "image_url": "...", "description": "..."}
+               "item_category2": "categories", "price": 29.99, "quantity": 2, "item_url": PRODUCT_URL,
+               "image_url": IMAGE_URL, "description": "..."}
     other = {"item_id": "SKU-2000", "item_name": "Other", "price": 9.99, "quantity": 2}
-    calls = push(page, {"event": "begin_checkout", "ecommerce": ecom(product, other, coupon="PROMO", cart_url="...")})
+    calls = push(page, {"event": "begin_checkout", "ecommerce": ecom(product, other, coupon="PROMO", cart_url=CART_URL)})
     assert calls["rejoiner"][1] == ["setCartData", {"cart_value": 7996, "cart_item_count": 4, "promo": "PROMO",
-                                                    "return_url": "..."}]
+                                                    "return_url": CART_URL}]
     assert calls["rejoiner"][2] == ["setCartItem", {
         "product_id": "SKU-1000", "name": "Product Name", "category": ["product", "categories"],
-        "price": 2999, "item_qty": 2, "qty_price": 5998, "product_url": "...", "image_url": "...",
+        "price": 2999, "item_qty": 2, "qty_price": 5998, "product_url": PRODUCT_URL, "image_url": IMAGE_URL,
         "description": "..."}]
 
 
