@@ -65,7 +65,9 @@ def order_key(vendor: str, event: Mapping[str, Any]) -> str | None:
 def orders_wanted(site: Any, event: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(site id, vendor, dedup key) of each order request ``plan`` would hand an event's
     adapters (``PlanContext.order``): what a store looks up before planning it."""
-    wanted = []
+    wanted: list[tuple[str, str, str]] = []
+    if event["name"] not in STATUS_EVENTS:  # most events: no vendor is asked
+        return wanted
     for name in site.vendors:
         key = order_key(name, event)
         if key is not None:

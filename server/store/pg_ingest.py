@@ -675,8 +675,7 @@ def named_products(requests: Sequence[Request]) -> list[tuple[str, str]]:
 def _event_keys(requests: Sequence[Request]) -> tuple[list[str], list[str],
                                                      list[str | None], list[tuple[str, str]]]:
     """The batch's event keys as three arrays (site, event id, scope: ``rules.event_scope``),
-    and the sessions
-    of each key's first copy, in (site_id, sc) order."""
+    and the sessions of each key's first copy, in (site_id, sc) order."""
     sites, ids, scopes = [], [], []
     first: set[tuple[str, str, str | None]] = set()
     visitors = set()

@@ -412,12 +412,8 @@ def orders_wanted(sites: Mapping[str, Any], events: Iterable[tuple[str, Mapping[
     """The (site id, vendor, dedup key) to look up for (site id, event) pairs, sorted."""
     wanted = set()
     for site_id, event in events:
-        if event["name"] in STATUS_EVENTS:
-            wanted.update(outbox.orders_wanted(sites[site_id], event))
+        wanted.update(outbox.orders_wanted(sites[site_id], event))
     return sorted(wanted)
-
-
-STATUS_EVENTS = trust.ORDER_EVENTS - {"purchase"}
 
 
 # Releasing held deliveries when the session gets an email ---------------------------------
