@@ -404,6 +404,38 @@ def test_links_relative_to_the_page_are_sent_absolute(page, static_server, serve
     assert rows[-1]["raw"]["ecommerce"]["cart_url"] == origin + "/cart?restore=1"
 
 
+def test_gtag_pushes_are_read_as_data_layer_events(page, static_server, server):
+    """A page on gtag.js pushes each call's ``arguments`` (``gtag('event', name, params)``), not
+    an object with ``event``: GA4's e-commerce params sit at the top of ``params``. The runtime
+    reads such a push as the object a Tag Manager page pushes (items, currency, value and the
+    order's fields in ``ecommerce``; ``search_term``, ``user`` and the rest beside it), drops
+    gtag's own routing keys, and ignores gtag's other commands (js, config, set, consent)."""
+    gtag = """function gtag(){dataLayer.push(arguments);}
+        gtag('js', new Date()); gtag('config', 'G-TEST1');
+        gtag('event', 'view_item', {currency: 'USD', value: 5, send_to: 'G-TEST1',
+            items: [{item_id: 'MUG', item_name: 'Mug', price: 5, quantity: 1}]});"""
+    open_shop(page, static_server, server, before=gtag)
+    page.evaluate("""gtag('event', 'add_to_cart', {currency: 'USD', value: 10,
+            items: [{item_id: 'MUG', item_name: 'Mug', price: 5, quantity: 2}]});
+        gtag('event', 'search', {search_term: 'blue mug'});
+        gtag('event', 'sign_up', {method: 'Google', event_callback: function () {}});
+        gtag('event', 'purchase', {transaction_id: 'T-1', currency: 'USD', value: 10, tax: 1,
+            items: [{item_id: 'MUG', item_name: 'Mug', price: 5, quantity: 2}]});""")
+    sc = sc_of(page)
+    rows = server.wait_events(has("view_item", "add_to_cart", "search", "sign_up", "purchase"),
+                              "the gtag events", sc=sc)
+    raw = {r["name"]: r["raw"] for r in rows}
+    assert names(rows).count("page_view") == 1  # gtag('config') is no page view of its own
+    assert raw["view_item"]["ecommerce"] == {"currency": "USD", "value": 5, "items": [
+        {"item_id": "MUG", "item_name": "Mug", "price": 5, "quantity": 1}]}
+    assert raw["add_to_cart"]["ecommerce"]["items"][0]["quantity"] == 2
+    assert raw["search"]["search_term"] == "blue mug" and "ecommerce" not in raw["search"]
+    assert raw["sign_up"]["method"] == "Google" and "event_callback" not in raw["sign_up"]
+    assert raw["purchase"]["ecommerce"]["transaction_id"] == "T-1"
+    assert raw["purchase"]["ecommerce"]["tax"] == 1
+    assert not any(name in ("js", "config") for name in names(rows))
+
+
 # Vendors -------------------------------------------------------------------------------------------
 
 
