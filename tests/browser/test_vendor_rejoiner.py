@@ -188,6 +188,23 @@ def test_set_domain_defaults_to_the_page_host_and_return_url_leads_to_the_cart(v
                                                     "return_url": "https://shop.example/c?id=5"}]
 
 
+def test_a_cart_url_template_has_every_placeholder_filled_as_on_the_server(vendors, context):
+    """The site's cart_url template may name {cart_guid} and {sc} more than once, and write a
+    literal brace as {{ or }}: the server fills it with str.format (server/vendors/_common.py
+    cart_url), so the page's return_url is that same URL."""
+    from server.vendors._common import cart_url
+
+    template = "https://shop.example/c/{cart_guid}/{{x}}?g={cart_guid}&s={sc}&t={sc}"
+    page = open_page(context, page_with_site_settings(vendors, "all", cart_url=template))
+    calls = push(page, {"event": "add_to_cart", "ecommerce": ecom(TEA)})["rejoiner"]
+    guid = page.evaluate("() => JSON.parse(localStorage.getItem('onetag_all_c')).guid")
+    sc = next(c["value"] for c in context.cookies() if c["name"] == "sc")
+    expected = f"https://shop.example/c/{guid}/{{x}}?g={guid}&s={sc}&t={sc}"
+    assert cart_url({"cart": {"guid": guid}, "sc": sc}, template) == expected
+    assert calls[-1] == ["setCartData", {"cart_value": 435, "cart_item_count": 1,
+                                         "return_url": expected}]
+
+
 PRODUCT_URL, IMAGE_URL = "https://shop.example/p/1000", "https://shop.example/i/1000.png"
 CART_URL = "https://shop.example/cart?id=7"
 
