@@ -105,6 +105,10 @@ def _event(step_id: str, name: str, minutes: int, *, source: str = "browser",
     """A normalised event as server/events.py + the store hand it to the adapters
     (docs/architecture.md, "The normalised event")."""
     browser = source == "browser"
+    if not browser and identity is not None:
+        # What the store adds to a backend event of a customer seen in a browser: the sc of
+        # his latest session (eSputnik's cookies.sc; server/store/sqlite_ingest.py).
+        identity = {"last_sc": SC, **identity}
     time_ms = T0 + minutes * MINUTE
     event = {
         "event_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{SHOP}/onetag-doc/{step_id}")),
