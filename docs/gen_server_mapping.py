@@ -134,8 +134,9 @@ def scenario() -> list[Step]:
         Step("identify", "identify / backend customer", "Jimmy signs in",
              "A first sign-in: `identify` with his profile and billing address; onetag "
              "creates his identity (`is_new`). A backend `identify` plans the same requests; "
-             "eSputnik's `cookies.sc` is then the sc of his latest session (and for a customer "
-             "never seen in a browser, CustomerData is recorded as `ignored`, not sent).",
+             "eSputnik's `cookies.sc` is then the sc of his latest session (for a customer never "
+             "seen in a browser, CustomerData, like any eSputnik request, is recorded as "
+             "`ignored`, not sent).",
              _event("identify", "identify", 0, page="/account", title="Account",
                     user=dict(USER), identity={**IDENTITY, "is_new": True},
                     billing_address=dict(BILLING))),
