@@ -755,7 +755,7 @@ async def test_a_line_without_a_price_takes_the_catalogs_for_esputnik(backend) -
     assert (state, order["PurchasedItems"]) == ("pending", {"Products": [
         {"product_id": "SKU-7", "unit_price": "12.50", "quantity": 2}], "OrderNumber": "T1"})
     assert order["GeneralInfo"]["cookies"] == {"sc": "SC-AAAA-0001"}
-    assert rows["skipped:PurchasedItems:T1:SKU-8"][0] == "ignored"
+    assert rows["skipped:PurchasedItems:T1:1"][0] == "ignored"
     [(data,)] = await backend.rows("SELECT data FROM events WHERE event_id = 'b1'")
     lines = json.loads(data)["ecommerce"]["items"]
     assert [(line.get("catalog_price_minor"), line.get("catalog_currency")) for line in lines] == [

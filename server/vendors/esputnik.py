@@ -223,14 +223,14 @@ def _priced_lines(ctx: PlanContext, items: list[dict[str, Any]], cur: str, line:
                   whole: str) -> tuple[list[dict[str, Any]], list[VendorRequest]]:
     """The lines ``line(item, price)`` of the items with a price (their own or the
     catalog's), and for each other one a ``skipped`` request saying it was left out of the
-    ``whole`` (``<key>:<item_id>``: one ignored row per line, never a sendable key)."""
+    ``whole`` (``<key>:<line index>``: one ignored row per line, never a sendable key)."""
     lines, left_out = [], []
-    for item in items:
+    for index, item in enumerate(items):
         price = _item_price(item, cur)
         if price is None:
             left_out.append(VendorRequest(
                 "POST", ctx.vendor["tracker_url"], {"productKey": item["item_id"], "quantity": item["quantity"]},
-                f"{key}:{item['item_id']}",
+                f"{key}:{index}",
                 skipped=f"{_unpriced(event_name, field, item, cur)}: left out of the {whole}"))
         else:
             lines.append(line(item, price))

@@ -208,7 +208,7 @@ def test_a_cart_line_without_a_price_takes_the_catalogs_or_is_left_out():
         {"productKey": "SKU-435", "price": "4.35", "quantity": 1, "price_currency_code": "USD"},
         {"productKey": "SKU-7", "price": "12.50", "quantity": 2, "price_currency_code": "USD"}]}
     assert req.dedup_key == f"StatusCart:{GUID}"
-    assert left_out.dedup_key == f"StatusCart:{GUID}:SKU-8"
+    assert left_out.dedup_key == f"StatusCart:{GUID}:2"  # the line's index
     assert left_out.skipped == ("eSputnik StatusCart requires price; item 'SKU-8' came "
                                 "without one and the catalog has none in USD: left out of "
                                 "the cart")
@@ -227,7 +227,7 @@ def test_a_one_click_line_without_a_price_takes_the_catalogs_or_is_left_out():
     assert req.json["PurchasedItems"] == {"Products": [
         {"product_id": "SKU-7", "unit_price": "12.50", "quantity": 2}], "OrderNumber": "1004"}
     assert (left_out.dedup_key, left_out.skipped) == (
-        "PurchasedItems:1004:SKU-8", "eSputnik PurchasedItems requires unit_price; item "
+        "PurchasedItems:1004:1", "eSputnik PurchasedItems requires unit_price; item "
         "'SKU-8' came without one and the catalog has none in USD: left out of the order")
     nothing_priced = {**evt, "ecommerce": ecommerce(priceless("SKU-8"), transaction_id="1005")}
     [order, line] = esputnik.plan(nothing_priced, CTX)
