@@ -272,8 +272,9 @@ def _purchased(event: dict[str, Any], ctx: PlanContext, cur: str) -> list[Vendor
     sent.
 
     The One Click table also lists ``block_id``, "Recommendation block ID. To get it, contact
-    support", inside ``Tags`` (which every other event's table marks Optional), and the eS.js
-    guide's one-click purchase makes ``Tags`` optional: it says which of eSputnik's
+    support", inside ``Tags`` (which every other event's table marks Optional), and eSputnik's
+    "Setting up web tracking by sending events via JavaScript requests" makes it optional for
+    a purchase in one click (REFERENCE.md 3.2, "blockId"): it says which of eSputnik's
     recommendation blocks sold the product, which neither the backend nor onetag knows for
     an order, so none is sent (a fixed one would credit every such order to one block).
     """
