@@ -105,6 +105,10 @@ def _event(step_id: str, name: str, minutes: int, *, source: str = "browser",
     """A normalised event as server/events.py + the store hand it to the adapters
     (docs/architecture.md, "The normalised event")."""
     browser = source == "browser"
+    if not browser and identity is not None:
+        # What the store adds to a backend event of a customer seen in a browser: the sc of
+        # his latest session (eSputnik's cookies.sc; server/store/sqlite_ingest.py).
+        identity = {"last_sc": SC, **identity}
     time_ms = T0 + minutes * MINUTE
     event = {
         "event_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{SHOP}/onetag-doc/{step_id}")),
@@ -130,8 +134,9 @@ def scenario() -> list[Step]:
         Step("identify", "identify / backend customer", "Jimmy signs in",
              "A first sign-in: `identify` with his profile and billing address; onetag "
              "creates his identity (`is_new`). A backend `identify` plans the same requests; "
-             "eSputnik's `cookies.sc` is then the sc of his latest session (and for a customer "
-             "never seen in a browser, CustomerData is recorded as `ignored`, not sent).",
+             "eSputnik's `cookies.sc` is then the sc of his latest session (for a customer never "
+             "seen in a browser, CustomerData, like any eSputnik request, is recorded as "
+             "`ignored`, not sent).",
              _event("identify", "identify", 0, page="/account", title="Account",
                     user=dict(USER), identity={**IDENTITY, "is_new": True},
                     billing_address=dict(BILLING))),

@@ -162,6 +162,36 @@ def merge(product: Product | None, fields: dict[str, Any], fact: bool, deleted: 
     return product, write
 
 
+def priceless(event: dict[str, Any]) -> list[str]:
+    """The item_ids of an event's lines (its items, and the cart the store added) that came
+    without a price, in order, once each."""
+    lines = [*((event.get("ecommerce") or {}).get("items") or ()),
+             *((event.get("cart") or {}).get("items") or ())]
+    return list(dict.fromkeys(line["item_id"] for line in lines
+                              if line.get("price_minor") is None))
+
+
+def add_prices(event: dict[str, Any], prices: dict[str, tuple[int, str]]) -> None:
+    """Gives each line of ``event`` without a price the catalog's, from ``prices`` (item_id
+    -> (minor units, currency)), as ``catalog_price_minor`` and ``catalog_currency``: apart
+    from ``price_minor``, which stays what the page or backend said (none), so an adapter
+    takes it only where its vendor requires a price (``_common.item_price_minor``, in the
+    event's currency). The lines are replaced by copies: a cart line is also the session's
+    stored cart, which keeps no catalog price."""
+    if not prices:
+        return
+    for holder in (event.get("ecommerce"), event.get("cart")):
+        if holder and holder.get("items"):
+            holder["items"] = [_priced(line, prices) for line in holder["items"]]
+
+
+def _priced(line: dict[str, Any], prices: dict[str, tuple[int, str]]) -> dict[str, Any]:
+    price = prices.get(line["item_id"]) if line.get("price_minor") is None else None
+    if price is None:
+        return line
+    return {**line, "catalog_price_minor": price[0], "catalog_currency": price[1]}
+
+
 def backend_fields(product: Product) -> dict[str, Any]:
     """The fields the backend stated: what the Sendlane sync sends (server/product_sync.py)."""
     return {name: value for name, value in product.fields.items()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from . import routing, trust
+from . import catalog, routing, trust
 from .vendors import VENDORS
 from .vendors._base import PlanContext, VendorRequest
 from .vendors._common import STATUS_EVENTS
@@ -73,6 +73,17 @@ def orders_wanted(site: Any, event: Mapping[str, Any]) -> list[tuple[str, str, s
         if key is not None:
             wanted.append((site.id, name, key))
     return wanted
+
+
+def catalog_prices_wanted(site: Any, event: dict[str, Any]) -> list[str]:
+    """The item_ids whose catalog price the store adds to ``event`` before planning it
+    (``catalog.add_prices``): its lines without a price, when an adapter the event is sent
+    to requires one for this event (its ``CATALOG_PRICES``); else none, and no read."""
+    for name, vendor in site.vendors.items():
+        if (event["name"] in getattr(VENDORS[name], "CATALOG_PRICES", ())
+                and routing.decide(vendor, event) == "send"):
+            return catalog.priceless(event)
+    return []
 
 
 # (site id, vendor, dedup key) -> the JSON body of the order request stored under that key

@@ -509,8 +509,9 @@ def test_buckets_are_whole_hours_or_days_ending_with_now() -> None:
 # Reconciliation --------------------------------------------------------------------------
 
 def order(order_id: str, email: str = "ann@example.com", event_id: str | None = None) -> dict:
+    # The backend names the checkout's sc cookie: eSputnik requires one (cookies.sc).
     return {"event": "purchase", "event_id": event_id or f"order-{order_id}",
-            "user": {"email": email},
+            "user": {"email": email}, "sc": "ANN-0000-CHECKOUT",
             "ecommerce": {"currency": "USD", "transaction_id": order_id, "value": "10.00",
                           "items": [{"item_id": "SKU-1", "item_name": "Mug", "price": "10.00",
                                      "quantity": 1}]}}

@@ -27,7 +27,7 @@ async def send_order(tmp_path, fake, vendor: str, options=FAST, order: str = "10
     db = tmp_path / "onetag.db"
     async with serve(make_settings(tmp_path, fake, only=(vendor,)), options) as app, \
             httpx.AsyncClient(base_url=app.state.base_url) as client:
-        await backend(client, purchase(order))
+        await backend(client, purchase(order, sc="JIM-0000-CHECKOUT"))  # eSputnik's cookies.sc
         await until(lambda: rows(db) and rows(db)[0]["state"] in ("delivered", "dead"),
                     what=f"the {vendor} delivery to be decided", describe=lambda: rows(db))
     return rows(db)
@@ -145,7 +145,9 @@ async def test_one_vendor_timing_out_never_holds_up_the_others(tmp_path, fake) -
     orders = 15
     async with serve(make_settings(tmp_path, fake), options) as app, \
             httpx.AsyncClient(base_url=app.state.base_url) as client:
-        await backend(client, *(purchase(f"{n}", f"buyer{n}@example.com") for n in range(orders)))
+        # Each buyer's own checkout sc (eSputnik requires cookies.sc).
+        await backend(client, *(purchase(f"{n}", f"buyer{n}@example.com", sc=f"BUYER-{n:04d}")
+                                for n in range(orders)))
         # Each eSputnik request would hold its slot for 120 s: if the others waited on it, this
         # could not finish within the deadline.
         await until(lambda: len(rows(db, "vendor != 'esputnik' AND state = 'delivered'"))

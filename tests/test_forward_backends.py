@@ -59,7 +59,7 @@ async def test_an_order_reaches_each_vendor_once_and_a_500_is_retried(backend, f
     store = await backend.open(settings)
     try:
         fake.fail("sendlane", 500)
-        await ingest(store, purchase("1001"))
+        await ingest(store, purchase("1001", sc="JIM-0000-CHECKOUT"))  # eSputnik's cookies.sc
         planned = sum((await states(backend)).values())
         assert planned >= 3
 

@@ -143,7 +143,8 @@ async def test_secrets_are_added_at_send_time_and_never_stored(tmp_path, fake) -
     settings = make_settings(tmp_path, fake)
     db = tmp_path / "onetag.db"
     async with serve(settings) as app, httpx.AsyncClient(base_url=app.state.base_url) as client:
-        await backend(client, purchase("1001", "jim@example.com"))
+        await backend(client, purchase("1001", "jim@example.com",
+                                       sc="JIM-0000-CHECKOUT"))  # eSputnik's cookies.sc
         await until(lambda: states(db) == {"delivered": 4}, what="4 deliveries",
                     describe=lambda: rows(db))
     seen = {r.vendor: r.headers for r in fake.delivered()}

@@ -80,7 +80,8 @@ async def send_traffic(fake: FakeVendors, ports: list[int], node0: subprocess.Po
         turn = lane
         while queue:
             n = queue.pop(0)
-            event = purchase(str(5000 + n), f"buyer{n % 97}@example.com")
+            # The buyer's checkout sc: eSputnik requires one (cookies.sc).
+            event = purchase(str(5000 + n), f"buyer{n % 97}@example.com", sc=f"BUYER-{n % 97:04d}")
             for _ in range(20):
                 candidates = [i for i in (0, 1) if alive[i]]
                 port = ports[candidates[turn % len(candidates)]]

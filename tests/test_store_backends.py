@@ -715,3 +715,48 @@ async def test_a_cart_filled_by_the_browser_never_refuses_the_backends_add(backe
         ("X", True), ("Y", True), ("Z", True)]
     assert sorted(await backend.rows("SELECT event_id FROM events")) == [
         ("b1",), ("b2",), ("f1",), ("f2",)]
+
+
+async def test_a_line_without_a_price_takes_the_catalogs_for_esputnik(backend) -> None:
+    """eSputnik requires a price wherever it names a product ("Transferring Website Behavior
+    Data via REST API": ProductPage ``price``, PurchasedItems (One Click) ``unit_price``).
+    The store adds the catalog's price to a line that came without one, in the ingest
+    transaction (stored with the event, so a replay plans the same); a line the catalog has
+    no price for either is left out, as an ignored row."""
+    import json
+
+    settings = backend.settings(esputnik={"site_id": "8A412DC"})
+    store = await backend.open(settings)
+    try:
+        # The catalog learns SKU-7's price from a page; the page's session is Ann's.
+        await ingest(store, event({"event": "view_item", "event_id": "v1",
+                                   "user": {"email": "ann@example.com"},
+                                   "ecommerce": {"currency": "USD",
+                                                 "items": [item("SKU-7", "12.50")]}}))
+        # Another page view of it without a price, eS.js blocked: the tracker's copy.
+        await ingest(store, event({"event": "view_item", "event_id": "v2", "loaded": [],
+                                   "ecommerce": {"currency": "USD", "items": [
+                                       {"item_id": "SKU-7", "item_name": "Seven"}]}}))
+        # The backend's order names SKU-7 and SKU-8 without prices; SKU-8 is unknown.
+        await ingest(store, event({"event": "purchase", "event_id": "b1",
+                                   "user": {"email": "ann@example.com"},
+                                   "ecommerce": {"currency": "USD", "transaction_id": "T1",
+                                                 "items": [{"item_id": "SKU-7", "quantity": 2},
+                                                           {"item_id": "SKU-8"}]}},
+                                  sc=None, source="backend"))
+    finally:
+        await store.close()
+    rows = {key: (state, json.loads(request)["json"]) for key, state, request in await backend.rows(
+        "SELECT dedup_key, state, request FROM deliveries WHERE vendor = 'esputnik'")}
+    state, page = rows["ProductPage:SC-AAAA-0001/v2"]
+    assert (state, page["ProductPage"]) == (
+        "pending", {"Product": {"productKey": "SKU-7", "price": "12.50"}})
+    state, order = rows["PurchasedItems:T1"]
+    assert (state, order["PurchasedItems"]) == ("pending", {"Products": [
+        {"product_id": "SKU-7", "unit_price": "12.50", "quantity": 2}], "OrderNumber": "T1"})
+    assert order["GeneralInfo"]["cookies"] == {"sc": "SC-AAAA-0001"}
+    assert rows["skipped:PurchasedItems:T1:1"][0] == "ignored"
+    [(data,)] = await backend.rows("SELECT data FROM events WHERE event_id = 'b1'")
+    lines = json.loads(data)["ecommerce"]["items"]
+    assert [(line.get("catalog_price_minor"), line.get("catalog_currency")) for line in lines] == [
+        (1250, "USD"), (None, None)]

@@ -24,6 +24,7 @@ from server import trust
 SECRET = "identity-secret-for-tests-0123456789"
 ATTACKER_SC = "A77AC4E2-0000-4000-8000-000000000001"
 VICTIM_SC = "B0B0B0B0-0000-4000-8000-000000000002"
+BUYER_SC = "BEA00000-0000-4000-8000-000000000003"  # the checkout sc a backend order names
 ATTACKER, BUYER, VICTIM = "attacker@evil.example", "buyer@example.com", "victim@example.com"
 
 
@@ -141,7 +142,8 @@ def test_a_forged_order_blocks_nothing_and_the_real_one_reaches_every_vendor(tmp
         assert all(r["last_error"].startswith("unverified: purchase from a browser")
                    for r in ignored)
 
-        answer = shop.backend(order("crm-2002", "2002", "250.00", REAL_ITEMS,
+        # The backend names the buyer's checkout sc: eSputnik requires one (cookies.sc).
+        answer = shop.backend(order("crm-2002", "2002", "250.00", REAL_ITEMS, sc=BUYER_SC,
                                     user={"email": BUYER, "first_name": "Bea"}))
         assert answer["duplicates"] == []
         shop.settle()
@@ -160,7 +162,8 @@ def test_with_browser_orders_a_backend_fact_corrects_a_forged_one(tmp_path, fake
         shop.settle()
         forged = shop.take()
         assert one(by(forged, "/order-placed")).json["email"] == ATTACKER
-        shop.backend(order("crm-2002", "2002", "250.00", REAL_ITEMS, user={"email": BUYER}))
+        shop.backend(order("crm-2002", "2002", "250.00", REAL_ITEMS, sc=BUYER_SC,
+                           user={"email": BUYER}))
         shop.settle()
         got = shop.take()
     assert_real_order_everywhere(got)

@@ -54,6 +54,15 @@ class PgCatalogBatch:
         for item_id, fields, fact, deleted in catalog.observations(event):
             self.work.append((site_id, item_id, fields, fact, deleted, item_id in planned))
 
+    async def prices(self, site_id: str, item_ids: list[str]) -> dict[str, tuple[int, str]]:
+        """As ``sqlite_catalog.CatalogBatch.prices``: the committed products' prices, read
+        without a lock (an optimistic batch's connection refuses it: the run is locked)."""
+        rows = await self.conn.fetch(
+            "SELECT item_id, price_minor, currency FROM products WHERE site_id = $1 AND "
+            "item_id = ANY($2::text[]) AND price_minor IS NOT NULL AND currency IS NOT NULL",
+            site_id, item_ids)
+        return {row["item_id"]: (row["price_minor"], row["currency"]) for row in rows}
+
     def keys(self) -> list[tuple[str, str]]:
         """The (site_id, item_id) of every product observed, in order."""
         return sorted({(site_id, item_id) for site_id, item_id, *_ in self.work})

@@ -381,6 +381,9 @@ class PgIngestBatch:
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
+        priceless = outbox.catalog_prices_wanted(site, event)
+        if priceless:  # a vendor requires prices: the catalog's for lines without one
+            catalog.add_prices(event, await self.products.prices(site.id, priceless))
         data = encode(event)
         self.event_rows.append((seq, site.id, event["event_id"], event["name"], event["source"],
                                 sc, identity["id"] if identity else None, self.now,

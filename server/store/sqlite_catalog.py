@@ -128,6 +128,21 @@ class CatalogBatch:
         self.cache.trim()
         return len(dirty)
 
+    def prices(self, site_id: str, item_ids: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """The catalog's price (minor units, currency) of each of ``item_ids`` that has one,
+        as committed (the cache, else the database; what this batch observed is merged
+        only at its end), for lines that came without one (``catalog.add_prices``)."""
+        products = self.cache.products
+        wanted = {(site_id, item_id) for item_id in item_ids}
+        self._load(wanted - products.keys())
+        found = {}
+        for key in wanted:
+            product = products.get(key)
+            price = product.fields.get("price") if product is not None else None
+            if price is not None and price[1]:
+                found[key[1]] = price
+        return found
+
     def _load(self, keys: Iterable[tuple[str, str]]) -> None:
         by_site: dict[str, list[str]] = {}
         for site_id, item_id in keys:

@@ -13,6 +13,12 @@ and may declare how the forwarder treats its answers (vendor knowledge stays her
     RETRY_ANY_NON_2XX: bool = False      # the vendor asks for a retry on anything but 2xx
     RETRY_STATUSES: frozenset[int] = ()  # 4xx that are temporary at this vendor
 
+and, when its vendor requires a price for every product it names:
+
+    CATALOG_PRICES: frozenset[str] = ()  # event names whose lines without a price get the
+                                         # product catalog's, added by the store before
+                                         # planning (``_common.item_price_minor``)
+
 and, when a status change (order_status, refund) must repeat the order it changes:
 
     ORDER_KEY: str = ""                  # the dedup key of its purchase request ("{order}":

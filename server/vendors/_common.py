@@ -77,6 +77,18 @@ def order_status(event: dict[str, Any]) -> str | None:
     return event.get("status")
 
 
+def item_price_minor(item: dict[str, Any], currency: str) -> int | None:
+    """An item's price in minor units: its own, else the product catalog's that the store
+    added to a line without one (``catalog_price_minor`` in ``catalog_currency``:
+    ``catalog.add_prices``) when that is in ``currency``; None when neither is known."""
+    own = item.get("price_minor")
+    if own is not None:
+        return own
+    if item.get("catalog_currency") == currency:
+        return item.get("catalog_price_minor")
+    return None
+
+
 def line_minor(item: dict[str, Any]) -> int:
     return (item.get("price_minor") or 0) * item["quantity"]
 

@@ -10,6 +10,15 @@ example of each event) and REFERENCE.md sections 3.3, 3.4 and 6 ("ES ref").
   ``datetime`` (epoch milliseconds), whatever we know of the visitor (``externalCustomerId``,
   ``user_email``, ``user_phone``, ``user_name``) and ``cookies.sc``: the visitor is the sc
   cookie, which onetag shares with eSputnik's own script, so anonymous events need no email.
+  ``cookies`` is Required in every event's GeneralInfo but ProductUpdate's, and the document
+  offers no stand-in for it (the identifiers above are all Optional): a backend event takes
+  the sc of the customer's latest session; with none, its requests are not sent (``skipped``,
+  an ``ignored`` row saying why).
+- Prices are Required wherever a product is named (ProductPage, AddToWishlist, StatusCart,
+  PurchasedItems (One Click)). An item without one takes the catalog's price, which the store
+  adds (``_common.item_price_minor``); with none, the request or the line is not sent: a
+  made-up "0" would overwrite the feed's price ("If the price has changed on the site but
+  hasn't changed in the feed, the sent value will be the value from the site").
 - Auth: the docs say none is needed; the vendor's own plugins send the API key as the HTTP
   Basic password (ES ref 3.4), so ``auth_headers`` does that when ``api_key`` is configured.
 - Prices are strings in major units ("754"; ``money.major_str``: 4.35 goes out as "4.35").
@@ -81,6 +90,9 @@ DEFAULT_ROUTES = {
 }
 
 _STANDARD = frozenset(DEFAULT_ROUTES) - {"*"}
+# The events whose products need a price (ProductPage, AddToWishlist, StatusCart, and the
+# PurchasedItems One Click form): the store adds the catalog's to a line without one.
+CATALOG_PRICES = frozenset({"view_item", "add_to_wishlist", *c.CART_EVENTS, "purchase"})
 # The only names templates/vendors/esputnik.js.j2 makes a call for; for any other its handler
 # does nothing, so the script need not say how those are routed (routing.browser_routes).
 BROWSER_EVENTS = frozenset({"page_view", "view_item", "add_to_wishlist", "view_item_list", "search",
@@ -107,19 +119,10 @@ def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
         # is sent again, a replay of the same identify is not.
         body = {"GeneralInfo": _general(event, ctx, "CustomerData")}
         stable = {**body["GeneralInfo"], "datetime": None}
-        request = _request(ctx, body, f"CustomerData:{c.digest(stable)}")
-        if "cookies" not in body["GeneralInfo"]:
-            # cookies is Required (ES REST CustomerData), and tying the cookie to the customer
-            # is all CustomerData does: without any session of this customer it is recorded
-            # as an ignored row with the reason, not sent.
-            return [dataclasses.replace(request, skipped=(
-                "eSputnik CustomerData requires cookies.sc, and no browser session of this "
-                "customer is known yet"))]
-        return [request]
+        return [_visitor_request(ctx, body, f"CustomerData:{c.digest(stable)}")]
     if name == "view_item":
         item = c.ecommerce(event)["items"][0]  # a product page shows one product
-        body = {"ProductPage": {"Product": _product(item, cur)}}
-        return [_request(ctx, _with_general(event, ctx, "ProductPage", body), f"ProductPage:{eid}")]
+        return [_product_request(event, ctx, "ProductPage", item, cur, f"ProductPage:{eid}")]
     if name == "view_item_list":
         ecom = c.ecommerce(event)
         # categoryKey "must match category names or IDs in the feed": the list's id, else name.
@@ -127,17 +130,16 @@ def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
         if not key:
             return []
         body = {"CategoryPage": {"Category": {"categoryKey": key}}}
-        return [_request(ctx, _with_general(event, ctx, "CategoryPage", body),
-                         f"CategoryPage:{eid}")]
+        return [_visitor_request(ctx, _with_general(event, ctx, "CategoryPage", body),
+                                 f"CategoryPage:{eid}")]
     if name == "add_to_wishlist":
-        return [_request(ctx, _with_general(event, ctx, "AddToWishlist",
-                                            {"AddToWishlist": {"Product": _product(item, cur)}}),
-                         f"AddToWishlist:{eid}:{index}")
+        return [_product_request(event, ctx, "AddToWishlist", item, cur,
+                                 f"AddToWishlist:{eid}:{index}")
                 for index, item in enumerate(c.ecommerce(event)["items"])]
     if name in c.CART_EVENTS:
-        return [_status_cart(event, ctx)] if event.get("cart") else []
+        return _status_cart(event, ctx) if event.get("cart") else []
     if name == "purchase":
-        return [_purchased(event, ctx, cur)]
+        return _purchased(event, ctx, cur)
     if name == "product_updated":
         return _product_update(event, ctx, cur)
     if name not in _STANDARD:
@@ -149,6 +151,23 @@ def _request(ctx: PlanContext, body: dict[str, Any], key: str) -> VendorRequest:
     return VendorRequest("POST", ctx.vendor["tracker_url"], body, key)
 
 
+def _visitor_request(ctx: PlanContext, body: dict[str, Any], key: str,
+                     skipped: str | None = None) -> VendorRequest:
+    """A request about a visitor: not sent (``skipped``) without ``cookies.sc``, which ES REST
+    marks Required in GeneralInfo ("Cookie sc is a cookie generated by our script") with no
+    alternative identifier; else not sent for ``skipped``, if given."""
+    general = body["GeneralInfo"]
+    if "cookies" not in general:
+        skipped = (f"eSputnik {general['eventName']} requires cookies.sc, and no browser "
+                   "session of this customer is known yet")
+    return dataclasses.replace(_request(ctx, body, key), skipped=skipped)
+
+
+def _unpriced(event_name: str, field: str, item: dict[str, Any], cur: str) -> str:
+    return (f"eSputnik {event_name} requires {field}; item {item['item_id']!r} came without "
+            f"one and the catalog has none in {cur}")
+
+
 def _general(event: dict[str, Any], ctx: PlanContext, event_name: str) -> dict[str, Any]:
     who = c.person(event)
     info: dict[str, Any] = {"eventName": event_name, "siteId": ctx.vendor["site_id"],
@@ -157,8 +176,7 @@ def _general(event: dict[str, Any], ctx: PlanContext, event_name: str) -> dict[s
                            "user_email": who.get("email"), "user_phone": who.get("phone"),
                            "user_name": c.full_name(who)}))
     # cookies.sc is Required: a backend event (no session of its own) gets the customer's
-    # latest session's sc. With none at all, an order or a custom event still goes, with the
-    # identifiers above: it is a fact of its own (CustomerData is not: see ``plan``).
+    # latest session's sc. With none at all, ``_visitor_request`` does not send it.
     sc = c.session_sc(event)
     if sc:
         info["cookies"] = {"sc": sc}
@@ -174,6 +192,11 @@ def _price(minor: int | None, cur: str) -> str | None:
     return money.major_str(minor, cur) if minor is not None else None
 
 
+def _item_price(item: dict[str, Any], cur: str) -> str | None:
+    """The item's price string: its own, else the catalog's in ``cur``; None when neither."""
+    return _price(c.item_price_minor(item, cur), cur)
+
+
 def _stock(item: dict[str, Any]) -> str | None:
     """isInStock: "1" / "0" as the ES REST examples send it; left out when unknown."""
     return None if item.get("in_stock") is None else ("1" if item["in_stock"] else "0")
@@ -182,25 +205,61 @@ def _stock(item: dict[str, Any]) -> str | None:
 def _product(item: dict[str, Any], cur: str) -> dict[str, Any]:
     """ProductPage / AddToWishlist "Product": productKey (the feed's id), price (a string,
     without the optional currency suffix), isInStock."""
-    return c.compact({"productKey": item["item_id"], "price": _price(item.get("price_minor"), cur),
+    return c.compact({"productKey": item["item_id"], "price": _item_price(item, cur),
                       "isInStock": _stock(item)})
 
 
-def _status_cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
+def _product_request(event: dict[str, Any], ctx: PlanContext, event_name: str,
+                     item: dict[str, Any], cur: str, key: str) -> VendorRequest:
+    """ProductPage / AddToWishlist for one item; not sent without a price (Required)."""
+    product = _product(item, cur)
+    body = _with_general(event, ctx, event_name, {event_name: {"Product": product}})
+    return _visitor_request(ctx, body, key, None if "price" in product
+                            else _unpriced(event_name, "price", item, cur))
+
+
+def _priced_lines(ctx: PlanContext, items: list[dict[str, Any]], cur: str, line: Any,
+                  event_name: str, field: str, key: str,
+                  whole: str) -> tuple[list[dict[str, Any]], list[VendorRequest]]:
+    """The lines ``line(item, price)`` of the items with a price (their own or the
+    catalog's), and for each other one a ``skipped`` request saying it was left out of the
+    ``whole`` (``<key>:<line index>``: one ignored row per line, never a sendable key)."""
+    lines, left_out = [], []
+    for index, item in enumerate(items):
+        price = _item_price(item, cur)
+        if price is None:
+            left_out.append(VendorRequest(
+                "POST", ctx.vendor["tracker_url"], {"productKey": item["item_id"], "quantity": item["quantity"]},
+                f"{key}:{index}",
+                skipped=f"{_unpriced(event_name, field, item, cur)}: left out of the {whole}"))
+        else:
+            lines.append(line(item, price))
+    return lines, left_out
+
+
+def _status_cart(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
     """StatusCart: the WHOLE cart, not a delta, under the GUID of this cart state (the store
-    makes a new one per change, as ES REST requires); an emptied cart is an empty Products."""
+    makes a new one per change, as ES REST requires); an emptied cart is an empty Products.
+
+    A line without any price is left out (each product's ``price`` is Required); a cart of
+    only such lines is not sent at all, since an empty Products would say it was emptied.
+    """
     cart = event["cart"]
     cur = cart.get("currency") or c.currency(event, ctx.currency)
-    products = [c.compact({"productKey": item["item_id"],
-                           "price": _price(item.get("price_minor"), cur),
-                           "quantity": item["quantity"],
-                           "price_currency_code": cur}) for item in cart["items"]]
+    key = f"StatusCart:{cart['guid']}"
+    products, left_out = _priced_lines(
+        ctx, cart["items"], cur, lambda item, price: {"productKey": item["item_id"], "price": price,
+                                                 "quantity": item["quantity"],
+                                                 "price_currency_code": cur},
+        "StatusCart", "price", key, "cart")
     body = {"StatusCart": {"GUID": cart["guid"], "Products": products}}
-    return _request(ctx, _with_general(event, ctx, "StatusCart", body),
-                    f"StatusCart:{cart['guid']}")
+    skipped = ("eSputnik StatusCart requires each product's price; no line of the cart has one"
+               if left_out and not products else None)
+    return [_visitor_request(ctx, _with_general(event, ctx, "StatusCart", body), key, skipped),
+            *left_out]
 
 
-def _purchased(event: dict[str, Any], ctx: PlanContext, cur: str) -> VendorRequest:
+def _purchased(event: dict[str, Any], ctx: PlanContext, cur: str) -> list[VendorRequest]:
     """PurchasedItems in one of the two documented forms, never a mix of them.
 
     With a cart GUID (the store hands a purchase the cart as bought under the GUID of its
@@ -208,19 +267,36 @@ def _purchased(event: dict[str, Any], ctx: PlanContext, cur: str) -> VendorReque
     purchase): ES REST "PurchasedItems", ``{GUID, OrderNumber}``, the GUID "identical to the
     GUID of the StatusCart event", which is what closes the abandoned cart. Without one (a
     backend order of a session that had no cart): ES REST "PurchasedItems (One Click)",
-    ``{Products: [{product_id, unit_price, quantity}], OrderNumber}``.
+    ``{Products: [{product_id, unit_price, quantity}], OrderNumber}``; a line without any
+    price (``unit_price`` is Required) is left out, and an order of only such lines is not
+    sent.
+
+    The One Click table also lists ``block_id``, "Recommendation block ID. To get it, contact
+    support", inside ``Tags`` (which every other event's table marks Optional), and eSputnik's
+    "Setting up web tracking by sending events via JavaScript requests" makes it optional for
+    a purchase in one click (REFERENCE.md 3.2, "blockId"): it says which of eSputnik's
+    recommendation blocks sold the product, which neither the backend nor onetag knows for
+    an order, so none is sent (a fixed one would credit every such order to one block).
     """
     order = c.ecommerce(event)["transaction_id"]
+    key = f"PurchasedItems:{order}"
     guid = c.cart_guid(event)
+    left_out: list[VendorRequest] = []
+    skipped = None
     if guid:
         purchased = {"GUID": guid, "OrderNumber": order}
     else:
-        products = [c.compact({"product_id": item["item_id"],
-                               "unit_price": _price(item.get("price_minor"), cur),
-                               "quantity": item["quantity"]}) for item in c.order_items(event)]
+        products, left_out = _priced_lines(
+            ctx, c.order_items(event), cur, lambda item, price: {"product_id": item["item_id"],
+                                                            "unit_price": price,
+                                                            "quantity": item["quantity"]},
+            "PurchasedItems", "unit_price", key, "order")
         purchased = {"Products": products, "OrderNumber": order}
-    return _request(ctx, _with_general(event, ctx, "PurchasedItems", {"PurchasedItems": purchased}),
-                    f"PurchasedItems:{order}")
+        if left_out and not products:
+            skipped = ("eSputnik PurchasedItems (One Click) requires its products' unit_price; "
+                       f"no line of order {order!r} has one")
+    body = _with_general(event, ctx, "PurchasedItems", {"PurchasedItems": purchased})
+    return [_visitor_request(ctx, body, key, skipped), *left_out]
 
 
 def _product_update(event: dict[str, Any], ctx: PlanContext,
@@ -271,5 +347,5 @@ def _custom(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     """CustomEvent (ES REST): {"EventName": <name>, "Tags": {<property>: [strings]}}."""
     tags = {key: _tag(value) for key, value in (event.get("properties") or {}).items()}
     custom = c.compact({"EventName": event["name"], "Tags": tags or None})
-    return _request(ctx, _with_general(event, ctx, "CustomEvent", {"CustomEvent": custom}),
-                    f"CustomEvent:{c.event_ref(event)}")
+    return _visitor_request(ctx, _with_general(event, ctx, "CustomEvent", {"CustomEvent": custom}),
+                            f"CustomEvent:{c.event_ref(event)}")

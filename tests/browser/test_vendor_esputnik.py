@@ -185,3 +185,36 @@ def test_lines_without_a_currency_are_in_the_sites(vendors, context):
     page.evaluate("() => window.onetag.flush()")
     (status,) = server_bodies(vendors, "shop", "esputnik", cart_id)
     assert status["StatusCart"]["Products"][0]["price_currency_code"] == "PLN"
+
+
+def stored_loaded(vendors, page, event_id):
+    """The vendors that took the event in the page, as onetag stored it (``loaded``)."""
+    page.evaluate("() => window.onetag.flush()")
+    rows = vendors.onetag.wait_events(lambda rows: any(r["data"]["event_id"] == event_id for r in rows),
+                                      f"event {event_id} stored", site_id="all")
+    return sorted(next(r["data"] for r in rows if r["data"]["event_id"] == event_id)["loaded"])
+
+
+def test_a_product_without_a_price_is_left_to_the_server(vendors, context):
+    """"Transferring Website Behavior Data via REST API": price is Required in ProductPage,
+    AddToWishlist and StatusCart. The page has no catalog: an item without a price is not
+    sent through eS.js, and eSputnik is left out of the event's `loaded`, so on its
+    `fallback` route the server sends it with the catalog's price (or records why not)."""
+    page = open_page(context, vendors.page("all"))
+    page.wait_for_function("() => window.__stub_esputnik === 1")
+    bare = {"item_id": "SKU-9000", "item_name": "Unpriced", "quantity": 1}
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    for event_id, name in zip(ids, ("view_item", "add_to_wishlist", "add_to_cart")):
+        calls = push(page, {"event": name, "event_id": event_id, "ecommerce": ecom(bare)})
+        assert calls["esputnik"] == [], name
+    # The cart now holds the unpriced line: the purchase of it is the server's too.
+    calls = push(page, {"event": "purchase", "event_id": ids[3],
+                        "ecommerce": ecom(bare, MUG, transaction_id="1009")})
+    assert calls["esputnik"] == []
+    for event_id in ids:
+        assert "esputnik" not in stored_loaded(vendors, page, event_id)
+    # A priced product still goes through eS.js, and counts as taken.
+    eid = str(uuid.uuid4())
+    assert push(page, {"event": "view_item", "event_id": eid, "ecommerce": ecom(MUG)})["esputnik"] == \
+        [["sendEvent", "ProductPage", {"ProductPage": {"productKey": "SKU-1000", "price": "29.99", "isInStock": 1}}]]
+    assert "esputnik" in stored_loaded(vendors, page, eid)
