@@ -534,8 +534,9 @@ async def test_the_oldest_pending_age_is_an_index_lookup_per_vendor(backend) -> 
     row: ``deliveries_due`` finds them, but ``coalesce(retry_from_ms, created_ms)`` is not in
     it, so each was read from the table. Now a partial index on the pending rows' (vendor,
     that expression) answers it with one seek per vendor (SQLite migration 014, PostgreSQL
-    030); the ages are what they were: held and dead rows not counted, a replayed row's age
-    from its replay."""
+    030; on ``coalesce(retry_from_ms, due_ms, created_ms)`` since SQLite's 020 and
+    PostgreSQL's 036); the ages are what they were: held and dead rows not counted, a
+    replayed row's age from its replay, a row that waited out a grace from when it fell due."""
     import sqlite3
 
     from server.store.pg_console import numbered
@@ -544,14 +545,14 @@ async def test_the_oldest_pending_age_is_an_index_lookup_per_vendor(backend) -> 
     rows = [("sendlane", "pending", 1000, None), ("sendlane", "pending", 500, 3000),
             ("rejoiner", "pending", 2000, None), ("rejoiner", "held", 100, None),
             ("rejoiner", "dead", 50, None), ("remarkety", "delivered", 10, None),
-            ("esputnik", "pending", 700, 800)]
+            ("esputnik", "pending", 700, 800), ("remarkety", "pending", 100, None, 10_000)]
     rows += [("sendlane", "delivered", 5, None)] * 50 + [("sendlane", "pending", 9000, None)] * 50
-    for n, (vendor, state, created, retry_from) in enumerate(rows):
+    for n, (vendor, state, created, retry_from, *due) in enumerate(rows):
         await backend.rows(
             "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, state, "
-            "request, created_ms, updated_ms, retry_from_ms) "
-            "VALUES ('shop1', ?, ?, 1, 'v', ?, '{}', ?, ?, ?)",
-            vendor, f"k{n}", state, created, created, retry_from)
+            "request, created_ms, updated_ms, retry_from_ms, due_ms) "
+            "VALUES ('shop1', ?, ?, 1, 'v', ?, '{}', ?, ?, ?, ?)",
+            vendor, f"k{n}", state, created, created, retry_from, due[0] if due else None)
     asked: list[tuple[str, tuple]] = []
     if backend.name == "sqlite":
         read = store._reader.execute_fetchall
@@ -571,7 +572,7 @@ async def test_the_oldest_pending_age_is_an_index_lookup_per_vendor(backend) -> 
         depth, oldest = await store.outbox_depth(11_000)
     finally:
         await store.close()
-    assert oldest == {"sendlane": 10.0, "rejoiner": 9.0, "esputnik": 10.2}
+    assert oldest == {"sendlane": 10.0, "rejoiner": 9.0, "esputnik": 10.2, "remarkety": 1.0}
     assert ("sendlane", "pending", 52) in depth
     [(sql, params)] = [(sql, params) for sql, params in asked if "min(" in sql]
     if backend.name == "sqlite":
@@ -593,6 +594,98 @@ async def test_the_oldest_pending_age_is_an_index_lookup_per_vendor(backend) -> 
         text = "\n".join(plan)
         assert "deliveries_oldest_pending" in text and "deliveries_due" not in text, text
         assert "Seq Scan on deliveries" not in text and "Limit" in text, text  # one seek
+
+
+async def test_a_row_waiting_out_the_browser_grace_is_not_late_until_it_falls_due(
+        backend) -> None:
+    """A backend purchase's Rejoiner convert and eSputnik PurchasedItems wait
+    ``browser_grace_s`` for the page's own copy: not late meanwhile. Their oldest pending
+    age (``/metrics``, ``onetag deliveries``, the console's Vendors page) counted from when
+    they were made, 209 s and climbing to 9m55s for rows delivered on time; it counts from
+    when they fall due."""
+    settings = backend.settings(rejoiner={"site_id": "ABC1234", "api_key": "k"},
+                                esputnik={"site_id": "DEMO", "api_key": "demo"})
+    store = await backend.open(settings, browser_grace_ms=600_000)
+    try:
+        order = purchase("3001", "backend")
+        order["sc"] = "SC-AAAA-0003"  # eSputnik's PurchasedItems needs the visitor's cookie
+        await ingest(store, order)
+        rows = await backend.rows("SELECT vendor, created_ms, next_attempt_ms FROM deliveries "
+                                  "WHERE state = 'pending' ORDER BY vendor")
+        assert [vendor for vendor, _, _ in rows] == ["esputnik", "rejoiner"]
+        made, due = rows[0][1], rows[0][2]
+        assert due == made + 600_000
+        for now in (made + 209_000, made + 595_000, due):  # held: not late
+            _, oldest = await store.outbox_depth(now)
+            stats = {s["vendor"]: s["oldest_pending_age_s"]
+                     for s in await store.delivery_stats(now)}
+            overview = {v["vendor"]: v["oldest_pending_age_s"]
+                        for v in await store.console().vendor_overview(now)}
+            assert oldest == stats == overview == {"esputnik": 0, "rejoiner": 0}, now
+        _, oldest = await store.outbox_depth(due + 5_000)  # due, not sent: late from then
+        stats = {s["vendor"]: s["oldest_pending_age_s"]
+                 for s in await store.delivery_stats(due + 5_000)}
+        assert oldest == stats == {"esputnik": 5.0, "rejoiner": 5.0}
+    finally:
+        await store.close()
+
+
+async def test_the_migration_gives_rows_already_waiting_out_a_grace_their_due_time(
+        backend) -> None:
+    """Rows planned before SQLite's migration 020 (PostgreSQL's 036) have no ``due_ms``: the
+    migration gives it to those still waiting (pending, never tried, no replay, due after
+    they were made), and to no other row."""
+    from server.store import pg_migrate
+    from server.store.sqlite import migrations
+
+    store = await backend.open(backend.settings())
+    await store.close()
+    number, files = (20, migrations()) if backend.name == "sqlite" else (
+        36, pg_migrate.migrations())
+    [sql] = [sql for version, _, sql in files if version == number]
+    before = ["DROP INDEX deliveries_oldest_pending",  # back to the schema before it
+              "ALTER TABLE deliveries DROP COLUMN due_ms",
+              "CREATE INDEX deliveries_oldest_pending ON deliveries "
+              "(vendor, (coalesce(retry_from_ms, created_ms))) WHERE state = 'pending'"]
+    for statement in before:
+        await backend.rows(statement)
+    rows = {  # dedup key: state, attempts, next attempt, created, retry from
+        "grace": ("pending", 0, 601_000, 1_000, None),
+        "due-when-made": ("pending", 0, 1_000, 1_000, None),
+        "paced": ("pending", 0, 61_000, 1_000, 61_000),
+        "replayed": ("pending", 0, 90_000, 1_000, 90_000),
+        "in-flight": ("pending", 1, 31_000, 1_000, None),
+        "retrying": ("pending", 2, 95_000, 1_000, None),
+        "held": ("held", 0, 1_000, 1_000, None),
+        "browser": ("browser", 0, 601_000, 1_000, None)}
+    for key, (state, attempts, due, created, retry_from) in rows.items():
+        await backend.rows(
+            "INSERT INTO deliveries (site_id, vendor, dedup_key, event_seq, visitor, state, "
+            "request, attempts, next_attempt_ms, created_ms, updated_ms, retry_from_ms) "
+            "VALUES ('shop1', 'rejoiner', ?, 1, 'v', ?, '{}', ?, ?, ?, ?, ?)",
+            key, state, attempts, due, created, created, retry_from)
+    if backend.name == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(backend.database.removeprefix("sqlite:///")) as conn:
+            for statement in sql.split(";\n"):
+                conn.execute(statement)
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(backend.database)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+    assert dict(await backend.rows("SELECT dedup_key, due_ms FROM deliveries")) == {
+        **{key: None for key in rows}, "grace": 601_000}
+    store = await backend.open(backend.settings())
+    try:
+        _, oldest = await store.outbox_depth(100_000)
+    finally:
+        await store.close()
+    assert oldest == {"rejoiner": 99.0}  # due-when-made, in flight and retrying: since 1 s
 
 
 # Whose event id is whose ------------------------------------------------------------------

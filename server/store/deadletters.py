@@ -17,9 +17,11 @@ LISTABLE_STATES = ("dead", "expired", "failing", "held")
 REPLAYABLE_STATES = ("dead", "expired")
 TIME_FIELDS = {"created": "created_ms", "updated": "updated_ms"}  # "updated": last attempt
 # When a pending row fell due, the start of its age as the oldest pending row (Vendors page,
-# `onetag deliveries`, /metrics): when it was made, or for paced history (``onetag backfill
-# --pace``) its due time, or its last replay; a row waiting for its turn is not late yet.
-OLDEST_PENDING = "coalesce(retry_from_ms, created_ms)"
+# `onetag deliveries`, /metrics): its last replay, or for paced history (``onetag backfill
+# --pace``) its due time (both ``retry_from_ms``), or for a backend fact waiting out
+# ``[server] browser_grace_s`` its due time (``due_ms``), else when it was made; a row
+# waiting for its turn is not late yet. A failed attempt's retry does not restart it.
+OLDEST_PENDING = "coalesce(retry_from_ms, due_ms, created_ms)"
 MAX_IDS = 1000
 # Rows one replay may take: it is one writer transaction, which ingest waits behind; an
 # expired row costs a re-planning (its event read and planned again), a dead one an update.

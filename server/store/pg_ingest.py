@@ -775,10 +775,11 @@ async def _insert_fact(conn: Any, site_id: str, seq: int, r: Any, now: int,
         await conn.execute("UPDATE deliveries SET state = 'ignored', updated_ms = $1, "
                            "last_error = $2 WHERE id = $3",
                            now, rules.CLAIM_SUPERSEDED_ERROR, claim["id"])
-    await conn.execute(
+    delay = r.delay_ms if state == outbox.PENDING else 0
+    await conn.execute(  # due_ms: as sqlite_ingest._FACT_INSERT (a grace's due time)
         "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
-        "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
-        "VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9, $10, $10, $11) "
+        "request, next_attempt_ms, due_ms, last_error, created_ms, updated_ms, request_id) "
+        "VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12) "
         "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING",
         site_id, r.vendor, r.dedup_key, seq, r.visitor, state, encode(request).decode(),
-        now + (r.delay_ms if state == outbox.PENDING else 0), error, now, request_id)
+        now + delay, now + delay if delay else None, error, now, request_id)

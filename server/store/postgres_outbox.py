@@ -45,7 +45,7 @@ log = logging.getLogger("onetag.store")
 PAUSE_CHECK_S = 0.25
 REPLAY_IDS_KEPT = 100  # as sqlite_writer: a replay record lists the rows when at most this many
 # Per vendor named ($1, text[]), when its oldest pending row fell due: a seek into
-# deliveries_oldest_pending (pg_migrations/030; the same expression, so the planner matches
+# deliveries_oldest_pending (pg_migrations/030, 036; the same expression, so the planner matches
 # it). A GROUP BY over the pending rows read each from the heap.
 OLDEST_PENDING_BY_VENDOR = (
     f"SELECT v.vendor, (SELECT min({OLDEST_PENDING}) FROM deliveries "
@@ -270,7 +270,7 @@ class PostgresOutbox:
         """For ``/metrics``: rows per (vendor, state) still in the outbox, and per vendor the
         age of its oldest pending row. The counts read the claim index (``deliveries_due``);
         the age is one seek per vendor with pending rows into ``deliveries_oldest_pending``
-        (pg_migrations/030): a GROUP BY read every pending row from the heap."""
+        (pg_migrations/030, 036): a GROUP BY read every pending row from the heap."""
         depth = await self._fetch(
             "SELECT vendor, state, count(*) AS n FROM deliveries "
             "WHERE state IN ('pending', 'held', 'dead') GROUP BY state, vendor")

@@ -36,7 +36,7 @@ log = logging.getLogger("onetag.store")
 
 WRITERS = {"process": ProcessWriter, "thread": ThreadWriter}
 # Per vendor named (a JSON list), when its oldest pending row fell due: a seek into
-# deliveries_oldest_pending (migration 014), which holds the pending rows by (vendor, this
+# deliveries_oldest_pending (migrations 014, 020), which holds the pending rows by (vendor, this
 # expression). A GROUP BY over the pending rows read each from the table.
 OLDEST_PENDING_BY_VENDOR = (
     f"SELECT v.value, (SELECT min({OLDEST_PENDING}) FROM deliveries "
@@ -216,7 +216,7 @@ class SQLiteStore(WriterSupervisor, Store):
         the states still in the outbox (pending, held, dead), and per vendor the age in
         seconds of its oldest pending row (``OLDEST_PENDING``: since it fell due). The counts
         read the ``deliveries_due`` index alone; the age is one seek per vendor with pending
-        rows into ``deliveries_oldest_pending`` (migration 014). The delivered rows, however
+        rows into ``deliveries_oldest_pending`` (migrations 014, 020). The delivered rows, however
         many, are not visited."""
         assert self._reader is not None
         depth = await self._reader.execute_fetchall(

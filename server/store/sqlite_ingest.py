@@ -185,10 +185,13 @@ _CLAIM_INSERT = (
     f"VALUES (?1, ?2, ?3, 1, ?4, ?5, CASE WHEN {_TAKEN} THEN 'ignored' ELSE ?6 END, "
     f"CAST(?7 AS TEXT), ?8, CASE WHEN {_TAKEN} THEN '{rules.CLAIM_TAKEN_ERROR}' ELSE ?9 END, "
     "?10, ?10, ?11) ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
+# A fact due after it is made (waiting out ``[server] browser_grace_s`` for the page's own
+# copy) keeps when it falls due in ``due_ms``: its age as a pending row counts from then
+# (``deadletters.OLDEST_PENDING``). NULL: due when made.
 _FACT_INSERT = (
     "INSERT INTO deliveries (site_id, vendor, dedup_key, claim, event_seq, visitor, state, "
-    "request, next_attempt_ms, last_error, created_ms, updated_ms, request_id) "
-    "VALUES (?, ?, ?, 0, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?, ?) "
+    "request, next_attempt_ms, due_ms, last_error, created_ms, updated_ms, request_id) "
+    "VALUES (?, ?, ?, 0, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (site_id, vendor, dedup_key, claim) DO NOTHING")
 _OTHER = ("SELECT d.id, d.state, d.attempts, d.request, e.data FROM deliveries d "
           "JOIN events e ON e.seq = d.event_seq "
@@ -224,9 +227,10 @@ def _insert_fact(conn: sqlite3.Connection, site_id: str, seq: int, r: Any, now: 
         conn.execute("UPDATE deliveries SET state = 'ignored', updated_ms = ?, "
                      "last_error = ? WHERE id = ?",
                      (now, rules.CLAIM_SUPERSEDED_ERROR, claim["id"]))
+    delay = r.delay_ms if state == outbox.PENDING else 0
     conn.execute(_FACT_INSERT, (site_id, r.vendor, r.dedup_key, seq, r.visitor, state,
-                                encode(request), now + (r.delay_ms if state == outbox.PENDING
-                                                        else 0), error, now, now, request_id))
+                                encode(request), now + delay, now + delay if delay else None,
+                                error, now, now, request_id))
 
 
 def load_orders(conn: sqlite3.Connection, wanted: Sequence[tuple[str, str, str]]
