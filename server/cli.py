@@ -250,12 +250,15 @@ def proxy_options(trusted: tuple[str, ...]) -> dict[str, Any]:
 
 
 def public_url_warning(public_url: str, port: int) -> str | None:
-    """A loopback public_url on another port than the one served: the script tag and the
-    event URL the script posts to would point where nothing listens (a copied config)."""
+    """A public_url on this machine (loopback, ``localhost``, or the unspecified 0.0.0.0 and
+    ``[::]``, which reach this machine too) on another port than the one served: the script
+    tag and the event URL the script posts to would point where nothing listens (a copied
+    config)."""
     parts = urlsplit(public_url)
     host = parts.hostname or ""
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        address = None if host == "localhost" else ipaddress.ip_address(host)
+        loopback = address is None or address.is_loopback or address.is_unspecified
     except ValueError:
         loopback = False
     url_port = parts.port or (443 if parts.scheme == "https" else 80)
