@@ -341,3 +341,40 @@ async def test_an_event_id_matching_more_than_a_page_says_how_many_and_pages(bac
         assert plan_scans(settings.server.sqlite_path, statements) == []
     else:
         assert await pg_plan_scans(backend.database, statements) == []
+
+
+async def test_backfilled_history_older_than_the_scan_window_is_found(backend, tmp_path,
+                                                                      monkeypatch):
+    """A customer's backfilled history is found by the email inside it through an index on
+    both backends (SQLite 019 mirrors PostgreSQL 029), so however many events came after
+    it: SQLite read only the latest ``SCAN_WINDOW`` events and missed older history."""
+    from console_support import console_settings
+    from test_console_ops import HISTORY_2023, backfill_history
+
+    monkeypatch.setattr(q, "SCAN_WINDOW", 3)  # stands for 200,000 newer events
+    settings = console_settings(tmp_path, database=backend.database)
+    async with running(settings) as (app, client):
+        await backfill_history(app.state.store, settings.sites["shop1"], tmp_path,
+                               HISTORY_2023)
+        for n in range(5):  # newer than the history, beyond the window
+            client.cookies.clear()
+            answer = await client.post("/e", content=(
+                '{"site_id": "shop1", "events": [{"event_id": "pv-%d", "event": "page_view", '
+                '"page": {"location": "%s/p/1"}}]}' % (n, ORIGIN)),
+                headers={"content-type": "text/plain", "origin": ORIGIN})
+            assert answer.status_code == 204, answer.text
+        reads = app.state.store.console()
+        statements = traced(reads)
+        carl = await reads.search(["shop1"], "carl@example.com")
+    assert sorted(e["name"] for e in carl["events"]) == [
+        "identify", "purchase", "purchase", "purchase", "refund"]
+    history_sql = [(sql, params) for sql, params in statements if "e.identity_id IS NULL" in sql]
+    assert history_sql
+    if backend.name == "sqlite":
+        conn = sqlite3.connect(settings.server.sqlite_path)
+        try:
+            sql, params = history_sql[0]
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+        finally:
+            conn.close()
+        assert "events_history_email" in plan, plan

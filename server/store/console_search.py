@@ -9,15 +9,15 @@ no index on SQLite and would otherwise read the whole events table; they read at
 latest ``SCAN_WINDOW`` events instead (a seq range, newest first), and the pages say so:
 
 - events of an identity that have no session (a backend event without an ``sc``): there is
-  no index on ``events.identity_id`` (each index costs every ingested event a write); and
-  a customer's backfilled history (``onetag backfill``: kept apart from sessions and
-  identities), found by the email inside its JSON;
+  no index on ``events.identity_id`` (each index costs every ingested event a write);
 - an order id: ``transaction_id`` lives inside the event's JSON;
 - the latest browser event from an origin: the page URL lives inside the JSON too.
 
-PostgreSQL has partial indexes for the first two (``pg_migrations/021_console_search.sql``
-and ``029_history_email.sql``: only the events they are about are written to them); the
-window still bounds them.
+PostgreSQL has partial indexes for the first two (``pg_migrations/021_console_search.sql``:
+only the events they are about are written to them); the window still bounds them. A
+customer's backfilled history (``onetag backfill``: kept apart from sessions and
+identities), found by the email inside its JSON, has a partial index on both backends
+(SQLite ``migrations/019``, PostgreSQL ``pg_migrations/029``) and no window.
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ class SearchReads:
 
     def history_email(self) -> str:
         """SQL: the email inside event ``e``'s JSON, its user's, else its order's buyer's
-        (what backfilled history is found by; PostgreSQL's index pg_migrations/029 is on
-        this expression)."""
+        (what backfilled history is found by; the indexes SQLite migrations/019 and
+        PostgreSQL pg_migrations/029 are on this expression)."""
         return (f"coalesce({self.json_text('e.data', 'user', 'email')}, "
                 f"{self.json_text('e.data', 'identity', 'email')})")
 
@@ -349,16 +349,16 @@ class SearchReads:
                              limit: int = TIMELINE_LIMIT) -> list[dict[str, Any]]:
         """A customer's backfilled history (``onetag backfill``: backend events kept apart
         from sessions and identities, so with neither an ``sc`` nor an ``identity_id``) by
-        the email inside it (its user's, else its order's buyer's), newest first, among the
-        latest ``SCAN_WINDOW`` events: SQLite reads the window, PostgreSQL a partial index
-        (pg_migrations/029)."""
+        the email inside it (its user's, else its order's buyer's), newest first, however
+        old: a partial index on that email on both backends (SQLite migrations/019,
+        PostgreSQL pg_migrations/029), which only such events are written to."""
         if not sites:
             return []
-        top = await self.latest_seq()
         return await self._event_summaries(
-            f"{SUMMARY_SELECT}WHERE e.seq > ? AND e.sc IS NULL AND e.identity_id IS NULL "
-            f"AND {self.history_email()} = ? AND e.site_id IN ({marks(sites)}) ORDER BY e.seq DESC LIMIT ?",
-            [top - SCAN_WINDOW, email.strip().lower(), *sites, limit])
+            f"{SUMMARY_SELECT}WHERE e.sc IS NULL AND e.identity_id IS NULL "
+            f"AND {self.history_email()} = ? AND e.site_id IN ({marks(sites)}) "
+            "ORDER BY e.seq DESC LIMIT ?",
+            [email.strip().lower(), *sites, limit])
 
     async def events_by_event_id(self, sites: Sequence[str], event_id: str,
                                  before: int | None = None, limit: int = MATCHES_LIMIT
