@@ -250,12 +250,15 @@ def proxy_options(trusted: tuple[str, ...]) -> dict[str, Any]:
 
 
 def public_url_warning(public_url: str, port: int) -> str | None:
-    """A loopback public_url on another port than the one served: the script tag and the
-    event URL the script posts to would point where nothing listens (a copied config)."""
+    """A public_url on this machine (loopback, ``localhost``, or the unspecified 0.0.0.0 and
+    ``[::]``, which reach this machine too) on another port than the one served: the script
+    tag and the event URL the script posts to would point where nothing listens (a copied
+    config)."""
     parts = urlsplit(public_url)
     host = parts.hostname or ""
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        address = None if host == "localhost" else ipaddress.ip_address(host)
+        loopback = address is None or address.is_loopback or address.is_unspecified
     except ValueError:
         loopback = False
     url_port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -427,16 +430,31 @@ def parse_since(text: str, now: float | None = None) -> int:
             when = datetime.fromisoformat(text.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is neither a relative time like 2h or 3d nor an ISO date/time like "
-                f"2026-01-31 or 2026-01-31T14:00") from None
+                f"{text!r} is neither a relative time nor an ISO date/time") from None
         try:
             ms = (when if when.tzinfo else when.astimezone()).timestamp() * 1000  # local time
         except (OverflowError, OSError, ValueError):
             ms = -1.0
     # A time SQLite's integers and the output's dates can hold (99999999999w overflowed).
     if not 0 <= ms <= MAX_TIME_MS:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range (1970 to 9999)")
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
     return int(ms)
+
+
+TIME_FORMS = ("30m, 2h, 3d or 1w ago, or an ISO 8601 date/time like 2026-01-31 or "
+              "2026-01-31T14:00 (local time without a zone), from 1970 to 9999")
+
+
+def _times(args: argparse.Namespace, *options: str) -> None:
+    """``--since``/``--until`` read into epoch ms here, not by argparse: a bad one is one
+    line naming the option and what it takes (argparse printed its usage block first)."""
+    for option in options:
+        text = getattr(args, option)
+        if text is not None:
+            try:
+                setattr(args, option, parse_since(text))
+            except argparse.ArgumentTypeError as exc:
+                raise _refuse(f"--{option}: {exc}; it takes {TIME_FORMS}") from None
 
 
 def _age(seconds: float | None) -> str:
@@ -812,6 +830,7 @@ def _os_user() -> str:
 def cmd_replay(args: argparse.Namespace) -> int:
     from .store.deadletters import MAX_ERROR_TEXT, ReplayFilter
 
+    _times(args, "since", "until")
     if args.id is not None and (args.dead or args.expired or args.vendor or args.since
                                 or args.until or args.error or args.site):
         print("onetag: --id names one delivery; it takes no --vendor, --site, --since, --until, "
@@ -1171,11 +1190,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "or --error.")
     replay.add_argument("--config", help=config_help)
     replay.add_argument("--vendor", choices=vendor_names(), help="only this vendor")
-    replay.add_argument("--since", type=parse_since, metavar="T",
+    replay.add_argument("--since", metavar="T",
                         help="only deliveries created since T: 30m, 2h, 3d, 1w ago, or an ISO "
                              "date/time (2026-01-31, 2026-01-31T14:00; local time unless it "
                              "has a zone)")
-    replay.add_argument("--until", type=parse_since, metavar="T",
+    replay.add_argument("--until", metavar="T",
                         help="only deliveries created before T (same forms as --since)")
     replay.add_argument("--site", help="only this site's deliveries")
     replay.add_argument("--error", metavar="TEXT",

@@ -41,6 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from . import logs
+from .admin.auth import SharedThrottle
 from .events import EMAIL_RE, echo
 from .store.base import StoreUnavailable
 
@@ -79,9 +80,11 @@ FIELDS = {"code": "code", "templateId": "template_id", "template_id": "template_
 class Invalid(Exception):
     """A request refused before the store is asked: its status and the field it names."""
 
-    def __init__(self, status: int, field: str, problem: str, result: str = "invalid"):
+    def __init__(self, status: int, field: str, problem: str, result: str = "invalid",
+                 retry_after_s: int | None = None):
         super().__init__(f"{field}: {problem}")
         self.status, self.field, self.problem, self.result = status, field, problem, result
+        self.retry_after_s = retry_after_s  # a 429's Retry-After
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,7 @@ class StoreAnswer:
     message: str | None = None  # Remarkety's error_message
     store_status: int | None = None
     error: str | None = None  # for the operator (call log, log line)
+    retry_after_s: int | None = None  # a 429's Retry-After
 
     @property
     def ok(self) -> bool:
@@ -416,14 +420,17 @@ def _preview(data: bytes | None) -> str:
 # The endpoint ---------------------------------------------------------------------------
 
 
-def remarkety_answer(status: int, message: str | None, request_id: str) -> JSONResponse:
+def remarkety_answer(status: int, message: str | None, request_id: str,
+                     retry_after_s: int | None = None) -> JSONResponse:
     """Remarkety's format: ``{"is_success": true}`` or ``{"is_success": false,
     "error_message": ...}``, with the request id for the operator's ``onetag coupons``."""
     body: dict[str, Any] = {"is_success": status == 200}
     if message is not None:
         body["error_message"] = message
-    return JSONResponse(body, status_code=status,
-                        headers={logs.REQUEST_ID_HEADER: request_id, "Cache-Control": "no-store"})
+    headers = {logs.REQUEST_ID_HEADER: request_id, "Cache-Control": "no-store"}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class Coupons:
@@ -436,6 +443,7 @@ class Coupons:
         self.transport = transport  # tests only: where the webhook's requests go
         self.body_timeout_s = settings.server.body_timeout_s
         self._unauthorized: dict[str, tuple[float, int]] = {}  # site: (window start, kept)
+        self.guesses = SharedThrottle(store, "coupon_key")  # wrong keys, per address
 
     async def discounts(self, request: Request) -> Response:
         rid = logs.request_id(request.headers.get("x-request-id"))
@@ -461,7 +469,7 @@ class Coupons:
         call.update(status=answer.status, result=answer.result, store_status=answer.store_status,
                     error=answer.error, duration_ms=int((time.monotonic() - started) * 1000))
         if answer.result == "unauthorized" and not self._keep_unauthorized(site_id):
-            return remarkety_answer(answer.status, answer.message, rid)
+            return remarkety_answer(answer.status, answer.message, rid, answer.retry_after_s)
         await self._record(call)
         level = logging.INFO if answer.ok else logging.WARNING
         log.log(level, "coupon call for site %s: %s (%d)%s", site_id, answer.result,
@@ -469,7 +477,7 @@ class Coupons:
                 extra={"site_id": site_id, "result": answer.result, "status": answer.status,
                        "store_status": answer.store_status, "duration_ms": call["duration_ms"],
                        "idempotency_key": call.get("idempotency_key")})
-        return remarkety_answer(answer.status, answer.message, rid)
+        return remarkety_answer(answer.status, answer.message, rid, answer.retry_after_s)
 
     async def _call(self, request: Request, site_id: str, config: Any, call: dict[str, Any],
                     rid: str) -> StoreAnswer:
@@ -477,28 +485,37 @@ class Coupons:
         ``Invalid``, answered here, and the webhook is never called for it."""
         try:
             query = query_pairs(request.scope.get("query_string", b""))
-            self._authorise(query, config)
+            address = request.client.host if request.client else "unknown"
+            await self._authorise(query, config, address)
             body = await self._body(request)
             coupon = parse_request(query, body, request.headers.get("content-type", ""))
         except Invalid as exc:
             return StoreAnswer(exc.status, exc.result, f"{exc.field}: {exc.problem}",
-                               error=f"{exc.field}: {exc.problem}")
+                               error=f"{exc.field}: {exc.problem}",
+                               retry_after_s=exc.retry_after_s)
         key = idempotency_key(site_id, coupon, request.headers.get(IDEMPOTENCY_HEADER))
         call.update(coupon.as_dict(), idempotency_key=key)
         return await CouponWebhook(config, self.transport).create(site_id, coupon, key, rid)
 
-    @staticmethod
-    def _authorise(query: list[tuple[str, str]], config: Any) -> None:
+    async def _authorise(self, query: list[tuple[str, str]], config: Any, address: str) -> None:
         """``remarkety_api_key`` from the query string, as the vendor doc says Remarkety
-        sends it, compared in constant time with the site's; never logged or kept."""
+        sends it, compared in constant time with the site's; never logged or kept. Wrong
+        keys are bounded per client address as the console's login is (``guesses``, every
+        node's counted together): each is answered 0.5 s late, and an address with 5
+        within a minute gets 429 (its right key too) until the window has passed."""
         given = [value for name, value in query if name == KEY_PARAM]
         if not given or not given[0]:
             raise Invalid(401, KEY_PARAM, "is required in the query string (the API key "
                                           "given to Remarkety with the base URL)", "unauthorized")
+        wait = await self.guesses.retry_after(address)
+        if wait:
+            raise Invalid(429, KEY_PARAM, f"too many wrong keys from your address; try again "
+                                          f"in {wait} s", "unauthorized", retry_after_s=wait)
         expected = config.remarkety_api_key
         ok = len(given) == 1 and bool(expected) and hmac.compare_digest(
             given[0].encode("utf-8"), (expected or "").encode("utf-8"))
         if not ok:
+            await self.guesses.wrong(address)
             raise Invalid(403, KEY_PARAM, "is not this site's key", "unauthorized")
 
     async def _body(self, request: Request) -> bytes:

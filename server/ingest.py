@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from . import events as vocabulary
-from .admin.auth import LoginThrottle
+from .admin.auth import SharedThrottle
 from . import logs
 from .envelope import BrowserFacts, Problem, Refused, event_list
 from .events import Invalid, Origin
@@ -168,7 +168,7 @@ class Ingest:
         self.body_timeout_s = settings.server.body_timeout_s
         self.bodies = BodyDeadlines()
         # Wrong api keys on the backend API, per client address (``_authorise``).
-        self.key_guesses = LoginThrottle()
+        self.key_guesses = SharedThrottle(store, "api_key")
 
     # Browser ----------------------------------------------------------------------------
 
@@ -273,10 +273,11 @@ class Ingest:
         """The site's api_key, compared in constant time. Wrong keys are bounded per client
         address as the console's login is (``key_guesses``): each is answered after the
         throttle's delay, and an address with 5 wrong keys within a minute gets 429 and
-        ``Retry-After`` (its right key too) until the window has passed. Only wrong keys
-        count: a right one is never delayed and clears nothing, so a busy backend posting
-        with its key stays as fast as without the bound, and another address's guesses
-        never touch it."""
+        ``Retry-After`` (its right key too) until the window has passed, on every node of
+        the database (``SharedThrottle``). Only wrong keys count: a right one is never
+        delayed and clears nothing, so a busy backend posting with its key stays about as
+        fast as without the bound (one indexed read a second), and another address's
+        guesses never touch it."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -288,14 +289,13 @@ class Ingest:
             raise HTTPProblem(403, "forbidden", "authorization",
                               "this site has no api_key configured, so its backend API is off")
         address = request.client.host if request.client else "unknown"
-        wait = self.key_guesses.retry_after(address)
+        wait = await self.key_guesses.retry_after(address)
         if wait:
             raise HTTPProblem(429, "too_many_requests", "authorization",
                               f"too many wrong api keys from your address; try again in "
                               f"{wait} s", {"Retry-After": str(wait)})
         if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-            self.key_guesses.failed(address)
-            await asyncio.sleep(self.key_guesses.delay_s)
+            await self.key_guesses.wrong(address)
             raise HTTPProblem(403, "forbidden", "authorization", "the api key is not this site's")
 
     async def backend_events(self, request: Request) -> Response:

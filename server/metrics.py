@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .admin.auth import LoginThrottle
+from .admin.auth import SharedThrottle
 from .events import STANDARD
 from .vendors import VENDORS
 
@@ -67,8 +67,9 @@ class Metrics:
         self.admin_token: str | None = server.admin_token or None
         self.public = server.metrics_public
         # The admin token guessed here is bounded as at the console's login: wrong ones
-        # are answered late, and an address with too many is refused for a while.
-        self.throttle = LoginThrottle()
+        # are answered late, and an address with too many is refused for a while (every
+        # node's guesses counted together).
+        self.throttle = SharedThrottle(store, "metrics")
         self.sites = frozenset(settings.sites)
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
@@ -142,7 +143,7 @@ class Metrics:
 
     async def _refusal(self, request: Request) -> Response | None:
         """None if this request may read the metrics; else its 401/404/429. A request
-        with a wrong Authorization counts as a guess (``LoginThrottle``); one without is
+        with a wrong Authorization counts as a guess (``SharedThrottle``); one without is
         just refused."""
         if self.public:
             return None
@@ -152,7 +153,7 @@ class Metrics:
                             "[server] metrics_public = true")
         given = request.headers.get("authorization")
         address = request.client.host if request.client else "unknown"
-        wait = self.throttle.retry_after(address) if given else 0
+        wait = await self.throttle.retry_after(address) if given else 0
         if wait:
             return _problem(429, "too_many_requests", "authorization",
                             f"too many wrong tokens from your address; try again in {wait} s",
@@ -161,12 +162,11 @@ class Metrics:
         if scheme.lower() != "bearer" or not hmac.compare_digest(
                 token.strip().encode(), self.admin_token.encode()):
             if given:
-                self.throttle.failed(address)
-                await asyncio.sleep(self.throttle.delay_s)
+                await self.throttle.wrong(address)
             return _problem(401, "unauthorized", "authorization",
                             "send \"Authorization: Bearer <[server] admin_token>\"",
                             {"WWW-Authenticate": 'Bearer realm="onetag metrics"'})
-        self.throttle.succeeded(address)
+        await self.throttle.right(address)
         return None
 
     async def endpoint(self, request: Request) -> Response:

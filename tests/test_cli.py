@@ -166,6 +166,11 @@ def test_public_url_warning_only_for_loopback_hosts() -> None:
     assert public_url_warning("http://127.0.0.1:8000", 8000) is None
     assert "names port 80," in public_url_warning("http://127.0.0.1", 8000)
     assert "http://[::1]:8000" in public_url_warning("http://[::1]:9000", 8000)
+    # The unspecified addresses reach this machine too (a copied bind address): warned.
+    assert "http://0.0.0.0:8000" in public_url_warning("http://0.0.0.0:9000", 8000)
+    assert "http://[::]:8000" in public_url_warning("http://[::]:9000", 8000)
+    assert "names port 80," in public_url_warning("http://LOCALHOST", 8000)
+    assert public_url_warning("http://0.0.0.0:8000", 8000) is None
 
 
 def ipv6_loopback() -> str | None:

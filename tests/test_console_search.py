@@ -292,3 +292,89 @@ async def test_the_live_email_filter_finds_what_the_email_search_finds(backend, 
         assert plan_scans(settings.server.sqlite_path, live_sql) == []
     else:
         assert await pg_plan_scans(backend.database, live_sql) == []
+
+
+async def test_an_event_id_matching_more_than_a_page_says_how_many_and_pages(backend, tmp_path):
+    """A browser event id is its session's (``rules.event_scope``): ``pv-1`` of 25 sessions
+    is 25 events. The search listed 20 with no sign of the other 5; now it says "showing 20
+    of 25" and the next page (``before``, a seq) lists the rest, on both backends, through
+    the index."""
+    import uuid
+
+    from console_support import console_settings, login
+
+    settings = console_settings(tmp_path, database=backend.database)
+    async with running(settings) as (app, client):
+        for _ in range(q.MATCHES_LIMIT + 5):
+            client.cookies.clear()
+            sc = str(uuid.uuid4()).upper()
+            answer = await client.post("/e", content=(
+                '{"site_id": "shop1", "sc": "%s", "events": [{"event_id": "pv-1", '
+                '"event": "page_view", "page": {"location": "%s/p/1"}}]}' % (sc, ORIGIN)),
+                headers={"content-type": "text/plain", "origin": ORIGIN})
+            assert answer.status_code == 204, answer.text
+        reads = app.state.store.console()
+        statements = traced(reads)
+        first = await reads.search(["shop1"], "pv-1")
+        assert first["event_ids"]["shown"] == q.MATCHES_LIMIT
+        assert first["event_ids"]["total"] == q.MATCHES_LIMIT + 5
+        before = first["event_ids"]["next_before"]
+        assert before == min(e["seq"] for e in first["events"])
+        rest = await reads.search(["shop1"], "pv-1", before=before)
+        assert rest["event_ids"]["shown"] == 5 and rest["event_ids"]["next_before"] is None
+        assert {e["seq"] for e in first["events"]}.isdisjoint(e["seq"] for e in rest["events"])
+        few = await reads.search(["shop1"], "pv-2")
+        assert few["event_ids"] == {"shown": 0, "total": 0, "next_before": None}
+
+        client.cookies.clear()
+        await login(client)
+        page = await client.get("/admin/search", params={"q": "pv-1"})
+        assert page.status_code == 200
+        assert f"showing {q.MATCHES_LIMIT} of {q.MATCHES_LIMIT + 5}" in page.text
+        assert f"before={before}" in page.text
+        older = await client.get("/admin/search", params={"q": "pv-1", "before": str(before)})
+        assert older.status_code == 200 and "showing 5 of 25" in older.text
+        assert "before=" not in older.text.split("showing 5 of 25")[1].split("</p>")[0]
+        bad = await client.get("/admin/search", params={"q": "pv-1", "before": "x"})
+        assert bad.status_code == 400 and "before" in bad.text
+    if backend.name == "sqlite":
+        assert plan_scans(settings.server.sqlite_path, statements) == []
+    else:
+        assert await pg_plan_scans(backend.database, statements) == []
+
+
+async def test_backfilled_history_older_than_the_scan_window_is_found(backend, tmp_path,
+                                                                      monkeypatch):
+    """A customer's backfilled history is found by the email inside it through an index on
+    both backends (SQLite 019 mirrors PostgreSQL 029), so however many events came after
+    it: SQLite read only the latest ``SCAN_WINDOW`` events and missed older history."""
+    from console_support import console_settings
+    from test_console_ops import HISTORY_2023, backfill_history
+
+    monkeypatch.setattr(q, "SCAN_WINDOW", 3)  # stands for 200,000 newer events
+    settings = console_settings(tmp_path, database=backend.database)
+    async with running(settings) as (app, client):
+        await backfill_history(app.state.store, settings.sites["shop1"], tmp_path,
+                               HISTORY_2023)
+        for n in range(5):  # newer than the history, beyond the window
+            client.cookies.clear()
+            answer = await client.post("/e", content=(
+                '{"site_id": "shop1", "events": [{"event_id": "pv-%d", "event": "page_view", '
+                '"page": {"location": "%s/p/1"}}]}' % (n, ORIGIN)),
+                headers={"content-type": "text/plain", "origin": ORIGIN})
+            assert answer.status_code == 204, answer.text
+        reads = app.state.store.console()
+        statements = traced(reads)
+        carl = await reads.search(["shop1"], "carl@example.com")
+    assert sorted(e["name"] for e in carl["events"]) == [
+        "identify", "purchase", "purchase", "purchase", "refund"]
+    history_sql = [(sql, params) for sql, params in statements if "e.identity_id IS NULL" in sql]
+    assert history_sql
+    if backend.name == "sqlite":
+        conn = sqlite3.connect(settings.server.sqlite_path)
+        try:
+            sql, params = history_sql[0]
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+        finally:
+            conn.close()
+        assert "events_history_email" in plan, plan

@@ -2,12 +2,11 @@
 
 The login form is CSRF-checked like every console POST: its token is signed over the nonce
 of a short-lived pre-session cookie (``onetag_admin_login``) that the login page sets.
-Wrong tokens are slowed and bounded per client address (``auth.LoginThrottle``).
+Wrong tokens are slowed and bounded per client address, every node's counted together
+(``auth.SharedThrottle``).
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -47,15 +46,14 @@ def routes(console: Console) -> list[Route]:
             return login_page(request)
         form = await console.form(request)
         address = request.client.host if request.client else "unknown"
-        wait = console.throttle.retry_after(address)
+        wait = await console.throttle.retry_after(address)
         if wait:
             return login_page(request, 429, f"Too many wrong tokens from your address; try "
                               f"again in {wait} s.", headers={"Retry-After": str(wait)})
         if not auth.token_ok(console.token, form.get("token")):
-            console.throttle.failed(address)
-            await asyncio.sleep(console.throttle.delay_s)
+            await console.throttle.wrong(address)
             return login_page(request, 401, "That is not the admin token.")
-        console.throttle.succeeded(address)
+        await console.throttle.right(address)
         value, _ = auth.make_signed(console.key, "session", now_ms(), auth.SESSION_TTL_MS)
         response = RedirectResponse(safe_next(form.get("next")), 303, headers=SECURITY_HEADERS)
         console.set_cookie(request, response, SESSION_COOKIE, value, auth.SESSION_TTL_MS // 1000)

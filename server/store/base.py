@@ -225,6 +225,24 @@ class Store(abc.ABC):
         primary key, made only for a cookie whose signature is right."""
         raise NotImplementedError
 
+    # Wrong guesses of a secret (server/admin/auth.py, ``SharedThrottle``) ----------------
+
+    async def guess_failed(self, scope: str, address: str, now_ms: int,
+                           window_ms: int) -> list[int]:
+        """Keep one wrong guess of ``scope``'s secret from ``address`` at ``now_ms``, durably,
+        prune the scope's guesses older than ``window_ms``, and answer the times of the
+        address's guesses within it (every node's), oldest first."""
+        raise NotImplementedError
+
+    async def guess_failures(self, scope: str, address: str, since_ms: int) -> list[int]:
+        """The times of ``address``'s wrong guesses of ``scope``'s secret after
+        ``since_ms``, oldest first (every node's): one indexed read."""
+        raise NotImplementedError
+
+    async def guesses_cleared(self, scope: str, address: str) -> None:
+        """Forget ``address``'s wrong guesses of ``scope``'s secret (it gave the right one)."""
+        raise NotImplementedError
+
     # The outbox -------------------------------------------------------------------------
 
     # The catalog (server/catalog.py): the feeds read it, the product sync plans from it.

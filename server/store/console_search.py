@@ -9,15 +9,15 @@ no index on SQLite and would otherwise read the whole events table; they read at
 latest ``SCAN_WINDOW`` events instead (a seq range, newest first), and the pages say so:
 
 - events of an identity that have no session (a backend event without an ``sc``): there is
-  no index on ``events.identity_id`` (each index costs every ingested event a write); and
-  a customer's backfilled history (``onetag backfill``: kept apart from sessions and
-  identities), found by the email inside its JSON;
+  no index on ``events.identity_id`` (each index costs every ingested event a write);
 - an order id: ``transaction_id`` lives inside the event's JSON;
 - the latest browser event from an origin: the page URL lives inside the JSON too.
 
-PostgreSQL has partial indexes for the first two (``pg_migrations/021_console_search.sql``
-and ``029_history_email.sql``: only the events they are about are written to them); the
-window still bounds them.
+PostgreSQL has partial indexes for the first two (``pg_migrations/021_console_search.sql``:
+only the events they are about are written to them); the window still bounds them. A
+customer's backfilled history (``onetag backfill``: kept apart from sessions and
+identities), found by the email inside its JSON, has a partial index on both backends
+(SQLite ``migrations/019``, PostgreSQL ``pg_migrations/029``) and no window.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ TIMELINE_LIMIT = 200  # events shown for one search
 SESSIONS_LIMIT = 50  # sessions of one identity
 DELIVERIES_LIMIT = 200  # deliveries listed for one search
 ATTEMPTS_SHOWN = 5  # the latest attempts of each, on the search page (all: the delivery page)
-MATCHES_LIMIT = 20  # identities / events one search term may match
+MATCHES_LIMIT = 20  # identities / events one search term may match (event ids: a page)
+MATCHES_COUNTED = 10_000  # event-id matches counted at most ("more than 10,000")
 CHUNK = 400  # values bound in one IN (...) list
 ORDER_EVENTS = ("purchase", "refund", "order_status")
 SOURCES = ("browser", "backend", "verified browser")
@@ -132,8 +133,8 @@ class SearchReads:
 
     def history_email(self) -> str:
         """SQL: the email inside event ``e``'s JSON, its user's, else its order's buyer's
-        (what backfilled history is found by; PostgreSQL's index pg_migrations/029 is on
-        this expression)."""
+        (what backfilled history is found by; the indexes SQLite migrations/019 and
+        PostgreSQL pg_migrations/029 are on this expression)."""
         return (f"coalesce({self.json_text('e.data', 'user', 'email')}, "
                 f"{self.json_text('e.data', 'identity', 'email')})")
 
@@ -348,27 +349,42 @@ class SearchReads:
                              limit: int = TIMELINE_LIMIT) -> list[dict[str, Any]]:
         """A customer's backfilled history (``onetag backfill``: backend events kept apart
         from sessions and identities, so with neither an ``sc`` nor an ``identity_id``) by
-        the email inside it (its user's, else its order's buyer's), newest first, among the
-        latest ``SCAN_WINDOW`` events: SQLite reads the window, PostgreSQL a partial index
-        (pg_migrations/029)."""
+        the email inside it (its user's, else its order's buyer's), newest first, however
+        old: a partial index on that email on both backends (SQLite migrations/019,
+        PostgreSQL pg_migrations/029), which only such events are written to."""
         if not sites:
             return []
-        top = await self.latest_seq()
         return await self._event_summaries(
-            f"{SUMMARY_SELECT}WHERE e.seq > ? AND e.sc IS NULL AND e.identity_id IS NULL "
-            f"AND {self.history_email()} = ? AND e.site_id IN ({marks(sites)}) ORDER BY e.seq DESC LIMIT ?",
-            [top - SCAN_WINDOW, email.strip().lower(), *sites, limit])
+            f"{SUMMARY_SELECT}WHERE e.sc IS NULL AND e.identity_id IS NULL "
+            f"AND {self.history_email()} = ? AND e.site_id IN ({marks(sites)}) "
+            "ORDER BY e.seq DESC LIMIT ?",
+            [email.strip().lower(), *sites, limit])
 
-    async def events_by_event_id(self, sites: Sequence[str], event_id: str
+    async def events_by_event_id(self, sites: Sequence[str], event_id: str,
+                                 before: int | None = None, limit: int = MATCHES_LIMIT
                                  ) -> list[dict[str, Any]]:
         """Index ``events_id`` (site_id, event_id, scope), by its first two columns: the
         backend's event with this id and every browser session's (a browser's id is its
-        session's, ``rules.event_scope``), newest first, up to ``MATCHES_LIMIT``."""
+        session's, ``rules.event_scope``), newest first (older than seq ``before``), up
+        to ``limit``."""
         if not sites:
             return []
+        older = "" if before is None else "AND e.seq < ? "
         return await self._event_summaries(
-            f"{SUMMARY_SELECT}WHERE e.site_id IN ({marks(sites)}) AND e.event_id = ? "
-            "ORDER BY e.seq DESC LIMIT ?", [*sites, event_id, MATCHES_LIMIT])
+            f"{SUMMARY_SELECT}WHERE e.site_id IN ({marks(sites)}) AND e.event_id = ? {older}"
+            "ORDER BY e.seq DESC LIMIT ?",
+            [*sites, event_id, *([] if before is None else [before]), limit])
+
+    async def count_by_event_id(self, sites: Sequence[str], event_id: str,
+                                cap: int = MATCHES_COUNTED) -> int:
+        """How many events have this id (``events_by_event_id``'s), counted through the
+        same index up to ``cap``."""
+        if not sites:
+            return 0
+        rows = await self.rows(
+            f"SELECT count(*) AS n FROM (SELECT 1 FROM events e WHERE e.site_id IN "
+            f"({marks(sites)}) AND e.event_id = ? LIMIT ?) AS found", [*sites, event_id, cap])
+        return int(rows[0]["n"])
 
     async def events_by_order_id(self, order_id: str) -> list[dict[str, Any]]:
         """Order events (purchase, refund, order_status) with this ``transaction_id``,
@@ -386,16 +402,21 @@ class SearchReads:
 
     # The whole search -----------------------------------------------------------------
 
-    async def search(self, sites: Sequence[str], query: str) -> dict[str, Any]:
+    async def search(self, sites: Sequence[str], query: str, before: int | None = None
+                     ) -> dict[str, Any]:
         """``query`` as an email (has an @), an ``sc`` (an uppercase UUID), else as an event
         id and as an order id. Returns what was searched (``kinds``), the identities, their
         sessions, the timeline (newest first), the latest cart, and the deliveries of the
-        timeline's events (each with ``attempts``)."""
+        timeline's events (each with ``attempts``). An event id may match many events (one
+        per browser session): ``MATCHES_LIMIT`` of them a page, older than seq ``before``,
+        and ``event_ids`` says how many were shown, how many there are, and where the next
+        page starts (None: this is the last)."""
         query = query.strip()
         kinds: list[str] = []
         identities: list[dict[str, Any]] = []
         sessions: list[dict[str, Any]] = []
         matched: list[dict[str, Any]] = []  # events found directly (event id, order id)
+        event_ids = None
         if "@" in query:
             kinds.append("email")
             identities = await self.identities_by_email(sites, query)
@@ -407,8 +428,14 @@ class SearchReads:
                                                              if s["identity_id"]}))
         else:
             kinds += ["event id", "order id"]
-            matched = (await self.events_by_event_id(sites, query)
-                       + await self.events_by_order_id(query))
+            by_id = await self.events_by_event_id(sites, query, before, MATCHES_LIMIT + 1)
+            more = len(by_id) > MATCHES_LIMIT
+            by_id = by_id[:MATCHES_LIMIT]
+            total = (await self.count_by_event_id(sites, query) if more or before is not None
+                     else len(by_id))  # a count only when there is more than this page
+            event_ids = {"shown": len(by_id), "total": total,
+                         "next_before": by_id[-1]["seq"] if more else None}
+            matched = by_id + (await self.events_by_order_id(query) if before is None else [])
             identities = await self.identities_by_id(sorted({e["identity_id"] for e in matched
                                                              if e["identity_id"]}))
         identity_ids = [identity["id"] for identity in identities]
@@ -429,7 +456,8 @@ class SearchReads:
         return {"query": query, "kinds": kinds, "identities": identities, "sessions": sessions,
                 "events": events, "cart": carts[0]["cart"] if carts else None,
                 "cart_session": carts[0] if carts else None, "deliveries": deliveries,
-                "scan_window": SCAN_WINDOW}
+                "scan_window": SCAN_WINDOW, "event_ids": event_ids,
+                "matches_counted": MATCHES_COUNTED}
 
     # Install --------------------------------------------------------------------------
 

@@ -180,6 +180,54 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
                 raise unavailable(exc) from None
             raise
 
+    # Wrong guesses of a secret (pg_migrations/035) ----------------------------------------
+
+    async def guess_failed(self, scope: str, address: str, now_ms: int,
+                           window_ms: int) -> list[int]:
+        """On this node's pool, committed before it returns: every node reads it there."""
+        from .sqlite_writer import GUESS_PRUNE_SQL, GUESS_READ_SQL, GUESS_SQL
+
+        async def run(conn: Any) -> list[int]:
+            async with conn.transaction():
+                await conn.execute(GUESS_SQL.format(scope="$1", address="$2", at="$3"),
+                                   scope, address, int(now_ms))
+                await conn.execute(GUESS_PRUNE_SQL.format(scope="$1", before="$2"),
+                                   scope, int(now_ms) - int(window_ms))
+                rows = await conn.fetch(GUESS_READ_SQL.format(scope="$1", address="$2",
+                                                              since="$3"),
+                                        scope, address, int(now_ms) - int(window_ms))
+            return [row[0] for row in rows]
+        return await self._on_pool(run)
+
+    async def guess_failures(self, scope: str, address: str, since_ms: int) -> list[int]:
+        from .sqlite_writer import GUESS_READ_SQL
+
+        async def run(conn: Any) -> list[int]:
+            rows = await conn.fetch(GUESS_READ_SQL.format(scope="$1", address="$2", since="$3"),
+                                    scope, address, int(since_ms))
+            return [row[0] for row in rows]
+        return await self._on_pool(run)
+
+    async def guesses_cleared(self, scope: str, address: str) -> None:
+        from .sqlite_writer import GUESS_CLEAR_SQL
+
+        async def run(conn: Any) -> None:
+            await conn.execute(GUESS_CLEAR_SQL.format(scope="$1", address="$2"), scope, address)
+        await self._on_pool(run)
+
+    async def _on_pool(self, run: Any) -> Any:
+        """``run(conn)`` on a connection of this node's pool; a database that fails is
+        ``StoreUnavailable``."""
+        if self.pool is None:
+            raise StoreUnavailable("database", "the store is not open")
+        try:
+            async with self.pool.acquire() as conn:
+                return await run(conn)
+        except Exception as exc:
+            if is_database_failure(exc):
+                raise unavailable(exc) from None
+            raise
+
     # The Remarkety Coupons bridge (server/coupons.py) -----------------------------------
 
     async def record_coupon_call(self, call: Mapping[str, Any]) -> int:

@@ -353,6 +353,24 @@ class SQLiteStore(WriterSupervisor, Store):
             "SELECT 1 FROM console_logouts WHERE nonce = ?", (nonce,))
         return bool(rows)
 
+    # Wrong guesses of a secret (migration 019) -------------------------------------------
+
+    async def guess_failed(self, scope: str, address: str, now_ms: int,
+                           window_ms: int) -> list[int]:
+        """Through the writer: answered once committed."""
+        return await self._write("guess_failed", scope, address, int(now_ms), int(window_ms))
+
+    async def guess_failures(self, scope: str, address: str, since_ms: int) -> list[int]:
+        from .sqlite_writer import GUESS_READ_SQL
+
+        rows = await self.reader.execute_fetchall(
+            GUESS_READ_SQL.format(scope="?", address="?", since="?"),
+            (scope, address, int(since_ms)))
+        return [row[0] for row in rows]
+
+    async def guesses_cleared(self, scope: str, address: str) -> None:
+        await self._write("guesses_cleared", scope, address)
+
     # The Remarkety Coupons bridge (server/coupons.py) -----------------------------------
 
     async def record_coupon_call(self, call: Mapping[str, Any]) -> int:

@@ -75,6 +75,13 @@ COUPON_PRUNE_SQL = ("DELETE FROM coupon_calls WHERE id IN (SELECT id FROM (SELEC
 CONSOLE_LOGOUT_SQL = ("INSERT INTO console_logouts (nonce, expires_ms) VALUES ({nonce}, {expires}) "
                       "ON CONFLICT (nonce) DO NOTHING")
 CONSOLE_LOGOUT_PRUNE_SQL = "DELETE FROM console_logouts WHERE expires_ms <= {now}"
+# Wrong guesses of a secret by client address (both backends; ``guess_failed``): a guess kept,
+# its bound's rows that left the window pruned, the address's remaining ones read back.
+GUESS_SQL = "INSERT INTO guess_failures (scope, address, at_ms) VALUES ({scope}, {address}, {at})"
+GUESS_PRUNE_SQL = "DELETE FROM guess_failures WHERE scope = {scope} AND at_ms <= {before}"
+GUESS_READ_SQL = ("SELECT at_ms FROM guess_failures WHERE scope = {scope} AND address = {address} "
+                  "AND at_ms > {since} ORDER BY at_ms")
+GUESS_CLEAR_SQL = "DELETE FROM guess_failures WHERE scope = {scope} AND address = {address}"
 # The columns of a coupon call, in the order ``record_coupon_call`` takes them.
 COUPON_CALL_COLUMNS = ("created_ms", "site_id", "request_id", "idempotency_key", "code",
                        "template_id", "expiration", "email", "status", "result",
@@ -414,6 +421,17 @@ class WriteOps:
         """``Store.revoke_session``: the logout kept (migration 016), the expired pruned."""
         self.conn.execute(CONSOLE_LOGOUT_SQL.format(nonce="?", expires="?"), (nonce, expires_ms))
         self.conn.execute(CONSOLE_LOGOUT_PRUNE_SQL.format(now="?"), (now,))
+
+    def guess_failed(self, scope: str, address: str, now: int, window: int) -> list[int]:
+        """``Store.guess_failed``: the guess kept (migration 019), the old pruned."""
+        self.conn.execute(GUESS_SQL.format(scope="?", address="?", at="?"), (scope, address, now))
+        self.conn.execute(GUESS_PRUNE_SQL.format(scope="?", before="?"), (scope, now - window))
+        rows = self.conn.execute(GUESS_READ_SQL.format(scope="?", address="?", since="?"),
+                                 (scope, address, now - window)).fetchall()
+        return [row[0] for row in rows]
+
+    def guesses_cleared(self, scope: str, address: str) -> None:
+        self.conn.execute(GUESS_CLEAR_SQL.format(scope="?", address="?"), (scope, address))
 
     def record_coupon_call(self, call: tuple[Any, ...]) -> int:
         """One row of ``coupon_calls`` (server/coupons.py, ``COUPON_CALL_COLUMNS``)."""
