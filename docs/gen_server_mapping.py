@@ -183,8 +183,11 @@ def scenario() -> list[Step]:
              _event("order_status", "order_status", DAY // MINUTE, source="backend",
                     user={"email": EMAIL}, ecommerce=status, status="cancelled")),
         Step("refund", "order_status, refund", "... and refunded",
-             "Backend `refund` of order 1001 (status `refunded`). Its value and items are "
-             "the refund's: the order's lines and totals stay the order's.",
+             "Backend `refund` of order 1001 (status `refunded`), naming no items: the "
+             "whole order. Its value is the refund's: the order's lines and totals stay the "
+             "order's. A refund naming items (a partial refund) sends Sendlane only those "
+             "lines, completed from the order as placed, under `order-placed:1001:refunded:"
+             "<digest of the lines>` (its `event_id` likewise), so a second one is sent too.",
              _event("refund", "refund", DAY // MINUTE + 60, source="backend",
                     user={"email": EMAIL}, ecommerce=status)),
         Step("unsubscribe", "unsubscribe / opt_in", "He unsubscribes",
