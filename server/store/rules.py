@@ -27,6 +27,24 @@ def identity_fields(row: Mapping[str, Any] | None) -> dict[str, Any]:
     return fields
 
 
+def identity_known(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An ``identities`` row as events carry it (``event["identity"]``): its fields, then
+    ``created_ms``, when the store first knew the person (Remarkety's ``customer.created_at``:
+    one value on every order and cart). Not for comparing with ``merge_identity``'s result,
+    which has the fields alone (``identity_fields``)."""
+    return known_since(identity_fields(row), row["created_ms"] if row is not None else None)
+
+
+def known_since(fields: Mapping[str, Any], created_ms: int | None) -> dict[str, Any]:
+    """An identity's fields (None ones left out) with ``created_ms`` last: the same key order
+    whether the store had the identity cached or read it again (it is copied into each
+    event's stored JSON)."""
+    known = {key: value for key, value in fields.items() if value is not None}
+    if created_ms is not None:
+        known["created_ms"] = created_ms
+    return known
+
+
 # Identity matching (docs/security.md: browser events are claims, backend events facts) ----
 
 KEEP, TRUSTED, OWN, CLAIMED = "keep", "trusted", "own", "claimed"

@@ -20,7 +20,8 @@ from ..jsontext import encode, loads
 from ..sessions import claimed_fields
 from . import rules
 from .rules import (CART_EVENTS, MAX_CART_BYTES, MAX_REQUEST_STORED_BYTES,  # noqa: F401
-                    charge_stored, identity_fields)
+                    charge_stored, identity_fields, identity_known,
+                    known_since)
 from .sqlite_catalog import CatalogBatch, ProductCache
 
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
@@ -360,7 +361,7 @@ class IngestBatch:
         for chunk in _chunks(identity_ids):
             for row in self.conn.execute(
                     f"SELECT * FROM identities WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-                self.identities[row["id"]] = identity_fields(row)
+                self.identities[row["id"]] = identity_known(row)
 
     def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: bytes,
                user_agent: str | None, place: tuple[int, int] = (0, 0)) -> None:
@@ -498,7 +499,7 @@ class IngestBatch:
         row = self.conn.execute("SELECT * FROM identities WHERE site_id = ? AND email = ?",
                                 (site_id, email)).fetchone()
         if row is not None:
-            self.identities[row["id"]] = identity_fields(row)
+            self.identities[row["id"]] = identity_known(row)
             return row["id"], False
         fields = claimed_fields(user)
         identity_id = self.conn.execute(
@@ -506,7 +507,7 @@ class IngestBatch:
             "updated_ms) VALUES (?,?,?,?,?,?,?)",
             (site_id, email, fields.get("first_name"), fields.get("last_name"),
              fields.get("phone"), self.now, self.now)).lastrowid
-        self.identities[identity_id] = fields
+        self.identities[identity_id] = known_since(fields, self.now)
         return identity_id, True
 
     def _switch(self, site_id: str, sc: str, state: _Session) -> None:
@@ -547,7 +548,7 @@ class IngestBatch:
                 (site_id, fields.get("email"), fields.get("customer_id"), fields.get("first_name"),
                  fields.get("last_name"), fields.get("phone"),
                  _flag(fields.get("accepts_marketing")), self.now, self.now)).lastrowid
-            self.identities[identity_id] = fields
+            self.identities[identity_id] = known_since(fields, self.now)
             return identity_id, True
         identity_id = row["id"]
         if fields != current:
@@ -557,7 +558,7 @@ class IngestBatch:
                 (fields.get("email"), fields.get("customer_id"), fields.get("first_name"),
                  fields.get("last_name"), fields.get("phone"),
                  _flag(fields.get("accepts_marketing")), self.now, identity_id))
-        self.identities[identity_id] = {k: v for k, v in fields.items() if v is not None}
+        self.identities[identity_id] = known_since(fields, row["created_ms"])
         return identity_id, False
 
     def _last_sc(self, site_id: str, identity_id: int) -> str | None:

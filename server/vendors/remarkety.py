@@ -164,22 +164,27 @@ def _customer(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     fields = _customer_fields(who)
     is_new = (event.get("identity") or {}).get("is_new")
     event_type = "customers/create" if is_new else "customers/update"
-    body = {**fields, "updated_at": c.iso_time(event["time_ms"])}
+    since = c.known_since_ms(event)  # created_at as the customer's orders and carts say it
+    body = {**fields, **({"created_at": c.iso_time(since)} if since is not None else {}),
+            "updated_at": c.iso_time(event["time_ms"])}
     key = f"{event_type}:{who.get('email', '')}:{c.digest(fields)}"
     return _webhook(ctx, event, event_type, body, key, needs_email=True)
 
 
 def _order_customer(event: dict[str, Any]) -> dict[str, Any] | None:
     """The ``customer`` object of an order or cart. accepts_marketing, created_at and
-    updated_at are mandatory on an order (RM events orders/create); onetag knows no
-    registration date, so both times are the event's, and an unknown consent is null
-    ("null for unknown", RM guide)."""
+    updated_at are mandatory on an order (RM events orders/create). ``created_at`` is when
+    the customer was created, so one value on all their orders and carts: when the store
+    first knew them (``_common.known_since_ms``: their identity's creation; the event's own
+    time only for an event stored without it). ``updated_at`` is the event's. An unknown
+    consent is null ("null for unknown", RM guide)."""
     who = c.person(event)
     if not who.get("email"):
         return None
     when = c.iso_time(event["time_ms"])
+    since = c.known_since_ms(event)
     return {**_customer_fields(who), "accepts_marketing": who.get("accepts_marketing"),
-            "created_at": when, "updated_at": when}
+            "created_at": c.iso_time(since) if since is not None else when, "updated_at": when}
 
 
 def _line_item(item: dict[str, Any], cur: str) -> dict[str, Any]:
