@@ -240,3 +240,52 @@ async def test_an_expired_status_change_replayed_repeats_its_order(backend) -> N
     assert update["customer"]["email"] == EMAIL
     placed = sent[("sendlane", "order-placed:1001")]
     assert sent[("sendlane", "order-placed:1001:cancelled")]["line_items"] == placed["line_items"]
+
+
+async def test_a_backfilled_status_change_repeats_its_order(backend, tmp_path) -> None:
+    """History's status changes are planned as live ones are: with the order as onetag
+    reported it (a live purchase's, or one backfilled earlier in the run: in an earlier
+    batch, committed or still being written, or earlier in the same batch)."""
+    import io
+    import json
+
+    from server.backfill import Backfill
+
+    settings = backend.settings(**VENDORS)
+    store = await backend.open(settings)
+    lines = [
+        {"event": "purchase", "time": T0, "transaction_id": "B1",
+         "user": {"email": EMAIL, "customer_id": "42"},
+         "ecommerce": {"currency": "USD", "value": "19.00",
+                       "items": [{"item_id": "SKU-1", "item_name": "Mug", "price": "9.50",
+                                  "quantity": 2}]}},
+        {"event": "purchase", "time": T0, "transaction_id": "B2",
+         "user": {"email": EMAIL, "customer_id": "42"},
+         "ecommerce": {"currency": "USD", "value": "4.35",
+                       "items": [{"item_id": "SKU-435", "price": "4.35"}]}},
+        {"event": "order_status", "time": T0 + DAY, "transaction_id": "B2",
+         "status": "fulfilled", "user": {"customer_id": "42"}},
+        {"event": "order_status", "time": T0 + DAY, "transaction_id": "B1",
+         "status": "fulfilled", "user": {"customer_id": "42"}},
+        {"event": "order_status", "time": T0 + DAY, "transaction_id": "1001",
+         "status": "fulfilled", "user": {"email": EMAIL}},
+    ]
+    path = tmp_path / "history.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    try:
+        await ingest(store, purchase())  # a live order, 1001
+        for batch_lines in (1, 500):  # each line a batch; then the whole file one batch
+            await backend.rows("DELETE FROM deliveries WHERE dedup_key LIKE '%:fulfilled'")
+            await backend.rows("DELETE FROM backfill_runs")
+            run = Backfill(settings.sites["shop1"], [path], send=True, batch_lines=batch_lines,
+                           pace=0, stream=io.StringIO(), tty=False)
+            await run.run(store=store)
+            sent = await bodies(backend)
+            for order in ("1001", "B1", "B2"):
+                placed = sent[("sendlane", f"order-placed:{order}")]
+                status = sent[("sendlane", f"order-placed:{order}:fulfilled")]
+                assert status["line_items"] == placed["line_items"], (batch_lines, order)
+                assert status["total"] == placed["total"], (batch_lines, order)
+                assert status["initial_sync"] is True and status["status"] == "fulfilled"
+    finally:
+        await store.close()

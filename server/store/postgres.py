@@ -267,6 +267,15 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
                     site_id, files, files_hash, lines_total, now)
         return run_id, 0, "{}"
 
+    async def known_orders(self, wanted: Sequence[tuple[str, str, str]]) -> Any:
+        """``pg_ingest.load_orders`` in a transaction of its own: the keys' advisory locks
+        make a purchase another node is committing wait to be read, as in ingest."""
+        from .pg_ingest import load_orders
+
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                return await load_orders(conn, list(wanted))
+
     async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
                        skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
                        pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:

@@ -251,6 +251,7 @@ def load_orders(conn: sqlite3.Connection, wanted: Sequence[tuple[str, str, str]]
 
 _ORDERS = ("SELECT dedup_key, claim, state, request FROM deliveries "
            "WHERE site_id = ? AND vendor = ? AND dedup_key IN ")
+ORDERS_SQL = _ORDERS  # the store's reader asks the same (``SQLiteStore.known_orders``)
 
 
 def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str]]]:
