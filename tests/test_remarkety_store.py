@@ -71,3 +71,34 @@ async def test_customer_created_at_is_when_the_customer_was_first_known(backend)
     assert cart["created_at"] != first  # the cart's own time is the cart's
     [profile] = [body for (vendor, key), body in sent.items() if key.startswith("customers/")]
     assert profile["created_at"] == first
+
+
+GUID_A = "6F9619FF-8B86-4011-B42D-00CF4FC964FF"
+GUID_B = "0F9619FF-8B86-4011-B42D-00CF4FC964F0"
+
+
+async def test_each_cart_has_its_own_id_stable_across_its_updates(backend) -> None:
+    """carts/update's id is the cart's, not the visitor's year-long sc: the cart after a
+    purchase is a new cart (the first one converted), and each cart keeps its id across its
+    updates. It is the GUID of the cart's first state: the one the page named, so the page's
+    carts/update (templates/vendors/remarkety.js.j2) and the server's name one cart."""
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "id-1", "time": T0,
+                                   "user": {"email": EMAIL}}, SC))
+        await ingest(store, {**add("add-1", T0 + 1), "cart_guid": GUID_A})
+        await ingest(store, add("add-2", T0 + 2, "SKU-2"))
+        await ingest(store, purchase("1001", T0 + 3, SC))
+        await ingest(store, {**add("add-3", T0 + 4), "cart_guid": GUID_B})
+        await ingest(store, add("add-4", T0 + 5, "SKU-3"))
+        await ingest(store, purchase("1002", T0 + 6, SC))
+        await ingest(store, add("add-5", T0 + 7))  # the page named no GUID: the store's
+    finally:
+        await store.close()
+    from server.jsontext import loads
+
+    ids = [loads(request)["json"]["id"] for (request,) in await backend.rows(
+        "SELECT request FROM deliveries WHERE dedup_key LIKE 'carts/update:%' ORDER BY id")]
+    assert ids[:4] == [GUID_A, GUID_A, GUID_B, GUID_B], ids
+    assert len(ids) == 5 and ids[4] not in (GUID_A, GUID_B, SC), ids
+    assert SC not in ids

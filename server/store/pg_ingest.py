@@ -69,7 +69,7 @@ def _flag(value: Any) -> int | None:
 
 _SESSION_COLUMNS = ("identity_id", "last_ms", "user_agent", "last_page", "first_seq",
                     "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
-                    "verified")
+                    "verified", "cart_id")
 _SESSION_READ = ("id", "site_id", "sc", *_SESSION_COLUMNS)
 
 
@@ -91,8 +91,9 @@ class _Session:
         return cls((None, site_id, sc) + (None,) * len(_SESSION_COLUMNS))
 
 
-# The sessions changed, one ingest_session row each (migrations 025, 027).
-_session_row = attrgetter("id", *_SESSION_COLUMNS, "version", "site_id", "sc")
+# The sessions changed, one ingest_session row each (migrations 025, 027, 034), its fields
+# in the type's order: cart_id (034) is after the key 027 added.
+_session_row = attrgetter("id", *_SESSION_COLUMNS[:-1], "version", "site_id", "sc", "cart_id")
 _SESSION_UPDATE = (
     "UPDATE sessions s SET " + ", ".join(f"{c} = u.{c}" for c in _SESSION_COLUMNS)
     + " FROM unnest($1::ingest_session[]) AS u WHERE s.id = u.id")
@@ -429,8 +430,8 @@ class PgIngestBatch:
                 cart = state.cart
                 if cart and lines is not cart[0]:
                     encoded = encode(cart[0])
-                state.cart_items, state.cart_guid, state.cart_currency = (
-                    (encoded.decode(), cart[1], cart[2]) if cart else (None, None, None))
+                state.cart_items, state.cart_guid, state.cart_currency, state.cart_id = (
+                    (encoded.decode(), *cart[1:]) if cart else (None, None, None, None))
                 state.cart_updated_ms = self.now
             states.append(state)
         self.dirty.clear()
@@ -559,7 +560,8 @@ class PgIngestBatch:
         key = (site.id, event["sc"])
         state = self.sessions[key]
         if state.cart is _UNREAD:
-            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
+            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency,
+                          state.cart_id)
         step = rules.cart_step(state.cart or None, event, site.currency, rules.new_guid,
                                site.max_cart_lines)
         if step is None:

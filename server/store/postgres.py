@@ -121,10 +121,11 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
                                           session["identity_id"])
                 identity = {**identity_fields(row), "id": row["id"]} if row else None
             fields = dict(session) if session is not None else {}
-            items, currency, guid = (fields.pop(f"cart_{k}", None)
-                                     for k in ("items", "currency", "guid"))
+            items, currency, guid, cart_id = (fields.pop(f"cart_{k}", None)
+                                              for k in ("items", "currency", "guid", "id"))
             fields.pop("cart_updated_ms", None)
-            cart = cart_snapshot(loads(items), currency, guid) if items is not None else None
+            cart = (cart_snapshot(loads(items), currency, guid, cart_id) if items is not None
+                    else None)
             first, last = fields.get("first_seq"), fields.get("last_seq")
             events: list[Any] = []
             deliveries: list[Any] = []

@@ -100,10 +100,11 @@ class SQLiteStore(WriterSupervisor, Store):
                 "SELECT * FROM identities WHERE id = ?", (session[0]["identity_id"],))
             identity = {**identity_fields(rows[0]), "id": rows[0]["id"]} if rows else None
         fields = dict(session[0]) if session else {}
-        items, currency, guid = (fields.pop(f"cart_{k}", None)
-                                 for k in ("items", "currency", "guid"))
+        items, currency, guid, cart_id = (fields.pop(f"cart_{k}", None)
+                                          for k in ("items", "currency", "guid", "id"))
         fields.pop("cart_updated_ms", None)
-        cart = cart_snapshot(loads(items), currency, guid) if items is not None else None
+        cart = (cart_snapshot(loads(items), currency, guid, cart_id) if items is not None
+                else None)
         # No index on (site, sc): the session row's seq bounds limit the walk back through
         # events (migration 003 says why), newest first, until `limit` of them are found.
         first, last = fields.get("first_seq"), fields.get("last_seq")

@@ -42,14 +42,14 @@ def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
 
 
 _COLUMNS = ("identity_id", "first_ms", "user_agent", "last_page", "first_seq", "last_seq",
-            "cart_guid", "cart_currency", "cart_items", "cart_updated_ms", "verified")
+            "cart_guid", "cart_currency", "cart_items", "cart_updated_ms", "verified", "cart_id")
 _UNREAD = object()  # a cart whose stored JSON has not been parsed yet
 
 
 class _Session:
     """A session's row as the writer last wrote or read it, plus its cart as Python values.
 
-    ``cart`` is None (no cart), ``(items, guid, currency)``, or ``_UNREAD`` until a cart
+    ``cart`` is None (no cart), ``rules.Cart``, or ``_UNREAD`` until a cart
     event needs the stored ``cart_items`` parsed.
     """
 
@@ -60,12 +60,13 @@ class _Session:
                  last_page: str | None = None, first_seq: int | None = None,
                  last_seq: int | None = None, cart_guid: str | None = None,
                  cart_currency: str | None = None, cart_items: str | bytes | None = None,
-                 cart_updated_ms: int | None = None, verified: int | None = None):
+                 cart_updated_ms: int | None = None, verified: int | None = None,
+                 cart_id: str | None = None):
         self.id, self.last_ms, self.identity_id = id, last_ms, identity_id
         self.first_ms, self.user_agent, self.last_page = first_ms, user_agent, last_page
         self.first_seq, self.last_seq = first_seq, last_seq
         self.cart_guid, self.cart_currency, self.cart_items = cart_guid, cart_currency, cart_items
-        self.cart_updated_ms = cart_updated_ms
+        self.cart_updated_ms, self.cart_id = cart_updated_ms, cart_id
         self.verified = verified  # 1: the identity was bound by a signed identify
         self.cart: Any = _UNREAD if cart_items is not None else None
 
@@ -414,8 +415,8 @@ class IngestBatch:
             lines, encoded = self.cart_json.pop(key, (None, b""))
             if cart and lines is not cart[0]:
                 encoded = encode(cart[0])
-            state.cart_items, state.cart_guid, state.cart_currency = (
-                (encoded, cart[1], cart[2]) if cart else (None, None, None))
+            state.cart_items, state.cart_guid, state.cart_currency, state.cart_id = (
+                (encoded, *cart[1:]) if cart else (None, None, None, None))
             state.cart_updated_ms = self.now
             size = len(state.cart_items or b"")
             self.cache.cart_bytes += size - before
@@ -586,7 +587,8 @@ class IngestBatch:
         key = (site.id, event["sc"])
         state = self.sessions[key]
         if state.cart is _UNREAD:
-            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
+            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency,
+                          state.cart_id)
         step = rules.cart_step(state.cart or None, event, site.currency, _new_guid,
                                site.max_cart_lines)
         if step is None:

@@ -26,7 +26,7 @@ Routing defaults (``DEFAULT_ROUTES``):
                      browser   productView, track categoryView / siteSearch; no webhook
     add_to_cart, remove_from_cart, view_cart, cart_updated, begin_checkout
                      both      the page's track carts/update and the server's carts/update
-                               carry the same cart under the same id (the session's sc), so a
+                               carry the same cart under the same id (the cart's), so a
                                second copy updates the cart, it does not add one. The server
                                copy is what makes carts reliable: Remarkety drops client-side
                                events of unidentified visitors, and the outbox holds the
@@ -211,9 +211,11 @@ def _cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     Always carts/update, never carts/create: it is what the RM guide tells a custom platform
     to send on every cart change ("When the customer is viewing the cart screen, adding/
     removing a product ... _rmData.push(['track', 'carts/update', data])"), so Remarkety takes
-    it for a cart it has not seen. ``id`` is the session's sc, stable across updates as RM
-    events requires ("keep the same id so that carts don't get duplicated") and the same id
-    the browser adapter sends. Keyed by the cart state's guid: one state, one webhook.
+    it for a cart it has not seen. ``id`` is the cart's (``rules.cart_step``: the GUID of
+    its first state), stable across its updates as RM events requires ("keep the same id so
+    that carts don't get duplicated"), new for the cart after a purchase, and the id the
+    browser adapter sends (the runtime makes that first GUID). Keyed by the cart state's
+    guid: one state, one webhook.
     """
     cart = event["cart"]
     cur = cart.get("currency") or c.currency(event, ctx.currency)
@@ -221,7 +223,11 @@ def _cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     when = c.iso_time(event["time_ms"])
     value = money.major_number(cart["value_minor"], cur)
     body = {
-        "id": event["sc"],
+        # The cart's own id (the store's: the GUID of its first state), not the visitor's:
+        # the sc lasts a year, and a cart after a purchase is another cart. "keep the same
+        # id so that carts don't get duplicated" (RM events, carts/create). The sc only for
+        # a cart event stored before carts had ids.
+        "id": cart.get("id") or event["sc"],
         # "This URL should lead to the cart contents": the cart's URL (the event's
         # ecommerce.cart_url, else the site's cart_url template), else the page the cart
         # changed on (the cart or checkout page for view_cart / begin_checkout).
