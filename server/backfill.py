@@ -415,7 +415,9 @@ def natural_key(event: dict[str, Any]) -> str:
     if name == "purchase":
         return f"purchase:{ecom['transaction_id']}"
     if name in ("order_status", "refund"):
-        return f"{name}:{ecom['transaction_id']}:{common.order_status(event)}"
+        partial = common.refund_lines_ref(event)  # one of an order's partial refunds
+        return (f"{name}:{ecom['transaction_id']}:{common.order_status(event)}"
+                + (f":{partial}" if partial else ""))
     if name == "identify":
         user = event.get("user") or {}
         return f"identify:{user.get('customer_id') or user.get('email')}"

@@ -289,3 +289,17 @@ async def test_a_backfilled_status_change_repeats_its_order(backend, tmp_path) -
                 assert status["initial_sync"] is True and status["status"] == "fulfilled"
     finally:
         await store.close()
+
+
+def test_two_partial_refunds_of_an_order_in_a_history_are_two_events() -> None:
+    """A history line without an event_id gets one from what it states: two refunds of one
+    order naming different lines are two refunds (each is its own order-placed at
+    Sendlane), not one line twice."""
+    from server.backfill import natural_key
+
+    def partial(sku: str) -> dict:
+        return refund(items=[item(sku, 4.35)])
+
+    assert natural_key(partial("SKU-1")) != natural_key(partial("SKU-2"))
+    assert natural_key(partial("SKU-1")) == natural_key(partial("SKU-1"))
+    assert natural_key(refund(items=[])) == "refund:1001:refunded"

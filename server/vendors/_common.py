@@ -88,6 +88,17 @@ def order_status(event: dict[str, Any]) -> str | None:
     return event.get("status")
 
 
+def refund_lines_ref(event: dict[str, Any]) -> str | None:
+    """What names a partial refund (a ``refund`` whose ``ecommerce.items`` are the lines it
+    refunds, GA4's partial refund): a digest of its lines (item, variant, quantity), the same
+    for every copy of it; None for any other event, and for a refund of the whole order."""
+    items = ecommerce(event).get("items") if event["name"] == "refund" else None
+    if not items:
+        return None
+    return digest(sorted([i["item_id"], i.get("item_variant") or "", i["quantity"]]
+                         for i in items))
+
+
 def line_minor(item: dict[str, Any]) -> int:
     return (item.get("price_minor") or 0) * item["quantity"]
 

@@ -302,13 +302,13 @@ def _order_status(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     """
     order = c.ecommerce(event)["transaction_id"]
     status = c.order_status(event)
-    refunded = c.ecommerce(event).get("items") if event["name"] == "refund" else None
+    partial = c.refund_lines_ref(event)
+    refunded = c.ecommerce(event)["items"] if partial else None
     event_id = f"{order}:{status}"
-    if refunded:
-        # A partial refund: one refund among the order's possible several, named by what it
-        # refunds (the browser's and the backend's copy of it meet under one key).
-        event_id += ":" + c.digest(sorted([i["item_id"], i.get("item_variant") or "",
-                                           i["quantity"]] for i in refunded))
+    if partial:
+        # One refund among the order's possible several, named by what it refunds (the
+        # browser's and the backend's copy of it meet under one key).
+        event_id += f":{partial}"
     body = c.compact({"event": "order_placed", "event_id": event_id, "order_id": order,
                       **_customer_contact(event), "status": status})
     if ctx.order:
