@@ -47,6 +47,8 @@ T0 = 1764000000000  # 2025-11-24T16:00:00Z
 MINUTE, DAY = 60_000, 86_400_000
 SC = "CDA68358-94FB-4D83-9655-3FEB3C4114A3"  # the session's sc cookie (eSputnik's own name)
 GUID = "6F9619FF-8B86-D011-B42D-00CF4FC964FF"  # the cart state after the notebooks were added
+# The cart's own id: the GUID of its first state (when the pen went in; store/rules.cart_step).
+CART_ID = "1A2B3C4D-5E6F-4A1B-8C2D-3E4F5A6B7C8D"
 SHOP = "https://shop.example"
 EMAIL = "jimmy@example.com"
 LOADED = ["rejoiner", "remarkety"]  # an ad blocker stopped eS.js and pusher.js on this visit
@@ -95,7 +97,7 @@ def _ecommerce(items: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
 def _cart(guid: str = GUID) -> dict[str, Any]:
     return {"currency": "USD", "items": [dict(item) for item in CART_ITEMS],
             "value_minor": sum(i["price_minor"] * i["quantity"] for i in CART_ITEMS),
-            "item_count": sum(i["quantity"] for i in CART_ITEMS), "guid": guid}
+            "item_count": sum(i["quantity"] for i in CART_ITEMS), "guid": guid, "id": CART_ID}
 
 
 def _event(step_id: str, name: str, minutes: int, *, source: str = "browser",
@@ -155,7 +157,9 @@ def scenario() -> list[Step]:
              "`add_to_cart` of 3 notebooks to a cart already holding the blue pen (4.35) and "
              "the clip (0.57). The page names the new cart state with its `cart_guid` "
              f"`{GUID}` (the GUID eS.js would have sent); the store adopts it and hands the "
-             "adapters the whole cart after the add (64.89) under that GUID.",
+             "adapters the whole cart after the add (64.89) under that GUID, and under the "
+             f"cart's own id `{CART_ID}`, the GUID of its first state (when the pen went in), "
+             "kept across its states until a purchase closes it.",
              _event("add_to_cart", "add_to_cart", 3, page="/p/notebook", title="Notebook",
                     ecommerce=_ecommerce([NOTEBOOKS], value_minor=5997), cart=_cart(),
                     cart_guid=GUID)),
@@ -188,8 +192,11 @@ def scenario() -> list[Step]:
              _event("order_status", "order_status", DAY // MINUTE, source="backend",
                     user={"email": EMAIL}, ecommerce=status, status="cancelled")),
         Step("refund", "order_status, refund", "... and refunded",
-             "Backend `refund` of order 1001 (status `refunded`). Its value and items are "
-             "the refund's: the order's lines and totals stay the order's.",
+             "Backend `refund` of order 1001 (status `refunded`), naming no items: the "
+             "whole order. Its value is the refund's: the order's lines and totals stay the "
+             "order's. A refund naming items (a partial refund) sends Sendlane only those "
+             "lines, completed from the order as placed, under `order-placed:1001:refunded:"
+             "<digest of the lines>` (its `event_id` likewise), so a second one is sent too.",
              _event("refund", "refund", DAY // MINUTE + 60, source="backend",
                     user={"email": EMAIL}, ecommerce=status)),
         Step("unsubscribe", "unsubscribe / opt_in", "He unsubscribes",
@@ -354,8 +361,10 @@ REASONS: dict[str, dict[tuple[str, ...], str]] = {
                        "stores the profile (keyed by a digest of it: an unchanged profile is "
                        "sent once).",
         CART: "the page's and the server's carts/update carry the same cart under the same "
-              "`id` (the session's sc): a second copy updates that cart, it does not add one; "
-              "the server's copy reaches Remarkety for carts built before the email was known.",
+              "`id` (the cart's own: the GUID of its first state, which the page makes and the "
+              "store adopts; not the year-long sc, so the cart after a purchase is another "
+              "cart): a second copy updates that cart, it does not add one; the server's copy "
+              "reaches Remarkety for carts built before the email was known.",
         ("purchase",): "the page has no order call: one order is one orders/create "
                        "(`orders/create:<order id>`, the same key from browser and backend).",
         ("*",): "`track <name>` in the page; section 7 has no server-side custom event.",

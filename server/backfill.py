@@ -42,12 +42,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, Mapping, TextIO
 
 from . import events as vocabulary
 from .events import Invalid, Origin
 from .jsontext import encode
-from .outbox import visitor_key
+from .outbox import OrderBodies, order_key, visitor_key
+from .store import rules
 from .vendors import VENDORS
 from .vendors import _common as common
 from .vendors._base import PlanContext
@@ -414,7 +415,9 @@ def natural_key(event: dict[str, Any]) -> str:
     if name == "purchase":
         return f"purchase:{ecom['transaction_id']}"
     if name in ("order_status", "refund"):
-        return f"{name}:{ecom['transaction_id']}:{common.order_status(event)}"
+        partial = common.refund_lines_ref(event)  # one of an order's partial refunds
+        return (f"{name}:{ecom['transaction_id']}:{common.order_status(event)}"
+                + (f":{partial}" if partial else ""))
     if name == "identify":
         user = event.get("user") or {}
         return f"identify:{user.get('customer_id') or user.get('email')}"
@@ -463,9 +466,12 @@ class Planned:
     request: dict[str, Any]
 
 
-def plan(site: Any, event: dict[str, Any]) -> tuple[list[Planned], list[tuple[str, str]]]:
+def plan(site: Any, event: dict[str, Any], orders: OrderBodies | None = None
+         ) -> tuple[list[Planned], list[tuple[str, str]]]:
     """The historical deliveries of one event, and (vendor, reason) for each request a
-    vendor with a historical path can't take. Vendors without one get nothing here."""
+    vendor with a historical path can't take. Vendors without one get nothing here.
+    ``orders``: the order requests a status change repeats (``PlanContext.order``), as
+    live ingest hands them (``Backfill._plan_batch``)."""
     planned: list[Planned] = []
     skipped: list[tuple[str, str]] = []
     visitor = "backfill:" + visitor_key(event)  # never queued behind (or ahead of) live rows
@@ -475,8 +481,10 @@ def plan(site: Any, event: dict[str, Any]) -> tuple[list[Planned], list[tuple[st
         if vendor.route(event["name"]) == "off":
             skipped.append((name, f"the site's route for {event['name']} is off"))
             continue
+        key = order_key(name, event) if orders else None
         context = PlanContext(site_id=site.id, vendor=vendor, currency=site.currency,
-                              cart_url=site.cart_url)
+                              cart_url=site.cart_url,
+                              order=orders.get((site.id, name, key)) if key else None)
         for request in VENDORS[name].plan(event, context):
             if request.skipped:
                 skipped.append((name, request.skipped))
@@ -736,33 +744,64 @@ class Backfill:
         summary.run_id, summary.resumed_from = run_id, done
         summary.restore(counts)  # what the interrupted run had committed
         progress = self._progress("planning", summary.lines - done)
-        batch: list[tuple[Any, ...]] = []
-        skipped: dict[str, Counter] = {}
+        pending: list[tuple[Unit, dict[str, Any]]] = []
         first = done
         # One batch in the writer while the next is planned here; batches commit in order.
         writing: asyncio.Future[None] | None = None
+        written: dict[tuple[str, str, str], Any] = {}  # the order bodies of the batch writing
         for unit, event in self.events():
             if unit.last <= done:  # committed by the interrupted run
                 continue
-            planned, reasons = plan(self.site, event)
-            batch.append((event["event_id"], event["name"], encode(unit.raw), encode(event),
-                          [(p.vendor, p.dedup_key, p.visitor, encode(p.request))
-                           for p in planned]))
-            for vendor, reason in reasons:
-                skipped.setdefault(vendor, Counter())[reason] += 1
+            pending.append((unit, event))
             if unit.last - first >= self.batch_lines:
+                batch, skipped, bodies = await self._plan_batch(store, pending, written)
                 if writing is not None:
                     await writing
                     progress.update(first - done, first - done)
                 writing = asyncio.ensure_future(
                     self._commit(store, run_id, batch, skipped, unit.last, False))
-                batch, skipped, first = [], {}, unit.last
+                pending, first, written = [], unit.last, bodies
+        batch, skipped, _ = await self._plan_batch(store, pending, written)
         if writing is not None:
             await writing
         await self._commit(store, run_id, batch, skipped, summary.lines, True)
         progress.update(summary.lines - done, summary.lines - done)
         progress.finish()
         return summary
+
+    async def _plan_batch(self, store: Any, pending: list[tuple[Unit, dict[str, Any]]],
+                          written: Mapping[tuple[str, str, str], Any]
+                          ) -> tuple[list[tuple[Any, ...]], dict[str, Counter],
+                                     dict[tuple[str, str, str], Any]]:
+        """A batch's rows, its status changes planned with their orders as live ingest plans
+        them (``rules.orders_wanted``, ``KnownOrders``): the rows stored under the orders'
+        keys (``store.known_orders``), else the purchase the batch still being written
+        planned (``written``: not committed yet), else one earlier in this batch. A row
+        stored under the key wins: the backfill writes none where one is. Also returns this
+        batch's purchases' bodies (the next batch's ``written``)."""
+        site = self.site
+        wanted = rules.orders_wanted({site.id: site}, ((site.id, event) for _, event in pending))
+        orders = await store.known_orders(wanted) if wanted else rules.KnownOrders()
+        for at in wanted:
+            if at not in orders.found and at in written:
+                orders.add(*at, False, "pending", {"json": written[at]})
+        batch: list[tuple[Any, ...]] = []
+        skipped: dict[str, Counter] = {}
+        bodies: dict[tuple[str, str, str], Any] = {}
+        for unit, event in pending:
+            planned, reasons = plan(site, event, orders)
+            if event["name"] == "purchase":
+                for p in planned:
+                    at = (site.id, p.vendor, p.dedup_key)
+                    bodies[at] = p.request["json"]
+                    if at in orders.wanted and at not in orders.found:
+                        orders.add(*at, False, "pending", p.request)
+            batch.append((event["event_id"], event["name"], encode(unit.raw), encode(event),
+                          [(p.vendor, p.dedup_key, p.visitor, encode(p.request))
+                           for p in planned]))
+            for vendor, reason in reasons:
+                skipped.setdefault(vendor, Counter())[reason] += 1
+        return batch, skipped, bodies
 
     async def _commit(self, store: Any, run_id: int, batch: list[tuple[Any, ...]],
                       skipped: dict[str, Counter], lines_done: int, finished: bool) -> None:

@@ -78,10 +78,12 @@ def apply_cart(cart: list[dict[str, Any]], event: dict[str, Any]) -> list[dict[s
 
 
 def cart_snapshot(items: list[dict[str, Any]], currency: str,
-                  guid: str | None) -> dict[str, Any]:
+                  guid: str | None, cart_id: str | None = None) -> dict[str, Any]:
+    """A cart as events carry it: ``guid`` names this state of it, ``id`` the cart itself
+    (the GUID of its first state: ``store/rules.cart_step``)."""
     value = sum((item.get("price_minor") or 0) * item["quantity"] for item in items)
     return {"currency": currency, "items": items, "value_minor": value,
-            "item_count": sum(item["quantity"] for item in items), "guid": guid}
+            "item_count": sum(item["quantity"] for item in items), "guid": guid, "id": cart_id}
 
 
 def identity_update(current: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:

@@ -164,6 +164,11 @@ async def test_identify_and_backend_customer(shop: Shop) -> None:
     assert es["cookies"] == {"sc": SC}
 
 
+def es_guid(got: dict) -> str:
+    """The GUID of the cart state eSputnik's StatusCart names."""
+    return one(got["esputnik"]).json["StatusCart"]["GUID"]
+
+
 async def test_cart_of_an_identified_session(shop: Shop) -> None:
     await shop.browser(identify())
     await shop.settle()
@@ -176,7 +181,9 @@ async def test_cart_of_an_identified_session(shop: Shop) -> None:
     assert got["rejoiner"] == []
     rm = one(got["remarkety"])
     assert event_type(rm) in ("carts/create", "carts/update")
-    assert rm.json["id"] == SC and rm.json["email"] == EMAIL
+    # The cart's own id (the GUID of its first state), not the visitor's year-long sc.
+    cart_id = rm.json["id"]
+    assert cart_id != SC and cart_id == es_guid(got) and rm.json["email"] == EMAIL
     assert [line["product_id"] for line in rm.json["line_items"]] == ["SKU-1"]
     es = one(got["esputnik"])
     assert es.json["GeneralInfo"]["eventName"] == "StatusCart"
@@ -190,6 +197,7 @@ async def test_cart_of_an_identified_session(shop: Shop) -> None:
     got = shop.take()
     assert got["rejoiner"] == []
     assert event_type(one(got["remarkety"])) == "carts/update"
+    assert one(got["remarkety"]).json["id"] == cart_id  # the same cart, updated
     assert one(got["remarkety"]).json["line_items"][0]["quantity"] == 2
     assert one(got["esputnik"]).json["StatusCart"]["Products"][0]["quantity"] == 2
     sl = one(got["sendlane"])

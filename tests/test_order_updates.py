@@ -41,11 +41,11 @@ def status(status: str, order: str = "1001", at: int = T0 + DAY) -> dict:
                   "transaction_id": order, "status": status, "user": {"email": EMAIL}})
 
 
-def refund(order: str = "1001", value: float = 5.00) -> dict:
+def refund(order: str = "1001", value: float = 5.00, items: list | None = None) -> dict:
     return event({"event": "refund", "event_id": f"rf-{order}", "time": T0 + 2 * DAY,
                   "user": {"email": EMAIL},
                   "ecommerce": {"transaction_id": order, "currency": "USD", "value": value,
-                                "items": [item("SKU-435", 4.35)]}})
+                                "items": [item("SKU-435", 4.35)] if items is None else items}})
 
 
 async def ingest(store, *events: dict) -> None:
@@ -94,7 +94,15 @@ async def test_a_status_change_and_a_refund_carry_the_order_as_created(backend) 
                     "2025-11-26T16:00:00+00:00")
     placed = sent[("sendlane", "order-placed:1001")]
     check_sendlane(sent[("sendlane", "order-placed:1001:cancelled")], placed, "cancelled")
-    check_sendlane(sent[("sendlane", "order-placed:1001:refunded")], placed, "refunded")
+    # Sendlane's per-product events read line_items: a refund naming one line sends that
+    # line (completed from the order as placed), under a key of its own; the money stays
+    # the order's.
+    [key] = [k for v, k in sent if v == "sendlane" and k.startswith("order-placed:1001:refunded:")]
+    refunded = sent[("sendlane", key)]
+    assert refunded["line_items"] == [line for line in placed["line_items"]
+                                      if line["product_id"] == "SKU-435"]
+    assert refunded["event_id"] == key.removeprefix("order-placed:")
+    assert refunded["total"] == placed["total"] and refunded["status"] == "refunded"
 
 
 async def test_a_purchase_and_its_status_in_one_request_and_one_batch(backend) -> None:
@@ -232,3 +240,66 @@ async def test_an_expired_status_change_replayed_repeats_its_order(backend) -> N
     assert update["customer"]["email"] == EMAIL
     placed = sent[("sendlane", "order-placed:1001")]
     assert sent[("sendlane", "order-placed:1001:cancelled")]["line_items"] == placed["line_items"]
+
+
+async def test_a_backfilled_status_change_repeats_its_order(backend, tmp_path) -> None:
+    """History's status changes are planned as live ones are: with the order as onetag
+    reported it (a live purchase's, or one backfilled earlier in the run: in an earlier
+    batch, committed or still being written, or earlier in the same batch)."""
+    import io
+    import json
+
+    from server.backfill import Backfill
+
+    settings = backend.settings(**VENDORS)
+    store = await backend.open(settings)
+    lines = [
+        {"event": "purchase", "time": T0, "transaction_id": "B1",
+         "user": {"email": EMAIL, "customer_id": "42"},
+         "ecommerce": {"currency": "USD", "value": "19.00",
+                       "items": [{"item_id": "SKU-1", "item_name": "Mug", "price": "9.50",
+                                  "quantity": 2}]}},
+        {"event": "purchase", "time": T0, "transaction_id": "B2",
+         "user": {"email": EMAIL, "customer_id": "42"},
+         "ecommerce": {"currency": "USD", "value": "4.35",
+                       "items": [{"item_id": "SKU-435", "price": "4.35"}]}},
+        {"event": "order_status", "time": T0 + DAY, "transaction_id": "B2",
+         "status": "fulfilled", "user": {"customer_id": "42"}},
+        {"event": "order_status", "time": T0 + DAY, "transaction_id": "B1",
+         "status": "fulfilled", "user": {"customer_id": "42"}},
+        {"event": "order_status", "time": T0 + DAY, "transaction_id": "1001",
+         "status": "fulfilled", "user": {"email": EMAIL}},
+    ]
+    path = tmp_path / "history.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    try:
+        await ingest(store, purchase())  # a live order, 1001
+        for batch_lines in (1, 500):  # each line a batch; then the whole file one batch
+            await backend.rows("DELETE FROM deliveries WHERE dedup_key LIKE '%:fulfilled'")
+            await backend.rows("DELETE FROM backfill_runs")
+            run = Backfill(settings.sites["shop1"], [path], send=True, batch_lines=batch_lines,
+                           pace=0, stream=io.StringIO(), tty=False)
+            await run.run(store=store)
+            sent = await bodies(backend)
+            for order in ("1001", "B1", "B2"):
+                placed = sent[("sendlane", f"order-placed:{order}")]
+                status = sent[("sendlane", f"order-placed:{order}:fulfilled")]
+                assert status["line_items"] == placed["line_items"], (batch_lines, order)
+                assert status["total"] == placed["total"], (batch_lines, order)
+                assert status["initial_sync"] is True and status["status"] == "fulfilled"
+    finally:
+        await store.close()
+
+
+def test_two_partial_refunds_of_an_order_in_a_history_are_two_events() -> None:
+    """A history line without an event_id gets one from what it states: two refunds of one
+    order naming different lines are two refunds (each is its own order-placed at
+    Sendlane), not one line twice."""
+    from server.backfill import natural_key
+
+    def partial(sku: str) -> dict:
+        return refund(items=[item(sku, 4.35)])
+
+    assert natural_key(partial("SKU-1")) != natural_key(partial("SKU-2"))
+    assert natural_key(partial("SKU-1")) == natural_key(partial("SKU-1"))
+    assert natural_key(refund(items=[])) == "refund:1001:refunded"

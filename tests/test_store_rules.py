@@ -89,7 +89,7 @@ def test_cart_guid_changes_with_the_cart_and_the_browser_may_name_it() -> None:
     new_guid = _guids()
     step = rules.cart_step(None, _event("add_to_cart", ecommerce={"items": [_item("A", 1)]}),
                            "USD", new_guid)
-    assert step.cart == ([_item("A", 1)], "G1", "USD") and step.snapshot["guid"] == "G1"
+    assert step.cart == ([_item("A", 1)], "G1", "USD", "G1") and step.snapshot["guid"] == "G1"
     same = rules.cart_step(step.cart, _event("view_cart", ecommerce={"items": [_item("A", 1)]}),
                            "USD", new_guid)
     assert same.cart[1] == "G1"  # the same cart state keeps its GUID
@@ -98,10 +98,21 @@ def test_cart_guid_changes_with_the_cart_and_the_browser_may_name_it() -> None:
     assert named.cart[1] == "PAGE"
     bought = rules.cart_step(named.cart, _event("purchase", ecommerce={"currency": "EUR"}),
                              "USD", new_guid)
+    assert named.cart[3] == "G1"  # a changed cart keeps its id: the GUID of its first state
     assert bought.cart is None and bought.lines == []
     assert bought.snapshot["guid"] == "PAGE" and bought.snapshot["item_count"] == 2
+    assert bought.snapshot["id"] == "G1"  # the cart it bought
     assert bought.snapshot["currency"] == "EUR"
     assert rules.cart_step(None, _event("page_view"), "USD", new_guid) is None
+    # The purchase closed the cart: the next one is another cart, with an id of its own; the
+    # page's first GUID of it names it, so the page and the server name one cart alike.
+    after = rules.cart_step(bought.cart, _event("add_to_cart", cart_guid="PAGE2",
+                                                ecommerce={"items": [_item("C", 1)]}),
+                            "USD", new_guid)
+    assert after.cart[3] == after.snapshot["id"] == "PAGE2"
+    later = rules.cart_step(after.cart, _event("add_to_cart", ecommerce={"items": [_item("D", 1)]}),
+                            "USD", new_guid)
+    assert later.cart[1] != "PAGE2" and later.cart[3] == later.snapshot["id"] == "PAGE2"
 
 
 def test_a_purchase_without_a_cart_has_no_made_up_guid() -> None:
@@ -134,7 +145,7 @@ def test_check_cart_bounds_lines_and_bytes() -> None:
 
 def _fit(cart_lines, event, limit):
     """``cart_step`` then ``check_cart``, as both ingests apply them: the lines, or Refused."""
-    cart = (cart_lines, "G0", "USD") if cart_lines else None
+    cart = (cart_lines, "G0", "USD", "G0") if cart_lines else None
     step = rules.cart_step(cart, event, "USD", _guids(), limit)
     rules.check_cart(step.lines, SimpleNamespace(max_cart_lines=limit), "f")
     return step

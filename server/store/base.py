@@ -373,6 +373,13 @@ class Store(abc.ABC):
         new one: (run id, lines done, counts as JSON text)."""
         raise NotImplementedError
 
+    async def known_orders(self, wanted: Sequence[tuple[str, str, str]]) -> Any:
+        """The stored order requests under ``wanted`` (site id, vendor, dedup key) as
+        ``rules.KnownOrders``, read as ingest reads them (PostgreSQL: under the keys' advisory
+        locks, so a purchase being committed is waited for): what a backfill batch's status
+        changes repeat (server/backfill.py)."""
+        raise NotImplementedError
+
     async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
                        skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,
                        pace_ms: int = 0) -> tuple[dict[str, int], dict[str, int], int]:

@@ -117,7 +117,9 @@ def summary(data: Mapping[str, Any]) -> str:
 def _session(row: dict[str, Any]) -> dict[str, Any]:
     items = row.pop("cart_items", None)
     currency, guid = row.pop("cart_currency", None), row.pop("cart_guid", None)
-    row["cart"] = cart_snapshot(loads(items), currency, guid) if items is not None else None
+    cart_id = row.pop("cart_id", None)
+    row["cart"] = (cart_snapshot(loads(items), currency, guid, cart_id) if items is not None
+                   else None)
     return row
 
 

@@ -52,7 +52,7 @@ from ..jsontext import encode, loads
 from ..sessions import IDENTITY_FIELDS, claimed_fields
 from . import pg_catalog, rules
 from .pg_catalog import PgCatalogBatch
-from .rules import CART_EVENTS, charge_stored, identity_fields
+from .rules import CART_EVENTS, charge_stored, identity_fields, identity_known, known_since
 
 Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
 
@@ -69,7 +69,7 @@ def _flag(value: Any) -> int | None:
 
 _SESSION_COLUMNS = ("identity_id", "last_ms", "user_agent", "last_page", "first_seq",
                     "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
-                    "verified")
+                    "verified", "cart_id")
 _SESSION_READ = ("id", "site_id", "sc", *_SESSION_COLUMNS)
 
 
@@ -91,8 +91,9 @@ class _Session:
         return cls((None, site_id, sc) + (None,) * len(_SESSION_COLUMNS))
 
 
-# The sessions changed, one ingest_session row each (migrations 025, 027).
-_session_row = attrgetter("id", *_SESSION_COLUMNS, "version", "site_id", "sc")
+# The sessions changed, one ingest_session row each (migrations 025, 027, 034), its fields
+# in the type's order: cart_id (034) is after the key 027 added.
+_session_row = attrgetter("id", *_SESSION_COLUMNS[:-1], "version", "site_id", "sc", "cart_id")
 _SESSION_UPDATE = (
     "UPDATE sessions s SET " + ", ".join(f"{c} = u.{c}" for c in _SESSION_COLUMNS)
     + " FROM unnest($1::ingest_session[]) AS u WHERE s.id = u.id")
@@ -141,6 +142,7 @@ _SESSIONS_STORED = (
 _KNOWN_AND_SESSIONS = (
     _SESSIONS_STORED + " UNION ALL SELECT " + ", ".join(["NULL"] * len(_SESSION_READ))
     + "," + _KNOWN_AND_SEQS[len("SELECT"):])
+_IDENTITY_READ = (*IDENTITY_FIELDS, "created_ms")  # rules.identity_known's columns
 # An optimistic batch's one read (``run_optimistic``), nothing locked: its stored sessions
 # with their versions (xmin: every update of a row changes it) and identities, its event
 # keys as above, and the products its events name. Three kinds of rows, each an anonymous
@@ -148,7 +150,7 @@ _KNOWN_AND_SESSIONS = (
 # a probe of a unique key (LATERAL ... LIMIT 1), as above.
 _READ_UNLOCKED = (
     "SELECT 's', ROW(" + ", ".join(f"t.{c}" for c in _SESSION_READ)
-    + ", t.xmin::text::bigint, " + ", ".join(f"i.{c}" for c in IDENTITY_FIELDS) + ") "
+    + ", t.xmin::text::bigint, " + ", ".join(f"i.{c}" for c in _IDENTITY_READ) + ") "
     "FROM unnest($4::text[], $5::text[]) AS u(s, sc) CROSS JOIN LATERAL "
     "(SELECT *, xmin FROM sessions WHERE site_id = u.s AND sc = u.sc) AS t "
     "LEFT JOIN LATERAL (SELECT * FROM identities WHERE id = t.identity_id LIMIT 1) AS i "
@@ -308,8 +310,8 @@ class PgIngestBatch:
                 session = _Session(row, version=row[at])
                 stored[(session.site_id, session.sc)] = session
                 if session.identity_id is not None:
-                    self.identities[session.identity_id] = identity_fields(
-                        dict(zip(IDENTITY_FIELDS, row[at + 1:])))
+                    self.identities[session.identity_id] = identity_known(
+                        dict(zip(_IDENTITY_READ, row[at + 1:])))
             elif kind == "k":
                 if row[3] is None:
                     seqs.append(row[4])
@@ -359,7 +361,7 @@ class PgIngestBatch:
             for row in await self.conn.fetch(
                     "SELECT * FROM identities WHERE id = ANY($1::bigint[]) ORDER BY id "
                     "FOR UPDATE", identity_ids):
-                self.identities[row["id"]] = identity_fields(row)
+                self.identities[row["id"]] = identity_known(row)
 
     async def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: bytes,
                      user_agent: str | None, place: tuple[int, int]) -> None:
@@ -431,8 +433,8 @@ class PgIngestBatch:
                 cart = state.cart
                 if cart and lines is not cart[0]:
                     encoded = encode(cart[0])
-                state.cart_items, state.cart_guid, state.cart_currency = (
-                    (encoded.decode(), cart[1], cart[2]) if cart else (None, None, None))
+                state.cart_items, state.cart_guid, state.cart_currency, state.cart_id = (
+                    (encoded.decode(), *cart[1:]) if cart else (None, None, None, None))
                 state.cart_updated_ms = self.now
             states.append(state)
         self.dirty.clear()
@@ -479,7 +481,7 @@ class PgIngestBatch:
         row = await self.conn.fetchrow(
             "SELECT * FROM identities WHERE site_id = $1 AND email = $2", site_id, email)
         if row is not None:
-            self.identities[row["id"]] = identity_fields(row)
+            self.identities[row["id"]] = identity_known(row)
             return row["id"], False
         fields = claimed_fields(user)
         identity_id = await self.conn.fetchval(
@@ -487,7 +489,7 @@ class PgIngestBatch:
             "updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING id",
             site_id, email, fields.get("first_name"), fields.get("last_name"),
             fields.get("phone"), self.now)
-        self.identities[identity_id] = fields
+        self.identities[identity_id] = known_since(fields, self.now)
         return identity_id, True
 
     async def _switch(self, site_id: str, sc: str, state: _Session) -> None:
@@ -529,7 +531,7 @@ class PgIngestBatch:
                 "phone, accepts_marketing, created_ms, updated_ms) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id",
                 site_id, *values, self.now)
-            self.identities[identity_id] = fields
+            self.identities[identity_id] = known_since(fields, self.now)
             return identity_id, True
         identity_id = row["id"]
         if fields != current:
@@ -537,7 +539,7 @@ class PgIngestBatch:
                 "UPDATE identities SET email = $1, customer_id = $2, first_name = $3, "
                 "last_name = $4, phone = $5, accepts_marketing = $6, updated_ms = $7 "
                 "WHERE id = $8", *values, self.now, identity_id)
-        self.identities[identity_id] = {k: v for k, v in fields.items() if v is not None}
+        self.identities[identity_id] = known_since(fields, row["created_ms"])
         return identity_id, False
 
     async def _last_sc(self, site_id: str, identity_id: int) -> str | None:
@@ -561,7 +563,8 @@ class PgIngestBatch:
         key = (site.id, event["sc"])
         state = self.sessions[key]
         if state.cart is _UNREAD:
-            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
+            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency,
+                          state.cart_id)
         step = rules.cart_step(state.cart or None, event, site.currency, rules.new_guid,
                                site.max_cart_lines)
         if step is None:

@@ -121,10 +121,11 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
                                           session["identity_id"])
                 identity = {**identity_fields(row), "id": row["id"]} if row else None
             fields = dict(session) if session is not None else {}
-            items, currency, guid = (fields.pop(f"cart_{k}", None)
-                                     for k in ("items", "currency", "guid"))
+            items, currency, guid, cart_id = (fields.pop(f"cart_{k}", None)
+                                              for k in ("items", "currency", "guid", "id"))
             fields.pop("cart_updated_ms", None)
-            cart = cart_snapshot(loads(items), currency, guid) if items is not None else None
+            cart = (cart_snapshot(loads(items), currency, guid, cart_id) if items is not None
+                    else None)
             first, last = fields.get("first_seq"), fields.get("last_seq")
             events: list[Any] = []
             deliveries: list[Any] = []
@@ -314,6 +315,15 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
                     "started_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $5) RETURNING id",
                     site_id, files, files_hash, lines_total, now)
         return run_id, 0, "{}"
+
+    async def known_orders(self, wanted: Sequence[tuple[str, str, str]]) -> Any:
+        """``pg_ingest.load_orders`` in a transaction of its own: the keys' advisory locks
+        make a purchase another node is committing wait to be read, as in ingest."""
+        from .pg_ingest import load_orders
+
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                return await load_orders(conn, list(wanted))
 
     async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
                        skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,

@@ -27,6 +27,24 @@ def identity_fields(row: Mapping[str, Any] | None) -> dict[str, Any]:
     return fields
 
 
+def identity_known(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An ``identities`` row as events carry it (``event["identity"]``): its fields, then
+    ``created_ms``, when the store first knew the person (Remarkety's ``customer.created_at``:
+    one value on every order and cart). Not for comparing with ``merge_identity``'s result,
+    which has the fields alone (``identity_fields``)."""
+    return known_since(identity_fields(row), row["created_ms"] if row is not None else None)
+
+
+def known_since(fields: Mapping[str, Any], created_ms: int | None) -> dict[str, Any]:
+    """An identity's fields (None ones left out) with ``created_ms`` last: the same key order
+    whether the store had the identity cached or read it again (it is copied into each
+    event's stored JSON)."""
+    known = {key: value for key, value in fields.items() if value is not None}
+    if created_ms is not None:
+        known["created_ms"] = created_ms
+    return known
+
+
 # Identity matching (docs/security.md: browser events are claims, backend events facts) ----
 
 KEEP, TRUSTED, OWN, CLAIMED = "keep", "trusted", "own", "claimed"
@@ -157,17 +175,21 @@ EVENT_SCOPE_SQL = "CASE WHEN source = 'backend' THEN '' ELSE sc END"
 
 # The cart GUID policy ---------------------------------------------------------------------
 
+# A session's cart as the store keeps it: (lines, the state's GUID, currency, the cart's id).
+Cart = tuple[list[dict[str, Any]], str | None, str | None, str | None]
+
+
 class CartStep(NamedTuple):
     lines: list[dict[str, Any]]  # the cart's lines after the event, to check and store
     snapshot: dict[str, Any]  # what the event carries as ``event["cart"]``
-    cart: tuple[list[dict[str, Any]], str | None, str | None] | None  # the session's after
+    cart: Cart | None  # the session's after
 
 
-def cart_step(cart: tuple[list[dict[str, Any]], str | None, str | None] | None,
+def cart_step(cart: Cart | None,
               event: dict[str, Any], site_currency: str, new_guid: Callable[[], str],
               max_lines: int | None = None) -> CartStep | None:
-    """The session's cart (``(lines, guid, currency)`` or None) after ``event``; None when
-    the event does not touch the cart.
+    """The session's cart (``(lines, guid, currency, cart id)`` or None) after ``event``;
+    None when the event does not touch the cart.
 
     A backend event's lines are facts (``backend_lines``): marked ``FACT``, and a browser's
     claimed lines make room for them within ``max_lines`` (the site's ``max_cart_lines``)
@@ -180,8 +202,14 @@ def cart_step(cart: tuple[list[dict[str, Any]], str | None, str | None] | None,
     PurchasedItems refers to the last StatusCart GUID), else the one the page names, none
     when the session never had a cart (a made-up GUID would match nothing); then the
     session starts an empty cart.
+
+    The cart's id names the cart across its states (Remarkety's carts/update ``id``: "keep
+    the same id so that carts don't get duplicated"): the GUID of its first state, so the
+    page, whose runtime makes that GUID, names the cart alike. A purchase closes the cart
+    (the session's next one gets an id of its own: the visitor's sc, a year long, made the
+    next cart the converted one); so does an identity switch, which empties it.
     """
-    items, guid, stored_currency = cart if cart else ([], None, None)
+    items, guid, stored_currency, cart_id = cart if cart else ([], None, None, None)
     currency = (event.get("ecommerce") or {}).get("currency") or stored_currency or site_currency
     after = apply_cart(items, event)
     if after is None:
@@ -190,12 +218,15 @@ def cart_step(cart: tuple[list[dict[str, Any]], str | None, str | None] | None,
         after = backend_lines(after, event, max_lines)
     given = event.get("cart_guid")
     if event["name"] == "purchase":
-        return CartStep(after, cart_snapshot(items, currency, guid or given), None)
+        bought = guid or given
+        return CartStep(after, cart_snapshot(items, currency, bought, cart_id or bought), None)
     if given:
         guid = given
     elif after != items or guid is None:
         guid = new_guid()
-    return CartStep(after, cart_snapshot(after, currency, guid), (after, guid, currency))
+    cart_id = cart_id or guid  # a new cart: named by its first state
+    return CartStep(after, cart_snapshot(after, currency, guid, cart_id),
+                    (after, guid, currency, cart_id))
 
 
 # A cart line the backend stated carries ``FACT: True`` (never a field an event's item can

@@ -24,7 +24,7 @@ from . import deadletters
 from .base import Delivery, JobFailure, Outcome, Store, StoreUnavailable
 from .deadletters import OLDEST_PENDING, ReplayFilter
 from .sqlite_ingest import identity_fields
-from . import sqlite_catalog
+from . import rules, sqlite_catalog, sqlite_ingest
 from .sqlite_writer import (COUPON_CALL_COLUMNS, ProcessWriter, ThreadWriter, commit_failure,
                             migrate, migrations, now_ms)
 from .writer_supervisor import (DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_PENDING_WRITES,
@@ -100,10 +100,11 @@ class SQLiteStore(WriterSupervisor, Store):
                 "SELECT * FROM identities WHERE id = ?", (session[0]["identity_id"],))
             identity = {**identity_fields(rows[0]), "id": rows[0]["id"]} if rows else None
         fields = dict(session[0]) if session else {}
-        items, currency, guid = (fields.pop(f"cart_{k}", None)
-                                 for k in ("items", "currency", "guid"))
+        items, currency, guid, cart_id = (fields.pop(f"cart_{k}", None)
+                                          for k in ("items", "currency", "guid", "id"))
         fields.pop("cart_updated_ms", None)
-        cart = cart_snapshot(loads(items), currency, guid) if items is not None else None
+        cart = (cart_snapshot(loads(items), currency, guid, cart_id) if items is not None
+                else None)
         # No index on (site, sc): the session row's seq bounds limit the walk back through
         # events (migration 003 says why), newest first, until `limit` of them are found.
         first, last = fields.get("first_seq"), fields.get("last_seq")
@@ -249,6 +250,23 @@ class SQLiteStore(WriterSupervisor, Store):
     async def backfill_run(self, site_id: str, files: str, files_hash: str,
                            lines_total: int) -> tuple[int, int, str]:
         return await self._write("backfill_run", site_id, files, files_hash, lines_total)
+
+    async def known_orders(self, wanted: Sequence[tuple[str, str, str]]) -> rules.KnownOrders:
+        """``sqlite_ingest.load_orders``' rows, read on the reader connection (committed
+        rows: a backfill batch still being written is the caller's to remember)."""
+        assert self._reader is not None
+        orders = rules.KnownOrders(wanted)
+        groups: dict[tuple[str, str], list[str]] = {}
+        for site_id, vendor, key in wanted:
+            groups.setdefault((site_id, vendor), []).append(key)
+        for (site_id, vendor), keys in groups.items():
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                for key, claim, state, request in await self._reader.execute_fetchall(
+                        sqlite_ingest.ORDERS_SQL + f"({','.join('?' * len(chunk))}) "
+                        "ORDER BY claim, id", (site_id, vendor, *chunk)):
+                    orders.add(site_id, vendor, key, claim, state, loads(request))
+        return orders
 
     async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
                        skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,

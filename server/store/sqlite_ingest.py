@@ -20,7 +20,8 @@ from ..jsontext import encode, loads
 from ..sessions import claimed_fields
 from . import rules
 from .rules import (CART_EVENTS, MAX_CART_BYTES, MAX_REQUEST_STORED_BYTES,  # noqa: F401
-                    charge_stored, identity_fields)
+                    charge_stored, identity_fields, identity_known,
+                    known_since)
 from .sqlite_catalog import CatalogBatch, ProductCache
 
 CHUNK = 400  # bound variables per IN (...) stay well under SQLite's limit
@@ -41,14 +42,14 @@ def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
 
 
 _COLUMNS = ("identity_id", "first_ms", "user_agent", "last_page", "first_seq", "last_seq",
-            "cart_guid", "cart_currency", "cart_items", "cart_updated_ms", "verified")
+            "cart_guid", "cart_currency", "cart_items", "cart_updated_ms", "verified", "cart_id")
 _UNREAD = object()  # a cart whose stored JSON has not been parsed yet
 
 
 class _Session:
     """A session's row as the writer last wrote or read it, plus its cart as Python values.
 
-    ``cart`` is None (no cart), ``(items, guid, currency)``, or ``_UNREAD`` until a cart
+    ``cart`` is None (no cart), ``rules.Cart``, or ``_UNREAD`` until a cart
     event needs the stored ``cart_items`` parsed.
     """
 
@@ -59,12 +60,13 @@ class _Session:
                  last_page: str | None = None, first_seq: int | None = None,
                  last_seq: int | None = None, cart_guid: str | None = None,
                  cart_currency: str | None = None, cart_items: str | bytes | None = None,
-                 cart_updated_ms: int | None = None, verified: int | None = None):
+                 cart_updated_ms: int | None = None, verified: int | None = None,
+                 cart_id: str | None = None):
         self.id, self.last_ms, self.identity_id = id, last_ms, identity_id
         self.first_ms, self.user_agent, self.last_page = first_ms, user_agent, last_page
         self.first_seq, self.last_seq = first_seq, last_seq
         self.cart_guid, self.cart_currency, self.cart_items = cart_guid, cart_currency, cart_items
-        self.cart_updated_ms = cart_updated_ms
+        self.cart_updated_ms, self.cart_id = cart_updated_ms, cart_id
         self.verified = verified  # 1: the identity was bound by a signed identify
         self.cart: Any = _UNREAD if cart_items is not None else None
 
@@ -254,6 +256,7 @@ def load_orders(conn: sqlite3.Connection, wanted: Sequence[tuple[str, str, str]]
 
 _ORDERS = ("SELECT dedup_key, claim, state, request FROM deliveries "
            "WHERE site_id = ? AND vendor = ? AND dedup_key IN ")
+ORDERS_SQL = _ORDERS  # the store's reader asks the same (``SQLiteStore.known_orders``)
 
 
 def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str]]]:
@@ -364,7 +367,7 @@ class IngestBatch:
         for chunk in _chunks(identity_ids):
             for row in self.conn.execute(
                     f"SELECT * FROM identities WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-                self.identities[row["id"]] = identity_fields(row)
+                self.identities[row["id"]] = identity_known(row)
 
     def _apply(self, seq: int, site: Any, event: dict[str, Any], raw: bytes,
                user_agent: str | None, place: tuple[int, int] = (0, 0)) -> None:
@@ -419,8 +422,8 @@ class IngestBatch:
             lines, encoded = self.cart_json.pop(key, (None, b""))
             if cart and lines is not cart[0]:
                 encoded = encode(cart[0])
-            state.cart_items, state.cart_guid, state.cart_currency = (
-                (encoded, cart[1], cart[2]) if cart else (None, None, None))
+            state.cart_items, state.cart_guid, state.cart_currency, state.cart_id = (
+                (encoded, *cart[1:]) if cart else (None, None, None, None))
             state.cart_updated_ms = self.now
             size = len(state.cart_items or b"")
             self.cache.cart_bytes += size - before
@@ -505,7 +508,7 @@ class IngestBatch:
         row = self.conn.execute("SELECT * FROM identities WHERE site_id = ? AND email = ?",
                                 (site_id, email)).fetchone()
         if row is not None:
-            self.identities[row["id"]] = identity_fields(row)
+            self.identities[row["id"]] = identity_known(row)
             return row["id"], False
         fields = claimed_fields(user)
         identity_id = self.conn.execute(
@@ -513,7 +516,7 @@ class IngestBatch:
             "updated_ms) VALUES (?,?,?,?,?,?,?)",
             (site_id, email, fields.get("first_name"), fields.get("last_name"),
              fields.get("phone"), self.now, self.now)).lastrowid
-        self.identities[identity_id] = fields
+        self.identities[identity_id] = known_since(fields, self.now)
         return identity_id, True
 
     def _switch(self, site_id: str, sc: str, state: _Session) -> None:
@@ -554,7 +557,7 @@ class IngestBatch:
                 (site_id, fields.get("email"), fields.get("customer_id"), fields.get("first_name"),
                  fields.get("last_name"), fields.get("phone"),
                  _flag(fields.get("accepts_marketing")), self.now, self.now)).lastrowid
-            self.identities[identity_id] = fields
+            self.identities[identity_id] = known_since(fields, self.now)
             return identity_id, True
         identity_id = row["id"]
         if fields != current:
@@ -564,7 +567,7 @@ class IngestBatch:
                 (fields.get("email"), fields.get("customer_id"), fields.get("first_name"),
                  fields.get("last_name"), fields.get("phone"),
                  _flag(fields.get("accepts_marketing")), self.now, identity_id))
-        self.identities[identity_id] = {k: v for k, v in fields.items() if v is not None}
+        self.identities[identity_id] = known_since(fields, row["created_ms"])
         return identity_id, False
 
     def _last_sc(self, site_id: str, identity_id: int) -> str | None:
@@ -591,7 +594,8 @@ class IngestBatch:
         key = (site.id, event["sc"])
         state = self.sessions[key]
         if state.cart is _UNREAD:
-            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency)
+            state.cart = (loads(state.cart_items), state.cart_guid, state.cart_currency,
+                          state.cart_id)
         step = rules.cart_step(state.cart or None, event, site.currency, _new_guid,
                                site.max_cart_lines)
         if step is None:

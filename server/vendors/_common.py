@@ -32,11 +32,22 @@ def compact(fields: dict[str, Any]) -> dict[str, Any]:
 def person(event: dict[str, Any]) -> dict[str, Any]:
     """Who the event is about: the session's identity after the event, with the event's own
     ``user`` fields on top (a backend event names its customer itself); onetag's own
-    bookkeeping keys (``id``, ``is_new``, ``last_sc``) left out."""
+    bookkeeping keys (``id``, ``is_new``, ``last_sc``, ``created_ms``) left out."""
     merged = {key: value for key, value in (event.get("identity") or {}).items()
-              if key not in ("id", "is_new", "last_sc") and value is not None}
+              if key not in _BOOKKEEPING and value is not None}
     merged.update(compact(event.get("user") or {}))
     return merged
+
+
+_BOOKKEEPING = frozenset({"id", "is_new", "last_sc", "created_ms"})
+
+
+def known_since_ms(event: dict[str, Any]) -> int | None:
+    """When the store first knew the person the event is about (their identity's creation,
+    ``identity.created_ms``: the same on all their events); None when it does not say (an
+    event stored before it kept this, or one of no identity)."""
+    since = (event.get("identity") or {}).get("created_ms")
+    return since if isinstance(since, int) and not isinstance(since, bool) else None
 
 
 def event_ref(event: dict[str, Any]) -> str:
@@ -87,6 +98,17 @@ def item_price_minor(item: dict[str, Any], currency: str) -> int | None:
     if item.get("catalog_currency") == currency:
         return item.get("catalog_price_minor")
     return None
+
+
+def refund_lines_ref(event: dict[str, Any]) -> str | None:
+    """What names a partial refund (a ``refund`` whose ``ecommerce.items`` are the lines it
+    refunds, GA4's partial refund): a digest of its lines (item, variant, quantity), the same
+    for every copy of it; None for any other event, and for a refund of the whole order."""
+    items = ecommerce(event).get("items") if event["name"] == "refund" else None
+    if not items:
+        return None
+    return digest(sorted([i["item_id"], i.get("item_variant") or "", i["quantity"]]
+                         for i in items))
 
 
 def line_minor(item: dict[str, Any]) -> int:

@@ -26,7 +26,7 @@ Routing defaults (``DEFAULT_ROUTES``):
                      browser   productView, track categoryView / siteSearch; no webhook
     add_to_cart, remove_from_cart, view_cart, cart_updated, begin_checkout
                      both      the page's track carts/update and the server's carts/update
-                               carry the same cart under the same id (the session's sc), so a
+                               carry the same cart under the same id (the cart's), so a
                                second copy updates the cart, it does not add one. The server
                                copy is what makes carts reliable: Remarkety drops client-side
                                events of unidentified visitors, and the outbox holds the
@@ -164,22 +164,27 @@ def _customer(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     fields = _customer_fields(who)
     is_new = (event.get("identity") or {}).get("is_new")
     event_type = "customers/create" if is_new else "customers/update"
-    body = {**fields, "updated_at": c.iso_time(event["time_ms"])}
+    since = c.known_since_ms(event)  # created_at as the customer's orders and carts say it
+    body = {**fields, **({"created_at": c.iso_time(since)} if since is not None else {}),
+            "updated_at": c.iso_time(event["time_ms"])}
     key = f"{event_type}:{who.get('email', '')}:{c.digest(fields)}"
     return _webhook(ctx, event, event_type, body, key, needs_email=True)
 
 
 def _order_customer(event: dict[str, Any]) -> dict[str, Any] | None:
     """The ``customer`` object of an order or cart. accepts_marketing, created_at and
-    updated_at are mandatory on an order (RM events orders/create); onetag knows no
-    registration date, so both times are the event's, and an unknown consent is null
-    ("null for unknown", RM guide)."""
+    updated_at are mandatory on an order (RM events orders/create). ``created_at`` is when
+    the customer was created, so one value on all their orders and carts: when the store
+    first knew them (``_common.known_since_ms``: their identity's creation; the event's own
+    time only for an event stored without it). ``updated_at`` is the event's. An unknown
+    consent is null ("null for unknown", RM guide)."""
     who = c.person(event)
     if not who.get("email"):
         return None
     when = c.iso_time(event["time_ms"])
+    since = c.known_since_ms(event)
     return {**_customer_fields(who), "accepts_marketing": who.get("accepts_marketing"),
-            "created_at": when, "updated_at": when}
+            "created_at": c.iso_time(since) if since is not None else when, "updated_at": when}
 
 
 def _line_item(item: dict[str, Any], cur: str) -> dict[str, Any]:
@@ -206,9 +211,11 @@ def _cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     Always carts/update, never carts/create: it is what the RM guide tells a custom platform
     to send on every cart change ("When the customer is viewing the cart screen, adding/
     removing a product ... _rmData.push(['track', 'carts/update', data])"), so Remarkety takes
-    it for a cart it has not seen. ``id`` is the session's sc, stable across updates as RM
-    events requires ("keep the same id so that carts don't get duplicated") and the same id
-    the browser adapter sends. Keyed by the cart state's guid: one state, one webhook.
+    it for a cart it has not seen. ``id`` is the cart's (``rules.cart_step``: the GUID of
+    its first state), stable across its updates as RM events requires ("keep the same id so
+    that carts don't get duplicated"), new for the cart after a purchase, and the id the
+    browser adapter sends (the runtime makes that first GUID). Keyed by the cart state's
+    guid: one state, one webhook.
     """
     cart = event["cart"]
     cur = cart.get("currency") or c.currency(event, ctx.currency)
@@ -216,7 +223,11 @@ def _cart(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     when = c.iso_time(event["time_ms"])
     value = money.major_number(cart["value_minor"], cur)
     body = {
-        "id": event["sc"],
+        # The cart's own id (the store's: the GUID of its first state), not the visitor's:
+        # the sc lasts a year, and a cart after a purchase is another cart. "keep the same
+        # id so that carts don't get duplicated" (RM events, carts/create). The sc only for
+        # a cart event stored before carts had ids.
+        "id": cart.get("id") or event["sc"],
         # "This URL should lead to the cart contents": the cart's URL (the event's
         # ecommerce.cart_url, else the site's cart_url template), else the page the cart
         # changed on (the cart or checkout page for view_cart / begin_checkout).

@@ -294,15 +294,55 @@ def _order_status(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     "changes made to the total after calculation will not be passed over"). When no
     order-placed was ever planned for the order (the store never saw the purchase), only
     what is known for sure: the order id, the contact and the status.
+
+    A refund that names its items (GA4's partial refund) carries only those lines (and
+    their count), completed from the order's lines; the money stays the order's. Its
+    event_id and key add a digest of the lines, so a second partial refund is not skipped.
+    A refund without items refunds the whole order: the order's lines, as above.
     """
     order = c.ecommerce(event)["transaction_id"]
     status = c.order_status(event)
-    body = c.compact({"event": "order_placed", "event_id": f"{order}:{status}", "order_id": order,
+    partial = c.refund_lines_ref(event)
+    refunded = c.ecommerce(event)["items"] if partial else None
+    event_id = f"{order}:{status}"
+    if partial:
+        # One refund among the order's possible several, named by what it refunds (the
+        # browser's and the backend's copy of it meet under one key).
+        event_id += f":{partial}"
+    body = c.compact({"event": "order_placed", "event_id": event_id, "order_id": order,
                       **_customer_contact(event), "status": status})
     if ctx.order:
         placed = {k: v for k, v in ctx.order.items() if k not in _NOT_THE_ORDER}
         body = {**placed, **body}
-    return _post(ctx, "order-placed", body, f"order-placed:{order}:{status}")
+    if refunded:
+        cur = ctx.order.get("currency") if ctx.order else None
+        cur = cur or c.currency(event, ctx.currency)
+        lines = _refunded_lines(refunded, (ctx.order or {}).get("line_items") or [], cur)
+        body["line_items"] = lines
+        body["total_items"] = sum(line["quantity"] for line in lines)
+    return _post(ctx, "order-placed", body, f"order-placed:{event_id}")
+
+
+def _refunded_lines(items: list[dict[str, Any]], placed: list[dict[str, Any]],
+                    cur: str) -> list[dict[str, Any]]:
+    """The lines a partial refund names (GA4 refund ``items``), each completed from the
+    order's placed line of the same product: a refund may name an item by id and quantity
+    alone, and Sendlane's product events read the line (name, SKU, price)."""
+    by_product = {line.get("product_id"): line for line in placed if isinstance(line, dict)}
+    lines = []
+    for item in items:
+        line = _line(item, cur)
+        known = by_product.get(item["item_id"]) or {}
+        if not item.get("item_sku") and known.get("sku"):
+            line["sku"] = known["sku"]
+        if not item.get("item_name") and known.get("product_name"):
+            line["product_name"] = known["product_name"]
+        if item.get("price_minor") is None and known.get("item_price") is not None:
+            price = money.to_minor(str(known["item_price"]), cur)
+            line["item_price"] = _number(price, cur)
+            line["total"] = _number(price * item["quantity"], cur)
+        lines.append(line)
+    return lines
 
 
 def _products(event: dict[str, Any], ctx: PlanContext, cur: str) -> list[VendorRequest]:

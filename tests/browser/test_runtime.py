@@ -359,6 +359,7 @@ def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_serve
     }""")
     after_remove = cart()
     guid = after_remove.pop("guid")
+    cart_id = after_remove.pop("id")  # the cart's own id: the GUID of its first state
     # The cart's currency is its last event's, else the site's (USD): the server's rule (it
     # reads an event without a currency as in the site's), checked against its cart below.
     assert after_remove == {"currency": "USD", "items": [
@@ -379,6 +380,9 @@ def test_cart_mirror_follows_deltas_replacements_and_purchase(page, static_serve
     guids = [r["raw"].get("cart_guid") for r in rows]
     assert guids[0] is None and len(set(guids[1:5])) == 4 and guids[3] == guid
     assert guids[4] == guids[5] == bought_guid
+    # The cart's id is its first state's GUID, on the page and in the store alike.
+    assert cart_id == guids[1] != sc
+    assert {r["data"]["cart"]["id"] for r in rows[1:]} == {cart_id}
     assert re.match(r"^[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9A-F]{12}$", guid)
     # The server keeps the same cart: as bought on the purchase, then none for the session.
     assert [(i["item_id"], i["quantity"]) for i in rows[3]["data"]["cart"]["items"]] == [("A", 3)]

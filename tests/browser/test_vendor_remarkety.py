@@ -47,7 +47,8 @@ def cart_body(call, sc, url):
     body = dict(call[2])
     created, updated = body.pop("created_at"), body.pop("updated_at")
     assert ISO.match(updated) and created == updated
-    assert body.pop("id") == sc
+    cart_id = body.pop("id")  # the cart's own: the GUID of its first state
+    assert cart_id != sc and re.fullmatch(r"[0-9A-F]{8}(-[0-9A-F]{4}){3}-[0-9A-F]{12}", cart_id)
     assert body.pop("abandoned_checkout_url") == url
     return body
 
@@ -82,6 +83,7 @@ def test_identify_first_then_tracks(vendors, context):
     calls = push(page, {"event": "identify", "user": {"email": "Ann@Example.com", "first_name": "Ann",
                                                      "accepts_marketing": True}})["remarkety"]
     assert calls[0] == ["setCustomer", "ann@example.com"]
+    first_cart = calls[1][2]["id"]
     body = cart_body(calls[1], sc, url)
     assert customer_of(body) == {"email": "ann@example.com", "first_name": "Ann", "accepts_marketing": True}
     assert body == {
@@ -108,6 +110,7 @@ def test_identify_first_then_tracks(vendors, context):
     # abandoned_checkout_url: ecommerce.cart_url when the event gives it.
     calls = push(page, {"event": "view_cart", "ecommerce": ecom(TEA, cart_url="https://shop.example/cart/77")})
     cart_body(calls["remarkety"][0], sc, "https://shop.example/cart/77")
+    assert calls["remarkety"][0][2]["id"] == first_cart  # one cart across its updates
 
     calls = push(page, {"event": "search", "search_term": "green tea", "ecommerce": ecom(TEA)})["remarkety"]
     assert calls == [["track", "siteSearch", {"search_keyword": "green tea", "products": [line(TEA, 1, "4.35")]}]]
@@ -115,6 +118,11 @@ def test_identify_first_then_tracks(vendors, context):
     assert calls == [["track", "wishlist_shared", {"list": "xmas", "ecommerce": {"items": []}}]]
     # Not Remarkety's in the page: purchase (the server's orders/create), page views, wishlist.
     assert push(page, {"event": "purchase", "ecommerce": ecom(TEA, transaction_id="1001", value=4.35)})["remarkety"] == []
+    # The purchase closed the cart: the next one is another cart, with an id of its own (the
+    # sc, a year long, named the converted cart again).
+    (calls,) = push(page, {"event": "add_to_cart", "ecommerce": ecom(SPOON)})["remarkety"]
+    assert cart_body(calls, sc, url)["line_items"] == [line(SPOON, 2, "2.5")]
+    assert calls[2]["id"] != first_cart
     assert push(page, {"event": "add_to_wishlist", "ecommerce": ecom(MUG)})["remarkety"] == []
     assert push(page, {"event": "page_view", "page_location": vendors.static.url("/elsewhere")})["remarkety"] == []
 
@@ -162,7 +170,28 @@ def test_cart_matches_the_servers_carts_update(vendors, context):
     (server,) = server_bodies(vendors, "all", "remarkety", eid)
     assert browser[:2] == ["track", "carts/update"]
     assert browser[2]["customer"]["default_address"] == {"phone": "+15550100"}
+    # customer.created_at: when the customer was first known, to the page (its identity's
+    # since_ms) and to the server (the identity's creation): the same moment, seen by two
+    # clocks, each the same on every cart.
+    page_since = _first_known(browser[2], server)
     assert browser[2] == server
+    (later,) = push(page, {"event": "add_to_cart", "ecommerce": ecom(SPOON)})["remarkety"]
+    assert later[2]["customer"]["created_at"] == page_since
+    assert later[2]["id"] == browser[2]["id"]  # one cart, one id across its updates
+
+
+def _first_known(page_body, server_body):
+    """customer.created_at, popped from both: when the customer was first known, to the page
+    (its identity's since_ms) and to the server (the identity's creation), one moment seen by
+    two clocks. Returns the page's."""
+    from datetime import datetime
+
+    page_since = page_body["customer"].pop("created_at")
+    server_since = server_body["customer"].pop("created_at")
+    assert ISO.match(page_since) and ISO.match(server_since)
+    assert abs(datetime.fromisoformat(page_since).timestamp()
+               - datetime.fromisoformat(server_since).timestamp()) <= 5
+    return page_since
 
 
 
@@ -182,6 +211,7 @@ def test_a_cart_without_currency_is_in_the_sites_currency(vendors, context):
         assert browser[2].get("currency") == expected, name
         page.evaluate("() => window.onetag.flush()")
         (server,) = server_bodies(vendors, "shop", "remarkety", eid)
+        _first_known(browser[2], server)  # each side's own clock
         assert browser[2] == server, name
 
 
@@ -200,6 +230,7 @@ def test_a_lines_sku_is_the_servers(vendors, context):
     assert [line["sku"] for line in browser[2]["line_items"]] == ["MUG-1", "BOT-1", "TEA-1", "SKU-6000"]
     page.evaluate("() => window.onetag.flush()")
     (server,) = server_bodies(vendors, "all", "remarkety", eid)
+    _first_known(browser[2], server)
     assert browser[2] == server
     calls = push(page, {"event": "search", "search_term": "mug", "ecommerce": ecom(*items[:2])})["remarkety"]
     assert calls == [["track", "siteSearch", {"search_keyword": "mug", "products": [

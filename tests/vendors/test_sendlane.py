@@ -83,7 +83,7 @@ def test_a_status_change_is_order_placed_again_under_its_own_key():
     assert req.dedup_key == "order-placed:1001:fulfilled" != placed.dedup_key
     cancelled = sendlane.plan({**evt, "status": "cancelled"}, CTX)[0]
     assert cancelled.dedup_key == "order-placed:1001:cancelled"
-    refunded = sendlane.plan(event("refund", ecommerce=ecommerce(PEN, value=435,
+    refunded = sendlane.plan(event("refund", ecommerce=ecommerce(value=435,
                                                                  transaction_id="1001"),
                                    identity=WHO), CTX)[0]
     assert refunded.json["status"] == "refunded" and "total" not in refunded.json
@@ -101,7 +101,7 @@ def test_a_status_change_repeats_the_order_as_placed():
               "accepts_marketing": True}
     ctx = dataclasses.replace(CTX, order=stored)
     evt = event("refund", source="backend", sc=None, user={"email": EMAIL},
-                ecommerce=ecommerce(PEN, value=435, transaction_id="1001"),
+                ecommerce=ecommerce(value=435, transaction_id="1001"),
                 identity=identity(customer_id="123456789"))
     [req] = sendlane.plan(evt, ctx)
     assert req.json == {**{k: v for k, v in placed.items() if k != "accepts_marketing"},
@@ -111,6 +111,40 @@ def test_a_status_change_repeats_the_order_as_placed():
     assert req.json["total"] == placed["total"]  # the order's, not the refund's 4.35
     assert req.dedup_key == "order-placed:1001:refunded"
     assert sendlane.ORDER_KEY.format(order="1001") == "order-placed:1001"
+
+
+def test_a_partial_refund_sends_only_the_refunded_lines():
+    """A refund naming its items (GA4's refund: "items" for a partial refund) refunds those
+    lines only: Sendlane's product events "execute based on the content of the line_items
+    array" ("Order & Other Product Events"), so the order's other lines must not be in it.
+    A line the refund names by id and quantity alone takes its name, SKU and price from the
+    order as placed; the order's totals stay the order's. Its own event_id and key: a
+    second partial refund of the order is another refund, not a repeat Sendlane skips."""
+    placed = sendlane.plan(samples()["purchase"], CTX)[0].json  # MUG and PEN
+    ctx = dataclasses.replace(CTX, order=placed)
+    bare_pen = {"item_id": "SKU-435", "price_minor": None, "quantity": 1, "categories": [],
+                "in_stock": None}
+    evt = event("refund", source="backend", sc=None, user={"email": EMAIL},
+                ecommerce=ecommerce(bare_pen, value=435, transaction_id="1001"),
+                identity=identity(customer_id="123456789"))
+    [req] = sendlane.plan(evt, ctx)
+    assert req.json["line_items"] == [{"product_id": "SKU-435", "sku": "SKU-435",
+                                       "product_name": "Pen", "quantity": 1,
+                                       "item_price": 4.35, "total": 4.35}]
+    assert req.json["total_items"] == 1
+    assert req.json["total"] == placed["total"] and req.json["status"] == "refunded"
+    assert req.json["event_id"].startswith("1001:refunded:")
+    assert req.dedup_key == f"order-placed:{req.json['event_id']}"
+    mug = sendlane.plan({**evt, "ecommerce": ecommerce(MUG, transaction_id="1001")}, ctx)[0]
+    assert [line["product_id"] for line in mug.json["line_items"]] == ["SKU-1000"]
+    assert mug.dedup_key != req.dedup_key
+    # The same refund from another copy (another event id) is the same fact, one key.
+    again = sendlane.plan({**evt, "event_id": "EVT-2"}, ctx)[0]
+    assert again.dedup_key == req.dedup_key
+    # An order onetag never saw: the refund's own lines, as given.
+    [unknown] = sendlane.plan(evt, CTX)
+    assert unknown.json["line_items"] == [{"product_id": "SKU-435", "sku": "SKU-435",
+                                           "quantity": 1}]
 
 
 def test_identify_adds_the_customer():
