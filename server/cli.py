@@ -47,6 +47,8 @@ api_key  = "env:SHOP1_API_KEY"             # secret: Authorization: Bearer ... f
 currency = "USD"                           # default when an event names none
 # spa_page_views     = "auto"              # "manual": only pushed page_view events count
 # capture_form_email = true                # pick up emails typed into the page's forms
+# consent            = "none"              # "required": wait for the page's consent (Google
+#                                          # Consent Mode, or {event: "onetag_consent", granted: true})
 # debug              = false               # log every event and vendor call in the console
 # cart_url = "https://shop.example/cart/restore?guid={cart_guid}"  # public: where abandoned-
 #                                          # cart emails lead ({cart_guid}, {sc} filled in)

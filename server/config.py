@@ -84,6 +84,9 @@ class SiteConfig:
     currency: str = "USD"
     spa_page_views: str = "auto"  # or "manual"
     capture_form_email: bool = True
+    # "required": the script waits for the page's consent (features/consent.js.j2); "none":
+    # it runs at once, the site having dealt with consent itself.
+    consent: str = "none"
     debug: bool = False
     max_cart_lines: int = DEFAULT_MAX_CART_LINES  # lines a session's cart may hold
     vendors: Mapping[str, VendorConfig] = field(default_factory=dict)
@@ -582,7 +585,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     if not SITE_ID_RE.match(site_id):
         reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
     known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
-             "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret", "coupons",
+             "consent", "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret", "coupons",
              "feed_token", "product_sync_time", *VENDORS}
     for key in table:
         if key not in known:
@@ -603,6 +606,10 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     spa = reader.string(table, "spa_page_views", where, default="auto")
     if spa not in ("auto", "manual"):
         reader.problem(f"{where}.spa_page_views", f"must be \"auto\" or \"manual\", not {spa!r}")
+    consent = reader.string(table, "consent", where, default="none")
+    if consent not in ("none", "required"):
+        reader.problem(f"{where}.consent", f"must be \"none\" or \"required\", not {consent!r}")
+        consent = "none"
     max_cart_lines = table.get("max_cart_lines", DEFAULT_MAX_CART_LINES)
     if isinstance(max_cart_lines, bool) or not isinstance(max_cart_lines, int) or not (
             1 <= max_cart_lines <= 10_000):
@@ -653,7 +660,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
         id=site_id, origins=tuple(normalised),
         api_key=api_key, currency=currency, spa_page_views=spa,
         capture_form_email=reader.boolean(table, "capture_form_email", where, True),
-        debug=reader.boolean(table, "debug", where, False), max_cart_lines=max_cart_lines,
+        consent=consent, debug=reader.boolean(table, "debug", where, False), max_cart_lines=max_cart_lines,
         vendors=vendors, cart_url=cart_url, order_source=order_source,
         identity_secret=identity_secret, feed_token=feed_token,
         product_sync_minute=sync_minute,

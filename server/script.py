@@ -27,6 +27,11 @@ from .config import public_settings
 from .events import echo
 from .vendors import VENDORS
 
+# The Consent Mode storage keys a consent-required site's script waits on (``g``): onetag's own
+# cookie and events are analytics; the vendor libraries, and the events the server forwards
+# to the same vendors, are marketing (Consent Mode's ad_storage), so a site with vendors
+# needs both granted.
+ANALYTICS_CONSENT, VENDOR_CONSENT = "analytics_storage", "ad_storage"
 CACHE_CONTROL = "public, max-age=300"  # short: a config change reaches browsers in minutes
 MINIFIED, READABLE = "onetag.min.js.j2", "onetag.js.j2"
 JS_TYPE = "application/javascript; charset=utf-8"
@@ -64,7 +69,9 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
     ``BROWSER_EVENTS`` when it names them) and ``config.public_settings``. ``u``:
     the site's ``cart_url`` template, when it has one (where a cart can be restored). ``c``:
     the site's currency, which the adapters use for an event that names none, as the server
-    does (``PlanContext.currency``), so both copies of an event are in the same currency.
+    does (``PlanContext.currency``), so both copies of an event are in the same currency. ``g``:
+    on a site with ``consent = "required"`` only, the Consent Mode keys that must be granted
+    before the script does anything (``consent_keys``).
     spa_page_views and capture_form_email are not in it: they pick the parts of the script
     (``features``), so a site gets no code it cannot use.
     """
@@ -75,10 +82,16 @@ def script_config(settings: Any, site: Any) -> dict[str, Any]:
         "c": site.currency,
         **({"d": 1} if site.debug else {}),  # absent: false
         **({"u": cart_url} if cart_url else {}),
+        **({"g": consent_keys(site)} if site.consent == "required" else {}),
         "v": {name: [routing.browser_routes(vendor, getattr(VENDORS[name], "BROWSER_EVENTS", None)),
                      public_settings(vendor)]
               for name, vendor in site.vendors.items()},
     }
+
+
+def consent_keys(site: Any) -> list[str]:
+    """What a grant must cover: analytics, and marketing too when the site has vendors."""
+    return [ANALYTICS_CONSENT, *([VENDOR_CONSENT] if site.vendors else [])]
 
 
 def _embed_json(value: Any) -> str:
@@ -92,7 +105,8 @@ def features(site: Any) -> dict[str, bool]:
     """The optional parts of the script (templates/features/) this site's settings use."""
     return {"spa_page_views": site.spa_page_views != "manual",
             "capture_form_email": bool(site.capture_form_email),
-            "cart_url": bool(site.cart_url)}
+            "cart_url": bool(site.cart_url),
+            "consent": site.consent == "required"}
 
 
 def compress(body: bytes) -> bytes:

@@ -589,3 +589,16 @@ def test_a_secret_is_taken_exactly_when_it_has_16_characters(admin_token: str,
     assert len(admin_token) >= 16 and len(api_key) >= 16
     assert settings.server.admin_token == admin_token
     assert settings.sites["shop1"].api_key == api_key
+
+
+def test_consent_defaults_to_none_and_takes_required() -> None:
+    """``consent`` (per site): "none" keeps today's script, "required" makes it wait for the
+    page's consent; anything else is a problem naming the key and both choices."""
+    site = lambda **extra: {"id": "shop1", **extra}  # noqa: E731
+    assert config.parse({"sites": [site()]}, env={}).sites["shop1"].consent == "none"
+    assert config.parse({"sites": [site(consent="required")]}, env={}).sites["shop1"].consent == "required"
+    for bad in ("yes", "Required", ""):
+        assert problems({"sites": [site(consent=bad)]}) == [
+            f"onetag.toml: sites[shop1].consent: must be \"none\" or \"required\", not {bad!r}"]
+    assert problems({"sites": [site(consent=True)]}) == [
+        "onetag.toml: sites[shop1].consent: must be a string, not bool"]

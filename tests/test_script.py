@@ -27,7 +27,8 @@ def embedded_config(js: str) -> dict:
     assert calls, "the runtime should embed its config as JSON"
     raw = json.JSONDecoder().raw_decode(js, calls[-1].end())[0]
     names = {"e": "endpoint", "s": "site_id", "m": "spa_manual", "f": "capture_form_email",
-             "d": "debug", "u": "cart_url", "c": "currency", "v": "vendors"}
+             "d": "debug", "u": "cart_url", "c": "currency", "v": "vendors",
+             "g": "consent_keys"}
     config = {names[k]: v for k, v in raw.items()}
     config["vendors"] = {name: {"routes": routes, "settings": settings}
                          for name, (routes, settings) in config["vendors"].items()}
@@ -302,3 +303,21 @@ def test_the_size_bench_splits_a_script_into_its_parts(tmp_path) -> None:
                           "vendors/_identity.min.js.j2", *(f"vendors/{v}.min.js.j2" for v in SECRETS)}
     assert all(cost > 20 for cost in costs.values()), costs
     assert sum(costs.values()) == len(script.gzipped)
+
+
+async def test_consent_required_adds_the_gate_and_its_keys_and_none_leaves_both_out(tmp_path) -> None:
+    """consent = "required" includes features/consent.js.j2 and tells it the Consent Mode keys
+    that must be granted (``g``): analytics_storage, and ad_storage when the site loads vendor
+    libraries. The default ("none") script has neither."""
+    gate = (Path(__file__).resolve().parent.parent / "templates" / "features"
+            / "consent.min.js.j2").read_text().split("\n", 1)[1].rstrip("\n")
+    async with running(settings_for(tmp_path, rejoiner=SECRETS["rejoiner"])) as (_, client):
+        default = (await client.get("/s/shop1.js")).text
+    async with running(settings_for(tmp_path, consent="required")) as (_, client):
+        alone = (await client.get("/s/shop1.js")).text
+    async with running(settings_for(tmp_path, consent="required",
+                                    rejoiner=SECRETS["rejoiner"])) as (_, client):
+        vendors = (await client.get("/s/shop1.js")).text
+    assert "consent_keys" not in embedded_config(default) and gate not in default
+    assert embedded_config(alone)["consent_keys"] == ["analytics_storage"] and gate in alone
+    assert embedded_config(vendors)["consent_keys"] == ["analytics_storage", "ad_storage"]
