@@ -196,7 +196,10 @@ def scenario() -> list[Step]:
              "whole order. Its value is the refund's: the order's lines and totals stay the "
              "order's. A refund naming items (a partial refund) sends Sendlane only those "
              "lines, completed from the order as placed, under `order-placed:1001:refunded:"
-             "<digest of the lines>` (its `event_id` likewise), so a second one is sent too.",
+             "<digest of the lines>` (its `event_id` likewise), so a second one is sent too "
+             "when its lines or quantities differ; a second refund of exactly the same lines "
+             "and quantities has the first one's key and is not sent again (a line is "
+             "completed only from the order's line of its product and SKU).",
              _event("refund", "refund", DAY // MINUTE + 60, source="backend",
                     user={"email": EMAIL}, ecommerce=status)),
         Step("unsubscribe", "unsubscribe / opt_in", "He unsubscribes",

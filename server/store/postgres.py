@@ -151,7 +151,7 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
             raise StoreUnavailable("database", "the store is not open")
         return PgConsole(self.pool)
 
-    # The console's logouts (pg_migrations/033) -----------------------------------------
+    # The console's logouts (pg_migrations/032) -----------------------------------------
 
     async def revoke_session(self, nonce: str, expires_ms: int, now_ms: int) -> None:
         """On this node's pool, committed before it returns: every node reads it there."""

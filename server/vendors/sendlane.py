@@ -327,12 +327,13 @@ def _refunded_lines(items: list[dict[str, Any]], placed: list[dict[str, Any]],
                     cur: str) -> list[dict[str, Any]]:
     """The lines a partial refund names (GA4 refund ``items``), each completed from the
     order's placed line of the same product: a refund may name an item by id and quantity
-    alone, and Sendlane's product events read the line (name, SKU, price)."""
-    by_product = {line.get("product_id"): line for line in placed if isinstance(line, dict)}
+    alone, and Sendlane's product events read the line (name, SKU, price). A product placed
+    in several lines (variants) completes a refunded line only when its SKU tells which."""
+    placed = [line for line in placed if isinstance(line, dict)]
     lines = []
     for item in items:
         line = _line(item, cur)
-        known = by_product.get(item["item_id"]) or {}
+        known = _placed_line(item, placed)
         if not item.get("item_sku") and known.get("sku"):
             line["sku"] = known["sku"]
         if not item.get("item_name") and known.get("product_name"):
@@ -343,6 +344,15 @@ def _refunded_lines(items: list[dict[str, Any]], placed: list[dict[str, Any]],
             line["total"] = _number(price * item["quantity"], cur)
         lines.append(line)
     return lines
+
+
+def _placed_line(item: dict[str, Any], placed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The order's line a refunded item is: the one of its product and SKU, else the
+    product's only line; nothing when the product's lines can't be told apart."""
+    lines = [line for line in placed if line.get("product_id") == item["item_id"]]
+    if item.get("item_sku"):
+        lines = [line for line in lines if line.get("sku") == item["item_sku"]] or lines
+    return lines[0] if len(lines) == 1 else {}
 
 
 def _products(event: dict[str, Any], ctx: PlanContext, cur: str) -> list[VendorRequest]:

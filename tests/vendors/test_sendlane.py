@@ -147,6 +147,27 @@ def test_a_partial_refund_sends_only_the_refunded_lines():
                                            "quantity": 1}]
 
 
+def test_a_refunded_variant_is_completed_only_from_its_own_line():
+    """An order with two variants of one product has two lines of one product_id: a refund
+    naming the product takes the line its SKU names, and when nothing tells the lines apart
+    it is sent as given, not completed from whichever line came last."""
+    red = {"product_id": "TEE", "sku": "TEE-RED", "product_name": "Tee (red)", "quantity": 1,
+           "item_price": 10.0, "total": 10.0}
+    blue = {**red, "sku": "TEE-BLUE", "product_name": "Tee (blue)", "item_price": 12.0,
+            "total": 12.0}
+    ctx = dataclasses.replace(CTX, order={"order_id": "1001", "line_items": [red, blue]})
+    bare = {"item_id": "TEE", "price_minor": None, "quantity": 1, "categories": [],
+            "in_stock": None}
+
+    def refunded(item):
+        evt = event("refund", source="backend", sc=None, user={"email": EMAIL},
+                    ecommerce=ecommerce(item, transaction_id="1001"), identity=WHO)
+        return sendlane.plan(evt, ctx)[0].json["line_items"]
+
+    assert refunded({**bare, "item_sku": "TEE-RED"}) == [red]
+    assert refunded(bare) == [{"product_id": "TEE", "sku": "TEE", "quantity": 1}]
+
+
 def test_identify_adds_the_customer():
     [req] = sendlane.plan(event("identify", user={"email": EMAIL}, identity=WHO), CTX)
     assert (req.method, req.url) == ("POST", f"{BASE}/customer-added")
