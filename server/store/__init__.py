@@ -8,7 +8,8 @@ from typing import Any
 from .base import IngestResult, Store, StoreUnavailable
 
 DRIVER_MISSING = ("the database URL names PostgreSQL, but its driver is not installed: "
-                  "pip install 'onetag[postgresql]' (asyncpg)")
+                  "pip install '.[postgresql]' in onetag's checkout (asyncpg), or "
+                  "pip install 'onetag[postgresql]' where onetag came from a package index")
 
 
 class DriverMissing(RuntimeError):
