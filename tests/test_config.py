@@ -602,3 +602,27 @@ def test_consent_defaults_to_none_and_takes_required() -> None:
             f"onetag.toml: sites[shop1].consent: must be \"none\" or \"required\", not {bad!r}"]
     assert problems({"sites": [site(consent=True)]}) == [
         "onetag.toml: sites[shop1].consent: must be a string, not bool"]
+
+
+def test_the_readme_nginx_block_and_its_server_settings_agree() -> None:
+    """README "Behind a reverse proxy": the nginx block appends the address it was reached
+    from and the scheme, and the TOML beside it trusts that proxy (on 127.0.0.1) and names
+    the proxy's host as public_url: a valid config, which uvicorn is told to believe."""
+    import re
+    import tomllib
+
+    from server.cli import proxy_options
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    part = readme.split("### Behind a reverse proxy", 1)[1]
+    [nginx] = re.findall(r"```nginx\n(.*?)```", part.split("###", 1)[0], re.S)
+    [toml] = re.findall(r"```toml\n(.*?)```", part.split("###", 1)[0], re.S)
+    for line in ("proxy_pass http://127.0.0.1:8000;", "proxy_set_header Host $host;",
+                 "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+                 "proxy_set_header X-Forwarded-Proto $scheme;"):
+        assert line in nginx, line
+    server_name = re.search(r"server_name (\S+);", nginx).group(1)
+    settings = config.parse({**tomllib.loads(toml), "sites": [{"id": "shop1"}]}, env={})
+    assert settings.server.public_url == f"https://{server_name}"
+    assert proxy_options(settings.server.trusted_proxies) == {
+        "proxy_headers": True, "forwarded_allow_ips": ["127.0.0.1"]}
