@@ -302,6 +302,8 @@ def _database_problem(settings: config_module.Settings, exc: Exception) -> str:
     from .store import DriverMissing
     from .store.pg_migrate import SchemaNotCurrent
 
+    if isinstance(exc, SchemaNotCurrent) and not settings.is_demo:
+        return str(exc).replace("--config <file>", f"--config {settings.source}")
     if isinstance(exc, (DriverMissing, SchemaNotCurrent)):
         return str(exc)
     return f"cannot use the database {_shown(settings)} ({type(exc).__name__}: {exc})"
@@ -323,8 +325,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         try:
             applied = asyncio.run(migrate_url(settings.server.database))
         except Exception as exc:
-            print(f"onetag: cannot migrate {label} ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
+            hint = getattr(exc, "hint", None)
+            print(f"onetag: cannot migrate {label} ({type(exc).__name__}: {exc})"
+                  + (f"; {hint}" if hint else ""), file=sys.stderr)
             return 1
     else:
         import sqlite3

@@ -602,3 +602,30 @@ async def test_a_read_only_database_fails_the_health_check_until_it_takes_writes
         await store.close()
     assert await pg.rows("SELECT event_id FROM events") == [("taken",)]
     assert await asyncio.to_thread(cli.postgresql_problem, pg.settings()) is None
+
+
+def test_migrate_as_a_role_without_create_on_public_says_how_to_grant_it(
+        empty_database, tmp_path, capsys) -> None:
+    """PostgreSQL 15 lets only the database's owner create in ``public``: a role that is
+    not is told the two ways out, naming itself, not only "permission denied"."""
+    from server import cli
+
+    role = f"onetag_test_role_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(f"CREATE ROLE {role} LOGIN"))
+    try:
+        url = empty_database.replace("://postgres@", f"://{role}@", 1)
+        assert url != empty_database
+        config = tmp_path / "onetag.toml"
+        config.write_text(f'[server]\ndatabase = "{url}"\n\n[[sites]]\nid = "shop1"\n',
+                          encoding="utf-8")
+        assert cli.main(["migrate", "--config", str(config)]) == 1
+        said = capsys.readouterr().err
+        assert "permission denied for schema public" in said, said
+        assert f"GRANT CREATE ON SCHEMA public TO {role}" in said, said
+        assert "owner" in said and "Traceback" not in said
+        # The schema-not-current message names this config file, not "<file>".
+        problem = cli.postgresql_problem(cli._load(str(config)))
+        assert f"onetag migrate --config {config}" in problem, problem
+    finally:
+        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {empty_database.rsplit('/', 1)[1]} "
+                           "WITH (FORCE)", f"DROP ROLE IF EXISTS {role}"))
