@@ -97,7 +97,10 @@ async def migrate_url(dsn: str) -> list[str]:
     "permission denied for schema public" alone left the fix to be looked up."""
     import asyncpg
 
-    conn = await asyncpg.connect(dsn)
+    from . import application_name
+
+    conn = await asyncpg.connect(
+        dsn, server_settings={"application_name": application_name()})
     try:
         return await migrate(conn)
     except asyncpg.InsufficientPrivilegeError as exc:
