@@ -384,7 +384,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
     except OSError as exc:
         raise _refuse(f"cannot write {path} ({exc.strerror or exc})") from None
-    print(f"onetag: wrote {path}; edit it, then `onetag check --config {path}`")
+    # Its secrets are env: values: check refuses each one not exported, so name them.
+    active = "\n".join(line.split("#", 1)[0] for line in EXAMPLE_CONFIG.splitlines())
+    names = re.findall(r'"env:([A-Z0-9_]+)"', active)
+    print(f"onetag: wrote {path}; edit it, export the secrets it reads from the environment "
+          f"(export {' '.join(f'{name}=...' for name in names)}), then "
+          f"`onetag check --config {path}`")
     return 0
 
 

@@ -696,3 +696,23 @@ def test_the_readme_lists_every_forwarder_variable_with_its_default() -> None:
     # Each name the table gives is one from_env takes.
     for name in rows:
         ForwarderOptions.from_env({name: "none" if name.endswith("RATES") else "1"})
+
+
+def test_init_names_the_variables_to_export_and_then_check_passes(tmp_path, capsys,
+                                                                  monkeypatch) -> None:
+    """Quick start step 1: `onetag init`, export the env: variables it names, `onetag check`.
+    init's message lists them, and with them set (random values) the file is valid."""
+    import re
+
+    from server import cli
+
+    path = tmp_path / "onetag.toml"
+    assert cli.main(["init", str(path)]) == 0
+    said = capsys.readouterr().out
+    active = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+    names = re.findall(r'"env:([A-Z0-9_]+)"', active)
+    assert names and f"export {' '.join(f'{n}=...' for n in names)}" in said, said
+    for name in names:
+        monkeypatch.setenv(name, "x" * 32)
+    assert cli.main(["check", "--config", str(path)]) == 0
+    assert "is valid" in capsys.readouterr().out
