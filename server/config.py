@@ -838,7 +838,8 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
         # migrate ...) still read such a file.
         if (setting.server_auth and setting.name not in table and server_side
                 and reader.required):
-            shown = ", ".join(server_side[:4]) + (", ..." if len(server_side) > 4 else "")
+            named = [("custom events" if event == "*" else event) for event in server_side]
+            shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
             reader.problem(f"{where}.{setting.name}",
                            f"is required: this section's routes send events from the server "
                            f"({shown}), and {module.NAME}'s API refuses a request without it "
