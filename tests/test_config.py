@@ -653,9 +653,17 @@ def test_a_vendor_without_the_secret_its_server_api_needs_is_a_problem(vendor, s
     browser_only = {"*": "browser", **{event: "browser" for event in
                                         VENDORS[vendor].DEFAULT_ROUTES}}
     browser_only["purchase"] = "off"
+    browser_only["product_updated"] = "off"
     settings = config.parse({"sites": [{"id": "s", vendor: {**section, "routes": browser_only}}]},
                             env={})
     assert vendor in settings.sites["s"].vendors
+    # Sendlane's product sync sends whenever product_updated is not off.
+    syncing = {**browser_only, "product_updated": "browser"}
+    data = {"sites": [{"id": "s", vendor: {**section, "routes": syncing}}]}
+    if vendor == "sendlane":
+        assert "the product sync" in problems(data)[0]
+    else:
+        config.parse(data, env={})
     # A node that never sends (NODE_SECRETS) still sees the key missing: it is the file's
     # problem, not the environment's; an env: value left unset is the process's business.
     settings = config.parse({"sites": [{"id": "s", vendor: {**section, key: "env:UNSET"}}]},
