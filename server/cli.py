@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlsplit
@@ -170,6 +170,25 @@ def _load(path: str | None, require_secrets: Any = True) -> config_module.Settin
         raise SystemExit(2) from None
 
 
+# The ``env:`` values each process refuses to start without (``config.load``'s
+# ``require_secrets``). A worker sends: the vendors' secrets, not the sites' (the nodes check
+# those). ``serve`` is decided by its config (``load_for``).
+WORKER_SECRETS = config_module.SENDER_SECRETS
+
+
+def load_for(path: str, process: str) -> config_module.Settings:
+    """The config as ``process`` (serve | worker | all) loads it, refusing what it lacks. A
+    node that does not forward never sends, so the vendors' secrets may live only where the
+    workers run (README, "Running on PostgreSQL"); one that forwards needs them too."""
+    if process == "worker":
+        return _load(path, require_secrets=WORKER_SECRETS)
+    if process == "serve":
+        settings = _load(path, require_secrets=config_module.NODE_SECRETS)
+        if not settings.server.forward:
+            return settings
+    return _load(path)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -178,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise _refuse(f"--port takes 1 to 65535, not {args.port}")
     path = _find_config(args.config)
-    warning = None
+    warning = serving = None
     if path is None:
         settings = config_module.demo(args.host, args.port)
         print(f"onetag: {NO_CONFIG}, so serving "
@@ -186,14 +205,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"onetag: open {settings.server.public_url}/demo/ — its events land in the store "
               f"and show in the page's side panel.", flush=True)
     else:
-        # A node that does not forward never sends, so the vendors' secrets may live only
-        # where the workers run (README, "Running on PostgreSQL").
-        settings = _load(path, require_secrets=config_module.NODE_SECRETS)
-        if settings.server.forward:
-            settings = _load(path)
+        settings = load_for(path, "serve")
         sites = ", ".join(settings.sites)
-        print(f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
-              f"{_shown(settings)}", flush=True)
+        # Said once the database is known usable: before, a stale schema or a read-only
+        # file printed "serving ..." and then "not serving".
+        serving = (f"onetag: serving {len(settings.sites)} site(s) ({sites}) from {path} on "
+                   f"{_shown(settings)}")
         warning = public_url_warning(settings.server.public_url, args.port)
     from . import connections, logs
 
@@ -219,6 +236,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "not serving. Check the path, its permissions, the mount and free space.",
               file=sys.stderr)
         return 2
+    if serving:
+        print(serving, flush=True)
     log_config = logs.configure(log_format, args.log_level)
     connections.raise_open_files_limit()
     connections.install_accept_error_filter()
@@ -302,6 +321,8 @@ def _database_problem(settings: config_module.Settings, exc: Exception) -> str:
     from .store import DriverMissing
     from .store.pg_migrate import SchemaNotCurrent
 
+    if isinstance(exc, SchemaNotCurrent) and not settings.is_demo:
+        return str(exc).replace("--config <file>", f"--config {settings.source}")
     if isinstance(exc, (DriverMissing, SchemaNotCurrent)):
         return str(exc)
     return f"cannot use the database {_shown(settings)} ({type(exc).__name__}: {exc})"
@@ -323,8 +344,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         try:
             applied = asyncio.run(migrate_url(settings.server.database))
         except Exception as exc:
-            print(f"onetag: cannot migrate {label} ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
+            hint = getattr(exc, "hint", None)
+            print(f"onetag: cannot migrate {label} ({type(exc).__name__}: {exc})"
+                  + (f"; {hint}" if hint else ""), file=sys.stderr)
             return 1
     else:
         import sqlite3
@@ -362,7 +384,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
     except OSError as exc:
         raise _refuse(f"cannot write {path} ({exc.strerror or exc})") from None
-    print(f"onetag: wrote {path}; edit it, then `onetag check --config {path}`")
+    # Its secrets are env: values: check refuses each one not exported, so name them.
+    active = "\n".join(line.split("#", 1)[0] for line in EXAMPLE_CONFIG.splitlines())
+    names = re.findall(r'"env:([A-Z0-9_]+)"', active)
+    print(f"onetag: wrote {path}; edit it, export the secrets it reads from the environment "
+          f"(export {' '.join(f'{name}=...' for name in names)}), then "
+          f"`onetag check --config {path}`")
     return 0
 
 
@@ -372,11 +399,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("onetag: no config file to check (--config PATH, $ONETAG_CONFIG or ./onetag.toml)",
               file=sys.stderr)
         return 2
-    settings = _load(path)
+    settings = load_for(path, args.process)
     for site in settings.sites.values():
         vendors = ", ".join(site.vendors) or "no vendors"
         print(f"site {site.id}: {vendors}; origins {', '.join(site.origins) or '(none)'}")
-    print(f"onetag: {path} is valid")
+    if args.process == "all":
+        print(f"onetag: {path} is valid")
+    else:
+        print(f"onetag: {path} is valid for `onetag {args.process}` (with this environment)")
     return 0
 
 
@@ -538,15 +568,18 @@ def format_report(report: list[dict[str, Any]]) -> str:
 
 
 def _when(ms: int | None) -> str:
+    """A stored time as output shows it: in UTC, said (as the logs' are), not a local time
+    with no zone that read as the logs' UTC."""
     if not ms:
         return "-"
-    return datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _clock(ms: int, now_ms: int) -> str:
-    """A time of day when it is within a day of now, else the date too."""
-    when = datetime.fromtimestamp(ms / 1000).astimezone()
-    return when.strftime("%H:%M:%S" if abs(ms - now_ms) < 86_400_000 else "%Y-%m-%d %H:%M:%S")
+    """A time of day (UTC) when it is within a day of now, else the date too."""
+    when = datetime.fromtimestamp(ms / 1000, timezone.utc)
+    return when.strftime("%H:%M:%S UTC" if abs(ms - now_ms) < 86_400_000
+                         else "%Y-%m-%d %H:%M:%S UTC")
 
 
 def _error_head(error: str) -> str:
@@ -937,8 +970,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from . import logs
     from .forwarder import run_until
 
-    # A worker sends: it needs the vendors' secrets, not the sites' (the nodes check those).
-    settings, path = _settings(args.config, require_secrets=config_module.SENDER_SECRETS)
+    settings, path = _settings(args.config, require_secrets=WORKER_SECRETS)
     options = _forward_options()
     logs.configure(args.log_format or settings.server.log_format, args.log_level)
     if settings.server.is_postgresql:
@@ -950,14 +982,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(f"onetag: forwarding deliveries from {_shown(settings)} "
           f"({len(settings.sites)} site(s)); Ctrl-C or SIGTERM stops", flush=True)
 
+    received: list[str] = []
+
+    def stop_on(sig: signal.Signals, stop: asyncio.Event) -> None:
+        received.append(sig.name)
+        stop.set()
+
     async def work(store: Any) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop_on, sig, stop)
         await run_until(stop, settings, store, options)
 
     asyncio.run(_with_store(settings, work, one_shot=False))
+    logging.getLogger("onetag.worker").info(
+        "worker stopped (%s): in-flight sends finished or left leased", received[0]
+        if received else "its forwarder ended")
     return 0
 
 
@@ -1132,6 +1173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config, printing every problem")
     check.add_argument("--config", help="config file (default: $ONETAG_CONFIG or ./onetag.toml)")
+    check.add_argument("--for", dest="process", choices=["serve", "worker", "all"],
+                       default="all",
+                       help="check only the env: variables that process reads (default: all; "
+                            "serve wants the vendors' secrets only with forward = true)")
     check.set_defaults(func=cmd_check)
 
     config_help = "config file (default: $ONETAG_CONFIG or ./onetag.toml; else the demo's database)"
@@ -1303,7 +1348,10 @@ def vendor_names() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .store import APPLICATION_NAME_ENV
+
     args = build_parser().parse_args(argv)
+    os.environ[APPLICATION_NAME_ENV] = f"onetag {args.command}"  # PostgreSQL's view of us
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 from . import routing
@@ -830,7 +831,27 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
             reader.problem(f"{where}.routes.{event}", f"must be one of {', '.join(routing.MODES)}, not {mode!r}")
             continue
         routes[event] = mode
-    return VendorConfig(name=module.NAME, values=values, routes=routes)
+    vendor = VendorConfig(name=module.NAME, values=values, routes=routes)
+    server_side = routing.sends_from_server(vendor)
+    from . import product_sync  # here: it imports the outbox, which imports this module
+
+    if product_sync.enabled(SimpleNamespace(vendors={module.NAME: vendor})) \
+            and "product_updated" not in server_side:
+        server_side.append("the product sync")  # it sends unless product_updated is off
+    for setting in module.SETTINGS:
+        # Absent from the file (an env: value unset is the process's own check, above). The
+        # commands that never send nor serve (``require_secrets=False``: deliveries, replay,
+        # migrate ...) still read such a file.
+        if (setting.server_auth and setting.name not in table and server_side
+                and reader.required):
+            named = [("custom events" if event == "*" else event) for event in server_side]
+            shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
+            reader.problem(f"{where}.{setting.name}",
+                           f"is required: this section's routes send events from the server "
+                           f"({shown}), and {module.NAME}'s API refuses a request without it "
+                           f"({setting.help.split(';')[0]}); set it, or route every event "
+                           f"\"browser\" or \"off\"")
+    return vendor
 
 
 def demo(host: str = "127.0.0.1", port: int = 8000, database: str | None = None) -> Settings:

@@ -412,6 +412,7 @@ class Forwarder:
         # A lane for every known vendor: rows of a vendor no site enables any more still get
         # claimed, and dead-lettered with a reason instead of waiting forever.
         self.vendors = sorted(configured | set(VENDORS))
+        self.enabled = sorted(configured)  # what the log says it forwards to
         self._transport: KeepAlivePool | None = None
         self._timeouts = self.options.timeout.as_dict()
         self._lanes: dict[str, _Lane] = {}
@@ -456,8 +457,15 @@ class Forwarder:
                 self._every(opts.product_sync_every_s, self.sync_products,
                             "planning the product sync"), name="onetag-product-sync"))
         self._finisher = asyncio.create_task(self._finish_loop(), name="onetag-finish")
-        log.info("forwarder started: %s, %d in flight per vendor", ", ".join(self.vendors),
-                 opts.concurrency)
+        log.info("%s", self.started_message())
+
+    def started_message(self) -> str:
+        """The start's log line: the vendors a site enables (the other lanes only dead-letter
+        what an old config left), not every vendor onetag knows."""
+        if not self.enabled:
+            return "forwarder started: no site enables a vendor"
+        return (f"forwarder started: {', '.join(self.enabled)}, {self.options.concurrency} in "
+                f"flight per vendor")
 
     async def stop(self) -> None:
         """Stop claiming; give in-flight sends the grace period; record what they got.

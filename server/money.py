@@ -84,3 +84,24 @@ def cents(minor: int, currency: str) -> int:
     """Hundredths of the major unit (Rejoiner's "integer cents"), whatever the exponent."""
     value = to_major(minor, currency).scaleb(2).quantize(Decimal(1), rounding=ROUND_HALF_UP)
     return int(value)
+
+
+SYMBOLS = {"USD": "$"}  # shown before the amount; any other currency is named after it
+
+
+def display(minor: int, currency: str) -> str:
+    """An amount as people read it (the console): 2999 USD → "$29.99", 2999 EUR →
+    "29.99 EUR", 2999 JPY → "2,999 JPY", by the currency's ISO 4217 digits."""
+    code = currency.upper()
+    amount = f"{abs(to_major(minor, code)):,.{exponent(code)}f}"
+    sign = "-" if minor < 0 else ""
+    if code in SYMBOLS:
+        return f"{sign}{SYMBOLS[code]}{amount}"
+    return f"{sign}{amount} {code}"
+
+
+def display_or_minor(minor: int | None, currency: str | None) -> str:
+    """``display``, or the bare integer when no currency says what its unit is."""
+    if minor is None:
+        return ""
+    return display(minor, currency) if currency else f"{minor} (minor units)"

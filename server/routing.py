@@ -23,6 +23,13 @@ from .vendors._base import ROUTING_MODES, VendorConfig
 MODES = ROUTING_MODES  # the names a config's routes may use
 
 BROWSER_MODES = frozenset({"browser", "both", "fallback"})
+SERVER_MODES = frozenset({"server", "both", "fallback"})  # ``decide`` may answer "send"
+
+
+def sends_from_server(vendor: VendorConfig) -> list[str]:
+    """The events (``"*"``: custom ones) this vendor's section may send from onetag's
+    server; [] when every route stays in the browser or is off."""
+    return sorted(event for event, mode in vendor.routes.items() if mode in SERVER_MODES)
 
 Decision = Literal["send", "browser", "skip"]
 

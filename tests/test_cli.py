@@ -119,7 +119,10 @@ def test_check_flags_vendor_urls_and_suggests_the_nearest_key(tmp_path) -> None:
         'api_bsae = "https://api.sendlane.example"\n')
     result = onetag("check", cwd=tmp_path)
     assert result.returncode == 2
-    assert "onetag.toml has 4 problem(s)" in result.stderr
+    assert "onetag.toml has 6 problem(s)" in result.stderr
+    # Both sections route events to the server without the key their APIs need.
+    assert "sites[shop1].rejoiner.api_key: is required" in result.stderr
+    assert "sites[shop1].sendlane.api_token: is required" in result.stderr
     lines = result.stderr.splitlines()
     assert any(line.strip().startswith("onetag.toml: server.public_urll: unknown key (did you "
                                        "mean 'public_url'?") for line in lines)
@@ -155,7 +158,11 @@ def test_serve_warns_when_a_loopback_public_url_names_another_port(tmp_path) -> 
                         f"port {port + 1}, but this server binds port {port}: scripts would load "
                         f"and post events where nothing listens (set public_url to "
                         f"http://localhost:{port} or run with --port {port + 1})"]
-    assert "warning" not in serve_output(tmp_path, port, port)
+    output = serve_output(tmp_path, port, port)
+    assert "warning" not in output
+    # Once serving: the banner, naming the database by its absolute path.
+    assert (f"onetag: serving 1 site(s) (shop1) from onetag.toml on {tmp_path / 'onetag.db'}"
+            in output.split("--stderr--")[0]), output
 
 
 def test_public_url_warning_only_for_loopback_hosts() -> None:
@@ -251,7 +258,7 @@ def test_check_refuses_an_unknown_placeholder_in_a_configured_url(tmp_path) -> N
     """The contract's own webhook_url passed check and was sent as written; a misspelt
     placeholder must be named."""
     (tmp_path / "onetag.toml").write_text(
-        '[[sites]]\nid = "shop1"\n\n[sites.remarkety]\nstore_id = "ST1"\n'
+        '[[sites]]\nid = "shop1"\n\n[sites.remarkety]\nstore_id = "ST1"\napi_key = "rm-key"\n'
         'webhook_url = "https://webhooks.remarkety.com/webhooks/?storeId={store_id}"\n')
     assert onetag("check", cwd=tmp_path).returncode == 0
     (tmp_path / "onetag.toml").write_text(

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -188,6 +189,9 @@ async def test_replay_dead_by_default_then_expired_once_identified(shop) -> None
     result = onetag("replay", "--config", str(config_path), "--since", "1h", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "onetag: 1 deliveries made due again (dead" in result.stdout
+    # Its times say their zone (UTC, as the logs'): "created since 2026-01-31 13:00:00 UTC".
+    assert re.search(r"created since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", result.stdout), \
+        result.stdout
     [row] = rows(db, "d.vendor = 'sendlane' AND e.event_id = 'id-a'")
     assert (row["state"], row["attempts"], row["last_error"]) == ("pending", 0, None)
     assert row["retry_from_ms"] >= row["created_ms"]  # a fresh retry window
@@ -239,6 +243,9 @@ async def test_worker_forwards_what_the_server_stored_and_stops_on_sigterm(tmp_p
             out, _ = await asyncio.wait_for(worker.communicate(), 60)
         assert worker.returncode == 0, out.decode()
         assert "forwarding deliveries from" in out.decode()
+        # One line says it stopped, and why (it ended without a word).
+        stopped = [line for line in out.decode().splitlines() if "worker stopped" in line]
+        assert len(stopped) == 1 and "SIGTERM" in stopped[0], out.decode()
         assert [r.path for r in fake.requests()] == ["/sendlane/tracking/customer-added",
                                                      "/sendlane/tracking/order-placed"]
 
@@ -337,8 +344,8 @@ async def test_failing_and_pending_rows_say_why_they_wait(shop) -> None:
     listed = json.loads(result.stdout)["rows"]
     assert [r["id"] for r in listed] == [r["id"] for r in failing] and len(failing) == 1
     [row] = listed
-    due = datetime.fromtimestamp(failing[0]["next_attempt_ms"] / 1000).astimezone()
-    assert row["why"] == f"retry 2 of 8 at {due:%H:%M:%S} after HTTP 503"
+    due = datetime.fromtimestamp(failing[0]["next_attempt_ms"] / 1000, timezone.utc)
+    assert row["why"] == f"retry 2 of 8 at {due:%H:%M:%S} UTC after HTTP 503"
     assert row["next_attempt_ms"] == failing[0]["next_attempt_ms"]
 
     # Lease one due row as a forwarder would, without finishing it: in flight.
@@ -358,9 +365,9 @@ async def test_failing_and_pending_rows_say_why_they_wait(shop) -> None:
                    and (r["site_id"], r["vendor"], r["visitor"]) == (
                        stored["site_id"], stored["vendor"], stored["visitor"])]
         if row_id == leased.id:
-            until_ = datetime.fromtimestamp((now + 45_000) / 1000).astimezone()
+            until_ = datetime.fromtimestamp((now + 45_000) / 1000, timezone.utc)
             assert row["why"].startswith("in flight: attempt 1 of 20 claimed at ")
-            assert row["why"].endswith(f"lease until {until_:%H:%M:%S}")
+            assert row["why"].endswith(f"lease until {until_:%H:%M:%S} UTC")
         elif earlier:
             assert row["why"].startswith(f"waiting for the visitor's earlier row #{earlier[0]} ")
         elif stored["last_error"]:
@@ -381,9 +388,9 @@ def test_pending_reason_for_a_row_held_back_for_the_browser_copy() -> None:
     now = 1_800_000_000_000
     row = {"next_attempt_ms": now + 600_000, "attempts": 0, "last_error": None,
            "updated_ms": now, "waits_for": None}
-    when = datetime.fromtimestamp((now + 600_000) / 1000).astimezone()
+    when = datetime.fromtimestamp((now + 600_000) / 1000, timezone.utc)
     assert pending_reason(row, now, 20, 60_000) == (
-        f"held back until {when:%H:%M:%S} for the browser's own copy ([server] browser_grace_s)")
+        f"held back until {when:%H:%M:%S} UTC for the browser's own copy ([server] browser_grace_s)")
     row = {**row, "next_attempt_ms": now - 1000, "last_error": "connection refused",
            "attempts": 3}
     assert pending_reason(row, now, 20, 60_000).startswith(

@@ -9,6 +9,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from server import config
 from server.config import ConfigError
+from server.vendors import VENDORS
 
 
 def problems(data: dict, env: dict | None = None) -> list[str]:
@@ -57,6 +58,8 @@ def test_every_problem_is_reported_with_its_location() -> None:
         "onetag.toml: sites[shop 1].rejoiner.apikey: unknown key",
         "onetag.toml: sites[shop 1].rejoiner.site_id: is required",
         "onetag.toml: sites[shop 1].rejoiner.routes.purchase: must be one of browser, server, both, fallback, off",
+        # The misspelt key leaves the REST API's key unset, which server routes need.
+        "onetag.toml: sites[shop 1].rejoiner.api_key: is required",
         "onetag.toml: sites[shop 1].api_key: environment variable MISSING is not set",
         "onetag.toml: sites[shop2].sendlane: must be a table",
         "onetag.toml: sites[shop2].id: is used by two sites",
@@ -73,7 +76,7 @@ def test_no_sites_is_a_problem() -> None:
 
 def test_routes_override_defaults_only_where_given() -> None:
     settings = config.parse({"sites": [{"id": "s", "rejoiner": {
-        "site_id": "R", "routes": {"purchase": "server"}}}]}, env={})
+        "site_id": "R", "api_key": "k", "routes": {"purchase": "server"}}}]}, env={})
     vendor = settings.sites["s"].vendors["rejoiner"]
     assert vendor.route("purchase") == "server"
     from server.vendors import rejoiner
@@ -204,12 +207,12 @@ def test_vendor_urls_must_be_absolute_http_urls() -> None:
     from server.vendors import VENDORS
 
     found = problems({"sites": [{"id": "shop1",
-        "rejoiner": {"site_id": "R", "api_base": "rj2.rejoiner.com/api/v1"},
-        "remarkety": {"store_id": "S", "webhook_url": "/webhooks/?storeId=S"},
+        "rejoiner": {"site_id": "R", "api_key": "k", "api_base": "rj2.rejoiner.com/api/v1"},
+        "remarkety": {"store_id": "S", "api_key": "k", "webhook_url": "/webhooks/?storeId=S"},
         "esputnik": {"site_id": "E", "tracker_url": "ftp://tracker.example/api",
                      "script_url": "//cdn.example/e.js"},
         "sendlane": {"integration_token": "T", "api_base": "https://api.sendlane.example/v2",
-                     "script_url": "http://127.0.0.1:9000/pusher.js"}}]})
+                     "api_token": "k", "script_url": "http://127.0.0.1:9000/pusher.js"}}]})
     assert sorted(p.split(": ")[1] for p in found) == [
         "sites[shop1].esputnik.script_url", "sites[shop1].esputnik.tracker_url",
         "sites[shop1].rejoiner.api_base", "sites[shop1].remarkety.webhook_url"]
@@ -412,8 +415,9 @@ def test_urls_with_a_bad_port_or_host_are_refused_naming_the_key() -> None:
         found = problems({
             "server": {"public_url": url},
             "sites": [{"id": "shop1",
-                       "rejoiner": {"site_id": "R", "api_base": url, "script_url": url},
-                       "remarkety": {"store_id": "S", "webhook_url": url},
+                       "rejoiner": {"site_id": "R", "api_base": url, "script_url": url,
+                                    "api_key": "k"},
+                       "remarkety": {"store_id": "S", "webhook_url": url, "api_key": "k"},
                        "esputnik": {"site_id": "E", "tracker_url": url},
                        "coupons": {"webhook_url": url, "remarkety_api_key": "r" * 16,
                                    "webhook_secret": "w" * 16}}]})
@@ -425,7 +429,7 @@ def test_urls_with_a_bad_port_or_host_are_refused_naming_the_key() -> None:
     [port] = problems({"server": {"public_url": "http://127.0.0.1:99999"}, "sites": [{"id": "s"}]})
     assert "port" in port
     settings = config.parse({"server": {"public_url": "https://[::1]:8443/"}, "sites": [
-        {"id": "s", "sendlane": {"integration_token": "T",
+        {"id": "s", "sendlane": {"integration_token": "T", "api_token": "k",
                                  "api_base": "http://127.0.0.1:65535/sl"}}]}, env={})
     assert settings.server.public_url == "https://[::1]:8443"
 
@@ -478,6 +482,7 @@ id = "shop1"
 
 [sites.remarkety]
 store_id    = "ST1"
+api_key     = "rm-key"
 webhook_url = "https://webhooks.remarkety.com/webhooks/?storeId={store_id}"
 
 [sites.esputnik]
@@ -502,8 +507,10 @@ def test_the_contracts_configured_urls_have_their_placeholders_filled_in(tmp_pat
     assert site.vendors["esputnik"]["script_url"] == "https://cdn.esputnik.com/scripts/LOADER9.js"
     # Braces doubled are braces; a URL without placeholders is kept as written.
     settings = config.parse({"sites": [{"id": "s", "remarkety": {
-        "store_id": "S", "webhook_url": "https://h.example/w?x={{y}}&s={store_id}"},
-        "sendlane": {"integration_token": "T", "api_base": "https://api.example/v2"}}]}, env={})
+        "store_id": "S", "api_key": "k",
+        "webhook_url": "https://h.example/w?x={{y}}&s={store_id}"},
+        "sendlane": {"integration_token": "T", "api_token": "k",
+                     "api_base": "https://api.example/v2"}}]}, env={})
     assert settings.sites["s"].vendors["remarkety"]["webhook_url"] == "https://h.example/w?x={y}&s=S"
     assert settings.sites["s"].vendors["sendlane"]["api_base"] == "https://api.example/v2"
 
@@ -531,7 +538,7 @@ def test_an_unknown_placeholder_in_a_configured_url_is_a_problem_naming_the_key(
 
 def test_a_placeholder_naming_an_unset_key_is_a_problem() -> None:
     found = problems({"sites": [{"id": "shop1", "rejoiner": {
-        "site_id": "R", "api_base": "https://rj.example/{domain}/api"}}]})
+        "site_id": "R", "api_key": "k", "api_base": "https://rj.example/{domain}/api"}}]})
     assert found == ["onetag.toml: sites[shop1].rejoiner.api_base: names {domain}, which is not set"]
 
 
@@ -541,7 +548,8 @@ def test_a_placeholder_naming_an_unset_key_is_a_problem() -> None:
                 max_size=6))
 def test_any_configured_url_is_filled_in_or_one_problem_naming_it(parts: list[str]) -> None:
     url = "".join(parts)
-    data = {"sites": [{"id": "shop1", "remarkety": {"store_id": "S1", "webhook_url": url}}]}
+    data = {"sites": [{"id": "shop1", "remarkety": {"store_id": "S1", "api_key": "k",
+                                                     "webhook_url": url}}]}
     try:
         settings = config.parse(data, env={})
     except ConfigError as exc:
@@ -602,3 +610,117 @@ def test_consent_defaults_to_none_and_takes_required() -> None:
             f"onetag.toml: sites[shop1].consent: must be \"none\" or \"required\", not {bad!r}"]
     assert problems({"sites": [site(consent=True)]}) == [
         "onetag.toml: sites[shop1].consent: must be a string, not bool"]
+
+
+def test_the_readme_nginx_block_and_its_server_settings_agree() -> None:
+    """README "Behind a reverse proxy": the nginx block appends the address it was reached
+    from and the scheme, and the TOML beside it trusts that proxy (on 127.0.0.1) and names
+    the proxy's host as public_url: a valid config, which uvicorn is told to believe."""
+    import re
+    import tomllib
+
+    from server.cli import proxy_options
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    part = readme.split("### Behind a reverse proxy", 1)[1]
+    [nginx] = re.findall(r"```nginx\n(.*?)```", part.split("###", 1)[0], re.S)
+    [toml] = re.findall(r"```toml\n(.*?)```", part.split("###", 1)[0], re.S)
+    for line in ("proxy_pass http://127.0.0.1:8000;", "proxy_set_header Host $host;",
+                 "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+                 "proxy_set_header X-Forwarded-Proto $scheme;"):
+        assert line in nginx, line
+    server_name = re.search(r"server_name (\S+);", nginx).group(1)
+    settings = config.parse({**tomllib.loads(toml), "sites": [{"id": "shop1"}]}, env={})
+    assert settings.server.public_url == f"https://{server_name}"
+    assert proxy_options(settings.server.trusted_proxies) == {
+        "proxy_headers": True, "forwarded_allow_ips": ["127.0.0.1"]}
+
+
+@pytest.mark.parametrize("vendor, section, key", [
+    ("rejoiner", {"site_id": "ABC1234"}, "api_key"),
+    ("remarkety", {"store_id": "AbCdEf"}, "api_key"),
+    ("sendlane", {"integration_token": "t" * 16}, "api_token"),
+])
+def test_a_vendor_without_the_secret_its_server_api_needs_is_a_problem(vendor, section,
+                                                                        key) -> None:
+    """The forwarder sent such a section's server-side calls unauthenticated, and the vendor
+    refused every one (Rejoiner REST API "Authentication", Remarkety "x-token", Sendlane
+    "API v2 authorization"). It is one problem naming the key, unless every route of the
+    section stays in the browser (or is off): then nothing is sent from the server."""
+    found = problems({"sites": [{"id": "s", vendor: section}]})
+    assert wheres(found) == [f"sites[s].{vendor}.{key}"], found
+    assert "server" in found[0] and "routes" in found[0]
+    browser_only = {"*": "browser", **{event: "browser" for event in
+                                        VENDORS[vendor].DEFAULT_ROUTES}}
+    browser_only["purchase"] = "off"
+    browser_only["product_updated"] = "off"
+    settings = config.parse({"sites": [{"id": "s", vendor: {**section, "routes": browser_only}}]},
+                            env={})
+    assert vendor in settings.sites["s"].vendors
+    # Sendlane's product sync sends whenever product_updated is not off.
+    syncing = {**browser_only, "product_updated": "browser"}
+    data = {"sites": [{"id": "s", vendor: {**section, "routes": syncing}}]}
+    if vendor == "sendlane":
+        assert "the product sync" in problems(data)[0]
+    else:
+        config.parse(data, env={})
+    # A node that never sends (NODE_SECRETS) still sees the key missing: it is the file's
+    # problem, not the environment's; an env: value left unset is the process's business.
+    settings = config.parse({"sites": [{"id": "s", vendor: {**section, key: "env:UNSET"}}]},
+                            env={}, require_secrets=config.NODE_SECRETS)
+    assert key not in settings.sites["s"].vendors[vendor].values
+
+
+def test_esputnik_needs_no_secret_to_send_from_the_server() -> None:
+    """The eSputnik tracker API: "No authorization is required"; the key is optional."""
+    settings = config.parse({"sites": [{"id": "s", "esputnik": {"site_id": "8A412DC",
+                                                                "routes": {"*": "server"}}}]},
+                            env={})
+    assert "api_key" not in settings.sites["s"].vendors["esputnik"].values
+
+
+def test_the_readme_lists_every_forwarder_variable_with_its_default() -> None:
+    """README's ONETAG_FORWARD_* table is the ForwarderOptions fields, defaults as the code
+    has them: a setting added or a default changed fails here until the README says so."""
+    import dataclasses
+
+    from server.forward_options import ForwarderOptions
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        if line.startswith("| `ONETAG_FORWARD_"):
+            name, default, meaning = (cell.strip() for cell in line.strip("|").split(" | ", 2))
+            rows[name.strip("`")] = default
+            assert meaning, name
+    defaults = ForwarderOptions()
+    expected = {}
+    for f in dataclasses.fields(ForwarderOptions):
+        value = getattr(defaults, f.name)
+        expected[f"ONETAG_FORWARD_{f.name.upper()}"] = (
+            ",".join(f"{k}={v:g}" for k, v in value.items()) or "none"
+            if isinstance(value, dict) else f"{value:g}")
+    assert rows == expected
+    # Each name the table gives is one from_env takes.
+    for name in rows:
+        ForwarderOptions.from_env({name: "none" if name.endswith("RATES") else "1"})
+
+
+def test_init_names_the_variables_to_export_and_then_check_passes(tmp_path, capsys,
+                                                                  monkeypatch) -> None:
+    """Quick start step 1: `onetag init`, export the env: variables it names, `onetag check`.
+    init's message lists them, and with them set (random values) the file is valid."""
+    import re
+
+    from server import cli
+
+    path = tmp_path / "onetag.toml"
+    assert cli.main(["init", str(path)]) == 0
+    said = capsys.readouterr().out
+    active = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+    names = re.findall(r'"env:([A-Z0-9_]+)"', active)
+    assert names and f"export {' '.join(f'{n}=...' for n in names)}" in said, said
+    for name in names:
+        monkeypatch.setenv(name, "x" * 32)
+    assert cli.main(["check", "--config", str(path)]) == 0
+    assert "is valid" in capsys.readouterr().out

@@ -378,3 +378,30 @@ async def test_backfilled_history_older_than_the_scan_window_is_found(backend, t
         finally:
             conn.close()
         assert "events_history_email" in plan, plan
+
+
+def test_amounts_show_as_money_by_their_currencys_digits() -> None:
+    """"2999 minor USD" was the store's integer: the console says $29.99, 29.99 EUR, and
+    ¥-style currencies without a fraction (ISO 4217 exponent 0, 3 ...)."""
+    from server.money import display
+
+    assert display(2999, "USD") == "$29.99"
+    assert display(2999, "EUR") == "29.99 EUR"
+    assert display(2999, "jpy") == "2,999 JPY"
+    assert display(1234567, "KWD") == "1,234.567 KWD"
+    assert display(-500, "USD") == "-$5.00"
+    assert display(123456789, "USD") == "$1,234,567.89"
+    assert q.summary({"ecommerce": {"transaction_id": "1001", "value_minor": 2999,
+                                    "currency": "USD"}}) .startswith("order 1001 · $29.99")
+    assert "29.99 EUR" in q.summary({"ecommerce": {"value_minor": 2999, "currency": "EUR"}})
+
+
+def test_the_cart_shows_its_value_and_prices_as_money(tmp_path) -> None:
+    settings = settings_for(tmp_path)
+    console = Console(settings, store=None)
+    html = console.env.from_string(
+        '{% from "admin/_macros.html" import cart_table %}{{ cart_table(cart) }}').render(
+        cart={"item_count": 2, "value_minor": 5998, "currency": "EUR", "guid": None,
+              "items": [{"item_id": "SKU-1", "quantity": 2, "price_minor": 2999}]})
+    assert "2 item(s), 59.98 EUR" in html and "<td>29.99 EUR</td>" in html
+    assert "minor" not in html

@@ -313,3 +313,16 @@ def test_an_answer_is_read_in_the_encoding_httpx_would_choose(content_type) -> N
     cached = httpx.Response(200, headers=headers, content=body)
     cached.encoding = _text_encoding(content_type)
     assert cached.text == plain.text
+
+
+def test_the_start_line_names_the_vendors_sites_enable() -> None:
+    """"forwarder started: esputnik, rejoiner, remarkety, sendlane" for a site with only
+    Sendlane read as if all four were sent to; the lanes of the others stay (they
+    dead-letter an old config's rows) but are not announced."""
+    site = types.SimpleNamespace(vendors={"sendlane": object()})
+    settings = types.SimpleNamespace(server=types.SimpleNamespace(hold_days=7),
+                                     sites={"shop1": site})
+    forwarder = Forwarder(settings, store=None, options=ForwarderOptions(concurrency=8))
+    assert forwarder.started_message() == "forwarder started: sendlane, 8 in flight per vendor"
+    assert len(forwarder.vendors) == 4
+    assert _forwarder().started_message() == "forwarder started: no site enables a vendor"

@@ -356,6 +356,35 @@ async def test_pending_writes_are_bounded(tmp_path) -> None:
     assert len(refused) == 7 and {a.kind for a in refused} == {"queue"}
 
 
+async def test_the_forwarders_own_writes_do_not_count_against_max_pending_writes(
+        tmp_path) -> None:
+    """``max_pending_writes = 1`` (the least the config takes) bounds the requests' writes:
+    the forwarder's claims, finishes, expiries and prunes (one per lane and task, bounded by
+    the forwarder itself) used to count too, so a request beside them was refused 503 and
+    the forwarder's own writes logged warnings."""
+    from server import config
+
+    assert config.NUMBERS["max_pending_writes"][1] == 1
+    store = await open_process_store(tmp_path, max_pending_writes=1)
+    try:
+        now = int(time.time() * 1000)
+        answers = await asyncio.gather(
+            *(store.claim(now, 60_000, 10, [vendor]) for vendor in
+              ("rejoiner", "remarkety", "esputnik", "sendlane")),
+            store.expire_held(now - 1000, now), store.prune_attempts(now - 1000, 100),
+            store.prune_coupon_calls(now - 1000, 100), store.finish([], now),
+            store.ingest_browser(browser_body("one", "QUEUE-SESSION-2"), facts()),
+            return_exceptions=True)
+        assert not [a for a in answers if isinstance(a, BaseException)], answers
+        # The requests' own writes are still bounded: one waits, the second is refused.
+        two = await asyncio.gather(
+            *(store.ingest_browser(browser_body(f"two-{n}", "QUEUE-SESSION-3"), facts())
+              for n in range(2)), return_exceptions=True)
+        assert [type(a).__name__ for a in two].count("StoreUnavailable") == 1
+    finally:
+        await store.close()
+
+
 async def test_healthz_names_a_missing_writer(tmp_path) -> None:
     settings = settings_for(tmp_path)
     async with running(settings) as (app, client):

@@ -303,3 +303,37 @@ def test_two_partial_refunds_of_an_order_in_a_history_are_two_events() -> None:
     assert natural_key(partial("SKU-1")) != natural_key(partial("SKU-2"))
     assert natural_key(partial("SKU-1")) == natural_key(partial("SKU-1"))
     assert natural_key(refund(items=[])) == "refund:1001:refunded"
+
+
+def readme_backend_bodies() -> list[dict]:
+    """The bodies of README Quick start step 5's curl commands, in order."""
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    step = readme.split("\n5. From your backend", 1)[1].split("\nThe full vocabulary", 1)[0]
+    return [json.loads(body) for body in re.findall(r"-d '(\{.*?\})'", step, re.S)]
+
+
+async def test_the_readme_backend_example_sends_the_order_before_its_status(backend) -> None:
+    """Quick start step 5 as written: a purchase, then its order_status, which vendors get
+    with the order's lines (an order_status of an order never sent had none)."""
+    raws = readme_backend_bodies()
+    assert [raw["event"] for raw in raws] == ["purchase", "order_status"]
+    assert all(raw["user"].get("customer_id") for raw in raws)
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        for n, raw in enumerate(raws):
+            await ingest(store, event({**raw, "event_id": f"readme-{n}", "time": T0 + n}))
+    finally:
+        await store.close()
+    sent = await bodies(backend)
+    created = sent[("remarkety", "orders/create:1001")]
+    assert len(created["line_items"]) == 1
+    changed = sent[("remarkety", "orders/update:1001:fulfilled")]
+    assert changed["status"]["code"] == "fulfilled"
+    assert changed["line_items"] == created["line_items"]
+    assert changed["total_price"] == created["total_price"] == 29.99
+    update = sent[("sendlane", "order-placed:1001:fulfilled")]
+    assert len(update["line_items"]) == 1 and update["customer_id"] == "C-42"

@@ -57,3 +57,34 @@ def test_wheel_install_serves_the_demo(tmp_path) -> None:
     finally:
         process.terminate()
         process.communicate(timeout=20)
+
+
+def readme_setup_commands() -> list[str]:
+    """The indented command lines of README "Set up" (the section before "Quick start")."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Set up", 1)[1].split("## Quick start", 1)[0]
+    return [line.strip() for line in setup.splitlines() if line.startswith("    ")]
+
+
+def test_the_readme_has_two_setup_commands_each_in_a_venv() -> None:
+    """A new user's two commands: install and serve, install and test. Debian 12's system
+    Python refuses ``pip install`` outside a venv (externally-managed-environment), so each
+    makes and activates one first; the test command runs what .ci/run runs."""
+    venv_prefix = "python3 -m venv .venv && . .venv/bin/activate && "
+    assert readme_setup_commands() == [
+        venv_prefix + "pip install . && onetag serve",
+        venv_prefix + "pip install -e '.[test]' && python -m pytest -n auto"]
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert "pip install -q -e '.[test]' && python3 -m pytest -n auto" in ci
+
+
+def test_the_readme_venv_prefix_runs_in_a_posix_shell(tmp_path) -> None:
+    """The prefix as /bin/sh (dash on Debian) runs it: ``.`` sources the activation, so
+    ``python`` and ``pip`` after it are the venv's."""
+    prefix = readme_setup_commands()[0].split(" && pip install", 1)[0]
+    done = subprocess.run(["/bin/sh", "-c", f"{prefix} && python -c 'import sys; "
+                           f"print(sys.prefix)' && pip --version"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == str(tmp_path / ".venv"), done.stdout
+    assert str(tmp_path / ".venv") in done.stdout.splitlines()[1]

@@ -64,7 +64,7 @@ async def test_routes_and_settings_are_sent_compactly(tmp_path) -> None:
     # public ones the adapter reads (eSputnik's reads script_url only: site_id is the server's,
     # script_id is already inside script_url).
     settings = settings_for(tmp_path, esputnik={"site_id": "ESSITE", "script_id": "ESLOADER"},
-                            remarkety={"store_id": "RMSTORE",
+                            remarkety={"store_id": "RMSTORE", "api_key": "rm-secret-key",
                                        "routes": {"*": "off", "quiz": "browser", "search": "off"}})
     async with running(settings) as (_, client):
         js = (await client.get("/s/shop1.js")).text

@@ -101,3 +101,38 @@ async def test_a_node_without_vendor_secrets_and_a_worker_without_site_keys(tmp_
         assert refused.returncode == 2
         assert "rejoiner.api_key: environment variable SPLIT_REJOINER_API_KEY is not set" \
             in refused.stderr
+
+
+def test_check_for_a_process_checks_only_what_that_process_needs(tmp_path) -> None:
+    """``onetag check --for worker`` on a worker's machine, ``--for serve`` on a node's: each
+    passes with that process's variables and names what it lacks; ``--for all`` (the
+    default) still wants every variable. The rules are serve's and worker's own."""
+    def check(env: dict[str, str], *process: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server", "check", "--config",
+                               str(path), *process], cwd=tmp_path, env=clean_env(env),
+                              capture_output=True, text=True, timeout=60)
+
+    with FakeVendors() as fake:
+        path = split_config(tmp_path, fake)
+        assert check(VENDOR_ENV, "--for", "worker").returncode == 0
+        done = check(SITE_ENV, "--for", "serve")
+        assert done.returncode == 0, done.stderr
+        assert "valid for `onetag serve`" in done.stdout
+        for env, process, lacking in ((SITE_ENV, "worker", "SPLIT_REJOINER_API_KEY"),
+                                      (VENDOR_ENV, "serve", "SPLIT_SITE_API_KEY"),
+                                      (SITE_ENV, "all", "SPLIT_REJOINER_API_KEY")):
+            done = check(env, "--for", process)
+            assert done.returncode == 2 and f"{lacking} is not set" in done.stderr, (process,
+                                                                                   done.stderr)
+        done = check(SITE_ENV)  # the default: all
+        assert done.returncode == 2 and "SPLIT_REJOINER_API_KEY is not set" in done.stderr
+        # serve needs the console's admin_token; a worker never reads it.
+        no_admin = {k: v for k, v in {**SITE_ENV, **VENDOR_ENV}.items()
+                    if k != "SPLIT_ADMIN_TOKEN"}
+        done = check(no_admin, "--for", "serve")
+        assert done.returncode == 2 and "SPLIT_ADMIN_TOKEN is not set" in done.stderr
+        assert check(no_admin, "--for", "worker").returncode == 0
+        # With forward = true a node sends, so serve needs the vendors' secrets too.
+        split_config(tmp_path, fake, forward=True)
+        done = check(SITE_ENV, "--for", "serve")
+        assert done.returncode == 2 and "SPLIT_REJOINER_API_KEY is not set" in done.stderr

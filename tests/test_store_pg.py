@@ -78,6 +78,41 @@ async def test_synchronous_commit_is_on_for_the_stores_connections(pg) -> None:
         await store.close()
 
 
+async def test_each_connection_says_which_onetag_process_it_is(pg, monkeypatch) -> None:
+    """pg_stat_activity's application_name: "onetag serve" and its writer, "onetag worker",
+    "onetag migrate" (it said "onetag" for all of them)."""
+    from server.store import APPLICATION_NAME_ENV
+
+    database = pg.database.rsplit("/", 1)[1]
+    # A node's writer is a process of its own (its pool named apart); a worker's is inline.
+    for command, writer in (("serve", "process"), ("worker", "inline")):
+        monkeypatch.setenv(APPLICATION_NAME_ENV, f"onetag {command}")
+        store = await pg.open(pg.settings(), writer=writer)
+        try:
+            await store.ping()
+            names = {row[0] for row in await pg.rows(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = "
+                f"'{database}' AND application_name LIKE 'onetag%'")}
+        finally:
+            await store.close()
+        expected = {f"onetag {command}"} | ({"onetag serve (writer)"} if command == "serve"
+                                            else set())
+        assert names == expected, names
+
+
+def test_the_cli_names_its_command_for_postgresql(tmp_path, monkeypatch) -> None:
+    import os
+
+    from server import cli
+    from server.store import APPLICATION_NAME_ENV, application_name
+
+    monkeypatch.setenv(APPLICATION_NAME_ENV, "onetag")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["init"]) == 0
+    assert os.environ[APPLICATION_NAME_ENV] == "onetag init"
+    assert application_name("writer") == "onetag init (writer)"
+
+
 async def test_two_nodes_two_tabs_one_visitor_lose_no_update(pg) -> None:
     """Two nodes (stores with pools of their own) take one visitor's cart events from two
     tabs at once, and backend facts about the same customer: the cart ends with every
@@ -602,3 +637,35 @@ async def test_a_read_only_database_fails_the_health_check_until_it_takes_writes
         await store.close()
     assert await pg.rows("SELECT event_id FROM events") == [("taken",)]
     assert await asyncio.to_thread(cli.postgresql_problem, pg.settings()) is None
+
+
+def test_migrate_as_a_role_without_create_on_public_says_how_to_grant_it(
+        empty_database, tmp_path, capsys) -> None:
+    """PostgreSQL 15 lets only the database's owner create in ``public``: a role that is
+    not is told the two ways out, naming itself, not only "permission denied"."""
+    from server import cli
+
+    role = f"onetag_test_role_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(f"CREATE ROLE {role} LOGIN"))
+    try:
+        url = empty_database.replace("://postgres@", f"://{role}@", 1)
+        assert url != empty_database
+        config = tmp_path / "onetag.toml"
+        config.write_text(f'[server]\ndatabase = "{url}"\n\n[[sites]]\nid = "shop1"\n',
+                          encoding="utf-8")
+        assert cli.main(["migrate", "--config", str(config)]) == 1
+        said = capsys.readouterr().err
+        assert "permission denied for schema public" in said, said
+        assert f"GRANT CREATE ON SCHEMA public TO {role}" in said, said
+        assert "owner" in said and "Traceback" not in said
+        # The schema-not-current message names this config file, not "<file>".
+        problem = cli.postgresql_problem(cli._load(str(config)))
+        assert f"onetag migrate --config {config}" in problem, problem
+        # serve says "not serving", and never "serving ..." before it.
+        assert cli.main(["serve", "--config", str(config), "--port", "21501"]) == 2
+        said = capsys.readouterr()
+        assert "not serving" in said.err and f"onetag migrate --config {config}" in said.err
+        assert "serving" not in said.out, said.out
+    finally:
+        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {empty_database.rsplit('/', 1)[1]} "
+                           "WITH (FORCE)", f"DROP ROLE IF EXISTS {role}"))

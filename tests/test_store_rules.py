@@ -285,8 +285,13 @@ def test_a_postgresql_url_without_its_driver_is_a_clear_error(monkeypatch) -> No
     settings = config.parse({"server": {"database": "postgresql://u:pw@db.example:5432/onetag"},
                              "sites": [{"id": "shop1"}]}, env={})
     monkeypatch.setitem(sys.modules, "asyncpg", None)  # import asyncpg now fails
-    with pytest.raises(DriverMissing, match=r"pip install 'onetag\[postgresql\]'"):
+    with pytest.raises(DriverMissing) as missing:
         open_store(settings)
+    # Both forms: from a checkout `onetag[postgresql]` would ask the index for another
+    # package; from an installed wheel `.[postgresql]` names no project.
+    assert "pip install '.[postgresql]' in onetag's checkout" in str(missing.value)
+    assert "pip install 'onetag[postgresql]' where onetag came from a package index" \
+        in str(missing.value)
 
 
 @pytest.mark.parametrize("url, problem", [

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from .. import money
 from ..assets import templates_dir
 from ..store.base import StoreUnavailable
 from . import auth
@@ -86,6 +87,7 @@ class Console:
         # ``|scrub`` on whatever a vendor wrote (answers, errors): a configured secret it
         # echoes is shown as [redacted] (``scrub.py``).
         self.env.filters.update(when=format_ms, age=format_age, pretty=pretty_json,
+                                money=money.display_or_minor,
                                 scrub=lambda text: scrub(text, secrets))
         self.env.globals.update(prefix=PREFIX)
         # Set by the Dead letters page module (console-b) when it keeps a record of replays:

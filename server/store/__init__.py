@@ -8,7 +8,21 @@ from typing import Any
 from .base import IngestResult, Store, StoreUnavailable
 
 DRIVER_MISSING = ("the database URL names PostgreSQL, but its driver is not installed: "
-                  "pip install 'onetag[postgresql]' (asyncpg)")
+                  "pip install '.[postgresql]' in onetag's checkout (asyncpg), or "
+                  "pip install 'onetag[postgresql]' where onetag came from a package index")
+
+
+# Which onetag process a PostgreSQL connection is (pg_stat_activity's application_name):
+# ``onetag`` said nothing of serve, worker or migrate. ``cli.main`` sets it for the command;
+# a child (the node's writer process) inherits it.
+APPLICATION_NAME_ENV = "ONETAG_APPLICATION_NAME"
+
+
+def application_name(part: str = "") -> str:
+    """``onetag serve``, ``onetag worker``, ``onetag serve (writer)``, ...: at most the 63
+    bytes PostgreSQL keeps."""
+    name = os.environ.get(APPLICATION_NAME_ENV) or "onetag"
+    return (f"{name} ({part})" if part else name)[:63]
 
 
 class DriverMissing(RuntimeError):

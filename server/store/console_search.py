@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from .. import money
 from ..jsontext import loads
 from ..sessions import cart_snapshot
 from .rules import identity_fields
@@ -100,7 +101,7 @@ def summary(data: Mapping[str, Any]) -> str:
     if data.get("status"):
         parts.append(str(data["status"]))
     if ecommerce.get("value_minor") is not None:
-        parts.append(f"{ecommerce['value_minor']} minor {ecommerce.get('currency') or ''}".strip())
+        parts.append(money.display_or_minor(ecommerce["value_minor"], ecommerce.get("currency")))
     items = ecommerce.get("items") or []
     if items:
         parts.append(f"{len(items)} item{'s' if len(items) != 1 else ''}: "

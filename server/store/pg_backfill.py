@@ -80,7 +80,10 @@ async def existing_keys(dsn: str, site_id: str) -> Any:
     The cost is one scan of the site's keys, bounded by its deliveries."""
     import asyncpg
 
-    conn = await asyncpg.connect(dsn)
+    from . import application_name
+
+    conn = await asyncpg.connect(
+        dsn, server_settings={"application_name": application_name()})
     try:
         keys = {(vendor, key) for vendor, key in await conn.fetch(
             "SELECT vendor, dedup_key FROM deliveries WHERE site_id = $1", site_id)}
@@ -100,8 +103,10 @@ async def order_events(dsn: str, site_id: str) -> list[str]:
     import asyncpg
 
     from ..remarkety_export import ORDER_EVENTS_SQL
+    from . import application_name
 
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(
+        dsn, server_settings={"application_name": application_name()})
     try:
         return [row[0] for row in await conn.fetch(ORDER_EVENTS_SQL, site_id)]
     finally:

@@ -84,12 +84,28 @@ async def migrate(conn: Any) -> list[str]:
     return made
 
 
+def create_hint(role: str) -> str:
+    """What lets ``role`` create onetag's tables (README "Running on PostgreSQL", step 2)."""
+    return (f"since PostgreSQL 15 only the database's owner may create in schema public: "
+            f"make {role} the database's owner (ALTER DATABASE ... OWNER TO {role}), or, in "
+            f"that database, GRANT CREATE ON SCHEMA public TO {role};")
+
+
 async def migrate_url(dsn: str) -> list[str]:
-    """``migrate`` over a connection of its own to ``dsn`` (``onetag migrate``)."""
+    """``migrate`` over a connection of its own to ``dsn`` (``onetag migrate``). A role that
+    may not create in ``public`` gets the error with ``create_hint`` appended (``hint``):
+    "permission denied for schema public" alone left the fix to be looked up."""
     import asyncpg
 
-    conn = await asyncpg.connect(dsn)
+    from . import application_name
+
+    conn = await asyncpg.connect(
+        dsn, server_settings={"application_name": application_name()})
     try:
         return await migrate(conn)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        if "schema public" in str(exc):
+            exc.hint = create_hint(await conn.fetchval("SELECT current_user"))
+        raise
     finally:
         await conn.close()

@@ -113,7 +113,8 @@ async def _keep_session(conn: Any) -> None:
     still rolled back by the pool before this is called."""
 
 
-async def create_pool(dsn: str, size: int, generic_plans: bool = False) -> Any:
+async def create_pool(dsn: str, size: int, generic_plans: bool = False,
+                      part: str = "") -> Any:
     """An asyncpg pool whose every commit is durable before it returns.
 
     ``generic_plans``, for the ingest's connections: every prepared statement runs the plan
@@ -131,7 +132,9 @@ async def create_pool(dsn: str, size: int, generic_plans: bool = False) -> Any:
 
     # Durable before answered, whatever the database's default: an acknowledged event
     # must survive a crash of the database server.
-    settings = {"synchronous_commit": "on", "application_name": "onetag"}
+    from . import application_name
+
+    settings = {"synchronous_commit": "on", "application_name": application_name(part)}
     if generic_plans:
         settings.update(plan_cache_mode="force_generic_plan", enable_hashjoin="off",
                         enable_mergejoin="off")
@@ -195,7 +198,8 @@ class PgWriteOps:
 
     async def open(self) -> None:
         if self.pool is None:
-            self.pool = await create_pool(self.dsn, WRITER_POOL_SIZE, generic_plans=True)
+            self.pool = await create_pool(self.dsn, WRITER_POOL_SIZE, generic_plans=True,
+                                          part="writer")
 
     async def close(self, grace_s: float = 10) -> None:
         """Batches already in a transaction are committed and answered (within

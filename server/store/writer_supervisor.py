@@ -47,6 +47,15 @@ class StoreClosed(StoreUnavailable):
         super().__init__("writer", message)
 
 
+# The writes ``max_pending_writes`` does not bound: the forwarder's own (a claim per lane,
+# one finish, one expiry, one prune, one product-sync pass at a time: bounded by the
+# forwarder) and /healthz's ping. Counted, they took the whole of a small bound
+# (``max_pending_writes = 1`` refused every request beside them, and warned of the
+# forwarder's own writes); the bound is for the requests' writes, which no one else limits.
+UNBOUNDED_OPS = frozenset({"ping", "claim", "finish", "expire_held", "prune_attempts",
+                           "label_attempts", "prune_coupon_calls", "plan_product_sync"})
+
+
 class WriterSupervisor:
     """Mixin for a store whose writes go to a writer (``_new_writer``, not started).
 
@@ -64,7 +73,8 @@ class WriterSupervisor:
         self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any], int]] = []
         self._send_scheduled = False
         self._in_flight = 0  # frames sent, not yet answered
-        self._queued = 0  # jobs pending or in flight (the backpressure bound) ...
+        # Jobs pending or in flight, but ``UNBOUNDED_OPS`` (the backpressure bound) ...
+        self._queued = 0
         self._queued_bytes = 0  # ... and the bytes of their bodies
         self._closing = False
         self._restarting: asyncio.Task[None] | None = None
@@ -158,14 +168,15 @@ class WriterSupervisor:
 
     def _fail_pending(self, exc: BaseException) -> None:
         pending, self._pending = self._pending, []
-        for _, _, future, size in pending:
-            self._unqueue(size)
+        for op, _, future, size in pending:
+            self._unqueue(op, size)
             if not future.done():
                 future.set_exception(exc)
 
-    def _unqueue(self, size: int) -> None:
-        self._queued -= 1
-        self._queued_bytes -= size
+    def _unqueue(self, op: str, size: int) -> None:
+        if op not in UNBOUNDED_OPS:
+            self._queued -= 1
+            self._queued_bytes -= size
 
     def _storage_fault(self, failure: JobFailure) -> None:
         """Remember it for /healthz, and log it at most once a minute per kind."""
@@ -219,14 +230,16 @@ class WriterSupervisor:
         if self._writer is None:
             problem = self.writer_problem or JobFailure("writer", "the store is not open")
             raise StoreUnavailable(problem.kind, problem.message)
-        if op != "ping" and (self._queued >= self.max_pending_writes
-                             or (size and self._queued_bytes + size > self.max_pending_bytes)):
+        bounded = op not in UNBOUNDED_OPS
+        if bounded and (self._queued >= self.max_pending_writes
+                        or (size and self._queued_bytes + size > self.max_pending_bytes)):
             raise StoreUnavailable("queue", f"{self._queued} writes ({self._queued_bytes} bytes) "
                                    "are waiting for the store; try again shortly")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((op, args, future, size))
-        self._queued += 1
-        self._queued_bytes += size
+        if bounded:
+            self._queued += 1
+            self._queued_bytes += size
         if not self._send_scheduled:
             self._send_scheduled = True
             # Not in this request's context: the frame (and its log lines) serves many.
@@ -279,7 +292,7 @@ class WriterSupervisor:
                     "writer", "the writer answered out of shape")] * len(batch)
         committed = False
         for (op, _, future, size), result in zip(batch, results):
-            self._unqueue(size)
+            self._unqueue(op, size)
             if isinstance(result, JobFailure):
                 if result.kind in ("disk", "database"):
                     self._storage_fault(result)

@@ -58,6 +58,10 @@ class Setting:
     default: str | None = None
     help: str = ""
     url: bool = False  # an absolute http(s) URL (``onetag check`` says so when it is not)
+    # The vendor's server API refuses a request without it: a section that routes any event
+    # to the server must set it (``onetag check`` says so; sent unauthenticated, every call
+    # was refused).
+    server_auth: bool = False
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ SETTINGS = (
             help="Site ID (Rejoiner: Settings > Domain): the page's setAccount and the REST path"),
     Setting("domain", public=True,
             help="cookie domain for setDomain; optional, Rejoiner defaults to the page's host"),
-    Setting("api_key", secret=True,
+    Setting("api_key", secret=True, server_auth=True,
             help="REST API key, sent as 'Authorization: Rejoiner <api_key>'; needed for every "
                  "server-side call"),
     Setting("script_url", url=True, public=True, default="https://cdn.rejoiner.com/js/v4/rj2.lib.js",

@@ -60,7 +60,7 @@ NAME = "remarkety"
 SETTINGS = (
     Setting("store_id", required=True, public=True,
             help="Store ID (Remarkety: Settings > API Keys): the page's setStoreKey"),
-    Setting("api_key", secret=True,
+    Setting("api_key", secret=True, server_auth=True,
             help="store API key, sent as the x-token header; needed for every webhook"),
     Setting("script_url", url=True, public=True,
             default="https://d3ryumxhbd2uw7.cloudfront.net/webtracking/track.js",

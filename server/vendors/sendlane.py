@@ -60,7 +60,7 @@ NAME = "sendlane"
 SETTINGS = (
     Setting("integration_token", required=True, public=True,
             help="custom-integration token: pusher.js's data-token and the API bodies' `token`"),
-    Setting("api_token", secret=True,
+    Setting("api_token", secret=True, server_auth=True,
             help="API v2 token, sent as 'Authorization: Bearer <api_token>'; needed for every "
                  "server-side call"),
     Setting("script_url", url=True, public=True, default="https://sendlane.com/scripts/pusher.js",

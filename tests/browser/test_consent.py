@@ -26,6 +26,7 @@ consent = "required"
 
 [sites.sendlane]
 integration_token = "sl-token"
+api_token = "sl-key"
 script_url = "{origin}/lib/consent-pusher.js"
 api_base = "http://127.0.0.1:9/v2"
 

@@ -167,7 +167,7 @@ def test_the_console_in_a_browser(shop, fake, static_server, context, wait_until
          "ecommerce": {"currency": "USD", "transaction_id": "A-1001", "value": 29.99,
                        "items": [{"item_id": "SKU-1000", "price": 29.99, "quantity": 1}]}}],
         {"content-type": "application/json", "authorization": f"Bearer {SECRETS[1]}"}) == 202
-    page.wait_for_selector('#live-events >> text="order A-1001 · 2999 minor USD · 1 item: SKU-1000"')
+    page.wait_for_selector('#live-events >> text="order A-1001 · $29.99 · 1 item: SKU-1000"')
     shoot(page, "live")
     assert_no_secret(page, "Live")
 

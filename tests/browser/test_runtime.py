@@ -35,11 +35,13 @@ origins = ["{origin}"]
 
 [sites.rejoiner]
 site_id = "RJ00001"
+api_key = "rj-key"
 script_url = "{origin}/missing/rj2.lib.js"
 api_base = "http://127.0.0.1:9/api/v1"
 
 [sites.sendlane]
 integration_token = "sl-token"
+api_token = "sl-key"
 script_url = "{origin}/lib/pusher.js"
 api_base = "http://127.0.0.1:9/v2"
 """
