@@ -75,7 +75,7 @@ def test_the_readme_has_two_setup_commands_each_in_a_venv() -> None:
         venv_prefix + "pip install . && onetag serve",
         venv_prefix + "pip install -e '.[test]' && python -m pytest -n auto"]
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    assert "pip install -q -e '.[test]' && python3 -m pytest -n auto" in ci
+    assert readme_setup_commands()[1].replace("pip install", "pip install -q") in ci
 
 
 def test_the_readme_venv_prefix_runs_in_a_posix_shell(tmp_path) -> None:
