@@ -155,3 +155,42 @@ def test_a_site_without_consent_required_ignores_consent_signals(page, static_se
     sc = wait_until(lambda: sc_of(page), "the sc cookie")
     rows = server.wait_events(has("first"), "the pushes", site_id="open", sc=sc)
     assert names(rows) == ["page_view", "first"]
+
+
+def test_a_region_denied_default_outweighs_a_granted_general_default(page, static_server, server,
+                                                                     wait_until):
+    """Google's documented regional setup: a denied default for the EEA (``region``), a granted
+    one for everyone else. onetag cannot know the visitor's region, so it waits as if in the
+    EEA; only an update (the visitor's choice) grants then."""
+    sent = requests_to(page, server)
+    open_shop(page, static_server, server, site="gated",
+              before=GTAG + "gtag('consent', 'default', {analytics_storage: 'denied', "
+                            "ad_storage: 'denied', region: ['ES', 'FR', 'DE']});"
+                            "gtag('consent', 'default', {analytics_storage: 'granted', "
+                            "ad_storage: 'granted'});"
+                            "dataLayer.push({event: 'first'});")
+    settle(page)
+    assert_untouched(page, sent)
+
+    page.evaluate("gtag('consent', 'update', {analytics_storage: 'granted'})")
+    sc = wait_until(lambda: sc_of(page), "the sc cookie, once the update grants")
+    rows = server.wait_events(has("first"), "the waiting push", site_id="gated", sc=sc)
+    assert names(rows) == ["page_view", "first"]
+
+
+def test_a_region_default_after_an_update_does_not_undo_it(page, static_server, server, wait_until):
+    """A default is what holds until the visitor's choice: one pushed after an update (a CMP
+    that answers first) does not revoke it. A region's granted default grants nothing."""
+    sent = requests_to(page, server)
+    open_shop(page, static_server, server, site="gated",
+              before=GTAG + "gtag('consent', 'default', {analytics_storage: 'granted', region: ['US']});"
+                            "dataLayer.push({event: 'first'});")
+    settle(page)
+    assert_untouched(page, sent)
+    page.evaluate("""gtag('consent', 'update', {analytics_storage: 'granted'});
+                     gtag('consent', 'default', {analytics_storage: 'denied', region: ['ES']});
+                     gtag('consent', 'default', {analytics_storage: 'denied'});
+                     dataLayer.push({event: 'second'});""")
+    sc = wait_until(lambda: sc_of(page), "the sc cookie, once the update grants")
+    rows = server.wait_events(has("second"), "the pushes", site_id="gated", sc=sc)
+    assert names(rows) == ["page_view", "first", "second"]

@@ -538,3 +538,21 @@ def test_the_debug_build_logs_and_the_wire_form_does_not(page, static_server, se
     page.evaluate("window.onetag.flush()")
     server.wait_events(has("quiet_please"), "the event stored")
     assert not any("[onetag]" in x for x in logs)
+
+
+def test_gtag_events_sent_only_to_other_google_products_are_not_read(page, static_server, server):
+    """``send_to`` routes a gtag event: one naming only other products' targets (a Google Ads
+    conversion, ``AW-...``; Floodlight, ``DC-...``) is theirs, not the site's analytics event.
+    One naming a GA4 target (``G-...``), a group (which may hold one), or no target, is read."""
+    gtag = "function gtag(){dataLayer.push(arguments);}"
+    open_shop(page, static_server, server, before=gtag)
+    page.evaluate("""
+        gtag('event', 'conversion', {send_to: 'AW-123/abc', value: 5, currency: 'USD',
+                                     transaction_id: 'T-9'});
+        gtag('event', 'ads_and_floodlight', {send_to: ['AW-1/a', 'DC-2/b']});
+        gtag('event', 'ads_and_ga4', {send_to: ['AW-1/a', 'G-TEST1']});
+        gtag('event', 'grouped', {send_to: 'default'});
+        gtag('event', 'untargeted', {});
+        dataLayer.push({event: 'last'});""")
+    rows = server.wait_events(has("last"), "the events", sc=sc_of(page))
+    assert names(rows) == ["page_view", "ads_and_ga4", "grouped", "untargeted", "last"]

@@ -180,6 +180,23 @@ def test_cart_matches_the_servers_carts_update(vendors, context):
     assert later[2]["id"] == browser[2]["id"]  # one cart, one id across its updates
 
 
+def test_an_identity_switch_starts_a_new_cart_on_both_paths(vendors, context):
+    """The server closes a session's cart when the session, someone's, names someone else
+    (server/store/rules.py bind_session): what A had in the cart is not B's. The page's
+    mirror does the same, so both send B's cart under one new id, with B's lines only."""
+    page = open_page(context, vendors.page("all"))
+    tag = uuid.uuid4().hex[:8]
+    push(page, {"event": "identify", "user": {"email": f"ann-{tag}@example.com"}})
+    (a_cart,) = push(page, {"event": "add_to_cart", "ecommerce": ecom(MUG)})["remarkety"]
+    push(page, {"event": "identify", "user": {"email": f"bo-{tag}@example.com"}})
+    eid = str(uuid.uuid4())
+    (browser,) = push(page, {"event": "add_to_cart", "event_id": eid, "ecommerce": ecom(TEA)})["remarkety"]
+    page.evaluate("() => window.onetag.flush()")
+    (server,) = server_bodies(vendors, "all", "remarkety", eid)
+    assert browser[2]["id"] == server["id"] != a_cart[2]["id"]
+    assert browser[2]["line_items"] == server["line_items"] == [line(TEA, 1, "4.35")]
+
+
 def _first_known(page_body, server_body):
     """customer.created_at, popped from both: when the customer was first known, to the page
     (its identity's since_ms) and to the server (the identity's creation), one moment seen by
