@@ -57,12 +57,20 @@ async def check(conn: Any) -> None:
         raise SchemaNotCurrent(
             f"the PostgreSQL schema is not current: {len(missing)} migration(s) not applied "
             f"({', '.join(missing)}); run `onetag migrate --config <file>` first")
-    known = {version for version, _, _ in migrations()}
-    newer = sorted(set(await applied(conn)) - known)
+    done = await applied(conn)
+    newer = [done[version] for version in sorted(set(done) - set(known_versions()))]
     if newer:
-        raise SchemaNotCurrent(
-            f"the database has migrations this onetag does not know ({', '.join(map(str, newer))}):"
-            " it was migrated by a newer onetag; run that version")
+        raise SchemaNotCurrent(newer_schema(newer))
+
+
+def known_versions() -> list[int]:
+    return [version for version, _, _ in migrations()]
+
+
+def newer_schema(names: list[str]) -> str:
+    """What a node says of a database a newer onetag migrated (README, "Upgrading")."""
+    return (f"the database has migrations this onetag does not know ({', '.join(names)}): "
+            "a newer onetag migrated it; run this node on that release")
 
 
 async def migrate(conn: Any) -> list[str]:
