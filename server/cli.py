@@ -329,6 +329,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     else:
         import sqlite3
 
+        from .store.base import SchemaNotCurrent
         from .store.sqlite_writer import migrate
 
         db_path = Path(settings.server.sqlite_path)
@@ -341,7 +342,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         try:
             conn.execute("PRAGMA busy_timeout=10000")
             applied = migrate(conn)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, SchemaNotCurrent) as exc:
             print(f"onetag: cannot migrate {label} ({exc})", file=sys.stderr)
             return 1
         finally:

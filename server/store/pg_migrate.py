@@ -12,13 +12,11 @@ import time
 from importlib import resources
 from typing import Any
 
+from .base import SchemaNotCurrent, newer_schema
+
 # Any constant of our own: every migrator takes this transaction-level advisory lock, so two
 # ``onetag migrate`` run at once apply each file once (the second waits, then sees it done).
 MIGRATE_LOCK = 0x0_07E7A6_15
-
-
-class SchemaNotCurrent(Exception):
-    """The database lacks migrations this onetag needs (or has ones it does not know)."""
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -65,12 +63,6 @@ async def check(conn: Any) -> None:
 
 def known_versions() -> list[int]:
     return [version for version, _, _ in migrations()]
-
-
-def newer_schema(names: list[str]) -> str:
-    """What a node says of a database a newer onetag migrated (README, "Upgrading")."""
-    return (f"the database has migrations this onetag does not know ({', '.join(names)}): "
-            "a newer onetag migrated it; run this node on that release")
 
 
 async def migrate(conn: Any) -> list[str]:
