@@ -211,9 +211,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         problem = None
     else:
+        from .store.base import SchemaNotCurrent
         from .store.sqlite_writer import check_writable
 
-        problem = check_writable(settings.server.sqlite_path)
+        try:
+            problem = check_writable(settings.server.sqlite_path)
+        except SchemaNotCurrent as exc:  # a downgrade: the file is fine, this release is not
+            print(f"onetag: {exc}; not serving.", file=sys.stderr)
+            return 2
     if problem is not None:
         print(f"onetag: cannot write the database at {_shown(settings)} ({problem}); "
               "not serving. Check the path, its permissions, the mount and free space.",

@@ -567,3 +567,23 @@ async def test_a_database_a_newer_onetag_migrated_is_refused_saying_so(tmp_path,
     with sqlite3.connect(tmp_path / "onetag.db") as db, pytest.raises(Exception,
                                                                        match="999_future.sql"):
         migrate(db)
+
+
+def test_serve_and_migrate_refuse_a_database_a_newer_onetag_migrated(tmp_path, capsys,
+                                                                      monkeypatch) -> None:
+    """Said in one line (exit 2 and 1), never a traceback from the app's start."""
+    from server import cli
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "onetag.toml"
+    config.write_text('[server]\ndatabase = "sqlite:///onetag.db"\n\n[[sites]]\n'
+                      'id = "shop1"\norigins = ["https://shop.example"]\n', encoding="utf-8")
+    assert cli.main(["migrate", "--config", str(config)]) == 0
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        db.execute("INSERT INTO schema_migrations VALUES (999, '999_future.sql', 0)")
+    capsys.readouterr()
+    assert cli.main(["serve", "--config", str(config), "--port", "22101"]) == 2
+    said = capsys.readouterr().err
+    assert "999_future.sql" in said and "newer onetag" in said and "Traceback" not in said
+    assert cli.main(["migrate", "--config", str(config)]) == 1
+    assert "999_future.sql" in capsys.readouterr().err
