@@ -8,6 +8,7 @@ refuse to run on a schema that is not current; ``onetag migrate`` applies what i
 
 from __future__ import annotations
 
+import functools
 import time
 from importlib import resources
 from typing import Any
@@ -61,8 +62,10 @@ async def check(conn: Any) -> None:
         raise SchemaNotCurrent(newer_schema(newer))
 
 
-def known_versions() -> list[int]:
-    return [version for version, _, _ in migrations()]
+@functools.cache
+def known_versions() -> tuple[int, ...]:
+    """The versions this code has (read once: the health check sends them every time)."""
+    return tuple(version for version, _, _ in migrations())
 
 
 async def migrate(conn: Any) -> list[str]:

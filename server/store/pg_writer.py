@@ -352,11 +352,11 @@ class PgWriteOps:
                 raise
 
     async def schema_misfit(self) -> StoreUnavailable | None:
-        """After a write failed for no reason of the database's own: a 503 saying why if
-        the schema is not the one this code knows (a newer onetag migrated it, or it
-        lacks a migration), whatever form the failure took (asyncpg refusing an argument
-        for a composite type whose fields changed raises no SQLSTATE at all); else None,
-        the failure is the request's own."""
+        """After a write failed (not for a lost connection): a 503 saying why if the schema
+        is not the one this code knows (a newer onetag migrated it, or it lacks a
+        migration), whatever form the failure took (asyncpg refusing an argument for a
+        composite type whose fields changed raises no SQLSTATE at all); else None, and the
+        failure answers for itself."""
         try:
             async with self.pool.acquire() as conn:
                 await asyncio.wait_for(pg_migrate.check(conn), SCHEMA_CHECK_S)
