@@ -228,9 +228,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         problem = None
     else:
+        from .store.base import SchemaNotCurrent
         from .store.sqlite_writer import check_writable
 
-        problem = check_writable(settings.server.sqlite_path)
+        try:
+            problem = check_writable(settings.server.sqlite_path)
+        except SchemaNotCurrent as exc:  # a downgrade: the file is fine, this release is not
+            print(f"onetag: {exc}; not serving.", file=sys.stderr)
+            return 2
     if problem is not None:
         print(f"onetag: cannot write the database at {_shown(settings)} ({problem}); "
               "not serving. Check the path, its permissions, the mount and free space.",
@@ -351,6 +356,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     else:
         import sqlite3
 
+        from .store.base import SchemaNotCurrent
         from .store.sqlite_writer import migrate
 
         db_path = Path(settings.server.sqlite_path)
@@ -363,7 +369,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         try:
             conn.execute("PRAGMA busy_timeout=10000")
             applied = migrate(conn)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, SchemaNotCurrent) as exc:
             print(f"onetag: cannot migrate {label} ({exc})", file=sys.stderr)
             return 1
         finally:

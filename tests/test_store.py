@@ -525,3 +525,65 @@ def test_migration_006_keeps_rows_and_splits_ids_and_keys_by_kind_of_sender(tmp_
     # Still one index every event pays for (012's and 019's are partial: 019's holds only
     # events with neither a session nor an identity, backfilled history).
     assert indexes == ["events_id"]
+
+
+async def test_a_schema_that_does_not_fit_the_code_is_a_503_never_a_422(tmp_path) -> None:
+    """The database changed under a running writer (a column this code writes renamed, as
+    a downgrade or a hand-made change leaves it): SQLite's "no such column" is the store
+    failing, a 503 the browser keeps its events for and resends, never a 422 that has them
+    dropped. Once the schema fits again the same events are taken."""
+    from server.store.base import StoreUnavailable
+
+    settings = settings_for(tmp_path)
+    store = await open_store(settings)
+    try:
+        await ingest(store, event({"event": "page_view", "event_id": "before"}))
+        with sqlite3.connect(tmp_path / "onetag.db") as db:
+            db.execute("ALTER TABLE events RENAME COLUMN received_ms TO received_at")
+        during = event({"event": "page_view", "event_id": "during"})
+        with pytest.raises(StoreUnavailable, match="received_ms"):
+            await ingest(store, during)
+        with sqlite3.connect(tmp_path / "onetag.db") as db:
+            db.execute("ALTER TABLE events RENAME COLUMN received_at TO received_ms")
+        answer = await ingest(store, during)
+        assert answer[0].event_id == "during" and not answer[0].duplicate
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_a_database_a_newer_onetag_migrated_is_refused_saying_so(tmp_path,
+                                                                      writer) -> None:
+    """An older onetag (a downgrade) opening a database a newer one migrated: it does not
+    run against a schema it does not know, it says which migration and what to run."""
+    settings = settings_for(tmp_path)
+    store = await open_store(settings)
+    await store.close()
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        db.execute("INSERT INTO schema_migrations VALUES (999, '999_future.sql', 0)")
+    store = SQLiteStore(settings.server.sqlite_path, settings.sites, writer=writer)
+    with pytest.raises(Exception, match="999_future.sql.*newer onetag"):
+        await store.open()  # (the process writer's: WriterStartFailed, saying the same)
+    with sqlite3.connect(tmp_path / "onetag.db") as db, pytest.raises(Exception,
+                                                                       match="999_future.sql"):
+        migrate(db)
+
+
+def test_serve_and_migrate_refuse_a_database_a_newer_onetag_migrated(tmp_path, capsys,
+                                                                      monkeypatch) -> None:
+    """Said in one line (exit 2 and 1), never a traceback from the app's start."""
+    from server import cli
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "onetag.toml"
+    config.write_text('[server]\ndatabase = "sqlite:///onetag.db"\n\n[[sites]]\n'
+                      'id = "shop1"\norigins = ["https://shop.example"]\n', encoding="utf-8")
+    assert cli.main(["migrate", "--config", str(config)]) == 0
+    with sqlite3.connect(tmp_path / "onetag.db") as db:
+        db.execute("INSERT INTO schema_migrations VALUES (999, '999_future.sql', 0)")
+    capsys.readouterr()
+    assert cli.main(["serve", "--config", str(config), "--port", "22101"]) == 2
+    said = capsys.readouterr().err
+    assert "999_future.sql" in said and "newer onetag" in said and "Traceback" not in said
+    assert cli.main(["migrate", "--config", str(config)]) == 1
+    assert "999_future.sql" in capsys.readouterr().err

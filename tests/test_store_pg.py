@@ -669,3 +669,74 @@ def test_migrate_as_a_role_without_create_on_public_says_how_to_grant_it(
     finally:
         asyncio.run(_admin(f"DROP DATABASE IF EXISTS {empty_database.rsplit('/', 1)[1]} "
                            "WITH (FORCE)", f"DROP ROLE IF EXISTS {role}"))
+
+
+async def test_a_schema_that_does_not_fit_the_code_is_a_503_never_a_422(pg) -> None:
+    """A rolling upgrade: this node runs while another machine's ``onetag migrate`` changes
+    the composite type ``ingest_write`` takes (034 did: ``ALTER TYPE ... ADD ATTRIBUTE``).
+    Every batch then fails (``wrong number of columns``, SQLSTATE 42804): that is the
+    database not fitting the code, a 503 the browser keeps its events for and resends, never
+    a 422 that makes it drop them. Once the schema fits again the same events are taken."""
+    from server.store.base import StoreUnavailable
+
+    store = await pg.open(pg.settings())
+    try:
+        first = [event({"event": "page_view", "event_id": "before"})]
+        await store.ingest("shop1", first, first, SessionInfo())  # statements prepared
+        await _admin_in(pg, "ALTER TYPE ingest_session ADD ATTRIBUTE extra TEXT")
+        events = [event({"event": "page_view", "event_id": "during"})]
+        with pytest.raises(StoreUnavailable) as failed:
+            await store.ingest("shop1", events, events, SessionInfo())
+        assert failed.value.kind == "database"
+        # And again (the pool's connection replaced meanwhile): still 503.
+        with pytest.raises(StoreUnavailable):
+            await store.ingest("shop1", events, events, SessionInfo())
+        await _admin_in(pg, "ALTER TYPE ingest_session DROP ATTRIBUTE extra")
+        answer = await store.ingest("shop1", events, events, SessionInfo())
+        assert answer[0].event_id == "during" and not answer[0].duplicate
+    finally:
+        await store.close()
+    assert sorted(await pg.rows("SELECT event_id FROM events")) == [("before",), ("during",)]
+
+
+async def test_a_database_a_newer_onetag_migrated_is_a_503_saying_so(pg) -> None:
+    """A node of the previous release, started before the database was migrated by the new
+    one, on a connection opened since (the pool replaced one): whatever form the mismatch
+    takes (here asyncpg refusing the composite's arguments before sending them, an error
+    that would otherwise be read as the request's own, with no SQLSTATE), the node answers 503 naming the
+    migration it does not know and what to do, and its health check fails the same way, so
+    a load balancer takes it out of rotation until it runs the new release."""
+    from server.store.base import StoreUnavailable
+
+    store = await pg.open(pg.settings())
+    try:
+        await _admin_in(pg, "ALTER TYPE ingest_session ALTER ATTRIBUTE site_id TYPE BIGINT",
+                        "INSERT INTO schema_migrations VALUES (999, '999_future.sql', 0)")
+        await _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                     f"datname = '{pg.database.rsplit('/', 1)[1]}' AND pid <> pg_backend_pid()")
+        events = [event({"event": "page_view", "event_id": "e1"}),
+                  event({"event": "page_view", "event_id": "e2"}, sc="SC-AAAA-0002")]
+        with pytest.raises(StoreUnavailable, match="999_future.sql.*on that release"):
+            await store.ingest("shop1", events, events, SessionInfo())
+        with pytest.raises(StoreUnavailable, match="999_future.sql"):
+            await store.ping()
+        await _admin_in(pg, "ALTER TYPE ingest_session ALTER ATTRIBUTE site_id TYPE TEXT",
+                        "DELETE FROM schema_migrations WHERE version = 999")
+        assert await store.ping() is None
+        answer = await store.ingest("shop1", events, events, SessionInfo())
+        assert [row.event_id for row in answer] == ["e1", "e2"]
+    finally:
+        await store.close()
+    assert sorted(await pg.rows("SELECT event_id FROM events")) == [("e1",), ("e2",)]
+
+
+async def _admin_in(pg, *statements: str) -> None:
+    """Statements run in the test's database (as ``onetag migrate`` from another machine)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(pg.database)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()

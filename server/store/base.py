@@ -83,6 +83,16 @@ class JobFailure(NamedTuple):
     message: str
 
 
+class SchemaNotCurrent(Exception):
+    """The database lacks migrations this onetag needs (or has ones it does not know)."""
+
+
+def newer_schema(names: Sequence[str]) -> str:
+    """What onetag says of a database a newer onetag migrated (README, "Upgrading")."""
+    return (f"the database has migrations this onetag does not know ({', '.join(names)}): "
+            "a newer onetag migrated it; run this node on that release")
+
+
 class StoreUnavailable(Exception):
     """Raised to the caller of a write that was not made (and will not be): answer 503 with
     ``Retry-After``, the client's retry finds the store again (event ids make it idempotent)."""

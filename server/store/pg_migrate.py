@@ -8,17 +8,16 @@ refuse to run on a schema that is not current; ``onetag migrate`` applies what i
 
 from __future__ import annotations
 
+import functools
 import time
 from importlib import resources
 from typing import Any
 
+from .base import SchemaNotCurrent, newer_schema
+
 # Any constant of our own: every migrator takes this transaction-level advisory lock, so two
 # ``onetag migrate`` run at once apply each file once (the second waits, then sees it done).
 MIGRATE_LOCK = 0x0_07E7A6_15
-
-
-class SchemaNotCurrent(Exception):
-    """The database lacks migrations this onetag needs (or has ones it does not know)."""
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -57,12 +56,16 @@ async def check(conn: Any) -> None:
         raise SchemaNotCurrent(
             f"the PostgreSQL schema is not current: {len(missing)} migration(s) not applied "
             f"({', '.join(missing)}); run `onetag migrate --config <file>` first")
-    known = {version for version, _, _ in migrations()}
-    newer = sorted(set(await applied(conn)) - known)
+    done = await applied(conn)
+    newer = [done[version] for version in sorted(set(done) - set(known_versions()))]
     if newer:
-        raise SchemaNotCurrent(
-            f"the database has migrations this onetag does not know ({', '.join(map(str, newer))}):"
-            " it was migrated by a newer onetag; run that version")
+        raise SchemaNotCurrent(newer_schema(newer))
+
+
+@functools.cache
+def known_versions() -> tuple[int, ...]:
+    """The versions this code has (read once: the health check sends them every time)."""
+    return tuple(version for version, _, _ in migrations())
 
 
 async def migrate(conn: Any) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
 from ..events import NUL_PROBLEM
 from ..jsontext import encode
-from . import rules
+from . import pg_migrate, rules
 from .base import JobFailure, StoreUnavailable
 from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, child_pipes, encode_frame,
                              reply_frame)
@@ -61,6 +61,8 @@ BATCH_REQUESTS = 64
 RETRIES = 5
 # SQLSTATEs worth running the whole transaction again for.
 RETRYABLE = {"40001", "40P01", "23505"}
+# How long the schema check after a failed write may take before the failure answers as is.
+SCHEMA_CHECK_S = 2.0
 WRITER_POOL_SIZE = MAX_BATCHES + 1  # the writer process's connections: batches and a ping
 
 Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str | None]
@@ -77,8 +79,8 @@ def unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(kind, f"{type(exc).__name__}: {exc}")
 
 
-def is_database_failure(exc: BaseException) -> bool:
-    """The connection or the server failed, as opposed to a statement's content."""
+def is_connection_failure(exc: BaseException) -> bool:
+    """The connection or the server failed: nothing more is learnt by asking it again now."""
     import asyncpg
 
     if isinstance(exc, (ValueError, TypeError)):  # asyncpg.DataError: an argument's content
@@ -92,16 +94,49 @@ def is_database_failure(exc: BaseException) -> bool:
     return state[:2] in ("08", "53", "57", "58") or state == "25006"
 
 
-# The health check's write: durable once it returns (synchronous_commit is on).
-HEALTH_WRITE = ("INSERT INTO health (id, at_ms) VALUES (1, $1) "
-                "ON CONFLICT (id) DO UPDATE SET at_ms = EXCLUDED.at_ms")
+# The SQLSTATE classes a request's content can cause (its own 4xx): 21 cardinality (a
+# batch naming one row twice), 22 data exception (a value out of range, untranslatable),
+# 23 integrity constraint, 54 program limit exceeded (a value too big to index). Every
+# other class says the database, its state or its schema does not fit this code (42: an
+# undefined function, column or table, 42804 a composite type with another number of
+# fields: a newer onetag migrated it; 0A; 25, 40, 53, 57, 58...): a 503, which browsers
+# keep their events for and send again, never a 4xx that has them dropped.
+CONTENT_CLASSES = ("21", "22", "23", "54")
+
+
+def is_database_failure(exc: BaseException) -> bool:
+    """The connection, the server or the schema failed, as opposed to a statement's content:
+    a 503, never the request's own 4xx."""
+    if isinstance(exc, (ValueError, TypeError)):  # asyncpg.DataError: an argument's content
+        return False
+    if is_connection_failure(exc):
+        return True
+    state = sqlstate(exc)
+    return state is not None and state[:2] not in CONTENT_CLASSES
+
+
+def must_drop(exc: BaseException) -> bool:
+    """Whether the connection ``exc`` came from is closed rather than pooled again: every
+    database failure but a lost race (the session is fine; it runs again at once). A schema
+    changed under it leaves it asyncpg's cached statements and type codecs of the old one."""
+    return is_database_failure(exc) and sqlstate(exc) not in RETRYABLE
+
+
+# The health check's write: durable once it returns (synchronous_commit is on). In the same
+# statement, the migrations the database has that this code does not know ($2: those it
+# does): a node left running on the previous release after ``onetag migrate`` fails its
+# health check, saying so, until it is restarted on the new one.
+HEALTH_WRITE = ("WITH written AS (INSERT INTO health (id, at_ms) VALUES (1, $1) "
+                "ON CONFLICT (id) DO UPDATE SET at_ms = EXCLUDED.at_ms RETURNING 1) "
+                "SELECT array_agg(name ORDER BY version) FROM schema_migrations "
+                "WHERE version <> ALL($2::int[]) AND EXISTS (SELECT FROM written)")
 
 
 def drop_if_failed(conn: Any, exc: BaseException) -> None:
     """A connection whose database failed is closed, so the pool opens a new one: a session
     keeps what held when it began (``default_transaction_read_only``, a standby promoted
     since), and a pooled connection would keep failing after the database is writable."""
-    if is_database_failure(exc):
+    if must_drop(exc):
         conn.terminate()
 
 
@@ -281,6 +316,9 @@ class PgWriteOps:
             return JobFailure(exc.kind, exc.message)
         if isinstance(exc, Refused):
             return exc.problem
+        if is_database_failure(exc):
+            failure = unavailable(exc)
+            return JobFailure(failure.kind, failure.message)
         # A bug with one request fails that request alone.
         request_id = args[-1] if op in INGEST_OPS else None
         log.error("an ingest request failed alone: %s: %s", type(exc).__name__, exc,
@@ -295,23 +333,45 @@ class PgWriteOps:
         batch is: a pooled connection the server cut (a restart) fails once, then a new
         one answers for the database as it is now."""
         try:
-            await self._health_write()
+            newer = await self._health_write()
         except Exception as exc:
-            if not is_database_failure(exc):
+            if not is_connection_failure(exc):
                 raise unavailable(exc) from None
             try:
-                await self._health_write()
+                newer = await self._health_write()
             except Exception as again:
                 raise unavailable(again) from None
+        if newer:
+            raise StoreUnavailable("database", pg_migrate.newer_schema(newer))
         return os.getpid()
 
-    async def _health_write(self) -> None:
+    async def _health_write(self) -> list[str] | None:
+        """The committed write; the migrations this code does not know (None: none)."""
         async with self.pool.acquire() as conn:
             try:
-                await conn.execute(HEALTH_WRITE, int(time.time() * 1000))
+                return await conn.fetchval(HEALTH_WRITE, int(time.time() * 1000),
+                                           pg_migrate.known_versions())
             except Exception as exc:
                 drop_if_failed(conn, exc)
                 raise
+
+    async def schema_misfit(self) -> StoreUnavailable | None:
+        """After a write failed (not for a lost connection): a 503 saying why if the schema
+        is not the one this code knows (a newer onetag migrated it, or it lacks a
+        migration), whatever form the failure took (asyncpg refusing an argument for a
+        composite type whose fields changed raises no SQLSTATE at all); else None, and the
+        failure answers for itself."""
+        try:
+            async with self.pool.acquire() as conn:
+                await asyncio.wait_for(pg_migrate.check(conn), SCHEMA_CHECK_S)
+        except pg_migrate.SchemaNotCurrent as exc:
+            # Its connections hold asyncpg's codecs of the types as they were: new ones
+            # read them again (once the schema fits, the write is made).
+            await self.pool.expire_connections()
+            return StoreUnavailable("database", str(exc))
+        except Exception:
+            return None  # the database failing now: the write's own failure says enough
+        return None
 
     # Group commit -----------------------------------------------------------------------
 
@@ -371,6 +431,9 @@ class PgWriteOps:
             try:
                 results: list[Any] = await self._transaction(requests, restores)
             except Exception as exc:
+                misfit = None if is_connection_failure(exc) else await self.schema_misfit()
+                if misfit is not None:
+                    raise misfit from exc
                 if is_database_failure(exc) or len(requests) == 1:
                     raise
                 # One request's content failed the batch: each alone, so it fails alone.
@@ -383,7 +446,9 @@ class PgWriteOps:
                             raise
                         results.append(alone)
         except Exception as exc:
-            if is_database_failure(exc):
+            if isinstance(exc, StoreUnavailable):
+                results = [exc] * len(batch)
+            elif is_database_failure(exc):
                 results = [unavailable(exc)] * len(batch)
             else:
                 results = [exc] * len(batch)

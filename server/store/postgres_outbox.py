@@ -34,7 +34,7 @@ from . import deadletters, outbox_rules, rules
 from .base import Delivery, Outcome, StoreUnavailable
 from .deadletters import OLDEST_PENDING, ReplayFilter
 from .pg_ingest import load_orders
-from .pg_writer import drop_if_failed, is_database_failure
+from .pg_writer import drop_if_failed, is_database_failure, must_drop
 from .rules import identity_fields
 
 log = logging.getLogger("onetag.store")
@@ -510,7 +510,7 @@ class PostgresOutbox:
                 try:
                     result = await fn(conn, *args)
                 except BaseException as exc:
-                    if isinstance(exc, Exception) and is_database_failure(exc):
+                    if isinstance(exc, Exception) and must_drop(exc):
                         conn.terminate()  # nothing to roll back on a dropped one
                         raise
                     await transaction.rollback()

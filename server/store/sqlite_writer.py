@@ -31,7 +31,7 @@ from .. import outbox
 from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
 from . import deadletters, rules
-from .base import Delivery, JobFailure, Outcome
+from .base import Delivery, JobFailure, Outcome, SchemaNotCurrent, newer_schema
 from .deadletters import ReplayFilter
 from .outbox_rules import CLAIMABLE
 from .sqlite_catalog import plan_sync
@@ -112,7 +112,10 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     it)."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
                  "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
-    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    done = dict(conn.execute("SELECT version, name FROM schema_migrations").fetchall())
+    newer = [done[version] for version in sorted(set(done) - {m[0] for m in migrations()})]
+    if newer:  # a downgrade: this code does not run against a schema it does not know
+        raise SchemaNotCurrent(newer_schema(newer))
     applied = []
     for version, name, sql in migrations():
         if version in done:
