@@ -34,6 +34,12 @@ log = logging.getLogger("onetag.store")
 DEFAULT_MAX_PENDING_WRITES = 2000
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 DEFAULT_WRITER_TIMEOUT_S = 10.0
+# Side writes: counts that may be lost (a wrong guess of a secret, ``auth.SharedThrottle``),
+# never an acknowledged event. They take none of ``max_pending_writes`` (a flood of them
+# made right-key posts 503), are at most ``SIDE_MAX_PENDING`` at once, and are refused
+# (``StoreUnavailable``: the caller counts in memory instead) while the queue is half full.
+SIDE_OPS = frozenset({"guess_failed", "guesses_cleared"})
+SIDE_MAX_PENDING = 16
 # A writer that keeps dying is restarted after 0.1 s, then 0.2, 0.4 ... up to 30 s.
 RESTART_FIRST_S = 0.1
 RESTART_MAX_S = 30.0
@@ -66,6 +72,7 @@ class WriterSupervisor:
         self._in_flight = 0  # frames sent, not yet answered
         self._queued = 0  # jobs pending or in flight (the backpressure bound) ...
         self._queued_bytes = 0  # ... and the bytes of their bodies
+        self._queued_side = 0  # side writes (``SIDE_OPS``) pending or in flight, apart
         self._closing = False
         self._restarting: asyncio.Task[None] | None = None
         self.writer_problem: JobFailure | None = None  # why there is no writer now
@@ -158,12 +165,15 @@ class WriterSupervisor:
 
     def _fail_pending(self, exc: BaseException) -> None:
         pending, self._pending = self._pending, []
-        for _, _, future, size in pending:
-            self._unqueue(size)
+        for op, _, future, size in pending:
+            self._unqueue(op, size)
             if not future.done():
                 future.set_exception(exc)
 
-    def _unqueue(self, size: int) -> None:
+    def _unqueue(self, op: str, size: int) -> None:
+        if op in SIDE_OPS:
+            self._queued_side -= 1
+            return
         self._queued -= 1
         self._queued_bytes -= size
 
@@ -219,14 +229,21 @@ class WriterSupervisor:
         if self._writer is None:
             problem = self.writer_problem or JobFailure("writer", "the store is not open")
             raise StoreUnavailable(problem.kind, problem.message)
-        if op != "ping" and (self._queued >= self.max_pending_writes
-                             or (size and self._queued_bytes + size > self.max_pending_bytes)):
+        if op in SIDE_OPS:
+            if (self._queued_side >= SIDE_MAX_PENDING
+                    or self._queued * 2 >= self.max_pending_writes):
+                raise StoreUnavailable("queue", "the store is busy: this count is kept in "
+                                       "memory instead")
+            self._queued_side += 1
+        elif op != "ping" and (self._queued >= self.max_pending_writes
+                               or (size and self._queued_bytes + size > self.max_pending_bytes)):
             raise StoreUnavailable("queue", f"{self._queued} writes ({self._queued_bytes} bytes) "
                                    "are waiting for the store; try again shortly")
+        else:
+            self._queued += 1
+            self._queued_bytes += size
         future = asyncio.get_running_loop().create_future()
         self._pending.append((op, args, future, size))
-        self._queued += 1
-        self._queued_bytes += size
         if not self._send_scheduled:
             self._send_scheduled = True
             # Not in this request's context: the frame (and its log lines) serves many.
@@ -279,7 +296,7 @@ class WriterSupervisor:
                     "writer", "the writer answered out of shape")] * len(batch)
         committed = False
         for (op, _, future, size), result in zip(batch, results):
-            self._unqueue(size)
+            self._unqueue(op, size)
             if isinstance(result, JobFailure):
                 if result.kind in ("disk", "database"):
                     self._storage_fault(result)
