@@ -30,7 +30,7 @@ whose availability nobody stated is listed as in stock: the page showed it for s
 
 Guarded by the site's ``feed_token`` in the query string (``?token=``: the vendors fetch a
 plain URL), compared in constant time; no token configured, no feed. Wrong tokens are bounded
-per client address as the console's login is (``auth.SharedThrottle``, every node's counted
+per site and client address as the console's login is (``auth.SharedThrottle``, every node's counted
 together): each is answered 0.5 s late, and an address with 5 within a minute gets 429 and
 ``Retry-After`` (its right token too) until the window has passed. The feeds answer
 ``ETag`` and ``Last-Modified`` (from the catalog's change count and latest change) and 304

@@ -270,14 +270,16 @@ class Ingest:
     # Backend ----------------------------------------------------------------------------
 
     async def _authorise(self, request: Request, site: Any) -> None:
-        """The site's api_key, compared in constant time. Wrong keys are bounded per client
-        address as the console's login is (``key_guesses``): each is answered after the
-        throttle's delay, and an address with 5 wrong keys within a minute gets 429 and
-        ``Retry-After`` (its right key too) until the window has passed, on every node of
-        the database (``SharedThrottle``). Only wrong keys count: a right one is never
-        delayed and clears nothing, so a busy backend posting with its key stays about as
-        fast as without the bound (one indexed read a second), and another address's
-        guesses never touch it."""
+        """The site's api_key, compared in constant time. Wrong keys are bounded per site
+        and client address (an IPv6 /64) as the console's login is (``key_guesses``): each
+        is answered after the throttle's delay, and an address with 5 wrong keys for the
+        site within a minute gets 429 and ``Retry-After`` (its right key too) until the
+        window has passed, on every node of the database (``SharedThrottle``). Only wrong
+        keys count: a right one is never delayed and clears nothing, so a busy backend
+        posting with its key stays about as fast as without the bound (one indexed read a
+        second), another address's guesses never refuse it, and a flood of them takes none
+        of the writes its events need (one-off guesses write nothing, the rest are
+        budgeted and kept off the ingest queue)."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
