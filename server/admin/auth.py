@@ -24,7 +24,6 @@ import logging
 import re
 import secrets
 import time
-import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -224,18 +223,14 @@ class GuessBudget:
         self.in_flight -= 1
 
 
-# Per store (one per app): its guess budget and its throttles by scope, so that two
-# handlers guarding one secret (the console's login and /metrics: the admin token) count
-# into one bound.
-_PER_STORE: "weakref.WeakKeyDictionary[Any, tuple[GuessBudget, dict[str, SharedThrottle]]]" = (
-    weakref.WeakKeyDictionary())
-
-
 def shared_throttle(store: Any, scope: str) -> "SharedThrottle":
-    """The one ``SharedThrottle`` of ``scope`` on ``store`` (a new one without a store)."""
+    """The one ``SharedThrottle`` of ``scope`` on ``store`` (a new one without a store), so
+    that two handlers guarding one secret (the console's login and /metrics: the admin
+    token) count into one bound, and every guess of the process (one store per app) draws
+    on one ``GuessBudget``. Kept on the store itself: it lives and goes with it."""
     if store is None:
         return SharedThrottle(None, scope)
-    budget, throttles = _PER_STORE.setdefault(store, (GuessBudget(), {}))
+    budget, throttles = vars(store).setdefault("_guess_throttles", (GuessBudget(), {}))
     if scope not in throttles:
         throttles[scope] = SharedThrottle(store, scope, budget=budget)
     return throttles[scope]
