@@ -3,8 +3,8 @@
 Everything is signed with one key derived from ``[server] admin_token`` (HMAC-SHA256 of a
 fixed label), so changing the token invalidates every session and every form at once, and
 nothing is kept server-side but the sessions logged out before they expired (in the
-database, ``Store.revoke_session``: until the cookie would expire) and wrong guesses (in the database too, ``SharedThrottle``: every node adds up an
-address's, from its second).
+database, ``Store.revoke_session``: until the cookie would expire) and wrong guesses (in the
+database too, ``SharedThrottle``: every node adds up an address's, from its second).
 
 - Session cookie: ``<expiry ms>.<nonce>.<hex HMAC(key, "session|expiry|nonce")>``.
 - CSRF token of a page: ``hex HMAC(key, "csrf|nonce")`` of the session's nonce (a
