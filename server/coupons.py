@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from . import logs
-from .admin.auth import SharedThrottle
+from .admin.auth import shared_throttle
 from .events import EMAIL_RE, echo
 from .store.base import StoreUnavailable
 
@@ -443,7 +443,7 @@ class Coupons:
         self.transport = transport  # tests only: where the webhook's requests go
         self.body_timeout_s = settings.server.body_timeout_s
         self._unauthorized: dict[str, tuple[float, int]] = {}  # site: (window start, kept)
-        self.guesses = SharedThrottle(store, "coupon_key")  # wrong keys, per address
+        self.guesses = shared_throttle(store, "coupon_key")  # wrong keys, per site, address
 
     async def discounts(self, request: Request) -> Response:
         rid = logs.request_id(request.headers.get("x-request-id"))
@@ -486,7 +486,7 @@ class Coupons:
         try:
             query = query_pairs(request.scope.get("query_string", b""))
             address = request.client.host if request.client else "unknown"
-            await self._authorise(query, config, address)
+            await self._authorise(query, config, address, site_id)
             body = await self._body(request)
             coupon = parse_request(query, body, request.headers.get("content-type", ""))
         except Invalid as exc:
@@ -497,17 +497,18 @@ class Coupons:
         call.update(coupon.as_dict(), idempotency_key=key)
         return await CouponWebhook(config, self.transport).create(site_id, coupon, key, rid)
 
-    async def _authorise(self, query: list[tuple[str, str]], config: Any, address: str) -> None:
+    async def _authorise(self, query: list[tuple[str, str]], config: Any, address: str,
+                         site_id: str) -> None:
         """``remarkety_api_key`` from the query string, as the vendor doc says Remarkety
         sends it, compared in constant time with the site's; never logged or kept. Wrong
-        keys are bounded per client address as the console's login is (``guesses``, every
-        node's counted together): each is answered 0.5 s late, and an address with 5
+        keys are bounded per site and client address as the console's login is
+        (``guesses``, every node's counted together): each is answered 0.5 s late, and an address with 5
         within a minute gets 429 (its right key too) until the window has passed."""
         given = [value for name, value in query if name == KEY_PARAM]
         if not given or not given[0]:
             raise Invalid(401, KEY_PARAM, "is required in the query string (the API key "
                                           "given to Remarkety with the base URL)", "unauthorized")
-        wait = await self.guesses.retry_after(address)
+        wait = await self.guesses.retry_after(address, site_id)
         if wait:
             raise Invalid(429, KEY_PARAM, f"too many wrong keys from your address; try again "
                                           f"in {wait} s", "unauthorized", retry_after_s=wait)
@@ -515,7 +516,7 @@ class Coupons:
         ok = len(given) == 1 and bool(expected) and hmac.compare_digest(
             given[0].encode("utf-8"), (expected or "").encode("utf-8"))
         if not ok:
-            await self.guesses.wrong(address)
+            await self.guesses.wrong(address, site_id)
             raise Invalid(403, KEY_PARAM, "is not this site's key", "unauthorized")
 
     async def _body(self, request: Request) -> bytes:

@@ -30,7 +30,7 @@ whose availability nobody stated is listed as in stock: the page showed it for s
 
 Guarded by the site's ``feed_token`` in the query string (``?token=``: the vendors fetch a
 plain URL), compared in constant time; no token configured, no feed. Wrong tokens are bounded
-per client address as the console's login is (``auth.SharedThrottle``, every node's counted
+per site and client address as the console's login is (``auth.SharedThrottle``, every node's counted
 together): each is answered 0.5 s late, and an address with 5 within a minute gets 429 and
 ``Retry-After`` (its right token too) until the window has passed. The feeds answer
 ``ETag`` and ``Last-Modified`` (from the catalog's change count and latest change) and 304
@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import catalog, money
-from .admin.auth import SharedThrottle
+from .admin.auth import shared_throttle
 from .events import echo
 
 PAGE = 500  # products read a query
@@ -207,7 +207,7 @@ class Feeds:
         self.settings = settings
         self.store = store
         self.page = page
-        self.guesses = SharedThrottle(store, "feed_token")  # wrong tokens, per address
+        self.guesses = shared_throttle(store, "feed_token")  # wrong tokens, per site, address
 
     async def xml(self, request: Request) -> Response:
         return await self._feed(request, "xml")
@@ -228,13 +228,13 @@ class Feeds:
                           f"set sites[{site_id}].feed_token in the config to publish one")
         given = request.query_params.get("token", "")
         address = request.client.host if request.client else "unknown"
-        wait = await self.guesses.retry_after(address) if given else 0
+        wait = await self.guesses.retry_after(address, site.id) if given else 0
         if wait:
             return _error(429, "too_many_requests", "token", f"too many wrong feed tokens from "
                           f"your address; try again in {wait} s", {"Retry-After": str(wait)})
         if not hmac.compare_digest(given.encode(), site.feed_token.encode()):
             if given:  # a guess; none at all is just refused
-                await self.guesses.wrong(address)
+                await self.guesses.wrong(address, site.id)
             return _error(403, "forbidden", "token", "missing or wrong feed token (?token=...)")
         state = await self.store.catalog_state(site.id)
         link = self.link(site)

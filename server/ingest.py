@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from . import events as vocabulary
-from .admin.auth import SharedThrottle
+from .admin.auth import shared_throttle
 from . import logs
 from .envelope import BrowserFacts, Problem, Refused, event_list
 from .events import Invalid, Origin
@@ -167,8 +167,8 @@ class Ingest:
         self.all_origins = frozenset(o for s in settings.sites.values() for o in s.origins)
         self.body_timeout_s = settings.server.body_timeout_s
         self.bodies = BodyDeadlines()
-        # Wrong api keys on the backend API, per client address (``_authorise``).
-        self.key_guesses = SharedThrottle(store, "api_key")
+        # Wrong api keys on the backend API, per site and client address (``_authorise``).
+        self.key_guesses = shared_throttle(store, "api_key")
 
     # Browser ----------------------------------------------------------------------------
 
@@ -270,14 +270,16 @@ class Ingest:
     # Backend ----------------------------------------------------------------------------
 
     async def _authorise(self, request: Request, site: Any) -> None:
-        """The site's api_key, compared in constant time. Wrong keys are bounded per client
-        address as the console's login is (``key_guesses``): each is answered after the
-        throttle's delay, and an address with 5 wrong keys within a minute gets 429 and
-        ``Retry-After`` (its right key too) until the window has passed, on every node of
-        the database (``SharedThrottle``). Only wrong keys count: a right one is never
-        delayed and clears nothing, so a busy backend posting with its key stays about as
-        fast as without the bound (one indexed read a second), and another address's
-        guesses never touch it."""
+        """The site's api_key, compared in constant time. Wrong keys are bounded per site
+        and client address (an IPv6 /64) as the console's login is (``key_guesses``): each
+        is answered after the throttle's delay, and an address with 5 wrong keys for the
+        site within a minute gets 429 and ``Retry-After`` (its right key too) until the
+        window has passed, on every node of the database (``SharedThrottle``). Only wrong
+        keys count: a right one is never delayed and clears nothing, so a busy backend
+        posting with its key stays about as fast as without the bound (one indexed read a
+        second), another address's guesses never refuse it, and a flood of them takes none
+        of the writes its events need (one-off guesses write nothing, the rest are
+        budgeted and kept off the ingest queue)."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -289,13 +291,13 @@ class Ingest:
             raise HTTPProblem(403, "forbidden", "authorization",
                               "this site has no api_key configured, so its backend API is off")
         address = request.client.host if request.client else "unknown"
-        wait = await self.key_guesses.retry_after(address)
+        wait = await self.key_guesses.retry_after(address, site.id)
         if wait:
             raise HTTPProblem(429, "too_many_requests", "authorization",
                               f"too many wrong api keys from your address; try again in "
                               f"{wait} s", {"Retry-After": str(wait)})
         if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-            await self.key_guesses.wrong(address)
+            await self.key_guesses.wrong(address, site.id)
             raise HTTPProblem(403, "forbidden", "authorization", "the api key is not this site's")
 
     async def backend_events(self, request: Request) -> Response:

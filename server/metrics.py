@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .admin.auth import SharedThrottle
+from .admin.auth import shared_throttle
 from .events import STANDARD
 from .vendors import VENDORS
 
@@ -66,10 +66,10 @@ class Metrics:
         server = settings.server
         self.admin_token: str | None = server.admin_token or None
         self.public = server.metrics_public
-        # The admin token guessed here is bounded as at the console's login: wrong ones
-        # are answered late, and an address with too many is refused for a while (every
-        # node's guesses counted together).
-        self.throttle = SharedThrottle(store, "metrics")
+        # The admin token guessed here is bounded with the console's login, one bound for
+        # the one secret: wrong ones are answered late, and an address with too many is
+        # refused for a while (every node's guesses counted together).
+        self.throttle = shared_throttle(store, "admin_token")
         self.sites = frozenset(settings.sites)
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
@@ -166,7 +166,8 @@ class Metrics:
             return _problem(401, "unauthorized", "authorization",
                             "send \"Authorization: Bearer <[server] admin_token>\"",
                             {"WWW-Authenticate": 'Bearer realm="onetag metrics"'})
-        await self.throttle.right(address)
+        # A right token clears nothing here: a scraper posting it every few seconds would
+        # reset the count of a guesser sharing its address.
         return None
 
     async def endpoint(self, request: Request) -> Response:

@@ -378,7 +378,7 @@ def live(tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("coupons-props")
     with FakeVendors() as fake, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(coupons, "SharedThrottle", unbounded)
+        patch.setattr(coupons, "shared_throttle", unbounded)
         fake.fail("store", 200, body=CREATED, times=None)
         loop = asyncio.new_event_loop()
         context = bridge(coupon_settings(tmp_path, fake.url("store")))

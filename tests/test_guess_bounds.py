@@ -145,3 +145,182 @@ async def test_concurrent_guesses_on_one_node_get_no_more_than_the_bound(tmp_pat
         answers = await asyncio.gather(*(client.post(
             API, json=EVENT, headers={"authorization": f"Bearer g{n}"}) for n in range(20)))
     assert sorted(a.status_code for a in answers) == [403] * 5 + [429] * 15
+
+
+# Guesses never take what events need (review: 4,000 wrong keys from distinct IPv6
+# addresses, each one store write on the ingest queue, got half of another address's
+# right-key posts 503) ----------------------------------------------------------------------
+
+def _small_queue(settings: Any, writes: int) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(settings, server=dataclasses.replace(
+        settings.server, max_pending_writes=writes))
+
+
+def _from(app: Any, client: httpx.AsyncClient, host: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(host, 40000)),
+                             base_url=client.base_url)
+
+
+async def test_a_flood_of_one_off_wrong_keys_writes_nothing_and_takes_no_event_slot(
+        backend, tmp_path, monkeypatch):
+    """400 wrong keys at once, each from its own IPv6 /64, beside 20 right-key posts from
+    the shop's backend, with room for only 50 writes in the queue: every right-key post is
+    accepted, and a one-off wrong guess costs no write at all."""
+    import asyncio
+
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
+    settings = _small_queue(backend.settings(tmp_path), 50)
+    right = {"authorization": "Bearer secret-key-0123456789"}
+    async with running(settings) as (app, client):
+        async with contextlib.AsyncExitStack() as stack:
+            guessers = [await stack.enter_async_context(_from(app, client, f"2001:db8:{n:x}::1"))
+                        for n in range(400)]
+            shop = await stack.enter_async_context(_from(app, client, "10.0.0.7"))
+            tasks = []
+            for n, guesser in enumerate(guessers):
+                tasks.append(guesser.post(API, json=EVENT, headers={
+                    "authorization": f"Bearer wrong-key-{n}"}))
+                if n % 20 == 10:
+                    tasks.append(shop.post(API, json={**EVENT, "event_id": f"e{n}"},
+                                           headers=right))
+            answers = await asyncio.gather(*tasks)
+        statuses = [a.status_code for a in answers]
+        assert statuses.count(202) == 20, statuses
+        assert statuses.count(403) == 400
+    assert await backend.rows("SELECT count(*) FROM guess_failures") == [(0,)]
+
+
+async def test_an_address_is_written_once_it_guesses_again(backend, tmp_path, monkeypatch):
+    """One wrong guess is counted in the process only; the second from the same address
+    writes both, so the other nodes see them."""
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
+    async with running(backend.settings(tmp_path)) as (app, client):
+        wrong = {"authorization": "Bearer wrong-key-0000000000"}
+        assert (await client.post(API, json=EVENT, headers=wrong)).status_code == 403
+        assert await backend.rows("SELECT count(*) FROM guess_failures") == [(0,)]
+        assert (await client.post(API, json=EVENT, headers=wrong)).status_code == 403
+        assert await backend.rows("SELECT count(*) FROM guess_failures") == [(2,)]
+
+
+async def test_guess_writes_never_count_against_the_ingest_queue(backend, tmp_path):
+    """Guess writes queued with the events' must not make an event 503: they have a small
+    budget of their own, and beyond it (or with the queue busy) they are refused, to be
+    counted in the process only."""
+    import asyncio
+
+    from server.store.base import SessionInfo, StoreUnavailable
+
+    settings = backend.settings(tmp_path)
+    store = await backend.open(settings, max_pending_writes=4)
+    try:
+        event = {"event": "identify", "event_id": "e1", "user": {"email": "a@b.co"}}
+        guesses = [store.guess_failed("api_key:shop1", f"10.0.0.{n}", 1_000, 60_000)
+                   for n in range(10)]
+        answers = await asyncio.gather(
+            *guesses, store.ingest("shop1", [event], [event], SessionInfo(user_agent="UA")),
+            return_exceptions=True)
+        assert not isinstance(answers[-1], BaseException), answers[-1]
+        for answer in answers[:-1]:
+            assert isinstance(answer, (list, StoreUnavailable)), answer
+    finally:
+        await store.close()
+
+
+async def test_guess_writes_are_capped_per_second_and_counted_locally_beyond(tmp_path,
+                                                                             monkeypatch):
+    """Past the process's budget of guess writes a second, a guess is counted in the process
+    (the address is still refused after five) and written at its next guess with room."""
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
+    monkeypatch.setattr(auth, "GUESS_WRITES_PER_S", 3)
+    monkeypatch.setattr(auth.GuessBudget, "clock", staticmethod(lambda: 100.0))  # no refill
+    written = []
+    async with running(console_settings(tmp_path)) as (app, client):
+        store = app.state.store
+        original = store.guess_failed
+
+        async def counted(*args, **kwargs):
+            written.append(args)
+            return await original(*args, **kwargs)
+        monkeypatch.setattr(store, "guess_failed", counted)
+        async with contextlib.AsyncExitStack() as stack:
+            guessers = [await stack.enter_async_context(_from(app, client, f"10.0.1.{n}"))
+                        for n in range(10)]
+            for _ in range(5):
+                for guesser in guessers:
+                    assert (await guesser.post(API, json=EVENT, headers={
+                        "authorization": "Bearer wrong-key-0000000000"})).status_code == 403
+            for guesser in guessers:
+                locked = await guesser.post(API, json=EVENT, headers={
+                    "authorization": f"Bearer {SECRETS['site api_key']}"})
+                assert locked.status_code == 429
+    assert len(written) == 3
+
+
+async def test_ipv6_addresses_are_counted_per_64(tmp_path, monkeypatch):
+    """Every IPv6 /128 was its own address: one host has billions. A /64 is one address
+    (as an IPv4 address is); another /64 is another."""
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
+    async with running(console_settings(tmp_path)) as (app, client):
+        async with contextlib.AsyncExitStack() as stack:
+            same = [await stack.enter_async_context(_from(app, client, f"2001:db8:1:2::{n:x}"))
+                    for n in range(1, 7)]
+            other = await stack.enter_async_context(_from(app, client, "2001:db8:1:3::1"))
+            for guesser in same[:5]:
+                assert (await guesser.post(API, json=EVENT, headers={
+                    "authorization": "Bearer wrong-key-0000000000"})).status_code == 403
+            right = {"authorization": f"Bearer {SECRETS['site api_key']}"}
+            assert (await same[5].post(API, json=EVENT, headers=right)).status_code == 429
+            assert (await other.post(API, json=EVENT, headers=right)).status_code == 202
+    assert auth.guess_address("::ffff:192.0.2.7") == "192.0.2.7"
+    assert auth.guess_address("192.0.2.7") == "192.0.2.7"
+    assert auth.guess_address("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert auth.guess_address("unknown") == "unknown"
+
+
+async def test_wrong_keys_for_one_site_never_lock_another_sites_key(backend, tmp_path,
+                                                                     monkeypatch):
+    """One bound for every site's api key: five wrong keys for site b from a shared egress
+    got site a's right key 429 from that address. Each site's secret is its own bound."""
+    from server import config
+
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
+    data = {"server": {"database": backend.database, "public_url": "https://d.example",
+                       "forward": False},
+            "sites": [{"id": "a", "origins": ["https://a.example"], "api_key": "site-a-key-0123456789",
+                       "feed_token": "feed-a-token-0123456789"},
+                      {"id": "b", "origins": ["https://b.example"], "api_key": "site-b-key-0123456789",
+                       "feed_token": "feed-b-token-0123456789"}]}
+    async with running(config.parse(data, env={})) as (_, client):
+        for n in range(5):
+            assert (await client.post("/api/v1/sites/b/events", json=EVENT, headers={
+                "authorization": f"Bearer wrong-key-{n}"})).status_code == 403
+            assert (await client.get(f"/feeds/b/products.xml?token=guess{n}")).status_code == 403
+        assert (await client.post("/api/v1/sites/a/events", json=EVENT, headers={
+            "authorization": "Bearer site-a-key-0123456789"})).status_code == 202
+        assert (await client.get("/feeds/a/products.xml?token=feed-a-token-0123456789")
+                ).status_code == 200
+        assert (await client.post("/api/v1/sites/b/events", json=EVENT, headers={
+            "authorization": "Bearer site-b-key-0123456789"})).status_code == 429
+        assert (await client.get("/feeds/b/products.xml?token=feed-b-token-0123456789")
+                ).status_code == 429
+
+
+async def test_the_admin_token_is_one_bound_at_the_login_and_metrics(tmp_path, monkeypatch):
+    """The admin token was guarded by two bounds (login, metrics), five a minute each, and a
+    right /metrics scrape cleared its count: one secret, one bound, and a scrape clears
+    nothing (a guesser sharing the scraper's address would be reset every scrape)."""
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
+    right = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with running(console_settings(tmp_path)) as (_, client):
+        for _ in range(2):
+            assert (await login(client, token="guess")).status_code == 401
+        for _ in range(2):
+            assert (await client.get("/metrics", headers={
+                "authorization": "Bearer guess"})).status_code == 401
+        assert (await client.get("/metrics", headers=right)).status_code == 200
+        assert (await client.get("/metrics", headers={
+            "authorization": "Bearer guess"})).status_code == 401
+        assert (await client.get("/metrics", headers=right)).status_code == 429
+        assert (await login(client, token=ADMIN_TOKEN)).status_code == 429

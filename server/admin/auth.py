@@ -3,7 +3,8 @@
 Everything is signed with one key derived from ``[server] admin_token`` (HMAC-SHA256 of a
 fixed label), so changing the token invalidates every session and every form at once, and
 nothing is kept server-side but the sessions logged out before they expired (in the
-database, ``Store.revoke_session``: until the cookie would expire) and wrong guesses (in the database too, ``SharedThrottle``: every node adds up an address's).
+database, ``Store.revoke_session``: until the cookie would expire) and wrong guesses (in the
+database too, ``SharedThrottle``: every node adds up an address's, from its second).
 
 - Session cookie: ``<expiry ms>.<nonce>.<hex HMAC(key, "session|expiry|nonce")>``.
 - CSRF token of a page: ``hex HMAC(key, "csrf|nonce")`` of the session's nonce (a
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
@@ -168,73 +170,201 @@ class LoginThrottle:
                 self._failures.popitem(last=False)
 
 
+# Wrong guesses are written to the store only when they could matter to another node, and
+# never at the cost of the writes events need (a guess count is no acknowledged event: one
+# left unwritten costs at most that other nodes learn of it late):
+SHARE_AFTER = 2  # an address's guesses are written once it has this many within the window
+GUESS_WRITES_PER_S = 20  # per process (its store): beyond, guesses are counted locally
+GUESS_WRITES_IN_FLIGHT = 4  # guess writes waiting for the store at once, per process
+
+
+def guess_address(host: str) -> str:
+    """What a guess bound counts as one client: an IPv4 address, or an IPv6 /64 (one host
+    or one customer's network gets a /64, and every address in it for free; counted per
+    /128, one machine had billions of bounds). An IPv4-mapped IPv6 address is its IPv4
+    address; anything else (no address known) is counted as it is."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class GuessBudget:
+    """One process's allowance of guess writes (per store): ``GUESS_WRITES_PER_S`` a second
+    (a token bucket) and ``GUESS_WRITES_IN_FLIGHT`` at once. A guess with no allowance left
+    is counted in the process only, and written with that address's next one that has."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self) -> None:
+        self.tokens = 0.0
+        self.at: float | None = None
+        self.in_flight = 0
+
+    def take(self) -> bool:
+        now, rate = self.clock(), float(GUESS_WRITES_PER_S)
+        if self.at is None:
+            self.tokens = rate
+        else:
+            self.tokens = min(rate, self.tokens + max(0.0, now - self.at) * rate)
+        self.at = now
+        if self.tokens < 1 or self.in_flight >= GUESS_WRITES_IN_FLIGHT:
+            return False
+        self.tokens -= 1
+        self.in_flight += 1
+        return True
+
+    def done(self) -> None:
+        self.in_flight -= 1
+
+
+def shared_throttle(store: Any, scope: str) -> "SharedThrottle":
+    """The one ``SharedThrottle`` of ``scope`` on ``store`` (a new one without a store), so
+    that two handlers guarding one secret (the console's login and /metrics: the admin
+    token) count into one bound, and every guess of the process (one store per app) draws
+    on one ``GuessBudget``. Kept on the store itself: it lives and goes with it."""
+    if store is None:
+        return SharedThrottle(None, scope)
+    budget, throttles = vars(store).setdefault("_guess_throttles", (GuessBudget(), {}))
+    if scope not in throttles:
+        throttles[scope] = SharedThrottle(store, scope, budget=budget)
+    return throttles[scope]
+
+
 class SharedThrottle:
     """A ``LoginThrottle`` whose counts every node on the database shares, restarts
-    included: each wrong guess is kept in the store (``Store.guess_failed``, table
-    ``guess_failures``) under ``scope`` (which secret), and the answer, every node's guesses
-    from that address within the window, is taken into this process's count. The limits
-    and the delay are the throttle's (5 a minute per address, 0.5 s).
+    included: wrong guesses are kept in the store (``Store.guess_failed``, table
+    ``guess_failures``) under ``scope`` (which secret; with ``site``, ``scope:site``: each
+    site's secret is its own bound) and the client's ``guess_address``, and the answer,
+    every node's guesses from that address within the window, is taken into this process's
+    count. The limits and the delay are the throttle's (5 a minute per address, 0.5 s).
+
+    Not every guess is a write. An address's first wrong guess in the window is counted
+    here only (a flood of one-off guesses from many addresses writes nothing); once this
+    process knows of ``SHARE_AFTER`` (its own and those the database told of), its guesses
+    not yet written are written, if the process's ``GuessBudget`` allows; if not, they stay
+    counted here and go with its next write. The store gives guess writes no room that
+    events need (SQLite: outside ``max_pending_writes``, refused while the queue is busy).
+    So across N nodes an address may get up to ``max_failures + (N - 1) * (SHARE_AFTER -
+    1)`` guesses a window, more while guesses outrun the budget (then each node bounds its
+    own), and a restart forgets the guesses it had not written.
 
     Before a secret is compared, ``retry_after`` asks the database, except for an address
     it found under the bound within ``RECHECK_S`` (a right key posted all day costs a read a
     second). Its last look is this process's count, with no wait between it and the
     caller's comparison and ``wrong``'s count: within one process the bound is exact,
-    concurrent guesses included. Another node learns of this one's guesses at its next
-    read or its own next wrong guess. A database that can't be reached leaves each process
-    its own count (the bound per process, as before), said once a minute in the log."""
+    concurrent guesses included. A database that can't be reached leaves each process its
+    own count (the bound per process, as before), said once a minute in the log."""
 
     def __init__(self, store: Any, scope: str, throttle: LoginThrottle | None = None,
-                 recheck_s: float = RECHECK_S):
+                 recheck_s: float = RECHECK_S, budget: GuessBudget | None = None):
         self.store = store
         self.scope = scope
         self.local = throttle if throttle is not None else LoginThrottle()
         self.recheck_s = recheck_s
-        self._clear: OrderedDict[str, float] = OrderedDict()  # address -> when found under
+        self.budget = budget if budget is not None else GuessBudget()
+        self._clear: OrderedDict[str, float] = OrderedDict()  # key -> when found under
+        self._unshared: OrderedDict[str, list[float]] = OrderedDict()  # key -> not written
         self._said_down: float | None = None
+        self._said_budget: float | None = None
 
     @property
     def delay_s(self) -> float:
         return self.local.delay_s
 
-    async def retry_after(self, address: str) -> int:
-        """0 when ``address`` may try its secret now; else the seconds until it may."""
+    def _where(self, address: str, site: str | None) -> tuple[str, str, str]:
+        """(the store's scope, the store's address, this process's key) of a guess."""
+        scope = f"{self.scope}:{site}" if site else self.scope
+        client = guess_address(address)
+        return scope, client, f"{scope} {client}"
+
+    async def retry_after(self, address: str, site: str | None = None) -> int:
+        """0 when ``address`` may try its secret (``site``'s) now; else the seconds until
+        it may."""
+        scope, client, key = self._where(address, site)
         now = time.time()
-        if not self.local.retry_after(address, now) and not self._fresh(address, now):
+        if not self.local.retry_after(key, now) and not self._fresh(key, now):
             since_ms = int((now - self.local.window_s) * 1000)
-            shared = await self._ask("guess_failures", self.scope, address, since_ms)
+            shared = await self._ask("guess_failures", scope, client, since_ms)
             now = time.time()
             if shared is not None:
-                self.local.merge(address, [t / 1000 for t in shared], now)
+                self._merge(key, shared, now)
                 if len(shared) < self.local.max_failures:
-                    self._clear[address] = now
-                    self._clear.move_to_end(address)
+                    self._clear[key] = now
+                    self._clear.move_to_end(key)
                     while len(self._clear) > self.local.max_addresses:
                         self._clear.popitem(last=False)
-        return self.local.retry_after(address, now)  # no wait between this and the compare
+        return self.local.retry_after(key, now)  # no wait between this and the compare
 
-    async def wrong(self, address: str) -> None:
-        """A wrong guess from ``address``: counted here at once, kept in the database for
-        every node, then answered ``delay_s`` late."""
+    async def wrong(self, address: str, site: str | None = None) -> None:
+        """A wrong guess from ``address``: counted here at once, written for every node
+        when it is not the address's only one (and the budget allows), then answered
+        ``delay_s`` late."""
+        scope, client, key = self._where(address, site)
         now = time.time()
-        self.local.failed(address, now)
-        self._clear.pop(address, None)
-        shared = await self._ask("guess_failed", self.scope, address, int(now * 1000),
-                                 int(self.local.window_s * 1000))
-        if shared is not None:
-            self.local.merge(address, [t / 1000 for t in shared])
+        self.local.failed(key, now)
+        self._clear.pop(key, None)
+        unshared = self._recent_unshared(key, now)
+        unshared.append(now)
+        self._unshared[key] = unshared
+        self._unshared.move_to_end(key)
+        while len(self._unshared) > self.local.max_addresses:
+            self._unshared.popitem(last=False)
+        if len(self.local._recent(key, now)) >= SHARE_AFTER:
+            await self._share(scope, client, key, now)
         await asyncio.sleep(self.delay_s)
 
-    async def right(self, address: str) -> None:
-        """The right secret from ``address``: its wrong guesses are forgotten, here and in
-        the database when this process knows of any (a right key posted all day writes
-        nothing)."""
-        had = bool(self.local._recent(address, time.time()))
-        self.local.succeeded(address)
-        if had:
-            await self._ask("guesses_cleared", self.scope, address)
+    async def _share(self, scope: str, client: str, key: str, now: float) -> None:
+        """Write ``key``'s guesses not yet written, within the process's budget."""
+        if not self.budget.take():
+            if self._said_budget is None or time.monotonic() - self._said_budget >= 60:
+                self._said_budget = time.monotonic()
+                log.warning("more wrong %s guesses than %d writes a second: the rest are "
+                            "counted per process for now", self.scope, GUESS_WRITES_PER_S)
+            return
+        batch = self._unshared.pop(key, [])  # taken: a concurrent guess writes only its own
+        if not batch:
+            self.budget.done()
+            return
+        try:
+            shared = await self._ask("guess_failed", scope, client, int(batch[-1] * 1000),
+                                     int(self.local.window_s * 1000),
+                                     [int(t * 1000) for t in batch[:-1]])
+        finally:
+            self.budget.done()
+        if shared is None:  # not written: still this process's to write
+            self._unshared[key] = sorted(batch + self._unshared.get(key, []))
+            return
+        self._merge(key, shared, time.time())
 
-    def _fresh(self, address: str, now: float) -> bool:
-        found = self._clear.get(address)
+    async def right(self, address: str, site: str | None = None) -> None:
+        """The right secret from ``address``: its wrong guesses are forgotten, here and in
+        the database when some were written there (a right key posted all day writes
+        nothing)."""
+        scope, client, key = self._where(address, site)
+        now = time.time()
+        known = len(self.local._recent(key, now))
+        unshared = len(self._recent_unshared(key, now))
+        self.local.succeeded(key)
+        self._unshared.pop(key, None)
+        if known > unshared:
+            await self._ask("guesses_cleared", scope, client)
+
+    def _recent_unshared(self, key: str, now: float) -> list[float]:
+        return [t for t in self._unshared.get(key, ()) if now - t < self.local.window_s]
+
+    def _merge(self, key: str, shared_ms: list[int], now: float) -> None:
+        """The database's guesses of ``key`` and this process's not written yet."""
+        self.local.merge(key, [t / 1000 for t in shared_ms] + self._recent_unshared(key, now),
+                         now)
+
+    def _fresh(self, key: str, now: float) -> bool:
+        found = self._clear.get(key)
         return found is not None and now - found < self.recheck_s
 
     async def _ask(self, method: str, *args: Any) -> Any:

@@ -77,7 +77,7 @@ class Console:
         self.body_timeout_s: float = settings.server.body_timeout_s  # a form's, as a body's
         self.key = auth.derive_key(self.token) if self.enabled else b""
         self.revoked = auth.Revoked()
-        self.throttle = auth.SharedThrottle(store, "login")
+        self.throttle = auth.shared_throttle(store, "admin_token")  # /metrics' too
         self.secure_always = settings.server.public_url.startswith("https://")
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(templates_dir())),

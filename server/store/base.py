@@ -237,11 +237,14 @@ class Store(abc.ABC):
 
     # Wrong guesses of a secret (server/admin/auth.py, ``SharedThrottle``) ----------------
 
-    async def guess_failed(self, scope: str, address: str, now_ms: int,
-                           window_ms: int) -> list[int]:
-        """Keep one wrong guess of ``scope``'s secret from ``address`` at ``now_ms``, durably,
-        prune the scope's guesses older than ``window_ms``, and answer the times of the
-        address's guesses within it (every node's), oldest first."""
+    async def guess_failed(self, scope: str, address: str, now_ms: int, window_ms: int,
+                           earlier_ms: Sequence[int] = ()) -> list[int]:
+        """Keep a wrong guess of ``scope``'s secret from ``address`` at ``now_ms`` (and the
+        ones at ``earlier_ms`` this process had not written yet), durably, prune the
+        scope's guesses older than ``window_ms``, and answer the times of the address's
+        guesses within it (every node's), oldest first. A write that may be refused
+        (``StoreUnavailable``) rather than take room events need: SQLite's queue gives it
+        none of ``max_pending_writes``, and refuses it while events wait."""
         raise NotImplementedError
 
     async def guess_failures(self, scope: str, address: str, since_ms: int) -> list[int]:

@@ -183,15 +183,17 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
 
     # Wrong guesses of a secret (pg_migrations/035) ----------------------------------------
 
-    async def guess_failed(self, scope: str, address: str, now_ms: int,
-                           window_ms: int) -> list[int]:
-        """On this node's pool, committed before it returns: every node reads it there."""
+    async def guess_failed(self, scope: str, address: str, now_ms: int, window_ms: int,
+                           earlier_ms: Sequence[int] = ()) -> list[int]:
+        """On this node's pool (not the writer's queue), committed before it returns: every
+        node reads it there. The callers' ``GuessBudget`` keeps it to a few connections."""
         from .sqlite_writer import GUESS_PRUNE_SQL, GUESS_READ_SQL, GUESS_SQL
 
         async def run(conn: Any) -> list[int]:
             async with conn.transaction():
-                await conn.execute(GUESS_SQL.format(scope="$1", address="$2", at="$3"),
-                                   scope, address, int(now_ms))
+                await conn.executemany(GUESS_SQL.format(scope="$1", address="$2", at="$3"),
+                                       [(scope, address, int(at))
+                                        for at in (*earlier_ms, now_ms)])
                 await conn.execute(GUESS_PRUNE_SQL.format(scope="$1", before="$2"),
                                    scope, int(now_ms) - int(window_ms))
                 rows = await conn.fetch(GUESS_READ_SQL.format(scope="$1", address="$2",

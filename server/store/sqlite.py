@@ -373,10 +373,12 @@ class SQLiteStore(WriterSupervisor, Store):
 
     # Wrong guesses of a secret (migration 019) -------------------------------------------
 
-    async def guess_failed(self, scope: str, address: str, now_ms: int,
-                           window_ms: int) -> list[int]:
-        """Through the writer: answered once committed."""
-        return await self._write("guess_failed", scope, address, int(now_ms), int(window_ms))
+    async def guess_failed(self, scope: str, address: str, now_ms: int, window_ms: int,
+                           earlier_ms: Sequence[int] = ()) -> list[int]:
+        """Through the writer, answered once committed, as a side write: outside
+        ``max_pending_writes`` and refused while the queue is busy (``WriterSupervisor``)."""
+        return await self._write("guess_failed", scope, address, int(now_ms), int(window_ms),
+                                 tuple(int(t) for t in earlier_ms))
 
     async def guess_failures(self, scope: str, address: str, since_ms: int) -> list[int]:
         from .sqlite_writer import GUESS_READ_SQL

@@ -425,9 +425,11 @@ class WriteOps:
         self.conn.execute(CONSOLE_LOGOUT_SQL.format(nonce="?", expires="?"), (nonce, expires_ms))
         self.conn.execute(CONSOLE_LOGOUT_PRUNE_SQL.format(now="?"), (now,))
 
-    def guess_failed(self, scope: str, address: str, now: int, window: int) -> list[int]:
-        """``Store.guess_failed``: the guess kept (migration 019), the old pruned."""
-        self.conn.execute(GUESS_SQL.format(scope="?", address="?", at="?"), (scope, address, now))
+    def guess_failed(self, scope: str, address: str, now: int, window: int,
+                     earlier: Sequence[int] = ()) -> list[int]:
+        """``Store.guess_failed``: the guesses kept (migration 019), the old pruned."""
+        self.conn.executemany(GUESS_SQL.format(scope="?", address="?", at="?"),
+                              [(scope, address, at) for at in (*earlier, now)])
         self.conn.execute(GUESS_PRUNE_SQL.format(scope="?", before="?"), (scope, now - window))
         rows = self.conn.execute(GUESS_READ_SQL.format(scope="?", address="?", since="?"),
                                  (scope, address, now - window)).fetchall()

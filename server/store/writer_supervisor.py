@@ -34,6 +34,12 @@ log = logging.getLogger("onetag.store")
 DEFAULT_MAX_PENDING_WRITES = 2000
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 DEFAULT_WRITER_TIMEOUT_S = 10.0
+# Side writes: counts that may be lost (a wrong guess of a secret, ``auth.SharedThrottle``),
+# never an acknowledged event. They take none of ``max_pending_writes`` (a flood of them
+# made right-key posts 503), are at most ``SIDE_MAX_PENDING`` at once, and are refused
+# (``StoreUnavailable``: the caller counts in memory instead) while the queue is half full.
+SIDE_OPS = frozenset({"guess_failed", "guesses_cleared"})
+SIDE_MAX_PENDING = 16
 # A writer that keeps dying is restarted after 0.1 s, then 0.2, 0.4 ... up to 30 s.
 RESTART_FIRST_S = 0.1
 RESTART_MAX_S = 30.0
@@ -76,6 +82,7 @@ class WriterSupervisor:
         # Jobs pending or in flight, but ``UNBOUNDED_OPS`` (the backpressure bound) ...
         self._queued = 0
         self._queued_bytes = 0  # ... and the bytes of their bodies
+        self._queued_side = 0  # side writes (``SIDE_OPS``) pending or in flight, apart
         self._closing = False
         self._restarting: asyncio.Task[None] | None = None
         self.writer_problem: JobFailure | None = None  # why there is no writer now
@@ -174,7 +181,9 @@ class WriterSupervisor:
                 future.set_exception(exc)
 
     def _unqueue(self, op: str, size: int) -> None:
-        if op not in UNBOUNDED_OPS:
+        if op in SIDE_OPS:
+            self._queued_side -= 1
+        elif op not in UNBOUNDED_OPS:
             self._queued -= 1
             self._queued_bytes -= size
 
@@ -230,16 +239,21 @@ class WriterSupervisor:
         if self._writer is None:
             problem = self.writer_problem or JobFailure("writer", "the store is not open")
             raise StoreUnavailable(problem.kind, problem.message)
-        bounded = op not in UNBOUNDED_OPS
-        if bounded and (self._queued >= self.max_pending_writes
-                        or (size and self._queued_bytes + size > self.max_pending_bytes)):
-            raise StoreUnavailable("queue", f"{self._queued} writes ({self._queued_bytes} bytes) "
-                                   "are waiting for the store; try again shortly")
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((op, args, future, size))
-        if bounded:
+        if op in SIDE_OPS:
+            if (self._queued_side >= SIDE_MAX_PENDING
+                    or self._queued * 2 >= self.max_pending_writes):
+                raise StoreUnavailable("queue", "the store is busy: this count is kept in "
+                                       "memory instead")
+            self._queued_side += 1
+        elif op not in UNBOUNDED_OPS:
+            if (self._queued >= self.max_pending_writes
+                    or (size and self._queued_bytes + size > self.max_pending_bytes)):
+                raise StoreUnavailable("queue", f"{self._queued} writes ({self._queued_bytes} "
+                                       "bytes) are waiting for the store; try again shortly")
             self._queued += 1
             self._queued_bytes += size
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((op, args, future, size))
         if not self._send_scheduled:
             self._send_scheduled = True
             # Not in this request's context: the frame (and its log lines) serves many.
