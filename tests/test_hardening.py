@@ -435,9 +435,11 @@ async def test_body_deadlines_time_out_only_the_slow_read() -> None:
         await asyncio.sleep(0.01)
         return {"type": "http.request", "body": b"{}", "more_body": False}
 
+    # Only the slow read has a short deadline: the others' are long enough that a loaded
+    # machine's stall can't expire them before they finish or are cancelled.
     slow = asyncio.ensure_future(deadlines.receive(never, None, 0.2))
-    fast = [await deadlines.receive(quick, "2", 0.2) for _ in range(3)]
-    outside = asyncio.ensure_future(deadlines.receive(never, None, 0.2))
+    fast = [await deadlines.receive(quick, "2", 30) for _ in range(3)]
+    outside = asyncio.ensure_future(deadlines.receive(never, None, 30))
     await asyncio.sleep(0.05)
     outside.cancel()
     with pytest.raises(HTTPProblem) as refused:
