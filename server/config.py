@@ -376,6 +376,17 @@ class _Reader:
             return default
         return value
 
+    def choice(self, table: Mapping[str, Any], key: str, where: str,
+               choices: tuple[str, ...]) -> str:
+        """One of ``choices`` (the first is the default), or the default after a problem
+        naming them all."""
+        value = self.string(table, key, where, default=choices[0])
+        if value not in choices:
+            said = " or ".join(f'"{choice}"' for choice in choices)
+            self.problem(f"{where}.{key}", f"must be {said}, not {value!r}")
+            return choices[0]
+        return value
+
     def secret(self, table: Mapping[str, Any], key: str, where: str, *, off: str,
                required: bool = False, kinds: frozenset[str] = NODE_SECRETS) -> str | None:
         """A secret: an empty one (a literal "" or an ``env:`` variable set to "") is refused,
@@ -556,10 +567,7 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     problem = event_path_problem(event_path, script_path)
     if problem:
         reader.problem(f"{where}.event_path", f"{problem}, not {event_path!r}")
-    log_format = reader.string(table, "log_format", where, default="text")
-    if log_format not in ("text", "json"):
-        reader.problem(f"{where}.log_format", f'must be "text" or "json", not {log_format!r}')
-        log_format = "text"
+    log_format = reader.choice(table, "log_format", where, ("text", "json"))
     numbers = {key: reader.number(table, key, where) for key in NUMBERS}
     admin_token = reader.secret(table, "admin_token", where,
                                 off="remove the key to turn the operator console off")
@@ -604,13 +612,8 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     currency = reader.string(table, "currency", where, default="USD")
     if not re.fullmatch(r"[A-Z]{3}", currency or ""):
         reader.problem(f"{where}.currency", f"must be a 3-letter ISO 4217 code, not {currency!r}")
-    spa = reader.string(table, "spa_page_views", where, default="auto")
-    if spa not in ("auto", "manual"):
-        reader.problem(f"{where}.spa_page_views", f"must be \"auto\" or \"manual\", not {spa!r}")
-    consent = reader.string(table, "consent", where, default="none")
-    if consent not in ("none", "required"):
-        reader.problem(f"{where}.consent", f"must be \"none\" or \"required\", not {consent!r}")
-        consent = "none"
+    spa = reader.choice(table, "spa_page_views", where, ("auto", "manual"))
+    consent = reader.choice(table, "consent", where, ("none", "required"))
     max_cart_lines = table.get("max_cart_lines", DEFAULT_MAX_CART_LINES)
     if isinstance(max_cart_lines, bool) or not isinstance(max_cart_lines, int) or not (
             1 <= max_cart_lines <= 10_000):
