@@ -72,13 +72,7 @@ import httpcore
 import httpx
 
 from . import __version__, product_sync
-from .forward_options import (  # noqa: F401 (re-exported: the options and their defaults)
-    DEFAULT_BACKOFF_BASE_S, DEFAULT_BACKOFF_CAP_S, DEFAULT_CONCURRENCY,
-    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_EXPIRE_EVERY_S, DEFAULT_IDLE_POLL_S, DEFAULT_LEASE_S,
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_POOL_TIMEOUT_S, DEFAULT_PRUNE_EVERY_S, DEFAULT_RATES,
-    DEFAULT_READ_TIMEOUT_S, DEFAULT_RETRY_WINDOW_S, DEFAULT_SHUTDOWN_GRACE_S,
-    DEFAULT_WRITE_TIMEOUT_S, ForwarderOptions, MAX_SECONDS, ZERO_ALLOWED, _count,
-    _parse_rates, _seconds)
+from .forward_options import ForwarderOptions
 from .http_stream import AsyncioBackend
 from .store.base import Attempt, Delivery, Outcome, Store, StoreUnavailable
 from .vendors import VENDORS

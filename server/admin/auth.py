@@ -17,6 +17,7 @@ database too, ``SharedThrottle``: every node adds up an address's, from its seco
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -178,6 +179,7 @@ GUESS_WRITES_PER_S = 20  # per process (its store): beyond, guesses are counted 
 GUESS_WRITES_IN_FLIGHT = 4  # guess writes waiting for the store at once, per process
 
 
+@functools.lru_cache(maxsize=4096)  # asked before every api key: a few hosts post all day
 def guess_address(host: str) -> str:
     """What a guess bound counts as one client: an IPv4 address, or an IPv6 /64 (one host
     or one customer's network gets a /64, and every address in it for free; counted per

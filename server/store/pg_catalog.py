@@ -13,7 +13,7 @@ finding it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from .. import catalog
 from ..catalog import Product
@@ -38,6 +38,15 @@ class PgCatalogBatch:
         self.conn = conn
         self.now = now
         self.work: list[tuple[str, str, dict[str, Any], bool, bool | None, bool]] = []
+        # Committed prices this batch already knows (None: no price), so that a product is
+        # read at most once a batch, and not at all when the batch's unlocked read had it.
+        self._prices: dict[tuple[str, str], tuple[int, str] | None] = {}
+
+    def know_prices(self, products: Mapping[tuple[str, str], Product | None]) -> None:
+        """The prices of products the batch read as last committed (``products_read``)."""
+        for key, product in products.items():
+            price = product.fields.get("price") if product is not None else None
+            self._prices[key] = price if price is not None and price[1] else None
 
     def observe(self, site_id: str, event: dict[str, Any],
                 planned: frozenset[str] = frozenset()) -> None:
@@ -56,12 +65,20 @@ class PgCatalogBatch:
 
     async def prices(self, site_id: str, item_ids: list[str]) -> dict[str, tuple[int, str]]:
         """As ``sqlite_catalog.CatalogBatch.prices``: the committed products' prices, read
-        without a lock (an optimistic batch's connection refuses it: the run is locked)."""
-        rows = await self.conn.fetch(
-            "SELECT item_id, price_minor, currency FROM products WHERE site_id = $1 AND "
-            "item_id = ANY($2::text[]) AND price_minor IS NOT NULL AND currency IS NOT NULL",
-            site_id, item_ids)
-        return {row["item_id"]: (row["price_minor"], row["currency"]) for row in rows}
+        without a lock, once a batch (an optimistic batch's connection refuses a read it
+        did not already make: the run is locked)."""
+        missing = sorted({item_id for item_id in item_ids
+                          if (site_id, item_id) not in self._prices})
+        if missing:
+            rows = await self.conn.fetch(
+                "SELECT item_id, price_minor, currency FROM products WHERE site_id = $1 AND "
+                "item_id = ANY($2::text[]) AND price_minor IS NOT NULL AND currency IS NOT NULL",
+                site_id, missing)
+            self._prices.update(dict.fromkeys((site_id, item_id) for item_id in missing))
+            for row in rows:
+                self._prices[(site_id, row["item_id"])] = (row["price_minor"], row["currency"])
+        return {item_id: price for item_id in item_ids
+                if (price := self._prices[(site_id, item_id)]) is not None}
 
     def keys(self) -> list[tuple[str, str]]:
         """The (site_id, item_id) of every product observed, in order."""

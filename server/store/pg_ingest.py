@@ -232,6 +232,7 @@ class PgIngestBatch:
         conn = self.conn
         product_keys = named_products(requests)
         known, seqs, stored, products = await self._read_unlocked(requests, product_keys)
+        self.products.know_prices(products)
         results, work = self._sequenced(requests, known, seqs)
         self.sessions = {key: stored.get(key) or _Session.new(*key)
                          for key in _session_keys(work)}

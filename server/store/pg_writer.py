@@ -115,6 +115,14 @@ def is_database_failure(exc: BaseException) -> bool:
     return state is not None and state[:2] not in CONTENT_CLASSES
 
 
+def may_be_misfit(exc: BaseException) -> bool:
+    """Whether a failed write is worth a look at the schema: not a lost connection, not
+    onetag's own refusal of a request's content (a 413 or 422 the rules gave). A content
+    error from the database may be one (asyncpg refuses an argument for a composite type
+    whose fields changed as a DataError)."""
+    return not isinstance(exc, Refused) and not is_connection_failure(exc)
+
+
 def must_drop(exc: BaseException) -> bool:
     """Whether the connection ``exc`` came from is closed rather than pooled again: every
     database failure but a lost race (the session is fine; it runs again at once). A schema
@@ -431,7 +439,7 @@ class PgWriteOps:
             try:
                 results: list[Any] = await self._transaction(requests, restores)
             except Exception as exc:
-                misfit = None if is_connection_failure(exc) else await self.schema_misfit()
+                misfit = await self.schema_misfit() if may_be_misfit(exc) else None
                 if misfit is not None:
                     raise misfit from exc
                 if is_database_failure(exc) or len(requests) == 1:
@@ -505,7 +513,7 @@ class PgWriteOps:
                 # A connection the server cut (a restart, a failover, an idle timeout) is
                 # dropped by the pool: the next attempt gets a new one. Run once more on it;
                 # if the cut came after the commit, the event ids answer "duplicate".
-                lost = is_database_failure(exc) and attempt == 1
+                lost = is_connection_failure(exc) and attempt == 1
                 if not lost and (sqlstate(exc) not in RETRYABLE or attempt > RETRIES):
                     raise
                 self.retries += 1
