@@ -329,7 +329,6 @@ def _refunded_lines(items: list[dict[str, Any]], placed: list[dict[str, Any]],
     order's placed line of the same product: a refund may name an item by id and quantity
     alone, and Sendlane's product events read the line (name, SKU, price). A product placed
     in several lines (variants) completes a refunded line only when its SKU tells which."""
-    placed = [line for line in placed if isinstance(line, dict)]
     lines = []
     for item in items:
         line = _line(item, cur)
@@ -339,8 +338,8 @@ def _refunded_lines(items: list[dict[str, Any]], placed: list[dict[str, Any]],
         if not item.get("item_name") and known.get("product_name"):
             line["product_name"] = known["product_name"]
         if item.get("price_minor") is None and known.get("item_price") is not None:
+            line["item_price"] = known["item_price"]  # as this adapter placed it
             price = money.to_minor(str(known["item_price"]), cur)
-            line["item_price"] = _number(price, cur)
             line["total"] = _number(price * item["quantity"], cur)
         lines.append(line)
     return lines
