@@ -388,9 +388,12 @@ class _Reader:
         return value
 
     def secret(self, table: Mapping[str, Any], key: str, where: str, *, off: str,
-               required: bool = False, kinds: frozenset[str] = NODE_SECRETS) -> str | None:
+               required: bool = False, kinds: frozenset[str] = NODE_SECRETS,
+               example: str | None = None, guards: str | None = None) -> str | None:
         """A secret: an empty one (a literal "" or an ``env:`` variable set to "") is refused,
-        not read as absent, which quietly turned its feature off. ``off`` says how to."""
+        not read as absent, which quietly turned its feature off. ``off`` says how to. With
+        ``example`` (an ``env:`` name), a guessable one is refused: ``MIN_SECRET`` characters
+        at least, and the message says what it ``guards``."""
         value = self.string(table, key, where, required=required, kinds=kinds)
         if value == "":
             raw = table[key]
@@ -398,6 +401,10 @@ class _Reader:
                       if isinstance(raw, str) and raw.startswith("env:") else "")
             self.problem(f"{where}.{key}", f"is empty{source}; {off}")
             return None
+        if example is not None and value is not None and len(value) < MIN_SECRET:
+            self.problem(f"{where}.{key}", f"must be at least {MIN_SECRET} characters (a "
+                         f"random secret, e.g. \"env:{example}\")"
+                         + (f": it is all that guards {guards}" if guards else ""))
         return value
 
     def number(self, table: Mapping[str, Any], key: str, where: str) -> float | int:
@@ -570,11 +577,8 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
     log_format = reader.choice(table, "log_format", where, ("text", "json"))
     numbers = {key: reader.number(table, key, where) for key in NUMBERS}
     admin_token = reader.secret(table, "admin_token", where,
-                                off="remove the key to turn the operator console off")
-    if admin_token is not None and len(admin_token) < MIN_SECRET:
-        reader.problem(f"{where}.admin_token", f"must be at least {MIN_SECRET} characters (a "
-                       "random secret, e.g. \"env:ONETAG_ADMIN_TOKEN\"): it is all that guards "
-                       "the operator console")
+                                off="remove the key to turn the operator console off",
+                                example="ONETAG_ADMIN_TOKEN", guards="the operator console")
     return ServerConfig(
         database=database, public_url=public_url, script_path=script_path,
         event_path=event_path, admin_token=admin_token,
@@ -628,11 +632,8 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
             if vendor is not None:
                 vendors[name] = vendor
     api_key = reader.secret(table, "api_key", where,
-                            off="remove the key to turn the site's backend API off")
-    if api_key is not None and len(api_key) < MIN_SECRET:
-        reader.problem(f"{where}.api_key", f"must be at least {MIN_SECRET} characters (a random "
-                       "secret, e.g. \"env:SHOP1_API_KEY\"): it is all that guards the site's "
-                       "backend API")
+                            off="remove the key to turn the site's backend API off",
+                            example="SHOP1_API_KEY", guards="the site's backend API")
     # An api_key written is configured even when unset or empty (each reported on its own,
     # or an unset one read as absent by the commands that never send).
     has_key = "api_key" in table
@@ -644,16 +645,11 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
         reader.problem(f"{where}.order_source", "\"backend\" needs the site's api_key: without it "
                        "no backend can send orders")
     identity_secret = reader.secret(table, "identity_secret", where,
-                                    off="remove the key to leave identify unsigned")
-    if identity_secret is not None and len(identity_secret) < MIN_SECRET:
-        reader.problem(f"{where}.identity_secret", f"must be at least {MIN_SECRET} characters "
-                       "(a random secret, e.g. \"env:SHOP1_IDENTITY_SECRET\")")
+                                    off="remove the key to leave identify unsigned",
+                                    example="SHOP1_IDENTITY_SECRET")
     feed_token = reader.secret(table, "feed_token", where,
-                               off="remove the key to publish no product feed")
-    if feed_token is not None and len(feed_token) < MIN_SECRET:
-        reader.problem(f"{where}.feed_token", f"must be at least {MIN_SECRET} characters (a "
-                       "random secret, e.g. \"env:SHOP1_FEED_TOKEN\"): it is all that guards "
-                       "the feed")
+                               off="remove the key to publish no product feed",
+                               example="SHOP1_FEED_TOKEN", guards="the feed")
     sync_time = reader.string(table, "product_sync_time", where, default=DEFAULT_PRODUCT_SYNC_TIME)
     sync_minute = parse_sync_time(sync_time or "")
     if sync_minute is None:
@@ -681,7 +677,6 @@ def parse_sync_time(text: str) -> int | None:
 
 
 COUPON_KEYS = ("remarkety_api_key", "webhook_url", "webhook_secret", "timeout_s")
-MIN_COUPON_SECRET = MIN_SECRET
 
 
 def _coupons(reader: _Reader, table: Any, where: str) -> CouponConfig | None:
@@ -702,10 +697,8 @@ def _coupons(reader: _Reader, table: Any, where: str) -> CouponConfig | None:
     secrets = {}
     for key in ("remarkety_api_key", "webhook_secret"):
         value = reader.secret(table, key, where, required=True,
-                              off="remove [sites.coupons] to turn the coupons bridge off")
-        if value is not None and len(value) < MIN_COUPON_SECRET:
-            reader.problem(f"{where}.{key}", f"must be at least {MIN_COUPON_SECRET} characters "
-                           f"(a random secret, e.g. \"env:SHOP1_COUPON_{key.upper()}\")")
+                              off="remove [sites.coupons] to turn the coupons bridge off",
+                              example=f"SHOP1_COUPON_{key.upper()}")
         secrets[key] = value
     timeout = reader.resolve(f"{where}.timeout_s", table.get("timeout_s", DEFAULT_COUPON_TIMEOUT_S))
     if isinstance(timeout, str):
