@@ -17,7 +17,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping
-from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 from . import routing
@@ -831,8 +830,7 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
     server_side = routing.sends_from_server(vendor)
     from . import product_sync  # here: it imports the outbox, which imports this module
 
-    if product_sync.enabled(SimpleNamespace(vendors={module.NAME: vendor})) \
-            and "product_updated" not in server_side:
+    if product_sync.syncs(vendor) and "product_updated" not in server_side:
         server_side.append("the product sync")  # it sends unless product_updated is off
     for setting in module.SETTINGS:
         # Absent from the file (an env: value unset is the process's own check, above). The

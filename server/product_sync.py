@@ -46,7 +46,13 @@ PAGE = 500  # products a writer job plans at most (a short transaction beside in
 
 def enabled(site: Any) -> bool:
     vendor = site.vendors.get(VENDOR)
-    return vendor is not None and vendor.route("product_updated") != "off"
+    return vendor is not None and syncs(vendor)
+
+
+def syncs(vendor: Any) -> bool:
+    """Whether a vendor section runs the product sync: Sendlane's, unless its
+    product_updated route is off."""
+    return vendor.name == VENDOR and vendor.route("product_updated") != "off"
 
 
 def planned_by_event(event: dict[str, Any], planned: Iterable[Any]) -> frozenset[str]:
