@@ -203,22 +203,19 @@ def feed_problem(row: dict[str, Any]) -> str | None:
     deleted; no item_url (the feed's link) or image_url (image_link), which Google Merchant
     Center requires and the vendors' emails show; no title or price, which Remarkety's
     "Google Product Feed API" marks mandatory. A link that is not http(s) (a
-    ``javascript:`` one stored before events refused them) is no link."""
+    ``javascript:`` one stored before events refused them) is no link: the rule is
+    events' (``events.is_http_url``), a host and no control character included."""
     if row["deleted"]:
         return "deleted"
-    if not _http(row["item_url"]):
+    if not events.is_http_url(row["item_url"]):
         return "no item_url"
-    if not _http(row["image_url"]):
+    if not events.is_http_url(row["image_url"]):
         return "no image_url"
     if not row["title"]:
         return "no title"
     if row["price_minor"] is None or not row["currency"]:
         return "no price"
     return None
-
-
-def _http(url: str | None) -> bool:
-    return bool(url) and url.lower().startswith(("http://", "https://"))
 
 
 FEED_PROBLEMS = ("deleted", "no item_url", "no image_url", "no title", "no price")

@@ -705,18 +705,30 @@ def _cart_guid(raw: dict, where: str) -> str | None:
     return guid.upper()
 
 
+def is_http_url(value: str | None) -> bool:
+    """Whether ``value`` is an absolute http(s) URL with a host and no control character:
+    the one rule for a link or image onetag passes on (events take only these; the feeds
+    leave out a stored one that is not, e.g. from before events refused it). Every such URL
+    reaches a feed or a vendor's email: ``javascript:`` or ``data:`` there runs script
+    wherever it is clicked or shown. A tab or newline inside a scheme is dropped by URL
+    parsers, browsers' and this one's alike, so ``java\tscript:`` reads as ``javascript:``;
+    one unparseable (``http://[::1``) is no URL."""
+    if not value:
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.netloc)
+            and (value.isprintable() or not _CONTROL_RE.search(value)))
+
+
 def _url(table: dict, key: str, where: str, max_len: int = MAX_URL_CHARS) -> str | None:
-    """An absolute http(s) URL, or None when absent or empty. Every URL an event carries
-    reaches a feed or a vendor's email as a link or an image: ``javascript:`` or ``data:``
-    there runs script wherever it is clicked or shown, so only http(s) is taken. No control
-    character either (a tab or newline inside a scheme is dropped by URL parsers, browsers'
-    and this one's alike, so ``java\tscript:`` reads as ``javascript:``)."""
+    """An http(s) URL (``is_http_url``), or None when absent or empty."""
     value = _string(table, key, where, max_len=max_len)
     if not value:
         return None
-    parts = urlsplit(value)
-    if (parts.scheme not in ("http", "https") or not parts.netloc
-            or not value.isprintable() and _CONTROL_RE.search(value)):
+    if not is_http_url(value):
         raise Invalid(f"{where}.{key}", f"must be an http(s) URL, not {echo(value)}")
     return value
 

@@ -314,6 +314,10 @@ def test_last_seen_is_written_once_an_hour_not_per_view():
     # Stored before events refused them: a script or a document is no link or image.
     ({"item_url": "javascript:alert(document.domain)"}, "no item_url"),
     ({"image_url": "data:text/html,<script>alert(1)</script>"}, "no image_url"),
+    # The same rule as events' (events.is_http_url): a host, and no control character.
+    ({"item_url": "https://"}, "no item_url"), ({"image_url": "http:///mug.png"}, "no image_url"),
+    ({"item_url": "https://shop.example/p\nX-Injected: 1"}, "no item_url"),
+    ({"image_url": "http://[::1/mug.png"}, "no image_url"),
     ({"item_url": "HTTP://shop.example/p"}, None)])
 def test_what_the_feeds_leave_out(row, problem):
     base = {"deleted": 0, "item_url": URL, "image_url": IMAGE, "title": "Mug",

@@ -235,7 +235,7 @@ HOSTILE_URLS = ["javascript:alert(document.domain)", "JavaScript:alert(1)",
                 "data:text/html,<script>alert(1)</script>", "java\tscript:alert(1)",
                 "\x01javascript:alert(1)", "vbscript:msgbox(1)", "file:///etc/passwd",
                 "about:blank", "/p/mug", "//evil.example/x", "https:relative", "mailto:a@b.co",
-                "https://shop.example/p\nX-Injected: 1"]
+                "https://shop.example/p\nX-Injected: 1", "http://[::1/p", "https://"]
 
 
 def _problem_of(event: dict) -> tuple[str, str]:

@@ -218,23 +218,27 @@ def _product_request(event: dict[str, Any], ctx: PlanContext, event_name: str,
                             else _unpriced(event_name, "price", item, cur))
 
 
-def _priced_lines(ctx: PlanContext, items: list[dict[str, Any]], cur: str, line: Any,
-                  event_name: str, field: str, key: str,
-                  whole: str) -> tuple[list[dict[str, Any]], list[VendorRequest]]:
-    """The lines ``line(item, price)`` of the items with a price (their own or the
-    catalog's), and for each other one a ``skipped`` request saying it was left out of the
-    ``whole`` (``<key>:<line index>``: one ignored row per line, never a sendable key)."""
-    lines, left_out = [], []
+Line = dict[str, Any]
+
+
+def _priced_lines(items: list[Line],
+                  cur: str) -> tuple[list[tuple[int, Line, str]], list[tuple[int, Line]]]:
+    """The items split into ``(index, item, price)`` for those with a price (their own or
+    the catalog's) and ``(index, item)`` for the others; the index names a left-out line."""
+    priced, unpriced = [], []
     for index, item in enumerate(items):
         price = _item_price(item, cur)
         if price is None:
-            left_out.append(VendorRequest(
-                "POST", ctx.vendor["tracker_url"], {"productKey": item["item_id"], "quantity": item["quantity"]},
-                f"{key}:{index}",
-                skipped=f"{_unpriced(event_name, field, item, cur)}: left out of the {whole}"))
+            unpriced.append((index, item))
         else:
-            lines.append(line(item, price))
-    return lines, left_out
+            priced.append((index, item, price))
+    return priced, unpriced
+
+
+def _left_out(ctx: PlanContext, line: dict[str, Any], key: str, reason: str) -> VendorRequest:
+    """An ignored row for one line left out of a request (``<key>:<line index>``, never a
+    sendable key), its body the line as that request names its fields."""
+    return dataclasses.replace(_request(ctx, line, key), skipped=reason)
 
 
 def _status_cart(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
@@ -247,11 +251,13 @@ def _status_cart(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]
     cart = event["cart"]
     cur = cart.get("currency") or c.currency(event, ctx.currency)
     key = f"StatusCart:{cart['guid']}"
-    products, left_out = _priced_lines(
-        ctx, cart["items"], cur, lambda item, price: {"productKey": item["item_id"], "price": price,
-                                                 "quantity": item["quantity"],
-                                                 "price_currency_code": cur},
-        "StatusCart", "price", key, "cart")
+    priced, unpriced = _priced_lines(cart["items"], cur)
+    products = [{"productKey": item["item_id"], "price": price, "quantity": item["quantity"],
+                 "price_currency_code": cur} for _, item, price in priced]
+    left_out = [_left_out(ctx, {"productKey": item["item_id"], "quantity": item["quantity"]},
+                          f"{key}:{index}",
+                          f"{_unpriced('StatusCart', 'price', item, cur)}: left out of the cart")
+                for index, item in unpriced]
     body = {"StatusCart": {"GUID": cart["guid"], "Products": products}}
     skipped = ("eSputnik StatusCart requires each product's price; no line of the cart has one"
                if left_out and not products else None)
@@ -286,11 +292,14 @@ def _purchased(event: dict[str, Any], ctx: PlanContext, cur: str) -> list[Vendor
     if guid:
         purchased = {"GUID": guid, "OrderNumber": order}
     else:
-        products, left_out = _priced_lines(
-            ctx, c.order_items(event), cur, lambda item, price: {"product_id": item["item_id"],
-                                                            "unit_price": price,
-                                                            "quantity": item["quantity"]},
-            "PurchasedItems", "unit_price", key, "order")
+        priced, unpriced = _priced_lines(c.order_items(event), cur)
+        products = [{"product_id": item["item_id"], "unit_price": price,
+                     "quantity": item["quantity"]} for _, item, price in priced]
+        left_out = [_left_out(ctx, {"product_id": item["item_id"], "quantity": item["quantity"]},
+                              f"{key}:{index}",
+                              f"{_unpriced('PurchasedItems', 'unit_price', item, cur)}: "
+                              "left out of the order")
+                    for index, item in unpriced]
         purchased = {"Products": products, "OrderNumber": order}
         if left_out and not products:
             skipped = ("eSputnik PurchasedItems (One Click) requires its products' unit_price; "
@@ -312,11 +321,10 @@ def _product_update(event: dict[str, Any], ctx: PlanContext,
     eid = c.event_ref(event)
     for index, item in enumerate(c.ecommerce(event)["items"]):
         if item.get("in_stock") is None:
-            skipped.append(VendorRequest(
-                "POST", ctx.vendor["tracker_url"], {"product_id": item["item_id"]},
-                f"ProductUpdate:{eid}:{index}",
-                skipped=f"eSputnik ProductUpdate requires isInStock; product {item['item_id']!r} "
-                        "came without in_stock"))
+            skipped.append(_left_out(
+                ctx, {"product_id": item["item_id"]}, f"ProductUpdate:{eid}:{index}",
+                f"eSputnik ProductUpdate requires isInStock; product {item['item_id']!r} "
+                "came without in_stock"))
             continue
         categories = item.get("categories") or []
         products.append(c.compact({

@@ -209,6 +209,7 @@ def test_a_cart_line_without_a_price_takes_the_catalogs_or_is_left_out():
         {"productKey": "SKU-7", "price": "12.50", "quantity": 2, "price_currency_code": "USD"}]}
     assert req.dedup_key == f"StatusCart:{GUID}"
     assert left_out.dedup_key == f"StatusCart:{GUID}:2"  # the line's index
+    assert left_out.json == {"productKey": "SKU-8", "quantity": 1}  # as StatusCart names it
     assert left_out.skipped == ("eSputnik StatusCart requires price; item 'SKU-8' came "
                                 "without one and the catalog has none in USD: left out of "
                                 "the cart")
@@ -229,6 +230,8 @@ def test_a_one_click_line_without_a_price_takes_the_catalogs_or_is_left_out():
     assert (left_out.dedup_key, left_out.skipped) == (
         "PurchasedItems:1004:1", "eSputnik PurchasedItems requires unit_price; item "
         "'SKU-8' came without one and the catalog has none in USD: left out of the order")
+    # The line as One Click names its fields (ES REST PurchasedItems (One Click): product_id).
+    assert left_out.json == {"product_id": "SKU-8", "quantity": 1}
     nothing_priced = {**evt, "ecommerce": ecommerce(priceless("SKU-8"), transaction_id="1005")}
     [order, line] = esputnik.plan(nothing_priced, CTX)
     assert order.skipped == ("eSputnik PurchasedItems (One Click) requires its products' "
