@@ -740,3 +740,14 @@ async def _admin_in(pg, *statements: str) -> None:
             await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def test_known_orders_on_a_store_not_open_is_the_store_unavailable(pg) -> None:
+    """``known_orders`` goes through ``_on_pool`` as its neighbours do: no pool is the
+    store being unavailable, not an ``AttributeError`` on ``None``."""
+    from server.store.base import StoreUnavailable
+    from server.store.postgres import PostgresStore
+
+    store = PostgresStore(pg.database, pg.settings().sites)
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.known_orders([("shop1", "rejoiner", "order-1")])
