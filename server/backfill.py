@@ -748,7 +748,7 @@ class Backfill:
         first = done
         # One batch in the writer while the next is planned here; batches commit in order.
         writing: asyncio.Future[None] | None = None
-        written: dict[tuple[str, str, str], Any] = {}  # the order bodies of the batch writing
+        written: dict[tuple[str, str, str], Any] = {}  # the order requests of the batch writing
         for unit, event in self.events():
             if unit.last <= done:  # committed by the interrupted run
                 continue
@@ -778,13 +778,13 @@ class Backfill:
         keys (``store.known_orders``), else the purchase the batch still being written
         planned (``written``: not committed yet), else one earlier in this batch. A row
         stored under the key wins: the backfill writes none where one is. Also returns this
-        batch's purchases' bodies (the next batch's ``written``)."""
+        batch's purchases' requests (the next batch's ``written``)."""
         site = self.site
         wanted = rules.orders_wanted({site.id: site}, ((site.id, event) for _, event in pending))
         orders = await store.known_orders(wanted) if wanted else rules.KnownOrders()
         for at in wanted:
             if at not in orders.found and at in written:
-                orders.add(*at, False, "pending", {"json": written[at]})
+                orders.add(*at, False, "pending", written[at])
         batch: list[tuple[Any, ...]] = []
         skipped: dict[str, Counter] = {}
         bodies: dict[tuple[str, str, str], Any] = {}
@@ -793,7 +793,7 @@ class Backfill:
             if event["name"] == "purchase":
                 for p in planned:
                     at = (site.id, p.vendor, p.dedup_key)
-                    bodies[at] = p.request["json"]
+                    bodies[at] = p.request
                     if at in orders.wanted and at not in orders.found:
                         orders.add(*at, False, "pending", p.request)
             batch.append((event["event_id"], event["name"], encode(unit.raw), encode(event),

@@ -740,3 +740,37 @@ async def _admin_in(pg, *statements: str) -> None:
             await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def test_known_orders_on_a_store_not_open_is_the_store_unavailable(pg) -> None:
+    """``known_orders`` goes through ``_on_pool`` as its neighbours do: no pool is the
+    store being unavailable, not an ``AttributeError`` on ``None``."""
+    from server.store.base import StoreUnavailable
+    from server.store.postgres import PostgresStore
+
+    store = PostgresStore(pg.database, pg.settings().sites)
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.known_orders([("shop1", "rejoiner", "order-1")])
+
+
+async def test_ingest_session_fields_are_declared_in_the_types_order(pg) -> None:
+    """``_SESSION_FIELDS`` is the ingest_session composite's field order (migrations 025,
+    027, 034): the rows the ingest writes are built from it, positionally."""
+    import asyncpg
+
+    from server.store import pg_ingest
+
+    store = await pg.open(pg.settings())  # migrated
+    await store.close()
+    conn = await asyncpg.connect(pg.database)
+    try:
+        names = [row[0] for row in await conn.fetch(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'ingest_session'::regclass "
+            "AND attnum > 0 AND NOT attisdropped ORDER BY attnum")]
+    finally:
+        await conn.close()
+    assert names == list(pg_ingest._SESSION_FIELDS)
+    state = pg_ingest._Session.new("shop1", "SC-AAAA-0001")
+    state.cart_id, state.version = "cart", 7
+    row = pg_ingest._session_row(state)
+    assert row[names.index("cart_id")] == "cart" and row[names.index("version")] == 7

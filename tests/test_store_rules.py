@@ -387,3 +387,18 @@ def test_the_orders_wanted_are_the_order_keys_of_the_status_changes_vendors() ->
                                                  ("shop1", buy)]) == [
         ("shop1", "remarkety", "orders/create:7"), ("shop1", "remarkety", "orders/create:8"),
         ("shop1", "sendlane", "order-placed:7"), ("shop1", "sendlane", "order-placed:8")]
+
+
+def test_backend_lines_does_not_encode_a_cart_with_no_claim_to_drop(monkeypatch) -> None:
+    """A whole backend cart is all facts: nothing could be dropped for size, so the cart is
+    not encoded here (``check_cart`` encodes it once, to store and bound it)."""
+    calls = []
+    real = rules.encode
+    monkeypatch.setattr(rules, "encode", lambda value: calls.append(1) or real(value))
+    lines = [{"item_id": f"SKU{n}", "quantity": 1} for n in range(3)]
+    kept = rules.backend_lines(lines, {"name": "view_cart"}, 10)
+    assert [line["item_id"] for line in kept] == ["SKU0", "SKU1", "SKU2"]
+    assert all(line.get(rules.FACT) for line in kept) and calls == []
+    # A cart with a claim left in it is still measured (the claim may have to go).
+    rules.backend_lines(lines, {"name": "remove_from_cart"}, 10)
+    assert calls

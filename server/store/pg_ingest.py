@@ -67,9 +67,13 @@ def _flag(value: Any) -> int | None:
     return None if value is None else int(bool(value))
 
 
-_SESSION_COLUMNS = ("identity_id", "last_ms", "user_agent", "last_page", "first_seq",
-                    "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
-                    "verified", "cart_id")
+# The ingest_session composite's fields in the type's order (migrations 025, 027, 034:
+# 027 appended the key and version, 034 cart_id after them); its rows are built from it.
+_SESSION_FIELDS = ("id", "identity_id", "last_ms", "user_agent", "last_page", "first_seq",
+                   "last_seq", "cart_guid", "cart_currency", "cart_items", "cart_updated_ms",
+                   "verified", "version", "site_id", "sc", "cart_id")
+# The fields an ingest writes to a session (all but its key and the version read).
+_SESSION_COLUMNS = tuple(f for f in _SESSION_FIELDS if f not in ("id", "version", "site_id", "sc"))
 _SESSION_READ = ("id", "site_id", "sc", *_SESSION_COLUMNS)
 
 
@@ -91,9 +95,8 @@ class _Session:
         return cls((None, site_id, sc) + (None,) * len(_SESSION_COLUMNS))
 
 
-# The sessions changed, one ingest_session row each (migrations 025, 027, 034), its fields
-# in the type's order: cart_id (034) is after the key 027 added.
-_session_row = attrgetter("id", *_SESSION_COLUMNS[:-1], "version", "site_id", "sc", "cart_id")
+# The sessions changed, one ingest_session row each, its fields in the type's order.
+_session_row = attrgetter(*_SESSION_FIELDS)
 _SESSION_UPDATE = (
     "UPDATE sessions s SET " + ", ".join(f"{c} = u.{c}" for c in _SESSION_COLUMNS)
     + " FROM unnest($1::ingest_session[]) AS u WHERE s.id = u.id")

@@ -323,9 +323,11 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
         make a purchase another node is committing wait to be read, as in ingest."""
         from .pg_ingest import load_orders
 
-        async with self.pool.acquire() as conn:
+        async def run(conn: Any) -> Any:
             async with conn.transaction():
                 return await load_orders(conn, list(wanted))
+
+        return await self._on_pool(run)
 
     async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],
                        skipped: dict[str, dict[str, int]], lines_done: int, finished: bool,

@@ -263,8 +263,10 @@ def backend_lines(lines: list[dict[str, Any]], event: dict[str, Any],
             excess -= 1
     if dropped:
         lines = [line for index, line in enumerate(lines) if index not in dropped]
+    if all(line.get(FACT) for line in lines):
+        return lines  # no claim to drop: ``check_cart`` bounds the facts alone
     size = len(encode(lines))
-    if size > MAX_CART_BYTES and not all(line.get(FACT) for line in lines):
+    if size > MAX_CART_BYTES:
         kept = []
         for line in lines:
             if size > MAX_CART_BYTES and not line.get(FACT):

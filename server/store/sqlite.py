@@ -256,16 +256,10 @@ class SQLiteStore(WriterSupervisor, Store):
         rows: a backfill batch still being written is the caller's to remember)."""
         assert self._reader is not None
         orders = rules.KnownOrders(wanted)
-        groups: dict[tuple[str, str], list[str]] = {}
-        for site_id, vendor, key in wanted:
-            groups.setdefault((site_id, vendor), []).append(key)
-        for (site_id, vendor), keys in groups.items():
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                for key, claim, state, request in await self._reader.execute_fetchall(
-                        sqlite_ingest.ORDERS_SQL + f"({','.join('?' * len(chunk))}) "
-                        "ORDER BY claim, id", (site_id, vendor, *chunk)):
-                    orders.add(site_id, vendor, key, claim, state, loads(request))
+        for sql, params in sqlite_ingest.orders_statements(wanted):
+            for site_id, vendor, key, claim, state, request in (
+                    await self._reader.execute_fetchall(sql, params)):
+                orders.add(site_id, vendor, key, claim, state, loads(request))
         return orders
 
     async def backfill(self, site_id: str, run_id: int, events: list[tuple[Any, ...]],

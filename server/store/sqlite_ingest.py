@@ -238,25 +238,31 @@ def _insert_fact(conn: sqlite3.Connection, site_id: str, seq: int, r: Any, now: 
 def load_orders(conn: sqlite3.Connection, wanted: Sequence[tuple[str, str, str]]
                 ) -> rules.KnownOrders:
     """The stored order requests status changes repeat (``rules.KnownOrders``): the rows
-    under ``wanted`` (site id, vendor, dedup key), one statement per (site, vendor) and
-    chunk of keys, each key a search of the unique (site_id, vendor, dedup_key, claim)
-    index."""
+    under ``wanted`` (site id, vendor, dedup key) that ``orders_statements`` select."""
     orders = rules.KnownOrders(wanted)
+    for sql, params in orders_statements(wanted):
+        for site_id, vendor, key, claim, state, request in conn.execute(sql, params):
+            orders.add(site_id, vendor, key, claim, state, loads(request))
+    return orders
+
+
+def orders_statements(wanted: Sequence[tuple[str, str, str]]
+                      ) -> Iterable[tuple[str, tuple[Any, ...]]]:
+    """(sql, params) finding the rows under ``wanted``: one statement per (site, vendor)
+    and chunk of keys, each key a search of the unique (site_id, vendor, dedup_key, claim)
+    index. Shared by the writer (``load_orders``) and the store's reader
+    (``SQLiteStore.known_orders``); rows are (site, vendor, key, claim, state, request)."""
     groups: dict[tuple[str, str], list[str]] = {}
     for site_id, vendor, key in wanted:
         groups.setdefault((site_id, vendor), []).append(key)
     for (site_id, vendor), keys in groups.items():
         for chunk in _chunks(keys):
-            for key, claim, state, request in conn.execute(
-                    _ORDERS + f"({','.join('?' * len(chunk))}) ORDER BY claim, id",
-                    (site_id, vendor, *chunk)):
-                orders.add(site_id, vendor, key, claim, state, loads(request))
-    return orders
+            yield (_ORDERS + f"({','.join('?' * len(chunk))}) ORDER BY claim, id",
+                   (site_id, vendor, *chunk))
 
 
-_ORDERS = ("SELECT dedup_key, claim, state, request FROM deliveries "
+_ORDERS = ("SELECT site_id, vendor, dedup_key, claim, state, request FROM deliveries "
            "WHERE site_id = ? AND vendor = ? AND dedup_key IN ")
-ORDERS_SQL = _ORDERS  # the store's reader asks the same (``SQLiteStore.known_orders``)
 
 
 def _by_site(values: Mapping[str, set[str]]) -> Iterable[tuple[str, Sequence[str]]]:
