@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from . import logs
-from .admin.auth import shared_throttle
+from .admin.auth import client_address, shared_throttle
 from .events import EMAIL_RE, echo
 from .store.base import StoreUnavailable
 
@@ -485,8 +485,7 @@ class Coupons:
         ``Invalid``, answered here, and the webhook is never called for it."""
         try:
             query = query_pairs(request.scope.get("query_string", b""))
-            address = request.client.host if request.client else "unknown"
-            await self._authorise(query, config, address, site_id)
+            await self._authorise(query, config, client_address(request), site_id)
             body = await self._body(request)
             coupon = parse_request(query, body, request.headers.get("content-type", ""))
         except Invalid as exc:
@@ -508,15 +507,13 @@ class Coupons:
         if not given or not given[0]:
             raise Invalid(401, KEY_PARAM, "is required in the query string (the API key "
                                           "given to Remarkety with the base URL)", "unauthorized")
-        wait = await self.guesses.retry_after(address, site_id)
-        if wait:
+        guess = await self.guesses.check(address, given[0] if len(given) == 1 else None,
+                                         config.remarkety_api_key, site_id)
+        if guess.wait:
             raise Invalid(429, KEY_PARAM, f"too many wrong keys from your address; try again "
-                                          f"in {wait} s", "unauthorized", retry_after_s=wait)
-        expected = config.remarkety_api_key
-        ok = len(given) == 1 and bool(expected) and hmac.compare_digest(
-            given[0].encode("utf-8"), (expected or "").encode("utf-8"))
-        if not ok:
-            await self.guesses.wrong(address, site_id)
+                                          f"in {guess.wait} s", "unauthorized",
+                          retry_after_s=guess.wait)
+        if not guess.right:
             raise Invalid(403, KEY_PARAM, "is not this site's key", "unauthorized")
 
     async def _body(self, request: Request) -> bytes:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import csv
 import email.utils
 import hashlib
-import hmac
 import io
 import re
 from typing import Any, AsyncIterator, Callable
@@ -52,7 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import catalog, money
-from .admin.auth import shared_throttle
+from .admin.auth import Guess, client_address, shared_throttle
 from .events import echo
 
 PAGE = 500  # products read a query
@@ -227,14 +226,14 @@ class Feeds:
             return _error(404, "no_feed", "feed_token", f"site {echo(site_id)} has no product feed: "
                           f"set sites[{site_id}].feed_token in the config to publish one")
         given = request.query_params.get("token", "")
-        address = request.client.host if request.client else "unknown"
-        wait = await self.guesses.retry_after(address, site.id) if given else 0
-        if wait:
+        # a guess is bounded; no token at all is just refused
+        guess = (await self.guesses.check(client_address(request), given, site.feed_token,
+                                          site.id) if given else Guess(0, False))
+        if guess.wait:
             return _error(429, "too_many_requests", "token", f"too many wrong feed tokens from "
-                          f"your address; try again in {wait} s", {"Retry-After": str(wait)})
-        if not hmac.compare_digest(given.encode(), site.feed_token.encode()):
-            if given:  # a guess; none at all is just refused
-                await self.guesses.wrong(address, site.id)
+                          f"your address; try again in {guess.wait} s",
+                          {"Retry-After": str(guess.wait)})
+        if not guess.right:
             return _error(403, "forbidden", "token", "missing or wrong feed token (?token=...)")
         state = await self.store.catalog_state(site.id)
         link = self.link(site)

@@ -10,7 +10,6 @@ names the field, and nothing is stored from a rejected body.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -21,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from . import events as vocabulary
-from .admin.auth import shared_throttle
+from .admin.auth import client_address, shared_throttle
 from . import logs
 from .envelope import BrowserFacts, Problem, Refused, event_list
 from .events import Invalid, Origin
@@ -290,14 +289,13 @@ class Ingest:
         if not expected:
             raise HTTPProblem(403, "forbidden", "authorization",
                               "this site has no api_key configured, so its backend API is off")
-        address = request.client.host if request.client else "unknown"
-        wait = await self.key_guesses.retry_after(address, site.id)
-        if wait:
+        guess = await self.key_guesses.check(client_address(request), token.strip(), expected,
+                                             site.id)
+        if guess.wait:
             raise HTTPProblem(429, "too_many_requests", "authorization",
                               f"too many wrong api keys from your address; try again in "
-                              f"{wait} s", {"Retry-After": str(wait)})
-        if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-            await self.key_guesses.wrong(address, site.id)
+                              f"{guess.wait} s", {"Retry-After": str(guess.wait)})
+        if not guess.right:
             raise HTTPProblem(403, "forbidden", "authorization", "the api key is not this site's")
 
     async def backend_events(self, request: Request) -> Response:

@@ -19,7 +19,6 @@ vendors are onetag's four, a status is its class.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from typing import Any, Iterable
@@ -30,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .admin.auth import shared_throttle
+from .admin.auth import Guess, client_address, shared_throttle
 from .events import STANDARD
 from .vendors import VENDORS
 
@@ -152,17 +151,16 @@ class Metrics:
                             "scrape with \"Authorization: Bearer <admin_token>\", or set "
                             "[server] metrics_public = true")
         given = request.headers.get("authorization")
-        address = request.client.host if request.client else "unknown"
-        wait = await self.throttle.retry_after(address) if given else 0
-        if wait:
-            return _problem(429, "too_many_requests", "authorization",
-                            f"too many wrong tokens from your address; try again in {wait} s",
-                            {"Retry-After": str(wait)})
         scheme, _, token = (given or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.admin_token.encode()):
-            if given:
-                await self.throttle.wrong(address)
+        bearer = token.strip() if scheme.lower() == "bearer" else None
+        # a wrong Authorization is a guess, bounded; none at all is just refused
+        guess = (await self.throttle.check(client_address(request), bearer, self.admin_token)
+                 if given else Guess(0, False))
+        if guess.wait:
+            return _problem(429, "too_many_requests", "authorization",
+                            f"too many wrong tokens from your address; try again in "
+                            f"{guess.wait} s", {"Retry-After": str(guess.wait)})
+        if not guess.right:
             return _problem(401, "unauthorized", "authorization",
                             "send \"Authorization: Bearer <[server] admin_token>\"",
                             {"WWW-Authenticate": 'Bearer realm="onetag metrics"'})

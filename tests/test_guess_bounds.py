@@ -324,3 +324,21 @@ async def test_the_admin_token_is_one_bound_at_the_login_and_metrics(tmp_path, m
             "authorization": "Bearer guess"})).status_code == 401
         assert (await client.get("/metrics", headers=right)).status_code == 429
         assert (await login(client, token=ADMIN_TOKEN)).status_code == 429
+
+
+async def test_check_is_the_one_guess_every_handler_makes(monkeypatch):
+    """``SharedThrottle.check``: a wrong secret (or none, or no expected one) is counted
+    and answered late; a right one is not counted; over the bound the secret isn't
+    compared and the wait is given. ``client_address`` names a request's client."""
+    monkeypatch.setattr(auth.SharedThrottle, "delay_s", 0)
+    throttle = auth.SharedThrottle(None, "test")
+    assert await throttle.check("192.0.2.1", "right", "right", "s1") == auth.Guess(0, True)
+    for given, expected in [("wrong", "right"), (None, "right"), ("", "right"),
+                            ("x", None), ("x", "")]:
+        assert await throttle.check("192.0.2.1", given, expected, "s1") == (0, False)
+    wait = (await throttle.check("192.0.2.1", "right", "right", "s1")).wait
+    assert wait > 0  # the right secret too, once over the bound
+    assert await throttle.check("192.0.2.1", "right", "right", "s2") == (0, True)  # per site
+    assert await throttle.check("192.0.2.2", "right", "right", "s1") == (0, True)
+    assert auth.client_address(type("R", (), {"client": None})()) == "unknown"
+    assert auth.client_address(type("R", (), {"client": type("C", (), {"host": "h"})()})()) == "h"

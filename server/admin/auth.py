@@ -26,7 +26,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..store.base import StoreUnavailable
 
@@ -225,6 +225,19 @@ class GuessBudget:
         self.in_flight -= 1
 
 
+class Guess(NamedTuple):
+    """``SharedThrottle.check``'s answer: ``wait`` seconds (0 when under the bound) and,
+    when compared, whether the secret was right."""
+    wait: int
+    right: bool
+
+
+def client_address(request: Any) -> str:
+    """The address a request came from, as guess bounds and replay records name it
+    ("unknown" when the server was given none)."""
+    return request.client.host if request.client else "unknown"
+
+
 def shared_throttle(store: Any, scope: str) -> "SharedThrottle":
     """The one ``SharedThrottle`` of ``scope`` on ``store`` (a new one without a store), so
     that two handlers guarding one secret (the console's login and /metrics: the admin
@@ -302,6 +315,22 @@ class SharedThrottle:
                     while len(self._clear) > self.local.max_addresses:
                         self._clear.popitem(last=False)
         return self.local.retry_after(key, now)  # no wait between this and the compare
+
+    async def check(self, address: str, given: str | None, expected: str | None,
+                    site: str | None = None) -> "Guess":
+        """One guess at a secret: the seconds ``address`` must wait when over the bound
+        (the secret is then not compared), else whether ``given`` is ``expected`` (compared
+        in constant time; None or an empty ``expected`` is never right). A wrong guess is
+        counted (``wrong``) before this returns; a right one clears nothing (callers that
+        want that call ``right``)."""
+        wait = await self.retry_after(address, site)
+        if wait:
+            return Guess(wait, False)
+        if given is not None and expected and hmac.compare_digest(
+                given.encode("utf-8"), expected.encode("utf-8")):
+            return Guess(0, True)
+        await self.wrong(address, site)
+        return Guess(0, False)
 
     async def wrong(self, address: str, site: str | None = None) -> None:
         """A wrong guess from ``address``: counted here at once, written for every node

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from ..store import deadletters
 from ..store.deadletters import LISTABLE_STATES, REPLAYABLE_STATES, ReplayFilter
 from ..vendors import VENDORS
+from . import auth
 from .scrub import scrub, secret_values
 from .web import PREFIX, SECURITY_HEADERS, Console, now_ms
 
@@ -212,7 +213,7 @@ def routes(console: Console) -> list[Route]:
                 raise BadFilter("state", f"{selection.states[0]} deliveries are not replayed")
         except BadFilter as exc:
             return await page(request, form, status_code=400, notice=f"Not replayed: {exc}")
-        address = request.client.host if request.client else "unknown"
+        address = auth.client_address(request)
         try:
             result = await store.replay_recorded(now, selection, f"console:{address}",
                                                  expect=expect, shown=int(shown))
@@ -228,7 +229,7 @@ def routes(console: Console) -> list[Route]:
                      ) -> int:
         """``console.replay_recorder``: a replay made from another page (a delivery's own)
         recorded like this page's, as ``console:<client address>``."""
-        address = request.client.host if request.client else "unknown"
+        address = auth.client_address(request)
         return await store.record_replay(now_ms(), f"console:{address}", scope, rows,
                                          shown=len(rows))
 

@@ -45,13 +45,15 @@ def routes(console: Console) -> list[Route]:
                                         headers=SECURITY_HEADERS)
             return login_page(request)
         form = await console.form(request)
-        address = request.client.host if request.client else "unknown"
-        wait = await console.throttle.retry_after(address)
-        if wait:
+        address = auth.client_address(request)
+        token = form.get("token")
+        given = token if isinstance(token, str) and len(token) <= 1024 else None  # token_ok's
+        guess = await console.throttle.check(address, given, console.token)
+        if guess.wait:
             return login_page(request, 429, f"Too many wrong tokens from your address; try "
-                              f"again in {wait} s.", headers={"Retry-After": str(wait)})
-        if not auth.token_ok(console.token, form.get("token")):
-            await console.throttle.wrong(address)
+                              f"again in {guess.wait} s.",
+                              headers={"Retry-After": str(guess.wait)})
+        if not guess.right:
             return login_page(request, 401, "That is not the admin token.")
         await console.throttle.right(address)
         value, _ = auth.make_signed(console.key, "session", now_ms(), auth.SESSION_TTL_MS)
