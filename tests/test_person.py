@@ -6,6 +6,7 @@ after it (the real forwarder against the fake vendors)."""
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -14,7 +15,7 @@ from hypothesis import given, strategies as st
 
 from server.events import Origin, normalise
 from server.store import person
-from server.store.base import SessionInfo
+from server.store.base import Outcome, SessionInfo
 
 from fakes.harness import purchase, vendor_sections
 from test_forward_backends import run_until
@@ -91,6 +92,9 @@ async def test_export_then_forget_erases_jane_and_leaves_bob_byte_for_byte(backe
         # One more of Jane's, not sent yet: it must never be.
         await ingest(store, backend_event(purchase("1002", JANE)))
         assert await pending(backend) > 0
+        # A forwarder claims them; the erasure commits while they are in flight.
+        claimed = await store.claim(int(time.time() * 1000), 30_000, 100)
+        assert claimed and all(JANE in json.dumps(d.request) for d in claimed)
         before = await snapshot(backend)
 
         found = await store.person(person.selector("shop1", email=" JANE@example.com "))
@@ -111,6 +115,8 @@ async def test_export_then_forget_erases_jane_and_leaves_bob_byte_for_byte(backe
         tried = [a for d in doc["deliveries"] for a in d["attempts_kept"]]
         assert {a["status"] for a in tried} >= {200, 500}
         assert "sendlane" in doc["vendors"]["received"]
+        assert {d.vendor for d in claimed} <= {*doc["vendors"]["received"],
+                                               *doc["vendors"]["maybe_received"]}
         assert any("-> identity #" in link for link in doc["links"])
         assert not mentions({i: e for i, e in enumerate(doc["events"])}, BOB)
         assert json.loads(json.dumps(doc))  # one JSON document
@@ -130,18 +136,36 @@ async def test_export_then_forget_erases_jane_and_leaves_bob_byte_for_byte(backe
                      "deliveries": {r["id"] for r in doc["deliveries"]},
                      "attempts": {a["id"] for a in tried}, "coupon_calls": set()}
         kept = {d["id"] for d in doc["deliveries"] if d["state"] in person.SENT_STATES}
+        assert kept and set(jane_keys["deliveries"]) - kept
         for table in TABLES:
             others = {k: v for k, v in before[table].items() if k not in jane_keys[table]}
             assert {k: v for k, v in after[table].items() if k not in jane_keys[table]} == \
                 others, table
             assert not mentions(after[table], JANE, "C-JANE", J1, J2, "1001", "1002"), table
-        assert set(after["deliveries"]) - set(before["deliveries"]) == set()
-        assert {k for k in after["deliveries"] if k in jane_keys["deliveries"]} == kept
-        for key in kept:  # kept anonymous: the vendor, state and times, nothing of Jane
+        # Every delivery row stays, anonymous (no id is given again): the sent ones with
+        # their vendor, state and times; the others closed as ignored, saying why.
+        assert set(after["deliveries"]) == set(before["deliveries"])
+        for key in jane_keys["deliveries"]:
             row, was = after["deliveries"][key], before["deliveries"][key]
-            assert (row["vendor"], row["state"], row["delivered_ms"]) == (
-                was["vendor"], was["state"], was["delivered_ms"])
-            assert row["visitor"] == "erased" and row["dedup_key"] == f"erased:{key}"
+            assert (row["vendor"], row["delivered_ms"], row["attempts"]) == (
+                was["vendor"], was["delivered_ms"], was["attempts"])
+            assert row["state"] == (was["state"] if key in kept else "ignored")
+            assert (row["visitor"], row["dedup_key"], row["event_seq"]) == (
+                "erased", f"erased:{key}", 0)
+            assert json.loads(row["request"]) == {"erased": True}
+            assert row["last_error"] == (None if key in kept else person.CANCELLED)
+        # The events are gone; SQLite keeps the table's highest seq as an empty row (it
+        # would give that seq to the next event).
+        left = [after["events"][k] for k in jane_keys["events"] if k in after["events"]]
+        assert len(left) == (1 if backend.name == "sqlite" else 0)
+        assert all((row["name"], row["sc"], row["identity_id"], row["raw"]) == (
+            "erased", None, None, "{}") for row in left)
+        # A forwarder's late outcome of a row claimed before the erasure changes nothing.
+        await store.finish([Outcome(d.id, "delivered", lease=d.lease) for d in claimed],
+                           int(time.time() * 1000))
+        assert {row["state"] for row in await backend.dicts(
+            "SELECT state FROM deliveries WHERE id IN (%s)" % ",".join(
+                str(d.id) for d in claimed))} == {"ignored"}
         assert mentions(after["events"], BOB) and mentions(after["identities"], BOB)
 
         # Nothing of Jane's is sent after the erasure; Bob's next order still is.
@@ -180,6 +204,7 @@ async def test_an_anonymous_visitor_by_sc_and_a_customer_by_id(backend) -> None:
         assert not nobody.found
         report = await store.forget_person(anon.selector, dry_run=False)
         assert report["changed"]["events"] == {"delete": 2}
+        assert report["changed"]["deliveries"] == {"anonymise": 0, "cancel": 0}
         # A later event of the same sc starts a fresh session.
         await ingest(store, browser({"event": "page_view", "event_id": "a3"}, "ANON-0000-0001"))
         fresh = await store.person(anon.selector)

@@ -22,15 +22,17 @@ person's and are left.
 What erasure does, per table (docs/architecture.md, "Shoppers' data"):
 
 - identities, sessions (with their carts), events: deleted.
-- deliveries not sent (pending, held, dead, expired, ignored): deleted, so nothing of the
-  person is sent after the erasure. Their attempts are deleted.
-- deliveries a vendor took (``delivered``; ``browser``: the vendor's own library took it in
-  the page): a vendor can't be made to unsend, so the report names those vendors for the
-  operator to file the erasure with each. The row is kept anonymous, as the record that
-  vendor got something then (its time, vendor, state and counts stay, so ``onetag
-  deliveries`` still adds up): its planned request, dedup key (which may hold an order id
-  or an email), visitor key and last error are replaced. Its attempts (the request as sent
-  and the vendor's answer, which may echo the person) are deleted.
+- deliveries: every row stays, without the person (its planned request, dedup key, which
+  may hold an order id or an email, visitor key and event), so that no delivery id is ever
+  given again (SQLite gives a deleted highest id to the next row: a forwarder's late
+  outcome, a replay's record or an attempt would then name someone else's delivery). One a
+  vendor took (``delivered``; ``browser``: the vendor's own library took it in the page)
+  keeps its state and times, the record that this vendor got the person's data then: a
+  vendor can't be made to unsend, so the report names those vendors for the operator to
+  file the erasure with each. One not sent (pending, held, dead, expired, ignored) is
+  closed as ``ignored``, saying why: nothing claims or replays it, so nothing of the
+  person is sent after the erasure. Their attempts (the request as sent and the vendor's
+  answer, which may echo the person) are deleted.
 - coupon calls naming the email: kept for the bridge's record (pruned with the attempts),
   without the email.
 
@@ -65,6 +67,9 @@ COUPON_COLUMNS = ("id", "created_ms", "site_id", "request_id", "idempotency_key"
                   "duration_ms", "error")
 SENT_STATES = ("delivered", "browser")  # a vendor has it: kept anonymous, vendor named
 ERASED_REQUEST = encode({"erased": True}).decode()
+CANCELLED = "erased (onetag person forget) before it was sent"
+TABLES = {"identities": "id", "sessions": "id", "events": "seq", "deliveries": "id",
+          "attempts": "id", "coupon_calls": "id"}  # each table's key
 MAX_CUSTOMER_ID = 128
 
 
@@ -92,6 +97,7 @@ class Dialect:
     json_text: Callable[[str, Sequence[str]], str]
     many: Callable[[Many], tuple[str, Any]]  # (``(SELECT ...)`` with one ?, its parameter)
     for_update: str  # appended to a read that locks its rows ("" where the writer's lock holds)
+    reuses_ids: bool  # a deleted highest row id is given to the next row (SQLite's rowids)
 
     def bind(self, query: Query) -> tuple[str, list[Any]]:
         """The query's SQL and parameters, each ``Many`` made one bound parameter."""
@@ -119,10 +125,10 @@ def _pg_many(many: Many) -> tuple[str, Any]:
 
 
 SQLITE = Dialect("sqlite", lambda column, path: f"json_extract({column}, '$.{'.'.join(path)}')",
-                 _sqlite_many, "")
+                 _sqlite_many, "", True)
 POSTGRESQL = Dialect("postgresql",
                      lambda column, path: f"({column}::json #>> '{{{','.join(path)}}}')",
-                     _pg_many, " FOR UPDATE")
+                     _pg_many, " FOR UPDATE", False)
 
 
 # The selector ---------------------------------------------------------------------------
@@ -219,7 +225,7 @@ class Person:
         return {"identities": {"delete": len(self.identities)},
                 "sessions": {"delete": len(self.sessions)},
                 "events": {"delete": len(self.events)},
-                "deliveries": {"delete": len(self.unsent()), "anonymise": len(self.sent())},
+                "deliveries": {"anonymise": len(self.sent()), "cancel": len(self.unsent())},
                 "attempts": {"delete": len(self.attempts)},
                 "coupon_calls": {"anonymise": len(self.coupon_calls)}}
 
@@ -368,33 +374,51 @@ def gather(d: Dialect, who: Selector, lock: bool = False, hint: Scanned | None =
     return person
 
 
-def erase(person: Person) -> Generator[Query, Any, dict[str, dict[str, int]]]:
+def erase(d: Dialect, person: Person, now_ms: int
+          ) -> Generator[Query, Any, dict[str, dict[str, int]]]:
     """The statements that erase what ``gather`` found (module docstring), children first;
     the rows each changed, per table, as ``Person.counts`` names them."""
-    done: dict[str, dict[str, int]] = {}
+    done = {table: dict.fromkeys(actions, 0) for table, actions in person.counts().items()}
 
     def ids(rows: list[dict[str, Any]], column: str = "id") -> Many:
         return Many(tuple(row[column] for row in rows), "bigint")
 
-    steps = (
-        ("attempts", "delete", person.attempts, "DELETE FROM attempts WHERE id IN ?", "id"),
-        ("deliveries", "delete", person.unsent(), "DELETE FROM deliveries WHERE id IN ?", "id"),
-        ("deliveries", "anonymise", person.sent(),
-         "UPDATE deliveries SET request = ?, dedup_key = 'erased:' || id, visitor = 'erased', "
-         "last_error = NULL WHERE id IN ?", "id"),
-        ("events", "delete", person.events, "DELETE FROM events WHERE seq IN ?", "seq"),
-        ("sessions", "delete", person.sessions, "DELETE FROM sessions WHERE id IN ?", "id"),
-        ("identities", "delete", person.identities, "DELETE FROM identities WHERE id IN ?",
-         "id"),
-        ("coupon_calls", "anonymise", person.coupon_calls,
-         "UPDATE coupon_calls SET email = NULL WHERE id IN ?", "id"),
-    )
-    for table, action, rows, sql, column in steps:
-        count = 0
+    def run(table: str, action: str, rows: list[dict[str, Any]], sql: str,
+            *params: Any) -> Generator[Query, Any, None]:
         if rows:
-            first = (ERASED_REQUEST,) if sql.startswith("UPDATE deliveries") else ()
-            count = yield Query(sql, (*first, ids(rows, column)), write=True)
-        done.setdefault(table, {})[action] = count
+            done[table][action] += yield Query(sql, (*params, ids(rows, TABLES[table])),
+                                               write=True)
+
+    yield from run("attempts", "delete", person.attempts, "DELETE FROM attempts WHERE id IN ?")
+    # Every delivery row stays, without the person: no id is given again (SQLite gives a
+    # deleted highest id to the next row, and a forwarder's late outcome, or a replay's
+    # record, would then name someone else's delivery); ``event_seq`` 0, as a row planned
+    # from no event. A row not sent is closed as ignored, which nothing claims or replays.
+    anonymous = ("request = ?, dedup_key = 'erased:' || id, visitor = 'erased', "
+                 "event_seq = 0, updated_ms = ?")
+    yield from run("deliveries", "anonymise", person.sent(),
+                   f"UPDATE deliveries SET {anonymous}, last_error = NULL WHERE id IN ?",
+                   ERASED_REQUEST, now_ms)
+    yield from run("deliveries", "cancel", person.unsent(),
+                   f"UPDATE deliveries SET {anonymous}, state = 'ignored', last_error = ? "
+                   "WHERE id IN ?", ERASED_REQUEST, now_ms, CANCELLED)
+    events = person.events
+    if events and d.reuses_ids:
+        # The highest seq of the table, if it is the person's, stays as an empty row, or
+        # SQLite would give it to the next event (the console's Live follows seqs).
+        [top] = yield Query("SELECT max(seq) AS seq FROM events")
+        kept = [row for row in events if row["seq"] == top["seq"]]
+        yield from run("events", "delete", kept,
+                       "UPDATE events SET event_id = 'erased:' || seq, name = 'erased', "
+                       "sc = NULL, identity_id = NULL, raw = '{}', data = ? WHERE seq IN ?",
+                       ERASED_REQUEST)
+        events = [row for row in events if row["seq"] != top["seq"]]
+    yield from run("events", "delete", events, "DELETE FROM events WHERE seq IN ?")
+    yield from run("sessions", "delete", person.sessions, "DELETE FROM sessions WHERE id IN ?")
+    yield from run("identities", "delete", person.identities,
+                   "DELETE FROM identities WHERE id IN ?")
+    yield from run("coupon_calls", "anonymise", person.coupon_calls,
+                   "UPDATE coupon_calls SET email = NULL WHERE id IN ?")
     return done
 
 

@@ -162,6 +162,9 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
         meanwhile: a foreign key) is run again from the start."""
         from . import person
 
+        if dry_run:  # one read-only snapshot: a dry run locks nothing
+            return person.forget_report(await self.person(who), True, None)
+
         async def run(conn: Any) -> dict[str, Any]:
             for attempt in range(RETRIES):
                 try:
@@ -169,9 +172,9 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
                         execute = person.asyncpg_execute(conn)
                         found = await person.run_async(
                             person.gather(person.POSTGRESQL, who, lock=True), execute)
-                        if dry_run:
-                            return person.forget_report(found, True, None)
-                        done = await person.run_async(person.erase(found), execute)
+                        done = await person.run_async(
+                            person.erase(person.POSTGRESQL, found, int(time.time() * 1000)),
+                            execute)
                         return person.forget_report(found, False, done)
                 except Exception as exc:
                     if sqlstate(exc) not in (*RETRYABLE, "23503") or attempt == RETRIES - 1:
