@@ -236,3 +236,39 @@ def test_any_selector_text_is_read_or_refused_with_a_value_error(text, kind) -> 
     assert value == value.strip() and value
     if kind == "email":  # read as events store it: the same selector when given again
         assert value == value.lower() and person.selector("shop1", email=value) == who
+
+
+async def test_forget_while_the_persons_events_keep_arriving(backend) -> None:
+    """Ingest of Jane's sessions and identity goes on while she is erased (PostgreSQL: the
+    pool's transaction against the writer's, row locks and retries): every event left has
+    its session and identity rows, none names a deleted identity."""
+    import asyncio
+
+    store = await backend.open(backend.settings())
+    try:
+        await jane_and_bob(store)
+
+        async def arrivals() -> None:
+            for i in range(30):
+                sc = (J1, J2)[i % 2]
+                await ingest(store, browser({"event": "identify", "event_id": f"r{i}",
+                                             "user": {"email": JANE}}, sc))
+                await ingest(store, backend_event({"event": "identify", "event_id": f"k{i}",
+                                                   "user": {"email": JANE}}))
+
+        who = person.selector("shop1", email=JANE)
+        reports = await asyncio.gather(arrivals(), *(store.forget_person(who, dry_run=False)
+                                                     for _ in range(3)))
+        assert all(r["found"] for r in reports[1:2])
+    finally:
+        await store.close()
+    assert await backend.rows(
+        "SELECT count(*) FROM events e WHERE e.identity_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM identities i WHERE i.id = e.identity_id)") == [(0,)]
+    assert await backend.rows(
+        "SELECT count(*) FROM events e WHERE e.sc IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM sessions s WHERE s.site_id = e.site_id AND s.sc = e.sc)") == [(0,)]
+    assert await backend.rows(
+        "SELECT count(*) FROM sessions s WHERE s.identity_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM identities i WHERE i.id = s.identity_id)") == [(0,)]
+    assert await backend.rows("SELECT count(*) FROM sessions WHERE sc = ?", B1) == [(1,)]

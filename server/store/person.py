@@ -21,7 +21,8 @@ person's and are left.
 
 What erasure does, per table (docs/architecture.md, "Shoppers' data"):
 
-- identities, sessions (with their carts), events: deleted.
+- identities, sessions (with their carts), events: deleted (on SQLite, the table's highest
+  seq, if it is the person's, stays as an empty event: ``erase`` says why).
 - deliveries: every row stays, without the person (its planned request, dedup key, which
   may hold an order id or an email, visitor key and event), so that no delivery id is ever
   given again (SQLite gives a deleted highest id to the next row: a forwarder's late
@@ -229,16 +230,9 @@ class Person:
                 "attempts": {"delete": len(self.attempts)},
                 "coupon_calls": {"anonymise": len(self.coupon_calls)}}
 
-    def key(self) -> tuple[Any, ...]:
-        """What was found, by row id: a forget compares it with the same gather repeated
-        under its locks."""
-        return tuple(tuple(sorted(row[column] for row in rows)) for rows, column in (
-            (self.identities, "id"), (self.sessions, "id"), (self.events, "seq"),
-            (self.deliveries, "id"), (self.attempts, "id"), (self.coupon_calls, "id")))
 
-
-def _columns(columns: Sequence[str], prefix: str = "") -> str:
-    return ", ".join(f"{prefix}{column}" for column in columns)
+def _columns(columns: Sequence[str]) -> str:
+    return ", ".join(columns)
 
 
 class Scanned(NamedTuple):
