@@ -29,7 +29,7 @@ def test_every_migration_file_declares_what_it_does_to_the_previous_release(file
     for version, name, sql in files():
         assert sql.startswith("-- previous release: "), name  # the first line, by convention
         floor = compatible_from(name, sql)
-        assert floor in (0, version) or floor in known, name  # an expand step it names
+        assert floor in (0, version) or floor in known, name  # a migration of its own it names
 
 
 def test_the_migrations_known_to_break_the_previous_release_say_so() -> None:
@@ -95,7 +95,7 @@ def test_the_plan_says_whether_the_upgrade_is_rolling() -> None:
     breaking = _plan([(3, "003_index.sql", 0), (4, "004_type.sql", 4)])
     assert breaking.breaking() == ["004_type.sql"]
     assert "not a rolling upgrade: 004_type.sql" in "\n".join(breaking.lines("db"))
-    # A contract step whose expand step is pending too: the release running now lacks it.
+    # A contract step whose named migration is pending too: the release running now lacks it.
     assert _plan([(3, "003_expand.sql", 0), (4, "004_contract.sql", 3)]).breaking() == [
         "004_contract.sql"]
     # A database whose release records no declarations refuses every migration it lacks.

@@ -9,9 +9,9 @@ own, whether nodes still running an older release keep working on the schema aft
   meaning). Every older release that ran on the schema before it keeps running on it, and
   what such a node writes meanwhile is valid for the new release.
 - ``-- previous release: compatible from NNN``: the contract step of an expand/contract
-  change. It removes what only releases without migration NNN use (NNN being the expand
-  step, whose release stopped using it): a node that knows NNN keeps running, an older one
-  does not.
+  change. It removes what only releases without migration NNN use (NNN being a migration
+  of the release whose code stopped using it): a node that knows NNN keeps running, an
+  older one does not (docs/architecture.md, "Writing a migration").
 - ``-- previous release: breaks``: older nodes must not run on it (034 changed the row
   type the previous release's ingest statement takes).
 
@@ -30,7 +30,7 @@ by another line of releases. Releases older than the column read nothing of it: 
 refuse every migration they do not know, 040 (024) included.
 
 A node two releases behind meets the migrations of both later releases: it keeps running
-if each is compatible (they only add), and refuses a contract step whose expand step it
+if each is compatible (they only add), and refuses a contract step from a migration it
 does not know. Releases are not numbered in the schema, so the contract step's
 ``from NNN`` is what tells the two apart.
 """
@@ -74,7 +74,7 @@ def compatible_from(name: str, sql: str) -> int:
     if floor >= version:
         raise MigrationUndeclared(
             f"migration {name}: `compatible from {form.group(2)}` must name an earlier "
-            f"migration (the expand step)")
+            f"migration (one of the release whose code stopped using what this removes)")
     return floor
 
 
