@@ -89,8 +89,13 @@ async def test_a_status_change_and_a_refund_carry_the_order_as_created(backend) 
     assert created["total_price"] == 37.74 and len(created["line_items"]) == 2
     check_remarkety(sent[("remarkety", "orders/update:1001:cancelled")], created, "cancelled",
                     "2025-11-25T16:00:00+00:00")
-    # The refund's 5.00 and its one line are the refund's, never the order's.
-    check_remarkety(sent[("remarkety", "orders/update:1001:refunded")], created, "refunded",
+    # The refund's 5.00 and its one line are the refund's, never the order's; a partial
+    # refund leaves the order's status alone and says so in financial_status.
+    partial = sent[("remarkety", "orders/update:1001:partially_refunded:rf-1001")]
+    assert partial.pop("financial_status") == {"code": "partially_refunded",
+                                               "name": "partially_refunded"}
+    assert "status" not in partial
+    check_remarkety({**partial, "status": created["status"]}, created, "completed",
                     "2025-11-26T16:00:00+00:00")
     placed = sent[("sendlane", "order-placed:1001")]
     check_sendlane(sent[("sendlane", "order-placed:1001:cancelled")], placed, "cancelled")
