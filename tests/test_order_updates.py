@@ -342,3 +342,26 @@ async def test_the_readme_backend_example_sends_the_order_before_its_status(back
     assert changed["total_price"] == created["total_price"] == 29.99
     update = sent[("sendlane", "order-placed:1001:fulfilled")]
     assert len(update["line_items"]) == 1 and update["customer_id"] == "C-42"
+
+
+def test_the_remarkety_export_says_a_partial_refund_in_the_financial_status() -> None:
+    """``onetag export remarkety-orders`` states an order as orders/update does: a partial
+    refund (items named, or a value below the order's) leaves the order's status and says
+    partially_refunded in its financial status; a refund of the whole order says refunded
+    in both."""
+    from server.jsontext import encode
+    from server.remarkety_export import orders_from, rows
+
+    def exported(*events: dict) -> tuple[str, str]:
+        [order], _ = orders_from(encode(e) for e in events)
+        row = next(rows(order))
+        return row["order_status"], row["order_financial_status"]
+
+    fulfilled = status("fulfilled")
+    by_items = refund()  # 5.00 naming one line of a 30.00 order
+    by_value = refund(items=[])
+    assert exported(purchase(), fulfilled, by_items) == ("fulfilled", "partially_refunded")
+    assert exported(purchase(), by_value) == ("completed", "partially_refunded")
+    whole = refund(value=30.00, items=[])
+    assert exported(purchase(), by_items, whole) == ("refunded", "refunded")
+    assert exported(purchase(), fulfilled) == ("fulfilled", "")
