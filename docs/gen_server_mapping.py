@@ -204,8 +204,10 @@ def scenario() -> list[Step]:
              "event and id once, its guide's \"Event IDs\"); Remarkety orders/update without "
              "`status` (the order is not refunded; its status stays as Remarkety has it) and "
              "with `financial_status` `partially_refunded`, under `orders/update:1001:"
-             "partially_refunded:<event id>`. Two refunds of the same lines or amount are "
-             "two; the backend retrying one (the same event id) is one.",
+             "partially_refunded:<event id>`; Rejoiner nothing (customer/cancel/ \"will "
+             "immediately stop any active journeys\", and the order stands). Two refunds of "
+             "the same lines or amount are two; the backend retrying one (the same event id) "
+             "is one.",
              _event("refund", "refund", DAY // MINUTE + 60, source="backend",
                     user={"email": EMAIL}, ecommerce=status)),
         Step("unsubscribe", "unsubscribe / opt_in", "He unsubscribes",

@@ -110,6 +110,21 @@ async def test_a_status_change_and_a_refund_carry_the_order_as_created(backend) 
     assert refunded["total"] == placed["total"] and refunded["status"] == "refunded"
 
 
+async def test_rejoiner_journeys_stop_for_a_whole_refund_not_a_partial_one(backend) -> None:
+    """The store hands Rejoiner the order as converted (its cart_value): a refund of less
+    than that (naming no items) leaves the journeys running; the whole value stops them."""
+    rejoiner = {"rejoiner": {"site_id": "RJSITE", "api_key": "k"}}
+    store = await backend.open(backend.settings(**rejoiner))
+    try:
+        await ingest(store, purchase("1001"), purchase("1002"))
+        await ingest(store, refund("1001", value=5.00, items=[]),
+                     refund("1002", value=30.00, items=[]))
+    finally:
+        await store.close()
+    keys = {key for vendor, key in await bodies(backend) if vendor == "rejoiner"}
+    assert keys == {"convert:1001", "convert:1002", "cancel:1002:refunded"}
+
+
 async def test_a_purchase_and_its_status_in_one_request_and_one_batch(backend) -> None:
     """The order's creation planned earlier in the same batch (not stored yet) counts too."""
     store = await backend.open(backend.settings(**VENDORS))
