@@ -385,6 +385,7 @@ def test_the_orders_wanted_are_the_order_keys_of_the_status_changes_vendors() ->
     buy = _event("purchase", "backend", ecommerce={"transaction_id": "9"})
     assert rules.orders_wanted({"shop1": site}, [("shop1", status), ("shop1", refund),
                                                  ("shop1", buy)]) == [
+        ("shop1", "rejoiner", "convert:7"), ("shop1", "rejoiner", "convert:8"),
         ("shop1", "remarkety", "orders/create:7"), ("shop1", "remarkety", "orders/create:8"),
         ("shop1", "sendlane", "order-placed:7"), ("shop1", "sendlane", "order-placed:8")]
 
