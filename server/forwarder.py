@@ -651,6 +651,8 @@ class Forwarder:
             log.info("%d finished deliveries, %d events and %d sessions older than %g days "
                      "pruned (keep_events_days)", pruned["deliveries"], pruned["events"],
                      pruned["sessions"], keep_days)
+        if self.metrics is not None:
+            self.metrics.pruned(pruned)
         return pruned
 
     def _stopping(self) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from server import config
 from server import forwarder as forwarder_module
 from server.forwarder import Forwarder, ForwarderOptions
+from server.metrics import Metrics
 from server.store import retention
 from server.store.base import SessionInfo
 
@@ -115,9 +116,15 @@ async def test_old_events_go_with_their_finished_deliveries_and_open_ones_keep_t
         await add_session(backend, 1, "SC-OLD", OLD, OLD, identity_id=7)
         await add_session(backend, 2, "SC-BACK", OLD, YOUNG)  # first seen long ago, back now
         await add_session(backend, 3, "SC-NEW", YOUNG, YOUNG)
+        metrics = Metrics(settings, store)
+        fwd = Forwarder(settings, store, ForwarderOptions(), clock=lambda: NOW / 1000,
+                        metrics=metrics)
         with caplog.at_level(logging.INFO, logger="onetag.forwarder"):
-            pruned = await forwarder(settings, store).prune_history()
+            pruned = await fwd.prune_history()
         assert pruned == {"deliveries": 6, "events": 3, "sessions": 1}
+        assert {kind: metrics.registry.get_sample_value("onetag_retention_pruned_total",
+                                                        {"kind": kind})
+                for kind in pruned} == {"deliveries": 6, "events": 3, "sessions": 1}
         assert ("6 finished deliveries, 3 events and 1 sessions older than 30 days pruned "
                 "(keep_events_days)") in caplog.text
         # A dead row's event is still there: the operator's replay sends it again.
