@@ -348,3 +348,33 @@ async def test_a_status_change_after_its_order_was_pruned_is_planned_from_its_ow
         "SELECT request FROM deliveries WHERE vendor = 'remarkety'")
     body = loads(request)["json"]
     assert body["status"]["code"] == "fulfilled" and "line_items" not in body, body
+
+
+async def test_postgresql_a_session_an_ingest_holds_is_young_again_when_the_delete_gets_it(
+        backend) -> None:
+    """Several nodes: a pass's delete that waits for an ingest's lock on an old session
+    checks its last activity again once the ingest committed, and keeps it."""
+    if backend.name != "postgresql":
+        pytest.skip("one writer on SQLite: the pass and an ingest never overlap")
+    import asyncio
+
+    import asyncpg
+
+    store = await backend.open(keeping(backend.settings(), 30))
+    ingest = await asyncpg.connect(backend.database)
+    try:
+        await add_session(backend, 1, "SC-BACK", OLD, OLD)
+        await add_session(backend, 2, "SC-GONE", OLD, OLD)
+        tx = ingest.transaction()
+        await tx.start()
+        await ingest.execute("SELECT 1 FROM sessions WHERE id = 1 FOR UPDATE")
+        await ingest.execute("UPDATE sessions SET last_ms = $1 WHERE id = 1", NOW)
+        pass_ = asyncio.create_task(store.prune_sessions(NOW - 30 * DAY, 0, 10))
+        await asyncio.sleep(0.3)
+        assert not pass_.done()  # waiting for the ingest's lock
+        await tx.commit()
+        assert await asyncio.wait_for(pass_, 10) == (1, None)
+    finally:
+        await ingest.close()
+        await store.close()
+    assert await backend.rows("SELECT sc FROM sessions") == [("SC-BACK",)]
