@@ -1,5 +1,5 @@
 """``onetag``: serve | init | check | migrate | deliveries | replay | worker | coupons | backfill |
-export."""
+export | person."""
 
 from __future__ import annotations
 
@@ -1145,6 +1145,130 @@ def format_coupon_calls(calls: list[dict[str, Any]], width: int = 100) -> str:
     return "\n".join(lines) or "(none)"
 
 
+# A shopper's data: access and erasure (store/person.py) ------------------------------------
+
+PERSON_TABLES = ("identities", "sessions", "events", "deliveries", "attempts", "coupon_calls")
+# What ``forget`` does to a table's rows (store/person.py, ``Person.counts``), as a dry run
+# says it and as the erasure reports it.
+PERSON_TODO = {"delete": "delete", "anonymise": "keep anonymous",
+               "cancel": "cancel (not sent; kept anonymous)"}
+PERSON_DONE = {"delete": "deleted", "anonymise": "kept anonymous",
+               "cancel": "cancelled (not sent; kept anonymous)"}
+
+
+def _person_selector(settings: config_module.Settings, args: argparse.Namespace) -> Any:
+    """The person the options name on a configured site, or one line and exit 2."""
+    from .store import person
+
+    _site_of(settings, args.site)
+    try:
+        return person.selector(args.site, email=args.email, customer_id=args.customer_id,
+                               sc=args.sc)
+    except ValueError as exc:
+        raise _refuse(str(exc)) from None
+
+
+def _person_store(settings: config_module.Settings, work: Any) -> Any:
+    """``work(store)`` as the other operator commands run it (``_with_store``: SQLite's WAL
+    lets it run beside a live ``onetag serve``); a store that can't take it now is one line
+    and exit 2."""
+    from .store.base import StoreUnavailable
+
+    try:
+        return asyncio.run(_with_store(settings, work))
+    except StoreUnavailable as exc:
+        raise _refuse(f"the database {_shown(settings)} can't take it now ({exc.message}); "
+                      "nothing changed, try again") from None
+
+
+def _nobody(settings: config_module.Settings, who: Any) -> int:
+    print(f"onetag: nothing held about {who.describe()} on site {who.site_id} in "
+          f"{_shown(settings)} (never seen, or already erased)", file=sys.stderr)
+    return 1
+
+
+def _vendor_lines(vendors: dict[str, list[str]]) -> list[str]:
+    lines = []
+    if vendors["received"]:
+        lines.append(f"  vendors that received this person's data: "
+                     f"{', '.join(vendors['received'])} (file the erasure with each: onetag "
+                     "can't unsend)")
+    if vendors["maybe_received"]:
+        lines.append(f"  vendors that may have it (tried without a 2xx answer, or in flight): "
+                     f"{', '.join(vendors['maybe_received'])}")
+    if not lines:
+        lines.append("  no vendor received this person's data through onetag's server")
+    return lines
+
+
+def cmd_person_export(args: argparse.Namespace) -> int:
+    """Everything held about one person as one JSON document (GDPR Art. 15)."""
+    from .store import person
+
+    settings = _ops_settings(args.config)
+    who = _person_selector(settings, args)
+    found = _person_store(settings, lambda store: store.person(who))
+    if not found.found:
+        return _nobody(settings, who)
+    document = {"database": _shown(settings),
+                **person.export_document(found, int(time.time() * 1000))}
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    try:  # written whole or not at all: a partial file is not handed to a shopper
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(out)
+    except OSError as exc:
+        raise _refuse(f"cannot write {out} ({exc.strerror or exc})") from None
+    counts = ", ".join(f"{count} {table}" for table, count in document["counts"].items())
+    print(f"onetag: wrote everything held about {who.describe()} on site {who.site_id} to "
+          f"{out}: {counts}")
+    for line in _vendor_lines(document["vendors"]):
+        print(line)
+    return 0
+
+
+def cmd_person_forget(args: argparse.Namespace) -> int:
+    """Erase one person (GDPR Art. 17): a dry run unless ``--yes``."""
+    settings = _ops_settings(args.config)
+    who = _person_selector(settings, args)
+    report = _person_store(settings, lambda store: store.forget_person(who,
+                                                                       dry_run=not args.yes))
+    if not report["found"]:
+        return _nobody(settings, who)
+    report["database"] = _shown(settings)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    counts = report["changed"] if args.yes else report["would_change"]
+    print(f"{'dry run: would erase' if not args.yes else 'erased'} {who.describe()} on site "
+          f"{who.site_id} in {_shown(settings)}")
+    print("  found through:")
+    for link in report["links"]:
+        print(f"    {link}")
+    words = PERSON_DONE if args.yes else PERSON_TODO
+    for table in PERSON_TABLES:
+        print(f"  {table:<13} " + ", ".join(f"{words[action]} {count}"
+                                           for action, count in counts[table].items()))
+    for line in _vendor_lines(report["vendors"]):
+        print(line)
+    deleted = sum(counts[table].get("delete", 0) for table in PERSON_TABLES)
+    anonymous = sum(count for table in PERSON_TABLES for action, count in counts[table].items()
+                    if action != "delete")
+    if not args.yes:
+        print(f"onetag: dry run: {deleted} rows would be deleted and {anonymous} kept "
+              "anonymous; nothing changed. Run again with --yes to erase.")
+        return 0
+    print(f"onetag: erased {who.describe()} on site {who.site_id}: {deleted} rows deleted, "
+          f"{anonymous} kept anonymous, in one transaction"
+          + (f"; file the erasure with {', '.join(report['vendors']['received'])}"
+             if report["vendors"]["received"] else ""))
+    return 0
+
+
 def cmd_coupons(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise _refuse("--limit must be at least 1")
@@ -1341,6 +1465,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to write it (default: orders_<YYYYMMDD_HHMMSS>.csv, "
                              "Remarkety's name for it)")
     export.set_defaults(func=cmd_export)
+
+    person = commands.add_parser(
+        "person", help="a shopper's data: export it (GDPR access) or erase it (erasure)",
+        description="Everything onetag holds about one person on one site, found by their "
+                    "email, customer id or sc cookie: `export` writes it as one JSON document "
+                    "(reads only); `forget` erases it (a dry run unless --yes). Both open the "
+                    "database directly, safely beside a running server.")
+    person_commands = person.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, func, text in (
+            ("export", cmd_person_export,
+             "Write everything held about the person as one JSON document: identity, "
+             "sessions with their carts, events (as sent and normalised), deliveries (state, "
+             "vendor, request as planned) with the attempts kept, coupon calls naming the "
+             "email, and which link found each session and event. Reads only."),
+            ("forget", cmd_person_forget,
+             "Erase the person in one transaction: identity, sessions and events are "
+             "deleted; deliveries not sent are cancelled (nothing of theirs is sent after "
+             "it); a vendor that already took one is named, to file the erasure with it too; "
+             "delivery rows stay as an anonymous record, their attempts are deleted; coupon "
+             "calls lose the email. A dry run printing the rows per table unless --yes. "
+             "Running it again finds nothing. Events arriving later for the same sc start a "
+             "fresh session.")):
+        sub = person_commands.add_parser(action, help=text.split(":")[0].split(".")[0],
+                                         description=text)
+        sub.add_argument("--config", help=config_help)
+        sub.add_argument("--site", required=True, help="the site the person is a shopper of")
+        sub.add_argument("--email", help="their email (as events carry it; any case)")
+        sub.add_argument("--customer-id", help="their customer_id in the shop's platform")
+        sub.add_argument("--sc", help="their sc cookie: that session, and the identity it "
+                                      "is bound to")
+        if action == "export":
+            sub.add_argument("--out", metavar="FILE", help="write it there (default: stdout)")
+        else:
+            sub.add_argument("--yes", action="store_true",
+                             help="erase (default: a dry run that changes nothing)")
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.set_defaults(func=func)
 
     coupons = commands.add_parser(
         "coupons", help="the latest calls of Remarkety's Coupons API, and what became of each",

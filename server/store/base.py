@@ -213,6 +213,20 @@ class Store(abc.ABC):
         most ``limit``), deliveries (of those events: vendor, state, dedup_key, attempts,
         last_error, name)}``."""
 
+    # A shopper's data (store/person.py: GDPR access and erasure) -------------------------
+
+    async def person(self, who: Any) -> Any:
+        """Everything held about one person (``person.Selector``), read-only, as a
+        ``person.Person`` (``person.gather``'s rows)."""
+        raise NotImplementedError
+
+    async def forget_person(self, who: Any, dry_run: bool = True) -> dict[str, Any]:
+        """Erase one person (``person.erase``: deleted, or kept anonymous where a vendor
+        has the data) in one transaction, and answer ``person.forget_report``;
+        ``dry_run`` changes nothing and counts what would change. Idempotent: a second
+        run finds nothing (``found`` false)."""
+        raise NotImplementedError
+
     def console(self) -> "ConsoleReads":
         """The operator console's read-only queries on this backend (``server/admin/`` asks
         nothing else of the database). ``console_reads.ConsoleReads`` says what a backend

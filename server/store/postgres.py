@@ -143,6 +143,46 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}
 
+    # A shopper's data (store/person.py) --------------------------------------------------
+
+    async def person(self, who: Any) -> Any:
+        """In one read-only snapshot (REPEATABLE READ) on this node's pool."""
+        from . import person
+
+        async def run(conn: Any) -> Any:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await person.run_async(person.gather(person.POSTGRESQL, who),
+                                              person.asyncpg_execute(conn))
+        return await self._on_pool(run)
+
+    async def forget_person(self, who: Any, dry_run: bool = True) -> dict[str, Any]:
+        """One transaction: the person's sessions and identities locked as ingest locks them
+        (``person.gather(lock=True)``) before their events are read, then erased. One that
+        loses a race with ingest (a deadlock, or an event naming the identity committed
+        meanwhile: a foreign key) is run again from the start."""
+        from . import person
+
+        if dry_run:  # one read-only snapshot: a dry run locks nothing
+            return person.forget_report(await self.person(who), True, None)
+
+        async def run(conn: Any) -> dict[str, Any]:
+            for attempt in range(RETRIES):
+                try:
+                    async with conn.transaction():
+                        execute = person.asyncpg_execute(conn)
+                        found = await person.run_async(
+                            person.gather(person.POSTGRESQL, who, lock=True), execute)
+                        done = await person.run_async(
+                            person.erase(person.POSTGRESQL, found, int(time.time() * 1000)),
+                            execute)
+                        return person.forget_report(found, False, done)
+                except Exception as exc:
+                    if sqlstate(exc) not in (*RETRYABLE, "23503") or attempt == RETRIES - 1:
+                        raise
+                    await asyncio.sleep(0.01 * (attempt + 1))
+            raise AssertionError("unreachable")
+        return await self._on_pool(run)
+
     def console(self) -> Any:
         """The console's queries on this node's pool (``pg_console.py``)."""
         from .pg_console import PgConsole

@@ -24,7 +24,7 @@ from . import deadletters
 from .base import Delivery, JobFailure, Outcome, Store, StoreUnavailable
 from .deadletters import OLDEST_PENDING, ReplayFilter
 from .sqlite_ingest import identity_fields
-from . import rules, sqlite_catalog, sqlite_ingest
+from . import person as person_module, rules, sqlite_catalog, sqlite_ingest
 from .sqlite_writer import (COUPON_CALL_COLUMNS, ProcessWriter, ThreadWriter, commit_failure,
                             migrate, migrations, now_ms)
 from .writer_supervisor import (DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_PENDING_WRITES,
@@ -123,6 +123,25 @@ class SQLiteStore(WriterSupervisor, Store):
                 "identity": identity, "cart": cart,
                 "events": [loads(row["data"]) for row in events],
                 "deliveries": [dict(row) for row in deliveries]}
+
+    # A shopper's data (store/person.py) --------------------------------------------------
+
+    async def person(self, who: Any) -> person_module.Person:
+        """On the reader (WAL: beside the writer), without taking the write lock."""
+        return await person_module.run_async(person_module.gather(person_module.SQLITE, who),
+                                             person_module.aiosqlite_execute(self.reader))
+
+    async def forget_person(self, who: Any, dry_run: bool = True) -> dict[str, Any]:
+        """The events naming the identity are found on the reader first (a read of the
+        site's events, which the writer's lock must not wait for), then everything again
+        in the writer's transaction, those by seq (``person.Scanned``). A dry run is that
+        first read alone."""
+        rows = await self.reader.execute_fetchall("SELECT coalesce(max(seq), 0) FROM events")
+        found = await self.person(who)
+        if dry_run:  # counted on the reader: a dry run takes no write lock
+            return person_module.forget_report(found, True, None)
+        return await self._write("forget_person", tuple(who),
+                                 tuple(person_module.scanned(found, rows[0][0])))
 
     # The catalog (server/catalog.py) ----------------------------------------------------
 

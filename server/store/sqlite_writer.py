@@ -30,7 +30,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from .. import outbox
 from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
-from . import deadletters, retention, rules
+from . import deadletters, person, retention, rules
 from .base import Delivery, JobFailure, Outcome, SchemaNotCurrent, newer_schema
 from .deadletters import ReplayFilter
 from .outbox_rules import CLAIMABLE
@@ -474,6 +474,19 @@ class WriteOps:
 
     def guesses_cleared(self, scope: str, address: str) -> None:
         self.conn.execute(GUESS_CLEAR_SQL.format(scope="?", address="?"), (scope, address))
+
+    def forget_person(self, who: tuple[Any, ...], hint: tuple[Any, ...]) -> dict[str, Any]:
+        """``Store.forget_person`` in this transaction (store/person.py): found again under
+        the writer's lock (``hint``: the reader's scan), then erased."""
+        execute = person.sqlite_execute(self.conn)
+        found = person.run_sync(person.gather(person.SQLITE, person.Selector(*who),
+                                              hint=person.Scanned(*hint)), execute)
+        done = person.run_sync(person.erase(person.SQLITE, found, now_ms()), execute)
+        # This connection's own deletes leave ``PRAGMA data_version`` as it was: the cached
+        # sessions and identities must go, or a later event of the same sc would update
+        # the deleted row instead of starting a fresh session.
+        self.cache.clear()
+        return person.forget_report(found, False, done)
 
     def record_coupon_call(self, call: tuple[Any, ...]) -> int:
         """One row of ``coupon_calls`` (server/coupons.py, ``COUPON_CALL_COLUMNS``)."""
