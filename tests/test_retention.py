@@ -113,6 +113,7 @@ async def test_old_events_go_with_their_finished_deliveries_and_open_ones_keep_t
         await add_event(backend, 9, YOUNG, sc="SC-NEW")  # within the period
         await add_delivery(backend, 12, 9, "delivered", YOUNG)
         await add_delivery(backend, 13, 0, "delivered", OLD, attempts=1)  # product sync
+        await add_delivery(backend, 14, 9, "pending", YOUNG)
         await add_session(backend, 1, "SC-OLD", OLD, OLD, identity_id=7)
         await add_session(backend, 2, "SC-BACK", OLD, YOUNG)  # first seen long ago, back now
         await add_session(backend, 3, "SC-NEW", YOUNG, YOUNG)
@@ -136,7 +137,7 @@ async def test_old_events_go_with_their_finished_deliveries_and_open_ones_keep_t
     assert await backend.rows("SELECT seq FROM events ORDER BY seq") == [
         (2,), (3,), (4,), (5,), (8,), (9,)]
     assert await backend.rows("SELECT id FROM deliveries ORDER BY id") == [
-        (2,), (3,), (4,), (5,), (11,), (12,)]
+        (2,), (3,), (4,), (5,), (11,), (12,), (14,)]
     assert await backend.rows("SELECT DISTINCT delivery_id FROM attempts ORDER BY 1") == [
         (2,), (4,)]
     assert await backend.rows("SELECT sc FROM sessions ORDER BY id") == [
@@ -161,6 +162,7 @@ async def test_a_pass_is_bounded_and_goes_on_past_kept_rows(backend, monkeypatch
             await add_event(backend, seq, OLD + seq)
             await add_delivery(backend, seq, seq, "delivered", OLD + seq)
         await add_event(backend, 21, YOUNG)
+        await add_delivery(backend, 21, 21, "pending", YOUNG)
         for id_ in range(1, 12):
             await add_session(backend, id_, f"SC-{id_}", OLD + id_, YOUNG if id_ == 1 else OLD)
         await add_session(backend, 12, "SC-12", YOUNG, YOUNG)
@@ -179,7 +181,7 @@ async def test_a_pass_is_bounded_and_goes_on_past_kept_rows(backend, monkeypatch
         await store.close()
     assert await backend.rows("SELECT seq FROM events ORDER BY seq") == [
         (1,), (2,), (3,), (4,), (5,), (21,)]
-    assert await backend.rows("SELECT count(*) FROM deliveries") == [(5,)]
+    assert await backend.rows("SELECT count(*) FROM deliveries") == [(6,)]
     assert await backend.rows("SELECT id FROM sessions ORDER BY id") == [(1,), (12,)]
 
 
@@ -193,6 +195,9 @@ async def test_a_pruned_session_comes_back_new_and_the_visitor_view_reads_what_i
         await store.ingest("shop1", [e := event({"event": "page_view", "event_id": "a"},
                                                 sc="SC-AAAA-0001")], [e],
                            SessionInfo(user_agent="UA"))
+        await store.ingest("shop1", [e := event({"event": "page_view", "event_id": "o"},
+                                                sc="SC-OTHER-0002")], [e],
+                           SessionInfo(user_agent="UA"))  # the newest session is kept
         future = 10**15  # every session is "older" than this
         assert await store.prune_sessions(future, 0, 100) == (1, None)
         view = await store.session_view("shop1", "SC-AAAA-0001")
@@ -205,7 +210,8 @@ async def test_a_pruned_session_comes_back_new_and_the_visitor_view_reads_what_i
         assert [ev["event_id"] for ev in view["events"]] == ["b"]
     finally:
         await store.close()
-    assert await backend.rows("SELECT count(*) FROM sessions") == [(1,)]
+    assert await backend.rows("SELECT sc FROM sessions ORDER BY id") == [
+        ("SC-OTHER-0002",), ("SC-AAAA-0001",)]
 
 
 async def test_the_pruning_reads_are_index_scans(backend) -> None:
@@ -334,6 +340,8 @@ async def test_a_status_change_after_its_order_was_pruned_is_planned_from_its_ow
         await backend.rows("UPDATE deliveries SET state = 'delivered', created_ms = ?, "
                            "updated_ms = ?", OLD, OLD)
         await backend.rows("UPDATE events SET received_ms = ?", OLD)
+        await add_event(backend, 1000, NOW)  # newer rows: a table's newest is always kept
+        await add_delivery(backend, 1000, 1000, "pending", NOW)
         wanted = [("shop1", "remarkety", "orders/create:1001")]
         assert (await store.known_orders(wanted)).found
         pruned = await forwarder(settings, store).prune_history()
@@ -365,6 +373,7 @@ async def test_postgresql_a_session_an_ingest_holds_is_young_again_when_the_dele
     try:
         await add_session(backend, 1, "SC-BACK", OLD, OLD)
         await add_session(backend, 2, "SC-GONE", OLD, OLD)
+        await add_session(backend, 3, "SC-NEW", YOUNG, YOUNG)
         tx = ingest.transaction()
         await tx.start()
         await ingest.execute("SELECT 1 FROM sessions WHERE id = 1 FOR UPDATE")
@@ -377,4 +386,28 @@ async def test_postgresql_a_session_an_ingest_holds_is_young_again_when_the_dele
     finally:
         await ingest.close()
         await store.close()
-    assert await backend.rows("SELECT sc FROM sessions") == [("SC-BACK",)]
+    assert await backend.rows("SELECT sc FROM sessions ORDER BY id") == [("SC-BACK",),
+                                                                         ("SC-NEW",)]
+
+
+async def test_the_newest_row_of_a_table_is_kept_however_old(backend) -> None:
+    """SQLite gives a deleted highest id to the next row (no AUTOINCREMENT): a delivery id,
+    an event seq named in a replay record, a link or Live's cursor would then name another
+    row. So the newest delivery, event and session stay until a newer one exists."""
+    settings = keeping(backend.settings(), 30)
+    store = await backend.open(settings)
+    try:
+        await add_event(backend, 1, OLD, sc="SC-OLD")
+        await add_delivery(backend, 1, 0, "delivered", OLD, attempts=1)
+        await add_session(backend, 1, "SC-OLD", OLD, OLD)
+        fwd = forwarder(settings, store)
+        assert await fwd.prune_history() == {"deliveries": 0, "events": 0, "sessions": 0}
+        await add_event(backend, 2, YOUNG, sc="SC-NEW")
+        await add_delivery(backend, 2, 2, "pending", YOUNG)
+        await add_session(backend, 2, "SC-NEW", YOUNG, YOUNG)
+        assert await fwd.prune_history() == {"deliveries": 1, "events": 1, "sessions": 1}
+    finally:
+        await store.close()
+    assert await backend.rows("SELECT seq FROM events") == [(2,)]
+    assert await backend.rows("SELECT id FROM deliveries") == [(2,)]
+    assert await backend.rows("SELECT id FROM sessions") == [(2,)]

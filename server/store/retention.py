@@ -38,7 +38,12 @@ _FINISHED_SQL = f"state IN ({', '.join(repr(state) for state in FINISHED)})"  # 
 
 # The oldest finished deliveries planned and changed before ``before``: deliveries_finished,
 # in order (a row replayed or finished within the period is passed over, and kept).
-_OLD = f"{_FINISHED_SQL} AND created_ms < {{before}} AND updated_ms < {{before}}"
+# Never a table's newest row: SQLite gives the highest id of a table again to the next row
+# once it is deleted (no AUTOINCREMENT), and a delivery's id, an event's seq, are named
+# elsewhere (replay records, the console's Live cursor, links); store/person.py keeps it too.
+_NOT_NEWEST = "{key} < (SELECT max({key}) FROM {table})"
+_OLD = (f"{_FINISHED_SQL} AND created_ms < {{before}} AND updated_ms < {{before}} AND "
+        + _NOT_NEWEST.format(key="id", table="deliveries"))
 # SQLite names the index ({indexed}): with no statistics (onetag runs no ANALYZE) its planner
 # took deliveries_due for ``state IN (...)`` and sorted every finished row.
 PICK_DELIVERIES = ("SELECT id FROM deliveries{indexed} WHERE " + _OLD
@@ -63,8 +68,8 @@ class Walk(NamedTuple):
 
     def delete(self) -> str:
         """``{keys}``: the batch's rows whose time is before ``{before}``."""
-        return (f"DELETE FROM {self.table} WHERE {self.key} IN ({{keys}}) "
-                f"AND {self.extra}")
+        return (f"DELETE FROM {self.table} WHERE {self.key} IN ({{keys}}) AND {self.extra} "
+                "AND " + _NOT_NEWEST.format(key=self.key, table=self.table))
 
 
 # Events by seq (arrival order) that no delivery row refers to (deliveries_event).
