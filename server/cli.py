@@ -336,9 +336,17 @@ def _database_problem(settings: config_module.Settings, exc: Exception) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    """Apply the pending migrations of the configured database and name them."""
+    """Apply the pending migrations of the configured database and name them; first say
+    whether the release running on it now keeps running through them (``compat.Plan``).
+    ``--check``: say that alone and apply nothing (exit 3: not a rolling upgrade)."""
     settings, path = _settings(args.config, require_secrets=False)
     label = _shown(settings)
+
+    def said(plan: Any) -> None:
+        if plan.applied or args.check:  # a new database: nothing runs on it to be told of
+            for line in plan.lines(label):
+                print(line, flush=True)
+
     if settings.server.is_postgresql:
         try:
             from .store.pg_migrate import migrate_url
@@ -349,7 +357,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             print(f"onetag: {DRIVER_MISSING}", file=sys.stderr)
             return 2
         try:
-            applied = asyncio.run(migrate_url(settings.server.database))
+            applied = asyncio.run(migrate_url(settings.server.database,
+                                              check_only=args.check, said=said))
         except Exception as exc:
             hint = getattr(exc, "hint", None)
             print(f"onetag: cannot migrate {label} ({type(exc).__name__}: {exc})"
@@ -359,9 +368,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         import sqlite3
 
         from .store.base import SchemaNotCurrent
-        from .store.sqlite_writer import migrate
+        from .store.compat import MigrationUndeclared
+        from .store.sqlite_writer import migrate, plan
 
         db_path = Path(settings.server.sqlite_path)
+        if args.check and not db_path.exists():
+            raise _refuse(f"no database at {label} yet: nothing runs on it; "
+                          f"`onetag migrate --config {path}` makes it")
         _new_database_note(settings, path)
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,12 +383,22 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             raise _refuse(f"cannot migrate {label}: cannot open it ({exc})") from None
         try:
             conn.execute("PRAGMA busy_timeout=10000")
-            applied = migrate(conn)
-        except (sqlite3.Error, SchemaNotCurrent) as exc:
+            found = plan(conn)
+            if args.check:
+                applied = found
+            else:
+                said(found)
+                applied = migrate(conn)
+        except (sqlite3.Error, SchemaNotCurrent, MigrationUndeclared) as exc:
             print(f"onetag: cannot migrate {label} ({exc})", file=sys.stderr)
             return 1
         finally:
             conn.close()
+    if args.check:
+        said(applied)
+        if not applied.pending:
+            print(f"onetag: {label} is current; nothing to apply")
+        return 3 if applied.breaking() else 0
     if applied:
         print(f"onetag: applied {len(applied)} migration(s) to {label}: {', '.join(applied)}")
     else:
@@ -1328,8 +1351,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "PostgreSQL), each in its own transaction, and print which. On PostgreSQL "
                     "`onetag serve` and `onetag worker` refuse to start until the schema is "
                     "current; SQLite migrates itself at start as well. Safe to run twice or "
-                    "from two places at once.")
+                    "from two places at once. Before applying, it lists the pending "
+                    "migrations with what each declares about the previous release, and says "
+                    "whether the release running now keeps running through them (a rolling "
+                    "upgrade: restart the nodes one at a time) or not (stop them, migrate, "
+                    "start them on this release).")
     migrate.add_argument("--config", help=config_help)
+    migrate.add_argument("--check", action="store_true",
+                         help="list the pending migrations and whether the release running "
+                              "now keeps running through them; apply nothing (exit 3: it "
+                              "does not, not a rolling upgrade)")
     migrate.set_defaults(func=cmd_migrate)
     deliveries = commands.add_parser(
         "deliveries", help="per vendor: pending, failing, held, delivered, dead, ... deliveries",

@@ -22,6 +22,18 @@ def settings_for(tmp_path: Any, **site: Any) -> config.Settings:
     return config.parse(data, env={})
 
 
+def migrated_config(tmp_path: Any) -> Any:
+    """A config file in ``tmp_path`` of one site on ``sqlite:///onetag.db`` (relative: run
+    from ``tmp_path``), its database made by ``onetag migrate``."""
+    from server import cli
+
+    path = tmp_path / "onetag.toml"
+    path.write_text('[server]\ndatabase = "sqlite:///onetag.db"\n\n[[sites]]\n'
+                    'id = "shop1"\norigins = ["https://shop.example"]\n', encoding="utf-8")
+    assert cli.main(["migrate", "--config", str(path)]) == 0
+    return path
+
+
 @contextlib.asynccontextmanager
 async def running(settings: config.Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """The real app with its lifespan, and an HTTP client speaking ASGI to it."""

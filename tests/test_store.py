@@ -20,7 +20,7 @@ from server.store.sqlite import SQLiteStore, migrate, migrations
 from server.store.sqlite_writer import configure
 from server.vendors._base import VendorRequest
 
-from support import item, settings_for
+from support import item, migrated_config, settings_for
 
 
 def event(raw: dict, sc: str | None = "SC-AAAA-0001", source: str = "browser") -> dict:
@@ -559,8 +559,9 @@ async def test_a_database_a_newer_onetag_migrated_is_refused_saying_so(tmp_path,
     settings = settings_for(tmp_path)
     store = await open_store(settings)
     await store.close()
-    with sqlite3.connect(tmp_path / "onetag.db") as db:
-        db.execute("INSERT INTO schema_migrations VALUES (999, '999_future.sql', 0)")
+    with sqlite3.connect(tmp_path / "onetag.db") as db:  # recorded with no declaration
+        db.execute("INSERT INTO schema_migrations (version, name, applied_ms) "
+                   "VALUES (999, '999_future.sql', 0)")
     store = SQLiteStore(settings.server.sqlite_path, settings.sites, writer=writer)
     with pytest.raises(Exception, match="999_future.sql.*newer onetag"):
         await store.open()  # (the process writer's: WriterStartFailed, saying the same)
@@ -575,12 +576,9 @@ def test_serve_and_migrate_refuse_a_database_a_newer_onetag_migrated(tmp_path, c
     from server import cli
 
     monkeypatch.chdir(tmp_path)
-    config = tmp_path / "onetag.toml"
-    config.write_text('[server]\ndatabase = "sqlite:///onetag.db"\n\n[[sites]]\n'
-                      'id = "shop1"\norigins = ["https://shop.example"]\n', encoding="utf-8")
-    assert cli.main(["migrate", "--config", str(config)]) == 0
-    with sqlite3.connect(tmp_path / "onetag.db") as db:
-        db.execute("INSERT INTO schema_migrations VALUES (999, '999_future.sql', 0)")
+    config = migrated_config(tmp_path)
+    with sqlite3.connect(tmp_path / "onetag.db") as db:  # declared: breaks
+        db.execute("INSERT INTO schema_migrations VALUES (999, '999_future.sql', 0, 999)")
     capsys.readouterr()
     assert cli.main(["serve", "--config", str(config), "--port", "22101"]) == 2
     said = capsys.readouterr().err

@@ -8,6 +8,7 @@ pool and group commit, racing for the same session, identity and event ids.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -65,8 +66,17 @@ async def test_a_node_refuses_a_schema_not_current_and_migrate_applies_it_once(
         assert await store.ping() is None
     finally:
         await store.close()
-    recorded = await backend.rows("SELECT version, name FROM schema_migrations ORDER BY version")
-    assert recorded == [(v, name) for v, name, _ in pg_migrate.migrations()]
+    recorded = await backend.rows("SELECT version, name, compatible_from FROM schema_migrations "
+                                  "ORDER BY version")
+    from server.store.compat import compatible_from
+
+    declared = [(v, name, compatible_from(name, sql)) for v, name, sql in pg_migrate.migrations()]
+    assert recorded == declared
+    # Rows an older release recorded (no declaration) get their files' from the next migrate.
+    await _admin_in(backend, "UPDATE schema_migrations SET compatible_from = NULL")
+    assert await pg_migrate.migrate_url(empty_database) == []
+    assert await backend.rows("SELECT version, name, compatible_from FROM schema_migrations "
+                              "ORDER BY version") == declared
 
 
 async def test_synchronous_commit_is_on_for_the_stores_connections(pg) -> None:
@@ -701,7 +711,8 @@ async def test_a_schema_that_does_not_fit_the_code_is_a_503_never_a_422(pg) -> N
 
 async def test_a_database_a_newer_onetag_migrated_is_a_503_saying_so(pg) -> None:
     """A node of the previous release, started before the database was migrated by the new
-    one, on a connection opened since (the pool replaced one): whatever form the mismatch
+    one (its migration recorded without a declaration: as a breaking one, to be safe), on a
+    connection opened since (the pool replaced one): whatever form the mismatch
     takes (here asyncpg refusing the composite's arguments before sending them, an error
     that would otherwise be read as the request's own, with no SQLSTATE), the node answers 503 naming the
     migration it does not know and what to do, and its health check fails the same way, so
@@ -728,6 +739,130 @@ async def test_a_database_a_newer_onetag_migrated_is_a_503_saying_so(pg) -> None
     finally:
         await store.close()
     assert sorted(await pg.rows("SELECT event_id FROM events")) == [("e1",), ("e2",)]
+
+
+async def _newer_release_migrated(pg, *records: tuple[int, int | None]) -> None:
+    """What a newer release's ``onetag migrate`` leaves, run while the node runs: an
+    expand-only schema change (a table, an index, a nullable column on a table ingest
+    writes) and its records (version, compatible_from), then every connection cut (as a
+    database restart would) so the node's pool opens new ones on the schema as it is."""
+    await _admin_in(pg, "CREATE TABLE future_things (id BIGINT PRIMARY KEY)",
+                    "CREATE INDEX events_future ON events (received_ms)",
+                    "ALTER TABLE sessions ADD COLUMN future_note TEXT",
+                    *[f"INSERT INTO schema_migrations VALUES ({version}, '{version}_future.sql', "
+                      f"0, {'NULL' if floor is None else floor})" for version, floor in records])
+    await _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                 f"datname = '{pg.database.rsplit('/', 1)[1]}' AND pid <> pg_backend_pid()")
+
+
+async def test_a_node_keeps_running_on_a_newer_release_s_compatible_migrations(
+        pg, caplog) -> None:
+    """A rolling upgrade: the new release migrated the database while this node (the
+    previous release) runs. Each migration it does not know was recorded compatible (999:
+    with every older release; 998: a contract step from a migration this node has), so its
+    health check passes, it stores events, it starts again on it (``serve``/``worker``'s
+    start-up check), and it says once that a newer schema is there."""
+    from server import cli
+    from server.store import compat
+
+    compat._said.clear()
+    caplog.set_level(logging.WARNING, logger="onetag.store")
+    store = await pg.open(pg.settings())
+    try:
+        assert await store.ping() is None
+        await _newer_release_migrated(pg, (999, 0), (998, 36))
+        assert await store.ping() is None
+        assert await store.ping() is None
+        events = [event({"event": "page_view", "event_id": "e1"}),
+                  event({"event": "page_view", "event_id": "e2"}, sc="SC-AAAA-0002")]
+        answer = await store.ingest("shop1", events, events, SessionInfo())
+        assert [row.event_id for row in answer] == ["e1", "e2"]
+    finally:
+        await store.close()
+    said = [r.getMessage() for r in caplog.records if "999_future.sql" in r.getMessage()]
+    assert len(said) == 1 and "998_future.sql, 999_future.sql" in said[0]
+    assert "compatible" in said[0] and "restart it on that release" in said[0]
+    store = await pg.open(pg.settings())  # start-up: runs
+    await store.close()
+    assert await asyncio.to_thread(cli.postgresql_problem, pg.settings()) is None
+    assert sorted(await pg.rows("SELECT event_id FROM events")) == [("e1",), ("e2",)]
+
+
+@pytest.mark.parametrize("floor", [997, 33, None],
+                         ids=["breaks", "contract step from an unknown one", "not recorded"])
+async def test_a_node_refuses_a_newer_release_s_migration_that_is_not_compatible(
+        pg, floor) -> None:
+    """Beside a compatible one (999), a migration recorded as breaking this release (997),
+    as a contract step from a migration this node does not have (33, not one of its own),
+    or with no record at all: /healthz 503 naming it, as before (not the compatible one),
+    and ``serve`` / ``worker`` refuse to start on it."""
+    from server import cli
+    from server.store import pg_migrate
+    from server.store.base import StoreUnavailable
+
+    store = await pg.open(pg.settings())
+    try:
+        await _newer_release_migrated(pg, (999, 0), (997, floor))
+        with pytest.raises(StoreUnavailable, match=r"\(997_future.sql\): a newer onetag"):
+            await store.ping()
+    finally:
+        await store.close()
+    with pytest.raises(pg_migrate.SchemaNotCurrent, match=r"\(997_future.sql\).*on that release"):
+        await pg.open(pg.settings())
+    problem = await asyncio.to_thread(cli.postgresql_problem, pg.settings())
+    assert problem is not None and "997_future.sql" in problem
+
+
+def test_migrate_check_says_whether_the_pending_migrations_allow_a_rolling_upgrade(
+        pg_database, tmp_path, capsys) -> None:
+    """``onetag migrate --check`` lists the pending migrations with their declarations,
+    says whether the release running now keeps running through them, and applies nothing;
+    plain ``onetag migrate`` says the same before applying."""
+    import re
+
+    from server import cli
+    from server.store import pg_migrate
+
+    pg = Backend("postgresql", pg_database)
+    config = tmp_path / "onetag.toml"
+    config.write_text(f'[server]\ndatabase = "{pg_database}"\n\n[[sites]]\nid = "shop1"\n',
+                      encoding="utf-8")
+    assert cli.main(["migrate", "--config", str(config), "--check"]) == 0
+    assert "is current; nothing to apply" in capsys.readouterr().out
+    # As if the running release had neither 035 nor 036 (both compatible).
+    drop_036 = ["DELETE FROM schema_migrations WHERE version IN (35, 36)",
+                "DROP TABLE guess_failures", "DROP INDEX deliveries_oldest_pending",
+                "ALTER TABLE deliveries DROP COLUMN due_ms",
+                "CREATE INDEX deliveries_oldest_pending ON deliveries "
+                "(vendor, (coalesce(retry_from_ms, created_ms))) WHERE state = 'pending'"]
+    asyncio.run(_admin_in(pg, *drop_036))
+    assert cli.main(["migrate", "--config", str(config), "--check"]) == 0
+    said = capsys.readouterr().out
+    assert "2 migration(s) pending" in said and "rolling upgrade: every pending" in said
+    assert re.search(r"036_due_after_grace.sql +previous release: compatible\n", said)
+    assert "newest migration: 040_migration_compat.sql" in said  # the running release's
+    assert cli.main(["migrate", "--config", str(config)]) == 0  # says it, then applies
+    said = capsys.readouterr().out
+    assert said.index("rolling upgrade") < said.index("applied 2 migration(s)")
+    # 034 pending too: it breaks the previous release.
+    asyncio.run(_admin_in(pg, "DELETE FROM schema_migrations WHERE version = 34"))
+    assert cli.main(["migrate", "--config", str(config), "--check"]) == 3
+    said = capsys.readouterr().out
+    assert re.search(r"034_cart_id.sql +previous release: breaks\n", said)
+    assert "not a rolling upgrade: 034_cart_id.sql" in said
+    # A database whose release records no declarations: that release refuses them all.
+    asyncio.run(_admin_in(pg, "INSERT INTO schema_migrations VALUES (34, '034_cart_id.sql', 0)",
+                          "DELETE FROM schema_migrations WHERE version = 40",
+                          "ALTER TABLE schema_migrations DROP COLUMN compatible_from"))
+    assert cli.main(["migrate", "--config", str(config), "--check"]) == 3
+    said = capsys.readouterr().out
+    assert "040_migration_compat.sql" in said and "refuses every migration" in said
+    assert asyncio.run(pg.rows("SELECT count(*) FROM schema_migrations")) == [
+        (len(pg_migrate.migrations()) - 1,)]  # nothing applied
+    assert cli.main(["migrate", "--config", str(config)]) == 0
+    assert "applied 1 migration(s)" in capsys.readouterr().out
+    assert asyncio.run(pg.rows("SELECT count(*) FROM schema_migrations "
+                               "WHERE compatible_from IS NULL")) == [(0,)]
 
 
 async def _admin_in(pg, *statements: str) -> None:

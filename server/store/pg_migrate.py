@@ -4,6 +4,8 @@ transaction and recorded in ``schema_migrations`` as SQLite's are.
 Not applied by ``onetag serve`` or ``worker`` at start (several of them may start at once
 against one database, and a schema change is the operator's step): they ``check`` and
 refuse to run on a schema that is not current; ``onetag migrate`` applies what is pending.
+A newer release's migrations are run on when each is recorded compatible with this code
+(``compat.py``: a rolling upgrade), refused otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from importlib import resources
 from typing import Any
 
+from . import compat
 from .base import SchemaNotCurrent, newer_schema
 
 # Any constant of our own: every migrator takes this transaction-level advisory lock, so two
@@ -49,17 +52,34 @@ async def pending(conn: Any) -> list[str]:
     return [name for version, name, _ in migrations() if version not in done]
 
 
-async def check(conn: Any) -> None:
-    """``SchemaNotCurrent`` naming what is missing, and the command that applies it."""
+async def check(conn: Any) -> list[str]:
+    """``SchemaNotCurrent`` naming what is missing, and the command that applies it; or
+    naming the migrations this code does not know that it does not run with
+    (``compat.sort_unknown``). Else the ones it runs with (a newer release's compatible
+    migrations: [] when none)."""
     missing = await pending(conn)
     if missing:
         raise SchemaNotCurrent(
             f"the PostgreSQL schema is not current: {len(missing)} migration(s) not applied "
             f"({', '.join(missing)}); run `onetag migrate --config <file>` first")
-    done = await applied(conn)
-    newer = [done[version] for version in sorted(set(done) - set(known_versions()))]
-    if newer:
-        raise SchemaNotCurrent(newer_schema(newer))
+    # Every migration this code has is applied: compatible_from (040) is there.
+    unknown = compat.sort_unknown(await conn.fetch(
+        "SELECT version, name, compatible_from FROM schema_migrations"), known_versions())
+    if unknown.refused:
+        raise SchemaNotCurrent(newer_schema(unknown.refused))
+    return unknown.tolerated
+
+
+async def plan(conn: Any) -> compat.Plan:
+    """What ``migrate`` would apply, with each file's declaration (``migrate --check``)."""
+    return compat.plan(await applied(conn), migrations(), await _declared(conn))
+
+
+async def _declared(conn: Any) -> bool:
+    """Whether ``schema_migrations`` records declarations yet (migration 040)."""
+    return bool(await conn.fetchval(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = 'schema_migrations' AND column_name = 'compatible_from'"))
 
 
 @functools.cache
@@ -69,7 +89,11 @@ def known_versions() -> tuple[int, ...]:
 
 
 async def migrate(conn: Any) -> list[str]:
-    """Apply the pending migrations, each in a transaction with its record; their names."""
+    """Apply the pending migrations, each in a transaction with its record (and its
+    declaration, once migration 040 made the column); their names. Every file's
+    declaration is read first: one missing applies nothing."""
+    declared = {version: compat.compatible_from(name, sql)
+                for version, name, sql in migrations()}
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(_TABLE)
@@ -81,9 +105,26 @@ async def migrate(conn: Any) -> list[str]:
                                    version):
                 continue
             await conn.execute(sql)  # several statements: the simple query protocol
-            await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, $3)",
-                               version, name, int(time.time() * 1000))
+            if await _declared(conn):
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_ms, "
+                    "compatible_from) VALUES ($1, $2, $3, $4)",
+                    version, name, int(time.time() * 1000), declared[version])
+            else:
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_ms) "
+                    "VALUES ($1, $2, $3)", version, name, int(time.time() * 1000))
         made.append(name)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+        # The rows a release without the column wrote get their files' declarations.
+        await conn.execute(
+            "UPDATE schema_migrations s SET compatible_from = f.floor "
+            "FROM unnest($1::int[], $2::text[], $3::int[]) AS f(version, name, floor) "
+            "WHERE s.version = f.version AND s.name = f.name AND s.compatible_from IS NULL",
+            [version for version, _, _ in migrations()],
+            [name for _, name, _ in migrations()],
+            [declared[version] for version, _, _ in migrations()])
     return made
 
 
@@ -94,10 +135,13 @@ def create_hint(role: str) -> str:
             f"that database, GRANT CREATE ON SCHEMA public TO {role};")
 
 
-async def migrate_url(dsn: str) -> list[str]:
-    """``migrate`` over a connection of its own to ``dsn`` (``onetag migrate``). A role that
-    may not create in ``public`` gets the error with ``create_hint`` appended (``hint``):
-    "permission denied for schema public" alone left the fix to be looked up."""
+async def migrate_url(dsn: str, check_only: bool = False,
+                      said: Any = None) -> list[str] | compat.Plan:
+    """``migrate`` over a connection of its own to ``dsn`` (``onetag migrate``), after
+    ``said(plan)`` (the plan printed before anything is applied); with ``check_only`` the
+    ``plan`` alone. A role that may not create in ``public`` gets the error with
+    ``create_hint`` appended (``hint``): "permission denied for schema public" alone left
+    the fix to be looked up."""
     import asyncpg
 
     from . import application_name
@@ -105,6 +149,11 @@ async def migrate_url(dsn: str) -> list[str]:
     conn = await asyncpg.connect(
         dsn, server_settings={"application_name": application_name()})
     try:
+        if check_only or said is not None:
+            found = await plan(conn)
+            if check_only:
+                return found
+            said(found)
         return await migrate(conn)
     except asyncpg.InsufficientPrivilegeError as exc:
         if "schema public" in str(exc):

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
 from ..events import NUL_PROBLEM
 from ..jsontext import encode
-from . import pg_migrate, rules
+from . import compat, pg_migrate, rules
 from .base import JobFailure, StoreUnavailable
 from .writer_process import (INGEST_OPS, UNREADABLE, WriterProcess, child_pipes, encode_frame,
                              reply_frame)
@@ -132,11 +132,16 @@ def must_drop(exc: BaseException) -> bool:
 
 # The health check's write: durable once it returns (synchronous_commit is on). In the same
 # statement, the migrations the database has that this code does not know ($2: those it
-# does): a node left running on the previous release after ``onetag migrate`` fails its
-# health check, saying so, until it is restarted on the new one.
+# does), in two lists: those it does not run with, and those each recorded compatible with
+# it (compat.py: a newer release's, in a rolling upgrade). A node left running on the
+# previous release after ``onetag migrate`` applied one of the first fails its health check,
+# saying so, until it is restarted on the new one; the second it says once, and stays up.
 HEALTH_WRITE = ("WITH written AS (INSERT INTO health (id, at_ms) VALUES (1, $1) "
                 "ON CONFLICT (id) DO UPDATE SET at_ms = EXCLUDED.at_ms RETURNING 1) "
-                "SELECT array_agg(name ORDER BY version) FROM schema_migrations "
+                "SELECT array_agg(name ORDER BY version) FILTER (WHERE NOT coalesce("
+                + compat.tolerated_sql("ANY($2::int[])") + ", false)), "
+                "array_agg(name ORDER BY version) FILTER (WHERE "
+                + compat.tolerated_sql("ANY($2::int[])") + ") FROM schema_migrations "
                 "WHERE version <> ALL($2::int[]) AND EXISTS (SELECT FROM written)")
 
 
@@ -339,26 +344,30 @@ class PgWriteOps:
     async def ping(self) -> int:
         """A committed write (migration 028's row); this process's pid. Tried twice, as a
         batch is: a pooled connection the server cut (a restart) fails once, then a new
-        one answers for the database as it is now."""
+        one answers for the database as it is now. A newer release's migrations each
+        compatible with this code are said once a process (a warning), not refused."""
         try:
-            newer = await self._health_write()
+            newer, tolerated = await self._health_write()
         except Exception as exc:
             if not is_connection_failure(exc):
                 raise unavailable(exc) from None
             try:
-                newer = await self._health_write()
+                newer, tolerated = await self._health_write()
             except Exception as again:
                 raise unavailable(again) from None
         if newer:
             raise StoreUnavailable("database", pg_migrate.newer_schema(newer))
+        compat.say_newer(log, tolerated or ())
         return os.getpid()
 
-    async def _health_write(self) -> list[str] | None:
-        """The committed write; the migrations this code does not know (None: none)."""
+    async def _health_write(self) -> tuple[list[str] | None, list[str] | None]:
+        """The committed write; the migrations this code does not know that it does not
+        run with, and those it runs with (None: none)."""
         async with self.pool.acquire() as conn:
             try:
-                return await conn.fetchval(HEALTH_WRITE, int(time.time() * 1000),
-                                           pg_migrate.known_versions())
+                row = await conn.fetchrow(HEALTH_WRITE, int(time.time() * 1000),
+                                          pg_migrate.known_versions())
+                return row[0], row[1]
             except Exception as exc:
                 drop_if_failed(conn, exc)
                 raise

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 from ..envelope import Problem
 from ..jsontext import loads
 from ..sessions import cart_snapshot
-from . import pg_migrate
+from . import compat, pg_migrate
 from .base import Store, StoreUnavailable
 from .pg_writer import (InlineWriter, PgProcessWriter, PgWriteOps, RETRIES, RETRYABLE,
                         create_pool, is_database_failure, sqlstate, stored_json, unavailable)
@@ -76,7 +76,7 @@ class PostgresStore(WriterSupervisor, PostgresOutbox, Store):
         try:
             if self.check_schema:
                 async with self.pool.acquire() as conn:
-                    await pg_migrate.check(conn)
+                    compat.say_newer(log, await pg_migrate.check(conn))
             self._writer = await self._start_writer()
         except BaseException:
             await self.pool.close()

@@ -30,7 +30,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from .. import outbox
 from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
-from . import deadletters, person, retention, rules
+from . import compat, deadletters, person, retention, rules
 from .base import Delivery, JobFailure, Outcome, SchemaNotCurrent, newer_schema
 from .deadletters import ReplayFilter
 from .outbox_rules import CLAIMABLE
@@ -109,16 +109,26 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     Each is checked again inside its own write transaction: two processes opening one
     database at once (``onetag worker`` and ``onetag backfill`` started together) must not
     both apply it (the second failed with "table ... already exists", and its writer with
-    it)."""
+    it). A database a newer onetag migrated is refused (``SchemaNotCurrent``) unless each
+    migration this code does not know was recorded compatible with it (``compat.py``),
+    which is said once a process. Every file's declaration is read first: one missing
+    applies nothing."""
+    declared = {version: compat.compatible_from(name, sql)
+                for version, name, sql in migrations()}
     conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
                  "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)")
-    done = dict(conn.execute("SELECT version, name FROM schema_migrations").fetchall())
-    newer = [done[version] for version in sorted(set(done) - {m[0] for m in migrations()})]
-    if newer:  # a downgrade: this code does not run against a schema it does not know
-        raise SchemaNotCurrent(newer_schema(newer))
+    done = recorded(conn)
+    unknown = compat.sort_unknown(done, declared)
+    if unknown.refused or (unknown.tolerated and len(done) - len(unknown.tolerated)
+                           < len(declared)):
+        # A downgrade (or, with some of this code's own missing, another line of
+        # releases): this code does not run against a schema it does not know.
+        raise SchemaNotCurrent(newer_schema(unknown.refused or unknown.tolerated))
+    compat.say_newer(log, unknown.tolerated)
+    versions = {version for version, _, _ in done}
     applied = []
     for version, name, sql in migrations():
-        if version in done:
+        if version in versions:
             continue
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?",
@@ -129,13 +139,56 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
             for statement in sql.split(";\n"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, now_ms()))
+            if _declared(conn):
+                conn.execute("INSERT INTO schema_migrations (version, name, applied_ms, "
+                             "compatible_from) VALUES (?, ?, ?, ?)",
+                             (version, name, now_ms(), declared[version]))
+            else:
+                conn.execute("INSERT INTO schema_migrations (version, name, applied_ms) "
+                             "VALUES (?, ?, ?)", (version, name, now_ms()))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         applied.append(name)
+    # The rows a release without the column wrote get their files' declarations.
+    names = {version: name for version, name, _ in migrations()}
+    undeclared = [(declared[version], version) for version, name, floor in recorded(conn)
+                  if floor is None and names.get(version) == name]
+    if undeclared:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("UPDATE schema_migrations SET compatible_from = ? "
+                             "WHERE version = ? AND compatible_from IS NULL", undeclared)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     return applied
+
+
+def _declared(conn: sqlite3.Connection) -> bool:
+    """Whether ``schema_migrations`` records declarations yet (migration 024)."""
+    return any(row[1] == "compatible_from"
+               for row in conn.execute("PRAGMA table_info(schema_migrations)"))
+
+
+def recorded(conn: sqlite3.Connection) -> list[tuple[int, str, int | None]]:
+    """(version, name, compatible_from) of every migration applied (None: not recorded)."""
+    if not _declared(conn):
+        return [(version, name, None) for version, name in
+                conn.execute("SELECT version, name FROM schema_migrations")]
+    return [tuple(row) for row in conn.execute(
+        "SELECT version, name, compatible_from FROM schema_migrations")]
+
+
+def plan(conn: sqlite3.Connection) -> compat.Plan:
+    """What ``migrate`` would apply, with each file's declaration (``migrate --check``):
+    reads only (no table is made)."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                          "AND name = 'schema_migrations'").fetchone()
+    done = {version: name for version, name, _ in recorded(conn)} if exists else {}
+    return compat.plan(done, migrations(), bool(exists) and _declared(conn))
 
 
 def configure(conn: sqlite3.Connection) -> sqlite3.Connection:

@@ -1,3 +1,5 @@
+-- previous release: breaks
+-- Breaks: the first migration: no release runs without it.
 -- Sessions, identities, events, carts and the delivery outbox.
 CREATE TABLE identities (
     id                INTEGER PRIMARY KEY,

@@ -1,3 +1,5 @@
+-- previous release: breaks
+-- Breaks: the carts table an earlier release writes is dropped.
 -- Sessions become a rowid table that also holds the session's cart (cart_items NULL: none).
 -- Measured with bench/ingest.py's load (WAL frames per event): as rows of two WITHOUT ROWID
 -- tables, session and cart each cost every cart event a random page, and their rows, once

@@ -1,3 +1,6 @@
+-- previous release: breaks
+-- Breaks: an earlier release would plan a browser's claims as facts (claim 0) and keep
+-- the old event-id index's meaning.
 -- Browser events are claims, backend events are facts (docs/security.md).
 -- 1. An event id is unique per kind of sender: a browser's id never suppresses a backend
 --    event. Still one index on events (bench/ingest.py pays for each): (site, id, backend?).

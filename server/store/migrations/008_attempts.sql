@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new table; an earlier release's attempts are not kept, as before.
 -- Every delivery attempt, kept after the row is delivered (last_error only says the latest
 -- failure, and a success clears it): when it started, how long it took, the request as
 -- sent minus its secrets (JSON: method, url, headers, body), the vendor's HTTP status and

@@ -1,3 +1,6 @@
+-- previous release: compatible
+-- Compatible: new tables; what an earlier node ingests meanwhile is not in the catalog
+-- (a later page view adds it).
 -- The product catalog (server/catalog.py), one row per (site, item_id), kept inside the
 -- ingest transaction from what pages show (view_item, view_item_list, cart items: claims)
 -- and what the backend states (product_updated: facts). Money is integer minor units of

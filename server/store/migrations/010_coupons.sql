@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new table.
 -- Every call Remarkety makes to the Coupons bridge (server/coupons.py), answered or not:
 -- when, which site, what was asked (never the remarkety_api_key, the webhook secret or the
 -- signature), what the store's webhook answered and what Remarkety was told. `onetag

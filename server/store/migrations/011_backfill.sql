@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new table.
 -- `onetag backfill --send`: one row per run over a set of files, so a run that was
 -- interrupted (kill -9, a reboot) resumes where its last committed batch ended. The rows a
 -- batch plans, the events it stores and this row's progress are committed together, in one

@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new table and a partial index.
 -- Every replay an operator made (console or `onetag replay`): who, when, what filter, how
 -- many the dry run showed and how many were made due again, and their ids when few.
 -- Written in the same transaction as the replay itself (sqlite_writer.replay_recorded).

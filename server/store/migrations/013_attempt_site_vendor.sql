@@ -1,3 +1,6 @@
+-- previous release: compatible
+-- Compatible: nullable columns; an earlier release's attempts are labelled later, as
+-- the rows from before.
 -- Each attempt carries its delivery's site and vendor (which never change), so the console's
 -- Vendors page reads the latency series (p50/p95 and success per hour or day) from the
 -- range's attempts alone, through attempts_started, instead of joining each to its delivery

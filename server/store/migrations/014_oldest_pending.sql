@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: an index.
 -- The oldest pending delivery of each vendor (/metrics' onetag_outbox_oldest_pending_age_
 -- seconds, read on every scrape: SQLiteStore.outbox_depth): deliveries_due found the pending
 -- rows, but when each fell due (deadletters.OLDEST_PENDING: coalesce(retry_from_ms,

@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new table.
 -- Console sessions logged out before they expired (server/admin/login.py): the session
 -- cookie's nonce until the cookie's own expiry, so that a kept copy of the cookie stays
 -- refused after a restart and in every process on this database. Each logout prunes the

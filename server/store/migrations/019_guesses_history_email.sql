@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new table and an index.
 -- Wrong secrets by client address (server/admin/auth.py, ``SharedThrottle``): one row a wrong
 -- guess, so that every process and node on this database, and the next after a restart, add
 -- up an address's guesses for one bound (``scope``: the console's login, the metrics token,

@@ -1,3 +1,5 @@
+-- previous release: breaks
+-- Breaks: the first migration: no release runs without it.
 -- PostgreSQL: the schema SQLite's migrations 001-012 arrive at, in one step (the same
 -- tables, columns, unique keys and indexes; docs/architecture.md, "The store").
 -- Timestamps are BIGINT milliseconds as in SQLite. JSON is TEXT, not JSONB: the store

@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: new tables, and a foreign key dropped (fewer refusals).
 -- The product catalog (server/catalog.py): SQLite's migration 009, in PostgreSQL's dialect.
 -- One row per (site, item_id), kept inside the ingest transaction (pg_catalog.py); `sources`
 -- and `categories` are JSON text, as everywhere in this schema (001 says why).

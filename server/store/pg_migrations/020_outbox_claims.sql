@@ -1,3 +1,6 @@
+-- previous release: compatible
+-- Compatible: the release before had no outbox on PostgreSQL, and its ingest writes
+-- deliveries by column.
 -- The outbox shared by several workers (issue 15; docs/architecture.md, "The claim protocol").
 --
 -- A claim leases its rows: lease_until is when a dead worker's row is due again, and

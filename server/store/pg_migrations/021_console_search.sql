@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: indexes.
 -- The operator console's Search on PostgreSQL (server/store/console_search.py). Two of its
 -- questions have no index on SQLite and read at most the latest 200,000 events; here each
 -- gets a partial index that only the events it is about are written to, so the rest of

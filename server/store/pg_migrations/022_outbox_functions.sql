@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: new functions, the claim and finish statements unchanged.
 -- The forwarder's claim and finish as functions planned once per connection (issue 15;
 -- docs/architecture.md, "The claim protocol"). Run as statements, asyncpg's prepared
 -- statements were planned again on every execution: PostgreSQL's plan cache kept choosing

@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: the same indexes, partial.
 -- The outbox's two working indexes hold the rows still in the outbox only (issue 15).
 --
 -- deliveries_due (the claim's walk, the console's dead letters, /metrics' depth, replays)

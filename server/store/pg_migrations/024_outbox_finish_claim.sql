@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new function.
 -- A lane's claim carries the outcomes that piled up since the last write (issue 15;
 -- docs/architecture.md, "The claim protocol"): onetag_finish then onetag_claim, in one
 -- call, one transaction and one commit where a finish and a claim each had their own

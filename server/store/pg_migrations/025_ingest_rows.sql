@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: new types no earlier release uses.
 -- The rows an ingest transaction writes, as composite types (server/store/pg_ingest.py): the
 -- writer sends a batch's new events as one array of ingest_event rows and the sessions it
 -- changed as one array of ingest_session rows, where it sent one array per column. asyncpg

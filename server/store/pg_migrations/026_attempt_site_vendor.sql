@@ -1,3 +1,6 @@
+-- previous release: compatible
+-- Compatible: nullable columns, and onetag_finish replaced with the same arguments
+-- (an earlier worker's attempts are labelled by it too).
 -- Each attempt carries its delivery's site and vendor (SQLite's migration 013): the
 -- console's Vendors page reads its latency series (p50/p95 and success per hour or day) from
 -- the range's attempts alone, through attempts_started. It joined each attempt to its

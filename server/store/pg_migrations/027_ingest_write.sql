@@ -1,3 +1,6 @@
+-- previous release: breaks
+-- Breaks: ingest_session gets three attributes: the earlier ingest statement passes
+-- rows of twelve.
 -- The one-statement write of an optimistic ingest batch (server/store/pg_ingest.py,
 -- docs/architecture.md "PostgreSQL"). Most batches (browser events of visitors whose
 -- identity they don't change, no order, no backend fact) read their sessions without a

@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new table.
 -- The health check's write (GET /healthz, and serve / worker at start): one row, updated
 -- and committed, so that a 200 means this node commits to this database. It was
 -- ``SELECT pg_current_xact_id()``, which a read-only database (a standby, or

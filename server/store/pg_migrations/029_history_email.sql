@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: an index.
 -- The operator console's Search by email on PostgreSQL (server/store/console_search.py,
 -- history_events): backfilled history (`onetag backfill --send`) is kept apart from
 -- sessions and identities (no sc, no identity_id), so a customer's history is found by the

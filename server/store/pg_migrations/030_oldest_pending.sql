@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: an index.
 -- The oldest pending delivery of each vendor (/metrics' onetag_outbox_oldest_pending_age_
 -- seconds, read on every scrape: PostgresOutbox.outbox_depth; SQLite's migration 014):
 -- deliveries_due found the pending rows, but when each fell due (deadletters.OLDEST_PENDING:

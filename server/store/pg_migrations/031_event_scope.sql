@@ -1,3 +1,6 @@
+-- previous release: compatible
+-- Compatible: an earlier release keeps its stricter duplicate check while it runs; it
+-- inserts events by column, whichever unique index there is.
 -- A browser's event id is its session's (server/store/rules.py, event_scope): pages may set
 -- their own event_id, so under (site, event id) an attacker who predicted one
 -- ("purchase-5001") and sent it first from its own session made another visitor's event a

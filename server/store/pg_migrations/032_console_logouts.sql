@@ -1,3 +1,5 @@
+-- previous release: compatible
+-- Compatible: a new table.
 -- Console sessions logged out before they expired (server/admin/login.py): the session
 -- cookie's nonce until the cookie's own expiry, so that a kept copy of the cookie is refused
 -- by every node on this database, and after a restart. Each logout prunes the rows past

@@ -1,3 +1,6 @@
+-- previous release: breaks
+-- Breaks: ingest_session gets cart_id: the earlier ingest statement passes rows
+-- without it (asyncpg refuses them).
 -- A session's cart gets an id of its own (SQLite's 018; rules.cart_step): the GUID of the
 -- cart's first state, kept while its lines change and replaced when a purchase (or an
 -- identity switch) closes the cart. Remarkety keys carts by id ("keep the same id so that

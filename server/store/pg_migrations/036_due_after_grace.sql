@@ -1,3 +1,7 @@
+-- previous release: compatible
+-- Compatible: a nullable column and 030's index rebuilt; a row an earlier release holds
+-- meanwhile counts its oldest pending age from created_ms, as it did (and that release's
+-- own oldest pending read no longer matches the index: slower, not wrong).
 -- When a row planned to wait falls due (SQLite's migration 020): a backend fact on a
 -- `fallback` route waits [server] browser_grace_s for the page's own copy (outbox.plan's
 -- delay), due at next_attempt_ms = created_ms + the grace; NULL: due when made. The oldest

@@ -1,0 +1,11 @@
+-- previous release: compatible
+-- As PostgreSQL's 040 (server/store/compat.py): each migration's declaration, the oldest
+-- code that keeps running on the schema after it (0: every older release; NNN: code that
+-- has migration NNN; its own version: breaks; NULL: not recorded). `onetag migrate` and the
+-- first start of this onetag write it with each migration applied, and give the rows from
+-- before this one their files' declarations. A process opening a database with migrations
+-- it does not know runs on it only when each was recorded as one it keeps running with.
+-- Compatible: a nullable column no earlier release reads, and none inserts a record here (each
+-- refuses a database with a migration it does not know before applying any of its own). The
+-- release before this one still refuses every migration it does not know, this one included.
+ALTER TABLE schema_migrations ADD COLUMN compatible_from INTEGER

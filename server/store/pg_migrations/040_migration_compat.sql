@@ -1,0 +1,13 @@
+-- previous release: compatible
+-- What each migration declares about the release before it (server/store/compat.py): the
+-- oldest code that keeps running on the schema after it, 0 for every older release
+-- (`-- previous release: compatible`), NNN for code that has migration NNN (`compatible
+-- from NNN`: a contract step), its own version for `breaks`; NULL: not recorded. `onetag
+-- migrate` writes it with each migration it applies, and gives the rows from before this
+-- one their files' declarations. A node runs on a database with migrations it does not know
+-- only when each was recorded as one it keeps running with (a rolling upgrade).
+-- Compatible: a nullable column no earlier release reads or writes (they insert their
+-- records with three values, the column left NULL). The release before this one still
+-- refuses every migration it does not know, this one included: the upgrade to this release
+-- is not rolling; the next ones may be.
+ALTER TABLE schema_migrations ADD COLUMN compatible_from INTEGER;
