@@ -66,23 +66,29 @@ async def add_session(backend: Any, id_: int, sc: str, first_ms: int, last_ms: i
         "'USD', '[]', ?)", id_, sc, identity_id, first_ms, last_ms, last_ms)
 
 
+async def add_visit(backend: Any, n: int, at: int, state: str, event_seq: int) -> None:
+    """Event ``n``, delivery ``n`` (of event ``event_seq``) and session ``n``, all at ``at``."""
+    await add_event(backend, n, at, sc=f"SC-{n}")
+    await add_delivery(backend, n, event_seq, state, at, attempts=1)
+    await add_session(backend, n, f"SC-{n}", at, at)
+
+
 async def test_off_by_default_nothing_is_pruned(backend) -> None:
     """Existing users upgrade without losing anything: keep_events_days defaults to 0."""
     settings = backend.settings()
     assert settings.server.keep_events_days == 0
     store = await backend.open(settings)
     try:
-        await add_event(backend, 1, OLD, sc="SC-OLD")
-        await add_delivery(backend, 1, 1, "delivered", OLD, attempts=1)
-        await add_session(backend, 1, "SC-OLD", OLD, OLD)
+        await add_visit(backend, 1, OLD, "delivered", 1)
+        await add_visit(backend, 2, YOUNG, "pending", 2)
         fwd = forwarder(settings, store)
         assert await fwd.prune_history() == {}
         await fwd.prune()  # the scheduled pass (attempts past keep_attempts_days go)
     finally:
         await store.close()
-    assert await backend.rows("SELECT count(*) FROM events") == [(1,)]
-    assert await backend.rows("SELECT count(*) FROM deliveries") == [(1,)]
-    assert await backend.rows("SELECT count(*) FROM sessions") == [(1,)]
+    assert await backend.rows("SELECT count(*) FROM events") == [(2,)]
+    assert await backend.rows("SELECT count(*) FROM deliveries") == [(2,)]
+    assert await backend.rows("SELECT count(*) FROM sessions") == [(2,)]
 
 
 async def test_old_events_go_with_their_finished_deliveries_and_open_ones_keep_theirs(
@@ -397,14 +403,10 @@ async def test_the_newest_row_of_a_table_is_kept_however_old(backend) -> None:
     settings = keeping(backend.settings(), 30)
     store = await backend.open(settings)
     try:
-        await add_event(backend, 1, OLD, sc="SC-OLD")
-        await add_delivery(backend, 1, 0, "delivered", OLD, attempts=1)
-        await add_session(backend, 1, "SC-OLD", OLD, OLD)
+        await add_visit(backend, 1, OLD, "delivered", 0)  # a product sync's row: no event
         fwd = forwarder(settings, store)
         assert await fwd.prune_history() == {"deliveries": 0, "events": 0, "sessions": 0}
-        await add_event(backend, 2, YOUNG, sc="SC-NEW")
-        await add_delivery(backend, 2, 2, "pending", YOUNG)
-        await add_session(backend, 2, "SC-NEW", YOUNG, YOUNG)
+        await add_visit(backend, 2, YOUNG, "pending", 2)
         assert await fwd.prune_history() == {"deliveries": 1, "events": 1, "sessions": 1}
     finally:
         await store.close()
