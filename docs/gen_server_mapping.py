@@ -192,14 +192,22 @@ def scenario() -> list[Step]:
              _event("order_status", "order_status", DAY // MINUTE, source="backend",
                     user={"email": EMAIL}, ecommerce=status, status="cancelled")),
         Step("refund", "order_status, refund", "... and refunded",
-             "Backend `refund` of order 1001 (status `refunded`), naming no items: the "
-             "whole order. Its value is the refund's: the order's lines and totals stay the "
-             "order's. A refund naming items (a partial refund) sends Sendlane only those "
-             "lines, completed from the order as placed, under `order-placed:1001:refunded:"
-             "<digest of the lines>` (its `event_id` likewise), so a second one is sent too "
-             "when its lines or quantities differ; a second refund of exactly the same lines "
-             "and quantities has the first one's key and is not sent again (a line is "
-             "completed only from the order's line of its product and SKU).",
+             "Backend `refund` of order 1001 (status `refunded`), naming no items and no "
+             "value below the order's: the whole order, once (an `order_status` `refunded` "
+             "is the same fact). Its value is the refund's: the order's lines and totals stay "
+             "the order's. A partial refund (naming items, GA4's partial refund, or a value "
+             "below the order's) is one refund among several, each its own fact under its own "
+             "event id: Sendlane gets order-placed with status `refunded`, only the lines it "
+             "names (completed from the order as placed; a line only from the order's line of "
+             "its product and SKU), else the order's, under `order-placed:1001:refunded:"
+             "<event id>` (its `event_id` `1001:refunded:<event id>`: Sendlane records one "
+             "event and id once, its guide's \"Event IDs\"); Remarkety orders/update without "
+             "`status` (the order is not refunded; its status stays as Remarkety has it) and "
+             "with `financial_status` `partially_refunded`, under `orders/update:1001:"
+             "partially_refunded:<event id>`; Rejoiner nothing (customer/cancel/ \"will "
+             "immediately stop any active journeys\", and the order stands). Two refunds of "
+             "the same lines or amount are two; the backend retrying one (the same event id) "
+             "is one.",
              _event("refund", "refund", DAY // MINUTE + 60, source="backend",
                     user={"email": EMAIL}, ecommerce=status)),
         Step("unsubscribe", "unsubscribe / opt_in", "He unsubscribes",
@@ -686,6 +694,9 @@ def render() -> str:
     w("")
     w("A status change never reuses the order's key (`cancel:1001:cancelled`,")
     w("`orders/update:1001:refunded`, ...), so it is sent, while the same status twice is not.")
+    w("A partial refund adds its own event id (`order-placed:1001:refunded:<event id>`,")
+    w("`orders/update:1001:partially_refunded:<event id>`): each refund is sent, a retry of one")
+    w("(the same event id) is not.")
     w("Keys with `<digest of the fields>` change when the profile changes and only then.")
     w("A key made of an event id names the event's session too (`<sc>/<event id>`; the id")
     w("alone for a backend event naming no session): a page may set its own event ids, and")

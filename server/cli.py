@@ -884,7 +884,8 @@ def refusal(row: dict[str, Any]) -> str:
         return f"{where} already: {row.get('why') or 'due'}"
     if state == "held":
         return (f"{where}: it waits for the visitor's email ([server] hold_days) and goes out "
-                f"when the visitor identifies")
+                f"when the visitor identifies"
+                + (f" ({row['last_error']})" if row.get("last_error") else ""))
     if state == "browser":
         return (f"{where}: the vendor's own library took it in the page; sending it too would "
                 f"duplicate it")
@@ -1367,7 +1368,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Counts of delivery rows per vendor, read straight from the database (no "
                     "server needed; safe beside a running server). pending: due or in flight; "
                     "failing: pending after at least one failed attempt (retrying with backoff); "
-                    "held: waiting for the visitor's email; delivered: the vendor answered 2xx; "
+                    "held: waiting for the visitor's email (or, last_error says, a browser session of the customer); delivered: the vendor answered 2xx; "
                     "dead: permanent error, attempts or retry window used up (see --state dead, "
                     "then `onetag replay`); browser: the vendor's own library took it; expired: "
                     "held past the hold window without an email; ignored (--state ignored): "

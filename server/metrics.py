@@ -246,7 +246,7 @@ class StoreCollector:
     def _families(self) -> Iterable[Metric]:
         depth = GaugeMetricFamily(
             "onetag_outbox_deliveries", "Delivery rows waiting (pending: due or retrying; held: "
-            "waiting for the visitor's email) or dead, by vendor and state; read from the "
+            "waiting for the visitor's email or session) or dead, by vendor and state; read from the "
             f"database when scraped (at most every {self.cache_s:g} s).",
             labels=["vendor", "state"])
         oldest = GaugeMetricFamily(

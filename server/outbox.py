@@ -20,6 +20,7 @@ from .vendors._common import STATUS_EVENTS
 HELD, PENDING, DELIVERED, DEAD, BROWSER, EXPIRED, IGNORED = (
     "held", "pending", "delivered", "dead", "browser", "expired", "ignored")
 IGNORED_SKIPPED = "skipped: "  # an ignored row the vendor could not take (VendorRequest.skipped)
+HELD_WAITING = "waiting: "  # a held row waiting for a browser session (VendorRequest.waits)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
                 state = BROWSER
             elif ignored or request.skipped:
                 state = IGNORED
-            elif request.needs_email and not has_email(event):
+            elif request.needs_email and not has_email(event) or request.waits:
                 state = HELD
             else:
                 state = PENDING
@@ -136,7 +137,9 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
             skipped_only = state == IGNORED and not ignored
             key = f"skipped:{request.dedup_key}" if skipped_only else request.dedup_key
             reason = ignored or (f"{IGNORED_SKIPPED}{request.skipped}" if skipped_only else None)
+            if state == HELD and request.waits:
+                reason = f"{HELD_WAITING}{request.waits}"
             rows.append(PlannedDelivery(name, key, state, visitor, request.to_row(),
                                         delay if state == PENDING else 0, claim,
-                                        reason if state == IGNORED else None, event))
+                                        reason if state in (IGNORED, HELD) else None, event))
     return rows

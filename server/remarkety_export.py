@@ -14,7 +14,8 @@ columns for a one-time import).
 
 The orders are the backend's facts in the database — the live backend API's and the
 backfilled ones — never a browser's claim: a purchase gives the order, its lines and
-customer; its later ``order_status``/``refund`` events its status and modification time.
+customer; its later ``order_status``/``refund`` events its status and modification time (a
+partial refund only its financial status, ``partially_refunded``, as orders/update says it).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Order:
     status_ms: int = -1  # the time of the event that set ``status``
     modified_ms: int = 0
     changes: list[dict[str, Any]] = field(default_factory=list)
+    partly_refunded: bool = False  # a partial refund came (its status is not the order's)
 
 
 def orders(conn: sqlite3.Connection, site_id: str) -> tuple[list[Order], int]:
@@ -76,6 +78,10 @@ def orders_from(datas: Iterable[str]) -> tuple[list[Order], int]:
             if order.purchase is None or when < order.created_ms:
                 order.purchase, order.created_ms = event, when
             status = event.get("status") or common.DEFAULT_ORDER_STATUS
+        elif common.refund_is_partial(event, *_value(order.purchase)):
+            # Part of the order refunded: the order's status stays (as orders/update says
+            # it: server/vendors/remarkety.py, ``_refund_state``).
+            order.partly_refunded, status = True, None
         else:
             status = common.order_status(event)
         if status and when >= order.status_ms:
@@ -84,6 +90,16 @@ def orders_from(datas: Iterable[str]) -> tuple[list[Order], int]:
     complete = [order for order in found.values() if order.purchase is not None]
     complete.sort(key=lambda order: order.created_ms)
     return complete, len(found) - len(complete)
+
+
+def _value(purchase: dict[str, Any] | None) -> tuple[int | None, str | None]:
+    """A purchase's value (GA4's; the lines' sum when it gave none) and currency."""
+    if purchase is None:
+        return None, None
+    ecom = purchase.get("ecommerce") or {}
+    return (common.totals(ecom, ecom.get("items") or []).total
+            - (ecom.get("tax_minor") or 0) - (ecom.get("shipping_minor") or 0),
+            ecom.get("currency"))
 
 
 def rows(order: Order) -> Iterator[dict[str, Any]]:
@@ -103,7 +119,8 @@ def rows(order: Order) -> Iterator[dict[str, Any]]:
         "order_id": ecom.get("transaction_id"),
         "order_created_at": common.iso_time(order.created_ms),
         "order_status": status,
-        "order_financial_status": "refunded" if status == "refunded" else "",
+        "order_financial_status": ("refunded" if status == "refunded" else
+                                   "partially_refunded" if order.partly_refunded else ""),
         "order_modified_at": common.iso_time(order.modified_ms),
         "order_currency": cur,
         "order_subtotal": amount(t.subtotal),

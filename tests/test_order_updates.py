@@ -89,8 +89,13 @@ async def test_a_status_change_and_a_refund_carry_the_order_as_created(backend) 
     assert created["total_price"] == 37.74 and len(created["line_items"]) == 2
     check_remarkety(sent[("remarkety", "orders/update:1001:cancelled")], created, "cancelled",
                     "2025-11-25T16:00:00+00:00")
-    # The refund's 5.00 and its one line are the refund's, never the order's.
-    check_remarkety(sent[("remarkety", "orders/update:1001:refunded")], created, "refunded",
+    # The refund's 5.00 and its one line are the refund's, never the order's; a partial
+    # refund leaves the order's status alone and says so in financial_status.
+    partial = sent[("remarkety", "orders/update:1001:partially_refunded:rf-1001")]
+    assert partial.pop("financial_status") == {"code": "partially_refunded",
+                                               "name": "partially_refunded"}
+    assert "status" not in partial
+    check_remarkety({**partial, "status": created["status"]}, created, "completed",
                     "2025-11-26T16:00:00+00:00")
     placed = sent[("sendlane", "order-placed:1001")]
     check_sendlane(sent[("sendlane", "order-placed:1001:cancelled")], placed, "cancelled")
@@ -103,6 +108,21 @@ async def test_a_status_change_and_a_refund_carry_the_order_as_created(backend) 
                                       if line["product_id"] == "SKU-435"]
     assert refunded["event_id"] == key.removeprefix("order-placed:")
     assert refunded["total"] == placed["total"] and refunded["status"] == "refunded"
+
+
+async def test_rejoiner_journeys_stop_for_a_whole_refund_not_a_partial_one(backend) -> None:
+    """The store hands Rejoiner the order as converted (its cart_value): a refund of less
+    than that (naming no items) leaves the journeys running; the whole value stops them."""
+    rejoiner = {"rejoiner": {"site_id": "RJSITE", "api_key": "k"}}
+    store = await backend.open(backend.settings(**rejoiner))
+    try:
+        await ingest(store, purchase("1001"), purchase("1002"))
+        await ingest(store, refund("1001", value=5.00, items=[]),
+                     refund("1002", value=30.00, items=[]))
+    finally:
+        await store.close()
+    keys = {key for vendor, key in await bodies(backend) if vendor == "rejoiner"}
+    assert keys == {"convert:1001", "convert:1002", "cancel:1002:refunded"}
 
 
 async def test_a_purchase_and_its_status_in_one_request_and_one_batch(backend) -> None:
@@ -337,3 +357,26 @@ async def test_the_readme_backend_example_sends_the_order_before_its_status(back
     assert changed["total_price"] == created["total_price"] == 29.99
     update = sent[("sendlane", "order-placed:1001:fulfilled")]
     assert len(update["line_items"]) == 1 and update["customer_id"] == "C-42"
+
+
+def test_the_remarkety_export_says_a_partial_refund_in_the_financial_status() -> None:
+    """``onetag export remarkety-orders`` states an order as orders/update does: a partial
+    refund (items named, or a value below the order's) leaves the order's status and says
+    partially_refunded in its financial status; a refund of the whole order says refunded
+    in both."""
+    from server.jsontext import encode
+    from server.remarkety_export import orders_from, rows
+
+    def exported(*events: dict) -> tuple[str, str]:
+        [order], _ = orders_from(encode(e) for e in events)
+        row = next(rows(order))
+        return row["order_status"], row["order_financial_status"]
+
+    fulfilled = status("fulfilled")
+    by_items = refund()  # 5.00 naming one line of a 30.00 order
+    by_value = refund(items=[])
+    assert exported(purchase(), fulfilled, by_items) == ("fulfilled", "partially_refunded")
+    assert exported(purchase(), by_value) == ("completed", "partially_refunded")
+    whole = refund(value=30.00, items=[])
+    assert exported(purchase(), by_items, whole) == ("refunded", "refunded")
+    assert exported(purchase(), fulfilled) == ("fulfilled", "")

@@ -259,7 +259,8 @@ async def test_forget_while_the_persons_events_keep_arriving(backend) -> None:
         who = person.selector("shop1", email=JANE)
         reports = await asyncio.gather(arrivals(), *(store.forget_person(who, dry_run=False)
                                                      for _ in range(3)))
-        assert all(r["found"] for r in reports[1:2])
+        # The three run at once: which of them finds Jane first is the databases' choice.
+        assert any(r["found"] for r in reports[1:])
     finally:
         await store.close()
     assert await backend.rows(

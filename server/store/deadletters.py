@@ -11,7 +11,8 @@ import hashlib
 from typing import Any, NamedTuple, Sequence
 
 # What a filter's ``states`` may name. ``failing``: pending after a failed attempt (it
-# retries by itself); ``held``: waiting for the visitor's email. Both are shown, neither is
+# retries by itself); ``held``: waiting for the visitor's email (or a browser session of the
+# customer: last_error says). Both are shown, neither is
 # replayed: a replay makes dead rows due again and re-plans expired ones.
 LISTABLE_STATES = ("dead", "expired", "failing", "held")
 REPLAYABLE_STATES = ("dead", "expired")
@@ -58,7 +59,7 @@ def check(f: ReplayFilter, replay: bool = False) -> str | None:
             if replay:
                 return (f"states: {state} deliveries are not replayed (only "
                         f"{' and '.join(REPLAYABLE_STATES)}: failing rows retry by themselves, "
-                        f"held rows wait for the visitor's email)")
+                        f"held rows wait for the visitor's email or session)")
             return f"states: {state!r} is not one of {', '.join(LISTABLE_STATES)}"
     if f.time_field not in TIME_FIELDS:
         return f"time_field: must be one of {', '.join(TIME_FIELDS)}"

@@ -583,13 +583,15 @@ class PgIngestBatch:
 
     async def _release_held(self, site: Any, sc: str, identity: dict[str, Any],
                             request_id: str | None) -> None:
-        """The session just got an email: re-plan what waited for one, within the window."""
+        """The session just got an email: re-plan what waited for one, and the customer's
+        backend rows that waited for a session of theirs (``rules.held_visitors``), within
+        the window."""
         conn, now = self.conn, self.now
         held = await conn.fetch(
             "SELECT d.event_seq, d.vendor, d.created_ms, e.data FROM deliveries d "
             "JOIN events e ON e.seq = d.event_seq "
-            "WHERE d.site_id = $1 AND d.visitor = $2 AND d.state = 'held' ORDER BY d.id "
-            "FOR UPDATE OF d", site.id, f"sc:{sc}")
+            "WHERE d.site_id = $1 AND d.visitor = ANY($2::text[]) AND d.state = 'held' "
+            "ORDER BY d.id FOR UPDATE OF d", site.id, rules.held_visitors(sc, identity))
         released = rules.held_release(held, now, self.hold_ms)
         events = {seq: loads(data) for seq, data, _, fresh in released if fresh}
         orders = await load_orders(conn, rules.orders_wanted(
@@ -599,7 +601,7 @@ class PgIngestBatch:
                 await conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = $1 "
                                    "WHERE event_seq = $2 AND state = 'held'", now, seq)
                 continue
-            event = rules.released_event(events[seq], identity)
+            event = rules.released_event(events[seq], identity, sc)
             await conn.execute("DELETE FROM deliveries WHERE event_seq = $1 AND state = 'held'",
                                seq)
             planned = outbox.plan(site, event, vendors, self.grace_ms, orders)

@@ -471,10 +471,26 @@ def held_release(rows: Iterable[Mapping[str, Any]], now: int, hold_ms: int) -> l
             for seq, (data, vendors, fresh) in by_event.items()]
 
 
-def released_event(event: dict[str, Any], identity: Mapping[str, Any]) -> dict[str, Any]:
-    """A held event as re-planned: with the identity it waited for (not new any more)."""
+def held_visitors(sc: str, identity: Mapping[str, Any]) -> list[str]:
+    """Whose held rows a session's identification releases (``outbox.visitor_key``): the
+    session's own, which waited for an email, and the customer's backend events naming no
+    session (``email:``, ``customer:``), which waited for an email or for a browser session
+    of theirs (``VendorRequest.waits``: eSputnik's cookies.sc)."""
+    visitors = [f"sc:{sc}"]
+    if identity.get("email"):
+        visitors.append(f"email:{identity['email']}")
+    if identity.get("customer_id"):
+        visitors.append(f"customer:{identity['customer_id']}")
+    return visitors
+
+
+def released_event(event: dict[str, Any], identity: Mapping[str, Any],
+                   sc: str | None = None) -> dict[str, Any]:
+    """A held event as re-planned: with the identity it waited for (not new any more), and
+    the session that released it as the customer's latest (``last_sc``, what an event
+    naming no session of its own takes: ``_common.session_sc``)."""
     event["identity"] = {**{k: v for k, v in identity.items() if k != "is_new"},
-                         "is_new": False}
+                         "is_new": False, **({"last_sc": sc} if sc else {})}
     return event
 
 

@@ -616,13 +616,16 @@ class IngestBatch:
 
     def _release_held(self, site: Any, sc: str, identity: dict[str, Any],
                       request_id: str | None = None) -> None:
-        """The session just got an email: re-plan what waited for one, within the window."""
+        """The session just got an email: re-plan what waited for one, and the customer's
+        backend rows that waited for a session of theirs (``rules.held_visitors``), within
+        the window."""
         conn, now = self.conn, self.now
+        visitors = rules.held_visitors(sc, identity)
         held = conn.execute(
             "SELECT d.event_seq, d.vendor, d.created_ms, e.data FROM deliveries d "
             "JOIN events e ON e.seq = d.event_seq "
-            "WHERE d.site_id = ? AND d.visitor = ? AND d.state = 'held' ORDER BY d.id",
-            (site.id, f"sc:{sc}")).fetchall()
+            f"WHERE d.site_id = ? AND d.visitor IN ({', '.join('?' * len(visitors))}) "
+            "AND d.state = 'held' ORDER BY d.id", (site.id, *visitors)).fetchall()
         released = rules.held_release(held, now, self.hold_ms)
         events = {seq: loads(data) for seq, data, _, fresh in released if fresh}
         orders = load_orders(conn, rules.orders_wanted(
@@ -632,7 +635,7 @@ class IngestBatch:
                 conn.execute("UPDATE deliveries SET state = 'expired', updated_ms = ? "
                              "WHERE event_seq = ? AND state = 'held'", (now, seq))
                 continue
-            event = rules.released_event(events[seq], identity)
+            event = rules.released_event(events[seq], identity, sc)
             conn.execute("DELETE FROM deliveries WHERE event_seq = ? AND state = 'held'", (seq,))
             planned = outbox.plan(site, event, vendors, self.grace_ms, orders)
             orders.planned(site.id, planned)

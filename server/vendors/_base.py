@@ -133,6 +133,12 @@ class VendorRequest:
     # (eSputnik's cookies.sc, isInStock). Stored as an `ignored` row, the reason in last_error,
     # so `onetag deliveries --state ignored` shows it; never sent.
     skipped: str | None = None
+    # Why this request waits rather than goes: the vendor requires what only a browser
+    # session of the customer gives (eSputnik's cookies.sc for a backend order of a customer
+    # never seen in a browser). Stored as a ``held`` row, the reason in last_error; planned
+    # again with the session's sc once one of the customer's sessions is identified (as rows
+    # waiting for an email are), expired after ``hold_days`` like them.
+    waits: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         row = {"method": self.method, "url": self.url, "json": self.json,

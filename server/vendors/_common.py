@@ -111,6 +111,24 @@ def refund_lines_ref(event: dict[str, Any]) -> str | None:
                          for i in items))
 
 
+def refund_is_partial(event: dict[str, Any], order_value_minor: int | None = None,
+                      order_currency: str | None = None) -> bool:
+    """Whether a ``refund`` returns only part of its order: it names the lines it refunds
+    (GA4's refund: ``items`` for a partial refund, none for the whole order), or its value is
+    below the order's (``order_value_minor`` in ``order_currency``: GA4's value, without tax
+    and shipping, as the adapter knows the order it reported; not compared when unknown or
+    in another currency). False for any other event."""
+    if event["name"] != "refund":
+        return False
+    ecom = ecommerce(event)
+    if ecom.get("items"):
+        return True
+    value = ecom.get("value_minor")
+    same_currency = order_currency is None or ecom.get("currency") in (None, order_currency)
+    return (value is not None and order_value_minor is not None and same_currency
+            and value < order_value_minor)
+
+
 def line_minor(item: dict[str, Any]) -> int:
     return (item.get("price_minor") or 0) * item["quantity"]
 

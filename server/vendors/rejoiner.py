@@ -27,7 +27,8 @@ Routing defaults (``DEFAULT_ROUTES``):
                                backend's copy of that order is not converted a second time
     order_status, refund
                      server    POST customer/cancel/ when the order is cancelled, refunded or
-                               failed: the journeys that followed the purchase must stop
+                               failed: the journeys that followed the purchase must stop. Not
+                               for a partial refund (the order stands: its journeys go on)
     unsubscribe, opt_in
                      server    customer/unsubscribe/, customer/opt_in/ (no browser call exists)
     view_item_list, search, add_to_wishlist, product_updated, "*"
@@ -82,6 +83,9 @@ DEFAULT_ROUTES = {
 
 # Order statuses after which Rejoiner's journeys for the customer must stop.
 CANCELLING = frozenset({"cancelled", "refunded", "failed"})
+# The order as converted (PlanContext.order): a refund's value is compared with its
+# cart_value to tell a partial refund.
+ORDER_KEY = "convert:{order}"
 
 
 def auth_headers(cfg: VendorConfig) -> dict[str, str]:
@@ -97,7 +101,7 @@ def plan(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:
         return [_convert(event, ctx)]
     if name in c.STATUS_EVENTS:
         status = c.order_status(event)
-        if status not in CANCELLING:
+        if status not in CANCELLING or _partial_refund(event, ctx):
             return []
         order = c.ecommerce(event)["transaction_id"]
         return [_post(ctx, "customer/cancel/", _with_email(event, {}), f"cancel:{order}:{status}")]
@@ -148,6 +152,19 @@ def _convert(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     })
     body = _with_email(event, {"cart_data": cart_data, "cart_items": items})
     return _post(ctx, "customer/convert/", body, f"convert:{ecom['transaction_id']}")
+
+
+def _partial_refund(event: dict[str, Any], ctx: PlanContext) -> bool:
+    """A refund of part of the order (``_common.refund_is_partial``): customer/cancel/ "will
+    immediately stop any active journeys for a specific customer" (RJ REST), but the order
+    stands. The convert body holds the order's value in cents only, so the refund's value
+    is compared in cents."""
+    if event["name"] != "refund" or c.refund_is_partial(event):
+        return c.refund_is_partial(event)
+    cart_value = ((ctx.order or {}).get("cart_data") or {}).get("cart_value")
+    value = c.ecommerce(event).get("value_minor")
+    return (value is not None and cart_value is not None
+            and money.cents(value, c.currency(event, ctx.currency)) < cart_value)
 
 
 def _cart_item(item: dict[str, Any], cur: str) -> dict[str, Any]:

@@ -298,17 +298,23 @@ def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     ``PlanContext.order``), never the status event's. When no orders/create was ever planned
     for the order (the store never saw the purchase), only what is known for sure is sent
     (id, updated_at, status, customer) and Remarkety keeps the lines and totals it has.
+
+    Refunds (``_refund_state``): a refund of the whole order sets ``status`` refunded and
+    ``financial_status`` refunded; a partial refund only ``financial_status``
+    partially_refunded, under a key of its own per refund.
     """
     ecom = c.ecommerce(event)
     order = ecom["transaction_id"]
     status = c.order_status(event)
     who = c.person(event)
+    partial = c.refund_is_partial(event, *_order_value(ctx.order))
     body = c.compact({
         "id": order,
         "updated_at": c.iso_time(event["time_ms"]),
         "email": who.get("email"),
         "customer": _order_customer(event),
-        "status": {"code": status, "name": status},
+        "status": None if partial else {"code": status, "name": status},
+        "financial_status": _refund_state(status, partial),
     })
     if ctx.order:
         known = ctx.order.get("customer")
@@ -317,9 +323,46 @@ def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
             body["customer"] = {**body["customer"],
                                 "created_at": known.get("created_at",
                                                         body["customer"]["created_at"])}
-        body = {**ctx.order, **body}
-    return _webhook(ctx, event, "orders/update", body, f"orders/update:{order}:{status}",
-                    needs_email=True)
+        body = {**{k: v for k, v in ctx.order.items() if not (partial and k == "status")},
+                **body}
+    key = f"orders/update:{order}:{status}"
+    if partial:
+        key = f"orders/update:{order}:{PARTIALLY_REFUNDED}:{c.event_ref(event)}"
+    return _webhook(ctx, event, "orders/update", body, key, needs_email=True)
+
+
+PARTIALLY_REFUNDED = "partially_refunded"
+
+
+def _refund_state(status: str | None, partial: bool) -> dict[str, str] | None:
+    """``financial_status`` of an orders/update: what a refund did to the order's money.
+
+    RM events' order JSON has two status objects, ``status`` {code, name} (the order's; its
+    name mandatory) and ``financial_status`` {code, name}, and lists no fixed vocabulary for
+    either: the platform's own codes go there (Remarkety's Magento connector sends the
+    store's status code and label). A partial refund does not refund the order: its
+    ``status`` is left as Remarkety has it (not sent: the status the order was created with
+    would undo a later fulfilment) and its ``financial_status`` says partially_refunded
+    (UNCONFIRMED, chosen: the code Shopify's order JSON, whose field names Remarkety's
+    order JSON reuses, gives a partially refunded order); a refund of the whole order (or an
+    order_status refunded) says refunded in both. None for other statuses.
+    """
+    if partial:
+        return {"code": PARTIALLY_REFUNDED, "name": PARTIALLY_REFUNDED}
+    if status == "refunded":
+        return {"code": "refunded", "name": "refunded"}
+    return None
+
+
+def _order_value(created: Any) -> tuple[int | None, str | None]:
+    """The order's value (GA4's: after discounts, without tax and shipping) in minor units
+    and its currency, from the orders/create body this adapter sent: ``subtotal_price`` less
+    ``total_discounts``; (None, None) for an order never seen."""
+    if not created or created.get("subtotal_price") is None or not created.get("currency"):
+        return None, None
+    cur = created["currency"]
+    return (money.to_minor(str(created["subtotal_price"]), cur)
+            - money.to_minor(str(created.get("total_discounts") or 0), cur), cur)
 
 
 def _products(event: dict[str, Any], ctx: PlanContext) -> list[VendorRequest]:

@@ -295,20 +295,25 @@ def _order_status(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     order-placed was ever planned for the order (the store never saw the purchase), only
     what is known for sure: the order id, the contact and the status.
 
-    A refund that names its items (GA4's partial refund) carries only those lines (and
-    their count), completed from the order's lines; the money stays the order's. Its
-    event_id and key add a digest of the lines, so a second partial refund is not skipped.
-    A refund without items refunds the whole order: the order's lines, as above.
+    A partial refund (``_common.refund_is_partial``: it names items, GA4's partial refund, or
+    its value is below the order's) is one refund among the order's possible several, each
+    its own fact: its event_id and key add the refund event's own id (SL guide, "Event IDs":
+    Sendlane "will record the first event and skip all subsequent events with the same event
+    and id combination", so two refunds of the same lines or the same amount under one id
+    would lose the second; a retry of the same backend event keeps its id and is skipped).
+    One naming items carries only those lines (and their count), completed from the order's
+    lines; the money stays the order's. A refund of the whole order (no items, no smaller
+    value) is the order becoming refunded, once: "<order>:refunded", as an order_status
+    "refunded" says it.
     """
     order = c.ecommerce(event)["transaction_id"]
     status = c.order_status(event)
-    partial = c.refund_lines_ref(event)
-    refunded = c.ecommerce(event)["items"] if partial else None
-    event_id = f"{order}:{status}"
-    if partial:
-        # One refund among the order's possible several, named by what it refunds (the
-        # browser's and the backend's copy of it meet under one key).
-        event_id += f":{partial}"
+    refunded = c.ecommerce(event)["items"] if event["name"] == "refund" else None
+    event_id, key = f"{order}:{status}", f"order-placed:{order}:{status}"
+    if c.refund_is_partial(event, *_order_value(ctx.order)):
+        # The backend's copy of a page's refund (its event id, naming the page's sc) meets
+        # the page's under one key (``_common.event_ref``).
+        event_id, key = f"{event_id}:{event['event_id']}", f"{key}:{c.event_ref(event)}"
     body = c.compact({"event": "order_placed", "event_id": event_id, "order_id": order,
                       **_customer_contact(event), "status": status})
     if ctx.order:
@@ -320,7 +325,19 @@ def _order_status(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
         lines = _refunded_lines(refunded, (ctx.order or {}).get("line_items") or [], cur)
         body["line_items"] = lines
         body["total_items"] = sum(line["quantity"] for line in lines)
-    return _post(ctx, "order-placed", body, f"order-placed:{event_id}")
+    return _post(ctx, "order-placed", body, key)
+
+
+def _order_value(placed: Any) -> tuple[int | None, str | None]:
+    """The order's value (GA4's: after discounts, without tax and shipping) in minor units
+    and its currency, from the order-placed body this adapter sent: its ``subtotal`` less
+    its ``discounts.discount_value``; (None, None) for an order never seen."""
+    if not placed or placed.get("subtotal") is None or not placed.get("currency"):
+        return None, None
+    cur = placed["currency"]
+    discount = (placed.get("discounts") or {}).get("discount_value") or 0
+    return (money.to_minor(str(placed["subtotal"]), cur) - money.to_minor(str(discount), cur),
+            cur)
 
 
 def _refunded_lines(items: list[dict[str, Any]], placed: list[dict[str, Any]],

@@ -223,3 +223,31 @@ def test_billing_address_fills_the_profiles_address_fields():
     names_only = {**evt, "billing_address": {"city": "Tucson", "state": "Arizona",
                                              "country": "United States"}}
     assert rejoiner.plan(names_only, CTX)[0].json["state"] == "Arizona"
+
+
+def test_a_partial_refund_leaves_the_journeys_running():
+    """customer/cancel/ "will immediately stop any active journeys for a specific customer"
+    (Rejoiner REST API): right for an order cancelled or refunded whole, wrong for a partial
+    refund (GA4's refund naming items, or a value below the order's), after which the order
+    stands and its journeys (a review request, a replenishment reminder) should go on."""
+    placed = rejoiner.plan(event("purchase", ecommerce=ecommerce(
+        item("12345", 1000, 2), value=2000, transaction_id="1001"), identity=identity()),
+        CTX)[0].json
+    assert rejoiner.ORDER_KEY.format(order="1001") == "convert:1001"
+    ctx = dataclasses.replace(CTX, order=placed)
+    naming_items = event("refund", ecommerce=ecommerce(item("12345", 1000, 1),
+                                                       transaction_id="1001"),
+                         identity=identity())
+    assert rejoiner.plan(naming_items, ctx) == []
+    assert rejoiner.plan(naming_items, CTX) == []  # the order never seen: the items tell
+    part = event("refund", ecommerce=ecommerce(value=500, transaction_id="1001"),
+                 identity=identity())
+    assert rejoiner.plan(part, ctx) == []
+    # The whole value, or no value at all: the whole order.
+    for whole in (ecommerce(value=2000, transaction_id="1001"),
+                  ecommerce(transaction_id="1001")):
+        [req] = rejoiner.plan(event("refund", ecommerce=whole, identity=identity()), ctx)
+        assert (req.url, req.dedup_key) == (f"{BASE}/customer/cancel/", "cancel:1001:refunded")
+    # A value below an order never seen can't be told from the whole: journeys stop.
+    [req] = rejoiner.plan(part, CTX)
+    assert req.url == f"{BASE}/customer/cancel/"

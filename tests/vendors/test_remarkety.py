@@ -146,9 +146,18 @@ def test_order_status_updates_the_order_with_what_is_known():
     refunded = remarkety.plan(event("refund", ecommerce=ecommerce(PEN, value=435,
                                                                   transaction_id="1001"),
                                     identity=WHO), CTX)[0]
-    assert refunded.json["status"] == {"code": "refunded", "name": "refunded"}
+    # A refund naming items refunds part of the order: not "refunded" (the order's status
+    # is left as Remarkety has it), financial_status partially_refunded, a key per refund.
+    assert "status" not in refunded.json
+    assert refunded.json["financial_status"] == {"code": "partially_refunded",
+                                                 "name": "partially_refunded"}
     assert "total_price" not in refunded.json  # a refund's value is not the order's total
-    assert refunded.dedup_key == "orders/update:1001:refunded"
+    assert refunded.dedup_key == f"orders/update:1001:partially_refunded:{SC}/EVT-1"
+    whole = remarkety.plan(event("refund", ecommerce=ecommerce(value=435, transaction_id="1001"),
+                                 identity=WHO), CTX)[0]  # the order unknown: no items, whole
+    assert whole.json["status"] == whole.json["financial_status"] == {"code": "refunded",
+                                                                      "name": "refunded"}
+    assert whole.dedup_key == "orders/update:1001:refunded"
 
 
 def test_order_status_repeats_the_order_as_created_with_the_new_status():
@@ -175,9 +184,17 @@ def test_order_status_repeats_the_order_as_created_with_the_new_status():
     assert req.dedup_key == "orders/update:1001:fulfilled"
     refunded = remarkety.plan({**event("refund", ecommerce=ecommerce(
         PEN, value=435, transaction_id="1001"), identity=WHO), "time_ms": T_MS + 2 * day}, ctx)[0]
-    assert refunded.json["status"] == {"code": "refunded", "name": "refunded"}
+    assert "status" not in refunded.json  # partial: not the order's creation status again
+    assert refunded.json["financial_status"]["code"] == "partially_refunded"
     assert (refunded.json["total_price"], refunded.json["line_items"]) == (
         37.74, [MUG_LINE, PEN_LINE])  # the order's, not the refund's 4.35
+    # No items, a value below the order's 30.00: partial too; the order's value: whole.
+    for value, status in ((435, None), (3000, {"code": "refunded", "name": "refunded"})):
+        [req] = remarkety.plan({**event("refund", ecommerce=ecommerce(
+            value=value, transaction_id="1001"), identity=WHO), "time_ms": T_MS + 2 * day}, ctx)
+        assert req.json.get("status") == status, value
+        assert req.json["financial_status"]["code"] == (
+            "partially_refunded" if status is None else "refunded")
     assert remarkety.ORDER_KEY.format(order="1001") == "orders/create:1001"
 
 

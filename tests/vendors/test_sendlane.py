@@ -100,16 +100,22 @@ def test_a_status_change_repeats_the_order_as_placed():
     stored = {**placed, "token": "OLD", "initial_sync": True, "time": 1764000000,
               "accepts_marketing": True}
     ctx = dataclasses.replace(CTX, order=stored)
+    # A refund of the whole order: its value (the order's 34.34) is not the order's total.
     evt = event("refund", source="backend", sc=None, user={"email": EMAIL},
-                ecommerce=ecommerce(value=435, transaction_id="1001"),
+                ecommerce=ecommerce(value=3434, transaction_id="1001"),
                 identity=identity(customer_id="123456789"))
     [req] = sendlane.plan(evt, ctx)
     assert req.json == {**{k: v for k, v in placed.items() if k != "accepts_marketing"},
                         "event_id": "1001:refunded", "status": "refunded",
                         "email": EMAIL, "customer_id": "123456789"}
     assert req.json["token"] == TOKEN and req.json["line_items"] == placed["line_items"]
-    assert req.json["total"] == placed["total"]  # the order's, not the refund's 4.35
+    assert req.json["total"] == placed["total"]  # the order's, not the refund's 34.34
     assert req.dedup_key == "order-placed:1001:refunded"
+    # 4.35 of it, naming no items: a partial refund, the order's lines, its own event_id.
+    [part] = sendlane.plan({**evt, "ecommerce": ecommerce(value=435, transaction_id="1001")},
+                           ctx)
+    assert part.json == {**req.json, "event_id": "1001:refunded:EVT-1"}
+    assert part.dedup_key == "order-placed:1001:refunded:EVT-1"
     assert sendlane.ORDER_KEY.format(order="1001") == "order-placed:1001"
 
 
@@ -133,14 +139,22 @@ def test_a_partial_refund_sends_only_the_refunded_lines():
                                        "item_price": 4.35, "total": 4.35}]
     assert req.json["total_items"] == 1
     assert req.json["total"] == placed["total"] and req.json["status"] == "refunded"
-    assert req.json["event_id"].startswith("1001:refunded:")
+    assert req.json["event_id"] == "1001:refunded:EVT-1"
     assert req.dedup_key == f"order-placed:{req.json['event_id']}"
-    mug = sendlane.plan({**evt, "ecommerce": ecommerce(MUG, transaction_id="1001")}, ctx)[0]
+    mug = sendlane.plan({**evt, "event_id": "EVT-2",
+                         "ecommerce": ecommerce(MUG, transaction_id="1001")}, ctx)[0]
     assert [line["product_id"] for line in mug.json["line_items"]] == ["SKU-1000"]
     assert mug.dedup_key != req.dedup_key
-    # The same refund from another copy (another event id) is the same fact, one key.
-    again = sendlane.plan({**evt, "event_id": "EVT-2"}, ctx)[0]
-    assert again.dedup_key == req.dedup_key
+    # A second refund of the same line (another event id) is another refund (Sendlane's
+    # guide, "Event IDs": one event and id is recorded once); the same event again is not.
+    again = sendlane.plan({**evt, "event_id": "EVT-3"}, ctx)[0]
+    assert (again.dedup_key, again.json["event_id"]) == (
+        "order-placed:1001:refunded:EVT-3", "1001:refunded:EVT-3")
+    assert sendlane.plan(evt, ctx)[0].dedup_key == req.dedup_key
+    # A browser's copy of a refund is named by its session too (``_common.event_ref``).
+    page = sendlane.plan({**evt, "sc": "SC-1", "source": "browser"}, ctx)[0]
+    assert (page.dedup_key, page.json["event_id"]) == (
+        "order-placed:1001:refunded:SC-1/EVT-1", "1001:refunded:EVT-1")
     # An order onetag never saw: the refund's own lines, as given.
     [unknown] = sendlane.plan(evt, CTX)
     assert unknown.json["line_items"] == [{"product_id": "SKU-435", "sku": "SKU-435",
