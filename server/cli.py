@@ -35,6 +35,8 @@ script_path = "/s/{site_id}.js"            # neutral names: ad-block lists match
 event_path  = "/e"
 admin_token = "env:ONETAG_ADMIN_TOKEN"
 # hold_days = 7                            # how long anonymous activity waits for an email
+# keep_events_days = 0                     # events, sessions, finished deliveries kept this
+#                                          # many days (GDPR storage limitation); 0: forever
 # forward   = true                         # run the vendor forwarder inside `onetag serve`
 # log_format = "text"                      # "json": one object a line (or --log-format json)
 # metrics_public = false                   # true: GET /metrics without the admin_token bearer
@@ -432,11 +434,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     for site in settings.sites.values():
         vendors = ", ".join(site.vendors) or "no vendors"
         print(f"site {site.id}: {vendors}; origins {', '.join(site.origins) or '(none)'}")
+    print(f"retention: {_retention(settings.server)}")
     if args.process == "all":
         print(f"onetag: {path} is valid")
     else:
         print(f"onetag: {path} is valid for `onetag {args.process}` (with this environment)")
     return 0
+
+
+def _retention(server: config_module.ServerConfig) -> str:
+    """What ``onetag check`` says is kept how long (``[server] keep_events_days``)."""
+    days = server.keep_events_days
+    kept = ("kept forever (keep_events_days = 0)" if not days else
+            f"pruned after {days:g} days (keep_events_days)")
+    return (f"events, sessions and finished deliveries {kept}; delivery attempts and coupon "
+            f"calls pruned after {server.keep_attempts_days:g} days (keep_attempts_days)")
 
 
 # Deliveries: the operator's view of the outbox ----------------------------------------------

@@ -35,6 +35,10 @@ DEFAULT_PRODUCT_SYNC_TIME = "03:00"
 DEFAULT_PRODUCT_SYNC_MINUTE = 180
 SYNC_TIME_RE = re.compile(r"([0-9]{2}):([0-9]{2})")
 DEFAULT_KEEP_ATTEMPTS_DAYS = 30.0  # delivery attempts (request and answer) kept this long
+# Events, sessions and finished deliveries kept this long (server/store/retention.py); 0, the
+# default, keeps them forever: an upgrade never starts deleting a storefront's data unasked.
+DEFAULT_KEEP_EVENTS_DAYS = 0.0
+MIN_KEEP_EVENTS_DAYS = 1.0  # when on: a shorter period would forget retried events' ids
 # The number keys of [server]: default, lowest, highest, whether the lowest itself is allowed,
 # and the unit ("" for a whole number). Finite and in range, or serve crashed (inf, nan),
 # ran without a body timeout (nan), answered every request 503 (writer_timeout_s = 0.001) or
@@ -47,6 +51,7 @@ NUMBERS: dict[str, tuple[float, float, float, bool, str]] = {
     "header_timeout_s": (10.0, 1, 600, True, "seconds"),
     "body_timeout_s": (10.0, 1, 600, True, "seconds"),
     "keep_attempts_days": (DEFAULT_KEEP_ATTEMPTS_DAYS, 0, 3650, False, "days"),
+    "keep_events_days": (DEFAULT_KEEP_EVENTS_DAYS, 0, 3650, True, "days"),
     "max_pending_writes": (2000, 1, 1_000_000, True, ""),
     "max_pending_bytes": (64 * 1024 * 1024, 1024, 16 * 1024 ** 3, True, ""),
 }
@@ -142,6 +147,7 @@ class ServerConfig:
     max_pending_bytes: int = 64 * 1024 * 1024  # ... and the bytes of their bodies
     log_format: str = "text"  # or "json": one object a line (server/logs.py)
     keep_attempts_days: float = DEFAULT_KEEP_ATTEMPTS_DAYS  # delivery attempts kept this long
+    keep_events_days: float = DEFAULT_KEEP_EVENTS_DAYS  # events, sessions, deliveries; 0: forever
     metrics_public: bool = False  # GET /metrics without the admin token (server/metrics.py)
     # The proxies whose X-Forwarded-For (and -Proto) uvicorn believes: IP addresses and CIDR
     # networks, normalised. None by default: the client address is the TCP peer's.
@@ -575,6 +581,11 @@ def _parse_server(reader: _Reader, table: Any) -> ServerConfig:
         reader.problem(f"{where}.event_path", f"{problem}, not {event_path!r}")
     log_format = reader.choice(table, "log_format", where, ("text", "json"))
     numbers = {key: reader.number(table, key, where) for key in NUMBERS}
+    if 0 < numbers["keep_events_days"] < MIN_KEEP_EVENTS_DAYS:
+        reader.problem(f"{where}.keep_events_days",
+                       f"must be 0 (keep events forever) or at least {MIN_KEEP_EVENTS_DAYS:g} "
+                       f"day, not {numbers['keep_events_days']!r}")
+        numbers["keep_events_days"] = DEFAULT_KEEP_EVENTS_DAYS
     admin_token = reader.secret(table, "admin_token", where,
                                 off="remove the key to turn the operator console off",
                                 example="ONETAG_ADMIN_TOKEN", guards="the operator console")

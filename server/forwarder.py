@@ -44,7 +44,9 @@ Every attempt is kept (``Attempt`` on the ``Outcome``, written by the same ``fin
 request as sent, before ``auth_headers`` adds the credentials, and the vendor's answer or the
 transport error; a success keeps the failures before it (``last_error`` is only the latest).
 Attempts older than ``[server] keep_attempts_days`` are pruned here, in bounded batches, and
-so are the Remarkety coupon calls (``onetag coupons``; they hold shoppers' emails).
+so are the Remarkety coupon calls (``onetag coupons``; they hold shoppers' emails); when
+``[server] keep_events_days`` is set, finished deliveries, events and sessions older than
+it too (``prune_history``, server/store/retention.py).
 
 Tuning, for ``onetag serve`` and ``onetag worker`` alike, through the environment (the config
 file stays about sites): ``ONETAG_FORWARD_CONCURRENCY``, ``_CONNECT_TIMEOUT_S``,
@@ -416,6 +418,8 @@ class Forwarder:
         self._outcomes_ready: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._finisher: asyncio.Task | None = None
+        # Where the retention pass's walks (events by seq, sessions by id) go on from.
+        self._walks: dict[str, int] = {}
         self.sent = 0  # HTTP requests made so far
         self.finished = 0  # outcomes recorded so far
 
@@ -444,7 +448,7 @@ class Forwarder:
                         "expiring held deliveries"), name="onetag-expire"))
         self._tasks.append(asyncio.create_task(
             self._every(self.options.prune_every_s, self.prune,
-                        "pruning delivery attempts and coupon calls"), name="onetag-prune"))
+                        "the retention pass"), name="onetag-prune"))
         if opts.product_sync_every_s > 0 and any(product_sync.enabled(site)
                                                  for site in self.settings.sites.values()):
             self._tasks.append(asyncio.create_task(
@@ -608,11 +612,51 @@ class Forwarder:
 
     async def prune(self) -> None:
         """The retention pass: delivery attempts and Remarkety coupon calls (which hold
-        shoppers' emails) older than ``[server] keep_attempts_days``; then attempts still
-        without their site and vendor are labelled (``label_attempts``)."""
+        shoppers' emails) older than ``[server] keep_attempts_days``; then, when ``[server]
+        keep_events_days`` is set, finished deliveries, events and sessions older than it
+        (``prune_history``); then attempts still without their site and vendor are labelled
+        (``label_attempts``)."""
         await self.prune_attempts()
         await self.prune_coupon_calls()
+        await self.prune_history()
         await self.label_attempts()
+
+    async def prune_history(self) -> dict[str, int]:
+        """One pass of ``[server] keep_events_days`` (server/store/retention.py): finished
+        deliveries (with their attempts), then events no delivery row refers to any more,
+        then sessions (with their carts), each older than the period, each at most
+        ``PRUNE_BATCHES`` batches of ``PRUNE_BATCH`` rows, each batch its own short
+        transaction. Events and sessions are walked by primary key from where the last
+        batch stopped (kept in this process): a pass goes on from there, and the walk starts
+        over once it reached the young rows. Returns how many of each; nothing when off."""
+        keep_days = self.settings.server.keep_events_days
+        if not keep_days:
+            return {}
+        before = int(self.clock() * 1000 - keep_days * 86_400_000)
+        pruned = {"deliveries": 0, "events": 0, "sessions": 0}
+        for _ in range(PRUNE_BATCHES):
+            deleted = await self.store.prune_deliveries(before, PRUNE_BATCH)
+            pruned["deliveries"] += deleted
+            if deleted < PRUNE_BATCH or self._stopping():
+                break
+        for name, walk in (("events", self.store.prune_events),
+                           ("sessions", self.store.prune_sessions)):
+            for _ in range(PRUNE_BATCHES):
+                deleted, last = await walk(before, self._walks.get(name, 0), PRUNE_BATCH)
+                pruned[name] += deleted
+                self._walks[name] = last or 0
+                if last is None or self._stopping():
+                    break
+        if any(pruned.values()):
+            log.info("%d finished deliveries, %d events and %d sessions older than %g days "
+                     "pruned (keep_events_days)", pruned["deliveries"], pruned["events"],
+                     pruned["sessions"], keep_days)
+        if self.metrics is not None:
+            self.metrics.pruned(pruned)
+        return pruned
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     async def prune_attempts(self) -> int:
         """One pass: attempts older than ``[server] keep_attempts_days``, oldest first, in

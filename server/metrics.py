@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -45,6 +45,7 @@ REASONS = frozenset({
 # The outbox states worth a gauge: the rows still to send and the dead letters. The
 # terminal ones (delivered, browser, expired, ignored) only grow: see the counters.
 OUTBOX_STATES = ("pending", "held", "dead")
+RETENTION_KINDS = ("deliveries", "events", "sessions")  # Forwarder.prune_history's counts
 # Seconds. Ingest answers in ms (p50 ~15 ms under load); vendors in 50 ms to the 15 s timeout.
 INGEST_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 VENDOR_BUCKETS = (.025, .05, .1, .25, .5, 1, 2.5, 5, 10, 15, 30)
@@ -98,6 +99,12 @@ class Metrics:
             "onetag_vendor_request_duration_seconds", "Delivery attempts sent to a vendor: "
             "from the send to its answer or error.",
             ["vendor"], buckets=VENDOR_BUCKETS, registry=registry)
+        self.retention = Counter(
+            "onetag_retention_pruned", "Rows the retention pass ([server] keep_events_days) "
+            "deleted in this process, by kind: deliveries (finished, with their attempts), "
+            "events, sessions.", ["kind"], registry=registry)
+        for kind in RETENTION_KINDS:
+            self.retention.labels(kind)  # 0 from the start: a rate needs a first sample
         # Children by label values: .labels() takes a lock and checks its arguments each call.
         self._events: dict[tuple[str, str, str], Any] = {}
         self._latency = {source: self.latency.labels(source) for source in ("browser", "backend")}
@@ -126,6 +133,12 @@ class Metrics:
     def rejected(self, source: str, error: str, field: str = "") -> None:
         reason = f"unavailable_{field}" if error == "unavailable" else error
         self.rejections.labels(source, reason if reason in REASONS else "other").inc()
+
+    def pruned(self, counts: Mapping[str, int]) -> None:
+        """One retention pass's deleted rows by kind (``Forwarder.prune_history``)."""
+        for kind, rows in counts.items():
+            if kind in RETENTION_KINDS and rows:
+                self.retention.labels(kind).inc(rows)
 
     def committed(self, jobs: int) -> None:
         self.commits.observe(jobs)

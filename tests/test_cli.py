@@ -41,6 +41,23 @@ def test_init_writes_a_config_that_check_accepts(tmp_path) -> None:
     ok = onetag("check", "--config", "onetag.toml", cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "site shop1: rejoiner, remarkety, esputnik, sendlane" in ok.stdout
+    # Retention is off unless asked for (README "Retention"); the example shows the key.
+    assert "retention: events, sessions and finished deliveries kept forever " \
+        "(keep_events_days = 0)" in ok.stdout, ok.stdout
+    text = (tmp_path / "onetag.toml").read_text()
+    assert "# keep_events_days = 0 " in text
+    (tmp_path / "onetag.toml").write_text(text.replace("# keep_events_days = 0 ",
+                                                       "keep_events_days = 395 "))
+    kept = onetag("check", "--config", "onetag.toml", cwd=tmp_path, env=env)
+    assert kept.returncode == 0, kept.stderr
+    assert "events, sessions and finished deliveries pruned after 395 days " \
+        "(keep_events_days)" in kept.stdout, kept.stdout
+    (tmp_path / "onetag.toml").write_text(text.replace("# keep_events_days = 0 ",
+                                                       "keep_events_days = 0.5 "))
+    half = onetag("check", "--config", "onetag.toml", cwd=tmp_path, env=env)
+    assert half.returncode == 2
+    assert "onetag.toml: server.keep_events_days: must be 0 (keep events forever) or at " \
+        "least 1 day, not 0.5" in half.stderr, half.stderr
 
 
 def test_check_lists_every_problem_and_fails(tmp_path) -> None:

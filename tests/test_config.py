@@ -271,6 +271,7 @@ NUMBER_KEYS = {  # key: (a value inside its range, one just below it, one just a
     "header_timeout_s": (1, 0.5, 601),
     "body_timeout_s": (1, 0.5, 601),
     "keep_attempts_days": (1, 0, 3651),
+    "keep_events_days": (1, -1, 3651),  # 0: kept forever (tests/test_retention.py)
     "max_pending_writes": (1, 0, 1_000_001),
     "max_pending_bytes": (1024, 1023, 16 * 1024 ** 3 + 1),
 }

@@ -184,7 +184,9 @@ def test_migrate_records_each_declaration_and_fills_in_a_database_from_before(
         for statement in sql.split(";\n"):
             db.execute(statement)
         db.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
-    assert migrate(db) == ["024_migration_compat.sql"]
+    # every migration after 020 (024 among them; 022: the retention index)
+    assert migrate(db) == [name for version, name, _ in migrations() if version > 20]
+    assert "024_migration_compat.sql" in [name for _, name, _ in migrations()]
     recorded = db.execute("SELECT version, compatible_from FROM schema_migrations "
                           "ORDER BY version").fetchall()
     assert recorded == [(version, compatible_from(name, sql))

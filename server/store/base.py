@@ -325,6 +325,29 @@ class Store(abc.ABC):
         """Delete at most ``limit`` attempts started before ``before_ms``; returns how many."""
         raise NotImplementedError
 
+    # Retention of events, sessions and finished deliveries (``[server] keep_events_days``,
+    # store/retention.py): each call one short transaction, at most ``limit`` rows read.
+
+    async def prune_deliveries(self, before_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` finished deliveries (``retention.FINISHED``) planned and
+        last changed before ``before_ms``, oldest first, with their attempts; returns how
+        many. Pending, held and dead rows are never deleted."""
+        raise NotImplementedError
+
+    async def prune_events(self, before_ms: int, after: int, limit: int
+                           ) -> tuple[int, int | None]:
+        """Of the ``limit`` events after seq ``after``, delete those received before
+        ``before_ms`` that no delivery row refers to. Returns how many, and the seq the
+        next batch starts after, or None when this one reached young events or the end."""
+        raise NotImplementedError
+
+    async def prune_sessions(self, before_ms: int, after: int, limit: int
+                             ) -> tuple[int, int | None]:
+        """Of the ``limit`` sessions after id ``after``, delete (with their carts) those whose
+        last activity was before ``before_ms``. Returns how many, and the id the next batch
+        starts after, or None when this one reached sessions first seen since or the end."""
+        raise NotImplementedError
+
     async def label_attempts(self, before: tuple[int, int], limit: int
                              ) -> tuple[int, tuple[int, int] | None]:
         """The attempts still without their delivery's site and vendor (written before

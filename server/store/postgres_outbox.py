@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..jsontext import encode, loads
 from .. import outbox
-from . import deadletters, outbox_rules, rules
+from . import deadletters, outbox_rules, retention, rules
 from .base import Delivery, Outcome, StoreUnavailable
 from .deadletters import OLDEST_PENDING, ReplayFilter
 from .pg_ingest import load_orders
@@ -183,6 +183,42 @@ class PostgresOutbox:
             "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_ms < $1 "
             "ORDER BY started_ms LIMIT $2)", before_ms, limit)
         return int(status.split()[-1])
+
+    async def prune_deliveries(self, before_ms: int, limit: int) -> int:
+        """``Store.prune_deliveries``: through deliveries_finished (migration 038), the rows
+        checked again as they are deleted, their attempts in the same statement."""
+        [row] = await self._fetch(
+            "WITH gone AS (DELETE FROM deliveries WHERE id IN ("
+            + retention.PICK_DELIVERIES.format(before="$1", limit="$2", indexed="") + ") AND "
+            + retention.DELETE_DELIVERIES_WHERE.format(before="$1") + " RETURNING id), "
+            "tried AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM gone)) "
+            "SELECT count(*) AS n FROM gone", before_ms, limit)
+        return int(row["n"])
+
+    async def prune_events(self, before_ms: int, after: int, limit: int
+                           ) -> tuple[int, int | None]:
+        """``Store.prune_events``: a batch of the walk by seq, in one statement."""
+        return await self._prune_walk(retention.EVENTS, before_ms, after, limit)
+
+    async def prune_sessions(self, before_ms: int, after: int, limit: int
+                             ) -> tuple[int, int | None]:
+        """``Store.prune_sessions``: a batch of the walk by id, in one statement. The last
+        activity is checked as each row is deleted: an ingest that holds the row's lock
+        meanwhile makes it young again, and it stays (its ``last_ms`` is read after it)."""
+        return await self._prune_walk(retention.SESSIONS, before_ms, after, limit)
+
+    async def _prune_walk(self, walk: retention.Walk, before_ms: int, after: int, limit: int
+                          ) -> tuple[int, int | None]:
+        keys = f"SELECT {walk.key} FROM walk WHERE {walk.time} < $3"
+        [row] = await self._fetch(
+            "WITH walk AS (" + walk.read().format(after="$1", limit="$2") + "), "
+            "gone AS (" + walk.delete().format(keys=keys, before="$3") + " RETURNING 1) "
+            "SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM walk) AS walked, "
+            f"(SELECT max({walk.key}) FROM walk) AS last, "
+            f"(SELECT count(*) FROM walk WHERE {walk.time} >= $3) AS young",
+            after, limit, before_ms)
+        end = row["walked"] < limit or row["young"] > 0
+        return int(row["n"]), None if end else int(row["last"])
 
     async def label_attempts(self, before: tuple[int, int], limit: int
                              ) -> tuple[int, tuple[int, int] | None]:

@@ -196,6 +196,19 @@ class SQLiteStore(WriterSupervisor, Store):
     async def prune_coupon_calls(self, before_ms: int, limit: int) -> int:
         return await self._write("prune_coupon_calls", before_ms, limit)
 
+    async def prune_deliveries(self, before_ms: int, limit: int) -> int:
+        return await self._write("prune_deliveries", before_ms, limit)
+
+    async def prune_events(self, before_ms: int, after: int, limit: int
+                           ) -> tuple[int, int | None]:
+        deleted, last = await self._write("prune_events", before_ms, after, limit)
+        return deleted, last
+
+    async def prune_sessions(self, before_ms: int, after: int, limit: int
+                             ) -> tuple[int, int | None]:
+        deleted, last = await self._write("prune_sessions", before_ms, after, limit)
+        return deleted, last
+
     async def attempts(self, delivery_id: int) -> list[dict[str, Any]]:
         assert self._reader is not None
         rows = await self._reader.execute_fetchall(

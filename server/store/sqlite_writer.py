@@ -30,7 +30,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from .. import outbox
 from ..envelope import BrowserFacts, Problem, Refused, read_browser_body
 from ..jsontext import encode, loads
-from . import compat, deadletters, person, rules
+from . import compat, deadletters, person, retention, rules
 from .base import Delivery, JobFailure, Outcome, SchemaNotCurrent, newer_schema
 from .deadletters import ReplayFilter
 from .outbox_rules import CLAIMABLE
@@ -472,6 +472,43 @@ class WriteOps:
         nothing to prune reads ``limit`` rows, not the table), those made before ``before``."""
         return self.conn.execute(COUPON_PRUNE_SQL.format(limit="?", before="?"),
                                  (limit, before)).rowcount
+
+    def prune_deliveries(self, before: int, limit: int) -> int:
+        """``Store.prune_deliveries``: through deliveries_finished (migration 022)."""
+        ids = [row[0] for row in self.conn.execute(
+            retention.PICK_DELIVERIES.format(before="?1", limit="?2",
+                                             indexed=retention.SQLITE_INDEXED),
+            (before, limit))]
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        self.conn.execute(f"DELETE FROM attempts WHERE delivery_id IN ({marks})", ids)
+        return self.conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", ids).rowcount
+
+    def prune_events(self, before: int, after: int, limit: int) -> tuple[int, int | None]:
+        """``Store.prune_events``: a batch of the walk by seq."""
+        return self._prune_walk(retention.EVENTS, before, after, limit)
+
+    def prune_sessions(self, before: int, after: int, limit: int) -> tuple[int, int | None]:
+        """``Store.prune_sessions``: a batch of the walk by id. The session cache forgets
+        every session once any is deleted (it would write a deleted row back)."""
+        deleted, last = self._prune_walk(retention.SESSIONS, before, after, limit)
+        if deleted:
+            self.cache.clear()
+        return deleted, last
+
+    def _prune_walk(self, walk: retention.Walk, before: int, after: int, limit: int
+                    ) -> tuple[int, int | None]:
+        rows = self.conn.execute(walk.read().format(after="?", limit="?"),
+                                 (after, limit)).fetchall()
+        old = [key for key, at in rows if at < before]
+        deleted = 0
+        if old:
+            deleted = self.conn.execute(
+                walk.delete().format(keys=",".join("?" * len(old)), before="?"),
+                (*old, before) if "{before}" in walk.extra else old).rowcount
+        end = retention.walk_end([at for _, at in rows], before, limit)
+        return deleted, None if end else rows[-1][0]
 
     def revoke_session(self, nonce: str, expires_ms: int, now: int) -> None:
         """``Store.revoke_session``: the logout kept (migration 016), the expired pruned."""

@@ -59,7 +59,8 @@ class StoreClosed(StoreUnavailable):
 # (``max_pending_writes = 1`` refused every request beside them, and warned of the
 # forwarder's own writes); the bound is for the requests' writes, which no one else limits.
 UNBOUNDED_OPS = frozenset({"ping", "claim", "finish", "expire_held", "prune_attempts",
-                           "label_attempts", "prune_coupon_calls", "plan_product_sync"})
+                           "label_attempts", "prune_coupon_calls", "plan_product_sync",
+                           "prune_deliveries", "prune_events", "prune_sessions"})
 
 
 class WriterSupervisor:
