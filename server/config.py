@@ -63,6 +63,13 @@ SERVER_KEYS = frozenset({
     "forward", "browser_grace_s", "log_format", "keep_attempts_days", "metrics_public",
     "trusted_proxies", *NUMBERS})
 
+# Every key of a [[sites]] table, its vendor sections included (docs/config.md has a row for
+# each).
+SITE_KEYS = frozenset({
+    "id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email", "consent",
+    "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret", "coupons",
+    "feed_token", "product_sync_time", *VENDORS})
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -607,9 +614,7 @@ def _parse_site(reader: _Reader, table: Any, index: int) -> SiteConfig | None:
     where = f"sites[{site_id}]"
     if not SITE_ID_RE.match(site_id):
         reader.problem(f"{where}.id", "must be 1-64 characters of A-Z a-z 0-9 _ -")
-    known = {"id", "origins", "api_key", "currency", "spa_page_views", "capture_form_email",
-             "consent", "debug", "max_cart_lines", "cart_url", "order_source", "identity_secret", "coupons",
-             "feed_token", "product_sync_time", *VENDORS}
+    known = SITE_KEYS
     for key in table:
         if key not in known:
             reader.unknown(where, key, sorted(known))
