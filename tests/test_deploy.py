@@ -2,9 +2,9 @@
 
 Every ``onetag ...`` command line in them parses with the real CLI parser and names only
 options that exist; every config key they name exists in server/config.py, and their config
-and env files load as each process loads them; nginx's site passes ``nginx -t`` and Caddy's
-``caddy validate`` where those are installed (Debian's ``nginx-light`` / ``nginx`` and
-``caddy`` packages); the Dockerfile is read as text (building it needs the internet). One slow
+and env files load as each process loads them; the units pass ``systemd-analyze verify``,
+nginx's site ``nginx -t`` and Caddy's ``caddy validate`` where those are installed (Debian's
+``systemd``, ``nginx-light`` / ``nginx`` and ``caddy`` packages); the Dockerfile is read as text (building it needs the internet). One slow
 test runs the nginx site for real, in front of ``onetag serve`` on loopback.
 """
 
@@ -122,6 +122,28 @@ def test_the_units_run_serve_and_worker_on_the_config_they_name() -> None:
     grace = config_module.ServerConfig().shutdown_grace_s
     for unit in (serve, worker):
         assert int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1)) > grace
+
+
+def test_the_units_pass_systemd_analyze_verify(tmp_path) -> None:
+    """systemd's own reading of the units: no unknown key, no bad value (the executable is
+    a stand-in: /opt/onetag is not installed here)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian: the systemd package): the "
+                    "units in deploy/systemd/ are not checked by systemd here")
+    stand_in = tmp_path / "onetag"
+    stand_in.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+    stand_in.chmod(0o755)
+    units = []
+    for unit in sorted((DEPLOY / "systemd").glob("*.service")):
+        text = unit.read_text(encoding="utf-8")
+        assert "/opt/onetag/bin/onetag " in text, unit
+        units.append(tmp_path / unit.name)
+        units[-1].write_text(text.replace("/opt/onetag/bin/onetag ", f"{stand_in} "),
+                             encoding="utf-8")
+    done = subprocess.run([analyze, "verify", *map(str, units)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
 
 # Config keys ---------------------------------------------------------------------------------
