@@ -79,7 +79,7 @@ api_key = "env:SHOP1_ESPUTNIK_API_KEY"     # secret, optional: tracker Basic aut
 integration_token = "0123456789abcdef"     # public: pusher.js data-token
 api_token = "env:SHOP1_SENDLANE_API_TOKEN" # secret: Authorization: Bearer ...
 
-# Remarkety's Coupons API (README "Remarkety coupons"): give Remarkety the base URL
+# Remarkety's Coupons API (docs/coupons.md): give Remarkety the base URL
 # <public_url>/remarkety/shop1 and this remarkety_api_key; the store creates the coupons.
 # [sites.coupons]
 # remarkety_api_key = "env:SHOP1_COUPON_API_KEY"      # secret, 16+ chars: Remarkety sends it
@@ -181,7 +181,7 @@ WORKER_SECRETS = config_module.SENDER_SECRETS
 def load_for(path: str, process: str) -> config_module.Settings:
     """The config as ``process`` (serve | worker | all) loads it, refusing what it lacks. A
     node that does not forward never sends, so the vendors' secrets may live only where the
-    workers run (README, "Running on PostgreSQL"); one that forwards needs them too."""
+    workers run (docs/postgresql.md, "What each process needs"); one that forwards needs them too."""
     if process == "worker":
         return _load(path, require_secrets=WORKER_SECRETS)
     if process == "serve":
@@ -1492,9 +1492,9 @@ def build_parser() -> argparse.ArgumentParser:
         "backfill", help="check and plan a shop's history (customers, products, orders)",
         description="Read history from JSONL (one backend-vocabulary event a line: identify, "
                     "product_updated, purchase, order_status, refund, each with its original "
-                    "time) and CSV files (orders, products or customers; README, 'Backfilling "
-                    "history'). Every line is checked first, and every problem printed with "
-                    "its file and line: nothing is planned then, unless --skip-invalid. A dry "
+                    "time) and CSV files (orders, products or customers; docs/backfill.md). "
+                    "Every line is checked first, and every problem printed with its file "
+                    "and line: nothing is planned then, unless --skip-invalid. A dry "
                     "run by default: it prints what each vendor would get and which get "
                     "nothing, and why. --send plans the historical deliveries through the "
                     "outbox (Sendlane with initial_sync and the past time); `onetag serve` or "
