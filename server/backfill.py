@@ -3,7 +3,7 @@ read from files, checked line by line with the backend API's own validation, and
 historical deliveries through the outbox — only to the vendors whose documents offer a
 historical path, so that nothing old triggers a live flow.
 
-Input (documented in the README, "Backfilling history"):
+Input (documented in docs/backfill.md):
 
 - JSONL: one backend-vocabulary event a line (``identify``, ``product_updated``,
   ``purchase``, ``order_status``, ``refund``), each with its original ``time``: Unix

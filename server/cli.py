@@ -79,7 +79,7 @@ api_key = "env:SHOP1_ESPUTNIK_API_KEY"     # secret, optional: tracker Basic aut
 integration_token = "0123456789abcdef"     # public: pusher.js data-token
 api_token = "env:SHOP1_SENDLANE_API_TOKEN" # secret: Authorization: Bearer ...
 
-# Remarkety's Coupons API (README "Remarkety coupons"): give Remarkety the base URL
+# Remarkety's Coupons API (docs/coupons.md): give Remarkety the base URL
 # <public_url>/remarkety/shop1 and this remarkety_api_key; the store creates the coupons.
 # [sites.coupons]
 # remarkety_api_key = "env:SHOP1_COUPON_API_KEY"      # secret, 16+ chars: Remarkety sends it
@@ -181,7 +181,7 @@ WORKER_SECRETS = config_module.SENDER_SECRETS
 def load_for(path: str, process: str) -> config_module.Settings:
     """The config as ``process`` (serve | worker | all) loads it, refusing what it lacks. A
     node that does not forward never sends, so the vendors' secrets may live only where the
-    workers run (README, "Running on PostgreSQL"); one that forwards needs them too."""
+    workers run (docs/postgresql.md, "What each process needs"); one that forwards needs them too."""
     if process == "worker":
         return _load(path, require_secrets=WORKER_SECRETS)
     if process == "serve":
@@ -457,7 +457,8 @@ def _retention(server: config_module.ServerConfig) -> str:
 
 STAT_COLUMNS = ("pending", "failing", "held", "delivered", "dead", "browser", "expired",
                 "ignored")
-RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+# "5m" ago; "-5m" too (journalctl's way of saying it), the minus sign being the "ago".
+RELATIVE_RE = re.compile(r"^\s*-?\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_TIME_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 
@@ -492,8 +493,8 @@ def _ops_settings(config: str | None) -> config_module.Settings:
 
 
 def parse_since(text: str, now: float | None = None) -> int:
-    """``--since``: ``30m``, ``2h``, ``3d``, ``1w`` ago, or an ISO 8601 date/time (a time
-    without a zone is local time). Returns epoch milliseconds."""
+    """``--since``: ``30m``, ``2h``, ``3d``, ``1w`` ago (``-30m`` too), or an ISO 8601
+    date/time (a time without a zone is local time). Returns epoch milliseconds."""
     now = time.time() if now is None else now
     match = RELATIVE_RE.match(text)
     if match:
@@ -516,6 +517,34 @@ def parse_since(text: str, now: float | None = None) -> int:
 
 TIME_FORMS = ("30m, 2h, 3d or 1w ago, or an ISO 8601 date/time like 2026-01-31 or "
               "2026-01-31T14:00 (local time without a zone), from 1970 to 9999")
+
+
+TIME_OPTIONS = ("--since", "--until")
+
+
+def times_attached(argv: Sequence[str]) -> list[str]:
+    """``--since -5m`` as ``--since=-5m``: argparse takes a value starting with ``-`` (that
+    is not a plain negative number) for an option and stops with its usage block, so a value
+    of a time option that starts with a minus and a digit is attached to it here. Nothing
+    after ``--`` is touched (a file name there is a file name)."""
+    out: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        if arg == "--":
+            out.append(arg)
+            out.extend(rest)
+            break
+        if arg in TIME_OPTIONS:
+            value = next(rest, None)
+            if value is not None and re.match(r"-\d", value):
+                out.append(f"{arg}={value}")
+                continue
+            out.append(arg)
+            if value is not None:
+                out.append(value)
+            continue
+        out.append(arg)
+    return out
 
 
 def _times(args: argparse.Namespace, *options: str) -> None:
@@ -1412,7 +1441,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", help=config_help)
     replay.add_argument("--vendor", choices=vendor_names(), help="only this vendor")
     replay.add_argument("--since", metavar="T",
-                        help="only deliveries created since T: 30m, 2h, 3d, 1w ago, or an ISO "
+                        help="only deliveries created since T: 30m, 2h, 3d, 1w ago (-30m "
+                             "too), or an ISO "
                              "date/time (2026-01-31, 2026-01-31T14:00; local time unless it "
                              "has a zone)")
     replay.add_argument("--until", metavar="T",
@@ -1462,9 +1492,9 @@ def build_parser() -> argparse.ArgumentParser:
         "backfill", help="check and plan a shop's history (customers, products, orders)",
         description="Read history from JSONL (one backend-vocabulary event a line: identify, "
                     "product_updated, purchase, order_status, refund, each with its original "
-                    "time) and CSV files (orders, products or customers; README, 'Backfilling "
-                    "history'). Every line is checked first, and every problem printed with "
-                    "its file and line: nothing is planned then, unless --skip-invalid. A dry "
+                    "time) and CSV files (orders, products or customers; docs/backfill.md). "
+                    "Every line is checked first, and every problem printed with its file "
+                    "and line: nothing is planned then, unless --skip-invalid. A dry "
                     "run by default: it prints what each vendor would get and which get "
                     "nothing, and why. --send plans the historical deliveries through the "
                     "outbox (Sendlane with initial_sync and the past time); `onetag serve` or "
@@ -1561,7 +1591,7 @@ def vendor_names() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     from .store import APPLICATION_NAME_ENV
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(times_attached(sys.argv[1:] if argv is None else argv))
     os.environ[APPLICATION_NAME_ENV] = f"onetag {args.command}"  # PostgreSQL's view of us
     try:
         return args.func(args)

@@ -8,7 +8,7 @@ the REST API base URL and an API key, and Remarkety passes the key in the query 
 the one Remarkety's own custom-platform connector implements (remarkety/nopcommerce-plugin,
 ``RemarketyWebApiController``, region "/discounts"): ``POST {base}/discounts`` with ``code``,
 ``templateId``, optional ``expiration`` and ``email``, answered ``{"is_success": bool,
-"error_message": str}``. README "Remarkety coupons" says what is assumed beyond that.
+"error_message": str}``. docs/coupons.md says what is assumed beyond that.
 
 So onetag's base URL for a site is ``{public_url}/remarkety/{site_id}`` and it serves
 ``POST /remarkety/{site_id}/discounts``. The parameters may come in the query string (as that
@@ -230,7 +230,7 @@ def _expiration(value: Any, field: str) -> str | None:
         raise Invalid(400, field, f"is not a real date ({exc})") from None
     if len(text) == 10:
         return when.date().isoformat()
-    if when.tzinfo is None:  # a time without a zone is read as UTC (README)
+    if when.tzinfo is None:  # a time without a zone is read as UTC (docs/coupons.md)
         when = when.replace(tzinfo=timezone.utc)
     try:
         return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -258,7 +258,7 @@ def idempotency_key(site_id: str, request: CouponRequest, given: str | None) -> 
     return "onetag-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:40]
 
 
-# Signing (the store verifies; README "Remarkety coupons" has the same in a snippet) ---------
+# Signing (the store verifies; docs/coupons.md has the same in a snippet) ---------
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -292,7 +292,7 @@ class StoreAnswer:
     """What became of one webhook call, and what Remarkety is told."""
 
     status: int  # to Remarkety
-    result: str  # created, refused, or store_down/_timeout/_auth/_error/_garbage (README)
+    result: str  # created, refused, or store_down/_timeout/_auth/_error/_garbage (docs/coupons.md)
     message: str | None = None  # Remarkety's error_message
     store_status: int | None = None
     error: str | None = None  # for the operator (call log, log line)
@@ -363,7 +363,7 @@ async def _read_limited(response: httpx.Response) -> bytes | None:
 
 
 def _judge(status: int, data: bytes | None, where: str) -> StoreAnswer:
-    """The store's answer in Remarkety's terms (README "Remarkety coupons": the contract)."""
+    """The store's answer in Remarkety's terms (docs/coupons.md: the contract)."""
     answer = _store_json(data)
     message = _store_message(answer)
     if 200 <= status < 300:

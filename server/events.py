@@ -69,7 +69,7 @@ CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 
 # Bounds on anything an event carries, checked (``check_bounds``) before any conversion:
 # a 1e300000 quantity took ~9 s in ``int(Decimal(...))``, a 4,400-digit integer or a lone
-# surrogate failed deep in the store. Documented in the README ("Bad input").
+# surrogate failed deep in the store. Documented in docs/operations.md ("Bad input and faults").
 MAX_DEPTH = 8  # objects and lists inside an event, the event object counting as 1
 MAX_STRING_CHARS = 8192  # any string or key (most fields allow less)
 MAX_KEYS = 100  # keys in one object

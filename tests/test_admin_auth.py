@@ -154,7 +154,7 @@ def keep(client: httpx.AsyncClient, cookie: str) -> None:
 
 async def test_a_logout_outlives_a_restart(tmp_path):
     """The logged-out sessions were a list in the process: after a restart a copy of the
-    cookie kept from before the logout got 200 again (README: "Log out ends it")."""
+    cookie kept from before the logout got 200 again (docs/console.md: "Log out ends it")."""
     async with running(console_settings(tmp_path)) as (app, client):
         await login(client)
         kept = client.cookies[SESSION_COOKIE]

@@ -41,7 +41,7 @@ def test_init_writes_a_config_that_check_accepts(tmp_path) -> None:
     ok = onetag("check", "--config", "onetag.toml", cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "site shop1: rejoiner, remarkety, esputnik, sendlane" in ok.stdout
-    # Retention is off unless asked for (README "Retention"); the example shows the key.
+    # Retention is off unless asked for (docs/config.md, "Retention"); the example shows the key.
     assert "retention: events, sessions and finished deliveries kept forever " \
         "(keep_events_days = 0)" in ok.stdout, ok.stdout
     text = (tmp_path / "onetag.toml").read_text()

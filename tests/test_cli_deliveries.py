@@ -327,7 +327,7 @@ async def test_read_only_commands_run_without_the_vendor_secrets(shop) -> None:
     for name in names:
         assert f"environment variable {name} is not set" in check.stderr
     # A worker names the vendors' secrets it sends with, not the site's key (the nodes'):
-    # README, "Running on PostgreSQL", what each process needs.
+    # docs/postgresql.md, "What each process needs".
     worker = onetag("worker", "--config", str(config_path), cwd=tmp_path)
     assert worker.returncode == 2
     assert all(name in worker.stderr for name in names[1:]) and names[0] not in worker.stderr

@@ -300,18 +300,24 @@ def test_number_keys_are_finite_and_within_their_range() -> None:
         assert wheres(found) == ["sites[s].coupons.timeout_s"], (bad, found)
 
 
-def test_the_number_ranges_are_the_ones_the_readme_states() -> None:
-    """The Config reference gives every number key the range that is enforced."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_number_ranges_are_the_ones_the_config_reference_states() -> None:
+    """The Config reference (docs/config.md) gives every number key the range enforced."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     assert set(NUMBER_KEYS) == set(config.NUMBERS)
     for key in config.NUMBERS:
         [row] = [line for line in readme.splitlines() if line.startswith(f"| `[server] {key}` |")]
         assert f"({config.number_range(key)}" in row, (key, config.number_range(key), row)
 
 
-def test_every_server_key_has_a_row_in_the_readme() -> None:
-    """The Config reference names every [server] key the parser knows, with its default."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_every_server_key_has_a_row_in_the_config_reference() -> None:
+    """The Config reference (docs/config.md) names every [server] key the parser knows, with
+    its default, and every [[sites]] key."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    site_rows = {line.split("`")[1].removeprefix("[[sites]] ") for line in readme.splitlines()
+                 if line.startswith("| `[[sites]] ")}
+    site_rows |= {line.split("`")[1].strip("[]").removeprefix("sites.")
+                  for line in readme.splitlines() if line.startswith("| `[sites.")}
+    assert config.SITE_KEYS | set(VENDORS) <= site_rows, config.SITE_KEYS - site_rows
     rows = {line.split("`")[1].removeprefix("[server] ") for line in readme.splitlines()
             if line.startswith("| `[server] ")}
     assert config.SERVER_KEYS <= rows, config.SERVER_KEYS - rows
@@ -462,7 +468,7 @@ def test_a_missing_required_key_is_one_problem_not_its_defaults_follow_ons() -> 
 
 
 def test_number_keys_may_come_from_the_environment() -> None:
-    """README: any value may be ``"env:NAME"``. A number key's variable is read as the number
+    """docs/config.md: any value may be ``"env:NAME"``. A number key's variable is read as the number
     it spells (it was refused as ``not '7'``, and an unset one was two problems)."""
     data = {"server": {"hold_days": "env:HD", "max_pending_writes": "env:MPW"},
             "sites": [{"id": "s"}]}
@@ -613,8 +619,8 @@ def test_consent_defaults_to_none_and_takes_required() -> None:
         "onetag.toml: sites[shop1].consent: must be a string, not bool"]
 
 
-def test_the_readme_nginx_block_and_its_server_settings_agree() -> None:
-    """README "Behind a reverse proxy": the nginx block appends the address it was reached
+def test_the_docs_nginx_block_and_its_server_settings_agree() -> None:
+    """docs/operations.md, "Behind a reverse proxy": the nginx block appends the address it was reached
     from and the scheme, and the TOML beside it trusts that proxy (on 127.0.0.1) and names
     the proxy's host as public_url: a valid config, which uvicorn is told to believe."""
     import re
@@ -622,10 +628,10 @@ def test_the_readme_nginx_block_and_its_server_settings_agree() -> None:
 
     from server.cli import proxy_options
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    part = readme.split("### Behind a reverse proxy", 1)[1]
-    [nginx] = re.findall(r"```nginx\n(.*?)```", part.split("###", 1)[0], re.S)
-    [toml] = re.findall(r"```toml\n(.*?)```", part.split("###", 1)[0], re.S)
+    page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    part = page.split("\n## Behind a reverse proxy\n", 1)[1].split("\n## ", 1)[0]
+    [nginx] = re.findall(r"```nginx\n(.*?)```", part, re.S)
+    [toml] = re.findall(r"```toml\n(.*?)```", part, re.S)
     for line in ("proxy_pass http://127.0.0.1:8000;", "proxy_set_header Host $host;",
                  "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
                  "proxy_set_header X-Forwarded-Proto $scheme;"):
@@ -680,14 +686,14 @@ def test_esputnik_needs_no_secret_to_send_from_the_server() -> None:
     assert "api_key" not in settings.sites["s"].vendors["esputnik"].values
 
 
-def test_the_readme_lists_every_forwarder_variable_with_its_default() -> None:
-    """README's ONETAG_FORWARD_* table is the ForwarderOptions fields, defaults as the code
-    has them: a setting added or a default changed fails here until the README says so."""
+def test_the_config_reference_lists_every_forwarder_variable_with_its_default() -> None:
+    """docs/config.md's ONETAG_FORWARD_* table is the ForwarderOptions fields, defaults as the
+    code has them: a setting added or a default changed fails here until the docs say so."""
     import dataclasses
 
     from server.forward_options import ForwarderOptions
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     rows = {}
     for line in readme.splitlines():
         if line.startswith("| `ONETAG_FORWARD_"):

@@ -617,7 +617,7 @@ async def backfill_history(store, site, tmp_path: Path, lines: list = HISTORY_20
 
 
 async def test_reconciliation_counts_live_orders_not_backfilled_history(backend, tmp_path):
-    """Orders from 2023 backfilled this week are history (README "Backfilling history"), not
+    """Orders from 2023 backfilled this week are history (docs/backfill.md), not
     orders the backend sent now: they are not counted, nor listed with a false reason."""
     import time as clock
 

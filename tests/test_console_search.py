@@ -181,7 +181,7 @@ async def test_a_search_shows_the_latest_attempts_of_a_delivery(tmp_path, fake):
 
 async def test_a_backfilled_customer_is_found_by_email(backend, tmp_path):
     """History from ``onetag backfill --send`` is kept apart from sessions and identities
-    (README, "Backfilling history"): a search by its customer's email still finds it, by
+    (docs/backfill.md): a search by its customer's email still finds it, by
     the email inside each event (a status change: its order's buyer's), beside the live
     events of an identity with that email, which history leaves as it was. PostgreSQL
     reads it through its partial index (pg_migrations/029), not the whole window."""

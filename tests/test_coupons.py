@@ -467,14 +467,15 @@ def test_a_signature_from_another_time_is_refused():
 
 
 def test_the_readme_snippet_verifies_what_onetag_signs():
-    """The store's verification as README "Remarkety coupons" shows it, run as written."""
+    """The store's verification as docs/coupons.md shows it, run as written."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "coupons.md").read_text(
+        encoding="utf-8")
     section = readme.split("**Verifying the signature.**", 1)[1]
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict[str, Any] = {}
-    exec(compile(snippet, "README.md", "exec"), scope)
+    exec(compile(snippet, "docs/coupons.md", "exec"), scope)
     body = b'{"type":"coupon.create","coupon":{"code":"A"}}'
     header = coupons.signature(WEBHOOK_SECRET, int(time.time()), body)
     assert scope["verify"](WEBHOOK_SECRET, header, body)

@@ -24,7 +24,8 @@ from support import migrated_config, settings_for
 def test_every_migration_file_declares_what_it_does_to_the_previous_release(files) -> None:
     """A new migration without its declaration fails here (and ``onetag migrate`` refuses
     to apply anything): whether the nodes still running the previous release keep running
-    on the schema after it decides whether an upgrade can be rolling (README, Upgrading)."""
+    on the schema after it decides whether an upgrade can be rolling (docs/postgresql.md,
+    "Upgrading")."""
     known = {version for version, _, _ in files()}
     for version, name, sql in files():
         assert sql.startswith("-- previous release: "), name  # the first line, by convention
@@ -34,7 +35,7 @@ def test_every_migration_file_declares_what_it_does_to_the_previous_release(file
 
 def test_the_migrations_known_to_break_the_previous_release_say_so() -> None:
     """034 changed the composite row type the previous release's ingest statement takes
-    (README, Upgrading); 027 added attributes to it the same way."""
+    (docs/postgresql.md, "Upgrading"); 027 added attributes to it the same way."""
     pg = {name: compatible_from(name, sql) for _, name, sql in pg_migrate.migrations()}
     assert pg["034_cart_id.sql"] == 34 and pg["027_ingest_write.sql"] == 27
     assert pg["021_console_search.sql"] == 0 and pg["040_migration_compat.sql"] == 0

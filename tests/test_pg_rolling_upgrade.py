@@ -1,6 +1,6 @@
 """A rolling upgrade on PostgreSQL with real ``onetag serve`` processes: a newer release
-migrates the database while a node of this one runs (README "Running on PostgreSQL",
-Upgrading). Its compatible migration leaves the node in rotation, taking events, and saying
+migrates the database while a node of this one runs (docs/postgresql.md,
+"Upgrading"). Its compatible migration leaves the node in rotation, taking events, and saying
 once that a restart is due; a breaking one takes it out (/healthz 503) and a node starting
 on it refuses to. Real processes, real PostgreSQL, a database of its own."""
 

@@ -1,7 +1,7 @@
 """``[server] keep_events_days`` on both backends: the forwarder's retention pass prunes
 finished deliveries (with their attempts), events no delivery row needs any more and
 sessions (with their carts) older than the period, in bounded batches, through indexes;
-off by default (server/store/retention.py, README "Retention").
+off by default (server/store/retention.py, docs/config.md, "Retention").
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ async def test_old_events_go_with_their_finished_deliveries_and_open_ones_keep_t
         (2,), (4,)]
     assert await backend.rows("SELECT sc FROM sessions ORDER BY id") == [
         ("SC-BACK",), ("SC-NEW",)]
-    # Identities are kept (README "Retention").
+    # Identities are kept (docs/config.md, "Retention").
     assert await backend.rows("SELECT id FROM identities") == [(7,)]
 
 
@@ -334,7 +334,7 @@ async def test_the_console_reads_what_is_left_after_a_pass(backend, tmp_path) ->
 
 async def test_a_status_change_after_its_order_was_pruned_is_planned_from_its_own_event(
         backend) -> None:
-    """README "Retention": an order_status for an order whose rows the pass deleted is sent
+    """docs/config.md, "Retention": an order_status for an order whose rows the pass deleted is sent
     with what its own event says, as for an order onetag never saw (``KnownOrders`` finds no
     row; server/backfill.py reads them the same way)."""
     from test_order_updates import VENDORS, ingest as ingest_order, purchase, status

@@ -1,4 +1,4 @@
-"""Secrets split by process, as README "Running on PostgreSQL" describes: the nodes that face
+"""Secrets split by process, as docs/postgresql.md ("What each process needs") describes: the nodes that face
 the internet hold the sites' keys but not the vendors' secrets (with ``forward = false``
 they never send), and the workers hold the vendors' secrets but not the sites' keys.
 

@@ -468,7 +468,7 @@ async def test_a_nul_character_is_refused_alike_by_every_intake_on_either_backen
         backend, tmp_path) -> None:
     """PostgreSQL text can't hold U+0000; SQLite can, and stored and forwarded it. Every
     intake refuses it as bad input, naming its field, before anything is stored: the same
-    answer whatever the database (README "Bad input and faults")."""
+    answer whatever the database (docs/operations.md, "Bad input and faults")."""
     import json
 
     from server.backfill import Backfill
@@ -524,7 +524,7 @@ async def test_a_nul_character_is_refused_alike_by_every_intake_on_either_backen
         f"nul.jsonl:1: event.user.first_name: {NUL_PROBLEM}",
         f"nul.jsonl:2: event.ecommerce.items[0].item_name: {NUL_PROBLEM}",
         f"customers.csv:2: event.user.first_name: {NUL_PROBLEM}"]
-    # A run with an invalid line plans nothing (README "Backfilling history").
+    # A run with an invalid line plans nothing (docs/backfill.md).
     assert await backend.rows("SELECT count(*) FROM events") == [(0,)]
     assert await backend.rows("SELECT count(*) FROM deliveries") == [(0,)]
 

@@ -428,7 +428,7 @@ def _healthy(base: str) -> bool:
 
 
 def test_the_readme_signature_snippets_compute_what_onetag_checks(tmp_path):
-    """The README's Python and Node snippets sign as ``trust.signature`` verifies."""
+    """docs/trust.md's Python and Node snippets sign as ``trust.signature`` verifies."""
     import os
     import re
     import shutil
@@ -436,7 +436,7 @@ def test_the_readme_signature_snippets_compute_what_onetag_checks(tmp_path):
 
     from fakes.harness import REPO
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "trust.md").read_text(encoding="utf-8")
     block = r"```{}\n((?:(?!```).)*{}(?:(?!```).)*)```"
     python = re.search(block.format("python", "onetag_signature"), readme, re.S).group(1)
     node = re.search(block.format("js", "onetagSignature"), readme, re.S).group(1)

@@ -1,4 +1,4 @@
-"""The operator console under ``/admin/`` (README, "Operator console").
+"""The operator console under ``/admin/`` (docs/console.md).
 
 ``admin_app(settings, store)`` is what ``server/app.py`` mounts at ``/admin``: the routes of
 ``admin_routes(settings, store)``, every answer with ``SECURITY_HEADERS``. Each page

@@ -88,7 +88,7 @@ class SchemaNotCurrent(Exception):
 
 
 def newer_schema(names: Sequence[str]) -> str:
-    """What onetag says of a database a newer onetag migrated (README, "Upgrading")."""
+    """What onetag says of a database a newer onetag migrated (docs/postgresql.md, "Upgrading")."""
     return (f"the database has migrations this onetag does not know ({', '.join(names)}): "
             "a newer onetag migrated it; run this node on that release")
 

@@ -1,5 +1,5 @@
 """What each migration declares about the release before it, and what a node makes of a
-database with migrations it does not know (README "Running on PostgreSQL", Upgrading).
+database with migrations it does not know (docs/postgresql.md, "Upgrading").
 
 Every migration file (``migrations/`` and ``pg_migrations/``) says, in a comment line of its
 own, whether nodes still running an older release keep working on the schema after it:

@@ -129,7 +129,7 @@ async def migrate(conn: Any) -> list[str]:
 
 
 def create_hint(role: str) -> str:
-    """What lets ``role`` create onetag's tables (README "Running on PostgreSQL", step 2)."""
+    """What lets ``role`` create onetag's tables (docs/postgresql.md, step 2)."""
     return (f"since PostgreSQL 15 only the database's owner may create in schema public: "
             f"make {role} the database's owner (ALTER DATABASE ... OWNER TO {role}), or, in "
             f"that database, GRANT CREATE ON SCHEMA public TO {role};")

@@ -2,7 +2,7 @@
 
 Off by default (0: kept forever, as before this setting existed). When set, the forwarder's
 retention pass (``Forwarder.prune``) deletes, in bounded batches, each its own short
-transaction (README "Retention"; docs/architecture.md, "The forwarder"):
+transaction (docs/config.md, "Retention"; docs/architecture.md, "The forwarder"):
 
 1. Finished deliveries (``FINISHED``: delivered, recorded as sent by the browser, expired,
    ignored) planned (``created_ms``) and last changed (``updated_ms``) before the period,
@@ -19,7 +19,7 @@ transaction (README "Retention"; docs/architecture.md, "The forwarder"):
    (``last_ms``) is older than the period, walked in ``id`` order (first visit, the
    primary key) the same way; the walk ends at the first session first seen within it.
 
-Identities are kept (README, "Retention"): whether any event still names one is not
+Identities are kept (docs/config.md, "Retention"): whether any event still names one is not
 indexed (``events.identity_id``, which every ingested event would pay for), and a visitor
 identified again by email or customer id is matched to the identity.
 
