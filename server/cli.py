@@ -55,7 +55,7 @@ currency = "USD"                           # default when an event names none
 # cart_url = "https://shop.example/cart/restore?guid={cart_guid}"  # public: where abandoned-
 #                                          # cart emails lead ({cart_guid}, {sc} filled in)
 # order_source       = "backend"           # orders only from the backend API (default with api_key)
-# identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/security.md
+# identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/trust.md
 # feed_token         = "env:SHOP1_FEED_TOKEN"  # publishes /feeds/shop1/products.xml?token=...
 # product_sync_time  = "03:00"             # UTC: Sendlane's nightly product sync
 
@@ -1402,7 +1402,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "then `onetag replay`); browser: the vendor's own library took it; expired: "
                     "held past the hold window without an email; ignored (--state ignored): "
                     "planned but never sent, last_error says why (a vendor could not take it, "
-                    "or a browser's unverified claim: docs/security.md). A vendor that refused "
+                    "or a browser's unverified claim: docs/trust.md). A vendor that refused "
                     "the credentials (401/403) is named on a line of its own. Vendor secrets "
                     "need not be set: nothing is sent.")
     deliveries.add_argument("--config", help=config_help)
