@@ -685,11 +685,13 @@ def pending_reason(row: dict[str, Any], now_ms: int, max_attempts: int, lease_ms
             f"sends it")
 
 
-def format_rows(rows: list[dict[str, Any]], width: int = 100) -> str:
+def format_rows(rows: list[dict[str, Any]], width: int | None = 100) -> str:
+    """Delivery rows, each with its last_error on a line, shortened to ``width`` (the
+    lists); ``width=None``: whole (``deliveries --id``, docs/commands.md)."""
     lines = []
     for row in rows:
         error = (row.get("last_error") or "").replace("\n", " ")
-        if len(error) > width:
+        if width is not None and len(error) > width:
             error = error[:width - 1] + "…"
         lines.append(f"#{row['id']}  {row['vendor']}  {row['state']}  {row['dedup_key']}  "
                      f"attempts {row['attempts']}  created {_when(row['created_ms'])}  "
@@ -891,7 +893,7 @@ def _show_delivery(settings: Any, args: argparse.Namespace, now_ms: int) -> int:
                           "delivery": row, "attempts": attempts}, indent=2,
                          ensure_ascii=False))
         return 0
-    print(format_rows([row]))
+    print(format_rows([row], width=None))
     print(f"attempts kept ({len(attempts)}; [server] keep_attempts_days = "
           f"{settings.server.keep_attempts_days:g}):")
     print(format_attempts(attempts))
