@@ -55,7 +55,7 @@ currency = "USD"                           # default when an event names none
 # cart_url = "https://shop.example/cart/restore?guid={cart_guid}"  # public: where abandoned-
 #                                          # cart emails lead ({cart_guid}, {sc} filled in)
 # order_source       = "backend"           # orders only from the backend API (default with api_key)
-# identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/security.md
+# identity_secret    = "env:SHOP1_IDENTITY_SECRET"  # pages sign identify: docs/trust.md
 # feed_token         = "env:SHOP1_FEED_TOKEN"  # publishes /feeds/shop1/products.xml?token=...
 # product_sync_time  = "03:00"             # UTC: Sendlane's nightly product sync
 
@@ -685,11 +685,13 @@ def pending_reason(row: dict[str, Any], now_ms: int, max_attempts: int, lease_ms
             f"sends it")
 
 
-def format_rows(rows: list[dict[str, Any]], width: int = 100) -> str:
+def format_rows(rows: list[dict[str, Any]], width: int | None = 100) -> str:
+    """Delivery rows, each with its last_error on a line, shortened to ``width`` (the
+    lists); ``width=None``: whole (``deliveries --id``, docs/commands.md)."""
     lines = []
     for row in rows:
         error = (row.get("last_error") or "").replace("\n", " ")
-        if len(error) > width:
+        if width is not None and len(error) > width:
             error = error[:width - 1] + "…"
         lines.append(f"#{row['id']}  {row['vendor']}  {row['state']}  {row['dedup_key']}  "
                      f"attempts {row['attempts']}  created {_when(row['created_ms'])}  "
@@ -891,7 +893,7 @@ def _show_delivery(settings: Any, args: argparse.Namespace, now_ms: int) -> int:
                           "delivery": row, "attempts": attempts}, indent=2,
                          ensure_ascii=False))
         return 0
-    print(format_rows([row]))
+    print(format_rows([row], width=None))
     print(f"attempts kept ({len(attempts)}; [server] keep_attempts_days = "
           f"{settings.server.keep_attempts_days:g}):")
     print(format_attempts(attempts))
@@ -1402,7 +1404,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "then `onetag replay`); browser: the vendor's own library took it; expired: "
                     "held past the hold window without an email; ignored (--state ignored): "
                     "planned but never sent, last_error says why (a vendor could not take it, "
-                    "or a browser's unverified claim: docs/security.md). A vendor that refused "
+                    "or a browser's unverified claim: docs/trust.md). A vendor that refused "
                     "the credentials (401/403) is named on a line of its own. Vendor secrets "
                     "need not be set: nothing is sent.")
     deliveries.add_argument("--config", help=config_help)

@@ -105,7 +105,7 @@ class SiteConfig:
     # Where a returning visitor finds the cart (Remarkety's abandoned_checkout_url, Rejoiner's
     # return_url): a URL template with {cart_guid} and {sc}. Public.
     cart_url: str | None = None
-    # Who states orders (docs/security.md): "backend" (its API only) or "browser".
+    # Who states orders (docs/trust.md): "backend" (its API only) or "browser".
     order_source: str = "browser"
     identity_secret: str | None = field(default=None, repr=False)  # signs identify (user.signature)
     coupons: CouponConfig | None = None  # [sites.coupons]: the Remarkety Coupons API bridge

@@ -9,6 +9,7 @@ import html
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -227,6 +228,24 @@ async def test_install_shows_the_tag_and_the_last_event_from_each_origin(running
     assert checks[0]["event"].startswith("add_to_cart on https://shop.example/p/mug")
     assert "s ago" in checks[0]["seen"]
     assert_no_secrets(console)
+
+
+CURL_BODY_RE = re.compile(r"curl -X POST \S+/api/v1/sites/shop1/events.*?-d '(.*?)'", re.S)
+
+
+async def test_install_shows_the_readmes_backend_purchase_and_it_is_accepted(running, fake):
+    """The Install page's backend call is README's first one (with the customer_id README
+    says to send), and the API takes it as shown."""
+    app, client, db = running
+    console = await log_in(client)
+    page = html.unescape(await console.get("/admin/install"))
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    shown = json.loads(CURL_BODY_RE.findall(page)[0])
+    assert shown == json.loads(CURL_BODY_RE.findall(readme)[0])
+    assert shown["user"]["customer_id"]
+    answer = await client.post("/api/v1/sites/shop1/events", json=shown,
+                               headers={"Authorization": f"Bearer {API_KEY}"})
+    assert answer.status_code == 202, answer.text
 
 
 def assert_no_secrets(console: Console) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,16 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 def onetag(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, env=env or ENV,
                           capture_output=True, text=True, timeout=60)
+
+
+def test_inits_config_points_at_docs_that_exist_and_signing_at_trust() -> None:
+    from server.cli import EXAMPLE_CONFIG
+
+    root = Path(__file__).parent.parent
+    named = re.findall(r"docs/[\w-]+\.md", EXAMPLE_CONFIG)
+    assert named and all((root / page).is_file() for page in named), named
+    [line] = [line for line in EXAMPLE_CONFIG.splitlines() if "identity_secret" in line]
+    assert line.endswith("docs/trust.md")  # where the signing how-to is
 
 
 def test_init_writes_a_config_that_check_accepts(tmp_path) -> None:

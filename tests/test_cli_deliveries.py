@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -289,6 +290,24 @@ async def test_ignored_rows_are_listed_with_their_reason(shop) -> None:
     assert text.returncode == 0, text.stderr
     assert "latest ignored deliveries:" in text.stdout
     assert "unverified: unsubscribe needs the backend or a verified identity" in text.stdout
+
+
+async def test_one_delivery_by_id_shows_its_whole_last_error(shop) -> None:
+    """docs/commands.md: ``--id`` shows the whole delivery; only the lists shorten a long
+    last_error to a line."""
+    tmp_path, config_path, _ = shop
+    [row] = [r for r in rows(tmp_path / "onetag.db") if r["state"] == "ignored"][:1]
+    long = ("skipped: Sendlane customer-added requires the platform's customer_id "
+            "(user.customer_id); and so on, well past a hundred characters, to its very END")
+    with sqlite3.connect(tmp_path / "onetag.db") as conn:
+        conn.execute("UPDATE deliveries SET last_error = ? WHERE id = ?", (long, row["id"]))
+    conn.close()
+    one = onetag("deliveries", "--config", str(config_path), "--id", str(row["id"]), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert long in one.stdout and "…" not in one.stdout
+    listed = onetag("deliveries", "--config", str(config_path), "--state", "ignored",
+                    cwd=tmp_path)
+    assert listed.returncode == 0 and long[:60] in listed.stdout and long not in listed.stdout
 
 
 # Item 5: read-only commands without secrets, replay --dry-run / --id / --json, why rows wait.

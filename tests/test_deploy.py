@@ -10,6 +10,8 @@ tests run the nginx site and the Caddyfile for real, in front of ``onetag serve`
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import json
 import os
@@ -82,6 +84,8 @@ def command_lines(path: Path) -> list[tuple[str, list[str]]]:
             if match is None:
                 continue
             rest = re.split(r"\s(?:&&|\||;|#)\s?", match.group(2))[0].rstrip(" \\")
+            if rest.count("'") % 2:  # the end of the quote it is in (sh -c '... exec onetag ...')
+                rest = rest.removesuffix("'")
             found.append((where, [match.group(1), *shlex.split(rest)]))
     return found
 
@@ -102,8 +106,13 @@ def test_every_command_line_parses_with_the_real_parser(where: str, words: list[
         build_parser().parse_args(times_attached(words))
     except SystemExit as exc:  # argparse's usage error
         pytest.fail(f"{where}: onetag {' '.join(words)}: does not parse ({exc})")
-    # Exactly an option of that command (argparse would take an abbreviation too).
-    options = parser_of(words[0])._option_string_actions
+    # Exactly an option of that command (argparse would take an abbreviation too); of its
+    # action's, for a command that has actions (`person forget`).
+    parser = parser_of(words[0])
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if actions and len(words) > 1 and words[1] in actions[0].choices:
+        parser = actions[0].choices[words[1]]
+    options = parser._option_string_actions
     for word in words[1:]:
         if word.startswith("--"):
             assert word.split("=", 1)[0] in options, f"{where}: no option {word}"
@@ -118,6 +127,8 @@ def test_the_units_run_serve_and_worker_on_the_config_they_name() -> None:
         assert "Environment=ONETAG_CONFIG=/etc/onetag/onetag.toml" in unit.splitlines()
         assert re.search(r"^User=onetag$", unit, re.M) and "StateDirectory=onetag" in unit
     assert "--host 127.0.0.1 --port 8000" in serve  # what the proxies' upstream names
+    # pip installs no README or docs/ into the venv: a Documentation= file there is missing.
+    assert not re.search(r"^Documentation=file:", serve + worker, re.M)
     assert "EnvironmentFile=/etc/onetag/serve.env" in serve
     assert "EnvironmentFile=/etc/onetag/worker.env" in worker
     # The process is gone within shutdown_grace_s; systemd waits longer before SIGKILL.
@@ -313,6 +324,29 @@ def test_the_nginx_site_passes_nginx_t(tmp_path) -> None:
     assert "test is successful" in done.stderr
 
 
+ACME_RE = re.compile(r"cat > (/etc/nginx/sites-enabled/onetag-acme\.conf) <<'EOF'\n(.*?)\n\s*EOF\n", re.S)
+
+
+def test_the_guides_server_for_the_first_certificate_passes_nginx_t(tmp_path) -> None:
+    """docs/deploy.md's port-80 server for certbot's first certificate serves the webroot
+    the site's own port-80 server serves (so renewals find it there)."""
+    nginx = nginx_binary()
+    [(path, server)] = ACME_RE.findall(GUIDE.read_text(encoding="utf-8"))
+    site = NGINX_SITE.read_text(encoding="utf-8")
+    [webroot] = re.findall(r"certbot certonly --webroot -w (\S+)", GUIDE.read_text("utf-8"))
+    assert f"location /.well-known/acme-challenge/ {{ root {webroot}; }}" in server
+    assert re.search(r"location /\.well-known/acme-challenge/ \{\s*root " + re.escape(webroot)
+                     + ";", site)
+    (tmp_path / "site.conf").write_text(server, encoding="utf-8")
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'} info;\n"
+        f"events {{}}\nhttp {{\n    include {tmp_path / 'site.conf'};\n}}\n", encoding="utf-8")
+    done = subprocess.run([nginx, "-t", "-e", "stderr", "-p", str(tmp_path), "-c",
+                           str(tmp_path / "nginx.conf")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_the_caddyfile_passes_caddy_validate(tmp_path) -> None:
     caddy = shutil.which("caddy")
     if caddy is None:
@@ -497,6 +531,11 @@ def test_nginx_in_front_of_serve_passes_events_and_the_clients_address(tmp_path)
             assert old in site, old
             site = site.replace(old, new)
         site = re.sub(r"^\s*listen \[::\].*\n", "", site, flags=re.M)  # no IPv6 needed here
+        webroot = tmp_path / "certbot"  # certbot's webroot, with a challenge file in it
+        (webroot / ".well-known" / "acme-challenge").mkdir(parents=True)
+        (webroot / ".well-known" / "acme-challenge" / "tok3n").write_text("tok3n.thumbprint")
+        assert "root /var/www/certbot;" in site
+        site = site.replace("root /var/www/certbot;", f"root {webroot};")
         conf = nginx_prefix(tmp_path, site)
         proxy = subprocess.Popen([nginx, "-e", str(tmp_path / "error.log"), "-p",
                                   str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
@@ -511,6 +550,9 @@ def test_nginx_in_front_of_serve_passes_events_and_the_clients_address(tmp_path)
                 plain = client.get(f"http://127.0.0.2:{http_port}/e")
                 assert plain.status_code == 301
                 assert plain.headers["location"] == "https://data.shop.example/e"
+                challenge = client.get(
+                    f"http://127.0.0.2:{http_port}/.well-known/acme-challenge/tok3n")
+                assert (challenge.status_code, challenge.text) == (200, "tok3n.thumbprint")
                 script = client.get(f"{base}/s/shop1.js", headers={"accept-encoding": "br"})
                 assert script.status_code == 200 and script.headers["content-encoding"] == "br"
 

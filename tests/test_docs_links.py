@@ -98,3 +98,17 @@ def test_the_readme_is_short_and_its_table_names_every_docs_page() -> None:
     table = readme.split("\n## Documentation\n", 1)[1]
     for page in sorted((REPO / "docs").glob("*.md")):
         assert f"(docs/{page.name})" in table, f"{page.name} is not in README's Documentation"
+
+
+def test_the_vendor_url_table_gives_each_url_settings_default_as_the_code_has_it() -> None:
+    """docs/config.md, "Vendor URLs": one row per vendor URL setting, its default the
+    adapter's (``SETTINGS``), so the table stays true when a default changes."""
+    from server.vendors import VENDORS
+
+    text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    section = text.split("\n## Vendor URLs\n", 1)[1].split("\n## ", 1)[0]
+    row_re = re.compile(r"^\| `\[sites\.(\w+)\] (\w+)` \| `([^`]*)` \|", re.M)
+    documented = {(vendor, key): default for vendor, key, default in row_re.findall(section)}
+    in_code = {(name, setting.name): setting.default for name, module in VENDORS.items()
+               for setting in module.SETTINGS if setting.url}
+    assert len(in_code) == 8 and documented == in_code

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from pathlib import Path
 
 import httpx
 import pytest
@@ -106,6 +107,36 @@ async def test_bad_input_is_refused_naming_the_field_and_stores_nothing(
     assert payload["errors"][0]["field"] == field
     assert payload["errors"][0]["problem"]
     assert await count(backend) == 0 and await count(backend, "sessions") == 0
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+async def test_the_body_docs_operations_shows_is_taken_and_its_refusals_are_as_it_says(
+        backend) -> None:
+    """docs/operations.md, "The browser's body": its example is stored (204); as a form's
+    content type it is a 415 naming content-type; without an event_id, the 422 it quotes."""
+    page = (DOCS / "operations.md").read_text(encoding="utf-8")
+    section = page.split("## The browser's body: `POST /e`", 1)[1].split("\n## ", 1)[0]
+    example = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    quoted = json.loads(section.split("its body names the field:\n\n", 1)[1].split("\n\n", 1)[0])
+    settings = backend.settings()
+    async with running(settings) as (_, client):
+        body = json.dumps(example).encode()
+        for kind in ("application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            form = await client.post("/e", content=body, headers={**TEXT, "content-type": kind})
+            assert form.status_code == 415, form.text
+            assert form.json()["errors"][0]["field"] == "content-type"
+        del example["events"][0]["event_id"]
+        missing = await client.post("/e", content=json.dumps(example).encode(), headers=TEXT)
+        assert missing.status_code == 422
+        assert missing.json()["message"] == quoted["message"]
+        assert missing.json()["errors"][0]["field"] == quoted["errors"][0]["field"]
+        example["events"][0]["event_id"] = "doc-example"
+        stored = await client.post("/e", content=json.dumps(example).encode(), headers=TEXT)
+        assert stored.status_code == 204, stored.text
+        assert "sc=CDA68358-94FB-4D83-9655-3FEB3C4114A3" in stored.headers["set-cookie"]
+    assert await count(backend) == 1
 
 
 async def test_backend_api_auth(backend) -> None:

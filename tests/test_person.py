@@ -273,3 +273,11 @@ async def test_forget_while_the_persons_events_keep_arriving(backend) -> None:
         "SELECT count(*) FROM sessions s WHERE s.identity_id IS NOT NULL AND NOT EXISTS "
         "(SELECT 1 FROM identities i WHERE i.id = s.identity_id)") == [(0,)]
     assert await backend.rows("SELECT count(*) FROM sessions WHERE sc = ?", B1) == [(1,)]
+
+
+def test_the_docs_quote_the_reason_a_cancelled_row_carries() -> None:
+    """docs/shoppers-data.md tells the operator what `deliveries` shows for a cancelled row."""
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "shoppers-data.md").read_text()
+    assert f'"{person.CANCELLED}"' in " ".join(page.split())

@@ -113,6 +113,30 @@ async def test_a_browser_never_sets_a_customer_id_nor_consent(backend) -> None:
                               "FROM identities") == [("eve@example.com", None, "+15550001", None)]
 
 
+async def test_sendlane_says_a_browsers_customer_id_was_dropped_for_want_of_a_signature(
+        backend) -> None:
+    """A page sent user.customer_id in an unsigned identify: Sendlane's customer-added row
+    says why it has none (the identify was not signed), not that none is known."""
+    store = await backend.open(backend.settings(
+        sendlane={"integration_token": "t", "api_token": "k"}))
+    try:
+        await ingest(store, event({"event": "identify", "event_id": "a", "user": {
+            "email": "ann@example.com", "customer_id": "C-42"}}))
+        await ingest(store, event({"event": "identify", "event_id": "b", "user": {
+            "email": "bob@example.com"}}, sc="SC-BBBB-0002"))
+    finally:
+        await store.close()
+    rows = await backend.rows("SELECT e.event_id, d.state, d.last_error FROM deliveries d "
+                              "JOIN events e ON e.seq = d.event_seq "
+                              "WHERE d.dedup_key LIKE '%customer-added:%' ORDER BY e.event_id")
+    [(_, unsigned_state, unsigned), (_, plain_state, plain)] = rows
+    assert unsigned_state == plain_state == "ignored"
+    assert "was not signed" in unsigned and "identity_secret" in unsigned
+    assert "backend" in unsigned and "C-42" not in unsigned
+    assert plain.endswith("and none is known")
+    assert await backend.rows("SELECT customer_id FROM identities") == [(None,), (None,)]
+
+
 async def test_session_view_lists_its_own_events_newest_first(backend) -> None:
     store = await backend.open(backend.settings())
     try:

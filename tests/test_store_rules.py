@@ -26,6 +26,13 @@ def test_an_unverified_claim_keeps_only_the_email_and_binds_by_it() -> None:
     step = rules.identity_step(event, False, None, {})
     assert step == rules.IdentityStep(rules.CLAIMED, "a@x.com")
     assert event["user"] == {"email": "a@x.com"}
+    assert event["customer_id_dropped"] is True  # said by Sendlane's ignored customer-added
+    plain = _event("identify", user={"email": "a@x.com"})
+    rules.identity_step(plain, False, None, {})
+    assert "customer_id_dropped" not in plain
+    fact = _event("identify", "backend", user={"email": "a@x.com", "customer_id": "C1"})
+    rules.identity_step(fact, False, None, {})
+    assert "customer_id_dropped" not in fact and fact["user"]["customer_id"] == "C1"
 
 
 def test_a_consent_claim_binds_nobody_and_a_claim_of_the_own_email_looks_nothing_up() -> None:
@@ -354,6 +361,14 @@ def test_a_request_applied_again_starts_from_its_events_as_sent() -> None:
     assert event == {"name": "add_to_cart", "source": trust.BROWSER, "cart": None,
                      "user": {"email": "a@x.com", "first_name": "A"}}
     assert list(event) == ["name", "source", "cart", "user"]  # stored JSON keeps its order
+    claim = {"name": "identify", "source": trust.BROWSER, "user": {"email": "a@x.com",
+                                                                     "customer_id": "C1"}}
+    restore = rules.keep_pristine([("shop1", [claim], [], None, None)])
+    rules.identity_step(claim, False, None, {})
+    assert claim["customer_id_dropped"] is True
+    restore()
+    assert claim == {"name": "identify", "source": trust.BROWSER,
+                     "user": {"email": "a@x.com", "customer_id": "C1"}}
 
 
 # An order's status change repeats the order (PlanContext.order) ---------------------------

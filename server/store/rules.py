@@ -70,8 +70,10 @@ def identity_step(event: dict[str, Any], session_verified: bool, current_id: int
 
     A browser event from a session whose identity is verified, about that identity,
     counts as verified (its ``source`` becomes ``verified browser``). Of an unverified
-    event only the email is kept (``event["user"]`` is cut to it), and it binds nothing
-    when the event is about consent (it names whoever it names, not this visitor).
+    event only the email is kept (``event["user"]`` is cut to it; a ``customer_id`` it
+    sent is marked ``customer_id_dropped``, so a vendor needing one can say why it has
+    none), and it binds nothing when the event is about consent (it names whoever it names,
+    not this visitor).
     """
     user = event.get("user") or {}
     if (event["source"] == trust.BROWSER and session_verified and current_id is not None
@@ -82,6 +84,8 @@ def identity_step(event: dict[str, Any], session_verified: bool, current_id: int
     email = user.get("email")
     if not trusted:
         event["user"] = {"email": email} if email else None
+        if user.get("customer_id"):  # never kept from a claim; Sendlane's row says why
+            event["customer_id_dropped"] = True
         if not email or event["name"] in trust.CONSENT_EVENTS:
             email = None
     if not (user.get("email") or user.get("customer_id")) or (not trusted and not email):
@@ -498,7 +502,8 @@ def released_event(event: dict[str, Any], identity: Mapping[str, Any],
 
 def keep_pristine(requests: Iterable[Any]) -> Callable[[], None]:
     """Remember what applying the rules changes in each request's events (``source``: a
-    verified session's browser event is upgraded; ``user``: cut to the email; ``identity``
+    verified session's browser event is upgraded; ``user``: cut to the email, with
+    ``customer_id_dropped`` when it named a customer id; ``identity``
     and ``cart``: filled in), and return the function that puts it back.
 
     A batch that fails (one bad request, a race lost to another node) is applied again,
@@ -520,7 +525,8 @@ def keep_pristine(requests: Iterable[Any]) -> Callable[[], None]:
     return restore
 
 
-_CHANGED = ("source", "user", "identity", "cart")  # what applying the rules sets on an event
+# what applying the rules sets on an event
+_CHANGED = ("source", "user", "customer_id_dropped", "identity", "cart")
 
 
 def add_backfill_counts(counts: dict[str, Any], planned: Mapping[str, int],
