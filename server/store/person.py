@@ -43,7 +43,12 @@ What erasure does, per table (docs/architecture.md, "Shoppers' data"):
 
 A delivery already claimed by a forwarder when the erasure commits (in flight, at most the
 forwarder's lease) still reaches the vendor: its vendor is named among those that may have
-received the person's data, as is every vendor that was tried and did not answer 2xx.
+received the person's data, as is every vendor that was tried and did not answer 2xx. Its
+late outcome changes nothing, and its attempt is not kept (both finishes skip a delivery
+whose visitor is ``erased``; SQLite's writer, PostgreSQL's ``onetag_finish``, migration
+041): it would name the person where nothing finds it again. On PostgreSQL ``gather(lock=
+True)`` locks the deliveries before reading their attempts, and the finish holds the row of
+each attempt it writes: one commits first and the other sees it.
 """
 
 from __future__ import annotations
@@ -378,9 +383,12 @@ def gather(d: Dialect, who: Selector, lock: bool = False, hint: Scanned | None =
 
     seqs = tuple(sorted(events))
     if seqs:
+        # Locked (PostgreSQL) before their attempts are read: a forwarder's finish that
+        # writes an attempt holds its row (pg_migrations/041), so it either committed
+        # before, and its attempt is read here, or waits and then finds the row erased.
         person.deliveries = yield Query(
             f"SELECT {_columns(DELIVERY_COLUMNS)} FROM deliveries WHERE event_seq IN ? "
-            "ORDER BY id", (Many(seqs, "bigint"),))
+            "ORDER BY id" + (d.for_update if lock else ""), (Many(seqs, "bigint"),))
     delivery_ids = tuple(row["id"] for row in person.deliveries)
     if delivery_ids:
         person.attempts = yield Query(
