@@ -1281,9 +1281,16 @@ def cmd_person_export(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{count} {table}" for table, count in document["counts"].items())
     print(f"onetag: wrote everything held about {who.describe()} on site {who.site_id} to "
           f"{out}: {counts}")
-    for line in _vendor_lines(document["vendors"]):
+    for line in _not_followed_lines(document["not_followed"]) + _vendor_lines(
+            document["vendors"]):
         print(line)
     return 0
+
+
+def _not_followed_lines(skipped: list[dict[str, Any]]) -> list[str]:
+    """The sessions ``--sc`` found whose identity was not followed (store/person.py)."""
+    return [f"  session #{row['session']} (sc {row['sc']}) is bound to identity "
+            f"#{row['identity']}, not followed: {row['why']}" for row in skipped]
 
 
 def cmd_person_forget(args: argparse.Namespace) -> int:
@@ -1308,7 +1315,7 @@ def cmd_person_forget(args: argparse.Namespace) -> int:
     for table in PERSON_TABLES:
         print(f"  {table:<13} " + ", ".join(f"{words[action]} {count}"
                                            for action, count in counts[table].items()))
-    for line in _vendor_lines(report["vendors"]):
+    for line in _not_followed_lines(report["not_followed"]) + _vendor_lines(report["vendors"]):
         print(line)
     deleted = sum(counts[table].get("delete", 0) for table in PERSON_TABLES)
     anonymous = sum(count for table in PERSON_TABLES for action, count in counts[table].items()

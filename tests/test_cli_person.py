@@ -69,9 +69,16 @@ async def test_export_dry_run_forget_and_again(backend, tmp_path, capsys) -> Non
     code, out, _ = await arun(capsys, "person", "forget", "--config", config, "--site", "shop1",
                        "--sc", J2)
     assert code == 0 and out.startswith(f"dry run: would erase sc {J2}")
-    assert f"sc {J2} -> session #" in out and "-> bound to identity #" in out
-    assert "events        delete 6" in out and "nothing changed" in out.splitlines()[-1]
+    # J2 is bound to Jane by a typed email (unverified): its own events only.
+    assert f"sc {J2} -> session #" in out and "not followed (unverified)" in out
+    assert "identities    delete 0" in out and "events        delete 2" in out
+    assert "only a signed identify (user.signature) proves it" in out
+    assert "nothing changed" in out.splitlines()[-1]
     assert await snapshot(backend) == before  # a dry run changes nothing
+    code, out, _ = await arun(capsys, "person", "export", "--config", config, "--site", "shop1",
+                              "--sc", J2, "--out", str(tmp_path / "j2.json"))
+    assert code == 0 and "0 identities, 1 sessions, 2 events" in out
+    assert f"(sc {J2}) is bound to identity #" in out and ", not followed: " in out
 
     code, out, _ = await arun(capsys, "person", "forget", "--config", config, "--site", "shop1",
                        "--email", JANE.upper(), "--yes", "--json")
@@ -123,8 +130,9 @@ async def test_beside_a_live_writer_process(backend, tmp_path, capsys) -> None:
         assert len(fresh) == 1 and fresh[0]["identity_id"] is None
         assert fresh[0]["first_seq"] == fresh[0]["last_seq"]
         assert await backend.rows("SELECT event_id FROM events WHERE sc = ?", J1) == [("j9",)]
+        # J1's binding was a typed email (unverified): Jane's identity was not followed.
         assert await backend.rows("SELECT count(*) FROM identities WHERE email = ?", JANE) == [
-            (0,)]
+            (1,)]
     finally:
         await store.close()
     capsys.readouterr()

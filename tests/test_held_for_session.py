@@ -10,6 +10,7 @@ saying why, and re-planned with the sc of the first of the customer's sessions i
 
 from __future__ import annotations
 
+from server import trust
 from server.events import Origin, normalise
 from server.jsontext import loads
 from server.store.base import SessionInfo
@@ -21,9 +22,21 @@ SC = "CDA68358-94FB-4D83-9655-3FEB3C4114A3"
 VENDORS = {"esputnik": {"site_id": "8A412DC"}}
 
 
-def event(raw: dict, source: str = "backend", sc: str | None = None) -> dict:
-    origin = Origin(site_id="shop1", source=source, currency="USD", received_ms=T0, sc=sc)
+SECRET = "test-identity-secret-0123456789"
+OTHER_SC = "0BADC0DE-94FB-4D83-9655-3FEB3C4114A3"
+
+
+def event(raw: dict, source: str = "backend", sc: str | None = None,
+          secret: str | None = None) -> dict:
+    origin = Origin(site_id="shop1", source=source, currency="USD", received_ms=T0, sc=sc,
+                    identity_secret=secret)
     return normalise(raw, "e", origin)
+
+
+def identify(email: str, sc: str, event_id: str, signed: bool = False) -> dict:
+    user = {"email": email, **({"signature": trust.signature(SECRET, email)} if signed else {})}
+    return event({"event": "identify", "event_id": event_id, "user": user}, source="browser",
+                 sc=sc, secret=SECRET if signed else None)
 
 
 def order(order_id: str, email: str) -> dict:
@@ -78,3 +91,51 @@ async def test_a_backend_identify_without_a_session_is_still_ignored(backend) ->
     [(key, state, error, _)] = await deliveries(backend)
     assert key.startswith("skipped:CustomerData:") and state == "ignored"
     assert error.startswith("skipped: eSputnik CustomerData requires cookies.sc")
+
+
+async def test_on_a_signing_site_only_a_verified_binding_releases_the_customers_order(
+        backend) -> None:
+    """A site with ``identity_secret`` can prove who a session is: there a typed email (any
+    browser may type anyone's) releases only the session's own held rows, never the
+    customer's backend order to go with the typist's cookie. The customer's signed
+    identify releases it, in a fresh session or in one bound by a typed email before."""
+    store = await backend.open(backend.settings(identity_secret=SECRET, **VENDORS))
+    info = SessionInfo(user_agent="UA")
+    try:
+        await store.ingest("shop1", [order("1001", "a@b.co"), order("1002", "c@d.co")],
+                           [{}, {}], info)
+        # Someone types a@b.co, then c@d.co types their own email before signing in.
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-1")], [{}], info)
+        await store.ingest("shop1", [identify("c@d.co", SC, "c-1")], [{}], info)
+        states = {key: state for key, state, _, _ in await deliveries(backend)}
+        assert states["PurchasedItems:1001"] == states["PurchasedItems:1002"] == "held"
+        # a@b.co signs in on a session of his own; c@d.co signs in where she typed it.
+        mine = "A11CE000-94FB-4D83-9655-3FEB3C4114A3"
+        await store.ingest("shop1", [identify("a@b.co", mine, "a-1", signed=True)], [{}], info)
+        await store.ingest("shop1", [identify("c@d.co", SC, "c-2", signed=True)], [{}], info)
+        # Signed again: already verified, nothing more to release.
+        await store.ingest("shop1", [identify("c@d.co", SC, "c-3", signed=True)], [{}], info)
+    finally:
+        await store.close()
+    rows = {key: (state, body) for key, state, _, body in await deliveries(backend)
+            if key.startswith("PurchasedItems")}
+    assert rows["PurchasedItems:1001"][0] == "pending"
+    assert rows["PurchasedItems:1001"][1]["GeneralInfo"]["cookies"] == {"sc": mine}
+    assert rows["PurchasedItems:1002"][0] == "pending"
+    assert rows["PurchasedItems:1002"][1]["GeneralInfo"]["cookies"] == {"sc": SC}
+    assert len(rows) == 2
+
+
+async def test_without_identity_secret_a_typed_email_still_releases_it(backend) -> None:
+    """A site that can't sign keeps what it had: the first session identified, by a typed
+    email too, takes the customer's held order (docs/security.md says what that allows)."""
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        await store.ingest("shop1", [order("1001", "a@b.co")], [{}], SessionInfo("UA"))
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-1")], [{}],
+                           SessionInfo("UA"))
+    finally:
+        await store.close()
+    [(key, state, _, body)] = [row for row in await deliveries(backend)
+                               if row[0].startswith("PurchasedItems")]
+    assert state == "pending" and body["GeneralInfo"]["cookies"] == {"sc": OTHER_SC}

@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 
 from server.events import Origin, normalise
 from server.store import person
-from server.store.base import Outcome, SessionInfo
+from server.store.base import Attempt, Outcome, SessionInfo
 
 from fakes.harness import purchase, vendor_sections
 from test_forward_backends import run_until
@@ -281,3 +281,73 @@ def test_the_docs_quote_the_reason_a_cancelled_row_carries() -> None:
 
     page = (Path(__file__).parent.parent / "docs" / "shoppers-data.md").read_text()
     assert f'"{person.CANCELLED}"' in " ".join(page.split())
+
+
+def late(claimed, now: int, state: str = "delivered") -> list[Outcome]:
+    """The forwarder's outcomes of ``claimed`` with their attempts, as it always sends them:
+    the request as sent (the person's email in its body) and the vendor's answer."""
+    return [Outcome(d.id, state, lease=d.lease, attempt=Attempt(
+        1, now, 5, {"method": "POST", "url": "u", "headers": {}, "body": d.request.get("json")},
+        200, {"body": "ok"})) for d in claimed]
+
+
+async def test_a_late_outcome_after_forget_keeps_no_attempt(backend, fake) -> None:
+    """A forwarder's outcome for a row it claimed before the erasure writes no attempt of
+    the erased delivery: no later export or forget could reach it (it names no event)."""
+    store = await backend.open(backend.settings(**vendor_sections(fake)))
+    try:
+        await ingest(store, backend_event(purchase("1002", JANE)),
+                     backend_event(purchase("2002", BOB)))
+        claimed = await store.claim(int(time.time() * 1000), 30_000, 100)
+        jane = [d for d in claimed if JANE in json.dumps(d.request)]
+        assert jane and len(jane) < len(claimed)
+        report = await store.forget_person(person.selector("shop1", email=JANE), dry_run=False)
+        assert report["found"]
+        await store.finish(late(claimed, int(time.time() * 1000)), int(time.time() * 1000))
+        rows = await backend.dicts("SELECT * FROM attempts ORDER BY id")
+    finally:
+        await store.close()
+    assert not mentions(dict(enumerate(rows)), JANE)
+    # Bob's attempts, and his rows' outcomes, are kept as ever.
+    bob = {d.id for d in claimed} - {d.id for d in jane}
+    assert {row["delivery_id"] for row in rows} == bob
+    assert all(row["site_id"] == "shop1" and row["vendor"] for row in rows)
+
+
+async def test_a_late_outcome_waits_for_an_erasure_in_progress(backend, fake) -> None:
+    """PostgreSQL, many workers: an outcome whose lease was taken over (its row changes
+    nothing) while an erasure of the row is not committed yet waits for it, then keeps no
+    attempt; the erasure reads the attempts only after locking the deliveries, so one
+    committed before it is found and deleted."""
+    if backend.name != "postgresql":
+        pytest.skip("SQLite's one writer runs the forget job and the finish one after another")
+    import asyncio
+    import asyncpg
+
+    store = await backend.open(backend.settings(**vendor_sections(fake)))
+    try:
+        await ingest(store, backend_event(purchase("1002", JANE)))
+        claimed = await store.claim(int(time.time() * 1000), 30_000, 100)
+        assert claimed
+        ids = [d.id for d in claimed]
+        conn = await asyncpg.connect(backend.database)
+        try:
+            # Another worker took the leases over (a late outcome changes no row) ...
+            await conn.execute("UPDATE deliveries SET claim_token = claim_token + 1000 "
+                               "WHERE id = ANY($1::bigint[])", ids)
+            # ... and an erasure has anonymised the rows but not committed yet.
+            erasure = conn.transaction()
+            await erasure.start()
+            await conn.execute("UPDATE deliveries SET visitor = 'erased', state = 'ignored', "
+                               "request = $2 WHERE id = ANY($1::bigint[])", ids,
+                               person.ERASED_REQUEST)
+            finishing = asyncio.create_task(store.finish(late(claimed, 1), 1))
+            await asyncio.sleep(0.5)
+            assert not finishing.done()  # it waits for the erasure's row locks
+            await erasure.commit()
+            await asyncio.wait_for(finishing, 10)
+        finally:
+            await conn.close()
+        assert await backend.rows("SELECT count(*) FROM attempts") == [(0,)]
+    finally:
+        await store.close()

@@ -840,7 +840,8 @@ def test_migrate_check_says_whether_the_pending_migrations_allow_a_rolling_upgra
     said = capsys.readouterr().out
     assert "2 migration(s) pending" in said and "rolling upgrade: every pending" in said
     assert re.search(r"036_due_after_grace.sql +previous release: compatible\n", said)
-    assert "newest migration: 040_migration_compat.sql" in said  # the running release's
+    # the running release's
+    assert f"newest migration: {pg_migrate.migrations()[-1][1]}" in said
     assert cli.main(["migrate", "--config", str(config)]) == 0  # says it, then applies
     said = capsys.readouterr().out
     assert said.index("rolling upgrade") < said.index("applied 2 migration(s)")

@@ -75,10 +75,30 @@ def test_a_customer_id_held_by_another_identity_stays_with_it() -> None:
 
 
 def test_binding_a_session() -> None:
-    assert rules.bind_session(trust.BROWSER, None, None, 5) == (False, True, None)
-    assert rules.bind_session(trust.BACKEND, 1, 4, 5) == (True, False, None)  # switch: unverified
-    assert rules.bind_session(trust.VERIFIED, None, 4, 5) == (True, False, 1)
-    assert rules.bind_session(trust.BACKEND, 1, 5, 5) == (False, False, 1)  # same: stays verified
+    # (switch, newly_bound, verified, newly_verified)
+    assert rules.bind_session(trust.BROWSER, None, None, 5) == (False, True, None, False)
+    assert rules.bind_session(trust.BACKEND, 1, 4, 5) == (True, False, None, False)  # switch
+    assert rules.bind_session(trust.VERIFIED, None, 4, 5) == (True, False, 1, True)
+    assert rules.bind_session(trust.BACKEND, 1, 5, 5) == (False, False, 1, False)  # stays
+    assert rules.bind_session(trust.VERIFIED, None, None, 5) == (False, True, 1, True)
+    assert rules.bind_session(trust.VERIFIED, None, 5, 5) == (False, False, 1, True)  # typed first
+    assert rules.bind_session(trust.VERIFIED, 1, 5, 5) == (False, False, 1, False)  # already
+    assert rules.bind_session(trust.VERIFIED, 1, 4, 5) == (True, False, 1, True)
+
+
+def test_whose_held_rows_a_binding_releases() -> None:
+    who = {"email": "a@b.co", "customer_id": "C-1"}
+    typed = rules.bind_session(trust.BROWSER, None, None, 5)
+    signed = rules.bind_session(trust.VERIFIED, None, None, 5)
+    later = rules.bind_session(trust.VERIFIED, None, 5, 5)
+    everyone = ["sc:S", "email:a@b.co", "customer:C-1"]
+    assert rules.held_visitors("S", who, typed, signing=False) == everyone
+    assert rules.held_visitors("S", who, typed, signing=True) == ["sc:S"]
+    assert rules.held_visitors("S", who, signed, signing=True) == everyone
+    assert rules.held_visitors("S", who, later, signing=True) == everyone[1:]
+    assert rules.held_visitors("S", who, None, signing=True) == []
+    assert rules.held_visitors("S", who, rules.bind_session(trust.BROWSER, None, 5, 5),
+                               signing=False) == []
 
 
 # The cart ---------------------------------------------------------------------------------

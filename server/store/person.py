@@ -10,7 +10,11 @@ connection, ``run_async`` on aiosqlite's reader or an asyncpg connection).
 
 Who the person is. A selector names them on one site: ``--email`` or ``--customer-id``
 finds their identity row; ``--sc`` (the visitor's cookie) finds that session, and through
-it the identity it is bound to, if any. From the identity: every session bound to it; the
+it the identity it is bound to only if that binding is verified (``sessions.verified``: a
+signed identify). Any browser may bind its own session to any email by typing it
+(docs/security.md): such a session is not followed (``Person.not_followed`` says so), and
+the person is that session alone, its events naming the typed identity included. From the
+identity: every session bound to it; the
 events of those sessions (anonymous ones included: before the visitor identified), the
 events that name the identity without a session (the backend's), and backfilled history,
 kept without session or identity and found by the email in the event; the deliveries
@@ -39,7 +43,12 @@ What erasure does, per table (docs/architecture.md, "Shoppers' data"):
 
 A delivery already claimed by a forwarder when the erasure commits (in flight, at most the
 forwarder's lease) still reaches the vendor: its vendor is named among those that may have
-received the person's data, as is every vendor that was tried and did not answer 2xx.
+received the person's data, as is every vendor that was tried and did not answer 2xx. Its
+late outcome changes nothing, and its attempt is not kept (both finishes skip a delivery
+whose visitor is ``erased``; SQLite's writer, PostgreSQL's ``onetag_finish``, migration
+041): it would name the person where nothing finds it again. On PostgreSQL ``gather(lock=
+True)`` locks the deliveries before reading their attempts, and the finish holds the row of
+each attempt it writes: one commits first and the other sees it.
 """
 
 from __future__ import annotations
@@ -72,6 +81,10 @@ CANCELLED = "erased (onetag person forget) before it was sent"
 TABLES = {"identities": "id", "sessions": "id", "events": "seq", "deliveries": "id",
           "attempts": "id", "coupon_calls": "id"}  # each table's key
 MAX_CUSTOMER_ID = 128
+NOT_FOLLOWED = ("the binding is unverified: an email typed in the page, which any browser may "
+                "claim for its own session; only a signed identify (user.signature) proves it. "
+                "This covers the session's own events and their deliveries; name the person "
+                "by --email or --customer-id once the requester is known to be them")
 
 
 class Query(NamedTuple):
@@ -196,6 +209,8 @@ class Person:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     coupon_calls: list[dict[str, Any]] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
+    # Sessions (by ``--sc``) whose identity was not followed: ``NOT_FOLLOWED``.
+    not_followed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def found(self) -> bool:
@@ -262,6 +277,7 @@ def gather(d: Dialect, who: Selector, lock: bool = False, hint: Scanned | None =
     identity_sql = f"SELECT {_columns(IDENTITY_COLUMNS)} FROM identities WHERE site_id = ? AND "
     session_sql = f"SELECT {_columns(SESSION_COLUMNS)} FROM sessions WHERE site_id = ? AND "
     how: dict[int, str] = {}  # session id -> how it was found
+    own: dict[int, int] = {}  # session id -> the identity its unverified binding names
     sessions: dict[int, dict[str, Any]] = {}
     if who.email is not None:
         person.identities = yield Query(identity_sql + "email = ?", (site, who.email))
@@ -273,12 +289,23 @@ def gather(d: Dialect, who: Selector, lock: bool = False, hint: Scanned | None =
             sessions[row["id"]] = row
             how[row["id"]] = f"sc {who.sc}"
             person.links.append(f"sc {who.sc} -> session #{row['id']}")
-            if row["identity_id"] is not None:
-                person.identities = yield Query(identity_sql + "id = ?",
-                                                (site, row["identity_id"]))
-                for identity in person.identities:
-                    person.links.append(f"session #{row['id']} -> bound to identity "
-                                        f"#{identity['id']}")
+            if row["identity_id"] is None:
+                continue
+            if not row["verified"]:
+                # Any browser may bind its own session to any email by typing it
+                # (docs/security.md): the cookie proves nothing about that identity.
+                own[row["id"]] = row["identity_id"]
+                person.not_followed.append({"session": row["id"], "sc": row["sc"],
+                                            "identity": row["identity_id"],
+                                            "why": NOT_FOLLOWED})
+                person.links.append(f"session #{row['id']} -> bound to identity "
+                                    f"#{row['identity_id']}: not followed (unverified)")
+                continue
+            person.identities = yield Query(identity_sql + "id = ?",
+                                            (site, row["identity_id"]))
+            for identity in person.identities:
+                person.links.append(f"session #{row['id']} -> bound to identity "
+                                    f"#{identity['id']} (verified)")
     kind, value = who.named()
     for identity in person.identities:
         if who.sc is None:
@@ -316,10 +343,13 @@ def gather(d: Dialect, who: Selector, lock: bool = False, hint: Scanned | None =
         if session["last_seq"] is None:
             continue
         # The session row's seq bounds (SQLite migration 003): no index on (site, sc).
+        # A session not followed to its identity: its own events naming that identity
+        # (what it did after the typed email) are its own data too.
+        named = (*ids, own[session["id"]]) if session["id"] in own else tuple(ids)
         rows = yield Query(event_sql + "seq BETWEEN ? AND ? AND site_id = ? AND sc = ? AND "
                            "(identity_id IS NULL OR identity_id IN ?) ORDER BY seq",
                            (session["first_seq"] or 0, session["last_seq"], site, session["sc"],
-                            Many(tuple(ids), "bigint")))
+                            Many(named, "bigint")))
         keep(rows, f"session #{session['id']} (sc {session['sc']})")
     if ids and hint is not None and hint.identities == tuple(sorted(ids)):
         if hint.seqs:
@@ -353,9 +383,12 @@ def gather(d: Dialect, who: Selector, lock: bool = False, hint: Scanned | None =
 
     seqs = tuple(sorted(events))
     if seqs:
+        # Locked (PostgreSQL) before their attempts are read: a forwarder's finish that
+        # writes an attempt holds its row (pg_migrations/041), so it either committed
+        # before, and its attempt is read here, or waits and then finds the row erased.
         person.deliveries = yield Query(
             f"SELECT {_columns(DELIVERY_COLUMNS)} FROM deliveries WHERE event_seq IN ? "
-            "ORDER BY id", (Many(seqs, "bigint"),))
+            "ORDER BY id" + (d.for_update if lock else ""), (Many(seqs, "bigint"),))
     delivery_ids = tuple(row["id"] for row in person.deliveries)
     if delivery_ids:
         person.attempts = yield Query(
@@ -487,7 +520,8 @@ def forget_report(person: Person, dry_run: bool, done: dict[str, dict[str, int]]
             "found": person.found, "dry_run": dry_run, "links": person.links,
             "would_change" if dry_run else "changed": person.counts() if dry_run else done,
             "vendors": person.vendors(),
-            "sessions": [row["sc"] for row in person.sessions]}
+            "sessions": [row["sc"] for row in person.sessions],
+            "not_followed": person.not_followed}
 
 
 def export_document(person: Person, now_ms: int) -> dict[str, Any]:
@@ -520,6 +554,7 @@ def export_document(person: Person, now_ms: int) -> dict[str, Any]:
     kind, value = person.selector.named()
     return {"site": person.selector.site_id, "selector": {"kind": kind, "value": value},
             "exported_ms": now_ms, "links": person.links,
+            "not_followed": person.not_followed,
             "vendors": person.vendors(),
             "identities": [dict(row) for row in person.identities],
             "sessions": sessions, "events": events, "deliveries": deliveries,

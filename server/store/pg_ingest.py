@@ -381,7 +381,7 @@ class PgIngestBatch:
             state.first_seq = seq if state.first_seq is None else min(state.first_seq, seq)
             state.last_seq = seq if state.last_seq is None else max(state.last_seq, seq)
             self.dirty.add(key)
-        identity, newly_bound = await self._identity(site.id, event)
+        identity, binding = await self._identity(site.id, event)
         if identity and not sc:
             identity["last_sc"] = await self._last_sc(site.id, identity["id"])
         event["identity"] = identity
@@ -404,9 +404,11 @@ class PgIngestBatch:
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
         self.stored_bytes[request] = charge_stored(self.stored_bytes[request], len(raw),
                                                    len(data), len(planned))
-        if newly_bound and sc and identity and identity.get("email"):
+        visitors = (rules.held_visitors(sc, identity, binding, site.identity_secret is not None)
+                    if sc and identity and identity.get("email") else [])
+        if visitors:
             await self._flush()  # what waited must be in the database to be found
-            await self._release_held(site, sc, identity, request_id)
+            await self._release_held(site, sc, identity, visitors, request_id)
 
     async def _flush(self, product_keys: Sequence[tuple[str, str]] = ()) -> list[Any]:
         """Write what changed since the last flush: sessions and events (one statement,
@@ -447,8 +449,8 @@ class PgIngestBatch:
     # Identity -----------------------------------------------------------------------------
 
     async def _identity(self, site_id: str, event: dict[str, Any]
-                        ) -> tuple[dict[str, Any] | None, bool]:
-        """The session's identity after ``event``, and whether the session was newly bound
+                        ) -> tuple[dict[str, Any] | None, rules.Binding | None]:
+        """The session's identity after ``event``, and what became of its binding
         (``rules.identity_step``, ``rules.bind_session``; SQLite's ``IngestBatch._identity``)."""
         sc = event["sc"]
         state = self.sessions.get((site_id, sc)) if sc else None
@@ -459,15 +461,15 @@ class PgIngestBatch:
                                    current_id, current)
         if step.kind == rules.KEEP:
             if current_id is None:
-                return None, False
-            return {**self.identities[current_id], "id": current_id, "is_new": False}, False
+                return None, None
+            return {**self.identities[current_id], "id": current_id, "is_new": False}, None
         if step.kind == rules.TRUSTED:
             identity_id, is_new = await self._upsert_identity(site_id, event)
         elif step.kind == rules.OWN:
             identity_id, is_new = current_id, False
         else:
             identity_id, is_new = await self._claimed_identity(site_id, step.email, user)
-        newly_bound = False
+        binding = None
         if state is not None:
             binding = rules.bind_session(event["source"], state.verified, current_id,
                                          identity_id)
@@ -476,9 +478,8 @@ class PgIngestBatch:
             if current_id != identity_id:
                 state.identity_id = identity_id
                 self.dirty.add((site_id, sc))
-            newly_bound = binding.newly_bound
             state.verified = binding.verified
-        return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, newly_bound
+        return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, binding
 
     async def _claimed_identity(self, site_id: str, email: str, user: dict[str, Any]
                                 ) -> tuple[int, bool]:
@@ -582,16 +583,16 @@ class PgIngestBatch:
     # Held deliveries ----------------------------------------------------------------------
 
     async def _release_held(self, site: Any, sc: str, identity: dict[str, Any],
-                            request_id: str | None) -> None:
-        """The session just got an email: re-plan what waited for one, and the customer's
-        backend rows that waited for a session of theirs (``rules.held_visitors``), within
-        the window."""
+                            visitors: list[str], request_id: str | None) -> None:
+        """The session just got an email (or a verified one): re-plan what waited for one,
+        and the customer's backend rows that waited for a session of theirs (``visitors``:
+        ``rules.held_visitors``), within the window."""
         conn, now = self.conn, self.now
         held = await conn.fetch(
             "SELECT d.event_seq, d.vendor, d.created_ms, e.data FROM deliveries d "
             "JOIN events e ON e.seq = d.event_seq "
             "WHERE d.site_id = $1 AND d.visitor = ANY($2::text[]) AND d.state = 'held' "
-            "ORDER BY d.id FOR UPDATE OF d", site.id, rules.held_visitors(sc, identity))
+            "ORDER BY d.id FOR UPDATE OF d", site.id, visitors)
         released = rules.held_release(held, now, self.hold_ms)
         events = {seq: loads(data) for seq, data, _, fresh in released if fresh}
         orders = await load_orders(conn, rules.orders_wanted(

@@ -17,7 +17,7 @@ once. The protocol (docs/architecture.md, "The claim protocol"):
   row waits for its outcome, whichever worker holds it.
 - A finish changes a row only while it is still pending under the token it was claimed
   with: an outcome that comes back after its lease was taken over is ignored (the attempt
-  itself is still kept, it happened).
+  itself is still kept, it happened; not for a delivery erased since: migration 041).
 - A vendor's pause (429 / Retry-After) is a row of ``vendor_pauses`` that every worker reads
   before claiming for that vendor.
 """
@@ -82,7 +82,9 @@ CLAIM_ANY_VENDOR = claim_sql("AND $2::text IS NULL")
 # An outcome batch in one call (one round trip, no BEGIN/COMMIT of its own) of the function
 # migration 022 makes (planned once per connection): the rows' outcomes, then the attempts.
 # The late-outcome guard: a row changes only while pending (a final state is never undone)
-# and still this claim's; its attempt is kept either way (it happened).
+# and still this claim's; its attempt is kept either way (it happened), but for a delivery
+# erased since (``onetag person forget``: visitor 'erased'; migration 041), whose attempt
+# would name the person where nothing finds it again.
 FINISH = ("SELECT onetag_finish($1::bigint[], $2::text[], $3::bigint[], $4::text[], "
           "$5::bigint[], $6, $7::bigint[], $8::int[], $9::bigint[], $10::bigint[], $11::text[], "
           "$12::int[], $13::text[], $14::text[])")

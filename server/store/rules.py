@@ -145,6 +145,9 @@ class Binding(NamedTuple):
     switch: bool  # it was someone else's: its cart emptied, what it held never sent
     newly_bound: bool  # it had no identity before: what it held waits no longer
     verified: int | None  # the session's verified flag after
+    # Its binding is verified now and was not before (a signed identify of a session that
+    # had no identity, another one, or the same one by a typed email): ``held_visitors``.
+    newly_verified: bool = False
 
 
 def bind_session(source: str, verified: int | None, current_id: int | None,
@@ -153,11 +156,14 @@ def bind_session(source: str, verified: int | None, current_id: int | None,
     under someone else's email is not proof of being them). A session that changes
     identity loses its verification."""
     changed = identity_id is not None and current_id != identity_id
+    was = verified
     if source == trust.VERIFIED:
         verified = 1
     elif changed:
         verified = None
-    return Binding(changed and current_id is not None, changed and current_id is None, verified)
+    newly_verified = identity_id is not None and verified == 1 and (was != 1 or changed)
+    return Binding(changed and current_id is not None, changed and current_id is None, verified,
+                   newly_verified)
 
 
 # Whose event id is whose ------------------------------------------------------------------
@@ -475,16 +481,27 @@ def held_release(rows: Iterable[Mapping[str, Any]], now: int, hold_ms: int) -> l
             for seq, (data, vendors, fresh) in by_event.items()]
 
 
-def held_visitors(sc: str, identity: Mapping[str, Any]) -> list[str]:
-    """Whose held rows a session's identification releases (``outbox.visitor_key``): the
-    session's own, which waited for an email, and the customer's backend events naming no
-    session (``email:``, ``customer:``), which waited for an email or for a browser session
-    of theirs (``VendorRequest.waits``: eSputnik's cookies.sc)."""
-    visitors = [f"sc:{sc}"]
-    if identity.get("email"):
-        visitors.append(f"email:{identity['email']}")
-    if identity.get("customer_id"):
-        visitors.append(f"customer:{identity['customer_id']}")
+def held_visitors(sc: str, identity: Mapping[str, Any], binding: Binding | None,
+                  signing: bool) -> list[str]:
+    """Whose held rows a session's identification releases (``outbox.visitor_key``; none:
+    nothing to look up): the session's own, which waited for an email, once it is bound;
+    and the customer's backend events naming no session (``email:``, ``customer:``), which
+    waited for an email or for a browser session of theirs (``VendorRequest.waits``:
+    eSputnik's cookies.sc), which then go with this session's sc.
+
+    ``signing``: the site has an ``identity_secret``, so its pages can prove who a session
+    is. There the customer's rows wait for a verified binding (``newly_verified``): any
+    browser may type anyone's email, and the typist's cookie would be tied to the
+    customer's order at the vendor. A site that can't sign releases them on the first
+    binding, typed or not (docs/security.md)."""
+    if binding is None:
+        return []
+    visitors = [f"sc:{sc}"] if binding.newly_bound else []
+    if binding.newly_verified or (binding.newly_bound and not signing):
+        if identity.get("email"):
+            visitors.append(f"email:{identity['email']}")
+        if identity.get("customer_id"):
+            visitors.append(f"customer:{identity['customer_id']}")
     return visitors
 
 

@@ -390,7 +390,7 @@ class IngestBatch:
             state.first_seq = state.first_seq or seq  # NULL if older than migration 003's data
             state.last_seq = seq
             self.dirty[key] = state
-        identity, newly_bound = self._identity(site.id, event)
+        identity, binding = self._identity(site.id, event)
         if identity and not sc:
             # A backend event names no session: the customer's latest one, for vendors that
             # require the visitor's cookie (eSputnik's cookies.sc).
@@ -414,9 +414,11 @@ class IngestBatch:
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
         self.stored_bytes[request] = charge_stored(self.stored_bytes[request], len(raw),
                                                    len(data), len(planned))
-        if newly_bound and sc and identity and identity.get("email"):
+        visitors = (rules.held_visitors(sc, identity, binding, site.identity_secret is not None)
+                    if sc and identity and identity.get("email") else [])
+        if visitors:
             self._flush()  # what waited must be in the database to be found
-            self._release_held(site, sc, identity, request_id)
+            self._release_held(site, sc, identity, visitors, request_id)
 
     def _flush(self) -> None:
         """Write what changed since the last flush: sessions, then events and deliveries."""
@@ -469,8 +471,10 @@ class IngestBatch:
 
     # Identity -----------------------------------------------------------------------------
 
-    def _identity(self, site_id: str, event: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
-        """The session's identity after ``event``, and whether the session was newly bound.
+    def _identity(self, site_id: str, event: dict[str, Any]
+                  ) -> tuple[dict[str, Any] | None, rules.Binding | None]:
+        """The session's identity after ``event``, and what became of the session's binding
+        (``rules.Binding``; None: the event left it as it was).
 
         Trust (server/trust.py, docs/security.md; the rules: ``rules.identity_step``,
         ``rules.bind_session``): an unverified event may bind the session to an email (a
@@ -487,15 +491,15 @@ class IngestBatch:
                                    current_id, current)
         if step.kind == rules.KEEP:
             if current_id is None:
-                return None, False
-            return {**self.identities[current_id], "id": current_id, "is_new": False}, False
+                return None, None
+            return {**self.identities[current_id], "id": current_id, "is_new": False}, None
         if step.kind == rules.TRUSTED:
             identity_id, is_new = self._upsert_identity(site_id, event)
         elif step.kind == rules.OWN:
             identity_id, is_new = current_id, False  # the session's own: nothing to look up
         else:
             identity_id, is_new = self._claimed_identity(site_id, step.email, user)
-        newly_bound = False
+        binding = None
         if state is not None:
             binding = rules.bind_session(event["source"], state.verified, current_id,
                                          identity_id)
@@ -504,9 +508,8 @@ class IngestBatch:
             if current_id != identity_id:
                 state.identity_id = identity_id
                 self.bound.add((site_id, sc))
-            newly_bound = binding.newly_bound
             state.verified = binding.verified
-        return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, newly_bound
+        return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, binding
 
     def _claimed_identity(self, site_id: str, email: str, user: dict[str, Any]) -> tuple[int, bool]:
         """An unverified email's identity: the existing one untouched, or a new one with the
@@ -615,12 +618,11 @@ class IngestBatch:
     # Held deliveries ----------------------------------------------------------------------
 
     def _release_held(self, site: Any, sc: str, identity: dict[str, Any],
-                      request_id: str | None = None) -> None:
-        """The session just got an email: re-plan what waited for one, and the customer's
-        backend rows that waited for a session of theirs (``rules.held_visitors``), within
-        the window."""
+                      visitors: list[str], request_id: str | None = None) -> None:
+        """The session just got an email (or a verified one): re-plan what waited for one,
+        and the customer's backend rows that waited for a session of theirs (``visitors``:
+        ``rules.held_visitors``), within the window."""
         conn, now = self.conn, self.now
-        visitors = rules.held_visitors(sc, identity)
         held = conn.execute(
             "SELECT d.event_seq, d.vendor, d.created_ms, e.data FROM deliveries d "
             "JOIN events e ON e.seq = d.event_seq "

@@ -438,12 +438,15 @@ class WriteOps:
         if kept:  # encoded here, in the writer, off the forwarder's event loop
             # Labelled with the delivery's site and vendor (migration 013): the Vendors
             # page's latency series reads the range's attempts alone.
-            # One probe of the delivery a row; an attempt is kept even without one.
+            # One probe of the delivery a row; an attempt is kept even without one, but not
+            # for a delivery erased since its claim (``onetag person forget``, store/
+            # person.py: visitor 'erased'): a forwarder's late outcome must not write the
+            # person's request back, where no export or forget could reach it.
             self.conn.executemany(
                 "INSERT INTO attempts (delivery_id, attempt, started_ms, duration_ms, request, "
                 "status, answer, error, site_id, vendor) SELECT ?, ?, ?, ?, CAST(? AS TEXT), "
                 "?, CAST(? AS TEXT), ?, d.site_id, d.vendor FROM (SELECT ? AS id) AS k "
-                "LEFT JOIN deliveries d ON d.id = k.id", kept)
+                "LEFT JOIN deliveries d ON d.id = k.id WHERE d.visitor IS NOT 'erased'", kept)
 
     def prune_attempts(self, before: int, limit: int) -> int:
         """The oldest attempts first, at most ``limit``: one pass's work stays bounded."""

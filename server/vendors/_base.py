@@ -136,7 +136,8 @@ class VendorRequest:
     # Why this request waits rather than goes: the vendor requires what only a browser
     # session of the customer gives (eSputnik's cookies.sc for a backend order of a customer
     # never seen in a browser). Stored as a ``held`` row, the reason in last_error; planned
-    # again with the session's sc once one of the customer's sessions is identified (as rows
+    # again with the session's sc once one of the customer's sessions is identified (verified,
+    # on a site with identity_secret: ``rules.held_visitors``; as rows
     # waiting for an email are), expired after ``hold_days`` like them.
     waits: str | None = None
 

@@ -161,7 +161,8 @@ def _visitor_request(ctx: PlanContext, body: dict[str, Any], key: str,
 
     ``wait`` (a backend order): without the sc but with someone to wait for (an email or a
     customer id, as every backend event has), held instead (``VendorRequest.waits``) until a
-    browser session of the customer is identified, then planned again with its sc; what it
+    browser session of the customer is identified (by a signed identify, on a site with
+    ``identity_secret``: ``rules.held_visitors``), then planned again with its sc; what it
     lacks stays in its last_error, and it expires after hold_days like any held row. The
     order is the customer's fact whenever it is told, and PurchasedItems keeps its own
     ``datetime``; ES REST gives the tracker no way to make a contact from the email alone.
