@@ -495,9 +495,12 @@ def _any_event(draw) -> tuple[str | None, str, dict]:
 # Each store's run has a clock of its own (``pg_ticks``, ``lite_ticks``): step i's millisecond
 # is the sum of its first i + 1 ticks (missing ticks: 0, the same millisecond). What the stores
 # keep may not hang on which steps shared a millisecond: two runs (under load, above all) never
-# share the same ones.
+# share the same ones. Step i goes in the batch of the step before it when ``joined[i]`` (as a
+# writer's group commit takes requests that arrive together: one ``now``), else in a batch of
+# its own (missing: its own).
 _BASE_MS = 1_700_000_000_000
 _TICKS = st.lists(st.integers(0, 1), max_size=10)
+_JOINED = st.lists(st.booleans(), max_size=10)
 
 
 def _ms(ticks: list[int], step: int) -> int:
@@ -554,6 +557,20 @@ _LATEST_IN_A_TIE = [
     (None, "backend", {"event": "identify", "user": _ANN}),
 ]
 
+# Found by this test: two sessions new in one batch, AAAA and BBBB, then BBBB active later in
+# the same millisecond. SQLite numbered new sessions in the order the batch met them (BBBB 1),
+# PostgreSQL in sc order (AAAA 1): the ``id DESC`` tie-break took BBBB on PostgreSQL, AAAA on
+# SQLite. ``last_seq`` takes BBBB on both.
+_NEW_IN_ONE_BATCH = [
+    ("SC-BBBB-0002", "browser", {"event": "add_to_cart", "ecommerce": {
+        **_T1, "items": [{"item_id": "A", "price": "2.50", "quantity": 1}]}}),
+    ("SC-AAAA-0001", "browser", {"event": "identify", "user": {"email": "ann@example.com"}}),
+    ("SC-BBBB-0002", "browser", {"event": "add_to_cart", "user": {"email": "ann@example.com"},
+                                 "ecommerce": {**_T1, "items": [
+                                     {"item_id": "A", "price": "2.50", "quantity": 1}]}}),
+    (None, "backend", {"event": "identify", "user": {"email": "ann@example.com"}}),
+]
+
 # Found by this test: an identity's fields set in one order (consent, then a customer id) and
 # copied into the next event's JSON as SQLite's cache held them, as read back from the row
 # on PostgreSQL: the same JSON, keys in another order. Both now keep the column order.
@@ -568,35 +585,48 @@ _FIELDS_IN_ANOTHER_ORDER = [
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(_any_event(), min_size=1, max_size=10), pg_ticks=_TICKS,
-       lite_ticks=_TICKS)
-@example(steps=_SAME_MILLISECOND, pg_ticks=_ALL_SAME, lite_ticks=_ALL_SAME)
-@example(steps=_LATEST_IN_A_TIE, pg_ticks=_EACH_ITS_OWN, lite_ticks=_ALL_SAME)
-@example(steps=_LATEST_IN_A_TIE, pg_ticks=_ALL_SAME, lite_ticks=_EACH_ITS_OWN)
-@example(steps=_FIELDS_IN_ANOTHER_ORDER, pg_ticks=_ALL_SAME, lite_ticks=_EACH_ITS_OWN)
+       lite_ticks=_TICKS, joined=_JOINED)
+@example(steps=_SAME_MILLISECOND, pg_ticks=_ALL_SAME, lite_ticks=_ALL_SAME, joined=[])
+@example(steps=_LATEST_IN_A_TIE, pg_ticks=_EACH_ITS_OWN, lite_ticks=_ALL_SAME, joined=[])
+@example(steps=_LATEST_IN_A_TIE, pg_ticks=_ALL_SAME, lite_ticks=_EACH_ITS_OWN, joined=[])
+@example(steps=_NEW_IN_ONE_BATCH, pg_ticks=_ALL_SAME, lite_ticks=_ALL_SAME, joined=[False, True])
+@example(steps=_FIELDS_IN_ANOTHER_ORDER, pg_ticks=_ALL_SAME, lite_ticks=_EACH_ITS_OWN, joined=[])
 def test_any_sequence_of_events_leaves_both_backends_alike(pg, steps, pg_ticks,
-                                                           lite_ticks) -> None:
+                                                           lite_ticks, joined) -> None:
     """The PostgreSQL port applies the same rules in the same order as SQLite: after any
     sequence of claims and facts, identities, sessions (carts, verification), stored events
     and planned deliveries are the same on both (GUIDs aside, which are random), whichever
-    steps of each run shared a millisecond (each batch's ``now``: the test's clock)."""
+    steps of each run shared a millisecond (each batch's ``now``: the test's clock) and
+    however they were batched."""
+    import copy
     import tempfile
     from pathlib import Path
 
     from server.store import pg_ingest, sqlite_writer
 
+    batches: list[list[tuple[int, dict, dict]]] = []  # (step, event, raw)
+    for index, (sc, source, raw) in enumerate(steps):
+        try:
+            one = event({**raw, "event_id": f"e{index}"}, sc=sc, source=source)
+        except Invalid:  # refused before the store: the same on both
+            continue
+        if batches and index < len(joined) and joined[index]:
+            batches[-1].append((index, one, raw))
+        else:
+            batches.append([(index, one, raw)])
+
     async def run(db: Backend, ticks: list[int]) -> dict:
-        step = 0
+        step = 0  # the first of the batch being written: the batch's millisecond
         with pytest.MonkeyPatch.context() as patch:
             for module in (sqlite_writer, pg_ingest):
                 patch.setattr(module, "now_ms", lambda: _ms(ticks, step))
             store = await db.open(sites(db), browser_grace_ms=600_000)
             try:
-                for step, (sc, source, raw) in enumerate(steps):
-                    try:
-                        one = event({**raw, "event_id": f"e{step}"}, sc=sc, source=source)
-                    except Invalid:  # refused before the store: the same on both
-                        continue
-                    await store.ingest("shop1", [one], [raw], SessionInfo(user_agent="UA"))
+                for batch in batches:
+                    step = batch[0][0]
+                    events = [copy.deepcopy(one) for _, one, _ in batch]  # the store adds keys
+                    await store.ingest("shop1", events, [raw for _, _, raw in batch],
+                                       SessionInfo(user_agent="UA"))
             finally:
                 await store.close()
         return await _snapshot(db)
