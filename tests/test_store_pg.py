@@ -492,10 +492,27 @@ def _any_event(draw) -> tuple[str | None, str, dict]:
     return sc, source, raw
 
 
+# Each store's run has a clock of its own (``pg_ticks``, ``lite_ticks``): step i's millisecond
+# is the sum of its first i + 1 ticks (missing ticks: 0, the same millisecond). What the stores
+# keep may not hang on which steps shared a millisecond: two runs (under load, above all) never
+# share the same ones. Step i goes in the batch of the step before it when ``joined[i]`` (as a
+# writer's group commit takes requests that arrive together: one ``now``), else in a batch of
+# its own (missing: its own).
+_BASE_MS = 1_700_000_000_000
+_TICKS = st.lists(st.integers(0, 1), max_size=10)
+_JOINED = st.lists(st.booleans(), max_size=10)
+
+
+def _ms(ticks: list[int], step: int) -> int:
+    return _BASE_MS + sum(ticks[:step + 1])
+
+
+_ALL_SAME: list[int] = []  # every step in one millisecond
+_EACH_ITS_OWN = [1] * 10  # every step in a millisecond of its own
+
 # Found by this test: two of a customer's sessions last active in the same millisecond, then a
 # backend event (no sc) that names the customer's latest session, a tie both stores must break
-# alike (later session first). Whether the tie happens depends on the clock, so this example
-# reproduces it only when the steps share a millisecond; the store has no injectable clock.
+# alike (the later session first, then; now ``rules.LATEST_SESSION_SQL``).
 _T1 = {"currency": "USD", "transaction_id": "T1"}
 _ANN = {"email": "ann@example.com", "customer_id": "C1"}
 _BOB = {"email": "bob@example.com", "first_name": "Bob"}
@@ -517,6 +534,43 @@ _SAME_MILLISECOND = [
         **_T1, "items": [{"item_id": "A", "price": "2.50", "quantity": 1}]}}),
 ]
 
+# Found by this test (flaky under load, until each store's clock was the test's): Ann's
+# sessions AAAA (created first) and BBBB, BBBB active at step 3 and AAAA at step 4, then
+# backend events naming no session (steps 6, 8: their identity's last_sc, eSputnik's
+# cookies.sc). With steps 3 and 4 in one millisecond the tie went to the session created
+# later (BBBB, ``id DESC``), in two to the one active later (AAAA): one store's run had the
+# tie, the other's not. The tie now goes to the later event (``last_seq``): AAAA either way.
+_ITEM_B = {"item_id": "B", "price": "2.50", "quantity": 3}
+_LATEST_IN_A_TIE = [
+    ("SC-AAAA-0001", "browser", {"event": "begin_checkout", "user": _ANN, "ecommerce": {
+        **_T1, "items": [_ITEM_B]}}),
+    ("SC-BBBB-0002", "browser", {"event": "add_to_cart", "user": {"email": "ann@example.com"},
+                                 "ecommerce": {**_T1, "items": [_ITEM_B]}}),
+    ("SC-AAAA-0001", "browser", {"event": "opt_in", "user": _ANN}),
+    ("SC-BBBB-0002", "browser", {"event": "page_view", "user": {"customer_id": "C1"}}),
+    ("SC-AAAA-0001", "browser", {"event": "page_view", "user": {"email": "ann@example.com"}}),
+    (None, "backend", {"event": "purchase", "user": {"customer_id": "C1"}, "ecommerce": {
+        **_T1, "items": [_ITEM_B], "value": "2.50"}}),
+    (None, "backend", {"event": "opt_in", "user": {"email": "ann@example.com"}}),
+    ("SC-AAAA-0001", "browser", {"event": "remove_from_cart", "user": {
+        "email": "ann@example.com"}, "ecommerce": {**_T1, "items": [{**_ITEM_B, "quantity": 2}]}}),
+    (None, "backend", {"event": "identify", "user": _ANN}),
+]
+
+# Found by this test: two sessions new in one batch, AAAA and BBBB, then BBBB active later in
+# the same millisecond. SQLite numbered new sessions in the order the batch met them (BBBB 1),
+# PostgreSQL in sc order (AAAA 1): the ``id DESC`` tie-break took BBBB on PostgreSQL, AAAA on
+# SQLite. ``last_seq`` takes BBBB on both.
+_NEW_IN_ONE_BATCH = [
+    ("SC-BBBB-0002", "browser", {"event": "add_to_cart", "ecommerce": {
+        **_T1, "items": [{"item_id": "A", "price": "2.50", "quantity": 1}]}}),
+    ("SC-AAAA-0001", "browser", {"event": "identify", "user": {"email": "ann@example.com"}}),
+    ("SC-BBBB-0002", "browser", {"event": "add_to_cart", "user": {"email": "ann@example.com"},
+                                 "ecommerce": {**_T1, "items": [
+                                     {"item_id": "A", "price": "2.50", "quantity": 1}]}}),
+    (None, "backend", {"event": "identify", "user": {"email": "ann@example.com"}}),
+]
+
 # Found by this test: an identity's fields set in one order (consent, then a customer id) and
 # copied into the next event's JSON as SQLite's cache held them, as read back from the row
 # on PostgreSQL: the same JSON, keys in another order. Both now keep the column order.
@@ -530,33 +584,57 @@ _FIELDS_IN_ANOTHER_ORDER = [
 
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(_any_event(), min_size=1, max_size=10))
-@example(steps=_SAME_MILLISECOND)
-@example(steps=_FIELDS_IN_ANOTHER_ORDER)
-def test_any_sequence_of_events_leaves_both_backends_alike(pg, steps) -> None:
+@given(steps=st.lists(_any_event(), min_size=1, max_size=10), pg_ticks=_TICKS,
+       lite_ticks=_TICKS, joined=_JOINED)
+@example(steps=_SAME_MILLISECOND, pg_ticks=_ALL_SAME, lite_ticks=_ALL_SAME, joined=[])
+@example(steps=_LATEST_IN_A_TIE, pg_ticks=_EACH_ITS_OWN, lite_ticks=_ALL_SAME, joined=[])
+@example(steps=_LATEST_IN_A_TIE, pg_ticks=_ALL_SAME, lite_ticks=_EACH_ITS_OWN, joined=[])
+@example(steps=_NEW_IN_ONE_BATCH, pg_ticks=_ALL_SAME, lite_ticks=_ALL_SAME, joined=[False, True])
+@example(steps=_FIELDS_IN_ANOTHER_ORDER, pg_ticks=_ALL_SAME, lite_ticks=_EACH_ITS_OWN, joined=[])
+def test_any_sequence_of_events_leaves_both_backends_alike(pg, steps, pg_ticks,
+                                                           lite_ticks, joined) -> None:
     """The PostgreSQL port applies the same rules in the same order as SQLite: after any
     sequence of claims and facts, identities, sessions (carts, verification), stored events
-    and planned deliveries are the same on both (GUIDs aside, which are random)."""
+    and planned deliveries are the same on both (GUIDs aside, which are random), whichever
+    steps of each run shared a millisecond (each batch's ``now``: the test's clock) and
+    however they were batched."""
+    import copy
     import tempfile
     from pathlib import Path
 
-    async def run(db: Backend) -> dict:
-        store = await db.open(sites(db), browser_grace_ms=600_000)
+    from server.store import pg_ingest, sqlite_writer
+
+    batches: list[list[tuple[int, dict, dict]]] = []  # (step, event, raw)
+    for index, (sc, source, raw) in enumerate(steps):
         try:
-            for index, (sc, source, raw) in enumerate(steps):
-                try:
-                    one = event({**raw, "event_id": f"e{index}"}, sc=sc, source=source)
-                except Invalid:  # refused before the store: the same on both
-                    continue
-                await store.ingest("shop1", [one], [raw], SessionInfo(user_agent="UA"))
-        finally:
-            await store.close()
+            one = event({**raw, "event_id": f"e{index}"}, sc=sc, source=source)
+        except Invalid:  # refused before the store: the same on both
+            continue
+        if batches and index < len(joined) and joined[index]:
+            batches[-1].append((index, one, raw))
+        else:
+            batches.append([(index, one, raw)])
+
+    async def run(db: Backend, ticks: list[int]) -> dict:
+        step = 0  # the first of the batch being written: the batch's millisecond
+        with pytest.MonkeyPatch.context() as patch:
+            for module in (sqlite_writer, pg_ingest):
+                patch.setattr(module, "now_ms", lambda: _ms(ticks, step))
+            store = await db.open(sites(db), browser_grace_ms=600_000)
+            try:
+                for batch in batches:
+                    step = batch[0][0]
+                    events = [copy.deepcopy(one) for _, one, _ in batch]  # the store adds keys
+                    await store.ingest("shop1", events, [raw for _, _, raw in batch],
+                                       SessionInfo(user_agent="UA"))
+            finally:
+                await store.close()
         return await _snapshot(db)
 
     with tempfile.TemporaryDirectory() as tmp:
         lite = Backend("sqlite", f"sqlite:///{Path(tmp) / 'onetag.db'}")
         asyncio.run(empty(pg))
-        assert asyncio.run(run(pg)) == asyncio.run(run(lite))
+        assert asyncio.run(run(pg, pg_ticks)) == asyncio.run(run(lite, lite_ticks))
 
 
 async def test_a_nodes_writer_process_reads_bodies_and_is_replaced_when_killed(pg) -> None:

@@ -280,6 +280,40 @@ def test_claims_under_a_fact_key_and_waiting_facts() -> None:
     assert not rules.waiting_fact_superseded(outbox.PENDING, 0, False)
 
 
+# A customer's latest session --------------------------------------------------------------
+
+_SESSIONS = st.lists(st.tuples(st.integers(0, 2), st.one_of(st.none(), st.integers(1, 6))),
+                     min_size=1, max_size=6)
+
+
+@given(_SESSIONS)
+def test_the_latest_session_is_one_order_in_memory_and_in_sql(sessions) -> None:
+    """``rules.latest_session`` (a batch's unwritten sessions) picks what
+    ``rules.LATEST_SESSION_SQL`` puts first (the stored ones): the session last active, in a
+    tie the one of the later event (``last_seq``), then the later row (no ``last_seq``)."""
+    import sqlite3
+
+    states = [SimpleNamespace(id=index + 1, last_ms=last_ms, last_seq=last_seq)
+              for index, (last_ms, last_seq) in enumerate(sessions)]
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, sc TEXT, last_ms INTEGER, "
+               "last_seq INTEGER)")
+    db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?)",
+                   [(s.id, f"SC{s.id}", s.last_ms, s.last_seq) for s in states])
+    first = db.execute(f"SELECT sc FROM sessions {rules.LATEST_SESSION_SQL} LIMIT 1").fetchone()
+    assert rules.latest_session((f"SC{s.id}", s) for s in states) == first[0]
+    assert rules.latest_session(()) is None
+
+
+def test_a_millisecond_tie_goes_to_the_later_event_not_the_newer_session() -> None:
+    older = SimpleNamespace(id=1, last_ms=5, last_seq=9)  # created first, active last
+    newer = SimpleNamespace(id=2, last_ms=5, last_seq=8)
+    unwritten = SimpleNamespace(id=None, last_ms=5, last_seq=10)  # new in this batch
+    assert rules.latest_session([("A", older), ("B", newer)]) == "A"
+    assert rules.latest_session([("B", newer), ("A", older)]) == "A"
+    assert rules.latest_session([("A", older), ("C", unwritten)]) == "C"
+
+
 # Held rows --------------------------------------------------------------------------------
 
 def test_held_rows_are_released_per_event_and_an_event_with_a_stale_row_expires() -> None:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .. import money
 from ..jsontext import loads
 from ..sessions import cart_snapshot
-from .rules import identity_fields
+from .rules import LATEST_SESSION_SQL, identity_fields
 from .sqlite import with_body
 
 SCAN_WINDOW = 200_000  # events read at most by a search without an index (newest first)
@@ -310,11 +310,12 @@ class SearchReads:
 
     async def sessions_of(self, identity_ids: Sequence[int], limit: int = SESSIONS_LIMIT
                           ) -> list[dict[str, Any]]:
-        """The identities' sessions, latest first (index ``sessions_identity``)."""
+        """The identities' sessions, latest first (``rules.LATEST_SESSION_SQL``, the order
+        a backend event's ``last_sc`` takes; index ``sessions_identity``)."""
         if not identity_ids:
             return []
         rows = await self.rows(f"SELECT * FROM sessions WHERE identity_id IN "
-                               f"({marks(identity_ids)}) ORDER BY last_ms DESC, id DESC LIMIT ?",
+                               f"({marks(identity_ids)}) {LATEST_SESSION_SQL} LIMIT ?",
                                [*identity_ids, limit])
         return [_session(row) for row in rows]
 

@@ -59,6 +59,11 @@ Request = tuple[str, Sequence[dict[str, Any]], Sequence[bytes], str | None, str 
 _UNREAD = object()  # a cart whose stored JSON has not been parsed yet
 
 
+def now_ms() -> int:
+    """A batch's clock (``PgIngestBatch.now``), as SQLite's ``sqlite_writer.now_ms``."""
+    return int(time.time() * 1000)
+
+
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -197,7 +202,7 @@ class PgIngestBatch:
         self.sites = sites
         self.hold_ms = hold_ms
         self.grace_ms = browser_grace_ms
-        self.now = int(time.time() * 1000)
+        self.now = now_ms()
         self.sessions: dict[tuple[str, str], _Session] = {}
         self.identities: dict[int, dict[str, Any]] = {}
         self.dirty: set[tuple[str, str]] = set()  # sessions to write at the next flush
@@ -548,18 +553,16 @@ class PgIngestBatch:
         return identity_id, False
 
     async def _last_sc(self, site_id: str, identity_id: int) -> str | None:
-        """The sc of the identity's most recently active session (this batch's first)."""
-        latest, latest_sc = None, None
-        for (sid, sc), state in self.sessions.items():
-            if (sid == site_id and state.identity_id == identity_id
-                    and (sid, sc) in self.dirty
-                    and (latest is None or state.last_ms >= latest.last_ms)):
-                latest, latest_sc = state, sc
-        if latest_sc is not None:
-            return latest_sc
+        """The sc of the identity's latest session (``rules.latest_session``): one written
+        in this batch and not flushed yet, else the database's (SQLite's ``_last_sc``)."""
+        latest = rules.latest_session((sc, self.sessions[(sid, sc)]) for sid, sc in self.dirty
+                                      if sid == site_id
+                                      and self.sessions[(sid, sc)].identity_id == identity_id)
+        if latest is not None:
+            return latest
         return await self.conn.fetchval(
             "SELECT sc FROM sessions WHERE site_id = $1 AND identity_id = $2 "
-            "ORDER BY last_ms DESC, id DESC LIMIT 1", site_id, identity_id)
+            f"{rules.LATEST_SESSION_SQL} LIMIT 1", site_id, identity_id)
 
     # Cart ---------------------------------------------------------------------------------
 

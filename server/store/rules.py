@@ -459,6 +459,32 @@ def orders_wanted(sites: Mapping[str, Any], events: Iterable[tuple[str, Mapping[
     return sorted(wanted)
 
 
+# A customer's latest session ---------------------------------------------------------------
+
+# What a backend event naming no session takes as the customer's session (``last_sc``:
+# eSputnik's cookies.sc), and the console's "latest first": the session last active
+# (``last_ms``); in a tie of one millisecond, the one whose event came later (``last_seq``:
+# seqs follow arrival), never the one created later (``id``, which said the other session
+# when two steps shared a millisecond, and this one when they did not: the answer hung on
+# the clock). ``id`` is left for sessions older than migration 003 (no ``last_seq``).
+# One order: LATEST_SESSION_SQL where the rows are stored, ``session_recency`` where a
+# batch holds them unwritten (``latest_session``).
+LATEST_SESSION_SQL = "ORDER BY last_ms DESC, coalesce(last_seq, 0) DESC, id DESC"
+
+
+def session_recency(session: Any) -> tuple[int, int, int]:
+    """LATEST_SESSION_SQL's order as a key (greatest: latest) of a session with ``last_ms``,
+    ``last_seq`` and ``id`` (None before the batch writes a new one: its ``last_seq``, this
+    batch's, already tells it from any other)."""
+    return session.last_ms, session.last_seq or 0, session.id or 0
+
+
+def latest_session(sessions: Iterable[tuple[str, Any]]) -> str | None:
+    """The sc of the latest of (sc, session) pairs (``session_recency``), or None."""
+    latest = max(sessions, key=lambda pair: session_recency(pair[1]), default=None)
+    return latest[0] if latest is not None else None
+
+
 # Releasing held deliveries when the session gets an email ---------------------------------
 
 class Held(NamedTuple):

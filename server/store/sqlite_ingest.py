@@ -580,19 +580,15 @@ class IngestBatch:
         return identity_id, False
 
     def _last_sc(self, site_id: str, identity_id: int) -> str | None:
-        """The sc of the identity's most recently active session: one written in this batch
-        and not flushed yet, else the database's."""
-        latest: _Session | None = None
-        latest_sc = None
-        for (sid, sc), state in self.dirty.items():
-            if sid == site_id and state.identity_id == identity_id and (
-                    latest is None or state.last_ms >= latest.last_ms):
-                latest, latest_sc = state, sc
-        if latest_sc is not None:
-            return latest_sc
+        """The sc of the identity's latest session (``rules.latest_session``): one written
+        in this batch and not flushed yet, else the database's."""
+        latest = rules.latest_session((sc, state) for (sid, sc), state in self.dirty.items()
+                                      if sid == site_id and state.identity_id == identity_id)
+        if latest is not None:
+            return latest
         row = self.conn.execute(
             "SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ? "
-            "ORDER BY last_ms DESC, id DESC LIMIT 1", (site_id, identity_id)).fetchone()
+            f"{rules.LATEST_SESSION_SQL} LIMIT 1", (site_id, identity_id)).fetchone()
         return row[0] if row else None
 
     # Cart ---------------------------------------------------------------------------------
