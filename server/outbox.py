@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from . import catalog, routing, trust
+from .events import ORDER_STATUSES
 from .vendors import VENDORS
 from .vendors._base import PlanContext, VendorRequest
 from .vendors._common import STATUS_EVENTS
@@ -63,9 +64,24 @@ def order_key(vendor: str, event: Mapping[str, Any]) -> str | None:
     return template.format(order=order) if template and order else None
 
 
+def order_update_keys(vendor: str, event: Mapping[str, Any]) -> list[str]:
+    """The dedup keys of the requests that reported to ``vendor`` the status changes of the
+    order a status change names, one a status of ``ORDER_STATUSES``: the adapter's
+    ``ORDER_UPDATES_KEY`` (``PlanContext.order_updates``). Empty for other events and
+    for a vendor that declares none."""
+    if event["name"] not in STATUS_EVENTS:
+        return []
+    template = getattr(VENDORS.get(vendor), "ORDER_UPDATES_KEY", "")
+    order = (event.get("ecommerce") or {}).get("transaction_id")
+    if not template or not order:
+        return []
+    return [template.format(order=order, status=status) for status in ORDER_STATUSES]
+
+
 def orders_wanted(site: Any, event: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(site id, vendor, dedup key) of each order request ``plan`` would hand an event's
-    adapters (``PlanContext.order``): what a store looks up before planning it."""
+    adapters (``PlanContext.order``, and ``order_updates``: ``order_update_keys``): what a
+    store looks up before planning it."""
     wanted: list[tuple[str, str, str]] = []
     if event["name"] not in STATUS_EVENTS:  # most events: no vendor is asked
         return wanted
@@ -73,6 +89,7 @@ def orders_wanted(site: Any, event: Mapping[str, Any]) -> list[tuple[str, str, s
         key = order_key(name, event)
         if key is not None:
             wanted.append((site.id, name, key))
+            wanted.extend((site.id, name, update) for update in order_update_keys(name, event))
     return wanted
 
 
@@ -117,9 +134,16 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
         if decision == "skip":
             continue
         key = order_key(name, event) if orders else None
+        updates = []
+        if key:
+            for update in order_update_keys(name, event):
+                body = orders.get((site.id, name, update))  # type: ignore[union-attr]
+                if body is not None:
+                    updates.append(body)
         context = PlanContext(site_id=site.id, vendor=vendor, currency=site.currency,
                               cart_url=site.cart_url,
-                              order=orders.get((site.id, name, key)) if key else None)
+                              order=orders.get((site.id, name, key)) if key else None,
+                              order_updates=updates)
         delay = browser_grace_ms if (event["source"] == "backend"
                                      and vendor.route(event["name"]) == "fallback") else 0
         requests: list[VendorRequest] = VENDORS[name].plan(event, context)

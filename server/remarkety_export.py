@@ -15,7 +15,8 @@ columns for a one-time import).
 The orders are the backend's facts in the database — the live backend API's and the
 backfilled ones — never a browser's claim: a purchase gives the order, its lines and
 customer; its later ``order_status``/``refund`` events its status and modification time (a
-partial refund only its financial status, ``partially_refunded``, as orders/update says it).
+partial refund only its financial status, ``partially_refunded``, as orders/update says it,
+repeating the latest status: server/vendors/remarkety.py, ``_latest_status``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def orders_from(datas: Iterable[str]) -> tuple[list[Order], int]:
             status = event.get("status") or common.DEFAULT_ORDER_STATUS
         elif common.refund_is_partial(event, *_value(order.purchase)):
             # Part of the order refunded: the order's status stays (as orders/update says
-            # it: server/vendors/remarkety.py, ``_refund_state``).
+            # it, the latest status again: server/vendors/remarkety.py, ``_refund_state``).
             order.partly_refunded, status = True, None
         else:
             status = common.order_status(event)

@@ -219,3 +219,34 @@ def test_migrate_check_lists_the_pending_migrations_and_applies_nothing(tmp_path
     with sqlite3.connect(tmp_path / "onetag.db") as db:
         assert db.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(
             migrations()) - 3  # nothing applied
+
+
+# PostgreSQL migrations run outside a transaction (pg_migrate.OUTSIDE) ----------------------
+
+def test_a_migration_outside_a_transaction_only_builds_indexes_it_can_build_again() -> None:
+    """Every PostgreSQL file that says ``-- onetag migrate: outside a transaction`` is made
+    of statements safe to run again after an interruption: each index built
+    ``CONCURRENTLY IF NOT EXISTS`` (``pg_migrate.CONCURRENT_INDEX``, whose INVALID leftover
+    the next run drops), nothing else; and no other file builds one CONCURRENTLY
+    (PostgreSQL refuses it inside a transaction)."""
+    outside = []
+    for _, name, sql in pg_migrate.migrations():
+        if pg_migrate.outside_transaction(sql):
+            outside.append(name)
+            parts = pg_migrate.statements(sql)
+            assert parts and len(parts) == len(pg_migrate.CONCURRENT_INDEX.findall(sql)), name
+            assert all(pg_migrate.CONCURRENT_INDEX.match(part) for part in parts), name
+        else:
+            assert "CONCURRENTLY" not in sql.upper(), name
+    assert "038_retention.sql" in outside
+
+
+@given(st.lists(st.from_regex(r"[A-Za-z0-9_ (),'=]{1,40}", fullmatch=True)
+                .filter(lambda text: text.strip() and not text.lstrip().startswith("--")),
+                min_size=1, max_size=5),
+       st.lists(st.from_regex(r"[^\n\r]{0,30}", fullmatch=True), max_size=3))
+def test_statements_are_a_files_parts_between_semicolons_without_comment_lines(
+        parts: list[str], comments: list[str]) -> None:
+    lines = [f"-- {comment}" for comment in comments]
+    sql = "\n".join(lines + [part + ";" for part in parts])
+    assert pg_migrate.statements(sql) == [part.strip() for part in parts]

@@ -90,13 +90,12 @@ async def test_a_status_change_and_a_refund_carry_the_order_as_created(backend) 
     check_remarkety(sent[("remarkety", "orders/update:1001:cancelled")], created, "cancelled",
                     "2025-11-25T16:00:00+00:00")
     # The refund's 5.00 and its one line are the refund's, never the order's; a partial
-    # refund leaves the order's status alone and says so in financial_status.
+    # refund repeats the order's latest status (status.name is mandatory) and says so in
+    # financial_status.
     partial = sent[("remarkety", "orders/update:1001:partially_refunded:rf-1001")]
     assert partial.pop("financial_status") == {"code": "partially_refunded",
                                                "name": "partially_refunded"}
-    assert "status" not in partial
-    check_remarkety({**partial, "status": created["status"]}, created, "completed",
-                    "2025-11-26T16:00:00+00:00")
+    check_remarkety(partial, created, "cancelled", "2025-11-26T16:00:00+00:00")
     placed = sent[("sendlane", "order-placed:1001")]
     check_sendlane(sent[("sendlane", "order-placed:1001:cancelled")], placed, "cancelled")
     # Sendlane's per-product events read line_items: a refund naming one line sends that
@@ -108,6 +107,57 @@ async def test_a_status_change_and_a_refund_carry_the_order_as_created(backend) 
                                       if line["product_id"] == "SKU-435"]
     assert refunded["event_id"] == key.removeprefix("order-placed:")
     assert refunded["total"] == placed["total"] and refunded["status"] == "refunded"
+
+
+async def test_a_partial_refund_repeats_the_latest_status_not_the_creation_one(backend) -> None:
+    """purchase -> order_status fulfilled -> partial refund: the refund's orders/update
+    carries status fulfilled (Remarkety's order requires status.name; the creation's
+    completed would undo the fulfilment), stored or planned earlier in the same batch, as
+    the Remarkety orders export states the order; an order whose id starts with the
+    other's and a colon ("1001:2") lends it nothing; a status change of an order never
+    seen is as before (``test_an_order_never_seen_keeps_the_partial_update``)."""
+    from server.remarkety_export import orders_from, rows
+
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        await ingest(store, purchase("1001"), purchase("1001:2"), purchase("3003"))
+        await ingest(store, status("fulfilled", order="1001"))
+        await ingest(store, status("cancelled", order="1001:2"))
+        await ingest(store, refund("1001"), refund("1001:2"))
+        # one batch: the status change planned before the refund, not stored yet
+        await ingest(store, status("processing", order="3003"), refund("3003"))
+        # a later status, then another partial refund: the latest again
+        await ingest(store, status("completed", order="1001", at=T0 + 2 * DAY + 1000))
+        second = {**refund("1001"), "event_id": "rf-1001-b", "time_ms": T0 + 2 * DAY + 2000}
+        await ingest(store, second)
+    finally:
+        await store.close()
+    sent = await bodies(backend)
+    expect = {"orders/update:1001:partially_refunded:rf-1001": "fulfilled",
+              "orders/update:1001:2:partially_refunded:rf-1001:2": "cancelled",
+              "orders/update:3003:partially_refunded:rf-3003": "processing",
+              "orders/update:1001:partially_refunded:rf-1001-b": "completed"}
+    for key, name in expect.items():
+        body = sent[("remarkety", key)]
+        assert body["status"] == {"code": name, "name": name}, key
+        assert body["financial_status"]["code"] == "partially_refunded", key
+        assert body["line_items"] == sent[("remarkety", "orders/create:" + body["id"])][
+            "line_items"], key
+    events = [encode_data(data) for (data,) in await backend.rows(
+        "SELECT data FROM events ORDER BY seq")]
+    exported = {row["order_id"]: row for row in (next(rows(order))
+                                                 for order in orders_from(events)[0])}
+    assert {order: row["order_status"] for order, row in exported.items()} == {
+        "1001": "completed", "1001:2": "cancelled", "3003": "processing"}
+    assert {row["order_financial_status"] for row in exported.values()} == {
+        "partially_refunded"}
+
+
+def encode_data(data) -> str:
+    from server.jsontext import encode
+
+    return data if isinstance(data, str) else (
+        data.decode() if isinstance(data, bytes) else encode(data))
 
 
 async def test_rejoiner_journeys_stop_for_a_whole_refund_not_a_partial_one(backend) -> None:

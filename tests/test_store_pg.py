@@ -79,6 +79,91 @@ async def test_a_node_refuses_a_schema_not_current_and_migrate_applies_it_once(
                               "ORDER BY version") == declared
 
 
+FINISHED = "deliveries_finished"  # migration 038's index, built CONCURRENTLY
+
+
+async def _until_waiting(conn, but: int) -> int:
+    """The pid of the session of this database (other than ``but``) waiting for a lock."""
+    for _ in range(200):
+        pid = await conn.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid <> $1 AND pid <> pg_backend_pid()", but)
+        if pid:
+            return pid
+        await asyncio.sleep(0.05)
+    raise AssertionError("no session waited for a lock")
+
+
+async def test_migration_038_builds_its_index_concurrently_and_ingest_inserts_meanwhile(
+        empty_database) -> None:
+    """038 runs outside a transaction (``-- onetag migrate: outside a transaction``) and
+    builds deliveries_finished CONCURRENTLY: while the build waits for an ingest
+    transaction in flight, another insert into deliveries still gets its lock at once (a
+    plain CREATE INDEX queues a SHARE lock every insert then waits behind). A build
+    interrupted (cancelled) leaves the index INVALID and 038 unrecorded; the next migrate
+    drops it, builds it again and records 038; a valid index built by hand under the name
+    is kept."""
+    import asyncpg
+
+    from server.store import pg_migrate
+
+    name = "038_retention.sql"
+    [(version, _, sql)] = [m for m in pg_migrate.migrations() if m[1] == name]
+    assert pg_migrate.outside_transaction(sql)
+    assert pg_migrate.CONCURRENT_INDEX.findall(sql) == [FINISHED]
+    await pg_migrate.migrate_url(empty_database)
+    backend = Backend("postgresql", empty_database)
+
+    async def unapply() -> None:  # the schema as before 038
+        await _admin_in(backend, f"DROP INDEX {FINISHED}",
+                        f"DELETE FROM schema_migrations WHERE version = {version}")
+
+    async def index() -> tuple[bool, str] | None:
+        row = await backend.rows(
+            "SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+            "WHERE i.indexrelid = to_regclass($1)", FINISHED)
+        return tuple(row[0]) if row else None
+
+    async def recorded() -> list:
+        return await backend.rows("SELECT name, compatible_from FROM schema_migrations "
+                                  "WHERE version = $1", version)
+
+    assert (await index())[0] and await recorded() == [(name, 0)]
+    await unapply()
+    ingest, other, watch = [await asyncpg.connect(empty_database) for _ in range(3)]
+    try:
+        # An ingest transaction in flight: it holds deliveries' ROW EXCLUSIVE lock.
+        busy = ingest.transaction()
+        await busy.start()
+        await ingest.execute("LOCK TABLE deliveries IN ROW EXCLUSIVE MODE")
+        migrating = asyncio.create_task(pg_migrate.migrate_url(empty_database))
+        builder = await _until_waiting(watch, await ingest.fetchval("SELECT pg_backend_pid()"))
+        # Another insert meanwhile: its lock is granted at once (NOWAIT: never queued).
+        async with other.transaction():
+            await other.execute("LOCK TABLE deliveries IN ROW EXCLUSIVE MODE NOWAIT")
+        # The build interrupted: cancelled while it waits.
+        await watch.execute("SELECT pg_cancel_backend($1)", builder)
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await migrating
+        await busy.rollback()
+        assert (await index())[0] is False and await recorded() == []  # INVALID, unrecorded
+        # Run again: the INVALID index dropped and built again, 038 recorded.
+        assert await pg_migrate.migrate_url(empty_database) == [name]
+        valid, definition = await index()
+        assert valid and "(created_ms)" in definition and "WHERE" in definition, definition
+        assert await recorded() == [(name, 0)]
+        # Built by hand beforehand (docs/postgresql.md): kept, the same index, recorded.
+        await unapply()
+        await watch.execute(sql.split("\n-- onetag migrate: outside a transaction\n")[1])
+        oid = await watch.fetchval("SELECT to_regclass($1)::oid", FINISHED)
+        assert await pg_migrate.migrate_url(empty_database) == [name]
+        assert await watch.fetchval("SELECT to_regclass($1)::oid", FINISHED) == oid
+        assert await recorded() == [(name, 0)]
+    finally:
+        for conn in (ingest, other, watch):
+            await conn.close()
+
+
 async def test_synchronous_commit_is_on_for_the_stores_connections(pg) -> None:
     store = await pg.open(pg.settings())
     try:

@@ -1,6 +1,25 @@
 """PostgreSQL migrations: ``pg_migrations/NNN_name.sql``, applied in order, each in its own
 transaction and recorded in ``schema_migrations`` as SQLite's are.
 
+A file with the line ``-- onetag migrate: outside a transaction`` (``OUTSIDE``) is run
+statement by statement outside one, for what PostgreSQL refuses inside a transaction block:
+``CREATE INDEX CONCURRENTLY``, which builds an index on a big table without the SHARE lock
+a plain ``CREATE INDEX`` holds for the whole build (inserts, so ingest, wait for it). Such a
+file holds plain statements separated by ``;`` (no function bodies, no ``;`` in a literal:
+``statements``), each safe to run again, since a crash or an error between two of them
+leaves the file half applied and unrecorded: ``CREATE INDEX CONCURRENTLY IF NOT EXISTS``
+(an index already built, by an earlier run or by hand under the same name, is kept). A
+concurrent build that failed leaves its index behind INVALID (never used, but maintained on
+every insert), which IF NOT EXISTS would keep too: before the file runs again, each index it
+creates that exists INVALID is dropped (``DROP INDEX CONCURRENTLY``). The file is recorded
+in a transaction of its own once every statement succeeded.
+
+Two migrators at once take turns on ``MIGRATE_LOCK``, a session-level advisory lock held
+for the whole run and polled (``pg_try_advisory_lock``, one autocommitted statement at a
+time) rather than waited for inside a transaction: a concurrent build waits for every
+transaction that had a snapshot older than it to end, and a second migrator's transaction
+left open while it waits for the lock would never end, an undetected deadlock.
+
 Not applied by ``onetag serve`` or ``worker`` at start (several of them may start at once
 against one database, and a schema change is the operator's step): they ``check`` and
 refuse to run on a schema that is not current; ``onetag migrate`` applies what is pending.
@@ -10,7 +29,9 @@ A newer release's migrations are run on when each is recorded compatible with th
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import re
 import time
 from importlib import resources
 from typing import Any
@@ -18,9 +39,17 @@ from typing import Any
 from . import compat
 from .base import SchemaNotCurrent, newer_schema
 
-# Any constant of our own: every migrator takes this transaction-level advisory lock, so two
+# Any constant of our own: every migrator takes this session-level advisory lock, so two
 # ``onetag migrate`` run at once apply each file once (the second waits, then sees it done).
 MIGRATE_LOCK = 0x0_07E7A6_15
+LOCK_POLL_S = 0.05
+
+# A migration file run outside a transaction (module docstring): a comment line of its own.
+OUTSIDE = re.compile(r"^--\s*onetag migrate:\s*outside a transaction\s*$", re.MULTILINE)
+# The indexes such a file builds concurrently: only IF NOT EXISTS, so a re-run skips one built.
+CONCURRENT_INDEX = re.compile(
+    r"\bCREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+([a-z_][a-z0-9_]*)\b",
+    re.IGNORECASE)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -88,44 +117,97 @@ def known_versions() -> tuple[int, ...]:
     return tuple(version for version, _, _ in migrations())
 
 
+def outside_transaction(sql: str) -> bool:
+    """Whether a migration file is run outside a transaction (``OUTSIDE``)."""
+    return OUTSIDE.search(sql) is not None
+
+
+def statements(sql: str) -> list[str]:
+    """A file run outside a transaction as its statements: comment lines dropped, split on
+    ``;`` (such a file holds no function body and no ``;`` in a literal)."""
+    lines = re.split(r"[\n\r]", sql)  # where PostgreSQL ends a comment (not splitlines)
+    text = "\n".join(line for line in lines if not line.lstrip(" \t").startswith("--"))
+    return [part.strip() for part in text.split(";") if part.strip()]
+
+
+async def _lock(conn: Any) -> None:
+    """``MIGRATE_LOCK`` for the session, polled by single statements outside a transaction
+    (module docstring)."""
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATE_LOCK):
+        await asyncio.sleep(LOCK_POLL_S)
+
+
+async def _unlock(conn: Any) -> None:
+    if not conn.is_closed():
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK)
+
+
+async def _recorded(conn: Any, version: int) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1",
+                                    version))
+
+
+async def _record(conn: Any, version: int, name: str, declared: int) -> None:
+    if await _declared(conn):
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name, applied_ms, "
+            "compatible_from) VALUES ($1, $2, $3, $4)",
+            version, name, int(time.time() * 1000), declared)
+    else:
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name, applied_ms) "
+            "VALUES ($1, $2, $3)", version, name, int(time.time() * 1000))
+
+
+async def _apply_outside(conn: Any, version: int, name: str, sql: str, declared: int) -> None:
+    """One file run outside a transaction (module docstring)."""
+    for index in (found.lower() for found in CONCURRENT_INDEX.findall(sql)):
+        # An interrupted or failed concurrent build's leftover: built again below.
+        if await conn.fetchval("SELECT NOT i.indisvalid FROM pg_index i "
+                               "WHERE i.indexrelid = to_regclass($1)", index):
+            await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{index}"')
+    for statement in statements(sql):
+        await conn.execute(statement)
+    async with conn.transaction():
+        await _record(conn, version, name, declared)
+
+
 async def migrate(conn: Any) -> list[str]:
     """Apply the pending migrations, each in a transaction with its record (and its
-    declaration, once migration 040 made the column); their names. Every file's
-    declaration is read first: one missing applies nothing."""
+    declaration, once migration 040 made the column), or outside one for a file that says
+    so (``_apply_outside``); their names. Every file's declaration is read first: one
+    missing applies nothing. The session holds ``MIGRATE_LOCK`` throughout: a second
+    migrator waits, then finds them applied."""
     declared = {version: compat.compatible_from(name, sql)
                 for version, name, sql in migrations()}
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
-        await conn.execute(_TABLE)
-    made = []
-    for version, name, sql in migrations():
+    await _lock(conn)
+    try:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
-            if await conn.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1",
-                                   version):
+            await conn.execute(_TABLE)
+        made = []
+        for version, name, sql in migrations():
+            if await _recorded(conn, version):
                 continue
-            await conn.execute(sql)  # several statements: the simple query protocol
-            if await _declared(conn):
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_ms, "
-                    "compatible_from) VALUES ($1, $2, $3, $4)",
-                    version, name, int(time.time() * 1000), declared[version])
+            if outside_transaction(sql):
+                await _apply_outside(conn, version, name, sql, declared[version])
             else:
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_ms) "
-                    "VALUES ($1, $2, $3)", version, name, int(time.time() * 1000))
-        made.append(name)
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
-        # The rows a release without the column wrote get their files' declarations.
-        await conn.execute(
-            "UPDATE schema_migrations s SET compatible_from = f.floor "
-            "FROM unnest($1::int[], $2::text[], $3::int[]) AS f(version, name, floor) "
-            "WHERE s.version = f.version AND s.name = f.name AND s.compatible_from IS NULL",
-            [version for version, _, _ in migrations()],
-            [name for _, name, _ in migrations()],
-            [declared[version] for version, _, _ in migrations()])
-    return made
+                async with conn.transaction():
+                    await conn.execute(sql)  # several statements: the simple query protocol
+                    await _record(conn, version, name, declared[version])
+            made.append(name)
+        async with conn.transaction():
+            # The rows a release without the column wrote get their files' declarations.
+            await conn.execute(
+                "UPDATE schema_migrations s SET compatible_from = f.floor "
+                "FROM unnest($1::int[], $2::text[], $3::int[]) AS f(version, name, floor) "
+                "WHERE s.version = f.version AND s.name = f.name "
+                "AND s.compatible_from IS NULL",
+                [version for version, _, _ in migrations()],
+                [name for _, name, _ in migrations()],
+                [declared[version] for version, _, _ in migrations()])
+        return made
+    finally:
+        await _unlock(conn)
 
 
 def create_hint(role: str) -> str:

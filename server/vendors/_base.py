@@ -24,6 +24,10 @@ and, when a status change (order_status, refund) must repeat the order it change
     ORDER_KEY: str = ""                  # the dedup key of its purchase request ("{order}":
                                          # the order id); the store then plans the status
                                          # change with that request's body (PlanContext.order)
+    ORDER_UPDATES_KEY: str = ""          # the dedup key of its status change requests
+                                         # ("{order}", "{status}": one of events.
+                                         # ORDER_STATUSES); the store then hands it their
+                                         # bodies too (PlanContext.order_updates)
 
 A 401/403 is reported as a key problem naming the vendor's secret setting (``KEY_SETTING``,
 else its first ``secret`` setting).
@@ -34,7 +38,7 @@ Its browser half is ``templates/vendors/<name>.js.j2``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 ROUTING_MODES = ("browser", "server", "both", "fallback", "off")
 
@@ -107,6 +111,13 @@ class PlanContext:
     # store in the ingest transaction. None when no such request was ever planned (the
     # store never saw the purchase) or the adapter declares no ``ORDER_KEY``.
     order: Mapping[str, Any] | None = None
+    # The same event's order's status changes as onetag reported them to this vendor: the
+    # JSON bodies of the deliveries under the adapter's ``ORDER_UPDATES_KEY`` for the order
+    # and each status of ``events.ORDER_STATUSES`` (one request a status: the key), looked
+    # up with ``order``, a row the same batch planned before this event included, chosen
+    # as ``order`` is; in the vocabulary's order, not in time's. Empty when none was or the
+    # adapter declares no ``ORDER_UPDATES_KEY``.
+    order_updates: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ Routing defaults (``DEFAULT_ROUTES``):
                                orders/update where it was sent differently, docs/mapping.md)
     order_status, refund
                      server    orders/update: the order as orders/create sent it (lines,
-                               totals, created_at), with the new status on top
+                               totals, created_at), with the new status on top (a partial
+                               refund: the latest status onetag sent, ORDER_UPDATES_KEY)
     product_updated  server    products/update, one per product
     unsubscribe, opt_in
                      server    newsletter/unsubscribe; customers/update accepts_marketing=true
@@ -76,6 +77,10 @@ RETRY_ANY_NON_2XX = True
 # The order a status change repeats (orders/update is orders/create's format): the store
 # hands ``_order_updated`` the body stored under this key (``PlanContext.order``).
 ORDER_KEY = "orders/create:{order}"
+# ... and the key of its status changes (``_order_updated``'s, one a status), whose bodies
+# the store hands it too (``PlanContext.order_updates``): a partial refund repeats the
+# latest status.
+ORDER_UPDATES_KEY = "orders/update:{order}:{status}"
 
 DEFAULT_ROUTES = {
     "page_view": "off",
@@ -300,8 +305,11 @@ def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
     (id, updated_at, status, customer) and Remarkety keeps the lines and totals it has.
 
     Refunds (``_refund_state``): a refund of the whole order sets ``status`` refunded and
-    ``financial_status`` refunded; a partial refund only ``financial_status``
-    partially_refunded, under a key of its own per refund.
+    ``financial_status`` refunded; a partial refund sets ``financial_status``
+    partially_refunded, under a key of its own per refund, and repeats the order's latest
+    status as onetag reported it (``_latest_status``): ``status.name`` is mandatory on an
+    order (RM events), and the status the order was created with would undo a later
+    fulfilment.
     """
     ecom = c.ecommerce(event)
     order = ecom["transaction_id"]
@@ -313,7 +321,7 @@ def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
         "updated_at": c.iso_time(event["time_ms"]),
         "email": who.get("email"),
         "customer": _order_customer(event),
-        "status": None if partial else {"code": status, "name": status},
+        "status": _latest_status(order, ctx) if partial else {"code": status, "name": status},
         "financial_status": _refund_state(status, partial),
     })
     if ctx.order:
@@ -323,8 +331,7 @@ def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
             body["customer"] = {**body["customer"],
                                 "created_at": known.get("created_at",
                                                         body["customer"]["created_at"])}
-        body = {**{k: v for k, v in ctx.order.items() if not (partial and k == "status")},
-                **body}
+        body = {**ctx.order, **body}
     key = f"orders/update:{order}:{status}"
     if partial:
         key = f"orders/update:{order}:{PARTIALLY_REFUNDED}:{c.event_ref(event)}"
@@ -334,6 +341,28 @@ def _order_updated(event: dict[str, Any], ctx: PlanContext) -> VendorRequest:
 PARTIALLY_REFUNDED = "partially_refunded"
 
 
+def _latest_status(order: Any, ctx: PlanContext) -> dict[str, Any] | None:
+    """The ``status`` object of the order as onetag last reported it to Remarkety: that of
+    its latest status change (``PlanContext.order_updates``: the one with the latest
+    ``updated_at``, the status event's time, as the Remarkety orders export orders them),
+    else that of its orders/create (``PlanContext.order``); None for an order onetag never
+    reported, which then goes without one, as before."""
+    latest: str | None = None
+    found = None
+    for update in ctx.order_updates:
+        status = update.get("status")
+        if (str(update.get("id")) != str(order) or not isinstance(status, dict)
+                or not status.get("name")):
+            continue
+        when = str(update.get("updated_at") or "")
+        if latest is None or when > latest:
+            latest, found = when, status
+    if found is None and ctx.order:
+        created = ctx.order.get("status")
+        found = created if isinstance(created, dict) and created.get("name") else None
+    return dict(found) if found is not None else None
+
+
 def _refund_state(status: str | None, partial: bool) -> dict[str, str] | None:
     """``financial_status`` of an orders/update: what a refund did to the order's money.
 
@@ -341,8 +370,9 @@ def _refund_state(status: str | None, partial: bool) -> dict[str, str] | None:
     name mandatory) and ``financial_status`` {code, name}, and lists no fixed vocabulary for
     either: the platform's own codes go there (Remarkety's Magento connector sends the
     store's status code and label). A partial refund does not refund the order: its
-    ``status`` is left as Remarkety has it (not sent: the status the order was created with
-    would undo a later fulfilment) and its ``financial_status`` says partially_refunded
+    ``status`` is the order's latest as onetag reported it (``_latest_status``; the status
+    the order was created with would undo a later fulfilment, and none at all would leave
+    out a mandatory field) and its ``financial_status`` says partially_refunded
     (UNCONFIRMED, chosen: the code Shopify's order JSON, whose field names Remarkety's
     order JSON reuses, gives a partially refunded order); a refund of the whole order (or an
     order_status refunded) says refunded in both. None for other statuses.

@@ -8,8 +8,8 @@ real SQLite file and the fake vendors over loopback.
   retry of the same backend event (same event_id) stays one.
 - Remarkety's order JSON (built-in events reference, orders/create; orders/update is "the
   same format") has ``status`` and ``financial_status`` objects: a partial refund does not
-  refund the order, so its status is not "refunded"; its financial_status says partially
-  refunded.
+  refund the order, so its status is not "refunded" but the order's latest as onetag sent it
+  (``status.name`` is mandatory on an order); its financial_status says partially refunded.
 """
 
 from __future__ import annotations
@@ -83,25 +83,31 @@ async def test_a_refund_of_the_whole_order_is_one_fact(tmp_path, fake) -> None:
     assert [r.json["event_id"] for r in fake.requests("sendlane")] == [
         "1001", "1001:refunded:rf-1", "1001:refunded"]
     assert [r.json.get("status") for r in fake.requests("remarkety")] == [
-        {"code": "completed", "name": "completed"}, None,
-        {"code": "refunded", "name": "refunded"}]
+        {"code": "completed", "name": "completed"},  # partial: the order's status again
+        {"code": "completed", "name": "completed"}, {"code": "refunded", "name": "refunded"}]
 
 
 async def test_a_partial_refund_does_not_mark_the_remarkety_order_refunded(tmp_path,
                                                                           fake) -> None:
-    found = await run(tmp_path, fake, [order()],
+    fulfilled = {"event": "order_status", "event_id": "st-1", "transaction_id": "1001",
+                 "status": "fulfilled", "user": {"email": EMAIL}}
+    found = await run(tmp_path, fake, [order()], [fulfilled],
                       [refund("rf-1", items=[item("SKU-1", "10.00", 1)])], [refund("rf-2")])
-    created, *updates = [r.json for r in fake.requests("remarkety")]
+    created, shipped, *updates = [r.json for r in fake.requests("remarkety")]
     assert [r.headers["x-event-type"] for r in fake.requests("remarkety")] == [
-        "orders/create", "orders/update", "orders/update"]
+        "orders/create", "orders/update", "orders/update", "orders/update"]
+    assert shipped["status"] == {"code": "fulfilled", "name": "fulfilled"}
     for body in updates:
-        assert "status" not in body  # the order's own status is left as Remarkety has it
+        # The order's latest status again (status.name is mandatory), not the creation's
+        # completed, which would undo the fulfilment.
+        assert body["status"] == shipped["status"]
         assert body["financial_status"] == {"code": "partially_refunded",
                                             "name": "partially_refunded"}
         for field in ("line_items", "created_at", "subtotal_price", "total_price"):
             assert body[field] == created[field], field  # the order's, not the refund's
     assert {r["dedup_key"] for r in found if r["vendor"] == "remarkety"} == {
-        "orders/create:1001", "orders/update:1001:partially_refunded:rf-1",
+        "orders/create:1001", "orders/update:1001:fulfilled",
+        "orders/update:1001:partially_refunded:rf-1",
         "orders/update:1001:partially_refunded:rf-2"}
     # A refund of the whole order: refunded, in both.
     await run(tmp_path, fake, [refund("rf-9", value="50.00")])

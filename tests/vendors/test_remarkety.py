@@ -146,8 +146,10 @@ def test_order_status_updates_the_order_with_what_is_known():
     refunded = remarkety.plan(event("refund", ecommerce=ecommerce(PEN, value=435,
                                                                   transaction_id="1001"),
                                     identity=WHO), CTX)[0]
-    # A refund naming items refunds part of the order: not "refunded" (the order's status
-    # is left as Remarkety has it), financial_status partially_refunded, a key per refund.
+    # A refund naming items refunds part of the order: not "refunded", financial_status
+    # partially_refunded, a key per refund. Of an order onetag never reported (no
+    # orders/create, no status change: CTX has neither) it knows no status to repeat, so
+    # none is sent, and Remarkety keeps the one it has.
     assert "status" not in refunded.json
     assert refunded.json["financial_status"] == {"code": "partially_refunded",
                                                  "name": "partially_refunded"}
@@ -184,18 +186,49 @@ def test_order_status_repeats_the_order_as_created_with_the_new_status():
     assert req.dedup_key == "orders/update:1001:fulfilled"
     refunded = remarkety.plan({**event("refund", ecommerce=ecommerce(
         PEN, value=435, transaction_id="1001"), identity=WHO), "time_ms": T_MS + 2 * day}, ctx)[0]
-    assert "status" not in refunded.json  # partial: not the order's creation status again
+    # Partial, and no status change reported yet: the order's status as orders/create sent
+    # it (status.name is mandatory on an order, RM events).
+    assert refunded.json["status"] == created["status"] == {"code": "completed",
+                                                            "name": "completed"}
     assert refunded.json["financial_status"]["code"] == "partially_refunded"
     assert (refunded.json["total_price"], refunded.json["line_items"]) == (
         37.74, [MUG_LINE, PEN_LINE])  # the order's, not the refund's 4.35
+    # After the fulfilment (its orders/update body, ``PlanContext.order_updates``): the
+    # partial refund repeats fulfilled, never the creation status that would undo it.
+    fulfilled = dataclasses.replace(ctx, order_updates=[req.json])
     # No items, a value below the order's 30.00: partial too; the order's value: whole.
-    for value, status in ((435, None), (3000, {"code": "refunded", "name": "refunded"})):
-        [req] = remarkety.plan({**event("refund", ecommerce=ecommerce(
-            value=value, transaction_id="1001"), identity=WHO), "time_ms": T_MS + 2 * day}, ctx)
-        assert req.json.get("status") == status, value
-        assert req.json["financial_status"]["code"] == (
-            "partially_refunded" if status is None else "refunded")
+    partly = {"code": "fulfilled", "name": "fulfilled"}
+    for value, status in ((435, partly), (3000, {"code": "refunded", "name": "refunded"})):
+        [again] = remarkety.plan({**event("refund", ecommerce=ecommerce(
+            value=value, transaction_id="1001"), identity=WHO), "time_ms": T_MS + 2 * day},
+            fulfilled)
+        assert again.json["status"] == status, value
+        assert again.json["financial_status"]["code"] == (
+            "partially_refunded" if status is partly else "refunded")
     assert remarkety.ORDER_KEY.format(order="1001") == "orders/create:1001"
+    assert remarkety.ORDER_UPDATES_KEY.format(order="1001", status="fulfilled") == req.dedup_key
+
+
+def test_a_partial_refund_repeats_the_latest_status_reported():
+    """The latest by the status event's time (``updated_at``), as the orders export orders
+    them, not by the order the store hands them in; another order's body is none of its;
+    without an orders/create the latest status change still gives it."""
+    def update(status: str, when: str, order: str = "1001") -> dict:
+        return {"id": order, "updated_at": when, "status": {"code": status, "name": status}}
+    refund = event("refund", ecommerce=ecommerce(PEN, value=435, transaction_id="1001"),
+                   identity=WHO)
+    cases = [
+        ([update("fulfilled", "2025-11-26T10:00:00+00:00"),
+          update("processing", "2025-11-25T10:00:00+00:00")], "fulfilled"),
+        ([update("processing", "2025-11-25T10:00:00+00:00"),
+          update("cancelled", "2025-11-26T10:00:00+00:00")], "cancelled"),
+        ([update("processing", "2025-11-25T10:00:00+00:00"),
+          update("cancelled", "2025-11-26T10:00:00+00:00", order="1001:x")], "processing"),
+    ]
+    for updates, status in cases:
+        [req] = remarkety.plan(refund, dataclasses.replace(CTX, order_updates=updates))
+        assert req.json["status"] == {"code": status, "name": status}, updates
+        assert "line_items" not in req.json  # no orders/create: only what is known
 
 
 def test_product_updated_sends_one_product_each():
