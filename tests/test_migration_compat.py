@@ -4,6 +4,7 @@ migrated. PostgreSQL's nodes (health check, start-up, ingest): tests/test_store_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sqlite3
@@ -241,12 +242,46 @@ def test_a_migration_outside_a_transaction_only_builds_indexes_it_can_build_agai
     assert "038_retention.sql" in outside
 
 
-@given(st.lists(st.from_regex(r"[A-Za-z0-9_ (),'=]{1,40}", fullmatch=True)
-                .filter(lambda text: text.strip() and not text.lstrip().startswith("--")),
-                min_size=1, max_size=5),
+# A statement's text: words, and literals (a quote doubled inside) holding no ';'.
+PART = st.lists(st.from_regex(r"[A-Za-z0-9_ (),=]{1,20}", fullmatch=True)
+                | st.from_regex(r"'(?:[A-Za-z0-9 ,()=-]|''){0,10}'", fullmatch=True),
+                min_size=1, max_size=4).map("".join).filter(lambda text: text.strip())
+
+
+@given(st.lists(PART, min_size=1, max_size=5),
        st.lists(st.from_regex(r"[^\n\r]{0,30}", fullmatch=True), max_size=3))
 def test_statements_are_a_files_parts_between_semicolons_without_comment_lines(
         parts: list[str], comments: list[str]) -> None:
     lines = [f"-- {comment}" for comment in comments]
     sql = "\n".join(lines + [part + ";" for part in parts])
     assert pg_migrate.statements(sql) == [part.strip() for part in parts]
+
+
+@given(st.lists(PART, min_size=1, max_size=3), st.integers(0, 2),
+       st.sampled_from(["-- a; b", "/* a; b */", "'a;b'", '"a;b"', "'open", "$$ a; b $$",
+                        "$body$ SELECT 1; $body$"]))
+def test_statements_refuses_a_file_it_would_split_wrongly(
+        parts: list[str], where: int, odd: str) -> None:
+    """What ``statements`` does not parse (a comment after a statement, a ``;`` quoted, a
+    function body) makes it refuse the file, naming it, rather than split it wrongly."""
+    lines = [part + ";" for part in parts]
+    at = min(where, len(lines) - 1)
+    lines[at] = lines[at][:-1] + " " + odd + ";"
+    with pytest.raises(ValueError, match="split on ';' alone"):
+        pg_migrate.statements("\n".join(lines))
+
+
+def test_migrate_refuses_a_file_outside_a_transaction_it_would_split_wrongly(
+        monkeypatch) -> None:
+    """Before it takes its lock or applies anything, naming the file."""
+    files = [(38, "038_retention.sql", "-- onetag migrate: outside a transaction\n"
+              "CREATE INDEX CONCURRENTLY IF NOT EXISTS x ON t (a); -- then; more\n")]
+    monkeypatch.setattr(pg_migrate, "migrations", lambda: files)
+    monkeypatch.setattr(pg_migrate.compat, "compatible_from", lambda name, sql: 0)
+
+    class NoConnection:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"the database was used: {name}")
+
+    with pytest.raises(ValueError, match="^038_retention.sql: .* cannot hold '-- then; more"):
+        asyncio.run(pg_migrate.migrate(NoConnection()))

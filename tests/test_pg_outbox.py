@@ -304,3 +304,88 @@ async def test_a_claim_carries_outcomes_and_sees_them(db) -> None:
     assert states == {first: "delivered", second: "pending", other: "pending"}
     assert await admin.fetchval("SELECT count(*) FROM attempts WHERE delivery_id = $1",
                                 first) == 1
+
+
+async def until_waiting(admin: Any) -> None:
+    """Until a session of the test's database waits for a lock (the finish under test)."""
+    for _ in range(250):
+        if await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the finish never waited for a lock")
+
+
+async def delivered_with_one_attempt_each(admin: Any, ids: list[int]) -> None:
+    rows = await admin.fetch("SELECT id, state FROM deliveries ORDER BY id")
+    assert [tuple(row) for row in rows] == [(row, "delivered") for row in ids]
+    kept = await admin.fetch("SELECT delivery_id FROM attempts ORDER BY delivery_id")
+    assert [row["delivery_id"] for row in kept] == ids
+
+
+async def test_a_batch_with_a_late_outcome_and_an_erasure_do_not_deadlock(db) -> None:
+    """A batch whose late outcome (a final row) is below a current one of the same person,
+    against ``onetag person forget`` locking the person's deliveries in id order (store/
+    person.py): the finish (migration 041) locks its batch's rows in one pass in id order,
+    so it waits for the erasure instead of PostgreSQL aborting one of them (the forwarder
+    then sent the whole batch, other customers' outcomes too, again after its lease)."""
+    import asyncpg
+
+    url, admin, worker = db
+    late_id, current_id = await add_rows(admin, [("sc:a", "late"), ("sc:a", "current")])
+    await admin.execute("UPDATE deliveries SET state = 'delivered' WHERE id = $1", late_id)
+    await admin.execute("UPDATE deliveries SET claim_token = 99, lease_until = $2 "
+                        "WHERE id = $1", current_id, NOW + LEASE)
+    forwarder = await worker()
+    attempt = Attempt(1, NOW, 5, {"method": "POST"}, 200, {"body": "ok"})
+    outcomes = [Outcome(late_id, "delivered", attempt=attempt, lease=1),
+                Outcome(current_id, "delivered", attempt=attempt, lease=99)]
+    forget = await asyncpg.connect(url)
+    try:
+        erasing = forget.transaction()
+        await erasing.start()
+        await forget.execute("SELECT id FROM deliveries WHERE id = $1 FOR UPDATE", late_id)
+        finishing = asyncio.create_task(forwarder.finish(outcomes, NOW))
+        await until_waiting(admin)  # for the erasure's lock on the late row
+        # The erasure's lock of the person's rows, in id order, as gather(lock=True).
+        await asyncio.wait_for(forget.execute(
+            "SELECT id FROM deliveries WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
+            [late_id, current_id]), 5)
+        assert not finishing.done()
+        await erasing.commit()
+        await asyncio.wait_for(finishing, 5)
+    finally:
+        await forget.close()
+    await delivered_with_one_attempt_each(admin, [late_id, current_id])
+
+
+async def test_a_finish_chosen_as_a_deadlock_s_victim_runs_once_more(db) -> None:
+    """Another transaction locking the batch's rows against the id order (row 10, then 7,
+    while the finish holds 7 and waits for 10): PostgreSQL aborts the finish (40P01), whose
+    one statement is rolled back whole, and the store runs it once more: the outcome and
+    its attempt are written once, and the forwarder does not drop the batch."""
+    import asyncpg
+
+    url, admin, worker = db
+    first, second = await add_rows(admin, [("sc:a", "first"), ("sc:b", "second")])
+    await admin.execute("UPDATE deliveries SET claim_token = id, lease_until = $1",
+                        NOW + LEASE)
+    forwarder = await worker()
+    attempt = Attempt(1, NOW, 5, {"method": "POST"}, 200, {"body": "ok"})
+    outcomes = [Outcome(row, "delivered", attempt=attempt, lease=row) for row in (first, second)]
+    other = await asyncpg.connect(url)
+    try:
+        await other.execute("SET deadlock_timeout = '10s'")  # the finish detects it first
+        locking = other.transaction()
+        await locking.start()
+        await other.execute("SELECT id FROM deliveries WHERE id = $1 FOR UPDATE", second)
+        finishing = asyncio.create_task(forwarder.finish(outcomes, NOW))
+        await until_waiting(admin)  # holding the first row, for the second
+        await asyncio.wait_for(other.execute(
+            "SELECT id FROM deliveries WHERE id = $1 FOR UPDATE", first), 10)
+        await locking.commit()
+        await asyncio.wait_for(finishing, 10)
+    finally:
+        await other.close()
+    await delivered_with_one_attempt_each(admin, [first, second])

@@ -164,6 +164,50 @@ async def test_migration_038_builds_its_index_concurrently_and_ingest_inserts_me
             await conn.close()
 
 
+async def test_a_lost_connection_leaves_038_building_and_the_next_migrate_says_it_waits(
+        pg_database, monkeypatch, capsys) -> None:
+    """A migrator whose connection is lost during 038's concurrent build: the server keeps
+    building (and holding ``MIGRATE_LOCK``; docs/postgresql.md). The next ``onetag
+    migrate`` waits for it, saying so on stderr after ``LOCK_SAY_AFTER_S``, naming the
+    builder's pid; then it keeps the (valid) index and records 038."""
+    import asyncpg
+
+    from server.store import pg_migrate
+
+    monkeypatch.setattr(pg_migrate, "LOCK_SAY_AFTER_S", 0.2)
+    await _admin_in(Backend("postgresql", pg_database), f"DROP INDEX {FINISHED}",
+                    "DELETE FROM schema_migrations WHERE version = 38")
+    ingest, watch, lost = [await asyncpg.connect(pg_database) for _ in range(3)]
+    try:
+        busy = ingest.transaction()  # an ingest transaction in flight: the build waits
+        await busy.start()
+        await ingest.execute("LOCK TABLE deliveries IN ROW EXCLUSIVE MODE")
+        migrating = asyncio.create_task(pg_migrate.migrate(lost))
+        builder = await _until_waiting(watch, await ingest.fetchval("SELECT pg_backend_pid()"))
+        lost.terminate()  # the client goes away; the server's session does not notice yet
+        with pytest.raises((asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError)):
+            await migrating
+        capsys.readouterr()
+        again = asyncio.create_task(pg_migrate.migrate_url(pg_database))
+        for _ in range(200):
+            said = capsys.readouterr().err
+            if said:
+                break
+            await asyncio.sleep(0.05)
+        assert said.startswith("onetag migrate: waiting for another onetag migrate (pid "
+                               f"{builder}, "), said
+        assert "CREATE INDEX CONCURRENTLY" in said, said
+        assert not again.done()
+        await busy.rollback()
+        assert await asyncio.wait_for(again, 30) == ["038_retention.sql"]
+        assert await watch.fetchval("SELECT indisvalid FROM pg_index "
+                                    "WHERE indexrelid = to_regclass($1)", FINISHED)
+        assert capsys.readouterr().err == ""  # said once
+    finally:
+        for conn in (ingest, watch):
+            await conn.close()
+
+
 async def test_synchronous_commit_is_on_for_the_stores_connections(pg) -> None:
     store = await pg.open(pg.settings())
     try:

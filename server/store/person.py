@@ -47,8 +47,8 @@ received the person's data, as is every vendor that was tried and did not answer
 late outcome changes nothing, and its attempt is not kept (both finishes skip a delivery
 whose visitor is ``erased``; SQLite's writer, PostgreSQL's ``onetag_finish``, migration
 041): it would name the person where nothing finds it again. On PostgreSQL ``gather(lock=
-True)`` locks the deliveries before reading their attempts, and the finish holds the row of
-each attempt it writes: one commits first and the other sees it.
+True)`` locks the deliveries (in id order) before reading their attempts, and the finish
+first locks its batch's rows, in id order too: one commits first and the other sees it.
 """
 
 from __future__ import annotations
@@ -383,9 +383,10 @@ def gather(d: Dialect, who: Selector, lock: bool = False, hint: Scanned | None =
 
     seqs = tuple(sorted(events))
     if seqs:
-        # Locked (PostgreSQL) before their attempts are read: a forwarder's finish that
-        # writes an attempt holds its row (pg_migrations/041), so it either committed
-        # before, and its attempt is read here, or waits and then finds the row erased.
+        # Locked (PostgreSQL) before their attempts are read: a forwarder's finish locks
+        # its batch's rows first, in id order as here (pg_migrations/041), so it either
+        # committed before, and its attempt is read here, or waits and then finds the row
+        # erased.
         person.deliveries = yield Query(
             f"SELECT {_columns(DELIVERY_COLUMNS)} FROM deliveries WHERE event_seq IN ? "
             "ORDER BY id" + (d.for_update if lock else ""), (Many(seqs, "bigint"),))

@@ -5,8 +5,9 @@ A file with the line ``-- onetag migrate: outside a transaction`` (``OUTSIDE``) 
 statement by statement outside one, for what PostgreSQL refuses inside a transaction block:
 ``CREATE INDEX CONCURRENTLY``, which builds an index on a big table without the SHARE lock
 a plain ``CREATE INDEX`` holds for the whole build (inserts, so ingest, wait for it). Such a
-file holds plain statements separated by ``;`` (no function bodies, no ``;`` in a literal:
-``statements``), each safe to run again, since a crash or an error between two of them
+file holds plain statements separated by ``;``, comments only on lines of their own (no
+comment after a statement, no function bodies, no ``;`` in a literal: ``statements``, which
+refuses such a file), each safe to run again, since a crash or an error between two of them
 leaves the file half applied and unrecorded: ``CREATE INDEX CONCURRENTLY IF NOT EXISTS``
 (an index already built, by an earlier run or by hand under the same name, is kept). A
 concurrent build that failed leaves its index behind INVALID (never used, but maintained on
@@ -17,8 +18,13 @@ in a transaction of its own once every statement succeeded.
 Two migrators at once take turns on ``MIGRATE_LOCK``, a session-level advisory lock held
 for the whole run and polled (``pg_try_advisory_lock``, one autocommitted statement at a
 time) rather than waited for inside a transaction: a concurrent build waits for every
-transaction that had a snapshot older than it to end, and a second migrator's transaction
-left open while it waits for the lock would never end, an undetected deadlock.
+transaction that had a snapshot older than it to end, so a second migrator waiting for the
+lock inside a transaction and the first one's build would wait for each other. PostgreSQL
+detects that deadlock (tried on PostgreSQL 15: the waiting migrator fails with 40P01 after
+``deadlock_timeout``, and the build goes on), so the second would fail instead of waiting
+its turn; polled, it waits, saying after ``LOCK_SAY_AFTER_S`` whom for (``_lock``). A
+lost connection does not release the lock while the server still runs the migrator's
+statement (a concurrent build goes on to its end): the next migrator waits for it.
 
 Not applied by ``onetag serve`` or ``worker`` at start (several of them may start at once
 against one database, and a schema change is the operator's step): they ``check`` and
@@ -32,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import sys
 import time
 from importlib import resources
 from typing import Any
@@ -43,6 +50,7 @@ from .base import SchemaNotCurrent, newer_schema
 # ``onetag migrate`` run at once apply each file once (the second waits, then sees it done).
 MIGRATE_LOCK = 0x0_07E7A6_15
 LOCK_POLL_S = 0.05
+LOCK_SAY_AFTER_S = 3.0  # a wait for another migrator longer than this is said (``_lock``)
 
 # A migration file run outside a transaction (module docstring): a comment line of its own.
 OUTSIDE = re.compile(r"^--\s*onetag migrate:\s*outside a transaction\s*$", re.MULTILINE)
@@ -123,18 +131,66 @@ def outside_transaction(sql: str) -> bool:
 
 
 def statements(sql: str) -> list[str]:
-    """A file run outside a transaction as its statements: comment lines dropped, split on
-    ``;`` (such a file holds no function body and no ``;`` in a literal)."""
+    """A file run outside a transaction as its statements: whole comment lines (``--`` first
+    on the line) dropped, the rest split on every ``;``. That is all it knows of SQL, so such
+    a file holds no comment after a statement on its line (``SELECT 1; -- a; b``), no block
+    comment, no function body (``$$``) and no ``;`` inside a literal or a quoted name: a
+    file with one is refused (``ValueError``, naming it) rather than split wrongly."""
     lines = re.split(r"[\n\r]", sql)  # where PostgreSQL ends a comment (not splitlines)
     text = "\n".join(line for line in lines if not line.lstrip(" \t").startswith("--"))
+    for found in _TOKEN.finditer(text):
+        token = found.group()
+        if token[:2] in ("--", "/*") or token[0] == "$" or (
+                token[0] in "'\"" and (";" in token or len(token) < 2 or token[-1] != token[0])):
+            raise ValueError(
+                "a migration run outside a transaction is split on ';' alone "
+                f"(pg_migrate.statements), and cannot hold {text[found.start():][:40]!r}")
     return [part.strip() for part in text.split(";") if part.strip()]
 
 
-async def _lock(conn: Any) -> None:
+# ``statements``' check: quoted literals and names (whole, or an unterminated quote to its
+# end), comment starts, dollar quotes; the rest skipped.
+_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|--|/\*|\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$""")
+
+
+async def _lock(conn: Any, say: Any = None) -> None:
     """``MIGRATE_LOCK`` for the session, polled by single statements outside a transaction
-    (module docstring)."""
+    (module docstring). Still waiting after ``LOCK_SAY_AFTER_S``, it says so once, naming
+    the holder (``holder``) through ``say`` (default: stderr, where ``onetag migrate``
+    reports): a wait can be long (another migrator's concurrent index build, which a lost
+    connection does not stop) and was silent."""
+    started = time.monotonic()
+    said = False
     while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATE_LOCK):
+        if not said and time.monotonic() - started >= LOCK_SAY_AFTER_S:
+            said = True
+            (say or _stderr)(f"onetag migrate: waiting for another onetag migrate "
+                             f"({await holder(conn)}) to finish ...")
         await asyncio.sleep(LOCK_POLL_S)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def holder(conn: Any) -> str:
+    """Who holds ``MIGRATE_LOCK`` in this database: its server process's pid and what it
+    runs, as far as this role may see it (``pg_stat_activity`` hides another role's query)."""
+    row = await conn.fetchrow(
+        "SELECT l.pid, a.application_name, a.state, left(a.query, 80) AS query "
+        "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1 AND l.objid = $2 "
+        "AND l.objsubid = 1 AND l.database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())",
+        MIGRATE_LOCK >> 32, MIGRATE_LOCK & 0xFFFF_FFFF)
+    if row is None:
+        return "its pid not found: it may just have finished"
+    said = [f"pid {row['pid']}"]
+    if row["application_name"]:
+        said.append(row["application_name"])
+    if row["query"] and row["query"] != "<insufficient privilege>":
+        said.append(f"{row['state']}: {' '.join(row['query'].split())}")
+    return ", ".join(said)
 
 
 async def _unlock(conn: Any) -> None:
@@ -176,10 +232,17 @@ async def migrate(conn: Any) -> list[str]:
     """Apply the pending migrations, each in a transaction with its record (and its
     declaration, once migration 040 made the column), or outside one for a file that says
     so (``_apply_outside``); their names. Every file's declaration is read first: one
-    missing applies nothing. The session holds ``MIGRATE_LOCK`` throughout: a second
-    migrator waits, then finds them applied."""
+    missing applies nothing, nor does a file outside a transaction that ``statements``
+    refuses. The session holds ``MIGRATE_LOCK`` throughout: a second migrator waits, then
+    finds them applied."""
     declared = {version: compat.compatible_from(name, sql)
                 for version, name, sql in migrations()}
+    for _, name, sql in migrations():
+        if outside_transaction(sql):
+            try:
+                statements(sql)  # one it would split wrongly is refused before anything runs
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
     await _lock(conn)
     try:
         async with conn.transaction():

@@ -34,7 +34,7 @@ from . import deadletters, outbox_rules, retention, rules
 from .base import Delivery, Outcome, StoreUnavailable
 from .deadletters import OLDEST_PENDING, ReplayFilter
 from .pg_ingest import load_orders
-from .pg_writer import drop_if_failed, is_database_failure, must_drop
+from .pg_writer import drop_if_failed, is_database_failure, must_drop, sqlstate
 from .rules import identity_fields
 
 log = logging.getLogger("onetag.store")
@@ -85,6 +85,11 @@ CLAIM_ANY_VENDOR = claim_sql("AND $2::text IS NULL")
 # and still this claim's; its attempt is kept either way (it happened), but for a delivery
 # erased since (``onetag person forget``: visitor 'erased'; migration 041), whose attempt
 # would name the person where nothing finds it again.
+# A deadlock's victim (one statement, so its whole transaction, rolled back) is run once
+# more: the finish takes its rows in id order (041), as the erasure does, but a lock taken
+# otherwise (an operator's transaction) would make the forwarder drop the batch's outcomes
+# and send every row of it again after its lease.
+DEADLOCK = "40P01"
 FINISH = ("SELECT onetag_finish($1::bigint[], $2::text[], $3::bigint[], $4::text[], "
           "$5::bigint[], $6, $7::bigint[], $8::int[], $9::bigint[], $10::bigint[], $11::text[], "
           "$12::int[], $13::text[], $14::text[])")
@@ -140,8 +145,9 @@ class PostgresOutbox:
         if not outcomes or chosen is None or len(chosen) != 1 or limit <= 0:
             await self.finish(outcomes, now_ms)
             return await self.claim(now_ms, lease_ms, limit, chosen)
-        return self._deliveries(await self._fetch(
-            FINISH_CLAIM, *self._finish_args(outcomes, now_ms), chosen[0], limit, lease_ms))
+        args = (*self._finish_args(outcomes, now_ms), chosen[0], limit, lease_ms)
+        return self._deliveries(await self._on_connection(
+            lambda conn: conn.fetch(FINISH_CLAIM, *args), deadlock_retries=1))
 
     @staticmethod
     def _deliveries(rows: list[Any]) -> list[Delivery]:
@@ -156,7 +162,8 @@ class PostgresOutbox:
     async def finish(self, outcomes: Sequence[Outcome], now_ms: int) -> None:
         if not outcomes:
             return
-        await self._execute(FINISH, *self._finish_args(outcomes, now_ms))
+        args = self._finish_args(outcomes, now_ms)
+        await self._on_connection(lambda conn: conn.execute(FINISH, *args), deadlock_retries=1)
 
     @staticmethod
     def _finish_args(outcomes: Sequence[Outcome], now_ms: int) -> list[Any]:
@@ -523,17 +530,22 @@ class PostgresOutbox:
     async def _execute(self, sql: str, *args: Any) -> str:
         return await self._on_connection(lambda conn: conn.execute(sql, *args))
 
-    async def _on_connection(self, call: Any) -> Any:
+    async def _on_connection(self, call: Any, deadlock_retries: int = 0) -> Any:
         """``call(conn)`` on a pooled connection; a connection whose database failed is
         not kept (``pg_writer.drop_if_failed``: a read-only session would outlive the
-        database becoming writable again)."""
+        database becoming writable again). A call of one statement outside a transaction
+        may be run again after PostgreSQL chose it as a deadlock's victim (40P01), at most
+        ``deadlock_retries`` times: the statement's whole transaction was rolled back."""
         try:
             async with self.pool.acquire() as conn:
-                try:
-                    return await call(conn)
-                except Exception as exc:
-                    drop_if_failed(conn, exc)
-                    raise
+                for attempt in range(deadlock_retries + 1):
+                    try:
+                        return await call(conn)
+                    except Exception as exc:
+                        if sqlstate(exc) == DEADLOCK and attempt < deadlock_retries:
+                            continue
+                        drop_if_failed(conn, exc)
+                        raise
         except Exception as exc:
             if is_database_failure(exc):  # not the statement: waited out, said once
                 raise _unavailable(exc) from exc
