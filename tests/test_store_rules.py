@@ -34,6 +34,16 @@ def test_an_unverified_claim_keeps_only_the_email_and_binds_by_it() -> None:
     fact = _event("identify", "backend", user={"email": "a@x.com", "customer_id": "C1"})
     rules.identity_step(fact, False, None, {})
     assert "customer_id_dropped" not in fact and fact["user"]["customer_id"] == "C1"
+    # Signed, the rest is kept but not the customer id: the signature signs the email only.
+    signed = _event("identify", trust.VERIFIED,
+                    user={"email": "a@x.com", "first_name": "A", "customer_id": "C1"})
+    step = rules.identity_step(signed, False, None, {})
+    assert step == rules.IdentityStep(rules.TRUSTED, "a@x.com")
+    assert signed["user"] == {"email": "a@x.com", "first_name": "A"}
+    assert signed["customer_id_dropped"] is True
+    only = _event("purchase", trust.VERIFIED, user={"customer_id": "C1"})
+    assert rules.identity_step(only, True, 7, {"email": "a@x.com"}).kind == rules.KEEP
+    assert only["user"] is None and only["customer_id_dropped"] is True
 
 
 def test_a_consent_claim_binds_nobody_and_a_claim_of_the_own_email_looks_nothing_up() -> None:

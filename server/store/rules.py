@@ -69,11 +69,13 @@ def identity_step(event: dict[str, Any], session_verified: bool, current_id: int
     """Decide ``event``'s identity step; changes the event as the rule says.
 
     A browser event from a session whose identity is verified, about that identity,
-    counts as verified (its ``source`` becomes ``verified browser``). Of an unverified
-    event only the email is kept (``event["user"]`` is cut to it; a ``customer_id`` it
-    sent is marked ``customer_id_dropped``, so a vendor needing one can say why it has
-    none), and it binds nothing when the event is about consent (it names whoever it names,
-    not this visitor).
+    counts as verified (its ``source`` becomes ``verified browser``). A browser event's
+    ``customer_id`` is never kept, signed or not: the signature signs the email only, so
+    a customer id comes only from the backend (it is removed from ``event["user"]`` and
+    the event marked ``customer_id_dropped``, so a vendor needing one can say why it has
+    none). Of an unverified event only the email is kept (``event["user"]`` is cut to
+    it), and it binds nothing when the event is about consent (it names whoever it
+    names, not this visitor).
     """
     user = event.get("user") or {}
     if (event["source"] == trust.BROWSER and session_verified and current_id is not None
@@ -82,10 +84,13 @@ def identity_step(event: dict[str, Any], session_verified: bool, current_id: int
         event["source"] = trust.VERIFIED
     trusted = trust.trusted(event)
     email = user.get("email")
+    if trust.is_claim(event) and user.get("customer_id"):
+        # Never a key to an identity from a browser: Sendlane's row says why it has none.
+        user = {key: value for key, value in user.items() if key != "customer_id"}
+        event["user"] = user or None
+        event["customer_id_dropped"] = True
     if not trusted:
         event["user"] = {"email": email} if email else None
-        if user.get("customer_id"):  # never kept from a claim; Sendlane's row says why
-            event["customer_id_dropped"] = True
         if not email or event["name"] in trust.CONSENT_EVENTS:
             email = None
     if not (user.get("email") or user.get("customer_id")) or (not trusted and not email):
