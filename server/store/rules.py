@@ -484,9 +484,28 @@ def session_recency(session: Any) -> tuple[int, int, int]:
     return session.last_ms, session.last_seq or 0, session.id or 0
 
 
-def latest_session(sessions: Iterable[tuple[str, Any]]) -> str | None:
-    """The sc of the latest of (sc, session) pairs (``session_recency``), or None."""
-    latest = max(sessions, key=lambda pair: session_recency(pair[1]), default=None)
+def last_sc_verified_only(site: Any) -> bool:
+    """Whether ``last_sc`` is taken only from verified sessions (``verified = 1``: bound by
+    a signed identify): on a site with ``identity_secret``, a session bound by a typed email
+    proves nothing (anyone may type the customer's email before the backend reports their
+    order), so it never gets the backend's events; with none verified, a backend eSputnik
+    order waits (held) for one. A site without a secret has no proof to ask for: any
+    session bound to the customer (docs/security.md)."""
+    return site.identity_secret is not None
+
+
+def last_sc_sql(verified_only: bool) -> str:
+    """The tail of ``SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ?`` that
+    picks ``last_sc`` (``last_sc_verified_only``; ``latest_session`` for unwritten rows)."""
+    return ("AND verified = 1 " if verified_only else "") + LATEST_SESSION_SQL + " LIMIT 1"
+
+
+def latest_session(sessions: Iterable[tuple[str, Any]], verified_only: bool = False
+                   ) -> str | None:
+    """The sc of the latest of (sc, session) pairs (``session_recency``), or None; with
+    ``verified_only``, of those whose ``verified`` is 1 (``last_sc_sql``)."""
+    latest = max((pair for pair in sessions if not verified_only or pair[1].verified == 1),
+                 key=lambda pair: session_recency(pair[1]), default=None)
     return latest[0] if latest is not None else None
 
 
