@@ -107,7 +107,7 @@ CLAIMABLE_FIELDS = ("email", "first_name", "last_name", "phone")
 
 def claimed_fields(user: dict[str, Any] | None) -> dict[str, Any]:
     """A new identity's fields from an unverified browser (docs/security.md): who they say
-    they are, never marketing consent nor a customer id, which only the backend or a signed
-    identify state."""
+    they are, never marketing consent (which only the backend or a signed identify states)
+    nor a customer id (which only the backend states)."""
     user = user or {}
     return {key: user[key] for key in CLAIMABLE_FIELDS if user.get(key)}  # (in field order)

@@ -141,6 +141,59 @@ async def test_without_identity_secret_a_typed_email_still_releases_it(backend) 
     assert state == "pending" and body["GeneralInfo"]["cookies"] == {"sc": OTHER_SC}
 
 
+async def test_on_a_signing_site_a_typed_email_before_the_order_does_not_get_it(
+        backend) -> None:
+    """Found by review: on a site with ``identity_secret`` a backend order naming no session
+    took the customer's latest session even when only a typed email bound it, so a browser
+    that typed the customer's email before the backend reported the order got the order
+    with its cookie. There ``last_sc`` comes only from verified sessions
+    (``rules.last_sc_verified_only``): the order waits for one, and the customer's signed
+    identify releases it with that session's sc; a later order takes the verified session,
+    not a typed one active since, in the same batch or not."""
+    store = await backend.open(backend.settings(identity_secret=SECRET, **VENDORS))
+    info = SessionInfo(user_agent="UA")
+    mine = "A11CE000-94FB-4D83-9655-3FEB3C4114A3"
+    try:
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-1")], [{}], info)
+        await store.ingest("shop1", [order("1001", "a@b.co")], [{}], info)
+        [(state, error)] = [(state, error) for key, state, error, _ in await deliveries(backend)
+                            if key == "PurchasedItems:1001"]
+        assert state == "held" and "held until one is identified" in error
+        await store.ingest("shop1", [identify("a@b.co", mine, "a-1", signed=True)], [{}], info)
+        # The typist is active again, later than the verified session; then two orders.
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-2")], [{}], info)
+        await store.ingest("shop1", [order("1002", "a@b.co")], [{}], info)
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-3"),
+                                     order("1003", "a@b.co")], [{}, {}], info)
+    finally:
+        await store.close()
+    rows = {key: (state, body) for key, state, _, body in await deliveries(backend)
+            if key.startswith("PurchasedItems")}
+    assert sorted(rows) == ["PurchasedItems:1001", "PurchasedItems:1002", "PurchasedItems:1003"]
+    for state, body in rows.values():
+        assert state == "pending" and body["GeneralInfo"]["cookies"] == {"sc": mine}
+    last = {event_id: loads(data)["identity"].get("last_sc") for event_id, data in
+            await backend.rows("SELECT event_id, data FROM events WHERE source = 'backend'")}
+    assert last == {"o-1001": None, "o-1002": mine, "o-1003": mine}
+
+
+async def test_without_identity_secret_a_typed_session_is_the_latest_as_before(
+        backend) -> None:
+    """A site without ``identity_secret`` has no proof to ask for: a backend order naming no
+    session takes the latest session bound to its customer, typed or not (docs/security.md
+    says what that allows)."""
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-1")], [{}],
+                           SessionInfo("UA"))
+        await store.ingest("shop1", [order("1001", "a@b.co")], [{}], SessionInfo("UA"))
+    finally:
+        await store.close()
+    [(state, body)] = [(state, body) for key, state, _, body in await deliveries(backend)
+                       if key.startswith("PurchasedItems")]
+    assert state == "pending" and body["GeneralInfo"]["cookies"] == {"sc": OTHER_SC}
+
+
 # The customer's latest session (``rules.LATEST_SESSION_SQL``) -------------------------------
 
 AAAA, BBBB = "SC-AAAA-0001", "SC-BBBB-0002"  # AAAA created first: the lower id

@@ -113,10 +113,10 @@ async def test_a_browser_never_sets_a_customer_id_nor_consent(backend) -> None:
                               "FROM identities") == [("eve@example.com", None, "+15550001", None)]
 
 
-async def test_sendlane_says_a_browsers_customer_id_was_dropped_for_want_of_a_signature(
-        backend) -> None:
+async def test_sendlane_says_a_browsers_customer_id_was_dropped(backend) -> None:
     """A page sent user.customer_id in an unsigned identify: Sendlane's customer-added row
-    says why it has none (the identify was not signed), not that none is known."""
+    says why it has none (a browser's is never kept: it comes from the backend), not that
+    none is known (signed: tests/test_trust_customer_id.py)."""
     store = await backend.open(backend.settings(
         sendlane={"integration_token": "t", "api_token": "k"}))
     try:
@@ -131,7 +131,7 @@ async def test_sendlane_says_a_browsers_customer_id_was_dropped_for_want_of_a_si
                               "WHERE d.dedup_key LIKE '%customer-added:%' ORDER BY e.event_id")
     [(_, unsigned_state, unsigned), (_, plain_state, plain)] = rows
     assert unsigned_state == plain_state == "ignored"
-    assert "was not signed" in unsigned and "identity_secret" in unsigned
+    assert "never kept, signed or not" in unsigned
     assert "backend" in unsigned and "C-42" not in unsigned
     assert plain.endswith("and none is known")
     assert await backend.rows("SELECT customer_id FROM identities") == [(None,), (None,)]

@@ -34,6 +34,16 @@ def test_an_unverified_claim_keeps_only_the_email_and_binds_by_it() -> None:
     fact = _event("identify", "backend", user={"email": "a@x.com", "customer_id": "C1"})
     rules.identity_step(fact, False, None, {})
     assert "customer_id_dropped" not in fact and fact["user"]["customer_id"] == "C1"
+    # Signed, the rest is kept but not the customer id: the signature signs the email only.
+    signed = _event("identify", trust.VERIFIED,
+                    user={"email": "a@x.com", "first_name": "A", "customer_id": "C1"})
+    step = rules.identity_step(signed, False, None, {})
+    assert step == rules.IdentityStep(rules.TRUSTED, "a@x.com")
+    assert signed["user"] == {"email": "a@x.com", "first_name": "A"}
+    assert signed["customer_id_dropped"] is True
+    only = _event("purchase", trust.VERIFIED, user={"customer_id": "C1"})
+    assert rules.identity_step(only, True, 7, {"email": "a@x.com"}).kind == rules.KEEP
+    assert only["user"] is None and only["customer_id_dropped"] is True
 
 
 def test_a_consent_claim_binds_nobody_and_a_claim_of_the_own_email_looks_nothing_up() -> None:
@@ -283,27 +293,37 @@ def test_claims_under_a_fact_key_and_waiting_facts() -> None:
 
 # A customer's latest session --------------------------------------------------------------
 
-_SESSIONS = st.lists(st.tuples(st.integers(0, 2), st.one_of(st.none(), st.integers(1, 6))),
+_SESSIONS = st.lists(st.tuples(st.integers(0, 2), st.one_of(st.none(), st.integers(1, 6)),
+                               st.sampled_from([None, 1])),
                      min_size=1, max_size=6)
 
 
-@given(_SESSIONS)
-def test_the_latest_session_is_one_order_in_memory_and_in_sql(sessions) -> None:
+@given(_SESSIONS, st.booleans())
+def test_the_latest_session_is_one_order_in_memory_and_in_sql(sessions, verified_only) -> None:
     """``rules.latest_session`` (a batch's unwritten sessions) picks what
-    ``rules.LATEST_SESSION_SQL`` puts first (the stored ones): the session last active, in a
-    tie the one of the later event (``last_seq``), then the later row (no ``last_seq``)."""
+    ``rules.last_sc_sql`` (``LATEST_SESSION_SQL``) puts first (the stored ones): the session
+    last active, in a tie the one of the later event (``last_seq``), then the later row (no
+    ``last_seq``); with ``verified_only`` (a site with ``identity_secret``), of the verified
+    sessions only, none when none is."""
     import sqlite3
 
-    states = [SimpleNamespace(id=index + 1, last_ms=last_ms, last_seq=last_seq)
-              for index, (last_ms, last_seq) in enumerate(sessions)]
+    states = [SimpleNamespace(id=index + 1, last_ms=last_ms, last_seq=last_seq,
+                              verified=verified)
+              for index, (last_ms, last_seq, verified) in enumerate(sessions)]
     db = sqlite3.connect(":memory:")
     db.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, sc TEXT, last_ms INTEGER, "
-               "last_seq INTEGER)")
-    db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?)",
-                   [(s.id, f"SC{s.id}", s.last_ms, s.last_seq) for s in states])
-    first = db.execute(f"SELECT sc FROM sessions {rules.LATEST_SESSION_SQL} LIMIT 1").fetchone()
-    assert rules.latest_session((f"SC{s.id}", s) for s in states) == first[0]
+               "last_seq INTEGER, verified INTEGER)")
+    db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+                   [(s.id, f"SC{s.id}", s.last_ms, s.last_seq, s.verified) for s in states])
+    first = db.execute("SELECT sc FROM sessions WHERE 1 = 1 "
+                       f"{rules.last_sc_sql(verified_only)}").fetchone()
+    assert rules.latest_session(((f"SC{s.id}", s) for s in states), verified_only) == (
+        first[0] if first else None)
+    if verified_only:
+        assert first is None or states[int(first[0][2:]) - 1].verified == 1
     assert rules.latest_session(()) is None
+    assert rules.last_sc_verified_only(SimpleNamespace(identity_secret="s" * 32))
+    assert not rules.last_sc_verified_only(SimpleNamespace(identity_secret=None))
 
 
 def test_a_millisecond_tie_goes_to_the_later_event_not_the_newer_session() -> None:

@@ -388,7 +388,7 @@ class PgIngestBatch:
             self.dirty.add(key)
         identity, binding = await self._identity(site.id, event)
         if identity and not sc:
-            identity["last_sc"] = await self._last_sc(site.id, identity["id"])
+            identity["last_sc"] = await self._last_sc(site, identity["id"])
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
@@ -552,17 +552,20 @@ class PgIngestBatch:
         self.identities[identity_id] = known_since(fields, row["created_ms"])
         return identity_id, False
 
-    async def _last_sc(self, site_id: str, identity_id: int) -> str | None:
-        """The sc of the identity's latest session (``rules.latest_session``): one written
-        in this batch and not flushed yet, else the database's (SQLite's ``_last_sc``)."""
-        latest = rules.latest_session((sc, self.sessions[(sid, sc)]) for sid, sc in self.dirty
-                                      if sid == site_id
-                                      and self.sessions[(sid, sc)].identity_id == identity_id)
+    async def _last_sc(self, site: Any, identity_id: int) -> str | None:
+        """The sc of the identity's latest session (``rules.latest_session``, verified only
+        where ``rules.last_sc_verified_only``): one written in this batch and not flushed
+        yet, else the database's (SQLite's ``_last_sc``)."""
+        site_id, verified_only = site.id, rules.last_sc_verified_only(site)
+        latest = rules.latest_session(((sc, self.sessions[(sid, sc)]) for sid, sc in self.dirty
+                                       if sid == site_id
+                                       and self.sessions[(sid, sc)].identity_id == identity_id),
+                                      verified_only)
         if latest is not None:
             return latest
         return await self.conn.fetchval(
             "SELECT sc FROM sessions WHERE site_id = $1 AND identity_id = $2 "
-            f"{rules.LATEST_SESSION_SQL} LIMIT 1", site_id, identity_id)
+            f"{rules.last_sc_sql(verified_only)}", site_id, identity_id)
 
     # Cart ---------------------------------------------------------------------------------
 

@@ -69,11 +69,13 @@ def identity_step(event: dict[str, Any], session_verified: bool, current_id: int
     """Decide ``event``'s identity step; changes the event as the rule says.
 
     A browser event from a session whose identity is verified, about that identity,
-    counts as verified (its ``source`` becomes ``verified browser``). Of an unverified
-    event only the email is kept (``event["user"]`` is cut to it; a ``customer_id`` it
-    sent is marked ``customer_id_dropped``, so a vendor needing one can say why it has
-    none), and it binds nothing when the event is about consent (it names whoever it names,
-    not this visitor).
+    counts as verified (its ``source`` becomes ``verified browser``). A browser event's
+    ``customer_id`` is never kept, signed or not: the signature signs the email only, so
+    a customer id comes only from the backend (it is removed from ``event["user"]`` and
+    the event marked ``customer_id_dropped``, so a vendor needing one can say why it has
+    none). Of an unverified event only the email is kept (``event["user"]`` is cut to
+    it), and it binds nothing when the event is about consent (it names whoever it
+    names, not this visitor).
     """
     user = event.get("user") or {}
     if (event["source"] == trust.BROWSER and session_verified and current_id is not None
@@ -82,10 +84,13 @@ def identity_step(event: dict[str, Any], session_verified: bool, current_id: int
         event["source"] = trust.VERIFIED
     trusted = trust.trusted(event)
     email = user.get("email")
+    if trust.is_claim(event) and user.get("customer_id"):
+        # Never a key to an identity from a browser: Sendlane's row says why it has none.
+        user = {key: value for key, value in user.items() if key != "customer_id"}
+        event["user"] = user or None
+        event["customer_id_dropped"] = True
     if not trusted:
         event["user"] = {"email": email} if email else None
-        if user.get("customer_id"):  # never kept from a claim; Sendlane's row says why
-            event["customer_id_dropped"] = True
         if not email or event["name"] in trust.CONSENT_EVENTS:
             email = None
     if not (user.get("email") or user.get("customer_id")) or (not trusted and not email):
@@ -479,9 +484,28 @@ def session_recency(session: Any) -> tuple[int, int, int]:
     return session.last_ms, session.last_seq or 0, session.id or 0
 
 
-def latest_session(sessions: Iterable[tuple[str, Any]]) -> str | None:
-    """The sc of the latest of (sc, session) pairs (``session_recency``), or None."""
-    latest = max(sessions, key=lambda pair: session_recency(pair[1]), default=None)
+def last_sc_verified_only(site: Any) -> bool:
+    """Whether ``last_sc`` is taken only from verified sessions (``verified = 1``: bound by
+    a signed identify): on a site with ``identity_secret``, a session bound by a typed email
+    proves nothing (anyone may type the customer's email before the backend reports their
+    order), so it never gets the backend's events; with none verified, a backend eSputnik
+    order waits (held) for one. A site without a secret has no proof to ask for: any
+    session bound to the customer (docs/security.md)."""
+    return site.identity_secret is not None
+
+
+def last_sc_sql(verified_only: bool) -> str:
+    """The tail of ``SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ?`` that
+    picks ``last_sc`` (``last_sc_verified_only``; ``latest_session`` for unwritten rows)."""
+    return ("AND verified = 1 " if verified_only else "") + LATEST_SESSION_SQL + " LIMIT 1"
+
+
+def latest_session(sessions: Iterable[tuple[str, Any]], verified_only: bool = False
+                   ) -> str | None:
+    """The sc of the latest of (sc, session) pairs (``session_recency``), or None; with
+    ``verified_only``, of those whose ``verified`` is 1 (``last_sc_sql``)."""
+    latest = max((pair for pair in sessions if not verified_only or pair[1].verified == 1),
+                 key=lambda pair: session_recency(pair[1]), default=None)
     return latest[0] if latest is not None else None
 
 

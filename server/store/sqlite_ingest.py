@@ -394,7 +394,7 @@ class IngestBatch:
         if identity and not sc:
             # A backend event names no session: the customer's latest one, for vendors that
             # require the visitor's cookie (eSputnik's cookies.sc).
-            identity["last_sc"] = self._last_sc(site.id, identity["id"])
+            identity["last_sc"] = self._last_sc(site, identity["id"])
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
@@ -579,16 +579,19 @@ class IngestBatch:
         self.identities[identity_id] = known_since(fields, row["created_ms"])
         return identity_id, False
 
-    def _last_sc(self, site_id: str, identity_id: int) -> str | None:
-        """The sc of the identity's latest session (``rules.latest_session``): one written
-        in this batch and not flushed yet, else the database's."""
-        latest = rules.latest_session((sc, state) for (sid, sc), state in self.dirty.items()
-                                      if sid == site_id and state.identity_id == identity_id)
+    def _last_sc(self, site: Any, identity_id: int) -> str | None:
+        """The sc of the identity's latest session (``rules.latest_session``; only a
+        verified one on a site with ``identity_secret``: ``rules.last_sc_verified_only``):
+        one written in this batch and not flushed yet, else the database's."""
+        site_id, verified_only = site.id, rules.last_sc_verified_only(site)
+        latest = rules.latest_session(((sc, state) for (sid, sc), state in self.dirty.items()
+                                       if sid == site_id and state.identity_id == identity_id),
+                                      verified_only)
         if latest is not None:
             return latest
         row = self.conn.execute(
             "SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ? "
-            f"{rules.LATEST_SESSION_SQL} LIMIT 1", (site_id, identity_id)).fetchone()
+            f"{rules.last_sc_sql(verified_only)}", (site_id, identity_id)).fetchone()
         return row[0] if row else None
 
     # Cart ---------------------------------------------------------------------------------
