@@ -159,7 +159,7 @@ def test_cart_matches_the_servers_carts_update(vendors, context):
     """Both paths send carts/update (routes: both) under one cart id: for the same event the
     page's cart and the server's webhook body are the same fields and values."""
     page = open_page(context, vendors.page("all"))
-    # No accepts_marketing or customer_id: from an unverified page they are claims the server
+    # No accepts_marketing or customer_id: from the page they are claims the server
     # does not keep (docs/security.md), while the page's own library gets what it pushed.
     push(page, {"event": "identify", "user": {"email": f"dee-{uuid.uuid4().hex[:8]}@example.com",
                                              "first_name": "Dee", "last_name": "Ray",
