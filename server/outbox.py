@@ -152,7 +152,7 @@ def plan(site: Any, event: dict[str, Any], vendors: Iterable[str] | None = None,
                 state = BROWSER
             elif ignored or request.skipped:
                 state = IGNORED
-            elif request.needs_email and not has_email(event) or request.waits:
+            elif request.waits or (request.needs_email and not has_email(event)):
                 state = HELD
             else:
                 state = PENDING

@@ -147,7 +147,7 @@ async def test_on_a_signing_site_a_typed_email_before_the_order_does_not_get_it(
     took the customer's latest session even when only a typed email bound it, so a browser
     that typed the customer's email before the backend reported the order got the order
     with its cookie. There ``last_sc`` comes only from verified sessions
-    (``rules.last_sc_verified_only``): the order waits for one, and the customer's signed
+    (``rules.signs_identities``): the order waits for one, and the customer's signed
     identify releases it with that session's sc; a later order takes the verified session,
     not a typed one active since, in the same batch or not."""
     store = await backend.open(backend.settings(identity_secret=SECRET, **VENDORS))

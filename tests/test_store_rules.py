@@ -322,8 +322,8 @@ def test_the_latest_session_is_one_order_in_memory_and_in_sql(sessions, verified
     if verified_only:
         assert first is None or states[int(first[0][2:]) - 1].verified == 1
     assert rules.latest_session(()) is None
-    assert rules.last_sc_verified_only(SimpleNamespace(identity_secret="s" * 32))
-    assert not rules.last_sc_verified_only(SimpleNamespace(identity_secret=None))
+    assert rules.signs_identities(SimpleNamespace(identity_secret="s" * 32))
+    assert not rules.signs_identities(SimpleNamespace(identity_secret=None))
 
 
 def test_a_millisecond_tie_goes_to_the_later_event_not_the_newer_session() -> None:

@@ -409,7 +409,7 @@ class PgIngestBatch:
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
         self.stored_bytes[request] = charge_stored(self.stored_bytes[request], len(raw),
                                                    len(data), len(planned))
-        visitors = (rules.held_visitors(sc, identity, binding, site.identity_secret is not None)
+        visitors = (rules.held_visitors(sc, identity, binding, rules.signs_identities(site))
                     if sc and identity and identity.get("email") else [])
         if visitors:
             await self._flush()  # what waited must be in the database to be found
@@ -554,9 +554,9 @@ class PgIngestBatch:
 
     async def _last_sc(self, site: Any, identity_id: int) -> str | None:
         """The sc of the identity's latest session (``rules.latest_session``, verified only
-        where ``rules.last_sc_verified_only``): one written in this batch and not flushed
+        where ``rules.signs_identities``): one written in this batch and not flushed
         yet, else the database's (SQLite's ``_last_sc``)."""
-        site_id, verified_only = site.id, rules.last_sc_verified_only(site)
+        site_id, verified_only = site.id, rules.signs_identities(site)
         latest = rules.latest_session(((sc, self.sessions[(sid, sc)]) for sid, sc in self.dirty
                                        if sid == site_id
                                        and self.sessions[(sid, sc)].identity_id == identity_id),

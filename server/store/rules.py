@@ -484,9 +484,11 @@ def session_recency(session: Any) -> tuple[int, int, int]:
     return session.last_ms, session.last_seq or 0, session.id or 0
 
 
-def last_sc_verified_only(site: Any) -> bool:
-    """Whether ``last_sc`` is taken only from verified sessions (``verified = 1``: bound by
-    a signed identify): on a site with ``identity_secret``, a session bound by a typed email
+def signs_identities(site: Any) -> bool:
+    """Whether the site's pages can prove who a session is (an ``identity_secret``): then
+    ``last_sc`` is taken only from verified sessions (``verified = 1``: bound by a signed
+    identify), and the customer's held rows wait for a verified binding
+    (``held_visitors``' ``signing``). There a session bound by a typed email
     proves nothing (anyone may type the customer's email before the backend reports their
     order), so it never gets the backend's events; with none verified, a backend eSputnik
     order waits (held) for one. A site without a secret has no proof to ask for: any
@@ -496,7 +498,7 @@ def last_sc_verified_only(site: Any) -> bool:
 
 def last_sc_sql(verified_only: bool) -> str:
     """The tail of ``SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ?`` that
-    picks ``last_sc`` (``last_sc_verified_only``; ``latest_session`` for unwritten rows)."""
+    picks ``last_sc`` (``signs_identities``; ``latest_session`` for unwritten rows)."""
     return ("AND verified = 1 " if verified_only else "") + LATEST_SESSION_SQL + " LIMIT 1"
 
 

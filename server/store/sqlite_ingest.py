@@ -414,7 +414,7 @@ class IngestBatch:
         self.delivery_rows.extend((site.id, seq, row, request_id) for row in planned)
         self.stored_bytes[request] = charge_stored(self.stored_bytes[request], len(raw),
                                                    len(data), len(planned))
-        visitors = (rules.held_visitors(sc, identity, binding, site.identity_secret is not None)
+        visitors = (rules.held_visitors(sc, identity, binding, rules.signs_identities(site))
                     if sc and identity and identity.get("email") else [])
         if visitors:
             self._flush()  # what waited must be in the database to be found
@@ -581,9 +581,9 @@ class IngestBatch:
 
     def _last_sc(self, site: Any, identity_id: int) -> str | None:
         """The sc of the identity's latest session (``rules.latest_session``; only a
-        verified one on a site with ``identity_secret``: ``rules.last_sc_verified_only``):
+        verified one on a site with ``identity_secret``: ``rules.signs_identities``):
         one written in this batch and not flushed yet, else the database's."""
-        site_id, verified_only = site.id, rules.last_sc_verified_only(site)
+        site_id, verified_only = site.id, rules.signs_identities(site)
         latest = rules.latest_session(((sc, state) for (sid, sc), state in self.dirty.items()
                                        if sid == site_id and state.identity_id == identity_id),
                                       verified_only)

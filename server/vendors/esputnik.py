@@ -13,7 +13,7 @@ example of each event) and REFERENCE.md sections 3.3, 3.4 and 6 ("ES ref").
   ``cookies`` is Required in every event's GeneralInfo but ProductUpdate's, and the document
   offers no stand-in for it (the identifiers above are all Optional): a backend event takes
   the sc of the customer's latest session (verified, on a site with ``identity_secret``:
-  ``rules.last_sc_verified_only``); with none, a backend order's PurchasedItems waits
+  ``rules.signs_identities``); with none, a backend order's PurchasedItems waits
   for one (``waits``: a ``held`` row saying why, planned again with the sc of the first of
   the customer's sessions identified, else expired after hold_days), and its other requests
   are not sent (``skipped``, an ``ignored`` row saying why).
