@@ -15,11 +15,10 @@ rows for ``lease_s``; if the process dies mid-send, the row is due again when th
 and the vendor may see that request twice. Every request carries the vendor's natural key
 (order id, event id, cart id) in its body, which is what the vendor deduplicates on.
 
-A send is an ``httpx.Request`` handed straight to the process's transport (``KeepAlivePool``:
-httpcore's HTTP/1.1 connections), not through an ``httpx.AsyncClient``: the client's layers
-(URL and header merging, cookie jar, auth and redirect flows, event hooks) cost about a
-third of a delivery's CPU and do nothing here: redirects are not followed, credentials are
-``auth_headers``', and a vendor's cookies must not travel from one site's request to another's.
+A send goes straight to the process's pool of HTTP/1.1 connections (``KeepAlivePool``,
+server/http_client.py: its own small client, why there), with none of an HTTP client's
+flows: redirects are not followed, credentials are ``auth_headers``', and no cookie jar (a
+vendor's cookies must not travel from one site's request to another's).
 
 What an answer means (``classify``):
 
@@ -70,12 +69,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import httpcore
 import httpx
 
 from . import __version__, product_sync
 from .forward_options import ForwarderOptions
-from .http_stream import AsyncioBackend
+from .http_client import Answer, KeepAlivePool
 from .store.base import Attempt, Delivery, Outcome, Store, StoreUnavailable
 from .vendors import VENDORS
 
@@ -94,9 +92,10 @@ ANSWER_BODY_LIMIT = 4096  # characters of a vendor's answer body kept per attemp
 # Sent with every request (besides Host, Content-Length, Content-Type and the vendor's own).
 BASE_HEADERS = {"User-Agent": f"onetag/{__version__}", "Accept": "application/json",
                 "Accept-Encoding": "gzip, deflate"}
-# Parsed once: a request's headers start as a copy of one of these (a third of the cost).
-_BASE_HEADERS = httpx.Headers(BASE_HEADERS)
-_JSON_HEADERS = httpx.Headers({**BASE_HEADERS, "Content-Type": "application/json"})
+# A request's headers start as a copy of one of these: lower-case name -> (name, value), so
+# a vendor module's or the credentials' header replaces ours whatever its case.
+_BASE_HEADERS = {name.lower(): (name, value) for name, value in BASE_HEADERS.items()}
+_JSON_HEADERS = {**_BASE_HEADERS, "content-type": ("Content-Type", "application/json")}
 # The answer headers an attempt keeps: what says what the body is, when to come back, where
 # a redirect went, and the vendor's own id for the request (to quote to its support).
 KEPT_ANSWER_HEADERS = frozenset({"content-type", "retry-after", "location", "date"})
@@ -188,183 +187,6 @@ def classify(vendor: str, status: int, headers: Mapping[str, str], body: str,
 
 # Sending --------------------------------------------------------------------------------
 
-# httpcore's errors as the httpx ones callers catch (most specific first).
-_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout), (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout), (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError), (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError), (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.ProxyError, httpx.ProxyError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-)
-# A reused keep-alive connection the vendor closed while it sat idle fails like this.
-_STALE = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
-
-
-class _OneAtATime:
-    """Stands in for an HTTP/1.1 connection's state lock (``AsyncHTTP11Connection``'s
-    ``_state_lock``) in ``KeepAlivePool``, where a connection carries one request at a time
-    by construction: checked out of the pool, used, checked back in. httpcore's lock is an
-    ``anyio.Lock`` reached through ``sniffio`` on every acquire (a checkpoint, a cancel scope),
-    taken twice a request (with the wrapper's lock, up to a fifth of a worker's py-spy
-    samples). This one never suspends, so no cancellation can land inside it either."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> "_OneAtATime":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-_ONE_AT_A_TIME = _OneAtATime()
-
-
-def _plain_state_lock(connection: httpcore.AsyncHTTP11Connection) -> bool:
-    """Give ``connection`` the lock above in place of httpcore's, if this httpcore has one
-    where 1.0.x keeps it (a private attribute, used as ``async with``). Without it the
-    connection keeps its own lock, which is correct, only dearer; tests/test_http_stream.py
-    fails loudly if it ever goes."""
-    if hasattr(getattr(connection, "_state_lock", None), "__aenter__"):
-        connection._state_lock = _ONE_AT_A_TIME  # type: ignore[assignment]
-        return True
-    return False
-
-
-class KeepAlivePool(httpx.AsyncBaseTransport):
-    """The shared client's transport: HTTP/1.1 keep-alive connections per origin, reused
-    last-in first-out.
-
-    Why not httpx's default pool: httpcore 1.0 walks every pooled connection (polling each
-    idle socket) on every request and every release (encode/httpcore#1035). At the 100+
-    connections the forwarder keeps open that costs 3-5 ms of CPU a request and caps a
-    process near 300 deliveries/s; here taking a connection is O(1). The connections
-    are httpcore's HTTP/1.1 ones (``AsyncHTTP11Connection``: h11), made here over a socket
-    of ``server/http_stream.py`` (asyncio protocols; TLS with the pool's ``SSLContext``,
-    SNI and ALPN ``http/1.1``, as ``httpcore.AsyncHTTPConnection`` connects), without
-    that wrapper's per-request lock and trace, and with a lock that costs nothing in place
-    of the connection's own (``_OneAtATime``). ``limits.max_connections`` bounds the
-    requests in flight (one waits at most the pool timeout for a slot),
-    ``max_keepalive_connections`` the idle connections kept, ``keepalive_expiry`` how long
-    one may sit idle. A request that fails or is cancelled part-way closes its connection,
-    so none is ever reused half-read. A request that fails on a reused connection as a
-    stale one does (the vendor closed it while idle) is sent once more on a fresh
-    connection; the vendor's natural key makes that repeat harmless.
-    """
-
-    def __init__(self, limits: httpx.Limits, ssl_context: Any = None):
-        self.limits = limits
-        self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context()
-        self._ssl.set_alpn_protocols(["http/1.1"])  # as httpcore's connections offer
-        self._slots = asyncio.Semaphore(limits.max_connections or 1_000_000)
-        self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTP11Connection]] = {}
-        self._idle_count = 0
-        self._backend = AsyncioBackend()  # server/http_stream.py: why not anyio's
-        self.opened = 0  # connections opened so far (tests and the benchmark read it)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._slots.locked():  # every slot taken: wait, at most the pool timeout
-            pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
-            try:
-                await asyncio.wait_for(self._slots.acquire(), pool_timeout)
-            except asyncio.TimeoutError:
-                raise httpx.PoolTimeout("no free connection slot", request=request) from None
-        else:  # a free slot: taken at once (wait_for would make a task for it)
-            await self._slots.acquire()
-        try:
-            return await self._send(request)
-        except httpcore.ConnectionNotAvailable as exc:  # pragma: no cover - not HTTP/2
-            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-        except Exception as exc:
-            for core, mapped in _ERRORS:
-                if isinstance(exc, core):
-                    raise mapped(str(exc) or type(exc).__name__, request=request) from exc
-            raise
-        finally:
-            self._slots.release()
-
-    async def _send(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        if url.raw_scheme not in (b"http", b"https"):
-            raise httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol "
-                                            f"'{url.scheme}://'.", request=request)
-        port = url.port or (443 if url.raw_scheme == b"https" else 80)
-        key = (url.raw_scheme, url.raw_host, port)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
-                             target=url.raw_path),
-            headers=request.headers.raw, content=request.stream, extensions=request.extensions)
-        while True:
-            connection = await self._checkout(key)
-            reused = connection is not None
-            if connection is None:
-                connection = await self._connect(key, request.extensions)
-            try:
-                response = await connection.handle_async_request(core_request)
-                content = await response.aread()
-                await response.aclose()
-            except BaseException as exc:  # cancelled too: never reuse a half-read connection
-                await connection.aclose()
-                if reused and isinstance(exc, _STALE):
-                    continue  # a stale idle connection: once more on a fresh one
-                raise
-            await self._checkin(key, connection)
-            return httpx.Response(response.status, headers=response.headers, content=content,
-                                  extensions=response.extensions)
-
-    async def _checkout(self, key: tuple[bytes, bytes, int]
-                        ) -> httpcore.AsyncHTTP11Connection | None:
-        """The idle connection to ``key`` last checked in that is still usable, or None;
-        the unusable ones met on the way (expired, closed by the vendor) are closed."""
-        stack = self._idle.get(key)
-        while stack:
-            connection = stack.pop()
-            self._idle_count -= 1
-            if connection.is_available() and not connection.has_expired():
-                return connection
-            await connection.aclose()
-        return None
-
-    async def _connect(self, key: tuple[bytes, bytes, int], extensions: Mapping[str, Any]
-                       ) -> httpcore.AsyncHTTP11Connection:
-        """A new connection to ``key``, as ``httpcore.AsyncHTTPConnection`` makes one: TCP,
-        then TLS for https (the request's ``sni_hostname`` extension, else the host)."""
-        self.opened += 1
-        timeout = (extensions.get("timeout") or {}).get("connect")
-        host = key[1].decode("ascii")
-        stream = await self._backend.connect_tcp(host, key[2], timeout=timeout)
-        if key[0] == b"https":
-            stream = await stream.start_tls(  # closes the socket if the handshake fails
-                self._ssl, server_hostname=extensions.get("sni_hostname") or host,
-                timeout=timeout)
-        connection = httpcore.AsyncHTTP11Connection(
-            origin=httpcore.Origin(scheme=key[0], host=key[1], port=key[2]), stream=stream,
-            keepalive_expiry=self.limits.keepalive_expiry)
-        _plain_state_lock(connection)
-        return connection
-
-    async def _checkin(self, key: tuple[bytes, bytes, int],
-                       connection: httpcore.AsyncHTTP11Connection) -> None:
-        keep = self.limits.max_keepalive_connections
-        if connection.is_available() and (keep is None or self._idle_count < keep):
-            self._idle.setdefault(key, []).append(connection)
-            self._idle_count += 1
-        else:
-            await connection.aclose()
-
-    async def aclose(self) -> None:
-        idle, self._idle, self._idle_count = self._idle, {}, 0
-        for stack in idle.values():
-            for connection in stack:
-                await connection.aclose()
-
-
 class _Lane:
     """One vendor's slots, pause and pacing."""
 
@@ -435,9 +257,7 @@ class Forwarder:
         opts = self.options
         if self._transport is None:
             slots = opts.concurrency * len(self.vendors)  # every lane's slots: no pool waits
-            self._transport = KeepAlivePool(httpx.Limits(
-                max_connections=slots, max_keepalive_connections=slots,
-                keepalive_expiry=DEFAULT_KEEPALIVE_EXPIRY_S))
+            self._transport = KeepAlivePool(slots, slots, DEFAULT_KEEPALIVE_EXPIRY_S)
         self._stop = asyncio.Event()
         self._outcomes_ready = asyncio.Event()
         self._lanes = {name: _Lane(name, opts.rates.get(name)) for name in self.vendors}
@@ -833,14 +653,14 @@ class Forwarder:
             return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {_describe(exc)}")
         except httpx.TransportError as exc:
             return Verdict(PENDING, _describe(exc))
-        response.encoding = _text_encoding(response.headers.get("content-type"))
-        text = response.text
+        text = response.content.decode(_text_encoding(response.headers.get("content-type")),
+                                       errors="replace")
         trace.answer(response, text)
         return classify(delivery.vendor, response.status_code, response.headers,
                         text, self.clock(), site_id=delivery.site_id)
 
     async def _request(self, request: Mapping[str, Any], auth: Mapping[str, str],
-                       trace: "_Trace | None" = None) -> httpx.Response:
+                       trace: "_Trace | None" = None) -> Answer:
         body = request.get("json")
         content = None
         if body is None:
@@ -848,14 +668,16 @@ class Forwarder:
         else:
             headers = _JSON_HEADERS.copy()
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        headers.update(request.get("headers") or {})
+        for name, value in (request.get("headers") or {}).items():
+            headers[name.lower()] = (name, value)
         if trace is not None:  # what was sent, before the credentials go in
-            trace.headers = headers.copy()
-        headers.update(auth)
+            trace.headers = {key: value for key, (_, value) in headers.items()}
+        for name, value in auth.items():
+            headers[name.lower()] = (name, value)
         self.sent += 1
-        return await self._transport.handle_async_request(  # type: ignore[union-attr]
-            httpx.Request(request.get("method", "POST"), _url(request["url"]), headers=headers,
-                          content=content, extensions={"timeout": self._timeouts}))
+        return await self._transport.send(  # type: ignore[union-attr]
+            request.get("method", "POST"), request["url"], headers.values(), content,
+            self._timeouts)
 
     def _outcome(self, delivery: Delivery, verdict: Verdict, now: float,
                  attempt: Attempt | None = None) -> Outcome:
@@ -897,13 +719,13 @@ class _Trace:
     def __init__(self, started: float):
         self.started = started
         self.request: Mapping[str, Any] | None = None
-        self.headers: httpx.Headers | None = None
+        self.headers: dict[str, str] | None = None  # as sent, lower-case names
         self.first: tuple[Any, int] | None = None  # (url, status) before an if_not_found
         self.status: int | None = None
         self.answer_: dict[str, Any] | None = None
         self.error: str | None = None
 
-    def answer(self, response: httpx.Response, text: str) -> None:
+    def answer(self, response: Answer, text: str) -> None:
         self.status = response.status_code
         kept = {name: value for name, value in response.headers.items() if _kept_answer(name)}
         self.answer_ = {"headers": kept, "body": text[:ANSWER_BODY_LIMIT],
@@ -928,13 +750,6 @@ class _Trace:
         return Attempt(delivery.attempts, int(self.started * 1000),
                        max(0, int((now - self.started) * 1000)), sent, self.status,
                        self.answer_, self.error)
-
-
-@functools.lru_cache(maxsize=1024)  # a vendor's few URLs, over and over
-def _url(url: str) -> httpx.URL:
-    """A vendor URL parsed once (``httpx.URL`` is immutable); a malformed one raises
-    ``httpx.InvalidURL``, as the client did."""
-    return httpx.URL(url)
 
 
 @functools.lru_cache(maxsize=256)  # a vendor answers with one or two Content-Types

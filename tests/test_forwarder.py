@@ -9,10 +9,10 @@ import email.utils
 import sqlite3
 import types
 
-import httpcore
 import httpx
 import pytest
 
+from server import http_client
 from server.forwarder import (DEAD, DELIVERED, PENDING, Forwarder, ForwarderOptions, Verdict,
                               _text_encoding, classify, retry_after_seconds)
 from server.store.base import Delivery
@@ -177,7 +177,8 @@ async def test_a_stale_connection_noticed_only_when_used_is_replaced(tmp_path, f
                                                                    monkeypatch) -> None:
     # The vendor's close arrives after the pool checked the idle connection: the send fails
     # on it, and goes once more on a fresh connection instead of counting as a failure.
-    monkeypatch.setattr(httpcore.AsyncHTTPConnection, "has_expired", lambda self: False)
+    # (the pool sees an idle connection as usable even when its end has already arrived)
+    monkeypatch.setattr(http_client.Connection, "is_available", lambda self: self._reusable)
     fake.close_after("sendlane", times=3)
     settings = make_settings(tmp_path, fake, only=("sendlane",))
     db = tmp_path / "onetag.db"
