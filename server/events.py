@@ -52,13 +52,14 @@ EMAIL_RE = re.compile(rf"{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}{{2,
 SC_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
 # Person fields (user's first_name, last_name, phone, customer_id; every address field):
 # vendors put names in mail headers and subject lines ("Hi Eve" in a Subject:), so no
-# control character (CR LF there would add a header), no line or paragraph separator, and
-# no bidirectional embedding, override or isolate (U+202A-U+202E, U+2066-U+2069), which
-# change how the text around them reads in the console and at the vendors.
-PERSON_BAD_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# invisible character (``invisible_char``): no control character (CR LF there would add a
+# header), no line or paragraph separator, and no bidirectional embedding, override or
+# isolate, which change how the text around them reads in the console and at the vendors.
 PERSON_PROBLEM = ("contains {char}: no control characters (line breaks, tabs), line separators "
                   "or bidirectional controls (U+202A-U+202E, U+2066-U+2069) in a person's "
                   "fields, which vendors put in mail headers and subject lines")
+EMAIL_PROBLEM = ("contains {char}: an email address may hold no control or format character "
+                 "(bidirectional controls, zero-width characters), which change how it reads")
 # The cart state's GUID the browser used with the event (eSputnik's StatusCart/PurchasedItems
 # GUID): the store adopts it, so both paths quote one GUID per cart state.
 CART_GUID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
@@ -667,26 +668,51 @@ def _address(raw: dict, key: str, where: str) -> dict[str, str] | None:
 
 
 def _person(table: dict, key: str, where: str, max_len: int) -> str | None:
-    """A person's field (``PERSON_BAD_RE``): refused, naming it, with a character that
-    could end a mail header or turn the text around it."""
+    """A person's field: refused, naming it, with an invisible character (``invisible_char``)
+    that could end a mail header or turn the text around it."""
     value = _string(table, key, where, max_len=max_len)
-    if value and not value.isprintable():  # every character of most names is printable
-        bad = PERSON_BAD_RE.search(value)
-        if bad:
-            raise Invalid(f"{where}.{key}", PERSON_PROBLEM.format(char=_char_name(bad[0])))
+    bad = invisible_char(value) if value else None
+    if bad:
+        raise Invalid(f"{where}.{key}", PERSON_PROBLEM.format(char=_char_name(bad)))
     return value
 
 
 def _check_email_text(email: str, where: str) -> None:
-    """No invisible character in an email beyond ``EMAIL_RE``'s: C1 controls and format
-    controls (Unicode's Cf: bidirectional overrides and isolates, zero-width characters,
-    soft hyphens) make ``ann\u202e@example.com`` read as another address in the console
-    and at the vendors."""
-    for char in email:
-        if unicodedata.category(char) in ("Cc", "Cf"):
-            raise Invalid(where, f"contains {_char_name(char)}: an email address may hold no "
-                          "control or format character (bidirectional controls, zero-width "
-                          "characters), which change how it reads")
+    """No invisible character in an email beyond ``EMAIL_RE``'s (``invisible_char`` for an
+    address: C1 controls and every format character) makes ``ann\u202e@example.com`` read as
+    another address in the console and at the vendors."""
+    bad = invisible_char(email, address=True)
+    if bad:
+        raise Invalid(where, EMAIL_PROBLEM.format(char=_char_name(bad)))
+
+
+# The invisible characters: one rule for a person's fields and emails.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def invisible_char(value: str, address: bool = False) -> str | None:
+    """The first character of ``value`` that is invisible and may change what the text says
+    or how it reads, else None. In any text a person's field or an email holds: a control
+    character (Unicode's Cc: C0, DEL, C1; CR LF would end a mail header), a line or paragraph
+    separator (Zl, Zp: a line break too), a bidirectional embedding, override or isolate
+    (U+202A-U+202E, U+2066-U+2069: they turn the text around them).
+
+    ``address``: in an email also every other format character (Cf: zero-width space,
+    non-joiner and joiner, soft hyphen, left-to-right and right-to-left marks, byte-order
+    mark, tag characters). They differ because an email is an identifier, compared exactly:
+    the key of the customer's identity here and at every vendor, so an invisible character
+    makes another customer that reads as the same one. A name or an address is text people
+    read, where those characters are spelling: the zero-width non-joiner and joiner are
+    required in Persian, Urdu and Indic scripts and join emoji sequences, tag characters
+    make subdivision flags, and none ends a header or turns the text around it."""
+    if value.isprintable():  # the common case: every Cc, Cf, Zl and Zp is unprintable
+        return None
+    for char in value:
+        category = unicodedata.category(char)
+        if (category in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS
+                or (address and category == "Cf")):
+            return char
+    return None
 
 
 def _char_name(char: str) -> str:

@@ -426,6 +426,13 @@ EXACT = [
      "events[0].user.first_name"),
     ("email with U+202E", _browser('{"event": "identify", %s, "user": {"email": '
                                    '"ann\\u202e@example.com"}}' % ID), 422, "events[0].user.email"),
+    # One rule of invisible characters (events.invisible_char); an email refuses every format
+    # character besides, a name keeps them (a zero-width non-joiner is Persian spelling).
+    ("first_name with U+202E", _browser('{"event": "identify", %s, "user": {"email": "eve@b.co", '
+                                        '"first_name": "Eve\\u202e"}}' % ID), 422,
+     "events[0].user.first_name"),
+    ("email with U+200C", _browser('{"event": "identify", %s, "user": {"email": '
+                                   '"ann\\u200c@example.com"}}' % ID), 422, "events[0].user.email"),
     ("page_location file:", _browser('{"event": "page_view", %s, "page_location": "file:///x"}'
                                      % ID), 422, "events[0].page_location"),
 ]

@@ -215,6 +215,8 @@ def test_a_signature_verifies_its_email_and_a_wrong_one_names_the_field() -> Non
 from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
 
 import json  # noqa: E402
+import re  # noqa: E402
+import unicodedata  # noqa: E402
 
 URL_FIELDS = {  # field as named in the problem: an event carrying `value` there
     "events[0].ecommerce.items[0].item_url": lambda value: {
@@ -302,6 +304,9 @@ PERSON_FIELDS = {  # field as named: the event carrying `value` there
        for where in ("billing_address", "shipping_address")
        for key in ("first_name", "last_name", "company", "city", "phone")},
 }
+# What a person's field refuses (``events.invisible_char``), written out: C0, DEL, C1, the
+# line and paragraph separators, the bidirectional controls.
+BAD_IN_NAMES_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 BAD_IN_NAMES = ["\r\n", "\n", "\r", "\t", "\x0b", "\x1b", "\x7f", "\x85", "\u2028", "\u2029",
                 "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068",
                 "\u2069"]
@@ -340,7 +345,7 @@ def test_a_person_field_is_refused_exactly_when_it_holds_a_bad_character(field: 
                                                                         name: str) -> None:
     raw = events.parse_json(json.dumps(PERSON_FIELDS[field](name)).encode())
     kept = name.strip()
-    bad = [c for c in kept if events.PERSON_BAD_RE.match(c)]
+    bad = [c for c in kept if BAD_IN_NAMES_RE.match(c)]
     try:
         event = events.normalise(raw, "events[0]", BROWSER)
     except Invalid as exc:
@@ -384,6 +389,68 @@ def test_no_email_with_a_format_or_control_character_is_accepted(local: str, cha
         return
     # Only whitespace stripped from either end may have gone.
     assert char not in event["user"]["email"] and char.isspace(), email
+
+
+# Names and emails: one rule of invisible characters (``events.invisible_char``) ------------
+
+# The characters the rule is about, and some it must let through (letters, marks, spaces).
+_INVISIBLE_OR_NOT = st.characters(categories=("Cc", "Cf", "Zl", "Zp", "Zs", "Mn", "Lo"),
+                                  exclude_characters="\x00")
+# (the email's field, the name's field beside it, the event holding both)
+_PLACES = {
+    "user": lambda email, name: {"event": "identify", "event_id": "e1",
+                                 "user": {"email": email, "first_name": name}},
+    "billing_address": lambda email, name: {
+        "event": "purchase", "event_id": "e1", "user": {"email": "eve@example.com"},
+        "ecommerce": {"transaction_id": "1", "items": []},
+        "billing_address": {"email": email, "first_name": name}},
+}
+
+
+def _refused(event: dict) -> tuple[str, str] | None:
+    try:
+        events.normalise(events.parse_json(json.dumps(event).encode()), "events[0]", BROWSER)
+    except Invalid as exc:
+        return exc.field, exc.problem
+    return None
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(char=_INVISIBLE_OR_NOT, place=st.sampled_from(list(_PLACES)))
+def test_names_and_emails_refuse_the_same_invisible_characters(char: str, place: str) -> None:
+    """A name and an email refuse the same invisible characters (controls, line and
+    paragraph separators, bidirectional controls), each naming its field and the character;
+    an email refuses besides every other format character (Unicode's Cf: zero-width ones,
+    soft hyphen, marks), which a name keeps (ZWNJ and ZWJ are spelling in Persian and Indic
+    scripts): the difference ``events.invisible_char`` documents, and the address's own
+    pattern's (``EMAIL_RE``: whitespace, "/", "@")."""
+    email, name = f"eve{char}smith@example.com", f"Eve{char}Smith"
+    as_name = _refused(_PLACES[place]("eve@example.com", name))
+    as_email = _refused(_PLACES[place](email, "Eve"))
+    named = f"U+{ord(char):04X}"
+    if as_name:
+        assert as_name[0] == f"events[0].{place}.first_name" and named in as_name[1]
+        assert as_email, f"{char!r} refused in a name but not in an email"
+    if as_email:
+        assert as_email[0] == f"events[0].{place}.email"
+        assert named in as_email[1] or "not an email address" in as_email[1]
+    if as_email and not as_name:
+        assert unicodedata.category(char) == "Cf" or not events.EMAIL_RE.fullmatch(email), char
+    if unicodedata.category(char) == "Cf":
+        assert as_email, f"format character {named} accepted in an email"
+    if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+        assert as_name, f"{named} accepted in a name"
+
+
+@pytest.mark.parametrize("char, in_name", [("\u202e", False), ("\u2066", False),
+                                           ("\u2028", False), ("\x85", False),
+                                           ("\u200c", True), ("\u200d", True),
+                                           ("\u200b", True), ("\u00ad", True)])
+def test_what_a_name_keeps_and_an_email_refuses(char: str, in_name: bool) -> None:
+    """The documented difference, by example: every character here is refused in an email;
+    a name keeps the format characters that are not bidirectional controls."""
+    assert _refused(_PLACES["user"](f"eve{char}@example.com", "Eve"))
+    assert (_refused(_PLACES["user"]("eve@example.com", f"Eve{char}Smith")) is None) == in_name
 
 
 # event_id says what it may be; a problem never echoes a long value whole ---------------------

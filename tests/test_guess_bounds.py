@@ -258,6 +258,48 @@ async def test_guess_writes_are_capped_per_second_and_counted_locally_beyond(tmp
     assert len(written) == 3
 
 
+async def test_guess_reads_are_capped_per_second_and_answered_locally_beyond(
+        backend, tmp_path, monkeypatch, caplog):
+    """Review: every guess from an address not found clear within ``RECHECK_S`` read the
+    store, so wrong keys from many distinct addresses cost one read a request (their writes
+    were bounded). Past the process's budget of guess reads a second the process's own count
+    answers: 30 one-off guessers read at most the budget, the shop's right key still gets
+    in, one address is still refused after five wrong keys, and the log says so once."""
+    import logging
+
+    monkeypatch.setattr(auth, "LOGIN_DELAY_S", 0)
+    monkeypatch.setattr(auth, "GUESS_READS_PER_S", 5)
+    monkeypatch.setattr(auth.GuessBudget, "clock", staticmethod(lambda: 100.0))  # no refill
+    caplog.set_level(logging.WARNING, logger="onetag.auth")
+    reads = []
+    wrong = {"authorization": "Bearer wrong-key-0000000000"}
+    right = {"authorization": "Bearer secret-key-0123456789"}
+    async with running(backend.settings(tmp_path)) as (app, client):
+        store = app.state.store
+        original = store.guess_failures
+
+        async def counted(*args, **kwargs):
+            reads.append(args)
+            return await original(*args, **kwargs)
+        monkeypatch.setattr(store, "guess_failures", counted)
+        async with contextlib.AsyncExitStack() as stack:
+            guessers = [await stack.enter_async_context(_from(app, client, f"10.0.2.{n}"))
+                        for n in range(30)]
+            for guesser in guessers:
+                assert (await guesser.post(API, json=EVENT, headers=wrong)).status_code == 403
+            assert len(reads) == 5
+            shop = await stack.enter_async_context(_from(app, client, "10.0.0.7"))
+            assert (await shop.post(API, json=EVENT, headers=right)).status_code == 202
+            one = guessers[0]
+            for _ in range(4):
+                assert (await one.post(API, json=EVENT, headers=wrong)).status_code == 403
+            locked = await one.post(API, json=EVENT, headers=right)
+            assert locked.status_code == 429 and 0 < int(locked.headers["retry-after"]) <= 60
+    assert len(reads) == 5
+    said = [r for r in caplog.records if "reads a second" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
 async def test_ipv6_addresses_are_counted_per_64(tmp_path, monkeypatch):
     """Every IPv6 /128 was its own address: one host has billions. A /64 is one address
     (as an IPv4 address is); another /64 is another."""

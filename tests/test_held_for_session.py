@@ -158,7 +158,7 @@ async def test_on_a_signing_site_a_typed_email_before_the_order_does_not_get_it(
         await store.ingest("shop1", [order("1001", "a@b.co")], [{}], info)
         [(state, error)] = [(state, error) for key, state, error, _ in await deliveries(backend)
                             if key == "PurchasedItems:1001"]
-        assert state == "held" and "held until one is identified" in error
+        assert state == "held" and "only unverified browser sessions" in error
         await store.ingest("shop1", [identify("a@b.co", mine, "a-1", signed=True)], [{}], info)
         # The typist is active again, later than the verified session; then two orders.
         await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-2")], [{}], info)
@@ -260,3 +260,67 @@ async def test_in_one_batch_the_latest_session_is_the_one_of_the_later_event(bac
     assert {key: loads(data)["identity"]["last_sc"] for key, data in found.items()} == {
         "i-1": AAAA, "i-2": AAAA}
     assert await customer_data_sc(backend) == [AAAA, AAAA]
+
+
+# What a held or skipped row says it waits for --------------------------------------------
+
+async def test_on_a_signing_site_the_reason_says_which_session_is_wanted(backend) -> None:
+    """Found by review: on a site with ``identity_secret`` a backend order held for want of
+    the customer's session said "no browser session of this customer is known yet" while
+    sessions bound by a typed email were known: only a verified one would do. The reason
+    says what the site waits for (a verified session: the customer's signed identify,
+    ``user.signature``), and that only unverified ones are known when so, whether the typed
+    email came in an earlier batch or in the order's own; so does a backend identify's
+    skipped CustomerData. The customer's signed identify then releases the orders."""
+    store = await backend.open(backend.settings(identity_secret=SECRET, **VENDORS))
+    info = SessionInfo(user_agent="UA")
+    mine = "A11CE000-94FB-4D83-9655-3FEB3C4114A3"
+    who = {"user": {"email": "a@b.co"}}
+    try:
+        await store.ingest("shop1", [order("1001", "a@b.co")], [{}], info)
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-1")], [{}], info)
+        await store.ingest("shop1", [order("1002", "a@b.co"),
+                                     event({"event": "identify", "event_id": "i-1", **who})],
+                           [{}, {}], info)
+        # b@c.do's email is typed in the order's own batch.
+        await store.ingest("shop1", [identify("b@c.do", SC, "y-1"), order("1003", "b@c.do")],
+                           [{}, {}], info)
+        why = {key: (state, error) for key, state, error, _ in await deliveries(backend)}
+        await store.ingest("shop1", [identify("a@b.co", mine, "a-1", signed=True)], [{}], info)
+    finally:
+        await store.close()
+    signed = ("on a site with identity_secret only a signed identify (user.signature) "
+              "verifies one")
+    none = ("waiting: eSputnik PurchasedItems requires cookies.sc, and no verified browser "
+            f"session of this customer is known yet ({signed}); held until one is verified "
+            "(hold_days)")
+    only = ("eSputnik {} requires cookies.sc, and only unverified browser sessions of this "
+            f"customer are known (bound by an email without a signature; {signed})")
+    # 1001 was held before anyone typed a@b.co: what it says stays true after.
+    assert why["PurchasedItems:1001"] == ("held", none)
+    for key in ("PurchasedItems:1002", "PurchasedItems:1003"):
+        assert why[key] == ("held", "waiting: " + only.format("PurchasedItems")
+                            + "; held until one is verified (hold_days)")
+    [skipped] = [value for key, value in why.items() if key.startswith("skipped:CustomerData")]
+    assert skipped == ("ignored", "skipped: " + only.format("CustomerData"))
+    rows = {key: (state, body) for key, state, _, body in await deliveries(backend)
+            if key.startswith("PurchasedItems")}
+    for key in ("PurchasedItems:1001", "PurchasedItems:1002"):
+        assert rows[key][0] == "pending"
+        assert rows[key][1]["GeneralInfo"]["cookies"] == {"sc": mine}
+    assert rows["PurchasedItems:1003"][0] == "held"
+
+
+async def test_without_identity_secret_the_reason_is_any_session(backend) -> None:
+    """A site that can't sign waits for any session of the customer, and says so."""
+    store = await backend.open(backend.settings(**VENDORS))
+    try:
+        await store.ingest("shop1", [order("1001", "a@b.co")], [{}], SessionInfo("UA"))
+    finally:
+        await store.close()
+    [(_, state, error, _)] = await deliveries(backend)
+    assert (state, error) == ("held", "waiting: eSputnik PurchasedItems requires cookies.sc, "
+                              "and no browser session of this customer is known yet; held "
+                              "until one is identified (hold_days)")
+    [data] = [loads(data) for data, in await backend.rows("SELECT data FROM events")]
+    assert "unverified_sessions" not in data["identity"]

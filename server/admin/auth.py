@@ -177,6 +177,10 @@ class LoginThrottle:
 SHARE_AFTER = 2  # an address's guesses are written once it has this many within the window
 GUESS_WRITES_PER_S = 20  # per process (its store): beyond, guesses are counted locally
 GUESS_WRITES_IN_FLIGHT = 4  # guess writes waiting for the store at once, per process
+# Reads are bounded the same way: a flood of guesses from many distinct addresses (each new
+# to the process, so none found clear within RECHECK_S) would read the store once a request.
+GUESS_READS_PER_S = 50  # per process (its store): beyond, the process's own count answers
+GUESS_READS_IN_FLIGHT = 8  # guess reads waiting for the store at once, per process
 
 
 @functools.lru_cache(maxsize=4096)  # asked before every api key: a few hosts post all day
@@ -199,23 +203,35 @@ def guess_address(host: str) -> str:
 class GuessBudget:
     """One process's allowance of guess writes (per store): ``GUESS_WRITES_PER_S`` a second
     (a token bucket) and ``GUESS_WRITES_IN_FLIGHT`` at once. A guess with no allowance left
-    is counted in the process only, and written with that address's next one that has."""
+    is counted in the process only, and written with that address's next one that has.
+
+    ``reads``: the allowance of guess reads instead (``GUESS_READS_PER_S``,
+    ``GUESS_READS_IN_FLIGHT``): a check with none left is answered by the process's own
+    count, without asking the store."""
 
     clock = staticmethod(time.monotonic)
 
-    def __init__(self) -> None:
+    def __init__(self, reads: bool = False) -> None:
+        self.reads = reads
         self.tokens = 0.0
         self.at: float | None = None
         self.in_flight = 0
 
+    def limits(self) -> tuple[int, int]:
+        """(a second, at once): read when asked, so a test may change them."""
+        if self.reads:
+            return GUESS_READS_PER_S, GUESS_READS_IN_FLIGHT
+        return GUESS_WRITES_PER_S, GUESS_WRITES_IN_FLIGHT
+
     def take(self) -> bool:
-        now, rate = self.clock(), float(GUESS_WRITES_PER_S)
+        per_s, at_once = self.limits()
+        now, rate = self.clock(), float(per_s)
         if self.at is None:
             self.tokens = rate
         else:
             self.tokens = min(rate, self.tokens + max(0.0, now - self.at) * rate)
         self.at = now
-        if self.tokens < 1 or self.in_flight >= GUESS_WRITES_IN_FLIGHT:
+        if self.tokens < 1 or self.in_flight >= at_once:
             return False
         self.tokens -= 1
         self.in_flight += 1
@@ -242,12 +258,14 @@ def shared_throttle(store: Any, scope: str) -> "SharedThrottle":
     """The one ``SharedThrottle`` of ``scope`` on ``store`` (a new one without a store), so
     that two handlers guarding one secret (the console's login and /metrics: the admin
     token) count into one bound, and every guess of the process (one store per app) draws
-    on one ``GuessBudget``. Kept on the store itself: it lives and goes with it."""
+    on one ``GuessBudget`` of writes and one of reads. Kept on the store itself: it lives
+    and goes with it."""
     if store is None:
         return SharedThrottle(None, scope)
-    budget, throttles = vars(store).setdefault("_guess_throttles", (GuessBudget(), {}))
+    budget, reads, throttles = vars(store).setdefault(
+        "_guess_throttles", (GuessBudget(), GuessBudget(reads=True), {}))
     if scope not in throttles:
-        throttles[scope] = SharedThrottle(store, scope, budget=budget)
+        throttles[scope] = SharedThrottle(store, scope, budget=budget, read_budget=reads)
     return throttles[scope]
 
 
@@ -271,22 +289,30 @@ class SharedThrottle:
 
     Before a secret is compared, ``retry_after`` asks the database, except for an address
     it found under the bound within ``RECHECK_S`` (a right key posted all day costs a read a
-    second). Its last look is this process's count, with no wait between it and the
-    caller's comparison and ``wrong``'s count: within one process the bound is exact,
-    concurrent guesses included. A database that can't be reached leaves each process its
-    own count (the bound per process, as before), said once a minute in the log."""
+    second), and within the process's ``read_budget`` (``GUESS_READS_PER_S`` reads a second,
+    ``GUESS_READS_IN_FLIGHT`` at once, every scope together): a flood of guesses from many
+    distinct addresses costs at most that many reads, and beyond it each check is answered
+    by this process's count (each node bounds an address on its own meanwhile, as while
+    writes outrun ``budget``), said once a minute in the log. Its last look is this
+    process's count, with no wait between it and the caller's comparison and ``wrong``'s
+    count: within one process the bound is exact, concurrent guesses included. A database
+    that can't be reached leaves each process its own count (the bound per process, as
+    before), said once a minute in the log."""
 
     def __init__(self, store: Any, scope: str, throttle: LoginThrottle | None = None,
-                 recheck_s: float = RECHECK_S, budget: GuessBudget | None = None):
+                 recheck_s: float = RECHECK_S, budget: GuessBudget | None = None,
+                 read_budget: GuessBudget | None = None):
         self.store = store
         self.scope = scope
         self.local = throttle if throttle is not None else LoginThrottle()
         self.recheck_s = recheck_s
         self.budget = budget if budget is not None else GuessBudget()
+        self.read_budget = read_budget if read_budget is not None else GuessBudget(reads=True)
         self._clear: OrderedDict[str, float] = OrderedDict()  # key -> when found under
         self._unshared: OrderedDict[str, list[float]] = OrderedDict()  # key -> not written
         self._said_down: float | None = None
         self._said_budget: float | None = None
+        self._said_reads: float | None = None
 
     @property
     def delay_s(self) -> float:
@@ -303,9 +329,13 @@ class SharedThrottle:
         it may."""
         scope, client, key = self._where(address, site)
         now = time.time()
-        if not self.local.retry_after(key, now) and not self._fresh(key, now):
+        if (not self.local.retry_after(key, now) and not self._fresh(key, now)
+                and self._may_read()):
             since_ms = int((now - self.local.window_s) * 1000)
-            shared = await self._ask("guess_failures", scope, client, since_ms)
+            try:
+                shared = await self._ask("guess_failures", scope, client, since_ms)
+            finally:
+                self.read_budget.done()
             now = time.time()
             if shared is not None:
                 self._merge(key, shared, now)
@@ -349,6 +379,20 @@ class SharedThrottle:
         if len(self.local._recent(key, now)) >= SHARE_AFTER:
             await self._share(scope, client, key, now)
         await asyncio.sleep(self.delay_s)
+
+    def _may_read(self) -> bool:
+        """Whether to read the store now: there is one, and the process's ``read_budget``
+        allows it (taken: ``done`` after)."""
+        if self.store is None:  # nothing to read (``_ask`` would answer None)
+            return False
+        if self.read_budget.take():
+            return True
+        if self._said_reads is None or time.monotonic() - self._said_reads >= 60:
+            self._said_reads = time.monotonic()
+            log.warning("more %s guess checks than %d reads a second: the rest are answered "
+                        "by this process's own count for now", self.scope,
+                        self.read_budget.limits()[0])
+        return False
 
     async def _share(self, scope: str, client: str, key: str, now: float) -> None:
         """Write ``key``'s guesses not yet written, within the process's budget."""

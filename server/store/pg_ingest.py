@@ -389,6 +389,9 @@ class PgIngestBatch:
         identity, binding = await self._identity(site.id, event)
         if identity and not sc:
             identity["last_sc"] = await self._last_sc(site, identity["id"])
+            if identity["last_sc"] is None and rules.signs_identities(site):
+                identity[rules.UNVERIFIED_SESSIONS] = await self._has_session(site.id,
+                                                                              identity["id"])
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
@@ -566,6 +569,15 @@ class PgIngestBatch:
         return await self.conn.fetchval(
             "SELECT sc FROM sessions WHERE site_id = $1 AND identity_id = $2 "
             f"{rules.last_sc_sql(verified_only)}", site_id, identity_id)
+
+    async def _has_session(self, site_id: str, identity_id: int) -> bool:
+        """Whether any session is bound to the identity (SQLite's ``_has_session``)."""
+        if any(sid == site_id and self.sessions[(sid, sc)].identity_id == identity_id
+               for sid, sc in self.dirty):
+            return True
+        return await self.conn.fetchval(
+            "SELECT 1 FROM sessions WHERE site_id = $1 AND identity_id = $2 LIMIT 1",
+            site_id, identity_id) is not None
 
     # Cart ---------------------------------------------------------------------------------
 

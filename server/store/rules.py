@@ -496,6 +496,14 @@ def signs_identities(site: Any) -> bool:
     return site.identity_secret is not None
 
 
+# On a site that signs identities, a backend event of a customer with no verified session
+# (``last_sc`` None) also says whether any session, bound by an unsigned email, is known
+# (``identity.unverified_sessions``: true or false; absent elsewhere): what an eSputnik row
+# that can't go without the customer's sc says it waits for (a verified session, and that
+# only unverified ones are known when so). Bookkeeping: no vendor is sent it.
+UNVERIFIED_SESSIONS = "unverified_sessions"
+
+
 def last_sc_sql(verified_only: bool) -> str:
     """The tail of ``SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ?`` that
     picks ``last_sc`` (``signs_identities``; ``latest_session`` for unwritten rows)."""

@@ -395,6 +395,8 @@ class IngestBatch:
             # A backend event names no session: the customer's latest one, for vendors that
             # require the visitor's cookie (eSputnik's cookies.sc).
             identity["last_sc"] = self._last_sc(site, identity["id"])
+            if identity["last_sc"] is None and rules.signs_identities(site):
+                identity[rules.UNVERIFIED_SESSIONS] = self._has_session(site.id, identity["id"])
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
@@ -593,6 +595,16 @@ class IngestBatch:
             "SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ? "
             f"{rules.last_sc_sql(verified_only)}", (site_id, identity_id)).fetchone()
         return row[0] if row else None
+
+    def _has_session(self, site_id: str, identity_id: int) -> bool:
+        """Whether any session is bound to the identity (asked when none verified is:
+        ``rules.UNVERIFIED_SESSIONS``): one written in this batch, else the database's."""
+        if any(sid == site_id and state.identity_id == identity_id
+               for (sid, _), state in self.dirty.items()):
+            return True
+        return self.conn.execute(
+            "SELECT 1 FROM sessions WHERE site_id = ? AND identity_id = ? LIMIT 1",
+            (site_id, identity_id)).fetchone() is not None
 
     # Cart ---------------------------------------------------------------------------------
 

@@ -32,14 +32,15 @@ def compact(fields: dict[str, Any]) -> dict[str, Any]:
 def person(event: dict[str, Any]) -> dict[str, Any]:
     """Who the event is about: the session's identity after the event, with the event's own
     ``user`` fields on top (a backend event names its customer itself); onetag's own
-    bookkeeping keys (``id``, ``is_new``, ``last_sc``, ``created_ms``) left out."""
+    bookkeeping keys (``id``, ``is_new``, ``last_sc``, ``unverified_sessions``, ``created_ms``)
+    left out."""
     merged = {key: value for key, value in (event.get("identity") or {}).items()
               if key not in _BOOKKEEPING and value is not None}
     merged.update(compact(event.get("user") or {}))
     return merged
 
 
-_BOOKKEEPING = frozenset({"id", "is_new", "last_sc", "created_ms"})
+_BOOKKEEPING = frozenset({"id", "is_new", "last_sc", "unverified_sessions", "created_ms"})
 
 
 def known_since_ms(event: dict[str, Any]) -> int | None:
