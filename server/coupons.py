@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import logs
 from .admin.auth import client_address, shared_throttle
-from .events import EMAIL_RE, echo
+from .events import echo, email_problem
 from .store.base import StoreUnavailable
 
 log = logging.getLogger("onetag.coupons")
@@ -242,8 +242,9 @@ def _email(value: Any, field: str) -> str | None:
     email = _text(value, field)
     if email is None:
         return None
-    if len(email) > MAX_EMAIL or not EMAIL_RE.fullmatch(email):
-        raise Invalid(400, field, "must be one email address like jim@example.com")
+    if len(email) > MAX_EMAIL or email_problem(email):
+        raise Invalid(400, field, "must be one email address like jim@example.com, with no "
+                                  "control or format character")
     return email
 
 

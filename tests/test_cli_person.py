@@ -100,7 +100,7 @@ async def test_export_dry_run_forget_and_again(backend, tmp_path, capsys) -> Non
     (["--site", "shop2", "--email", JANE], "no site 'shop2' in the config (sites: shop1)"),
     (["--site", "shop1"], "name the person: --email, --customer-id or --sc"),
     (["--site", "shop1", "--email", JANE, "--sc", J1], "--email and --sc given"),
-    (["--site", "shop1", "--email", "jane"], "--email: 'jane' is not an email address"),
+    (["--site", "shop1", "--email", "jane"], "--email: not an email address onetag would store: 'jane' is not"),
 ])
 def test_mistakes_are_one_line_and_change_nothing(tmp_path, capsys, args, said) -> None:
     config = write_config(tmp_path, f"sqlite:///{tmp_path}/t.db")

@@ -219,7 +219,8 @@ async def test_an_anonymous_visitor_by_sc_and_a_customer_by_id(backend) -> None:
 @pytest.mark.parametrize("given, field", [
     ({}, "--email"), ({"email": "a@example.com", "sc": "ABCDEFGH"}, "--email and --sc"),
     ({"email": "not an email"}, "--email"), ({"sc": "short"}, "--sc"),
-    ({"customer_id": " "}, "--customer-id")])
+    ({"customer_id": " "}, "--customer-id"),
+    ({"email": "ann\u202e@example.com"}, "--email")])  # an event's email never holds one
 def test_a_selector_that_names_no_one_or_two_is_refused(given, field) -> None:
     with pytest.raises(ValueError, match=field):
         person.selector("shop1", **given)

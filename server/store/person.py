@@ -56,7 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, NamedTuple, Sequence
 
-from ..events import EMAIL_RE, SC_RE
+from ..events import SC_RE, email_problem
 from ..jsontext import encode, loads
 
 IDENTITY_COLUMNS = ("id", "site_id", "email", "customer_id", "first_name", "last_name", "phone",
@@ -180,8 +180,9 @@ def selector(site_id: str, *, email: str | None = None, customer_id: str | None 
                          "(take one of --email, --customer-id, --sc)")
     if email is not None:
         email = email.strip().lower()
-        if len(email) > 254 or not EMAIL_RE.fullmatch(email):
-            raise ValueError(f"--email: {email!r} is not an email address onetag would store")
+        problem = "it is over 254 characters" if len(email) > 254 else email_problem(email)
+        if problem:
+            raise ValueError(f"--email: not an email address onetag would store: {problem}")
     if customer_id is not None:
         customer_id = customer_id.strip()
         if not 0 < len(customer_id) <= MAX_CUSTOMER_ID or not customer_id.isprintable():
