@@ -24,7 +24,9 @@ once. The protocol (docs/architecture.md, "The claim protocol"):
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -85,11 +87,15 @@ CLAIM_ANY_VENDOR = claim_sql("AND $2::text IS NULL")
 # and still this claim's; its attempt is kept either way (it happened), but for a delivery
 # erased since (``onetag person forget``: visitor 'erased'; migration 041), whose attempt
 # would name the person where nothing finds it again.
-# A deadlock's victim (one statement, so its whole transaction, rolled back) is run once
-# more: the finish takes its rows in id order (041), as the erasure does, but a lock taken
-# otherwise (an operator's transaction) would make the forwarder drop the batch's outcomes
-# and send every row of it again after its lease.
+# A deadlock's victim (one statement, so its whole transaction, rolled back) is run again,
+# up to DEADLOCK_RETRIES times: the finish takes its rows in id order (041), as the erasure
+# does, but a lock taken otherwise (an operator's transaction) would make the forwarder drop
+# the batch's outcomes and send every row of it again after its lease. Each retry waits a
+# few random milliseconds first: run at once, it can take a row back before the transaction
+# that won the deadlock gets it, and deadlock with it again (seen under load).
 DEADLOCK = "40P01"
+DEADLOCK_RETRIES = 3
+DEADLOCK_BACKOFF_S = 0.02  # a retry waits up to this, times its number, at random
 FINISH = ("SELECT onetag_finish($1::bigint[], $2::text[], $3::bigint[], $4::text[], "
           "$5::bigint[], $6, $7::bigint[], $8::int[], $9::bigint[], $10::bigint[], $11::text[], "
           "$12::int[], $13::text[], $14::text[])")
@@ -147,7 +153,7 @@ class PostgresOutbox:
             return await self.claim(now_ms, lease_ms, limit, chosen)
         args = (*self._finish_args(outcomes, now_ms), chosen[0], limit, lease_ms)
         return self._deliveries(await self._on_connection(
-            lambda conn: conn.fetch(FINISH_CLAIM, *args), deadlock_retries=1))
+            lambda conn: conn.fetch(FINISH_CLAIM, *args), deadlock_retries=DEADLOCK_RETRIES))
 
     @staticmethod
     def _deliveries(rows: list[Any]) -> list[Delivery]:
@@ -163,7 +169,8 @@ class PostgresOutbox:
         if not outcomes:
             return
         args = self._finish_args(outcomes, now_ms)
-        await self._on_connection(lambda conn: conn.execute(FINISH, *args), deadlock_retries=1)
+        await self._on_connection(lambda conn: conn.execute(FINISH, *args),
+                                  deadlock_retries=DEADLOCK_RETRIES)
 
     @staticmethod
     def _finish_args(outcomes: Sequence[Outcome], now_ms: int) -> list[Any]:
@@ -535,7 +542,8 @@ class PostgresOutbox:
         not kept (``pg_writer.drop_if_failed``: a read-only session would outlive the
         database becoming writable again). A call of one statement outside a transaction
         may be run again after PostgreSQL chose it as a deadlock's victim (40P01), at most
-        ``deadlock_retries`` times: the statement's whole transaction was rolled back."""
+        ``deadlock_retries`` times, each after a short random wait: the statement's whole
+        transaction was rolled back."""
         try:
             async with self.pool.acquire() as conn:
                 for attempt in range(deadlock_retries + 1):
@@ -543,6 +551,8 @@ class PostgresOutbox:
                         return await call(conn)
                     except Exception as exc:
                         if sqlstate(exc) == DEADLOCK and attempt < deadlock_retries:
+                            await asyncio.sleep(random.uniform(0.5, 1.0) * DEADLOCK_BACKOFF_S
+                                                * (attempt + 1))
                             continue
                         drop_if_failed(conn, exc)
                         raise
