@@ -650,7 +650,12 @@ class Forwarder:
         except httpx.TimeoutException as exc:
             return Verdict(PENDING, f"timeout: {_describe(exc)}")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            trace.headers = None  # refused before a byte left: the attempt says not sent
             return Verdict(DEAD, f"bad vendor URL {request.get('url')!r}: {_describe(exc)}")
+        except httpx.LocalProtocolError as exc:  # a header no retry would mend: not sent
+            trace.headers = None
+            return Verdict(DEAD, f"not sent, a header HTTP cannot carry ({_describe(exc)}): "
+                                 f"check sites[{delivery.site_id}].{delivery.vendor}'s keys")
         except httpx.TransportError as exc:
             return Verdict(PENDING, _describe(exc))
         text = response.content.decode(_text_encoding(response.headers.get("content-type")),

@@ -18,8 +18,10 @@ The parsing is strict where a mistake would be silent (a status line, a header l
 length, a chunk size that does not parse is ``httpx.RemoteProtocolError``; a
 ``Transfer-Encoding`` beside a ``Content-Length`` too, as RFC 9112 section 6.3 tells a
 client to treat it) and bounded everywhere: the head of an answer at ``HEAD_LIMIT`` bytes,
-its body at ``BODY_LIMIT`` bytes once decoded (a longer body is cut there, its status
-stands, and the connection is closed rather than read to the end).
+its interim answers at ``INTERIM_LIMIT``, its trailers at ``HEAD_LIMIT`` bytes, its body at
+``BODY_LIMIT`` bytes once decoded and twice that as it came (a longer body is cut there, its
+status stands, and the connection is closed rather than read to the end), and the whole
+answer at the read timeout.
 """
 
 from __future__ import annotations
@@ -36,17 +38,22 @@ import httpx
 
 READ_HIGH_WATER = 256 * 1024  # bytes received and not yet parsed: stop reading the socket above
 HEAD_LIMIT = 64 * 1024  # an answer's status line and headers
-BODY_LIMIT = 1024 * 1024  # an answer's body, decoded: the forwarder keeps 4 KiB of it at most
+BODY_LIMIT = 64 * 1024  # an answer's body, decoded (the forwarder keeps 4 KiB of it at most),
+# and twice that of its bytes as they came: a slot holds no more, whatever a vendor sends
+INTERIM_LIMIT = 8  # 1xx answers before the final one
 CHUNK_LINE_LIMIT = 4096  # a chunk-size line with its extensions, a trailer line
 
 # RFC 9110 section 5.6.2: a header name is a token; a value holds no CR, LF or NUL.
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
-_BAD_VALUE = re.compile(rb"[\r\n\0]")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB, as h11
 # RFC 9112 section 4: "HTTP/1.1 200 OK" (the reason may be empty or absent).
 _STATUS_LINE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?:[ \t].*)?\Z", re.DOTALL)
 _HEADER_LINE = re.compile(rb"([^:\s]+):[ \t]*(.*?)[ \t]*\Z", re.DOTALL)
+_BAD_ANSWER_VALUE = re.compile(rb"[\0\r]")  # RFC 9112 2.2: a bare CR is refused
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
+_KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;])\s*timeout\s*=\s*(\d+)", re.IGNORECASE)
+_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})  # say Content-Length: 0
 
@@ -108,6 +115,8 @@ def request_head(method: bytes, origin: Origin, headers: Iterable[tuple[str, str
             raw_name, raw_value = name.encode("ascii"), value.encode("latin-1")
         except (UnicodeEncodeError, AttributeError):
             raise httpx.LocalProtocolError(f"header {name!r}: not text HTTP can carry") from None
+        if raw_name.lower() in _FRAMING:
+            raise httpx.LocalProtocolError(f"header {name!r} is the client's to write")
         if not _TOKEN.match(raw_name):
             raise httpx.LocalProtocolError(f"illegal header name {name!r}")
         if _BAD_VALUE.search(raw_value):
@@ -145,7 +154,7 @@ def parse_head(head: bytes) -> tuple[int, bool, dict[str, str], list[tuple[str, 
             fields[-1] = (name, (value + " " + line.strip(b" \t").decode("latin-1")).strip())
             continue
         header = _HEADER_LINE.match(line)
-        if header is None or not _TOKEN.match(header[1]) or b"\0" in header[2]:
+        if header is None or not _TOKEN.match(header[1]) or _BAD_ANSWER_VALUE.search(header[2]):
             raise httpx.RemoteProtocolError(f"malformed header line {line[:100]!r}")
         fields.append((header[1].decode("latin-1").lower(), header[2].decode("latin-1")))
     headers: dict[str, str] = {}
@@ -179,6 +188,17 @@ def body_length(method: bytes, status: int, fields: list[tuple[str, str]]) -> in
     return "close"
 
 
+def _idle_expiry(keep_alive: str, ours: float | None) -> float | None:
+    """How long a connection may sit idle: ours, or less when the vendor's ``Keep-Alive:
+    timeout=N`` says it closes idle ones sooner (a second early: its clock started first),
+    so that fewer requests meet a connection the vendor is closing."""
+    matched = _KEEP_ALIVE_TIMEOUT.search(keep_alive)
+    if matched is None:
+        return ours
+    theirs = max(0.0, int(matched[1][:9]) - 1.0)
+    return theirs if ours is None else min(ours, theirs)
+
+
 class _Decoder:
     """The answer's Content-Encoding undone (gzip, deflate; others, which we never ask for,
     left as they came, as httpx does), its output bounded at ``limit`` bytes: a body that
@@ -195,8 +215,13 @@ class _Decoder:
         self.first = b""
         self.out = bytearray()
         self.truncated = False
+        self.raw = 0  # bytes fed, before decoding: bounded too (a stream that decodes to
+        # nothing, or bytes after its end, would otherwise be read, or kept, for ever)
 
     def feed(self, data: bytes) -> None:
+        self.raw += len(data)
+        if self.raw > 2 * self.limit or (self.steps and self.steps[0].eof):
+            self.truncated = True
         if self.codings and not self.steps:
             self.first += data
             if len(self.first) < 2:
@@ -210,7 +235,7 @@ class _Decoder:
         try:
             for step in self.steps:
                 data = step.decompress(data, room + 1)
-                if step.unconsumed_tail:
+                if step.unconsumed_tail or step.unused_data:
                     self.truncated = True
         except zlib.error:  # the status stands; the body is what decoded before the fault
             self.truncated = True
@@ -316,6 +341,8 @@ class Connection:
         self._protocol = protocol
         self._expiry = keepalive_expiry
         self._idle_since = time.monotonic()
+        self._deadline: float | None = None
+        self._interim = 0
         self._reusable = True  # the last answer was read whole and allows another request
 
     def is_available(self) -> bool:
@@ -341,10 +368,18 @@ class Connection:
         data = request_head(method, origin, headers, body)
         await self._write(data + body if body else data, timeouts.get("write"))
         read_timeout = timeouts.get("read")
+        # The read timeout bounds the whole answer, not each read: a vendor trickling bytes
+        # (or 1xx answers, or trailers) can't hold a slot past it, so a send ends before
+        # its lease does (forward_options.DEFAULT_LEASE_S).
+        self._deadline = None if read_timeout is None else time.monotonic() + read_timeout
+        self._interim = 0
         while True:
             status, http11, answer_headers, fields = await self._read_head(read_timeout)
             if status >= 200:
                 break
+            self._interim += 1
+            if self._interim > INTERIM_LIMIT:
+                raise httpx.RemoteProtocolError(f"more than {INTERIM_LIMIT} interim answers")
             if status == 101:
                 raise httpx.RemoteProtocolError("the vendor switched protocols unasked")
             # 1xx: an interim answer (100 Continue, 103 Early Hints); the final one follows.
@@ -357,6 +392,8 @@ class Connection:
         else:
             complete = await self._read_exactly(length, decoder, read_timeout)  # type: ignore
         decoder.finish()
+        if "keep-alive" in answer_headers:  # the vendor says how long it keeps idle ones
+            self._expiry = _idle_expiry(answer_headers["keep-alive"], self._expiry)
         connection = answer_headers.get("connection", "").lower()
         self._reusable = (complete and length != "close" and http11 and not decoder.truncated
                           and "close" not in connection and not self._protocol.buffer)
@@ -386,6 +423,11 @@ class Connection:
         if protocol.closed:
             return False
         have = len(protocol.buffer)
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise httpx.ReadTimeout("the answer took longer than its deadline")
+            timeout = left if timeout is None else min(timeout, left)
         while len(protocol.buffer) == have and not protocol.closed:
             protocol.waiter = asyncio.get_running_loop().create_future()
             try:
@@ -422,7 +464,7 @@ class Connection:
                 raise httpx.RemoteProtocolError(f"an answer's head over {HEAD_LIMIT} bytes")
             start = max(0, len(buffer) - 3)
             if not await self._more(timeout):
-                if not buffer:  # closed before a byte of the answer: a stale connection?
+                if not buffer and not self._interim:  # not a byte of answer: stale?
                     error = self._protocol.error
                     raise ConnectionClosed(str(error) if error else
                                            "the vendor closed the connection without answering")
@@ -475,8 +517,11 @@ class Connection:
                 raise httpx.RemoteProtocolError(f"malformed chunk size {size_text[:30]!r}")
             size = int(size_text, 16)
             if size == 0:
-                while await self._line(timeout, "trailer line"):
-                    pass  # trailers: none of them matters to a delivery
+                total = 0  # trailers: none matters to a delivery, all of them are bounded
+                while line := await self._line(timeout, "trailer line"):
+                    total += len(line)
+                    if total > HEAD_LIMIT:
+                        raise httpx.RemoteProtocolError(f"trailers over {HEAD_LIMIT} bytes")
                 return True
             if not await self._read_exactly(size, decoder, timeout, "a chunk"):
                 return False
@@ -557,8 +602,9 @@ class KeepAlivePool:
         else:  # a free slot: taken at once (wait_for would make a task for it)
             await self._slots.acquire()
         try:
+            fresh = False
             while True:
-                connection = self._checkout(target.key)
+                connection = None if fresh else self._checkout(target.key)
                 reused = connection is not None
                 if connection is None:
                     self.opened += 1
@@ -571,6 +617,7 @@ class KeepAlivePool:
                 except BaseException as exc:  # cancelled too: never reuse a half-read one
                     connection.close()
                     if reused and isinstance(exc, _STALE):
+                        fresh = True
                         continue  # a stale idle connection: once more on a fresh one
                     raise
                 self._checkin(target.key, connection)
@@ -591,11 +638,26 @@ class KeepAlivePool:
         return None
 
     def _checkin(self, key: tuple[bytes, bytes, int], connection: Connection) -> None:
+        if self._idle_count >= self.max_keepalive:  # full: the dead and expired go first
+            self._drop_unusable()
         if connection.is_available() and self._idle_count < self.max_keepalive:
             self._idle.setdefault(key, []).append(connection)
             self._idle_count += 1
         else:
             connection.close()
+
+    def _drop_unusable(self) -> None:
+        """Close the idle connections no request can use (expired, or closed by their
+        vendor), of every origin: one vendor's dead ones must not keep another's out."""
+        for stack in self._idle.values():
+            usable = []
+            for connection in stack:
+                if connection.is_available() and not connection.has_expired():
+                    usable.append(connection)
+                else:
+                    connection.close()
+            self._idle_count -= len(stack) - len(usable)
+            stack[:] = usable
 
     async def aclose(self) -> None:
         idle, self._idle, self._idle_count = self._idle, {}, 0

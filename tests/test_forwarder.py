@@ -201,6 +201,27 @@ async def test_redirects_are_not_followed(tmp_path, fake) -> None:
     assert [r.path for r in fake.requests()] == ["/sendlane/tracking/order-placed"]
 
 
+async def test_a_header_http_cannot_carry_is_dead_at_once_and_never_sent(tmp_path, fake,
+                                                                       monkeypatch) -> None:
+    """A credential with a line break (a key pasted with its newline) would split the
+    request: refused before a byte leaves, dead at once (no retry mends it), the attempt
+    recorded as not sent, and the message names the site's vendor section."""
+    from server.vendors import sendlane
+    monkeypatch.setattr(sendlane, "auth_headers",
+                        lambda cfg: {"Authorization": "Bearer abc\nX-Evil: 1"})
+    settings = make_settings(tmp_path, fake, only=("sendlane",))
+    db = tmp_path / "onetag.db"
+    async with serve(settings) as app, httpx.AsyncClient(base_url=app.state.base_url) as client:
+        await backend(client, purchase("1001", "jim@example.com"))
+        [row] = await until(lambda: rows(db, "state = 'dead'"), what="a dead row")
+    assert row["attempts"] == 1 and "sites[shop1].sendlane" in row["last_error"]
+    assert "Bearer" not in row["last_error"]  # the credential itself is never echoed
+    with sqlite3.connect(db) as conn:
+        [(request,)] = conn.execute("SELECT request FROM attempts").fetchall()
+    assert '"sent":false' in request.replace(" ", "")
+    assert fake.requests() == []
+
+
 async def test_one_visitor_is_served_in_order_even_across_a_retry(tmp_path, fake) -> None:
     fake.fail("sendlane/tracking/event", 500)  # the visitor's first custom event fails once
     settings = make_settings(tmp_path, fake, only=("sendlane",))

@@ -11,6 +11,7 @@ import gzip
 import shutil
 import ssl
 import subprocess
+import tracemalloc
 import zlib
 
 import h11
@@ -411,3 +412,171 @@ def test_the_request_head() -> None:
     assert b"Content-Length: 0" in request_head(b"POST", origin("http://h/"), [], None)
     with pytest.raises(httpx.InvalidURL):
         origin("http:///nohost")
+
+
+# Bounds on what a vendor may make a send hold (review of the client, 2026-11-30) ------------
+
+
+async def _serve(handle) -> tuple[asyncio.AbstractServer, str]:
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+
+
+def _gzip_then_junk(total: int, close: bool):
+    """A handler answering a tiny gzip body, then ``total`` bytes of junk after its end."""
+    async def handle(reader, writer):
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n"
+                     + gzip.compress(b'{"ok":true}'))
+        sent = 0
+        try:
+            while sent < total:
+                writer.write(b"\0" * 65536)
+                sent += 65536
+                await writer.drain()
+        except ConnectionError:
+            return
+        if close:
+            writer.close()
+    return handle
+
+
+async def test_bytes_after_a_gzip_end_are_not_kept() -> None:
+    server, url = await _serve(_gzip_then_junk(40 * 1024 * 1024, close=True))
+    pool = KeepAlivePool(4)
+    tracemalloc.start()
+    try:
+        answer = await send(pool, url)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await pool.aclose()
+        server.close()
+    assert answer.status_code == 200 and answer.content == b'{"ok":true}' and answer.truncated
+    assert peak < 2**20, f"peak {peak / 2**20:.1f} MiB for a 40 MiB tail"
+    assert pool._idle_count == 0  # cut short: the connection is not reused
+
+
+async def test_an_endless_body_that_decodes_to_nothing_ends() -> None:
+    server, url = await _serve(_gzip_then_junk(10 ** 12, close=False))
+    pool = KeepAlivePool(4)
+    try:  # bytes never stop coming, so no timeout would end it: the byte bound does
+        answer = await asyncio.wait_for(send(pool, url), 30)
+        assert answer.truncated
+    finally:
+        await pool.aclose()
+        server.close()
+
+
+async def test_a_trickled_answer_ends_at_the_read_timeout_in_all() -> None:
+    """The read timeout bounds the whole answer, not each read: a byte every 0.2 s with a
+    0.5 s timeout ends at 0.5 s, so a send never outlives its lease."""
+    async def handle(reader, writer):
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+        for _ in range(20):
+            await asyncio.sleep(0.2)
+            writer.write(b"x")
+        writer.close()
+
+    server, url = await _serve(handle)
+    pool = KeepAlivePool(4)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            await send(pool, url, timeouts=httpx.Timeout(0.5).as_dict())
+    finally:
+        await pool.aclose()
+        server.close()
+    assert loop.time() - started < 2.0
+
+
+async def test_interim_answers_and_trailers_are_bounded_in_number() -> None:
+    with pytest.raises(httpx.RemoteProtocolError, match="interim answers"):
+        await answer_to(b"HTTP/1.1 100 Continue\r\n\r\n" * 200_000 + ANSWER)
+    with pytest.raises(httpx.RemoteProtocolError, match="trailers over"):
+        await answer_to(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+                        + b"x-t: 1\r\n" * 200_000 + b"\r\n")
+
+
+async def test_a_close_after_an_interim_answer_is_not_a_stale_connection() -> None:
+    with pytest.raises(httpx.RemoteProtocolError) as raised:
+        await answer_to(b"HTTP/1.1 100 Continue\r\n\r\n", close=True)
+    assert not isinstance(raised.value, http_client.ConnectionClosed)
+
+
+async def test_a_request_closed_unanswered_is_sent_at_most_twice() -> None:
+    """A request the vendor drops without answering (a firewall's reset, a crash on that
+    payload) goes once more on a new connection, not once per idle connection."""
+    arrivals = []
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                if b"poison" in body:
+                    arrivals.append(body)
+                    writer.close()
+                    return
+                await asyncio.sleep(0.05)  # the warm-up requests overlap: 8 connections
+                writer.write(ANSWER)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server, url = await _serve(handle)
+    pool = KeepAlivePool(16)
+    try:
+        await asyncio.gather(*(send(pool, url) for _ in range(8)))
+        assert pool._idle_count == 8
+        with pytest.raises(httpx.RemoteProtocolError):
+            await send(pool, url, b'{"poison":1}')
+    finally:
+        await pool.aclose()
+        server.close()
+    assert len(arrivals) == 2
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "Host", "Transfer-Encoding", "Connection"])
+def test_the_clients_own_headers_are_not_taken_from_a_caller(name) -> None:
+    with pytest.raises(httpx.LocalProtocolError, match="the client's to write"):
+        request_head(b"POST", origin("https://vendor.example/x"), [(name, "5")], b"{}")
+
+
+async def test_control_characters_are_refused_both_ways() -> None:
+    with pytest.raises(httpx.LocalProtocolError):
+        request_head(b"POST", origin("https://vendor.example/x"), [("X-Key", "a\x01\x7fb")],
+                     b"{}")
+    assert b"X-Key: a\tb" in request_head(b"POST", origin("https://vendor.example/x"),
+                                          [("X-Key", "a\tb")], b"{}")
+    with pytest.raises(httpx.RemoteProtocolError, match="malformed header line"):
+        await answer_to(b"HTTP/1.1 200 OK\r\nRetry-After: 5\rX\r\nContent-Length: 0\r\n\r\n")
+
+
+async def test_one_vendors_dead_idle_connections_do_not_keep_anothers_out() -> None:
+    async with Server() as a, Server() as b:
+        pool = KeepAlivePool(2, 2, keepalive_expiry=0.1)
+        try:
+            await asyncio.gather(send(pool, f"http://127.0.0.1:{a.port}/"),
+                                 send(pool, f"http://127.0.0.1:{a.port}/"))
+            await asyncio.sleep(0.2)  # A's two idle connections expired, still counted
+            for _ in range(3):
+                await send(pool, f"http://127.0.0.1:{b.port}/")
+        finally:
+            await pool.aclose()
+    assert b.connections == 1
+
+
+async def test_a_vendors_keep_alive_timeout_shortens_the_idle_expiry() -> None:
+    answer, connection = await answer_to(ANSWER.replace(
+        b"\r\n\r\n", b"\r\nKeep-Alive: timeout=5, max=100\r\n\r\n"))
+    assert connection._expiry == 4.0 and connection._reusable
+    answer, connection = await answer_to(ANSWER.replace(
+        b"\r\n\r\n", b"\r\nKeep-Alive: max=100\r\n\r\n"))
+    assert connection._expiry == 30.0
+    answer, connection = await answer_to(ANSWER.replace(
+        b"\r\n\r\n", b"\r\nKeep-Alive: timeout=1\r\n\r\n"))
+    assert connection._expiry == 0.0
