@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -59,6 +60,10 @@ class ForwarderOptions:
     # (0: no periodic pass; ``sync_products`` runs one).
     product_sync_every_s: float = product_sync.DEFAULT_EVERY_S
     rates: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
+    # An HTTP proxy every vendor request goes through (``http://[user:password@]host:port``;
+    # https vendors through a CONNECT tunnel), for hosts whose only way out is one. Only
+    # ONETAG_FORWARD_PROXY sets it: HTTPS_PROXY, set for other programs, is not read.
+    proxy: str | None = None
 
     @property
     def timeout(self) -> httpx.Timeout:
@@ -89,12 +94,15 @@ class ForwarderOptions:
             try:
                 if f.name == "rates":
                     changes["rates"] = _parse_rates(text)
+                elif f.name == "proxy":
+                    changes["proxy"] = proxy_url(text)
                 elif f.name in ("concurrency", "max_attempts"):
                     changes[f.name] = _count(text)
                 else:
                     changes[f.name] = _seconds(text, zero=f.name in ZERO_ALLOWED)
             except ValueError as exc:
-                raise ValueError(f"{name}={text!r}: {exc}") from None
+                shown = _without_password(text) if f.name == "proxy" else text
+                raise ValueError(f"{name}={shown!r}: {exc}") from None
         return cls(**changes)
 
 
@@ -117,6 +125,32 @@ def _seconds(text: str, zero: bool = False) -> float:
     if not (value >= 0 if zero else value > 0) or not value <= MAX_SECONDS:
         raise ValueError(f"must be a number of seconds, {low} and at most {MAX_SECONDS}")
     return value
+
+
+def proxy_url(text: str) -> str | None:
+    """``http://[user:password@]host:port`` as given, checked (None for "" or "none")."""
+    if text.lower() in ("", "none", "off"):
+        return None
+    example = "as http://proxy.internal:3128 or http://user:password@proxy.internal:3128"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a proxy URL ({exc}); {example}") from None
+    if parts.scheme != "http":
+        raise ValueError(f"the proxy is reached over http:// (https vendors go through its "
+                         f"CONNECT tunnel), {example}")
+    if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"name the proxy's host and port and nothing else, {example}")
+    return text
+
+
+def _without_password(text: str) -> str:
+    """A proxy URL as it may be shown: whatever stands before an ``@`` replaced."""
+    scheme, sep, rest = text.partition("://")
+    if "@" not in rest:
+        return text
+    return f"{scheme}{sep}[redacted]@{rest.rsplit('@', 1)[1]}"
 
 
 def _parse_rates(text: str) -> dict[str, float]:

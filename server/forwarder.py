@@ -257,7 +257,8 @@ class Forwarder:
         opts = self.options
         if self._transport is None:
             slots = opts.concurrency * len(self.vendors)  # every lane's slots: no pool waits
-            self._transport = KeepAlivePool(slots, slots, DEFAULT_KEEPALIVE_EXPIRY_S)
+            self._transport = KeepAlivePool(slots, slots, DEFAULT_KEEPALIVE_EXPIRY_S,
+                                            proxy=opts.proxy)
         self._stop = asyncio.Event()
         self._outcomes_ready = asyncio.Event()
         self._lanes = {name: _Lane(name, opts.rates.get(name)) for name in self.vendors}
@@ -282,8 +283,11 @@ class Forwarder:
         what an old config left), not every vendor onetag knows."""
         if not self.enabled:
             return "forwarder started: no site enables a vendor"
+        via = ""
+        if self.options.proxy:  # said without its credentials
+            via = f", through the proxy {self.options.proxy.rsplit('@', 1)[-1]}"
         return (f"forwarder started: {', '.join(self.enabled)}, {self.options.concurrency} in "
-                f"flight per vendor")
+                f"flight per vendor{via}")
 
     async def stop(self) -> None:
         """Stop claiming; give in-flight sends the grace period; record what they got.

@@ -27,10 +27,12 @@ answer at the read timeout.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import re
 import ssl
 import time
+import urllib.parse
 import zlib
 from typing import Any, Iterable, Mapping
 
@@ -53,7 +55,8 @@ _BAD_ANSWER_VALUE = re.compile(rb"[\0\r]")  # RFC 9112 2.2: a bare CR is refused
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
 _KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;])\s*timeout\s*=\s*(\d+)", re.IGNORECASE)
-_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
+                      b"proxy-authorization"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})  # say Content-Length: 0
 
@@ -84,7 +87,7 @@ class Answer:
 class Origin:
     """Where a URL's requests go and what they say: parsed once per URL (``origin``)."""
 
-    __slots__ = ("key", "host", "port", "tls", "target", "host_header")
+    __slots__ = ("key", "host", "port", "tls", "target", "host_header", "authority")
 
     def __init__(self, url: str):
         parsed = httpx.URL(url)  # raises httpx.InvalidURL for a malformed one, as httpx did
@@ -102,14 +105,50 @@ class Origin:
         self.target = parsed.raw_path or b"/"
         host = parsed.raw_host if b":" not in parsed.raw_host else b"[" + parsed.raw_host + b"]"
         self.host_header = host if self.port == default_port else b"%s:%d" % (host, self.port)
+        self.authority = b"%s:%d" % (host, self.port)  # a CONNECT's target: always a port
+
+
+class Proxy:
+    """An HTTP proxy every request goes through (``ONETAG_FORWARD_PROXY``): https origins
+    through a CONNECT tunnel (the TLS, its certificate checks included, stays end to end),
+    plain http ones as absolute-form requests (RFC 9112 section 3.2.2)."""
+
+    __slots__ = ("host", "port", "authorization", "where")
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+            raise ValueError("a proxy is http://[user:password@]host:port")
+        self.host, self.port = parts.hostname, parts.port
+        self.where = f"the proxy {self.host}:{self.port}"
+        self.authorization: bytes | None = None
+        if parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            self.authorization = b"Basic " + base64.b64encode(
+                f"{user}:{password}".encode("utf-8"))
+
+    def tunnel_head(self, origin: Origin) -> bytes:
+        authority = origin.authority
+        lines = [b"CONNECT " + authority + b" HTTP/1.1", b"Host: " + authority]
+        if self.authorization is not None:
+            lines.append(b"Proxy-Authorization: " + self.authorization)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def request_head(method: bytes, origin: Origin, headers: Iterable[tuple[str, str]],
-                 body: bytes | None) -> bytes:
+                 body: bytes | None, proxy: Proxy | None = None) -> bytes:
     """The request line and headers (Host first, Content-Length last), each header checked:
     a name that is not a token or a value with CR, LF or NUL would split the request, and
-    is refused with ``httpx.LocalProtocolError`` before a byte is sent."""
-    lines = [method + b" " + origin.target + b" HTTP/1.1", b"Host: " + origin.host_header]
+    is refused with ``httpx.LocalProtocolError`` before a byte is sent. Through a ``proxy``,
+    a plain http request names its whole URL and carries the proxy's credentials."""
+    if proxy is not None and not origin.tls:
+        lines = [method + b" http://" + origin.host_header + origin.target + b" HTTP/1.1",
+                 b"Host: " + origin.host_header]
+        if proxy.authorization is not None:
+            lines.append(b"Proxy-Authorization: " + proxy.authorization)
+    else:
+        lines = [method + b" " + origin.target + b" HTTP/1.1", b"Host: " + origin.host_header]
     for name, value in headers:
         try:
             raw_name, raw_value = name.encode("ascii"), value.encode("latin-1")
@@ -337,8 +376,10 @@ async def _wait(future: asyncio.Future[None], timeout: float | None, error: Exce
 class Connection:
     """One HTTP/1.1 connection carrying one request at a time (the pool checks it out)."""
 
-    def __init__(self, protocol: _Protocol, keepalive_expiry: float | None):
+    def __init__(self, protocol: _Protocol, keepalive_expiry: float | None,
+                 proxy: Proxy | None = None):
         self._protocol = protocol
+        self._proxy = proxy  # plain http through it: absolute-form requests
         self._expiry = keepalive_expiry
         self._idle_since = time.monotonic()
         self._deadline: float | None = None
@@ -365,7 +406,7 @@ class Connection:
         """Send one request and read its whole answer. Any exception leaves the connection
         unusable (the caller closes it): it is never reused half-read."""
         self._reusable = False
-        data = request_head(method, origin, headers, body)
+        data = request_head(method, origin, headers, body, self._proxy)
         await self._write(data + body if body else data, timeouts.get("write"))
         read_timeout = timeouts.get("read")
         # The read timeout bounds the whole answer, not each read: a vendor trickling bytes
@@ -533,30 +574,47 @@ class Connection:
 
 
 async def connect(origin: Origin, ssl_context: ssl.SSLContext, timeout: float | None,
-                  sni_hostname: str | None = None) -> _Protocol:
-    """A TCP connection to ``origin``, then TLS for https (certificates checked by
-    ``ssl_context``; SNI ``sni_hostname`` or the host), within ``timeout`` in all."""
+                  sni_hostname: str | None = None, proxy: Proxy | None = None) -> _Protocol:
+    """A TCP connection to ``origin`` (or to ``proxy``, then for https its CONNECT tunnel to
+    ``origin``), then TLS for https (certificates checked by ``ssl_context``; SNI
+    ``sni_hostname`` or the host), within ``timeout`` in all."""
     loop = asyncio.get_running_loop()
-    where = f"{origin.host}:{origin.port}"
+    host, port = (proxy.host, proxy.port) if proxy is not None else (origin.host, origin.port)
+    where = f"{host}:{port}"
     try:
         async with asyncio.timeout(timeout):
             transport, protocol = await loop.create_connection(
-                _Protocol, origin.host, origin.port, happy_eyeballs_delay=0.25)
-            if origin.tls:
-                try:
+                _Protocol, host, port, happy_eyeballs_delay=0.25)
+            try:
+                if proxy is not None and origin.tls:
+                    await _tunnel(protocol, origin, proxy)
+                if origin.tls:
                     tls = await loop.start_tls(transport, protocol, ssl_context,
                                                server_hostname=sni_hostname or origin.host)
-                except BaseException:
-                    transport.close()
-                    raise
-                if tls is None:
-                    raise httpx.ConnectError(f"{where} closed the connection during TLS")
-                protocol.transport = tls  # type: ignore[assignment]
+                    if tls is None:
+                        raise httpx.ConnectError(f"{where} closed the connection during TLS")
+                    protocol.transport = tls  # type: ignore[assignment]
+            except BaseException:
+                transport.close()
+                raise
     except TimeoutError:
         raise httpx.ConnectTimeout(f"connecting to {where} timed out") from None
     except (OSError, ssl.SSLError) as exc:
         raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
     return protocol  # type: ignore[return-value]
+
+
+async def _tunnel(protocol: _Protocol, origin: Origin, proxy: Proxy) -> None:
+    """Ask ``proxy`` for a tunnel to ``origin`` (CONNECT, RFC 9110 section 9.3.6); on a
+    2xx the connection is the origin's."""
+    asking = Connection(protocol, None)
+    await asking._write(proxy.tunnel_head(origin), None)
+    status = (await asking._read_head(None))[0]
+    if not 200 <= status < 300:
+        hint = (": check the user and password in ONETAG_FORWARD_PROXY" if status == 407
+                else "")
+        raise httpx.ProxyError(f"{proxy.where} answered {status} to a tunnel to "
+                               f"{origin.authority.decode()}{hint}")
 
 
 class KeepAlivePool:
@@ -575,11 +633,12 @@ class KeepAlivePool:
 
     def __init__(self, max_connections: int, max_keepalive: int | None = None,
                  keepalive_expiry: float | None = 30.0,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, proxy: str | None = None):
         self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
         self.keepalive_expiry = keepalive_expiry
         self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context()
         self._ssl.set_alpn_protocols(["http/1.1"])
+        self._proxy = Proxy(proxy) if proxy else None
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[tuple[bytes, bytes, int], list[Connection]] = {}
         self._idle_count = 0
@@ -609,8 +668,8 @@ class KeepAlivePool:
                 if connection is None:
                     self.opened += 1
                     protocol = await connect(target, self._ssl, timeouts.get("connect"),
-                                             sni_hostname)
-                    connection = Connection(protocol, self.keepalive_expiry)
+                                             sni_hostname, self._proxy)
+                    connection = Connection(protocol, self.keepalive_expiry, self._proxy)
                 try:
                     answer = await connection.request(raw_method, target, headers, body,
                                                       timeouts)

@@ -147,6 +147,10 @@ def test_worker_without_a_config_says_it_uses_the_demo_database(tmp_path) -> Non
     ("RATES", "sendlane=0", "requests a second, more than 0"),
     ("RATES", "sendlane", "requests a second, more than 0"),
     ("RATES", "sendlan=4", "unknown vendor 'sendlan'"),
+    ("PROXY", "https://proxy.internal:3128", "reached over http://"),
+    ("PROXY", "proxy.internal:3128", "reached over http://"),
+    ("PROXY", "http://proxy.internal", "host and port and nothing else"),
+    ("PROXY", "http://proxy.internal:3128/path", "host and port and nothing else"),
 ])
 def test_forwarder_variables_out_of_range_are_refused(name, value, expected) -> None:
     with pytest.raises(ValueError) as refused:
@@ -161,6 +165,15 @@ def test_forwarder_variables_in_range_are_taken() -> None:
                                          "ONETAG_FORWARD_SHUTDOWN_GRACE_S": "0",
                                          "ONETAG_FORWARD_BACKOFF_BASE_S": "0.05"})
     assert (options.concurrency, options.product_sync_every_s) == (1, 0)
+
+
+def test_a_proxy_is_taken_and_its_password_never_shown() -> None:
+    options = ForwarderOptions.from_env({"ONETAG_FORWARD_PROXY": "http://u:s3cret@p.internal:3128"})
+    assert options.proxy == "http://u:s3cret@p.internal:3128"
+    assert ForwarderOptions.from_env({"ONETAG_FORWARD_PROXY": "none"}).proxy is None
+    with pytest.raises(ValueError) as refused:
+        ForwarderOptions.from_env({"ONETAG_FORWARD_PROXY": "http://u:s3cret@p.internal:99999"})
+    assert "s3cret" not in str(refused.value) and "[redacted]@p.internal" in str(refused.value)
 
 
 def test_a_misspelt_forwarder_variable_is_named_not_ignored() -> None:

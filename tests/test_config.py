@@ -706,11 +706,11 @@ def test_the_config_reference_lists_every_forwarder_variable_with_its_default() 
         value = getattr(defaults, f.name)
         expected[f"ONETAG_FORWARD_{f.name.upper()}"] = (
             ",".join(f"{k}={v:g}" for k, v in value.items()) or "none"
-            if isinstance(value, dict) else f"{value:g}")
+            if isinstance(value, dict) else "none" if value is None else f"{value:g}")
     assert rows == expected
     # Each name the table gives is one from_env takes.
     for name in rows:
-        ForwarderOptions.from_env({name: "none" if name.endswith("RATES") else "1"})
+        ForwarderOptions.from_env({name: "none" if name.endswith(("RATES", "PROXY")) else "1"})
 
 
 def test_init_names_the_variables_to_export_and_then_check_passes(tmp_path, capsys,

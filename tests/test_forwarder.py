@@ -222,6 +222,24 @@ async def test_a_header_http_cannot_carry_is_dead_at_once_and_never_sent(tmp_pat
     assert fake.requests() == []
 
 
+async def test_onetag_forward_proxy_sends_every_vendor_request_through_it(tmp_path,
+                                                                          fake) -> None:
+    from test_http_client import Proxy  # a loopback proxy that answers plain http itself
+
+    async with Proxy() as proxy:
+        env = {"ONETAG_FORWARD_PROXY": f"http://127.0.0.1:{proxy.port}"}
+        options = dataclasses.replace(FAST, proxy=ForwarderOptions.from_env(env).proxy)
+        settings = make_settings(tmp_path, fake, only=("sendlane",))
+        db = tmp_path / "onetag.db"
+        async with serve(settings, options) as app, \
+                httpx.AsyncClient(base_url=app.state.base_url) as client:
+            await backend(client, purchase("1001", "jim@example.com"))
+            await until(lambda: states(db) == {"delivered": 1}, what="delivered")
+    assert fake.requests() == []  # the proxy answered: nothing went round it
+    assert proxy.heads[0].startswith(
+        f"POST {fake.url('sendlane', '/tracking/order-placed')} HTTP/1.1".encode())
+
+
 async def test_one_visitor_is_served_in_order_even_across_a_retry(tmp_path, fake) -> None:
     fake.fail("sendlane/tracking/event", 500)  # the visitor's first custom event fails once
     settings = make_settings(tmp_path, fake, only=("sendlane",))

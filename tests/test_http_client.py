@@ -7,6 +7,7 @@ test_delivery_faults.py) cover the rest through the fake vendors."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import shutil
 import ssl
@@ -580,3 +581,113 @@ async def test_a_vendors_keep_alive_timeout_shortens_the_idle_expiry() -> None:
     answer, connection = await answer_to(ANSWER.replace(
         b"\r\n\r\n", b"\r\nKeep-Alive: timeout=1\r\n\r\n"))
     assert connection._expiry == 0.0
+
+
+# Through an HTTP proxy (ONETAG_FORWARD_PROXY) ----------------------------------------------
+
+
+class Proxy:
+    """An HTTP proxy on loopback: CONNECT tunnels (bytes piped both ways) and absolute-form
+    requests (answered by the proxy itself), every request head kept. With ``require``,
+    a request without that Proxy-Authorization value gets 407."""
+
+    def __init__(self, require: str | None = None):
+        self.require = require
+        self.heads: list[bytes] = []
+
+    async def __aenter__(self) -> "Proxy":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    def _authorized(self, head: bytes) -> bool:
+        given = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                 if line.lower().startswith(b"proxy-authorization:")]
+        return self.require is None or given == [self.require.encode()]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                if not self._authorized(head):
+                    writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                                 b"Content-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    continue
+                if head.startswith(b"CONNECT "):
+                    host, port = head.split()[1].decode().rsplit(":", 1)
+                    up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+                    return
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                writer.write(ANSWER)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_https_goes_through_a_proxys_tunnel_with_tls_end_to_end(certificate) -> None:
+    """CONNECT with the proxy's credentials (a password with an ``@`` percent-encoded, as
+    in any URL), then TLS to the vendor itself, certificate checked; the tunnel is kept
+    for the next request, and the vendor never sees the proxy's credentials."""
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    basic = "Basic " + base64.b64encode(b"onetag:p@ss").decode()
+    async with Server(server_context) as vendor, Proxy(require=basic) as proxy:
+        pool = KeepAlivePool(4, ssl_context=ssl.create_default_context(cafile=cert),
+                             proxy=f"http://onetag:p%40ss@127.0.0.1:{proxy.port}")
+        try:
+            for _ in range(2):
+                answer = await send(pool, f"https://localhost:{vendor.port}/api")
+                assert answer.status_code == 200 and answer.content == b'{"ok":true}'
+        finally:
+            await pool.aclose()
+    assert pool.opened == 1
+    assert proxy.heads == [f"CONNECT localhost:{vendor.port} HTTP/1.1\r\nHost: localhost:"
+                           f"{vendor.port}\r\nProxy-Authorization: {basic}\r\n\r\n".encode()]
+    assert b"".join(vendor.reads).count(b"POST /api HTTP/1.1") == 2
+    assert b"Proxy-Authorization" not in b"".join(vendor.reads)
+
+
+async def test_plain_http_goes_to_a_proxy_as_absolute_form_requests() -> None:
+    async with Proxy(require="Basic " + base64.b64encode(b"u:p").decode()) as proxy:
+        pool = KeepAlivePool(4, proxy=f"http://u:p@127.0.0.1:{proxy.port}")
+        try:  # the vendor's name is the proxy's to resolve: it never is here
+            answer = await send(pool, "http://vendor.invalid:8080/track?x=1")
+        finally:
+            await pool.aclose()
+    assert answer.status_code == 200
+    assert proxy.heads[0].startswith(b"POST http://vendor.invalid:8080/track?x=1 HTTP/1.1\r\n"
+                                     b"Host: vendor.invalid:8080\r\nProxy-Authorization: Basic ")
+
+
+async def test_a_proxy_that_refuses_the_tunnel_is_a_proxy_error_naming_the_setting(
+        certificate) -> None:
+    async with Proxy(require="Basic nope") as proxy:
+        pool = KeepAlivePool(4, proxy=f"http://127.0.0.1:{proxy.port}")
+        try:
+            with pytest.raises(httpx.ProxyError, match="407.*ONETAG_FORWARD_PROXY"):
+                await send(pool, "https://localhost:1/api")
+        finally:
+            await pool.aclose()
