@@ -723,7 +723,12 @@ def format_attempts(attempts: list[dict[str, Any]]) -> str:
             if body:
                 lines.append(f"    < {body}")
             if answer.get("truncated"):
-                lines.append(f"    < (truncated: {answer.get('length', '?')} characters in all)")
+                if answer.get("length_known", True):
+                    lines.append(f"    < (truncated: {answer.get('length', '?')} characters "
+                                 f"in all)")
+                else:  # the forwarder read no further than its bound
+                    lines.append(f"    < (truncated: over {answer.get('length', '?')} "
+                                 f"characters; read no further)")
         if a.get("error") and a["status"] is not None:
             lines.append(f"    error: {a['error']}")
     return "\n".join(lines) or "  (no attempts recorded)"

@@ -23,6 +23,9 @@ from . import routing
 from .vendors import VENDORS
 from .vendors._base import VendorConfig
 
+# A control character (C0, DEL, C1) in a secret or a vendor setting: a line break pasted with
+# a key would split the vendor request it goes into.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 SITE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
 DEFAULT_DATABASE = "sqlite:///onetag.db"
@@ -413,6 +416,11 @@ class _Reader:
                       if isinstance(raw, str) and raw.startswith("env:") else "")
             self.problem(f"{where}.{key}", f"is empty{source}; {off}")
             return None
+        if value is not None and _CONTROL.search(value):
+            self.problem(f"{where}.{key}", "holds a control character (a line break pasted "
+                         "with it?): a secret travels in HTTP headers and signatures, which "
+                         "can't carry one")
+            return None
         if example is not None and value is not None and len(value) < MIN_SECRET:
             self.problem(f"{where}.{key}", f"must be at least {MIN_SECRET} characters (a "
                          f"random secret, e.g. \"env:{example}\")"
@@ -800,6 +808,10 @@ def _parse_vendor(reader: _Reader, module: Any, table: Any, where: str) -> Vendo
         else:
             value = reader.string(table, setting.name, where, required=setting.required,
                                   kinds=ALL_SECRETS)
+            if value is not None and _CONTROL.search(value):
+                reader.problem(f"{where}.{setting.name}", "holds a control character (a line "
+                               "break pasted with it?): it goes into the vendor's requests")
+                value = None
         if value is not None:
             values[setting.name] = value
     missing = {s.name for s in module.SETTINGS if s.name not in values}

@@ -659,7 +659,8 @@ class Forwarder:
         except httpx.LocalProtocolError as exc:  # a header no retry would mend: not sent
             trace.headers = None
             return Verdict(DEAD, f"not sent, a header HTTP cannot carry ({_describe(exc)}): "
-                                 f"check sites[{delivery.site_id}].{delivery.vendor}'s keys")
+                                 f"check sites[{delivery.site_id}].{delivery.vendor}'s keys, "
+                                 f"then `onetag replay`")
         except httpx.TransportError as exc:
             return Verdict(PENDING, _describe(exc))
         text = response.content.decode(_text_encoding(response.headers.get("content-type")),
@@ -737,10 +738,12 @@ class _Trace:
     def answer(self, response: Answer, text: str) -> None:
         self.status = response.status_code
         kept = {name: value for name, value in response.headers.items() if _kept_answer(name)}
-        self.answer_ = {"headers": kept, "body": text[:ANSWER_BODY_LIMIT],
-                        "truncated": len(text) > ANSWER_BODY_LIMIT}
-        if len(text) > ANSWER_BODY_LIMIT:
+        cut = len(text) > ANSWER_BODY_LIMIT or response.truncated
+        self.answer_ = {"headers": kept, "body": text[:ANSWER_BODY_LIMIT], "truncated": cut}
+        if cut:  # the whole length, or (the client cut it too) at least what was read
             self.answer_["length"] = len(text)
+            if response.truncated:
+                self.answer_["length_known"] = False
 
     def record(self, delivery: Delivery, now: float) -> Attempt:
         request = self.request or delivery.request

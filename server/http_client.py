@@ -376,10 +376,8 @@ async def _wait(future: asyncio.Future[None], timeout: float | None, error: Exce
 class Connection:
     """One HTTP/1.1 connection carrying one request at a time (the pool checks it out)."""
 
-    def __init__(self, protocol: _Protocol, keepalive_expiry: float | None,
-                 proxy: Proxy | None = None):
+    def __init__(self, protocol: _Protocol, keepalive_expiry: float | None):
         self._protocol = protocol
-        self._proxy = proxy  # plain http through it: absolute-form requests
         self._expiry = keepalive_expiry
         self._idle_since = time.monotonic()
         self._deadline: float | None = None
@@ -401,18 +399,21 @@ class Connection:
         if self._protocol.transport is not None:
             self._protocol.transport.close()
 
-    async def request(self, method: bytes, origin: Origin, headers: Iterable[tuple[str, str]],
-                      body: bytes | None, timeouts: Mapping[str, float | None]) -> Answer:
-        """Send one request and read its whole answer. Any exception leaves the connection
+    async def request(self, method: bytes, message: bytes, timeouts: Mapping[str, float | None],
+                      deadline: float | None = None) -> Answer:
+        """Send one request (``message``: its head and body, ``request_head``'s and the
+        caller's) and read its whole answer by ``deadline`` (``time.monotonic()``; None:
+        the read timeout from when the request left). Any exception leaves the connection
         unusable (the caller closes it): it is never reused half-read."""
         self._reusable = False
-        data = request_head(method, origin, headers, body, self._proxy)
-        await self._write(data + body if body else data, timeouts.get("write"))
+        self._deadline = deadline
+        await self._write(message, timeouts.get("write"))
         read_timeout = timeouts.get("read")
         # The read timeout bounds the whole answer, not each read: a vendor trickling bytes
         # (or 1xx answers, or trailers) can't hold a slot past it, so a send ends before
         # its lease does (forward_options.DEFAULT_LEASE_S).
-        self._deadline = None if read_timeout is None else time.monotonic() + read_timeout
+        if deadline is None and read_timeout is not None:
+            self._deadline = time.monotonic() + read_timeout
         self._interim = 0
         while True:
             status, http11, answer_headers, fields = await self._read_head(read_timeout)
@@ -653,6 +654,8 @@ class KeepAlivePool:
         ``httpx.TransportError`` for the connection or the answer."""
         target = origin(url)
         raw_method = method.encode("ascii")
+        head = request_head(raw_method, target, headers, body, self._proxy)  # refused: no slot
+        message = head + body if body else head
         if self._slots.locked():  # every slot taken: wait, at most the pool timeout
             try:
                 await asyncio.wait_for(self._slots.acquire(), timeouts.get("pool"))
@@ -662,6 +665,7 @@ class KeepAlivePool:
             await self._slots.acquire()
         try:
             fresh = False
+            deadline = None  # the first try's: a retry on a fresh connection shares it
             while True:
                 connection = None if fresh else self._checkout(target.key)
                 reused = connection is not None
@@ -669,14 +673,13 @@ class KeepAlivePool:
                     self.opened += 1
                     protocol = await connect(target, self._ssl, timeouts.get("connect"),
                                              sni_hostname, self._proxy)
-                    connection = Connection(protocol, self.keepalive_expiry, self._proxy)
+                    connection = Connection(protocol, self.keepalive_expiry)
                 try:
-                    answer = await connection.request(raw_method, target, headers, body,
-                                                      timeouts)
+                    answer = await connection.request(raw_method, message, timeouts, deadline)
                 except BaseException as exc:  # cancelled too: never reuse a half-read one
                     connection.close()
                     if reused and isinstance(exc, _STALE):
-                        fresh = True
+                        fresh, deadline = True, connection._deadline
                         continue  # a stale idle connection: once more on a fresh one
                     raise
                 self._checkin(target.key, connection)
@@ -697,8 +700,13 @@ class KeepAlivePool:
         return None
 
     def _checkin(self, key: tuple[bytes, bytes, int], connection: Connection) -> None:
-        if self._idle_count >= self.max_keepalive:  # full: the dead and expired go first
+        """Keep ``connection`` for the next request to ``key``. When the pool is full, the
+        dead and expired idle connections go first, then, if it still is, the oldest of the
+        origin with the most (the one in hand was just used: it is the freshest)."""
+        if connection.is_available() and self._idle_count >= self.max_keepalive:
             self._drop_unusable()
+            if self._idle_count >= self.max_keepalive:
+                self._drop_oldest()
         if connection.is_available() and self._idle_count < self.max_keepalive:
             self._idle.setdefault(key, []).append(connection)
             self._idle_count += 1
@@ -717,6 +725,14 @@ class KeepAlivePool:
                     connection.close()
             self._idle_count -= len(stack) - len(usable)
             stack[:] = usable
+
+    def _drop_oldest(self) -> None:
+        """Close the idle connection least recently used of the origin with the most idle
+        ones: a vendor whose burst left many can't keep another vendor's out."""
+        stack = max(self._idle.values(), key=len, default=None)
+        if stack:
+            stack.pop(0).close()
+            self._idle_count -= 1
 
     async def aclose(self) -> None:
         idle, self._idle, self._idle_count = self._idle, {}, 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,21 @@ NUMBER_KEYS = {  # key: (a value inside its range, one just below it, one just a
     "max_pending_writes": (1, 0, 1_000_001),
     "max_pending_bytes": (1024, 1023, 16 * 1024 ** 3 + 1),
 }
+
+
+def test_a_key_pasted_with_its_line_break_is_refused_where_it_is_set() -> None:
+    """A vendor key or id with a control character (an env: value set from a file with its
+    newline) would make every request to that vendor one HTTP cannot carry: onetag check
+    says so, naming the key, instead of each delivery dying at its first attempt."""
+    found = problems({"sites": [{"id": "shop1", "api_key": "env:SITE",
+                                 "sendlane": {"integration_token": "tok\r\n",
+                                              "api_token": "env:SL"}}]},
+                     env={"SITE": "s" * 32 + "\n", "SL": "abcdef0123456789\n"})
+    by_where = dict(zip(wheres(found), found))
+    assert sorted(by_where) == ["sites[shop1].api_key", "sites[shop1].sendlane.api_token",
+                                "sites[shop1].sendlane.integration_token"], found
+    assert all("control character" in text for text in by_where.values())
+    assert "abcdef" not in " ".join(found)  # a secret is never echoed
 
 
 def test_number_keys_are_finite_and_within_their_range() -> None:
@@ -591,17 +607,19 @@ def test_a_weak_admin_token_or_api_key_is_refused_naming_it(where: str, data: di
        api_key=st.text(st.characters(codec="utf-8"), min_size=1, max_size=24))
 def test_a_secret_is_taken_exactly_when_it_has_16_characters(admin_token: str,
                                                              api_key: str) -> None:
+    """... and no control character (a line break pasted with it)."""
     data = {"server": {"admin_token": admin_token},
             "sites": [{"id": "shop1", "api_key": api_key}]}
+    taken = lambda v: len(v) >= 16 and not re.search("[\x00-\x1f\x7f-\x9f]", v)  # noqa: E731
     try:
         settings = config.parse(data, env={})
     except ConfigError as exc:
         wheres = sorted(p.where.split(": ", 1)[1] for p in exc.problems)
         assert wheres == sorted(w for w, v in (("server.admin_token", admin_token),
                                                ("sites[shop1].api_key", api_key))
-                                if len(v) < 16), wheres
+                                if not taken(v)), wheres
         return
-    assert len(admin_token) >= 16 and len(api_key) >= 16
+    assert taken(admin_token) and taken(api_key)
     assert settings.server.admin_token == admin_token
     assert settings.sites["shop1"].api_key == api_key
 

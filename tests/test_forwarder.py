@@ -240,6 +240,18 @@ async def test_onetag_forward_proxy_sends_every_vendor_request_through_it(tmp_pa
         f"POST {fake.url('sendlane', '/tracking/order-placed')} HTTP/1.1".encode())
 
 
+def test_an_answer_the_client_cut_is_not_said_to_be_whole() -> None:
+    """An answer cut at the client's bound says its length is unknown (more than was read),
+    where one merely longer than what an attempt keeps says its whole length."""
+    from server.forwarder import ANSWER_BODY_LIMIT, _Trace
+    trace = _Trace(0.0)
+    trace.answer(http_client.Answer(500, {}, b"x" * 65536, truncated=True), "x" * 65536)
+    assert trace.answer_["truncated"] and trace.answer_["length_known"] is False
+    trace.answer(http_client.Answer(500, {}, b"y" * 5000), "y" * 5000)
+    assert trace.answer_["length"] == 5000 and "length_known" not in trace.answer_
+    assert len(trace.answer_["body"]) == ANSWER_BODY_LIMIT
+
+
 async def test_one_visitor_is_served_in_order_even_across_a_retry(tmp_path, fake) -> None:
     fake.fail("sendlane/tracking/event", 500)  # the visitor's first custom event fails once
     settings = make_settings(tmp_path, fake, only=("sendlane",))

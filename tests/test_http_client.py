@@ -232,8 +232,9 @@ async def answer_to(data: bytes, cuts: list[int] | None = None, method: str = "P
         loop.call_soon(protocol.data_received, data[start:end])
     if close:
         loop.call_soon(protocol.eof_received)
-    answer = await connection.request(method.encode(), origin("http://vendor.example/x"),
-                                      JSON, b"{}" if method != "GET" else None, TIMEOUTS)
+    body = b"{}" if method != "GET" else None
+    head = request_head(method.encode(), origin("http://vendor.example/x"), JSON, body)
+    answer = await connection.request(method.encode(), head + (body or b""), TIMEOUTS)
     return answer, connection
 
 
@@ -691,3 +692,87 @@ async def test_a_proxy_that_refuses_the_tunnel_is_a_proxy_error_naming_the_setti
                 await send(pool, "https://localhost:1/api")
         finally:
             await pool.aclose()
+
+
+def _keep_alive_handler(connections: list, hold: dict | None = None):
+    """A vendor answering every request on its connection; ``connections`` counts them.
+    ``hold``: {the nth request (from 1, over every connection): (seconds held, then
+    "answer" or "close")}."""
+    requests = 0
+
+    async def handle(reader, writer):
+        nonlocal requests
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                requests += 1
+                seconds, then = (hold or {}).get(requests, (0, "answer"))
+                await asyncio.sleep(seconds)
+                if then == "close":
+                    writer.close()
+                    return
+                writer.write(ANSWER)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+    return handle
+
+
+async def test_a_retry_on_a_fresh_connection_keeps_the_first_trys_deadline() -> None:
+    """Held 0.8 s on the reused connection, then closed unanswered; the retry, held 0.8 s
+    too, ends at the 1 s read timeout the first try started, not 1.6 s later."""
+    connections: list = []
+    server, url = await _serve(_keep_alive_handler(
+        connections, {2: (0.8, "close"), 3: (0.8, "answer")}))
+    pool = KeepAlivePool(4)
+    timeouts = httpx.Timeout(5.0, read=1.0).as_dict()
+    loop = asyncio.get_running_loop()
+    try:
+        await pool.send("POST", url, [], b"{}", timeouts)  # one idle connection
+        started = loop.time()
+        with pytest.raises(httpx.ReadTimeout):
+            await pool.send("POST", url, [], b"{}", timeouts)
+        took = loop.time() - started
+    finally:
+        await pool.aclose()
+        server.close()
+    assert len(connections) == 2 and took < 1.4, took
+
+
+async def test_a_refused_header_takes_no_connection() -> None:
+    connections: list = []
+    server, url = await _serve(_keep_alive_handler(connections))
+    pool = KeepAlivePool(4)
+    try:
+        await pool.send("POST", url, [], b"{}", TIMEOUTS)
+        with pytest.raises(httpx.LocalProtocolError):
+            await pool.send("POST", url, [("X-Key", "a\nb")], b"{}", TIMEOUTS)
+        await pool.send("POST", url, [], b"{}", TIMEOUTS)
+    finally:
+        await pool.aclose()
+        server.close()
+    assert len(connections) == 1 and pool.opened == 1
+
+
+async def test_a_pool_full_of_one_vendors_usable_connections_keeps_anothers() -> None:
+    """Vendor A's four idle connections fill the pool; B's connection is kept in place of
+    A's oldest, so five requests to B take one connection, not five."""
+    to_a: list = []
+    to_b: list = []
+    a, url_a = await _serve(_keep_alive_handler(to_a, {1: (0.02, "answer"), 2: (0.02, "answer"),
+                                                       3: (0.02, "answer"), 4: (0.02, "answer")}))
+    b, url_b = await _serve(_keep_alive_handler(to_b))
+    pool = KeepAlivePool(4, 4)
+    try:
+        await asyncio.gather(*(pool.send("POST", url_a, [], b"{}", TIMEOUTS) for _ in range(4)))
+        assert pool._idle_count == 4 and len(to_a) == 4
+        for _ in range(5):
+            await pool.send("POST", url_b, [], b"{}", TIMEOUTS)
+    finally:
+        await pool.aclose()
+        a.close()
+        b.close()
+    assert len(to_b) == 1 and pool._idle_count == 0
