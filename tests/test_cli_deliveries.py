@@ -527,3 +527,15 @@ async def test_replay_one_delivery_by_id(shop) -> None:
     assert made["replaces"] == [expired[0]["id"]] and made["vendor"] == expired[0]["vendor"]
     assert [r["id"] for r in db_rows(db) if r["state"] == "expired"] == [
         r["id"] for r in expired[1:]]
+
+
+def test_an_attempts_cut_answer_says_whether_its_whole_length_is_known() -> None:
+    from server.cli import format_attempts
+    base = {"attempt": 1, "started_ms": 0, "duration_ms": 5, "status": 500, "error": None,
+            "request": {"method": "POST", "url": "https://vendor.example/x", "headers": {}}}
+    longer = format_attempts([{**base, "answer": {"headers": {}, "body": "x", "truncated": True,
+                                                  "length": 5000}}])
+    assert "(truncated: 5000 characters in all)" in longer
+    cut = format_attempts([{**base, "answer": {"headers": {}, "body": "x", "truncated": True,
+                                               "length": 65536, "length_known": False}}])
+    assert "(truncated: over 65536 characters; read no further)" in cut
