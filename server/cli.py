@@ -1071,6 +1071,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop_on, sig, stop)
+        gc.freeze()  # modules, settings and the store live as long as the process, as serve's
         await run_until(stop, settings, store, options)
 
     asyncio.run(_with_store(settings, work, one_shot=False))

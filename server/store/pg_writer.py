@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import os
 import time
@@ -600,6 +601,9 @@ class _Child:
                 failure = JobFailure(unavailable(exc).kind, f"{type(exc).__name__}: {exc}")
                 self._write(encode_frame(setup_id, (0, failure)))
                 return
+            # What is here now (modules, the pool, asyncpg's codecs) lives as long as the
+            # process: out of the collector's full passes, as in SQLite's writer.
+            gc.freeze()
             self._write(encode_frame(setup_id, (0, "ready")))
             await self.done  # end of file: the server is gone or closing
             if self.frames:  # what was sent before the end is committed and answered
