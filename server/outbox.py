@@ -104,6 +104,16 @@ def catalog_prices_wanted(site: Any, event: dict[str, Any]) -> list[str]:
     return []
 
 
+def unverified_sessions_wanted(site: Any, event: dict[str, Any]) -> bool:
+    """Whether an adapter the event is planned for words what a request without the
+    customer's session waits for from ``identity.unverified_sessions`` (its
+    ``UNVERIFIED_SESSIONS``: eSputnik's): only then does a store add it
+    (``store/rules.UNVERIFIED_SESSIONS``)."""
+    return any(getattr(VENDORS[name], "UNVERIFIED_SESSIONS", False)
+               and routing.decide(vendor, event) != "skip"
+               for name, vendor in site.vendors.items())
+
+
 # (site id, vendor, dedup key) -> the JSON body of the order request stored under that key
 OrderBodies = Mapping[tuple[str, str, str], Mapping[str, Any]]
 

@@ -10,6 +10,9 @@ saying why, and re-planned with the sc of the first of the customer's sessions i
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from server import trust
 from server.events import Origin, normalise
 from server.jsontext import loads
@@ -323,4 +326,98 @@ async def test_without_identity_secret_the_reason_is_any_session(backend) -> Non
                               "and no browser session of this customer is known yet; held "
                               "until one is identified (hold_days)")
     [data] = [loads(data) for data, in await backend.rows("SELECT data FROM events")]
+    assert "unverified_sessions" not in data["identity"]
+
+
+# How often the store reads a customer's sessions ------------------------------------------
+
+_SESSION_READ = re.compile(r"FROM sessions WHERE site_id = \S+ AND identity_id = ")
+
+
+def _count_session_reads(backend, monkeypatch) -> tuple[list[str], dict]:
+    """The statements each ingest batch runs that read a customer's stored sessions (SQLite:
+    the thread writer's connection traced; PostgreSQL: asyncpg's query logger), and the
+    store's options for it."""
+    seen: list[str] = []
+
+    def keep(sql: str) -> None:
+        if _SESSION_READ.search(sql):
+            seen.append(sql)
+
+    if backend.name == "sqlite":
+        from server.store import sqlite_ingest as module
+
+        batch, traced = module.IngestBatch, lambda conn: conn.set_trace_callback(keep)
+        options = {"writer": "thread"}
+    else:
+        from server.store import pg_ingest as module
+
+        batch, options = module.PgIngestBatch, {}
+
+        def traced(conn: Any) -> None:
+            conn.remove_query_logger(logged)  # once per connection
+            conn.add_query_logger(logged)
+
+        def logged(record: Any) -> None:
+            keep(record.query)
+    init = batch.__init__
+
+    def watched(self: Any, conn: Any, *args: Any) -> None:
+        traced(conn)
+        init(self, conn, *args)
+    monkeypatch.setattr(batch, "__init__", watched)
+    return seen, options
+
+
+async def test_the_customer_s_sessions_are_read_once_and_only_when_they_can_exist(
+        backend, monkeypatch) -> None:
+    """Found by review: the reason a signing site's held row gives took a second read of the
+    customer's sessions (whether any is known) after ``last_sc``'s, for every backend event
+    of a customer with no verified session, even of a customer the event itself created.
+    One read now answers both (the customer's latest session, verified ones first, with its
+    flag); none for a customer created in the batch that no session is bound to; and
+    ``unverified_sessions`` is only worked out for a site whose eSputnik gets the event."""
+    seen, options = _count_session_reads(backend, monkeypatch)
+    info = SessionInfo(user_agent="UA")
+    store = await backend.open(backend.settings(identity_secret=SECRET, **VENDORS), **options)
+    try:
+        # A new customer's two orders in one batch: nothing stored can be theirs.
+        await store.ingest("shop1", [order("1001", "a@b.co"), order("1002", "a@b.co")],
+                           [{}, {}], info)
+        assert seen == []
+        # A typed email binds a session: the next order reads once, and says so.
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-1")], [{}], info)
+        await store.ingest("shop1", [order("1003", "a@b.co")], [{}], info)
+        assert len(seen) == 1, seen
+        # Bound in the order's own batch (held rows released on identify flush it): read.
+        seen.clear()
+        await store.ingest("shop1", [identify("b@c.do", SC, "y-1"), order("1004", "b@c.do")],
+                           [{}, {}], info)
+        assert len(seen) == 1, seen
+    finally:
+        await store.close()
+    why = {key: error for key, _, error, _ in await deliveries(backend)}
+    assert "no verified browser session" in why["PurchasedItems:1001"]
+    assert "no verified browser session" in why["PurchasedItems:1002"]
+    assert "only unverified browser sessions" in why["PurchasedItems:1003"]
+    assert "only unverified browser sessions" in why["PurchasedItems:1004"]
+
+
+async def test_without_esputnik_no_unverified_sessions_are_looked_for(backend,
+                                                                       monkeypatch) -> None:
+    """A signing site whose eSputnik does not get the event (routed off, or no eSputnik):
+    ``last_sc`` is read as before, once, and ``unverified_sessions`` is not added."""
+    seen, options = _count_session_reads(backend, monkeypatch)
+    info = SessionInfo(user_agent="UA")
+    off = {"esputnik": {**VENDORS["esputnik"], "routes": {"purchase": "off"}}}
+    store = await backend.open(backend.settings(identity_secret=SECRET, **off), **options)
+    try:
+        await store.ingest("shop1", [identify("a@b.co", OTHER_SC, "x-1")], [{}], info)
+        await store.ingest("shop1", [order("1001", "a@b.co")], [{}], info)
+    finally:
+        await store.close()
+    assert len(seen) == 1, seen
+    [data] = [loads(data) for data, in await backend.rows(
+        "SELECT data FROM events WHERE event_id = 'o-1001'")]
+    assert data["identity"]["last_sc"] is None
     assert "unverified_sessions" not in data["identity"]

@@ -304,7 +304,8 @@ def test_the_latest_session_is_one_order_in_memory_and_in_sql(sessions, verified
     ``rules.last_sc_sql`` (``LATEST_SESSION_SQL``) puts first (the stored ones): the session
     last active, in a tie the one of the later event (``last_seq``), then the later row (no
     ``last_seq``); with ``verified_only`` (a site with ``identity_secret``), of the verified
-    sessions only, none when none is."""
+    sessions only, none when none is, and then the same read says that unverified ones are
+    known (``rules.LastSession``: one read for both, verified ones first)."""
     import sqlite3
 
     states = [SimpleNamespace(id=index + 1, last_ms=last_ms, last_seq=last_seq,
@@ -315,12 +316,19 @@ def test_the_latest_session_is_one_order_in_memory_and_in_sql(sessions, verified
                "last_seq INTEGER, verified INTEGER)")
     db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
                    [(s.id, f"SC{s.id}", s.last_ms, s.last_seq, s.verified) for s in states])
-    first = db.execute("SELECT sc FROM sessions WHERE 1 = 1 "
+    first = db.execute(f"SELECT {rules.LAST_SC_COLUMNS} FROM sessions WHERE 1 = 1 "
                        f"{rules.last_sc_sql(verified_only)}").fetchone()
-    assert rules.latest_session(((f"SC{s.id}", s) for s in states), verified_only) == (
-        first[0] if first else None)
-    if verified_only:
-        assert first is None or states[int(first[0][2:]) - 1].verified == 1
+    pairs = [(f"SC{s.id}", s) for s in states]
+    stored = rules.LastSession.stored(first, verified_only, False)
+    assert stored.last_sc == rules.latest_session(pairs, verified_only)
+    assert stored.unverified == (True if verified_only and stored.last_sc is None else None)
+    if stored.last_sc is not None and verified_only:
+        assert states[int(stored.last_sc[2:]) - 1].verified == 1
+    # The same sessions unwritten (a batch's) tell the same.
+    unwritten, known = rules.LastSession.unwritten(pairs, verified_only)
+    assert known and (unwritten or rules.LastSession.stored(None, verified_only, known)) == stored
+    assert rules.LastSession.stored(None, verified_only, False) == (
+        None, False if verified_only else None)
     assert rules.latest_session(()) is None
     assert rules.signs_identities(SimpleNamespace(identity_secret="s" * 32))
     assert not rules.signs_identities(SimpleNamespace(identity_secret=None))

@@ -211,6 +211,9 @@ class PgIngestBatch:
         self.delivery_rows: list[tuple[str, int, Any, str | None]] = []
         self.products = PgCatalogBatch(conn, self.now)  # what events say of products
         self.orders = rules.KnownOrders()  # what the batch's status changes repeat
+        # Identities this batch created that no session was bound to since: none stored is
+        # theirs (``_last_session`` reads nothing for them).
+        self.new_identities: set[int] = set()
 
     # The batch ----------------------------------------------------------------------------
 
@@ -388,10 +391,10 @@ class PgIngestBatch:
             self.dirty.add(key)
         identity, binding = await self._identity(site.id, event)
         if identity and not sc:
-            identity["last_sc"] = await self._last_sc(site, identity["id"])
-            if identity["last_sc"] is None and rules.signs_identities(site):
-                identity[rules.UNVERIFIED_SESSIONS] = await self._has_session(site.id,
-                                                                              identity["id"])
+            last = await self._last_session(site, identity["id"])
+            identity["last_sc"] = last.last_sc
+            if last.unverified is not None and outbox.unverified_sessions_wanted(site, event):
+                identity[rules.UNVERIFIED_SESSIONS] = last.unverified
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
@@ -485,6 +488,7 @@ class PgIngestBatch:
                 await self._switch(site_id, sc, state)
             if current_id != identity_id:
                 state.identity_id = identity_id
+                self.new_identities.discard(identity_id)
                 self.dirty.add((site_id, sc))
             state.verified = binding.verified
         return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, binding
@@ -503,6 +507,7 @@ class PgIngestBatch:
             site_id, email, fields.get("first_name"), fields.get("last_name"),
             fields.get("phone"), self.now)
         self.identities[identity_id] = known_since(fields, self.now)
+        self.new_identities.add(identity_id)
         return identity_id, True
 
     async def _switch(self, site_id: str, sc: str, state: _Session) -> None:
@@ -545,6 +550,7 @@ class PgIngestBatch:
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id",
                 site_id, *values, self.now)
             self.identities[identity_id] = known_since(fields, self.now)
+            self.new_identities.add(identity_id)
             return identity_id, True
         identity_id = row["id"]
         if fields != current:
@@ -555,29 +561,25 @@ class PgIngestBatch:
         self.identities[identity_id] = known_since(fields, row["created_ms"])
         return identity_id, False
 
-    async def _last_sc(self, site: Any, identity_id: int) -> str | None:
-        """The sc of the identity's latest session (``rules.latest_session``, verified only
-        where ``rules.signs_identities``): one written in this batch and not flushed
-        yet, else the database's (SQLite's ``_last_sc``)."""
-        site_id, verified_only = site.id, rules.signs_identities(site)
-        latest = rules.latest_session(((sc, self.sessions[(sid, sc)]) for sid, sc in self.dirty
-                                       if sid == site_id
-                                       and self.sessions[(sid, sc)].identity_id == identity_id),
-                                      verified_only)
-        if latest is not None:
-            return latest
-        return await self.conn.fetchval(
-            "SELECT sc FROM sessions WHERE site_id = $1 AND identity_id = $2 "
-            f"{rules.last_sc_sql(verified_only)}", site_id, identity_id)
-
-    async def _has_session(self, site_id: str, identity_id: int) -> bool:
-        """Whether any session is bound to the identity (SQLite's ``_has_session``)."""
-        if any(sid == site_id and self.sessions[(sid, sc)].identity_id == identity_id
-               for sid, sc in self.dirty):
-            return True
-        return await self.conn.fetchval(
-            "SELECT 1 FROM sessions WHERE site_id = $1 AND identity_id = $2 LIMIT 1",
-            site_id, identity_id) is not None
+    async def _last_session(self, site: Any, identity_id: int) -> rules.LastSession:
+        """The identity's ``last_sc``, and on a signing site with none verified whether
+        unverified sessions are known (``rules.LastSession``): from the sessions written in
+        this batch and not flushed yet, else from one read of the database's; no read for
+        an identity this batch created that no session was bound to since (SQLite's
+        ``_last_session``)."""
+        site_id, signing = site.id, rules.signs_identities(site)
+        last, unwritten = rules.LastSession.unwritten(
+            ((sc, self.sessions[(sid, sc)]) for sid, sc in self.dirty
+             if sid == site_id and self.sessions[(sid, sc)].identity_id == identity_id),
+            signing)
+        if last is not None:
+            return last
+        row = None
+        if identity_id not in self.new_identities:
+            row = await self.conn.fetchrow(
+                f"SELECT {rules.LAST_SC_COLUMNS} FROM sessions WHERE site_id = $1 AND "
+                f"identity_id = $2 {rules.last_sc_sql(signing)}", site_id, identity_id)
+        return rules.LastSession.stored(row, signing, unwritten)
 
     # Cart ---------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ both backends (tests/test_store.py, tests/test_store_pg.py).
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from .. import outbox, trust
 from ..envelope import Problem, Refused
@@ -500,23 +500,67 @@ def signs_identities(site: Any) -> bool:
 # (``last_sc`` None) also says whether any session, bound by an unsigned email, is known
 # (``identity.unverified_sessions``: true or false; absent elsewhere): what an eSputnik row
 # that can't go without the customer's sc says it waits for (a verified session, and that
-# only unverified ones are known when so). Bookkeeping: no vendor is sent it.
+# only unverified ones are known when so). Bookkeeping: no vendor is sent it. Added only
+# when an adapter that reads it gets the event (``outbox.unverified_sessions_wanted``), and
+# found by the same read as ``last_sc`` (``last_sc_sql``, ``LastSession``).
 UNVERIFIED_SESSIONS = "unverified_sessions"
 
+# A stored session's ``verified`` as 1 or 0 (the column may be NULL: not verified).
+_VERIFIED = "CASE WHEN verified = 1 THEN 1 ELSE 0 END"
 
-def last_sc_sql(verified_only: bool) -> str:
-    """The tail of ``SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ?`` that
-    picks ``last_sc`` (``signs_identities``; ``latest_session`` for unwritten rows)."""
-    return ("AND verified = 1 " if verified_only else "") + LATEST_SESSION_SQL + " LIMIT 1"
+# What ``last_sc_sql``'s statement selects: the session's sc, and whether it is verified.
+LAST_SC_COLUMNS = f"sc, {_VERIFIED}"
+
+
+def last_sc_sql(verified_first: bool) -> str:
+    """The tail of ``SELECT {LAST_SC_COLUMNS} FROM sessions WHERE site_id = ? AND
+    identity_id = ?`` that picks the customer's latest stored session (``LATEST_SESSION_SQL``;
+    ``latest_session`` for unwritten rows); with ``verified_first`` (``signs_identities``),
+    the latest verified one, else (none is) the latest of the others: one read tells
+    ``last_sc`` and whether unverified sessions are known (``LastSession.stored``)."""
+    order = f"ORDER BY {_VERIFIED} DESC, " if verified_first else "ORDER BY "
+    return order + LATEST_SESSION_SQL.removeprefix("ORDER BY ") + " LIMIT 1"
 
 
 def latest_session(sessions: Iterable[tuple[str, Any]], verified_only: bool = False
                    ) -> str | None:
     """The sc of the latest of (sc, session) pairs (``session_recency``), or None; with
-    ``verified_only``, of those whose ``verified`` is 1 (``last_sc_sql``)."""
+    ``verified_only``, of those whose ``verified`` is 1 (``last_sc_sql``'s
+    ``verified_first``, when its first row is verified)."""
     latest = max((pair for pair in sessions if not verified_only or pair[1].verified == 1),
                  key=lambda pair: session_recency(pair[1]), default=None)
     return latest[0] if latest is not None else None
+
+
+class LastSession(NamedTuple):
+    """What a backend event naming no session takes of its customer's sessions:
+    ``last_sc`` (``signs_identities``: a verified session's), and, on a signing site with
+    none verified, whether unverified ones are known (``UNVERIFIED_SESSIONS``; else None).
+
+    A store finds it with at most one read (``unwritten``, then ``stored``): the batch's
+    unwritten sessions of the customer first (they are the latest: active at the batch's
+    ``now``); the database only when they hold no session ``last_sc`` takes, and not for a
+    customer the batch created that no session was bound to since (nothing stored is
+    theirs: ``stored(None, ...)``)."""
+    last_sc: str | None
+    unverified: bool | None
+
+    @staticmethod
+    def unwritten(sessions: Iterable[tuple[str, Any]], signing: bool
+                  ) -> tuple[LastSession | None, bool]:
+        """From the batch's unwritten (sc, session) pairs of the customer: the answer, if
+        they give it (None: read the database, ``stored``), and whether there are any."""
+        pairs = list(sessions)
+        latest = latest_session(pairs, signing)
+        return (LastSession(latest, None) if latest is not None else None), bool(pairs)
+
+    @staticmethod
+    def stored(row: Sequence[Any] | None, signing: bool, unwritten: bool) -> LastSession:
+        """From ``last_sc_sql``'s first row ((sc, verified) or None), when the unwritten
+        sessions gave no answer (``unwritten``: whether there were any of the customer's)."""
+        if row is not None and (not signing or row[1] == 1):
+            return LastSession(row[0], None)
+        return LastSession(None, (row is not None or unwritten) if signing else None)
 
 
 # Releasing held deliveries when the session gets an email ---------------------------------

@@ -295,6 +295,9 @@ class IngestBatch:
         self.delivery_rows: list[tuple[str, int, Any]] = []
         self.products = CatalogBatch(conn, cache.catalog, now)  # what events say of products
         self.orders = rules.KnownOrders()  # what the batch's status changes repeat
+        # Identities this batch created that no session was bound to since: none stored is
+        # theirs (``_last_session`` reads nothing for them).
+        self.new_identities: set[int] = set()
 
     # The batch ----------------------------------------------------------------------------
 
@@ -394,9 +397,10 @@ class IngestBatch:
         if identity and not sc:
             # A backend event names no session: the customer's latest one, for vendors that
             # require the visitor's cookie (eSputnik's cookies.sc).
-            identity["last_sc"] = self._last_sc(site, identity["id"])
-            if identity["last_sc"] is None and rules.signs_identities(site):
-                identity[rules.UNVERIFIED_SESSIONS] = self._has_session(site.id, identity["id"])
+            last = self._last_session(site, identity["id"])
+            identity["last_sc"] = last.last_sc
+            if last.unverified is not None and outbox.unverified_sessions_wanted(site, event):
+                identity[rules.UNVERIFIED_SESSIONS] = last.unverified
         event["identity"] = identity
         if sc and event["name"] in CART_EVENTS:
             event["cart"] = self._cart(site, event, place)
@@ -510,6 +514,7 @@ class IngestBatch:
             if current_id != identity_id:
                 state.identity_id = identity_id
                 self.bound.add((site_id, sc))
+                self.new_identities.discard(identity_id)
             state.verified = binding.verified
         return {**self.identities[identity_id], "id": identity_id, "is_new": is_new}, binding
 
@@ -528,6 +533,7 @@ class IngestBatch:
             (site_id, email, fields.get("first_name"), fields.get("last_name"),
              fields.get("phone"), self.now, self.now)).lastrowid
         self.identities[identity_id] = known_since(fields, self.now)
+        self.new_identities.add(identity_id)
         return identity_id, True
 
     def _switch(self, site_id: str, sc: str, state: _Session) -> None:
@@ -569,6 +575,7 @@ class IngestBatch:
                  fields.get("last_name"), fields.get("phone"),
                  _flag(fields.get("accepts_marketing")), self.now, self.now)).lastrowid
             self.identities[identity_id] = known_since(fields, self.now)
+            self.new_identities.add(identity_id)
             return identity_id, True
         identity_id = row["id"]
         if fields != current:
@@ -581,30 +588,26 @@ class IngestBatch:
         self.identities[identity_id] = known_since(fields, row["created_ms"])
         return identity_id, False
 
-    def _last_sc(self, site: Any, identity_id: int) -> str | None:
-        """The sc of the identity's latest session (``rules.latest_session``; only a
-        verified one on a site with ``identity_secret``: ``rules.signs_identities``):
-        one written in this batch and not flushed yet, else the database's."""
-        site_id, verified_only = site.id, rules.signs_identities(site)
-        latest = rules.latest_session(((sc, state) for (sid, sc), state in self.dirty.items()
-                                       if sid == site_id and state.identity_id == identity_id),
-                                      verified_only)
-        if latest is not None:
-            return latest
-        row = self.conn.execute(
-            "SELECT sc FROM sessions WHERE site_id = ? AND identity_id = ? "
-            f"{rules.last_sc_sql(verified_only)}", (site_id, identity_id)).fetchone()
-        return row[0] if row else None
-
-    def _has_session(self, site_id: str, identity_id: int) -> bool:
-        """Whether any session is bound to the identity (asked when none verified is:
-        ``rules.UNVERIFIED_SESSIONS``): one written in this batch, else the database's."""
-        if any(sid == site_id and state.identity_id == identity_id
-               for (sid, _), state in self.dirty.items()):
-            return True
-        return self.conn.execute(
-            "SELECT 1 FROM sessions WHERE site_id = ? AND identity_id = ? LIMIT 1",
-            (site_id, identity_id)).fetchone() is not None
+    def _last_session(self, site: Any, identity_id: int) -> rules.LastSession:
+        """The identity's ``last_sc`` (``rules.latest_session``; only a verified session's on
+        a site with ``identity_secret``: ``rules.signs_identities``), and there, with none
+        verified, whether unverified ones are known (``rules.LastSession``): from the
+        sessions written in this batch and not flushed yet, else from one read of the
+        database's; no read for an identity this batch created that no session was bound
+        to since."""
+        site_id, signing = site.id, rules.signs_identities(site)
+        last, unwritten = rules.LastSession.unwritten(
+            ((sc, state) for (sid, sc), state in self.dirty.items()
+             if sid == site_id and state.identity_id == identity_id), signing)
+        if last is not None:
+            return last
+        row = None
+        if identity_id not in self.new_identities:
+            row = self.conn.execute(
+                f"SELECT {rules.LAST_SC_COLUMNS} FROM sessions WHERE site_id = ? AND "
+                f"identity_id = ? {rules.last_sc_sql(signing)}", (site_id, identity_id)
+            ).fetchone()
+        return rules.LastSession.stored(row, signing, unwritten)
 
     # Cart ---------------------------------------------------------------------------------
 

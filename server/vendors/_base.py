@@ -19,6 +19,13 @@ and, when its vendor requires a price for every product it names:
                                          # product catalog's, added by the store before
                                          # planning (``_common.item_price_minor``)
 
+and, when a request about a backend event's customer can't go without their session's
+cookie (``identity.last_sc``) and says what it waits for:
+
+    UNVERIFIED_SESSIONS: bool = False    # the store adds identity.unverified_sessions on a
+                                         # site with identity_secret when no verified session
+                                         # is known (store/rules.UNVERIFIED_SESSIONS)
+
 and, when a status change (order_status, refund) must repeat the order it changes:
 
     ORDER_KEY: str = ""                  # the dedup key of its purchase request ("{order}":

@@ -96,6 +96,9 @@ _STANDARD = frozenset(DEFAULT_ROUTES) - {"*"}
 # The events whose products need a price (ProductPage, AddToWishlist, StatusCart, and the
 # PurchasedItems One Click form): the store adds the catalog's to a line without one.
 CATALOG_PRICES = frozenset({"view_item", "add_to_wishlist", *c.CART_EVENTS, "purchase"})
+# A request without the customer's sc says whether only unverified sessions are known
+# (``_no_session``): the store adds identity.unverified_sessions for it.
+UNVERIFIED_SESSIONS = True
 # The only names templates/vendors/esputnik.js.j2 makes a call for; for any other its handler
 # does nothing, so the script need not say how those are routed (routing.browser_routes).
 BROWSER_EVENTS = frozenset({"page_view", "view_item", "add_to_wishlist", "view_item_list", "search",
