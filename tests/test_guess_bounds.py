@@ -228,6 +228,16 @@ async def test_guess_writes_never_count_against_the_ingest_queue(backend, tmp_pa
         await store.close()
 
 
+def _count_calls(monkeypatch, store, name: str, calls: list) -> None:
+    """Each call of the real ``store.<name>`` appended to ``calls`` (its arguments)."""
+    original = getattr(store, name)
+
+    async def counted(*args, **kwargs):
+        calls.append(args)
+        return await original(*args, **kwargs)
+    monkeypatch.setattr(store, name, counted)
+
+
 async def test_guess_writes_are_capped_per_second_and_counted_locally_beyond(tmp_path,
                                                                              monkeypatch):
     """Past the process's budget of guess writes a second, a guess is counted in the process
@@ -237,13 +247,7 @@ async def test_guess_writes_are_capped_per_second_and_counted_locally_beyond(tmp
     monkeypatch.setattr(auth.GuessBudget, "clock", staticmethod(lambda: 100.0))  # no refill
     written = []
     async with running(console_settings(tmp_path)) as (app, client):
-        store = app.state.store
-        original = store.guess_failed
-
-        async def counted(*args, **kwargs):
-            written.append(args)
-            return await original(*args, **kwargs)
-        monkeypatch.setattr(store, "guess_failed", counted)
+        _count_calls(monkeypatch, app.state.store, "guess_failed", written)
         async with contextlib.AsyncExitStack() as stack:
             guessers = [await stack.enter_async_context(_from(app, client, f"10.0.1.{n}"))
                         for n in range(10)]
@@ -275,13 +279,7 @@ async def test_guess_reads_are_capped_per_second_and_answered_locally_beyond(
     wrong = {"authorization": "Bearer wrong-key-0000000000"}
     right = {"authorization": "Bearer secret-key-0123456789"}
     async with running(backend.settings(tmp_path)) as (app, client):
-        store = app.state.store
-        original = store.guess_failures
-
-        async def counted(*args, **kwargs):
-            reads.append(args)
-            return await original(*args, **kwargs)
-        monkeypatch.setattr(store, "guess_failures", counted)
+        _count_calls(monkeypatch, app.state.store, "guess_failures", reads)
         async with contextlib.AsyncExitStack() as stack:
             guessers = [await stack.enter_async_context(_from(app, client, f"10.0.2.{n}"))
                         for n in range(30)]
