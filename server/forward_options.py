@@ -63,7 +63,7 @@ class ForwarderOptions:
     # An HTTP proxy every vendor request goes through (``http://[user:password@]host:port``;
     # https vendors through a CONNECT tunnel), for hosts whose only way out is one. Only
     # ONETAG_FORWARD_PROXY sets it: HTTPS_PROXY, set for other programs, is not read.
-    proxy: str | None = None
+    proxy: str | None = field(default=None, repr=False)  # its password: never in a repr
 
     @property
     def timeout(self) -> httpx.Timeout:
@@ -128,29 +128,37 @@ def _seconds(text: str, zero: bool = False) -> float:
 
 
 def proxy_url(text: str) -> str | None:
-    """``http://[user:password@]host:port`` as given, checked (None for "" or "none")."""
+    """``http://[user:password@]host:port`` as given, checked (None for "" or "none"). No
+    message says the text itself: it may hold a password (``from_env`` shows it redacted)."""
     if text.lower() in ("", "none", "off"):
         return None
     example = "as http://proxy.internal:3128 or http://user:password@proxy.internal:3128"
+    userinfo = text.partition("://")[2].rpartition("@")[0]
+    if any(char in userinfo for char in "/?#"):  # a URL would end there: percent-encode them
+        raise ValueError(f"percent-encode a '/', '?' or '#' in the user or password (%2F, "
+                         f"%3F, %23), {example}")
     try:
         parts = urllib.parse.urlsplit(text)
         port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"not a proxy URL ({exc}); {example}") from None
+    except ValueError:
+        raise ValueError(f"not a proxy URL with a port from 1 to 65535, {example}") from None
     if parts.scheme != "http":
         raise ValueError(f"the proxy is reached over http:// (https vendors go through its "
                          f"CONNECT tunnel), {example}")
-    if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
+    if not parts.hostname or not port or parts.path not in ("", "/") or parts.query \
+            or parts.fragment:
         raise ValueError(f"name the proxy's host and port and nothing else, {example}")
     return text
 
 
 def _without_password(text: str) -> str:
-    """A proxy URL as it may be shown: whatever stands before an ``@`` replaced."""
-    scheme, sep, rest = text.partition("://")
-    if "@" not in rest:
+    """A proxy URL as it may be shown: all before its last ``@`` but the scheme replaced
+    (a password may hold anything, its own ``@`` included, or be given without a scheme)."""
+    before, at, host = text.rpartition("@")
+    if not at:
         return text
-    return f"{scheme}{sep}[redacted]@{rest.rsplit('@', 1)[1]}"
+    scheme = before.partition("://")[0] + "://" if "://" in before else ""
+    return f"{scheme}[redacted]@{host}"
 
 
 def _parse_rates(text: str) -> dict[str, float]:

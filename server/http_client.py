@@ -607,15 +607,21 @@ async def connect(origin: Origin, ssl_context: ssl.SSLContext, timeout: float | 
 
 async def _tunnel(protocol: _Protocol, origin: Origin, proxy: Proxy) -> None:
     """Ask ``proxy`` for a tunnel to ``origin`` (CONNECT, RFC 9110 section 9.3.6); on a
-    2xx the connection is the origin's."""
+    2xx the connection is the origin's. Whatever goes wrong names the proxy, not the vendor
+    (``httpx.ProxyError``; the connect timeout bounds it all)."""
     asking = Connection(protocol, None)
-    await asking._write(proxy.tunnel_head(origin), None)
-    status = (await asking._read_head(None))[0]
+    to = f"a tunnel to {origin.authority.decode()}"
+    try:
+        await asking._write(proxy.tunnel_head(origin), None)
+        status = (await asking._read_head(None))[0]
+    except httpx.TransportError as exc:
+        raise httpx.ProxyError(f"{proxy.where}, asked for {to}: {exc}") from None
     if not 200 <= status < 300:
         hint = (": check the user and password in ONETAG_FORWARD_PROXY" if status == 407
                 else "")
-        raise httpx.ProxyError(f"{proxy.where} answered {status} to a tunnel to "
-                               f"{origin.authority.decode()}{hint}")
+        raise httpx.ProxyError(f"{proxy.where} answered {status} to {to}{hint}")
+    if protocol.buffer:  # a 2xx to CONNECT has no content, and the vendor speaks after us
+        raise httpx.ProxyError(f"{proxy.where} sent bytes after opening {to}")
 
 
 class KeepAlivePool:
@@ -682,6 +688,11 @@ class KeepAlivePool:
                         fresh, deadline = True, connection._deadline
                         continue  # a stale idle connection: once more on a fresh one
                     raise
+                if answer.status_code == 407 and self._proxy is not None and not target.tls:
+                    connection.close()  # the proxy's answer, not the vendor's: retried
+                    raise httpx.ProxyError(f"{self._proxy.where} answered 407 to a request "
+                                           f"for {target.authority.decode()}: check the user "
+                                           f"and password in ONETAG_FORWARD_PROXY")
                 self._checkin(target.key, connection)
                 return answer
         finally:

@@ -171,9 +171,13 @@ def test_a_proxy_is_taken_and_its_password_never_shown() -> None:
     options = ForwarderOptions.from_env({"ONETAG_FORWARD_PROXY": "http://u:s3cret@p.internal:3128"})
     assert options.proxy == "http://u:s3cret@p.internal:3128"
     assert ForwarderOptions.from_env({"ONETAG_FORWARD_PROXY": "none"}).proxy is None
-    with pytest.raises(ValueError) as refused:
-        ForwarderOptions.from_env({"ONETAG_FORWARD_PROXY": "http://u:s3cret@p.internal:99999"})
-    assert "s3cret" not in str(refused.value) and "[redacted]@p.internal" in str(refused.value)
+    for wrong in ("http://u:s3cret@p.internal:99999", "http://u:s3cret#x@p.internal:3128",
+                  "u:s3cret@p.internal:3128", "http://u:s3cret?@p.internal:3128/x"):
+        with pytest.raises(ValueError) as refused:
+            ForwarderOptions.from_env({"ONETAG_FORWARD_PROXY": wrong})
+        assert "s3cret" not in str(refused.value), wrong
+        assert "[redacted]@p.internal" in str(refused.value), wrong
+    assert "s3cret" not in repr(options)
 
 
 def test_a_misspelt_forwarder_variable_is_named_not_ignored() -> None:

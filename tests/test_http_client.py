@@ -776,3 +776,55 @@ async def test_a_pool_full_of_one_vendors_usable_connections_keeps_anothers() ->
         a.close()
         b.close()
     assert len(to_b) == 1 and pool._idle_count == 0
+
+
+class _OddProxy:
+    """A proxy that answers CONNECT with ``answer`` as given, then closes or keeps quiet."""
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+
+    async def __aenter__(self) -> "_OddProxy":
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.answer)
+            await writer.drain()
+            if not self.answer.endswith(b"ok"):
+                writer.close()
+                return
+            await asyncio.sleep(5)
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("answer, said", [
+    (b"", "asked for a tunnel to localhost:443"),  # closed at once
+    (b"HTTX/1.1 200 OK\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 200 Connection established\r\nContent-Length: 2\r\n\r\nok",
+     "sent bytes after opening a tunnel"),
+], ids=["closed", "garbled", "content after 200"])
+async def test_a_proxy_that_fails_the_tunnel_is_named_not_the_vendor(answer, said) -> None:
+    async with _OddProxy(answer) as proxy:
+        pool = KeepAlivePool(4, proxy=proxy.url)
+        try:
+            with pytest.raises(httpx.ProxyError, match=said) as raised:
+                await send(pool, "https://localhost/api", timeouts=httpx.Timeout(2.0).as_dict())
+        finally:
+            await pool.aclose()
+    assert "the proxy 127.0.0.1:" in str(raised.value)
+
+
+async def test_a_407_to_a_plain_http_request_is_the_proxys_not_the_vendors() -> None:
+    """Through the proxy, a plain http request's 407 comes from the proxy (a wrong password):
+    a ProxyError (retried), not a vendor's 4xx (dead)."""
+    async with Proxy(require="Basic right") as proxy:
+        pool = KeepAlivePool(4, proxy=f"http://u:wrong@127.0.0.1:{proxy.port}")
+        try:
+            with pytest.raises(httpx.ProxyError, match="407.*ONETAG_FORWARD_PROXY"):
+                await send(pool, "http://vendor.invalid/track")
+        finally:
+            await pool.aclose()
