@@ -1,0 +1,127 @@
+"""The forwarder's HTTP client against a real production HTTP server: nginx on loopback as a
+vendor stands in for one (vendors' APIs sit behind nginx, CDNs and load balancers). What
+the fake vendors of the other tests never do, nginx does here as it does in production:
+gzip with chunked framing, ``Keep-Alive: timeout=N``, closing a connection after its
+``keepalive_requests``, closing idle ones, a 429 with ``Retry-After``. Skipped, naming the
+package, where nginx is not installed (as tests/test_deploy.py's checks of the examples)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.http_client import KeepAlivePool
+from test_deploy import nginx_binary
+
+pytestmark = pytest.mark.slow  # a real server process
+
+TIMEOUTS = httpx.Timeout(5.0).as_dict()
+ITEMS = [{"sku": f"SKU-{n}", "title": f"Item {n} \u00e9", "price": n * 1.5} for n in range(900)]
+
+
+def _conf(root: Path, port: int) -> str:
+    temp = "\n".join(f"    {kind}_temp_path {root / kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return f"""{user}pid {root / 'nginx.pid'};
+error_log {root / 'error.log'} info;
+events {{}}
+http {{
+    access_log {root / 'access.log'};
+{temp}
+    gzip on;
+    gzip_types application/json;
+    gzip_min_length 0;
+    keepalive_timeout 2s 2s;
+    keepalive_requests 3;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root / 'www'};
+        location = /ok {{ default_type application/json; return 200 '{{"status":"success"}}'; }}
+        location = /throttled {{
+            default_type application/json;
+            add_header Retry-After 7 always;
+            return 429 '{{"error":"slow down"}}';
+        }}
+        location = /items.json {{ default_type application/json; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    binary = nginx_binary()
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "items.json").write_text(json.dumps(ITEMS), encoding="utf-8")
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "nginx.conf").write_text(_conf(tmp_path, port), encoding="utf-8")
+    process = subprocess.Popen([binary, "-e", str(tmp_path / "error.log"), "-p", str(tmp_path),
+                                "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"nginx did not start: {process.stderr.read()}")
+            time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_gzip_in_chunks_a_429_and_keep_alive_as_nginx_sends_them(nginx) -> None:
+    pool = KeepAlivePool(4)
+    headers = [("Accept-Encoding", "gzip, deflate"), ("Content-Type", "application/json")]
+    try:
+        ok = await pool.send("POST", f"{nginx}/ok", headers, b'{"order_id":"1"}', TIMEOUTS)
+        assert ok.status_code == 200 and json.loads(ok.content) == {"status": "success"}
+        assert ok.headers["content-encoding"] == "gzip"
+        assert ok.headers["keep-alive"] == "timeout=2"
+        # A static file gzipped on the fly: chunked framing, the body whole once inflated.
+        items = await pool.send("GET", f"{nginx}/items.json", headers, None, TIMEOUTS)
+        assert items.headers["transfer-encoding"] == "chunked" and not items.truncated
+        assert json.loads(items.content) == ITEMS
+        assert 16_384 < len(items.content) < 65_536  # several chunks, within the client's bound
+        throttled = await pool.send("POST", f"{nginx}/throttled", headers, b"{}", TIMEOUTS)
+        assert throttled.status_code == 429 and throttled.headers["retry-after"] == "7"
+        assert json.loads(throttled.content) == {"error": "slow down"}
+        # keepalive_requests 3: nginx said "Connection: close" with the third answer, so the
+        # fourth request goes on a new connection, first time.
+        again = await pool.send("POST", f"{nginx}/ok", headers, b"{}", TIMEOUTS)
+        assert again.status_code == 200 and pool.opened == 2
+    finally:
+        await pool.aclose()
+
+
+async def test_an_idle_connection_nginx_closes_is_never_reused(nginx) -> None:
+    """nginx closes a connection idle for its keepalive_timeout (2 s, said in its
+    Keep-Alive header): the pool keeps it a second less, so the next request opens a new
+    one instead of meeting the close."""
+    pool = KeepAlivePool(4)
+    try:
+        await pool.send("POST", f"{nginx}/ok", [], b"{}", TIMEOUTS)
+        await asyncio.sleep(1.2)  # past the pool's 1 s, before nginx's 2 s
+        answer = await pool.send("POST", f"{nginx}/ok", [], b"{}", TIMEOUTS)
+        assert answer.status_code == 200 and pool.opened == 2
+        await asyncio.sleep(2.5)  # nginx has closed the second one: seen, not used
+        answer = await pool.send("POST", f"{nginx}/ok", [], b"{}", TIMEOUTS)
+        assert answer.status_code == 200 and pool.opened == 3
+    finally:
+        await pool.aclose()
