@@ -21,7 +21,10 @@ client to treat it) and bounded everywhere: the head of an answer at ``HEAD_LIMI
 its interim answers at ``INTERIM_LIMIT``, its trailers at ``HEAD_LIMIT`` bytes, its body at
 ``BODY_LIMIT`` bytes once decoded and twice that as it came (a longer body is cut there, its
 status stands, and the connection is closed rather than read to the end), and the whole
-answer at the read timeout.
+answer at the read timeout. Where the only way out is an HTTP proxy (``Proxy``,
+``ONETAG_FORWARD_PROXY``), https goes through its CONNECT tunnel with TLS end to end.
+Checked against answers cut at every byte, h11's reading of the same heads
+(tests/test_http_client.py) and a real nginx (tests/test_http_client_nginx.py).
 """
 
 from __future__ import annotations
