@@ -1,9 +1,9 @@
-"""The forwarder's HTTP client against a real production HTTP server: nginx on loopback as a
-vendor stands in for one (vendors' APIs sit behind nginx, CDNs and load balancers). What
+"""The forwarder's HTTP client against real production HTTP servers: nginx, and Caddy (Go's
+net/http), on loopback as a vendor stand in for one (vendors' APIs sit behind nginx, CDNs and load balancers). What
 the fake vendors of the other tests never do, nginx does here as it does in production:
 gzip with chunked framing, ``Keep-Alive: timeout=N``, closing a connection after its
 ``keepalive_requests``, closing idle ones, a 429 with ``Retry-After``. Skipped, naming the
-package, where nginx is not installed (as tests/test_deploy.py's checks of the examples)."""
+package, where nginx or caddy is not installed (as tests/test_deploy.py's checks of the examples)."""
 
 from __future__ import annotations
 
@@ -123,5 +123,81 @@ async def test_an_idle_connection_nginx_closes_is_never_reused(nginx) -> None:
         await asyncio.sleep(2.5)  # nginx has closed the second one: seen, not used
         answer = await pool.send("POST", f"{nginx}/ok", [], b"{}", TIMEOUTS)
         assert answer.status_code == 200 and pool.opened == 3
+    finally:
+        await pool.aclose()
+
+
+# Caddy: Go's net/http, the other server a vendor's API is likely to sit behind ------------
+
+
+@pytest.fixture
+def caddy(tmp_path):
+    import shutil
+    import socket
+    binary = shutil.which("caddy")
+    if binary is None:
+        pytest.skip("caddy is not installed (Debian: apt-get install caddy)")
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "items.json").write_text(json.dumps(ITEMS), encoding="utf-8")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "Caddyfile").write_text(f"""{{
+\tadmin off
+\tauto_https off
+}}
+http://127.0.0.1:{port} {{
+\tencode gzip {{
+\t\tminimum_length 1
+\t}}
+\thandle /ok {{
+\t\theader Content-Type application/json
+\t\trespond `{{"status":"success"}}` 200
+\t}}
+\thandle /throttled {{
+\t\theader Retry-After 7
+\t\trespond `{{"error":"slow down"}}` 429
+\t}}
+\thandle /items.json {{
+\t\troot * {tmp_path / 'www'}
+\t\tfile_server
+\t}}
+}}
+""", encoding="utf-8")
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path),
+           "XDG_CONFIG_HOME": str(tmp_path)}
+    process = subprocess.Popen([binary, "run", "--config", str(tmp_path / "Caddyfile"),
+                                "--adapter", "caddyfile"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"caddy did not start: {process.stderr.read()}")
+            time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+async def test_gzip_chunks_and_keep_alive_as_go_sends_them(caddy) -> None:
+    pool = KeepAlivePool(4)
+    headers = [("Accept-Encoding", "gzip, deflate"), ("Content-Type", "application/json")]
+    try:
+        ok = await pool.send("POST", f"{caddy}/ok", headers, b'{"order_id":"1"}', TIMEOUTS)
+        assert ok.status_code == 200 and json.loads(ok.content) == {"status": "success"}
+        assert ok.headers["content-encoding"] == "gzip"
+        items = await pool.send("GET", f"{caddy}/items.json", headers, None, TIMEOUTS)
+        assert items.status_code == 200 and json.loads(items.content) == ITEMS
+        assert items.headers["content-encoding"] == "gzip" and not items.truncated
+        throttled = await pool.send("POST", f"{caddy}/throttled", headers, b"{}", TIMEOUTS)
+        assert throttled.status_code == 429 and throttled.headers["retry-after"] == "7"
+        assert pool.opened == 1  # one keep-alive connection carried the three
     finally:
         await pool.aclose()
