@@ -24,7 +24,8 @@ status stands, and the connection is closed rather than read to the end), and th
 answer at the read timeout. Where the only way out is an HTTP proxy (``Proxy``,
 ``ONETAG_FORWARD_PROXY``), https goes through its CONNECT tunnel with TLS end to end.
 Checked against answers cut at every byte, h11's reading of the same heads
-(tests/test_http_client.py) and a real nginx (tests/test_http_client_servers.py).
+(tests/test_http_client.py), and real nginx and Caddy servers
+(tests/test_http_client_servers.py).
 """
 
 from __future__ import annotations
