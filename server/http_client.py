@@ -49,7 +49,8 @@ BODY_LIMIT = 64 * 1024  # an answer's body, decoded (the forwarder keeps 4 KiB o
 INTERIM_LIMIT = 8  # 1xx answers before the final one
 CHUNK_LINE_LIMIT = 4096  # a chunk-size line with its extensions, a trailer line
 
-# RFC 9110 section 5.6.2: a header name is a token; a value holds no CR, LF or NUL.
+# RFC 9110 section 5.6.2: a header name is a token; a value holds no control character
+# but a tab (as h11 refused them).
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB, as h11
 # RFC 9112 section 4: "HTTP/1.1 200 OK" (the reason may be empty or absent).
@@ -143,8 +144,9 @@ class Proxy:
 def request_head(method: bytes, origin: Origin, headers: Iterable[tuple[str, str]],
                  body: bytes | None, proxy: Proxy | None = None) -> bytes:
     """The request line and headers (Host first, Content-Length last), each header checked:
-    a name that is not a token or a value with CR, LF or NUL would split the request, and
-    is refused with ``httpx.LocalProtocolError`` before a byte is sent. Through a ``proxy``,
+    a name that is not a token, one the client writes itself, or a value with a control
+    character (CR LF would split the request) is refused with ``httpx.LocalProtocolError``
+    before a byte is sent. Through a ``proxy``,
     a plain http request names its whole URL and carries the proxy's credentials."""
     if proxy is not None and not origin.tls:
         lines = [method + b" http://" + origin.host_header + origin.target + b" HTTP/1.1",
