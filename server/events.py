@@ -468,13 +468,16 @@ def normalise(raw: Any, where: str, origin: Origin, *, check_size: bool = True,
         "ecommerce": None,
         "search_term": None,
         "status": None,
-        "billing_address": _address(raw, "billing_address", where),
-        "shipping_address": _address(raw, "shipping_address", where),
+        # Each helper below answers None for a key not sent (most events): not called then.
+        "billing_address": (_address(raw, "billing_address", where)
+                            if "billing_address" in raw else None),
+        "shipping_address": (_address(raw, "shipping_address", where)
+                             if "shipping_address" in raw else None),
         "properties": _properties(raw),
         "loaded": _loaded(raw, where) if origin.source == "browser" else [],
         "cart": None,
         "identity": None,
-        "cart_guid": _cart_guid(raw, where),
+        "cart_guid": _cart_guid(raw, where) if "cart_guid" in raw else None,
     }
     ecommerce = raw.get("ecommerce")
     if (ecommerce is not None or raw.get("transaction_id") is not None
@@ -623,7 +626,8 @@ def _page(raw: dict, where: str) -> dict[str, Any] | None:
     if page is not None and not isinstance(page, dict):
         raise Invalid(f"{where}.page", "must be an object {location, referrer, title}")
     page = page or {}
-    if "page_location" in raw or "page_referrer" in raw or "page_title" in raw:
+    aliased = "page_location" in raw or "page_referrer" in raw or "page_title" in raw
+    if aliased:
         page = dict(page)  # the top-level aliases win; the body's own dict stays as sent
         for key, alias in (("location", "page_location"), ("referrer", "page_referrer"),
                            ("title", "page_title")):
@@ -633,14 +637,14 @@ def _page(raw: dict, where: str) -> dict[str, Any] | None:
     # no shop); vendors link to it as the cart's URL when the event names none. The referrer
     # and title are kept as sent: document.referrer may be "" or an app's android-app:// URL,
     # and neither reaches a vendor or a feed.
-    if raw.get("page_location") is not None:  # the alias, named as sent
+    page_where = f"{where}.page"
+    if aliased and raw.get("page_location") is not None:  # the alias, named as sent
         location = _url(raw, "page_location", where, max_len=4096)
     else:
-        location = _url(page, "location", f"{where}.page", max_len=4096)
+        location = _url(page, "location", page_where, max_len=4096)
     out = {"location": location} if location is not None else {}
-    where = f"{where}.page"
     for key in ("referrer", "title"):
-        value = _string(page, key, where, max_len=4096)
+        value = _string(page, key, page_where, max_len=4096)
         if value is not None:
             out[key] = value
     return out or None
