@@ -20,6 +20,8 @@ _EXPONENTS = {
 
 
 _ONE = Decimal(1)
+# 10 ** exponent(code) for each code listed above; 100 (exponent 2) for the rest.
+_SCALES = {code: 10**digits for code, digits in _EXPONENTS.items()}
 
 
 def exponent(currency: str) -> int:
@@ -55,7 +57,9 @@ def exact_to_minor(amount: Decimal, currency: str) -> int:
     fraction: half the instructions of scaling, rounding and converting in Decimal. Not for
     digits without a bound: the fraction grows with them (8,000 digits took 2 ms)."""
     numerator, denominator = amount.as_integer_ratio()
-    minor, rest = divmod(numerator * 10 ** exponent(currency), denominator)
+    # 10 ** exponent(currency) without its call and the power (~500 of ~5,200 instructions)
+    scale = _SCALES.get(currency.upper(), 100)
+    minor, rest = divmod(numerator * scale, denominator)
     return to_minor(amount, currency) if rest else minor
 
 
