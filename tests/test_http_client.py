@@ -683,13 +683,17 @@ async def test_plain_http_goes_to_a_proxy_as_absolute_form_requests() -> None:
                                      b"Host: vendor.invalid:8080\r\nProxy-Authorization: Basic ")
 
 
-async def test_a_proxy_that_refuses_the_tunnel_is_a_proxy_error_naming_the_setting(
-        certificate) -> None:
-    async with Proxy(require="Basic nope") as proxy:
-        pool = KeepAlivePool(4, proxy=f"http://127.0.0.1:{proxy.port}")
+@pytest.mark.parametrize("url", ["https://localhost:1/api", "http://vendor.invalid/track"],
+                         ids=["https: the tunnel refused", "http: the request refused"])
+async def test_a_proxys_407_is_a_proxy_error_naming_the_setting(url) -> None:
+    """A wrong proxy password: a ProxyError (retried like an outage) naming the setting,
+    for https (its CONNECT refused) and plain http alike (there the 407 answers the request
+    itself, and must not be read as the vendor's 4xx, which would make the delivery dead)."""
+    async with Proxy(require="Basic right") as proxy:
+        pool = KeepAlivePool(4, proxy=f"http://u:wrong@127.0.0.1:{proxy.port}")
         try:
             with pytest.raises(httpx.ProxyError, match="407.*ONETAG_FORWARD_PROXY"):
-                await send(pool, "https://localhost:1/api")
+                await send(pool, url)
         finally:
             await pool.aclose()
 
@@ -816,15 +820,3 @@ async def test_a_proxy_that_fails_the_tunnel_is_named_not_the_vendor(answer, sai
         finally:
             await pool.aclose()
     assert "the proxy 127.0.0.1:" in str(raised.value)
-
-
-async def test_a_407_to_a_plain_http_request_is_the_proxys_not_the_vendors() -> None:
-    """Through the proxy, a plain http request's 407 comes from the proxy (a wrong password):
-    a ProxyError (retried), not a vendor's 4xx (dead)."""
-    async with Proxy(require="Basic right") as proxy:
-        pool = KeepAlivePool(4, proxy=f"http://u:wrong@127.0.0.1:{proxy.port}")
-        try:
-            with pytest.raises(httpx.ProxyError, match="407.*ONETAG_FORWARD_PROXY"):
-                await send(pool, "http://vendor.invalid/track")
-        finally:
-            await pool.aclose()

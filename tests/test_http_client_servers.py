@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -56,20 +58,18 @@ http {{
 """
 
 
-@pytest.fixture
-def nginx(tmp_path):
-    binary = nginx_binary()
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "items.json").write_text(json.dumps(ITEMS), encoding="utf-8")
-    import socket
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    (tmp_path / "nginx.conf").write_text(_conf(tmp_path, port), encoding="utf-8")
-    process = subprocess.Popen([binary, "-e", str(tmp_path / "error.log"), "-p", str(tmp_path),
-                                "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
+        return probe.getsockname()[1]
+
+
+def _serving(name: str, command: list[str], port: int, **popen):
+    """Run ``command`` until the fixture's test ends; yield its URL once ``port`` takes
+    connections (a failure to start names ``name`` and says what it printed)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, **popen)
+    deadline = time.monotonic() + 20
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -77,34 +77,60 @@ def nginx(tmp_path):
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                pytest.fail(f"nginx did not start: {process.stderr.read()}")
+                pytest.fail(f"{name} did not start: {process.stderr.read()}")
             time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        process.wait(timeout=20)
+
+
+def _www(tmp_path: Path) -> Path:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "items.json").write_text(json.dumps(ITEMS), encoding="utf-8")
+    return tmp_path / "www"
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    binary = nginx_binary()
+    _www(tmp_path)
+    port = _free_port()
+    (tmp_path / "nginx.conf").write_text(_conf(tmp_path, port), encoding="utf-8")
+    yield from _serving("nginx", [binary, "-e", str(tmp_path / "error.log"), "-p",
+                                  str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g",
+                                  "daemon off;"], port)
+
+
+HEADERS = [("Accept-Encoding", "gzip, deflate"), ("Content-Type", "application/json")]
+
+
+async def _three_answers(pool: KeepAlivePool, base: str) -> tuple:
+    """A small JSON answer, a static file (gzipped on the fly: its length unknown ahead)
+    and a 429 with Retry-After, each read whole and right."""
+    ok = await pool.send("POST", f"{base}/ok", HEADERS, b'{"order_id":"1"}', TIMEOUTS)
+    assert ok.status_code == 200 and json.loads(ok.content) == {"status": "success"}
+    assert ok.headers["content-encoding"] == "gzip"
+    items = await pool.send("GET", f"{base}/items.json", HEADERS, None, TIMEOUTS)
+    assert items.status_code == 200 and json.loads(items.content) == ITEMS
+    assert items.headers["content-encoding"] == "gzip" and not items.truncated
+    assert 16_384 < len(items.content) < 65_536  # several chunks, within the client's bound
+    throttled = await pool.send("POST", f"{base}/throttled", HEADERS, b"{}", TIMEOUTS)
+    assert throttled.status_code == 429 and throttled.headers["retry-after"] == "7"
+    assert json.loads(throttled.content) == {"error": "slow down"}
+    return ok, items, throttled
 
 
 async def test_gzip_in_chunks_a_429_and_keep_alive_as_nginx_sends_them(nginx) -> None:
     pool = KeepAlivePool(4)
-    headers = [("Accept-Encoding", "gzip, deflate"), ("Content-Type", "application/json")]
     try:
-        ok = await pool.send("POST", f"{nginx}/ok", headers, b'{"order_id":"1"}', TIMEOUTS)
-        assert ok.status_code == 200 and json.loads(ok.content) == {"status": "success"}
-        assert ok.headers["content-encoding"] == "gzip"
+        ok, items, _ = await _three_answers(pool, nginx)
         assert ok.headers["keep-alive"] == "timeout=2"
-        # A static file gzipped on the fly: chunked framing, the body whole once inflated.
-        items = await pool.send("GET", f"{nginx}/items.json", headers, None, TIMEOUTS)
-        assert items.headers["transfer-encoding"] == "chunked" and not items.truncated
-        assert json.loads(items.content) == ITEMS
-        assert 16_384 < len(items.content) < 65_536  # several chunks, within the client's bound
-        throttled = await pool.send("POST", f"{nginx}/throttled", headers, b"{}", TIMEOUTS)
-        assert throttled.status_code == 429 and throttled.headers["retry-after"] == "7"
-        assert json.loads(throttled.content) == {"error": "slow down"}
+        assert items.headers["transfer-encoding"] == "chunked"
         # keepalive_requests 3: nginx said "Connection: close" with the third answer, so the
         # fourth request goes on a new connection, first time.
-        again = await pool.send("POST", f"{nginx}/ok", headers, b"{}", TIMEOUTS)
+        again = await pool.send("POST", f"{nginx}/ok", HEADERS, b"{}", TIMEOUTS)
         assert again.status_code == 200 and pool.opened == 2
     finally:
         await pool.aclose()
@@ -132,16 +158,11 @@ async def test_an_idle_connection_nginx_closes_is_never_reused(nginx) -> None:
 
 @pytest.fixture
 def caddy(tmp_path):
-    import shutil
-    import socket
     binary = shutil.which("caddy")
     if binary is None:
         pytest.skip("caddy is not installed (Debian: apt-get install caddy)")
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "items.json").write_text(json.dumps(ITEMS), encoding="utf-8")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    _www(tmp_path)
+    port = _free_port()
     (tmp_path / "Caddyfile").write_text(f"""{{
 \tadmin off
 \tauto_https off
@@ -166,38 +187,14 @@ http://127.0.0.1:{port} {{
 """, encoding="utf-8")
     env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path),
            "XDG_CONFIG_HOME": str(tmp_path)}
-    process = subprocess.Popen([binary, "run", "--config", str(tmp_path / "Caddyfile"),
-                                "--adapter", "caddyfile"], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"caddy did not start: {process.stderr.read()}")
-            time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    yield from _serving("caddy", [binary, "run", "--config", str(tmp_path / "Caddyfile"),
+                                  "--adapter", "caddyfile"], port, cwd=tmp_path, env=env)
 
 
 async def test_gzip_chunks_and_keep_alive_as_go_sends_them(caddy) -> None:
     pool = KeepAlivePool(4)
-    headers = [("Accept-Encoding", "gzip, deflate"), ("Content-Type", "application/json")]
     try:
-        ok = await pool.send("POST", f"{caddy}/ok", headers, b'{"order_id":"1"}', TIMEOUTS)
-        assert ok.status_code == 200 and json.loads(ok.content) == {"status": "success"}
-        assert ok.headers["content-encoding"] == "gzip"
-        items = await pool.send("GET", f"{caddy}/items.json", headers, None, TIMEOUTS)
-        assert items.status_code == 200 and json.loads(items.content) == ITEMS
-        assert items.headers["content-encoding"] == "gzip" and not items.truncated
-        throttled = await pool.send("POST", f"{caddy}/throttled", headers, b"{}", TIMEOUTS)
-        assert throttled.status_code == 429 and throttled.headers["retry-after"] == "7"
+        await _three_answers(pool, caddy)
         assert pool.opened == 1  # one keep-alive connection carried the three
     finally:
         await pool.aclose()
